@@ -1,0 +1,2 @@
+/** Typed op wrappers: each checks its arguments, then queues native work on the device. */
+export * from './basic';
