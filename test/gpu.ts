@@ -1,0 +1,56 @@
+/**
+ * GPU suites: `describeGpu` runs its tests only where a CUDA device is visible; with
+ * REQUIRE_GPU=1 a missing device fails the suite at load instead of skipping it.
+ */
+import { devices } from '../ts/device';
+
+export function gpuAvailable(): boolean {
+  return devices().some((d) => d.type === 'cuda');
+}
+
+export const describeGpu: (name: string, fn: () => void) => void = (name, fn) => {
+  const ok = gpuAvailable();
+  if (!ok && process.env.REQUIRE_GPU === '1')
+    throw new Error(`REQUIRE_GPU=1 but no CUDA device is usable: ${devices()[0].cudaUnavailable ?? 'unknown reason'}`);
+  (ok ? describe : describe.skip)(name, fn);
+};
+
+/** Relative L2 error ||a - b|| / ||b||. */
+export function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let num = 0, den = 0;
+  for (let i = 0; i < b.length; i++) {
+    const d = a[i] - b[i];
+    num += d * d;
+    den += b[i] * b[i];
+  }
+  if (!Number.isFinite(num)) return Infinity;
+  return Math.sqrt(num / Math.max(den, 1e-30));
+}
+
+/** Deterministic pseudo-random numbers for tests (mulberry32), fresh per seed. */
+export function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+export function randn(n: number, r: () => number, scale = 1): Float32Array {
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i += 2) {
+    const u = Math.max(r(), 1e-12), v = r();
+    const m = Math.sqrt(-2 * Math.log(u)) * scale;
+    out[i] = m * Math.cos(2 * Math.PI * v);
+    if (i + 1 < n) out[i + 1] = m * Math.sin(2 * Math.PI * v);
+  }
+  return out;
+}
+
+/** A fresh seed per run, printed on failure by the caller. */
+export function freshSeed(): number {
+  return (Date.now() ^ (Math.random() * 0x7fffffff)) >>> 0;
+}
