@@ -1,2 +1,4 @@
 /** Typed op wrappers: each checks its arguments, then queues native work on the device. */
 export * from './basic';
+export * from './elementwise';
+export * from './gemm';
