@@ -1,0 +1,142 @@
+/**
+ * Paged KV cache: per layer a page pool k, v [pages, pageSize, kvHeads, headDim]; one page
+ * allocator (free list) shared by all layers; per-sequence page tables. A sequence owns the
+ * pages its length needs; finishing or aborting it returns them to the pool.
+ */
+import { SqueezeError } from '../errors';
+import { DType, Tensor } from '../tensor';
+
+export interface KVCacheOptions {
+  device: string;
+  dtype: DType;
+  numLayers: number;
+  numKvHeads: number;
+  headDim: number;
+  /** Tokens per page (default 16). */
+  pageSize?: number;
+  /** The longest sequence (positions) any sequence may reach. */
+  maxContext: number;
+  /** Pages in the pool (default: maxSequences full-length sequences). */
+  numPages?: number;
+  maxSequences?: number;
+}
+
+interface Sequence {
+  pages: number[];
+  length: number;
+}
+
+export class KVCache {
+  readonly pageSize: number;
+  readonly numPages: number;
+  readonly maxContext: number;
+  /** Page-table width: pages of one full-length sequence. */
+  readonly maxPagesPerSeq: number;
+  readonly k: Tensor[] = [];
+  readonly v: Tensor[] = [];
+  private freeList: number[] = [];
+  private seqs = new Map<number, Sequence>();
+  private nextId = 1;
+  private disposed = false;
+
+  constructor(o: KVCacheOptions) {
+    this.pageSize = o.pageSize ?? 16;
+    this.maxContext = o.maxContext;
+    this.maxPagesPerSeq = Math.ceil(o.maxContext / this.pageSize);
+    this.numPages = o.numPages ?? this.maxPagesPerSeq * (o.maxSequences ?? 1);
+    if (!(this.numPages > 0)) throw new SqueezeError('ERR_ARG', `KV cache: ${this.numPages} pages`);
+    const shape = [this.numPages, this.pageSize, o.numKvHeads, o.headDim];
+    try {
+      for (let l = 0; l < o.numLayers; l++) {
+        this.k.push(Tensor.empty(shape, { dtype: o.dtype, device: o.device }));
+        this.v.push(Tensor.empty(shape, { dtype: o.dtype, device: o.device }));
+      }
+    } catch (e) {
+      this.dispose();
+      throw e;
+    }
+    for (let p = this.numPages - 1; p >= 0; p--) this.freeList.push(p);
+  }
+
+  get freePages(): number {
+    return this.freeList.length;
+  }
+
+  get bytes(): number {
+    return this.k.reduce((a, t) => a + 2 * t.byteLength, 0);
+  }
+
+  /** Pages needed for `length` tokens. */
+  pagesFor(length: number): number {
+    return Math.ceil(length / this.pageSize);
+  }
+
+  createSequence(): number {
+    if (this.disposed) throw new SqueezeError('ERR_DISPOSED', 'KV cache is disposed');
+    const id = this.nextId++;
+    this.seqs.set(id, { pages: [], length: 0 });
+    return id;
+  }
+
+  has(seq: number): boolean {
+    return this.seqs.has(seq);
+  }
+
+  length(seq: number): number {
+    return this.get(seq).length;
+  }
+
+  private get(seq: number): Sequence {
+    const s = this.seqs.get(seq);
+    if (!s) throw new SqueezeError('ERR_STATE', `KV cache: no sequence ${seq}`);
+    return s;
+  }
+
+  /** Whether `extra` more tokens fit (pages and context), without taking anything. */
+  canGrow(seq: number, extra: number): boolean {
+    const s = this.get(seq);
+    const n = s.length + extra;
+    return n <= this.maxContext && this.pagesFor(n) - s.pages.length <= this.freeList.length;
+  }
+
+  /**
+   * Grows a sequence to `length` tokens, taking pages as needed. Past the context or out of
+   * pages: ERR_CONTEXT_LENGTH, and the sequence keeps what it had.
+   */
+  grow(seq: number, length: number): void {
+    const s = this.get(seq);
+    if (length > this.maxContext)
+      throw new SqueezeError('ERR_CONTEXT_LENGTH', `sequence of ${length} tokens is longer than the context (${this.maxContext})`);
+    const need = this.pagesFor(length) - s.pages.length;
+    if (need > this.freeList.length)
+      throw new SqueezeError('ERR_CONTEXT_LENGTH', `KV cache is full: ${length} tokens need ${need} more pages, ${this.freeList.length} free`);
+    for (let i = 0; i < need; i++) s.pages.push(this.freeList.pop()!);
+    s.length = Math.max(s.length, length);
+  }
+
+  /** Writes this sequence's page table into `out` at `offset` (maxPagesPerSeq entries). */
+  writePageTable(seq: number, out: Int32Array, offset: number): void {
+    const s = this.get(seq);
+    for (let i = 0; i < this.maxPagesPerSeq; i++) out[offset + i] = i < s.pages.length ? s.pages[i] : 0;
+  }
+
+  /** Returns a sequence's pages to the pool. Idempotent. */
+  free(seq: number): void {
+    const s = this.seqs.get(seq);
+    if (!s) return;
+    for (const p of s.pages) this.freeList.push(p);
+    this.seqs.delete(seq);
+  }
+
+  get sequences(): number {
+    return this.seqs.size;
+  }
+
+  dispose(): void {
+    this.disposed = true;
+    this.k.forEach((t) => t.dispose());
+    this.v.forEach((t) => t.dispose());
+    this.seqs.clear();
+    this.freeList = [];
+  }
+}
