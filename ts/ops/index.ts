@@ -2,3 +2,4 @@
 export * from './basic';
 export * from './elementwise';
 export * from './gemm';
+export * from './lut';

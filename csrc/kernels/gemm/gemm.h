@@ -1,0 +1,21 @@
+// Dense matmul on CUDA: y[M,N] = x[M,K] · w[N,K]ᵀ (+ bias[N]), f16 or bf16, fp32 accumulation.
+// M <= 16 runs a bandwidth-bound GEMV (each weight read once for all rows); larger M a
+// tensor-core GEMM (mma.sync m16n8k16, ldmatrix, cp.async multi-stage pipeline).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "core/tensor.h"
+
+namespace sqz::cuda {
+
+// All tensors on one CUDA device with one dtype (f16 | bf16); bias may be null. Checked by the caller.
+void matmul(const Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias, cudaStream_t stream);
+
+// The same product through cuBLAS, loaded at run time (a benchmark baseline; never linked).
+bool cublas_available();
+std::string cublas_unavailable_reason();
+void cublas_matmul(const Tensor& y, const Tensor& x, const Tensor& w, int device, cudaStream_t stream);
+
+}  // namespace sqz::cuda

@@ -1,0 +1,149 @@
+import { Tensor, DType } from '../ts/tensor';
+import { matmul, cublasMatmul, cublasAvailable } from '../ts/ops';
+import { isSqueezeError } from '../ts/errors';
+import { native } from '../ts/native';
+import { describeGpu, relErr, rng, randn, freshSeed } from './gpu';
+
+type F = 'f32' | 'f16' | 'bf16';
+
+/** A random tensor on `device` and the float values it actually holds (after rounding). */
+async function randomTensor(shape: number[], dtype: DType, r: () => number, device = 'cpu') {
+  const n = shape.reduce((a, b) => a * b, 1);
+  const t = Tensor.from(randn(n, r), shape, { dtype });
+  const vals = await t.toFloat32();
+  return { t: device === 'cpu' ? t : await t.to(device), vals };
+}
+
+/** y = x·wᵀ + bias in fp64. */
+function oracle(x: Float32Array, w: Float32Array, bias: Float32Array | undefined, M: number, N: number, K: number) {
+  const y = new Float64Array(M * N);
+  for (let m = 0; m < M; m++)
+    for (let n = 0; n < N; n++) {
+      let s = bias ? bias[n] : 0;
+      for (let k = 0; k < K; k++) s += x[m * K + k] * w[n * K + k];
+      y[m * N + n] = s;
+    }
+  return y;
+}
+
+const tol: Record<F, number> = { f32: 1e-5, f16: 2e-3, bf16: 1e-2 };
+
+/** An output tensor filled with NaN, so any element a kernel forgets to write shows. */
+async function poisoned(shape: number[], dtype: DType, device = 'cpu'): Promise<Tensor> {
+  const n = shape.reduce((a, b) => a * b, 1);
+  const t = Tensor.from(new Float32Array(n).fill(NaN), shape, { dtype });
+  return device === 'cpu' ? t : t.to(device);
+}
+
+describe('matmul (cpu)', () => {
+  const combos: Array<[F, F, F]> = [
+    ['f32', 'f32', 'f32'],
+    ['f32', 'f16', 'f32'],
+    ['f16', 'f16', 'f16'],
+    ['bf16', 'bf16', 'bf16'],
+    ['f32', 'bf16', 'f16'],
+  ];
+  const shapes: Array<[number, number, number]> = [
+    [1, 3, 4097],
+    [5, 3, 4097],
+    [17, 37, 129],
+    [64, 3, 4097],
+    [130, 70, 257],
+    [2, 1, 1],
+  ];
+  for (const [xd, wd, yd] of combos)
+    for (const [M, N, K] of shapes)
+      test(`x ${xd} w ${wd} y ${yd}: M=${M} N=${N} K=${K}`, async () => {
+        const seed = freshSeed();
+        const r = rng(seed);
+        const x = await randomTensor([M, K], xd, r);
+        const w = await randomTensor([N, K], wd, r);
+        const withBias = (M + N) % 2 === 0;
+        const b = withBias ? await randomTensor([N], wd, r) : undefined;
+        const y = await poisoned([M, N], yd);
+        matmul(y, x.t, w.t, b?.t);
+        const got = await y.toFloat32();
+        const want = oracle(x.vals, w.vals, b?.vals, M, N, K);
+        const e = relErr(got, want);
+        if (!(e <= tol[yd])) throw new Error(`rel err ${e} > ${tol[yd]} (seed ${seed})`);
+      });
+
+  test('bad inputs are coded errors', () => {
+    const x = Tensor.empty([2, 8]), w = Tensor.empty([4, 8]), y = Tensor.empty([2, 4]);
+    const expectCode = (fn: () => void, code: string) => {
+      let err: unknown;
+      try { fn(); } catch (e) { err = e; }
+      expect(isSqueezeError(err, code)).toBe(true);
+    };
+    expectCode(() => matmul(y, x, Tensor.empty([4, 7])), 'ERR_SHAPE');
+    expectCode(() => matmul(Tensor.empty([2, 5]), x, w), 'ERR_SHAPE');
+    expectCode(() => matmul(y, x, w, Tensor.empty([3])), 'ERR_SHAPE');
+    expectCode(() => matmul(y, x, Tensor.empty([4, 8], { dtype: 'i32' })), 'ERR_DTYPE');
+    // The native op checks on its own too (callers of native().ops bypass the wrapper).
+    expectCode(() => native().ops.matmul(y.native, x.native, Tensor.empty([4, 8], { dtype: 'i32' }).native), 'ERR_DTYPE');
+    expectCode(() => native().ops.matmul(y.native, x.native, Tensor.empty([4, 7]).native), 'ERR_SHAPE');
+    expectCode(() => native().ops.matmul(Tensor.empty([3, 4]).native, x.native, w.native), 'ERR_SHAPE');
+    expectCode(() => cublasMatmul(y, x, w), 'ERR_DEVICE');
+    expect(typeof cublasAvailable()).toBe('boolean');
+  });
+});
+
+describeGpu('matmul (cuda vs cpu)', () => {
+  const shapes: Array<[number, number, number]> = [
+    [1, 3, 4097],
+    [5, 3, 4097],
+    [17, 3, 4097],
+    [64, 3, 4097],
+    [1, 4096, 4096],
+    [16, 1000, 1000],
+    [7, 129, 8200],
+    [200, 300, 1000],
+    [256, 512, 4096],
+    [33, 257, 72],
+    [129, 131, 4097],
+  ];
+  for (const dt of ['f16', 'bf16'] as const)
+    for (const [M, N, K] of shapes)
+      test(`${dt}: M=${M} N=${N} K=${K}`, async () => {
+        const seed = freshSeed();
+        const r = rng(seed);
+        const x = await randomTensor([M, K], dt, r, 'cuda');
+        const w = await randomTensor([N, K], dt, r, 'cuda');
+        const withBias = M % 2 === 1;
+        const b = withBias ? await randomTensor([N], dt, r, 'cuda') : undefined;
+        const yc = await poisoned([M, N], 'f32');
+        const xc = await x.t.to('cpu'), wc = await w.t.to('cpu'), bc = b ? await b.t.to('cpu') : undefined;
+        matmul(yc, xc, wc, bc);
+        const y = await poisoned([M, N], dt, 'cuda');
+        matmul(y, x.t, w.t, b?.t);
+        const got = await y.toFloat32();
+        const want = await yc.toFloat32();
+        const e = relErr(got, want);
+        if (!(e <= (dt === 'f16' ? 2e-3 : 1e-2))) throw new Error(`rel err ${e} (seed ${seed})`);
+        // Deterministic: a second run gives the same bits.
+        const y2 = await poisoned([M, N], dt, 'cuda');
+        matmul(y2, x.t, w.t, b?.t);
+        expect(Array.from(await y2.toArray())).toEqual(Array.from(await y.toArray()));
+        if (!withBias && cublasAvailable()) {
+          const yb = await poisoned([M, N], dt, 'cuda');
+          cublasMatmul(yb, x.t, w.t);
+          const eb = relErr(await yb.toFloat32(), want);
+          if (!(eb <= (dt === 'f16' ? 2e-3 : 1e-2))) throw new Error(`cuBLAS rel err ${eb} (seed ${seed})`);
+        }
+      });
+
+  test('a tensor on another device or a mixed dtype is a coded error', async () => {
+    const x = Tensor.empty([2, 8], { dtype: 'f16', device: 'cuda' });
+    const w = Tensor.empty([4, 8], { dtype: 'f16', device: 'cuda' });
+    const y = Tensor.empty([2, 4], { dtype: 'f16', device: 'cuda' });
+    const wCpu = Tensor.empty([4, 8], { dtype: 'f16' });
+    const codeOf = (fn: () => void) => {
+      try { fn(); } catch (e) { return isSqueezeError(e) ? e.code : String(e); }
+      return 'no error';
+    };
+    expect(codeOf(() => matmul(y, x, wCpu))).toBe('ERR_DEVICE');
+    expect(codeOf(() => native().ops.matmul(y.native, x.native, wCpu.native))).toBe('ERR_DEVICE');
+    expect(codeOf(() => native().ops.matmul(y.native, x.native, Tensor.empty([4, 8], { dtype: 'bf16', device: 'cuda' }).native))).toBe('ERR_DTYPE');
+    expect(codeOf(() => matmul(y, Tensor.empty([2, 8], { dtype: 'f32', device: 'cuda' }), w))).toBe('ERR_DTYPE');
+  });
+});

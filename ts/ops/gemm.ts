@@ -1,0 +1,56 @@
+/**
+ * Dense matmul: y[M,N] = x[M,K] · w[N,K]ᵀ (+ bias[N]), w stored [out, in] as Hugging Face
+ * stores linear weights. CPU takes any float dtypes (f32 activations with f16 weights is the
+ * CPU decoder's case); CUDA takes one dtype, f16 or bf16, for every operand.
+ */
+import { SqueezeError } from '../errors';
+import { native } from '../native';
+import { Tensor } from '../tensor';
+
+const FLOAT = ['f32', 'f16', 'bf16'];
+
+function check(op: string, y: Tensor, x: Tensor, w: Tensor, bias?: Tensor): void {
+  const named: Array<[string, Tensor | undefined]> = [['y', y], ['x', x], ['w', w], ['bias', bias]];
+  for (const [name, t] of named) {
+    if (t === undefined) continue;
+    if (!t || typeof t !== 'object' || !('native' in t))
+      throw new SqueezeError('ERR_ARG', `${op}: ${name} must be a Tensor`);
+    if (!FLOAT.includes(t.dtype)) throw new SqueezeError('ERR_DTYPE', `${op}: ${name} must be f32, f16 or bf16, got ${t.dtype}`);
+  }
+  for (const [name, t, nd] of [['y', y, 2], ['x', x, 2], ['w', w, 2]] as Array<[string, Tensor, number]>)
+    if (t.shape.length !== nd) throw new SqueezeError('ERR_SHAPE', `${op}: ${name} must be 2-D, got [${t.shape}]`);
+  const [M, K] = x.shape;
+  const N = w.shape[0];
+  if (w.shape[1] !== K) throw new SqueezeError('ERR_SHAPE', `${op}: w [${w.shape}] must be [N, ${K}] (x is [${x.shape}])`);
+  if (y.shape[0] !== M || y.shape[1] !== N)
+    throw new SqueezeError('ERR_SHAPE', `${op}: y [${y.shape}] must be [${M}, ${N}]`);
+  if (bias && (bias.shape.length !== 1 || bias.shape[0] !== N))
+    throw new SqueezeError('ERR_SHAPE', `${op}: bias [${bias.shape}] must be [${N}]`);
+  for (const [name, t] of named)
+    if (t && t.device !== y.device)
+      throw new SqueezeError('ERR_DEVICE', `${op}: ${name} is on ${t.device} but y is on ${y.device}`);
+  if (y.device !== 'cpu') {
+    if (x.dtype === 'f32') throw new SqueezeError('ERR_DTYPE', `${op}: CUDA matmul takes f16 or bf16, x is f32`);
+    for (const [name, t] of named)
+      if (t && t.dtype !== x.dtype)
+        throw new SqueezeError('ERR_DTYPE', `${op}: ${name} is ${t.dtype} but x is ${x.dtype} (CUDA takes one dtype)`);
+  }
+}
+
+/** y = x · wᵀ (+ bias). Stream-ordered; y is fully overwritten. */
+export function matmul(y: Tensor, x: Tensor, w: Tensor, bias?: Tensor): void {
+  check('matmul', y, x, w, bias);
+  native().ops.matmul(y.native, x.native, w.native, bias?.native);
+}
+
+/** The same product through cuBLAS loaded at run time: a benchmark baseline (CUDA only). */
+export function cublasMatmul(y: Tensor, x: Tensor, w: Tensor): void {
+  check('cublasMatmul', y, x, w);
+  if (y.device === 'cpu') throw new SqueezeError('ERR_DEVICE', 'cublasMatmul: runs on CUDA tensors only');
+  native().ops.cublasMatmul(y.native, x.native, w.native);
+}
+
+/** Whether cuBLAS could be loaded (never true in a CPU-only build). */
+export function cublasAvailable(): boolean {
+  return native().ops.cublasAvailable() as boolean;
+}
