@@ -3,3 +3,4 @@ export * from './basic';
 export * from './elementwise';
 export * from './gemm';
 export * from './lut';
+export * from './lut';

@@ -1,0 +1,91 @@
+// SqueezeLLM ops: lutMatmul (dense-and-sparse LUT matmul) and kmeansRows (the quantizer).
+#include <string>
+
+#include "../cpu/kmeans.h"
+#include "../cpu/lut_gemm.h"
+#include "op.h"
+
+#ifdef SQUEEZELM_WITH_CUDA
+#include "../kernels/lut_gemm/lut_gemm.h"
+#endif
+
+namespace sqz::napi {
+
+// lutMatmul(y[M,N], x[M,K], qweight i32[ceil(K/32)*bits, N], lut[N, 2^bits], rows?, cols?, vals?, bits)
+// The outlier CSR's contents are checked on the host when the weights are loaded
+// (ts/ops/lut.ts checkOutlierCsr); here only shapes and dtypes.
+SQZ_OP(lutMatmul) {
+  Args a(info, "lutMatmul");
+  Tensor y = a.tensor(0, "y"), x = a.tensor(1, "x"), q = a.tensor(2, "qweight"), lut = a.tensor(3, "lut");
+  auto rows = a.opt_tensor(4, "rows"), cols = a.opt_tensor(5, "cols"), vals = a.opt_tensor(6, "vals");
+  const int64_t bits = a.integer(7, "bits");
+  if (bits != 3 && bits != 4) a.error("ERR_UNSUPPORTED", "bits must be 3 or 4, got " + std::to_string(bits));
+  a.ndim(x, "x", 2);
+  a.ndim(y, "y", 2);
+  const int64_t M = x.dim(0), K = x.dim(1), N = y.dim(1);
+  a.shape_is(y, "y", {M, -1});
+  a.dtype_in(q, "qweight", {DType::I32, DType::U32});
+  a.shape_is(q, "qweight", {(K + 31) / 32 * bits, N});
+  a.dtype_in(lut, "lut", {DType::F16, DType::F32});
+  a.shape_is(lut, "lut", {N, int64_t(1) << bits});
+  const int given = (rows ? 1 : 0) + (cols ? 1 : 0) + (vals ? 1 : 0);
+  if (given != 0 && given != 3) a.error("ERR_ARG", "rows, cols and vals come together (or none of them)");
+  if (rows) {
+    a.dtype_in(*rows, "rows", {DType::I32});
+    a.shape_is(*rows, "rows", {N + 1});
+    a.dtype_in(*cols, "cols", {DType::I32});
+    a.ndim(*cols, "cols", 1);
+    a.dtype_in(*vals, "vals", {DType::F16, DType::F32});
+    a.shape_is(*vals, "vals", {cols->dim(0)});
+    a.same_device({{&x, "x"}, {&*rows, "rows"}, {&*cols, "cols"}, {&*vals, "vals"}});
+  }
+  a.same_device({{&y, "y"}, {&x, "x"}, {&q, "qweight"}, {&lut, "lut"}});
+  if (x.device.is_cuda()) {
+    a.dtype_in(x, "x", {DType::F16, DType::BF16});
+    a.same_dtype(y, "y", x, "x");
+    if (K > INT32_MAX / 2 || N > INT32_MAX / 2 || M > INT32_MAX / 2) a.error("ERR_SHAPE", "dimensions too large");
+  } else {
+    a.dtype_in(x, "x", {DType::F32, DType::F16, DType::BF16});
+    a.dtype_in(y, "y", {DType::F32, DType::F16, DType::BF16});
+  }
+  const int b = (int)bits;
+  const bool has = rows.has_value();
+  Tensor r = has ? *rows : Tensor(), c = has ? *cols : Tensor(), v = has ? *vals : Tensor();
+  dispatch(
+      x.device, "lutMatmul",
+      [=] { cpu::lut_matmul(y, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b); },
+      [&](int dev) {
+        CUDA_ONLY(cuda::lut_matmul(y, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b,
+                                   cuda_stream(dev)));
+      });
+  return a.env().Undefined();
+}
+
+// kmeansRows(lut f32[N, 2^bits], codes u8[N,K], w[N,K], sens f32[N,K] | f32[K], iters)
+SQZ_OP(kmeansRows) {
+  Args a(info, "kmeansRows");
+  Tensor lut = a.tensor(0, "lut"), codes = a.tensor(1, "codes"), w = a.tensor(2, "w"), s = a.tensor(3, "sens");
+  const int64_t iters = a.integer(4, "iters");
+  if (iters < 0 || iters > 10000) a.error("ERR_ARG", "iters must be in [0, 10000]");
+  a.ndim(w, "w", 2);
+  const int64_t N = w.dim(0), K = w.dim(1);
+  a.dtype_in(w, "w", {DType::F32, DType::F16, DType::BF16});
+  a.dtype_in(lut, "lut", {DType::F32});
+  a.ndim(lut, "lut", 2);
+  const int64_t E = lut.dim(1);
+  if (E < 2 || E > 256 || (E & (E - 1)) != 0) a.error("ERR_SHAPE", "lut must be [N, 2^bits] with 1 <= bits <= 8");
+  a.shape_is(lut, "lut", {N, E});
+  a.dtype_in(codes, "codes", {DType::U8});
+  a.shape_is(codes, "codes", {N, K});
+  a.dtype_in(s, "sens", {DType::F32, DType::F16});
+  if (s.ndim() == 1) a.shape_is(s, "sens", {K});
+  else a.shape_is(s, "sens", {N, K});
+  a.same_device({{&lut, "lut"}, {&codes, "codes"}, {&w, "w"}, {&s, "sens"}});
+  if (!w.device.is_cpu()) a.error("ERR_UNSUPPORTED", "kmeansRows runs on the CPU only in this build");
+  const int it = (int)iters;
+  dispatch(
+      w.device, "kmeansRows", [=] { cpu::kmeans_rows(lut, codes, w, s, it); }, [&](int) {});
+  return a.env().Undefined();
+}
+
+}  // namespace sqz::napi
