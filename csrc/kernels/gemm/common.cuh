@@ -1,0 +1,39 @@
+// Small device helpers shared by the dense GEMV and GEMM kernels.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace sqz::cuda::gemm_detail {
+
+template <class T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Two packed halves (one 32-bit word) to two floats.
+template <class T> __device__ __forceinline__ float2 pair_to_f2(uint32_t u);
+template <> __device__ __forceinline__ float2 pair_to_f2<__half>(uint32_t u) {
+  __half2 h = *reinterpret_cast<__half2*>(&u);
+  return __half22float2(h);
+}
+template <> __device__ __forceinline__ float2 pair_to_f2<__nv_bfloat16>(uint32_t u) {
+  // bf16 -> f32 is a shift: exact and cheaper than the intrinsic round trip.
+  return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+}
+
+// Weights are streamed once: read through the non-coherent path without allocating in L1,
+// so L1 keeps the activations every warp rereads.
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+}  // namespace sqz::cuda::gemm_detail

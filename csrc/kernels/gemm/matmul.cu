@@ -1,0 +1,90 @@
+// Launchers of the dense matmul: GEMV for M <= 16, tensor-core GEMM above.
+#include <cstdint>
+
+#include "core/cuda_stream.h"
+#include "gemm.h"
+#include "gemm_tc.cuh"
+#include "gemv.cuh"
+
+namespace sqz::cuda {
+namespace {
+using namespace gemm_detail;
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+template <class T, int M>
+void launch_gemv_m(T* y, const T* x, const T* w, const T* bias, int N, int K, bool vec, cudaStream_t s) {
+  const long long warps = (N + kGemvRows - 1) / kGemvRows;
+  const unsigned blocks = ceil_div(warps, kGemvWarps);
+  if (vec)
+    gemv_kernel<T, M, true><<<blocks, kGemvWarps * 32, 0, s>>>(y, x, w, bias, N, K);
+  else
+    gemv_kernel<T, M, false><<<blocks, kGemvWarps * 32, 0, s>>>(y, x, w, bias, N, K);
+}
+
+template <class T>
+void launch_gemv(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, bool vec, cudaStream_t s) {
+  switch (M) {
+#define SQZ_GEMV_CASE(m) \
+  case m: return launch_gemv_m<T, m>(y, x, w, bias, N, K, vec, s);
+    SQZ_GEMV_CASE(1) SQZ_GEMV_CASE(2) SQZ_GEMV_CASE(3) SQZ_GEMV_CASE(4)
+    SQZ_GEMV_CASE(5) SQZ_GEMV_CASE(6) SQZ_GEMV_CASE(7) SQZ_GEMV_CASE(8)
+    SQZ_GEMV_CASE(9) SQZ_GEMV_CASE(10) SQZ_GEMV_CASE(11) SQZ_GEMV_CASE(12)
+    SQZ_GEMV_CASE(13) SQZ_GEMV_CASE(14) SQZ_GEMV_CASE(15) SQZ_GEMV_CASE(16)
+#undef SQZ_GEMV_CASE
+    default: fail("ERR_INTERNAL", "matmul: GEMV called with M = " + std::to_string(M));
+  }
+}
+
+template <class T, bool A>
+void launch_gemm_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
+  // The 64 KiB ring needs the opt-in above 48 KiB, once per instantiation (per device in
+  // principle; setting it is cheap and idempotent, so it is done on the first call per process
+  // and repeated by a static per instantiation).
+  static bool configured = false;
+  if (!configured) {
+    cuda_check(cudaFuncSetAttribute(gemm_tc_kernel<T, A>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
+               "matmul: cudaFuncSetAttribute");
+    configured = true;
+  }
+  const long long tiles = (long long)ceil_div(M, kBM) * ceil_div(N, kBN);
+  gemm_tc_kernel<T, A><<<(unsigned)tiles, kThreads, kSmemBytes, s>>>(y, x, w, bias, M, N, K);
+}
+
+template <class T>
+void run(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tensor* bt, cudaStream_t s) {
+  const long long M = xt.dim(0), K = xt.dim(1), N = wt.dim(0);
+  if (M == 0 || N == 0) return;
+  if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX) fail("ERR_SHAPE", "matmul: dimensions above 2^31 - 1");
+  T* y = yt.ptr<T>();
+  const T* x = xt.ptr<T>();
+  const T* w = wt.ptr<T>();
+  const T* bias = bt ? bt->ptr<T>() : nullptr;
+  if (K == 0) {
+    // An empty sum: y = bias or 0. Rare; the GEMV's scalar path writes it without reading.
+    launch_gemv<T>(y, x, w, bias, 1, (int)N, 0, false, s);
+    for (long long m = 1; m < M; ++m) launch_gemv<T>(y + m * N, x, w, bias, 1, (int)N, 0, false, s);
+    return;
+  }
+  const bool vec = K % 8 == 0 && aligned16(x) && aligned16(w);
+  if (M <= 16) {
+    launch_gemv<T>(y, x, w, bias, (int)M, (int)N, (int)K, vec, s);
+  } else if (vec) {
+    launch_gemm_tc<T, true>(y, x, w, bias, (int)M, (int)N, (int)K, s);
+  } else {
+    launch_gemm_tc<T, false>(y, x, w, bias, (int)M, (int)N, (int)K, s);
+  }
+}
+
+}  // namespace
+
+void matmul(const Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias, cudaStream_t stream) {
+  if (x.dtype == DType::F16)
+    run<__half>(y, x, w, bias, stream);
+  else if (x.dtype == DType::BF16)
+    run<__nv_bfloat16>(y, x, w, bias, stream);
+  else
+    fail("ERR_DTYPE", std::string("matmul: CUDA takes f16 or bf16, got ") + dtype_name(x.dtype));
+}
+
+}  // namespace sqz::cuda
