@@ -1,0 +1,250 @@
+#include "kvquant.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "core/parallel.h"
+
+namespace sqz::cpu {
+namespace {
+
+using kvq::Cache;
+using kvq::Calib;
+
+struct Rec {
+  uint8_t* kc;
+  uint8_t* vc;
+  uint8_t* meta;
+};
+
+Rec record(const Cache& c, const int32_t* pt, int64_t max_pages, int64_t b, int64_t pos, int64_t h) {
+  const int64_t page = pt[b * max_pages + pos / c.page_size];
+  const int64_t slot = (page * c.page_size + pos % c.page_size) * c.kv_heads + h;
+  const int64_t cb = kvq::code_bytes(c.head_dim, c.bits), mb = kvq::meta_bytes(c.nk, c.nv);
+  return {c.k_codes.ptr<uint8_t>() + slot * cb, c.v_codes.ptr<uint8_t>() + slot * cb,
+          c.meta.ptr<uint8_t>() + slot * mb};
+}
+
+// Picks the n best channels by score (ties to the lower channel); chosen[] marks them.
+void top_n(const float* score, int d, int n, int* idx, std::vector<char>& chosen) {
+  std::fill(chosen.begin(), chosen.end(), 0);
+  for (int r = 0; r < n; ++r) {
+    int best = -1;
+    for (int i = 0; i < d; ++i) {
+      if (chosen[i]) continue;
+      if (best < 0 || kvq::beats(score[i], i, score[best], best)) best = i;
+    }
+    idx[r] = best;
+    chosen[best] = 1;
+  }
+}
+
+void put_half(uint8_t* p, float v) {
+  uint16_t h = float_to_half(v);
+  std::memcpy(p, &h, 2);
+}
+float get_half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return half_to_float(h);
+}
+
+void pack(uint8_t* row, int64_t bytes, const int* codes, int d, int bits) {
+  std::memset(row, 0, bytes);
+  for (int e = 0; e < d; ++e) {
+    int bit = e * bits;
+    unsigned w = (unsigned)codes[e] << (bit & 7);
+    row[bit >> 3] |= (uint8_t)(w & 0xff);
+    if ((bit & 7) + bits > 8) row[(bit >> 3) + 1] |= (uint8_t)(w >> 8);
+  }
+}
+
+// Dequantizes one record: keys (pre-RoPE) and values, natural channel order.
+void unpack(const Cache& c, const float* lo, const float* hi, const float* kcb, const float* vcb, const Rec& r,
+            float* kout, float* vout) {
+  const int d = (int)c.head_dim;
+  for (int ch = 0; ch < d; ++ch)
+    kout[ch] = kvq::dequant(lo[ch], hi[ch], kcb[kvq::get_code(r.kc, kvq::key_element(ch, d), c.bits)]);
+  const float vlo = get_half(r.meta), vhi = get_half(r.meta + 2);
+  for (int ch = 0; ch < d; ++ch) vout[ch] = kvq::dequant(vlo, vhi, vcb[kvq::get_code(r.vc, ch, c.bits)]);
+  const uint8_t* kval = r.meta + 4;
+  const uint8_t* vval = kval + 2 * c.nk;
+  const uint8_t* kidx = vval + 2 * c.nv;
+  const uint8_t* vidx = kidx + c.nk;
+  for (int s = 0; s < c.nk; ++s) kout[kidx[s]] = get_half(kval + 2 * s);
+  for (int s = 0; s < c.nv; ++s) vout[vidx[s]] = get_half(vval + 2 * s);
+}
+
+std::vector<int64_t> row_sequences(const Tensor& cu_q, int64_t n_rows) {
+  const int32_t* cu = cu_q.ptr<int32_t>();
+  const int64_t B = cu_q.dim(0) - 1;
+  std::vector<int64_t> seq(n_rows, -1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t r = cu[b]; r < cu[b + 1]; ++r)
+      if (r >= 0 && r < n_rows) seq[r] = b;
+  return seq;
+}
+
+}  // namespace
+
+void kvq_append(const Cache& c, const Calib& cal, const Tensor& k, const Tensor& v, const Tensor& page_table,
+                const Tensor& seq_lens, const Tensor& cu_q) {
+  const int64_t N = k.dim(0), H = c.kv_heads, D = c.head_dim, max_pages = page_table.dim(1);
+  const int32_t* pt = page_table.ptr<int32_t>();
+  const int32_t* lens = seq_lens.ptr<int32_t>();
+  const int32_t* cu = cu_q.ptr<int32_t>();
+  const std::vector<int64_t> seq = row_sequences(cu_q, N);
+  const float* klo = cal.key_lo.ptr<float>();
+  const float* khi = cal.key_hi.ptr<float>();
+  const float* kcb = cal.key_cb.ptr<float>();
+  const float* vcb = cal.val_cb.ptr<float>();
+  const int ncb = 1 << c.bits;
+  const int64_t cbytes = kvq::code_bytes(D, c.bits), mbytes = kvq::meta_bytes(c.nk, c.nv);
+  parallel_for(N * H, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> kx(D), vx(D), score(D);
+    std::vector<int> codes(D), kidx(c.nk + 1), vidx(c.nv + 1);
+    std::vector<char> chosen(D);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t n = it / H, h = it % H, b = seq[n];
+      if (b < 0) continue;
+      const int64_t pos = lens[b] - (cu[b + 1] - cu[b]) + (n - cu[b]);
+      if (pos < 0) continue;
+      for (int64_t i = 0; i < D; ++i) {
+        kx[i] = load_as_float(k.data(), k.dtype, (n * H + h) * D + i);
+        vx[i] = load_as_float(v.data(), v.dtype, (n * H + h) * D + i);
+      }
+      if (pos < c.sink) {
+        for (int64_t i = 0; i < D; ++i) {
+          const int64_t o = ((b * c.sink + pos) * H + h) * D + i;
+          c.sink_k.ptr<uint16_t>()[o] = float_to_half(kx[i]);
+          c.sink_v.ptr<uint16_t>()[o] = float_to_half(vx[i]);
+        }
+      }
+      Rec r = record(c, pt, max_pages, b, pos, h);
+      std::memset(r.meta, 0, mbytes);
+      // keys: per channel against the calibrated bounds
+      const float* lo = klo + h * D;
+      const float* hi = khi + h * D;
+      for (int i = 0; i < D; ++i) {
+        float x = kvq::normalize(kx[i], lo[i], hi[i]);
+        score[i] = std::fabs(x);
+        codes[kvq::key_element(i, (int)D)] = kvq::nearest_code(x, kcb, ncb);
+      }
+      top_n(score.data(), (int)D, c.nk, kidx.data(), chosen);
+      pack(r.kc, cbytes, codes.data(), (int)D, c.bits);
+      // values: per token, min/max without the outliers
+      for (int i = 0; i < D; ++i) score[i] = std::fabs(vx[i]);
+      top_n(score.data(), (int)D, c.nv, vidx.data(), chosen);
+      float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+      for (int i = 0; i < D; ++i)
+        if (!chosen[i]) { mn = std::fmin(mn, vx[i]); mx = std::fmax(mx, vx[i]); }
+      const float vlo = half_to_float(float_to_half(mn)), vhi = half_to_float(float_to_half(mx));
+      for (int i = 0; i < D; ++i) codes[i] = kvq::nearest_code(kvq::normalize(vx[i], vlo, vhi), vcb, ncb);
+      pack(r.vc, cbytes, codes.data(), (int)D, c.bits);
+      put_half(r.meta, vlo);
+      put_half(r.meta + 2, vhi);
+      uint8_t* kval = r.meta + 4;
+      uint8_t* vval = kval + 2 * c.nk;
+      uint8_t* ki = vval + 2 * c.nv;
+      uint8_t* vi = ki + c.nk;
+      for (int s = 0; s < c.nk; ++s) { put_half(kval + 2 * s, kx[kidx[s]]); ki[s] = (uint8_t)kidx[s]; }
+      for (int s = 0; s < c.nv; ++s) { put_half(vval + 2 * s, vx[vidx[s]]); vi[s] = (uint8_t)vidx[s]; }
+    }
+  });
+}
+
+void kvq_dequantize(const Tensor& k_out, const Tensor& v_out, const Cache& c, const Calib& cal,
+                    const Tensor& page_table, int64_t seq) {
+  const int64_t L = k_out.dim(0), H = c.kv_heads, D = c.head_dim, max_pages = page_table.dim(1);
+  const int32_t* pt = page_table.ptr<int32_t>();
+  parallel_for(L * H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> kb(D), vb(D);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t t = it / H, h = it % H;
+      if (t < c.sink) {
+        for (int64_t i = 0; i < D; ++i) {
+          const int64_t o = ((seq * c.sink + t) * H + h) * D + i;
+          kb[i] = half_to_float(c.sink_k.ptr<uint16_t>()[o]);
+          vb[i] = half_to_float(c.sink_v.ptr<uint16_t>()[o]);
+        }
+      } else {
+        unpack(c, cal.key_lo.ptr<float>() + h * D, cal.key_hi.ptr<float>() + h * D, cal.key_cb.ptr<float>(),
+               cal.val_cb.ptr<float>(), record(c, pt, max_pages, seq, t, h), kb.data(), vb.data());
+      }
+      for (int64_t i = 0; i < D; ++i) {
+        store_from_float(k_out.data(), k_out.dtype, it * D + i, kb[i]);
+        store_from_float(v_out.data(), v_out.dtype, it * D + i, vb[i]);
+      }
+    }
+  });
+}
+
+void kvq_attention(const Tensor& out, const Tensor& q, const Cache& c, const Calib& cal, const Tensor& page_table,
+                   const Tensor& seq_lens, const Tensor& cu_q, const Tensor& inv_freq, float scale) {
+  const int64_t N = q.dim(0), Hq = q.dim(1), H = c.kv_heads, D = c.head_dim, g = Hq / H, half = D / 2;
+  const int64_t max_pages = page_table.dim(1);
+  const int32_t* pt = page_table.ptr<int32_t>();
+  const int32_t* lens = seq_lens.ptr<int32_t>();
+  const int32_t* cu = cu_q.ptr<int32_t>();
+  const float* freq = inv_freq.ptr<float>();
+  const std::vector<int64_t> seq = row_sequences(cu_q, N);
+  parallel_for(N * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> keys, vals, qf(D), sc, acc(D), kb(D), vb(D);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t n = it / H, h = it % H, b = seq[n];
+      const int64_t pos = b < 0 ? -1 : lens[b] - (cu[b + 1] - cu[b]) + (n - cu[b]);
+      const int64_t L = pos + 1;
+      if (L <= 0) {  // no keys: zero output
+        for (int64_t j = 0; j < g; ++j)
+          for (int64_t i = 0; i < D; ++i) store_from_float(out.data(), out.dtype, (n * Hq + h * g + j) * D + i, 0.f);
+        continue;
+      }
+      keys.resize(L * D);
+      vals.resize(L * D);
+      sc.resize(L);
+      for (int64_t t = 0; t < L; ++t) {
+        if (t < c.sink) {
+          for (int64_t i = 0; i < D; ++i) {
+            const int64_t o = ((b * c.sink + t) * H + h) * D + i;
+            kb[i] = half_to_float(c.sink_k.ptr<uint16_t>()[o]);
+            vb[i] = half_to_float(c.sink_v.ptr<uint16_t>()[o]);
+          }
+        } else {
+          unpack(c, cal.key_lo.ptr<float>() + h * D, cal.key_hi.ptr<float>() + h * D, cal.key_cb.ptr<float>(),
+                 cal.val_cb.ptr<float>(), record(c, pt, max_pages, b, t, h), kb.data(), vb.data());
+        }
+        float* kr = &keys[t * D];
+        for (int64_t i = 0; i < half; ++i) {
+          const float ang = (float)t * freq[i];
+          const float cs = std::cos(ang), sn = std::sin(ang);
+          kr[i] = kb[i] * cs - kb[i + half] * sn;
+          kr[i + half] = kb[i + half] * cs + kb[i] * sn;
+        }
+        std::memcpy(&vals[t * D], vb.data(), D * sizeof(float));
+      }
+      for (int64_t j = 0; j < g; ++j) {
+        const int64_t hq = h * g + j;
+        for (int64_t i = 0; i < D; ++i) qf[i] = load_as_float(q.data(), q.dtype, (n * Hq + hq) * D + i);
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < L; ++t) {
+          float s = 0.f;
+          for (int64_t i = 0; i < D; ++i) s += qf[i] * keys[t * D + i];
+          sc[t] = s * scale;
+          m = std::fmax(m, sc[t]);
+        }
+        float l = 0.f;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t = 0; t < L; ++t) {
+          const float p = std::exp(sc[t] - m);
+          l += p;
+          for (int64_t i = 0; i < D; ++i) acc[i] += p * vals[t * D + i];
+        }
+        for (int64_t i = 0; i < D; ++i) store_from_float(out.data(), out.dtype, (n * Hq + hq) * D + i, acc[i] / l);
+      }
+    }
+  });
+}
+
+}  // namespace sqz::cpu

@@ -1,0 +1,474 @@
+// KVQuant paged cache kernels: quantize-and-append, split-KV decode attention over the
+// packed cache (dequantize + RoPE on the fly, outliers, fp16 sink), and unpacking.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <mutex>
+
+#include "core/backend.h"
+#include "core/cuda_stream.h"
+#include "core/error.h"
+#include "kvquant.h"
+
+namespace sqz::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kTile = 32;  // tokens dequantized into shared memory at a time
+
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ float half_bits(const uint8_t* p) {
+  return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
+}
+
+struct Geo {
+  uint8_t* kc;
+  uint8_t* vc;
+  uint8_t* meta;
+  uint16_t* sink_k;
+  uint16_t* sink_v;
+  const float* key_lo;
+  const float* key_hi;
+  const float* key_cb;
+  const float* val_cb;
+  const int* pt;
+  const int* lens;
+  const int* cu;
+  int B, max_pages, page_size, H, D, bits, nk, nv, sink, cbytes, mbytes;
+};
+
+Geo make_geo(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& pt, const Tensor* lens, const Tensor* cu) {
+  Geo g;
+  g.kc = c.k_codes.ptr<uint8_t>();
+  g.vc = c.v_codes.ptr<uint8_t>();
+  g.meta = c.meta.ptr<uint8_t>();
+  g.sink_k = c.sink > 0 ? c.sink_k.ptr<uint16_t>() : nullptr;
+  g.sink_v = c.sink > 0 ? c.sink_v.ptr<uint16_t>() : nullptr;
+  g.key_lo = cal.key_lo.ptr<float>();
+  g.key_hi = cal.key_hi.ptr<float>();
+  g.key_cb = cal.key_cb.ptr<float>();
+  g.val_cb = cal.val_cb.ptr<float>();
+  g.pt = pt.ptr<int>();
+  g.lens = lens ? lens->ptr<int>() : nullptr;
+  g.cu = cu ? cu->ptr<int>() : nullptr;
+  g.B = (int)pt.dim(0);
+  g.max_pages = (int)pt.dim(1);
+  g.page_size = (int)c.page_size;
+  g.H = (int)c.kv_heads;
+  g.D = (int)c.head_dim;
+  g.bits = c.bits;
+  g.nk = c.nk;
+  g.nv = c.nv;
+  g.sink = c.sink;
+  g.cbytes = (int)kvq::code_bytes(c.head_dim, c.bits);
+  g.mbytes = (int)kvq::meta_bytes(c.nk, c.nv);
+  return g;
+}
+
+__device__ __forceinline__ long long slot_of(const Geo& g, int b, int pos, int h) {
+  const long long page = g.pt[(long long)b * g.max_pages + pos / g.page_size];
+  return (page * g.page_size + pos % g.page_size) * g.H + h;
+}
+
+// Sequence of query row n (-1 if none) and its position; one thread.
+__device__ void row_position(const Geo& g, int n, int* b_out, int* pos_out) {
+  int b = -1;
+  for (int i = 0; i < g.B; ++i)
+    if (n >= g.cu[i] && n < g.cu[i + 1]) { b = i; break; }
+  *b_out = b;
+  *pos_out = b < 0 ? -1 : g.lens[b] - (g.cu[b + 1] - g.cu[b]) + (n - g.cu[b]);
+}
+
+// Best unchosen channel by (score, lower index), block-wide; every thread gets the result.
+__device__ int block_argmax(const float* score, const char* chosen, int d, int* red_i) {
+  float bs = -INFINITY;
+  int bi = -1;
+  for (int i = threadIdx.x; i < d; i += blockDim.x)
+    if (!chosen[i] && (bi < 0 || kvq::beats(score[i], i, bs, bi))) { bs = score[i]; bi = i; }
+  for (int o = 16; o > 0; o >>= 1) {
+    float os = __shfl_xor_sync(0xffffffffu, bs, o);
+    int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (oi >= 0 && (bi < 0 || kvq::beats(os, oi, bs, bi))) { bs = os; bi = oi; }
+  }
+  __shared__ float red_s[32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) { red_s[warp] = bs; red_i[warp] = bi; }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = red_s[0];
+    int i = red_i[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); ++w)
+      if (red_i[w] >= 0 && (i < 0 || kvq::beats(red_s[w], red_i[w], s, i))) { s = red_s[w]; i = red_i[w]; }
+    red_i[32] = i;
+  }
+  __syncthreads();
+  const int r = red_i[32];
+  __syncthreads();
+  return r;
+}
+
+__device__ void pack_row(uint8_t* row, const uint8_t* codes, int d, int bits, int nbytes) {
+  for (int j = threadIdx.x; j < nbytes; j += blockDim.x) {
+    unsigned byte = 0;
+    const int e0 = (8 * j) / bits, e1 = min(d - 1, (8 * j + 7) / bits);
+    for (int e = e0; e <= e1; ++e) {
+      const int sh = e * bits - 8 * j;
+      byte |= sh >= 0 ? ((unsigned)codes[e] << sh) : ((unsigned)codes[e] >> (-sh));
+    }
+    row[j] = (uint8_t)(byte & 0xffu);
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) append_kernel(Geo g, const T* __restrict__ k, const T* __restrict__ v) {
+  __shared__ float kx[256], vx[256], score[256];
+  __shared__ uint8_t codes[256];
+  __shared__ char chosen[256];
+  __shared__ int red_i[33], kidx[16], vidx[16], bp[2];
+  const int n = blockIdx.x, h = blockIdx.y, D = g.D, tid = threadIdx.x;
+  if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
+  __syncthreads();
+  const int b = bp[0], pos = bp[1];
+  if (b < 0 || pos < 0) return;
+  const long long base = ((long long)n * g.H + h) * D;
+  for (int i = tid; i < D; i += blockDim.x) {
+    kx[i] = to_f(k[base + i]);
+    vx[i] = to_f(v[base + i]);
+    chosen[i] = 0;
+  }
+  __syncthreads();
+  if (pos < g.sink)
+    for (int i = tid; i < D; i += blockDim.x) {
+      const long long o = (((long long)b * g.sink + pos) * g.H + h) * D + i;
+      g.sink_k[o] = __half_as_ushort(__float2half_rn(kx[i]));
+      g.sink_v[o] = __half_as_ushort(__float2half_rn(vx[i]));
+    }
+  const long long slot = slot_of(g, b, pos, h);
+  uint8_t* kc = g.kc + slot * g.cbytes;
+  uint8_t* vc = g.vc + slot * g.cbytes;
+  uint8_t* meta = g.meta + slot * g.mbytes;
+  const int ncb = 1 << g.bits;
+  // keys
+  const float* lo = g.key_lo + (long long)h * D;
+  const float* hi = g.key_hi + (long long)h * D;
+  for (int i = tid; i < D; i += blockDim.x) {
+    const float x = kvq::normalize(kx[i], lo[i], hi[i]);
+    score[i] = fabsf(x);
+    codes[kvq::key_element(i, D)] = (uint8_t)kvq::nearest_code(x, g.key_cb, ncb);
+  }
+  __syncthreads();
+  for (int r = 0; r < g.nk; ++r) {
+    const int i = block_argmax(score, chosen, D, red_i);
+    if (tid == 0) { kidx[r] = i; chosen[i] = 1; }
+    __syncthreads();
+  }
+  pack_row(kc, codes, D, g.bits, g.cbytes);
+  __syncthreads();
+  // values
+  for (int i = tid; i < D; i += blockDim.x) { score[i] = fabsf(vx[i]); chosen[i] = 0; }
+  __syncthreads();
+  for (int r = 0; r < g.nv; ++r) {
+    const int i = block_argmax(score, chosen, D, red_i);
+    if (tid == 0) { vidx[r] = i; chosen[i] = 1; }
+    __syncthreads();
+  }
+  float mn = INFINITY, mx = -INFINITY;
+  for (int i = tid; i < D; i += blockDim.x)
+    if (!chosen[i]) { mn = fminf(mn, vx[i]); mx = fmaxf(mx, vx[i]); }
+  for (int o = 16; o > 0; o >>= 1) {
+    mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  }
+  __shared__ float mn_s[32], mx_s[32];
+  if ((tid & 31) == 0) { mn_s[tid >> 5] = mn; mx_s[tid >> 5] = mx; }
+  __syncthreads();
+  mn = mn_s[0];
+  mx = mx_s[0];
+  for (int w = 1; w < (int)(blockDim.x >> 5); ++w) { mn = fminf(mn, mn_s[w]); mx = fmaxf(mx, mx_s[w]); }
+  const __half lo16 = __float2half_rn(mn), hi16 = __float2half_rn(mx);
+  const float vlo = __half2float(lo16), vhi = __half2float(hi16);
+  for (int i = tid; i < D; i += blockDim.x)
+    codes[i] = (uint8_t)kvq::nearest_code(kvq::normalize(vx[i], vlo, vhi), g.val_cb, ncb);
+  __syncthreads();
+  pack_row(vc, codes, D, g.bits, g.cbytes);
+  // metadata
+  for (int j = tid; j < g.mbytes; j += blockDim.x) {
+    uint8_t byte = 0;
+    unsigned short hv = 0;
+    int field = -1;  // which fp16 this byte belongs to
+    if (j < 4) { hv = __half_as_ushort(j < 2 ? lo16 : hi16); field = j & 1; }
+    else if (j < 4 + 2 * g.nk) { hv = __half_as_ushort(__float2half_rn(kx[kidx[(j - 4) >> 1]])); field = j & 1; }
+    else if (j < 4 + 2 * (g.nk + g.nv)) {
+      hv = __half_as_ushort(__float2half_rn(vx[vidx[(j - 4 - 2 * g.nk) >> 1]]));
+      field = j & 1;
+    } else if (j < 4 + 2 * (g.nk + g.nv) + g.nk) byte = (uint8_t)kidx[j - 4 - 2 * (g.nk + g.nv)];
+    else if (j < 4 + 3 * (g.nk + g.nv)) byte = (uint8_t)vidx[j - 4 - 2 * (g.nk + g.nv) - g.nk];
+    if (field >= 0) byte = (uint8_t)(field == 0 ? (hv & 0xff) : (hv >> 8));
+    meta[j] = byte;
+  }
+}
+
+// Dequantizes tokens [t0, t0 + count) of (b, h) into kdst/vdst rows of `stride` floats
+// (keys pre-RoPE). Block-wide; ends with a barrier.
+__device__ void dequant_tokens(const Geo& g, int b, int h, int t0, int count, float* kdst, float* vdst, int stride) {
+  const int D = g.D;
+  const float* lo = g.key_lo + (long long)h * D;
+  const float* hi = g.key_hi + (long long)h * D;
+  for (int e = threadIdx.x; e < count * D; e += blockDim.x) {
+    const int t = e / D, c = e % D, pos = t0 + t;
+    float kv, vv;
+    if (pos < g.sink) {
+      const long long o = (((long long)b * g.sink + pos) * g.H + h) * D + c;
+      kv = __half2float(__ushort_as_half(g.sink_k[o]));
+      vv = __half2float(__ushort_as_half(g.sink_v[o]));
+    } else {
+      const long long slot = slot_of(g, b, pos, h);
+      const uint8_t* meta = g.meta + slot * g.mbytes;
+      kv = kvq::dequant(lo[c], hi[c], g.key_cb[kvq::get_code(g.kc + slot * g.cbytes, kvq::key_element(c, D), g.bits)]);
+      vv = kvq::dequant(half_bits(meta), half_bits(meta + 2), g.val_cb[kvq::get_code(g.vc + slot * g.cbytes, c, g.bits)]);
+    }
+    kdst[t * stride + c] = kv;
+    vdst[t * stride + c] = vv;
+  }
+  __syncthreads();
+  const int ns = g.nk + g.nv;
+  for (int e = threadIdx.x; e < count * ns; e += blockDim.x) {
+    const int t = e / ns, s = e % ns, pos = t0 + t;
+    if (pos < g.sink) continue;
+    const uint8_t* meta = g.meta + slot_of(g, b, pos, h) * g.mbytes;
+    const uint8_t* idx = meta + 4 + 2 * ns;
+    const float val = half_bits(meta + 4 + 2 * s);
+    if (s < g.nk) kdst[t * stride + idx[s]] = val;
+    else vdst[t * stride + idx[s]] = val;
+  }
+  __syncthreads();
+}
+
+template <class T>
+__global__ void dequant_kernel(Geo g, int seq, T* __restrict__ ko, T* __restrict__ vo) {
+  __shared__ float ks[256], vs[256];
+  const int t = blockIdx.x, h = blockIdx.y;
+  dequant_tokens(g, seq, h, t, 1, ks, vs, g.D);
+  const long long base = ((long long)t * g.H + h) * g.D;
+  for (int c = threadIdx.x; c < g.D; c += blockDim.x) {
+    ko[base + c] = from_f<T>(ks[c]);
+    vo[base + c] = from_f<T>(vs[c]);
+  }
+}
+
+// One block per (kv head, query row, split): partial softmax state of its g query heads
+// over the split's tokens. part: [rows, Hq, splits, D + 2] (acc..., m, l).
+template <class T>
+__global__ void __launch_bounds__(kThreads) attn_split_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
+                                                              float scale, int hq_total, int chunk, int splits,
+                                                              float* __restrict__ part) {
+  extern __shared__ float sm[];
+  const int h = blockIdx.x, n = blockIdx.y, split = blockIdx.z, D = g.D, tid = threadIdx.x;
+  const int G = hq_total / g.H, ks = D + 1;
+  float* q_s = sm;                    // [G][D]
+  float* k_s = q_s + G * D;           // [kTile][D + 1]
+  float* v_s = k_s + kTile * ks;      // [kTile][D + 1]
+  float* p_s = v_s + kTile * ks;      // [G][kTile]
+  float* acc_s = p_s + G * kTile;     // [G][D]
+  float* m_s = acc_s + G * D;         // [G]
+  float* l_s = m_s + G;               // [G]
+  float* a_s = l_s + G;               // [G]
+  __shared__ int bp[2];
+  if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
+  for (int e = tid; e < G * D; e += blockDim.x) {
+    const int j = e / D, c = e % D;
+    q_s[e] = to_f(q[((long long)n * hq_total + h * G + j) * D + c]) * scale;
+    acc_s[e] = 0.f;
+  }
+  for (int j = tid; j < G; j += blockDim.x) { m_s[j] = -INFINITY; l_s[j] = 0.f; }
+  __syncthreads();
+  const int b = bp[0], L = bp[1] + 1;
+  const int t_begin = split * chunk, t_end = min(L, t_begin + chunk);
+  const int half = D / 2;
+  for (int t0 = t_begin; t0 < t_end; t0 += kTile) {
+    const int cnt = min(kTile, t_end - t0);
+    dequant_tokens(g, b, h, t0, cnt, k_s, v_s, ks);
+    // RoPE on the keys at their positions
+    for (int e = tid; e < cnt * half; e += blockDim.x) {
+      const int t = e / half, i = e % half;
+      float sn, cs;
+      sincosf((float)(t0 + t) * inv_freq[i], &sn, &cs);
+      float* kr = k_s + t * ks;
+      const float a = kr[i], bb = kr[i + half];
+      kr[i] = a * cs - bb * sn;
+      kr[i + half] = bb * cs + a * sn;
+    }
+    __syncthreads();
+    // scores (q pre-scaled)
+    for (int e = tid; e < G * kTile; e += blockDim.x) {
+      const int j = e / kTile, t = e % kTile;
+      float s = -INFINITY;
+      if (t < cnt) {
+        s = 0.f;
+        const float* qq = q_s + j * D;
+        const float* kr = k_s + t * ks;
+        for (int i = 0; i < D; ++i) s = fmaf(qq[i], kr[i], s);
+      }
+      p_s[e] = s;
+    }
+    __syncthreads();
+    // online softmax update per head
+    for (int j = tid; j < G; j += blockDim.x) {
+      float mx = m_s[j];
+      for (int t = 0; t < cnt; ++t) mx = fmaxf(mx, p_s[j * kTile + t]);
+      const float alpha = expf(m_s[j] - mx);
+      float sum = 0.f;
+      for (int t = 0; t < kTile; ++t) {
+        const float p = t < cnt ? expf(p_s[j * kTile + t] - mx) : 0.f;
+        p_s[j * kTile + t] = p;
+        sum += p;
+      }
+      l_s[j] = l_s[j] * alpha + sum;
+      m_s[j] = mx;
+      a_s[j] = alpha;
+    }
+    __syncthreads();
+    for (int e = tid; e < G * D; e += blockDim.x) {
+      const int j = e / D, c = e % D;
+      float acc = acc_s[e] * a_s[j];
+      const float* pp = p_s + j * kTile;
+      for (int t = 0; t < cnt; ++t) acc = fmaf(pp[t], v_s[t * ks + c], acc);
+      acc_s[e] = acc;
+    }
+    __syncthreads();
+  }
+  for (int e = tid; e < G * (D + 2); e += blockDim.x) {
+    const int j = e / (D + 2), c = e % (D + 2);
+    const float val = c < D ? acc_s[j * D + c] : (c == D ? m_s[j] : l_s[j]);
+    part[(((long long)n * hq_total + h * G + j) * splits + split) * (D + 2) + c] = val;
+  }
+}
+
+template <class T>
+__global__ void attn_combine_kernel(const float* __restrict__ part, int splits, int D, T* __restrict__ out) {
+  const long long row = blockIdx.x;  // n * Hq + head
+  const float* p = part + row * splits * (D + 2);
+  float M = -INFINITY;
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, p[s * (D + 2) + D]);
+  float den = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    const float m = p[s * (D + 2) + D];
+    if (m != -INFINITY) den += p[s * (D + 2) + D + 1] * expf(m - M);
+  }
+  for (int c = threadIdx.x; c < D; c += blockDim.x) {
+    float num = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      const float m = p[s * (D + 2) + D];
+      if (m != -INFINITY) num += p[s * (D + 2) + c] * expf(m - M);
+    }
+    out[row * D + c] = from_f<T>(den > 0.f ? num / den : 0.f);
+  }
+}
+
+// Grow-only workspace for split partials, one per device (sized before graph capture by a
+// first call of the same shape).
+struct Workspace {
+  std::mutex mu;
+  void* ptr[64] = {};
+  size_t bytes[64] = {};
+};
+Workspace& workspace() {
+  static Workspace w;
+  return w;
+}
+float* partials(int dev, size_t bytes, cudaStream_t stream) {
+  Workspace& w = workspace();
+  std::lock_guard<std::mutex> lock(w.mu);
+  if (dev < 0 || dev >= 64) fail("ERR_DEVICE", "kvqAttention: device index out of range");
+  if (w.bytes[dev] < bytes) {
+    if (w.ptr[dev]) {
+      cuda_check(cudaStreamSynchronize(stream), "kvqAttention workspace");
+      cuda_free(dev, w.ptr[dev], w.bytes[dev]);
+    }
+    size_t nb = bytes + bytes / 2;
+    w.ptr[dev] = cuda_alloc(dev, nb);
+    w.bytes[dev] = nb;
+  }
+  return static_cast<float*>(w.ptr[dev]);
+}
+
+int sm_count(int dev) {
+  static int counts[64] = {};
+  if (dev >= 0 && dev < 64 && counts[dev] == 0) {
+    int c = 0;
+    cuda_check(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev), "kvqAttention");
+    counts[dev] = c > 0 ? c : 132;
+  }
+  return dev >= 0 && dev < 64 ? counts[dev] : 132;
+}
+
+template <class T>
+void launch_attention(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale,
+                      int max_seq_len, cudaStream_t stream) {
+  const int N = (int)q.dim(0), Hq = (int)q.dim(1), G = Hq / g.H, D = g.D;
+  if (N == 0) return;
+  const int dev = q.device.index;
+  const int tiles = (max_seq_len + kTile - 1) / kTile;
+  const long long blocks = (long long)g.H * N;
+  int splits = (int)std::max<long long>(1, (2LL * sm_count(dev) + blocks - 1) / blocks);
+  splits = std::min(splits, tiles);
+  // long sequences: at most 16 tiles per split so one block does not serialise a 128K context
+  splits = std::max(splits, (tiles + 15) / 16);
+  splits = std::min(splits, 4096);
+  const int chunk = ((tiles + splits - 1) / splits) * kTile;
+  splits = (max_seq_len + chunk - 1) / chunk;
+  float* part = partials(dev, (size_t)N * Hq * splits * (D + 2) * sizeof(float), stream);
+  const size_t smem = sizeof(float) * ((size_t)2 * G * D + 2 * kTile * (D + 1) + (size_t)G * kTile + 3 * G);
+  auto kernel = attn_split_kernel<T>;
+  if (smem > 48 * 1024)
+    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "kvqAttention");
+  dim3 grid(g.H, N, splits);
+  kernel<<<grid, kThreads, smem, stream>>>(g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq,
+                                           chunk, splits, part);
+  attn_combine_kernel<T><<<N * Hq, std::min(D, 256), 0, stream>>>(part, splits, D, static_cast<T*>(out.data()));
+}
+
+}  // namespace
+
+void kvq_append(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& k, const Tensor& v, const Tensor& page_table,
+                const Tensor& seq_lens, const Tensor& cu_q, cudaStream_t stream) {
+  const int N = (int)k.dim(0);
+  if (N == 0) return;
+  Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
+  dim3 grid(N, g.H);
+  if (k.dtype == DType::F16)
+    append_kernel<__half><<<grid, kThreads, 0, stream>>>(g, static_cast<const __half*>(k.data()),
+                                                         static_cast<const __half*>(v.data()));
+  else
+    append_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(g, static_cast<const __nv_bfloat16*>(k.data()),
+                                                                static_cast<const __nv_bfloat16*>(v.data()));
+}
+
+void kvq_attention(const Tensor& out, const Tensor& q, const kvq::Cache& c, const kvq::Calib& cal,
+                   const Tensor& page_table, const Tensor& seq_lens, const Tensor& cu_q, const Tensor& inv_freq,
+                   float scale, int max_q, int max_seq_len, cudaStream_t stream) {
+  (void)max_q;
+  Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
+  if (q.dtype == DType::F16) launch_attention<__half>(out, q, g, inv_freq, scale, max_seq_len, stream);
+  else launch_attention<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, stream);
+}
+
+void kvq_dequantize(const Tensor& k_out, const Tensor& v_out, const kvq::Cache& c, const kvq::Calib& cal,
+                    const Tensor& page_table, int64_t seq, cudaStream_t stream) {
+  const int L = (int)k_out.dim(0);
+  if (L == 0) return;
+  Geo g = make_geo(c, cal, page_table, nullptr, nullptr);
+  dim3 grid(L, g.H);
+  if (k_out.dtype == DType::F16)
+    dequant_kernel<__half><<<grid, kThreads, 0, stream>>>(g, (int)seq, static_cast<__half*>(k_out.data()),
+                                                          static_cast<__half*>(v_out.data()));
+  else
+    dequant_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(g, (int)seq, static_cast<__nv_bfloat16*>(k_out.data()),
+                                                                 static_cast<__nv_bfloat16*>(v_out.data()));
+}
+
+}  // namespace sqz::cuda
