@@ -1,0 +1,232 @@
+import { Tensor } from '../ts/tensor';
+import { isSqueezeError } from '../ts/errors';
+import { lutMatmul, kmeansRows, checkOutlierCsr } from '../ts/ops/lut';
+import {
+  SqueezeLinear, packCodes, unpackCodes, dequantize, quantizeLinear, rtnQuantize, weightedError,
+  squeezeTensors, squeezeMetadata, loadSqueezeLinear,
+} from '../ts/quant/squeezellm';
+import { SafetensorsFile, writeSafetensors } from '../ts/model/safetensors';
+import { describeGpu, relErr, rng, randn, freshSeed } from './gpu';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+
+/** A random dense-and-sparse linear (outliers ~2% when asked). */
+function randomLinear(N: number, K: number, bits: 3 | 4, outliers: boolean, r: () => number): SqueezeLinear {
+  const E = 1 << bits;
+  const codes = new Uint8Array(N * K);
+  for (let i = 0; i < codes.length; i++) codes[i] = Math.floor(r() * E);
+  const lut = randn(N * E, r, 0.5);
+  const l: SqueezeLinear = { N, K, bits, qweight: packCodes(codes, N, K, bits), lut };
+  if (outliers) {
+    const rows = new Int32Array(N + 1), cols: number[] = [], vals: number[] = [];
+    for (let n = 0; n < N; n++) {
+      for (let k = 0; k < K; k++) if (r() < 0.02) { cols.push(k); vals.push((r() - 0.5) * 8); }
+      rows[n + 1] = cols.length;
+    }
+    Object.assign(l, { rows, cols: Int32Array.from(cols), vals: Float32Array.from(vals) });
+  }
+  return l;
+}
+
+function denseRef(x: Float32Array, w: Float32Array, M: number, N: number, K: number): Float32Array {
+  const y = new Float32Array(M * N);
+  for (let m = 0; m < M; m++)
+    for (let n = 0; n < N; n++) {
+      let s = 0;
+      for (let k = 0; k < K; k++) s += x[m * K + k] * w[n * K + k];
+      y[m * N + n] = s;
+    }
+  return y;
+}
+
+function tensorsOf(l: SqueezeLinear, device: string, fd: 'f16' | 'f32') {
+  const f = (a: Float32Array) => Tensor.from(a, [a.length], { dtype: fd, device });
+  return {
+    q: Tensor.from(l.qweight, [Math.ceil(l.K / 32) * l.bits, l.N], { dtype: 'i32', device }),
+    lut: Tensor.from(l.lut, [l.N, 1 << l.bits], { dtype: fd, device }),
+    rows: l.rows ? Tensor.from(l.rows, [l.N + 1], { dtype: 'i32', device }) : null,
+    cols: l.cols ? Tensor.from(l.cols, [l.cols.length], { dtype: 'i32', device }) : null,
+    vals: l.vals ? f(l.vals) : null,
+  };
+}
+
+describe('packing', () => {
+  test.each([3, 4])('pack -> unpack round trip, %i bits, K with a tail', (bits) => {
+    const r = rng(7 + bits);
+    for (const [N, K] of [[5, 161], [3, 32], [2, 7], [4, 96]]) {
+      const codes = new Uint8Array(N * K).map(() => Math.floor(r() * (1 << bits)));
+      const q = packCodes(codes, N, K, bits);
+      expect(q.length).toBe(Math.ceil(K / 32) * bits * N);
+      expect(unpackCodes(q, N, K, bits)).toEqual(codes);
+    }
+  });
+  test('3-bit straddles words like GPTQ (code 10 at bits 30..32)', () => {
+    const codes = new Uint8Array(32);
+    codes[10] = 7;
+    const q = packCodes(codes, 1, 32, 3);
+    expect(q[0] >>> 0).toBe(0xc0000000);
+    expect(q[1]).toBe(1);
+    expect(q[2]).toBe(0);
+  });
+  test('bad bits -> ERR_UNSUPPORTED', () => {
+    expect(() => packCodes(new Uint8Array(32), 1, 32, 2)).toThrow(expect.objectContaining({ code: 'ERR_UNSUPPORTED' }));
+  });
+});
+
+describe('lutMatmul (CPU) vs dequantize-then-dense', () => {
+  const seed = freshSeed();
+  for (const bits of [3, 4] as const)
+    for (const outl of [false, true])
+      test(`${bits}-bit ${outl ? 'with' : 'without'} outliers (seed ${seed})`, async () => {
+        const r = rng(seed + bits * 2 + (outl ? 1 : 0));
+        for (const [N, K] of [[37, 161], [19, 128]]) {
+          const l = randomLinear(N, K, bits, outl, r);
+          const w = dequantize(l);
+          const t = tensorsOf(l, 'cpu', 'f32');
+          for (const M of [1, 3, 17, 64]) {
+            const x = randn(M * K, r);
+            const y = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N]);
+            lutMatmul(y, Tensor.from(x, [M, K]), t.q, t.lut, t.rows, t.cols, t.vals, bits);
+            const got = await y.toFloat32();
+            expect(relErr(got, denseRef(x, w, M, N, K))).toBeLessThan(1e-5);
+          }
+        }
+      });
+});
+
+describe('lutMatmul validation', () => {
+  const r = rng(3);
+  const l = randomLinear(8, 64, 4, true, r);
+  const t = tensorsOf(l, 'cpu', 'f32');
+  const x = Tensor.from(randn(2 * 64, r), [2, 64]);
+  const y = Tensor.empty([2, 8]);
+  const code = (fn: () => void): string | undefined => {
+    try { fn(); } catch (e) { return isSqueezeError(e) ? e.code : 'not-squeeze'; }
+    return undefined;
+  };
+  test('bits', () => {
+    expect(code(() => lutMatmul(y, x, t.q, t.lut, t.rows, t.cols, t.vals, 2))).toBe('ERR_UNSUPPORTED');
+  });
+  test('shapes name the tensor', () => {
+    const badQ = Tensor.empty([3, 8], { dtype: 'i32' });
+    expect(() => lutMatmul(y, x, badQ, t.lut, null, null, null, 4)).toThrow(/qweight/);
+    expect(code(() => lutMatmul(y, x, badQ, t.lut, null, null, null, 4))).toBe('ERR_SHAPE');
+    const badL = Tensor.empty([8, 8]);
+    expect(() => lutMatmul(y, x, t.q, badL, null, null, null, 4)).toThrow(/lut/);
+    expect(code(() => lutMatmul(y, x, t.q, t.lut, t.rows, null, null, 4))).toBe('ERR_ARG');
+  });
+  test('CSR content -> ERR_FORMAT', () => {
+    const rows = Int32Array.from([0, 1, 2]), cols = Int32Array.from([0, 5]);
+    expect(() => checkOutlierCsr(rows, cols, 2, 8, 'w')).not.toThrow();
+    for (const [rr, cc] of [[[1, 1, 2], [0, 5]], [[0, 2, 1], [0, 5]], [[0, 1, 3], [0, 5]], [[0, 1, 2], [0, 8]], [[0, 1, 2], [-1, 0]]]) {
+      let err: unknown;
+      try { checkOutlierCsr(Int32Array.from(rr), Int32Array.from(cc), 2, 8, 'layer0.q'); } catch (e) { err = e; }
+      expect(isSqueezeError(err, 'ERR_FORMAT')).toBe(true);
+      expect(String((err as Error).message)).toMatch(/layer0\.q/);
+    }
+  });
+});
+
+describe('quantizer', () => {
+  test('kmeans beats RTN on weighted error; codes/lut consistent', async () => {
+    const r = rng(11);
+    const N = 16, K = 512;
+    const w = randn(N * K, r, 0.02);
+    const sens = new Float32Array(K).map(() => 0.5 + r());
+    for (const bits of [3, 4]) {
+      const km = await quantizeLinear(w, N, K, { bits, sens, iters: 40 });
+      const rtn = rtnQuantize(w, N, K, bits);
+      const eK = weightedError(w, dequantize(km), N, K, sens), eR = weightedError(w, dequantize(rtn), N, K, sens);
+      expect(eK).toBeLessThan((bits === 3 ? 0.8 : 0.97) * eR);
+    }
+  });
+  test('outliers are kept exact and hit the share', async () => {
+    const r = rng(12);
+    const N = 32, K = 200;
+    const w = randn(N * K, r, 0.02);
+    for (let i = 0; i < 40; i++) w[Math.floor(r() * N * K)] = (r() - 0.5) * 2;
+    const q = await quantizeLinear(w, N, K, { bits: 4, outliers: 0.01 });
+    expect(q.cols!.length).toBeGreaterThan(0.005 * N * K);
+    expect(q.cols!.length).toBeLessThan(0.02 * N * K);
+    checkOutlierCsr(q.rows!, q.cols!, N, K, 'q');
+    const d = dequantize(q);
+    for (let n = 0; n < N; n++)
+      for (let j = q.rows![n]; j < q.rows![n + 1]; j++) expect(Math.abs(d[n * K + q.cols![j]] - w[n * K + q.cols![j]])).toBeLessThan(1e-6);
+  });
+  test('kmeansRows: well-separated clusters are found exactly, deterministic', async () => {
+    const N = 3, K = 64, E = 4, centers = [-3, -1, 1, 3];
+    const w = new Float32Array(N * K).map((_, i) => centers[i % E] + ((i * 7919) % 13 - 6) * 1e-3);
+    const run = async () => {
+      const lut = Tensor.empty([N, E]), codes = Tensor.empty([N, K], { dtype: 'u8' });
+      kmeansRows(lut, codes, Tensor.from(w, [N, K]), Tensor.from(new Float32Array(K).fill(1), [K]), 30);
+      return [await lut.toFloat32(), await codes.toArray()] as const;
+    };
+    const [l1, c1] = await run(), [l2, c2] = await run();
+    expect(c1).toEqual(c2);
+    expect(l1).toEqual(l2);
+    for (let i = 0; i < N * K; i++) expect(c1[i]).toBe(i % E);
+  });
+  test('safetensors round trip and loader hook', async () => {
+    const r = rng(13);
+    const N = 24, K = 96;
+    const w = randn(N * K, r, 0.05);
+    const q = await quantizeLinear(w, N, K, { bits: 3, outliers: 0.01 });
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-'));
+    const file = path.join(dir, 'l.safetensors');
+    writeSafetensors(file, squeezeTensors('model.layers.0.mlp.up_proj', q, 'f32', 'f32'),
+      squeezeMetadata({ bits: 3, lut_dtype: 'f32', outlier_dtype: 'f32', outlier_share: 0.01, source: 'test' }));
+    const f = SafetensorsFile.open(file);
+    expect(f.metadata.format).toBe('squeezellm');
+    const lin = loadSqueezeLinear(f, 'model.layers.0.mlp.up_proj', 'cpu', 'f32', K);
+    const x = randn(2 * K, r);
+    const y = Tensor.empty([2, N]);
+    lin.forward(y, Tensor.from(x, [2, K]));
+    expect(relErr(await y.toFloat32(), denseRef(x, dequantize(q), 2, N, K))).toBeLessThan(1e-5);
+    lin.dispose();
+    f.close();
+    fs.rmSync(dir, { recursive: true });
+  });
+});
+
+describeGpu('lutMatmul CUDA vs CPU', () => {
+  const seed = freshSeed();
+  for (const dt of ['f16', 'bf16'] as const)
+    for (const bits of [3, 4] as const)
+      test(`${dt} ${bits}-bit (seed ${seed})`, async () => {
+        const r = rng(seed + bits + (dt === 'bf16' ? 10 : 0));
+        for (const [N, K, outl] of [[301, 161, true], [256, 4096 + 32, true], [77, 96, false]] as const) {
+          const l = randomLinear(N, K, bits, outl, r);
+          for (const fd of ['f16', 'f32'] as const) {
+            const tc = tensorsOf(l, 'cuda', fd), tcpu = tensorsOf(l, 'cpu', fd);
+            for (const M of [1, 2, 3, 5, 8, 9, 17, 64, 130]) {
+              const x = randn(M * K, r);
+              const xc = Tensor.from(x, [M, K], { dtype: dt, device: 'cuda' });
+              const xh = Tensor.from(x, [M, K], { dtype: dt });
+              const yc = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: dt, device: 'cuda' });
+              const yh = Tensor.empty([M, N]);
+              lutMatmul(yc, xc, tc.q, tc.lut, tc.rows, tc.cols, tc.vals, bits);
+              lutMatmul(yh, xh, tcpu.q, tcpu.lut, tcpu.rows, tcpu.cols, tcpu.vals, bits);
+              const got = await yc.toFloat32(), want = await yh.toFloat32();
+              expect(got.every(Number.isFinite)).toBe(true);
+              // the GEMM path rounds dequantized weights to the activation dtype
+              expect(relErr(got, want)).toBeLessThan(M > 8 ? (dt === 'bf16' ? 8e-3 : 2e-3) : (dt === 'bf16' ? 8e-3 : 2e-3));
+            }
+          }
+        }
+      });
+  test('deterministic across runs', async () => {
+    const r = rng(5);
+    const l = randomLinear(512, 1024, 4, true, r);
+    const t = tensorsOf(l, 'cuda', 'f16');
+    const x = Tensor.from(randn(4 * 1024, r), [4, 1024], { dtype: 'f16', device: 'cuda' });
+    const outs: Uint16Array[] = [];
+    for (let i = 0; i < 3; i++) {
+      const y = Tensor.empty([4, 512], { dtype: 'f16', device: 'cuda' });
+      lutMatmul(y, x, t.q, t.lut, t.rows, t.cols, t.vals, 4);
+      outs.push((await y.toArray()) as Uint16Array);
+    }
+    expect(outs[1]).toEqual(outs[0]);
+    expect(outs[2]).toEqual(outs[0]);
+  });
+});

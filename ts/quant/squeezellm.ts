@@ -1,0 +1,417 @@
+/**
+ * SqueezeLLM quantization: per output row weighted k-means to 2^bits centroids (weights: Fisher
+ * diagonal, or a proxy), dense-and-sparse decomposition (magnitude and sensitivity outliers kept
+ * exact in CSR), packing to the interchange format, safetensors I/O, a model-folder quantizer and
+ * a loader for quantized linears.
+ *
+ * Interchange format per linear `<p>`: `<p>.qweight` i32 [ceil(K/32)*bits, N] (codes packed along
+ * K, least significant bits first, 3-bit straddling words), `<p>.lookup_table` [N, 2^bits],
+ * optional `<p>.rows` i32 [N+1], `<p>.cols` i32 [nnz], `<p>.vals` [nnz] (weight minus that row's
+ * centroid nearest zero).
+ */
+import * as fs from 'fs';
+import * as path from 'path';
+import { SqueezeError } from '../errors';
+import { DType, Tensor } from '../tensor';
+import { checkOutlierCsr, kmeansRows, lutMatmul } from '../ops/lut';
+import { Checkpoint, SafetensorsFile, WriteTensor, writeSafetensors } from '../model/safetensors';
+import { float32ToF16Bits, f16BitsToFloat32, bf16BitsToFloat32 } from '../util/half';
+
+export type Bits = 3 | 4;
+
+export interface SqueezeLinear {
+  N: number;
+  K: number;
+  bits: Bits;
+  qweight: Int32Array;
+  /** [N, 2^bits] */
+  lut: Float32Array;
+  rows?: Int32Array;
+  cols?: Int32Array;
+  vals?: Float32Array;
+}
+
+function checkBits(bits: number): Bits {
+  if (bits !== 3 && bits !== 4) throw new SqueezeError('ERR_UNSUPPORTED', `squeezellm: bits must be 3 or 4, got ${bits}`);
+  return bits;
+}
+
+// ---------------------------------------------------------------- packing
+
+/** codes u8 [N,K] -> qweight i32 [ceil(K/32)*bits, N] (K padded with code 0). */
+export function packCodes(codes: Uint8Array, N: number, K: number, bits: number): Int32Array {
+  const b = checkBits(bits);
+  const groups = Math.ceil(K / 32);
+  const q = new Int32Array(groups * b * N);
+  for (let n = 0; n < N; n++) {
+    for (let g = 0; g < groups; g++) {
+      for (let i = 0; i < 32; i++) {
+        const k = g * 32 + i;
+        const c = k < K ? codes[n * K + k] : 0;
+        if (c >>> b) throw new SqueezeError('ERR_ARG', `packCodes: code ${c} at [${n}, ${k}] does not fit ${b} bits`);
+        const bit = i * b, word = bit >>> 5, off = bit & 31;
+        q[(g * b + word) * N + n] |= c << off;
+        if (off + b > 32) q[(g * b + word + 1) * N + n] |= c >>> (32 - off);
+      }
+    }
+  }
+  return q;
+}
+
+/** qweight i32 [ceil(K/32)*bits, N] -> codes u8 [N,K]. */
+export function unpackCodes(q: Int32Array, N: number, K: number, bits: number): Uint8Array {
+  const b = checkBits(bits);
+  const groups = Math.ceil(K / 32), mask = (1 << b) - 1;
+  if (q.length !== groups * b * N) throw new SqueezeError('ERR_SHAPE', `unpackCodes: qweight has ${q.length} words, expected ${groups * b * N}`);
+  const codes = new Uint8Array(N * K);
+  for (let n = 0; n < N; n++)
+    for (let k = 0; k < K; k++) {
+      const g = k >>> 5, i = k & 31, bit = i * b, word = bit >>> 5, off = bit & 31;
+      let v = q[(g * b + word) * N + n] >>> off;
+      if (off + b > 32) v |= q[(g * b + word + 1) * N + n] << (32 - off);
+      codes[n * K + k] = v & mask;
+    }
+  return codes;
+}
+
+/** The dense weight [N,K] (dense part + outliers): the oracle for lutMatmul. */
+export function dequantize(l: SqueezeLinear): Float32Array {
+  const { N, K, bits } = l, E = 1 << bits;
+  const codes = unpackCodes(l.qweight, N, K, bits);
+  const w = new Float32Array(N * K);
+  for (let n = 0; n < N; n++) for (let k = 0; k < K; k++) w[n * K + k] = l.lut[n * E + codes[n * K + k]];
+  if (l.rows && l.cols && l.vals)
+    for (let n = 0; n < N; n++) for (let j = l.rows[n]; j < l.rows[n + 1]; j++) w[n * K + l.cols[j]] += l.vals[j];
+  return w;
+}
+
+// ---------------------------------------------------------------- quantizer
+
+export interface QuantizeOptions {
+  bits: number;
+  /** Share of weights kept exact by magnitude (e.g. 0.0045). */
+  outliers?: number;
+  /** Share of weights kept exact by sensitivity (e.g. 0.0005). */
+  sensitive?: number;
+  /** Sensitivity: Fisher diagonal [N,K], or per input channel [K] (mean squared activation); uniform when absent. */
+  sens?: Float32Array;
+  iters?: number;
+}
+
+/** Threshold t such that about `share` of |values| exceed it (estimated on a strided sample). */
+function topThreshold(n: number, value: (i: number) => number, share: number): number {
+  if (share <= 0 || n === 0) return Infinity;
+  const step = Math.max(1, Math.floor(n / 2_000_000));
+  const sample = new Float32Array(Math.ceil(n / step));
+  for (let i = 0, j = 0; i < n; i += step, j++) sample[j] = value(i);
+  sample.sort();
+  const idx = Math.min(sample.length - 1, Math.max(0, Math.floor(sample.length * (1 - share))));
+  return sample[idx];
+}
+
+/** Quantizes one weight matrix w [N,K] (row n = output channel n). */
+export async function quantizeLinear(w: Float32Array, N: number, K: number, o: QuantizeOptions): Promise<SqueezeLinear> {
+  const bits = checkBits(o.bits), E = 1 << bits;
+  if (w.length !== N * K) throw new SqueezeError('ERR_SHAPE', `quantizeLinear: weight has ${w.length} elements, expected ${N}x${K}`);
+  const sens = o.sens;
+  if (sens && sens.length !== K && sens.length !== N * K)
+    throw new SqueezeError('ERR_SHAPE', `quantizeLinear: sensitivity has ${sens.length} elements, expected ${K} or ${N * K}`);
+  const sAt = (i: number): number => (!sens ? 1 : sens.length === K ? sens[i % K] : sens[i]);
+  // Magnitude outliers: |w| above a per-matrix threshold; sensitive: top saliency sens * w^2.
+  const tMag = topThreshold(N * K, (i) => Math.abs(w[i]), o.outliers ?? 0);
+  const tSens = sens ? topThreshold(N * K, (i) => sAt(i) * w[i] * w[i], o.sensitive ?? 0) : Infinity;
+  const weight = new Float32Array(N * K);
+  const isOut = new Uint8Array(N * K);
+  let nnz = 0;
+  for (let i = 0; i < N * K; i++) {
+    const out = Math.abs(w[i]) > tMag || (sens !== undefined && sAt(i) * w[i] * w[i] > tSens);
+    if (out) { isOut[i] = 1; nnz++; }
+    weight[i] = out ? 0 : Math.max(0, sAt(i));
+  }
+  const tw = Tensor.from(w, [N, K]), ts = Tensor.from(weight, [N, K]);
+  const tl = Tensor.empty([N, E], { dtype: 'f32' }), tc = Tensor.empty([N, K], { dtype: 'u8' });
+  try {
+    kmeansRows(tl, tc, tw, ts, o.iters ?? 30);
+    const lut = (await tl.toArray()) as Float32Array;
+    const codes = (await tc.toArray()) as Uint8Array;
+    let rows: Int32Array | undefined, cols: Int32Array | undefined, vals: Float32Array | undefined;
+    if (nnz > 0) {
+      rows = new Int32Array(N + 1);
+      cols = new Int32Array(nnz);
+      vals = new Float32Array(nnz);
+      let j = 0;
+      for (let n = 0; n < N; n++) {
+        let z = 0; // the centroid nearest zero
+        for (let e = 1; e < E; e++) if (Math.abs(lut[n * E + e]) < Math.abs(lut[n * E + z])) z = e;
+        for (let k = 0; k < K; k++) {
+          const i = n * K + k;
+          if (!isOut[i]) continue;
+          codes[i] = z;
+          cols[j] = k;
+          vals[j] = w[i] - lut[n * E + z];
+          j++;
+        }
+        rows[n + 1] = j;
+      }
+    }
+    return { N, K, bits, qweight: packCodes(codes, N, K, bits), lut, rows, cols, vals };
+  } finally {
+    [tw, ts, tl, tc].forEach((t) => t.dispose());
+  }
+}
+
+/** Round-to-nearest baseline: uniform per-row min-max grid at the same bits, as a table. */
+export function rtnQuantize(w: Float32Array, N: number, K: number, bits: number): SqueezeLinear {
+  const b = checkBits(bits), E = 1 << b;
+  const lut = new Float32Array(N * E), codes = new Uint8Array(N * K);
+  for (let n = 0; n < N; n++) {
+    let lo = Infinity, hi = -Infinity;
+    for (let k = 0; k < K; k++) { lo = Math.min(lo, w[n * K + k]); hi = Math.max(hi, w[n * K + k]); }
+    const step = hi > lo ? (hi - lo) / (E - 1) : 1;
+    for (let e = 0; e < E; e++) lut[n * E + e] = lo + e * step;
+    for (let k = 0; k < K; k++) codes[n * K + k] = Math.min(E - 1, Math.max(0, Math.round((w[n * K + k] - lo) / step)));
+  }
+  return { N, K, bits: b, qweight: packCodes(codes, N, K, b), lut };
+}
+
+/** sum sens * (w - q)^2 (sens [N,K], [K] or uniform). */
+export function weightedError(w: Float32Array, q: Float32Array, N: number, K: number, sens?: Float32Array): number {
+  let s = 0;
+  for (let i = 0; i < N * K; i++) {
+    const d = w[i] - q[i];
+    s += (sens ? (sens.length === K ? sens[i % K] : sens[i]) : 1) * d * d;
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------- safetensors I/O
+
+export interface SqueezeMeta {
+  bits: number;
+  lut_dtype: 'f16' | 'f32';
+  outlier_dtype: 'f16' | 'f32';
+  outlier_share: number;
+  source: string;
+}
+
+/** The tensors of one quantized linear, ready for writeSafetensors. */
+export function squeezeTensors(prefix: string, l: SqueezeLinear, lutDtype: 'f16' | 'f32' = 'f16',
+  outlierDtype: 'f16' | 'f32' = 'f16'): Record<string, WriteTensor> {
+  const E = 1 << l.bits;
+  const fl = (a: Float32Array, d: 'f16' | 'f32') => (d === 'f16' ? float32ToF16Bits(a) : a);
+  const t: Record<string, WriteTensor> = {
+    [`${prefix}.qweight`]: { dtype: 'i32', shape: [Math.ceil(l.K / 32) * l.bits, l.N], data: l.qweight },
+    [`${prefix}.lookup_table`]: { dtype: lutDtype, shape: [l.N, E], data: fl(l.lut, lutDtype) },
+  };
+  if (l.rows && l.cols && l.vals) {
+    t[`${prefix}.rows`] = { dtype: 'i32', shape: [l.N + 1], data: l.rows };
+    t[`${prefix}.cols`] = { dtype: 'i32', shape: [l.cols.length], data: l.cols };
+    t[`${prefix}.vals`] = { dtype: outlierDtype, shape: [l.vals.length], data: fl(l.vals, outlierDtype) };
+  }
+  return t;
+}
+
+export function squeezeMetadata(m: SqueezeMeta): Record<string, string> {
+  return {
+    format: 'squeezellm', bits: String(m.bits), lut_dtype: m.lut_dtype, outlier_dtype: m.outlier_dtype,
+    outlier_share: String(m.outlier_share), source: m.source,
+  };
+}
+
+/** What loadSqueezeLinear reads from: a SafetensorsFile or a Checkpoint. */
+export interface TensorReader {
+  has(name: string): boolean;
+  read(name: string): { dtype: string; shape: number[]; data: ArrayBufferView };
+}
+
+function floatsOf(name: string, r: { dtype: string; data: ArrayBufferView }): Float32Array {
+  if (r.dtype === 'F32') return r.data as Float32Array;
+  if (r.dtype === 'F16') return f16BitsToFloat32(r.data as Uint16Array);
+  if (r.dtype === 'BF16') return bf16BitsToFloat32(r.data as Uint16Array);
+  throw new SqueezeError('ERR_FORMAT', `${name}: expected F16/BF16/F32, got ${r.dtype}`);
+}
+
+/** Reads one linear (host arrays), checking shapes and the outlier CSR (ERR_FORMAT naming the tensor). */
+export function readSqueezeLinear(reader: TensorReader, prefix: string, inFeatures?: number): SqueezeLinear {
+  const qn = `${prefix}.qweight`, ln = `${prefix}.lookup_table`;
+  const q = reader.read(qn), l = reader.read(ln);
+  if (q.dtype !== 'I32' || q.shape.length !== 2) throw new SqueezeError('ERR_FORMAT', `${qn}: expected I32 [K*bits/32, N], got ${q.dtype} [${q.shape}]`);
+  if (l.shape.length !== 2) throw new SqueezeError('ERR_FORMAT', `${ln}: expected [N, 2^bits], got [${l.shape}]`);
+  const [R, N] = q.shape, E = l.shape[1];
+  const bits = E === 16 ? 4 : E === 8 ? 3 : 0;
+  if (!bits) throw new SqueezeError('ERR_UNSUPPORTED', `${ln}: ${E} entries per row; only 3-bit (8) and 4-bit (16) tables are supported`);
+  if (l.shape[0] !== N) throw new SqueezeError('ERR_SHAPE', `${ln}: [${l.shape}] does not match ${N} output rows of ${qn}`);
+  if (R % bits !== 0) throw new SqueezeError('ERR_SHAPE', `${qn}: ${R} packed rows is not a multiple of bits = ${bits}`);
+  const Kp = (R / bits) * 32;
+  const K = inFeatures ?? Kp;
+  if (Math.ceil(K / 32) * 32 !== Kp) throw new SqueezeError('ERR_SHAPE', `${qn}: [${q.shape}] holds ${Kp} inputs, expected ${K} (padded to 32)`);
+  const out: SqueezeLinear = { N, K, bits: bits as Bits, qweight: q.data as Int32Array, lut: floatsOf(ln, l) };
+  const rn = `${prefix}.rows`, cn = `${prefix}.cols`, vn = `${prefix}.vals`;
+  const present = [rn, cn, vn].filter((n) => reader.has(n)).length;
+  if (present !== 0 && present !== 3) throw new SqueezeError('ERR_FORMAT', `${prefix}: rows, cols and vals must come together`);
+  if (present === 3) {
+    const r = reader.read(rn), c = reader.read(cn), v = reader.read(vn);
+    if (r.dtype !== 'I32' || c.dtype !== 'I32') throw new SqueezeError('ERR_FORMAT', `${rn}/${cn}: expected I32`);
+    const rows = r.data as Int32Array, cols = c.data as Int32Array, vals = floatsOf(vn, v);
+    if (vals.length !== cols.length) throw new SqueezeError('ERR_FORMAT', `${vn}: ${vals.length} values for ${cols.length} cols`);
+    checkOutlierCsr(rows, cols, N, K, `${prefix} outliers`);
+    Object.assign(out, { rows, cols, vals });
+  }
+  return out;
+}
+
+/** A quantized linear on a device: forward(y[M,N], x[M,K]) replaces a dense matmul. */
+export interface SqueezeLinearModule {
+  readonly N: number;
+  readonly K: number;
+  readonly bits: Bits;
+  readonly bytes: number;
+  forward(y: Tensor, x: Tensor): void;
+  dispose(): void;
+}
+
+/** Uploads host arrays of a linear to `device`; tables and outliers in f16 on CUDA (f32 on CPU). */
+export function uploadSqueezeLinear(l: SqueezeLinear, device: string, dtype?: DType): SqueezeLinearModule {
+  const fd: DType = device === 'cpu' || dtype === 'f32' ? 'f32' : 'f16';
+  const fl = (a: Float32Array) => (fd === 'f16' ? float32ToF16Bits(a) : a);
+  const E = 1 << l.bits;
+  const q = Tensor.from(l.qweight, [Math.ceil(l.K / 32) * l.bits, l.N], { dtype: 'i32', device });
+  const lut = Tensor.from(fl(l.lut), [l.N, E], { dtype: fd, device });
+  const has = !!(l.rows && l.cols && l.vals);
+  const rows = has ? Tensor.from(l.rows!, [l.N + 1], { dtype: 'i32', device }) : undefined;
+  const cols = has ? Tensor.from(l.cols!, [l.cols!.length], { dtype: 'i32', device }) : undefined;
+  const vals = has ? Tensor.from(fl(l.vals!), [l.vals!.length], { dtype: fd, device }) : undefined;
+  const all = [q, lut, rows, cols, vals].filter((t): t is Tensor => !!t);
+  return {
+    N: l.N, K: l.K, bits: l.bits,
+    bytes: all.reduce((s, t) => s + t.byteLength, 0),
+    forward(y: Tensor, x: Tensor): void {
+      if (x.shape.length !== 2 || x.shape[1] !== l.K)
+        throw new SqueezeError('ERR_SHAPE', `squeezellm linear: x is [${x.shape}], expected [M, ${l.K}]`);
+      lutMatmul(y, x, q, lut, rows, cols, vals, l.bits);
+    },
+    dispose(): void { all.forEach((t) => t.dispose()); },
+  };
+}
+
+/**
+ * The loader hook: the decoder calls this for a linear whose `<prefix>.qweight` exists, and
+ * `forward(y, x)` instead of a dense matmul.
+ */
+export function loadSqueezeLinear(reader: TensorReader, prefix: string, device: string, dtype?: DType,
+  inFeatures?: number): SqueezeLinearModule {
+  return uploadSqueezeLinear(readSqueezeLinear(reader, prefix, inFeatures), device, dtype);
+}
+
+/** True when `<prefix>.qweight` exists (a quantized linear). */
+export function isSqueezeLinear(reader: TensorReader, prefix: string): boolean {
+  return reader.has(`${prefix}.qweight`);
+}
+
+// ---------------------------------------------------------------- model folders
+
+export interface QuantizeModelOptions {
+  bits: number;
+  /** Magnitude outlier share (default 0.0045). */
+  outliers?: number;
+  /** Sensitive outlier share (default 0.0005; only with fisher or calibration statistics). */
+  sensitive?: number;
+  /** A safetensors file holding the Fisher diagonal per linear weight (same names as the model). */
+  fisher?: string;
+  /** Per-linear input statistics: `<linear>` -> mean squared activation per input channel [K]. */
+  calib?: Map<string, Float32Array>;
+  out: string;
+  iters?: number;
+  onProgress?: (done: number, total: number, name: string) => void;
+}
+
+const LINEARS = ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj',
+  'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj'];
+
+/**
+ * Quantizes every q/k/v/o/gate/up/down linear of a Hugging Face folder and writes a complete
+ * model folder (embeddings, norms and lm_head as stored; tokenizer files copied). Without
+ * `fisher` or `calib`, k-means weights are uniform (no sensitivity outliers).
+ */
+export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promise<{ linears: number; outliers: number }> {
+  const bits = checkBits(o.bits);
+  const cfgPath = path.join(dir, 'config.json');
+  let cfg: Record<string, unknown>;
+  try { cfg = JSON.parse(fs.readFileSync(cfgPath, 'utf8')); } catch (e) {
+    throw new SqueezeError('ERR_FORMAT', `${cfgPath}: ${(e as Error).message}`);
+  }
+  const ck = Checkpoint.open(dir);
+  const fisher = o.fisher ? SafetensorsFile.open(o.fisher) : undefined;
+  const outShare = o.outliers ?? 0.0045, sensShare = o.sensitive ?? 0.0005;
+  const tensors: Record<string, WriteTensor> = {};
+  let linears = 0, nnz = 0, total = 0;
+  try {
+    const names = ck.names();
+    const targets = names.filter((n) => n.endsWith('.weight') && LINEARS.some((l) => n.endsWith(`${l}.weight`)));
+    for (const name of names) {
+      const prefix = name.slice(0, -'.weight'.length);
+      if (!targets.includes(name)) {
+        const r = ck.read(name);
+        tensors[name] = { dtype: r.dtype, shape: r.shape, data: r.data };
+        continue;
+      }
+      const r = ck.read(name);
+      const [N, K] = r.shape;
+      const w = floatsOf(name, r);
+      let sens: Float32Array | undefined;
+      if (fisher && fisher.has(name)) sens = fisher.readFloat32(name);
+      else if (o.calib?.has(prefix)) sens = o.calib.get(prefix);
+      const l = await quantizeLinear(w, N, K, { bits, outliers: outShare, sensitive: sens ? sensShare : 0, sens, iters: o.iters });
+      Object.assign(tensors, squeezeTensors(prefix, l));
+      linears++;
+      nnz += l.cols?.length ?? 0;
+      total += N * K;
+      o.onProgress?.(linears, targets.length, prefix);
+    }
+  } finally {
+    ck.close();
+    fisher?.close();
+  }
+  fs.mkdirSync(o.out, { recursive: true });
+  writeSafetensors(path.join(o.out, 'model.safetensors'), tensors, squeezeMetadata({
+    bits, lut_dtype: 'f16', outlier_dtype: 'f16', outlier_share: total ? nnz / total : 0, source: path.basename(path.resolve(dir)),
+  }));
+  cfg.quantization_config = {
+    quant_method: 'squeezellm', bits, outlier_share: total ? nnz / total : 0, dense_outliers: outShare,
+    sensitive_outliers: fisher || o.calib ? sensShare : 0, sensitivity: fisher ? 'fisher' : o.calib ? 'activations' : 'uniform',
+  };
+  fs.writeFileSync(path.join(o.out, 'config.json'), JSON.stringify(cfg, null, 2));
+  for (const f of fs.readdirSync(dir))
+    if (/^(tokenizer.*|special_tokens_map\.json|generation_config\.json|.*\.model)$/.test(f))
+      fs.copyFileSync(path.join(dir, f), path.join(o.out, f));
+  return { linears, outliers: nnz };
+}
+
+/** `squeezelm quantize <model-dir> --out <dir> [--bits 4] [--outliers 0.0045] [--sensitive 0.0005] [--fisher f]`. */
+export async function quantizeCommand(argv: string[]): Promise<void> {
+  const pos: string[] = [];
+  const opt: Record<string, string> = {};
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a.startsWith('--')) {
+      const eq = a.indexOf('=');
+      if (eq > 0) opt[a.slice(2, eq)] = a.slice(eq + 1);
+      else opt[a.slice(2)] = argv[++i] ?? '';
+    } else pos.push(a);
+  }
+  if (pos.length !== 1 || !opt.out)
+    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize <model-dir> --out <dir> [--bits 3|4] [--outliers share] [--sensitive share] [--fisher file]');
+  const num = (k: string, d: number) => {
+    if (opt[k] === undefined) return d;
+    const v = Number(opt[k]);
+    if (!Number.isFinite(v) || v < 0) throw new SqueezeError('ERR_ARG', `--${k}: expected a number, got '${opt[k]}'`);
+    return v;
+  };
+  const t0 = Date.now();
+  const r = await quantizeModel(pos[0], {
+    bits: num('bits', 4), outliers: num('outliers', 0.0045), sensitive: num('sensitive', 0.0005),
+    fisher: opt.fisher, out: opt.out, iters: num('iters', 30),
+    onProgress: (d, t, n) => process.stderr.write(`\r[${d}/${t}] ${n}`.padEnd(60)),
+  });
+  process.stderr.write(`\nquantized ${r.linears} linears (${r.outliers} outliers) in ${((Date.now() - t0) / 1000).toFixed(1)} s -> ${opt.out}\n`);
+}
