@@ -230,3 +230,39 @@ describeGpu('lutMatmul CUDA vs CPU', () => {
     expect(outs[2]).toEqual(outs[0]);
   });
 });
+
+describe('quantizeModel', () => {
+  test('tiny llama folder: every linear quantized, the rest kept, config marked', async () => {
+    const src = path.join(__dirname, 'fixtures', 'tiny-llama-gqa');
+    const out = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-q-'));
+    const { quantizeModel } = await import('../ts/quant/squeezellm');
+    const r = await quantizeModel(src, { bits: 4, outliers: 0.005, out, iters: 10 });
+    expect(r.linears).toBe(4 * 7);
+    const cfg = JSON.parse(fs.readFileSync(path.join(out, 'config.json'), 'utf8'));
+    expect(cfg.quantization_config.quant_method).toBe('squeezellm');
+    expect(cfg.quantization_config.bits).toBe(4);
+    const f = SafetensorsFile.open(path.join(out, 'model.safetensors'));
+    expect(f.metadata.format).toBe('squeezellm');
+    expect(f.has('model.layers.0.self_attn.q_proj.qweight')).toBe(true);
+    expect(f.has('model.layers.0.self_attn.q_proj.weight')).toBe(false);
+    expect(f.has('model.embed_tokens.weight')).toBe(true);
+    expect(f.has('lm_head.weight')).toBe(true);
+    // the quantized weight is close to the original
+    const orig = SafetensorsFile.open(path.join(src, 'model.safetensors'));
+    const w = orig.readFloat32('model.layers.1.mlp.down_proj.weight');
+    const [N, K] = orig.entry('model.layers.1.mlp.down_proj.weight').shape;
+    const lin = loadSqueezeLinear(f, 'model.layers.1.mlp.down_proj', 'cpu', 'f32', K);
+    const eye = new Float32Array(K * K);
+    for (let k = 0; k < K; k++) eye[k * K + k] = 1;
+    const y = Tensor.empty([K, N]);
+    lin.forward(y, Tensor.from(eye, [K, K]));
+    const wt = await y.toFloat32(); // [K, N] = W^T
+    const deq = new Float32Array(N * K);
+    for (let n = 0; n < N; n++) for (let k = 0; k < K; k++) deq[n * K + k] = wt[k * N + n];
+    expect(relErr(deq, w)).toBeLessThan(0.15);
+    lin.dispose();
+    f.close();
+    orig.close();
+    fs.rmSync(out, { recursive: true });
+  });
+});
