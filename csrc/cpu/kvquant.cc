@@ -1,5 +1,6 @@
 #include "kvquant.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -73,8 +74,8 @@ void unpack(const Cache& c, const float* lo, const float* hi, const float* kcb, 
   const uint8_t* vval = kval + 2 * c.nk;
   const uint8_t* kidx = vval + 2 * c.nv;
   const uint8_t* vidx = kidx + c.nk;
-  for (int s = 0; s < c.nk; ++s) kout[kidx[s]] = get_half(kval + 2 * s);
-  for (int s = 0; s < c.nv; ++s) vout[vidx[s]] = get_half(vval + 2 * s);
+  for (int s = 0; s < c.nk; ++s) kout[std::min<int>(kidx[s], d - 1)] = get_half(kval + 2 * s);
+  for (int s = 0; s < c.nv; ++s) vout[std::min<int>(vidx[s], d - 1)] = get_half(vval + 2 * s);
 }
 
 std::vector<int64_t> row_sequences(const Tensor& cu_q, int64_t n_rows) {

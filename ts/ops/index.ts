@@ -3,4 +3,5 @@ export * from './basic';
 export * from './elementwise';
 export * from './gemm';
 export * from './lut';
-export * from './lut';
+export * from './kvquant';
+export * from './attention';

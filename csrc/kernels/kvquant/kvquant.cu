@@ -242,8 +242,9 @@ __device__ void dequant_tokens(const Geo& g, int b, int h, int t0, int count, fl
     const uint8_t* meta = g.meta + slot_of(g, b, pos, h) * g.mbytes;
     const uint8_t* idx = meta + 4 + 2 * ns;
     const float val = half_bits(meta + 4 + 2 * s);
-    if (s < g.nk) kdst[t * stride + idx[s]] = val;
-    else vdst[t * stride + idx[s]] = val;
+    const int c = min((int)idx[s], D - 1);  // a corrupted index never writes outside the row
+    if (s < g.nk) kdst[t * stride + c] = val;
+    else vdst[t * stride + c] = val;
   }
   __syncthreads();
 }

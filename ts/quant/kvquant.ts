@@ -1,0 +1,227 @@
+/**
+ * KVQuant calibration: per-channel key bounds (pre-RoPE) at the percentile matching the
+ * outlier share, and per-layer sorted 2^b codebooks in [-1, 1] for keys and values by 1-D
+ * k-means of the normalised samples (NormalFloat signposts as the start and fallback).
+ * Saved as safetensors: layers.{i}.key_lo / key_hi [kvHeads*D], layers.{i}.key_codebook /
+ * value_codebook [2^b], __metadata__ {format, bits, outliers, sink, layers, kv_heads, head_dim}.
+ */
+import { SqueezeError } from '../errors';
+import { Tensor } from '../tensor';
+import { SafetensorsFile, writeSafetensors } from '../model/safetensors';
+import { KvqLayerCalibration, outlierSlots } from '../ops/kvquant';
+
+export interface KvqCalibrationLayer {
+  keyLo: Float32Array;
+  keyHi: Float32Array;
+  keyCodebook: Float32Array;
+  valueCodebook: Float32Array;
+}
+
+export interface KvqCalibration {
+  bits: number;
+  /** Outlier share (e.g. 0.01). */
+  outliers: number;
+  sink: number;
+  kvHeads: number;
+  headDim: number;
+  layers: KvqCalibrationLayer[];
+}
+
+export interface CalibrateOptions {
+  bits: number;
+  outliers?: number;
+  sink?: number;
+  kvHeads: number;
+  headDim: number;
+  /** k-means iterations (default 25) and the most samples it looks at (default 200000). */
+  iterations?: number;
+  maxSamples?: number;
+}
+
+function checkBits(bits: number, what: string): void {
+  if (bits !== 2 && bits !== 3 && bits !== 4) throw new SqueezeError('ERR_ARG', `${what}: bits must be 2, 3 or 4 (got ${bits})`);
+}
+
+// Inverse standard normal CDF (Acklam's rational approximation, |error| < 1.2e-9).
+function normInv(p: number): number {
+  const a = [-3.969683028665376e1, 2.209460984245205e2, -2.759285104469687e2, 1.38357751867269e2, -3.066479806614716e1, 2.506628277459239];
+  const b = [-5.447609879822406e1, 1.615858368580409e2, -1.556989798598866e2, 6.680131188771972e1, -1.328068155288572e1];
+  const c = [-7.784894002430293e-3, -3.223964580411365e-1, -2.400758277161838, -2.549732539343734, 4.374664141464968, 2.938163982698783];
+  const d = [7.784695709041462e-3, 3.224671290700398e-1, 2.445134137142996, 3.754408661907416];
+  const pl = 0.02425;
+  if (p < pl) {
+    const q = Math.sqrt(-2 * Math.log(p));
+    return (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1);
+  }
+  if (p > 1 - pl) return -normInv(1 - p);
+  const q = p - 0.5, r = q * q;
+  return ((((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q) / (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1);
+}
+
+/** NormalFloat signposts: 2^bits normal quantiles scaled to [-1, 1], sorted. */
+export function normalFloatCodebook(bits: number): Float32Array {
+  checkBits(bits, 'normalFloatCodebook');
+  const n = 1 << bits, delta = 0.5 / n;
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = normInv(delta + ((1 - 2 * delta) * i) / (n - 1));
+  const m = Math.max(Math.abs(out[0]), Math.abs(out[n - 1]));
+  for (let i = 0; i < n; i++) out[i] /= m;
+  return out;
+}
+
+/** 1-D k-means (Lloyd) of samples in [-1, 1] from `init`; returns a sorted codebook. */
+export function kmeans1d(samples: Float32Array, init: Float32Array, iterations = 25): Float32Array {
+  const n = init.length;
+  if (samples.length < n) return Float32Array.from(init);
+  const x = Float64Array.from(samples).sort();
+  let cb = Float64Array.from(init).sort();
+  for (let it = 0; it < iterations; it++) {
+    const sum = new Float64Array(n), cnt = new Float64Array(n);
+    let j = 0;
+    for (let i = 0; i < x.length; i++) {
+      while (j < n - 1 && Math.abs(x[i] - cb[j + 1]) <= Math.abs(x[i] - cb[j])) j++;
+      sum[j] += x[i];
+      cnt[j]++;
+    }
+    let moved = 0;
+    const next = new Float64Array(n);
+    for (let c = 0; c < n; c++) {
+      next[c] = cnt[c] > 0 ? sum[c] / cnt[c] : cb[c];
+      moved = Math.max(moved, Math.abs(next[c] - cb[c]));
+    }
+    cb = next.sort();
+    if (moved < 1e-7) break;
+  }
+  const out = Float32Array.from(cb, (v) => Math.max(-1, Math.min(1, v)));
+  for (let i = 1; i < n; i++) if (!(out[i] > out[i - 1])) return Float32Array.from(init);  // collapsed: fall back
+  return out;
+}
+
+function subsample(a: Float32Array, max: number): Float32Array {
+  if (a.length <= max) return a;
+  const out = new Float32Array(max), step = a.length / max;
+  for (let i = 0; i < max; i++) out[i] = a[Math.floor(i * step)];
+  return out;
+}
+
+function quantile(sorted: Float32Array, p: number): number {
+  const pos = Math.min(sorted.length - 1, Math.max(0, p * (sorted.length - 1)));
+  const i = Math.floor(pos), f = pos - i;
+  return i + 1 < sorted.length ? sorted[i] * (1 - f) + sorted[i + 1] * f : sorted[i];
+}
+
+/**
+ * Calibrates from pre-RoPE keys and values collected per layer: keys[l], values[l] are
+ * [T, kvHeads*D] row-major.
+ */
+export function calibrateFromSamples(keys: Float32Array[], values: Float32Array[], opts: CalibrateOptions): KvqCalibration {
+  const { bits, kvHeads, headDim } = opts;
+  checkBits(bits, 'calibrateFromSamples');
+  const outliers = opts.outliers ?? 0.01, sink = opts.sink ?? 0;
+  if (!(outliers >= 0 && outliers < 0.5)) throw new SqueezeError('ERR_ARG', `calibrateFromSamples: outlier share ${outliers} must lie in [0, 0.5)`);
+  if (!Number.isInteger(sink) || sink < 0) throw new SqueezeError('ERR_ARG', `calibrateFromSamples: sink must be a non-negative integer`);
+  if (keys.length !== values.length || keys.length === 0) throw new SqueezeError('ERR_ARG', 'calibrateFromSamples: need keys and values for the same (non-zero) number of layers');
+  const HD = kvHeads * headDim, maxS = opts.maxSamples ?? 200000, iters = opts.iterations ?? 25;
+  const nf = normalFloatCodebook(bits);
+  const nv = outlierSlots(outliers, headDim);
+  const layers: KvqCalibrationLayer[] = [];
+  for (let l = 0; l < keys.length; l++) {
+    const K = keys[l], V = values[l];
+    if (K.length % HD !== 0 || V.length !== K.length || K.length === 0)
+      throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: layer ${l}: keys and values must be [T, ${HD}] with the same T`);
+    const T = K.length / HD;
+    const keyLo = new Float32Array(HD), keyHi = new Float32Array(HD);
+    const col = new Float32Array(T);
+    for (let c = 0; c < HD; c++) {
+      for (let t = 0; t < T; t++) col[t] = K[t * HD + c];
+      col.sort();
+      keyLo[c] = quantile(col, outliers / 2);
+      keyHi[c] = quantile(col, 1 - outliers / 2);
+      if (!(keyHi[c] > keyLo[c])) { keyLo[c] -= 1e-3; keyHi[c] += 1e-3; }
+    }
+    // normalised key samples inside the bounds
+    const kn: number[] = [];
+    const stride = Math.max(1, Math.floor((T * HD) / maxS));
+    for (let i = 0; i < T * HD; i += stride) {
+      const c = i % HD, x = (2 * (K[i] - keyLo[c])) / (keyHi[c] - keyLo[c]) - 1;
+      if (x >= -1 && x <= 1) kn.push(x);
+    }
+    // values: per token-head vector min/max without its largest-magnitude entries
+    const vn: number[] = [];
+    const vecs = T * kvHeads, vstride = Math.max(1, Math.floor((vecs * headDim) / maxS));
+    for (let vi = 0; vi < vecs; vi += Math.max(1, Math.floor(vstride / headDim) || 1)) {
+      const v = V.subarray(vi * headDim, (vi + 1) * headDim);
+      const order = Array.from(v.keys()).sort((a, b) => Math.abs(v[b]) - Math.abs(v[a]) || a - b);
+      const skip = new Set(order.slice(0, nv));
+      let mn = Infinity, mx = -Infinity;
+      for (let c = 0; c < headDim; c++) if (!skip.has(c)) { mn = Math.min(mn, v[c]); mx = Math.max(mx, v[c]); }
+      if (!(mx > mn)) continue;
+      for (let c = 0; c < headDim; c++) if (!skip.has(c)) vn.push((2 * (v[c] - mn)) / (mx - mn) - 1);
+    }
+    layers.push({
+      keyLo, keyHi,
+      keyCodebook: kmeans1d(subsample(Float32Array.from(kn), maxS), nf, iters),
+      valueCodebook: kmeans1d(subsample(Float32Array.from(vn), maxS), nf, iters),
+    });
+  }
+  return { bits, outliers, sink, kvHeads, headDim, layers };
+}
+
+/** Writes a calibration as safetensors. */
+export function saveKvqCalibration(file: string, cal: KvqCalibration): void {
+  const tensors: Record<string, { dtype: string; shape: number[]; data: ArrayBufferView }> = {};
+  cal.layers.forEach((l, i) => {
+    tensors[`layers.${i}.key_lo`] = { dtype: 'f32', shape: [l.keyLo.length], data: l.keyLo };
+    tensors[`layers.${i}.key_hi`] = { dtype: 'f32', shape: [l.keyHi.length], data: l.keyHi };
+    tensors[`layers.${i}.key_codebook`] = { dtype: 'f32', shape: [l.keyCodebook.length], data: l.keyCodebook };
+    tensors[`layers.${i}.value_codebook`] = { dtype: 'f32', shape: [l.valueCodebook.length], data: l.valueCodebook };
+  });
+  writeSafetensors(file, tensors, {
+    format: 'squeezelm-kvquant', bits: String(cal.bits), outliers: String(cal.outliers), sink: String(cal.sink),
+    layers: String(cal.layers.length), kv_heads: String(cal.kvHeads), head_dim: String(cal.headDim),
+  });
+}
+
+/** Reads a calibration; `expect` (the model's dims) turns a mismatch into ERR_FORMAT. */
+export function loadKvqCalibration(file: string, expect?: { layers?: number; kvHeads?: number; headDim?: number; bits?: number }): KvqCalibration {
+  const f = SafetensorsFile.open(file);
+  try {
+    const m = f.metadata;
+    const num = (k: string): number => {
+      const v = Number(m[k]);
+      if (m[k] === undefined || !Number.isFinite(v)) throw new SqueezeError('ERR_FORMAT', `${file}: metadata '${k}' missing or not a number`);
+      return v;
+    };
+    const bits = num('bits'), layers = num('layers'), kvHeads = num('kv_heads'), headDim = num('head_dim');
+    if (bits !== 2 && bits !== 3 && bits !== 4) throw new SqueezeError('ERR_ARG', `${file}: bits must be 2, 3 or 4 (got ${bits})`);
+    if (expect?.bits !== undefined && expect.bits !== bits) throw new SqueezeError('ERR_ARG', `${file}: calibrated for ${bits} bits, ${expect.bits} requested`);
+    for (const [k, want, got] of [['layers', expect?.layers, layers], ['kv_heads', expect?.kvHeads, kvHeads], ['head_dim', expect?.headDim, headDim]] as const)
+      if (want !== undefined && want !== got) throw new SqueezeError('ERR_FORMAT', `${file}: calibration has ${k} = ${got}, the model has ${want}`);
+    const HD = kvHeads * headDim, n = 1 << bits;
+    const read = (name: string, len: number): Float32Array => {
+      const a = f.readFloat32(name);
+      if (a.length !== len) throw new SqueezeError('ERR_FORMAT', `${file}: '${name}' has ${a.length} values, expected ${len}`);
+      return Float32Array.from(a);
+    };
+    const out: KvqCalibrationLayer[] = [];
+    for (let i = 0; i < layers; i++)
+      out.push({
+        keyLo: read(`layers.${i}.key_lo`, HD), keyHi: read(`layers.${i}.key_hi`, HD),
+        keyCodebook: read(`layers.${i}.key_codebook`, n), valueCodebook: read(`layers.${i}.value_codebook`, n),
+      });
+    return { bits, outliers: num('outliers'), sink: num('sink'), kvHeads, headDim, layers: out };
+  } finally {
+    f.close();
+  }
+}
+
+/** Moves one layer's calibration to a device for the cache ops. */
+export function calibrationTensors(cal: KvqCalibration, layer: number, device = 'cpu'): KvqLayerCalibration {
+  const l = cal.layers[layer];
+  if (!l) throw new SqueezeError('ERR_ARG', `calibrationTensors: no layer ${layer}`);
+  return {
+    keyLo: Tensor.from(l.keyLo, [l.keyLo.length], { device }), keyHi: Tensor.from(l.keyHi, [l.keyHi.length], { device }),
+    keyCodebook: Tensor.from(l.keyCodebook, [l.keyCodebook.length], { device }),
+    valueCodebook: Tensor.from(l.valueCodebook, [l.valueCodebook.length], { device }),
+  };
+}
