@@ -1,0 +1,173 @@
+/**
+ * The squeezelm command: generate, ppl, info. Errors print `squeezelm: CODE message` and
+ * exit with status 1.
+ */
+import * as fs from 'fs';
+import * as path from 'path';
+import { SqueezeError, isSqueezeError } from '../errors';
+import { packageRoot } from '../native';
+import { devices } from '../device';
+import { loadModel, describeModel } from '../model/model';
+import { loadPplData, perplexity } from '../runtime/ppl';
+
+const HELP = `squeezelm: LLaMA-family inference on one NVIDIA GPU (or the CPU)
+
+usage:
+  squeezelm generate [--model DIR] --prompt TEXT [--max-tokens N] [--temperature T]
+                     [--top-k K] [--top-p P] [--seed S] [--device D]
+      streams the continuation of TEXT to stdout (the prompt is not echoed)
+  squeezelm ppl [--model DIR] --data FILE [--windows N] [--window L] [--device D]
+                [--batch B] [--progress] [--json]
+      perplexity over FILE: a safetensors file with 'ids' [windows, length] int32, or a
+      text file cut into windows of L tokens (default 1024); prints one JSON line
+  squeezelm info [--model DIR] [--device D]
+      config summary, parameter count, dtype, devices
+  squeezelm --help
+
+--model defaults to the embedded pycoder-mini; --device is auto (cuda when usable), cpu or cuda.`;
+
+type Flags = Record<string, string | boolean>;
+
+const BOOL = new Set(['json', 'progress', 'help']);
+
+function parse(argv: string[]): { cmd?: string; flags: Flags } {
+  const flags: Flags = {};
+  let cmd: string | undefined;
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === '-h') flags.help = true;
+    else if (a.startsWith('--')) {
+      const eq = a.indexOf('=');
+      const name = eq > 0 ? a.slice(2, eq) : a.slice(2);
+      if (BOOL.has(name)) flags[name] = true;
+      else if (eq > 0) flags[name] = a.slice(eq + 1);
+      else {
+        if (i + 1 >= argv.length) throw new SqueezeError('ERR_ARG', `--${name} needs a value`);
+        flags[name] = argv[++i];
+      }
+    } else if (!cmd) cmd = a;
+    else throw new SqueezeError('ERR_ARG', `unexpected argument '${a}'`);
+  }
+  return { cmd, flags };
+}
+
+function str(f: Flags, name: string): string | undefined {
+  const v = f[name];
+  return typeof v === 'string' ? v : undefined;
+}
+
+function numFlag(f: Flags, name: string, integer = false): number | undefined {
+  const v = str(f, name);
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (v.trim() === '' || !Number.isFinite(n) || (integer && !Number.isInteger(n)))
+    throw new SqueezeError('ERR_ARG', `--${name} must be ${integer ? 'an integer' : 'a number'}, got '${v}'`);
+  return n;
+}
+
+function allow(f: Flags, names: string[]): void {
+  for (const k of Object.keys(f)) if (!names.includes(k)) throw new SqueezeError('ERR_ARG', `unknown option --${k}`);
+}
+
+export function defaultModelDir(): string {
+  return path.join(packageRoot(), 'models', 'pycoder-mini');
+}
+
+function modelDir(f: Flags): string {
+  const d = str(f, 'model') ?? defaultModelDir();
+  if (!fs.existsSync(path.join(d, 'config.json'))) throw new SqueezeError('ERR_ARG', `--model: ${d} has no config.json`);
+  return d;
+}
+
+function progressBar(enabled: boolean, label: string): (done: number, total: number) => void {
+  if (!enabled) return () => undefined;
+  const t0 = Date.now();
+  return (done, total) => {
+    const w = 30;
+    const fill = total ? Math.round((w * done) / total) : w;
+    const s = ((Date.now() - t0) / 1000).toFixed(1);
+    process.stderr.write(`\r${label} [${'#'.repeat(fill)}${'.'.repeat(w - fill)}] ${done}/${total} ${s}s`);
+    if (done >= total) process.stderr.write('\n');
+  };
+}
+
+async function cmdGenerate(f: Flags): Promise<void> {
+  allow(f, ['model', 'prompt', 'max-tokens', 'temperature', 'top-k', 'top-p', 'seed', 'device', 'progress']);
+  const prompt = str(f, 'prompt');
+  if (prompt === undefined) throw new SqueezeError('ERR_ARG', 'generate: --prompt TEXT is required');
+  const model = await loadModel(modelDir(f), { device: str(f, 'device') ?? 'auto', maxBatch: 1 });
+  try {
+    const it = model.generate({
+      prompt,
+      maxTokens: numFlag(f, 'max-tokens', true) ?? 128,
+      temperature: numFlag(f, 'temperature'),
+      topK: numFlag(f, 'top-k', true),
+      topP: numFlag(f, 'top-p'),
+      seed: numFlag(f, 'seed', true),
+    });
+    for await (const e of it) if (e.text) process.stdout.write(e.text);
+    process.stdout.write('\n');
+  } finally {
+    await model.dispose();
+  }
+}
+
+async function cmdPpl(f: Flags): Promise<void> {
+  allow(f, ['model', 'data', 'windows', 'window', 'device', 'batch', 'json', 'progress']);
+  const data = str(f, 'data');
+  if (!data) throw new SqueezeError('ERR_ARG', 'ppl: --data FILE is required');
+  const window = numFlag(f, 'window', true);
+  const batch = numFlag(f, 'batch', true) ?? 1;
+  const model = await loadModel(modelDir(f), {
+    device: str(f, 'device') ?? 'auto',
+    maxBatch: batch,
+    maxContext: window,
+  });
+  try {
+    const d = loadPplData(model, data, { windows: numFlag(f, 'windows', true), window });
+    const show = f.progress === true || process.stderr.isTTY === true;
+    const r = await perplexity(model, d, { batch, onProgress: progressBar(show, 'ppl') });
+    const out = { ppl: r.ppl, tokens: r.tokens, seconds: r.seconds, windows: r.windows, device: r.device };
+    process.stdout.write(JSON.stringify(out) + '\n');
+  } finally {
+    await model.dispose();
+  }
+}
+
+async function cmdInfo(f: Flags): Promise<void> {
+  allow(f, ['model', 'device', 'json']);
+  const model = await loadModel(modelDir(f), { device: str(f, 'device') ?? 'auto', maxBatch: 1, maxContext: 16 });
+  try {
+    const info = { model: modelDir(f), ...describeModel(model), devices: devices() };
+    process.stdout.write(JSON.stringify(info, null, f.json ? 0 : 2) + '\n');
+  } finally {
+    await model.dispose();
+  }
+}
+
+export async function main(argv: string[]): Promise<number> {
+  try {
+    const { cmd, flags } = parse(argv);
+    if (flags.help || !cmd || cmd === 'help') {
+      process.stdout.write(HELP + '\n');
+      return cmd || flags.help ? 0 : 1;
+    }
+    switch (cmd) {
+      case 'generate': await cmdGenerate(flags); break;
+      case 'ppl': await cmdPpl(flags); break;
+      case 'info': await cmdInfo(flags); break;
+      default: throw new SqueezeError('ERR_ARG', `unknown command '${cmd}' (generate, ppl, info; --help)`);
+    }
+    return 0;
+  } catch (e) {
+    const code = isSqueezeError(e) ? e.code : 'ERR_INTERNAL';
+    process.stderr.write(`squeezelm: ${code} ${(e as Error).message ?? String(e)}\n`);
+    return 1;
+  }
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then((c) => {
+    process.exitCode = c;
+  });
+}

@@ -1,0 +1,249 @@
+/**
+ * The LLaMA-family decoder as a sequence of ops over caller-owned buffers. A Workspace holds
+ * every buffer one forward pass needs for T query rows of B sequences, so a decode step
+ * allocates nothing and can be captured as a CUDA graph: the host writes ids, positions,
+ * lengths and page tables into it, then runs (or replays) the pass.
+ */
+import { DType, Tensor } from '../tensor';
+import * as ops from '../ops';
+import { native } from '../native';
+import { ModelConfig } from './config';
+import { ModelWeights } from './weights';
+import { KVCache } from '../runtime/kv-cache';
+
+export class Workspace {
+  /** Query rows and sequences this workspace is sized for. */
+  readonly T: number;
+  readonly B: number;
+  /** Rows of `logits`: T (every position) or B (the last row of each sequence). */
+  readonly logitRows: number;
+  // Inputs the host writes.
+  readonly ids: Tensor;
+  readonly positions: Tensor;
+  readonly seqLens: Tensor;
+  readonly cuQ: Tensor;
+  readonly pageTable: Tensor;
+  readonly lastIdx: Tensor;
+  // Activations.
+  readonly x: Tensor;
+  readonly h: Tensor;
+  readonly q: Tensor;
+  readonly k: Tensor;
+  readonly v: Tensor;
+  readonly q3: Tensor;
+  readonly k3: Tensor;
+  readonly v3: Tensor;
+  readonly att: Tensor;
+  readonly att2: Tensor;
+  readonly o: Tensor;
+  readonly gu: Tensor;
+  readonly act: Tensor;
+  readonly mlp: Tensor;
+  readonly last: Tensor;
+  readonly logits: Tensor;
+  // Sampling.
+  readonly temperature: Tensor;
+  readonly topK: Tensor;
+  readonly topP: Tensor;
+  readonly rng: Tensor;
+  readonly tokens: Tensor;
+  /** Split-KV scratch of the attention op (CUDA decode; sized for maxSeqLen). */
+  attnWork?: Tensor;
+  private all: Tensor[] = [];
+
+  constructor(cfg: ModelConfig, device: string, act: DType, maxPages: number, T: number, B: number, allLogits: boolean) {
+    this.T = T;
+    this.B = B;
+    this.logitRows = allLogits ? T : B;
+    const H = cfg.hiddenSize, D = cfg.headDim, Hq = cfg.numHeads, Hkv = cfg.numKvHeads, I = cfg.intermediateSize;
+    const mk = (shape: number[], dtype: DType = act): Tensor => {
+      const t = Tensor.empty(shape, { dtype, device });
+      this.all.push(t);
+      return t;
+    };
+    try {
+      this.ids = mk([T], 'i32');
+      this.positions = mk([T], 'i32');
+      this.seqLens = mk([B], 'i32');
+      this.cuQ = mk([B + 1], 'i32');
+      this.pageTable = mk([B, maxPages], 'i32');
+      this.lastIdx = mk([B], 'i32');
+      this.x = mk([T, H]);
+      this.h = mk([T, H]);
+      this.q = mk([T, Hq * D]);
+      this.k = mk([T, Hkv * D]);
+      this.v = mk([T, Hkv * D]);
+      this.q3 = this.q.view(0, [T, Hq, D]);
+      this.k3 = this.k.view(0, [T, Hkv, D]);
+      this.v3 = this.v.view(0, [T, Hkv, D]);
+      this.att = mk([T, Hq, D]);
+      this.att2 = this.att.view(0, [T, Hq * D]);
+      this.o = mk([T, H]);
+      this.gu = mk([T, 2 * I]);
+      this.act = mk([T, I]);
+      this.mlp = mk([T, H]);
+      this.last = allLogits ? this.h : mk([B, H]);
+      this.logits = mk([this.logitRows, cfg.vocabSize]);
+      this.temperature = mk([B], 'f32');
+      this.topK = mk([B], 'i32');
+      this.topP = mk([B], 'f32');
+      this.rng = mk([B, 2], 'u32');
+      this.tokens = mk([B], 'i32');
+    } catch (e) {
+      this.dispose();
+      throw e;
+    }
+  }
+
+  get bytes(): number {
+    return this.all.reduce((a, t) => a + t.byteLength, 0);
+  }
+
+  dispose(): void {
+    this.all.forEach((t) => t.dispose());
+    this.all = [];
+    this.attnWork?.dispose();
+    this.attnWork = undefined;
+  }
+}
+
+/** Host-side inputs of one pass: B sequences with n_b new tokens each. */
+export interface PassInputs {
+  ids: Int32Array;
+  positions: Int32Array;
+  seqLens: Int32Array;
+  cuQ: Int32Array;
+  pageTable: Int32Array;
+  lastIdx: Int32Array;
+}
+
+export class Decoder {
+  readonly cfg: ModelConfig;
+  readonly w: ModelWeights;
+  readonly cache: KVCache;
+  readonly device: string;
+  readonly act: DType;
+  readonly invFreq: Tensor;
+  readonly scale: number;
+
+  constructor(cfg: ModelConfig, w: ModelWeights, cache: KVCache, device: string, act: DType) {
+    this.cfg = cfg;
+    this.w = w;
+    this.cache = cache;
+    this.device = device;
+    this.act = act;
+    this.invFreq = Tensor.from(cfg.invFreq, [cfg.invFreq.length], { dtype: 'f32', device });
+    this.scale = 1 / Math.sqrt(cfg.headDim);
+  }
+
+  workspace(T: number, B: number, allLogits: boolean): Workspace {
+    return new Workspace(this.cfg, this.device, this.act, this.cache.maxPagesPerSeq, T, B, allLogits);
+  }
+
+  /**
+   * A decode workspace (one row per sequence) whose attention scratch is allocated up
+   * front, so the step can be captured as a graph.
+   */
+  decodeWorkspace(B: number, maxSeqLen: number): Workspace {
+    const ws = this.workspace(B, B, false);
+    if (this.device !== 'cpu') {
+      const c = this.cfg;
+      const n = native().ops.attentionWorkspaceSize(this.device, B, c.numHeads, c.numKvHeads, c.headDim, 1, maxSeqLen) as number;
+      if (n > 0) {
+        try {
+          ws.attnWork = Tensor.empty([n], { dtype: 'f32', device: this.device });
+        } catch (e) {
+          ws.dispose();
+          throw e;
+        }
+      }
+    }
+    return ws;
+  }
+
+  /**
+   * Host inputs for sequences `seqs` (already grown in the cache to their new lengths),
+   * each adding `tokens[b]` at the end.
+   */
+  inputs(seqs: number[], tokens: ArrayLike<number>[], T = tokens.reduce((a, t) => a + t.length, 0)): PassInputs {
+    const B = seqs.length, P = this.cache.maxPagesPerSeq;
+    const ids = new Int32Array(T), positions = new Int32Array(T);
+    const seqLens = new Int32Array(B), cuQ = new Int32Array(B + 1), lastIdx = new Int32Array(B);
+    const pageTable = new Int32Array(B * P);
+    let row = 0;
+    for (let b = 0; b < B; b++) {
+      const len = this.cache.length(seqs[b]);
+      const n = tokens[b].length;
+      for (let j = 0; j < n; j++) {
+        ids[row + j] = tokens[b][j];
+        positions[row + j] = len - n + j;
+      }
+      row += n;
+      seqLens[b] = len;
+      cuQ[b + 1] = row;
+      lastIdx[b] = row - 1;
+      this.cache.writePageTable(seqs[b], pageTable, b * P);
+    }
+    return { ids, positions, seqLens, cuQ, pageTable, lastIdx };
+  }
+
+  /** Writes host inputs into a workspace (stream-ordered). */
+  write(ws: Workspace, p: PassInputs): void {
+    ws.ids.write(p.ids);
+    ws.positions.write(p.positions);
+    ws.seqLens.write(p.seqLens);
+    ws.cuQ.write(p.cuQ);
+    ws.pageTable.write(p.pageTable);
+    if (ws.logitRows !== ws.T) ws.lastIdx.write(p.lastIdx);
+  }
+
+  /**
+   * One pass over the workspace's rows: appends their keys and values to the cache and
+   * leaves logits in ws.logits (every row, or each sequence's last row).
+   * maxQ / maxSeqLen: host upper bounds on rows per sequence and sequence length.
+   */
+  forward(ws: Workspace, maxQ: number, maxSeqLen: number): void {
+    const { cfg, w } = this;
+    const eps = cfg.rmsNormEps;
+    const n = native().ops;
+    ops.embedding(ws.x, ws.ids, w.embed);
+    for (let l = 0; l < cfg.numLayers; l++) {
+      const L = w.layers[l];
+      if (l === 0) ops.rmsNorm(ws.h, ws.x, L.ln1, eps);
+      else ops.addRmsNorm(ws.x, ws.mlp, ws.h, L.ln1, eps);
+      ops.matmul(ws.q, ws.h, L.wq, L.bq);
+      ops.matmul(ws.k, ws.h, L.wk, L.bk);
+      ops.matmul(ws.v, ws.h, L.wv, L.bv);
+      ops.rope(ws.q3, ws.positions, this.invFreq);
+      ops.rope(ws.k3, ws.positions, this.invFreq);
+      // The paged-attention ops validate every argument natively.
+      const kc = this.cache.k[l].native, vc = this.cache.v[l].native;
+      n.kvAppend(kc, vc, ws.k3.native, ws.v3.native, ws.pageTable.native, ws.seqLens.native, ws.cuQ.native);
+      n.attention(ws.att.native, ws.q3.native, kc, vc, ws.pageTable.native, ws.seqLens.native, ws.cuQ.native, this.scale, maxQ, maxSeqLen, ws.attnWork?.native);
+      ops.matmul(ws.o, ws.att2, L.wo, L.bo);
+      ops.addRmsNorm(ws.x, ws.o, ws.h, L.ln2, eps);
+      ops.matmul(ws.gu, ws.h, L.wgu, L.bgu);
+      ops.siluMul(ws.act, ws.gu);
+      ops.matmul(ws.mlp, ws.act, L.wdown, L.bdown);
+    }
+    ops.addRmsNorm(ws.x, ws.mlp, ws.h, w.norm, eps);
+    if (ws.logitRows === ws.T) {
+      ops.matmul(ws.logits, ws.h, w.lmHead);
+    } else {
+      if (ws.T === ws.B && maxQ === 1) ops.matmul(ws.logits, ws.h, w.lmHead);
+      else {
+        ops.gatherRows(ws.last, ws.h, ws.lastIdx);
+        ops.matmul(ws.logits, ws.last, w.lmHead);
+      }
+    }
+  }
+
+  /** Samples one token per sequence from ws.logits (B rows) into ws.tokens. */
+  sample(ws: Workspace): void {
+    ops.sample(ws.tokens, ws.logits, ws.temperature, ws.topK, ws.topP, ws.rng);
+  }
+
+  dispose(): void {
+    this.invFreq.dispose();
+  }
+}

@@ -1,0 +1,298 @@
+/**
+ * The public face of a loaded decoder: loadModel(dir) / createRandomModel(config), logits
+ * over a prompt, streaming generation (one request or many, continuously batched),
+ * dispose.
+ */
+import * as os from 'os';
+import { SqueezeError } from '../errors';
+import { DType } from '../tensor';
+import { devices, resolveDevice } from '../device';
+import { ModelConfig, loadConfig, parseConfig, parameterCount } from './config';
+import { Checkpoint } from './safetensors';
+import { Tokenizer } from './tokenizer';
+import { LoadProgress, ModelWeights, disposeWeights, loadWeights, randomWeights } from './weights';
+import { Decoder } from './llama';
+import { KVCache } from '../runtime/kv-cache';
+import { GenerateRequest, GenerateResult, GenerationStream, Scheduler, collect } from '../runtime/scheduler';
+
+export interface LoadOptions {
+  device?: 'auto' | 'cpu' | 'cuda' | string;
+  /** Activation dtype on CUDA: f16 (default) or bf16 (default for bf16 checkpoints). */
+  dtype?: 'f16' | 'bf16';
+  onProgress?: (p: LoadProgress) => void;
+  /** Sequences decoded together at most (default 8). */
+  maxBatch?: number;
+  /** Longest sequence (default: the model's max_position_embeddings, at most 4096). */
+  maxContext?: number;
+  /** KV pages in the pool (default: maxBatch full-length sequences, within half the free GPU memory). */
+  kvPages?: number;
+  /** Tokens per KV page (default 16). */
+  pageSize?: number;
+  /** CUDA graphs for decode steps (default on; SQUEEZELM_NO_GRAPHS=1 turns them off). */
+  graphs?: boolean;
+}
+
+export class Model {
+  readonly config: ModelConfig;
+  readonly tokenizer: Tokenizer | undefined;
+  readonly device: string;
+  /** Activation dtype. */
+  readonly dtype: DType;
+  /** The dtype the weight matrices hold on the device. */
+  readonly weightDtype: DType;
+  readonly parameters: number;
+  /** @internal */
+  readonly decoder: Decoder;
+  private readonly weights: ModelWeights;
+  private readonly cache: KVCache;
+  private readonly scheduler: Scheduler;
+  private disposed = false;
+  private inflight = new Set<Promise<unknown>>();
+
+  /** @internal use loadModel / createRandomModel */
+  constructor(cfg: ModelConfig, tok: Tokenizer | undefined, device: string, act: DType, w: ModelWeights, o: LoadOptions) {
+    this.config = cfg;
+    this.tokenizer = tok;
+    this.device = device;
+    this.dtype = act;
+    this.weights = w;
+    this.weightDtype = w.dtype;
+    this.parameters = parameterCount(cfg, w.tied);
+    const maxBatch = o.maxBatch ?? 8;
+    if (!Number.isInteger(maxBatch) || maxBatch < 1) throw new SqueezeError('ERR_ARG', `maxBatch must be a positive integer, got ${maxBatch}`);
+    const maxContext = contextOf(cfg, o);
+    const pageSize = o.pageSize ?? 16;
+    const pagesPerSeq = Math.ceil(maxContext / pageSize);
+    let pages = o.kvPages ?? pagesPerSeq * maxBatch;
+    if (o.kvPages === undefined && device !== 'cpu') {
+      const free = devices().find((d) => d.id === device)?.freeMemory;
+      const perPage = 2 * cfg.numLayers * pageSize * cfg.numKvHeads * cfg.headDim * 2;
+      if (free) pages = Math.max(pagesPerSeq, Math.min(pages, Math.floor((free * 0.5) / perPage)));
+    }
+    this.cache = new KVCache({
+      device, dtype: act, numLayers: cfg.numLayers, numKvHeads: cfg.numKvHeads, headDim: cfg.headDim,
+      pageSize, maxContext, numPages: pages,
+    });
+    this.decoder = new Decoder(cfg, w, this.cache, device, act);
+    const graphs = device !== 'cpu' && (o.graphs ?? process.env.SQUEEZELM_NO_GRAPHS !== '1');
+    this.scheduler = new Scheduler(this.decoder, tok, { maxBatch, graphs, eosTokenIds: cfg.eosTokenIds });
+  }
+
+  /** Whether decode steps replay CUDA graphs (settable; never on the CPU). */
+  get graphs(): boolean {
+    return this.scheduler.o.graphs;
+  }
+
+  set graphs(on: boolean) {
+    this.scheduler.o.graphs = on && this.device !== 'cpu';
+  }
+
+  get maxContext(): number {
+    return this.cache.maxContext;
+  }
+
+  /** KV pages free now (all of them when nothing runs). */
+  get freeKvPages(): number {
+    return this.cache.freePages;
+  }
+
+  get kvPages(): number {
+    return this.cache.numPages;
+  }
+
+  /** Decode statistics: steps run and how many replayed a CUDA graph. */
+  get stats(): { steps: number; graphReplays: number; prefills: number } {
+    return { ...this.scheduler.stats };
+  }
+
+  private check(): void {
+    if (this.disposed) throw new SqueezeError('ERR_DISPOSED', 'model is disposed');
+  }
+
+  private checkIds(ids: ArrayLike<number>, what: string): Int32Array {
+    if (!ids || typeof ids.length !== 'number') throw new SqueezeError('ERR_ARG', `${what}: ids must be an array of token ids`);
+    if (ids.length === 0) throw new SqueezeError('ERR_ARG', `${what}: ids is empty`);
+    const V = this.config.vocabSize;
+    for (let i = 0; i < ids.length; i++) {
+      const v = ids[i];
+      if (!Number.isInteger(v) || v < 0 || v >= V)
+        throw new SqueezeError('ERR_ARG', `${what}: ids[${i}] = ${v} is outside the vocabulary [0, ${V})`);
+    }
+    if (ids.length > this.cache.maxContext)
+      throw new SqueezeError('ERR_CONTEXT_LENGTH', `${what}: ${ids.length} tokens are longer than the context (${this.cache.maxContext})`);
+    return Int32Array.from(ids);
+  }
+
+  private track<T>(p: Promise<T>): Promise<T> {
+    this.inflight.add(p);
+    return p.finally(() => this.inflight.delete(p));
+  }
+
+  /** Logits of every position, [ids.length, vocab] row-major (one prefill, nothing kept). */
+  async logits(ids: ArrayLike<number>): Promise<Float32Array> {
+    return (await this.logitsBatch([ids]))[0];
+  }
+
+  /** Logits of several independent sequences in one prefill. */
+  logitsBatch(batch: ArrayLike<number>[]): Promise<Float32Array[]> {
+    this.check();
+    if (!Array.isArray(batch) || batch.length === 0) throw new SqueezeError('ERR_ARG', 'logitsBatch: pass a non-empty array of id arrays');
+    const seqs = batch.map((ids, i) => this.checkIds(ids, `logits[${i}]`));
+    return this.track(this.runLogits(seqs));
+  }
+
+  private async runLogits(seqs: Int32Array[]): Promise<Float32Array[]> {
+    const ids: number[] = [];
+    const T = seqs.reduce((a, s) => a + s.length, 0);
+    try {
+      for (const s of seqs) {
+        const id = this.cache.createSequence();
+        ids.push(id);
+        this.cache.grow(id, s.length);
+      }
+      const ws = this.decoder.workspace(T, seqs.length, true);
+      try {
+        this.decoder.write(ws, this.decoder.inputs(ids, seqs, T));
+        const maxQ = Math.max(...seqs.map((s) => s.length));
+        this.decoder.forward(ws, maxQ, maxQ);
+        const all = await ws.logits.toFloat32();
+        const V = this.config.vocabSize;
+        const out: Float32Array[] = [];
+        let row = 0;
+        for (const s of seqs) {
+          out.push(all.slice(row * V, (row + s.length) * V));
+          row += s.length;
+        }
+        return out;
+      } finally {
+        ws.dispose();
+      }
+    } finally {
+      ids.forEach((id) => this.cache.free(id));
+    }
+  }
+
+  /**
+   * Streams generated tokens ({ id, text }); greedy unless temperature > 0. Bad ids or a
+   * prompt longer than the context throw here, before any work.
+   */
+  generate(req: GenerateRequest): GenerationStream {
+    this.check();
+    return this.scheduler.submit(req);
+  }
+
+  /** Runs many requests in one continuously batched loop; resolves with every result. */
+  generateBatch(reqs: GenerateRequest[]): Promise<GenerateResult[]> {
+    try {
+      this.check();
+      if (!Array.isArray(reqs)) throw new SqueezeError('ERR_ARG', 'generateBatch: pass an array of requests');
+      const streams = reqs.map((r) => this.scheduler.submit(r));
+      return this.track(Promise.all(streams.map(collect)));
+    } catch (e) {
+      return Promise.reject(e);
+    }
+  }
+
+  async dispose(): Promise<void> {
+    if (this.disposed) return;
+    this.disposed = true;
+    await this.scheduler.close();
+    await Promise.allSettled([...this.inflight]);
+    this.decoder.dispose();
+    this.cache.dispose();
+    disposeWeights(this.weights);
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.dispose();
+  }
+}
+
+function contextOf(cfg: ModelConfig, o: LoadOptions): number {
+  let c = Math.min(cfg.maxPositionEmbeddings, cfg.slidingWindow ?? Infinity);
+  if (o.maxContext !== undefined) {
+    if (!Number.isInteger(o.maxContext) || o.maxContext < 1) throw new SqueezeError('ERR_ARG', `maxContext must be a positive integer, got ${o.maxContext}`);
+    if (o.maxContext > c)
+      throw new SqueezeError('ERR_CONTEXT_LENGTH', `maxContext ${o.maxContext} is longer than the model's ${c} positions`);
+    c = o.maxContext;
+  } else c = Math.min(c, 4096);
+  return c;
+}
+
+function activationDtype(cfg: ModelConfig, device: string, dtype?: string): DType {
+  if (dtype !== undefined && dtype !== 'f16' && dtype !== 'bf16')
+    throw new SqueezeError('ERR_DTYPE', `dtype must be 'f16' or 'bf16', got '${dtype}'`);
+  if (device === 'cpu') return 'f32';
+  return (dtype as DType | undefined) ?? (cfg.dtype === 'bf16' ? 'bf16' : 'f16');
+}
+
+/** Loads a Hugging Face model folder (config.json, safetensors, tokenizer.json). */
+export async function loadModel(dir: string, opts: LoadOptions = {}): Promise<Model> {
+  const device = resolveDevice(opts.device ?? 'auto');
+  const cfg = loadConfig(dir);
+  const act = activationDtype(cfg, device, opts.dtype);
+  let tok: Tokenizer | undefined;
+  try {
+    tok = Tokenizer.fromDir(dir);
+  } catch (e) {
+    if (!/no tokenizer\.json/.test((e as Error).message)) throw e;
+  }
+  contextOf(cfg, opts);
+  const ck = Checkpoint.open(dir);
+  let w: ModelWeights;
+  try {
+    w = await loadWeights(ck, cfg, { device, act, onProgress: opts.onProgress });
+  } finally {
+    ck.close();
+  }
+  try {
+    return new Model(cfg, tok, device, act, w, opts);
+  } catch (e) {
+    disposeWeights(w);
+    throw e;
+  }
+}
+
+/**
+ * A model of the given config with random weights made on the device (benchmarks at real
+ * shapes). `config` is a config.json object or a normalised ModelConfig.
+ */
+export async function createRandomModel(
+  config: Record<string, unknown> | ModelConfig,
+  opts: LoadOptions & { seed?: number; tokenizer?: Tokenizer } = {},
+): Promise<Model> {
+  const cfg = 'invFreq' in config ? (config as ModelConfig) : parseConfig(config as Record<string, unknown>, 'config');
+  const device = resolveDevice(opts.device ?? 'auto');
+  const act = activationDtype(cfg, device, opts.dtype);
+  const w = randomWeights(cfg, { device, dtype: device === 'cpu' ? 'f16' : act, seed: opts.seed });
+  try {
+    return new Model(cfg, opts.tokenizer, device, act, w, opts);
+  } catch (e) {
+    disposeWeights(w);
+    throw e;
+  }
+}
+
+/** A short description for `squeezelm info`. */
+export function describeModel(m: Model): Record<string, unknown> {
+  const c = m.config;
+  return {
+    modelType: c.modelType,
+    layers: c.numLayers,
+    hidden: c.hiddenSize,
+    heads: c.numHeads,
+    kvHeads: c.numKvHeads,
+    headDim: c.headDim,
+    intermediate: c.intermediateSize,
+    vocab: c.vocabSize,
+    maxPositionEmbeddings: c.maxPositionEmbeddings,
+    rope: { ...c.rope },
+    tiedEmbeddings: c.tieWordEmbeddings,
+    parameters: m.parameters,
+    checkpointDtype: c.dtype,
+    device: m.device,
+    activationDtype: m.dtype,
+    weightDtype: m.weightDtype,
+    cpuThreads: os.cpus().length,
+  };
+}

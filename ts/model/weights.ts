@@ -1,0 +1,276 @@
+/**
+ * Decoder weights on one device: read from a checkpoint (shapes checked against the
+ * config, gate|up fused into one [2I, H] matrix) or made at random on the device.
+ * CPU keeps the matrices as stored (f16 / bf16 / f32) and runs f32 activations over them;
+ * CUDA converts everything to the activation dtype (f16 or bf16).
+ */
+import { SqueezeError } from '../errors';
+import { DType, Tensor } from '../tensor';
+import * as ops from '../ops';
+import { ModelConfig } from './config';
+import { Checkpoint, toDType } from './safetensors';
+
+export interface LayerWeights {
+  ln1: Tensor;
+  wq: Tensor;
+  wk: Tensor;
+  wv: Tensor;
+  bq?: Tensor;
+  bk?: Tensor;
+  bv?: Tensor;
+  wo: Tensor;
+  bo?: Tensor;
+  ln2: Tensor;
+  /** gate rows then up rows: [2I, H]. */
+  wgu: Tensor;
+  bgu?: Tensor;
+  wdown: Tensor;
+  bdown?: Tensor;
+}
+
+export interface ModelWeights {
+  embed: Tensor;
+  layers: LayerWeights[];
+  norm: Tensor;
+  /** The output projection: embed itself when the embeddings are tied. */
+  lmHead: Tensor;
+  tied: boolean;
+  /** The dtype the matrices hold on the device. */
+  dtype: DType;
+  bytes: number;
+}
+
+export interface LoadProgress {
+  loadedBytes: number;
+  totalBytes: number;
+}
+
+export interface WeightOptions {
+  device: string;
+  /** Activation dtype: f32 (cpu), f16 or bf16 (cuda). */
+  act: DType;
+  onProgress?: (p: LoadProgress) => void;
+}
+
+export function disposeWeights(w: ModelWeights): void {
+  const seen = new Set<Tensor>();
+  const d = (t?: Tensor) => {
+    if (t && !seen.has(t)) {
+      seen.add(t);
+      t.dispose();
+    }
+  };
+  d(w.embed);
+  d(w.norm);
+  d(w.lmHead);
+  for (const l of w.layers) for (const t of Object.values(l)) d(t as Tensor);
+}
+
+/** Names of one layer's tensors in a Hugging Face checkpoint. */
+function layerName(i: number, s: string): string {
+  return `model.layers.${i}.${s}`;
+}
+
+const tick = () => new Promise<void>((r) => setImmediate(r));
+
+export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOptions): Promise<ModelWeights> {
+  const cpu = o.device === 'cpu';
+  const H = cfg.hiddenSize, D = cfg.headDim, I = cfg.intermediateSize, V = cfg.vocabSize;
+  const tied = cfg.tieWordEmbeddings || !ck.has('lm_head.weight');
+  const names = ['model.embed_tokens.weight', 'model.norm.weight'];
+  if (!tied) names.push('lm_head.weight');
+  for (let i = 0; i < cfg.numLayers; i++) {
+    for (const p of ['q', 'k', 'v', 'o']) names.push(layerName(i, `self_attn.${p}_proj.weight`));
+    for (const p of ['gate', 'up', 'down']) names.push(layerName(i, `mlp.${p}_proj.weight`));
+    names.push(layerName(i, 'input_layernorm.weight'), layerName(i, 'post_attention_layernorm.weight'));
+    if (cfg.qkvBias) for (const p of ['q', 'k', 'v']) names.push(layerName(i, `self_attn.${p}_proj.bias`));
+    if (cfg.oBias) names.push(layerName(i, 'self_attn.o_proj.bias'));
+    if (cfg.mlpBias) for (const p of ['gate', 'up', 'down']) names.push(layerName(i, `mlp.${p}_proj.bias`));
+  }
+  // Check presence, dtype and shape of everything before moving any bytes.
+  let totalBytes = 0;
+  const storedDtype = new Set<string>();
+  for (const n of names) {
+    const e = ck.entry(n);
+    if (!toDType(e.dtype) || !['F16', 'BF16', 'F32'].includes(e.dtype))
+      throw new SqueezeError('ERR_FORMAT', `${e.file}: tensor '${n}' has dtype ${e.dtype}, expected F16, BF16 or F32`);
+    if (e.shape.length === 2) storedDtype.add(e.dtype);
+    totalBytes += e.end - e.begin;
+  }
+  const expect = (n: string, shape: number[]) => {
+    const e = ck.entry(n);
+    if (e.shape.length !== shape.length || e.shape.some((s, i) => s !== shape[i]))
+      throw new SqueezeError('ERR_FORMAT', `${e.file}: tensor '${n}' has shape [${e.shape.join(', ')}], config says [${shape.join(', ')}]`);
+  };
+  expect('model.embed_tokens.weight', [V, H]);
+  expect('model.norm.weight', [H]);
+  if (!tied) expect('lm_head.weight', [V, H]);
+  for (let i = 0; i < cfg.numLayers; i++) {
+    expect(layerName(i, 'self_attn.q_proj.weight'), [cfg.numHeads * D, H]);
+    expect(layerName(i, 'self_attn.k_proj.weight'), [cfg.numKvHeads * D, H]);
+    expect(layerName(i, 'self_attn.v_proj.weight'), [cfg.numKvHeads * D, H]);
+    expect(layerName(i, 'self_attn.o_proj.weight'), [H, cfg.numHeads * D]);
+    expect(layerName(i, 'mlp.gate_proj.weight'), [I, H]);
+    expect(layerName(i, 'mlp.up_proj.weight'), [I, H]);
+    expect(layerName(i, 'mlp.down_proj.weight'), [H, I]);
+    expect(layerName(i, 'input_layernorm.weight'), [H]);
+    expect(layerName(i, 'post_attention_layernorm.weight'), [H]);
+    if (cfg.qkvBias) {
+      expect(layerName(i, 'self_attn.q_proj.bias'), [cfg.numHeads * D]);
+      expect(layerName(i, 'self_attn.k_proj.bias'), [cfg.numKvHeads * D]);
+      expect(layerName(i, 'self_attn.v_proj.bias'), [cfg.numKvHeads * D]);
+    }
+    if (cfg.oBias) expect(layerName(i, 'self_attn.o_proj.bias'), [H]);
+    if (cfg.mlpBias) {
+      expect(layerName(i, 'mlp.gate_proj.bias'), [I]);
+      expect(layerName(i, 'mlp.up_proj.bias'), [I]);
+      expect(layerName(i, 'mlp.down_proj.bias'), [H]);
+    }
+  }
+  // CPU: matrices as stored when the checkpoint has one float dtype; else f32.
+  const matDtype: DType = cpu ? (storedDtype.size === 1 ? toDType([...storedDtype][0])! : 'f32') : o.act;
+  let loaded = 0;
+  const made: Tensor[] = [];
+  const report = () => o.onProgress?.({ loadedBytes: loaded, totalBytes });
+
+  /** Uploads host data of safetensors dtype `st` as `want` on the device. */
+  const upload = (st: string, data: ArrayBufferView, shape: number[], want: DType): Tensor => {
+    const have = toDType(st)!;
+    const t = Tensor.from(data, shape, { dtype: have, device: o.device });
+    if (have === want) return t;
+    const c = Tensor.empty(shape, { dtype: want, device: o.device });
+    ops.cast(c, t);
+    t.dispose();
+    return c;
+  };
+  const load = async (n: string, vector = false): Promise<Tensor> => {
+    const { dtype, shape, data } = ck.read(n);
+    const t = upload(dtype, data, shape, vector && cpu ? 'f32' : matDtype);
+    made.push(t);
+    loaded += data.byteLength;
+    report();
+    await tick();
+    return t;
+  };
+  /** Concatenates tensors along dim 0 on the host (same stored dtype) and uploads them. */
+  const loadCat = async (ns: string[], vector = false): Promise<Tensor> => {
+    const parts = ns.map((n) => ck.read(n));
+    const st = parts[0].dtype;
+    if (parts.some((p) => p.dtype !== st))
+      throw new SqueezeError('ERR_FORMAT', `${ck.describe()}: tensors ${ns.join(', ')} differ in dtype`);
+    const bytes = parts.reduce((a, p) => a + p.data.byteLength, 0);
+    const buf = new Uint8Array(new ArrayBuffer(bytes));
+    let off = 0;
+    for (const p of parts) {
+      buf.set(new Uint8Array(p.data.buffer, p.data.byteOffset, p.data.byteLength), off);
+      off += p.data.byteLength;
+    }
+    const shape = [parts.reduce((a, p) => a + p.shape[0], 0), ...parts[0].shape.slice(1)];
+    const el = st === 'F32' ? new Float32Array(buf.buffer) : new Uint16Array(buf.buffer);
+    const t = upload(st, el, shape, vector && cpu ? 'f32' : matDtype);
+    made.push(t);
+    loaded += bytes;
+    report();
+    await tick();
+    return t;
+  };
+
+  try {
+    report();
+    const embed = await load('model.embed_tokens.weight');
+    const layers: LayerWeights[] = [];
+    for (let i = 0; i < cfg.numLayers; i++) {
+      const n = (s: string) => layerName(i, s);
+      const l: LayerWeights = {
+        ln1: await load(n('input_layernorm.weight'), true),
+        wq: await load(n('self_attn.q_proj.weight')),
+        wk: await load(n('self_attn.k_proj.weight')),
+        wv: await load(n('self_attn.v_proj.weight')),
+        wo: await load(n('self_attn.o_proj.weight')),
+        ln2: await load(n('post_attention_layernorm.weight'), true),
+        wgu: await loadCat([n('mlp.gate_proj.weight'), n('mlp.up_proj.weight')]),
+        wdown: await load(n('mlp.down_proj.weight')),
+      };
+      if (cfg.qkvBias) {
+        l.bq = await load(n('self_attn.q_proj.bias'), true);
+        l.bk = await load(n('self_attn.k_proj.bias'), true);
+        l.bv = await load(n('self_attn.v_proj.bias'), true);
+      }
+      if (cfg.oBias) l.bo = await load(n('self_attn.o_proj.bias'), true);
+      if (cfg.mlpBias) {
+        l.bgu = await loadCat([n('mlp.gate_proj.bias'), n('mlp.up_proj.bias')], true);
+        l.bdown = await load(n('mlp.down_proj.bias'), true);
+      }
+      layers.push(l);
+    }
+    const norm = await load('model.norm.weight', true);
+    const lmHead = tied ? embed : await load('lm_head.weight');
+    return { embed, layers, norm, lmHead, tied, dtype: matDtype, bytes: made.reduce((a, t) => a + t.byteLength, 0) };
+  } catch (e) {
+    made.forEach((t) => t.dispose());
+    throw e;
+  }
+}
+
+/**
+ * Random weights made on the device (normal, std 0.02; norms 1): for benchmarks at real
+ * shapes without a checkpoint.
+ */
+export function randomWeights(cfg: ModelConfig, o: { device: string; dtype: DType; seed?: number; std?: number }): ModelWeights {
+  const H = cfg.hiddenSize, D = cfg.headDim, I = cfg.intermediateSize, V = cfg.vocabSize;
+  const std = o.std ?? 0.02;
+  let seed = (o.seed ?? 1) >>> 0;
+  const made: Tensor[] = [];
+  const vecDtype: DType = o.device === 'cpu' ? 'f32' : o.dtype;
+  const rand = (shape: number[]): Tensor => {
+    const t = Tensor.empty(shape, { dtype: o.dtype, device: o.device });
+    made.push(t);
+    ops.fillRandom(t, seed++, 0, std);
+    return t;
+  };
+  const ones = (n: number): Tensor => {
+    const t = Tensor.empty([n], { dtype: vecDtype, device: o.device });
+    made.push(t);
+    ops.fill(t, 1);
+    return t;
+  };
+  const bias = (n: number): Tensor => {
+    const t = Tensor.empty([n], { dtype: vecDtype, device: o.device });
+    made.push(t);
+    ops.fillRandom(t, seed++, 0, std);
+    return t;
+  };
+  try {
+    const embed = rand([V, H]);
+    const layers: LayerWeights[] = [];
+    for (let i = 0; i < cfg.numLayers; i++) {
+      const l: LayerWeights = {
+        ln1: ones(H),
+        wq: rand([cfg.numHeads * D, H]),
+        wk: rand([cfg.numKvHeads * D, H]),
+        wv: rand([cfg.numKvHeads * D, H]),
+        wo: rand([H, cfg.numHeads * D]),
+        ln2: ones(H),
+        wgu: rand([2 * I, H]),
+        wdown: rand([H, I]),
+      };
+      if (cfg.qkvBias) {
+        l.bq = bias(cfg.numHeads * D);
+        l.bk = bias(cfg.numKvHeads * D);
+        l.bv = bias(cfg.numKvHeads * D);
+      }
+      if (cfg.oBias) l.bo = bias(H);
+      if (cfg.mlpBias) {
+        l.bgu = bias(2 * I);
+        l.bdown = bias(H);
+      }
+      layers.push(l);
+    }
+    const norm = ones(H);
+    const lmHead = cfg.tieWordEmbeddings ? embed : rand([V, H]);
+    return { embed, layers, norm, lmHead, tied: cfg.tieWordEmbeddings, dtype: o.dtype, bytes: made.reduce((a, t) => a + t.byteLength, 0) };
+  } catch (e) {
+    made.forEach((t) => t.dispose());
+    throw e;
+  }
+}

@@ -1,0 +1,117 @@
+/**
+ * Perplexity: windows of token ids scored as given (no BOS added), positions 1..L-1
+ * predicted from the ones before; log-softmax in fp32 logits with fp64 sums on the host;
+ * ppl = exp(mean of the per-window mean losses).
+ */
+import * as fs from 'fs';
+import { SqueezeError } from '../errors';
+import type { Model } from '../model/model';
+import { SafetensorsFile } from '../model/safetensors';
+
+export interface PplData {
+  windows: Int32Array[];
+  length: number;
+}
+
+export interface PplOptions {
+  /** Take the first N windows. */
+  windows?: number;
+  /** Window length for text files (default 1024). */
+  window?: number;
+  /** Windows per prefill (default 1). */
+  batch?: number;
+  onProgress?: (done: number, total: number) => void;
+}
+
+export interface PplResult {
+  ppl: number;
+  tokens: number;
+  seconds: number;
+  windows: number;
+  device: string;
+  /** Mean next-token loss of each window. */
+  nll: number[];
+}
+
+function isSafetensors(file: string): boolean {
+  if (file.endsWith('.safetensors')) return true;
+  const fd = fs.openSync(file, 'r');
+  try {
+    const b = Buffer.alloc(9);
+    const n = fs.readSync(fd, b, 0, 9, 0);
+    return n === 9 && b[8] === 0x7b && b.readBigUInt64LE(0) < BigInt(fs.fstatSync(fd).size);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Reads windows: a safetensors file with `ids` [windows, L] or a text file cut into windows. */
+export function loadPplData(model: Model, file: string, opts: PplOptions = {}): PplData {
+  if (!fs.existsSync(file)) throw new SqueezeError('ERR_ARG', `ppl: no file ${file}`);
+  let windows: Int32Array[] = [];
+  let L: number;
+  if (isSafetensors(file)) {
+    const st = SafetensorsFile.open(file);
+    try {
+      const e = st.entry('ids');
+      if (e.shape.length !== 2) throw new SqueezeError('ERR_FORMAT', `${file}: tensor 'ids' must be [windows, length], got [${e.shape.join(', ')}]`);
+      const ids = st.readInt32('ids');
+      L = e.shape[1];
+      for (let w = 0; w < e.shape[0]; w++) windows.push(ids.subarray(w * L, (w + 1) * L));
+    } finally {
+      st.close();
+    }
+  } else {
+    if (!model.tokenizer) throw new SqueezeError('ERR_ARG', 'ppl: a text file needs a model with a tokenizer');
+    L = opts.window ?? 1024;
+    const ids = model.tokenizer.encode(fs.readFileSync(file, 'utf8'));
+    for (let s = 0; s + L <= ids.length; s += L) windows.push(ids.subarray(s, s + L));
+    if (!windows.length) throw new SqueezeError('ERR_ARG', `ppl: ${file} has ${ids.length} tokens, fewer than one window of ${L}`);
+  }
+  if (opts.windows !== undefined) {
+    if (!Number.isInteger(opts.windows) || opts.windows < 1) throw new SqueezeError('ERR_ARG', `ppl: windows must be a positive integer`);
+    windows = windows.slice(0, opts.windows);
+  }
+  if (L < 2) throw new SqueezeError('ERR_ARG', `ppl: windows of ${L} tokens predict nothing`);
+  return { windows, length: L };
+}
+
+/** Mean next-token NLL of one window from its logits [L, V]. */
+export function windowNll(logits: Float32Array, ids: ArrayLike<number>, V: number): number {
+  const L = ids.length;
+  let sum = 0;
+  for (let t = 0; t < L - 1; t++) {
+    const o = t * V;
+    let m = -Infinity;
+    for (let v = 0; v < V; v++) if (logits[o + v] > m) m = logits[o + v];
+    let s = 0;
+    for (let v = 0; v < V; v++) s += Math.exp(logits[o + v] - m);
+    sum += m + Math.log(s) - logits[o + ids[t + 1]];
+  }
+  return sum / (L - 1);
+}
+
+export async function perplexity(model: Model, data: PplData, opts: PplOptions = {}): Promise<PplResult> {
+  const B = opts.batch ?? 1;
+  if (!Number.isInteger(B) || B < 1) throw new SqueezeError('ERR_ARG', 'ppl: batch must be a positive integer');
+  const t0 = performance.now();
+  const nll: number[] = [];
+  const V = model.config.vocabSize;
+  const total = data.windows.length;
+  opts.onProgress?.(0, total);
+  for (let i = 0; i < total; i += B) {
+    const chunk = data.windows.slice(i, i + B);
+    const logits = await model.logitsBatch(chunk);
+    chunk.forEach((w, j) => nll.push(windowNll(logits[j], w, V)));
+    opts.onProgress?.(nll.length, total);
+  }
+  const mean = nll.reduce((a, b) => a + b, 0) / nll.length;
+  return {
+    ppl: Math.exp(mean),
+    tokens: total * (data.length - 1),
+    seconds: (performance.now() - t0) / 1000,
+    windows: total,
+    device: model.device,
+    nll,
+  };
+}

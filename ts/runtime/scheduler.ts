@@ -1,0 +1,413 @@
+/**
+ * Continuous batching: requests queue up, join the running batch between steps (their
+ * prompts prefilled together), decode one token per step together, and leave when they
+ * finish, stop, hit the context, or are aborted (their KV pages go back at once).
+ * Decode steps on CUDA replay a captured graph per batch size once it has run eagerly.
+ */
+import { SqueezeError, isSqueezeError } from '../errors';
+import { native, NativeGraph } from '../native';
+import { Decoder, Workspace } from '../model/llama';
+import { StreamDecoder, Tokenizer } from '../model/tokenizer';
+
+export interface GenerateRequest {
+  prompt?: string;
+  ids?: ArrayLike<number>;
+  maxTokens: number;
+  /** <= 0 or absent: greedy. */
+  temperature?: number;
+  topK?: number;
+  topP?: number;
+  seed?: number;
+  /** Generation ends before the first occurrence of any of these strings. */
+  stop?: string | string[];
+  signal?: AbortSignal;
+}
+
+export interface GenerateEvent {
+  id: number;
+  /** Text that became complete with this token ('' while a character or stop string is pending). */
+  text: string;
+}
+
+/** A request's tokens; finishReason is set once it has ended. */
+export interface GenerationStream extends AsyncIterableIterator<GenerateEvent> {
+  readonly finishReason?: FinishReason;
+}
+
+export type FinishReason = 'length' | 'eos' | 'stop' | 'abort' | 'error';
+
+export interface GenerateResult {
+  ids: number[];
+  text: string;
+  finishReason: FinishReason;
+  error?: Error;
+}
+
+interface Req {
+  prompt: Int32Array;
+  maxTokens: number;
+  temperature: number;
+  topK: number;
+  topP: number;
+  seed: number;
+  counter: number;
+  stop: string[];
+  signal?: AbortSignal;
+  onAbort?: () => void;
+  seq: number;
+  last: number;
+  generated: number[];
+  stream?: StreamDecoder;
+  text: string;
+  emitted: number;
+  events: GenerateEvent[];
+  done: boolean;
+  cancelled: boolean;
+  finishReason?: FinishReason;
+  error?: Error;
+  wake?: () => void;
+}
+
+interface DecodeSlot {
+  ws: Workspace;
+  graph?: NativeGraph;
+  eagerRuns: number;
+}
+
+export interface SchedulerOptions {
+  maxBatch: number;
+  graphs: boolean;
+  eosTokenIds: number[];
+}
+
+export class Scheduler {
+  private pending: Req[] = [];
+  private active: Req[] = [];
+  private running: Promise<void> | undefined;
+  private slots = new Map<number, DecodeSlot>();
+  private closed = false;
+  /** Decode steps run, and how many replayed a graph (for tests and benchmarks). */
+  stats = { steps: 0, graphReplays: 0, prefills: 0 };
+
+  constructor(private readonly dec: Decoder, private readonly tok: Tokenizer | undefined, readonly o: SchedulerOptions) {}
+
+  get activeCount(): number {
+    return this.active.length + this.pending.length;
+  }
+
+  /** Validates a request and queues it; the returned iterator yields its tokens. */
+  submit(r: GenerateRequest): GenerationStream {
+    if (this.closed) throw new SqueezeError('ERR_DISPOSED', 'model is disposed');
+    const req = this.validate(r);
+    this.pending.push(req);
+    if (req.signal) {
+      req.onAbort = () => {
+        req.cancelled = true;
+        req.wake?.();
+      };
+      req.signal.addEventListener('abort', req.onAbort, { once: true });
+    }
+    this.kick();
+    const it = this.iterate(req) as GenerationStream;
+    Object.defineProperty(it, 'finishReason', { get: () => req.finishReason });
+    return it;
+  }
+
+  private validate(r: GenerateRequest): Req {
+    if (!r || typeof r !== 'object') throw new SqueezeError('ERR_ARG', 'generate: request must be an object');
+    const cfg = this.dec.cfg;
+    let prompt: Int32Array;
+    if (r.ids !== undefined) {
+      prompt = Int32Array.from(r.ids as ArrayLike<number>);
+      if (prompt.length !== (r.ids as ArrayLike<number>).length) throw new SqueezeError('ERR_ARG', 'generate: ids must be integers');
+      for (let i = 0; i < prompt.length; i++) {
+        const v = (r.ids as ArrayLike<number>)[i];
+        if (!Number.isInteger(v) || v < 0 || v >= cfg.vocabSize)
+          throw new SqueezeError('ERR_ARG', `generate: ids[${i}] = ${v} is outside the vocabulary [0, ${cfg.vocabSize})`);
+      }
+    } else if (typeof r.prompt === 'string') {
+      if (!this.tok) throw new SqueezeError('ERR_ARG', 'generate: this model has no tokenizer; pass ids');
+      prompt = this.tok.encode(r.prompt);
+    } else throw new SqueezeError('ERR_ARG', 'generate: pass prompt (a string) or ids');
+    if (prompt.length === 0) throw new SqueezeError('ERR_ARG', 'generate: the prompt is empty');
+    if (prompt.length > this.dec.cache.maxContext)
+      throw new SqueezeError('ERR_CONTEXT_LENGTH', `generate: prompt of ${prompt.length} tokens is longer than the context (${this.dec.cache.maxContext})`);
+    if (!Number.isInteger(r.maxTokens) || r.maxTokens < 1) throw new SqueezeError('ERR_ARG', `generate: maxTokens must be a positive integer, got ${r.maxTokens}`);
+    const num = (v: unknown, name: string, d: number) => {
+      if (v === undefined) return d;
+      if (typeof v !== 'number' || !Number.isFinite(v)) throw new SqueezeError('ERR_ARG', `generate: ${name} must be a finite number`);
+      return v;
+    };
+    const stop = r.stop === undefined ? [] : Array.isArray(r.stop) ? r.stop : [r.stop];
+    if (!stop.every((s) => typeof s === 'string' && s.length > 0)) throw new SqueezeError('ERR_ARG', 'generate: stop must be non-empty strings');
+    return {
+      prompt,
+      maxTokens: r.maxTokens,
+      temperature: num(r.temperature, 'temperature', 0),
+      topK: Math.trunc(num(r.topK, 'topK', 0)),
+      topP: num(r.topP, 'topP', 1),
+      seed: num(r.seed, 'seed', (Math.random() * 0xffffffff) >>> 0) >>> 0,
+      counter: 0,
+      stop,
+      signal: r.signal,
+      seq: 0,
+      last: 0,
+      generated: [],
+      stream: this.tok?.streamDecoder(),
+      text: '',
+      emitted: 0,
+      events: [],
+      done: false,
+      cancelled: !!r.signal?.aborted,
+    };
+  }
+
+  private async *iterate(req: Req): AsyncIterableIterator<GenerateEvent> {
+    try {
+      for (;;) {
+        if (req.events.length) {
+          yield req.events.shift()!;
+          continue;
+        }
+        if (req.done) break;
+        if (req.cancelled) {
+          // Freed by the loop at its next step; nothing more is delivered.
+          this.kick();
+          break;
+        }
+        await new Promise<void>((res) => (req.wake = res));
+        req.wake = undefined;
+      }
+      if (req.error) throw req.error;
+    } finally {
+      // A consumer that stops early cancels the request.
+      if (!req.done) req.cancelled = true;
+      if (req.signal && req.onAbort) req.signal.removeEventListener('abort', req.onAbort);
+    }
+  }
+
+  private kick(): void {
+    if (!this.running) {
+      this.running = this.loop().finally(() => {
+        this.running = undefined;
+        if (!this.closed && (this.pending.length || this.active.length)) this.kick();
+      });
+    }
+  }
+
+  private finish(r: Req, reason: FinishReason, err?: Error): void {
+    if (r.done) return;
+    r.done = true;
+    r.finishReason = reason;
+    r.error = err;
+    if (r.seq) this.dec.cache.free(r.seq);
+    r.seq = 0;
+    this.active = this.active.filter((x) => x !== r);
+    this.pending = this.pending.filter((x) => x !== r);
+    r.wake?.();
+  }
+
+  private async loop(): Promise<void> {
+    while (!this.closed && (this.pending.length || this.active.length)) {
+      for (const r of [...this.pending, ...this.active]) if (r.cancelled) this.finish(r, 'abort');
+      const cache = this.dec.cache;
+      const admit: Req[] = [];
+      while (this.pending.length && this.active.length + admit.length < this.o.maxBatch) {
+        const r = this.pending[0];
+        // Wait for pages while others run; alone, a request that cannot fit fails.
+        if (cache.pagesFor(r.prompt.length + 1) > cache.freePages && (this.active.length || admit.length)) break;
+        this.pending.shift();
+        try {
+          r.seq = cache.createSequence();
+          cache.grow(r.seq, r.prompt.length);
+          admit.push(r);
+        } catch (e) {
+          this.finish(r, 'error', e as Error);
+        }
+      }
+      try {
+        if (admit.length) await this.prefill(admit);
+        const batch = this.active.filter((r) => !admit.includes(r));
+        if (batch.length) await this.decode(batch);
+      } catch (e) {
+        for (const r of [...admit, ...this.active]) this.finish(r, 'error', e as Error);
+      }
+      await new Promise<void>((res) => setImmediate(res));
+    }
+  }
+
+  private writeSampling(ws: Workspace, reqs: Req[]): void {
+    const B = reqs.length;
+    const t = new Float32Array(B), k = new Int32Array(B), p = new Float32Array(B), rng = new Uint32Array(2 * B);
+    reqs.forEach((r, b) => {
+      t[b] = r.temperature;
+      k[b] = r.topK;
+      p[b] = r.topP;
+      rng[2 * b] = r.seed;
+      rng[2 * b + 1] = r.counter;
+    });
+    ws.temperature.write(t);
+    ws.topK.write(k);
+    ws.topP.write(p);
+    ws.rng.write(rng);
+  }
+
+  private async prefill(reqs: Req[]): Promise<void> {
+    this.stats.prefills++;
+    const T = reqs.reduce((a, r) => a + r.prompt.length, 0);
+    const ws = this.dec.workspace(T, reqs.length, false);
+    try {
+      const inp = this.dec.inputs(reqs.map((r) => r.seq), reqs.map((r) => r.prompt), T);
+      this.dec.write(ws, inp);
+      this.writeSampling(ws, reqs);
+      const maxQ = Math.max(...reqs.map((r) => r.prompt.length));
+      this.dec.forward(ws, maxQ, maxQ);
+      this.dec.sample(ws);
+      const toks = (await ws.tokens.toArray()) as Int32Array;
+      reqs.forEach((r, b) => {
+        this.active.push(r);
+        this.accept(r, toks[b]);
+      });
+    } finally {
+      ws.dispose();
+    }
+  }
+
+  private slot(B: number): DecodeSlot {
+    let s = this.slots.get(B);
+    if (!s) {
+      s = { ws: this.dec.decodeWorkspace(B, this.dec.cache.maxContext), eagerRuns: 0 };
+      this.slots.set(B, s);
+    }
+    return s;
+  }
+
+  private async decode(reqs: Req[]): Promise<void> {
+    const cache = this.dec.cache;
+    const batch: Req[] = [];
+    for (const r of reqs) {
+      if (r.cancelled) {
+        this.finish(r, 'abort');
+        continue;
+      }
+      try {
+        cache.grow(r.seq, cache.length(r.seq) + 1);
+        batch.push(r);
+      } catch (e) {
+        this.finish(r, 'error', e as Error);
+      }
+    }
+    if (!batch.length) return;
+    const B = batch.length;
+    const s = this.slot(B);
+    const inp = this.dec.inputs(batch.map((r) => r.seq), batch.map((r) => [r.last]), B);
+    this.dec.write(s.ws, inp);
+    this.writeSampling(s.ws, batch);
+    // One maxSeqLen for eager and graph steps so both run the same kernels.
+    const maxSeqLen = cache.maxContext;
+    this.stats.steps++;
+    if (s.graph && this.o.graphs) {
+      s.graph.replay();
+      this.stats.graphReplays++;
+    } else if (this.o.graphs && s.eagerRuns >= 1) {
+      const n = native();
+      n.captureBegin(this.dec.device);
+      try {
+        this.dec.forward(s.ws, 1, maxSeqLen);
+        this.dec.sample(s.ws);
+      } catch (e) {
+        try {
+          n.captureEnd(this.dec.device).dispose();
+        } catch {
+          /* the capture is already broken */
+        }
+        throw e;
+      }
+      s.graph = n.captureEnd(this.dec.device);
+      s.graph.replay();
+      this.stats.graphReplays++;
+    } else {
+      this.dec.forward(s.ws, 1, maxSeqLen);
+      this.dec.sample(s.ws);
+      s.eagerRuns++;
+    }
+    const toks = (await s.ws.tokens.toArray()) as Int32Array;
+    batch.forEach((r, b) => this.accept(r, toks[b]));
+  }
+
+  /** Takes a sampled token: emits text, checks eos / stop / length. */
+  private accept(r: Req, tok: number): void {
+    r.counter++;
+    if (r.done) return;
+    if (r.cancelled) {
+      this.finish(r, 'abort');
+      return;
+    }
+    if (this.o.eosTokenIds.includes(tok)) {
+      const rest = r.text.slice(r.emitted) + (r.stream?.flush() ?? '');
+      if (rest) r.events.push({ id: tok, text: rest });
+      this.finish(r, 'eos');
+      return;
+    }
+    r.generated.push(tok);
+    r.last = tok;
+    r.text += r.stream?.push(tok) ?? '';
+    // Stop strings: end before the first occurrence; hold back a possible prefix of one.
+    let end = r.text.length;
+    let stopped = false;
+    for (const s of r.stop) {
+      const i = r.text.indexOf(s, Math.max(0, r.emitted - s.length + 1));
+      if (i >= 0 && i < end) {
+        end = i;
+        stopped = true;
+      }
+    }
+    if (!stopped) {
+      for (const s of r.stop)
+        for (let n = Math.min(s.length - 1, r.text.length); n > 0; n--)
+          if (r.text.endsWith(s.slice(0, n))) {
+            end = Math.min(end, r.text.length - n);
+            break;
+          }
+    }
+    const lengthDone = r.generated.length >= r.maxTokens;
+    let piece = r.text.slice(r.emitted, Math.max(end, r.emitted));
+    r.emitted = Math.max(end, r.emitted);
+    if (lengthDone && !stopped) {
+      piece += r.text.slice(r.emitted) + (r.stream?.flush() ?? '');
+      r.emitted = r.text.length;
+    }
+    r.events.push({ id: tok, text: piece });
+    if (stopped) this.finish(r, 'stop');
+    else if (lengthDone) this.finish(r, 'length');
+    else r.wake?.();
+  }
+
+  /** Stops everything: requests end with ERR_DISPOSED; waits for the step in flight. */
+  async close(): Promise<void> {
+    this.closed = true;
+    const err = new SqueezeError('ERR_DISPOSED', 'model was disposed while generating');
+    for (const r of [...this.pending, ...this.active]) this.finish(r, 'error', err);
+    if (this.running) await this.running.catch(() => undefined);
+    for (const s of this.slots.values()) {
+      s.graph?.dispose();
+      s.ws.dispose();
+    }
+    this.slots.clear();
+  }
+}
+
+/** Collects one request's stream into a result (errors become finishReason 'error'). */
+export async function collect(it: GenerationStream): Promise<GenerateResult> {
+  const ids: number[] = [];
+  let text = '';
+  try {
+    for await (const e of it) {
+      ids.push(e.id);
+      text += e.text;
+    }
+  } catch (e) {
+    return { ids, text, finishReason: isSqueezeError(e, 'ERR_DISPOSED') ? 'abort' : 'error', error: e as Error };
+  }
+  return { ids, text, finishReason: it.finishReason ?? 'abort' };
+}
