@@ -1,0 +1,133 @@
+// Shared device helpers of the attention kernels: 8-wide fp16/bf16 <-> f32 conversion,
+// cp.async with zero fill, ldmatrix and the m16n8k16 tensor-core product.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace sqz::cuda::attn {
+
+// Everything a kernel needs about one call. Index tensors live in device memory so a
+// captured graph can replay with new lengths and page tables.
+struct Params {
+  void* out;
+  const void* q;
+  const void* kc;
+  const void* vc;
+  const int* page_table;  // [B, max_pages]
+  const int* seq_lens;    // [B]
+  const int* cu_q;        // [B + 1]
+  int B, Hq, Hkv, D;
+  int pages, page_size, max_pages, page_shift;  // page_shift >= 0 when page_size is a power of two
+  float scale_log2;                             // softmax scale * log2(e): scores live in base 2
+  int max_q;
+  // decode only
+  int splits, chunk, qchunks;
+  float* ws_acc;  // [B * max_q * Hq, splits, D]
+  float* ws_ml;   // [B * max_q * Hq, splits, 2] (max in base 2, sum)
+};
+
+// Logical token t of sequence b -> its page, or -1 when the page table cannot hold it or
+// names a page outside the pool (such keys are ignored, never read).
+__device__ __forceinline__ int page_of(const Params& p, int b, int t) {
+  int blk = p.page_shift >= 0 ? (t >> p.page_shift) : t / p.page_size;
+  if (blk >= p.max_pages) return -1;
+  int page = __ldg(p.page_table + (int64_t)b * p.max_pages + blk);
+  return (page >= 0 && page < p.pages) ? page : -1;
+}
+
+// Element offset of (page, token-in-page, kv head) in a cache [pages, P, Hkv, D].
+__device__ __forceinline__ int64_t cache_offset(const Params& p, int page, int t, int kvh) {
+  int slot = p.page_shift >= 0 ? (t & (p.page_size - 1)) : t % p.page_size;
+  return (((int64_t)page * p.page_size + slot) * p.Hkv + kvh) * p.D;
+}
+
+template <class T> struct Traits;
+template <> struct Traits<__half> {
+  using T2 = __half2;
+  static __device__ __forceinline__ float2 to_f2(T2 v) { return __half22float2(v); }
+  static __device__ __forceinline__ T2 from_f2(float a, float b) { return __floats2half2_rn(a, b); }
+};
+template <> struct Traits<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static __device__ __forceinline__ float2 to_f2(T2 v) { return __bfloat1622float2(v); }
+  static __device__ __forceinline__ T2 from_f2(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+
+// 16 bytes = 8 elements -> 8 floats.
+template <class T>
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
+  using T2 = typename Traits<T>::T2;
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    T2 h = *reinterpret_cast<const T2*>(&w[i]);
+    float2 v = Traits<T>::to_f2(h);
+    f[2 * i] = v.x;
+    f[2 * i + 1] = v.y;
+  }
+}
+
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  typename Traits<T>::T2 h = Traits<T>::from_f2(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// K/V are streamed once: keep them out of L1.
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; src_bytes = 0 writes zeros (no global read happens).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// D(16x8, f32) += A(16x16) * B(16x8).
+template <class T> struct Mma;
+template <> struct Mma<__half> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+}  // namespace sqz::cuda::attn

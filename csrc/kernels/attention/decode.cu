@@ -1,0 +1,342 @@
+// Split-KV flash-decoding over the paged cache.
+//
+// Grid (kv head x query chunk, sequence, split). One block streams the keys and values of
+// its split once and scores them against every query vector that shares the kv head (the
+// g query heads of GQA times the few query rows of a decode step): the cache is what costs
+// bandwidth, so it is read once per group, 16 bytes per load, never staged through shared
+// memory. Each warp keeps its own running max / sum / accumulator (online softmax in base
+// 2), the block merges its warps, and writes one partial (max, sum, acc) per query vector
+// and split. A second kernel merges the splits in a fixed order, so results do not depend
+// on scheduling (no atomics).
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+
+#include "common.cuh"
+#include "core/cuda_stream.h"
+#include "core/error.h"
+#include "launch.h"
+
+namespace sqz::cuda::attn {
+
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kMaxSplits = 256;
+
+// TPK lanes share one key (8 elements each, so D <= 8 * TPK); R query vectors per block.
+template <class T, int TPK, int R>
+__global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
+  constexpr int SLOTS = 32 / TPK;       // keys a warp reads at once
+  constexpr int U = R >= 8 ? 2 : 4;     // key steps in flight per thread
+  constexpr int KPW = SLOTS * U;        // keys per warp iteration
+  __shared__ float s_m[kWarps][R], s_l[kWarps][R];
+  extern __shared__ float s_acc[];      // [kWarps][R][D]
+
+  const int kvh = blockIdx.x / p.qchunks, qc = blockIdx.x % p.qchunks;
+  const int b = blockIdx.y, split = blockIdx.z;
+  const int g = p.Hq / p.Hkv;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int slot = lane / TPK, c = lane % TPK;
+  const bool cact = c * 8 < p.D;
+
+  const int q0 = __ldg(p.cu_q + b);
+  int n = __ldg(p.cu_q + b + 1) - q0;
+  const int len = max(__ldg(p.seq_lens + b), 0);
+  n = max(0, min(n, p.max_q));
+  const int kend = (int)min((int64_t)len, (int64_t)p.max_pages * p.page_size);
+
+  // Query vector r of this block: vi = qc * R + r -> row j = vi / g, head kvh * g + vi % g.
+  float q[R][8];
+  int lim[R];  // last key position (inclusive) the vector may attend; -1 when inactive
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int vi = qc * R + r;
+    const bool act = vi < g * n;
+    const int j = act ? vi / g : 0, h = kvh * g + (act ? vi % g : 0);
+    lim[r] = act ? len - n + j : -1;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) q[r][e] = 0.f;
+    if (act && cact) {
+      const T* qp = static_cast<const T*>(p.q) + ((int64_t)(q0 + j) * p.Hq + h) * p.D + c * 8;
+      unpack8<T>(*reinterpret_cast<const uint4*>(qp), q[r]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) q[r][e] *= p.scale_log2;
+    }
+  }
+
+  const int t0 = split * p.chunk;
+  // The last split also takes anything past splits * chunk, so an understated maxSeqLen
+  // costs speed, not correctness.
+  const int t1 = split == p.splits - 1 ? kend : min(kend, t0 + p.chunk);
+
+  float m[R], l[R], acc[R][8];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[r][e] = 0.f;
+  }
+
+  const T* kc = static_cast<const T*>(p.kc);
+  const T* vc = static_cast<const T*>(p.vc);
+  for (int base = t0 + warp * KPW; base < t1; base += kWarps * KPW) {
+    uint4 kr[U], vr[U];
+    bool ok[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int t = base + u * SLOTS + slot;
+      int page = t < t1 ? page_of(p, b, t) : -1;
+      ok[u] = page >= 0;
+      kr[u] = make_uint4(0, 0, 0, 0);
+      vr[u] = kr[u];
+      if (ok[u] && cact) {
+        const int64_t off = cache_offset(p, page, t, kvh) + c * 8;
+        kr[u] = ld_stream(kc + off);
+        vr[u] = ld_stream(vc + off);
+      }
+    }
+    float s[U][R];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[8];
+      unpack8<T>(kr[u], kf);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) d = fmaf(q[r][e], kf[e], d);
+        s[u][r] = d;
+      }
+    }
+    // Full dot products: sum over the TPK lanes of a key (every lane ends with the total).
+#pragma unroll
+    for (int off = TPK / 2; off >= 1; off >>= 1)
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int r = 0; r < R; ++r) s[u][r] += __shfl_xor_sync(0xffffffffu, s[u][r], off);
+
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int t = base + u * SLOTS + slot;
+        if (!ok[u] || t > lim[r]) s[u][r] = -INFINITY;
+        mx = fmaxf(mx, s[u][r]);
+      }
+#pragma unroll
+      for (int off = TPK; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float mn = fmaxf(m[r], mx);
+      const float ref = mn == -INFINITY ? 0.f : mn;  // all masked so far: keep zeros, no NaN
+      const float alpha = exp2f(m[r] - ref);
+      m[r] = mn;
+      l[r] *= alpha;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[r][e] *= alpha;
+#pragma unroll
+      for (int u = 0; u < U; ++u) s[u][r] = exp2f(s[u][r] - ref);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vf[8];
+      unpack8<T>(vr[u], vf);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        l[r] += s[u][r];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[r][e] = fmaf(s[u][r], vf[e], acc[r][e]);
+      }
+    }
+  }
+
+  // Merge the key slots of the warp (m is already warp-uniform); l is duplicated across
+  // the TPK lanes of a slot, so it is summed across slots only, like acc.
+#pragma unroll
+  for (int off = TPK; off < 32; off <<= 1)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      l[r] += __shfl_xor_sync(0xffffffffu, l[r], off);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[r][e] += __shfl_xor_sync(0xffffffffu, acc[r][e], off);
+    }
+  if (lane == 0)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      s_m[warp][r] = m[r];
+      s_l[warp][r] = l[r];
+    }
+  if (slot == 0 && cact)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s_acc[(warp * R + r) * p.D + c * 8 + e] = acc[r][e];
+  __syncthreads();
+
+  // Merge the warps and write this split's partial for every active query vector.
+  for (int i = threadIdx.x; i < R * (p.D + 1); i += blockDim.x) {
+    const int r = i / (p.D + 1), d = i % (p.D + 1);  // d == D: the (max, sum) pair
+    const int vi = qc * R + r;
+    if (vi >= g * n) continue;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w][r]);
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = s_m[w][r] == -INFINITY ? 0.f : exp2f(s_m[w][r] - M);
+      v += f * (d == p.D ? s_l[w][r] : s_acc[(w * R + r) * p.D + d]);
+    }
+    const int j = vi / g, h = kvh * g + vi % g;
+    const int64_t qi = ((int64_t)b * p.max_q + j) * p.Hq + h;
+    const int64_t pi = qi * p.splits + split;
+    if (d == p.D) {
+      p.ws_ml[pi * 2] = M;
+      p.ws_ml[pi * 2 + 1] = v;
+    } else {
+      p.ws_acc[pi * p.D + d] = v;
+    }
+  }
+}
+
+// One block per (query head, row, sequence): weights of the splits in shared memory, then
+// each output element is a fixed-order sum over splits.
+template <class T>
+__global__ void __launch_bounds__(128) decode_combine(Params p) {
+  __shared__ float s_w[kMaxSplits];
+  __shared__ float s_inv;
+  const int h = blockIdx.x, j = blockIdx.y, b = blockIdx.z;
+  const int q0 = __ldg(p.cu_q + b);
+  int n = __ldg(p.cu_q + b + 1) - q0;
+  n = max(0, min(n, p.max_q));
+  if (j >= n) return;
+  const int64_t qi = ((int64_t)b * p.max_q + j) * p.Hq + h;
+  const float* ml = p.ws_ml + qi * p.splits * 2;
+  float M = -INFINITY;
+  for (int s = 0; s < p.splits; ++s) M = fmaxf(M, ml[2 * s]);
+  for (int s = threadIdx.x; s < p.splits; s += blockDim.x)
+    s_w[s] = ml[2 * s] == -INFINITY ? 0.f : exp2f(ml[2 * s] - M);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float L = 0.f;
+    for (int s = 0; s < p.splits; ++s) L += s_w[s] * ml[2 * s + 1];
+    s_inv = L > 0.f ? 1.f / L : 0.f;  // no attendable key: the row is zero
+  }
+  __syncthreads();
+  const float* acc = p.ws_acc + qi * p.splits * p.D;
+  T* out = static_cast<T*>(p.out) + ((int64_t)(q0 + j) * p.Hq + h) * p.D;
+  for (int d2 = threadIdx.x; d2 * 2 < p.D; d2 += blockDim.x) {
+    float a0 = 0.f, a1 = 0.f;
+    for (int s = 0; s < p.splits; ++s) {
+      a0 = fmaf(s_w[s], acc[(int64_t)s * p.D + 2 * d2], a0);
+      a1 = fmaf(s_w[s], acc[(int64_t)s * p.D + 2 * d2 + 1], a1);
+    }
+    *reinterpret_cast<uint32_t*>(out + 2 * d2) = pack2<T>(a0 * s_inv, a1 * s_inv);
+  }
+}
+
+template <class T, int TPK, int R>
+void launch_partial(const Params& p, int device, cudaStream_t stream) {
+  dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
+  size_t smem = sizeof(float) * kWarps * R * p.D;
+  decode_partial<T, TPK, R><<<grid, kWarps * 32, smem, stream>>>(p);
+}
+
+template <class T, int TPK>
+void dispatch_r(const Params& p, int R, int device, cudaStream_t stream) {
+  switch (R) {
+    case 1: launch_partial<T, TPK, 1>(p, device, stream); break;
+    case 2: launch_partial<T, TPK, 2>(p, device, stream); break;
+    case 4: launch_partial<T, TPK, 4>(p, device, stream); break;
+    default: launch_partial<T, TPK, 8>(p, device, stream); break;
+  }
+}
+
+template <class T>
+void launch_t(Params& p, int R, int device, cudaStream_t stream) {
+  if (p.D <= 64) dispatch_r<T, 8>(p, R, device, stream);
+  else if (p.D <= 128) dispatch_r<T, 16>(p, R, device, stream);
+  else dispatch_r<T, 32>(p, R, device, stream);
+  dim3 grid(p.Hq, p.max_q, p.B);
+  decode_combine<T><<<grid, 128, 0, stream>>>(p);
+}
+
+int sm_count(int device) {
+  static std::mutex mu;
+  static int cached[64] = {0};
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= 64) return 132;
+  if (!cached[device]) {
+    int n = 0;
+    cuda_check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "attention: SM count");
+    cached[device] = n > 0 ? n : 132;
+  }
+  return cached[device];
+}
+
+template <int TPK>
+int occupancy_r(int R, int D) {
+  int n = 0;
+  const size_t smem = sizeof(float) * kWarps * R * D;
+  cudaError_t e = cudaErrorInvalidValue;
+  switch (R) {
+    case 1: e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_partial<__half, TPK, 1>, kWarps * 32, smem); break;
+    case 2: e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_partial<__half, TPK, 2>, kWarps * 32, smem); break;
+    case 4: e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_partial<__half, TPK, 4>, kWarps * 32, smem); break;
+    default: e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_partial<__half, TPK, 8>, kWarps * 32, smem); break;
+  }
+  return e == cudaSuccess && n > 0 ? n : 1;
+}
+
+// Blocks of the partial kernel resident on one SM (registers bound it: ~70 per thread at
+// R = 1, ~230 at R = 8). The bf16 instantiations use the same registers within a few.
+int resident_blocks(int device, int D, int R) {
+  static std::mutex mu;
+  static int cached[64][3][4] = {};
+  const int ti = D <= 64 ? 0 : D <= 128 ? 1 : 2;
+  const int ri = R == 1 ? 0 : R == 2 ? 1 : R == 4 ? 2 : 3;
+  std::lock_guard<std::mutex> lock(mu);
+  int* slot = device >= 0 && device < 64 ? &cached[device][ti][ri] : nullptr;
+  if (slot && *slot) return *slot;
+  int cur = 0;
+  cudaGetDevice(&cur);
+  if (cur != device) cudaSetDevice(device);
+  const int n = ti == 0 ? occupancy_r<8>(R, D) : ti == 1 ? occupancy_r<16>(R, D) : occupancy_r<32>(R, D);
+  if (cur != device) cudaSetDevice(cur);
+  if (slot) *slot = n;
+  return n;
+}
+
+}  // namespace
+
+DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int max_seq_len) {
+  DecodePlan pl;
+  const int g = Hq / Hkv;
+  const int rtot = g * max_q;
+  pl.R = rtot <= 1 ? 1 : rtot <= 2 ? 2 : rtot <= 4 ? 4 : 8;
+  pl.qchunks = (rtot + pl.R - 1) / pl.R;
+  const int per_sm = resident_blocks(device, D, pl.R);
+  const int64_t slots = (int64_t)sm_count(device) * per_sm;
+  const int64_t base = std::max<int64_t>(1, (int64_t)Hkv * pl.qchunks * B);
+  // One full wave of equally long blocks (no tail wave), but no split shorter than
+  // 64 tokens: below that the partials cost more than they save.
+  int64_t splits = std::max<int64_t>(1, slots / base);
+  splits = std::min<int64_t>(splits, std::max(1, (max_seq_len + 63) / 64));
+  splits = std::min<int64_t>(splits, kMaxSplits);
+  pl.splits = (int)splits;
+  int chunk = (std::max(max_seq_len, 1) + pl.splits - 1) / pl.splits;
+  chunk = (chunk + 15) / 16 * 16;  // whole pages of 16 for typical page sizes
+  pl.chunk = chunk;
+  // Splits made empty by the rounding add nothing.
+  pl.splits = std::max(1, (std::max(max_seq_len, 1) + chunk - 1) / chunk);
+  return pl;
+}
+
+void launch_decode(Params& p, int R, DType dt, int device, cudaStream_t stream) {
+  if (dt == DType::F16) launch_t<__half>(p, R, device, stream);
+  else launch_t<__nv_bfloat16>(p, R, device, stream);
+}
+
+}  // namespace sqz::cuda::attn

@@ -1,0 +1,21 @@
+// Launchers shared between the attention translation units (host side only).
+#pragma once
+#include <cuda_runtime.h>
+
+#include "core/dtype.h"
+
+namespace sqz::cuda::attn {
+struct Params;
+
+// Split-KV decode: decode_plan picks the query vectors per block (R), the query chunks and
+// the splits; launch_decode runs the partial kernel, then the combine kernel.
+struct DecodePlan {
+  int R = 1, qchunks = 1, splits = 1, chunk = 1;
+};
+DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int max_seq_len);
+void launch_decode(Params& p, int R, DType dt, int device, cudaStream_t stream);
+
+// Tensor-core prefill; returns false when head_dim has no prefill instantiation.
+bool prefill_supported(int D);
+void launch_prefill(const Params& p, DType dt, cudaStream_t stream);
+}  // namespace sqz::cuda::attn
