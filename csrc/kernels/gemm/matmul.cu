@@ -1,4 +1,5 @@
 // Launchers of the dense matmul: GEMV for M <= 16, tensor-core GEMM above.
+#include <atomic>
 #include <cstdint>
 
 #include "core/cuda_stream.h"
@@ -38,14 +39,15 @@ void launch_gemv(T* y, const T* x, const T* w, const T* bias, int M, int N, int 
 
 template <class T, bool A>
 void launch_gemm_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
-  // The 64 KiB ring needs the opt-in above 48 KiB, once per instantiation (per device in
-  // principle; setting it is cheap and idempotent, so it is done on the first call per process
-  // and repeated by a static per instantiation).
-  static bool configured = false;
-  if (!configured) {
+  // The 64 KiB ring needs the opt-in above 48 KiB, once per device for each instantiation.
+  static std::atomic<uint64_t> configured{0};
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
+  const uint64_t bit = 1ull << (dev & 63);
+  if (!(configured.load() & bit)) {
     cuda_check(cudaFuncSetAttribute(gemm_tc_kernel<T, A>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
                "matmul: cudaFuncSetAttribute");
-    configured = true;
+    configured.fetch_or(bit);
   }
   const long long tiles = (long long)ceil_div(M, kBM) * ceil_div(N, kBN);
   gemm_tc_kernel<T, A><<<(unsigned)tiles, kThreads, kSmemBytes, s>>>(y, x, w, bias, M, N, K);
