@@ -6,4 +6,3 @@ export * from './lut';
 export * from './kvquant';
 export * from './attention';
 export * from './kvquant';
-export * from './attention';
