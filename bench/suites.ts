@@ -28,5 +28,6 @@ export const suites: Record<string, { load: () => Suite | undefined; gpu: boolea
   gemv: { load: optional('./gemv', 'benchGemv'), gpu: true },
   lut: { load: optional('./lut', 'benchLut'), gpu: true },
   attention: { load: optional('./attention', 'benchAttention'), gpu: true },
+  kvquant: { load: optional('./kvquant', 'benchKvquant'), gpu: true },
   decode: { load: optional('./decode', 'benchDecode'), gpu: true },
 };

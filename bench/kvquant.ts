@@ -1,0 +1,80 @@
+/**
+ * KVQuant decode attention (2/3/4-bit packed cache, RoPE on the fly) against our fp16
+ * paged `attention` op in the same run: batch 1 at 8K/32K/128K for 32x128 and 32q/8kv x128,
+ * batch 8 at 4K. Caches hold random non-zero codes and valid metadata.
+ */
+import { native } from '../ts/native';
+import { Tensor } from '../ts/tensor';
+import { fillRandom, fillRandomInt } from '../ts/ops/elementwise';
+import { KvqCache, KvqLayerCalibration, kvqAttention, kvqMetaBytes } from '../ts/ops/kvquant';
+import { normalFloatCodebook } from '../ts/quant/kvquant';
+import { BenchContext, BenchResult, row, timeCuda } from './harness';
+import { floatToF16 } from '../ts/util/half';
+
+const PAGE = 16;
+
+function validMeta(n: number, D: number, nk: number, nv: number, seed: number): Uint8Array {
+  const mb = kvqMetaBytes(nk, nv), out = new Uint8Array(n * mb);
+  let s = seed >>> 0;
+  const rnd = () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 4294967296);
+  const one = new Uint8Array(mb), dv = new DataView(one.buffer);
+  for (let v = 0; v < 64; v++) {
+    dv.setUint16(0, floatToF16(-1 - rnd()), true);
+    dv.setUint16(2, floatToF16(1 + rnd()), true);
+    for (let i = 0; i < nk + nv; i++) { dv.setUint16(4 + 2 * i, floatToF16(rnd() * 8 - 4), true); one[4 + 2 * (nk + nv) + i] = Math.floor(rnd() * D); }
+    for (let r = v; r < n; r += 64) out.set(one, r * mb);
+  }
+  return out;
+}
+
+export async function benchKvquant(ctx: BenchContext): Promise<BenchResult[]> {
+  if (!ctx.device) return [];
+  const device = ctx.device, D = 128, results: BenchResult[] = [];
+  const shapes: Array<[number, number, number, number]> = [];  // [B, Hq, H, ctx]
+  for (const L of ctx.quick ? [32768] : [8192, 32768, 131072]) { shapes.push([1, 32, 32, L]); shapes.push([1, 32, 8, L]); }
+  shapes.push([8, 32, 8, 4096]);
+  const inv = new Float32Array(D / 2).map((_, i) => 1 / Math.pow(500000, (2 * i) / D));
+  const invT = Tensor.from(inv, [D / 2], { device });
+  const hasFp16 = typeof native().ops.attention === 'function';
+  for (const [B, Hq, H, L] of shapes) {
+    const maxPages = Math.ceil(L / PAGE), pages = B * maxPages;
+    const pt = Tensor.from(Int32Array.from({ length: pages }, (_, i) => i), [B, maxPages], { device });
+    const lens = Tensor.from(new Int32Array(B).fill(L), [B], { device });
+    const cu = Tensor.from(Int32Array.from({ length: B + 1 }, (_, i) => i), [B + 1], { device });
+    const q = Tensor.empty([B, Hq, D], { dtype: 'f16', device });
+    fillRandom(q, 1);
+    const out = Tensor.empty([B, Hq, D], { dtype: 'f16', device });
+    let base = null;
+    if (hasFp16) {
+      const k = Tensor.empty([pages, PAGE, H, D], { dtype: 'f16', device }), v = Tensor.empty([pages, PAGE, H, D], { dtype: 'f16', device });
+      fillRandom(k, 2);
+      fillRandom(v, 3);
+      base = await timeCuda({ device, fn: () => native().ops.attention(out.native, q.native, k.native, v.native, pt.native, lens.native, cu.native, 1 / Math.sqrt(D), 1, L) });
+      k.dispose();
+      v.dispose();
+    }
+    for (const bits of [4, 3, 2]) {
+      const nk = 2, nv = 2;
+      const cache = new KvqCache({ pages, pageSize: PAGE, kvHeads: H, headDim: D, bits, keyOutliers: nk, valueOutliers: nv, sink: 4, maxSeqs: B, device });
+      fillRandomInt(cache.kCodes, 4);
+      fillRandomInt(cache.vCodes, 5);
+      cache.meta.write(validMeta(pages * PAGE * H, D, nk, nv, 6));
+      fillRandom(cache.sinkK, 7);
+      fillRandom(cache.sinkV, 8);
+      const cb = normalFloatCodebook(bits);
+      const cal: KvqLayerCalibration = {
+        keyLo: Tensor.from(new Float32Array(H * D).fill(-2), [H * D], { device }), keyHi: Tensor.from(new Float32Array(H * D).fill(2), [H * D], { device }),
+        keyCodebook: Tensor.from(cb, [cb.length], { device }), valueCodebook: Tensor.from(cb, [cb.length], { device }),
+      };
+      const t = await timeCuda({ device, fn: () => kvqAttention(out, q, cache, cal, pt, lens, cu, invT, 1 / Math.sqrt(D), 1, L) });
+      const bytes = B * L * cache.bytesPerToken + q.byteLength * 2;
+      results.push(row(ctx, 'kvquant', `${bits}-bit B${B} ${Hq}q/${H}kv x${D} ctx ${L}`, t, {
+        bytes, baseline: hasFp16 ? 'fp16 attention' : undefined, base, note: `${cache.bytesPerToken} B/token/layer (fp16 ${H * D * 4})`,
+      }));
+      ctx.log(`kvquant ${bits}-bit B${B} ${Hq}/${H} L${L}: ${results[results.length - 1].timeUs.toFixed(1)} us`);
+      cache.dispose();
+    }
+    pt.dispose(); lens.dispose(); cu.dispose(); q.dispose(); out.dispose();
+  }
+  return results;
+}
