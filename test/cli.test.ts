@@ -1,0 +1,79 @@
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { main } from '../ts/cli/main';
+
+const PYCODER = path.join(__dirname, '..', 'models', 'pycoder-mini');
+
+async function run(args: string[]): Promise<{ code: number; out: string; err: string }> {
+  let out = '', err = '';
+  const o = jest.spyOn(process.stdout, 'write').mockImplementation((s: string | Uint8Array) => {
+    out += s.toString();
+    return true;
+  });
+  const e = jest.spyOn(process.stderr, 'write').mockImplementation((s: string | Uint8Array) => {
+    err += s.toString();
+    return true;
+  });
+  try {
+    const code = await main(args);
+    return { code, out, err };
+  } finally {
+    o.mockRestore();
+    e.mockRestore();
+  }
+}
+
+describe('squeezelm CLI', () => {
+  test('--help', async () => {
+    const r = await run(['--help']);
+    expect(r.code).toBe(0);
+    expect(r.out).toContain('squeezelm generate');
+    expect(r.out).toContain('squeezelm ppl');
+  });
+
+  test('generate streams the greedy continuation (default model)', async () => {
+    const ref = JSON.parse(fs.readFileSync(path.join(PYCODER, 'reference.json'), 'utf8'));
+    const r = await run(['generate', '--prompt', ref.greedy_prompt, '--max-tokens', '12', '--device', 'cpu']);
+    expect(r.code).toBe(0);
+    const text = r.out.replace(/\n$/, '');
+    expect(text.length).toBeGreaterThan(5);
+    expect(ref.greedy_text.startsWith(text)).toBe(true);
+  });
+
+  test('ppl: safetensors windows and text files print one JSON line', async () => {
+    const r = await run(['ppl', '--model', PYCODER, '--data', path.join(PYCODER, 'eval.safetensors'), '--windows', '1', '--device', 'cpu', '--json']);
+    expect(r.code).toBe(0);
+    const j = JSON.parse(r.out.trim());
+    expect(j.windows).toBe(1);
+    expect(j.tokens).toBe(1023);
+    expect(j.device).toBe('cpu');
+    expect(j.ppl).toBeGreaterThan(1);
+    expect(j.ppl).toBeLessThan(30);
+    const txt = path.join(os.tmpdir(), `sqz-ppl-${process.pid}.txt`);
+    fs.writeFileSync(txt, 'import os\nimport sys\n\n\ndef main(argv):\n    for arg in argv:\n        print(arg)\n'.repeat(20));
+    try {
+      const t = await run(['ppl', '--data', txt, '--window', '64', '--windows', '2', '--device', 'cpu', '--json']);
+      expect(t.code).toBe(0);
+      const k = JSON.parse(t.out.trim());
+      expect(k.windows).toBe(2);
+      expect(k.tokens).toBe(126);
+    } finally {
+      fs.rmSync(txt, { force: true });
+    }
+  });
+
+  test('info and errors', async () => {
+    const i = await run(['info', '--device', 'cpu', '--json']);
+    expect(i.code).toBe(0);
+    expect(JSON.parse(i.out).parameters).toBe(5770496);
+    const bad = await run(['frobnicate']);
+    expect(bad.code).toBe(1);
+    expect(bad.err).toMatch(/^squeezelm: ERR_ARG /);
+    const nomodel = await run(['generate', '--model', '/nonexistent-model', '--prompt', 'x']);
+    expect(nomodel.code).toBe(1);
+    expect(nomodel.err).toMatch(/^squeezelm: ERR_ARG .*nonexistent-model/);
+    const dev = await run(['generate', '--prompt', 'x', '--device', 'tpu']);
+    expect(dev.err).toMatch(/^squeezelm: ERR_DEVICE/);
+  });
+});
