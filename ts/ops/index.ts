@@ -5,4 +5,3 @@ export * from './gemm';
 export * from './lut';
 export * from './kvquant';
 export * from './attention';
-export * from './kvquant';
