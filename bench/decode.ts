@@ -1,14 +1,13 @@
 /**
  * Decoder benchmark at LLaMA-2-7B shapes with random fp16 weights made on the GPU:
- * decode tokens/s at batch 1 (graphs on and off), 8 and 32, against the bandwidth floor
+ * decode steps at batch 1 (graphs on and off), 8 and 32 against the bandwidth floor
  * (weight bytes / device copy bandwidth measured in the same run), and prefill of a
  * 2048-token prompt in TFLOP/s against cuBLAS's fp16 GEMM at 2048x4096x4096.
  */
 import { Tensor } from '../ts/tensor';
-import { native } from '../ts/native';
-import { resolveDevice, synchronize } from '../ts/device';
 import * as ops from '../ts/ops';
 import { createRandomModel, Model } from '../ts/model/model';
+import { BenchContext, BenchResult, Timing, copyBandwidthGBs, cudaDevice, markdown, row, timeCuda } from './harness';
 
 export const LLAMA2_7B = {
   model_type: 'llama',
@@ -26,99 +25,26 @@ export const LLAMA2_7B = {
 };
 
 export interface DecodeBenchOptions {
-  device?: string;
-  /** Device-to-device copy bandwidth in bytes/s, when the caller measured it already. */
-  copyBandwidth?: number;
   /** A model config to use instead of LLaMA-2-7B (e.g. a smaller one for a quick check). */
   config?: Record<string, unknown>;
-  /** Decode batch sizes (default [1, 8, 32]). */
+  /** Decode batch sizes (default [1, 8, 32]; quick: [1, 8]). */
   batches?: number[];
   /** Prefill prompt length (default 2048). */
   prefillTokens?: number;
-  /** Tokens timed per decode measurement (default 64). */
+  /** Context each sequence has when a decode step is timed (default 512). */
+  decodeContext?: number;
+  /** Tokens per end-to-end generation measurement (default 64). */
   decodeTokens?: number;
-  log?: (line: string) => void;
 }
 
-export interface DecodeRow {
-  name: string;
-  batch?: number;
-  graphs?: boolean;
-  tokensPerSecond?: number;
-  msPerStep?: number;
-  /** Fraction of the bandwidth floor (batch-1 style: every step reads every weight once). */
-  fractionOfFloor?: number;
-  tflops?: number;
-  ratioToCublas?: number;
-  seconds?: number;
-}
+const SUITE = 'decode';
 
-export interface DecodeBenchResult {
-  suite: 'decode';
-  device: string;
-  config: Record<string, unknown>;
-  weightBytes: number;
-  copyBandwidth: number;
-  /** Tokens/s at batch 1 if every step only read the weights at copy bandwidth. */
-  floorTokensPerSecond: number;
-  cublasTflops?: number;
-  rows: DecodeRow[];
-}
-
-async function timeEvents(device: string, iters: number, fn: () => void): Promise<number> {
-  const n = native();
-  fn();
-  await synchronize(device);
-  const a = n.createEvent(device), b = n.createEvent(device);
-  try {
-    a.record();
-    for (let i = 0; i < iters; i++) fn();
-    b.record();
-    await synchronize(device);
-    return n.elapsedMs(a, b) / iters;
-  } finally {
-    a.dispose();
-    b.dispose();
-  }
-}
-
-/** Device-to-device copy bandwidth (read + write bytes per second) over 1 GiB buffers. */
-export async function copyBandwidth(device: string): Promise<number> {
-  const n = 1 << 29;
-  const a = Tensor.empty([n], { dtype: 'f16', device }), b = Tensor.empty([n], { dtype: 'f16', device });
-  try {
-    ops.fill(a, 1);
-    const ms = await timeEvents(device, 10, () => ops.copy(b, a));
-    return (2 * a.byteLength) / (ms / 1000);
-  } finally {
-    a.dispose();
-    b.dispose();
-  }
-}
-
-/** cuBLAS fp16 GEMM rate at M x N x K (TFLOP/s), or undefined where cuBLAS is absent. */
-export async function cublasTflops(device: string, M = 2048, N = 4096, K = 4096): Promise<number | undefined> {
-  if (!ops.cublasAvailable()) return undefined;
-  const x = Tensor.empty([M, K], { dtype: 'f16', device });
-  const w = Tensor.empty([N, K], { dtype: 'f16', device });
-  const y = Tensor.empty([M, N], { dtype: 'f16', device });
-  try {
-    ops.fillRandom(x, 1, 0, 1);
-    ops.fillRandom(w, 2, 0, 0.02);
-    const ms = await timeEvents(device, 20, () => ops.cublasMatmul(y, x, w));
-    return (2 * M * N * K) / (ms / 1000) / 1e12;
-  } finally {
-    x.dispose();
-    w.dispose();
-    y.dispose();
-  }
-}
-
-/** Seconds per decode step at batch B: the difference of two generation lengths. */
-async function decodeStep(model: Model, B: number, tokens: number): Promise<number> {
-  const prompt = Array.from({ length: 32 }, (_, i) => (i * 7919 + 11) % model.config.vocabSize);
+/** Seconds per decode step at batch B end to end (scheduler, sampling, readback): the difference of two generation lengths. */
+async function endToEndStep(model: Model, B: number, tokens: number): Promise<number> {
+  const V = model.config.vocabSize;
+  const prompt = Array.from({ length: 32 }, (_, i) => (i * 7919 + 11) % V);
   const run = async (n: number) => {
-    const reqs = Array.from({ length: B }, (_, b) => ({ ids: prompt.map((t) => (t + b) % model.config.vocabSize), maxTokens: n }));
+    const reqs = Array.from({ length: B }, (_, b) => ({ ids: prompt.map((t) => (t + b) % V), maxTokens: n }));
     const t0 = performance.now();
     const res = await model.generateBatch(reqs);
     const s = (performance.now() - t0) / 1000;
@@ -131,87 +57,133 @@ async function decodeStep(model: Model, B: number, tokens: number): Promise<numb
   return (long - short) / tokens;
 }
 
-export async function benchDecode(opts: DecodeBenchOptions = {}): Promise<DecodeBenchResult> {
-  const device = resolveDevice(opts.device ?? 'cuda');
-  if (device === 'cpu') throw new Error('benchDecode runs on a CUDA device');
-  const log = opts.log ?? (() => undefined);
+/**
+ * The decode suite for bench/run.ts: LLaMA-2-7B shapes, random fp16 weights made on the
+ * GPU. Rows: one decode step (every layer, lm_head and sampling) at batch 1/8/32 with
+ * graph-replayed and plain timings, bytes = weights + KV read (of copy BW = fraction of the
+ * bandwidth floor), end-to-end tokens/s in the note; prefill of a 2048-token prompt in
+ * TFLOP/s against cuBLAS's fp16 GEMM 2048x4096x4096 measured in the same run.
+ */
+export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = {}): Promise<BenchResult[]> {
+  if (!ctx.device) return [];
+  const device = ctx.device;
+  const log = ctx.log;
   const config = opts.config ?? LLAMA2_7B;
-  const batches = opts.batches ?? [1, 8, 32];
+  const batches = opts.batches ?? (ctx.quick ? [1, 8] : [1, 8, 32]);
   const T = opts.prefillTokens ?? 2048;
-  const steps = opts.decodeTokens ?? 64;
-  const bw = opts.copyBandwidth ?? (await copyBandwidth(device));
-  log(`copy bandwidth ${(bw / 1e9).toFixed(0)} GB/s`);
+  const ctxLen = opts.decodeContext ?? 512;
+  const steps = opts.decodeTokens ?? (ctx.quick ? 16 : 64);
   const maxB = Math.max(...batches);
-  const decodeCtx = 32 + 8 + steps + 16;
   const pageSize = 16;
-  const pages = Math.max(Math.ceil(T / pageSize) + 1, maxB * Math.ceil(decodeCtx / pageSize));
-  const model = await createRandomModel(config, {
-    device, dtype: 'f16', seed: 1234, maxBatch: maxB, maxContext: Math.max(T, decodeCtx), kvPages: pages, pageSize,
-  });
-  const rows: DecodeRow[] = [];
+  const maxContext = Math.max(T, ctxLen + 1, 32 + 8 + steps + 16);
+  const pages = Math.max(Math.ceil(T / pageSize) + 1, maxB * Math.ceil((ctxLen + 1) / pageSize));
+  const model = await createRandomModel(config, { device, dtype: 'f16', seed: 1234, maxBatch: maxB, maxContext, kvPages: pages, pageSize });
+  const rows: BenchResult[] = [];
   try {
-    // Bytes a decode step must read: every matrix once (the embedding is a row lookup).
     const c = model.config;
+    const dec = model.decoder;
+    // Random KV contents (never time zeros or garbage).
+    dec.cache.k.forEach((t, i) => ops.fillRandom(t, 100 + i, 0, 1));
+    dec.cache.v.forEach((t, i) => ops.fillRandom(t, 200 + i, 0, 1));
+    // Bytes a decode step must read: every matrix once (the embedding is a row lookup).
     const weightBytes = 2 * (model.parameters - c.vocabSize * c.hiddenSize * (c.tieWordEmbeddings ? 0 : 1));
-    const floor = bw / weightBytes;
-    log(`weights ${(weightBytes / 1e9).toFixed(2)} GB, floor ${floor.toFixed(1)} tokens/s at batch 1`);
+    const kvPerToken = 2 * c.numLayers * c.numKvHeads * c.headDim * 2;
+    const floorTps = (ctx.copyBandwidthGBs * 1e9) / weightBytes;
+    log(`decode: weights ${(weightBytes / 1e9).toFixed(2)} GB; batch-1 floor ${floorTps.toFixed(1)} tokens/s at ${ctx.copyBandwidthGBs.toFixed(0)} GB/s`);
     for (const B of batches) {
-      for (const graphs of B === 1 ? [true, false] : [true]) {
-        model.graphs = graphs;
-        const s = await decodeStep(model, B, steps);
-        const row: DecodeRow = {
-          name: `decode b${B}${graphs ? '' : ' (no graphs)'}`,
-          batch: B,
-          graphs,
-          tokensPerSecond: B / s,
-          msPerStep: s * 1000,
-          fractionOfFloor: 1 / s / floor,
-        };
-        rows.push(row);
-        log(`${row.name}: ${row.tokensPerSecond!.toFixed(1)} tokens/s, ${row.msPerStep!.toFixed(2)} ms/step, ${(100 * row.fractionOfFloor!).toFixed(0)}% of floor`);
+      const seqs: number[] = [];
+      const ws = dec.decodeWorkspace(B, dec.cache.maxContext);
+      try {
+        for (let b = 0; b < B; b++) {
+          const s = dec.cache.createSequence();
+          seqs.push(s);
+          dec.cache.grow(s, ctxLen + 1);
+        }
+        const tok = Array.from({ length: B }, (_, b) => [(b * 131 + 17) % c.vocabSize]);
+        dec.write(ws, dec.inputs(seqs, tok, B));
+        ws.temperature.write(new Float32Array(B));
+        ws.topK.write(new Int32Array(B));
+        ws.topP.write(new Float32Array(B).fill(1));
+        ws.rng.write(new Uint32Array(2 * B));
+        const t = await timeCuda({
+          device, warmup: 3, iters: 10, repeats: ctx.quick ? 5 : 15,
+          fn: () => {
+            dec.forward(ws, 1, dec.cache.maxContext);
+            dec.sample(ws);
+          },
+        });
+        const e2eGraph = await endToEndStep(model, B, steps);
+        let note = `${(B / e2eGraph).toFixed(1)} tokens/s end to end`;
+        if (B === 1) {
+          model.graphs = false;
+          const e2ePlain = await endToEndStep(model, B, steps);
+          model.graphs = true;
+          note += ` with graphs, ${(B / e2ePlain).toFixed(1)} without; floor ${floorTps.toFixed(1)}`;
+        }
+        const r = row(ctx, SUITE, `step b${B} ctx ${ctxLen}`, t, { bytes: weightBytes + B * ctxLen * kvPerToken, note });
+        rows.push(r);
+        log(`decode b${B}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), plain ${r.plainUs?.toFixed(0)} us; ${note}`);
+      } finally {
+        seqs.forEach((s) => dec.cache.free(s));
+        ws.dispose();
       }
     }
-    model.graphs = true;
     // Prefill: one sequence of T tokens, logits of the last row only.
-    const dec = model.decoder;
     const ids = Int32Array.from({ length: T }, (_, i) => (i * 31 + 7) % c.vocabSize);
     const ws = dec.workspace(T, 1, false);
-    let ms = Infinity;
+    const seq = dec.cache.createSequence();
     try {
-      for (let rep = 0; rep < 4; rep++) {
-        const seq = dec.cache.createSequence();
+      dec.cache.grow(seq, T);
+      dec.write(ws, dec.inputs([seq], [ids], T));
+      const t = await timeCuda({ device, warmup: 1, iters: 1, repeats: ctx.quick ? 3 : 7, noGraph: true, fn: () => dec.forward(ws, T, T) });
+      const layerParams = model.parameters - c.vocabSize * c.hiddenSize * (c.tieWordEmbeddings ? 1 : 2) - c.hiddenSize;
+      const flops = 2 * layerParams * T + 2 * c.hiddenSize * c.vocabSize + c.numLayers * c.numHeads * 2 * T * T * c.headDim;
+      let gemm: Timing | null = null;
+      if (ops.cublasAvailable()) {
+        const x = Tensor.empty([2048, 4096], { dtype: 'f16', device });
+        const w = Tensor.empty([4096, 4096], { dtype: 'f16', device });
+        const y = Tensor.empty([2048, 4096], { dtype: 'f16', device });
         try {
-          dec.cache.grow(seq, T);
-          dec.write(ws, dec.inputs([seq], [ids], T));
-          await synchronize(device);
-          const t0 = performance.now();
-          dec.forward(ws, T, T);
-          await synchronize(device);
-          if (rep > 0) ms = Math.min(ms, performance.now() - t0);
+          ops.fillRandom(x, 1, 0, 1);
+          ops.fillRandom(w, 2, 0, 0.02);
+          gemm = await timeCuda({ device, warmup: 3, iters: 20, repeats: ctx.quick ? 5 : 15, noGraph: true, fn: () => ops.cublasMatmul(y, x, w) });
         } finally {
-          dec.cache.free(seq);
+          x.dispose();
+          w.dispose();
+          y.dispose();
         }
       }
+      const r = row(ctx, SUITE, `prefill ${T}`, t, { flops });
+      if (gemm) {
+        const cub = (2 * 2048 * 4096 * 4096) / (gemm.plain.median * 1e-6) / 1e12;
+        r.note = `${((100 * r.tflops!) / cub).toFixed(0)}% of cuBLAS fp16 GEMM 2048x4096x4096 (${cub.toFixed(1)} TFLOP/s)`;
+        rows.push(r, row(ctx, SUITE, 'cuBLAS GEMM 2048x4096x4096', gemm, { flops: 2 * 2048 * 4096 * 4096 }));
+      } else {
+        r.note = 'cuBLAS not available';
+        rows.push(r);
+      }
+      log(`prefill ${T}: ${(r.timeUs / 1000).toFixed(1)} ms, ${r.tflops!.toFixed(1)} TFLOP/s; ${r.note}`);
     } finally {
+      dec.cache.free(seq);
       ws.dispose();
     }
-    const layerParams = model.parameters - c.vocabSize * c.hiddenSize * (c.tieWordEmbeddings ? 1 : 2) - c.hiddenSize;
-    const flops = 2 * layerParams * T + 2 * c.hiddenSize * c.vocabSize + c.numLayers * c.numHeads * 2 * T * T * c.headDim;
-    const tflops = flops / (ms / 1000) / 1e12;
-    const cub = await cublasTflops(device);
-    rows.push({ name: `prefill ${T}`, seconds: ms / 1000, tflops, ratioToCublas: cub ? tflops / cub : undefined });
-    log(`prefill ${T}: ${ms.toFixed(1)} ms, ${tflops.toFixed(1)} TFLOP/s${cub ? `, cuBLAS GEMM ${cub.toFixed(1)} TFLOP/s (${((100 * tflops) / cub).toFixed(0)}%)` : ''}`);
-    return { suite: 'decode', device, config, weightBytes, copyBandwidth: bw, floorTokensPerSecond: floor, cublasTflops: cub, rows };
+    return rows;
   } finally {
     await model.dispose();
   }
 }
 
 if (require.main === module) {
-  benchDecode({ log: (l) => console.log(l) })
-    .then((r) => console.log(JSON.stringify(r)))
-    .catch((e) => {
-      console.error(e);
-      process.exitCode = 1;
-    });
+  (async () => {
+    const gpu = cudaDevice();
+    if (!gpu.device) throw new Error(`no CUDA device: ${gpu.reason}`);
+    const ctx: BenchContext = {
+      device: gpu.device, deviceName: gpu.name, l2Bytes: gpu.l2Bytes, quick: process.argv.includes('--quick'),
+      copyBandwidthGBs: await copyBandwidthGBs(gpu.device), log: (l) => console.error(l),
+    };
+    console.log(markdown(await benchDecode(ctx)));
+  })().catch((e) => {
+    console.error(e);
+    process.exitCode = 1;
+  });
 }

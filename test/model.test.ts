@@ -1,6 +1,8 @@
+import * as fs from 'fs';
+import * as os from 'os';
 import * as path from 'path';
 import { isSqueezeError } from '../ts/errors';
-import { SafetensorsFile } from '../ts/model/safetensors';
+import { SafetensorsFile, WriteTensor, writeSafetensors } from '../ts/model/safetensors';
 import { loadModel, createRandomModel, Model } from '../ts/model/model';
 import { loadPplData, perplexity } from '../ts/runtime/ppl';
 import { describeGpu, relErr } from './gpu';
@@ -201,6 +203,82 @@ function suite(device: string, tol: number): void {
 
 describe('decoder on cpu', () => suite('cpu', 2e-3));
 
+describe('checkpoint variants (cpu)', () => {
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-model-'));
+  afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
+  const cfg = JSON.parse(fs.readFileSync(path.join(TINY, 'config.json'), 'utf8'));
+  const tensors: Record<string, WriteTensor> = {};
+  {
+    const st = SafetensorsFile.open(path.join(TINY, 'model.safetensors'));
+    for (const n of st.names()) {
+      const t = st.read(n);
+      tensors[n] = { dtype: t.dtype, shape: t.shape, data: t.data };
+    }
+    st.close();
+  }
+  let dirs = 0;
+  const variant = (config: Record<string, unknown>, edit: (t: Record<string, WriteTensor>) => void): string => {
+    const dir = path.join(tmp, `m${dirs++}`);
+    fs.mkdirSync(dir);
+    fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(config));
+    const t = { ...tensors };
+    edit(t);
+    writeSafetensors(path.join(dir, 'model.safetensors'), t);
+    return dir;
+  };
+  const fails = async (dir: string, ...parts: string[]) => {
+    let err: unknown;
+    try {
+      await loadModel(dir, { device: 'cpu' });
+    } catch (e) {
+      err = e;
+    }
+    expect(isSqueezeError(err, 'ERR_FORMAT')).toBe(true);
+    for (const p of parts) expect((err as Error).message).toContain(p);
+  };
+
+  test('missing and misshapen tensors -> ERR_FORMAT naming tensor and file', async () => {
+    const missing = variant(cfg, (t) => delete t['model.layers.2.mlp.up_proj.weight']);
+    await fails(missing, 'model.layers.2.mlp.up_proj.weight', path.join(missing, 'model.safetensors'));
+    const bad = variant(cfg, (t) => {
+      t['model.layers.1.self_attn.k_proj.weight'] = { ...t['model.layers.1.self_attn.k_proj.weight'], shape: [64, 512] };
+    });
+    await fails(bad, 'model.layers.1.self_attn.k_proj.weight', '[64, 512]', '[128, 256]');
+    await fails(variant({ ...cfg, num_hidden_layers: 5 }, () => undefined), 'model.layers.4.');
+  });
+
+  test('qwen2 q/k/v biases are applied; a checkpoint without lm_head ties', async () => {
+    const H = 256, kv = 128;
+    const zero = (n: number): WriteTensor => ({ dtype: 'F16', shape: [n], data: new Uint16Array(n) });
+    const withBias = (v: number) => (t: Record<string, WriteTensor>) => {
+      for (let l = 0; l < 4; l++) {
+        const b = zero(H);
+        if (v) (b.data as Uint16Array).fill(v);
+        t[`model.layers.${l}.self_attn.q_proj.bias`] = b;
+        t[`model.layers.${l}.self_attn.k_proj.bias`] = zero(kv);
+        t[`model.layers.${l}.self_attn.v_proj.bias`] = zero(kv);
+      }
+    };
+    const qcfg = { ...cfg, model_type: 'qwen2', architectures: ['Qwen2ForCausalLM'] };
+    const progress: number[] = [];
+    const q0 = await loadModel(variant(qcfg, withBias(0)), { device: 'cpu', onProgress: (p) => progress.push(p.loadedBytes / p.totalBytes) });
+    expect(progress[progress.length - 1]).toBe(1);
+    expect(progress.length).toBeGreaterThan(10);
+    const ids = tinyRef.prompt.subarray(0, 16);
+    const a = await q0.logits(ids);
+    await q0.dispose();
+    const ref = tinyRef.logits.subarray(0, 16 * 512);
+    expect(relErr(a, ref)).toBeLessThan(2e-3);
+    const q1 = await loadModel(variant(qcfg, withBias(0x3c00)), { device: 'cpu' });
+    const b = await q1.logits(ids);
+    await q1.dispose();
+    expect(relErr(b, ref)).toBeGreaterThan(1e-2);
+    const tied = await loadModel(variant(cfg, (t) => delete t['lm_head.weight']), { device: 'cpu' });
+    expect(relErr(await tied.logits(ids), ref)).toBeGreaterThan(1e-2);
+    await tied.dispose();
+  });
+});
+
 describeGpu('decoder on cuda', () => {
   suite('cuda', 1e-2);
 
@@ -211,6 +289,7 @@ describeGpu('decoder on cuda', () => {
       const req = { ids: pyRef.prompt, maxTokens: 48 };
       const [a] = await on.generateBatch([req]);
       const [b] = await off.generateBatch([req]);
+      expect(on.stats.captureError).toBeUndefined();
       expect(on.stats.graphReplays).toBeGreaterThan(40);
       expect(off.stats.graphReplays).toBe(0);
       expect(a.ids).toEqual(b.ids);

@@ -101,7 +101,7 @@ export class Model {
   }
 
   /** Decode statistics: steps run and how many replayed a CUDA graph. */
-  get stats(): { steps: number; graphReplays: number; prefills: number } {
+  get stats(): { steps: number; graphReplays: number; prefills: number; captureError?: string } {
     return { ...this.scheduler.stats };
   }
 

@@ -72,6 +72,8 @@ interface DecodeSlot {
   ws: Workspace;
   graph?: NativeGraph;
   eagerRuns: number;
+  /** Why this batch size could not be captured (it then runs eagerly). */
+  captureError?: Error;
 }
 
 export interface SchedulerOptions {
@@ -87,7 +89,7 @@ export class Scheduler {
   private slots = new Map<number, DecodeSlot>();
   private closed = false;
   /** Decode steps run, and how many replayed a graph (for tests and benchmarks). */
-  stats = { steps: 0, graphReplays: 0, prefills: 0 };
+  stats = { steps: 0, graphReplays: 0, prefills: 0, captureError: undefined as string | undefined };
 
   constructor(private readonly dec: Decoder, private readonly tok: Tokenizer | undefined, readonly o: SchedulerOptions) {}
 
@@ -282,6 +284,12 @@ export class Scheduler {
     return s;
   }
 
+  private eager(s: DecodeSlot, maxSeqLen: number): void {
+    this.dec.forward(s.ws, 1, maxSeqLen);
+    this.dec.sample(s.ws);
+    s.eagerRuns++;
+  }
+
   private async decode(reqs: Req[]): Promise<void> {
     const cache = this.dec.cache;
     const batch: Req[] = [];
@@ -309,27 +317,33 @@ export class Scheduler {
     if (s.graph && this.o.graphs) {
       s.graph.replay();
       this.stats.graphReplays++;
-    } else if (this.o.graphs && s.eagerRuns >= 1) {
+    } else if (this.o.graphs && s.eagerRuns >= 1 && !s.captureError) {
       const n = native();
+      let graph: NativeGraph | undefined;
       n.captureBegin(this.dec.device);
       try {
         this.dec.forward(s.ws, 1, maxSeqLen);
         this.dec.sample(s.ws);
       } catch (e) {
-        try {
-          n.captureEnd(this.dec.device).dispose();
-        } catch {
-          /* the capture is already broken */
-        }
-        throw e;
+        s.captureError = e as Error;
       }
-      s.graph = n.captureEnd(this.dec.device);
-      s.graph.replay();
-      this.stats.graphReplays++;
+      try {
+        graph = n.captureEnd(this.dec.device);
+      } catch (e) {
+        s.captureError ??= e as Error;
+      }
+      if (s.captureError) {
+        this.stats.captureError = s.captureError.message;
+        // Capture is an optimisation: this batch size runs eagerly from now on.
+        graph?.dispose();
+        this.eager(s, maxSeqLen);
+      } else {
+        s.graph = graph;
+        s.graph!.replay();
+        this.stats.graphReplays++;
+      }
     } else {
-      this.dec.forward(s.ws, 1, maxSeqLen);
-      this.dec.sample(s.ws);
-      s.eagerRuns++;
+      this.eager(s, maxSeqLen);
     }
     const toks = (await s.ws.tokens.toArray()) as Int32Array;
     batch.forEach((r, b) => this.accept(r, toks[b]));
