@@ -6,6 +6,7 @@
 // 32 at a time through a 4-stage cp.async ring in shared memory. Rows of a stage are 64 bytes
 // (four 16-byte chunks); chunk c of row r is stored at c ^ ((r >> 1) & 3), which spreads the
 // eight rows one ldmatrix reads over all 32 banks (no conflicts, for cp.async stores too).
+// 123 registers and 64 KiB of shared memory per block: two blocks share an SM.
 // Tails: loads past M, N or K are zero-filled (cp.async src-size 0), stores are guarded.
 // cp.async needs 16-byte aligned sources: when K % 8 != 0 or a base is unaligned the tile is
 // gathered element by element instead (ALIGNED = false), with the same pipeline structure.
@@ -86,7 +87,7 @@ __device__ __forceinline__ void load_tile(uint8_t* stage, const T* __restrict__ 
 }
 
 template <class T, bool ALIGNED>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, 2)
     gemm_tc_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                    int M, int N, int K) {
   extern __shared__ __align__(128) uint8_t smem[];
