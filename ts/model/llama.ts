@@ -6,7 +6,6 @@
  */
 import { DType, Tensor } from '../tensor';
 import * as ops from '../ops';
-import { native } from '../native';
 import { ModelConfig } from './config';
 import { ModelWeights } from './weights';
 import { KVCache } from '../runtime/kv-cache';
@@ -148,7 +147,7 @@ export class Decoder {
     const ws = this.workspace(B, B, false);
     if (this.device !== 'cpu') {
       const c = this.cfg;
-      const n = native().ops.attentionWorkspaceSize(this.device, B, c.numHeads, c.numKvHeads, c.headDim, 1, maxSeqLen) as number;
+      const n = ops.attentionWorkspaceSize(this.device, B, c.numHeads, c.numKvHeads, c.headDim, 1, maxSeqLen);
       if (n > 0) {
         try {
           ws.attnWork = Tensor.empty([n], { dtype: 'f32', device: this.device });
@@ -205,7 +204,6 @@ export class Decoder {
   forward(ws: Workspace, maxQ: number, maxSeqLen: number): void {
     const { cfg, w } = this;
     const eps = cfg.rmsNormEps;
-    const n = native().ops;
     ops.embedding(ws.x, ws.ids, w.embed);
     for (let l = 0; l < cfg.numLayers; l++) {
       const L = w.layers[l];
@@ -216,10 +214,9 @@ export class Decoder {
       ops.matmul(ws.v, ws.h, L.wv, L.bv);
       ops.rope(ws.q3, ws.positions, this.invFreq);
       ops.rope(ws.k3, ws.positions, this.invFreq);
-      // The paged-attention ops validate every argument natively.
-      const kc = this.cache.k[l].native, vc = this.cache.v[l].native;
-      n.kvAppend(kc, vc, ws.k3.native, ws.v3.native, ws.pageTable.native, ws.seqLens.native, ws.cuQ.native);
-      n.attention(ws.att.native, ws.q3.native, kc, vc, ws.pageTable.native, ws.seqLens.native, ws.cuQ.native, this.scale, maxQ, maxSeqLen, ws.attnWork?.native);
+      const kc = this.cache.k[l], vc = this.cache.v[l];
+      ops.kvAppend(kc, vc, ws.k3, ws.v3, ws.pageTable, ws.seqLens, ws.cuQ);
+      ops.attention(ws.att, ws.q3, kc, vc, ws.pageTable, ws.seqLens, ws.cuQ, this.scale, { maxQ, maxSeqLen, workspace: ws.attnWork });
       ops.matmul(ws.o, ws.att2, L.wo, L.bo);
       ops.addRmsNorm(ws.x, ws.o, ws.h, L.ln2, eps);
       ops.matmul(ws.gu, ws.h, L.wgu, L.bgu);
