@@ -93,6 +93,7 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
     for (const B of batches) {
       const seqs: number[] = [];
       const ws = dec.decodeWorkspace(B, dec.cache.maxContext);
+      let t: Timing;
       try {
         for (let b = 0; b < B; b++) {
           const s = dec.cache.createSequence();
@@ -105,28 +106,30 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
         ws.topK.write(new Int32Array(B));
         ws.topP.write(new Float32Array(B).fill(1));
         ws.rng.write(new Uint32Array(2 * B));
-        const t = await timeCuda({
+        t = await timeCuda({
           device, warmup: 3, iters: 10, repeats: ctx.quick ? 5 : 15,
           fn: () => {
             dec.forward(ws, 1, dec.cache.maxContext);
             dec.sample(ws);
           },
         });
-        const e2eGraph = await endToEndStep(model, B, steps);
-        let note = `${(B / e2eGraph).toFixed(1)} tokens/s end to end`;
-        if (B === 1) {
-          model.graphs = false;
-          const e2ePlain = await endToEndStep(model, B, steps);
-          model.graphs = true;
-          note += ` with graphs, ${(B / e2ePlain).toFixed(1)} without; floor ${floorTps.toFixed(1)}`;
-        }
-        const r = row(ctx, SUITE, `step b${B} ctx ${ctxLen}`, t, { bytes: weightBytes + B * ctxLen * kvPerToken, note });
-        rows.push(r);
-        log(`decode b${B}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), plain ${r.plainUs?.toFixed(0)} us; ${note}`);
       } finally {
         seqs.forEach((s) => dec.cache.free(s));
         ws.dispose();
       }
+      // End to end through the scheduler (its own sequences, short contexts).
+      const e2eGraph = await endToEndStep(model, B, steps);
+      let note = `${(B / e2eGraph).toFixed(1)} tokens/s end to end`;
+      if (B === 1) {
+        model.graphs = false;
+        const e2ePlain = await endToEndStep(model, B, steps);
+        model.graphs = true;
+        note += ` with graphs, ${(B / e2ePlain).toFixed(1)} without; floor ${floorTps.toFixed(1)}`;
+      }
+      if (model.stats.captureError) note += `; scheduler could not capture: ${model.stats.captureError}`;
+      const r = row(ctx, SUITE, `step b${B} ctx ${ctxLen}`, t, { bytes: weightBytes + B * ctxLen * kvPerToken, note });
+      rows.push(r);
+      log(`decode b${B}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), plain ${r.plainUs?.toFixed(0)} us; ${note}`);
     }
     // Prefill: one sequence of T tokens, logits of the last row only.
     const ids = Int32Array.from({ length: T }, (_, i) => (i * 31 + 7) % c.vocabSize);

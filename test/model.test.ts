@@ -310,3 +310,32 @@ describeGpu('decoder on cuda', () => {
     }
   });
 });
+
+describe('tokenizer', () => {
+  test('streaming decode emits only complete UTF-8; chat template renders', () => {
+    const { Tokenizer } = require('../ts/model/tokenizer') as typeof import('../ts/model/tokenizer');
+    const tok = Tokenizer.fromDir(PYCODER);
+    const text = 'héllo 😀 wörld → ok';
+    const ids = tok.encode(text);
+    const sd = tok.streamDecoder();
+    const pieces = Array.from(ids, (id) => sd.push(id));
+    expect(pieces.some((p) => p === '')).toBe(true);
+    for (const p of pieces) expect(p).not.toContain('\uFFFD');
+    expect(pieces.join('') + sd.flush()).toBe(text);
+    expect(tok.decode(ids)).toBe(text);
+    expect(tok.hasChatTemplate).toBe(false);
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-tok-'));
+    try {
+      fs.copyFileSync(path.join(PYCODER, 'tokenizer.json'), path.join(dir, 'tokenizer.json'));
+      fs.writeFileSync(path.join(dir, 'tokenizer_config.json'), JSON.stringify({
+        eos_token: '<|endoftext|>',
+        chat_template: "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+      }));
+      const t2 = Tokenizer.fromDir(dir);
+      expect(t2.applyChatTemplate([{ role: 'user', content: 'hi' }])).toBe('<user>hi\n<assistant>');
+      expect(t2.eosToken).toBe('<|endoftext|>');
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
