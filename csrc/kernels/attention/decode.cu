@@ -311,11 +311,14 @@ int resident_blocks(int device, int D, int R) {
 
 }  // namespace
 
+int decode_max_r = 0;
+
 DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int max_seq_len) {
   DecodePlan pl;
   const int g = Hq / Hkv;
   const int rtot = g * max_q;
   pl.R = rtot <= 1 ? 1 : rtot <= 2 ? 2 : rtot <= 4 ? 4 : 8;
+  if (decode_max_r > 0 && pl.R > decode_max_r) pl.R = decode_max_r;
   pl.qchunks = (rtot + pl.R - 1) / pl.R;
   const int per_sm = resident_blocks(device, D, pl.R);
   const int64_t slots = (int64_t)sm_count(device) * per_sm;

@@ -12,6 +12,8 @@ struct Params;
 struct DecodePlan {
   int R = 1, qchunks = 1, splits = 1, chunk = 1;
 };
+// Upper bound on R (0: none); a tuning knob for benchmarks.
+extern int decode_max_r;
 DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int max_seq_len);
 void launch_decode(Params& p, int R, DType dt, int device, cudaStream_t stream);
 
