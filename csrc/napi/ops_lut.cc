@@ -6,6 +6,7 @@
 #include "op.h"
 
 #ifdef SQUEEZELM_WITH_CUDA
+#include "../kernels/lut_gemm/kmeans.h"
 #include "../kernels/lut_gemm/lut_gemm.h"
 #endif
 
@@ -81,10 +82,11 @@ SQZ_OP(kmeansRows) {
   if (s.ndim() == 1) a.shape_is(s, "sens", {K});
   else a.shape_is(s, "sens", {N, K});
   a.same_device({{&lut, "lut"}, {&codes, "codes"}, {&w, "w"}, {&s, "sens"}});
-  if (!w.device.is_cpu()) a.error("ERR_UNSUPPORTED", "kmeansRows runs on the CPU only in this build");
+  if (w.device.is_cuda() && K > (int64_t(1) << 30)) a.error("ERR_SHAPE", "rows longer than 2^30");
   const int it = (int)iters;
   dispatch(
-      w.device, "kmeansRows", [=] { cpu::kmeans_rows(lut, codes, w, s, it); }, [&](int) {});
+      w.device, "kmeansRows", [=] { cpu::kmeans_rows(lut, codes, w, s, it); },
+      [&](int dev) { CUDA_ONLY(cuda::kmeans_rows(lut, codes, w, s, it, dev, cuda_stream(dev))); });
   return a.env().Undefined();
 }
 

@@ -96,6 +96,8 @@ export interface QuantizeOptions {
   /** Sensitivity: Fisher diagonal [N,K], or per input channel [K] (mean squared activation); uniform when absent. */
   sens?: Float32Array;
   iters?: number;
+  /** Where k-means runs: 'cpu' (default) or 'cuda' / 'cuda:N'. */
+  device?: string;
 }
 
 /** Threshold t such that about `share` of |values| exceed it (estimated on a strided sample). */
@@ -128,8 +130,9 @@ export async function quantizeLinear(w: Float32Array, N: number, K: number, o: Q
     if (out) { isOut[i] = 1; nnz++; }
     weight[i] = out ? 0 : Math.max(0, sAt(i));
   }
-  const tw = Tensor.from(w, [N, K]), ts = Tensor.from(weight, [N, K]);
-  const tl = Tensor.empty([N, E], { dtype: 'f32' }), tc = Tensor.empty([N, K], { dtype: 'u8' });
+  const device = o.device ?? 'cpu';
+  const tw = Tensor.from(w, [N, K], { device }), ts = Tensor.from(weight, [N, K], { device });
+  const tl = Tensor.empty([N, E], { dtype: 'f32', device }), tc = Tensor.empty([N, K], { dtype: 'u8', device });
   try {
     kmeansRows(tl, tc, tw, ts, o.iters ?? 30);
     const lut = (await tl.toArray()) as Float32Array;
@@ -322,6 +325,8 @@ export interface QuantizeModelOptions {
   calib?: Map<string, Float32Array>;
   out: string;
   iters?: number;
+  /** Where k-means runs: 'cpu' (default) or 'cuda' / 'cuda:N'. */
+  device?: string;
   onProgress?: (done: number, total: number, name: string) => void;
 }
 
@@ -361,7 +366,7 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
       let sens: Float32Array | undefined;
       if (fisher && fisher.has(name)) sens = fisher.readFloat32(name);
       else if (o.calib?.has(prefix)) sens = o.calib.get(prefix);
-      const l = await quantizeLinear(w, N, K, { bits, outliers: outShare, sensitive: sens ? sensShare : 0, sens, iters: o.iters });
+      const l = await quantizeLinear(w, N, K, { bits, outliers: outShare, sensitive: sens ? sensShare : 0, sens, iters: o.iters, device: o.device });
       Object.assign(tensors, squeezeTensors(prefix, l));
       linears++;
       nnz += l.cols?.length ?? 0;
@@ -400,7 +405,7 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
     } else pos.push(a);
   }
   if (pos.length !== 1 || !opt.out)
-    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize <model-dir> --out <dir> [--bits 3|4] [--outliers share] [--sensitive share] [--fisher file]');
+    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize <model-dir> --out <dir> [--bits 3|4] [--outliers share] [--sensitive share] [--fisher file] [--device cpu|cuda]');
   const num = (k: string, d: number) => {
     if (opt[k] === undefined) return d;
     const v = Number(opt[k]);
@@ -410,7 +415,7 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
   const t0 = Date.now();
   const r = await quantizeModel(pos[0], {
     bits: num('bits', 4), outliers: num('outliers', 0.0045), sensitive: num('sensitive', 0.0005),
-    fisher: opt.fisher, out: opt.out, iters: num('iters', 30),
+    fisher: opt.fisher, out: opt.out, iters: num('iters', 30), device: opt.device,
     onProgress: (d, t, n) => process.stderr.write(`\r[${d}/${t}] ${n}`.padEnd(60)),
   });
   process.stderr.write(`\nquantized ${r.linears} linears (${r.outliers} outliers) in ${((Date.now() - t0) / 1000).toFixed(1)} s -> ${opt.out}\n`);
