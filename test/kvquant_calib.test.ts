@@ -1,0 +1,139 @@
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { isSqueezeError } from '../ts/errors';
+import { writeSafetensors } from '../ts/model/safetensors';
+import {
+  calibrateFromSamples, kmeans1d, loadKvqCalibration, normalFloatCodebook, saveKvqCalibration, KvqCalibration,
+} from '../ts/quant/kvquant';
+import { randn, rng } from './gpu';
+
+function codeOf(fn: () => unknown): string | undefined {
+  try { fn(); } catch (e) { return isSqueezeError(e) ? (e as { code: string }).code : 'not a SqueezeError'; }
+  return undefined;
+}
+
+/** Keys [T, H*D] with a per-channel offset and scale; values [T, H*D] gaussian with a few spikes. */
+function samples(T: number, H: number, D: number, seed: number): { keys: Float32Array; values: Float32Array; off: Float32Array; sc: Float32Array } {
+  const r = rng(seed), HD = H * D;
+  const off = new Float32Array(HD), sc = new Float32Array(HD);
+  for (let c = 0; c < HD; c++) { off[c] = (r() - 0.5) * 4; sc[c] = 0.5 + r() * 2; }
+  const keys = randn(T * HD, r), values = randn(T * HD, r);
+  for (let i = 0; i < keys.length; i++) keys[i] = keys[i] * sc[i % HD] + off[i % HD];
+  for (let i = 0; i < values.length; i += 41) values[i] *= 10;
+  return { keys, values, off, sc };
+}
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-kvq-'));
+afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+describe('kvquant calibration', () => {
+  for (const bits of [2, 3, 4]) {
+    test(`bounds at the outlier percentile, sorted codebooks in [-1, 1] (${bits}-bit)`, () => {
+      const T = 2000, H = 2, D = 16, HD = H * D, share = 0.02;
+      const layers = [samples(T, H, D, 10 + bits), samples(T, H, D, 20 + bits)];
+      const cal = calibrateFromSamples(layers.map((l) => l.keys), layers.map((l) => l.values),
+        { bits, outliers: share, sink: 4, kvHeads: H, headDim: D, iterations: 10 });
+      expect(cal).toMatchObject({ bits, outliers: share, sink: 4, kvHeads: H, headDim: D });
+      expect(cal.layers).toHaveLength(2);
+      cal.layers.forEach((l, li) => {
+        expect(l.keyLo).toHaveLength(HD);
+        expect(l.keyHi).toHaveLength(HD);
+        const K = layers[li].keys;
+        for (let c = 0; c < HD; c++) {
+          // the share of samples outside each bound is share/2 (up to one sample of interpolation)
+          let below = 0, above = 0;
+          for (let t = 0; t < T; t++) { if (K[t * HD + c] < l.keyLo[c]) below++; if (K[t * HD + c] > l.keyHi[c]) above++; }
+          expect(Math.abs(below - (share / 2) * T)).toBeLessThanOrEqual(1.5);
+          expect(Math.abs(above - (share / 2) * T)).toBeLessThanOrEqual(1.5);
+          // and the bounds follow the channel's own scale: about +-2.33 sigma for a 1% tail
+          const z = (l.keyHi[c] - layers[li].off[c]) / layers[li].sc[c];
+          expect(z).toBeGreaterThan(1.9);
+          expect(z).toBeLessThan(2.8);
+        }
+        for (const cb of [l.keyCodebook, l.valueCodebook]) {
+          expect(cb).toHaveLength(1 << bits);
+          for (let i = 0; i < cb.length; i++) {
+            expect(cb[i]).toBeGreaterThanOrEqual(-1);
+            expect(cb[i]).toBeLessThanOrEqual(1);
+            if (i > 0) expect(cb[i]).toBeGreaterThan(cb[i - 1]);
+          }
+        }
+        // k-means moved the key codebook off its NormalFloat start towards the (gaussian) data
+        expect(Array.from(l.keyCodebook)).not.toEqual(Array.from(normalFloatCodebook(bits)));
+      });
+    });
+  }
+
+  test('k-means on uniform samples spreads the codebook evenly', () => {
+    const n = 20000, x = new Float32Array(n);
+    for (let i = 0; i < n; i++) x[i] = -1 + (2 * (i + 0.5)) / n;
+    const cb = kmeans1d(x, normalFloatCodebook(2), 100);
+    const want = [-0.75, -0.25, 0.25, 0.75];
+    cb.forEach((v, i) => expect(Math.abs(v - want[i])).toBeLessThan(0.01));
+  });
+
+  test('save and load round trip (safetensors)', () => {
+    const s = samples(300, 2, 8, 3);
+    const cal = calibrateFromSamples([s.keys, s.keys, s.keys], [s.values, s.values, s.values],
+      { bits: 3, outliers: 0.01, sink: 2, kvHeads: 2, headDim: 8, iterations: 5 });
+    const file = path.join(tmp, 'cal.safetensors');
+    saveKvqCalibration(file, cal);
+    const back = loadKvqCalibration(file, { layers: 3, kvHeads: 2, headDim: 8, bits: 3 });
+    expect(back.bits).toBe(3);
+    expect(back.outliers).toBe(0.01);
+    expect(back.sink).toBe(2);
+    expect(back.kvHeads).toBe(2);
+    expect(back.headDim).toBe(8);
+    expect(back.layers).toHaveLength(3);
+    back.layers.forEach((l, i) => {
+      for (const k of ['keyLo', 'keyHi', 'keyCodebook', 'valueCodebook'] as const)
+        expect(Array.from(l[k])).toEqual(Array.from(cal.layers[i][k]));
+    });
+    // without expectations it loads as well
+    expect(loadKvqCalibration(file).layers).toHaveLength(3);
+  });
+
+  test('a calibration of another model is ERR_FORMAT', () => {
+    const s = samples(100, 2, 8, 4);
+    const cal = calibrateFromSamples([s.keys], [s.values], { bits: 4, kvHeads: 2, headDim: 8, iterations: 3 });
+    const file = path.join(tmp, 'other.safetensors');
+    saveKvqCalibration(file, cal);
+    expect(codeOf(() => loadKvqCalibration(file, { layers: 2 }))).toBe('ERR_FORMAT');
+    expect(codeOf(() => loadKvqCalibration(file, { kvHeads: 4 }))).toBe('ERR_FORMAT');
+    expect(codeOf(() => loadKvqCalibration(file, { headDim: 16 }))).toBe('ERR_FORMAT');
+    expect(codeOf(() => loadKvqCalibration(file, { layers: 1, kvHeads: 2, headDim: 8 }))).toBeUndefined();
+    // tensors that do not match the header, or a header without the fields
+    const bad = path.join(tmp, 'bad.safetensors');
+    writeSafetensors(bad, {
+      'layers.0.key_lo': { dtype: 'f32', shape: [3], data: new Float32Array(3) },
+      'layers.0.key_hi': { dtype: 'f32', shape: [16], data: new Float32Array(16) },
+      'layers.0.key_codebook': { dtype: 'f32', shape: [4], data: new Float32Array(4) },
+      'layers.0.value_codebook': { dtype: 'f32', shape: [4], data: new Float32Array(4) },
+    }, { format: 'squeezelm-kvquant', bits: '2', outliers: '0', sink: '0', layers: '1', kv_heads: '2', head_dim: '8' });
+    expect(codeOf(() => loadKvqCalibration(bad))).toBe('ERR_FORMAT');
+    const noMeta = path.join(tmp, 'nometa.safetensors');
+    writeSafetensors(noMeta, { x: { dtype: 'f32', shape: [1], data: new Float32Array(1) } }, { format: 'squeezelm-kvquant' });
+    expect(codeOf(() => loadKvqCalibration(noMeta))).toBe('ERR_FORMAT');
+  });
+
+  test('bits outside 2..4 are ERR_ARG', () => {
+    const s = samples(50, 1, 8, 5);
+    for (const bits of [1, 5, 8, 2.5])
+      expect(codeOf(() => calibrateFromSamples([s.keys], [s.values], { bits, kvHeads: 1, headDim: 8 }))).toBe('ERR_ARG');
+    expect(codeOf(() => normalFloatCodebook(5))).toBe('ERR_ARG');
+    const cal: KvqCalibration = calibrateFromSamples([s.keys], [s.values], { bits: 2, kvHeads: 1, headDim: 8, iterations: 2 });
+    const file = path.join(tmp, 'b5.safetensors');
+    saveKvqCalibration(file, { ...cal, bits: 5 });
+    expect(codeOf(() => loadKvqCalibration(file))).toBe('ERR_ARG');
+    saveKvqCalibration(file, cal);
+    expect(codeOf(() => loadKvqCalibration(file, { bits: 3 }))).toBe('ERR_ARG');
+  });
+
+  test('bad sample shapes and options are coded errors', () => {
+    const s = samples(10, 1, 8, 6);
+    expect(codeOf(() => calibrateFromSamples([s.keys], [s.values.subarray(1)], { bits: 2, kvHeads: 1, headDim: 8 }))).toBe('ERR_SHAPE');
+    expect(codeOf(() => calibrateFromSamples([s.keys], [], { bits: 2, kvHeads: 1, headDim: 8 }))).toBe('ERR_ARG');
+    expect(codeOf(() => calibrateFromSamples([s.keys], [s.values], { bits: 2, kvHeads: 1, headDim: 8, outliers: 0.7 }))).toBe('ERR_ARG');
+  });
+});
