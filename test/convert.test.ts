@@ -278,3 +278,33 @@ describe('convert', () => {
     await expect(convertCheckpoint(g, { model: FIX, out: path.join(dir, 'o3') })).rejects.toThrow(/model\.layers\.9\.mlp\.up_proj\.weight/);
   });
 });
+
+describe('decoder hooks', () => {
+  test('loadQuantizedLinear fuses gate+up; linearForward matches the dense product', async () => {
+    const { loadQuantizedLinear, linearForward, squeezeTensors } = await import('../ts/quant/squeezellm');
+    const { writeSafetensors } = await import('../ts/model/safetensors');
+    const { Tensor } = await import('../ts/tensor');
+    const r = rng(21);
+    const K = 70, Ns = [24, 40];
+    const ls = await Promise.all(Ns.map((N) => quantizeLinear(randn(N * K, r, 0.05), N, K, { bits: 3, outliers: N === 24 ? 0.02 : 0 })));
+    const file = path.join(dir, 'gu.safetensors');
+    writeSafetensors(file, { ...squeezeTensors('l.gate_proj', ls[0], 'f32', 'f32'), ...squeezeTensors('l.up_proj', ls[1], 'f32', 'f32') });
+    const f = SafetensorsFile.open(file);
+    expect(loadQuantizedLinear(f, ['l.down_proj'], K, 'cpu')).toBeUndefined();
+    const m = loadQuantizedLinear(f, ['l.gate_proj', 'l.up_proj'], K, 'cpu')!;
+    expect(m.N).toBe(64);
+    const M = 3, x = randn(M * K, r);
+    const y = Tensor.empty([M, 64]);
+    linearForward(y, Tensor.from(x, [M, K]), m);
+    const got = (await y.toArray()) as Float32Array;
+    const w = [...dequantize(ls[0]), ...dequantize(ls[1])];
+    for (let i = 0; i < M; i++)
+      for (let n = 0; n < 64; n++) {
+        let s = 0;
+        for (let k = 0; k < K; k++) s += x[i * K + k] * w[n * K + k];
+        expect(Math.abs(got[i * 64 + n] - s)).toBeLessThan(1e-4);
+      }
+    m.dispose();
+    f.close();
+  });
+});

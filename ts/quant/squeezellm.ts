@@ -14,6 +14,7 @@ import * as path from 'path';
 import { SqueezeError } from '../errors';
 import { DType, Tensor } from '../tensor';
 import { checkOutlierCsr, kmeansRows, lutMatmul } from '../ops/lut';
+import { matmul } from '../ops/gemm';
 import { Checkpoint, SafetensorsFile, WriteTensor, writeSafetensors } from '../model/safetensors';
 import { float32ToF16Bits, f16BitsToFloat32, bf16BitsToFloat32 } from '../util/half';
 
@@ -419,4 +420,55 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
     onProgress: (d, t, n) => process.stderr.write(`\r[${d}/${t}] ${n}`.padEnd(60)),
   });
   process.stderr.write(`\nquantized ${r.linears} linears (${r.outliers} outliers) in ${((Date.now() - t0) / 1000).toFixed(1)} s -> ${opt.out}\n`);
+}
+
+// ---------------------------------------------------------------- decoder hooks
+
+/** Stacks linears of one input size along the output dim (e.g. gate then up: one fused matmul). */
+export function concatSqueezeLinears(ls: SqueezeLinear[]): SqueezeLinear {
+  if (ls.length === 1) return ls[0];
+  const { K, bits } = ls[0], E = 1 << bits;
+  if (ls.some((l) => l.K !== K || l.bits !== bits))
+    throw new SqueezeError('ERR_FORMAT', 'squeezellm: fused linears must share input size and bits');
+  const N = ls.reduce((a, l) => a + l.N, 0), R = Math.ceil(K / 32) * bits;
+  const qweight = new Int32Array(R * N), lut = new Float32Array(N * E);
+  const sparse = ls.some((l) => l.rows);
+  const nnz = ls.reduce((a, l) => a + (l.cols?.length ?? 0), 0);
+  const rows = sparse ? new Int32Array(N + 1) : undefined, cols = sparse ? new Int32Array(nnz) : undefined;
+  const vals = sparse ? new Float32Array(nnz) : undefined;
+  let n0 = 0, j0 = 0;
+  for (const l of ls) {
+    for (let r = 0; r < R; r++) qweight.set(l.qweight.subarray(r * l.N, (r + 1) * l.N), r * N + n0);
+    lut.set(l.lut, n0 * E);
+    if (sparse) {
+      for (let n = 0; n < l.N; n++) rows![n0 + n + 1] = j0 + (l.rows ? l.rows[n + 1] : 0);
+      if (l.cols) { cols!.set(l.cols, j0); vals!.set(l.vals!, j0); j0 += l.cols.length; }
+    }
+    n0 += l.N;
+  }
+  return { N, K, bits, qweight, lut, rows, cols, vals };
+}
+
+/**
+ * The loader hook for a decoder's linear (or a fused group such as gate+up): undefined when the
+ * checkpoint holds dense `<prefix>.weight`s, the quantized module when every prefix has
+ * `<prefix>.qweight` (ERR_FORMAT when only some do). `inFeatures` is the input size from the config.
+ */
+export function loadQuantizedLinear(reader: TensorReader, prefixes: string[], inFeatures: number, device: string,
+  dtype?: DType): SqueezeLinearModule | undefined {
+  const q = prefixes.filter((p) => reader.has(`${p}.qweight`));
+  if (q.length === 0) return undefined;
+  if (q.length !== prefixes.length)
+    throw new SqueezeError('ERR_FORMAT', `squeezellm: ${prefixes.join(' + ')} are fused, but only ${q.join(', ')} are quantized`);
+  return uploadSqueezeLinear(concatSqueezeLinears(prefixes.map((p) => readSqueezeLinear(reader, p, inFeatures))), device, dtype);
+}
+
+/** y = x · Wᵀ (+ bias) for a dense weight tensor or a quantized module. */
+export function linearForward(y: Tensor, x: Tensor, w: Tensor | SqueezeLinearModule, bias?: Tensor): void {
+  if (w instanceof Tensor) {
+    matmul(y, x, w, bias);
+    return;
+  }
+  if (bias) throw new SqueezeError('ERR_UNSUPPORTED', 'squeezellm: biases on quantized linears are not supported yet');
+  w.forward(y, x);
 }
