@@ -5,3 +5,4 @@ export * from './gemm';
 export * from './lut';
 export * from './kvquant';
 export * from './attention';
+export * from './fused';

@@ -1,0 +1,14 @@
+// CPU reference of the decoder's fused ops.
+#pragma once
+#include "core/tensor.h"
+
+namespace sqz::cpu {
+
+// ropeAppend: qkv[T, (Hq + 2 Hkv) D] holds q | k | v of each row. Rotates q (written to
+// q_out[T, Hq, D]) and k by positions[t] (Hugging Face rotate-half, fp32 angle), and writes
+// the rotated k and v to the paged caches at the slot kvAppend would use. The rotated k is
+// rounded to qkv's dtype before it is stored, as rope followed by kvAppend does.
+void rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& qkv, const Tensor& positions,
+                 const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens, const Tensor& cu_q);
+
+}  // namespace sqz::cpu

@@ -1,0 +1,75 @@
+// Bindings of the decoder's fused ops: ropeAppend.
+#include <cstdint>
+#include <string>
+
+#include "../cpu/fused.h"
+#include "op.h"
+#ifdef SQUEEZELM_WITH_CUDA
+#include "../kernels/common/fused.h"
+#endif
+
+namespace sqz::napi {
+
+namespace {
+
+bool overlap(const Tensor& a, const Tensor& b) {
+  const char* pa = static_cast<const char*>(a.data());
+  const char* pb = static_cast<const char*>(b.data());
+  const size_t na = (size_t)a.numel() * dtype_size(a.dtype), nb = (size_t)b.numel() * dtype_size(b.dtype);
+  return na > 0 && nb > 0 && pa < pb + nb && pb < pa + na;
+}
+
+}  // namespace
+
+// ropeAppend(qOut[T,Hq,D], kCache, vCache, qkv[T,(Hq+2*kvHeads)*D], positions i32[T], invFreq f32[D/2],
+//            pageTable i32[B,maxPages], seqLens i32[B], cuQ i32[B+1])
+SQZ_OP(ropeAppend) {
+  Args a(info, "ropeAppend");
+  Tensor qo = a.tensor(0, "qOut"), kc = a.tensor(1, "kCache"), vc = a.tensor(2, "vCache"), qkv = a.tensor(3, "qkv");
+  Tensor pos = a.tensor(4, "positions"), f = a.tensor(5, "invFreq"), pt = a.tensor(6, "pageTable");
+  Tensor lens = a.tensor(7, "seqLens"), cuq = a.tensor(8, "cuQ");
+  a.same_device({{&qo, "qOut"}, {&kc, "kCache"}, {&vc, "vCache"}, {&qkv, "qkv"}, {&pos, "positions"},
+                 {&f, "invFreq"}, {&pt, "pageTable"}, {&lens, "seqLens"}, {&cuq, "cuQ"}});
+  const std::initializer_list<DType> fl = {DType::F32, DType::F16, DType::BF16};
+  a.dtype_in(qo, "qOut", fl);
+  a.dtype_in(qkv, "qkv", fl);
+  a.dtype_in(kc, "kCache", fl);
+  a.same_dtype(kc, "kCache", vc, "vCache");
+  a.dtype_in(pos, "positions", {DType::I32});
+  a.dtype_in(f, "invFreq", {DType::F32});
+  a.dtype_in(pt, "pageTable", {DType::I32});
+  a.dtype_in(lens, "seqLens", {DType::I32});
+  a.dtype_in(cuq, "cuQ", {DType::I32});
+  a.ndim(qo, "qOut", 3);
+  a.ndim(kc, "kCache", 4);
+  a.shape_is(vc, "vCache", kc.shape);
+  a.ndim(lens, "seqLens", 1);
+  const int64_t T = qo.dim(0), Hq = qo.dim(1), D = qo.dim(2), Hkv = kc.dim(2), B = lens.dim(0);
+  if (D < 2 || D % 2 != 0) a.error("ERR_SHAPE", "qOut " + qo.shape_str() + ": head dim must be even and non-zero");
+  if (kc.dim(3) != D) a.error("ERR_SHAPE", "kCache " + kc.shape_str() + " and qOut " + qo.shape_str() + " differ in head_dim");
+  if (kc.dim(1) < 1 || Hkv < 1) a.error("ERR_SHAPE", "kCache " + kc.shape_str() + " has an empty dimension");
+  if (Hq < 1 || Hq % Hkv != 0)
+    a.error("ERR_SHAPE", "qOut has " + std::to_string(Hq) + " heads, not a multiple of the cache's " +
+                             std::to_string(Hkv) + " kv heads");
+  a.shape_is(qkv, "qkv", {T, (Hq + 2 * Hkv) * D});
+  a.shape_is(pos, "positions", {T});
+  a.shape_is(f, "invFreq", {D / 2});
+  a.shape_is(pt, "pageTable", {B, -1});
+  a.shape_is(cuq, "cuQ", {B + 1});
+  if (T > INT32_MAX || kc.dim(0) > INT32_MAX || B > 65535 || pt.dim(1) * kc.dim(1) > INT32_MAX)
+    a.error("ERR_SHAPE", "kCache " + kc.shape_str() + " / pageTable " + pt.shape_str() + " / qkv " + qkv.shape_str() +
+                             " exceed the supported sizes");
+  if (overlap(qo, qkv)) a.error("ERR_ARG", "qOut must not overlap qkv");
+  if (overlap(kc, qkv) || overlap(vc, qkv) || overlap(qo, kc) || overlap(qo, vc))
+    a.error("ERR_ARG", "the caches must not overlap qOut or qkv");
+  if (qo.device.is_cuda()) {
+    a.same_dtype(qkv, "qkv", qo, "qOut");
+    a.same_dtype(qkv, "qkv", kc, "kCache");
+  }
+  dispatch(
+      qo.device, "ropeAppend", [=] { cpu::rope_append(qo, kc, vc, qkv, pos, f, pt, lens, cuq); },
+      [&](int dev) { CUDA_ONLY(cuda::rope_append(qo, kc, vc, qkv, pos, f, pt, lens, cuq, cuda_stream(dev))); });
+  return a.env().Undefined();
+}
+
+}  // namespace sqz::napi
