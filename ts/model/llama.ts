@@ -26,12 +26,10 @@ export class Workspace {
   // Activations.
   readonly x: Tensor;
   readonly h: Tensor;
-  readonly q: Tensor;
-  readonly k: Tensor;
-  readonly v: Tensor;
+  /** Packed q | k | v rows of the fused projection: [T, (Hq + 2 Hkv) D]. */
+  readonly qkv: Tensor;
+  /** Rotated queries, contiguous for attention: [T, Hq, D]. */
   readonly q3: Tensor;
-  readonly k3: Tensor;
-  readonly v3: Tensor;
   readonly att: Tensor;
   readonly att2: Tensor;
   readonly o: Tensor;
@@ -69,12 +67,8 @@ export class Workspace {
       this.lastIdx = mk([B], 'i32');
       this.x = mk([T, H]);
       this.h = mk([T, H]);
-      this.q = mk([T, Hq * D]);
-      this.k = mk([T, Hkv * D]);
-      this.v = mk([T, Hkv * D]);
-      this.q3 = this.q.view(0, [T, Hq, D]);
-      this.k3 = this.k.view(0, [T, Hkv, D]);
-      this.v3 = this.v.view(0, [T, Hkv, D]);
+      this.qkv = mk([T, (Hq + 2 * Hkv) * D]);
+      this.q3 = mk([T, Hq, D]);
       this.att = mk([T, Hq, D]);
       this.att2 = this.att.view(0, [T, Hq * D]);
       this.o = mk([T, H]);
@@ -209,13 +203,10 @@ export class Decoder {
       const L = w.layers[l];
       if (l === 0) ops.rmsNorm(ws.h, ws.x, L.ln1, eps);
       else ops.addRmsNorm(ws.x, ws.mlp, ws.h, L.ln1, eps);
-      ops.matmul(ws.q, ws.h, L.wq, L.bq);
-      ops.matmul(ws.k, ws.h, L.wk, L.bk);
-      ops.matmul(ws.v, ws.h, L.wv, L.bv);
-      ops.rope(ws.q3, ws.positions, this.invFreq);
-      ops.rope(ws.k3, ws.positions, this.invFreq);
+      ops.matmul(ws.qkv, ws.h, L.wqkv, L.bqkv);
       const kc = this.cache.k[l], vc = this.cache.v[l];
-      ops.kvAppend(kc, vc, ws.k3, ws.v3, ws.pageTable, ws.seqLens, ws.cuQ);
+      // RoPE on q and k, k and v into the cache: one launch.
+      ops.ropeAppend(ws.q3, kc, vc, ws.qkv, ws.positions, this.invFreq, ws.pageTable, ws.seqLens, ws.cuQ);
       ops.attention(ws.att, ws.q3, kc, vc, ws.pageTable, ws.seqLens, ws.cuQ, this.scale, { maxQ, maxSeqLen, workspace: ws.attnWork });
       ops.matmul(ws.o, ws.att2, L.wo, L.bo);
       ops.addRmsNorm(ws.x, ws.o, ws.h, L.ln2, eps);

@@ -1,6 +1,6 @@
 /**
  * Decoder weights on one device: read from a checkpoint (shapes checked against the
- * config, gate|up fused into one [2I, H] matrix) or made at random on the device.
+ * config, q|k|v and gate|up each fused into one matrix) or made at random on the device.
  * CPU keeps the matrices as stored (f16 / bf16 / f32) and runs f32 activations over them;
  * CUDA converts everything to the activation dtype (f16 or bf16).
  */
@@ -12,12 +12,9 @@ import { Checkpoint, toDType } from './safetensors';
 
 export interface LayerWeights {
   ln1: Tensor;
-  wq: Tensor;
-  wk: Tensor;
-  wv: Tensor;
-  bq?: Tensor;
-  bk?: Tensor;
-  bv?: Tensor;
+  /** q rows, then k rows, then v rows: [(Hq + 2 Hkv) D, H]; one matmul gives packed q|k|v. */
+  wqkv: Tensor;
+  bqkv?: Tensor;
   wo: Tensor;
   bo?: Tensor;
   ln2: Tensor;
@@ -183,19 +180,13 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
       const n = (s: string) => layerName(i, s);
       const l: LayerWeights = {
         ln1: await load(n('input_layernorm.weight'), true),
-        wq: await load(n('self_attn.q_proj.weight')),
-        wk: await load(n('self_attn.k_proj.weight')),
-        wv: await load(n('self_attn.v_proj.weight')),
+        wqkv: await loadCat(['q', 'k', 'v'].map((p) => n(`self_attn.${p}_proj.weight`))),
         wo: await load(n('self_attn.o_proj.weight')),
         ln2: await load(n('post_attention_layernorm.weight'), true),
         wgu: await loadCat([n('mlp.gate_proj.weight'), n('mlp.up_proj.weight')]),
         wdown: await load(n('mlp.down_proj.weight')),
       };
-      if (cfg.qkvBias) {
-        l.bq = await load(n('self_attn.q_proj.bias'), true);
-        l.bk = await load(n('self_attn.k_proj.bias'), true);
-        l.bv = await load(n('self_attn.v_proj.bias'), true);
-      }
+      if (cfg.qkvBias) l.bqkv = await loadCat(['q', 'k', 'v'].map((p) => n(`self_attn.${p}_proj.bias`)), true);
       if (cfg.oBias) l.bo = await load(n('self_attn.o_proj.bias'), true);
       if (cfg.mlpBias) {
         l.bgu = await loadCat([n('mlp.gate_proj.bias'), n('mlp.up_proj.bias')], true);
@@ -246,19 +237,13 @@ export function randomWeights(cfg: ModelConfig, o: { device: string; dtype: DTyp
     for (let i = 0; i < cfg.numLayers; i++) {
       const l: LayerWeights = {
         ln1: ones(H),
-        wq: rand([cfg.numHeads * D, H]),
-        wk: rand([cfg.numKvHeads * D, H]),
-        wv: rand([cfg.numKvHeads * D, H]),
+        wqkv: rand([(cfg.numHeads + 2 * cfg.numKvHeads) * D, H]),
         wo: rand([H, cfg.numHeads * D]),
         ln2: ones(H),
         wgu: rand([2 * I, H]),
         wdown: rand([H, I]),
       };
-      if (cfg.qkvBias) {
-        l.bq = bias(cfg.numHeads * D);
-        l.bk = bias(cfg.numKvHeads * D);
-        l.bv = bias(cfg.numKvHeads * D);
-      }
+      if (cfg.qkvBias) l.bqkv = bias((cfg.numHeads + 2 * cfg.numKvHeads) * D);
       if (cfg.oBias) l.bo = bias(H);
       if (cfg.mlpBias) {
         l.bgu = bias(2 * I);
