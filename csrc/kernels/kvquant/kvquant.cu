@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <mutex>
 
 #include "core/backend.h"
@@ -407,6 +408,408 @@ int sm_count(int dev) {
   return dev >= 0 && dev < 64 ? counts[dev] : 132;
 }
 
+// ---------------------------------------------------------------------------------------
+// Fast split-KV decode. Block = (chunk of kChunk tokens, query row, group of kv heads).
+// Once per block: the slot of every token and a cos/sin table of its positions (sincosf of
+// the fp32 angle t*invFreq[i], as the CPU computes it), shared by all heads of the block.
+// Per kv head the chunk's packed key/value/meta rows are staged into shared memory with
+// cp.async (double-buffered across heads). NLP lanes serve one token, each lane owns 16
+// stream elements (8 RoPE pairs of keys, 16 value channels); all query heads of the kv head
+// (up to kGC at a time) are served from the same codes. Pass 1: scores; pass 2: exact
+// softmax over the chunk (no rescaling); pass 3: values, accumulated in registers as
+// sum p*(A + S*cb) = sum p*A + sum (p*S)*cb. Outliers are applied as exact corrections.
+namespace fast {
+constexpr int kWarps = 4, kGC = 4, kChunk = 64;
+template <int D> struct Cfg {
+  static constexpr int NL = D / 16;
+  static constexpr int NLP = NL <= 4 ? 4 : (NL <= 8 ? 8 : 16);
+  static constexpr int TPW = 32 / NLP;
+  static constexpr int TPI = kWarps * TPW;
+};
+__device__ __forceinline__ void cp16(void* s, const void* g) {
+  const unsigned sa = (unsigned)__cvta_generic_to_shared(s);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(g));
+}
+__device__ __forceinline__ void cp4(void* s, const void* g) {
+  const unsigned sa = (unsigned)__cvta_generic_to_shared(s);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(sa), "l"(g));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ float sh_half(const uint8_t* p) {
+  return __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(p)));
+}
+// The 16 codes of lane `sub` (stream elements 16*sub .. 16*sub+15) from a staged row.
+template <int BITS> __device__ __forceinline__ unsigned long long lane_bits(const uint8_t* row, int sub) {
+  if constexpr (BITS == 4) {
+    const uint2 w = *reinterpret_cast<const uint2*>(row + 8 * sub);
+    return (unsigned long long)w.x | ((unsigned long long)w.y << 32);
+  } else if constexpr (BITS == 2) {
+    return *reinterpret_cast<const unsigned*>(row + 4 * sub);
+  } else {
+    const int bit = 48 * sub, w = bit >> 5;
+    const unsigned* r = reinterpret_cast<const unsigned*>(row);
+    const unsigned long long v = (unsigned long long)r[w] | ((unsigned long long)r[w + 1] << 32);
+    return v >> (bit & 31);
+  }
+}
+template <int D, int BITS> struct CodeBytes { static constexpr int value = ((D * BITS + 7) / 8 + 15) / 16 * 16; };
+
+template <class T, int D, int BITS>
+__global__ void __launch_bounds__(kWarps * 32) split_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
+                                                            float scale, int hq_total, int splits, int heads_per_block,
+                                                            float* __restrict__ part) {
+  using C = Cfg<D>;
+  constexpr int CB = CodeBytes<D, BITS>::value, HALF = D / 2, MASK = (1 << BITS) - 1;
+  extern __shared__ __align__(16) uint8_t smem[];
+  float2* cs = reinterpret_cast<float2*>(smem);                    // [kChunk][HALF]
+  float* sc = reinterpret_cast<float*>(cs + kChunk * HALF);        // [kGC][kChunk]
+  float* red = sc + kGC * kChunk;                                   // [kWarps][kGC][D]
+  float* qs = red + kWarps * kGC * D;                               // [kGC][D]
+  float* cbk = qs + kGC * D;                                        // [16]
+  float* cbv = cbk + 16;                                            // [16]
+  float* ml = cbv + 16;                                             // [2][kGC]
+  int* slotb = reinterpret_cast<int*>(ml + 2 * kGC);                // [kChunk]
+  uint8_t* stage = reinterpret_cast<uint8_t*>(slotb + kChunk);      // 2 x [kb | vb | mb]
+  const int MB = g.mbytes, SB = 2 * kChunk * CB + kChunk * MB;
+  const int split = blockIdx.x, n = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int sub = lane % C::NLP, j = lane / C::NLP;
+  const int G = hq_total / g.H;
+  const int h_begin = blockIdx.z * heads_per_block, h_end = min(g.H, h_begin + heads_per_block);
+  __shared__ int bp[2];
+  if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
+  __syncthreads();
+  const int b = bp[0], L = bp[1] + 1, t0 = split * kChunk;
+  const int cnt = b < 0 ? 0 : max(0, min(kChunk, L - t0));
+  if (cnt == 0) {
+    for (int h = h_begin; h < h_end; ++h)
+      for (int e = tid; e < G * (D + 2); e += blockDim.x) {
+        const int gg = e / (D + 2), c = e % (D + 2);
+        part[(((long long)n * hq_total + h * G + gg) * splits + split) * (D + 2) + c] = c == D ? -INFINITY : 0.f;
+      }
+    return;
+  }
+  for (int tt = tid; tt < cnt; tt += blockDim.x) {
+    const int t = t0 + tt;
+    slotb[tt] = (int)(((long long)g.pt[(long long)b * g.max_pages + t / g.page_size] * g.page_size + t % g.page_size) * g.H);
+  }
+  for (int e = tid; e < cnt * HALF; e += blockDim.x) {
+    const int tt = e / HALF, i = e % HALF;
+    float s, c;
+    sincosf(__fmul_rn((float)(t0 + tt), inv_freq[i]), &s, &c);
+    cs[e] = make_float2(c, s);
+  }
+  if (tid < 16) {
+    cbk[tid] = tid <= MASK ? g.key_cb[tid] : 0.f;
+    cbv[tid] = tid <= MASK ? g.val_cb[tid] : 0.f;
+  }
+  for (int e = tid; e < kWarps * kGC * D; e += blockDim.x) red[e] = 0.f;
+  __syncthreads();
+  auto issue = [&](int h, int buf) {
+    uint8_t* kb = stage + buf * SB;
+    uint8_t* vb = kb + kChunk * CB;
+    uint8_t* mb = vb + kChunk * CB;
+    constexpr int P = CB / 16;
+    for (int e = tid; e < cnt * P; e += blockDim.x) {
+      const int tt = e / P, o = (e % P) * 16;
+      const long long slot = (long long)slotb[tt] + h;
+      cp16(kb + tt * CB + o, g.kc + slot * CB + o);
+      cp16(vb + tt * CB + o, g.vc + slot * CB + o);
+    }
+    const int PM = MB / 4;
+    for (int e = tid; e < cnt * PM; e += blockDim.x) {
+      const int tt = e / PM, o = (e % PM) * 4;
+      cp4(mb + tt * MB + o, g.meta + ((long long)slotb[tt] + h) * MB + o);
+    }
+    cp_commit();
+  };
+  issue(h_begin, 0);
+  for (int h = h_begin; h < h_end; ++h) {
+    const int buf = (h - h_begin) & 1;
+    if (h + 1 < h_end) { issue(h + 1, buf ^ 1); cp_wait<1>(); }
+    else cp_wait<0>();
+    __syncthreads();
+    const uint8_t* kb = stage + buf * SB;
+    const uint8_t* vb = kb + kChunk * CB;
+    const uint8_t* mb = vb + kChunk * CB;
+    const float* lo = g.key_lo + (long long)h * D;
+    const float* hi = g.key_hi + (long long)h * D;
+    for (int g0 = 0; g0 < G; g0 += kGC) {
+      const int gc = min(kGC, G - g0);
+      for (int e = tid; e < kGC * D; e += blockDim.x) {
+        const int gg = e / D, c = e % D;
+        qs[e] = gg < gc ? to_f(q[((long long)n * hq_total + h * G + g0 + gg) * D + c]) * scale : 0.f;
+      }
+      __syncthreads();
+      // ---- pass 1: scores
+      {
+        float ka[16], ks[16], qv[kGC][16];
+#pragma unroll
+        for (int e = 0; e < 16; ++e) {
+          const int p = 8 * sub + (e >> 1), ch = min(D - 1, (e & 1) ? p + HALF : p);
+          const float l = lo[ch], hh = hi[ch];
+          ks[e] = 0.5f * (hh - l);
+          ka[e] = l + ks[e];
+#pragma unroll
+          for (int gg = 0; gg < kGC; ++gg) qv[gg][e] = qs[gg * D + ch];
+        }
+        for (int base = warp * C::TPW; base < cnt; base += C::TPI) {
+          const int tt = base + j, t = t0 + tt;
+          const bool valid = tt < cnt && sub < C::NL;
+          float dot[kGC];
+#pragma unroll
+          for (int gg = 0; gg < kGC; ++gg) dot[gg] = 0.f;
+          if (valid) {
+            float kk[16];
+            if (t < g.sink) {
+              const uint16_t* sk = g.sink_k + (((long long)b * g.sink + t) * g.H + h) * D;
+#pragma unroll
+              for (int e = 0; e < 16; ++e) {
+                const int p = 8 * sub + (e >> 1);
+                kk[e] = __half2float(__ushort_as_half(sk[(e & 1) ? p + HALF : p]));
+              }
+            } else {
+              const unsigned long long bits = lane_bits<BITS>(kb + tt * CB, sub);
+#pragma unroll
+              for (int e = 0; e < 16; ++e) kk[e] = fmaf(ks[e], cbk[(bits >> (BITS * e)) & MASK], ka[e]);
+            }
+            const float2* cst = cs + tt * HALF + 8 * sub;
+#pragma unroll
+            for (int p = 0; p < 8; ++p) {
+              const float2 r = cst[p];
+              const float x = kk[2 * p], y = kk[2 * p + 1];
+              const float xr = x * r.x - y * r.y, yr = y * r.x + x * r.y;
+#pragma unroll
+              for (int gg = 0; gg < kGC; ++gg) dot[gg] = fmaf(qv[gg][2 * p], xr, fmaf(qv[gg][2 * p + 1], yr, dot[gg]));
+            }
+          }
+#pragma unroll
+          for (int o = 1; o < C::NLP; o <<= 1)
+#pragma unroll
+            for (int gg = 0; gg < kGC; ++gg) dot[gg] += __shfl_xor_sync(0xffffffffu, dot[gg], o);
+          if (sub == 0 && tt < cnt) {
+            if (t >= g.sink) {
+              const uint8_t* m = mb + tt * MB;
+              const int ns = g.nk + g.nv;
+              for (int s = 0; s < g.nk; ++s) {
+                const int c = min((int)m[4 + 2 * ns + s], D - 1);
+                const int code = kvq::get_code(kb + tt * CB, kvq::key_element(c, D), BITS);
+                const float sc_ = 0.5f * (hi[c] - lo[c]);
+                const float delta = sh_half(m + 4 + 2 * s) - fmaf(sc_, cbk[code], lo[c] + sc_);
+                const int i = c < HALF ? c : c - HALF;
+                const float2 r = cs[tt * HALF + i];
+#pragma unroll
+                for (int gg = 0; gg < kGC; ++gg) {
+                  const float qi = qs[gg * D + i], qj = qs[gg * D + i + HALF];
+                  dot[gg] += c < HALF ? delta * (qi * r.x + qj * r.y) : delta * (qj * r.x - qi * r.y);
+                }
+              }
+            }
+#pragma unroll
+            for (int gg = 0; gg < kGC; ++gg) sc[gg * kChunk + tt] = dot[gg];
+          }
+        }
+      }
+      __syncthreads();
+      // ---- pass 2: softmax over the chunk, one warp per head
+      if (warp < gc) {
+        float mx = -INFINITY;
+        for (int tt = lane; tt < cnt; tt += 32) mx = fmaxf(mx, sc[warp * kChunk + tt]);
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float sum = 0.f;
+        for (int tt = lane; tt < cnt; tt += 32) {
+          const float p = expf(sc[warp * kChunk + tt] - mx);
+          sc[warp * kChunk + tt] = p;
+          sum += p;
+        }
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == 0) { ml[warp] = mx; ml[kGC + warp] = sum; }
+      }
+      __syncthreads();
+      // ---- pass 3: values
+      {
+        float acc[kGC][16], pa[kGC];
+#pragma unroll
+        for (int gg = 0; gg < kGC; ++gg) {
+          pa[gg] = 0.f;
+#pragma unroll
+          for (int e = 0; e < 16; ++e) acc[gg][e] = 0.f;
+        }
+        for (int base = warp * C::TPW; base < cnt; base += C::TPI) {
+          const int tt = base + j, t = t0 + tt;
+          const bool live = tt < cnt;
+          float w[kGC];
+#pragma unroll
+          for (int gg = 0; gg < kGC; ++gg) w[gg] = live ? sc[gg * kChunk + tt] : 0.f;
+          float A = 0.f, S = 0.f;
+          if (live && t >= g.sink) {
+            const float vlo = sh_half(mb + tt * MB), vhi = sh_half(mb + tt * MB + 2);
+            S = 0.5f * (vhi - vlo);
+            A = vlo + S;
+          }
+          if (live && sub < C::NL) {
+            if (t < g.sink) {
+              const uint16_t* sv = g.sink_v + (((long long)b * g.sink + t) * g.H + h) * D + 16 * sub;
+#pragma unroll
+              for (int e = 0; e < 16; ++e) {
+                const float v = __half2float(__ushort_as_half(sv[e]));
+#pragma unroll
+                for (int gg = 0; gg < kGC; ++gg) acc[gg][e] = fmaf(w[gg], v, acc[gg][e]);
+              }
+            } else {
+              const unsigned long long bits = lane_bits<BITS>(vb + tt * CB, sub);
+              float ws[kGC];
+#pragma unroll
+              for (int gg = 0; gg < kGC; ++gg) { pa[gg] = fmaf(w[gg], A, pa[gg]); ws[gg] = w[gg] * S; }
+#pragma unroll
+              for (int e = 0; e < 16; ++e) {
+                const float cv = cbv[(bits >> (BITS * e)) & MASK];
+#pragma unroll
+                for (int gg = 0; gg < kGC; ++gg) acc[gg][e] = fmaf(ws[gg], cv, acc[gg][e]);
+              }
+            }
+          }
+          // value outliers: exact corrections, one token group of the warp at a time
+          if (g.nv > 0)
+            for (int jj = 0; jj < C::TPW; ++jj) {
+              if (j == jj && sub == 0 && live && t >= g.sink) {
+                const uint8_t* m = mb + tt * MB;
+                const int ns = g.nk + g.nv;
+                for (int s = 0; s < g.nv; ++s) {
+                  const int c = min((int)m[4 + 2 * ns + g.nk + s], D - 1);
+                  const int code = kvq::get_code(vb + tt * CB, c, BITS);
+                  const float delta = sh_half(m + 4 + 2 * (g.nk + s)) - fmaf(S, cbv[code], A);
+                  for (int gg = 0; gg < gc; ++gg) red[(warp * kGC + gg) * D + c] += w[gg] * delta;
+                }
+              }
+              __syncwarp();
+            }
+        }
+        // reduce the token groups of the warp, then add into the warp's row
+#pragma unroll
+        for (int o = C::NLP; o < 32; o <<= 1)
+#pragma unroll
+          for (int gg = 0; gg < kGC; ++gg) {
+            pa[gg] += __shfl_xor_sync(0xffffffffu, pa[gg], o);
+#pragma unroll
+            for (int e = 0; e < 16; ++e) acc[gg][e] += __shfl_xor_sync(0xffffffffu, acc[gg][e], o);
+          }
+        if (j == 0 && sub < C::NL)
+#pragma unroll
+          for (int gg = 0; gg < kGC; ++gg)
+#pragma unroll
+            for (int e = 0; e < 16; ++e) red[(warp * kGC + gg) * D + 16 * sub + e] += acc[gg][e] + pa[gg];
+      }
+      __syncthreads();
+      for (int e = tid; e < gc * (D + 2); e += blockDim.x) {
+        const int gg = e / (D + 2), c = e % (D + 2);
+        float val;
+        if (c < D) {
+          val = 0.f;
+#pragma unroll
+          for (int w = 0; w < kWarps; ++w) {
+            val += red[(w * kGC + gg) * D + c];
+            red[(w * kGC + gg) * D + c] = 0.f;
+          }
+        } else {
+          val = ml[(c - D) * kGC + gg];
+        }
+        part[(((long long)n * hq_total + h * G + g0 + gg) * splits + split) * (D + 2) + c] = val;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Deterministic combine: block = (query row-head, 32 channels); warps take splits modulo 8.
+template <class T>
+__global__ void combine_kernel(const float* __restrict__ part, int splits, int D, T* __restrict__ out) {
+  extern __shared__ float wsm[];  // [splits] weights, then [8][32] partial sums, [8] dens
+  float* red = wsm + splits;
+  float* dred = red + 8 * 32;
+  __shared__ float Ms;
+  const long long row = blockIdx.x;
+  const float* p = part + row * splits * (D + 2);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  float M = -INFINITY;
+  for (int s = tid; s < splits; s += blockDim.x) M = fmaxf(M, p[(long long)s * (D + 2) + D]);
+  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+  if (lane == 0) dred[warp] = M;
+  __syncthreads();
+  if (tid == 0) {
+    float m = dred[0];
+    for (int w = 1; w < 8; ++w) m = fmaxf(m, dred[w]);
+    Ms = m;
+  }
+  __syncthreads();
+  M = Ms;
+  float den = 0.f;
+  for (int s = tid; s < splits; s += blockDim.x) {
+    const float m = p[(long long)s * (D + 2) + D];
+    const float w = m == -INFINITY ? 0.f : expf(m - M);
+    wsm[s] = w;
+    den = fmaf(p[(long long)s * (D + 2) + D + 1], w, den);
+  }
+  for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+  __syncthreads();
+  if (lane == 0) dred[warp] = den;
+  const int c = blockIdx.y * 32 + lane;
+  float num = 0.f;
+  if (c < D)
+    for (int s = warp; s < splits; s += 8) num = fmaf(p[(long long)s * (D + 2) + c], wsm[s], num);
+  red[warp * 32 + lane] = num;
+  __syncthreads();
+  if (warp == 0 && c < D) {
+    float tot = 0.f, dt = 0.f;
+    for (int w = 0; w < 8; ++w) { tot += red[w * 32 + lane]; dt += dred[w]; }
+    out[row * D + c] = from_f<T>(dt > 0.f ? tot / dt : 0.f);
+  }
+}
+
+template <class T, int D, int BITS>
+void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, int max_seq_len,
+            cudaStream_t stream, int dev, int sms) {
+  const int N = (int)q.dim(0), Hq = (int)q.dim(1);
+  const int splits = (max_seq_len + kChunk - 1) / kChunk;
+  const long long base_blocks = (long long)splits * N;
+  int groups = (int)std::min<long long>(g.H, std::max<long long>(1, (3LL * sms + base_blocks - 1) / base_blocks));
+  const int hpb = (g.H + groups - 1) / groups;
+  groups = (g.H + hpb - 1) / hpb;
+  float* part = partials(dev, (size_t)N * Hq * splits * (D + 2) * sizeof(float), stream);
+  constexpr int CB = CodeBytes<D, BITS>::value;
+  const size_t smem = sizeof(float2) * kChunk * (D / 2) + sizeof(float) * (kGC * kChunk + kWarps * kGC * D + kGC * D + 32 + 2 * kGC) +
+                      sizeof(int) * kChunk + 2 * ((size_t)2 * kChunk * CB + (size_t)kChunk * g.mbytes) + 16;
+  auto kernel = split_kernel<T, D, BITS>;
+  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "kvqAttention");
+  kernel<<<dim3(splits, N, groups), kWarps * 32, smem, stream>>>(g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale,
+                                                                 Hq, splits, hpb, part);
+  const size_t csmem = sizeof(float) * ((size_t)splits + 8 * 32 + 8);
+  auto ck = combine_kernel<T>;
+  if (csmem > 48 * 1024) cuda_check(cudaFuncSetAttribute(ck, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)csmem), "kvqAttention");
+  ck<<<dim3(N * Hq, (D + 31) / 32), 256, csmem, stream>>>(part, splits, D, static_cast<T*>(out.data()));
+}
+
+template <class T, int D>
+void launch_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, cudaStream_t s, int dev, int sms) {
+  if (g.bits == 2) launch<T, D, 2>(out, q, g, f, scale, L, s, dev, sms);
+  else if (g.bits == 3) launch<T, D, 3>(out, q, g, f, scale, L, s, dev, sms);
+  else launch<T, D, 4>(out, q, g, f, scale, L, s, dev, sms);
+}
+template <class T>
+bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, cudaStream_t s) {
+  const int dev = q.device.index, sms = sm_count(dev);
+  if ((int)q.dim(0) == 0) return true;
+  switch (g.D) {
+    case 64: launch_bits<T, 64>(out, q, g, f, scale, L, s, dev, sms); return true;
+    case 80: launch_bits<T, 80>(out, q, g, f, scale, L, s, dev, sms); return true;
+    case 96: launch_bits<T, 96>(out, q, g, f, scale, L, s, dev, sms); return true;
+    case 128: launch_bits<T, 128>(out, q, g, f, scale, L, s, dev, sms); return true;
+    case 256: launch_bits<T, 256>(out, q, g, f, scale, L, s, dev, sms); return true;
+    default: return false;
+  }
+}
+}  // namespace fast
+
 template <class T>
 void launch_attention(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale,
                       int max_seq_len, cudaStream_t stream) {
@@ -454,6 +857,9 @@ void kvq_attention(const Tensor& out, const Tensor& q, const kvq::Cache& c, cons
                    float scale, int max_q, int max_seq_len, cudaStream_t stream) {
   (void)max_q;
   Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
+  const bool done = q.dtype == DType::F16 ? fast::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, stream)
+                                           : fast::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, stream);
+  if (done) return;
   if (q.dtype == DType::F16) launch_attention<__half>(out, q, g, inv_freq, scale, max_seq_len, stream);
   else launch_attention<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, stream);
 }
