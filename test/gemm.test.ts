@@ -101,6 +101,10 @@ describeGpu('matmul (cuda vs cpu)', () => {
     [256, 512, 4096],
     [33, 257, 72],
     [129, 131, 4097],
+    // wgmma kernel: full 128x256 tiles and tails in M, N and K (K % 64 != 0)
+    [300, 520, 1000],
+    [256, 384, 512],
+    [130, 264, 136],
   ];
   for (const dt of ['f16', 'bf16'] as const)
     for (const [M, N, K] of shapes)
