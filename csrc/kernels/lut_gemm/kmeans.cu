@@ -44,8 +44,9 @@ __global__ void prep_kernel(float* keys, int* idx, int* offsets, const void* w, 
     if (keys) keys[i] = load_any(w, wdt, base + i);
     idx[i] = (int)(i % K);
   }
-  const long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-  if (t <= R) offsets[t] = (int)(t * K);
+  // Grid-stride as well: the launch caps the grid, and very short rows make R + 1 > grid size.
+  for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t <= R; t += (long long)gridDim.x * blockDim.x)
+    offsets[t] = (int)(t * K);
 }
 
 // First index i in [0, n) with a[i] > x (n when none): std::upper_bound.

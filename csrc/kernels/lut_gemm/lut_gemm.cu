@@ -48,8 +48,13 @@ template <> struct Cvt<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 t(float v) { return __float2bfloat16_rn(v); }
 };
 
+// Guarded reads in this file are plain loads, never __ldg: __ldg is a non-volatile asm statement
+// that the compiler treats as side-effect free and may hoist above its guard (out of a loop whose
+// trip count is zero), turning "no outliers" (null vals/cols) or a column past N into an
+// out-of-bounds read. Plain loads of read-only data still compile to the non-coherent path.
 __device__ __forceinline__ float load_f(const void* p, bool is_f32, long long i) {
-  return is_f32 ? __ldg(static_cast<const float*>(p) + i) : __half2float(__ldg(static_cast<const __half*>(p) + i));
+  if (is_f32) return static_cast<const float*>(p)[i];
+  return __half2float(static_cast<const __half*>(p)[i]);
 }
 
 // Code i (compile-time after unrolling) of a 32-code group held in BITS words.
@@ -66,7 +71,7 @@ template <class T>
 __device__ __forceinline__ void load_x8(const T* xr, int k, int K, bool vec, float* out) {
   if (vec) {
     if (k < K) {
-      const uint4 u = __ldg(reinterpret_cast<const uint4*>(xr + k));
+      const uint4 u = *reinterpret_cast<const uint4*>(xr + k);
       float2 a = Cvt<T>::f2(u.x), b = Cvt<T>::f2(u.y), c = Cvt<T>::f2(u.z), d = Cvt<T>::f2(u.w);
       out[0] = a.x; out[1] = a.y; out[2] = b.x; out[3] = b.y;
       out[4] = c.x; out[5] = c.y; out[6] = d.x; out[7] = d.y;
@@ -114,7 +119,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
       const int g = g0 + u * GEMV_WARPS;
 #pragma unroll
       for (int b = 0; b < BITS; ++b)
-        qw[u][b] = (valid && g < groups) ? __ldg(q + (size_t)(g * BITS + b) * N + n) : 0u;
+        qw[u][b] = (valid && g < groups) ? q[(size_t)(g * BITS + b) * N + n] : 0u;
     }
 #pragma unroll
     for (int u = 0; u < GEMV_UNROLL; ++u) {
@@ -140,10 +145,10 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
   }
 
   if (rows != nullptr && valid) {
-    const int b = __ldg(rows + n), e = __ldg(rows + n + 1);
+    const int b = rows[n], e = rows[n + 1];
     for (int j = b + w; j < e; j += GEMV_WARPS) {
       const float v = load_f(vals, vals_f32, j);
-      const int k = __ldg(cols + j);
+      const int k = cols[j];
 #pragma unroll
       for (int m = 0; m < MT; ++m)
         if (m < M) acc[m] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + k]), acc[m]);
@@ -208,7 +213,7 @@ __global__ void __launch_bounds__(GEMM_THREADS)
       uint32_t qw[BITS];
       const bool ok = n0 + wc < N;
 #pragma unroll
-      for (int b = 0; b < BITS; ++b) qw[b] = ok ? __ldg(q + (size_t)(g * BITS + b) * N + n0 + wc) : 0u;
+      for (int b = 0; b < BITS; ++b) qw[b] = ok ? q[(size_t)(g * BITS + b) * N + n0 + wc] : 0u;
       if (half_ == 0) {
 #pragma unroll
         for (int ci = 0; ci < 16; ++ci) ws[wc][ci] = Cvt<T>::t(lut_s[code_of<BITS>(qw, ci)][wc]);
@@ -243,12 +248,12 @@ __global__ void __launch_bounds__(GEMM_THREADS)
   const int n = n0 + wc;
   if (n >= N) return;
   int ob = 0, oe = 0;
-  if (rows != nullptr) { ob = __ldg(rows + n); oe = __ldg(rows + n + 1); }
+  if (rows != nullptr) { ob = rows[n]; oe = rows[n + 1]; }
   for (int r = half_; r < BM; r += 2) {
     const int m = m0 + r;
     if (m >= M) break;
     float s = cs[r][wc];
-    for (int j = ob; j < oe; ++j) s = fmaf(load_f(vals, vals_f32, j), Cvt<T>::f(x[(size_t)m * K + __ldg(cols + j)]), s);
+    for (int j = ob; j < oe; ++j) s = fmaf(load_f(vals, vals_f32, j), Cvt<T>::f(x[(size_t)m * K + cols[j]]), s);
     y[(size_t)m * N + n] = Cvt<T>::t(s);
   }
 }
