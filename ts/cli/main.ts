@@ -9,6 +9,8 @@ import { packageRoot } from '../native';
 import { devices } from '../device';
 import { loadModel, describeModel } from '../model/model';
 import { loadPplData, perplexity } from '../runtime/ppl';
+import { quantizeCommand } from '../quant/squeezellm';
+import { convertCommand } from '../quant/convert';
 
 const HELP = `squeezelm: LLaMA-family inference on one NVIDIA GPU (or the CPU)
 
@@ -16,6 +18,8 @@ usage:
   squeezelm generate [--model DIR] --prompt TEXT [--max-tokens N] [--temperature T]
                      [--top-k K] [--top-p P] [--seed S] [--device D]
       streams the continuation of TEXT to stdout (the prompt is not echoed)
+  squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT] [--calib FILE] [--rtn]
+  squeezelm convert FILE.pt --model DIR --out DIR (upstream SqueezeLLM checkpoint)
   squeezelm ppl [--model DIR] --data FILE [--windows N] [--window L] [--device D]
                 [--batch B] [--progress] [--json]
       perplexity over FILE: a safetensors file with 'ids' [windows, length] int32, or a
@@ -147,6 +151,9 @@ async function cmdInfo(f: Flags): Promise<void> {
 
 export async function main(argv: string[]): Promise<number> {
   try {
+    // Subcommands with their own argument parsing get the raw arguments.
+    if (argv[0] === 'quantize') { await quantizeCommand(argv.slice(1)); return 0; }
+    if (argv[0] === 'convert') { await convertCommand(argv.slice(1)); return 0; }
     const { cmd, flags } = parse(argv);
     if (flags.help || !cmd || cmd === 'help') {
       process.stdout.write(HELP + '\n');
@@ -156,7 +163,7 @@ export async function main(argv: string[]): Promise<number> {
       case 'generate': await cmdGenerate(flags); break;
       case 'ppl': await cmdPpl(flags); break;
       case 'info': await cmdInfo(flags); break;
-      default: throw new SqueezeError('ERR_ARG', `unknown command '${cmd}' (generate, ppl, info; --help)`);
+      default: throw new SqueezeError('ERR_ARG', `unknown command '${cmd}' (generate, ppl, info, quantize, convert; --help)`);
     }
     return 0;
   } catch (e) {

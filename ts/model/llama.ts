@@ -9,6 +9,19 @@ import * as ops from '../ops';
 import { ModelConfig } from './config';
 import { ModelWeights } from './weights';
 import { KVCache } from '../runtime/kv-cache';
+import { linearForward } from '../quant/squeezellm';
+
+/** The decoder's linears, as observed by a calibration hook. */
+export type LinearSite = 'qkv' | 'o' | 'gu' | 'down';
+let linearObserver: ((layer: number, site: LinearSite, x: Tensor) => void) | null = null;
+
+/**
+ * Installs (or with null removes) a hook called with the input of every linear before it runs:
+ * used to gather calibration statistics (mean squared input per channel). Off in normal runs.
+ */
+export function setLinearObserver(f: ((layer: number, site: LinearSite, x: Tensor) => void) | null): void {
+  linearObserver = f;
+}
 
 export class Workspace {
   /** Query rows and sequences this workspace is sized for. */
@@ -203,16 +216,20 @@ export class Decoder {
       const L = w.layers[l];
       if (l === 0) ops.rmsNorm(ws.h, ws.x, L.ln1, eps);
       else ops.addRmsNorm(ws.x, ws.mlp, ws.h, L.ln1, eps);
-      ops.matmul(ws.qkv, ws.h, L.wqkv, L.bqkv);
+      linearObserver?.(l, 'qkv', ws.h);
+      linearForward(ws.qkv, ws.h, L.wqkv, L.bqkv);
       const kc = this.cache.k[l], vc = this.cache.v[l];
       // RoPE on q and k, k and v into the cache: one launch.
       ops.ropeAppend(ws.q3, kc, vc, ws.qkv, ws.positions, this.invFreq, ws.pageTable, ws.seqLens, ws.cuQ);
       ops.attention(ws.att, ws.q3, kc, vc, ws.pageTable, ws.seqLens, ws.cuQ, this.scale, { maxQ, maxSeqLen, workspace: ws.attnWork });
-      ops.matmul(ws.o, ws.att2, L.wo, L.bo);
+      linearObserver?.(l, 'o', ws.att2);
+      linearForward(ws.o, ws.att2, L.wo, L.bo);
       ops.addRmsNorm(ws.x, ws.o, ws.h, L.ln2, eps);
-      ops.matmul(ws.gu, ws.h, L.wgu, L.bgu);
+      linearObserver?.(l, 'gu', ws.h);
+      linearForward(ws.gu, ws.h, L.wgu, L.bgu);
       ops.siluMul(ws.act, ws.gu);
-      ops.matmul(ws.mlp, ws.act, L.wdown, L.bdown);
+      linearObserver?.(l, 'down', ws.act);
+      linearForward(ws.mlp, ws.act, L.wdown, L.bdown);
     }
     ops.addRmsNorm(ws.x, ws.mlp, ws.h, w.norm, eps);
     if (ws.logitRows === ws.T) {

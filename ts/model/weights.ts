@@ -9,19 +9,23 @@ import { DType, Tensor } from '../tensor';
 import * as ops from '../ops';
 import { ModelConfig } from './config';
 import { Checkpoint, toDType } from './safetensors';
+import { SqueezeLinearModule, loadQuantizedLinear } from '../quant/squeezellm';
+
+/** A linear's weight: a dense [out, in] matrix or a SqueezeLLM dense-and-sparse module. */
+export type LinearWeight = Tensor | SqueezeLinearModule;
 
 export interface LayerWeights {
   ln1: Tensor;
   /** q rows, then k rows, then v rows: [(Hq + 2 Hkv) D, H]; one matmul gives packed q|k|v. */
-  wqkv: Tensor;
+  wqkv: LinearWeight;
   bqkv?: Tensor;
-  wo: Tensor;
+  wo: LinearWeight;
   bo?: Tensor;
   ln2: Tensor;
   /** gate rows then up rows: [2I, H]. */
-  wgu: Tensor;
+  wgu: LinearWeight;
   bgu?: Tensor;
-  wdown: Tensor;
+  wdown: LinearWeight;
   bdown?: Tensor;
 }
 
@@ -77,8 +81,10 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
   const names = ['model.embed_tokens.weight', 'model.norm.weight'];
   if (!tied) names.push('lm_head.weight');
   for (let i = 0; i < cfg.numLayers; i++) {
-    for (const p of ['q', 'k', 'v', 'o']) names.push(layerName(i, `self_attn.${p}_proj.weight`));
-    for (const p of ['gate', 'up', 'down']) names.push(layerName(i, `mlp.${p}_proj.weight`));
+    // SqueezeLLM linears (`<p>.qweight`) are checked by their own reader.
+    const dense = (p: string) => !ck.has(`${p}.qweight`);
+    for (const p of ['q', 'k', 'v', 'o']) if (dense(layerName(i, `self_attn.${p}_proj`))) names.push(layerName(i, `self_attn.${p}_proj.weight`));
+    for (const p of ['gate', 'up', 'down']) if (dense(layerName(i, `mlp.${p}_proj`))) names.push(layerName(i, `mlp.${p}_proj.weight`));
     names.push(layerName(i, 'input_layernorm.weight'), layerName(i, 'post_attention_layernorm.weight'));
     if (cfg.qkvBias) for (const p of ['q', 'k', 'v']) names.push(layerName(i, `self_attn.${p}_proj.bias`));
     if (cfg.oBias) names.push(layerName(i, 'self_attn.o_proj.bias'));
@@ -95,6 +101,7 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
     totalBytes += e.end - e.begin;
   }
   const expect = (n: string, shape: number[]) => {
+    if (n.endsWith('.weight') && ck.has(`${n.slice(0, -'.weight'.length)}.qweight`)) return;
     const e = ck.entry(n);
     if (e.shape.length !== shape.length || e.shape.some((s, i) => s !== shape[i]))
       throw new SqueezeError('ERR_FORMAT', `${e.file}: tensor '${n}' has shape [${e.shape.join(', ')}], config says [${shape.join(', ')}]`);
@@ -172,6 +179,17 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
     return t;
   };
 
+  /** A SqueezeLLM linear (or fused group) when the checkpoint holds `<prefix>.qweight`s. */
+  const quant = (prefixes: string[], K: number, N: number): SqueezeLinearModule | undefined => {
+    const m = loadQuantizedLinear(ck, prefixes, K, o.device, cpu ? 'f32' : o.act);
+    if (!m) return undefined;
+    modules.push(m);
+    if (m.N !== N) throw new SqueezeError('ERR_FORMAT', `${ck.describe()}: ${prefixes.join(' + ')} have ${m.N} outputs, config says ${N}`);
+    loaded += m.bytes;
+    return m;
+  };
+  const modules: SqueezeLinearModule[] = [];
+
   try {
     report();
     const embed = await load('model.embed_tokens.weight');
@@ -180,11 +198,13 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
       const n = (s: string) => layerName(i, s);
       const l: LayerWeights = {
         ln1: await load(n('input_layernorm.weight'), true),
-        wqkv: await loadCat(['q', 'k', 'v'].map((p) => n(`self_attn.${p}_proj.weight`))),
-        wo: await load(n('self_attn.o_proj.weight')),
+        wqkv: quant(['q', 'k', 'v'].map((p) => n(`self_attn.${p}_proj`)), H, (cfg.numHeads + 2 * cfg.numKvHeads) * D)
+          ?? await loadCat(['q', 'k', 'v'].map((p) => n(`self_attn.${p}_proj.weight`))),
+        wo: quant([n('self_attn.o_proj')], cfg.numHeads * D, H) ?? await load(n('self_attn.o_proj.weight')),
         ln2: await load(n('post_attention_layernorm.weight'), true),
-        wgu: await loadCat([n('mlp.gate_proj.weight'), n('mlp.up_proj.weight')]),
-        wdown: await load(n('mlp.down_proj.weight')),
+        wgu: quant([n('mlp.gate_proj'), n('mlp.up_proj')], H, 2 * I)
+          ?? await loadCat([n('mlp.gate_proj.weight'), n('mlp.up_proj.weight')]),
+        wdown: quant([n('mlp.down_proj')], I, H) ?? await load(n('mlp.down_proj.weight')),
       };
       if (cfg.qkvBias) l.bqkv = await loadCat(['q', 'k', 'v'].map((p) => n(`self_attn.${p}_proj.bias`)), true);
       if (cfg.oBias) l.bo = await load(n('self_attn.o_proj.bias'), true);
@@ -196,9 +216,11 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
     }
     const norm = await load('model.norm.weight', true);
     const lmHead = tied ? embed : await load('lm_head.weight');
-    return { embed, layers, norm, lmHead, tied, dtype: matDtype, bytes: made.reduce((a, t) => a + t.byteLength, 0) };
+    return { embed, layers, norm, lmHead, tied, dtype: matDtype,
+      bytes: made.reduce((a, t) => a + t.byteLength, 0) + modules.reduce((a, m) => a + m.bytes, 0) };
   } catch (e) {
     made.forEach((t) => t.dispose());
+    modules.forEach((m) => m.dispose());
     throw e;
   }
 }

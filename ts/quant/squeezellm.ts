@@ -325,6 +325,8 @@ export interface QuantizeModelOptions {
   /** Per-linear input statistics: `<linear>` -> mean squared activation per input channel [K]. */
   calib?: Map<string, Float32Array>;
   out: string;
+  /** Round-to-nearest uniform grid per row instead of k-means (a baseline; no outliers). */
+  rtn?: boolean;
   iters?: number;
   /** Where k-means runs: 'cpu' (default) or 'cuda' / 'cuda:N'. */
   device?: string;
@@ -367,7 +369,8 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
       let sens: Float32Array | undefined;
       if (fisher && fisher.has(name)) sens = fisher.readFloat32(name);
       else if (o.calib?.has(prefix)) sens = o.calib.get(prefix);
-      const l = await quantizeLinear(w, N, K, { bits, outliers: outShare, sensitive: sens ? sensShare : 0, sens, iters: o.iters, device: o.device });
+      const l = o.rtn ? rtnQuantize(w, N, K, bits)
+        : await quantizeLinear(w, N, K, { bits, outliers: outShare, sensitive: sens ? sensShare : 0, sens, iters: o.iters, device: o.device });
       Object.assign(tensors, squeezeTensors(prefix, l));
       linears++;
       nnz += l.cols?.length ?? 0;
@@ -383,8 +386,8 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
     bits, lut_dtype: 'f16', outlier_dtype: 'f16', outlier_share: total ? nnz / total : 0, source: path.basename(path.resolve(dir)),
   }));
   cfg.quantization_config = {
-    quant_method: 'squeezellm', bits, outlier_share: total ? nnz / total : 0, dense_outliers: outShare,
-    sensitive_outliers: fisher || o.calib ? sensShare : 0, sensitivity: fisher ? 'fisher' : o.calib ? 'activations' : 'uniform',
+    quant_method: o.rtn ? 'rtn' : 'squeezellm', bits, outlier_share: total ? nnz / total : 0, dense_outliers: outShare,
+    sensitive_outliers: fisher || o.calib ? sensShare : 0, sensitivity: o.rtn ? 'none' : fisher ? 'fisher' : o.calib ? 'activations' : 'uniform',
   };
   fs.writeFileSync(path.join(o.out, 'config.json'), JSON.stringify(cfg, null, 2));
   for (const f of fs.readdirSync(dir))
@@ -393,20 +396,26 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
   return { linears, outliers: nnz };
 }
 
-/** `squeezelm quantize <model-dir> --out <dir> [--bits 4] [--outliers 0.0045] [--sensitive 0.0005] [--fisher f]`. */
+/**
+ * `squeezelm quantize (--model DIR | DIR) --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT]
+ * [--calib FILE [--calib-windows N]] [--fisher FILE] [--rtn] [--device cpu|cuda]`. Outlier shares
+ * are percentages of each matrix (0.45 = 0.45%); --calib gathers the activation sensitivity.
+ */
 export async function quantizeCommand(argv: string[]): Promise<void> {
   const pos: string[] = [];
   const opt: Record<string, string> = {};
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
-    if (a.startsWith('--')) {
+    if (a === '--rtn') opt.rtn = '1';
+    else if (a.startsWith('--')) {
       const eq = a.indexOf('=');
       if (eq > 0) opt[a.slice(2, eq)] = a.slice(eq + 1);
       else opt[a.slice(2)] = argv[++i] ?? '';
     } else pos.push(a);
   }
+  if (opt.model !== undefined) pos.push(opt.model);
   if (pos.length !== 1 || !opt.out)
-    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize <model-dir> --out <dir> [--bits 3|4] [--outliers share] [--sensitive share] [--fisher file] [--device cpu|cuda]');
+    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers pct] [--sensitive pct] [--calib file] [--fisher file] [--rtn] [--device cpu|cuda]');
   const num = (k: string, d: number) => {
     if (opt[k] === undefined) return d;
     const v = Number(opt[k]);
@@ -414,9 +423,14 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
     return v;
   };
   const t0 = Date.now();
+  let calib: Map<string, Float32Array> | undefined;
+  if (opt.calib) {
+    const { activationStats } = await import('./calib');
+    calib = await activationStats(pos[0], opt.calib, num('calib-windows', 8));
+  }
   const r = await quantizeModel(pos[0], {
-    bits: num('bits', 4), outliers: num('outliers', 0.0045), sensitive: num('sensitive', 0.0005),
-    fisher: opt.fisher, out: opt.out, iters: num('iters', 30), device: opt.device,
+    bits: num('bits', 4), outliers: num('outliers', 0.45) / 100, sensitive: num('sensitive', 0.05) / 100,
+    fisher: opt.fisher, calib, rtn: opt.rtn === '1', out: opt.out, iters: num('iters', 30), device: opt.device,
     onProgress: (d, t, n) => process.stderr.write(`\r[${d}/${t}] ${n}`.padEnd(60)),
   });
   process.stderr.write(`\nquantized ${r.linears} linears (${r.outliers} outliers) in ${((Date.now() - t0) / 1000).toFixed(1)} s -> ${opt.out}\n`);
