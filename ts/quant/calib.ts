@@ -15,8 +15,8 @@ const SITES: Record<LinearSite, string[]> = {
   down: ['mlp.down_proj'],
 };
 
-/** `model.layers.<i>.<linear>` -> mean x_k² over the calibration tokens [K]. */
-export async function activationStats(modelDir: string, calibFile: string, windows = 8): Promise<Map<string, Float32Array>> {
+/** `model.layers.<i>.<linear>` -> (mean x_k² over the calibration tokens)^power [K]. */
+export async function activationStats(modelDir: string, calibFile: string, windows = 8, power = 1): Promise<Map<string, Float32Array>> {
   const model = await loadModel(modelDir, { device: 'cpu', maxBatch: 1 });
   const sums = new Map<string, { s: Float64Array; rows: number }>();
   const pending: Promise<void>[] = [];
@@ -42,7 +42,7 @@ export async function activationStats(modelDir: string, calibFile: string, windo
   const out = new Map<string, Float32Array>();
   for (const [key, e] of sums) {
     const [layer, site] = key.split(':') as [string, LinearSite];
-    const mean = Float32Array.from(e.s, (v) => v / Math.max(1, e.rows));
+    const mean = Float32Array.from(e.s, (v) => Math.pow(v / Math.max(1, e.rows), power));
     for (const l of SITES[site]) out.set(`model.layers.${layer}.${l}`, mean);
   }
   return out;

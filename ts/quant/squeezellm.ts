@@ -426,7 +426,7 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
   let calib: Map<string, Float32Array> | undefined;
   if (opt.calib) {
     const { activationStats } = await import('./calib');
-    calib = await activationStats(pos[0], opt.calib, num('calib-windows', 8));
+    calib = await activationStats(pos[0], opt.calib, num('calib-windows', 8), num('calib-power', 1));
   }
   const r = await quantizeModel(pos[0], {
     bits: num('bits', 4), outliers: num('outliers', 0.45) / 100, sensitive: num('sensitive', 0.05) / 100,
