@@ -96,6 +96,8 @@ export interface QuantizeOptions {
   sensitive?: number;
   /** Sensitivity: Fisher diagonal [N,K], or per input channel [K] (mean squared activation); uniform when absent. */
   sens?: Float32Array;
+  /** GPTQ factor (calib.ts gptqFactor) [K,K]: code columns in order with error compensation. */
+  gptq?: Float64Array;
   iters?: number;
   /** Where k-means runs: 'cpu' (default) or 'cuda' / 'cuda:N'. */
   device?: string;
@@ -114,6 +116,7 @@ function topThreshold(n: number, value: (i: number) => number, share: number): n
 
 /** Quantizes one weight matrix w [N,K] (row n = output channel n). */
 export async function quantizeLinear(w: Float32Array, N: number, K: number, o: QuantizeOptions): Promise<SqueezeLinear> {
+  // (w is replaced by its compensated copy when o.gptq is given)
   const bits = checkBits(o.bits), E = 1 << bits;
   if (w.length !== N * K) throw new SqueezeError('ERR_SHAPE', `quantizeLinear: weight has ${w.length} elements, expected ${N}x${K}`);
   const sens = o.sens;
@@ -137,7 +140,12 @@ export async function quantizeLinear(w: Float32Array, N: number, K: number, o: Q
   try {
     kmeansRows(tl, tc, tw, ts, o.iters ?? 30);
     const lut = (await tl.toArray()) as Float32Array;
-    const codes = (await tc.toArray()) as Uint8Array;
+    let codes = (await tc.toArray()) as Uint8Array;
+    if (o.gptq) {
+      const { gptqCodes } = await import('./calib');
+      w = Float32Array.from(w);
+      codes = gptqCodes(w, N, K, lut, E, isOut, o.gptq);
+    }
     let rows: Int32Array | undefined, cols: Int32Array | undefined, vals: Float32Array | undefined;
     if (nnz > 0) {
       rows = new Int32Array(N + 1);
@@ -324,6 +332,8 @@ export interface QuantizeModelOptions {
   fisher?: string;
   /** Per-linear input statistics: `<linear>` -> mean squared activation per input channel [K]. */
   calib?: Map<string, Float32Array>;
+  /** Per-linear E[x xᵀ] [K,K]: enables GPTQ-style error compensation. */
+  cov?: Map<string, Float64Array>;
   out: string;
   /** Round-to-nearest uniform grid per row instead of k-means (a baseline; no outliers). */
   rtn?: boolean;
@@ -353,6 +363,7 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
   const outShare = o.outliers ?? 0.0045, sensShare = o.sensitive ?? 0.0005;
   const tensors: Record<string, WriteTensor> = {};
   let linears = 0, nnz = 0, total = 0;
+  const factors = new Map<Float64Array, Float64Array>(); // q, k, v share one input
   try {
     const names = ck.names();
     const targets = names.filter((n) => n.endsWith('.weight') && LINEARS.some((l) => n.endsWith(`${l}.weight`)));
@@ -369,8 +380,15 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
       let sens: Float32Array | undefined;
       if (fisher && fisher.has(name)) sens = fisher.readFloat32(name);
       else if (o.calib?.has(prefix)) sens = o.calib.get(prefix);
+      let gptq: Float64Array | undefined;
+      const h = o.cov?.get(prefix);
+      if (h) {
+        const { gptqFactor } = await import('./calib');
+        gptq = factors.get(h) ?? gptqFactor(h, K);
+        factors.set(h, gptq);
+      }
       const l = o.rtn ? rtnQuantize(w, N, K, bits)
-        : await quantizeLinear(w, N, K, { bits, outliers: outShare, sensitive: sens ? sensShare : 0, sens, iters: o.iters, device: o.device });
+        : await quantizeLinear(w, N, K, { bits, outliers: outShare, sensitive: sens ? sensShare : 0, sens, gptq, iters: o.iters, device: o.device });
       Object.assign(tensors, squeezeTensors(prefix, l));
       linears++;
       nnz += l.cols?.length ?? 0;
@@ -387,7 +405,7 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
   }));
   cfg.quantization_config = {
     quant_method: o.rtn ? 'rtn' : 'squeezellm', bits, outlier_share: total ? nnz / total : 0, dense_outliers: outShare,
-    sensitive_outliers: fisher || o.calib ? sensShare : 0, sensitivity: o.rtn ? 'none' : fisher ? 'fisher' : o.calib ? 'activations' : 'uniform',
+    sensitive_outliers: fisher || o.calib ? sensShare : 0, error_compensation: o.cov && !o.rtn ? 'gptq' : 'none', sensitivity: o.rtn ? 'none' : fisher ? 'fisher' : o.calib ? 'activations' : 'uniform',
   };
   fs.writeFileSync(path.join(o.out, 'config.json'), JSON.stringify(cfg, null, 2));
   for (const f of fs.readdirSync(dir))
@@ -406,7 +424,7 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
   const opt: Record<string, string> = {};
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
-    if (a === '--rtn') opt.rtn = '1';
+    if (a === '--rtn' || a === '--gptq') opt[a.slice(2)] = '1';
     else if (a.startsWith('--')) {
       const eq = a.indexOf('=');
       if (eq > 0) opt[a.slice(2, eq)] = a.slice(eq + 1);
@@ -423,14 +441,15 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
     return v;
   };
   const t0 = Date.now();
-  let calib: Map<string, Float32Array> | undefined;
+  let calib: Map<string, Float32Array> | undefined, cov: Map<string, Float64Array> | undefined;
   if (opt.calib) {
     const { activationStats } = await import('./calib');
-    calib = await activationStats(pos[0], opt.calib, num('calib-windows', 8), num('calib-power', 1));
+    if (opt.gptq === '1') cov = new Map();
+    calib = await activationStats(pos[0], opt.calib, num('calib-windows', 8), num('calib-power', 1), cov);
   }
   const r = await quantizeModel(pos[0], {
     bits: num('bits', 4), outliers: num('outliers', 0.45) / 100, sensitive: num('sensitive', 0.05) / 100,
-    fisher: opt.fisher, calib, rtn: opt.rtn === '1', out: opt.out, iters: num('iters', 30), device: opt.device,
+    fisher: opt.fisher, calib, cov, rtn: opt.rtn === '1', out: opt.out, iters: num('iters', 30), device: opt.device,
     onProgress: (d, t, n) => process.stderr.write(`\r[${d}/${t}] ${n}`.padEnd(60)),
   });
   process.stderr.write(`\nquantized ${r.linears} linears (${r.outliers} outliers) in ${((Date.now() - t0) / 1000).toFixed(1)} s -> ${opt.out}\n`);
