@@ -6,6 +6,7 @@
 #include "common.cuh"
 #include "core/cuda_stream.h"
 #include "core/error.h"
+#include "kernels/common/paged_rows.cuh"
 
 namespace sqz::cuda {
 
@@ -14,17 +15,8 @@ namespace {
 __global__ void kv_append_kernel(attn::Params p, uint4* kc, uint4* vc, const uint4* k, const uint4* v, int N) {
   const int chunks = p.Hkv * p.D / 8;  // 16-byte pieces of one row
   for (int row = blockIdx.x; row < N; row += gridDim.x) {
-    int lo = 0, hi = p.B - 1;  // last b with cu_q[b] <= row
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (__ldg(p.cu_q + mid) <= row) lo = mid;
-      else hi = mid - 1;
-    }
-    const int b = lo;
-    const int start = __ldg(p.cu_q + b), end = __ldg(p.cu_q + b + 1);
-    if (row < start || row >= end) continue;
-    const int pos = __ldg(p.seq_lens + b) - (end - start) + (row - start);
-    if (pos < 0) continue;
+    int b, pos;
+    if (!paged_row_position(p.cu_q, p.seq_lens, p.B, row, &b, &pos) || pos < 0) continue;
     const int page = attn::page_of(p, b, pos);
     if (page < 0) continue;
     const int64_t dst = attn::cache_offset(p, page, pos, 0) / 8;

@@ -9,6 +9,7 @@
 #include "core/cuda_stream.h"
 #include "dtype_cuda.cuh"
 #include "fused.h"
+#include "paged_rows.cuh"
 
 namespace sqz::cuda {
 namespace {
@@ -42,25 +43,12 @@ __global__ void rope_append_kernel(RopeAppendParams p, T* __restrict__ q_out, T*
     }
     if (threadIdx.x == 0) {
       long long dst = -1;
-      if (p.B > 0) {
-        int lo = 0, hi = p.B - 1;  // last b with cu_q[b] <= row
-        while (lo < hi) {
-          const int mid = (lo + hi + 1) >> 1;
-          if (__ldg(p.cu_q + mid) <= row) lo = mid;
-          else hi = mid - 1;
-        }
-        const int b = lo;
-        const int start = __ldg(p.cu_q + b), end = __ldg(p.cu_q + b + 1);
-        if (row >= start && row < end) {
-          const int t = __ldg(p.seq_lens + b) - (end - start) + (row - start);
-          if (t >= 0) {
-            const int blk = t / p.page_size;
-            if (blk < p.max_pages) {
-              const int page = __ldg(p.page_table + (int64_t)b * p.max_pages + blk);
-              if (page >= 0 && page < p.pages)
-                dst = (((long long)page * p.page_size + t % p.page_size) * p.Hkv) * D;
-            }
-          }
+      int b, t;
+      if (paged_row_position(p.cu_q, p.seq_lens, p.B, row, &b, &t) && t >= 0) {
+        const int blk = t / p.page_size;
+        if (blk < p.max_pages) {
+          const int page = __ldg(p.page_table + (int64_t)b * p.max_pages + blk);
+          if (page >= 0 && page < p.pages) dst = (((long long)page * p.page_size + t % p.page_size) * p.Hkv) * D;
         }
       }
       dst_s = dst;
