@@ -4,6 +4,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -12,6 +13,17 @@ namespace sqz {
 namespace {
 
 thread_local bool t_inside_parallel = false;
+
+// One parallel_for call. Workers hold it by shared_ptr, so a worker that wakes late for an
+// old job only finds its chunks exhausted; chunk claims and completions are counted per job
+// (a shared counter reset between jobs let a late worker claim a chunk of the next job twice
+// and skip the completion count, which could hang the caller).
+struct Job {
+  const std::function<void(int64_t)>* body = nullptr;
+  int64_t total = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
 
 class Pool {
  public:
@@ -24,48 +36,47 @@ class Pool {
 
   void run(int64_t chunks, const std::function<void(int64_t)>& body) {
     std::lock_guard<std::mutex> serial(run_mutex_);
+    auto job = std::make_shared<Job>();
+    job->body = &body;
+    job->total = chunks;
     {
       std::lock_guard<std::mutex> lk(m_);
-      body_ = &body;
-      total_ = chunks;
-      next_.store(0);
-      done_ = 0;
+      job_ = job;
       ++generation_;
     }
     cv_.notify_all();
-    work();
+    work(*job);
     std::unique_lock<std::mutex> lk(m_);
-    done_cv_.wait(lk, [&] { return done_ == total_; });
-    body_ = nullptr;
+    done_cv_.wait(lk, [&] { return job->done.load() == job->total; });
+    job_.reset();
   }
 
  private:
-  void work() {
+  void work(Job& job) {
     t_inside_parallel = true;
-    int64_t finished = 0;
     for (;;) {
-      int64_t i = next_.fetch_add(1);
-      if (i >= total_) break;
-      (*body_)(i);
-      ++finished;
+      int64_t i = job.next.fetch_add(1);
+      if (i >= job.total) break;
+      (*job.body)(i);
+      if (job.done.fetch_add(1) + 1 == job.total) {
+        std::lock_guard<std::mutex> lk(m_);  // pairs with the caller's wait
+        done_cv_.notify_all();
+      }
     }
     t_inside_parallel = false;
-    if (finished) {
-      std::lock_guard<std::mutex> lk(m_);
-      done_ += finished;
-      if (done_ == total_) done_cv_.notify_all();
-    }
   }
 
   void loop() {
     uint64_t seen = 0;
     for (;;) {
+      std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lk(m_);
-        cv_.wait(lk, [&] { return generation_ != seen && body_ != nullptr; });
+        cv_.wait(lk, [&] { return generation_ != seen && job_ != nullptr; });
         seen = generation_;
+        job = job_;
       }
-      work();
+      work(*job);
     }
   }
 
@@ -73,9 +84,7 @@ class Pool {
   std::vector<std::thread> workers_;
   std::mutex run_mutex_, m_;
   std::condition_variable cv_, done_cv_;
-  const std::function<void(int64_t)>* body_ = nullptr;
-  int64_t total_ = 0, done_ = 0;
-  std::atomic<int64_t> next_{0};
+  std::shared_ptr<Job> job_;
   uint64_t generation_ = 0;
 };
 
