@@ -12,6 +12,7 @@
 #include <cmath>
 #include <mutex>
 
+#include "../common/pdl.cuh"
 #include "common.cuh"
 #include "core/cuda_stream.h"
 #include "core/error.h"
@@ -27,6 +28,8 @@ constexpr int kMaxSplits = 256;
 // TPK lanes share one key (8 elements each, so D <= 8 * TPK); R query vectors per block.
 template <class T, int TPK, int R>
 __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
+  pdl_wait();  // see pdl.cuh: before any global access
+  pdl_trigger();
   constexpr int SLOTS = 32 / TPK;       // keys a warp reads at once
   constexpr int U = R >= 8 ? 2 : 4;     // key steps in flight per thread
   constexpr int KPW = SLOTS * U;        // keys per warp iteration
@@ -205,6 +208,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
 // each output element is a fixed-order sum over splits.
 template <class T>
 __global__ void __launch_bounds__(128) decode_combine(Params p) {
+  pdl_wait();  // see pdl.cuh: before any global access
+  pdl_trigger();
   __shared__ float s_w[kMaxSplits];
   __shared__ float s_inv;
   const int h = blockIdx.x, j = blockIdx.y, b = blockIdx.z;
@@ -241,7 +246,7 @@ template <class T, int TPK, int R>
 void launch_partial(const Params& p, int device, cudaStream_t stream) {
   dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
   size_t smem = sizeof(float) * kWarps * R * p.D;
-  decode_partial<T, TPK, R><<<grid, kWarps * 32, smem, stream>>>(p);
+  launch_pdl(decode_partial<T, TPK, R>, dim3(grid), dim3(kWarps * 32), smem, stream, p);
 }
 
 template <class T, int TPK>
@@ -260,7 +265,7 @@ void launch_t(Params& p, int R, int device, cudaStream_t stream) {
   else if (p.D <= 128) dispatch_r<T, 16>(p, R, device, stream);
   else dispatch_r<T, 32>(p, R, device, stream);
   dim3 grid(p.Hq, p.max_q, p.B);
-  decode_combine<T><<<grid, 128, 0, stream>>>(p);
+  launch_pdl(decode_combine<T>, dim3(grid), dim3(128), 0, stream, p);
 }
 
 int sm_count(int device) {

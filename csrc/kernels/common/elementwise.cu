@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "pdl.cuh"
 #include "common.h"
 #include "core/cuda_stream.h"
 #include "dtype_cuda.cuh"
@@ -45,6 +46,8 @@ __global__ void cast_kernel(To* __restrict__ out, const Ti* __restrict__ x, int6
 // vector width and the pointers are aligned.
 template <class T, bool VEC>
 __global__ void silu_mul_kernel(T* __restrict__ out, const T* __restrict__ gu, int64_t rows, int64_t inter) {
+  pdl_wait();  // see pdl.cuh: before any global access
+  pdl_trigger();
   const int64_t stride = (int64_t)gridDim.x * blockDim.x, tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (VEC) {
     constexpr int N = Vec16<T>::N;
@@ -102,6 +105,8 @@ __global__ void fill_random_int_kernel(W* __restrict__ p, int64_t n, uint64_t se
 template <class W>
 __global__ void gather_kernel(char* __restrict__ out, const char* __restrict__ src, const int* __restrict__ idx,
                               int64_t src_rows, int64_t row_bytes) {
+  pdl_wait();  // see pdl.cuh: before any global access
+  pdl_trigger();
   const int64_t r = idx[blockIdx.x];
   W* o = reinterpret_cast<W*>(out + (int64_t)blockIdx.x * row_bytes);
   const int64_t nw = row_bytes / (int64_t)sizeof(W);
@@ -118,6 +123,8 @@ __global__ void gather_kernel(char* __restrict__ out, const char* __restrict__ s
 template <class Ti, class To>
 __global__ void gather_cast_kernel(To* __restrict__ out, const Ti* __restrict__ src, const int* __restrict__ idx,
                                    int64_t src_rows, int64_t h) {
+  pdl_wait();  // see pdl.cuh: before any global access
+  pdl_trigger();
   const int64_t r = idx[blockIdx.x];
   To* o = out + (int64_t)blockIdx.x * h;
   for (int64_t i = threadIdx.x; i < h; i += blockDim.x)
@@ -158,8 +165,8 @@ void silu_mul(const Tensor& out, const Tensor& gate_up, cudaStream_t s) {
     constexpr int N = Vec16<T>::N;
     const bool vec = inter % N == 0 && aligned16(out.data()) && aligned16(gate_up.data());
     const unsigned g = grid_for(vec ? rows * inter / N : rows * inter);
-    if (vec) silu_mul_kernel<T, true><<<g, kThreads, 0, s>>>(out.ptr<T>(), gate_up.ptr<T>(), rows, inter);
-    else silu_mul_kernel<T, false><<<g, kThreads, 0, s>>>(out.ptr<T>(), gate_up.ptr<T>(), rows, inter);
+    if (vec) launch_pdl(silu_mul_kernel<T, true>, dim3(g), dim3(kThreads), 0, s, out.ptr<T>(), gate_up.ptr<T>(), rows, inter);
+    else launch_pdl(silu_mul_kernel<T, false>, dim3(g), dim3(kThreads), 0, s, out.ptr<T>(), gate_up.ptr<T>(), rows, inter);
   });
 }
 
@@ -204,7 +211,7 @@ void gather_rows(const Tensor& out, const Tensor& src, const Tensor& index, cuda
       dispatch_float(out.dtype, "gatherRows", [&](auto to) {
         using Ti = decltype(ti);
         using To = decltype(to);
-        gather_cast_kernel<Ti, To><<<(unsigned)n, kThreads, 0, s>>>(out.ptr<To>(), src.ptr<Ti>(), index.ptr<int>(), src_rows, h);
+        launch_pdl(gather_cast_kernel<Ti, To>, dim3((unsigned)n), dim3(kThreads), 0, s, out.ptr<To>(), src.ptr<Ti>(), index.ptr<int>(), src_rows, h);
       });
     });
     return;
@@ -215,10 +222,10 @@ void gather_rows(const Tensor& out, const Tensor& src, const Tensor& index, cuda
   char* o = static_cast<char*>(out.data());
   const char* sp = static_cast<const char*>(src.data());
   const int* id = index.ptr<int>();
-  if ((al & 15) == 0) gather_kernel<uint4><<<(unsigned)n, kThreads, 0, s>>>(o, sp, id, src_rows, row_bytes);
-  else if ((al & 3) == 0) gather_kernel<uint32_t><<<(unsigned)n, kThreads, 0, s>>>(o, sp, id, src_rows, row_bytes);
-  else if ((al & 1) == 0) gather_kernel<uint16_t><<<(unsigned)n, kThreads, 0, s>>>(o, sp, id, src_rows, row_bytes);
-  else gather_kernel<uint8_t><<<(unsigned)n, kThreads, 0, s>>>(o, sp, id, src_rows, row_bytes);
+  if ((al & 15) == 0) launch_pdl(gather_kernel<uint4>, dim3((unsigned)n), dim3(kThreads), 0, s, o, sp, id, src_rows, row_bytes);
+  else if ((al & 3) == 0) launch_pdl(gather_kernel<uint32_t>, dim3((unsigned)n), dim3(kThreads), 0, s, o, sp, id, src_rows, row_bytes);
+  else if ((al & 1) == 0) launch_pdl(gather_kernel<uint16_t>, dim3((unsigned)n), dim3(kThreads), 0, s, o, sp, id, src_rows, row_bytes);
+  else launch_pdl(gather_kernel<uint8_t>, dim3((unsigned)n), dim3(kThreads), 0, s, o, sp, id, src_rows, row_bytes);
 }
 
 }  // namespace sqz::cuda

@@ -6,6 +6,7 @@
 // replays with new batches; rows whose position or page is out of range are not stored).
 #include <algorithm>
 
+#include "pdl.cuh"
 #include "core/cuda_stream.h"
 #include "dtype_cuda.cuh"
 #include "fused.h"
@@ -27,6 +28,8 @@ struct RopeAppendParams {
 template <class T>
 __global__ void rope_append_kernel(RopeAppendParams p, T* __restrict__ q_out, T* __restrict__ kc, T* __restrict__ vc,
                                    const T* __restrict__ qkv) {
+  pdl_wait();  // see pdl.cuh: before any global access
+  pdl_trigger();
   extern __shared__ float cs[];  // cos[half], sin[half]
   __shared__ long long dst_s;
   const int half = p.half, D = 2 * half;
@@ -107,8 +110,7 @@ void rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const 
     const int pairs = (p.Hq + p.Hkv) * p.half;
     const int threads = std::min(512, std::max(32, (pairs + 31) / 32 * 32));
     const int grid = std::min(p.T, 65535);
-    rope_append_kernel<T><<<grid, threads, 2 * p.half * sizeof(float), s>>>(
-        p, static_cast<T*>(q_out.data()), static_cast<T*>(kc.data()), static_cast<T*>(vc.data()),
+    launch_pdl(rope_append_kernel<T>, dim3(grid), dim3(threads), 2 * p.half * sizeof(float), s, p, static_cast<T*>(q_out.data()), static_cast<T*>(kc.data()), static_cast<T*>(vc.data()),
         static_cast<const T*>(qkv.data()));
   });
 }

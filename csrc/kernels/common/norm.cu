@@ -2,6 +2,7 @@
 // reduced in a fixed tree (deterministic), 16-byte vectors when the row allows.
 #include <algorithm>
 
+#include "pdl.cuh"
 #include "common.h"
 #include "core/cuda_stream.h"
 #include "dtype_cuda.cuh"
@@ -14,6 +15,8 @@ namespace {
 // res.
 template <class T, bool VEC, bool ADD>
 __global__ void rms_norm_kernel(T* out, T* res, const T* x, const T* __restrict__ w, int64_t h, float eps) {
+  pdl_wait();  // see pdl.cuh: before any global access
+  pdl_trigger();
   __shared__ float red[32];
   const int64_t off = (int64_t)blockIdx.x * h;
   const T* src = ADD ? res + off : x + off;
@@ -75,9 +78,9 @@ void launch(const Tensor& out, const Tensor* res, const Tensor& x, const Tensor&
     const int64_t items = vec ? h / N : h;
     const int threads = (int)std::min<int64_t>(1024, std::max<int64_t>(32, (items + 31) / 32 * 32));
     if (vec)
-      rms_norm_kernel<T, true, ADD><<<(unsigned)rows, threads, 0, s>>>(out.ptr<T>(), r, x.ptr<T>(), w.ptr<T>(), h, eps);
+      launch_pdl(rms_norm_kernel<T, true, ADD>, dim3((unsigned)rows), dim3(threads), 0, s, out.ptr<T>(), r, x.ptr<T>(), w.ptr<T>(), h, eps);
     else
-      rms_norm_kernel<T, false, ADD><<<(unsigned)rows, threads, 0, s>>>(out.ptr<T>(), r, x.ptr<T>(), w.ptr<T>(), h, eps);
+      launch_pdl(rms_norm_kernel<T, false, ADD>, dim3((unsigned)rows), dim3(threads), 0, s, out.ptr<T>(), r, x.ptr<T>(), w.ptr<T>(), h, eps);
   });
 }
 

@@ -6,6 +6,7 @@
 // any order, so the result is deterministic and equal to the CPU's.
 #include <cstdint>
 
+#include "pdl.cuh"
 #include "common.h"
 #include "core/cuda_stream.h"
 #include "dtype_cuda.cuh"
@@ -191,6 +192,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(int* __restrict__ out,
                                                           const float* __restrict__ temperature,
                                                           const int* __restrict__ top_k,
                                                           const float* __restrict__ top_p, uint32_t* __restrict__ rng) {
+  pdl_wait();  // see pdl.cuh: before any global access
+  pdl_trigger();
   __shared__ Smem sm;
   const int b = blockIdx.x;
   const T* row = logits + (size_t)b * V;
@@ -226,6 +229,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(int* __restrict__ out,
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) argmax_kernel(int* __restrict__ out, const T* __restrict__ logits, int V) {
+  pdl_wait();  // see pdl.cuh: before any global access
+  pdl_trigger();
   __shared__ Smem sm;
   const int r = row_argmax(logits + (size_t)blockIdx.x * V, V, sm);
   if (threadIdx.x == 0) out[blockIdx.x] = r;
@@ -238,7 +243,7 @@ void argmax(const Tensor& out, const Tensor& logits, cudaStream_t s) {
   if (rows == 0) return;
   dispatch_float(logits.dtype, "argmax", [&](auto t) {
     using T = decltype(t);
-    argmax_kernel<T><<<(unsigned)rows, kThreads, 0, s>>>(out.ptr<int>(), logits.ptr<T>(), (int)V);
+    launch_pdl(argmax_kernel<T>, dim3((unsigned)rows), dim3(kThreads), 0, s, out.ptr<int>(), logits.ptr<T>(), (int)V);
   });
 }
 
@@ -248,7 +253,7 @@ void sample(const Tensor& out, const Tensor& logits, const Tensor& temperature, 
   if (rows == 0) return;
   dispatch_float(logits.dtype, "sample", [&](auto t) {
     using T = decltype(t);
-    sample_kernel<T><<<(unsigned)rows, kThreads, 0, s>>>(out.ptr<int>(), logits.ptr<T>(), (int)V,
+    launch_pdl(sample_kernel<T>, dim3((unsigned)rows), dim3(kThreads), 0, s, out.ptr<int>(), logits.ptr<T>(), (int)V,
                                                          temperature.ptr<float>(), top_k.ptr<int>(),
                                                          top_p.ptr<float>(), rng.ptr<uint32_t>());
   });
