@@ -101,6 +101,10 @@ describeGpu('matmul (cuda vs cpu)', () => {
     [256, 512, 4096],
     [33, 257, 72],
     [129, 131, 4097],
+    // tensor-core GEMV with 2 and 4 row tiles per block (picked by N) and tails in N and K
+    [4, 4229, 1000],
+    [9, 8453, 1032],
+    [16, 8451, 264],
     // wgmma kernel: full 128x256 tiles and tails in M, N and K (K % 64 != 0)
     [300, 520, 1000],
     [256, 384, 512],

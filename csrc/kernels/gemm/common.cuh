@@ -36,4 +36,13 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
   return r;
 }
 
+// Activations: read-only for the kernel's lifetime and reread by many warps, so they go
+// through L1. volatile keeps the load where it is written: issued with the weight loads of the
+// same round, not sunk next to its first use (where its latency would be exposed).
+__device__ __forceinline__ uint4 ld_act(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+
 }  // namespace sqz::cuda::gemm_detail

@@ -5,17 +5,18 @@
 // (a fixed order: deterministic). x is small and shared by every warp, so it is read through
 // L1/L2; the R rows per warp divide that traffic by R.
 #pragma once
+#include "../common/pdl.cuh"
 #include "common.cuh"
 
 namespace sqz::cuda::gemm_detail {
 
 constexpr int kGemvWarps = 8;  // warps per block
 constexpr int kGemvRows = 2;   // output rows per warp
-constexpr int kGemvUnroll = 2; // 16-byte chunks per row in flight per lane
 
+// U: 16-byte chunks per row in flight per lane (the launcher picks 2 or 4).
 // VEC: K % 8 == 0 and every base pointer 16-byte aligned (each row then starts aligned).
 // Otherwise lanes read single elements (unaligned or odd K: slower, still correct).
-template <class T, int M, bool VEC>
+template <class T, int M, bool VEC, int U>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                 int N, int K) {
@@ -23,11 +24,25 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   const int lane = threadIdx.x & 31;
   const long long warp = (long long)blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
   const long long n0 = warp * R;
-  if (n0 >= N) return;  // whole warp leaves together: no shuffle is left waiting
+  if (n0 >= N) {  // whole warp leaves together: no shuffle is left waiting
+    pdl_wait();
+    return;
+  }
   // Rows past N reread the last valid row (in bounds) and are never stored.
   const T* wrow[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) wrow[r] = w + (size_t)min(n0 + r, (long long)N - 1) * K;
+
+  // Weights do not depend on earlier kernels: pull this warp's first round into L2 while the
+  // previous kernel drains (programmatic dependent launch), then wait for x.
+  if (VEC)
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if ((lane + 32 * u) * 8 < K)
+#pragma unroll
+        for (int r = 0; r < R; ++r) prefetch_l2(wrow[r] + (size_t)(lane + 32 * u) * 8);
+  pdl_wait();
+  pdl_trigger();
 
   float acc[M][R];
 #pragma unroll
@@ -37,7 +52,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 
   if constexpr (VEC) {
     const int chunks = K >> 3;
-    constexpr int U = kGemvUnroll;
     int c = lane;
     // Main loop: U chunks per row per lane, all loads issued before any math.
     for (; c + 32 * (U - 1) < chunks; c += 32 * U) {

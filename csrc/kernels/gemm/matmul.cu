@@ -1,9 +1,11 @@
 // Launchers of the dense matmul: GEMV for M <= 16, tensor-core GEMM above.
 #include <atomic>
+#include <cstdlib>
 #include <cstdint>
 #include <string_view>
 
 #include "core/cuda_stream.h"
+#include "../common/device_info.h"
 #include "gemm.h"
 #include "gemm_tc.cuh"
 #include "gemm_wgmma.cuh"
@@ -16,14 +18,27 @@ using namespace gemm_detail;
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-template <class T, int M>
-void launch_gemv_m(T* y, const T* x, const T* w, const T* bias, int N, int K, bool vec, cudaStream_t s) {
+// Launch-shape knobs, each overridable from the environment for tuning runs (bench/gemv.ts's
+// tune suite): read per launch, so a benchmark can sweep them in one process.
+int knob(const char* name, int dflt) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoi(v) : dflt;
+}
+
+template <class T, int M, bool VEC, int U>
+void launch_gemv_mu(T* y, const T* x, const T* w, const T* bias, int N, int K, cudaStream_t s) {
   const long long warps = (N + kGemvRows - 1) / kGemvRows;
   const unsigned blocks = ceil_div(warps, kGemvWarps);
-  if (vec)
-    gemv_kernel<T, M, true><<<blocks, kGemvWarps * 32, 0, s>>>(y, x, w, bias, N, K);
-  else
-    gemv_kernel<T, M, false><<<blocks, kGemvWarps * 32, 0, s>>>(y, x, w, bias, N, K);
+  launch_pdl(gemv_kernel<T, M, VEC, U>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K);
+}
+
+template <class T, int M>
+void launch_gemv_m(T* y, const T* x, const T* w, const T* bias, int N, int K, bool vec, cudaStream_t s) {
+  if (!vec) return launch_gemv_mu<T, M, false, 2>(y, x, w, bias, N, K, s);
+  if constexpr (M <= 2) {
+    if (knob("SQUEEZELM_GEMV_U", 2) >= 4) return launch_gemv_mu<T, M, true, 4>(y, x, w, bias, N, K, s);
+  }
+  launch_gemv_mu<T, M, true, 2>(y, x, w, bias, N, K, s);
 }
 
 template <class T>
@@ -38,6 +53,32 @@ void launch_gemv(T* y, const T* x, const T* w, const T* bias, int M, int N, int 
 #undef SQZ_GEMV_CASE
     default: fail("ERR_INTERNAL", "matmul: GEMV called with M = " + std::to_string(M));
   }
+}
+
+template <class T, int NT, int U>
+void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
+  launch_pdl(gemv_tc_kernel<T, NT, U>, dim3(ceil_div(N, 8 * NT)), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N,
+             K);
+}
+
+// Tiles per block: as many as keep at least two blocks per SM (more tiles per block = less x
+// traffic from L2, fewer blocks to spread over the SMs).
+template <class T>
+void launch_gemv_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
+  const int sms = current_sm_count();
+  int nt = knob("SQUEEZELM_GEMV_NT", 0);
+  if (nt <= 0) nt = (long long)N >= 8LL * 4 * 2 * sms ? 4 : (long long)N >= 8LL * 2 * 2 * sms ? 2 : 1;
+  const int u = knob("SQUEEZELM_GEMV_TC_U", 4) >= 4 ? 4 : 2;
+  if (nt >= 4) {
+    if (u == 4) return launch_gemv_tc_nu<T, 4, 4>(y, x, w, bias, M, N, K, s);
+    return launch_gemv_tc_nu<T, 4, 2>(y, x, w, bias, M, N, K, s);
+  }
+  if (nt == 2) {
+    if (u == 4) return launch_gemv_tc_nu<T, 2, 4>(y, x, w, bias, M, N, K, s);
+    return launch_gemv_tc_nu<T, 2, 2>(y, x, w, bias, M, N, K, s);
+  }
+  if (u == 4) return launch_gemv_tc_nu<T, 1, 4>(y, x, w, bias, M, N, K, s);
+  launch_gemv_tc_nu<T, 1, 2>(y, x, w, bias, M, N, K, s);
 }
 
 template <class T, bool A>
@@ -117,8 +158,8 @@ void run(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tensor* bt,
   const bool vec = K % 8 == 0 && aligned16(x) && aligned16(w);
   // M = 1, 2: the FMA GEMV is at cuBLAS parity; from M = 3 its fp32 FMAs, not HBM, are the
   // limit, and the tensor-core GEMV keeps 0.9-1.0x cuBLAS up to M = 16 (H100 measurements).
-  if (M >= 3 && M <= 16 && vec) {
-    gemv_tc_kernel<T><<<ceil_div(N, 8), kGemvTcWarps * 32, 0, s>>>(y, x, w, bias, (int)M, (int)N, (int)K);
+  if (M >= knob("SQUEEZELM_GEMV_TC_MIN_M", 3) && M <= 16 && vec) {
+    launch_gemv_tc<T>(y, x, w, bias, (int)M, (int)N, (int)K, s);
   } else if (M <= 16) {
     launch_gemv<T>(y, x, w, bias, (int)M, (int)N, (int)K, vec, s);
   } else if (vec && kBuiltFor90a && device_is_sm90()) {
