@@ -94,6 +94,7 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
       const seqs: number[] = [];
       const ws = dec.decodeWorkspace(B, dec.cache.maxContext);
       let t: Timing;
+      let noPdl: Timing | null = null;
       try {
         for (let b = 0; b < B; b++) {
           const s = dec.cache.createSequence();
@@ -106,13 +107,23 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
         ws.topK.write(new Int32Array(B));
         ws.topP.write(new Float32Array(B).fill(1));
         ws.rng.write(new Uint32Array(2 * B));
-        t = await timeCuda({
+        const step = () => timeCuda({
           device, warmup: 3, iters: 10, repeats: ctx.quick ? 5 : 15,
           fn: () => {
             dec.forward(ws, 1, dec.cache.maxContext);
             dec.sample(ws);
           },
         });
+        t = await step();
+        if (B === 1) {
+          // The same step with ordinary launches: what programmatic dependent launch buys.
+          process.env.SQUEEZELM_NO_PDL = '1';
+          try {
+            noPdl = await step();
+          } finally {
+            delete process.env.SQUEEZELM_NO_PDL;
+          }
+        }
       } finally {
         seqs.forEach((s) => dec.cache.free(s));
         ws.dispose();
@@ -127,8 +138,10 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
         note += ` with graphs, ${(B / e2ePlain).toFixed(1)} without; floor ${floorTps.toFixed(1)}`;
       }
       if (model.stats.captureError) note += `; scheduler could not capture: ${model.stats.captureError}`;
-      const r = row(ctx, SUITE, `step b${B} ctx ${ctxLen}`, t, { bytes: weightBytes + B * ctxLen * kvPerToken, note });
+      const bytes = weightBytes + B * ctxLen * kvPerToken;
+      const r = row(ctx, SUITE, `step b${B} ctx ${ctxLen}`, t, { bytes, note });
       rows.push(r);
+      if (noPdl) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} without PDL`, noPdl, { bytes, note: 'ordinary launches (SQUEEZELM_NO_PDL=1)' }));
       log(`decode b${B}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), plain ${r.plainUs?.toFixed(0)} us; ${note}`);
     }
     // Prefill: one sequence of T tokens, logits of the last row only.

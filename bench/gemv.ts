@@ -88,6 +88,56 @@ export async function benchGemv(ctx: BenchContext): Promise<BenchResult[]> {
   return out;
 }
 
+/**
+ * Launch-shape sweep of the GEMV (f16): each knob setting the launcher reads from the
+ * environment, at batch 1, 4 and 16 over the suite's shapes, so the defaults can be chosen
+ * from one run on a new GPU. Rows are named `<knobs> M=<m> NxK`.
+ */
+export async function benchGemvTune(ctx: BenchContext): Promise<BenchResult[]> {
+  if (!ctx.device) return [];
+  const out: BenchResult[] = [];
+  const configs: Array<{ M: number[]; env: Record<string, string> }> = [
+    { M: [1], env: {} },
+    { M: [1], env: { SQUEEZELM_GEMV_U: '4' } },
+    { M: [1], env: { SQUEEZELM_GEMV_TC_MIN_M: '1', SQUEEZELM_GEMV_NT: '1', SQUEEZELM_GEMV_TC_U: '4' } },
+    { M: [1], env: { SQUEEZELM_GEMV_TC_MIN_M: '1', SQUEEZELM_GEMV_NT: '2', SQUEEZELM_GEMV_TC_U: '4' } },
+    { M: [1], env: { SQUEEZELM_GEMV_TC_MIN_M: '1', SQUEEZELM_GEMV_NT: '4', SQUEEZELM_GEMV_TC_U: '2' } },
+    ...['1', '2', '4'].flatMap((nt) => ['2', '4'].map((u) => ({ M: [4, 16], env: { SQUEEZELM_GEMV_NT: nt, SQUEEZELM_GEMV_TC_U: u } }))),
+  ];
+  for (const [N, K] of GEMV_SHAPES) {
+    const dsets = setsFor(2 * N * K, ctx.l2Bytes);
+    const ws: Tensor[] = [];
+    for (let s = 0; s < dsets; s++) ws.push(await randomTensor([N, K], 'f16', ctx.device, 0.02));
+    for (const M of [1, 4, 16]) {
+      const xs: Tensor[] = [];
+      for (let s = 0; s < dsets; s++) xs.push(await randomTensor([M, K], 'f16', ctx.device));
+      const y = Tensor.empty([M, N], { dtype: 'f16', device: ctx.device });
+      if (cublasAvailable()) {
+        const t = await timeCuda({ device: ctx.device, iters: Math.max(2 * dsets, 20), repeats: 7, fn: (i) => cublasMatmul(y, xs[i % dsets], ws[i % dsets]) });
+        const r = row(ctx, 'gemv-tune', `cuBLAS M=${M} ${N}x${K}`, t, { bytes: 2 * (N * K + M * K + M * N) });
+        ctx.log(`gemv-tune ${r.name}: ${r.timeUs.toFixed(2)} us, ${(100 * (r.fracCopy ?? 0)).toFixed(0)}%`);
+        out.push(r);
+      }
+      for (const c of configs.filter((c) => c.M.includes(M))) {
+        Object.assign(process.env, c.env);
+        try {
+          const t = await timeCuda({ device: ctx.device, iters: Math.max(2 * dsets, 20), repeats: 7, fn: (i) => matmul(y, xs[i % dsets], ws[i % dsets]) });
+          const knobs = Object.entries(c.env).map(([k, v]) => `${k.replace('SQUEEZELM_GEMV_', '')}=${v}`).join(' ') || 'default';
+          const r = row(ctx, 'gemv-tune', `${knobs} M=${M} ${N}x${K}`, t, { bytes: 2 * (N * K + M * K + M * N) });
+          ctx.log(`gemv-tune ${r.name}: ${r.timeUs.toFixed(2)} us, ${(100 * (r.fracCopy ?? 0)).toFixed(0)}%`);
+          out.push(r);
+        } finally {
+          for (const k of Object.keys(c.env)) delete process.env[k];
+        }
+      }
+      xs.forEach((t) => t.dispose());
+      y.dispose();
+    }
+    ws.forEach((t) => t.dispose());
+  }
+  return out;
+}
+
 /** The public API path on the CPU: wrapper checks + native dispatch + a small matmul. */
 export async function benchApi(ctx: BenchContext): Promise<BenchResult[]> {
   const out: BenchResult[] = [];

@@ -35,7 +35,7 @@ function commit(): string {
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
-  const names = args.only ?? Object.keys(suites);
+  const names = args.only ?? Object.keys(suites).filter((n) => !suites[n].manual);
   for (const n of names) if (!suites[n]) throw new Error(`bench: unknown suite '${n}' (known: ${Object.keys(suites).join(', ')})`);
   const log = (line: string) => console.error(line);
   const gpu = cudaDevice();

@@ -23,9 +23,11 @@ function optional(module: string, name: string): () => Suite | undefined {
 }
 
 /** Suites in the order they run; `gpu` ones are skipped (with a note) where no GPU is usable. */
-export const suites: Record<string, { load: () => Suite | undefined; gpu: boolean }> = {
+/** `manual` suites (tuning sweeps) run only when named with --only. */
+export const suites: Record<string, { load: () => Suite | undefined; gpu: boolean; manual?: boolean }> = {
   api: { load: optional('./gemv', 'benchApi'), gpu: false },
   gemv: { load: optional('./gemv', 'benchGemv'), gpu: true },
+  'gemv-tune': { load: optional('./gemv', 'benchGemvTune'), gpu: true, manual: true },
   lut: { load: optional('./lut', 'benchLut'), gpu: true },
   attention: { load: optional('./attention', 'benchAttention'), gpu: true },
   kvquant: { load: optional('./kvquant', 'benchKvquant'), gpu: true },
