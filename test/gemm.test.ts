@@ -1,5 +1,5 @@
 import { Tensor, DType } from '../ts/tensor';
-import { matmul, cublasMatmul, cublasAvailable } from '../ts/ops';
+import { matmul, cublasMatmul, cublasAvailable, fillRandom } from '../ts/ops';
 import { isSqueezeError } from '../ts/errors';
 import { native } from '../ts/native';
 import { describeGpu, relErr, rng, randn, freshSeed } from './gpu';
@@ -139,6 +139,24 @@ describeGpu('matmul (cuda vs cpu)', () => {
           if (!(eb <= (dt === 'f16' ? 2e-3 : 1e-2))) throw new Error(`cuBLAS rel err ${eb} (seed ${seed})`);
         }
       });
+
+  // Wide products take the tensor-core GEMV even at M = 1, 2 (weights filled on the device:
+  // 67M host-side normals would dominate the suite's time).
+  for (const M of [1, 2])
+    test(`f16: M=${M} N=8200 K=8192 (wide GEMV path)`, async () => {
+      const [N, K] = [8200, 8192];
+      const seed = freshSeed();
+      const x = Tensor.empty([M, K], { dtype: 'f16', device: 'cuda' });
+      const w = Tensor.empty([N, K], { dtype: 'f16', device: 'cuda' });
+      fillRandom(x, seed, 0, 1);
+      fillRandom(w, seed + 1, 0, 0.02);
+      const y = await poisoned([M, N], 'f16', 'cuda');
+      matmul(y, x, w);
+      const yc = await poisoned([M, N], 'f32');
+      matmul(yc, await x.to('cpu'), await w.to('cpu'));
+      const e = relErr(await y.toFloat32(), await yc.toFloat32());
+      if (!(e <= 2e-3)) throw new Error(`rel err ${e} (seed ${seed})`);
+    });
 
   test('a tensor on another device or a mixed dtype is a coded error', async () => {
     const x = Tensor.empty([2, 8], { dtype: 'f16', device: 'cuda' });

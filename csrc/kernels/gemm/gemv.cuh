@@ -11,16 +11,15 @@
 namespace sqz::cuda::gemm_detail {
 
 constexpr int kGemvWarps = 8;  // warps per block
-constexpr int kGemvRows = 2;   // output rows per warp
+constexpr int kGemvRows = 2;   // output rows per warp (default; the launcher may pick 1 or 4)
 
 // U: 16-byte chunks per row in flight per lane (the launcher picks 2 or 4).
 // VEC: K % 8 == 0 and every base pointer 16-byte aligned (each row then starts aligned).
 // Otherwise lanes read single elements (unaligned or odd K: slower, still correct).
-template <class T, int M, bool VEC, int U>
+template <class T, int M, bool VEC, int U, int R = kGemvRows>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                 int N, int K) {
-  constexpr int R = kGemvRows;
   const int lane = threadIdx.x & 31;
   const long long warp = (long long)blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
   const long long n0 = warp * R;

@@ -5,7 +5,6 @@
 #include <string_view>
 
 #include "core/cuda_stream.h"
-#include "../common/device_info.h"
 #include "gemm.h"
 #include "gemm_tc.cuh"
 #include "gemm_wgmma.cuh"
@@ -25,27 +24,33 @@ int knob(const char* name, int dflt) {
   return v && *v ? std::atoi(v) : dflt;
 }
 
-template <class T, int M, bool VEC, int U>
+template <class T, int M, bool VEC, int U, int R = kGemvRows>
 void launch_gemv_mu(T* y, const T* x, const T* w, const T* bias, int N, int K, cudaStream_t s) {
-  const long long warps = (N + kGemvRows - 1) / kGemvRows;
+  const long long warps = (N + R - 1) / R;
   const unsigned blocks = ceil_div(warps, kGemvWarps);
-  launch_pdl(gemv_kernel<T, M, VEC, U>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K);
+  launch_pdl(gemv_kernel<T, M, VEC, U, R>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K);
 }
 
+// u: chunks in flight per lane (2, 4, 8); r: rows per warp (1, 2, 4). Only M <= 2 takes the
+// FMA kernel with 16-byte loads, so only those get the variants.
 template <class T, int M>
-void launch_gemv_m(T* y, const T* x, const T* w, const T* bias, int N, int K, bool vec, cudaStream_t s) {
+void launch_gemv_m(T* y, const T* x, const T* w, const T* bias, int N, int K, bool vec, int u, int r, cudaStream_t s) {
   if (!vec) return launch_gemv_mu<T, M, false, 2>(y, x, w, bias, N, K, s);
   if constexpr (M <= 2) {
-    if (knob("SQUEEZELM_GEMV_U", 2) >= 4) return launch_gemv_mu<T, M, true, 4>(y, x, w, bias, N, K, s);
+#define SQZ_GEMV_RU(rr, uu) \
+  if (r == rr && u == uu) return launch_gemv_mu<T, M, true, uu, rr>(y, x, w, bias, N, K, s);
+    SQZ_GEMV_RU(1, 4) SQZ_GEMV_RU(1, 8) SQZ_GEMV_RU(2, 4) SQZ_GEMV_RU(2, 8) SQZ_GEMV_RU(4, 2) SQZ_GEMV_RU(4, 4)
+#undef SQZ_GEMV_RU
   }
   launch_gemv_mu<T, M, true, 2>(y, x, w, bias, N, K, s);
 }
 
 template <class T>
-void launch_gemv(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, bool vec, cudaStream_t s) {
+void launch_gemv(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, bool vec, int u, int r,
+                 cudaStream_t s) {
   switch (M) {
 #define SQZ_GEMV_CASE(m) \
-  case m: return launch_gemv_m<T, m>(y, x, w, bias, N, K, vec, s);
+  case m: return launch_gemv_m<T, m>(y, x, w, bias, N, K, vec, u, r, s);
     SQZ_GEMV_CASE(1) SQZ_GEMV_CASE(2) SQZ_GEMV_CASE(3) SQZ_GEMV_CASE(4)
     SQZ_GEMV_CASE(5) SQZ_GEMV_CASE(6) SQZ_GEMV_CASE(7) SQZ_GEMV_CASE(8)
     SQZ_GEMV_CASE(9) SQZ_GEMV_CASE(10) SQZ_GEMV_CASE(11) SQZ_GEMV_CASE(12)
@@ -61,24 +66,57 @@ void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N
              K);
 }
 
-// Tiles per block: as many as keep at least two blocks per SM (more tiles per block = less x
-// traffic from L2, fewer blocks to spread over the SMs).
 template <class T>
-void launch_gemv_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
-  const int sms = current_sm_count();
-  int nt = knob("SQUEEZELM_GEMV_NT", 0);
-  if (nt <= 0) nt = (long long)N >= 8LL * 4 * 2 * sms ? 4 : (long long)N >= 8LL * 2 * 2 * sms ? 2 : 1;
-  const int u = knob("SQUEEZELM_GEMV_TC_U", 4) >= 4 ? 4 : 2;
+void launch_gemv_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, int nt, int u, cudaStream_t s) {
   if (nt >= 4) {
-    if (u == 4) return launch_gemv_tc_nu<T, 4, 4>(y, x, w, bias, M, N, K, s);
+    if (u >= 4) return launch_gemv_tc_nu<T, 4, 4>(y, x, w, bias, M, N, K, s);
     return launch_gemv_tc_nu<T, 4, 2>(y, x, w, bias, M, N, K, s);
   }
   if (nt == 2) {
-    if (u == 4) return launch_gemv_tc_nu<T, 2, 4>(y, x, w, bias, M, N, K, s);
+    if (u >= 4) return launch_gemv_tc_nu<T, 2, 4>(y, x, w, bias, M, N, K, s);
     return launch_gemv_tc_nu<T, 2, 2>(y, x, w, bias, M, N, K, s);
   }
-  if (u == 4) return launch_gemv_tc_nu<T, 1, 4>(y, x, w, bias, M, N, K, s);
+  if (u >= 4) return launch_gemv_tc_nu<T, 1, 4>(y, x, w, bias, M, N, K, s);
   launch_gemv_tc_nu<T, 1, 2>(y, x, w, bias, M, N, K, s);
+}
+
+// Which GEMV runs a product with M <= 16 rows, and its launch shape. From a sweep of every
+// setting over the LLaMA projection shapes on an H200 (bench gemv-tune):
+//   - the tensor-core kernel with 2 row tiles and 4 chunks in flight per lane wins where K and N
+//     are both >= 8192 (8192x8192, 8192x28672: 92-99% of copy bandwidth, cuBLAS parity);
+//   - elsewhere one tile per block with 2 chunks (512+ blocks for N = 4096), or 2 tiles with 2
+//     chunks when N is wide and M > 8;
+//   - at M <= 2 the FMA kernel is as fast or faster except in the first case; 4 chunks in flight
+//     pay at K <= 4096, 2 above;
+//   - 4 row tiles per block never won (kept for the sweep).
+// SQUEEZELM_GEMV_TC_MIN_M / _NT / _TC_U / _U override each choice (tuning runs only).
+struct GemvPlan {
+  bool tc;
+  int nt, u, r;  // r: rows per warp of the FMA kernel
+};
+
+GemvPlan plan_gemv(int M, int N, int K) {
+  GemvPlan p;
+  p.r = 2;
+  const bool wide = K >= 8192 && N >= 8192;
+  if (M <= 2) {
+    p.tc = wide && N <= 16384;
+    p.nt = 2;
+    p.u = p.tc ? 4 : (K <= 4096 ? 4 : 2);
+  } else {
+    p.tc = true;
+    p.nt = N >= 8192 && (M > 8 || K >= 8192) ? 2 : 1;
+    p.u = p.nt == 2 && K >= 8192 ? 4 : 2;
+  }
+  const int min_m = knob("SQUEEZELM_GEMV_TC_MIN_M", 0);
+  if (min_m > 0) p.tc = M >= min_m;
+  const int nt = knob("SQUEEZELM_GEMV_NT", 0);
+  if (nt > 0) p.nt = nt;
+  const int u = knob(p.tc ? "SQUEEZELM_GEMV_TC_U" : "SQUEEZELM_GEMV_U", 0);
+  if (u > 0) p.u = u;
+  const int r = knob("SQUEEZELM_GEMV_R", 0);
+  if (r > 0) p.r = r;
+  return p;
 }
 
 template <class T, bool A>
@@ -151,17 +189,18 @@ void run(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tensor* bt,
   const T* bias = bt ? bt->ptr<T>() : nullptr;
   if (K == 0) {
     // An empty sum: y = bias or 0. Rare; the GEMV's scalar path writes it without reading.
-    launch_gemv<T>(y, x, w, bias, 1, (int)N, 0, false, s);
-    for (long long m = 1; m < M; ++m) launch_gemv<T>(y + m * N, x, w, bias, 1, (int)N, 0, false, s);
+    launch_gemv<T>(y, x, w, bias, 1, (int)N, 0, false, 2, 2, s);
+    for (long long m = 1; m < M; ++m) launch_gemv<T>(y + m * N, x, w, bias, 1, (int)N, 0, false, 2, 2, s);
     return;
   }
   const bool vec = K % 8 == 0 && aligned16(x) && aligned16(w);
   // M = 1, 2: the FMA GEMV is at cuBLAS parity; from M = 3 its fp32 FMAs, not HBM, are the
   // limit, and the tensor-core GEMV keeps 0.9-1.0x cuBLAS up to M = 16 (H100 measurements).
-  if (M >= knob("SQUEEZELM_GEMV_TC_MIN_M", 3) && M <= 16 && vec) {
-    launch_gemv_tc<T>(y, x, w, bias, (int)M, (int)N, (int)K, s);
+  const GemvPlan plan = M <= 16 ? plan_gemv((int)M, (int)N, (int)K) : GemvPlan{false, 1, 2, 2};
+  if (M <= 16 && vec && plan.tc) {
+    launch_gemv_tc<T>(y, x, w, bias, (int)M, (int)N, (int)K, plan.nt, plan.u, s);
   } else if (M <= 16) {
-    launch_gemv<T>(y, x, w, bias, (int)M, (int)N, (int)K, vec, s);
+    launch_gemv<T>(y, x, w, bias, (int)M, (int)N, (int)K, vec, plan.u, plan.r, s);
   } else if (vec && kBuiltFor90a && device_is_sm90()) {
     launch_gemm_wgmma<T>(y, x, w, bias, (int)M, (int)N, (int)K, s);
   } else if (vec) {
