@@ -304,6 +304,23 @@ describeGpu('decoder on cuda', () => {
     }
   });
 
+  test('fused and plain decode passes give the same greedy tokens', async () => {
+    // Two models: the scheduler keeps captured graphs, so one model cannot switch paths.
+    const m = await loadModel(PYCODER, { device: 'cuda', maxBatch: 2 });
+    const p = await loadModel(PYCODER, { device: 'cuda', maxBatch: 2 });
+    p.decoder.fuse = false;
+    try {
+      const reqs = [{ ids: pyRef.prompt, maxTokens: 48 }, { prompt: 'class Stack:\n', maxTokens: 32 }];
+      const fused = await m.generateBatch(reqs);
+      const plain = await p.generateBatch(reqs);
+      expect(fused.map((r) => r.ids)).toEqual(plain.map((r) => r.ids));
+      expect(fused[0].ids.slice(0, 24)).toEqual(Array.from(pyRef.greedy.subarray(0, 24)));
+    } finally {
+      await m.dispose();
+      await p.dispose();
+    }
+  });
+
   test('bf16 activations stay close to transformers', async () => {
     const m = await loadModel(TINY, { device: 'cuda', dtype: 'bf16' });
     try {

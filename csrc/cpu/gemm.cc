@@ -3,6 +3,7 @@
 // tile to f32 once and reuses it for every x row of its block, and the inner kernel computes
 // a 2x4 patch of outputs so each loaded vector feeds several FMAs. AVX2+FMA code is chosen at
 // run time; the portable kernel is plain C++ the compiler can vectorise for the baseline ISA.
+#include <cmath>
 #include "gemm.h"
 
 #include <algorithm>
@@ -181,6 +182,46 @@ void matmul(const Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bia
       }
     }
   });
+}
+
+void fused_linear(const Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* gamma, float eps,
+                  int mode) {
+  const int64_t M = x.dim(0), K = x.dim(1), N = w.dim(0);
+  if (M == 0 || N == 0) return;
+  const Device cpu{};
+  Tensor h = Tensor::empty(DType::F32, {M, K}, cpu), z = Tensor::empty(DType::F32, {M, N}, cpu);
+  std::vector<float> g;
+  if (gamma) {
+    g.resize((size_t)K);
+    convert_to_float(gamma->data(), gamma->dtype, g.data(), (size_t)K);
+  }
+  float* hp = h.ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = hp + m * K;
+    convert_to_float(static_cast<const char*>(x.data()) + (size_t)(m * K) * dtype_size(x.dtype), x.dtype, row,
+                     (size_t)K);
+    if (!gamma) continue;
+    double ss = 0;
+    for (int64_t k = 0; k < K; ++k) ss += (double)row[k] * row[k];
+    const float inv = (float)(1.0 / std::sqrt(ss / (double)K + (double)eps));
+    for (int64_t k = 0; k < K; ++k) row[k] = row[k] * g[(size_t)k] * inv;
+  }
+  matmul(z, h, w, bias);
+  const float* zp = z.ptr<float>();
+  if (mode == 2) {
+    const int64_t P = N / 2;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < P; ++j) {
+        const float a = zp[m * N + j], b = zp[m * N + P + j];
+        store_from_float(y.data(), y.dtype, (size_t)(m * P + j), a / (1.0f + std::exp(-a)) * b);
+      }
+    return;
+  }
+  for (int64_t i = 0; i < M * N; ++i) {
+    float v = zp[i];
+    if (mode == 1) v += load_as_float(y.data(), y.dtype, (size_t)i);
+    store_from_float(y.data(), y.dtype, (size_t)i, v);
+  }
 }
 
 }  // namespace sqz::cpu

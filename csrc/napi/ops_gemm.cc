@@ -1,4 +1,7 @@
 // Dense matmul bindings: matmul (ours, CPU and CUDA) and the cuBLAS baseline.
+#include <cmath>
+#include <vector>
+
 #include "../cpu/gemm.h"
 #include "op.h"
 
@@ -59,6 +62,62 @@ SQZ_OP(matmul) {
   dispatch(
       y.device, "matmul", [=] { cpu::matmul(y, x, w, bias ? &*bias : nullptr); },
       [&](int dev) { CUDA_ONLY(cuda::matmul(y, x, w, bias ? &*bias : nullptr, cuda_stream(dev))); });
+  return a.env().Undefined();
+}
+
+// fusedLinear(y, x, w, bias?, gamma?, eps, mode): the decoder's fused linear (see
+// cpu/gemm.h): optional RMSNorm of x in front (gamma), then store (mode 0), accumulate into y
+// (mode 1, the residual add) or the gated activation silu(gate) * up over the two halves of
+// w's rows (mode 2, y [M, N/2]). CUDA fuses up to 16 rows (the decode case).
+SQZ_OP(fusedLinear) {
+  Args a(info, "fusedLinear");
+  Tensor y = a.tensor(0, "y"), x = a.tensor(1, "x"), w = a.tensor(2, "w");
+  std::optional<Tensor> bias = a.opt_tensor(3, "bias"), gamma = a.opt_tensor(4, "gamma");
+  const double eps = a.number(5, "eps");
+  const int64_t mode = a.integer(6, "mode");
+  if (mode < 0 || mode > 2) a.error("ERR_ARG", "mode must be 0 (store), 1 (residual) or 2 (silu pairs), got " + std::to_string(mode));
+  if (!(eps >= 0) || !std::isfinite(eps)) a.error("ERR_ARG", "eps must be a finite number >= 0");
+  a.ndim(y, "y", 2);
+  a.ndim(x, "x", 2);
+  a.ndim(w, "w", 2);
+  const int64_t M = x.dim(0), K = x.dim(1), N = w.dim(0);
+  if (w.dim(1) != K)
+    a.error("ERR_SHAPE", "w " + w.shape_str() + " must be [N, K] with K = " + std::to_string(K) + " (x is " + x.shape_str() + ")");
+  if (mode == 2 && N % 2 != 0) a.error("ERR_SHAPE", "silu pairs need an even number of rows in w, got " + std::to_string(N));
+  a.shape_is(y, "y", {M, mode == 2 ? N / 2 : N});
+  if (bias) {
+    a.ndim(*bias, "bias", 1);
+    a.shape_is(*bias, "bias", {N});
+  }
+  if (gamma) {
+    a.ndim(*gamma, "gamma", 1);
+    a.shape_is(*gamma, "gamma", {K});
+  }
+  if (y.storage == x.storage) a.error("ERR_ARG", "y and x share storage; the fused linear reads x while it writes y");
+  std::vector<std::pair<const Tensor*, const char*>> devs = {{&y, "y"}, {&x, "x"}, {&w, "w"}};
+  a.same_device({{&y, "y"}, {&x, "x"}, {&w, "w"}});
+  if (bias) a.same_device({{&y, "y"}, {&*bias, "bias"}});
+  if (gamma) a.same_device({{&y, "y"}, {&*gamma, "gamma"}});
+  if (y.device.is_cpu()) {
+    for (auto [t, n] : devs) a.dtype_in(*t, n, {DType::F32, DType::F16, DType::BF16});
+    if (bias) a.dtype_in(*bias, "bias", {DType::F32, DType::F16, DType::BF16});
+    if (gamma) a.dtype_in(*gamma, "gamma", {DType::F32, DType::F16, DType::BF16});
+  } else {
+    a.dtype_in(x, "x", {DType::F16, DType::BF16});
+    a.same_dtype(x, "x", y, "y");
+    a.same_dtype(x, "x", w, "w");
+    if (bias) a.same_dtype(x, "x", *bias, "bias");
+    if (gamma) a.same_dtype(x, "x", *gamma, "gamma");
+    if (M > 16) a.error("ERR_UNSUPPORTED", "CUDA fuses up to 16 rows (decode), got " + std::to_string(M));
+  }
+  const float e = (float)eps;
+  const int md = (int)mode;
+  dispatch(
+      y.device, "fusedLinear",
+      [=] { cpu::fused_linear(y, x, w, bias ? &*bias : nullptr, gamma ? &*gamma : nullptr, e, md); },
+      [&](int dev) {
+        CUDA_ONLY(cuda::fused_linear(y, x, w, bias ? &*bias : nullptr, gamma ? &*gamma : nullptr, e, md, cuda_stream(dev)));
+      });
   return a.env().Undefined();
 }
 

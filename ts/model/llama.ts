@@ -131,6 +131,8 @@ export class Decoder {
   readonly act: DType;
   readonly invFreq: Tensor;
   readonly scale: number;
+  /** Whether decode passes (<= 16 rows on CUDA) use the fused GEMVs (see canFuse). */
+  fuse = true;
 
   constructor(cfg: ModelConfig, w: ModelWeights, cache: KVCache, device: string, act: DType) {
     this.cfg = cfg;
@@ -209,6 +211,10 @@ export class Decoder {
    * maxQ / maxSeqLen: host upper bounds on rows per sequence and sequence length.
    */
   forward(ws: Workspace, maxQ: number, maxSeqLen: number): void {
+    if (this.canFuse(ws)) {
+      this.forwardFused(ws, maxQ, maxSeqLen);
+      return;
+    }
     const { cfg, w } = this;
     const eps = cfg.rmsNormEps;
     ops.embedding(ws.x, ws.ids, w.embed);
@@ -218,10 +224,7 @@ export class Decoder {
       else ops.addRmsNorm(ws.x, ws.mlp, ws.h, L.ln1, eps);
       linearObserver?.(l, 'qkv', ws.h);
       linearForward(ws.qkv, ws.h, L.wqkv, L.bqkv);
-      const kc = this.cache.k[l], vc = this.cache.v[l];
-      // RoPE on q and k, k and v into the cache: one launch.
-      ops.ropeAppend(ws.q3, kc, vc, ws.qkv, ws.positions, this.invFreq, ws.pageTable, ws.seqLens, ws.cuQ);
-      ops.attention(ws.att, ws.q3, kc, vc, ws.pageTable, ws.seqLens, ws.cuQ, this.scale, { maxQ, maxSeqLen, workspace: ws.attnWork });
+      this.attentionLayer(ws, l, maxQ, maxSeqLen);
       linearObserver?.(l, 'o', ws.att2);
       linearForward(ws.o, ws.att2, L.wo, L.bo);
       ops.addRmsNorm(ws.x, ws.o, ws.h, L.ln2, eps);
@@ -232,14 +235,72 @@ export class Decoder {
       linearForward(ws.mlp, ws.act, L.wdown, L.bdown);
     }
     ops.addRmsNorm(ws.x, ws.mlp, ws.h, w.norm, eps);
-    if (ws.logitRows === ws.T) {
+    this.logitsFrom(ws, maxQ);
+  }
+
+  /**
+   * Whether a pass over `ws` takes the fused decode path: CUDA, at most 16 rows (the fused
+   * GEMVs' limit), no calibration hook, not turned off (`fuse = false` or SQUEEZELM_NO_FUSE=1).
+   */
+  canFuse(ws: Workspace): boolean {
+    return this.fuse && this.device !== 'cpu' && ws.T <= 16 && !linearObserver && !process.env.SQUEEZELM_NO_FUSE;
+  }
+
+  /**
+   * The decode pass with fused GEMVs: the RMSNorm of each block's input runs inside the
+   * projection that reads it, the residual adds inside the projections that end a block, and
+   * SiLU-and-mul inside the gate|up projection. Per layer 4 GEMVs + RoPE/append + attention,
+   * against 10 kernels in forward()'s plain sequence. A quantized linear keeps the plain ops
+   * around it.
+   */
+  private forwardFused(ws: Workspace, maxQ: number, maxSeqLen: number): void {
+    const { cfg, w } = this;
+    const eps = cfg.rmsNormEps;
+    ops.embedding(ws.x, ws.ids, w.embed);
+    for (let l = 0; l < cfg.numLayers; l++) {
+      const L = w.layers[l];
+      if (L.wqkv instanceof Tensor) ops.fusedLinear(ws.qkv, ws.x, L.wqkv, { bias: L.bqkv, normWeight: L.ln1, eps });
+      else {
+        ops.rmsNorm(ws.h, ws.x, L.ln1, eps);
+        linearForward(ws.qkv, ws.h, L.wqkv, L.bqkv);
+      }
+      this.attentionLayer(ws, l, maxQ, maxSeqLen);
+      if (L.wo instanceof Tensor) ops.fusedLinear(ws.x, ws.att2, L.wo, { bias: L.bo, epilogue: 'residual' });
+      else {
+        linearForward(ws.o, ws.att2, L.wo, L.bo);
+        ops.add(ws.x, ws.x, ws.o);
+      }
+      if (L.wgu instanceof Tensor) ops.fusedLinear(ws.act, ws.x, L.wgu, { bias: L.bgu, normWeight: L.ln2, eps, epilogue: 'siluPairs' });
+      else {
+        ops.rmsNorm(ws.h, ws.x, L.ln2, eps);
+        linearForward(ws.gu, ws.h, L.wgu, L.bgu);
+        ops.siluMul(ws.act, ws.gu);
+      }
+      if (L.wdown instanceof Tensor) ops.fusedLinear(ws.x, ws.act, L.wdown, { bias: L.bdown, epilogue: 'residual' });
+      else {
+        linearForward(ws.mlp, ws.act, L.wdown, L.bdown);
+        ops.add(ws.x, ws.x, ws.mlp);
+      }
+    }
+    ops.rmsNorm(ws.h, ws.x, w.norm, eps);
+    this.logitsFrom(ws, maxQ);
+  }
+
+  /** RoPE on q and k, k and v into the cache (one launch), then attention of layer l into ws.att. */
+  private attentionLayer(ws: Workspace, l: number, maxQ: number, maxSeqLen: number): void {
+    const kc = this.cache.k[l], vc = this.cache.v[l];
+    ops.ropeAppend(ws.q3, kc, vc, ws.qkv, ws.positions, this.invFreq, ws.pageTable, ws.seqLens, ws.cuQ);
+    ops.attention(ws.att, ws.q3, kc, vc, ws.pageTable, ws.seqLens, ws.cuQ, this.scale, { maxQ, maxSeqLen, workspace: ws.attnWork });
+  }
+
+  /** Logits of every row (allLogits workspaces) or of each sequence's last row, from ws.h. */
+  private logitsFrom(ws: Workspace, maxQ: number): void {
+    const w = this.w;
+    if (ws.logitRows === ws.T || (ws.T === ws.B && maxQ === 1)) {
       ops.matmul(ws.logits, ws.h, w.lmHead);
     } else {
-      if (ws.T === ws.B && maxQ === 1) ops.matmul(ws.logits, ws.h, w.lmHead);
-      else {
-        ops.gatherRows(ws.last, ws.h, ws.lastIdx);
-        ops.matmul(ws.logits, ws.last, w.lmHead);
-      }
+      ops.gatherRows(ws.last, ws.h, ws.lastIdx);
+      ops.matmul(ws.logits, ws.last, w.lmHead);
     }
   }
 

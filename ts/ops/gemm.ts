@@ -43,6 +43,31 @@ export function matmul(y: Tensor, x: Tensor, w: Tensor, bias?: Tensor): void {
   native().ops.matmul(y.native, x.native, w.native, bias?.native);
 }
 
+/** What fusedLinear does behind the product. */
+export type FusedEpilogue = 'store' | 'residual' | 'siluPairs';
+
+export interface FusedLinearOptions {
+  bias?: Tensor;
+  /** RMSNorm weight [K]: x is normalised (fp32, per row) and scaled by it before the product. */
+  normWeight?: Tensor;
+  /** RMSNorm epsilon (with normWeight). */
+  eps?: number;
+  /** 'store' (y = z), 'residual' (y += z) or 'siluPairs' (y[m, j] = silu(z[m, j]) * z[m, j + N/2]). */
+  epilogue?: FusedEpilogue;
+}
+
+/**
+ * The decoder's fused linear, z = [rmsnorm(x) * normWeight] · wᵀ (+ bias), with the residual add
+ * or the gated-MLP activation applied to z before it is stored: one GEMV launch where the plain
+ * path needs a norm, a matmul and an elementwise kernel. CUDA takes up to 16 rows (the decode
+ * step); the CPU any number. y must not share storage with x.
+ */
+export function fusedLinear(y: Tensor, x: Tensor, w: Tensor, o: FusedLinearOptions = {}): void {
+  const mode = { store: 0, residual: 1, siluPairs: 2 }[o.epilogue ?? 'store'];
+  if (mode === undefined) throw new SqueezeError('ERR_ARG', `fusedLinear: unknown epilogue '${o.epilogue}'`);
+  native().ops.fusedLinear(y.native, x.native, w.native, o.bias?.native, o.normWeight?.native, o.eps ?? 1e-6, mode);
+}
+
 /** The same product through cuBLAS loaded at run time: a benchmark baseline (CUDA only). */
 export function cublasMatmul(y: Tensor, x: Tensor, w: Tensor): void {
   check('cublasMatmul', y, x, w);

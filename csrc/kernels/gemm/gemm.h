@@ -13,6 +13,12 @@ namespace sqz::cuda {
 // All tensors on one CUDA device with one dtype (f16 | bf16); bias may be null. Checked by the caller.
 void matmul(const Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias, cudaStream_t stream);
 
+// The decoder's fused GEMV (M <= 16): y = [rmsnorm(x) * gamma] · wᵀ (+ bias) with mode 0 (store),
+// 1 (y += product: the residual add) or 2 (y[m, j] = silu(z[m, j]) * z[m, j + N/2], y [M, N/2]).
+// gamma may be null (no norm). Shapes and dtypes checked by the caller.
+void fused_linear(const Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* gamma, float eps,
+                  int mode, cudaStream_t stream);
+
 // The same product through cuBLAS, loaded at run time (a benchmark baseline; never linked).
 bool cublas_available();
 std::string cublas_unavailable_reason();

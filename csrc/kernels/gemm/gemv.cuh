@@ -1,36 +1,90 @@
 // GEMV for few rows (M <= 16): y[M,N] = x[M,K] · w[N,K]ᵀ (+ bias). Memory-bound on w, so each
 // weight is read exactly once, with 16-byte loads, and used for all M rows of x. A warp owns
-// R consecutive output rows: its lanes stride over K in 8-element chunks, keep R*U chunk loads
-// in flight, accumulate M*R partial sums in fp32 registers, and reduce them with shuffles
-// (a fixed order: deterministic). x is small and shared by every warp, so it is read through
-// L1/L2; the R rows per warp divide that traffic by R.
+// R output rows: its lanes stride over K in 8-element chunks, keep R*U chunk loads in flight,
+// accumulate M*R partial sums in fp32 registers, and reduce them with shuffles (a fixed order:
+// deterministic). x is small and shared by every warp, so it is read through L1/L2; the R
+// rows per warp divide that traffic by R.
+//
+// The decoder's fusions (GemvFuse, see fuse.cuh) ride along: with NORM every warp also sums
+// x^2 over the K it walks anyway, so the RMSNorm of x costs no extra pass; x is scaled by
+// gamma as it is read and the row's 1/rms is applied to the finished dot products. In
+// silu-pairs mode the R rows of a warp are R/2 gate rows and the matching up rows, so one
+// lane holds both halves of an output.
 #pragma once
 #include "../common/pdl.cuh"
 #include "common.cuh"
+#include "fuse.cuh"
 
 namespace sqz::cuda::gemm_detail {
 
 constexpr int kGemvWarps = 8;  // warps per block
 constexpr int kGemvRows = 2;   // output rows per warp (default; the launcher may pick 1 or 4)
 
-// U: 16-byte chunks per row in flight per lane (the launcher picks 2 or 4).
-// VEC: K % 8 == 0 and every base pointer 16-byte aligned (each row then starts aligned).
-// Otherwise lanes read single elements (unaligned or odd K: slower, still correct).
-template <class T, int M, bool VEC, int U, int R = kGemvRows>
+// Eight x values of row m at chunk c as floats; with NORM, adds their squares to ss and
+// scales them by gamma.
+template <class T, bool NORM>
+__device__ __forceinline__ void x_chunk(const T* xr, const T* gamma, int c, float (&xf)[8], float& ss) {
+  const uint4 xv = __ldg(reinterpret_cast<const uint4*>(xr) + c);
+  const uint32_t xs[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = pair_to_f2<T>(xs[i]);
+    xf[2 * i] = f.x;
+    xf[2 * i + 1] = f.y;
+  }
+  if constexpr (NORM) {
+    const uint4 gv = __ldg(reinterpret_cast<const uint4*>(gamma) + c);
+    const uint32_t gs[4] = {gv.x, gv.y, gv.z, gv.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 g = pair_to_f2<T>(gs[i]);
+      ss = fmaf(xf[2 * i], xf[2 * i], ss);
+      ss = fmaf(xf[2 * i + 1], xf[2 * i + 1], ss);
+      xf[2 * i] *= g.x;
+      xf[2 * i + 1] *= g.y;
+    }
+  }
+}
+
+template <class T, int R>
+__device__ __forceinline__ void dot_chunk(float& acc, const float (&xf)[8], uint4 wv) {
+  const float2 w0 = pair_to_f2<T>(wv.x), w1 = pair_to_f2<T>(wv.y), w2 = pair_to_f2<T>(wv.z), w3 = pair_to_f2<T>(wv.w);
+  float s = acc;
+  s = fmaf(xf[0], w0.x, s); s = fmaf(xf[1], w0.y, s);
+  s = fmaf(xf[2], w1.x, s); s = fmaf(xf[3], w1.y, s);
+  s = fmaf(xf[4], w2.x, s); s = fmaf(xf[5], w2.y, s);
+  s = fmaf(xf[6], w3.x, s); s = fmaf(xf[7], w3.y, s);
+  acc = s;
+}
+
+// U: 16-byte chunks per row in flight per lane. VEC: K % 8 == 0 and every base pointer 16-byte
+// aligned (each row then starts aligned); otherwise lanes read single elements (slower, still
+// correct). NORM: fuse.gamma is set (RMSNorm of x fused in).
+template <class T, int M, bool VEC, int U, int R = kGemvRows, bool NORM = false>
 __global__ void __launch_bounds__(kGemvWarps * 32)
-    gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-                int N, int K) {
+    gemv_kernel(T* y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, int N, int K,
+                GemvFuse fuse) {
+  static_assert(R == 1 || R % 2 == 0, "rows per warp: 1 or even");
   const int lane = threadIdx.x & 31;
   const long long warp = (long long)blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
-  const long long n0 = warp * R;
-  if (n0 >= N) {  // whole warp leaves together: no shuffle is left waiting
+  const bool pairs = fuse.mode == kFuseSiluPairs;  // R is even whenever the launcher sets it
+  // Plain: rows n0 .. n0+R-1. Pairs: gate rows p0 .. p0+R/2-1 and up rows P+p0 ...
+  const long long P = N / 2;
+  const long long n0 = pairs ? warp * (R / 2) : warp * R;
+  if (n0 >= (pairs ? P : N)) {  // whole warp leaves together: no shuffle is left waiting
     pdl_wait();
     return;
   }
-  // Rows past N reread the last valid row (in bounds) and are never stored.
+  long long rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (pairs) rows[r] = r < R / 2 ? min(n0 + r, P - 1) : P + min(n0 + r - R / 2, P - 1);
+    else rows[r] = min(n0 + r, (long long)N - 1);  // rows past N reread the last one, never stored
+  }
   const T* wrow[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) wrow[r] = w + (size_t)min(n0 + r, (long long)N - 1) * K;
+  for (int r = 0; r < R; ++r) wrow[r] = w + (size_t)rows[r] * K;
+  const T* gamma = static_cast<const T*>(fuse.gamma);
 
   // Weights do not depend on earlier kernels: pull this warp's first round into L2 while the
   // previous kernel drains (programmatic dependent launch), then wait for x.
@@ -43,16 +97,18 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   pdl_wait();
   pdl_trigger();
 
-  float acc[M][R];
+  float acc[M][R], ss[M];
 #pragma unroll
-  for (int m = 0; m < M; ++m)
+  for (int m = 0; m < M; ++m) {
+    ss[m] = 0.f;
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+  }
 
   if constexpr (VEC) {
     const int chunks = K >> 3;
     int c = lane;
-    // Main loop: U chunks per row per lane, all loads issued before any math.
+    // Main loop: U chunks per row per lane, all weight loads issued before any math.
     for (; c + 32 * (U - 1) < chunks; c += 32 * U) {
       uint4 wv[U][R];
 #pragma unroll
@@ -60,25 +116,14 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll
         for (int r = 0; r < R; ++r) wv[u][r] = ld_stream(wrow[r] + (size_t)(c + 32 * u) * 8);
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
+      for (int u = 0; u < U; ++u)
 #pragma unroll
         for (int m = 0; m < M; ++m) {
-          const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K) + (c + 32 * u));
-          const float2 x0 = pair_to_f2<T>(xv.x), x1 = pair_to_f2<T>(xv.y), x2 = pair_to_f2<T>(xv.z),
-                       x3 = pair_to_f2<T>(xv.w);
+          float xf[8];
+          x_chunk<T, NORM>(x + (size_t)m * K, gamma, c + 32 * u, xf, ss[m]);
 #pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const float2 w0 = pair_to_f2<T>(wv[u][r].x), w1 = pair_to_f2<T>(wv[u][r].y),
-                         w2 = pair_to_f2<T>(wv[u][r].z), w3 = pair_to_f2<T>(wv[u][r].w);
-            float s = acc[m][r];
-            s = fmaf(x0.x, w0.x, s); s = fmaf(x0.y, w0.y, s);
-            s = fmaf(x1.x, w1.x, s); s = fmaf(x1.y, w1.y, s);
-            s = fmaf(x2.x, w2.x, s); s = fmaf(x2.y, w2.y, s);
-            s = fmaf(x3.x, w3.x, s); s = fmaf(x3.y, w3.y, s);
-            acc[m][r] = s;
-          }
+          for (int r = 0; r < R; ++r) dot_chunk<T, R>(acc[m][r], xf, wv[u][r]);
         }
-      }
     }
     // Remaining chunks (fewer than 32*U): one at a time.
     for (; c < chunks; c += 32) {
@@ -87,20 +132,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       for (int r = 0; r < R; ++r) wv[r] = ld_stream(wrow[r] + (size_t)c * 8);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K) + c);
-        const float2 x0 = pair_to_f2<T>(xv.x), x1 = pair_to_f2<T>(xv.y), x2 = pair_to_f2<T>(xv.z),
-                     x3 = pair_to_f2<T>(xv.w);
+        float xf[8];
+        x_chunk<T, NORM>(x + (size_t)m * K, gamma, c, xf, ss[m]);
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const float2 w0 = pair_to_f2<T>(wv[r].x), w1 = pair_to_f2<T>(wv[r].y), w2 = pair_to_f2<T>(wv[r].z),
-                       w3 = pair_to_f2<T>(wv[r].w);
-          float s = acc[m][r];
-          s = fmaf(x0.x, w0.x, s); s = fmaf(x0.y, w0.y, s);
-          s = fmaf(x1.x, w1.x, s); s = fmaf(x1.y, w1.y, s);
-          s = fmaf(x2.x, w2.x, s); s = fmaf(x2.y, w2.y, s);
-          s = fmaf(x3.x, w3.x, s); s = fmaf(x3.y, w3.y, s);
-          acc[m][r] = s;
-        }
+        for (int r = 0; r < R; ++r) dot_chunk<T, R>(acc[m][r], xf, wv[r]);
       }
     }
   } else {
@@ -110,17 +145,21 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       for (int r = 0; r < R; ++r) wf[r] = to_f<T>(wrow[r][k]);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const float xf = to_f<T>(x[(size_t)m * K + k]);
+        float xf = to_f<T>(x[(size_t)m * K + k]);
+        if constexpr (NORM) {
+          ss[m] = fmaf(xf, xf, ss[m]);
+          xf *= to_f<T>(gamma[k]);
+        }
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[m][r] = fmaf(xf, wf[r], acc[m][r]);
       }
     }
   }
 
-  // Butterfly reduction: every lane ends with the full sums; lane r*M.. stores are spread
-  // over lanes so the stores of one warp go out in parallel.
+  // Butterfly reduction: every lane ends with the full sums; stores are spread over lanes so
+  // the stores of one warp go out in parallel.
 #pragma unroll
-  for (int m = 0; m < M; ++m)
+  for (int m = 0; m < M; ++m) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float s = acc[m][r];
@@ -128,15 +167,35 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
       acc[m][r] = s;
     }
+    if constexpr (NORM) {
+      float s = ss[m];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      ss[m] = rsqrtf(s / (float)K + fuse.eps);  // now 1/rms of row m
+    }
+  }
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const long long n = n0 + r;
-      if (lane == ((m * R + r) & 31) && n < N) {
-        float v = acc[m][r];
+      if (lane != ((m * R + r) & 31)) continue;
+      const float inv = NORM ? ss[m] : 1.f;
+      if (pairs) {
+        if (r >= R / 2 || n0 + r >= P) continue;
+        float g = acc[m][r] * inv, u = acc[m][r + R / 2] * inv;
+        if (bias) {
+          g += to_f<T>(bias[rows[r]]);
+          u += to_f<T>(bias[rows[r + R / 2]]);
+        }
+        y[(size_t)m * P + n0 + r] = from_f<T>(silu_f(g) * u);
+      } else {
+        const long long n = n0 + r;
+        if (n >= N) continue;
+        float v = acc[m][r] * inv;
         if (bias) v += to_f<T>(bias[n]);
-        y[(size_t)m * N + n] = from_f<T>(v);
+        T* out = y + (size_t)m * N + n;
+        if (fuse.mode == kFuseResidual) v += to_f<T>(*out);
+        *out = from_f<T>(v);
       }
     }
 }

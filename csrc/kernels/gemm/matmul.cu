@@ -17,6 +17,8 @@ using namespace gemm_detail;
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+const GemvFuse kNoFuse{nullptr, 0.f, kFusePlain};
+
 // Launch-shape knobs, each overridable from the environment for tuning runs (bench/gemv.ts's
 // tune suite): read per launch, so a benchmark can sweep them in one process.
 int knob(const char* name, int dflt) {
@@ -25,32 +27,38 @@ int knob(const char* name, int dflt) {
 }
 
 template <class T, int M, bool VEC, int U, int R = kGemvRows>
-void launch_gemv_mu(T* y, const T* x, const T* w, const T* bias, int N, int K, cudaStream_t s) {
+void launch_gemv_mu(T* y, const T* x, const T* w, const T* bias, int N, int K, const GemvFuse& f, cudaStream_t s) {
+  // Pairs mode: a warp covers R/2 outputs, i.e. R rows of w, like the plain mode.
   const long long warps = (N + R - 1) / R;
   const unsigned blocks = ceil_div(warps, kGemvWarps);
-  launch_pdl(gemv_kernel<T, M, VEC, U, R>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K);
+  if (f.gamma)
+    launch_pdl(gemv_kernel<T, M, VEC, U, R, true>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K, f);
+  else
+    launch_pdl(gemv_kernel<T, M, VEC, U, R, false>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K, f);
 }
 
-// u: chunks in flight per lane (2, 4, 8); r: rows per warp (1, 2, 4). Only M <= 2 takes the
-// FMA kernel with 16-byte loads, so only those get the variants.
+// u: chunks in flight per lane (2, 4, 8); r: rows per warp (1, 2, 4; even in pairs mode). Only
+// M <= 2 takes the FMA kernel with 16-byte loads, so only those get the variants.
 template <class T, int M>
-void launch_gemv_m(T* y, const T* x, const T* w, const T* bias, int N, int K, bool vec, int u, int r, cudaStream_t s) {
-  if (!vec) return launch_gemv_mu<T, M, false, 2>(y, x, w, bias, N, K, s);
+void launch_gemv_m(T* y, const T* x, const T* w, const T* bias, int N, int K, bool vec, int u, int r,
+                   const GemvFuse& f, cudaStream_t s) {
+  if (!vec) return launch_gemv_mu<T, M, false, 2>(y, x, w, bias, N, K, f, s);
   if constexpr (M <= 2) {
+    if (f.mode == kFuseSiluPairs && r == 1) r = 2;
 #define SQZ_GEMV_RU(rr, uu) \
-  if (r == rr && u == uu) return launch_gemv_mu<T, M, true, uu, rr>(y, x, w, bias, N, K, s);
+  if (r == rr && u == uu) return launch_gemv_mu<T, M, true, uu, rr>(y, x, w, bias, N, K, f, s);
     SQZ_GEMV_RU(1, 4) SQZ_GEMV_RU(1, 8) SQZ_GEMV_RU(2, 4) SQZ_GEMV_RU(2, 8) SQZ_GEMV_RU(4, 2) SQZ_GEMV_RU(4, 4)
 #undef SQZ_GEMV_RU
   }
-  launch_gemv_mu<T, M, true, 2>(y, x, w, bias, N, K, s);
+  launch_gemv_mu<T, M, true, 2>(y, x, w, bias, N, K, f, s);
 }
 
 template <class T>
 void launch_gemv(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, bool vec, int u, int r,
-                 cudaStream_t s) {
+                 const GemvFuse& f, cudaStream_t s) {
   switch (M) {
 #define SQZ_GEMV_CASE(m) \
-  case m: return launch_gemv_m<T, m>(y, x, w, bias, N, K, vec, u, r, s);
+  case m: return launch_gemv_m<T, m>(y, x, w, bias, N, K, vec, u, r, f, s);
     SQZ_GEMV_CASE(1) SQZ_GEMV_CASE(2) SQZ_GEMV_CASE(3) SQZ_GEMV_CASE(4)
     SQZ_GEMV_CASE(5) SQZ_GEMV_CASE(6) SQZ_GEMV_CASE(7) SQZ_GEMV_CASE(8)
     SQZ_GEMV_CASE(9) SQZ_GEMV_CASE(10) SQZ_GEMV_CASE(11) SQZ_GEMV_CASE(12)
@@ -61,23 +69,25 @@ void launch_gemv(T* y, const T* x, const T* w, const T* bias, int M, int N, int 
 }
 
 template <class T, int NT, int U>
-void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
-  launch_pdl(gemv_tc_kernel<T, NT, U>, dim3(ceil_div(N, 8 * NT)), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N,
-             K);
+void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, const GemvFuse& f,
+                       cudaStream_t s) {
+  // Pairs mode: a tile is 4 outputs (8 rows of w).
+  const unsigned blocks = f.mode == kFuseSiluPairs ? ceil_div(N / 2, 4 * NT) : ceil_div(N, 8 * NT);
+  if (f.gamma)
+    launch_pdl(gemv_tc_kernel<T, NT, U, true>, dim3(blocks), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N, K, f);
+  else
+    launch_pdl(gemv_tc_kernel<T, NT, U, false>, dim3(blocks), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N, K, f);
 }
 
 template <class T>
-void launch_gemv_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, int nt, int u, cudaStream_t s) {
-  if (nt >= 4) {
-    if (u >= 4) return launch_gemv_tc_nu<T, 4, 4>(y, x, w, bias, M, N, K, s);
-    return launch_gemv_tc_nu<T, 4, 2>(y, x, w, bias, M, N, K, s);
+void launch_gemv_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, int nt, int u,
+                    const GemvFuse& f, cudaStream_t s) {
+  if (nt >= 2) {
+    if (u >= 4) return launch_gemv_tc_nu<T, 2, 4>(y, x, w, bias, M, N, K, f, s);
+    return launch_gemv_tc_nu<T, 2, 2>(y, x, w, bias, M, N, K, f, s);
   }
-  if (nt == 2) {
-    if (u >= 4) return launch_gemv_tc_nu<T, 2, 4>(y, x, w, bias, M, N, K, s);
-    return launch_gemv_tc_nu<T, 2, 2>(y, x, w, bias, M, N, K, s);
-  }
-  if (u >= 4) return launch_gemv_tc_nu<T, 1, 4>(y, x, w, bias, M, N, K, s);
-  launch_gemv_tc_nu<T, 1, 2>(y, x, w, bias, M, N, K, s);
+  if (u >= 4) return launch_gemv_tc_nu<T, 1, 4>(y, x, w, bias, M, N, K, f, s);
+  launch_gemv_tc_nu<T, 1, 2>(y, x, w, bias, M, N, K, f, s);
 }
 
 // Which GEMV runs a product with M <= 16 rows, and its launch shape. From a sweep of every
@@ -88,7 +98,7 @@ void launch_gemv_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, i
 //     chunks when N is wide and M > 8;
 //   - at M <= 2 the FMA kernel is as fast or faster except in the first case; 4 chunks in flight
 //     pay at K <= 4096, 2 above;
-//   - 4 row tiles per block never won (kept for the sweep).
+//   - 4 row tiles per block never won (50-60% of the bandwidth; removed).
 // SQUEEZELM_GEMV_TC_MIN_M / _NT / _TC_U / _U override each choice (tuning runs only).
 struct GemvPlan {
   bool tc;
@@ -189,8 +199,8 @@ void run(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tensor* bt,
   const T* bias = bt ? bt->ptr<T>() : nullptr;
   if (K == 0) {
     // An empty sum: y = bias or 0. Rare; the GEMV's scalar path writes it without reading.
-    launch_gemv<T>(y, x, w, bias, 1, (int)N, 0, false, 2, 2, s);
-    for (long long m = 1; m < M; ++m) launch_gemv<T>(y + m * N, x, w, bias, 1, (int)N, 0, false, 2, 2, s);
+    launch_gemv<T>(y, x, w, bias, 1, (int)N, 0, false, 2, 2, kNoFuse, s);
+    for (long long m = 1; m < M; ++m) launch_gemv<T>(y + m * N, x, w, bias, 1, (int)N, 0, false, 2, 2, kNoFuse, s);
     return;
   }
   const bool vec = K % 8 == 0 && aligned16(x) && aligned16(w);
@@ -198,9 +208,9 @@ void run(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tensor* bt,
   // limit, and the tensor-core GEMV keeps 0.9-1.0x cuBLAS up to M = 16 (H100 measurements).
   const GemvPlan plan = M <= 16 ? plan_gemv((int)M, (int)N, (int)K) : GemvPlan{false, 1, 2, 2};
   if (M <= 16 && vec && plan.tc) {
-    launch_gemv_tc<T>(y, x, w, bias, (int)M, (int)N, (int)K, plan.nt, plan.u, s);
+    launch_gemv_tc<T>(y, x, w, bias, (int)M, (int)N, (int)K, plan.nt, plan.u, kNoFuse, s);
   } else if (M <= 16) {
-    launch_gemv<T>(y, x, w, bias, (int)M, (int)N, (int)K, vec, plan.u, plan.r, s);
+    launch_gemv<T>(y, x, w, bias, (int)M, (int)N, (int)K, vec, plan.u, plan.r, kNoFuse, s);
   } else if (vec && kBuiltFor90a && device_is_sm90()) {
     launch_gemm_wgmma<T>(y, x, w, bias, (int)M, (int)N, (int)K, s);
   } else if (vec) {
@@ -210,7 +220,38 @@ void run(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tensor* bt,
   }
 }
 
+// The fused GEMV: M <= 16 (the caller checks), any K (16-byte path where aligned).
+template <class T>
+void run_fused(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tensor* bt, const Tensor* gt, float eps,
+               int mode, cudaStream_t s) {
+  const long long M = xt.dim(0), K = xt.dim(1), N = wt.dim(0);
+  if (M == 0 || N == 0) return;
+  if (M > 16) fail("ERR_UNSUPPORTED", "fusedLinear: CUDA fuses up to 16 rows, got " + std::to_string(M));
+  if (K == 0) fail("ERR_SHAPE", "fusedLinear: K = 0");
+  T* y = yt.ptr<T>();
+  const T* x = xt.ptr<T>();
+  const T* w = wt.ptr<T>();
+  const T* bias = bt ? bt->ptr<T>() : nullptr;
+  const GemvFuse f{gt ? gt->data() : nullptr, eps, mode};
+  const bool vec = K % 8 == 0 && aligned16(x) && aligned16(w) && (!gt || aligned16(gt->data()));
+  const GemvPlan plan = plan_gemv((int)M, (int)N, (int)K);
+  if (vec && plan.tc)
+    launch_gemv_tc<T>(y, x, w, bias, (int)M, (int)N, (int)K, plan.nt, plan.u, f, s);
+  else
+    launch_gemv<T>(y, x, w, bias, (int)M, (int)N, (int)K, vec, plan.u, plan.r, f, s);
+}
+
 }  // namespace
+
+void fused_linear(const Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* gamma, float eps,
+                  int mode, cudaStream_t stream) {
+  if (x.dtype == DType::F16)
+    run_fused<__half>(y, x, w, bias, gamma, eps, mode, stream);
+  else if (x.dtype == DType::BF16)
+    run_fused<__nv_bfloat16>(y, x, w, bias, gamma, eps, mode, stream);
+  else
+    fail("ERR_DTYPE", std::string("fusedLinear: CUDA takes f16 or bf16, got ") + dtype_name(x.dtype));
+}
 
 void matmul(const Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias, cudaStream_t stream) {
   if (x.dtype == DType::F16)
