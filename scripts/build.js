@@ -66,12 +66,16 @@ if (only !== 'ts') {
   if (stale) {
     const t0 = Date.now();
     if (has('cmake')) {
-      const reconfigure = force || prevList !== list || prevFlavour !== flavour || !fs.existsSync(path.join(root, buildDir, 'CMakeCache.txt'));
+      // A new flavour (or --force, or no cache) starts clean; a changed source list only needs a
+      // new configure, after which the build recompiles just what changed.
+      const clean = force || prevFlavour !== flavour || !fs.existsSync(path.join(root, buildDir, 'CMakeCache.txt'));
+      const reconfigure = !clean && prevList !== list;
       const defs = [`--CDSQUEEZELM_CUDA=${cudaWanted ? 'ON' : 'OFF'}`];
       if (process.env.SQUEEZELM_CUDA_ARCHS) defs.push(`--CDSQUEEZELM_CUDA_ARCHS=${process.env.SQUEEZELM_CUDA_ARCHS}`);
       const jobs = String(Math.max(2, require('os').availableParallelism?.() || 2));
       console.error(`squeezelm: building the native addon (${flavour}) in ${buildDir}/ ...`);
-      run(bin('cmake-js'), [reconfigure ? 'rebuild' : 'build', '--out', buildDir, '--parallel', jobs, ...defs]);
+      if (reconfigure) run(bin('cmake-js'), ['configure', '--out', buildDir, ...defs]);
+      run(bin('cmake-js'), [clean ? 'rebuild' : 'build', '--out', buildDir, '--parallel', jobs, ...defs]);
     } else {
       console.error('squeezelm: cmake not found; building the CPU-only addon with node-gyp ...');
       run(bin('node-gyp'), ['rebuild', '--build_v8_with_gn=false']);
