@@ -94,7 +94,7 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
       const seqs: number[] = [];
       const ws = dec.decodeWorkspace(B, dec.cache.maxContext);
       let t: Timing;
-      let noPdl: Timing | null = null;
+      let noPdl: Timing | null = null, noFuse: Timing | null = null;
       try {
         for (let b = 0; b < B; b++) {
           const s = dec.cache.createSequence();
@@ -123,6 +123,13 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
           } finally {
             delete process.env.SQUEEZELM_NO_PDL;
           }
+          // And with the plain op sequence (norm, matmul, add, siluMul kernels) instead of fusedLinear.
+          process.env.SQUEEZELM_NO_FUSE = '1';
+          try {
+            noFuse = await step();
+          } finally {
+            delete process.env.SQUEEZELM_NO_FUSE;
+          }
         }
       } finally {
         seqs.forEach((s) => dec.cache.free(s));
@@ -142,6 +149,7 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
       const r = row(ctx, SUITE, `step b${B} ctx ${ctxLen}`, t, { bytes, note });
       rows.push(r);
       if (noPdl) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} without PDL`, noPdl, { bytes, note: 'ordinary launches (SQUEEZELM_NO_PDL=1)' }));
+      if (noFuse) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} without fused GEMVs`, noFuse, { bytes, note: 'plain norm/matmul/add/siluMul sequence (SQUEEZELM_NO_FUSE=1)' }));
       log(`decode b${B}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), plain ${r.plainUs?.toFixed(0)} us; ${note}`);
     }
     // Prefill: one sequence of T tokens, logits of the last row only.
