@@ -239,11 +239,12 @@ export class Decoder {
   }
 
   /**
-   * Whether a pass over `ws` takes the fused decode path: CUDA, at most 16 rows (the fused
-   * GEMVs' limit), no calibration hook, not turned off (`fuse = false` or SQUEEZELM_NO_FUSE=1).
+   * Whether a pass over `ws` takes the fused decode path: CUDA, at most 2 rows (the fused
+   * GEMV is the FMA kernel; from 3 rows the tensor-core GEMV of the plain path is faster), no
+   * calibration hook, not turned off (`fuse = false` or SQUEEZELM_NO_FUSE=1).
    */
   canFuse(ws: Workspace): boolean {
-    return this.fuse && this.device !== 'cpu' && ws.T <= 16 && !linearObserver && !process.env.SQUEEZELM_NO_FUSE;
+    return this.fuse && this.device !== 'cpu' && ws.T <= 2 && !linearObserver && !process.env.SQUEEZELM_NO_FUSE;
   }
 
   /**

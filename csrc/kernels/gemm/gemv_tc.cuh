@@ -16,18 +16,11 @@
 // the launcher so that narrow N still has enough blocks. U chunks per tile are in flight per
 // lane. The NT x 8 partial tiles are summed in shared memory in warp order (deterministic).
 // Needs K % 8 == 0 and 16-byte aligned x, w (the caller checks).
-//
-// Fusions (fuse.cuh): with NORM, the lanes that load row g (and g+8) of x also sum its squares
-// and scale it by gamma (rounded back to the operand dtype, as the unfused norm's output would
-// be); the per-row 1/rms is applied to the finished tile. In silu-pairs mode tile row 2i is
-// gate row p0+i and tile row 2i+1 the matching up row, so the C fragment's column pair
-// (2t, 2t+1) held by one lane is exactly (gate, up) of output p0+t.
 #pragma once
 #include <type_traits>
 
 #include "../common/pdl.cuh"
 #include "common.cuh"
-#include "fuse.cuh"
 
 namespace sqz::cuda::gemm_detail {
 
@@ -48,46 +41,18 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Eight operand values (one uint4) scaled by eight gamma values, rounded back to T; their
-// squares (before scaling) are added to ss.
-template <class T>
-__device__ __forceinline__ uint4 norm_scale(uint4 xv, uint4 gv, float& ss) {
-  uint32_t xs[4] = {xv.x, xv.y, xv.z, xv.w};
-  const uint32_t gs[4] = {gv.x, gv.y, gv.z, gv.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 a = pair_to_f2<T>(xs[i]), b = pair_to_f2<T>(gs[i]);
-    ss = fmaf(a.x, a.x, ss);
-    ss = fmaf(a.y, a.y, ss);
-    const T lo = from_f<T>(a.x * b.x), hi = from_f<T>(a.y * b.y);
-    xs[i] = (uint32_t)(*reinterpret_cast<const uint16_t*>(&lo)) | ((uint32_t)(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
-  }
-  return make_uint4(xs[0], xs[1], xs[2], xs[3]);
-}
-
-template <class T, int NT, int U, bool NORM = false>
+template <class T, int NT, int U>
 __global__ void __launch_bounds__(kGemvTcWarps * 32)
-    gemv_tc_kernel(T* y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, int M, int N,
-                   int K, GemvFuse fuse) {
+    gemv_tc_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                   int M, int N, int K) {
   __shared__ float red[kGemvTcWarps][NT][32][4];
-  __shared__ float red_ss[kGemvTcWarps][16];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const bool pairs = fuse.mode == kFuseSiluPairs;
-  const int P = N / 2;
-  // Plain: tile j holds rows n0+8j .. n0+8j+7. Pairs: tile j holds outputs q0+4j .. q0+4j+3.
-  const int n0 = blockIdx.x * 8 * NT, q0 = blockIdx.x * 4 * NT;
+  const int n0 = blockIdx.x * 8 * NT;
   // Rows past N / M: clamped to a valid row for loading (w) or replaced by zeros (x); never stored.
   const T* wr[NT];
 #pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    int row;
-    if (pairs) row = (g & 1) * P + min(q0 + 4 * j + (g >> 1), P - 1);
-    else row = min(n0 + 8 * j + g, N - 1);
-    wr[j] = w + (size_t)row * K + 8 * t;
-  }
-  const T* gm = NORM ? static_cast<const T*>(fuse.gamma) + 8 * t : nullptr;
-  float ssa = 0.f, ssb = 0.f;
+  for (int j = 0; j < NT; ++j) wr[j] = w + (size_t)min(n0 + 8 * j + g, N - 1) * K + 8 * t;
   const bool v0 = g < M, v1 = g + 8 < M;
   const T* x0 = x + (size_t)min(g, M - 1) * K + 8 * t;
   const T* x1 = x + (size_t)min(g + 8, M - 1) * K + 8 * t;
@@ -122,14 +87,6 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
       xa[u] = v0 ? ld_act(x0 + o) : zero;
       xb[u] = v1 ? ld_act(x1 + o) : zero;
     }
-    if constexpr (NORM) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const uint4 gv = ld_act(gm + (size_t)(ch + u * kGemvTcWarps) * 32);
-        xa[u] = norm_scale<T>(xa[u], gv, ssa);
-        xb[u] = norm_scale<T>(xb[u], gv, ssb);
-      }
-    }
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
@@ -142,13 +99,8 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
   for (; ch < chunks; ch += kGemvTcWarps) {
     const size_t o = (size_t)ch * 32;
     const bool in = (int)o + 8 * t < K;
-    uint4 xa = (in && v0) ? __ldg(reinterpret_cast<const uint4*>(x0 + o)) : zero;
-    uint4 xb = (in && v1) ? __ldg(reinterpret_cast<const uint4*>(x1 + o)) : zero;
-    if constexpr (NORM) {
-      const uint4 gv = in ? __ldg(reinterpret_cast<const uint4*>(gm + o)) : zero;
-      xa = norm_scale<T>(xa, gv, ssa);
-      xb = norm_scale<T>(xb, gv, ssb);
-    }
+    const uint4 xa = (in && v0) ? __ldg(reinterpret_cast<const uint4*>(x0 + o)) : zero;
+    const uint4 xb = (in && v1) ? __ldg(reinterpret_cast<const uint4*>(x1 + o)) : zero;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const uint4 wv = in ? ld_stream(wr[j] + o) : zero;
@@ -161,18 +113,6 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) red[warp][j][lane][i] = c[j][i];
-  if constexpr (NORM) {
-    // Rows g and g+8: sum the four lanes t of the group, then (below) the warps in order.
-#pragma unroll
-    for (int o = 1; o <= 2; o <<= 1) {
-      ssa += __shfl_xor_sync(0xffffffffu, ssa, o);
-      ssb += __shfl_xor_sync(0xffffffffu, ssb, o);
-    }
-    if (t == 0) {
-      red_ss[warp][g] = ssa;
-      red_ss[warp][g + 8] = ssb;
-    }
-  }
   __syncthreads();
   // Warp j < NT finishes tile j: sums the 8 partial tiles in warp order.
   if (warp >= NT) return;
@@ -185,43 +125,14 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
     for (int k = 0; k < kGemvTcWarps; ++k) a += red[k][j][lane][i];
     s[i] = a;
   }
-  float inv[2] = {1.f, 1.f};  // rows g, g+8
-  if constexpr (NORM) {
-    float a = 0.f, b = 0.f;
-#pragma unroll
-    for (int k = 0; k < kGemvTcWarps; ++k) {
-      a += red_ss[k][g];
-      b += red_ss[k][g + 8];
-    }
-    inv[0] = rsqrtf(a / (float)K + fuse.eps);
-    inv[1] = rsqrtf(b / (float)K + fuse.eps);
-  }
-  // C fragment: c0,c1 at (row g, cols 2t, 2t+1), c2,c3 at (row g+8, same cols); col = tile row.
-  if (pairs) {
-    const int q = q0 + 4 * j + t;  // c0/c2: gate row q, c1/c3: up row P + q
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = g + 8 * h;
-      if (m < M && q < P) {
-        float gv = s[2 * h] * inv[h], uv = s[2 * h + 1] * inv[h];
-        if (bias) {
-          gv += to_f<T>(bias[q]);
-          uv += to_f<T>(bias[P + q]);
-        }
-        y[(size_t)m * P + q] = from_f<T>(silu_f(gv) * uv);
-      }
-    }
-    return;
-  }
+  // C fragment: c0,c1 at (row g, cols 2t, 2t+1), c2,c3 at (row g+8, same cols); col = w row.
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int m = g + (i >> 1) * 8, n = n0 + 8 * j + 2 * t + (i & 1);
     if (m < M && n < N) {
-      float v = s[i] * inv[i >> 1];
+      float v = s[i];
       if (bias) v += to_f<T>(bias[n]);
-      T* out = y + (size_t)m * N + n;
-      if (fuse.mode == kFuseResidual) v += to_f<T>(*out);
-      *out = from_f<T>(v);
+      y[(size_t)m * N + n] = from_f<T>(v);
     }
   }
 }

@@ -17,7 +17,7 @@ using namespace gemm_detail;
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-const GemvFuse kNoFuse{nullptr, 0.f, kFusePlain};
+GemvFuse no_fuse() { return GemvFuse{nullptr, 0.f, kFusePlain, 1}; }
 
 // Launch-shape knobs, each overridable from the environment for tuning runs (bench/gemv.ts's
 // tune suite): read per launch, so a benchmark can sweep them in one process.
@@ -27,13 +27,30 @@ int knob(const char* name, int dflt) {
 }
 
 template <class T, int M, bool VEC, int U, int R = kGemvRows>
-void launch_gemv_mu(T* y, const T* x, const T* w, const T* bias, int N, int K, const GemvFuse& f, cudaStream_t s) {
+void launch_gemv_mu(T* y, const T* x, const T* w, const T* bias, int N, int K, GemvFuse f, cudaStream_t s) {
+  f.prefetch = knob("SQUEEZELM_GEMV_PF", f.prefetch);
   // Pairs mode: a warp covers R/2 outputs, i.e. R rows of w, like the plain mode.
   const long long warps = (N + R - 1) / R;
   const unsigned blocks = ceil_div(warps, kGemvWarps);
-  if (f.gamma)
-    launch_pdl(gemv_kernel<T, M, VEC, U, R, true>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K, f);
-  else
+  if (f.gamma) {
+    // The normalised rows live in shared memory: M * K values, above 48 KiB only by opt-in.
+    const size_t smem = (size_t)M * K * sizeof(T);
+    constexpr size_t kMaxSmem = 200 * 1024;
+    if (smem > kMaxSmem)
+      fail("ERR_UNSUPPORTED", "fusedLinear: the norm of " + std::to_string(M) + " x " + std::to_string(K) +
+                                  " activations does not fit in shared memory");
+    auto kernel = gemv_kernel<T, M, VEC, U, R, true>;
+    static std::atomic<uint64_t> configured{0};
+    int dev = 0;
+    cuda_check(cudaGetDevice(&dev), "fusedLinear: cudaGetDevice");
+    const uint64_t bit = 1ull << (dev & 63);
+    if (smem > 48 * 1024 && !(configured.load() & bit)) {
+      cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kMaxSmem),
+                 "fusedLinear: cudaFuncSetAttribute");
+      configured.fetch_or(bit);
+    }
+    launch_pdl(kernel, dim3(blocks), dim3(kGemvWarps * 32), smem, s, y, x, w, bias, N, K, f);
+  } else
     launch_pdl(gemv_kernel<T, M, VEC, U, R, false>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K, f);
 }
 
@@ -69,37 +86,31 @@ void launch_gemv(T* y, const T* x, const T* w, const T* bias, int M, int N, int 
 }
 
 template <class T, int NT, int U>
-void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, const GemvFuse& f,
-                       cudaStream_t s) {
-  // Pairs mode: a tile is 4 outputs (8 rows of w).
-  const unsigned blocks = f.mode == kFuseSiluPairs ? ceil_div(N / 2, 4 * NT) : ceil_div(N, 8 * NT);
-  if (f.gamma)
-    launch_pdl(gemv_tc_kernel<T, NT, U, true>, dim3(blocks), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N, K, f);
-  else
-    launch_pdl(gemv_tc_kernel<T, NT, U, false>, dim3(blocks), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N, K, f);
+void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
+  launch_pdl(gemv_tc_kernel<T, NT, U>, dim3(ceil_div(N, 8 * NT)), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N,
+             K);
 }
 
 template <class T>
-void launch_gemv_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, int nt, int u,
-                    const GemvFuse& f, cudaStream_t s) {
+void launch_gemv_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, int nt, int u, cudaStream_t s) {
   if (nt >= 2) {
-    if (u >= 4) return launch_gemv_tc_nu<T, 2, 4>(y, x, w, bias, M, N, K, f, s);
-    return launch_gemv_tc_nu<T, 2, 2>(y, x, w, bias, M, N, K, f, s);
+    if (u >= 4) return launch_gemv_tc_nu<T, 2, 4>(y, x, w, bias, M, N, K, s);
+    return launch_gemv_tc_nu<T, 2, 2>(y, x, w, bias, M, N, K, s);
   }
-  if (u >= 4) return launch_gemv_tc_nu<T, 1, 4>(y, x, w, bias, M, N, K, f, s);
-  launch_gemv_tc_nu<T, 1, 2>(y, x, w, bias, M, N, K, f, s);
+  if (u >= 4) return launch_gemv_tc_nu<T, 1, 4>(y, x, w, bias, M, N, K, s);
+  launch_gemv_tc_nu<T, 1, 2>(y, x, w, bias, M, N, K, s);
 }
 
-// Which GEMV runs a product with M <= 16 rows, and its launch shape. From a sweep of every
+// Which GEMV runs a product with M <= 16 rows, and its launch shape. From sweeps of every
 // setting over the LLaMA projection shapes on an H200 (bench gemv-tune):
-//   - the tensor-core kernel with 2 row tiles and 4 chunks in flight per lane wins where K and N
-//     are both >= 8192 (8192x8192, 8192x28672: 92-99% of copy bandwidth, cuBLAS parity);
-//   - elsewhere one tile per block with 2 chunks (512+ blocks for N = 4096), or 2 tiles with 2
-//     chunks when N is wide and M > 8;
-//   - at M <= 2 the FMA kernel is as fast or faster except in the first case; 4 chunks in flight
-//     pay at K <= 4096, 2 above;
-//   - 4 row tiles per block never won (50-60% of the bandwidth; removed).
-// SQUEEZELM_GEMV_TC_MIN_M / _NT / _TC_U / _U override each choice (tuning runs only).
+//   - M <= 2: the FMA kernel; 2 rows per warp with 8 chunks in flight per lane where N <= 8192
+//     and K <= 11008 (4096x4096 76%, 4096x11008 91%, 8192x8192 91% of copy bandwidth), 4 rows
+//     with 2 chunks for wide N at K <= 4096 (11008x4096 89%), 2 rows x 4 chunks at very long K
+//     (8192x28672 100%), 2 x 2 for very wide N (28672x8192 102%);
+//   - M >= 3: the tensor-core kernel, 2 row tiles x 4 chunks where K and N are both >= 8192
+//     (87-99%), else one tile x 2 chunks (512+ blocks for N = 4096), or 2 tiles x 2 chunks when N
+//     is wide and M > 8. 4 tiles per block never won (50-60%).
+// SQUEEZELM_GEMV_TC_MIN_M / _NT / _TC_U / _U / _R override each choice (tuning runs only).
 struct GemvPlan {
   bool tc;
   int nt, u, r;  // r: rows per warp of the FMA kernel
@@ -107,14 +118,16 @@ struct GemvPlan {
 
 GemvPlan plan_gemv(int M, int N, int K) {
   GemvPlan p;
-  p.r = 2;
-  const bool wide = K >= 8192 && N >= 8192;
   if (M <= 2) {
-    p.tc = wide && N <= 16384;
-    p.nt = 2;
-    p.u = p.tc ? 4 : (K <= 4096 ? 4 : 2);
+    p.tc = false;
+    p.nt = 1;
+    if (N >= 16384) p.r = 2, p.u = 2;
+    else if (N >= 8192 && K <= 4096) p.r = 4, p.u = 2;
+    else if (K >= 16384) p.r = 2, p.u = 4;
+    else p.r = 2, p.u = 8;
   } else {
     p.tc = true;
+    p.r = 2;
     p.nt = N >= 8192 && (M > 8 || K >= 8192) ? 2 : 1;
     p.u = p.nt == 2 && K >= 8192 ? 4 : 2;
   }
@@ -199,8 +212,8 @@ void run(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tensor* bt,
   const T* bias = bt ? bt->ptr<T>() : nullptr;
   if (K == 0) {
     // An empty sum: y = bias or 0. Rare; the GEMV's scalar path writes it without reading.
-    launch_gemv<T>(y, x, w, bias, 1, (int)N, 0, false, 2, 2, kNoFuse, s);
-    for (long long m = 1; m < M; ++m) launch_gemv<T>(y + m * N, x, w, bias, 1, (int)N, 0, false, 2, 2, kNoFuse, s);
+    launch_gemv<T>(y, x, w, bias, 1, (int)N, 0, false, 2, 2, no_fuse(), s);
+    for (long long m = 1; m < M; ++m) launch_gemv<T>(y + m * N, x, w, bias, 1, (int)N, 0, false, 2, 2, no_fuse(), s);
     return;
   }
   const bool vec = K % 8 == 0 && aligned16(x) && aligned16(w);
@@ -208,9 +221,9 @@ void run(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tensor* bt,
   // limit, and the tensor-core GEMV keeps 0.9-1.0x cuBLAS up to M = 16 (H100 measurements).
   const GemvPlan plan = M <= 16 ? plan_gemv((int)M, (int)N, (int)K) : GemvPlan{false, 1, 2, 2};
   if (M <= 16 && vec && plan.tc) {
-    launch_gemv_tc<T>(y, x, w, bias, (int)M, (int)N, (int)K, plan.nt, plan.u, kNoFuse, s);
+    launch_gemv_tc<T>(y, x, w, bias, (int)M, (int)N, (int)K, plan.nt, plan.u, s);
   } else if (M <= 16) {
-    launch_gemv<T>(y, x, w, bias, (int)M, (int)N, (int)K, vec, plan.u, plan.r, kNoFuse, s);
+    launch_gemv<T>(y, x, w, bias, (int)M, (int)N, (int)K, vec, plan.u, plan.r, no_fuse(), s);
   } else if (vec && kBuiltFor90a && device_is_sm90()) {
     launch_gemm_wgmma<T>(y, x, w, bias, (int)M, (int)N, (int)K, s);
   } else if (vec) {
@@ -232,13 +245,12 @@ void run_fused(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tenso
   const T* x = xt.ptr<T>();
   const T* w = wt.ptr<T>();
   const T* bias = bt ? bt->ptr<T>() : nullptr;
-  const GemvFuse f{gt ? gt->data() : nullptr, eps, mode};
+  const GemvFuse f{gt ? gt->data() : nullptr, eps, mode, 1};
   const bool vec = K % 8 == 0 && aligned16(x) && aligned16(w) && (!gt || aligned16(gt->data()));
-  const GemvPlan plan = plan_gemv((int)M, (int)N, (int)K);
-  if (vec && plan.tc)
-    launch_gemv_tc<T>(y, x, w, bias, (int)M, (int)N, (int)K, plan.nt, plan.u, f, s);
-  else
-    launch_gemv<T>(y, x, w, bias, (int)M, (int)N, (int)K, vec, plan.u, plan.r, f, s);
+  // The FMA kernel at every M: the fusions are for the decode step's few rows.
+  GemvPlan plan = plan_gemv((int)M, (int)N, (int)K);
+  if (M > 2) plan.u = plan.r = 2;
+  launch_gemv<T>(y, x, w, bias, (int)M, (int)N, (int)K, vec, plan.u, plan.r, f, s);
 }
 
 }  // namespace
