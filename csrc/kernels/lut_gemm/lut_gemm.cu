@@ -41,6 +41,7 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -497,11 +498,15 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
                  const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
   constexpr size_t smem = gemv_smem_bytes<BITS, MT>();
   auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC>;
-  static bool attr = false;  // per instantiation; idempotent, so a race is harmless
-  if (!attr) {
+  // Tables above 48 KiB need the opt-in, once per device for each instantiation.
+  static std::atomic<uint64_t> configured{0};
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
+  const uint64_t bit = 1ull << (dev & 63);
+  if (!(configured.load() & bit)) {
     cuda_check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                "lutMatmul: cudaFuncSetAttribute");
-    attr = true;
+    configured.fetch_or(bit);
   }
   kern<<<dim3((N + 15) / 16), dim3(GV_THREADS), smem, st>>>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U);
 }
