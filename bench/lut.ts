@@ -88,6 +88,23 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
         });
         ctx.log(`lut ${name}: ${r.timeUs.toFixed(2)} us, ${(100 * (r.fracCopy ?? 0)).toFixed(0)}% of copy BW, vs fp16 ${r.speedup?.toFixed(2) ?? '-'}x; ${r.note}`);
         out.push(r);
+        // Tuning sweep of the M = 1 kernel (see SQUEEZELM_LUT_GEMV in csrc/kernels/lut_gemm/lut_gemm.cu).
+        if (M === 1 && sparse && K === 8192 && !ctx.quick && process.env.SQUEEZELM_LUT_SWEEP !== '0') {
+          for (const v of ['1', '2', '3']) {
+            process.env.SQUEEZELM_LUT_GEMV = v;
+            try {
+              const tv = await timeCuda({
+                device, iters, repeats,
+                fn: (i) => { const l = ls[i % sets]; lutMatmulPacked(y, xs[i % dsets], l.q, l.lut, l.rows, l.cols, l.vals, bits); },
+              });
+              const rv = row(ctx, 'lut', `${name} variant ${v}`, tv, { bytes: probe.bytes + 2 * (M * K + M * N), baseline: 'fp16 matmul', base: dense });
+              ctx.log(`lut ${name} variant ${v}: ${rv.timeUs.toFixed(2)} us, ${(100 * (rv.fracCopy ?? 0)).toFixed(0)}% of copy BW`);
+              out.push(rv);
+            } finally {
+              delete process.env.SQUEEZELM_LUT_GEMV;
+            }
+          }
+        }
         ls.forEach((l) => [l.q, l.lut, l.rows, l.cols, l.vals].forEach((x) => x?.dispose()));
       }
     xs.forEach((t) => t.dispose());

@@ -43,6 +43,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "core/cuda_stream.h"
@@ -162,8 +163,8 @@ constexpr size_t gemv_smem_bytes() {
   return (table > red ? table : red) + 16 * Geo<BITS>::E * 2;
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC>
-__global__ void __launch_bounds__(GV_THREADS, 2)
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB>
+__global__ void __launch_bounds__(GV_THREADS, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
@@ -493,11 +494,11 @@ __global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __
   for (int w = 0; w < G::WU; ++w) d[w] = out[w];
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC>
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
   constexpr size_t smem = gemv_smem_bytes<BITS, MT>();
-  auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC>;
+  auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB>;
   // Tables above 48 KiB need the opt-in, once per device for each instantiation.
   static std::atomic<uint64_t> configured{0};
   int dev = 0;
@@ -534,7 +535,14 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
 #define SQZ_GEMV(MT, P)                                                                            \
   (vec ? launch_gemv<T, BITS, MT, P, true>(yp, xp, q4, lut.data(), lf, rp, cp, vp, vf, M, N, K, U, st) \
        : launch_gemv<T, BITS, MT, P, false>(yp, xp, q4, lut.data(), lf, rp, cp, vp, vf, M, N, K, U, st))
-    if (M <= 8) SQZ_GEMV(1, P1);
+    // Tuning experiments (f16, M <= 8, vectorised): SQUEEZELM_LUT_GEMV=1..3 picks another prefetch
+    // depth / occupancy; read per call so a benchmark can sweep it.
+    const char* tune = std::is_same<T, __half>::value && vec && M <= 8 ? std::getenv("SQUEEZELM_LUT_GEMV") : nullptr;
+    const int variant = tune ? std::atoi(tune) : 0;
+    if (variant == 1) launch_gemv<T, BITS, 1, 2, true>(yp, xp, q4, lut.data(), lf, rp, cp, vp, vf, M, N, K, U, st);
+    else if (variant == 2) launch_gemv<T, BITS, 1, (BITS == 4 ? 6 : 1), true, 2>(yp, xp, q4, lut.data(), lf, rp, cp, vp, vf, M, N, K, U, st);
+    else if (variant == 3) launch_gemv<T, BITS, 1, (BITS == 4 ? 4 : 1), true, 3>(yp, xp, q4, lut.data(), lf, rp, cp, vp, vf, M, N, K, U, st);
+    else if (M <= 8) SQZ_GEMV(1, P1);
     else if (M <= 16) SQZ_GEMV(2, P1);
 #undef SQZ_GEMV
     else if (M <= 32) launch_gemv<T, BITS, 4, (BITS == 4 ? 2 : 1), true>(yp, xp, q4, lut.data(), lf, rp, cp, vp, vf, M, N, K, U, st);
