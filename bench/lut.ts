@@ -89,8 +89,9 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
         ctx.log(`lut ${name}: ${r.timeUs.toFixed(2)} us, ${(100 * (r.fracCopy ?? 0)).toFixed(0)}% of copy BW, vs fp16 ${r.speedup?.toFixed(2) ?? '-'}x; ${r.note}`);
         out.push(r);
         // Tuning sweep of the M = 1 kernel (see SQUEEZELM_LUT_GEMV in csrc/kernels/lut_gemm/lut_gemm.cu).
-        if (M === 1 && sparse && K === 8192 && !ctx.quick && process.env.SQUEEZELM_LUT_SWEEP !== '0') {
-          for (const v of ['1', '2', '3']) {
+        const sweep = M === 1 || M === 8 ? ['1', '2', '3', '4'] : M === 16 ? ['5'] : [];
+        if (sparse && N === 8192 && K === 8192 && !ctx.quick && process.env.SQUEEZELM_LUT_SWEEP !== '0') {
+          for (const v of sweep) {
             process.env.SQUEEZELM_LUT_GEMV = v;
             try {
               const tv = await timeCuda({

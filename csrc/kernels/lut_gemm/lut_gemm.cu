@@ -156,14 +156,16 @@ __device__ __forceinline__ uint32_t pair_of(uint32_t v, int i) {
 constexpr int GV_WARPS = 8;
 constexpr int GV_THREADS = GV_WARPS * 32;
 
-template <int BITS, int MT>
+template <int BITS, int MT, int RT>
 constexpr size_t gemv_smem_bytes() {
-  constexpr size_t table = 2u * Geo<BITS>::E2 * 32 * 4;
-  constexpr size_t red = (size_t)GV_WARPS * 32 * MT * 4 * 4;
-  return (table > red ? table : red) + 16 * Geo<BITS>::E * 2;
+  constexpr size_t table = (size_t)RT * 2 * Geo<BITS>::E2 * 32 * 4;
+  constexpr size_t red = (size_t)GV_WARPS * 32 * RT * MT * 4 * 4;
+  return (table > red ? table : red) + 16 * RT * Geo<BITS>::E * 2;
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB>
+// RT row tiles (16 rows each) per block share every activation load (x is reread from L2 by
+// every block: RT = 2 halves that traffic for larger M, at 1 block per SM for 4-bit).
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT>
 __global__ void __launch_bounds__(GV_THREADS, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
@@ -172,72 +174,87 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   using G = Geo<BITS>;
   constexpr int E = G::E, E2 = G::E2, NV = G::NV, CH = G::CH;
   extern __shared__ __align__(16) uint32_t smem[];
-  uint32_t* tbl = smem;                                            // [2][E2][32]
-  T* lt = reinterpret_cast<T*>(smem + (gemv_smem_bytes<BITS, MT>() - 16 * E * 2) / 4);  // [16][E]
-  float* red = reinterpret_cast<float*>(smem);                     // [warps][32][MT*4], after the loop
+  uint32_t* tbl = smem;  // [RT][2][E2][32]
+  T* lt = reinterpret_cast<T*>(smem + (gemv_smem_bytes<BITS, MT, RT>() - 16 * RT * E * 2) / 4);  // [16*RT][E]
+  float* red = reinterpret_cast<float*>(smem);  // [warps][32][RT*MT*4], after the main loop
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
-  const int n0 = blockIdx.x * 16;
-  const uint4* ca = codes + (size_t)blockIdx.x * U * G::USTRIDE + (g * 4 + q) * NV;
-  const uint4* cb = ca + 32 * NV;  // row g + 8
+  const int tiles = (N + 15) / 16;
+  const int n0 = blockIdx.x * 16 * RT;
+  const uint4* ca[RT];
+  bool tok[RT];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+    const int tile = blockIdx.x * RT + rt;
+    tok[rt] = tile < tiles;
+    ca[rt] = codes + (size_t)(tok[rt] ? tile : 0) * U * G::USTRIDE + (g * 4 + q) * NV;  // row g; g+8 at +32*NV
+  }
 
   // 1. First P units of codes in flight before anything else.
-  uint4 qa[P][NV], qb[P][NV];
+  uint4 qa[P][RT][NV], qb[P][RT][NV];
 #pragma unroll
   for (int p = 0; p < P; ++p) {
     const int u = warp + p * GV_WARPS;
 #pragma unroll
-    for (int v = 0; v < NV; ++v) {
-      qa[p][v] = u < U ? ld_stream(ca + (size_t)u * G::USTRIDE + v) : make_uint4(0, 0, 0, 0);
-      qb[p][v] = u < U ? ld_stream(cb + (size_t)u * G::USTRIDE + v) : make_uint4(0, 0, 0, 0);
-    }
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int v = 0; v < NV; ++v) {
+        const bool ok = u < U && tok[rt];
+        qa[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + v) : make_uint4(0, 0, 0, 0);
+        qb[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 32 * NV + v) : make_uint4(0, 0, 0, 0);
+      }
   }
 
-  // 2. The block's 16 tables in the activation dtype, then the pair tables: word
-  //    (h*E2 + e)*32 + 4*gg + qq holds (lut[row][e & (E-1)], lut[row][e >> BITS]) for row gg + 8h,
-  //    the same in all 4 copies qq (one 16-byte store).
-  for (int i = tid; i < 16 * E; i += GV_THREADS) {
+  // 2. The block's tables in the activation dtype, then the pair tables: word
+  //    ((rt*2 + h)*E2 + e)*32 + 4*gg + qq holds (lut[row][e & (E-1)], lut[row][e >> BITS]) for row
+  //    16*rt + gg + 8h, the same in all 4 copies qq (one 16-byte store).
+  for (int i = tid; i < 16 * RT * E; i += GV_THREADS) {
     const int n = n0 + i / E;
     lt[i] = Cvt<T>::t(n < N ? load_f(lut, lut_f32, (long long)n * E + (i % E)) : 0.f);
   }
   __syncthreads();
-  for (int i = tid; i < 2 * E2 * 8; i += GV_THREADS) {
-    const int gg = i & 7, e = (i >> 3) & (E2 - 1), h = i / (8 * E2);
-    const T* l = lt + (gg + 8 * h) * E;
+  for (int i = tid; i < RT * 2 * E2 * 8; i += GV_THREADS) {
+    const int gg = i & 7, e = (i >> 3) & (E2 - 1), rh = i / (8 * E2);  // rh = rt*2 + h
+    const T* l = lt + (gg + 8 * rh) * E;
     const uint32_t v = pack2<T>(l[e & (E - 1)], l[e >> BITS]);
-    *reinterpret_cast<uint4*>(tbl + (h * E2 + e) * 32 + 4 * gg) = make_uint4(v, v, v, v);
+    *reinterpret_cast<uint4*>(tbl + (rh * E2 + e) * 32 + 4 * gg) = make_uint4(v, v, v, v);
   }
 
-  // 3. Outliers of rows g, g+8 (warps split each row's list) for rows m = 8i + 2q + {0, 1}.
-  float acc[MT][4];
+  // 3. Outliers of rows 16rt + g + 8rr (warps split each row's list) for x rows 8i + 2q + {0, 1}.
+  float acc[RT][MT][4];
 #pragma unroll
-  for (int i = 0; i < MT; ++i)
+  for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[rt][i][j] = 0.f;
   if (rows != nullptr) {
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int n = n0 + g + 8 * rr;
-      if (n < N) {
-        const int jb = rows[n], je = rows[n + 1];
-        for (int j = jb + warp; j < je; j += GV_WARPS) {
-          const float v = load_f(vals, vals_f32, j);
-          const int col = cols[j];
+    for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-          for (int i = 0; i < MT; ++i)
+      for (int rr = 0; rr < 2; ++rr) {
+        const int n = n0 + 16 * rt + g + 8 * rr;
+        if (n < N) {
+          const int jb = rows[n], je = rows[n + 1];
+          for (int j = jb + warp; j < je; j += GV_WARPS) {
+            const float v = load_f(vals, vals_f32, j);
+            const int col = cols[j];
 #pragma unroll
-            for (int jj = 0; jj < 2; ++jj) {
-              const int m = 8 * i + 2 * q + jj;
-              if (m < M) acc[i][2 * rr + jj] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), acc[i][2 * rr + jj]);
-            }
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+              for (int jj = 0; jj < 2; ++jj) {
+                const int m = 8 * i + 2 * q + jj;
+                if (m < M)
+                  acc[rt][i][2 * rr + jj] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
+              }
+          }
         }
       }
-    }
   }
   __syncthreads();
 
-  // 4. Main loop. Lane (g, q): A = weight rows g, g+8 (pairs looked up in bank 4g+q), B = x rows
-  //    8i+g, k = 8q..8q+7 of each chunk.
+  // 4. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
+  //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
   const T* xr[MT];
   bool mv[MT];
 #pragma unroll
@@ -246,31 +263,38 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     mv[i] = m < M;
     xr[i] = x + (size_t)(mv[i] ? m : 0) * K;
   }
-  const uint32_t* ta = tbl + lane;
-  const uint32_t* tb = tbl + E2 * 32 + lane;
+  const uint32_t* tq = tbl + lane;
 
   for (int u0 = warp; u0 < U; u0 += GV_WARPS * P) {
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       const int u = u0 + p * GV_WARPS;
       if (u >= U) break;
-      uint32_t wa[G::WU], wb[G::WU];
+      uint32_t wa[RT][G::WU], wb[RT][G::WU];
 #pragma unroll
-      for (int v = 0; v < NV; ++v) {
-        wa[4 * v] = qa[p][v].x; wa[4 * v + 1] = qa[p][v].y; wa[4 * v + 2] = qa[p][v].z; wa[4 * v + 3] = qa[p][v].w;
-        wb[4 * v] = qb[p][v].x; wb[4 * v + 1] = qb[p][v].y; wb[4 * v + 2] = qb[p][v].z; wb[4 * v + 3] = qb[p][v].w;
-      }
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+          wa[rt][4 * v] = qa[p][rt][v].x; wa[rt][4 * v + 1] = qa[p][rt][v].y;
+          wa[rt][4 * v + 2] = qa[p][rt][v].z; wa[rt][4 * v + 3] = qa[p][rt][v].w;
+          wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
+          wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
+        }
       const int un = u + GV_WARPS * P;
       if (un < U) {
 #pragma unroll
-        for (int v = 0; v < NV; ++v) {
-          qa[p][v] = ld_stream(ca + (size_t)un * G::USTRIDE + v);
-          qb[p][v] = ld_stream(cb + (size_t)un * G::USTRIDE + v);
-        }
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+          for (int v = 0; v < NV; ++v) {
+            if (tok[rt]) {
+              qa[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + v);
+              qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 32 * NV + v);
+            }
+          }
       }
       const int kb = u * G::KU + 8 * q;
-      // (Activations of XC chunks at a time, loaded before their lookups.)
-      constexpr int XC = MT <= 2 ? 4 : 1;
+      // Activations of XC chunks at a time, loaded before their lookups.
+      constexpr int XC = MT * RT <= 2 ? 4 : 1;
 #pragma unroll
       for (int c4 = 0; c4 < CH; c4 += XC) {
         uint4 xv[XC][MT];
@@ -279,35 +303,43 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
 #pragma unroll
           for (int i = 0; i < MT; ++i) xv[c][i] = load_x8<T, XVEC>(xr[i], kb + 32 * (c4 + c), K, mv[i]);
 #pragma unroll
-        for (int c = 0; c < XC; ++c) {
-          const uint32_t va = chunk_bits<BITS>(wa, c4 + c), vb = chunk_bits<BITS>(wb, c4 + c);
-          const uint32_t a0 = ta[pair_of<BITS>(va, 0) << 5], a1 = tb[pair_of<BITS>(vb, 0) << 5];
-          const uint32_t a2 = ta[pair_of<BITS>(va, 1) << 5], a3 = tb[pair_of<BITS>(vb, 1) << 5];
-          const uint32_t a4 = ta[pair_of<BITS>(va, 2) << 5], a5 = tb[pair_of<BITS>(vb, 2) << 5];
-          const uint32_t a6 = ta[pair_of<BITS>(va, 3) << 5], a7 = tb[pair_of<BITS>(vb, 3) << 5];
+        for (int c = 0; c < XC; ++c)
 #pragma unroll
-          for (int i = 0; i < MT; ++i) {
-            mma_16816<T>(acc[i], a0, a1, a2, a3, xv[c][i].x, xv[c][i].y);
-            mma_16816<T>(acc[i], a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
+          for (int rt = 0; rt < RT; ++rt) {
+            const uint32_t* ta = tq + rt * 2 * E2 * 32;
+            const uint32_t* tb = ta + E2 * 32;
+            const uint32_t va = chunk_bits<BITS>(wa[rt], c4 + c), vb = chunk_bits<BITS>(wb[rt], c4 + c);
+            const uint32_t a0 = ta[pair_of<BITS>(va, 0) << 5], a1 = tb[pair_of<BITS>(vb, 0) << 5];
+            const uint32_t a2 = ta[pair_of<BITS>(va, 1) << 5], a3 = tb[pair_of<BITS>(vb, 1) << 5];
+            const uint32_t a4 = ta[pair_of<BITS>(va, 2) << 5], a5 = tb[pair_of<BITS>(vb, 2) << 5];
+            const uint32_t a6 = ta[pair_of<BITS>(va, 3) << 5], a7 = tb[pair_of<BITS>(vb, 3) << 5];
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+              mma_16816<T>(acc[rt][i], a0, a1, a2, a3, xv[c][i].x, xv[c][i].y);
+              mma_16816<T>(acc[rt][i], a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
+            }
           }
-        }
       }
     }
   }
 
-  // 5. Fixed-order reduction over warps. C fragment: acc[i][j] = y[m = 8i + 2q + (j&1)][n0 + g + 8(j>>1)].
+  // 5. Fixed-order reduction over warps. C fragment of row tile rt: acc[rt][i][j] =
+  //    y[m = 8i + 2q + (j&1)][n0 + 16rt + g + 8(j>>1)].
   __syncthreads();  // everyone is done with the tables (red aliases them)
+  constexpr int PER = RT * MT * 4;
 #pragma unroll
-  for (int i = 0; i < MT; ++i)
-    *reinterpret_cast<float4*>(red + ((warp * 32 + lane) * MT + i) * 4) =
-        make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+      *reinterpret_cast<float4*>(red + (warp * 32 + lane) * PER + (rt * MT + i) * 4) =
+          make_float4(acc[rt][i][0], acc[rt][i][1], acc[rt][i][2], acc[rt][i][3]);
   __syncthreads();
-  for (int idx = tid; idx < 32 * MT * 4; idx += GV_THREADS) {
+  for (int idx = tid; idx < 32 * PER; idx += GV_THREADS) {
     float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < GV_WARPS; ++w) s += red[w * 32 * MT * 4 + idx];
-    const int l = idx / (MT * 4), i = (idx / 4) % MT, j = idx & 3;
-    const int m = 8 * i + 2 * (l & 3) + (j & 1), n = n0 + (l >> 2) + 8 * (j >> 1);
+    for (int w = 0; w < GV_WARPS; ++w) s += red[w * 32 * PER + idx];
+    const int l = idx / PER, rt = (idx / (MT * 4)) % RT, i = (idx / 4) % MT, j = idx & 3;
+    const int m = 8 * i + 2 * (l & 3) + (j & 1), n = n0 + 16 * rt + (l >> 2) + 8 * (j >> 1);
     if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(s);
   }
 }
@@ -494,11 +526,11 @@ __global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __
   for (int w = 0; w < G::WU; ++w) d[w] = out[w];
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2>
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
-  constexpr size_t smem = gemv_smem_bytes<BITS, MT>();
-  auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB>;
+  constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT>();
+  auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT>;
   // Tables above 48 KiB need the opt-in, once per device for each instantiation.
   static std::atomic<uint64_t> configured{0};
   int dev = 0;
@@ -509,7 +541,8 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
                "lutMatmul: cudaFuncSetAttribute");
     configured.fetch_or(bit);
   }
-  kern<<<dim3((N + 15) / 16), dim3(GV_THREADS), smem, st>>>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U);
+  const int blocks = ((N + 15) / 16 + RT - 1) / RT;
+  kern<<<dim3(blocks), dim3(GV_THREADS), smem, st>>>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U);
 }
 
 template <class T, int BITS>
@@ -531,22 +564,28 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
   // takes the GEMV only up to 16 rows.
   if (M <= 16 || (vec && M <= 64)) {
     const uint4* q4 = codes.ptr<uint4>();
-    constexpr int P1 = BITS == 4 ? 4 : 1;
-#define SQZ_GEMV(MT, P)                                                                            \
-  (vec ? launch_gemv<T, BITS, MT, P, true>(yp, xp, q4, lut.data(), lf, rp, cp, vp, vf, M, N, K, U, st) \
-       : launch_gemv<T, BITS, MT, P, false>(yp, xp, q4, lut.data(), lf, rp, cp, vp, vf, M, N, K, U, st))
-    // Tuning experiments (f16, M <= 8, vectorised): SQUEEZELM_LUT_GEMV=1..3 picks another prefetch
-    // depth / occupancy; read per call so a benchmark can sweep it.
-    const char* tune = std::is_same<T, __half>::value && vec && M <= 8 ? std::getenv("SQUEEZELM_LUT_GEMV") : nullptr;
+    const void* lp = lut.data();
+    constexpr int P1 = BITS == 4 ? 4 : 1;  // units in flight per warp, 1 block of 16 rows
+    constexpr int P2 = BITS == 4 ? 4 : 1;  // the same with 2 row tiles per block
+#define SQZ_GEMV(MT, P, XV, MINB, RT) \
+  launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
+    // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1..5 picks another prefetch
+    // depth / occupancy / rows per block; read per call so a benchmark can sweep it.
+    const char* tune = std::is_same<T, __half>::value && vec && M <= 16 ? std::getenv("SQUEEZELM_LUT_GEMV") : nullptr;
     const int variant = tune ? std::atoi(tune) : 0;
-    if (variant == 1) launch_gemv<T, BITS, 1, 2, true>(yp, xp, q4, lut.data(), lf, rp, cp, vp, vf, M, N, K, U, st);
-    else if (variant == 2) launch_gemv<T, BITS, 1, (BITS == 4 ? 6 : 1), true, 2>(yp, xp, q4, lut.data(), lf, rp, cp, vp, vf, M, N, K, U, st);
-    else if (variant == 3) launch_gemv<T, BITS, 1, (BITS == 4 ? 4 : 1), true, 3>(yp, xp, q4, lut.data(), lf, rp, cp, vp, vf, M, N, K, U, st);
-    else if (M <= 8) SQZ_GEMV(1, P1);
-    else if (M <= 16) SQZ_GEMV(2, P1);
+    if (variant == 1 && M <= 8) SQZ_GEMV(1, 2, true, 2, 1);
+    else if (variant == 2 && M <= 8) SQZ_GEMV(1, (BITS == 4 ? 6 : 1), true, 2, 1);
+    else if (variant == 3 && M <= 8) SQZ_GEMV(1, P1, true, 3, 1);
+    else if (variant == 4 && M <= 8) SQZ_GEMV(1, P2, true, 1, 2);
+    else if (variant == 5 && M > 8) SQZ_GEMV(2, P1, true, 2, 1);
+    else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
+    else if (M <= 8) SQZ_GEMV(1, P1, false, 2, 1);
+    else if (!vec) SQZ_GEMV(2, P1, false, 2, 1);
+    // More activation rows: 2 row tiles per block halve the activation traffic from L2.
+    else if (M <= 16) SQZ_GEMV(2, P2, true, 1, 2);
+    else if (M <= 32) SQZ_GEMV(4, (BITS == 4 ? 2 : 1), true, 1, 2);
+    else SQZ_GEMV(8, 1, true, 1, (BITS == 4 ? 2 : 1));
 #undef SQZ_GEMV
-    else if (M <= 32) launch_gemv<T, BITS, 4, (BITS == 4 ? 2 : 1), true>(yp, xp, q4, lut.data(), lf, rp, cp, vp, vf, M, N, K, U, st);
-    else launch_gemv<T, BITS, 8, 1, true>(yp, xp, q4, lut.data(), lf, rp, cp, vp, vf, M, N, K, U, st);
   } else {
     dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM), block(GM_THREADS);
     const uint32_t* q = codes.ptr<uint32_t>();
