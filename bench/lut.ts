@@ -28,6 +28,7 @@ async function makeSet(N: number, K: number, bits: number, sparse: boolean, devi
   for (let n = 0; n < N; n++) {
     rows[n + 1] = (n + 1) * per;
     for (let j = 0; j < per; j++) cols[n * per + j] = (j * Math.floor(K / per) + n * 7) % K;
+    cols.subarray(n * per, (n + 1) * per).sort();  // increasing within a row, as checkOutlierCsr wants
   }
   const r = Tensor.from(rows, [N + 1], { device }), c = Tensor.from(cols, [N * per], { device });
   const v = await randomTensor([N * per], 'f16', device, 0.1);

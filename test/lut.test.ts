@@ -1,6 +1,6 @@
 import { Tensor } from '../ts/tensor';
 import { isSqueezeError } from '../ts/errors';
-import { lutMatmul, lutMatmulPacked, lutRepack, lutPackedShape, kmeansRows, checkOutlierCsr } from '../ts/ops/lut';
+import { lutMatmul, lutMatmulPacked, lutRepack, lutPackedShape, kmeansRows, checkOutlierCsr, sortOutlierRows } from '../ts/ops/lut';
 import {
   SqueezeLinear, packCodes, unpackCodes, dequantize, quantizeLinear, rtnQuantize, weightedError,
   squeezeTensors, squeezeMetadata, loadSqueezeLinear, uploadSqueezeLinear,
@@ -174,10 +174,19 @@ describe('lutMatmul validation', () => {
     expect(code(() => lutMatmulPacked(y, x, good, t.lut, t.rows, t.cols, null, 4))).toBe('ERR_ARG');
     expect(code(() => lutMatmulPacked(y, x, good, Tensor.empty([8, 8]), null, null, null, 4))).toBe('ERR_SHAPE');
   });
+  test('sortOutlierRows orders each row by column, values along', () => {
+    const rows = Int32Array.from([0, 3, 3, 5]), cols = Int32Array.from([7, 1, 4, 2, 0]), vals = Float32Array.from([70, 10, 40, 20, 0]);
+    expect(sortOutlierRows(rows, cols, vals)).toBe(true);
+    expect(Array.from(cols)).toEqual([1, 4, 7, 0, 2]);
+    expect(Array.from(vals)).toEqual([10, 40, 70, 0, 20]);
+    expect(sortOutlierRows(rows, cols, vals)).toBe(false);
+    checkOutlierCsr(rows, cols, 3, 8, 'w');
+  });
   test('CSR content -> ERR_FORMAT', () => {
     const rows = Int32Array.from([0, 1, 2]), cols = Int32Array.from([0, 5]);
     expect(() => checkOutlierCsr(rows, cols, 2, 8, 'w')).not.toThrow();
-    for (const [rr, cc] of [[[1, 1, 2], [0, 5]], [[0, 2, 1], [0, 5]], [[0, 1, 3], [0, 5]], [[0, 1, 2], [0, 8]], [[0, 1, 2], [-1, 0]]]) {
+    for (const [rr, cc] of [[[1, 1, 2], [0, 5]], [[0, 2, 1], [0, 5]], [[0, 1, 3], [0, 5]], [[0, 1, 2], [0, 8]], [[0, 1, 2], [-1, 0]],
+      [[0, 2, 2], [5, 0]], [[0, 2, 2], [3, 3]]]) {
       let err: unknown;
       try { checkOutlierCsr(Int32Array.from(rr), Int32Array.from(cc), 2, 8, 'layer0.q'); } catch (e) { err = e; }
       expect(isSqueezeError(err, 'ERR_FORMAT')).toBe(true);
@@ -300,6 +309,34 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
           }
         }
       });
+  test(`tuning variants and the wmma prefill kernel agree with the CPU (seed ${seed})`, async () => {
+    const r = rng(seed + 77);
+    for (const bits of [3, 4] as const) {
+      const N = 301, K = 1024 + 32;
+      const l = randomLinear(N, K, bits, true, r);
+      const cc = packedOf(l, 'cuda'), ch = packedOf(l, 'cpu');
+      const tc = tensorsOf(l, 'cuda', 'f16'), tcpu = tensorsOf(l, 'cpu', 'f16');
+      const cases: Array<[string, string, number]> = [];
+      for (const v of ['1', '2', '3', '4']) for (const M of [1, 5, 8]) cases.push(['SQUEEZELM_LUT_GEMV', v, M]);
+      for (const M of [9, 16]) cases.push(['SQUEEZELM_LUT_GEMV', '5', M]);
+      for (const M of [65, 200]) cases.push(['SQUEEZELM_LUT_GEMM', 'wmma', M]);
+      for (const [env, v, M] of cases) {
+        const x = randn(M * K, r);
+        const xc = Tensor.from(x, [M, K], { dtype: 'f16', device: 'cuda' });
+        const yc = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: 'f16', device: 'cuda' });
+        const yh = Tensor.empty([M, N]);
+        process.env[env] = v;
+        try {
+          lutMatmulPacked(yc, xc, cc, tc.lut, tc.rows, tc.cols, tc.vals, bits);
+        } finally {
+          delete process.env[env];
+        }
+        lutMatmulPacked(yh, Tensor.from(x, [M, K], { dtype: 'f16' }), ch, tcpu.lut, tcpu.rows, tcpu.cols, tcpu.vals, bits);
+        const what = `${bits}-bit ${env}=${v} M=${M}`;
+        expect([what, relErr(await yc.toFloat32(), await yh.toFloat32()) < 2e-3]).toEqual([what, true]);
+      }
+    }
+  });
   test('deterministic across runs (GEMV and GEMM paths)', async () => {
     const r = rng(5);
     const l = randomLinear(512, 1024, 4, true, r);

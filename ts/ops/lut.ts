@@ -75,7 +75,9 @@ export function kmeansRows(lut: Tensor, codes: Tensor, w: Tensor, sens: Tensor, 
 
 /**
  * Host check of an outlier CSR, done once when weights are loaded so that no kernel reads out of
- * bounds: rows has N+1 entries, rows[0] = 0, non-decreasing, rows[N] = nnz, cols in [0, K).
+ * bounds: rows has N+1 entries, rows[0] = 0, non-decreasing, rows[N] = nnz, cols in [0, K), and
+ * increasing within each row (the prefill kernel walks each row's list once, in k order;
+ * sortOutlierRows puts a foreign file's lists in that order).
  */
 export function checkOutlierCsr(rows: Int32Array, cols: Int32Array, N: number, K: number, what: string): void {
   const bad = (msg: string): never => { throw new SqueezeError('ERR_FORMAT', `${what}: ${msg}`); };
@@ -86,4 +88,27 @@ export function checkOutlierCsr(rows: Int32Array, cols: Int32Array, N: number, K
   if (rows[N] !== cols.length) bad(`rows[N] = ${rows[N]} but there are ${cols.length} outliers`);
   for (let j = 0; j < cols.length; j++)
     if (cols[j] < 0 || cols[j] >= K) bad(`cols[${j}] = ${cols[j]} is outside [0, ${K})`);
+  for (let n = 0; n < N; n++)
+    for (let j = rows[n] + 1; j < rows[n + 1]; j++)
+      if (cols[j] <= cols[j - 1]) bad(`cols of row ${n} must increase (cols[${j}] = ${cols[j]} after ${cols[j - 1]})`);
+}
+
+/**
+ * Sorts each row's outliers by column in place (cols and vals together); rows must already be a
+ * valid row pointer (non-decreasing, within cols). Returns whether anything moved.
+ */
+export function sortOutlierRows(rows: Int32Array, cols: Int32Array, vals: Float32Array): boolean {
+  let moved = false;
+  for (let n = 0; n + 1 < rows.length; n++) {
+    const b = rows[n], e = rows[n + 1];
+    let sorted = true;
+    for (let j = b + 1; j < e; j++) if (cols[j] < cols[j - 1]) { sorted = false; break; }
+    if (sorted || b < 0 || e > cols.length || e < b) continue;
+    const idx = Array.from({ length: e - b }, (_, i) => b + i).sort((i, j) => cols[i] - cols[j]);
+    const c = idx.map((i) => cols[i]), v = idx.map((i) => vals[i]);
+    cols.set(c, b);
+    vals.set(v, b);
+    moved = true;
+  }
+  return moved;
 }

@@ -13,7 +13,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { SqueezeError } from '../errors';
 import { DType, Tensor } from '../tensor';
-import { checkOutlierCsr, kmeansRows, lutMatmulPacked, lutPackedShape, lutRepack } from '../ops/lut';
+import { checkOutlierCsr, kmeansRows, lutMatmulPacked, lutPackedShape, lutRepack, sortOutlierRows } from '../ops/lut';
 import { matmul } from '../ops/gemm';
 import { Checkpoint, SafetensorsFile, WriteTensor, writeSafetensors } from '../model/safetensors';
 import { float32ToF16Bits, f16BitsToFloat32, bf16BitsToFloat32 } from '../util/half';
@@ -264,8 +264,14 @@ export function readSqueezeLinear(reader: TensorReader, prefix: string, inFeatur
   if (present === 3) {
     const r = reader.read(rn), c = reader.read(cn), v = reader.read(vn);
     if (r.dtype !== 'I32' || c.dtype !== 'I32') throw new SqueezeError('ERR_FORMAT', `${rn}/${cn}: expected I32`);
-    const rows = r.data as Int32Array, cols = c.data as Int32Array, vals = floatsOf(vn, v);
+    const rows = r.data as Int32Array;
+    let cols = c.data as Int32Array, vals = floatsOf(vn, v);
     if (vals.length !== cols.length) throw new SqueezeError('ERR_FORMAT', `${vn}: ${vals.length} values for ${cols.length} cols`);
+    // Foreign files may list a row's outliers in any order; the kernels want them by column.
+    if (rows.length === N + 1 && rows[0] === 0 && rows[N] === cols.length) {
+      const sorted = cols.slice(), v2 = vals.slice();
+      if (sortOutlierRows(rows, sorted, v2)) { cols = sorted; vals = v2; }
+    }
     checkOutlierCsr(rows, cols, N, K, `${prefix} outliers`);
     Object.assign(out, { rows, cols, vals });
   }

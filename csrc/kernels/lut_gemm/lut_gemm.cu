@@ -23,11 +23,15 @@
 //   or 12 (3-bit) words a lane needs for one unit of K (128 / 512 k) next to each other: one
 //   (4-bit) or three (3-bit) 16-byte streaming loads per row and unit; a warp reads 1 KB (3 KB)
 //   of contiguous memory per unit.
-// * A block owns 16 output rows and all of K; its 8 warps split K by units (unit u to warp u%8),
+// * A block owns 16 output rows (RT = 2 row tiles for M > 8, see below) and all of K; its 8 warps
+//   split K by units (unit u to warp u%8),
 //   each keeping P units of codes in flight (Little's law: ~32+ KB in flight per SM) through a
 //   rolling register prefetch, issued before the tables are built so the build hides under the
 //   first loads. The 8 partial tiles are summed in shared memory in warp order: deterministic, no
 //   atomics. 2 blocks per SM fit (64 KB tables each), so N = 8192 takes about 2 full waves.
+// * Every block rereads all of x (L1 holds it for small M, otherwise it comes from L2: M*K*2 bytes
+//   per block against 8*K bytes of 4-bit codes). For M > 8 a block takes 2 row tiles sharing
+//   each activation load, which halves that traffic.
 // * Outliers (CSR over output rows) are added to the accumulators by the same launch before the
 //   main loop (their dependent loads overlap the first code loads in flight), split over warps.
 // * x is read through L1 (it is small and every block rereads it); codes with L1::no_allocate.
@@ -42,6 +46,7 @@
 #include <mma.h>
 
 #include <atomic>
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
@@ -479,6 +484,199 @@ __global__ void __launch_bounds__(GM_THREADS)
   }
 }
 
+// ---- GEMM (prefill), mma.sync version ----
+// 128x128 output tile per block, 32 k per stage, PST stages of activations and raw codes in flight
+// through cp.async; each stage's codes are dequantized (plus that stage's outliers) into a
+// double-buffered [n][k] tile one stage ahead of the tensor cores, so one barrier per stage.
+// Outliers are folded into the dequantized weight (one rounding of lut + val): each code item
+// walks its row's CSR list, whose cols must be increasing (checkOutlierCsr enforces it).
+constexpr int PBM = 128, PBN = 128, PBK = 32, PST = 5, PLD = PBK + 8, PM_THREADS = 256;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(ok ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+template <int BITS>
+constexpr size_t pgemm_smem_bytes() {
+  return (size_t)PST * PBM * PLD * 2          // activations
+         + (size_t)PST * (BITS == 4 ? 1 : 3) * 512 * 4  // raw codes
+         + (size_t)2 * PBN * PLD * 2           // dequantized weights
+         + (size_t)Geo<BITS>::E * PBN * 4;     // tables
+}
+
+template <class T, int BITS, bool XVEC>
+__global__ void __launch_bounds__(PM_THREADS, 2)
+    lut_gemm_mma_kernel(T* __restrict__ y, const T* __restrict__ x, const uint32_t* __restrict__ codes,
+                        const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
+                        const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
+                        int K, int U) {
+  using G = Geo<BITS>;
+  constexpr int E = G::E, CW = BITS == 4 ? 1 : 3;  // raw words per code item and stage (at most)
+  extern __shared__ __align__(16) unsigned char psm[];
+  T* xs = reinterpret_cast<T*>(psm);                                         // [PST][PBM][PLD]
+  uint32_t* cs = reinterpret_cast<uint32_t*>(xs + PST * PBM * PLD);          // [PST][CW][512]
+  T* ws = reinterpret_cast<T*>(cs + PST * CW * 512);                         // [2][PBN][PLD]
+  float* lut_s = reinterpret_cast<float*>(ws + 2 * PBN * PLD);               // [E][PBN]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int m0 = blockIdx.y * PBM, n0 = blockIdx.x * PBN;
+  const int Np = (N + 15) / 16 * 16;
+  for (int i = tid; i < E * PBN; i += PM_THREADS) {
+    const int e = i / PBN, c = i % PBN;
+    lut_s[i] = (n0 + c < N) ? load_f(lut, lut_f32, (long long)(n0 + c) * E + e) : 0.f;
+  }
+
+  // Code items (row r, quarter q), 2 per thread and fixed for the whole loop, with their outlier
+  // cursors (next col / value of the row's sorted list).
+  const uint32_t* cp[2];
+  bool cok[2];
+  int op[2], oe[2], oc[2];
+  float ov[2];
+#pragma unroll
+  for (int it = 0; it < 2; ++it) {
+    const int item = tid + it * PM_THREADS, r = item & (PBN - 1), q = item >> 7, n = n0 + r;
+    cok[it] = n < Np;
+    const int nn = cok[it] ? n : 0;
+    cp[it] = codes + ((size_t)(nn >> 4) * U * 16 + (nn & 15)) * 4 * G::WU + q * G::WU;
+    op[it] = oe[it] = 0;
+    if (rows != nullptr && n < N) { op[it] = rows[n]; oe[it] = rows[n + 1]; }
+    oc[it] = op[it] < oe[it] ? cols[op[it]] : INT_MAX;
+    ov[it] = op[it] < oe[it] ? load_f(vals, vals_f32, op[it]) : 0.f;
+  }
+
+  const int steps = (K + PBK - 1) / PBK;
+  auto issue = [&](int s) {
+    const int buf = s % PST;
+    // activations: 128 rows x 32 k, 2 x 16 bytes per thread
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+      const int item = tid + it * PM_THREADS, xm = item >> 2, xk = (item & 3) * 8;
+      const int m = m0 + xm, k = s * PBK + xk;
+      T* dst = xs + ((size_t)buf * PBM + xm) * PLD + xk;
+      if (XVEC) {
+        const bool ok = m < M && k < K;
+        cp_async16(dst, ok ? x + (size_t)m * K + k : x, ok);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = load_x8<T, false>(x + (size_t)(m < M ? m : 0) * K, k, K, m < M);
+      }
+    }
+    // raw codes of the stage's chunk
+    const int u = s / G::CH, c = s % G::CH;
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+      const int item = tid + it * PM_THREADS;
+      const uint32_t* w = cp[it] + (size_t)u * 64 * G::WU;
+      uint32_t* d = cs + (size_t)buf * CW * 512 + item;
+      if constexpr (BITS == 4) {
+        cp_async4(d, cok[it] ? w + c : codes, cok[it]);
+      } else {
+        const int b = c >> 2, cc = c & 3;
+        if (cc < 3) {
+          cp_async4(d, cok[it] ? w + 3 * b + cc : codes, cok[it]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 3; ++j) cp_async4(d + j * 512, cok[it] ? w + 3 * b + j : codes, cok[it]);
+        }
+      }
+    }
+  };
+  auto dequant = [&](int s) {
+    const int buf = s % PST, wb = s & 1, c = s % G::CH;
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+      const int item = tid + it * PM_THREADS, r = item & (PBN - 1), q = item >> 7;
+      const uint32_t* src = cs + (size_t)buf * CW * 512 + item;
+      uint32_t v;
+      if constexpr (BITS == 4) v = src[0];
+      else v = (c & 3) < 3 ? src[0] : __byte_perm(__byte_perm(src[0], src[512], 0x0073), src[1024], 0x0710);
+      float w[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) w[j] = lut_s[((v >> (BITS * j)) & (E - 1)) * PBN + r];
+      const int base = s * PBK + 8 * q;
+      while (oc[it] < base + 8) {
+        const int d = oc[it] - base;  // < 0: an entry of an earlier quarter of this stage's row chunk
+#pragma unroll
+        for (int j = 0; j < 8; ++j) w[j] += d == j ? ov[it] : 0.f;
+        ++op[it];
+        oc[it] = op[it] < oe[it] ? cols[op[it]] : INT_MAX;
+        ov[it] = op[it] < oe[it] ? load_f(vals, vals_f32, op[it]) : 0.f;
+      }
+      uint4 o;
+      o.x = pack2<T>(Cvt<T>::t(w[0]), Cvt<T>::t(w[1]));
+      o.y = pack2<T>(Cvt<T>::t(w[2]), Cvt<T>::t(w[3]));
+      o.z = pack2<T>(Cvt<T>::t(w[4]), Cvt<T>::t(w[5]));
+      o.w = pack2<T>(Cvt<T>::t(w[6]), Cvt<T>::t(w[7]));
+      *reinterpret_cast<uint4*>(ws + ((size_t)wb * PBN + r) * PLD + 8 * q) = o;
+    }
+  };
+
+  const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32, g = lane >> 2, qq = lane & 3;
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < PST - 1; ++s) {
+    if (s < steps) issue(s);
+    cp_async_commit();
+  }
+  cp_async_wait<PST - 2>();
+  __syncthreads();  // stage 0 and the tables are visible
+  if (steps > 0) dequant(0);
+  for (int s = 0; s < steps; ++s) {
+    cp_async_wait<PST - 3>();
+    __syncthreads();  // stage s+1 landed; everyone is done with stage s-1 and its buffers
+    if (s + PST - 1 < steps) issue(s + PST - 1);
+    cp_async_commit();
+    if (s + 1 < steps) dequant(s + 1);
+    const T* xb = xs + (size_t)(s % PST) * PBM * PLD;
+    const T* wbp = ws + (size_t)(s & 1) * PBN * PLD;
+#pragma unroll
+    for (int kk = 0; kk < PBK; kk += 16) {
+      uint32_t a[4][4], b[4][2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) ldmatrix_x4(a[i], xb + (wm + 16 * i + (lane & 15)) * PLD + kk + (lane >> 4) * 8);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        uint32_t r4[4];
+        ldmatrix_x4(r4, wbp + (wn + 16 * jj + (lane & 7) + ((lane >> 4) << 3)) * PLD + kk + ((lane >> 3) & 1) * 8);
+        b[2 * jj][0] = r4[0]; b[2 * jj][1] = r4[1]; b[2 * jj + 1][0] = r4[2]; b[2 * jj + 1][1] = r4[3];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_16816<T>(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[j][0], b[j][1]);
+    }
+  }
+  cp_async_wait<0>();
+
+  // C fragment (i, j): e = 0,1 at (m0+wm+16i+g, n0+wn+8j+2qq+e), e = 2,3 at row +8.
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + wm + 16 * i + g + 8 * (e >> 1), n = n0 + wn + 8 * j + 2 * qq + (e & 1);
+        if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(acc[i][j][e]);
+      }
+}
+
 // ---- repack ----
 template <int BITS>
 __global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __restrict__ q, int N, int groups,
@@ -545,6 +743,12 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   kern<<<dim3(blocks), dim3(GV_THREADS), smem, st>>>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U);
 }
 
+// SQUEEZELM_LUT_GEMM=wmma: the simpler wmma prefill kernel (kept for comparison).
+bool tune_gemm() {
+  const char* v = std::getenv("SQUEEZELM_LUT_GEMM");
+  return v != nullptr && v[0] == 'w';
+}
+
 template <class T, int BITS>
 void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut, const Tensor* rows,
             const Tensor* cols, const Tensor* vals, cudaStream_t st) {
@@ -586,6 +790,22 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     else if (M <= 32) SQZ_GEMV(4, (BITS == 4 ? 2 : 1), true, 1, 2);
     else SQZ_GEMV(8, 1, true, 1, (BITS == 4 ? 2 : 1));
 #undef SQZ_GEMV
+  } else if (!(tune_gemm())) {
+    constexpr size_t smem = pgemm_smem_bytes<BITS>();
+    auto kern = vec ? lut_gemm_mma_kernel<T, BITS, true> : lut_gemm_mma_kernel<T, BITS, false>;
+    static std::atomic<uint64_t> configured{0};
+    int dev = 0;
+    cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
+    const uint64_t bit = 1ull << (dev & 63);
+    if (!(configured.load() & bit)) {
+      cuda_check(cudaFuncSetAttribute(lut_gemm_mma_kernel<T, BITS, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                 "lutMatmul: cudaFuncSetAttribute");
+      cuda_check(cudaFuncSetAttribute(lut_gemm_mma_kernel<T, BITS, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                 "lutMatmul: cudaFuncSetAttribute");
+      configured.fetch_or(bit);
+    }
+    dim3 grid((N + PBN - 1) / PBN, (M + PBM - 1) / PBM), block(PM_THREADS);
+    kern<<<grid, block, smem, st>>>(yp, xp, codes.ptr<uint32_t>(), lut.data(), lf, rp, cp, vp, vf, M, N, K, U);
   } else {
     dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM), block(GM_THREADS);
     const uint32_t* q = codes.ptr<uint32_t>();
