@@ -152,9 +152,10 @@ __device__ __forceinline__ uint32_t chunk_bits(const uint32_t (&w)[Geo<BITS>::WU
   }
 }
 
+// Pair i (0..3) of a chunk's bits: the table index of codes 2i, 2i+1 (one PRMT for 4-bit).
 template <int BITS>
 __device__ __forceinline__ uint32_t pair_of(uint32_t v, int i) {
-  if constexpr (BITS == 4) return (v >> (8 * i)) & 0xffu;
+  if constexpr (BITS == 4) return __byte_perm(v, 0u, 0x4440u | (uint32_t)i);
   else return (v >> (6 * i)) & 0x3fu;
 }
 
