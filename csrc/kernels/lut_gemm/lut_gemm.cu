@@ -211,6 +211,17 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
       }
   }
 
+  // Row bounds of this lane's outliers, early: one dependent round trip less before the main loop.
+  int ob[RT][2], oe[RT][2];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int n = n0 + 16 * rt + g + 8 * rr;
+      ob[rt][rr] = oe[rt][rr] = 0;
+      if (rows != nullptr && n < N) { ob[rt][rr] = rows[n] + warp; oe[rt][rr] = rows[n + 1]; }
+    }
+
   // 2. The block's tables in the activation dtype, then the pair tables: word
   //    ((rt*2 + h)*E2 + e)*32 + 4*gg + qq holds (lut[row][e & (E-1)], lut[row][e >> BITS]) for row
   //    16*rt + gg + 8h, the same in all 4 copies qq (one 16-byte store).
@@ -238,24 +249,19 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        const int n = n0 + 16 * rt + g + 8 * rr;
-        if (n < N) {
-          const int jb = rows[n], je = rows[n + 1];
-          for (int j = jb + warp; j < je; j += GV_WARPS) {
-            const float v = load_f(vals, vals_f32, j);
-            const int col = cols[j];
+      for (int rr = 0; rr < 2; ++rr)
+        for (int j = ob[rt][rr]; j < oe[rt][rr]; j += GV_WARPS) {
+          const float v = load_f(vals, vals_f32, j);
+          const int col = cols[j];
 #pragma unroll
-            for (int i = 0; i < MT; ++i)
+          for (int i = 0; i < MT; ++i)
 #pragma unroll
-              for (int jj = 0; jj < 2; ++jj) {
-                const int m = 8 * i + 2 * q + jj;
-                if (m < M)
-                  acc[rt][i][2 * rr + jj] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
-              }
-          }
+            for (int jj = 0; jj < 2; ++jj) {
+              const int m = 8 * i + 2 * q + jj;
+              if (m < M)
+                acc[rt][i][2 * rr + jj] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
+            }
         }
-      }
   }
   __syncthreads();
 
