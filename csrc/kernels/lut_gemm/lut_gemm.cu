@@ -162,11 +162,22 @@ __device__ __forceinline__ uint32_t pair_of(uint32_t v, int i) {
 constexpr int GV_WARPS = 8;
 constexpr int GV_THREADS = GV_WARPS * 32;
 
+// 3-bit: the tables start at an 8 KB-aligned shared address, so a lookup address is
+// ((chunk << 7 >> 6i) & 0x1f80) | (base + 4*lane): one shift and one LOP3 (ld_shared below).
+template <int BITS>
+constexpr size_t gemv_table_align() { return BITS == 3 ? 8192 : 0; }
+
 template <int BITS, int MT, int RT>
 constexpr size_t gemv_smem_bytes() {
   constexpr size_t table = (size_t)RT * 2 * Geo<BITS>::E2 * 32 * 4;
   constexpr size_t red = (size_t)GV_WARPS * 32 * RT * MT * 4 * 4;
-  return (table > red ? table : red) + 16 * RT * Geo<BITS>::E * 2;
+  return gemv_table_align<BITS>() + (table > red ? table : red) + 16 * RT * Geo<BITS>::E * 2;
+}
+
+__device__ __forceinline__ uint32_t ld_shared(uint32_t addr) {
+  uint32_t r;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(r) : "r"(addr));
+  return r;
 }
 
 // RT row tiles (16 rows each) per block share every activation load (x is reread from L2 by
@@ -180,9 +191,11 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   using G = Geo<BITS>;
   constexpr int E = G::E, E2 = G::E2, NV = G::NV, CH = G::CH;
   extern __shared__ __align__(16) uint32_t smem[];
-  uint32_t* tbl = smem;  // [RT][2][E2][32]
+  constexpr uint32_t ALIGN = (uint32_t)gemv_table_align<BITS>();
+  const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(smem);
+  uint32_t* tbl = smem + (ALIGN ? ((ALIGN - (sbase & (ALIGN - 1))) & (ALIGN - 1)) / 4 : 0);  // [RT][2][E2][32]
   T* lt = reinterpret_cast<T*>(smem + (gemv_smem_bytes<BITS, MT, RT>() - 16 * RT * E * 2) / 4);  // [16*RT][E]
-  float* red = reinterpret_cast<float*>(smem);  // [warps][32][RT*MT*4], after the main loop
+  float* red = reinterpret_cast<float*>(tbl);  // [warps][32][RT*MT*4], after the main loop
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
   const int tiles = (N + 15) / 16;
@@ -321,10 +334,22 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
             const uint32_t* ta = tq + rt * 2 * E2 * 32;
             const uint32_t* tb = ta + E2 * 32;
             const uint32_t va = chunk_bits<BITS>(wa[rt], c4 + c), vb = chunk_bits<BITS>(wb[rt], c4 + c);
-            const uint32_t a0 = ta[pair_of<BITS>(va, 0) << 5], a1 = tb[pair_of<BITS>(vb, 0) << 5];
-            const uint32_t a2 = ta[pair_of<BITS>(va, 1) << 5], a3 = tb[pair_of<BITS>(vb, 1) << 5];
-            const uint32_t a4 = ta[pair_of<BITS>(va, 2) << 5], a5 = tb[pair_of<BITS>(vb, 2) << 5];
-            const uint32_t a6 = ta[pair_of<BITS>(va, 3) << 5], a7 = tb[pair_of<BITS>(vb, 3) << 5];
+            uint32_t a0, a1, a2, a3, a4, a5, a6, a7;
+            if constexpr (BITS == 4) {
+              a0 = ta[pair_of<BITS>(va, 0) << 5]; a1 = tb[pair_of<BITS>(vb, 0) << 5];
+              a2 = ta[pair_of<BITS>(va, 1) << 5]; a3 = tb[pair_of<BITS>(vb, 1) << 5];
+              a4 = ta[pair_of<BITS>(va, 2) << 5]; a5 = tb[pair_of<BITS>(vb, 2) << 5];
+              a6 = ta[pair_of<BITS>(va, 3) << 5]; a7 = tb[pair_of<BITS>(vb, 3) << 5];
+            } else {
+              // pair i at bits 6i of the chunk -> bits 7..12 of the byte offset; ORed into the
+              // 8 KB-aligned base of this lane's bank.
+              const uint32_t la = (uint32_t)__cvta_generic_to_shared(ta), lb = la + E2 * 32 * 4;
+              const uint32_t sa = va << 7, sb = vb << 7;
+              a0 = ld_shared((sa & 0x1f80u) | la);        a1 = ld_shared((sb & 0x1f80u) | lb);
+              a2 = ld_shared(((sa >> 6) & 0x1f80u) | la);  a3 = ld_shared(((sb >> 6) & 0x1f80u) | lb);
+              a4 = ld_shared(((sa >> 12) & 0x1f80u) | la); a5 = ld_shared(((sb >> 12) & 0x1f80u) | lb);
+              a6 = ld_shared(((sa >> 18) & 0x1f80u) | la); a7 = ld_shared(((sb >> 18) & 0x1f80u) | lb);
+            }
 #pragma unroll
             for (int i = 0; i < MT; ++i) {
               mma_16816<T>(acc[rt][i], a0, a1, a2, a3, xv[c][i].x, xv[c][i].y);
