@@ -57,8 +57,8 @@ function packedCode(c: Int32Array, N: number, K: number, bits: number, n: number
   const KU = bits === 4 ? 128 : 512, WU = bits === 4 ? 4 : 12, U = (wpr * 32) / bits / KU;
   const tile = Math.floor(n / 16), r = n % 16, u = Math.floor(k / KU), kk = k % KU;
   const ch = Math.floor(kk / 32), q = Math.floor((kk % 32) / 8), j = kk % 8;
-  const base = (((tile * U + u) * 16 + r) * 4 + q) * WU;
-  const w = (i: number) => c[base + i] >>> 0;
+  const base = (tile * U + u) * 64 * WU;
+  const w = (i: number) => c[base + ((i >> 2) * 64 + r * 4 + q) * 4 + (i & 3)] >>> 0;
   let v: number;
   if (bits === 4) v = w(ch);
   else {

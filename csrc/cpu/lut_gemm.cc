@@ -22,29 +22,29 @@ inline uint32_t chunk_bits(const uint32_t* w, int bits, int ch) {
 }  // namespace
 
 uint32_t LutPacked::get(const uint32_t* c, int64_t n, int64_t k) const {
-  const int64_t tile = n / 16, r = n % 16, u = k / KU, kk = k % KU;
+  const int64_t u = k / KU, kk = k % KU;
   const int ch = (int)(kk / 32), q = (int)((kk % 32) / 8), j = (int)(kk % 8);
-  const uint32_t* w = c + (((tile * U + u) * 16 + r) * 4 + q) * WU;
+  uint32_t w[12];
+  for (int i = 0; i < WU; ++i) w[i] = c[word(n, u, q, i)];
   return (chunk_bits(w, bits, ch) >> (bits * j)) & ((1u << bits) - 1);
 }
 
 void LutPacked::put(uint32_t* c, int64_t n, int64_t k, uint32_t code) const {
-  const int64_t tile = n / 16, r = n % 16, u = k / KU, kk = k % KU;
+  const int64_t u = k / KU, kk = k % KU;
   const int ch = (int)(kk / 32), q = (int)((kk % 32) / 8), j = (int)(kk % 8);
-  uint32_t* w = c + (((tile * U + u) * 16 + r) * 4 + q) * WU;
   if (bits == 4) {
-    w[ch] |= code << (4 * j);
+    c[word(n, u, q, ch)] |= code << (4 * j);
     return;
   }
   const int b = ch >> 2, cc = ch & 3, p = 3 * j;
   if (cc < 3) {
-    w[3 * b + cc] |= code << p;
+    c[word(n, u, q, 3 * b + cc)] |= code << p;
     return;
   }
   for (int s = 0; s < 3; ++s)
     if ((code >> s) & 1u) {
       const int bit = p + s;
-      w[3 * b + bit / 8] |= 1u << (24 + bit % 8);
+      c[word(n, u, q, 3 * b + bit / 8)] |= 1u << (24 + bit % 8);
     }
 }
 
@@ -63,8 +63,7 @@ void lut_repack(const Tensor& dst, const Tensor& qweight, int bits) {
           for (int b = 0; b < bits; ++b) gw[b] = q[(g * bits + b) * N + n];
           if (bits == 4) {
             // 4-bit: a word permutation (word q of group g is quarter q's word of chunk g % 4).
-            const int64_t u = g / 4, ch = g % 4, r = n % 16;
-            for (int qq = 0; qq < 4; ++qq) d[(((tile * L.U + u) * 16 + r) * 4 + qq) * L.WU + ch] = gw[qq];
+            for (int qq = 0; qq < 4; ++qq) d[L.word(n, g / 4, qq, (int)(g % 4))] = gw[qq];
           } else {
             for (int i = 0; i < 32; ++i) L.put(d, n, g * 32 + i, lut_code(gw, bits, i));
           }
@@ -96,10 +95,10 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
     for (int64_t n = nb; n < ne; ++n) {
       // Dequantize row n.
       const float* l = &lf[(size_t)(n * E)];
-      const int64_t tile = n / 16, r = n % 16;
       for (int64_t u = 0; u < L.U; ++u)
         for (int q = 0; q < 4; ++q) {
-          const uint32_t* wq = c + (((tile * L.U + u) * 16 + r) * 4 + q) * L.WU;
+          uint32_t wq[12];
+          for (int i = 0; i < L.WU; ++i) wq[i] = c[L.word(n, u, q, i)];
           for (int ch = 0; ch < chunks; ++ch) {
             const uint32_t v = chunk_bits(wq, bits, ch);
             float* dst = &w[(size_t)(u * L.KU + 32 * ch + 8 * q)];

@@ -11,10 +11,11 @@
 // Kernel layout ("packed", made once by lut_repack; lut and outliers stay as they are):
 //   Output rows are taken in tiles of 16 (Np = ceil(N/16)*16, rows past N hold code 0) and K in
 //   units of KU = 128 k (4-bit) or 512 k (3-bit) (Kp = ceil(Kg/KU)*KU, codes past Kg are 0).
-//   codes i32 [Np, Kp*bits/32], stored tile by tile, unit by unit:
-//     word ((tile*U + u)*16 + r)*4*WU + q*WU + w,   U = Kp/KU, WU = 4 (4-bit) | 12 (3-bit),
-//   for row n = 16*tile + r and "quarter" q in 0..3. Quarter q of row n in unit u holds the
-//   codes of k = u*KU + 32c + 8q + j (chunk c in 0..KU/32-1, j in 0..7) as 4 pairs per chunk,
+//   codes i32 [Np, Kp*bits/32], stored tile by tile, unit by unit, in 16-byte planes:
+//     word (tile*U + u)*64*WU + ((w/4)*64 + r*4 + q)*4 + w%4,   U = Kp/KU, WU = 4 (4-bit) | 12 (3-bit),
+//   is word w (0..WU-1) of row n = 16*tile + r, "quarter" q in 0..3 (so the words w = 4v..4v+3 of
+//   all 64 (row, quarter)s of a plane v are one contiguous 1 KB run). Quarter q of row n in unit u
+//   holds the codes of k = u*KU + 32c + 8q + j (chunk c in 0..KU/32-1, j in 0..7) as 4 pairs per chunk,
 //   pair i = (k = ..+2i, ..+2i+1), e = code(k) | code(k+1) << bits:
 //     4-bit: word c, bits 8i..8i+7 (the interchange word itself: w[c] = qweight word q of group
 //            4u+c);
@@ -54,6 +55,10 @@ struct LutPacked {
     U = Kp / KU;
   }
   int64_t words_per_row() const { return Kp * bits / 32; }
+  // Index of word w of (row n, quarter q) in unit u.
+  int64_t word(int64_t n, int64_t u, int q, int w) const {
+    return ((n / 16) * U + u) * 64 * WU + ((w / 4) * 64 + (n % 16) * 4 + q) * 4 + w % 4;
+  }
   // Code (n, k) of packed codes `c`.
   uint32_t get(const uint32_t* c, int64_t n, int64_t k) const;
   // Sets code (n, k) (the bits must be zero before).

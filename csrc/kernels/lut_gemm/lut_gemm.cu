@@ -20,9 +20,9 @@
 // * The k order inside each 32-wide chunk is permuted exactly as in the dense tensor-core GEMV
 //   (gemm/gemv_tc.cuh): lane quarter q owns k = 8q..8q+7 of every chunk, so its activations are
 //   one 16-byte load per chunk and its codes are contiguous. The repacked codes put the 4 (4-bit)
-//   or 12 (3-bit) words a lane needs for one unit of K (128 / 512 k) next to each other: one
-//   (4-bit) or three (3-bit) 16-byte streaming loads per row and unit; a warp reads 1 KB (3 KB)
-//   of contiguous memory per unit.
+//   or 12 (3-bit) words a lane needs for one unit of K (128 / 512 k) in 16-byte pieces: one
+//   (4-bit) or three (3-bit) 16-byte streaming loads per row and unit, each warp-wide load one
+//   contiguous 512-byte run (the 3-bit pieces lie in planes, so no sector is fetched twice).
 // * A block owns 16 output rows (RT = 2 row tiles for M > 8, see below) and all of K; its 8 warps
 //   split K by units (unit u to warp u%8),
 //   each keeping P units of codes in flight (Little's law: ~32+ KB in flight per SM) through a
@@ -206,7 +206,8 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   for (int rt = 0; rt < RT; ++rt) {
     const int tile = blockIdx.x * RT + rt;
     tok[rt] = tile < tiles;
-    ca[rt] = codes + (size_t)(tok[rt] ? tile : 0) * U * G::USTRIDE + (g * 4 + q) * NV;  // row g; g+8 at +32*NV
+    // row g's plane-0 piece; plane v at +64v, row g+8 at +32 (16-byte units)
+    ca[rt] = codes + (size_t)(tok[rt] ? tile : 0) * U * G::USTRIDE + (g * 4 + q);
   }
 
   // 1. First P units of codes in flight before anything else.
@@ -219,8 +220,8 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
 #pragma unroll
       for (int v = 0; v < NV; ++v) {
         const bool ok = u < U && tok[rt];
-        qa[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + v) : make_uint4(0, 0, 0, 0);
-        qb[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 32 * NV + v) : make_uint4(0, 0, 0, 0);
+        qa[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v) : make_uint4(0, 0, 0, 0);
+        qb[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v + 32) : make_uint4(0, 0, 0, 0);
       }
   }
 
@@ -312,8 +313,8 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
 #pragma unroll
           for (int v = 0; v < NV; ++v) {
             if (tok[rt]) {
-              qa[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + v);
-              qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 32 * NV + v);
+              qa[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v);
+              qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v + 32);
             }
           }
       }
@@ -418,7 +419,7 @@ __global__ void __launch_bounds__(GM_THREADS)
     const int n = n0 + cr[it];
     cok[it] = n < Np;
     const int tile = (cok[it] ? n : 0) >> 4, r = n & 15;
-    cp[it] = codes + ((size_t)tile * U * 16 + r) * 4 * G::WU + cq[it] * G::WU;
+    cp[it] = codes + (size_t)tile * U * 64 * G::WU + (r * 4 + cq[it]) * 4;  // word w at + (w/4)*256 + w%4
   }
   const int steps = (K + BK - 1) / BK;
   uint32_t creg[2];
@@ -430,12 +431,13 @@ __global__ void __launch_bounds__(GM_THREADS)
       uint32_t v = 0;
       if (cok[it]) {
         const uint32_t* w = cp[it] + (size_t)u * 64 * G::WU;
+        auto wd = [&](int i) { return w[(i >> 2) * 256 + (i & 3)]; };
         if constexpr (BITS == 4) {
-          v = w[c];
+          v = wd(c);
         } else {
           const int b = c >> 2, cc = c & 3;
-          if (cc < 3) v = w[3 * b + cc];
-          else v = __byte_perm(__byte_perm(w[3 * b], w[3 * b + 1], 0x0073), w[3 * b + 2], 0x0710);
+          if (cc < 3) v = wd(3 * b + cc);
+          else v = __byte_perm(__byte_perm(wd(3 * b), wd(3 * b + 1), 0x0073), wd(3 * b + 2), 0x0710);
         }
       }
       creg[it] = v;
@@ -580,7 +582,7 @@ __global__ void __launch_bounds__(PM_THREADS, 2)
     const int item = tid + it * PM_THREADS, r = item & (PBN - 1), q = item >> 7, n = n0 + r;
     cok[it] = n < Np;
     const int nn = cok[it] ? n : 0;
-    cp[it] = codes + ((size_t)(nn >> 4) * U * 16 + (nn & 15)) * 4 * G::WU + q * G::WU;
+    cp[it] = codes + (size_t)(nn >> 4) * U * 64 * G::WU + ((nn & 15) * 4 + q) * 4;  // word w at + (w/4)*256 + w%4
     op[it] = oe[it] = 0;
     if (rows != nullptr && n < N) { op[it] = rows[n]; oe[it] = rows[n + 1]; }
     oc[it] = op[it] < oe[it] ? cols[op[it]] : INT_MAX;
@@ -609,16 +611,17 @@ __global__ void __launch_bounds__(PM_THREADS, 2)
     for (int it = 0; it < 2; ++it) {
       const int item = tid + it * PM_THREADS;
       const uint32_t* w = cp[it] + (size_t)u * 64 * G::WU;
+      auto wp = [&](int i) { return cok[it] ? w + (i >> 2) * 256 + (i & 3) : codes; };
       uint32_t* d = cs + (size_t)buf * CW * 512 + item;
       if constexpr (BITS == 4) {
-        cp_async4(d, cok[it] ? w + c : codes, cok[it]);
+        cp_async4(d, wp(c), cok[it]);
       } else {
         const int b = c >> 2, cc = c & 3;
         if (cc < 3) {
-          cp_async4(d, cok[it] ? w + 3 * b + cc : codes, cok[it]);
+          cp_async4(d, wp(3 * b + cc), cok[it]);
         } else {
 #pragma unroll
-          for (int j = 0; j < 3; ++j) cp_async4(d + j * 512, cok[it] ? w + 3 * b + j : codes, cok[it]);
+          for (int j = 0; j < 3; ++j) cp_async4(d + j * 512, wp(3 * b + j), cok[it]);
         }
       }
     }
@@ -751,9 +754,9 @@ __global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __
       }
     }
   }
-  uint32_t* d = dst + (size_t)idx * G::WU;
+  uint32_t* d = dst + (size_t)tu * 64 * G::WU + (r * 4 + qq) * 4;
 #pragma unroll
-  for (int w = 0; w < G::WU; ++w) d[w] = out[w];
+  for (int w = 0; w < G::WU; ++w) d[(w >> 2) * 256 + (w & 3)] = out[w];
 }
 
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1>
