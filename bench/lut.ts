@@ -1,19 +1,24 @@
 /**
- * SqueezeLLM LUT GEMV/GEMM suite: 3/4-bit dense-and-sparse (0.45% outliers) and dense-only
- * against our fp16 matmul and cuBLAS in the same run. Inputs rotate over enough weight sets to
- * exceed 2x L2; bytes = packed codes + tables + outliers + x + y.
+ * SqueezeLLM LUT GEMV/GEMM suite (lutMatmulPacked): 3/4-bit dense-and-sparse (0.45% outliers)
+ * and dense-only, against our fp16 matmul and cuBLAS in the same run.
+ * Cases: M = 1 at five LLaMA shapes; M = 2/4/8/16/64 and a prefill M at 8192x8192.
+ * Inputs rotate over enough weight sets to exceed 2x L2; bytes = packed codes + tables +
+ * outliers (rows, cols, vals) + x + y. Notes give cuBLAS, the cost of the outliers over
+ * dense-only, and for batch M the time over the M = 1 time of the same weights.
  */
 import { Tensor } from '../ts/tensor';
-import { matmul, cublasMatmul, cublasAvailable, fillRandomInt, lutMatmul } from '../ts/ops';
-import { BenchContext, BenchResult, randomTensor, row, setsFor, timeCuda, Timing } from './harness';
+import { matmul, cublasMatmul, cublasAvailable, fillRandomInt, lutMatmulPacked, lutPackedShape } from '../ts/ops';
+import { BenchContext, BenchResult, bound, randomTensor, row, setsFor, timeCuda, Timing } from './harness';
 
 const SHAPES: Array<[number, number]> = [[4096, 4096], [4096, 11008], [8192, 8192], [8192, 28672], [28672, 8192]];
+const BATCH = [2, 4, 8, 16, 64];
+const PREFILL = 2048;
 const OUTLIER_SHARE = 0.0045;
 
 interface LutSet { q: Tensor; lut: Tensor; rows?: Tensor; cols?: Tensor; vals?: Tensor; bytes: number }
 
 async function makeSet(N: number, K: number, bits: number, sparse: boolean, device: string, seed: number): Promise<LutSet> {
-  const q = Tensor.empty([Math.ceil(K / 32) * bits, N], { dtype: 'i32', device });
+  const q = Tensor.empty(lutPackedShape(N, K, bits), { dtype: 'i32', device });
   fillRandomInt(q, seed);
   const lut = await randomTensor([N, 1 << bits], 'f16', device, 0.02);
   let bytes = q.byteLength + lut.byteLength;
@@ -23,12 +28,15 @@ async function makeSet(N: number, K: number, bits: number, sparse: boolean, devi
   for (let n = 0; n < N; n++) {
     rows[n + 1] = (n + 1) * per;
     for (let j = 0; j < per; j++) cols[n * per + j] = (j * Math.floor(K / per) + n * 7) % K;
+    cols.subarray(n * per, (n + 1) * per).sort();  // increasing within a row, as checkOutlierCsr wants
   }
   const r = Tensor.from(rows, [N + 1], { device }), c = Tensor.from(cols, [N * per], { device });
   const v = await randomTensor([N * per], 'f16', device, 0.1);
   bytes += r.byteLength + c.byteLength + v.byteLength;
   return { q, lut, rows: r, cols: c, vals: v, bytes };
 }
+
+const us = (t: Timing) => bound(t).s.median;
 
 export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
   if (!ctx.device) return [];
@@ -37,35 +45,111 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
   const shapes = ctx.quick ? SHAPES.filter(([n, k]) => n === 8192 && k === 8192) : SHAPES;
   const cases: Array<[number, number, number]> = [];
   for (const [N, K] of shapes) cases.push([1, N, K]);
-  for (const M of [2, 4, 8, 16]) cases.push([M, 8192, 8192]);
+  for (const M of ctx.quick ? [4, 16] : BATCH) cases.push([M, 8192, 8192]);
+  if (!ctx.quick) cases.push([PREFILL, 8192, 8192]);
+  const single = new Map<string, number>();  // M = 1 time at 8192x8192 per variant
   for (const [M, N, K] of cases) {
+    const big = M > 64;
     // dense fp16 baselines
-    const dsets = setsFor(2 * N * K, ctx.l2Bytes);
+    const dsets = big ? 1 : setsFor(2 * N * K, ctx.l2Bytes);
     const ws: Tensor[] = [], xs: Tensor[] = [];
     for (let s = 0; s < dsets; s++) { ws.push(await randomTensor([N, K], 'f16', device, 0.02)); xs.push(await randomTensor([M, K], 'f16', device)); }
     const y = Tensor.empty([M, N], { dtype: 'f16', device });
-    const iters = ctx.quick ? 8 : 40, repeats = ctx.quick ? 5 : 15;
+    const iters = big ? 4 : ctx.quick ? 8 : 40, repeats = big ? 5 : ctx.quick ? 5 : 15;
     const dense = await timeCuda({ device, iters, repeats, fn: (i) => matmul(y, xs[i % dsets], ws[i % dsets]) });
     let cublas: Timing | null = null;
     if (cublasAvailable()) {
       try { cublas = await timeCuda({ device, iters, repeats, fn: (i) => cublasMatmul(y, xs[i % dsets], ws[i % dsets]) }); } catch { cublas = null; }
     }
     ws.forEach((t) => t.dispose());
-    for (const bits of [3, 4])
-      for (const sparse of [true, false]) {
+    for (const bits of [4, 3])
+      for (const sparse of big ? [true] : [false, true]) {
         const probe = await makeSet(N, K, bits, sparse, device, 1);
-        const sets = setsFor(probe.bytes, ctx.l2Bytes);
+        const sets = big ? 1 : setsFor(probe.bytes, ctx.l2Bytes);
         const ls: LutSet[] = [probe];
         for (let s = 1; s < sets; s++) ls.push(await makeSet(N, K, bits, sparse, device, s + 1));
         const t = await timeCuda({
           device, iters, repeats,
-          fn: (i) => { const l = ls[i % sets]; lutMatmul(y, xs[i % dsets], l.q, l.lut, l.rows, l.cols, l.vals, bits); },
+          fn: (i) => { const l = ls[i % sets]; lutMatmulPacked(y, xs[i % dsets], l.q, l.lut, l.rows, l.cols, l.vals, bits); },
         });
-        const name = `${bits}-bit ${sparse ? 'D+S' : 'dense'} M=${M} ${N}x${K}`;
-        const r = row(ctx, 'lut', name, t, { bytes: probe.bytes + 2 * (M * K + M * N), flops: 2 * M * N * K, baseline: 'fp16 matmul', base: dense,
-          note: cublas ? `cuBLAS ${cublas.graph?.median.toFixed(2) ?? cublas.plain.median.toFixed(2)} us` : 'cuBLAS not available' });
-        ctx.log(`lut ${name}: ${r.timeUs.toFixed(2)} us, ${(100 * (r.fracCopy ?? 0)).toFixed(0)}% of copy BW, vs fp16 ${r.speedup?.toFixed(2) ?? '-'}x`);
+        const variant = `${bits}-bit ${sparse ? 'D+S' : 'dense'}`;
+        const name = `${variant} M=${M} ${N}x${K}`;
+        const notes: string[] = [];
+        if (cublas) notes.push(`cuBLAS ${us(cublas).toFixed(2)} us (${(us(cublas) / us(t)).toFixed(2)}x)`);
+        else notes.push('cuBLAS not available');
+        if (!sparse) single.set(`${name}:dense`, us(t));
+        else {
+          const d = single.get(`${variant.replace('D+S', 'dense')} M=${M} ${N}x${K}:dense`);
+          if (d) notes.push(`outliers +${(100 * (us(t) / d - 1)).toFixed(1)}% over dense-only`);
+        }
+        if (M === 1 && N === 8192 && K === 8192) single.set(variant, us(t));
+        else if (N === 8192 && K === 8192 && single.has(variant)) notes.push(`${(us(t) / single.get(variant)!).toFixed(2)}x the M=1 time`);
+        const r = row(ctx, 'lut', name, t, {
+          bytes: probe.bytes + 2 * (M * K + M * N), flops: 2 * M * N * K, baseline: 'fp16 matmul', base: dense, note: notes.join('; '),
+        });
+        ctx.log(`lut ${name}: ${r.timeUs.toFixed(2)} us, ${(100 * (r.fracCopy ?? 0)).toFixed(0)}% of copy BW, vs fp16 ${r.speedup?.toFixed(2) ?? '-'}x; ${r.note}`);
         out.push(r);
+        // Tuning sweep of the M = 1 kernel (see SQUEEZELM_LUT_GEMV in csrc/kernels/lut_gemm/lut_gemm.cu).
+        const sweep = M === 1 || M === 8 ? ['1', '2', '3', '4'] : M === 16 ? ['5'] : [];
+        if (sparse && N === 8192 && K === 8192 && !ctx.quick && process.env.SQUEEZELM_LUT_SWEEP !== '0') {
+          // The default's output on set 0, to check each variant against (the tests cannot set the
+          // variant: jest gives each test file a copy of the environment).
+          const y0 = Tensor.empty([M, N], { dtype: 'f16', device });
+          lutMatmulPacked(y0, xs[0], ls[0].q, ls[0].lut, ls[0].rows, ls[0].cols, ls[0].vals, bits);
+          const want = await y0.toFloat32();
+          y0.dispose();
+          for (const v of sweep) {
+            process.env.SQUEEZELM_LUT_GEMV = v;
+            try {
+              const y1 = Tensor.empty([M, N], { dtype: 'f16', device });
+              lutMatmulPacked(y1, xs[0], ls[0].q, ls[0].lut, ls[0].rows, ls[0].cols, ls[0].vals, bits);
+              const got = await y1.toFloat32();
+              y1.dispose();
+              let num = 0, den = 0;
+              for (let i = 0; i < want.length; i++) { num += (got[i] - want[i]) ** 2; den += want[i] ** 2; }
+              const diff = Math.sqrt(num / Math.max(den, 1e-30));
+              const tv = await timeCuda({
+                device, iters, repeats,
+                fn: (i) => { const l = ls[i % sets]; lutMatmulPacked(y, xs[i % dsets], l.q, l.lut, l.rows, l.cols, l.vals, bits); },
+              });
+              const rv = row(ctx, 'lut', `${name} variant ${v}`, tv, {
+                bytes: probe.bytes + 2 * (M * K + M * N), baseline: 'fp16 matmul', base: dense,
+                note: `rel diff vs default ${Number.isFinite(diff) ? diff.toExponential(1) : 'NaN'}${diff < 1e-3 ? '' : ' MISMATCH'}`,
+              });
+              ctx.log(`lut ${name} variant ${v}: ${rv.timeUs.toFixed(2)} us, ${(100 * (rv.fracCopy ?? 0)).toFixed(0)}% of copy BW`);
+              out.push(rv);
+            } finally {
+              delete process.env.SQUEEZELM_LUT_GEMV;
+            }
+          }
+        }
+        if (big && process.env.SQUEEZELM_LUT_SWEEP !== '0') {
+          // the simpler wmma prefill kernel, for comparison (and checked against the default)
+          const y0 = Tensor.empty([M, N], { dtype: 'f16', device });
+          lutMatmulPacked(y0, xs[0], ls[0].q, ls[0].lut, ls[0].rows, ls[0].cols, ls[0].vals, bits);
+          const want = await y0.toFloat32();
+          process.env.SQUEEZELM_LUT_GEMM = 'wmma';
+          try {
+            lutMatmulPacked(y0, xs[0], ls[0].q, ls[0].lut, ls[0].rows, ls[0].cols, ls[0].vals, bits);
+            const got = await y0.toFloat32();
+            let num = 0, den = 0;
+            for (let i = 0; i < want.length; i++) { num += (got[i] - want[i]) ** 2; den += want[i] ** 2; }
+            const diff = Math.sqrt(num / Math.max(den, 1e-30));
+            const tw = await timeCuda({
+              device, iters, repeats,
+              fn: (i) => { const l = ls[i % sets]; lutMatmulPacked(y, xs[i % dsets], l.q, l.lut, l.rows, l.cols, l.vals, bits); },
+            });
+            const rw = row(ctx, 'lut', `${name} wmma kernel`, tw, {
+              flops: 2 * M * N * K, baseline: 'fp16 matmul', base: dense,
+              note: `rel diff vs default ${Number.isFinite(diff) ? diff.toExponential(1) : 'NaN'}${diff < 2e-3 ? '' : ' MISMATCH'}`,
+            });
+            ctx.log(`lut ${name} wmma kernel: ${rw.timeUs.toFixed(2)} us; ${rw.note}`);
+            out.push(rw);
+          } finally {
+            delete process.env.SQUEEZELM_LUT_GEMM;
+            y0.dispose();
+          }
+        }
         ls.forEach((l) => [l.q, l.lut, l.rows, l.cols, l.vals].forEach((x) => x?.dispose()));
       }
     xs.forEach((t) => t.dispose());

@@ -1,12 +1,30 @@
 // SqueezeLLM dense-and-sparse matmul, CPU reference.
 //
-// Weight layout (the interchange format, also the kernel layout):
-//   qweight i32 [Kp*bits/32, N], Kp = ceil(K/32)*32: the codes of output column n packed along
-//   the input dim K, least significant bits first; 4-bit: 8 codes per word; 3-bit: 32 codes in
+// Interchange layout (the file format):
+//   qweight i32 [Kg*bits/32, N], Kg = ceil(K/32)*32: the codes of output row n packed along the
+//   input dim K, least significant bits first; 4-bit: 8 codes per word; 3-bit: 32 codes in
 //   3 words, straddling word boundaries (code i of a group sits at bit 3i of the 96-bit group).
 //   lut [N, 2^bits] (f16 | f32): row n = the codebook of output channel n.
 //   Optional outliers in CSR over output rows: rows i32 [N+1], cols i32 [nnz], vals [nnz]
 //   (f16 | f32), added to the dense part.
+//
+// Kernel layout ("packed", made once by lut_repack; lut and outliers stay as they are):
+//   Output rows are taken in tiles of 16 (Np = ceil(N/16)*16, rows past N hold code 0) and K in
+//   units of KU = 128 k (4-bit) or 512 k (3-bit) (Kp = ceil(Kg/KU)*KU, codes past Kg are 0).
+//   codes i32 [Np, Kp*bits/32], stored tile by tile, unit by unit, in 16-byte planes:
+//     word (tile*U + u)*64*WU + ((w/4)*64 + r*4 + q)*4 + w%4,   U = Kp/KU, WU = 4 (4-bit) | 12 (3-bit),
+//   is word w (0..WU-1) of row n = 16*tile + r, "quarter" q in 0..3 (so the words w = 4v..4v+3 of
+//   all 64 (row, quarter)s of a plane v are one contiguous 1 KB run). Quarter q of row n in unit u
+//   holds the codes of k = u*KU + 32c + 8q + j (chunk c in 0..KU/32-1, j in 0..7) as 4 pairs per chunk,
+//   pair i = (k = ..+2i, ..+2i+1), e = code(k) | code(k+1) << bits:
+//     4-bit: word c, bits 8i..8i+7 (the interchange word itself: w[c] = qweight word q of group
+//            4u+c);
+//     3-bit: chunks in blocks of 4 (b = c/4, cc = c%4) over words 3b..3b+2: chunk cc < 3 in bits
+//            0..23 of word 3b+cc (pair i at bits 6i..6i+5); chunk 3 in the top bytes:
+//            v = w[3b]>>24 | (w[3b+1]>>24)<<8 | (w[3b+2]>>24)<<16, pair i at bits 6i..6i+5 of v.
+//   One 16-byte load of a quarter's words is, after a pair-table lookup, exactly the A operand
+//   of mma.m16n8k16 (see csrc/kernels/lut_gemm/lut_gemm.cu).
+//
 // y[m, n] = sum_k lut[n, code(n, k)] * x[m, k] + sum_j vals[j] * x[m, cols[j]].
 #pragma once
 #include <cstdint>
@@ -15,7 +33,7 @@
 
 namespace sqz::cpu {
 
-// Decodes code i (0..31) of a 32-code group given the group's `bits` words.
+// Decodes code i (0..31) of a 32-code interchange group given the group's `bits` words.
 inline uint32_t lut_code(const uint32_t* w, int bits, int i) {
   if (bits == 4) return (w[i >> 3] >> ((i & 7) * 4)) & 15u;
   const int bit = 3 * i, word = bit >> 5, off = bit & 31;
@@ -24,7 +42,34 @@ inline uint32_t lut_code(const uint32_t* w, int bits, int i) {
   return v & 7u;
 }
 
-void lut_matmul(const Tensor& y, const Tensor& x, const Tensor& qweight, const Tensor& lut,
-                const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits);
+// Geometry of the packed layout.
+struct LutPacked {
+  int bits;
+  int64_t N, Kg, Np, Kp, U, KU, WU;
+  LutPacked(int b, int64_t n, int64_t k) : bits(b), N(n) {
+    Kg = (k + 31) / 32 * 32;
+    KU = b == 4 ? 128 : 512;
+    WU = b == 4 ? 4 : 12;
+    Np = (n + 15) / 16 * 16;
+    Kp = (Kg + KU - 1) / KU * KU;
+    U = Kp / KU;
+  }
+  int64_t words_per_row() const { return Kp * bits / 32; }
+  // Index of word w of (row n, quarter q) in unit u.
+  int64_t word(int64_t n, int64_t u, int q, int w) const {
+    return ((n / 16) * U + u) * 64 * WU + ((w / 4) * 64 + (n % 16) * 4 + q) * 4 + w % 4;
+  }
+  // Code (n, k) of packed codes `c`.
+  uint32_t get(const uint32_t* c, int64_t n, int64_t k) const;
+  // Sets code (n, k) (the bits must be zero before).
+  void put(uint32_t* c, int64_t n, int64_t k, uint32_t code) const;
+};
+
+// dst i32 [Np, Kp*bits/32] (packed) <- qweight i32 [Kg*bits/32, N] (interchange).
+void lut_repack(const Tensor& dst, const Tensor& qweight, int bits);
+
+// y[M,N] = x[M,K] * dequant(codes, lut)^T + CSR outliers, codes in the packed layout.
+void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
+                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits);
 
 }  // namespace sqz::cpu

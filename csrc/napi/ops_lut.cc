@@ -1,4 +1,4 @@
-// SqueezeLLM ops: lutMatmul (dense-and-sparse LUT matmul) and kmeansRows (the quantizer).
+// SqueezeLLM ops: lutRepack + lutMatmulPacked (dense-and-sparse LUT matmul) and kmeansRows (the quantizer).
 #include <string>
 
 #include "../cpu/kmeans.h"
@@ -12,12 +12,34 @@
 
 namespace sqz::napi {
 
-// lutMatmul(y[M,N], x[M,K], qweight i32[ceil(K/32)*bits, N], lut[N, 2^bits], rows?, cols?, vals?, bits)
-// The outlier CSR's contents are checked on the host when the weights are loaded
-// (ts/ops/lut.ts checkOutlierCsr); here only shapes and dtypes.
-SQZ_OP(lutMatmul) {
-  Args a(info, "lutMatmul");
-  Tensor y = a.tensor(0, "y"), x = a.tensor(1, "x"), q = a.tensor(2, "qweight"), lut = a.tensor(3, "lut");
+// lutRepack(dst i32[Np, Kp*bits/32], qweight i32[Kg*bits/32, N], bits): interchange -> packed
+// layout (csrc/cpu/lut_gemm.h). Done once when weights are loaded.
+SQZ_OP(lutRepack) {
+  Args a(info, "lutRepack");
+  Tensor d = a.tensor(0, "dst"), q = a.tensor(1, "qweight");
+  const int64_t bits = a.integer(2, "bits");
+  if (bits != 3 && bits != 4) a.error("ERR_UNSUPPORTED", "bits must be 3 or 4, got " + std::to_string(bits));
+  a.ndim(q, "qweight", 2);
+  a.dtype_in(q, "qweight", {DType::I32, DType::U32});
+  a.dtype_in(d, "dst", {DType::I32, DType::U32});
+  if (q.dim(0) % bits != 0) a.error("ERR_SHAPE", "qweight rows must be a multiple of bits");
+  const cpu::LutPacked L((int)bits, q.dim(1), q.dim(0) / bits * 32);
+  a.shape_is(d, "dst", {L.Np, L.words_per_row()});
+  a.same_device({{&d, "dst"}, {&q, "qweight"}});
+  if (q.numel() > INT32_MAX || d.numel() > INT32_MAX) a.error("ERR_SHAPE", "weight too large");
+  const int b = (int)bits;
+  dispatch(
+      q.device, "lutRepack", [=] { cpu::lut_repack(d, q, b); },
+      [&](int dev) { CUDA_ONLY(cuda::lut_repack(d, q, b, cuda_stream(dev))); });
+  return a.env().Undefined();
+}
+
+// lutMatmulPacked(y[M,N], x[M,K], codes i32[Np, Kp*bits/32], lut[N, 2^bits], rows?, cols?, vals?, bits)
+// codes in the packed layout made by lutRepack. The outlier CSR's contents are checked on the host
+// when the weights are loaded (ts/ops/lut.ts checkOutlierCsr); here only shapes and dtypes.
+SQZ_OP(lutMatmulPacked) {
+  Args a(info, "lutMatmulPacked");
+  Tensor y = a.tensor(0, "y"), x = a.tensor(1, "x"), q = a.tensor(2, "codes"), lut = a.tensor(3, "lut");
   auto rows = a.opt_tensor(4, "rows"), cols = a.opt_tensor(5, "cols"), vals = a.opt_tensor(6, "vals");
   const int64_t bits = a.integer(7, "bits");
   if (bits != 3 && bits != 4) a.error("ERR_UNSUPPORTED", "bits must be 3 or 4, got " + std::to_string(bits));
@@ -25,8 +47,9 @@ SQZ_OP(lutMatmul) {
   a.ndim(y, "y", 2);
   const int64_t M = x.dim(0), K = x.dim(1), N = y.dim(1);
   a.shape_is(y, "y", {M, -1});
-  a.dtype_in(q, "qweight", {DType::I32, DType::U32});
-  a.shape_is(q, "qweight", {(K + 31) / 32 * bits, N});
+  const cpu::LutPacked L((int)bits, N, K);
+  a.dtype_in(q, "codes", {DType::I32, DType::U32});
+  a.shape_is(q, "codes", {L.Np, L.words_per_row()});
   a.dtype_in(lut, "lut", {DType::F16, DType::F32});
   a.shape_is(lut, "lut", {N, int64_t(1) << bits});
   const int given = (rows ? 1 : 0) + (cols ? 1 : 0) + (vals ? 1 : 0);
@@ -40,11 +63,12 @@ SQZ_OP(lutMatmul) {
     a.shape_is(*vals, "vals", {cols->dim(0)});
     a.same_device({{&x, "x"}, {&*rows, "rows"}, {&*cols, "cols"}, {&*vals, "vals"}});
   }
-  a.same_device({{&y, "y"}, {&x, "x"}, {&q, "qweight"}, {&lut, "lut"}});
+  a.same_device({{&y, "y"}, {&x, "x"}, {&q, "codes"}, {&lut, "lut"}});
   if (x.device.is_cuda()) {
     a.dtype_in(x, "x", {DType::F16, DType::BF16});
     a.same_dtype(y, "y", x, "x");
-    if (K > INT32_MAX / 2 || N > INT32_MAX / 2 || M > INT32_MAX / 2) a.error("ERR_SHAPE", "dimensions too large");
+    if (K > INT32_MAX / 2 || N > INT32_MAX / 2 || M > INT32_MAX / 2 || q.numel() > INT32_MAX)
+      a.error("ERR_SHAPE", "dimensions too large");
   } else {
     a.dtype_in(x, "x", {DType::F32, DType::F16, DType::BF16});
     a.dtype_in(y, "y", {DType::F32, DType::F16, DType::BF16});
@@ -53,11 +77,11 @@ SQZ_OP(lutMatmul) {
   const bool has = rows.has_value();
   Tensor r = has ? *rows : Tensor(), c = has ? *cols : Tensor(), v = has ? *vals : Tensor();
   dispatch(
-      x.device, "lutMatmul",
-      [=] { cpu::lut_matmul(y, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b); },
+      x.device, "lutMatmulPacked",
+      [=] { cpu::lut_matmul_packed(y, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b); },
       [&](int dev) {
-        CUDA_ONLY(cuda::lut_matmul(y, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b,
-                                   cuda_stream(dev)));
+        CUDA_ONLY(cuda::lut_matmul_packed(y, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b,
+                                          cuda_stream(dev)));
       });
   return a.env().Undefined();
 }

@@ -1,12 +1,45 @@
 /**
- * SqueezeLLM dense-and-sparse ops. Weights stay in the interchange layout (see
- * csrc/cpu/lut_gemm.h): qweight i32 [ceil(K/32)*bits, N], lut [N, 2^bits], optional CSR outliers.
+ * SqueezeLLM dense-and-sparse ops (layouts: csrc/cpu/lut_gemm.h). Weights arrive in the interchange
+ * layout (qweight i32 [ceil(K/32)*bits, N], lut [N, 2^bits], optional CSR outliers) and are
+ * repacked once (lutRepack) into the layout the kernels read; lutMatmulPacked runs on that.
  */
 import { SqueezeError } from '../errors';
 import { native } from '../native';
 import { Tensor } from '../tensor';
 
-/** y[M,N] = x[M,K] · dequant(qweight, lut)ᵀ + outliers (rows/cols/vals all or none). */
+/** Shape of the packed codes of an [N, K] weight: [ceil(N/16)*16, Kp*bits/32]. */
+export function lutPackedShape(N: number, K: number, bits: number): [number, number] {
+  if (bits !== 3 && bits !== 4) throw new SqueezeError('ERR_UNSUPPORTED', `bits must be 3 or 4, got ${bits}`);
+  const ku = bits === 4 ? 128 : 512;
+  const kg = Math.ceil(K / 32) * 32;
+  const kp = Math.ceil(kg / ku) * ku;
+  return [Math.ceil(N / 16) * 16, (kp * bits) / 32];
+}
+
+/** dst i32 lutPackedShape(N, K, bits) <- qweight i32 [ceil(K/32)*bits, N] (same device). */
+export function lutRepack(dst: Tensor, qweight: Tensor, bits: number): void {
+  native().ops.lutRepack(dst.native, qweight.native, bits);
+}
+
+/** y[M,N] = x[M,K] · dequant(codes, lut)ᵀ + outliers; codes from lutRepack (rows/cols/vals all or none). */
+export function lutMatmulPacked(
+  y: Tensor,
+  x: Tensor,
+  codes: Tensor,
+  lut: Tensor,
+  rows: Tensor | null | undefined,
+  cols: Tensor | null | undefined,
+  vals: Tensor | null | undefined,
+  bits: number,
+): void {
+  native().ops.lutMatmulPacked(y.native, x.native, codes.native, lut.native, rows?.native ?? null, cols?.native ?? null,
+    vals?.native ?? null, bits);
+}
+
+/**
+ * y[M,N] = x[M,K] · dequant(qweight, lut)ᵀ + outliers on the interchange layout: repacks into a
+ * temporary on every call (a convenience; models repack once at load time).
+ */
 export function lutMatmul(
   y: Tensor,
   x: Tensor,
@@ -17,8 +50,19 @@ export function lutMatmul(
   vals: Tensor | null | undefined,
   bits: number,
 ): void {
-  native().ops.lutMatmul(y.native, x.native, qweight.native, lut.native, rows?.native ?? null, cols?.native ?? null,
-    vals?.native ?? null, bits);
+  if (bits !== 3 && bits !== 4) throw new SqueezeError('ERR_UNSUPPORTED', `lutMatmul: bits must be 3 or 4, got ${bits}`);
+  if (x.shape.length !== 2 || y.shape.length !== 2)
+    throw new SqueezeError('ERR_SHAPE', `lutMatmul: x [${x.shape}] and y [${y.shape}] must be 2-D`);
+  const N = y.shape[1], K = x.shape[1];
+  if (qweight.shape.length !== 2 || qweight.shape[0] !== Math.ceil(K / 32) * bits || qweight.shape[1] !== N)
+    throw new SqueezeError('ERR_SHAPE', `lutMatmul: qweight is [${qweight.shape}], expected [${Math.ceil(K / 32) * bits}, ${N}]`);
+  const codes = Tensor.empty(lutPackedShape(N, K, bits), { dtype: 'i32', device: qweight.device });
+  try {
+    lutRepack(codes, qweight, bits);
+    lutMatmulPacked(y, x, codes, lut, rows, cols, vals, bits);
+  } finally {
+    codes.dispose();
+  }
 }
 
 /**
@@ -31,7 +75,9 @@ export function kmeansRows(lut: Tensor, codes: Tensor, w: Tensor, sens: Tensor, 
 
 /**
  * Host check of an outlier CSR, done once when weights are loaded so that no kernel reads out of
- * bounds: rows has N+1 entries, rows[0] = 0, non-decreasing, rows[N] = nnz, cols in [0, K).
+ * bounds: rows has N+1 entries, rows[0] = 0, non-decreasing, rows[N] = nnz, cols in [0, K), and
+ * increasing within each row (the prefill kernel walks each row's list once, in k order;
+ * sortOutlierRows puts a foreign file's lists in that order).
  */
 export function checkOutlierCsr(rows: Int32Array, cols: Int32Array, N: number, K: number, what: string): void {
   const bad = (msg: string): never => { throw new SqueezeError('ERR_FORMAT', `${what}: ${msg}`); };
@@ -42,4 +88,27 @@ export function checkOutlierCsr(rows: Int32Array, cols: Int32Array, N: number, K
   if (rows[N] !== cols.length) bad(`rows[N] = ${rows[N]} but there are ${cols.length} outliers`);
   for (let j = 0; j < cols.length; j++)
     if (cols[j] < 0 || cols[j] >= K) bad(`cols[${j}] = ${cols[j]} is outside [0, ${K})`);
+  for (let n = 0; n < N; n++)
+    for (let j = rows[n] + 1; j < rows[n + 1]; j++)
+      if (cols[j] <= cols[j - 1]) bad(`cols of row ${n} must increase (cols[${j}] = ${cols[j]} after ${cols[j - 1]})`);
+}
+
+/**
+ * Sorts each row's outliers by column in place (cols and vals together); rows must already be a
+ * valid row pointer (non-decreasing, within cols). Returns whether anything moved.
+ */
+export function sortOutlierRows(rows: Int32Array, cols: Int32Array, vals: Float32Array): boolean {
+  let moved = false;
+  for (let n = 0; n + 1 < rows.length; n++) {
+    const b = rows[n], e = rows[n + 1];
+    let sorted = true;
+    for (let j = b + 1; j < e; j++) if (cols[j] < cols[j - 1]) { sorted = false; break; }
+    if (sorted || b < 0 || e > cols.length || e < b) continue;
+    const idx = Array.from({ length: e - b }, (_, i) => b + i).sort((i, j) => cols[i] - cols[j]);
+    const c = idx.map((i) => cols[i]), v = idx.map((i) => vals[i]);
+    cols.set(c, b);
+    vals.set(v, b);
+    moved = true;
+  }
+  return moved;
 }

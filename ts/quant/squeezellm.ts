@@ -13,7 +13,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { SqueezeError } from '../errors';
 import { DType, Tensor } from '../tensor';
-import { checkOutlierCsr, kmeansRows, lutMatmul } from '../ops/lut';
+import { checkOutlierCsr, kmeansRows, lutMatmulPacked, lutPackedShape, lutRepack, sortOutlierRows } from '../ops/lut';
 import { matmul } from '../ops/gemm';
 import { Checkpoint, SafetensorsFile, WriteTensor, writeSafetensors } from '../model/safetensors';
 import { float32ToF16Bits, f16BitsToFloat32, bf16BitsToFloat32 } from '../util/half';
@@ -264,8 +264,14 @@ export function readSqueezeLinear(reader: TensorReader, prefix: string, inFeatur
   if (present === 3) {
     const r = reader.read(rn), c = reader.read(cn), v = reader.read(vn);
     if (r.dtype !== 'I32' || c.dtype !== 'I32') throw new SqueezeError('ERR_FORMAT', `${rn}/${cn}: expected I32`);
-    const rows = r.data as Int32Array, cols = c.data as Int32Array, vals = floatsOf(vn, v);
+    const rows = r.data as Int32Array;
+    let cols = c.data as Int32Array, vals = floatsOf(vn, v);
     if (vals.length !== cols.length) throw new SqueezeError('ERR_FORMAT', `${vn}: ${vals.length} values for ${cols.length} cols`);
+    // Foreign files may list a row's outliers in any order; the kernels want them by column.
+    if (rows.length === N + 1 && rows[0] === 0 && rows[N] === cols.length) {
+      const sorted = cols.slice(), v2 = vals.slice();
+      if (sortOutlierRows(rows, sorted, v2)) { cols = sorted; vals = v2; }
+    }
     checkOutlierCsr(rows, cols, N, K, `${prefix} outliers`);
     Object.assign(out, { rows, cols, vals });
   }
@@ -282,12 +288,24 @@ export interface SqueezeLinearModule {
   dispose(): void;
 }
 
-/** Uploads host arrays of a linear to `device`; tables and outliers in f16 on CUDA (f32 on CPU). */
+/**
+ * Uploads host arrays of a linear to `device` and repacks the codes once into the kernel layout
+ * (lutRepack); tables and outliers in f16 on CUDA (f32 on CPU).
+ */
 export function uploadSqueezeLinear(l: SqueezeLinear, device: string, dtype?: DType): SqueezeLinearModule {
   const fd: DType = device === 'cpu' || dtype === 'f32' ? 'f32' : 'f16';
   const fl = (a: Float32Array) => (fd === 'f16' ? float32ToF16Bits(a) : a);
   const E = 1 << l.bits;
-  const q = Tensor.from(l.qweight, [Math.ceil(l.K / 32) * l.bits, l.N], { dtype: 'i32', device });
+  const qi = Tensor.from(l.qweight, [Math.ceil(l.K / 32) * l.bits, l.N], { dtype: 'i32', device });
+  const q = Tensor.empty(lutPackedShape(l.N, l.K, l.bits), { dtype: 'i32', device });
+  try {
+    lutRepack(q, qi, l.bits);
+  } catch (e) {
+    q.dispose();
+    throw e;
+  } finally {
+    qi.dispose();
+  }
   const lut = Tensor.from(fl(l.lut), [l.N, E], { dtype: fd, device });
   const has = !!(l.rows && l.cols && l.vals);
   const rows = has ? Tensor.from(l.rows!, [l.N + 1], { dtype: 'i32', device }) : undefined;
@@ -300,7 +318,7 @@ export function uploadSqueezeLinear(l: SqueezeLinear, device: string, dtype?: DT
     forward(y: Tensor, x: Tensor): void {
       if (x.shape.length !== 2 || x.shape[1] !== l.K)
         throw new SqueezeError('ERR_SHAPE', `squeezellm linear: x is [${x.shape}], expected [M, ${l.K}]`);
-      lutMatmul(y, x, q, lut, rows, cols, vals, l.bits);
+      lutMatmulPacked(y, x, q, lut, rows, cols, vals, l.bits);
     },
     dispose(): void { all.forEach((t) => t.dispose()); },
   };

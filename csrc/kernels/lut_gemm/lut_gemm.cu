@@ -1,28 +1,59 @@
-// LUT GEMV / GEMM for SqueezeLLM weights.
+// LUT GEMV / GEMM for SqueezeLLM weights (dense-and-sparse), on the packed layout of
+// csrc/cpu/lut_gemm.h.
 //
-// The kernels read the interchange layout as is: qweight [Kp*b/32, N] packs the codes of output
-// column n along K, so a warp whose lanes own 32 consecutive output columns reads one 128-byte
-// line per packed word row (fully coalesced), and each lane decodes its column's codes in
-// registers. Each block loads the tables of its 32 (GEMV) or 64 (GEMM) columns into shared
-// memory, transposed so that lane l's lookups hit bank l (conflict-free for any codes).
+// Why this design (decode, M <= 64: lut_gemv_kernel)
+// * The kernel must stream 3/4-bit codes at HBM speed. On an H200 (~4.3 TB/s, 132 SMs, ~1.9 GHz)
+//   that is ~33 4-bit codes per clock per SM. One shared-memory lookup per code (32 lanes/clk) can
+//   not keep up, so codes are looked up in PAIRS: per output row a table of 2^(2b) half2 entries
+//   (256 for 4-bit, 64 for 3-bit) maps the byte/6 bits of two neighbouring codes to both weights.
+// * The half2 of a pair (two consecutive k of one row n) is exactly one register of the A operand
+//   of mma.m16n8k16 (A = 16 weight rows x 16 k, B = x^T: 16 k x 8 activation rows). So one
+//   tensor-core kernel serves M = 1..64 with the same number of lookups (M <= 8: one mma per 4
+//   lookups; each further 8 rows of x adds one mma and one x load, no lookup); the tensor cores
+//   are idle anyway, and conversion and fp32 accumulation come for free.
+// * Bank conflicts decide the lookup rate: in an A fragment, lane (g = lane/4, q = lane%4) needs
+//   rows g and g+8, and the 4 lanes of a row look up different random entries. Each (row, q) gets
+//   its own copy of the row's pair table, all in one bank (bank 4g+q, entry e at word e*32+bank):
+//   every lookup of a warp hits 32 different banks, whatever the codes. Cost: 4 copies x 16 rows
+//   x 1 KB = 64 KB per block for 4-bit (16 KB for 3-bit), built once per block from the 16-entry
+//   tables with 16-byte stores (one store writes the 4 copies of an entry).
+// * The k order inside each 32-wide chunk is permuted exactly as in the dense tensor-core GEMV
+//   (gemm/gemv_tc.cuh): lane quarter q owns k = 8q..8q+7 of every chunk, so its activations are
+//   one 16-byte load per chunk and its codes are contiguous. The repacked codes put the 4 (4-bit)
+//   or 12 (3-bit) words a lane needs for one unit of K (128 / 512 k) in 16-byte pieces: one
+//   (4-bit) or three (3-bit) 16-byte streaming loads per row and unit, each warp-wide load one
+//   contiguous 512-byte run (the 3-bit pieces lie in planes, so no sector is fetched twice).
+// * A block owns 16 output rows (RT = 2 row tiles for M > 8, see below) and all of K; its 8 warps
+//   split K by units (unit u to warp u%8),
+//   each keeping P units of codes in flight (Little's law: ~32+ KB in flight per SM) through a
+//   rolling register prefetch, issued before the tables are built so the build hides under the
+//   first loads. The 8 partial tiles are summed in shared memory in warp order: deterministic, no
+//   atomics. 2 blocks per SM fit (64 KB tables each), so N = 8192 takes about 2 full waves.
+// * Every block rereads all of x (L1 holds it for small M, otherwise it comes from L2: M*K*2 bytes
+//   per block against 8*K bytes of 4-bit codes). For M > 8 a block takes 2 row tiles sharing
+//   each activation load, which halves that traffic.
+// * Outliers (CSR over output rows) are added to the accumulators by the same launch before the
+//   main loop (their dependent loads overlap the first code loads in flight), split over warps.
+// * x is read through L1 (it is small and every block rereads it); codes with L1::no_allocate.
+//   Activations past K are zero, so padded codes contribute nothing.
 //
-// GEMV (M <= 8): block = 32 columns x 16 warps; warp w walks the 32-code groups w, w+16, ...
-// keeping several groups of words in flight; x is read with warp-broadcast 16-byte loads; each
-// code is decoded and looked up once and applied to all M rows. Outliers of column n are split
-// over the 16 warps (j = rows[n] + w, + 16, ...). Partial sums are reduced across warps in a fixed
-// order through shared memory: deterministic, no atomics.
-//
-// GEMM (M > 8): 64x64 output tiles, K in steps of one 32-code group: codes are dequantized into
-// shared memory as the activation dtype and multiplied with wmma (fp32 accumulation); the
-// epilogue adds outliers and converts.
+// Prefill (M > 64: lut_gemm_kernel): 128x128 output tiles, 32 k per step; each step's codes are
+// dequantized once per block through a single-code table in shared memory (conflict-free: 32
+// lanes = 32 rows) into a [n][k] tile in the activation dtype and multiplied with wmma
+// (fp32 accumulation). Outliers are added in the epilogue.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <atomic>
+#include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <type_traits>
 
 #include "core/cuda_stream.h"
 #include "core/error.h"
+#include "cpu/lut_gemm.h"
 #include "lut_gemm.h"
 
 namespace sqz::cuda {
@@ -31,22 +62,19 @@ namespace {
 template <class T> struct Cvt;
 template <> struct Cvt<__half> {
   static __device__ __forceinline__ float f(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ float2 f2(uint32_t u) {
-    __half2 h;
-    memcpy(&h, &u, 4);
-    return __half22float2(h);
-  }
   static __device__ __forceinline__ __half t(float v) { return __float2half_rn(v); }
 };
 template <> struct Cvt<__nv_bfloat16> {
   static __device__ __forceinline__ float f(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ float2 f2(uint32_t u) {
-    __nv_bfloat162 h;
-    memcpy(&h, &u, 4);
-    return __bfloat1622float2(h);
-  }
   static __device__ __forceinline__ __nv_bfloat16 t(float v) { return __float2bfloat16_rn(v); }
 };
+
+__device__ __forceinline__ uint32_t bits16(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+template <class T>
+__device__ __forceinline__ uint32_t pack2(T lo, T hi) {
+  return bits16(lo) | (bits16(hi) << 16);
+}
 
 // Guarded reads in this file are plain loads, never __ldg: __ldg is a non-volatile asm statement
 // that the compiler treats as side-effect free and may hoist above its guard (out of a loop whose
@@ -57,247 +85,796 @@ __device__ __forceinline__ float load_f(const void* p, bool is_f32, long long i)
   return __half2float(static_cast<const __half*>(p)[i]);
 }
 
-// Code i (compile-time after unrolling) of a 32-code group held in BITS words.
-template <int BITS>
-__device__ __forceinline__ uint32_t code_of(const uint32_t* w, int i) {
-  if (BITS == 4) return (w[i >> 3] >> ((i & 7) * 4)) & 15u;
-  const int bit = 3 * i, word = bit >> 5, off = bit & 31;
-  if (off > 29) return __funnelshift_r(w[word], w[word + 1], off) & 7u;
-  return (w[word] >> off) & 7u;
+// Codes are streamed once: non-coherent path, no L1 allocation (L1 keeps the activations).
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
 }
 
-// 8 activations x[k .. k+8) as floats; zero beyond K. vec: row base 16-byte aligned and K % 8 == 0.
 template <class T>
-__device__ __forceinline__ void load_x8(const T* xr, int k, int K, bool vec, float* out) {
-  if (vec) {
-    if (k < K) {
-      const uint4 u = *reinterpret_cast<const uint4*>(xr + k);
-      float2 a = Cvt<T>::f2(u.x), b = Cvt<T>::f2(u.y), c = Cvt<T>::f2(u.z), d = Cvt<T>::f2(u.w);
-      out[0] = a.x; out[1] = a.y; out[2] = b.x; out[3] = b.y;
-      out[4] = c.x; out[5] = c.y; out[6] = d.x; out[7] = d.y;
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) out[i] = 0.f;
-    }
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __half>::value)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 8 activations x[k .. k+8) of one row as 4 packed pairs; zero past K or for an invalid row.
+// VEC: row base 16-byte aligned and K % 8 == 0 (so a group is all in or all out).
+template <class T, bool VEC>
+__device__ __forceinline__ uint4 load_x8(const T* row, int k, int K, bool valid) {
+  if (VEC) {
+    if (valid && k < K) return *reinterpret_cast<const uint4*>(row + k);
+    return make_uint4(0, 0, 0, 0);
   } else {
+    uint32_t w[4];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = (k + i < K) ? Cvt<T>::f(xr[k + i]) : 0.f;
+    for (int i = 0; i < 4; ++i) {
+      const T z = Cvt<T>::t(0.f);
+      const T lo = (valid && k + 2 * i < K) ? row[k + 2 * i] : z;
+      const T hi = (valid && k + 2 * i + 1 < K) ? row[k + 2 * i + 1] : z;
+      w[i] = pack2<T>(lo, hi);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
   }
 }
 
-constexpr int GEMV_WARPS = 16;
+template <int BITS> struct Geo {
+  static constexpr int KU = BITS == 4 ? 128 : 512;  // k per unit
+  static constexpr int WU = BITS == 4 ? 4 : 12;     // words per (row, quarter, unit)
+  static constexpr int NV = WU / 4;                 // 16-byte loads per (row, quarter, unit)
+  static constexpr int CH = KU / 32;                // chunks per unit
+  static constexpr int E = 1 << BITS;
+  static constexpr int E2 = E * E;                  // pair-table entries
+  static constexpr int USTRIDE = 64 * NV;           // uint4 per (tile, unit)
+};
 
-template <class T, int BITS, int MT>
-__global__ void __launch_bounds__(GEMV_WARPS * 32)
-    lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint32_t* __restrict__ q,
+// The 8 codes (4 pairs) of chunk c of a unit from a quarter's words (4-bit: 32 bits, 3-bit: 24).
+template <int BITS>
+__device__ __forceinline__ uint32_t chunk_bits(const uint32_t (&w)[Geo<BITS>::WU], int c) {
+  if constexpr (BITS == 4) {
+    return w[c];
+  } else {
+    const int b = c >> 2, cc = c & 3;
+    if (cc < 3) return w[3 * b + cc];
+    const uint32_t t = __byte_perm(w[3 * b], w[3 * b + 1], 0x0073);
+    return __byte_perm(t, w[3 * b + 2], 0x0710);
+  }
+}
+
+// Pair i (0..3) of a chunk's bits: the table index of codes 2i, 2i+1 (one PRMT for 4-bit).
+template <int BITS>
+__device__ __forceinline__ uint32_t pair_of(uint32_t v, int i) {
+  if constexpr (BITS == 4) return __byte_perm(v, 0u, 0x4440u | (uint32_t)i);
+  else return (v >> (6 * i)) & 0x3fu;
+}
+
+constexpr int GV_WARPS = 8;
+constexpr int GV_THREADS = GV_WARPS * 32;
+
+// 3-bit: the tables start at an 8 KB-aligned shared address, so a lookup address is
+// ((chunk << 7 >> 6i) & 0x1f80) | (base + 4*lane): one shift and one LOP3 (ld_shared below).
+template <int BITS>
+constexpr size_t gemv_table_align() { return BITS == 3 ? 8192 : 0; }
+
+template <int BITS, int MT, int RT>
+constexpr size_t gemv_smem_bytes() {
+  constexpr size_t table = (size_t)RT * 2 * Geo<BITS>::E2 * 32 * 4;
+  constexpr size_t red = (size_t)GV_WARPS * 32 * RT * MT * 4 * 4;
+  return gemv_table_align<BITS>() + (table > red ? table : red) + 16 * RT * Geo<BITS>::E * 2;
+}
+
+__device__ __forceinline__ uint32_t ld_shared(uint32_t addr) {
+  uint32_t r;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(r) : "r"(addr));
+  return r;
+}
+
+// RT row tiles (16 rows each) per block share every activation load (x is reread from L2 by
+// every block: RT = 2 halves that traffic for larger M, at 1 block per SM for 4-bit).
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT>
+__global__ void __launch_bounds__(GV_THREADS, MINB)
+    lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
-                    int K, bool vec) {
-  constexpr int E = 1 << BITS;
-  constexpr int GEMV_UNROLL = MT >= 8 ? 2 : 4;  // groups of words in flight per thread
-  __shared__ float lut_s[E][32];
-  __shared__ float red[GEMV_WARPS][MT][32];
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  const int n0 = blockIdx.x * 32, n = n0 + lane;
-  const bool valid = n < N;
+                    int K, int U) {
+  using G = Geo<BITS>;
+  constexpr int E = G::E, E2 = G::E2, NV = G::NV, CH = G::CH;
+  extern __shared__ __align__(16) uint32_t smem[];
+  constexpr uint32_t ALIGN = (uint32_t)gemv_table_align<BITS>();
+  const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(smem);
+  uint32_t* tbl = smem + (ALIGN ? ((ALIGN - (sbase & (ALIGN - 1))) & (ALIGN - 1)) / 4 : 0);  // [RT][2][E2][32]
+  T* lt = reinterpret_cast<T*>(smem + (gemv_smem_bytes<BITS, MT, RT>() - 16 * RT * E * 2) / 4);  // [16*RT][E]
+  float* red = reinterpret_cast<float*>(tbl);  // [warps][32][RT*MT*4], after the main loop
 
-  for (int i = threadIdx.x; i < E * 32; i += blockDim.x) {
-    const int e = i >> 5, c = i & 31;
-    lut_s[e][c] = (n0 + c < N) ? load_f(lut, lut_f32, (long long)(n0 + c) * E + e) : 0.f;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
+  const int tiles = (N + 15) / 16;
+  const int n0 = blockIdx.x * 16 * RT;
+  const uint4* ca[RT];
+  bool tok[RT];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+    const int tile = blockIdx.x * RT + rt;
+    tok[rt] = tile < tiles;
+    // row g's plane-0 piece; plane v at +64v, row g+8 at +32 (16-byte units)
+    ca[rt] = codes + (size_t)(tok[rt] ? tile : 0) * U * G::USTRIDE + (g * 4 + q);
+  }
+
+  // 1. First P units of codes in flight before anything else.
+  uint4 qa[P][RT][NV], qb[P][RT][NV];
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int u = warp + p * GV_WARPS;
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int v = 0; v < NV; ++v) {
+        const bool ok = u < U && tok[rt];
+        qa[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v) : make_uint4(0, 0, 0, 0);
+        qb[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v + 32) : make_uint4(0, 0, 0, 0);
+      }
+  }
+
+  // Row bounds of this lane's outliers, early: one dependent round trip less before the main loop.
+  int ob[RT][2], oe[RT][2];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int n = n0 + 16 * rt + g + 8 * rr;
+      ob[rt][rr] = oe[rt][rr] = 0;
+      if (rows != nullptr && n < N) { ob[rt][rr] = rows[n] + warp; oe[rt][rr] = rows[n + 1]; }
+    }
+
+  // 2. The block's tables in the activation dtype, then the pair tables: word
+  //    ((rt*2 + h)*E2 + e)*32 + 4*gg + qq holds (lut[row][e & (E-1)], lut[row][e >> BITS]) for row
+  //    16*rt + gg + 8h, the same in all 4 copies qq (one 16-byte store).
+  for (int i = tid; i < 16 * RT * E; i += GV_THREADS) {
+    const int n = n0 + i / E;
+    lt[i] = Cvt<T>::t(n < N ? load_f(lut, lut_f32, (long long)n * E + (i % E)) : 0.f);
+  }
+  __syncthreads();
+  for (int i = tid; i < RT * 2 * E2 * 8; i += GV_THREADS) {
+    const int gg = i & 7, e = (i >> 3) & (E2 - 1), rh = i / (8 * E2);  // rh = rt*2 + h
+    const T* l = lt + (gg + 8 * rh) * E;
+    const uint32_t v = pack2<T>(l[e & (E - 1)], l[e >> BITS]);
+    *reinterpret_cast<uint4*>(tbl + (rh * E2 + e) * 32 + 4 * gg) = make_uint4(v, v, v, v);
+  }
+
+  // 3. Outliers of rows 16rt + g + 8rr (warps split each row's list) for x rows 8i + 2q + {0, 1}.
+  float acc[RT][MT][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[rt][i][j] = 0.f;
+  if (rows != nullptr) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr)
+        for (int j = ob[rt][rr]; j < oe[rt][rr]; j += GV_WARPS) {
+          const float v = load_f(vals, vals_f32, j);
+          const int col = cols[j];
+#pragma unroll
+          for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj) {
+              const int m = 8 * i + 2 * q + jj;
+              if (m < M)
+                acc[rt][i][2 * rr + jj] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
+            }
+        }
   }
   __syncthreads();
 
-  float acc[MT];
+  // 4. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
+  //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
+  const T* xr[MT];
+  bool mv[MT];
 #pragma unroll
-  for (int m = 0; m < MT; ++m) acc[m] = 0.f;
+  for (int i = 0; i < MT; ++i) {
+    const int m = 8 * i + g;
+    mv[i] = m < M;
+    xr[i] = x + (size_t)(mv[i] ? m : 0) * K;
+  }
+  const uint32_t* tq = tbl + lane;
 
-  const int groups = (K + 31) >> 5;
-  for (int g0 = w; g0 < groups; g0 += GEMV_WARPS * GEMV_UNROLL) {
-    uint32_t qw[GEMV_UNROLL][BITS];
+  for (int u0 = warp; u0 < U; u0 += GV_WARPS * P) {
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u) {
-      const int g = g0 + u * GEMV_WARPS;
+    for (int p = 0; p < P; ++p) {
+      const int u = u0 + p * GV_WARPS;
+      if (u >= U) break;
+      uint32_t wa[RT][G::WU], wb[RT][G::WU];
 #pragma unroll
-      for (int b = 0; b < BITS; ++b)
-        qw[u][b] = (valid && g < groups) ? q[(size_t)(g * BITS + b) * N + n] : 0u;
-    }
+      for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u) {
-      const int g = g0 + u * GEMV_WARPS;
-      if (g >= groups) break;
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float wv[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) wv[i] = lut_s[code_of<BITS>(qw[u], c * 8 + i)][lane];
-        const int k = g * 32 + c * 8;
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          if (m < M) {
-            float xv[8];
-            load_x8<T>(x + (size_t)m * K, k, K, vec, xv);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) acc[m] = fmaf(wv[i], xv[i], acc[m]);
-          }
+        for (int v = 0; v < NV; ++v) {
+          wa[rt][4 * v] = qa[p][rt][v].x; wa[rt][4 * v + 1] = qa[p][rt][v].y;
+          wa[rt][4 * v + 2] = qa[p][rt][v].z; wa[rt][4 * v + 3] = qa[p][rt][v].w;
+          wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
+          wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
         }
+      const int un = u + GV_WARPS * P;
+      if (un < U) {
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+          for (int v = 0; v < NV; ++v) {
+            if (tok[rt]) {
+              qa[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v);
+              qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v + 32);
+            }
+          }
+      }
+      const int kb = u * G::KU + 8 * q;
+      // Activations of XC chunks at a time, loaded before their lookups.
+      constexpr int XC = MT * RT <= 2 ? 4 : 1;
+#pragma unroll
+      for (int c4 = 0; c4 < CH; c4 += XC) {
+        uint4 xv[XC][MT];
+#pragma unroll
+        for (int c = 0; c < XC; ++c)
+#pragma unroll
+          for (int i = 0; i < MT; ++i) xv[c][i] = load_x8<T, XVEC>(xr[i], kb + 32 * (c4 + c), K, mv[i]);
+#pragma unroll
+        for (int c = 0; c < XC; ++c)
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt) {
+            const uint32_t* ta = tq + rt * 2 * E2 * 32;
+            const uint32_t* tb = ta + E2 * 32;
+            const uint32_t va = chunk_bits<BITS>(wa[rt], c4 + c), vb = chunk_bits<BITS>(wb[rt], c4 + c);
+            uint32_t a0, a1, a2, a3, a4, a5, a6, a7;
+            if constexpr (BITS == 4) {
+              a0 = ta[pair_of<BITS>(va, 0) << 5]; a1 = tb[pair_of<BITS>(vb, 0) << 5];
+              a2 = ta[pair_of<BITS>(va, 1) << 5]; a3 = tb[pair_of<BITS>(vb, 1) << 5];
+              a4 = ta[pair_of<BITS>(va, 2) << 5]; a5 = tb[pair_of<BITS>(vb, 2) << 5];
+              a6 = ta[pair_of<BITS>(va, 3) << 5]; a7 = tb[pair_of<BITS>(vb, 3) << 5];
+            } else {
+              // pair i at bits 6i of the chunk -> bits 7..12 of the byte offset; ORed into the
+              // 8 KB-aligned base of this lane's bank.
+              const uint32_t la = (uint32_t)__cvta_generic_to_shared(ta), lb = la + E2 * 32 * 4;
+              const uint32_t sa = va << 7, sb = vb << 7;
+              a0 = ld_shared((sa & 0x1f80u) | la);        a1 = ld_shared((sb & 0x1f80u) | lb);
+              a2 = ld_shared(((sa >> 6) & 0x1f80u) | la);  a3 = ld_shared(((sb >> 6) & 0x1f80u) | lb);
+              a4 = ld_shared(((sa >> 12) & 0x1f80u) | la); a5 = ld_shared(((sb >> 12) & 0x1f80u) | lb);
+              a6 = ld_shared(((sa >> 18) & 0x1f80u) | la); a7 = ld_shared(((sb >> 18) & 0x1f80u) | lb);
+            }
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+              mma_16816<T>(acc[rt][i], a0, a1, a2, a3, xv[c][i].x, xv[c][i].y);
+              mma_16816<T>(acc[rt][i], a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
+            }
+          }
       }
     }
   }
 
-  if (rows != nullptr && valid) {
-    const int b = rows[n], e = rows[n + 1];
-    for (int j = b + w; j < e; j += GEMV_WARPS) {
-      const float v = load_f(vals, vals_f32, j);
-      const int k = cols[j];
+  // 5. Fixed-order reduction over warps. C fragment of row tile rt: acc[rt][i][j] =
+  //    y[m = 8i + 2q + (j&1)][n0 + 16rt + g + 8(j>>1)].
+  __syncthreads();  // everyone is done with the tables (red aliases them)
+  constexpr int PER = RT * MT * 4;
 #pragma unroll
-      for (int m = 0; m < MT; ++m)
-        if (m < M) acc[m] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + k]), acc[m]);
-    }
-  }
-
+  for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-  for (int m = 0; m < MT; ++m) red[w][m][lane] = acc[m];
+    for (int i = 0; i < MT; ++i)
+      *reinterpret_cast<float4*>(red + (warp * 32 + lane) * PER + (rt * MT + i) * 4) =
+          make_float4(acc[rt][i][0], acc[rt][i][1], acc[rt][i][2], acc[rt][i][3]);
   __syncthreads();
-  for (int t = threadIdx.x; t < MT * 32; t += blockDim.x) {
-    const int m = t >> 5, c = t & 31;
-    if (m < M && n0 + c < N) {
-      float s = 0.f;
+  for (int idx = tid; idx < 32 * PER; idx += GV_THREADS) {
+    float s = 0.f;
 #pragma unroll
-      for (int ww = 0; ww < GEMV_WARPS; ++ww) s += red[ww][m][c];
-      y[(size_t)m * N + n0 + c] = Cvt<T>::t(s);
-    }
+    for (int w = 0; w < GV_WARPS; ++w) s += red[w * 32 * PER + idx];
+    const int l = idx / PER, rt = (idx / (MT * 4)) % RT, i = (idx / 4) % MT, j = idx & 3;
+    const int m = 8 * i + 2 * (l & 3) + (j & 1), n = n0 + 16 * rt + (l >> 2) + 8 * (j >> 1);
+    if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(s);
   }
 }
 
-// ---- GEMM ----
-constexpr int BM = 64, BN = 64, BK = 32, LDS = BK + 8, LDC = BN + 4, GEMM_THREADS = 128;
+// ---- GEMM (prefill) ----
+constexpr int BM = 128, BN = 128, BK = 32, LDS = BK + 8, GM_THREADS = 256;
 
-template <class T, int BITS>
-__global__ void __launch_bounds__(GEMM_THREADS)
-    lut_gemm_kernel(T* __restrict__ y, const T* __restrict__ x, const uint32_t* __restrict__ q,
+template <class T, int BITS, bool XVEC>
+__global__ void __launch_bounds__(GM_THREADS)
+    lut_gemm_kernel(T* __restrict__ y, const T* __restrict__ x, const uint32_t* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
-                    int K) {
+                    int K, int U) {
   using namespace nvcuda;
-  constexpr int E = 1 << BITS;
+  using G = Geo<BITS>;
+  constexpr int E = G::E;
   __shared__ __align__(32) T xs[BM][LDS];
   __shared__ __align__(32) T ws[BN][LDS];  // ws[n][k]: B = W^T in column-major order
   __shared__ float lut_s[E][BN];
-  __shared__ __align__(32) float cs[BM][LDC];
+  __shared__ __align__(32) float scr[GM_THREADS / 32][16 * 16];
 
-  const int t = threadIdx.x, warp = t >> 5;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-  for (int i = t; i < E * BN; i += GEMM_THREADS) {
+  const int Np = (N + 15) / 16 * 16;
+  for (int i = tid; i < E * BN; i += GM_THREADS) {
     const int e = i / BN, c = i % BN;
     lut_s[e][c] = (n0 + c < N) ? load_f(lut, lut_f32, (long long)(n0 + c) * E + e) : 0.f;
   }
 
-  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  // Per thread: 2 code items (row r, quarter qq) and 2 groups of 8 activations (row xm, k xk).
+  int cr[2], cq[2];
+  const uint32_t* cp[2];
+  bool cok[2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+  for (int it = 0; it < 2; ++it) {
+    const int item = tid + it * GM_THREADS;
+    cr[it] = item & (BN - 1);
+    cq[it] = item >> 7;
+    const int n = n0 + cr[it];
+    cok[it] = n < Np;
+    const int tile = (cok[it] ? n : 0) >> 4, r = n & 15;
+    cp[it] = codes + (size_t)tile * U * 64 * G::WU + (r * 4 + cq[it]) * 4;  // word w at + (w/4)*256 + w%4
+  }
+  const int steps = (K + BK - 1) / BK;
+  uint32_t creg[2];
+  uint4 xreg[2];
+  auto load_step = [&](int s) {
+    const int u = s / G::CH, c = s % G::CH;
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+      uint32_t v = 0;
+      if (cok[it]) {
+        const uint32_t* w = cp[it] + (size_t)u * 64 * G::WU;
+        auto wd = [&](int i) { return w[(i >> 2) * 256 + (i & 3)]; };
+        if constexpr (BITS == 4) {
+          v = wd(c);
+        } else {
+          const int b = c >> 2, cc = c & 3;
+          if (cc < 3) v = wd(3 * b + cc);
+          else v = __byte_perm(__byte_perm(wd(3 * b), wd(3 * b + 1), 0x0073), wd(3 * b + 2), 0x0710);
+        }
+      }
+      creg[it] = v;
+      const int item = tid + it * GM_THREADS, xm = item >> 2, xk = (item & 3) * 8;
+      const int m = m0 + xm;
+      xreg[it] = load_x8<T, XVEC>(x + (size_t)(m < M ? m : 0) * K, s * BK + xk, K, m < M);
+    }
+  };
+
+  const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
-  const int groups = (K + 31) >> 5;
-  const int wc = t & (BN - 1), half_ = t >> 6;  // column and which 16 codes of the group
-  for (int g = 0; g < groups; ++g) {
+  load_step(0);
+  for (int s = 0; s < steps; ++s) {
     __syncthreads();  // previous tile consumed (and lut_s written on the first pass)
-    // activations: 64 rows x 32 k
-    for (int i = t; i < BM * BK; i += GEMM_THREADS) {
-      const int r = i / BK, kk = i % BK, m = m0 + r, k = g * BK + kk;
-      xs[r][kk] = (m < M && k < K) ? x[(size_t)m * K + k] : Cvt<T>::t(0.f);
-    }
-    // weights: column wc, codes half_*16 .. +16
-    {
-      uint32_t qw[BITS];
-      const bool ok = n0 + wc < N;
 #pragma unroll
-      for (int b = 0; b < BITS; ++b) qw[b] = ok ? q[(size_t)(g * BITS + b) * N + n0 + wc] : 0u;
-      if (half_ == 0) {
+    for (int it = 0; it < 2; ++it) {
+      const int item = tid + it * GM_THREADS, xm = item >> 2, xk = (item & 3) * 8;
+      *reinterpret_cast<uint4*>(&xs[xm][xk]) = xreg[it];
+      uint32_t w[4];
 #pragma unroll
-        for (int ci = 0; ci < 16; ++ci) ws[wc][ci] = Cvt<T>::t(lut_s[code_of<BITS>(qw, ci)][wc]);
-      } else {
-#pragma unroll
-        for (int ci = 16; ci < 32; ++ci) ws[wc][ci] = Cvt<T>::t(lut_s[code_of<BITS>(qw, ci)][wc]);
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t lo = creg[it] >> (BITS * 2 * i), hi = creg[it] >> (BITS * (2 * i + 1));
+        w[i] = pack2<T>(Cvt<T>::t(lut_s[lo & (E - 1)][cr[it]]), Cvt<T>::t(lut_s[hi & (E - 1)][cr[it]]));
       }
+      *reinterpret_cast<uint4*>(&ws[cr[it]][8 * cq[it]]) = make_uint4(w[0], w[1], w[2], w[3]);
     }
     __syncthreads();
+    if (s + 1 < steps) load_step(s + 1);
 #pragma unroll
     for (int ks = 0; ks < BK; ks += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[4];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &xs[wm + i * 16][ks], LDS);
+      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(a[i], &xs[wm + i * 16][ks], LDS);
 #pragma unroll
       for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &ws[wn + j * 16][ks], LDS);
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
     }
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&cs[wm + i * 16][wn + j * 16], acc[i][j], LDC, wmma::mem_row_major);
-  __syncthreads();
 
-  // epilogue: thread owns column wc and rows half_, half_ + 2, ...
-  const int n = n0 + wc;
-  if (n >= N) return;
-  int ob = 0, oe = 0;
-  if (rows != nullptr) { ob = rows[n]; oe = rows[n + 1]; }
-  for (int r = half_; r < BM; r += 2) {
-    const int m = m0 + r;
-    if (m >= M) break;
-    float s = cs[r][wc];
-    for (int j = ob; j < oe; ++j) s = fmaf(load_f(vals, vals_f32, j), Cvt<T>::f(x[(size_t)m * K + cols[j]]), s);
-    y[(size_t)m * N + n] = Cvt<T>::t(s);
+  // Epilogue per 16x16 fragment: lane owns column lane%16 and rows 8*(lane/16) .. +8.
+  float* sc = scr[warp];
+  const int cn = lane & 15, rh = (lane >> 4) * 8;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int n = n0 + wn + j * 16 + cn;
+    int ob = 0, oe = 0;
+    if (rows != nullptr && n < N) { ob = rows[n]; oe = rows[n + 1]; }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      wmma::store_matrix_sync(sc, acc[i][j], 16, wmma::mem_row_major);
+      __syncwarp();
+      const int mb = m0 + wm + i * 16 + rh;
+      float s[8];
+#pragma unroll
+      for (int rr = 0; rr < 8; ++rr) s[rr] = sc[(rh + rr) * 16 + cn];
+      for (int o = ob; o < oe; ++o) {
+        const float v = load_f(vals, vals_f32, o);
+        const int col = cols[o];
+#pragma unroll
+        for (int rr = 0; rr < 8; ++rr)
+          if (mb + rr < M) s[rr] = fmaf(v, Cvt<T>::f(x[(size_t)(mb + rr) * K + col]), s[rr]);
+      }
+      if (n < N)
+#pragma unroll
+        for (int rr = 0; rr < 8; ++rr)
+          if (mb + rr < M) y[(size_t)(mb + rr) * N + n] = Cvt<T>::t(s[rr]);
+      __syncwarp();
+    }
   }
 }
 
+// ---- GEMM (prefill), mma.sync version ----
+// 128x128 output tile per block, 32 k per stage, PST stages of activations and raw codes in flight
+// through cp.async; each stage's codes are dequantized (plus that stage's outliers) into a
+// double-buffered [n][k] tile one stage ahead of the tensor cores, so one barrier per stage.
+// Outliers are folded into the dequantized weight (one rounding of lut + val): each code item
+// walks its row's CSR list, whose cols must be increasing (checkOutlierCsr enforces it).
+constexpr int PBM = 128, PBN = 128, PBK = 32, PST = 5, PLD = PBK + 8, PM_THREADS = 256;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(ok ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+template <int BITS>
+constexpr size_t pgemm_smem_bytes() {
+  return (size_t)PST * PBM * PLD * 2          // activations
+         + (size_t)PST * (BITS == 4 ? 1 : 3) * 512 * 4  // raw codes
+         + (size_t)2 * PBN * PLD * 2           // dequantized weights
+         + (size_t)Geo<BITS>::E * PBN * 4;     // tables
+}
+
+template <class T, int BITS, bool XVEC>
+__global__ void __launch_bounds__(PM_THREADS, 2)
+    lut_gemm_mma_kernel(T* __restrict__ y, const T* __restrict__ x, const uint32_t* __restrict__ codes,
+                        const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
+                        const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
+                        int K, int U) {
+  using G = Geo<BITS>;
+  constexpr int E = G::E, CW = BITS == 4 ? 1 : 3;  // raw words per code item and stage (at most)
+  extern __shared__ __align__(16) unsigned char psm[];
+  T* xs = reinterpret_cast<T*>(psm);                                         // [PST][PBM][PLD]
+  uint32_t* cs = reinterpret_cast<uint32_t*>(xs + PST * PBM * PLD);          // [PST][CW][512]
+  T* ws = reinterpret_cast<T*>(cs + PST * CW * 512);                         // [2][PBN][PLD]
+  float* lut_s = reinterpret_cast<float*>(ws + 2 * PBN * PLD);               // [E][PBN]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int m0 = blockIdx.y * PBM, n0 = blockIdx.x * PBN;
+  const int Np = (N + 15) / 16 * 16;
+  for (int i = tid; i < E * PBN; i += PM_THREADS) {
+    const int e = i / PBN, c = i % PBN;
+    lut_s[i] = (n0 + c < N) ? load_f(lut, lut_f32, (long long)(n0 + c) * E + e) : 0.f;
+  }
+
+  // Code items (row r, quarter q), 2 per thread and fixed for the whole loop, with their outlier
+  // cursors (next col / value of the row's sorted list).
+  const uint32_t* cp[2];
+  bool cok[2];
+  int op[2], oe[2], oc[2];
+  float ov[2];
+#pragma unroll
+  for (int it = 0; it < 2; ++it) {
+    const int item = tid + it * PM_THREADS, r = item & (PBN - 1), q = item >> 7, n = n0 + r;
+    cok[it] = n < Np;
+    const int nn = cok[it] ? n : 0;
+    cp[it] = codes + (size_t)(nn >> 4) * U * 64 * G::WU + ((nn & 15) * 4 + q) * 4;  // word w at + (w/4)*256 + w%4
+    op[it] = oe[it] = 0;
+    if (rows != nullptr && n < N) { op[it] = rows[n]; oe[it] = rows[n + 1]; }
+    oc[it] = op[it] < oe[it] ? cols[op[it]] : INT_MAX;
+    ov[it] = op[it] < oe[it] ? load_f(vals, vals_f32, op[it]) : 0.f;
+  }
+
+  const int steps = (K + PBK - 1) / PBK;
+  auto issue = [&](int s) {
+    const int buf = s % PST;
+    // activations: 128 rows x 32 k, 2 x 16 bytes per thread
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+      const int item = tid + it * PM_THREADS, xm = item >> 2, xk = (item & 3) * 8;
+      const int m = m0 + xm, k = s * PBK + xk;
+      T* dst = xs + ((size_t)buf * PBM + xm) * PLD + xk;
+      if (XVEC) {
+        const bool ok = m < M && k < K;
+        cp_async16(dst, ok ? x + (size_t)m * K + k : x, ok);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = load_x8<T, false>(x + (size_t)(m < M ? m : 0) * K, k, K, m < M);
+      }
+    }
+    // raw codes of the stage's chunk
+    const int u = s / G::CH, c = s % G::CH;
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+      const int item = tid + it * PM_THREADS;
+      const uint32_t* w = cp[it] + (size_t)u * 64 * G::WU;
+      auto wp = [&](int i) { return cok[it] ? w + (i >> 2) * 256 + (i & 3) : codes; };
+      uint32_t* d = cs + (size_t)buf * CW * 512 + item;
+      if constexpr (BITS == 4) {
+        cp_async4(d, wp(c), cok[it]);
+      } else {
+        const int b = c >> 2, cc = c & 3;
+        if (cc < 3) {
+          cp_async4(d, wp(3 * b + cc), cok[it]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 3; ++j) cp_async4(d + j * 512, wp(3 * b + j), cok[it]);
+        }
+      }
+    }
+  };
+  auto dequant = [&](int s) {
+    const int buf = s % PST, wb = s & 1, c = s % G::CH;
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+      const int item = tid + it * PM_THREADS, r = item & (PBN - 1), q = item >> 7;
+      const uint32_t* src = cs + (size_t)buf * CW * 512 + item;
+      uint32_t v;
+      if constexpr (BITS == 4) v = src[0];
+      else v = (c & 3) < 3 ? src[0] : __byte_perm(__byte_perm(src[0], src[512], 0x0073), src[1024], 0x0710);
+      float w[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) w[j] = lut_s[((v >> (BITS * j)) & (E - 1)) * PBN + r];
+      const int base = s * PBK + 8 * q;
+      while (oc[it] < base + 8) {
+        const int d = oc[it] - base;  // < 0: an entry of an earlier quarter of this stage's row chunk
+#pragma unroll
+        for (int j = 0; j < 8; ++j) w[j] += d == j ? ov[it] : 0.f;
+        ++op[it];
+        oc[it] = op[it] < oe[it] ? cols[op[it]] : INT_MAX;
+        ov[it] = op[it] < oe[it] ? load_f(vals, vals_f32, op[it]) : 0.f;
+      }
+      uint4 o;
+      o.x = pack2<T>(Cvt<T>::t(w[0]), Cvt<T>::t(w[1]));
+      o.y = pack2<T>(Cvt<T>::t(w[2]), Cvt<T>::t(w[3]));
+      o.z = pack2<T>(Cvt<T>::t(w[4]), Cvt<T>::t(w[5]));
+      o.w = pack2<T>(Cvt<T>::t(w[6]), Cvt<T>::t(w[7]));
+      *reinterpret_cast<uint4*>(ws + ((size_t)wb * PBN + r) * PLD + 8 * q) = o;
+    }
+  };
+
+  const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32, g = lane >> 2, qq = lane & 3;
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < PST - 1; ++s) {
+    if (s < steps) issue(s);
+    cp_async_commit();
+  }
+  cp_async_wait<PST - 2>();
+  __syncthreads();  // stage 0 and the tables are visible
+  if (steps > 0) dequant(0);
+  for (int s = 0; s < steps; ++s) {
+    cp_async_wait<PST - 3>();
+    __syncthreads();  // stage s+1 landed; everyone is done with stage s-1 and its buffers
+    if (s + PST - 1 < steps) issue(s + PST - 1);
+    cp_async_commit();
+    if (s + 1 < steps) dequant(s + 1);
+    const T* xb = xs + (size_t)(s % PST) * PBM * PLD;
+    const T* wbp = ws + (size_t)(s & 1) * PBN * PLD;
+#pragma unroll
+    for (int kk = 0; kk < PBK; kk += 16) {
+      uint32_t a[4][4], b[4][2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) ldmatrix_x4(a[i], xb + (wm + 16 * i + (lane & 15)) * PLD + kk + (lane >> 4) * 8);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        uint32_t r4[4];
+        ldmatrix_x4(r4, wbp + (wn + 16 * jj + (lane & 7) + ((lane >> 4) << 3)) * PLD + kk + ((lane >> 3) & 1) * 8);
+        b[2 * jj][0] = r4[0]; b[2 * jj][1] = r4[1]; b[2 * jj + 1][0] = r4[2]; b[2 * jj + 1][1] = r4[3];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_16816<T>(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[j][0], b[j][1]);
+    }
+  }
+  cp_async_wait<0>();
+
+  // C fragment (i, j): e = 0,1 at (m0+wm+16i+g, n0+wn+8j+2qq+e), e = 2,3 at row +8.
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + wm + 16 * i + g + 8 * (e >> 1), n = n0 + wn + 8 * j + 2 * qq + (e & 1);
+        if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(acc[i][j][e]);
+      }
+}
+
+// ---- repack ----
+template <int BITS>
+__global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __restrict__ q, int N, int groups,
+                                  int U, int quarters) {
+  using G = Geo<BITS>;
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;  // quarter: ((tile*U + u)*16 + r)*4 + qq
+  if (idx >= quarters) return;
+  const int qq = idx & 3, r = (idx >> 2) & 15, tu = idx >> 6, u = tu % U, tile = tu / U;
+  const int n = tile * 16 + r;
+  uint32_t out[G::WU];
+#pragma unroll
+  for (int w = 0; w < G::WU; ++w) out[w] = 0;
+#pragma unroll
+  for (int c = 0; c < G::CH; ++c) {
+    const int grp = u * G::CH + c;
+    uint32_t v = 0;  // the 8 codes k = 8qq..8qq+7 of group grp, 'BITS' bits each
+    if (n < N && grp < groups) {
+      if constexpr (BITS == 4) {
+        v = q[((size_t)grp * 4 + qq) * N + n];
+      } else {
+        const uint32_t w0 = q[((size_t)grp * 3) * N + n], w1 = q[((size_t)grp * 3 + 1) * N + n],
+                       w2 = q[((size_t)grp * 3 + 2) * N + n];
+        // 96-bit group, code i at bit 3i: codes 8qq.. start at bit 24qq.
+        const int bit = 24 * qq;
+        const uint32_t lo = bit < 32 ? w0 : bit < 64 ? w1 : w2;
+        const uint32_t hi = bit < 32 ? w1 : bit < 64 ? w2 : 0u;
+        v = __funnelshift_r(lo, hi, bit & 31) & 0xffffffu;
+      }
+    }
+    if constexpr (BITS == 4) {
+      out[c] = v;
+    } else {
+      const int b = c >> 2, cc = c & 3;
+      if (cc < 3) {
+        out[3 * b + cc] |= v;
+      } else {
+        out[3 * b] |= (v & 0xffu) << 24;
+        out[3 * b + 1] |= ((v >> 8) & 0xffu) << 24;
+        out[3 * b + 2] |= ((v >> 16) & 0xffu) << 24;
+      }
+    }
+  }
+  uint32_t* d = dst + (size_t)tu * 64 * G::WU + (r * 4 + qq) * 4;
+#pragma unroll
+  for (int w = 0; w < G::WU; ++w) d[(w >> 2) * 256 + (w & 3)] = out[w];
+}
+
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1>
+void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
+                 const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
+  constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT>();
+  auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT>;
+  // Tables above 48 KiB need the opt-in, once per device for each instantiation.
+  static std::atomic<uint64_t> configured{0};
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
+  const uint64_t bit = 1ull << (dev & 63);
+  if (!(configured.load() & bit)) {
+    cuda_check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+               "lutMatmul: cudaFuncSetAttribute");
+    configured.fetch_or(bit);
+  }
+  const int blocks = ((N + 15) / 16 + RT - 1) / RT;
+  kern<<<dim3(blocks), dim3(GV_THREADS), smem, st>>>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U);
+}
+
+// SQUEEZELM_LUT_GEMM=wmma: the simpler wmma prefill kernel (kept for comparison).
+bool tune_gemm() {
+  const char* v = std::getenv("SQUEEZELM_LUT_GEMM");
+  return v != nullptr && v[0] == 'w';
+}
+
 template <class T, int BITS>
-void launch(const Tensor& y, const Tensor& x, const Tensor& qw, const Tensor& lut, const Tensor* rows,
+void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut, const Tensor* rows,
             const Tensor* cols, const Tensor* vals, cudaStream_t st) {
   const int M = (int)x.dim(0), K = (int)x.dim(1), N = (int)y.dim(1);
   if (M == 0 || N == 0) return;
+  const cpu::LutPacked d(BITS, N, K);
   T* yp = y.ptr<T>();
   const T* xp = x.ptr<T>();
-  const uint32_t* qp = qw.ptr<uint32_t>();
   const bool lf = lut.dtype == DType::F32;
   const int* rp = rows ? rows->ptr<int>() : nullptr;
   const int* cp = cols ? cols->ptr<int>() : nullptr;
   const void* vp = vals ? vals->data() : nullptr;
   const bool vf = vals && vals->dtype == DType::F32;
-  if (M <= 8) {
-    const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(xp) % 16 == 0);
-    dim3 grid(ceil_div(N, 32)), block(GEMV_WARPS * 32);
-#define SQZ_GEMV(MT) \
-  lut_gemv_kernel<T, BITS, MT><<<grid, block, 0, st>>>(yp, xp, qp, lut.data(), lf, rp, cp, vp, vf, M, N, K, vec)
-    if (M == 1) SQZ_GEMV(1);
-    else if (M == 2) SQZ_GEMV(2);
-    else if (M <= 4) SQZ_GEMV(4);
-    else SQZ_GEMV(8);
+  const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(xp) % 16 == 0);
+  const int U = (int)d.U;
+  // The unvectorised activation path (K % 8 != 0 or x unaligned) keeps few registers free: it
+  // takes the GEMV only up to 16 rows.
+  if (M <= 16 || (vec && M <= 64)) {
+    const uint4* q4 = codes.ptr<uint4>();
+    const void* lp = lut.data();
+    constexpr int P1 = BITS == 4 ? 4 : 1;  // units in flight per warp, 1 block of 16 rows
+    constexpr int P2 = BITS == 4 ? 4 : 1;  // the same with 2 row tiles per block
+#define SQZ_GEMV(MT, P, XV, MINB, RT) \
+  launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
+    // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1..5 picks another prefetch
+    // depth / occupancy / rows per block; read per call so a benchmark can sweep it.
+    const char* tune = std::is_same<T, __half>::value && vec && M <= 16 ? std::getenv("SQUEEZELM_LUT_GEMV") : nullptr;
+    const int variant = tune ? std::atoi(tune) : 0;
+    if (variant == 1 && M <= 8) SQZ_GEMV(1, 2, true, 2, 1);
+    else if (variant == 2 && M <= 8) SQZ_GEMV(1, (BITS == 4 ? 6 : 1), true, 2, 1);
+    else if (variant == 3 && M <= 8) SQZ_GEMV(1, P1, true, 3, 1);
+    else if (variant == 4 && M <= 8) SQZ_GEMV(1, P2, true, 1, 2);
+    else if (variant == 5 && M > 8) SQZ_GEMV(2, P1, true, 2, 1);
+    else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
+    else if (M <= 8) SQZ_GEMV(1, P1, false, 2, 1);
+    else if (!vec) SQZ_GEMV(2, P1, false, 2, 1);
+    // More activation rows: 2 row tiles per block halve the activation traffic from L2.
+    else if (M <= 16) SQZ_GEMV(2, P2, true, 1, 2);
+    else if (M <= 32) SQZ_GEMV(4, (BITS == 4 ? 2 : 1), true, 1, 2);
+    else SQZ_GEMV(8, 1, true, 1, (BITS == 4 ? 2 : 1));
 #undef SQZ_GEMV
+  } else if (!(tune_gemm())) {
+    constexpr size_t smem = pgemm_smem_bytes<BITS>();
+    auto kern = vec ? lut_gemm_mma_kernel<T, BITS, true> : lut_gemm_mma_kernel<T, BITS, false>;
+    static std::atomic<uint64_t> configured{0};
+    int dev = 0;
+    cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
+    const uint64_t bit = 1ull << (dev & 63);
+    if (!(configured.load() & bit)) {
+      cuda_check(cudaFuncSetAttribute(lut_gemm_mma_kernel<T, BITS, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                 "lutMatmul: cudaFuncSetAttribute");
+      cuda_check(cudaFuncSetAttribute(lut_gemm_mma_kernel<T, BITS, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                 "lutMatmul: cudaFuncSetAttribute");
+      configured.fetch_or(bit);
+    }
+    dim3 grid((N + PBN - 1) / PBN, (M + PBM - 1) / PBM), block(PM_THREADS);
+    kern<<<grid, block, smem, st>>>(yp, xp, codes.ptr<uint32_t>(), lut.data(), lf, rp, cp, vp, vf, M, N, K, U);
   } else {
-    dim3 grid(ceil_div(N, BN), ceil_div(M, BM)), block(GEMM_THREADS);
-    lut_gemm_kernel<T, BITS><<<grid, block, 0, st>>>(yp, xp, qp, lut.data(), lf, rp, cp, vp, vf, M, N, K);
+    dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM), block(GM_THREADS);
+    const uint32_t* q = codes.ptr<uint32_t>();
+    if (vec)
+      lut_gemm_kernel<T, BITS, true><<<grid, block, 0, st>>>(yp, xp, q, lut.data(), lf, rp, cp, vp, vf, M, N, K, U);
+    else
+      lut_gemm_kernel<T, BITS, false><<<grid, block, 0, st>>>(yp, xp, q, lut.data(), lf, rp, cp, vp, vf, M, N, K, U);
   }
 }
 
 }  // namespace
 
-void lut_matmul(const Tensor& y, const Tensor& x, const Tensor& qweight, const Tensor& lut,
-                const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, cudaStream_t stream) {
+void lut_repack(const Tensor& dst, const Tensor& qweight, int bits, cudaStream_t stream) {
+  const int N = (int)qweight.dim(1), groups = (int)(qweight.dim(0) / bits);
+  const cpu::LutPacked d(bits, N, groups * 32);
+  const int quarters = (int)(d.Np / 16 * d.U * 64);
+  if (quarters == 0) return;
+  const int threads = 128, blocks = (quarters + threads - 1) / threads;
+  const uint32_t* q = qweight.ptr<uint32_t>();
+  uint32_t* o = dst.ptr<uint32_t>();
+  if (bits == 4) lut_repack_kernel<4><<<blocks, threads, 0, stream>>>(o, q, N, groups, (int)d.U, quarters);
+  else if (bits == 3) lut_repack_kernel<3><<<blocks, threads, 0, stream>>>(o, q, N, groups, (int)d.U, quarters);
+  else fail("ERR_UNSUPPORTED", "lutRepack: bits must be 3 or 4");
+}
+
+void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
+                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, cudaStream_t stream) {
   const bool bf = x.dtype == DType::BF16;
   if (bits == 4) {
-    if (bf) launch<__nv_bfloat16, 4>(y, x, qweight, lut, rows, cols, vals, stream);
-    else launch<__half, 4>(y, x, qweight, lut, rows, cols, vals, stream);
+    if (bf) launch<__nv_bfloat16, 4>(y, x, codes, lut, rows, cols, vals, stream);
+    else launch<__half, 4>(y, x, codes, lut, rows, cols, vals, stream);
   } else if (bits == 3) {
-    if (bf) launch<__nv_bfloat16, 3>(y, x, qweight, lut, rows, cols, vals, stream);
-    else launch<__half, 3>(y, x, qweight, lut, rows, cols, vals, stream);
+    if (bf) launch<__nv_bfloat16, 3>(y, x, codes, lut, rows, cols, vals, stream);
+    else launch<__half, 3>(y, x, codes, lut, rows, cols, vals, stream);
   } else {
     fail("ERR_UNSUPPORTED", "lutMatmul: bits must be 3 or 4");
   }

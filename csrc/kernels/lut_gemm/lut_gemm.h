@@ -1,4 +1,4 @@
-// SqueezeLLM dense-and-sparse matmul on CUDA (layout and semantics: csrc/cpu/lut_gemm.h).
+// SqueezeLLM dense-and-sparse matmul on CUDA (layouts and semantics: csrc/cpu/lut_gemm.h).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -6,11 +6,15 @@
 
 namespace sqz::cuda {
 
-// y[M,N] = x[M,K] * dequant(qweight, lut)^T + CSR outliers. x, y: f16 | bf16 (one dtype);
-// lut, vals: f16 | f32. rows/cols/vals may be null (no outliers); their contents must have been
-// checked on the host (cpu::check_outlier_csr) when they were loaded.
-// M <= 8: GEMV (each code decoded once, applied to all rows); larger M: tiled tensor-core GEMM.
-void lut_matmul(const Tensor& y, const Tensor& x, const Tensor& qweight, const Tensor& lut,
-                const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, cudaStream_t stream);
+// dst i32 [Np, Kp*bits/32] (packed layout) <- qweight i32 [Kg*bits/32, N] (interchange).
+void lut_repack(const Tensor& dst, const Tensor& qweight, int bits, cudaStream_t stream);
+
+// y[M,N] = x[M,K] * dequant(codes, lut)^T + CSR outliers, codes packed. x, y: f16 | bf16 (one
+// dtype); lut, vals: f16 | f32. rows/cols/vals may be null (no outliers); their contents must have
+// been checked on the host (ts/ops/lut.ts checkOutlierCsr) when they were loaded.
+// M <= 64: pair-LUT tensor-core GEMV (each code decoded once for all rows); larger M: tiled
+// tensor-core GEMM on dequantized tiles.
+void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
+                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, cudaStream_t stream);
 
 }  // namespace sqz::cuda
