@@ -39,7 +39,9 @@ struct Geo {
   const int* pt;
   const int* lens;
   const int* cu;
-  int B, max_pages, page_size, H, D, bits, nk, nv, sink, cbytes, mbytes;
+  const int* sink_rows;  // null: row b
+  int sink_row_fixed;    // >= 0: every sequence uses this row (kvq_dequantize)
+  int B, max_pages, page_size, H, D, bits, nk, nv, sink, cbytes, mbytes, pages;
 };
 
 Geo make_geo(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& pt, const Tensor* lens, const Tensor* cu) {
@@ -56,6 +58,9 @@ Geo make_geo(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& pt, const
   g.pt = pt.ptr<int>();
   g.lens = lens ? lens->ptr<int>() : nullptr;
   g.cu = cu ? cu->ptr<int>() : nullptr;
+  g.sink_rows = c.sink_rows.storage ? c.sink_rows.ptr<int>() : nullptr;
+  g.sink_row_fixed = -1;
+  g.pages = (int)c.k_codes.dim(0);
   g.B = (int)pt.dim(0);
   g.max_pages = (int)pt.dim(1);
   g.page_size = (int)c.page_size;
@@ -68,6 +73,11 @@ Geo make_geo(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& pt, const
   g.cbytes = (int)kvq::code_bytes(c.head_dim, c.bits);
   g.mbytes = (int)kvq::meta_bytes(c.nk, c.nv);
   return g;
+}
+
+// Sink store row of sequence b of the call.
+__device__ __forceinline__ int sink_row(const Geo& g, int b) {
+  return g.sink_row_fixed >= 0 ? g.sink_row_fixed : (g.sink_rows ? g.sink_rows[b] : b);
 }
 
 __device__ __forceinline__ long long slot_of(const Geo& g, int b, int pos, int h) {
@@ -124,27 +134,77 @@ __device__ void pack_row(uint8_t* row, const uint8_t* codes, int d, int bits, in
   }
 }
 
+// Rows to append: head h of row n of k at k[n * stride + h * D], of v likewise. With q_out, the
+// G query heads of kv head h (at q[n * stride + (h * G + j) * D]) are rotated into q_out; with
+// rotate, keys are rotated before they are quantized (post-RoPE mode). Rotation: fp32 angle
+// pos * invFreq, sincosf, products rounded separately, result rounded to T (ropeAppend's).
+template <class T> struct Src {
+  const T* k;
+  const T* v;
+  long long stride;
+  const T* q;
+  T* q_out;
+  int G;
+  const int* pos;
+  const float* inv_freq;
+  int rotate;
+};
+
 template <class T>
-__global__ void __launch_bounds__(kThreads) append_kernel(Geo g, const T* __restrict__ k, const T* __restrict__ v) {
-  __shared__ float kx[256], vx[256], score[256];
+__device__ __forceinline__ void rotate_pair(float x1, float x2, float c, float s, float* y1, float* y2) {
+  *y1 = to_f(from_f<T>(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s))));
+  *y2 = to_f(from_f<T>(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s))));
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) append_kernel(Geo g, Src<T> src) {
+  __shared__ float kx[256], vx[256], score[256], cs[256];
   __shared__ uint8_t codes[256];
   __shared__ char chosen[256];
   __shared__ int red_i[33], kidx[16], vidx[16], bp[2];
-  const int n = blockIdx.x, h = blockIdx.y, D = g.D, tid = threadIdx.x;
+  const int n = blockIdx.x, h = blockIdx.y, D = g.D, tid = threadIdx.x, half = D / 2;
   if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
+  if (src.q_out || src.rotate) {
+    const float ps = (float)src.pos[n];
+    for (int i = tid; i < half; i += blockDim.x) {
+      const float a = ps * src.inv_freq[i];
+      float sn, cn;
+      sincosf(a, &sn, &cn);
+      cs[i] = cn;
+      cs[half + i] = sn;
+    }
+  }
   __syncthreads();
+  if (src.q_out)
+    for (int e = tid; e < src.G * half; e += blockDim.x) {
+      const int j = e / half, i = e % half;
+      const T* x = src.q + (long long)n * src.stride + (long long)(h * src.G + j) * D;
+      float y1, y2;
+      rotate_pair<T>(to_f(x[i]), to_f(x[i + half]), cs[i], cs[half + i], &y1, &y2);
+      T* o = src.q_out + ((long long)n * g.H * src.G + h * src.G + j) * D;
+      o[i] = from_f<T>(y1);
+      o[i + half] = from_f<T>(y2);
+    }
   const int b = bp[0], pos = bp[1];
-  if (b < 0 || pos < 0) return;
-  const long long base = ((long long)n * g.H + h) * D;
+  if (b < 0 || pos < 0 || pos / g.page_size >= g.max_pages) return;
+  const int page = g.pt[(long long)b * g.max_pages + pos / g.page_size];
+  if (page < 0 || page >= g.pages) return;
+  const long long base = (long long)n * src.stride + (long long)h * D;
+  if (src.rotate) {
+    for (int i = tid; i < half; i += blockDim.x)
+      rotate_pair<T>(to_f(src.k[base + i]), to_f(src.k[base + i + half]), cs[i], cs[half + i], &kx[i], &kx[i + half]);
+  } else {
+    for (int i = tid; i < D; i += blockDim.x) kx[i] = to_f(src.k[base + i]);
+  }
   for (int i = tid; i < D; i += blockDim.x) {
-    kx[i] = to_f(k[base + i]);
-    vx[i] = to_f(v[base + i]);
+    vx[i] = to_f(src.v[base + i]);
     chosen[i] = 0;
   }
   __syncthreads();
-  if (pos < g.sink)
+  const int srow = sink_row(g, b);
+  if (pos < g.sink && srow >= 0)
     for (int i = tid; i < D; i += blockDim.x) {
-      const long long o = (((long long)b * g.sink + pos) * g.H + h) * D + i;
+      const long long o = (((long long)srow * g.sink + pos) * g.H + h) * D + i;
       g.sink_k[o] = __half_as_ushort(__float2half_rn(kx[i]));
       g.sink_v[o] = __half_as_ushort(__float2half_rn(vx[i]));
     }
@@ -223,7 +283,7 @@ __device__ void dequant_tokens(const Geo& g, int b, int h, int t0, int count, fl
     const int t = e / D, c = e % D, pos = t0 + t;
     float kv, vv;
     if (pos < g.sink) {
-      const long long o = (((long long)b * g.sink + pos) * g.H + h) * D + c;
+      const long long o = (((long long)sink_row(g, b) * g.sink + pos) * g.H + h) * D + c;
       kv = __half2float(__ushort_as_half(g.sink_k[o]));
       vv = __half2float(__ushort_as_half(g.sink_v[o]));
     } else {
@@ -562,7 +622,7 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(Geo g, const T* __re
           if (valid) {
             float kk[16];
             if (t < g.sink) {
-              const uint16_t* sk = g.sink_k + (((long long)b * g.sink + t) * g.H + h) * D;
+              const uint16_t* sk = g.sink_k + (((long long)sink_row(g, b) * g.sink + t) * g.H + h) * D;
 #pragma unroll
               for (int e = 0; e < 16; ++e) {
                 const int p = 8 * sub + (e >> 1);
@@ -649,7 +709,7 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(Geo g, const T* __re
           }
           if (live && sub < C::NL) {
             if (t < g.sink) {
-              const uint16_t* sv = g.sink_v + (((long long)b * g.sink + t) * g.H + h) * D + 16 * sub;
+              const uint16_t* sv = g.sink_v + (((long long)sink_row(g, b) * g.sink + t) * g.H + h) * D + 16 * sub;
 #pragma unroll
               for (int e = 0; e < 16; ++e) {
                 const float v = __half2float(__ushort_as_half(sv[e]));
@@ -768,14 +828,14 @@ __global__ void combine_kernel(const float* __restrict__ part, int splits, int D
 
 template <class T, int D, int BITS>
 void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, int max_seq_len,
-            cudaStream_t stream, int dev, int sms) {
+            float* work, cudaStream_t stream, int dev, int sms) {
   const int N = (int)q.dim(0), Hq = (int)q.dim(1);
   const int splits = (max_seq_len + kChunk - 1) / kChunk;
   const long long base_blocks = (long long)splits * N;
   int groups = (int)std::min<long long>(g.H, std::max<long long>(1, (3LL * sms + base_blocks - 1) / base_blocks));
   const int hpb = (g.H + groups - 1) / groups;
   groups = (g.H + hpb - 1) / hpb;
-  float* part = partials(dev, (size_t)N * Hq * splits * (D + 2) * sizeof(float), stream);
+  float* part = work ? work : partials(dev, (size_t)N * Hq * splits * (D + 2) * sizeof(float), stream);
   constexpr int CB = CodeBytes<D, BITS>::value;
   const size_t smem = sizeof(float2) * kChunk * (D / 2) + sizeof(float) * (kGC * kChunk + kWarps * kGC * D + kGC * D + 32 + 2 * kGC) +
                       sizeof(int) * kChunk + 2 * ((size_t)2 * kChunk * CB + (size_t)kChunk * g.mbytes) + 16;
@@ -790,21 +850,21 @@ void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_
 }
 
 template <class T, int D>
-void launch_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, cudaStream_t s, int dev, int sms) {
-  if (g.bits == 2) launch<T, D, 2>(out, q, g, f, scale, L, s, dev, sms);
-  else if (g.bits == 3) launch<T, D, 3>(out, q, g, f, scale, L, s, dev, sms);
-  else launch<T, D, 4>(out, q, g, f, scale, L, s, dev, sms);
+void launch_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, float* w, cudaStream_t s, int dev, int sms) {
+  if (g.bits == 2) launch<T, D, 2>(out, q, g, f, scale, L, w, s, dev, sms);
+  else if (g.bits == 3) launch<T, D, 3>(out, q, g, f, scale, L, w, s, dev, sms);
+  else launch<T, D, 4>(out, q, g, f, scale, L, w, s, dev, sms);
 }
 template <class T>
-bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, cudaStream_t s) {
+bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, float* w, cudaStream_t s) {
   const int dev = q.device.index, sms = sm_count(dev);
   if ((int)q.dim(0) == 0) return true;
   switch (g.D) {
-    case 64: launch_bits<T, 64>(out, q, g, f, scale, L, s, dev, sms); return true;
-    case 80: launch_bits<T, 80>(out, q, g, f, scale, L, s, dev, sms); return true;
-    case 96: launch_bits<T, 96>(out, q, g, f, scale, L, s, dev, sms); return true;
-    case 128: launch_bits<T, 128>(out, q, g, f, scale, L, s, dev, sms); return true;
-    case 256: launch_bits<T, 256>(out, q, g, f, scale, L, s, dev, sms); return true;
+    case 64: launch_bits<T, 64>(out, q, g, f, scale, L, w, s, dev, sms); return true;
+    case 80: launch_bits<T, 80>(out, q, g, f, scale, L, w, s, dev, sms); return true;
+    case 96: launch_bits<T, 96>(out, q, g, f, scale, L, w, s, dev, sms); return true;
+    case 128: launch_bits<T, 128>(out, q, g, f, scale, L, w, s, dev, sms); return true;
+    case 256: launch_bits<T, 256>(out, q, g, f, scale, L, w, s, dev, sms); return true;
     default: return false;
   }
 }
@@ -844,31 +904,65 @@ void kvq_append(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& k, con
   if (N == 0) return;
   Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
   dim3 grid(N, g.H);
-  if (k.dtype == DType::F16)
-    append_kernel<__half><<<grid, kThreads, 0, stream>>>(g, static_cast<const __half*>(k.data()),
-                                                         static_cast<const __half*>(v.data()));
-  else
-    append_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(g, static_cast<const __nv_bfloat16*>(k.data()),
-                                                                static_cast<const __nv_bfloat16*>(v.data()));
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    Src<T> src{static_cast<const T*>(k.data()), static_cast<const T*>(v.data()), (long long)g.H * g.D, nullptr, nullptr, 0,
+               nullptr, nullptr, 0};
+    append_kernel<T><<<grid, kThreads, 0, stream>>>(g, src);
+  };
+  if (k.dtype == DType::F16) run(__half{});
+  else run(__nv_bfloat16{});
+}
+
+void kvq_rope_append(const Tensor* q_out, const kvq::Cache& c, const kvq::Calib& cal, const Tensor& qkv,
+                     const Tensor& positions, const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens,
+                     const Tensor& cu_q, bool rotate_keys, cudaStream_t stream) {
+  const int N = (int)qkv.dim(0);
+  if (N == 0) return;
+  Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
+  const long long width = qkv.dim(1);
+  const int Hq = (int)(width / g.D) - 2 * g.H;
+  dim3 grid(N, g.H);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* base = static_cast<const T*>(qkv.data());
+    Src<T> src{base + (long long)Hq * g.D, base + (long long)(Hq + g.H) * g.D, width, base,
+               q_out ? static_cast<T*>(q_out->data()) : nullptr, Hq / g.H, positions.ptr<int>(), inv_freq.ptr<float>(),
+               rotate_keys ? 1 : 0};
+    append_kernel<T><<<grid, kThreads, 0, stream>>>(g, src);
+  };
+  if (qkv.dtype == DType::F16) run(__half{});
+  else run(__nv_bfloat16{});
+}
+
+int64_t kvq_attention_workspace_floats(int dev, int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+                                       int max_seq_len) {
+  (void)dev;
+  (void)kv_heads;
+  const int64_t splits = (max_seq_len + fast::kChunk - 1) / fast::kChunk;
+  return rows * q_heads * std::max<int64_t>(splits, 1) * (head_dim + 2);
 }
 
 void kvq_attention(const Tensor& out, const Tensor& q, const kvq::Cache& c, const kvq::Calib& cal,
                    const Tensor& page_table, const Tensor& seq_lens, const Tensor& cu_q, const Tensor& inv_freq,
-                   float scale, int max_q, int max_seq_len, cudaStream_t stream) {
+                   float scale, int max_q, int max_seq_len, float* work, int64_t work_floats, cudaStream_t stream) {
   (void)max_q;
+  (void)work_floats;
   Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
-  const bool done = q.dtype == DType::F16 ? fast::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, stream)
-                                           : fast::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, stream);
+  const bool done = q.dtype == DType::F16
+                        ? fast::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, stream)
+                        : fast::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, work, stream);
   if (done) return;
   if (q.dtype == DType::F16) launch_attention<__half>(out, q, g, inv_freq, scale, max_seq_len, stream);
   else launch_attention<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, stream);
 }
 
 void kvq_dequantize(const Tensor& k_out, const Tensor& v_out, const kvq::Cache& c, const kvq::Calib& cal,
-                    const Tensor& page_table, int64_t seq, cudaStream_t stream) {
+                    const Tensor& page_table, int64_t seq, int64_t sink_row, cudaStream_t stream) {
   const int L = (int)k_out.dim(0);
   if (L == 0) return;
   Geo g = make_geo(c, cal, page_table, nullptr, nullptr);
+  g.sink_row_fixed = (int)sink_row;
   dim3 grid(L, g.H);
   if (k_out.dtype == DType::F16)
     dequant_kernel<__half><<<grid, kThreads, 0, stream>>>(g, (int)seq, static_cast<__half*>(k_out.data()),
