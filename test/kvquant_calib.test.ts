@@ -127,7 +127,7 @@ describe('kvquant calibration', () => {
     saveKvqCalibration(file, { ...cal, bits: 5 });
     expect(codeOf(() => loadKvqCalibration(file))).toBe('ERR_ARG');
     saveKvqCalibration(file, cal);
-    expect(codeOf(() => loadKvqCalibration(file, { bits: 3 }))).toBe('ERR_ARG');
+    expect(codeOf(() => loadKvqCalibration(file, { bits: 3 }))).toBe('ERR_FORMAT');
   });
 
   test('bad sample shapes and options are coded errors', () => {

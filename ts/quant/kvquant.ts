@@ -3,7 +3,9 @@
  * outlier share, and per-layer sorted 2^b codebooks in [-1, 1] for keys and values by 1-D
  * k-means of the normalised samples (NormalFloat signposts as the start and fallback).
  * Saved as safetensors: layers.{i}.key_lo / key_hi [kvHeads*D], layers.{i}.key_codebook /
- * value_codebook [2^b], __metadata__ {format, bits, outliers, sink, layers, kv_heads, head_dim}.
+ * value_codebook [2^b], __metadata__ {format, bits, outliers, sink, layers, kv_heads, head_dim,
+ * key_granularity (channel | token), key_rope (pre | post), codebook (kmeans | uniform)}.
+ * The last three select the ablations of docs/kvquant.md; the defaults are KVQuant's method.
  */
 import { SqueezeError } from '../errors';
 import { Tensor } from '../tensor';
@@ -24,6 +26,12 @@ export interface KvqCalibration {
   sink: number;
   kvHeads: number;
   headDim: number;
+  /** Keys quantized per token (ablation) instead of per channel against key_lo/key_hi. */
+  keyPerToken?: boolean;
+  /** Keys quantized after RoPE (ablation) instead of before. */
+  postRope?: boolean;
+  /** How the codebooks were made: 1-D k-means (default) or a uniform grid (ablation). */
+  codebook?: 'kmeans' | 'uniform';
   layers: KvqCalibrationLayer[];
 }
 
@@ -33,6 +41,10 @@ export interface CalibrateOptions {
   sink?: number;
   kvHeads: number;
   headDim: number;
+  /** Ablations (see KvqCalibration): the samples must then be post-RoPE keys for postRope. */
+  keyPerToken?: boolean;
+  postRope?: boolean;
+  codebook?: 'kmeans' | 'uniform';
   /** k-means iterations (default 25) and the most samples it looks at (default 200000). */
   iterations?: number;
   maxSamples?: number;
@@ -67,6 +79,13 @@ export function normalFloatCodebook(bits: number): Float32Array {
   const m = Math.max(Math.abs(out[0]), Math.abs(out[n - 1]));
   for (let i = 0; i < n; i++) out[i] /= m;
   return out;
+}
+
+/** 2^bits evenly spaced entries from -1 to 1. */
+export function uniformCodebook(bits: number): Float32Array {
+  checkBits(bits, 'uniformCodebook');
+  const n = 1 << bits;
+  return Float32Array.from({ length: n }, (_, i) => -1 + (2 * i) / (n - 1));
 }
 
 /** 1-D k-means (Lloyd) of samples in [-1, 1] from `init`; returns a sorted codebook. */
@@ -122,6 +141,9 @@ export function calibrateFromSamples(keys: Float32Array[], values: Float32Array[
   if (!Number.isInteger(sink) || sink < 0) throw new SqueezeError('ERR_ARG', `calibrateFromSamples: sink must be a non-negative integer`);
   if (keys.length !== values.length || keys.length === 0) throw new SqueezeError('ERR_ARG', 'calibrateFromSamples: need keys and values for the same (non-zero) number of layers');
   const HD = kvHeads * headDim, maxS = opts.maxSamples ?? 200000, iters = opts.iterations ?? 25;
+  const keyPerToken = !!opts.keyPerToken, uniform = opts.codebook === 'uniform';
+  if (opts.codebook !== undefined && opts.codebook !== 'kmeans' && opts.codebook !== 'uniform')
+    throw new SqueezeError('ERR_ARG', `calibrateFromSamples: codebook must be 'kmeans' or 'uniform', got '${opts.codebook}'`);
   const nf = normalFloatCodebook(bits);
   const nv = outlierSlots(outliers, headDim);
   const layers: KvqCalibrationLayer[] = [];
@@ -146,25 +168,29 @@ export function calibrateFromSamples(keys: Float32Array[], values: Float32Array[
       const c = i % HD, x = (2 * (K[i] - keyLo[c])) / (keyHi[c] - keyLo[c]) - 1;
       if (x >= -1 && x <= 1) kn.push(x);
     }
-    // values: per token-head vector min/max without its largest-magnitude entries
-    const vn: number[] = [];
-    const vecs = T * kvHeads, vstride = Math.max(1, Math.floor((vecs * headDim) / maxS));
-    for (let vi = 0; vi < vecs; vi += Math.max(1, Math.floor(vstride / headDim) || 1)) {
-      const v = V.subarray(vi * headDim, (vi + 1) * headDim);
-      const order = Array.from(v.keys()).sort((a, b) => Math.abs(v[b]) - Math.abs(v[a]) || a - b);
-      const skip = new Set(order.slice(0, nv));
-      let mn = Infinity, mx = -Infinity;
-      for (let c = 0; c < headDim; c++) if (!skip.has(c)) { mn = Math.min(mn, v[c]); mx = Math.max(mx, v[c]); }
-      if (!(mx > mn)) continue;
-      for (let c = 0; c < headDim; c++) if (!skip.has(c)) vn.push((2 * (v[c] - mn)) / (mx - mn) - 1);
-    }
-    layers.push({
-      keyLo, keyHi,
-      keyCodebook: kmeans1d(subsample(Float32Array.from(kn), maxS), nf, iters),
-      valueCodebook: kmeans1d(subsample(Float32Array.from(vn), maxS), nf, iters),
-    });
+    const vn = perTokenSamples(V, T * kvHeads, headDim, nv, maxS);
+    const kt = keyPerToken ? perTokenSamples(K, T * kvHeads, headDim, nv, maxS) : kn;
+    const book = (x: number[]) => (uniform ? uniformCodebook(bits) : kmeans1d(subsample(Float32Array.from(x), maxS), nf, iters));
+    layers.push({ keyLo, keyHi, keyCodebook: book(kt), valueCodebook: book(vn) });
   }
-  return { bits, outliers, sink, kvHeads, headDim, layers };
+  return { bits, outliers, sink, kvHeads, headDim, keyPerToken, postRope: !!opts.postRope, codebook: uniform ? 'uniform' : 'kmeans', layers };
+}
+
+// Normalised entries of token-head vectors against each vector's min/max without its n
+// largest-magnitude entries (the outliers), as the cache quantizes values.
+function perTokenSamples(X: Float32Array, vecs: number, headDim: number, n: number, maxS: number): number[] {
+  const out: number[] = [];
+  const vstride = Math.max(1, Math.floor((vecs * headDim) / maxS));
+  for (let vi = 0; vi < vecs; vi += Math.max(1, Math.floor(vstride / headDim) || 1)) {
+    const v = X.subarray(vi * headDim, (vi + 1) * headDim);
+    const order = Array.from(v.keys()).sort((a, b) => Math.abs(v[b]) - Math.abs(v[a]) || a - b);
+    const skip = new Set(order.slice(0, n));
+    let mn = Infinity, mx = -Infinity;
+    for (let c = 0; c < headDim; c++) if (!skip.has(c)) { mn = Math.min(mn, v[c]); mx = Math.max(mx, v[c]); }
+    if (!(mx > mn)) continue;
+    for (let c = 0; c < headDim; c++) if (!skip.has(c)) out.push((2 * (v[c] - mn)) / (mx - mn) - 1);
+  }
+  return out;
 }
 
 /** Writes a calibration as safetensors. */
@@ -179,6 +205,7 @@ export function saveKvqCalibration(file: string, cal: KvqCalibration): void {
   writeSafetensors(file, tensors, {
     format: 'squeezelm-kvquant', bits: String(cal.bits), outliers: String(cal.outliers), sink: String(cal.sink),
     layers: String(cal.layers.length), kv_heads: String(cal.kvHeads), head_dim: String(cal.headDim),
+    key_granularity: cal.keyPerToken ? 'token' : 'channel', key_rope: cal.postRope ? 'post' : 'pre', codebook: cal.codebook ?? 'kmeans',
   });
 }
 
@@ -194,7 +221,15 @@ export function loadKvqCalibration(file: string, expect?: { layers?: number; kvH
     };
     const bits = num('bits'), layers = num('layers'), kvHeads = num('kv_heads'), headDim = num('head_dim');
     if (bits !== 2 && bits !== 3 && bits !== 4) throw new SqueezeError('ERR_ARG', `${file}: bits must be 2, 3 or 4 (got ${bits})`);
-    if (expect?.bits !== undefined && expect.bits !== bits) throw new SqueezeError('ERR_ARG', `${file}: calibrated for ${bits} bits, ${expect.bits} requested`);
+    if (expect?.bits !== undefined && expect.bits !== bits) throw new SqueezeError('ERR_FORMAT', `${file}: calibrated for ${bits} bits, ${expect.bits} requested`);
+    const pick = <T extends string>(k: string, allowed: readonly T[]): T => {
+      const v = (m[k] ?? allowed[0]) as T;
+      if (!allowed.includes(v)) throw new SqueezeError('ERR_FORMAT', `${file}: metadata '${k}' = '${m[k]}' is not one of ${allowed.join(', ')}`);
+      return v;
+    };
+    const granularity = pick('key_granularity', ['channel', 'token'] as const);
+    const rope = pick('key_rope', ['pre', 'post'] as const);
+    const codebook = pick('codebook', ['kmeans', 'uniform'] as const);
     for (const [k, want, got] of [['layers', expect?.layers, layers], ['kv_heads', expect?.kvHeads, kvHeads], ['head_dim', expect?.headDim, headDim]] as const)
       if (want !== undefined && want !== got) throw new SqueezeError('ERR_FORMAT', `${file}: calibration has ${k} = ${got}, the model has ${want}`);
     const HD = kvHeads * headDim, n = 1 << bits;
@@ -209,7 +244,10 @@ export function loadKvqCalibration(file: string, expect?: { layers?: number; kvH
         keyLo: read(`layers.${i}.key_lo`, HD), keyHi: read(`layers.${i}.key_hi`, HD),
         keyCodebook: read(`layers.${i}.key_codebook`, n), valueCodebook: read(`layers.${i}.value_codebook`, n),
       });
-    return { bits, outliers: num('outliers'), sink: num('sink'), kvHeads, headDim, layers: out };
+    return {
+      bits, outliers: num('outliers'), sink: num('sink'), kvHeads, headDim,
+      keyPerToken: granularity === 'token', postRope: rope === 'post', codebook, layers: out,
+    };
   } finally {
     f.close();
   }
