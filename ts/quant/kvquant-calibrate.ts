@@ -12,7 +12,22 @@ import { Tensor } from '../tensor';
 import { loadModel, Model } from '../model/model';
 import { setProjectionObserver } from '../model/llama';
 import { loadPplData } from '../runtime/ppl';
+import { copy } from '../ops/basic';
 import { KvqCalibration, calibrateFromSamples, saveKvqCalibration } from './kvquant';
+
+/**
+ * The contents of `t` as they are at this point of the stream: a stream-ordered copy into a
+ * fresh tensor (later ops may overwrite `t` before a read of `t` itself runs), then read.
+ */
+export async function snapshot(t: Tensor): Promise<Float32Array | Int32Array> {
+  const c = Tensor.empty(t.shape, { dtype: t.dtype, device: t.device });
+  try {
+    copy(c, t);
+    return t.dtype === 'i32' ? ((await c.toArray()) as Int32Array) : await c.toFloat32();
+  } finally {
+    c.dispose();
+  }
+}
 
 export interface CalibrateKvOptions {
   bits: number;
@@ -41,8 +56,7 @@ export async function calibrateKv(model: Model, windows: Int32Array[], o: Calibr
   const pending: Promise<void>[] = [];
   const invFreq = cfg.invFreq;
   const observe = (layer: number, qkv: Tensor, positions: Tensor): void => {
-    // Copies are ordered after the ops that wrote the rows: a snapshot of this layer's projection.
-    pending.push(Promise.all([qkv.toFloat32(), positions.toArray()]).then(([a, p]) => {
+    pending.push(Promise.all([snapshot(qkv), snapshot(positions)]).then(([a, p]) => {
       const T = qkv.shape[0], W = qkv.shape[1], pos = p as Int32Array;
       let n = 0;
       for (let t = 0; t < T; t++) if (pos[t] >= sink) n++;
