@@ -23,6 +23,10 @@ describeGpu('kvquant (CUDA vs CPU)', () => {
     [8, 2, 256, [45, 2], 3, 'bf16'],
     [32, 4, 128, Array.from({ length: 16 }, (_, i) => 1 + i * 37), 4, 'f16'],
     [8, 8, 128, [4097], 3, 'bf16'],
+    [24, 8, 80, [130, 7, 1, 64], 4, 'f16'],
+    [64, 8, 128, [300, 1025], 2, 'f16'],
+    [3, 1, 256, [129, 200, 17], 4, 'f16'],
+    [16, 2, 64, Array.from({ length: 9 }, (_, i) => 3 + i * 61), 3, 'bf16'],
   ];
   for (const [Hq, H, D, lens, bits, dtype] of cases) {
     test(`append bytes and attention match (Hq ${Hq}, H ${H}, D ${D}, B ${lens.length}, ${bits}-bit, ${dtype})`, async () => {
@@ -57,6 +61,12 @@ describeGpu('kvquant (CUDA vs CPU)', () => {
       const og2 = Tensor.empty([B, Hq, D], { dtype, device: 'cuda' });
       kvqAttention(og2, qg, g.cache, g.cal, g.pageTable, g.seqLens, g.cuQ, ig, scale, 1, Math.max(...lens));
       expect(Array.from(await og2.toArray())).toEqual(Array.from(await og.toArray()));
+      // the previous split kernel (kept for comparisons) agrees too
+      const og3 = Tensor.empty([B, Hq, D], { dtype, device: 'cuda' });
+      og3.write(new Uint16Array(B * Hq * D).fill(0x7fc0));
+      kvqAttention(og3, qg, g.cache, g.cal, g.pageTable, g.seqLens, g.cuQ, ig, scale, 1, Math.max(...lens), { variant: 1 });
+      const e3 = relErr(await og3.toFloat32(), await oc.toFloat32());
+      if (!(e3 < (dtype === 'bf16' ? 1e-2 : 2e-3))) throw new Error(`seed ${seed}: split-kernel attention rel err ${e3}`);
     });
   }
 

@@ -143,7 +143,8 @@ SQZ_OP(kvqAppend) {
 }
 
 // kvqAttention(out[N,Hq,D], q[N,Hq,D], cache x13, pageTable, seqLens, cuQ, invFreq f32[D/2], scale, maxQ,
-//              maxSeqLen, sinkRows?, workspace? f32[kvqAttentionWorkspaceSize(...)])
+//              maxSeqLen, sinkRows?, workspace? f32[kvqAttentionWorkspaceSize(...)], variant?)
+// variant (CUDA): 0 (default) the flash-decoding kernel, 1 the previous split kernel.
 SQZ_OP(kvqAttention) {
   Args a(info, "kvqAttention");
   Tensor out = a.tensor(0, "out"), q = a.tensor(1, "q");
@@ -154,6 +155,8 @@ SQZ_OP(kvqAttention) {
   const int64_t max_q = a.integer(20, "maxQ"), max_seq = a.integer(21, "maxSeqLen");
   sink_rows_arg(a, p.c, 22, pt.ndim() == 2 ? pt.dim(0) : 0);
   auto ws = a.opt_tensor(23, "workspace");
+  const int variant = (int)a.opt_integer(24, "variant", 0);
+  if (variant < 0 || variant > 1) a.error("ERR_ARG", "variant must be 0 or 1");
   check_cuda_dim(a, p.c);
   a.ndim(q, "q", 3);
   const int64_t Hq = q.dim(1);
@@ -196,7 +199,7 @@ SQZ_OP(kvqAttention) {
       q.device, "kvqAttention", [=] { cpu::kvq_attention(out, q, p.c, p.cal, pt, lens, cu, freq, sc); },
       [&](int dev) {
         CUDA_ONLY(cuda::kvq_attention(out, q, p.c, p.cal, pt, lens, cu, freq, sc, (int)max_q, (int)max_seq, work,
-                                      work_n, cuda_stream(dev)));
+                                      work_n, variant, cuda_stream(dev)));
       });
   return a.env().Undefined();
 }

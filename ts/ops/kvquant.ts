@@ -127,13 +127,15 @@ export interface KvqAttentionOptions {
   sinkRows?: Tensor;
   /** f32 scratch of kvqAttentionWorkspaceSize(...) elements (CUDA; required while capturing a graph). */
   workspace?: Tensor;
+  /** CUDA kernel: 0 (default) flash-decoding, 1 the previous split kernel (comparisons only). */
+  variant?: 0 | 1;
 }
 
 /** Causal attention of RoPE'd q [N, Hq, D] over the quantized cache (keys rotated on the fly with invFreq f32[D/2]). */
 export function kvqAttention(out: Tensor, q: Tensor, cache: KvqCache, cal: KvqLayerCalibration, pageTable: Tensor, seqLens: Tensor,
   cuQ: Tensor, invFreq: Tensor, scale: number, maxQ: number, maxSeqLen: number, o: KvqAttentionOptions = {}): void {
   native().ops.kvqAttention(out.native, q.native, ...cache.args(cal), pageTable.native, seqLens.native, cuQ.native, invFreq.native,
-    scale, maxQ, maxSeqLen, o.sinkRows?.native, o.workspace?.native);
+    scale, maxQ, maxSeqLen, o.sinkRows?.native, o.workspace?.native, o.variant ?? 0);
 }
 
 /** f32 elements of the scratch kvqAttention needs on `device` for these bounds (0 on CPU). */
