@@ -5,6 +5,9 @@
 
 #include <algorithm>
 #include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "core/backend.h"
 #include "core/cuda_stream.h"
@@ -897,6 +900,22 @@ struct Plan {
   int groups, hpb, splits, sub, gc, npass;
 };
 
+// Raises a kernel's dynamic shared memory limit once (to the device's opt-in maximum), so no
+// attribute call happens while a graph is being captured after the first eager launch.
+void allow_smem(const void* fn, size_t bytes) {
+  static std::mutex mu;
+  static std::vector<std::pair<const void*, size_t>> done;
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto& d : done)
+    if (d.first == fn && d.second >= bytes) return;
+  int dev = 0, optin = 0;
+  cuda_check(cudaGetDevice(&dev), "kvqAttention");
+  cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "kvqAttention");
+  if ((size_t)optin < bytes) fail("ERR_UNSUPPORTED", "kvqAttention: needs " + std::to_string(bytes) + " bytes of shared memory per block");
+  cuda_check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, optin), "kvqAttention");
+  done.emplace_back(fn, (size_t)optin);
+}
+
 inline int group_chunk(int G) { return G % 4 == 0 ? 4 : (G % 2 == 0 ? 2 : 1); }
 
 Plan plan(int sms, int N, int H, int G, int D, int max_seq_len) {
@@ -1233,12 +1252,12 @@ void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_
   const int items = pl.hpb * pl.npass;
   const size_t smem = Smem<D, BITS, GC>::bytes(items);
   auto kernel = flash_kernel<T, D, BITS, GC>;
-  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "kvqAttention");
+  allow_smem(reinterpret_cast<const void*>(kernel), smem);
   kernel<<<dim3(pl.splits, N, pl.groups), kW * 32, smem, stream>>>(g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(),
                                                                    scale, Hq, pl, part);
   const size_t csmem = sizeof(float) * ((size_t)pl.splits + 8 * 32 + 8);
   auto ck = fast::combine_kernel<T>;
-  if (csmem > 48 * 1024) cuda_check(cudaFuncSetAttribute(ck, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)csmem), "kvqAttention");
+  if (csmem > 48 * 1024) allow_smem(reinterpret_cast<const void*>(ck), csmem);
   ck<<<dim3(N * Hq, (D + 31) / 32), 256, csmem, stream>>>(part, pl.splits, D, static_cast<T*>(out.data()));
 }
 
