@@ -38,6 +38,11 @@ export interface CalibrateKvOptions {
   keyPerToken?: boolean;
   postRope?: boolean;
   codebook?: 'kmeans' | 'uniform';
+  /**
+   * Weight the key codebook's k-means by each key channel's sensitivity, the mean squared
+   * query component that multiplies it (over its query heads and RoPE pair; default true).
+   */
+  sensitivity?: boolean;
   /** Windows per forward pass (default 4). */
   batch?: number;
   iterations?: number;
@@ -53,6 +58,8 @@ export async function calibrateKv(model: Model, windows: Int32Array[], o: Calibr
   if (model.kvCache.quantized) throw new SqueezeError('ERR_ARG', 'calibrate-kv: calibrate a model loaded with the unquantized cache');
   const keys: Float32Array[][] = Array.from({ length: cfg.numLayers }, () => []);
   const vals: Float32Array[][] = Array.from({ length: cfg.numLayers }, () => []);
+  const qsq: Float64Array[] = Array.from({ length: cfg.numLayers }, () => new Float64Array(HD));
+  const G = Hq / H;
   const pending: Promise<void>[] = [];
   const invFreq = cfg.invFreq;
   const observe = (layer: number, qkv: Tensor, positions: Tensor): void => {
@@ -65,6 +72,15 @@ export async function calibrateKv(model: Model, windows: Int32Array[], o: Calibr
       for (let t = 0; t < T; t++) {
         if (pos[t] < sink) continue;
         k.set(a.subarray(t * W + Hq * D, t * W + (Hq + H) * D), r * HD);
+        // sensitivity of key channel (h, c): E[q^2] of the RoPE pair of c, over the group's query heads
+        for (let hq = 0; hq < Hq; hq++) {
+          const h = Math.floor(hq / G), o = t * W + hq * D;
+          for (let i = 0; i < half; i++) {
+            const e = 0.5 * (a[o + i] * a[o + i] + a[o + i + half] * a[o + i + half]);
+            qsq[layer][h * D + i] += e;
+            qsq[layer][h * D + i + half] += e;
+          }
+        }
         v.set(a.subarray(t * W + (Hq + H) * D, t * W + (Hq + 2 * H) * D), r * HD);
         if (o.postRope) {
           for (let h = 0; h < H; h++) {
@@ -102,6 +118,7 @@ export async function calibrateKv(model: Model, windows: Int32Array[], o: Calibr
   return calibrateFromSamples(keys.map(cat), vals.map(cat), {
     bits: o.bits, outliers: o.outliers ?? 0.01, sink, kvHeads: H, headDim: D, keyPerToken: o.keyPerToken, postRope: o.postRope,
     codebook: o.codebook, iterations: o.iterations, maxSamples: o.maxSamples,
+    keyWeights: o.sensitivity === false ? undefined : qsq.map((x) => Float32Array.from(x)),
   });
 }
 

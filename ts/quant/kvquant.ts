@@ -45,6 +45,11 @@ export interface CalibrateOptions {
   keyPerToken?: boolean;
   postRope?: boolean;
   codebook?: 'kmeans' | 'uniform';
+  /**
+   * Per layer, a sensitivity per key channel [kvHeads*D] (e.g. the mean squared query that
+   * multiplies it): the key codebook's k-means then weights each sample by its channel's.
+   */
+  keyWeights?: Float32Array[];
   /** k-means iterations (default 25) and the most samples it looks at (default 200000). */
   iterations?: number;
   maxSamples?: number;
@@ -116,6 +121,35 @@ export function kmeans1d(samples: Float32Array, init: Float32Array, iterations =
   return out;
 }
 
+/** Weighted 1-D k-means (Lloyd) of samples in [-1, 1] with weights >= 0; returns a sorted codebook. */
+export function kmeans1dWeighted(samples: Float32Array, weights: Float32Array, init: Float32Array, iterations = 25): Float32Array {
+  const n = init.length;
+  if (samples.length < n) return Float32Array.from(init);
+  const order = Array.from(samples.keys()).sort((a, b) => samples[a] - samples[b]);
+  const x = Float64Array.from(order, (i) => samples[i]), w = Float64Array.from(order, (i) => weights[i]);
+  let cb = Float64Array.from(init).sort();
+  for (let it = 0; it < iterations; it++) {
+    const sum = new Float64Array(n), cnt = new Float64Array(n);
+    let j = 0;
+    for (let i = 0; i < x.length; i++) {
+      while (j < n - 1 && Math.abs(x[i] - cb[j + 1]) <= Math.abs(x[i] - cb[j])) j++;
+      sum[j] += w[i] * x[i];
+      cnt[j] += w[i];
+    }
+    let moved = 0;
+    const next = new Float64Array(n);
+    for (let c = 0; c < n; c++) {
+      next[c] = cnt[c] > 0 ? sum[c] / cnt[c] : cb[c];
+      moved = Math.max(moved, Math.abs(next[c] - cb[c]));
+    }
+    cb = next.sort();
+    if (moved < 1e-7) break;
+  }
+  const out = Float32Array.from(cb, (v) => Math.max(-1, Math.min(1, v)));
+  for (let i = 1; i < n; i++) if (!(out[i] > out[i - 1])) return Float32Array.from(init);
+  return out;
+}
+
 function subsample(a: Float32Array, max: number): Float32Array {
   if (a.length <= max) return a;
   const out = new Float32Array(max), step = a.length / max;
@@ -161,17 +195,22 @@ export function calibrateFromSamples(keys: Float32Array[], values: Float32Array[
       keyHi[c] = quantile(col, 1 - outliers / 2);
       if (!(keyHi[c] > keyLo[c])) { keyLo[c] -= 1e-3; keyHi[c] += 1e-3; }
     }
-    // normalised key samples inside the bounds
-    const kn: number[] = [];
-    const stride = Math.max(1, Math.floor((T * HD) / maxS));
-    for (let i = 0; i < T * HD; i += stride) {
-      const c = i % HD, x = (2 * (K[i] - keyLo[c])) / (keyHi[c] - keyLo[c]) - 1;
-      if (x >= -1 && x <= 1) kn.push(x);
-    }
+    // normalised key samples inside the bounds: every channel of every tStep-th token
+    const kn: number[] = [], kw: number[] = [];
+    const tStep = Math.max(1, Math.floor(T / Math.max(1, Math.floor(maxS / HD))));
+    const wl = opts.keyWeights?.[l];
+    if (wl && wl.length !== HD) throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: keyWeights[${l}] must hold ${HD} values`);
+    for (let t = 0; t < T; t += tStep)
+      for (let c = 0; c < HD; c++) {
+        const x = (2 * (K[t * HD + c] - keyLo[c])) / (keyHi[c] - keyLo[c]) - 1;
+        if (x >= -1 && x <= 1) { kn.push(x); kw.push(wl ? wl[c] : 1); }
+      }
     const vn = perTokenSamples(V, T * kvHeads, headDim, nv, maxS);
-    const kt = keyPerToken ? perTokenSamples(K, T * kvHeads, headDim, nv, maxS) : kn;
     const book = (x: number[]) => (uniform ? uniformCodebook(bits) : kmeans1d(subsample(Float32Array.from(x), maxS), nf, iters));
-    layers.push({ keyLo, keyHi, keyCodebook: book(kt), valueCodebook: book(vn) });
+    const keyCodebook = keyPerToken ? book(perTokenSamples(K, T * kvHeads, headDim, nv, maxS))
+      : uniform ? uniformCodebook(bits)
+        : wl ? kmeans1dWeighted(Float32Array.from(kn), Float32Array.from(kw), nf, iters) : book(kn);
+    layers.push({ keyLo, keyHi, keyCodebook, valueCodebook: book(vn) });
   }
   return { bits, outliers, sink, kvHeads, headDim, keyPerToken, postRope: !!opts.postRope, codebook: uniform ? 'uniform' : 'kmeans', layers };
 }
