@@ -124,12 +124,12 @@ export async function calibrateKv(model: Model, windows: Int32Array[], o: Calibr
 
 const USAGE = `usage: squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2|3|4 --out FILE
          [--outliers PCT (default 1)] [--sink N (default 1)] [--windows N] [--device D]
-         [--key-per-token] [--post-rope] [--uniform]   (ablations, see docs/kvquant.md)`;
+         [--no-sensitivity] [--key-per-token] [--post-rope] [--uniform]   (docs/kvquant.md)`;
 
 /** `squeezelm calibrate-kv ...` */
 export async function calibrateKvCommand(argv: string[], defaultModel: string): Promise<void> {
   const f: Record<string, string | boolean> = {};
-  const BOOL = new Set(['key-per-token', 'post-rope', 'uniform', 'help']);
+  const BOOL = new Set(['key-per-token', 'post-rope', 'uniform', 'no-sensitivity', 'help']);
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (!a.startsWith('--')) throw new SqueezeError('ERR_ARG', `calibrate-kv: unexpected argument '${a}'\n${USAGE}`);
@@ -164,7 +164,7 @@ export async function calibrateKvCommand(argv: string[], defaultModel: string): 
     const t0 = performance.now();
     const cal = await calibrateKv(model, data.windows, {
       bits, outliers: pct / 100, sink: num('sink', 1), keyPerToken: !!f['key-per-token'], postRope: !!f['post-rope'],
-      codebook: f.uniform ? 'uniform' : 'kmeans', batch,
+      codebook: f.uniform ? 'uniform' : 'kmeans', batch, sensitivity: !f['no-sensitivity'],
     });
     saveKvqCalibration(out, cal);
     process.stdout.write(JSON.stringify({
