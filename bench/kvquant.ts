@@ -6,7 +6,7 @@
 import { native } from '../ts/native';
 import { Tensor } from '../ts/tensor';
 import { fillRandom, fillRandomInt } from '../ts/ops/elementwise';
-import { KvqCache, KvqLayerCalibration, kvqAttention, kvqMetaBytes } from '../ts/ops/kvquant';
+import { KvqCache, KvqLayerCalibration, kvqAttention, kvqAttentionWorkspaceSize, kvqMetaBytes } from '../ts/ops/kvquant';
 import { normalFloatCodebook } from '../ts/quant/kvquant';
 import { BenchContext, BenchResult, row, timeCuda } from './harness';
 import { floatToF16 } from '../ts/util/half';
@@ -49,9 +49,12 @@ export async function benchKvquant(ctx: BenchContext): Promise<BenchResult[]> {
       const k = Tensor.empty([pages, PAGE, H, D], { dtype: 'f16', device }), v = Tensor.empty([pages, PAGE, H, D], { dtype: 'f16', device });
       fillRandom(k, 2);
       fillRandom(v, 3);
-      base = await timeCuda({ device, fn: () => native().ops.attention(out.native, q.native, k.native, v.native, pt.native, lens.native, cu.native, 1 / Math.sqrt(D), 1, L) });
+      const wn = native().ops.attentionWorkspaceSize(device, B, Hq, H, D, 1, L) as number;
+      const aw = wn > 0 ? Tensor.empty([wn], { dtype: 'f32', device }) : undefined;
+      base = await timeCuda({ device, fn: () => native().ops.attention(out.native, q.native, k.native, v.native, pt.native, lens.native, cu.native, 1 / Math.sqrt(D), 1, L, aw?.native) });
       k.dispose();
       v.dispose();
+      aw?.dispose();
     }
     for (const bits of [4, 3, 2]) {
       const nk = 2, nv = 2;
@@ -66,12 +69,17 @@ export async function benchKvquant(ctx: BenchContext): Promise<BenchResult[]> {
         keyLo: Tensor.from(new Float32Array(H * D).fill(-2), [H * D], { device }), keyHi: Tensor.from(new Float32Array(H * D).fill(2), [H * D], { device }),
         keyCodebook: Tensor.from(cb, [cb.length], { device }), valueCodebook: Tensor.from(cb, [cb.length], { device }),
       };
-      const t = await timeCuda({ device, fn: () => kvqAttention(out, q, cache, cal, pt, lens, cu, invT, 1 / Math.sqrt(D), 1, L) });
+      const work = Tensor.empty([Math.max(1, kvqAttentionWorkspaceSize(device, B, Hq, H, D, L))], { dtype: 'f32', device });
       const bytes = B * L * cache.bytesPerToken + q.byteLength * 2;
-      results.push(row(ctx, 'kvquant', `${bits}-bit B${B} ${Hq}q/${H}kv x${D} ctx ${L}`, t, {
-        bytes, baseline: hasFp16 ? 'fp16 attention' : undefined, base, note: `${cache.bytesPerToken} B/token/layer (fp16 ${H * D * 4})`,
-      }));
-      ctx.log(`kvquant ${bits}-bit B${B} ${Hq}/${H} L${L}: ${results[results.length - 1].timeUs.toFixed(1)} us`);
+      // the flash-decoding kernel (default), and once per shape the previous split kernel for comparison
+      for (const variant of bits === 4 ? [0, 1] as const : [0] as const) {
+        const t = await timeCuda({ device, fn: () => kvqAttention(out, q, cache, cal, pt, lens, cu, invT, 1 / Math.sqrt(D), 1, L, { workspace: work, variant }) });
+        results.push(row(ctx, 'kvquant', `${bits}-bit${variant ? ' (previous split kernel)' : ''} B${B} ${Hq}q/${H}kv x${D} ctx ${L}`, t, {
+          bytes, baseline: hasFp16 ? 'fp16 attention' : undefined, base, note: `${cache.bytesPerToken} B/token/layer (fp16 ${H * D * 4})`,
+        }));
+        ctx.log(`kvquant ${bits}-bit v${variant} B${B} ${Hq}/${H} L${L}: ${results[results.length - 1].timeUs.toFixed(1)} us`);
+      }
+      work.dispose();
       cache.dispose();
     }
     pt.dispose(); lens.dispose(); cu.dispose(); q.dispose(); out.dispose();

@@ -4,7 +4,7 @@ import * as path from 'path';
 import { isSqueezeError } from '../ts/errors';
 import { writeSafetensors } from '../ts/model/safetensors';
 import {
-  calibrateFromSamples, kmeans1d, loadKvqCalibration, normalFloatCodebook, saveKvqCalibration, KvqCalibration,
+  calibrateFromSamples, kmeans1d, kmeans1dWeighted, loadKvqCalibration, normalFloatCodebook, saveKvqCalibration, KvqCalibration,
 } from '../ts/quant/kvquant';
 import { randn, rng } from './gpu';
 
@@ -73,6 +73,20 @@ describe('kvquant calibration', () => {
     cb.forEach((v, i) => expect(Math.abs(v - want[i])).toBeLessThan(0.01));
   });
 
+  test('weighted k-means follows the weighted samples; zero weights are ignored', () => {
+    const n = 20000, x = new Float32Array(n), w = new Float32Array(n);
+    for (let i = 0; i < n; i++) {
+      x[i] = -1 + (2 * (i + 0.5)) / n;
+      w[i] = x[i] > 0 ? 1 : 0;  // only the upper half counts
+    }
+    const cb = kmeans1dWeighted(x, w, Float32Array.from([0.1, 0.3, 0.6, 0.9]), 200);
+    [0.125, 0.375, 0.625, 0.875].forEach((v, i) => expect(Math.abs(cb[i] - v)).toBeLessThan(0.01));
+    // equal weights: the same as kmeans1d
+    const one = new Float32Array(n).fill(1);
+    const a = kmeans1dWeighted(x, one, normalFloatCodebook(2), 50), b = kmeans1d(x, normalFloatCodebook(2), 50);
+    a.forEach((v, i) => expect(Math.abs(v - b[i])).toBeLessThan(1e-6));
+  });
+
   test('save and load round trip (safetensors)', () => {
     const s = samples(300, 2, 8, 3);
     const cal = calibrateFromSamples([s.keys, s.keys, s.keys], [s.values, s.values, s.values],
@@ -127,7 +141,7 @@ describe('kvquant calibration', () => {
     saveKvqCalibration(file, { ...cal, bits: 5 });
     expect(codeOf(() => loadKvqCalibration(file))).toBe('ERR_ARG');
     saveKvqCalibration(file, cal);
-    expect(codeOf(() => loadKvqCalibration(file, { bits: 3 }))).toBe('ERR_ARG');
+    expect(codeOf(() => loadKvqCalibration(file, { bits: 3 }))).toBe('ERR_FORMAT');
   });
 
   test('bad sample shapes and options are coded errors', () => {

@@ -1,7 +1,7 @@
 import { Tensor } from '../ts/tensor';
-import { kvqAttention, kvqDequantize } from '../ts/ops/kvquant';
+import { KvqCache, kvqAttention, kvqDequantize, kvqRopeAppend } from '../ts/ops/kvquant';
 import { describeGpu, freshSeed, randn, relErr, rng } from './gpu';
-import { buildCache, invFreqFor } from './kvquant_helpers';
+import { buildCache, codebook, invFreqFor } from './kvquant_helpers';
 
 async function bytesOf(t: Tensor): Promise<Uint8Array> {
   const a = await t.toArray();
@@ -23,6 +23,10 @@ describeGpu('kvquant (CUDA vs CPU)', () => {
     [8, 2, 256, [45, 2], 3, 'bf16'],
     [32, 4, 128, Array.from({ length: 16 }, (_, i) => 1 + i * 37), 4, 'f16'],
     [8, 8, 128, [4097], 3, 'bf16'],
+    [24, 8, 80, [130, 7, 1, 64], 4, 'f16'],
+    [64, 8, 128, [300, 1025], 2, 'f16'],
+    [3, 1, 256, [129, 200, 17], 4, 'f16'],
+    [16, 2, 64, Array.from({ length: 9 }, (_, i) => 3 + i * 61), 3, 'bf16'],
   ];
   for (const [Hq, H, D, lens, bits, dtype] of cases) {
     test(`append bytes and attention match (Hq ${Hq}, H ${H}, D ${D}, B ${lens.length}, ${bits}-bit, ${dtype})`, async () => {
@@ -57,6 +61,75 @@ describeGpu('kvquant (CUDA vs CPU)', () => {
       const og2 = Tensor.empty([B, Hq, D], { dtype, device: 'cuda' });
       kvqAttention(og2, qg, g.cache, g.cal, g.pageTable, g.seqLens, g.cuQ, ig, scale, 1, Math.max(...lens));
       expect(Array.from(await og2.toArray())).toEqual(Array.from(await og.toArray()));
+      // the previous split kernel (kept for comparisons) agrees too
+      const og3 = Tensor.empty([B, Hq, D], { dtype, device: 'cuda' });
+      og3.write(new Uint16Array(B * Hq * D).fill(0x7fc0));
+      kvqAttention(og3, qg, g.cache, g.cal, g.pageTable, g.seqLens, g.cuQ, ig, scale, 1, Math.max(...lens), { variant: 1 });
+      const e3 = relErr(await og3.toFloat32(), await oc.toFloat32());
+      if (!(e3 < (dtype === 'bf16' ? 1e-2 : 2e-3))) throw new Error(`seed ${seed}: split-kernel attention rel err ${e3}`);
+    });
+  }
+
+  // kvqRopeAppend from packed qkv rows with sink rows: the same bytes as the CPU, q rotated alike.
+  const rcases: Array<[number, number, number, number[], number, boolean]> = [
+    // [Hq, H, D, rows per sequence, bits, rotateKeys]
+    [8, 2, 64, [5, 1, 9], 4, false],
+    [12, 4, 80, [1, 1, 1, 1], 3, false],
+    [32, 8, 128, [17, 2], 2, false],
+    [8, 8, 256, [3], 3, false],
+    [12, 3, 96, [6, 1], 4, true],
+  ];
+  for (const [Hq, H, D, ns, bits, rotateKeys] of rcases) {
+    test(`kvqRopeAppend CUDA = CPU (Hq ${Hq}, H ${H}, D ${D}, rows ${ns}, ${bits}-bit, rotateKeys ${rotateKeys})`, async () => {
+      const seed = freshSeed(), r = rng(seed);
+      const B = ns.length, N = ns.reduce((a, b) => a + b, 0), pageSize = 16, maxPages = 4, pages = B * maxPages, sink = 2;
+      const prior = ns.map(() => Math.floor(r() * 40));
+      const lens = ns.map((n, b) => prior[b] + n);
+      const cu = [0];
+      ns.forEach((n) => cu.push(cu[cu.length - 1] + n));
+      const positions = new Int32Array(N);
+      ns.forEach((n, b) => { for (let j = 0; j < n; j++) positions[cu[b] + j] = lens[b] - n + j; });
+      const pt = Int32Array.from({ length: B * maxPages }, (_, i) => (i * 7 + 3) % pages);
+      const sinkRows = Int32Array.from({ length: B }, (_, b) => B - 1 - b);
+      const qkv = randn(N * (Hq + 2 * H) * D, r);
+      const lo = new Float32Array(H * D).map(() => -2 - r()), hi = new Float32Array(H * D).map(() => 2 + r());
+      const kcb = codebook(bits, r), vcb = codebook(bits, r), inv = invFreqFor(D, 10000);
+      const out: Record<string, Uint8Array[]> = {};
+      const qs: Float32Array[] = [];
+      for (const device of ['cpu', 'cuda']) {
+        const cache = new KvqCache({ pages, pageSize, kvHeads: H, headDim: D, bits, keyOutliers: 2, valueOutliers: 1, sink, maxSeqs: B, device });
+        for (const t of [cache.kCodes, cache.vCodes, cache.meta]) t.write(new Uint8Array(t.numel).fill(0xa5));
+        for (const t of [cache.sinkK, cache.sinkV]) t.write(new Uint16Array(t.numel).fill(0x7e00));
+        const cal = {
+          keyLo: Tensor.from(lo, [H * D], { device }), keyHi: Tensor.from(hi, [H * D], { device }),
+          keyCodebook: Tensor.from(kcb, [kcb.length], { device }), valueCodebook: Tensor.from(vcb, [vcb.length], { device }),
+        };
+        const qo = Tensor.empty([N, Hq, D], { dtype: 'f16', device });
+        qo.write(new Uint16Array(N * Hq * D).fill(0x7e00));
+        kvqRopeAppend(qo, cache, cal, Tensor.from(qkv, [N, (Hq + 2 * H) * D], { dtype: 'f16', device }),
+          Tensor.from(positions, [N], { device }), Tensor.from(inv, [D / 2], { device }), Tensor.from(pt, [B, maxPages], { device }),
+          Tensor.from(Int32Array.from(lens), [B], { device }), Tensor.from(Int32Array.from(cu), [B + 1], { device }),
+          { rotateKeys, sinkRows: Tensor.from(sinkRows, [B], { device }) });
+        qs.push(await qo.toFloat32());
+        out[device] = [];
+        for (const t of [cache.kCodes, cache.vCodes, cache.meta, cache.sinkK, cache.sinkV]) out[device].push(await bytesOf(t));
+        cache.dispose();
+      }
+      const e = relErr(qs[1], qs[0]);
+      if (!(e < 1e-3)) throw new Error(`seed ${seed}: qOut rel err ${e}`);
+      const names = ['kCodes', 'vCodes', 'meta', 'sinkK', 'sinkV'];
+      for (let i = 0; i < names.length; i++) {
+        const a = out.cuda[i], b = out.cpu[i];
+        if (!rotateKeys || i === 1) {
+          const d = firstDiff(a, b);
+          if (d >= 0) throw new Error(`seed ${seed}: ${names[i]} differs at byte ${d}`);
+        } else {
+          // rotated keys: cos/sin may differ in the last bit between CPU and GPU; codes almost always agree
+          let diff = 0;
+          for (let j = 0; j < a.length; j++) if (a[j] !== b[j]) diff++;
+          if (diff > a.length * 0.01) throw new Error(`seed ${seed}: ${names[i]}: ${diff} of ${a.length} bytes differ`);
+        }
+      }
     });
   }
 });

@@ -23,9 +23,15 @@ struct Rec {
 Rec record(const Cache& c, const int32_t* pt, int64_t max_pages, int64_t b, int64_t pos, int64_t h) {
   const int64_t page = pt[b * max_pages + pos / c.page_size];
   const int64_t slot = (page * c.page_size + pos % c.page_size) * c.kv_heads + h;
-  const int64_t cb = kvq::code_bytes(c.head_dim, c.bits), mb = kvq::meta_bytes(c.nk, c.nv);
+  const int64_t cb = kvq::code_bytes(c.head_dim, c.bits), mb = kvq::meta_bytes(c.nk, c.nv, c.mode);
   return {c.k_codes.ptr<uint8_t>() + slot * cb, c.v_codes.ptr<uint8_t>() + slot * cb,
           c.meta.ptr<uint8_t>() + slot * mb};
+}
+
+// Sink store row of sequence b of a call (-1: none usable).
+int64_t sink_row(const Cache& c, int64_t b) {
+  const int64_t r = c.sink_rows.storage ? c.sink_rows.ptr<int32_t>()[b] : b;
+  return r >= 0 && r < c.sink_k.dim(0) ? r : -1;
 }
 
 // Picks the n best channels by score (ties to the lower channel); chosen[] marks them.
@@ -66,8 +72,14 @@ void pack(uint8_t* row, int64_t bytes, const int* codes, int d, int bits) {
 void unpack(const Cache& c, const float* lo, const float* hi, const float* kcb, const float* vcb, const Rec& r,
             float* kout, float* vout) {
   const int d = (int)c.head_dim;
-  for (int ch = 0; ch < d; ++ch)
-    kout[ch] = kvq::dequant(lo[ch], hi[ch], kcb[kvq::get_code(r.kc, kvq::key_element(ch, d), c.bits)]);
+  if (c.mode & kvq::KeyPerToken) {
+    const uint8_t* kr = r.meta + kvq::key_range_offset(c.nk, c.nv);
+    const float klo = get_half(kr), khi = get_half(kr + 2);
+    for (int ch = 0; ch < d; ++ch) kout[ch] = kvq::dequant(klo, khi, kcb[kvq::get_code(r.kc, kvq::key_element(ch, d), c.bits)]);
+  } else {
+    for (int ch = 0; ch < d; ++ch)
+      kout[ch] = kvq::dequant(lo[ch], hi[ch], kcb[kvq::get_code(r.kc, kvq::key_element(ch, d), c.bits)]);
+  }
   const float vlo = get_half(r.meta), vhi = get_half(r.meta + 2);
   for (int ch = 0; ch < d; ++ch) vout[ch] = kvq::dequant(vlo, vhi, vcb[kvq::get_code(r.vc, ch, c.bits)]);
   const uint8_t* kval = r.meta + 4;
@@ -90,9 +102,37 @@ std::vector<int64_t> row_sequences(const Tensor& cu_q, int64_t n_rows) {
 
 }  // namespace
 
-void kvq_append(const Cache& c, const Calib& cal, const Tensor& k, const Tensor& v, const Tensor& page_table,
-                const Tensor& seq_lens, const Tensor& cu_q) {
-  const int64_t N = k.dim(0), H = c.kv_heads, D = c.head_dim, max_pages = page_table.dim(1);
+namespace {
+
+// Rows to append: element i of head h of row n of k lives at k[n * stride + h * D + i], of v at
+// v[n * stride + h * D + i].
+struct Rows {
+  const void* k;
+  const void* v;
+  DType dtype;
+  int64_t n, stride;
+  const int32_t* positions = nullptr;  // with inv_freq: rotate keys (post-RoPE mode)
+  const float* inv_freq = nullptr;
+};
+
+// RoPE of one head vector in place, rounded to dtype dt (the numerics of ropeAppend).
+void rotate_rounded(float* x, int64_t D, float pos, const float* f, DType dt) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = pos * f[i];
+    const float cs = std::cos(a), sn = std::sin(a);
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * cs - x2 * sn;
+    x[i + half] = x2 * cs + x1 * sn;
+  }
+  std::vector<char> tmp((size_t)D * dtype_size(dt));
+  convert_from_float(x, tmp.data(), dt, (size_t)D);
+  convert_to_float(tmp.data(), dt, x, (size_t)D);
+}
+
+void append_rows(const Cache& c, const Calib& cal, const Rows& src, const Tensor& page_table, const Tensor& seq_lens,
+                 const Tensor& cu_q) {
+  const int64_t N = src.n, H = c.kv_heads, D = c.head_dim, max_pages = page_table.dim(1);
   const int32_t* pt = page_table.ptr<int32_t>();
   const int32_t* lens = seq_lens.ptr<int32_t>();
   const int32_t* cu = cu_q.ptr<int32_t>();
@@ -102,7 +142,9 @@ void kvq_append(const Cache& c, const Calib& cal, const Tensor& k, const Tensor&
   const float* kcb = cal.key_cb.ptr<float>();
   const float* vcb = cal.val_cb.ptr<float>();
   const int ncb = 1 << c.bits;
-  const int64_t cbytes = kvq::code_bytes(D, c.bits), mbytes = kvq::meta_bytes(c.nk, c.nv);
+  const bool per_token = (c.mode & kvq::KeyPerToken) != 0;
+  const int64_t cbytes = kvq::code_bytes(D, c.bits), mbytes = kvq::meta_bytes(c.nk, c.nv, c.mode);
+  const int64_t pages = c.k_codes.dim(0);
   parallel_for(N * H, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> kx(D), vx(D), score(D);
     std::vector<int> codes(D), kidx(c.nk + 1), vidx(c.nv + 1);
@@ -111,29 +153,47 @@ void kvq_append(const Cache& c, const Calib& cal, const Tensor& k, const Tensor&
       const int64_t n = it / H, h = it % H, b = seq[n];
       if (b < 0) continue;
       const int64_t pos = lens[b] - (cu[b + 1] - cu[b]) + (n - cu[b]);
-      if (pos < 0) continue;
+      if (pos < 0 || pos / c.page_size >= max_pages) continue;
+      const int64_t page = pt[b * max_pages + pos / c.page_size];
+      if (page < 0 || page >= pages) continue;
       for (int64_t i = 0; i < D; ++i) {
-        kx[i] = load_as_float(k.data(), k.dtype, (n * H + h) * D + i);
-        vx[i] = load_as_float(v.data(), v.dtype, (n * H + h) * D + i);
+        kx[i] = load_as_float(src.k, src.dtype, n * src.stride + h * D + i);
+        vx[i] = load_as_float(src.v, src.dtype, n * src.stride + h * D + i);
       }
-      if (pos < c.sink) {
+      if (src.inv_freq) rotate_rounded(kx.data(), D, (float)src.positions[n], src.inv_freq, src.dtype);
+      const int64_t srow = pos < c.sink ? sink_row(c, b) : -1;
+      if (srow >= 0) {
         for (int64_t i = 0; i < D; ++i) {
-          const int64_t o = ((b * c.sink + pos) * H + h) * D + i;
+          const int64_t o = ((srow * c.sink + pos) * H + h) * D + i;
           c.sink_k.ptr<uint16_t>()[o] = float_to_half(kx[i]);
           c.sink_v.ptr<uint16_t>()[o] = float_to_half(vx[i]);
         }
       }
       Rec r = record(c, pt, max_pages, b, pos, h);
       std::memset(r.meta, 0, mbytes);
-      // keys: per channel against the calibrated bounds
-      const float* lo = klo + h * D;
-      const float* hi = khi + h * D;
-      for (int i = 0; i < D; ++i) {
-        float x = kvq::normalize(kx[i], lo[i], hi[i]);
-        score[i] = std::fabs(x);
-        codes[kvq::key_element(i, (int)D)] = kvq::nearest_code(x, kcb, ncb);
+      if (per_token) {
+        // keys: per token-head vector, like values
+        for (int i = 0; i < D; ++i) score[i] = std::fabs(kx[i]);
+        top_n(score.data(), (int)D, c.nk, kidx.data(), chosen);
+        float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+        for (int i = 0; i < D; ++i)
+          if (!chosen[i]) { mn = std::fmin(mn, kx[i]); mx = std::fmax(mx, kx[i]); }
+        const float lo16 = half_to_float(float_to_half(mn)), hi16 = half_to_float(float_to_half(mx));
+        for (int i = 0; i < D; ++i) codes[kvq::key_element(i, (int)D)] = kvq::nearest_code(kvq::normalize(kx[i], lo16, hi16), kcb, ncb);
+        uint8_t* kr = r.meta + kvq::key_range_offset(c.nk, c.nv);
+        put_half(kr, lo16);
+        put_half(kr + 2, hi16);
+      } else {
+        // keys: per channel against the calibrated bounds
+        const float* lo = klo + h * D;
+        const float* hi = khi + h * D;
+        for (int i = 0; i < D; ++i) {
+          float x = kvq::normalize(kx[i], lo[i], hi[i]);
+          score[i] = std::fabs(x);
+          codes[kvq::key_element(i, (int)D)] = kvq::nearest_code(x, kcb, ncb);
+        }
+        top_n(score.data(), (int)D, c.nk, kidx.data(), chosen);
       }
-      top_n(score.data(), (int)D, c.nk, kidx.data(), chosen);
       pack(r.kc, cbytes, codes.data(), (int)D, c.bits);
       // values: per token, min/max without the outliers
       for (int i = 0; i < D; ++i) score[i] = std::fabs(vx[i]);
@@ -156,17 +216,53 @@ void kvq_append(const Cache& c, const Calib& cal, const Tensor& k, const Tensor&
   });
 }
 
+}  // namespace
+
+void kvq_append(const Cache& c, const Calib& cal, const Tensor& k, const Tensor& v, const Tensor& page_table,
+                const Tensor& seq_lens, const Tensor& cu_q) {
+  append_rows(c, cal, Rows{k.data(), v.data(), k.dtype, k.dim(0), c.kv_heads * c.head_dim}, page_table, seq_lens, cu_q);
+}
+
+void kvq_rope_append(const Tensor* q_out, const Cache& c, const Calib& cal, const Tensor& qkv, const Tensor& positions,
+                     const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens, const Tensor& cu_q,
+                     bool rotate_keys) {
+  const int64_t N = qkv.dim(0), H = c.kv_heads, D = c.head_dim, width = qkv.dim(1), Hq = width / D - 2 * H;
+  const int32_t* pos = positions.ptr<int32_t>();
+  const float* f = inv_freq.ptr<float>();
+  if (q_out) {
+    const Tensor qo = *q_out;
+    parallel_for(N * Hq, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> x(D);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t n = it / Hq, h = it % Hq;
+        for (int64_t i = 0; i < D; ++i) x[i] = load_as_float(qkv.data(), qkv.dtype, n * width + h * D + i);
+        rotate_rounded(x.data(), D, (float)pos[n], f, qkv.dtype);
+        for (int64_t i = 0; i < D; ++i) store_from_float(qo.data(), qo.dtype, (n * Hq + h) * D + i, x[i]);
+      }
+    });
+  }
+  const size_t es = dtype_size(qkv.dtype);
+  Rows src{static_cast<const char*>(qkv.data()) + Hq * D * es, static_cast<const char*>(qkv.data()) + (Hq + H) * D * es,
+           qkv.dtype, N, width};
+  if (rotate_keys) {
+    src.positions = pos;
+    src.inv_freq = f;
+  }
+  append_rows(c, cal, src, page_table, seq_lens, cu_q);
+}
+
 void kvq_dequantize(const Tensor& k_out, const Tensor& v_out, const Cache& c, const Calib& cal,
-                    const Tensor& page_table, int64_t seq) {
+                    const Tensor& page_table, int64_t seq, int64_t sink_row_index) {
   const int64_t L = k_out.dim(0), H = c.kv_heads, D = c.head_dim, max_pages = page_table.dim(1);
   const int32_t* pt = page_table.ptr<int32_t>();
   parallel_for(L * H, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> kb(D), vb(D);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t t = it / H, h = it % H;
-      if (t < c.sink) {
+      const int64_t srow = t < c.sink && sink_row_index >= 0 && sink_row_index < c.sink_k.dim(0) ? sink_row_index : -1;
+      if (srow >= 0) {
         for (int64_t i = 0; i < D; ++i) {
-          const int64_t o = ((seq * c.sink + t) * H + h) * D + i;
+          const int64_t o = ((srow * c.sink + t) * H + h) * D + i;
           kb[i] = half_to_float(c.sink_k.ptr<uint16_t>()[o]);
           vb[i] = half_to_float(c.sink_v.ptr<uint16_t>()[o]);
         }
@@ -191,6 +287,25 @@ void kvq_attention(const Tensor& out, const Tensor& q, const Cache& c, const Cal
   const int32_t* cu = cu_q.ptr<int32_t>();
   const float* freq = inv_freq.ptr<float>();
   const std::vector<int64_t> seq = row_sequences(cu_q, N);
+  // cos/sin of every (position, pair) once per call where that table is small.
+  int64_t max_len = 0;
+  for (int64_t n = 0; n < N; ++n)
+    if (seq[n] >= 0) {
+      const int64_t b = seq[n];
+      max_len = std::max<int64_t>(max_len, lens[b] - (cu[b + 1] - cu[b]) + (n - cu[b]) + 1);
+    }
+  std::vector<float> table;
+  if (max_len * half <= (int64_t(1) << 22)) {
+    table.resize((size_t)(max_len * half * 2));
+    parallel_for(max_len, 64, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t i = 0; i < half; ++i) {
+          const float ang = (float)t * freq[i];
+          table[(size_t)(t * half + i) * 2] = std::cos(ang);
+          table[(size_t)(t * half + i) * 2 + 1] = std::sin(ang);
+        }
+    });
+  }
   parallel_for(N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> keys, vals, qf(D), sc, acc(D), kb(D), vb(D);
     for (int64_t it = begin; it < end; ++it) {
@@ -205,10 +320,11 @@ void kvq_attention(const Tensor& out, const Tensor& q, const Cache& c, const Cal
       keys.resize(L * D);
       vals.resize(L * D);
       sc.resize(L);
+      const int64_t srow = sink_row(c, b);
       for (int64_t t = 0; t < L; ++t) {
-        if (t < c.sink) {
+        if (t < c.sink && srow >= 0) {
           for (int64_t i = 0; i < D; ++i) {
-            const int64_t o = ((b * c.sink + t) * H + h) * D + i;
+            const int64_t o = ((srow * c.sink + t) * H + h) * D + i;
             kb[i] = half_to_float(c.sink_k.ptr<uint16_t>()[o]);
             vb[i] = half_to_float(c.sink_v.ptr<uint16_t>()[o]);
           }
@@ -218,8 +334,15 @@ void kvq_attention(const Tensor& out, const Tensor& q, const Cache& c, const Cal
         }
         float* kr = &keys[t * D];
         for (int64_t i = 0; i < half; ++i) {
-          const float ang = (float)t * freq[i];
-          const float cs = std::cos(ang), sn = std::sin(ang);
+          float cs, sn;
+          if (!table.empty()) {
+            cs = table[(size_t)(t * half + i) * 2];
+            sn = table[(size_t)(t * half + i) * 2 + 1];
+          } else {
+            const float ang = (float)t * freq[i];
+            cs = std::cos(ang);
+            sn = std::sin(ang);
+          }
           kr[i] = kb[i] * cs - kb[i + half] * sn;
           kr[i + half] = kb[i + half] * cs + kb[i] * sn;
         }

@@ -11,6 +11,7 @@ import { loadModel, describeModel } from '../model/model';
 import { loadPplData, perplexity } from '../runtime/ppl';
 import { quantizeCommand } from '../quant/squeezellm';
 import { convertCommand } from '../quant/convert';
+import { calibrateKvCommand } from '../quant/kvquant-calibrate';
 
 const HELP = `squeezelm: LLaMA-family inference on one NVIDIA GPU (or the CPU)
 
@@ -20,10 +21,16 @@ usage:
       streams the continuation of TEXT to stdout (the prompt is not echoed)
   squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT] [--calib FILE] [--rtn]
   squeezelm convert FILE.pt --model DIR --out DIR (upstream SqueezeLLM checkpoint)
+  squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2|3|4 --out FILE [--outliers PCT]
+                [--sink N] [--windows N] [--no-sensitivity] [--key-per-token] [--post-rope] [--uniform]
+      calibrates the KVQuant cache quantizer (safetensors; docs/kvquant.md)
   squeezelm ppl [--model DIR] --data FILE [--windows N] [--window L] [--device D]
-                [--batch B] [--progress] [--json]
+                [--batch B] [--kv-bits 2|3|4 --kv-calib FILE | --kv-bits 16] [--decode]
+                [--progress] [--json]
       perplexity over FILE: a safetensors file with 'ids' [windows, length] int32, or a
-      text file cut into windows of L tokens (default 1024); prints one JSON line
+      text file cut into windows of L tokens (default 1024); prints one JSON line.
+      --kv-bits/--kv-calib: a quantized KV cache; these runs (and --kv-bits 16, or --decode)
+      feed each window token by token, B windows per step, as generation sees the cache
   squeezelm info [--model DIR] [--device D]
       config summary, parameter count, dtype, devices
   squeezelm --help
@@ -32,7 +39,7 @@ usage:
 
 type Flags = Record<string, string | boolean>;
 
-const BOOL = new Set(['json', 'progress', 'help']);
+const BOOL = new Set(['json', 'progress', 'help', 'decode']);
 
 function parse(argv: string[]): { cmd?: string; flags: Flags } {
   const flags: Flags = {};
@@ -117,21 +124,33 @@ async function cmdGenerate(f: Flags): Promise<void> {
 }
 
 async function cmdPpl(f: Flags): Promise<void> {
-  allow(f, ['model', 'data', 'windows', 'window', 'device', 'batch', 'json', 'progress']);
+  allow(f, ['model', 'data', 'windows', 'window', 'device', 'batch', 'json', 'progress', 'kv-bits', 'kv-calib', 'decode']);
   const data = str(f, 'data');
   if (!data) throw new SqueezeError('ERR_ARG', 'ppl: --data FILE is required');
   const window = numFlag(f, 'window', true);
   const batch = numFlag(f, 'batch', true) ?? 1;
+  const kvBits = numFlag(f, 'kv-bits', true);
+  const kvCalib = str(f, 'kv-calib');
+  if (kvBits !== undefined && kvBits !== 16 && kvBits !== 2 && kvBits !== 3 && kvBits !== 4)
+    throw new SqueezeError('ERR_ARG', `ppl: --kv-bits must be 2, 3, 4 or 16, got ${kvBits}`);
+  if (kvBits !== undefined && kvBits !== 16 && !kvCalib) throw new SqueezeError('ERR_ARG', 'ppl: --kv-bits 2|3|4 needs --kv-calib FILE');
+  if (kvCalib && (kvBits === undefined || kvBits === 16)) throw new SqueezeError('ERR_ARG', 'ppl: --kv-calib needs --kv-bits 2|3|4');
+  const decode = f.decode === true || kvBits !== undefined;
   const model = await loadModel(modelDir(f), {
     device: str(f, 'device') ?? 'auto',
     maxBatch: batch,
     maxContext: window,
+    kvCache: kvCalib ? { bits: kvBits!, calibration: kvCalib } : undefined,
   });
   try {
     const d = loadPplData(model, data, { windows: numFlag(f, 'windows', true), window });
     const show = f.progress === true || process.stderr.isTTY === true;
-    const r = await perplexity(model, d, { batch, onProgress: progressBar(show, 'ppl') });
-    const out = { ppl: r.ppl, tokens: r.tokens, seconds: r.seconds, windows: r.windows, device: r.device };
+    const r = await perplexity(model, d, { batch, decode, onProgress: progressBar(show, 'ppl') });
+    const kv = model.kvCache;
+    const out = {
+      ppl: r.ppl, tokens: r.tokens, seconds: r.seconds, windows: r.windows, device: r.device,
+      mode: decode ? 'decode' : 'prefill', kvBits: kv.bits, kvBytesPerToken: kv.bytesPerToken,
+    };
     process.stdout.write(JSON.stringify(out) + '\n');
   } finally {
     await model.dispose();
@@ -154,6 +173,7 @@ export async function main(argv: string[]): Promise<number> {
     // Subcommands with their own argument parsing get the raw arguments.
     if (argv[0] === 'quantize') { await quantizeCommand(argv.slice(1)); return 0; }
     if (argv[0] === 'convert') { await convertCommand(argv.slice(1)); return 0; }
+    if (argv[0] === 'calibrate-kv') { await calibrateKvCommand(argv.slice(1), defaultModelDir()); return 0; }
     const { cmd, flags } = parse(argv);
     if (flags.help || !cmd || cmd === 'help') {
       process.stdout.write(HELP + '\n');
@@ -163,7 +183,7 @@ export async function main(argv: string[]): Promise<number> {
       case 'generate': await cmdGenerate(flags); break;
       case 'ppl': await cmdPpl(flags); break;
       case 'info': await cmdInfo(flags); break;
-      default: throw new SqueezeError('ERR_ARG', `unknown command '${cmd}' (generate, ppl, info, quantize, convert; --help)`);
+      default: throw new SqueezeError('ERR_ARG', `unknown command '${cmd}' (generate, ppl, info, quantize, convert, calibrate-kv; --help)`);
     }
     return 0;
   } catch (e) {

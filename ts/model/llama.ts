@@ -23,6 +23,29 @@ export function setLinearObserver(f: ((layer: number, site: LinearSite, x: Tenso
   linearObserver = f;
 }
 
+let projectionObserver: ((layer: number, qkv: Tensor, positions: Tensor) => void) | null = null;
+/**
+ * Installs (or with null removes) a hook called with each layer's packed q|k|v projection rows
+ * (before RoPE) and their positions: used to calibrate the KV cache quantizer.
+ */
+export function setProjectionObserver(f: ((layer: number, qkv: Tensor, positions: Tensor) => void) | null): void {
+  projectionObserver = f;
+}
+
+/**
+ * Attention with another KV cache than the fp16 pages (e.g. the quantized cache of
+ * runtime/kvq-attention.ts): owns the per-layer cache step from the qkv rows to ws.att.
+ */
+export interface AttentionStep {
+  /** Host inputs of the pass about to run in `ws` (after Decoder.write). */
+  write(ws: Workspace, p: PassInputs): void;
+  /** Scratch a decode workspace of B rows needs up front (so the step can be captured). */
+  prepareDecode(ws: Workspace, B: number, maxSeqLen: number): void;
+  /** RoPE, cache append and attention of layer l: reads ws.qkv (and ws.positions ...), leaves ws.att. */
+  layer(ws: Workspace, l: number, maxQ: number, maxSeqLen: number): void;
+  dispose(): void;
+}
+
 export class Workspace {
   /** Query rows and sequences this workspace is sized for. */
   readonly T: number;
@@ -36,6 +59,8 @@ export class Workspace {
   readonly cuQ: Tensor;
   readonly pageTable: Tensor;
   readonly lastIdx: Tensor;
+  /** Each sequence's slot in the cache (sink rows of a quantized cache). */
+  readonly slots: Tensor;
   // Activations.
   readonly x: Tensor;
   readonly h: Tensor;
@@ -59,6 +84,8 @@ export class Workspace {
   readonly tokens: Tensor;
   /** Split-KV scratch of the attention op (CUDA decode; sized for maxSeqLen). */
   attnWork?: Tensor;
+  /** Per-workspace state of an AttentionStep (scratch tensors), disposed with the workspace. */
+  attnState?: { dispose(): void };
   private all: Tensor[] = [];
 
   constructor(cfg: ModelConfig, device: string, act: DType, maxPages: number, T: number, B: number, allLogits: boolean) {
@@ -78,6 +105,7 @@ export class Workspace {
       this.cuQ = mk([B + 1], 'i32');
       this.pageTable = mk([B, maxPages], 'i32');
       this.lastIdx = mk([B], 'i32');
+      this.slots = mk([B], 'i32');
       this.x = mk([T, H]);
       this.h = mk([T, H]);
       this.qkv = mk([T, (Hq + 2 * Hkv) * D]);
@@ -110,6 +138,8 @@ export class Workspace {
     this.all = [];
     this.attnWork?.dispose();
     this.attnWork = undefined;
+    this.attnState?.dispose();
+    this.attnState = undefined;
   }
 }
 
@@ -121,6 +151,8 @@ export interface PassInputs {
   cuQ: Int32Array;
   pageTable: Int32Array;
   lastIdx: Int32Array;
+  /** Each sequence's cache slot (-1 without slots). */
+  slots: Int32Array;
 }
 
 export class Decoder {
@@ -131,15 +163,18 @@ export class Decoder {
   readonly act: DType;
   readonly invFreq: Tensor;
   readonly scale: number;
-  /** Whether decode passes (<= 16 rows on CUDA) use the fused GEMVs (see canFuse). */
+  /** Whether decode passes (<= 2 rows on CUDA) use the fused GEMVs (see canFuse). */
   fuse = true;
+  /** Attention over another cache than the fp16 pages (absent: ropeAppend + attention). */
+  readonly attn?: AttentionStep;
 
-  constructor(cfg: ModelConfig, w: ModelWeights, cache: KVCache, device: string, act: DType) {
+  constructor(cfg: ModelConfig, w: ModelWeights, cache: KVCache, device: string, act: DType, attn?: AttentionStep) {
     this.cfg = cfg;
     this.w = w;
     this.cache = cache;
     this.device = device;
     this.act = act;
+    this.attn = attn;
     this.invFreq = Tensor.from(cfg.invFreq, [cfg.invFreq.length], { dtype: 'f32', device });
     this.scale = 1 / Math.sqrt(cfg.headDim);
   }
@@ -154,7 +189,14 @@ export class Decoder {
    */
   decodeWorkspace(B: number, maxSeqLen: number): Workspace {
     const ws = this.workspace(B, B, false);
-    if (this.device !== 'cpu') {
+    if (this.attn) {
+      try {
+        this.attn.prepareDecode(ws, B, maxSeqLen);
+      } catch (e) {
+        ws.dispose();
+        throw e;
+      }
+    } else if (this.device !== 'cpu') {
       const c = this.cfg;
       const n = ops.attentionWorkspaceSize(this.device, B, c.numHeads, c.numKvHeads, c.headDim, 1, maxSeqLen);
       if (n > 0) {
@@ -177,7 +219,7 @@ export class Decoder {
     const B = seqs.length, P = this.cache.maxPagesPerSeq;
     const ids = new Int32Array(T), positions = new Int32Array(T);
     const seqLens = new Int32Array(B), cuQ = new Int32Array(B + 1), lastIdx = new Int32Array(B);
-    const pageTable = new Int32Array(B * P);
+    const pageTable = new Int32Array(B * P), slots = new Int32Array(B);
     let row = 0;
     for (let b = 0; b < B; b++) {
       const len = this.cache.length(seqs[b]);
@@ -191,8 +233,9 @@ export class Decoder {
       cuQ[b + 1] = row;
       lastIdx[b] = row - 1;
       this.cache.writePageTable(seqs[b], pageTable, b * P);
+      slots[b] = this.cache.slot(seqs[b]);
     }
-    return { ids, positions, seqLens, cuQ, pageTable, lastIdx };
+    return { ids, positions, seqLens, cuQ, pageTable, lastIdx, slots };
   }
 
   /** Writes host inputs into a workspace (stream-ordered). */
@@ -203,6 +246,8 @@ export class Decoder {
     ws.cuQ.write(p.cuQ);
     ws.pageTable.write(p.pageTable);
     if (ws.logitRows !== ws.T) ws.lastIdx.write(p.lastIdx);
+    ws.slots.write(p.slots);
+    this.attn?.write(ws, p);
   }
 
   /**
@@ -224,6 +269,7 @@ export class Decoder {
       else ops.addRmsNorm(ws.x, ws.mlp, ws.h, L.ln1, eps);
       linearObserver?.(l, 'qkv', ws.h);
       linearForward(ws.qkv, ws.h, L.wqkv, L.bqkv);
+      projectionObserver?.(l, ws.qkv, ws.positions);
       this.attentionLayer(ws, l, maxQ, maxSeqLen);
       linearObserver?.(l, 'o', ws.att2);
       linearForward(ws.o, ws.att2, L.wo, L.bo);
@@ -244,7 +290,7 @@ export class Decoder {
    * calibration hook, not turned off (`fuse = false` or SQUEEZELM_NO_FUSE=1).
    */
   canFuse(ws: Workspace): boolean {
-    return this.fuse && this.device !== 'cpu' && ws.T <= 2 && !linearObserver && !process.env.SQUEEZELM_NO_FUSE;
+    return this.fuse && this.device !== 'cpu' && ws.T <= 2 && !linearObserver && !projectionObserver && !process.env.SQUEEZELM_NO_FUSE;
   }
 
   /**
@@ -287,8 +333,15 @@ export class Decoder {
     this.logitsFrom(ws, maxQ);
   }
 
-  /** RoPE on q and k, k and v into the cache (one launch), then attention of layer l into ws.att. */
+  /**
+   * Layer l's attention from ws.qkv into ws.att: the AttentionStep of another cache, or RoPE on q
+   * and k with k and v appended to the fp16 pages (one launch), then paged attention.
+   */
   private attentionLayer(ws: Workspace, l: number, maxQ: number, maxSeqLen: number): void {
+    if (this.attn) {
+      this.attn.layer(ws, l, maxQ, maxSeqLen);
+      return;
+    }
     const kc = this.cache.k[l], vc = this.cache.v[l];
     ops.ropeAppend(ws.q3, kc, vc, ws.qkv, ws.positions, this.invFreq, ws.pageTable, ws.seqLens, ws.cuQ);
     ops.attention(ws.att, ws.q3, kc, vc, ws.pageTable, ws.seqLens, ws.cuQ, this.scale, { maxQ, maxSeqLen, workspace: ws.attnWork });
@@ -312,5 +365,6 @@ export class Decoder {
 
   dispose(): void {
     this.invFreq.dispose();
+    this.attn?.dispose();
   }
 }

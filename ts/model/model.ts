@@ -13,6 +13,8 @@ import { Tokenizer } from './tokenizer';
 import { LoadProgress, ModelWeights, disposeWeights, loadWeights, randomWeights } from './weights';
 import { Decoder } from './llama';
 import { KVCache } from '../runtime/kv-cache';
+import { KvCacheOptions, QuantizedAttention, quantizedBytesPerToken, resolveKvCalibration } from '../runtime/kvq-attention';
+import type { KvqCalibration } from '../quant/kvquant';
 import { GenerateRequest, GenerateResult, GenerationStream, Scheduler, collect } from '../runtime/scheduler';
 
 export interface LoadOptions {
@@ -30,6 +32,11 @@ export interface LoadOptions {
   pageSize?: number;
   /** CUDA graphs for decode steps (default on; SQUEEZELM_NO_GRAPHS=1 turns them off). */
   graphs?: boolean;
+  /**
+   * A KVQuant cache: `{ bits: 2 | 3 | 4, calibration: file | KvqCalibration }` (squeezelm
+   * calibrate-kv makes the file). Absent: the fp16 (activation dtype) cache.
+   */
+  kvCache?: KvCacheOptions;
 }
 
 export class Model {
@@ -45,12 +52,14 @@ export class Model {
   readonly decoder: Decoder;
   private readonly weights: ModelWeights;
   private readonly cache: KVCache;
+  private readonly kvq: QuantizedAttention | undefined;
   private readonly scheduler: Scheduler;
   private disposed = false;
   private inflight = new Set<Promise<unknown>>();
 
   /** @internal use loadModel / createRandomModel */
-  constructor(cfg: ModelConfig, tok: Tokenizer | undefined, device: string, act: DType, w: ModelWeights, o: LoadOptions) {
+  constructor(cfg: ModelConfig, tok: Tokenizer | undefined, device: string, act: DType, w: ModelWeights, o: LoadOptions,
+    kvCal?: KvqCalibration) {
     this.config = cfg;
     this.tokenizer = tok;
     this.device = device;
@@ -66,14 +75,26 @@ export class Model {
     let pages = o.kvPages ?? pagesPerSeq * maxBatch;
     if (o.kvPages === undefined && device !== 'cpu') {
       const free = devices().find((d) => d.id === device)?.freeMemory;
-      const perPage = 2 * cfg.numLayers * pageSize * cfg.numKvHeads * cfg.headDim * 2;
+      const perPage = pageSize * (kvCal ? quantizedBytesPerToken(cfg, kvCal) : 2 * cfg.numLayers * cfg.numKvHeads * cfg.headDim * 2);
       if (free) pages = Math.max(pagesPerSeq, Math.min(pages, Math.floor((free * 0.5) / perPage)));
     }
+    // A quantized cache keeps its own page pools; sequences hold a slot (their fp16 sink row):
+    // the scheduler's maxBatch plus as many for logitsBatch calls alongside it.
+    const slots = kvCal && kvCal.sink > 0 ? 2 * maxBatch : undefined;
     this.cache = new KVCache({
       device, dtype: act, numLayers: cfg.numLayers, numKvHeads: cfg.numKvHeads, headDim: cfg.headDim,
-      pageSize, maxContext, numPages: pages,
+      pageSize, maxContext, numPages: pages, storage: !kvCal, slots,
     });
-    this.decoder = new Decoder(cfg, w, this.cache, device, act);
+    let attn: QuantizedAttention | undefined;
+    try {
+      if (kvCal) attn = new QuantizedAttention(cfg, this.cache, kvCal, device, act, slots ?? 1);
+      this.decoder = new Decoder(cfg, w, this.cache, device, act, attn);
+    } catch (e) {
+      attn?.dispose();
+      this.cache.dispose();
+      throw e;
+    }
+    this.kvq = attn;
     const graphs = device !== 'cpu' && (o.graphs ?? process.env.SQUEEZELM_NO_GRAPHS !== '1');
     this.scheduler = new Scheduler(this.decoder, tok, { maxBatch, graphs, eosTokenIds: cfg.eosTokenIds });
   }
@@ -98,6 +119,16 @@ export class Model {
 
   get kvPages(): number {
     return this.cache.numPages;
+  }
+
+  /**
+   * The KV cache: bits per element (2/3/4 quantized; else the activation dtype's: 16, or 32
+   * on the CPU), bytes per token over all layers, and the calibration of a quantized cache.
+   */
+  get kvCache(): { bits: number; quantized: boolean; bytesPerToken: number; calibration?: KvqCalibration } {
+    if (this.kvq) return { bits: this.kvq.calibration.bits, quantized: true, bytesPerToken: this.kvq.bytesPerToken, calibration: this.kvq.calibration };
+    const c = this.config, es = this.dtype === 'f32' ? 4 : 2;
+    return { bits: 8 * es, quantized: false, bytesPerToken: 2 * c.numLayers * c.numKvHeads * c.headDim * es };
   }
 
   /** Decode statistics: steps run and how many replayed a CUDA graph. */
@@ -173,6 +204,51 @@ export class Model {
   }
 
   /**
+   * @internal Mean next-token NLL of each window (all of one length), fed token by token:
+   * teacher-forced decode steps of all windows batched, so every key and value the model
+   * attends to (other than a quantized cache's fp16 sink) comes from the cache as decoding
+   * sees it. Runs outside the scheduler; its sequences take pages like any other.
+   */
+  decodeNll(windows: Int32Array[], onStep?: (done: number, total: number) => void): Promise<number[]> {
+    this.check();
+    if (!windows.length) throw new SqueezeError('ERR_ARG', 'decodeNll: no windows');
+    const L = windows[0].length;
+    if (L < 2 || windows.some((w) => w.length !== L)) throw new SqueezeError('ERR_ARG', 'decodeNll: windows must share one length >= 2');
+    windows.forEach((w, i) => this.checkIds(w, `decodeNll[${i}]`));
+    return this.track(this.runDecodeNll(windows, L, onStep));
+  }
+
+  private async runDecodeNll(windows: Int32Array[], L: number, onStep?: (done: number, total: number) => void): Promise<number[]> {
+    const B = windows.length, V = this.config.vocabSize;
+    const ids: number[] = [];
+    const sums = new Float64Array(B);
+    let ws: ReturnType<Decoder['decodeWorkspace']> | undefined;
+    try {
+      for (let b = 0; b < B; b++) ids.push(this.cache.createSequence());
+      ws = this.decoder.decodeWorkspace(B, L);
+      for (let t = 0; t < L - 1; t++) {
+        for (const id of ids) this.cache.grow(id, t + 1);
+        this.decoder.write(ws, this.decoder.inputs(ids, windows.map((w) => [w[t]]), B));
+        this.decoder.forward(ws, 1, L);
+        const logits = await ws.logits.toFloat32();
+        for (let b = 0; b < B; b++) {
+          const o = b * V;
+          let m = -Infinity;
+          for (let v = 0; v < V; v++) if (logits[o + v] > m) m = logits[o + v];
+          let e = 0;
+          for (let v = 0; v < V; v++) e += Math.exp(logits[o + v] - m);
+          sums[b] += m + Math.log(e) - logits[o + windows[b][t + 1]];
+        }
+        onStep?.(t + 1, L - 1);
+      }
+    } finally {
+      ws?.dispose();
+      ids.forEach((id) => this.cache.free(id));
+    }
+    return Array.from(sums, (s) => s / (L - 1));
+  }
+
+  /**
    * Streams generated tokens ({ id, text }); greedy unless temperature > 0. Bad ids or a
    * prompt longer than the context throw here, before any work.
    */
@@ -238,6 +314,7 @@ export async function loadModel(dir: string, opts: LoadOptions = {}): Promise<Mo
     if (!/no tokenizer\.json/.test((e as Error).message)) throw e;
   }
   contextOf(cfg, opts);
+  const kvCal = opts.kvCache !== undefined ? resolveKvCalibration(cfg, opts.kvCache) : undefined;
   const ck = Checkpoint.open(dir);
   let w: ModelWeights;
   try {
@@ -246,7 +323,7 @@ export async function loadModel(dir: string, opts: LoadOptions = {}): Promise<Mo
     ck.close();
   }
   try {
-    return new Model(cfg, tok, device, act, w, opts);
+    return new Model(cfg, tok, device, act, w, opts, kvCal);
   } catch (e) {
     disposeWeights(w);
     throw e;
@@ -264,9 +341,10 @@ export async function createRandomModel(
   const cfg = 'invFreq' in config ? (config as ModelConfig) : parseConfig(config as Record<string, unknown>, 'config');
   const device = resolveDevice(opts.device ?? 'auto');
   const act = activationDtype(cfg, device, opts.dtype);
+  const kvCal = opts.kvCache !== undefined ? resolveKvCalibration(cfg, opts.kvCache) : undefined;
   const w = randomWeights(cfg, { device, dtype: device === 'cpu' ? 'f16' : act, seed: opts.seed });
   try {
-    return new Model(cfg, opts.tokenizer, device, act, w, opts);
+    return new Model(cfg, opts.tokenizer, device, act, w, opts, kvCal);
   } catch (e) {
     disposeWeights(w);
     throw e;

@@ -26,21 +26,29 @@ export interface KvqCacheOptions {
   /** Outlier slots per token-head vector for keys / values. */
   keyOutliers: number;
   valueOutliers: number;
-  /** fp16 sink tokens per sequence, and the sequences (page-table rows) they are kept for. */
+  /** fp16 sink tokens per sequence, and the rows of the sink store (one per live sequence). */
   sink: number;
   maxSeqs: number;
+  /**
+   * Ablation: keys quantized per token (own fp16 min/max, like values) instead of per channel
+   * against calibrated bounds. CPU only.
+   */
+  keyPerToken?: boolean;
   device?: string;
 }
+
+/** Cache mode bits (csrc/kernels/kvquant/kvquant_layout.h). */
+export const KVQ_MODE_KEY_PER_TOKEN = 1;
 
 export function kvqCodeBytes(headDim: number, bits: number): number {
   return Math.ceil(Math.ceil((headDim * bits) / 8) / 16) * 16;
 }
-export function kvqMetaBytes(keyOutliers: number, valueOutliers: number): number {
-  return Math.ceil((4 + 3 * (keyOutliers + valueOutliers)) / 4) * 4;
+export function kvqMetaBytes(keyOutliers: number, valueOutliers: number, keyPerToken = false): number {
+  return Math.ceil((4 + 3 * (keyOutliers + valueOutliers) + (keyPerToken ? 4 : 0)) / 4) * 4;
 }
 /** Bytes one token takes in the cache over `layers` layers (codes, scales, outliers; sink store excluded). */
-export function kvBytesPerToken(o: { layers: number; kvHeads: number; headDim: number; bits: number; keyOutliers: number; valueOutliers: number }): number {
-  return o.layers * o.kvHeads * (2 * kvqCodeBytes(o.headDim, o.bits) + kvqMetaBytes(o.keyOutliers, o.valueOutliers));
+export function kvBytesPerToken(o: { layers: number; kvHeads: number; headDim: number; bits: number; keyOutliers: number; valueOutliers: number; keyPerToken?: boolean }): number {
+  return o.layers * o.kvHeads * (2 * kvqCodeBytes(o.headDim, o.bits) + kvqMetaBytes(o.keyOutliers, o.valueOutliers, o.keyPerToken));
 }
 /** Outlier slots for a share of the channels (e.g. 0.01 of 128 -> 2). */
 export function outlierSlots(share: number, headDim: number): number {
@@ -66,15 +74,23 @@ export class KvqCache {
     const cb = kvqCodeBytes(o.headDim, o.bits);
     this.kCodes = Tensor.empty([o.pages, o.pageSize, o.kvHeads, cb], { dtype: 'u8', device });
     this.vCodes = Tensor.empty([o.pages, o.pageSize, o.kvHeads, cb], { dtype: 'u8', device });
-    this.meta = Tensor.empty([o.pages, o.pageSize, o.kvHeads, kvqMetaBytes(o.keyOutliers, o.valueOutliers)], { dtype: 'u8', device });
+    this.meta = Tensor.empty([o.pages, o.pageSize, o.kvHeads, kvqMetaBytes(o.keyOutliers, o.valueOutliers, o.keyPerToken)], { dtype: 'u8', device });
     this.sinkK = Tensor.empty([Math.max(o.maxSeqs, 1), o.sink, o.kvHeads, o.headDim], { dtype: 'f16', device });
     this.sinkV = Tensor.empty([Math.max(o.maxSeqs, 1), o.sink, o.kvHeads, o.headDim], { dtype: 'f16', device });
   }
-  /** The 12 native arguments describing this layer's cache and calibration. */
+  get mode(): number {
+    return this.opts.keyPerToken ? KVQ_MODE_KEY_PER_TOKEN : 0;
+  }
+  /** The 13 native arguments describing this layer's cache and calibration. */
   args(cal: KvqLayerCalibration): unknown[] {
     const o = this.opts;
     return [this.kCodes.native, this.vCodes.native, this.meta.native, this.sinkK.native, this.sinkV.native,
-      cal.keyLo.native, cal.keyHi.native, cal.keyCodebook.native, cal.valueCodebook.native, o.bits, o.keyOutliers, o.valueOutliers];
+      cal.keyLo.native, cal.keyHi.native, cal.keyCodebook.native, cal.valueCodebook.native, o.bits, o.keyOutliers, o.valueOutliers,
+      this.mode];
+  }
+  /** Bytes of the whole layer cache (pages, metadata and the fp16 sink store). */
+  get byteLength(): number {
+    return [this.kCodes, this.vCodes, this.meta, this.sinkK, this.sinkV].reduce((a, t) => a + t.byteLength, 0);
   }
   get bytesPerToken(): number {
     return kvBytesPerToken({ layers: 1, ...this.opts });
@@ -84,19 +100,54 @@ export class KvqCache {
   }
 }
 
-/** Quantizes k/v [N, kvHeads, D] rows and appends them (rows cuQ[b]..cuQ[b+1] land at seqLens[b] - n_b + j). */
-export function kvqAppend(cache: KvqCache, cal: KvqLayerCalibration, k: Tensor, v: Tensor, pageTable: Tensor, seqLens: Tensor, cuQ: Tensor): void {
-  native().ops.kvqAppend(...cache.args(cal), k.native, v.native, pageTable.native, seqLens.native, cuQ.native);
+/**
+ * Quantizes k/v [N, kvHeads, D] rows and appends them (rows cuQ[b]..cuQ[b+1] land at seqLens[b] - n_b + j).
+ * sinkRows (i32 [B]): the sink store row of each sequence (default: row b).
+ */
+export function kvqAppend(cache: KvqCache, cal: KvqLayerCalibration, k: Tensor, v: Tensor, pageTable: Tensor, seqLens: Tensor, cuQ: Tensor,
+  sinkRows?: Tensor): void {
+  native().ops.kvqAppend(...cache.args(cal), k.native, v.native, pageTable.native, seqLens.native, cuQ.native, sinkRows?.native);
+}
+
+/**
+ * From packed projection rows qkv [N, (Hq + 2 kvHeads) D] (q heads, k heads, v heads): rotates
+ * the q heads into qOut [N, Hq, D] (skipped when qOut is null; the numerics of ropeAppend) and
+ * quantizes the keys and values into the cache at the rows' positions. Keys are stored before
+ * RoPE, or rotated at `positions` first when rotateKeys (the post-RoPE ablation; attend then
+ * with a zero invFreq).
+ */
+export function kvqRopeAppend(qOut: Tensor | null, cache: KvqCache, cal: KvqLayerCalibration, qkv: Tensor, positions: Tensor, invFreq: Tensor,
+  pageTable: Tensor, seqLens: Tensor, cuQ: Tensor, o: { rotateKeys?: boolean; sinkRows?: Tensor } = {}): void {
+  native().ops.kvqRopeAppend(qOut ? qOut.native : null, ...cache.args(cal), qkv.native, positions.native, invFreq.native, pageTable.native,
+    seqLens.native, cuQ.native, !!o.rotateKeys, o.sinkRows?.native);
+}
+
+export interface KvqAttentionOptions {
+  /** i32 [B]: the sink store row of each sequence (default: row b). */
+  sinkRows?: Tensor;
+  /** f32 scratch of kvqAttentionWorkspaceSize(...) elements (CUDA; required while capturing a graph). */
+  workspace?: Tensor;
+  /** CUDA kernel: 0 (default) flash-decoding, 1 the previous split kernel (comparisons only). */
+  variant?: 0 | 1;
 }
 
 /** Causal attention of RoPE'd q [N, Hq, D] over the quantized cache (keys rotated on the fly with invFreq f32[D/2]). */
 export function kvqAttention(out: Tensor, q: Tensor, cache: KvqCache, cal: KvqLayerCalibration, pageTable: Tensor, seqLens: Tensor,
-  cuQ: Tensor, invFreq: Tensor, scale: number, maxQ: number, maxSeqLen: number): void {
+  cuQ: Tensor, invFreq: Tensor, scale: number, maxQ: number, maxSeqLen: number, o: KvqAttentionOptions = {}): void {
   native().ops.kvqAttention(out.native, q.native, ...cache.args(cal), pageTable.native, seqLens.native, cuQ.native, invFreq.native,
-    scale, maxQ, maxSeqLen);
+    scale, maxQ, maxSeqLen, o.sinkRows?.native, o.workspace?.native, o.variant ?? 0);
 }
 
-/** Unpacks positions [0, L) of sequence `seq` into kOut/vOut [L, kvHeads, D] (keys pre-RoPE; sink tokens from the fp16 store). */
-export function kvqDequantize(kOut: Tensor, vOut: Tensor, cache: KvqCache, cal: KvqLayerCalibration, pageTable: Tensor, seq: number): void {
-  native().ops.kvqDequantize(kOut.native, vOut.native, ...cache.args(cal), pageTable.native, seq);
+/** f32 elements of the scratch kvqAttention needs on `device` for these bounds (0 on CPU). */
+export function kvqAttentionWorkspaceSize(device: string, rows: number, qHeads: number, kvHeads: number, headDim: number, maxSeqLen: number): number {
+  return native().ops.kvqAttentionWorkspaceSize(device, rows, qHeads, kvHeads, headDim, maxSeqLen) as number;
+}
+
+/**
+ * Unpacks positions [0, L) of page-table row `seq` into kOut/vOut [L, kvHeads, D] (keys as stored,
+ * pre-RoPE; sink tokens from row `sinkRow` of the fp16 store, default `seq`).
+ */
+export function kvqDequantize(kOut: Tensor, vOut: Tensor, cache: KvqCache, cal: KvqLayerCalibration, pageTable: Tensor, seq: number,
+  sinkRow?: number): void {
+  native().ops.kvqDequantize(kOut.native, vOut.native, ...cache.args(cal), pageTable.native, seq, sinkRow);
 }

@@ -3,7 +3,9 @@
  * outlier share, and per-layer sorted 2^b codebooks in [-1, 1] for keys and values by 1-D
  * k-means of the normalised samples (NormalFloat signposts as the start and fallback).
  * Saved as safetensors: layers.{i}.key_lo / key_hi [kvHeads*D], layers.{i}.key_codebook /
- * value_codebook [2^b], __metadata__ {format, bits, outliers, sink, layers, kv_heads, head_dim}.
+ * value_codebook [2^b], __metadata__ {format, bits, outliers, sink, layers, kv_heads, head_dim,
+ * key_granularity (channel | token), key_rope (pre | post), codebook (kmeans | uniform)}.
+ * The last three select the ablations of docs/kvquant.md; the defaults are KVQuant's method.
  */
 import { SqueezeError } from '../errors';
 import { Tensor } from '../tensor';
@@ -24,6 +26,12 @@ export interface KvqCalibration {
   sink: number;
   kvHeads: number;
   headDim: number;
+  /** Keys quantized per token (ablation) instead of per channel against key_lo/key_hi. */
+  keyPerToken?: boolean;
+  /** Keys quantized after RoPE (ablation) instead of before. */
+  postRope?: boolean;
+  /** How the codebooks were made: 1-D k-means (default) or a uniform grid (ablation). */
+  codebook?: 'kmeans' | 'uniform';
   layers: KvqCalibrationLayer[];
 }
 
@@ -33,6 +41,15 @@ export interface CalibrateOptions {
   sink?: number;
   kvHeads: number;
   headDim: number;
+  /** Ablations (see KvqCalibration): the samples must then be post-RoPE keys for postRope. */
+  keyPerToken?: boolean;
+  postRope?: boolean;
+  codebook?: 'kmeans' | 'uniform';
+  /**
+   * Per layer, a sensitivity per key channel [kvHeads*D] (e.g. the mean squared query that
+   * multiplies it): the key codebook's k-means then weights each sample by its channel's.
+   */
+  keyWeights?: Float32Array[];
   /** k-means iterations (default 25) and the most samples it looks at (default 200000). */
   iterations?: number;
   maxSamples?: number;
@@ -69,6 +86,13 @@ export function normalFloatCodebook(bits: number): Float32Array {
   return out;
 }
 
+/** 2^bits evenly spaced entries from -1 to 1. */
+export function uniformCodebook(bits: number): Float32Array {
+  checkBits(bits, 'uniformCodebook');
+  const n = 1 << bits;
+  return Float32Array.from({ length: n }, (_, i) => -1 + (2 * i) / (n - 1));
+}
+
 /** 1-D k-means (Lloyd) of samples in [-1, 1] from `init`; returns a sorted codebook. */
 export function kmeans1d(samples: Float32Array, init: Float32Array, iterations = 25): Float32Array {
   const n = init.length;
@@ -97,6 +121,35 @@ export function kmeans1d(samples: Float32Array, init: Float32Array, iterations =
   return out;
 }
 
+/** Weighted 1-D k-means (Lloyd) of samples in [-1, 1] with weights >= 0; returns a sorted codebook. */
+export function kmeans1dWeighted(samples: Float32Array, weights: Float32Array, init: Float32Array, iterations = 25): Float32Array {
+  const n = init.length;
+  if (samples.length < n) return Float32Array.from(init);
+  const order = Array.from(samples.keys()).sort((a, b) => samples[a] - samples[b]);
+  const x = Float64Array.from(order, (i) => samples[i]), w = Float64Array.from(order, (i) => weights[i]);
+  let cb = Float64Array.from(init).sort();
+  for (let it = 0; it < iterations; it++) {
+    const sum = new Float64Array(n), cnt = new Float64Array(n);
+    let j = 0;
+    for (let i = 0; i < x.length; i++) {
+      while (j < n - 1 && Math.abs(x[i] - cb[j + 1]) <= Math.abs(x[i] - cb[j])) j++;
+      sum[j] += w[i] * x[i];
+      cnt[j] += w[i];
+    }
+    let moved = 0;
+    const next = new Float64Array(n);
+    for (let c = 0; c < n; c++) {
+      next[c] = cnt[c] > 0 ? sum[c] / cnt[c] : cb[c];
+      moved = Math.max(moved, Math.abs(next[c] - cb[c]));
+    }
+    cb = next.sort();
+    if (moved < 1e-7) break;
+  }
+  const out = Float32Array.from(cb, (v) => Math.max(-1, Math.min(1, v)));
+  for (let i = 1; i < n; i++) if (!(out[i] > out[i - 1])) return Float32Array.from(init);
+  return out;
+}
+
 function subsample(a: Float32Array, max: number): Float32Array {
   if (a.length <= max) return a;
   const out = new Float32Array(max), step = a.length / max;
@@ -122,6 +175,9 @@ export function calibrateFromSamples(keys: Float32Array[], values: Float32Array[
   if (!Number.isInteger(sink) || sink < 0) throw new SqueezeError('ERR_ARG', `calibrateFromSamples: sink must be a non-negative integer`);
   if (keys.length !== values.length || keys.length === 0) throw new SqueezeError('ERR_ARG', 'calibrateFromSamples: need keys and values for the same (non-zero) number of layers');
   const HD = kvHeads * headDim, maxS = opts.maxSamples ?? 200000, iters = opts.iterations ?? 25;
+  const keyPerToken = !!opts.keyPerToken, uniform = opts.codebook === 'uniform';
+  if (opts.codebook !== undefined && opts.codebook !== 'kmeans' && opts.codebook !== 'uniform')
+    throw new SqueezeError('ERR_ARG', `calibrateFromSamples: codebook must be 'kmeans' or 'uniform', got '${opts.codebook}'`);
   const nf = normalFloatCodebook(bits);
   const nv = outlierSlots(outliers, headDim);
   const layers: KvqCalibrationLayer[] = [];
@@ -139,32 +195,41 @@ export function calibrateFromSamples(keys: Float32Array[], values: Float32Array[
       keyHi[c] = quantile(col, 1 - outliers / 2);
       if (!(keyHi[c] > keyLo[c])) { keyLo[c] -= 1e-3; keyHi[c] += 1e-3; }
     }
-    // normalised key samples inside the bounds
-    const kn: number[] = [];
-    const stride = Math.max(1, Math.floor((T * HD) / maxS));
-    for (let i = 0; i < T * HD; i += stride) {
-      const c = i % HD, x = (2 * (K[i] - keyLo[c])) / (keyHi[c] - keyLo[c]) - 1;
-      if (x >= -1 && x <= 1) kn.push(x);
-    }
-    // values: per token-head vector min/max without its largest-magnitude entries
-    const vn: number[] = [];
-    const vecs = T * kvHeads, vstride = Math.max(1, Math.floor((vecs * headDim) / maxS));
-    for (let vi = 0; vi < vecs; vi += Math.max(1, Math.floor(vstride / headDim) || 1)) {
-      const v = V.subarray(vi * headDim, (vi + 1) * headDim);
-      const order = Array.from(v.keys()).sort((a, b) => Math.abs(v[b]) - Math.abs(v[a]) || a - b);
-      const skip = new Set(order.slice(0, nv));
-      let mn = Infinity, mx = -Infinity;
-      for (let c = 0; c < headDim; c++) if (!skip.has(c)) { mn = Math.min(mn, v[c]); mx = Math.max(mx, v[c]); }
-      if (!(mx > mn)) continue;
-      for (let c = 0; c < headDim; c++) if (!skip.has(c)) vn.push((2 * (v[c] - mn)) / (mx - mn) - 1);
-    }
-    layers.push({
-      keyLo, keyHi,
-      keyCodebook: kmeans1d(subsample(Float32Array.from(kn), maxS), nf, iters),
-      valueCodebook: kmeans1d(subsample(Float32Array.from(vn), maxS), nf, iters),
-    });
+    // normalised key samples inside the bounds: every channel of every tStep-th token
+    const kn: number[] = [], kw: number[] = [];
+    const tStep = Math.max(1, Math.floor(T / Math.max(1, Math.floor(maxS / HD))));
+    const wl = opts.keyWeights?.[l];
+    if (wl && wl.length !== HD) throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: keyWeights[${l}] must hold ${HD} values`);
+    for (let t = 0; t < T; t += tStep)
+      for (let c = 0; c < HD; c++) {
+        const x = (2 * (K[t * HD + c] - keyLo[c])) / (keyHi[c] - keyLo[c]) - 1;
+        if (x >= -1 && x <= 1) { kn.push(x); kw.push(wl ? wl[c] : 1); }
+      }
+    const vn = perTokenSamples(V, T * kvHeads, headDim, nv, maxS);
+    const book = (x: number[]) => (uniform ? uniformCodebook(bits) : kmeans1d(subsample(Float32Array.from(x), maxS), nf, iters));
+    const keyCodebook = keyPerToken ? book(perTokenSamples(K, T * kvHeads, headDim, nv, maxS))
+      : uniform ? uniformCodebook(bits)
+        : wl ? kmeans1dWeighted(Float32Array.from(kn), Float32Array.from(kw), nf, iters) : book(kn);
+    layers.push({ keyLo, keyHi, keyCodebook, valueCodebook: book(vn) });
   }
-  return { bits, outliers, sink, kvHeads, headDim, layers };
+  return { bits, outliers, sink, kvHeads, headDim, keyPerToken, postRope: !!opts.postRope, codebook: uniform ? 'uniform' : 'kmeans', layers };
+}
+
+// Normalised entries of token-head vectors against each vector's min/max without its n
+// largest-magnitude entries (the outliers), as the cache quantizes values.
+function perTokenSamples(X: Float32Array, vecs: number, headDim: number, n: number, maxS: number): number[] {
+  const out: number[] = [];
+  const vstride = Math.max(1, Math.floor((vecs * headDim) / maxS));
+  for (let vi = 0; vi < vecs; vi += Math.max(1, Math.floor(vstride / headDim) || 1)) {
+    const v = X.subarray(vi * headDim, (vi + 1) * headDim);
+    const order = Array.from(v.keys()).sort((a, b) => Math.abs(v[b]) - Math.abs(v[a]) || a - b);
+    const skip = new Set(order.slice(0, n));
+    let mn = Infinity, mx = -Infinity;
+    for (let c = 0; c < headDim; c++) if (!skip.has(c)) { mn = Math.min(mn, v[c]); mx = Math.max(mx, v[c]); }
+    if (!(mx > mn)) continue;
+    for (let c = 0; c < headDim; c++) if (!skip.has(c)) out.push((2 * (v[c] - mn)) / (mx - mn) - 1);
+  }
+  return out;
 }
 
 /** Writes a calibration as safetensors. */
@@ -179,6 +244,7 @@ export function saveKvqCalibration(file: string, cal: KvqCalibration): void {
   writeSafetensors(file, tensors, {
     format: 'squeezelm-kvquant', bits: String(cal.bits), outliers: String(cal.outliers), sink: String(cal.sink),
     layers: String(cal.layers.length), kv_heads: String(cal.kvHeads), head_dim: String(cal.headDim),
+    key_granularity: cal.keyPerToken ? 'token' : 'channel', key_rope: cal.postRope ? 'post' : 'pre', codebook: cal.codebook ?? 'kmeans',
   });
 }
 
@@ -194,7 +260,15 @@ export function loadKvqCalibration(file: string, expect?: { layers?: number; kvH
     };
     const bits = num('bits'), layers = num('layers'), kvHeads = num('kv_heads'), headDim = num('head_dim');
     if (bits !== 2 && bits !== 3 && bits !== 4) throw new SqueezeError('ERR_ARG', `${file}: bits must be 2, 3 or 4 (got ${bits})`);
-    if (expect?.bits !== undefined && expect.bits !== bits) throw new SqueezeError('ERR_ARG', `${file}: calibrated for ${bits} bits, ${expect.bits} requested`);
+    if (expect?.bits !== undefined && expect.bits !== bits) throw new SqueezeError('ERR_FORMAT', `${file}: calibrated for ${bits} bits, ${expect.bits} requested`);
+    const pick = <T extends string>(k: string, allowed: readonly T[]): T => {
+      const v = (m[k] ?? allowed[0]) as T;
+      if (!allowed.includes(v)) throw new SqueezeError('ERR_FORMAT', `${file}: metadata '${k}' = '${m[k]}' is not one of ${allowed.join(', ')}`);
+      return v;
+    };
+    const granularity = pick('key_granularity', ['channel', 'token'] as const);
+    const rope = pick('key_rope', ['pre', 'post'] as const);
+    const codebook = pick('codebook', ['kmeans', 'uniform'] as const);
     for (const [k, want, got] of [['layers', expect?.layers, layers], ['kv_heads', expect?.kvHeads, kvHeads], ['head_dim', expect?.headDim, headDim]] as const)
       if (want !== undefined && want !== got) throw new SqueezeError('ERR_FORMAT', `${file}: calibration has ${k} = ${got}, the model has ${want}`);
     const HD = kvHeads * headDim, n = 1 << bits;
@@ -209,7 +283,10 @@ export function loadKvqCalibration(file: string, expect?: { layers?: number; kvH
         keyLo: read(`layers.${i}.key_lo`, HD), keyHi: read(`layers.${i}.key_hi`, HD),
         keyCodebook: read(`layers.${i}.key_codebook`, n), valueCodebook: read(`layers.${i}.value_codebook`, n),
       });
-    return { bits, outliers: num('outliers'), sink: num('sink'), kvHeads, headDim, layers: out };
+    return {
+      bits, outliers: num('outliers'), sink: num('sink'), kvHeads, headDim,
+      keyPerToken: granularity === 'token', postRope: rope === 'post', codebook, layers: out,
+    };
   } finally {
     f.close();
   }

@@ -2,6 +2,9 @@
  * Paged KV cache: per layer a page pool k, v [pages, pageSize, kvHeads, headDim]; one page
  * allocator (free list) shared by all layers; per-sequence page tables. A sequence owns the
  * pages its length needs; finishing or aborting it returns them to the pool.
+ * With `storage: false` the cache only allocates pages and sequence slots: a quantized
+ * cache (runtime/kvq-attention.ts) keeps its own per-layer page pools indexed by the same
+ * page numbers, and its fp16 sink rows by each sequence's slot.
  */
 import { SqueezeError } from '../errors';
 import { DType, Tensor } from '../tensor';
@@ -19,11 +22,19 @@ export interface KVCacheOptions {
   /** Pages in the pool (default: maxSequences full-length sequences). */
   numPages?: number;
   maxSequences?: number;
+  /** Allocate the fp16 k/v page pools (default true). */
+  storage?: boolean;
+  /**
+   * Sequence slots (0..slots-1), one held by each live sequence (default: unlimited, no
+   * slots). createSequence fails with ERR_BUSY when all are taken.
+   */
+  slots?: number;
 }
 
 interface Sequence {
   pages: number[];
   length: number;
+  slot: number;
 }
 
 export class KVCache {
@@ -35,6 +46,7 @@ export class KVCache {
   readonly k: Tensor[] = [];
   readonly v: Tensor[] = [];
   private freeList: number[] = [];
+  private freeSlots: number[] | undefined;
   private seqs = new Map<number, Sequence>();
   private nextId = 1;
   private disposed = false;
@@ -46,8 +58,13 @@ export class KVCache {
     this.numPages = o.numPages ?? this.maxPagesPerSeq * (o.maxSequences ?? 1);
     if (!(this.numPages > 0)) throw new SqueezeError('ERR_ARG', `KV cache: ${this.numPages} pages`);
     const shape = [this.numPages, this.pageSize, o.numKvHeads, o.headDim];
+    if (o.slots !== undefined) {
+      if (!Number.isInteger(o.slots) || o.slots < 1) throw new SqueezeError('ERR_ARG', `KV cache: slots must be a positive integer, got ${o.slots}`);
+      this.freeSlots = [];
+      for (let i = o.slots - 1; i >= 0; i--) this.freeSlots.push(i);
+    }
     try {
-      for (let l = 0; l < o.numLayers; l++) {
+      for (let l = 0; l < (o.storage === false ? 0 : o.numLayers); l++) {
         this.k.push(Tensor.empty(shape, { dtype: o.dtype, device: o.device }));
         this.v.push(Tensor.empty(shape, { dtype: o.dtype, device: o.device }));
       }
@@ -73,9 +90,24 @@ export class KVCache {
 
   createSequence(): number {
     if (this.disposed) throw new SqueezeError('ERR_DISPOSED', 'KV cache is disposed');
+    let slot = -1;
+    if (this.freeSlots) {
+      if (!this.freeSlots.length) throw new SqueezeError('ERR_BUSY', 'KV cache: every sequence slot is in use');
+      slot = this.freeSlots.pop()!;
+    }
     const id = this.nextId++;
-    this.seqs.set(id, { pages: [], length: 0 });
+    this.seqs.set(id, { pages: [], length: 0, slot });
     return id;
+  }
+
+  /** The slot a sequence holds (-1 when the cache has no slots). */
+  slot(seq: number): number {
+    return this.get(seq).slot;
+  }
+
+  /** Sequence slots free now (Infinity when the cache has no slots). */
+  get freeSequenceSlots(): number {
+    return this.freeSlots ? this.freeSlots.length : Infinity;
   }
 
   has(seq: number): boolean {
@@ -125,6 +157,7 @@ export class KVCache {
     const s = this.seqs.get(seq);
     if (!s) return;
     for (const p of s.pages) this.freeList.push(p);
+    if (this.freeSlots && s.slot >= 0) this.freeSlots.push(s.slot);
     this.seqs.delete(seq);
   }
 

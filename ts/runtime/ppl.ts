@@ -18,8 +18,14 @@ export interface PplOptions {
   windows?: number;
   /** Window length for text files (default 1024). */
   window?: number;
-  /** Windows per prefill (default 1). */
+  /** Windows per prefill (default 1), or decoded together (decode). */
   batch?: number;
+  /**
+   * Decode-style: each window fed token by token (teacher-forced decode steps, `batch`
+   * windows at once), so the model attends to its cache as generation does (a quantized
+   * cache quantizes every key and value but the sink). Default: one prefill per window.
+   */
+  decode?: boolean;
   onProgress?: (done: number, total: number) => void;
 }
 
@@ -101,8 +107,12 @@ export async function perplexity(model: Model, data: PplData, opts: PplOptions =
   opts.onProgress?.(0, total);
   for (let i = 0; i < total; i += B) {
     const chunk = data.windows.slice(i, i + B);
-    const logits = await model.logitsBatch(chunk);
-    chunk.forEach((w, j) => nll.push(windowNll(logits[j], w, V)));
+    if (opts.decode) {
+      nll.push(...(await model.decodeNll(chunk)));
+    } else {
+      const logits = await model.logitsBatch(chunk);
+      chunk.forEach((w, j) => nll.push(windowNll(logits[j], w, V)));
+    }
     opts.onProgress?.(nll.length, total);
   }
   const mean = nll.reduce((a, b) => a + b, 0) / nll.length;

@@ -5,6 +5,9 @@
 
 #include <algorithm>
 #include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "core/backend.h"
 #include "core/cuda_stream.h"
@@ -39,7 +42,9 @@ struct Geo {
   const int* pt;
   const int* lens;
   const int* cu;
-  int B, max_pages, page_size, H, D, bits, nk, nv, sink, cbytes, mbytes;
+  const int* sink_rows;  // null: row b
+  int sink_row_fixed;    // >= 0: every sequence uses this row (kvq_dequantize)
+  int B, max_pages, page_size, H, D, bits, nk, nv, sink, cbytes, mbytes, pages;
 };
 
 Geo make_geo(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& pt, const Tensor* lens, const Tensor* cu) {
@@ -56,6 +61,9 @@ Geo make_geo(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& pt, const
   g.pt = pt.ptr<int>();
   g.lens = lens ? lens->ptr<int>() : nullptr;
   g.cu = cu ? cu->ptr<int>() : nullptr;
+  g.sink_rows = c.sink_rows.storage ? c.sink_rows.ptr<int>() : nullptr;
+  g.sink_row_fixed = -1;
+  g.pages = (int)c.k_codes.dim(0);
   g.B = (int)pt.dim(0);
   g.max_pages = (int)pt.dim(1);
   g.page_size = (int)c.page_size;
@@ -68,6 +76,11 @@ Geo make_geo(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& pt, const
   g.cbytes = (int)kvq::code_bytes(c.head_dim, c.bits);
   g.mbytes = (int)kvq::meta_bytes(c.nk, c.nv);
   return g;
+}
+
+// Sink store row of sequence b of the call.
+__device__ __forceinline__ int sink_row(const Geo& g, int b) {
+  return g.sink_row_fixed >= 0 ? g.sink_row_fixed : (g.sink_rows ? g.sink_rows[b] : b);
 }
 
 __device__ __forceinline__ long long slot_of(const Geo& g, int b, int pos, int h) {
@@ -124,27 +137,77 @@ __device__ void pack_row(uint8_t* row, const uint8_t* codes, int d, int bits, in
   }
 }
 
+// Rows to append: head h of row n of k at k[n * stride + h * D], of v likewise. With q_out, the
+// G query heads of kv head h (at q[n * stride + (h * G + j) * D]) are rotated into q_out; with
+// rotate, keys are rotated before they are quantized (post-RoPE mode). Rotation: fp32 angle
+// pos * invFreq, sincosf, products rounded separately, result rounded to T (ropeAppend's).
+template <class T> struct Src {
+  const T* k;
+  const T* v;
+  long long stride;
+  const T* q;
+  T* q_out;
+  int G;
+  const int* pos;
+  const float* inv_freq;
+  int rotate;
+};
+
 template <class T>
-__global__ void __launch_bounds__(kThreads) append_kernel(Geo g, const T* __restrict__ k, const T* __restrict__ v) {
-  __shared__ float kx[256], vx[256], score[256];
+__device__ __forceinline__ void rotate_pair(float x1, float x2, float c, float s, float* y1, float* y2) {
+  *y1 = to_f(from_f<T>(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s))));
+  *y2 = to_f(from_f<T>(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s))));
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) append_kernel(Geo g, Src<T> src) {
+  __shared__ float kx[256], vx[256], score[256], cs[256];
   __shared__ uint8_t codes[256];
   __shared__ char chosen[256];
   __shared__ int red_i[33], kidx[16], vidx[16], bp[2];
-  const int n = blockIdx.x, h = blockIdx.y, D = g.D, tid = threadIdx.x;
+  const int n = blockIdx.x, h = blockIdx.y, D = g.D, tid = threadIdx.x, half = D / 2;
   if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
+  if (src.q_out || src.rotate) {
+    const float ps = (float)src.pos[n];
+    for (int i = tid; i < half; i += blockDim.x) {
+      const float a = ps * src.inv_freq[i];
+      float sn, cn;
+      sincosf(a, &sn, &cn);
+      cs[i] = cn;
+      cs[half + i] = sn;
+    }
+  }
   __syncthreads();
+  if (src.q_out)
+    for (int e = tid; e < src.G * half; e += blockDim.x) {
+      const int j = e / half, i = e % half;
+      const T* x = src.q + (long long)n * src.stride + (long long)(h * src.G + j) * D;
+      float y1, y2;
+      rotate_pair<T>(to_f(x[i]), to_f(x[i + half]), cs[i], cs[half + i], &y1, &y2);
+      T* o = src.q_out + ((long long)n * g.H * src.G + h * src.G + j) * D;
+      o[i] = from_f<T>(y1);
+      o[i + half] = from_f<T>(y2);
+    }
   const int b = bp[0], pos = bp[1];
-  if (b < 0 || pos < 0) return;
-  const long long base = ((long long)n * g.H + h) * D;
+  if (b < 0 || pos < 0 || pos / g.page_size >= g.max_pages) return;
+  const int page = g.pt[(long long)b * g.max_pages + pos / g.page_size];
+  if (page < 0 || page >= g.pages) return;
+  const long long base = (long long)n * src.stride + (long long)h * D;
+  if (src.rotate) {
+    for (int i = tid; i < half; i += blockDim.x)
+      rotate_pair<T>(to_f(src.k[base + i]), to_f(src.k[base + i + half]), cs[i], cs[half + i], &kx[i], &kx[i + half]);
+  } else {
+    for (int i = tid; i < D; i += blockDim.x) kx[i] = to_f(src.k[base + i]);
+  }
   for (int i = tid; i < D; i += blockDim.x) {
-    kx[i] = to_f(k[base + i]);
-    vx[i] = to_f(v[base + i]);
+    vx[i] = to_f(src.v[base + i]);
     chosen[i] = 0;
   }
   __syncthreads();
-  if (pos < g.sink)
+  const int srow = sink_row(g, b);
+  if (pos < g.sink && srow >= 0)
     for (int i = tid; i < D; i += blockDim.x) {
-      const long long o = (((long long)b * g.sink + pos) * g.H + h) * D + i;
+      const long long o = (((long long)srow * g.sink + pos) * g.H + h) * D + i;
       g.sink_k[o] = __half_as_ushort(__float2half_rn(kx[i]));
       g.sink_v[o] = __half_as_ushort(__float2half_rn(vx[i]));
     }
@@ -223,7 +286,7 @@ __device__ void dequant_tokens(const Geo& g, int b, int h, int t0, int count, fl
     const int t = e / D, c = e % D, pos = t0 + t;
     float kv, vv;
     if (pos < g.sink) {
-      const long long o = (((long long)b * g.sink + pos) * g.H + h) * D + c;
+      const long long o = (((long long)sink_row(g, b) * g.sink + pos) * g.H + h) * D + c;
       kv = __half2float(__ushort_as_half(g.sink_k[o]));
       vv = __half2float(__ushort_as_half(g.sink_v[o]));
     } else {
@@ -562,7 +625,7 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(Geo g, const T* __re
           if (valid) {
             float kk[16];
             if (t < g.sink) {
-              const uint16_t* sk = g.sink_k + (((long long)b * g.sink + t) * g.H + h) * D;
+              const uint16_t* sk = g.sink_k + (((long long)sink_row(g, b) * g.sink + t) * g.H + h) * D;
 #pragma unroll
               for (int e = 0; e < 16; ++e) {
                 const int p = 8 * sub + (e >> 1);
@@ -649,7 +712,7 @@ __global__ void __launch_bounds__(kWarps * 32) split_kernel(Geo g, const T* __re
           }
           if (live && sub < C::NL) {
             if (t < g.sink) {
-              const uint16_t* sv = g.sink_v + (((long long)b * g.sink + t) * g.H + h) * D + 16 * sub;
+              const uint16_t* sv = g.sink_v + (((long long)sink_row(g, b) * g.sink + t) * g.H + h) * D + 16 * sub;
 #pragma unroll
               for (int e = 0; e < 16; ++e) {
                 const float v = __half2float(__ushort_as_half(sv[e]));
@@ -768,14 +831,14 @@ __global__ void combine_kernel(const float* __restrict__ part, int splits, int D
 
 template <class T, int D, int BITS>
 void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, int max_seq_len,
-            cudaStream_t stream, int dev, int sms) {
+            float* work, cudaStream_t stream, int dev, int sms) {
   const int N = (int)q.dim(0), Hq = (int)q.dim(1);
   const int splits = (max_seq_len + kChunk - 1) / kChunk;
   const long long base_blocks = (long long)splits * N;
   int groups = (int)std::min<long long>(g.H, std::max<long long>(1, (3LL * sms + base_blocks - 1) / base_blocks));
   const int hpb = (g.H + groups - 1) / groups;
   groups = (g.H + hpb - 1) / hpb;
-  float* part = partials(dev, (size_t)N * Hq * splits * (D + 2) * sizeof(float), stream);
+  float* part = work ? work : partials(dev, (size_t)N * Hq * splits * (D + 2) * sizeof(float), stream);
   constexpr int CB = CodeBytes<D, BITS>::value;
   const size_t smem = sizeof(float2) * kChunk * (D / 2) + sizeof(float) * (kGC * kChunk + kWarps * kGC * D + kGC * D + 32 + 2 * kGC) +
                       sizeof(int) * kChunk + 2 * ((size_t)2 * kChunk * CB + (size_t)kChunk * g.mbytes) + 16;
@@ -790,25 +853,449 @@ void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_
 }
 
 template <class T, int D>
-void launch_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, cudaStream_t s, int dev, int sms) {
-  if (g.bits == 2) launch<T, D, 2>(out, q, g, f, scale, L, s, dev, sms);
-  else if (g.bits == 3) launch<T, D, 3>(out, q, g, f, scale, L, s, dev, sms);
-  else launch<T, D, 4>(out, q, g, f, scale, L, s, dev, sms);
+void launch_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, float* w, cudaStream_t s, int dev, int sms) {
+  if (g.bits == 2) launch<T, D, 2>(out, q, g, f, scale, L, w, s, dev, sms);
+  else if (g.bits == 3) launch<T, D, 3>(out, q, g, f, scale, L, w, s, dev, sms);
+  else launch<T, D, 4>(out, q, g, f, scale, L, w, s, dev, sms);
 }
 template <class T>
-bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, cudaStream_t s) {
+bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, float* w, cudaStream_t s) {
   const int dev = q.device.index, sms = sm_count(dev);
   if ((int)q.dim(0) == 0) return true;
   switch (g.D) {
-    case 64: launch_bits<T, 64>(out, q, g, f, scale, L, s, dev, sms); return true;
-    case 80: launch_bits<T, 80>(out, q, g, f, scale, L, s, dev, sms); return true;
-    case 96: launch_bits<T, 96>(out, q, g, f, scale, L, s, dev, sms); return true;
-    case 128: launch_bits<T, 128>(out, q, g, f, scale, L, s, dev, sms); return true;
-    case 256: launch_bits<T, 256>(out, q, g, f, scale, L, s, dev, sms); return true;
+    case 64: launch_bits<T, 64>(out, q, g, f, scale, L, w, s, dev, sms); return true;
+    case 80: launch_bits<T, 80>(out, q, g, f, scale, L, w, s, dev, sms); return true;
+    case 96: launch_bits<T, 96>(out, q, g, f, scale, L, w, s, dev, sms); return true;
+    case 128: launch_bits<T, 128>(out, q, g, f, scale, L, w, s, dev, sms); return true;
+    case 256: launch_bits<T, 256>(out, q, g, f, scale, L, w, s, dev, sms); return true;
     default: return false;
   }
 }
 }  // namespace fast
+
+// ---------------------------------------------------------------------------------------
+// Flash-decoding over the packed cache (the default kernel).
+// Grid = (splits, query rows, kv-head groups). A split covers `sub` consecutive chunks of
+// kCH tokens of one row's sequence for a group of kv heads. Per chunk the block computes the
+// cos/sin of every (token, RoPE pair) once, shared by all heads of the group; then each warp
+// takes work items (kv head, pass over up to GC of its query heads) in turn and streams the
+// chunk's packed keys, values and metadata straight from global memory (8/6/4-byte loads per
+// lane, the next token's loads issued before the current one is used). NLP lanes serve one
+// token, each lane 16 stream elements (8 RoPE pairs of keys, 16 value channels). A pair table
+// maps the 2*BITS bits of a key pair (or of two value channels) to both codebook values.
+// Online softmax with one running max per warp and query head (rescaled only when it grows);
+// values accumulate as sum p*A + sum (p*S)*cb; outliers are exact corrections (keys: into the
+// lane's partial dot; values: into a per-warp shared row, token groups in turn, so the sums
+// are deterministic). An item's state (acc, m, l) waits in shared memory between chunks; at
+// the end each split's partials go to `part` and combine_kernel merges them in a fixed order.
+namespace flash {
+constexpr int kW = 8, kCH = 64, kStateBytes = 64 * 1024;
+template <int D> struct Cfg {
+  static constexpr int NL = D / 16;  // lanes with data per token
+  static constexpr int NLP = NL <= 4 ? 4 : (NL <= 8 ? 8 : 16);
+  static constexpr int TPW = 32 / NLP;  // tokens per warp step
+};
+
+struct Plan {
+  int groups, hpb, splits, sub, gc, npass;
+};
+
+// Raises a kernel's dynamic shared memory limit once (to the device's opt-in maximum), so no
+// attribute call happens while a graph is being captured after the first eager launch.
+void allow_smem(const void* fn, size_t bytes) {
+  static std::mutex mu;
+  static std::vector<std::pair<const void*, size_t>> done;
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto& d : done)
+    if (d.first == fn && d.second >= bytes) return;
+  int dev = 0, optin = 0;
+  cuda_check(cudaGetDevice(&dev), "kvqAttention");
+  cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "kvqAttention");
+  if ((size_t)optin < bytes) fail("ERR_UNSUPPORTED", "kvqAttention: needs " + std::to_string(bytes) + " bytes of shared memory per block");
+  cuda_check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, optin), "kvqAttention");
+  done.emplace_back(fn, (size_t)optin);
+}
+
+inline int group_chunk(int G) { return G % 4 == 0 ? 4 : (G % 2 == 0 ? 2 : 1); }
+
+Plan plan(int sms, int N, int H, int G, int D, int max_seq_len) {
+  Plan p;
+  p.gc = group_chunk(G);
+  p.npass = G / p.gc;
+  const int chunks = std::max(1, (max_seq_len + kCH - 1) / kCH);
+  const long long target = 2LL * sms;
+  // heads per block: all of them unless the state does not fit or the grid would be too small
+  int max_hpb = std::max(1, kStateBytes / (p.npass * p.gc * (D + 2) * 4));
+  int groups = (H + std::min(H, max_hpb) - 1) / std::min(H, max_hpb);
+  if ((long long)N * chunks * groups < target)
+    groups = (int)std::min<long long>(H, std::max<long long>(groups, (target + (long long)N * chunks - 1) / ((long long)N * chunks)));
+  p.hpb = (H + groups - 1) / groups;
+  p.groups = (H + p.hpb - 1) / p.hpb;
+  const long long per = (long long)N * p.groups;
+  int splits = (int)std::min<long long>(chunks, std::max<long long>(1, (target + per - 1) / per));
+  p.sub = (chunks + splits - 1) / splits;
+  p.splits = (chunks + p.sub - 1) / p.sub;
+  return p;
+}
+
+// The 16 codes of lane `sub` (stream elements 16*sub .. 16*sub+15) from a global row.
+template <int BITS> __device__ __forceinline__ unsigned long long lane_codes(const uint8_t* row, int sub) {
+  if constexpr (BITS == 4) {
+    const uint2 w = __ldg(reinterpret_cast<const uint2*>(row) + sub);
+    return (unsigned long long)w.x | ((unsigned long long)w.y << 32);
+  } else if constexpr (BITS == 2) {
+    return __ldg(reinterpret_cast<const unsigned*>(row) + sub);
+  } else {
+    const int bit = 48 * sub, w = bit >> 5;
+    const unsigned* r = reinterpret_cast<const unsigned*>(row);
+    const unsigned long long v = (unsigned long long)__ldg(r + w) | ((unsigned long long)__ldg(r + w + 1) << 32);
+    return v >> (bit & 31);
+  }
+}
+__device__ __forceinline__ float ghalf(const uint8_t* p) {
+  return __half2float(__ushort_as_half((unsigned short)(__ldg(p) | (__ldg(p + 1) << 8))));
+}
+__device__ __forceinline__ int gcode(const uint8_t* row, int e, int bits) {
+  const int bit = e * bits, byte = bit >> 3, sh = bit & 7;
+  unsigned w = __ldg(row + byte);
+  if (sh + bits > 8) w |= (unsigned)__ldg(row + byte + 1) << 8;
+  return (int)((w >> sh) & ((1u << bits) - 1u));
+}
+
+template <int D, int BITS, int GC>
+struct Smem {
+  static constexpr int HALF = D / 2, PT = 1 << (2 * BITS);
+  static constexpr size_t cs = sizeof(float2) * kCH * HALF;
+  static constexpr size_t tables = sizeof(float2) * 2 * PT;
+  static constexpr size_t qw = sizeof(float2) * kW * HALF * GC;
+  static constexpr size_t red = sizeof(float) * kW * GC * D;
+  static constexpr size_t slots = sizeof(int) * kCH;
+  static size_t bytes(int items) { return cs + tables + qw + red + slots + sizeof(float) * (size_t)items * GC * (D + 2); }
+};
+
+template <class T, int D, int BITS, int GC>
+__global__ void __launch_bounds__(kW * 32, GC >= 4 ? 1 : 2)
+flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, float scale, int hq_total, Plan pl,
+             float* __restrict__ part) {
+  using C = Cfg<D>;
+  using S = Smem<D, BITS, GC>;
+  constexpr int HALF = D / 2, CB = fast::CodeBytes<D, BITS>::value, PBITS = 2 * BITS, PMASK = (1 << PBITS) - 1;
+  extern __shared__ __align__(16) uint8_t smem[];
+  float2* cs = reinterpret_cast<float2*>(smem);                     // [kCH][HALF]
+  float2* kpt = reinterpret_cast<float2*>(smem + S::cs);            // [PT]
+  float2* vpt = kpt + S::PT;                                        // [PT]
+  float2* qw = reinterpret_cast<float2*>(smem + S::cs + S::tables);  // [kW][HALF][GC]
+  float* red = reinterpret_cast<float*>(smem + S::cs + S::tables + S::qw);  // [kW][GC][D]
+  int* slot_s = reinterpret_cast<int*>(smem + S::cs + S::tables + S::qw + S::red);  // [kCH]
+  float* st = reinterpret_cast<float*>(smem + S::cs + S::tables + S::qw + S::red + S::slots);  // [items][GC][D+2]
+
+  const int split = blockIdx.x, n = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int sub = lane % C::NLP, j = lane / C::NLP;
+  const bool has = sub < C::NL;
+  const int G = hq_total / g.H;
+  const int h_begin = blockIdx.z * pl.hpb, h_end = min(g.H, h_begin + pl.hpb);
+  const int items = (h_end - h_begin) * pl.npass;
+  __shared__ int bp[2];
+  if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
+  for (int e = tid; e < items * GC * (D + 2); e += blockDim.x) {
+    const int c = e % (D + 2);
+    st[e] = c == D ? -INFINITY : 0.f;
+  }
+  for (int e = tid; e < S::PT; e += blockDim.x) {
+    kpt[e] = make_float2(g.key_cb[e & ((1 << BITS) - 1)], g.key_cb[e >> BITS]);
+    vpt[e] = make_float2(g.val_cb[e & ((1 << BITS) - 1)], g.val_cb[e >> BITS]);
+  }
+  __syncthreads();
+  const int b = bp[0], L = bp[1] + 1;
+  const int srow = b >= 0 ? sink_row(g, b) : 0;
+  const int nk = g.nk, nv = g.nv, ns = nk + nv, MB = g.mbytes;
+  for (int c = 0; c < pl.sub && b >= 0; ++c) {
+    const int t0 = (split * pl.sub + c) * kCH;
+    const int cnt = max(0, min(kCH, L - t0));
+    if (cnt == 0) break;
+    for (int tt = tid; tt < cnt; tt += blockDim.x) {
+      const int t = t0 + tt;
+      slot_s[tt] = (int)(((long long)g.pt[(long long)b * g.max_pages + t / g.page_size] * g.page_size + t % g.page_size) * g.H);
+    }
+    for (int e = tid; e < cnt * HALF; e += blockDim.x) {
+      const int tt = e / HALF, i = e % HALF;
+      float s_, c_;
+      sincosf(__fmul_rn((float)(t0 + tt), inv_freq[i]), &s_, &c_);
+      cs[e] = make_float2(c_, s_);
+    }
+    __syncthreads();
+    for (int it = warp; it < items; it += kW) {
+      const int h = h_begin + it / pl.npass, g0 = (it % pl.npass) * GC;
+      const int gc = min(GC, G - g0);
+      float2* qwr = qw + (size_t)warp * HALF * GC;
+      float* rw = red + (size_t)warp * GC * D;
+      float* sti = st + (size_t)it * GC * (D + 2);
+      for (int e = lane; e < HALF * GC; e += 32) {
+        const int i = e / GC, gg = e % GC;
+        float2 v = make_float2(0.f, 0.f);
+        if (gg < gc) {
+          const T* qq = q + ((long long)n * hq_total + h * G + g0 + gg) * D;
+          v = make_float2(to_f(qq[i]) * scale, to_f(qq[i + HALF]) * scale);
+        }
+        qwr[e] = v;
+      }
+      for (int e = lane; e < GC * D; e += 32) rw[e] = 0.f;
+      // lane's key bounds: pairs 8*sub .. 8*sub+7, channels i and i + HALF
+      float ka[16], ksc[16];
+      {
+        const float* lo = g.key_lo + (long long)h * D;
+        const float* hi = g.key_hi + (long long)h * D;
+#pragma unroll
+        for (int e = 0; e < 16; ++e) {
+          const int p = min(HALF - 1, 8 * sub + (e >> 1)), ch = (e & 1) ? p + HALF : p;
+          const float l_ = __ldg(lo + ch), s_ = 0.5f * (__ldg(hi + ch) - l_);
+          ksc[e] = s_;
+          ka[e] = l_ + s_;
+        }
+      }
+      float m[GC], l[GC], pa[GC], acc[GC][16];
+#pragma unroll
+      for (int gg = 0; gg < GC; ++gg) {
+        m[gg] = sti[gg * (D + 2) + D];
+        l[gg] = j == 0 ? sti[gg * (D + 2) + D + 1] : 0.f;
+        pa[gg] = 0.f;
+#pragma unroll
+        for (int e = 0; e < 16; ++e) acc[gg][e] = (j == 0 && has) ? sti[gg * (D + 2) + 16 * sub + e] : 0.f;
+      }
+      __syncwarp();
+      // loads of one token for this lane
+      auto slot_of_tt = [&](int tt) -> long long { return (long long)slot_s[tt] + h; };
+      unsigned long long kb_n = 0, vb_n = 0;
+      unsigned mw_n = 0;
+      auto load = [&](int tt, unsigned long long& kb, unsigned long long& vb, unsigned& mw) {
+        if (tt < cnt && has && t0 + tt >= g.sink) {
+          const long long sl = slot_of_tt(tt);
+          kb = lane_codes<BITS>(g.kc + sl * CB, sub);
+          vb = lane_codes<BITS>(g.vc + sl * CB, sub);
+          mw = __ldg(reinterpret_cast<const unsigned*>(g.meta + sl * MB));
+        }
+      };
+      load(j, kb_n, vb_n, mw_n);
+      for (int base = 0; base < cnt; base += C::TPW) {
+        const int tt = base + j, t = t0 + tt;
+        const bool tv = tt < cnt;
+        const unsigned long long kb = kb_n, vb = vb_n;
+        const unsigned mw = mw_n;
+        load(tt + C::TPW, kb_n, vb_n, mw_n);
+        const long long sl = tv ? slot_of_tt(tt) : 0;
+        const bool sink = t < g.sink;
+        float d[GC];
+#pragma unroll
+        for (int gg = 0; gg < GC; ++gg) d[gg] = 0.f;
+        if (tv && has) {
+          float kk[16];
+          if (sink) {
+            const uint16_t* sk = g.sink_k + (((long long)srow * g.sink + t) * g.H + h) * D;
+            const uint4 a = *reinterpret_cast<const uint4*>(sk + 8 * sub), bb = *reinterpret_cast<const uint4*>(sk + HALF + 8 * sub);
+            const __half* ah = reinterpret_cast<const __half*>(&a);
+            const __half* bh = reinterpret_cast<const __half*>(&bb);
+#pragma unroll
+            for (int p = 0; p < 8; ++p) { kk[2 * p] = __half2float(ah[p]); kk[2 * p + 1] = __half2float(bh[p]); }
+          } else {
+#pragma unroll
+            for (int p = 0; p < 8; ++p) {
+              const float2 cb = kpt[(unsigned)(kb >> (PBITS * p)) & PMASK];
+              kk[2 * p] = fmaf(ksc[2 * p], cb.x, ka[2 * p]);
+              kk[2 * p + 1] = fmaf(ksc[2 * p + 1], cb.y, ka[2 * p + 1]);
+            }
+          }
+          const float2* cst = cs + tt * HALF + 8 * sub;
+#pragma unroll
+          for (int p = 0; p < 8; ++p) {
+            const float2 r = cst[p];
+            const float x = kk[2 * p] * r.x - kk[2 * p + 1] * r.y, y = kk[2 * p + 1] * r.x + kk[2 * p] * r.y;
+            const float2* qp = qwr + (8 * sub + p) * GC;
+#pragma unroll
+            for (int gg = 0; gg < GC; ++gg) {
+              const float2 qq = qp[gg];
+              d[gg] = fmaf(qq.x, x, fmaf(qq.y, y, d[gg]));
+            }
+          }
+        }
+        // key outliers: exact corrections, slot s by lane s of the token's group
+        if (tv && has && !sink)
+          for (int s = sub; s < nk; s += C::NL) {
+            const uint8_t* me = g.meta + sl * MB;
+            const int ch = min((int)__ldg(me + 4 + 2 * ns + s), D - 1);
+            const int code = gcode(g.kc + sl * CB, kvq::key_element(ch, D), BITS);
+            const float lo_ = __ldg(g.key_lo + (long long)h * D + ch), sc_ = 0.5f * (__ldg(g.key_hi + (long long)h * D + ch) - lo_);
+            const float delta = ghalf(me + 4 + 2 * s) - fmaf(sc_, g.key_cb[code], lo_ + sc_);
+            const int i = ch < HALF ? ch : ch - HALF;
+            const float2 r = cs[tt * HALF + i];
+#pragma unroll
+            for (int gg = 0; gg < GC; ++gg) {
+              const float2 qq = qwr[i * GC + gg];
+              d[gg] += ch < HALF ? delta * (qq.x * r.x + qq.y * r.y) : delta * (qq.y * r.x - qq.x * r.y);
+            }
+          }
+#pragma unroll
+        for (int o = 1; o < C::NLP; o <<= 1)
+#pragma unroll
+          for (int gg = 0; gg < GC; ++gg) d[gg] += __shfl_xor_sync(0xffffffffu, d[gg], o);
+        // online softmax: one running max per warp and query head
+        float p[GC];
+#pragma unroll
+        for (int gg = 0; gg < GC; ++gg) {
+          const float sc = tv ? d[gg] : -INFINITY;
+          float mx = sc;
+#pragma unroll
+          for (int o = C::NLP; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+          if (mx > m[gg]) {  // warp-uniform
+            const float alpha = m[gg] == -INFINITY ? 0.f : expf(m[gg] - mx);
+            l[gg] *= alpha;
+            pa[gg] *= alpha;
+#pragma unroll
+            for (int e = 0; e < 16; ++e) acc[gg][e] *= alpha;
+            for (int e = lane; e < D; e += 32) rw[gg * D + e] *= alpha;
+            __syncwarp();
+            m[gg] = mx;
+          }
+          p[gg] = tv ? expf(sc - m[gg]) : 0.f;
+          l[gg] += p[gg];
+        }
+        // values
+        float A = 0.f, Sv = 0.f;
+        if (tv && !sink) {
+          const unsigned short lo16 = (unsigned short)(mw & 0xffffu), hi16 = (unsigned short)(mw >> 16);
+          const float vlo = __half2float(__ushort_as_half(lo16)), vhi = __half2float(__ushort_as_half(hi16));
+          Sv = 0.5f * (vhi - vlo);
+          A = vlo + Sv;
+        }
+        if (tv && has) {
+          if (sink) {
+            const uint16_t* sv = g.sink_v + (((long long)srow * g.sink + t) * g.H + h) * D + 16 * sub;
+            const uint4 a = *reinterpret_cast<const uint4*>(sv), bb = *reinterpret_cast<const uint4*>(sv + 8);
+            const __half* ah = reinterpret_cast<const __half*>(&a);
+            const __half* bh = reinterpret_cast<const __half*>(&bb);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+              const float v0 = __half2float(ah[e]), v1 = __half2float(bh[e]);
+#pragma unroll
+              for (int gg = 0; gg < GC; ++gg) {
+                acc[gg][e] = fmaf(p[gg], v0, acc[gg][e]);
+                acc[gg][8 + e] = fmaf(p[gg], v1, acc[gg][8 + e]);
+              }
+            }
+          } else {
+            float w[GC];
+#pragma unroll
+            for (int gg = 0; gg < GC; ++gg) { pa[gg] = fmaf(p[gg], A, pa[gg]); w[gg] = p[gg] * Sv; }
+#pragma unroll
+            for (int pp = 0; pp < 8; ++pp) {
+              const float2 cb = vpt[(unsigned)(vb >> (PBITS * pp)) & PMASK];
+#pragma unroll
+              for (int gg = 0; gg < GC; ++gg) {
+                acc[gg][2 * pp] = fmaf(w[gg], cb.x, acc[gg][2 * pp]);
+                acc[gg][2 * pp + 1] = fmaf(w[gg], cb.y, acc[gg][2 * pp + 1]);
+              }
+            }
+          }
+        }
+        // value outliers: corrections into the warp's shared row, token groups in turn
+        if (nv > 0) {
+#pragma unroll 1
+          for (int jj = 0; jj < C::TPW; ++jj) {
+            if (j == jj && tv && has && !sink)
+              for (int s = sub; s < nv; s += C::NL) {
+                const uint8_t* me = g.meta + sl * MB;
+                const int ch = min((int)__ldg(me + 4 + 2 * ns + nk + s), D - 1);
+                const int code = gcode(g.vc + sl * CB, ch, BITS);
+                const float delta = ghalf(me + 4 + 2 * (nk + s)) - fmaf(Sv, g.val_cb[code], A);
+#pragma unroll
+                for (int gg = 0; gg < GC; ++gg) rw[gg * D + ch] += p[gg] * delta;
+              }
+            __syncwarp();
+          }
+        }
+      }
+      // merge the warp's token groups; save the item's state
+#pragma unroll
+      for (int o = C::NLP; o < 32; o <<= 1)
+#pragma unroll
+        for (int gg = 0; gg < GC; ++gg) {
+          l[gg] += __shfl_xor_sync(0xffffffffu, l[gg], o);
+          pa[gg] += __shfl_xor_sync(0xffffffffu, pa[gg], o);
+#pragma unroll
+          for (int e = 0; e < 16; ++e) acc[gg][e] += __shfl_xor_sync(0xffffffffu, acc[gg][e], o);
+        }
+      __syncwarp();
+      if (j == 0 && has)
+#pragma unroll
+        for (int gg = 0; gg < GC; ++gg)
+#pragma unroll
+          for (int e = 0; e < 16; ++e) sti[gg * (D + 2) + 16 * sub + e] = acc[gg][e] + pa[gg] + rw[gg * D + 16 * sub + e];
+      if (lane == 0)
+#pragma unroll
+        for (int gg = 0; gg < GC; ++gg) { sti[gg * (D + 2) + D] = m[gg]; sti[gg * (D + 2) + D + 1] = l[gg]; }
+      __syncwarp();
+    }
+    __syncthreads();
+  }
+  __syncthreads();
+  for (int e = tid; e < items * GC * (D + 2); e += blockDim.x) {
+    const int it = e / (GC * (D + 2)), r = e % (GC * (D + 2)), gg = r / (D + 2), c = r % (D + 2);
+    const int h = h_begin + it / pl.npass, g0 = (it % pl.npass) * GC;
+    if (g0 + gg >= G) continue;
+    part[(((long long)n * hq_total + h * G + g0 + gg) * pl.splits + split) * (D + 2) + c] = st[e];
+  }
+}
+
+template <class T, int D, int BITS, int GC>
+void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, const Plan& pl,
+            float* part, cudaStream_t stream) {
+  const int N = (int)q.dim(0), Hq = (int)q.dim(1);
+  const int items = pl.hpb * pl.npass;
+  const size_t smem = Smem<D, BITS, GC>::bytes(items);
+  auto kernel = flash_kernel<T, D, BITS, GC>;
+  allow_smem(reinterpret_cast<const void*>(kernel), smem);
+  kernel<<<dim3(pl.splits, N, pl.groups), kW * 32, smem, stream>>>(g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(),
+                                                                   scale, Hq, pl, part);
+  const size_t csmem = sizeof(float) * ((size_t)pl.splits + 8 * 32 + 8);
+  auto ck = fast::combine_kernel<T>;
+  if (csmem > 48 * 1024) allow_smem(reinterpret_cast<const void*>(ck), csmem);
+  ck<<<dim3(N * Hq, (D + 31) / 32), 256, csmem, stream>>>(part, pl.splits, D, static_cast<T*>(out.data()));
+}
+
+template <class T, int D, int BITS>
+void launch_gc(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, const Plan& pl, float* part,
+               cudaStream_t s) {
+  if (pl.gc == 4) launch<T, D, BITS, 4>(out, q, g, f, scale, pl, part, s);
+  else if (pl.gc == 2) launch<T, D, BITS, 2>(out, q, g, f, scale, pl, part, s);
+  else launch<T, D, BITS, 1>(out, q, g, f, scale, pl, part, s);
+}
+template <class T, int D>
+void launch_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, const Plan& pl, float* part,
+                 cudaStream_t s) {
+  if (g.bits == 2) launch_gc<T, D, 2>(out, q, g, f, scale, pl, part, s);
+  else if (g.bits == 3) launch_gc<T, D, 3>(out, q, g, f, scale, pl, part, s);
+  else launch_gc<T, D, 4>(out, q, g, f, scale, pl, part, s);
+}
+template <class T>
+bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, float* work, cudaStream_t s) {
+  const int N = (int)q.dim(0), Hq = (int)q.dim(1), dev = q.device.index;
+  if (N == 0) return true;
+  const Plan pl = plan(sm_count(dev), N, g.H, Hq / g.H, g.D, L);
+  float* part = work ? work : partials(dev, (size_t)N * Hq * pl.splits * (g.D + 2) * sizeof(float), s);
+  switch (g.D) {
+    case 64: launch_bits<T, 64>(out, q, g, f, scale, pl, part, s); return true;
+    case 80: launch_bits<T, 80>(out, q, g, f, scale, pl, part, s); return true;
+    case 96: launch_bits<T, 96>(out, q, g, f, scale, pl, part, s); return true;
+    case 128: launch_bits<T, 128>(out, q, g, f, scale, pl, part, s); return true;
+    case 256: launch_bits<T, 256>(out, q, g, f, scale, pl, part, s); return true;
+    default: return false;
+  }
+}
+int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, int max_seq_len) {
+  if (N == 0) return 0;
+  const Plan pl = plan(sms, (int)N, (int)H, (int)(Hq / H), (int)D, max_seq_len);
+  return N * Hq * pl.splits * (D + 2);
+}
+}  // namespace flash
 
 template <class T>
 void launch_attention(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale,
@@ -844,31 +1331,71 @@ void kvq_append(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& k, con
   if (N == 0) return;
   Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
   dim3 grid(N, g.H);
-  if (k.dtype == DType::F16)
-    append_kernel<__half><<<grid, kThreads, 0, stream>>>(g, static_cast<const __half*>(k.data()),
-                                                         static_cast<const __half*>(v.data()));
-  else
-    append_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(g, static_cast<const __nv_bfloat16*>(k.data()),
-                                                                static_cast<const __nv_bfloat16*>(v.data()));
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    Src<T> src{static_cast<const T*>(k.data()), static_cast<const T*>(v.data()), (long long)g.H * g.D, nullptr, nullptr, 0,
+               nullptr, nullptr, 0};
+    append_kernel<T><<<grid, kThreads, 0, stream>>>(g, src);
+  };
+  if (k.dtype == DType::F16) run(__half{});
+  else run(__nv_bfloat16{});
+}
+
+void kvq_rope_append(const Tensor* q_out, const kvq::Cache& c, const kvq::Calib& cal, const Tensor& qkv,
+                     const Tensor& positions, const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens,
+                     const Tensor& cu_q, bool rotate_keys, cudaStream_t stream) {
+  const int N = (int)qkv.dim(0);
+  if (N == 0) return;
+  Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
+  const long long width = qkv.dim(1);
+  const int Hq = (int)(width / g.D) - 2 * g.H;
+  dim3 grid(N, g.H);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* base = static_cast<const T*>(qkv.data());
+    Src<T> src{base + (long long)Hq * g.D, base + (long long)(Hq + g.H) * g.D, width, base,
+               q_out ? static_cast<T*>(q_out->data()) : nullptr, Hq / g.H, positions.ptr<int>(), inv_freq.ptr<float>(),
+               rotate_keys ? 1 : 0};
+    append_kernel<T><<<grid, kThreads, 0, stream>>>(g, src);
+  };
+  if (qkv.dtype == DType::F16) run(__half{});
+  else run(__nv_bfloat16{});
+}
+
+int64_t kvq_attention_workspace_floats(int dev, int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+                                       int max_seq_len) {
+  // room for both kernels (the legacy one is kept for comparison runs)
+  const int64_t legacy = rows * q_heads * std::max<int64_t>((max_seq_len + fast::kChunk - 1) / fast::kChunk, 1) * (head_dim + 2);
+  return std::max(legacy, flash::workspace_floats(sm_count(dev), rows, q_heads, kv_heads, head_dim, max_seq_len));
 }
 
 void kvq_attention(const Tensor& out, const Tensor& q, const kvq::Cache& c, const kvq::Calib& cal,
                    const Tensor& page_table, const Tensor& seq_lens, const Tensor& cu_q, const Tensor& inv_freq,
-                   float scale, int max_q, int max_seq_len, cudaStream_t stream) {
+                   float scale, int max_q, int max_seq_len, float* work, int64_t work_floats, int variant,
+                   cudaStream_t stream) {
   (void)max_q;
+  (void)work_floats;
   Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
-  const bool done = q.dtype == DType::F16 ? fast::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, stream)
-                                           : fast::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, stream);
+  if (variant == 0) {
+    const bool done = q.dtype == DType::F16
+                          ? flash::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, stream)
+                          : flash::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, work, stream);
+    if (done) return;
+  }
+  const bool done = q.dtype == DType::F16
+                        ? fast::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, stream)
+                        : fast::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, work, stream);
   if (done) return;
   if (q.dtype == DType::F16) launch_attention<__half>(out, q, g, inv_freq, scale, max_seq_len, stream);
   else launch_attention<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, stream);
 }
 
 void kvq_dequantize(const Tensor& k_out, const Tensor& v_out, const kvq::Cache& c, const kvq::Calib& cal,
-                    const Tensor& page_table, int64_t seq, cudaStream_t stream) {
+                    const Tensor& page_table, int64_t seq, int64_t sink_row, cudaStream_t stream) {
   const int L = (int)k_out.dim(0);
   if (L == 0) return;
   Geo g = make_geo(c, cal, page_table, nullptr, nullptr);
+  g.sink_row_fixed = (int)sink_row;
   dim3 grid(L, g.H);
   if (k_out.dtype == DType::F16)
     dequant_kernel<__half><<<grid, kThreads, 0, stream>>>(g, (int)seq, static_cast<__half*>(k_out.data()),

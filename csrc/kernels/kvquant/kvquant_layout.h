@@ -9,7 +9,8 @@
 //   meta   [pages, pageSize, kvHeads, metaBytes]  per token-head vector:
 //       +0 fp16 value min, +2 fp16 value max,
 //       +4 nk fp16 key outlier values, then nv fp16 value outlier values,
-//       then nk u8 key outlier channels, then nv u8 value outlier channels, zero padding.
+//       then nk u8 key outlier channels, then nv u8 value outlier channels,
+//       then (mode KeyPerToken only) fp16 key min, fp16 key max, zero padding.
 // codeBytes = D*b/8 rounded up to 16 bytes (a row starts 16-byte aligned); padding is zero.
 // Keys: per channel, normalised against calibrated bounds, x = 2(k-lo)/(hi-lo) - 1, code =
 // nearest entry of a sorted 2^b codebook in [-1, 1] (ties to the lower entry); dequantised
@@ -19,8 +20,13 @@
 // the nv largest |v|; ties go to the lower channel. Outlier channels dequantise to their
 // stored fp16 value exactly.
 // Sink: the first `sink` tokens of sequence b are also kept as fp16 in
-// sinkK/sinkV [rows, sink, kvHeads, D] (row b = row b of the page table); attention and
-// dequantisation use them instead of the codes for positions < sink.
+// sinkK/sinkV [rows, sink, kvHeads, D]; sequence b of a call uses row sinkRows[b] (an i32
+// device tensor, so rows stay with their sequences when a batch is reordered; without it,
+// row b); attention and dequantisation use them instead of the codes for positions < sink.
+// Mode bits (ablations; the CPU reference implements every mode, the CUDA kernels mode 0):
+//   KeyPerToken: keys are quantized like values (per token-head vector, with its own fp16
+//   min/max stored after the outlier channels; outliers are the nk largest |k|); the
+//   calibrated key bounds are unused.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -30,10 +36,13 @@
 namespace sqz::kvq {
 
 // One layer's quantized cache and its calibration (all tensors on one device).
+enum Mode : int { KeyPerToken = 1 };
+
 struct Cache {
   Tensor k_codes, v_codes, meta;  // u8, see above
   Tensor sink_k, sink_v;          // f16 [rows, sink, kvHeads, D]
-  int bits = 4, nk = 0, nv = 0, sink = 0;
+  Tensor sink_rows;               // i32 [B] (no storage: row b)
+  int bits = 4, nk = 0, nv = 0, sink = 0, mode = 0;
   int64_t kv_heads = 0, head_dim = 0, page_size = 0;
 };
 struct Calib {
@@ -45,13 +54,15 @@ inline int64_t code_bytes(int64_t head_dim, int bits) {
   int64_t raw = (head_dim * bits + 7) / 8;
   return (raw + 15) / 16 * 16;
 }
-inline int64_t meta_bytes(int nk, int nv) {
-  int64_t raw = 4 + 3 * (int64_t)(nk + nv);
+inline int64_t meta_bytes(int nk, int nv, int mode = 0) {
+  int64_t raw = 4 + 3 * (int64_t)(nk + nv) + ((mode & KeyPerToken) ? 4 : 0);
   return (raw + 3) / 4 * 4;
 }
+// Offset of the per-token key min/max (mode KeyPerToken).
+inline int64_t key_range_offset(int nk, int nv) { return 4 + 3 * (int64_t)(nk + nv); }
 // Bytes one token takes in one layer (all kv heads), excluding the fp16 sink side store.
-inline int64_t bytes_per_token_layer(int64_t kv_heads, int64_t head_dim, int bits, int nk, int nv) {
-  return kv_heads * (2 * code_bytes(head_dim, bits) + meta_bytes(nk, nv));
+inline int64_t bytes_per_token_layer(int64_t kv_heads, int64_t head_dim, int bits, int nk, int nv, int mode = 0) {
+  return kv_heads * (2 * code_bytes(head_dim, bits) + meta_bytes(nk, nv, mode));
 }
 
 #ifdef __CUDACC__

@@ -1,0 +1,76 @@
+/**
+ * The KVQuant cache inside the decoder on CUDA: decode-style NLL close to the CPU's with the
+ * same calibration, CUDA-graph decode steps equal eager ones, batching, context overflow.
+ */
+import * as path from 'path';
+import { isSqueezeError } from '../ts/errors';
+import { SafetensorsFile } from '../ts/model/safetensors';
+import { loadModel, Model } from '../ts/model/model';
+import { KvqCalibration } from '../ts/quant/kvquant';
+import { calibrateKv } from '../ts/quant/kvquant-calibrate';
+import { describeGpu } from './gpu';
+
+const PYCODER = path.join(__dirname, '..', 'models', 'pycoder-mini');
+
+function windows(file: string, n: number, len: number): Int32Array[] {
+  const st = SafetensorsFile.open(path.join(PYCODER, file));
+  try {
+    const ids = st.readInt32('ids'), L = st.entry('ids').shape[1];
+    return Array.from({ length: n }, (_, w) => ids.slice(w * L, w * L + len));
+  } finally {
+    st.close();
+  }
+}
+
+describeGpu('KVQuant cache in the decoder (CUDA)', () => {
+  let cpu: Model;
+  const cals = new Map<number, KvqCalibration>();
+  beforeAll(async () => {
+    cpu = await loadModel(PYCODER, { device: 'cpu', maxBatch: 2, maxContext: 256 });
+    for (const bits of [2, 3, 4]) cals.set(bits, await calibrateKv(cpu, windows('calib.safetensors', 2, 256), { bits, sink: 2, iterations: 8 }));
+  });
+  afterAll(async () => {
+    await cpu?.dispose();
+  });
+
+  test('decode-style NLL on CUDA is close to the CPU with the same calibration (4/3/2-bit)', async () => {
+    const wins = windows('eval.safetensors', 3, 128);
+    for (const bits of [4, 3, 2]) {
+      const kvCache = { bits, calibration: cals.get(bits)! };
+      const c = await loadModel(PYCODER, { device: 'cpu', maxBatch: 3, maxContext: 128, kvCache });
+      const g = await loadModel(PYCODER, { device: 'cuda', maxBatch: 3, maxContext: 128, kvCache });
+      const nc = await c.decodeNll(wins), ng = await g.decodeNll(wins);
+      await c.dispose();
+      await g.dispose();
+      nc.forEach((x, i) => {
+        if (!(Math.abs(ng[i] - x) < 0.03 * x)) throw new Error(`${bits}-bit window ${i}: CUDA NLL ${ng[i]} vs CPU ${x}`);
+      });
+    }
+  });
+
+  test('graph-replayed decode equals eager decode; batch equals single; overflow fails alone', async () => {
+    const kvCache = { bits: 3, calibration: cals.get(3)! };
+    const [w0, w1, w2] = windows('eval.safetensors', 3, 24);
+    const reqs = [{ ids: w0.subarray(0, 20), maxTokens: 12 }, { ids: w1.subarray(0, 5), maxTokens: 8 }, { ids: w2.subarray(0, 9), maxTokens: 100 }];
+    const m = await loadModel(PYCODER, { device: 'cuda', maxBatch: 3, maxContext: 64, kvCache });
+    try {
+      m.graphs = true;
+      const withGraphs = await m.generateBatch(reqs);
+      expect(m.stats.captureError).toBeUndefined();
+      expect(m.stats.graphReplays).toBeGreaterThan(0);
+      m.graphs = false;
+      const eager = await m.generateBatch(reqs);
+      for (let i = 0; i < 3; i++) expect(withGraphs[i].ids).toEqual(eager[i].ids);
+      expect(withGraphs[2].finishReason).toBe('error');
+      expect(isSqueezeError(withGraphs[2].error, 'ERR_CONTEXT_LENGTH')).toBe(true);
+      for (const i of [0, 1]) {
+        expect(withGraphs[i].finishReason).toBe('length');
+        const [single] = await m.generateBatch([reqs[i]]);
+        expect(single.ids).toEqual(withGraphs[i].ids);
+      }
+      expect(m.freeKvPages).toBe(m.kvPages);
+    } finally {
+      await m.dispose();
+    }
+  });
+});

@@ -1,0 +1,177 @@
+/**
+ * KVQuant calibration of a model: runs our forward over calibration windows, collects each
+ * layer's keys (before RoPE, or after it for the post-RoPE ablation) and values from the
+ * packed q|k|v projection, and fits the quantizer (quant/kvquant.ts calibrateFromSamples).
+ * Positions below `sink` are left out of the samples: the cache keeps them in fp16.
+ * Also the `squeezelm calibrate-kv` command.
+ */
+import * as fs from 'fs';
+import * as path from 'path';
+import { SqueezeError } from '../errors';
+import { Tensor } from '../tensor';
+import { loadModel, Model } from '../model/model';
+import { setProjectionObserver } from '../model/llama';
+import { loadPplData } from '../runtime/ppl';
+import { copy } from '../ops/basic';
+import { KvqCalibration, calibrateFromSamples, saveKvqCalibration } from './kvquant';
+
+/**
+ * The contents of `t` as they are at this point of the stream: a stream-ordered copy into a
+ * fresh tensor (later ops may overwrite `t` before a read of `t` itself runs), then read.
+ */
+export async function snapshot(t: Tensor): Promise<Float32Array | Int32Array> {
+  const c = Tensor.empty(t.shape, { dtype: t.dtype, device: t.device });
+  try {
+    copy(c, t);
+    return t.dtype === 'i32' ? ((await c.toArray()) as Int32Array) : await c.toFloat32();
+  } finally {
+    c.dispose();
+  }
+}
+
+export interface CalibrateKvOptions {
+  bits: number;
+  /** Outlier share (default 0.01). */
+  outliers?: number;
+  /** fp16 sink tokens (default 1). */
+  sink?: number;
+  keyPerToken?: boolean;
+  postRope?: boolean;
+  codebook?: 'kmeans' | 'uniform';
+  /**
+   * Weight the key codebook's k-means by each key channel's sensitivity, the mean squared
+   * query component that multiplies it (over its query heads and RoPE pair; default true).
+   */
+  sensitivity?: boolean;
+  /** Windows per forward pass (default 4). */
+  batch?: number;
+  iterations?: number;
+  maxSamples?: number;
+}
+
+/** Calibrates the KV quantizer of `model` on windows of token ids. */
+export async function calibrateKv(model: Model, windows: Int32Array[], o: CalibrateKvOptions): Promise<KvqCalibration> {
+  const cfg = model.config;
+  const H = cfg.numKvHeads, D = cfg.headDim, Hq = cfg.numHeads, HD = H * D, half = D / 2;
+  const sink = o.sink ?? 1;
+  if (!Number.isInteger(sink) || sink < 0) throw new SqueezeError('ERR_ARG', `calibrate-kv: sink must be a non-negative integer, got ${sink}`);
+  if (model.kvCache.quantized) throw new SqueezeError('ERR_ARG', 'calibrate-kv: calibrate a model loaded with the unquantized cache');
+  const keys: Float32Array[][] = Array.from({ length: cfg.numLayers }, () => []);
+  const vals: Float32Array[][] = Array.from({ length: cfg.numLayers }, () => []);
+  const qsq: Float64Array[] = Array.from({ length: cfg.numLayers }, () => new Float64Array(HD));
+  const G = Hq / H;
+  const pending: Promise<void>[] = [];
+  const invFreq = cfg.invFreq;
+  const observe = (layer: number, qkv: Tensor, positions: Tensor): void => {
+    pending.push(Promise.all([snapshot(qkv), snapshot(positions)]).then(([a, p]) => {
+      const T = qkv.shape[0], W = qkv.shape[1], pos = p as Int32Array;
+      let n = 0;
+      for (let t = 0; t < T; t++) if (pos[t] >= sink) n++;
+      const k = new Float32Array(n * HD), v = new Float32Array(n * HD);
+      let r = 0;
+      for (let t = 0; t < T; t++) {
+        if (pos[t] < sink) continue;
+        k.set(a.subarray(t * W + Hq * D, t * W + (Hq + H) * D), r * HD);
+        // sensitivity of key channel (h, c): E[q^2] of the RoPE pair of c, over the group's query heads
+        for (let hq = 0; hq < Hq; hq++) {
+          const h = Math.floor(hq / G), o = t * W + hq * D;
+          for (let i = 0; i < half; i++) {
+            const e = 0.5 * (a[o + i] * a[o + i] + a[o + i + half] * a[o + i + half]);
+            qsq[layer][h * D + i] += e;
+            qsq[layer][h * D + i + half] += e;
+          }
+        }
+        v.set(a.subarray(t * W + (Hq + H) * D, t * W + (Hq + 2 * H) * D), r * HD);
+        if (o.postRope) {
+          for (let h = 0; h < H; h++) {
+            const x = k.subarray(r * HD + h * D, r * HD + (h + 1) * D);
+            for (let i = 0; i < half; i++) {
+              const ang = Math.fround(pos[t] * invFreq[i]);
+              const c = Math.fround(Math.cos(ang)), s = Math.fround(Math.sin(ang));
+              const x1 = x[i], x2 = x[i + half];
+              x[i] = x1 * c - x2 * s;
+              x[i + half] = x2 * c + x1 * s;
+            }
+          }
+        }
+        r++;
+      }
+      keys[layer].push(k);
+      vals[layer].push(v);
+    }));
+  };
+  const batch = o.batch ?? 4;
+  setProjectionObserver(observe);
+  try {
+    for (let i = 0; i < windows.length; i += batch) await model.logitsBatch(windows.slice(i, i + batch));
+    await Promise.all(pending);
+  } finally {
+    setProjectionObserver(null);
+  }
+  const cat = (parts: Float32Array[]): Float32Array => {
+    const out = new Float32Array(parts.reduce((a, x) => a + x.length, 0));
+    let off = 0;
+    for (const x of parts) { out.set(x, off); off += x.length; }
+    return out;
+  };
+  if (keys[0].reduce((a, x) => a + x.length, 0) === 0) throw new SqueezeError('ERR_ARG', 'calibrate-kv: no tokens past the sink to calibrate on');
+  return calibrateFromSamples(keys.map(cat), vals.map(cat), {
+    bits: o.bits, outliers: o.outliers ?? 0.01, sink, kvHeads: H, headDim: D, keyPerToken: o.keyPerToken, postRope: o.postRope,
+    codebook: o.codebook, iterations: o.iterations, maxSamples: o.maxSamples,
+    keyWeights: o.sensitivity === false ? undefined : qsq.map((x) => Float32Array.from(x)),
+  });
+}
+
+const USAGE = `usage: squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2|3|4 --out FILE
+         [--outliers PCT (default 1)] [--sink N (default 1)] [--windows N] [--device D]
+         [--no-sensitivity] [--key-per-token] [--post-rope] [--uniform]   (docs/kvquant.md)`;
+
+/** `squeezelm calibrate-kv ...` */
+export async function calibrateKvCommand(argv: string[], defaultModel: string): Promise<void> {
+  const f: Record<string, string | boolean> = {};
+  const BOOL = new Set(['key-per-token', 'post-rope', 'uniform', 'no-sensitivity', 'help']);
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (!a.startsWith('--')) throw new SqueezeError('ERR_ARG', `calibrate-kv: unexpected argument '${a}'\n${USAGE}`);
+    const name = a.slice(2);
+    if (BOOL.has(name)) f[name] = true;
+    else if (['model', 'calib', 'bits', 'out', 'outliers', 'sink', 'windows', 'device', 'batch'].includes(name)) {
+      if (i + 1 >= argv.length) throw new SqueezeError('ERR_ARG', `--${name} needs a value`);
+      f[name] = argv[++i];
+    } else throw new SqueezeError('ERR_ARG', `calibrate-kv: unknown option --${name}\n${USAGE}`);
+  }
+  if (f.help) { process.stdout.write(USAGE + '\n'); return; }
+  const num = (name: string, d?: number): number | undefined => {
+    const v = f[name];
+    if (v === undefined) return d;
+    const n = Number(v);
+    if (typeof v !== 'string' || v.trim() === '' || !Number.isFinite(n)) throw new SqueezeError('ERR_ARG', `--${name} must be a number, got '${v}'`);
+    return n;
+  };
+  const bits = num('bits');
+  if (bits !== 2 && bits !== 3 && bits !== 4) throw new SqueezeError('ERR_ARG', `calibrate-kv: --bits must be 2, 3 or 4\n${USAGE}`);
+  const calib = f.calib, out = f.out;
+  if (typeof calib !== 'string') throw new SqueezeError('ERR_ARG', `calibrate-kv: --calib FILE is required\n${USAGE}`);
+  if (typeof out !== 'string') throw new SqueezeError('ERR_ARG', `calibrate-kv: --out FILE is required\n${USAGE}`);
+  const dir = typeof f.model === 'string' ? f.model : defaultModel;
+  if (!fs.existsSync(path.join(dir, 'config.json'))) throw new SqueezeError('ERR_ARG', `--model: ${dir} has no config.json`);
+  const pct = num('outliers', 1)!;
+  if (!(pct >= 0 && pct < 50)) throw new SqueezeError('ERR_ARG', `--outliers is a percentage in [0, 50), got ${pct}`);
+  const batch = num('batch', 4)!;
+  const model = await loadModel(dir, { device: typeof f.device === 'string' ? f.device : 'auto', maxBatch: batch });
+  try {
+    const data = loadPplData(model, calib, { windows: num('windows') });
+    const t0 = performance.now();
+    const cal = await calibrateKv(model, data.windows, {
+      bits, outliers: pct / 100, sink: num('sink', 1), keyPerToken: !!f['key-per-token'], postRope: !!f['post-rope'],
+      codebook: f.uniform ? 'uniform' : 'kmeans', batch, sensitivity: !f['no-sensitivity'],
+    });
+    saveKvqCalibration(out, cal);
+    process.stdout.write(JSON.stringify({
+      out, bits, outliers: cal.outliers, sink: cal.sink, layers: cal.layers.length, windows: data.windows.length,
+      keyPerToken: !!cal.keyPerToken, postRope: !!cal.postRope, codebook: cal.codebook, seconds: (performance.now() - t0) / 1000,
+    }) + '\n');
+  } finally {
+    await model.dispose();
+  }
+}
