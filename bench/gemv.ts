@@ -96,11 +96,10 @@ export async function benchGemv(ctx: BenchContext): Promise<BenchResult[]> {
 export async function benchGemvTune(ctx: BenchContext): Promise<BenchResult[]> {
   if (!ctx.device) return [];
   const out: BenchResult[] = [];
-  const fma = (r: string, u: string, pf = '1') => ({ M: [1], env: { SQUEEZELM_GEMV_TC_MIN_M: '3', SQUEEZELM_GEMV_R: r, SQUEEZELM_GEMV_U: u, SQUEEZELM_GEMV_PF: pf } });
+  const fma = (r: string, u: string) => ({ M: [1], env: { SQUEEZELM_GEMV_TC_MIN_M: '3', SQUEEZELM_GEMV_R: r, SQUEEZELM_GEMV_U: u } });
   const configs: Array<{ M: number[]; env: Record<string, string> }> = [
     { M: [1, 4, 16], env: {} },
     fma('1', '4'), fma('1', '8'), fma('2', '2'), fma('2', '4'), fma('2', '8'), fma('4', '2'), fma('4', '4'),
-    fma('2', '2', '0'), fma('2', '4', '0'), fma('2', '8', '0'), fma('4', '2', '0'),
     ...['1', '2'].flatMap((nt) => ['2', '4'].map((u) => ({ M: [4, 16], env: { SQUEEZELM_GEMV_NT: nt, SQUEEZELM_GEMV_TC_U: u } }))),
   ];
   for (const [N, K] of GEMV_SHAPES) {

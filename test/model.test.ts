@@ -308,6 +308,7 @@ describeGpu('decoder on cuda', () => {
     // Two models: the scheduler keeps captured graphs, so one model cannot switch paths.
     const m = await loadModel(PYCODER, { device: 'cuda', maxBatch: 2 });
     const p = await loadModel(PYCODER, { device: 'cuda', maxBatch: 2 });
+    m.decoder.fuse = true;
     p.decoder.fuse = false;
     try {
       const reqs = [{ ids: pyRef.prompt, maxTokens: 48 }, { prompt: 'class Stack:\n', maxTokens: 32 }];

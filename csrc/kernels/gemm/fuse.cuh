@@ -14,7 +14,6 @@ struct GemvFuse {
   const void* gamma;  // RMSNorm weight [K] (the activation dtype) or null
   float eps;
   int mode;
-  int prefetch;  // FMA GEMV: prefetch the next round of weights into L2 (a launch knob, not a fusion)
 };
 
 __device__ __forceinline__ float silu_f(float g) { return g / (1.f + expf(-g)); }

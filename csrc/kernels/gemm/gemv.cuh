@@ -5,11 +5,11 @@
 // deterministic). x is small and shared by every warp, so it is read through L1/L2; the R
 // rows per warp divide that traffic by R.
 //
-// The decoder's fusions (GemvFuse, see fuse.cuh) ride along. NORM: the block first normalises
-// its M rows of x (fp32 sum of squares, times gamma, rounded to T as the unfused norm's output
-// is) into shared memory, and the main loop reads x from there; the loop itself is the plain
-// one, so the weight stream keeps its loads in flight. In silu-pairs mode the R rows of a warp
-// are R/2 gate rows and the matching up rows, so one lane holds both halves of an output.
+// The decoder's fusions (GemvFuse, see fuse.cuh) ride along: with NORM every warp also sums
+// x^2 over the K it walks anyway, so the RMSNorm of x costs no extra pass; x is scaled by
+// gamma as it is read and the row's 1/rms is applied to the finished dot products. In
+// silu-pairs mode the R rows of a warp are R/2 gate rows and the matching up rows, so one
+// lane holds both halves of an output.
 #pragma once
 #include "../common/pdl.cuh"
 #include "common.cuh"
@@ -18,14 +18,13 @@
 namespace sqz::cuda::gemm_detail {
 
 constexpr int kGemvWarps = 8;  // warps per block
-constexpr int kGemvWarpsFwd = kGemvWarps;
 constexpr int kGemvRows = 2;   // output rows per warp (default; the launcher may pick 1 or 4)
 
-// Eight x values at chunk c as floats, from global memory (read-only path) or from the
-// normalised copy in shared memory.
-template <class T, bool SHARED>
-__device__ __forceinline__ void x_chunk(const T* xr, int c, float (&xf)[8]) {
-  const uint4 xv = SHARED ? reinterpret_cast<const uint4*>(xr)[c] : __ldg(reinterpret_cast<const uint4*>(xr) + c);
+// Eight x values of row m at chunk c as floats; with NORM, adds their squares to ss and
+// scales them by gamma.
+template <class T, bool NORM>
+__device__ __forceinline__ void x_chunk(const T* xr, const T* gamma, int c, float (&xf)[8], float& ss) {
+  const uint4 xv = __ldg(reinterpret_cast<const uint4*>(xr) + c);
   const uint32_t xs[4] = {xv.x, xv.y, xv.z, xv.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -33,39 +32,18 @@ __device__ __forceinline__ void x_chunk(const T* xr, int c, float (&xf)[8]) {
     xf[2 * i] = f.x;
     xf[2 * i + 1] = f.y;
   }
-}
-
-// NORM prologue: xs[m][k] = T(x[m][k] * gamma[k] / rms(x[m])) for the block's use. Every thread
-// of the block takes part (two barriers).
-template <class T, int M>
-__device__ __forceinline__ void normalise_rows(T* xs, const T* __restrict__ x, const T* __restrict__ gamma, int K,
-                                               float eps) {
-  __shared__ float red[kGemvWarpsFwd][M];
-  __shared__ float inv[M];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if constexpr (NORM) {
+    const uint4 gv = __ldg(reinterpret_cast<const uint4*>(gamma) + c);
+    const uint32_t gs[4] = {gv.x, gv.y, gv.z, gv.w};
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    float ss = 0.f;
-    for (int k = tid; k < K; k += blockDim.x) {
-      const float v = to_f<T>(x[(size_t)m * K + k]);
-      ss = fmaf(v, v, ss);
+    for (int i = 0; i < 4; ++i) {
+      const float2 g = pair_to_f2<T>(gs[i]);
+      ss = fmaf(xf[2 * i], xf[2 * i], ss);
+      ss = fmaf(xf[2 * i + 1], xf[2 * i + 1], ss);
+      xf[2 * i] *= g.x;
+      xf[2 * i + 1] *= g.y;
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if (lane == 0) red[warp][m] = ss;
   }
-  __syncthreads();
-  if (tid < M) {
-    float ss = 0.f;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) ss += red[w][tid];  // warp order: deterministic
-    inv[tid] = rsqrtf(ss / (float)K + eps);
-  }
-  __syncthreads();
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-    for (int k = tid; k < K; k += blockDim.x)
-      xs[(size_t)m * K + k] = from_f<T>(to_f<T>(x[(size_t)m * K + k]) * inv[m] * to_f<T>(gamma[k]));
-  __syncthreads();
 }
 
 template <class T, int R>
@@ -87,14 +65,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     gemv_kernel(T* y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, int N, int K,
                 GemvFuse fuse) {
   static_assert(R == 1 || R % 2 == 0, "rows per warp: 1 or even");
-  extern __shared__ uint4 gemv_smem[];  // NORM: the block's normalised x, [M][K] of T
   const int lane = threadIdx.x & 31;
   const long long warp = (long long)blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
   const bool pairs = fuse.mode == kFuseSiluPairs;  // R is even whenever the launcher sets it
   // Plain: rows n0 .. n0+R-1. Pairs: gate rows p0 .. p0+R/2-1 and up rows P+p0 ...
   const long long P = N / 2;
   const long long n0 = pairs ? warp * (R / 2) : warp * R;
-  const bool idle = n0 >= (pairs ? P : N);
+  if (n0 >= (pairs ? P : N)) {  // whole warp leaves together: no shuffle is left waiting
+    pdl_wait();
+    return;
+  }
   long long rows[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -104,10 +84,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   const T* wrow[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) wrow[r] = w + (size_t)rows[r] * K;
+  const T* gamma = static_cast<const T*>(fuse.gamma);
 
   // Weights do not depend on earlier kernels: pull this warp's first round into L2 while the
   // previous kernel drains (programmatic dependent launch), then wait for x.
-  if (VEC && !idle)
+  if (VEC)
 #pragma unroll
     for (int u = 0; u < U; ++u)
       if ((lane + 32 * u) * 8 < K)
@@ -115,33 +96,20 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
         for (int r = 0; r < R; ++r) prefetch_l2(wrow[r] + (size_t)(lane + 32 * u) * 8);
   pdl_wait();
   pdl_trigger();
-  const T* xsrc = x;
-  if constexpr (NORM) {
-    T* xs = reinterpret_cast<T*>(gemv_smem);
-    normalise_rows<T, M>(xs, x, static_cast<const T*>(fuse.gamma), K, fuse.eps);
-    xsrc = xs;
-  }
-  if (idle) return;  // whole warp leaves together (after the block's barriers): no shuffle waits
 
-  float acc[M][R];
+  float acc[M][R], ss[M];
 #pragma unroll
-  for (int m = 0; m < M; ++m)
+  for (int m = 0; m < M; ++m) {
+    ss[m] = 0.f;
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+  }
 
   if constexpr (VEC) {
     const int chunks = K >> 3;
     int c = lane;
     // Main loop: U chunks per row per lane, all weight loads issued before any math.
     for (; c + 32 * (U - 1) < chunks; c += 32 * U) {
-      // The next round goes to L2 first: prefetches hold no registers, so the compiler's
-      // scheduling of the loads below (which it may spread over the math to save registers)
-      // cannot drain the memory pipeline; the loads then mostly hit L2.
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (fuse.prefetch && c + 32 * (U + u) < chunks)
-#pragma unroll
-          for (int r = 0; r < R; ++r) prefetch_l2(wrow[r] + (size_t)(c + 32 * (U + u)) * 8);
       uint4 wv[U][R];
 #pragma unroll
       for (int u = 0; u < U; ++u)
@@ -152,7 +120,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll
         for (int m = 0; m < M; ++m) {
           float xf[8];
-          x_chunk<T, NORM>(xsrc + (size_t)m * K, c + 32 * u, xf);
+          x_chunk<T, NORM>(x + (size_t)m * K, gamma, c + 32 * u, xf, ss[m]);
 #pragma unroll
           for (int r = 0; r < R; ++r) dot_chunk<T, R>(acc[m][r], xf, wv[u][r]);
         }
@@ -165,7 +133,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         float xf[8];
-        x_chunk<T, NORM>(xsrc + (size_t)m * K, c, xf);
+        x_chunk<T, NORM>(x + (size_t)m * K, gamma, c, xf, ss[m]);
 #pragma unroll
         for (int r = 0; r < R; ++r) dot_chunk<T, R>(acc[m][r], xf, wv[r]);
       }
@@ -177,7 +145,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       for (int r = 0; r < R; ++r) wf[r] = to_f<T>(wrow[r][k]);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const float xf = to_f<T>(xsrc[(size_t)m * K + k]);
+        float xf = to_f<T>(x[(size_t)m * K + k]);
+        if constexpr (NORM) {
+          ss[m] = fmaf(xf, xf, ss[m]);
+          xf *= to_f<T>(gamma[k]);
+        }
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[m][r] = fmaf(xf, wf[r], acc[m][r]);
       }
@@ -187,7 +159,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   // Butterfly reduction: every lane ends with the full sums; stores are spread over lanes so
   // the stores of one warp go out in parallel.
 #pragma unroll
-  for (int m = 0; m < M; ++m)
+  for (int m = 0; m < M; ++m) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float s = acc[m][r];
@@ -195,14 +167,22 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
       acc[m][r] = s;
     }
+    if constexpr (NORM) {
+      float s = ss[m];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      ss[m] = rsqrtf(s / (float)K + fuse.eps);  // now 1/rms of row m
+    }
+  }
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (lane != ((m * R + r) & 31)) continue;
+      const float inv = NORM ? ss[m] : 1.f;
       if (pairs) {
         if (r >= R / 2 || n0 + r >= P) continue;
-        float g = acc[m][r], u = acc[m][r + R / 2];
+        float g = acc[m][r] * inv, u = acc[m][r + R / 2] * inv;
         if (bias) {
           g += to_f<T>(bias[rows[r]]);
           u += to_f<T>(bias[rows[r + R / 2]]);
@@ -211,7 +191,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       } else {
         const long long n = n0 + r;
         if (n >= N) continue;
-        float v = acc[m][r];
+        float v = acc[m][r] * inv;
         if (bias) v += to_f<T>(bias[n]);
         T* out = y + (size_t)m * N + n;
         if (fuse.mode == kFuseResidual) v += to_f<T>(*out);

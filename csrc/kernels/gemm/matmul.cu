@@ -17,7 +17,7 @@ using namespace gemm_detail;
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-GemvFuse no_fuse() { return GemvFuse{nullptr, 0.f, kFusePlain, 1}; }
+GemvFuse no_fuse() { return GemvFuse{nullptr, 0.f, kFusePlain}; }
 
 // Launch-shape knobs, each overridable from the environment for tuning runs (bench/gemv.ts's
 // tune suite): read per launch, so a benchmark can sweep them in one process.
@@ -28,29 +28,12 @@ int knob(const char* name, int dflt) {
 
 template <class T, int M, bool VEC, int U, int R = kGemvRows>
 void launch_gemv_mu(T* y, const T* x, const T* w, const T* bias, int N, int K, GemvFuse f, cudaStream_t s) {
-  f.prefetch = knob("SQUEEZELM_GEMV_PF", f.prefetch);
   // Pairs mode: a warp covers R/2 outputs, i.e. R rows of w, like the plain mode.
   const long long warps = (N + R - 1) / R;
   const unsigned blocks = ceil_div(warps, kGemvWarps);
-  if (f.gamma) {
-    // The normalised rows live in shared memory: M * K values, above 48 KiB only by opt-in.
-    const size_t smem = (size_t)M * K * sizeof(T);
-    constexpr size_t kMaxSmem = 200 * 1024;
-    if (smem > kMaxSmem)
-      fail("ERR_UNSUPPORTED", "fusedLinear: the norm of " + std::to_string(M) + " x " + std::to_string(K) +
-                                  " activations does not fit in shared memory");
-    auto kernel = gemv_kernel<T, M, VEC, U, R, true>;
-    static std::atomic<uint64_t> configured{0};
-    int dev = 0;
-    cuda_check(cudaGetDevice(&dev), "fusedLinear: cudaGetDevice");
-    const uint64_t bit = 1ull << (dev & 63);
-    if (smem > 48 * 1024 && !(configured.load() & bit)) {
-      cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kMaxSmem),
-                 "fusedLinear: cudaFuncSetAttribute");
-      configured.fetch_or(bit);
-    }
-    launch_pdl(kernel, dim3(blocks), dim3(kGemvWarps * 32), smem, s, y, x, w, bias, N, K, f);
-  } else
+  if (f.gamma)
+    launch_pdl(gemv_kernel<T, M, VEC, U, R, true>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K, f);
+  else
     launch_pdl(gemv_kernel<T, M, VEC, U, R, false>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K, f);
 }
 
@@ -245,7 +228,7 @@ void run_fused(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tenso
   const T* x = xt.ptr<T>();
   const T* w = wt.ptr<T>();
   const T* bias = bt ? bt->ptr<T>() : nullptr;
-  const GemvFuse f{gt ? gt->data() : nullptr, eps, mode, 1};
+  const GemvFuse f{gt ? gt->data() : nullptr, eps, mode};
   const bool vec = K % 8 == 0 && aligned16(x) && aligned16(w) && (!gt || aligned16(gt->data()));
   // The FMA kernel at every M: the fusions are for the decode step's few rows.
   GemvPlan plan = plan_gemv((int)M, (int)N, (int)K);
