@@ -1,6 +1,11 @@
 // Error compensation with table refits (ts/quant/gptq.ts) on random layers with correlated inputs.
 import { cholesky, gptqFactor, gptqRefit, gptqRefitReference, outputError } from '../ts/quant/gptq';
-import { quantizeLinear, dequantize } from '../ts/quant/squeezellm';
+import { quantizeLinear, dequantize, quantizeCommand } from '../ts/quant/squeezellm';
+import { writeSafetensors } from '../ts/model/safetensors';
+import { loadModel } from '../ts/model/model';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
 import { rng, randn } from './gpu';
 
 /** Inputs with correlated channels of uneven scale: x = z·Mix, M samples of K channels. */
@@ -82,6 +87,18 @@ describe('gptq', () => {
       expect(Math.abs(outputError(w, dequantize(km), N, K, h) - eKm)).toBeLessThan(1e-6 * eKm + 1e-12);
     });
 
+  test('outlierScore error: the same budget, lower output error than the w² score', async () => {
+    const r = rng(44), N = 32, K = 64, M = 400;
+    const { x, h, sens } = calibration(M, K, r);
+    const w = randn(N * K, r, 0.05);
+    const f = gptqFactor(h, K, 0.01);
+    const o = { bits: 3 as const, sens, outliers: 0.005, sensitive: 0.02, gptq: f, gptqRounds: 2 };
+    const byW = await quantizeLinear(w, N, K, o), byE = await quantizeLinear(w, N, K, { ...o, outlierScore: 'error' });
+    expect(Math.abs(byE.cols!.length - byW.cols!.length)).toBeLessThan(0.004 * N * K);
+    const eW = sampleError(x, M, w, dequantize(byW), N, K), eE = sampleError(x, M, w, dequantize(byE), N, K);
+    expect(eE).toBeLessThan(eW);
+  });
+
   test('native gptqRefit matches the TypeScript reference; never ends worse than its start', async () => {
     const r = rng(41), N = 8, K = 32, E = 8;
     const { h } = calibration(300, K, r);
@@ -110,5 +127,64 @@ describe('gptq', () => {
     await expect(gptqRefit(w, 2, K, c, l, 2, o, f, -1)).rejects.toMatchObject({ code: 'ERR_ARG' });
     await expect(gptqRefit(w, 2, K, c, l, 4, o, f, 1)).rejects.toMatchObject({ code: 'ERR_SHAPE' });
     expect(() => gptqFactor(new Float64Array(15), K)).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+  });
+});
+
+describe('quantize --gptq (small random model)', () => {
+  let dir: string, model: string;
+  beforeAll(() => {
+    // A 2-layer LLaMA, hidden 64 (2 query heads, 1 KV head of 32), MLP 96, vocab 128, fp32.
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-gptq-'));
+    model = path.join(dir, 'model');
+    fs.mkdirSync(model);
+    const H = 64, I = 96, V = 128, L = 2, r = rng(51);
+    fs.writeFileSync(path.join(model, 'config.json'), JSON.stringify({
+      architectures: ['LlamaForCausalLM'], model_type: 'llama', hidden_size: H, intermediate_size: I, head_dim: 32,
+      num_attention_heads: 2, num_key_value_heads: 1, num_hidden_layers: L, vocab_size: V, rms_norm_eps: 1e-5,
+      max_position_embeddings: 256, rope_theta: 10000, tie_word_embeddings: false, hidden_act: 'silu',
+    }));
+    const t: Record<string, { dtype: string; shape: number[]; data: Float32Array }> = {};
+    const add = (name: string, shape: number[], scale: number, one = false) => {
+      const n = shape.reduce((a, b) => a * b, 1);
+      t[name] = { dtype: 'f32', shape, data: one ? new Float32Array(n).fill(1) : randn(n, r, scale) };
+    };
+    add('model.embed_tokens.weight', [V, H], 1);
+    add('lm_head.weight', [V, H], 0.1);
+    add('model.norm.weight', [H], 0, true);
+    for (let l = 0; l < L; l++) {
+      const p = `model.layers.${l}`;
+      add(`${p}.input_layernorm.weight`, [H], 0, true);
+      add(`${p}.post_attention_layernorm.weight`, [H], 0, true);
+      add(`${p}.self_attn.q_proj.weight`, [64, H], 0.1);
+      add(`${p}.self_attn.k_proj.weight`, [32, H], 0.1);
+      add(`${p}.self_attn.v_proj.weight`, [32, H], 0.1);
+      add(`${p}.self_attn.o_proj.weight`, [H, 64], 0.1);
+      add(`${p}.mlp.gate_proj.weight`, [I, H], 0.1);
+      add(`${p}.mlp.up_proj.weight`, [I, H], 0.1);
+      add(`${p}.mlp.down_proj.weight`, [H, I], 0.1);
+    }
+    writeSafetensors(path.join(model, 'model.safetensors'), t);
+    const ids = new Int32Array(2 * 48).map(() => Math.floor(r() * V));
+    writeSafetensors(path.join(dir, 'calib.safetensors'), { ids: { dtype: 'i32', shape: [2, 48], data: ids } });
+  });
+  afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  test('writes a loadable model whose config names the compensation; option errors are coded', async () => {
+    const out = path.join(dir, 'q3');
+    await quantizeCommand(['--model', model, '--out', out, '--bits', '3', '--calib', path.join(dir, 'calib.safetensors'),
+      '--gptq', '--gptq-rounds', '2', '--outlier-score', 'error', '--outliers', '1', '--sensitive', '1']);
+    const cfg = JSON.parse(fs.readFileSync(path.join(out, 'config.json'), 'utf8'));
+    expect(cfg.quantization_config).toMatchObject({ error_compensation: 'gptq_refit', gptq_rounds: 2, sensitive_score: 'error' });
+    const m = await loadModel(out, { device: 'cpu', maxBatch: 1 });
+    try {
+      const logits = await m.logitsBatch([Int32Array.from([1, 2, 3, 4])]);
+      expect(logits[0].every((v) => Number.isFinite(v))).toBe(true);
+    } finally {
+      await m.dispose();
+    }
+    const code = async (argv: string[]) => quantizeCommand(argv).then(() => 'ok', (e) => e.code);
+    expect(await code(['--model', model, '--out', path.join(dir, 'x'), '--gptq'])).toBe('ERR_ARG');
+    expect(await code(['--model', model, '--out', path.join(dir, 'x'), '--gptq-round', '2'])).toBe('ERR_ARG');
+    expect(await code(['--model', model, '--out', path.join(dir, 'x'), '--outlier-score', 'size'])).toBe('ERR_ARG');
   });
 });

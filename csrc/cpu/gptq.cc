@@ -199,10 +199,10 @@ void gptq_refit_rows(const Tensor& lut, const Tensor& codes, const Tensor& q, co
       best = cur;
       for (int r = 0; r < rounds; ++r) {
         gptq_row(ud.data(), K, E, cur, wk);
-        double e1 = row_error(hd.data(), K, cur, wk);
-        if (e1 < bestErr) { bestErr = e1; best = cur; }
+        // The refit can only lower the error of the GPTQ state (that state is feasible for both
+        // of its least-squares steps), so only the refitted state is scored.
         refit_row(hd.data(), K, E, cur, wk);
-        e1 = row_error(hd.data(), K, cur, wk);
+        const double e1 = row_error(hd.data(), K, cur, wk);
         if (e1 < bestErr) { bestErr = e1; best = cur; }
       }
       for (int64_t i = 0; i < K; ++i) {

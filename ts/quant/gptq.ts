@@ -66,21 +66,25 @@ export function gptqFactor(h: Float64Array, K: number, damp = 0.01, actOrder = t
     a[k * K + k] += damp * mean;
   }
   const l = cholesky(a, K);
-  // inv(L) (lower), then H⁻¹ = inv(L)ᵀ inv(L)
-  const li = new Float64Array(K * K);
+  // inv(L) (lower), stored transposed (ct row j = column j of inv(L)), then H⁻¹ = inv(L)ᵀ inv(L):
+  // every inner loop runs over contiguous memory.
+  const ct = new Float64Array(K * K);
   for (let j = 0; j < K; j++) {
-    li[j * K + j] = 1 / l[j * K + j];
+    const c = j * K;
+    ct[c + j] = 1 / l[j * K + j];
     for (let i = j + 1; i < K; i++) {
       let s = 0;
-      for (let k = j; k < i; k++) s -= l[i * K + k] * li[k * K + j];
-      li[i * K + j] = s / l[i * K + i];
+      const li = i * K;
+      for (let k = j; k < i; k++) s -= l[li + k] * ct[c + k];
+      ct[c + i] = s / l[li + i];
     }
   }
   const hinv = new Float64Array(K * K);
   for (let i = 0; i < K; i++)
     for (let j = 0; j <= i; j++) {
       let s = 0;
-      for (let k = i; k < K; k++) s += li[k * K + i] * li[k * K + j];
+      const ci = i * K, cj = j * K;
+      for (let k = i; k < K; k++) s += ct[ci + k] * ct[cj + k];
       hinv[i * K + j] = s;
       hinv[j * K + i] = s;
     }
@@ -308,10 +312,9 @@ export function gptqRefitReference(w: Float32Array, N: number, K: number, codes0
     keep();
     for (let r = 0; r < rounds; r++) {
       gptqRow(wr, out, cur.t, E, u, K, cur, work);
-      let e1 = err();
-      if (e1 < bestErr) { bestErr = e1; keep(); }
+      // the refit can only lower the error of the GPTQ state: only the refitted state is scored
       refitRow(wr, out, E, h, K, cur, g, m, b, tmp);
-      e1 = err();
+      const e1 = err();
       if (e1 < bestErr) { bestErr = e1; keep(); }
     }
     after += bestErr;

@@ -456,8 +456,10 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
 
 /**
  * `squeezelm quantize (--model DIR | DIR) --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT]
- * [--calib FILE [--calib-windows N]] [--fisher FILE] [--rtn] [--device cpu|cuda]`. Outlier shares
- * are percentages of each matrix (0.45 = 0.45%); --calib gathers the activation sensitivity.
+ * [--calib FILE [--calib-windows N] [--calib-power P]] [--gptq [--gptq-rounds R] [--damp D]]
+ * [--outlier-score weight|error] [--fisher FILE] [--rtn] [--device cpu|cuda]`. Outlier shares
+ * are percentages of each matrix (0.45 = 0.45%); --calib gathers the activation sensitivity
+ * (every window of FILE unless --calib-windows), --gptq also E[x xᵀ] for error compensation.
  */
 export async function quantizeCommand(argv: string[]): Promise<void> {
   const pos: string[] = [];
@@ -473,7 +475,10 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
   }
   if (opt.model !== undefined) pos.push(opt.model);
   if (pos.length !== 1 || !opt.out)
-    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers pct] [--sensitive pct] [--calib file] [--fisher file] [--rtn] [--device cpu|cuda]');
+    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers pct] [--sensitive pct] [--calib file [--calib-windows n] [--calib-power p]] [--gptq [--gptq-rounds r] [--damp d]] [--outlier-score weight|error] [--fisher file] [--rtn] [--device cpu|cuda]');
+  const known = ['model', 'out', 'bits', 'outliers', 'sensitive', 'calib', 'calib-windows', 'calib-power', 'gptq',
+    'gptq-rounds', 'damp', 'outlier-score', 'fisher', 'rtn', 'iters', 'device'];
+  for (const k of Object.keys(opt)) if (!known.includes(k)) throw new SqueezeError('ERR_ARG', `quantize: unknown option --${k}`);
   const num = (k: string, d: number) => {
     if (opt[k] === undefined) return d;
     const v = Number(opt[k]);
@@ -494,7 +499,7 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
   }
   const r = await quantizeModel(pos[0], {
     bits: num('bits', 4), outliers: num('outliers', 0.45) / 100, sensitive: num('sensitive', 0.05) / 100,
-    fisher: opt.fisher, calib, cov, damp: num('damp', 0.01), gptqRounds: num('gptq-rounds', 3),
+    fisher: opt.fisher, calib, cov, damp: num('damp', 0.01), gptqRounds: Math.floor(num('gptq-rounds', 3)),
     outlierScore: score, rtn: opt.rtn === '1', out: opt.out, iters: num('iters', 30), device: opt.device,
     onProgress: (d, t, n) => process.stderr.write(`\r[${d}/${t}] ${n}`.padEnd(60)),
   });
