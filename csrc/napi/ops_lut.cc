@@ -1,6 +1,8 @@
-// SqueezeLLM ops: lutRepack + lutMatmulPacked (dense-and-sparse LUT matmul) and kmeansRows (the quantizer).
+// SqueezeLLM ops: lutRepack + lutMatmulPacked (dense-and-sparse LUT matmul), kmeansRows and
+// gptqRefitRows (the quantizer).
 #include <string>
 
+#include "../cpu/gptq.h"
 #include "../cpu/kmeans.h"
 #include "../cpu/lut_gemm.h"
 #include "op.h"
@@ -111,6 +113,47 @@ SQZ_OP(kmeansRows) {
   dispatch(
       w.device, "kmeansRows", [=] { cpu::kmeans_rows(lut, codes, w, s, it); },
       [&](int dev) { CUDA_ONLY(cuda::kmeans_rows(lut, codes, w, s, it, dev, cuda_stream(dev))); });
+  return a.env().Undefined();
+}
+
+// gptqRefitRows(lut f32[N,E] in/out, codes u8[N,K] in/out, q f32[N,K], err f32[N,2], w f32[N,K],
+//               out u8[N,K], h f32[K,K], u f32[K,K], perm i32[K], rounds): CPU only.
+SQZ_OP(gptqRefitRows) {
+  Args a(info, "gptqRefitRows");
+  Tensor lut = a.tensor(0, "lut"), codes = a.tensor(1, "codes"), q = a.tensor(2, "q"), err = a.tensor(3, "err"),
+         w = a.tensor(4, "w"), out = a.tensor(5, "out"), h = a.tensor(6, "h"), u = a.tensor(7, "u"),
+         perm = a.tensor(8, "perm");
+  const int64_t rounds = a.integer(9, "rounds");
+  if (rounds < 0 || rounds > 100) a.error("ERR_ARG", "rounds must be in [0, 100]");
+  a.ndim(w, "w", 2);
+  a.dtype_in(w, "w", {DType::F32});
+  const int64_t N = w.dim(0), K = w.dim(1);
+  a.dtype_in(lut, "lut", {DType::F32});
+  a.ndim(lut, "lut", 2);
+  const int64_t E = lut.dim(1);
+  if (E < 2 || E > 256) a.error("ERR_SHAPE", "lut must be [N, E] with 2 <= E <= 256");
+  a.shape_is(lut, "lut", {N, E});
+  a.dtype_in(codes, "codes", {DType::U8});
+  a.shape_is(codes, "codes", {N, K});
+  a.dtype_in(q, "q", {DType::F32});
+  a.shape_is(q, "q", {N, K});
+  a.dtype_in(err, "err", {DType::F32});
+  a.shape_is(err, "err", {N, 2});
+  a.dtype_in(out, "out", {DType::U8});
+  a.shape_is(out, "out", {N, K});
+  a.dtype_in(h, "h", {DType::F32});
+  a.shape_is(h, "h", {K, K});
+  a.dtype_in(u, "u", {DType::F32});
+  a.shape_is(u, "u", {K, K});
+  a.dtype_in(perm, "perm", {DType::I32});
+  a.shape_is(perm, "perm", {K});
+  a.same_device({{&lut, "lut"}, {&codes, "codes"}, {&q, "q"}, {&err, "err"}, {&w, "w"}, {&out, "out"}, {&h, "h"},
+                 {&u, "u"}, {&perm, "perm"}});
+  if (!w.device.is_cpu()) a.error("ERR_DEVICE", "runs on CPU tensors only");
+  const int r = (int)rounds;
+  dispatch(
+      w.device, "gptqRefitRows", [=] { cpu::gptq_refit_rows(lut, codes, q, err, w, out, h, u, perm, r); },
+      [&](int) {});
   return a.env().Undefined();
 }
 

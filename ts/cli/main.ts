@@ -19,7 +19,16 @@ usage:
   squeezelm generate [--model DIR] --prompt TEXT [--max-tokens N] [--temperature T]
                      [--top-k K] [--top-p P] [--seed S] [--device D]
       streams the continuation of TEXT to stdout (the prompt is not echoed)
-  squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT] [--calib FILE] [--rtn]
+  squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT]
+                     [--calib FILE [--calib-windows N] [--calib-power P]] [--gptq [--gptq-rounds R] [--damp D]]
+                     [--outlier-score weight|error] [--fisher FILE] [--rtn] [--device cpu|cuda]
+      SqueezeLLM dense-and-sparse weights: per-row weighted k-means tables; --outliers PCT
+      (default 0.45) and --sensitive PCT (default 0.05, with --calib or --fisher) are the
+      percentages of each matrix kept exact; --calib FILE ('ids' [windows, length]) weighs
+      the k-means by the mean squared input per channel (all windows unless --calib-windows);
+      --gptq (needs --calib) adds error compensation with table refits under E[x xT]
+      (R rounds, default 3; damping D x mean diagonal, default 0.01); --outlier-score error
+      picks the sensitive outliers by their error after a first fit; --rtn: uniform baseline
   squeezelm convert FILE.pt --model DIR --out DIR (upstream SqueezeLLM checkpoint)
   squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2|3|4 --out FILE [--outliers PCT]
                 [--sink N] [--windows N] [--no-sensitivity] [--key-per-token] [--post-rope] [--uniform]

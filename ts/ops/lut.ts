@@ -74,6 +74,29 @@ export function kmeansRows(lut: Tensor, codes: Tensor, w: Tensor, sens: Tensor, 
 }
 
 /**
+ * Error compensation with table refits (csrc/cpu/gptq.h), CPU tensors only: lut f32 [N,E] and
+ * codes u8 [N,K] in/out, q f32 [N,K] and err f32 [N,2] out, w f32 [N,K], out u8 [N,K] (outlier
+ * mask), h and u f32 [K,K] in the column order perm i32 [K] (a permutation of 0..K-1, checked
+ * here on the host array it was made from).
+ */
+export function gptqRefitRows(lut: Tensor, codes: Tensor, q: Tensor, err: Tensor, w: Tensor, out: Tensor, h: Tensor,
+  u: Tensor, perm: Int32Array, rounds: number): void {
+  const K = perm.length, seen = new Uint8Array(K);
+  for (let i = 0; i < K; i++) {
+    const p = perm[i];
+    if (!(p >= 0 && p < K) || seen[p]) throw new SqueezeError('ERR_ARG', `gptqRefitRows: perm is not a permutation of 0..${K - 1}`);
+    seen[p] = 1;
+  }
+  const tp = Tensor.from(perm, [K], { dtype: 'i32', device: w.device });
+  try {
+    native().ops.gptqRefitRows(lut.native, codes.native, q.native, err.native, w.native, out.native, h.native, u.native,
+      tp.native, rounds);
+  } finally {
+    tp.dispose();
+  }
+}
+
+/**
  * Host check of an outlier CSR, done once when weights are loaded so that no kernel reads out of
  * bounds: rows has N+1 entries, rows[0] = 0, non-decreasing, rows[N] = nnz, cols in [0, K), and
  * increasing within each row (the prefill kernel walks each row's list once, in k order;

@@ -17,6 +17,7 @@ import { checkOutlierCsr, kmeansRows, lutMatmulPacked, lutPackedShape, lutRepack
 import { matmul } from '../ops/gemm';
 import { Checkpoint, SafetensorsFile, WriteTensor, writeSafetensors } from '../model/safetensors';
 import { float32ToF16Bits, f16BitsToFloat32, bf16BitsToFloat32 } from '../util/half';
+import { GptqFactor, gptqFactor, gptqRefit } from './gptq';
 
 export type Bits = 3 | 4;
 
@@ -96,8 +97,18 @@ export interface QuantizeOptions {
   sensitive?: number;
   /** Sensitivity: Fisher diagonal [N,K], or per input channel [K] (mean squared activation); uniform when absent. */
   sens?: Float32Array;
-  /** GPTQ factor (calib.ts gptqFactor) [K,K]: code columns in order with error compensation. */
-  gptq?: Float64Array;
+  /**
+   * The damped calibration second moment of this linear's input (gptq.ts gptqFactor): error
+   * compensation with table refits after k-means (gptq.ts gptqRefit).
+   */
+  gptq?: GptqFactor;
+  /** GPTQ + refit rounds with `gptq` (default 3; 0 only refits the outlier values). */
+  gptqRounds?: number;
+  /**
+   * How the `sensitive` outliers are picked: 'weight' (default) the top sens * w^2; 'error' the
+   * top sens * (w - q)^2 after a first dense fit (with `gptq`: after compensation), then refit.
+   */
+  outlierScore?: 'weight' | 'error';
   iters?: number;
   /** Where k-means runs: 'cpu' (default) or 'cuda' / 'cuda:N'. */
   device?: string;
@@ -116,60 +127,77 @@ function topThreshold(n: number, value: (i: number) => number, share: number): n
 
 /** Quantizes one weight matrix w [N,K] (row n = output channel n). */
 export async function quantizeLinear(w: Float32Array, N: number, K: number, o: QuantizeOptions): Promise<SqueezeLinear> {
-  // (w is replaced by its compensated copy when o.gptq is given)
   const bits = checkBits(o.bits), E = 1 << bits;
   if (w.length !== N * K) throw new SqueezeError('ERR_SHAPE', `quantizeLinear: weight has ${w.length} elements, expected ${N}x${K}`);
   const sens = o.sens;
   if (sens && sens.length !== K && sens.length !== N * K)
     throw new SqueezeError('ERR_SHAPE', `quantizeLinear: sensitivity has ${sens.length} elements, expected ${K} or ${N * K}`);
   const sAt = (i: number): number => (!sens ? 1 : sens.length === K ? sens[i % K] : sens[i]);
-  // Magnitude outliers: |w| above a per-matrix threshold; sensitive: top saliency sens * w^2.
+  // Magnitude outliers: |w| above a per-matrix threshold; sensitive: top saliency sens * w^2, or
+  // with outlierScore 'error' the top sens * (w - q)^2 of a first dense-only fit.
+  const byError = o.outlierScore === 'error' && (o.sensitive ?? 0) > 0;
   const tMag = topThreshold(N * K, (i) => Math.abs(w[i]), o.outliers ?? 0);
-  const tSens = sens ? topThreshold(N * K, (i) => sAt(i) * w[i] * w[i], o.sensitive ?? 0) : Infinity;
-  const weight = new Float32Array(N * K);
+  const tSens = sens && !byError ? topThreshold(N * K, (i) => sAt(i) * w[i] * w[i], o.sensitive ?? 0) : Infinity;
   const isOut = new Uint8Array(N * K);
-  let nnz = 0;
-  for (let i = 0; i < N * K; i++) {
-    const out = Math.abs(w[i]) > tMag || (sens !== undefined && sAt(i) * w[i] * w[i] > tSens);
-    if (out) { isOut[i] = 1; nnz++; }
-    weight[i] = out ? 0 : Math.max(0, sAt(i));
+  for (let i = 0; i < N * K; i++)
+    if (Math.abs(w[i]) > tMag || (sens !== undefined && sAt(i) * w[i] * w[i] > tSens)) isOut[i] = 1;
+  let fit = await denseFit(w, N, K, E, isOut, sAt, o);
+  if (byError) {
+    const q = fit.q;
+    const tErr = topThreshold(N * K, (i) => (isOut[i] ? 0 : sAt(i) * (w[i] - q[i]) * (w[i] - q[i])), o.sensitive ?? 0);
+    for (let i = 0; i < N * K; i++) if (!isOut[i] && sAt(i) * (w[i] - q[i]) * (w[i] - q[i]) > tErr) isOut[i] = 1;
+    fit = await denseFit(w, N, K, E, isOut, sAt, o);
   }
+  const { lut, codes, q } = fit;
+  let nnz = 0;
+  for (let i = 0; i < N * K; i++) nnz += isOut[i];
+  let rows: Int32Array | undefined, cols: Int32Array | undefined, vals: Float32Array | undefined;
+  if (nnz > 0) {
+    rows = new Int32Array(N + 1);
+    cols = new Int32Array(nnz);
+    vals = new Float32Array(nnz);
+    let j = 0;
+    for (let n = 0; n < N; n++) {
+      let z = 0; // the centroid nearest zero
+      for (let e = 1; e < E; e++) if (Math.abs(lut[n * E + e]) < Math.abs(lut[n * E + z])) z = e;
+      for (let k = 0; k < K; k++) {
+        const i = n * K + k;
+        if (!isOut[i]) continue;
+        codes[i] = z;
+        cols[j] = k;
+        vals[j] = q[i] - lut[n * E + z];
+        j++;
+      }
+      rows[n + 1] = j;
+    }
+  }
+  return { N, K, bits, qweight: packCodes(codes, N, K, bits), lut, rows, cols, vals };
+}
+
+/**
+ * The dense part for a given outlier mask: weighted k-means (outliers weigh 0), then with o.gptq
+ * error compensation with table refits. q: what every weight stands for (its centroid; outliers
+ * their exact value, compensated with o.gptq).
+ */
+async function denseFit(w: Float32Array, N: number, K: number, E: number, isOut: Uint8Array,
+  sAt: (i: number) => number, o: QuantizeOptions): Promise<{ lut: Float32Array; codes: Uint8Array; q: Float32Array }> {
+  const weight = new Float32Array(N * K);
+  for (let i = 0; i < N * K; i++) weight[i] = isOut[i] ? 0 : Math.max(0, sAt(i));
   const device = o.device ?? 'cpu';
   const tw = Tensor.from(w, [N, K], { device }), ts = Tensor.from(weight, [N, K], { device });
   const tl = Tensor.empty([N, E], { dtype: 'f32', device }), tc = Tensor.empty([N, K], { dtype: 'u8', device });
+  let lut: Float32Array, codes: Uint8Array;
   try {
     kmeansRows(tl, tc, tw, ts, o.iters ?? 30);
-    const lut = (await tl.toArray()) as Float32Array;
-    let codes = (await tc.toArray()) as Uint8Array;
-    if (o.gptq) {
-      const { gptqCodes } = await import('./calib');
-      w = Float32Array.from(w);
-      codes = gptqCodes(w, N, K, lut, E, isOut, o.gptq);
-    }
-    let rows: Int32Array | undefined, cols: Int32Array | undefined, vals: Float32Array | undefined;
-    if (nnz > 0) {
-      rows = new Int32Array(N + 1);
-      cols = new Int32Array(nnz);
-      vals = new Float32Array(nnz);
-      let j = 0;
-      for (let n = 0; n < N; n++) {
-        let z = 0; // the centroid nearest zero
-        for (let e = 1; e < E; e++) if (Math.abs(lut[n * E + e]) < Math.abs(lut[n * E + z])) z = e;
-        for (let k = 0; k < K; k++) {
-          const i = n * K + k;
-          if (!isOut[i]) continue;
-          codes[i] = z;
-          cols[j] = k;
-          vals[j] = w[i] - lut[n * E + z];
-          j++;
-        }
-        rows[n + 1] = j;
-      }
-    }
-    return { N, K, bits, qweight: packCodes(codes, N, K, bits), lut, rows, cols, vals };
+    lut = (await tl.toArray()) as Float32Array;
+    codes = (await tc.toArray()) as Uint8Array;
   } finally {
     [tw, ts, tl, tc].forEach((t) => t.dispose());
   }
+  if (o.gptq) return gptqRefit(w, N, K, codes, lut, E, isOut, o.gptq, o.gptqRounds ?? 3);
+  const q = new Float32Array(N * K);
+  for (let i = 0; i < N * K; i++) q[i] = isOut[i] ? w[i] : lut[Math.floor(i / K) * E + codes[i]];
+  return { lut, codes, q };
 }
 
 /** Round-to-nearest baseline: uniform per-row min-max grid at the same bits, as a table. */
@@ -350,8 +378,14 @@ export interface QuantizeModelOptions {
   fisher?: string;
   /** Per-linear input statistics: `<linear>` -> mean squared activation per input channel [K]. */
   calib?: Map<string, Float32Array>;
-  /** Per-linear E[x xᵀ] [K,K]: enables GPTQ-style error compensation. */
+  /** Per-linear E[x xᵀ] [K,K]: enables error compensation with table refits (gptq.ts). */
   cov?: Map<string, Float64Array>;
+  /** Damping of E[x xᵀ]: this share of its mean diagonal is added to the diagonal (default 0.01). */
+  damp?: number;
+  /** GPTQ + refit rounds (default 3). */
+  gptqRounds?: number;
+  /** How sensitive outliers are picked (QuantizeOptions.outlierScore). */
+  outlierScore?: 'weight' | 'error';
   out: string;
   /** Round-to-nearest uniform grid per row instead of k-means (a baseline; no outliers). */
   rtn?: boolean;
@@ -381,7 +415,7 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
   const outShare = o.outliers ?? 0.0045, sensShare = o.sensitive ?? 0.0005;
   const tensors: Record<string, WriteTensor> = {};
   let linears = 0, nnz = 0, total = 0;
-  const factors = new Map<Float64Array, Float64Array>(); // q, k, v share one input
+  const factors = new Map<Float64Array, GptqFactor>(); // q, k, v share one input
   try {
     const names = ck.names();
     const targets = names.filter((n) => n.endsWith('.weight') && LINEARS.some((l) => n.endsWith(`${l}.weight`)));
@@ -398,15 +432,17 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
       let sens: Float32Array | undefined;
       if (fisher && fisher.has(name)) sens = fisher.readFloat32(name);
       else if (o.calib?.has(prefix)) sens = o.calib.get(prefix);
-      let gptq: Float64Array | undefined;
-      const h = o.cov?.get(prefix);
+      let gptq: GptqFactor | undefined;
+      const h = o.rtn ? undefined : o.cov?.get(prefix);
       if (h) {
-        const { gptqFactor } = await import('./calib');
-        gptq = factors.get(h) ?? gptqFactor(h, K);
+        gptq = factors.get(h) ?? gptqFactor(h, K, o.damp ?? 0.01);
         factors.set(h, gptq);
       }
       const l = o.rtn ? rtnQuantize(w, N, K, bits)
-        : await quantizeLinear(w, N, K, { bits, outliers: outShare, sensitive: sens ? sensShare : 0, sens, gptq, iters: o.iters, device: o.device });
+        : await quantizeLinear(w, N, K, {
+          bits, outliers: outShare, sensitive: sens ? sensShare : 0, sens, gptq, gptqRounds: o.gptqRounds, outlierScore: o.outlierScore,
+          iters: o.iters, device: o.device,
+        });
       Object.assign(tensors, squeezeTensors(prefix, l));
       linears++;
       nnz += l.cols?.length ?? 0;
@@ -423,7 +459,11 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
   }));
   cfg.quantization_config = {
     quant_method: o.rtn ? 'rtn' : 'squeezellm', bits, outlier_share: total ? nnz / total : 0, dense_outliers: outShare,
-    sensitive_outliers: fisher || o.calib ? sensShare : 0, error_compensation: o.cov && !o.rtn ? 'gptq' : 'none', sensitivity: o.rtn ? 'none' : fisher ? 'fisher' : o.calib ? 'activations' : 'uniform',
+    sensitive_outliers: fisher || o.calib ? sensShare : 0,
+    sensitive_score: fisher || o.calib ? o.outlierScore ?? 'weight' : 'none',
+    error_compensation: o.cov && !o.rtn ? 'gptq_refit' : 'none',
+    ...(o.cov && !o.rtn ? { damp: o.damp ?? 0.01, gptq_rounds: o.gptqRounds ?? 3 } : {}),
+    sensitivity: o.rtn ? 'none' : fisher ? 'fisher' : o.calib ? 'activations' : 'uniform',
   };
   fs.writeFileSync(path.join(o.out, 'config.json'), JSON.stringify(cfg, null, 2));
   for (const f of fs.readdirSync(dir))
@@ -434,8 +474,10 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
 
 /**
  * `squeezelm quantize (--model DIR | DIR) --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT]
- * [--calib FILE [--calib-windows N]] [--fisher FILE] [--rtn] [--device cpu|cuda]`. Outlier shares
- * are percentages of each matrix (0.45 = 0.45%); --calib gathers the activation sensitivity.
+ * [--calib FILE [--calib-windows N] [--calib-power P]] [--gptq [--gptq-rounds R] [--damp D]]
+ * [--outlier-score weight|error] [--fisher FILE] [--rtn] [--device cpu|cuda]`. Outlier shares
+ * are percentages of each matrix (0.45 = 0.45%); --calib gathers the activation sensitivity
+ * (every window of FILE unless --calib-windows), --gptq also E[x xᵀ] for error compensation.
  */
 export async function quantizeCommand(argv: string[]): Promise<void> {
   const pos: string[] = [];
@@ -451,23 +493,32 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
   }
   if (opt.model !== undefined) pos.push(opt.model);
   if (pos.length !== 1 || !opt.out)
-    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers pct] [--sensitive pct] [--calib file] [--fisher file] [--rtn] [--device cpu|cuda]');
+    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers pct] [--sensitive pct] [--calib file [--calib-windows n] [--calib-power p]] [--gptq [--gptq-rounds r] [--damp d]] [--outlier-score weight|error] [--fisher file] [--rtn] [--device cpu|cuda]');
+  const known = ['model', 'out', 'bits', 'outliers', 'sensitive', 'calib', 'calib-windows', 'calib-power', 'gptq',
+    'gptq-rounds', 'damp', 'outlier-score', 'fisher', 'rtn', 'iters', 'device'];
+  for (const k of Object.keys(opt)) if (!known.includes(k)) throw new SqueezeError('ERR_ARG', `quantize: unknown option --${k}`);
   const num = (k: string, d: number) => {
     if (opt[k] === undefined) return d;
     const v = Number(opt[k]);
     if (!Number.isFinite(v) || v < 0) throw new SqueezeError('ERR_ARG', `--${k}: expected a number, got '${opt[k]}'`);
     return v;
   };
+  const score = (opt['outlier-score'] ?? 'weight') as 'weight' | 'error';
+  if (score !== 'weight' && score !== 'error') throw new SqueezeError('ERR_ARG', `--outlier-score: expected weight or error, got '${score}'`);
   const t0 = Date.now();
   let calib: Map<string, Float32Array> | undefined, cov: Map<string, Float64Array> | undefined;
   if (opt.calib) {
     const { activationStats } = await import('./calib');
     if (opt.gptq === '1') cov = new Map();
-    calib = await activationStats(pos[0], opt.calib, num('calib-windows', 8), num('calib-power', 1), cov);
+    const cw = num('calib-windows', 0);
+    calib = await activationStats(pos[0], opt.calib, cw > 0 ? Math.floor(cw) : undefined, num('calib-power', 1), cov);
+  } else if (opt.gptq === '1') {
+    throw new SqueezeError('ERR_ARG', '--gptq needs --calib FILE (the calibration activations)');
   }
   const r = await quantizeModel(pos[0], {
     bits: num('bits', 4), outliers: num('outliers', 0.45) / 100, sensitive: num('sensitive', 0.05) / 100,
-    fisher: opt.fisher, calib, cov, rtn: opt.rtn === '1', out: opt.out, iters: num('iters', 30), device: opt.device,
+    fisher: opt.fisher, calib, cov, damp: num('damp', 0.01), gptqRounds: Math.floor(num('gptq-rounds', 3)),
+    outlierScore: score, rtn: opt.rtn === '1', out: opt.out, iters: num('iters', 30), device: opt.device,
     onProgress: (d, t, n) => process.stderr.write(`\r[${d}/${t}] ${n}`.padEnd(60)),
   });
   process.stderr.write(`\nquantized ${r.linears} linears (${r.outliers} outliers) in ${((Date.now() - t0) / 1000).toFixed(1)} s -> ${opt.out}\n`);

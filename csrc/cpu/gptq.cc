@@ -1,0 +1,220 @@
+#include "gptq.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../core/parallel.h"
+
+namespace sqz::cpu {
+
+namespace {
+
+struct Row {
+  std::vector<uint8_t> codes;
+  std::vector<double> t, q;
+};
+
+// dᵀ h d
+double quad(const double* d, const double* h, int64_t K) {
+  double s = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    if (d[i] == 0) continue;
+    const double* hr = h + i * K;
+    double t = 0;
+    for (int64_t j = 0; j < K; ++j) t += hr[j] * d[j];
+    s += d[i] * t;
+  }
+  return s;
+}
+
+// Solves a x = b (a [n,n] overwritten; b becomes x), partial pivoting. False when singular.
+bool solve(std::vector<double>& a, std::vector<double>& b, int n) {
+  for (int c = 0; c < n; ++c) {
+    int p = c;
+    for (int r = c + 1; r < n; ++r)
+      if (std::abs(a[(size_t)(r * n + c)]) > std::abs(a[(size_t)(p * n + c)])) p = r;
+    if (!(std::abs(a[(size_t)(p * n + c)]) > 0)) return false;
+    if (p != c) {
+      for (int j = 0; j < n; ++j) std::swap(a[(size_t)(c * n + j)], a[(size_t)(p * n + j)]);
+      std::swap(b[(size_t)c], b[(size_t)p]);
+    }
+    for (int r = c + 1; r < n; ++r) {
+      const double f = a[(size_t)(r * n + c)] / a[(size_t)(c * n + c)];
+      if (f == 0) continue;
+      for (int j = c; j < n; ++j) a[(size_t)(r * n + j)] -= f * a[(size_t)(c * n + j)];
+      b[(size_t)r] -= f * b[(size_t)c];
+    }
+  }
+  for (int c = n - 1; c >= 0; --c) {
+    double s = b[(size_t)c];
+    for (int j = c + 1; j < n; ++j) s -= a[(size_t)(c * n + j)] * b[(size_t)j];
+    b[(size_t)c] = s / a[(size_t)(c * n + c)];
+  }
+  return true;
+}
+
+struct Work {
+  std::vector<double> w, work, d, g, m, b, tmp, a, y;
+  std::vector<uint8_t> out;
+  std::vector<int64_t> S;
+};
+
+// d_S = −h_SS⁻¹ h_S,rest d_rest: the outlier values that absorb the dense part's error.
+void optimize_outliers(const double* h, int64_t K, Row& s, Work& wk) {
+  wk.S.clear();
+  for (int64_t k = 0; k < K; ++k)
+    if (wk.out[(size_t)k]) wk.S.push_back(k);
+  const int n = (int)wk.S.size();
+  if (!n) return;
+  wk.a.assign((size_t)n * n, 0.0);
+  wk.y.assign((size_t)n, 0.0);
+  for (int i = 0; i < n; ++i) {
+    const double* hr = h + wk.S[(size_t)i] * K;
+    double t = 0;
+    for (int64_t j = 0; j < K; ++j)
+      if (!wk.out[(size_t)j]) t += hr[j] * (wk.w[(size_t)j] - s.q[(size_t)j]);
+    wk.y[(size_t)i] = -t;
+    for (int j = 0; j < n; ++j) wk.a[(size_t)(i * n + j)] = hr[wk.S[(size_t)j]];
+  }
+  if (!solve(wk.a, wk.y, n)) return;
+  for (int i = 0; i < n; ++i)
+    if (std::isfinite(wk.y[(size_t)i])) s.q[(size_t)wk.S[(size_t)i]] = wk.w[(size_t)wk.S[(size_t)i]] - wk.y[(size_t)i];
+}
+
+// Columns in order, nearest centroid, error spread over the later columns with row k of u.
+void gptq_row(const double* u, int64_t K, int E, Row& s, Work& wk) {
+  wk.work = wk.w;
+  double* v = wk.work.data();
+  for (int64_t k = 0; k < K; ++k) {
+    const double x = v[k];
+    if (wk.out[(size_t)k]) {
+      s.q[(size_t)k] = x;
+      continue;
+    }
+    int best = 0;
+    double bd = std::abs(x - s.t[0]);
+    for (int e = 1; e < E; ++e) {
+      const double d = std::abs(x - s.t[(size_t)e]);
+      if (d < bd) { bd = d; best = e; }
+    }
+    s.codes[(size_t)k] = (uint8_t)best;
+    s.q[(size_t)k] = s.t[(size_t)best];
+    const double* ur = u + k * K;
+    const double err = (x - s.t[(size_t)best]) / ur[k];
+    if (err == 0) continue;
+    for (int64_t j = k + 1; j < K; ++j) v[j] -= err * ur[j];
+  }
+}
+
+// Least-squares table for fixed codes and outlier values: t = (Aᵀ h A)⁻¹ Aᵀ h r, r = w on the
+// dense columns and w − q on the outliers (A is zero there).
+void refit_row(const double* h, int64_t K, int E, Row& s, Work& wk) {
+  wk.m.assign((size_t)E * E, 0.0);
+  wk.b.assign((size_t)E, 0.0);
+  wk.tmp.resize((size_t)E + 1);
+  // r and the bucket of every column (E = outlier)
+  wk.d.resize((size_t)K);
+  std::vector<int> bucket((size_t)K);
+  for (int64_t j = 0; j < K; ++j) {
+    const bool o = wk.out[(size_t)j];
+    wk.d[(size_t)j] = o ? wk.w[(size_t)j] - s.q[(size_t)j] : wk.w[(size_t)j];
+    bucket[(size_t)j] = o ? E : s.codes[(size_t)j];
+  }
+  double trace = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (wk.out[(size_t)k]) continue;
+    std::fill(wk.tmp.begin(), wk.tmp.end(), 0.0);
+    const double* hr = h + k * K;
+    double gk = 0;
+    for (int64_t j = 0; j < K; ++j) {
+      gk += hr[j] * wk.d[(size_t)j];
+      wk.tmp[(size_t)bucket[(size_t)j]] += hr[j];
+    }
+    const int ck = s.codes[(size_t)k];
+    wk.b[(size_t)ck] += gk;
+    for (int e = 0; e < E; ++e) wk.m[(size_t)(ck * E + e)] += wk.tmp[(size_t)e];
+    trace += hr[k];
+  }
+  // A tiny ridge toward the current table keeps unused codes where they are.
+  const double lam = 1e-9 * (trace > 0 ? trace / (double)K : 1.0);
+  for (int e = 0; e < E; ++e) {
+    wk.m[(size_t)(e * E + e)] += lam;
+    wk.b[(size_t)e] += lam * s.t[(size_t)e];
+  }
+  if (solve(wk.m, wk.b, E)) {
+    for (int e = 0; e < E; ++e)
+      if (std::isfinite(wk.b[(size_t)e])) s.t[(size_t)e] = wk.b[(size_t)e];
+    for (int64_t k = 0; k < K; ++k)
+      if (!wk.out[(size_t)k]) s.q[(size_t)k] = s.t[s.codes[(size_t)k]];
+  }
+  optimize_outliers(h, K, s, wk);
+}
+
+double row_error(const double* h, int64_t K, const Row& s, Work& wk) {
+  wk.d.resize((size_t)K);
+  for (int64_t k = 0; k < K; ++k) wk.d[(size_t)k] = wk.w[(size_t)k] - s.q[(size_t)k];
+  return quad(wk.d.data(), h, K);
+}
+
+}  // namespace
+
+void gptq_refit_rows(const Tensor& lut, const Tensor& codes, const Tensor& q, const Tensor& err, const Tensor& w,
+                     const Tensor& out, const Tensor& h, const Tensor& u, const Tensor& perm, int rounds) {
+  const int64_t N = w.dim(0), K = w.dim(1);
+  const int E = (int)lut.dim(1);
+  std::vector<double> hd((size_t)(K * K)), ud((size_t)(K * K));
+  const float* hp = h.ptr<float>();
+  const float* up = u.ptr<float>();
+  for (int64_t i = 0; i < K * K; ++i) {
+    hd[(size_t)i] = hp[i];
+    ud[(size_t)i] = up[i];
+  }
+  const int32_t* pm = perm.ptr<int32_t>();
+  const float* wp = w.ptr<float>();
+  const uint8_t* op = out.ptr<uint8_t>();
+  float* lp = lut.ptr<float>();
+  uint8_t* cp = codes.ptr<uint8_t>();
+  float* qp = q.ptr<float>();
+  float* ep = err.ptr<float>();
+  parallel_for(N, 4, [&](int64_t b, int64_t e) {
+    Work wk;
+    wk.w.resize((size_t)K);
+    wk.out.resize((size_t)K);
+    Row cur{std::vector<uint8_t>((size_t)K), std::vector<double>((size_t)E), std::vector<double>((size_t)K)};
+    Row best = cur;
+    for (int64_t n = b; n < e; ++n) {
+      const int64_t row = n * K;
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t k = pm[i];
+        wk.w[(size_t)i] = wp[row + k];
+        wk.out[(size_t)i] = op[row + k];
+        cur.codes[(size_t)i] = cp[row + k];
+      }
+      for (int c = 0; c < E; ++c) cur.t[(size_t)c] = lp[n * E + c];
+      for (int64_t i = 0; i < K; ++i) cur.q[(size_t)i] = wk.out[(size_t)i] ? wk.w[(size_t)i] : cur.t[cur.codes[(size_t)i]];
+      const double e0 = row_error(hd.data(), K, cur, wk);
+      optimize_outliers(hd.data(), K, cur, wk);
+      double bestErr = row_error(hd.data(), K, cur, wk);
+      best = cur;
+      for (int r = 0; r < rounds; ++r) {
+        gptq_row(ud.data(), K, E, cur, wk);
+        // The refit can only lower the error of the GPTQ state (that state is feasible for both
+        // of its least-squares steps), so only the refitted state is scored.
+        refit_row(hd.data(), K, E, cur, wk);
+        const double e1 = row_error(hd.data(), K, cur, wk);
+        if (e1 < bestErr) { bestErr = e1; best = cur; }
+      }
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t k = pm[i];
+        cp[row + k] = best.codes[(size_t)i];
+        qp[row + k] = (float)best.q[(size_t)i];
+      }
+      for (int c = 0; c < E; ++c) lp[n * E + c] = (float)best.t[(size_t)c];
+      ep[2 * n] = (float)e0;
+      ep[2 * n + 1] = (float)bestErr;
+    }
+  });
+}
+
+}  // namespace sqz::cpu
