@@ -252,38 +252,42 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   float* red = reinterpret_cast<float*>(smem);  // [warps][32][RT*MT*4], after the main loop
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
-  const int tiles = (N + 15) / 16;
-  const int n0 = blockIdx.x * 16 * RT;
+  const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
 
-  // 1. The few loads the prologue waits for go first: this block's 16-entry tables and the bounds
-  //    of this lane's outlier rows (their lists are fetched later and used after the main loop).
+  // The block walks groups of RT row tiles blockIdx.x, + gridDim.x, ... (the grid is one wave).
+  // What a group's prologue waits for is requested early: its 16-entry tables and outlier row
+  // bounds during the previous group's main loop, its first P units of codes right after it.
   constexpr int LV = (16 * RT * E + GV_THREADS - 1) / GV_THREADS;
   float lv[LV];
-#pragma unroll
-  for (int t = 0; t < LV; ++t) {
-    const int i = tid + t * GV_THREADS, n = n0 + i / E;
-    lv[t] = (i < 16 * RT * E && n < N) ? load_f(lut, lut_f32, (long long)n * E + (i % E)) : 0.f;
-  }
   int ob[RT][2], oe[RT][2];
+  auto load_meta = [&](int grp) {
+    const int n0 = grp * 16 * RT;
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int n = n0 + 16 * rt + g + 8 * rr;
-      ob[rt][rr] = oe[rt][rr] = 0;
-      if (rows != nullptr && n < N) { ob[rt][rr] = rows[n] + warp; oe[rt][rr] = rows[n + 1]; }
+    for (int t = 0; t < LV; ++t) {
+      const int i = tid + t * GV_THREADS, n = n0 + i / E;
+      lv[t] = (i < 16 * RT * E && n < N) ? load_f(lut, lut_f32, (long long)n * E + (i % E)) : 0.f;
     }
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int n = n0 + 16 * rt + g + 8 * rr;
+        ob[rt][rr] = oe[rt][rr] = 0;
+        if (rows != nullptr && n < N) { ob[rt][rr] = rows[n] + warp; oe[rt][rr] = rows[n + 1]; }
+      }
+  };
 
-  // 2. First P units of codes in flight.
   const uint4* ca[RT];
   bool tok[RT];
+  auto set_group = [&](int grp) {
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt) {
-    const int tile = blockIdx.x * RT + rt;
-    tok[rt] = tile < tiles;
-    // row g's plane-0 piece; plane v at +64v, row g+8 at +32 (16-byte units)
-    ca[rt] = codes + (size_t)(tok[rt] ? tile : 0) * U * G::USTRIDE + (g * 4 + q);
-  }
+    for (int rt = 0; rt < RT; ++rt) {
+      const int tile = grp * RT + rt;
+      tok[rt] = tile < tiles;
+      // row g's plane-0 piece; plane v at +64v, row g+8 at +32 (16-byte units)
+      ca[rt] = codes + (size_t)(tok[rt] ? tile : 0) * U * G::USTRIDE + (g * 4 + q);
+    }
+  };
   constexpr int PR = ASYNC ? 1 : P;  // register buffers
   uint4 qa[PR][RT][NV], qb[PR][RT][NV];
   uint4* wring = ring + (size_t)warp * P * RT * 2 * NV * 32 + lane;  // this lane's slots
@@ -301,23 +305,44 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
         }
     cp_async_commit();
   };
-  if constexpr (ASYNC) {
+  auto prefetch = [&]() {
+    if constexpr (ASYNC) {
 #pragma unroll
-    for (int p = 0; p < P; ++p) ring_fill(p, warp + p * GV_WARPS);
-  } else {
+      for (int p = 0; p < P; ++p) ring_fill(p, warp + p * GV_WARPS);
+    } else {
 #pragma unroll
-    for (int p = 0; p < P; ++p) {
-      const int u = warp + p * GV_WARPS;
+      for (int p = 0; p < P; ++p) {
+        const int u = warp + p * GV_WARPS;
 #pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
+        for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-        for (int v = 0; v < NV; ++v) {
-          const bool ok = u < U && tok[rt];
-          qa[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v) : make_uint4(0, 0, 0, 0);
-          qb[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v + 32) : make_uint4(0, 0, 0, 0);
-        }
+          for (int v = 0; v < NV; ++v) {
+            const bool ok = u < U && tok[rt];
+            qa[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v) : make_uint4(0, 0, 0, 0);
+            qb[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v + 32) : make_uint4(0, 0, 0, 0);
+          }
+      }
     }
+  };
+
+  const T* xr[MT];
+  bool mv[MT];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    const int m = 8 * i + g;
+    mv[i] = m < M;
+    xr[i] = x + (size_t)(mv[i] ? m : 0) * K;
   }
+  const uint32_t lb0 = 4u * lane, lb1 = 128u + 4u * lane;
+
+  int grp = blockIdx.x;
+  if (grp < groups) {
+    load_meta(grp);
+    set_group(grp);
+    prefetch();
+  }
+  for (; grp < groups; grp += gridDim.x) {
+  const int n0 = grp * 16 * RT, next = grp + gridDim.x;
 
   // 3. Pair tables (one 16-byte store writes the 4 copies of an entry).
 #pragma unroll
@@ -334,13 +359,15 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   }
 
   // 4. This lane's first OUTR outliers of each row (rows 16rt + g + 8rr; warps split each list),
-  //    in flight during the main loop.
-  int oc[RT][2][OUTR];
+  //    in flight during the main loop; then the next group's tables and bounds.
+  int oc[RT][2][OUTR], cb[RT][2], ce[RT][2];
   float ov[RT][2][OUTR];
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr)
+    for (int rr = 0; rr < 2; ++rr) {
+      cb[rt][rr] = ob[rt][rr];
+      ce[rt][rr] = oe[rt][rr];
 #pragma unroll
       for (int o = 0; o < OUTR; ++o) {
         const int j = ob[rt][rr] + o * GV_WARPS;
@@ -348,6 +375,8 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
         oc[rt][rr][o] = ok ? cols[j] : -1;
         ov[rt][rr][o] = ok ? load_f(vals, vals_f32, j) : 0.f;
       }
+    }
+  if (next < groups) load_meta(next);
 
   float acc[RT][MT][4];
 #pragma unroll
@@ -360,15 +389,6 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
 
   // 5. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
   //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
-  const T* xr[MT];
-  bool mv[MT];
-#pragma unroll
-  for (int i = 0; i < MT; ++i) {
-    const int m = 8 * i + g;
-    mv[i] = m < M;
-    xr[i] = x + (size_t)(mv[i] ? m : 0) * K;
-  }
-  const uint32_t lb0 = 4u * lane, lb1 = 128u + 4u * lane;
 
   if constexpr (ASYNC) {
     for (int i = 0;; ++i) {
@@ -423,6 +443,13 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     }
   }
 
+  // The next group's first units go in flight now, under this group's epilogue and the next
+  // group's table build.
+  if (next < groups) {
+    set_group(next);
+    prefetch();
+  }
+
   // 6. Outliers (x rows 8i + 2q + {0, 1}), after the main loop: their lists have arrived and x is
   //    in L1. Entries past the first OUTR of this lane are read now.
 #pragma unroll
@@ -444,7 +471,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
             }
         }
       }
-      for (int j = ob[rt][rr] + OUTR * GV_WARPS; j < oe[rt][rr]; j += GV_WARPS) {
+      for (int j = cb[rt][rr] + OUTR * GV_WARPS; j < ce[rt][rr]; j += GV_WARPS) {
         const float v = load_f(vals, vals_f32, j);
         const int col = cols[j];
 #pragma unroll
@@ -475,6 +502,8 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     const int l = idx / PER, rt = (idx / (MT * 4)) % RT, i = (idx / 4) % MT, j = idx & 3;
     const int m = 8 * i + 2 * (l & 3) + (j & 1), n = n0 + 16 * rt + (l >> 2) + 8 * (j >> 1);
     if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(s);
+  }
+  __syncthreads();  // red is read before the next group's tables overwrite it
   }
 }
 
@@ -743,7 +772,17 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
                "lutMatmul: cudaFuncSetAttribute");
     configured.fetch_or(bit);
   }
-  const int blocks = ((N + 15) / 16 + RT - 1) / RT;
+  // One wave of blocks (they walk the row-tile groups): no tail wave, and each block's prologue
+  // latency is paid once.
+  static int wave[64] = {0};
+  if (wave[dev & 63] == 0) {
+    int per_sm = 0, sms = 0;
+    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, GV_THREADS, smem), "lutMatmul: occupancy");
+    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "lutMatmul: SM count");
+    wave[dev & 63] = per_sm * sms > 0 ? per_sm * sms : 1;
+  }
+  const int groups = ((N + 15) / 16 + RT - 1) / RT;
+  const int blocks = groups < wave[dev & 63] ? groups : wave[dev & 63];
   kern<<<dim3(blocks), dim3(GV_THREADS), smem, st>>>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U);
 }
 
