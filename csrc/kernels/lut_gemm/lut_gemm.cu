@@ -342,168 +342,168 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     prefetch();
   }
   for (; grp < groups; grp += gridDim.x) {
-  const int n0 = grp * 16 * RT, next = grp + gridDim.x;
+    const int n0 = grp * 16 * RT, next = grp + gridDim.x;
 
-  // 3. Pair tables (one 16-byte store writes the 4 copies of an entry).
+    // 3. Pair tables (one 16-byte store writes the 4 copies of an entry).
 #pragma unroll
-  for (int t = 0; t < LV; ++t) {
-    const int i = tid + t * GV_THREADS;
-    if (i < 16 * RT * E) lt[i] = Cvt<T>::t(lv[t]);
-  }
-  __syncthreads();
-  for (int i = tid; i < RT * 2 * E2 * 8; i += GV_THREADS) {
-    const int gg = i & 7, h = (i >> 3) & 1, e = (i >> 4) & (E2 - 1), rt = i / (16 * E2);
-    const T* l = lt + (16 * rt + 8 * h + gg) * E;
-    const uint32_t v = pack2<T>(l[e & (E - 1)], l[e >> BITS]);
-    *reinterpret_cast<uint4*>(tbl + (size_t)(rt * E2 + e) * 256 + h * 128 + 16 * gg) = make_uint4(v, v, v, v);
-  }
-
-  // 4. This lane's first OUTR outliers of each row (rows 16rt + g + 8rr; warps split each list),
-  //    in flight during the main loop; then the next group's tables and bounds.
-  int oc[RT][2][OUTR], cb[RT][2], ce[RT][2];
-  float ov[RT][2][OUTR];
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      cb[rt][rr] = ob[rt][rr];
-      ce[rt][rr] = oe[rt][rr];
-#pragma unroll
-      for (int o = 0; o < OUTR; ++o) {
-        const int j = ob[rt][rr] + o * GV_WARPS;
-        const bool ok = j < oe[rt][rr];
-        oc[rt][rr][o] = ok ? cols[j] : -1;
-        ov[rt][rr][o] = ok ? load_f(vals, vals_f32, j) : 0.f;
-      }
+    for (int t = 0; t < LV; ++t) {
+      const int i = tid + t * GV_THREADS;
+      if (i < 16 * RT * E) lt[i] = Cvt<T>::t(lv[t]);
     }
-  if (next < groups) load_meta(next);
+    __syncthreads();
+    for (int i = tid; i < RT * 2 * E2 * 8; i += GV_THREADS) {
+      const int gg = i & 7, h = (i >> 3) & 1, e = (i >> 4) & (E2 - 1), rt = i / (16 * E2);
+      const T* l = lt + (16 * rt + 8 * h + gg) * E;
+      const uint32_t v = pack2<T>(l[e & (E - 1)], l[e >> BITS]);
+      *reinterpret_cast<uint4*>(tbl + (size_t)(rt * E2 + e) * 256 + h * 128 + 16 * gg) = make_uint4(v, v, v, v);
+    }
 
-  float acc[RT][MT][4];
+    // 4. This lane's first OUTR outliers of each row (rows 16rt + g + 8rr; warps split each list),
+    //    in flight during the main loop; then the next group's tables and bounds.
+    int oc[RT][2][OUTR], cb[RT][2], ce[RT][2];
+    float ov[RT][2][OUTR];
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
+    for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int i = 0; i < MT; ++i)
+      for (int rr = 0; rr < 2; ++rr) {
+        cb[rt][rr] = ob[rt][rr];
+        ce[rt][rr] = oe[rt][rr];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) acc[rt][i][j] = 0.f;
-  __syncthreads();
-
-  // 5. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
-  //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
-
-  if constexpr (ASYNC) {
-    for (int i = 0;; ++i) {
-      const int u = warp + i * GV_WARPS;
-      if (u >= U) break;
-      const int p = i % P;
-      cp_async_wait<P - 1>();  // unit u (the oldest of the P groups in flight) has landed
-      uint32_t wa[RT][G::WU], wb[RT][G::WU];
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-        for (int v = 0; v < NV; ++v) {
-          const uint4 a = wring[(size_t)(((p * RT + rt) * 2 + 0) * NV + v) * 32];
-          const uint4 b = wring[(size_t)(((p * RT + rt) * 2 + 1) * NV + v) * 32];
-          wa[rt][4 * v] = a.x; wa[rt][4 * v + 1] = a.y; wa[rt][4 * v + 2] = a.z; wa[rt][4 * v + 3] = a.w;
-          wb[rt][4 * v] = b.x; wb[rt][4 * v + 1] = b.y; wb[rt][4 * v + 2] = b.z; wb[rt][4 * v + 3] = b.w;
+        for (int o = 0; o < OUTR; ++o) {
+          const int j = ob[rt][rr] + o * GV_WARPS;
+          const bool ok = j < oe[rt][rr];
+          oc[rt][rr][o] = ok ? cols[j] : -1;
+          ov[rt][rr][o] = ok ? load_f(vals, vals_f32, j) : 0.f;
         }
-      gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
-      ring_fill(p, u + P * GV_WARPS);  // refill the slot just consumed (its words are used above)
-    }
-    cp_async_wait<0>();
-  } else {
-    for (int u0 = warp; u0 < U; u0 += GV_WARPS * P) {
+      }
+    if (next < groups) load_meta(next);
+
+    float acc[RT][MT][4];
 #pragma unroll
-      for (int p = 0; p < P; ++p) {
-        const int u = u0 + p * GV_WARPS;
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[rt][i][j] = 0.f;
+    __syncthreads();
+
+    // 5. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
+    //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
+
+    if constexpr (ASYNC) {
+      for (int i = 0;; ++i) {
+        const int u = warp + i * GV_WARPS;
         if (u >= U) break;
+        const int p = i % P;
+        cp_async_wait<P - 1>();  // unit u (the oldest of the P groups in flight) has landed
         uint32_t wa[RT][G::WU], wb[RT][G::WU];
 #pragma unroll
         for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
           for (int v = 0; v < NV; ++v) {
-            wa[rt][4 * v] = qa[p][rt][v].x; wa[rt][4 * v + 1] = qa[p][rt][v].y;
-            wa[rt][4 * v + 2] = qa[p][rt][v].z; wa[rt][4 * v + 3] = qa[p][rt][v].w;
-            wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
-            wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
+            const uint4 a = wring[(size_t)(((p * RT + rt) * 2 + 0) * NV + v) * 32];
+            const uint4 b = wring[(size_t)(((p * RT + rt) * 2 + 1) * NV + v) * 32];
+            wa[rt][4 * v] = a.x; wa[rt][4 * v + 1] = a.y; wa[rt][4 * v + 2] = a.z; wa[rt][4 * v + 3] = a.w;
+            wb[rt][4 * v] = b.x; wb[rt][4 * v + 1] = b.y; wb[rt][4 * v + 2] = b.z; wb[rt][4 * v + 3] = b.w;
           }
-        const int un = u + GV_WARPS * P;
-        if (un < U) {
+        gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
+        ring_fill(p, u + P * GV_WARPS);  // refill the slot just consumed (its words are used above)
+      }
+      cp_async_wait<0>();
+    } else {
+      for (int u0 = warp; u0 < U; u0 += GV_WARPS * P) {
+#pragma unroll
+        for (int p = 0; p < P; ++p) {
+          const int u = u0 + p * GV_WARPS;
+          if (u >= U) break;
+          uint32_t wa[RT][G::WU], wb[RT][G::WU];
 #pragma unroll
           for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
             for (int v = 0; v < NV; ++v) {
-              if (tok[rt]) {
-                qa[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v);
-                qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v + 32);
-              }
+              wa[rt][4 * v] = qa[p][rt][v].x; wa[rt][4 * v + 1] = qa[p][rt][v].y;
+              wa[rt][4 * v + 2] = qa[p][rt][v].z; wa[rt][4 * v + 3] = qa[p][rt][v].w;
+              wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
+              wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
             }
+          const int un = u + GV_WARPS * P;
+          if (un < U) {
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+              for (int v = 0; v < NV; ++v) {
+                if (tok[rt]) {
+                  qa[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v);
+                  qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v + 32);
+                }
+              }
+          }
+          gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
         }
-        gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
       }
     }
-  }
 
-  // The next group's first units go in flight now, under this group's epilogue and the next
-  // group's table build.
-  if (next < groups) {
-    set_group(next);
-    prefetch();
-  }
+    // The next group's first units go in flight now, under this group's epilogue and the next
+    // group's table build.
+    if (next < groups) {
+      set_group(next);
+      prefetch();
+    }
 
-  // 6. Outliers (x rows 8i + 2q + {0, 1}), after the main loop: their lists have arrived and x is
-  //    in L1. Entries past the first OUTR of this lane are read now.
+    // 6. Outliers (x rows 8i + 2q + {0, 1}), after the main loop: their lists have arrived and x is
+    //    in L1. Entries past the first OUTR of this lane are read now.
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
+    for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
+      for (int rr = 0; rr < 2; ++rr) {
 #pragma unroll
-      for (int o = 0; o < OUTR; ++o) {
-        const int col = oc[rt][rr][o];
-        if (col >= 0) {
+        for (int o = 0; o < OUTR; ++o) {
+          const int col = oc[rt][rr][o];
+          if (col >= 0) {
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+              for (int jj = 0; jj < 2; ++jj) {
+                const int m = 8 * i + 2 * q + jj;
+                if (m < M)
+                  acc[rt][i][2 * rr + jj] =
+                      fmaf(ov[rt][rr][o], Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
+              }
+          }
+        }
+        for (int j = cb[rt][rr] + OUTR * GV_WARPS; j < ce[rt][rr]; j += GV_WARPS) {
+          const float v = load_f(vals, vals_f32, j);
+          const int col = cols[j];
 #pragma unroll
           for (int i = 0; i < MT; ++i)
 #pragma unroll
             for (int jj = 0; jj < 2; ++jj) {
               const int m = 8 * i + 2 * q + jj;
-              if (m < M)
-                acc[rt][i][2 * rr + jj] =
-                    fmaf(ov[rt][rr][o], Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
+              if (m < M) acc[rt][i][2 * rr + jj] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
             }
         }
       }
-      for (int j = cb[rt][rr] + OUTR * GV_WARPS; j < ce[rt][rr]; j += GV_WARPS) {
-        const float v = load_f(vals, vals_f32, j);
-        const int col = cols[j];
-#pragma unroll
-        for (int i = 0; i < MT; ++i)
-#pragma unroll
-          for (int jj = 0; jj < 2; ++jj) {
-            const int m = 8 * i + 2 * q + jj;
-            if (m < M) acc[rt][i][2 * rr + jj] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
-          }
-      }
-    }
 
-  // 7. Fixed-order reduction over warps. C fragment of row tile rt: acc[rt][i][j] =
-  //    y[m = 8i + 2q + (j&1)][n0 + 16rt + g + 8(j>>1)].
-  __syncthreads();  // everyone is done with the tables (red aliases them)
-  constexpr int PER = RT * MT * 4;
+    // 7. Fixed-order reduction over warps. C fragment of row tile rt: acc[rt][i][j] =
+    //    y[m = 8i + 2q + (j&1)][n0 + 16rt + g + 8(j>>1)].
+    __syncthreads();  // everyone is done with the tables (red aliases them)
+    constexpr int PER = RT * MT * 4;
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
+    for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int i = 0; i < MT; ++i)
-      *reinterpret_cast<float4*>(red + (warp * 32 + lane) * PER + (rt * MT + i) * 4) =
-          make_float4(acc[rt][i][0], acc[rt][i][1], acc[rt][i][2], acc[rt][i][3]);
-  __syncthreads();
-  for (int idx = tid; idx < 32 * PER; idx += GV_THREADS) {
-    float s = 0.f;
+      for (int i = 0; i < MT; ++i)
+        *reinterpret_cast<float4*>(red + (warp * 32 + lane) * PER + (rt * MT + i) * 4) =
+            make_float4(acc[rt][i][0], acc[rt][i][1], acc[rt][i][2], acc[rt][i][3]);
+    __syncthreads();
+    for (int idx = tid; idx < 32 * PER; idx += GV_THREADS) {
+      float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < GV_WARPS; ++w) s += red[w * 32 * PER + idx];
-    const int l = idx / PER, rt = (idx / (MT * 4)) % RT, i = (idx / 4) % MT, j = idx & 3;
-    const int m = 8 * i + 2 * (l & 3) + (j & 1), n = n0 + 16 * rt + (l >> 2) + 8 * (j >> 1);
-    if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(s);
-  }
-  __syncthreads();  // red is read before the next group's tables overwrite it
+      for (int w = 0; w < GV_WARPS; ++w) s += red[w * 32 * PER + idx];
+      const int l = idx / PER, rt = (idx / (MT * 4)) % RT, i = (idx / 4) % MT, j = idx & 3;
+      const int m = 8 * i + 2 * (l & 3) + (j & 1), n = n0 + 16 * rt + (l >> 2) + 8 * (j >> 1);
+      if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(s);
+    }
+    __syncthreads();  // red is read before the next group's tables overwrite it
   }
 }
 
