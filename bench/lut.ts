@@ -63,7 +63,7 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
     }
     ws.forEach((t) => t.dispose());
     for (const bits of [4, 3])
-      for (const sparse of big ? [true] : [false, true]) {
+      for (const sparse of [false, true]) {
         const probe = await makeSet(N, K, bits, sparse, device, 1);
         const sets = big ? 1 : setsFor(probe.bytes, ctx.l2Bytes);
         const ls: LutSet[] = [probe];
@@ -90,7 +90,7 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
         ctx.log(`lut ${name}: ${r.timeUs.toFixed(2)} us, ${(100 * (r.fracCopy ?? 0)).toFixed(0)}% of copy BW, vs fp16 ${r.speedup?.toFixed(2) ?? '-'}x; ${r.note}`);
         out.push(r);
         // Tuning sweep of the M = 1 kernel (see SQUEEZELM_LUT_GEMV in csrc/kernels/lut_gemm/lut_gemm.cu).
-        const sweep = M === 1 || M === 8 ? ['1', '2', '3', '4'] : M === 16 ? ['5'] : [];
+        const sweep = M === 1 || M === 8 ? ['1', '2', '4', '6', '7'] : M === 16 ? ['5'] : [];
         if (sparse && N === 8192 && K === 8192 && !ctx.quick && process.env.SQUEEZELM_LUT_SWEEP !== '0') {
           // The default's output on set 0, to check each variant against (the tests cannot set the
           // variant: jest gives each test file a copy of the environment).
@@ -121,33 +121,6 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
             } finally {
               delete process.env.SQUEEZELM_LUT_GEMV;
             }
-          }
-        }
-        if (big && process.env.SQUEEZELM_LUT_SWEEP !== '0') {
-          // the simpler wmma prefill kernel, for comparison (and checked against the default)
-          const y0 = Tensor.empty([M, N], { dtype: 'f16', device });
-          lutMatmulPacked(y0, xs[0], ls[0].q, ls[0].lut, ls[0].rows, ls[0].cols, ls[0].vals, bits);
-          const want = await y0.toFloat32();
-          process.env.SQUEEZELM_LUT_GEMM = 'wmma';
-          try {
-            lutMatmulPacked(y0, xs[0], ls[0].q, ls[0].lut, ls[0].rows, ls[0].cols, ls[0].vals, bits);
-            const got = await y0.toFloat32();
-            let num = 0, den = 0;
-            for (let i = 0; i < want.length; i++) { num += (got[i] - want[i]) ** 2; den += want[i] ** 2; }
-            const diff = Math.sqrt(num / Math.max(den, 1e-30));
-            const tw = await timeCuda({
-              device, iters, repeats,
-              fn: (i) => { const l = ls[i % sets]; lutMatmulPacked(y, xs[i % dsets], l.q, l.lut, l.rows, l.cols, l.vals, bits); },
-            });
-            const rw = row(ctx, 'lut', `${name} wmma kernel`, tw, {
-              flops: 2 * M * N * K, baseline: 'fp16 matmul', base: dense,
-              note: `rel diff vs default ${Number.isFinite(diff) ? diff.toExponential(1) : 'NaN'}${diff < 2e-3 ? '' : ' MISMATCH'}`,
-            });
-            ctx.log(`lut ${name} wmma kernel: ${rw.timeUs.toFixed(2)} us; ${rw.note}`);
-            out.push(rw);
-          } finally {
-            delete process.env.SQUEEZELM_LUT_GEMM;
-            y0.dispose();
           }
         }
         ls.forEach((l) => [l.q, l.lut, l.rows, l.cols, l.vals].forEach((x) => x?.dispose()));

@@ -309,6 +309,24 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
           }
         }
       });
+  test(`many row tiles: each block of the GEMV walks several (seed ${seed})`, async () => {
+    const r = rng(seed + 55);
+    const N = 16 * 600 + 5, K = 256 + 32;  // more row tiles than one wave of blocks holds
+    for (const bits of [3, 4] as const) {
+      const l = randomLinear(N, K, bits, true, r);
+      const cc = packedOf(l, 'cuda'), ch = packedOf(l, 'cpu');
+      const tc = tensorsOf(l, 'cuda', 'f16'), tcpu = tensorsOf(l, 'cpu', 'f16');
+      for (const M of [1, 5, 16, 33]) {
+        const x = randn(M * K, r);
+        const yc = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: 'f16', device: 'cuda' });
+        const yh = Tensor.empty([M, N]);
+        lutMatmulPacked(yc, Tensor.from(x, [M, K], { dtype: 'f16', device: 'cuda' }), cc, tc.lut, tc.rows, tc.cols, tc.vals, bits);
+        lutMatmulPacked(yh, Tensor.from(x, [M, K], { dtype: 'f16' }), ch, tcpu.lut, tcpu.rows, tcpu.cols, tcpu.vals, bits);
+        const what = `${bits}-bit M=${M}`;
+        expect([what, relErr(await yc.toFloat32(), await yh.toFloat32()) < 2e-3]).toEqual([what, true]);
+      }
+    }
+  });
   test('deterministic across runs (GEMV and GEMM paths)', async () => {
     const r = rng(5);
     const l = randomLinear(512, 1024, 4, true, r);

@@ -13,10 +13,12 @@
 //   are idle anyway, and conversion and fp32 accumulation come for free.
 // * Bank conflicts decide the lookup rate: in an A fragment, lane (g = lane/4, q = lane%4) needs
 //   rows g and g+8, and the 4 lanes of a row look up different random entries. Each (row, q) gets
-//   its own copy of the row's pair table, all in one bank (bank 4g+q, entry e at word e*32+bank):
-//   every lookup of a warp hits 32 different banks, whatever the codes. Cost: 4 copies x 16 rows
-//   x 1 KB = 64 KB per block for 4-bit (16 KB for 3-bit), built once per block from the 16-entry
-//   tables with 16-byte stores (one store writes the 4 copies of an entry).
+//   its own copy of the row's pair table, all in one bank (bank 4g+q): every lookup of a warp hits
+//   32 different banks, whatever the codes. Cost: 4 copies x 16 rows x 1 KB = 64 KB per block for
+//   4-bit (16 KB for 3-bit), built once per block from the 16-entry tables with 16-byte stores
+//   (one store writes the 4 copies of an entry). Entry e of rows g / g+8 sits at byte
+//   e*256 + 128h + 4*lane, so a lookup's offset is one byte permute of the code word with the
+//   lane's byte (4-bit) or one shift and one LOP3 (3-bit): 2-3 instructions per two weights.
 // * The k order inside each 32-wide chunk is permuted exactly as in the dense tensor-core GEMV
 //   (gemm/gemv_tc.cuh): lane quarter q owns k = 8q..8q+7 of every chunk, so its activations are
 //   one 16-byte load per chunk and its codes are contiguous. The repacked codes put the 4 (4-bit)
@@ -24,26 +26,27 @@
 //   (4-bit) or three (3-bit) 16-byte streaming loads per row and unit, each warp-wide load one
 //   contiguous 512-byte run (the 3-bit pieces lie in planes, so no sector is fetched twice).
 // * A block owns 16 output rows (RT = 2 row tiles for M > 8, see below) and all of K; its 8 warps
-//   split K by units (unit u to warp u%8),
-//   each keeping P units of codes in flight (Little's law: ~32+ KB in flight per SM) through a
-//   rolling register prefetch, issued before the tables are built so the build hides under the
-//   first loads. The 8 partial tiles are summed in shared memory in warp order: deterministic, no
-//   atomics. 2 blocks per SM fit (64 KB tables each), so N = 8192 takes about 2 full waves.
+//   split K by units (unit u to warp u%8), each keeping P units of codes in flight (Little's law:
+//   ~32+ KB in flight per SM) through a rolling register prefetch. The block's prologue is kept
+//   short, because its latency is paid per block: the 16-entry tables and the outlier row bounds
+//   are requested first, then the first P units, then the pair tables are built. The 8 partial
+//   tiles are summed in shared memory in warp order: deterministic, no atomics. 2 blocks per SM
+//   fit (64 KB tables each), so N = 8192 takes about 2 full waves.
 // * Every block rereads all of x (L1 holds it for small M, otherwise it comes from L2: M*K*2 bytes
 //   per block against 8*K bytes of 4-bit codes). For M > 8 a block takes 2 row tiles sharing
 //   each activation load, which halves that traffic.
-// * Outliers (CSR over output rows) are added to the accumulators by the same launch before the
-//   main loop (their dependent loads overlap the first code loads in flight), split over warps.
+// * Outliers (CSR over output rows) are added to the accumulators by the same launch after the
+//   main loop (split over warps): each lane's first entries are requested before the main loop
+//   and arrive during it, and x is in L1 by then, so they add little latency.
 // * x is read through L1 (it is small and every block rereads it); codes with L1::no_allocate.
 //   Activations past K are zero, so padded codes contribute nothing.
 //
-// Prefill (M > 64: lut_gemm_kernel): 128x128 output tiles, 32 k per step; each step's codes are
-// dequantized once per block through a single-code table in shared memory (conflict-free: 32
-// lanes = 32 rows) into a [n][k] tile in the activation dtype and multiplied with wmma
-// (fp32 accumulation). Outliers are added in the epilogue.
+// Prefill (M > 64: lut_gemm_mma_kernel): 128x128 output tiles, 32 k per stage; activations and
+// raw codes arrive through a cp.async pipeline, each stage's codes are dequantized once per block
+// through a single-code table in shared memory (conflict-free: 32 lanes = 32 rows) into a [n][k]
+// tile in the activation dtype, outliers folded in, and multiplied with mma.sync (fp32 accumulation).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include <atomic>
 #include <climits>
@@ -152,380 +155,6 @@ __device__ __forceinline__ uint32_t chunk_bits(const uint32_t (&w)[Geo<BITS>::WU
   }
 }
 
-// Pair i (0..3) of a chunk's bits: the table index of codes 2i, 2i+1 (one PRMT for 4-bit).
-template <int BITS>
-__device__ __forceinline__ uint32_t pair_of(uint32_t v, int i) {
-  if constexpr (BITS == 4) return __byte_perm(v, 0u, 0x4440u | (uint32_t)i);
-  else return (v >> (6 * i)) & 0x3fu;
-}
-
-constexpr int GV_WARPS = 8;
-constexpr int GV_THREADS = GV_WARPS * 32;
-
-// 3-bit: the tables start at an 8 KB-aligned shared address, so a lookup address is
-// ((chunk << 7 >> 6i) & 0x1f80) | (base + 4*lane): one shift and one LOP3 (ld_shared below).
-template <int BITS>
-constexpr size_t gemv_table_align() { return BITS == 3 ? 8192 : 0; }
-
-template <int BITS, int MT, int RT>
-constexpr size_t gemv_smem_bytes() {
-  constexpr size_t table = (size_t)RT * 2 * Geo<BITS>::E2 * 32 * 4;
-  constexpr size_t red = (size_t)GV_WARPS * 32 * RT * MT * 4 * 4;
-  return gemv_table_align<BITS>() + (table > red ? table : red) + 16 * RT * Geo<BITS>::E * 2;
-}
-
-__device__ __forceinline__ uint32_t ld_shared(uint32_t addr) {
-  uint32_t r;
-  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(r) : "r"(addr));
-  return r;
-}
-
-// RT row tiles (16 rows each) per block share every activation load (x is reread from L2 by
-// every block: RT = 2 halves that traffic for larger M, at 1 block per SM for 4-bit).
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT>
-__global__ void __launch_bounds__(GV_THREADS, MINB)
-    lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
-                    const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
-                    const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
-                    int K, int U) {
-  using G = Geo<BITS>;
-  constexpr int E = G::E, E2 = G::E2, NV = G::NV, CH = G::CH;
-  extern __shared__ __align__(16) uint32_t smem[];
-  constexpr uint32_t ALIGN = (uint32_t)gemv_table_align<BITS>();
-  const uint32_t sbase = (uint32_t)__cvta_generic_to_shared(smem);
-  uint32_t* tbl = smem + (ALIGN ? ((ALIGN - (sbase & (ALIGN - 1))) & (ALIGN - 1)) / 4 : 0);  // [RT][2][E2][32]
-  T* lt = reinterpret_cast<T*>(smem + (gemv_smem_bytes<BITS, MT, RT>() - 16 * RT * E * 2) / 4);  // [16*RT][E]
-  float* red = reinterpret_cast<float*>(tbl);  // [warps][32][RT*MT*4], after the main loop
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
-  const int tiles = (N + 15) / 16;
-  const int n0 = blockIdx.x * 16 * RT;
-  const uint4* ca[RT];
-  bool tok[RT];
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt) {
-    const int tile = blockIdx.x * RT + rt;
-    tok[rt] = tile < tiles;
-    // row g's plane-0 piece; plane v at +64v, row g+8 at +32 (16-byte units)
-    ca[rt] = codes + (size_t)(tok[rt] ? tile : 0) * U * G::USTRIDE + (g * 4 + q);
-  }
-
-  // 1. First P units of codes in flight before anything else.
-  uint4 qa[P][RT][NV], qb[P][RT][NV];
-#pragma unroll
-  for (int p = 0; p < P; ++p) {
-    const int u = warp + p * GV_WARPS;
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int v = 0; v < NV; ++v) {
-        const bool ok = u < U && tok[rt];
-        qa[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v) : make_uint4(0, 0, 0, 0);
-        qb[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v + 32) : make_uint4(0, 0, 0, 0);
-      }
-  }
-
-  // Row bounds of this lane's outliers, early: one dependent round trip less before the main loop.
-  int ob[RT][2], oe[RT][2];
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int n = n0 + 16 * rt + g + 8 * rr;
-      ob[rt][rr] = oe[rt][rr] = 0;
-      if (rows != nullptr && n < N) { ob[rt][rr] = rows[n] + warp; oe[rt][rr] = rows[n + 1]; }
-    }
-
-  // 2. The block's tables in the activation dtype, then the pair tables: word
-  //    ((rt*2 + h)*E2 + e)*32 + 4*gg + qq holds (lut[row][e & (E-1)], lut[row][e >> BITS]) for row
-  //    16*rt + gg + 8h, the same in all 4 copies qq (one 16-byte store).
-  for (int i = tid; i < 16 * RT * E; i += GV_THREADS) {
-    const int n = n0 + i / E;
-    lt[i] = Cvt<T>::t(n < N ? load_f(lut, lut_f32, (long long)n * E + (i % E)) : 0.f);
-  }
-  __syncthreads();
-  for (int i = tid; i < RT * 2 * E2 * 8; i += GV_THREADS) {
-    const int gg = i & 7, e = (i >> 3) & (E2 - 1), rh = i / (8 * E2);  // rh = rt*2 + h
-    const T* l = lt + (gg + 8 * rh) * E;
-    const uint32_t v = pack2<T>(l[e & (E - 1)], l[e >> BITS]);
-    *reinterpret_cast<uint4*>(tbl + (rh * E2 + e) * 32 + 4 * gg) = make_uint4(v, v, v, v);
-  }
-
-  // 3. Outliers of rows 16rt + g + 8rr (warps split each row's list) for x rows 8i + 2q + {0, 1}.
-  float acc[RT][MT][4];
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[rt][i][j] = 0.f;
-  if (rows != nullptr) {
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr)
-        for (int j = ob[rt][rr]; j < oe[rt][rr]; j += GV_WARPS) {
-          const float v = load_f(vals, vals_f32, j);
-          const int col = cols[j];
-#pragma unroll
-          for (int i = 0; i < MT; ++i)
-#pragma unroll
-            for (int jj = 0; jj < 2; ++jj) {
-              const int m = 8 * i + 2 * q + jj;
-              if (m < M)
-                acc[rt][i][2 * rr + jj] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
-            }
-        }
-  }
-  __syncthreads();
-
-  // 4. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
-  //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
-  const T* xr[MT];
-  bool mv[MT];
-#pragma unroll
-  for (int i = 0; i < MT; ++i) {
-    const int m = 8 * i + g;
-    mv[i] = m < M;
-    xr[i] = x + (size_t)(mv[i] ? m : 0) * K;
-  }
-  const uint32_t* tq = tbl + lane;
-
-  for (int u0 = warp; u0 < U; u0 += GV_WARPS * P) {
-#pragma unroll
-    for (int p = 0; p < P; ++p) {
-      const int u = u0 + p * GV_WARPS;
-      if (u >= U) break;
-      uint32_t wa[RT][G::WU], wb[RT][G::WU];
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-        for (int v = 0; v < NV; ++v) {
-          wa[rt][4 * v] = qa[p][rt][v].x; wa[rt][4 * v + 1] = qa[p][rt][v].y;
-          wa[rt][4 * v + 2] = qa[p][rt][v].z; wa[rt][4 * v + 3] = qa[p][rt][v].w;
-          wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
-          wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
-        }
-      const int un = u + GV_WARPS * P;
-      if (un < U) {
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-          for (int v = 0; v < NV; ++v) {
-            if (tok[rt]) {
-              qa[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v);
-              qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v + 32);
-            }
-          }
-      }
-      const int kb = u * G::KU + 8 * q;
-      // Activations of XC chunks at a time, loaded before their lookups.
-      constexpr int XC = MT * RT <= 2 ? 4 : 1;
-#pragma unroll
-      for (int c4 = 0; c4 < CH; c4 += XC) {
-        uint4 xv[XC][MT];
-#pragma unroll
-        for (int c = 0; c < XC; ++c)
-#pragma unroll
-          for (int i = 0; i < MT; ++i) xv[c][i] = load_x8<T, XVEC>(xr[i], kb + 32 * (c4 + c), K, mv[i]);
-#pragma unroll
-        for (int c = 0; c < XC; ++c)
-#pragma unroll
-          for (int rt = 0; rt < RT; ++rt) {
-            const uint32_t* ta = tq + rt * 2 * E2 * 32;
-            const uint32_t* tb = ta + E2 * 32;
-            const uint32_t va = chunk_bits<BITS>(wa[rt], c4 + c), vb = chunk_bits<BITS>(wb[rt], c4 + c);
-            uint32_t a0, a1, a2, a3, a4, a5, a6, a7;
-            if constexpr (BITS == 4) {
-              a0 = ta[pair_of<BITS>(va, 0) << 5]; a1 = tb[pair_of<BITS>(vb, 0) << 5];
-              a2 = ta[pair_of<BITS>(va, 1) << 5]; a3 = tb[pair_of<BITS>(vb, 1) << 5];
-              a4 = ta[pair_of<BITS>(va, 2) << 5]; a5 = tb[pair_of<BITS>(vb, 2) << 5];
-              a6 = ta[pair_of<BITS>(va, 3) << 5]; a7 = tb[pair_of<BITS>(vb, 3) << 5];
-            } else {
-              // pair i at bits 6i of the chunk -> bits 7..12 of the byte offset; ORed into the
-              // 8 KB-aligned base of this lane's bank.
-              const uint32_t la = (uint32_t)__cvta_generic_to_shared(ta), lb = la + E2 * 32 * 4;
-              const uint32_t sa = va << 7, sb = vb << 7;
-              a0 = ld_shared((sa & 0x1f80u) | la);        a1 = ld_shared((sb & 0x1f80u) | lb);
-              a2 = ld_shared(((sa >> 6) & 0x1f80u) | la);  a3 = ld_shared(((sb >> 6) & 0x1f80u) | lb);
-              a4 = ld_shared(((sa >> 12) & 0x1f80u) | la); a5 = ld_shared(((sb >> 12) & 0x1f80u) | lb);
-              a6 = ld_shared(((sa >> 18) & 0x1f80u) | la); a7 = ld_shared(((sb >> 18) & 0x1f80u) | lb);
-            }
-#pragma unroll
-            for (int i = 0; i < MT; ++i) {
-              mma_16816<T>(acc[rt][i], a0, a1, a2, a3, xv[c][i].x, xv[c][i].y);
-              mma_16816<T>(acc[rt][i], a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
-            }
-          }
-      }
-    }
-  }
-
-  // 5. Fixed-order reduction over warps. C fragment of row tile rt: acc[rt][i][j] =
-  //    y[m = 8i + 2q + (j&1)][n0 + 16rt + g + 8(j>>1)].
-  __syncthreads();  // everyone is done with the tables (red aliases them)
-  constexpr int PER = RT * MT * 4;
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-      *reinterpret_cast<float4*>(red + (warp * 32 + lane) * PER + (rt * MT + i) * 4) =
-          make_float4(acc[rt][i][0], acc[rt][i][1], acc[rt][i][2], acc[rt][i][3]);
-  __syncthreads();
-  for (int idx = tid; idx < 32 * PER; idx += GV_THREADS) {
-    float s = 0.f;
-#pragma unroll
-    for (int w = 0; w < GV_WARPS; ++w) s += red[w * 32 * PER + idx];
-    const int l = idx / PER, rt = (idx / (MT * 4)) % RT, i = (idx / 4) % MT, j = idx & 3;
-    const int m = 8 * i + 2 * (l & 3) + (j & 1), n = n0 + 16 * rt + (l >> 2) + 8 * (j >> 1);
-    if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(s);
-  }
-}
-
-// ---- GEMM (prefill) ----
-constexpr int BM = 128, BN = 128, BK = 32, LDS = BK + 8, GM_THREADS = 256;
-
-template <class T, int BITS, bool XVEC>
-__global__ void __launch_bounds__(GM_THREADS)
-    lut_gemm_kernel(T* __restrict__ y, const T* __restrict__ x, const uint32_t* __restrict__ codes,
-                    const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
-                    const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
-                    int K, int U) {
-  using namespace nvcuda;
-  using G = Geo<BITS>;
-  constexpr int E = G::E;
-  __shared__ __align__(32) T xs[BM][LDS];
-  __shared__ __align__(32) T ws[BN][LDS];  // ws[n][k]: B = W^T in column-major order
-  __shared__ float lut_s[E][BN];
-  __shared__ __align__(32) float scr[GM_THREADS / 32][16 * 16];
-
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-  const int Np = (N + 15) / 16 * 16;
-  for (int i = tid; i < E * BN; i += GM_THREADS) {
-    const int e = i / BN, c = i % BN;
-    lut_s[e][c] = (n0 + c < N) ? load_f(lut, lut_f32, (long long)(n0 + c) * E + e) : 0.f;
-  }
-
-  // Per thread: 2 code items (row r, quarter qq) and 2 groups of 8 activations (row xm, k xk).
-  int cr[2], cq[2];
-  const uint32_t* cp[2];
-  bool cok[2];
-#pragma unroll
-  for (int it = 0; it < 2; ++it) {
-    const int item = tid + it * GM_THREADS;
-    cr[it] = item & (BN - 1);
-    cq[it] = item >> 7;
-    const int n = n0 + cr[it];
-    cok[it] = n < Np;
-    const int tile = (cok[it] ? n : 0) >> 4, r = n & 15;
-    cp[it] = codes + (size_t)tile * U * 64 * G::WU + (r * 4 + cq[it]) * 4;  // word w at + (w/4)*256 + w%4
-  }
-  const int steps = (K + BK - 1) / BK;
-  uint32_t creg[2];
-  uint4 xreg[2];
-  auto load_step = [&](int s) {
-    const int u = s / G::CH, c = s % G::CH;
-#pragma unroll
-    for (int it = 0; it < 2; ++it) {
-      uint32_t v = 0;
-      if (cok[it]) {
-        const uint32_t* w = cp[it] + (size_t)u * 64 * G::WU;
-        auto wd = [&](int i) { return w[(i >> 2) * 256 + (i & 3)]; };
-        if constexpr (BITS == 4) {
-          v = wd(c);
-        } else {
-          const int b = c >> 2, cc = c & 3;
-          if (cc < 3) v = wd(3 * b + cc);
-          else v = __byte_perm(__byte_perm(wd(3 * b), wd(3 * b + 1), 0x0073), wd(3 * b + 2), 0x0710);
-        }
-      }
-      creg[it] = v;
-      const int item = tid + it * GM_THREADS, xm = item >> 2, xk = (item & 3) * 8;
-      const int m = m0 + xm;
-      xreg[it] = load_x8<T, XVEC>(x + (size_t)(m < M ? m : 0) * K, s * BK + xk, K, m < M);
-    }
-  };
-
-  const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-
-  load_step(0);
-  for (int s = 0; s < steps; ++s) {
-    __syncthreads();  // previous tile consumed (and lut_s written on the first pass)
-#pragma unroll
-    for (int it = 0; it < 2; ++it) {
-      const int item = tid + it * GM_THREADS, xm = item >> 2, xk = (item & 3) * 8;
-      *reinterpret_cast<uint4*>(&xs[xm][xk]) = xreg[it];
-      uint32_t w[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint32_t lo = creg[it] >> (BITS * 2 * i), hi = creg[it] >> (BITS * (2 * i + 1));
-        w[i] = pack2<T>(Cvt<T>::t(lut_s[lo & (E - 1)][cr[it]]), Cvt<T>::t(lut_s[hi & (E - 1)][cr[it]]));
-      }
-      *reinterpret_cast<uint4*>(&ws[cr[it]][8 * cq[it]]) = make_uint4(w[0], w[1], w[2], w[3]);
-    }
-    __syncthreads();
-    if (s + 1 < steps) load_step(s + 1);
-#pragma unroll
-    for (int ks = 0; ks < BK; ks += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[4];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(a[i], &xs[wm + i * 16][ks], LDS);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &ws[wn + j * 16][ks], LDS);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-    }
-  }
-
-  // Epilogue per 16x16 fragment: lane owns column lane%16 and rows 8*(lane/16) .. +8.
-  float* sc = scr[warp];
-  const int cn = lane & 15, rh = (lane >> 4) * 8;
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int n = n0 + wn + j * 16 + cn;
-    int ob = 0, oe = 0;
-    if (rows != nullptr && n < N) { ob = rows[n]; oe = rows[n + 1]; }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      wmma::store_matrix_sync(sc, acc[i][j], 16, wmma::mem_row_major);
-      __syncwarp();
-      const int mb = m0 + wm + i * 16 + rh;
-      float s[8];
-#pragma unroll
-      for (int rr = 0; rr < 8; ++rr) s[rr] = sc[(rh + rr) * 16 + cn];
-      for (int o = ob; o < oe; ++o) {
-        const float v = load_f(vals, vals_f32, o);
-        const int col = cols[o];
-#pragma unroll
-        for (int rr = 0; rr < 8; ++rr)
-          if (mb + rr < M) s[rr] = fmaf(v, Cvt<T>::f(x[(size_t)(mb + rr) * K + col]), s[rr]);
-      }
-      if (n < N)
-#pragma unroll
-        for (int rr = 0; rr < 8; ++rr)
-          if (mb + rr < M) y[(size_t)(mb + rr) * N + n] = Cvt<T>::t(s[rr]);
-      __syncwarp();
-    }
-  }
-}
-
-// ---- GEMM (prefill), mma.sync version ----
-// 128x128 output tile per block, 32 k per stage, PST stages of activations and raw codes in flight
-// through cp.async; each stage's codes are dequantized (plus that stage's outliers) into a
-// double-buffered [n][k] tile one stage ahead of the tensor cores, so one barrier per stage.
-// Outliers are folded into the dequantized weight (one rounding of lut + val): each code item
-// walks its row's CSR list, whose cols must be increasing (checkOutlierCsr enforces it).
-constexpr int PBM = 128, PBN = 128, PBK = 32, PST = 5, PLD = PBK + 8, PM_THREADS = 256;
-
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(ok ? 16 : 0));
@@ -535,6 +164,357 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+constexpr int GV_WARPS = 8;
+constexpr int GV_THREADS = GV_WARPS * 32;
+
+template <int BITS, int MT, int RT>
+constexpr size_t gemv_table_bytes() {
+  constexpr size_t table = (size_t)RT * Geo<BITS>::E2 * 256;
+  constexpr size_t red = (size_t)GV_WARPS * 32 * RT * MT * 4 * 4;
+  return table > red ? table : red;
+}
+// With ASYNC, each warp streams its codes through a ring of P units in shared memory (cp.async).
+template <int BITS, int RT, bool ASYNC, int P>
+constexpr size_t gemv_ring_bytes() {
+  return ASYNC ? (size_t)GV_WARPS * P * RT * 2 * Geo<BITS>::NV * 512 : 0;
+}
+template <int BITS, int MT, int RT, bool ASYNC, int P>
+constexpr size_t gemv_smem_bytes() {
+  return gemv_table_bytes<BITS, MT, RT>() + gemv_ring_bytes<BITS, RT, ASYNC, P>() + 16 * RT * Geo<BITS>::E * 2;
+}
+
+// Outlier (col, val) pairs each lane holds in registers from the prologue to the epilogue, per row.
+template <int MT, int RT> constexpr int gemv_outr() { return MT * RT == 1 ? 6 : MT * RT == 2 ? 3 : 2; }
+
+// Pair tables, for row tile rt: entry e of row 16rt + 8h + g, copy q, at byte
+// rt*E2*256 + e*256 + h*128 + 4*(4g + q). A lane's lookup offset is then one byte permute (4-bit:
+// the pair's byte next to the lane's byte 4*lane + 128h) or one shift and one LOP3 (3-bit).
+template <int BITS>
+__device__ __forceinline__ uint32_t pair_off(uint32_t v, uint32_t v8, uint32_t lb, int i) {
+  if constexpr (BITS == 4) return __byte_perm(v, lb, 0x5504u | ((uint32_t)i << 4));
+  else return ((v8 >> (6 * i)) & 0x3f00u) | lb;
+}
+__device__ __forceinline__ uint32_t lds_at(const unsigned char* base, uint32_t off) {
+  return *reinterpret_cast<const uint32_t*>(base + off);
+}
+
+// RT row tiles (16 rows each) per block share every activation load (x is reread from L2 by
+// every block: RT = 2 halves that traffic for larger M, at 1 block per SM for 4-bit).
+// One unit of K for one warp: wa/wb = the lane's code words of rows g / g+8 of each row tile.
+template <class T, int BITS, int MT, bool XVEC, int RT>
+__device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_t (&wa)[RT][Geo<BITS>::WU],
+                                          const uint32_t (&wb)[RT][Geo<BITS>::WU], const unsigned char* tbl,
+                                          const T* const (&xr)[MT], const bool (&mv)[MT], int kb, int K,
+                                          uint32_t lb0, uint32_t lb1) {
+  using G = Geo<BITS>;
+  constexpr int E2 = G::E2, CH = G::CH;
+  // Activations of XC chunks at a time, loaded before their lookups.
+  constexpr int XC = MT * RT <= 2 ? 4 : 1;
+#pragma unroll
+  for (int c4 = 0; c4 < CH; c4 += XC) {
+    uint4 xv[XC][MT];
+#pragma unroll
+    for (int c = 0; c < XC; ++c)
+#pragma unroll
+      for (int i = 0; i < MT; ++i) xv[c][i] = load_x8<T, XVEC>(xr[i], kb + 32 * (c4 + c), K, mv[i]);
+#pragma unroll
+    for (int c = 0; c < XC; ++c)
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) {
+        const unsigned char* tr = tbl + (size_t)rt * E2 * 256;
+        const uint32_t va = chunk_bits<BITS>(wa[rt], c4 + c), vb = chunk_bits<BITS>(wb[rt], c4 + c);
+        const uint32_t va8 = va << 8, vb8 = vb << 8;
+        const uint32_t a0 = lds_at(tr, pair_off<BITS>(va, va8, lb0, 0)), a1 = lds_at(tr, pair_off<BITS>(vb, vb8, lb1, 0));
+        const uint32_t a2 = lds_at(tr, pair_off<BITS>(va, va8, lb0, 1)), a3 = lds_at(tr, pair_off<BITS>(vb, vb8, lb1, 1));
+        const uint32_t a4 = lds_at(tr, pair_off<BITS>(va, va8, lb0, 2)), a5 = lds_at(tr, pair_off<BITS>(vb, vb8, lb1, 2));
+        const uint32_t a6 = lds_at(tr, pair_off<BITS>(va, va8, lb0, 3)), a7 = lds_at(tr, pair_off<BITS>(vb, vb8, lb1, 3));
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          mma_16816<T>(acc[rt][i], a0, a1, a2, a3, xv[c][i].x, xv[c][i].y);
+          mma_16816<T>(acc[rt][i], a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
+        }
+      }
+  }
+}
+
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool ASYNC>
+__global__ void __launch_bounds__(GV_THREADS, MINB)
+    lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
+                    const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
+                    const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
+                    int K, int U) {
+  using G = Geo<BITS>;
+  constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = gemv_outr<MT, RT>();
+  extern __shared__ __align__(16) uint32_t smem[];
+  unsigned char* tbl = reinterpret_cast<unsigned char*>(smem);  // [RT][E2][2][32] words
+  uint4* ring = reinterpret_cast<uint4*>(tbl + gemv_table_bytes<BITS, MT, RT>());  // [warp][P][RT][2][NV][32]
+  T* lt = reinterpret_cast<T*>(tbl + gemv_table_bytes<BITS, MT, RT>() + gemv_ring_bytes<BITS, RT, ASYNC, P>());  // [16*RT][E]
+  float* red = reinterpret_cast<float*>(smem);  // [warps][32][RT*MT*4], after the main loop
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
+  const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
+
+  // The block walks groups of RT row tiles blockIdx.x, + gridDim.x, ... (the grid is one wave).
+  // What a group's prologue waits for is requested early: its 16-entry tables and outlier row
+  // bounds during the previous group's main loop, its first P units of codes right after it.
+  constexpr int LV = (16 * RT * E + GV_THREADS - 1) / GV_THREADS;
+  float lv[LV];
+  int ob[RT][2], oe[RT][2];
+  auto load_meta = [&](int grp) {
+    const int n0 = grp * 16 * RT;
+#pragma unroll
+    for (int t = 0; t < LV; ++t) {
+      const int i = tid + t * GV_THREADS, n = n0 + i / E;
+      lv[t] = (i < 16 * RT * E && n < N) ? load_f(lut, lut_f32, (long long)n * E + (i % E)) : 0.f;
+    }
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int n = n0 + 16 * rt + g + 8 * rr;
+        ob[rt][rr] = oe[rt][rr] = 0;
+        if (rows != nullptr && n < N) { ob[rt][rr] = rows[n] + warp; oe[rt][rr] = rows[n + 1]; }
+      }
+  };
+
+  const uint4* ca[RT];
+  bool tok[RT];
+  auto set_group = [&](int grp) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+      const int tile = grp * RT + rt;
+      tok[rt] = tile < tiles;
+      // row g's plane-0 piece; plane v at +64v, row g+8 at +32 (16-byte units)
+      ca[rt] = codes + (size_t)(tok[rt] ? tile : 0) * U * G::USTRIDE + (g * 4 + q);
+    }
+  };
+  constexpr int PR = ASYNC ? 1 : P;  // register buffers
+  uint4 qa[PR][RT][NV], qb[PR][RT][NV];
+  uint4* wring = ring + (size_t)warp * P * RT * 2 * NV * 32 + lane;  // this lane's slots
+  // Slot p of the ring: unit warp + 8i with i % P == p; piece (rt, h, v) at + ((p*RT + rt)*2 + h)*NV + v.
+  auto ring_fill = [&](int p, int u) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+          const bool ok = u < U && tok[rt];
+          cp_async16(wring + (size_t)(((p * RT + rt) * 2 + h) * NV + v) * 32,
+                     ok ? (const void*)(ca[rt] + (size_t)u * G::USTRIDE + 64 * v + 32 * h) : (const void*)codes, ok);
+        }
+    cp_async_commit();
+  };
+  auto prefetch = [&]() {
+    if constexpr (ASYNC) {
+#pragma unroll
+      for (int p = 0; p < P; ++p) ring_fill(p, warp + p * GV_WARPS);
+    } else {
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        const int u = warp + p * GV_WARPS;
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+          for (int v = 0; v < NV; ++v) {
+            const bool ok = u < U && tok[rt];
+            qa[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v) : make_uint4(0, 0, 0, 0);
+            qb[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v + 32) : make_uint4(0, 0, 0, 0);
+          }
+      }
+    }
+  };
+
+  const T* xr[MT];
+  bool mv[MT];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    const int m = 8 * i + g;
+    mv[i] = m < M;
+    xr[i] = x + (size_t)(mv[i] ? m : 0) * K;
+  }
+  const uint32_t lb0 = 4u * lane, lb1 = 128u + 4u * lane;
+
+  int grp = blockIdx.x;
+  if (grp < groups) {
+    load_meta(grp);
+    set_group(grp);
+    prefetch();
+  }
+  for (; grp < groups; grp += gridDim.x) {
+    const int n0 = grp * 16 * RT, next = grp + gridDim.x;
+
+    // 3. Pair tables (one 16-byte store writes the 4 copies of an entry).
+#pragma unroll
+    for (int t = 0; t < LV; ++t) {
+      const int i = tid + t * GV_THREADS;
+      if (i < 16 * RT * E) lt[i] = Cvt<T>::t(lv[t]);
+    }
+    __syncthreads();
+    for (int i = tid; i < RT * 2 * E2 * 8; i += GV_THREADS) {
+      const int gg = i & 7, h = (i >> 3) & 1, e = (i >> 4) & (E2 - 1), rt = i / (16 * E2);
+      const T* l = lt + (16 * rt + 8 * h + gg) * E;
+      const uint32_t v = pack2<T>(l[e & (E - 1)], l[e >> BITS]);
+      *reinterpret_cast<uint4*>(tbl + (size_t)(rt * E2 + e) * 256 + h * 128 + 16 * gg) = make_uint4(v, v, v, v);
+    }
+
+    // 4. This lane's first OUTR outliers of each row (rows 16rt + g + 8rr; warps split each list),
+    //    in flight during the main loop; then the next group's tables and bounds.
+    int oc[RT][2][OUTR], cb[RT][2], ce[RT][2];
+    float ov[RT][2][OUTR];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        cb[rt][rr] = ob[rt][rr];
+        ce[rt][rr] = oe[rt][rr];
+#pragma unroll
+        for (int o = 0; o < OUTR; ++o) {
+          const int j = ob[rt][rr] + o * GV_WARPS;
+          const bool ok = j < oe[rt][rr];
+          oc[rt][rr][o] = ok ? cols[j] : -1;
+          ov[rt][rr][o] = ok ? load_f(vals, vals_f32, j) : 0.f;
+        }
+      }
+    if (next < groups) load_meta(next);
+
+    float acc[RT][MT][4];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[rt][i][j] = 0.f;
+    __syncthreads();
+
+    // 5. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
+    //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
+
+    if constexpr (ASYNC) {
+      for (int i = 0;; ++i) {
+        const int u = warp + i * GV_WARPS;
+        if (u >= U) break;
+        const int p = i % P;
+        cp_async_wait<P - 1>();  // unit u (the oldest of the P groups in flight) has landed
+        uint32_t wa[RT][G::WU], wb[RT][G::WU];
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+          for (int v = 0; v < NV; ++v) {
+            const uint4 a = wring[(size_t)(((p * RT + rt) * 2 + 0) * NV + v) * 32];
+            const uint4 b = wring[(size_t)(((p * RT + rt) * 2 + 1) * NV + v) * 32];
+            wa[rt][4 * v] = a.x; wa[rt][4 * v + 1] = a.y; wa[rt][4 * v + 2] = a.z; wa[rt][4 * v + 3] = a.w;
+            wb[rt][4 * v] = b.x; wb[rt][4 * v + 1] = b.y; wb[rt][4 * v + 2] = b.z; wb[rt][4 * v + 3] = b.w;
+          }
+        gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
+        ring_fill(p, u + P * GV_WARPS);  // refill the slot just consumed (its words are used above)
+      }
+      cp_async_wait<0>();
+    } else {
+      for (int u0 = warp; u0 < U; u0 += GV_WARPS * P) {
+#pragma unroll
+        for (int p = 0; p < P; ++p) {
+          const int u = u0 + p * GV_WARPS;
+          if (u >= U) break;
+          uint32_t wa[RT][G::WU], wb[RT][G::WU];
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+            for (int v = 0; v < NV; ++v) {
+              wa[rt][4 * v] = qa[p][rt][v].x; wa[rt][4 * v + 1] = qa[p][rt][v].y;
+              wa[rt][4 * v + 2] = qa[p][rt][v].z; wa[rt][4 * v + 3] = qa[p][rt][v].w;
+              wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
+              wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
+            }
+          const int un = u + GV_WARPS * P;
+          if (un < U) {
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+              for (int v = 0; v < NV; ++v) {
+                if (tok[rt]) {
+                  qa[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v);
+                  qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v + 32);
+                }
+              }
+          }
+          gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
+        }
+      }
+    }
+
+    // The next group's first units go in flight now, under this group's epilogue and the next
+    // group's table build.
+    if (next < groups) {
+      set_group(next);
+      prefetch();
+    }
+
+    // 6. Outliers (x rows 8i + 2q + {0, 1}), after the main loop: their lists have arrived and x is
+    //    in L1. Entries past the first OUTR of this lane are read now.
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+#pragma unroll
+        for (int o = 0; o < OUTR; ++o) {
+          const int col = oc[rt][rr][o];
+          if (col >= 0) {
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+              for (int jj = 0; jj < 2; ++jj) {
+                const int m = 8 * i + 2 * q + jj;
+                if (m < M)
+                  acc[rt][i][2 * rr + jj] =
+                      fmaf(ov[rt][rr][o], Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
+              }
+          }
+        }
+        for (int j = cb[rt][rr] + OUTR * GV_WARPS; j < ce[rt][rr]; j += GV_WARPS) {
+          const float v = load_f(vals, vals_f32, j);
+          const int col = cols[j];
+#pragma unroll
+          for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj) {
+              const int m = 8 * i + 2 * q + jj;
+              if (m < M) acc[rt][i][2 * rr + jj] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
+            }
+        }
+      }
+
+    // 7. Fixed-order reduction over warps. C fragment of row tile rt: acc[rt][i][j] =
+    //    y[m = 8i + 2q + (j&1)][n0 + 16rt + g + 8(j>>1)].
+    __syncthreads();  // everyone is done with the tables (red aliases them)
+    constexpr int PER = RT * MT * 4;
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+        *reinterpret_cast<float4*>(red + (warp * 32 + lane) * PER + (rt * MT + i) * 4) =
+            make_float4(acc[rt][i][0], acc[rt][i][1], acc[rt][i][2], acc[rt][i][3]);
+    __syncthreads();
+    for (int idx = tid; idx < 32 * PER; idx += GV_THREADS) {
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < GV_WARPS; ++w) s += red[w * 32 * PER + idx];
+      const int l = idx / PER, rt = (idx / (MT * 4)) % RT, i = (idx / 4) % MT, j = idx & 3;
+      const int m = 8 * i + 2 * (l & 3) + (j & 1), n = n0 + 16 * rt + (l >> 2) + 8 * (j >> 1);
+      if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(s);
+    }
+    __syncthreads();  // red is read before the next group's tables overwrite it
+  }
+}
+
+// ---- GEMM (prefill) ----
+// 128x128 output tile per block, 32 k per stage, PST stages of activations and raw codes in flight
+// through cp.async; each stage's codes are dequantized (plus that stage's outliers) into a
+// double-buffered [n][k] tile one stage ahead of the tensor cores, so one barrier per stage.
+// Outliers are folded into the dequantized weight (one rounding of lut + val): the two threads of
+// a row walk its CSR list, whose cols must be increasing (checkOutlierCsr enforces it).
+constexpr int PBM = 128, PBN = 128, PBK = 32, PST = 5, PLD = PBK + 8, PM_THREADS = 256;
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -571,23 +551,31 @@ __global__ void __launch_bounds__(PM_THREADS, 2)
     lut_s[i] = (n0 + c < N) ? load_f(lut, lut_f32, (long long)(n0 + c) * E + e) : 0.f;
   }
 
-  // Code items (row r, quarter q), 2 per thread and fixed for the whole loop, with their outlier
-  // cursors (next col / value of the row's sorted list).
+  // Code items (row r, quarter q), 2 per thread and fixed for the whole loop: row r = tid % 128,
+  // quarters q0 = tid / 128 and q0 + 2. The thread walks row r's sorted outlier list once, with
+  // the next 4 entries in registers (refilled as they are used, so a load is needed only ~4 uses
+  // later: at 0.45% outliers about 7 stages).
   const uint32_t* cp[2];
   bool cok[2];
-  int op[2], oe[2], oc[2];
-  float ov[2];
 #pragma unroll
   for (int it = 0; it < 2; ++it) {
     const int item = tid + it * PM_THREADS, r = item & (PBN - 1), q = item >> 7, n = n0 + r;
     cok[it] = n < Np;
     const int nn = cok[it] ? n : 0;
     cp[it] = codes + (size_t)(nn >> 4) * U * 64 * G::WU + ((nn & 15) * 4 + q) * 4;  // word w at + (w/4)*256 + w%4
-    op[it] = oe[it] = 0;
-    if (rows != nullptr && n < N) { op[it] = rows[n]; oe[it] = rows[n + 1]; }
-    oc[it] = op[it] < oe[it] ? cols[op[it]] : INT_MAX;
-    ov[it] = op[it] < oe[it] ? load_f(vals, vals_f32, op[it]) : 0.f;
   }
+  int op = 0, oe = 0;
+  {
+    const int n = n0 + (tid & (PBN - 1));
+    if (rows != nullptr && n < N) { op = rows[n]; oe = rows[n + 1]; }
+  }
+  // (scalars, not arrays: the lambdas below capture them by reference)
+  int oc0 = INT_MAX, oc1 = INT_MAX, oc2 = INT_MAX, oc3 = INT_MAX;
+  float ov0 = 0.f, ov1 = 0.f, ov2 = 0.f, ov3 = 0.f;
+  if (op < oe) { oc0 = cols[op]; ov0 = load_f(vals, vals_f32, op); }
+  if (op + 1 < oe) { oc1 = cols[op + 1]; ov1 = load_f(vals, vals_f32, op + 1); }
+  if (op + 2 < oe) { oc2 = cols[op + 2]; ov2 = load_f(vals, vals_f32, op + 2); }
+  if (op + 3 < oe) { oc3 = cols[op + 3]; ov3 = load_f(vals, vals_f32, op + 3); }
 
   const int steps = (K + PBK - 1) / PBK;
   auto issue = [&](int s) {
@@ -628,31 +616,41 @@ __global__ void __launch_bounds__(PM_THREADS, 2)
   };
   auto dequant = [&](int s) {
     const int buf = s % PST, wb = s & 1, c = s % G::CH;
+    const int r = tid & (PBN - 1), q0 = tid >> 7;
+    float w[2][8];
 #pragma unroll
     for (int it = 0; it < 2; ++it) {
-      const int item = tid + it * PM_THREADS, r = item & (PBN - 1), q = item >> 7;
-      const uint32_t* src = cs + (size_t)buf * CW * 512 + item;
+      const uint32_t* src = cs + (size_t)buf * CW * 512 + tid + it * PM_THREADS;
       uint32_t v;
       if constexpr (BITS == 4) v = src[0];
       else v = (c & 3) < 3 ? src[0] : __byte_perm(__byte_perm(src[0], src[512], 0x0073), src[1024], 0x0710);
-      float w[8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) w[j] = lut_s[((v >> (BITS * j)) & (E - 1)) * PBN + r];
-      const int base = s * PBK + 8 * q;
-      while (oc[it] < base + 8) {
-        const int d = oc[it] - base;  // < 0: an entry of an earlier quarter of this stage's row chunk
+      for (int j = 0; j < 8; ++j) w[it][j] = lut_s[((v >> (BITS * j)) & (E - 1)) * PBN + r];
+    }
+    // This stage's outliers of row r (cols sorted): those of quarters q0 and q0 + 2 are ours.
+    const int base = s * PBK;
+    while (oc0 < base + PBK) {
+      const int d = oc0 - base, dq = d >> 3;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) w[j] += d == j ? ov[it] : 0.f;
-        ++op[it];
-        oc[it] = op[it] < oe[it] ? cols[op[it]] : INT_MAX;
-        ov[it] = op[it] < oe[it] ? load_f(vals, vals_f32, op[it]) : 0.f;
+      for (int j = 0; j < 8; ++j) {
+        w[0][j] += (dq == q0 && (d & 7) == j) ? ov0 : 0.f;
+        w[1][j] += (dq == q0 + 2 && (d & 7) == j) ? ov0 : 0.f;
       }
+      ++op;
+      oc0 = oc1; ov0 = ov1;
+      oc1 = oc2; ov1 = ov2;
+      oc2 = oc3; ov2 = ov3;
+      oc3 = op + 3 < oe ? cols[op + 3] : INT_MAX;
+      ov3 = op + 3 < oe ? load_f(vals, vals_f32, op + 3) : 0.f;
+    }
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
       uint4 o;
-      o.x = pack2<T>(Cvt<T>::t(w[0]), Cvt<T>::t(w[1]));
-      o.y = pack2<T>(Cvt<T>::t(w[2]), Cvt<T>::t(w[3]));
-      o.z = pack2<T>(Cvt<T>::t(w[4]), Cvt<T>::t(w[5]));
-      o.w = pack2<T>(Cvt<T>::t(w[6]), Cvt<T>::t(w[7]));
-      *reinterpret_cast<uint4*>(ws + ((size_t)wb * PBN + r) * PLD + 8 * q) = o;
+      o.x = pack2<T>(Cvt<T>::t(w[it][0]), Cvt<T>::t(w[it][1]));
+      o.y = pack2<T>(Cvt<T>::t(w[it][2]), Cvt<T>::t(w[it][3]));
+      o.z = pack2<T>(Cvt<T>::t(w[it][4]), Cvt<T>::t(w[it][5]));
+      o.w = pack2<T>(Cvt<T>::t(w[it][6]), Cvt<T>::t(w[it][7]));
+      *reinterpret_cast<uint4*>(ws + ((size_t)wb * PBN + r) * PLD + 8 * (q0 + 2 * it)) = o;
     }
   };
 
@@ -759,11 +757,11 @@ __global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __
   for (int w = 0; w < G::WU; ++w) d[(w >> 2) * 256 + (w & 3)] = out[w];
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1>
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool ASYNC = false>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
-  constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT>();
-  auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT>;
+  constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT, ASYNC, P>();
+  auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, ASYNC>;
   // Tables above 48 KiB need the opt-in, once per device for each instantiation.
   static std::atomic<uint64_t> configured{0};
   int dev = 0;
@@ -774,14 +772,18 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
                "lutMatmul: cudaFuncSetAttribute");
     configured.fetch_or(bit);
   }
-  const int blocks = ((N + 15) / 16 + RT - 1) / RT;
+  // One wave of blocks (they walk the row-tile groups): no tail wave, and each block's prologue
+  // latency is paid once.
+  static int wave[64] = {0};
+  if (wave[dev & 63] == 0) {
+    int per_sm = 0, sms = 0;
+    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, GV_THREADS, smem), "lutMatmul: occupancy");
+    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "lutMatmul: SM count");
+    wave[dev & 63] = per_sm * sms > 0 ? per_sm * sms : 1;
+  }
+  const int groups = ((N + 15) / 16 + RT - 1) / RT;
+  const int blocks = groups < wave[dev & 63] ? groups : wave[dev & 63];
   kern<<<dim3(blocks), dim3(GV_THREADS), smem, st>>>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U);
-}
-
-// SQUEEZELM_LUT_GEMM=wmma: the simpler wmma prefill kernel (kept for comparison).
-bool tune_gemm() {
-  const char* v = std::getenv("SQUEEZELM_LUT_GEMM");
-  return v != nullptr && v[0] == 'w';
 }
 
 template <class T, int BITS>
@@ -804,18 +806,21 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
   if (M <= 16 || (vec && M <= 64)) {
     const uint4* q4 = codes.ptr<uint4>();
     const void* lp = lut.data();
-    constexpr int P1 = BITS == 4 ? 4 : 1;  // units in flight per warp, 1 block of 16 rows
+    constexpr int P1 = BITS == 4 ? 2 : 1;  // units in flight per warp, 1 block of 16 rows
     constexpr int P2 = BITS == 4 ? 4 : 1;  // the same with 2 row tiles per block
 #define SQZ_GEMV(MT, P, XV, MINB, RT) \
   launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
-    // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1..5 picks another prefetch
+    // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1,2,4..7 picks another prefetch
     // depth / occupancy / rows per block; read per call so a benchmark can sweep it.
     const char* tune = std::is_same<T, __half>::value && vec && M <= 16 ? std::getenv("SQUEEZELM_LUT_GEMV") : nullptr;
     const int variant = tune ? std::atoi(tune) : 0;
-    if (variant == 1 && M <= 8) SQZ_GEMV(1, 2, true, 2, 1);
-    else if (variant == 2 && M <= 8) SQZ_GEMV(1, (BITS == 4 ? 6 : 1), true, 2, 1);
-    else if (variant == 3 && M <= 8) SQZ_GEMV(1, P1, true, 3, 1);
+    if (variant == 1 && M <= 8) SQZ_GEMV(1, (BITS == 4 ? 4 : 2), true, 2, 1);
+    else if (variant == 2 && M <= 8) SQZ_GEMV(1, (BITS == 4 ? 3 : 2), true, 2, 1);
     else if (variant == 4 && M <= 8) SQZ_GEMV(1, P2, true, 1, 2);
+    else if (variant == 6 && M <= 8)
+      launch_gemv<T, BITS, 1, (BITS == 4 ? 4 : 2), true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+    else if (variant == 7 && M <= 8)
+      launch_gemv<T, BITS, 1, (BITS == 4 ? 5 : 3), true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
     else if (variant == 5 && M > 8) SQZ_GEMV(2, P1, true, 2, 1);
     else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
     else if (M <= 8) SQZ_GEMV(1, P1, false, 2, 1);
@@ -825,7 +830,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     else if (M <= 32) SQZ_GEMV(4, (BITS == 4 ? 2 : 1), true, 1, 2);
     else SQZ_GEMV(8, 1, true, 1, (BITS == 4 ? 2 : 1));
 #undef SQZ_GEMV
-  } else if (!(tune_gemm())) {
+  } else {
     constexpr size_t smem = pgemm_smem_bytes<BITS>();
     auto kern = vec ? lut_gemm_mma_kernel<T, BITS, true> : lut_gemm_mma_kernel<T, BITS, false>;
     static std::atomic<uint64_t> configured{0};
@@ -841,13 +846,6 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     }
     dim3 grid((N + PBN - 1) / PBN, (M + PBM - 1) / PBM), block(PM_THREADS);
     kern<<<grid, block, smem, st>>>(yp, xp, codes.ptr<uint32_t>(), lut.data(), lf, rp, cp, vp, vf, M, N, K, U);
-  } else {
-    dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM), block(GM_THREADS);
-    const uint32_t* q = codes.ptr<uint32_t>();
-    if (vec)
-      lut_gemm_kernel<T, BITS, true><<<grid, block, 0, st>>>(yp, xp, q, lut.data(), lf, rp, cp, vp, vf, M, N, K, U);
-    else
-      lut_gemm_kernel<T, BITS, false><<<grid, block, 0, st>>>(yp, xp, q, lut.data(), lf, rp, cp, vp, vf, M, N, K, U);
   }
 }
 
