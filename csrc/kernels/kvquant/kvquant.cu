@@ -471,6 +471,30 @@ int sm_count(int dev) {
   return dev >= 0 && dev < 64 ? counts[dev] : 132;
 }
 
+// Raises a kernel's dynamic shared memory limit once (to the device's opt-in maximum), so no
+// attribute call happens while a graph is being captured after the first eager launch.
+void allow_smem(const void* fn, size_t bytes) {
+  static std::mutex mu;
+  static std::vector<std::pair<const void*, size_t>> done;
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto& d : done)
+    if (d.first == fn && d.second >= bytes) return;
+  int dev = 0, optin = 0;
+  cuda_check(cudaGetDevice(&dev), "kvqAttention");
+  cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "kvqAttention");
+  cudaFuncAttributes fa{};
+  cuda_check(cudaFuncGetAttributes(&fa, fn), "kvqAttention");
+  // the dynamic limit excludes the kernel's static shared memory
+  const size_t limit = (size_t)optin > fa.sharedSizeBytes ? (size_t)optin - fa.sharedSizeBytes : 0;
+  if (limit < bytes) fail("ERR_UNSUPPORTED", "kvqAttention: needs " + std::to_string(bytes) + " bytes of shared memory per block");
+  const cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)limit);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: keep it from being reported by a later launch check
+    cuda_check(e, "kvqAttention (shared memory limit)");
+  }
+  done.emplace_back(fn, limit);
+}
+
 // ---------------------------------------------------------------------------------------
 // Fast split-KV decode. Block = (chunk of kChunk tokens, query row, group of kv heads).
 // Once per block: the slot of every token and a cos/sin table of its positions (sincosf of
@@ -843,12 +867,12 @@ void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_
   const size_t smem = sizeof(float2) * kChunk * (D / 2) + sizeof(float) * (kGC * kChunk + kWarps * kGC * D + kGC * D + 32 + 2 * kGC) +
                       sizeof(int) * kChunk + 2 * ((size_t)2 * kChunk * CB + (size_t)kChunk * g.mbytes) + 16;
   auto kernel = split_kernel<T, D, BITS>;
-  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "kvqAttention");
+  allow_smem(reinterpret_cast<const void*>(kernel), smem);
   kernel<<<dim3(splits, N, groups), kWarps * 32, smem, stream>>>(g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale,
                                                                  Hq, splits, hpb, part);
   const size_t csmem = sizeof(float) * ((size_t)splits + 8 * 32 + 8);
   auto ck = combine_kernel<T>;
-  if (csmem > 48 * 1024) cuda_check(cudaFuncSetAttribute(ck, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)csmem), "kvqAttention");
+  if (csmem > 48 * 1024) allow_smem(reinterpret_cast<const void*>(ck), csmem);
   ck<<<dim3(N * Hq, (D + 31) / 32), 256, csmem, stream>>>(part, splits, D, static_cast<T*>(out.data()));
 }
 
@@ -899,22 +923,6 @@ template <int D> struct Cfg {
 struct Plan {
   int groups, hpb, splits, sub, gc, npass;
 };
-
-// Raises a kernel's dynamic shared memory limit once (to the device's opt-in maximum), so no
-// attribute call happens while a graph is being captured after the first eager launch.
-void allow_smem(const void* fn, size_t bytes) {
-  static std::mutex mu;
-  static std::vector<std::pair<const void*, size_t>> done;
-  std::lock_guard<std::mutex> lock(mu);
-  for (auto& d : done)
-    if (d.first == fn && d.second >= bytes) return;
-  int dev = 0, optin = 0;
-  cuda_check(cudaGetDevice(&dev), "kvqAttention");
-  cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "kvqAttention");
-  if ((size_t)optin < bytes) fail("ERR_UNSUPPORTED", "kvqAttention: needs " + std::to_string(bytes) + " bytes of shared memory per block");
-  cuda_check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, optin), "kvqAttention");
-  done.emplace_back(fn, (size_t)optin);
-}
 
 inline int group_chunk(int G) { return G % 4 == 0 ? 4 : (G % 2 == 0 ? 2 : 1); }
 
