@@ -1,14 +1,15 @@
 /**
  * KVQuant decode attention (2/3/4-bit packed cache, RoPE on the fly) against our fp16
  * paged `attention` op in the same run: batch 1 at 8K/32K/128K for 32x128 and 32q/8kv x128,
- * batch 8 at 4K. Caches hold random non-zero codes and valid metadata.
+ * batch 8 at 4K. Caches hold random non-zero codes and valid metadata; working sets smaller
+ * than twice the L2 are replicated and rotated between launches.
  */
 import { native } from '../ts/native';
 import { Tensor } from '../ts/tensor';
 import { fillRandom, fillRandomInt } from '../ts/ops/elementwise';
-import { KvqCache, KvqLayerCalibration, kvqAttention, kvqAttentionWorkspaceSize, kvqMetaBytes } from '../ts/ops/kvquant';
+import { KvqCache, KvqLayerCalibration, kvBytesPerToken, kvqAttention, kvqAttentionWorkspaceSize, kvqMetaBytes } from '../ts/ops/kvquant';
 import { normalFloatCodebook } from '../ts/quant/kvquant';
-import { BenchContext, BenchResult, row, timeCuda } from './harness';
+import { BenchContext, BenchResult, row, setsFor, timeCuda } from './harness';
 import { floatToF16 } from '../ts/util/half';
 
 const PAGE = 16;
@@ -46,24 +47,37 @@ export async function benchKvquant(ctx: BenchContext): Promise<BenchResult[]> {
     const out = Tensor.empty([B, Hq, D], { dtype: 'f16', device });
     let base = null;
     if (hasFp16) {
-      const k = Tensor.empty([pages, PAGE, H, D], { dtype: 'f16', device }), v = Tensor.empty([pages, PAGE, H, D], { dtype: 'f16', device });
-      fillRandom(k, 2);
-      fillRandom(v, 3);
+      // working sets rotate so that together they exceed the L2 (setsFor)
+      const fsets = setsFor(pages * PAGE * H * D * 4, ctx.l2Bytes);
+      const ks: Tensor[] = [], vs: Tensor[] = [];
+      for (let i = 0; i < fsets; i++) {
+        const k = Tensor.empty([pages, PAGE, H, D], { dtype: 'f16', device }), v = Tensor.empty([pages, PAGE, H, D], { dtype: 'f16', device });
+        fillRandom(k, 2 + 2 * i);
+        fillRandom(v, 3 + 2 * i);
+        ks.push(k);
+        vs.push(v);
+      }
       const wn = native().ops.attentionWorkspaceSize(device, B, Hq, H, D, 1, L) as number;
       const aw = wn > 0 ? Tensor.empty([wn], { dtype: 'f32', device }) : undefined;
-      base = await timeCuda({ device, fn: () => native().ops.attention(out.native, q.native, k.native, v.native, pt.native, lens.native, cu.native, 1 / Math.sqrt(D), 1, L, aw?.native) });
-      k.dispose();
-      v.dispose();
+      base = await timeCuda({ device, fn: (i) => native().ops.attention(out.native, q.native, ks[i % fsets].native, vs[i % fsets].native, pt.native, lens.native, cu.native, 1 / Math.sqrt(D), 1, L, aw?.native) });
+      ks.forEach((t) => t.dispose());
+      vs.forEach((t) => t.dispose());
       aw?.dispose();
     }
     for (const bits of [4, 3, 2]) {
       const nk = 2, nv = 2;
-      const cache = new KvqCache({ pages, pageSize: PAGE, kvHeads: H, headDim: D, bits, keyOutliers: nk, valueOutliers: nv, sink: 4, maxSeqs: B, device });
-      fillRandomInt(cache.kCodes, 4);
-      fillRandomInt(cache.vCodes, 5);
-      cache.meta.write(validMeta(pages * PAGE * H, D, nk, nv, 6));
-      fillRandom(cache.sinkK, 7);
-      fillRandom(cache.sinkV, 8);
+      const caches: KvqCache[] = [];
+      const sets = setsFor(pages * PAGE * kvBytesPerToken({ layers: 1, kvHeads: H, headDim: D, bits, keyOutliers: nk, valueOutliers: nv }), ctx.l2Bytes);
+      for (let i = 0; i < sets; i++) {
+        const c = new KvqCache({ pages, pageSize: PAGE, kvHeads: H, headDim: D, bits, keyOutliers: nk, valueOutliers: nv, sink: 4, maxSeqs: B, device });
+        fillRandomInt(c.kCodes, 4 + 10 * i);
+        fillRandomInt(c.vCodes, 5 + 10 * i);
+        c.meta.write(validMeta(pages * PAGE * H, D, nk, nv, 6 + i));
+        fillRandom(c.sinkK, 7 + 10 * i);
+        fillRandom(c.sinkV, 8 + 10 * i);
+        caches.push(c);
+      }
+      const cache = caches[0];
       const cb = normalFloatCodebook(bits);
       const cal: KvqLayerCalibration = {
         keyLo: Tensor.from(new Float32Array(H * D).fill(-2), [H * D], { device }), keyHi: Tensor.from(new Float32Array(H * D).fill(2), [H * D], { device }),
@@ -73,14 +87,14 @@ export async function benchKvquant(ctx: BenchContext): Promise<BenchResult[]> {
       const bytes = B * L * cache.bytesPerToken + q.byteLength * 2;
       // the flash-decoding kernel (default), and once per shape the previous split kernel for comparison
       for (const variant of bits === 4 ? [0, 1] as const : [0] as const) {
-        const t = await timeCuda({ device, fn: () => kvqAttention(out, q, cache, cal, pt, lens, cu, invT, 1 / Math.sqrt(D), 1, L, { workspace: work, variant }) });
+        const t = await timeCuda({ device, fn: (i) => kvqAttention(out, q, caches[i % sets], cal, pt, lens, cu, invT, 1 / Math.sqrt(D), 1, L, { workspace: work, variant }) });
         results.push(row(ctx, 'kvquant', `${bits}-bit${variant ? ' (previous split kernel)' : ''} B${B} ${Hq}q/${H}kv x${D} ctx ${L}`, t, {
           bytes, baseline: hasFp16 ? 'fp16 attention' : undefined, base, note: `${cache.bytesPerToken} B/token/layer (fp16 ${H * D * 4})`,
         }));
         ctx.log(`kvquant ${bits}-bit v${variant} B${B} ${Hq}/${H} L${L}: ${results[results.length - 1].timeUs.toFixed(1)} us`);
       }
       work.dispose();
-      cache.dispose();
+      caches.forEach((c) => c.dispose());
     }
     pt.dispose(); lens.dispose(); cu.dispose(); q.dispose(); out.dispose();
   }

@@ -471,6 +471,30 @@ int sm_count(int dev) {
   return dev >= 0 && dev < 64 ? counts[dev] : 132;
 }
 
+// Raises a kernel's dynamic shared memory limit once (to the device's opt-in maximum), so no
+// attribute call happens while a graph is being captured after the first eager launch.
+void allow_smem(const void* fn, size_t bytes) {
+  static std::mutex mu;
+  static std::vector<std::pair<const void*, size_t>> done;
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto& d : done)
+    if (d.first == fn && d.second >= bytes) return;
+  int dev = 0, optin = 0;
+  cuda_check(cudaGetDevice(&dev), "kvqAttention");
+  cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "kvqAttention");
+  cudaFuncAttributes fa{};
+  cuda_check(cudaFuncGetAttributes(&fa, fn), "kvqAttention");
+  // the dynamic limit excludes the kernel's static shared memory
+  const size_t limit = (size_t)optin > fa.sharedSizeBytes ? (size_t)optin - fa.sharedSizeBytes : 0;
+  if (limit < bytes) fail("ERR_UNSUPPORTED", "kvqAttention: needs " + std::to_string(bytes) + " bytes of shared memory per block");
+  const cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)limit);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: keep it from being reported by a later launch check
+    cuda_check(e, "kvqAttention (shared memory limit)");
+  }
+  done.emplace_back(fn, limit);
+}
+
 // ---------------------------------------------------------------------------------------
 // Fast split-KV decode. Block = (chunk of kChunk tokens, query row, group of kv heads).
 // Once per block: the slot of every token and a cos/sin table of its positions (sincosf of
@@ -843,12 +867,12 @@ void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_
   const size_t smem = sizeof(float2) * kChunk * (D / 2) + sizeof(float) * (kGC * kChunk + kWarps * kGC * D + kGC * D + 32 + 2 * kGC) +
                       sizeof(int) * kChunk + 2 * ((size_t)2 * kChunk * CB + (size_t)kChunk * g.mbytes) + 16;
   auto kernel = split_kernel<T, D, BITS>;
-  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "kvqAttention");
+  allow_smem(reinterpret_cast<const void*>(kernel), smem);
   kernel<<<dim3(splits, N, groups), kWarps * 32, smem, stream>>>(g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale,
                                                                  Hq, splits, hpb, part);
   const size_t csmem = sizeof(float) * ((size_t)splits + 8 * 32 + 8);
   auto ck = combine_kernel<T>;
-  if (csmem > 48 * 1024) cuda_check(cudaFuncSetAttribute(ck, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)csmem), "kvqAttention");
+  if (csmem > 48 * 1024) allow_smem(reinterpret_cast<const void*>(ck), csmem);
   ck<<<dim3(N * Hq, (D + 31) / 32), 256, csmem, stream>>>(part, splits, D, static_cast<T*>(out.data()));
 }
 
@@ -885,11 +909,11 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
 // maps the 2*BITS bits of a key pair (or of two value channels) to both codebook values.
 // Online softmax with one running max per warp and query head (rescaled only when it grows);
 // values accumulate as sum p*A + sum (p*S)*cb; outliers are exact corrections (keys: into the
-// lane's partial dot; values: into a per-warp shared row, token groups in turn, so the sums
-// are deterministic). An item's state (acc, m, l) waits in shared memory between chunks; at
+// lane's partial dot; values: into shared rows per warp and token group, summed in a fixed
+// order, so the results are deterministic). An item's state (acc, m, l) waits in shared memory between chunks; at
 // the end each split's partials go to `part` and combine_kernel merges them in a fixed order.
 namespace flash {
-constexpr int kW = 8, kCH = 64, kStateBytes = 64 * 1024;
+constexpr int kW = 8, kCH = 64, kStateBytes = 48 * 1024;  // D=256, GC=4 stays under the opt-in limit
 template <int D> struct Cfg {
   static constexpr int NL = D / 16;  // lanes with data per token
   static constexpr int NLP = NL <= 4 ? 4 : (NL <= 8 ? 8 : 16);
@@ -899,22 +923,6 @@ template <int D> struct Cfg {
 struct Plan {
   int groups, hpb, splits, sub, gc, npass;
 };
-
-// Raises a kernel's dynamic shared memory limit once (to the device's opt-in maximum), so no
-// attribute call happens while a graph is being captured after the first eager launch.
-void allow_smem(const void* fn, size_t bytes) {
-  static std::mutex mu;
-  static std::vector<std::pair<const void*, size_t>> done;
-  std::lock_guard<std::mutex> lock(mu);
-  for (auto& d : done)
-    if (d.first == fn && d.second >= bytes) return;
-  int dev = 0, optin = 0;
-  cuda_check(cudaGetDevice(&dev), "kvqAttention");
-  cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "kvqAttention");
-  if ((size_t)optin < bytes) fail("ERR_UNSUPPORTED", "kvqAttention: needs " + std::to_string(bytes) + " bytes of shared memory per block");
-  cuda_check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, optin), "kvqAttention");
-  done.emplace_back(fn, (size_t)optin);
-}
 
 inline int group_chunk(int G) { return G % 4 == 0 ? 4 : (G % 2 == 0 ? 2 : 1); }
 
@@ -968,7 +976,7 @@ struct Smem {
   static constexpr size_t cs = sizeof(float2) * kCH * HALF;
   static constexpr size_t tables = sizeof(float2) * 2 * PT;
   static constexpr size_t qw = sizeof(float2) * kW * HALF * GC;
-  static constexpr size_t red = sizeof(float) * kW * GC * D;
+  static constexpr size_t red = sizeof(float) * kW * Cfg<D>::TPW * GC * D;
   static constexpr size_t slots = sizeof(int) * kCH;
   static size_t bytes(int items) { return cs + tables + qw + red + slots + sizeof(float) * (size_t)items * GC * (D + 2); }
 };
@@ -985,7 +993,7 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
   float2* kpt = reinterpret_cast<float2*>(smem + S::cs);            // [PT]
   float2* vpt = kpt + S::PT;                                        // [PT]
   float2* qw = reinterpret_cast<float2*>(smem + S::cs + S::tables);  // [kW][HALF][GC]
-  float* red = reinterpret_cast<float*>(smem + S::cs + S::tables + S::qw);  // [kW][GC][D]
+  float* red = reinterpret_cast<float*>(smem + S::cs + S::tables + S::qw);  // [kW][TPW][GC][D]
   int* slot_s = reinterpret_cast<int*>(smem + S::cs + S::tables + S::qw + S::red);  // [kCH]
   float* st = reinterpret_cast<float*>(smem + S::cs + S::tables + S::qw + S::red + S::slots);  // [items][GC][D+2]
 
@@ -1028,7 +1036,7 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
       const int h = h_begin + it / pl.npass, g0 = (it % pl.npass) * GC;
       const int gc = min(GC, G - g0);
       float2* qwr = qw + (size_t)warp * HALF * GC;
-      float* rw = red + (size_t)warp * GC * D;
+      float* rw = red + (size_t)warp * C::TPW * GC * D;  // one row per token group and query head
       float* sti = st + (size_t)it * GC * (D + 2);
       for (int e = lane; e < HALF * GC; e += 32) {
         const int i = e / GC, gg = e % GC;
@@ -1039,7 +1047,7 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
         }
         qwr[e] = v;
       }
-      for (int e = lane; e < GC * D; e += 32) rw[e] = 0.f;
+      for (int e = lane; e < C::TPW * GC * D; e += 32) rw[e] = 0.f;
       // lane's key bounds: pairs 8*sub .. 8*sub+7, channels i and i + HALF
       float ka[16], ksc[16];
       {
@@ -1146,16 +1154,16 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
 #pragma unroll
           for (int o = C::NLP; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
           if (mx > m[gg]) {  // warp-uniform
-            const float alpha = m[gg] == -INFINITY ? 0.f : expf(m[gg] - mx);
+            const float alpha = m[gg] == -INFINITY ? 0.f : __expf(m[gg] - mx);
             l[gg] *= alpha;
             pa[gg] *= alpha;
 #pragma unroll
             for (int e = 0; e < 16; ++e) acc[gg][e] *= alpha;
-            for (int e = lane; e < D; e += 32) rw[gg * D + e] *= alpha;
+            for (int e = lane; e < C::TPW * D; e += 32) rw[((e / D) * GC + gg) * D + e % D] *= alpha;
             __syncwarp();
             m[gg] = mx;
           }
-          p[gg] = tv ? expf(sc - m[gg]) : 0.f;
+          p[gg] = tv ? __expf(sc - m[gg]) : 0.f;
           l[gg] += p[gg];
         }
         // values
@@ -1196,21 +1204,19 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
             }
           }
         }
-        // value outliers: corrections into the warp's shared row, token groups in turn
+        // value outliers: corrections into the token group's shared rows (the slots of one token
+        // are distinct channels, so no two lanes add to one entry)
         if (nv > 0) {
-#pragma unroll 1
-          for (int jj = 0; jj < C::TPW; ++jj) {
-            if (j == jj && tv && has && !sink)
-              for (int s = sub; s < nv; s += C::NL) {
-                const uint8_t* me = g.meta + sl * MB;
-                const int ch = min((int)__ldg(me + 4 + 2 * ns + nk + s), D - 1);
-                const int code = gcode(g.vc + sl * CB, ch, BITS);
-                const float delta = ghalf(me + 4 + 2 * (nk + s)) - fmaf(Sv, g.val_cb[code], A);
+          if (tv && has && !sink)
+            for (int s = sub; s < nv; s += C::NL) {
+              const uint8_t* me = g.meta + sl * MB;
+              const int ch = min((int)__ldg(me + 4 + 2 * ns + nk + s), D - 1);
+              const int code = gcode(g.vc + sl * CB, ch, BITS);
+              const float delta = ghalf(me + 4 + 2 * (nk + s)) - fmaf(Sv, g.val_cb[code], A);
 #pragma unroll
-                for (int gg = 0; gg < GC; ++gg) rw[gg * D + ch] += p[gg] * delta;
-              }
-            __syncwarp();
-          }
+              for (int gg = 0; gg < GC; ++gg) rw[(j * GC + gg) * D + ch] += p[gg] * delta;
+            }
+          __syncwarp();
         }
       }
       // merge the warp's token groups; save the item's state
@@ -1228,7 +1234,12 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
 #pragma unroll
         for (int gg = 0; gg < GC; ++gg)
 #pragma unroll
-          for (int e = 0; e < 16; ++e) sti[gg * (D + 2) + 16 * sub + e] = acc[gg][e] + pa[gg] + rw[gg * D + 16 * sub + e];
+          for (int e = 0; e < 16; ++e) {
+            float r = 0.f;
+#pragma unroll
+            for (int jj = 0; jj < C::TPW; ++jj) r += rw[(jj * GC + gg) * D + 16 * sub + e];
+            sti[gg * (D + 2) + 16 * sub + e] = acc[gg][e] + pa[gg] + r;
+          }
       if (lane == 0)
 #pragma unroll
         for (int gg = 0; gg < GC; ++gg) { sti[gg * (D + 2) + D] = m[gg]; sti[gg * (D + 2) + D + 1] = l[gg]; }
