@@ -94,7 +94,7 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
       const seqs: number[] = [];
       const ws = dec.decodeWorkspace(B, dec.cache.maxContext);
       let t: Timing;
-      let noPdl: Timing | null = null, fused: Timing | null = null;
+      let noPdl: Timing | null = null, unfused: Timing | null = null;
       try {
         for (let b = 0; b < B; b++) {
           const s = dec.cache.createSequence();
@@ -123,10 +123,10 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
           } finally {
             delete process.env.SQUEEZELM_NO_PDL;
           }
-          // And with fusedLinear (norm in front, residual / SiLU-and-mul behind the GEMVs).
-          process.env.SQUEEZELM_FUSE = '1';
+          // And with the plain sequence (norm, matmul, add, siluMul kernels) instead of fusedLinear.
+          process.env.SQUEEZELM_FUSE = '0';
           try {
-            fused = await step();
+            unfused = await step();
           } finally {
             delete process.env.SQUEEZELM_FUSE;
           }
@@ -149,7 +149,7 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
       const r = row(ctx, SUITE, `step b${B} ctx ${ctxLen}`, t, { bytes, note });
       rows.push(r);
       if (noPdl) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} without PDL`, noPdl, { bytes, note: 'ordinary launches (SQUEEZELM_NO_PDL=1)' }));
-      if (fused) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} with fused GEMVs`, fused, { bytes, note: 'fusedLinear: norm, residual add and SiLU-and-mul inside the GEMVs (SQUEEZELM_FUSE=1)' }));
+      if (unfused) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} without fused GEMVs`, unfused, { bytes, note: 'plain norm/matmul/add/siluMul sequence (SQUEEZELM_FUSE=0)' }));
       log(`decode b${B}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), plain ${r.plainUs?.toFixed(0)} us; ${note}`);
     }
     // Prefill: one sequence of T tokens, logits of the last row only.
