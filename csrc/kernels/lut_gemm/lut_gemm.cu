@@ -27,11 +27,12 @@
 //   contiguous 512-byte run (the 3-bit pieces lie in planes, so no sector is fetched twice).
 // * A block owns 16 output rows (RT = 2 row tiles for M > 8, see below) and all of K; its 8 warps
 //   split K by units (unit u to warp u%8), each keeping P units of codes in flight (Little's law:
-//   ~32+ KB in flight per SM) through a rolling register prefetch. The block's prologue is kept
-//   short, because its latency is paid per block: the 16-entry tables and the outlier row bounds
-//   are requested first, then the first P units, then the pair tables are built. The 8 partial
-//   tiles are summed in shared memory in warp order: deterministic, no atomics. 2 blocks per SM
-//   fit (64 KB tables each), so N = 8192 takes about 2 full waves.
+//   ~32+ KB in flight per SM) through a rolling register prefetch (or, as a tuning variant, a
+//   cp.async ring in shared memory). The grid is one wave (2 blocks per SM fit with 64 KB tables
+//   each) and each block walks row-tile groups, so there is no tail wave; a group's 16-entry
+//   tables and outlier row bounds are requested during the previous group's main loop and its
+//   first P units right after it, so only the table build sits between two groups. The 8 partial
+//   tiles are summed in shared memory in warp order: deterministic, no atomics.
 // * Every block rereads all of x (L1 holds it for small M, otherwise it comes from L2: M*K*2 bytes
 //   per block against 8*K bytes of 4-bit codes). For M > 8 a block takes 2 row tiles sharing
 //   each activation load, which halves that traffic.
