@@ -56,7 +56,7 @@ async function timePair(
 export async function benchGemv(ctx: BenchContext): Promise<BenchResult[]> {
   if (!ctx.device) return [];
   const out: BenchResult[] = [];
-  // SQUEEZELM_BENCH_DTYPES=f16 limits a full run to one dtype (a short device session).
+  // SQUEEZELM_BENCH_DTYPES=f16 limits a full run to one dtype (a shorter run).
   const only = process.env.SQUEEZELM_BENCH_DTYPES?.split(',').filter(Boolean) as DType[] | undefined;
   const dtypes: DType[] = only?.length ? only : ctx.quick ? ['f16'] : ['f16', 'bf16'];
   const shapes = ctx.quick ? GEMV_SHAPES.filter(([n, k]) => n === 8192 && k === 8192) : GEMV_SHAPES;
