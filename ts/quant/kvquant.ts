@@ -95,30 +95,7 @@ export function uniformCodebook(bits: number): Float32Array {
 
 /** 1-D k-means (Lloyd) of samples in [-1, 1] from `init`; returns a sorted codebook. */
 export function kmeans1d(samples: Float32Array, init: Float32Array, iterations = 25): Float32Array {
-  const n = init.length;
-  if (samples.length < n) return Float32Array.from(init);
-  const x = Float64Array.from(samples).sort();
-  let cb = Float64Array.from(init).sort();
-  for (let it = 0; it < iterations; it++) {
-    const sum = new Float64Array(n), cnt = new Float64Array(n);
-    let j = 0;
-    for (let i = 0; i < x.length; i++) {
-      while (j < n - 1 && Math.abs(x[i] - cb[j + 1]) <= Math.abs(x[i] - cb[j])) j++;
-      sum[j] += x[i];
-      cnt[j]++;
-    }
-    let moved = 0;
-    const next = new Float64Array(n);
-    for (let c = 0; c < n; c++) {
-      next[c] = cnt[c] > 0 ? sum[c] / cnt[c] : cb[c];
-      moved = Math.max(moved, Math.abs(next[c] - cb[c]));
-    }
-    cb = next.sort();
-    if (moved < 1e-7) break;
-  }
-  const out = Float32Array.from(cb, (v) => Math.max(-1, Math.min(1, v)));
-  for (let i = 1; i < n; i++) if (!(out[i] > out[i - 1])) return Float32Array.from(init);  // collapsed: fall back
-  return out;
+  return kmeans1dWeighted(samples, new Float32Array(samples.length).fill(1), init, iterations);
 }
 
 /** Weighted 1-D k-means (Lloyd) of samples in [-1, 1] with weights >= 0; returns a sorted codebook. */
