@@ -204,41 +204,61 @@ __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
   }
 }
 
-// One block per (query head, row, sequence): weights of the splits in shared memory, then
-// each output element is a fixed-order sum over splits.
+// Sum over the block's threads (fixed shuffle tree, then warp order: deterministic).
+template <bool MAX>
+__device__ __forceinline__ float block_reduce(float v, float* s_red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = MAX ? fmaxf(v, w) : v + w;
+  }
+  __syncthreads();  // s_red is free
+  if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = s_red[0];
+  for (int w = 1; w < (int)(blockDim.x >> 5); ++w) v = MAX ? fmaxf(v, s_red[w]) : v + s_red[w];
+  return v;
+}
+
+// One block per (query head, row, sequence): the splits' weights in shared memory, then each
+// output element is a fixed-order sum over splits. Every loop keeps several loads in flight
+// (a decode step waits on this kernel's latency, not its bandwidth).
 template <class T>
 __global__ void __launch_bounds__(128) decode_combine(Params p) {
   pdl_wait();  // see pdl.cuh: before any global access
   pdl_trigger();
   __shared__ float s_w[kMaxSplits];
-  __shared__ float s_inv;
+  __shared__ float s_red[4];
   const int h = blockIdx.x, j = blockIdx.y, b = blockIdx.z;
   const int q0 = __ldg(p.cu_q + b);
   int n = __ldg(p.cu_q + b + 1) - q0;
   n = max(0, min(n, p.max_q));
   if (j >= n) return;
   const int64_t qi = ((int64_t)b * p.max_q + j) * p.Hq + h;
-  const float* ml = p.ws_ml + qi * p.splits * 2;
-  float M = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) M = fmaxf(M, ml[2 * s]);
-  for (int s = threadIdx.x; s < p.splits; s += blockDim.x)
-    s_w[s] = ml[2 * s] == -INFINITY ? 0.f : exp2f(ml[2 * s] - M);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float L = 0.f;
-    for (int s = 0; s < p.splits; ++s) L += s_w[s] * ml[2 * s + 1];
-    s_inv = L > 0.f ? 1.f / L : 0.f;  // no attendable key: the row is zero
+  const float2* ml = reinterpret_cast<const float2*>(p.ws_ml + qi * p.splits * 2);  // (max, sum) per split
+  float m = -INFINITY;
+  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) m = fmaxf(m, ml[s].x);
+  const float M = block_reduce<true>(m, s_red);
+  float l = 0.f;
+  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) {
+    const float2 v = ml[s];
+    const float w = v.x == -INFINITY ? 0.f : exp2f(v.x - M);
+    s_w[s] = w;
+    l += w * v.y;
   }
-  __syncthreads();
+  const float L = block_reduce<false>(l, s_red);  // its barriers also publish s_w
+  const float inv = L > 0.f ? 1.f / L : 0.f;     // no attendable key: the row is zero
   const float* acc = p.ws_acc + qi * p.splits * p.D;
   T* out = static_cast<T*>(p.out) + ((int64_t)(q0 + j) * p.Hq + h) * p.D;
   for (int d2 = threadIdx.x; d2 * 2 < p.D; d2 += blockDim.x) {
     float a0 = 0.f, a1 = 0.f;
+#pragma unroll 8
     for (int s = 0; s < p.splits; ++s) {
-      a0 = fmaf(s_w[s], acc[(int64_t)s * p.D + 2 * d2], a0);
-      a1 = fmaf(s_w[s], acc[(int64_t)s * p.D + 2 * d2 + 1], a1);
+      const float2 v = *reinterpret_cast<const float2*>(acc + (int64_t)s * p.D + 2 * d2);
+      a0 = fmaf(s_w[s], v.x, a0);
+      a1 = fmaf(s_w[s], v.y, a1);
     }
-    *reinterpret_cast<uint32_t*>(out + 2 * d2) = pack2<T>(a0 * s_inv, a1 * s_inv);
+    *reinterpret_cast<uint32_t*>(out + 2 * d2) = pack2<T>(a0 * inv, a1 * inv);
   }
 }
 

@@ -1,9 +1,14 @@
-// ropeAppend: one block per row of a packed q|k|v matrix. The block computes cos/sin of its
-// D/2 angles once (fp32 angle, precise sincosf, products rounded separately: bit for bit
-// what the rope kernel computes), rotates the q heads into q_out and the k heads into the
-// paged key cache, and copies the v heads into the value cache, at the slot kv_append
-// uses (the sequence found by binary search over cu_q in device memory, so a captured graph
-// replays with new batches; rows whose position or page is out of range are not stored).
+// ropeAppend: rotary embedding of the q and k heads of a packed q|k|v matrix, q into q_out and
+// k into the paged key cache, and a copy of the v heads into the value cache, at the slot
+// kv_append uses (the sequence found by binary search over cu_q in device memory, so a
+// captured graph replays with new batches; rows whose position or page is out of range are
+// not stored).
+//
+// Grid (pieces, rows): one thread per rotation pair (q and k heads) or per 16-byte piece of the
+// v heads, so a decode step (one row) spreads over many blocks and every thread has one load
+// in flight; a loop over pairs would wait one memory latency per iteration. Each thread
+// computes its own angle (fp32 product, precise sincosf, products rounded separately: bit for
+// bit what the rope kernel computes).
 #include <algorithm>
 
 #include "pdl.cuh"
@@ -23,66 +28,75 @@ struct RopeAppendParams {
   const int* cu_q;
   int T, B, Hq, Hkv, half;
   int pages, page_size, max_pages;
+  int vec;  // v heads move in 16-byte pieces
 };
+
+// Cache element offset of `row`'s slot (kv head 0, element 0), or -1 when it is not stored.
+__device__ __forceinline__ long long slot_offset(const RopeAppendParams& p, int row) {
+  int b, t;
+  if (!paged_row_position(p.cu_q, p.seq_lens, p.B, row, &b, &t) || t < 0) return -1;
+  const int blk = t / p.page_size;
+  if (blk >= p.max_pages) return -1;
+  const int page = __ldg(p.page_table + (int64_t)b * p.max_pages + blk);
+  if (page < 0 || page >= p.pages) return -1;
+  return (((long long)page * p.page_size + t % p.page_size) * p.Hkv) * (2 * p.half);
+}
+
+// One rotation pair (idx < qk_pairs) or one piece of the v heads of one row.
+template <class T>
+__device__ __forceinline__ void rope_append_piece(const RopeAppendParams& p, T* __restrict__ q_out, T* __restrict__ kc,
+                                                  T* __restrict__ vc, const T* __restrict__ src, int row, int idx,
+                                                  int qk_pairs) {
+  const int half = p.half, D = 2 * half;
+  if (idx < qk_pairs) {
+    const int h = idx / half, i = idx - h * half;
+    const T* xh = src + (int64_t)h * D;
+    const float x1 = to_f32(xh[i]), x2 = to_f32(xh[i + half]);
+    const float a = (float)__ldg(p.pos + row) * __ldg(p.inv_freq + i);
+    float s, c;
+    sincosf(a, &s, &c);
+    const T y1 = from_f32<T>(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+    const T y2 = from_f32<T>(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+    T* out;
+    if (h < p.Hq) {
+      out = q_out + ((int64_t)row * p.Hq + h) * D;
+    } else {
+      const long long dst = slot_offset(p, row);
+      if (dst < 0) return;
+      out = kc + dst + (int64_t)(h - p.Hq) * D;
+    }
+    out[i] = y1;
+    out[i + half] = y2;
+    return;
+  }
+  // v heads: 16-byte pieces where the row allows it (D * sizeof(T) % 16 == 0 keeps every head's
+  // start aligned given an aligned base), else element by element.
+  const int j = idx - qk_pairs, n = p.Hkv * D;
+  const T* v = src + (int64_t)(p.Hq + p.Hkv) * D;
+  if (p.vec) {
+    if (j >= n * (int)sizeof(T) / 16) return;
+    const long long dst = slot_offset(p, row);
+    if (dst < 0) return;
+    reinterpret_cast<uint4*>(vc + dst)[j] = reinterpret_cast<const uint4*>(v)[j];
+  } else {
+    if (j >= n) return;
+    const long long dst = slot_offset(p, row);
+    if (dst < 0) return;
+    vc[dst + j] = v[j];
+  }
+}
 
 template <class T>
 __global__ void rope_append_kernel(RopeAppendParams p, T* __restrict__ q_out, T* __restrict__ kc, T* __restrict__ vc,
                                    const T* __restrict__ qkv) {
   pdl_wait();  // see pdl.cuh: before any global access
   pdl_trigger();
-  extern __shared__ float cs[];  // cos[half], sin[half]
-  __shared__ long long dst_s;
   const int half = p.half, D = 2 * half;
   const int64_t width = (int64_t)(p.Hq + 2 * p.Hkv) * D;
-  for (int row = blockIdx.x; row < p.T; row += gridDim.x) {
-    __syncthreads();  // the previous row is done with cs and dst_s
-    const float ps = (float)__ldg(p.pos + row);
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-      const float a = ps * __ldg(p.inv_freq + i);
-      float sn, cn;
-      sincosf(a, &sn, &cn);
-      cs[i] = cn;
-      cs[half + i] = sn;
-    }
-    if (threadIdx.x == 0) {
-      long long dst = -1;
-      int b, t;
-      if (paged_row_position(p.cu_q, p.seq_lens, p.B, row, &b, &t) && t >= 0) {
-        const int blk = t / p.page_size;
-        if (blk < p.max_pages) {
-          const int page = __ldg(p.page_table + (int64_t)b * p.max_pages + blk);
-          if (page >= 0 && page < p.pages) dst = (((long long)page * p.page_size + t % p.page_size) * p.Hkv) * D;
-        }
-      }
-      dst_s = dst;
-    }
-    __syncthreads();
-    const long long dst = dst_s;
-    const T* src = qkv + (int64_t)row * width;
-    const int qk_pairs = (p.Hq + p.Hkv) * half;
-    for (int q = threadIdx.x; q < qk_pairs; q += blockDim.x) {
-      const int h = q / half, i = q - h * half;
-      const T* xh = src + (int64_t)h * D;
-      const float x1 = to_f32(xh[i]), x2 = to_f32(xh[i + half]);
-      const float c = cs[i], s = cs[half + i];
-      const T y1 = from_f32<T>(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
-      const T y2 = from_f32<T>(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
-      T* out;
-      if (h < p.Hq) {
-        out = q_out + ((int64_t)row * p.Hq + h) * D;
-      } else {
-        if (dst < 0) continue;
-        out = kc + dst + (int64_t)(h - p.Hq) * D;
-      }
-      out[i] = y1;
-      out[i + half] = y2;
-    }
-    if (dst >= 0) {
-      const T* v = src + (int64_t)(p.Hq + p.Hkv) * D;
-      const int n = p.Hkv * D;
-      for (int j = threadIdx.x; j < n; j += blockDim.x) vc[dst + j] = v[j];
-    }
-  }
+  const int qk_pairs = (p.Hq + p.Hkv) * half;
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  for (int row = blockIdx.y; row < p.T; row += gridDim.y)
+    rope_append_piece(p, q_out, kc, vc, qkv + (int64_t)row * width, row, idx, qk_pairs);
 }
 
 }  // namespace
@@ -105,13 +119,16 @@ void rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const 
   p.seq_lens = seq_lens.ptr<int>();
   p.cu_q = cu_q.ptr<int>();
   if (p.T == 0 || p.half == 0) return;
+  const int64_t D = 2 * (int64_t)p.half, esz = dtype_size(qkv.dtype);
+  const bool aligned = reinterpret_cast<uintptr_t>(qkv.data()) % 16 == 0 && reinterpret_cast<uintptr_t>(vc.data()) % 16 == 0;
+  p.vec = aligned && (D * esz) % 16 == 0 ? 1 : 0;
+  const int64_t pieces = (int64_t)(p.Hq + p.Hkv) * p.half + (p.vec ? p.Hkv * D * esz / 16 : p.Hkv * D);
+  const int threads = 256;
+  const unsigned gx = (unsigned)((pieces + threads - 1) / threads);
   dispatch_float(qkv.dtype, "ropeAppend", [&](auto tt) {
     using T = decltype(tt);
-    const int pairs = (p.Hq + p.Hkv) * p.half;
-    const int threads = std::min(512, std::max(32, (pairs + 31) / 32 * 32));
-    const int grid = std::min(p.T, 65535);
-    launch_pdl(rope_append_kernel<T>, dim3(grid), dim3(threads), 2 * p.half * sizeof(float), s, p, static_cast<T*>(q_out.data()), static_cast<T*>(kc.data()), static_cast<T*>(vc.data()),
-        static_cast<const T*>(qkv.data()));
+    launch_pdl(rope_append_kernel<T>, dim3(gx, (unsigned)std::min(p.T, 65535)), dim3(threads), 0, s, p, static_cast<T*>(q_out.data()),
+               static_cast<T*>(kc.data()), static_cast<T*>(vc.data()), static_cast<const T*>(qkv.data()));
   });
 }
 

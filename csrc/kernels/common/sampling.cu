@@ -57,9 +57,29 @@ template <class T>
 __device__ int row_argmax(const T* row, int V, Smem& sm) {
   uint32_t bk = 0;
   int bi = 0x7fffffff;
-  for (int j = threadIdx.x; j < V; j += blockDim.x) {
-    const uint32_t k = rnd::order_key(to_f32(row[j]));
+  auto take = [&](T v, int j) {
+    const uint32_t k = rnd::order_key(to_f32(v));
     if (k > bk || (k == bk && j < bi)) bk = k, bi = j;
+  };
+  // 16-byte loads over the aligned middle of the row, several in flight per thread (a scalar
+  // loop would wait one memory latency per element it reads); scalar head and tail.
+  constexpr int PER = 16 / sizeof(T);
+  const int mis = (int)((reinterpret_cast<uintptr_t>(row) & 15) / sizeof(T));
+  const int head = min(V, mis ? PER - mis : 0);
+  const int vecs = (V - head) / PER;
+  if ((reinterpret_cast<uintptr_t>(row) & (sizeof(T) - 1)) == 0) {
+    const uint4* vp = reinterpret_cast<const uint4*>(row + head);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
+      const uint4 u = vp[i];
+      const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int t = 0; t < PER; ++t) take(e[t], head + i * PER + t);
+    }
+    for (int j = threadIdx.x; j < head; j += blockDim.x) take(row[j], j);
+    for (int j = head + vecs * PER + threadIdx.x; j < V; j += blockDim.x) take(row[j], j);
+  } else {
+    for (int j = threadIdx.x; j < V; j += blockDim.x) take(row[j], j);
   }
   for (int o = 16; o > 0; o >>= 1) {
     const uint32_t ok = __shfl_xor_sync(0xffffffffu, bk, o);
