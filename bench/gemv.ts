@@ -103,8 +103,9 @@ export async function benchGemvTune(ctx: BenchContext): Promise<BenchResult[]> {
     { M: [1, 4, 16], env: {} },
     fma('1', '4'), fma('1', '8'), fma('2', '2'), fma('2', '4'), fma('2', '8'), fma('4', '2'), fma('4', '4'),
     ...['1', '2'].flatMap((nt) => ['2', '4'].map((u) => ({ M: [4, 16], env: { SQUEEZELM_GEMV_NT: nt, SQUEEZELM_GEMV_TC_U: u } }))),
-    // the tensor-core GEMV's grid: K split over S blocks of a cluster, blocks per SM
-    ...['1', '2', '4'].flatMap((S) => ['2', '3', '4'].map((b) => ({ M: [4, 16], env: { SQUEEZELM_GEMV_TC_S: S, SQUEEZELM_GEMV_TC_BPS: b } }))),
+    { M: [4, 16], env: { SQUEEZELM_GEMV_NT: '4', SQUEEZELM_GEMV_TC_U: '2' } },
+    // fewer blocks per SM than fit (persistent grid)
+    ...['2', '3'].map((b) => ({ M: [4, 16], env: { SQUEEZELM_GEMV_TC_BPS: b } })),
   ];
   for (const [N, K] of GEMV_SHAPES) {
     const dsets = setsFor(2 * N * K, ctx.l2Bytes);

@@ -140,20 +140,19 @@ describeGpu('matmul (cuda vs cpu)', () => {
         }
       });
 
-  // The tensor-core GEMV's grid: K split over clusters of S blocks (including ranks whose share
-  // of K is empty, and the partial last chunk), and few blocks per SM, so each block or
-  // cluster walks several tiles (double-buffered partials).
-  for (const [M, N, K] of [[5, 1000, 4104], [16, 8451, 72], [9, 131, 1032]] as const)
-    for (const [S, bps] of [[1, 1], [2, 3], [4, 1], [4, 4]] as const)
-      test(`f16: M=${M} N=${N} K=${K}, K split ${S} ways, ${bps} blocks per SM`, async () => {
+  // The tensor-core GEMV's persistent grid with few blocks per SM, so each block walks several
+  // tiles (and K tails, partial chunks, N tails on the way).
+  for (const [M, N, K] of [[5, 1000, 4104], [16, 8451, 72], [9, 4229, 1032]] as const)
+    for (const [bps, nt] of [[1, 0], [2, 0], [1, 4]] as const)
+      test(`f16: M=${M} N=${N} K=${K}, ${bps} block(s) per SM${nt ? `, ${nt} row tiles per block` : ''}`, async () => {
         const seed = freshSeed();
         const r = rng(seed);
         const x = await randomTensor([M, K], 'f16', r, 'cuda');
         const w = await randomTensor([N, K], 'f16', r, 'cuda');
         const want = await poisoned([M, N], 'f32');
         matmul(want, await x.t.to('cpu'), await w.t.to('cpu'));
-        process.env.SQUEEZELM_GEMV_TC_S = String(S);
         process.env.SQUEEZELM_GEMV_TC_BPS = String(bps);
+        if (nt) process.env.SQUEEZELM_GEMV_NT = String(nt);
         try {
           const y = await poisoned([M, N], 'f16', 'cuda');
           matmul(y, x.t, w.t);
@@ -163,8 +162,8 @@ describeGpu('matmul (cuda vs cpu)', () => {
           matmul(y2, x.t, w.t);
           expect(Array.from(await y2.toArray())).toEqual(Array.from(await y.toArray()));
         } finally {
-          delete process.env.SQUEEZELM_GEMV_TC_S;
           delete process.env.SQUEEZELM_GEMV_TC_BPS;
+          delete process.env.SQUEEZELM_GEMV_NT;
         }
       });
 

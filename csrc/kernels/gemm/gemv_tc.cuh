@@ -15,19 +15,12 @@
 // traffic and L2, not HBM, becomes the limit at M = 16; NT = 2 halves it. U chunks per tile are
 // in flight per lane. The NT x 8 partial tiles are summed in shared memory in warp order.
 //
-// Wave quantization decides the last 10-15%: 1792 equal blocks on 528 slots run as 3.39 waves,
-// i.e. 4 waves of time. So the grid is persistent (each block, or cluster, walks tiles with a
-// grid stride) and the launcher picks how many blocks per SM to run and into how many parts S
-// to split K so that tiles / clusters is close to a whole number (launch_gemv_tc). With S > 1 the
-// S blocks of a thread-block cluster each take 1/S of K for the same tiles and rank 0 sums the
-// S partial tiles through distributed shared memory in rank order: deterministic, no global
-// workspace, no atomics. The partials are double-buffered, so one cluster barrier per tile
-// suffices (rank 0 reads buffer i before it arrives at the barrier of tile i + 1, and no rank
-// writes buffer i again before passing that barrier).
+// The grid is persistent: the launcher starts as many blocks as fit on the GPU at once (more
+// resident warps = more weight loads in flight, which decides the speed; fewer blocks per SM
+// measured 20-30% slower) and each block walks tiles with a grid stride, so no block pays a
+// launch and ramp-up per tile.
 // Needs K % 8 == 0 and 16-byte aligned x, w (the caller checks).
 #pragma once
-#include <cooperative_groups.h>
-
 #include <type_traits>
 
 #include "../common/pdl.cuh"
@@ -52,43 +45,21 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Thread-block cluster helpers (sm_90+; the launcher never asks older GPUs for clusters).
-__device__ __forceinline__ void cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cooperative_groups::this_cluster().sync();
-#else
-  __trap();
-#endif
-}
-__device__ __forceinline__ const float* cluster_peer(float* p, int rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
-#else
-  __trap();
-  return p;
-#endif
-}
-
-template <class T, int NT, int U, int S>
+template <class T, int NT, int U>
 __global__ void __launch_bounds__(kGemvTcWarps * 32)
     gemv_tc_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                    int M, int N, int K) {
   __shared__ float red[kGemvTcWarps][NT][32][4];
-  __shared__ float part[S > 1 ? 2 : 1][NT][32][4];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int tiles = (N + 8 * NT - 1) / (8 * NT);
-  const int rank = S > 1 ? (int)(blockIdx.x % S) : 0, cid = (int)(blockIdx.x / S), clusters = (int)(gridDim.x / S);
   const bool v0 = g < M, v1 = g + 8 < M;
   const T* x0 = x + (size_t)min(g, M - 1) * K + 8 * t;
   const T* x1 = x + (size_t)min(g + 8, M - 1) * K + 8 * t;
   const uint4 zero = make_uint4(0, 0, 0, 0);
 
-  // This rank's chunks: a 1/S share of the full ones; the last rank also takes the partial last
-  // chunk (K % 32 in {8, 16, 24}).
+  // Full chunks, then the partial last one (K % 32 in {8, 16, 24}).
   const int full = K / 32, chunks = (K + 31) / 32;
-  const int c0 = (int)((long long)full * rank / S), c1 = (int)((long long)full * (rank + 1) / S);
-  const int c1_all = rank == S - 1 ? chunks : c1;
 
   // Rows past N: clamped to a valid row for loading, never stored.
   auto row_ptrs = [&](int tile, const T* (&wr)[NT]) {
@@ -97,29 +68,28 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
   };
   // The weights do not depend on earlier kernels: start pulling the first round into L2 while
   // the previous kernel drains (programmatic dependent launch), then wait for x.
-  if (cid < tiles) {
+  if ((int)blockIdx.x < tiles) {
     const T* wr[NT];
-    row_ptrs(cid, wr);
+    row_ptrs(blockIdx.x, wr);
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (c0 + warp + u * kGemvTcWarps < c1)
+      if (warp + u * kGemvTcWarps < full)
 #pragma unroll
-        for (int j = 0; j < NT; ++j) prefetch_l2(wr[j] + (size_t)(c0 + warp + u * kGemvTcWarps) * 32);
+        for (int j = 0; j < NT; ++j) prefetch_l2(wr[j] + (size_t)(warp + u * kGemvTcWarps) * 32);
   }
   pdl_wait();
   pdl_trigger();
 
-  int it = 0;
-  for (int tile = cid; tile < tiles; tile += clusters, ++it) {
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int n0 = tile * 8 * NT;
     const T* wr[NT];
     row_ptrs(tile, wr);
     float c[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
-    int ch = c0 + warp;
+    int ch = warp;
     // Main loop: U full chunks per tile in flight, strided by the warp count.
-    for (; ch + (U - 1) * kGemvTcWarps < c1; ch += U * kGemvTcWarps) {
+    for (; ch + (U - 1) * kGemvTcWarps < full; ch += U * kGemvTcWarps) {
       uint4 wv[U][NT], xa[U], xb[U];
 #pragma unroll
       for (int u = 0; u < U; ++u)
@@ -140,7 +110,7 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
         }
     }
     // Remaining chunks one at a time; in a partial last chunk lanes past K load zeros.
-    for (; ch < c1_all; ch += kGemvTcWarps) {
+    for (; ch < chunks; ch += kGemvTcWarps) {
       const size_t o = (size_t)ch * 32;
       const bool in = (int)o + 8 * t < K;
       const uint4 xa = (in && v0) ? __ldg(reinterpret_cast<const uint4*>(x0 + o)) : zero;
@@ -158,51 +128,28 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
 #pragma unroll
       for (int i = 0; i < 4; ++i) red[warp][j][lane][i] = c[j][i];
     __syncthreads();
-    // Warp j < NT finishes tile j of this block: sums the 8 partial tiles in warp order.
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    // Warp j < NT finishes tile j: sums the 8 partial tiles in warp order.
     if (warp < NT) {
+      float v[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         float a = 0.f;
 #pragma unroll
         for (int k = 0; k < kGemvTcWarps; ++k) a += red[k][warp][lane][i];
-        s[i] = a;
+        v[i] = a;
       }
-    }
-    bool store = warp < NT;
-    if constexpr (S > 1) {
-      if (warp < NT)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) part[it & 1][warp][lane][i] = s[i];
-      cluster_sync();  // partials visible; every block is done with red
-      store = store && rank == 0;
-      if (store) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) s[i] = 0.f;
-        for (int r = 0; r < S; ++r) {
-          const float* pr = cluster_peer(&part[it & 1][warp][lane][0], r);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) s[i] += pr[i];
-        }
-      }
-    } else {
-      __syncthreads();  // red is free for the next tile
-    }
-    // C fragment: c0,c1 at (row g, cols 2t, 2t+1), c2,c3 at (row g+8, same cols); col = w row.
-    if (store) {
+      // C fragment: c0,c1 at (row g, cols 2t, 2t+1), c2,c3 at (row g+8, same cols); col = w row.
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int m = g + (i >> 1) * 8, n = n0 + 8 * warp + 2 * t + (i & 1);
         if (m < M && n < N) {
-          float v = s[i];
-          if (bias) v += to_f<T>(bias[n]);
-          y[(size_t)m * N + n] = from_f<T>(v);
+          float o = v[i];
+          if (bias) o += to_f<T>(bias[n]);
+          y[(size_t)m * N + n] = from_f<T>(o);
         }
       }
     }
+    __syncthreads();  // red is free for the next tile
   }
-  // No block may leave (taking its shared memory) while rank 0 may still read its partials.
-  if constexpr (S > 1) cluster_sync();
 }
-
 }  // namespace sqz::cuda::gemm_detail

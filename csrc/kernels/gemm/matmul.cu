@@ -69,91 +69,41 @@ void launch_gemv(T* y, const T* x, const T* w, const T* bias, int M, int N, int 
   }
 }
 
-// Per device: SM count, compute capability major, and blocks per SM of each tensor-core GEMV
-// instantiation (index by a small id), measured once.
+// Blocks of each tensor-core GEMV instantiation resident per SM, and the SM count, per device
+// (measured once).
 struct TcDeviceInfo {
-  int sms = 0, major = 0;
-  int occ[16] = {};
+  int sms = 0;
+  int occ[6] = {};
 };
-TcDeviceInfo& tc_info(int dev) {
-  static TcDeviceInfo info[64];
-  return info[dev & 63];
-}
-
-// How a tensor-core GEMV is spread: S blocks per cluster split K, `grid` blocks in all, each
-// cluster walking tiles with a grid stride. Chosen so that tiles / clusters is close to a whole
-// number (no partly filled last round of tiles), with at least 32 KB of weights in flight per SM
-// and a preference for no split, then for more blocks per SM. SQUEEZELM_GEMV_TC_S and
-// SQUEEZELM_GEMV_TC_BPS (blocks per SM) override the choice for tuning runs.
-struct TcGrid {
-  int S, grid;
-};
-TcGrid plan_tc_grid(int tiles, int sms, bool clusters_ok, const int (&occ)[3], int bytes_per_block_in_flight) {
-  const int force_s = knob("SQUEEZELM_GEMV_TC_S", 0), force_b = knob("SQUEEZELM_GEMV_TC_BPS", 0);
-  const int min_b = std::max(1, (32768 + bytes_per_block_in_flight - 1) / bytes_per_block_in_flight);
-  TcGrid best{1, std::min(tiles, sms * std::max(1, occ[0]))};
-  double best_eff = -1.0;
-  const int ss[3] = {1, 2, 4};
-  for (int si = 0; si < 3; ++si) {
-    const int S = ss[si];
-    if ((S > 1 && !clusters_ok) || (force_s > 0 && S != force_s)) continue;
-    for (int b = std::max(1, occ[si]); b >= 1; --b) {
-      if (force_b > 0 ? b != force_b : b < std::min(min_b, std::max(1, occ[si]))) continue;
-      const int clusters = sms * b / S;
-      if (clusters == 0) continue;
-      double eff;
-      if (tiles <= clusters) eff = (double)tiles * S / ((double)sms * b);
-      else eff = (double)tiles / ((double)clusters * ((tiles + clusters - 1) / clusters));
-      if (eff > best_eff + 0.015) {
-        best_eff = eff;
-        best = TcGrid{S, std::min(tiles, clusters) * S};
-      }
-    }
-  }
-  return best;
-}
-
-template <class T, int NT, int U, int S>
-int tc_occupancy() {
-  int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_tc_kernel<T, NT, U, S>, kGemvTcWarps * 32, 0) != cudaSuccess)
-    return 1;
-  return n > 0 ? n : 1;
-}
 
 template <class T, int NT, int U>
 void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
+  static TcDeviceInfo info[64];
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
-  TcDeviceInfo& info = tc_info(dev);
-  constexpr int id = (NT - 1) * 2 + (U >= 4 ? 1 : 0);  // 0..3
-  if (info.sms == 0) {
-    int sms = 0, major = 0;
+  TcDeviceInfo& d = info[dev & 63];
+  constexpr int id = (NT == 4 ? 2 : NT - 1) * 2 + (U >= 4 ? 1 : 0);
+  if (d.sms == 0) {
+    int sms = 0;
     cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "matmul: SM count");
-    cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "matmul: compute capability");
-    info.major = major;
-    info.sms = sms > 0 ? sms : 1;
+    d.sms = sms > 0 ? sms : 1;
   }
-  if (info.occ[4 * id] == 0) {
-    info.occ[4 * id + 1] = tc_occupancy<T, NT, U, 1>();
-    info.occ[4 * id + 2] = tc_occupancy<T, NT, U, 2>();
-    info.occ[4 * id + 3] = tc_occupancy<T, NT, U, 4>();
-    info.occ[4 * id] = 1;
+  if (d.occ[id] == 0) {
+    int n = 0;
+    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_tc_kernel<T, NT, U>, kGemvTcWarps * 32, 0),
+               "matmul: occupancy");
+    d.occ[id] = n > 0 ? n : 1;
   }
-  const int occ[3] = {info.occ[4 * id + 1], info.occ[4 * id + 2], info.occ[4 * id + 3]};
+  // Persistent grid: every block that fits at once (SQUEEZELM_GEMV_TC_BPS: blocks per SM, tuning).
+  const int bps = knob("SQUEEZELM_GEMV_TC_BPS", d.occ[id]);
   const int tiles = ceil_div(N, 8 * NT);
-  const TcGrid g = plan_tc_grid(tiles, info.sms, info.major >= 9, occ, kGemvTcWarps * U * NT * 512);
-  const dim3 grid((unsigned)g.grid), block(kGemvTcWarps * 32);
-  if (g.S == 4)
-    launch_pdl_clustered(gemv_tc_kernel<T, NT, U, 4>, grid, block, 0, s, 4u, y, x, w, bias, M, N, K);
-  else if (g.S == 2)
-    launch_pdl_clustered(gemv_tc_kernel<T, NT, U, 2>, grid, block, 0, s, 2u, y, x, w, bias, M, N, K);
-  else
-    launch_pdl(gemv_tc_kernel<T, NT, U, 1>, grid, block, 0, s, y, x, w, bias, M, N, K);
+  const int grid = std::max(1, std::min(tiles, d.sms * bps));
+  launch_pdl(gemv_tc_kernel<T, NT, U>, dim3(grid), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N, K);
 }
 
 template <class T>
 void launch_gemv_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, int nt, int u, cudaStream_t s) {
+  if (nt >= 4) return launch_gemv_tc_nu<T, 4, 2>(y, x, w, bias, M, N, K, s);
   if (nt >= 2) {
     if (u >= 4) return launch_gemv_tc_nu<T, 2, 4>(y, x, w, bias, M, N, K, s);
     return launch_gemv_tc_nu<T, 2, 2>(y, x, w, bias, M, N, K, s);
@@ -168,9 +118,10 @@ void launch_gemv_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, i
 //     and K <= 11008 (4096x4096 76%, 4096x11008 91%, 8192x8192 91% of copy bandwidth), 4 rows
 //     with 2 chunks for wide N at K <= 4096 (11008x4096 89%), 2 rows x 4 chunks at very long K
 //     (8192x28672 100%), 2 x 2 for very wide N (28672x8192 102%);
-//   - M >= 3: the tensor-core kernel, 2 row tiles x 4 chunks where K and N are both >= 8192
-//     (87-99%), else one tile x 2 chunks (512+ blocks for N = 4096), or 2 tiles x 2 chunks when N
-//     is wide and M > 8. 4 tiles per block never won (50-60%).
+//   - M >= 3: the tensor-core kernel (persistent grid). Up to 8 rows: 2 row tiles per block where
+//     N and K are both 8192+ but N is not very wide (8192x8192 90%, 8192x28672 95%), else one
+//     (28672x8192 92%, N = 4096 shapes). More rows: 2 tiles where N >= 8192 (x is reread per
+//     tile: 2 tiles halve that traffic), 4 chunks in flight for one tile at long K.
 // SQUEEZELM_GEMV_TC_MIN_M / _NT / _TC_U / _U / _R override each choice (tuning runs only).
 struct GemvPlan {
   bool tc;
@@ -189,8 +140,9 @@ GemvPlan plan_gemv(int M, int N, int K) {
   } else {
     p.tc = true;
     p.r = 2;
-    p.nt = N >= 8192 && (M > 8 || K >= 8192) ? 2 : 1;
-    p.u = p.nt == 2 && K >= 8192 ? 4 : 2;
+    if (M <= 8) p.nt = N >= 8192 && N < 16384 && K >= 8192 ? 2 : 1;
+    else p.nt = N >= 8192 ? 2 : 1;
+    p.u = p.nt == 1 && K >= 8192 && M > 8 ? 4 : 2;
   }
   const int min_m = knob("SQUEEZELM_GEMV_TC_MIN_M", 0);
   if (min_m > 0) p.tc = M >= min_m;
