@@ -306,6 +306,17 @@ describeGpu('attention (CUDA) vs CPU', () => {
         // Determinism: a second launch gives the same bits.
         attention(outG, qG, kcG, vcG, ig.pt, ig.sl, ig.cq, scale, bounds);
         expect(Buffer.from((await outG.toArray()).buffer).equals(firstBits)).toBe(true);
+        // Decode: the splits merged by a separate kernel give the same bits as the in-kernel merge.
+        if (bounds.maxQ <= 4) {
+          process.env.SQUEEZELM_ATTN_COMBINE_KERNEL = '1';
+          try {
+            const o2 = poisoned([N, Hq, c.D], dtype, 'cuda');
+            attention(o2, qG, kcG, vcG, ig.pt, ig.sl, ig.cq, scale, bounds);
+            expect(Buffer.from((await o2.toArray()).buffer).equals(firstBits)).toBe(true);
+          } finally {
+            delete process.env.SQUEEZELM_ATTN_COMBINE_KERNEL;
+          }
+        }
       }, 60000);
     }
 

@@ -27,6 +27,8 @@ struct Params {
   int splits, chunk, qchunks;
   float* ws_acc;  // [B * max_q * Hq, splits, D]
   float* ws_ml;   // [B * max_q * Hq, splits, 2] (max in base 2, sum)
+  // [B * Hkv * qchunks] arrival counters, zero between launches; null: a separate combine kernel
+  int* counters;
 };
 
 // Logical token t of sequence b -> its page, or -1 when the page table cannot hold it or

@@ -6,10 +6,13 @@
 // bandwidth, so it is read once per group, 16 bytes per load, never staged through shared
 // memory. Each warp keeps its own running max / sum / accumulator (online softmax in base
 // 2), the block merges its warps, and writes one partial (max, sum, acc) per query vector
-// and split. A second kernel merges the splits in a fixed order, so results do not depend
-// on scheduling (no atomics).
+// and split. The splits are merged in a fixed order, so results do not depend on scheduling:
+// the last block of a (sequence, kv head, query chunk) to finish does it (an arrival counter
+// per group, reset by that block, so a captured graph replays with zeroed counters), which
+// saves a kernel boundary per layer in a decode step; without counters a second kernel does it.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <mutex>
 
 #include "../common/pdl.cuh"
@@ -24,6 +27,56 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kMaxSplits = 256;
+
+// Sum over the block's threads (fixed shuffle tree, then warp order: deterministic).
+template <bool MAX>
+__device__ __forceinline__ float block_reduce(float v, float* s_red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = MAX ? fmaxf(v, w) : v + w;
+  }
+  __syncthreads();  // s_red is free
+  if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = s_red[0];
+  for (int w = 1; w < (int)(blockDim.x >> 5); ++w) v = MAX ? fmaxf(v, s_red[w]) : v + s_red[w];
+  return v;
+}
+
+// Merges the splits of query vector qi (row q0 + j, head h) into out: the splits' weights in
+// shared memory (s_w: at least `splits` floats), then each output element is a fixed-order sum
+// over splits. Every loop keeps several loads in flight (a decode step waits on this latency,
+// not on bandwidth). Partials are read through L2 (other blocks wrote them during this grid).
+template <class T>
+__device__ void combine_splits(const Params& p, int64_t qi, int64_t out_row, int h, float* s_w, float* s_red) {
+  const float2* ml = reinterpret_cast<const float2*>(p.ws_ml + qi * p.splits * 2);  // (max, sum) per split
+  float m = -INFINITY;
+  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) m = fmaxf(m, __ldcg(ml + s).x);
+  const float M = block_reduce<true>(m, s_red);
+  float l = 0.f;
+  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) {
+    const float2 v = __ldcg(ml + s);
+    const float w = v.x == -INFINITY ? 0.f : exp2f(v.x - M);
+    s_w[s] = w;
+    l += w * v.y;
+  }
+  const float L = block_reduce<false>(l, s_red);  // its barriers also publish s_w
+  const float inv = L > 0.f ? 1.f / L : 0.f;     // no attendable key: the row is zero
+  const float* acc = p.ws_acc + qi * p.splits * p.D;
+  T* out = static_cast<T*>(p.out) + (out_row * p.Hq + h) * p.D;
+  for (int d2 = threadIdx.x; d2 * 2 < p.D; d2 += blockDim.x) {
+    float a0 = 0.f, a1 = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < p.splits; ++s) {
+      const float2 v = __ldcg(reinterpret_cast<const float2*>(acc + (int64_t)s * p.D + 2 * d2));
+      a0 = fmaf(s_w[s], v.x, a0);
+      a1 = fmaf(s_w[s], v.y, a1);
+    }
+    *reinterpret_cast<uint32_t*>(out + 2 * d2) = pack2<T>(a0 * inv, a1 * inv);
+  }
+  __syncthreads();  // s_w is free
+}
 
 // TPK lanes share one key (8 elements each, so D <= 8 * TPK); R query vectors per block.
 template <class T, int TPK, int R>
@@ -202,27 +255,31 @@ __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
       p.ws_acc[pi * p.D + d] = v;
     }
   }
-}
+  if (p.counters == nullptr) return;
 
-// Sum over the block's threads (fixed shuffle tree, then warp order: deterministic).
-template <bool MAX>
-__device__ __forceinline__ float block_reduce(float v, float* s_red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float w = __shfl_xor_sync(0xffffffffu, v, o);
-    v = MAX ? fmaxf(v, w) : v + w;
-  }
-  __syncthreads();  // s_red is free
-  if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = v;
+  // The last split block of this group to arrive merges all splits of its query vectors.
+  __shared__ int s_last;
+  __shared__ float s_red[kWarps];
+  __threadfence();  // this block's partials are visible before it is counted
   __syncthreads();
-  v = s_red[0];
-  for (int w = 1; w < (int)(blockDim.x >> 5); ++w) v = MAX ? fmaxf(v, s_red[w]) : v + s_red[w];
-  return v;
+  if (threadIdx.x == 0) {
+    int* ctr = p.counters + (int64_t)b * gridDim.x + blockIdx.x;
+    const int prev = atomicAdd(ctr, 1);
+    s_last = prev == (int)gridDim.z - 1;
+    if (s_last) *ctr = 0;  // ready for the next launch
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int r = 0; r < R; ++r) {
+    const int vi = qc * R + r;
+    if (vi >= g * n) break;
+    const int j = vi / g, h = kvh * g + vi % g;
+    combine_splits<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, s_acc, s_red);
+  }
 }
 
-// One block per (query head, row, sequence): the splits' weights in shared memory, then each
-// output element is a fixed-order sum over splits. Every loop keeps several loads in flight
-// (a decode step waits on this kernel's latency, not its bandwidth).
+// One block per (query head, row, sequence), when the partial kernel has no counters.
 template <class T>
 __global__ void __launch_bounds__(128) decode_combine(Params p) {
   pdl_wait();  // see pdl.cuh: before any global access
@@ -234,32 +291,7 @@ __global__ void __launch_bounds__(128) decode_combine(Params p) {
   int n = __ldg(p.cu_q + b + 1) - q0;
   n = max(0, min(n, p.max_q));
   if (j >= n) return;
-  const int64_t qi = ((int64_t)b * p.max_q + j) * p.Hq + h;
-  const float2* ml = reinterpret_cast<const float2*>(p.ws_ml + qi * p.splits * 2);  // (max, sum) per split
-  float m = -INFINITY;
-  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) m = fmaxf(m, ml[s].x);
-  const float M = block_reduce<true>(m, s_red);
-  float l = 0.f;
-  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) {
-    const float2 v = ml[s];
-    const float w = v.x == -INFINITY ? 0.f : exp2f(v.x - M);
-    s_w[s] = w;
-    l += w * v.y;
-  }
-  const float L = block_reduce<false>(l, s_red);  // its barriers also publish s_w
-  const float inv = L > 0.f ? 1.f / L : 0.f;     // no attendable key: the row is zero
-  const float* acc = p.ws_acc + qi * p.splits * p.D;
-  T* out = static_cast<T*>(p.out) + ((int64_t)(q0 + j) * p.Hq + h) * p.D;
-  for (int d2 = threadIdx.x; d2 * 2 < p.D; d2 += blockDim.x) {
-    float a0 = 0.f, a1 = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < p.splits; ++s) {
-      const float2 v = *reinterpret_cast<const float2*>(acc + (int64_t)s * p.D + 2 * d2);
-      a0 = fmaf(s_w[s], v.x, a0);
-      a1 = fmaf(s_w[s], v.y, a1);
-    }
-    *reinterpret_cast<uint32_t*>(out + 2 * d2) = pack2<T>(a0 * inv, a1 * inv);
-  }
+  combine_splits<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, s_w, s_red);
 }
 
 template <class T, int TPK, int R>
@@ -281,9 +313,12 @@ void dispatch_r(const Params& p, int R, int device, cudaStream_t stream) {
 
 template <class T>
 void launch_t(Params& p, int R, int device, cudaStream_t stream) {
+  // The in-kernel merge keeps the splits' weights in the block's partial buffer.
+  if (p.counters && p.splits > kWarps * R * p.D) p.counters = nullptr;
   if (p.D <= 64) dispatch_r<T, 8>(p, R, device, stream);
   else if (p.D <= 128) dispatch_r<T, 16>(p, R, device, stream);
   else dispatch_r<T, 32>(p, R, device, stream);
+  if (p.counters) return;  // the partial kernel merged the splits
   dim3 grid(p.Hq, p.max_q, p.B);
   launch_pdl(decode_combine<T>, dim3(grid), dim3(128), 0, stream, p);
 }
@@ -337,6 +372,32 @@ int resident_blocks(int device, int D, int R) {
 }  // namespace
 
 int decode_max_r = 0;
+
+int* decode_counters(int device, int64_t n) {
+  constexpr int64_t kCapacity = 1 << 16;
+  static std::mutex mu;
+  static int* buf[64] = {};
+  if (n > kCapacity || device < 0 || device >= 64 || std::getenv("SQUEEZELM_ATTN_COMBINE_KERNEL")) return nullptr;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!buf[device]) {
+    // Allocated and zeroed once per device (before any graph capture needs it: the first decode
+    // call of a process is never captured, and a failure here just keeps the combine kernel).
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(cuda_stream(device), &st) != cudaSuccess || st != cudaStreamCaptureStatusNone) return nullptr;
+    int* p = nullptr;
+    if (cudaMalloc(&p, kCapacity * sizeof(int)) != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    if (cudaMemset(p, 0, kCapacity * sizeof(int)) != cudaSuccess) {
+      cudaGetLastError();
+      cudaFree(p);
+      return nullptr;
+    }
+    buf[device] = p;
+  }
+  return buf[device];
+}
 
 DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int max_seq_len) {
   DecodePlan pl;

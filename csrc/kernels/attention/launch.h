@@ -2,6 +2,8 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "core/dtype.h"
 
 namespace sqz::cuda::attn {
@@ -15,6 +17,10 @@ struct DecodePlan {
 // Upper bound on R (0: none); a tuning knob for benchmarks.
 extern int decode_max_r;
 DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int max_seq_len);
+// Arrival counters for merging the splits inside the partial kernel: a zeroed per-device buffer
+// of at least n ints, or null (too many groups, or SQUEEZELM_ATTN_COMBINE_KERNEL=1) for the
+// separate combine kernel.
+int* decode_counters(int device, int64_t n);
 void launch_decode(Params& p, int R, DType dt, int device, cudaStream_t stream);
 
 // Tensor-core prefill; returns false when head_dim has no prefill instantiation.
