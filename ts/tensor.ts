@@ -83,7 +83,12 @@ export class Tensor {
     return new Tensor(await this.native.to(resolveDevice(device)));
   }
 
-  /** The raw elements: Uint16Array bits for f16/bf16. */
+  /**
+   * The raw elements: Uint16Array bits for f16/bf16. On the CPU the contents are taken as of
+   * this call (after the ops queued before it, before any queued after it); on CUDA the copy is
+   * ordered on the device stream when it starts, so `copy()` into a fresh tensor first where a
+   * snapshot is needed while more work is being queued.
+   */
   async toArray(): Promise<TypedArray> {
     const buf = await this.native.toHost();
     switch (this.dtype) {

@@ -1,6 +1,8 @@
 #include "js_tensor.h"
 
 #include <cstring>
+#include <memory>
+#include <vector>
 
 #include "../core/backend.h"
 #include "../core/cpu_queue.h"
@@ -122,21 +124,25 @@ class CodedWorker : public Napi::AsyncWorker {
 // Waits for a tensor's pending writes and copies its bytes into a fresh ArrayBuffer.
 class ToHostWorker : public CodedWorker {
  public:
+  // A CPU tensor is copied by a task queued now, behind the ops already queued and ahead of any
+  // queued later: the result is the tensor as of this call, even if later ops overwrite it.
   ToHostWorker(Napi::Env env, Tensor t) : CodedWorker(env), t_(std::move(t)) {
-    if (t_.device.is_cpu()) ticket_ = cpu_last_ticket();
-  }
-  void run() override {
-    data_.resize(t_.nbytes());
+    data_ = std::make_shared<std::vector<uint8_t>>(t_.nbytes());
     if (t_.device.is_cpu()) {
-      cpu_wait(ticket_);
-      if (!data_.empty()) std::memcpy(data_.data(), t_.data(), data_.size());
-    } else {
-      cuda_copy_d2h_sync(t_.device.index, data_.data(), t_.data(), data_.size());
+      auto buf = data_;
+      Tensor src = t_;
+      ticket_ = cpu_enqueue([buf, src] {
+        if (!buf->empty()) std::memcpy(buf->data(), src.data(), buf->size());
+      });
     }
   }
+  void run() override {
+    if (t_.device.is_cpu()) cpu_wait(ticket_);
+    else cuda_copy_d2h_sync(t_.device.index, data_->data(), t_.data(), data_->size());
+  }
   void OnOK() override {
-    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(Env(), data_.size());
-    if (!data_.empty()) std::memcpy(ab.Data(), data_.data(), data_.size());
+    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(Env(), data_->size());
+    if (!data_->empty()) std::memcpy(ab.Data(), data_->data(), data_->size());
     t_.storage.reset();
     deferred_.Resolve(ab);
   }
@@ -144,7 +150,7 @@ class ToHostWorker : public CodedWorker {
  private:
   Tensor t_;
   uint64_t ticket_ = 0;
-  std::vector<uint8_t> data_;
+  std::shared_ptr<std::vector<uint8_t>> data_;
 };
 
 // Copies a tensor to another device once its pending writes are done.

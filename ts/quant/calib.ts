@@ -29,7 +29,8 @@ export async function activationStats(modelDir: string, calibFile: string, windo
   setLinearObserver((layer, site, x) => {
     const [M, K] = x.shape;
     const key = `${layer}:${site}`;
-    // The copy is ordered after the ops that wrote x, so the snapshot is this linear's input.
+    // On the CPU a read takes the contents as of the call (queued behind the ops that wrote x,
+    // ahead of the later ones that reuse its buffer), so this is exactly this linear's input.
     pending.push(x.toFloat32().then((a) => {
       let e = sums.get(key);
       if (!e) sums.set(key, (e = { s: new Float64Array(K), rows: 0 }));
