@@ -107,11 +107,13 @@ export async function benchGemvTune(ctx: BenchContext): Promise<BenchResult[]> {
     // fewer blocks per SM than fit (persistent grid)
     ...['2', '3'].map((b) => ({ M: [4, 16], env: { SQUEEZELM_GEMV_TC_BPS: b } })),
   ];
+  // SQUEEZELM_TUNE_M=4,16 limits the sweep to some batch sizes.
+  const tuneM = (process.env.SQUEEZELM_TUNE_M ?? '1,4,16').split(',').map(Number).filter((m) => m >= 1 && m <= 16);
   for (const [N, K] of GEMV_SHAPES) {
     const dsets = setsFor(2 * N * K, ctx.l2Bytes);
     const ws: Tensor[] = [];
     for (let s = 0; s < dsets; s++) ws.push(await randomTensor([N, K], 'f16', ctx.device, 0.02));
-    for (const M of [1, 4, 16]) {
+    for (const M of tuneM) {
       const xs: Tensor[] = [];
       for (let s = 0; s < dsets; s++) xs.push(await randomTensor([M, K], 'f16', ctx.device));
       const y = Tensor.empty([M, N], { dtype: 'f16', device: ctx.device });
