@@ -32,4 +32,5 @@ export const suites: Record<string, { load: () => Suite | undefined; gpu: boolea
   attention: { load: optional('./attention', 'benchAttention'), gpu: true },
   kvquant: { load: optional('./kvquant', 'benchKvquant'), gpu: true },
   decode: { load: optional('./decode', 'benchDecode'), gpu: true },
+  scale: { load: optional('./scale', 'benchScale'), gpu: true, manual: true },
 };
