@@ -44,18 +44,26 @@ __device__ __forceinline__ float block_reduce(float v, float* s_red) {
   return v;
 }
 
-// Merges the splits of query vector qi (row q0 + j, head h) into out: the splits' weights in
+// Splits that hold keys of a sequence with kend keys (at least one, so an empty sequence still
+// writes its zero row). Blocks of later splits exit at once and are never merged: a graph
+// planned for the longest context costs little at short ones.
+__device__ __forceinline__ int active_splits(const Params& p, int kend) {
+  return kend <= 0 ? 1 : min(p.splits, (kend + p.chunk - 1) / p.chunk);
+}
+
+// Merges the first `splits` splits of query vector qi (row q0 + j, head h) into out: the splits' weights in
 // shared memory (s_w: at least `splits` floats), then each output element is a fixed-order sum
 // over splits. Every loop keeps several loads in flight (a decode step waits on this latency,
 // not on bandwidth). Partials are read through L2 (other blocks wrote them during this grid).
 template <class T>
-__device__ void combine_splits(const Params& p, int64_t qi, int64_t out_row, int h, float* s_w, float* s_red) {
+__device__ void combine_splits(const Params& p, int64_t qi, int64_t out_row, int h, int splits, float* s_w,
+                               float* s_red) {
   const float2* ml = reinterpret_cast<const float2*>(p.ws_ml + qi * p.splits * 2);  // (max, sum) per split
   float m = -INFINITY;
-  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) m = fmaxf(m, __ldcg(ml + s).x);
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) m = fmaxf(m, __ldcg(ml + s).x);
   const float M = block_reduce<true>(m, s_red);
   float l = 0.f;
-  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) {
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
     const float2 v = __ldcg(ml + s);
     const float w = v.x == -INFINITY ? 0.f : exp2f(v.x - M);
     s_w[s] = w;
@@ -68,7 +76,7 @@ __device__ void combine_splits(const Params& p, int64_t qi, int64_t out_row, int
   for (int d2 = threadIdx.x; d2 * 2 < p.D; d2 += blockDim.x) {
     float a0 = 0.f, a1 = 0.f;
 #pragma unroll 8
-    for (int s = 0; s < p.splits; ++s) {
+    for (int s = 0; s < splits; ++s) {
       const float2 v = __ldcg(reinterpret_cast<const float2*>(acc + (int64_t)s * p.D + 2 * d2));
       a0 = fmaf(s_w[s], v.x, a0);
       a1 = fmaf(s_w[s], v.y, a1);
@@ -121,6 +129,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
     }
   }
 
+  const int splits = active_splits(p, kend);
+  if (split >= splits) return;
   const int t0 = split * p.chunk;
   // The last split also takes anything past splits * chunk, so an understated maxSeqLen
   // costs speed, not correctness.
@@ -265,7 +275,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
   if (threadIdx.x == 0) {
     int* ctr = p.counters + (int64_t)b * gridDim.x + blockIdx.x;
     const int prev = atomicAdd(ctr, 1);
-    s_last = prev == (int)gridDim.z - 1;
+    s_last = prev == splits - 1;
     if (s_last) *ctr = 0;  // ready for the next launch
   }
   __syncthreads();
@@ -275,7 +285,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
     const int vi = qc * R + r;
     if (vi >= g * n) break;
     const int j = vi / g, h = kvh * g + vi % g;
-    combine_splits<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, s_acc, s_red);
+    combine_splits<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, splits, s_acc, s_red);
   }
 }
 
@@ -291,7 +301,9 @@ __global__ void __launch_bounds__(128) decode_combine(Params p) {
   int n = __ldg(p.cu_q + b + 1) - q0;
   n = max(0, min(n, p.max_q));
   if (j >= n) return;
-  combine_splits<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, s_w, s_red);
+  const int len = max(__ldg(p.seq_lens + b), 0);
+  const int kend = (int)min((int64_t)len, (int64_t)p.max_pages * p.page_size);
+  combine_splits<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, active_splits(p, kend), s_w, s_red);
 }
 
 template <class T, int TPK, int R>
