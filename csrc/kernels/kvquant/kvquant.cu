@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -1060,10 +1061,18 @@ __device__ __forceinline__ void sincos_reduced(float a, float* s, float* c) {
 struct Plan {
   int groups, hpb, splits, sub;
 };
+// Blocks per SM the grid aims at (one wave: at ~200-255 registers per thread one block of 8
+// warps fills an SM, and fewer splits mean less partial traffic). SQUEEZELM_KVQ_BLOCKS_PER_SM
+// overrides it for tuning; read per call (a getenv), the same value sizes the workspace.
+inline int blocks_per_sm() {
+  const char* v = std::getenv("SQUEEZELM_KVQ_BLOCKS_PER_SM");
+  const int n = v ? std::atoi(v) : 1;
+  return std::min(8, std::max(1, n));
+}
 inline Plan plan(int sms, int N, int H, int max_seq_len) {
   Plan p;
   const int chunks = std::max(1, (max_seq_len + kChunk - 1) / kChunk);
-  const long long target = 2LL * sms;
+  const long long target = (long long)blocks_per_sm() * sms;
   p.hpb = std::min(H, kMaxWarps);
   int groups = (H + p.hpb - 1) / p.hpb;
   while (p.hpb > 2 && (long long)N * chunks * groups < target) {
@@ -1412,12 +1421,16 @@ inline bool covers(int D, int G) {
   return D == 64 || D == 80 || D == 96 || D == 128;
 }
 template <class T>
-bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, float* work, cudaStream_t s) {
+bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, float* work,
+              int64_t work_floats, cudaStream_t s) {
   const int N = (int)q.dim(0), Hq = (int)q.dim(1), dev = q.device.index, G = Hq / g.H;
   if (!covers(g.D, G)) return false;
   if (N == 0) return true;
   const Plan pl = plan(sm_count(dev), N, g.H, L);
-  float* part = work ? work : partials(dev, (size_t)N * Hq * pl.splits * (g.D + 2) * sizeof(float), s);
+  const int64_t need = (int64_t)N * Hq * pl.splits * (g.D + 2);
+  if (work && need > work_floats) fail("ERR_ARG", "kvqAttention: the workspace holds " + std::to_string(work_floats) +
+                                                      " floats, this call needs " + std::to_string(need));
+  float* part = work ? work : partials(dev, (size_t)need * sizeof(float), s);
   switch (g.D) {
     case 64: launch_bits<T, 64>(out, q, g, f, scale, pl, part, s, G); return true;
     case 80: launch_bits<T, 80>(out, q, g, f, scale, pl, part, s, G); return true;
@@ -1487,12 +1500,11 @@ void kvq_attention(const Tensor& out, const Tensor& q, const kvq::Cache& c, cons
                    float scale, int max_q, int max_seq_len, float* work, int64_t work_floats, int variant,
                    cudaStream_t stream) {
   (void)max_q;
-  (void)work_floats;
   Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
   if (variant == 0) {
     const bool done = q.dtype == DType::F16
-                          ? tc::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, stream)
-                          : tc::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, work, stream);
+                          ? tc::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, stream)
+                          : tc::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, stream);
     if (done) return;
   }
   const bool done = q.dtype == DType::F16
