@@ -861,8 +861,10 @@ int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, i
 //     low bytes with one PRMT and four high bytes with another, and one more PRMT interleaves
 //     two of them into a half2 (16-entry books: two 8-entry halves and a merge by bit 3).
 //     Codes become selector nibbles with a few shifts and masks per 8 codes.
-//   * dequantization is one HFMA2 per two elements (keys: per-channel a*cb + b with the
-//     channel constants in shared memory; values: per-token vmin/vmax constants).
+//   * key dequantization is one HFMA2 per two elements (per-channel a*cb + b, the channel
+//     constants in shared memory). Values need none: v = offset_t + scale_t * cb, so the
+//     value tile holds the codebook values and P carries p * scale_t (sum p * offset_t is
+//     added at the end); a value outlier is staged as (exact - offset) / scale.
 //   * scores and p.v run on mma.sync.m16n8k16 (fp16 in, fp32 accumulate): q (the G <= 16
 //     query heads of the kv head, pre-scaled by scale*log2(e)) is the A operand, the rotated
 //     key tile the B operand; for p.v the value tile (transposed by ldmatrix) is the A
@@ -874,21 +876,23 @@ int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, i
 //     block and chunk of tokens (fp32 angle t*invFreq as the CPU rounds it, exact
 //     reduction to [-pi/4, pi/4] with FMAs, hardware sin/cos there) and shared by all heads
 //     of the block.
-//   * outliers are patched into the staged fp16 rows (keys before rotation, as stored
-//     values); sink tokens are staged from the fp16 side store. Both stay off the hot path.
+//   * outliers are patched into the staged fp16 rows (keys before rotation); sink tokens are
+//     staged from the fp16 side store (values with scale 1, offset 0). Both stay off the
+//     hot path.
 // Data flow. Grid = (splits, query rows, kv-head groups); one warp per kv head. A block walks
 // its token range in chunks of kChunk tokens: all threads fill the chunk's cos/sin table, then
 // each warp takes the chunk's tiles of 32 tokens. Lane i of a warp owns token i of the tile:
 // it loads that token's key row, value row and metadata (16-byte loads, the next tile's
 // loads issued before the current tile is used), dequantizes the key row into the warp's
-// staging tile, 16 tokens x 2 n-tiles of scores per mma pair follow, online softmax in fp32
-// (one running max per query head, quad shuffles), then the value rows are dequantized into
-// the same staging tile and multiplied. Each split writes (acc, m, l) per query head;
+// staging tile and its value codebook row into the value tile; then 4 n-tiles of 8 tokens of
+// scores, online softmax in fp32 (one running max per query head, quad shuffles) and the
+// p.v mma. Each split writes (acc, m, l) per query head;
 // fast::combine_kernel merges splits in a fixed order, so results are deterministic.
 namespace tc {
 constexpr int kTok = 32;     // tokens per warp tile (one per lane)
 constexpr int kChunk = 64;   // tokens per cos/sin table fill
-constexpr int kMaxWarps = 8;
+constexpr int kMaxWarps = 8;  // kv heads per block (4 at D = 256: shared memory)
+constexpr int max_warps(int D) { return D > 128 ? 4 : kMaxWarps; }
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int D, int BITS> struct Shape {
@@ -1069,11 +1073,11 @@ inline int blocks_per_sm() {
   const int n = v ? std::atoi(v) : 1;
   return std::min(8, std::max(1, n));
 }
-inline Plan plan(int sms, int N, int H, int max_seq_len) {
+inline Plan plan(int sms, int N, int H, int D, int max_seq_len) {
   Plan p;
   const int chunks = std::max(1, (max_seq_len + kChunk - 1) / kChunk);
   const long long target = (long long)blocks_per_sm() * sms;
-  p.hpb = std::min(H, kMaxWarps);
+  p.hpb = std::min(H, max_warps(D));
   int groups = (H + p.hpb - 1) / p.hpb;
   while (p.hpb > 2 && (long long)N * chunks * groups < target) {
     p.hpb = (p.hpb + 1) / 2;
@@ -1089,8 +1093,9 @@ inline Plan plan(int sms, int N, int H, int max_seq_len) {
 }
 template <int D, int BITS> inline size_t smem_bytes(int warps) {
   using S = Shape<D, BITS>;
-  // per warp: staging tile [kTok][RS] + key constants [2][RS]; per block: cos/sin [kChunk][RS]
-  return (size_t)warps * (kTok + 2) * S::RS * 2 + (size_t)kChunk * S::RS * 2;
+  // per warp: key and value staging tiles [kTok][RS] each, key constants [2][RS], value
+  // scale/offset [kTok] float2; per block: cos/sin [kChunk][RS]
+  return (size_t)warps * ((2 * kTok + 2) * S::RS * 2 + kTok * 8) + (size_t)kChunk * S::RS * 2;
 }
 
 // Raw rows of one token: key and value code words, the first metadata word (vmin, vmax).
@@ -1099,7 +1104,7 @@ template <int NW> struct Rows {
 };
 
 template <class T, int D, int BITS, int NH>
-__global__ void __launch_bounds__(kMaxWarps * 32)
+__global__ void __launch_bounds__(max_warps(D) * 32)
 tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, float scale, int hq_total, Plan pl,
           float* __restrict__ part) {
   using S = Shape<D, BITS>;
@@ -1112,8 +1117,10 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
   const int G = hq_total / g.H;
   const unsigned base = (unsigned)__cvta_generic_to_shared(smem);
   const unsigned cs_s = base;                                                   // [kChunk][RS] cos | sin planes
-  const unsigned stage = base + kChunk * RS * 2 + warp * (kTok + 2) * RS * 2;  // [kTok][RS]
-  const unsigned kconst = stage + kTok * RS * 2;                                // [2][RS]: a, b per staged column
+  const unsigned stage = base + kChunk * RS * 2 + warp * ((2 * kTok + 2) * RS * 2 + kTok * 8);  // keys [kTok][RS]
+  const unsigned vstage = stage + kTok * RS * 2;   // values [kTok][RS]
+  const unsigned kconst = vstage + kTok * RS * 2;  // [2][RS]: a, b per staged key column
+  const unsigned vscale = kconst + 2 * RS * 2;     // [kTok] float2: value scale, offset per token
   const int r = lane >> 2, c4 = lane & 3;
 
   __shared__ int bp[2];
@@ -1165,9 +1172,9 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
     for (int nh = 0; nh < NH; ++nh)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][nh][e] = 0.f;
-  float m_run[NH], l_run[NH];
+  float m_run[NH], l_run[NH], pa_run[NH];  // pa: sum of p * value offset (per lane, query-head row)
 #pragma unroll
-  for (int nh = 0; nh < NH; ++nh) { m_run[nh] = -INFINITY; l_run[nh] = 0.f; }
+  for (int nh = 0; nh < NH; ++nh) { m_run[nh] = -INFINITY; l_run[nh] = 0.f; pa_run[nh] = 0.f; }
 
   const int srow = b >= 0 ? sink_row(g, b) : 0;
   const int nk = g.nk, nv = g.nv, ns = nk + nv, MB = g.mbytes;
@@ -1248,6 +1255,46 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
           }
         }
       }
+      // ---- stage values: codebook values only (v = offset + scale * cb), fp16, staging order
+      {
+        float vlo = __half2float(__ushort_as_half((unsigned short)(cur.m & 0xffffu)));
+        float vhi = __half2float(__ushort_as_half((unsigned short)(cur.m >> 16)));
+        float sv = 0.5f * (vhi - vlo), av = vlo + sv;
+#pragma unroll
+        for (int j = 0; j < S::NB; ++j) {
+          unsigned v[8];
+          value_block<BITS, TW>(cur.v, j, vbook, v);
+          sts128(vstage + swz<RS>(lane, 2 * j), v[0], v[1], v[2], v[3]);
+          sts128(vstage + swz<RS>(lane, 2 * j + 1), v[4], v[5], v[6], v[7]);
+        }
+        if (sink) {  // exact fp16 values: scale 1, offset 0
+          sv = 1.f;
+          av = 0.f;
+          const uint16_t* sv_ = g.sink_v + (((long long)srow * g.sink + t) * g.H + h) * D;
+          for (int ch = 0; ch < D; ++ch) {
+            const int col = value_column<BITS>(ch);
+            sts16(vstage + swz<RS>(lane, col >> 3) + (col & 7) * 2, sv_[ch]);
+          }
+        } else if (valid && nv > 0) {
+          // an outlier is staged as (exact - offset) / scale; the scale grows (rarely: a flat
+          // vector, or an outlier far outside its range) so that this stays within fp16, the
+          // other entries then move by at most scale growth * |cb| <= |outlier - offset| / 2^14
+          const uint8_t* me = g.meta + sl * MB;
+          for (int s_ = 0; s_ < nv; ++s_) {
+            const float ex = __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(me + 4 + 2 * (nk + s_)))));
+            sv = fmaxf(sv, fabsf(ex - av) * (1.f / 16384.f));
+          }
+          sv = fmaxf(sv, 1e-30f);
+          const float inv = 1.f / sv;
+          for (int s_ = 0; s_ < nv; ++s_) {
+            const int ch = min((int)__ldg(me + 4 + 2 * ns + nk + s_), D - 1);
+            const int col = value_column<BITS>(ch);
+            const float ex = __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(me + 4 + 2 * (nk + s_)))));
+            sts16(vstage + swz<RS>(lane, col >> 3) + (col & 7) * 2, __half_as_ushort(__float2half_rn((ex - av) * inv)));
+          }
+        }
+        asm volatile("st.shared.v2.f32 [%0], {%1,%2};\n" ::"r"(vscale + lane * 8), "f"(sv), "f"(av));
+      }
       __syncwarp();
       // ---- scores: 4 n-tiles of 8 tokens, rows = query heads
       float sc[4][4];
@@ -1277,9 +1324,17 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
         for (int e = 0; e < 4; ++e)
           if (t0 + 8 * nt + 2 * c4 + (e & 1) >= t_end) sc[nt][e] = -INFINITY;
       }
-      // ---- online softmax (log2 domain), per query-head row r (+8)
+      // ---- online softmax (log2 domain), per query-head row r (+8): the row's max over the
+      // quad, p = 2^(s - m); P^T fragments carry p * (the token's value scale), the value
+      // offsets are summed separately (pa).
       unsigned pb[2][NH][2];  // P^T fragments: [k-block][head tile][b0/b1]
       float alpha[NH];
+      float4 sa[4];  // (scale, offset) of tokens 8nt + 2c4, +1
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const uint4 u = lds128(vscale + (8 * nt + 2 * c4) * 8);
+        sa[nt] = make_float4(__uint_as_float(u.x), __uint_as_float(u.y), __uint_as_float(u.z), __uint_as_float(u.w));
+      }
 #pragma unroll
       for (int nh = 0; nh < NH; ++nh) {
         float mx = -INFINITY;
@@ -1290,14 +1345,16 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
         const float mn = fmaxf(m_run[nh], mx);
         alpha[nh] = exp2f(m_run[nh] - mn);
         m_run[nh] = mn;
-        float sum = 0.f;
+        float sum = 0.f, off = 0.f;
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
           const float p0 = exp2f(sc[nt][2 * nh] - mn), p1 = exp2f(sc[nt][2 * nh + 1] - mn);
           sum += p0 + p1;
-          pb[nt >> 1][nh][nt & 1] = h2u(__floats2half2_rn(p0, p1));
+          off = fmaf(p0, sa[nt].y, fmaf(p1, sa[nt].w, off));
+          pb[nt >> 1][nh][nt & 1] = h2u(__floats2half2_rn(p0 * sa[nt].x, p1 * sa[nt].z));
         }
         l_run[nh] = l_run[nh] * alpha[nh] + sum;
+        pa_run[nh] = pa_run[nh] * alpha[nh] + off;
       }
       // rescale the accumulators: columns are heads 2*c4, 2*c4+1 (+8)
 #pragma unroll
@@ -1309,39 +1366,6 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
           acc[mt][nh][2] *= a0; acc[mt][nh][3] *= a1;
         }
       }
-      __syncwarp();
-      // ---- stage values (fp16, staging column order)
-      {
-        float vlo = __half2float(__ushort_as_half((unsigned short)(cur.m & 0xffffu)));
-        float vhi = __half2float(__ushort_as_half((unsigned short)(cur.m >> 16)));
-        const float sv = 0.5f * (vhi - vlo);
-        const unsigned a2 = h2u(__float2half2_rn(sv)), b2 = h2u(__float2half2_rn(vlo + sv));
-#pragma unroll
-        for (int j = 0; j < S::NB; ++j) {
-          unsigned v[8];
-          value_block<BITS, TW>(cur.v, j, vbook, v);
-          sts128(stage + swz<RS>(lane, 2 * j), hfma2u(v[0], a2, b2), hfma2u(v[1], a2, b2), hfma2u(v[2], a2, b2),
-                 hfma2u(v[3], a2, b2));
-          sts128(stage + swz<RS>(lane, 2 * j + 1), hfma2u(v[4], a2, b2), hfma2u(v[5], a2, b2), hfma2u(v[6], a2, b2),
-                 hfma2u(v[7], a2, b2));
-        }
-        if (sink) {
-          const uint16_t* sv_ = g.sink_v + (((long long)srow * g.sink + t) * g.H + h) * D;
-          for (int ch = 0; ch < D; ++ch) {
-            const int col = value_column<BITS>(ch);
-            sts16(stage + swz<RS>(lane, col >> 3) + (col & 7) * 2, sv_[ch]);
-          }
-        } else if (valid) {
-          const uint8_t* me = g.meta + sl * MB;
-          for (int s = 0; s < nv; ++s) {
-            const int ch = min((int)__ldg(me + 4 + 2 * ns + nk + s), D - 1);
-            const int col = value_column<BITS>(ch);
-            const unsigned short v = (unsigned short)(__ldg(me + 4 + 2 * (nk + s)) | (__ldg(me + 5 + 2 * (nk + s)) << 8));
-            sts16(stage + swz<RS>(lane, col >> 3) + (col & 7) * 2, v);
-          }
-        }
-      }
-      __syncwarp();
       // ---- out^T[channels x heads] += V^T P^T
 #pragma unroll
       for (int kb = 0; kb < 2; ++kb) {
@@ -1349,7 +1373,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
 #pragma unroll
         for (int mt = 0; mt < S::MT; ++mt) {
           unsigned a[4];
-          ldsm4t(stage + swz<RS>(row, 2 * mt + (m & 1)), a[0], a[1], a[2], a[3]);
+          ldsm4t(vstage + swz<RS>(row, 2 * mt + (m & 1)), a[0], a[1], a[2], a[3]);
 #pragma unroll
           for (int nh = 0; nh < NH; ++nh) mma16816(acc[mt][nh], a, pb[kb][nh][0], pb[kb][nh][1]);
         }
@@ -1365,18 +1389,23 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
   for (int nh = 0; nh < NH; ++nh) {
     l_run[nh] += __shfl_xor_sync(0xffffffffu, l_run[nh], 1);
     l_run[nh] += __shfl_xor_sync(0xffffffffu, l_run[nh], 2);
+    pa_run[nh] += __shfl_xor_sync(0xffffffffu, pa_run[nh], 1);
+    pa_run[nh] += __shfl_xor_sync(0xffffffffu, pa_run[nh], 2);
   }
   auto part_row = [&](int head) -> float* {
     return part + (((long long)n * hq_total + (long long)h * G + head) * pl.splits + split) * (D + 2);
   };
 #pragma unroll
   for (int nh = 0; nh < NH; ++nh) {
+    // value offsets of the lane's two head columns (held by the lanes of rows 2*c4, 2*c4 + 1)
+    const float off0 = __shfl_sync(0xffffffffu, pa_run[nh], 8 * c4), off1 = __shfl_sync(0xffffffffu, pa_run[nh], 8 * c4 + 4);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int head = 8 * nh + 2 * c4 + (e & 1);
       if (head < G)
 #pragma unroll
-        for (int mt = 0; mt < S::MT; ++mt) part_row(head)[value_channel<BITS>(16 * mt + r + 8 * (e >> 1))] = acc[mt][nh][e];
+        for (int mt = 0; mt < S::MT; ++mt)
+          part_row(head)[value_channel<BITS>(16 * mt + r + 8 * (e >> 1))] = acc[mt][nh][e] + ((e & 1) ? off1 : off0);
     }
     const int head = 8 * nh + r;
     if (c4 == 0 && head < G) {
@@ -1426,7 +1455,7 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
   const int N = (int)q.dim(0), Hq = (int)q.dim(1), dev = q.device.index, G = Hq / g.H;
   if (!covers(g.D, G)) return false;
   if (N == 0) return true;
-  const Plan pl = plan(sm_count(dev), N, g.H, L);
+  const Plan pl = plan(sm_count(dev), N, g.H, g.D, L);
   const int64_t need = (int64_t)N * Hq * pl.splits * (g.D + 2);
   if (work && need > work_floats) fail("ERR_ARG", "kvqAttention: the workspace holds " + std::to_string(work_floats) +
                                                       " floats, this call needs " + std::to_string(need));
@@ -1442,7 +1471,7 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
 }
 int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, int max_seq_len) {
   if (N == 0) return 0;
-  const Plan pl = plan(sms, (int)N, (int)H, max_seq_len);
+  const Plan pl = plan(sms, (int)N, (int)H, (int)D, max_seq_len);
   return N * Hq * pl.splits * (D + 2);
 }
 }  // namespace tc
