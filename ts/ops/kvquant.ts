@@ -127,7 +127,7 @@ export interface KvqAttentionOptions {
   sinkRows?: Tensor;
   /** f32 scratch of kvqAttentionWorkspaceSize(...) elements (CUDA; required while capturing a graph). */
   workspace?: Tensor;
-  /** CUDA kernel: 0 (default) flash-decoding, 1 the previous split kernel (comparisons only). */
+  /** CUDA kernel: 0 (default) tensor-core flash-decoding, 1 the previous scalar flash kernel (comparisons only). */
   variant?: 0 | 1;
 }
 

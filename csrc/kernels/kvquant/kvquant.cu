@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -18,7 +19,6 @@ namespace sqz::cuda {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kTile = 32;  // tokens dequantized into shared memory at a time
 
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -325,115 +325,6 @@ __global__ void dequant_kernel(Geo g, int seq, T* __restrict__ ko, T* __restrict
   }
 }
 
-// One block per (kv head, query row, split): partial softmax state of its g query heads
-// over the split's tokens. part: [rows, Hq, splits, D + 2] (acc..., m, l).
-template <class T>
-__global__ void __launch_bounds__(kThreads) attn_split_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
-                                                              float scale, int hq_total, int chunk, int splits,
-                                                              float* __restrict__ part) {
-  extern __shared__ float sm[];
-  const int h = blockIdx.x, n = blockIdx.y, split = blockIdx.z, D = g.D, tid = threadIdx.x;
-  const int G = hq_total / g.H, ks = D + 1;
-  float* q_s = sm;                    // [G][D]
-  float* k_s = q_s + G * D;           // [kTile][D + 1]
-  float* v_s = k_s + kTile * ks;      // [kTile][D + 1]
-  float* p_s = v_s + kTile * ks;      // [G][kTile]
-  float* acc_s = p_s + G * kTile;     // [G][D]
-  float* m_s = acc_s + G * D;         // [G]
-  float* l_s = m_s + G;               // [G]
-  float* a_s = l_s + G;               // [G]
-  __shared__ int bp[2];
-  if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
-  for (int e = tid; e < G * D; e += blockDim.x) {
-    const int j = e / D, c = e % D;
-    q_s[e] = to_f(q[((long long)n * hq_total + h * G + j) * D + c]) * scale;
-    acc_s[e] = 0.f;
-  }
-  for (int j = tid; j < G; j += blockDim.x) { m_s[j] = -INFINITY; l_s[j] = 0.f; }
-  __syncthreads();
-  const int b = bp[0], L = bp[1] + 1;
-  const int t_begin = split * chunk, t_end = min(L, t_begin + chunk);
-  const int half = D / 2;
-  for (int t0 = t_begin; t0 < t_end; t0 += kTile) {
-    const int cnt = min(kTile, t_end - t0);
-    dequant_tokens(g, b, h, t0, cnt, k_s, v_s, ks);
-    // RoPE on the keys at their positions
-    for (int e = tid; e < cnt * half; e += blockDim.x) {
-      const int t = e / half, i = e % half;
-      float sn, cs;
-      sincosf((float)(t0 + t) * inv_freq[i], &sn, &cs);
-      float* kr = k_s + t * ks;
-      const float a = kr[i], bb = kr[i + half];
-      kr[i] = a * cs - bb * sn;
-      kr[i + half] = bb * cs + a * sn;
-    }
-    __syncthreads();
-    // scores (q pre-scaled)
-    for (int e = tid; e < G * kTile; e += blockDim.x) {
-      const int j = e / kTile, t = e % kTile;
-      float s = -INFINITY;
-      if (t < cnt) {
-        s = 0.f;
-        const float* qq = q_s + j * D;
-        const float* kr = k_s + t * ks;
-        for (int i = 0; i < D; ++i) s = fmaf(qq[i], kr[i], s);
-      }
-      p_s[e] = s;
-    }
-    __syncthreads();
-    // online softmax update per head
-    for (int j = tid; j < G; j += blockDim.x) {
-      float mx = m_s[j];
-      for (int t = 0; t < cnt; ++t) mx = fmaxf(mx, p_s[j * kTile + t]);
-      const float alpha = expf(m_s[j] - mx);
-      float sum = 0.f;
-      for (int t = 0; t < kTile; ++t) {
-        const float p = t < cnt ? expf(p_s[j * kTile + t] - mx) : 0.f;
-        p_s[j * kTile + t] = p;
-        sum += p;
-      }
-      l_s[j] = l_s[j] * alpha + sum;
-      m_s[j] = mx;
-      a_s[j] = alpha;
-    }
-    __syncthreads();
-    for (int e = tid; e < G * D; e += blockDim.x) {
-      const int j = e / D, c = e % D;
-      float acc = acc_s[e] * a_s[j];
-      const float* pp = p_s + j * kTile;
-      for (int t = 0; t < cnt; ++t) acc = fmaf(pp[t], v_s[t * ks + c], acc);
-      acc_s[e] = acc;
-    }
-    __syncthreads();
-  }
-  for (int e = tid; e < G * (D + 2); e += blockDim.x) {
-    const int j = e / (D + 2), c = e % (D + 2);
-    const float val = c < D ? acc_s[j * D + c] : (c == D ? m_s[j] : l_s[j]);
-    part[(((long long)n * hq_total + h * G + j) * splits + split) * (D + 2) + c] = val;
-  }
-}
-
-template <class T>
-__global__ void attn_combine_kernel(const float* __restrict__ part, int splits, int D, T* __restrict__ out) {
-  const long long row = blockIdx.x;  // n * Hq + head
-  const float* p = part + row * splits * (D + 2);
-  float M = -INFINITY;
-  for (int s = 0; s < splits; ++s) M = fmaxf(M, p[s * (D + 2) + D]);
-  float den = 0.f;
-  for (int s = 0; s < splits; ++s) {
-    const float m = p[s * (D + 2) + D];
-    if (m != -INFINITY) den += p[s * (D + 2) + D + 1] * expf(m - M);
-  }
-  for (int c = threadIdx.x; c < D; c += blockDim.x) {
-    float num = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const float m = p[s * (D + 2) + D];
-      if (m != -INFINITY) num += p[s * (D + 2) + c] * expf(m - M);
-    }
-    out[row * D + c] = from_f<T>(den > 0.f ? num / den : 0.f);
-  }
-}
-
 // Grow-only workspace for split partials, one per device (sized before graph capture by a
 // first call of the same shape).
 struct Workspace {
@@ -495,318 +386,8 @@ void allow_smem(const void* fn, size_t bytes) {
   done.emplace_back(fn, limit);
 }
 
-// ---------------------------------------------------------------------------------------
-// Fast split-KV decode. Block = (chunk of kChunk tokens, query row, group of kv heads).
-// Once per block: the slot of every token and a cos/sin table of its positions (sincosf of
-// the fp32 angle t*invFreq[i], as the CPU computes it), shared by all heads of the block.
-// Per kv head the chunk's packed key/value/meta rows are staged into shared memory with
-// cp.async (double-buffered across heads). NLP lanes serve one token, each lane owns 16
-// stream elements (8 RoPE pairs of keys, 16 value channels); all query heads of the kv head
-// (up to kGC at a time) are served from the same codes. Pass 1: scores; pass 2: exact
-// softmax over the chunk (no rescaling); pass 3: values, accumulated in registers as
-// sum p*(A + S*cb) = sum p*A + sum (p*S)*cb. Outliers are applied as exact corrections.
 namespace fast {
-constexpr int kWarps = 4, kGC = 4, kChunk = 64;
-template <int D> struct Cfg {
-  static constexpr int NL = D / 16;
-  static constexpr int NLP = NL <= 4 ? 4 : (NL <= 8 ? 8 : 16);
-  static constexpr int TPW = 32 / NLP;
-  static constexpr int TPI = kWarps * TPW;
-};
-__device__ __forceinline__ void cp16(void* s, const void* g) {
-  const unsigned sa = (unsigned)__cvta_generic_to_shared(s);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(g));
-}
-__device__ __forceinline__ void cp4(void* s, const void* g) {
-  const unsigned sa = (unsigned)__cvta_generic_to_shared(s);
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(sa), "l"(g));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-__device__ __forceinline__ float sh_half(const uint8_t* p) {
-  return __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(p)));
-}
-// The 16 codes of lane `sub` (stream elements 16*sub .. 16*sub+15) from a staged row.
-template <int BITS> __device__ __forceinline__ unsigned long long lane_bits(const uint8_t* row, int sub) {
-  if constexpr (BITS == 4) {
-    const uint2 w = *reinterpret_cast<const uint2*>(row + 8 * sub);
-    return (unsigned long long)w.x | ((unsigned long long)w.y << 32);
-  } else if constexpr (BITS == 2) {
-    return *reinterpret_cast<const unsigned*>(row + 4 * sub);
-  } else {
-    const int bit = 48 * sub, w = bit >> 5;
-    const unsigned* r = reinterpret_cast<const unsigned*>(row);
-    const unsigned long long v = (unsigned long long)r[w] | ((unsigned long long)r[w + 1] << 32);
-    return v >> (bit & 31);
-  }
-}
 template <int D, int BITS> struct CodeBytes { static constexpr int value = ((D * BITS + 7) / 8 + 15) / 16 * 16; };
-
-template <class T, int D, int BITS>
-__global__ void __launch_bounds__(kWarps * 32) split_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
-                                                            float scale, int hq_total, int splits, int heads_per_block,
-                                                            float* __restrict__ part) {
-  using C = Cfg<D>;
-  constexpr int CB = CodeBytes<D, BITS>::value, HALF = D / 2, MASK = (1 << BITS) - 1;
-  extern __shared__ __align__(16) uint8_t smem[];
-  float2* cs = reinterpret_cast<float2*>(smem);                    // [kChunk][HALF]
-  float* sc = reinterpret_cast<float*>(cs + kChunk * HALF);        // [kGC][kChunk]
-  float* red = sc + kGC * kChunk;                                   // [kWarps][kGC][D]
-  float* qs = red + kWarps * kGC * D;                               // [kGC][D]
-  float* cbk = qs + kGC * D;                                        // [16]
-  float* cbv = cbk + 16;                                            // [16]
-  float* ml = cbv + 16;                                             // [2][kGC]
-  int* slotb = reinterpret_cast<int*>(ml + 2 * kGC);                // [kChunk]
-  uint8_t* stage = reinterpret_cast<uint8_t*>(slotb + kChunk);      // 2 x [kb | vb | mb]
-  const int MB = g.mbytes, SB = 2 * kChunk * CB + kChunk * MB;
-  const int split = blockIdx.x, n = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int sub = lane % C::NLP, j = lane / C::NLP;
-  const int G = hq_total / g.H;
-  const int h_begin = blockIdx.z * heads_per_block, h_end = min(g.H, h_begin + heads_per_block);
-  __shared__ int bp[2];
-  if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
-  __syncthreads();
-  const int b = bp[0], L = bp[1] + 1, t0 = split * kChunk;
-  const int cnt = b < 0 ? 0 : max(0, min(kChunk, L - t0));
-  if (cnt == 0) {
-    for (int h = h_begin; h < h_end; ++h)
-      for (int e = tid; e < G * (D + 2); e += blockDim.x) {
-        const int gg = e / (D + 2), c = e % (D + 2);
-        part[(((long long)n * hq_total + h * G + gg) * splits + split) * (D + 2) + c] = c == D ? -INFINITY : 0.f;
-      }
-    return;
-  }
-  for (int tt = tid; tt < cnt; tt += blockDim.x) {
-    const int t = t0 + tt;
-    slotb[tt] = (int)(((long long)g.pt[(long long)b * g.max_pages + t / g.page_size] * g.page_size + t % g.page_size) * g.H);
-  }
-  for (int e = tid; e < cnt * HALF; e += blockDim.x) {
-    const int tt = e / HALF, i = e % HALF;
-    float s, c;
-    sincosf(__fmul_rn((float)(t0 + tt), inv_freq[i]), &s, &c);
-    cs[e] = make_float2(c, s);
-  }
-  if (tid < 16) {
-    cbk[tid] = tid <= MASK ? g.key_cb[tid] : 0.f;
-    cbv[tid] = tid <= MASK ? g.val_cb[tid] : 0.f;
-  }
-  for (int e = tid; e < kWarps * kGC * D; e += blockDim.x) red[e] = 0.f;
-  __syncthreads();
-  auto issue = [&](int h, int buf) {
-    uint8_t* kb = stage + buf * SB;
-    uint8_t* vb = kb + kChunk * CB;
-    uint8_t* mb = vb + kChunk * CB;
-    constexpr int P = CB / 16;
-    for (int e = tid; e < cnt * P; e += blockDim.x) {
-      const int tt = e / P, o = (e % P) * 16;
-      const long long slot = (long long)slotb[tt] + h;
-      cp16(kb + tt * CB + o, g.kc + slot * CB + o);
-      cp16(vb + tt * CB + o, g.vc + slot * CB + o);
-    }
-    const int PM = MB / 4;
-    for (int e = tid; e < cnt * PM; e += blockDim.x) {
-      const int tt = e / PM, o = (e % PM) * 4;
-      cp4(mb + tt * MB + o, g.meta + ((long long)slotb[tt] + h) * MB + o);
-    }
-    cp_commit();
-  };
-  issue(h_begin, 0);
-  for (int h = h_begin; h < h_end; ++h) {
-    const int buf = (h - h_begin) & 1;
-    if (h + 1 < h_end) { issue(h + 1, buf ^ 1); cp_wait<1>(); }
-    else cp_wait<0>();
-    __syncthreads();
-    const uint8_t* kb = stage + buf * SB;
-    const uint8_t* vb = kb + kChunk * CB;
-    const uint8_t* mb = vb + kChunk * CB;
-    const float* lo = g.key_lo + (long long)h * D;
-    const float* hi = g.key_hi + (long long)h * D;
-    for (int g0 = 0; g0 < G; g0 += kGC) {
-      const int gc = min(kGC, G - g0);
-      for (int e = tid; e < kGC * D; e += blockDim.x) {
-        const int gg = e / D, c = e % D;
-        qs[e] = gg < gc ? to_f(q[((long long)n * hq_total + h * G + g0 + gg) * D + c]) * scale : 0.f;
-      }
-      __syncthreads();
-      // ---- pass 1: scores
-      {
-        float ka[16], ks[16], qv[kGC][16];
-#pragma unroll
-        for (int e = 0; e < 16; ++e) {
-          const int p = 8 * sub + (e >> 1), ch = min(D - 1, (e & 1) ? p + HALF : p);
-          const float l = lo[ch], hh = hi[ch];
-          ks[e] = 0.5f * (hh - l);
-          ka[e] = l + ks[e];
-#pragma unroll
-          for (int gg = 0; gg < kGC; ++gg) qv[gg][e] = qs[gg * D + ch];
-        }
-        for (int base = warp * C::TPW; base < cnt; base += C::TPI) {
-          const int tt = base + j, t = t0 + tt;
-          const bool valid = tt < cnt && sub < C::NL;
-          float dot[kGC];
-#pragma unroll
-          for (int gg = 0; gg < kGC; ++gg) dot[gg] = 0.f;
-          if (valid) {
-            float kk[16];
-            if (t < g.sink) {
-              const uint16_t* sk = g.sink_k + (((long long)sink_row(g, b) * g.sink + t) * g.H + h) * D;
-#pragma unroll
-              for (int e = 0; e < 16; ++e) {
-                const int p = 8 * sub + (e >> 1);
-                kk[e] = __half2float(__ushort_as_half(sk[(e & 1) ? p + HALF : p]));
-              }
-            } else {
-              const unsigned long long bits = lane_bits<BITS>(kb + tt * CB, sub);
-#pragma unroll
-              for (int e = 0; e < 16; ++e) kk[e] = fmaf(ks[e], cbk[(bits >> (BITS * e)) & MASK], ka[e]);
-            }
-            const float2* cst = cs + tt * HALF + 8 * sub;
-#pragma unroll
-            for (int p = 0; p < 8; ++p) {
-              const float2 r = cst[p];
-              const float x = kk[2 * p], y = kk[2 * p + 1];
-              const float xr = x * r.x - y * r.y, yr = y * r.x + x * r.y;
-#pragma unroll
-              for (int gg = 0; gg < kGC; ++gg) dot[gg] = fmaf(qv[gg][2 * p], xr, fmaf(qv[gg][2 * p + 1], yr, dot[gg]));
-            }
-          }
-#pragma unroll
-          for (int o = 1; o < C::NLP; o <<= 1)
-#pragma unroll
-            for (int gg = 0; gg < kGC; ++gg) dot[gg] += __shfl_xor_sync(0xffffffffu, dot[gg], o);
-          if (sub == 0 && tt < cnt) {
-            if (t >= g.sink) {
-              const uint8_t* m = mb + tt * MB;
-              const int ns = g.nk + g.nv;
-              for (int s = 0; s < g.nk; ++s) {
-                const int c = min((int)m[4 + 2 * ns + s], D - 1);
-                const int code = kvq::get_code(kb + tt * CB, kvq::key_element(c, D), BITS);
-                const float sc_ = 0.5f * (hi[c] - lo[c]);
-                const float delta = sh_half(m + 4 + 2 * s) - fmaf(sc_, cbk[code], lo[c] + sc_);
-                const int i = c < HALF ? c : c - HALF;
-                const float2 r = cs[tt * HALF + i];
-#pragma unroll
-                for (int gg = 0; gg < kGC; ++gg) {
-                  const float qi = qs[gg * D + i], qj = qs[gg * D + i + HALF];
-                  dot[gg] += c < HALF ? delta * (qi * r.x + qj * r.y) : delta * (qj * r.x - qi * r.y);
-                }
-              }
-            }
-#pragma unroll
-            for (int gg = 0; gg < kGC; ++gg) sc[gg * kChunk + tt] = dot[gg];
-          }
-        }
-      }
-      __syncthreads();
-      // ---- pass 2: softmax over the chunk, one warp per head
-      if (warp < gc) {
-        float mx = -INFINITY;
-        for (int tt = lane; tt < cnt; tt += 32) mx = fmaxf(mx, sc[warp * kChunk + tt]);
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        float sum = 0.f;
-        for (int tt = lane; tt < cnt; tt += 32) {
-          const float p = expf(sc[warp * kChunk + tt] - mx);
-          sc[warp * kChunk + tt] = p;
-          sum += p;
-        }
-        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        if (lane == 0) { ml[warp] = mx; ml[kGC + warp] = sum; }
-      }
-      __syncthreads();
-      // ---- pass 3: values
-      {
-        float acc[kGC][16], pa[kGC];
-#pragma unroll
-        for (int gg = 0; gg < kGC; ++gg) {
-          pa[gg] = 0.f;
-#pragma unroll
-          for (int e = 0; e < 16; ++e) acc[gg][e] = 0.f;
-        }
-        for (int base = warp * C::TPW; base < cnt; base += C::TPI) {
-          const int tt = base + j, t = t0 + tt;
-          const bool live = tt < cnt;
-          float w[kGC];
-#pragma unroll
-          for (int gg = 0; gg < kGC; ++gg) w[gg] = live ? sc[gg * kChunk + tt] : 0.f;
-          float A = 0.f, S = 0.f;
-          if (live && t >= g.sink) {
-            const float vlo = sh_half(mb + tt * MB), vhi = sh_half(mb + tt * MB + 2);
-            S = 0.5f * (vhi - vlo);
-            A = vlo + S;
-          }
-          if (live && sub < C::NL) {
-            if (t < g.sink) {
-              const uint16_t* sv = g.sink_v + (((long long)sink_row(g, b) * g.sink + t) * g.H + h) * D + 16 * sub;
-#pragma unroll
-              for (int e = 0; e < 16; ++e) {
-                const float v = __half2float(__ushort_as_half(sv[e]));
-#pragma unroll
-                for (int gg = 0; gg < kGC; ++gg) acc[gg][e] = fmaf(w[gg], v, acc[gg][e]);
-              }
-            } else {
-              const unsigned long long bits = lane_bits<BITS>(vb + tt * CB, sub);
-              float ws[kGC];
-#pragma unroll
-              for (int gg = 0; gg < kGC; ++gg) { pa[gg] = fmaf(w[gg], A, pa[gg]); ws[gg] = w[gg] * S; }
-#pragma unroll
-              for (int e = 0; e < 16; ++e) {
-                const float cv = cbv[(bits >> (BITS * e)) & MASK];
-#pragma unroll
-                for (int gg = 0; gg < kGC; ++gg) acc[gg][e] = fmaf(ws[gg], cv, acc[gg][e]);
-              }
-            }
-          }
-          // value outliers: exact corrections, one token group of the warp at a time
-          if (g.nv > 0)
-            for (int jj = 0; jj < C::TPW; ++jj) {
-              if (j == jj && sub == 0 && live && t >= g.sink) {
-                const uint8_t* m = mb + tt * MB;
-                const int ns = g.nk + g.nv;
-                for (int s = 0; s < g.nv; ++s) {
-                  const int c = min((int)m[4 + 2 * ns + g.nk + s], D - 1);
-                  const int code = kvq::get_code(vb + tt * CB, c, BITS);
-                  const float delta = sh_half(m + 4 + 2 * (g.nk + s)) - fmaf(S, cbv[code], A);
-                  for (int gg = 0; gg < gc; ++gg) red[(warp * kGC + gg) * D + c] += w[gg] * delta;
-                }
-              }
-              __syncwarp();
-            }
-        }
-        // reduce the token groups of the warp, then add into the warp's row
-#pragma unroll
-        for (int o = C::NLP; o < 32; o <<= 1)
-#pragma unroll
-          for (int gg = 0; gg < kGC; ++gg) {
-            pa[gg] += __shfl_xor_sync(0xffffffffu, pa[gg], o);
-#pragma unroll
-            for (int e = 0; e < 16; ++e) acc[gg][e] += __shfl_xor_sync(0xffffffffu, acc[gg][e], o);
-          }
-        if (j == 0 && sub < C::NL)
-#pragma unroll
-          for (int gg = 0; gg < kGC; ++gg)
-#pragma unroll
-            for (int e = 0; e < 16; ++e) red[(warp * kGC + gg) * D + 16 * sub + e] += acc[gg][e] + pa[gg];
-      }
-      __syncthreads();
-      for (int e = tid; e < gc * (D + 2); e += blockDim.x) {
-        const int gg = e / (D + 2), c = e % (D + 2);
-        float val;
-        if (c < D) {
-          val = 0.f;
-#pragma unroll
-          for (int w = 0; w < kWarps; ++w) {
-            val += red[(w * kGC + gg) * D + c];
-            red[(w * kGC + gg) * D + c] = 0.f;
-          }
-        } else {
-          val = ml[(c - D) * kGC + gg];
-        }
-        part[(((long long)n * hq_total + h * G + g0 + gg) * splits + split) * (D + 2) + c] = val;
-      }
-      __syncthreads();
-    }
-  }
-}
 
 // Deterministic combine: block = (query row-head, 32 channels); warps take splits modulo 8.
 template <class T>
@@ -853,52 +434,11 @@ __global__ void combine_kernel(const float* __restrict__ part, int splits, int D
   }
 }
 
-template <class T, int D, int BITS>
-void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, int max_seq_len,
-            float* work, cudaStream_t stream, int dev, int sms) {
-  const int N = (int)q.dim(0), Hq = (int)q.dim(1);
-  const int splits = (max_seq_len + kChunk - 1) / kChunk;
-  const long long base_blocks = (long long)splits * N;
-  int groups = (int)std::min<long long>(g.H, std::max<long long>(1, (3LL * sms + base_blocks - 1) / base_blocks));
-  const int hpb = (g.H + groups - 1) / groups;
-  groups = (g.H + hpb - 1) / hpb;
-  float* part = work ? work : partials(dev, (size_t)N * Hq * splits * (D + 2) * sizeof(float), stream);
-  constexpr int CB = CodeBytes<D, BITS>::value;
-  const size_t smem = sizeof(float2) * kChunk * (D / 2) + sizeof(float) * (kGC * kChunk + kWarps * kGC * D + kGC * D + 32 + 2 * kGC) +
-                      sizeof(int) * kChunk + 2 * ((size_t)2 * kChunk * CB + (size_t)kChunk * g.mbytes) + 16;
-  auto kernel = split_kernel<T, D, BITS>;
-  allow_smem(reinterpret_cast<const void*>(kernel), smem);
-  kernel<<<dim3(splits, N, groups), kWarps * 32, smem, stream>>>(g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale,
-                                                                 Hq, splits, hpb, part);
-  const size_t csmem = sizeof(float) * ((size_t)splits + 8 * 32 + 8);
-  auto ck = combine_kernel<T>;
-  if (csmem > 48 * 1024) allow_smem(reinterpret_cast<const void*>(ck), csmem);
-  ck<<<dim3(N * Hq, (D + 31) / 32), 256, csmem, stream>>>(part, splits, D, static_cast<T*>(out.data()));
-}
-
-template <class T, int D>
-void launch_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, float* w, cudaStream_t s, int dev, int sms) {
-  if (g.bits == 2) launch<T, D, 2>(out, q, g, f, scale, L, w, s, dev, sms);
-  else if (g.bits == 3) launch<T, D, 3>(out, q, g, f, scale, L, w, s, dev, sms);
-  else launch<T, D, 4>(out, q, g, f, scale, L, w, s, dev, sms);
-}
-template <class T>
-bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, float* w, cudaStream_t s) {
-  const int dev = q.device.index, sms = sm_count(dev);
-  if ((int)q.dim(0) == 0) return true;
-  switch (g.D) {
-    case 64: launch_bits<T, 64>(out, q, g, f, scale, L, w, s, dev, sms); return true;
-    case 80: launch_bits<T, 80>(out, q, g, f, scale, L, w, s, dev, sms); return true;
-    case 96: launch_bits<T, 96>(out, q, g, f, scale, L, w, s, dev, sms); return true;
-    case 128: launch_bits<T, 128>(out, q, g, f, scale, L, w, s, dev, sms); return true;
-    case 256: launch_bits<T, 256>(out, q, g, f, scale, L, w, s, dev, sms); return true;
-    default: return false;
-  }
-}
 }  // namespace fast
 
 // ---------------------------------------------------------------------------------------
-// Flash-decoding over the packed cache (the default kernel).
+// Flash-decoding over the packed cache with scalar fp32 math (variant 1: kept for comparisons
+// and for the shapes tc_kernel does not cover, e.g. more than 16 query heads per kv head).
 // Grid = (splits, query rows, kv-head groups). A split covers `sub` consecutive chunks of
 // kCH tokens of one row's sequence for a group of kv heads. Per chunk the block computes the
 // cos/sin of every (token, RoPE pair) once, shared by all heads of the group; then each warp
@@ -1308,31 +848,633 @@ int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, i
 }
 }  // namespace flash
 
-template <class T>
-void launch_attention(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale,
-                      int max_seq_len, cudaStream_t stream) {
-  const int N = (int)q.dim(0), Hq = (int)q.dim(1), G = Hq / g.H, D = g.D;
-  if (N == 0) return;
-  const int dev = q.device.index;
-  const int tiles = (max_seq_len + kTile - 1) / kTile;
-  const long long blocks = (long long)g.H * N;
-  int splits = (int)std::max<long long>(1, (2LL * sm_count(dev) + blocks - 1) / blocks);
-  splits = std::min(splits, tiles);
-  // long sequences: at most 16 tiles per split so one block does not serialise a 128K context
-  splits = std::max(splits, (tiles + 15) / 16);
-  splits = std::min(splits, 4096);
-  const int chunk = ((tiles + splits - 1) / splits) * kTile;
-  splits = (max_seq_len + chunk - 1) / chunk;
-  float* part = partials(dev, (size_t)N * Hq * splits * (D + 2) * sizeof(float), stream);
-  const size_t smem = sizeof(float) * ((size_t)2 * G * D + 2 * kTile * (D + 1) + (size_t)G * kTile + 3 * G);
-  auto kernel = attn_split_kernel<T>;
-  if (smem > 48 * 1024)
-    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "kvqAttention");
-  dim3 grid(g.H, N, splits);
-  kernel<<<grid, kThreads, smem, stream>>>(g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq,
-                                           chunk, splits, part);
-  attn_combine_kernel<T><<<N * Hq, std::min(D, 256), 0, stream>>>(part, splits, D, static_cast<T*>(out.data()));
+// ---------------------------------------------------------------------------------------
+// Tensor-core flash-decoding over the packed cache (the default kernel).
+//
+// Why this shape. At 2 bits a K or V element costs ~0.31 bytes (codes plus metadata); an
+// H200 issues ~8 lane-instructions per byte of HBM bandwidth, so a kernel that wants to run
+// near the byte floor has ~3-4 lane-instructions per element for everything: unpacking,
+// codebook lookup, dequantization, RoPE, q.k, softmax and p.v. Scalar float work per element
+// (the previous kernels) costs 10+. Here:
+//   * codebook lookup is byte permutes: the fp16 codebook's low bytes sit in one pair of
+//     registers and its high bytes in another; a selector with one code per nibble gives four
+//     low bytes with one PRMT and four high bytes with another, and one more PRMT interleaves
+//     two of them into a half2 (16-entry books: two 8-entry halves and a merge by bit 3).
+//     Codes become selector nibbles with a few shifts and masks per 8 codes.
+//   * key dequantization is one HFMA2 per two elements (per-channel a*cb + b, the channel
+//     constants in shared memory). Values need none: v = offset_t + scale_t * cb, so the
+//     value tile holds the codebook values and P carries p * scale_t (sum p * offset_t is
+//     added at the end); a value outlier is staged as (exact - offset) / scale.
+//   * scores and p.v run on mma.sync.m16n8k16 (fp16 in, fp32 accumulate): q (the G <= 16
+//     query heads of the kv head, pre-scaled by scale*log2(e)) is the A operand, the rotated
+//     key tile the B operand; for p.v the value tile (transposed by ldmatrix) is the A
+//     operand and P^T, which is exactly the score accumulator re-packed to half2, is B.
+//   * RoPE: keys are staged with the rotation partners in separate planes (x plane: channel
+//     i, y plane: channel i + D/2, each padded to a multiple of 16), so one ldmatrix.x4 gives
+//     the x and y fragments of a pair block and the rotation is x*c - y*s, y*c + x*s on half2
+//     (4 instructions per 4 elements). cos/sin of every (token, pair) is computed once per
+//     block and chunk of tokens (fp32 angle t*invFreq as the CPU rounds it, exact
+//     reduction to [-pi/4, pi/4] with FMAs, hardware sin/cos there) and shared by all heads
+//     of the block.
+//   * outliers are patched into the staged fp16 rows (keys before rotation); sink tokens are
+//     staged from the fp16 side store (values with scale 1, offset 0). Both stay off the
+//     hot path.
+// Data flow. Grid = (splits, query rows, kv-head groups); one warp per kv head. A block walks
+// its token range in chunks of kChunk tokens: all threads fill the chunk's cos/sin table, then
+// each warp takes the chunk's tiles of 32 tokens. Lane i of a warp owns token i of the tile:
+// it loads that token's key row, value row and metadata (16-byte loads, the next tile's
+// loads issued before the current tile is used), dequantizes the key row into the warp's
+// staging tile and its value codebook row into the value tile; then 4 n-tiles of 8 tokens of
+// scores, online softmax in fp32 (one running max per query head, quad shuffles) and the
+// p.v mma. Each split writes (acc, m, l) per query head;
+// fast::combine_kernel merges splits in a fixed order, so results are deterministic.
+namespace tc {
+constexpr int kTok = 32;     // tokens per warp tile (one per lane)
+constexpr int kChunk = 64;   // tokens per cos/sin table fill
+constexpr int kMaxWarps = 8;  // kv heads per block (4 at D = 256: shared memory)
+constexpr int max_warps(int D) { return D > 128 ? 4 : kMaxWarps; }
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int D, int BITS> struct Shape {
+  static constexpr int HALF = D / 2;
+  static constexpr int HP = (HALF + 15) / 16 * 16;                 // padded half plane
+  static constexpr int DP = 2 * HP;                                 // staged key row
+  static constexpr int RS = DP <= 64 ? 64 : (DP <= 128 ? 128 : 256);  // row stride (halves)
+  static constexpr int CB = fast::CodeBytes<D, BITS>::value;
+  static constexpr int NW = CB / 4;     // code words per row
+  static constexpr int NB = D / 16;     // 16-element blocks per row
+  static constexpr int KX = HP / 16;    // k-blocks per plane
+  static constexpr int MT = D / 16;     // m-tiles of p.v (channels)
+  static constexpr int TW = BITS == 4 ? 4 : 2;  // table words per byte plane
+  static constexpr bool kPrefetch = CB <= 64;
+};
+
+// byte offset of the 16-byte chunk `ch` of row `r` in a swizzled staging tile of stride RS
+template <int RS> __device__ __forceinline__ unsigned swz(int r, int ch) {
+  return (unsigned)(r * RS * 2 + ((ch ^ (r & 7)) << 4));
 }
+__device__ __forceinline__ void ldsm4(unsigned addr, unsigned& a, unsigned& b, unsigned& c, unsigned& d) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a), "=r"(b), "=r"(c), "=r"(d) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm4t(unsigned addr, unsigned& a, unsigned& b, unsigned& c, unsigned& d) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a), "=r"(b), "=r"(c), "=r"(d) : "r"(addr));
+}
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void sts128(unsigned addr, unsigned a, unsigned b, unsigned c, unsigned d) {
+  asm volatile("st.shared.v4.b32 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d));
+}
+__device__ __forceinline__ void sts16(unsigned addr, unsigned short v) {
+  asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(v));
+}
+__device__ __forceinline__ uint4 lds128(unsigned addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ unsigned h2u(__half2 h) { return *reinterpret_cast<unsigned*>(&h); }
+__device__ __forceinline__ __half2 u2h(unsigned u) { return *reinterpret_cast<__half2*>(&u); }
+__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned s) { return __byte_perm(a, b, s); }
+__device__ __forceinline__ unsigned hfma2u(unsigned a, unsigned b, unsigned c) { return h2u(__hfma2(u2h(a), u2h(b), u2h(c))); }
+
+// A codebook as byte planes: plane word w holds the low (high) bytes of entries 4w .. 4w+3.
+template <int TW> struct Book {
+  unsigned lo[TW], hi[TW];
+};
+template <int TW> __device__ __forceinline__ Book<TW> make_book(const float* cb, int n) {
+  Book<TW> bk;
+#pragma unroll
+  for (int w = 0; w < TW; ++w) {
+    bk.lo[w] = 0;
+    bk.hi[w] = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int e = 4 * w + i;
+      const unsigned short u = e < n ? __half_as_ushort(__float2half_rn(cb[e])) : 0;
+      bk.lo[w] |= (unsigned)(u & 0xffu) << (8 * i);
+      bk.hi[w] |= (unsigned)(u >> 8) << (8 * i);
+    }
+  }
+  return bk;
+}
+// Low and high bytes of the entries named by the four nibbles of `sel` (bits 0..15).
+template <int TW> __device__ __forceinline__ void lut(const Book<TW>& bk, unsigned sel, unsigned& lo, unsigned& hi) {
+  if constexpr (TW == 2) {
+    lo = prmt(bk.lo[0], bk.lo[1], sel);
+    hi = prmt(bk.hi[0], bk.hi[1], sel);
+  } else {
+    const unsigned s7 = sel & 0x7777u;                        // index within a half of the book
+    const unsigned merge = ((sel >> 1) & 0x4444u) | 0x3210u;  // byte k from the upper half if bit 3
+    lo = prmt(prmt(bk.lo[0], bk.lo[1], s7), prmt(bk.lo[2], bk.lo[3], s7), merge);
+    hi = prmt(prmt(bk.hi[0], bk.hi[1], s7), prmt(bk.hi[2], bk.hi[3], s7), merge);
+  }
+}
+// 8 packed 3-bit codes (bits 0..23) -> one code per nibble.
+__device__ __forceinline__ unsigned nib3(unsigned t) {
+  t = (t & 0xfffu) | ((t & 0xfff000u) << 4);
+  t = (t & 0x003f003fu) | ((t & 0x0fc00fc0u) << 2);
+  return (t & 0x07070707u) | ((t & 0x38383838u) << 1);
+}
+// Nibble words (8 codes each, in stream order) of 16-element block j of a row of words w.
+// 2-bit rows are split into even and odd elements instead (see key_block / value_block).
+template <int BITS> __device__ __forceinline__ void block_nibbles(const unsigned* w, int j, unsigned& n0, unsigned& n1) {
+  if constexpr (BITS == 4) {
+    n0 = w[2 * j];
+    n1 = w[2 * j + 1];
+  } else {
+    const int bit = 48 * j, i0 = bit >> 5, off = bit & 31;
+    const unsigned long long v = ((unsigned long long)w[i0 + 1] << 32 | w[i0]) >> off;
+    n0 = nib3((unsigned)v & 0xffffffu);
+    n1 = nib3((unsigned)(v >> 24) & 0xffffffu);
+  }
+}
+// Channel of staged value column s (2-bit rows stage even elements of each 16 first).
+template <int BITS> __device__ __forceinline__ int value_channel(int s) {
+  if constexpr (BITS == 2) { const int w = s & 15; return (s & ~15) + (w < 8 ? 2 * w : 2 * (w - 8) + 1); }
+  else return s;
+}
+template <int BITS> __device__ __forceinline__ int value_column(int c) {
+  if constexpr (BITS == 2) { const int w = c & 15; return (c & ~15) + ((w & 1) ? 8 + (w >> 1) : (w >> 1)); }
+  else return c;
+}
+
+// Codebook values of key block j as the x chunk (pairs 8j..8j+7, first channels) and the y
+// chunk (their partners), each 4 half2 words.
+template <int BITS, int TW>
+__device__ __forceinline__ void key_block(const unsigned* w, int j, const Book<TW>& bk, unsigned* x, unsigned* y) {
+  if constexpr (BITS == 2) {
+    const unsigned e = w[j] & 0x33333333u, o = (w[j] >> 2) & 0x33333333u;  // x_i / y_i codes, one per nibble
+    unsigned lo, hi;
+    lut(bk, e, lo, hi);        x[0] = prmt(lo, hi, 0x5140); x[1] = prmt(lo, hi, 0x7362);
+    lut(bk, e >> 16, lo, hi);  x[2] = prmt(lo, hi, 0x5140); x[3] = prmt(lo, hi, 0x7362);
+    lut(bk, o, lo, hi);        y[0] = prmt(lo, hi, 0x5140); y[1] = prmt(lo, hi, 0x7362);
+    lut(bk, o >> 16, lo, hi);  y[2] = prmt(lo, hi, 0x5140); y[3] = prmt(lo, hi, 0x7362);
+  } else {
+    unsigned n[2];
+    block_nibbles<BITS>(w, j, n[0], n[1]);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {  // nibbles (x_i, y_i, x_i+1, y_i+1)
+      unsigned lo, hi;
+      lut(bk, (q & 1) ? n[q >> 1] >> 16 : n[q >> 1], lo, hi);
+      x[q] = prmt(lo, hi, 0x6240);
+      y[q] = prmt(lo, hi, 0x7351);
+    }
+  }
+}
+// Codebook values of value block j in staging order (two chunks of 8).
+template <int BITS, int TW>
+__device__ __forceinline__ void value_block(const unsigned* w, int j, const Book<TW>& bk, unsigned* v) {
+  if constexpr (BITS == 2) {
+    const unsigned e = w[j] & 0x33333333u, o = (w[j] >> 2) & 0x33333333u;
+    unsigned lo, hi;
+    lut(bk, e, lo, hi);        v[0] = prmt(lo, hi, 0x5140); v[1] = prmt(lo, hi, 0x7362);
+    lut(bk, e >> 16, lo, hi);  v[2] = prmt(lo, hi, 0x5140); v[3] = prmt(lo, hi, 0x7362);
+    lut(bk, o, lo, hi);        v[4] = prmt(lo, hi, 0x5140); v[5] = prmt(lo, hi, 0x7362);
+    lut(bk, o >> 16, lo, hi);  v[6] = prmt(lo, hi, 0x5140); v[7] = prmt(lo, hi, 0x7362);
+  } else {
+    unsigned n[2];
+    block_nibbles<BITS>(w, j, n[0], n[1]);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      unsigned lo, hi;
+      lut(bk, (q & 1) ? n[q >> 1] >> 16 : n[q >> 1], lo, hi);
+      v[2 * q] = prmt(lo, hi, 0x5140);
+      v[2 * q + 1] = prmt(lo, hi, 0x7362);
+    }
+  }
+}
+
+// sin and cos of an fp32 angle: exact reduction by multiples of pi/2 (two-part constant with
+// FMAs), hardware sin/cos on [-pi/4, pi/4] (absolute error ~1e-6, far below fp16 rounding).
+__device__ __forceinline__ void sincos_reduced(float a, float* s, float* c) {
+  const float k = rintf(a * 0.636619772f);
+  float r = fmaf(-k, 1.57079637e+00f, a);
+  r = fmaf(-k, -4.37113883e-08f, r);
+  const float sr = __sinf(r), cr = __cosf(r);
+  const int qd = (int)k & 3;
+  const float ss = (qd & 1) ? cr : sr, cc = (qd & 1) ? sr : cr;
+  *s = (qd & 2) ? -ss : ss;
+  *c = ((qd + 1) & 2) ? -cc : cc;
+}
+
+struct Plan {
+  int groups, hpb, splits, sub;
+};
+// Blocks per SM the grid aims at (one wave: at ~200-255 registers per thread one block of 8
+// warps fills an SM, and fewer splits mean less partial traffic). SQUEEZELM_KVQ_BLOCKS_PER_SM
+// overrides it for tuning; read per call (a getenv), the same value sizes the workspace.
+inline int blocks_per_sm() {
+  const char* v = std::getenv("SQUEEZELM_KVQ_BLOCKS_PER_SM");
+  const int n = v ? std::atoi(v) : 1;
+  return std::min(8, std::max(1, n));
+}
+inline Plan plan(int sms, int N, int H, int D, int max_seq_len) {
+  Plan p;
+  const int chunks = std::max(1, (max_seq_len + kChunk - 1) / kChunk);
+  const long long target = (long long)blocks_per_sm() * sms;
+  p.hpb = std::min(H, max_warps(D));
+  int groups = (H + p.hpb - 1) / p.hpb;
+  while (p.hpb > 2 && (long long)N * chunks * groups < target) {
+    p.hpb = (p.hpb + 1) / 2;
+    groups = (H + p.hpb - 1) / p.hpb;
+  }
+  p.hpb = (H + groups - 1) / groups;
+  p.groups = groups;
+  const long long per = (long long)N * p.groups;
+  const int splits = (int)std::min<long long>(chunks, std::max<long long>(1, (target + per - 1) / per));
+  p.sub = (chunks + splits - 1) / splits;
+  p.splits = (chunks + p.sub - 1) / p.sub;
+  return p;
+}
+template <int D, int BITS> inline size_t smem_bytes(int warps) {
+  using S = Shape<D, BITS>;
+  // per warp: key and value staging tiles [kTok][RS] each, key constants [2][RS], value
+  // scale/offset [kTok] float2; per block: cos/sin [kChunk][RS]
+  return (size_t)warps * ((2 * kTok + 2) * S::RS * 2 + kTok * 8) + (size_t)kChunk * S::RS * 2;
+}
+
+// Raw rows of one token: key and value code words, the first metadata word (vmin, vmax).
+template <int NW> struct Rows {
+  unsigned k[NW], v[NW], m;
+};
+
+template <class T, int D, int BITS, int NH>
+__global__ void __launch_bounds__(max_warps(D) * 32)
+tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, float scale, int hq_total, Plan pl,
+          float* __restrict__ part) {
+  using S = Shape<D, BITS>;
+  constexpr int HALF = S::HALF, HP = S::HP, RS = S::RS, NW = S::NW, CB = S::CB, TW = S::TW;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int split = blockIdx.x, n = blockIdx.y;
+  const int h = blockIdx.z * pl.hpb + warp;
+  const bool active = warp < pl.hpb && h < g.H;
+  const int G = hq_total / g.H;
+  const unsigned base = (unsigned)__cvta_generic_to_shared(smem);
+  const unsigned cs_s = base;                                                   // [kChunk][RS] cos | sin planes
+  const unsigned stage = base + kChunk * RS * 2 + warp * ((2 * kTok + 2) * RS * 2 + kTok * 8);  // keys [kTok][RS]
+  const unsigned vstage = stage + kTok * RS * 2;   // values [kTok][RS]
+  const unsigned kconst = vstage + kTok * RS * 2;  // [2][RS]: a, b per staged key column
+  const unsigned vscale = kconst + 2 * RS * 2;     // [kTok] float2: value scale, offset per token
+  const int r = lane >> 2, c4 = lane & 3;
+
+  __shared__ int bp[2];
+  if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
+  __syncthreads();
+  const int b = bp[0], L = b < 0 ? 0 : bp[1] + 1;
+  const int t_begin = split * pl.sub * kChunk, t_end = min(L, t_begin + pl.sub * kChunk);
+
+  // per-warp constants: key a/b per staged column, q fragments
+  unsigned qa[2 * S::KX][4];
+  if (active) {
+    const float* lo = g.key_lo + (long long)h * D;
+    const float* hi = g.key_hi + (long long)h * D;
+    for (int col = lane; col < 2 * HP; col += 32) {
+      const int i = col < HP ? col : col - HP, ch = col < HP ? i : i + HALF;
+      float a_ = 0.f, b_ = 0.f;
+      if (i < HALF) {
+        const float l_ = lo[ch], s_ = 0.5f * (hi[ch] - l_);
+        a_ = s_;
+        b_ = l_ + s_;
+      }
+      sts16(kconst + col * 2, __half_as_ushort(__float2half_rn(a_)));
+      sts16(kconst + RS * 2 + col * 2, __half_as_ushort(__float2half_rn(b_)));
+    }
+    // q rows (query heads of this kv head) staged as 16 x [x plane | y plane], then ldmatrix
+    const float qs = scale * kLog2e;
+    for (int e = lane; e < 16 * 2 * HP; e += 32) {
+      const int row = e / (2 * HP), col = e % (2 * HP);
+      const int i = col < HP ? col : col - HP, ch = col < HP ? i : i + HALF;
+      float v = 0.f;
+      if (row < G && i < HALF && b >= 0) v = to_f(q[((long long)n * hq_total + (long long)h * G + row) * D + ch]) * qs;
+      sts16(stage + swz<RS>(row, col >> 3) + (col & 7) * 2, __half_as_ushort(__float2half_rn(v)));
+    }
+    __syncwarp();
+#pragma unroll
+    for (int kb = 0; kb < 2 * S::KX; ++kb) {
+      const int row = (lane & 7) + ((lane >> 3) & 1) * 8, ch = 2 * kb + (lane >> 4);
+      ldsm4(stage + swz<RS>(row, ch), qa[kb][0], qa[kb][1], qa[kb][2], qa[kb][3]);
+    }
+    __syncwarp();
+  }
+  const Book<TW> kbook = make_book<TW>(g.key_cb, 1 << BITS);
+  const Book<TW> vbook = make_book<TW>(g.val_cb, 1 << BITS);
+
+  float acc[S::MT][NH][4];
+#pragma unroll
+  for (int mt = 0; mt < S::MT; ++mt)
+#pragma unroll
+    for (int nh = 0; nh < NH; ++nh)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nh][e] = 0.f;
+  float m_run[NH], l_run[NH], pa_run[NH];  // pa: sum of p * value offset (per lane, query-head row)
+#pragma unroll
+  for (int nh = 0; nh < NH; ++nh) { m_run[nh] = -INFINITY; l_run[nh] = 0.f; pa_run[nh] = 0.f; }
+
+  const int srow = b >= 0 ? sink_row(g, b) : 0;
+  const int nk = g.nk, nv = g.nv, ns = nk + nv, MB = g.mbytes;
+  auto slot_of_t = [&](int t) -> long long {
+    return ((long long)g.pt[(long long)b * g.max_pages + t / g.page_size] * g.page_size + t % g.page_size) * g.H + h;
+  };
+  auto load = [&](int t, Rows<NW>& rw) {
+    if (active && t < t_end && t >= g.sink) {
+      const long long sl = slot_of_t(t);
+      const uint4* kp = reinterpret_cast<const uint4*>(g.kc + sl * CB);
+      const uint4* vp = reinterpret_cast<const uint4*>(g.vc + sl * CB);
+#pragma unroll
+      for (int i = 0; i < NW / 4; ++i) {
+        const uint4 a = __ldg(kp + i), bb = __ldg(vp + i);
+        rw.k[4 * i] = a.x; rw.k[4 * i + 1] = a.y; rw.k[4 * i + 2] = a.z; rw.k[4 * i + 3] = a.w;
+        rw.v[4 * i] = bb.x; rw.v[4 * i + 1] = bb.y; rw.v[4 * i + 2] = bb.z; rw.v[4 * i + 3] = bb.w;
+      }
+      rw.m = __ldg(reinterpret_cast<const unsigned*>(g.meta + sl * MB));
+    } else {
+#pragma unroll
+      for (int i = 0; i < NW; ++i) { rw.k[i] = 0; rw.v[i] = 0; }
+      rw.m = 0;
+    }
+  };
+
+  Rows<NW> cur, nxt;
+  load(t_begin + lane, cur);
+  for (int t0c = t_begin; t0c < t_end; t0c += kChunk) {
+    const int cnt_c = min(kChunk, t_end - t0c);
+    // cos/sin table of the chunk (pairs >= HALF are zero)
+    __syncthreads();
+    for (int e = tid; e < cnt_c * HP; e += blockDim.x) {
+      const int tt = e / HP, i = e % HP;
+      float sn = 0.f, cn = 0.f;
+      if (i < HALF) sincos_reduced(__fmul_rn((float)(t0c + tt), inv_freq[i]), &sn, &cn);
+      sts16(cs_s + swz<RS>(tt, i >> 3) + (i & 7) * 2, __half_as_ushort(__float2half_rn(cn)));
+      sts16(cs_s + swz<RS>(tt, (HP + i) >> 3) + (i & 7) * 2, __half_as_ushort(__float2half_rn(sn)));
+    }
+    __syncthreads();
+    if (!active) continue;
+    for (int tt0 = 0; tt0 < cnt_c; tt0 += kTok) {
+      const int t0 = t0c + tt0, t = t0 + lane;
+      if constexpr (S::kPrefetch) load(t + kTok, nxt);
+      const bool valid = t < t_end, sink = valid && t < g.sink;
+      const long long sl = valid && !sink ? slot_of_t(t) : 0;
+      // ---- stage keys (pre-RoPE, fp16): x plane | y plane
+      {
+#pragma unroll
+        for (int j = 0; j < S::NB; ++j) {
+          unsigned x[4], y[4];
+          key_block<BITS, TW>(cur.k, j, kbook, x, y);
+          const uint4 ax = lds128(kconst + j * 16), bx = lds128(kconst + RS * 2 + j * 16);
+          const uint4 ay = lds128(kconst + (HP / 8 + j) * 16), by = lds128(kconst + RS * 2 + (HP / 8 + j) * 16);
+          sts128(stage + swz<RS>(lane, j), hfma2u(x[0], ax.x, bx.x), hfma2u(x[1], ax.y, bx.y), hfma2u(x[2], ax.z, bx.z),
+                 hfma2u(x[3], ax.w, bx.w));
+          sts128(stage + swz<RS>(lane, HP / 8 + j), hfma2u(y[0], ay.x, by.x), hfma2u(y[1], ay.y, by.y), hfma2u(y[2], ay.z, by.z),
+                 hfma2u(y[3], ay.w, by.w));
+        }
+#pragma unroll
+        for (int j = S::NB; j < HP / 8; ++j) {  // plane padding
+          sts128(stage + swz<RS>(lane, j), 0, 0, 0, 0);
+          sts128(stage + swz<RS>(lane, HP / 8 + j), 0, 0, 0, 0);
+        }
+        if (sink) {
+          const uint16_t* sk = g.sink_k + (((long long)srow * g.sink + t) * g.H + h) * D;
+          for (int j = 0; j < HALF / 8; ++j) {
+            const uint4 a = *reinterpret_cast<const uint4*>(sk + 8 * j), bb = *reinterpret_cast<const uint4*>(sk + HALF + 8 * j);
+            sts128(stage + swz<RS>(lane, j), a.x, a.y, a.z, a.w);
+            sts128(stage + swz<RS>(lane, HP / 8 + j), bb.x, bb.y, bb.z, bb.w);
+          }
+        } else if (valid) {
+          const uint8_t* me = g.meta + sl * MB;
+          for (int s = 0; s < nk; ++s) {
+            const int ch = min((int)__ldg(me + 4 + 2 * ns + s), D - 1);
+            const int col = ch < HALF ? ch : HP + ch - HALF;
+            const unsigned short v = (unsigned short)(__ldg(me + 4 + 2 * s) | (__ldg(me + 5 + 2 * s) << 8));
+            sts16(stage + swz<RS>(lane, col >> 3) + (col & 7) * 2, v);
+          }
+        }
+      }
+      // ---- stage values: codebook values only (v = offset + scale * cb), fp16, staging order
+      {
+        float vlo = __half2float(__ushort_as_half((unsigned short)(cur.m & 0xffffu)));
+        float vhi = __half2float(__ushort_as_half((unsigned short)(cur.m >> 16)));
+        float sv = 0.5f * (vhi - vlo), av = vlo + sv;
+#pragma unroll
+        for (int j = 0; j < S::NB; ++j) {
+          unsigned v[8];
+          value_block<BITS, TW>(cur.v, j, vbook, v);
+          sts128(vstage + swz<RS>(lane, 2 * j), v[0], v[1], v[2], v[3]);
+          sts128(vstage + swz<RS>(lane, 2 * j + 1), v[4], v[5], v[6], v[7]);
+        }
+        if (sink) {  // exact fp16 values: scale 1, offset 0
+          sv = 1.f;
+          av = 0.f;
+          const uint16_t* sv_ = g.sink_v + (((long long)srow * g.sink + t) * g.H + h) * D;
+          for (int ch = 0; ch < D; ++ch) {
+            const int col = value_column<BITS>(ch);
+            sts16(vstage + swz<RS>(lane, col >> 3) + (col & 7) * 2, sv_[ch]);
+          }
+        } else if (valid && nv > 0) {
+          // an outlier is staged as (exact - offset) / scale; the scale grows (rarely: a flat
+          // vector, or an outlier far outside its range) so that this stays within fp16, the
+          // other entries then move by at most scale growth * |cb| <= |outlier - offset| / 2^14
+          const uint8_t* me = g.meta + sl * MB;
+          for (int s_ = 0; s_ < nv; ++s_) {
+            const float ex = __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(me + 4 + 2 * (nk + s_)))));
+            sv = fmaxf(sv, fabsf(ex - av) * (1.f / 16384.f));
+          }
+          sv = fmaxf(sv, 1e-30f);
+          const float inv = 1.f / sv;
+          for (int s_ = 0; s_ < nv; ++s_) {
+            const int ch = min((int)__ldg(me + 4 + 2 * ns + nk + s_), D - 1);
+            const int col = value_column<BITS>(ch);
+            const float ex = __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(me + 4 + 2 * (nk + s_)))));
+            sts16(vstage + swz<RS>(lane, col >> 3) + (col & 7) * 2, __half_as_ushort(__float2half_rn((ex - av) * inv)));
+          }
+        }
+        asm volatile("st.shared.v2.f32 [%0], {%1,%2};\n" ::"r"(vscale + lane * 8), "f"(sv), "f"(av));
+      }
+      __syncwarp();
+      // ---- scores: 4 n-tiles of 8 tokens, rows = query heads
+      float sc[4][4];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[nt][e] = 0.f;
+        const int row = 8 * nt + (lane & 7), m = lane >> 3;
+        const int row_c = tt0 + row;
+#pragma unroll
+        for (int kx = 0; kx < S::KX; ++kx) {
+          const int ch = 2 * kx + (m & 1) + ((m >> 1) ? HP / 8 : 0);
+          unsigned x0, x1, y0, y1, c0, c1, s0, s1;
+          ldsm4(stage + swz<RS>(row, ch), x0, x1, y0, y1);
+          ldsm4(cs_s + swz<RS>(row_c, ch), c0, c1, s0, s1);
+          // x' = x c - y s, y' = y c + x s
+          const __half2 X0 = u2h(x0), X1 = u2h(x1), Y0 = u2h(y0), Y1 = u2h(y1);
+          const unsigned rx0 = h2u(__hfma2(X0, u2h(c0), __hneg2(__hmul2(Y0, u2h(s0)))));
+          const unsigned rx1 = h2u(__hfma2(X1, u2h(c1), __hneg2(__hmul2(Y1, u2h(s1)))));
+          const unsigned ry0 = h2u(__hfma2(Y0, u2h(c0), __hmul2(X0, u2h(s0))));
+          const unsigned ry1 = h2u(__hfma2(Y1, u2h(c1), __hmul2(X1, u2h(s1))));
+          mma16816(sc[nt], qa[kx], rx0, rx1);
+          mma16816(sc[nt], qa[S::KX + kx], ry0, ry1);
+        }
+        // mask tokens past the end
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (t0 + 8 * nt + 2 * c4 + (e & 1) >= t_end) sc[nt][e] = -INFINITY;
+      }
+      // ---- online softmax (log2 domain), per query-head row r (+8): the row's max over the
+      // quad, p = 2^(s - m); P^T fragments carry p * (the token's value scale), the value
+      // offsets are summed separately (pa).
+      unsigned pb[2][NH][2];  // P^T fragments: [k-block][head tile][b0/b1]
+      float alpha[NH];
+      float4 sa[4];  // (scale, offset) of tokens 8nt + 2c4, +1
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const uint4 u = lds128(vscale + (8 * nt + 2 * c4) * 8);
+        sa[nt] = make_float4(__uint_as_float(u.x), __uint_as_float(u.y), __uint_as_float(u.z), __uint_as_float(u.w));
+      }
+#pragma unroll
+      for (int nh = 0; nh < NH; ++nh) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) mx = fmaxf(mx, fmaxf(sc[nt][2 * nh], sc[nt][2 * nh + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mn = fmaxf(m_run[nh], mx);
+        alpha[nh] = exp2f(m_run[nh] - mn);
+        m_run[nh] = mn;
+        float sum = 0.f, off = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const float p0 = exp2f(sc[nt][2 * nh] - mn), p1 = exp2f(sc[nt][2 * nh + 1] - mn);
+          sum += p0 + p1;
+          off = fmaf(p0, sa[nt].y, fmaf(p1, sa[nt].w, off));
+          pb[nt >> 1][nh][nt & 1] = h2u(__floats2half2_rn(p0 * sa[nt].x, p1 * sa[nt].z));
+        }
+        l_run[nh] = l_run[nh] * alpha[nh] + sum;
+        pa_run[nh] = pa_run[nh] * alpha[nh] + off;
+      }
+      // rescale the accumulators: columns are heads 2*c4, 2*c4+1 (+8)
+#pragma unroll
+      for (int nh = 0; nh < NH; ++nh) {
+        const float a0 = __shfl_sync(0xffffffffu, alpha[nh], 8 * c4), a1 = __shfl_sync(0xffffffffu, alpha[nh], 8 * c4 + 4);
+#pragma unroll
+        for (int mt = 0; mt < S::MT; ++mt) {
+          acc[mt][nh][0] *= a0; acc[mt][nh][1] *= a1;
+          acc[mt][nh][2] *= a0; acc[mt][nh][3] *= a1;
+        }
+      }
+      // ---- out^T[channels x heads] += V^T P^T
+#pragma unroll
+      for (int kb = 0; kb < 2; ++kb) {
+        const int m = lane >> 3, row = 16 * kb + (m >> 1) * 8 + (lane & 7);
+#pragma unroll
+        for (int mt = 0; mt < S::MT; ++mt) {
+          unsigned a[4];
+          ldsm4t(vstage + swz<RS>(row, 2 * mt + (m & 1)), a[0], a[1], a[2], a[3]);
+#pragma unroll
+          for (int nh = 0; nh < NH; ++nh) mma16816(acc[mt][nh], a, pb[kb][nh][0], pb[kb][nh][1]);
+        }
+      }
+      __syncwarp();
+      if constexpr (S::kPrefetch) cur = nxt;
+      else load(t + kTok, cur);
+    }
+  }
+  if (!active) return;
+  // ---- partials: acc (unnormalised), m (natural log), l
+#pragma unroll
+  for (int nh = 0; nh < NH; ++nh) {
+    l_run[nh] += __shfl_xor_sync(0xffffffffu, l_run[nh], 1);
+    l_run[nh] += __shfl_xor_sync(0xffffffffu, l_run[nh], 2);
+    pa_run[nh] += __shfl_xor_sync(0xffffffffu, pa_run[nh], 1);
+    pa_run[nh] += __shfl_xor_sync(0xffffffffu, pa_run[nh], 2);
+  }
+  auto part_row = [&](int head) -> float* {
+    return part + (((long long)n * hq_total + (long long)h * G + head) * pl.splits + split) * (D + 2);
+  };
+#pragma unroll
+  for (int nh = 0; nh < NH; ++nh) {
+    // value offsets of the lane's two head columns (held by the lanes of rows 2*c4, 2*c4 + 1)
+    const float off0 = __shfl_sync(0xffffffffu, pa_run[nh], 8 * c4), off1 = __shfl_sync(0xffffffffu, pa_run[nh], 8 * c4 + 4);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int head = 8 * nh + 2 * c4 + (e & 1);
+      if (head < G)
+#pragma unroll
+        for (int mt = 0; mt < S::MT; ++mt)
+          part_row(head)[value_channel<BITS>(16 * mt + r + 8 * (e >> 1))] = acc[mt][nh][e] + ((e & 1) ? off1 : off0);
+    }
+    const int head = 8 * nh + r;
+    if (c4 == 0 && head < G) {
+      part_row(head)[D] = m_run[nh] == -INFINITY ? -INFINITY : m_run[nh] * 0.6931471805599453f;
+      part_row(head)[D + 1] = l_run[nh];
+    }
+  }
+}
+
+template <class T, int D, int BITS, int NH>
+void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, const Plan& pl,
+            float* part, cudaStream_t stream) {
+  const int N = (int)q.dim(0), Hq = (int)q.dim(1);
+  const size_t smem = smem_bytes<D, BITS>(pl.hpb);
+  auto kernel = tc_kernel<T, D, BITS, NH>;
+  allow_smem(reinterpret_cast<const void*>(kernel), smem);
+  kernel<<<dim3(pl.splits, N, pl.groups), pl.hpb * 32, smem, stream>>>(g, static_cast<const T*>(q.data()),
+                                                                       inv_freq.ptr<float>(), scale, Hq, pl, part);
+  const size_t csmem = sizeof(float) * ((size_t)pl.splits + 8 * 32 + 8);
+  auto ck = fast::combine_kernel<T>;
+  if (csmem > 48 * 1024) allow_smem(reinterpret_cast<const void*>(ck), csmem);
+  ck<<<dim3(N * Hq, (D + 31) / 32), 256, csmem, stream>>>(part, pl.splits, D, static_cast<T*>(out.data()));
+}
+template <class T, int D, int BITS>
+void launch_nh(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, const Plan& pl, float* part,
+               cudaStream_t s, int G) {
+  if constexpr (D == 256) launch<T, D, BITS, 1>(out, q, g, f, scale, pl, part, s);  // covers(): G <= 8
+  else if (G <= 8) launch<T, D, BITS, 1>(out, q, g, f, scale, pl, part, s);
+  else launch<T, D, BITS, 2>(out, q, g, f, scale, pl, part, s);
+}
+template <class T, int D>
+void launch_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, const Plan& pl, float* part,
+                 cudaStream_t s, int G) {
+  if (g.bits == 2) launch_nh<T, D, 2>(out, q, g, f, scale, pl, part, s, G);
+  else if (g.bits == 3) launch_nh<T, D, 3>(out, q, g, f, scale, pl, part, s, G);
+  else launch_nh<T, D, 4>(out, q, g, f, scale, pl, part, s, G);
+}
+// Covered: G <= 16 query heads per kv head (<= 8 at D = 256), the head sizes below.
+inline bool covers(int D, int G) {
+  if (G < 1 || G > 16) return false;
+  if (D == 256) return G <= 8;
+  return D == 64 || D == 80 || D == 96 || D == 128;
+}
+template <class T>
+bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, float* work,
+              int64_t work_floats, cudaStream_t s) {
+  const int N = (int)q.dim(0), Hq = (int)q.dim(1), dev = q.device.index, G = Hq / g.H;
+  if (!covers(g.D, G)) return false;
+  if (N == 0) return true;
+  const Plan pl = plan(sm_count(dev), N, g.H, g.D, L);
+  const int64_t need = (int64_t)N * Hq * pl.splits * (g.D + 2);
+  if (work && need > work_floats) fail("ERR_ARG", "kvqAttention: the workspace holds " + std::to_string(work_floats) +
+                                                      " floats, this call needs " + std::to_string(need));
+  float* part = work ? work : partials(dev, (size_t)need * sizeof(float), s);
+  switch (g.D) {
+    case 64: launch_bits<T, 64>(out, q, g, f, scale, pl, part, s, G); return true;
+    case 80: launch_bits<T, 80>(out, q, g, f, scale, pl, part, s, G); return true;
+    case 96: launch_bits<T, 96>(out, q, g, f, scale, pl, part, s, G); return true;
+    case 128: launch_bits<T, 128>(out, q, g, f, scale, pl, part, s, G); return true;
+    case 256: launch_bits<T, 256>(out, q, g, f, scale, pl, part, s, G); return true;
+    default: return false;
+  }
+}
+int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, int max_seq_len) {
+  if (N == 0) return 0;
+  const Plan pl = plan(sms, (int)N, (int)H, (int)D, max_seq_len);
+  return N * Hq * pl.splits * (D + 2);
+}
+}  // namespace tc
 
 }  // namespace
 
@@ -1375,9 +1517,11 @@ void kvq_rope_append(const Tensor* q_out, const kvq::Cache& c, const kvq::Calib&
 
 int64_t kvq_attention_workspace_floats(int dev, int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
                                        int max_seq_len) {
-  // room for both kernels (the legacy one is kept for comparison runs)
-  const int64_t legacy = rows * q_heads * std::max<int64_t>((max_seq_len + fast::kChunk - 1) / fast::kChunk, 1) * (head_dim + 2);
-  return std::max(legacy, flash::workspace_floats(sm_count(dev), rows, q_heads, kv_heads, head_dim, max_seq_len));
+  // room for either kernel (variant 1, the previous flash kernel, is kept for comparisons and for
+  // the shapes the tensor-core kernel does not cover)
+  const int sms = sm_count(dev);
+  return std::max(tc::workspace_floats(sms, rows, q_heads, kv_heads, head_dim, max_seq_len),
+                  flash::workspace_floats(sms, rows, q_heads, kv_heads, head_dim, max_seq_len));
 }
 
 void kvq_attention(const Tensor& out, const Tensor& q, const kvq::Cache& c, const kvq::Calib& cal,
@@ -1385,20 +1529,17 @@ void kvq_attention(const Tensor& out, const Tensor& q, const kvq::Cache& c, cons
                    float scale, int max_q, int max_seq_len, float* work, int64_t work_floats, int variant,
                    cudaStream_t stream) {
   (void)max_q;
-  (void)work_floats;
   Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
   if (variant == 0) {
     const bool done = q.dtype == DType::F16
-                          ? flash::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, stream)
-                          : flash::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, work, stream);
+                          ? tc::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, stream)
+                          : tc::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, stream);
     if (done) return;
   }
   const bool done = q.dtype == DType::F16
-                        ? fast::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, stream)
-                        : fast::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, work, stream);
-  if (done) return;
-  if (q.dtype == DType::F16) launch_attention<__half>(out, q, g, inv_freq, scale, max_seq_len, stream);
-  else launch_attention<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, stream);
+                        ? flash::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, stream)
+                        : flash::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, work, stream);
+  if (!done) fail("ERR_UNSUPPORTED", "kvqAttention: head_dim " + std::to_string(g.D) + " is not supported on CUDA");
 }
 
 void kvq_dequantize(const Tensor& k_out, const Tensor& v_out, const kvq::Cache& c, const kvq::Calib& cal,
