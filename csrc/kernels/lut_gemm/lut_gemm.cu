@@ -51,8 +51,9 @@
 // * A block owns 16 output rows and all of K; its warps split K by units (unit u to warp u % NW).
 //   The grid is one wave and each block walks row tiles, so there is no tail wave; a tile's
 //   16-entry tables and outlier row bounds are requested during the previous tile's main loop.
-//   The partial tiles of the warps are summed in shared memory in a fixed order (two rounds):
-//   deterministic, no atomics. At M = 1 each warp keeps two accumulator chains (even / odd chunks)
+//   The partial tiles of the warps are summed in shared memory in warp order: deterministic, no
+//   atomics. Tables, 16-entry tables, reduction buffer and ring never alias, so a tile costs two
+//   block barriers (tables built; partial sums stored, with the next tile's 16-entry tables). At M = 1 each warp keeps two accumulator chains (even / odd chunks)
 //   so consecutive mma do not wait on each other.
 // * Every block rereads all of x (L1 holds it for small M, otherwise it comes from L2). 17..64
 //   rows of x take 8-warp blocks (255 registers for 16-32 accumulators and as many activations).
@@ -204,10 +205,11 @@ constexpr uint32_t GV_SMEM_BASE = 1024;
 constexpr int GV_SMEM_MAX = 227 * 1024;
 
 // Dynamic shared memory of the GEMV, NW warps, S ring slots per warp:
-//   [0, TBL_OFF)            the 16-entry tables (lt, as T) and the reduction buffer (red, when
-//                           it fits), then SF of each warp's ring slots;
+//   [0, TBL_OFF)            the next tile's 16-entry tables (lt, as T), the reduction buffer
+//                           (red, when it fits), then SF of each warp's ring slots;
 //   [TBL_OFF, +TBL)         the pair tables, at a shared address aligned to ALIGN;
-//   [TBL_OFF + TBL, ...)    the other S - SF ring slots (and red, when nothing else fits).
+//   [TBL_OFF + TBL, ...)    the other S - SF ring slots (then red, when it does not fit in front).
+// None of them alias: a tile needs two barriers (tables built; partial sums stored).
 // The alignment lets a lookup's address be the code byte/6 bits dropped into the lane's base
 // address by one PRMT (4-bit: entry at bits 8..15, 64 KB of table) or one LOP3 (3-bit: bits 8..13,
 // 16 KB), with no add: the table must start at a multiple of 64 KB / 16 KB.
@@ -218,18 +220,17 @@ struct GvLayout {
   static constexpr int ALIGN = BITS == 4 ? 65536 : 16384;
   static constexpr int TBL_OFF = ALIGN - (int)GV_SMEM_BASE;
   static constexpr int SLOT = Geo<BITS>::NV * 1024;  // one unit of one row tile
-  static constexpr int LT = 16 * E * 2;
-  static constexpr int RED = NW / 2 * 32 * MT * 4 * 4;  // two-round reduction: half the warps at a time
-  static constexpr bool RED_FRONT = RED <= TBL_OFF;
-  static constexpr int AUX = ((RED_FRONT ? (RED > LT ? RED : LT) : LT) + 127) / 128 * 128;
+  static constexpr int LT = (16 * E * 2 + 127) / 128 * 128;
+  static constexpr int RED = NW * 32 * MT * 4 * 4;
+  static constexpr bool RED_FRONT = LT + RED <= TBL_OFF;
+  static constexpr int AUX = RED_FRONT ? LT + RED : LT;
   static constexpr int SF_FIT = (TBL_OFF - AUX) / (NW * SLOT);
   static constexpr int SF = SF_FIT < S ? SF_FIT : S;
   static constexpr int RING_F = AUX;
   static constexpr int RING_B = TBL_OFF + TBL;
   static constexpr int RING_END = RING_B + (S - SF) * NW * SLOT;
-  // Without front slots red may alias the pair tables (dead during the reduction).
-  static constexpr int RED_OFF = RED_FRONT || (SF == 0 && RED <= TBL_OFF + TBL) ? 0 : RING_END;
-  static constexpr int BYTES = RED_OFF == RING_END ? RING_END + RED : RING_END;
+  static constexpr int RED_OFF = RED_FRONT ? LT : RING_END;
+  static constexpr int BYTES = RED_FRONT ? RING_END : RING_END + RED;
   static_assert(BYTES <= GV_SMEM_MAX, "GEMV shared memory");
 };
 
@@ -264,7 +265,7 @@ __global__ void __launch_bounds__(NW * 32, 1)
   constexpr int XC = MT == 1 ? (BITS == 4 ? 4 : 2) : MT == 2 && BITS == 4 ? 2 : 1;  // chunks of x loaded ahead
   extern __shared__ __align__(16) unsigned char gsm[];
   T* lt = reinterpret_cast<T*>(gsm);                      // [16][E]
-  float* red = reinterpret_cast<float*>(gsm + L::RED_OFF);  // [NW/2][32][MT*4], after the main loop
+  float* red = reinterpret_cast<float*>(gsm + L::RED_OFF);  // [NW][32][MT*4], after the main loop
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
   const int tiles = (N + 15) / 16;
@@ -329,22 +330,26 @@ __global__ void __launch_bounds__(NW * 32, 1)
   for (int i = 0; i < MT; ++i) xl[i] = x + (size_t)(8 * i + g < M ? 8 * i + g : 0) * K + 8 * q;
   const int ufull = XVEC ? K / KU : 0;  // units whose activations are all inside K
 
-  if (blockIdx.x < tiles) load_meta(blockIdx.x);
-#pragma unroll
-  for (int s = 0; s < S; ++s) produce(s);
-  int slot = 0;
-
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int n0 = tile * 16, next = tile + gridDim.x;
-
-    // 1. Pair tables. Thread (r, hi, part) writes entries e = lo + E*hi, lo in its part, of row r:
-    //    one 16-byte store per entry (the 4 copies), 8 lanes of a warp filling one 128-byte line.
+  auto store_lt = [&]() {
 #pragma unroll
     for (int t = 0; t < LV; ++t) {
       const int i = tid + t * THREADS;
       if (i < 16 * E) lt[i] = Cvt<T>::t(lv[t]);
     }
-    __syncthreads();
+  };
+  if (blockIdx.x < tiles) load_meta(blockIdx.x);
+#pragma unroll
+  for (int s = 0; s < S; ++s) produce(s);
+  int slot = 0;
+  store_lt();
+  __syncthreads();
+
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int n0 = tile * 16, next = tile + gridDim.x;
+
+    // 1. Pair tables from lt (stored at the end of the previous tile). Thread (r, hi, part) writes
+    //    entries e = lo + E*hi, lo in its part, of row r: one 16-byte store per entry (the 4
+    //    copies), 8 lanes of a warp filling one 128-byte line.
     {
       constexpr int PARTS = THREADS / (16 * E), LPT = E / PARTS;
       static_assert(PARTS >= 1 && LPT % 2 == 0, "table build split");
@@ -384,7 +389,7 @@ __global__ void __launch_bounds__(NW * 32, 1)
       for (int i = 0; i < MT; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[a][i][j] = 0.f;
-    __syncthreads();
+    __syncthreads();  // barrier B: tables built
 
     // 3. Main loop: units u = warp, warp + NW, ... Lane (g, q): A = weight rows g, g+8 (pairs
     //    looked up in bank 4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
@@ -481,32 +486,26 @@ __global__ void __launch_bounds__(NW * 32, 1)
       }
     }
 
-    // 5. Fixed-order reduction over warps, in two rounds (warp w + NW/2 onto warp w, then the
-    //    NW/2 sums in warp order): deterministic, no atomics. C fragment: acc[0][i][j] =
-    //    y[m = 8i + 2q + (j&1)][n0 + g + 8(j>>1)].
+    // 5. The next tile's 16-entry tables (this tile's build is done with lt: barrier B), then a
+    //    fixed-order reduction over warps: deterministic, no atomics. C fragment: acc[0][i][j] =
+    //    y[m = 8i + 2q + (j&1)][n0 + g + 8(j>>1)]. After barrier C every warp is past its main
+    //    loop, so the next tile's build may overwrite the pair tables; red is read before the next
+    //    tile's barrier B, and written again only after it.
+    if (next < tiles) store_lt();
     constexpr int PER = MT * 4;
-    float4* mine = reinterpret_cast<float4*>(red + ((warp % (NW / 2)) * 32 + lane) * PER);
-    __syncthreads();  // everyone is done with the tables (red may alias them)
-    if (warp >= NW / 2)
 #pragma unroll
-      for (int i = 0; i < MT; ++i) mine[i] = make_float4(acc[0][i][0], acc[0][i][1], acc[0][i][2], acc[0][i][3]);
-    __syncthreads();
-    if (warp < NW / 2)
-#pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        const float4 o = mine[i];
-        mine[i] = make_float4(acc[0][i][0] + o.x, acc[0][i][1] + o.y, acc[0][i][2] + o.z, acc[0][i][3] + o.w);
-      }
-    __syncthreads();
+    for (int i = 0; i < MT; ++i)
+      reinterpret_cast<float4*>(red + (warp * 32 + lane) * PER)[i] =
+          make_float4(acc[0][i][0], acc[0][i][1], acc[0][i][2], acc[0][i][3]);
+    __syncthreads();  // barrier C
     for (int idx = tid; idx < 32 * PER; idx += THREADS) {
       float s = 0.f;
 #pragma unroll
-      for (int w = 0; w < NW / 2; ++w) s += red[w * 32 * PER + idx];
+      for (int w = 0; w < NW; ++w) s += red[w * 32 * PER + idx];
       const int l = idx / PER, i = (idx / 4) % MT, j = idx & 3;
       const int m = 8 * i + 2 * (l & 3) + (j & 1), n = n0 + (l >> 2) + 8 * (j >> 1);
       if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(s);
     }
-    __syncthreads();  // red is read before the next tile's tables overwrite it (and lt aliases it)
   }
   cp_async_wait<0>();  // no copy into shared memory outlives the block
 }
