@@ -825,9 +825,9 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     else if (!vec) SQZ_GEMV(2, false, 16, SD);
     else if (M <= 16) SQZ_GEMV(2, true, 16, SD);
     // 17..64 rows: 8 warps (up to 255 registers: 16 / 32 accumulators and as many activation
-    // registers a lane).
-    else if (M <= 32) SQZ_GEMV(4, true, 8, (BITS == 4 ? 4 : 2));
-    else SQZ_GEMV(8, true, 8, (BITS == 4 ? 4 : 2));
+    // registers a lane), with deeper rings for the same bytes in flight (56 / 72 KB per SM).
+    else if (M <= 32) SQZ_GEMV(4, true, 8, (BITS == 4 ? 8 : 4));
+    else SQZ_GEMV(8, true, 8, (BITS == 4 ? 8 : 4));
 #undef SQZ_GEMV
   } else {
     constexpr size_t smem = pgemm_smem_bytes<BITS>();
