@@ -235,7 +235,7 @@ struct GvLayout {
 };
 
 // Outlier (col, val) pairs each lane holds in registers from the prologue to the epilogue, per row.
-template <int MT> constexpr int gemv_outr() { return MT == 1 ? 3 : MT == 2 ? 2 : 1; }
+template <int BITS, int MT> constexpr int gemv_outr() { return MT == 1 ? (BITS == 4 ? 3 : 2) : MT == 2 ? 2 : 1; }
 
 // First chunk of a unit that needs a word of 16-byte plane v (see chunk_bits).
 template <int BITS> constexpr int first_chunk(int v) { return BITS == 4 ? 0 : 4 * (4 * v / 3) + 4 * v % 3; }
@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(NW * 32, 1)
   using G = Geo<BITS>;
   using L = GvLayout<BITS, MT, NW, S>;
   constexpr int E = G::E, NV = G::NV, WU = G::WU, CH = G::CH, KU = G::KU;
-  constexpr int THREADS = NW * 32, OUTR = gemv_outr<MT>();
+  constexpr int THREADS = NW * 32, OUTR = gemv_outr<BITS, MT>();
   constexpr int NACC = MT == 1 ? 2 : 1;                 // independent mma chains at M <= 8
   constexpr int XC = MT == 1 ? (BITS == 4 ? 4 : 2) : MT == 2 && BITS == 4 ? 2 : 1;  // chunks of x loaded ahead
   extern __shared__ __align__(16) unsigned char gsm[];
