@@ -251,8 +251,10 @@ __device__ __forceinline__ uint32_t pair_addr(uint32_t v, uint32_t lb) {
   }
 }
 
+// 16 warps per SM: one 16-warp block, or two 8-warp blocks (3-bit only: smaller tables) at
+// M <= 16; 8-warp blocks with up to 255 registers above.
 template <class T, int BITS, int MT, bool XVEC, int NW, int S>
-__global__ void __launch_bounds__(NW * 32, 1)
+__global__ void __launch_bounds__(NW * 32, MT <= 2 ? 512 / (NW * 32) : 1)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
@@ -815,9 +817,17 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
 #define SQZ_GEMV(MT, XV, NW, S) \
   launch_gemv<T, BITS, MT, XV, NW, S>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
     // Tuning (f16, vectorised, M <= 8): SQUEEZELM_LUT_GEMV=1 / 2 takes a shallower / deeper code
-    // ring (4-bit 4 / 8 slots, 3-bit 2 / 4); read per call so a benchmark can sweep it.
+    // ring (4-bit 4 / 8 slots, 3-bit 2 / 4); 3 (3-bit) two 8-warp blocks per SM instead of one
+    // 16-warp block (each block's barriers then overlap the other's work). Read per call so a
+    // benchmark can sweep it.
     const char* tune = std::is_same<T, __half>::value && vec && M <= 8 ? std::getenv("SQUEEZELM_LUT_GEMV") : nullptr;
     const int variant = tune ? std::atoi(tune) : 0;
+    if constexpr (BITS == 3) {
+      if (variant == 3) {
+        SQZ_GEMV(1, true, 8, 3);
+        return;
+      }
+    }
     if (variant == 1) SQZ_GEMV(1, true, 16, (BITS == 4 ? 4 : 2));
     else if (variant == 2) SQZ_GEMV(1, true, 16, (BITS == 4 ? 8 : 4));
     else if (M <= 8 && vec) SQZ_GEMV(1, true, 16, SD);
