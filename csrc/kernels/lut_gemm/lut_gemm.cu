@@ -41,8 +41,9 @@
 //   - The tables of a tile are built with one 16-byte store per entry (its 4 copies) from
 //     registers: thread (row, second code, part) reads the row's 16-entry table once and writes
 //     E/parts entries with one PRMT each (~25 instructions a thread instead of ~110).
-//   Counted in PTX per 256 weights of the unguarded loop: 4-bit ~14.6, 3-bit ~19.8 (~16 after
-//   ptxas fuses the AND/OR of the 3-bit address into LOP3).
+//   PTX instructions per 256 weights of the unguarded loop (M = 1): 4-bit ~13.9 (before: ~16.9,
+//   ~20.8 in SASS), 3-bit ~19.6 (before: ~23.8; ~16 once ptxas fuses the AND and OR of each
+//   3-bit address into one LOP3).
 // * The k order inside each 32-wide chunk is permuted exactly as in the dense tensor-core GEMV
 //   (gemm/gemv_tc.cuh): lane quarter q owns k = 8q..8q+7 of every chunk, so its activations are
 //   one 16-byte load per chunk and its codes are contiguous. The repacked codes put the 4 (4-bit)
