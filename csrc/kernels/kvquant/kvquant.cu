@@ -1530,6 +1530,11 @@ void kvq_attention(const Tensor& out, const Tensor& q, const kvq::Cache& c, cons
                    cudaStream_t stream) {
   (void)max_q;
   Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
+  // SQUEEZELM_KVQ_VARIANT=1 makes the scalar flash kernel the default (A/B runs, read per call).
+  if (variant == 0) {
+    const char* v = std::getenv("SQUEEZELM_KVQ_VARIANT");
+    if (v && std::atoi(v) == 1) variant = 1;
+  }
   if (variant == 0) {
     const bool done = q.dtype == DType::F16
                           ? tc::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, stream)
