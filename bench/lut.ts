@@ -90,7 +90,7 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
         ctx.log(`lut ${name}: ${r.timeUs.toFixed(2)} us, ${(100 * (r.fracCopy ?? 0)).toFixed(0)}% of copy BW, vs fp16 ${r.speedup?.toFixed(2) ?? '-'}x; ${r.note}`);
         out.push(r);
         // Tuning sweep of the M = 1 kernel (see SQUEEZELM_LUT_GEMV in csrc/kernels/lut_gemm/lut_gemm.cu).
-        const sweep = M === 1 || M === 8 ? (bits === 3 ? ['1', '2', '3'] : ['1', '2']) : [];
+        const sweep = M === 1 || M === 8 ? ['1', '2', '4', '6', '7'] : M === 16 ? ['5'] : [];
         if (sparse && N === 8192 && K === 8192 && !ctx.quick && process.env.SQUEEZELM_LUT_SWEEP !== '0') {
           // The default's output on set 0, to check each variant against (the tests cannot set the
           // variant: jest gives each test file a copy of the environment).

@@ -11,57 +11,35 @@
 //   tensor-core kernel serves M = 1..64 with the same number of lookups (M <= 8: one mma per 4
 //   lookups; each further 8 rows of x adds one mma and one x load, no lookup); the tensor cores
 //   are idle anyway, and conversion and fp32 accumulation come for free.
-// * The budget is instructions, not bytes: at ~33 codes/clk/SM and 4 issue slots per clock, the
-//   loop may spend ~30 warp-instructions per 256 weights at 100% issue, and the essential work is
-//   9 (4-bit: 4 lookups, 4 address bytes, 1 mma; 3-bit: 4 more ALU for the 6-bit fields). The
-//   earlier design spent ~36 (in its loop ~21, of which one address add per lookup, copies of the
-//   register-rotated code prefetch and guards on every activation load; ~7 to rebuild the tables
-//   of each 16-row tile; ~6 in per-tile epilogues), at 40% of the bandwidth floor. So:
-//   - Lookup addresses cost one instruction. Entry e of rows g / g+8 sits at byte
-//     e*256 + 128h + 4*lane of a table whose shared address is a multiple of 64 KB (4-bit) / 16 KB
-//     (3-bit), so the address is the lane's base with the code byte dropped into bits 8..15 (one
-//     PRMT) or the 6 bits into 8..13 (one shift, one LOP3), issued as ld.shared on a 32-bit
-//     address with no base to add. Each (row, lane quarter) has its own copy of the row's table,
-//     in bank 4g+q: every lookup of a warp hits 32 different banks, whatever the codes.
-//   - The alignment places the tables at shared offset 64 KB - 1 KB (sm_90 starts dynamic shared
-//     memory at 1 KB; the kernel checks and traps otherwise), so a 4-bit block takes ~175 KB and
-//     one block per SM: 16 warps share one set of tables (the same 16 warps per SM as two 8-warp
-//     blocks before, with half the table copies per SM). The space below the tables holds the
-//     reduction buffer and part of the code ring.
-//   - Codes come through a shared-memory ring per warp (cp.async, S slots of one unit each; the
-//     lane copies and reads back its own 16-byte pieces, so cp.async.wait_group is the only
-//     synchronisation): no registers held by the prefetch and no copies, 2 (4-bit) / 6 (3-bit)
-//     16-byte shared loads per unit. The ring streams the warp's units in the order it consumes
-//     them, across row tiles, so the next tile's first units are in flight while this one ends.
-//     S - 1 units per warp are in flight: 80 KB per SM (4-bit, S = 6) / 96 KB (3-bit, S = 3),
-//     ~2.5k clocks of HBM time, which also covers the per-tile barriers.
-//   - Units whose activations all lie inside K run a loop without guards; the last units of K
-//     (and the unvectorised path) take a guarded copy of it. Activation rows past M read row 0 and
-//     are never stored, so there is no per-row predicate either.
-//   - The tables of a tile are built with one 16-byte store per entry (its 4 copies) from
-//     registers: thread (row, second code, part) reads the row's 16-entry table once and writes
-//     E/parts entries with one PRMT each: ~500 warp-instructions per tile instead of ~3500.
-//   PTX instructions per 256 weights of the unguarded loop (M = 1): 4-bit ~13.9 (before: ~16.9,
-//   ~20.8 in SASS), 3-bit ~19.6 (before: ~23.8; ~16 once ptxas fuses the AND and OR of each
-//   3-bit address into one LOP3).
+// * Bank conflicts decide the lookup rate: in an A fragment, lane (g = lane/4, q = lane%4) needs
+//   rows g and g+8, and the 4 lanes of a row look up different random entries. Each (row, q) gets
+//   its own copy of the row's pair table, all in one bank (bank 4g+q): every lookup of a warp hits
+//   32 different banks, whatever the codes. Cost: 4 copies x 16 rows x 1 KB = 64 KB per block for
+//   4-bit (16 KB for 3-bit), built once per block from the 16-entry tables with 16-byte stores
+//   (one store writes the 4 copies of an entry). Entry e of rows g / g+8 sits at byte
+//   e*256 + 128h + 4*lane, so a lookup's offset is one byte permute of the code word with the
+//   lane's byte (4-bit) or one shift and one LOP3 (3-bit): 2-3 instructions per two weights.
 // * The k order inside each 32-wide chunk is permuted exactly as in the dense tensor-core GEMV
 //   (gemm/gemv_tc.cuh): lane quarter q owns k = 8q..8q+7 of every chunk, so its activations are
 //   one 16-byte load per chunk and its codes are contiguous. The repacked codes put the 4 (4-bit)
-//   or 12 (3-bit) words a lane needs for one unit of K (128 / 512 k) in 16-byte pieces; a unit of a
-//   16-row tile is one contiguous 1 KB / 3 KB run, which is one ring slot.
-// * A block owns 16 output rows and all of K; its warps split K by units (unit u to warp u % NW).
-//   The grid is one wave and each block walks row tiles, so there is no tail wave; a tile's
-//   16-entry tables and outlier row bounds are requested during the previous tile's main loop.
-//   The partial tiles of the warps are summed in shared memory in warp order: deterministic, no
-//   atomics. Tables, 16-entry tables, reduction buffer and ring never alias, so a tile costs two
-//   block barriers (tables built; partial sums stored, with the next tile's 16-entry tables). At M = 1 each warp keeps two accumulator chains (even / odd chunks)
-//   so consecutive mma do not wait on each other.
-// * Every block rereads all of x (L1 holds it for small M, otherwise it comes from L2). 17..64
-//   rows of x take 8-warp blocks (255 registers for 16-32 accumulators and as many activations).
+//   or 12 (3-bit) words a lane needs for one unit of K (128 / 512 k) in 16-byte pieces: one
+//   (4-bit) or three (3-bit) 16-byte streaming loads per row and unit, each warp-wide load one
+//   contiguous 512-byte run (the 3-bit pieces lie in planes, so no sector is fetched twice).
+// * A block owns 16 output rows (RT = 2 row tiles for M > 8, see below) and all of K; its 8 warps
+//   split K by units (unit u to warp u%8), each keeping P units of codes in flight (Little's law:
+//   ~32+ KB in flight per SM) through a rolling register prefetch (or, as a tuning variant, a
+//   cp.async ring in shared memory). The grid is one wave (2 blocks per SM fit with 64 KB tables
+//   each) and each block walks row-tile groups, so there is no tail wave; a group's 16-entry
+//   tables and outlier row bounds are requested during the previous group's main loop and its
+//   first P units right after it, so only the table build sits between two groups. The 8 partial
+//   tiles are summed in shared memory in warp order: deterministic, no atomics.
+// * Every block rereads all of x (L1 holds it for small M, otherwise it comes from L2: M*K*2 bytes
+//   per block against 8*K bytes of 4-bit codes). For M > 8 a block takes 2 row tiles sharing
+//   each activation load, which halves that traffic.
 // * Outliers (CSR over output rows) are added to the accumulators by the same launch after the
 //   main loop (split over warps): each lane's first entries are requested before the main loop
 //   and arrive during it, and x is in L1 by then, so they add little latency.
-// * x is read through L1 (it is small and every block rereads it); codes bypass L1 (cp.async.cg).
+// * x is read through L1 (it is small and every block rereads it); codes with L1::no_allocate.
 //   Activations past K are zero, so padded codes contribute nothing.
 //
 // Prefill (M > 64: lut_gemm_mma_kernel): 128x128 output tiles, 32 k per stage; activations and
@@ -109,6 +87,15 @@ __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
 __device__ __forceinline__ float load_f(const void* p, bool is_f32, long long i) {
   if (is_f32) return static_cast<const float*>(p)[i];
   return __half2float(static_cast<const __half*>(p)[i]);
+}
+
+// Codes are streamed once: non-coherent path, no L1 allocation (L1 keeps the activations).
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
 }
 
 template <class T>
@@ -178,339 +165,347 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
-// ---- GEMV (decode) ----
-// Shared-memory accesses of the decode loop take 32-bit shared addresses built by the lookup
-// itself (see GvLayout), so they are issued as PTX: a C++ access through the dynamic shared
-// array would add its base to every address.
-__device__ __forceinline__ uint32_t lds_u32(uint32_t addr) {
-  uint32_t r;
-  asm("ld.shared.b32 %0, [%1];" : "=r"(r) : "r"(addr));
-  return r;
-}
-// Ring reads are ordered against the cp.async that refills the slot (volatile, memory).
-__device__ __forceinline__ uint4 lds_ring(uint32_t addr) {
-  uint4 r;
-  asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr) : "memory");
-  return r;
-}
-__device__ __forceinline__ void sts_u32x4(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared.v4.b32 [%0], {%1,%1,%1,%1};" ::"r"(addr), "r"(v) : "memory");
-}
-__device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, uint32_t bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
+constexpr int GV_WARPS = 8;
+constexpr int GV_THREADS = GV_WARPS * 32;
 
-// Shared address at which dynamic shared memory starts (sm_90 keeps the first 1 KB of a block's
-// window for the system); the kernel checks it and traps if that ever changes.
-constexpr uint32_t GV_SMEM_BASE = 1024;
-constexpr int GV_SMEM_MAX = 227 * 1024;
-
-// Dynamic shared memory of the GEMV, NW warps, S ring slots per warp:
-//   [0, TBL_OFF)            the next tile's 16-entry tables (lt, as T), the reduction buffer
-//                           (red, when it fits), then SF of each warp's ring slots;
-//   [TBL_OFF, +TBL)         the pair tables, at a shared address aligned to ALIGN;
-//   [TBL_OFF + TBL, ...)    the other S - SF ring slots (then red, when it does not fit in front).
-// None of them alias: a tile needs two barriers (tables built; partial sums stored).
-// The alignment lets a lookup's address be the code byte/6 bits dropped into the lane's base
-// address by one PRMT (4-bit: entry at bits 8..15, 64 KB of table) or one LOP3 (3-bit: bits 8..13,
-// 16 KB), with no add: the table must start at a multiple of 64 KB / 16 KB.
-template <int BITS, int MT, int NW, int S>
-struct GvLayout {
-  static constexpr int E = Geo<BITS>::E;
-  static constexpr int TBL = Geo<BITS>::E2 * 256;
-  static constexpr int ALIGN = BITS == 4 ? 65536 : 16384;
-  static constexpr int TBL_OFF = ALIGN - (int)GV_SMEM_BASE;
-  static constexpr int SLOT = Geo<BITS>::NV * 1024;  // one unit of one row tile
-  static constexpr int LT = (16 * E * 2 + 127) / 128 * 128;
-  static constexpr int RED = NW * 32 * MT * 4 * 4;
-  static constexpr bool RED_FRONT = LT + RED <= TBL_OFF;
-  static constexpr int AUX = RED_FRONT ? LT + RED : LT;
-  static constexpr int SF_FIT = (TBL_OFF - AUX) / (NW * SLOT);
-  static constexpr int SF = SF_FIT < S ? SF_FIT : S;
-  static constexpr int RING_F = AUX;
-  static constexpr int RING_B = TBL_OFF + TBL;
-  static constexpr int RING_END = RING_B + (S - SF) * NW * SLOT;
-  static constexpr int RED_OFF = RED_FRONT ? LT : RING_END;
-  static constexpr int BYTES = RED_FRONT ? RING_END : RING_END + RED;
-  static_assert(BYTES <= GV_SMEM_MAX, "GEMV shared memory");
-};
+template <int BITS, int MT, int RT>
+constexpr size_t gemv_table_bytes() {
+  constexpr size_t table = (size_t)RT * Geo<BITS>::E2 * 256;
+  constexpr size_t red = (size_t)GV_WARPS * 32 * RT * MT * 4 * 4;
+  return table > red ? table : red;
+}
+// With ASYNC, each warp streams its codes through a ring of P units in shared memory (cp.async).
+template <int BITS, int RT, bool ASYNC, int P>
+constexpr size_t gemv_ring_bytes() {
+  return ASYNC ? (size_t)GV_WARPS * P * RT * 2 * Geo<BITS>::NV * 512 : 0;
+}
+template <int BITS, int MT, int RT, bool ASYNC, int P>
+constexpr size_t gemv_smem_bytes() {
+  return gemv_table_bytes<BITS, MT, RT>() + gemv_ring_bytes<BITS, RT, ASYNC, P>() + 16 * RT * Geo<BITS>::E * 2;
+}
 
 // Outlier (col, val) pairs each lane holds in registers from the prologue to the epilogue, per row.
-template <int BITS, int MT> constexpr int gemv_outr() { return MT == 1 ? (BITS == 4 ? 3 : 2) : MT == 2 ? 2 : 1; }
+template <int MT, int RT> constexpr int gemv_outr() { return MT * RT == 1 ? 6 : MT * RT == 2 ? 3 : 2; }
 
-// First chunk of a unit that needs a word of 16-byte plane v (see chunk_bits).
-template <int BITS> constexpr int first_chunk(int v) { return BITS == 4 ? 0 : 4 * (4 * v / 3) + 4 * v % 3; }
+// Pair tables, for row tile rt: entry e of row 16rt + 8h + g, copy q, at byte
+// rt*E2*256 + e*256 + h*128 + 4*(4g + q). A lane's lookup offset is then one byte permute (4-bit:
+// the pair's byte next to the lane's byte 4*lane + 128h) or one shift and one LOP3 (3-bit).
+template <int BITS>
+__device__ __forceinline__ uint32_t pair_off(uint32_t v, uint32_t v8, uint32_t lb, int i) {
+  if constexpr (BITS == 4) return __byte_perm(v, lb, 0x5504u | ((uint32_t)i << 4));
+  else return ((v8 >> (6 * i)) & 0x3f00u) | lb;
+}
+__device__ __forceinline__ uint32_t lds_at(const unsigned char* base, uint32_t off) {
+  return *reinterpret_cast<const uint32_t*>(base + off);
+}
 
-// Pair-table lookup address: lb = table address + this lane's byte (4*lane, +128 for rows g+8).
-template <int BITS, int I>
-__device__ __forceinline__ uint32_t pair_addr(uint32_t v, uint32_t lb) {
-  if constexpr (BITS == 4) {
-    return __byte_perm(v, lb, 0x7604u | (I << 4));  // lb.b0 | v.byte(I) << 8 | lb.b2,b3
-  } else {
-    const uint32_t s = I == 0 ? v << 8 : I == 1 ? v << 2 : I == 2 ? v >> 4 : v >> 10;  // 6 bits at 8..13
-    return (s & 0x3f00u) | lb;
+// RT row tiles (16 rows each) per block share every activation load (x is reread from L2 by
+// every block: RT = 2 halves that traffic for larger M, at 1 block per SM for 4-bit).
+// One unit of K for one warp: wa/wb = the lane's code words of rows g / g+8 of each row tile.
+template <class T, int BITS, int MT, bool XVEC, int RT>
+__device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_t (&wa)[RT][Geo<BITS>::WU],
+                                          const uint32_t (&wb)[RT][Geo<BITS>::WU], const unsigned char* tbl,
+                                          const T* const (&xr)[MT], const bool (&mv)[MT], int kb, int K,
+                                          uint32_t lb0, uint32_t lb1) {
+  using G = Geo<BITS>;
+  constexpr int E2 = G::E2, CH = G::CH;
+  // Activations of XC chunks at a time, loaded before their lookups.
+  constexpr int XC = MT * RT <= 2 ? 4 : 1;
+#pragma unroll
+  for (int c4 = 0; c4 < CH; c4 += XC) {
+    uint4 xv[XC][MT];
+#pragma unroll
+    for (int c = 0; c < XC; ++c)
+#pragma unroll
+      for (int i = 0; i < MT; ++i) xv[c][i] = load_x8<T, XVEC>(xr[i], kb + 32 * (c4 + c), K, mv[i]);
+#pragma unroll
+    for (int c = 0; c < XC; ++c)
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) {
+        const unsigned char* tr = tbl + (size_t)rt * E2 * 256;
+        const uint32_t va = chunk_bits<BITS>(wa[rt], c4 + c), vb = chunk_bits<BITS>(wb[rt], c4 + c);
+        const uint32_t va8 = va << 8, vb8 = vb << 8;
+        const uint32_t a0 = lds_at(tr, pair_off<BITS>(va, va8, lb0, 0)), a1 = lds_at(tr, pair_off<BITS>(vb, vb8, lb1, 0));
+        const uint32_t a2 = lds_at(tr, pair_off<BITS>(va, va8, lb0, 1)), a3 = lds_at(tr, pair_off<BITS>(vb, vb8, lb1, 1));
+        const uint32_t a4 = lds_at(tr, pair_off<BITS>(va, va8, lb0, 2)), a5 = lds_at(tr, pair_off<BITS>(vb, vb8, lb1, 2));
+        const uint32_t a6 = lds_at(tr, pair_off<BITS>(va, va8, lb0, 3)), a7 = lds_at(tr, pair_off<BITS>(vb, vb8, lb1, 3));
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          mma_16816<T>(acc[rt][i], a0, a1, a2, a3, xv[c][i].x, xv[c][i].y);
+          mma_16816<T>(acc[rt][i], a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
+        }
+      }
   }
 }
 
-// 16 warps per SM: one 16-warp block, or two 8-warp blocks (3-bit only: smaller tables) at
-// M <= 16; 8-warp blocks with up to 255 registers above.
-template <class T, int BITS, int MT, bool XVEC, int NW, int S>
-__global__ void __launch_bounds__(NW * 32, MT <= 2 ? 512 / (NW * 32) : 1)
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool ASYNC>
+__global__ void __launch_bounds__(GV_THREADS, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
                     int K, int U) {
   using G = Geo<BITS>;
-  using L = GvLayout<BITS, MT, NW, S>;
-  constexpr int E = G::E, NV = G::NV, WU = G::WU, CH = G::CH, KU = G::KU;
-  constexpr int THREADS = NW * 32, OUTR = gemv_outr<BITS, MT>();
-  constexpr int NACC = MT == 1 ? 2 : 1;                 // independent mma chains at M <= 8
-  constexpr int XC = MT == 1 ? (BITS == 4 ? 4 : 2) : MT == 2 && BITS == 4 ? 2 : 1;  // chunks of x loaded ahead
-  extern __shared__ __align__(16) unsigned char gsm[];
-  T* lt = reinterpret_cast<T*>(gsm);                      // [16][E]
-  float* red = reinterpret_cast<float*>(gsm + L::RED_OFF);  // [NW][32][MT*4], after the main loop
+  constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = gemv_outr<MT, RT>();
+  extern __shared__ __align__(16) uint32_t smem[];
+  unsigned char* tbl = reinterpret_cast<unsigned char*>(smem);  // [RT][E2][2][32] words
+  uint4* ring = reinterpret_cast<uint4*>(tbl + gemv_table_bytes<BITS, MT, RT>());  // [warp][P][RT][2][NV][32]
+  T* lt = reinterpret_cast<T*>(tbl + gemv_table_bytes<BITS, MT, RT>() + gemv_ring_bytes<BITS, RT, ASYNC, P>());  // [16*RT][E]
+  float* red = reinterpret_cast<float*>(smem);  // [warps][32][RT*MT*4], after the main loop
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
-  const int tiles = (N + 15) / 16;
-  const uint32_t sbase = smem_u32(gsm), tbl = sbase + L::TBL_OFF;
-  if ((tbl & (L::ALIGN - 1)) != 0) __trap();  // the lookups below rely on this alignment
-  const uint32_t lb0 = tbl + 4u * lane, lb1 = tbl + 128u + 4u * lane;
+  const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
 
-  // ---- Code ring: this warp's slot s holds one unit (NV KB, the tile's run of that unit; lane
-  // copies and later reads back its own 16-byte pieces, so cp.async.wait_group is the only sync).
-  // Units are streamed in the order the warp consumes them, across row tiles, so the next tile's
-  // first units arrive while this one finishes.
-  const uint32_t ring_f = sbase + L::RING_F + warp * L::SLOT + 16 * lane;
-  const uint32_t ring_b = sbase + L::RING_B + warp * L::SLOT + 16 * lane - L::SF * NW * L::SLOT;
-  auto slot_addr = [&](int s) -> uint32_t { return (s < L::SF ? ring_f : ring_b) + (uint32_t)(s * NW * L::SLOT); };
-  // Next unit to request: (ptile, pu), its pieces at psrc (a valid address also when there is none
-  // left: then the copies read nothing and fill zeros).
-  int ptile = blockIdx.x, pu = warp;
-  bool pok;
-  const uint4* psrc;
-  auto pseek = [&]() {
-    pok = ptile < tiles && pu < U;
-    psrc = codes + (pok ? ((size_t)ptile * U + pu) * G::USTRIDE : 0) + lane;
-  };
-  pseek();
-  auto produce = [&](int s) {
-    const uint32_t dst = slot_addr(s);
-#pragma unroll
-    for (int p = 0; p < 2 * NV; ++p) cp_async16_to(dst + 512 * p, psrc + 32 * p, pok ? 16 : 0);
-    cp_async_commit();
-    pu += NW;
-    if (pok) psrc += (size_t)NW * G::USTRIDE;
-    if (pu >= U) {
-      pu = warp;
-      ptile += gridDim.x;
-      pseek();
-    }
-  };
-
-  // ---- The next tile's 16-entry tables and outlier bounds are requested during this tile.
-  constexpr int LV = (16 * E + THREADS - 1) / THREADS;
+  // The block walks groups of RT row tiles blockIdx.x, + gridDim.x, ... (the grid is one wave).
+  // What a group's prologue waits for is requested early: its 16-entry tables and outlier row
+  // bounds during the previous group's main loop, its first P units of codes right after it.
+  constexpr int LV = (16 * RT * E + GV_THREADS - 1) / GV_THREADS;
   float lv[LV];
-  int ob[2], oe[2];
-  auto load_meta = [&](int tile) {
-    const int n0 = tile * 16;
+  int ob[RT][2], oe[RT][2];
+  auto load_meta = [&](int grp) {
+    const int n0 = grp * 16 * RT;
 #pragma unroll
     for (int t = 0; t < LV; ++t) {
-      const int i = tid + t * THREADS, n = n0 + i / E;
-      lv[t] = (i < 16 * E && n < N) ? load_f(lut, lut_f32, (long long)n * E + (i % E)) : 0.f;
+      const int i = tid + t * GV_THREADS, n = n0 + i / E;
+      lv[t] = (i < 16 * RT * E && n < N) ? load_f(lut, lut_f32, (long long)n * E + (i % E)) : 0.f;
     }
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int n = n0 + g + 8 * rr;
-      ob[rr] = oe[rr] = 0;
-      if (rows != nullptr && n < N) { ob[rr] = rows[n] + warp; oe[rr] = rows[n + 1]; }
-    }
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int n = n0 + 16 * rt + g + 8 * rr;
+        ob[rt][rr] = oe[rt][rr] = 0;
+        if (rows != nullptr && n < N) { ob[rt][rr] = rows[n] + warp; oe[rt][rr] = rows[n + 1]; }
+      }
   };
 
-  // Activation rows of this lane (rows past M read row 0; their results are never stored), at
-  // k = 8q of the first chunk.
-  const T* xl[MT];
+  const uint4* ca[RT];
+  bool tok[RT];
+  auto set_group = [&](int grp) {
 #pragma unroll
-  for (int i = 0; i < MT; ++i) xl[i] = x + (size_t)(8 * i + g < M ? 8 * i + g : 0) * K + 8 * q;
-  const int ufull = XVEC ? K / KU : 0;  // units whose activations are all inside K
-
-  auto store_lt = [&]() {
-#pragma unroll
-    for (int t = 0; t < LV; ++t) {
-      const int i = tid + t * THREADS;
-      if (i < 16 * E) lt[i] = Cvt<T>::t(lv[t]);
+    for (int rt = 0; rt < RT; ++rt) {
+      const int tile = grp * RT + rt;
+      tok[rt] = tile < tiles;
+      // row g's plane-0 piece; plane v at +64v, row g+8 at +32 (16-byte units)
+      ca[rt] = codes + (size_t)(tok[rt] ? tile : 0) * U * G::USTRIDE + (g * 4 + q);
     }
   };
-  if (blockIdx.x < tiles) load_meta(blockIdx.x);
+  constexpr int PR = ASYNC ? 1 : P;  // register buffers
+  uint4 qa[PR][RT][NV], qb[PR][RT][NV];
+  uint4* wring = ring + (size_t)warp * P * RT * 2 * NV * 32 + lane;  // this lane's slots
+  // Slot p of the ring: unit warp + 8i with i % P == p; piece (rt, h, v) at + ((p*RT + rt)*2 + h)*NV + v.
+  auto ring_fill = [&](int p, int u) {
 #pragma unroll
-  for (int s = 0; s < S; ++s) produce(s);
-  int slot = 0;
-  store_lt();
-  __syncthreads();
-
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int n0 = tile * 16, next = tile + gridDim.x;
-
-    // 1. Pair tables from lt (stored at the end of the previous tile). Thread (r, hi, part) writes
-    //    entries e = lo + E*hi, lo in its part, of row r: one 16-byte store per entry (the 4
-    //    copies), 8 lanes of a warp filling one 128-byte line.
-    {
-      constexpr int PARTS = THREADS / (16 * E), LPT = E / PARTS;
-      static_assert(PARTS >= 1 && LPT % 2 == 0, "table build split");
-      const int r = tid & 15, rest = tid >> 4, hi = rest % E, part = rest / E;
-      const T* l = lt + r * E;
-      const uint32_t lhi = bits16(l[hi]);
-      uint32_t lo[LPT / 2];
+    for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-      for (int j = 0; j < LPT / 2; ++j) lo[j] = reinterpret_cast<const uint32_t*>(l + part * LPT)[j];
-      const uint32_t dst = tbl + (uint32_t)(part * LPT + E * hi) * 256 + (r >> 3) * 128 + 16 * (r & 7);
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int j = 0; j < LPT; ++j) sts_u32x4(dst + 256 * j, __byte_perm(lo[j / 2], lhi, j & 1 ? 0x5432 : 0x5410));
-    }
-
-    // 2. This lane's first OUTR outliers of rows n0 + g, n0 + g + 8 (warps split each list), in
-    //    flight during the main loop; then the next tile's tables and bounds.
-    int oc[2][OUTR], cb[2], ce[2];
-    float ov[2][OUTR];
+        for (int v = 0; v < NV; ++v) {
+          const bool ok = u < U && tok[rt];
+          cp_async16(wring + (size_t)(((p * RT + rt) * 2 + h) * NV + v) * 32,
+                     ok ? (const void*)(ca[rt] + (size_t)u * G::USTRIDE + 64 * v + 32 * h) : (const void*)codes, ok);
+        }
+    cp_async_commit();
+  };
+  auto prefetch = [&]() {
+    if constexpr (ASYNC) {
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      cb[rr] = ob[rr];
-      ce[rr] = oe[rr];
+      for (int p = 0; p < P; ++p) ring_fill(p, warp + p * GV_WARPS);
+    } else {
 #pragma unroll
-      for (int o = 0; o < OUTR; ++o) {
-        const int j = ob[rr] + o * NW;
-        const bool ok = j < oe[rr];
-        oc[rr][o] = ok ? cols[j] : -1;
-        ov[rr][o] = ok ? load_f(vals, vals_f32, j) : 0.f;
+      for (int p = 0; p < P; ++p) {
+        const int u = warp + p * GV_WARPS;
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+          for (int v = 0; v < NV; ++v) {
+            const bool ok = u < U && tok[rt];
+            qa[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v) : make_uint4(0, 0, 0, 0);
+            qb[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v + 32) : make_uint4(0, 0, 0, 0);
+          }
       }
     }
-    if (next < tiles) load_meta(next);
+  };
 
-    float acc[NACC][MT][4];
+  const T* xr[MT];
+  bool mv[MT];
 #pragma unroll
-    for (int a = 0; a < NACC; ++a)
-#pragma unroll
-      for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[a][i][j] = 0.f;
-    __syncthreads();  // barrier B: tables built
+  for (int i = 0; i < MT; ++i) {
+    const int m = 8 * i + g;
+    mv[i] = m < M;
+    xr[i] = x + (size_t)(mv[i] ? m : 0) * K;
+  }
+  const uint32_t lb0 = 4u * lane, lb1 = 128u + 4u * lane;
 
-    // 3. Main loop: units u = warp, warp + NW, ... Lane (g, q): A = weight rows g, g+8 (pairs
-    //    looked up in bank 4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
-    auto unit = [&](int u, auto tail) {
-      [[maybe_unused]] constexpr bool TAIL = decltype(tail)::value;
-      cp_async_wait<S - 1>();  // this slot's unit (the oldest group in flight) has landed
-      const uint32_t sa = slot_addr(slot);
-      // Each 16-byte plane of code words is read just before the first chunk that needs it
-      // (3-bit: at most two of the three planes are live at a time).
-      uint32_t wa[WU], wb[WU];
-      auto load_plane = [&](int v) {
-        const uint4 a = lds_ring(sa + 1024 * v), b = lds_ring(sa + 1024 * v + 512);
-        wa[4 * v] = a.x; wa[4 * v + 1] = a.y; wa[4 * v + 2] = a.z; wa[4 * v + 3] = a.w;
-        wb[4 * v] = b.x; wb[4 * v + 1] = b.y; wb[4 * v + 2] = b.z; wb[4 * v + 3] = b.w;
-      };
-      const int kb = u * KU;
-      const T* xu[MT];
+  int grp = blockIdx.x;
+  if (grp < groups) {
+    load_meta(grp);
+    set_group(grp);
+    prefetch();
+  }
+  for (; grp < groups; grp += gridDim.x) {
+    const int n0 = grp * 16 * RT, next = grp + gridDim.x;
+
+    // 3. Pair tables (one 16-byte store writes the 4 copies of an entry).
 #pragma unroll
-      for (int i = 0; i < MT; ++i) xu[i] = xl[i] + kb;
+    for (int t = 0; t < LV; ++t) {
+      const int i = tid + t * GV_THREADS;
+      if (i < 16 * RT * E) lt[i] = Cvt<T>::t(lv[t]);
+    }
+    __syncthreads();
+    for (int i = tid; i < RT * 2 * E2 * 8; i += GV_THREADS) {
+      const int gg = i & 7, h = (i >> 3) & 1, e = (i >> 4) & (E2 - 1), rt = i / (16 * E2);
+      const T* l = lt + (16 * rt + 8 * h + gg) * E;
+      const uint32_t v = pack2<T>(l[e & (E - 1)], l[e >> BITS]);
+      *reinterpret_cast<uint4*>(tbl + (size_t)(rt * E2 + e) * 256 + h * 128 + 16 * gg) = make_uint4(v, v, v, v);
+    }
+
+    // 4. This lane's first OUTR outliers of each row (rows 16rt + g + 8rr; warps split each list),
+    //    in flight during the main loop; then the next group's tables and bounds.
+    int oc[RT][2][OUTR], cb[RT][2], ce[RT][2];
+    float ov[RT][2][OUTR];
 #pragma unroll
-      for (int c4 = 0; c4 < CH; c4 += XC) {
-        uint4 xv[XC][MT];
+    for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-        for (int c = 0; c < XC; ++c)
+      for (int rr = 0; rr < 2; ++rr) {
+        cb[rt][rr] = ob[rt][rr];
+        ce[rt][rr] = oe[rt][rr];
 #pragma unroll
-          for (int i = 0; i < MT; ++i) {
-            const int k = kb + 32 * (c4 + c);  // this lane's activations: k + 8q .. k + 8q + 7
-            if constexpr (!XVEC) {
-              xv[c][i] = load_x8<T, false>(xl[i] - 8 * q, k + 8 * q, K, true);
-            } else {
-              const uint4* p = reinterpret_cast<const uint4*>(xu[i] + 32 * (c4 + c));
-              xv[c][i] = !TAIL || k + 8 * q < K ? *p : make_uint4(0, 0, 0, 0);
-            }
-          }
-#pragma unroll
-        for (int c = 0; c < XC; ++c) {
-#pragma unroll
-          for (int v = 0; v < NV; ++v)
-            if (first_chunk<BITS>(v) == c4 + c) load_plane(v);
-          const uint32_t va = chunk_bits<BITS>(wa, c4 + c), vb = chunk_bits<BITS>(wb, c4 + c);
-          const uint32_t a0 = lds_u32(pair_addr<BITS, 0>(va, lb0)), a1 = lds_u32(pair_addr<BITS, 0>(vb, lb1));
-          const uint32_t a2 = lds_u32(pair_addr<BITS, 1>(va, lb0)), a3 = lds_u32(pair_addr<BITS, 1>(vb, lb1));
-          const uint32_t a4 = lds_u32(pair_addr<BITS, 2>(va, lb0)), a5 = lds_u32(pair_addr<BITS, 2>(vb, lb1));
-          const uint32_t a6 = lds_u32(pair_addr<BITS, 3>(va, lb0)), a7 = lds_u32(pair_addr<BITS, 3>(vb, lb1));
-          float(&ac)[MT][4] = acc[(c4 + c) % NACC];
-#pragma unroll
-          for (int i = 0; i < MT; ++i) {
-            mma_16816<T>(ac[i], a0, a1, a2, a3, xv[c][i].x, xv[c][i].y);
-            mma_16816<T>(ac[i], a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
-          }
+        for (int o = 0; o < OUTR; ++o) {
+          const int j = ob[rt][rr] + o * GV_WARPS;
+          const bool ok = j < oe[rt][rr];
+          oc[rt][rr][o] = ok ? cols[j] : -1;
+          ov[rt][rr][o] = ok ? load_f(vals, vals_f32, j) : 0.f;
         }
       }
-      produce(slot);  // refill the slot just read (its words were consumed above)
-      slot = slot + 1 == S ? 0 : slot + 1;
-    };
-    int u = warp;
-    for (; u < ufull; u += NW) unit(u, std::false_type{});
-    for (; u < U; u += NW) unit(u, std::true_type{});
+    if (next < groups) load_meta(next);
 
-    // 4. Outliers (x rows 8i + 2q + {0, 1}), after the main loop: their lists have arrived and x is
-    //    in L1. Entries past the first OUTR of this lane are read now.
+    float acc[RT][MT][4];
 #pragma unroll
-    for (int a = 1; a < NACC; ++a)
+    for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
       for (int i = 0; i < MT; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[0][i][j] += acc[a][i][j];
+        for (int j = 0; j < 4; ++j) acc[rt][i][j] = 0.f;
+    __syncthreads();
+
+    // 5. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
+    //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
+
+    if constexpr (ASYNC) {
+      for (int i = 0;; ++i) {
+        const int u = warp + i * GV_WARPS;
+        if (u >= U) break;
+        const int p = i % P;
+        cp_async_wait<P - 1>();  // unit u (the oldest of the P groups in flight) has landed
+        uint32_t wa[RT][G::WU], wb[RT][G::WU];
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
+        for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-      for (int o = 0; o < OUTR; ++o) {
-        const int col = oc[rr][o];
-        if (col >= 0) {
+          for (int v = 0; v < NV; ++v) {
+            const uint4 a = wring[(size_t)(((p * RT + rt) * 2 + 0) * NV + v) * 32];
+            const uint4 b = wring[(size_t)(((p * RT + rt) * 2 + 1) * NV + v) * 32];
+            wa[rt][4 * v] = a.x; wa[rt][4 * v + 1] = a.y; wa[rt][4 * v + 2] = a.z; wa[rt][4 * v + 3] = a.w;
+            wb[rt][4 * v] = b.x; wb[rt][4 * v + 1] = b.y; wb[rt][4 * v + 2] = b.z; wb[rt][4 * v + 3] = b.w;
+          }
+        gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
+        ring_fill(p, u + P * GV_WARPS);  // refill the slot just consumed (its words are used above)
+      }
+      cp_async_wait<0>();
+    } else {
+      for (int u0 = warp; u0 < U; u0 += GV_WARPS * P) {
+#pragma unroll
+        for (int p = 0; p < P; ++p) {
+          const int u = u0 + p * GV_WARPS;
+          if (u >= U) break;
+          uint32_t wa[RT][G::WU], wb[RT][G::WU];
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+            for (int v = 0; v < NV; ++v) {
+              wa[rt][4 * v] = qa[p][rt][v].x; wa[rt][4 * v + 1] = qa[p][rt][v].y;
+              wa[rt][4 * v + 2] = qa[p][rt][v].z; wa[rt][4 * v + 3] = qa[p][rt][v].w;
+              wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
+              wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
+            }
+          const int un = u + GV_WARPS * P;
+          if (un < U) {
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+              for (int v = 0; v < NV; ++v) {
+                if (tok[rt]) {
+                  qa[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v);
+                  qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v + 32);
+                }
+              }
+          }
+          gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
+        }
+      }
+    }
+
+    // The next group's first units go in flight now, under this group's epilogue and the next
+    // group's table build.
+    if (next < groups) {
+      set_group(next);
+      prefetch();
+    }
+
+    // 6. Outliers (x rows 8i + 2q + {0, 1}), after the main loop: their lists have arrived and x is
+    //    in L1. Entries past the first OUTR of this lane are read now.
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+#pragma unroll
+        for (int o = 0; o < OUTR; ++o) {
+          const int col = oc[rt][rr][o];
+          if (col >= 0) {
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+              for (int jj = 0; jj < 2; ++jj) {
+                const int m = 8 * i + 2 * q + jj;
+                if (m < M)
+                  acc[rt][i][2 * rr + jj] =
+                      fmaf(ov[rt][rr][o], Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
+              }
+          }
+        }
+        for (int j = cb[rt][rr] + OUTR * GV_WARPS; j < ce[rt][rr]; j += GV_WARPS) {
+          const float v = load_f(vals, vals_f32, j);
+          const int col = cols[j];
 #pragma unroll
           for (int i = 0; i < MT; ++i)
 #pragma unroll
             for (int jj = 0; jj < 2; ++jj) {
               const int m = 8 * i + 2 * q + jj;
-              if (m < M) acc[0][i][2 * rr + jj] = fmaf(ov[rr][o], Cvt<T>::f(x[(size_t)m * K + col]), acc[0][i][2 * rr + jj]);
+              if (m < M) acc[rt][i][2 * rr + jj] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
             }
         }
       }
-#pragma unroll 4
-      for (int j = cb[rr] + OUTR * NW; j < ce[rr]; j += NW) {
-        const float v = load_f(vals, vals_f32, j);
-        const int col = cols[j];
-#pragma unroll
-        for (int i = 0; i < MT; ++i)
-#pragma unroll
-          for (int jj = 0; jj < 2; ++jj) {
-            const int m = 8 * i + 2 * q + jj;
-            if (m < M) acc[0][i][2 * rr + jj] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), acc[0][i][2 * rr + jj]);
-          }
-      }
-    }
 
-    // 5. The next tile's 16-entry tables (this tile's build is done with lt: barrier B), then a
-    //    fixed-order reduction over warps: deterministic, no atomics. C fragment: acc[0][i][j] =
-    //    y[m = 8i + 2q + (j&1)][n0 + g + 8(j>>1)]. After barrier C every warp is past its main
-    //    loop, so the next tile's build may overwrite the pair tables; red is read before the next
-    //    tile's barrier B, and written again only after it.
-    if (next < tiles) store_lt();
-    constexpr int PER = MT * 4;
+    // 7. Fixed-order reduction over warps. C fragment of row tile rt: acc[rt][i][j] =
+    //    y[m = 8i + 2q + (j&1)][n0 + 16rt + g + 8(j>>1)].
+    __syncthreads();  // everyone is done with the tables (red aliases them)
+    constexpr int PER = RT * MT * 4;
 #pragma unroll
-    for (int i = 0; i < MT; ++i)
-      reinterpret_cast<float4*>(red + (warp * 32 + lane) * PER)[i] =
-          make_float4(acc[0][i][0], acc[0][i][1], acc[0][i][2], acc[0][i][3]);
-    __syncthreads();  // barrier C
-    for (int idx = tid; idx < 32 * PER; idx += THREADS) {
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+        *reinterpret_cast<float4*>(red + (warp * 32 + lane) * PER + (rt * MT + i) * 4) =
+            make_float4(acc[rt][i][0], acc[rt][i][1], acc[rt][i][2], acc[rt][i][3]);
+    __syncthreads();
+    for (int idx = tid; idx < 32 * PER; idx += GV_THREADS) {
       float s = 0.f;
 #pragma unroll
-      for (int w = 0; w < NW; ++w) s += red[w * 32 * PER + idx];
-      const int l = idx / PER, i = (idx / 4) % MT, j = idx & 3;
-      const int m = 8 * i + 2 * (l & 3) + (j & 1), n = n0 + (l >> 2) + 8 * (j >> 1);
+      for (int w = 0; w < GV_WARPS; ++w) s += red[w * 32 * PER + idx];
+      const int l = idx / PER, rt = (idx / (MT * 4)) % RT, i = (idx / 4) % MT, j = idx & 3;
+      const int m = 8 * i + 2 * (l & 3) + (j & 1), n = n0 + 16 * rt + (l >> 2) + 8 * (j >> 1);
       if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(s);
     }
+    __syncthreads();  // red is read before the next group's tables overwrite it
   }
-  cp_async_wait<0>();  // no copy into shared memory outlives the block
 }
 
 // ---- GEMM (prefill) ----
@@ -763,34 +758,33 @@ __global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __
   for (int w = 0; w < G::WU; ++w) d[(w >> 2) * 256 + (w & 3)] = out[w];
 }
 
-// NW warps per block share one set of pair tables; S ring slots of codes per warp.
-template <class T, int BITS, int MT, bool XVEC, int NW, int S>
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool ASYNC = false>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
-  constexpr int smem = GvLayout<BITS, MT, NW, S>::BYTES;
-  auto kern = lut_gemv_kernel<T, BITS, MT, XVEC, NW, S>;
+  constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT, ASYNC, P>();
+  auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, ASYNC>;
   // Tables above 48 KiB need the opt-in, once per device for each instantiation.
   static std::atomic<uint64_t> configured{0};
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
   const uint64_t bit = 1ull << (dev & 63);
   if (!(configured.load() & bit)) {
-    cuda_check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+    cuda_check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                "lutMatmul: cudaFuncSetAttribute");
     configured.fetch_or(bit);
   }
-  // One wave of blocks (they walk the row tiles): no tail wave, and each block's prologue latency
-  // is paid once.
+  // One wave of blocks (they walk the row-tile groups): no tail wave, and each block's prologue
+  // latency is paid once.
   static int wave[64] = {0};
   if (wave[dev & 63] == 0) {
     int per_sm = 0, sms = 0;
-    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, NW * 32, smem), "lutMatmul: occupancy");
+    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, GV_THREADS, smem), "lutMatmul: occupancy");
     cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "lutMatmul: SM count");
     wave[dev & 63] = per_sm * sms > 0 ? per_sm * sms : 1;
   }
-  const int tiles = (N + 15) / 16;
-  const int blocks = tiles < wave[dev & 63] ? tiles : wave[dev & 63];
-  kern<<<dim3(blocks), dim3(NW * 32), smem, st>>>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U);
+  const int groups = ((N + 15) / 16 + RT - 1) / RT;
+  const int blocks = groups < wave[dev & 63] ? groups : wave[dev & 63];
+  kern<<<dim3(blocks), dim3(GV_THREADS), smem, st>>>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U);
 }
 
 template <class T, int BITS>
@@ -808,37 +802,34 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
   const bool vf = vals && vals->dtype == DType::F32;
   const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(xp) % 16 == 0);
   const int U = (int)d.U;
-  // The unvectorised activation path (K % 8 != 0 or x unaligned) takes the GEMV only up to 16 rows.
+  // The unvectorised activation path (K % 8 != 0 or x unaligned) keeps few registers free: it
+  // takes the GEMV only up to 16 rows.
   if (M <= 16 || (vec && M <= 64)) {
     const uint4* q4 = codes.ptr<uint4>();
     const void* lp = lut.data();
-    // Ring slots per warp (units of codes in flight: S - 1 per warp, 16 warps per SM): 80 KB (4-bit)
-    // / 96 KB (3-bit) per SM by default, with the rest of the 256 KB left to L1 for x.
-    constexpr int SD = BITS == 4 ? 6 : 3;
-#define SQZ_GEMV(MT, XV, NW, S) \
-  launch_gemv<T, BITS, MT, XV, NW, S>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
-    // Tuning (f16, vectorised, M <= 8): SQUEEZELM_LUT_GEMV=1 / 2 takes a shallower / deeper code
-    // ring (4-bit 4 / 8 slots, 3-bit 2 / 4); 3 (3-bit) two 8-warp blocks per SM instead of one
-    // 16-warp block (each block's barriers then overlap the other's work). Read per call so a
-    // benchmark can sweep it.
-    const char* tune = std::is_same<T, __half>::value && vec && M <= 8 ? std::getenv("SQUEEZELM_LUT_GEMV") : nullptr;
+    constexpr int P1 = BITS == 4 ? 2 : 1;  // units in flight per warp, 1 block of 16 rows
+    constexpr int P2 = BITS == 4 ? 4 : 1;  // the same with 2 row tiles per block
+#define SQZ_GEMV(MT, P, XV, MINB, RT) \
+  launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
+    // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1,2,4..7 picks another prefetch
+    // depth / occupancy / rows per block; read per call so a benchmark can sweep it.
+    const char* tune = std::is_same<T, __half>::value && vec && M <= 16 ? std::getenv("SQUEEZELM_LUT_GEMV") : nullptr;
     const int variant = tune ? std::atoi(tune) : 0;
-    if constexpr (BITS == 3) {
-      if (variant == 3) {
-        SQZ_GEMV(1, true, 8, 3);
-        return;
-      }
-    }
-    if (variant == 1) SQZ_GEMV(1, true, 16, (BITS == 4 ? 4 : 2));
-    else if (variant == 2) SQZ_GEMV(1, true, 16, (BITS == 4 ? 8 : 4));
-    else if (M <= 8 && vec) SQZ_GEMV(1, true, 16, SD);
-    else if (M <= 8) SQZ_GEMV(1, false, 16, SD);
-    else if (!vec) SQZ_GEMV(2, false, 16, SD);
-    else if (M <= 16) SQZ_GEMV(2, true, 16, SD);
-    // 17..64 rows: 8 warps (up to 255 registers: 16 / 32 accumulators and as many activation
-    // registers a lane), with deeper rings for the same bytes in flight (56 / 72 KB per SM).
-    else if (M <= 32) SQZ_GEMV(4, true, 8, (BITS == 4 ? 8 : 4));
-    else SQZ_GEMV(8, true, 8, (BITS == 4 ? 8 : 4));
+    if (variant == 1 && M <= 8) SQZ_GEMV(1, (BITS == 4 ? 4 : 2), true, 2, 1);
+    else if (variant == 2 && M <= 8) SQZ_GEMV(1, (BITS == 4 ? 3 : 2), true, 2, 1);
+    else if (variant == 4 && M <= 8) SQZ_GEMV(1, P2, true, 1, 2);
+    else if (variant == 6 && M <= 8)
+      launch_gemv<T, BITS, 1, (BITS == 4 ? 4 : 2), true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+    else if (variant == 7 && M <= 8)
+      launch_gemv<T, BITS, 1, (BITS == 4 ? 5 : 3), true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+    else if (variant == 5 && M > 8) SQZ_GEMV(2, P1, true, 2, 1);
+    else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
+    else if (M <= 8) SQZ_GEMV(1, P1, false, 2, 1);
+    else if (!vec) SQZ_GEMV(2, P1, false, 2, 1);
+    // More activation rows: 2 row tiles per block halve the activation traffic from L2.
+    else if (M <= 16) SQZ_GEMV(2, P2, true, 1, 2);
+    else if (M <= 32) SQZ_GEMV(4, (BITS == 4 ? 2 : 1), true, 1, 2);
+    else SQZ_GEMV(8, 1, true, 1, (BITS == 4 ? 2 : 1));
 #undef SQZ_GEMV
   } else {
     constexpr size_t smem = pgemm_smem_bytes<BITS>();
