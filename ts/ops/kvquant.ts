@@ -127,7 +127,10 @@ export interface KvqAttentionOptions {
   sinkRows?: Tensor;
   /** f32 scratch of kvqAttentionWorkspaceSize(...) elements (CUDA; required while capturing a graph). */
   workspace?: Tensor;
-  /** CUDA kernel: 0 (default) tensor-core flash-decoding, 1 the previous scalar flash kernel (comparisons only). */
+  /**
+   * CUDA kernel: 0 (default) flash-decoding; 1 the experimental tensor-core kernel (faster, but
+   * outside the 2e-3 accuracy contract on some shapes; comparisons only).
+   */
   variant?: 0 | 1;
 }
 
