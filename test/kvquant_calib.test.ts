@@ -29,8 +29,8 @@ afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
 describe('kvquant calibration', () => {
   for (const bits of [2, 3, 4]) {
-    test(`bounds at the outlier percentile, sorted codebooks in [-1, 1] (${bits}-bit)`, () => {
-      const T = 2000, H = 2, D = 16, HD = H * D, share = 0.02;
+    test(`bounds at the key clip percentile (default half the outlier share), sorted codebooks in [-1, 1] (${bits}-bit)`, () => {
+      const T = 2000, H = 2, D = 16, HD = H * D, share = 0.02, clip = share / 2;
       const layers = [samples(T, H, D, 10 + bits), samples(T, H, D, 20 + bits)];
       const cal = calibrateFromSamples(layers.map((l) => l.keys), layers.map((l) => l.values),
         { bits, outliers: share, sink: 4, kvHeads: H, headDim: D, iterations: 10 });
@@ -41,15 +41,15 @@ describe('kvquant calibration', () => {
         expect(l.keyHi).toHaveLength(HD);
         const K = layers[li].keys;
         for (let c = 0; c < HD; c++) {
-          // the share of samples outside each bound is share/2 (up to one sample of interpolation)
+          // the share of samples outside each bound is clip/2 (up to one sample of interpolation)
           let below = 0, above = 0;
           for (let t = 0; t < T; t++) { if (K[t * HD + c] < l.keyLo[c]) below++; if (K[t * HD + c] > l.keyHi[c]) above++; }
-          expect(Math.abs(below - (share / 2) * T)).toBeLessThanOrEqual(1.5);
-          expect(Math.abs(above - (share / 2) * T)).toBeLessThanOrEqual(1.5);
-          // and the bounds follow the channel's own scale: about +-2.33 sigma for a 1% tail
+          expect(Math.abs(below - (clip / 2) * T)).toBeLessThanOrEqual(1.5);
+          expect(Math.abs(above - (clip / 2) * T)).toBeLessThanOrEqual(1.5);
+          // and the bounds follow the channel's own scale: about +-2.58 sigma for a 0.5% tail
           const z = (l.keyHi[c] - layers[li].off[c]) / layers[li].sc[c];
-          expect(z).toBeGreaterThan(1.9);
-          expect(z).toBeLessThan(2.8);
+          expect(z).toBeGreaterThan(2.1);
+          expect(z).toBeLessThan(3.2);
         }
         for (const cb of [l.keyCodebook, l.valueCodebook]) {
           expect(cb).toHaveLength(1 << bits);
@@ -149,5 +149,17 @@ describe('kvquant calibration', () => {
     expect(codeOf(() => calibrateFromSamples([s.keys], [s.values.subarray(1)], { bits: 2, kvHeads: 1, headDim: 8 }))).toBe('ERR_SHAPE');
     expect(codeOf(() => calibrateFromSamples([s.keys], [], { bits: 2, kvHeads: 1, headDim: 8 }))).toBe('ERR_ARG');
     expect(codeOf(() => calibrateFromSamples([s.keys], [s.values], { bits: 2, kvHeads: 1, headDim: 8, outliers: 0.7 }))).toBe('ERR_ARG');
+    expect(codeOf(() => calibrateFromSamples([s.keys], [s.values], { bits: 2, kvHeads: 1, headDim: 8, keyClip: 0.5 }))).toBe('ERR_ARG');
+  });
+
+  test('an explicit key clip share sets the bounds', () => {
+    const T = 4000, s = samples(T, 1, 8, 9), clip = 0.04;
+    const cal = calibrateFromSamples([s.keys], [s.values], { bits: 3, outliers: 0.01, keyClip: clip, kvHeads: 1, headDim: 8, iterations: 5 });
+    for (let c = 0; c < 8; c++) {
+      let below = 0, above = 0;
+      for (let t = 0; t < T; t++) { if (s.keys[t * 8 + c] < cal.layers[0].keyLo[c]) below++; if (s.keys[t * 8 + c] > cal.layers[0].keyHi[c]) above++; }
+      expect(Math.abs(below - (clip / 2) * T)).toBeLessThanOrEqual(1.5);
+      expect(Math.abs(above - (clip / 2) * T)).toBeLessThanOrEqual(1.5);
+    }
   });
 });

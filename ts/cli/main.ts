@@ -31,7 +31,7 @@ usage:
       picks the sensitive outliers by their error after a first fit; --rtn: uniform baseline
   squeezelm convert FILE.pt --model DIR --out DIR (upstream SqueezeLLM checkpoint)
   squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2|3|4 --out FILE [--outliers PCT]
-                [--sink N] [--windows N] [--no-sensitivity] [--key-per-token] [--post-rope] [--uniform]
+                [--key-clip PCT] [--sink N] [--windows N] [--no-sensitivity] [--key-per-token] [--post-rope] [--uniform]
       calibrates the KVQuant cache quantizer (safetensors; docs/kvquant.md)
   squeezelm ppl [--model DIR] --data FILE [--windows N] [--window L] [--device D]
                 [--batch B] [--kv-bits 2|3|4 --kv-calib FILE | --kv-bits 16] [--decode]

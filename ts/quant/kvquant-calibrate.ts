@@ -33,7 +33,9 @@ export interface CalibrateKvOptions {
   bits: number;
   /** Outlier share (default 0.01). */
   outliers?: number;
-  /** fp16 sink tokens (default 1). */
+  /** Share of each key channel's samples outside its bounds (default: half the outlier share). */
+  keyClip?: number;
+  /** fp16 sink tokens (default 4). */
   sink?: number;
   keyPerToken?: boolean;
   postRope?: boolean;
@@ -53,7 +55,7 @@ export interface CalibrateKvOptions {
 export async function calibrateKv(model: Model, windows: Int32Array[], o: CalibrateKvOptions): Promise<KvqCalibration> {
   const cfg = model.config;
   const H = cfg.numKvHeads, D = cfg.headDim, Hq = cfg.numHeads, HD = H * D, half = D / 2;
-  const sink = o.sink ?? 1;
+  const sink = o.sink ?? 4;
   if (!Number.isInteger(sink) || sink < 0) throw new SqueezeError('ERR_ARG', `calibrate-kv: sink must be a non-negative integer, got ${sink}`);
   if (model.kvCache.quantized) throw new SqueezeError('ERR_ARG', 'calibrate-kv: calibrate a model loaded with the unquantized cache');
   const keys: Float32Array[][] = Array.from({ length: cfg.numLayers }, () => []);
@@ -116,14 +118,15 @@ export async function calibrateKv(model: Model, windows: Int32Array[], o: Calibr
   };
   if (keys[0].reduce((a, x) => a + x.length, 0) === 0) throw new SqueezeError('ERR_ARG', 'calibrate-kv: no tokens past the sink to calibrate on');
   return calibrateFromSamples(keys.map(cat), vals.map(cat), {
-    bits: o.bits, outliers: o.outliers ?? 0.01, sink, kvHeads: H, headDim: D, keyPerToken: o.keyPerToken, postRope: o.postRope,
+    bits: o.bits, outliers: o.outliers ?? 0.01, keyClip: o.keyClip, sink, kvHeads: H, headDim: D, keyPerToken: o.keyPerToken, postRope: o.postRope,
     codebook: o.codebook, iterations: o.iterations, maxSamples: o.maxSamples,
     keyWeights: o.sensitivity === false ? undefined : qsq.map((x) => Float32Array.from(x)),
   });
 }
 
 const USAGE = `usage: squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2|3|4 --out FILE
-         [--outliers PCT (default 1)] [--sink N (default 1)] [--windows N] [--device D]
+         [--outliers PCT (default 1)] [--key-clip PCT (default: half of --outliers)] [--sink N (default 4)]
+         [--windows N] [--device D]
          [--no-sensitivity] [--key-per-token] [--post-rope] [--uniform]   (docs/kvquant.md)`;
 
 /** `squeezelm calibrate-kv ...` */
@@ -135,7 +138,7 @@ export async function calibrateKvCommand(argv: string[], defaultModel: string): 
     if (!a.startsWith('--')) throw new SqueezeError('ERR_ARG', `calibrate-kv: unexpected argument '${a}'\n${USAGE}`);
     const name = a.slice(2);
     if (BOOL.has(name)) f[name] = true;
-    else if (['model', 'calib', 'bits', 'out', 'outliers', 'sink', 'windows', 'device', 'batch'].includes(name)) {
+    else if (['model', 'calib', 'bits', 'out', 'outliers', 'key-clip', 'sink', 'windows', 'device', 'batch'].includes(name)) {
       if (i + 1 >= argv.length) throw new SqueezeError('ERR_ARG', `--${name} needs a value`);
       f[name] = argv[++i];
     } else throw new SqueezeError('ERR_ARG', `calibrate-kv: unknown option --${name}\n${USAGE}`);
@@ -157,13 +160,15 @@ export async function calibrateKvCommand(argv: string[], defaultModel: string): 
   if (!fs.existsSync(path.join(dir, 'config.json'))) throw new SqueezeError('ERR_ARG', `--model: ${dir} has no config.json`);
   const pct = num('outliers', 1)!;
   if (!(pct >= 0 && pct < 50)) throw new SqueezeError('ERR_ARG', `--outliers is a percentage in [0, 50), got ${pct}`);
+  const clip = num('key-clip', pct / 2)!;
+  if (!(clip >= 0 && clip < 50)) throw new SqueezeError('ERR_ARG', `--key-clip is a percentage in [0, 50), got ${clip}`);
   const batch = num('batch', 4)!;
   const model = await loadModel(dir, { device: typeof f.device === 'string' ? f.device : 'auto', maxBatch: batch });
   try {
     const data = loadPplData(model, calib, { windows: num('windows') });
     const t0 = performance.now();
     const cal = await calibrateKv(model, data.windows, {
-      bits, outliers: pct / 100, sink: num('sink', 1), keyPerToken: !!f['key-per-token'], postRope: !!f['post-rope'],
+      bits, outliers: pct / 100, keyClip: clip / 100, sink: num('sink', 4), keyPerToken: !!f['key-per-token'], postRope: !!f['post-rope'],
       codebook: f.uniform ? 'uniform' : 'kmeans', batch, sensitivity: !f['no-sensitivity'],
     });
     saveKvqCalibration(out, cal);
