@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "../common/ptx.cuh"
+
 namespace sqz::cuda::gemm_detail {
 
 template <class T> __device__ __forceinline__ float to_f(T v);
@@ -26,15 +28,7 @@ template <> __device__ __forceinline__ float2 pair_to_f2<__nv_bfloat16>(uint32_t
   return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
 }
 
-// Weights are streamed once: read through the non-coherent path without allocating in L1,
-// so L1 keeps the activations every warp rereads.
-__device__ __forceinline__ uint4 ld_stream(const void* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
+// ld_stream (weights are streamed once) comes from common/ptx.cuh.
 
 // Activations: read-only for the kernel's lifetime and reread by many warps, so they go
 // through L1. volatile keeps the load where it is written: issued with the weight loads of the
