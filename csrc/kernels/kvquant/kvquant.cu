@@ -1003,17 +1003,22 @@ template <int BITS> __device__ __forceinline__ int value_column(int c) {
   else return c;
 }
 
+// 2-bit: the 8 codes of one nibble stream (one code per nibble, 0..3) as 4 half2 words of
+// codebook values, in nibble order.
+template <int TW>
+__device__ __forceinline__ void lut2_words(const Book<TW>& bk, unsigned codes, unsigned* out) {
+  unsigned lo, hi;
+  lut(bk, codes, lo, hi);        out[0] = prmt(lo, hi, 0x5140); out[1] = prmt(lo, hi, 0x7362);
+  lut(bk, codes >> 16, lo, hi);  out[2] = prmt(lo, hi, 0x5140); out[3] = prmt(lo, hi, 0x7362);
+}
+
 // Codebook values of key block j as the x chunk (pairs 8j..8j+7, first channels) and the y
 // chunk (their partners), each 4 half2 words.
 template <int BITS, int TW>
 __device__ __forceinline__ void key_block(const unsigned* w, int j, const Book<TW>& bk, unsigned* x, unsigned* y) {
   if constexpr (BITS == 2) {
-    const unsigned e = w[j] & 0x33333333u, o = (w[j] >> 2) & 0x33333333u;  // x_i / y_i codes, one per nibble
-    unsigned lo, hi;
-    lut(bk, e, lo, hi);        x[0] = prmt(lo, hi, 0x5140); x[1] = prmt(lo, hi, 0x7362);
-    lut(bk, e >> 16, lo, hi);  x[2] = prmt(lo, hi, 0x5140); x[3] = prmt(lo, hi, 0x7362);
-    lut(bk, o, lo, hi);        y[0] = prmt(lo, hi, 0x5140); y[1] = prmt(lo, hi, 0x7362);
-    lut(bk, o >> 16, lo, hi);  y[2] = prmt(lo, hi, 0x5140); y[3] = prmt(lo, hi, 0x7362);
+    lut2_words(bk, w[j] & 0x33333333u, x);         // x_i codes, one per nibble
+    lut2_words(bk, (w[j] >> 2) & 0x33333333u, y);  // y_i codes
   } else {
     unsigned n[2];
     block_nibbles<BITS>(w, j, n[0], n[1]);
@@ -1030,12 +1035,8 @@ __device__ __forceinline__ void key_block(const unsigned* w, int j, const Book<T
 template <int BITS, int TW>
 __device__ __forceinline__ void value_block(const unsigned* w, int j, const Book<TW>& bk, unsigned* v) {
   if constexpr (BITS == 2) {
-    const unsigned e = w[j] & 0x33333333u, o = (w[j] >> 2) & 0x33333333u;
-    unsigned lo, hi;
-    lut(bk, e, lo, hi);        v[0] = prmt(lo, hi, 0x5140); v[1] = prmt(lo, hi, 0x7362);
-    lut(bk, e >> 16, lo, hi);  v[2] = prmt(lo, hi, 0x5140); v[3] = prmt(lo, hi, 0x7362);
-    lut(bk, o, lo, hi);        v[4] = prmt(lo, hi, 0x5140); v[5] = prmt(lo, hi, 0x7362);
-    lut(bk, o >> 16, lo, hi);  v[6] = prmt(lo, hi, 0x5140); v[7] = prmt(lo, hi, 0x7362);
+    lut2_words(bk, w[j] & 0x33333333u, v);
+    lut2_words(bk, (w[j] >> 2) & 0x33333333u, v + 4);
   } else {
     unsigned n[2];
     block_nibbles<BITS>(w, j, n[0], n[1]);
