@@ -7,26 +7,12 @@
 import { native } from '../ts/native';
 import { Tensor } from '../ts/tensor';
 import { fillRandom, fillRandomInt } from '../ts/ops/elementwise';
-import { KvqCache, KvqLayerCalibration, kvBytesPerToken, kvqAttention, kvqAttentionWorkspaceSize, kvqMetaBytes } from '../ts/ops/kvquant';
+import { KvqCache, KvqLayerCalibration, kvBytesPerToken, kvqAttention, kvqAttentionWorkspaceSize } from '../ts/ops/kvquant';
 import { normalFloatCodebook } from '../ts/quant/kvquant';
 import { BenchContext, BenchResult, row, setsFor, timeCuda } from './harness';
-import { floatToF16 } from '../ts/util/half';
+import { syntheticMeta } from './scale';
 
 const PAGE = 16;
-
-function validMeta(n: number, D: number, nk: number, nv: number, seed: number): Uint8Array {
-  const mb = kvqMetaBytes(nk, nv), out = new Uint8Array(n * mb);
-  let s = seed >>> 0;
-  const rnd = () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 4294967296);
-  const one = new Uint8Array(mb), dv = new DataView(one.buffer);
-  for (let v = 0; v < 64; v++) {
-    dv.setUint16(0, floatToF16(-1 - rnd()), true);
-    dv.setUint16(2, floatToF16(1 + rnd()), true);
-    for (let i = 0; i < nk + nv; i++) { dv.setUint16(4 + 2 * i, floatToF16(rnd() * 8 - 4), true); one[4 + 2 * (nk + nv) + i] = Math.floor(rnd() * D); }
-    for (let r = v; r < n; r += 64) out.set(one, r * mb);
-  }
-  return out;
-}
 
 export async function benchKvquant(ctx: BenchContext): Promise<BenchResult[]> {
   if (!ctx.device) return [];
@@ -72,7 +58,7 @@ export async function benchKvquant(ctx: BenchContext): Promise<BenchResult[]> {
         const c = new KvqCache({ pages, pageSize: PAGE, kvHeads: H, headDim: D, bits, keyOutliers: nk, valueOutliers: nv, sink: 4, maxSeqs: B, device });
         fillRandomInt(c.kCodes, 4 + 10 * i);
         fillRandomInt(c.vCodes, 5 + 10 * i);
-        c.meta.write(validMeta(pages * PAGE * H, D, nk, nv, 6 + i));
+        c.meta.write(syntheticMeta(pages * PAGE * H, D, nk, nv, 6 + i));
         fillRandom(c.sinkK, 7 + 10 * i);
         fillRandom(c.sinkV, 8 + 10 * i);
         caches.push(c);
