@@ -143,6 +143,22 @@ function suite(device: string, tol: number): void {
     expect(py.freeKvPages).toBe(py.kvPages);
   });
 
+  test('requests submitted together are admitted together, also by a model that has not run yet', async () => {
+    // A first generateBatch must batch exactly like later ones: otherwise its tokens (batch
+    // composition changes rounding) differ from the same call made a second time.
+    const m = await createRandomModel(tiny.config.raw, { device, maxBatch: 4, maxContext: 64, seed: 5 });
+    try {
+      const reqs = [{ ids: [1, 2, 3], maxTokens: 3 }, { ids: [4, 5], maxTokens: 3 }, { ids: [6], maxTokens: 3 }];
+      const first = await m.generateBatch(reqs);
+      expect(m.stats.prefills).toBe(1);
+      const second = await m.generateBatch(reqs);
+      expect(m.stats.prefills).toBe(2);
+      for (let i = 0; i < reqs.length; i++) expect(second[i].ids).toEqual(first[i].ids);
+    } finally {
+      await m.dispose();
+    }
+  });
+
   test('errors: bad ids, long prompt, abort frees pages, disposed model', async () => {
     const V = tiny.config.vocabSize;
     const expectCode = (fn: () => unknown, code: string) => {

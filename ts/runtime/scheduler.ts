@@ -190,7 +190,11 @@ export class Scheduler {
 
   private kick(): void {
     if (!this.running) {
-      this.running = this.loop().finally(() => {
+      // The loop starts from a microtask, never inside submit(): requests submitted in one tick
+      // (generateBatch, several generate() calls) are admitted together whether or not a loop was
+      // already running, so the batches a request runs in, and with them its rounding and tokens,
+      // do not depend on what ran before it in the process.
+      this.running = Promise.resolve().then(() => this.loop()).finally(() => {
         this.running = undefined;
         if (!this.closed && (this.pending.length || this.active.length)) this.kick();
       });
