@@ -116,8 +116,9 @@ void launch_gemv_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, i
 // setting over the LLaMA projection shapes on an H200 (bench gemv-tune):
 //   - M <= 2: the FMA kernel; 2 rows per warp with 8 chunks in flight per lane where N <= 8192
 //     and K <= 11008 (4096x4096 76%, 4096x11008 91%, 8192x8192 91% of copy bandwidth), 4 rows
-//     with 2 chunks for wide N at K <= 4096 (11008x4096 89%), 2 rows x 4 chunks at very long K
-//     (8192x28672 100%), 2 x 2 for very wide N (28672x8192 102%);
+//     with 2 chunks for wide N at K <= 4096 (11008x4096 89%; the decode step's fused 12288x4096
+//     q|k|v 93% and 22016x4096 gate|up 93%, where 2 x 2 gave 88%), 2 rows x 4 chunks at very
+//     long K (8192x28672 100%), 2 x 2 for very wide N at longer K (28672x8192 102%);
 //   - M >= 3: the tensor-core kernel (persistent grid). Up to 8 rows: 2 row tiles per block where
 //     N and K are both 8192+ but N is not very wide (8192x8192 90%, 8192x28672 95%), else one
 //     (28672x8192 92%, N = 4096 shapes). More rows: 2 tiles where N >= 8192 (x is reread per
@@ -134,8 +135,8 @@ GemvPlan plan_gemv(int M, int N, int K) {
   if (M <= 2) {
     p.tc = false;
     p.nt = 1;
-    if (N >= 16384) p.r = 2, p.u = 2;
-    else if (N >= 8192 && K <= 4096) p.r = 4, p.u = 2;
+    if (N >= 8192 && K <= 4096) p.r = 4, p.u = 2;
+    else if (N >= 16384) p.r = 2, p.u = 2;
     else if (K >= 16384) p.r = 2, p.u = 4;
     else p.r = 2, p.u = 8;
   } else {
