@@ -86,14 +86,40 @@ __device__ void combine_splits(const Params& p, int64_t qi, int64_t out_row, int
   __syncthreads();  // s_w is free
 }
 
+// Before the wait on the previous kernel (a decode step's q projection and cache append): pull
+// the keys and values of this block's first round (`tokens` from the split's start) into L2, so
+// the round trip to HBM overlaps the previous kernel instead of following it. The length and
+// page table are read speculatively (ld.cg: L2 only, no line is left in L1 to go stale) and feed
+// nothing but prefetch addresses, always inside the pool; everything the kernel computes with is
+// read again after the wait, so this is safe whoever writes those tensors.
+template <class T>
+__device__ __forceinline__ void prefetch_first_round(const Params& p, int tokens) {
+  const int b = blockIdx.y, kvh = blockIdx.x / p.qchunks, t0 = blockIdx.z * p.chunk;
+  const int kend = min(__ldcg(p.seq_lens + b), p.max_pages * p.page_size);
+  const int n = min(tokens, kend - t0);
+  if (n <= 0) return;
+  const int lines = (p.D * (int)sizeof(T) + 127) / 128;  // 128-byte lines per key (and value)
+  const T* kc = static_cast<const T*>(p.kc);
+  const T* vc = static_cast<const T*>(p.vc);
+  for (int i = threadIdx.x; i < n * 2 * lines; i += blockDim.x) {
+    const int t = t0 + i / (2 * lines), part = i % (2 * lines);
+    const int blk = p.page_shift >= 0 ? (t >> p.page_shift) : t / p.page_size;
+    const int page = __ldcg(p.page_table + (int64_t)b * p.max_pages + blk);
+    if (page < 0 || page >= p.pages) continue;
+    const T* row = (part < lines ? kc : vc) + cache_offset(p, page, t, kvh);
+    prefetch_l2(reinterpret_cast<const char*>(row) + 128 * (part % lines));
+  }
+}
+
 // TPK lanes share one key (8 elements each, so D <= 8 * TPK); R query vectors per block.
 template <class T, int TPK, int R>
 __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
-  pdl_wait();  // see pdl.cuh: before any global access
-  pdl_trigger();
   constexpr int SLOTS = 32 / TPK;       // keys a warp reads at once
   constexpr int U = R >= 8 ? 2 : 4;     // key steps in flight per thread
   constexpr int KPW = SLOTS * U;        // keys per warp iteration
+  prefetch_first_round<T>(p, kWarps * KPW);
+  pdl_wait();  // see pdl.cuh: before any global access that matters
+  pdl_trigger();
   __shared__ float s_m[kWarps][R], s_l[kWarps][R];
   extern __shared__ float s_acc[];      // [kWarps][R][D]
 
