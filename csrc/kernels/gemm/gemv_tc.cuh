@@ -138,4 +138,129 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
     __syncthreads();  // red is free for the next tile
   }
 }
+
+// The same product with x in shared memory (gemv_tc_sx_kernel). Above, every block rereads x
+// from L1/L2 for each tile it walks, and at M = 16 with two row tiles x traffic equals the weight
+// traffic: L2, not HBM, sets the pace (Nsight Compute on the H200 at 16 x 11008 x 4096: L2 70% busy,
+// DRAM 56%). Here one block per SM (4 groups of 8 warps) copies all of x into shared memory once
+// and keeps it for every tile its groups walk; each group runs the loop above on its own tiles
+// (K split over its 8 warps, a named barrier per group for the fixed-order reduction), reading
+// its x fragments from shared memory. Rows are stored in 16-byte units, unit u of row r at
+// r * units + (u ^ (r & 7)), so the 8 rows a warp reads at one k hit different banks. x must
+// fit: rows (8, or 16 when M > 8) x K halves, see sx_bytes(); the launcher checks.
+constexpr int kSxGroups = 4;
+
+__host__ __device__ constexpr int sx_units(int K) { return ((K + 31) / 32 * 4 + 7) / 8 * 8; }
+inline size_t sx_bytes(int M, int K) { return (size_t)(M > 8 ? 16 : 8) * sx_units(K) * 16; }
+
+template <class T, int NT, int U, bool TWO>
+__global__ void __launch_bounds__(kSxGroups * kGemvTcWarps * 32, 1)
+    gemv_tc_sx_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                      int M, int N, int K) {
+  constexpr int XR = TWO ? 16 : 8;
+  extern __shared__ __align__(16) uint4 xs[];  // [XR][units], swizzled
+  __shared__ float red[kSxGroups][kGemvTcWarps][NT][32][4];
+  const int tid = threadIdx.x, grp = tid >> 8, warp = (tid >> 5) & 7, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int tiles = (N + 8 * NT - 1) / (8 * NT);
+  const int units = sx_units(K);
+  const int full = K / 32, chunks = (K + 31) / 32;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  const int first = (int)blockIdx.x * kSxGroups + grp, stride = (int)gridDim.x * kSxGroups;
+
+  auto row_ptrs = [&](int tile, const T* (&wr)[NT]) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) wr[j] = w + (size_t)min(tile * 8 * NT + 8 * j + g, N - 1) * K + 8 * t;
+  };
+  if (first < tiles) {
+    const T* wr[NT];
+    row_ptrs(first, wr);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (warp + u * kGemvTcWarps < full)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) prefetch_l2(wr[j] + (size_t)(warp + u * kGemvTcWarps) * 32);
+  }
+  pdl_wait();
+  pdl_trigger();
+
+  // x into shared memory: zeros past M and past K (K % 8 == 0, so a unit is all in or all out).
+  for (int i = tid; i < XR * units; i += blockDim.x) {
+    const int r = i / units, u = i % units;
+    uint4 v = zero;
+    if (r < M && 8 * u < K) v = *reinterpret_cast<const uint4*>(x + (size_t)r * K + 8 * u);
+    xs[r * units + (u ^ (r & 7))] = v;
+  }
+  __syncthreads();
+  const uint4* xr0 = xs + g * units;
+  const uint4* xr1 = xs + (g + 8) * units;
+  auto xa_at = [&](int ch) { return xr0[(4 * ch + t) ^ g]; };
+  auto xb_at = [&](int ch) { return TWO ? xr1[(4 * ch + t) ^ g] : zero; };
+  auto group_sync = [&]() { asm volatile("bar.sync %0, %1;" ::"r"(grp + 1), "r"(kGemvTcWarps * 32) : "memory"); };
+
+  for (int tile = first; tile < tiles; tile += stride) {
+    const int n0 = tile * 8 * NT;
+    const T* wr[NT];
+    row_ptrs(tile, wr);
+    float c[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+    int ch = warp;
+    for (; ch + (U - 1) * kGemvTcWarps < full; ch += U * kGemvTcWarps) {
+      uint4 wv[U][NT];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) wv[u][j] = ld_stream(wr[j] + (size_t)(ch + u * kGemvTcWarps) * 32);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const uint4 xa = xa_at(ch + u * kGemvTcWarps), xb = xb_at(ch + u * kGemvTcWarps);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          mma_16816<T>(c[j], xa.x, xb.x, xa.y, xb.y, wv[u][j].x, wv[u][j].y);
+          mma_16816<T>(c[j], xa.z, xb.z, xa.w, xb.w, wv[u][j].z, wv[u][j].w);
+        }
+      }
+    }
+    // Remaining chunks one at a time; in a partial last chunk lanes past K load no weights
+    // (their x units are zero).
+    for (; ch < chunks; ch += kGemvTcWarps) {
+      const size_t o = (size_t)ch * 32;
+      const bool in = (int)o + 8 * t < K;
+      const uint4 xa = xa_at(ch), xb = xb_at(ch);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint4 wv = in ? ld_stream(wr[j] + o) : zero;
+        mma_16816<T>(c[j], xa.x, xb.x, xa.y, xb.y, wv.x, wv.y);
+        mma_16816<T>(c[j], xa.z, xb.z, xa.w, xb.w, wv.z, wv.w);
+      }
+    }
+
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[grp][warp][j][lane][i] = c[j][i];
+    group_sync();
+    if (warp < NT) {
+      float v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float a = 0.f;
+#pragma unroll
+        for (int k = 0; k < kGemvTcWarps; ++k) a += red[grp][k][warp][lane][i];
+        v[i] = a;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = g + (i >> 1) * 8, n = n0 + 8 * warp + 2 * t + (i & 1);
+        if (m < M && n < N) {
+          float o = v[i];
+          if (bias) o += to_f<T>(bias[n]);
+          y[(size_t)m * N + n] = from_f<T>(o);
+        }
+      }
+    }
+    group_sync();  // red[grp] is free for the group's next tile
+  }
+}
 }  // namespace sqz::cuda::gemm_detail
