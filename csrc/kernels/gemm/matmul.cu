@@ -101,54 +101,6 @@ void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N
   launch_pdl(gemv_tc_kernel<T, NT, U>, dim3(grid), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N, K);
 }
 
-// The shared-x variant (gemv_tc_sx_kernel): one 1024-thread block per SM; false where x does
-// not fit in shared memory (the caller then takes gemv_tc_kernel).
-template <class T, int NT, int U, bool TWO>
-bool launch_gemv_tc_sx_k(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
-  auto kernel = gemv_tc_sx_kernel<T, NT, U, TWO>;
-  struct Info {
-    int sms = 0;
-    size_t limit = 0;
-  };
-  static Info info[64];
-  int dev = 0;
-  cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
-  Info& d = info[dev & 63];
-  if (d.sms == 0) {
-    int sms = 0, optin = 0;
-    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "matmul: SM count");
-    cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "matmul: shared memory");
-    cudaFuncAttributes fa{};
-    cuda_check(cudaFuncGetAttributes(&fa, kernel), "matmul: kernel attributes");
-    const size_t limit = (size_t)optin > fa.sharedSizeBytes ? (size_t)optin - fa.sharedSizeBytes : 0;
-    if (limit > 0)
-      cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)limit),
-                 "matmul: cudaFuncSetAttribute");
-    d.limit = limit;
-    d.sms = sms > 0 ? sms : 1;
-  }
-  const size_t smem = sx_bytes(M, K);
-  if (smem > d.limit) return false;
-  const int tiles = ceil_div(N, 8 * NT);
-  const int grid = std::max(1, std::min(d.sms, (tiles + kSxGroups - 1) / kSxGroups));
-  launch_pdl(kernel, dim3(grid), dim3(kSxGroups * kGemvTcWarps * 32), smem, s, y, x, w, bias, M, N, K);
-  return true;
-}
-
-template <class T>
-bool launch_gemv_tc_sx(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, int nt, int u, cudaStream_t s) {
-  if (M > 8) {
-    if (nt >= 2) return u >= 4 ? launch_gemv_tc_sx_k<T, 2, 4, true>(y, x, w, bias, M, N, K, s)
-                               : launch_gemv_tc_sx_k<T, 2, 2, true>(y, x, w, bias, M, N, K, s);
-    return u >= 4 ? launch_gemv_tc_sx_k<T, 1, 4, true>(y, x, w, bias, M, N, K, s)
-                  : launch_gemv_tc_sx_k<T, 1, 2, true>(y, x, w, bias, M, N, K, s);
-  }
-  if (nt >= 2) return u >= 4 ? launch_gemv_tc_sx_k<T, 2, 4, false>(y, x, w, bias, M, N, K, s)
-                             : launch_gemv_tc_sx_k<T, 2, 2, false>(y, x, w, bias, M, N, K, s);
-  return u >= 4 ? launch_gemv_tc_sx_k<T, 1, 4, false>(y, x, w, bias, M, N, K, s)
-                : launch_gemv_tc_sx_k<T, 1, 2, false>(y, x, w, bias, M, N, K, s);
-}
-
 template <class T>
 void launch_gemv_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, int nt, int u, cudaStream_t s) {
   if (nt >= 4) return launch_gemv_tc_nu<T, 4, 2>(y, x, w, bias, M, N, K, s);
@@ -284,12 +236,6 @@ void run(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tensor* bt,
   // limit, and the tensor-core GEMV keeps 0.9-1.0x cuBLAS up to M = 16 (H100 measurements).
   const GemvPlan plan = M <= 16 ? plan_gemv((int)M, (int)N, (int)K) : GemvPlan{false, 1, 2, 2};
   if (M <= 16 && vec && plan.tc) {
-    // The shared-x kernel where x fits (SQUEEZELM_GEMV_SX=0 turns it off: A/B runs); its own
-    // launch shape: one row tile per group, 4 chunks in flight above 8 rows (NT / TC_U override).
-    if (knob("SQUEEZELM_GEMV_SX", 1) > 0) {
-      const int nt = knob("SQUEEZELM_GEMV_NT", 1), u = knob("SQUEEZELM_GEMV_TC_U", M > 8 ? 4 : 2);
-      if (launch_gemv_tc_sx<T>(y, x, w, bias, (int)M, (int)N, (int)K, nt, u, s)) return;
-    }
     launch_gemv_tc<T>(y, x, w, bias, (int)M, (int)N, (int)K, plan.nt, plan.u, s);
   } else if (M <= 16) {
     launch_gemv<T>(y, x, w, bias, (int)M, (int)N, (int)K, vec, plan.u, plan.r, no_fuse(), s);
