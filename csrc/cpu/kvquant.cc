@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "core/parallel.h"
@@ -46,6 +47,22 @@ void top_n(const float* score, int d, int n, int* idx, std::vector<char>& chosen
     idx[r] = best;
     chosen[best] = 1;
   }
+}
+
+// Per-token quantization of one vector (values; keys in the per-token ablation): the n entries
+// largest in magnitude become outliers (idx, chosen), the others set the range, rounded to fp16 as
+// it is stored, and codes[element(i)] is the codebook entry nearest x[i] in that range.
+template <class Element>
+std::pair<float, float> quantize_per_token(const float* x, int d, int n, const float* cb, int ncb, float* score, int* idx,
+                                           std::vector<char>& chosen, int* codes, Element element) {
+  for (int i = 0; i < d; ++i) score[i] = std::fabs(x[i]);
+  top_n(score, d, n, idx, chosen);
+  float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+  for (int i = 0; i < d; ++i)
+    if (!chosen[i]) { mn = std::fmin(mn, x[i]); mx = std::fmax(mx, x[i]); }
+  const float lo = half_to_float(float_to_half(mn)), hi = half_to_float(float_to_half(mx));
+  for (int i = 0; i < d; ++i) codes[element(i)] = kvq::nearest_code(kvq::normalize(x[i], lo, hi), cb, ncb);
+  return {lo, hi};
 }
 
 void put_half(uint8_t* p, float v) {
@@ -173,13 +190,8 @@ void append_rows(const Cache& c, const Calib& cal, const Rows& src, const Tensor
       std::memset(r.meta, 0, mbytes);
       if (per_token) {
         // keys: per token-head vector, like values
-        for (int i = 0; i < D; ++i) score[i] = std::fabs(kx[i]);
-        top_n(score.data(), (int)D, c.nk, kidx.data(), chosen);
-        float mn = std::numeric_limits<float>::infinity(), mx = -mn;
-        for (int i = 0; i < D; ++i)
-          if (!chosen[i]) { mn = std::fmin(mn, kx[i]); mx = std::fmax(mx, kx[i]); }
-        const float lo16 = half_to_float(float_to_half(mn)), hi16 = half_to_float(float_to_half(mx));
-        for (int i = 0; i < D; ++i) codes[kvq::key_element(i, (int)D)] = kvq::nearest_code(kvq::normalize(kx[i], lo16, hi16), kcb, ncb);
+        const auto [lo16, hi16] = quantize_per_token(kx.data(), (int)D, c.nk, kcb, ncb, score.data(), kidx.data(), chosen,
+                                                     codes.data(), [&](int i) { return kvq::key_element(i, (int)D); });
         uint8_t* kr = r.meta + kvq::key_range_offset(c.nk, c.nv);
         put_half(kr, lo16);
         put_half(kr + 2, hi16);
@@ -196,13 +208,8 @@ void append_rows(const Cache& c, const Calib& cal, const Rows& src, const Tensor
       }
       pack(r.kc, cbytes, codes.data(), (int)D, c.bits);
       // values: per token, min/max without the outliers
-      for (int i = 0; i < D; ++i) score[i] = std::fabs(vx[i]);
-      top_n(score.data(), (int)D, c.nv, vidx.data(), chosen);
-      float mn = std::numeric_limits<float>::infinity(), mx = -mn;
-      for (int i = 0; i < D; ++i)
-        if (!chosen[i]) { mn = std::fmin(mn, vx[i]); mx = std::fmax(mx, vx[i]); }
-      const float vlo = half_to_float(float_to_half(mn)), vhi = half_to_float(float_to_half(mx));
-      for (int i = 0; i < D; ++i) codes[i] = kvq::nearest_code(kvq::normalize(vx[i], vlo, vhi), vcb, ncb);
+      const auto [vlo, vhi] = quantize_per_token(vx.data(), (int)D, c.nv, vcb, ncb, score.data(), vidx.data(), chosen,
+                                                 codes.data(), [](int i) { return i; });
       pack(r.vc, cbytes, codes.data(), (int)D, c.bits);
       put_half(r.meta, vlo);
       put_half(r.meta + 2, vhi);
