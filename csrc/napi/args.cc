@@ -133,4 +133,17 @@ void Args::shape_is(const Tensor& t, const char* name, const std::vector<int64_t
   }
 }
 
+void Args::workspace(const Tensor& ws, const Tensor& q, int64_t need, const char* size_fn) const {
+  dtype_in(ws, "workspace", {DType::F32});
+  same_device({{&q, "q"}, {&ws, "workspace"}});
+  if (ws.numel() < need)
+    error("ERR_SHAPE", "workspace has " + std::to_string(ws.numel()) + " f32, needs " + std::to_string(need) + " (" +
+                           size_fn + ")");
+}
+
+void Args::tensor_is(const Tensor& t, const char* name, DType dtype, const std::vector<int64_t>& shape) const {
+  dtype_in(t, name, {dtype});
+  shape_is(t, name, shape);
+}
+
 }  // namespace sqz::napi

@@ -39,6 +39,11 @@ class Args {
   void ndim(const Tensor& t, const char* name, int n) const;
   // Expected shape; -1 matches anything.
   void shape_is(const Tensor& t, const char* name, const std::vector<int64_t>& expected) const;
+  // A caller-provided f32 scratch tensor on q's device with at least `need` elements (size_fn:
+  // the TypeScript function that computes the size, named in the error).
+  void workspace(const Tensor& ws, const Tensor& q, int64_t need, const char* size_fn) const;
+  // Both: dtype first (ERR_DTYPE), then shape (ERR_SHAPE).
+  void tensor_is(const Tensor& t, const char* name, DType dtype, const std::vector<int64_t>& shape) const;
   [[noreturn]] void error(const char* code, const std::string& msg) const;
 
  private:

@@ -118,11 +118,7 @@ SQZ_OP(attention) {
                                                         (int)max_seq_len);
   Tensor work;
   if (ws) {
-    a.dtype_in(*ws, "workspace", {DType::F32});
-    a.same_device({{&q, "q"}, {&*ws, "workspace"}});
-    if (ws->numel() < need)
-      a.error("ERR_SHAPE", "workspace has " + std::to_string(ws->numel()) + " f32, needs " + std::to_string(need) +
-                               " (attentionWorkspaceSize)");
+    a.workspace(*ws, q, need, "attentionWorkspaceSize");
     work = *ws;
   } else if (need > 0) {
     // A pooled buffer would be handed to other tensors between replays of a graph.

@@ -181,11 +181,7 @@ SQZ_OP(kvqAttention) {
     const int64_t need = cuda::kvq_attention_workspace_floats(q.device.index, q.dim(0), q.dim(1), p.c.kv_heads,
                                                               p.c.head_dim, (int)max_seq);
     if (ws) {
-      a.dtype_in(*ws, "workspace", {DType::F32});
-      a.same_device({{&q, "q"}, {&*ws, "workspace"}});
-      if (ws->numel() < need)
-        a.error("ERR_SHAPE", "workspace has " + std::to_string(ws->numel()) + " f32, needs " + std::to_string(need) +
-                                 " (kvqAttentionWorkspaceSize)");
+      a.workspace(*ws, q, need, "kvqAttentionWorkspaceSize");
       work = ws->ptr<float>();
       work_n = ws->numel();
     } else if (cuda_capturing(q.device.index)) {
@@ -231,8 +227,7 @@ SQZ_OP(kvqRopeAppend) {
     else a.dtype_in(*qo, "qOut", {DType::F32, DType::F16, DType::BF16});
     a.shape_is(*qo, "qOut", {N, Hq, D});
   }
-  a.dtype_in(pos, "positions", {DType::I32});
-  a.shape_is(pos, "positions", {N});
+  a.tensor_is(pos, "positions", DType::I32, {N});
   a.dtype_in(freq, "invFreq", {DType::F32});
   if (freq.numel() != D / 2) a.error("ERR_SHAPE", "invFreq " + freq.shape_str() + " must hold D/2 values");
   sink_rows_arg(a, p.c, 21, pt.ndim() == 2 ? pt.dim(0) : 0);

@@ -102,8 +102,7 @@ SQZ_OP(kmeansRows) {
   const int64_t E = lut.dim(1);
   if (E < 2 || E > 256 || (E & (E - 1)) != 0) a.error("ERR_SHAPE", "lut must be [N, 2^bits] with 1 <= bits <= 8");
   a.shape_is(lut, "lut", {N, E});
-  a.dtype_in(codes, "codes", {DType::U8});
-  a.shape_is(codes, "codes", {N, K});
+  a.tensor_is(codes, "codes", DType::U8, {N, K});
   a.dtype_in(s, "sens", {DType::F32, DType::F16});
   if (s.ndim() == 1) a.shape_is(s, "sens", {K});
   else a.shape_is(s, "sens", {N, K});
@@ -133,20 +132,13 @@ SQZ_OP(gptqRefitRows) {
   const int64_t E = lut.dim(1);
   if (E < 2 || E > 256) a.error("ERR_SHAPE", "lut must be [N, E] with 2 <= E <= 256");
   a.shape_is(lut, "lut", {N, E});
-  a.dtype_in(codes, "codes", {DType::U8});
-  a.shape_is(codes, "codes", {N, K});
-  a.dtype_in(q, "q", {DType::F32});
-  a.shape_is(q, "q", {N, K});
-  a.dtype_in(err, "err", {DType::F32});
-  a.shape_is(err, "err", {N, 2});
-  a.dtype_in(out, "out", {DType::U8});
-  a.shape_is(out, "out", {N, K});
-  a.dtype_in(h, "h", {DType::F32});
-  a.shape_is(h, "h", {K, K});
-  a.dtype_in(u, "u", {DType::F32});
-  a.shape_is(u, "u", {K, K});
-  a.dtype_in(perm, "perm", {DType::I32});
-  a.shape_is(perm, "perm", {K});
+  a.tensor_is(codes, "codes", DType::U8, {N, K});
+  a.tensor_is(q, "q", DType::F32, {N, K});
+  a.tensor_is(err, "err", DType::F32, {N, 2});
+  a.tensor_is(out, "out", DType::U8, {N, K});
+  a.tensor_is(h, "h", DType::F32, {K, K});
+  a.tensor_is(u, "u", DType::F32, {K, K});
+  a.tensor_is(perm, "perm", DType::I32, {K});
   a.same_device({{&lut, "lut"}, {&codes, "codes"}, {&q, "q"}, {&err, "err"}, {&w, "w"}, {&out, "out"}, {&h, "h"},
                  {&u, "u"}, {&perm, "perm"}});
   if (!w.device.is_cpu()) a.error("ERR_DEVICE", "runs on CPU tensors only");
