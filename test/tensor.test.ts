@@ -96,6 +96,16 @@ describe('Tensor on cpu', () => {
     expect(((await later) as Float32Array).every((v) => v === 1)).toBe(true);
   });
 
+  test('a move to another device takes the contents as of the call, not those of ops queued after it', async () => {
+    const src = Tensor.from(new Float32Array(1 << 16).fill(1), [1 << 16]);
+    const t = Tensor.from(new Float32Array(1 << 16).fill(2), [1 << 16]);
+    const first = t.to('cpu');
+    for (let i = 0; i < 8; i++) ops.copy(t, src);  // queued after the move: not in it
+    const later = t.to('cpu');
+    expect(((await (await first).toArray()) as Float32Array).every((v) => v === 2)).toBe(true);
+    expect(((await (await later).toArray()) as Float32Array).every((v) => v === 1)).toBe(true);
+  });
+
   test('dispose is idempotent and a disposed tensor is refused', async () => {
     const t = Tensor.from(new Float32Array(4), [4]);
     const u = Tensor.empty([4]);

@@ -78,7 +78,7 @@ export class Tensor {
   get byteLength(): number { return this.native.byteLength; }
   get numel(): number { return this.shape.reduce((a, b) => a * b, 1); }
 
-  /** A copy on another device. */
+  /** A copy on another device; a CPU source is taken as of this call, like toArray(). */
   async to(device: string): Promise<Tensor> {
     return new Tensor(await this.native.to(resolveDevice(device)));
   }

@@ -126,19 +126,25 @@ class ToHostWorker : public CodedWorker {
  public:
   // A CPU tensor is copied by a task queued now, behind the ops already queued and ahead of any
   // queued later: the result is the tensor as of this call, even if later ops overwrite it.
+  // The buffer is sized off the JS thread: in that task, or in run() for a CUDA tensor.
   ToHostWorker(Napi::Env env, Tensor t) : CodedWorker(env), t_(std::move(t)) {
-    data_ = std::make_shared<std::vector<uint8_t>>(t_.nbytes());
+    data_ = std::make_shared<std::vector<uint8_t>>();
     if (t_.device.is_cpu()) {
       auto buf = data_;
       Tensor src = t_;
       ticket_ = cpu_enqueue([buf, src] {
+        buf->resize(src.nbytes());
         if (!buf->empty()) std::memcpy(buf->data(), src.data(), buf->size());
       });
     }
   }
   void run() override {
-    if (t_.device.is_cpu()) cpu_wait(ticket_);
-    else cuda_copy_d2h_sync(t_.device.index, data_->data(), t_.data(), data_->size());
+    if (t_.device.is_cpu()) {
+      cpu_wait(ticket_);
+    } else {
+      data_->resize(t_.nbytes());
+      cuda_copy_d2h_sync(t_.device.index, data_->data(), t_.data(), data_->size());
+    }
   }
   void OnOK() override {
     Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(Env(), data_->size());
@@ -153,21 +159,30 @@ class ToHostWorker : public CodedWorker {
   std::shared_ptr<std::vector<uint8_t>> data_;
 };
 
-// Copies a tensor to another device once its pending writes are done.
+// Copies a tensor to another device once its pending writes are done. A CPU source is copied by
+// a task queued now, like ToHostWorker's read: the copy holds the tensor as of this call, even if
+// ops queued later overwrite it.
 class ToDeviceWorker : public CodedWorker {
  public:
   ToDeviceWorker(Napi::Env env, Tensor src, Tensor dst) : CodedWorker(env), src_(std::move(src)), dst_(std::move(dst)) {
-    if (src_.device.is_cpu()) ticket_ = cpu_last_ticket();
+    if (src_.device.is_cpu()) {
+      Tensor s = src_, d = dst_;
+      ticket_ = cpu_enqueue([s, d] {
+        const size_t n = s.nbytes();
+        if (n == 0) return;
+        if (d.device.is_cpu()) {
+          std::memcpy(d.data(), s.data(), n);
+        } else {
+          cuda_copy_h2d(d.device.index, d.data(), s.data(), n);
+          cuda_synchronize(d.device.index);
+        }
+      });
+    }
   }
   void run() override {
     size_t n = src_.nbytes();
     if (src_.device.is_cpu()) {
       cpu_wait(ticket_);
-      if (dst_.device.is_cpu()) std::memcpy(dst_.data(), src_.data(), n);
-      else {
-        cuda_copy_h2d(dst_.device.index, dst_.data(), src_.data(), n);
-        cuda_synchronize(dst_.device.index);
-      }
     } else if (dst_.device.is_cpu()) {
       cuda_copy_d2h_sync(src_.device.index, dst_.data(), src_.data(), n);
     } else if (dst_.device == src_.device) {
