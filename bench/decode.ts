@@ -124,11 +124,12 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
             delete process.env.SQUEEZELM_NO_PDL;
           }
           // And with the plain sequence (norm, matmul, add, siluMul kernels) instead of fusedLinear.
-          process.env.SQUEEZELM_FUSE = '0';
+          const fuse = dec.fuse;
+          dec.fuse = false;
           try {
             unfused = await step();
           } finally {
-            delete process.env.SQUEEZELM_FUSE;
+            dec.fuse = fuse;
           }
         }
       } finally {
@@ -149,7 +150,7 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
       const r = row(ctx, SUITE, `step b${B} ctx ${ctxLen}`, t, { bytes, note });
       rows.push(r);
       if (noPdl) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} without PDL`, noPdl, { bytes, note: 'ordinary launches (SQUEEZELM_NO_PDL=1)' }));
-      if (unfused) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} without fused GEMVs`, unfused, { bytes, note: 'plain norm/matmul/add/siluMul sequence (SQUEEZELM_FUSE=0)' }));
+      if (unfused) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} without fused GEMVs`, unfused, { bytes, note: 'plain norm/matmul/add/siluMul sequence (decoder.fuse = false)' }));
       log(`decode b${B}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), plain ${r.plainUs?.toFixed(0)} us; ${note}`);
     }
     // Prefill: one sequence of T tokens, logits of the last row only.

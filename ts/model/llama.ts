@@ -163,8 +163,8 @@ export class Decoder {
   readonly act: DType;
   readonly invFreq: Tensor;
   readonly scale: number;
-  /** Whether decode passes (<= 2 rows on CUDA) use the fused GEMVs (see canFuse). */
-  fuse = true;
+  /** Whether decode passes (<= 2 rows on CUDA) use the fused GEMVs (see canFuse); SQUEEZELM_FUSE=0 starts it off. */
+  fuse = process.env.SQUEEZELM_FUSE !== '0';
   /** Attention over another cache than the fp16 pages (absent: ropeAppend + attention). */
   readonly attn?: AttentionStep;
 
@@ -246,8 +246,10 @@ export class Decoder {
     ws.cuQ.write(p.cuQ);
     ws.pageTable.write(p.pageTable);
     if (ws.logitRows !== ws.T) ws.lastIdx.write(p.lastIdx);
-    ws.slots.write(p.slots);
-    this.attn?.write(ws, p);
+    if (this.attn) {
+      ws.slots.write(p.slots);  // read only by another cache's attention (sink rows per sequence)
+      this.attn.write(ws, p);
+    }
   }
 
   /**
@@ -285,13 +287,13 @@ export class Decoder {
   }
 
   /**
-   * Whether a pass over `ws` takes the fused decode path: on (`fuse`, not SQUEEZELM_FUSE=0),
-   * CUDA, at most 2 rows (the fused GEMV is the FMA kernel; from 3 rows the tensor-core GEMV of
-   * the plain path is faster), no calibration hook. On the H200 the fused LLaMA-7B batch-1 step
-   * measured 4.28 ms against 4.36 ms for the plain sequence (bench decode reports both).
+   * Whether a pass over `ws` takes the fused decode path: on (`fuse`), CUDA, at most 2 rows (the
+   * fused GEMV is the FMA kernel; from 3 rows the tensor-core GEMV of the plain path is faster),
+   * no calibration hook. On the H200 the LLaMA-7B batch-1 step measured 4.16 ms fused against
+   * 4.29 ms plain with ordinary launches, and 4.09 ms both with CUDA graphs (bench decode).
    */
   canFuse(ws: Workspace): boolean {
-    return this.fuse && process.env.SQUEEZELM_FUSE !== '0' && this.device !== 'cpu' && ws.T <= 2 &&
+    return this.fuse && this.device !== 'cpu' && ws.T <= 2 &&
       !linearObserver && !projectionObserver;
   }
 
