@@ -16,6 +16,7 @@ import { KVCache } from '../runtime/kv-cache';
 import { KvCacheOptions, QuantizedAttention, quantizedBytesPerToken, resolveKvCalibration } from '../runtime/kvq-attention';
 import type { KvqCalibration } from '../quant/kvquant';
 import { GenerateRequest, GenerateResult, GenerationStream, Scheduler, collect } from '../runtime/scheduler';
+import { tokenNll } from '../runtime/ppl';
 
 export interface LoadOptions {
   device?: 'auto' | 'cpu' | 'cuda' | string;
@@ -231,14 +232,7 @@ export class Model {
         this.decoder.write(ws, this.decoder.inputs(ids, windows.map((w) => [w[t]]), B));
         this.decoder.forward(ws, 1, L);
         const logits = await ws.logits.toFloat32();
-        for (let b = 0; b < B; b++) {
-          const o = b * V;
-          let m = -Infinity;
-          for (let v = 0; v < V; v++) if (logits[o + v] > m) m = logits[o + v];
-          let e = 0;
-          for (let v = 0; v < V; v++) e += Math.exp(logits[o + v] - m);
-          sums[b] += m + Math.log(e) - logits[o + windows[b][t + 1]];
-        }
+        for (let b = 0; b < B; b++) sums[b] += tokenNll(logits, b * V, V, windows[b][t + 1]);
         onStep?.(t + 1, L - 1);
       }
     } finally {

@@ -82,18 +82,20 @@ export function loadPplData(model: Model, file: string, opts: PplOptions = {}): 
   return { windows, length: L };
 }
 
+/** -log softmax(logits[o .. o + V))[target]: one token's NLL, max-shifted. */
+export function tokenNll(logits: Float32Array, o: number, V: number, target: number): number {
+  let m = -Infinity;
+  for (let v = 0; v < V; v++) if (logits[o + v] > m) m = logits[o + v];
+  let s = 0;
+  for (let v = 0; v < V; v++) s += Math.exp(logits[o + v] - m);
+  return m + Math.log(s) - logits[o + target];
+}
+
 /** Mean next-token NLL of one window from its logits [L, V]. */
 export function windowNll(logits: Float32Array, ids: ArrayLike<number>, V: number): number {
   const L = ids.length;
   let sum = 0;
-  for (let t = 0; t < L - 1; t++) {
-    const o = t * V;
-    let m = -Infinity;
-    for (let v = 0; v < V; v++) if (logits[o + v] > m) m = logits[o + v];
-    let s = 0;
-    for (let v = 0; v < V; v++) s += Math.exp(logits[o + v] - m);
-    sum += m + Math.log(s) - logits[o + ids[t + 1]];
-  }
+  for (let t = 0; t < L - 1; t++) sum += tokenNll(logits, t * V, V, ids[t + 1]);
   return sum / (L - 1);
 }
 
