@@ -233,8 +233,23 @@ export function saveKvqCalibration(file: string, cal: KvqCalibration): void {
   });
 }
 
+/** The model dims a calibration must match (any left undefined is not checked). */
+export interface KvqExpect {
+  layers?: number;
+  kvHeads?: number;
+  headDim?: number;
+  bits?: number;
+}
+
+/** ERR_FORMAT, naming `what`, where a calibration's bits or dims differ from the model's. */
+export function checkKvqCalibrationDims(what: string, got: { bits: number; layers: number; kvHeads: number; headDim: number }, expect?: KvqExpect): void {
+  if (expect?.bits !== undefined && expect.bits !== got.bits) throw new SqueezeError('ERR_FORMAT', `${what}: calibrated for ${got.bits} bits, ${expect.bits} requested`);
+  for (const [k, want, have] of [['layers', expect?.layers, got.layers], ['kv_heads', expect?.kvHeads, got.kvHeads], ['head_dim', expect?.headDim, got.headDim]] as const)
+    if (want !== undefined && want !== have) throw new SqueezeError('ERR_FORMAT', `${what}: calibration has ${k} = ${have}, the model has ${want}`);
+}
+
 /** Reads a calibration; `expect` (the model's dims) turns a mismatch into ERR_FORMAT. */
-export function loadKvqCalibration(file: string, expect?: { layers?: number; kvHeads?: number; headDim?: number; bits?: number }): KvqCalibration {
+export function loadKvqCalibration(file: string, expect?: KvqExpect): KvqCalibration {
   const f = SafetensorsFile.open(file);
   try {
     const m = f.metadata;
@@ -245,7 +260,6 @@ export function loadKvqCalibration(file: string, expect?: { layers?: number; kvH
     };
     const bits = num('bits'), layers = num('layers'), kvHeads = num('kv_heads'), headDim = num('head_dim');
     if (bits !== 2 && bits !== 3 && bits !== 4) throw new SqueezeError('ERR_ARG', `${file}: bits must be 2, 3 or 4 (got ${bits})`);
-    if (expect?.bits !== undefined && expect.bits !== bits) throw new SqueezeError('ERR_FORMAT', `${file}: calibrated for ${bits} bits, ${expect.bits} requested`);
     const pick = <T extends string>(k: string, allowed: readonly T[]): T => {
       const v = (m[k] ?? allowed[0]) as T;
       if (!allowed.includes(v)) throw new SqueezeError('ERR_FORMAT', `${file}: metadata '${k}' = '${m[k]}' is not one of ${allowed.join(', ')}`);
@@ -254,8 +268,7 @@ export function loadKvqCalibration(file: string, expect?: { layers?: number; kvH
     const granularity = pick('key_granularity', ['channel', 'token'] as const);
     const rope = pick('key_rope', ['pre', 'post'] as const);
     const codebook = pick('codebook', ['kmeans', 'uniform'] as const);
-    for (const [k, want, got] of [['layers', expect?.layers, layers], ['kv_heads', expect?.kvHeads, kvHeads], ['head_dim', expect?.headDim, headDim]] as const)
-      if (want !== undefined && want !== got) throw new SqueezeError('ERR_FORMAT', `${file}: calibration has ${k} = ${got}, the model has ${want}`);
+    checkKvqCalibrationDims(file, { bits, layers, kvHeads, headDim }, expect);
     const HD = kvHeads * headDim, n = 1 << bits;
     const read = (name: string, len: number): Float32Array => {
       const a = f.readFloat32(name);

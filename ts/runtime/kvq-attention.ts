@@ -24,7 +24,7 @@ import type { KVCache } from './kv-cache';
 import {
   KvqCache, KvqLayerCalibration, kvBytesPerToken, kvqAttention, kvqAttentionWorkspaceSize, kvqRopeAppend, outlierSlots,
 } from '../ops/kvquant';
-import { KvqCalibration, calibrationTensors, loadKvqCalibration } from '../quant/kvquant';
+import { KvqCalibration, calibrationTensors, checkKvqCalibrationDims, loadKvqCalibration } from '../quant/kvquant';
 
 /** `loadModel(dir, { kvCache })`: a quantized KV cache. */
 export interface KvCacheOptions {
@@ -49,9 +49,7 @@ export function resolveKvCalibration(cfg: ModelConfig, o: KvCacheOptions): KvqCa
   if (!c || typeof c !== 'object' || !Array.isArray(c.layers))
     throw new SqueezeError('ERR_ARG', 'kvCache.calibration must be a file path or a calibration object');
   const what = 'kvCache.calibration';
-  if (c.bits !== bits) throw new SqueezeError('ERR_FORMAT', `${what}: calibrated for ${c.bits} bits, ${bits} requested`);
-  for (const [k, want, got] of [['layers', cfg.numLayers, c.layers.length], ['kv_heads', cfg.numKvHeads, c.kvHeads], ['head_dim', cfg.headDim, c.headDim]] as const)
-    if (want !== got) throw new SqueezeError('ERR_FORMAT', `${what}: calibration has ${k} = ${got}, the model has ${want}`);
+  checkKvqCalibrationDims(what, { bits: c.bits, layers: c.layers.length, kvHeads: c.kvHeads, headDim: c.headDim }, expect);
   const HD = c.kvHeads * c.headDim, n = 1 << bits;
   c.layers.forEach((l, i) => {
     if (l.keyLo.length !== HD || l.keyHi.length !== HD || l.keyCodebook.length !== n || l.valueCodebook.length !== n)
