@@ -102,23 +102,29 @@ export function uniformCodebook(bits: number): Float32Array {
 
 /** 1-D k-means (Lloyd) of samples in [-1, 1] from `init`; returns a sorted codebook. */
 export function kmeans1d(samples: Float32Array, init: Float32Array, iterations = 25): Float32Array {
-  return kmeans1dWeighted(samples, new Float32Array(samples.length).fill(1), init, iterations);
+  if (samples.length < init.length) return Float32Array.from(init);
+  return lloyd1d(Float64Array.from(samples).sort(), null, init, iterations);
 }
 
 /** Weighted 1-D k-means (Lloyd) of samples in [-1, 1] with weights >= 0; returns a sorted codebook. */
 export function kmeans1dWeighted(samples: Float32Array, weights: Float32Array, init: Float32Array, iterations = 25): Float32Array {
-  const n = init.length;
-  if (samples.length < n) return Float32Array.from(init);
+  if (samples.length < init.length) return Float32Array.from(init);
   const order = Array.from(samples.keys()).sort((a, b) => samples[a] - samples[b]);
-  const x = Float64Array.from(order, (i) => samples[i]), w = Float64Array.from(order, (i) => weights[i]);
+  return lloyd1d(Float64Array.from(order, (i) => samples[i]), Float64Array.from(order, (i) => weights[i]), init, iterations);
+}
+
+// Lloyd iterations over sorted samples x (weights w, or all 1 when null) from `init`.
+function lloyd1d(x: Float64Array, w: Float64Array | null, init: Float32Array, iterations: number): Float32Array {
+  const n = init.length;
   let cb = Float64Array.from(init).sort();
   for (let it = 0; it < iterations; it++) {
     const sum = new Float64Array(n), cnt = new Float64Array(n);
     let j = 0;
     for (let i = 0; i < x.length; i++) {
       while (j < n - 1 && Math.abs(x[i] - cb[j + 1]) <= Math.abs(x[i] - cb[j])) j++;
-      sum[j] += w[i] * x[i];
-      cnt[j] += w[i];
+      const wi = w ? w[i] : 1;
+      sum[j] += wi * x[i];
+      cnt[j] += wi;
     }
     let moved = 0;
     const next = new Float64Array(n);
