@@ -55,6 +55,7 @@ export interface CalibrateKvOptions {
 export async function calibrateKv(model: Model, windows: Int32Array[], o: CalibrateKvOptions): Promise<KvqCalibration> {
   const cfg = model.config;
   const H = cfg.numKvHeads, D = cfg.headDim, Hq = cfg.numHeads, HD = H * D, half = D / 2;
+  const cosT = new Float64Array(half), sinT = new Float64Array(half);  // post-RoPE ablation: one position's angles
   const sink = o.sink ?? 4;
   if (!Number.isInteger(sink) || sink < 0) throw new SqueezeError('ERR_ARG', `calibrate-kv: sink must be a non-negative integer, got ${sink}`);
   if (model.kvCache.quantized) throw new SqueezeError('ERR_ARG', 'calibrate-kv: calibrate a model loaded with the unquantized cache');
@@ -85,11 +86,15 @@ export async function calibrateKv(model: Model, windows: Int32Array[], o: Calibr
         }
         v.set(a.subarray(t * W + (Hq + H) * D, t * W + (Hq + 2 * H) * D), r * HD);
         if (o.postRope) {
+          for (let i = 0; i < half; i++) {  // the angles of position t, shared by every head
+            const ang = Math.fround(pos[t] * invFreq[i]);
+            cosT[i] = Math.fround(Math.cos(ang));
+            sinT[i] = Math.fround(Math.sin(ang));
+          }
           for (let h = 0; h < H; h++) {
             const x = k.subarray(r * HD + h * D, r * HD + (h + 1) * D);
             for (let i = 0; i < half; i++) {
-              const ang = Math.fround(pos[t] * invFreq[i]);
-              const c = Math.fround(Math.cos(ang)), s = Math.fround(Math.sin(ang));
+              const c = cosT[i], s = sinT[i];
               const x1 = x[i], x2 = x[i + half];
               x[i] = x1 * c - x2 * s;
               x[i + half] = x2 * c + x1 * s;
