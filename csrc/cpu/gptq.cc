@@ -16,11 +16,11 @@ struct Row {
 };
 
 // dᵀ h d
-double quad(const double* d, const double* h, int64_t K) {
+double quad(const double* d, const float* h, int64_t K) {
   double s = 0;
   for (int64_t i = 0; i < K; ++i) {
     if (d[i] == 0) continue;
-    const double* hr = h + i * K;
+    const float* hr = h + i * K;
     double t = 0;
     for (int64_t j = 0; j < K; ++j) t += hr[j] * d[j];
     s += d[i] * t;
@@ -56,12 +56,13 @@ bool solve(std::vector<double>& a, std::vector<double>& b, int n) {
 
 struct Work {
   std::vector<double> w, work, d, g, m, b, tmp, a, y;
+  std::vector<int> bucket;
   std::vector<uint8_t> out;
   std::vector<int64_t> S;
 };
 
 // d_S = −h_SS⁻¹ h_S,rest d_rest: the outlier values that absorb the dense part's error.
-void optimize_outliers(const double* h, int64_t K, Row& s, Work& wk) {
+void optimize_outliers(const float* h, int64_t K, Row& s, Work& wk) {
   wk.S.clear();
   for (int64_t k = 0; k < K; ++k)
     if (wk.out[(size_t)k]) wk.S.push_back(k);
@@ -70,7 +71,7 @@ void optimize_outliers(const double* h, int64_t K, Row& s, Work& wk) {
   wk.a.assign((size_t)n * n, 0.0);
   wk.y.assign((size_t)n, 0.0);
   for (int i = 0; i < n; ++i) {
-    const double* hr = h + wk.S[(size_t)i] * K;
+    const float* hr = h + wk.S[(size_t)i] * K;
     double t = 0;
     for (int64_t j = 0; j < K; ++j)
       if (!wk.out[(size_t)j]) t += hr[j] * (wk.w[(size_t)j] - s.q[(size_t)j]);
@@ -83,7 +84,7 @@ void optimize_outliers(const double* h, int64_t K, Row& s, Work& wk) {
 }
 
 // Columns in order, nearest centroid, error spread over the later columns with row k of u.
-void gptq_row(const double* u, int64_t K, int E, Row& s, Work& wk) {
+void gptq_row(const float* u, int64_t K, int E, Row& s, Work& wk) {
   wk.work = wk.w;
   double* v = wk.work.data();
   for (int64_t k = 0; k < K; ++k) {
@@ -100,7 +101,7 @@ void gptq_row(const double* u, int64_t K, int E, Row& s, Work& wk) {
     }
     s.codes[(size_t)k] = (uint8_t)best;
     s.q[(size_t)k] = s.t[(size_t)best];
-    const double* ur = u + k * K;
+    const float* ur = u + k * K;
     const double err = (x - s.t[(size_t)best]) / ur[k];
     if (err == 0) continue;
     for (int64_t j = k + 1; j < K; ++j) v[j] -= err * ur[j];
@@ -109,13 +110,14 @@ void gptq_row(const double* u, int64_t K, int E, Row& s, Work& wk) {
 
 // Least-squares table for fixed codes and outlier values: t = (Aᵀ h A)⁻¹ Aᵀ h r, r = w on the
 // dense columns and w − q on the outliers (A is zero there).
-void refit_row(const double* h, int64_t K, int E, Row& s, Work& wk) {
+void refit_row(const float* h, int64_t K, int E, Row& s, Work& wk) {
   wk.m.assign((size_t)E * E, 0.0);
   wk.b.assign((size_t)E, 0.0);
   wk.tmp.resize((size_t)E + 1);
   // r and the bucket of every column (E = outlier)
   wk.d.resize((size_t)K);
-  std::vector<int> bucket((size_t)K);
+  std::vector<int>& bucket = wk.bucket;
+  bucket.resize((size_t)K);
   for (int64_t j = 0; j < K; ++j) {
     const bool o = wk.out[(size_t)j];
     wk.d[(size_t)j] = o ? wk.w[(size_t)j] - s.q[(size_t)j] : wk.w[(size_t)j];
@@ -125,7 +127,7 @@ void refit_row(const double* h, int64_t K, int E, Row& s, Work& wk) {
   for (int64_t k = 0; k < K; ++k) {
     if (wk.out[(size_t)k]) continue;
     std::fill(wk.tmp.begin(), wk.tmp.end(), 0.0);
-    const double* hr = h + k * K;
+    const float* hr = h + k * K;
     double gk = 0;
     for (int64_t j = 0; j < K; ++j) {
       gk += hr[j] * wk.d[(size_t)j];
@@ -151,7 +153,7 @@ void refit_row(const double* h, int64_t K, int E, Row& s, Work& wk) {
   optimize_outliers(h, K, s, wk);
 }
 
-double row_error(const double* h, int64_t K, const Row& s, Work& wk) {
+double row_error(const float* h, int64_t K, const Row& s, Work& wk) {
   wk.d.resize((size_t)K);
   for (int64_t k = 0; k < K; ++k) wk.d[(size_t)k] = wk.w[(size_t)k] - s.q[(size_t)k];
   return quad(wk.d.data(), h, K);
@@ -163,13 +165,9 @@ void gptq_refit_rows(const Tensor& lut, const Tensor& codes, const Tensor& q, co
                      const Tensor& out, const Tensor& h, const Tensor& u, const Tensor& perm, int rounds) {
   const int64_t N = w.dim(0), K = w.dim(1);
   const int E = (int)lut.dim(1);
-  std::vector<double> hd((size_t)(K * K)), ud((size_t)(K * K));
-  const float* hp = h.ptr<float>();
-  const float* up = u.ptr<float>();
-  for (int64_t i = 0; i < K * K; ++i) {
-    hd[(size_t)i] = hp[i];
-    ud[(size_t)i] = up[i];
-  }
+  // h and u stay f32: every product and sum with them is formed in double anyway.
+  const float* hd = h.ptr<float>();
+  const float* ud = u.ptr<float>();
   const int32_t* pm = perm.ptr<int32_t>();
   const float* wp = w.ptr<float>();
   const uint8_t* op = out.ptr<uint8_t>();
@@ -193,16 +191,16 @@ void gptq_refit_rows(const Tensor& lut, const Tensor& codes, const Tensor& q, co
       }
       for (int c = 0; c < E; ++c) cur.t[(size_t)c] = lp[n * E + c];
       for (int64_t i = 0; i < K; ++i) cur.q[(size_t)i] = wk.out[(size_t)i] ? wk.w[(size_t)i] : cur.t[cur.codes[(size_t)i]];
-      const double e0 = row_error(hd.data(), K, cur, wk);
-      optimize_outliers(hd.data(), K, cur, wk);
-      double bestErr = row_error(hd.data(), K, cur, wk);
+      const double e0 = row_error(hd, K, cur, wk);
+      optimize_outliers(hd, K, cur, wk);
+      double bestErr = row_error(hd, K, cur, wk);
       best = cur;
       for (int r = 0; r < rounds; ++r) {
-        gptq_row(ud.data(), K, E, cur, wk);
+        gptq_row(ud, K, E, cur, wk);
         // The refit can only lower the error of the GPTQ state (that state is feasible for both
         // of its least-squares steps), so only the refitted state is scored.
-        refit_row(hd.data(), K, E, cur, wk);
-        const double e1 = row_error(hd.data(), K, cur, wk);
+        refit_row(hd, K, E, cur, wk);
+        const double e1 = row_error(hd, K, cur, wk);
         if (e1 < bestErr) { bestErr = e1; best = cur; }
       }
       for (int64_t i = 0; i < K; ++i) {
