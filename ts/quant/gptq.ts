@@ -255,7 +255,7 @@ export async function gptqRefit(w: Float32Array, N: number, K: number, codes0: U
   const t = {
     lut: Tensor.from(lut0, [N, E]), codes: Tensor.from(codes0, [N, K], { dtype: 'u8' }), q: Tensor.empty([N, K]),
     err: Tensor.empty([N, 2]), w: Tensor.from(w, [N, K]), out: Tensor.from(isOut, [N, K], { dtype: 'u8' }),
-    h: Tensor.from(Float32Array.from(f.h), [K, K]), u: Tensor.from(Float32Array.from(f.u), [K, K]),
+    h: Tensor.from(f32Of(f).h, [K, K]), u: Tensor.from(f32Of(f).u, [K, K]),
   };
   try {
     gptqRefitRows(t.lut, t.codes, t.q, t.err, t.w, t.out, t.h, t.u, f.perm, rounds);
@@ -269,6 +269,15 @@ export async function gptqRefit(w: Float32Array, N: number, K: number, codes0: U
   } finally {
     Object.values(t).forEach((x) => x.dispose());
   }
+}
+
+// The f32 copies of a factor's h and u that the native refit reads, made once per factor (q, k and
+// v share one, and the error-scored outlier choice refits twice).
+const f32Cache = new WeakMap<GptqFactor, { h: Float32Array; u: Float32Array }>();
+function f32Of(f: GptqFactor): { h: Float32Array; u: Float32Array } {
+  let c = f32Cache.get(f);
+  if (!c) f32Cache.set(f, (c = { h: Float32Array.from(f.h), u: Float32Array.from(f.u) }));
+  return c;
 }
 
 function checkArgs(w: Float32Array, N: number, K: number, codes0: Uint8Array, lut0: Float32Array, E: number,
