@@ -71,7 +71,7 @@ export async function benchKvquant(ctx: BenchContext): Promise<BenchResult[]> {
       };
       const work = Tensor.empty([Math.max(1, kvqAttentionWorkspaceSize(device, B, Hq, H, D, L))], { dtype: 'f32', device });
       const bytes = B * L * cache.bytesPerToken + q.byteLength * 2;
-      // the tensor-core kernel (default), and once per shape the previous flash kernel for comparison
+      // the flash kernel (variant 0, the default) and the experimental tensor-core kernel (variant 1)
       for (const variant of [0, 1] as const) {
         const t = await timeCuda({ device, fn: (i) => kvqAttention(out, q, caches[i % sets], cal, pt, lens, cu, invT, 1 / Math.sqrt(D), 1, L, { workspace: work, variant }) });
         results.push(row(ctx, 'kvquant', `${bits}-bit${variant ? ' (tensor-core kernel, experimental)' : ''} B${B} ${Hq}q/${H}kv x${D} ctx ${L}`, t, {
