@@ -34,10 +34,6 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// Prefetches the 16-byte line at p into L2 (no register is written, nothing waits for it).
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
 
 // True when launches on the current device may carry the PDL attribute.
 bool pdl_enabled();

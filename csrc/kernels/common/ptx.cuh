@@ -1,5 +1,5 @@
-// Inline-PTX building blocks shared by the kernel families: streaming loads, cp.async,
-// ldmatrix and the m16n8k16 tensor-core product. One definition each, so a fix or a tuning
+// Inline-PTX building blocks shared by the kernel families: streaming loads, L2 prefetch,
+// cp.async, ldmatrix and the m16n8k16 tensor-core product. One definition each, so a fix or a tuning
 // (cache hints, zero-fill) applies everywhere at once.
 #pragma once
 #include <cuda_bf16.h>
@@ -22,6 +22,11 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
+// Prefetches the line holding p into L2 (no register is written, nothing waits for it).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 // 16-byte async copy to shared memory; ok = false reads nothing and writes 16 zero bytes.
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool ok) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
@@ -40,10 +45,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_
                : "r"(addr));
 }
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) { ldmatrix_x4(smem_u32(p), r[0], r[1], r[2], r[3]); }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  ldmatrix_x4_trans(smem_u32(p), r[0], r[1], r[2], r[3]);
 }
 
 // c += a · b on the tensor cores, m16n8k16, fp32 accumulation; a0..a3 / b0, b1 are the

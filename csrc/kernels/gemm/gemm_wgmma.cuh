@@ -38,14 +38,6 @@ struct Cfg {
   static constexpr int kSmem = STAGES * kStageBytes + 1024;  // + alignment slack
 };
 
-__device__ __forceinline__ uint32_t s_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
-
-__device__ __forceinline__ void cp16(uint32_t dst, const void* src, bool pred) {
-  const int n = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
 // Shared-memory matrix descriptor: 128-byte swizzle, K-major, 8-row groups 1024 bytes apart.
 __device__ __forceinline__ uint64_t desc(uint32_t addr) {
@@ -191,7 +183,7 @@ __device__ __forceinline__ void load(uint32_t dst, const T* __restrict__ g, int 
     const int gr = row0 + r, gk = k0 + c * 8;
     const bool ok = gr < nrows && gk < K;
     const T* src = ok ? g + (size_t)gr * K + gk : g;
-    cp16(dst + r * 128 + ((c ^ (r & 7)) << 4), src, ok);
+    cp_async16(dst + r * 128 + ((c ^ (r & 7)) << 4), src, ok);
   }
 }
 
@@ -206,7 +198,7 @@ __global__ void __launch_bounds__(wg::kWThreads, MINB)
   using C = Cfg<BN, STAGES>;
   static_assert(STAGES - 1 - LAG >= 1, "pipeline too shallow");
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t base = (s_u32(smem_raw) + 1023) & ~1023u;
+  const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;
 
   const int tilesM = (M + kWBM - 1) / kWBM, tilesN = (N + BN - 1) / BN;
   const int bid = blockIdx.x;
@@ -233,11 +225,11 @@ __global__ void __launch_bounds__(wg::kWThreads, MINB)
       load<T, kWBM>(st, x, M, K, m0, s * kWBK);
       load<T, BN>(st + C::kABytes, w, N, K, n0, s * kWBK);
     }
-    cp_commit();
+    cp_async_commit();
   }
 
   for (int kt = 0; kt < KT; ++kt) {
-    cp_wait<kAhead - 1>();
+    cp_async_wait<kAhead - 1>();
     proxy_fence();
     __syncthreads();
     {
@@ -247,7 +239,7 @@ __global__ void __launch_bounds__(wg::kWThreads, MINB)
         load<T, kWBM>(st, x, M, K, m0, nk * kWBK);
         load<T, BN>(st + C::kABytes, w, N, K, n0, nk * kWBK);
       }
-      cp_commit();
+      cp_async_commit();
     }
     const uint32_t st = base + (kt % STAGES) * C::kStageBytes;
     const uint32_t a = st + wgi * 64 * 128, b = st + C::kABytes;
@@ -258,7 +250,7 @@ __global__ void __launch_bounds__(wg::kWThreads, MINB)
     wg_wait<LAG>();
   }
   wg_wait<0>();
-  cp_wait<0>();
+  cp_async_wait<0>();
 
   // Accumulator layout of m64nBN: warp v of the warpgroup owns rows 16v..16v+15; register
   // 4i+h*2+e is row g + 8h, column 8i + 2t + e (g = lane/4, t = lane%4).

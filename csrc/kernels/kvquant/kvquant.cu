@@ -13,6 +13,7 @@
 #include "core/backend.h"
 #include "core/cuda_stream.h"
 #include "core/error.h"
+#include "kernels/common/ptx.cuh"
 #include "kvquant.h"
 
 namespace sqz::cuda {
@@ -913,19 +914,6 @@ template <int D, int BITS> struct Shape {
 template <int RS> __device__ __forceinline__ unsigned swz(int r, int ch) {
   return (unsigned)(r * RS * 2 + ((ch ^ (r & 7)) << 4));
 }
-__device__ __forceinline__ void ldsm4(unsigned addr, unsigned& a, unsigned& b, unsigned& c, unsigned& d) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(a), "=r"(b), "=r"(c), "=r"(d) : "r"(addr));
-}
-__device__ __forceinline__ void ldsm4t(unsigned addr, unsigned& a, unsigned& b, unsigned& c, unsigned& d) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(a), "=r"(b), "=r"(c), "=r"(d) : "r"(addr));
-}
-__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 __device__ __forceinline__ void sts128(unsigned addr, unsigned a, unsigned b, unsigned c, unsigned d) {
   asm volatile("st.shared.v4.b32 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d));
 }
@@ -1116,7 +1104,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
   const int h = blockIdx.z * pl.hpb + warp;
   const bool active = warp < pl.hpb && h < g.H;
   const int G = hq_total / g.H;
-  const unsigned base = (unsigned)__cvta_generic_to_shared(smem);
+  const unsigned base = smem_u32(smem);
   const unsigned cs_s = base;                                                   // [kChunk][RS] cos | sin planes
   const unsigned stage = base + kChunk * RS * 2 + warp * ((2 * kTok + 2) * RS * 2 + kTok * 8);  // keys [kTok][RS]
   const unsigned vstage = stage + kTok * RS * 2;   // values [kTok][RS]
@@ -1159,7 +1147,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
 #pragma unroll
     for (int kb = 0; kb < 2 * S::KX; ++kb) {
       const int row = (lane & 7) + ((lane >> 3) & 1) * 8, ch = 2 * kb + (lane >> 4);
-      ldsm4(stage + swz<RS>(row, ch), qa[kb][0], qa[kb][1], qa[kb][2], qa[kb][3]);
+      ldmatrix_x4(stage + swz<RS>(row, ch), qa[kb][0], qa[kb][1], qa[kb][2], qa[kb][3]);
     }
     __syncwarp();
   }
@@ -1309,16 +1297,16 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
         for (int kx = 0; kx < S::KX; ++kx) {
           const int ch = 2 * kx + (m & 1) + ((m >> 1) ? HP / 8 : 0);
           unsigned x0, x1, y0, y1, c0, c1, s0, s1;
-          ldsm4(stage + swz<RS>(row, ch), x0, x1, y0, y1);
-          ldsm4(cs_s + swz<RS>(row_c, ch), c0, c1, s0, s1);
+          ldmatrix_x4(stage + swz<RS>(row, ch), x0, x1, y0, y1);
+          ldmatrix_x4(cs_s + swz<RS>(row_c, ch), c0, c1, s0, s1);
           // x' = x c - y s, y' = y c + x s
           const __half2 X0 = u2h(x0), X1 = u2h(x1), Y0 = u2h(y0), Y1 = u2h(y1);
           const unsigned rx0 = h2u(__hfma2(X0, u2h(c0), __hneg2(__hmul2(Y0, u2h(s0)))));
           const unsigned rx1 = h2u(__hfma2(X1, u2h(c1), __hneg2(__hmul2(Y1, u2h(s1)))));
           const unsigned ry0 = h2u(__hfma2(Y0, u2h(c0), __hmul2(X0, u2h(s0))));
           const unsigned ry1 = h2u(__hfma2(Y1, u2h(c1), __hmul2(X1, u2h(s1))));
-          mma16816(sc[nt], qa[kx], rx0, rx1);
-          mma16816(sc[nt], qa[S::KX + kx], ry0, ry1);
+          mma_16816<__half>(sc[nt], qa[kx][0], qa[kx][1], qa[kx][2], qa[kx][3], rx0, rx1);
+          mma_16816<__half>(sc[nt], qa[S::KX + kx][0], qa[S::KX + kx][1], qa[S::KX + kx][2], qa[S::KX + kx][3], ry0, ry1);
         }
         // mask tokens past the end
 #pragma unroll
@@ -1374,9 +1362,9 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
 #pragma unroll
         for (int mt = 0; mt < S::MT; ++mt) {
           unsigned a[4];
-          ldsm4t(vstage + swz<RS>(row, 2 * mt + (m & 1)), a[0], a[1], a[2], a[3]);
+          ldmatrix_x4_trans(vstage + swz<RS>(row, 2 * mt + (m & 1)), a[0], a[1], a[2], a[3]);
 #pragma unroll
-          for (int nh = 0; nh < NH; ++nh) mma16816(acc[mt][nh], a, pb[kb][nh][0], pb[kb][nh][1]);
+          for (int nh = 0; nh < NH; ++nh) mma_16816<__half>(acc[mt][nh], a[0], a[1], a[2], a[3], pb[kb][nh][0], pb[kb][nh][1]);
         }
       }
       __syncwarp();
