@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -363,28 +364,33 @@ int sm_count(int dev) {
   return dev >= 0 && dev < 64 ? counts[dev] : 132;
 }
 
-// Raises a kernel's dynamic shared memory limit once (to the device's opt-in maximum), so no
-// attribute call happens while a graph is being captured after the first eager launch.
-void allow_smem(const void* fn, size_t bytes) {
-  static std::mutex mu;
-  static std::vector<std::pair<const void*, size_t>> done;
-  std::lock_guard<std::mutex> lock(mu);
-  for (auto& d : done)
-    if (d.first == fn && d.second >= bytes) return;
-  int dev = 0, optin = 0;
+// Raises kernel K's dynamic shared memory limit to the device's opt-in maximum, once per device
+// (so no attribute call happens while a graph is being captured after the first eager launch);
+// ERR_UNSUPPORTED when `bytes` exceed it. Lock-free after the first launch on a device.
+template <auto K>
+void allow_smem(size_t bytes) {
+  static std::atomic<size_t> limits[64];  // per device; 0 = not raised yet
+  int dev = 0;
   cuda_check(cudaGetDevice(&dev), "kvqAttention");
-  cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "kvqAttention");
-  cudaFuncAttributes fa{};
-  cuda_check(cudaFuncGetAttributes(&fa, fn), "kvqAttention");
-  // the dynamic limit excludes the kernel's static shared memory
-  const size_t limit = (size_t)optin > fa.sharedSizeBytes ? (size_t)optin - fa.sharedSizeBytes : 0;
-  if (limit < bytes) fail("ERR_UNSUPPORTED", "kvqAttention: needs " + std::to_string(bytes) + " bytes of shared memory per block");
-  const cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)limit);
-  if (e != cudaSuccess) {
-    (void)cudaGetLastError();  // not sticky: keep it from being reported by a later launch check
-    cuda_check(e, "kvqAttention (shared memory limit)");
+  std::atomic<size_t>& slot = limits[dev & 63];
+  size_t limit = slot.load(std::memory_order_acquire);
+  if (limit == 0) {
+    int optin = 0;
+    cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "kvqAttention");
+    cudaFuncAttributes fa{};
+    cuda_check(cudaFuncGetAttributes(&fa, reinterpret_cast<const void*>(K)), "kvqAttention");
+    // the dynamic limit excludes the kernel's static shared memory
+    limit = (size_t)optin > fa.sharedSizeBytes ? (size_t)optin - fa.sharedSizeBytes : 0;
+    if (limit < bytes)
+      fail("ERR_UNSUPPORTED", "kvqAttention: needs " + std::to_string(bytes) + " bytes of shared memory per block");
+    const cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(K), cudaFuncAttributeMaxDynamicSharedMemorySize, (int)limit);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();  // not sticky: keep it from being reported by a later launch check
+      cuda_check(e, "kvqAttention (shared memory limit)");
+    }
+    slot.store(limit, std::memory_order_release);
   }
-  done.emplace_back(fn, limit);
+  if (limit < bytes) fail("ERR_UNSUPPORTED", "kvqAttention: needs " + std::to_string(bytes) + " bytes of shared memory per block");
 }
 
 namespace fast {
@@ -433,6 +439,14 @@ __global__ void combine_kernel(const float* __restrict__ part, int splits, int D
     for (int w = 0; w < 8; ++w) { tot += red[w * 32 + lane]; dt += dred[w]; }
     out[row * D + c] = from_f<T>(dt > 0.f ? tot / dt : 0.f);
   }
+}
+
+// Merges `splits` partials (acc[D], m, l) of each of `rows` query row-heads into out [rows, D].
+template <class T>
+void launch_combine(const float* part, int splits, int rows, int D, T* out, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * ((size_t)splits + 8 * 32 + 8);
+  if (smem > 48 * 1024) allow_smem<combine_kernel<T>>(smem);
+  combine_kernel<T><<<dim3(rows, (D + 31) / 32), 256, smem, stream>>>(part, splits, D, out);
 }
 
 }  // namespace fast
@@ -803,14 +817,10 @@ void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_
   const int N = (int)q.dim(0), Hq = (int)q.dim(1);
   const int items = pl.hpb * pl.npass;
   const size_t smem = Smem<D, BITS, GC>::bytes(items);
-  auto kernel = flash_kernel<T, D, BITS, GC>;
-  allow_smem(reinterpret_cast<const void*>(kernel), smem);
-  kernel<<<dim3(pl.splits, N, pl.groups), kW * 32, smem, stream>>>(g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(),
-                                                                   scale, Hq, pl, part);
-  const size_t csmem = sizeof(float) * ((size_t)pl.splits + 8 * 32 + 8);
-  auto ck = fast::combine_kernel<T>;
-  if (csmem > 48 * 1024) allow_smem(reinterpret_cast<const void*>(ck), csmem);
-  ck<<<dim3(N * Hq, (D + 31) / 32), 256, csmem, stream>>>(part, pl.splits, D, static_cast<T*>(out.data()));
+  allow_smem<flash_kernel<T, D, BITS, GC>>(smem);
+  flash_kernel<T, D, BITS, GC><<<dim3(pl.splits, N, pl.groups), kW * 32, smem, stream>>>(
+      g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part);
+  fast::launch_combine<T>(part, pl.splits, N * Hq, D, static_cast<T*>(out.data()), stream);
 }
 
 template <class T, int D, int BITS>
@@ -1409,14 +1419,10 @@ void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_
             float* part, cudaStream_t stream) {
   const int N = (int)q.dim(0), Hq = (int)q.dim(1);
   const size_t smem = smem_bytes<D, BITS>(pl.hpb);
-  auto kernel = tc_kernel<T, D, BITS, NH>;
-  allow_smem(reinterpret_cast<const void*>(kernel), smem);
-  kernel<<<dim3(pl.splits, N, pl.groups), pl.hpb * 32, smem, stream>>>(g, static_cast<const T*>(q.data()),
-                                                                       inv_freq.ptr<float>(), scale, Hq, pl, part);
-  const size_t csmem = sizeof(float) * ((size_t)pl.splits + 8 * 32 + 8);
-  auto ck = fast::combine_kernel<T>;
-  if (csmem > 48 * 1024) allow_smem(reinterpret_cast<const void*>(ck), csmem);
-  ck<<<dim3(N * Hq, (D + 31) / 32), 256, csmem, stream>>>(part, pl.splits, D, static_cast<T*>(out.data()));
+  allow_smem<tc_kernel<T, D, BITS, NH>>(smem);
+  tc_kernel<T, D, BITS, NH><<<dim3(pl.splits, N, pl.groups), pl.hpb * 32, smem, stream>>>(
+      g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part);
+  fast::launch_combine<T>(part, pl.splits, N * Hq, D, static_cast<T*>(out.data()), stream);
 }
 template <class T, int D, int BITS>
 void launch_nh(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, const Plan& pl, float* part,
