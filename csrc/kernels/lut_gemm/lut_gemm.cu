@@ -26,19 +26,28 @@
 //   (4-bit) or three (3-bit) 16-byte streaming loads per row and unit, each warp-wide load one
 //   contiguous 512-byte run (the 3-bit pieces lie in planes, so no sector is fetched twice).
 // * A block owns 16 output rows (RT = 2 row tiles for M > 8, see below) and all of K; its 8 warps
-//   split K by units (unit u to warp u%8), each keeping P units of codes in flight (Little's law:
-//   ~32+ KB in flight per SM) through a rolling register prefetch (or, as a tuning variant, a
-//   cp.async ring in shared memory). The grid is one wave (2 blocks per SM fit with 64 KB tables
+//   split K by units (unit u to warp u%8), each with P register buffers of codes: a unit is decoded
+//   straight from its buffer, which is then refilled P units ahead (P - 1 in flight during a decode;
+//   refilling before the decode would cost a register copy of every word). A cp.async ring in
+//   shared memory is a tuning variant. The grid is one wave (2 blocks per SM fit with 64 KB tables
 //   each) and each block walks row-tile groups, so there is no tail wave; a group's 16-entry
 //   tables and outlier row bounds are requested during the previous group's main loop and its
-//   first P units right after it, so only the table build sits between two groups. The 8 partial
-//   tiles are summed in shared memory in warp order: deterministic, no atomics.
+//   first P units right after it, so only the table build sits between two groups. The pair-table
+//   build is one 16-byte load of a row's table, then one byte permute and one 16-byte store per
+//   entry (it was an address computation and two 2-byte loads per entry, as costly as a third of
+//   the main loop at K = 8192). The 8 partial tiles are summed in shared memory in warp order:
+//   deterministic, no atomics.
+// * Programmatic dependent launch: the prologue (tables, outlier lists, first codes, the first
+//   table build) reads weights only and runs before griddepcontrol.wait, under the previous kernel.
+// * Lookups take 32-bit shared addresses (ld.shared): the table base is then a constant folded into
+//   the load, where a generic pointer cost one add per lookup.
 // * Every block rereads all of x (L1 holds it for small M, otherwise it comes from L2: M*K*2 bytes
 //   per block against 8*K bytes of 4-bit codes). For M > 8 a block takes 2 row tiles sharing
 //   each activation load, which halves that traffic.
 // * Outliers (CSR over output rows) are added to the accumulators by the same launch after the
 //   main loop (split over warps): each lane's first entries are requested before the main loop
-//   and arrive during it, and x is in L1 by then, so they add little latency.
+//   (volatile loads: the compiler otherwise sinks them to their use) and arrive during it, and x is
+//   in L1 by then. Values stay raw bits until used: converting at the load would wait for it.
 // * x is read through L1 (it is small and every block rereads it); codes with L1::no_allocate.
 //   Activations past K are zero, so padded codes contribute nothing.
 //
@@ -58,6 +67,7 @@
 #include "core/cuda_stream.h"
 #include "core/error.h"
 #include "cpu/lut_gemm.h"
+#include "kernels/common/pdl.cuh"
 #include "kernels/common/ptx.cuh"
 #include "lut_gemm.h"
 
@@ -88,6 +98,35 @@ __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
 __device__ __forceinline__ float load_f(const void* p, bool is_f32, long long i) {
   if (is_f32) return static_cast<const float*>(p)[i];
   return __half2float(static_cast<const __half*>(p)[i]);
+}
+// The same value as raw bits (f32 bits, or f16 bits in the low half), converted only where it is
+// used: a conversion right after a load would stall the warp until the load lands, and these loads
+// are meant to stay in flight under the main loop.
+__device__ __forceinline__ uint32_t load_raw(const void* p, bool is_f32, long long i) {
+  if (is_f32) return static_cast<const uint32_t*>(p)[i];
+  return static_cast<const unsigned short*>(p)[i];
+}
+// Loads that must issue where they stand: the compiler sinks plain loads whose results are used only
+// after the main loop down to their use (to save registers), which exposes a DRAM round trip per
+// row group. Volatile asm keeps them in place; each sits under its own guard, never hoisted.
+__device__ __forceinline__ int ld_early_s32(const int* p) {
+  int v;
+  asm volatile("ld.global.nc.s32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint32_t ld_early_raw(const void* p, bool is_f32, long long i) {
+  uint32_t v;
+  if (is_f32) {
+    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(static_cast<const uint32_t*>(p) + i));
+  } else {
+    unsigned short h;
+    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(h) : "l"(static_cast<const unsigned short*>(p) + i));
+    v = h;
+  }
+  return v;
+}
+__device__ __forceinline__ float raw_f(uint32_t r, bool is_f32) {
+  return is_f32 ? __uint_as_float(r) : __half2float(__ushort_as_half(static_cast<unsigned short>(r)));
 }
 
 
@@ -164,8 +203,13 @@ __device__ __forceinline__ uint32_t pair_off(uint32_t v, uint32_t v8, uint32_t l
   if constexpr (BITS == 4) return __byte_perm(v, lb, 0x5504u | ((uint32_t)i << 4));
   else return ((v8 >> (6 * i)) & 0x3f00u) | lb;
 }
-__device__ __forceinline__ uint32_t lds_at(const unsigned char* base, uint32_t off) {
-  return *reinterpret_cast<const uint32_t*>(base + off);
+// A lookup by 32-bit shared address: the table base is a constant of the launch (the dynamic
+// shared window), so the address is the permuted offset plus an immediate, with no add per lookup
+// (a generic pointer costs an address add for each of the 8 lookups per chunk).
+__device__ __forceinline__ uint32_t lds_at(uint32_t base, uint32_t off) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(base + off));
+  return v;
 }
 
 // RT row tiles (16 rows each) per block share every activation load (x is reread from L2 by
@@ -173,7 +217,7 @@ __device__ __forceinline__ uint32_t lds_at(const unsigned char* base, uint32_t o
 // One unit of K for one warp: wa/wb = the lane's code words of rows g / g+8 of each row tile.
 template <class T, int BITS, int MT, bool XVEC, int RT>
 __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_t (&wa)[RT][Geo<BITS>::WU],
-                                          const uint32_t (&wb)[RT][Geo<BITS>::WU], const unsigned char* tbl,
+                                          const uint32_t (&wb)[RT][Geo<BITS>::WU], uint32_t tbl,
                                           const T* const (&xr)[MT], const bool (&mv)[MT], int kb, int K,
                                           uint32_t lb0, uint32_t lb1) {
   using G = Geo<BITS>;
@@ -191,7 +235,7 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
     for (int c = 0; c < XC; ++c)
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt) {
-        const unsigned char* tr = tbl + (size_t)rt * E2 * 256;
+        const uint32_t tr = tbl + (uint32_t)(rt * E2 * 256);
         const uint32_t va = chunk_bits<BITS>(wa[rt], c4 + c), vb = chunk_bits<BITS>(wb[rt], c4 + c);
         const uint32_t va8 = va << 8, vb8 = vb << 8;
         const uint32_t a0 = lds_at(tr, pair_off<BITS>(va, va8, lb0, 0)), a1 = lds_at(tr, pair_off<BITS>(vb, vb8, lb1, 0));
@@ -228,14 +272,14 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   // What a group's prologue waits for is requested early: its 16-entry tables and outlier row
   // bounds during the previous group's main loop, its first P units of codes right after it.
   constexpr int LV = (16 * RT * E + GV_THREADS - 1) / GV_THREADS;
-  float lv[LV];
+  uint32_t lv[LV];  // raw table entries of the next group (converted when stored)
   int ob[RT][2], oe[RT][2];
   auto load_meta = [&](int grp) {
     const int n0 = grp * 16 * RT;
 #pragma unroll
     for (int t = 0; t < LV; ++t) {
       const int i = tid + t * GV_THREADS, n = n0 + i / E;
-      lv[t] = (i < 16 * RT * E && n < N) ? load_f(lut, lut_f32, (long long)n * E + (i % E)) : 0.f;
+      lv[t] = (i < 16 * RT * E && n < N) ? load_raw(lut, lut_f32, (long long)n * E + (i % E)) : 0u;
     }
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
@@ -304,34 +348,72 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     xr[i] = x + (size_t)(mv[i] ? m : 0) * K;
   }
   const uint32_t lb0 = 4u * lane, lb1 = 128u + 4u * lane;
+  const uint32_t tbl_s = smem_u32(tbl);
 
+  // Everything before the first pdl_wait reads weights only (tables, outlier lists, codes), so under
+  // programmatic dependent launch it overlaps the previous kernel; x is read and y written after it.
   int grp = blockIdx.x;
   if (grp < groups) {
     load_meta(grp);
     set_group(grp);
     prefetch();
+  } else {
+    pdl_wait();
   }
+  bool waited = false;
   for (; grp < groups; grp += gridDim.x) {
     const int n0 = grp * 16 * RT, next = grp + gridDim.x;
 
-    // 3. Pair tables (one 16-byte store writes the 4 copies of an entry).
+    // 3. Pair tables (one 16-byte store writes the 4 copies of an entry). A work item is one
+    //    (row, second code hi) and a run of LS first codes lo: the row's whole 16-entry table comes
+    //    in one or two 16-byte loads, and each entry then costs one byte permute and one store at
+    //    an immediate offset. Lanes 8j..8j+7 store one 128-byte run (row pairs g = 0..7): no
+    //    bank conflicts.
 #pragma unroll
     for (int t = 0; t < LV; ++t) {
       const int i = tid + t * GV_THREADS;
-      if (i < 16 * RT * E) lt[i] = Cvt<T>::t(lv[t]);
+      if (i < 16 * RT * E) lt[i] = Cvt<T>::t(raw_f(lv[t], lut_f32));
     }
     __syncthreads();
-    for (int i = tid; i < RT * 2 * E2 * 8; i += GV_THREADS) {
-      const int gg = i & 7, h = (i >> 3) & 1, e = (i >> 4) & (E2 - 1), rt = i / (16 * E2);
-      const T* l = lt + (16 * rt + 8 * h + gg) * E;
-      const uint32_t v = pack2<T>(l[e & (E - 1)], l[e >> BITS]);
-      *reinterpret_cast<uint4*>(tbl + (size_t)(rt * E2 + e) * 256 + h * 128 + 16 * gg) = make_uint4(v, v, v, v);
+    {
+      constexpr int ROWS = 16 * RT, LB = ROWS * E >= GV_THREADS ? 1 : GV_THREADS / (ROWS * E), LS = E / LB;
+      constexpr int ITEMS = ROWS * E * LB;
+      static_assert(ITEMS % GV_THREADS == 0 && LS % 2 == 0, "pair-table work split");
+#pragma unroll
+      for (int it = 0; it < ITEMS / GV_THREADS; ++it) {
+        const int i = tid + it * GV_THREADS;
+        const int gg = i & 7, h = (i >> 3) & 1, lb = (i >> 4) % LB, hi = (i / (16 * LB)) % E, rt = i / (16 * LB * E);
+        const T* l = lt + (16 * rt + 8 * h + gg) * E;
+        // Entries lo = lb*LS .. lb*LS+LS-1 of the row, as LS/2 packed words (16- or 8-byte loads).
+        uint32_t lw[LS / 2];
+        const T* lsrc = l + lb * LS;
+        if constexpr (LS % 8 == 0) {
+#pragma unroll
+          for (int v = 0; v < LS / 2; v += 4) {
+            const uint4 q4 = *reinterpret_cast<const uint4*>(lsrc + 2 * v);
+            lw[v] = q4.x; lw[v + 1] = q4.y; lw[v + 2] = q4.z; lw[v + 3] = q4.w;
+          }
+        } else {
+#pragma unroll
+          for (int v = 0; v < LS / 2; v += 2) {
+            const uint2 q2 = *reinterpret_cast<const uint2*>(lsrc + 2 * v);
+            lw[v] = q2.x; lw[v + 1] = q2.y;
+          }
+        }
+        const uint32_t hv = bits16(l[hi]);
+        unsigned char* dst = tbl + (size_t)(rt * E2 + hi * E + lb * LS) * 256 + h * 128 + 16 * gg;
+#pragma unroll
+        for (int j = 0; j < LS; ++j) {
+          const uint32_t v = __byte_perm(lw[j >> 1], hv, (j & 1) ? 0x5432u : 0x5410u);
+          *reinterpret_cast<uint4*>(dst + j * 256) = make_uint4(v, v, v, v);
+        }
+      }
     }
 
     // 4. This lane's first OUTR outliers of each row (rows 16rt + g + 8rr; warps split each list),
     //    in flight during the main loop; then the next group's tables and bounds.
     int oc[RT][2][OUTR], cb[RT][2], ce[RT][2];
-    float ov[RT][2][OUTR];
+    uint32_t ov[RT][2][OUTR];  // raw values, converted in the epilogue
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
@@ -342,8 +424,12 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
         for (int o = 0; o < OUTR; ++o) {
           const int j = ob[rt][rr] + o * GV_WARPS;
           const bool ok = j < oe[rt][rr];
-          oc[rt][rr][o] = ok ? cols[j] : -1;
-          ov[rt][rr][o] = ok ? load_f(vals, vals_f32, j) : 0.f;
+          oc[rt][rr][o] = -1;
+          ov[rt][rr][o] = 0u;
+          if (ok) {
+            oc[rt][rr][o] = ld_early_s32(cols + j);
+            ov[rt][rr][o] = ld_early_raw(vals, vals_f32, j);
+          }
         }
       }
     if (next < groups) load_meta(next);
@@ -356,6 +442,12 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[rt][i][j] = 0.f;
     __syncthreads();
+
+    if (!waited) {
+      pdl_wait();
+      pdl_trigger();
+      waited = true;
+    }
 
     // 5. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
     //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
@@ -376,11 +468,14 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
             wa[rt][4 * v] = a.x; wa[rt][4 * v + 1] = a.y; wa[rt][4 * v + 2] = a.z; wa[rt][4 * v + 3] = a.w;
             wb[rt][4 * v] = b.x; wb[rt][4 * v + 1] = b.y; wb[rt][4 * v + 2] = b.z; wb[rt][4 * v + 3] = b.w;
           }
-        gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
+        gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
         ring_fill(p, u + P * GV_WARPS);  // refill the slot just consumed (its words are used above)
       }
       cp_async_wait<0>();
     } else {
+      // P register buffers: unit u is decoded straight from its buffer, which is then refilled with
+      // unit u + 8P (reloading before the decode would force a copy of the words still in use), so
+      // P - 1 units per warp are in flight while one is decoded.
       for (int u0 = warp; u0 < U; u0 += GV_WARPS * P) {
 #pragma unroll
         for (int p = 0; p < P; ++p) {
@@ -396,6 +491,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
               wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
               wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
             }
+          gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
           const int un = u + GV_WARPS * P;
           if (un < U) {
 #pragma unroll
@@ -408,7 +504,6 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
                 }
               }
           }
-          gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
         }
       }
     }
@@ -437,7 +532,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
                 const int m = 8 * i + 2 * q + jj;
                 if (m < M)
                   acc[rt][i][2 * rr + jj] =
-                      fmaf(ov[rt][rr][o], Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
+                      fmaf(raw_f(ov[rt][rr][o], vals_f32), Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
               }
           }
         }
@@ -748,7 +843,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   }
   const int groups = ((N + 15) / 16 + RT - 1) / RT;
   const int blocks = groups < wave[dev & 63] ? groups : wave[dev & 63];
-  kern<<<dim3(blocks), dim3(GV_THREADS), smem, st>>>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U);
+  launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U);
 }
 
 template <class T, int BITS>
@@ -771,16 +866,16 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
   if (M <= 16 || (vec && M <= 64)) {
     const uint4* q4 = codes.ptr<uint4>();
     const void* lp = lut.data();
-    constexpr int P1 = BITS == 4 ? 2 : 1;  // units in flight per warp, 1 block of 16 rows
-    constexpr int P2 = BITS == 4 ? 4 : 1;  // the same with 2 row tiles per block
+    constexpr int P1 = 2;                  // unit buffers per warp (P - 1 in flight), 1 block of 16 rows
+    constexpr int P2 = BITS == 4 ? 4 : 2;  // the same with 2 row tiles per block
 #define SQZ_GEMV(MT, P, XV, MINB, RT) \
   launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
     // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1,2,4..7 picks another prefetch
     // depth / occupancy / rows per block; read per call so a benchmark can sweep it.
     const char* tune = std::is_same<T, __half>::value && vec && M <= 16 ? std::getenv("SQUEEZELM_LUT_GEMV") : nullptr;
     const int variant = tune ? std::atoi(tune) : 0;
-    if (variant == 1 && M <= 8) SQZ_GEMV(1, (BITS == 4 ? 4 : 2), true, 2, 1);
-    else if (variant == 2 && M <= 8) SQZ_GEMV(1, (BITS == 4 ? 3 : 2), true, 2, 1);
+    if (variant == 1 && M <= 8) SQZ_GEMV(1, (BITS == 4 ? 4 : 3), true, 2, 1);
+    else if (variant == 2 && M <= 8) SQZ_GEMV(1, 3, true, 2, 1);
     else if (variant == 4 && M <= 8) SQZ_GEMV(1, P2, true, 1, 2);
     else if (variant == 6 && M <= 8)
       launch_gemv<T, BITS, 1, (BITS == 4 ? 4 : 2), true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
