@@ -40,7 +40,7 @@ export interface DecodeBenchOptions {
 const SUITE = 'decode';
 
 /** Seconds per decode step at batch B end to end (scheduler, sampling, readback): the difference of two generation lengths. */
-async function endToEndStep(model: Model, B: number, tokens: number): Promise<number> {
+export async function endToEndStep(model: Model, B: number, tokens: number): Promise<number> {
   const V = model.config.vocabSize;
   const prompt = Array.from({ length: 32 }, (_, i) => (i * 7919 + 11) % V);
   const run = async (n: number) => {
@@ -55,6 +55,76 @@ async function endToEndStep(model: Model, B: number, tokens: number): Promise<nu
   const short = await run(8);
   const long = await run(8 + tokens);
   return (long - short) / tokens;
+}
+
+/**
+ * KV pool and context for decode measurements: steps of up to `maxB` sequences at `ctxLen`,
+ * end-to-end runs of `steps` tokens after a 32-token prompt, and a prefill of `prefillTokens`.
+ */
+export function decodeModelOptions(maxB: number, ctxLen: number, steps: number, prefillTokens = 0):
+  { maxBatch: number; maxContext: number; kvPages: number; pageSize: number } {
+  const pageSize = 16;
+  const maxContext = Math.max(prefillTokens, ctxLen + 1, 32 + 8 + steps + 16);
+  const kvPages = Math.max(Math.ceil(prefillTokens / pageSize) + 1, maxB * Math.ceil((ctxLen + 1) / pageSize));
+  return { maxBatch: maxB, maxContext, kvPages, pageSize };
+}
+
+/** Random KV contents (never time zeros or garbage). */
+export function fillRandomKv(model: Model): void {
+  const cache = model.decoder.cache;
+  cache.k.forEach((t, i) => ops.fillRandom(t, 100 + i, 0, 1));
+  cache.v.forEach((t, i) => ops.fillRandom(t, 200 + i, 0, 1));
+}
+
+/**
+ * Bytes a decode step reads of the weights: every layer's matrices (dense or quantized: codes,
+ * tables, outliers), norms and biases, the final norm and lm_head (the embedding is a row lookup).
+ */
+export function stepWeightBytes(model: Model): number {
+  const w = model.decoder.w;
+  const size = (x?: Tensor | { bytes: number }) => (!x ? 0 : x instanceof Tensor ? x.byteLength : x.bytes);
+  let bytes = w.norm.byteLength + w.lmHead.byteLength;
+  for (const l of w.layers)
+    bytes += size(l.ln1) + size(l.ln2) + size(l.wqkv) + size(l.wo) + size(l.wgu) + size(l.wdown) + size(l.bqkv) + size(l.bo)
+      + size(l.bgu) + size(l.bdown);
+  return bytes;
+}
+
+/**
+ * One decode step of B sequences at context ctxLen (every layer, lm_head and sampling), set up in
+ * a decode workspace of the model's decoder; `body` gets `step`, which times it (plain launches
+ * and graph replay) under the settings of the moment, so it may be called again after flipping
+ * one. The sequences and workspace are freed afterwards.
+ */
+export async function withDecodeStep<T>(ctx: BenchContext, model: Model, B: number, ctxLen: number,
+  body: (step: () => Promise<Timing>) => Promise<T>): Promise<T> {
+  const device = ctx.device!;
+  const dec = model.decoder, V = model.config.vocabSize;
+  const seqs: number[] = [];
+  const ws = dec.decodeWorkspace(B, dec.cache.maxContext);
+  try {
+    for (let b = 0; b < B; b++) {
+      const s = dec.cache.createSequence();
+      seqs.push(s);
+      dec.cache.grow(s, ctxLen + 1);
+    }
+    const tok = Array.from({ length: B }, (_, b) => [(b * 131 + 17) % V]);
+    dec.write(ws, dec.inputs(seqs, tok, B));
+    ws.temperature.write(new Float32Array(B));
+    ws.topK.write(new Int32Array(B));
+    ws.topP.write(new Float32Array(B).fill(1));
+    ws.rng.write(new Uint32Array(2 * B));
+    return await body(() => timeCuda({
+      device, warmup: 3, iters: 10, repeats: ctx.quick ? 5 : 15,
+      fn: () => {
+        dec.forward(ws, 1, dec.cache.maxContext);
+        dec.sample(ws);
+      },
+    }));
+  } finally {
+    seqs.forEach((s) => dec.cache.free(s));
+    ws.dispose();
+  }
 }
 
 /**
@@ -74,47 +144,21 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
   const ctxLen = opts.decodeContext ?? 512;
   const steps = opts.decodeTokens ?? (ctx.quick ? 16 : 64);
   const maxB = Math.max(...batches);
-  const pageSize = 16;
-  const maxContext = Math.max(T, ctxLen + 1, 32 + 8 + steps + 16);
-  const pages = Math.max(Math.ceil(T / pageSize) + 1, maxB * Math.ceil((ctxLen + 1) / pageSize));
-  const model = await createRandomModel(config, { device, dtype: 'f16', seed: 1234, maxBatch: maxB, maxContext, kvPages: pages, pageSize });
+  const model = await createRandomModel(config, { device, dtype: 'f16', seed: 1234, ...decodeModelOptions(maxB, ctxLen, steps, T) });
   const rows: BenchResult[] = [];
   try {
     const c = model.config;
     const dec = model.decoder;
-    // Random KV contents (never time zeros or garbage).
-    dec.cache.k.forEach((t, i) => ops.fillRandom(t, 100 + i, 0, 1));
-    dec.cache.v.forEach((t, i) => ops.fillRandom(t, 200 + i, 0, 1));
+    fillRandomKv(model);
     // Bytes a decode step must read: every matrix once (the embedding is a row lookup).
-    const weightBytes = 2 * (model.parameters - c.vocabSize * c.hiddenSize * (c.tieWordEmbeddings ? 0 : 1));
+    const weightBytes = stepWeightBytes(model);
     const kvPerToken = 2 * c.numLayers * c.numKvHeads * c.headDim * 2;
     const floorTps = (ctx.copyBandwidthGBs * 1e9) / weightBytes;
     log(`decode: weights ${(weightBytes / 1e9).toFixed(2)} GB; batch-1 floor ${floorTps.toFixed(1)} tokens/s at ${ctx.copyBandwidthGBs.toFixed(0)} GB/s`);
     for (const B of batches) {
-      const seqs: number[] = [];
-      const ws = dec.decodeWorkspace(B, dec.cache.maxContext);
-      let t: Timing;
-      let noPdl: Timing | null = null, unfused: Timing | null = null;
-      try {
-        for (let b = 0; b < B; b++) {
-          const s = dec.cache.createSequence();
-          seqs.push(s);
-          dec.cache.grow(s, ctxLen + 1);
-        }
-        const tok = Array.from({ length: B }, (_, b) => [(b * 131 + 17) % c.vocabSize]);
-        dec.write(ws, dec.inputs(seqs, tok, B));
-        ws.temperature.write(new Float32Array(B));
-        ws.topK.write(new Int32Array(B));
-        ws.topP.write(new Float32Array(B).fill(1));
-        ws.rng.write(new Uint32Array(2 * B));
-        const step = () => timeCuda({
-          device, warmup: 3, iters: 10, repeats: ctx.quick ? 5 : 15,
-          fn: () => {
-            dec.forward(ws, 1, dec.cache.maxContext);
-            dec.sample(ws);
-          },
-        });
-        t = await step();
+      const { t, noPdl, unfused } = await withDecodeStep(ctx, model, B, ctxLen, async (step) => {
+        const t = await step();
+        let noPdl: Timing | null = null, unfused: Timing | null = null;
         if (B === 1) {
           // The same step with ordinary launches: what programmatic dependent launch buys.
           process.env.SQUEEZELM_NO_PDL = '1';
@@ -132,10 +176,8 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
             dec.fuse = fuse;
           }
         }
-      } finally {
-        seqs.forEach((s) => dec.cache.free(s));
-        ws.dispose();
-      }
+        return { t, noPdl, unfused };
+      });
       // End to end through the scheduler (its own sequences, short contexts).
       const e2eGraph = await endToEndStep(model, B, steps);
       let note = `${(B / e2eGraph).toFixed(1)} tokens/s end to end`;

@@ -236,6 +236,13 @@ export function row(
   return r;
 }
 
+/** A row of host wall time (timing 'cpu'): work timed once with the clock, not with CUDA events. */
+export function wallRow(suite: string, name: string, seconds: number, note?: string): BenchResult {
+  const r: BenchResult = { suite, name, timing: 'cpu', timeUs: seconds * 1e6 };
+  if (note) r.note = note;
+  return r;
+}
+
 const fmt = (v: number | undefined, d = 1) => (v === undefined || !Number.isFinite(v) ? '' : v.toFixed(d));
 
 /** A Markdown table of results. */

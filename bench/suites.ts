@@ -32,5 +32,7 @@ export const suites: Record<string, { load: () => Suite | undefined; gpu: boolea
   attention: { load: optional('./attention', 'benchAttention'), gpu: true },
   kvquant: { load: optional('./kvquant', 'benchKvquant'), gpu: true },
   decode: { load: optional('./decode', 'benchDecode'), gpu: true },
+  // Manual: quantizing two 7B-shaped models takes minutes.
+  decodeq: { load: optional('./decode-quant', 'benchDecodeQuant'), gpu: true, manual: true },
   scale: { load: optional('./scale', 'benchScale'), gpu: true, manual: true },
 };

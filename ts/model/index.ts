@@ -7,5 +7,5 @@ export { Tokenizer, StreamDecoder } from './tokenizer';
 export type { ChatMessage } from './tokenizer';
 export { SafetensorsFile, Checkpoint, writeSafetensors } from './safetensors';
 export type { TensorEntry, WriteTensor } from './safetensors';
-export type { LoadProgress } from './weights';
+export type { LoadProgress, RandomQuantizeOptions, RandomQuantizeProgress } from './weights';
 export type { GenerateRequest, GenerateEvent, GenerateResult, GenerationStream, FinishReason } from '../runtime/scheduler';

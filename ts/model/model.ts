@@ -10,7 +10,9 @@ import { devices, resolveDevice } from '../device';
 import { ModelConfig, loadConfig, parseConfig, parameterCount } from './config';
 import { Checkpoint } from './safetensors';
 import { Tokenizer } from './tokenizer';
-import { LoadProgress, ModelWeights, disposeWeights, loadWeights, randomWeights } from './weights';
+import {
+  LoadProgress, ModelWeights, RandomQuantizeOptions, disposeWeights, loadWeights, randomQuantizedWeights, randomWeights,
+} from './weights';
 import { Decoder } from './llama';
 import { KVCache } from '../runtime/kv-cache';
 import { KvCacheOptions, QuantizedAttention, quantizedBytesPerToken, resolveKvCalibration } from '../runtime/kvq-attention';
@@ -326,17 +328,23 @@ export async function loadModel(dir: string, opts: LoadOptions = {}): Promise<Mo
 
 /**
  * A model of the given config with random weights made on the device (benchmarks at real
- * shapes). `config` is a config.json object or a normalised ModelConfig.
+ * shapes). `config` is a config.json object or a normalised ModelConfig. With `quantize`, the
+ * decoder linears are SqueezeLLM dense-and-sparse at that many bits, quantized in process on the
+ * model's device (weights.ts randomQuantizedWeights); embeddings and lm_head stay dense.
  */
 export async function createRandomModel(
   config: Record<string, unknown> | ModelConfig,
-  opts: LoadOptions & { seed?: number; tokenizer?: Tokenizer } = {},
+  opts: LoadOptions & { seed?: number; tokenizer?: Tokenizer; quantize?: RandomQuantizeOptions } = {},
 ): Promise<Model> {
   const cfg = 'invFreq' in config ? (config as ModelConfig) : parseConfig(config as Record<string, unknown>, 'config');
   const device = resolveDevice(opts.device ?? 'auto');
   const act = activationDtype(cfg, device, opts.dtype);
+  contextOf(cfg, opts);
   const kvCal = opts.kvCache !== undefined ? resolveKvCalibration(cfg, opts.kvCache) : undefined;
-  const w = randomWeights(cfg, { device, dtype: device === 'cpu' ? 'f16' : act, seed: opts.seed });
+  const dtype = device === 'cpu' ? 'f16' : act;
+  const w = opts.quantize
+    ? await randomQuantizedWeights(cfg, { device, dtype, act, seed: opts.seed, quantize: opts.quantize })
+    : randomWeights(cfg, { device, dtype, seed: opts.seed });
   try {
     return new Model(cfg, opts.tokenizer, device, act, w, opts, kvCal);
   } catch (e) {

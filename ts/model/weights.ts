@@ -9,7 +9,9 @@ import { DType, Tensor } from '../tensor';
 import * as ops from '../ops';
 import { ModelConfig } from './config';
 import { Checkpoint, toDType } from './safetensors';
-import { SqueezeLinearModule, loadQuantizedLinear } from '../quant/squeezellm';
+import {
+  SqueezeLinear, SqueezeLinearModule, concatSqueezeLinears, loadQuantizedLinear, quantizeLinear, uploadSqueezeLinear,
+} from '../quant/squeezellm';
 
 /** A linear's weight: a dense [out, in] matrix or a SqueezeLLM dense-and-sparse module. */
 export type LinearWeight = Tensor | SqueezeLinearModule;
@@ -278,6 +280,156 @@ export function randomWeights(cfg: ModelConfig, o: { device: string; dtype: DTyp
     return { embed, layers, norm, lmHead, tied: cfg.tieWordEmbeddings, dtype: o.dtype, bytes: made.reduce((a, t) => a + t.byteLength, 0) };
   } catch (e) {
     made.forEach((t) => t.dispose());
+    throw e;
+  }
+}
+
+/** SqueezeLLM quantization of a random model's decoder linears (createRandomModel's `quantize`). */
+export interface RandomQuantizeOptions {
+  bits: 3 | 4;
+  /**
+   * Share of each matrix kept exact in the sparse part (default 0.0045, i.e. 0.45%), picked by
+   * magnitude: random weights come with no sensitivity, so there are no sensitive outliers.
+   */
+  outliers?: number;
+  /** k-means iterations (default 30). */
+  iters?: number;
+  /** Called after each linear is quantized (and, where that completes a fused group, uploaded). */
+  onProgress?: (p: RandomQuantizeProgress) => void;
+  /**
+   * Called with each quantized linear's host arrays before upload, named as in a checkpoint
+   * (`model.layers.3.mlp.up_proj`), e.g. to keep them (squeezeTensors writes them out).
+   */
+  onLinear?: (name: string, linear: SqueezeLinear) => void;
+}
+
+export interface RandomQuantizeProgress {
+  /** Layers whose linears are all quantized and on the device. */
+  layersDone: number;
+  layers: number;
+  linearsDone: number;
+  linears: number;
+  /** The linear just quantized. */
+  name: string;
+  /**
+   * Host wall time so far, in seconds: making the random weights and reading them back
+   * (`make`), quantizing (`quantize`: outliers, k-means on the model's device, packing), and
+   * fusing and uploading the modules (`upload`).
+   */
+  seconds: { make: number; quantize: number; upload: number };
+}
+
+/** t's f32 values into dst, read back in slices (no host copy of the whole matrix besides dst). */
+async function readF32(t: Tensor, dst: Float32Array): Promise<Float32Array> {
+  const n = t.numel, slice = 1 << 22;
+  for (let off = 0; off < n; off += slice) {
+    const len = Math.min(slice, n - off);
+    const v = t.view(off, [len]);
+    try {
+      dst.set((await v.toArray()) as Float32Array, off);
+    } finally {
+      v.dispose();
+    }
+  }
+  return dst.subarray(0, n);
+}
+
+/**
+ * Random weights (as randomWeights: normal, std 0.02; norms 1) whose decoder linears are
+ * SqueezeLLM-quantized in process: every q, k, v, o, gate, up and down matrix is made on the
+ * device in f32, read back, quantized on its own with quantizeLinear (k-means on the device,
+ * dense-and-sparse with magnitude outliers) and freed; q|k|v and gate|up are fused as the loader
+ * fuses a quantized checkpoint's. Embeddings and lm_head stay dense in `dtype`. Deterministic for
+ * a seed; the matrices are not those randomWeights makes for the same seed.
+ */
+export async function randomQuantizedWeights(cfg: ModelConfig, o: {
+  device: string; dtype: DType; act: DType; seed?: number; std?: number; quantize: RandomQuantizeOptions;
+}): Promise<ModelWeights> {
+  const qo = o.quantize;
+  if (qo.bits !== 3 && qo.bits !== 4) throw new SqueezeError('ERR_UNSUPPORTED', `quantize.bits must be 3 or 4, got ${qo.bits}`);
+  const outliers = qo.outliers ?? 0.0045;
+  if (!(outliers >= 0 && outliers < 1)) throw new SqueezeError('ERR_ARG', `quantize.outliers must be a share in [0, 1), got ${outliers}`);
+  if (cfg.qkvBias || cfg.oBias || cfg.mlpBias)
+    throw new SqueezeError('ERR_UNSUPPORTED', 'quantize: biases on quantized linears are not supported yet');
+  const H = cfg.hiddenSize, D = cfg.headDim, I = cfg.intermediateSize, V = cfg.vocabSize;
+  const cpu = o.device === 'cpu';
+  const std = o.std ?? 0.02;
+  let seed = (o.seed ?? 1) >>> 0;
+  const made: Tensor[] = [];
+  const modules: SqueezeLinearModule[] = [];
+  const vecDtype: DType = cpu ? 'f32' : o.dtype;
+  const rand = (shape: number[]): Tensor => {
+    const t = Tensor.empty(shape, { dtype: o.dtype, device: o.device });
+    made.push(t);
+    ops.fillRandom(t, seed++, 0, std);
+    return t;
+  };
+  const ones = (n: number): Tensor => {
+    const t = Tensor.empty([n], { dtype: vecDtype, device: o.device });
+    made.push(t);
+    ops.fill(t, 1);
+    return t;
+  };
+  // One linear per group member, fused like a quantized checkpoint's q|k|v and gate|up.
+  const groups: Array<{ site: 'wqkv' | 'wo' | 'wgu' | 'wdown'; parts: Array<[string, number, number]> }> = [
+    { site: 'wqkv', parts: [['self_attn.q_proj', cfg.numHeads * D, H], ['self_attn.k_proj', cfg.numKvHeads * D, H], ['self_attn.v_proj', cfg.numKvHeads * D, H]] },
+    { site: 'wo', parts: [['self_attn.o_proj', H, cfg.numHeads * D]] },
+    { site: 'wgu', parts: [['mlp.gate_proj', I, H], ['mlp.up_proj', I, H]] },
+    { site: 'wdown', parts: [['mlp.down_proj', H, I]] },
+  ];
+  const linears = cfg.numLayers * 7;
+  const host = new Float32Array(Math.max(...groups.flatMap((g) => g.parts.map(([, N, K]) => N * K))));
+  const seconds = { make: 0, quantize: 0, upload: 0 };
+  let linearsDone = 0;
+  const since = (t0: number) => (performance.now() - t0) / 1000;
+  try {
+    const embed = rand([V, H]);
+    const layers: LayerWeights[] = [];
+    for (let i = 0; i < cfg.numLayers; i++) {
+      const l: Partial<LayerWeights> = { ln1: ones(H), ln2: ones(H) };
+      for (const g of groups) {
+        const quantized: SqueezeLinear[] = [];
+        for (let p = 0; p < g.parts.length; p++) {
+          const [name, N, K] = g.parts[p];
+          let t0 = performance.now();
+          const src = Tensor.empty([N, K], { dtype: 'f32', device: o.device });
+          let q: SqueezeLinear;
+          try {
+            ops.fillRandom(src, seed++, 0, std);
+            const w = await readF32(src, host);
+            seconds.make += since(t0);
+            t0 = performance.now();
+            q = await quantizeLinear(w, N, K, { bits: qo.bits, outliers, iters: qo.iters, device: o.device, deviceWeight: src });
+            seconds.quantize += since(t0);
+          } finally {
+            src.dispose();
+          }
+          const full = layerName(i, name);
+          qo.onLinear?.(full, q);
+          quantized.push(q);
+          linearsDone++;
+          if (p === g.parts.length - 1) {
+            t0 = performance.now();
+            const m = uploadSqueezeLinear(concatSqueezeLinears(quantized), o.device, cpu ? 'f32' : o.act);
+            modules.push(m);
+            l[g.site] = m;
+            seconds.upload += since(t0);
+          }
+          qo.onProgress?.({
+            layersDone: i + (g.site === 'wdown' && p === g.parts.length - 1 ? 1 : 0), layers: cfg.numLayers,
+            linearsDone, linears, name: full, seconds: { ...seconds },
+          });
+        }
+      }
+      layers.push(l as LayerWeights);
+    }
+    const norm = ones(H);
+    const lmHead = cfg.tieWordEmbeddings ? embed : rand([V, H]);
+    return { embed, layers, norm, lmHead, tied: cfg.tieWordEmbeddings, dtype: o.dtype,
+      bytes: made.reduce((a, t) => a + t.byteLength, 0) + modules.reduce((a, m) => a + m.bytes, 0) };
+  } catch (e) {
+    made.forEach((t) => t.dispose());
+    modules.forEach((m) => m.dispose());
     throw e;
   }
 }

@@ -13,6 +13,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { SqueezeError } from '../errors';
 import { DType, Tensor } from '../tensor';
+import { resolveDevice } from '../device';
 import { checkOutlierCsr, kmeansRows, lutMatmulPacked, lutPackedShape, lutRepack, sortOutlierRows } from '../ops/lut';
 import { matmul } from '../ops/gemm';
 import { Checkpoint, SafetensorsFile, WriteTensor, writeSafetensors } from '../model/safetensors';
@@ -43,21 +44,65 @@ function checkBits(bits: number): Bits {
 /** codes u8 [N,K] -> qweight i32 [ceil(K/32)*bits, N] (K padded with code 0). */
 export function packCodes(codes: Uint8Array, N: number, K: number, bits: number): Int32Array {
   const b = checkBits(bits);
-  const groups = Math.ceil(K / 32);
-  const q = new Int32Array(groups * b * N);
-  for (let n = 0; n < N; n++) {
-    for (let g = 0; g < groups; g++) {
-      for (let i = 0; i < 32; i++) {
-        const k = g * 32 + i;
-        const c = k < K ? codes[n * K + k] : 0;
-        if (c >>> b) throw new SqueezeError('ERR_ARG', `packCodes: code ${c} at [${n}, ${k}] does not fit ${b} bits`);
-        const bit = i * b, word = bit >>> 5, off = bit & 31;
-        q[(g * b + word) * N + n] |= c << off;
-        if (off + b > 32) q[(g * b + word + 1) * N + n] |= c >>> (32 - off);
+  const q = new Int32Array(Math.ceil(K / 32) * b * N);
+  packRows(q, codes, 0, N, N, K, b);
+  return q;
+}
+
+/** Packs rows [n0, n1) into qweight q [ceil(K/32)*b, N]; codes holds those rows only ([n1 - n0, K]). */
+function packRows(q: Int32Array, codes: Uint8Array, n0: number, n1: number, N: number, K: number, b: Bits): void {
+  const groups = Math.ceil(K / 32), full = K >>> 5;
+  const acc = new Int32Array(b + 1);
+  let seen = 0; // every code OR-ed: a code that does not fit sets a bit at or above b
+  for (let n = n0; n < n1; n++) {
+    const row = (n - n0) * K;
+    // Whole groups of 32 codes: each word built in a register and stored once (q is [words, N]).
+    for (let g = 0; g < full; g++) {
+      const p = row + g * 32, o = g * b * N + n;
+      if (b === 4) {
+        for (let j = 0; j < 4; j++) {
+          let v = 0;
+          for (let i = 0; i < 8; i++) {
+            const c = codes[p + 8 * j + i];
+            seen |= c;
+            v |= c << (4 * i);
+          }
+          q[o + j * N] = v;
+        }
+      } else {
+        // 3 bits: word 0 holds codes 0-9 and the low 2 bits of code 10, word 1 its high bit,
+        // codes 11-20 and the low bit of code 21, word 2 its high 2 bits and codes 22-31.
+        let v = 0;
+        for (let i = 0; i < 11; i++) { const c = codes[p + i]; seen |= c; v |= c << (3 * i); }
+        q[o] = v;
+        v = codes[p + 10] >>> 2;
+        for (let i = 11; i < 22; i++) { const c = codes[p + i]; seen |= c; v |= c << (3 * i - 32); }
+        q[o + N] = v;
+        v = codes[p + 21] >>> 1;
+        for (let i = 22; i < 32; i++) { const c = codes[p + i]; seen |= c; v |= c << (3 * i - 64); }
+        q[o + 2 * N] = v;
       }
     }
+    // The last, partial group (K padded with code 0).
+    if (full < groups) {
+      const k0 = full * 32, len = K - k0;
+      acc.fill(0);
+      for (let i = 0; i < len; i++) {
+        const c = codes[row + k0 + i];
+        seen |= c;
+        const bit = i * b, word = bit >>> 5, off = bit & 31;
+        acc[word] |= c << off;
+        if (off + b > 32) acc[word + 1] |= c >>> (32 - off);
+      }
+      for (let j = 0; j < b; j++) q[(full * b + j) * N + n] = acc[j];
+    }
   }
-  return q;
+  if (seen >>> b) {
+    let i = 0;
+    while (!(codes[i] >>> b)) i++;
+    const n = Math.floor(i / K), k = i - n * K;
+    throw new SqueezeError('ERR_ARG', `packCodes: code ${codes[i]} at [${n0 + n}, ${k}] does not fit ${b} bits`);
+  }
 }
 
 /** qweight i32 [ceil(K/32)*bits, N] -> codes u8 [N,K]. */
@@ -112,6 +157,45 @@ export interface QuantizeOptions {
   iters?: number;
   /** Where k-means runs: 'cpu' (default) or 'cuda' / 'cuda:N'. */
   device?: string;
+  /**
+   * w already on `device` ([N, K], f32, f16 or bf16, holding exactly w's values, e.g. the tensor w
+   * was read from): k-means reads it instead of a fresh upload of w.
+   */
+  deviceWeight?: Tensor;
+}
+
+// Host buffers of a whole [N, K] matrix are avoided where a slice does: at 7B shapes each linear
+// has up to 45M weights, and large fresh allocations are slow to touch on some hosts. Slices of
+// at most this many bytes move between host and device.
+const SLICE_BYTES = 1 << 24;
+
+/**
+ * The value at rank `idx` of `a` in ascending order, as Float32Array.prototype.sort orders it
+ * (NaN last), found by selection instead of a full sort; `a` is reordered. Only -0 and +0 may come
+ * back swapped, which no `>` comparison against the threshold can tell apart.
+ */
+function selectRank(a: Float32Array, idx: number): number {
+  let m = 0; // NaNs to the end
+  for (let i = 0; i < a.length; i++) if (a[i] === a[i]) a[m++] = a[i];
+  if (idx >= m) return NaN;
+  let lo = 0, hi = m - 1, rounds = 0;
+  while (hi > lo) {
+    if (++rounds > 64) return a.subarray(lo, hi + 1).sort()[idx - lo]; // pathological pivots
+    // Median of three as the pivot, then a three-way partition: < p | = p | > p.
+    const x = a[lo], y = a[(lo + hi) >>> 1], z = a[hi];
+    const p = x < y ? (y < z ? y : x < z ? z : x) : (x < z ? x : y < z ? z : y);
+    let lt = lo, i = lo, gt = hi;
+    while (i <= gt) {
+      const v = a[i];
+      if (v < p) { a[i++] = a[lt]; a[lt++] = v; }
+      else if (v > p) { a[i] = a[gt]; a[gt--] = v; }
+      else i++;
+    }
+    if (idx < lt) hi = lt - 1;
+    else if (idx > gt) lo = gt + 1;
+    else return p;
+  }
+  return a[idx];
 }
 
 /** Threshold t such that about `share` of |values| exceed it (estimated on a strided sample). */
@@ -120,9 +204,45 @@ function topThreshold(n: number, value: (i: number) => number, share: number): n
   const step = Math.max(1, Math.floor(n / 2_000_000));
   const sample = new Float32Array(Math.ceil(n / step));
   for (let i = 0, j = 0; i < n; i += step, j++) sample[j] = value(i);
-  sample.sort();
   const idx = Math.min(sample.length - 1, Math.max(0, Math.floor(sample.length * (1 - share))));
-  return sample[idx];
+  return selectRank(sample, idx);
+}
+
+/** A growing list of flat indices (ascending when pushed in order). */
+class IndexList {
+  a: Float64Array;
+  n = 0;
+  constructor(capacity: number) { this.a = new Float64Array(Math.max(16, capacity)); }
+  push(i: number): void {
+    if (this.n === this.a.length) {
+      const b = new Float64Array(2 * this.a.length);
+      b.set(this.a);
+      this.a = b;
+    }
+    this.a[this.n++] = i;
+  }
+  get list(): Float64Array { return this.a.subarray(0, this.n); }
+}
+
+/** Flat indices, ascending, of w's weights with |w| > tMag or sens * w^2 > tSens. */
+function findOutliers(w: Float32Array, N: number, K: number, tMag: number, sens: Float32Array | undefined, tSens: number,
+  share: number): Float64Array {
+  const out = new IndexList(Math.ceil(1.25 * share * N * K) + 1024);
+  if (!sens || !(tSens < Infinity)) {
+    for (let i = 0; i < N * K; i++) if (Math.abs(w[i]) > tMag) out.push(i);
+  } else if (sens.length === K) {
+    for (let n = 0, i = 0; n < N; n++)
+      for (let k = 0; k < K; k++, i++) {
+        const x = w[i];
+        if (Math.abs(x) > tMag || sens[k] * x * x > tSens) out.push(i);
+      }
+  } else {
+    for (let i = 0; i < N * K; i++) {
+      const x = w[i];
+      if (Math.abs(x) > tMag || sens[i] * x * x > tSens) out.push(i);
+    }
+  }
+  return out.list;
 }
 
 /** Quantizes one weight matrix w [N,K] (row n = output channel n). */
@@ -132,72 +252,176 @@ export async function quantizeLinear(w: Float32Array, N: number, K: number, o: Q
   const sens = o.sens;
   if (sens && sens.length !== K && sens.length !== N * K)
     throw new SqueezeError('ERR_SHAPE', `quantizeLinear: sensitivity has ${sens.length} elements, expected ${K} or ${N * K}`);
+  const dw = o.deviceWeight;
+  if (dw) {
+    if (dw.shape.length !== 2 || dw.shape[0] !== N || dw.shape[1] !== K)
+      throw new SqueezeError('ERR_SHAPE', `quantizeLinear: deviceWeight is [${dw.shape}], expected [${N}, ${K}]`);
+    if (dw.device !== resolveDevice(o.device ?? 'cpu'))
+      throw new SqueezeError('ERR_DEVICE', `quantizeLinear: deviceWeight is on ${dw.device}, k-means runs on ${o.device ?? 'cpu'}`);
+  }
   const sAt = (i: number): number => (!sens ? 1 : sens.length === K ? sens[i % K] : sens[i]);
   // Magnitude outliers: |w| above a per-matrix threshold; sensitive: top saliency sens * w^2, or
   // with outlierScore 'error' the top sens * (w - q)^2 of a first dense-only fit.
   const byError = o.outlierScore === 'error' && (o.sensitive ?? 0) > 0;
   const tMag = topThreshold(N * K, (i) => Math.abs(w[i]), o.outliers ?? 0);
   const tSens = sens && !byError ? topThreshold(N * K, (i) => sAt(i) * w[i] * w[i], o.sensitive ?? 0) : Infinity;
-  const isOut = new Uint8Array(N * K);
-  for (let i = 0; i < N * K; i++)
-    if (Math.abs(w[i]) > tMag || (sens !== undefined && sAt(i) * w[i] * w[i] > tSens)) isOut[i] = 1;
-  let fit = await denseFit(w, N, K, E, isOut, sAt, o);
-  if (byError) {
-    const q = fit.q;
-    const tErr = topThreshold(N * K, (i) => (isOut[i] ? 0 : sAt(i) * (w[i] - q[i]) * (w[i] - q[i])), o.sensitive ?? 0);
-    for (let i = 0; i < N * K; i++) if (!isOut[i] && sAt(i) * (w[i] - q[i]) * (w[i] - q[i]) > tErr) isOut[i] = 1;
-    fit = await denseFit(w, N, K, E, isOut, sAt, o);
+  let out = findOutliers(w, N, K, tMag, sens, tSens, (o.outliers ?? 0) + (o.sensitive ?? 0));
+  if (!o.gptq && !byError) {
+    // k-means alone: the codes are read back in slices straight into the packed result.
+    const fit = await kmeansFit(w, N, K, E, out, o);
+    try {
+      return await assemble(N, K, bits, fit.lut, out, w, (n0, n1) => readRows(fit.codes, n0, n1, K));
+    } finally {
+      fit.codes.dispose();
+    }
   }
-  const { lut, codes, q } = fit;
-  let nnz = 0;
-  for (let i = 0; i < N * K; i++) nnz += isOut[i];
+  // With compensation or error-scored outliers the whole codes and outlier mask take part.
+  const isOut = new Uint8Array(N * K);
+  for (const i of out) isOut[i] = 1;
+  let fit = await denseFit(w, N, K, E, isOut, out, o);
+  if (byError) {
+    const q = fit.q ?? denseValues(w, N, K, E, isOut, fit.lut, fit.codes);
+    const tErr = topThreshold(N * K, (i) => (isOut[i] ? 0 : sAt(i) * (w[i] - q[i]) * (w[i] - q[i])), o.sensitive ?? 0);
+    const more = new IndexList(out.length + Math.ceil(1.25 * (o.sensitive ?? 0) * N * K) + 1024);
+    for (let i = 0; i < N * K; i++) {
+      if (!isOut[i] && sAt(i) * (w[i] - q[i]) * (w[i] - q[i]) > tErr) isOut[i] = 1;
+      if (isOut[i]) more.push(i);
+    }
+    out = more.list;
+    fit = await denseFit(w, N, K, E, isOut, out, o);
+  }
+  const { lut, codes } = fit;
+  // What an outlier stands for: its exact value, or with compensation the refit one.
+  return assemble(N, K, bits, lut, out, fit.q ?? w, async (n0, n1) => codes.subarray(n0 * K, n1 * K));
+}
+
+/** Codes of rows [n0, n1) of a [N, K] u8 tensor, on the host. */
+async function readRows(codes: Tensor, n0: number, n1: number, K: number): Promise<Uint8Array> {
+  const v = codes.view(n0 * K, [(n1 - n0) * K]);
+  try {
+    return (await v.toArray()) as Uint8Array;
+  } finally {
+    v.dispose();
+  }
+}
+
+/**
+ * The packed linear from the tables, the outliers (ascending flat indices) and the codes, read
+ * in row slices (writable; an outlier's code becomes its row's centroid nearest zero). Outlier
+ * values: q at the outlier minus that centroid.
+ */
+async function assemble(N: number, K: number, bits: Bits, lut: Float32Array, out: Float64Array, q: Float32Array,
+  rowsOf: (n0: number, n1: number) => Promise<Uint8Array>): Promise<SqueezeLinear> {
+  const E = 1 << bits, nnz = out.length;
+  const qweight = new Int32Array(Math.ceil(K / 32) * bits * N);
   let rows: Int32Array | undefined, cols: Int32Array | undefined, vals: Float32Array | undefined;
   if (nnz > 0) {
     rows = new Int32Array(N + 1);
     cols = new Int32Array(nnz);
     vals = new Float32Array(nnz);
-    let j = 0;
-    for (let n = 0; n < N; n++) {
-      let z = 0; // the centroid nearest zero
-      for (let e = 1; e < E; e++) if (Math.abs(lut[n * E + e]) < Math.abs(lut[n * E + z])) z = e;
-      for (let k = 0; k < K; k++) {
-        const i = n * K + k;
-        if (!isOut[i]) continue;
-        codes[i] = z;
-        cols[j] = k;
-        vals[j] = q[i] - lut[n * E + z];
-        j++;
-      }
-      rows[n + 1] = j;
-    }
   }
-  return { N, K, bits, qweight: packCodes(codes, N, K, bits), lut, rows, cols, vals };
+  const R = Math.max(1, Math.min(N, Math.floor(SLICE_BYTES / Math.max(1, K))));
+  let j = 0, zRow = -1, z = 0;
+  for (let n0 = 0; n0 < N; n0 += R) {
+    const n1 = Math.min(N, n0 + R), base = n0 * K;
+    const codes = await rowsOf(n0, n1);
+    for (; j < nnz && out[j] < n1 * K; j++) {
+      const i = out[j], n = Math.floor(i / K);
+      if (n !== zRow) { // the centroid nearest zero
+        zRow = n;
+        z = 0;
+        for (let e = 1; e < E; e++) if (Math.abs(lut[n * E + e]) < Math.abs(lut[n * E + z])) z = e;
+      }
+      codes[i - base] = z;
+      cols![j] = i - n * K;
+      vals![j] = q[i] - lut[n * E + z];
+      rows![n + 1]++;
+    }
+    packRows(qweight, codes, n0, n1, N, K, bits);
+  }
+  if (rows) for (let n = 0; n < N; n++) rows[n + 1] += rows[n];
+  return { N, K, bits, qweight, lut, rows, cols, vals };
+}
+
+/** What every weight stands for after a fit without compensation: its centroid, outliers their exact value. */
+function denseValues(w: Float32Array, N: number, K: number, E: number, isOut: Uint8Array, lut: Float32Array,
+  codes: Uint8Array): Float32Array {
+  const q = new Float32Array(N * K);
+  for (let n = 0, i = 0; n < N; n++)
+    for (let k = 0; k < K; k++, i++) q[i] = isOut[i] ? w[i] : lut[n * E + codes[i]];
+  return q;
 }
 
 /**
- * The dense part for a given outlier mask: weighted k-means (outliers weigh 0), then with o.gptq
- * error compensation with table refits. q: what every weight stands for (its centroid; outliers
- * their exact value, compensated with o.gptq).
+ * k-means weights on `device`: 0 for outliers (ascending flat indices), else max(0, sensitivity);
+ * uniform weights as f16 ones and zeros (exact, half the bytes), or one shared row of ones when
+ * nothing is an outlier. Written in slices.
  */
-async function denseFit(w: Float32Array, N: number, K: number, E: number, isOut: Uint8Array,
-  sAt: (i: number) => number, o: QuantizeOptions): Promise<{ lut: Float32Array; codes: Uint8Array; q: Float32Array }> {
-  const weight = new Float32Array(N * K);
-  for (let i = 0; i < N * K; i++) weight[i] = isOut[i] ? 0 : Math.max(0, sAt(i));
-  const device = o.device ?? 'cpu';
-  const tw = Tensor.from(w, [N, K], { device }), ts = Tensor.from(weight, [N, K], { device });
-  const tl = Tensor.empty([N, E], { dtype: 'f32', device }), tc = Tensor.empty([N, K], { dtype: 'u8', device });
-  let lut: Float32Array, codes: Uint8Array;
+function kmeansWeights(out: Float64Array, N: number, K: number, sens: Float32Array | undefined, device: string): Tensor {
+  if (!sens && out.length === 0) return Tensor.from(new Float32Array(K).fill(1), [K], { device });
+  const f16 = !sens;
+  const t = Tensor.empty([N, K], { dtype: f16 ? 'f16' : 'f32', device });
   try {
+    const total = N * K, slice = Math.min(total, SLICE_BYTES >> (f16 ? 1 : 2));
+    const buf = f16 ? new Uint16Array(slice) : new Float32Array(slice);
+    let j = 0;
+    for (let off = 0; off < total; off += slice) {
+      const len = Math.min(slice, total - off), b = buf.subarray(0, len);
+      if (f16) b.fill(0x3c00); // f16 1.0
+      else if (sens!.length === K) for (let i = 0, k = off % K; i < len; i++, k = k + 1 === K ? 0 : k + 1) b[i] = Math.max(0, sens![k]);
+      else for (let i = 0; i < len; i++) b[i] = Math.max(0, sens![off + i]);
+      for (; j < out.length && out[j] < off + len; j++) b[out[j] - off] = 0;
+      const v = t.view(off, [len]);
+      v.write(b);
+      v.dispose();
+    }
+    return t;
+  } catch (e) {
+    t.dispose();
+    throw e;
+  }
+}
+
+/** Weighted k-means of w's rows on o.device (outliers weigh 0): host tables, codes left on the device. */
+async function kmeansFit(w: Float32Array, N: number, K: number, E: number, out: Float64Array,
+  o: QuantizeOptions): Promise<{ lut: Float32Array; codes: Tensor }> {
+  const device = o.device ?? 'cpu';
+  const own: Tensor[] = [];
+  const tc = Tensor.empty([N, K], { dtype: 'u8', device });
+  try {
+    const tw = o.deviceWeight ?? Tensor.from(w, [N, K], { device });
+    if (tw !== o.deviceWeight) own.push(tw);
+    const ts = kmeansWeights(out, N, K, o.sens, device);
+    own.push(ts);
+    const tl = Tensor.empty([N, E], { dtype: 'f32', device });
+    own.push(tl);
     kmeansRows(tl, tc, tw, ts, o.iters ?? 30);
-    lut = (await tl.toArray()) as Float32Array;
+    return { lut: (await tl.toArray()) as Float32Array, codes: tc };
+  } catch (e) {
+    tc.dispose();
+    throw e;
+  } finally {
+    own.forEach((t) => t.dispose());
+  }
+}
+
+/**
+ * The dense part for a given outlier mask (and its ascending flat indices): weighted k-means
+ * (outliers weigh 0), then with o.gptq error compensation with table refits. q (with o.gptq
+ * only): what every weight stands for (its centroid, outliers their compensated value); without,
+ * a weight stands for its centroid and an outlier for itself.
+ */
+async function denseFit(w: Float32Array, N: number, K: number, E: number, isOut: Uint8Array, out: Float64Array,
+  o: QuantizeOptions): Promise<{ lut: Float32Array; codes: Uint8Array; q?: Float32Array }> {
+  const { lut, codes: tc } = await kmeansFit(w, N, K, E, out, o);
+  let codes: Uint8Array;
+  try {
     codes = (await tc.toArray()) as Uint8Array;
   } finally {
-    [tw, ts, tl, tc].forEach((t) => t.dispose());
+    tc.dispose();
   }
   if (o.gptq) return gptqRefit(w, N, K, codes, lut, E, isOut, o.gptq, o.gptqRounds ?? 3);
-  const q = new Float32Array(N * K);
-  for (let i = 0; i < N * K; i++) q[i] = isOut[i] ? w[i] : lut[Math.floor(i / K) * E + codes[i]];
-  return { lut, codes, q };
+  return { lut, codes };
 }
 
 /** Round-to-nearest baseline: uniform per-row min-max grid at the same bits, as a table. */

@@ -1,0 +1,171 @@
+/**
+ * The "decodeq" suite: batch-1 decode at LLaMA-2-7B shapes with SqueezeLLM dense-and-sparse
+ * linears against fp16 decode, in one process. Random fp16 weights for the fp16 model; for each
+ * bit width a model made by createRandomModel's `quantize` (every q/k/v/o/gate/up/down matrix
+ * made on the GPU, quantized there with k-means, 0.45% outliers by magnitude since random weights
+ * have no sensitivity, fused q|k|v and gate|up; embeddings and lm_head fp16). Each model is freed
+ * before the next is made.
+ *
+ * Rows: the fp16 step; per bit width the quantization's wall time (weights made, read back,
+ * outliers, k-means, packing, upload) and the decode step (graph-replayed, as bench/decode.ts
+ * times it) with its speed-up over the fp16 step of the same run, end-to-end tokens/s in the note.
+ * Bytes = the weights a step reads (quantized linears + fp16 lm_head and norms; the KV read is
+ * left out), so `of copy BW` is the fraction of the weights-only bandwidth floor.
+ */
+import { synchronize } from '../ts/device';
+import { Tensor } from '../ts/tensor';
+import { createRandomModel, Model } from '../ts/model/model';
+import { parseConfig } from '../ts/model/config';
+import { BenchContext, BenchResult, Timing, copyBandwidthGBs, cudaDevice, markdown, row, wallRow } from './harness';
+import { LLAMA2_7B, decodeModelOptions, endToEndStep, fillRandomKv, stepWeightBytes, withDecodeStep } from './decode';
+
+const SUITE = 'decodeq';
+
+export interface DecodeQuantOptions {
+  /** A model config instead of LLaMA-2-7B (quick: LLaMA-2-7B shapes with 4 layers). */
+  config?: Record<string, unknown>;
+  /** Bit widths, in order (default [4, 3]). */
+  bits?: Array<3 | 4>;
+  /** Outlier share of each matrix (default 0.0045). */
+  outliers?: number;
+  /** Context of the timed step (default 512). */
+  decodeContext?: number;
+  /** Tokens per end-to-end measurement (default 64; quick 16). */
+  decodeTokens?: number;
+  /**
+   * Seconds the suite may take (default 540): a bit width is skipped, with a row saying so, when
+   * the last one's quantization and measurement would not fit in what is left.
+   */
+  budgetSeconds?: number;
+}
+
+/** Targets of the end-to-end acceptance (batch-1 step over fp16's, quantization time on an H100). */
+const TARGET_SPEEDUP: Record<number, number> = { 4: 2.6, 3: 3.0 };
+const TARGET_QUANT_S = 300;
+
+/** Bytes and weights of the decoder's linears. */
+function linearStats(model: Model): { bytes: number; weights: number } {
+  const c = model.config;
+  let bytes = 0;
+  for (const l of model.decoder.w.layers)
+    for (const m of [l.wqkv, l.wo, l.wgu, l.wdown]) bytes += m instanceof Tensor ? m.byteLength : m.bytes;
+  const D = c.headDim, H = c.hiddenSize;
+  const weights = c.numLayers * (H * (c.numHeads + 2 * c.numKvHeads) * D + c.numHeads * D * H + 3 * H * c.intermediateSize);
+  return { bytes, weights };
+}
+
+const gb = (b: number) => `${(b / 1e9).toFixed(2)} GB`;
+
+export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptions = {}): Promise<BenchResult[]> {
+  if (!ctx.device) return [];
+  const start = performance.now();
+  const elapsed = () => (performance.now() - start) / 1000;
+  const device = ctx.device, log = ctx.log;
+  const config = opts.config ?? (ctx.quick ? { ...LLAMA2_7B, num_hidden_layers: 4 } : LLAMA2_7B);
+  const cfg = parseConfig(config, 'config');
+  const full = !opts.config && !ctx.quick;
+  const outliers = opts.outliers ?? 0.0045;
+  const ctxLen = opts.decodeContext ?? 512;
+  const steps = opts.decodeTokens ?? (ctx.quick ? 16 : 64);
+  const budget = opts.budgetSeconds ?? 540;
+  const modelOpts = { device, dtype: 'f16' as const, seed: 1234, ...decodeModelOptions(1, ctxLen, steps) };
+  const shape = `${cfg.numLayers} layers, hidden ${cfg.hiddenSize}, intermediate ${cfg.intermediateSize}`;
+  const rows: BenchResult[] = [];
+
+  /** The batch-1 step (graphs) and end-to-end tokens/s of a model; its weight bytes. */
+  const measure = async (m: Model): Promise<{ t: Timing; tps: number; bytes: number }> => {
+    fillRandomKv(m);
+    const t = await withDecodeStep(ctx, m, 1, ctxLen, (step) => step());
+    const tps = 1 / (await endToEndStep(m, 1, steps));
+    return { t, tps, bytes: stepWeightBytes(m) };
+  };
+
+  // (a) fp16.
+  let base: Timing, baseTps: number;
+  {
+    const m = await createRandomModel(config, modelOpts);
+    try {
+      const r0 = await measure(m);
+      base = r0.t;
+      baseTps = r0.tps;
+      let note = `${baseTps.toFixed(1)} tokens/s end to end; weights read per step ${gb(r0.bytes)}; ${shape}`;
+      if (m.stats.captureError) note += `; scheduler could not capture: ${m.stats.captureError}`;
+      const r = row(ctx, SUITE, `fp16 step b1 ctx ${ctxLen}`, base, { bytes: r0.bytes, note });
+      rows.push(r);
+      log(`decodeq fp16: ${r.timeUs.toFixed(0)} us/step (${r.timing}), ${baseTps.toFixed(1)} tokens/s end to end`);
+    } finally {
+      await m.dispose();
+    }
+  }
+
+  // (b) each bit width: quantize, then the same measurements.
+  let lastSeconds = 0;
+  for (const bits of opts.bits ?? [4, 3]) {
+    const label = `${bits}-bit D+S`;
+    if (lastSeconds > 0 && elapsed() + 1.1 * lastSeconds > budget) {
+      const msg = `skipped: ${elapsed().toFixed(0)} s spent and the last width took ${lastSeconds.toFixed(0)} s (budget ${budget} s)`;
+      log(`decodeq ${label}: ${msg}`);
+      rows.push(wallRow(SUITE, `${label} quantize`, NaN, msg));
+      continue;
+    }
+    const t0 = performance.now();
+    let nnz = 0, total = 0, logged = 0;
+    let seconds = { make: 0, quantize: 0, upload: 0 };
+    const every = Math.max(1, Math.ceil(cfg.numLayers / 4));
+    const m = await createRandomModel(config, {
+      ...modelOpts,
+      quantize: {
+        bits, outliers,
+        onLinear: (_, l) => {
+          nnz += l.cols?.length ?? 0;
+          total += l.N * l.K;
+        },
+        onProgress: (p) => {
+          seconds = p.seconds;
+          if (p.layersDone !== logged && (p.layersDone % every === 0 || p.layersDone === p.layers)) {
+            logged = p.layersDone;
+            log(`decodeq ${label}: ${p.layersDone}/${p.layers} layers quantized, ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+          }
+        },
+      },
+    });
+    try {
+      await synchronize(device); // the uploads' device work counts too
+      const qs = (performance.now() - t0) / 1000;
+      const split = `make ${seconds.make.toFixed(1)} s, quantize ${seconds.quantize.toFixed(1)} s, upload ${seconds.upload.toFixed(1)} s`;
+      let qnote = `${qs.toFixed(1)} s: ${cfg.numLayers * 7} linears, k-means on ${device}, ${(100 * nnz / total).toFixed(3)}% outliers by magnitude; ${split}`;
+      if (full) qnote += `; target <= ${TARGET_QUANT_S} s (H100)`;
+      rows.push(wallRow(SUITE, `${label} quantize`, qs, qnote));
+      log(`decodeq ${label}: quantized in ${qs.toFixed(1)} s (${split})`);
+
+      const r0 = await measure(m);
+      const lin = linearStats(m);
+      let note = `${r0.tps.toFixed(1)} tokens/s end to end, ${(r0.tps / baseTps).toFixed(2)}x fp16's ${baseTps.toFixed(1)}; ` +
+        `quantized linears ${gb(lin.bytes)} (${((8 * lin.bytes) / lin.weights).toFixed(2)} bits/weight), weights read per step ${gb(r0.bytes)}`;
+      if (full && TARGET_SPEEDUP[bits]) note += `; target >= ${TARGET_SPEEDUP[bits]}x`;
+      if (m.stats.captureError) note += `; scheduler could not capture: ${m.stats.captureError}`;
+      const r = row(ctx, SUITE, `${label} step b1 ctx ${ctxLen}`, r0.t, { bytes: r0.bytes, baseline: 'fp16 step', base, note });
+      rows.push(r);
+      log(`decodeq ${label}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), ${r.speedup?.toFixed(2)}x fp16; ${note}`);
+    } finally {
+      await m.dispose();
+    }
+    lastSeconds = (performance.now() - t0) / 1000;
+  }
+  return rows;
+}
+
+if (require.main === module) {
+  (async () => {
+    const gpu = cudaDevice();
+    if (!gpu.device) throw new Error(`no CUDA device: ${gpu.reason}`);
+    const ctx: BenchContext = {
+      device: gpu.device, deviceName: gpu.name, l2Bytes: gpu.l2Bytes, quick: process.argv.includes('--quick'),
+      copyBandwidthGBs: await copyBandwidthGBs(gpu.device), log: (l) => console.error(l),
+    };
+    console.log(markdown(await benchDecodeQuant(ctx)));
+  })().catch((e) => {
+    console.error(e);
+    process.exitCode = 1;
+  });
+}

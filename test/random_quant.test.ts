@@ -1,0 +1,160 @@
+// createRandomModel with `quantize` (SqueezeLLM linears quantized in process) against a dense
+// model loaded from the dequantized weights: same logits and greedy tokens, so every quantized
+// linear sits where its dense weight would (q|k|v and gate|up order included).
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { createRandomModel, loadModel, Model } from '../ts/model/model';
+import { writeSafetensors, WriteTensor } from '../ts/model/safetensors';
+import { RandomQuantizeProgress } from '../ts/model/weights';
+import { SqueezeLinear, dequantize } from '../ts/quant/squeezellm';
+import { Tensor } from '../ts/tensor';
+import { describeGpu, relErr } from './gpu';
+
+// GQA (q has more rows than k and v) and K not a multiple of 32 for down_proj (intermediate 80).
+const CONFIG = {
+  model_type: 'llama',
+  hidden_size: 64,
+  intermediate_size: 80,
+  num_hidden_layers: 2,
+  num_attention_heads: 4,
+  num_key_value_heads: 2,
+  vocab_size: 97,
+  max_position_embeddings: 64,
+  rms_norm_eps: 1e-5,
+  rope_theta: 10000,
+  torch_dtype: 'float16',
+  tie_word_embeddings: false,
+};
+const LINEARS = ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'mlp.gate_proj',
+  'mlp.up_proj', 'mlp.down_proj'];
+const PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26];
+
+async function dense(t: Tensor): Promise<WriteTensor> {
+  const data = await t.toArray();
+  return { dtype: t.dtype, shape: t.shape, data };
+}
+
+/**
+ * A checkpoint folder with the quantized model's dense tensors and each linear dequantized;
+ * `swap` names two linears whose weights trade places (a deliberately miswired reference).
+ */
+async function denseCheckpoint(m: Model, linears: Map<string, SqueezeLinear>, swap?: [string, string]): Promise<string> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-randq-'));
+  const w = m.decoder.w;
+  const tensors: Record<string, WriteTensor> = {
+    'model.embed_tokens.weight': await dense(w.embed),
+    'model.norm.weight': await dense(w.norm),
+    'lm_head.weight': await dense(w.lmHead),
+  };
+  for (let i = 0; i < CONFIG.num_hidden_layers; i++) {
+    const p = `model.layers.${i}`;
+    tensors[`${p}.input_layernorm.weight`] = await dense(w.layers[i].ln1);
+    tensors[`${p}.post_attention_layernorm.weight`] = await dense(w.layers[i].ln2);
+    for (const name of LINEARS) {
+      const from = swap && name === swap[0] ? swap[1] : swap && name === swap[1] ? swap[0] : name;
+      const l = linears.get(`${p}.${from}`)!;
+      tensors[`${p}.${name}.weight`] = { dtype: 'f32', shape: [l.N, l.K], data: dequantize(l) };
+    }
+  }
+  writeSafetensors(path.join(dir, 'model.safetensors'), tensors);
+  fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(CONFIG));
+  return dir;
+}
+
+/** max |a - b| over max |b|. */
+function maxRel(a: Float32Array, b: Float32Array): number {
+  let d = 0, s = 0;
+  for (let i = 0; i < b.length; i++) {
+    d = Math.max(d, Math.abs(a[i] - b[i]));
+    s = Math.max(s, Math.abs(b[i]));
+  }
+  return d / s;
+}
+
+describe('createRandomModel with quantize (cpu)', () => {
+  for (const bits of [4, 3] as const)
+    test(`${bits}-bit dense-and-sparse linears equal the dense model of their dequantized weights`, async () => {
+      const linears = new Map<string, SqueezeLinear>();
+      const events: RandomQuantizeProgress[] = [];
+      const m = await createRandomModel(CONFIG, {
+        device: 'cpu', seed: 11, maxBatch: 2, maxContext: 64,
+        quantize: { bits, outliers: 0.02, iters: 10, onLinear: (n, l) => linears.set(n, l), onProgress: (p) => events.push(p) },
+      });
+      const dirs: string[] = [];
+      const refs: Model[] = [];
+      try {
+        // Every linear quantized once, at its own shape, with outliers.
+        expect([...linears.keys()].sort()).toEqual(
+          [0, 1].flatMap((i) => LINEARS.map((n) => `model.layers.${i}.${n}`)).sort());
+        for (const [name, l] of linears) {
+          expect(l.bits).toBe(bits);
+          expect(l.cols!.length).toBeGreaterThan(0);
+          if (name.endsWith('q_proj')) expect([l.N, l.K]).toEqual([64, 64]);
+          if (name.endsWith('k_proj') || name.endsWith('v_proj')) expect([l.N, l.K]).toEqual([32, 64]);
+          if (name.endsWith('up_proj')) expect([l.N, l.K]).toEqual([80, 64]);
+          if (name.endsWith('down_proj')) expect([l.N, l.K]).toEqual([64, 80]);
+        }
+        expect(events.length).toBe(14);
+        expect(events.map((e) => e.linearsDone)).toEqual(Array.from({ length: 14 }, (_, i) => i + 1));
+        expect(events[6].layersDone).toBe(1);
+        expect(events[13]).toMatchObject({ layersDone: 2, layers: 2, linears: 14, name: 'model.layers.1.mlp.down_proj' });
+
+        dirs.push(await denseCheckpoint(m, linears));
+        const ref = await loadModel(dirs[0], { device: 'cpu', maxBatch: 2, maxContext: 64 });
+        refs.push(ref);
+        const [ours, theirs] = [await m.logits(PROMPT), await ref.logits(PROMPT)];
+        expect(maxRel(ours, theirs)).toBeLessThan(1e-5);
+        const greedy = async (x: Model) => (await x.generateBatch([{ ids: PROMPT, maxTokens: 6 }]))[0].ids;
+        expect(await greedy(m)).toEqual(await greedy(ref));
+
+        // The comparison can tell miswiring apart: gate/up or k/v traded places changes the logits.
+        for (const swap of [['mlp.gate_proj', 'mlp.up_proj'], ['self_attn.k_proj', 'self_attn.v_proj']] as [string, string][]) {
+          dirs.push(await denseCheckpoint(m, linears, swap));
+          const bad = await loadModel(dirs[dirs.length - 1], { device: 'cpu', maxBatch: 1, maxContext: 64 });
+          refs.push(bad);
+          expect(maxRel(ours, await bad.logits(PROMPT))).toBeGreaterThan(1e-3);
+        }
+      } finally {
+        await m.dispose();
+        for (const r of refs) await r.dispose();
+        dirs.forEach((d) => fs.rmSync(d, { recursive: true, force: true }));
+      }
+    });
+
+  test('errors: bits, outlier share, biases', async () => {
+    await expect(createRandomModel(CONFIG, { device: 'cpu', quantize: { bits: 2 as 3 } })).rejects.toMatchObject({ code: 'ERR_UNSUPPORTED' });
+    await expect(createRandomModel(CONFIG, { device: 'cpu', quantize: { bits: 4, outliers: 1.5 } })).rejects.toMatchObject({ code: 'ERR_ARG' });
+    await expect(createRandomModel({ ...CONFIG, model_type: 'qwen2' }, { device: 'cpu', quantize: { bits: 4 } }))
+      .rejects.toMatchObject({ code: 'ERR_UNSUPPORTED' });
+  });
+});
+
+describeGpu('createRandomModel with quantize (cuda)', () => {
+  test('quantized on the GPU: prefill and fused decode passes match the dense CPU model; decode steps replay graphs', async () => {
+    const linears = new Map<string, SqueezeLinear>();
+    const m = await createRandomModel(CONFIG, {
+      device: 'cuda', seed: 11, maxBatch: 2, maxContext: 64,
+      quantize: { bits: 4, outliers: 0.02, iters: 10, onLinear: (n, l) => linears.set(n, l) },
+    });
+    let dir: string | undefined, ref: Model | undefined;
+    try {
+      expect(linears.size).toBe(14);
+      dir = await denseCheckpoint(m, linears);
+      ref = await loadModel(dir, { device: 'cpu', maxBatch: 2, maxContext: 64 });
+      // fp16 activations and tables against the f32 oracle; 1 and 2 rows take the fused decode pass.
+      for (const ids of [PROMPT, [PROMPT[0]], PROMPT.slice(0, 2)])
+        expect(relErr(await m.logits(ids), await ref.logits(ids))).toBeLessThan(1e-2);
+      const [a] = await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]);
+      expect(m.stats.captureError).toBeUndefined();
+      expect(m.stats.graphReplays).toBeGreaterThan(0);
+      m.graphs = false;
+      const [b] = await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]);
+      expect(b.ids).toEqual(a.ids);
+    } finally {
+      await m.dispose();
+      await ref?.dispose();
+      if (dir) fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
