@@ -259,6 +259,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
                     int K, int U) {
   using G = Geo<BITS>;
   constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = gemv_outr<MT, RT>();
+  constexpr int OSTRIDE = GV_WARPS;  // a row's outlier list is dealt to the warps
   extern __shared__ __align__(16) uint32_t smem[];
   unsigned char* tbl = reinterpret_cast<unsigned char*>(smem);  // [RT][E2][2][32] words
   uint4* ring = reinterpret_cast<uint4*>(tbl + gemv_table_bytes<BITS, MT, RT>());  // [warp][P][RT][2][NV][32]
@@ -422,7 +423,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
         ce[rt][rr] = oe[rt][rr];
 #pragma unroll
         for (int o = 0; o < OUTR; ++o) {
-          const int j = ob[rt][rr] + o * GV_WARPS;
+          const int j = ob[rt][rr] + o * OSTRIDE;
           const bool ok = j < oe[rt][rr];
           oc[rt][rr][o] = -1;
           ov[rt][rr][o] = 0u;
@@ -515,39 +516,51 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
       prefetch();
     }
 
-    // 6. Outliers (x rows 8i + 2q + {0, 1}), after the main loop: their lists have arrived and x is
-    //    in L1. Entries past the first OUTR of this lane are read now.
+    // 6. Outliers, after the main loop: their lists have arrived and x is in L1. Branch-free over a
+    //    lane's first OUTR entries (an absent entry reads column 0 with value 0), so their x reads
+    //    issue together (one branch per entry serialised them: M = 64 took 2.5x the dense time);
+    //    entries past those are read now.
+    if (rows != nullptr) {  // uniform: dense-only launches skip the step
+      // x rows 8i + 2q + {0, 1} of this lane.
 #pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
+      for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
+        for (int rr = 0; rr < 2; ++rr) {
+          int cc[OUTR];
+          float vv[OUTR];
 #pragma unroll
-        for (int o = 0; o < OUTR; ++o) {
-          const int col = oc[rt][rr][o];
-          if (col >= 0) {
-#pragma unroll
-            for (int i = 0; i < MT; ++i)
-#pragma unroll
-              for (int jj = 0; jj < 2; ++jj) {
-                const int m = 8 * i + 2 * q + jj;
-                if (m < M)
-                  acc[rt][i][2 * rr + jj] =
-                      fmaf(raw_f(ov[rt][rr][o], vals_f32), Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
-              }
+          for (int o = 0; o < OUTR; ++o) {
+            const int col = oc[rt][rr][o];
+            cc[o] = col >= 0 ? col : 0;
+            vv[o] = col >= 0 ? raw_f(ov[rt][rr][o], vals_f32) : 0.f;
           }
-        }
-        for (int j = cb[rt][rr] + OUTR * GV_WARPS; j < ce[rt][rr]; j += GV_WARPS) {
-          const float v = load_f(vals, vals_f32, j);
-          const int col = cols[j];
 #pragma unroll
           for (int i = 0; i < MT; ++i)
 #pragma unroll
             for (int jj = 0; jj < 2; ++jj) {
               const int m = 8 * i + 2 * q + jj;
-              if (m < M) acc[rt][i][2 * rr + jj] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
+              if (m < M) {
+                const T* xm = x + (size_t)m * K;
+                float xs[OUTR];
+#pragma unroll
+                for (int o = 0; o < OUTR; ++o) xs[o] = Cvt<T>::f(xm[cc[o]]);
+#pragma unroll
+                for (int o = 0; o < OUTR; ++o) acc[rt][i][2 * rr + jj] = fmaf(vv[o], xs[o], acc[rt][i][2 * rr + jj]);
+              }
             }
+          for (int j = cb[rt][rr] + OUTR * OSTRIDE; j < ce[rt][rr]; j += OSTRIDE) {
+            const float v = load_f(vals, vals_f32, j);
+            const int col = cols[j];
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+              for (int jj = 0; jj < 2; ++jj) {
+                const int m = 8 * i + 2 * q + jj;
+                if (m < M) acc[rt][i][2 * rr + jj] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
+              }
+          }
         }
-      }
+    }
 
     // 7. Fixed-order reduction over warps. C fragment of row tile rt: acc[rt][i][j] =
     //    y[m = 8i + 2q + (j&1)][n0 + 16rt + g + 8(j>>1)].
