@@ -1,7 +1,8 @@
 /**
  * SqueezeLLM LUT GEMV/GEMM suite (lutMatmulPacked): 3/4-bit dense-and-sparse (0.45% outliers)
  * and dense-only, against our fp16 matmul and cuBLAS in the same run.
- * Cases: M = 1 at five LLaMA shapes; M = 2/4/8/16/64 and a prefill M at 8192x8192.
+ * Cases: M = 1 at five LLaMA shapes and the two K = 4096 fused projections of LLaMA-2-7B decode;
+ * M = 2/4/8/16/64 and a prefill M at 8192x8192.
  * Inputs rotate over enough weight sets to exceed 2x L2; bytes = packed codes + tables +
  * outliers (rows, cols, vals) + x + y. Notes give cuBLAS, the cost of the outliers over
  * dense-only, and for batch M the time over the M = 1 time of the same weights.
@@ -11,6 +12,9 @@ import { matmul, cublasMatmul, cublasAvailable, fillRandomInt, lutMatmulPacked, 
 import { BenchContext, BenchResult, bound, randomTensor, row, setsFor, timeCuda, Timing } from './harness';
 
 const SHAPES: Array<[number, number]> = [[4096, 4096], [4096, 11008], [8192, 8192], [8192, 28672], [28672, 8192]];
+// LLaMA-2-7B decode's fused projections at K = 4096 (q|k|v, gate|up): many row groups per block, each
+// of only 4 code units per warp.
+const DECODE_SHAPES: Array<[number, number]> = [[12288, 4096], [22016, 4096]];
 const BATCH = [2, 4, 8, 16, 64];
 const PREFILL = 2048;
 const OUTLIER_SHARE = 0.0045;
@@ -45,6 +49,7 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
   const shapes = ctx.quick ? SHAPES.filter(([n, k]) => n === 8192 && k === 8192) : SHAPES;
   const cases: Array<[number, number, number]> = [];
   for (const [N, K] of shapes) cases.push([1, N, K]);
+  if (!ctx.quick) for (const [N, K] of DECODE_SHAPES) cases.push([1, N, K]);
   for (const M of ctx.quick ? [4, 16] : BATCH) cases.push([M, 8192, 8192]);
   if (!ctx.quick) cases.push([PREFILL, 8192, 8192]);
   const single = new Map<string, number>();  // M = 1 time at 8192x8192 per variant
@@ -90,8 +95,9 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
         ctx.log(`lut ${name}: ${r.timeUs.toFixed(2)} us, ${(100 * (r.fracCopy ?? 0)).toFixed(0)}% of copy BW, vs fp16 ${r.speedup?.toFixed(2) ?? '-'}x; ${r.note}`);
         out.push(r);
         // Tuning sweep of the M = 1 kernel (see SQUEEZELM_LUT_GEMV in csrc/kernels/lut_gemm/lut_gemm.cu).
-        const sweep = M === 1 || M === 8 ? ['1', '2', '4', '6', '7'] : M === 16 ? ['5'] : [];
-        if (sparse && N === 8192 && K === 8192 && !ctx.quick && process.env.SQUEEZELM_LUT_SWEEP !== '0') {
+        const decodeShape = M === 1 && DECODE_SHAPES.some(([n, k]) => n === N && k === K);
+        const sweep = decodeShape ? ['1', '8'] : M === 1 || M === 8 ? ['1', '2', '4', '6', '7', '8'] : M === 16 ? ['5'] : [];
+        if (sparse && ((N === 8192 && K === 8192) || decodeShape) && !ctx.quick && process.env.SQUEEZELM_LUT_SWEEP !== '0') {
           // The default's output on set 0, to check each variant against (the tests cannot set the
           // variant: jest gives each test file a copy of the environment).
           const y0 = Tensor.empty([M, N], { dtype: 'f16', device });

@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
-                    int K, int U) {
+                    int K, int U, int l2u) {
   using G = Geo<BITS>;
   constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = gemv_outr<MT, RT>();
   constexpr int OSTRIDE = GV_WARPS;  // a row's outlier list is dealt to the warps
@@ -340,6 +340,23 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     }
   };
 
+  // Tuning variant (l2u > 0): the first l2u units of a row group's codes are prefetched into L2
+  // one group ahead (at the first group: at once), so the register loads of a group that are not
+  // issued before it starts (all but the first P units per warp) hit L2 instead of DRAM. At K = 4096
+  // a group is only 4 units per warp and restarts the code pipeline every ~4 units.
+  auto prefetch_group_l2 = [&](int gp) {
+    if (l2u <= 0) return;
+    const int units = U < l2u ? U : l2u;
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+      const int tile = gp * RT + rt;
+      if (tile >= tiles) continue;
+      const char* base = reinterpret_cast<const char*>(codes + (size_t)tile * U * G::USTRIDE);
+      const int lines = units * NV * 8;  // a (tile, unit) block is NV KB, units of a tile contiguous
+      for (int i = tid; i < lines; i += GV_THREADS) prefetch_l2(base + (size_t)i * 128);
+    }
+  };
+
   const T* xr[MT];
   bool mv[MT];
 #pragma unroll
@@ -358,6 +375,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     load_meta(grp);
     set_group(grp);
     prefetch();
+    prefetch_group_l2(grp);
   } else {
     pdl_wait();
   }
@@ -433,7 +451,10 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
           }
         }
       }
-    if (next < groups) load_meta(next);
+    if (next < groups) {
+      load_meta(next);
+      prefetch_group_l2(next);
+    }
 
     float acc[RT][MT][4];
 #pragma unroll
@@ -832,7 +853,7 @@ __global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __
 
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool ASYNC = false>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                 const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
+                 const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st, int l2u = 0) {
   constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT, ASYNC, P>();
   auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, ASYNC>;
   // Tables above 48 KiB need the opt-in, once per device for each instantiation.
@@ -856,7 +877,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   }
   const int groups = ((N + 15) / 16 + RT - 1) / RT;
   const int blocks = groups < wave[dev & 63] ? groups : wave[dev & 63];
-  launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U);
+  launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, l2u);
 }
 
 template <class T, int BITS>
@@ -883,7 +904,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     constexpr int P2 = BITS == 4 ? 4 : 2;  // the same with 2 row tiles per block
 #define SQZ_GEMV(MT, P, XV, MINB, RT) \
   launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
-    // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1,2,4..7 picks another prefetch
+    // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1,2,4..8 picks another prefetch
     // depth / occupancy / rows per block; read per call so a benchmark can sweep it.
     const char* tune = std::is_same<T, __half>::value && vec && M <= 16 ? std::getenv("SQUEEZELM_LUT_GEMV") : nullptr;
     const int variant = tune ? std::atoi(tune) : 0;
@@ -895,6 +916,8 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     else if (variant == 7 && M <= 8)
       launch_gemv<T, BITS, 1, (BITS == 4 ? 5 : 3), true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
     else if (variant == 5 && M > 8) SQZ_GEMV(2, P1, true, 2, 1);
+    else if (variant == 8 && M <= 8)
+      launch_gemv<T, BITS, 1, P1, true, 2, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st, 32);
     else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
     else if (M <= 8) SQZ_GEMV(1, P1, false, 2, 1);
     else if (!vec) SQZ_GEMV(2, P1, false, 2, 1);
