@@ -904,7 +904,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     constexpr int P2 = BITS == 4 ? 4 : 2;  // the same with 2 row tiles per block
 #define SQZ_GEMV(MT, P, XV, MINB, RT) \
   launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
-    // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1,2,4..8 picks another prefetch
+    // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1,2,4..9 picks another prefetch
     // depth / occupancy / rows per block; read per call so a benchmark can sweep it.
     const char* tune = std::is_same<T, __half>::value && vec && M <= 16 ? std::getenv("SQUEEZELM_LUT_GEMV") : nullptr;
     const int variant = tune ? std::atoi(tune) : 0;
@@ -918,6 +918,8 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     else if (variant == 5 && M > 8) SQZ_GEMV(2, P1, true, 2, 1);
     else if (variant == 8 && M <= 8)
       launch_gemv<T, BITS, 1, P1, true, 2, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st, 32);
+    else if (variant == 9 && M <= 8)  // 4 buffers (a K = 4096 group's whole share per warp) and the L2 prefetch
+      launch_gemv<T, BITS, 1, 4, true, 2, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st, 32);
     else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
     else if (M <= 8) SQZ_GEMV(1, P1, false, 2, 1);
     else if (!vec) SQZ_GEMV(2, P1, false, 2, 1);
