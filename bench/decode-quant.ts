@@ -13,11 +13,10 @@
  * left out), so `of copy BW` is the fraction of the weights-only bandwidth floor.
  */
 import { synchronize } from '../ts/device';
-import { Tensor } from '../ts/tensor';
 import { createRandomModel, Model } from '../ts/model/model';
 import { parseConfig } from '../ts/model/config';
-import { BenchContext, BenchResult, Timing, copyBandwidthGBs, cudaDevice, markdown, row, wallRow } from './harness';
-import { LLAMA2_7B, decodeModelOptions, endToEndStep, fillRandomKv, stepWeightBytes, withDecodeStep } from './decode';
+import { BenchContext, BenchResult, Timing, row, runSuiteMain, wallRow } from './harness';
+import { LLAMA2_7B, decodeModelOptions, endToEndStep, fillRandomKv, stepWeightBytes, weightBytes, withDecodeStep } from './decode';
 
 const SUITE = 'decodeq';
 
@@ -43,14 +42,14 @@ export interface DecodeQuantOptions {
 const TARGET_SPEEDUP: Record<number, number> = { 4: 2.6, 3: 3.0 };
 const TARGET_QUANT_S = 300;
 
-/** Bytes and weights of the decoder's linears. */
+/** Bytes and weights of the decoder's linears (dense [N, K] tensors or quantized modules). */
 function linearStats(model: Model): { bytes: number; weights: number } {
-  const c = model.config;
-  let bytes = 0;
+  let bytes = 0, weights = 0;
   for (const l of model.decoder.w.layers)
-    for (const m of [l.wqkv, l.wo, l.wgu, l.wdown]) bytes += m instanceof Tensor ? m.byteLength : m.bytes;
-  const D = c.headDim, H = c.hiddenSize;
-  const weights = c.numLayers * (H * (c.numHeads + 2 * c.numKvHeads) * D + c.numHeads * D * H + 3 * H * c.intermediateSize);
+    for (const m of [l.wqkv, l.wo, l.wgu, l.wdown]) {
+      bytes += weightBytes(m);
+      weights += 'N' in m ? m.N * m.K : m.shape[0] * m.shape[1];
+    }
   return { bytes, weights };
 }
 
@@ -155,17 +154,4 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
   return rows;
 }
 
-if (require.main === module) {
-  (async () => {
-    const gpu = cudaDevice();
-    if (!gpu.device) throw new Error(`no CUDA device: ${gpu.reason}`);
-    const ctx: BenchContext = {
-      device: gpu.device, deviceName: gpu.name, l2Bytes: gpu.l2Bytes, quick: process.argv.includes('--quick'),
-      copyBandwidthGBs: await copyBandwidthGBs(gpu.device), log: (l) => console.error(l),
-    };
-    console.log(markdown(await benchDecodeQuant(ctx)));
-  })().catch((e) => {
-    console.error(e);
-    process.exitCode = 1;
-  });
-}
+if (require.main === module) runSuiteMain((ctx) => benchDecodeQuant(ctx));

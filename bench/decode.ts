@@ -7,7 +7,7 @@
 import { Tensor } from '../ts/tensor';
 import * as ops from '../ts/ops';
 import { createRandomModel, Model } from '../ts/model/model';
-import { BenchContext, BenchResult, Timing, copyBandwidthGBs, cudaDevice, markdown, row, timeCuda } from './harness';
+import { BenchContext, BenchResult, Timing, row, runSuiteMain, timeCuda } from './harness';
 
 export const LLAMA2_7B = {
   model_type: 'llama',
@@ -76,17 +76,20 @@ export function fillRandomKv(model: Model): void {
   cache.v.forEach((t, i) => ops.fillRandom(t, 200 + i, 0, 1));
 }
 
+/** Device bytes of a weight: a dense tensor or a quantized module (absent: 0). */
+export function weightBytes(x?: Tensor | { bytes: number }): number {
+  return !x ? 0 : x instanceof Tensor ? x.byteLength : x.bytes;
+}
+
 /**
  * Bytes a decode step reads of the weights: every layer's matrices (dense or quantized: codes,
  * tables, outliers), norms and biases, the final norm and lm_head (the embedding is a row lookup).
  */
 export function stepWeightBytes(model: Model): number {
   const w = model.decoder.w;
-  const size = (x?: Tensor | { bytes: number }) => (!x ? 0 : x instanceof Tensor ? x.byteLength : x.bytes);
   let bytes = w.norm.byteLength + w.lmHead.byteLength;
   for (const l of w.layers)
-    bytes += size(l.ln1) + size(l.ln2) + size(l.wqkv) + size(l.wo) + size(l.wgu) + size(l.wdown) + size(l.bqkv) + size(l.bo)
-      + size(l.bgu) + size(l.bdown);
+    for (const x of [l.ln1, l.ln2, l.wqkv, l.wo, l.wgu, l.wdown, l.bqkv, l.bo, l.bgu, l.bdown]) bytes += weightBytes(x);
   return bytes;
 }
 
@@ -240,17 +243,4 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
   }
 }
 
-if (require.main === module) {
-  (async () => {
-    const gpu = cudaDevice();
-    if (!gpu.device) throw new Error(`no CUDA device: ${gpu.reason}`);
-    const ctx: BenchContext = {
-      device: gpu.device, deviceName: gpu.name, l2Bytes: gpu.l2Bytes, quick: process.argv.includes('--quick'),
-      copyBandwidthGBs: await copyBandwidthGBs(gpu.device), log: (l) => console.error(l),
-    };
-    console.log(markdown(await benchDecode(ctx)));
-  })().catch((e) => {
-    console.error(e);
-    process.exitCode = 1;
-  });
-}
+if (require.main === module) runSuiteMain((ctx) => benchDecode(ctx));

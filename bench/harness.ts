@@ -267,3 +267,22 @@ export function markdown(results: BenchResult[]): string {
   );
   return [head, sep, ...lines.map((l) => `| ${l} |`)].join('\n');
 }
+
+/**
+ * Runs one suite as a script (`node dist/bench/<suite>.js [--quick]`) on the first CUDA device,
+ * printing its Markdown table; bench/run.ts is the way to run several and write JSON.
+ */
+export function runSuiteMain(suite: (ctx: BenchContext) => Promise<BenchResult[]>): void {
+  (async () => {
+    const gpu = cudaDevice();
+    if (!gpu.device) throw new Error(`no CUDA device: ${gpu.reason}`);
+    const ctx: BenchContext = {
+      device: gpu.device, deviceName: gpu.name, l2Bytes: gpu.l2Bytes, quick: process.argv.includes('--quick'),
+      copyBandwidthGBs: await copyBandwidthGBs(gpu.device), log: (l) => console.error(l),
+    };
+    console.log(markdown(await suite(ctx)));
+  })().catch((e) => {
+    console.error(e);
+    process.exitCode = 1;
+  });
+}

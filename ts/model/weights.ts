@@ -228,33 +228,59 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
 }
 
 /**
+ * The tensors of a random model, made on the device in seed order (each fill takes the next
+ * seed): normal(0, std) matrices in the weight dtype, norm weights of ones and biases in the
+ * vector dtype (f32 on the CPU). Every tensor made is kept, so a failure frees them all.
+ */
+class RandomTensors {
+  readonly made: Tensor[] = [];
+  readonly std: number;
+  private seed: number;
+  private readonly vecDtype: DType;
+  constructor(private readonly o: { device: string; dtype: DType; seed?: number; std?: number }) {
+    this.seed = (o.seed ?? 1) >>> 0;
+    this.std = o.std ?? 0.02;
+    this.vecDtype = o.device === 'cpu' ? 'f32' : o.dtype;
+  }
+  nextSeed(): number {
+    return this.seed++;
+  }
+  private keep(shape: number[], dtype: DType): Tensor {
+    const t = Tensor.empty(shape, { dtype, device: this.o.device });
+    this.made.push(t);
+    return t;
+  }
+  matrix(shape: number[]): Tensor {
+    const t = this.keep(shape, this.o.dtype);
+    ops.fillRandom(t, this.nextSeed(), 0, this.std);
+    return t;
+  }
+  ones(n: number): Tensor {
+    const t = this.keep([n], this.vecDtype);
+    ops.fill(t, 1);
+    return t;
+  }
+  bias(n: number): Tensor {
+    const t = this.keep([n], this.vecDtype);
+    ops.fillRandom(t, this.nextSeed(), 0, this.std);
+    return t;
+  }
+  get bytes(): number {
+    return this.made.reduce((a, t) => a + t.byteLength, 0);
+  }
+  dispose(): void {
+    this.made.forEach((t) => t.dispose());
+  }
+}
+
+/**
  * Random weights made on the device (normal, std 0.02; norms 1): for benchmarks at real
  * shapes without a checkpoint.
  */
 export function randomWeights(cfg: ModelConfig, o: { device: string; dtype: DType; seed?: number; std?: number }): ModelWeights {
   const H = cfg.hiddenSize, D = cfg.headDim, I = cfg.intermediateSize, V = cfg.vocabSize;
-  const std = o.std ?? 0.02;
-  let seed = (o.seed ?? 1) >>> 0;
-  const made: Tensor[] = [];
-  const vecDtype: DType = o.device === 'cpu' ? 'f32' : o.dtype;
-  const rand = (shape: number[]): Tensor => {
-    const t = Tensor.empty(shape, { dtype: o.dtype, device: o.device });
-    made.push(t);
-    ops.fillRandom(t, seed++, 0, std);
-    return t;
-  };
-  const ones = (n: number): Tensor => {
-    const t = Tensor.empty([n], { dtype: vecDtype, device: o.device });
-    made.push(t);
-    ops.fill(t, 1);
-    return t;
-  };
-  const bias = (n: number): Tensor => {
-    const t = Tensor.empty([n], { dtype: vecDtype, device: o.device });
-    made.push(t);
-    ops.fillRandom(t, seed++, 0, std);
-    return t;
-  };
+  const r = new RandomTensors(o);
+  const rand = (shape: number[]) => r.matrix(shape), ones = (n: number) => r.ones(n), bias = (n: number) => r.bias(n);
   try {
     const embed = rand([V, H]);
     const layers: LayerWeights[] = [];
@@ -277,9 +303,9 @@ export function randomWeights(cfg: ModelConfig, o: { device: string; dtype: DTyp
     }
     const norm = ones(H);
     const lmHead = cfg.tieWordEmbeddings ? embed : rand([V, H]);
-    return { embed, layers, norm, lmHead, tied: cfg.tieWordEmbeddings, dtype: o.dtype, bytes: made.reduce((a, t) => a + t.byteLength, 0) };
+    return { embed, layers, norm, lmHead, tied: cfg.tieWordEmbeddings, dtype: o.dtype, bytes: r.bytes };
   } catch (e) {
-    made.forEach((t) => t.dispose());
+    r.dispose();
     throw e;
   }
 }
@@ -353,23 +379,9 @@ export async function randomQuantizedWeights(cfg: ModelConfig, o: {
     throw new SqueezeError('ERR_UNSUPPORTED', 'quantize: biases on quantized linears are not supported yet');
   const H = cfg.hiddenSize, D = cfg.headDim, I = cfg.intermediateSize, V = cfg.vocabSize;
   const cpu = o.device === 'cpu';
-  const std = o.std ?? 0.02;
-  let seed = (o.seed ?? 1) >>> 0;
-  const made: Tensor[] = [];
+  const r = new RandomTensors(o);
+  const rand = (shape: number[]) => r.matrix(shape), ones = (n: number) => r.ones(n);
   const modules: SqueezeLinearModule[] = [];
-  const vecDtype: DType = cpu ? 'f32' : o.dtype;
-  const rand = (shape: number[]): Tensor => {
-    const t = Tensor.empty(shape, { dtype: o.dtype, device: o.device });
-    made.push(t);
-    ops.fillRandom(t, seed++, 0, std);
-    return t;
-  };
-  const ones = (n: number): Tensor => {
-    const t = Tensor.empty([n], { dtype: vecDtype, device: o.device });
-    made.push(t);
-    ops.fill(t, 1);
-    return t;
-  };
   // One linear per group member, fused like a quantized checkpoint's q|k|v and gate|up.
   const groups: Array<{ site: 'wqkv' | 'wo' | 'wgu' | 'wdown'; parts: Array<[string, number, number]> }> = [
     { site: 'wqkv', parts: [['self_attn.q_proj', cfg.numHeads * D, H], ['self_attn.k_proj', cfg.numKvHeads * D, H], ['self_attn.v_proj', cfg.numKvHeads * D, H]] },
@@ -395,7 +407,7 @@ export async function randomQuantizedWeights(cfg: ModelConfig, o: {
           const src = Tensor.empty([N, K], { dtype: 'f32', device: o.device });
           let q: SqueezeLinear;
           try {
-            ops.fillRandom(src, seed++, 0, std);
+            ops.fillRandom(src, r.nextSeed(), 0, r.std);
             const w = await readF32(src, host);
             seconds.make += since(t0);
             t0 = performance.now();
@@ -426,9 +438,9 @@ export async function randomQuantizedWeights(cfg: ModelConfig, o: {
     const norm = ones(H);
     const lmHead = cfg.tieWordEmbeddings ? embed : rand([V, H]);
     return { embed, layers, norm, lmHead, tied: cfg.tieWordEmbeddings, dtype: o.dtype,
-      bytes: made.reduce((a, t) => a + t.byteLength, 0) + modules.reduce((a, m) => a + m.bytes, 0) };
+      bytes: r.bytes + modules.reduce((a, m) => a + m.bytes, 0) };
   } catch (e) {
-    made.forEach((t) => t.dispose());
+    r.dispose();
     modules.forEach((m) => m.dispose());
     throw e;
   }

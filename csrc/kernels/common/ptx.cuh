@@ -22,6 +22,34 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
+// Read-only loads that issue where they stand. The compiler sinks plain loads whose results are used
+// much later down to their use (to save registers), exposing a DRAM round trip there; volatile asm
+// keeps them in place. Each must sit under its own guard: it is never hoisted, so never speculated.
+__device__ __forceinline__ int ld_pinned_s32(const int* p) {
+  int v;
+  asm volatile("ld.global.nc.s32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint32_t ld_pinned_u32(const void* p) {
+  uint32_t v;
+  asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint32_t ld_pinned_u16(const void* p) {
+  unsigned short h;
+  asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(h) : "l"(p));
+  return h;
+}
+
+// A 32-bit shared load by shared-window address: a base that is a constant of the launch (the
+// dynamic shared window) folds into the instruction's immediate, where a generic pointer costs an
+// address add per load.
+__device__ __forceinline__ uint32_t ld_shared_u32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+
 // Prefetches the line holding p into L2 (no register is written, nothing waits for it).
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));

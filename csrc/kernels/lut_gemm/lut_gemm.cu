@@ -106,24 +106,10 @@ __device__ __forceinline__ uint32_t load_raw(const void* p, bool is_f32, long lo
   if (is_f32) return static_cast<const uint32_t*>(p)[i];
   return static_cast<const unsigned short*>(p)[i];
 }
-// Loads that must issue where they stand: the compiler sinks plain loads whose results are used only
-// after the main loop down to their use (to save registers), which exposes a DRAM round trip per
-// row group. Volatile asm keeps them in place; each sits under its own guard, never hoisted.
-__device__ __forceinline__ int ld_early_s32(const int* p) {
-  int v;
-  asm volatile("ld.global.nc.s32 %0, [%1];" : "=r"(v) : "l"(p));
-  return v;
-}
+// Outlier lists loaded under the main loop (ptx.cuh ld_pinned_*: plain loads would be sunk to their
+// use in the epilogue), as raw bits.
 __device__ __forceinline__ uint32_t ld_early_raw(const void* p, bool is_f32, long long i) {
-  uint32_t v;
-  if (is_f32) {
-    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(static_cast<const uint32_t*>(p) + i));
-  } else {
-    unsigned short h;
-    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(h) : "l"(static_cast<const unsigned short*>(p) + i));
-    v = h;
-  }
-  return v;
+  return is_f32 ? ld_pinned_u32(static_cast<const uint32_t*>(p) + i) : ld_pinned_u16(static_cast<const unsigned short*>(p) + i);
 }
 __device__ __forceinline__ float raw_f(uint32_t r, bool is_f32) {
   return is_f32 ? __uint_as_float(r) : __half2float(__ushort_as_half(static_cast<unsigned short>(r)));
@@ -203,14 +189,8 @@ __device__ __forceinline__ uint32_t pair_off(uint32_t v, uint32_t v8, uint32_t l
   if constexpr (BITS == 4) return __byte_perm(v, lb, 0x5504u | ((uint32_t)i << 4));
   else return ((v8 >> (6 * i)) & 0x3f00u) | lb;
 }
-// A lookup by 32-bit shared address: the table base is a constant of the launch (the dynamic
-// shared window), so the address is the permuted offset plus an immediate, with no add per lookup
-// (a generic pointer costs an address add for each of the 8 lookups per chunk).
-__device__ __forceinline__ uint32_t lds_at(uint32_t base, uint32_t off) {
-  uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(base + off));
-  return v;
-}
+// A lookup: table base (a constant of the launch) + permuted offset, by shared-window address.
+__device__ __forceinline__ uint32_t lds_at(uint32_t base, uint32_t off) { return ld_shared_u32(base + off); }
 
 // RT row tiles (16 rows each) per block share every activation load (x is reread from L2 by
 // every block: RT = 2 halves that traffic for larger M, at 1 block per SM for 4-bit).
@@ -446,7 +426,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
           oc[rt][rr][o] = -1;
           ov[rt][rr][o] = 0u;
           if (ok) {
-            oc[rt][rr][o] = ld_early_s32(cols + j);
+            oc[rt][rr][o] = ld_pinned_s32(cols + j);
             ov[rt][rr][o] = ld_early_raw(vals, vals_f32, j);
           }
         }
