@@ -411,6 +411,14 @@ int resident_blocks(int device, int D, int R) {
 
 int decode_max_r = 0;
 
+static int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  return end && *end == 0 && n > 0 && n < (1 << 30) ? (int)n : fallback;
+}
+
 int* decode_counters(int device, int64_t n) {
   constexpr int64_t kCapacity = 1 << 16;
   static std::mutex mu;
@@ -449,9 +457,15 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
   const int64_t base = std::max<int64_t>(1, (int64_t)Hkv * pl.qchunks * B);
   // One full wave of equally long blocks (no tail wave), but no split shorter than
   // 64 tokens: below that the partials cost more than they save.
+  // SQUEEZELM_ATTN_MIN_CHUNK / _MAX_SPLITS override the 64-token floor and the split cap (tuning
+  // runs only; read per plan, so a workspace and its launches agree). A LLaMA-2-7B decode step at
+  // context 512 on an H200 (graph replay, batch 1): 4028 us as planned, 4093 / 4265 / 4626 us with
+  // at most 4 / 2 / 1 splits, 4108 / 4082 us with a 32- / 128-token floor; batch 8 within 1%.
+  const int min_chunk = std::max(16, env_int("SQUEEZELM_ATTN_MIN_CHUNK", 64));
+  const int max_splits = std::max(1, std::min(kMaxSplits, env_int("SQUEEZELM_ATTN_MAX_SPLITS", kMaxSplits)));
   int64_t splits = std::max<int64_t>(1, slots / base);
-  splits = std::min<int64_t>(splits, std::max(1, (max_seq_len + 63) / 64));
-  splits = std::min<int64_t>(splits, kMaxSplits);
+  splits = std::min<int64_t>(splits, std::max(1, (max_seq_len + min_chunk - 1) / min_chunk));
+  splits = std::min<int64_t>(splits, max_splits);
   pl.splits = (int)splits;
   int chunk = (std::max(max_seq_len, 1) + pl.splits - 1) / pl.splits;
   chunk = (chunk + 15) / 16 * 16;  // whole pages of 16 for typical page sizes
