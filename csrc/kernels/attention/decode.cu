@@ -460,7 +460,8 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
   // SQUEEZELM_ATTN_MIN_CHUNK / _MAX_SPLITS override the 64-token floor and the split cap (tuning
   // runs only; read per plan, so a workspace and its launches agree). A LLaMA-2-7B decode step at
   // context 512 on an H200 (graph replay, batch 1): 4028 us as planned, 4093 / 4265 / 4626 us with
-  // at most 4 / 2 / 1 splits, 4108 / 4082 us with a 32- / 128-token floor; batch 8 within 1%.
+  // at most 4 / 2 / 1 splits, 4108 / 4082 us with a 32- / 128-token floor; batch 8: 5043 us as
+  // planned, 5118 / 5376 us with at most 2 / 1 splits, the others within 0.2%.
   const int min_chunk = std::max(16, env_int("SQUEEZELM_ATTN_MIN_CHUNK", 64));
   const int max_splits = std::max(1, std::min(kMaxSplits, env_int("SQUEEZELM_ATTN_MAX_SPLITS", kMaxSplits)));
   int64_t splits = std::max<int64_t>(1, slots / base);
