@@ -96,7 +96,7 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
         out.push(r);
         // Tuning sweep of the M = 1 kernel (see SQUEEZELM_LUT_GEMV in csrc/kernels/lut_gemm/lut_gemm.cu).
         const decodeShape = M === 1 && DECODE_SHAPES.some(([n, k]) => n === N && k === K);
-        const sweep = decodeShape ? ['1', '8', '9'] : M === 1 || M === 8 ? ['1', '2', '4', '6', '7', '8', '9'] : M === 16 ? ['5'] : [];
+        const sweep = decodeShape ? ['1', '8'] : M === 1 || M === 8 ? ['1', '2', '4', '6', '7', '8'] : M === 16 ? ['5'] : [];
         if (sparse && ((N === 8192 && K === 8192) || decodeShape) && !ctx.quick && process.env.SQUEEZELM_LUT_SWEEP !== '0') {
           // The default's output on set 0, to check each variant against (the tests cannot set the
           // variant: jest gives each test file a copy of the environment).

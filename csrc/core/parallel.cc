@@ -9,6 +9,8 @@
 #include <thread>
 #include <vector>
 
+#include "env.h"
+
 namespace sqz {
 namespace {
 
@@ -97,8 +99,7 @@ Pool& pool() {
 
 int cpu_threads() {
   static int n = [] {
-    const char* env = std::getenv("SQUEEZELM_THREADS");
-    int v = env ? std::atoi(env) : 0;
+    int v = env_int("SQUEEZELM_THREADS", 0);
     if (v <= 0) v = (int)std::thread::hardware_concurrency();
     return std::max(1, std::min(v, 256));
   }();

@@ -15,9 +15,11 @@
 #include <cstdlib>
 #include <mutex>
 
+#include "../common/launch_config.h"
 #include "../common/pdl.cuh"
 #include "common.cuh"
 #include "core/cuda_stream.h"
+#include "core/env.h"
 #include "core/error.h"
 #include "launch.h"
 
@@ -361,19 +363,6 @@ void launch_t(Params& p, int R, int device, cudaStream_t stream) {
   launch_pdl(decode_combine<T>, dim3(grid), dim3(128), 0, stream, p);
 }
 
-int sm_count(int device) {
-  static std::mutex mu;
-  static int cached[64] = {0};
-  std::lock_guard<std::mutex> lock(mu);
-  if (device < 0 || device >= 64) return 132;
-  if (!cached[device]) {
-    int n = 0;
-    cuda_check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "attention: SM count");
-    cached[device] = n > 0 ? n : 132;
-  }
-  return cached[device];
-}
-
 template <int TPK>
 int occupancy_r(int R, int D) {
   int n = 0;
@@ -410,14 +399,6 @@ int resident_blocks(int device, int D, int R) {
 }  // namespace
 
 int decode_max_r = 0;
-
-static int env_int(const char* name, int fallback) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return fallback;
-  char* end = nullptr;
-  const long n = std::strtol(v, &end, 10);
-  return end && *end == 0 && n > 0 && n < (1 << 30) ? (int)n : fallback;
-}
 
 int* decode_counters(int device, int64_t n) {
   constexpr int64_t kCapacity = 1 << 16;

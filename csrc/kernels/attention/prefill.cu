@@ -7,8 +7,8 @@
 // O += P V run on mma.sync m16n8k16 with ldmatrix operands, and the softmax is online in
 // fp32 (base 2). Causal: a tile only visits keys up to the position of its last row, and
 // tiles are issued longest first so the diagonal's short blocks fill the tail.
-#include <mutex>
 
+#include "../common/launch_config.h"
 #include "common.cuh"
 #include "core/cuda_stream.h"
 #include "core/error.h"
@@ -186,19 +186,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(Params p) {
 template <class T, int D, int BN>
 void launch(const Params& p, cudaStream_t stream) {
   constexpr size_t smem = Smem<T, D, BN>::bytes;
-  static std::mutex mu;
-  static bool configured[64] = {false};
-  int dev = 0;
-  cuda_check(cudaGetDevice(&dev), "attention: current device");
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (dev < 0 || dev >= 64 || !configured[dev]) {
-      cuda_check(cudaFuncSetAttribute(prefill_kernel<T, D, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      (int)smem),
-                 "attention: prefill shared memory");
-      if (dev >= 0 && dev < 64) configured[dev] = true;
-    }
-  }
+  allow_dynamic_smem<prefill_kernel<T, D, BN>>(smem, "attention (prefill)");
   const int tiles = (p.max_q + BM - 1) / BM;
   dim3 grid(tiles < 65535 ? tiles : 65535, p.Hq, p.B);
   prefill_kernel<T, D, BN><<<grid, kThreads, smem, stream>>>(p);

@@ -1,16 +1,17 @@
 // Launchers of the dense matmul: GEMV for M <= 16, tensor-core GEMM above.
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <cstdint>
 #include <string_view>
 
 #include "core/cuda_stream.h"
+#include "core/env.h"
 #include "gemm.h"
 #include "gemm_tc.cuh"
 #include "gemm_wgmma.cuh"
 #include "gemv.cuh"
 #include "gemv_tc.cuh"
+#include "../common/launch_config.h"
 
 namespace sqz::cuda {
 namespace {
@@ -20,12 +21,8 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 GemvFuse no_fuse() { return GemvFuse{nullptr, 0.f, kFusePlain}; }
 
-// Launch-shape knobs, each overridable from the environment for tuning runs (bench/gemv.ts's
+// Launch-shape knobs (env_int), each overridable from the environment for tuning runs (bench/gemv.ts's
 // tune suite): read per launch, so a benchmark can sweep them in one process.
-int knob(const char* name, int dflt) {
-  const char* v = std::getenv(name);
-  return v && *v ? std::atoi(v) : dflt;
-}
 
 template <class T, int M, bool VEC, int U, int R = kGemvRows>
 void launch_gemv_mu(T* y, const T* x, const T* w, const T* bias, int N, int K, GemvFuse f, cudaStream_t s) {
@@ -69,35 +66,22 @@ void launch_gemv(T* y, const T* x, const T* w, const T* bias, int M, int N, int 
   }
 }
 
-// Blocks of each tensor-core GEMV instantiation resident per SM, and the SM count, per device
-// (measured once).
-struct TcDeviceInfo {
-  int sms = 0;
-  int occ[6] = {};
-};
-
 template <class T, int NT, int U>
 void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
-  static TcDeviceInfo info[64];
+  static std::atomic<int> resident[64];  // blocks of this instantiation per SM, per device (measured once)
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
-  TcDeviceInfo& d = info[dev & 63];
-  constexpr int id = (NT == 4 ? 2 : NT - 1) * 2 + (U >= 4 ? 1 : 0);
-  if (d.sms == 0) {
-    int sms = 0;
-    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "matmul: SM count");
-    d.sms = sms > 0 ? sms : 1;
-  }
-  if (d.occ[id] == 0) {
-    int n = 0;
-    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_tc_kernel<T, NT, U>, kGemvTcWarps * 32, 0),
+  int occ = resident[dev & 63].load(std::memory_order_relaxed);
+  if (occ == 0) {
+    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, gemv_tc_kernel<T, NT, U>, kGemvTcWarps * 32, 0),
                "matmul: occupancy");
-    d.occ[id] = n > 0 ? n : 1;
+    occ = std::max(occ, 1);
+    resident[dev & 63].store(occ, std::memory_order_relaxed);
   }
   // Persistent grid: every block that fits at once (SQUEEZELM_GEMV_TC_BPS: blocks per SM, tuning).
-  const int bps = knob("SQUEEZELM_GEMV_TC_BPS", d.occ[id]);
+  const int bps = env_int("SQUEEZELM_GEMV_TC_BPS", occ);
   const int tiles = ceil_div(N, 8 * NT);
-  const int grid = std::max(1, std::min(tiles, d.sms * bps));
+  const int grid = std::max(1, std::min(tiles, sm_count(dev) * bps));
   launch_pdl(gemv_tc_kernel<T, NT, U>, dim3(grid), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N, K);
 }
 
@@ -146,29 +130,20 @@ GemvPlan plan_gemv(int M, int N, int K) {
     else p.nt = N >= 8192 ? 2 : 1;
     p.u = p.nt == 1 && M > 8 ? 4 : 2;
   }
-  const int min_m = knob("SQUEEZELM_GEMV_TC_MIN_M", 0);
+  const int min_m = env_int("SQUEEZELM_GEMV_TC_MIN_M", 0);
   if (min_m > 0) p.tc = M >= min_m;
-  const int nt = knob("SQUEEZELM_GEMV_NT", 0);
+  const int nt = env_int("SQUEEZELM_GEMV_NT", 0);
   if (nt > 0) p.nt = nt;
-  const int u = knob(p.tc ? "SQUEEZELM_GEMV_TC_U" : "SQUEEZELM_GEMV_U", 0);
+  const int u = env_int(p.tc ? "SQUEEZELM_GEMV_TC_U" : "SQUEEZELM_GEMV_U", 0);
   if (u > 0) p.u = u;
-  const int r = knob("SQUEEZELM_GEMV_R", 0);
+  const int r = env_int("SQUEEZELM_GEMV_R", 0);
   if (r > 0) p.r = r;
   return p;
 }
 
 template <class T, bool A>
 void launch_gemm_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
-  // The 64 KiB ring needs the opt-in above 48 KiB, once per device for each instantiation.
-  static std::atomic<uint64_t> configured{0};
-  int dev = 0;
-  cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
-  const uint64_t bit = 1ull << (dev & 63);
-  if (!(configured.load() & bit)) {
-    cuda_check(cudaFuncSetAttribute(gemm_tc_kernel<T, A>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
-               "matmul: cudaFuncSetAttribute");
-    configured.fetch_or(bit);
-  }
+  allow_dynamic_smem<gemm_tc_kernel<T, A>>(kSmemBytes, "matmul");  // the 64 KiB ring is above 48 KiB
   const long long tiles = (long long)ceil_div(M, kBM) * ceil_div(N, kBN);
   gemm_tc_kernel<T, A><<<(unsigned)tiles, kThreads, kSmemBytes, s>>>(y, x, w, bias, M, N, K);
 }
@@ -202,16 +177,8 @@ constexpr int kWgBN = 128, kWgStages = 6, kWgLag = 1, kWgMinBlocks = 1;
 template <class T>
 void launch_gemm_wgmma(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
   using C = wg::Cfg<kWgBN, kWgStages>;
-  auto kernel = gemm_wgmma_kernel<T, kWgBN, kWgStages, kWgLag, kWgMinBlocks>;
-  static std::atomic<uint64_t> configured{0};
-  int dev = 0;
-  cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
-  const uint64_t bit = 1ull << (dev & 63);
-  if (!(configured.load() & bit)) {
-    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem),
-               "matmul: cudaFuncSetAttribute");
-    configured.fetch_or(bit);
-  }
+  constexpr auto kernel = gemm_wgmma_kernel<T, kWgBN, kWgStages, kWgLag, kWgMinBlocks>;
+  allow_dynamic_smem<kernel>(C::kSmem, "matmul");
   const long long tiles = (long long)ceil_div(M, wg::kWBM) * ceil_div(N, kWgBN);
   kernel<<<(unsigned)tiles, wg::kWThreads, C::kSmem, s>>>(y, x, w, bias, M, N, K);
 }

@@ -14,6 +14,8 @@
 #include "core/backend.h"
 #include "core/cuda_stream.h"
 #include "core/error.h"
+#include "core/env.h"
+#include "kernels/common/launch_config.h"
 #include "kernels/common/ptx.cuh"
 #include "kvquant.h"
 
@@ -354,45 +356,6 @@ float* partials(int dev, size_t bytes, cudaStream_t stream) {
   return static_cast<float*>(w.ptr[dev]);
 }
 
-int sm_count(int dev) {
-  static int counts[64] = {};
-  if (dev >= 0 && dev < 64 && counts[dev] == 0) {
-    int c = 0;
-    cuda_check(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev), "kvqAttention");
-    counts[dev] = c > 0 ? c : 132;
-  }
-  return dev >= 0 && dev < 64 ? counts[dev] : 132;
-}
-
-// Raises kernel K's dynamic shared memory limit to the device's opt-in maximum, once per device
-// (so no attribute call happens while a graph is being captured after the first eager launch);
-// ERR_UNSUPPORTED when `bytes` exceed it. Lock-free after the first launch on a device.
-template <auto K>
-void allow_smem(size_t bytes) {
-  static std::atomic<size_t> limits[64];  // per device; 0 = not raised yet
-  int dev = 0;
-  cuda_check(cudaGetDevice(&dev), "kvqAttention");
-  std::atomic<size_t>& slot = limits[dev & 63];
-  size_t limit = slot.load(std::memory_order_acquire);
-  if (limit == 0) {
-    int optin = 0;
-    cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "kvqAttention");
-    cudaFuncAttributes fa{};
-    cuda_check(cudaFuncGetAttributes(&fa, reinterpret_cast<const void*>(K)), "kvqAttention");
-    // the dynamic limit excludes the kernel's static shared memory
-    limit = (size_t)optin > fa.sharedSizeBytes ? (size_t)optin - fa.sharedSizeBytes : 0;
-    if (limit < bytes)
-      fail("ERR_UNSUPPORTED", "kvqAttention: needs " + std::to_string(bytes) + " bytes of shared memory per block");
-    const cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(K), cudaFuncAttributeMaxDynamicSharedMemorySize, (int)limit);
-    if (e != cudaSuccess) {
-      (void)cudaGetLastError();  // not sticky: keep it from being reported by a later launch check
-      cuda_check(e, "kvqAttention (shared memory limit)");
-    }
-    slot.store(limit, std::memory_order_release);
-  }
-  if (limit < bytes) fail("ERR_UNSUPPORTED", "kvqAttention: needs " + std::to_string(bytes) + " bytes of shared memory per block");
-}
-
 namespace fast {
 template <int D, int BITS> struct CodeBytes { static constexpr int value = ((D * BITS + 7) / 8 + 15) / 16 * 16; };
 
@@ -445,7 +408,7 @@ __global__ void combine_kernel(const float* __restrict__ part, int splits, int D
 template <class T>
 void launch_combine(const float* part, int splits, int rows, int D, T* out, cudaStream_t stream) {
   const size_t smem = sizeof(float) * ((size_t)splits + 8 * 32 + 8);
-  if (smem > 48 * 1024) allow_smem<combine_kernel<T>>(smem);
+  if (smem > 48 * 1024) allow_dynamic_smem<combine_kernel<T>>(smem, "kvqAttention");
   combine_kernel<T><<<dim3(rows, (D + 31) / 32), 256, smem, stream>>>(part, splits, D, out);
 }
 
@@ -817,7 +780,7 @@ void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_
   const int N = (int)q.dim(0), Hq = (int)q.dim(1);
   const int items = pl.hpb * pl.npass;
   const size_t smem = Smem<D, BITS, GC>::bytes(items);
-  allow_smem<flash_kernel<T, D, BITS, GC>>(smem);
+  allow_dynamic_smem<flash_kernel<T, D, BITS, GC>>(smem, "kvqAttention");
   flash_kernel<T, D, BITS, GC><<<dim3(pl.splits, N, pl.groups), kW * 32, smem, stream>>>(
       g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part);
   fast::launch_combine<T>(part, pl.splits, N * Hq, D, static_cast<T*>(out.data()), stream);
@@ -1067,11 +1030,7 @@ struct Plan {
 // Blocks per SM the grid aims at (one wave: at ~200-255 registers per thread one block of 8
 // warps fills an SM, and fewer splits mean less partial traffic). SQUEEZELM_KVQ_BLOCKS_PER_SM
 // overrides it for tuning; read per call (a getenv), the same value sizes the workspace.
-inline int blocks_per_sm() {
-  const char* v = std::getenv("SQUEEZELM_KVQ_BLOCKS_PER_SM");
-  const int n = v ? std::atoi(v) : 1;
-  return std::min(8, std::max(1, n));
-}
+inline int blocks_per_sm() { return std::min(8, std::max(1, env_int("SQUEEZELM_KVQ_BLOCKS_PER_SM", 1))); }
 inline Plan plan(int sms, int N, int H, int D, int max_seq_len) {
   Plan p;
   const int chunks = std::max(1, (max_seq_len + kChunk - 1) / kChunk);
@@ -1419,7 +1378,7 @@ void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_
             float* part, cudaStream_t stream) {
   const int N = (int)q.dim(0), Hq = (int)q.dim(1);
   const size_t smem = smem_bytes<D, BITS>(pl.hpb);
-  allow_smem<tc_kernel<T, D, BITS, NH>>(smem);
+  allow_dynamic_smem<tc_kernel<T, D, BITS, NH>>(smem, "kvqAttention");
   tc_kernel<T, D, BITS, NH><<<dim3(pl.splits, N, pl.groups), pl.hpb * 32, smem, stream>>>(
       g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part);
   fast::launch_combine<T>(part, pl.splits, N * Hq, D, static_cast<T*>(out.data()), stream);
@@ -1529,10 +1488,7 @@ void kvq_attention(const Tensor& out, const Tensor& q, const kvq::Cache& c, cons
   // H200 but measured up to 3.0e-3 relative error (fp16 rotated keys and queries before the
   // product) and a CUDA-graph decode in the runtime that diverged from eager decoding, so it is
   // never the default. SQUEEZELM_KVQ_VARIANT=1 selects it for default calls (A/B runs).
-  if (variant == 0) {
-    const char* v = std::getenv("SQUEEZELM_KVQ_VARIANT");
-    if (v && std::atoi(v) == 1) variant = 1;
-  }
+  if (variant == 0 && env_int("SQUEEZELM_KVQ_VARIANT", 0) == 1) variant = 1;
   if (variant == 1) {
     const bool done = q.dtype == DType::F16
                           ? tc::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, stream)

@@ -65,8 +65,10 @@
 #include <type_traits>
 
 #include "core/cuda_stream.h"
+#include "core/env.h"
 #include "core/error.h"
 #include "cpu/lut_gemm.h"
+#include "kernels/common/launch_config.h"
 #include "kernels/common/pdl.cuh"
 #include "kernels/common/ptx.cuh"
 #include "lut_gemm.h"
@@ -835,28 +837,23 @@ template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1,
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st, int l2u = 0) {
   constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT, ASYNC, P>();
-  auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, ASYNC>;
-  // Tables above 48 KiB need the opt-in, once per device for each instantiation.
-  static std::atomic<uint64_t> configured{0};
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, ASYNC>;
+  allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
-  const uint64_t bit = 1ull << (dev & 63);
-  if (!(configured.load() & bit)) {
-    cuda_check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-               "lutMatmul: cudaFuncSetAttribute");
-    configured.fetch_or(bit);
-  }
   // One wave of blocks (they walk the row-tile groups): no tail wave, and each block's prologue
   // latency is paid once.
-  static int wave[64] = {0};
-  if (wave[dev & 63] == 0) {
-    int per_sm = 0, sms = 0;
+  static std::atomic<int> wave[64];
+  int blocks_per_wave = wave[dev & 63].load(std::memory_order_relaxed);
+  if (blocks_per_wave == 0) {
+    int per_sm = 0;
     cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, GV_THREADS, smem), "lutMatmul: occupancy");
-    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "lutMatmul: SM count");
-    wave[dev & 63] = per_sm * sms > 0 ? per_sm * sms : 1;
+    const int n = per_sm * sm_count(dev);
+    blocks_per_wave = n > 0 ? n : 1;
+    wave[dev & 63].store(blocks_per_wave, std::memory_order_relaxed);
   }
   const int groups = ((N + 15) / 16 + RT - 1) / RT;
-  const int blocks = groups < wave[dev & 63] ? groups : wave[dev & 63];
+  const int blocks = groups < blocks_per_wave ? groups : blocks_per_wave;
   launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, l2u);
 }
 
@@ -884,10 +881,9 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     constexpr int P2 = BITS == 4 ? 4 : 2;  // the same with 2 row tiles per block
 #define SQZ_GEMV(MT, P, XV, MINB, RT) \
   launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
-    // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1,2,4..9 picks another prefetch
+    // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1,2,4..8 picks another prefetch
     // depth / occupancy / rows per block; read per call so a benchmark can sweep it.
-    const char* tune = std::is_same<T, __half>::value && vec && M <= 16 ? std::getenv("SQUEEZELM_LUT_GEMV") : nullptr;
-    const int variant = tune ? std::atoi(tune) : 0;
+    const int variant = std::is_same<T, __half>::value && vec && M <= 16 ? env_int("SQUEEZELM_LUT_GEMV", 0) : 0;
     if (variant == 1 && M <= 8) SQZ_GEMV(1, (BITS == 4 ? 4 : 3), true, 2, 1);
     else if (variant == 2 && M <= 8) SQZ_GEMV(1, 3, true, 2, 1);
     else if (variant == 4 && M <= 8) SQZ_GEMV(1, P2, true, 1, 2);
@@ -898,8 +894,6 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     else if (variant == 5 && M > 8) SQZ_GEMV(2, P1, true, 2, 1);
     else if (variant == 8 && M <= 8)
       launch_gemv<T, BITS, 1, P1, true, 2, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st, 32);
-    else if (variant == 9 && M <= 8)  // 4 buffers (a K = 4096 group's whole share per warp) and the L2 prefetch
-      launch_gemv<T, BITS, 1, 4, true, 2, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st, 32);
     else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
     else if (M <= 8) SQZ_GEMV(1, P1, false, 2, 1);
     else if (!vec) SQZ_GEMV(2, P1, false, 2, 1);
@@ -911,17 +905,8 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
   } else {
     constexpr size_t smem = pgemm_smem_bytes<BITS>();
     auto kern = vec ? lut_gemm_mma_kernel<T, BITS, true> : lut_gemm_mma_kernel<T, BITS, false>;
-    static std::atomic<uint64_t> configured{0};
-    int dev = 0;
-    cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
-    const uint64_t bit = 1ull << (dev & 63);
-    if (!(configured.load() & bit)) {
-      cuda_check(cudaFuncSetAttribute(lut_gemm_mma_kernel<T, BITS, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                 "lutMatmul: cudaFuncSetAttribute");
-      cuda_check(cudaFuncSetAttribute(lut_gemm_mma_kernel<T, BITS, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                 "lutMatmul: cudaFuncSetAttribute");
-      configured.fetch_or(bit);
-    }
+    if (vec) allow_dynamic_smem<lut_gemm_mma_kernel<T, BITS, true>>(smem, "lutMatmul");
+    else allow_dynamic_smem<lut_gemm_mma_kernel<T, BITS, false>>(smem, "lutMatmul");
     dim3 grid((N + PBN - 1) / PBN, (M + PBM - 1) / PBM), block(PM_THREADS);
     kern<<<grid, block, smem, st>>>(yp, xp, codes.ptr<uint32_t>(), lut.data(), lf, rp, cp, vp, vf, M, N, K, U);
   }
