@@ -1,6 +1,7 @@
 #include "js_tensor.h"
 
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <vector>
 
@@ -121,34 +122,52 @@ class CodedWorker : public Napi::AsyncWorker {
   std::string code_ = "ERR_INTERNAL";
 };
 
-// Waits for a tensor's pending writes and copies its bytes into a fresh ArrayBuffer.
+// The bytes of a CPU tensor as of a task queued now (behind the ops queued before it, ahead of
+// any queued later, which may overwrite the tensor). The task keeps its own error (an allocation
+// that fails), so the failure rejects this read instead of the next unrelated wait on the queue.
+struct HostSnapshot {
+  std::vector<uint8_t> bytes;
+  std::exception_ptr error;
+};
+std::shared_ptr<HostSnapshot> snapshot_cpu(const Tensor& t, uint64_t& ticket) {
+  auto snap = std::make_shared<HostSnapshot>();
+  Tensor src = t;
+  ticket = cpu_enqueue([snap, src] {
+    try {
+      const uint8_t* p = static_cast<const uint8_t*>(src.data());
+      snap->bytes.assign(p, p + src.nbytes());
+    } catch (...) {
+      snap->error = std::current_exception();
+    }
+  });
+  return snap;
+}
+void wait_snapshot(const HostSnapshot& snap, uint64_t ticket) {
+  cpu_wait(ticket);
+  if (snap.error) std::rethrow_exception(snap.error);
+}
+
+// Waits for a tensor's pending writes and copies its bytes into a fresh ArrayBuffer: a CPU tensor
+// through a snapshot taken in order on the CPU queue, a CUDA tensor by a synchronous read here
+// (the buffer is sized off the JS thread either way).
 class ToHostWorker : public CodedWorker {
  public:
-  // A CPU tensor is copied by a task queued now, behind the ops already queued and ahead of any
-  // queued later: the result is the tensor as of this call, even if later ops overwrite it.
-  // The buffer is sized off the JS thread: in that task, or in run() for a CUDA tensor.
   ToHostWorker(Napi::Env env, Tensor t) : CodedWorker(env), t_(std::move(t)) {
-    data_ = std::make_shared<std::vector<uint8_t>>();
-    if (t_.device.is_cpu()) {
-      auto buf = data_;
-      Tensor src = t_;
-      ticket_ = cpu_enqueue([buf, src] {
-        buf->resize(src.nbytes());
-        if (!buf->empty()) std::memcpy(buf->data(), src.data(), buf->size());
-      });
-    }
+    if (t_.device.is_cpu()) snap_ = snapshot_cpu(t_, ticket_);
+    else snap_ = std::make_shared<HostSnapshot>();
   }
   void run() override {
     if (t_.device.is_cpu()) {
-      cpu_wait(ticket_);
+      wait_snapshot(*snap_, ticket_);
     } else {
-      data_->resize(t_.nbytes());
-      cuda_copy_d2h_sync(t_.device.index, data_->data(), t_.data(), data_->size());
+      snap_->bytes.resize(t_.nbytes());
+      cuda_copy_d2h_sync(t_.device.index, snap_->bytes.data(), t_.data(), snap_->bytes.size());
     }
   }
   void OnOK() override {
-    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(Env(), data_->size());
-    if (!data_->empty()) std::memcpy(ab.Data(), data_->data(), data_->size());
+    const std::vector<uint8_t>& b = snap_->bytes;
+    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(Env(), b.size());
+    if (!b.empty()) std::memcpy(ab.Data(), b.data(), b.size());
     t_.storage.reset();
     deferred_.Resolve(ab);
   }
@@ -156,32 +175,35 @@ class ToHostWorker : public CodedWorker {
  private:
   Tensor t_;
   uint64_t ticket_ = 0;
-  std::shared_ptr<std::vector<uint8_t>> data_;
+  std::shared_ptr<HostSnapshot> snap_;
 };
 
-// Copies a tensor to another device once its pending writes are done. A CPU source is copied by
-// a task queued now, like ToHostWorker's read: the copy holds the tensor as of this call, even if
-// ops queued later overwrite it.
+// Copies a tensor to another device once its pending writes are done. A CPU source is read in
+// order on the CPU queue, like ToHostWorker's: the copy holds the tensor as of this call. To
+// another CPU tensor the queued task copies it; to a device the task only snapshots it and the
+// upload happens here, on this worker thread, so the CPU queue never waits on a GPU stream and
+// never touches one (a graph capture may be open on it).
 class ToDeviceWorker : public CodedWorker {
  public:
   ToDeviceWorker(Napi::Env env, Tensor src, Tensor dst) : CodedWorker(env), src_(std::move(src)), dst_(std::move(dst)) {
-    if (src_.device.is_cpu()) {
+    if (src_.device.is_cpu() && dst_.device.is_cpu()) {
       Tensor s = src_, d = dst_;
       ticket_ = cpu_enqueue([s, d] {
-        const size_t n = s.nbytes();
-        if (n == 0) return;
-        if (d.device.is_cpu()) {
-          std::memcpy(d.data(), s.data(), n);
-        } else {
-          cuda_copy_h2d(d.device.index, d.data(), s.data(), n);
-          cuda_synchronize(d.device.index);
-        }
+        if (s.nbytes() > 0) std::memcpy(d.data(), s.data(), s.nbytes());
       });
+    } else if (src_.device.is_cpu()) {
+      snap_ = snapshot_cpu(src_, ticket_);
     }
   }
   void run() override {
     size_t n = src_.nbytes();
-    if (src_.device.is_cpu()) {
+    if (snap_) {
+      wait_snapshot(*snap_, ticket_);
+      if (n > 0) {
+        cuda_copy_h2d(dst_.device.index, dst_.data(), snap_->bytes.data(), n);
+        cuda_synchronize(dst_.device.index);
+      }
+    } else if (src_.device.is_cpu()) {
       cpu_wait(ticket_);
     } else if (dst_.device.is_cpu()) {
       cuda_copy_d2h_sync(src_.device.index, dst_.data(), src_.data(), n);
@@ -203,6 +225,7 @@ class ToDeviceWorker : public CodedWorker {
  private:
   Tensor src_, dst_;
   uint64_t ticket_ = 0;
+  std::shared_ptr<HostSnapshot> snap_;  // CPU source to a device
 };
 
 }  // namespace
