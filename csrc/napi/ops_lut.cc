@@ -57,8 +57,7 @@ SQZ_OP(lutMatmulPacked) {
   const int given = (rows ? 1 : 0) + (cols ? 1 : 0) + (vals ? 1 : 0);
   if (given != 0 && given != 3) a.error("ERR_ARG", "rows, cols and vals come together (or none of them)");
   if (rows) {
-    a.dtype_in(*rows, "rows", {DType::I32});
-    a.shape_is(*rows, "rows", {N + 1});
+    a.tensor_is(*rows, "rows", DType::I32, {N + 1});
     a.dtype_in(*cols, "cols", {DType::I32});
     a.ndim(*cols, "cols", 1);
     a.dtype_in(*vals, "vals", {DType::F16, DType::F32});
