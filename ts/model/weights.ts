@@ -10,7 +10,8 @@ import * as ops from '../ops';
 import { ModelConfig } from './config';
 import { Checkpoint, toDType } from './safetensors';
 import {
-  SqueezeLinear, SqueezeLinearModule, concatSqueezeLinears, loadQuantizedLinear, quantizeLinear, uploadSqueezeLinear,
+  SLICE_BYTES, SqueezeLinear, SqueezeLinearModule, concatSqueezeLinears, loadQuantizedLinear, quantizeLinear, readSlice,
+  uploadSqueezeLinear,
 } from '../quant/squeezellm';
 
 /** A linear's weight: a dense [out, in] matrix or a SqueezeLLM dense-and-sparse module. */
@@ -347,16 +348,8 @@ export interface RandomQuantizeProgress {
 
 /** t's f32 values into dst, read back in slices (no host copy of the whole matrix besides dst). */
 async function readF32(t: Tensor, dst: Float32Array): Promise<Float32Array> {
-  const n = t.numel, slice = 1 << 22;
-  for (let off = 0; off < n; off += slice) {
-    const len = Math.min(slice, n - off);
-    const v = t.view(off, [len]);
-    try {
-      dst.set((await v.toArray()) as Float32Array, off);
-    } finally {
-      v.dispose();
-    }
-  }
+  const n = t.numel, slice = SLICE_BYTES >> 2;
+  for (let off = 0; off < n; off += slice) dst.set((await readSlice(t, off, Math.min(slice, n - off))) as Float32Array, off);
   return dst.subarray(0, n);
 }
 

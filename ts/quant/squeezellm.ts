@@ -12,7 +12,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { SqueezeError } from '../errors';
-import { DType, Tensor } from '../tensor';
+import { DType, Tensor, TypedArray } from '../tensor';
 import { resolveDevice } from '../device';
 import { checkOutlierCsr, kmeansRows, lutMatmulPacked, lutPackedShape, lutRepack, sortOutlierRows } from '../ops/lut';
 import { matmul } from '../ops/gemm';
@@ -167,7 +167,7 @@ export interface QuantizeOptions {
 // Host buffers of a whole [N, K] matrix are avoided where a slice does: at 7B shapes each linear
 // has up to 45M weights, and large fresh allocations are slow to touch on some hosts. Slices of
 // at most this many bytes move between host and device.
-const SLICE_BYTES = 1 << 24;
+export const SLICE_BYTES = 1 << 24;
 
 /**
  * The value at rank `idx` of `a` in ascending order, as Float32Array.prototype.sort orders it
@@ -295,15 +295,19 @@ export async function quantizeLinear(w: Float32Array, N: number, K: number, o: Q
   return assemble(N, K, bits, lut, out, fit.q ?? w, async (n0, n1) => codes.subarray(n0 * K, n1 * K));
 }
 
-/** Codes of rows [n0, n1) of a [N, K] u8 tensor, on the host. */
-async function readRows(codes: Tensor, n0: number, n1: number, K: number): Promise<Uint8Array> {
-  const v = codes.view(n0 * K, [(n1 - n0) * K]);
+/** Elements [off, off + len) of a tensor, on the host (read through a view, freed after). */
+export async function readSlice(t: Tensor, off: number, len: number): Promise<TypedArray> {
+  const v = t.view(off, [len]);
   try {
-    return (await v.toArray()) as Uint8Array;
+    return await v.toArray();
   } finally {
     v.dispose();
   }
 }
+
+/** Codes of rows [n0, n1) of a [N, K] u8 tensor, on the host. */
+const readRows = async (codes: Tensor, n0: number, n1: number, K: number): Promise<Uint8Array> =>
+  (await readSlice(codes, n0 * K, (n1 - n0) * K)) as Uint8Array;
 
 /**
  * The packed linear from the tables, the outliers (ascending flat indices) and the codes, read
@@ -558,12 +562,21 @@ export function uploadSqueezeLinear(l: SqueezeLinear, device: string, dtype?: DT
   } finally {
     qi.dispose();
   }
-  const lut = Tensor.from(fl(l.lut), [l.N, E], { dtype: fd, device });
-  const has = !!(l.rows && l.cols && l.vals);
-  const rows = has ? Tensor.from(l.rows!, [l.N + 1], { dtype: 'i32', device }) : undefined;
-  const cols = has ? Tensor.from(l.cols!, [l.cols!.length], { dtype: 'i32', device }) : undefined;
-  const vals = has ? Tensor.from(fl(l.vals!), [l.vals!.length], { dtype: fd, device }) : undefined;
-  const all = [q, lut, rows, cols, vals].filter((t): t is Tensor => !!t);
+  // Everything uploaded so far is freed if a later upload fails (a device out of memory).
+  const all: Tensor[] = [q];
+  const up = (t: Tensor): Tensor => (all.push(t), t);
+  let lut: Tensor, rows: Tensor | undefined, cols: Tensor | undefined, vals: Tensor | undefined;
+  try {
+    lut = up(Tensor.from(fl(l.lut), [l.N, E], { dtype: fd, device }));
+    if (l.rows && l.cols && l.vals) {
+      rows = up(Tensor.from(l.rows, [l.N + 1], { dtype: 'i32', device }));
+      cols = up(Tensor.from(l.cols, [l.cols.length], { dtype: 'i32', device }));
+      vals = up(Tensor.from(fl(l.vals), [l.vals.length], { dtype: fd, device }));
+    }
+  } catch (e) {
+    all.forEach((t) => t.dispose());
+    throw e;
+  }
   return {
     N: l.N, K: l.K, bits: l.bits,
     bytes: all.reduce((s, t) => s + t.byteLength, 0),
@@ -639,10 +652,17 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
   const outShare = o.outliers ?? 0.0045, sensShare = o.sensitive ?? 0.0005;
   const tensors: Record<string, WriteTensor> = {};
   let linears = 0, nnz = 0, total = 0;
-  const factors = new Map<Float64Array, GptqFactor>(); // q, k, v share one input
+  // q, k, v share one input and so one factor; a factor is dropped after the last linear that reads
+  // it, so only the current layer's factors (and the f32 copies the refit makes of them) stay alive.
+  const factors = new Map<Float64Array, GptqFactor>();
+  const usesLeft = new Map<Float64Array, number>();
   try {
     const names = ck.names();
     const targets = names.filter((n) => n.endsWith('.weight') && LINEARS.some((l) => n.endsWith(`${l}.weight`)));
+    for (const name of targets) {
+      const h = o.rtn ? undefined : o.cov?.get(name.slice(0, -'.weight'.length));
+      if (h) usesLeft.set(h, (usesLeft.get(h) ?? 0) + 1);
+    }
     for (const name of names) {
       const prefix = name.slice(0, -'.weight'.length);
       if (!targets.includes(name)) {
@@ -667,6 +687,11 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
           bits, outliers: outShare, sensitive: sens ? sensShare : 0, sens, gptq, gptqRounds: o.gptqRounds, outlierScore: o.outlierScore,
           iters: o.iters, device: o.device,
         });
+      if (h) {
+        const left = usesLeft.get(h)! - 1;
+        usesLeft.set(h, left);
+        if (left === 0) factors.delete(h);
+      }
       Object.assign(tensors, squeezeTensors(prefix, l));
       linears++;
       nnz += l.cols?.length ?? 0;
