@@ -154,10 +154,10 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
     const dec = model.decoder;
     fillRandomKv(model);
     // Bytes a decode step must read: every matrix once (the embedding is a row lookup).
-    const weightBytes = stepWeightBytes(model);
+    const stepBytes = stepWeightBytes(model);
     const kvPerToken = 2 * c.numLayers * c.numKvHeads * c.headDim * 2;
-    const floorTps = (ctx.copyBandwidthGBs * 1e9) / weightBytes;
-    log(`decode: weights ${(weightBytes / 1e9).toFixed(2)} GB; batch-1 floor ${floorTps.toFixed(1)} tokens/s at ${ctx.copyBandwidthGBs.toFixed(0)} GB/s`);
+    const floorTps = (ctx.copyBandwidthGBs * 1e9) / stepBytes;
+    log(`decode: weights ${(stepBytes / 1e9).toFixed(2)} GB; batch-1 floor ${floorTps.toFixed(1)} tokens/s at ${ctx.copyBandwidthGBs.toFixed(0)} GB/s`);
     for (const B of batches) {
       const { t, noPdl, unfused } = await withDecodeStep(ctx, model, B, ctxLen, async (step) => {
         const t = await step();
@@ -191,7 +191,7 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
         note += ` with graphs, ${(B / e2ePlain).toFixed(1)} without; floor ${floorTps.toFixed(1)}`;
       }
       if (model.stats.captureError) note += `; scheduler could not capture: ${model.stats.captureError}`;
-      const bytes = weightBytes + B * ctxLen * kvPerToken;
+      const bytes = stepBytes + B * ctxLen * kvPerToken;
       const r = row(ctx, SUITE, `step b${B} ctx ${ctxLen}`, t, { bytes, note });
       rows.push(r);
       if (noPdl) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} without PDL`, noPdl, { bytes, note: 'ordinary launches (SQUEEZELM_NO_PDL=1)' }));
