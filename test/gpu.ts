@@ -27,6 +27,17 @@ export function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return Math.sqrt(num / Math.max(den, 1e-30));
 }
 
+/** Largest absolute difference over the largest |b| (Infinity when a has a non-finite value). */
+export function maxAbsErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let d = 0, s = 0;
+  for (let i = 0; i < b.length; i++) {
+    if (!Number.isFinite(a[i])) return Infinity;
+    d = Math.max(d, Math.abs(a[i] - b[i]));
+    s = Math.max(s, Math.abs(b[i]));
+  }
+  return d / Math.max(s, 1e-30);
+}
+
 /** Deterministic pseudo-random numbers for tests (mulberry32), fresh per seed. */
 export function rng(seed: number): () => number {
   let a = seed >>> 0;

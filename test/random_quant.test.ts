@@ -9,7 +9,7 @@ import { writeSafetensors, WriteTensor } from '../ts/model/safetensors';
 import { RandomQuantizeProgress } from '../ts/model/weights';
 import { SqueezeLinear, dequantize } from '../ts/quant/squeezellm';
 import { Tensor } from '../ts/tensor';
-import { describeGpu, relErr } from './gpu';
+import { describeGpu, maxAbsErr, relErr } from './gpu';
 
 // GQA (q has more rows than k and v) and K not a multiple of 32 for down_proj (intermediate 80).
 const CONFIG = {
@@ -62,15 +62,10 @@ async function denseCheckpoint(m: Model, linears: Map<string, SqueezeLinear>, sw
   return dir;
 }
 
-/** max |a - b| over max |b|. */
-function maxRel(a: Float32Array, b: Float32Array): number {
-  let d = 0, s = 0;
-  for (let i = 0; i < b.length; i++) {
-    d = Math.max(d, Math.abs(a[i] - b[i]));
-    s = Math.max(s, Math.abs(b[i]));
-  }
-  return d / s;
-}
+/** [out, in] of each linear of CONFIG (hidden 64, 4 heads of 16 over 2 kv heads, intermediate 80). */
+const SHAPES: Record<string, number[]> = {
+  q_proj: [64, 64], k_proj: [32, 64], v_proj: [32, 64], o_proj: [64, 64], gate_proj: [80, 64], up_proj: [80, 64], down_proj: [64, 80],
+};
 
 describe('createRandomModel with quantize (cpu)', () => {
   for (const bits of [4, 3] as const)
@@ -90,10 +85,7 @@ describe('createRandomModel with quantize (cpu)', () => {
         for (const [name, l] of linears) {
           expect(l.bits).toBe(bits);
           expect(l.cols!.length).toBeGreaterThan(0);
-          if (name.endsWith('q_proj')) expect([l.N, l.K]).toEqual([64, 64]);
-          if (name.endsWith('k_proj') || name.endsWith('v_proj')) expect([l.N, l.K]).toEqual([32, 64]);
-          if (name.endsWith('up_proj')) expect([l.N, l.K]).toEqual([80, 64]);
-          if (name.endsWith('down_proj')) expect([l.N, l.K]).toEqual([64, 80]);
+          expect([l.N, l.K]).toEqual(SHAPES[name.slice(name.lastIndexOf('.') + 1)]);
         }
         expect(events.length).toBe(14);
         expect(events.map((e) => e.linearsDone)).toEqual(Array.from({ length: 14 }, (_, i) => i + 1));
@@ -104,7 +96,7 @@ describe('createRandomModel with quantize (cpu)', () => {
         const ref = await loadModel(dirs[0], { device: 'cpu', maxBatch: 2, maxContext: 64 });
         refs.push(ref);
         const [ours, theirs] = [await m.logits(PROMPT), await ref.logits(PROMPT)];
-        expect(maxRel(ours, theirs)).toBeLessThan(1e-5);
+        expect(maxAbsErr(ours, theirs)).toBeLessThan(1e-5);
         const greedy = async (x: Model) => (await x.generateBatch([{ ids: PROMPT, maxTokens: 6 }]))[0].ids;
         expect(await greedy(m)).toEqual(await greedy(ref));
 
@@ -113,7 +105,7 @@ describe('createRandomModel with quantize (cpu)', () => {
           dirs.push(await denseCheckpoint(m, linears, swap));
           const bad = await loadModel(dirs[dirs.length - 1], { device: 'cpu', maxBatch: 1, maxContext: 64 });
           refs.push(bad);
-          expect(maxRel(ours, await bad.logits(PROMPT))).toBeGreaterThan(1e-3);
+          expect(maxAbsErr(ours, await bad.logits(PROMPT))).toBeGreaterThan(1e-3);
         }
       } finally {
         await m.dispose();
