@@ -45,9 +45,11 @@ export async function benchAttention(ctx: BenchContext): Promise<BenchResult[]> 
   if (!device) return [];
   const results: BenchResult[] = [];
   const decode: Case[] = [
+    { batch: 1, tokens: 512, qHeads: 32, kvHeads: 32 },
     { batch: 1, tokens: 8192, qHeads: 32, kvHeads: 32 },
     { batch: 1, tokens: 32768, qHeads: 32, kvHeads: 32 },
     { batch: 1, tokens: 131072, qHeads: 32, kvHeads: 32 },
+    { batch: 1, tokens: 512, qHeads: 32, kvHeads: 8 },
     { batch: 1, tokens: 8192, qHeads: 32, kvHeads: 8 },
     { batch: 1, tokens: 32768, qHeads: 32, kvHeads: 8 },
     { batch: 1, tokens: 131072, qHeads: 32, kvHeads: 8 },
@@ -57,22 +59,34 @@ export async function benchAttention(ctx: BenchContext): Promise<BenchResult[]> 
   const cases = ctx.quick ? decode.filter((c) => c.tokens !== 131072) : decode;
   for (const c of cases) {
     const t = await makeCache(device, c, 1);
-    const wsSize = attentionWorkspaceSize(device, c.batch, c.qHeads, c.kvHeads, D, 1, c.tokens);
-    const workspace = Tensor.empty([Math.max(1, wsSize)], { dtype: 'f32', device });
+    // One kernel's timing: the workspace is sized under the same setting the launches plan with.
+    const time = async (simt: boolean) => {
+      if (simt) process.env.SQUEEZELM_ATTN_SIMT = '1';
+      const wsSize = attentionWorkspaceSize(device, c.batch, c.qHeads, c.kvHeads, D, 1, c.tokens);
+      const workspace = Tensor.empty([Math.max(1, wsSize)], { dtype: 'f32', device });
+      try {
+        return await timeCuda({
+          device,
+          iters: ctx.quick ? 5 : 20,
+          repeats: ctx.quick ? 5 : 15,
+          fn: () => attention(t.out, t.q, t.kCache, t.vCache, t.pageTable, t.seqLens, t.cuQ, 1 / Math.sqrt(D),
+            { maxQ: 1, maxSeqLen: c.tokens, workspace }),
+        });
+      } finally {
+        if (simt) delete process.env.SQUEEZELM_ATTN_SIMT;
+        workspace.dispose();
+      }
+    };
     try {
-      const timing = await timeCuda({
-        device,
-        iters: ctx.quick ? 5 : 20,
-        repeats: ctx.quick ? 5 : 15,
-        fn: () => attention(t.out, t.q, t.kCache, t.vCache, t.pageTable, t.seqLens, t.cuQ, 1 / Math.sqrt(D),
-          { maxQ: 1, maxSeqLen: c.tokens, workspace }),
-      });
       const bytes = 2 * c.batch * c.tokens * c.kvHeads * D * 2;
-      const name = `decode b${c.batch} ${c.tokens / 1024}K ${c.qHeads}q/${c.kvHeads}kv x${D} f16`;
-      results.push(row(ctx, 'attention', name, timing, { bytes }));
-      ctx.log(`attention: ${name}: ${bound(timing)} us`);
+      const name = `decode b${c.batch} ${c.tokens >= 1024 ? `${c.tokens / 1024}K` : c.tokens} ${c.qHeads}q/${c.kvHeads}kv x${D} f16`;
+      // The CUDA-core kernel is the baseline: the tensor-core one replaced it as the default.
+      const simt = await time(true);
+      const mma = await time(false);
+      results.push(row(ctx, 'attention', name, mma, { bytes, baseline: 'CUDA-core decode kernel', base: simt }));
+      results.push(row(ctx, 'attention', `${name} (CUDA-core kernel)`, simt, { bytes }));
+      ctx.log(`attention: ${name}: ${bound(mma)} us (CUDA-core kernel ${bound(simt)} us)`);
     } finally {
-      workspace.dispose();
       t.dispose();
     }
   }

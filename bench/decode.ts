@@ -181,6 +181,19 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
         }
         return { t, noPdl, unfused };
       });
+      let simt: Timing | null = null;
+      if (B === 1) {
+        // The same step with the CUDA-core decode attention kernel instead of the tensor-core one
+        // (its own workspace: the two kernels plan different split counts).
+        process.env.SQUEEZELM_ATTN_SIMT = '1';
+        try {
+          simt = await withDecodeStep(ctx, model, B, ctxLen, (step) => step());
+        } catch (e) {
+          log(`decode b1 with the CUDA-core attention kernel: ${(e as Error).message}`);
+        } finally {
+          delete process.env.SQUEEZELM_ATTN_SIMT;
+        }
+      }
       // End to end through the scheduler (its own sequences, short contexts).
       const e2eGraph = await endToEndStep(model, B, steps);
       let note = `${(B / e2eGraph).toFixed(1)} tokens/s end to end`;
@@ -195,6 +208,7 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
       const r = row(ctx, SUITE, `step b${B} ctx ${ctxLen}`, t, { bytes, note });
       rows.push(r);
       if (noPdl) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} without PDL`, noPdl, { bytes, note: 'ordinary launches (SQUEEZELM_NO_PDL=1)' }));
+      if (simt) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} with the CUDA-core attention kernel`, simt, { bytes, note: 'SQUEEZELM_ATTN_SIMT=1' }));
       if (unfused) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} without fused GEMVs`, unfused, { bytes, note: 'plain norm/matmul/add/siluMul sequence (decoder.fuse = false)' }));
       log(`decode b${B}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), plain ${r.plainUs?.toFixed(0)} us; ${note}`);
     }

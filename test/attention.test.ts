@@ -266,6 +266,9 @@ describeGpu('attention (CUDA) vs CPU', () => {
     { Hkv: 1, g: 8, D: 128, pageSize: 256, lens: [1031], ns: [1] },
     { Hkv: 2, g: 1, D: 256, pageSize: 16, lens: [17, 300], ns: [1, 1] },
     { Hkv: 4, g: 8, D: 128, pageSize: 16, lens: [2048], ns: [1] },
+    // more than 16 query vectors per kv head: two query chunks of the tensor-core decode kernel
+    { Hkv: 2, g: 6, D: 112, pageSize: 32, lens: [5000, 3], ns: [2, 3] },
+    { Hkv: 1, g: 8, D: 48, pageSize: 16, lens: [77, 600], ns: [3, 4] },
     // prefill and chunked prefill
     { Hkv: 2, g: 1, D: 64, pageSize: 16, lens: [300, 17, 1], ns: [300, 17, 1] },
     { Hkv: 1, g: 3, D: 80, pageSize: 64, lens: [1031, 200], ns: [100, 200] },
@@ -315,6 +318,16 @@ describeGpu('attention (CUDA) vs CPU', () => {
             expect(Buffer.from((await o2.toArray()).buffer).equals(firstBits)).toBe(true);
           } finally {
             delete process.env.SQUEEZELM_ATTN_COMBINE_KERNEL;
+          }
+          // The CUDA-core decode kernel (the tensor-core one's A/B reference) on the same data.
+          process.env.SQUEEZELM_ATTN_SIMT = '1';
+          try {
+            const o3 = poisoned([N, Hq, c.D], dtype, 'cuda');
+            attention(o3, qG, kcG, vcG, ig.pt, ig.sl, ig.cq, scale, bounds);
+            const e3 = relErr(await o3.toFloat32(), want);
+            if (!(e3 <= tol)) throw new Error(`seed ${seed}: CUDA-core kernel rel err ${e3} > ${tol}`);
+          } finally {
+            delete process.env.SQUEEZELM_ATTN_SIMT;
           }
         }
       }, 60000);

@@ -60,7 +60,7 @@ void attention(const Tensor& out, const Tensor& q, const Tensor& kc, const Tenso
     p.ws_acc = workspace;
     p.ws_ml = workspace + (int64_t)p.B * max_q * p.Hq * pl.splits * p.D;
     p.counters = attn::decode_counters(device, (int64_t)p.B * p.Hkv * pl.qchunks);
-    attn::launch_decode(p, pl.R, q.dtype, device, stream);
+    attn::launch_decode(p, pl, q.dtype, device, stream);
   } else {
     attn::launch_prefill(p, q.dtype, stream);
   }

@@ -26,7 +26,7 @@ struct Params {
   float scale_log2;                             // softmax scale * log2(e): scores live in base 2
   int max_q;
   // decode only
-  int splits, chunk, qchunks;
+  int splits, chunk, qchunks;  // chunk: the fewest tokens a split takes (see split_tokens)
   float* ws_acc;  // [B * max_q * Hq, splits, D]
   float* ws_ml;   // [B * max_q * Hq, splits, 2] (max in base 2, sum)
   // [B * Hkv * qchunks] arrival counters, zero between launches; null: a separate combine kernel

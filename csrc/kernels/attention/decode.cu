@@ -1,4 +1,7 @@
-// Split-KV flash-decoding over the paged cache.
+// Split-KV flash-decoding over the paged cache on the CUDA cores, and the split planning of
+// both decode kernels. The tensor-core kernel (decode_mma.cu) takes every head_dim it has an
+// instantiation for (multiples of 16 up to 128); this one takes the rest (head_dim 256, or
+// not a multiple of 16) and serves as the A/B reference (SQUEEZELM_ATTN_SIMT=1).
 //
 // Grid (kv head x query chunk, sequence, split). One block streams the keys and values of
 // its split once and scores them against every query vector that shares the kv head (the
@@ -14,10 +17,12 @@
 #include <cmath>
 #include <cstdlib>
 #include <mutex>
+#include <type_traits>
 
 #include "../common/launch_config.h"
 #include "../common/pdl.cuh"
 #include "common.cuh"
+#include "decode_split.cuh"
 #include "core/cuda_stream.h"
 #include "core/env.h"
 #include "core/error.h"
@@ -27,91 +32,7 @@ namespace sqz::cuda::attn {
 
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kMaxSplits = 256;
-
-// Sum over the block's threads (fixed shuffle tree, then warp order: deterministic).
-template <bool MAX>
-__device__ __forceinline__ float block_reduce(float v, float* s_red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float w = __shfl_xor_sync(0xffffffffu, v, o);
-    v = MAX ? fmaxf(v, w) : v + w;
-  }
-  __syncthreads();  // s_red is free
-  if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  v = s_red[0];
-  for (int w = 1; w < (int)(blockDim.x >> 5); ++w) v = MAX ? fmaxf(v, s_red[w]) : v + s_red[w];
-  return v;
-}
-
-// Splits that hold keys of a sequence with kend keys (at least one, so an empty sequence still
-// writes its zero row). Blocks of later splits exit at once and are never merged: a graph
-// planned for the longest context costs little at short ones.
-__device__ __forceinline__ int active_splits(const Params& p, int kend) {
-  return kend <= 0 ? 1 : min(p.splits, (kend + p.chunk - 1) / p.chunk);
-}
-
-// Merges the first `splits` splits of query vector qi (row q0 + j, head h) into out: the splits' weights in
-// shared memory (s_w: at least `splits` floats), then each output element is a fixed-order sum
-// over splits. Every loop keeps several loads in flight (a decode step waits on this latency,
-// not on bandwidth). Partials are read through L2 (other blocks wrote them during this grid).
-template <class T>
-__device__ void combine_splits(const Params& p, int64_t qi, int64_t out_row, int h, int splits, float* s_w,
-                               float* s_red) {
-  const float2* ml = reinterpret_cast<const float2*>(p.ws_ml + qi * p.splits * 2);  // (max, sum) per split
-  float m = -INFINITY;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) m = fmaxf(m, __ldcg(ml + s).x);
-  const float M = block_reduce<true>(m, s_red);
-  float l = 0.f;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-    const float2 v = __ldcg(ml + s);
-    const float w = v.x == -INFINITY ? 0.f : exp2f(v.x - M);
-    s_w[s] = w;
-    l += w * v.y;
-  }
-  const float L = block_reduce<false>(l, s_red);  // its barriers also publish s_w
-  const float inv = L > 0.f ? 1.f / L : 0.f;     // no attendable key: the row is zero
-  const float* acc = p.ws_acc + qi * p.splits * p.D;
-  T* out = static_cast<T*>(p.out) + (out_row * p.Hq + h) * p.D;
-  for (int d2 = threadIdx.x; d2 * 2 < p.D; d2 += blockDim.x) {
-    float a0 = 0.f, a1 = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < splits; ++s) {
-      const float2 v = __ldcg(reinterpret_cast<const float2*>(acc + (int64_t)s * p.D + 2 * d2));
-      a0 = fmaf(s_w[s], v.x, a0);
-      a1 = fmaf(s_w[s], v.y, a1);
-    }
-    *reinterpret_cast<uint32_t*>(out + 2 * d2) = pack2<T>(a0 * inv, a1 * inv);
-  }
-  __syncthreads();  // s_w is free
-}
-
-// Before the wait on the previous kernel (a decode step's q projection and cache append): pull
-// the keys and values of this block's first round (`tokens` from the split's start) into L2, so
-// the round trip to HBM overlaps the previous kernel instead of following it. The length and
-// page table are read speculatively (ld.cg: L2 only, no line is left in L1 to go stale) and feed
-// nothing but prefetch addresses, always inside the pool; everything the kernel computes with is
-// read again after the wait, so this is safe whoever writes those tensors.
-template <class T>
-__device__ __forceinline__ void prefetch_first_round(const Params& p, int tokens) {
-  const int b = blockIdx.y, kvh = blockIdx.x / p.qchunks, t0 = blockIdx.z * p.chunk;
-  const int kend = min(__ldcg(p.seq_lens + b), p.max_pages * p.page_size);
-  const int n = min(tokens, kend - t0);
-  if (n <= 0) return;
-  const int lines = (p.D * (int)sizeof(T) + 127) / 128;  // 128-byte lines per key (and value)
-  const T* kc = static_cast<const T*>(p.kc);
-  const T* vc = static_cast<const T*>(p.vc);
-  for (int i = threadIdx.x; i < n * 2 * lines; i += blockDim.x) {
-    const int t = t0 + i / (2 * lines), part = i % (2 * lines);
-    const int blk = p.page_shift >= 0 ? (t >> p.page_shift) : t / p.page_size;
-    const int page = __ldcg(p.page_table + (int64_t)b * p.max_pages + blk);
-    if (page < 0 || page >= p.pages) continue;
-    const T* row = (part < lines ? kc : vc) + cache_offset(p, page, t, kvh);
-    prefetch_l2(reinterpret_cast<const char*>(row) + 128 * (part % lines));
-  }
-}
+using namespace split_kv;
 
 // TPK lanes share one key (8 elements each, so D <= 8 * TPK); R query vectors per block.
 template <class T, int TPK, int R>
@@ -159,10 +80,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
 
   const int splits = active_splits(p, kend);
   if (split >= splits) return;
-  const int t0 = split * p.chunk;
-  // The last split also takes anything past splits * chunk, so an understated maxSeqLen
-  // costs speed, not correctness.
-  const int t1 = split == p.splits - 1 ? kend : min(kend, t0 + p.chunk);
+  const int t0 = split * split_tokens(p, kend);
+  const int t1 = min(kend, t0 + split_tokens(p, kend));
 
   float m[R], l[R], acc[R][8];
 #pragma unroll
@@ -269,52 +188,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
       for (int e = 0; e < 8; ++e) s_acc[(warp * R + r) * p.D + c * 8 + e] = acc[r][e];
   __syncthreads();
 
-  // Merge the warps and write this split's partial for every active query vector.
-  for (int i = threadIdx.x; i < R * (p.D + 1); i += blockDim.x) {
-    const int r = i / (p.D + 1), d = i % (p.D + 1);  // d == D: the (max, sum) pair
-    const int vi = qc * R + r;
-    if (vi >= g * n) continue;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w][r]);
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float f = s_m[w][r] == -INFINITY ? 0.f : exp2f(s_m[w][r] - M);
-      v += f * (d == p.D ? s_l[w][r] : s_acc[(w * R + r) * p.D + d]);
-    }
-    const int j = vi / g, h = kvh * g + vi % g;
-    const int64_t qi = ((int64_t)b * p.max_q + j) * p.Hq + h;
-    const int64_t pi = qi * p.splits + split;
-    if (d == p.D) {
-      p.ws_ml[pi * 2] = M;
-      p.ws_ml[pi * 2 + 1] = v;
-    } else {
-      p.ws_acc[pi * p.D + d] = v;
-    }
-  }
-  if (p.counters == nullptr) return;
-
-  // The last split block of this group to arrive merges all splits of its query vectors.
-  __shared__ int s_last;
-  __shared__ float s_red[kWarps];
-  __threadfence();  // this block's partials are visible before it is counted
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int* ctr = p.counters + (int64_t)b * gridDim.x + blockIdx.x;
-    const int prev = atomicAdd(ctr, 1);
-    s_last = prev == splits - 1;
-    if (s_last) *ctr = 0;  // ready for the next launch
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  for (int r = 0; r < R; ++r) {
-    const int vi = qc * R + r;
-    if (vi >= g * n) break;
-    const int j = vi / g, h = kvh * g + vi % g;
-    combine_splits<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, splits, s_acc, s_red);
-  }
+  finish_split<T, R>(p, kvh, qc, b, split, splits, g, n, q0, &s_m[0][0], &s_l[0][0], s_acc);
 }
 
 // One block per (query head, row, sequence), when the partial kernel has no counters.
@@ -352,12 +226,16 @@ void dispatch_r(const Params& p, int R, int device, cudaStream_t stream) {
 }
 
 template <class T>
-void launch_t(Params& p, int R, int device, cudaStream_t stream) {
-  // The in-kernel merge keeps the splits' weights in the block's partial buffer.
-  if (p.counters && p.splits > kWarps * R * p.D) p.counters = nullptr;
-  if (p.D <= 64) dispatch_r<T, 8>(p, R, device, stream);
-  else if (p.D <= 128) dispatch_r<T, 16>(p, R, device, stream);
-  else dispatch_r<T, 32>(p, R, device, stream);
+void launch_t(Params& p, const DecodePlan& pl, int device, cudaStream_t stream) {
+  if (pl.mma) {
+    launch_decode_mma(p, std::is_same<T, __half>::value ? DType::F16 : DType::BF16, stream);
+  } else {
+    // The in-kernel merge keeps the splits' weights in the block's partial buffer.
+    if (p.counters && p.splits > kWarps * pl.R * p.D) p.counters = nullptr;
+    if (p.D <= 64) dispatch_r<T, 8>(p, pl.R, device, stream);
+    else if (p.D <= 128) dispatch_r<T, 16>(p, pl.R, device, stream);
+    else dispatch_r<T, 32>(p, pl.R, device, stream);
+  }
   if (p.counters) return;  // the partial kernel merged the splits
   dim3 grid(p.Hq, p.max_q, p.B);
   launch_pdl(decode_combine<T>, dim3(grid), dim3(128), 0, stream, p);
@@ -430,36 +308,39 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
   DecodePlan pl;
   const int g = Hq / Hkv;
   const int rtot = g * max_q;
-  pl.R = rtot <= 1 ? 1 : rtot <= 2 ? 2 : rtot <= 4 ? 4 : 8;
-  if (decode_max_r > 0 && pl.R > decode_max_r) pl.R = decode_max_r;
+  // The tensor-core kernel wherever it has an instantiation; SQUEEZELM_ATTN_SIMT=1 keeps the
+  // CUDA-core one (A/B runs; read per plan, so a workspace and its launches agree).
+  pl.mma = decode_mma_supported(D) && env_int("SQUEEZELM_ATTN_SIMT", 0) == 0;
+  if (pl.mma) {
+    pl.R = 16;
+  } else {
+    pl.R = rtot <= 1 ? 1 : rtot <= 2 ? 2 : rtot <= 4 ? 4 : 8;
+    if (decode_max_r > 0 && pl.R > decode_max_r) pl.R = decode_max_r;
+  }
   pl.qchunks = (rtot + pl.R - 1) / pl.R;
-  const int per_sm = resident_blocks(device, D, pl.R);
+  const int per_sm = pl.mma ? decode_mma_resident_blocks(device, D) : resident_blocks(device, D, pl.R);
   const int64_t slots = (int64_t)sm_count(device) * per_sm;
   const int64_t base = std::max<int64_t>(1, (int64_t)Hkv * pl.qchunks * B);
-  // One full wave of equally long blocks (no tail wave), but no split shorter than
-  // 64 tokens: below that the partials cost more than they save.
+  // One full wave of blocks at the planned context, but no split shorter than 64 tokens (the
+  // kernels spread the keys of the moment over the splits: split_tokens in decode_split.cuh).
   // SQUEEZELM_ATTN_MIN_CHUNK / _MAX_SPLITS override the 64-token floor and the split cap (tuning
-  // runs only; read per plan, so a workspace and its launches agree). A LLaMA-2-7B decode step at
-  // context 512 on an H200 (graph replay, batch 1): 4028 us as planned, 4093 / 4265 / 4626 us with
-  // at most 4 / 2 / 1 splits, 4108 / 4082 us with a 32- / 128-token floor; batch 8: 5043 us as
-  // planned, 5118 / 5376 us with at most 2 / 1 splits, the others within 0.2%.
-  const int min_chunk = std::max(16, env_int("SQUEEZELM_ATTN_MIN_CHUNK", 64));
+  // runs only; read per plan, so a workspace and its launches agree). With the CUDA-core kernel,
+  // a LLaMA-2-7B decode step at context 512 on an H200 (graph replay, batch 1) took 4028 us as
+  // planned, 4093 / 4265 / 4626 us with at most 4 / 2 / 1 splits, 4108 / 4082 us with a 32- /
+  // 128-token floor; batch 8: 5043 us as planned, 5118 / 5376 us with at most 2 / 1 splits.
+  const int min_chunk = (std::max(16, env_int("SQUEEZELM_ATTN_MIN_CHUNK", 64)) + 15) / 16 * 16;
   const int max_splits = std::max(1, std::min(kMaxSplits, env_int("SQUEEZELM_ATTN_MAX_SPLITS", kMaxSplits)));
   int64_t splits = std::max<int64_t>(1, slots / base);
   splits = std::min<int64_t>(splits, std::max(1, (max_seq_len + min_chunk - 1) / min_chunk));
   splits = std::min<int64_t>(splits, max_splits);
   pl.splits = (int)splits;
-  int chunk = (std::max(max_seq_len, 1) + pl.splits - 1) / pl.splits;
-  chunk = (chunk + 15) / 16 * 16;  // whole pages of 16 for typical page sizes
-  pl.chunk = chunk;
-  // Splits made empty by the rounding add nothing.
-  pl.splits = std::max(1, (std::max(max_seq_len, 1) + chunk - 1) / chunk);
+  pl.chunk = min_chunk;
   return pl;
 }
 
-void launch_decode(Params& p, int R, DType dt, int device, cudaStream_t stream) {
-  if (dt == DType::F16) launch_t<__half>(p, R, device, stream);
-  else launch_t<__nv_bfloat16>(p, R, device, stream);
+void launch_decode(Params& p, const DecodePlan& plan, DType dt, int device, cudaStream_t stream) {
+  if (dt == DType::F16) launch_t<__half>(p, plan, device, stream);
+  else launch_t<__nv_bfloat16>(p, plan, device, stream);
 }
 
 }  // namespace sqz::cuda::attn

@@ -11,8 +11,11 @@ struct Params;
 
 // Split-KV decode: decode_plan picks the query vectors per block (R), the query chunks and
 // the splits; launch_decode runs the partial kernel, then the combine kernel.
+// mma: the tensor-core kernel (decode_mma.cu, R = 16 query vectors per block) instead of the
+// CUDA-core one (decode.cu, R of 1, 2, 4 or 8).
 struct DecodePlan {
   int R = 1, qchunks = 1, splits = 1, chunk = 1;
+  bool mma = false;
 };
 // Upper bound on R (0: none); a tuning knob for benchmarks.
 extern int decode_max_r;
@@ -21,7 +24,11 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
 // of at least n ints, or null (too many groups, or SQUEEZELM_ATTN_COMBINE_KERNEL=1) for the
 // separate combine kernel.
 int* decode_counters(int device, int64_t n);
-void launch_decode(Params& p, int R, DType dt, int device, cudaStream_t stream);
+void launch_decode(Params& p, const DecodePlan& plan, DType dt, int device, cudaStream_t stream);
+// The tensor-core partial kernel (decode_mma.cu): head_dim a multiple of 16 up to 128.
+bool decode_mma_supported(int D);
+int decode_mma_resident_blocks(int device, int D);
+void launch_decode_mma(const Params& p, DType dt, cudaStream_t stream);
 
 // Tensor-core prefill; returns false when head_dim has no prefill instantiation.
 bool prefill_supported(int D);

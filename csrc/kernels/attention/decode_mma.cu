@@ -1,0 +1,303 @@
+// Split-KV flash-decoding on the tensor cores (head_dim a multiple of 16, up to 128).
+//
+// Why a second decode kernel. The CUDA-core kernel (decode.cu) spends ~10 instructions per
+// cache element once several query vectors share a kv head (GQA, or a few query rows per
+// sequence): dot products, shuffles to sum them, and p·v, all per query vector. Here a block
+// owns up to 16 query vectors of one kv head (the g query heads of GQA times the query rows of
+// the step) as the M side of mma.sync m16n8k16, so a 16-token tile costs 2·D/16 products for
+// the scores and D/8 for p·v whatever the number of query vectors, and the kernel is left
+// with nothing to do but stream the cache. With one query vector (MHA batch decode) 15 of 16
+// rows are padding; the tensor cores have that much to spare.
+//
+// Streaming. Each warp walks its own tiles of the split (tile w, w + 4, ... of 16 tokens) and
+// keeps a private ring of kStages shared-memory stages filled by cp.async: while it multiplies
+// one tile, the next kStages - 1 are in flight. Warps never wait on each other until the end
+// of the split, so a slow page costs one warp, not the block. Keys and values are gathered
+// through the page table (one lookup per token, shared by shuffle); tokens outside the split,
+// the page table or the pool are zero-filled and masked.
+//
+// The end of a split (warps merged, partial written, last block merging all splits) is shared
+// with the CUDA-core kernel (decode_split.cuh), so both write the same workspace.
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <string>
+
+#include "../common/launch_config.h"
+#include "../common/pdl.cuh"
+#include "common.cuh"
+#include "core/cuda_stream.h"
+#include "core/error.h"
+#include "decode_split.cuh"
+#include "launch.h"
+
+namespace sqz::cuda::attn {
+
+namespace {
+
+using namespace split_kv;
+
+constexpr int kTile = 16;   // tokens per warp tile
+constexpr int kStages = 3;  // per-warp ring: one tile in use, two in flight
+constexpr int kRows = 16;   // query vectors per block (the m16 side of the product)
+
+template <int D>
+struct MmaShape {
+  static constexpr int SD = D + 8;                        // row pitch: +16 bytes, conflict-free ldmatrix
+  static constexpr int CH = D / 8;                        // 16-byte chunks per row
+  static constexpr int STAGE = 2 * kTile * SD;            // elements of one stage (keys, then values)
+  static constexpr size_t ring = (size_t)kWarps * kStages * STAGE * 2;
+  static constexpr size_t merge = (size_t)kWarps * kRows * D * sizeof(float);
+  static constexpr size_t smem = ring > merge ? ring : merge;
+};
+
+template <class T, int D>
+__global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
+  static_assert(D % 16 == 0 && D <= 128, "decode_mma: head_dim");
+  using S = MmaShape<D>;
+  constexpr int SD = S::SD, CH = S::CH, KS = D / 16, ND = D / 8;
+  prefetch_first_round<T>(p, kWarps * kTile);  // each warp's first tile
+  pdl_wait();  // see pdl.cuh: before any global access that matters
+  pdl_trigger();
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float s_m[kWarps * kRows], s_l[kWarps * kRows];
+  __shared__ unsigned s_ok[kWarps * kStages];  // per stage: bit i = token i of the tile is readable
+
+  const int kvh = blockIdx.x / p.qchunks, qc = blockIdx.x % p.qchunks;
+  const int b = blockIdx.y, split = blockIdx.z;
+  const int g = p.Hq / p.Hkv;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+  const int q0 = __ldg(p.cu_q + b);
+  int n = __ldg(p.cu_q + b + 1) - q0;
+  const int len = max(__ldg(p.seq_lens + b), 0);
+  n = max(0, min(n, p.max_q));
+  const int kend = (int)min((int64_t)len, (int64_t)p.max_pages * p.page_size);
+  const int splits = active_splits(p, kend);
+  if (split >= splits) return;
+  const int t0 = split * split_tokens(p, kend);
+  const int t1 = min(kend, t0 + split_tokens(p, kend));
+
+  // This thread's two rows of the m16 tile: query vector vi = qc * 16 + row -> query row
+  // vi / g, head kvh * g + vi % g. Their A fragments stay in registers for the whole split.
+  uint32_t qa[KS][4];
+  int lim[2];  // last key position a row may attend (-1: padding row)
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int vi = qc * kRows + (lane >> 2) + rr * 8;
+    const bool act = vi < g * n;
+    const int j = act ? vi / g : 0, h = kvh * g + (act ? vi % g : 0);
+    lim[rr] = act ? len - n + j : -1;
+    const T* qp = static_cast<const T*>(p.q) + ((int64_t)(q0 + j) * p.Hq + h) * D + (lane & 3) * 2;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      qa[ks][rr] = act ? __ldg(reinterpret_cast<const unsigned*>(qp + ks * 16)) : 0u;
+      qa[ks][rr + 2] = act ? __ldg(reinterpret_cast<const unsigned*>(qp + ks * 16 + 8)) : 0u;
+    }
+  }
+
+  const T* kc = static_cast<const T*>(p.kc);
+  const T* vc = static_cast<const T*>(p.vc);
+  T* ring = reinterpret_cast<T*>(smem) + warp * kStages * S::STAGE;
+  const int ntiles = (t1 - t0 + kTile - 1) / kTile;
+  const int mine = ntiles > warp ? (ntiles - warp + kWarps - 1) / kWarps : 0;
+
+  // Issues the copies of this warp's i-th tile into stage st.
+  auto load = [&](int i, int st) {
+    const int tb = t0 + (warp + i * kWarps) * kTile;
+    const int t = tb + (lane & (kTile - 1));
+    const int page = t < t1 ? page_of(p, b, t) : -1;
+    const unsigned ok = __ballot_sync(0xffffffffu, page >= 0) & 0xffffu;
+    if (lane == 0) s_ok[warp * kStages + st] = ok;
+    T* sk = ring + st * S::STAGE;
+    T* sv = sk + kTile * SD;
+#pragma unroll
+    for (int c = 0; c < CH / 2; ++c) {  // kTile * CH chunks over 32 lanes
+      const int idx = lane + 32 * c, r = idx / CH, cc = idx % CH;
+      const int pg = __shfl_sync(0xffffffffu, page, r);
+      const bool rok = pg >= 0;
+      const int64_t off = rok ? cache_offset(p, pg, tb + r, kvh) + cc * 8 : 0;
+      cp_async16(sk + r * SD + cc * 8, kc + off, rok);
+      cp_async16(sv + r * SD + cc * 8, vc + off, rok);
+    }
+  };
+
+  float o[ND][4];
+#pragma unroll
+  for (int i = 0; i < ND; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < mine) load(i, i);
+    cp_async_commit();
+  }
+  for (int i = 0; i < mine; ++i) {
+    const int st = i % kStages;
+    if (i + kStages - 1 < mine) load(i + kStages - 1, (i + kStages - 1) % kStages);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    __syncwarp();
+    const T* sk = ring + st * S::STAGE;
+    const T* sv = sk + kTile * SD;
+    const unsigned ok = s_ok[warp * kStages + st];
+    const int tb = t0 + (warp + i * kWarps) * kTile;
+
+    float s[2][4];
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t bb[4];
+      ldmatrix_x4(bb, sk + ((lane & 7) + (lane >> 4) * 8) * SD + ks * 16 + ((lane >> 3) & 1) * 8);
+      Mma<T>::run(s[0], qa[ks], bb[0], bb[1]);
+      Mma<T>::run(s[1], qa[ks], bb[2], bb[3]);
+    }
+
+    // Mask (unreadable keys, causal limit per row), then the online softmax per row (base 2).
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = nb * 8 + (lane & 3) * 2 + (e & 1), rr = e >> 1;
+        float v = s[nb][e] * p.scale_log2;
+        if (!((ok >> key) & 1u) || tb + key > lim[rr]) v = -INFINITY;
+        s[nb][e] = v;
+        mx[rr] = fmaxf(mx[rr], v);
+      }
+    float ref[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
+      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
+      const float mn = fmaxf(m[rr], mx[rr]);
+      ref[rr] = mn == -INFINITY ? 0.f : mn;  // nothing visible yet: stay at zero, no NaN
+      const float alpha = exp2f(m[rr] - ref[rr]);
+      m[rr] = mn;
+      l[rr] *= alpha;
+#pragma unroll
+      for (int nd = 0; nd < ND; ++nd) {
+        o[nd][rr * 2] *= alpha;
+        o[nd][rr * 2 + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pv = exp2f(s[nb][e] - ref[e >> 1]);
+        s[nb][e] = pv;
+        l[e >> 1] += pv;
+      }
+
+    // O += P V: P (16 rows x 16 tokens) is the score accumulator re-packed as an A fragment.
+    const uint32_t a[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
+                           pack2<T>(s[1][2], s[1][3])};
+#pragma unroll
+    for (int nd2 = 0; nd2 < D / 16; ++nd2) {
+      uint32_t bb[4];
+      ldmatrix_x4_trans(bb, sv + ((lane & 7) + ((lane >> 3) & 1) * 8) * SD + nd2 * 16 + (lane >> 4) * 8);
+      Mma<T>::run(o[2 * nd2], a, bb[0], bb[1]);
+      Mma<T>::run(o[2 * nd2 + 1], a, bb[2], bb[3]);
+    }
+    __syncwarp();  // this stage is refilled kStages - 1 tiles from now
+  }
+  cp_async_wait<0>();
+
+  // Rows' sums over the quad (m is already quad-uniform), then the warp's state to shared
+  // memory (over the ring, once every warp is done with it) for the block merge.
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 1);
+    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 2);
+  }
+  __syncthreads();
+  float* s_acc = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int row = warp * kRows + (lane >> 2) + rr * 8;
+    if ((lane & 3) == 0) {
+      s_m[row] = m[rr];
+      s_l[row] = l[rr];
+    }
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd)
+      *reinterpret_cast<float2*>(s_acc + row * D + nd * 8 + (lane & 3) * 2) = make_float2(o[nd][rr * 2], o[nd][rr * 2 + 1]);
+  }
+  __syncthreads();
+  finish_split<T, kRows>(p, kvh, qc, b, split, splits, g, n, q0, s_m, s_l, s_acc);
+}
+
+template <class T, int D>
+void launch_d(const Params& p, cudaStream_t stream) {
+  constexpr size_t smem = MmaShape<D>::smem;
+  allow_dynamic_smem<decode_mma<T, D>>(smem, "attention (decode)");
+  dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
+  launch_pdl(decode_mma<T, D>, grid, dim3(kWarps * 32), smem, stream, p);
+}
+
+template <class T>
+void launch_t(const Params& p, cudaStream_t stream) {
+  switch (p.D) {
+    case 16: launch_d<T, 16>(p, stream); break;
+    case 32: launch_d<T, 32>(p, stream); break;
+    case 48: launch_d<T, 48>(p, stream); break;
+    case 64: launch_d<T, 64>(p, stream); break;
+    case 80: launch_d<T, 80>(p, stream); break;
+    case 96: launch_d<T, 96>(p, stream); break;
+    case 112: launch_d<T, 112>(p, stream); break;
+    case 128: launch_d<T, 128>(p, stream); break;
+    default: fail("ERR_INTERNAL", "attention: no tensor-core decode kernel for head_dim " + std::to_string(p.D));
+  }
+}
+
+template <int D>
+int occupancy_d() {
+  constexpr size_t smem = MmaShape<D>::smem;
+  allow_dynamic_smem<decode_mma<__half, D>>(smem, "attention (decode)");
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_mma<__half, D>, kWarps * 32, smem) != cudaSuccess) {
+    cudaGetLastError();
+    return 1;
+  }
+  return n > 0 ? n : 1;
+}
+
+}  // namespace
+
+bool decode_mma_supported(int D) { return D % 16 == 0 && D >= 16 && D <= 128; }
+
+int decode_mma_resident_blocks(int device, int D) {
+  static std::mutex mu;
+  static int cached[64][9] = {};
+  std::lock_guard<std::mutex> lock(mu);
+  const int di = D / 16;
+  int* slot = device >= 0 && device < 64 && di >= 1 && di <= 8 ? &cached[device][di] : nullptr;
+  if (slot && *slot) return *slot;
+  int cur = 0;
+  cudaGetDevice(&cur);
+  if (cur != device) cudaSetDevice(device);
+  int n = 1;
+  switch (D) {
+    case 16: n = occupancy_d<16>(); break;
+    case 32: n = occupancy_d<32>(); break;
+    case 48: n = occupancy_d<48>(); break;
+    case 64: n = occupancy_d<64>(); break;
+    case 80: n = occupancy_d<80>(); break;
+    case 96: n = occupancy_d<96>(); break;
+    case 112: n = occupancy_d<112>(); break;
+    case 128: n = occupancy_d<128>(); break;
+    default: break;
+  }
+  if (cur != device) cudaSetDevice(cur);
+  if (slot) *slot = n;
+  return n;
+}
+
+void launch_decode_mma(const Params& p, DType dt, cudaStream_t stream) {
+  if (dt == DType::F16) launch_t<__half>(p, stream);
+  else launch_t<__nv_bfloat16>(p, stream);
+}
+
+}  // namespace sqz::cuda::attn

@@ -1,0 +1,169 @@
+// Pieces shared by the two split-KV decode kernels (decode.cu: CUDA cores, decode_mma.cu: tensor
+// cores): the split bookkeeping, the fixed-order merge of the splits, the L2 prefetch of a
+// block's first keys, and the end of a split (its warps merged, its partial written, the last
+// block of a group merging all splits).
+#pragma once
+#include <cmath>
+
+#include "../common/pdl.cuh"
+#include "common.cuh"
+
+namespace sqz::cuda::attn {
+namespace split_kv {
+
+constexpr int kWarps = 4;
+constexpr int kMaxSplits = 256;
+
+// Sum over the block's threads (fixed shuffle tree, then warp order: deterministic).
+template <bool MAX>
+__device__ __forceinline__ float block_reduce(float v, float* s_red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = MAX ? fmaxf(v, w) : v + w;
+  }
+  __syncthreads();  // s_red is free
+  if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = s_red[0];
+  for (int w = 1; w < (int)(blockDim.x >> 5); ++w) v = MAX ? fmaxf(v, s_red[w]) : v + s_red[w];
+  return v;
+}
+
+// Tokens per split for a sequence of kend keys, decided in the kernel from the length of the
+// moment (a graph captured once serves every length): the keys spread evenly over the planned
+// splits, but no split shorter than the plan's floor p.chunk (below it the partials cost more
+// than they save), in multiples of 16 (whole pages of typical sizes).
+__device__ __forceinline__ int split_tokens(const Params& p, int kend) {
+  const int even = (kend + p.splits - 1) / p.splits;
+  return (max(even, p.chunk) + 15) & ~15;
+}
+
+// Splits that hold keys (at least one, so an empty sequence still writes its zero row).
+// Blocks of later splits exit at once and are never merged: a short context in a graph
+// planned for a long one costs a few empty blocks, and still gets its parallelism.
+__device__ __forceinline__ int active_splits(const Params& p, int kend) {
+  if (kend <= 0) return 1;
+  const int c = split_tokens(p, kend);
+  return (kend + c - 1) / c;
+}
+
+// Merges the first `splits` splits of query vector qi (row q0 + j, head h) into out: the splits' weights in
+// shared memory (s_w: at least `splits` floats), then each output element is a fixed-order sum
+// over splits. Every loop keeps several loads in flight (a decode step waits on this latency,
+// not on bandwidth). Partials are read through L2 (other blocks wrote them during this grid).
+template <class T>
+__device__ void combine_splits(const Params& p, int64_t qi, int64_t out_row, int h, int splits, float* s_w,
+                               float* s_red) {
+  const float2* ml = reinterpret_cast<const float2*>(p.ws_ml + qi * p.splits * 2);  // (max, sum) per split
+  float m = -INFINITY;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) m = fmaxf(m, __ldcg(ml + s).x);
+  const float M = block_reduce<true>(m, s_red);
+  float l = 0.f;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+    const float2 v = __ldcg(ml + s);
+    const float w = v.x == -INFINITY ? 0.f : exp2f(v.x - M);
+    s_w[s] = w;
+    l += w * v.y;
+  }
+  const float L = block_reduce<false>(l, s_red);  // its barriers also publish s_w
+  const float inv = L > 0.f ? 1.f / L : 0.f;     // no attendable key: the row is zero
+  const float* acc = p.ws_acc + qi * p.splits * p.D;
+  T* out = static_cast<T*>(p.out) + (out_row * p.Hq + h) * p.D;
+  for (int d2 = threadIdx.x; d2 * 2 < p.D; d2 += blockDim.x) {
+    float a0 = 0.f, a1 = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) {
+      const float2 v = __ldcg(reinterpret_cast<const float2*>(acc + (int64_t)s * p.D + 2 * d2));
+      a0 = fmaf(s_w[s], v.x, a0);
+      a1 = fmaf(s_w[s], v.y, a1);
+    }
+    *reinterpret_cast<uint32_t*>(out + 2 * d2) = pack2<T>(a0 * inv, a1 * inv);
+  }
+  __syncthreads();  // s_w is free
+}
+
+// Before the wait on the previous kernel (a decode step's q projection and cache append): pull
+// the keys and values of this block's first round (`tokens` from the split's start) into L2, so
+// the round trip to HBM overlaps the previous kernel instead of following it. The length and
+// page table are read speculatively (ld.cg: L2 only, no line is left in L1 to go stale) and feed
+// nothing but prefetch addresses, always inside the pool; everything the kernel computes with is
+// read again after the wait, so this is safe whoever writes those tensors.
+template <class T>
+__device__ __forceinline__ void prefetch_first_round(const Params& p, int tokens) {
+  const int b = blockIdx.y, kvh = blockIdx.x / p.qchunks;
+  const int kend = min(__ldcg(p.seq_lens + b), p.max_pages * p.page_size);
+  const int t0 = blockIdx.z * split_tokens(p, max(kend, 0));
+  const int n = min(tokens, kend - t0);
+  if (n <= 0) return;
+  const int lines = (p.D * (int)sizeof(T) + 127) / 128;  // 128-byte lines per key (and value)
+  const T* kc = static_cast<const T*>(p.kc);
+  const T* vc = static_cast<const T*>(p.vc);
+  for (int i = threadIdx.x; i < n * 2 * lines; i += blockDim.x) {
+    const int t = t0 + i / (2 * lines), part = i % (2 * lines);
+    const int blk = p.page_shift >= 0 ? (t >> p.page_shift) : t / p.page_size;
+    const int page = __ldcg(p.page_table + (int64_t)b * p.max_pages + blk);
+    if (page < 0 || page >= p.pages) continue;
+    const T* row = (part < lines ? kc : vc) + cache_offset(p, page, t, kvh);
+    prefetch_l2(reinterpret_cast<const char*>(row) + 128 * (part % lines));
+  }
+}
+
+// The end of a split: merges the block's warps (their running max s_m[w * R + r], sum
+// s_l[w * R + r] and accumulator s_acc[(w * R + r) * D + d] for query vector r of the block)
+// into this split's partial of every active query vector; then, with arrival counters, the
+// last block of the (sequence, kv head, query chunk) group to get here merges all splits.
+// Called by every thread of a block that wrote its partial state to shared memory and passed
+// a barrier; s_acc must hold at least `splits` floats (it is reused for the splits' weights).
+template <class T, int R>
+__device__ void finish_split(const Params& p, int kvh, int qc, int b, int split, int splits, int g, int n, int q0,
+                             const float* s_m, const float* s_l, float* s_acc) {
+  for (int i = threadIdx.x; i < R * (p.D + 1); i += blockDim.x) {
+    const int r = i / (p.D + 1), d = i % (p.D + 1);  // d == D: the (max, sum) pair
+    const int vi = qc * R + r;
+    if (vi >= g * n) continue;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w * R + r]);
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = s_m[w * R + r] == -INFINITY ? 0.f : exp2f(s_m[w * R + r] - M);
+      v += f * (d == p.D ? s_l[w * R + r] : s_acc[(w * R + r) * p.D + d]);
+    }
+    const int j = vi / g, h = kvh * g + vi % g;
+    const int64_t qi = ((int64_t)b * p.max_q + j) * p.Hq + h;
+    const int64_t pi = qi * p.splits + split;
+    if (d == p.D) {
+      p.ws_ml[pi * 2] = M;
+      p.ws_ml[pi * 2 + 1] = v;
+    } else {
+      p.ws_acc[pi * p.D + d] = v;
+    }
+  }
+  if (p.counters == nullptr) return;
+
+  // The last split block of this group to arrive merges all splits of its query vectors.
+  __shared__ int s_last;
+  __shared__ float s_red[kWarps];
+  __threadfence();  // this block's partials are visible before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* ctr = p.counters + (int64_t)b * gridDim.x + blockIdx.x;
+    const int prev = atomicAdd(ctr, 1);
+    s_last = prev == splits - 1;
+    if (s_last) *ctr = 0;  // ready for the next launch
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int r = 0; r < R; ++r) {
+    const int vi = qc * R + r;
+    if (vi >= g * n) break;
+    const int j = vi / g, h = kvh * g + vi % g;
+    combine_splits<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, splits, s_acc, s_red);
+  }
+}
+
+}  // namespace split_kv
+}  // namespace sqz::cuda::attn
