@@ -269,6 +269,8 @@ describeGpu('attention (CUDA) vs CPU', () => {
     // more than 16 query vectors per kv head: two query chunks of the tensor-core decode kernel
     { Hkv: 2, g: 6, D: 112, pageSize: 32, lens: [5000, 3], ns: [2, 3] },
     { Hkv: 1, g: 8, D: 48, pageSize: 16, lens: [77, 600], ns: [3, 4] },
+    // pages that do not hold a multiple of 16 tokens: the tensor-core kernel's per-token lookups
+    { Hkv: 1, g: 4, D: 64, pageSize: 24, lens: [1000, 37], ns: [1, 2] },
     // prefill and chunked prefill
     { Hkv: 2, g: 1, D: 64, pageSize: 16, lens: [300, 17, 1], ns: [300, 17, 1] },
     { Hkv: 1, g: 3, D: 80, pageSize: 64, lens: [1031, 200], ns: [100, 200] },

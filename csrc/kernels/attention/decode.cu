@@ -1,7 +1,8 @@
 // Split-KV flash-decoding over the paged cache on the CUDA cores, and the split planning of
-// both decode kernels. The tensor-core kernel (decode_mma.cu) takes every head_dim it has an
-// instantiation for (multiples of 16 up to 128); this one takes the rest (head_dim 256, or
-// not a multiple of 16) and serves as the A/B reference (SQUEEZELM_ATTN_SIMT=1).
+// both decode kernels. The tensor-core kernel (decode_mma.cu) takes the groups of 3 or more
+// query vectors per kv head (GQA, several query rows) where it has an instantiation (head_dim
+// a multiple of 16 up to 128); this one takes the rest (MHA decode, head_dim 256 or not a
+// multiple of 16) and serves as the A/B reference (SQUEEZELM_ATTN_SIMT=1).
 //
 // Grid (kv head x query chunk, sequence, split). One block streams the keys and values of
 // its split once and scores them against every query vector that shares the kv head (the
@@ -228,7 +229,7 @@ void dispatch_r(const Params& p, int R, int device, cudaStream_t stream) {
 template <class T>
 void launch_t(Params& p, const DecodePlan& pl, int device, cudaStream_t stream) {
   if (pl.mma) {
-    launch_decode_mma(p, std::is_same<T, __half>::value ? DType::F16 : DType::BF16, stream);
+    launch_decode_mma(p, pl.stages, std::is_same<T, __half>::value ? DType::F16 : DType::BF16, stream);
   } else {
     // The in-kernel merge keeps the splits' weights in the block's partial buffer.
     if (p.counters && p.splits > kWarps * pl.R * p.D) p.counters = nullptr;
@@ -308,17 +309,22 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
   DecodePlan pl;
   const int g = Hq / Hkv;
   const int rtot = g * max_q;
-  // The tensor-core kernel wherever it has an instantiation; SQUEEZELM_ATTN_SIMT=1 keeps the
-  // CUDA-core one (A/B runs; read per plan, so a workspace and its launches agree).
-  pl.mma = decode_mma_supported(D) && env_int("SQUEEZELM_ATTN_SIMT", 0) == 0;
+  // The tensor-core kernel where at least 3 query vectors share a kv head and it has an
+  // instantiation for head_dim. With one or two, the CUDA-core kernel does little redundant work
+  // and keeps more warps in flight (H200, one query per kv head, 32 heads x 128: 134 vs 149 us at
+  // 32K tokens, 509 vs 696 us at 128K); from GQA 4 on the tensor-core one wins (32q/8kv: 56 vs
+  // 77 us at 32K, 157 vs 236 us at 128K). SQUEEZELM_ATTN_SIMT=1 keeps the CUDA-core kernel
+  // everywhere (A/B runs; read per plan, so a workspace and its launches agree).
+  pl.mma = rtot >= 3 && decode_mma_supported(D) && env_int("SQUEEZELM_ATTN_SIMT", 0) == 0;
   if (pl.mma) {
     pl.R = 16;
+    pl.stages = decode_mma_stages();
   } else {
     pl.R = rtot <= 1 ? 1 : rtot <= 2 ? 2 : rtot <= 4 ? 4 : 8;
     if (decode_max_r > 0 && pl.R > decode_max_r) pl.R = decode_max_r;
   }
   pl.qchunks = (rtot + pl.R - 1) / pl.R;
-  const int per_sm = pl.mma ? decode_mma_resident_blocks(device, D) : resident_blocks(device, D, pl.R);
+  const int per_sm = pl.mma ? decode_mma_resident_blocks(device, D, pl.stages) : resident_blocks(device, D, pl.R);
   const int64_t slots = (int64_t)sm_count(device) * per_sm;
   const int64_t base = std::max<int64_t>(1, (int64_t)Hkv * pl.qchunks * B);
   // One full wave of blocks at the planned context, but no split shorter than 64 tokens (the

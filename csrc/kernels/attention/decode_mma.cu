@@ -27,6 +27,7 @@
 #include "../common/pdl.cuh"
 #include "common.cuh"
 #include "core/cuda_stream.h"
+#include "core/env.h"
 #include "core/error.h"
 #include "decode_split.cuh"
 #include "launch.h"
@@ -38,10 +39,10 @@ namespace {
 using namespace split_kv;
 
 constexpr int kTile = 16;   // tokens per warp tile
-constexpr int kStages = 3;  // per-warp ring: one tile in use, two in flight
 constexpr int kRows = 16;   // query vectors per block (the m16 side of the product)
 
-template <int D>
+// kStages: the per-warp ring (one tile in use, the others in flight).
+template <int D, int kStages>
 struct MmaShape {
   static constexpr int SD = D + 8;                        // row pitch: +16 bytes, conflict-free ldmatrix
   static constexpr int CH = D / 8;                        // 16-byte chunks per row
@@ -51,10 +52,10 @@ struct MmaShape {
   static constexpr size_t smem = ring > merge ? ring : merge;
 };
 
-template <class T, int D>
+template <class T, int D, int kStages>
 __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
   static_assert(D % 16 == 0 && D <= 128, "decode_mma: head_dim");
-  using S = MmaShape<D>;
+  using S = MmaShape<D, kStages>;
   constexpr int SD = S::SD, CH = S::CH, KS = D / 16, ND = D / 8;
   prefetch_first_round<T>(p, kWarps * kTile);  // each warp's first tile
   pdl_wait();  // see pdl.cuh: before any global access that matters
@@ -102,23 +103,43 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
   const int ntiles = (t1 - t0 + kTile - 1) / kTile;
   const int mine = ntiles > warp ? (ntiles - warp + kWarps - 1) / kWarps : 0;
 
-  // Issues the copies of this warp's i-th tile into stage st.
+  // Issues the copies of this warp's i-th tile into stage st. Tiles start at multiples of 16
+  // tokens, so where pages hold a multiple of 16 tokens a tile lies in one page: one lookup (the
+  // same address in every lane) and rows at a fixed stride. Otherwise each of the first 16 lanes
+  // looks up one token's page and the copies take theirs by shuffle.
+  const int64_t row_stride = (int64_t)p.Hkv * D;  // elements from one token's row to the next in a page
+  const bool tile_in_page = p.page_size % kTile == 0;
   auto load = [&](int i, int st) {
     const int tb = t0 + (warp + i * kWarps) * kTile;
-    const int t = tb + (lane & (kTile - 1));
-    const int page = t < t1 ? page_of(p, b, t) : -1;
-    const unsigned ok = __ballot_sync(0xffffffffu, page >= 0) & 0xffffu;
-    if (lane == 0) s_ok[warp * kStages + st] = ok;
     T* sk = ring + st * S::STAGE;
     T* sv = sk + kTile * SD;
+    if (tile_in_page) {
+      const int page = page_of(p, b, tb);
+      const int valid = page < 0 ? 0 : min(kTile, t1 - tb);
+      if (lane == 0) s_ok[warp * kStages + st] = valid >= kTile ? 0xffffu : (1u << valid) - 1u;
+      const int64_t base = page < 0 ? 0 : cache_offset(p, page, tb, kvh);
 #pragma unroll
-    for (int c = 0; c < CH / 2; ++c) {  // kTile * CH chunks over 32 lanes
-      const int idx = lane + 32 * c, r = idx / CH, cc = idx % CH;
-      const int pg = __shfl_sync(0xffffffffu, page, r);
-      const bool rok = pg >= 0;
-      const int64_t off = rok ? cache_offset(p, pg, tb + r, kvh) + cc * 8 : 0;
-      cp_async16(sk + r * SD + cc * 8, kc + off, rok);
-      cp_async16(sv + r * SD + cc * 8, vc + off, rok);
+      for (int c = 0; c < CH / 2; ++c) {  // kTile * CH chunks over 32 lanes
+        const int idx = lane + 32 * c, r = idx / CH, cc = idx % CH;
+        const bool rok = r < valid;
+        const int64_t off = rok ? base + r * row_stride + cc * 8 : 0;
+        cp_async16(sk + r * SD + cc * 8, kc + off, rok);
+        cp_async16(sv + r * SD + cc * 8, vc + off, rok);
+      }
+    } else {
+      const int t = tb + (lane & (kTile - 1));
+      const int page = t < t1 ? page_of(p, b, t) : -1;
+      const unsigned ok = __ballot_sync(0xffffffffu, page >= 0) & 0xffffu;
+      if (lane == 0) s_ok[warp * kStages + st] = ok;
+#pragma unroll
+      for (int c = 0; c < CH / 2; ++c) {
+        const int idx = lane + 32 * c, r = idx / CH, cc = idx % CH;
+        const int pg = __shfl_sync(0xffffffffu, page, r);
+        const bool rok = pg >= 0;
+        const int64_t off = rok ? cache_offset(p, pg, tb + r, kvh) + cc * 8 : 0;
+        cp_async16(sk + r * SD + cc * 8, kc + off, rok);
+        cp_async16(sv + r * SD + cc * 8, vc + off, rok);
+      }
     }
   };
 
@@ -143,16 +164,24 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
     const unsigned ok = s_ok[warp * kStages + st];
     const int tb = t0 + (warp + i * kWarps) * kTile;
 
-    float s[2][4];
+    // Scores: even and odd k-steps into separate accumulators (four independent mma chains
+    // instead of two; the chains' latency, not the tensor cores, bounds this loop).
+    float s[2][4], s2[2][4];
 #pragma unroll
-    for (int nb = 0; nb < 2; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nb][e] = s2[nb][e] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       uint32_t bb[4];
       ldmatrix_x4(bb, sk + ((lane & 7) + (lane >> 4) * 8) * SD + ks * 16 + ((lane >> 3) & 1) * 8);
-      Mma<T>::run(s[0], qa[ks], bb[0], bb[1]);
-      Mma<T>::run(s[1], qa[ks], bb[2], bb[3]);
+      Mma<T>::run((ks & 1) ? s2[0] : s[0], qa[ks], bb[0], bb[1]);
+      Mma<T>::run((ks & 1) ? s2[1] : s[1], qa[ks], bb[2], bb[3]);
     }
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nb][e] += s2[nb][e];
 
     // Mask (unreadable keys, causal limit per row), then the online softmax per row (base 2).
     float mx[2] = {-INFINITY, -INFINITY};
@@ -166,20 +195,26 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
         s[nb][e] = v;
         mx[rr] = fmaxf(mx[rr], v);
       }
-    float ref[2];
+    float ref[2], alpha[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
       mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
       const float mn = fmaxf(m[rr], mx[rr]);
       ref[rr] = mn == -INFINITY ? 0.f : mn;  // nothing visible yet: stay at zero, no NaN
-      const float alpha = exp2f(m[rr] - ref[rr]);
+      alpha[rr] = exp2f(m[rr] - ref[rr]);
       m[rr] = mn;
-      l[rr] *= alpha;
+      l[rr] *= alpha[rr];
+    }
+    // Rescale the accumulators only when some row's max grew (after the first tiles it
+    // rarely does): a warp-uniform branch instead of D/2 multiplies per tile.
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
       for (int nd = 0; nd < ND; ++nd) {
-        o[nd][rr * 2] *= alpha;
-        o[nd][rr * 2 + 1] *= alpha;
+        o[nd][0] *= alpha[0];
+        o[nd][1] *= alpha[0];
+        o[nd][2] *= alpha[1];
+        o[nd][3] *= alpha[1];
       }
     }
 #pragma unroll
@@ -229,65 +264,76 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
   finish_split<T, kRows>(p, kvh, qc, b, split, splits, g, n, q0, s_m, s_l, s_acc);
 }
 
-template <class T, int D>
+template <class T, int D, int NS>
 void launch_d(const Params& p, cudaStream_t stream) {
-  constexpr size_t smem = MmaShape<D>::smem;
-  allow_dynamic_smem<decode_mma<T, D>>(smem, "attention (decode)");
+  constexpr size_t smem = MmaShape<D, NS>::smem;
+  allow_dynamic_smem<decode_mma<T, D, NS>>(smem, "attention (decode)");
   dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
-  launch_pdl(decode_mma<T, D>, grid, dim3(kWarps * 32), smem, stream, p);
+  launch_pdl(decode_mma<T, D, NS>, grid, dim3(kWarps * 32), smem, stream, p);
+}
+
+template <class T, int D>
+void launch_s(const Params& p, int stages, cudaStream_t stream) {
+  if (stages == 2) launch_d<T, D, 2>(p, stream);
+  else launch_d<T, D, 3>(p, stream);
 }
 
 template <class T>
-void launch_t(const Params& p, cudaStream_t stream) {
+void launch_t(const Params& p, int stages, cudaStream_t stream) {
   switch (p.D) {
-    case 16: launch_d<T, 16>(p, stream); break;
-    case 32: launch_d<T, 32>(p, stream); break;
-    case 48: launch_d<T, 48>(p, stream); break;
-    case 64: launch_d<T, 64>(p, stream); break;
-    case 80: launch_d<T, 80>(p, stream); break;
-    case 96: launch_d<T, 96>(p, stream); break;
-    case 112: launch_d<T, 112>(p, stream); break;
-    case 128: launch_d<T, 128>(p, stream); break;
+    case 16: launch_s<T, 16>(p, stages, stream); break;
+    case 32: launch_s<T, 32>(p, stages, stream); break;
+    case 48: launch_s<T, 48>(p, stages, stream); break;
+    case 64: launch_s<T, 64>(p, stages, stream); break;
+    case 80: launch_s<T, 80>(p, stages, stream); break;
+    case 96: launch_s<T, 96>(p, stages, stream); break;
+    case 112: launch_s<T, 112>(p, stages, stream); break;
+    case 128: launch_s<T, 128>(p, stages, stream); break;
     default: fail("ERR_INTERNAL", "attention: no tensor-core decode kernel for head_dim " + std::to_string(p.D));
   }
 }
 
-template <int D>
+template <int D, int NS>
 int occupancy_d() {
-  constexpr size_t smem = MmaShape<D>::smem;
-  allow_dynamic_smem<decode_mma<__half, D>>(smem, "attention (decode)");
+  constexpr size_t smem = MmaShape<D, NS>::smem;
+  allow_dynamic_smem<decode_mma<__half, D, NS>>(smem, "attention (decode)");
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_mma<__half, D>, kWarps * 32, smem) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_mma<__half, D, NS>, kWarps * 32, smem) != cudaSuccess) {
     cudaGetLastError();
     return 1;
   }
   return n > 0 ? n : 1;
 }
 
+template <int D>
+int occupancy_s(int stages) { return stages == 2 ? occupancy_d<D, 2>() : occupancy_d<D, 3>(); }
+
 }  // namespace
 
 bool decode_mma_supported(int D) { return D % 16 == 0 && D >= 16 && D <= 128; }
 
-int decode_mma_resident_blocks(int device, int D) {
+int decode_mma_stages() { return env_int("SQUEEZELM_ATTN_STAGES", 3) == 2 ? 2 : 3; }
+
+int decode_mma_resident_blocks(int device, int D, int stages) {
   static std::mutex mu;
-  static int cached[64][9] = {};
+  static int cached[64][9][2] = {};
   std::lock_guard<std::mutex> lock(mu);
   const int di = D / 16;
-  int* slot = device >= 0 && device < 64 && di >= 1 && di <= 8 ? &cached[device][di] : nullptr;
+  int* slot = device >= 0 && device < 64 && di >= 1 && di <= 8 ? &cached[device][di][stages == 2 ? 0 : 1] : nullptr;
   if (slot && *slot) return *slot;
   int cur = 0;
   cudaGetDevice(&cur);
   if (cur != device) cudaSetDevice(device);
   int n = 1;
   switch (D) {
-    case 16: n = occupancy_d<16>(); break;
-    case 32: n = occupancy_d<32>(); break;
-    case 48: n = occupancy_d<48>(); break;
-    case 64: n = occupancy_d<64>(); break;
-    case 80: n = occupancy_d<80>(); break;
-    case 96: n = occupancy_d<96>(); break;
-    case 112: n = occupancy_d<112>(); break;
-    case 128: n = occupancy_d<128>(); break;
+    case 16: n = occupancy_s<16>(stages); break;
+    case 32: n = occupancy_s<32>(stages); break;
+    case 48: n = occupancy_s<48>(stages); break;
+    case 64: n = occupancy_s<64>(stages); break;
+    case 80: n = occupancy_s<80>(stages); break;
+    case 96: n = occupancy_s<96>(stages); break;
+    case 112: n = occupancy_s<112>(stages); break;
+    case 128: n = occupancy_s<128>(stages); break;
     default: break;
   }
   if (cur != device) cudaSetDevice(cur);
@@ -295,9 +341,9 @@ int decode_mma_resident_blocks(int device, int D) {
   return n;
 }
 
-void launch_decode_mma(const Params& p, DType dt, cudaStream_t stream) {
-  if (dt == DType::F16) launch_t<__half>(p, stream);
-  else launch_t<__nv_bfloat16>(p, stream);
+void launch_decode_mma(const Params& p, int stages, DType dt, cudaStream_t stream) {
+  if (dt == DType::F16) launch_t<__half>(p, stages, stream);
+  else launch_t<__nv_bfloat16>(p, stages, stream);
 }
 
 }  // namespace sqz::cuda::attn

@@ -16,6 +16,7 @@ struct Params;
 struct DecodePlan {
   int R = 1, qchunks = 1, splits = 1, chunk = 1;
   bool mma = false;
+  int stages = 3;  // mma: the per-warp ring's stages (2 or 3)
 };
 // Upper bound on R (0: none); a tuning knob for benchmarks.
 extern int decode_max_r;
@@ -27,8 +28,10 @@ int* decode_counters(int device, int64_t n);
 void launch_decode(Params& p, const DecodePlan& plan, DType dt, int device, cudaStream_t stream);
 // The tensor-core partial kernel (decode_mma.cu): head_dim a multiple of 16 up to 128.
 bool decode_mma_supported(int D);
-int decode_mma_resident_blocks(int device, int D);
-void launch_decode_mma(const Params& p, DType dt, cudaStream_t stream);
+// Stages of the per-warp ring: 3, or SQUEEZELM_ATTN_STAGES=2 (tuning runs; read per plan).
+int decode_mma_stages();
+int decode_mma_resident_blocks(int device, int D, int stages);
+void launch_decode_mma(const Params& p, int stages, DType dt, cudaStream_t stream);
 
 // Tensor-core prefill; returns false when head_dim has no prefill instantiation.
 bool prefill_supported(int D);
