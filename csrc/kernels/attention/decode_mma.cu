@@ -57,9 +57,9 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
   static_assert(D % 16 == 0 && D <= 128, "decode_mma: head_dim");
   using S = MmaShape<D, kStages>;
   constexpr int SD = S::SD, CH = S::CH, KS = D / 16, ND = D / 8;
-  prefetch_first_round<T>(p, kWarps * kTile);  // each warp's first tile
+  if (!(p.tune & 2)) prefetch_first_round<T>(p, kWarps * kTile);  // each warp's first tile
   pdl_wait();  // see pdl.cuh: before any global access that matters
-  pdl_trigger();
+  if (!(p.tune & 1)) pdl_trigger();
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float s_m[kWarps * kRows], s_l[kWarps * kRows];
   __shared__ unsigned s_ok[kWarps * kStages];  // per stage: bit i = token i of the tile is readable
@@ -269,7 +269,8 @@ void launch_d(const Params& p, cudaStream_t stream) {
   constexpr size_t smem = MmaShape<D, NS>::smem;
   allow_dynamic_smem<decode_mma<T, D, NS>>(smem, "attention (decode)");
   dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
-  launch_pdl(decode_mma<T, D, NS>, grid, dim3(kWarps * 32), smem, stream, p);
+  if (env_int("SQUEEZELM_ATTN_PDL", 1) == 0) decode_mma<T, D, NS><<<grid, kWarps * 32, smem, stream>>>(p);
+  else launch_pdl(decode_mma<T, D, NS>, grid, dim3(kWarps * 32), smem, stream, p);
 }
 
 template <class T, int D>
