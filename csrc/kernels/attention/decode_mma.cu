@@ -59,7 +59,11 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
   constexpr int SD = S::SD, CH = S::CH, KS = D / 16, ND = D / 8;
   if (!(p.tune & 2)) prefetch_first_round<T>(p, kWarps * kTile);  // each warp's first tile
   pdl_wait();  // see pdl.cuh: before any global access that matters
-  if (!(p.tune & 1)) pdl_trigger();
+  // No early trigger: the next kernel launches as this grid ends (its launch latency is still
+  // hidden). Launched early, its blocks took this kernel's SMs while it ran: a GQA 8B-shaped
+  // decode step on an H200 (context 512, graph replay) took 5219 us with the early trigger,
+  // 4844 us without, 4853 us with no programmatic launches at all.
+  if (p.tune & 4) pdl_trigger();
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float s_m[kWarps * kRows], s_l[kWarps * kRows];
   __shared__ unsigned s_ok[kWarps * kStages];  // per stage: bit i = token i of the tile is readable
@@ -109,12 +113,26 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
   // looks up one token's page and the copies take theirs by shuffle.
   const int64_t row_stride = (int64_t)p.Hkv * D;  // elements from one token's row to the next in a page
   const bool tile_in_page = p.page_size % kTile == 0;
+  // Pages of this warp's tiles 32 * batch .. 32 * batch + 31, one per lane (-1: none).
+  auto tile_pages = [&](int batch) {
+    const int ti = batch * 32 + lane;
+    return ti < mine ? page_of(p, b, t0 + (warp + ti * kWarps) * kTile) : -1;
+  };
+  int pages_cur = tile_in_page ? tile_pages(0) : -1;
+  int pages_next = tile_in_page ? tile_pages(1) : -1;
   auto load = [&](int i, int st) {
     const int tb = t0 + (warp + i * kWarps) * kTile;
     T* sk = ring + st * S::STAGE;
     T* sv = sk + kTile * SD;
     if (tile_in_page) {
-      const int page = page_of(p, b, tb);
+      // Tile i's page: lane i % 32 of the batch of 32 tiles looked up together (the lookup of
+      // the next batch is in flight meanwhile: a page-table read per tile was a dependent
+      // round trip in front of every tile's copies, the kernel's largest stall).
+      if ((i & 31) == 0 && i > 0) {
+        pages_cur = pages_next;
+        pages_next = tile_pages(i / 32 + 1);
+      }
+      const int page = __shfl_sync(0xffffffffu, pages_cur, i & 31);
       const int valid = page < 0 ? 0 : min(kTile, t1 - tb);
       if (lane == 0) s_ok[warp * kStages + st] = valid >= kTile ? 0xffffu : (1u << valid) - 1u;
       const int64_t base = page < 0 ? 0 : cache_offset(p, page, tb, kvh);
