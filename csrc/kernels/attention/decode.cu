@@ -192,13 +192,12 @@ __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
   finish_split<T, R>(p, kvh, qc, b, split, splits, g, n, q0, &s_m[0][0], &s_l[0][0], s_acc);
 }
 
-// One block per (query head, row, sequence), when the partial kernel has no counters.
+// One warp per (query head, row, sequence), when the partial kernel has no counters.
 template <class T>
-__global__ void __launch_bounds__(128) decode_combine(Params p) {
+__global__ void __launch_bounds__(32) decode_combine(Params p) {
   pdl_wait();  // see pdl.cuh: before any global access
   pdl_trigger();
   __shared__ float s_w[kMaxSplits];
-  __shared__ float s_red[4];
   const int h = blockIdx.x, j = blockIdx.y, b = blockIdx.z;
   const int q0 = __ldg(p.cu_q + b);
   int n = __ldg(p.cu_q + b + 1) - q0;
@@ -206,7 +205,7 @@ __global__ void __launch_bounds__(128) decode_combine(Params p) {
   if (j >= n) return;
   const int len = max(__ldg(p.seq_lens + b), 0);
   const int kend = (int)min((int64_t)len, (int64_t)p.max_pages * p.page_size);
-  combine_splits<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, active_splits(p, kend), s_w, s_red);
+  combine_splits_warp<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, active_splits(p, kend), s_w);
 }
 
 template <class T, int TPK, int R>
@@ -231,15 +230,15 @@ void launch_t(Params& p, const DecodePlan& pl, int device, cudaStream_t stream) 
   if (pl.mma) {
     launch_decode_mma(p, pl.stages, std::is_same<T, __half>::value ? DType::F16 : DType::BF16, stream);
   } else {
-    // The in-kernel merge keeps the splits' weights in the block's partial buffer.
-    if (p.counters && p.splits > kWarps * pl.R * p.D) p.counters = nullptr;
+    // The in-kernel merge keeps each warp's splits' weights in the block's partial buffer.
+    if (p.counters && p.splits > pl.R * p.D) p.counters = nullptr;
     if (p.D <= 64) dispatch_r<T, 8>(p, pl.R, device, stream);
     else if (p.D <= 128) dispatch_r<T, 16>(p, pl.R, device, stream);
     else dispatch_r<T, 32>(p, pl.R, device, stream);
   }
   if (p.counters) return;  // the partial kernel merged the splits
   dim3 grid(p.Hq, p.max_q, p.B);
-  launch_pdl(decode_combine<T>, dim3(grid), dim3(128), 0, stream, p);
+  launch_pdl(decode_combine<T>, dim3(grid), dim3(32), 0, stream, p);
 }
 
 template <int TPK>

@@ -14,19 +14,14 @@ namespace split_kv {
 constexpr int kWarps = 4;
 constexpr int kMaxSplits = 256;
 
-// Sum over the block's threads (fixed shuffle tree, then warp order: deterministic).
+// Max or sum over a warp (fixed xor tree: every lane gets the same, deterministic result).
 template <bool MAX>
-__device__ __forceinline__ float block_reduce(float v, float* s_red) {
+__device__ __forceinline__ float warp_reduce(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const float w = __shfl_xor_sync(0xffffffffu, v, o);
     v = MAX ? fmaxf(v, w) : v + w;
   }
-  __syncthreads();  // s_red is free
-  if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  v = s_red[0];
-  for (int w = 1; w < (int)(blockDim.x >> 5); ++w) v = MAX ? fmaxf(v, s_red[w]) : v + s_red[w];
   return v;
 }
 
@@ -48,29 +43,33 @@ __device__ __forceinline__ int active_splits(const Params& p, int kend) {
   return (kend + c - 1) / c;
 }
 
-// Merges the first `splits` splits of query vector qi (row q0 + j, head h) into out: the splits' weights in
-// shared memory (s_w: at least `splits` floats), then each output element is a fixed-order sum
-// over splits. Every loop keeps several loads in flight (a decode step waits on this latency,
-// not on bandwidth). Partials are read through L2 (other blocks wrote them during this grid).
+// Merges the first `splits` splits of query vector qi (row out_row, head h) into out. One warp
+// does it, with no block barrier, so a block merges several query vectors at once (a GQA group's
+// heads in parallel instead of one after another). s_w: this warp's `splits` floats for the
+// splits' weights; then each output pair is a fixed-order sum over splits, with several loads in
+// flight (a decode step waits on this latency, not on bandwidth). Partials are read through L2
+// (other blocks wrote them during this grid). Both merge paths (the last split block, and the
+// combine kernel) run this function, so they give the same bits.
 template <class T>
-__device__ void combine_splits(const Params& p, int64_t qi, int64_t out_row, int h, int splits, float* s_w,
-                               float* s_red) {
+__device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row, int h, int splits, float* s_w) {
+  const int lane = threadIdx.x & 31;
   const float2* ml = reinterpret_cast<const float2*>(p.ws_ml + qi * p.splits * 2);  // (max, sum) per split
   float m = -INFINITY;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) m = fmaxf(m, __ldcg(ml + s).x);
-  const float M = block_reduce<true>(m, s_red);
+  for (int s = lane; s < splits; s += 32) m = fmaxf(m, __ldcg(ml + s).x);
+  const float M = warp_reduce<true>(m);
   float l = 0.f;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+  for (int s = lane; s < splits; s += 32) {
     const float2 v = __ldcg(ml + s);
     const float w = v.x == -INFINITY ? 0.f : exp2f(v.x - M);
     s_w[s] = w;
     l += w * v.y;
   }
-  const float L = block_reduce<false>(l, s_red);  // its barriers also publish s_w
-  const float inv = L > 0.f ? 1.f / L : 0.f;     // no attendable key: the row is zero
+  const float L = warp_reduce<false>(l);
+  __syncwarp();  // s_w is published to the warp
+  const float inv = L > 0.f ? 1.f / L : 0.f;  // no attendable key: the row is zero
   const float* acc = p.ws_acc + qi * p.splits * p.D;
   T* out = static_cast<T*>(p.out) + (out_row * p.Hq + h) * p.D;
-  for (int d2 = threadIdx.x; d2 * 2 < p.D; d2 += blockDim.x) {
+  for (int d2 = lane; d2 * 2 < p.D; d2 += 32) {
     float a0 = 0.f, a1 = 0.f;
 #pragma unroll 8
     for (int s = 0; s < splits; ++s) {
@@ -80,7 +79,7 @@ __device__ void combine_splits(const Params& p, int64_t qi, int64_t out_row, int
     }
     *reinterpret_cast<uint32_t*>(out + 2 * d2) = pack2<T>(a0 * inv, a1 * inv);
   }
-  __syncthreads();  // s_w is free
+  __syncwarp();  // s_w is free
 }
 
 // Before the wait on the previous kernel (a decode step's q projection and cache append): pull
@@ -114,7 +113,7 @@ __device__ __forceinline__ void prefetch_first_round(const Params& p, int tokens
 // into this split's partial of every active query vector; then, with arrival counters, the
 // last block of the (sequence, kv head, query chunk) group to get here merges all splits.
 // Called by every thread of a block that wrote its partial state to shared memory and passed
-// a barrier; s_acc must hold at least `splits` floats (it is reused for the splits' weights).
+// a barrier; s_acc must hold at least kWarps * splits floats (reused for the splits' weights).
 template <class T, int R>
 __device__ void finish_split(const Params& p, int kvh, int qc, int b, int split, int splits, int g, int n, int q0,
                              const float* s_m, const float* s_l, float* s_acc) {
@@ -143,9 +142,9 @@ __device__ void finish_split(const Params& p, int kvh, int qc, int b, int split,
   }
   if (p.counters == nullptr) return;
 
-  // The last split block of this group to arrive merges all splits of its query vectors.
+  // The last split block of this group to arrive merges all splits of its query vectors, a warp
+  // per query vector.
   __shared__ int s_last;
-  __shared__ float s_red[kWarps];
   __threadfence();  // this block's partials are visible before it is counted
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -157,11 +156,12 @@ __device__ void finish_split(const Params& p, int kvh, int qc, int b, int split,
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  for (int r = 0; r < R; ++r) {
+  const int warp = threadIdx.x >> 5;
+  for (int r = warp; r < R; r += kWarps) {
     const int vi = qc * R + r;
     if (vi >= g * n) break;
     const int j = vi / g, h = kvh * g + vi % g;
-    combine_splits<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, splits, s_acc, s_red);
+    combine_splits_warp<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, splits, s_acc + warp * splits);
   }
 }
 
