@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
   constexpr int SLOTS = 32 / TPK;       // keys a warp reads at once
   constexpr int U = R >= 8 ? 2 : 4;     // key steps in flight per thread
   constexpr int KPW = SLOTS * U;        // keys per warp iteration
-  if (!(p.tune & 2)) prefetch_first_round<T>(p, kWarps * KPW);
+  if (p.tune & 2) prefetch_first_round<T>(p, kWarps * KPW);
   pdl_wait();  // see pdl.cuh: before any global access that matters
   if (!(p.tune & 1)) pdl_trigger();
   __shared__ float s_m[kWarps][R], s_l[kWarps][R];

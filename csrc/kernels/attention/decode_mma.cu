@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
   static_assert(D % 16 == 0 && D <= 128, "decode_mma: head_dim");
   using S = MmaShape<D, kStages>;
   constexpr int SD = S::SD, CH = S::CH, KS = D / 16, ND = D / 8;
-  if (!(p.tune & 2)) prefetch_first_round<T>(p, kWarps * kTile);  // each warp's first tile
+  if (p.tune & 2) prefetch_first_round<T>(p, kWarps * kTile);  // each warp's first tile
   pdl_wait();  // see pdl.cuh: before any global access that matters
   // No early trigger: the next kernel launches as this grid ends (its launch latency is still
   // hidden). Launched early, its blocks took this kernel's SMs while it ran: a GQA 8B-shaped

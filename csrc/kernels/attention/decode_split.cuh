@@ -50,8 +50,11 @@ __device__ __forceinline__ int active_splits(const Params& p, int kend) {
 // flight (a decode step waits on this latency, not on bandwidth). Partials are read through L2
 // (other blocks wrote them during this grid). Both merge paths (the last split block, and the
 // combine kernel) run this function, so they give the same bits.
+// With parts > 1, this warp writes only output pairs part*32 + lane + k*32*parts (several warps
+// share one query vector when a block has fewer query vectors than warps).
 template <class T>
-__device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row, int h, int splits, float* s_w) {
+__device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row, int h, int splits, float* s_w,
+                                    int part = 0, int parts = 1) {
   const int lane = threadIdx.x & 31;
   const float2* ml = reinterpret_cast<const float2*>(p.ws_ml + qi * p.splits * 2);  // (max, sum) per split
   float m = -INFINITY;
@@ -69,7 +72,7 @@ __device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row
   const float inv = L > 0.f ? 1.f / L : 0.f;  // no attendable key: the row is zero
   const float* acc = p.ws_acc + qi * p.splits * p.D;
   T* out = static_cast<T*>(p.out) + (out_row * p.Hq + h) * p.D;
-  for (int d2 = lane; d2 * 2 < p.D; d2 += 32) {
+  for (int d2 = part * 32 + lane; d2 * 2 < p.D; d2 += 32 * parts) {
     float a0 = 0.f, a1 = 0.f;
 #pragma unroll 8
     for (int s = 0; s < splits; ++s) {
@@ -82,6 +85,8 @@ __device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row
   __syncwarp();  // s_w is free
 }
 
+// (Off unless SQUEEZELM_ATTN_TUNE has bit 2: in a decode step on an H200 it cost ~30 us per
+// step, LLaMA-2-7B and a GQA 8B shape alike, more than it hid.)
 // Before the wait on the previous kernel (a decode step's q projection and cache append): pull
 // the keys and values of this block's first round (`tokens` from the split's start) into L2, so
 // the round trip to HBM overlaps the previous kernel instead of following it. The length and
@@ -156,12 +161,16 @@ __device__ void finish_split(const Params& p, int kvh, int qc, int b, int split,
   __syncthreads();
   if (!s_last) return;
   __threadfence();
+  // Fewer query vectors than warps (MHA decode: one): the warps of a vector split its outputs.
   const int warp = threadIdx.x >> 5;
-  for (int r = warp; r < R; r += kWarps) {
+  const int rows = min(R, g * n - qc * R);
+  const int parts = rows >= kWarps ? 1 : kWarps / max(rows, 1);
+  if (warp >= rows * parts && rows < kWarps) return;
+  for (int r = warp / parts; r < rows; r += kWarps / parts) {
     const int vi = qc * R + r;
-    if (vi >= g * n) break;
     const int j = vi / g, h = kvh * g + vi % g;
-    combine_splits_warp<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, splits, s_acc + warp * splits);
+    combine_splits_warp<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, splits, s_acc + warp * splits,
+                           warp % parts, parts);
   }
 }
 
