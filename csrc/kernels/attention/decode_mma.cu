@@ -6,14 +6,17 @@
 // owns up to 16 query vectors of one kv head (the g query heads of GQA times the query rows of
 // the step) as the M side of mma.sync m16n8k16, so a 16-token tile costs 2·D/16 products for
 // the scores and D/8 for p·v whatever the number of query vectors, and the kernel is left
-// with nothing to do but stream the cache. With one query vector (MHA batch decode) 15 of 16
-// rows are padding; the tensor cores have that much to spare.
+// with nothing to do but stream the cache. decode_plan sends it the groups of 3 or more query
+// vectors per kv head; with one (MHA decode) 15 of 16 rows would be padding and the CUDA-core
+// kernel, with more warps in flight per SM, streams as fast or faster (H200 numbers in
+// decode.cu's decode_plan and bench/results/attention-h200.md).
 //
 // Streaming. Each warp walks its own tiles of the split (tile w, w + 4, ... of 16 tokens) and
 // keeps a private ring of kStages shared-memory stages filled by cp.async: while it multiplies
 // one tile, the next kStages - 1 are in flight. Warps never wait on each other until the end
 // of the split, so a slow page costs one warp, not the block. Keys and values are gathered
-// through the page table (one lookup per token, shared by shuffle); tokens outside the split,
+// through the page table: where a page holds whole tiles, one lookup per tile, fetched 32 tiles
+// at a time ahead of use; otherwise one per token, shared by shuffle. Tokens outside the split,
 // the page table or the pool are zero-filled and masked.
 //
 // The end of a split (warps merged, partial written, last block merging all splits) is shared
@@ -287,8 +290,7 @@ void launch_d(const Params& p, cudaStream_t stream) {
   constexpr size_t smem = MmaShape<D, NS>::smem;
   allow_dynamic_smem<decode_mma<T, D, NS>>(smem, "attention (decode)");
   dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
-  if (env_int("SQUEEZELM_ATTN_PDL", 1) == 0) decode_mma<T, D, NS><<<grid, kWarps * 32, smem, stream>>>(p);
-  else launch_pdl(decode_mma<T, D, NS>, grid, dim3(kWarps * 32), smem, stream, p);
+  launch_pdl(decode_mma<T, D, NS>, grid, dim3(kWarps * 32), smem, stream, p);
 }
 
 template <class T, int D>

@@ -2,10 +2,6 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
-#include <mutex>
-#include <unordered_map>
-
-#include "core/env.h"
 
 #include "pdl.cuh"
 
@@ -28,19 +24,6 @@ bool pdl_enabled() {
     known.fetch_or(bit);
   }
   return (capable.load() & bit) != 0;
-}
-
-void prefer_carveout(const void* kernel) {
-  // Tuning knob under test: SQUEEZELM_CARVEOUT = percent of the L1/shared array given to shared
-  // memory for every kernel launched through launch_pdl (-1: the driver's choice).
-  const int pct = env_int("SQUEEZELM_CARVEOUT", -1);
-  static std::mutex mu;
-  static std::unordered_map<const void*, int> set;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = set.find(kernel);
-  if (it != set.end() && it->second == pct) return;
-  set[kernel] = pct;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, pct) != cudaSuccess) cudaGetLastError();
 }
 
 }  // namespace sqz::cuda

@@ -38,9 +38,6 @@ __device__ __forceinline__ void pdl_trigger() {
 // True when launches on the current device may carry the PDL attribute.
 bool pdl_enabled();
 
-// Sets the kernel's preferred shared-memory carveout (SQUEEZELM_CARVEOUT; see pdl.cu).
-void prefer_carveout(const void* kernel);
-
 template <class... KArgs, class... Args>
 void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
   cudaLaunchConfig_t cfg = {};
@@ -53,7 +50,6 @@ void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cu
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl_enabled() ? 1 : 0;
-  prefer_carveout(reinterpret_cast<const void*>(kernel));
   cuda_check(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "kernel launch");
 }
 
