@@ -1,9 +1,12 @@
 /**
- * Attention benchmark: split-KV decode over a paged fp16 cache (batch 1 at 8K/32K/128K
- * tokens, MHA 32x128 and GQA 32q/8kv x128; batch 8 at 4K) in GB/s of K+V cache read and
- * as a fraction of the copy bandwidth measured in the same run, and causal tensor-core
- * prefill of 2048 tokens (32 heads x 128) in TFLOP/s. Caches hold random data; each
- * case's K+V exceed the L2 several times over, so no input rotation is needed.
+ * Attention benchmark: split-KV decode over a paged fp16 cache (batch 1 at 512/8K/32K/128K
+ * tokens, MHA 32x128 and GQA 32q/8kv x128; batch 8 at 4K) in GB/s of K+V cache read and as a
+ * fraction of the copy bandwidth measured in the same run, each case with the kernel the planner
+ * picks against the CUDA-core decode kernel (SQUEEZELM_ATTN_SIMT=1) in the same process; and
+ * causal tensor-core prefill of 2048 tokens (32 heads x 128) in TFLOP/s. Caches hold random
+ * data and are not rotated: from 32K tokens (and at batch 8) each case's K+V exceed a 50 MB L2
+ * several times over; the 512-token cases (and GQA at 8K, 34 MB) may be served partly from L2
+ * and measure latency more than bandwidth.
  */
 import { Tensor } from '../ts/tensor';
 import { attention, attentionWorkspaceSize } from '../ts/ops/attention';
