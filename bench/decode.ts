@@ -24,6 +24,16 @@ export const LLAMA2_7B = {
   tie_word_embeddings: false,
 };
 
+/** A LLaMA-3-8B-shaped GQA model (32 query / 8 kv heads), for the decode-gqa suite. */
+export const LLAMA3_8B_SHAPE = {
+  ...LLAMA2_7B,
+  intermediate_size: 14336,
+  num_key_value_heads: 8,
+  vocab_size: 128256,
+  max_position_embeddings: 8192,
+  rope_theta: 500000,
+};
+
 export interface DecodeBenchOptions {
   /** A model config to use instead of LLaMA-2-7B (e.g. a smaller one for a quick check). */
   config?: Record<string, unknown>;
@@ -258,3 +268,8 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
 }
 
 if (require.main === module) runSuiteMain((ctx) => benchDecode(ctx));
+
+/** The decode suite on the GQA shape (manual: run with --only decode-gqa). */
+export async function benchDecodeGqa(ctx: BenchContext): Promise<BenchResult[]> {
+  return benchDecode(ctx, { config: LLAMA3_8B_SHAPE, batches: [1, 8] });
+}

@@ -33,6 +33,7 @@ export const suites: Record<string, { load: () => Suite | undefined; gpu: boolea
   kvquant: { load: optional('./kvquant', 'benchKvquant'), gpu: true },
   decode: { load: optional('./decode', 'benchDecode'), gpu: true },
   // Manual: quantizing two 7B-shaped models takes minutes.
+  'decode-gqa': { load: optional('./decode', 'benchDecodeGqa'), gpu: true, manual: true },
   decodeq: { load: optional('./decode-quant', 'benchDecodeQuant'), gpu: true, manual: true },
   scale: { load: optional('./scale', 'benchScale'), gpu: true, manual: true },
 };

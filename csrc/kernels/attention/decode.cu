@@ -276,8 +276,6 @@ int resident_blocks(int device, int D, int R) {
 
 }  // namespace
 
-int decode_max_r = 0;
-
 int* decode_counters(int device, int64_t n) {
   constexpr int64_t kCapacity = 1 << 16;
   static std::mutex mu;
@@ -320,7 +318,6 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
     pl.stages = decode_mma_stages();
   } else {
     pl.R = rtot <= 1 ? 1 : rtot <= 2 ? 2 : rtot <= 4 ? 4 : 8;
-    if (decode_max_r > 0 && pl.R > decode_max_r) pl.R = decode_max_r;
   }
   pl.qchunks = (rtot + pl.R - 1) / pl.R;
   const int per_sm = pl.mma ? decode_mma_resident_blocks(device, D, pl.stages) : resident_blocks(device, D, pl.R);

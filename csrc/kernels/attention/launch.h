@@ -18,8 +18,6 @@ struct DecodePlan {
   bool mma = false;
   int stages = 3;  // mma: the per-warp ring's stages (2 or 3)
 };
-// Upper bound on R (0: none); a tuning knob for benchmarks.
-extern int decode_max_r;
 DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int max_seq_len);
 // Arrival counters for merging the splits inside the partial kernel: a zeroed per-device buffer
 // of at least n ints, or null (too many groups, or SQUEEZELM_ATTN_COMBINE_KERNEL=1) for the
