@@ -31,7 +31,6 @@ struct Params {
   float* ws_ml;   // [B * max_q * Hq, splits, 2] (max in base 2, sum)
   // [B * Hkv * qchunks] arrival counters, zero between launches; null: a separate combine kernel
   int* counters;
-  int tune;  // tuning bits (SQUEEZELM_ATTN_TUNE): 1 = CUDA-core kernel without its early trigger, 2 = L2 prefetch of the first keys before the PDL wait, 4 = tensor-core kernel with an early trigger
 };
 
 // Logical token t of sequence b -> its page, or -1 when the page table cannot hold it or

@@ -41,9 +41,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
   constexpr int SLOTS = 32 / TPK;       // keys a warp reads at once
   constexpr int U = R >= 8 ? 2 : 4;     // key steps in flight per thread
   constexpr int KPW = SLOTS * U;        // keys per warp iteration
-  if (p.tune & 2) prefetch_first_round<T>(p, kWarps * KPW);
   pdl_wait();  // see pdl.cuh: before any global access that matters
-  if (!(p.tune & 1)) pdl_trigger();
+  pdl_trigger();
   __shared__ float s_m[kWarps][R], s_l[kWarps][R];
   extern __shared__ float s_acc[];      // [kWarps][R][D]
 
@@ -228,7 +227,7 @@ void dispatch_r(const Params& p, int R, int device, cudaStream_t stream) {
 template <class T>
 void launch_t(Params& p, const DecodePlan& pl, int device, cudaStream_t stream) {
   if (pl.mma) {
-    launch_decode_mma(p, pl.stages, std::is_same<T, __half>::value ? DType::F16 : DType::BF16, stream);
+    launch_decode_mma(p, std::is_same<T, __half>::value ? DType::F16 : DType::BF16, stream);
   } else {
     // The in-kernel merge keeps each warp's splits' weights in the block's partial buffer.
     if (p.counters && p.splits > pl.R * p.D) p.counters = nullptr;
@@ -315,12 +314,11 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
   pl.mma = rtot >= 3 && decode_mma_supported(D) && env_int("SQUEEZELM_ATTN_SIMT", 0) == 0;
   if (pl.mma) {
     pl.R = 16;
-    pl.stages = decode_mma_stages();
   } else {
     pl.R = rtot <= 1 ? 1 : rtot <= 2 ? 2 : rtot <= 4 ? 4 : 8;
   }
   pl.qchunks = (rtot + pl.R - 1) / pl.R;
-  const int per_sm = pl.mma ? decode_mma_resident_blocks(device, D, pl.stages) : resident_blocks(device, D, pl.R);
+  const int per_sm = pl.mma ? decode_mma_resident_blocks(device, D) : resident_blocks(device, D, pl.R);
   const int64_t slots = (int64_t)sm_count(device) * per_sm;
   const int64_t base = std::max<int64_t>(1, (int64_t)Hkv * pl.qchunks * B);
   // One full wave of blocks at the planned context, but no split shorter than 64 tokens (the

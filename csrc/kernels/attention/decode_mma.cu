@@ -30,7 +30,6 @@
 #include "../common/pdl.cuh"
 #include "common.cuh"
 #include "core/cuda_stream.h"
-#include "core/env.h"
 #include "core/error.h"
 #include "decode_split.cuh"
 #include "launch.h"
@@ -43,9 +42,11 @@ using namespace split_kv;
 
 constexpr int kTile = 16;   // tokens per warp tile
 constexpr int kRows = 16;   // query vectors per block (the m16 side of the product)
+// The per-warp ring: one tile in use, two in flight (a 2-stage ring was slower on an H200: 58
+// vs 55 us for GQA 32q/8kv at 32K tokens).
+constexpr int kStages = 3;
 
-// kStages: the per-warp ring (one tile in use, the others in flight).
-template <int D, int kStages>
+template <int D>
 struct MmaShape {
   static constexpr int SD = D + 8;                        // row pitch: +16 bytes, conflict-free ldmatrix
   static constexpr int CH = D / 8;                        // 16-byte chunks per row
@@ -55,18 +56,17 @@ struct MmaShape {
   static constexpr size_t smem = ring > merge ? ring : merge;
 };
 
-template <class T, int D, int kStages>
+template <class T, int D>
 __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
   static_assert(D % 16 == 0 && D <= 128, "decode_mma: head_dim");
-  using S = MmaShape<D, kStages>;
+  using S = MmaShape<D>;
   constexpr int SD = S::SD, CH = S::CH, KS = D / 16, ND = D / 8;
-  if (p.tune & 2) prefetch_first_round<T>(p, kWarps * kTile);  // each warp's first tile
   pdl_wait();  // see pdl.cuh: before any global access that matters
   // No early trigger: the next kernel launches as this grid ends (its launch latency is still
   // hidden). Launched early, its blocks took this kernel's SMs while it ran: a GQA 8B-shaped
   // decode step on an H200 (context 512, graph replay) took 5219 us with the early trigger,
-  // 4844 us without, 4853 us with no programmatic launches at all.
-  if (p.tune & 4) pdl_trigger();
+  // 4844 us without, 4853 us with no programmatic launches at all. (An L2 prefetch of each
+  // block's first keys before the wait cost ~30 us per step in both kernels and was dropped.)
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float s_m[kWarps * kRows], s_l[kWarps * kRows];
   __shared__ unsigned s_ok[kWarps * kStages];  // per stage: bit i = token i of the tile is readable
@@ -285,76 +285,65 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
   finish_split<T, kRows>(p, kvh, qc, b, split, splits, g, n, q0, s_m, s_l, s_acc);
 }
 
-template <class T, int D, int NS>
-void launch_d(const Params& p, cudaStream_t stream) {
-  constexpr size_t smem = MmaShape<D, NS>::smem;
-  allow_dynamic_smem<decode_mma<T, D, NS>>(smem, "attention (decode)");
-  dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
-  launch_pdl(decode_mma<T, D, NS>, grid, dim3(kWarps * 32), smem, stream, p);
-}
-
 template <class T, int D>
-void launch_s(const Params& p, int stages, cudaStream_t stream) {
-  if (stages == 2) launch_d<T, D, 2>(p, stream);
-  else launch_d<T, D, 3>(p, stream);
+void launch_d(const Params& p, cudaStream_t stream) {
+  constexpr size_t smem = MmaShape<D>::smem;
+  allow_dynamic_smem<decode_mma<T, D>>(smem, "attention (decode)");
+  dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
+  launch_pdl(decode_mma<T, D>, grid, dim3(kWarps * 32), smem, stream, p);
 }
 
 template <class T>
-void launch_t(const Params& p, int stages, cudaStream_t stream) {
+void launch_t(const Params& p, cudaStream_t stream) {
   switch (p.D) {
-    case 16: launch_s<T, 16>(p, stages, stream); break;
-    case 32: launch_s<T, 32>(p, stages, stream); break;
-    case 48: launch_s<T, 48>(p, stages, stream); break;
-    case 64: launch_s<T, 64>(p, stages, stream); break;
-    case 80: launch_s<T, 80>(p, stages, stream); break;
-    case 96: launch_s<T, 96>(p, stages, stream); break;
-    case 112: launch_s<T, 112>(p, stages, stream); break;
-    case 128: launch_s<T, 128>(p, stages, stream); break;
+    case 16: launch_d<T, 16>(p, stream); break;
+    case 32: launch_d<T, 32>(p, stream); break;
+    case 48: launch_d<T, 48>(p, stream); break;
+    case 64: launch_d<T, 64>(p, stream); break;
+    case 80: launch_d<T, 80>(p, stream); break;
+    case 96: launch_d<T, 96>(p, stream); break;
+    case 112: launch_d<T, 112>(p, stream); break;
+    case 128: launch_d<T, 128>(p, stream); break;
     default: fail("ERR_INTERNAL", "attention: no tensor-core decode kernel for head_dim " + std::to_string(p.D));
   }
 }
 
-template <int D, int NS>
+template <int D>
 int occupancy_d() {
-  constexpr size_t smem = MmaShape<D, NS>::smem;
-  allow_dynamic_smem<decode_mma<__half, D, NS>>(smem, "attention (decode)");
+  constexpr size_t smem = MmaShape<D>::smem;
+  allow_dynamic_smem<decode_mma<__half, D>>(smem, "attention (decode)");
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_mma<__half, D, NS>, kWarps * 32, smem) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_mma<__half, D>, kWarps * 32, smem) != cudaSuccess) {
     cudaGetLastError();
     return 1;
   }
   return n > 0 ? n : 1;
 }
 
-template <int D>
-int occupancy_s(int stages) { return stages == 2 ? occupancy_d<D, 2>() : occupancy_d<D, 3>(); }
-
 }  // namespace
 
 bool decode_mma_supported(int D) { return D % 16 == 0 && D >= 16 && D <= 128; }
 
-int decode_mma_stages() { return env_int("SQUEEZELM_ATTN_STAGES", 3) == 2 ? 2 : 3; }
-
-int decode_mma_resident_blocks(int device, int D, int stages) {
+int decode_mma_resident_blocks(int device, int D) {
   static std::mutex mu;
-  static int cached[64][9][2] = {};
+  static int cached[64][9] = {};
   std::lock_guard<std::mutex> lock(mu);
   const int di = D / 16;
-  int* slot = device >= 0 && device < 64 && di >= 1 && di <= 8 ? &cached[device][di][stages == 2 ? 0 : 1] : nullptr;
+  int* slot = device >= 0 && device < 64 && di >= 1 && di <= 8 ? &cached[device][di] : nullptr;
   if (slot && *slot) return *slot;
   int cur = 0;
   cudaGetDevice(&cur);
   if (cur != device) cudaSetDevice(device);
   int n = 1;
   switch (D) {
-    case 16: n = occupancy_s<16>(stages); break;
-    case 32: n = occupancy_s<32>(stages); break;
-    case 48: n = occupancy_s<48>(stages); break;
-    case 64: n = occupancy_s<64>(stages); break;
-    case 80: n = occupancy_s<80>(stages); break;
-    case 96: n = occupancy_s<96>(stages); break;
-    case 112: n = occupancy_s<112>(stages); break;
-    case 128: n = occupancy_s<128>(stages); break;
+    case 16: n = occupancy_d<16>(); break;
+    case 32: n = occupancy_d<32>(); break;
+    case 48: n = occupancy_d<48>(); break;
+    case 64: n = occupancy_d<64>(); break;
+    case 80: n = occupancy_d<80>(); break;
+    case 96: n = occupancy_d<96>(); break;
+    case 112: n = occupancy_d<112>(); break;
+    case 128: n = occupancy_d<128>(); break;
     default: break;
   }
   if (cur != device) cudaSetDevice(cur);
@@ -362,9 +351,9 @@ int decode_mma_resident_blocks(int device, int D, int stages) {
   return n;
 }
 
-void launch_decode_mma(const Params& p, int stages, DType dt, cudaStream_t stream) {
-  if (dt == DType::F16) launch_t<__half>(p, stages, stream);
-  else launch_t<__nv_bfloat16>(p, stages, stream);
+void launch_decode_mma(const Params& p, DType dt, cudaStream_t stream) {
+  if (dt == DType::F16) launch_t<__half>(p, stream);
+  else launch_t<__nv_bfloat16>(p, stream);
 }
 
 }  // namespace sqz::cuda::attn

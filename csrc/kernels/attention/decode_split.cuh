@@ -1,11 +1,9 @@
 // Pieces shared by the two split-KV decode kernels (decode.cu: CUDA cores, decode_mma.cu: tensor
-// cores): the split bookkeeping, the fixed-order merge of the splits, the L2 prefetch of a
-// block's first keys, and the end of a split (its warps merged, its partial written, the last
-// block of a group merging all splits).
+// cores): the split bookkeeping, the fixed-order merge of the splits, and the end of a split (its
+// warps merged, its partial written, the last block of a group merging all splits).
 #pragma once
 #include <cmath>
 
-#include "../common/pdl.cuh"
 #include "common.cuh"
 
 namespace sqz::cuda::attn {
@@ -83,34 +81,6 @@ __device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row
     *reinterpret_cast<uint32_t*>(out + 2 * d2) = pack2<T>(a0 * inv, a1 * inv);
   }
   __syncwarp();  // s_w is free
-}
-
-// (Off unless SQUEEZELM_ATTN_TUNE has bit 2: in a decode step on an H200 it cost ~30 us per
-// step, LLaMA-2-7B and a GQA 8B shape alike, more than it hid.)
-// Before the wait on the previous kernel (a decode step's q projection and cache append): pull
-// the keys and values of this block's first round (`tokens` from the split's start) into L2, so
-// the round trip to HBM overlaps the previous kernel instead of following it. The length and
-// page table are read speculatively (ld.cg: L2 only, no line is left in L1 to go stale) and feed
-// nothing but prefetch addresses, always inside the pool; everything the kernel computes with is
-// read again after the wait, so this is safe whoever writes those tensors.
-template <class T>
-__device__ __forceinline__ void prefetch_first_round(const Params& p, int tokens) {
-  const int b = blockIdx.y, kvh = blockIdx.x / p.qchunks;
-  const int kend = min(__ldcg(p.seq_lens + b), p.max_pages * p.page_size);
-  const int t0 = blockIdx.z * split_tokens(p, max(kend, 0));
-  const int n = min(tokens, kend - t0);
-  if (n <= 0) return;
-  const int lines = (p.D * (int)sizeof(T) + 127) / 128;  // 128-byte lines per key (and value)
-  const T* kc = static_cast<const T*>(p.kc);
-  const T* vc = static_cast<const T*>(p.vc);
-  for (int i = threadIdx.x; i < n * 2 * lines; i += blockDim.x) {
-    const int t = t0 + i / (2 * lines), part = i % (2 * lines);
-    const int blk = p.page_shift >= 0 ? (t >> p.page_shift) : t / p.page_size;
-    const int page = __ldcg(p.page_table + (int64_t)b * p.max_pages + blk);
-    if (page < 0 || page >= p.pages) continue;
-    const T* row = (part < lines ? kc : vc) + cache_offset(p, page, t, kvh);
-    prefetch_l2(reinterpret_cast<const char*>(row) + 128 * (part % lines));
-  }
 }
 
 // The end of a split: merges the block's warps (their running max s_m[w * R + r], sum

@@ -16,7 +16,6 @@ struct Params;
 struct DecodePlan {
   int R = 1, qchunks = 1, splits = 1, chunk = 1;
   bool mma = false;
-  int stages = 3;  // mma: the per-warp ring's stages (2 or 3)
 };
 DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int max_seq_len);
 // Arrival counters for merging the splits inside the partial kernel: a zeroed per-device buffer
@@ -26,10 +25,8 @@ int* decode_counters(int device, int64_t n);
 void launch_decode(Params& p, const DecodePlan& plan, DType dt, int device, cudaStream_t stream);
 // The tensor-core partial kernel (decode_mma.cu): head_dim a multiple of 16 up to 128.
 bool decode_mma_supported(int D);
-// Stages of the per-warp ring: 3, or SQUEEZELM_ATTN_STAGES=2 (tuning runs; read per plan).
-int decode_mma_stages();
-int decode_mma_resident_blocks(int device, int D, int stages);
-void launch_decode_mma(const Params& p, int stages, DType dt, cudaStream_t stream);
+int decode_mma_resident_blocks(int device, int D);
+void launch_decode_mma(const Params& p, DType dt, cudaStream_t stream);
 
 // Tensor-core prefill; returns false when head_dim has no prefill instantiation.
 bool prefill_supported(int D);
