@@ -18,7 +18,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <mutex>
-#include <type_traits>
 
 #include "../common/launch_config.h"
 #include "../common/pdl.cuh"
@@ -224,20 +223,14 @@ void dispatch_r(const Params& p, int R, int device, cudaStream_t stream) {
   }
 }
 
+// The CUDA-core partial kernel for T (the in-kernel merge keeps each warp's splits' weights in
+// the block's partial buffer: more splits than that fall back to the combine kernel).
 template <class T>
-void launch_t(Params& p, const DecodePlan& pl, int device, cudaStream_t stream) {
-  if (pl.mma) {
-    launch_decode_mma(p, std::is_same<T, __half>::value ? DType::F16 : DType::BF16, stream);
-  } else {
-    // The in-kernel merge keeps each warp's splits' weights in the block's partial buffer.
-    if (p.counters && p.splits > pl.R * p.D) p.counters = nullptr;
-    if (p.D <= 64) dispatch_r<T, 8>(p, pl.R, device, stream);
-    else if (p.D <= 128) dispatch_r<T, 16>(p, pl.R, device, stream);
-    else dispatch_r<T, 32>(p, pl.R, device, stream);
-  }
-  if (p.counters) return;  // the partial kernel merged the splits
-  dim3 grid(p.Hq, p.max_q, p.B);
-  launch_pdl(decode_combine<T>, dim3(grid), dim3(32), 0, stream, p);
+void launch_partial_t(Params& p, int R, int device, cudaStream_t stream) {
+  if (p.counters && p.splits > R * p.D) p.counters = nullptr;
+  if (p.D <= 64) dispatch_r<T, 8>(p, R, device, stream);
+  else if (p.D <= 128) dispatch_r<T, 16>(p, R, device, stream);
+  else dispatch_r<T, 32>(p, R, device, stream);
 }
 
 template <int TPK>
@@ -257,20 +250,10 @@ int occupancy_r(int R, int D) {
 // Blocks of the partial kernel resident on one SM (registers bound it: ~70 per thread at
 // R = 1, ~230 at R = 8). The bf16 instantiations use the same registers within a few.
 int resident_blocks(int device, int D, int R) {
-  static std::mutex mu;
-  static int cached[64][3][4] = {};
   const int ti = D <= 64 ? 0 : D <= 128 ? 1 : 2;
-  const int ri = R == 1 ? 0 : R == 2 ? 1 : R == 4 ? 2 : 3;
-  std::lock_guard<std::mutex> lock(mu);
-  int* slot = device >= 0 && device < 64 ? &cached[device][ti][ri] : nullptr;
-  if (slot && *slot) return *slot;
-  int cur = 0;
-  cudaGetDevice(&cur);
-  if (cur != device) cudaSetDevice(device);
-  const int n = ti == 0 ? occupancy_r<8>(R, D) : ti == 1 ? occupancy_r<16>(R, D) : occupancy_r<32>(R, D);
-  if (cur != device) cudaSetDevice(cur);
-  if (slot) *slot = n;
-  return n;
+  return cached_per_device(device, ti * 16 + R, [&] {
+    return ti == 0 ? occupancy_r<8>(R, D) : ti == 1 ? occupancy_r<16>(R, D) : occupancy_r<32>(R, D);
+  });
 }
 
 }  // namespace
@@ -339,8 +322,14 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
 }
 
 void launch_decode(Params& p, const DecodePlan& plan, DType dt, int device, cudaStream_t stream) {
-  if (dt == DType::F16) launch_t<__half>(p, plan, device, stream);
-  else launch_t<__nv_bfloat16>(p, plan, device, stream);
+  const bool f16 = dt == DType::F16;
+  if (plan.mma) launch_decode_mma(p, dt, stream);
+  else if (f16) launch_partial_t<__half>(p, plan.R, device, stream);
+  else launch_partial_t<__nv_bfloat16>(p, plan.R, device, stream);
+  if (p.counters) return;  // the partial kernel merged the splits
+  dim3 grid(p.Hq, p.max_q, p.B);
+  if (f16) launch_pdl(decode_combine<__half>, grid, dim3(32), 0, stream, p);
+  else launch_pdl(decode_combine<__nv_bfloat16>, grid, dim3(32), 0, stream, p);
 }
 
 }  // namespace sqz::cuda::attn

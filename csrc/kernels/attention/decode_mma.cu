@@ -23,7 +23,6 @@
 // with the CUDA-core kernel (decode_split.cuh), so both write the same workspace.
 #include <algorithm>
 #include <cmath>
-#include <mutex>
 #include <string>
 
 #include "../common/launch_config.h"
@@ -325,30 +324,19 @@ int occupancy_d() {
 bool decode_mma_supported(int D) { return D % 16 == 0 && D >= 16 && D <= 128; }
 
 int decode_mma_resident_blocks(int device, int D) {
-  static std::mutex mu;
-  static int cached[64][9] = {};
-  std::lock_guard<std::mutex> lock(mu);
-  const int di = D / 16;
-  int* slot = device >= 0 && device < 64 && di >= 1 && di <= 8 ? &cached[device][di] : nullptr;
-  if (slot && *slot) return *slot;
-  int cur = 0;
-  cudaGetDevice(&cur);
-  if (cur != device) cudaSetDevice(device);
-  int n = 1;
-  switch (D) {
-    case 16: n = occupancy_d<16>(); break;
-    case 32: n = occupancy_d<32>(); break;
-    case 48: n = occupancy_d<48>(); break;
-    case 64: n = occupancy_d<64>(); break;
-    case 80: n = occupancy_d<80>(); break;
-    case 96: n = occupancy_d<96>(); break;
-    case 112: n = occupancy_d<112>(); break;
-    case 128: n = occupancy_d<128>(); break;
-    default: break;
-  }
-  if (cur != device) cudaSetDevice(cur);
-  if (slot) *slot = n;
-  return n;
+  return cached_per_device(device, D, [&] {
+    switch (D) {
+      case 16: return occupancy_d<16>();
+      case 32: return occupancy_d<32>();
+      case 48: return occupancy_d<48>();
+      case 64: return occupancy_d<64>();
+      case 80: return occupancy_d<80>();
+      case 96: return occupancy_d<96>();
+      case 112: return occupancy_d<112>();
+      case 128: return occupancy_d<128>();
+      default: return 1;
+    }
+  });
 }
 
 void launch_decode_mma(const Params& p, DType dt, cudaStream_t stream) {

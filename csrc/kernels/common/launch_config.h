@@ -5,7 +5,10 @@
 
 #include <atomic>
 #include <cstddef>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include "core/cuda_stream.h"
 #include "core/error.h"
@@ -23,6 +26,25 @@ inline int sm_count(int device) {
     slot.store(n, std::memory_order_relaxed);
   }
   return n;
+}
+
+// query() for (device, key), run once with `device` current and then cached: per-device launch
+// facts such as a kernel's resident blocks per SM. Each call site (its lambda's type) has its own
+// cache.
+template <class Query>
+int cached_per_device(int device, int key, Query query) {
+  static std::mutex mu;
+  static std::map<std::pair<int, int>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = cache.find({device, key});
+  if (it != cache.end()) return it->second;
+  int cur = 0;
+  cudaGetDevice(&cur);
+  if (cur != device) cudaSetDevice(device);
+  const int v = query();
+  if (cur != device) cudaSetDevice(cur);
+  cache.emplace(std::make_pair(device, key), v);
+  return v;
 }
 
 // Lets kernel K take `bytes` of dynamic shared memory on the current device: its limit is raised
