@@ -120,6 +120,16 @@ describe('Tensor on cpu', () => {
   });
 });
 
+describe('readback on cpu', () => {
+  test('reads a tensor as of the call, like toArray', async () => {
+    const t = Tensor.from(new Float32Array([1, 2, 3]), [3]);
+    const early = t.readback();
+    ops.copy(t, Tensor.from(new Float32Array([4, 5, 6]), [3]));
+    expect(Array.from((await early) as Float32Array)).toEqual([1, 2, 3]);
+    expect(Array.from((await t.readback()) as Float32Array)).toEqual([4, 5, 6]);
+  });
+});
+
 describe('bad input gets a coded error', () => {
   test('TypedArray too short or long', () => {
     expectCode(() => Tensor.from(new Float32Array(5), [2, 3]), 'ERR_SHAPE');
@@ -194,5 +204,36 @@ describeGpu('Tensor on cuda', () => {
     g.replay();
     expect(Array.from((await b.toArray()) as Float32Array)).toEqual([5, 6, 7, 8]);
     g.dispose();
+  });
+  test('readback reads a tensor as of the call; later work neither changes nor waits for it', async () => {
+    const r = rng(Date.now() >>> 0);
+    const first = randn(4096, r), second = randn(4096, r);
+    const t = Tensor.from(first, [4096], { device: 'cuda' });
+    const src = Tensor.from(second, [4096], { device: 'cuda' });
+    const early = t.readback();
+    for (let i = 0; i < 50; i++) ops.copy(t, src);  // queued after the read
+    expect(Array.from((await early) as Float32Array)).toEqual(Array.from(first));
+    expect(Array.from((await t.readback()) as Float32Array)).toEqual(Array.from(second));
+    // Reads of many sizes reuse the pinned staging buffers.
+    for (const n of [1, 3, 1000, 65536]) {
+      const x = randn(n, r);
+      const g = Tensor.from(x, [n], { device: 'cuda' });
+      expect(Array.from((await g.readback()) as Float32Array)).toEqual(Array.from(x));
+      g.dispose();
+    }
+    // Too large for a readback, and during a capture: coded errors.
+    const big = Tensor.empty([(1 << 18) + 1], { device: 'cuda' });
+    await expect(async () => big.readback()).rejects.toMatchObject({ code: 'ERR_ARG' });
+    native().captureBegin('cuda:0');
+    let err: unknown;
+    try {
+      await t.readback();
+    } catch (e) {
+      err = e;
+    } finally {
+      native().captureEnd('cuda:0').dispose();
+    }
+    expect((err as { code?: string }).code).toBe('ERR_STATE');
+    [t, src, big].forEach((x) => x.dispose());
   });
 });

@@ -15,6 +15,7 @@ export interface NativeTensor {
   readonly byteLength: number;
   dispose(): void;
   toHost(): Promise<ArrayBuffer>;
+  readback(): Promise<ArrayBuffer>;
   to(device: string): Promise<NativeTensor>;
   write(data: ArrayBufferView): void;
   view(offset: number, shape: number[]): NativeTensor;

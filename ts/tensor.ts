@@ -90,15 +90,18 @@ export class Tensor {
    * snapshot is needed while more work is being queued.
    */
   async toArray(): Promise<TypedArray> {
-    const buf = await this.native.toHost();
-    switch (this.dtype) {
-      case 'f32': return new Float32Array(buf);
-      case 'f16': case 'bf16': return new Uint16Array(buf);
-      case 'i32': return new Int32Array(buf);
-      case 'u32': return new Uint32Array(buf);
-      case 'i8': return new Int8Array(buf);
-      case 'u8': return new Uint8Array(buf);
-    }
+    return typed(this.dtype, await this.native.toHost());
+  }
+
+  /**
+   * The raw elements as of this call, in stream order on CUDA too: the copy is queued now, so
+   * ops queued after the call neither change what is read nor wait for the reader (a decode loop
+   * queues its next step before it reads this one's tokens). CUDA tensors of at most 1 MiB
+   * (ERR_ARG above: use toArray); ERR_STATE while the device captures a graph.
+   */
+  async readback(): Promise<TypedArray> {
+    const buf = await this.native.readback();
+    return typed(this.dtype, buf);
   }
 
   /** The values as float32 (float dtypes only). */
@@ -139,5 +142,17 @@ export class Tensor {
 
   async [Symbol.asyncDispose](): Promise<void> {
     this.dispose();
+  }
+}
+
+/** A typed array over host bytes of a tensor of `dtype` (Uint16Array bits for f16/bf16). */
+function typed(dtype: DType, buf: ArrayBuffer): TypedArray {
+  switch (dtype) {
+    case 'f32': return new Float32Array(buf);
+    case 'f16': case 'bf16': return new Uint16Array(buf);
+    case 'i32': return new Int32Array(buf);
+    case 'u32': return new Uint32Array(buf);
+    case 'i8': return new Int8Array(buf);
+    case 'u8': return new Uint8Array(buf);
   }
 }

@@ -53,6 +53,16 @@ void cuda_graph_launch(int device, void* graph);
 void cuda_graph_destroy(void* graph);
 bool cuda_capturing(int device);
 
+// Stream-ordered readback of a small device buffer (at most kReadbackMax bytes): the copy is
+// queued now, behind the work already on the device's stream and ahead of anything queued later,
+// into pinned host memory; cuda_readback_wait (any thread) blocks until it has landed, copies it
+// out and releases the handle. Later work on the stream never waits for the reader. ERR_STATE
+// while the device is capturing a graph.
+constexpr size_t kReadbackMax = 1 << 20;
+void* cuda_readback_begin(int device, const void* src, size_t bytes);
+void cuda_readback_wait(void* handle, void* host_dst, size_t bytes);
+void cuda_readback_release(void* handle);  // without waiting for the data (error paths)
+
 // Events for timing.
 void* cuda_event_create(int device);
 void cuda_event_record(int device, void* ev);

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -259,6 +260,83 @@ void cuda_graph_launch(int device, void* graph) {
 
 void cuda_graph_destroy(void* graph) {
   if (graph) cudaGraphExecDestroy((cudaGraphExec_t)graph);
+}
+
+namespace {
+// A pinned staging buffer and the event that marks its copy done; kept for reuse (pinned
+// allocation costs tens of microseconds, a decode step reads its tokens every few milliseconds).
+struct Readback {
+  void* host = nullptr;
+  size_t capacity = 0;
+  cudaEvent_t done = nullptr;
+  int device = 0;
+};
+std::mutex g_readback_mutex;
+std::vector<Readback*> g_readback_free;
+
+Readback* readback_get(int device, size_t bytes) {
+  {
+    std::lock_guard<std::mutex> lk(g_readback_mutex);
+    for (size_t i = 0; i < g_readback_free.size(); ++i) {
+      Readback* r = g_readback_free[i];
+      if (r->device == device && r->capacity >= bytes) {
+        g_readback_free.erase(g_readback_free.begin() + (long)i);
+        return r;
+      }
+    }
+  }
+  auto* r = new Readback();
+  r->device = device;
+  r->capacity = std::max<size_t>(256, bytes);
+  int cur = 0;
+  cudaGetDevice(&cur);
+  if (cur != device) cudaSetDevice(device);
+  cudaError_t e = cudaHostAlloc(&r->host, r->capacity, cudaHostAllocDefault);
+  if (e == cudaSuccess) e = cudaEventCreateWithFlags(&r->done, cudaEventDisableTiming);
+  if (cur != device) cudaSetDevice(cur);
+  if (e != cudaSuccess) {
+    if (r->host) cudaFreeHost(r->host);
+    delete r;
+    cuda_check(e, "readback staging");
+  }
+  return r;
+}
+
+void readback_put(Readback* r) {
+  std::lock_guard<std::mutex> lk(g_readback_mutex);
+  g_readback_free.push_back(r);
+}
+}  // namespace
+
+void* cuda_readback_begin(int device, const void* src, size_t bytes) {
+  if (bytes > kReadbackMax)
+    fail("ERR_ARG", "readback: " + std::to_string(bytes) + " bytes is more than " + std::to_string(kReadbackMax) + " (use toArray)");
+  if (cuda_capturing(device)) fail("ERR_STATE", "readback: cuda:" + std::to_string(device) + " is capturing a graph");
+  Readback* r = readback_get(device, bytes);
+  cudaStream_t st = cuda_stream(device);
+  cudaError_t e = bytes ? cudaMemcpyAsync(r->host, src, bytes, cudaMemcpyDeviceToHost, st) : cudaSuccess;
+  if (e == cudaSuccess) e = cudaEventRecord(r->done, st);
+  if (e != cudaSuccess) {
+    readback_put(r);
+    cuda_check(e, "readback");
+  }
+  return r;
+}
+
+void cuda_readback_wait(void* handle, void* host_dst, size_t bytes) {
+  auto* r = static_cast<Readback*>(handle);
+  const cudaError_t e = cudaEventSynchronize(r->done);
+  if (e == cudaSuccess && bytes) std::memcpy(host_dst, r->host, bytes);
+  readback_put(r);
+  cuda_check(e, "readback");
+}
+
+void cuda_readback_release(void* handle) {
+  if (!handle) return;
+  auto* r = static_cast<Readback*>(handle);
+  cudaEventSynchronize(r->done);  // the copy may still be landing in the buffer
+  cudaGetLastError();
+  readback_put(r);
 }
 
 void* cuda_event_create(int device) {

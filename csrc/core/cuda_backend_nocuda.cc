@@ -25,6 +25,9 @@ void* cuda_capture_end(int) { fail("ERR_DEVICE", kNoCuda); }
 void cuda_graph_launch(int, void*) { fail("ERR_DEVICE", kNoCuda); }
 void cuda_graph_destroy(void*) {}
 bool cuda_capturing(int) { return false; }
+void* cuda_readback_begin(int, const void*, size_t) { fail("ERR_DEVICE", kNoCuda); }
+void cuda_readback_wait(void*, void*, size_t) { fail("ERR_DEVICE", kNoCuda); }
+void cuda_readback_release(void*) {}
 void* cuda_event_create(int) { fail("ERR_DEVICE", kNoCuda); }
 void cuda_event_record(int, void*) { fail("ERR_DEVICE", kNoCuda); }
 float cuda_event_elapsed_ms(void*, void*) { fail("ERR_DEVICE", kNoCuda); }

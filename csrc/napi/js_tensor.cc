@@ -24,6 +24,7 @@ Napi::Function JsTensor::Init(Napi::Env env) {
                                   InstanceAccessor("disposed", &JsTensor::GetDisposed, nullptr),
                                   InstanceAccessor("byteLength", &JsTensor::GetByteLength, nullptr),
                                   InstanceMethod("toHost", &JsTensor::ToHost),
+                                  InstanceMethod("readback", &JsTensor::Readback),
                                   InstanceMethod("write", &JsTensor::Write),
                                   InstanceMethod("view", &JsTensor::View),
                                   InstanceMethod("to", &JsTensor::To)});
@@ -178,6 +179,34 @@ class ToHostWorker : public CodedWorker {
   std::shared_ptr<HostSnapshot> snap_;
 };
 
+// A small CUDA tensor's bytes as of the call: the copy into pinned memory is queued on the
+// device stream here, on the JS thread, so work queued after the call (the next decode step)
+// neither delays nor changes what is read; this worker only waits for it to land.
+class ReadbackWorker : public CodedWorker {
+ public:
+  ReadbackWorker(Napi::Env env, Tensor t) : CodedWorker(env), t_(std::move(t)) {
+    bytes_.resize(t_.nbytes());
+    handle_ = cuda_readback_begin(t_.device.index, t_.data(), bytes_.size());
+  }
+  ~ReadbackWorker() override { cuda_readback_release(handle_); }
+  void run() override {
+    void* h = handle_;
+    handle_ = nullptr;
+    cuda_readback_wait(h, bytes_.data(), bytes_.size());
+  }
+  void OnOK() override {
+    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(Env(), bytes_.size());
+    if (!bytes_.empty()) std::memcpy(ab.Data(), bytes_.data(), bytes_.size());
+    t_.storage.reset();
+    deferred_.Resolve(ab);
+  }
+
+ private:
+  Tensor t_;
+  std::vector<uint8_t> bytes_;
+  void* handle_ = nullptr;
+};
+
 // Copies a tensor to another device once its pending writes are done. A CPU source is read in
 // order on the CPU queue, like ToHostWorker's: the copy holds the tensor as of this call. To
 // another CPU tensor the queued task copies it; to a device the task only snapshots it and the
@@ -234,6 +263,23 @@ Napi::Value JsTensor::ToHost(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
     if (disposed) fail("ERR_DISPOSED", "tensor was disposed");
     auto* w = new ToHostWorker(info.Env(), tensor);
+    Napi::Promise p = w->promise();
+    w->Queue();
+    return p;
+  });
+}
+
+// CUDA: the bytes as of this call (at most kReadbackMax); CPU: toHost (already as of the call).
+Napi::Value JsTensor::Readback(const Napi::CallbackInfo& info) {
+  return guarded(info, [&]() -> Napi::Value {
+    if (disposed) fail("ERR_DISPOSED", "tensor was disposed");
+    if (tensor.device.is_cpu()) {
+      auto* w = new ToHostWorker(info.Env(), tensor);
+      Napi::Promise p = w->promise();
+      w->Queue();
+      return p;
+    }
+    auto* w = new ReadbackWorker(info.Env(), tensor);
     Napi::Promise p = w->promise();
     w->Queue();
     return p;

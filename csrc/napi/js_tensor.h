@@ -29,6 +29,7 @@ class JsTensor : public Napi::ObjectWrap<JsTensor> {
   Napi::Value GetDisposed(const Napi::CallbackInfo& info);
   Napi::Value GetByteLength(const Napi::CallbackInfo& info);
   Napi::Value ToHost(const Napi::CallbackInfo& info);
+  Napi::Value Readback(const Napi::CallbackInfo& info);
   Napi::Value Write(const Napi::CallbackInfo& info);
   Napi::Value View(const Napi::CallbackInfo& info);
   Napi::Value To(const Napi::CallbackInfo& info);

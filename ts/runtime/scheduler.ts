@@ -3,10 +3,16 @@
  * prompts prefilled together), decode one token per step together, and leave when they
  * finish, stop, hit the context, or are aborted (their KV pages go back at once).
  * Decode steps on CUDA replay a captured graph per batch size once it has run eagerly.
+ * In the steady state (the same batch, nobody waiting, nobody at its token limit) the next step is
+ * queued before this one's tokens are read: its input ids are copied on the device from the
+ * tokens being sampled, so the device never idles while the host reads tokens, decodes text and
+ * plans the next step. A request that ends on that token (eos, a stop string, an abort) has one
+ * step computed for it and thrown away; its pages go back as usual.
  */
 import { SqueezeError, isSqueezeError } from '../errors';
 import { native, NativeGraph } from '../native';
 import { Decoder, Workspace } from '../model/llama';
+import { copy } from '../ops/basic';
 import { StreamDecoder, Tokenizer } from '../model/tokenizer';
 
 export interface GenerateRequest {
@@ -68,6 +74,12 @@ interface Req {
   wake?: () => void;
 }
 
+/** A decode step queued on the device whose tokens have not been read yet. */
+interface Step {
+  batch: Req[];
+  tokens: Promise<Int32Array>;
+}
+
 interface DecodeSlot {
   ws: Workspace;
   graph?: NativeGraph;
@@ -88,8 +100,10 @@ export class Scheduler {
   private running: Promise<void> | undefined;
   private slots = new Map<number, DecodeSlot>();
   private closed = false;
+  /** The step queued ahead (same batch as the last one), read at the next round. */
+  private inflight: Step | undefined;
   /** Decode steps run, and how many replayed a graph (for tests and benchmarks). */
-  stats = { steps: 0, graphReplays: 0, prefills: 0, captureError: undefined as string | undefined };
+  stats = { steps: 0, graphReplays: 0, prefills: 0, pipelined: 0, captureError: undefined as string | undefined };
 
   constructor(private readonly dec: Decoder, private readonly tok: Tokenizer | undefined, readonly o: SchedulerOptions) {}
 
@@ -214,8 +228,20 @@ export class Scheduler {
   }
 
   private async loop(): Promise<void> {
-    while (!this.closed && (this.pending.length || this.active.length)) {
+    while (!this.closed && (this.pending.length || this.active.length || this.inflight)) {
       for (const r of [...this.pending, ...this.active]) if (r.cancelled) this.finish(r, 'abort');
+      // A step queued ahead is read first when the batch it was queued for is no longer the
+      // one to run (someone finished or left, or a request waits to join).
+      if (this.inflight && (this.pending.length || !sameBatch(this.inflight.batch, this.active))) {
+        const step = this.inflight;
+        this.inflight = undefined;
+        try {
+          await this.settle(step);
+        } catch (e) {
+          for (const r of step.batch) this.finish(r, 'error', e as Error);
+        }
+        continue;
+      }
       const cache = this.dec.cache;
       const admit: Req[] = [];
       while (this.pending.length && this.active.length + admit.length < this.o.maxBatch) {
@@ -242,7 +268,8 @@ export class Scheduler {
     }
   }
 
-  private writeSampling(ws: Workspace, reqs: Req[]): void {
+  /** Sampling settings; `ahead`: tokens each request will have taken before this step runs. */
+  private writeSampling(ws: Workspace, reqs: Req[], ahead = 0): void {
     const B = reqs.length;
     const t = new Float32Array(B), k = new Int32Array(B), p = new Float32Array(B), rng = new Uint32Array(2 * B);
     reqs.forEach((r, b) => {
@@ -250,7 +277,7 @@ export class Scheduler {
       k[b] = r.topK;
       p[b] = r.topP;
       rng[2 * b] = r.seed;
-      rng[2 * b + 1] = r.counter;
+      rng[2 * b + 1] = r.counter + ahead;
     });
     ws.temperature.write(t);
     ws.topK.write(k);
@@ -295,33 +322,84 @@ export class Scheduler {
   }
 
   private async decode(reqs: Req[]): Promise<void> {
-    const cache = this.dec.cache;
-    const batch: Req[] = [];
-    for (const r of reqs) {
-      if (r.cancelled) {
-        this.finish(r, 'abort');
-        continue;
+    // The loop only gets here with a step in flight when it was queued for exactly this batch.
+    let cur = this.inflight;
+    this.inflight = undefined;
+    if (!cur) {
+      const cache = this.dec.cache;
+      const batch: Req[] = [];
+      for (const r of reqs) {
+        if (r.cancelled) {
+          this.finish(r, 'abort');
+          continue;
+        }
+        try {
+          cache.grow(r.seq, cache.length(r.seq) + 1);
+          batch.push(r);
+        } catch (e) {
+          this.finish(r, 'error', e as Error);
+        }
       }
-      try {
-        cache.grow(r.seq, cache.length(r.seq) + 1);
-        batch.push(r);
-      } catch (e) {
-        this.finish(r, 'error', e as Error);
-      }
+      if (!batch.length) return;
+      cur = this.launch(batch, false);
     }
-    if (!batch.length) return;
+    // Queue the next step before reading this one's tokens when nothing can change the batch.
+    if (this.canRunAhead(cur.batch)) {
+      const cache = this.dec.cache;
+      for (const r of cur.batch) cache.grow(r.seq, cache.length(r.seq) + 1);
+      this.inflight = this.launch(cur.batch, true);
+      this.stats.pipelined++;
+    }
+    await this.settle(cur);
+  }
+
+  /** Reads a step's tokens and hands them to its requests (those still running). */
+  private async settle(step: Step): Promise<void> {
+    const toks = await step.tokens;
+    step.batch.forEach((r, b) => {
+      if (!r.done) this.accept(r, toks[b]);
+    });
+  }
+
+  /**
+   * Whether the step after the one in flight may be queued now: graphs settled for this batch
+   * size (or graphs off), nobody waiting to join, every request of the batch still running and
+   * below its token limit after the token in flight, and room in the cache for one more token each.
+   */
+  private canRunAhead(batch: Req[]): boolean {
+    if (this.closed || this.pending.length || !sameBatch(batch, this.active)) return false;
+    const s = this.slots.get(batch.length);
+    if (!s || (this.o.graphs && !s.graph && !s.captureError)) return false;
+    const cache = this.dec.cache;
+    let pages = 0;
+    for (const r of batch) {
+      if (r.done || r.cancelled || r.generated.length + 1 >= r.maxTokens) return false;
+      const len = cache.length(r.seq);
+      if (len + 1 > cache.maxContext) return false;
+      pages += cache.pagesFor(len + 1) - cache.pagesFor(len);
+    }
+    return pages <= cache.freePages;
+  }
+
+  /**
+   * Queues one decode step of `batch` (its sequences already grown by the token it appends) and
+   * the read of its tokens. `ahead`: queued behind a step whose tokens are not read yet; its input
+   * ids are copied on the device from that step's sampled tokens.
+   */
+  private launch(batch: Req[], ahead: boolean): Step {
     const B = batch.length;
     const s = this.slot(B);
     const inp = this.dec.inputs(batch.map((r) => r.seq), batch.map((r) => [r.last]), B);
     this.dec.write(s.ws, inp);
-    this.writeSampling(s.ws, batch);
+    if (ahead) copy(s.ws.ids, s.ws.tokens);
+    this.writeSampling(s.ws, batch, ahead ? 1 : 0);
     // One maxSeqLen for eager and graph steps so both run the same kernels.
-    const maxSeqLen = cache.maxContext;
+    const maxSeqLen = this.dec.cache.maxContext;
     this.stats.steps++;
     if (s.graph && this.o.graphs) {
       s.graph.replay();
       this.stats.graphReplays++;
-    } else if (this.o.graphs && s.eagerRuns >= 1 && !s.captureError) {
+    } else if (this.o.graphs && s.eagerRuns >= 1 && !s.captureError && !ahead) {
       const n = native();
       let graph: NativeGraph | undefined;
       n.captureBegin(this.dec.device);
@@ -349,8 +427,9 @@ export class Scheduler {
     } else {
       this.eager(s, maxSeqLen);
     }
-    const toks = (await s.ws.tokens.toArray()) as Int32Array;
-    batch.forEach((r, b) => this.accept(r, toks[b]));
+    const tokens = s.ws.tokens.readback() as Promise<Int32Array>;
+    tokens.catch(() => undefined);  // a step dropped at close() is never read: no unhandled rejection
+    return { batch: [...batch], tokens };
   }
 
   /** Takes a sampled token: emits text, checks eos / stop / length. */
@@ -407,12 +486,20 @@ export class Scheduler {
     const err = new SqueezeError('ERR_DISPOSED', 'model was disposed while generating');
     for (const r of [...this.pending, ...this.active]) this.finish(r, 'error', err);
     if (this.running) await this.running.catch(() => undefined);
+    // A step queued ahead is still read, so its workspace is not released under it.
+    if (this.inflight) await this.inflight.tokens.catch(() => undefined);
+    this.inflight = undefined;
     for (const s of this.slots.values()) {
       s.graph?.dispose();
       s.ws.dispose();
     }
     this.slots.clear();
   }
+}
+
+/** Whether two batches hold the same requests in the same order. */
+function sameBatch(a: Req[], b: Req[]): boolean {
+  return a.length === b.length && a.every((r, i) => r === b[i]);
 }
 
 /** Collects one request's stream into a result (errors become finishReason 'error'). */
