@@ -2,7 +2,8 @@ import { Tensor, DType } from '../ts/tensor';
 import { isSqueezeError } from '../ts/errors';
 import { rope } from '../ts/ops/elementwise';
 import { kvAppend } from '../ts/ops/attention';
-import { ropeAppend } from '../ts/ops/fused';
+import { ropeAppend, linearRopeAppend } from '../ts/ops/fused';
+import { fusedLinear } from '../ts/ops/gemm';
 import { describeGpu, freshSeed, randn, relErr, rng } from './gpu';
 
 interface Case {
@@ -232,5 +233,135 @@ describeGpu('ropeAppend (CUDA)', () => {
       code = isSqueezeError(e) ? e.code : String(e);
     }
     expect(code).toBe('ERR_DTYPE');
+  });
+});
+
+// linearRopeAppend: the q|k|v projection feeding ropeAppend, with the norm and bias options.
+interface LinearCase { c: Case; K: number; x: Float32Array; w: Float32Array; bias?: Float32Array; gamma?: Float32Array }
+
+const LINEAR_SHAPES = [
+  { Hq: 4, Hkv: 2, D: 64, pageSize: 16, ns: [1], K: 256, norm: true, bias: false },
+  { Hq: 32, Hkv: 8, D: 128, pageSize: 16, ns: [1, 1], K: 512, norm: true, bias: true, badPage: true },
+  { Hq: 3, Hkv: 1, D: 24, pageSize: 7, ns: [2, 1], extraRows: 1, K: 100, norm: true, bias: true },
+  { Hq: 8, Hkv: 8, D: 64, pageSize: 16, ns: [1, 1, 1, 1, 1], K: 320, norm: false, bias: true },
+  { Hq: 32, Hkv: 32, D: 128, pageSize: 16, ns: [1], K: 4096, norm: true, bias: false },
+];
+
+function makeLinearCase(r: () => number, s: (typeof LINEAR_SHAPES)[number]): LinearCase {
+  const c = makeCase(r, s);
+  const W = (c.Hq + 2 * c.Hkv) * c.D;
+  const gamma = s.norm ? Float32Array.from({ length: s.K }, () => 0.5 + r()) : undefined;
+  return {
+    c, K: s.K, x: randn(c.T * s.K, r), w: randn(W * s.K, r, 1 / Math.sqrt(s.K)),
+    bias: s.bias ? randn(W, r, 0.5) : undefined, gamma,
+  };
+}
+
+async function runLinear(l: LinearCase, device: string, dtype: DType, composed: boolean): Promise<Result> {
+  const { c, K } = l;
+  const W = (c.Hq + 2 * c.Hkv) * c.D;
+  const { pos, f, pt, sl, cq } = indexTensors(c, device);
+  const { kc, vc } = caches(c, device, dtype);
+  const x = Tensor.from(l.x, [c.T, K], { dtype, device }), w = Tensor.from(l.w, [W, K], { dtype, device });
+  const bias = l.bias ? Tensor.from(l.bias, [W], { dtype, device }) : undefined;
+  const normWeight = l.gamma ? Tensor.from(l.gamma, [K], { dtype, device }) : undefined;
+  const qOut = Tensor.from(new Float32Array(c.T * c.Hq * c.D).fill(NaN), [c.T, c.Hq, c.D], { dtype, device });
+  if (composed) {
+    const qkv = Tensor.from(new Float32Array(c.T * W).fill(NaN), [c.T, W], { dtype, device });
+    fusedLinear(qkv, x, w, { bias, normWeight, eps: 1e-5 });
+    ropeAppend(qOut, kc, vc, qkv, pos, f, pt, sl, cq);
+  } else {
+    linearRopeAppend(qOut, kc, vc, x, w, { bias, normWeight, eps: 1e-5, positions: pos, invFreq: f, pageTable: pt, seqLens: sl, cuQ: cq });
+  }
+  return { q: await qOut.toFloat32(), kc: await kc.toFloat32(), vc: await vc.toFloat32() };
+}
+
+describe('linearRopeAppend (CPU)', () => {
+  for (const dtype of ['f32', 'f16', 'bf16'] as DType[])
+    test(`equals fusedLinear + ropeAppend bit for bit (${dtype})`, async () => {
+      const seed = freshSeed();
+      const r = rng(seed);
+      for (const s of LINEAR_SHAPES.slice(0, 4)) {
+        const l = makeLinearCase(r, s);
+        const a = await runLinear(l, 'cpu', dtype, false), b = await runLinear(l, 'cpu', dtype, true);
+        if (!same(a.q, b.q) || !same(a.kc, b.kc) || !same(a.vc, b.vc))
+          throw new Error(`seed ${seed} shape ${JSON.stringify(s)}: fused and composed differ`);
+        expect(a.q.every(Number.isFinite)).toBe(true);
+      }
+    });
+
+  test('coded errors', () => {
+    const l = makeLinearCase(rng(3), LINEAR_SHAPES[0]);
+    const { c, K } = l;
+    const W = (c.Hq + 2 * c.Hkv) * c.D;
+    const { pos, f, pt, sl, cq } = indexTensors(c, 'cpu');
+    const { kc, vc } = caches(c, 'cpu', 'f32');
+    const x = Tensor.empty([c.T, K]), w = Tensor.empty([W, K]);
+    const idx = { positions: pos, invFreq: f, pageTable: pt, seqLens: sl, cuQ: cq };
+    const code = (fn: () => void): string => {
+      try {
+        fn();
+      } catch (e) {
+        return isSqueezeError(e) ? e.code : String(e);
+      }
+      return 'none';
+    };
+    const q = () => Tensor.empty([c.T, c.Hq, c.D]);
+    expect(code(() => linearRopeAppend(q(), kc, vc, x, Tensor.empty([W + 2, K]), idx))).toBe('ERR_SHAPE');
+    expect(code(() => linearRopeAppend(q(), kc, vc, x, Tensor.empty([W, K + 1]), idx))).toBe('ERR_SHAPE');
+    expect(code(() => linearRopeAppend(q(), kc, vc, x, w, { ...idx, bias: Tensor.empty([W - 1]) }))).toBe('ERR_SHAPE');
+    expect(code(() => linearRopeAppend(q(), kc, vc, x, w, { ...idx, normWeight: Tensor.empty([K + 8]) }))).toBe('ERR_SHAPE');
+    expect(code(() => linearRopeAppend(q(), kc, vc, x, w, { ...idx, eps: -1 }))).toBe('ERR_ARG');
+    expect(code(() => linearRopeAppend(q(), kc, vc, x, w, { ...idx, positions: Tensor.empty([c.T], { dtype: 'f32' }) }))).toBe('ERR_DTYPE');
+    expect(code(() => linearRopeAppend(x.view(0, [c.T, c.Hq, c.D]), kc, vc, x, w, idx))).toBe('ERR_ARG');
+    expect(code(() => linearRopeAppend(q(), kc, vc, x, w, undefined as unknown as typeof idx))).toBe('ERR_ARG');
+    expect(code(() => linearRopeAppend(q(), kc, vc, x, w, idx))).toBe('none');
+  });
+});
+
+describeGpu('linearRopeAppend (CUDA)', () => {
+  for (const dtype of ['f16', 'bf16'] as DType[])
+    test(`equals the CUDA fusedLinear + ropeAppend bit for bit and the CPU reference (${dtype})`, async () => {
+      const seed = freshSeed();
+      const r = rng(seed);
+      for (const s of LINEAR_SHAPES) {
+        const l = makeLinearCase(r, s);
+        const g = await runLinear(l, 'cuda', dtype, false);
+        const b = await runLinear(l, 'cuda', dtype, true);
+        if (!same(g.q, b.q) || !same(g.kc, b.kc) || !same(g.vc, b.vc))
+          throw new Error(`seed ${seed} shape ${JSON.stringify(s)}: fused and composed differ on CUDA`);
+        const h = await runLinear(l, 'cpu', dtype, false);
+        const tol = dtype === 'bf16' ? 1e-2 : 2e-3;
+        for (const [name, x, y] of [['q', g.q, h.q], ['kCache', g.kc, h.kc], ['vCache', g.vc, h.vc]] as const) {
+          const e = relErr(x, y);
+          if (!(e < tol)) throw new Error(`seed ${seed} shape ${JSON.stringify(s)}: ${name} rel err ${e}`);
+        }
+      }
+    });
+
+  test('coded errors: more than 16 rows, mixed dtypes', () => {
+    const l = makeLinearCase(rng(4), LINEAR_SHAPES[0]);
+    const { c, K } = l;
+    const W = (c.Hq + 2 * c.Hkv) * c.D;
+    const { pos, f, pt, sl, cq } = indexTensors(c, 'cuda');
+    const { kc, vc } = caches(c, 'cuda', 'f16');
+    const idx = { positions: pos, invFreq: f, pageTable: pt, seqLens: sl, cuQ: cq };
+    const code = (fn: () => void): string => {
+      try {
+        fn();
+      } catch (e) {
+        return isSqueezeError(e) ? e.code : String(e);
+      }
+      return 'none';
+    };
+    const x = Tensor.empty([c.T, K], { dtype: 'f16', device: 'cuda' });
+    expect(code(() => linearRopeAppend(Tensor.empty([c.T, c.Hq, c.D], { dtype: 'f16', device: 'cuda' }), kc, vc, x,
+      Tensor.empty([W, K], { dtype: 'bf16', device: 'cuda' }), idx))).toBe('ERR_DTYPE');
+    const big = makeCase(rng(5), { Hq: 4, Hkv: 2, D: 64, pageSize: 16, ns: [17] });
+    const bi = indexTensors(big, 'cuda');
+    const bc = caches(big, 'cuda', 'f16');
+    expect(code(() => linearRopeAppend(Tensor.empty([17, 4, 64], { dtype: 'f16', device: 'cuda' }), bc.kc, bc.vc,
+      Tensor.empty([17, K], { dtype: 'f16', device: 'cuda' }), Tensor.empty([W, K], { dtype: 'f16', device: 'cuda' }),
+      { positions: bi.pos, invFreq: bi.f, pageTable: bi.pt, seqLens: bi.sl, cuQ: bi.cq }))).toBe('ERR_UNSUPPORTED');
   });
 });

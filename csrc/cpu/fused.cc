@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "core/parallel.h"
+#include "gemm.h"
 
 namespace sqz::cpu {
 
@@ -67,6 +68,15 @@ void rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const 
       convert_from_float(row.data() + (Hq + Hkv) * D, static_cast<char*>(vc.data()) + dst, vc.dtype, (size_t)kv_row);
     }
   });
+}
+
+void linear_rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& x, const Tensor& w,
+                        const Tensor* bias, const Tensor* gamma, float eps, const Tensor& positions,
+                        const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens, const Tensor& cu_q) {
+  Device cpu;
+  Tensor qkv = Tensor::empty(x.dtype, {x.dim(0), w.dim(0)}, cpu);
+  fused_linear(qkv, x, w, bias, gamma, eps, 0);
+  rope_append(q_out, kc, vc, qkv, positions, inv_freq, page_table, seq_lens, cu_q);
 }
 
 }  // namespace sqz::cpu

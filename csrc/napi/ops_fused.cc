@@ -1,11 +1,14 @@
-// Bindings of the decoder's fused ops: ropeAppend.
+// Bindings of the decoder's fused ops: ropeAppend and linearRopeAppend.
+#include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "../cpu/fused.h"
 #include "op.h"
 #ifdef SQUEEZELM_WITH_CUDA
 #include "../kernels/common/fused.h"
+#include "../kernels/gemm/gemm.h"
 #endif
 
 namespace sqz::napi {
@@ -19,20 +22,15 @@ bool overlap(const Tensor& a, const Tensor& b) {
   return na > 0 && nb > 0 && pa < pb + nb && pb < pa + na;
 }
 
-}  // namespace
-
-// ropeAppend(qOut[T,Hq,D], kCache, vCache, qkv[T,(Hq+2*kvHeads)*D], positions i32[T], invFreq f32[D/2],
-//            pageTable i32[B,maxPages], seqLens i32[B], cuQ i32[B+1])
-SQZ_OP(ropeAppend) {
-  Args a(info, "ropeAppend");
-  Tensor qo = a.tensor(0, "qOut"), kc = a.tensor(1, "kCache"), vc = a.tensor(2, "vCache"), qkv = a.tensor(3, "qkv");
-  Tensor pos = a.tensor(4, "positions"), f = a.tensor(5, "invFreq"), pt = a.tensor(6, "pageTable");
-  Tensor lens = a.tensor(7, "seqLens"), cuq = a.tensor(8, "cuQ");
-  a.same_device({{&qo, "qOut"}, {&kc, "kCache"}, {&vc, "vCache"}, {&qkv, "qkv"}, {&pos, "positions"},
-                 {&f, "invFreq"}, {&pt, "pageTable"}, {&lens, "seqLens"}, {&cuq, "cuQ"}});
+// Checks shared by ropeAppend and linearRopeAppend: qOut [T, Hq, D], caches [pages, pageSize,
+// kvHeads, D], the index tensors; the q|k|v rows are [T, width] (qkv, or the projection's
+// output). Returns width = (Hq + 2 kvHeads) D.
+int64_t check_rope_append(Args& a, const Tensor& qo, const Tensor& kc, const Tensor& vc, int64_t T, const Tensor& pos,
+                          const Tensor& f, const Tensor& pt, const Tensor& lens, const Tensor& cuq) {
+  a.same_device({{&qo, "qOut"}, {&kc, "kCache"}, {&vc, "vCache"}, {&pos, "positions"}, {&f, "invFreq"},
+                 {&pt, "pageTable"}, {&lens, "seqLens"}, {&cuq, "cuQ"}});
   const std::initializer_list<DType> fl = {DType::F32, DType::F16, DType::BF16};
   a.dtype_in(qo, "qOut", fl);
-  a.dtype_in(qkv, "qkv", fl);
   a.dtype_in(kc, "kCache", fl);
   a.same_dtype(kc, "kCache", vc, "vCache");
   a.dtype_in(pos, "positions", {DType::I32});
@@ -44,24 +42,44 @@ SQZ_OP(ropeAppend) {
   a.ndim(kc, "kCache", 4);
   a.shape_is(vc, "vCache", kc.shape);
   a.ndim(lens, "seqLens", 1);
-  const int64_t T = qo.dim(0), Hq = qo.dim(1), D = qo.dim(2), Hkv = kc.dim(2), B = lens.dim(0);
+  const int64_t Hq = qo.dim(1), D = qo.dim(2), Hkv = kc.dim(2), B = lens.dim(0);
   if (D < 2 || D % 2 != 0) a.error("ERR_SHAPE", "qOut " + qo.shape_str() + ": head dim must be even and non-zero");
   if (kc.dim(3) != D) a.error("ERR_SHAPE", "kCache " + kc.shape_str() + " and qOut " + qo.shape_str() + " differ in head_dim");
   if (kc.dim(1) < 1 || Hkv < 1) a.error("ERR_SHAPE", "kCache " + kc.shape_str() + " has an empty dimension");
   if (Hq < 1 || Hq % Hkv != 0)
     a.error("ERR_SHAPE", "qOut has " + std::to_string(Hq) + " heads, not a multiple of the cache's " +
                              std::to_string(Hkv) + " kv heads");
-  a.shape_is(qkv, "qkv", {T, (Hq + 2 * Hkv) * D});
+  a.shape_is(qo, "qOut", {T, Hq, D});
   a.shape_is(pos, "positions", {T});
   a.shape_is(f, "invFreq", {D / 2});
   a.shape_is(pt, "pageTable", {B, -1});
   a.shape_is(cuq, "cuQ", {B + 1});
   if (T > INT32_MAX || kc.dim(0) > INT32_MAX || B > 65535 || pt.dim(1) * kc.dim(1) > INT32_MAX)
-    a.error("ERR_SHAPE", "kCache " + kc.shape_str() + " / pageTable " + pt.shape_str() + " / qkv " + qkv.shape_str() +
-                             " exceed the supported sizes");
+    a.error("ERR_SHAPE", "kCache " + kc.shape_str() + " / pageTable " + pt.shape_str() + " / " + std::to_string(T) +
+                             " rows exceed the supported sizes");
+  if (overlap(qo, kc) || overlap(qo, vc)) a.error("ERR_ARG", "the caches must not overlap qOut");
+  return (Hq + 2 * Hkv) * D;
+}
+
+}  // namespace
+
+// ropeAppend(qOut[T,Hq,D], kCache, vCache, qkv[T,(Hq+2*kvHeads)*D], positions i32[T], invFreq f32[D/2],
+//            pageTable i32[B,maxPages], seqLens i32[B], cuQ i32[B+1])
+SQZ_OP(ropeAppend) {
+  Args a(info, "ropeAppend");
+  Tensor qo = a.tensor(0, "qOut"), kc = a.tensor(1, "kCache"), vc = a.tensor(2, "vCache"), qkv = a.tensor(3, "qkv");
+  Tensor pos = a.tensor(4, "positions"), f = a.tensor(5, "invFreq"), pt = a.tensor(6, "pageTable");
+  Tensor lens = a.tensor(7, "seqLens"), cuq = a.tensor(8, "cuQ");
+  a.same_device({{&qo, "qOut"}, {&qkv, "qkv"}});
+  a.dtype_in(qkv, "qkv", {DType::F32, DType::F16, DType::BF16});
+  a.ndim(qkv, "qkv", 2);
+  const int64_t T = qkv.dim(0);
+  a.ndim(qo, "qOut", 3);
+  if (qo.dim(0) != T) a.error("ERR_SHAPE", "qOut " + qo.shape_str() + " and qkv " + qkv.shape_str() + " differ in rows");
+  const int64_t width = check_rope_append(a, qo, kc, vc, T, pos, f, pt, lens, cuq);
+  a.shape_is(qkv, "qkv", {T, width});
   if (overlap(qo, qkv)) a.error("ERR_ARG", "qOut must not overlap qkv");
-  if (overlap(kc, qkv) || overlap(vc, qkv) || overlap(qo, kc) || overlap(qo, vc))
-    a.error("ERR_ARG", "the caches must not overlap qOut or qkv");
+  if (overlap(kc, qkv) || overlap(vc, qkv)) a.error("ERR_ARG", "the caches must not overlap qkv");
   if (qo.device.is_cuda()) {
     a.same_dtype(qkv, "qkv", qo, "qOut");
     a.same_dtype(qkv, "qkv", kc, "kCache");
@@ -69,6 +87,60 @@ SQZ_OP(ropeAppend) {
   dispatch(
       qo.device, "ropeAppend", [=] { cpu::rope_append(qo, kc, vc, qkv, pos, f, pt, lens, cuq); },
       [&](int dev) { CUDA_ONLY(cuda::rope_append(qo, kc, vc, qkv, pos, f, pt, lens, cuq, cuda_stream(dev))); });
+  return a.env().Undefined();
+}
+
+// linearRopeAppend(qOut[T,Hq,D], kCache, vCache, x[T,K], w[(Hq+2*kvHeads)*D,K], bias?, gamma?, eps,
+//                  positions, invFreq, pageTable, seqLens, cuQ): fusedLinear (store) into q|k|v
+// followed by ropeAppend, without q|k|v being stored (one launch on CUDA, up to 16 rows).
+SQZ_OP(linearRopeAppend) {
+  Args a(info, "linearRopeAppend");
+  Tensor qo = a.tensor(0, "qOut"), kc = a.tensor(1, "kCache"), vc = a.tensor(2, "vCache");
+  Tensor x = a.tensor(3, "x"), w = a.tensor(4, "w");
+  std::optional<Tensor> bias = a.opt_tensor(5, "bias"), gamma = a.opt_tensor(6, "gamma");
+  const double eps = a.number(7, "eps");
+  Tensor pos = a.tensor(8, "positions"), f = a.tensor(9, "invFreq"), pt = a.tensor(10, "pageTable");
+  Tensor lens = a.tensor(11, "seqLens"), cuq = a.tensor(12, "cuQ");
+  if (!(eps >= 0) || !std::isfinite(eps)) a.error("ERR_ARG", "eps must be a finite number >= 0");
+  a.same_device({{&qo, "qOut"}, {&x, "x"}, {&w, "w"}});
+  if (bias) a.same_device({{&qo, "qOut"}, {&*bias, "bias"}});
+  if (gamma) a.same_device({{&qo, "qOut"}, {&*gamma, "gamma"}});
+  a.ndim(x, "x", 2);
+  a.ndim(w, "w", 2);
+  a.ndim(qo, "qOut", 3);
+  const int64_t T = x.dim(0), K = x.dim(1);
+  const int64_t width = check_rope_append(a, qo, kc, vc, T, pos, f, pt, lens, cuq);
+  a.shape_is(w, "w", {width, K});
+  if (bias) a.shape_is(*bias, "bias", {width});
+  if (gamma) a.shape_is(*gamma, "gamma", {K});
+  const std::initializer_list<DType> fl = {DType::F32, DType::F16, DType::BF16};
+  a.dtype_in(x, "x", fl);
+  a.dtype_in(w, "w", fl);
+  if (bias) a.dtype_in(*bias, "bias", fl);
+  if (gamma) a.dtype_in(*gamma, "gamma", fl);
+  if (overlap(qo, x) || overlap(kc, x) || overlap(vc, x) || overlap(qo, w) || overlap(kc, w) || overlap(vc, w))
+    a.error("ERR_ARG", "qOut and the caches must not overlap x or w");
+  if (qo.device.is_cuda()) {
+    a.dtype_in(x, "x", {DType::F16, DType::BF16});
+    for (auto [t, n] : std::initializer_list<std::pair<const Tensor*, const char*>>{{&w, "w"}, {&qo, "qOut"}, {&kc, "kCache"}})
+      a.same_dtype(x, "x", *t, n);
+    if (bias) a.same_dtype(x, "x", *bias, "bias");
+    if (gamma) a.same_dtype(x, "x", *gamma, "gamma");
+    if (T > 16) a.error("ERR_UNSUPPORTED", "CUDA fuses up to 16 rows (decode), got " + std::to_string(T));
+    if (K == 0) a.error("ERR_SHAPE", "x " + x.shape_str() + " has no columns");
+  }
+  const float e = (float)eps;
+  const Tensor* bp = bias ? &*bias : nullptr;
+  const Tensor* gp = gamma ? &*gamma : nullptr;
+  dispatch(
+      qo.device, "linearRopeAppend",
+      [=] {
+        cpu::linear_rope_append(qo, kc, vc, x, w, bias ? &*bias : nullptr, gamma ? &*gamma : nullptr, e, pos, f, pt,
+                                lens, cuq);
+      },
+      [&](int dev) {
+        CUDA_ONLY(cuda::linear_rope_append(qo, kc, vc, x, w, bp, gp, e, pos, f, pt, lens, cuq, cuda_stream(dev)));
+      });
   return a.env().Undefined();
 }
 

@@ -165,6 +165,8 @@ export class Decoder {
   readonly scale: number;
   /** Whether decode passes (<= 2 rows on CUDA) use the fused GEMVs (see canFuse); SQUEEZELM_FUSE=0 starts it off. */
   fuse = process.env.SQUEEZELM_FUSE !== '0';
+  /** With fuse: RoPE and the fp16 cache append run in the q|k|v projection's epilogue (linearRopeAppend). */
+  fuseRopeAppend = true;
   /** Attention over another cache than the fp16 pages (absent: ropeAppend + attention). */
   readonly attn?: AttentionStep;
 
@@ -300,9 +302,9 @@ export class Decoder {
   /**
    * The decode pass with fused GEMVs: the RMSNorm of each block's input runs inside the
    * projection that reads it, the residual adds inside the projections that end a block, and
-   * SiLU-and-mul inside the gate|up projection. Per layer 4 GEMVs + RoPE/append + attention,
-   * against 10 kernels in forward()'s plain sequence. A quantized linear keeps the plain ops
-   * around it.
+   * SiLU-and-mul inside the gate|up projection, RoPE and the cache append inside the q|k|v
+   * projection (fp16 cache). Per layer 4 GEMVs + attention, against 10 kernels in forward()'s
+   * plain sequence. A quantized linear keeps the plain ops around it.
    */
   private forwardFused(ws: Workspace, maxQ: number, maxSeqLen: number): void {
     const { cfg, w } = this;
@@ -323,14 +325,25 @@ export class Decoder {
     ops.embedding(ws.x, ws.ids, w.embed);
     for (let l = 0; l < cfg.numLayers; l++) {
       const L = w.layers[l];
-      if (L.wqkv instanceof Tensor) {
+      if (L.wqkv instanceof Tensor && !this.attn && this.fuseRopeAppend) {
+        // q|k|v projection with RoPE and the fp16 cache append in its epilogue, then attention
         flush();
-        ops.fusedLinear(ws.qkv, ws.x, L.wqkv, { bias: L.bqkv, normWeight: L.ln1, eps });
+        const kc = this.cache.k[l], vc = this.cache.v[l];
+        ops.linearRopeAppend(ws.q3, kc, vc, ws.x, L.wqkv, {
+          bias: L.bqkv, normWeight: L.ln1, eps, positions: ws.positions, invFreq: this.invFreq,
+          pageTable: ws.pageTable, seqLens: ws.seqLens, cuQ: ws.cuQ,
+        });
+        ops.attention(ws.att, ws.q3, kc, vc, ws.pageTable, ws.seqLens, ws.cuQ, this.scale, { maxQ, maxSeqLen, workspace: ws.attnWork });
       } else {
-        normInto(L.ln1);
-        linearForward(ws.qkv, ws.h, L.wqkv, L.bqkv);
+        if (L.wqkv instanceof Tensor) {
+          flush();
+          ops.fusedLinear(ws.qkv, ws.x, L.wqkv, { bias: L.bqkv, normWeight: L.ln1, eps });
+        } else {
+          normInto(L.ln1);
+          linearForward(ws.qkv, ws.h, L.wqkv, L.bqkv);
+        }
+        this.attentionLayer(ws, l, maxQ, maxSeqLen);
       }
-      this.attentionLayer(ws, l, maxQ, maxSeqLen);
       if (L.wo instanceof Tensor) {
         flush();
         ops.fusedLinear(ws.x, ws.att2, L.wo, { bias: L.bo, epilogue: 'residual' });

@@ -24,3 +24,37 @@ export function ropeAppend(qOut: Tensor, kCache: Tensor, vCache: Tensor, qkv: Te
   native().ops.ropeAppend(qOut.native, kCache.native, vCache.native, qkv.native, positions.native, invFreq.native,
     pageTable.native, seqLens.native, cuQ.native);
 }
+
+/** Where linearRopeAppend's rows go and how they are normalised (see linearRopeAppend). */
+export interface LinearRopeAppendOptions {
+  bias?: Tensor;
+  /** RMSNorm weight [K]: x is normalised (fp32, per row) and scaled by it before the product. */
+  normWeight?: Tensor;
+  /** RMSNorm epsilon (with normWeight). */
+  eps?: number;
+  positions: Tensor;
+  invFreq: Tensor;
+  pageTable: Tensor;
+  seqLens: Tensor;
+  cuQ: Tensor;
+}
+
+/**
+ * The decode step's q|k|v projection and ropeAppend in one call: qkv = [rmsnorm(x) * normWeight]
+ * · wᵀ (+ bias), w [(Hq + 2*kvHeads) * D, K], rounded to x's dtype as fusedLinear stores it, then
+ * exactly what ropeAppend(qOut, kCache, vCache, qkv, ...) does, without qkv being stored. On
+ * CUDA the rotation and the cache writes run in the GEMV's epilogue (one launch instead of two;
+ * up to 16 rows), bit for bit fusedLinear followed by ropeAppend.
+ */
+export function linearRopeAppend(qOut: Tensor, kCache: Tensor, vCache: Tensor, x: Tensor, w: Tensor,
+  o: LinearRopeAppendOptions): void {
+  if (!o || typeof o !== 'object') throw new SqueezeError('ERR_ARG', 'linearRopeAppend: options must be an object');
+  const named: Array<[string, Tensor]> = [['qOut', qOut], ['kCache', kCache], ['vCache', vCache], ['x', x], ['w', w],
+    ['positions', o.positions], ['invFreq', o.invFreq], ['pageTable', o.pageTable], ['seqLens', o.seqLens], ['cuQ', o.cuQ]];
+  for (const [name, t] of named) if (!isTensor(t)) throw new SqueezeError('ERR_ARG', `linearRopeAppend: ${name} must be a Tensor`);
+  for (const [name, t] of [['bias', o.bias], ['normWeight', o.normWeight]] as const)
+    if (t !== undefined && !isTensor(t)) throw new SqueezeError('ERR_ARG', `linearRopeAppend: ${name} must be a Tensor`);
+  native().ops.linearRopeAppend(qOut.native, kCache.native, vCache.native, x.native, w.native, o.bias?.native,
+    o.normWeight?.native, o.eps ?? 1e-6, o.positions.native, o.invFreq.native, o.pageTable.native, o.seqLens.native,
+    o.cuQ.native);
+}

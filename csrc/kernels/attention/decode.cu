@@ -34,11 +34,12 @@ namespace {
 
 using namespace split_kv;
 
-// TPK lanes share one key (8 elements each, so D <= 8 * TPK); R query vectors per block.
-template <class T, int TPK, int R>
+// TPK lanes share one key (8 elements each, so D <= 8 * TPK); R query vectors per block; U key
+// steps in flight per thread (0: the default, 2 from R = 8 on, else 4).
+template <class T, int TPK, int R, int U_ = 0>
 __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
   constexpr int SLOTS = 32 / TPK;       // keys a warp reads at once
-  constexpr int U = R >= 8 ? 2 : 4;     // key steps in flight per thread
+  constexpr int U = U_ > 0 ? U_ : (R >= 8 ? 2 : 4);
   constexpr int KPW = SLOTS * U;        // keys per warp iteration
   pdl_wait();  // see pdl.cuh: before any global access that matters
   pdl_trigger();
@@ -206,10 +207,17 @@ __global__ void __launch_bounds__(32) decode_combine(Params p) {
   combine_splits_warp<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, active_splits(p, kend), s_w);
 }
 
+// SQUEEZELM_ATTN_U=8: one query vector per block streams 8 key steps per thread instead of 4
+// (a 64-token split in one round of loads; A/B runs, read per launch and per plan).
+inline bool wide_steps(int R) { return R == 1 && env_int("SQUEEZELM_ATTN_U", 0) == 8; }
+
 template <class T, int TPK, int R>
 void launch_partial(const Params& p, int device, cudaStream_t stream) {
   dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
   size_t smem = sizeof(float) * kWarps * R * p.D;
+  if constexpr (R == 1) {
+    if (wide_steps(R)) return launch_pdl(decode_partial<T, TPK, R, 8>, dim3(grid), dim3(kWarps * 32), smem, stream, p);
+  }
   launch_pdl(decode_partial<T, TPK, R>, dim3(grid), dim3(kWarps * 32), smem, stream, p);
 }
 
@@ -239,7 +247,10 @@ int occupancy_r(int R, int D) {
   const size_t smem = sizeof(float) * kWarps * R * D;
   cudaError_t e = cudaErrorInvalidValue;
   switch (R) {
-    case 1: e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_partial<__half, TPK, 1>, kWarps * 32, smem); break;
+    case 1:
+      e = wide_steps(R) ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_partial<__half, TPK, 1, 8>, kWarps * 32, smem)
+                        : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_partial<__half, TPK, 1>, kWarps * 32, smem);
+      break;
     case 2: e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_partial<__half, TPK, 2>, kWarps * 32, smem); break;
     case 4: e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_partial<__half, TPK, 4>, kWarps * 32, smem); break;
     default: e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_partial<__half, TPK, 8>, kWarps * 32, smem); break;
@@ -251,7 +262,7 @@ int occupancy_r(int R, int D) {
 // R = 1, ~230 at R = 8). The bf16 instantiations use the same registers within a few.
 int resident_blocks(int device, int D, int R) {
   const int ti = D <= 64 ? 0 : D <= 128 ? 1 : 2;
-  return cached_per_device(device, ti * 16 + R, [&] {
+  return cached_per_device(device, ti * 16 + R + (wide_steps(R) ? 8 : 0), [&] {
     return ti == 0 ? occupancy_r<8>(R, D) : ti == 1 ? occupancy_r<16>(R, D) : occupancy_r<32>(R, D);
   });
 }

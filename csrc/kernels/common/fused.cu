@@ -15,32 +15,10 @@
 #include "core/cuda_stream.h"
 #include "dtype_cuda.cuh"
 #include "fused.h"
-#include "paged_rows.cuh"
+#include "rope_append.cuh"
 
 namespace sqz::cuda {
 namespace {
-
-struct RopeAppendParams {
-  const int* pos;
-  const float* inv_freq;
-  const int* page_table;
-  const int* seq_lens;
-  const int* cu_q;
-  int T, B, Hq, Hkv, half;
-  int pages, page_size, max_pages;
-  int vec;  // v heads move in 16-byte pieces
-};
-
-// Cache element offset of `row`'s slot (kv head 0, element 0), or -1 when it is not stored.
-__device__ __forceinline__ long long slot_offset(const RopeAppendParams& p, int row) {
-  int b, t;
-  if (!paged_row_position(p.cu_q, p.seq_lens, p.B, row, &b, &t) || t < 0) return -1;
-  const int blk = t / p.page_size;
-  if (blk >= p.max_pages) return -1;
-  const int page = __ldg(p.page_table + (int64_t)b * p.max_pages + blk);
-  if (page < 0 || page >= p.pages) return -1;
-  return (((long long)page * p.page_size + t % p.page_size) * p.Hkv) * (2 * p.half);
-}
 
 // One rotation pair (idx < qk_pairs) or one piece of the v heads of one row.
 template <class T>
@@ -51,17 +29,14 @@ __device__ __forceinline__ void rope_append_piece(const RopeAppendParams& p, T* 
   if (idx < qk_pairs) {
     const int h = idx / half, i = idx - h * half;
     const T* xh = src + (int64_t)h * D;
-    const float x1 = to_f32(xh[i]), x2 = to_f32(xh[i + half]);
-    const float a = (float)__ldg(p.pos + row) * __ldg(p.inv_freq + i);
-    float s, c;
-    sincosf(a, &s, &c);
-    const T y1 = from_f32<T>(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
-    const T y2 = from_f32<T>(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+    float r1, r2;
+    rope_rotate(p, row, i, to_f32(xh[i]), to_f32(xh[i + half]), &r1, &r2);
+    const T y1 = from_f32<T>(r1), y2 = from_f32<T>(r2);
     T* out;
     if (h < p.Hq) {
       out = q_out + ((int64_t)row * p.Hq + h) * D;
     } else {
-      const long long dst = slot_offset(p, row);
+      const long long dst = rope_slot_offset(p, row);
       if (dst < 0) return;
       out = kc + dst + (int64_t)(h - p.Hq) * D;
     }
@@ -75,12 +50,12 @@ __device__ __forceinline__ void rope_append_piece(const RopeAppendParams& p, T* 
   const T* v = src + (int64_t)(p.Hq + p.Hkv) * D;
   if (p.vec) {
     if (j >= n * (int)sizeof(T) / 16) return;
-    const long long dst = slot_offset(p, row);
+    const long long dst = rope_slot_offset(p, row);
     if (dst < 0) return;
     reinterpret_cast<uint4*>(vc + dst)[j] = reinterpret_cast<const uint4*>(v)[j];
   } else {
     if (j >= n) return;
-    const long long dst = slot_offset(p, row);
+    const long long dst = rope_slot_offset(p, row);
     if (dst < 0) return;
     vc[dst + j] = v[j];
   }
@@ -104,20 +79,7 @@ __global__ void rope_append_kernel(RopeAppendParams p, T* __restrict__ q_out, T*
 void rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& qkv, const Tensor& positions,
                  const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens, const Tensor& cu_q,
                  cudaStream_t s) {
-  RopeAppendParams p{};
-  p.T = (int)qkv.dim(0);
-  p.B = (int)seq_lens.dim(0);
-  p.Hq = (int)q_out.dim(1);
-  p.half = (int)(q_out.dim(2) / 2);
-  p.Hkv = (int)kc.dim(2);
-  p.pages = (int)kc.dim(0);
-  p.page_size = (int)kc.dim(1);
-  p.max_pages = (int)page_table.dim(1);
-  p.pos = positions.ptr<int>();
-  p.inv_freq = inv_freq.ptr<float>();
-  p.page_table = page_table.ptr<int>();
-  p.seq_lens = seq_lens.ptr<int>();
-  p.cu_q = cu_q.ptr<int>();
+  RopeAppendParams p = rope_append_params(q_out, kc, qkv.dim(0), positions, inv_freq, page_table, seq_lens, cu_q);
   if (p.T == 0 || p.half == 0) return;
   const int64_t D = 2 * (int64_t)p.half, esz = dtype_size(qkv.dtype);
   const bool aligned = reinterpret_cast<uintptr_t>(qkv.data()) % 16 == 0 && reinterpret_cast<uintptr_t>(vc.data()) % 16 == 0;

@@ -9,7 +9,8 @@
 // x^2 over the K it walks anyway, so the RMSNorm of x costs no extra pass; x is scaled by
 // gamma as it is read and the row's 1/rms is applied to the finished dot products. In
 // silu-pairs mode the R rows of a warp are R/2 gate rows and the matching up rows, so one
-// lane holds both halves of an output.
+// lane holds both halves of an output; with ROPE (kFuseRopeAppend) they are R/2 rotation
+// pairs (i, i + D/2) of the q|k|v heads, rotated and stored to q_out and the paged caches.
 #pragma once
 #include "../common/pdl.cuh"
 #include "common.cuh"
@@ -60,26 +61,58 @@ __device__ __forceinline__ void dot_chunk(float& acc, const float (&xf)[8], uint
 // U: 16-byte chunks per row in flight per lane. VEC: K % 8 == 0 and every base pointer 16-byte
 // aligned (each row then starts aligned); otherwise lanes read single elements (slower, still
 // correct). NORM: fuse.gamma is set (RMSNorm of x fused in).
-template <class T, int M, bool VEC, int U, int R = kGemvRows, bool NORM = false>
+// Stores rotation pair pp (head pp / half, element pp % half) of q|k|v row m, ropeAppend's way:
+// q heads rotated into q_out, k heads rotated into the key cache, v heads copied to the value
+// cache (rows whose slot is out of range are not stored). x1, x2: the pair's values as a
+// plain store would leave them in q|k|v.
+template <class T>
+__device__ __forceinline__ void rope_store_pair(const GemvFuse& f, int m, long long pp, float x1, float x2) {
+  const RopeAppendParams& p = f.rope;
+  const int half = p.half, D = 2 * half;
+  const int hh = (int)(pp / half), i = (int)(pp - (long long)hh * half);
+  if (hh < p.Hq + p.Hkv) rope_rotate(p, m, i, x1, x2, &x1, &x2);
+  T* out;
+  if (hh < p.Hq) {
+    out = static_cast<T*>(f.q_out) + ((long long)m * p.Hq + hh) * D;
+  } else {
+    const long long dst = rope_slot_offset(p, m);
+    if (dst < 0) return;
+    out = hh < p.Hq + p.Hkv ? static_cast<T*>(f.kc) + dst + (long long)(hh - p.Hq) * D
+                            : static_cast<T*>(f.vc) + dst + (long long)(hh - p.Hq - p.Hkv) * D;
+  }
+  out[i] = from_f<T>(x1);
+  out[i + half] = from_f<T>(x2);
+}
+
+template <class T, int M, bool VEC, int U, int R = kGemvRows, bool NORM = false, bool ROPE = false>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     gemv_kernel(T* y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, int N, int K,
                 GemvFuse fuse) {
   static_assert(R == 1 || R % 2 == 0, "rows per warp: 1 or even");
+  static_assert(!ROPE || R % 2 == 0, "rotation pairs need an even number of rows per warp");
   const int lane = threadIdx.x & 31;
   const long long warp = (long long)blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
-  const bool pairs = fuse.mode == kFuseSiluPairs;  // R is even whenever the launcher sets it
-  // Plain: rows n0 .. n0+R-1. Pairs: gate rows p0 .. p0+R/2-1 and up rows P+p0 ...
+  const bool pairs = !ROPE && fuse.mode == kFuseSiluPairs;  // R is even whenever the launcher sets it
+  // Plain: rows n0 .. n0+R-1. Pairs: gate rows p0 .. p0+R/2-1 and up rows P+p0 ... ROPE:
+  // rotation pairs p0 .. p0+R/2-1, first elements then their partners D/2 further.
   const long long P = N / 2;
-  const long long n0 = pairs ? warp * (R / 2) : warp * R;
-  if (n0 >= (pairs ? P : N)) {  // whole warp leaves together: no shuffle is left waiting
+  const long long n0 = (pairs || ROPE) ? warp * (R / 2) : warp * R;
+  if (n0 >= ((pairs || ROPE) ? P : N)) {  // whole warp leaves together: no shuffle is left waiting
     pdl_wait();
     return;
   }
   long long rows[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    if (pairs) rows[r] = r < R / 2 ? min(n0 + r, P - 1) : P + min(n0 + r - R / 2, P - 1);
-    else rows[r] = min(n0 + r, (long long)N - 1);  // rows past N reread the last one, never stored
+    if constexpr (ROPE) {
+      const int half = fuse.rope.half;
+      const long long pp = min(n0 + (r % (R / 2)), P - 1), hh = pp / half;
+      rows[r] = hh * 2 * half + (pp - hh * half) + (r >= R / 2 ? half : 0);
+    } else if (pairs) {
+      rows[r] = r < R / 2 ? min(n0 + r, P - 1) : P + min(n0 + r - R / 2, P - 1);
+    } else {
+      rows[r] = min(n0 + r, (long long)N - 1);  // rows past N reread the last one, never stored
+    }
   }
   const T* wrow[R];
 #pragma unroll
@@ -173,6 +206,23 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
       ss[m] = rsqrtf(s / (float)K + fuse.eps);  // now 1/rms of row m
     }
+  }
+  if constexpr (ROPE) {
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int r = 0; r < R / 2; ++r) {
+        if (lane != ((m * R + r) & 31) || n0 + r >= P) continue;
+        const float inv = NORM ? ss[m] : 1.f;
+        float x1 = acc[m][r] * inv, x2 = acc[m][r + R / 2] * inv;
+        if (bias) {
+          x1 += to_f<T>(bias[rows[r]]);
+          x2 += to_f<T>(bias[rows[r + R / 2]]);
+        }
+        // rounded as a plain store leaves q|k|v, so the rest is ropeAppend's arithmetic
+        rope_store_pair<T>(fuse, m, n0 + r, to_f<T>(from_f<T>(x1)), to_f<T>(from_f<T>(x2)));
+      }
+    return;
   }
 #pragma unroll
   for (int m = 0; m < M; ++m)

@@ -9,9 +9,53 @@
 #include "gemm.h"
 #include "gemm_tc.cuh"
 #include "gemm_wgmma.cuh"
-#include "gemv.cuh"
+#include "gemv_launch.cuh"
 #include "gemv_tc.cuh"
 #include "../common/launch_config.h"
+
+namespace sqz::cuda::gemm_detail {
+
+// Which GEMV runs a product with M <= 16 rows, and its launch shape. From sweeps of every
+// setting over the LLaMA projection shapes on an H200 (bench gemv-tune):
+//   - M <= 2: the FMA kernel; 2 rows per warp with 8 chunks in flight per lane where N <= 8192
+//     and K <= 11008 (4096x4096 76%, 4096x11008 91%, 8192x8192 91% of copy bandwidth), 4 rows
+//     with 2 chunks for wide N at K <= 4096 (11008x4096 89%; the decode step's fused 12288x4096
+//     q|k|v 93% and 22016x4096 gate|up 93%, where 2 x 2 gave 88%), 2 rows x 4 chunks at very
+//     long K (8192x28672 100%), 2 x 2 for very wide N at longer K (28672x8192 102%);
+//   - M >= 3: the tensor-core kernel (persistent grid). Up to 8 rows: 2 row tiles per block where
+//     N and K are both 8192+ but N is not very wide (8192x8192 90%, 8192x28672 95%), else one
+//     (28672x8192 92%, N = 4096 shapes). More rows: 2 tiles where N >= 8192 (x is reread per
+//     tile: 2 tiles halve that traffic), else one tile with 4 chunks in flight. 4 tiles per block
+//     and fewer blocks per SM than fit both lose (39-70% and 50-77%).
+// SQUEEZELM_GEMV_TC_MIN_M / _NT / _TC_U / _U / _R override each choice (tuning runs only).
+GemvPlan plan_gemv(int M, int N, int K) {
+  GemvPlan p;
+  if (M <= 2) {
+    p.tc = false;
+    p.nt = 1;
+    if (N >= 8192 && K <= 4096) p.r = 4, p.u = 2;
+    else if (N >= 16384) p.r = 2, p.u = 2;
+    else if (K >= 16384) p.r = 2, p.u = 4;
+    else p.r = 2, p.u = 8;
+  } else {
+    p.tc = true;
+    p.r = 2;
+    if (M <= 8) p.nt = N >= 8192 && N < 16384 && K >= 8192 ? 2 : 1;
+    else p.nt = N >= 8192 ? 2 : 1;
+    p.u = p.nt == 1 && M > 8 ? 4 : 2;
+  }
+  const int min_m = env_int("SQUEEZELM_GEMV_TC_MIN_M", 0);
+  if (min_m > 0) p.tc = M >= min_m;
+  const int nt = env_int("SQUEEZELM_GEMV_NT", 0);
+  if (nt > 0) p.nt = nt;
+  const int u = env_int(p.tc ? "SQUEEZELM_GEMV_TC_U" : "SQUEEZELM_GEMV_U", 0);
+  if (u > 0) p.u = u;
+  const int r = env_int("SQUEEZELM_GEMV_R", 0);
+  if (r > 0) p.r = r;
+  return p;
+}
+
+}  // namespace sqz::cuda::gemm_detail
 
 namespace sqz::cuda {
 namespace {
@@ -20,51 +64,6 @@ using namespace gemm_detail;
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 GemvFuse no_fuse() { return GemvFuse{nullptr, 0.f, kFusePlain}; }
-
-// Launch-shape knobs (env_int), each overridable from the environment for tuning runs (bench/gemv.ts's
-// tune suite): read per launch, so a benchmark can sweep them in one process.
-
-template <class T, int M, bool VEC, int U, int R = kGemvRows>
-void launch_gemv_mu(T* y, const T* x, const T* w, const T* bias, int N, int K, GemvFuse f, cudaStream_t s) {
-  // Pairs mode: a warp covers R/2 outputs, i.e. R rows of w, like the plain mode.
-  const long long warps = (N + R - 1) / R;
-  const unsigned blocks = ceil_div(warps, kGemvWarps);
-  if (f.gamma)
-    launch_pdl(gemv_kernel<T, M, VEC, U, R, true>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K, f);
-  else
-    launch_pdl(gemv_kernel<T, M, VEC, U, R, false>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K, f);
-}
-
-// u: chunks in flight per lane (2, 4, 8); r: rows per warp (1, 2, 4; even in pairs mode). Only
-// M <= 2 takes the FMA kernel with 16-byte loads, so only those get the variants.
-template <class T, int M>
-void launch_gemv_m(T* y, const T* x, const T* w, const T* bias, int N, int K, bool vec, int u, int r,
-                   const GemvFuse& f, cudaStream_t s) {
-  if (!vec) return launch_gemv_mu<T, M, false, 2>(y, x, w, bias, N, K, f, s);
-  if constexpr (M <= 2) {
-    if (f.mode == kFuseSiluPairs && r == 1) r = 2;
-#define SQZ_GEMV_RU(rr, uu) \
-  if (r == rr && u == uu) return launch_gemv_mu<T, M, true, uu, rr>(y, x, w, bias, N, K, f, s);
-    SQZ_GEMV_RU(1, 4) SQZ_GEMV_RU(1, 8) SQZ_GEMV_RU(2, 4) SQZ_GEMV_RU(2, 8) SQZ_GEMV_RU(4, 2) SQZ_GEMV_RU(4, 4)
-#undef SQZ_GEMV_RU
-  }
-  launch_gemv_mu<T, M, true, 2>(y, x, w, bias, N, K, f, s);
-}
-
-template <class T>
-void launch_gemv(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, bool vec, int u, int r,
-                 const GemvFuse& f, cudaStream_t s) {
-  switch (M) {
-#define SQZ_GEMV_CASE(m) \
-  case m: return launch_gemv_m<T, m>(y, x, w, bias, N, K, vec, u, r, f, s);
-    SQZ_GEMV_CASE(1) SQZ_GEMV_CASE(2) SQZ_GEMV_CASE(3) SQZ_GEMV_CASE(4)
-    SQZ_GEMV_CASE(5) SQZ_GEMV_CASE(6) SQZ_GEMV_CASE(7) SQZ_GEMV_CASE(8)
-    SQZ_GEMV_CASE(9) SQZ_GEMV_CASE(10) SQZ_GEMV_CASE(11) SQZ_GEMV_CASE(12)
-    SQZ_GEMV_CASE(13) SQZ_GEMV_CASE(14) SQZ_GEMV_CASE(15) SQZ_GEMV_CASE(16)
-#undef SQZ_GEMV_CASE
-    default: fail("ERR_INTERNAL", "matmul: GEMV called with M = " + std::to_string(M));
-  }
-}
 
 template <class T, int NT, int U>
 void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
@@ -96,50 +95,6 @@ void launch_gemv_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, i
   launch_gemv_tc_nu<T, 1, 2>(y, x, w, bias, M, N, K, s);
 }
 
-// Which GEMV runs a product with M <= 16 rows, and its launch shape. From sweeps of every
-// setting over the LLaMA projection shapes on an H200 (bench gemv-tune):
-//   - M <= 2: the FMA kernel; 2 rows per warp with 8 chunks in flight per lane where N <= 8192
-//     and K <= 11008 (4096x4096 76%, 4096x11008 91%, 8192x8192 91% of copy bandwidth), 4 rows
-//     with 2 chunks for wide N at K <= 4096 (11008x4096 89%; the decode step's fused 12288x4096
-//     q|k|v 93% and 22016x4096 gate|up 93%, where 2 x 2 gave 88%), 2 rows x 4 chunks at very
-//     long K (8192x28672 100%), 2 x 2 for very wide N at longer K (28672x8192 102%);
-//   - M >= 3: the tensor-core kernel (persistent grid). Up to 8 rows: 2 row tiles per block where
-//     N and K are both 8192+ but N is not very wide (8192x8192 90%, 8192x28672 95%), else one
-//     (28672x8192 92%, N = 4096 shapes). More rows: 2 tiles where N >= 8192 (x is reread per
-//     tile: 2 tiles halve that traffic), else one tile with 4 chunks in flight. 4 tiles per block
-//     and fewer blocks per SM than fit both lose (39-70% and 50-77%).
-// SQUEEZELM_GEMV_TC_MIN_M / _NT / _TC_U / _U / _R override each choice (tuning runs only).
-struct GemvPlan {
-  bool tc;
-  int nt, u, r;  // r: rows per warp of the FMA kernel
-};
-
-GemvPlan plan_gemv(int M, int N, int K) {
-  GemvPlan p;
-  if (M <= 2) {
-    p.tc = false;
-    p.nt = 1;
-    if (N >= 8192 && K <= 4096) p.r = 4, p.u = 2;
-    else if (N >= 16384) p.r = 2, p.u = 2;
-    else if (K >= 16384) p.r = 2, p.u = 4;
-    else p.r = 2, p.u = 8;
-  } else {
-    p.tc = true;
-    p.r = 2;
-    if (M <= 8) p.nt = N >= 8192 && N < 16384 && K >= 8192 ? 2 : 1;
-    else p.nt = N >= 8192 ? 2 : 1;
-    p.u = p.nt == 1 && M > 8 ? 4 : 2;
-  }
-  const int min_m = env_int("SQUEEZELM_GEMV_TC_MIN_M", 0);
-  if (min_m > 0) p.tc = M >= min_m;
-  const int nt = env_int("SQUEEZELM_GEMV_NT", 0);
-  if (nt > 0) p.nt = nt;
-  const int u = env_int(p.tc ? "SQUEEZELM_GEMV_TC_U" : "SQUEEZELM_GEMV_U", 0);
-  if (u > 0) p.u = u;
-  const int r = env_int("SQUEEZELM_GEMV_R", 0);
-  if (r > 0) p.r = r;
-  return p;
-}
 
 template <class T, bool A>
 void launch_gemm_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
