@@ -92,7 +92,7 @@ SQZ_OP(ropeAppend) {
 
 // linearRopeAppend(qOut[T,Hq,D], kCache, vCache, x[T,K], w[(Hq+2*kvHeads)*D,K], bias?, gamma?, eps,
 //                  positions, invFreq, pageTable, seqLens, cuQ): fusedLinear (store) into q|k|v
-// followed by ropeAppend, without q|k|v being stored (one launch on CUDA, up to 16 rows).
+// followed by ropeAppend, without q|k|v being stored (one launch on CUDA, up to 2 rows).
 SQZ_OP(linearRopeAppend) {
   Args a(info, "linearRopeAppend");
   Tensor qo = a.tensor(0, "qOut"), kc = a.tensor(1, "kCache"), vc = a.tensor(2, "vCache");
@@ -126,7 +126,7 @@ SQZ_OP(linearRopeAppend) {
       a.same_dtype(x, "x", *t, n);
     if (bias) a.same_dtype(x, "x", *bias, "bias");
     if (gamma) a.same_dtype(x, "x", *gamma, "gamma");
-    if (T > 16) a.error("ERR_UNSUPPORTED", "CUDA fuses up to 16 rows (decode), got " + std::to_string(T));
+    if (T > 2) a.error("ERR_UNSUPPORTED", "CUDA fuses up to 2 rows (a decode step), got " + std::to_string(T));
     if (K == 0) a.error("ERR_SHAPE", "x " + x.shape_str() + " has no columns");
   }
   const float e = (float)eps;

@@ -44,7 +44,7 @@ export interface LinearRopeAppendOptions {
  * · wᵀ (+ bias), w [(Hq + 2*kvHeads) * D, K], rounded to x's dtype as fusedLinear stores it, then
  * exactly what ropeAppend(qOut, kCache, vCache, qkv, ...) does, without qkv being stored. On
  * CUDA the rotation and the cache writes run in the GEMV's epilogue (one launch instead of two;
- * up to 16 rows), bit for bit fusedLinear followed by ropeAppend.
+ * one or two rows: the fused decode pass), bit for bit fusedLinear followed by ropeAppend.
  */
 export function linearRopeAppend(qOut: Tensor, kCache: Tensor, vCache: Tensor, x: Tensor, w: Tensor,
   o: LinearRopeAppendOptions): void {

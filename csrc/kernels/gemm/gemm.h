@@ -19,7 +19,7 @@ void matmul(const Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bia
 void fused_linear(const Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* gamma, float eps,
                   int mode, cudaStream_t stream);
 
-// linearRopeAppend (M <= 16): qkv = [rmsnorm(x) * gamma] · wᵀ (+ bias), rounded to x's dtype,
+// linearRopeAppend (M <= 2): qkv = [rmsnorm(x) * gamma] · wᵀ (+ bias), rounded to x's dtype,
 // then rope_append(q_out, kc, vc, qkv, ...) (common/fused.h) in the GEMV's epilogue, without
 // qkv ever being stored. Bit for bit fused_linear (mode 0) followed by rope_append.
 void linear_rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& x, const Tensor& w,

@@ -1,6 +1,7 @@
 // The decode step's q|k|v projection with ropeAppend in its epilogue (see fuse.cuh,
 // kFuseRopeAppend): one launch where the plain path runs the fused GEMV and then the
 // RoPE/append kernel, which at batch 1 is a whole kernel boundary per layer for a few KB of work.
+// One or two rows (the fused decode pass's batch sizes).
 #include <cstdint>
 #include <string>
 
@@ -20,7 +21,7 @@ void run(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& 
          const Tensor& seq_lens, const Tensor& cu_q, cudaStream_t s) {
   const long long M = x.dim(0), K = x.dim(1), N = w.dim(0);
   if (M == 0 || N == 0) return;
-  if (M > 16) fail("ERR_UNSUPPORTED", "linearRopeAppend: CUDA fuses up to 16 rows, got " + std::to_string(M));
+  if (M > 2) fail("ERR_UNSUPPORTED", "linearRopeAppend: CUDA fuses up to 2 rows, got " + std::to_string(M));
   if (K == 0) fail("ERR_SHAPE", "linearRopeAppend: K = 0");
   GemvFuse f{gamma ? gamma->data() : nullptr, eps, kFuseRopeAppend};
   f.rope = rope_append_params(q_out, kc, M, positions, inv_freq, page_table, seq_lens, cu_q);
@@ -29,10 +30,12 @@ void run(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& 
   f.vc = vc.data();
   const bool vec = K % 8 == 0 && aligned16(x.data()) && aligned16(w.data()) && (!gamma || aligned16(gamma->data()));
   // The launch shape the fused GEMV of the same product takes (the same sums, bit for bit).
-  GemvPlan plan = plan_gemv((int)M, (int)N, (int)K);
-  if (M > 2) plan.u = plan.r = 2;
-  launch_gemv<T, true>(nullptr, x.ptr<T>(), w.ptr<T>(), bias ? bias->ptr<T>() : nullptr, (int)M, (int)N, (int)K, vec,
-                       plan.u, plan.r, f, s);
+  // Only the decode step's one or two rows are instantiated: a kernel per row count, norm and
+  // launch shape, and more rows would multiply the addon's size for a path the decoder never takes.
+  const GemvPlan plan = plan_gemv((int)M, (int)N, (int)K);
+  const T* bp = bias ? bias->ptr<T>() : nullptr;
+  if (M == 1) launch_gemv_m<T, 1, true>(nullptr, x.ptr<T>(), w.ptr<T>(), bp, (int)N, (int)K, vec, plan.u, plan.r, f, s);
+  else launch_gemv_m<T, 2, true>(nullptr, x.ptr<T>(), w.ptr<T>(), bp, (int)N, (int)K, vec, plan.u, plan.r, f, s);
 }
 
 }  // namespace
