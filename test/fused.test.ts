@@ -245,7 +245,7 @@ const LINEAR_SHAPES = [
   { Hq: 3, Hkv: 1, D: 24, pageSize: 7, ns: [1], extraRows: 1, K: 100, norm: true, bias: true },
   { Hq: 8, Hkv: 8, D: 64, pageSize: 16, ns: [1, 1], K: 320, norm: false, bias: true },
   { Hq: 6, Hkv: 2, D: 80, pageSize: 16, ns: [2], K: 96, norm: false, bias: false },
-  { Hq: 32, Hkv: 32, D: 128, pageSize: 16, ns: [1], K: 4096, norm: true, bias: false },
+  { Hq: 32, Hkv: 32, D: 128, pageSize: 16, ns: [1], K: 512, norm: true, bias: false },
 ];
 
 function makeLinearCase(r: () => number, s: (typeof LINEAR_SHAPES)[number]): LinearCase {

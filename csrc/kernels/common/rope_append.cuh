@@ -53,15 +53,22 @@ __device__ __forceinline__ long long rope_slot_offset(const RopeAppendParams& p,
   return (((long long)page * p.page_size + t % p.page_size) * p.Hkv) * (2 * p.half);
 }
 
-// Pair i of a head of `row` rotated by its position: fp32 angle pos * invFreq[i], precise
-// sincosf, products rounded separately (what the rope kernel computes).
-__device__ __forceinline__ void rope_rotate(const RopeAppendParams& p, int row, int i, float x1, float x2, float* y1,
-                                            float* y2) {
+// cos and sin of pair i at `row`'s position: fp32 angle pos * invFreq[i], precise sincosf.
+__device__ __forceinline__ void rope_cos_sin(const RopeAppendParams& p, int row, int i, float* c, float* s) {
   const float a = (float)__ldg(p.pos + row) * __ldg(p.inv_freq + i);
-  float s, c;
-  sincosf(a, &s, &c);
+  sincosf(a, s, c);
+}
+// The rotation with products rounded separately (what the rope kernel computes).
+__device__ __forceinline__ void rope_apply(float x1, float x2, float c, float s, float* y1, float* y2) {
   *y1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
   *y2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+}
+// Pair i of a head of `row` rotated by its position.
+__device__ __forceinline__ void rope_rotate(const RopeAppendParams& p, int row, int i, float x1, float x2, float* y1,
+                                            float* y2) {
+  float c, s;
+  rope_cos_sin(p, row, i, &c, &s);
+  rope_apply(x1, x2, c, s, y1, y2);
 }
 
 }  // namespace sqz::cuda

@@ -61,27 +61,33 @@ __device__ __forceinline__ void dot_chunk(float& acc, const float (&xf)[8], uint
 // U: 16-byte chunks per row in flight per lane. VEC: K % 8 == 0 and every base pointer 16-byte
 // aligned (each row then starts aligned); otherwise lanes read single elements (slower, still
 // correct). NORM: fuse.gamma is set (RMSNorm of x fused in).
-// Stores rotation pair pp (head pp / half, element pp % half) of q|k|v row m, ropeAppend's way:
-// q heads rotated into q_out, k heads rotated into the key cache, v heads copied to the value
-// cache (rows whose slot is out of range are not stored). x1, x2: the pair's values as a
-// plain store would leave them in q|k|v.
+// Where rotation pair pp (head pp / half, element pp % half) of q|k|v row m goes, ropeAppend's
+// way: q heads rotated into q_out, k heads rotated into the key cache, v heads copied to the
+// value cache; out is null where the row's slot is out of range. Worked out before the product
+// (it needs only positions and the page table), so its loads overlap the weight stream instead
+// of adding their latency to every warp's end.
+template <class T> struct RopeTarget {
+  T* out = nullptr;  // element i; its partner is out[half]
+  float c = 1.f, s = 0.f;
+  bool rotate = false;
+};
 template <class T>
-__device__ __forceinline__ void rope_store_pair(const GemvFuse& f, int m, long long pp, float x1, float x2) {
+__device__ __forceinline__ RopeTarget<T> rope_target(const GemvFuse& f, int m, long long pp) {
   const RopeAppendParams& p = f.rope;
   const int half = p.half, D = 2 * half;
   const int hh = (int)(pp / half), i = (int)(pp - (long long)hh * half);
-  if (hh < p.Hq + p.Hkv) rope_rotate(p, m, i, x1, x2, &x1, &x2);
-  T* out;
+  RopeTarget<T> t;
+  t.rotate = hh < p.Hq + p.Hkv;
+  if (t.rotate) rope_cos_sin(p, m, i, &t.c, &t.s);
   if (hh < p.Hq) {
-    out = static_cast<T*>(f.q_out) + ((long long)m * p.Hq + hh) * D;
+    t.out = static_cast<T*>(f.q_out) + ((long long)m * p.Hq + hh) * D + i;
   } else {
     const long long dst = rope_slot_offset(p, m);
-    if (dst < 0) return;
-    out = hh < p.Hq + p.Hkv ? static_cast<T*>(f.kc) + dst + (long long)(hh - p.Hq) * D
-                            : static_cast<T*>(f.vc) + dst + (long long)(hh - p.Hq - p.Hkv) * D;
+    if (dst >= 0)
+      t.out = (hh < p.Hq + p.Hkv ? static_cast<T*>(f.kc) + dst + (long long)(hh - p.Hq) * D
+                                 : static_cast<T*>(f.vc) + dst + (long long)(hh - p.Hq - p.Hkv) * D) + i;
   }
-  out[i] = from_f<T>(x1);
-  out[i + half] = from_f<T>(x2);
+  return t;
 }
 
 template <class T, int M, bool VEC, int U, int R = kGemvRows, bool NORM = false, bool ROPE = false>
@@ -89,7 +95,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     gemv_kernel(T* y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, int N, int K,
                 GemvFuse fuse) {
   static_assert(R == 1 || R % 2 == 0, "rows per warp: 1 or even");
-  static_assert(!ROPE || R % 2 == 0, "rotation pairs need an even number of rows per warp");
+  static_assert(!ROPE || (R % 2 == 0 && M * R <= 32), "rotation pairs: an even number of rows, one pair per lane");
   const int lane = threadIdx.x & 31;
   const long long warp = (long long)blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
   const bool pairs = !ROPE && fuse.mode == kFuseSiluPairs;  // R is even whenever the launcher sets it
@@ -129,6 +135,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
         for (int r = 0; r < R; ++r) prefetch_l2(wrow[r] + (size_t)(lane + 32 * u) * 8);
   pdl_wait();
   pdl_trigger();
+  // ROPE: lane m * R + r (r < R/2) will store pair n0 + r of row m
+  RopeTarget<T> tgt;
+  if constexpr (ROPE) {
+    const int m = lane / R, r = lane % R;
+    if (m < M && r < R / 2 && n0 + r < P) tgt = rope_target<T>(fuse, m, n0 + r);
+  }
 
   float acc[M][R], ss[M];
 #pragma unroll
@@ -212,7 +224,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     for (int m = 0; m < M; ++m)
 #pragma unroll
       for (int r = 0; r < R / 2; ++r) {
-        if (lane != ((m * R + r) & 31) || n0 + r >= P) continue;
+        if (lane != m * R + r || tgt.out == nullptr) continue;
         const float inv = NORM ? ss[m] : 1.f;
         float x1 = acc[m][r] * inv, x2 = acc[m][r + R / 2] * inv;
         if (bias) {
@@ -220,7 +232,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
           x2 += to_f<T>(bias[rows[r + R / 2]]);
         }
         // rounded as a plain store leaves q|k|v, so the rest is ropeAppend's arithmetic
-        rope_store_pair<T>(fuse, m, n0 + r, to_f<T>(from_f<T>(x1)), to_f<T>(from_f<T>(x2)));
+        x1 = to_f<T>(from_f<T>(x1));
+        x2 = to_f<T>(from_f<T>(x2));
+        if (tgt.rotate) rope_apply(x1, x2, tgt.c, tgt.s, &x1, &x2);
+        tgt.out[0] = from_f<T>(x1);
+        tgt.out[fuse.rope.half] = from_f<T>(x2);
       }
     return;
   }
