@@ -49,10 +49,13 @@ export interface DecodeBenchOptions {
 
 const SUITE = 'decode';
 
-/** Seconds per decode step at batch B end to end (scheduler, sampling, readback): the difference of two generation lengths. */
-export async function endToEndStep(model: Model, B: number, tokens: number): Promise<number> {
+/**
+ * Seconds per decode step at batch B end to end (scheduler, sampling, readback): the difference
+ * of two generation lengths after a prompt of promptLen tokens (contexts promptLen + 8 on).
+ */
+export async function endToEndStep(model: Model, B: number, tokens: number, promptLen = 32): Promise<number> {
   const V = model.config.vocabSize;
-  const prompt = Array.from({ length: 32 }, (_, i) => (i * 7919 + 11) % V);
+  const prompt = Array.from({ length: promptLen }, (_, i) => (i * 7919 + 11) % V);
   const run = async (n: number) => {
     const reqs = Array.from({ length: B }, (_, b) => ({ ids: prompt.map((t) => (t + b) % V), maxTokens: n }));
     const t0 = performance.now();
@@ -169,27 +172,28 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
     const floorTps = (ctx.copyBandwidthGBs * 1e9) / stepBytes;
     log(`decode: weights ${(stepBytes / 1e9).toFixed(2)} GB; batch-1 floor ${floorTps.toFixed(1)} tokens/s at ${ctx.copyBandwidthGBs.toFixed(0)} GB/s`);
     for (const B of batches) {
-      const { t, noPdl, unfused } = await withDecodeStep(ctx, model, B, ctxLen, async (step) => {
+      // B = 1 also times the step with one setting flipped (A/B in the same process).
+      const variants: Array<{ name: string; note: string; env?: Record<string, string>; flip?: (on: boolean) => void }> = [
+        { name: 'without PDL', note: 'ordinary launches (SQUEEZELM_NO_PDL=1)', env: { SQUEEZELM_NO_PDL: '1' } },
+        { name: 'with PDL in the graph', note: 'programmatic dependent launch kept in captured graphs (SQUEEZELM_GRAPH_PDL=1)', env: { SQUEEZELM_GRAPH_PDL: '1' } },
+        { name: 'with the RoPE/append kernel', note: 'ropeAppend as its own kernel after the q|k|v projection (decoder.fuseRopeAppend = false)', flip: (on) => { dec.fuseRopeAppend = !on; } },
+        { name: 'without fused GEMVs', note: 'plain norm/matmul/add/siluMul sequence (decoder.fuse = false)', flip: (on) => { dec.fuse = !on; } },
+      ];
+      const { t, flipped } = await withDecodeStep(ctx, model, B, ctxLen, async (step) => {
         const t = await step();
-        let noPdl: Timing | null = null, unfused: Timing | null = null;
-        if (B === 1) {
-          // The same step with ordinary launches: what programmatic dependent launch buys.
-          process.env.SQUEEZELM_NO_PDL = '1';
-          try {
-            noPdl = await step();
-          } finally {
-            delete process.env.SQUEEZELM_NO_PDL;
+        const flipped: Array<[typeof variants[number], Timing]> = [];
+        if (B === 1)
+          for (const v of variants) {
+            for (const [k, val] of Object.entries(v.env ?? {})) process.env[k] = val;
+            v.flip?.(true);
+            try {
+              flipped.push([v, await step()]);
+            } finally {
+              for (const k of Object.keys(v.env ?? {})) delete process.env[k];
+              v.flip?.(false);
+            }
           }
-          // And with the plain sequence (norm, matmul, add, siluMul kernels) instead of fusedLinear.
-          const fuse = dec.fuse;
-          dec.fuse = false;
-          try {
-            unfused = await step();
-          } finally {
-            dec.fuse = fuse;
-          }
-        }
-        return { t, noPdl, unfused };
+        return { t, flipped };
       });
       let simt: Timing | null = null;
       if (B === 1) {
@@ -206,20 +210,23 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
       }
       // End to end through the scheduler (its own sequences, short contexts).
       const e2eGraph = await endToEndStep(model, B, steps);
-      let note = `${(B / e2eGraph).toFixed(1)} tokens/s end to end`;
+      let note = `${(B / e2eGraph).toFixed(1)} tokens/s end to end (contexts ${32 + 8}-${32 + 8 + steps})`;
       if (B === 1) {
         model.graphs = false;
         const e2ePlain = await endToEndStep(model, B, steps);
         model.graphs = true;
-        note += ` with graphs, ${(B / e2ePlain).toFixed(1)} without; floor ${floorTps.toFixed(1)}`;
+        // and around the context the step is timed at
+        const p0 = Math.max(32, ctxLen - 8 - Math.floor(steps / 2));
+        const e2eCtx = await endToEndStep(model, B, steps, p0);
+        note += ` with graphs, ${(B / e2ePlain).toFixed(1)} without; ${(B / e2eCtx).toFixed(1)} with graphs at contexts ` +
+          `${p0 + 8}-${p0 + 8 + steps}; floor ${floorTps.toFixed(1)}`;
       }
       if (model.stats.captureError) note += `; scheduler could not capture: ${model.stats.captureError}`;
       const bytes = stepBytes + B * ctxLen * kvPerToken;
       const r = row(ctx, SUITE, `step b${B} ctx ${ctxLen}`, t, { bytes, note });
       rows.push(r);
-      if (noPdl) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} without PDL`, noPdl, { bytes, note: 'ordinary launches (SQUEEZELM_NO_PDL=1)' }));
+      for (const [v, tv] of flipped) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} ${v.name}`, tv, { bytes, note: v.note }));
       if (simt) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} with the CUDA-core attention kernel`, simt, { bytes, note: 'SQUEEZELM_ATTN_SIMT=1' }));
-      if (unfused) rows.push(row(ctx, SUITE, `step b${B} ctx ${ctxLen} without fused GEMVs`, unfused, { bytes, note: 'plain norm/matmul/add/siluMul sequence (decoder.fuse = false)' }));
       log(`decode b${B}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), plain ${r.plainUs?.toFixed(0)} us; ${note}`);
     }
     // Prefill: one sequence of T tokens, logits of the last row only.

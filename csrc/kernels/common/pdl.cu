@@ -26,4 +26,16 @@ bool pdl_enabled() {
   return (capable.load() & bit) != 0;
 }
 
+bool pdl_for(cudaStream_t stream) {
+  if (!pdl_enabled()) return false;
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &st) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  if (st == cudaStreamCaptureStatusNone) return true;
+  const char* v = std::getenv("SQUEEZELM_GRAPH_PDL");
+  return v && *v && *v != '0';
+}
+
 }  // namespace sqz::cuda

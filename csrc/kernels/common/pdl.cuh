@@ -12,6 +12,12 @@
 // pdl_trigger() lets the next kernel launch early; the wait still covers this grid's writes.
 // Kernels launched the ordinary way may call both: they are no-ops without the attribute.
 // SQUEEZELM_NO_PDL=1 turns the attribute off (A/B measurements); pre-Hopper devices never get it.
+//
+// Launches captured into a CUDA graph go without it (SQUEEZELM_GRAPH_PDL=1 keeps it): replayed
+// graphs already start each kernel right after the previous one, and there the early launch
+// measured slower on the H200 (LLaMA-2-7B decode step at context 512: 3948 us without, 3969 us
+// with; the 8B GQA shape 4580 vs 4640 us), while ordinary launches still gain from it (4199 ->
+// 4026 us).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -37,6 +43,9 @@ __device__ __forceinline__ void pdl_trigger() {
 
 // True when launches on the current device may carry the PDL attribute.
 bool pdl_enabled();
+// True when a launch on `stream` should carry it: pdl_enabled() and, unless SQUEEZELM_GRAPH_PDL=1,
+// the stream is not capturing a graph.
+bool pdl_for(cudaStream_t stream);
 
 template <class... KArgs, class... Args>
 void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
@@ -49,7 +58,7 @@ void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cu
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  cfg.numAttrs = pdl_for(stream) ? 1 : 0;
   cuda_check(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "kernel launch");
 }
 
