@@ -26,7 +26,7 @@ bool pdl_enabled() {
   return (capable.load() & bit) != 0;
 }
 
-bool pdl_for(cudaStream_t stream) {
+bool pdl_for(cudaStream_t stream, GraphPdl in_graph) {
   if (!pdl_enabled()) return false;
   cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(stream, &st) != cudaSuccess) {
@@ -35,7 +35,8 @@ bool pdl_for(cudaStream_t stream) {
   }
   if (st == cudaStreamCaptureStatusNone) return true;
   const char* v = std::getenv("SQUEEZELM_GRAPH_PDL");
-  return v && *v && *v != '0';
+  if (v && *v) return *v != '0';
+  return in_graph == GraphPdl::On;
 }
 
 }  // namespace sqz::cuda

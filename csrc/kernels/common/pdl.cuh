@@ -13,11 +13,12 @@
 // Kernels launched the ordinary way may call both: they are no-ops without the attribute.
 // SQUEEZELM_NO_PDL=1 turns the attribute off (A/B measurements); pre-Hopper devices never get it.
 //
-// Launches captured into a CUDA graph go without it (SQUEEZELM_GRAPH_PDL=1 keeps it): replayed
-// graphs already start each kernel right after the previous one, and there the early launch
-// measured slower on the H200 (LLaMA-2-7B decode step at context 512: 3948 us without, 3969 us
-// with; the 8B GQA shape 4580 vs 4640 us), while ordinary launches still gain from it (4199 ->
-// 4026 us).
+// Inside a CUDA graph capture the dense fp16/bf16 GEMVs launch without it and every other kernel
+// with it (SQUEEZELM_GRAPH_PDL=0: none with it, =1: all). Measured on the H200 with graph replay:
+// a LLaMA-2-7B fp16 decode step at context 512 took 3948 us with no PDL in the graph against 3969
+// us with it everywhere (the 8B GQA shape 4580 vs 4640 us), while a step over SqueezeLLM LUT
+// kernels was faster with it (8 layers: 728 vs 770 us); ordinary launches gain from it in both.
+// Why the early launch of a dense GEMV loses inside a graph was not established.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -43,12 +44,15 @@ __device__ __forceinline__ void pdl_trigger() {
 
 // True when launches on the current device may carry the PDL attribute.
 bool pdl_enabled();
-// True when a launch on `stream` should carry it: pdl_enabled() and, unless SQUEEZELM_GRAPH_PDL=1,
-// the stream is not capturing a graph.
-bool pdl_for(cudaStream_t stream);
+// Whether a launch inside a graph capture carries the attribute by default (see above).
+enum class GraphPdl { On, Off };
+// True when a launch on `stream` should carry it: pdl_enabled(), and while the stream captures a
+// graph, SQUEEZELM_GRAPH_PDL (0 / 1) or else the launch's own default.
+bool pdl_for(cudaStream_t stream, GraphPdl in_graph);
 
 template <class... KArgs, class... Args>
-void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+void launch_pdl(GraphPdl in_graph, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -58,8 +62,13 @@ void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cu
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_for(stream) ? 1 : 0;
+  cfg.numAttrs = pdl_for(stream, in_graph) ? 1 : 0;
   cuda_check(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "kernel launch");
+}
+
+template <class... KArgs, class... Args>
+void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  launch_pdl(GraphPdl::On, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace sqz::cuda
