@@ -15,9 +15,10 @@
 //
 // Inside a CUDA graph capture the dense fp16/bf16 GEMVs launch without it and every other kernel
 // with it (SQUEEZELM_GRAPH_PDL=0: none with it, =1: all). Measured on the H200 with graph replay:
-// a LLaMA-2-7B fp16 decode step at context 512 took 3948 us with no PDL in the graph against 3969
-// us with it everywhere (the 8B GQA shape 4580 vs 4640 us), while a step over SqueezeLLM LUT
-// kernels was faster with it (8 layers: 728 vs 770 us); ordinary launches gain from it in both.
+// a LLaMA-2-7B fp16 decode step at context 512 took 3955 us with no PDL in the graph, 3986 us with
+// it for every kernel and 3959 us as shipped (the 8B GQA shape 4555 / 4607 / 4573 us), while a
+// step over SqueezeLLM LUT kernels was faster with it (8 layers: 770 / 724 / 725 us); ordinary
+// launches gain from it in both.
 // Why the early launch of a dense GEMV loses inside a graph was not established.
 #pragma once
 #include <cuda_runtime.h>
