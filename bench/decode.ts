@@ -147,8 +147,11 @@ export async function withDecodeStep<T>(ctx: BenchContext, model: Model, B: numb
  * The decode suite for bench/run.ts: LLaMA-2-7B shapes, random fp16 weights made on the
  * GPU. Rows: one decode step (every layer, lm_head and sampling) at batch 1/8/32 with
  * graph-replayed and plain timings, bytes = weights + KV read (of copy BW = fraction of the
- * bandwidth floor), end-to-end tokens/s in the note; prefill of a 2048-token prompt in
- * TFLOP/s against cuBLAS's fp16 GEMM 2048x4096x4096 measured in the same run.
+ * bandwidth floor), end-to-end tokens/s in the note (batch 1: also without graphs and at
+ * contexts around the timed one); at batch 1 the same step with one setting flipped (no PDL,
+ * PDL for every kernel or none in the graph, the separate RoPE/append kernel, the plain op
+ * sequence, the CUDA-core attention kernel); prefill of a 2048-token prompt in TFLOP/s against
+ * cuBLAS's fp16 GEMM 2048x4096x4096 measured in the same run.
  */
 export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = {}): Promise<BenchResult[]> {
   if (!ctx.device) return [];
