@@ -58,9 +58,6 @@ __device__ __forceinline__ void dot_chunk(float& acc, const float (&xf)[8], uint
   acc = s;
 }
 
-// U: 16-byte chunks per row in flight per lane. VEC: K % 8 == 0 and every base pointer 16-byte
-// aligned (each row then starts aligned); otherwise lanes read single elements (slower, still
-// correct). NORM: fuse.gamma is set (RMSNorm of x fused in).
 // Where rotation pair pp (head pp / half, element pp % half) of q|k|v row m goes, ropeAppend's
 // way: q heads rotated into q_out, k heads rotated into the key cache, v heads copied to the
 // value cache; out is null where the row's slot is out of range. Worked out before the product
@@ -90,6 +87,10 @@ __device__ __forceinline__ RopeTarget<T> rope_target(const GemvFuse& f, int m, l
   return t;
 }
 
+// U: 16-byte chunks per row in flight per lane. VEC: K % 8 == 0 and every base pointer 16-byte
+// aligned (each row then starts aligned); otherwise lanes read single elements (slower, still
+// correct). NORM: fuse.gamma is set (RMSNorm of x fused in). ROPE:
+// kFuseRopeAppend (rotation pairs, stored through rope_target; y is unused).
 template <class T, int M, bool VEC, int U, int R = kGemvRows, bool NORM = false, bool ROPE = false>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     gemv_kernel(T* y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, int N, int K,
