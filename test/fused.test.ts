@@ -108,6 +108,22 @@ async function runComposed(c: Case, device: string, dtype: DType): Promise<Resul
   return { q: await qt.toFloat32(), kc: await kc.toFloat32(), vc: await vc.toFloat32() };
 }
 
+/** The code of what fn throws ('none' when it returns). */
+function errorCode(fn: () => void): string {
+  try {
+    fn();
+  } catch (e) {
+    return isSqueezeError(e) ? e.code : String(e);
+  }
+  return 'none';
+}
+
+/** linearRopeAppend's index options for a case. */
+function ropeIndex(c: Case, device: string) {
+  const { pos, f, pt, sl, cq } = indexTensors(c, device);
+  return { positions: pos, invFreq: f, pageTable: pt, seqLens: sl, cuQ: cq };
+}
+
 function same(a: Float32Array, b: Float32Array): boolean {
   return Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
 }
@@ -178,20 +194,12 @@ describe('ropeAppend (CPU)', () => {
     const { kc, vc } = caches(c, 'cpu', 'f32');
     const W = (c.Hq + 2 * c.Hkv) * c.D;
     const qkv = Tensor.empty([c.T, W]);
-    const code = (fn: () => void): string => {
-      try {
-        fn();
-      } catch (e) {
-        return isSqueezeError(e) ? e.code : String(e);
-      }
-      return 'none';
-    };
-    expect(code(() => ropeAppend(Tensor.empty([c.T, c.Hq, c.D]), kc, vc, Tensor.empty([c.T, W + 1]), pos, f, pt, sl, cq))).toBe('ERR_SHAPE');
-    expect(code(() => ropeAppend(Tensor.empty([c.T, c.Hq + 1, c.D]), kc, vc, qkv, pos, f, pt, sl, cq))).toBe('ERR_SHAPE');
-    expect(code(() => ropeAppend(Tensor.empty([c.T, c.Hq, c.D]), kc, vc, qkv, Tensor.empty([c.T], { dtype: 'f32' }), f, pt, sl, cq))).toBe('ERR_DTYPE');
-    expect(code(() => ropeAppend(qkv.view(0, [c.T, c.Hq, c.D]), kc, vc, qkv, pos, f, pt, sl, cq))).toBe('ERR_ARG');
-    expect(code(() => ropeAppend(Tensor.empty([c.T, c.Hq, c.D]), kc, vc, qkv, pos, f, pt, sl, Tensor.empty([2], { dtype: 'i32' })))).toBe('ERR_SHAPE');
-    expect(code(() => ropeAppend(Tensor.empty([c.T, c.Hq, c.D]), kc, vc, qkv, pos, f, pt, sl, cq))).toBe('none');
+    expect(errorCode(() => ropeAppend(Tensor.empty([c.T, c.Hq, c.D]), kc, vc, Tensor.empty([c.T, W + 1]), pos, f, pt, sl, cq))).toBe('ERR_SHAPE');
+    expect(errorCode(() => ropeAppend(Tensor.empty([c.T, c.Hq + 1, c.D]), kc, vc, qkv, pos, f, pt, sl, cq))).toBe('ERR_SHAPE');
+    expect(errorCode(() => ropeAppend(Tensor.empty([c.T, c.Hq, c.D]), kc, vc, qkv, Tensor.empty([c.T], { dtype: 'f32' }), f, pt, sl, cq))).toBe('ERR_DTYPE');
+    expect(errorCode(() => ropeAppend(qkv.view(0, [c.T, c.Hq, c.D]), kc, vc, qkv, pos, f, pt, sl, cq))).toBe('ERR_ARG');
+    expect(errorCode(() => ropeAppend(Tensor.empty([c.T, c.Hq, c.D]), kc, vc, qkv, pos, f, pt, sl, Tensor.empty([2], { dtype: 'i32' })))).toBe('ERR_SHAPE');
+    expect(errorCode(() => ropeAppend(Tensor.empty([c.T, c.Hq, c.D]), kc, vc, qkv, pos, f, pt, sl, cq))).toBe('none');
   });
 });
 
@@ -295,28 +303,19 @@ describe('linearRopeAppend (CPU)', () => {
     const l = makeLinearCase(rng(3), LINEAR_SHAPES[0]);
     const { c, K } = l;
     const W = (c.Hq + 2 * c.Hkv) * c.D;
-    const { pos, f, pt, sl, cq } = indexTensors(c, 'cpu');
     const { kc, vc } = caches(c, 'cpu', 'f32');
     const x = Tensor.empty([c.T, K]), w = Tensor.empty([W, K]);
-    const idx = { positions: pos, invFreq: f, pageTable: pt, seqLens: sl, cuQ: cq };
-    const code = (fn: () => void): string => {
-      try {
-        fn();
-      } catch (e) {
-        return isSqueezeError(e) ? e.code : String(e);
-      }
-      return 'none';
-    };
+    const idx = ropeIndex(c, 'cpu');
     const q = () => Tensor.empty([c.T, c.Hq, c.D]);
-    expect(code(() => linearRopeAppend(q(), kc, vc, x, Tensor.empty([W + 2, K]), idx))).toBe('ERR_SHAPE');
-    expect(code(() => linearRopeAppend(q(), kc, vc, x, Tensor.empty([W, K + 1]), idx))).toBe('ERR_SHAPE');
-    expect(code(() => linearRopeAppend(q(), kc, vc, x, w, { ...idx, bias: Tensor.empty([W - 1]) }))).toBe('ERR_SHAPE');
-    expect(code(() => linearRopeAppend(q(), kc, vc, x, w, { ...idx, normWeight: Tensor.empty([K + 8]) }))).toBe('ERR_SHAPE');
-    expect(code(() => linearRopeAppend(q(), kc, vc, x, w, { ...idx, eps: -1 }))).toBe('ERR_ARG');
-    expect(code(() => linearRopeAppend(q(), kc, vc, x, w, { ...idx, positions: Tensor.empty([c.T], { dtype: 'f32' }) }))).toBe('ERR_DTYPE');
-    expect(code(() => linearRopeAppend(x.view(0, [c.T, c.Hq, c.D]), kc, vc, x, w, idx))).toBe('ERR_ARG');
-    expect(code(() => linearRopeAppend(q(), kc, vc, x, w, undefined as unknown as typeof idx))).toBe('ERR_ARG');
-    expect(code(() => linearRopeAppend(q(), kc, vc, x, w, idx))).toBe('none');
+    expect(errorCode(() => linearRopeAppend(q(), kc, vc, x, Tensor.empty([W + 2, K]), idx))).toBe('ERR_SHAPE');
+    expect(errorCode(() => linearRopeAppend(q(), kc, vc, x, Tensor.empty([W, K + 1]), idx))).toBe('ERR_SHAPE');
+    expect(errorCode(() => linearRopeAppend(q(), kc, vc, x, w, { ...idx, bias: Tensor.empty([W - 1]) }))).toBe('ERR_SHAPE');
+    expect(errorCode(() => linearRopeAppend(q(), kc, vc, x, w, { ...idx, normWeight: Tensor.empty([K + 8]) }))).toBe('ERR_SHAPE');
+    expect(errorCode(() => linearRopeAppend(q(), kc, vc, x, w, { ...idx, eps: -1 }))).toBe('ERR_ARG');
+    expect(errorCode(() => linearRopeAppend(q(), kc, vc, x, w, { ...idx, positions: Tensor.empty([c.T], { dtype: 'f32' }) }))).toBe('ERR_DTYPE');
+    expect(errorCode(() => linearRopeAppend(x.view(0, [c.T, c.Hq, c.D]), kc, vc, x, w, idx))).toBe('ERR_ARG');
+    expect(errorCode(() => linearRopeAppend(q(), kc, vc, x, w, undefined as unknown as typeof idx))).toBe('ERR_ARG');
+    expect(errorCode(() => linearRopeAppend(q(), kc, vc, x, w, idx))).toBe('none');
   });
 });
 
@@ -344,25 +343,15 @@ describeGpu('linearRopeAppend (CUDA)', () => {
     const l = makeLinearCase(rng(4), LINEAR_SHAPES[0]);
     const { c, K } = l;
     const W = (c.Hq + 2 * c.Hkv) * c.D;
-    const { pos, f, pt, sl, cq } = indexTensors(c, 'cuda');
     const { kc, vc } = caches(c, 'cuda', 'f16');
-    const idx = { positions: pos, invFreq: f, pageTable: pt, seqLens: sl, cuQ: cq };
-    const code = (fn: () => void): string => {
-      try {
-        fn();
-      } catch (e) {
-        return isSqueezeError(e) ? e.code : String(e);
-      }
-      return 'none';
-    };
+    const idx = ropeIndex(c, 'cuda');
     const x = Tensor.empty([c.T, K], { dtype: 'f16', device: 'cuda' });
-    expect(code(() => linearRopeAppend(Tensor.empty([c.T, c.Hq, c.D], { dtype: 'f16', device: 'cuda' }), kc, vc, x,
+    expect(errorCode(() => linearRopeAppend(Tensor.empty([c.T, c.Hq, c.D], { dtype: 'f16', device: 'cuda' }), kc, vc, x,
       Tensor.empty([W, K], { dtype: 'bf16', device: 'cuda' }), idx))).toBe('ERR_DTYPE');
     const big = makeCase(rng(5), { Hq: 4, Hkv: 2, D: 64, pageSize: 16, ns: [3] });
-    const bi = indexTensors(big, 'cuda');
     const bc = caches(big, 'cuda', 'f16');
-    expect(code(() => linearRopeAppend(Tensor.empty([3, 4, 64], { dtype: 'f16', device: 'cuda' }), bc.kc, bc.vc,
+    expect(errorCode(() => linearRopeAppend(Tensor.empty([3, 4, 64], { dtype: 'f16', device: 'cuda' }), bc.kc, bc.vc,
       Tensor.empty([3, K], { dtype: 'f16', device: 'cuda' }), Tensor.empty([W, K], { dtype: 'f16', device: 'cuda' }),
-      { positions: bi.pos, invFreq: bi.f, pageTable: bi.pt, seqLens: bi.sl, cuQ: bi.cq }))).toBe('ERR_UNSUPPORTED');
+      ropeIndex(big, 'cuda')))).toBe('ERR_UNSUPPORTED');
   });
 });

@@ -148,6 +148,13 @@ void wait_snapshot(const HostSnapshot& snap, uint64_t ticket) {
   if (snap.error) std::rethrow_exception(snap.error);
 }
 
+// A fresh ArrayBuffer holding `bytes` (what the reading workers resolve with).
+Napi::ArrayBuffer array_buffer(Napi::Env env, const std::vector<uint8_t>& bytes) {
+  Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, bytes.size());
+  if (!bytes.empty()) std::memcpy(ab.Data(), bytes.data(), bytes.size());
+  return ab;
+}
+
 // Waits for a tensor's pending writes and copies its bytes into a fresh ArrayBuffer: a CPU tensor
 // through a snapshot taken in order on the CPU queue, a CUDA tensor by a synchronous read here
 // (the buffer is sized off the JS thread either way).
@@ -166,11 +173,8 @@ class ToHostWorker : public CodedWorker {
     }
   }
   void OnOK() override {
-    const std::vector<uint8_t>& b = snap_->bytes;
-    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(Env(), b.size());
-    if (!b.empty()) std::memcpy(ab.Data(), b.data(), b.size());
     t_.storage.reset();
-    deferred_.Resolve(ab);
+    deferred_.Resolve(array_buffer(Env(), snap_->bytes));
   }
 
  private:
@@ -195,10 +199,8 @@ class ReadbackWorker : public CodedWorker {
     cuda_readback_wait(h, bytes_.data(), bytes_.size());
   }
   void OnOK() override {
-    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(Env(), bytes_.size());
-    if (!bytes_.empty()) std::memcpy(ab.Data(), bytes_.data(), bytes_.size());
     t_.storage.reset();
-    deferred_.Resolve(ab);
+    deferred_.Resolve(array_buffer(Env(), bytes_));
   }
 
  private:

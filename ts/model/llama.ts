@@ -333,7 +333,7 @@ export class Decoder {
           bias: L.bqkv, normWeight: L.ln1, eps, positions: ws.positions, invFreq: this.invFreq,
           pageTable: ws.pageTable, seqLens: ws.seqLens, cuQ: ws.cuQ,
         });
-        ops.attention(ws.att, ws.q3, kc, vc, ws.pageTable, ws.seqLens, ws.cuQ, this.scale, { maxQ, maxSeqLen, workspace: ws.attnWork });
+        this.pagedAttention(ws, l, maxQ, maxSeqLen);
       } else {
         if (L.wqkv instanceof Tensor) {
           flush();
@@ -380,9 +380,14 @@ export class Decoder {
       this.attn.layer(ws, l, maxQ, maxSeqLen);
       return;
     }
-    const kc = this.cache.k[l], vc = this.cache.v[l];
-    ops.ropeAppend(ws.q3, kc, vc, ws.qkv, ws.positions, this.invFreq, ws.pageTable, ws.seqLens, ws.cuQ);
-    ops.attention(ws.att, ws.q3, kc, vc, ws.pageTable, ws.seqLens, ws.cuQ, this.scale, { maxQ, maxSeqLen, workspace: ws.attnWork });
+    ops.ropeAppend(ws.q3, this.cache.k[l], this.cache.v[l], ws.qkv, ws.positions, this.invFreq, ws.pageTable, ws.seqLens, ws.cuQ);
+    this.pagedAttention(ws, l, maxQ, maxSeqLen);
+  }
+
+  /** Attention of ws.q3 (rotated) over layer l's fp16 pages into ws.att. */
+  private pagedAttention(ws: Workspace, l: number, maxQ: number, maxSeqLen: number): void {
+    ops.attention(ws.att, ws.q3, this.cache.k[l], this.cache.v[l], ws.pageTable, ws.seqLens, ws.cuQ, this.scale,
+      { maxQ, maxSeqLen, workspace: ws.attnWork });
   }
 
   /** Logits of every row (allLogits workspaces) or of each sequence's last row, from ws.h. */
