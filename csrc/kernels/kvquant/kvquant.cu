@@ -535,8 +535,12 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
   const int b = bp[0], L = bp[1] + 1;
   const int srow = b >= 0 ? sink_row(g, b) : 0;
   const int nk = g.nk, nv = g.nv, ns = nk + nv, MB = g.mbytes;
-  for (int c = 0; c < pl.sub && b >= 0; ++c) {
-    const int t0 = (split * pl.sub + c) * kCH;
+  // The splits share the keys of the moment, not of the bound the plan was made for: a graph
+  // captured for the longest context (the decoder passes maxContext) still spreads a short one
+  // over every split instead of leaving most of them empty.
+  const int sub_now = max(1, ((L + kCH - 1) / kCH + pl.splits - 1) / pl.splits);
+  for (int c = 0; c < sub_now && b >= 0; ++c) {
+    const int t0 = (split * sub_now + c) * kCH;
     const int cnt = max(0, min(kCH, L - t0));
     if (cnt == 0) break;
     for (int tt = tid; tt < cnt; tt += blockDim.x) {
@@ -1085,7 +1089,9 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
   if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
   __syncthreads();
   const int b = bp[0], L = b < 0 ? 0 : bp[1] + 1;
-  const int t_begin = split * pl.sub * kChunk, t_end = min(L, t_begin + pl.sub * kChunk);
+  // chunks of the current length spread over the planned splits (see flash_kernel)
+  const int sub_now = max(1, ((L + kChunk - 1) / kChunk + pl.splits - 1) / pl.splits);
+  const int t_begin = split * sub_now * kChunk, t_end = min(L, t_begin + sub_now * kChunk);
 
   // per-warp constants: key a/b per staged column, q fragments
   unsigned qa[2 * S::KX][4];
