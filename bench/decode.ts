@@ -178,7 +178,6 @@ export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = 
       // B = 1 also times the step with one setting flipped (A/B in the same process).
       const variants: Array<{ name: string; note: string; env?: Record<string, string>; flip?: (on: boolean) => void }> = [
         { name: 'without PDL', note: 'ordinary launches (SQUEEZELM_NO_PDL=1)', env: { SQUEEZELM_NO_PDL: '1' } },
-        { name: 'with PDL for every kernel in the graph', note: 'the dense GEMVs also launched early in captured graphs (SQUEEZELM_GRAPH_PDL=1)', env: { SQUEEZELM_GRAPH_PDL: '1' } },
         { name: 'without PDL in the graph', note: 'no early launch in captured graphs (SQUEEZELM_GRAPH_PDL=0)', env: { SQUEEZELM_GRAPH_PDL: '0' } },
         { name: 'with the RoPE/append kernel', note: 'ropeAppend as its own kernel after the q|k|v projection (decoder.fuseRopeAppend = false)', flip: (on) => { dec.fuseRopeAppend = !on; } },
         { name: 'without fused GEMVs', note: 'plain norm/matmul/add/siluMul sequence (decoder.fuse = false)', flip: (on) => { dec.fuse = !on; } },

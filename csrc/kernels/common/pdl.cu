@@ -26,17 +26,16 @@ bool pdl_enabled() {
   return (capable.load() & bit) != 0;
 }
 
-bool pdl_for(cudaStream_t stream, GraphPdl in_graph) {
+bool pdl_for(cudaStream_t stream) {
   if (!pdl_enabled()) return false;
+  const char* v = std::getenv("SQUEEZELM_GRAPH_PDL");
+  if (!v || *v != '0') return true;
   cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(stream, &st) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
-  if (st == cudaStreamCaptureStatusNone) return true;
-  const char* v = std::getenv("SQUEEZELM_GRAPH_PDL");
-  if (v && *v) return *v != '0';
-  return in_graph == GraphPdl::On;
+  return st == cudaStreamCaptureStatusNone;
 }
 
 }  // namespace sqz::cuda

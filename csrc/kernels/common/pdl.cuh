@@ -6,20 +6,27 @@
 //
 // The contract for a kernel launched through launch_pdl():
 //   - it calls pdl_wait() before it reads anything an earlier kernel writes and before its first
-//     global write (reading weights or prefetching them before the wait is the point);
+//     global write (loading weights into registers or shared memory before the wait is the point);
 //   - it calls pdl_wait() on every path, even when it needs nothing from its predecessor: a grid
 //     that finished without waiting would let the kernel after it run ahead of the one before.
 // pdl_trigger() lets the next kernel launch early; the wait still covers this grid's writes.
 // Kernels launched the ordinary way may call both: they are no-ops without the attribute.
 // SQUEEZELM_NO_PDL=1 turns the attribute off (A/B measurements); pre-Hopper devices never get it.
 //
-// Inside a CUDA graph capture the dense fp16/bf16 GEMVs launch without it and every other kernel
-// with it (SQUEEZELM_GRAPH_PDL=0: none with it, =1: all). Measured on the H200 with graph replay:
-// a LLaMA-2-7B fp16 decode step at context 512 took 3955 us with no PDL in the graph, 3986 us with
-// it for every kernel and 3959 us as shipped (the 8B GQA shape 4555 / 4607 / 4573 us), while a
-// step over SqueezeLLM LUT kernels was faster with it (8 layers: 770 / 724 / 725 us); ordinary
-// launches gain from it in both.
-// Why the early launch of a dense GEMV loses inside a graph was not established.
+// Graph captures keep the attribute (SQUEEZELM_GRAPH_PDL=0 drops it there, for A/B runs).
+//
+// What a kernel does before its wait matters. The dense GEMVs used to prefetch their first round
+// of weights into L2 there. Every kernel triggers its successor right after its own wait, so that
+// prefetch ran a whole GEMV ahead, while the previous GEMV streamed its weights through L2 and
+// evicted the lines again: DRAM bandwidth spent twice. On the H200 (LLaMA-2-7B fp16, batch 1,
+// context 512, graph replay, one process) the step took 3971 us with the prefetch (dense GEMVs then
+// launched without PDL inside graphs, their best setting with it) and 3831 us without it and with
+// PDL for every kernel (3884 us without it and without PDL for the GEMVs; 8B GQA: 4609 / 4450 us;
+// ordinary launches 4032 / 3898 us). Pulling the o projection's weights into L2 from the
+// latency-bound attention kernel instead also lost (3895 us with half the L2 of them): the bytes
+// are read once either way, and the prefetch slowed attention. The SqueezeLLM LUT kernels load
+// their first codes into registers and shared memory before the wait, which cannot be evicted,
+// and gain from it (8 layers: 725 us against 770 without PDL).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -45,15 +52,12 @@ __device__ __forceinline__ void pdl_trigger() {
 
 // True when launches on the current device may carry the PDL attribute.
 bool pdl_enabled();
-// Whether a launch inside a graph capture carries the attribute by default (see above).
-enum class GraphPdl { On, Off };
-// True when a launch on `stream` should carry it: pdl_enabled(), and while the stream captures a
-// graph, SQUEEZELM_GRAPH_PDL (0 / 1) or else the launch's own default.
-bool pdl_for(cudaStream_t stream, GraphPdl in_graph);
+// True when a launch on `stream` should carry it: pdl_enabled(), unless the stream captures a
+// graph and SQUEEZELM_GRAPH_PDL=0 (the capture state is only asked for when that is set).
+bool pdl_for(cudaStream_t stream);
 
 template <class... KArgs, class... Args>
-void launch_pdl(GraphPdl in_graph, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                Args&&... args) {
+void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -63,13 +67,8 @@ void launch_pdl(GraphPdl in_graph, void (*kernel)(KArgs...), dim3 grid, dim3 blo
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_for(stream, in_graph) ? 1 : 0;
+  cfg.numAttrs = pdl_for(stream) ? 1 : 0;
   cuda_check(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "kernel launch");
-}
-
-template <class... KArgs, class... Args>
-void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
-  launch_pdl(GraphPdl::On, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace sqz::cuda

@@ -126,14 +126,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   for (int r = 0; r < R; ++r) wrow[r] = w + (size_t)rows[r] * K;
   const T* gamma = static_cast<const T*>(fuse.gamma);
 
-  // Weights do not depend on earlier kernels: pull this warp's first round into L2 while the
-  // previous kernel drains (programmatic dependent launch), then wait for x.
-  if (VEC)
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if ((lane + 32 * u) * 8 < K)
-#pragma unroll
-        for (int r = 0; r < R; ++r) prefetch_l2(wrow[r] + (size_t)(lane + 32 * u) * 8);
+  // No L2 prefetch of the first weights before the wait: launched early (PDL), this grid waits
+  // while the previous GEMV streams its own weights through L2, which evicts such lines before
+  // they are read; the prefetch only cost bandwidth (see pdl.cuh for the measurement).
   pdl_wait();
   pdl_trigger();
   // ROPE: lane m * R + r (r < R/2) will store pair n0 + r of row m

@@ -24,9 +24,9 @@ void launch_gemv_mu(T* y, const T* x, const T* w, const T* bias, int N, int K, G
   const long long warps = (N + R - 1) / R;
   const unsigned blocks = ceil_div(warps, kGemvWarps);
   if (f.gamma)
-    launch_pdl(GraphPdl::Off, gemv_kernel<T, M, VEC, U, R, true, ROPE>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K, f);
+    launch_pdl(gemv_kernel<T, M, VEC, U, R, true, ROPE>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K, f);
   else
-    launch_pdl(GraphPdl::Off, gemv_kernel<T, M, VEC, U, R, false, ROPE>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K, f);
+    launch_pdl(gemv_kernel<T, M, VEC, U, R, false, ROPE>, dim3(blocks), dim3(kGemvWarps * 32), 0, s, y, x, w, bias, N, K, f);
 }
 
 // u: chunks in flight per lane (2, 4, 8); r: rows per warp (1, 2, 4; even in the pair modes).

@@ -52,17 +52,7 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
 #pragma unroll
     for (int j = 0; j < NT; ++j) wr[j] = w + (size_t)min(tile * 8 * NT + 8 * j + g, N - 1) * K + 8 * t;
   };
-  // The weights do not depend on earlier kernels: start pulling the first round into L2 while
-  // the previous kernel drains (programmatic dependent launch), then wait for x.
-  if ((int)blockIdx.x < tiles) {
-    const T* wr[NT];
-    row_ptrs(blockIdx.x, wr);
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (warp + u * kGemvTcWarps < full)
-#pragma unroll
-        for (int j = 0; j < NT; ++j) prefetch_l2(wr[j] + (size_t)(warp + u * kGemvTcWarps) * 32);
-  }
+  // No L2 prefetch of the first weights before the wait (see gemv.cuh).
   pdl_wait();
   pdl_trigger();
 

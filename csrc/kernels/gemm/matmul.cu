@@ -81,7 +81,7 @@ void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N
   const int bps = env_int("SQUEEZELM_GEMV_TC_BPS", occ);
   const int tiles = ceil_div(N, 8 * NT);
   const int grid = std::max(1, std::min(tiles, sm_count(dev) * bps));
-  launch_pdl(GraphPdl::Off, gemv_tc_kernel<T, NT, U>, dim3(grid), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N, K);
+  launch_pdl(gemv_tc_kernel<T, NT, U>, dim3(grid), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N, K);
 }
 
 template <class T>
