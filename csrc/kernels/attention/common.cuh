@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "../common/ptx.cuh"
@@ -81,6 +82,50 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
 }
 
 // ld_stream (K/V are streamed once, kept out of L1), cp.async and ldmatrix: common/ptx.cuh.
+
+// One online-softmax step (base 2) over a tile of m16n8 score fragments, shared by the
+// tensor-core prefill and decode kernels. s[nb][e] holds this tile's masked scores (-inf where
+// masked) of row e >> 1 (the fragment's rows g and g + 8); a row's 4 lanes (a quad) hold its
+// keys. Updates the running max m and sum l of both rows, rescales the accumulators o, and
+// leaves the probabilities exp2(s - max) in s for the P V product.
+template <int NB, int ND>
+__device__ __forceinline__ void online_softmax_tile(float (&s)[NB][4], float (&m)[2], float (&l)[2],
+                                                    float (&o)[ND][4]) {
+  float ref[2], alpha[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * rr], s[nb][2 * rr + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mn = fmaxf(m[rr], mx);
+    ref[rr] = mn == -INFINITY ? 0.f : mn;  // nothing visible yet: stay at zero, no NaN
+    alpha[rr] = exp2f(m[rr] - ref[rr]);
+    m[rr] = mn;
+    l[rr] *= alpha[rr];
+  }
+  // Rescale the accumulators only when some row's max grew (after the first tiles it rarely
+  // does): a warp-uniform branch instead of D/2 multiplies per tile; skipping a product by 1
+  // changes no bit.
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+      o[nd][0] *= alpha[0];
+      o[nd][1] *= alpha[0];
+      o[nd][2] *= alpha[1];
+      o[nd][3] *= alpha[1];
+    }
+  }
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float pv = exp2f(s[nb][e] - ref[e >> 1]);
+      s[nb][e] = pv;
+      l[e >> 1] += pv;
+    }
+}
 
 // D(16x8, f32) += A(16x16) * B(16x8).
 template <class T> struct Mma;

@@ -204,7 +204,6 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
       for (int e = 0; e < 4; ++e) s[nb][e] += s2[nb][e];
 
     // Mask (unreadable keys, causal limit per row), then the online softmax per row (base 2).
-    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nb = 0; nb < 2; ++nb)
 #pragma unroll
@@ -213,38 +212,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
         float v = s[nb][e] * p.scale_log2;
         if (!((ok >> key) & 1u) || tb + key > lim[rr]) v = -INFINITY;
         s[nb][e] = v;
-        mx[rr] = fmaxf(mx[rr], v);
       }
-    float ref[2], alpha[2];
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
-      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
-      const float mn = fmaxf(m[rr], mx[rr]);
-      ref[rr] = mn == -INFINITY ? 0.f : mn;  // nothing visible yet: stay at zero, no NaN
-      alpha[rr] = exp2f(m[rr] - ref[rr]);
-      m[rr] = mn;
-      l[rr] *= alpha[rr];
-    }
-    // Rescale the accumulators only when some row's max grew (after the first tiles it
-    // rarely does): a warp-uniform branch instead of D/2 multiplies per tile.
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-      for (int nd = 0; nd < ND; ++nd) {
-        o[nd][0] *= alpha[0];
-        o[nd][1] *= alpha[0];
-        o[nd][2] *= alpha[1];
-        o[nd][3] *= alpha[1];
-      }
-    }
-#pragma unroll
-    for (int nb = 0; nb < 2; ++nb)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pv = exp2f(s[nb][e] - ref[e >> 1]);
-        s[nb][e] = pv;
-        l[e >> 1] += pv;
-      }
+    online_softmax_tile(s, m, l, o);
 
     // O += P V: P (16 rows x 16 tokens) is the score accumulator re-packed as an A fragment.
     const uint32_t a[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),

@@ -111,7 +111,6 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(Params p) {
 
       // Mask (causal and unreadable keys), then the online softmax update per row.
       const int kbase = kt * BN;
-      float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
@@ -121,32 +120,8 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(Params p) {
           float v = s[nb][e] * p.scale_log2;
           if (kbase + key > pos0 + row_a + rr * 8 || !sOk[st * BN + key]) v = -INFINITY;
           s[nb][e] = v;
-          mx[rr] = fmaxf(mx[rr], v);
         }
-      float ref[2];
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
-        mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
-        const float mn = fmaxf(m[rr], mx[rr]);
-        ref[rr] = mn == -INFINITY ? 0.f : mn;  // nothing visible yet: stay at zero, no NaN
-        const float alpha = exp2f(m[rr] - ref[rr]);
-        m[rr] = mn;
-        l[rr] *= alpha;
-#pragma unroll
-        for (int nd = 0; nd < ND; ++nd) {
-          o[nd][rr * 2] *= alpha;
-          o[nd][rr * 2 + 1] *= alpha;
-        }
-      }
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float pv = exp2f(s[nb][e] - ref[e >> 1]);
-          s[nb][e] = pv;
-          l[e >> 1] += pv;
-        }
+      online_softmax_tile(s, m, l, o);
 
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
