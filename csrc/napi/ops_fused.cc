@@ -5,6 +5,7 @@
 #include <string>
 
 #include "../cpu/fused.h"
+#include "linear_checks.h"
 #include "op.h"
 #ifdef SQUEEZELM_WITH_CUDA
 #include "../kernels/common/fused.h"
@@ -101,34 +102,13 @@ SQZ_OP(linearRopeAppend) {
   const double eps = a.number(7, "eps");
   Tensor pos = a.tensor(8, "positions"), f = a.tensor(9, "invFreq"), pt = a.tensor(10, "pageTable");
   Tensor lens = a.tensor(11, "seqLens"), cuq = a.tensor(12, "cuQ");
-  if (!(eps >= 0) || !std::isfinite(eps)) a.error("ERR_ARG", "eps must be a finite number >= 0");
-  a.same_device({{&qo, "qOut"}, {&x, "x"}, {&w, "w"}});
-  if (bias) a.same_device({{&qo, "qOut"}, {&*bias, "bias"}});
-  if (gamma) a.same_device({{&qo, "qOut"}, {&*gamma, "gamma"}});
   a.ndim(x, "x", 2);
-  a.ndim(w, "w", 2);
   a.ndim(qo, "qOut", 3);
-  const int64_t T = x.dim(0), K = x.dim(1);
-  const int64_t width = check_rope_append(a, qo, kc, vc, T, pos, f, pt, lens, cuq);
-  a.shape_is(w, "w", {width, K});
-  if (bias) a.shape_is(*bias, "bias", {width});
-  if (gamma) a.shape_is(*gamma, "gamma", {K});
-  const std::initializer_list<DType> fl = {DType::F32, DType::F16, DType::BF16};
-  a.dtype_in(x, "x", fl);
-  a.dtype_in(w, "w", fl);
-  if (bias) a.dtype_in(*bias, "bias", fl);
-  if (gamma) a.dtype_in(*gamma, "gamma", fl);
+  const int64_t width = check_rope_append(a, qo, kc, vc, x.dim(0), pos, f, pt, lens, cuq);
+  check_linear_operands(a, qo, "qOut", x, w, bias, gamma, eps, width, 2);
+  if (qo.device.is_cuda()) a.same_dtype(x, "x", kc, "kCache");
   if (overlap(qo, x) || overlap(kc, x) || overlap(vc, x) || overlap(qo, w) || overlap(kc, w) || overlap(vc, w))
     a.error("ERR_ARG", "qOut and the caches must not overlap x or w");
-  if (qo.device.is_cuda()) {
-    a.dtype_in(x, "x", {DType::F16, DType::BF16});
-    for (auto [t, n] : std::initializer_list<std::pair<const Tensor*, const char*>>{{&w, "w"}, {&qo, "qOut"}, {&kc, "kCache"}})
-      a.same_dtype(x, "x", *t, n);
-    if (bias) a.same_dtype(x, "x", *bias, "bias");
-    if (gamma) a.same_dtype(x, "x", *gamma, "gamma");
-    if (T > 2) a.error("ERR_UNSUPPORTED", "CUDA fuses up to 2 rows (a decode step), got " + std::to_string(T));
-    if (K == 0) a.error("ERR_SHAPE", "x " + x.shape_str() + " has no columns");
-  }
   const float e = (float)eps;
   const Tensor* bp = bias ? &*bias : nullptr;
   const Tensor* gp = gamma ? &*gamma : nullptr;

@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "../cpu/gemm.h"
+#include "linear_checks.h"
 #include "op.h"
 
 #ifdef SQUEEZELM_WITH_CUDA
@@ -76,40 +77,11 @@ SQZ_OP(fusedLinear) {
   const double eps = a.number(5, "eps");
   const int64_t mode = a.integer(6, "mode");
   if (mode < 0 || mode > 2) a.error("ERR_ARG", "mode must be 0 (store), 1 (residual) or 2 (silu pairs), got " + std::to_string(mode));
-  if (!(eps >= 0) || !std::isfinite(eps)) a.error("ERR_ARG", "eps must be a finite number >= 0");
   a.ndim(y, "y", 2);
-  a.ndim(x, "x", 2);
-  a.ndim(w, "w", 2);
-  const int64_t M = x.dim(0), K = x.dim(1), N = w.dim(0);
-  if (w.dim(1) != K)
-    a.error("ERR_SHAPE", "w " + w.shape_str() + " must be [N, K] with K = " + std::to_string(K) + " (x is " + x.shape_str() + ")");
-  if (mode == 2 && N % 2 != 0) a.error("ERR_SHAPE", "silu pairs need an even number of rows in w, got " + std::to_string(N));
-  a.shape_is(y, "y", {M, mode == 2 ? N / 2 : N});
-  if (bias) {
-    a.ndim(*bias, "bias", 1);
-    a.shape_is(*bias, "bias", {N});
-  }
-  if (gamma) {
-    a.ndim(*gamma, "gamma", 1);
-    a.shape_is(*gamma, "gamma", {K});
-  }
+  const LinearShape s = check_linear_operands(a, y, "y", x, w, bias, gamma, eps, -1, 16);
+  if (mode == 2 && s.N % 2 != 0) a.error("ERR_SHAPE", "silu pairs need an even number of rows in w, got " + std::to_string(s.N));
+  a.shape_is(y, "y", {s.M, mode == 2 ? s.N / 2 : s.N});
   if (y.storage == x.storage) a.error("ERR_ARG", "y and x share storage; the fused linear reads x while it writes y");
-  std::vector<std::pair<const Tensor*, const char*>> devs = {{&y, "y"}, {&x, "x"}, {&w, "w"}};
-  a.same_device({{&y, "y"}, {&x, "x"}, {&w, "w"}});
-  if (bias) a.same_device({{&y, "y"}, {&*bias, "bias"}});
-  if (gamma) a.same_device({{&y, "y"}, {&*gamma, "gamma"}});
-  if (y.device.is_cpu()) {
-    for (auto [t, n] : devs) a.dtype_in(*t, n, {DType::F32, DType::F16, DType::BF16});
-    if (bias) a.dtype_in(*bias, "bias", {DType::F32, DType::F16, DType::BF16});
-    if (gamma) a.dtype_in(*gamma, "gamma", {DType::F32, DType::F16, DType::BF16});
-  } else {
-    a.dtype_in(x, "x", {DType::F16, DType::BF16});
-    a.same_dtype(x, "x", y, "y");
-    a.same_dtype(x, "x", w, "w");
-    if (bias) a.same_dtype(x, "x", *bias, "bias");
-    if (gamma) a.same_dtype(x, "x", *gamma, "gamma");
-    if (M > 16) a.error("ERR_UNSUPPORTED", "CUDA fuses up to 16 rows (decode), got " + std::to_string(M));
-  }
   const float e = (float)eps;
   const int md = (int)mode;
   dispatch(

@@ -1,0 +1,22 @@
+// Argument checks shared by the bindings of the fused linear ops (fusedLinear, linearRopeAppend).
+#pragma once
+#include <cstdint>
+#include <optional>
+
+#include "args.h"
+
+namespace sqz::napi {
+
+struct LinearShape {
+  int64_t M, K, N;
+};
+
+// The operands of y = epilogue(rmsnorm?(x) · wᵀ + bias): x [M, K], w [N, K] (n < 0: N is w's own
+// row count), bias [N], gamma [K] (the RMSNorm weight), eps finite and >= 0; all on out's device.
+// CPU takes f32/f16/bf16 in any mix; CUDA one of f16/bf16 for x, w, bias, gamma and out alike, and
+// at most `cuda_rows` rows (ERR_UNSUPPORTED beyond).
+LinearShape check_linear_operands(const Args& a, const Tensor& out, const char* out_name, const Tensor& x,
+                                  const Tensor& w, const std::optional<Tensor>& bias,
+                                  const std::optional<Tensor>& gamma, double eps, int64_t n, int64_t cuda_rows);
+
+}  // namespace sqz::napi
