@@ -27,6 +27,12 @@
 // are read once either way, and the prefetch slowed attention. The SqueezeLLM LUT kernels load
 // their first codes into registers and shared memory before the wait, which cannot be evicted,
 // and gain from it (8 layers: 725 us against 770 without PDL).
+//
+// Where a kernel triggers matters too. The dense GEMVs do not: their successor launches as they
+// exit. Same process, H200, graph replay, trigger right after the wait / after the main loop /
+// none: 7B step 3829 / 3808 / 3825 us, 8B GQA 4449 / 4410 / 4439 us, 7B batch 8 5110 / 5127 /
+// 5050 us; the GEMV benchmark's M = 16 4096x4096 13.66 / 13.69 / 12.65 us and M = 1 4096x11008
+// 23.4 / 29.1 / 23.5 us. Early-launched blocks hold SM slots a multi-wave grid still needs.
 #pragma once
 #include <cuda_runtime.h>
 

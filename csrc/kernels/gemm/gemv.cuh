@@ -128,9 +128,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 
   // No L2 prefetch of the first weights before the wait: launched early (PDL), this grid waits
   // while the previous GEMV streams its own weights through L2, which evicts such lines before
-  // they are read; the prefetch only cost bandwidth (see pdl.cuh for the measurement).
+  // they are read; the prefetch only cost bandwidth. No early trigger either: the next kernel is
+  // launched as this grid exits, so its waiting blocks never hold SM slots this grid's later
+  // blocks need (see pdl.cuh for both measurements).
   pdl_wait();
-  pdl_trigger();
   // ROPE: lane m * R + r (r < R/2) will store pair n0 + r of row m
   RopeTarget<T> tgt;
   if constexpr (ROPE) {

@@ -52,9 +52,8 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
 #pragma unroll
     for (int j = 0; j < NT; ++j) wr[j] = w + (size_t)min(tile * 8 * NT + 8 * j + g, N - 1) * K + 8 * t;
   };
-  // No L2 prefetch of the first weights before the wait (see gemv.cuh).
+  // No L2 prefetch of the first weights before the wait and no early trigger (see gemv.cuh).
   pdl_wait();
-  pdl_trigger();
 
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int n0 = tile * 8 * NT;
