@@ -12,16 +12,13 @@
 import { SqueezeError } from '../errors';
 import { native } from '../native';
 import { Tensor } from '../tensor';
+import { isTensor, requireTensors } from './check';
 
 const FLOAT = ['f32', 'f16', 'bf16'];
 
-function isTensor(t: unknown): t is Tensor {
-  return !!t && typeof t === 'object' && 'native' in (t as object);
-}
-
 function checkPaged(op: string, kCache: Tensor, vCache: Tensor, pageTable: Tensor, seqLens: Tensor, cuQ: Tensor): void {
   const named: Array<[string, Tensor]> = [['kCache', kCache], ['vCache', vCache], ['pageTable', pageTable], ['seqLens', seqLens], ['cuQ', cuQ]];
-  for (const [name, t] of named) if (!isTensor(t)) throw new SqueezeError('ERR_ARG', `${op}: ${name} must be a Tensor`);
+  requireTensors(op, named);
   if (kCache.shape.length !== 4)
     throw new SqueezeError('ERR_SHAPE', `${op}: kCache must be [pages, pageSize, kvHeads, headDim], got [${kCache.shape}]`);
   if (vCache.shape.join() !== kCache.shape.join())

@@ -4,10 +4,7 @@
 import { SqueezeError } from '../errors';
 import { native } from '../native';
 import { Tensor } from '../tensor';
-
-function isTensor(t: unknown): t is Tensor {
-  return !!t && typeof t === 'object' && 'native' in (t as object);
-}
+import { requireTensors } from './check';
 
 /**
  * From packed rows qkv[T, (Hq + 2*kvHeads) * D] (q heads, then k heads, then v heads):
@@ -18,9 +15,8 @@ function isTensor(t: unknown): t is Tensor {
  */
 export function ropeAppend(qOut: Tensor, kCache: Tensor, vCache: Tensor, qkv: Tensor, positions: Tensor, invFreq: Tensor,
   pageTable: Tensor, seqLens: Tensor, cuQ: Tensor): void {
-  const named: Array<[string, Tensor]> = [['qOut', qOut], ['kCache', kCache], ['vCache', vCache], ['qkv', qkv], ['positions', positions],
-    ['invFreq', invFreq], ['pageTable', pageTable], ['seqLens', seqLens], ['cuQ', cuQ]];
-  for (const [name, t] of named) if (!isTensor(t)) throw new SqueezeError('ERR_ARG', `ropeAppend: ${name} must be a Tensor`);
+  requireTensors('ropeAppend', [['qOut', qOut], ['kCache', kCache], ['vCache', vCache], ['qkv', qkv], ['positions', positions],
+    ['invFreq', invFreq], ['pageTable', pageTable], ['seqLens', seqLens], ['cuQ', cuQ]]);
   native().ops.ropeAppend(qOut.native, kCache.native, vCache.native, qkv.native, positions.native, invFreq.native,
     pageTable.native, seqLens.native, cuQ.native);
 }
@@ -49,11 +45,9 @@ export interface LinearRopeAppendOptions {
 export function linearRopeAppend(qOut: Tensor, kCache: Tensor, vCache: Tensor, x: Tensor, w: Tensor,
   o: LinearRopeAppendOptions): void {
   if (!o || typeof o !== 'object') throw new SqueezeError('ERR_ARG', 'linearRopeAppend: options must be an object');
-  const named: Array<[string, Tensor]> = [['qOut', qOut], ['kCache', kCache], ['vCache', vCache], ['x', x], ['w', w],
-    ['positions', o.positions], ['invFreq', o.invFreq], ['pageTable', o.pageTable], ['seqLens', o.seqLens], ['cuQ', o.cuQ]];
-  for (const [name, t] of named) if (!isTensor(t)) throw new SqueezeError('ERR_ARG', `linearRopeAppend: ${name} must be a Tensor`);
-  for (const [name, t] of [['bias', o.bias], ['normWeight', o.normWeight]] as const)
-    if (t !== undefined && !isTensor(t)) throw new SqueezeError('ERR_ARG', `linearRopeAppend: ${name} must be a Tensor`);
+  requireTensors('linearRopeAppend', [['qOut', qOut], ['kCache', kCache], ['vCache', vCache], ['x', x], ['w', w],
+    ['positions', o.positions], ['invFreq', o.invFreq], ['pageTable', o.pageTable], ['seqLens', o.seqLens], ['cuQ', o.cuQ]],
+  [['bias', o.bias], ['normWeight', o.normWeight]]);
   native().ops.linearRopeAppend(qOut.native, kCache.native, vCache.native, x.native, w.native, o.bias?.native,
     o.normWeight?.native, o.eps ?? 1e-6, o.positions.native, o.invFreq.native, o.pageTable.native, o.seqLens.native,
     o.cuQ.native);
