@@ -233,14 +233,8 @@ describeGpu('ropeAppend (CUDA)', () => {
     const { pos, f, pt, sl, cq } = indexTensors(c, 'cuda');
     const { kc, vc } = caches(c, 'cuda', 'f16');
     const W = (c.Hq + 2 * c.Hkv) * c.D;
-    let code = 'none';
-    try {
-      ropeAppend(Tensor.empty([c.T, c.Hq, c.D], { dtype: 'f32', device: 'cuda' }), kc, vc,
-        Tensor.empty([c.T, W], { dtype: 'f16', device: 'cuda' }), pos, f, pt, sl, cq);
-    } catch (e) {
-      code = isSqueezeError(e) ? e.code : String(e);
-    }
-    expect(code).toBe('ERR_DTYPE');
+    expect(errorCode(() => ropeAppend(Tensor.empty([c.T, c.Hq, c.D], { dtype: 'f32', device: 'cuda' }), kc, vc,
+      Tensor.empty([c.T, W], { dtype: 'f16', device: 'cuda' }), pos, f, pt, sl, cq))).toBe('ERR_DTYPE');
   });
 });
 
