@@ -149,8 +149,8 @@ export async function withDecodeStep<T>(ctx: BenchContext, model: Model, B: numb
  * graph-replayed and plain timings, bytes = weights + KV read (of copy BW = fraction of the
  * bandwidth floor), end-to-end tokens/s in the note (batch 1: also without graphs and at
  * contexts around the timed one); at batch 1 the same step with one setting flipped (no PDL,
- * PDL for every kernel or none in the graph, the separate RoPE/append kernel, the plain op
- * sequence, the CUDA-core attention kernel); prefill of a 2048-token prompt in TFLOP/s against
+ * no PDL in the graph, the separate RoPE/append kernel, the plain op sequence, the CUDA-core
+ * attention kernel); prefill of a 2048-token prompt in TFLOP/s against
  * cuBLAS's fp16 GEMM 2048x4096x4096 measured in the same run.
  */
 export async function benchDecode(ctx: BenchContext, opts: DecodeBenchOptions = {}): Promise<BenchResult[]> {

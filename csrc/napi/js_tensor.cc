@@ -275,13 +275,8 @@ Napi::Value JsTensor::ToHost(const Napi::CallbackInfo& info) {
 Napi::Value JsTensor::Readback(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
     if (disposed) fail("ERR_DISPOSED", "tensor was disposed");
-    if (tensor.device.is_cpu()) {
-      auto* w = new ToHostWorker(info.Env(), tensor);
-      Napi::Promise p = w->promise();
-      w->Queue();
-      return p;
-    }
-    auto* w = new ReadbackWorker(info.Env(), tensor);
+    CodedWorker* w = tensor.device.is_cpu() ? static_cast<CodedWorker*>(new ToHostWorker(info.Env(), tensor))
+                                            : new ReadbackWorker(info.Env(), tensor);
     Napi::Promise p = w->promise();
     w->Queue();
     return p;

@@ -6,14 +6,13 @@
 #include <string>
 
 #include "core/error.h"
+#include "../common/dtype_cuda.cuh"
 #include "gemm.h"
 #include "gemv_launch.cuh"
 
 namespace sqz::cuda {
 namespace {
 using namespace gemm_detail;
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 template <class T>
 void run(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& x, const Tensor& w, const Tensor* bias,

@@ -11,6 +11,7 @@
 #include "gemm_wgmma.cuh"
 #include "gemv_launch.cuh"
 #include "gemv_tc.cuh"
+#include "../common/dtype_cuda.cuh"
 #include "../common/launch_config.h"
 
 namespace sqz::cuda::gemm_detail {
@@ -60,8 +61,6 @@ GemvPlan plan_gemv(int M, int N, int K) {
 namespace sqz::cuda {
 namespace {
 using namespace gemm_detail;
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 GemvFuse no_fuse() { return GemvFuse{nullptr, 0.f, kFusePlain}; }
 
