@@ -235,32 +235,32 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
         tgt.out[0] = from_f<T>(x1);
         tgt.out[fuse.rope.half] = from_f<T>(x2);
       }
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int m = 0; m < M; ++m)
+    for (int m = 0; m < M; ++m)
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (lane != ((m * R + r) & 31)) continue;
-      const float inv = NORM ? ss[m] : 1.f;
-      if (pairs) {
-        if (r >= R / 2 || n0 + r >= P) continue;
-        float g = acc[m][r] * inv, u = acc[m][r + R / 2] * inv;
-        if (bias) {
-          g += to_f<T>(bias[rows[r]]);
-          u += to_f<T>(bias[rows[r + R / 2]]);
+      for (int r = 0; r < R; ++r) {
+        if (lane != ((m * R + r) & 31)) continue;
+        const float inv = NORM ? ss[m] : 1.f;
+        if (pairs) {
+          if (r >= R / 2 || n0 + r >= P) continue;
+          float g = acc[m][r] * inv, u = acc[m][r + R / 2] * inv;
+          if (bias) {
+            g += to_f<T>(bias[rows[r]]);
+            u += to_f<T>(bias[rows[r + R / 2]]);
+          }
+          y[(size_t)m * P + n0 + r] = from_f<T>(silu_f(g) * u);
+        } else {
+          const long long n = n0 + r;
+          if (n >= N) continue;
+          float v = acc[m][r] * inv;
+          if (bias) v += to_f<T>(bias[n]);
+          T* out = y + (size_t)m * N + n;
+          if (fuse.mode == kFuseResidual) v += to_f<T>(*out);
+          *out = from_f<T>(v);
         }
-        y[(size_t)m * P + n0 + r] = from_f<T>(silu_f(g) * u);
-      } else {
-        const long long n = n0 + r;
-        if (n >= N) continue;
-        float v = acc[m][r] * inv;
-        if (bias) v += to_f<T>(bias[n]);
-        T* out = y + (size_t)m * N + n;
-        if (fuse.mode == kFuseResidual) v += to_f<T>(*out);
-        *out = from_f<T>(v);
       }
-    }
+  }
 }
 
 }  // namespace sqz::cuda::gemm_detail
