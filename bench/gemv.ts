@@ -92,7 +92,7 @@ export async function benchGemv(ctx: BenchContext): Promise<BenchResult[]> {
 
 /**
  * Launch-shape sweep of the GEMV (f16): each knob setting the launcher reads from the
- * environment, at batch 1, 4, 8 and 16 over the suite's shapes, so the defaults can be chosen
+ * environment, at batch 1, 4 and 16 over the suite's shapes, so the defaults can be chosen
  * from one run on a new GPU. Rows are named `<knobs> M=<m> NxK`.
  */
 export async function benchGemvTune(ctx: BenchContext): Promise<BenchResult[]> {
@@ -106,12 +106,9 @@ export async function benchGemvTune(ctx: BenchContext): Promise<BenchResult[]> {
     { M: [4, 16], env: { SQUEEZELM_GEMV_NT: '4', SQUEEZELM_GEMV_TC_U: '2' } },
     // fewer blocks per SM than fit (persistent grid)
     ...['2', '3'].map((b) => ({ M: [4, 16], env: { SQUEEZELM_GEMV_TC_BPS: b } })),
-    // weight loads one step ahead (experimental), with the default and the other tile widths
-    ...['1', '2', '4'].map((nt) => ({ M: [4, 8, 16], env: { SQUEEZELM_GEMV_TC_PIPE: '1', SQUEEZELM_GEMV_NT: nt } })),
-    { M: [8], env: {} },
   ];
   // SQUEEZELM_TUNE_M=4,16 limits the sweep to some batch sizes.
-  const tuneM = (process.env.SQUEEZELM_TUNE_M ?? '1,4,8,16').split(',').map(Number).filter((m) => m >= 1 && m <= 16);
+  const tuneM = (process.env.SQUEEZELM_TUNE_M ?? '1,4,16').split(',').map(Number).filter((m) => m >= 1 && m <= 16);
   for (const [N, K] of GEMV_SHAPES) {
     const dsets = setsFor(2 * N * K, ctx.l2Bytes);
     const ws: Tensor[] = [];

@@ -141,36 +141,29 @@ describeGpu('matmul (cuda vs cpu)', () => {
       });
 
   // The tensor-core GEMV's persistent grid with few blocks per SM, so each block walks several
-  // tiles (and K tails, partial chunks, N tails on the way); also with the weight loads one step
-  // ahead (SQUEEZELM_GEMV_TC_PIPE=1), which must give the same bits. bps 0: the default grid.
-  for (const [M, N, K] of [[5, 1000, 4104], [16, 8451, 72], [9, 4229, 1032], [16, 11008, 4096]] as const)
-    for (const [bps, nt] of [[1, 0], [2, 0], [1, 4], [0, 0]] as const)
-      test(`f16: M=${M} N=${N} K=${K}, ${bps || 'default'} block(s) per SM${nt ? `, ${nt} row tiles per block` : ''}, loads one step ahead and not`, async () => {
+  // tiles (and K tails, partial chunks, N tails on the way).
+  for (const [M, N, K] of [[5, 1000, 4104], [16, 8451, 72], [9, 4229, 1032]] as const)
+    for (const [bps, nt] of [[1, 0], [2, 0], [1, 4]] as const)
+      test(`f16: M=${M} N=${N} K=${K}, ${bps} block(s) per SM${nt ? `, ${nt} row tiles per block` : ''}`, async () => {
         const seed = freshSeed();
         const r = rng(seed);
         const x = await randomTensor([M, K], 'f16', r, 'cuda');
         const w = await randomTensor([N, K], 'f16', r, 'cuda');
         const want = await poisoned([M, N], 'f32');
         matmul(want, await x.t.to('cpu'), await w.t.to('cpu'));
-        if (bps) process.env.SQUEEZELM_GEMV_TC_BPS = String(bps);
+        process.env.SQUEEZELM_GEMV_TC_BPS = String(bps);
         if (nt) process.env.SQUEEZELM_GEMV_NT = String(nt);
         try {
           const y = await poisoned([M, N], 'f16', 'cuda');
           matmul(y, x.t, w.t);
           const e = relErr(await y.toFloat32(), await want.toFloat32());
           if (!(e <= 2e-3)) throw new Error(`rel err ${e} (seed ${seed})`);
-          const bits = Array.from(await y.toArray());
           const y2 = await poisoned([M, N], 'f16', 'cuda');
           matmul(y2, x.t, w.t);
-          expect(Array.from(await y2.toArray())).toEqual(bits);
-          process.env.SQUEEZELM_GEMV_TC_PIPE = '1';
-          const y3 = await poisoned([M, N], 'f16', 'cuda');
-          matmul(y3, x.t, w.t);
-          expect(Array.from(await y3.toArray())).toEqual(bits);
+          expect(Array.from(await y2.toArray())).toEqual(Array.from(await y.toArray()));
         } finally {
           delete process.env.SQUEEZELM_GEMV_TC_BPS;
           delete process.env.SQUEEZELM_GEMV_NT;
-          delete process.env.SQUEEZELM_GEMV_TC_PIPE;
         }
       });
 

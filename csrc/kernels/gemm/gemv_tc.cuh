@@ -19,11 +19,6 @@
 // resident warps = more weight loads in flight, which decides the speed; fewer blocks per SM
 // measured 20-30% slower) and each block walks tiles with a grid stride, so no block pays a
 // launch and ramp-up per tile.
-// PIPE (SQUEEZELM_GEMV_TC_PIPE=1, experimental): each warp issues the weight loads of its next
-// main-loop step (in this tile, or the first step of its next tile) before it multiplies the
-// current one, so loads stay in flight across a tile's remainder chunks, reduction and barriers,
-// where the plain loop has none (at K = 4096 a warp has only 8 steps per tile). Same products in
-// the same order: bit-identical results.
 // Needs K % 8 == 0 and 16-byte aligned x, w (the caller checks).
 #pragma once
 #include <type_traits>
@@ -36,7 +31,7 @@ namespace sqz::cuda::gemm_detail {
 
 constexpr int kGemvTcWarps = 8;
 
-template <class T, int NT, int U, bool PIPE = false>
+template <class T, int NT, int U>
 __global__ void __launch_bounds__(kGemvTcWarps * 32)
     gemv_tc_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                    int M, int N, int K) {
@@ -60,24 +55,6 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
   // No L2 prefetch of the first weights before the wait and no early trigger (see gemv.cuh).
   pdl_wait();
 
-  // PIPE: this warp's main-loop steps per tile (the same for every tile), and the weight loads
-  // of the step to come, issued one step ahead.
-  constexpr int kStep = U * kGemvTcWarps;
-  const int steps = full - (U - 1) * kGemvTcWarps - warp > 0 ? (full - (U - 1) * kGemvTcWarps - warp + kStep - 1) / kStep : 0;
-  uint4 ahead[U][NT];
-  auto load_step = [&](int tile, int step, uint4 (&buf)[U][NT]) {
-    const T* wt[NT];
-    row_ptrs(tile, wt);
-    const int ch0 = warp + step * kStep;
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int j = 0; j < NT; ++j) buf[u][j] = ld_stream(wt[j] + (size_t)(ch0 + u * kGemvTcWarps) * 32);
-  };
-  if constexpr (PIPE) {
-    if (steps > 0 && (int)blockIdx.x < tiles) load_step(blockIdx.x, 0, ahead);
-  }
-
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int n0 = tile * 8 * NT;
     const T* wr[NT];
@@ -87,21 +64,12 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
     for (int j = 0; j < NT; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
     int ch = warp;
     // Main loop: U full chunks per tile in flight, strided by the warp count.
-    for (int step = 0; ch + (U - 1) * kGemvTcWarps < full; ch += kStep, ++step) {
+    for (; ch + (U - 1) * kGemvTcWarps < full; ch += U * kGemvTcWarps) {
       uint4 wv[U][NT], xa[U], xb[U];
-      if constexpr (PIPE) {
 #pragma unroll
-        for (int u = 0; u < U; ++u)
+      for (int u = 0; u < U; ++u)
 #pragma unroll
-          for (int j = 0; j < NT; ++j) wv[u][j] = ahead[u][j];
-        if (step + 1 < steps) load_step(tile, step + 1, ahead);
-        else if (tile + (int)gridDim.x < tiles) load_step(tile + gridDim.x, 0, ahead);
-      } else {
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-#pragma unroll
-          for (int j = 0; j < NT; ++j) wv[u][j] = ld_stream(wr[j] + (size_t)(ch + u * kGemvTcWarps) * 32);
-      }
+        for (int j = 0; j < NT; ++j) wv[u][j] = ld_stream(wr[j] + (size_t)(ch + u * kGemvTcWarps) * 32);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const size_t o = (size_t)(ch + u * kGemvTcWarps) * 32;

@@ -64,14 +64,14 @@ using namespace gemm_detail;
 
 GemvFuse no_fuse() { return GemvFuse{nullptr, 0.f, kFusePlain}; }
 
-template <class T, int NT, int U, bool PIPE>
-void launch_gemv_tc_nup(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
+template <class T, int NT, int U>
+void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
   static std::atomic<int> resident[64];  // blocks of this instantiation per SM, per device (measured once)
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
   int occ = resident[dev & 63].load(std::memory_order_relaxed);
   if (occ == 0) {
-    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, gemv_tc_kernel<T, NT, U, PIPE>, kGemvTcWarps * 32, 0),
+    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, gemv_tc_kernel<T, NT, U>, kGemvTcWarps * 32, 0),
                "matmul: occupancy");
     occ = std::max(occ, 1);
     resident[dev & 63].store(occ, std::memory_order_relaxed);
@@ -80,15 +80,7 @@ void launch_gemv_tc_nup(T* y, const T* x, const T* w, const T* bias, int M, int 
   const int bps = env_int("SQUEEZELM_GEMV_TC_BPS", occ);
   const int tiles = ceil_div(N, 8 * NT);
   const int grid = std::max(1, std::min(tiles, sm_count(dev) * bps));
-  launch_pdl(gemv_tc_kernel<T, NT, U, PIPE>, dim3(grid), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N, K);
-}
-
-// SQUEEZELM_GEMV_TC_PIPE=1: the main loop with its weight loads one step ahead (experimental,
-// read per launch).
-template <class T, int NT, int U>
-void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
-  if (env_int("SQUEEZELM_GEMV_TC_PIPE", 0) == 1) return launch_gemv_tc_nup<T, NT, U, true>(y, x, w, bias, M, N, K, s);
-  launch_gemv_tc_nup<T, NT, U, false>(y, x, w, bias, M, N, K, s);
+  launch_pdl(gemv_tc_kernel<T, NT, U>, dim3(grid), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N, K);
 }
 
 template <class T>
