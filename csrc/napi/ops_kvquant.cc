@@ -144,7 +144,7 @@ SQZ_OP(kvqAppend) {
 
 // kvqAttention(out[N,Hq,D], q[N,Hq,D], cache x13, pageTable, seqLens, cuQ, invFreq f32[D/2], scale, maxQ,
 //              maxSeqLen, sinkRows?, workspace? f32[kvqAttentionWorkspaceSize(...)], variant?)
-// variant (CUDA): 0 (default) the flash-decoding kernel, 1 the experimental tensor-core kernel.
+// variant (CUDA): 0 (default) the tensor-core kernel where it covers the shape, 1 the CUDA-core flash kernel.
 SQZ_OP(kvqAttention) {
   Args a(info, "kvqAttention");
   Tensor out = a.tensor(0, "out"), q = a.tensor(1, "q");

@@ -128,8 +128,9 @@ export interface KvqAttentionOptions {
   /** f32 scratch of kvqAttentionWorkspaceSize(...) elements (CUDA; required while capturing a graph). */
   workspace?: Tensor;
   /**
-   * CUDA kernel: 0 (default) flash-decoding; 1 the experimental tensor-core kernel (faster, but
-   * outside the 2e-3 accuracy contract on some shapes; comparisons only).
+   * CUDA kernel: 0 (default) the tensor-core kernel (up to 16 query heads per kv head, 8 at
+   * head_dim 256; other shapes take the flash kernel); 1 the CUDA-core flash-decoding kernel
+   * (fp32 throughout, slower; the A/B baseline).
    */
   variant?: 0 | 1;
 }

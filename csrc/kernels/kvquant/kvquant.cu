@@ -839,32 +839,33 @@ int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, i
 //     low bytes with one PRMT and four high bytes with another, and one more PRMT interleaves
 //     two of them into a half2 (16-entry books: two 8-entry halves and a merge by bit 3).
 //     Codes become selector nibbles with a few shifts and masks per 8 codes.
-//   * key dequantization is one HFMA2 per two elements (per-channel a*cb + b, the channel
-//     constants in shared memory). Values need none: v = offset_t + scale_t * cb, so the
-//     value tile holds the codebook values and P carries p * scale_t (sum p * offset_t is
-//     added at the end); a value outlier is staged as (exact - offset) / scale.
+//   * keys are dequantized and rotated in fp32 (a*cb + b per channel, then the RoPE pair with
+//     the token's cos/sin), then split into fp16 hi and lo halves staged in two tiles (each with
+//     a RoPE pair's partners in separate planes: x plane channel i, y plane channel i + D/2,
+//     padded to multiples of 16) and both multiplied with q: a key costs no accuracy beyond its
+//     fp32 rotation (a single fp16 rounding of the rotated key measured up to 1.8e-3 relative
+//     error against the fp32 reference, 2e-3 being the contract). Values need no dequantization:
+//     v = offset_t + scale_t * cb, so the value tile holds the codebook values and P carries
+//     p * scale_t (sum p * offset_t is added at the end); a value outlier is staged as
+//     (exact - offset) / scale. The value tile shares its memory with the lo keys: values are
+//     staged once the scores are done.
 //   * scores and p.v run on mma.sync.m16n8k16 (fp16 in, fp32 accumulate): q (the G <= 16
 //     query heads of the kv head, pre-scaled by scale*log2(e)) is the A operand, the rotated
-//     key tile the B operand; for p.v the value tile (transposed by ldmatrix) is the A
+//     key tiles the B operand; for p.v the value tile (transposed by ldmatrix) is the A
 //     operand and P^T, which is exactly the score accumulator re-packed to half2, is B.
-//   * RoPE: keys are staged with the rotation partners in separate planes (x plane: channel
-//     i, y plane: channel i + D/2, each padded to a multiple of 16), so one ldmatrix.x4 gives
-//     the x and y fragments of a pair block and the rotation is x*c - y*s, y*c + x*s on half2
-//     (4 instructions per 4 elements). cos/sin of every (token, pair) is computed once per
-//     block and chunk of tokens (fp32 angle t*invFreq as the CPU rounds it, exact
-//     reduction to [-pi/4, pi/4] with FMAs, hardware sin/cos there) and shared by all heads
-//     of the block.
-//   * outliers are patched into the staged fp16 rows (keys before rotation); sink tokens are
-//     staged from the fp16 side store (values with scale 1, offset 0). Both stay off the
-//     hot path.
+//   * cos/sin of every (token, pair) is computed once per block and chunk of tokens (fp32 angle
+//     t*invFreq as the CPU rounds it, exact reduction to [-pi/4, pi/4] with FMAs, hardware
+//     sin/cos there) into an fp32 table shared by all heads of the block.
+//   * key outliers replace the dequantized value before rotation: the staged pair is rotated
+//     back (within rounding), corrected by the difference and stored again; sink tokens are
+//     rotated from the fp16 side store (values with scale 1, offset 0). Both stay off the hot path.
 // Data flow. Grid = (splits, query rows, kv-head groups); one warp per kv head. A block walks
 // its token range in chunks of kChunk tokens: all threads fill the chunk's cos/sin table, then
 // each warp takes the chunk's tiles of 32 tokens. Lane i of a warp owns token i of the tile:
 // it loads that token's key row, value row and metadata (16-byte loads, the next tile's
-// loads issued before the current tile is used), dequantizes the key row into the warp's
-// staging tile and its value codebook row into the value tile; then 4 n-tiles of 8 tokens of
-// scores, online softmax in fp32 (one running max per query head, quad shuffles) and the
-// p.v mma. Each split writes (acc, m, l) per query head;
+// loads issued before the current tile is used) and stages its rotated key row (hi and lo);
+// then 4 n-tiles of 8 tokens of scores, the value codebook rows into the value tile, online
+// softmax in fp32 (one running max per query head, quad shuffles) and the p.v mma. Each split writes (acc, m, l) per query head;
 // fast::combine_kernel merges splits in a fixed order, so results are deterministic.
 namespace tc {
 constexpr int kTok = 32;     // tokens per warp tile (one per lane)
@@ -905,7 +906,6 @@ __device__ __forceinline__ uint4 lds128(unsigned addr) {
 __device__ __forceinline__ unsigned h2u(__half2 h) { return *reinterpret_cast<unsigned*>(&h); }
 __device__ __forceinline__ __half2 u2h(unsigned u) { return *reinterpret_cast<__half2*>(&u); }
 __device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned s) { return __byte_perm(a, b, s); }
-__device__ __forceinline__ unsigned hfma2u(unsigned a, unsigned b, unsigned c) { return h2u(__hfma2(u2h(a), u2h(b), u2h(c))); }
 
 // A codebook as byte planes: plane word w holds the low (high) bytes of entries 4w .. 4w+3.
 template <int TW> struct Book {
@@ -1053,12 +1053,53 @@ inline Plan plan(int sms, int N, int H, int D, int max_seq_len) {
   p.splits = (chunks + p.sub - 1) / p.sub;
   return p;
 }
-template <int D, int BITS> inline size_t smem_bytes(int warps) {
+// Per warp: key and value staging tiles [kTok][RS] (fp16), key constants a, b per staged column
+// ([2][2 HP] fp32), value scale/offset [kTok] float2. Per block: the chunk's cos/sin table
+// [kChunk][cos plane HP | sin plane HP] in fp32.
+template <int D, int BITS> constexpr size_t warp_smem_bytes() {
   using S = Shape<D, BITS>;
-  // per warp: key and value staging tiles [kTok][RS] each, key constants [2][RS], value
-  // scale/offset [kTok] float2; per block: cos/sin [kChunk][RS]
-  return (size_t)warps * ((2 * kTok + 2) * S::RS * 2 + kTok * 8) + (size_t)kChunk * S::RS * 2;
+  return (size_t)2 * kTok * S::RS * 2 + 16 * S::HP + kTok * 8;
 }
+template <int D, int BITS> constexpr size_t table_smem_bytes() { return (size_t)kChunk * 8 * Shape<D, BITS>::HP; }
+template <int D, int BITS> inline size_t smem_bytes(int warps) {
+  return (size_t)warps * warp_smem_bytes<D, BITS>() + table_smem_bytes<D, BITS>();
+}
+// Byte offset of fp32 column `col` (0 .. 2 HP) in row `r` of the cos/sin table: 16-byte chunks
+// swizzled by the row, so the 8 lanes of a quarter warp (8 rows, one column) hit 8 bank groups.
+template <int HP> __device__ __forceinline__ unsigned cs_off(int r, int col) {
+  return (unsigned)(r * 8 * HP + ((((col >> 2) ^ (r & 7))) << 4) + (col & 3) * 4);
+}
+__device__ __forceinline__ void sts32(unsigned addr, float v) { asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v)); }
+__device__ __forceinline__ float lds32(unsigned addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ float4 lds128f(unsigned addr) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];\n" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ unsigned short lds16(unsigned addr) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
+  return v;
+}
+// Two fp32 values as a half2 `hi` and the half2 of what it misses, `lo` (hi + lo carries ~22
+// bits: a key then costs no more accuracy than its fp32 rotation).
+__device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned& lo) {
+  const __half2 h = __floats2half2_rn(a, b);
+  const float2 f = __half22float2(h);
+  hi = h2u(h);
+  lo = h2u(__floats2half2_rn(a - f.x, b - f.y));
+}
+// Rotates two RoPE pairs in fp32 (x' = x c - y s, y' = y c + x s), as hi/lo half2 words.
+__device__ __forceinline__ void rotate2(float x0, float y0, float x1, float y1, float c0, float s0, float c1, float s1,
+                                        unsigned& xh, unsigned& xl, unsigned& yh, unsigned& yl) {
+  split2(fmaf(x0, c0, -y0 * s0), fmaf(x1, c1, -y1 * s1), xh, xl);
+  split2(fmaf(y0, c0, x0 * s0), fmaf(y1, c1, x1 * s1), yh, yl);
+}
+__device__ __forceinline__ float h2f(unsigned short u) { return __half2float(__ushort_as_half(u)); }
 
 // Raw rows of one token: key and value code words, the first metadata word (vmin, vmax).
 template <int NW> struct Rows {
@@ -1078,11 +1119,11 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
   const bool active = warp < pl.hpb && h < g.H;
   const int G = hq_total / g.H;
   const unsigned base = smem_u32(smem);
-  const unsigned cs_s = base;                                                   // [kChunk][RS] cos | sin planes
-  const unsigned stage = base + kChunk * RS * 2 + warp * ((2 * kTok + 2) * RS * 2 + kTok * 8);  // keys [kTok][RS]
+  const unsigned cs_s = base;  // [kChunk][2 HP] fp32: cos | sin planes (cs_off)
+  const unsigned stage = base + (unsigned)table_smem_bytes<D, BITS>() + warp * (unsigned)warp_smem_bytes<D, BITS>();  // keys [kTok][RS]
   const unsigned vstage = stage + kTok * RS * 2;   // values [kTok][RS]
-  const unsigned kconst = vstage + kTok * RS * 2;  // [2][RS]: a, b per staged key column
-  const unsigned vscale = kconst + 2 * RS * 2;     // [kTok] float2: value scale, offset per token
+  const unsigned kconst = vstage + kTok * RS * 2;  // fp32 [2][2 HP]: a, b per staged key column
+  const unsigned vscale = kconst + 16 * HP;        // [kTok] float2: value scale, offset per token
   const int r = lane >> 2, c4 = lane & 3;
 
   __shared__ int bp[2];
@@ -1106,8 +1147,8 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
         a_ = s_;
         b_ = l_ + s_;
       }
-      sts16(kconst + col * 2, __half_as_ushort(__float2half_rn(a_)));
-      sts16(kconst + RS * 2 + col * 2, __half_as_ushort(__float2half_rn(b_)));
+      sts32(kconst + col * 4, a_);
+      sts32(kconst + 8 * HP + col * 4, b_);
     }
     // q rows (query heads of this kv head) staged as 16 x [x plane | y plane], then ldmatrix
     const float qs = scale * kLog2e;
@@ -1174,8 +1215,8 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
       const int tt = e / HP, i = e % HP;
       float sn = 0.f, cn = 0.f;
       if (i < HALF) sincos_reduced(__fmul_rn((float)(t0c + tt), inv_freq[i]), &sn, &cn);
-      sts16(cs_s + swz<RS>(tt, i >> 3) + (i & 7) * 2, __half_as_ushort(__float2half_rn(cn)));
-      sts16(cs_s + swz<RS>(tt, (HP + i) >> 3) + (i & 7) * 2, __half_as_ushort(__float2half_rn(sn)));
+      sts32(cs_s + cs_off<HP>(tt, i), cn);
+      sts32(cs_s + cs_off<HP>(tt, HP + i), sn);
     }
     __syncthreads();
     if (!active) continue;
@@ -1184,41 +1225,122 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
       if constexpr (S::kPrefetch) load(t + kTok, nxt);
       const bool valid = t < t_end, sink = valid && t < g.sink;
       const long long sl = valid && !sink ? slot_of_t(t) : 0;
-      // ---- stage keys (pre-RoPE, fp16): x plane | y plane
+      // ---- stage keys, rotated: k = a * cb + b and the RoPE rotation in fp32, then split into
+      // fp16 hi (key tile) and lo (the value tile, free until the scores are done), each as
+      // x plane | y plane. Sink tokens come exact from the fp16 side store.
       {
+        const int tr = tt0 + lane;  // the token's row of the cos/sin table
+        const uint16_t* sk = sink ? g.sink_k + (((long long)srow * g.sink + t) * g.H + h) * D : nullptr;
 #pragma unroll
         for (int j = 0; j < S::NB; ++j) {
-          unsigned x[4], y[4];
-          key_block<BITS, TW>(cur.k, j, kbook, x, y);
-          const uint4 ax = lds128(kconst + j * 16), bx = lds128(kconst + RS * 2 + j * 16);
-          const uint4 ay = lds128(kconst + (HP / 8 + j) * 16), by = lds128(kconst + RS * 2 + (HP / 8 + j) * 16);
-          sts128(stage + swz<RS>(lane, j), hfma2u(x[0], ax.x, bx.x), hfma2u(x[1], ax.y, bx.y), hfma2u(x[2], ax.z, bx.z),
-                 hfma2u(x[3], ax.w, bx.w));
-          sts128(stage + swz<RS>(lane, HP / 8 + j), hfma2u(y[0], ay.x, by.x), hfma2u(y[1], ay.y, by.y), hfma2u(y[2], ay.z, by.z),
-                 hfma2u(y[3], ay.w, by.w));
+          float fx[8], fy[8];
+          if (!sink) {
+            unsigned x[4], y[4];
+            key_block<BITS, TW>(cur.k, j, kbook, x, y);
+            const float4 ax0 = lds128f(kconst + 32 * j), ax1 = lds128f(kconst + 32 * j + 16);
+            const float4 bx0 = lds128f(kconst + 8 * HP + 32 * j), bx1 = lds128f(kconst + 8 * HP + 32 * j + 16);
+            const float4 ay0 = lds128f(kconst + 4 * HP + 32 * j), ay1 = lds128f(kconst + 4 * HP + 32 * j + 16);
+            const float4 by0 = lds128f(kconst + 12 * HP + 32 * j), by1 = lds128f(kconst + 12 * HP + 32 * j + 16);
+            const float ax[8] = {ax0.x, ax0.y, ax0.z, ax0.w, ax1.x, ax1.y, ax1.z, ax1.w};
+            const float bx[8] = {bx0.x, bx0.y, bx0.z, bx0.w, bx1.x, bx1.y, bx1.z, bx1.w};
+            const float ay[8] = {ay0.x, ay0.y, ay0.z, ay0.w, ay1.x, ay1.y, ay1.z, ay1.w};
+            const float by[8] = {by0.x, by0.y, by0.z, by0.w, by1.x, by1.y, by1.z, by1.w};
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+              const float2 cx = __half22float2(u2h(x[w])), cy = __half22float2(u2h(y[w]));
+              fx[2 * w] = fmaf(ax[2 * w], cx.x, bx[2 * w]);
+              fx[2 * w + 1] = fmaf(ax[2 * w + 1], cx.y, bx[2 * w + 1]);
+              fy[2 * w] = fmaf(ay[2 * w], cy.x, by[2 * w]);
+              fy[2 * w + 1] = fmaf(ay[2 * w + 1], cy.y, by[2 * w + 1]);
+            }
+          } else {
+            const uint4 a = *reinterpret_cast<const uint4*>(sk + 8 * j), bb = *reinterpret_cast<const uint4*>(sk + HALF + 8 * j);
+            const unsigned aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {bb.x, bb.y, bb.z, bb.w};
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+              const float2 cx = __half22float2(u2h(aw[w])), cy = __half22float2(u2h(bw[w]));
+              fx[2 * w] = cx.x; fx[2 * w + 1] = cx.y; fy[2 * w] = cy.x; fy[2 * w + 1] = cy.y;
+            }
+          }
+          const float4 c0 = lds128f(cs_s + cs_off<HP>(tr, 8 * j)), c1 = lds128f(cs_s + cs_off<HP>(tr, 8 * j + 4));
+          const float4 s0 = lds128f(cs_s + cs_off<HP>(tr, HP + 8 * j)), s1 = lds128f(cs_s + cs_off<HP>(tr, HP + 8 * j + 4));
+          const float cc[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+          const float ss[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+          unsigned X[4], XL[4], Y[4], YL[4];
+#pragma unroll
+          for (int w = 0; w < 4; ++w)
+            rotate2(fx[2 * w], fy[2 * w], fx[2 * w + 1], fy[2 * w + 1], cc[2 * w], ss[2 * w], cc[2 * w + 1], ss[2 * w + 1], X[w],
+                    XL[w], Y[w], YL[w]);
+          sts128(stage + swz<RS>(lane, j), X[0], X[1], X[2], X[3]);
+          sts128(stage + swz<RS>(lane, HP / 8 + j), Y[0], Y[1], Y[2], Y[3]);
+          sts128(vstage + swz<RS>(lane, j), XL[0], XL[1], XL[2], XL[3]);
+          sts128(vstage + swz<RS>(lane, HP / 8 + j), YL[0], YL[1], YL[2], YL[3]);
         }
 #pragma unroll
         for (int j = S::NB; j < HP / 8; ++j) {  // plane padding
           sts128(stage + swz<RS>(lane, j), 0, 0, 0, 0);
           sts128(stage + swz<RS>(lane, HP / 8 + j), 0, 0, 0, 0);
+          sts128(vstage + swz<RS>(lane, j), 0, 0, 0, 0);
+          sts128(vstage + swz<RS>(lane, HP / 8 + j), 0, 0, 0, 0);
         }
-        if (sink) {
-          const uint16_t* sk = g.sink_k + (((long long)srow * g.sink + t) * g.H + h) * D;
-          for (int j = 0; j < HALF / 8; ++j) {
-            const uint4 a = *reinterpret_cast<const uint4*>(sk + 8 * j), bb = *reinterpret_cast<const uint4*>(sk + HALF + 8 * j);
-            sts128(stage + swz<RS>(lane, j), a.x, a.y, a.z, a.w);
-            sts128(stage + swz<RS>(lane, HP / 8 + j), bb.x, bb.y, bb.z, bb.w);
-          }
-        } else if (valid) {
+        if (valid && !sink) {
+          // key outliers: exact values replace the dequantized ones. The staged pair is already
+          // rotated, so the pre-RoPE value is recovered by the inverse rotation (within fp16
+          // rounding) and the difference is rotated into both halves of the pair.
           const uint8_t* me = g.meta + sl * MB;
-          for (int s = 0; s < nk; ++s) {
-            const int ch = min((int)__ldg(me + 4 + 2 * ns + s), D - 1);
-            const int col = ch < HALF ? ch : HP + ch - HALF;
-            const unsigned short v = (unsigned short)(__ldg(me + 4 + 2 * s) | (__ldg(me + 5 + 2 * s) << 8));
-            sts16(stage + swz<RS>(lane, col >> 3) + (col & 7) * 2, v);
+          for (int s_ = 0; s_ < nk; ++s_) {
+            const int ch = min((int)__ldg(me + 4 + 2 * ns + s_), D - 1);
+            const bool xh = ch < HALF;
+            const int i = xh ? ch : ch - HALF;
+            const float ex = __half2float(__ushort_as_half((unsigned short)(__ldg(me + 4 + 2 * s_) | (__ldg(me + 5 + 2 * s_) << 8))));
+            const unsigned ax_ = swz<RS>(lane, i >> 3) + (i & 7) * 2, ay_ = swz<RS>(lane, (HP + i) >> 3) + (i & 7) * 2;
+            const float xr = h2f(lds16(stage + ax_)) + h2f(lds16(vstage + ax_)), yr = h2f(lds16(stage + ay_)) + h2f(lds16(vstage + ay_));
+            const float c = lds32(cs_s + cs_off<HP>(tr, i)), sn = lds32(cs_s + cs_off<HP>(tr, HP + i));
+            float nx, ny;
+            if (xh) {
+              const float d = ex - fmaf(xr, c, yr * sn);  // x = x' c + y' s
+              nx = fmaf(c, d, xr);
+              ny = fmaf(sn, d, yr);
+            } else {
+              const float d = ex - fmaf(yr, c, -xr * sn);  // y = y' c - x' s
+              nx = fmaf(-sn, d, xr);
+              ny = fmaf(c, d, yr);
+            }
+            unsigned hx, lx, hy, ly;
+            split2(nx, ny, hx, lx);  // (nx, ny) as hi/lo halves
+            split2(ny, nx, hy, ly);
+            sts16(stage + ax_, (unsigned short)(hx & 0xffffu));
+            sts16(vstage + ax_, (unsigned short)(lx & 0xffffu));
+            sts16(stage + ay_, (unsigned short)(hy & 0xffffu));
+            sts16(vstage + ay_, (unsigned short)(ly & 0xffffu));
           }
         }
       }
+      __syncwarp();
+      // ---- scores: 4 n-tiles of 8 tokens, rows = query heads
+      float sc[4][4];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[nt][e] = 0.f;
+        const int row = 8 * nt + (lane & 7), m = lane >> 3;
+#pragma unroll
+        for (int kx = 0; kx < S::KX; ++kx) {
+          const int ch = 2 * kx + (m & 1) + ((m >> 1) ? HP / 8 : 0);
+          unsigned x0, x1, y0, y1, xl0, xl1, yl0, yl1;  // rotated keys, hi and lo
+          ldmatrix_x4(stage + swz<RS>(row, ch), x0, x1, y0, y1);
+          ldmatrix_x4(vstage + swz<RS>(row, ch), xl0, xl1, yl0, yl1);
+          mma_16816<__half>(sc[nt], qa[kx][0], qa[kx][1], qa[kx][2], qa[kx][3], x0, x1);
+          mma_16816<__half>(sc[nt], qa[S::KX + kx][0], qa[S::KX + kx][1], qa[S::KX + kx][2], qa[S::KX + kx][3], y0, y1);
+          mma_16816<__half>(sc[nt], qa[kx][0], qa[kx][1], qa[kx][2], qa[kx][3], xl0, xl1);
+          mma_16816<__half>(sc[nt], qa[S::KX + kx][0], qa[S::KX + kx][1], qa[S::KX + kx][2], qa[S::KX + kx][3], yl0, yl1);
+        }
+        // mask tokens past the end
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (t0 + 8 * nt + 2 * c4 + (e & 1) >= t_end) sc[nt][e] = -INFINITY;
+      }
+      __syncwarp();  // the lo keys are read: the value tile is free
       // ---- stage values: codebook values only (v = offset + scale * cb), fp16, staging order
       {
         float vlo = __half2float(__ushort_as_half((unsigned short)(cur.m & 0xffffu)));
@@ -1260,34 +1382,6 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
         asm volatile("st.shared.v2.f32 [%0], {%1,%2};\n" ::"r"(vscale + lane * 8), "f"(sv), "f"(av));
       }
       __syncwarp();
-      // ---- scores: 4 n-tiles of 8 tokens, rows = query heads
-      float sc[4][4];
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) sc[nt][e] = 0.f;
-        const int row = 8 * nt + (lane & 7), m = lane >> 3;
-        const int row_c = tt0 + row;
-#pragma unroll
-        for (int kx = 0; kx < S::KX; ++kx) {
-          const int ch = 2 * kx + (m & 1) + ((m >> 1) ? HP / 8 : 0);
-          unsigned x0, x1, y0, y1, c0, c1, s0, s1;
-          ldmatrix_x4(stage + swz<RS>(row, ch), x0, x1, y0, y1);
-          ldmatrix_x4(cs_s + swz<RS>(row_c, ch), c0, c1, s0, s1);
-          // x' = x c - y s, y' = y c + x s
-          const __half2 X0 = u2h(x0), X1 = u2h(x1), Y0 = u2h(y0), Y1 = u2h(y1);
-          const unsigned rx0 = h2u(__hfma2(X0, u2h(c0), __hneg2(__hmul2(Y0, u2h(s0)))));
-          const unsigned rx1 = h2u(__hfma2(X1, u2h(c1), __hneg2(__hmul2(Y1, u2h(s1)))));
-          const unsigned ry0 = h2u(__hfma2(Y0, u2h(c0), __hmul2(X0, u2h(s0))));
-          const unsigned ry1 = h2u(__hfma2(Y1, u2h(c1), __hmul2(X1, u2h(s1))));
-          mma_16816<__half>(sc[nt], qa[kx][0], qa[kx][1], qa[kx][2], qa[kx][3], rx0, rx1);
-          mma_16816<__half>(sc[nt], qa[S::KX + kx][0], qa[S::KX + kx][1], qa[S::KX + kx][2], qa[S::KX + kx][3], ry0, ry1);
-        }
-        // mask tokens past the end
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (t0 + 8 * nt + 2 * c4 + (e & 1) >= t_end) sc[nt][e] = -INFINITY;
-      }
       // ---- online softmax (log2 domain), per query-head row r (+8): the row's max over the
       // quad, p = 2^(s - m); P^T fragments carry p * (the token's value scale), the value
       // offsets are summed separately (pa).
@@ -1490,12 +1584,12 @@ void kvq_attention(const Tensor& out, const Tensor& q, const kvq::Cache& c, cons
                    cudaStream_t stream) {
   (void)max_q;
   Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
-  // Variant 1, the tensor-core kernel, is experimental: ~3x faster than the flash kernel on the
-  // H200 but measured up to 3.0e-3 relative error (fp16 rotated keys and queries before the
-  // product) and a CUDA-graph decode in the runtime that diverged from eager decoding, so it is
-  // never the default. SQUEEZELM_KVQ_VARIANT=1 selects it for default calls (A/B runs).
+  // Variant 0 (default): the tensor-core kernel where it covers the shape (G <= 16 query heads per
+  // kv head, <= 8 at head_dim 256), the flash kernel elsewhere. Variant 1: the CUDA-core flash
+  // kernel always (fp32 throughout; kept as the A/B baseline). SQUEEZELM_KVQ_VARIANT=1 selects
+  // it for default calls.
   if (variant == 0 && env_int("SQUEEZELM_KVQ_VARIANT", 0) == 1) variant = 1;
-  if (variant == 1) {
+  if (variant == 0) {
     const bool done = q.dtype == DType::F16
                           ? tc::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, stream)
                           : tc::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, stream);
