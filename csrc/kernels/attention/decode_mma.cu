@@ -293,7 +293,7 @@ int occupancy_d() {
 bool decode_mma_supported(int D) { return D % 16 == 0 && D >= 16 && D <= 128; }
 
 int decode_mma_resident_blocks(int device, int D) {
-  return cached_per_device(device, D, [&] {
+  return cached_per_device(device, D / 16, [&] {  // D <= 128 (decode_mma_supported)
     switch (D) {
       case 16: return occupancy_d<16>();
       case 32: return occupancy_d<32>();

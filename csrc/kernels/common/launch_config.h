@@ -5,10 +5,8 @@
 
 #include <atomic>
 #include <cstddef>
-#include <map>
 #include <mutex>
 #include <string>
-#include <utility>
 
 #include "core/cuda_stream.h"
 #include "core/error.h"
@@ -28,22 +26,28 @@ inline int sm_count(int device) {
   return n;
 }
 
-// query() for (device, key), run once with `device` current and then cached: per-device launch
-// facts such as a kernel's resident blocks per SM. Each call site (its lambda's type) has its own
-// cache.
+// query() for (device, key), key in [0, 64): run once with `device` current and then cached:
+// per-device launch facts such as a kernel's resident blocks per SM, read on every launch. Each
+// call site (its lambda's type) has its own cache; reads are one atomic load, only the first
+// measurement of a slot takes the lock.
 template <class Query>
 int cached_per_device(int device, int key, Query query) {
-  static std::mutex mu;
-  static std::map<std::pair<int, int>, int> cache;
+  if (device < 0 || device >= 64 || key < 0 || key >= 64)
+    fail("ERR_INTERNAL", "cached_per_device: device " + std::to_string(device) + " or key " + std::to_string(key) +
+                             " out of range");
+  static std::atomic<int> slots[64][64];  // value + 1; 0 = not measured yet
+  std::atomic<int>& slot = slots[device][key];
+  const int known = slot.load(std::memory_order_acquire);
+  if (known != 0) return known - 1;
+  static std::mutex mu;  // a measurement may switch the current device: one at a time
   std::lock_guard<std::mutex> lock(mu);
-  const auto it = cache.find({device, key});
-  if (it != cache.end()) return it->second;
+  if (const int again = slot.load(std::memory_order_acquire); again != 0) return again - 1;
   int cur = 0;
   cudaGetDevice(&cur);
   if (cur != device) cudaSetDevice(device);
   const int v = query();
   if (cur != device) cudaSetDevice(cur);
-  cache.emplace(std::make_pair(device, key), v);
+  slot.store(v + 1, std::memory_order_release);
   return v;
 }
 

@@ -66,16 +66,14 @@ GemvFuse no_fuse() { return GemvFuse{nullptr, 0.f, kFusePlain}; }
 
 template <class T, int NT, int U>
 void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
-  static std::atomic<int> resident[64];  // blocks of this instantiation per SM, per device (measured once)
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
-  int occ = resident[dev & 63].load(std::memory_order_relaxed);
-  if (occ == 0) {
-    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, gemv_tc_kernel<T, NT, U>, kGemvTcWarps * 32, 0),
+  const int occ = cached_per_device(dev, 0, [] {  // blocks of this instantiation per SM
+    int n = 0;
+    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_tc_kernel<T, NT, U>, kGemvTcWarps * 32, 0),
                "matmul: occupancy");
-    occ = std::max(occ, 1);
-    resident[dev & 63].store(occ, std::memory_order_relaxed);
-  }
+    return std::max(n, 1);
+  });
   // Persistent grid: every block that fits at once (SQUEEZELM_GEMV_TC_BPS: blocks per SM, tuning).
   const int bps = env_int("SQUEEZELM_GEMV_TC_BPS", occ);
   const int tiles = ceil_div(N, 8 * NT);

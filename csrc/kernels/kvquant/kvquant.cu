@@ -1070,15 +1070,10 @@ template <int HP> __device__ __forceinline__ unsigned cs_off(int r, int col) {
   return (unsigned)(r * 8 * HP + ((((col >> 2) ^ (r & 7))) << 4) + (col & 3) * 4);
 }
 __device__ __forceinline__ void sts32(unsigned addr, float v) { asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v)); }
-__device__ __forceinline__ float lds32(unsigned addr) {
-  float v;
-  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr));
-  return v;
-}
+__device__ __forceinline__ float lds32(unsigned addr) { return __uint_as_float(ld_shared_u32(addr)); }
 __device__ __forceinline__ float4 lds128f(unsigned addr) {
-  float4 v;
-  asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];\n" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr));
-  return v;
+  const uint4 u = lds128(addr);
+  return make_float4(__uint_as_float(u.x), __uint_as_float(u.y), __uint_as_float(u.z), __uint_as_float(u.w));
 }
 __device__ __forceinline__ unsigned short lds16(unsigned addr) {
   unsigned short v;
@@ -1292,7 +1287,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
             const int ch = min((int)__ldg(me + 4 + 2 * ns + s_), D - 1);
             const bool xh = ch < HALF;
             const int i = xh ? ch : ch - HALF;
-            const float ex = __half2float(__ushort_as_half((unsigned short)(__ldg(me + 4 + 2 * s_) | (__ldg(me + 5 + 2 * s_) << 8))));
+            const float ex = half_bits(me + 4 + 2 * s_);
             const unsigned ax_ = swz<RS>(lane, i >> 3) + (i & 7) * 2, ay_ = swz<RS>(lane, (HP + i) >> 3) + (i & 7) * 2;
             const float xr = h2f(lds16(stage + ax_)) + h2f(lds16(vstage + ax_)), yr = h2f(lds16(stage + ay_)) + h2f(lds16(vstage + ay_));
             const float c = lds32(cs_s + cs_off<HP>(tr, i)), sn = lds32(cs_s + cs_off<HP>(tr, HP + i));
@@ -1343,8 +1338,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
       __syncwarp();  // the lo keys are read: the value tile is free
       // ---- stage values: codebook values only (v = offset + scale * cb), fp16, staging order
       {
-        float vlo = __half2float(__ushort_as_half((unsigned short)(cur.m & 0xffffu)));
-        float vhi = __half2float(__ushort_as_half((unsigned short)(cur.m >> 16)));
+        const float vlo = h2f((unsigned short)(cur.m & 0xffffu)), vhi = h2f((unsigned short)(cur.m >> 16));
         float sv = 0.5f * (vhi - vlo), av = vlo + sv;
 #pragma unroll
         for (int j = 0; j < S::NB; ++j) {

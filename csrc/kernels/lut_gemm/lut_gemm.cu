@@ -843,15 +843,12 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
   // One wave of blocks (they walk the row-tile groups): no tail wave, and each block's prologue
   // latency is paid once.
-  static std::atomic<int> wave[64];
-  int blocks_per_wave = wave[dev & 63].load(std::memory_order_relaxed);
-  if (blocks_per_wave == 0) {
+  const int blocks_per_wave = cached_per_device(dev, 0, [&] {
     int per_sm = 0;
     cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, GV_THREADS, smem), "lutMatmul: occupancy");
     const int n = per_sm * sm_count(dev);
-    blocks_per_wave = n > 0 ? n : 1;
-    wave[dev & 63].store(blocks_per_wave, std::memory_order_relaxed);
-  }
+    return n > 0 ? n : 1;
+  });
   const int groups = ((N + 15) / 16 + RT - 1) / RT;
   const int blocks = groups < blocks_per_wave ? groups : blocks_per_wave;
   launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, l2u);
