@@ -106,9 +106,6 @@ export async function benchGemvTune(ctx: BenchContext): Promise<BenchResult[]> {
     { M: [4, 16], env: { SQUEEZELM_GEMV_NT: '4', SQUEEZELM_GEMV_TC_U: '2' } },
     // fewer blocks per SM than fit (persistent grid)
     ...['2', '3'].map((b) => ({ M: [4, 16], env: { SQUEEZELM_GEMV_TC_BPS: b } })),
-    // K split over clusters of 1-4 blocks (Hopper), also with single row tiles and 4 chunks in flight
-    ...['1', '2', '3', '4'].map((s) => ({ M: [4, 16], env: { SQUEEZELM_GEMV_TC_SPLIT: s } })),
-    ...['1', '2', '3'].map((s) => ({ M: [4, 16], env: { SQUEEZELM_GEMV_NT: '1', SQUEEZELM_GEMV_TC_U: '4', SQUEEZELM_GEMV_TC_SPLIT: s } })),
   ];
   // SQUEEZELM_TUNE_M=4,16 limits the sweep to some batch sizes.
   const tuneM = (process.env.SQUEEZELM_TUNE_M ?? '1,4,16').split(',').map(Number).filter((m) => m >= 1 && m <= 16);

@@ -19,15 +19,6 @@
 // resident warps = more weight loads in flight, which decides the speed; fewer blocks per SM
 // measured 20-30% slower) and each block walks tiles with a grid stride, so no block pays a
 // launch and ramp-up per tile.
-//
-// Split K across a thread-block cluster (Hopper). With whole tiles as the unit of work the last
-// round of a persistent grid can be nearly empty: 688 tiles of 16 rows (N = 11008) on 528
-// resident blocks run as 2 rounds, the second 30% full. A cluster of S blocks instead takes one
-// tile at a time, each block (rank r) a contiguous S-th of the K chunks, and the ranks' partial
-// tiles meet in the first rank's shared memory (distributed shared memory, a cluster barrier,
-// summed in rank order: deterministic, no global workspace, so graph replays need nothing
-// reset). The launcher picks S where it shortens the rounds (launch_gemv_tc_nu); S = 1 is a plain
-// launch, and the code below then reads cluster rank 0 of 1.
 // Needs K % 8 == 0 and 16-byte aligned x, w (the caller checks).
 #pragma once
 #include <type_traits>
@@ -40,51 +31,11 @@ namespace sqz::cuda::gemm_detail {
 
 constexpr int kGemvTcWarps = 8;
 
-// Cluster geometry: rank and size within the cluster, cluster index and count. Before sm_90 (no
-// clusters) every block is a cluster of one.
-struct ClusterPos {
-  int rank, size, id, count;
-};
-__device__ __forceinline__ ClusterPos cluster_pos() {
-  ClusterPos c{0, 1, (int)blockIdx.x, (int)gridDim.x};
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  unsigned r, n, i, k;
-  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  asm("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
-  asm("mov.u32 %0, %%clusterid.x;" : "=r"(i));
-  asm("mov.u32 %0, %%nclusterid.x;" : "=r"(k));
-  c = ClusterPos{(int)r, (int)n, (int)i, (int)k};
-#endif
-  return c;
-}
-// All threads of every block of the cluster: writes before it (to any rank's shared memory) are
-// seen after it.
-__device__ __forceinline__ void cluster_barrier() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-// Stores 4 floats at `local` (a shared address of this block's layout) in the shared memory of
-// cluster rank `rank`.
-__device__ __forceinline__ void st_cluster_f4(uint32_t local, int rank, float a, float b, float c, float d) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("st.shared::cluster.v4.f32 [%0], {%1,%2,%3,%4};" ::"r"(remote), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
-#endif
-}
-
-constexpr int kGemvTcMaxSplit = 4;
-
 template <class T, int NT, int U>
 __global__ void __launch_bounds__(kGemvTcWarps * 32)
     gemv_tc_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                    int M, int N, int K) {
   __shared__ float red[kGemvTcWarps][NT][32][4];
-  // Partial tiles of ranks 1..S-1 (in rank 0), double-buffered by tile parity: a rank writes
-  // buffer b of tile i + 2 only after the barrier of tile i + 1, which rank 0 reaches after
-  // reading buffer b of tile i.
-  __shared__ __align__(16) float xred[2][kGemvTcMaxSplit - 1][NT][32][4];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int tiles = (N + 8 * NT - 1) / (8 * NT);
@@ -92,11 +43,9 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
   const T* x0 = x + (size_t)min(g, M - 1) * K + 8 * t;
   const T* x1 = x + (size_t)min(g + 8, M - 1) * K + 8 * t;
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  const ClusterPos cl = cluster_pos();
 
-  // This rank's chunks [c0, c1) of the K/32 chunks (the last one partial when K % 32 != 0).
-  const int chunks = (K + 31) / 32;
-  const int c0 = (int)((long long)chunks * cl.rank / cl.size), c1 = (int)((long long)chunks * (cl.rank + 1) / cl.size);
+  // Full chunks, then the partial last one (K % 32 in {8, 16, 24}).
+  const int full = K / 32, chunks = (K + 31) / 32;
 
   // Rows past N: clamped to a valid row for loading, never stored.
   auto row_ptrs = [&](int tile, const T* (&wr)[NT]) {
@@ -106,19 +55,16 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
   // No L2 prefetch of the first weights before the wait and no early trigger (see gemv.cuh).
   pdl_wait();
 
-  int buf = 0;
-  for (int tile = cl.id; tile < tiles; tile += cl.count, buf ^= 1) {
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int n0 = tile * 8 * NT;
     const T* wr[NT];
     row_ptrs(tile, wr);
     float c[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
-    // Main loop: U full chunks per lane in flight, strided by the warp count. Unpredicated: a
-    // guard per load (a branch around each volatile load) cost 20-40% at M = 4.
-    const int cf = min(c1, K / 32);  // this rank's full chunks end here
-    int ch = c0 + warp;
-    for (; ch + (U - 1) * kGemvTcWarps < cf; ch += U * kGemvTcWarps) {
+    int ch = warp;
+    // Main loop: U full chunks per tile in flight, strided by the warp count.
+    for (; ch + (U - 1) * kGemvTcWarps < full; ch += U * kGemvTcWarps) {
       uint4 wv[U][NT], xa[U], xb[U];
 #pragma unroll
       for (int u = 0; u < U; ++u)
@@ -139,7 +85,7 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
         }
     }
     // Remaining chunks one at a time; in a partial last chunk lanes past K load zeros.
-    for (; ch < c1; ch += kGemvTcWarps) {
+    for (; ch < chunks; ch += kGemvTcWarps) {
       const size_t o = (size_t)ch * 32;
       const bool in = (int)o + 8 * t < K;
       const uint4 xa = (in && v0) ? __ldg(reinterpret_cast<const uint4*>(x0 + o)) : zero;
@@ -157,24 +103,15 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
 #pragma unroll
       for (int i = 0; i < 4; ++i) red[warp][j][lane][i] = c[j][i];
     __syncthreads();
-    // Warp j < NT finishes tile j: sums the 8 partial tiles in warp order, then (clusters) the
-    // ranks' sums in rank order.
-    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    // Warp j < NT finishes tile j: sums the 8 partial tiles in warp order.
     if (warp < NT) {
+      float v[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         float a = 0.f;
 #pragma unroll
         for (int k = 0; k < kGemvTcWarps; ++k) a += red[k][warp][lane][i];
         v[i] = a;
-      }
-      if (cl.rank > 0) st_cluster_f4(smem_u32(&xred[buf][cl.rank - 1][warp][lane][0]), 0, v[0], v[1], v[2], v[3]);
-    }
-    if (cl.size > 1) cluster_barrier();
-    if (warp < NT && cl.rank == 0) {
-      for (int r = 1; r < cl.size; ++r) {
-        const float4 p = *reinterpret_cast<const float4*>(&xred[buf][r - 1][warp][lane][0]);
-        v[0] += p.x; v[1] += p.y; v[2] += p.z; v[3] += p.w;
       }
       // C fragment: c0,c1 at (row g, cols 2t, 2t+1), c2,c3 at (row g+8, same cols); col = w row.
 #pragma unroll

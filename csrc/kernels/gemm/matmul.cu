@@ -64,99 +64,21 @@ using namespace gemm_detail;
 
 GemvFuse no_fuse() { return GemvFuse{nullptr, 0.f, kFusePlain}; }
 
-// The wgmma kernel exists only in sm_90a code, and the GEMV's cluster split is only launched
-// there: they run where the device is compute capability 9.0 and this build carries sm_90a.
-#ifndef SQUEEZELM_CUDA_ARCHS_STR
-#define SQUEEZELM_CUDA_ARCHS_STR ""
-#endif
-constexpr bool kBuiltFor90a = std::string_view(SQUEEZELM_CUDA_ARCHS_STR).find("90a") != std::string_view::npos;
-
-bool device_is_sm90() {
-  static std::atomic<uint64_t> known{0}, yes{0};
-  int dev = 0;
-  cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
-  const uint64_t bit = 1ull << (dev & 63);
-  if (!(known.load() & bit)) {
-    int major = 0, minor = 0;
-    cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "matmul: device attribute");
-    cuda_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "matmul: device attribute");
-    if (major == 9 && minor == 0) yes.fetch_or(bit);
-    known.fetch_or(bit);
-  }
-  return (yes.load() & bit) != 0;
-}
-
-// Cluster size S (1 = no split) for `tiles` units of work on a persistent grid where `blocks[s]`
-// blocks run at once as clusters of s: the time goes as the rounds of the grid over the work, each
-// round 1/S as long, ceil(tiles * S / blocks[S]) / S. A split must shorten that by 4% to be taken
-// (its partial tiles meet through shared memory and a cluster barrier per tile).
-int pick_split(int tiles, const int (&blocks)[kGemvTcMaxSplit + 1]) {
-  int best = 1;
-  double best_cost = 0;
-  for (int s = 1; s <= kGemvTcMaxSplit; ++s) {
-    if (blocks[s] < s) continue;
-    const double cost = (double)ceil_div((long long)tiles * s, blocks[s]) / s;
-    if (s == 1 || cost < best_cost * 0.96) best = s, best_cost = cost;
-  }
-  return best;
-}
-
 template <class T, int NT, int U>
 void launch_gemv_tc_nu(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
-  constexpr auto kernel = gemv_tc_kernel<T, NT, U>;
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
-  const int occ = cached_per_device(dev, 0, [&] {  // blocks of this instantiation per SM
+  const int occ = cached_per_device(dev, 0, [] {  // blocks of this instantiation per SM
     int n = 0;
-    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kGemvTcWarps * 32, 0), "matmul: occupancy");
+    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_tc_kernel<T, NT, U>, kGemvTcWarps * 32, 0),
+               "matmul: occupancy");
     return std::max(n, 1);
   });
   // Persistent grid: every block that fits at once (SQUEEZELM_GEMV_TC_BPS: blocks per SM, tuning).
   const int bps = env_int("SQUEEZELM_GEMV_TC_BPS", occ);
   const int tiles = ceil_div(N, 8 * NT);
-  const bool clusters = kBuiltFor90a && device_is_sm90();
-  int blocks[kGemvTcMaxSplit + 1] = {0, sm_count(dev) * bps, 0, 0, 0};
-  if (clusters)
-    for (int c = 2; c <= kGemvTcMaxSplit; ++c)
-      blocks[c] = c * cached_per_device(dev, c, [&] {  // clusters of c that fit at once
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(c * sm_count(dev));
-        cfg.blockDim = dim3(kGemvTcWarps * 32);
-        cudaLaunchAttribute a[1];
-        a[0].id = cudaLaunchAttributeClusterDimension;
-        a[0].val.clusterDim.x = c;
-        a[0].val.clusterDim.y = a[0].val.clusterDim.z = 1;
-        cfg.attrs = a;
-        cfg.numAttrs = 1;
-        int n = 0;
-        if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
-          (void)cudaGetLastError();
-          n = 0;
-        }
-        return n;
-      });
-  int split = pick_split(tiles, blocks);
-  const int forced = env_int("SQUEEZELM_GEMV_TC_SPLIT", 0);  // tuning
-  if (forced > 0 && clusters) split = std::min(forced, kGemvTcMaxSplit);
-  if (split == 1 || blocks[split] < split) {
-    const int grid = std::max(1, std::min(tiles, blocks[1]));
-    launch_pdl(kernel, dim3(grid), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N, K);
-    return;
-  }
-  const int grid = split * std::max(1, std::min(tiles, blocks[split] / split));
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(kGemvTcWarps * 32);
-  cfg.stream = s;
-  cudaLaunchAttribute a[2];
-  a[0].id = cudaLaunchAttributeClusterDimension;
-  a[0].val.clusterDim.x = split;
-  a[0].val.clusterDim.y = a[0].val.clusterDim.z = 1;
-  a[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  a[1].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = a;
-  cfg.numAttrs = pdl_for(s) ? 2 : 1;
-  cuda_check(cudaLaunchKernelEx(&cfg, kernel, y, x, w, bias, M, N, K), "matmul: cluster launch");
+  const int grid = std::max(1, std::min(tiles, sm_count(dev) * bps));
+  launch_pdl(gemv_tc_kernel<T, NT, U>, dim3(grid), dim3(kGemvTcWarps * 32), 0, s, y, x, w, bias, M, N, K);
 }
 
 template <class T>
@@ -176,6 +98,28 @@ void launch_gemm_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, i
   allow_dynamic_smem<gemm_tc_kernel<T, A>>(kSmemBytes, "matmul");  // the 64 KiB ring is above 48 KiB
   const long long tiles = (long long)ceil_div(M, kBM) * ceil_div(N, kBN);
   gemm_tc_kernel<T, A><<<(unsigned)tiles, kThreads, kSmemBytes, s>>>(y, x, w, bias, M, N, K);
+}
+
+// The wgmma kernel exists only in sm_90a code; it runs where the device is compute capability
+// 9.0 and this build carries sm_90a.
+#ifndef SQUEEZELM_CUDA_ARCHS_STR
+#define SQUEEZELM_CUDA_ARCHS_STR ""
+#endif
+constexpr bool kBuiltFor90a = std::string_view(SQUEEZELM_CUDA_ARCHS_STR).find("90a") != std::string_view::npos;
+
+bool device_is_sm90() {
+  static std::atomic<uint64_t> known{0}, yes{0};
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
+  const uint64_t bit = 1ull << (dev & 63);
+  if (!(known.load() & bit)) {
+    int major = 0, minor = 0;
+    cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "matmul: device attribute");
+    cuda_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "matmul: device attribute");
+    if (major == 9 && minor == 0) yes.fetch_or(bit);
+    known.fetch_or(bit);
+  }
+  return (yes.load() & bit) != 0;
 }
 
 // Tile width, ring depth, wgmma groups in flight, blocks per SM. Measured on H100 at M = 2048:
