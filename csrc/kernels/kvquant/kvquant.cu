@@ -1467,6 +1467,398 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
   }
 }
 
+// ---- The product-plane kernel (variant 0 where it covers the shape: head_dim <= 128, up to 8
+// query heads per kv head). The rotation moves out of the per-element work. With a key
+// k = a * cb + b per channel (a, b from the calibrated bounds) and RoPE pair (x, y) at angle th,
+//   q . R(th) k = sum_i  c (qx ax cbx + qy ay cby) + s (qy ax cbx - qx ay cby)      [codes]
+//                      + c (qx bx + qy by)        + s (qy bx - qx by)              [offsets]
+// with c = cos th, s = sin th. So each key row is staged as four fp16 planes of codebook values
+// times the token's cos or sin (cbx c | cby c | cbx s | cby s: one half2 multiply per two
+// elements, where the fp32 kernel spent ~9 instructions per element on dequantization, rotation
+// and a hi/lo split), and the query carries the per-channel scales (qx ax | qy ay | qy ax | -qx ay,
+// once per warp). The offsets' term needs no codes at all: the block's cos/sin table, kept as fp16
+// hi and lo tiles, times u = qx bx + qy by and w = qy bx - qx by (fp16 hi and lo, from fp32), three
+// products each (hi hi, lo hi, hi lo). That term carries the large part of a key exactly, so the
+// error left is fp16 rounding of bounded codebook products. A key outlier stages its exact value
+// in the codebook's units, (e - b) / a, in the same four planes; sink keys likewise.
+template <int D, int BITS> constexpr size_t planes_warp_bytes() {
+  using S = Shape<D, BITS>;
+  return (size_t)2 * kTok * S::RS * 2 + (size_t)2 * 16 * S::RS * 2 + kTok * 8;
+}
+template <int D, int BITS> constexpr size_t planes_table_bytes() { return (size_t)2 * kChunk * Shape<D, BITS>::RS * 2; }
+template <int D, int BITS> inline size_t planes_smem_bytes(int warps) {
+  return (size_t)warps * planes_warp_bytes<D, BITS>() + planes_table_bytes<D, BITS>();
+}
+__device__ __forceinline__ unsigned hmul2u(unsigned a, unsigned b) { return h2u(__hmul2(u2h(a), u2h(b))); }
+// (e - b) / a in fp32, clamped into fp16 range (a = 0, a degenerate channel, gives 0: its keys are b)
+__device__ __forceinline__ float code_units(float e, float a, float b) {
+  const float v = a > 0.f ? (e - b) / a : 0.f;
+  return fminf(fmaxf(v, -65000.f), 65000.f);
+}
+
+template <class T, int D, int BITS>
+__global__ void __launch_bounds__(kMaxWarps * 32)
+planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, float scale, int hq_total, Plan pl,
+              float* __restrict__ part) {
+  using S = Shape<D, BITS>;
+  constexpr int HALF = S::HALF, HP = S::HP, RS = S::RS, NW = S::NW, CB = S::CB, TW = S::TW, KX = S::KX;
+  static_assert(D <= 128, "planes_kernel: head_dim <= 128");
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int split = blockIdx.x, n = blockIdx.y;
+  const int h = blockIdx.z * pl.hpb + warp;
+  const bool active = warp < pl.hpb && h < g.H;
+  const int G = hq_total / g.H;
+  const unsigned base = smem_u32(smem);
+  const unsigned tab_hi = base, tab_lo = base + kChunk * RS * 2;  // [kChunk][cos plane | sin plane], fp16
+  const unsigned stage = base + (unsigned)planes_table_bytes<D, BITS>() + warp * (unsigned)planes_warp_bytes<D, BITS>();
+  const unsigned vstage = stage + kTok * RS * 2;  // planes 3, 4, then values
+  const unsigned qoff_hi = vstage + kTok * RS * 2, qoff_lo = qoff_hi + 16 * RS * 2;  // [16][u plane | w plane]
+  const unsigned vscale = qoff_lo + 16 * RS * 2;
+  const int r = lane >> 2, c4 = lane & 3;
+
+  __shared__ int bp[2];
+  if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
+  __syncthreads();
+  const int b = bp[0], L = b < 0 ? 0 : bp[1] + 1;
+  const int sub_now = max(1, ((L + kChunk - 1) / kChunk + pl.splits - 1) / pl.splits);
+  const int t_begin = split * sub_now * kChunk, t_end = min(L, t_begin + sub_now * kChunk);
+  const float* klo = g.key_lo + (long long)h * D;
+  const float* khi = g.key_hi + (long long)h * D;
+
+  // Query planes (rows = query heads of this kv head): qx ax | qy ay in the key tile, qy ax | -qx ay
+  // in the value tile (then in registers), u | w as hi and lo tiles (read per tile).
+  unsigned qa[4 * KX][4];
+  if (active) {
+    const float qs = scale * kLog2e;
+    for (int e = lane; e < 16 * HP; e += 32) {
+      const int row = e / HP, i = e % HP;
+      float p1 = 0.f, p2 = 0.f, p3 = 0.f, p4 = 0.f, u = 0.f, w = 0.f;
+      if (row < G && i < HALF && b >= 0) {
+        const T* qr = q + ((long long)n * hq_total + (long long)h * G + row) * D;
+        const float qx = to_f(qr[i]) * qs, qy = to_f(qr[i + HALF]) * qs;
+        const float ax = 0.5f * (khi[i] - klo[i]), bx = klo[i] + ax;
+        const float ay = 0.5f * (khi[i + HALF] - klo[i + HALF]), by = klo[i + HALF] + ay;
+        p1 = qx * ax; p2 = qy * ay; p3 = qy * ax; p4 = -qx * ay;
+        u = fmaf(qx, bx, qy * by);
+        w = fmaf(qy, bx, -qx * by);
+      }
+      const unsigned ox = swz<RS>(row, i >> 3) + (i & 7) * 2, oy = swz<RS>(row, (HP + i) >> 3) + (i & 7) * 2;
+      sts16(stage + ox, __half_as_ushort(__float2half_rn(p1)));
+      sts16(stage + oy, __half_as_ushort(__float2half_rn(p2)));
+      sts16(vstage + ox, __half_as_ushort(__float2half_rn(p3)));
+      sts16(vstage + oy, __half_as_ushort(__float2half_rn(p4)));
+      const __half uh = __float2half_rn(u), wh = __float2half_rn(w);
+      sts16(qoff_hi + ox, __half_as_ushort(uh));
+      sts16(qoff_hi + oy, __half_as_ushort(wh));
+      sts16(qoff_lo + ox, __half_as_ushort(__float2half_rn(u - __half2float(uh))));
+      sts16(qoff_lo + oy, __half_as_ushort(__float2half_rn(w - __half2float(wh))));
+    }
+    __syncwarp();
+#pragma unroll
+    for (int kb = 0; kb < 2 * KX; ++kb) {
+      const int row = (lane & 7) + ((lane >> 3) & 1) * 8, ch = 2 * kb + (lane >> 4);
+      ldmatrix_x4(stage + swz<RS>(row, ch), qa[kb][0], qa[kb][1], qa[kb][2], qa[kb][3]);
+      ldmatrix_x4(vstage + swz<RS>(row, ch), qa[2 * KX + kb][0], qa[2 * KX + kb][1], qa[2 * KX + kb][2], qa[2 * KX + kb][3]);
+    }
+    __syncwarp();
+  }
+  const Book<TW> kbook = make_book<TW>(g.key_cb, 1 << BITS);
+  const Book<TW> vbook = make_book<TW>(g.val_cb, 1 << BITS);
+
+  constexpr int NH = 1;  // one 16-row tile of query heads (G <= 8 here)
+  float acc[S::MT][NH][4];
+#pragma unroll
+  for (int mt = 0; mt < S::MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[mt][0][e] = 0.f;
+  float m_run[NH] = {-INFINITY}, l_run[NH] = {0.f}, pa_run[NH] = {0.f};  // pa: sum of p * value offset
+
+  const int srow = b >= 0 ? sink_row(g, b) : 0;
+  const int nk = g.nk, nv = g.nv, ns = nk + nv, MB = g.mbytes;
+  auto slot_of_t = [&](int t) -> long long {
+    return ((long long)g.pt[(long long)b * g.max_pages + t / g.page_size] * g.page_size + t % g.page_size) * g.H + h;
+  };
+  auto load = [&](int t, Rows<NW>& rw) {
+    if (active && t < t_end && t >= g.sink) {
+      const long long sl = slot_of_t(t);
+      const uint4* kp = reinterpret_cast<const uint4*>(g.kc + sl * CB);
+      const uint4* vp = reinterpret_cast<const uint4*>(g.vc + sl * CB);
+#pragma unroll
+      for (int i = 0; i < NW / 4; ++i) {
+        const uint4 a = __ldg(kp + i), bb = __ldg(vp + i);
+        rw.k[4 * i] = a.x; rw.k[4 * i + 1] = a.y; rw.k[4 * i + 2] = a.z; rw.k[4 * i + 3] = a.w;
+        rw.v[4 * i] = bb.x; rw.v[4 * i + 1] = bb.y; rw.v[4 * i + 2] = bb.z; rw.v[4 * i + 3] = bb.w;
+      }
+      rw.m = __ldg(reinterpret_cast<const unsigned*>(g.meta + sl * MB));
+    } else {
+#pragma unroll
+      for (int i = 0; i < NW; ++i) { rw.k[i] = 0; rw.v[i] = 0; }
+      rw.m = 0;
+    }
+  };
+
+  Rows<NW> cur, nxt;
+  load(t_begin + lane, cur);
+  for (int t0c = t_begin; t0c < t_end; t0c += kChunk) {
+    const int cnt_c = min(kChunk, t_end - t0c);
+    // cos/sin of the chunk's tokens as fp16 hi and lo tiles (pairs >= HALF are zero)
+    __syncthreads();
+    for (int e = tid; e < cnt_c * HP; e += blockDim.x) {
+      const int tt = e / HP, i = e % HP;
+      float sn = 0.f, cn = 0.f;
+      if (i < HALF) sincos_reduced(__fmul_rn((float)(t0c + tt), inv_freq[i]), &sn, &cn);
+      const __half ch = __float2half_rn(cn), sh = __float2half_rn(sn);
+      const unsigned oc = swz<RS>(tt, i >> 3) + (i & 7) * 2, os = swz<RS>(tt, (HP + i) >> 3) + (i & 7) * 2;
+      sts16(tab_hi + oc, __half_as_ushort(ch));
+      sts16(tab_hi + os, __half_as_ushort(sh));
+      sts16(tab_lo + oc, __half_as_ushort(__float2half_rn(cn - __half2float(ch))));
+      sts16(tab_lo + os, __half_as_ushort(__float2half_rn(sn - __half2float(sh))));
+    }
+    __syncthreads();
+    if (!active) continue;
+    for (int tt0 = 0; tt0 < cnt_c; tt0 += kTok) {
+      const int t0 = t0c + tt0, t = t0 + lane;
+      if constexpr (S::kPrefetch) load(t + kTok, nxt);
+      const bool valid = t < t_end, sink = valid && t < g.sink;
+      const long long sl = valid && !sink ? slot_of_t(t) : 0;
+      const int tr = tt0 + lane;  // the token's row of the cos/sin table
+      // ---- stage the key planes: codebook values (or exact values in code units) times cos, sin
+      {
+        const uint16_t* sk = sink ? g.sink_k + (((long long)srow * g.sink + t) * g.H + h) * D : nullptr;
+#pragma unroll
+        for (int j = 0; j < S::NB; ++j) {
+          unsigned x[4], y[4];
+          if (!sink) {
+            key_block<BITS, TW>(cur.k, j, kbook, x, y);
+          } else {
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+              float v[4];
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int ch = (e < 2 ? 0 : HALF) + 8 * j + 2 * w + (e & 1);
+                const float a_ = 0.5f * (khi[ch] - klo[ch]);
+                v[e] = code_units(h2f(sk[ch]), a_, klo[ch] + a_);
+              }
+              x[w] = h2u(__floats2half2_rn(v[0], v[1]));
+              y[w] = h2u(__floats2half2_rn(v[2], v[3]));
+            }
+          }
+          const uint4 cw = lds128(tab_hi + swz<RS>(tr, j)), sw = lds128(tab_hi + swz<RS>(tr, HP / 8 + j));
+          const unsigned cc[4] = {cw.x, cw.y, cw.z, cw.w}, ss[4] = {sw.x, sw.y, sw.z, sw.w};
+          sts128(stage + swz<RS>(lane, j), hmul2u(x[0], cc[0]), hmul2u(x[1], cc[1]), hmul2u(x[2], cc[2]), hmul2u(x[3], cc[3]));
+          sts128(stage + swz<RS>(lane, HP / 8 + j), hmul2u(y[0], cc[0]), hmul2u(y[1], cc[1]), hmul2u(y[2], cc[2]), hmul2u(y[3], cc[3]));
+          sts128(vstage + swz<RS>(lane, j), hmul2u(x[0], ss[0]), hmul2u(x[1], ss[1]), hmul2u(x[2], ss[2]), hmul2u(x[3], ss[3]));
+          sts128(vstage + swz<RS>(lane, HP / 8 + j), hmul2u(y[0], ss[0]), hmul2u(y[1], ss[1]), hmul2u(y[2], ss[2]), hmul2u(y[3], ss[3]));
+        }
+#pragma unroll
+        for (int j = S::NB; j < HP / 8; ++j) {  // plane padding
+          sts128(stage + swz<RS>(lane, j), 0, 0, 0, 0);
+          sts128(stage + swz<RS>(lane, HP / 8 + j), 0, 0, 0, 0);
+          sts128(vstage + swz<RS>(lane, j), 0, 0, 0, 0);
+          sts128(vstage + swz<RS>(lane, HP / 8 + j), 0, 0, 0, 0);
+        }
+        if (valid && !sink) {
+          // key outliers: the exact value in code units replaces the codebook value in its planes
+          const uint8_t* me = g.meta + sl * MB;
+          for (int s_ = 0; s_ < nk; ++s_) {
+            const int ch = min((int)__ldg(me + 4 + 2 * ns + s_), D - 1);
+            const int i = ch < HALF ? ch : ch - HALF, col = ch < HALF ? i : HP + i;
+            const float a_ = 0.5f * (khi[ch] - klo[ch]);
+            const float v = code_units(half_bits(me + 4 + 2 * s_), a_, klo[ch] + a_);
+            const float c = h2f(lds16(tab_hi + swz<RS>(tr, i >> 3) + (i & 7) * 2));
+            const float sn = h2f(lds16(tab_hi + swz<RS>(tr, (HP + i) >> 3) + (i & 7) * 2));
+            const unsigned o = swz<RS>(lane, col >> 3) + (col & 7) * 2;
+            sts16(stage + o, __half_as_ushort(__float2half_rn(v * c)));
+            sts16(vstage + o, __half_as_ushort(__float2half_rn(v * sn)));
+          }
+        }
+      }
+      __syncwarp();
+      // ---- scores [query heads x 32 tokens]: the four code planes, then the offsets' term
+      float sc[4][4];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[nt][e] = 0.f;
+        const int row = 8 * nt + (lane & 7), m = lane >> 3;
+#pragma unroll
+        for (int kx = 0; kx < KX; ++kx) {
+          const int ch = 2 * kx + (m & 1) + ((m >> 1) ? HP / 8 : 0);
+          unsigned p1a, p1b, p2a, p2b, p3a, p3b, p4a, p4b;
+          ldmatrix_x4(stage + swz<RS>(row, ch), p1a, p1b, p2a, p2b);
+          ldmatrix_x4(vstage + swz<RS>(row, ch), p3a, p3b, p4a, p4b);
+          mma_16816<__half>(sc[nt], qa[kx][0], qa[kx][1], qa[kx][2], qa[kx][3], p1a, p1b);
+          mma_16816<__half>(sc[nt], qa[KX + kx][0], qa[KX + kx][1], qa[KX + kx][2], qa[KX + kx][3], p2a, p2b);
+          mma_16816<__half>(sc[nt], qa[2 * KX + kx][0], qa[2 * KX + kx][1], qa[2 * KX + kx][2], qa[2 * KX + kx][3], p3a, p3b);
+          mma_16816<__half>(sc[nt], qa[3 * KX + kx][0], qa[3 * KX + kx][1], qa[3 * KX + kx][2], qa[3 * KX + kx][3], p4a, p4b);
+        }
+      }
+#pragma unroll
+      for (int kx = 0; kx < KX; ++kx) {
+        unsigned uh[4], ul[4], wh[4], wl[4];
+        {
+          const int row = (lane & 7) + ((lane >> 3) & 1) * 8, cu = 2 * kx + (lane >> 4), cw = HP / 8 + cu;
+          ldmatrix_x4(qoff_hi + swz<RS>(row, cu), uh[0], uh[1], uh[2], uh[3]);
+          ldmatrix_x4(qoff_lo + swz<RS>(row, cu), ul[0], ul[1], ul[2], ul[3]);
+          ldmatrix_x4(qoff_hi + swz<RS>(row, cw), wh[0], wh[1], wh[2], wh[3]);
+          ldmatrix_x4(qoff_lo + swz<RS>(row, cw), wl[0], wl[1], wl[2], wl[3]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const int row = tt0 + 8 * nt + (lane & 7), m = lane >> 3;
+          const int ch = 2 * kx + (m & 1) + ((m >> 1) ? HP / 8 : 0);
+          unsigned c0, c1, s0, s1, cl0, cl1, sl0, sl1;
+          ldmatrix_x4(tab_hi + swz<RS>(row, ch), c0, c1, s0, s1);
+          ldmatrix_x4(tab_lo + swz<RS>(row, ch), cl0, cl1, sl0, sl1);
+          mma_16816<__half>(sc[nt], uh[0], uh[1], uh[2], uh[3], c0, c1);
+          mma_16816<__half>(sc[nt], uh[0], uh[1], uh[2], uh[3], cl0, cl1);
+          mma_16816<__half>(sc[nt], ul[0], ul[1], ul[2], ul[3], c0, c1);
+          mma_16816<__half>(sc[nt], wh[0], wh[1], wh[2], wh[3], s0, s1);
+          mma_16816<__half>(sc[nt], wh[0], wh[1], wh[2], wh[3], sl0, sl1);
+          mma_16816<__half>(sc[nt], wl[0], wl[1], wl[2], wl[3], s0, s1);
+        }
+      }
+      // mask tokens past the end
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (t0 + 8 * nt + 2 * c4 + (e & 1) >= t_end) sc[nt][e] = -INFINITY;
+      __syncwarp();  // the planes are read: the value tile is free
+      // ---- stage values: codebook values only (v = offset + scale * cb), fp16, staging order
+      {
+        const float vlo = h2f((unsigned short)(cur.m & 0xffffu)), vhi = h2f((unsigned short)(cur.m >> 16));
+        float sv = 0.5f * (vhi - vlo), av = vlo + sv;
+#pragma unroll
+        for (int j = 0; j < S::NB; ++j) {
+          unsigned v[8];
+          value_block<BITS, TW>(cur.v, j, vbook, v);
+          sts128(vstage + swz<RS>(lane, 2 * j), v[0], v[1], v[2], v[3]);
+          sts128(vstage + swz<RS>(lane, 2 * j + 1), v[4], v[5], v[6], v[7]);
+        }
+        if (sink) {  // exact fp16 values: scale 1, offset 0
+          sv = 1.f;
+          av = 0.f;
+          const uint16_t* sv_ = g.sink_v + (((long long)srow * g.sink + t) * g.H + h) * D;
+          for (int ch = 0; ch < D; ++ch) {
+            const int col = value_column<BITS>(ch);
+            sts16(vstage + swz<RS>(lane, col >> 3) + (col & 7) * 2, sv_[ch]);
+          }
+        } else if (valid && nv > 0) {
+          // an outlier is staged as (exact - offset) / scale; the scale grows (rarely: a flat
+          // vector, or an outlier far outside its range) so that this stays within fp16, the
+          // other entries then move by at most scale growth * |cb| <= |outlier - offset| / 2^14
+          const uint8_t* me = g.meta + sl * MB;
+          for (int s_ = 0; s_ < nv; ++s_) {
+            const float ex = __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(me + 4 + 2 * (nk + s_)))));
+            sv = fmaxf(sv, fabsf(ex - av) * (1.f / 16384.f));
+          }
+          sv = fmaxf(sv, 1e-30f);
+          const float inv = 1.f / sv;
+          for (int s_ = 0; s_ < nv; ++s_) {
+            const int ch = min((int)__ldg(me + 4 + 2 * ns + nk + s_), D - 1);
+            const int col = value_column<BITS>(ch);
+            const float ex = __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(me + 4 + 2 * (nk + s_)))));
+            sts16(vstage + swz<RS>(lane, col >> 3) + (col & 7) * 2, __half_as_ushort(__float2half_rn((ex - av) * inv)));
+          }
+        }
+        asm volatile("st.shared.v2.f32 [%0], {%1,%2};\n" ::"r"(vscale + lane * 8), "f"(sv), "f"(av));
+      }
+      __syncwarp();
+      // ---- online softmax (log2 domain), per query-head row r (+8): the row's max over the
+      // quad, p = 2^(s - m); P^T fragments carry p * (the token's value scale), the value
+      // offsets are summed separately (pa).
+      unsigned pb[2][NH][2];  // P^T fragments: [k-block][head tile][b0/b1]
+      float alpha[NH];
+      float4 sa[4];  // (scale, offset) of tokens 8nt + 2c4, +1
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const uint4 u = lds128(vscale + (8 * nt + 2 * c4) * 8);
+        sa[nt] = make_float4(__uint_as_float(u.x), __uint_as_float(u.y), __uint_as_float(u.z), __uint_as_float(u.w));
+      }
+#pragma unroll
+      for (int nh = 0; nh < NH; ++nh) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) mx = fmaxf(mx, fmaxf(sc[nt][2 * nh], sc[nt][2 * nh + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mn = fmaxf(m_run[nh], mx);
+        alpha[nh] = exp2f(m_run[nh] - mn);
+        m_run[nh] = mn;
+        float sum = 0.f, off = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const float p0 = exp2f(sc[nt][2 * nh] - mn), p1 = exp2f(sc[nt][2 * nh + 1] - mn);
+          sum += p0 + p1;
+          off = fmaf(p0, sa[nt].y, fmaf(p1, sa[nt].w, off));
+          pb[nt >> 1][nh][nt & 1] = h2u(__floats2half2_rn(p0 * sa[nt].x, p1 * sa[nt].z));
+        }
+        l_run[nh] = l_run[nh] * alpha[nh] + sum;
+        pa_run[nh] = pa_run[nh] * alpha[nh] + off;
+      }
+      // rescale the accumulators: columns are heads 2*c4, 2*c4+1 (+8)
+#pragma unroll
+      for (int nh = 0; nh < NH; ++nh) {
+        const float a0 = __shfl_sync(0xffffffffu, alpha[nh], 8 * c4), a1 = __shfl_sync(0xffffffffu, alpha[nh], 8 * c4 + 4);
+#pragma unroll
+        for (int mt = 0; mt < S::MT; ++mt) {
+          acc[mt][nh][0] *= a0; acc[mt][nh][1] *= a1;
+          acc[mt][nh][2] *= a0; acc[mt][nh][3] *= a1;
+        }
+      }
+      // ---- out^T[channels x heads] += V^T P^T
+#pragma unroll
+      for (int kb = 0; kb < 2; ++kb) {
+        const int m = lane >> 3, row = 16 * kb + (m >> 1) * 8 + (lane & 7);
+#pragma unroll
+        for (int mt = 0; mt < S::MT; ++mt) {
+          unsigned a[4];
+          ldmatrix_x4_trans(vstage + swz<RS>(row, 2 * mt + (m & 1)), a[0], a[1], a[2], a[3]);
+#pragma unroll
+          for (int nh = 0; nh < NH; ++nh) mma_16816<__half>(acc[mt][nh], a[0], a[1], a[2], a[3], pb[kb][nh][0], pb[kb][nh][1]);
+        }
+      }
+      __syncwarp();
+      if constexpr (S::kPrefetch) cur = nxt;
+      else load(t + kTok, cur);
+    }
+  }
+  if (!active) return;
+  // ---- partials: acc (unnormalised), m (natural log), l
+#pragma unroll
+  for (int nh = 0; nh < NH; ++nh) {
+    l_run[nh] += __shfl_xor_sync(0xffffffffu, l_run[nh], 1);
+    l_run[nh] += __shfl_xor_sync(0xffffffffu, l_run[nh], 2);
+    pa_run[nh] += __shfl_xor_sync(0xffffffffu, pa_run[nh], 1);
+    pa_run[nh] += __shfl_xor_sync(0xffffffffu, pa_run[nh], 2);
+  }
+  auto part_row = [&](int head) -> float* {
+    return part + (((long long)n * hq_total + (long long)h * G + head) * pl.splits + split) * (D + 2);
+  };
+#pragma unroll
+  for (int nh = 0; nh < NH; ++nh) {
+    // value offsets of the lane's two head columns (held by the lanes of rows 2*c4, 2*c4 + 1)
+    const float off0 = __shfl_sync(0xffffffffu, pa_run[nh], 8 * c4), off1 = __shfl_sync(0xffffffffu, pa_run[nh], 8 * c4 + 4);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int head = 8 * nh + 2 * c4 + (e & 1);
+      if (head < G)
+#pragma unroll
+        for (int mt = 0; mt < S::MT; ++mt)
+          part_row(head)[value_channel<BITS>(16 * mt + r + 8 * (e >> 1))] = acc[mt][nh][e] + ((e & 1) ? off1 : off0);
+    }
+    const int head = 8 * nh + r;
+    if (c4 == 0 && head < G) {
+      part_row(head)[D] = m_run[nh] == -INFINITY ? -INFINITY : m_run[nh] * 0.6931471805599453f;
+      part_row(head)[D + 1] = l_run[nh];
+    }
+  }
+}
+
+
 template <class T, int D, int BITS, int NH>
 void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, const Plan& pl,
             float* part, cudaStream_t stream) {
@@ -1491,15 +1883,35 @@ void launch_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor&
   else if (g.bits == 3) launch_nh<T, D, 3>(out, q, g, f, scale, pl, part, s, G);
   else launch_nh<T, D, 4>(out, q, g, f, scale, pl, part, s, G);
 }
-// Covered: G <= 16 query heads per kv head (<= 8 at D = 256), the head sizes below.
+template <class T, int D, int BITS>
+void launch_planes(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, const Plan& pl,
+                   float* part, cudaStream_t stream) {
+  const int N = (int)q.dim(0), Hq = (int)q.dim(1);
+  const size_t smem = planes_smem_bytes<D, BITS>(pl.hpb);
+  allow_dynamic_smem<planes_kernel<T, D, BITS>>(smem, "kvqAttention");
+  planes_kernel<T, D, BITS><<<dim3(pl.splits, N, pl.groups), pl.hpb * 32, smem, stream>>>(
+      g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part);
+  fast::launch_combine<T>(part, pl.splits, N * Hq, D, static_cast<T*>(out.data()), stream);
+}
+template <class T, int D>
+void launch_planes_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, const Plan& pl,
+                        float* part, cudaStream_t s) {
+  if (g.bits == 2) launch_planes<T, D, 2>(out, q, g, f, scale, pl, part, s);
+  else if (g.bits == 3) launch_planes<T, D, 3>(out, q, g, f, scale, pl, part, s);
+  else launch_planes<T, D, 4>(out, q, g, f, scale, pl, part, s);
+}
+// Covered by the fp32-rotation kernel: G <= 16 query heads per kv head (<= 8 at D = 256), the head
+// sizes below; by the product-plane kernel: G <= 8 and head_dim <= 128.
 inline bool covers(int D, int G) {
   if (G < 1 || G > 16) return false;
   if (D == 256) return G <= 8;
   return D == 64 || D == 80 || D == 96 || D == 128;
 }
+inline bool covers_planes(int D, int G) { return G >= 1 && G <= 8 && (D == 64 || D == 80 || D == 96 || D == 128); }
+// planes: the product-plane kernel where it covers the shape, else the fp32-rotation kernel.
 template <class T>
 bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, float* work,
-              int64_t work_floats, cudaStream_t s) {
+              int64_t work_floats, bool planes, cudaStream_t s) {
   const int N = (int)q.dim(0), Hq = (int)q.dim(1), dev = q.device.index, G = Hq / g.H;
   if (!covers(g.D, G)) return false;
   if (N == 0) return true;
@@ -1508,6 +1920,14 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
   if (work && need > work_floats) fail("ERR_ARG", "kvqAttention: the workspace holds " + std::to_string(work_floats) +
                                                       " floats, this call needs " + std::to_string(need));
   float* part = work ? work : partials(dev, (size_t)need * sizeof(float), s);
+  if (planes && covers_planes(g.D, G)) {
+    switch (g.D) {
+      case 64: launch_planes_bits<T, 64>(out, q, g, f, scale, pl, part, s); return true;
+      case 80: launch_planes_bits<T, 80>(out, q, g, f, scale, pl, part, s); return true;
+      case 96: launch_planes_bits<T, 96>(out, q, g, f, scale, pl, part, s); return true;
+      default: launch_planes_bits<T, 128>(out, q, g, f, scale, pl, part, s); return true;
+    }
+  }
   switch (g.D) {
     case 64: launch_bits<T, 64>(out, q, g, f, scale, pl, part, s, G); return true;
     case 80: launch_bits<T, 80>(out, q, g, f, scale, pl, part, s, G); return true;
@@ -1578,15 +1998,20 @@ void kvq_attention(const Tensor& out, const Tensor& q, const kvq::Cache& c, cons
                    cudaStream_t stream) {
   (void)max_q;
   Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
-  // Variant 0 (default): the tensor-core kernel where it covers the shape (G <= 16 query heads per
-  // kv head, <= 8 at head_dim 256), the flash kernel elsewhere. Variant 1: the CUDA-core flash
-  // kernel always (fp32 throughout; kept as the A/B baseline). SQUEEZELM_KVQ_VARIANT=1 selects
-  // it for default calls.
-  if (variant == 0 && env_int("SQUEEZELM_KVQ_VARIANT", 0) == 1) variant = 1;
+  // Variant 0 (default): the product-plane tensor-core kernel where it covers the shape (head_dim
+  // <= 128, G <= 8 query heads per kv head), else the fp32-rotation tensor-core kernel (G <= 16,
+  // <= 8 at head_dim 256), else the flash kernel. Variant 2: the fp32-rotation kernel wherever it
+  // covers the shape (A/B). Variant 1: the CUDA-core flash kernel always (fp32 throughout; the
+  // baseline). SQUEEZELM_KVQ_VARIANT=1 or 2 selects one of them for default calls.
   if (variant == 0) {
+    const int ev = env_int("SQUEEZELM_KVQ_VARIANT", 0);
+    if (ev == 1 || ev == 2) variant = ev;
+  }
+  if (variant == 0 || variant == 2) {
+    const bool planes = variant == 0;
     const bool done = q.dtype == DType::F16
-                          ? tc::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, stream)
-                          : tc::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, stream);
+                          ? tc::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, planes, stream)
+                          : tc::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, planes, stream);
     if (done) return;
   }
   const bool done = q.dtype == DType::F16
