@@ -128,13 +128,11 @@ export interface KvqAttentionOptions {
   /** f32 scratch of kvqAttentionWorkspaceSize(...) elements (CUDA; required while capturing a graph). */
   workspace?: Tensor;
   /**
-   * CUDA kernel: 0 (default) the fastest that covers the shape: the product-plane tensor-core
-   * kernel (head_dim <= 128, up to 8 query heads per kv head), else the fp32-rotation tensor-core
-   * kernel (up to 16 query heads per kv head, 8 at head_dim 256), else the flash kernel;
-   * 1 the CUDA-core flash-decoding kernel (fp32 throughout, slower; the A/B baseline);
-   * 2 the fp32-rotation tensor-core kernel wherever it covers the shape (A/B).
+   * CUDA kernel: 0 (default) the tensor-core kernel (up to 16 query heads per kv head, 8 at
+   * head_dim 256; other shapes take the flash kernel); 1 the CUDA-core flash-decoding kernel
+   * (fp32 throughout, slower; the A/B baseline).
    */
-  variant?: 0 | 1 | 2;
+  variant?: 0 | 1;
 }
 
 /** Causal attention of RoPE'd q [N, Hq, D] over the quantized cache (keys rotated on the fly with invFreq f32[D/2]). */
