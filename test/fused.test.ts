@@ -6,6 +6,10 @@ import { ropeAppend, linearRopeAppend } from '../ts/ops/fused';
 import { fusedLinear } from '../ts/ops/gemm';
 import { describeGpu, freshSeed, randn, relErr, rng } from './gpu';
 
+// Math as a module constant: under jest each lookup of the global in a hot loop is ~10x slower
+// (the sandbox's global object; see gpu.ts).
+const Math = globalThis.Math;
+
 interface Case {
   T: number;
   Hq: number;

@@ -4,6 +4,10 @@ import { kmeansRows } from '../ts/ops/lut';
 import { quantizeLinear, dequantize } from '../ts/quant/squeezellm';
 import { describeGpu, rng, randn, freshSeed } from './gpu';
 
+// Math as a module constant: under jest each lookup of the global in a hot loop is ~10x slower
+// (the sandbox's global object; see gpu.ts).
+const Math = globalThis.Math;
+
 /** Rows drawn from E well-separated clusters (random centers per row), small noise. */
 function clustered(N: number, K: number, E: number, r: () => number): Float32Array {
   const w = new Float32Array(N * K);

@@ -18,6 +18,10 @@ import { QuantizedAttention } from '../ts/runtime/kvq-attention';
 import { f16ToFloat, floatToF16 } from '../ts/util/half';
 import { oracleRoundTrip, Setup } from './kvquant_helpers';
 
+// Math as a module constant: under jest each lookup of the global in a hot loop is ~10x slower
+// (the sandbox's global object; see gpu.ts).
+const Math = globalThis.Math;
+
 const PYCODER = path.join(__dirname, '..', 'models', 'pycoder-mini');
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-kvqd-'));
 
