@@ -4,9 +4,10 @@ import { KvqCache, KvqLayerCalibration, kvqAppend } from '../ts/ops/kvquant';
 import { f16ToFloat, floatToF16 } from '../ts/util/half';
 import { randn, rng } from './gpu';
 
+// Math as a module constant: under jest each lookup of the global in a hot loop is ~10x slower
+// (the sandbox's global object; see gpu.ts).
+const Math = globalThis.Math;
 const f = Math.fround;
-// Math's members as module constants: under jest a `Math.x` lookup in a hot loop is slow (see gpu.ts).
-const { abs, cos, sin, exp, max, min, floor } = Math;
 
 export interface Setup {
   cache: KvqCache;
@@ -102,8 +103,8 @@ function normalize(x: number, lo: number, hi: number): number {
   return f(f(f(2 * f(x - lo)) / f(hi - lo)) - 1);
 }
 function nearest(x: number, cb: Float32Array): number {
-  let best = 0, bd = abs(f(x - cb[0]));
-  for (let j = 1; j < cb.length; j++) { const d = abs(f(x - cb[j])); if (d < bd) { bd = d; best = j; } }
+  let best = 0, bd = Math.abs(f(x - cb[0]));
+  for (let j = 1; j < cb.length; j++) { const d = Math.abs(f(x - cb[j])); if (d < bd) { bd = d; best = j; } }
   return best;
 }
 function dequant(lo: number, hi: number, c: number): number {
@@ -120,10 +121,10 @@ export function oracleRoundTrip(s: Setup, k: Float32Array, v: Float32Array, h: n
   const ko = new Float32Array(D), vo = new Float32Array(D);
   const xs = Array.from(k, (x, c) => normalize(x, lo[h * D + c], hi[h * D + c]));
   for (let c = 0; c < D; c++) ko[c] = dequant(lo[h * D + c], hi[h * D + c], kcb[nearest(xs[c], kcb)]);
-  for (const c of topN(xs.map(abs), nk)) ko[c] = k[c];
-  const vout = topN(Array.from(v, abs), nv);
+  for (const c of topN(xs.map(Math.abs), nk)) ko[c] = k[c];
+  const vout = topN(Array.from(v, Math.abs), nv);
   let mn = Infinity, mx = -Infinity;
-  for (let c = 0; c < D; c++) if (!vout.includes(c)) { mn = min(mn, v[c]); mx = max(mx, v[c]); }
+  for (let c = 0; c < D; c++) if (!vout.includes(c)) { mn = Math.min(mn, v[c]); mx = Math.max(mx, v[c]); }
   const vlo = f16ToFloat(floatToF16(mn)), vhi = f16ToFloat(floatToF16(mx));
   for (let c = 0; c < D; c++) vo[c] = dequant(vlo, vhi, vcb[nearest(normalize(v[c], vlo, vhi), vcb)]);
   for (const c of vout) vo[c] = v[c];
@@ -137,25 +138,25 @@ export function oracleAttention(q: Float32Array, keys: Float32Array, vals: Float
   for (let t = 0; t < L; t++)
     for (let h = 0; h < H; h++)
       for (let i = 0; i < half; i++) {
-        const ang = f(t * invFreq[i]), c = cos(ang), sn = sin(ang);
+        const ang = f(t * invFreq[i]), c = Math.cos(ang), sn = Math.sin(ang);
         const a = keys[(t * H + h) * D + i], b = keys[(t * H + h) * D + i + half];
         kr[(t * H + h) * D + i] = a * c - b * sn;
         kr[(t * H + h) * D + i + half] = b * c + a * sn;
       }
   for (let hq = 0; hq < Hq; hq++) {
-    const h = floor(hq / g);
+    const h = Math.floor(hq / g);
     const sc = new Float64Array(L);
     let m = -Infinity;
     for (let t = 0; t < L; t++) {
       let s = 0;
       for (let i = 0; i < D; i++) s += q[hq * D + i] * kr[(t * H + h) * D + i];
       sc[t] = s * scale;
-      m = max(m, sc[t]);
+      m = Math.max(m, sc[t]);
     }
     let l = 0;
     const acc = new Float64Array(D);
     for (let t = 0; t < L; t++) {
-      const p = exp(sc[t] - m);
+      const p = Math.exp(sc[t] - m);
       l += p;
       for (let i = 0; i < D; i++) acc[i] += p * vals[(t * H + h) * D + i];
     }

@@ -6,17 +6,15 @@
 import { SqueezeError } from '../errors';
 import { native } from '../native';
 import { Tensor } from '../tensor';
+import { requireTensors } from './check';
 
 const FLOAT = ['f32', 'f16', 'bf16'];
 
 function check(op: string, y: Tensor, x: Tensor, w: Tensor, bias?: Tensor): void {
+  requireTensors(op, [['y', y], ['x', x], ['w', w]], [['bias', bias]]);
   const named: Array<[string, Tensor | undefined]> = [['y', y], ['x', x], ['w', w], ['bias', bias]];
-  for (const [name, t] of named) {
-    if (t === undefined) continue;
-    if (!t || typeof t !== 'object' || !('native' in t))
-      throw new SqueezeError('ERR_ARG', `${op}: ${name} must be a Tensor`);
-    if (!FLOAT.includes(t.dtype)) throw new SqueezeError('ERR_DTYPE', `${op}: ${name} must be f32, f16 or bf16, got ${t.dtype}`);
-  }
+  for (const [name, t] of named)
+    if (t && !FLOAT.includes(t.dtype)) throw new SqueezeError('ERR_DTYPE', `${op}: ${name} must be f32, f16 or bf16, got ${t.dtype}`);
   for (const [name, t, nd] of [['y', y, 2], ['x', x, 2], ['w', w, 2]] as Array<[string, Tensor, number]>)
     if (t.shape.length !== nd) throw new SqueezeError('ERR_SHAPE', `${op}: ${name} must be 2-D, got [${t.shape}]`);
   const [M, K] = x.shape;
@@ -63,6 +61,7 @@ export interface FusedLinearOptions {
  * step); the CPU any number. y must not share storage with x.
  */
 export function fusedLinear(y: Tensor, x: Tensor, w: Tensor, o: FusedLinearOptions = {}): void {
+  requireTensors('fusedLinear', [['y', y], ['x', x], ['w', w]], [['bias', o.bias], ['normWeight', o.normWeight]]);
   const mode = { store: 0, residual: 1, siluPairs: 2 }[o.epilogue ?? 'store'];
   if (mode === undefined) throw new SqueezeError('ERR_ARG', `fusedLinear: unknown epilogue '${o.epilogue}'`);
   native().ops.fusedLinear(y.native, x.native, w.native, o.bias?.native, o.normWeight?.native, o.eps ?? 1e-6, mode);

@@ -847,8 +847,10 @@ int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, i
 //     error against the fp32 reference, 2e-3 being the contract). Values need no dequantization:
 //     v = offset_t + scale_t * cb, so the value tile holds the codebook values and P carries
 //     p * scale_t (sum p * offset_t is added at the end); a value outlier is staged as
-//     (exact - offset) / scale. The value tile shares its memory with the lo keys: values are
-//     staged once the scores are done.
+//     (exact - offset) / scale. The value tile shares its memory with the lo keys, and the key
+//     tile then holds each codebook value's rest (cb - fp16(cb)), multiplied with P as well: a
+//     code's rounding is the same for every token, so without it the error grew with the length.
+//     Values are staged once the scores are done.
 //   * scores and p.v run on mma.sync.m16n8k16 (fp16 in, fp32 accumulate): q (the G <= 16
 //     query heads of the kv head, pre-scaled by scale*log2(e)) is the A operand, the rotated
 //     key tiles the B operand; for p.v the value tile (transposed by ldmatrix) is the A
