@@ -870,7 +870,7 @@ int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, i
 // softmax in fp32 (one running max per query head, quad shuffles) and the p.v mma. Each split writes (acc, m, l) per query head;
 // fast::combine_kernel merges splits in a fixed order, so results are deterministic.
 namespace tc {
-constexpr int kTok = 32;     // tokens per warp tile (one per lane)
+constexpr int kTok = 16;     // tokens per warp tile (two lanes per token: each stages half its blocks)
 constexpr int kChunk = 64;   // tokens per cos/sin table fill
 constexpr int kMaxWarps = 8;  // kv heads per block (4 at D = 256: shared memory)
 constexpr int max_warps(int D) { return D > 128 ? 4 : kMaxWarps; }
@@ -887,7 +887,18 @@ template <int D, int BITS> struct Shape {
   static constexpr int KX = HP / 16;    // k-blocks per plane
   static constexpr int MT = D / 16;     // m-tiles of p.v (channels)
   static constexpr int TW = BITS == 4 ? 4 : 2;  // table words per byte plane
-  static constexpr bool kPrefetch = CB <= 64;
+};
+// A token's row is staged by two lanes: lane half hf takes the 16-element blocks
+// [hf * NBH, hf * NBH + NBH) (blocks past NB only exist for odd NB and land on the key planes'
+// padding chunk). Each half loads WH code words from word hf * W0; half 1's blocks start LB
+// bits into its first word (3-bit rows with an odd NBH), shifted out after the load so that
+// both halves decode their blocks at the same local offsets.
+template <int D, int BITS> struct Half {
+  static constexpr int NB = D / 16, NBH = (NB + 1) / 2, BB = 16 * BITS;
+  static constexpr int W0 = NBH * BB / 32, LB = NBH * BB % 32;
+  static constexpr int WH = (LB + NBH * BB + 31) / 32;
+  static constexpr int NW = Shape<D, BITS>::NW;
+  static constexpr int VW = (W0 % 4 == 0 && WH % 4 == 0) ? 4 : ((W0 % 2 == 0 && WH % 2 == 0) ? 2 : 1);
 };
 
 // byte offset of the 16-byte chunk `ch` of row `r` in a swizzled staging tile of stride RS
@@ -1037,24 +1048,32 @@ __device__ __forceinline__ void sincos_reduced(float a, float* s, float* c) {
 struct Plan {
   int groups, hpb, splits, sub;
 };
-// Blocks per SM the grid aims at (one wave: at ~200-255 registers per thread one block of 8
-// warps fills an SM, and fewer splits mean less partial traffic). SQUEEZELM_KVQ_BLOCKS_PER_SM
-// overrides it for tuning; read per call (a getenv), the same value sizes the workspace.
-inline int blocks_per_sm() { return std::min(8, std::max(1, env_int("SQUEEZELM_KVQ_BLOCKS_PER_SM", 1))); }
-inline Plan plan(int sms, int N, int H, int D, int max_seq_len) {
+// Blocks of 8 warps that fit on an SM at once: two at head_dim <= 128 with up to 8 query heads
+// per kv head (128 registers per thread, ~107 KB of shared memory each), else one (twice the
+// accumulators, or twice the tiles).
+constexpr int min_blocks(int D, int NH) { return D > 128 || NH > 1 ? 1 : 2; }
+// Blocks per SM the grid aims at: one wave of what fits. SQUEEZELM_KVQ_BLOCKS_PER_SM overrides
+// it for tuning; read per call (a getenv), the same value sizes the workspace.
+inline int blocks_per_sm(int D, int G) {
+  return std::min(8, std::max(1, env_int("SQUEEZELM_KVQ_BLOCKS_PER_SM", min_blocks(D, G > 8 ? 2 : 1))));
+}
+inline Plan plan(int sms, int N, int H, int G, int D, int max_seq_len) {
   Plan p;
   const int chunks = std::max(1, (max_seq_len + kChunk - 1) / kChunk);
-  const long long target = (long long)blocks_per_sm() * sms;
+  // The splits are sized in warps (one per kv head and split): as many as the resident wave
+  // holds, each walking as few chunks as that allows (a warp's tiles run one after another).
+  // Smaller blocks only where even one chunk per split leaves SMs without a block.
+  const long long target_warps = (long long)blocks_per_sm(D, G) * sms * max_warps(D);
   p.hpb = std::min(H, max_warps(D));
   int groups = (H + p.hpb - 1) / p.hpb;
-  while (p.hpb > 2 && (long long)N * chunks * groups < target) {
+  while (p.hpb > 2 && (long long)N * chunks * groups < sms) {
     p.hpb = (p.hpb + 1) / 2;
     groups = (H + p.hpb - 1) / p.hpb;
   }
   p.hpb = (H + groups - 1) / groups;
   p.groups = groups;
-  const long long per = (long long)N * p.groups;
-  const int splits = (int)std::min<long long>(chunks, std::max<long long>(1, (target + per - 1) / per));
+  const long long per = (long long)N * p.groups * p.hpb;  // warps per split
+  const int splits = (int)std::min<long long>(chunks, std::max<long long>(1, (target_warps + per - 1) / per));
   p.sub = (chunks + splits - 1) / splits;
   p.splits = (chunks + p.sub - 1) / p.sub;
   return p;
@@ -1070,7 +1089,7 @@ template <int D, int BITS> constexpr size_t table_smem_bytes() { return (size_t)
 template <int D, int BITS> inline size_t smem_bytes(int warps) {
   return (size_t)warps * warp_smem_bytes<D, BITS>() + table_smem_bytes<D, BITS>();
 }
-// Byte offset of fp32 column `col` (0 .. 2 HP) in row `r` of the cos/sin table: 16-byte chunks
+// Byte offset of fp32 column `col` (0 .. 2 HP: cos, sin of pair col / 2) in row `r` of the cos/sin table: 16-byte chunks
 // swizzled by the row, so the 8 lanes of a quarter warp (8 rows, one column) hit 8 bank groups.
 template <int HP> __device__ __forceinline__ unsigned cs_off(int r, int col) {
   return (unsigned)(r * 8 * HP + ((((col >> 2) ^ (r & 7))) << 4) + (col & 3) * 4);
@@ -1102,41 +1121,92 @@ __device__ __forceinline__ void rotate2(float x0, float y0, float x1, float y1, 
 }
 __device__ __forceinline__ float h2f(unsigned short u) { return __half2float(__ushort_as_half(u)); }
 
-// Raw rows of one token: key and value code words, the first metadata word (vmin, vmax).
-template <int NW> struct Rows {
-  unsigned k[NW], v[NW], m;
+// Raw half rows of one token: the lane's key and value code words, the first metadata word
+// (vmin, vmax).
+template <int WH> struct Rows {
+  unsigned k[WH], v[WH], m;
 };
+// Words [base, base + WH) of a code row (words past the row's NW read as zero), loaded VW at
+// a time.
+template <int WH, int VW, int NW>
+__device__ __forceinline__ void load_words(const uint8_t* row, int base, unsigned* w) {
+#pragma unroll
+  for (int i = 0; i < WH; i += VW) {
+    const int wi = base + i;
+    const bool in = wi < NW;
+    if constexpr (VW == 4) {
+      const uint4 a = in ? __ldg(reinterpret_cast<const uint4*>(row) + wi / 4) : make_uint4(0, 0, 0, 0);
+      w[i] = a.x; w[i + 1] = a.y; w[i + 2] = a.z; w[i + 3] = a.w;
+    } else if constexpr (VW == 2) {
+      const uint2 a = in ? __ldg(reinterpret_cast<const uint2*>(row) + wi / 2) : make_uint2(0, 0);
+      w[i] = a.x; w[i + 1] = a.y;
+    } else {
+      w[i] = in ? __ldg(reinterpret_cast<const unsigned*>(row) + wi) : 0u;
+    }
+  }
+}
+// Drops the first `lb` bits of a word array (half 1 of a row whose blocks start mid-word).
+template <int WH> __device__ __forceinline__ void shift_words(unsigned* w, int lb) {
+#pragma unroll
+  for (int i = 0; i < WH - 1; ++i) w[i] = __funnelshift_r(w[i], w[i + 1], lb);
+  w[WH - 1] >>= lb;
+}
 
-template <class T, int D, int BITS, int NH>
-__global__ void __launch_bounds__(max_warps(D) * 32)
+// PF: the next tile's rows are loaded into registers before the current tile is used.
+template <class T, int D, int BITS, int NH, bool PF>
+__global__ void __launch_bounds__(max_warps(D) * 32, min_blocks(D, NH))
 tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, float scale, int hq_total, Plan pl,
           float* __restrict__ part) {
   using S = Shape<D, BITS>;
-  constexpr int HALF = S::HALF, HP = S::HP, RS = S::RS, NW = S::NW, CB = S::CB, TW = S::TW;
+  using HR = Half<D, BITS>;
+  constexpr int HALF = S::HALF, HP = S::HP, RS = S::RS, CB = S::CB, TW = S::TW, NB = S::NB, NBH = HR::NBH, WH = HR::WH;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tok = lane & 15, hf = lane >> 4;  // the lane's token of a tile and its half of the row
+  const int jb = hf * NBH;                     // the half's first block
   const int split = blockIdx.x, n = blockIdx.y;
   const int h = blockIdx.z * pl.hpb + warp;
   const bool active = warp < pl.hpb && h < g.H;
   const int G = hq_total / g.H;
   const unsigned base = smem_u32(smem);
-  const unsigned cs_s = base;  // [kChunk][2 HP] fp32: cos | sin planes (cs_off)
+  const unsigned cs_s = base;  // [kChunk][HP] (cos, sin) fp32 pairs (cs_off)
   const unsigned stage = base + (unsigned)table_smem_bytes<D, BITS>() + warp * (unsigned)warp_smem_bytes<D, BITS>();  // keys [kTok][RS]
   const unsigned vstage = stage + kTok * RS * 2;   // values [kTok][RS]
-  const unsigned kconst = vstage + kTok * RS * 2;  // fp32 [2][2 HP]: a, b per staged key column
+  const unsigned kconst = vstage + kTok * RS * 2;  // fp32 [HP][4]: (a, b) of a pair's x and y channels
   const unsigned vscale = kconst + 16 * HP;        // [kTok] float2: value scale, offset per token
   const int r = lane >> 2, c4 = lane & 3;
 
   __shared__ int bp[2];
+  // the key, value and value-rest books (shared by all heads), read from here right before each
+  // use: 12-24 registers fewer held through the token loop
+  __shared__ __align__(16) unsigned books[3][2][TW];
   if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
+  if (tid < 3) {
+    const Book<TW> bk = make_book<TW>(tid == 0 ? g.key_cb : g.val_cb, 1 << BITS, tid == 2);
+#pragma unroll
+    for (int w = 0; w < TW; ++w) { books[tid][0][w] = bk.lo[w]; books[tid][1][w] = bk.hi[w]; }
+  }
   __syncthreads();
+  auto book = [&](int i) {
+    Book<TW> bk;
+    const unsigned a = smem_u32(&books[i][0][0]);
+    if constexpr (TW == 2) {
+      const uint4 u = lds128(a);
+      bk.lo[0] = u.x; bk.lo[1] = u.y; bk.hi[0] = u.z; bk.hi[1] = u.w;
+    } else {
+      const uint4 u = lds128(a), v = lds128(a + 16);
+      bk.lo[0] = u.x; bk.lo[1] = u.y; bk.lo[2] = u.z; bk.lo[3] = u.w;
+      bk.hi[0] = v.x; bk.hi[1] = v.y; bk.hi[2] = v.z; bk.hi[3] = v.w;
+    }
+    return bk;
+  };
   const int b = bp[0], L = b < 0 ? 0 : bp[1] + 1;
   // chunks of the current length spread over the planned splits (see flash_kernel)
   const int sub_now = max(1, ((L + kChunk - 1) / kChunk + pl.splits - 1) / pl.splits);
   const int t_begin = split * sub_now * kChunk, t_end = min(L, t_begin + sub_now * kChunk);
 
   // per-warp constants: key a/b per staged column, q fragments
-  unsigned qa[2 * S::KX][4];
+  unsigned qa[2 * S::KX][4] = {};
   if (active) {
     const float* lo = g.key_lo + (long long)h * D;
     const float* hi = g.key_hi + (long long)h * D;
@@ -1148,8 +1218,8 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
         a_ = s_;
         b_ = l_ + s_;
       }
-      sts32(kconst + col * 4, a_);
-      sts32(kconst + 8 * HP + col * 4, b_);
+      sts32(kconst + 16 * i + (col < HP ? 0 : 8), a_);
+      sts32(kconst + 16 * i + (col < HP ? 4 : 12), b_);
     }
     // q rows (query heads of this kv head) staged as 16 x [x plane | y plane], then ldmatrix
     const float qs = scale * kLog2e;
@@ -1165,12 +1235,10 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
     for (int kb = 0; kb < 2 * S::KX; ++kb) {
       const int row = (lane & 7) + ((lane >> 3) & 1) * 8, ch = 2 * kb + (lane >> 4);
       ldmatrix_x4(stage + swz<RS>(row, ch), qa[kb][0], qa[kb][1], qa[kb][2], qa[kb][3]);
+      if constexpr (NH == 1) qa[kb][1] = qa[kb][3] = 0u;  // G <= 8: query rows 8..15 are zero
     }
     __syncwarp();
   }
-  const Book<TW> kbook = make_book<TW>(g.key_cb, 1 << BITS);
-  const Book<TW> vbook = make_book<TW>(g.val_cb, 1 << BITS);
-  const Book<TW> vrest = make_book<TW>(g.val_cb, 1 << BITS, true);
 
   float acc[S::MT][NH][4];
 #pragma unroll
@@ -1185,30 +1253,36 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
 
   const int srow = b >= 0 ? sink_row(g, b) : 0;
   const int nk = g.nk, nv = g.nv, ns = nk + nv, MB = g.mbytes;
+  // page of a position: shifts where the page size is a power of two (the usual case; a division
+  // by a runtime value is ~30 instructions, and each lane needs one per tile)
+  const int ps = g.page_size, ps_shift = (ps & (ps - 1)) == 0 ? __ffs(ps) - 1 : -1;
+  const int* ptb = g.pt + (long long)max(b, 0) * g.max_pages;
   auto slot_of_t = [&](int t) -> long long {
-    return ((long long)g.pt[(long long)b * g.max_pages + t / g.page_size] * g.page_size + t % g.page_size) * g.H + h;
+    const int pg = ps_shift >= 0 ? t >> ps_shift : t / ps, off = ps_shift >= 0 ? t & (ps - 1) : t - pg * ps;
+    return ((long long)ptb[pg] * ps + off) * g.H + h;
   };
-  auto load = [&](int t, Rows<NW>& rw) {
+  long long sl_next = 0;  // slot of the token `load` read last (0 where it read none)
+  auto load = [&](int t, Rows<WH>& rw) {
+    sl_next = 0;
     if (active && t < t_end && t >= g.sink) {
       const long long sl = slot_of_t(t);
-      const uint4* kp = reinterpret_cast<const uint4*>(g.kc + sl * CB);
-      const uint4* vp = reinterpret_cast<const uint4*>(g.vc + sl * CB);
-#pragma unroll
-      for (int i = 0; i < NW / 4; ++i) {
-        const uint4 a = __ldg(kp + i), bb = __ldg(vp + i);
-        rw.k[4 * i] = a.x; rw.k[4 * i + 1] = a.y; rw.k[4 * i + 2] = a.z; rw.k[4 * i + 3] = a.w;
-        rw.v[4 * i] = bb.x; rw.v[4 * i + 1] = bb.y; rw.v[4 * i + 2] = bb.z; rw.v[4 * i + 3] = bb.w;
+      sl_next = sl;
+      load_words<WH, HR::VW, HR::NW>(g.kc + sl * CB, hf * HR::W0, rw.k);
+      load_words<WH, HR::VW, HR::NW>(g.vc + sl * CB, hf * HR::W0, rw.v);
+      if constexpr (HR::LB != 0) {
+        shift_words<WH>(rw.k, hf * HR::LB);
+        shift_words<WH>(rw.v, hf * HR::LB);
       }
       rw.m = __ldg(reinterpret_cast<const unsigned*>(g.meta + sl * MB));
     } else {
 #pragma unroll
-      for (int i = 0; i < NW; ++i) { rw.k[i] = 0; rw.v[i] = 0; }
+      for (int i = 0; i < WH; ++i) { rw.k[i] = 0; rw.v[i] = 0; }
       rw.m = 0;
     }
   };
 
-  Rows<NW> cur, nxt;
-  load(t_begin + lane, cur);
+  Rows<WH> cur, nxt;
+  load(t_begin + tok, cur);
   for (int t0c = t_begin; t0c < t_end; t0c += kChunk) {
     const int cnt_c = min(kChunk, t_end - t0c);
     // cos/sin table of the chunk (pairs >= HALF are zero)
@@ -1217,87 +1291,79 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
       const int tt = e / HP, i = e % HP;
       float sn = 0.f, cn = 0.f;
       if (i < HALF) sincos_reduced(__fmul_rn((float)(t0c + tt), inv_freq[i]), &sn, &cn);
-      sts32(cs_s + cs_off<HP>(tt, i), cn);
-      sts32(cs_s + cs_off<HP>(tt, HP + i), sn);
+      sts32(cs_s + cs_off<HP>(tt, 2 * i), cn);
+      sts32(cs_s + cs_off<HP>(tt, 2 * i + 1), sn);
     }
     __syncthreads();
     if (!active) continue;
     for (int tt0 = 0; tt0 < cnt_c; tt0 += kTok) {
-      const int t0 = t0c + tt0, t = t0 + lane;
-      if constexpr (S::kPrefetch) load(t + kTok, nxt);
+      const int t0 = t0c + tt0, t = t0 + tok;
+      const long long sl = sl_next;  // this tile's row was loaded last (sink and past-end: none)
+      if constexpr (PF) load(t + kTok, nxt);
       const bool valid = t < t_end, sink = valid && t < g.sink;
-      const long long sl = valid && !sink ? slot_of_t(t) : 0;
       // ---- stage keys, rotated: k = a * cb + b and the RoPE rotation in fp32, then split into
       // fp16 hi (key tile) and lo (the value tile, free until the scores are done), each as
       // x plane | y plane. Sink tokens come exact from the fp16 side store.
       {
-        const int tr = tt0 + lane;  // the token's row of the cos/sin table
+        const int tr = tt0 + tok;  // the token's row of the cos/sin table
         const uint16_t* sk = sink ? g.sink_k + (((long long)srow * g.sink + t) * g.H + h) * D : nullptr;
+        const Book<TW> kbook = book(0);
 #pragma unroll
-        for (int j = 0; j < S::NB; ++j) {
-          float fx[8], fy[8];
+        for (int jl = 0; jl < NBH; ++jl) {
+          const int j = jb + jl;  // block of the row: RoPE pairs 8j .. 8j+7
+          if (NB % 2 == 1 && j >= NB) {  // the plane padding chunk
+            sts128(stage + swz<RS>(tok, j), 0, 0, 0, 0);
+            sts128(stage + swz<RS>(tok, HP / 8 + j), 0, 0, 0, 0);
+            sts128(vstage + swz<RS>(tok, j), 0, 0, 0, 0);
+            sts128(vstage + swz<RS>(tok, HP / 8 + j), 0, 0, 0, 0);
+            continue;
+          }
+          // per pair of RoPE pairs w: dequantize (k = a * cb + b, fp32), rotate, split; the
+          // constants of a pair (a, b of x and y) and the (cos, sin) of two pairs are one 16-byte
+          // load each, next to their use (few registers live at once)
+          unsigned X[4], XL[4], Y[4], YL[4];
           if (!sink) {
             unsigned x[4], y[4];
-            key_block<BITS, TW>(cur.k, j, kbook, x, y);
-            const float4 ax0 = lds128f(kconst + 32 * j), ax1 = lds128f(kconst + 32 * j + 16);
-            const float4 bx0 = lds128f(kconst + 8 * HP + 32 * j), bx1 = lds128f(kconst + 8 * HP + 32 * j + 16);
-            const float4 ay0 = lds128f(kconst + 4 * HP + 32 * j), ay1 = lds128f(kconst + 4 * HP + 32 * j + 16);
-            const float4 by0 = lds128f(kconst + 12 * HP + 32 * j), by1 = lds128f(kconst + 12 * HP + 32 * j + 16);
-            const float ax[8] = {ax0.x, ax0.y, ax0.z, ax0.w, ax1.x, ax1.y, ax1.z, ax1.w};
-            const float bx[8] = {bx0.x, bx0.y, bx0.z, bx0.w, bx1.x, bx1.y, bx1.z, bx1.w};
-            const float ay[8] = {ay0.x, ay0.y, ay0.z, ay0.w, ay1.x, ay1.y, ay1.z, ay1.w};
-            const float by[8] = {by0.x, by0.y, by0.z, by0.w, by1.x, by1.y, by1.z, by1.w};
+            key_block<BITS, TW>(cur.k, jl, kbook, x, y);
 #pragma unroll
             for (int w = 0; w < 4; ++w) {
+              const int i = 8 * j + 2 * w;
+              const float4 k0 = lds128f(kconst + 16 * i), k1 = lds128f(kconst + 16 * i + 16);
+              const float4 cs = lds128f(cs_s + cs_off<HP>(tr, 2 * i));
               const float2 cx = __half22float2(u2h(x[w])), cy = __half22float2(u2h(y[w]));
-              fx[2 * w] = fmaf(ax[2 * w], cx.x, bx[2 * w]);
-              fx[2 * w + 1] = fmaf(ax[2 * w + 1], cx.y, bx[2 * w + 1]);
-              fy[2 * w] = fmaf(ay[2 * w], cy.x, by[2 * w]);
-              fy[2 * w + 1] = fmaf(ay[2 * w + 1], cy.y, by[2 * w + 1]);
+              rotate2(fmaf(k0.x, cx.x, k0.y), fmaf(k0.z, cy.x, k0.w), fmaf(k1.x, cx.y, k1.y), fmaf(k1.z, cy.y, k1.w),
+                      cs.x, cs.y, cs.z, cs.w, X[w], XL[w], Y[w], YL[w]);
             }
           } else {
             const uint4 a = *reinterpret_cast<const uint4*>(sk + 8 * j), bb = *reinterpret_cast<const uint4*>(sk + HALF + 8 * j);
             const unsigned aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {bb.x, bb.y, bb.z, bb.w};
 #pragma unroll
             for (int w = 0; w < 4; ++w) {
+              const float4 cs = lds128f(cs_s + cs_off<HP>(tr, 2 * (8 * j + 2 * w)));
               const float2 cx = __half22float2(u2h(aw[w])), cy = __half22float2(u2h(bw[w]));
-              fx[2 * w] = cx.x; fx[2 * w + 1] = cx.y; fy[2 * w] = cy.x; fy[2 * w + 1] = cy.y;
+              rotate2(cx.x, cy.x, cx.y, cy.y, cs.x, cs.y, cs.z, cs.w, X[w], XL[w], Y[w], YL[w]);
             }
           }
-          const float4 c0 = lds128f(cs_s + cs_off<HP>(tr, 8 * j)), c1 = lds128f(cs_s + cs_off<HP>(tr, 8 * j + 4));
-          const float4 s0 = lds128f(cs_s + cs_off<HP>(tr, HP + 8 * j)), s1 = lds128f(cs_s + cs_off<HP>(tr, HP + 8 * j + 4));
-          const float cc[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-          const float ss[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
-          unsigned X[4], XL[4], Y[4], YL[4];
-#pragma unroll
-          for (int w = 0; w < 4; ++w)
-            rotate2(fx[2 * w], fy[2 * w], fx[2 * w + 1], fy[2 * w + 1], cc[2 * w], ss[2 * w], cc[2 * w + 1], ss[2 * w + 1], X[w],
-                    XL[w], Y[w], YL[w]);
-          sts128(stage + swz<RS>(lane, j), X[0], X[1], X[2], X[3]);
-          sts128(stage + swz<RS>(lane, HP / 8 + j), Y[0], Y[1], Y[2], Y[3]);
-          sts128(vstage + swz<RS>(lane, j), XL[0], XL[1], XL[2], XL[3]);
-          sts128(vstage + swz<RS>(lane, HP / 8 + j), YL[0], YL[1], YL[2], YL[3]);
-        }
-#pragma unroll
-        for (int j = S::NB; j < HP / 8; ++j) {  // plane padding
-          sts128(stage + swz<RS>(lane, j), 0, 0, 0, 0);
-          sts128(stage + swz<RS>(lane, HP / 8 + j), 0, 0, 0, 0);
-          sts128(vstage + swz<RS>(lane, j), 0, 0, 0, 0);
-          sts128(vstage + swz<RS>(lane, HP / 8 + j), 0, 0, 0, 0);
+          sts128(stage + swz<RS>(tok, j), X[0], X[1], X[2], X[3]);
+          sts128(stage + swz<RS>(tok, HP / 8 + j), Y[0], Y[1], Y[2], Y[3]);
+          sts128(vstage + swz<RS>(tok, j), XL[0], XL[1], XL[2], XL[3]);
+          sts128(vstage + swz<RS>(tok, HP / 8 + j), YL[0], YL[1], YL[2], YL[3]);
         }
         if (valid && !sink) {
           // key outliers: exact values replace the dequantized ones. The staged pair is already
           // rotated, so the pre-RoPE value is recovered by the inverse rotation (within fp16
-          // rounding) and the difference is rotated into both halves of the pair.
+          // rounding) and the difference is rotated into both halves of the pair. Each pair
+          // belongs to the lane that staged its block.
           const uint8_t* me = g.meta + sl * MB;
           for (int s_ = 0; s_ < nk; ++s_) {
             const int ch = min((int)__ldg(me + 4 + 2 * ns + s_), D - 1);
             const bool xh = ch < HALF;
             const int i = xh ? ch : ch - HALF;
+            if ((i >> 3) / NBH != hf) continue;
             const float ex = half_bits(me + 4 + 2 * s_);
-            const unsigned ax_ = swz<RS>(lane, i >> 3) + (i & 7) * 2, ay_ = swz<RS>(lane, (HP + i) >> 3) + (i & 7) * 2;
+            const unsigned ax_ = swz<RS>(tok, i >> 3) + (i & 7) * 2, ay_ = swz<RS>(tok, (HP + i) >> 3) + (i & 7) * 2;
             const float xr = h2f(lds16(stage + ax_)) + h2f(lds16(vstage + ax_)), yr = h2f(lds16(stage + ay_)) + h2f(lds16(vstage + ay_));
-            const float c = lds32(cs_s + cs_off<HP>(tr, i)), sn = lds32(cs_s + cs_off<HP>(tr, HP + i));
+            const float c = lds32(cs_s + cs_off<HP>(tr, 2 * i)), sn = lds32(cs_s + cs_off<HP>(tr, 2 * i + 1));
             float nx, ny;
             if (xh) {
               const float d = ex - fmaf(xr, c, yr * sn);  // x = x' c + y' s
@@ -1319,10 +1385,10 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
         }
       }
       __syncwarp();
-      // ---- scores: 4 n-tiles of 8 tokens, rows = query heads
-      float sc[4][4];
+      // ---- scores: 2 n-tiles of 8 tokens, rows = query heads
+      float sc[2][4];
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
+      for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) sc[nt][e] = 0.f;
         const int row = 8 * nt + (lane & 7), m = lane >> 3;
@@ -1350,24 +1416,27 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
       {
         const float vlo = h2f((unsigned short)(cur.m & 0xffffu)), vhi = h2f((unsigned short)(cur.m >> 16));
         float sv = 0.5f * (vhi - vlo), av = vlo + sv;
+        const Book<TW> vbook = book(1), vrest = book(2);
 #pragma unroll
-        for (int j = 0; j < S::NB; ++j) {
+        for (int jl = 0; jl < NBH; ++jl) {
+          const int j = jb + jl;
+          if (NB % 2 == 1 && j >= NB) continue;
           unsigned v[8];
-          value_block<BITS, TW>(cur.v, j, vbook, v);
-          sts128(vstage + swz<RS>(lane, 2 * j), v[0], v[1], v[2], v[3]);
-          sts128(vstage + swz<RS>(lane, 2 * j + 1), v[4], v[5], v[6], v[7]);
-          value_block<BITS, TW>(cur.v, j, vrest, v);
-          sts128(stage + swz<RS>(lane, 2 * j), v[0], v[1], v[2], v[3]);
-          sts128(stage + swz<RS>(lane, 2 * j + 1), v[4], v[5], v[6], v[7]);
+          value_block<BITS, TW>(cur.v, jl, vbook, v);
+          sts128(vstage + swz<RS>(tok, 2 * j), v[0], v[1], v[2], v[3]);
+          sts128(vstage + swz<RS>(tok, 2 * j + 1), v[4], v[5], v[6], v[7]);
+          value_block<BITS, TW>(cur.v, jl, vrest, v);
+          sts128(stage + swz<RS>(tok, 2 * j), v[0], v[1], v[2], v[3]);
+          sts128(stage + swz<RS>(tok, 2 * j + 1), v[4], v[5], v[6], v[7]);
         }
         if (sink) {  // exact fp16 values: scale 1, offset 0
           sv = 1.f;
           av = 0.f;
           const uint16_t* sv_ = g.sink_v + (((long long)srow * g.sink + t) * g.H + h) * D;
-          for (int ch = 0; ch < D; ++ch) {
-            const int col = value_column<BITS>(ch);
-            sts16(vstage + swz<RS>(lane, col >> 3) + (col & 7) * 2, sv_[ch]);
-            sts16(stage + swz<RS>(lane, col >> 3) + (col & 7) * 2, 0);
+          for (int col = 16 * jb; col < min(D, 16 * (jb + NBH)); ++col) {
+            const int ch = value_channel<BITS>(col);
+            sts16(vstage + swz<RS>(tok, col >> 3) + (col & 7) * 2, sv_[ch]);
+            sts16(stage + swz<RS>(tok, col >> 3) + (col & 7) * 2, 0);
           }
         } else if (valid && nv > 0) {
           // an outlier is staged as (exact - offset) / scale; the scale grows (rarely: a flat
@@ -1383,62 +1452,65 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
           for (int s_ = 0; s_ < nv; ++s_) {
             const int ch = min((int)__ldg(me + 4 + 2 * ns + nk + s_), D - 1);
             const int col = value_column<BITS>(ch);
+            if ((col >> 4) / NBH != hf) continue;  // the other lane's block
             const float ex = __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(me + 4 + 2 * (nk + s_)))));
             const float x = (ex - av) * inv;
             const __half xh = __float2half_rn(x);
-            sts16(vstage + swz<RS>(lane, col >> 3) + (col & 7) * 2, __half_as_ushort(xh));
-            sts16(stage + swz<RS>(lane, col >> 3) + (col & 7) * 2, __half_as_ushort(__float2half_rn(x - __half2float(xh))));
+            sts16(vstage + swz<RS>(tok, col >> 3) + (col & 7) * 2, __half_as_ushort(xh));
+            sts16(stage + swz<RS>(tok, col >> 3) + (col & 7) * 2, __half_as_ushort(__float2half_rn(x - __half2float(xh))));
           }
         }
-        asm volatile("st.shared.v2.f32 [%0], {%1,%2};\n" ::"r"(vscale + lane * 8), "f"(sv), "f"(av));
+        if (hf == 0) asm volatile("st.shared.v2.f32 [%0], {%1,%2};\n" ::"r"(vscale + tok * 8), "f"(sv), "f"(av));
       }
       __syncwarp();
       // ---- online softmax (log2 domain), per query-head row r (+8): the row's max over the
       // quad, p = 2^(s - m); P^T fragments carry p * (the token's value scale), the value
       // offsets are summed separately (pa).
-      unsigned pb[2][NH][2];  // P^T fragments: [k-block][head tile][b0/b1]
+      unsigned pb[NH][2];  // P^T fragments: [head tile][b0/b1]
       float alpha[NH];
-      float4 sa[4];  // (scale, offset) of tokens 8nt + 2c4, +1
+      float4 sa[2];  // (scale, offset) of tokens 8nt + 2c4, +1
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
+      for (int nt = 0; nt < 2; ++nt) {
         const uint4 u = lds128(vscale + (8 * nt + 2 * c4) * 8);
         sa[nt] = make_float4(__uint_as_float(u.x), __uint_as_float(u.y), __uint_as_float(u.z), __uint_as_float(u.w));
       }
+      bool grew = false;
 #pragma unroll
       for (int nh = 0; nh < NH; ++nh) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) mx = fmaxf(mx, fmaxf(sc[nt][2 * nh], sc[nt][2 * nh + 1]));
+        float mx = fmaxf(fmaxf(sc[0][2 * nh], sc[0][2 * nh + 1]), fmaxf(sc[1][2 * nh], sc[1][2 * nh + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float mn = fmaxf(m_run[nh], mx);
+        grew |= mn > m_run[nh];
         alpha[nh] = exp2f(m_run[nh] - mn);
         m_run[nh] = mn;
         float sum = 0.f, off = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
+        for (int nt = 0; nt < 2; ++nt) {
           const float p0 = exp2f(sc[nt][2 * nh] - mn), p1 = exp2f(sc[nt][2 * nh + 1] - mn);
           sum += p0 + p1;
           off = fmaf(p0, sa[nt].y, fmaf(p1, sa[nt].w, off));
-          pb[nt >> 1][nh][nt & 1] = h2u(__floats2half2_rn(p0 * sa[nt].x, p1 * sa[nt].z));
+          pb[nh][nt] = h2u(__floats2half2_rn(p0 * sa[nt].x, p1 * sa[nt].z));
         }
         l_run[nh] = l_run[nh] * alpha[nh] + sum;
         pa_run[nh] = pa_run[nh] * alpha[nh] + off;
       }
-      // rescale the accumulators: columns are heads 2*c4, 2*c4+1 (+8)
+      // rescale the accumulators (columns are heads 2*c4, 2*c4+1 (+8)); once the running maxima
+      // settle this is skipped for whole tiles
+      if (__any_sync(0xffffffffu, grew)) {
 #pragma unroll
-      for (int nh = 0; nh < NH; ++nh) {
-        const float a0 = __shfl_sync(0xffffffffu, alpha[nh], 8 * c4), a1 = __shfl_sync(0xffffffffu, alpha[nh], 8 * c4 + 4);
+        for (int nh = 0; nh < NH; ++nh) {
+          const float a0 = __shfl_sync(0xffffffffu, alpha[nh], 8 * c4), a1 = __shfl_sync(0xffffffffu, alpha[nh], 8 * c4 + 4);
 #pragma unroll
-        for (int mt = 0; mt < S::MT; ++mt) {
-          acc[mt][nh][0] *= a0; acc[mt][nh][1] *= a1;
-          acc[mt][nh][2] *= a0; acc[mt][nh][3] *= a1;
+          for (int mt = 0; mt < S::MT; ++mt) {
+            acc[mt][nh][0] *= a0; acc[mt][nh][1] *= a1;
+            acc[mt][nh][2] *= a0; acc[mt][nh][3] *= a1;
+          }
         }
       }
-      // ---- out^T[channels x heads] += V^T P^T
-#pragma unroll
-      for (int kb = 0; kb < 2; ++kb) {
-        const int m = lane >> 3, row = 16 * kb + (m >> 1) * 8 + (lane & 7);
+      // ---- out^T[channels x heads] += V^T P^T (one k-block: the tile's 16 tokens)
+      {
+        const int m = lane >> 3, row = (m >> 1) * 8 + (lane & 7);
 #pragma unroll
         for (int mt = 0; mt < S::MT; ++mt) {
           unsigned a[4], ar[4];  // values: hi and rest
@@ -1446,13 +1518,13 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
           ldmatrix_x4_trans(stage + swz<RS>(row, 2 * mt + (m & 1)), ar[0], ar[1], ar[2], ar[3]);
 #pragma unroll
           for (int nh = 0; nh < NH; ++nh) {
-            mma_16816<__half>(acc[mt][nh], a[0], a[1], a[2], a[3], pb[kb][nh][0], pb[kb][nh][1]);
-            mma_16816<__half>(acc[mt][nh], ar[0], ar[1], ar[2], ar[3], pb[kb][nh][0], pb[kb][nh][1]);
+            mma_16816<__half>(acc[mt][nh], a[0], a[1], a[2], a[3], pb[nh][0], pb[nh][1]);
+            mma_16816<__half>(acc[mt][nh], ar[0], ar[1], ar[2], ar[3], pb[nh][0], pb[nh][1]);
           }
         }
       }
       __syncwarp();
-      if constexpr (S::kPrefetch) cur = nxt;
+      if constexpr (PF) cur = nxt;
       else load(t + kTok, cur);
     }
   }
@@ -1488,15 +1560,29 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
   }
 }
 
-template <class T, int D, int BITS, int NH>
-void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, const Plan& pl,
-            float* part, cudaStream_t stream) {
+template <class T, int D, int BITS, int NH, bool PF>
+void launch_pf(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, const Plan& pl,
+               float* part, cudaStream_t stream) {
   const int N = (int)q.dim(0), Hq = (int)q.dim(1);
   const size_t smem = smem_bytes<D, BITS>(pl.hpb);
-  allow_dynamic_smem<tc_kernel<T, D, BITS, NH>>(smem, "kvqAttention");
-  tc_kernel<T, D, BITS, NH><<<dim3(pl.splits, N, pl.groups), pl.hpb * 32, smem, stream>>>(
+  allow_dynamic_smem<tc_kernel<T, D, BITS, NH, PF>>(smem, "kvqAttention");
+  tc_kernel<T, D, BITS, NH, PF><<<dim3(pl.splits, N, pl.groups), pl.hpb * 32, smem, stream>>>(
       g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part);
   fast::launch_combine<T>(part, pl.splits, N * Hq, D, static_cast<T*>(out.data()), stream);
+}
+// Register prefetch of the next tile where a half row is at most 8 words, except at head_dim 128
+// with one head tile: there the registers it holds cost spills, and without it the H200 measured
+// 2-7% faster at 32K tokens (2/3/4-bit, 32q/8kv). SQUEEZELM_KVQ_PF=0|1 forces either at head_dim
+// 128 (tuning; read per call).
+template <class T, int D, int BITS, int NH>
+void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, const Plan& pl, float* part,
+            cudaStream_t s) {
+  constexpr bool kDefault = Half<D, BITS>::WH <= 8 && !(D == 128 && NH == 1);
+  if constexpr (D == 128 && NH == 1) {
+    const int pf = env_int("SQUEEZELM_KVQ_PF", -1);
+    if (pf >= 0 && (pf == 1) != kDefault) return launch_pf<T, D, BITS, NH, !kDefault>(out, q, g, f, scale, pl, part, s);
+  }
+  launch_pf<T, D, BITS, NH, kDefault>(out, q, g, f, scale, pl, part, s);
 }
 template <class T, int D, int BITS>
 void launch_nh(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, const Plan& pl, float* part,
@@ -1524,7 +1610,7 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
   const int N = (int)q.dim(0), Hq = (int)q.dim(1), dev = q.device.index, G = Hq / g.H;
   if (!covers(g.D, G)) return false;
   if (N == 0) return true;
-  const Plan pl = plan(sm_count(dev), N, g.H, g.D, L);
+  const Plan pl = plan(sm_count(dev), N, g.H, G, g.D, L);
   const int64_t need = (int64_t)N * Hq * pl.splits * (g.D + 2);
   if (work && need > work_floats) fail("ERR_ARG", "kvqAttention: the workspace holds " + std::to_string(work_floats) +
                                                       " floats, this call needs " + std::to_string(need));
@@ -1540,7 +1626,7 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
 }
 int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, int max_seq_len) {
   if (N == 0) return 0;
-  const Plan pl = plan(sms, (int)N, (int)H, (int)D, max_seq_len);
+  const Plan pl = plan(sms, (int)N, (int)H, (int)(Hq / H), (int)D, max_seq_len);
   return N * Hq * pl.splits * (D + 2);
 }
 }  // namespace tc
