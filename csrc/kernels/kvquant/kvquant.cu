@@ -1221,14 +1221,23 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
       sts32(kconst + 16 * i + (col < HP ? 0 : 8), a_);
       sts32(kconst + 16 * i + (col < HP ? 4 : 12), b_);
     }
-    // q rows (query heads of this kv head) staged as 16 x [x plane | y plane], then ldmatrix
+    // q rows (query heads of this kv head) staged as 16 x [x plane | y plane], then ldmatrix;
+    // 8 channels per lane and step (a split walks only a few tiles: this runs once per split)
     const float qs = scale * kLog2e;
-    for (int e = lane; e < 16 * 2 * HP; e += 32) {
-      const int row = e / (2 * HP), col = e % (2 * HP);
-      const int i = col < HP ? col : col - HP, ch = col < HP ? i : i + HALF;
-      float v = 0.f;
-      if (row < G && i < HALF && b >= 0) v = to_f(q[((long long)n * hq_total + (long long)h * G + row) * D + ch]) * qs;
-      sts16(stage + swz<RS>(row, col >> 3) + (col & 7) * 2, __half_as_ushort(__float2half_rn(v)));
+    constexpr int QC = 2 * HP / 8;  // 16-byte chunks per staged row
+    for (int e = lane; e < 16 * QC; e += 32) {
+      const int row = e / QC, ck = e % QC;
+      const bool yp = ck >= HP / 8;
+      const int i0 = 8 * (yp ? ck - HP / 8 : ck);  // first RoPE pair of the chunk (HALF % 8 == 0)
+      unsigned u[4] = {0u, 0u, 0u, 0u};
+      if (row < G && i0 < HALF && b >= 0) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(q + ((long long)n * hq_total + (long long)h * G + row) * D +
+                                                          (yp ? HALF : 0) + i0);
+        const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) u[k] = h2u(__floats2half2_rn(to_f(v[2 * k]) * qs, to_f(v[2 * k + 1]) * qs));
+      }
+      sts128(stage + swz<RS>(row, ck), u[0], u[1], u[2], u[3]);
     }
     __syncwarp();
 #pragma unroll
@@ -1349,39 +1358,49 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
           sts128(vstage + swz<RS>(tok, j), XL[0], XL[1], XL[2], XL[3]);
           sts128(vstage + swz<RS>(tok, HP / 8 + j), YL[0], YL[1], YL[2], YL[3]);
         }
-        if (valid && !sink) {
-          // key outliers: exact values replace the dequantized ones. The staged pair is already
-          // rotated, so the pre-RoPE value is recovered by the inverse rotation (within fp16
-          // rounding) and the difference is rotated into both halves of the pair. Each pair
-          // belongs to the lane that staged its block.
-          const uint8_t* me = g.meta + sl * MB;
-          for (int s_ = 0; s_ < nk; ++s_) {
-            const int ch = min((int)__ldg(me + 4 + 2 * ns + s_), D - 1);
-            const bool xh = ch < HALF;
-            const int i = xh ? ch : ch - HALF;
-            if ((i >> 3) / NBH != hf) continue;
-            const float ex = half_bits(me + 4 + 2 * s_);
-            const unsigned ax_ = swz<RS>(tok, i >> 3) + (i & 7) * 2, ay_ = swz<RS>(tok, (HP + i) >> 3) + (i & 7) * 2;
-            const float xr = h2f(lds16(stage + ax_)) + h2f(lds16(vstage + ax_)), yr = h2f(lds16(stage + ay_)) + h2f(lds16(vstage + ay_));
-            const float c = lds32(cs_s + cs_off<HP>(tr, 2 * i)), sn = lds32(cs_s + cs_off<HP>(tr, 2 * i + 1));
-            float nx, ny;
-            if (xh) {
-              const float d = ex - fmaf(xr, c, yr * sn);  // x = x' c + y' s
-              nx = fmaf(c, d, xr);
-              ny = fmaf(sn, d, yr);
-            } else {
-              const float d = ex - fmaf(yr, c, -xr * sn);  // y = y' c - x' s
-              nx = fmaf(-sn, d, xr);
-              ny = fmaf(c, d, yr);
-            }
-            unsigned hx, lx, hy, ly;
-            split2(nx, ny, hx, lx);  // (nx, ny) as hi/lo halves
-            split2(ny, nx, hy, ly);
-            sts16(stage + ax_, (unsigned short)(hx & 0xffffu));
-            sts16(vstage + ax_, (unsigned short)(lx & 0xffffu));
-            sts16(stage + ay_, (unsigned short)(hy & 0xffffu));
-            sts16(vstage + ay_, (unsigned short)(ly & 0xffffu));
+        // key outliers: exact values replace the dequantized ones. The staged pair is already
+        // rotated, so the pre-RoPE value is recovered by the inverse rotation (within fp16
+        // rounding) and the difference is rotated into both halves of the pair. The token's two
+        // lanes take its outliers two at a time (any block: both halves are staged by now); when
+        // a step's two outliers are the two channels of one pair, lane half 0 does both, in turn.
+        __syncwarp();
+        const uint8_t* me = g.meta + sl * MB;
+        auto key_outlier = [&](int s_, int ch) {
+          const bool xh = ch < HALF;
+          const int i = xh ? ch : ch - HALF;
+          const float ex = half_bits(me + 4 + 2 * s_);
+          const unsigned ax_ = swz<RS>(tok, i >> 3) + (i & 7) * 2, ay_ = swz<RS>(tok, (HP + i) >> 3) + (i & 7) * 2;
+          const float xr = h2f(lds16(stage + ax_)) + h2f(lds16(vstage + ax_)), yr = h2f(lds16(stage + ay_)) + h2f(lds16(vstage + ay_));
+          const float c = lds32(cs_s + cs_off<HP>(tr, 2 * i)), sn = lds32(cs_s + cs_off<HP>(tr, 2 * i + 1));
+          float nx, ny;
+          if (xh) {
+            const float d = ex - fmaf(xr, c, yr * sn);  // x = x' c + y' s
+            nx = fmaf(c, d, xr);
+            ny = fmaf(sn, d, yr);
+          } else {
+            const float d = ex - fmaf(yr, c, -xr * sn);  // y = y' c - x' s
+            nx = fmaf(-sn, d, xr);
+            ny = fmaf(c, d, yr);
           }
+          unsigned hx, lx, hy, ly;
+          split2(nx, ny, hx, lx);  // (nx, ny) as hi/lo halves
+          split2(ny, nx, hy, ly);
+          sts16(stage + ax_, (unsigned short)(hx & 0xffffu));
+          sts16(vstage + ax_, (unsigned short)(lx & 0xffffu));
+          sts16(stage + ay_, (unsigned short)(hy & 0xffffu));
+          sts16(vstage + ay_, (unsigned short)(ly & 0xffffu));
+        };
+        const bool has = valid && !sink;
+        for (int s0 = 0; s0 < nk; s0 += 2) {
+          const int c0 = has ? min((int)__ldg(me + 4 + 2 * ns + s0), D - 1) : 0;
+          const int c1 = has && s0 + 1 < nk ? min((int)__ldg(me + 4 + 2 * ns + s0 + 1), D - 1) : -1;
+          const bool same = c1 >= 0 && (c0 < HALF ? c0 : c0 - HALF) == (c1 < HALF ? c1 : c1 - HALF);
+          if (has && (hf == 0 || (c1 >= 0 && !same))) key_outlier(s0 + hf, hf == 0 ? c0 : c1);
+          if (__any_sync(0xffffffffu, same)) {
+            __syncwarp();
+            if (hf == 0 && same) key_outlier(s0 + 1, c1);
+          }
+          __syncwarp();
         }
       }
       __syncwarp();
@@ -1429,6 +1448,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
           sts128(stage + swz<RS>(tok, 2 * j), v[0], v[1], v[2], v[3]);
           sts128(stage + swz<RS>(tok, 2 * j + 1), v[4], v[5], v[6], v[7]);
         }
+        __syncwarp();  // a sink row or an outlier may fall in the block the token's other lane staged
         if (sink) {  // exact fp16 values: scale 1, offset 0
           sv = 1.f;
           av = 0.f;
@@ -1449,10 +1469,9 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
           }
           sv = fmaxf(sv, 1e-30f);
           const float inv = 1.f / sv;
-          for (int s_ = 0; s_ < nv; ++s_) {
+          for (int s_ = hf; s_ < nv; s_ += 2) {  // the token's two lanes take turns
             const int ch = min((int)__ldg(me + 4 + 2 * ns + nk + s_), D - 1);
             const int col = value_column<BITS>(ch);
-            if ((col >> 4) / NBH != hf) continue;  // the other lane's block
             const float ex = __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(me + 4 + 2 * (nk + s_)))));
             const float x = (ex - av) * inv;
             const __half xh = __float2half_rn(x);
