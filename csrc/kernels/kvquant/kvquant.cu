@@ -863,12 +863,15 @@ int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, i
 //     rotated from the fp16 side store (values with scale 1, offset 0). Both stay off the hot path.
 // Data flow. Grid = (splits, query rows, kv-head groups); one warp per kv head. A block walks
 // its token range in chunks of kChunk tokens: all threads fill the chunk's cos/sin table, then
-// each warp takes the chunk's tiles of 32 tokens. Lane i of a warp owns token i of the tile:
-// it loads that token's key row, value row and metadata (16-byte loads, the next tile's
-// loads issued before the current tile is used) and stages its rotated key row (hi and lo);
-// then 4 n-tiles of 8 tokens of scores, the value codebook rows into the value tile, online
-// softmax in fp32 (one running max per query head, quad shuffles) and the p.v mma. Each split writes (acc, m, l) per query head;
-// fast::combine_kernel merges splits in a fixed order, so results are deterministic.
+// each warp takes the chunk's tiles of 16 tokens. Lanes t and t + 16 own token t of the tile,
+// each half of its 16-element blocks: each loads its half of the token's key and value code
+// rows and the metadata, and stages its blocks of the rotated key row (hi and lo); then 2
+// n-tiles of 8 tokens of scores, the value codebook rows into the value tile, online softmax in
+// fp32 (one running max per query head, quad shuffles) and the p.v mma. Two lanes per token
+// keep a thread at 128 registers and a block at ~107 KB of shared memory: two blocks of 8 warps
+// per SM (one token per lane took ~177 registers and ~178 KB: one block). Each split writes
+// (acc, m, l) per query head; fast::combine_kernel merges splits in a fixed order, so results
+// are deterministic.
 namespace tc {
 constexpr int kTok = 16;     // tokens per warp tile (two lanes per token: each stages half its blocks)
 constexpr int kChunk = 64;   // tokens per cos/sin table fill
@@ -1078,9 +1081,9 @@ inline Plan plan(int sms, int N, int H, int G, int D, int max_seq_len) {
   p.splits = (chunks + p.sub - 1) / p.sub;
   return p;
 }
-// Per warp: key and value staging tiles [kTok][RS] (fp16), key constants a, b per staged column
-// ([2][2 HP] fp32), value scale/offset [kTok] float2. Per block: the chunk's cos/sin table
-// [kChunk][cos plane HP | sin plane HP] in fp32.
+// Per warp: key and value staging tiles [kTok][RS] (fp16), key constants a, b of each RoPE pair's
+// two channels ([HP][4] fp32), value scale/offset [kTok] float2. Per block: the chunk's cos/sin table
+// [kChunk][HP] (cos, sin) pairs in fp32.
 template <int D, int BITS> constexpr size_t warp_smem_bytes() {
   using S = Shape<D, BITS>;
   return (size_t)2 * kTok * S::RS * 2 + 16 * S::HP + kTok * 8;
