@@ -393,10 +393,7 @@ __global__ void combine_kernel(const float* __restrict__ part, int splits, int D
   if (lane == 0) dred[warp] = den;
   const int c = blockIdx.y * 32 + lane;
   float num = 0.f;
-  // unrolled so that 8 partials' loads are in flight at once (the sum keeps its order); one at a
-  // time this loop was latency-bound: 3.9 us for 32 heads x 256 splits, 5% of a 32K decode step
   if (c < D)
-#pragma unroll 8
     for (int s = warp; s < splits; s += 8) num = fmaf(p[(long long)s * (D + 2) + c], wsm[s], num);
   red[warp * 32 + lane] = num;
   __syncthreads();
