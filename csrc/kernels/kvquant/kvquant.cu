@@ -49,6 +49,7 @@ struct Geo {
   const int* sink_rows;  // null: row b
   int sink_row_fixed;    // >= 0: every sequence uses this row (kvq_dequantize)
   int B, max_pages, page_size, H, D, bits, nk, nv, sink, cbytes, mbytes, pages;
+  int page_shift;  // log2(page_size) where it is a power of two, else -1
 };
 
 Geo make_geo(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& pt, const Tensor* lens, const Tensor* cu) {
@@ -71,6 +72,9 @@ Geo make_geo(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& pt, const
   g.B = (int)pt.dim(0);
   g.max_pages = (int)pt.dim(1);
   g.page_size = (int)c.page_size;
+  g.page_shift = -1;
+  for (int s = 0; s < 31; ++s)
+    if (g.page_size == 1 << s) g.page_shift = s;
   g.H = (int)c.kv_heads;
   g.D = (int)c.head_dim;
   g.bits = c.bits;
@@ -87,9 +91,15 @@ __device__ __forceinline__ int sink_row(const Geo& g, int b) {
   return g.sink_row_fixed >= 0 ? g.sink_row_fixed : (g.sink_rows ? g.sink_rows[b] : b);
 }
 
+// Page-table column of a position: a shift where the page size is a power of two (the usual case;
+// a division by a runtime value is ~30 instructions, paid per token in the attention kernels).
+__device__ __forceinline__ int page_col(const Geo& g, int pos) {
+  return g.page_shift >= 0 ? pos >> g.page_shift : pos / g.page_size;
+}
 __device__ __forceinline__ long long slot_of(const Geo& g, int b, int pos, int h) {
-  const long long page = g.pt[(long long)b * g.max_pages + pos / g.page_size];
-  return (page * g.page_size + pos % g.page_size) * g.H + h;
+  const int col = page_col(g, pos);
+  const long long page = g.pt[(long long)b * g.max_pages + col];
+  return (page * g.page_size + (pos - col * g.page_size)) * g.H + h;
 }
 
 // Sequence of query row n (-1 if none) and its position; one thread.
@@ -193,8 +203,8 @@ __global__ void __launch_bounds__(kThreads) append_kernel(Geo g, Src<T> src) {
       o[i + half] = from_f<T>(y2);
     }
   const int b = bp[0], pos = bp[1];
-  if (b < 0 || pos < 0 || pos / g.page_size >= g.max_pages) return;
-  const int page = g.pt[(long long)b * g.max_pages + pos / g.page_size];
+  if (b < 0 || pos < 0 || page_col(g, pos) >= g.max_pages) return;
+  const int page = g.pt[(long long)b * g.max_pages + page_col(g, pos)];
   if (page < 0 || page >= g.pages) return;
   const long long base = (long long)n * src.stride + (long long)h * D;
   if (src.rotate) {
@@ -545,7 +555,7 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
     if (cnt == 0) break;
     for (int tt = tid; tt < cnt; tt += blockDim.x) {
       const int t = t0 + tt;
-      slot_s[tt] = (int)(((long long)g.pt[(long long)b * g.max_pages + t / g.page_size] * g.page_size + t % g.page_size) * g.H);
+      slot_s[tt] = (int)slot_of(g, b, t, 0);
     }
     for (int e = tid; e < cnt * HALF; e += blockDim.x) {
       const int tt = e / HALF, i = e % HALF;
@@ -1265,19 +1275,11 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
 
   const int srow = b >= 0 ? sink_row(g, b) : 0;
   const int nk = g.nk, nv = g.nv, ns = nk + nv, MB = g.mbytes;
-  // page of a position: shifts where the page size is a power of two (the usual case; a division
-  // by a runtime value is ~30 instructions, and each lane needs one per tile)
-  const int ps = g.page_size, ps_shift = (ps & (ps - 1)) == 0 ? __ffs(ps) - 1 : -1;
-  const int* ptb = g.pt + (long long)max(b, 0) * g.max_pages;
-  auto slot_of_t = [&](int t) -> long long {
-    const int pg = ps_shift >= 0 ? t >> ps_shift : t / ps, off = ps_shift >= 0 ? t & (ps - 1) : t - pg * ps;
-    return ((long long)ptb[pg] * ps + off) * g.H + h;
-  };
   long long sl_next = 0;  // slot of the token `load` read last (0 where it read none)
   auto load = [&](int t, Rows<WH>& rw) {
     sl_next = 0;
     if (active && t < t_end && t >= g.sink) {
-      const long long sl = slot_of_t(t);
+      const long long sl = slot_of(g, b, t, h);
       sl_next = sl;
       load_words<WH, HR::VW, HR::NW>(g.kc + sl * CB, hf * HR::W0, rw.k);
       load_words<WH, HR::VW, HR::NW>(g.vc + sl * CB, hf * HR::W0, rw.v);
@@ -1385,13 +1387,12 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
             nx = fmaf(-sn, d, xr);
             ny = fmaf(c, d, yr);
           }
-          unsigned hx, lx, hy, ly;
-          split2(nx, ny, hx, lx);  // (nx, ny) as hi/lo halves
-          split2(ny, nx, hy, ly);
-          sts16(stage + ax_, (unsigned short)(hx & 0xffffu));
-          sts16(vstage + ax_, (unsigned short)(lx & 0xffffu));
-          sts16(stage + ay_, (unsigned short)(hy & 0xffffu));
-          sts16(vstage + ay_, (unsigned short)(ly & 0xffffu));
+          unsigned hi, lo;
+          split2(nx, ny, hi, lo);  // (nx, ny) as hi/lo halves: x in the low 16 bits, y in the high
+          sts16(stage + ax_, (unsigned short)(hi & 0xffffu));
+          sts16(vstage + ax_, (unsigned short)(lo & 0xffffu));
+          sts16(stage + ay_, (unsigned short)(hi >> 16));
+          sts16(vstage + ay_, (unsigned short)(lo >> 16));
         };
         const bool has = valid && !sink;
         for (int s0 = 0; s0 < nk; s0 += 2) {
