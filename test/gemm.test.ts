@@ -152,6 +152,7 @@ describeGpu('matmul (cuda vs cpu)', () => {
         const want = await poisoned([M, N], 'f32');
         matmul(want, await x.t.to('cpu'), await w.t.to('cpu'));
         process.env.SQUEEZELM_GEMV_TC_BPS = String(bps);
+        process.env.SQUEEZELM_GEMV_BULK_MIN_M = '0';  // the register-load GEMV, not the bulk-copy one
         if (nt) process.env.SQUEEZELM_GEMV_NT = String(nt);
         try {
           const y = await poisoned([M, N], 'f16', 'cuda');
@@ -163,9 +164,61 @@ describeGpu('matmul (cuda vs cpu)', () => {
           expect(Array.from(await y2.toArray())).toEqual(Array.from(await y.toArray()));
         } finally {
           delete process.env.SQUEEZELM_GEMV_TC_BPS;
+          delete process.env.SQUEEZELM_GEMV_BULK_MIN_M;
           delete process.env.SQUEEZELM_GEMV_NT;
         }
       });
+
+  // The bulk-copy GEMV (sm_90 devices, forced here for any M and N; elsewhere these run the
+  // register-load one): items of a tile
+  // split between blocks (the last contributor sums the partial slots), a 2- or 3-slot ring that
+  // wraps many times, 16- and 32-row items, M = 1..16, tails in N and K (K % 256 != 0), bias. Three
+  // runs give the same bits: a split tile's counter must be back at 0 after each launch, or the
+  // next launch leaves that tile unwritten (poisoned).
+  const bulkCases: Array<[string, number, number, number, number, number, number]> = [
+    ['f16', 3, 77, 4104, 2, 0, 1024],
+    ['f16', 16, 300, 8200, 4, 2, 1024],
+    ['bf16', 9, 1000, 1032, 2, 2, 1024],
+    ['f16', 1, 513, 6152, 2, 2, 2048],
+    ['f16', 12, 8451, 264, 4, 3, 1024],
+    ['bf16', 16, 4099, 4096, 4, 0, 1024],
+    ['f16', 5, 2000, 3080, 2, 0, 2048],
+  ];
+  for (const [dt, M, N, K, nt, slots, ks] of bulkCases)
+    test(`${dt}: M=${M} N=${N} K=${K}, bulk-copy GEMV, ${8 * nt}-row x ${ks}-k items, ${slots || 'all'} ring slots`, async () => {
+      const seed = freshSeed();
+      const r = rng(seed);
+      const x = await randomTensor([M, K], dt, r, 'cuda');
+      const w = await randomTensor([N, K], dt, r, 'cuda');
+      const b = M % 2 === 1 ? await randomTensor([N], dt, r, 'cuda') : undefined;
+      const want = await poisoned([M, N], 'f32');
+      matmul(want, await x.t.to('cpu'), await w.t.to('cpu'), b ? await b.t.to('cpu') : undefined);
+      process.env.SQUEEZELM_GEMV_BULK_MIN_M = '1';
+      process.env.SQUEEZELM_GEMV_BULK_MIN_N = '1';
+      process.env.SQUEEZELM_GEMV_BULK_NT = String(nt);
+      process.env.SQUEEZELM_GEMV_BULK_KS = String(ks);
+      if (slots) process.env.SQUEEZELM_GEMV_BULK_S = String(slots);
+      try {
+        const runs: number[][] = [];
+        for (let i = 0; i < 3; i++) {
+          const y = await poisoned([M, N], dt, 'cuda');
+          matmul(y, x.t, w.t, b?.t);
+          if (i === 0) {
+            const e = relErr(await y.toFloat32(), await want.toFloat32());
+            if (!(e <= (dt === 'f16' ? 2e-3 : 1e-2))) throw new Error(`rel err ${e} (seed ${seed})`);
+          }
+          runs.push(Array.from(await y.toArray()));
+        }
+        expect(runs[1]).toEqual(runs[0]);
+        expect(runs[2]).toEqual(runs[0]);
+      } finally {
+        delete process.env.SQUEEZELM_GEMV_BULK_MIN_M;
+        delete process.env.SQUEEZELM_GEMV_BULK_MIN_N;
+        delete process.env.SQUEEZELM_GEMV_BULK_NT;
+        delete process.env.SQUEEZELM_GEMV_BULK_KS;
+        delete process.env.SQUEEZELM_GEMV_BULK_S;
+      }
+    });
 
   // Wide products take the tensor-core GEMV even at M = 1, 2 (weights filled on the device:
   // 67M host-side normals would dominate the suite's time).

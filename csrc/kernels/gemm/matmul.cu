@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <string_view>
 
 #include "core/cuda_stream.h"
@@ -9,6 +10,7 @@
 #include "gemm.h"
 #include "gemm_tc.cuh"
 #include "gemm_wgmma.cuh"
+#include "gemv_bulk.cuh"
 #include "gemv_launch.cuh"
 #include "gemv_tc.cuh"
 #include "../common/dtype_cuda.cuh"
@@ -135,6 +137,92 @@ void launch_gemm_wgmma(T* y, const T* x, const T* w, const T* bias, int M, int N
   kernel<<<(unsigned)tiles, wg::kWThreads, C::kSmem, s>>>(y, x, w, bias, M, N, K);
 }
 
+// Split-tile counters and fp32 partial slots of the bulk-copy GEMV, per device: allocated and
+// zeroed once, outside any graph capture (the first matmul of a process is never captured; until
+// the buffer exists the register-load GEMV runs). The kernel leaves every counter at 0.
+struct BulkWorkspace {
+  int* counters = nullptr;
+  float* partials = nullptr;
+};
+constexpr int kBulkMaxTiles = 1 << 16, kBulkMaxBlocks = 1024, kBulkMaxNT = 4;
+
+BulkWorkspace gemv_bulk_workspace(int device) {
+  static std::mutex mu;
+  static BulkWorkspace ws[64];
+  if (device < 0 || device >= 64) return {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (!ws[device].counters) {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(cuda_stream(device), &st) != cudaSuccess || st != cudaStreamCaptureStatusNone) return {};
+    const size_t counter_bytes = kBulkMaxTiles * sizeof(int);
+    const size_t partial_bytes = (size_t)kBulkSlotsPerBlock * kBulkMaxBlocks * 16 * 8 * kBulkMaxNT * sizeof(float);
+    char* p = nullptr;
+    if (cudaMalloc(&p, counter_bytes + partial_bytes) != cudaSuccess) {
+      cudaGetLastError();
+      return {};
+    }
+    if (cudaMemset(p, 0, counter_bytes) != cudaSuccess) {
+      cudaGetLastError();
+      cudaFree(p);
+      return {};
+    }
+    ws[device].partials = reinterpret_cast<float*>(p + counter_bytes);
+    ws[device].counters = reinterpret_cast<int*>(p);
+  }
+  return ws[device];
+}
+
+// The bulk-copy GEMV (gemv_bulk.cuh) with NT 8-row tiles per item; false where it cannot run
+// (workspace missing, too many tiles, too little shared memory): the caller falls back.
+template <class T, int NT, int KS>
+bool launch_gemv_bulk_nt(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
+  static_assert(NT >= 2 && NT <= kBulkMaxNT, "bulk GEMV tile");
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
+  const int tiles = ceil_div(N, 8 * NT), kt = ceil_div(K, KS);
+  if (tiles > kBulkMaxTiles) return false;
+  const BulkWorkspace ws = gemv_bulk_workspace(dev);
+  if (!ws.counters) return false;
+  // Ring depth: as many item slots as the shared memory holds (SQUEEZELM_GEMV_BULK_S caps it, tuning).
+  const int max_slots = cached_per_device(dev, 0, [&] {
+    int optin = 0;
+    cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "matmul: device attribute");
+    const long long n = ((long long)optin - bulk_ring_offset<NT>()) / bulk_stage_bytes<NT, KS>();
+    return (int)std::max(0LL, std::min(n, 32LL));
+  });
+  // Two 64 KB slots measured faster than three for 32-row items (M = 16: 11008x4096 28.4 / 30.2 us,
+  // 28672x8192 115.9 / 124.1 us, H200).
+  const int S = std::min(max_slots, std::max(2, env_int("SQUEEZELM_GEMV_BULK_S", NT >= 4 ? 2 : 32)));
+  if (S < 2) return false;
+  constexpr auto kernel = gemv_bulk_kernel<T, NT, KS>;
+  const size_t smem = bulk_smem_bytes<NT, KS>(S);
+  allow_dynamic_smem<kernel>(smem, "matmul");
+  const long long items = (long long)tiles * kt;
+  const int grid = (int)std::min<long long>({items, (long long)sm_count(dev), (long long)kBulkMaxBlocks});
+  launch_pdl(kernel, dim3(grid), dim3(kBulkThreads), smem, s, y, x, w, bias, M, N, K, S, ws.counters, ws.partials);
+  return true;
+}
+
+// Where the bulk-copy GEMV takes a product with M <= 16 rows: sm_90 devices of a 90a build, K % 8 == 0
+// and aligned operands (the caller's vec), more than 8 activation rows and wide N. Measured on the
+// H200 at M = 16 (graph replay, same process; register-load GEMV / bulk / cuBLAS): 11008x4096
+// 30.3 / 28.4 / 25.4 us, 28672x8192 127.3 / 115.9 / 112.5 us, but 4096x4096 12.3 / 15.3, 8192x8192
+// 36.2 / 38.3, 4096x11008 27.4 / 28.2; at M = 1 and 4 the register-load GEMVs win everywhere. The
+// bulk kernel's gain is balance (every SM streams the same bytes) where whole-tile scheduling leaves
+// a ragged last round; where tiles divide evenly, its larger first request costs more than it saves.
+// SQUEEZELM_GEMV_BULK_MIN_M (0 = off) and _MIN_N move the bounds, _NT picks 16- or 32-row items,
+// _KS 1024 or 2048 k per item, _S the ring slots (tuning runs and tests).
+template <class T>
+bool launch_gemv_bulk(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
+  const int min_m = env_int("SQUEEZELM_GEMV_BULK_MIN_M", 9), min_n = env_int("SQUEEZELM_GEMV_BULK_MIN_N", 10000);
+  if (min_m <= 0 || M < min_m || N < min_n || !kBuiltFor90a || !device_is_sm90()) return false;
+  const int nt = env_int("SQUEEZELM_GEMV_BULK_NT", M > 8 ? 4 : 2);
+  const int ks = env_int("SQUEEZELM_GEMV_BULK_KS", 1024);
+  if (nt >= 4) return launch_gemv_bulk_nt<T, 4, 1024>(y, x, w, bias, M, N, K, s);
+  if (ks >= 2048) return launch_gemv_bulk_nt<T, 2, 2048>(y, x, w, bias, M, N, K, s);
+  return launch_gemv_bulk_nt<T, 2, 1024>(y, x, w, bias, M, N, K, s);
+}
+
 template <class T>
 void run(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tensor* bt, cudaStream_t s) {
   const long long M = xt.dim(0), K = xt.dim(1), N = wt.dim(0);
@@ -154,7 +242,9 @@ void run(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tensor* bt,
   // M = 1, 2: the FMA GEMV is at cuBLAS parity; from M = 3 its fp32 FMAs, not HBM, are the
   // limit, and the tensor-core GEMV keeps 0.9-1.0x cuBLAS up to M = 16 (H100 measurements).
   const GemvPlan plan = M <= 16 ? plan_gemv((int)M, (int)N, (int)K) : GemvPlan{false, 1, 2, 2};
-  if (M <= 16 && vec && plan.tc) {
+  if (M <= 16 && vec && launch_gemv_bulk<T>(y, x, w, bias, (int)M, (int)N, (int)K, s)) {
+    // done: the bulk-copy GEMV
+  } else if (M <= 16 && vec && plan.tc) {
     launch_gemv_tc<T>(y, x, w, bias, (int)M, (int)N, (int)K, plan.nt, plan.u, s);
   } else if (M <= 16) {
     launch_gemv<T>(y, x, w, bias, (int)M, (int)N, (int)K, vec, plan.u, plan.r, no_fuse(), s);
