@@ -10,19 +10,21 @@
 // run has a third of the warps streaming.
 //
 // This kernel:
-// * Work items are (tile of R = 8·NT weight rows, stage of KS = 256 k). A block takes a contiguous
-//   range of the item sequence (tile-major), items/blocks each (stream-K): every SM streams the
-//   same number of bytes whatever N and K are. One block per SM.
-// * One producer warp issues, per item, one bulk copy per weight row (KS·2 bytes) and one per
-//   activation row into ring slot j % S, all counted on that slot's "full" mbarrier; it refills a
-//   slot once the 8 consumer warps have arrived on its "empty" barrier. The first S items' weights
-//   are requested before griddepcontrol.wait, under the previous kernel (shared memory cannot be
-//   evicted, unlike an L2 prefetch); their activations after it.
-// * Consumer warp c reads chunk c (32 k) of each item: lane (g, t) takes k = 8t..8t+7 of weight
-//   rows 8j+g and activation rows g, g+8 as one 16-byte shared load each (the k permutation of
-//   gemv_tc.cuh: A and B permuted alike, the sum is the plain dot product), then two
-//   mma.m16n8k16 per 8-row tile j. Rows sit 576 bytes apart (512 + 64 of padding): the 8 lanes of
-//   a load phase cover rows g, g+1 in different bank halves, so no bank conflicts.
+// * Work items are (tile of R = 8·NT weight rows, stage of KS k). A block takes a contiguous range
+//   of the item sequence (tile-major), items/blocks each (stream-K): every SM streams the same
+//   number of bytes whatever N and K are. One block per SM.
+// * One producer warp issues, per item, one bulk copy per weight row (KS·2 bytes: 2 KB at KS =
+//   1024) into ring slot j % S, counted on that slot's "full" mbarrier, and refills a slot once the
+//   8 consumer warps have arrived on its "empty" barrier. Weights need nothing from the previous
+//   kernel, so the first S items are requested before griddepcontrol.wait (shared memory cannot be
+//   evicted, unlike an L2 prefetch). Copies are large on purpose: the copy engine takes on the
+//   order of 100 cycles per request, and 512-byte row pieces (KS = 256, tried first) capped the
+//   kernel at 26% of copy bandwidth.
+// * Consumer warp c reads chunks c, c + 8, ... (32 k each) of an item: lane (g, t) takes k = 8t..8t+7
+//   of weight rows 8j+g as one 16-byte shared load per row tile (the k permutation of gemv_tc.cuh:
+//   activations permuted alike, so the sum is the plain dot product), activation rows g and g+8
+//   from L1/L2 one item ahead, then two mma.m16n8k16 per 8-row tile. Staged rows are KS·2 + 64
+//   bytes apart: the 8 lanes of a load phase read rows g, g+1 in different bank halves.
 // * When a block reaches the end of a tile (or of its range), its 8 warps' partial tiles are summed
 //   in shared memory in warp order. A tile the block covered whole is written; a split tile is
 //   written to the block's fp32 partial slot, and the last contributor to arrive (a per-tile

@@ -233,15 +233,19 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
   }
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool ASYNC>
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool ASYNC, bool OSPLIT>
 __global__ void __launch_bounds__(GV_THREADS, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
                     int K, int U, int l2u) {
   using G = Geo<BITS>;
-  constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = gemv_outr<MT, RT>();
-  constexpr int OSTRIDE = GV_WARPS;  // a row's outlier list is dealt to the warps
+  // A row's outlier list is dealt to the warps; with OSPLIT (M <= 2, D+S launches) also to the 4 lanes
+  // of the row, which sum their shares with two shuffles: the step otherwise runs on a quarter of the
+  // lanes (lane quarter q holds activation rows 2q, 2q+1, only q = 0 has a real row at M <= 2).
+  static_assert(!OSPLIT || (MT == 1 && RT == 1), "outlier split: M <= 2 launches");
+  constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? 2 : gemv_outr<MT, RT>();
+  constexpr int OSTRIDE = OSPLIT ? 4 * GV_WARPS : GV_WARPS;
   extern __shared__ __align__(16) uint32_t smem[];
   unsigned char* tbl = reinterpret_cast<unsigned char*>(smem);  // [RT][E2][2][32] words
   uint4* ring = reinterpret_cast<uint4*>(tbl + gemv_table_bytes<BITS, MT, RT>());  // [warp][P][RT][2][NV][32]
@@ -270,7 +274,10 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
       for (int rr = 0; rr < 2; ++rr) {
         const int n = n0 + 16 * rt + g + 8 * rr;
         ob[rt][rr] = oe[rt][rr] = 0;
-        if (rows != nullptr && n < N) { ob[rt][rr] = rows[n] + warp; oe[rt][rr] = rows[n + 1]; }
+        if (rows != nullptr && n < N) {
+          ob[rt][rr] = rows[n] + warp + (OSPLIT ? GV_WARPS * q : 0);
+          oe[rt][rr] = rows[n + 1];
+        }
       }
   };
 
@@ -523,7 +530,35 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     //    lane's first OUTR entries (an absent entry reads column 0 with value 0), so their x reads
     //    issue together (one branch per entry serialised them: M = 64 took 2.5x the dense time);
     //    entries past those are read now.
-    if (rows != nullptr) {  // uniform: dense-only launches skip the step
+    if (OSPLIT && rows != nullptr) {
+      // Every lane sums its share of rows g, g+8 for activation rows 0 and 1; the 4 lanes of a row
+      // reduce, and lane quarter 0 (rows m = 0, 1) adds the sums.
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float part[2] = {0.f, 0.f};
+#pragma unroll
+        for (int o = 0; o < OUTR; ++o) {
+          const int col = oc[0][rr][o];
+          const int cc = col >= 0 ? col : 0;
+          const float v = col >= 0 ? raw_f(ov[0][rr][o], vals_f32) : 0.f;
+          const float x0 = Cvt<T>::f(x[cc]), x1 = M > 1 ? Cvt<T>::f(x[(size_t)K + cc]) : 0.f;
+          part[0] = fmaf(v, x0, part[0]);
+          part[1] = fmaf(v, x1, part[1]);
+        }
+        for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += OSTRIDE) {
+          const float v = load_f(vals, vals_f32, j);
+          const int col = cols[j];
+          part[0] = fmaf(v, Cvt<T>::f(x[col]), part[0]);
+          if (M > 1) part[1] = fmaf(v, Cvt<T>::f(x[(size_t)K + col]), part[1]);
+        }
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 1);
+          part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 2);
+          if (q == 0) acc[0][0][2 * rr + jj] += part[jj];
+        }
+      }
+    } else if (rows != nullptr) {  // uniform: dense-only launches skip the step
       // x rows 8i + 2q + {0, 1} of this lane.
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt)
@@ -833,11 +868,11 @@ __global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __
   for (int w = 0; w < G::WU; ++w) d[(w >> 2) * 256 + (w & 3)] = out[w];
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool ASYNC = false>
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool ASYNC = false, bool OSPLIT = false>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st, int l2u = 0) {
   constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT, ASYNC, P>();
-  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, ASYNC>;
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, ASYNC, OSPLIT>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
@@ -891,6 +926,8 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     else if (variant == 5 && M > 8) SQZ_GEMV(2, P1, true, 2, 1);
     else if (variant == 8 && M <= 8)
       launch_gemv<T, BITS, 1, P1, true, 2, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st, 32);
+    else if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
+      launch_gemv<T, BITS, 1, P1, true, 2, 1, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
     else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
     else if (M <= 8) SQZ_GEMV(1, P1, false, 2, 1);
     else if (!vec) SQZ_GEMV(2, P1, false, 2, 1);
