@@ -240,11 +240,10 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
                     int K, int U, int l2u) {
   using G = Geo<BITS>;
-  // A row's outlier list is dealt to the warps; with OSPLIT (M <= 8, D+S launches) also to the 4 lanes
-  // of the row, which then reduce-scatter their partial sums with 6 shuffles. Without it each lane
-  // handles the row's outliers only for its own activation rows 2q, 2q+1: at M <= 2 three quarters
-  // of the lanes idle through the step.
-  static_assert(!OSPLIT || (MT == 1 && RT == 1), "outlier split: M <= 8 launches");
+  // A row's outlier list is dealt to the warps; with OSPLIT (M <= 2, D+S launches) also to the 4 lanes
+  // of the row, which sum their shares with two shuffles: the step otherwise runs on a quarter of the
+  // lanes (lane quarter q holds activation rows 2q, 2q+1, only q = 0 has a real row at M <= 2).
+  static_assert(!OSPLIT || (MT == 1 && RT == 1), "outlier split: M <= 2 launches");
   constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? 2 : gemv_outr<MT, RT>();
   constexpr int OSTRIDE = OSPLIT ? 4 * GV_WARPS : GV_WARPS;
   extern __shared__ __align__(16) uint32_t smem[];
@@ -532,39 +531,32 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     //    issue together (one branch per entry serialised them: M = 64 took 2.5x the dense time);
     //    entries past those are read now.
     if (OSPLIT && rows != nullptr) {
-      // Every lane sums its share of rows g, g+8 for all activation rows m < M (at most 8); a
-      // reduce-scatter over the row's 4 lanes (xor 2, then xor 1) leaves lane quarter q with the sums
-      // of its own rows m = 2q, 2q+1.
-      const int h = q >> 1, l = q & 1;
+      // Every lane sums its share of rows g, g+8 for activation rows 0 and 1; the 4 lanes of a row
+      // reduce, and lane quarter 0 (rows m = 0, 1) adds the sums.
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
-        float part[8];
-#pragma unroll
-        for (int m = 0; m < 8; ++m) part[m] = 0.f;
-        auto add = [&](float v, int col) {
-#pragma unroll
-          for (int m = 0; m < 8; ++m)
-            if (m < M) part[m] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), part[m]);
-        };
+        float part[2] = {0.f, 0.f};
 #pragma unroll
         for (int o = 0; o < OUTR; ++o) {
           const int col = oc[0][rr][o];
-          add(col >= 0 ? raw_f(ov[0][rr][o], vals_f32) : 0.f, col >= 0 ? col : 0);
+          const int cc = col >= 0 ? col : 0;
+          const float v = col >= 0 ? raw_f(ov[0][rr][o], vals_f32) : 0.f;
+          const float x0 = Cvt<T>::f(x[cc]), x1 = M > 1 ? Cvt<T>::f(x[(size_t)K + cc]) : 0.f;
+          part[0] = fmaf(v, x0, part[0]);
+          part[1] = fmaf(v, x1, part[1]);
         }
-        for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += OSTRIDE) add(load_f(vals, vals_f32, j), cols[j]);
-        float a4[4], b2[2];
+        for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += OSTRIDE) {
+          const float v = load_f(vals, vals_f32, j);
+          const int col = cols[j];
+          part[0] = fmaf(v, Cvt<T>::f(x[col]), part[0]);
+          if (M > 1) part[1] = fmaf(v, Cvt<T>::f(x[(size_t)K + col]), part[1]);
+        }
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float keep = h ? part[4 + i] : part[i], send = h ? part[i] : part[4 + i];
-          a4[i] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
+        for (int jj = 0; jj < 2; ++jj) {
+          part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 1);
+          part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 2);
+          if (q == 0) acc[0][0][2 * rr + jj] += part[jj];
         }
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const float keep = l ? a4[2 + i] : a4[i], send = l ? a4[i] : a4[2 + i];
-          b2[i] = keep + __shfl_xor_sync(0xffffffffu, send, 1);
-        }
-        acc[0][0][2 * rr] += b2[0];
-        acc[0][0][2 * rr + 1] += b2[1];
       }
     } else if (rows != nullptr) {  // uniform: dense-only launches skip the step
       // x rows 8i + 2q + {0, 1} of this lane.
@@ -934,7 +926,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     else if (variant == 5 && M > 8) SQZ_GEMV(2, P1, true, 2, 1);
     else if (variant == 8 && M <= 8)
       launch_gemv<T, BITS, 1, P1, true, 2, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st, 32);
-    else if (M <= 8 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
+    else if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
       launch_gemv<T, BITS, 1, P1, true, 2, 1, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
     else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
     else if (M <= 8) SQZ_GEMV(1, P1, false, 2, 1);
