@@ -210,16 +210,13 @@ bool launch_gemv_bulk_nt(T* y, const T* x, const T* w, const T* bias, int M, int
 // 36.2 / 38.3, 4096x11008 27.4 / 28.2; at M = 1 and 4 the register-load GEMVs win everywhere. The
 // bulk kernel's gain is balance (every SM streams the same bytes) where whole-tile scheduling leaves
 // a ragged last round; where tiles divide evenly, its larger first request costs more than it saves.
-// SQUEEZELM_GEMV_BULK_MIN_M (0 = off), _MIN_N and _WIDE_N (0 = off) move the bounds, _NT picks 16- or 32-row items,
+// SQUEEZELM_GEMV_BULK_MIN_M (0 = off) and _MIN_N move the bounds, _NT picks 16- or 32-row items,
 // _KS 1024 or 2048 k per item, _S the ring slots (tuning runs and tests).
 template <class T>
 bool launch_gemv_bulk(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
   const int min_m = env_int("SQUEEZELM_GEMV_BULK_MIN_M", 9), min_n = env_int("SQUEEZELM_GEMV_BULK_MIN_N", 10000);
-  // From 3 rows (the tensor-core range) where N is very wide: M = 4 28672x8192 116.4 / 119.1 us.
-  const int wide_n = env_int("SQUEEZELM_GEMV_BULK_WIDE_N", 16384);
-  const bool take = (M >= min_m && N >= min_n) || (M >= 3 && wide_n > 0 && N >= wide_n);
-  if (min_m <= 0 || !take || !kBuiltFor90a || !device_is_sm90()) return false;
-  const int nt = env_int("SQUEEZELM_GEMV_BULK_NT", 4);
+  if (min_m <= 0 || M < min_m || N < min_n || !kBuiltFor90a || !device_is_sm90()) return false;
+  const int nt = env_int("SQUEEZELM_GEMV_BULK_NT", M > 8 ? 4 : 2);
   const int ks = env_int("SQUEEZELM_GEMV_BULK_KS", 1024);
   if (nt >= 4) return launch_gemv_bulk_nt<T, 4, 1024>(y, x, w, bias, M, N, K, s);
   if (ks >= 2048) return launch_gemv_bulk_nt<T, 2, 2048>(y, x, w, bias, M, N, K, s);
