@@ -17,10 +17,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <mutex>
 
 #include "../common/launch_config.h"
 #include "../common/pdl.cuh"
+#include "../common/process_buffer.h"
 #include "common.cuh"
 #include "decode_split.cuh"
 #include "core/cuda_stream.h"
@@ -272,29 +272,10 @@ int resident_blocks(int device, int D, int R) {
 }  // namespace
 
 int* decode_counters(int device, int64_t n) {
+  // Allocated and zeroed once per device (common/process_buffer.h); without it, the combine kernel.
   constexpr int64_t kCapacity = 1 << 16;
-  static std::mutex mu;
-  static int* buf[64] = {};
-  if (n > kCapacity || device < 0 || device >= 64 || std::getenv("SQUEEZELM_ATTN_COMBINE_KERNEL")) return nullptr;
-  std::lock_guard<std::mutex> lock(mu);
-  if (!buf[device]) {
-    // Allocated and zeroed once per device (before any graph capture needs it: the first decode
-    // call of a process is never captured, and a failure here just keeps the combine kernel).
-    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(cuda_stream(device), &st) != cudaSuccess || st != cudaStreamCaptureStatusNone) return nullptr;
-    int* p = nullptr;
-    if (cudaMalloc(&p, kCapacity * sizeof(int)) != cudaSuccess) {
-      cudaGetLastError();
-      return nullptr;
-    }
-    if (cudaMemset(p, 0, kCapacity * sizeof(int)) != cudaSuccess) {
-      cudaGetLastError();
-      cudaFree(p);
-      return nullptr;
-    }
-    buf[device] = p;
-  }
-  return buf[device];
+  if (n > kCapacity || std::getenv("SQUEEZELM_ATTN_COMBINE_KERNEL")) return nullptr;
+  return static_cast<int*>(zeroed_process_buffer(device, ProcessBuffer::kDecodeCounters, kCapacity * sizeof(int)));
 }
 
 DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int max_seq_len) {

@@ -75,12 +75,14 @@ __device__ __forceinline__ void bulk_g2s(uint32_t dst, const void* src, uint32_t
       : "memory");
 #endif
 }
-__device__ __forceinline__ void bulk_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-#ifdef SQZ_BULK_COPY
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
-#endif
+
+// A 16-byte load from a ring slot. "memory" keeps it before the mbarrier arrive that hands the slot
+// back to the producer: without it the compiler could move the load past the arrive, and a 64-byte
+// piece of a row was once read after its refill had landed.
+__device__ __forceinline__ uint4 ld_ring_v4(uint32_t addr) {
+  uint4 r;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr) : "memory");
+  return r;
 }
 
 // Barrier among the first `threads` threads of the block (named barrier `id`, 1..15; 0 is

@@ -39,4 +39,14 @@ __device__ __forceinline__ uint4 ld_act(const void* p) {
   return r;
 }
 
+// One 32-k chunk of the tensor-core GEMVs (gemv_tc.cuh, gemv_bulk.cuh) in their permuted k order:
+// lane (g, t) holds k = 8t..8t+7 of activation rows g (xa) and g+8 (xb) and of weight row g of an
+// 8-row tile (w); elements 0-3 feed one m16n8k16 product and 4-7 the other. A and B are permuted
+// alike, so c gains the plain dot products.
+template <class T>
+__device__ __forceinline__ void mma_chunk32(float (&c)[4], const uint4& xa, const uint4& xb, const uint4& w) {
+  mma_16816<T>(c, xa.x, xb.x, xa.y, xb.y, w.x, w.y);
+  mma_16816<T>(c, xa.z, xb.z, xa.w, xb.w, w.z, w.w);
+}
+
 }  // namespace sqz::cuda::gemm_detail

@@ -57,13 +57,6 @@ template <int NT, int KS> constexpr size_t bulk_smem_bytes(int S) {
   return bulk_ring_offset<NT>() + (size_t)S * bulk_stage_bytes<NT, KS>();
 }
 
-// "memory": the compiler must not move these loads past the mbarrier arrive that releases the slot to
-// the producer (without it a 64-byte piece of a row was occasionally read after the refill landed).
-__device__ __forceinline__ uint4 lds128(uint32_t addr) {
-  uint4 r;
-  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr) : "memory");
-  return r;
-}
 
 // The block whose item range holds item i: ranges are [I·b/B, I·(b+1)/B), every one non-empty (B <= I).
 __device__ __forceinline__ int bulk_block_of(long long i, long long I, long long B) { return (int)(((i + 1) * B - 1) / I); }
@@ -163,7 +156,7 @@ __global__ void __launch_bounds__(kBulkThreads, 1)
       const bool in = ks * KS + 32 * (warp + c * kBulkConsumerWarps) + 8 * t < K;
 #pragma unroll
       for (int jn = 0; jn < NT; ++jn)
-        wv[c][jn] = in ? lds128(st + (8 * jn + g) * kRow + 64 * (warp + c * kBulkConsumerWarps)) : zero;
+        wv[c][jn] = in ? ld_ring_v4(st + (8 * jn + g) * kRow + 64 * (warp + c * kBulkConsumerWarps)) : zero;
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(empty0 + 8 * slot);  // the slot's data is in registers
@@ -173,10 +166,7 @@ __global__ void __launch_bounds__(kBulkThreads, 1)
 #pragma unroll
     for (int c = 0; c < CPW; ++c)
 #pragma unroll
-      for (int jn = 0; jn < NT; ++jn) {
-        mma_16816<T>(acc[jn], xa[c].x, xb[c].x, xa[c].y, xb[c].y, wv[c][jn].x, wv[c][jn].y);
-        mma_16816<T>(acc[jn], xa[c].z, xb[c].z, xa[c].w, xb[c].w, wv[c][jn].z, wv[c][jn].w);
-      }
+      for (int jn = 0; jn < NT; ++jn) mma_chunk32<T>(acc[jn], xa[c], xb[c], wv[c][jn]);
 #pragma unroll
     for (int c = 0; c < CPW; ++c) xa[c] = xn[c], xb[c] = xm[c];
     if (ks != KT - 1 && j != cnt - 1) continue;

@@ -79,10 +79,7 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
 #pragma unroll
       for (int u = 0; u < U; ++u)
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          mma_16816<T>(c[j], xa[u].x, xb[u].x, xa[u].y, xb[u].y, wv[u][j].x, wv[u][j].y);
-          mma_16816<T>(c[j], xa[u].z, xb[u].z, xa[u].w, xb[u].w, wv[u][j].z, wv[u][j].w);
-        }
+        for (int j = 0; j < NT; ++j) mma_chunk32<T>(c[j], xa[u], xb[u], wv[u][j]);
     }
     // Remaining chunks one at a time; in a partial last chunk lanes past K load zeros.
     for (; ch < chunks; ch += kGemvTcWarps) {
@@ -93,8 +90,7 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32)
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const uint4 wv = in ? ld_stream(wr[j] + o) : zero;
-        mma_16816<T>(c[j], xa.x, xb.x, xa.y, xb.y, wv.x, wv.y);
-        mma_16816<T>(c[j], xa.z, xb.z, xa.w, xb.w, wv.z, wv.w);
+        mma_chunk32<T>(c[j], xa, xb, wv);
       }
     }
 

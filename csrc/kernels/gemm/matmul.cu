@@ -2,7 +2,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <mutex>
 #include <string_view>
 
 #include "core/cuda_stream.h"
@@ -14,6 +13,7 @@
 #include "gemv_launch.cuh"
 #include "gemv_tc.cuh"
 #include "../common/dtype_cuda.cuh"
+#include "../common/process_buffer.h"
 #include "../common/launch_config.h"
 
 namespace sqz::cuda::gemm_detail {
@@ -137,9 +137,9 @@ void launch_gemm_wgmma(T* y, const T* x, const T* w, const T* bias, int M, int N
   kernel<<<(unsigned)tiles, wg::kWThreads, C::kSmem, s>>>(y, x, w, bias, M, N, K);
 }
 
-// Split-tile counters and fp32 partial slots of the bulk-copy GEMV, per device: allocated and
-// zeroed once, outside any graph capture (the first matmul of a process is never captured; until
-// the buffer exists the register-load GEMV runs). The kernel leaves every counter at 0.
+// Split-tile counters and fp32 partial slots of the bulk-copy GEMV, per device
+// (common/process_buffer.h: zeroed once; the kernel leaves every counter at 0). Until the buffer
+// exists the register-load GEMV runs.
 struct BulkWorkspace {
   int* counters = nullptr;
   float* partials = nullptr;
@@ -147,29 +147,11 @@ struct BulkWorkspace {
 constexpr int kBulkMaxTiles = 1 << 16, kBulkMaxBlocks = 1024, kBulkMaxNT = 4;
 
 BulkWorkspace gemv_bulk_workspace(int device) {
-  static std::mutex mu;
-  static BulkWorkspace ws[64];
-  if (device < 0 || device >= 64) return {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (!ws[device].counters) {
-    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(cuda_stream(device), &st) != cudaSuccess || st != cudaStreamCaptureStatusNone) return {};
-    const size_t counter_bytes = kBulkMaxTiles * sizeof(int);
-    const size_t partial_bytes = (size_t)kBulkSlotsPerBlock * kBulkMaxBlocks * 16 * 8 * kBulkMaxNT * sizeof(float);
-    char* p = nullptr;
-    if (cudaMalloc(&p, counter_bytes + partial_bytes) != cudaSuccess) {
-      cudaGetLastError();
-      return {};
-    }
-    if (cudaMemset(p, 0, counter_bytes) != cudaSuccess) {
-      cudaGetLastError();
-      cudaFree(p);
-      return {};
-    }
-    ws[device].partials = reinterpret_cast<float*>(p + counter_bytes);
-    ws[device].counters = reinterpret_cast<int*>(p);
-  }
-  return ws[device];
+  const size_t counter_bytes = kBulkMaxTiles * sizeof(int);
+  const size_t partial_bytes = (size_t)kBulkSlotsPerBlock * kBulkMaxBlocks * 16 * 8 * kBulkMaxNT * sizeof(float);
+  char* p = static_cast<char*>(zeroed_process_buffer(device, ProcessBuffer::kGemvBulk, counter_bytes + partial_bytes));
+  if (!p) return {};
+  return {reinterpret_cast<int*>(p), reinterpret_cast<float*>(p + counter_bytes)};
 }
 
 // The bulk-copy GEMV (gemv_bulk.cuh) with NT 8-row tiles per item; false where it cannot run
