@@ -157,7 +157,7 @@ BulkWorkspace gemv_bulk_workspace(int device) {
 // The bulk-copy GEMV (gemv_bulk.cuh) with NT 8-row tiles per item; false where it cannot run
 // (workspace missing, too many tiles, too little shared memory): the caller falls back.
 template <class T, int NT, int KS>
-bool launch_gemv_bulk_nt(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
+bool launch_gemv_bulk_nt(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, int slots, cudaStream_t s) {
   static_assert(NT >= 2 && NT <= kBulkMaxNT, "bulk GEMV tile");
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
@@ -172,9 +172,7 @@ bool launch_gemv_bulk_nt(T* y, const T* x, const T* w, const T* bias, int M, int
     const long long n = ((long long)optin - bulk_ring_offset<NT>()) / bulk_stage_bytes<NT, KS>();
     return (int)std::max(0LL, std::min(n, 32LL));
   });
-  // Two 64 KB slots measured faster than three for 32-row items (M = 16: 11008x4096 28.4 / 30.2 us,
-  // 28672x8192 115.9 / 124.1 us, H200).
-  const int S = std::min(max_slots, std::max(2, env_int("SQUEEZELM_GEMV_BULK_S", NT >= 4 ? 2 : 32)));
+  const int S = std::min(max_slots, std::max(2, env_int("SQUEEZELM_GEMV_BULK_S", slots)));
   if (S < 2) return false;
   constexpr auto kernel = gemv_bulk_kernel<T, NT, KS>;
   const size_t smem = bulk_smem_bytes<NT, KS>(S);
@@ -196,13 +194,22 @@ bool launch_gemv_bulk_nt(T* y, const T* x, const T* w, const T* bias, int M, int
 // _KS 1024 or 2048 k per item, _S the ring slots (tuning runs and tests).
 template <class T>
 bool launch_gemv_bulk(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
+  if (!kBuiltFor90a || !device_is_sm90()) return false;
   const int min_m = env_int("SQUEEZELM_GEMV_BULK_MIN_M", 9), min_n = env_int("SQUEEZELM_GEMV_BULK_MIN_N", 10000);
-  if (min_m <= 0 || M < min_m || N < min_n || !kBuiltFor90a || !device_is_sm90()) return false;
-  const int nt = env_int("SQUEEZELM_GEMV_BULK_NT", M > 8 ? 4 : 2);
+  // Fewer activation rows on very wide N: 32-row items with a 3-slot ring (the 2-slot ring that suits
+  // M = 16 measured slower than the register-load GEMV here: M = 4 28672x8192 128.9 / 120.0 us).
+  const int wide_m = env_int("SQUEEZELM_GEMV_BULK_WIDE_MIN_M", 3), wide_n = env_int("SQUEEZELM_GEMV_BULK_WIDE_MIN_N", 16384);
+  const bool usual = min_m > 0 && M >= min_m && N >= min_n;
+  const bool wide = !usual && min_m > 0 && wide_m > 0 && M >= wide_m && N >= wide_n;
+  if (!usual && !wide) return false;
+  const int nt = env_int("SQUEEZELM_GEMV_BULK_NT", M > 8 || wide ? 4 : 2);
   const int ks = env_int("SQUEEZELM_GEMV_BULK_KS", 1024);
-  if (nt >= 4) return launch_gemv_bulk_nt<T, 4, 1024>(y, x, w, bias, M, N, K, s);
-  if (ks >= 2048) return launch_gemv_bulk_nt<T, 2, 2048>(y, x, w, bias, M, N, K, s);
-  return launch_gemv_bulk_nt<T, 2, 1024>(y, x, w, bias, M, N, K, s);
+  // Two 64 KB slots measured faster than three for 32-row items at M = 16 (11008x4096 28.4 / 30.2 us,
+  // 28672x8192 115.9 / 124.1 us, H200); at M = 4-8 three were faster (28672x8192: M = 4 116.4 /
+  // 119.1 us, M = 8 114.7 / 123.2 us, against the register-load GEMV).
+  if (nt >= 4) return launch_gemv_bulk_nt<T, 4, 1024>(y, x, w, bias, M, N, K, wide ? 3 : 2, s);
+  if (ks >= 2048) return launch_gemv_bulk_nt<T, 2, 2048>(y, x, w, bias, M, N, K, 32, s);
+  return launch_gemv_bulk_nt<T, 2, 1024>(y, x, w, bias, M, N, K, 32, s);
 }
 
 template <class T>
