@@ -331,12 +331,38 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
       }
     }
   });
+  // Outliers at M > 2 read a transposed copy of the activations by default; the gather from x[m][k]
+  // (taken where that buffer cannot be had) stays tested here.
+  test(`outliers gathered from x[m][k] (transposed copy off) (seed ${seed})`, async () => {
+    const r = rng(seed + 77);
+    process.env.SQUEEZELM_LUT_XT_MIN_M = '0';
+    try {
+      for (const [N, K] of [[301, 161], [256, 4096 + 32]]) {
+        for (const bits of [3, 4] as const) {
+          const l = randomLinear(N, K, bits, true, r);
+          const cc = packedOf(l, 'cuda'), ch = packedOf(l, 'cpu');
+          const tc = tensorsOf(l, 'cuda', 'f16'), tcpu = tensorsOf(l, 'cpu', 'f16');
+          for (const M of [3, 16, 33, 64]) {
+            const x = randn(M * K, r);
+            const yc = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: 'f16', device: 'cuda' });
+            const yh = Tensor.empty([M, N]);
+            lutMatmulPacked(yc, Tensor.from(x, [M, K], { dtype: 'f16', device: 'cuda' }), cc, tc.lut, tc.rows, tc.cols, tc.vals, bits);
+            lutMatmulPacked(yh, Tensor.from(x, [M, K], { dtype: 'f16' }), ch, tcpu.lut, tcpu.rows, tcpu.cols, tcpu.vals, bits);
+            const what = `${bits}-bit N=${N} K=${K} M=${M}`;
+            expect([what, relErr(await yc.toFloat32(), await yh.toFloat32()) < 2e-3]).toEqual([what, true]);
+          }
+        }
+      }
+    } finally {
+      delete process.env.SQUEEZELM_LUT_XT_MIN_M;
+    }
+  });
   test('deterministic across runs (GEMV and GEMM paths)', async () => {
     const r = rng(5);
     const l = randomLinear(512, 1024, 4, true, r);
     const t = tensorsOf(l, 'cuda', 'f16');
     const c = packedOf(l, 'cuda');
-    for (const M of [4, 100]) {
+    for (const M of [4, 16, 100]) {
       const x = Tensor.from(randn(M * 1024, r), [M, 1024], { dtype: 'f16', device: 'cuda' });
       const outs: Uint16Array[] = [];
       for (let i = 0; i < 3; i++) {

@@ -69,6 +69,7 @@
 #include "core/error.h"
 #include "cpu/lut_gemm.h"
 #include "kernels/common/launch_config.h"
+#include "kernels/common/process_buffer.h"
 #include "kernels/common/pdl.cuh"
 #include "kernels/common/ptx.cuh"
 #include "lut_gemm.h"
@@ -176,8 +177,53 @@ constexpr size_t gemv_ring_bytes() {
   return ASYNC ? (size_t)GV_WARPS * P * RT * 2 * Geo<BITS>::NV * 512 : 0;
 }
 template <int BITS, int MT, int RT, bool ASYNC, int P>
+constexpr size_t gemv_lt_offset() {
+  return gemv_table_bytes<BITS, MT, RT>() + gemv_ring_bytes<BITS, RT, ASYNC, P>();
+}
+// With XT, the block's outlier sums [16 RT rows][8 MT activation rows] (fp32) follow the 16-entry tables.
+template <int BITS, int MT, int RT, bool ASYNC, int P, bool XT = false>
 constexpr size_t gemv_smem_bytes() {
-  return gemv_table_bytes<BITS, MT, RT>() + gemv_ring_bytes<BITS, RT, ASYNC, P>() + 16 * RT * Geo<BITS>::E * 2;
+  return gemv_lt_offset<BITS, MT, RT, ASYNC, P>() + 16 * RT * Geo<BITS>::E * 2 + (XT ? (size_t)16 * RT * 8 * MT * 4 : 0);
+}
+
+// Outliers for M > 8 read the activations transposed, xT[k][8 MT] (zero past M), written by this
+// kernel right before the LUT GEMV: an outlier then needs one 16-byte load per 8 activation rows (one
+// sector at M <= 16), where x[m][k] took one scattered load per row (16 sectors at M = 16, 16 KB apart).
+template <class T>
+__global__ void lut_xt_kernel(T* __restrict__ xT, const T* __restrict__ x, int M, int K, int Mp) {
+  // The trigger comes first: the LUT GEMV after this kernel then launches, and loads its tables and
+  // first codes, while the kernel before this one still runs (triggering after the wait serialised
+  // that prologue behind it). Its own wait still covers this grid, and this grid waits here for the
+  // one before (x, and the previous LUT GEMV's reads of xT).
+  pdl_trigger();
+  pdl_wait();
+  // Thread (k, activation rows m0 .. m0 + 7): 8 loads in flight (each coalesced over k), one 16-byte store.
+  const int k = blockIdx.x * blockDim.x + threadIdx.x, m0 = 8 * blockIdx.y;
+  if (k >= K) return;
+  T v[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = m0 + e < M ? x[(size_t)(m0 + e) * K + k] : Cvt<T>::t(0.f);
+  *reinterpret_cast<uint4*>(xT + (size_t)k * Mp + m0) =
+      make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+}
+
+template <class T> __device__ __forceinline__ float2 unpack2f(uint32_t w);
+template <> __device__ __forceinline__ float2 unpack2f<__half>(uint32_t w) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&w));
+}
+template <> __device__ __forceinline__ float2 unpack2f<__nv_bfloat16>(uint32_t w) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+}
+// s[e] += v * (8 packed activations)[e]
+template <class T>
+__device__ __forceinline__ void fma8(float (&s)[8], float v, uint4 xq) {
+  const uint32_t w[4] = {xq.x, xq.y, xq.z, xq.w};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float2 f = unpack2f<T>(w[e]);
+    s[2 * e] = fmaf(v, f.x, s[2 * e]);
+    s[2 * e + 1] = fmaf(v, f.y, s[2 * e + 1]);
+  }
 }
 
 // Outlier (col, val) pairs each lane holds in registers from the prologue to the epilogue, per row.
@@ -233,27 +279,39 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
   }
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool ASYNC, bool OSPLIT>
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool ASYNC, bool OSPLIT, bool XT>
 __global__ void __launch_bounds__(GV_THREADS, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
-                    int K, int U, int l2u) {
+                    int K, int U, int l2u, const uint4* __restrict__ xT) {
   using G = Geo<BITS>;
   // A row's outlier list is dealt to the warps; with OSPLIT (M <= 2, D+S launches) also to the 4 lanes
   // of the row, which sum their shares with two shuffles: the step otherwise runs on a quarter of the
   // lanes (lane quarter q holds activation rows 2q, 2q+1, only q = 0 has a real row at M <= 2).
   static_assert(!OSPLIT || (MT == 1 && RT == 1), "outlier split: M <= 2 launches");
-  constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? 2 : gemv_outr<MT, RT>();
+  static_assert(!(OSPLIT && XT), "one outlier scheme per launch");
+  // XT (M > 2, D+S launches with xT): thread tid owns (row xrow of the group, activation rows
+  // 8 xmg .. 8 xmg + 7) and every XSUB-th outlier of that row from xs on; the XSUB lanes of a
+  // (row, xmg) pair are neighbours and sum by butterfly; lane xs = 0 leaves the sums in osum, which
+  // the reduction over warps adds. A thread's first XP entries are requested before the main loop.
+  // (Feeding them through the main loop as a two-stage pipeline, one step per unit, measured no
+  // faster at M = 16-64 and slower at M = 4-8, H200.)
+  constexpr int XUNITS = 16 * RT * MT, XSUB = GV_THREADS / XUNITS, XP = 2;
+  static_assert(!XT || (GV_THREADS % XUNITS == 0 && XSUB >= 1 && XSUB <= 32), "outlier work split");
+  constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? 2 : XT ? 1 : gemv_outr<MT, RT>();
   constexpr int OSTRIDE = OSPLIT ? 4 * GV_WARPS : GV_WARPS;
   extern __shared__ __align__(16) uint32_t smem[];
   unsigned char* tbl = reinterpret_cast<unsigned char*>(smem);  // [RT][E2][2][32] words
   uint4* ring = reinterpret_cast<uint4*>(tbl + gemv_table_bytes<BITS, MT, RT>());  // [warp][P][RT][2][NV][32]
-  T* lt = reinterpret_cast<T*>(tbl + gemv_table_bytes<BITS, MT, RT>() + gemv_ring_bytes<BITS, RT, ASYNC, P>());  // [16*RT][E]
+  T* lt = reinterpret_cast<T*>(tbl + gemv_lt_offset<BITS, MT, RT, ASYNC, P>());  // [16*RT][E]
+  float* osum = reinterpret_cast<float*>(tbl + gemv_lt_offset<BITS, MT, RT, ASYNC, P>() + 16 * RT * E * 2);  // XT
   float* red = reinterpret_cast<float*>(smem);  // [warps][32][RT*MT*4], after the main loop
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
   const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
+  const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
+  int xob = 0, xoe = 0;  // XT: this thread's outlier range of the next group (from xs, stride XSUB)
 
   // The block walks groups of RT row tiles blockIdx.x, + gridDim.x, ... (the grid is one wave).
   // What a group's prologue waits for is requested early: its 16-entry tables and outlier row
@@ -267,6 +325,17 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     for (int t = 0; t < LV; ++t) {
       const int i = tid + t * GV_THREADS, n = n0 + i / E;
       lv[t] = (i < 16 * RT * E && n < N) ? load_raw(lut, lut_f32, (long long)n * E + (i % E)) : 0u;
+    }
+    if constexpr (XT) {
+      const int n = n0 + xrow;
+      xob = xoe = 0;
+      if (rows != nullptr && n < N) {
+        xob = rows[n] + xs;
+        xoe = rows[n + 1];
+      }
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) ob[rt][0] = ob[rt][1] = oe[rt][0] = oe[rt][1] = 0;  // unused
+      return;
     }
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
@@ -440,6 +509,23 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
           }
         }
       }
+    // XT: this thread's first XP entries (col, raw value), requested now, used in the epilogue.
+    int xa_c[XP], xj = xob;
+    uint32_t xa_v[XP];
+    const int xe = xoe;
+    if constexpr (XT) {
+#pragma unroll
+      for (int o = 0; o < XP; ++o) {
+        const int j = xob + o * XSUB;
+        xa_c[o] = -1;
+        xa_v[o] = 0u;
+        if (rows != nullptr && j < xe) {
+          xa_c[o] = ld_pinned_s32(cols + j);
+          xa_v[o] = ld_early_raw(vals, vals_f32, j);
+        }
+      }
+      xj += XP * XSUB;
+    }
     if (next < groups) {
       load_meta(next);
       prefetch_group_l2(next);
@@ -530,7 +616,41 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     //    lane's first OUTR entries (an absent entry reads column 0 with value 0), so their x reads
     //    issue together (one branch per entry serialised them: M = 64 took 2.5x the dense time);
     //    entries past those are read now.
-    if (OSPLIT && rows != nullptr) {
+    if (XT && rows != nullptr) {
+      float s8[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      {
+        uint4 xq[XP];
+#pragma unroll
+        for (int o = 0; o < XP; ++o) xq[o] = xT[(size_t)(xa_c[o] >= 0 ? xa_c[o] : 0) * MT + xmg];
+#pragma unroll
+        for (int o = 0; o < XP; ++o) fma8<T>(s8, xa_c[o] >= 0 ? raw_f(xa_v[o], vals_f32) : 0.f, xq[o]);
+      }
+      // The rest of the row's share, four entries at a time (their loads in flight together).
+      for (int j0 = xj; j0 < xe; j0 += 4 * XSUB) {
+        int cc[4];
+        float vv[4];
+#pragma unroll
+        for (int o = 0; o < 4; ++o) {
+          const int j = j0 + o * XSUB;
+          cc[o] = j < xe ? cols[j] : 0;
+          vv[o] = j < xe ? load_f(vals, vals_f32, j) : 0.f;
+        }
+        uint4 xq[4];
+#pragma unroll
+        for (int o = 0; o < 4; ++o) xq[o] = xT[(size_t)cc[o] * MT + xmg];
+#pragma unroll
+        for (int o = 0; o < 4; ++o) fma8<T>(s8, vv[o], xq[o]);
+      }
+#pragma unroll
+      for (int off = XSUB / 2; off >= 1; off /= 2)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s8[e] += __shfl_xor_sync(0xffffffffu, s8[e], off);
+      if (xs == 0) {
+        float4* o4 = reinterpret_cast<float4*>(osum + xrow * 8 * MT + 8 * xmg);
+        o4[0] = make_float4(s8[0], s8[1], s8[2], s8[3]);
+        o4[1] = make_float4(s8[4], s8[5], s8[6], s8[7]);
+      }
+    } else if (OSPLIT && rows != nullptr) {
       // Every lane sums its share of rows g, g+8 for activation rows 0 and 1; the 4 lanes of a row
       // reduce, and lane quarter 0 (rows m = 0, 1) adds the sums.
 #pragma unroll
@@ -616,7 +736,8 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
 #pragma unroll
       for (int w = 0; w < GV_WARPS; ++w) s += red[w * 32 * PER + idx];
       const int l = idx / PER, rt = (idx / (MT * 4)) % RT, i = (idx / 4) % MT, j = idx & 3;
-      const int m = 8 * i + 2 * (l & 3) + (j & 1), n = n0 + 16 * rt + (l >> 2) + 8 * (j >> 1);
+      const int m = 8 * i + 2 * (l & 3) + (j & 1), r = 16 * rt + (l >> 2) + 8 * (j >> 1), n = n0 + r;
+      if (XT && rows != nullptr) s += osum[r * 8 * MT + m];
       if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(s);
     }
     __syncthreads();  // red is read before the next group's tables overwrite it
@@ -868,11 +989,13 @@ __global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __
   for (int w = 0; w < G::WU; ++w) d[(w >> 2) * 256 + (w & 3)] = out[w];
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool ASYNC = false, bool OSPLIT = false>
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool ASYNC = false, bool OSPLIT = false,
+          bool XT = false>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                 const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st, int l2u = 0) {
-  constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT, ASYNC, P>();
-  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, ASYNC, OSPLIT>;
+                 const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st, int l2u = 0,
+                 const T* xT = nullptr) {
+  constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT, ASYNC, P, XT>();
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, ASYNC, OSPLIT, XT>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
@@ -886,7 +1009,24 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   });
   const int groups = ((N + 15) / 16 + RT - 1) / RT;
   const int blocks = groups < blocks_per_wave ? groups : blocks_per_wave;
-  launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, l2u);
+  if constexpr (XT) {
+    // xT first (its own launch: every block needs all of it), then the GEMV that reads it.
+    launch_pdl(lut_xt_kernel<T>, dim3((K + 63) / 64, MT), dim3(64), 0, st, const_cast<T*>(xT), xp, M, K, 8 * MT);
+  }
+  launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, l2u,
+             reinterpret_cast<const uint4*>(xT));
+}
+
+// xT for the outlier step (lut_xt_kernel): a process-lifetime buffer per device
+// (common/process_buffer.h), nullptr where it is missing or too small (the kernel then gathers x[m][k]).
+constexpr size_t kLutXtBytes = size_t(8) << 20;
+template <class T>
+const T* lut_xt_buffer(int M, int K) {
+  const int mp = M <= 16 ? 16 : M <= 32 ? 32 : 64;
+  if ((size_t)mp * K * sizeof(T) > kLutXtBytes) return nullptr;
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
+  return static_cast<const T*>(zeroed_process_buffer(dev, ProcessBuffer::kLutXt, kLutXtBytes));
 }
 
 template <class T, int BITS>
@@ -913,9 +1053,18 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     constexpr int P2 = BITS == 4 ? 4 : 2;  // the same with 2 row tiles per block
 #define SQZ_GEMV(MT, P, XV, MINB, RT) \
   launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
+#define SQZ_GEMV_XT(MT, P, MINB, RT) \
+  launch_gemv<T, BITS, MT, P, true, MINB, RT, false, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st, 0, xt)
     // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1,2,4..8 picks another prefetch
     // depth / occupancy / rows per block; read per call so a benchmark can sweep it.
     const int variant = std::is_same<T, __half>::value && vec && M <= 16 ? env_int("SQUEEZELM_LUT_GEMV", 0) : 0;
+    // Outliers with more than 8 activation rows go through xT (SQUEEZELM_LUT_XT_MIN_M raises the
+    // bound, 0 = never; tuning and tests). Same process, H200, 4-bit D+S 8192x8192, xT / x[m][k]
+    // gather: M = 16 28.0 / 33.6 us, 32 41.7 / 56.8, 64 69.2 / 93.8; but M = 4 19.7 / 16.9 and
+    // M = 8 21.5 / 19.9 (dense-only 14.1 and 16.4): the extra launch costs more than it saves there.
+    const T* xt = nullptr;
+    const int xt_min_m = env_int("SQUEEZELM_LUT_XT_MIN_M", 9);
+    if (variant == 0 && vec && rp != nullptr && xt_min_m > 0 && M >= xt_min_m && M > 8) xt = lut_xt_buffer<T>(M, K);
     if (variant == 1 && M <= 8) SQZ_GEMV(1, (BITS == 4 ? 4 : 3), true, 2, 1);
     else if (variant == 2 && M <= 8) SQZ_GEMV(1, 3, true, 2, 1);
     else if (variant == 4 && M <= 8) SQZ_GEMV(1, P2, true, 1, 2);
@@ -928,6 +1077,9 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
       launch_gemv<T, BITS, 1, P1, true, 2, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st, 32);
     else if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
       launch_gemv<T, BITS, 1, P1, true, 2, 1, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+    else if (xt && M <= 16) SQZ_GEMV_XT(2, P2, 1, 2);
+    else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
+    else if (xt) SQZ_GEMV_XT(8, 1, 1, (BITS == 4 ? 2 : 1));
     else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
     else if (M <= 8) SQZ_GEMV(1, P1, false, 2, 1);
     else if (!vec) SQZ_GEMV(2, P1, false, 2, 1);
@@ -936,6 +1088,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     else if (M <= 32) SQZ_GEMV(4, (BITS == 4 ? 2 : 1), true, 1, 2);
     else SQZ_GEMV(8, 1, true, 1, (BITS == 4 ? 2 : 1));
 #undef SQZ_GEMV
+#undef SQZ_GEMV_XT
   } else {
     constexpr size_t smem = pgemm_smem_bytes<BITS>();
     auto kern = vec ? lut_gemm_mma_kernel<T, BITS, true> : lut_gemm_mma_kernel<T, BITS, false>;
