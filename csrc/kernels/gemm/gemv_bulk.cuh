@@ -10,9 +10,12 @@
 // run has a third of the warps streaming.
 //
 // This kernel:
-// * Work items are (tile of R = 8·NT weight rows, stage of KS k). A block takes a contiguous range
-//   of the item sequence (tile-major), items/blocks each (stream-K): every SM streams the same
-//   number of bytes whatever N and K are. One block per SM.
+// * The work is split in units of (tile of R = 8·NT weight rows, 256 k), tile-major; a block takes a
+//   contiguous range of units/blocks of them (stream-K), so every SM streams the same number of
+//   bytes, within 512 bytes per row, whatever N and K are. One block per SM. It walks its range in
+//   items of up to KS k that do not cross a KS boundary of a tile: only its first and last item can
+//   be shorter. (Splitting in whole KS items left a whole item of imbalance: at N = 11008, K = 4096
+//   and KS = 1024, 1376 items on 132 SMs gave 11 to some and 10 to others.)
 // * One producer warp issues, per item, one bulk copy per weight row (KS·2 bytes: 2 KB at KS =
 //   1024) into ring slot j % S, counted on that slot's "full" mbarrier, and refills a slot once the
 //   8 consumer warps have arrived on its "empty" barrier. Weights need nothing from the previous
@@ -58,13 +61,41 @@ template <int NT, int KS> constexpr size_t bulk_smem_bytes(int S) {
 }
 
 
-// The block whose item range holds item i: ranges are [I·b/B, I·(b+1)/B), every one non-empty (B <= I).
+// The block whose unit range holds unit i: ranges are [I·b/B, I·(b+1)/B), every one non-empty (B <= I).
 __device__ __forceinline__ int bulk_block_of(long long i, long long I, long long B) { return (int)(((i + 1) * B - 1) / I); }
+
+// A block's walk over its unit range [first, last) (units of uk k), in items that stop at KS
+// boundaries of a tile and at the range's end. Incremental: one 64-bit division per block, not per
+// item (per item it cost as many instructions as a 1024-k item's products).
+struct BulkWalk {
+  long long left;   // units of the range not yet walked
+  int tile, ku;     // position: tile, unit within the tile
+  int KU, per, uk, K;
+  int k0 = 0, kn = 0, cur = 0;  // the current item: tile, first k, k count
+  __device__ __forceinline__ BulkWalk(long long first, long long last, int KU_, int KS, int uk_, int K_)
+      : left(last - first), KU(KU_), per(KS / uk_), uk(uk_), K(K_) {
+    tile = (int)(first / KU_);
+    ku = (int)(first - (long long)tile * KU_);
+  }
+  __device__ __forceinline__ bool more() const { return left > 0; }
+  // Takes the next item (more() must hold).
+  __device__ __forceinline__ void next() {
+    int n = min(per - (ku & (per - 1)), KU - ku);  // per is a power of two
+    if ((long long)n > left) n = (int)left;
+    cur = tile;
+    k0 = ku * uk;
+    kn = min((ku + n) * uk, K) - k0;
+    left -= n;
+    ku += n;
+    if (ku == KU) ku = 0, ++tile;
+  }
+  __device__ __forceinline__ bool ends_tile() const { return k0 + kn >= K; }
+};
 
 template <class T, int NT, int KS>
 __global__ void __launch_bounds__(kBulkThreads, 1)
     gemv_bulk_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-                     int M, int N, int K, int S, int* __restrict__ counters, float* __restrict__ partials) {
+                     int M, int N, int K, int S, int uk, int* __restrict__ counters, float* __restrict__ partials) {
 #ifdef SQZ_BULK_COPY
   constexpr int R = 8 * NT;
   constexpr int CPW = KS / 32 / kBulkConsumerWarps;  // 32-k chunks per consumer warp and item
@@ -78,10 +109,9 @@ __global__ void __launch_bounds__(kBulkThreads, 1)
   const uint32_t ring = base + bulk_ring_offset<NT>();
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int tiles = (N + R - 1) / R, KT = (K + KS - 1) / KS;
-  const long long I = (long long)tiles * KT, B = gridDim.x;
+  const int tiles = (N + R - 1) / R, KU = (K + uk - 1) / uk;
+  const long long I = (long long)tiles * KU, B = gridDim.x;
   const long long first = I * blockIdx.x / B, last = I * (blockIdx.x + 1) / B;
-  const int cnt = (int)(last - first);
 
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
@@ -98,17 +128,17 @@ __global__ void __launch_bounds__(kBulkThreads, 1)
     const uint64_t evict_first = l2_evict_first_policy();
     int slot = 0;
     uint32_t phase = 0;  // round j / S of the ring, mod 2
-    for (int j = 0; j < cnt; ++j) {
+    BulkWalk it(first, last, KU, KS, uk, K);
+    for (int j = 0; it.more(); ++j) {
       // From the second round on, wait for the consumers' release of the previous round's item.
       if (j >= S) mbar_wait(empty0 + 8 * slot, phase ^ 1);
-      const long long item = first + j;
-      const int tile = (int)(item / KT), k0 = (int)(item - (long long)tile * KT) * KS;
-      const uint32_t bytes = (uint32_t)(min(KS, K - k0) * 2);
+      it.next();
+      const uint32_t bytes = (uint32_t)(it.kn * 2);
       if (lane == 0) mbar_arrive_expect_tx(full0 + 8 * slot, (uint32_t)R * bytes);
       __syncwarp();
       if (lane < R) {
-        const int n = min(tile * R + lane, N - 1);
-        bulk_g2s(ring + slot * kStage + lane * kRow, w + (size_t)n * K + k0, bytes, full0 + 8 * slot, evict_first);
+        const int n = min(it.cur * R + lane, N - 1);
+        bulk_g2s(ring + slot * kStage + lane * kRow, w + (size_t)n * K + it.k0, bytes, full0 + 8 * slot, evict_first);
       }
       if (++slot == S) slot = 0, phase ^= 1;
     }
@@ -126,34 +156,36 @@ __global__ void __launch_bounds__(kBulkThreads, 1)
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  const int first_tile = (int)(first / KT);
+  const int first_tile = (int)(first / KU);
 
   // Activations of an item's chunks (from L1/L2), loaded one item ahead.
   uint4 xa[CPW], xb[CPW];
-  auto load_x = [&](int j, uint4 (&a)[CPW], uint4 (&b)[CPW]) {
-    const long long item = first + j;
-    const int k0 = (int)(item % KT) * KS;
+  auto load_x = [&](const BulkWalk& now, uint4 (&a)[CPW], uint4 (&b)[CPW]) {
+    BulkWalk nx = now;  // the item after `now`
+    const bool any = nx.more();
+    if (any) nx.next();
 #pragma unroll
     for (int c = 0; c < CPW; ++c) {
-      const int k = k0 + 32 * (warp + c * kBulkConsumerWarps);
-      const bool in = j < cnt && k + 8 * t < K;
+      const int kk = 32 * (warp + c * kBulkConsumerWarps), k = nx.k0 + kk;
+      const bool in = any && kk + 8 * t < nx.kn;
       a[c] = in && v0 ? ld_act(x0 + k) : zero;
       b[c] = in && v1 ? ld_act(x1 + k) : zero;
     }
   };
-  load_x(0, xa, xb);
+  BulkWalk it(first, last, KU, KS, uk, K);
+  load_x(it, xa, xb);
 
   int slot = 0;
   uint32_t phase = 0;
-  for (int j = 0; j < cnt; ++j) {
-    const long long item = first + j;
-    const int tile = (int)(item / KT), ks = (int)(item - (long long)tile * KT);
+  while (it.more()) {
+    it.next();
+    const int tile = it.cur;
     uint4 wv[CPW][NT];
     mbar_wait(full0 + 8 * slot, phase);
     const uint32_t st = ring + slot * kStage + (uint32_t)(8 * t) * 2;
 #pragma unroll
     for (int c = 0; c < CPW; ++c) {
-      const bool in = ks * KS + 32 * (warp + c * kBulkConsumerWarps) + 8 * t < K;
+      const bool in = 32 * (warp + c * kBulkConsumerWarps) + 8 * t < it.kn;
 #pragma unroll
       for (int jn = 0; jn < NT; ++jn)
         wv[c][jn] = in ? ld_ring_v4(st + (8 * jn + g) * kRow + 64 * (warp + c * kBulkConsumerWarps)) : zero;
@@ -162,14 +194,14 @@ __global__ void __launch_bounds__(kBulkThreads, 1)
     if (lane == 0) mbar_arrive(empty0 + 8 * slot);  // the slot's data is in registers
     if (++slot == S) slot = 0, phase ^= 1;
     uint4 xn[CPW], xm[CPW];
-    load_x(j + 1, xn, xm);
+    load_x(it, xn, xm);
 #pragma unroll
     for (int c = 0; c < CPW; ++c)
 #pragma unroll
       for (int jn = 0; jn < NT; ++jn) mma_chunk32<T>(acc[jn], xa[c], xb[c], wv[c][jn]);
 #pragma unroll
     for (int c = 0; c < CPW; ++c) xa[c] = xn[c], xb[c] = xm[c];
-    if (ks != KT - 1 && j != cnt - 1) continue;
+    if (!it.ends_tile() && it.more()) continue;
     // End of a tile (or of this block's range): sum the 8 warps' partials in warp order.
 #pragma unroll
     for (int jn = 0; jn < NT; ++jn)
@@ -189,8 +221,8 @@ __global__ void __launch_bounds__(kBulkThreads, 1)
       for (int k = 0; k < kBulkConsumerWarps; ++k) a += red[k * NT * 128 + i];
       v[r] = a;
     }
-    const long long t0 = (long long)tile * KT;
-    const bool whole = first <= t0 && t0 + KT <= last;
+    const long long t0 = (long long)tile * KU;
+    const bool whole = first <= t0 && t0 + KU <= last;
     bool write = whole;
     if (!whole) {
       float* mine = partials + (size_t)(2 * blockIdx.x + (tile == first_tile ? 0 : 1)) * (16 * R);
@@ -198,7 +230,7 @@ __global__ void __launch_bounds__(kBulkThreads, 1)
       for (int r = 0; r < PER; ++r) mine[tid + r * kBulkConsumerWarps * 32] = v[r];
       __threadfence();
       named_barrier(1, kBulkConsumerWarps * 32);
-      const int bf = bulk_block_of(t0, I, B), bl = bulk_block_of(t0 + KT - 1, I, B);
+      const int bf = bulk_block_of(t0, I, B), bl = bulk_block_of(t0 + KU - 1, I, B);
       if (tid == 0) {
         const int prev = atomicAdd(counters + tile, 1);
         const int is_last = prev == bl - bf;
@@ -212,7 +244,7 @@ __global__ void __launch_bounds__(kBulkThreads, 1)
 #pragma unroll
         for (int r = 0; r < PER; ++r) v[r] = 0.f;
         for (int c = bf; c <= bl; ++c) {
-          const int ctile = (int)((I * c / B) / KT);
+          const int ctile = (int)((I * c / B) / KU);
           const float* p = partials + (size_t)(2 * c + (tile == ctile ? 0 : 1)) * (16 * R);
 #pragma unroll
           for (int r = 0; r < PER; ++r) v[r] += __ldcg(p + tid + r * kBulkConsumerWarps * 32);

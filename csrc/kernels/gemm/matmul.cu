@@ -179,7 +179,10 @@ bool launch_gemv_bulk_nt(T* y, const T* x, const T* w, const T* bias, int M, int
   allow_dynamic_smem<kernel>(smem, "matmul");
   const long long items = (long long)tiles * kt;
   const int grid = (int)std::min<long long>({items, (long long)sm_count(dev), (long long)kBulkMaxBlocks});
-  launch_pdl(kernel, dim3(grid), dim3(kBulkThreads), smem, s, y, x, w, bias, M, N, K, S, ws.counters, ws.partials);
+  // k per unit of the work split: KS / 2^i, at least 256 (SQUEEZELM_GEMV_BULK_UNIT, tuning).
+  int uk = env_int("SQUEEZELM_GEMV_BULK_UNIT", 256);
+  uk = uk >= KS ? KS : uk >= KS / 2 ? KS / 2 : uk >= KS / 4 ? KS / 4 : KS / 8 >= 256 ? KS / 8 : 256;
+  launch_pdl(kernel, dim3(grid), dim3(kBulkThreads), smem, s, y, x, w, bias, M, N, K, S, uk, ws.counters, ws.partials);
   return true;
 }
 
