@@ -175,7 +175,7 @@ describeGpu('matmul (cuda vs cpu)', () => {
   // wraps many times, 16- and 32-row items, M = 1..16, tails in N and K (K % 256 != 0), bias. Three
   // runs give the same bits: a split tile's counter must be back at 0 after each launch, or the
   // next launch leaves that tile unwritten (poisoned).
-  const bulkCases: Array<[string, number, number, number, number, number, number]> = [
+  const bulkCases: Array<[string, number, number, number, number, number, number, number?]> = [
     ['f16', 3, 77, 4104, 2, 0, 1024],
     ['f16', 16, 300, 8200, 4, 2, 1024],
     ['bf16', 9, 1000, 1032, 2, 2, 1024],
@@ -183,9 +183,14 @@ describeGpu('matmul (cuda vs cpu)', () => {
     ['f16', 12, 8451, 264, 4, 3, 1024],
     ['bf16', 16, 4099, 4096, 4, 0, 1024],
     ['f16', 5, 2000, 3080, 2, 0, 2048],
+    // Work split in units of 256 k (the default) against whole items; few tiles with a long K put
+    // every block inside one tile: ~40 contributors to each tile's sum.
+    ['f16', 7, 24, 40000, 2, 2, 1024, 256],
+    ['bf16', 16, 3000, 5000, 4, 2, 1024, 1024],
+    ['f16', 3, 1100, 4104, 4, 3, 1024, 512],
   ];
-  for (const [dt, M, N, K, nt, slots, ks] of bulkCases)
-    test(`${dt}: M=${M} N=${N} K=${K}, bulk-copy GEMV, ${8 * nt}-row x ${ks}-k items, ${slots || 'all'} ring slots`, async () => {
+  for (const [dt, M, N, K, nt, slots, ks, unit] of bulkCases)
+    test(`${dt}: M=${M} N=${N} K=${K}, bulk-copy GEMV, ${8 * nt}-row x ${ks}-k items, ${slots || 'all'} ring slots${unit ? `, ${unit}-k units` : ''}`, async () => {
       const seed = freshSeed();
       const r = rng(seed);
       const x = await randomTensor([M, K], dt, r, 'cuda');
@@ -198,6 +203,7 @@ describeGpu('matmul (cuda vs cpu)', () => {
       process.env.SQUEEZELM_GEMV_BULK_NT = String(nt);
       process.env.SQUEEZELM_GEMV_BULK_KS = String(ks);
       if (slots) process.env.SQUEEZELM_GEMV_BULK_S = String(slots);
+      if (unit) process.env.SQUEEZELM_GEMV_BULK_UNIT = String(unit);
       try {
         const runs: number[][] = [];
         for (let i = 0; i < 3; i++) {
@@ -217,6 +223,7 @@ describeGpu('matmul (cuda vs cpu)', () => {
         delete process.env.SQUEEZELM_GEMV_BULK_NT;
         delete process.env.SQUEEZELM_GEMV_BULK_KS;
         delete process.env.SQUEEZELM_GEMV_BULK_S;
+        delete process.env.SQUEEZELM_GEMV_BULK_UNIT;
       }
     });
 
