@@ -48,6 +48,9 @@
 //   main loop (split over warps): each lane's first entries are requested before the main loop
 //   (volatile loads: the compiler otherwise sinks them to their use) and arrive during it, and x is
 //   in L1 by then. Values stay raw bits until used: converting at the load would wait for it.
+//   For M > 8 the outlier step reads the activations transposed (xT, written by lut_xt_kernel
+//   just before): one 16-byte load per outlier and 8 activation rows instead of one scattered load
+//   per row; see the XT notes in the kernel.
 // * x is read through L1 (it is small and every block rereads it); codes with L1::no_allocate.
 //   Activations past K are zero, so padded codes contribute nothing.
 //
