@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   // lanes (lane quarter q holds activation rows 2q, 2q+1, only q = 0 has a real row at M <= 2).
   static_assert(!OSPLIT || (MT == 1 && RT == 1), "outlier split: M <= 2 launches");
   static_assert(!(OSPLIT && XT), "one outlier scheme per launch");
-  // XT (M > 2, D+S launches with xT): thread tid owns (row xrow of the group, activation rows
+  // XT (M > 8, D+S launches with xT): thread tid owns (row xrow of the group, activation rows
   // 8 xmg .. 8 xmg + 7) and every XSUB-th outlier of that row from xs on; the XSUB lanes of a
   // (row, xmg) pair are neighbours and sum by butterfly; lane xs = 0 leaves the sums in osum, which
   // the reduction over warps adds. A thread's first XP entries are requested before the main loop.
