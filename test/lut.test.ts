@@ -313,23 +313,27 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
           }
         }
       });
+  // f16 activations, CUDA against the CPU op on a random linear with outliers, for each M.
+  async function expectPackedMatchesCpu(N: number, K: number, bits: 3 | 4, Ms: number[], r: () => number, label: string) {
+    const l = randomLinear(N, K, bits, true, r);
+    const cc = packedOf(l, 'cuda'), ch = packedOf(l, 'cpu');
+    const tc = tensorsOf(l, 'cuda', 'f16'), tcpu = tensorsOf(l, 'cpu', 'f16');
+    for (const M of Ms) {
+      const x = randn(M * K, r);
+      const xc = Tensor.from(x, [M, K], { dtype: 'f16', device: 'cuda' }), xh = Tensor.from(x, [M, K], { dtype: 'f16' });
+      const yc = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: 'f16', device: 'cuda' });
+      const yh = Tensor.empty([M, N]);
+      lutMatmulPacked(yc, xc, cc, tc.lut, tc.rows, tc.cols, tc.vals, bits);
+      lutMatmulPacked(yh, xh, ch, tcpu.lut, tcpu.rows, tcpu.cols, tcpu.vals, bits);
+      const what = `${label} M=${M}`;
+      expect([what, relErr(await yc.toFloat32(), await yh.toFloat32()) < 2e-3]).toEqual([what, true]);
+      [xc, xh, yc, yh].forEach((t) => t.dispose());
+    }
+  }
   test(`many row tiles: each block of the GEMV walks several (seed ${seed})`, async () => {
     const r = rng(seed + 55);
     const N = 16 * 600 + 5, K = 256 + 32;  // more row tiles than one wave of blocks holds
-    for (const bits of [3, 4] as const) {
-      const l = randomLinear(N, K, bits, true, r);
-      const cc = packedOf(l, 'cuda'), ch = packedOf(l, 'cpu');
-      const tc = tensorsOf(l, 'cuda', 'f16'), tcpu = tensorsOf(l, 'cpu', 'f16');
-      for (const M of [1, 5, 16, 33]) {
-        const x = randn(M * K, r);
-        const yc = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: 'f16', device: 'cuda' });
-        const yh = Tensor.empty([M, N]);
-        lutMatmulPacked(yc, Tensor.from(x, [M, K], { dtype: 'f16', device: 'cuda' }), cc, tc.lut, tc.rows, tc.cols, tc.vals, bits);
-        lutMatmulPacked(yh, Tensor.from(x, [M, K], { dtype: 'f16' }), ch, tcpu.lut, tcpu.rows, tcpu.cols, tcpu.vals, bits);
-        const what = `${bits}-bit M=${M}`;
-        expect([what, relErr(await yc.toFloat32(), await yh.toFloat32()) < 2e-3]).toEqual([what, true]);
-      }
-    }
+    for (const bits of [3, 4] as const) await expectPackedMatchesCpu(N, K, bits, [1, 5, 16, 33], r, `${bits}-bit`);
   });
   // Outliers at M > 2 read a transposed copy of the activations by default; the gather from x[m][k]
   // (taken where that buffer cannot be had) stays tested here.
@@ -337,22 +341,8 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
     const r = rng(seed + 77);
     process.env.SQUEEZELM_LUT_XT_MIN_M = '0';
     try {
-      for (const [N, K] of [[301, 161], [256, 4096 + 32]]) {
-        for (const bits of [3, 4] as const) {
-          const l = randomLinear(N, K, bits, true, r);
-          const cc = packedOf(l, 'cuda'), ch = packedOf(l, 'cpu');
-          const tc = tensorsOf(l, 'cuda', 'f16'), tcpu = tensorsOf(l, 'cpu', 'f16');
-          for (const M of [3, 16, 33, 64]) {
-            const x = randn(M * K, r);
-            const yc = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: 'f16', device: 'cuda' });
-            const yh = Tensor.empty([M, N]);
-            lutMatmulPacked(yc, Tensor.from(x, [M, K], { dtype: 'f16', device: 'cuda' }), cc, tc.lut, tc.rows, tc.cols, tc.vals, bits);
-            lutMatmulPacked(yh, Tensor.from(x, [M, K], { dtype: 'f16' }), ch, tcpu.lut, tcpu.rows, tcpu.cols, tcpu.vals, bits);
-            const what = `${bits}-bit N=${N} K=${K} M=${M}`;
-            expect([what, relErr(await yc.toFloat32(), await yh.toFloat32()) < 2e-3]).toEqual([what, true]);
-          }
-        }
-      }
+      for (const [N, K] of [[301, 161], [256, 4096 + 32]])
+        for (const bits of [3, 4] as const) await expectPackedMatchesCpu(N, K, bits, [3, 16, 33, 64], r, `${bits}-bit N=${N} K=${K}`);
     } finally {
       delete process.env.SQUEEZELM_LUT_XT_MIN_M;
     }

@@ -1,7 +1,7 @@
 // Device buffers that live as long as the process, one per (device, purpose): allocated and zeroed
 // once, outside any graph capture. Kernels keep cross-block bookkeeping in them (per-tile or per-head
-// counters that the last block to arrive resets to 0), so every launch finds them zeroed without a
-// memset of its own.
+// counters that the last block to arrive resets to 0, so every launch finds them zeroed without a
+// memset of its own) or scratch that one launch writes and the next reads (the LUT GEMV's xT).
 #pragma once
 #include <cuda_runtime.h>
 

@@ -179,38 +179,35 @@ bool launch_gemv_bulk_nt(T* y, const T* x, const T* w, const T* bias, int M, int
   allow_dynamic_smem<kernel>(smem, "matmul");
   const long long items = (long long)tiles * kt;
   const int grid = (int)std::min<long long>({items, (long long)sm_count(dev), (long long)kBulkMaxBlocks});
-  // k per unit of the work split: KS / 2^i, at least 256 (SQUEEZELM_GEMV_BULK_UNIT, tuning).
-  int uk = env_int("SQUEEZELM_GEMV_BULK_UNIT", 256);
-  uk = uk >= KS ? KS : uk >= KS / 2 ? KS / 2 : uk >= KS / 4 ? KS / 4 : KS / 8 >= 256 ? KS / 8 : 256;
+  // k per unit of the work split: the smallest KS / 2^i of at least SQUEEZELM_GEMV_BULK_UNIT (256;
+  // tuning) and 256 (BulkWalk needs KS / uk to be a power of two).
+  const int want = std::max(256, env_int("SQUEEZELM_GEMV_BULK_UNIT", 256));
+  int uk = KS;
+  while (uk / 2 >= want) uk /= 2;
   launch_pdl(kernel, dim3(grid), dim3(kBulkThreads), smem, s, y, x, w, bias, M, N, K, S, uk, ws.counters, ws.partials);
   return true;
 }
 
 // Where the bulk-copy GEMV takes a product with M <= 16 rows: sm_90 devices of a 90a build, K % 8 == 0
-// and aligned operands (the caller's vec), more than 8 activation rows and wide N. Measured on the
-// H200 at M = 16 (graph replay, same process; register-load GEMV / bulk / cuBLAS): 11008x4096
-// 30.3 / 28.4 / 25.4 us, 28672x8192 127.3 / 115.9 / 112.5 us, but 4096x4096 12.3 / 15.3, 8192x8192
-// 36.2 / 38.3, 4096x11008 27.4 / 28.2; at M = 1 and 4 the register-load GEMVs win everywhere. The
-// bulk kernel's gain is balance (every SM streams the same bytes) where whole-tile scheduling leaves
-// a ragged last round; where tiles divide evenly, its larger first request costs more than it saves.
-// SQUEEZELM_GEMV_BULK_MIN_M (0 = off) and _MIN_N move the bounds, _NT picks 16- or 32-row items,
-// _KS 1024 or 2048 k per item, _S the ring slots (tuning runs and tests).
+// and aligned operands (the caller's vec), and N wide enough that whole-tile scheduling would leave a
+// ragged last round: N >= 10000 from 9 activation rows, N >= 16384 from 3. Measured on the H200
+// (graph replay, same process; register-load GEMV / bulk / cuBLAS): M = 16 11008x4096 30.3 / 28.4 /
+// 25.4 us, 28672x8192 127.3 / 115.9 / 112.5 us, M = 4 28672x8192 120.2 / 116.9 / 106.2; but M = 16
+// 4096x4096 12.3 / 15.3, 8192x8192 36.2 / 38.3, 4096x11008 27.4 / 28.2, and M = 1-2 everywhere: where
+// tiles divide evenly, the bulk kernel's larger first request costs more than it saves.
+// SQUEEZELM_GEMV_BULK_MIN_M (0 = off) and _MIN_N move the first bound (tests force the kernel with
+// both at 1), _NT picks 16- or 32-row items, _KS 1024 or 2048 k per item, _S the ring slots (tuning).
 template <class T>
 bool launch_gemv_bulk(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
   if (!kBuiltFor90a || !device_is_sm90()) return false;
   const int min_m = env_int("SQUEEZELM_GEMV_BULK_MIN_M", 9), min_n = env_int("SQUEEZELM_GEMV_BULK_MIN_N", 10000);
-  // Fewer activation rows on very wide N: 32-row items with a 3-slot ring (the 2-slot ring that suits
-  // M = 16 measured slower than the register-load GEMV here: M = 4 28672x8192 128.9 / 120.0 us).
-  const int wide_m = env_int("SQUEEZELM_GEMV_BULK_WIDE_MIN_M", 3), wide_n = env_int("SQUEEZELM_GEMV_BULK_WIDE_MIN_N", 16384);
-  const bool usual = min_m > 0 && M >= min_m && N >= min_n;
-  const bool wide = !usual && min_m > 0 && wide_m > 0 && M >= wide_m && N >= wide_n;
-  if (!usual && !wide) return false;
-  const int nt = env_int("SQUEEZELM_GEMV_BULK_NT", M > 8 || wide ? 4 : 2);
+  if (min_m <= 0 || !((M >= min_m && N >= min_n) || (M >= 3 && N >= 16384))) return false;
+  const int nt = env_int("SQUEEZELM_GEMV_BULK_NT", 4);
   const int ks = env_int("SQUEEZELM_GEMV_BULK_KS", 1024);
-  // Two 64 KB slots measured faster than three for 32-row items at M = 16 (11008x4096 28.4 / 30.2 us,
-  // 28672x8192 115.9 / 124.1 us, H200); at M = 4-8 three were faster (28672x8192: M = 4 116.4 /
-  // 119.1 us, M = 8 114.7 / 123.2 us, against the register-load GEMV).
-  if (nt >= 4) return launch_gemv_bulk_nt<T, 4, 1024>(y, x, w, bias, M, N, K, wide ? 3 : 2, s);
+  // 32-row items: two 64 KB slots measured faster than three at M = 16 (11008x4096 28.4 / 30.2 us,
+  // 28672x8192 115.9 / 124.1 us, H200), three faster than two at M = 4-8 (M = 4 28672x8192 116.4 /
+  // 128.9 us). 16-row items: as many slots as fit.
+  if (nt >= 4) return launch_gemv_bulk_nt<T, 4, 1024>(y, x, w, bias, M, N, K, M > 8 ? 2 : 3, s);
   if (ks >= 2048) return launch_gemv_bulk_nt<T, 2, 2048>(y, x, w, bias, M, N, K, 32, s);
   return launch_gemv_bulk_nt<T, 2, 1024>(y, x, w, bias, M, N, K, 32, s);
 }

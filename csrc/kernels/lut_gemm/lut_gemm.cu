@@ -336,21 +336,19 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
         xob = rows[n] + xs;
         xoe = rows[n + 1];
       }
+    } else {
 #pragma unroll
-      for (int rt = 0; rt < RT; ++rt) ob[rt][0] = ob[rt][1] = oe[rt][0] = oe[rt][1] = 0;  // unused
-      return;
-    }
+      for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        const int n = n0 + 16 * rt + g + 8 * rr;
-        ob[rt][rr] = oe[rt][rr] = 0;
-        if (rows != nullptr && n < N) {
-          ob[rt][rr] = rows[n] + warp + (OSPLIT ? GV_WARPS * q : 0);
-          oe[rt][rr] = rows[n + 1];
+        for (int rr = 0; rr < 2; ++rr) {
+          const int n = n0 + 16 * rt + g + 8 * rr;
+          ob[rt][rr] = oe[rt][rr] = 0;
+          if (rows != nullptr && n < N) {
+            ob[rt][rr] = rows[n] + warp + (OSPLIT ? GV_WARPS * q : 0);
+            oe[rt][rr] = rows[n + 1];
+          }
         }
-      }
+    }
   };
 
   const uint4* ca[RT];
@@ -494,24 +492,26 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     //    in flight during the main loop; then the next group's tables and bounds.
     int oc[RT][2][OUTR], cb[RT][2], ce[RT][2];
     uint32_t ov[RT][2][OUTR];  // raw values, converted in the epilogue
+    if constexpr (!XT) {
 #pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
+      for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        cb[rt][rr] = ob[rt][rr];
-        ce[rt][rr] = oe[rt][rr];
+        for (int rr = 0; rr < 2; ++rr) {
+          cb[rt][rr] = ob[rt][rr];
+          ce[rt][rr] = oe[rt][rr];
 #pragma unroll
-        for (int o = 0; o < OUTR; ++o) {
-          const int j = ob[rt][rr] + o * OSTRIDE;
-          const bool ok = j < oe[rt][rr];
-          oc[rt][rr][o] = -1;
-          ov[rt][rr][o] = 0u;
-          if (ok) {
-            oc[rt][rr][o] = ld_pinned_s32(cols + j);
-            ov[rt][rr][o] = ld_early_raw(vals, vals_f32, j);
+          for (int o = 0; o < OUTR; ++o) {
+            const int j = ob[rt][rr] + o * OSTRIDE;
+            const bool ok = j < oe[rt][rr];
+            oc[rt][rr][o] = -1;
+            ov[rt][rr][o] = 0u;
+            if (ok) {
+              oc[rt][rr][o] = ld_pinned_s32(cols + j);
+              ov[rt][rr][o] = ld_early_raw(vals, vals_f32, j);
+            }
           }
         }
-      }
+    }
     // XT: this thread's first XP entries (col, raw value), requested now, used in the epilogue.
     int xa_c[XP], xj = xob;
     uint32_t xa_v[XP];
@@ -619,7 +619,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     //    lane's first OUTR entries (an absent entry reads column 0 with value 0), so their x reads
     //    issue together (one branch per entry serialised them: M = 64 took 2.5x the dense time);
     //    entries past those are read now.
-    if (XT && rows != nullptr) {
+    if constexpr (XT) {
       float s8[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       {
         uint4 xq[XP];
@@ -740,7 +740,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
       for (int w = 0; w < GV_WARPS; ++w) s += red[w * 32 * PER + idx];
       const int l = idx / PER, rt = (idx / (MT * 4)) % RT, i = (idx / 4) % MT, j = idx & 3;
       const int m = 8 * i + 2 * (l & 3) + (j & 1), r = 16 * rt + (l >> 2) + 8 * (j >> 1), n = n0 + r;
-      if (XT && rows != nullptr) s += osum[r * 8 * MT + m];
+      if (XT) s += osum[r * 8 * MT + m];
       if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(s);
     }
     __syncthreads();  // red is read before the next group's tables overwrite it
@@ -992,11 +992,28 @@ __global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __
   for (int w = 0; w < G::WU; ++w) d[(w >> 2) * 256 + (w & 3)] = out[w];
 }
 
+// xT for the outlier step (lut_xt_kernel), [K][mp]: a process-lifetime buffer per device
+// (common/process_buffer.h), nullptr where it is missing or too small.
+constexpr size_t kLutXtBytes = size_t(8) << 20;
+template <class T>
+T* lut_xt_buffer(int mp, int K) {
+  if ((size_t)mp * K * sizeof(T) > kLutXtBytes) return nullptr;
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
+  return static_cast<T*>(zeroed_process_buffer(dev, ProcessBuffer::kLutXt, kLutXtBytes));
+}
+
+// XT: the outliers through xT (launched first, into the buffer above); where the buffer cannot be
+// had, the same launch gathers from x[m][k] instead.
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool ASYNC = false, bool OSPLIT = false,
           bool XT = false>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                 const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st, int l2u = 0,
-                 const T* xT = nullptr) {
+                 const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st, int l2u = 0) {
+  T* xT = nullptr;
+  if constexpr (XT) {
+    xT = lut_xt_buffer<T>(8 * MT, K);
+    if (!xT) return launch_gemv<T, BITS, MT, P, XVEC, MINB, RT, ASYNC, OSPLIT, false>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st, l2u);
+  }
   constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT, ASYNC, P, XT>();
   constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, ASYNC, OSPLIT, XT>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
@@ -1014,22 +1031,10 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   const int blocks = groups < blocks_per_wave ? groups : blocks_per_wave;
   if constexpr (XT) {
     // xT first (its own launch: every block needs all of it), then the GEMV that reads it.
-    launch_pdl(lut_xt_kernel<T>, dim3((K + 63) / 64, MT), dim3(64), 0, st, const_cast<T*>(xT), xp, M, K, 8 * MT);
+    launch_pdl(lut_xt_kernel<T>, dim3((K + 63) / 64, MT), dim3(64), 0, st, xT, xp, M, K, 8 * MT);
   }
   launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, l2u,
              reinterpret_cast<const uint4*>(xT));
-}
-
-// xT for the outlier step (lut_xt_kernel): a process-lifetime buffer per device
-// (common/process_buffer.h), nullptr where it is missing or too small (the kernel then gathers x[m][k]).
-constexpr size_t kLutXtBytes = size_t(8) << 20;
-template <class T>
-const T* lut_xt_buffer(int M, int K) {
-  const int mp = M <= 16 ? 16 : M <= 32 ? 32 : 64;
-  if ((size_t)mp * K * sizeof(T) > kLutXtBytes) return nullptr;
-  int dev = 0;
-  cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
-  return static_cast<const T*>(zeroed_process_buffer(dev, ProcessBuffer::kLutXt, kLutXtBytes));
 }
 
 template <class T, int BITS>
@@ -1057,7 +1062,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
 #define SQZ_GEMV(MT, P, XV, MINB, RT) \
   launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
 #define SQZ_GEMV_XT(MT, P, MINB, RT) \
-  launch_gemv<T, BITS, MT, P, true, MINB, RT, false, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st, 0, xt)
+  launch_gemv<T, BITS, MT, P, true, MINB, RT, false, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
     // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1,2,4..8 picks another prefetch
     // depth / occupancy / rows per block; read per call so a benchmark can sweep it.
     const int variant = std::is_same<T, __half>::value && vec && M <= 16 ? env_int("SQUEEZELM_LUT_GEMV", 0) : 0;
@@ -1065,9 +1070,8 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // bound, 0 = never; tuning and tests). Same process, H200, 4-bit D+S 8192x8192, xT / x[m][k]
     // gather: M = 16 28.0 / 33.6 us, 32 41.7 / 56.8, 64 69.2 / 93.8; but M = 4 19.7 / 16.9 and
     // M = 8 21.5 / 19.9 (dense-only 14.1 and 16.4): the extra launch costs more than it saves there.
-    const T* xt = nullptr;
     const int xt_min_m = env_int("SQUEEZELM_LUT_XT_MIN_M", 9);
-    if (variant == 0 && vec && rp != nullptr && xt_min_m > 0 && M >= xt_min_m && M > 8) xt = lut_xt_buffer<T>(M, K);
+    const bool xt = variant == 0 && vec && rp != nullptr && xt_min_m > 0 && M >= xt_min_m && M > 8;
     if (variant == 1 && M <= 8) SQZ_GEMV(1, (BITS == 4 ? 4 : 3), true, 2, 1);
     else if (variant == 2 && M <= 8) SQZ_GEMV(1, 3, true, 2, 1);
     else if (variant == 4 && M <= 8) SQZ_GEMV(1, P2, true, 1, 2);
