@@ -330,10 +330,22 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
       [xc, xh, yc, yh].forEach((t) => t.dispose());
     }
   }
+  // More row tiles than one wave of blocks holds. Each warp's code buffers take the next group's units
+  // as they are freed (K = 2048 + 32: 17 4-bit units, so warp 0 decodes 3 and ends a group on its
+  // first buffer); SQUEEZELM_LUT_XGROUP=0 refills them after the main loop instead.
   test(`many row tiles: each block of the GEMV walks several (seed ${seed})`, async () => {
     const r = rng(seed + 55);
-    const N = 16 * 600 + 5, K = 256 + 32;  // more row tiles than one wave of blocks holds
-    for (const bits of [3, 4] as const) await expectPackedMatchesCpu(N, K, bits, [1, 5, 16, 33], r, `${bits}-bit`);
+    const N = 16 * 600 + 5;
+    for (const xgroup of ['1', '0']) {
+      process.env.SQUEEZELM_LUT_XGROUP = xgroup;
+      try {
+        for (const K of [256 + 32, 2048 + 32])
+          for (const bits of [3, 4] as const)
+            await expectPackedMatchesCpu(N, K, bits, [1, 5, 16, 33], r, `${bits}-bit K=${K} xgroup=${xgroup}`);
+      } finally {
+        delete process.env.SQUEEZELM_LUT_XGROUP;
+      }
+    }
   });
   // Outliers at M > 2 read a transposed copy of the activations by default; the gather from x[m][k]
   // (taken where that buffer cannot be had) stays tested here.

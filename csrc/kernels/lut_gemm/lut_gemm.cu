@@ -29,14 +29,20 @@
 //   split K by units (unit u to warp u%8), each with P register buffers of codes: a unit is decoded
 //   straight from its buffer, which is then refilled P units ahead (P - 1 in flight during a decode;
 //   refilling before the decode would cost a register copy of every word). A cp.async ring in
-//   shared memory is a tuning variant. The grid is one wave (2 blocks per SM fit with 64 KB tables
+//   shared memory is a tuning variant. (The SASS puts every code load on one scoreboard, so the
+//   first use of a buffer also waits for the refills requested after it: with P = 2 about one
+//   memory latency per two units. Two sets of buffers, each waited for before the other is
+//   refilled, measured 2-4% faster for 4-bit D+S at M = 1 on the large shapes, H200, but 4-12%
+//   slower at 4096x4096, at M = 4-8 and for 3-bit: the second set spills at 128 registers.) The grid is one wave (2 blocks per SM fit with 64 KB tables
 //   each) and each block walks row-tile groups, so there is no tail wave; a group's 16-entry
-//   tables and outlier row bounds are requested during the previous group's main loop and its
-//   first P units right after it, so only the table build sits between two groups. The pair-table
-//   build is one 16-byte load of a row's table, then one byte permute and one 16-byte store per
-//   entry (it was an address computation and two 2-byte loads per entry, as costly as a third of
-//   the main loop at K = 8192). The 8 partial tiles are summed in shared memory in warp order:
-//   deterministic, no atomics.
+//   tables and outlier row bounds are requested during the previous group's main loop, and each
+//   code buffer takes the next group's unit as soon as it has been decoded for the last time in
+//   this group (a warp's stream of units runs on across groups), so only the table build sits
+//   between two groups (refilling them all after the main loop measured 4-6% slower at K = 4096,
+//   H200). The pair-table build is one 16-byte load of a row's table, then one byte permute and one
+//   16-byte store per entry (it was an address computation and two 2-byte loads per entry, as
+//   costly as a third of the main loop at K = 8192). The 8 partial tiles are summed in shared
+//   memory in warp order: deterministic, no atomics.
 // * Programmatic dependent launch: the prologue (tables, outlier lists, first codes, the first
 //   table build) reads weights only and runs before griddepcontrol.wait, under the previous kernel.
 // * Lookups take 32-bit shared addresses (ld.shared): the table base is then a constant folded into
@@ -287,7 +293,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
-                    int K, int U, int l2u, const uint4* __restrict__ xT) {
+                    int K, int U, int l2u, const uint4* __restrict__ xT, int flags) {
   using G = Geo<BITS>;
   // A row's outlier list is dealt to the warps; with OSPLIT (M <= 2, D+S launches) also to the 4 lanes
   // of the row, which sum their shares with two shuffles: the step otherwise runs on a quarter of the
@@ -312,6 +318,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   float* red = reinterpret_cast<float*>(smem);  // [warps][32][RT*MT*4], after the main loop
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
+  const bool xgroup = !ASYNC && (flags & 1);
   const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
   const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
   int xob = 0, xoe = 0;  // XT: this thread's outlier range of the next group (from xs, stride XSUB)
@@ -603,16 +610,29 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
                   qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v + 32);
                 }
               }
+          } else if (xgroup && next < groups) {
+            // Buffer p's last unit of this group: it takes the next group's unit warp + 8p now (every
+            // group has U units, so that unit exists), a decode earlier than after the loop.
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt) {
+              const bool okn = next * RT + rt < tiles;
+              const uint4* cn = ca[rt] + (size_t)gridDim.x * RT * U * G::USTRIDE + (size_t)(warp + p * GV_WARPS) * G::USTRIDE;
+#pragma unroll
+              for (int v = 0; v < NV; ++v) {
+                qa[p][rt][v] = okn ? ld_stream(cn + 64 * v) : make_uint4(0, 0, 0, 0);
+                qb[p][rt][v] = okn ? ld_stream(cn + 64 * v + 32) : make_uint4(0, 0, 0, 0);
+              }
+            }
           }
         }
       }
     }
 
-    // The next group's first units go in flight now, under this group's epilogue and the next
-    // group's table build.
+    // The next group's first units are in flight (xgroup: each buffer took its unit when it was
+    // freed) or go now, under this group's epilogue and the next group's table build.
     if (next < groups) {
       set_group(next);
-      prefetch();
+      if (!xgroup) prefetch();
     }
 
     // 6. Outliers, after the main loop: their lists have arrived and x is in L1. Branch-free over a
@@ -1033,8 +1053,11 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
     // xT first (its own launch: every block needs all of it), then the GEMV that reads it.
     launch_pdl(lut_xt_kernel<T>, dim3((K + 63) / 64, MT), dim3(64), 0, st, xT, xp, M, K, 8 * MT);
   }
+  // Tuning: SQUEEZELM_LUT_XGROUP=0 requests a group's first units only after the previous group's
+  // main loop (as before the cross-group refill).
+  const int flags = env_int("SQUEEZELM_LUT_XGROUP", 1) != 0 ? 1 : 0;
   launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, l2u,
-             reinterpret_cast<const uint4*>(xT));
+             reinterpret_cast<const uint4*>(xT), flags);
 }
 
 template <class T, int BITS>
