@@ -38,8 +38,7 @@
 //   tables and outlier row bounds are requested during the previous group's main loop, and each
 //   code buffer takes the next group's unit as soon as it has been decoded for the last time in
 //   this group (a warp's stream of units runs on across groups), so only the table build sits
-//   between two groups (refilling them all after the main loop measured 4-6% slower at K = 4096,
-//   H200). The pair-table build is one 16-byte load of a row's table, then one byte permute and one
+//   between two groups (for 3-bit, and 4-bit at M = 1: see launch_gemv for the measurements). The pair-table build is one 16-byte load of a row's table, then one byte permute and one
 //   16-byte store per entry (it was an address computation and two 2-byte loads per entry, as
 //   costly as a third of the main loop at K = 8192). The 8 partial tiles are summed in shared
 //   memory in warp order: deterministic, no atomics.
@@ -1053,9 +1052,11 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
     // xT first (its own launch: every block needs all of it), then the GEMV that reads it.
     launch_pdl(lut_xt_kernel<T>, dim3((K + 63) / 64, MT), dim3(64), 0, st, xT, xp, M, K, 8 * MT);
   }
-  // Tuning: SQUEEZELM_LUT_XGROUP=0 requests a group's first units only after the previous group's
-  // main loop (as before the cross-group refill).
-  const int flags = env_int("SQUEEZELM_LUT_XGROUP", 1) != 0 ? 1 : 0;
+  // The cross-group refill (xgroup) where it measured faster, same process, H200: 3-bit 3-9% at
+  // M = 1-8; 4-bit at M = 1 up to 3.5% (22016x4096), but 1-2.6% slower at M = 2-16.
+  // SQUEEZELM_LUT_XGROUP=0 / 1 forces it off / on (tuning, tests).
+  const int xg = env_int("SQUEEZELM_LUT_XGROUP", -1);
+  const int flags = (xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0;
   launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, l2u,
              reinterpret_cast<const uint4*>(xT), flags);
 }
