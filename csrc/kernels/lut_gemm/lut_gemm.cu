@@ -33,15 +33,17 @@
 //   first use of a buffer also waits for the refills requested after it: with P = 2 about one
 //   memory latency per two units. Two sets of buffers, each waited for before the other is
 //   refilled, measured 2-4% faster for 4-bit D+S at M = 1 on the large shapes, H200, but 4-12%
-//   slower at 4096x4096, at M = 4-8 and for 3-bit: the second set spills at 128 registers.) The grid is one wave (2 blocks per SM fit with 64 KB tables
-//   each) and each block walks row-tile groups, so there is no tail wave; a group's 16-entry
-//   tables and outlier row bounds are requested during the previous group's main loop, and each
-//   code buffer takes the next group's unit as soon as it has been decoded for the last time in
-//   this group (a warp's stream of units runs on across groups), so only the table build sits
-//   between two groups (for 3-bit, and 4-bit at M = 1: see launch_gemv for the measurements). The pair-table build is one 16-byte load of a row's table, then one byte permute and one
-//   16-byte store per entry (it was an address computation and two 2-byte loads per entry, as
-//   costly as a third of the main loop at K = 8192). The 8 partial tiles are summed in shared
-//   memory in warp order: deterministic, no atomics.
+//   slower at 4096x4096, at M = 4-8 and for 3-bit: the second set spills at 128 registers.)
+//   The grid is one wave (2 blocks per SM fit with 64 KB tables each) and each block walks
+//   row-tile groups, so there is no tail wave; a group's 16-entry tables and outlier row bounds
+//   are requested during the previous group's main loop, and each code buffer takes the next
+//   group's unit as soon as it has been decoded for the last time in this group (a warp's stream
+//   of units runs on across groups), so only the table build sits between two groups (for 3-bit,
+//   and 4-bit at M = 1: see launch_gemv for the measurements). The pair-table build is one 16-byte
+//   load of a row's table, then one byte permute and one 16-byte store per entry (it was an
+//   address computation and two 2-byte loads per entry, as costly as a third of the main loop at
+//   K = 8192). The 8 partial tiles are summed in shared memory in warp order: deterministic, no
+//   atomics.
 // * Programmatic dependent launch: the prologue (tables, outlier lists, first codes, the first
 //   table build) reads weights only and runs before griddepcontrol.wait, under the previous kernel.
 // * Lookups take 32-bit shared addresses (ld.shared): the table base is then a constant folded into
@@ -615,7 +617,8 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
 #pragma unroll
             for (int rt = 0; rt < RT; ++rt) {
               const bool okn = next * RT + rt < tiles;
-              const uint4* cn = ca[rt] + (size_t)gridDim.x * RT * U * G::USTRIDE + (size_t)(warp + p * GV_WARPS) * G::USTRIDE;
+              const uint4* cn =
+                  ca[rt] + (size_t)gridDim.x * RT * U * G::USTRIDE + (size_t)(warp + p * GV_WARPS) * G::USTRIDE;
 #pragma unroll
               for (int v = 0; v < NV; ++v) {
                 qa[p][rt][v] = okn ? ld_stream(cn + 64 * v) : make_uint4(0, 0, 0, 0);
