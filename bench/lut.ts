@@ -94,18 +94,19 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
         });
         ctx.log(`lut ${name}: ${r.timeUs.toFixed(2)} us, ${(100 * (r.fracCopy ?? 0)).toFixed(0)}% of copy BW, vs fp16 ${r.speedup?.toFixed(2) ?? '-'}x; ${r.note}`);
         out.push(r);
-        // Tuning sweep of the M = 1 kernel (see SQUEEZELM_LUT_GEMV in csrc/kernels/lut_gemm/lut_gemm.cu).
+        // The cross-group code refill flipped (SQUEEZELM_LUT_XGROUP; on by default for 3-bit and for
+        // 4-bit at M = 1, see csrc/kernels/lut_gemm/lut_gemm.cu), same process, D+S rows at M <= 8.
         const decodeShape = M === 1 && DECODE_SHAPES.some(([n, k]) => n === N && k === K);
-        const sweep = decodeShape ? ['1', '8'] : M === 1 || M === 8 ? ['1', '2', '4', '6', '7', '8'] : M === 16 ? ['5'] : [];
+        const refillOn = bits === 3 || M === 1;
+        const sweep = M <= 8 ? [refillOn ? '0' : '1'] : [];
         if (sparse && ((N === 8192 && K === 8192) || decodeShape) && !ctx.quick && process.env.SQUEEZELM_LUT_SWEEP !== '0') {
-          // The default's output on set 0, to check each variant against (the tests cannot set the
-          // variant: jest gives each test file a copy of the environment).
+          // The default's output on set 0, to check the other setting against.
           const y0 = Tensor.empty([M, N], { dtype: 'f16', device });
           lutMatmulPacked(y0, xs[0], ls[0].q, ls[0].lut, ls[0].rows, ls[0].cols, ls[0].vals, bits);
           const want = await y0.toFloat32();
           y0.dispose();
           for (const v of sweep) {
-            process.env.SQUEEZELM_LUT_GEMV = v;
+            process.env.SQUEEZELM_LUT_XGROUP = v;
             try {
               const y1 = Tensor.empty([M, N], { dtype: 'f16', device });
               lutMatmulPacked(y1, xs[0], ls[0].q, ls[0].lut, ls[0].rows, ls[0].cols, ls[0].vals, bits);
@@ -118,14 +119,15 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
                 device, iters, repeats,
                 fn: (i) => { const l = ls[i % sets]; lutMatmulPacked(y, xs[i % dsets], l.q, l.lut, l.rows, l.cols, l.vals, bits); },
               });
-              const rv = row(ctx, 'lut', `${name} variant ${v}`, tv, {
+              const label = `${name} refill ${v === '1' ? 'on' : 'off'}`;
+              const rv = row(ctx, 'lut', label, tv, {
                 bytes: probe.bytes + 2 * (M * K + M * N), baseline: 'fp16 matmul', base: dense,
                 note: `rel diff vs default ${Number.isFinite(diff) ? diff.toExponential(1) : 'NaN'}${diff < 1e-3 ? '' : ' MISMATCH'}`,
               });
-              ctx.log(`lut ${name} variant ${v}: ${rv.timeUs.toFixed(2)} us, ${(100 * (rv.fracCopy ?? 0)).toFixed(0)}% of copy BW`);
+              ctx.log(`lut ${label}: ${rv.timeUs.toFixed(2)} us, ${(100 * (rv.fracCopy ?? 0)).toFixed(0)}% of copy BW`);
               out.push(rv);
             } finally {
-              delete process.env.SQUEEZELM_LUT_GEMV;
+              delete process.env.SQUEEZELM_LUT_XGROUP;
             }
           }
         }

@@ -28,8 +28,10 @@
 // * A block owns 16 output rows (RT = 2 row tiles for M > 8, see below) and all of K; its 8 warps
 //   split K by units (unit u to warp u%8), each with P register buffers of codes: a unit is decoded
 //   straight from its buffer, which is then refilled P units ahead (P - 1 in flight during a decode;
-//   refilling before the decode would cost a register copy of every word). A cp.async ring in
-//   shared memory is a tuning variant. (The SASS puts every code load on one scoreboard, so the
+//   refilling before the decode would cost a register copy of every word). (Measured slower on
+//   the H200, 4-bit D+S 8192x8192 at M = 1 against 15.1 us, and removed: 3 or 4 buffers, 15.7 /
+//   16.0 us; a cp.async ring in shared memory instead of registers, 17.0-17.3 us; two row tiles per
+//   block, 19.5 us; an L2 prefetch of a group's codes one group ahead, 16.1 us.) (The SASS puts every code load on one scoreboard, so the
 //   first use of a buffer also waits for the refills requested after it: with P = 2 about one
 //   memory latency per two units. Two sets of buffers, each waited for before the other is
 //   refilled, measured 2-4% faster for 4-bit D+S at M = 1 on the large shapes, H200, but 4-12%
@@ -181,19 +183,11 @@ constexpr size_t gemv_table_bytes() {
   constexpr size_t red = (size_t)GV_WARPS * 32 * RT * MT * 4 * 4;
   return table > red ? table : red;
 }
-// With ASYNC, each warp streams its codes through a ring of P units in shared memory (cp.async).
-template <int BITS, int RT, bool ASYNC, int P>
-constexpr size_t gemv_ring_bytes() {
-  return ASYNC ? (size_t)GV_WARPS * P * RT * 2 * Geo<BITS>::NV * 512 : 0;
-}
-template <int BITS, int MT, int RT, bool ASYNC, int P>
-constexpr size_t gemv_lt_offset() {
-  return gemv_table_bytes<BITS, MT, RT>() + gemv_ring_bytes<BITS, RT, ASYNC, P>();
-}
-// With XT, the block's outlier sums [16 RT rows][8 MT activation rows] (fp32) follow the 16-entry tables.
-template <int BITS, int MT, int RT, bool ASYNC, int P, bool XT = false>
+// The 16-entry tables follow the pair tables; with XT, the block's outlier sums [16 RT rows][8 MT
+// activation rows] (fp32) follow those.
+template <int BITS, int MT, int RT, bool XT = false>
 constexpr size_t gemv_smem_bytes() {
-  return gemv_lt_offset<BITS, MT, RT, ASYNC, P>() + 16 * RT * Geo<BITS>::E * 2 + (XT ? (size_t)16 * RT * 8 * MT * 4 : 0);
+  return gemv_table_bytes<BITS, MT, RT>() + 16 * RT * Geo<BITS>::E * 2 + (XT ? (size_t)16 * RT * 8 * MT * 4 : 0);
 }
 
 // Outliers for M > 8 read the activations transposed, xT[k][8 MT] (zero past M), written by this
@@ -289,12 +283,12 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
   }
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool ASYNC, bool OSPLIT, bool XT>
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool OSPLIT, bool XT>
 __global__ void __launch_bounds__(GV_THREADS, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
-                    int K, int U, int l2u, const uint4* __restrict__ xT, int flags) {
+                    int K, int U, const uint4* __restrict__ xT, int flags) {
   using G = Geo<BITS>;
   // A row's outlier list is dealt to the warps; with OSPLIT (M <= 2, D+S launches) also to the 4 lanes
   // of the row, which sum their shares with two shuffles: the step otherwise runs on a quarter of the
@@ -313,13 +307,12 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   constexpr int OSTRIDE = OSPLIT ? 4 * GV_WARPS : GV_WARPS;
   extern __shared__ __align__(16) uint32_t smem[];
   unsigned char* tbl = reinterpret_cast<unsigned char*>(smem);  // [RT][E2][2][32] words
-  uint4* ring = reinterpret_cast<uint4*>(tbl + gemv_table_bytes<BITS, MT, RT>());  // [warp][P][RT][2][NV][32]
-  T* lt = reinterpret_cast<T*>(tbl + gemv_lt_offset<BITS, MT, RT, ASYNC, P>());  // [16*RT][E]
-  float* osum = reinterpret_cast<float*>(tbl + gemv_lt_offset<BITS, MT, RT, ASYNC, P>() + 16 * RT * E * 2);  // XT
+  T* lt = reinterpret_cast<T*>(tbl + gemv_table_bytes<BITS, MT, RT>());  // [16*RT][E]
+  float* osum = reinterpret_cast<float*>(tbl + gemv_table_bytes<BITS, MT, RT>() + 16 * RT * E * 2);  // XT
   float* red = reinterpret_cast<float*>(smem);  // [warps][32][RT*MT*4], after the main loop
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
-  const bool xgroup = !ASYNC && (flags & 1);
+  const bool xgroup = flags & 1;
   const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
   const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
   int xob = 0, xoe = 0;  // XT: this thread's outlier range of the next group (from xs, stride XSUB)
@@ -370,57 +363,19 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
       ca[rt] = codes + (size_t)(tok[rt] ? tile : 0) * U * G::USTRIDE + (g * 4 + q);
     }
   };
-  constexpr int PR = ASYNC ? 1 : P;  // register buffers
-  uint4 qa[PR][RT][NV], qb[PR][RT][NV];
-  uint4* wring = ring + (size_t)warp * P * RT * 2 * NV * 32 + lane;  // this lane's slots
-  // Slot p of the ring: unit warp + 8i with i % P == p; piece (rt, h, v) at + ((p*RT + rt)*2 + h)*NV + v.
-  auto ring_fill = [&](int p, int u) {
+  uint4 qa[P][RT][NV], qb[P][RT][NV];
+  auto prefetch = [&]() {
 #pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
+    for (int p = 0; p < P; ++p) {
+      const int u = warp + p * GV_WARPS;
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
         for (int v = 0; v < NV; ++v) {
           const bool ok = u < U && tok[rt];
-          cp_async16(wring + (size_t)(((p * RT + rt) * 2 + h) * NV + v) * 32,
-                     ok ? (const void*)(ca[rt] + (size_t)u * G::USTRIDE + 64 * v + 32 * h) : (const void*)codes, ok);
+          qa[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v) : make_uint4(0, 0, 0, 0);
+          qb[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v + 32) : make_uint4(0, 0, 0, 0);
         }
-    cp_async_commit();
-  };
-  auto prefetch = [&]() {
-    if constexpr (ASYNC) {
-#pragma unroll
-      for (int p = 0; p < P; ++p) ring_fill(p, warp + p * GV_WARPS);
-    } else {
-#pragma unroll
-      for (int p = 0; p < P; ++p) {
-        const int u = warp + p * GV_WARPS;
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-          for (int v = 0; v < NV; ++v) {
-            const bool ok = u < U && tok[rt];
-            qa[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v) : make_uint4(0, 0, 0, 0);
-            qb[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v + 32) : make_uint4(0, 0, 0, 0);
-          }
-      }
-    }
-  };
-
-  // Tuning variant (l2u > 0): the first l2u units of a row group's codes are prefetched into L2
-  // one group ahead (at the first group: at once), so the register loads of a group that are not
-  // issued before it starts (all but the first P units per warp) hit L2 instead of DRAM. At K = 4096
-  // a group is only 4 units per warp and restarts the code pipeline every ~4 units.
-  auto prefetch_group_l2 = [&](int gp) {
-    if (l2u <= 0) return;
-    const int units = U < l2u ? U : l2u;
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt) {
-      const int tile = gp * RT + rt;
-      if (tile >= tiles) continue;
-      const char* base = reinterpret_cast<const char*>(codes + (size_t)tile * U * G::USTRIDE);
-      const int lines = units * NV * 8;  // a (tile, unit) block is NV KB, units of a tile contiguous
-      for (int i = tid; i < lines; i += GV_THREADS) prefetch_l2(base + (size_t)i * 128);
     }
   };
 
@@ -442,7 +397,6 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     load_meta(grp);
     set_group(grp);
     prefetch();
-    prefetch_group_l2(grp);
   } else {
     pdl_wait();
   }
@@ -537,10 +491,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
       }
       xj += XP * XSUB;
     }
-    if (next < groups) {
-      load_meta(next);
-      prefetch_group_l2(next);
-    }
+    if (next < groups) load_meta(next);
 
     float acc[RT][MT][4];
 #pragma unroll
@@ -560,70 +511,48 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     // 5. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
     //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
 
-    if constexpr (ASYNC) {
-      for (int i = 0;; ++i) {
-        const int u = warp + i * GV_WARPS;
+    // P register buffers: unit u is decoded straight from its buffer, which is then refilled with
+    // unit u + 8P (reloading before the decode would force a copy of the words still in use), so
+    // P - 1 units per warp are in flight while one is decoded.
+    for (int u0 = warp; u0 < U; u0 += GV_WARPS * P) {
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        const int u = u0 + p * GV_WARPS;
         if (u >= U) break;
-        const int p = i % P;
-        cp_async_wait<P - 1>();  // unit u (the oldest of the P groups in flight) has landed
         uint32_t wa[RT][G::WU], wb[RT][G::WU];
 #pragma unroll
         for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
           for (int v = 0; v < NV; ++v) {
-            const uint4 a = wring[(size_t)(((p * RT + rt) * 2 + 0) * NV + v) * 32];
-            const uint4 b = wring[(size_t)(((p * RT + rt) * 2 + 1) * NV + v) * 32];
-            wa[rt][4 * v] = a.x; wa[rt][4 * v + 1] = a.y; wa[rt][4 * v + 2] = a.z; wa[rt][4 * v + 3] = a.w;
-            wb[rt][4 * v] = b.x; wb[rt][4 * v + 1] = b.y; wb[rt][4 * v + 2] = b.z; wb[rt][4 * v + 3] = b.w;
+            wa[rt][4 * v] = qa[p][rt][v].x; wa[rt][4 * v + 1] = qa[p][rt][v].y;
+            wa[rt][4 * v + 2] = qa[p][rt][v].z; wa[rt][4 * v + 3] = qa[p][rt][v].w;
+            wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
+            wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
           }
         gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
-        ring_fill(p, u + P * GV_WARPS);  // refill the slot just consumed (its words are used above)
-      }
-      cp_async_wait<0>();
-    } else {
-      // P register buffers: unit u is decoded straight from its buffer, which is then refilled with
-      // unit u + 8P (reloading before the decode would force a copy of the words still in use), so
-      // P - 1 units per warp are in flight while one is decoded.
-      for (int u0 = warp; u0 < U; u0 += GV_WARPS * P) {
-#pragma unroll
-        for (int p = 0; p < P; ++p) {
-          const int u = u0 + p * GV_WARPS;
-          if (u >= U) break;
-          uint32_t wa[RT][G::WU], wb[RT][G::WU];
+        const int un = u + GV_WARPS * P;
+        if (un < U) {
 #pragma unroll
           for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
             for (int v = 0; v < NV; ++v) {
-              wa[rt][4 * v] = qa[p][rt][v].x; wa[rt][4 * v + 1] = qa[p][rt][v].y;
-              wa[rt][4 * v + 2] = qa[p][rt][v].z; wa[rt][4 * v + 3] = qa[p][rt][v].w;
-              wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
-              wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
+              if (tok[rt]) {
+                qa[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v);
+                qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v + 32);
+              }
             }
-          gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
-          const int un = u + GV_WARPS * P;
-          if (un < U) {
+        } else if (xgroup && next < groups) {
+          // Buffer p's last unit of this group: it takes the next group's unit warp + 8p now (every
+          // group has U units, so that unit exists), a decode earlier than after the loop.
 #pragma unroll
-            for (int rt = 0; rt < RT; ++rt)
+          for (int rt = 0; rt < RT; ++rt) {
+            const bool okn = next * RT + rt < tiles;
+            const uint4* cn =
+                ca[rt] + (size_t)gridDim.x * RT * U * G::USTRIDE + (size_t)(warp + p * GV_WARPS) * G::USTRIDE;
 #pragma unroll
-              for (int v = 0; v < NV; ++v) {
-                if (tok[rt]) {
-                  qa[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v);
-                  qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v + 32);
-                }
-              }
-          } else if (xgroup && next < groups) {
-            // Buffer p's last unit of this group: it takes the next group's unit warp + 8p now (every
-            // group has U units, so that unit exists), a decode earlier than after the loop.
-#pragma unroll
-            for (int rt = 0; rt < RT; ++rt) {
-              const bool okn = next * RT + rt < tiles;
-              const uint4* cn =
-                  ca[rt] + (size_t)gridDim.x * RT * U * G::USTRIDE + (size_t)(warp + p * GV_WARPS) * G::USTRIDE;
-#pragma unroll
-              for (int v = 0; v < NV; ++v) {
-                qa[p][rt][v] = okn ? ld_stream(cn + 64 * v) : make_uint4(0, 0, 0, 0);
-                qb[p][rt][v] = okn ? ld_stream(cn + 64 * v + 32) : make_uint4(0, 0, 0, 0);
-              }
+            for (int v = 0; v < NV; ++v) {
+              qa[p][rt][v] = okn ? ld_stream(cn + 64 * v) : make_uint4(0, 0, 0, 0);
+              qb[p][rt][v] = okn ? ld_stream(cn + 64 * v + 32) : make_uint4(0, 0, 0, 0);
             }
           }
         }
@@ -1027,17 +956,17 @@ T* lut_xt_buffer(int mp, int K) {
 
 // XT: the outliers through xT (launched first, into the buffer above); where the buffer cannot be
 // had, the same launch gathers from x[m][k] instead.
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool ASYNC = false, bool OSPLIT = false,
-          bool XT = false>
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool OSPLIT = false, bool XT = false>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                 const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st, int l2u = 0) {
+                 const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
   T* xT = nullptr;
   if constexpr (XT) {
     xT = lut_xt_buffer<T>(8 * MT, K);
-    if (!xT) return launch_gemv<T, BITS, MT, P, XVEC, MINB, RT, ASYNC, OSPLIT, false>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st, l2u);
+    if (!xT)
+      return launch_gemv<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, false>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
   }
-  constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT, ASYNC, P, XT>();
-  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, ASYNC, OSPLIT, XT>;
+  constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT, XT>();
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
@@ -1060,7 +989,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // SQUEEZELM_LUT_XGROUP=0 / 1 forces it off / on (tuning, tests).
   const int xg = env_int("SQUEEZELM_LUT_XGROUP", -1);
   const int flags = (xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0;
-  launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, l2u,
+  launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
              reinterpret_cast<const uint4*>(xT), flags);
 }
 
@@ -1089,28 +1018,15 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
 #define SQZ_GEMV(MT, P, XV, MINB, RT) \
   launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
 #define SQZ_GEMV_XT(MT, P, MINB, RT) \
-  launch_gemv<T, BITS, MT, P, true, MINB, RT, false, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
-    // Tuning experiments (f16, vectorised, M <= 16): SQUEEZELM_LUT_GEMV=1,2,4..8 picks another prefetch
-    // depth / occupancy / rows per block; read per call so a benchmark can sweep it.
-    const int variant = std::is_same<T, __half>::value && vec && M <= 16 ? env_int("SQUEEZELM_LUT_GEMV", 0) : 0;
+  launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
     // Outliers with more than 8 activation rows go through xT (SQUEEZELM_LUT_XT_MIN_M raises the
     // bound, 0 = never; tuning and tests). Same process, H200, 4-bit D+S 8192x8192, xT / x[m][k]
     // gather: M = 16 28.0 / 33.6 us, 32 41.7 / 56.8, 64 69.2 / 93.8; but M = 4 19.7 / 16.9 and
     // M = 8 21.5 / 19.9 (dense-only 14.1 and 16.4): the extra launch costs more than it saves there.
     const int xt_min_m = env_int("SQUEEZELM_LUT_XT_MIN_M", 9);
-    const bool xt = variant == 0 && vec && rp != nullptr && xt_min_m > 0 && M >= xt_min_m && M > 8;
-    if (variant == 1 && M <= 8) SQZ_GEMV(1, (BITS == 4 ? 4 : 3), true, 2, 1);
-    else if (variant == 2 && M <= 8) SQZ_GEMV(1, 3, true, 2, 1);
-    else if (variant == 4 && M <= 8) SQZ_GEMV(1, P2, true, 1, 2);
-    else if (variant == 6 && M <= 8)
-      launch_gemv<T, BITS, 1, (BITS == 4 ? 4 : 2), true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
-    else if (variant == 7 && M <= 8)
-      launch_gemv<T, BITS, 1, (BITS == 4 ? 5 : 3), true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
-    else if (variant == 5 && M > 8) SQZ_GEMV(2, P1, true, 2, 1);
-    else if (variant == 8 && M <= 8)
-      launch_gemv<T, BITS, 1, P1, true, 2, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st, 32);
-    else if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
-      launch_gemv<T, BITS, 1, P1, true, 2, 1, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+    const bool xt = vec && rp != nullptr && xt_min_m > 0 && M >= xt_min_m && M > 8;
+    if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
+      launch_gemv<T, BITS, 1, P1, true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
     else if (xt && M <= 16) SQZ_GEMV_XT(2, P2, 1, 2);
     else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
     else if (xt) SQZ_GEMV_XT(8, 1, 1, (BITS == 4 ? 2 : 1));
