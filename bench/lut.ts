@@ -94,11 +94,10 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
         });
         ctx.log(`lut ${name}: ${r.timeUs.toFixed(2)} us, ${(100 * (r.fracCopy ?? 0)).toFixed(0)}% of copy BW, vs fp16 ${r.speedup?.toFixed(2) ?? '-'}x; ${r.note}`);
         out.push(r);
-        // The cross-group code refill flipped (SQUEEZELM_LUT_XGROUP; on by default for 3-bit and for
-        // 4-bit at M = 1, see csrc/kernels/lut_gemm/lut_gemm.cu), same process, D+S rows at M <= 8.
+        // The cross-group code refill forced on and off (SQUEEZELM_LUT_XGROUP; the default picks one
+        // by bits and M, see csrc/kernels/lut_gemm/lut_gemm.cu), same process, D+S rows at M <= 8.
         const decodeShape = M === 1 && DECODE_SHAPES.some(([n, k]) => n === N && k === K);
-        const refillOn = bits === 3 || M === 1;
-        const sweep = M <= 8 ? [refillOn ? '0' : '1'] : [];
+        const sweep = M <= 8 ? ['1', '0'] : [];
         if (sparse && ((N === 8192 && K === 8192) || decodeShape) && !ctx.quick && process.env.SQUEEZELM_LUT_SWEEP !== '0') {
           // The default's output on set 0, to check the other setting against.
           const y0 = Tensor.empty([M, N], { dtype: 'f16', device });
