@@ -352,33 +352,30 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     }
   };
 
-  // This lane's codes of unit u of row tile `tile`: row g's plane-0 piece; plane v at +64v, row g+8
-  // at +32 (16-byte units).
-  auto unit_codes = [&](int tile, int u) { return codes + ((size_t)tile * U + u) * G::USTRIDE + (g * 4 + q); };
-  int tile0 = 0;  // the current group's first row tile
-  bool tok[RT];   // its row tiles exist
+  const uint4* ca[RT];
+  bool tok[RT];
   auto set_group = [&](int grp) {
-    tile0 = grp * RT;
 #pragma unroll
-    for (int rt = 0; rt < RT; ++rt) tok[rt] = tile0 + rt < tiles;
-  };
-  // P code buffers (zero at first: a buffer of a missing unit or row tile may be decoded, never stored).
-  uint4 qa[P][RT][NV] = {}, qb[P][RT][NV] = {};
-  auto fill = [&](int p, int rt, const uint4* src) {
-#pragma unroll
-    for (int v = 0; v < NV; ++v) {
-      qa[p][rt][v] = ld_stream(src + 64 * v);
-      qb[p][rt][v] = ld_stream(src + 64 * v + 32);
+    for (int rt = 0; rt < RT; ++rt) {
+      const int tile = grp * RT + rt;
+      tok[rt] = tile < tiles;
+      // row g's plane-0 piece; plane v at +64v, row g+8 at +32 (16-byte units)
+      ca[rt] = codes + (size_t)(tok[rt] ? tile : 0) * U * G::USTRIDE + (g * 4 + q);
     }
   };
-  // The group's first P units (its buffers' first fills).
+  uint4 qa[P][RT][NV], qb[P][RT][NV];
   auto prefetch = [&]() {
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       const int u = warp + p * GV_WARPS;
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt)
-        if (u < U && tok[rt]) fill(p, rt, unit_codes(tile0 + rt, u));
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+          const bool ok = u < U && tok[rt];
+          qa[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v) : make_uint4(0, 0, 0, 0);
+          qb[p][rt][v] = ok ? ld_stream(ca[rt] + (size_t)u * G::USTRIDE + 64 * v + 32) : make_uint4(0, 0, 0, 0);
+        }
     }
   };
 
@@ -533,16 +530,30 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
             wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
           }
         gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
-        // Refill the buffer with the unit it decodes next: u + 8P of this group, or (xgroup) after
-        // its last unit here the next group's unit warp + 8p (every group has U units), a decode
-        // earlier than the prefetch after the loop.
         const int un = u + GV_WARPS * P;
+        if (un < U) {
 #pragma unroll
-        for (int rt = 0; rt < RT; ++rt) {
-          if (un < U) {
-            if (tok[rt]) fill(p, rt, unit_codes(tile0 + rt, un));
-          } else if (xgroup && next < groups && next * RT + rt < tiles) {
-            fill(p, rt, unit_codes(next * RT + rt, warp + p * GV_WARPS));
+          for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+            for (int v = 0; v < NV; ++v) {
+              if (tok[rt]) {
+                qa[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v);
+                qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v + 32);
+              }
+            }
+        } else if (xgroup && next < groups) {
+          // Buffer p's last unit of this group: it takes the next group's unit warp + 8p now (every
+          // group has U units, so that unit exists), a decode earlier than after the loop.
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt) {
+            const bool okn = next * RT + rt < tiles;
+            const uint4* cn =
+                ca[rt] + (size_t)gridDim.x * RT * U * G::USTRIDE + (size_t)(warp + p * GV_WARPS) * G::USTRIDE;
+#pragma unroll
+            for (int v = 0; v < NV; ++v) {
+              qa[p][rt][v] = okn ? ld_stream(cn + 64 * v) : make_uint4(0, 0, 0, 0);
+              qb[p][rt][v] = okn ? ld_stream(cn + 64 * v + 32) : make_uint4(0, 0, 0, 0);
+            }
           }
         }
       }
