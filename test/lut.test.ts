@@ -288,7 +288,7 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
           const cc = packedOf(l, 'cuda'), ch = packedOf(l, 'cpu');
           for (const fd of ['f16', 'f32'] as const) {
             if (fd === 'f32' && K > 1024) continue;
-            const tc = tensorsOf(l, 'cuda', fd), tcpu = tensorsOf(l, 'cpu', fd);
+            const tc = tensorsOf(l, 'cuda', 'f16'), tcpu = tensorsOf(l, 'cpu', 'f16');
             for (const M of Ms) {
               if (M === 300 && K > 1024 && bits === 3) continue;
               const x = randn(M * K, r);
@@ -357,6 +357,24 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
         for (const bits of [3, 4] as const) await expectPackedMatchesCpu(N, K, bits, [3, 16, 33, 64], r, `${bits}-bit N=${N} K=${K}`);
     } finally {
       delete process.env.SQUEEZELM_LUT_XT_MIN_M;
+    }
+  });
+  // Outliers through the transposed copy: a thread's first entries are requested before the main
+  // loop and the rest read after it, eight at a time; SQUEEZELM_LUT_XP=1 leaves almost all of a row's
+  // entries (2% of K = 4128, ~82) to that second path, the default to the first. M = 3-8 take the copy
+  // where SQUEEZELM_LUT_XT_MIN_M allows (the one-row-tile kernel).
+  test(`outliers through the transposed copy, prefetch depth 1 and default (seed ${seed})`, async () => {
+    const r = rng(seed + 88);
+    for (const xp of ['1', '0']) {
+      process.env.SQUEEZELM_LUT_XP = xp;
+      process.env.SQUEEZELM_LUT_XT_MIN_M = '3';
+      try {
+        for (const bits of [3, 4] as const)
+          await expectPackedMatchesCpu(16 * 40 + 3, 4096 + 32, bits, [3, 5, 8, 9, 16, 33, 64], r, `${bits}-bit xp=${xp}`);
+      } finally {
+        delete process.env.SQUEEZELM_LUT_XP;
+        delete process.env.SQUEEZELM_LUT_XT_MIN_M;
+      }
     }
   });
   test('deterministic across runs (GEMV and GEMM paths)', async () => {

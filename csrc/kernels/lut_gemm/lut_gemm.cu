@@ -57,9 +57,9 @@
 //   main loop (split over warps): each lane's first entries are requested before the main loop
 //   (volatile loads: the compiler otherwise sinks them to their use) and arrive during it, and x is
 //   in L1 by then. Values stay raw bits until used: converting at the load would wait for it.
-//   For M > 8 the outlier step reads the activations transposed (xT, written by lut_xt_kernel
-//   just before): one 16-byte load per outlier and 8 activation rows instead of one scattered load
-//   per row; see the XT notes in the kernel.
+//   For M > 8 the outlier step reads the activations transposed (xT, written by the launch's own
+//   blocks, a slice each, behind a grid barrier): one 16-byte load per outlier and 8 activation rows
+//   instead of one scattered load per row; see the XT notes in the kernel.
 // * x is read through L1 (it is small and every block rereads it); codes with L1::no_allocate.
 //   Activations past K are zero, so padded codes contribute nothing.
 //
@@ -190,25 +190,44 @@ constexpr size_t gemv_smem_bytes() {
   return gemv_table_bytes<BITS, MT, RT>() + 16 * RT * Geo<BITS>::E * 2 + (XT ? (size_t)16 * RT * 8 * MT * 4 : 0);
 }
 
-// Outliers for M > 8 read the activations transposed, xT[k][8 MT] (zero past M), written by this
-// kernel right before the LUT GEMV: an outlier then needs one 16-byte load per 8 activation rows (one
-// sector at M <= 16), where x[m][k] took one scattered load per row (16 sectors at M = 16, 16 KB apart).
-template <class T>
-__global__ void lut_xt_kernel(T* __restrict__ xT, const T* __restrict__ x, int M, int K, int Mp) {
-  // The trigger comes first: the LUT GEMV after this kernel then launches, and loads its tables and
-  // first codes, while the kernel before this one still runs (triggering after the wait serialised
-  // that prologue behind it). Its own wait still covers this grid, and this grid waits here for the
-  // one before (x, and the previous LUT GEMV's reads of xT).
-  pdl_trigger();
-  pdl_wait();
-  // Thread (k, activation rows m0 .. m0 + 7): 8 loads in flight (each coalesced over k), one 16-byte store.
-  const int k = blockIdx.x * blockDim.x + threadIdx.x, m0 = 8 * blockIdx.y;
-  if (k >= K) return;
-  T v[8];
+// Outliers for M > 8 read the activations transposed, xT[k][8 MT] (zero past M): an outlier then
+// needs one 16-byte load per 8 activation rows (one sector at M <= 16), where x[m][k] took one
+// scattered load per row (16 sectors at M = 16, 16 KB apart). The GEMV writes xT itself: right after
+// griddepcontrol.wait each block transposes its slice of k, then arrives on a grid barrier, and waits
+// on it only before its first outlier step, a whole main loop later. (A separate transpose kernel
+// before the GEMV cost ~2-3 us of dependent-launch latency at M = 16.) The grid is one wave by
+// construction (launch_gemv), so every block is resident and the barrier cannot deadlock.
+template <class T, int MT>
+__device__ __forceinline__ void xt_write_slice(uint4* __restrict__ xT, const T* __restrict__ x, int M, int K) {
+  const int kper = (K + gridDim.x - 1) / gridDim.x, k0 = blockIdx.x * kper;
+  const int kn = min(kper, K - k0);
+  for (int i = threadIdx.x; i < kn * MT; i += blockDim.x) {
+    const int k = k0 + i / MT, mg = i % MT;  // neighbours share k: one 16 * MT-byte run of xT
+    T v[8];
 #pragma unroll
-  for (int e = 0; e < 8; ++e) v[e] = m0 + e < M ? x[(size_t)(m0 + e) * K + k] : Cvt<T>::t(0.f);
-  *reinterpret_cast<uint4*>(xT + (size_t)k * Mp + m0) =
-      make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+    for (int e = 0; e < 8; ++e) {
+      const int m = 8 * mg + e;
+      v[e] = m < M ? x[(size_t)m * K + k] : Cvt<T>::t(0.f);
+    }
+    xT[(size_t)k * MT + mg] =
+        make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+  }
+}
+// The grid barrier (sense by the top bit, as cooperative groups' grid sync): every block adds 1
+// except block 0, which adds 2^31 - (blocks - 1), so the top bit flips once all have arrived and the
+// low bits return to 0 for the next launch. One word per device; launches that use it are serialised
+// on the device's stream, as the xT buffer itself.
+__device__ unsigned int g_lut_xt_barrier = 0;
+__device__ __forceinline__ unsigned int grid_arrive() {  // thread 0, after the block's writes
+  __threadfence();
+  const unsigned int add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
+  return atomicAdd(&g_lut_xt_barrier, add);
+}
+__device__ __forceinline__ void grid_wait(unsigned int old) {  // thread 0
+  unsigned int cur;
+  do {
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(cur) : "l"(&g_lut_xt_barrier) : "memory");
+  } while (((cur ^ old) & 0x80000000u) == 0);
 }
 
 template <class T> __device__ __forceinline__ float2 unpack2f(uint32_t w);
@@ -288,7 +307,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
-                    int K, int U, const uint4* __restrict__ xT, int flags) {
+                    int K, int U, uint4* xT, int flags) {
   using G = Geo<BITS>;
   // A row's outlier list is dealt to the warps; with OSPLIT (M <= 2, D+S launches) also to the 4 lanes
   // of the row, which sum their shares with two shuffles: the step otherwise runs on a quarter of the
@@ -298,10 +317,12 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   // XT (M > 8, D+S launches with xT): thread tid owns (row xrow of the group, activation rows
   // 8 xmg .. 8 xmg + 7) and every XSUB-th outlier of that row from xs on; the XSUB lanes of a
   // (row, xmg) pair are neighbours and sum by butterfly; lane xs = 0 leaves the sums in osum, which
-  // the reduction over warps adds. A thread's first XP entries are requested before the main loop.
-  // (Feeding them through the main loop as a two-stage pipeline, one step per unit, measured no
-  // faster at M = 16-64 and slower at M = 4-8, H200.)
-  constexpr int XUNITS = 16 * RT * MT, XSUB = GV_THREADS / XUNITS, XP = 2;
+  // the reduction over warps adds. A thread's first XP entries are requested before the main loop,
+  // enough for a row of ~50 outliers (0.45% of K = 11008) where registers allow: every entry past
+  // them costs a dependent pair of loads (col, then xT) after the main loop, with all warps of the
+  // block waiting there. (Feeding them through the main loop as a two-stage pipeline, one step per
+  // unit, measured no faster at M = 16-64 and slower at M = 4-8, H200.)
+  constexpr int XUNITS = 16 * RT * MT, XSUB = GV_THREADS / XUNITS, XP = XSUB >= 16 ? 4 : XSUB >= 4 ? 12 : XSUB >= 2 ? 8 : 2;
   static_assert(!XT || (GV_THREADS % XUNITS == 0 && XSUB >= 1 && XSUB <= 32), "outlier work split");
   constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? 2 : XT ? 1 : gemv_outr<MT, RT>();
   constexpr int OSTRIDE = OSPLIT ? 4 * GV_WARPS : GV_WARPS;
@@ -401,6 +422,8 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     pdl_wait();
   }
   bool waited = false;
+  unsigned int xt_old = 0;  // XT: thread 0's barrier word before its arrival
+  bool xt_ready = false;    // XT: every block's slice of xT is written
   for (; grp < groups; grp += gridDim.x) {
     const int n0 = grp * 16 * RT, next = grp + gridDim.x;
 
@@ -475,21 +498,23 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
         }
     }
     // XT: this thread's first XP entries (col, raw value), requested now, used in the epilogue.
+    // (flags >> 8: fewer prefetched entries than XP, a tuning knob; 0 = XP.)
     int xa_c[XP], xj = xob;
     uint32_t xa_v[XP];
     const int xe = xoe;
     if constexpr (XT) {
+      const int xpn = (flags >> 8) > 0 && (flags >> 8) < XP ? (flags >> 8) : XP;
 #pragma unroll
       for (int o = 0; o < XP; ++o) {
         const int j = xob + o * XSUB;
         xa_c[o] = -1;
         xa_v[o] = 0u;
-        if (rows != nullptr && j < xe) {
+        if (rows != nullptr && j < xe && o < xpn) {
           xa_c[o] = ld_pinned_s32(cols + j);
           xa_v[o] = ld_early_raw(vals, vals_f32, j);
         }
       }
-      xj += XP * XSUB;
+      xj += xpn * XSUB;
     }
     if (next < groups) load_meta(next);
 
@@ -506,6 +531,11 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
       pdl_wait();
       pdl_trigger();
       waited = true;
+      if constexpr (XT) {
+        xt_write_slice<T, MT>(xT, x, M, K);
+        __syncthreads();
+        if (tid == 0) xt_old = grid_arrive();
+      }
     }
 
     // 5. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
@@ -571,29 +601,34 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     //    issue together (one branch per entry serialised them: M = 64 took 2.5x the dense time);
     //    entries past those are read now.
     if constexpr (XT) {
+      if (!xt_ready) {
+        if (tid == 0) grid_wait(xt_old);
+        __syncthreads();
+        xt_ready = true;
+      }
       float s8[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       {
         uint4 xq[XP];
 #pragma unroll
-        for (int o = 0; o < XP; ++o) xq[o] = xT[(size_t)(xa_c[o] >= 0 ? xa_c[o] : 0) * MT + xmg];
+        for (int o = 0; o < XP; ++o) xq[o] = __ldcg(xT + (size_t)(xa_c[o] >= 0 ? xa_c[o] : 0) * MT + xmg);
 #pragma unroll
         for (int o = 0; o < XP; ++o) fma8<T>(s8, xa_c[o] >= 0 ? raw_f(xa_v[o], vals_f32) : 0.f, xq[o]);
       }
-      // The rest of the row's share, four entries at a time (their loads in flight together).
-      for (int j0 = xj; j0 < xe; j0 += 4 * XSUB) {
-        int cc[4];
-        float vv[4];
+      // The rest of the row's share, eight entries at a time (their loads in flight together).
+      for (int j0 = xj; j0 < xe; j0 += 8 * XSUB) {
+        int cc[8];
+        float vv[8];
 #pragma unroll
-        for (int o = 0; o < 4; ++o) {
+        for (int o = 0; o < 8; ++o) {
           const int j = j0 + o * XSUB;
           cc[o] = j < xe ? cols[j] : 0;
           vv[o] = j < xe ? load_f(vals, vals_f32, j) : 0.f;
         }
-        uint4 xq[4];
+        uint4 xq[8];
 #pragma unroll
-        for (int o = 0; o < 4; ++o) xq[o] = xT[(size_t)cc[o] * MT + xmg];
+        for (int o = 0; o < 8; ++o) xq[o] = __ldcg(xT + (size_t)cc[o] * MT + xmg);
 #pragma unroll
-        for (int o = 0; o < 4; ++o) fma8<T>(s8, vv[o], xq[o]);
+        for (int o = 0; o < 8; ++o) fma8<T>(s8, vv[o], xq[o]);
       }
 #pragma unroll
       for (int off = XSUB / 2; off >= 1; off /= 2)
@@ -943,7 +978,7 @@ __global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __
   for (int w = 0; w < G::WU; ++w) d[(w >> 2) * 256 + (w & 3)] = out[w];
 }
 
-// xT for the outlier step (lut_xt_kernel), [K][mp]: a process-lifetime buffer per device
+// xT for the outlier step, [K][mp]: a process-lifetime buffer per device
 // (common/process_buffer.h), nullptr where it is missing or too small.
 constexpr size_t kLutXtBytes = size_t(8) << 20;
 template <class T>
@@ -954,7 +989,7 @@ T* lut_xt_buffer(int mp, int K) {
   return static_cast<T*>(zeroed_process_buffer(dev, ProcessBuffer::kLutXt, kLutXtBytes));
 }
 
-// XT: the outliers through xT (launched first, into the buffer above); where the buffer cannot be
+// XT: the outliers through xT (written by the launch itself, into the buffer above); where it cannot be
 // had, the same launch gathers from x[m][k] instead.
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool OSPLIT = false, bool XT = false>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
@@ -980,17 +1015,16 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   });
   const int groups = ((N + 15) / 16 + RT - 1) / RT;
   const int blocks = groups < blocks_per_wave ? groups : blocks_per_wave;
-  if constexpr (XT) {
-    // xT first (its own launch: every block needs all of it), then the GEMV that reads it.
-    launch_pdl(lut_xt_kernel<T>, dim3((K + 63) / 64, MT), dim3(64), 0, st, xT, xp, M, K, 8 * MT);
-  }
   // The cross-group refill (xgroup) where it measured faster, same process, H200: 3-bit 3-9% at
   // M = 1-8; 4-bit at M = 1 up to 3.5% (22016x4096), but 1-2.6% slower at M = 2-16.
   // SQUEEZELM_LUT_XGROUP=0 / 1 forces it off / on (tuning, tests).
   const int xg = env_int("SQUEEZELM_LUT_XGROUP", -1);
-  const int flags = (xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0;
+  // SQUEEZELM_LUT_XP: outlier entries per thread requested before the main loop (XT launches; at
+  // most the kernel's XP, 0 = XP), to measure what the prefetch depth buys.
+  const int xpn = env_int("SQUEEZELM_LUT_XP", 0);
+  const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
   launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
-             reinterpret_cast<const uint4*>(xT), flags);
+             reinterpret_cast<uint4*>(xT), flags);
 }
 
 template <class T, int BITS>
@@ -1024,9 +1058,10 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // gather: M = 16 28.0 / 33.6 us, 32 41.7 / 56.8, 64 69.2 / 93.8; but M = 4 19.7 / 16.9 and
     // M = 8 21.5 / 19.9 (dense-only 14.1 and 16.4): the extra launch costs more than it saves there.
     const int xt_min_m = env_int("SQUEEZELM_LUT_XT_MIN_M", 9);
-    const bool xt = vec && rp != nullptr && xt_min_m > 0 && M >= xt_min_m && M > 8;
+    const bool xt = vec && rp != nullptr && xt_min_m > 0 && M >= xt_min_m && M > 2;
     if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
       launch_gemv<T, BITS, 1, P1, true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+    else if (xt && M <= 8) SQZ_GEMV_XT(1, P1, 2, 1);
     else if (xt && M <= 16) SQZ_GEMV_XT(2, P2, 1, 2);
     else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
     else if (xt) SQZ_GEMV_XT(8, 1, 1, (BITS == 4 ? 2 : 1));
