@@ -57,9 +57,9 @@
 //   main loop (split over warps): each lane's first entries are requested before the main loop
 //   (volatile loads: the compiler otherwise sinks them to their use) and arrive during it, and x is
 //   in L1 by then. Values stay raw bits until used: converting at the load would wait for it.
-//   For M > 8 the outlier step reads the activations transposed (xT, written by the launch's own
-//   blocks, a slice each, behind a grid barrier): one 16-byte load per outlier and 8 activation rows
-//   instead of one scattered load per row; see the XT notes in the kernel.
+//   From M = 3 (3-bit) or 6 (4-bit) on the outlier step reads the activations transposed (xT,
+//   written by the launch's own blocks, a slice each, behind a grid barrier): one 16-byte load per
+//   outlier and 8 activation rows instead of one scattered load per row; see the XT notes.
 // * x is read through L1 (it is small and every block rereads it); codes with L1::no_allocate.
 //   Activations past K are zero, so padded codes contribute nothing.
 //
@@ -190,9 +190,9 @@ constexpr size_t gemv_smem_bytes() {
   return gemv_table_bytes<BITS, MT, RT>() + 16 * RT * Geo<BITS>::E * 2 + (XT ? (size_t)16 * RT * 8 * MT * 4 : 0);
 }
 
-// Outliers for M > 8 read the activations transposed, xT[k][8 MT] (zero past M): an outlier then
-// needs one 16-byte load per 8 activation rows (one sector at M <= 16), where x[m][k] took one
-// scattered load per row (16 sectors at M = 16, 16 KB apart). The GEMV writes xT itself: right after
+// Outliers from M = 3 (3-bit) or 6 (4-bit) on read the activations transposed, xT[k][8 MT] (zero
+// past M): an outlier then needs one 16-byte load per 8 activation rows (one sector at M <= 16),
+// where x[m][k] took one scattered load per row (16 sectors at M = 16, 16 KB apart). The GEMV writes xT itself: right after
 // griddepcontrol.wait each block transposes its slice of k, then arrives on a grid barrier, and waits
 // on it only before its first outlier step, a whole main loop later. (A separate transpose kernel
 // before the GEMV cost ~2-3 us of dependent-launch latency at M = 16.) The grid is one wave by
@@ -314,10 +314,10 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   // lanes (lane quarter q holds activation rows 2q, 2q+1, only q = 0 has a real row at M <= 2).
   static_assert(!OSPLIT || (MT == 1 && RT == 1), "outlier split: M <= 2 launches");
   static_assert(!(OSPLIT && XT), "one outlier scheme per launch");
-  // XT (M > 8, D+S launches with xT): thread tid owns (row xrow of the group, activation rows
-  // 8 xmg .. 8 xmg + 7) and every XSUB-th outlier of that row from xs on; the XSUB lanes of a
-  // (row, xmg) pair are neighbours and sum by butterfly; lane xs = 0 leaves the sums in osum, which
-  // the reduction over warps adds. A thread's first XP entries are requested before the main loop,
+  // XT (D+S launches from M = 3 or 6 on, see launch): thread tid owns (row xrow of the group,
+  // activation rows 8 xmg .. 8 xmg + 7) and every XSUB-th outlier of that row from xs on; the XSUB
+  // lanes of a (row, xmg) pair are neighbours and sum by butterfly; lane xs = 0 leaves the sums in
+  // osum, which the reduction over warps adds. A thread's first XP entries are requested before the main loop,
   // enough for a row of ~50 outliers (0.45% of K = 11008) where registers allow: every entry past
   // them costs a dependent pair of loads (col, then xT) after the main loop, with all warps of the
   // block waiting there. (Feeding them through the main loop as a two-stage pipeline, one step per
@@ -1053,11 +1053,15 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
   launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
 #define SQZ_GEMV_XT(MT, P, MINB, RT) \
   launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
-    // Outliers with more than 8 activation rows go through xT (SQUEEZELM_LUT_XT_MIN_M raises the
-    // bound, 0 = never; tuning and tests). Same process, H200, 4-bit D+S 8192x8192, xT / x[m][k]
-    // gather: M = 16 28.0 / 33.6 us, 32 41.7 / 56.8, 64 69.2 / 93.8; but M = 4 19.7 / 16.9 and
-    // M = 8 21.5 / 19.9 (dense-only 14.1 and 16.4): the extra launch costs more than it saves there.
-    const int xt_min_m = env_int("SQUEEZELM_LUT_XT_MIN_M", 9);
+    // Outliers read the activations transposed (xT, written by the launch itself) from M = 3 (3-bit)
+    // or M = 6 (4-bit) on, and gather from x[m][k] below that (SQUEEZELM_LUT_XT_MIN_M moves the
+    // bound, 0 = never; tuning and tests). Same process, H200, D+S, xT / gather: 3-bit M = 3-8 1.5-9%
+    // faster (M = 8 4096x11008 12.7 / 13.9 us, M = 4 22016x4096 25.8 / 27.4); 4-bit M = 8 1-3.5%
+    // faster (8192x8192 20.9 / 21.1, 4096x11008 13.8 / 14.2), M = 6 28672x8192 64.2 / 66.4, but M = 3-4
+    // 1.5-4% slower (8192x8192 M = 4 18.6 / 17.8). M = 9-64 through xT: with a separate transpose kernel
+    // 28.0 us at M = 16 8192x8192 against 33.6 for the gather; in-launch 25.4 against 27.4 for that
+    // kernel.
+    const int xt_min_m = env_int("SQUEEZELM_LUT_XT_MIN_M", BITS == 3 ? 3 : 6);
     const bool xt = vec && rp != nullptr && xt_min_m > 0 && M >= xt_min_m && M > 2;
     if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
       launch_gemv<T, BITS, 1, P1, true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
