@@ -336,7 +336,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   const bool xgroup = flags & 1;
   const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
   const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
-  int xob = 0, xoe = 0;  // XT: this thread's outlier range of the next group (from xs, stride XSUB)
+  int xob = 0, xoe = 0;  // XT: the bounds of this thread's row in the next group
 
   // The block walks groups of RT row tiles blockIdx.x, + gridDim.x, ... (the grid is one wave).
   // What a group's prologue waits for is requested early: its 16-entry tables and outlier row
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
       const int n = n0 + xrow;
       xob = xoe = 0;
       if (rows != nullptr && n < N) {
-        xob = rows[n] + xs;
+        xob = rows[n];  // raw: an add here would wait for the load (the lane's offset xs comes at use)
         xoe = rows[n + 1];
       }
     } else {
@@ -366,7 +366,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
           const int n = n0 + 16 * rt + g + 8 * rr;
           ob[rt][rr] = oe[rt][rr] = 0;
           if (rows != nullptr && n < N) {
-            ob[rt][rr] = rows[n] + warp + (OSPLIT ? GV_WARPS * q : 0);
+            ob[rt][rr] = rows[n];  // raw, as xob
             oe[rt][rr] = rows[n + 1];
           }
         }
@@ -482,11 +482,11 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
-          cb[rt][rr] = ob[rt][rr];
+          cb[rt][rr] = ob[rt][rr] + warp + (OSPLIT ? GV_WARPS * q : 0);
           ce[rt][rr] = oe[rt][rr];
 #pragma unroll
           for (int o = 0; o < OUTR; ++o) {
-            const int j = ob[rt][rr] + o * OSTRIDE;
+            const int j = cb[rt][rr] + o * OSTRIDE;
             const bool ok = j < oe[rt][rr];
             oc[rt][rr][o] = -1;
             ov[rt][rr][o] = 0u;
@@ -499,14 +499,14 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     }
     // XT: this thread's first XP entries (col, raw value), requested now, used in the epilogue.
     // (flags >> 8: fewer prefetched entries than XP, a tuning knob; 0 = XP.)
-    int xa_c[XP], xj = xob;
+    int xa_c[XP], xj = xob + xs;
     uint32_t xa_v[XP];
     const int xe = xoe;
     if constexpr (XT) {
       const int xpn = (flags >> 8) > 0 && (flags >> 8) < XP ? (flags >> 8) : XP;
 #pragma unroll
       for (int o = 0; o < XP; ++o) {
-        const int j = xob + o * XSUB;
+        const int j = xob + xs + o * XSUB;
         xa_c[o] = -1;
         xa_v[o] = 0u;
         if (rows != nullptr && j < xe && o < xpn) {
