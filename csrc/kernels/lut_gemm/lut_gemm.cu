@@ -192,11 +192,12 @@ constexpr size_t gemv_smem_bytes() {
 
 // Outliers from M = 3 (3-bit) or 6 (4-bit) on read the activations transposed, xT[k][8 MT] (zero
 // past M): an outlier then needs one 16-byte load per 8 activation rows (one sector at M <= 16),
-// where x[m][k] took one scattered load per row (16 sectors at M = 16, 16 KB apart). The GEMV writes xT itself: right after
-// griddepcontrol.wait each block transposes its slice of k, then arrives on a grid barrier, and waits
-// on it only before its first outlier step, a whole main loop later. (A separate transpose kernel
-// before the GEMV cost ~2-3 us of dependent-launch latency at M = 16.) The grid is one wave by
-// construction (launch_gemv), so every block is resident and the barrier cannot deadlock.
+// where x[m][k] took one scattered load per row (16 sectors at M = 16, 16 KB apart). The GEMV
+// writes xT itself: right after griddepcontrol.wait each block transposes its slice of k, then
+// arrives on a grid barrier, and waits on it only before its first outlier step, a whole main loop
+// later. (A separate transpose kernel before the GEMV cost ~2 us at M = 16: 27.4 against 25.4 us,
+// 4-bit D+S 8192x8192, H200.) The grid is one wave by construction (launch_gemv): every block is
+// resident before any waits, so the barrier cannot deadlock.
 template <class T, int MT>
 __device__ __forceinline__ void xt_write_slice(uint4* __restrict__ xT, const T* __restrict__ x, int M, int K) {
   const int kper = (K + gridDim.x - 1) / gridDim.x, k0 = blockIdx.x * kper;
@@ -317,12 +318,15 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   // XT (D+S launches from M = 3 or 6 on, see launch): thread tid owns (row xrow of the group,
   // activation rows 8 xmg .. 8 xmg + 7) and every XSUB-th outlier of that row from xs on; the XSUB
   // lanes of a (row, xmg) pair are neighbours and sum by butterfly; lane xs = 0 leaves the sums in
-  // osum, which the reduction over warps adds. A thread's first XP entries are requested before the main loop,
-  // enough for a row of ~50 outliers (0.45% of K = 11008) where registers allow: every entry past
-  // them costs a dependent pair of loads (col, then xT) after the main loop, with all warps of the
-  // block waiting there. (Feeding them through the main loop as a two-stage pipeline, one step per
+  // osum, which the reduction over warps adds. A thread's first XP entries are requested before
+  // the main loop, enough for a row of ~50 outliers (0.45% of K = 11008) where registers allow:
+  // every entry past them costs a dependent pair of loads (col, then xT) after the main loop, with
+  // all warps of the block waiting there (12 against 2: 27.4 against 28.0 us at M = 16, 4-bit D+S
+  // 8192x8192, H200). XSUB >= 16 is the one-row-tile kernel of M <= 8 (16 threads per row, 128
+  // registers). (Feeding the entries through the main loop as a two-stage pipeline, one step per
   // unit, measured no faster at M = 16-64 and slower at M = 4-8, H200.)
-  constexpr int XUNITS = 16 * RT * MT, XSUB = GV_THREADS / XUNITS, XP = XSUB >= 16 ? 4 : XSUB >= 4 ? 12 : XSUB >= 2 ? 8 : 2;
+  constexpr int XUNITS = 16 * RT * MT, XSUB = GV_THREADS / XUNITS;
+  constexpr int XP = XSUB >= 16 ? 4 : XSUB >= 4 ? 12 : XSUB >= 2 ? 8 : 2;
   static_assert(!XT || (GV_THREADS % XUNITS == 0 && XSUB >= 1 && XSUB <= 32), "outlier work split");
   constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? 2 : XT ? 1 : gemv_outr<MT, RT>();
   constexpr int OSTRIDE = OSPLIT ? 4 * GV_WARPS : GV_WARPS;
