@@ -288,7 +288,7 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
           const cc = packedOf(l, 'cuda'), ch = packedOf(l, 'cpu');
           for (const fd of ['f16', 'f32'] as const) {
             if (fd === 'f32' && K > 1024) continue;
-            const tc = tensorsOf(l, 'cuda', 'f16'), tcpu = tensorsOf(l, 'cpu', 'f16');
+            const tc = tensorsOf(l, 'cuda', fd), tcpu = tensorsOf(l, 'cpu', fd);
             for (const M of Ms) {
               if (M === 300 && K > 1024 && bits === 3) continue;
               const x = randn(M * K, r);
