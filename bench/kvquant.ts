@@ -71,10 +71,10 @@ export async function benchKvquant(ctx: BenchContext): Promise<BenchResult[]> {
       };
       const work = Tensor.empty([Math.max(1, kvqAttentionWorkspaceSize(device, B, Hq, H, D, L))], { dtype: 'f32', device });
       const bytes = B * L * cache.bytesPerToken + q.byteLength * 2;
-      // the tensor-core kernel (variant 0, the default) and the CUDA-core flash kernel (variant 1)
-      for (const variant of [0, 1] as const) {
+      // the default (the rotation-plane kernel, variant 0) and the earlier tensor-core kernel (variant 2)
+      for (const variant of [0, 2] as const) {
         const t = await timeCuda({ device, fn: (i) => kvqAttention(out, q, caches[i % sets], cal, pt, lens, cu, invT, 1 / Math.sqrt(D), 1, L, { workspace: work, variant }) });
-        results.push(row(ctx, 'kvquant', `${bits}-bit${variant ? ' (CUDA-core flash kernel)' : ''} B${B} ${Hq}q/${H}kv x${D} ctx ${L}`, t, {
+        results.push(row(ctx, 'kvquant', `${bits}-bit${variant ? ' (earlier tensor-core kernel)' : ''} B${B} ${Hq}q/${H}kv x${D} ctx ${L}`, t, {
           bytes, baseline: hasFp16 ? 'fp16 attention' : undefined, base, note: `${cache.bytesPerToken} B/token/layer (fp16 ${H * D * 4})`,
         }));
         ctx.log(`kvquant ${bits}-bit v${variant} B${B} ${Hq}/${H} L${L}: ${results[results.length - 1].timeUs.toFixed(1)} us`);

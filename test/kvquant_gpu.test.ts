@@ -86,7 +86,7 @@ describeGpu('kvquant (CUDA vs CPU)', () => {
       const ptHost = (await g.pageTable.toArray()) as Int32Array, wide = new Int32Array(B * wideCols);
       for (let b = 0; b < B; b++) wide.set(ptHost.subarray(b * g.maxPages, (b + 1) * g.maxPages), b * wideCols);
       const ptWide = Tensor.from(wide, [B, wideCols], { device: 'cuda' });
-      for (const variant of [0, 1]) {
+      for (const variant of [0, 1, 2]) {
         const og4 = Tensor.empty([B, Hq, D], { dtype, device: 'cuda' });
         og4.write(new Uint16Array(B * Hq * D).fill(0x7fc0));
         kvqAttention(og4, qg, g.cache, g.cal, ptWide, g.seqLens, g.cuQ, ig, scale, 1, bound, { variant });
@@ -100,8 +100,14 @@ describeGpu('kvquant (CUDA vs CPU)', () => {
       kvqAttention(og3, qg, g.cache, g.cal, g.pageTable, g.seqLens, g.cuQ, ig, scale, 1, Math.max(...lens), { variant: 1 });
       const e3 = relErr(await og3.toFloat32(), await oc.toFloat32());
       if (!(e3 < (dtype === 'bf16' ? 1e-2 : 2e-3))) throw new Error(`seed ${seed}: flash-kernel attention rel err ${e3}`);
+      // the earlier tensor-core kernel (variant 2; the flash kernel where it does not cover the shape)
+      const og5 = Tensor.empty([B, Hq, D], { dtype, device: 'cuda' });
+      og5.write(new Uint16Array(B * Hq * D).fill(0x7fc0));
+      kvqAttention(og5, qg, g.cache, g.cal, g.pageTable, g.seqLens, g.cuQ, ig, scale, 1, Math.max(...lens), { variant: 2 });
+      const e5 = relErr(await og5.toFloat32(), await oc.toFloat32());
+      if (!(e5 < (dtype === 'bf16' ? 1e-2 : 2e-3))) throw new Error(`seed ${seed}: earlier tensor-core kernel rel err ${e5}`);
       // SQUEEZELM_LOG_ERR=1 prints each case's errors (for the accuracy table in docs/kvquant.md)
-      if (process.env.SQUEEZELM_LOG_ERR) console.log(`kvq err ${dtype} Hq ${Hq} H ${H} D ${D} ${bits}-bit L ${lens.join(',')}: tensor-core ${e.toExponential(2)}, flash ${e3.toExponential(2)}`);
+      if (process.env.SQUEEZELM_LOG_ERR) console.log(`kvq err ${dtype} Hq ${Hq} H ${H} D ${D} ${bits}-bit L ${lens.join(',')}: default ${e.toExponential(2)}, earlier tensor-core ${e5.toExponential(2)}, flash ${e3.toExponential(2)}`);
     });
   }
 

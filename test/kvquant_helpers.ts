@@ -117,7 +117,9 @@ function topN(score: number[], n: number): number[] {
 
 /** Independent JS model of quantize-then-unpack for one token-head vector. */
 export function oracleRoundTrip(s: Setup, k: Float32Array, v: Float32Array, h: number, nk: number, nv: number): { k: Float32Array; v: Float32Array } {
-  const D = s.D, { lo, hi, kcb, vcb } = s.calHost;
+  const D = s.D, { lo, hi } = s.calHost;
+  // codebook entries are used at fp16 precision (kvquant_layout.h)
+  const kcb = roundF16(Float32Array.from(s.calHost.kcb)), vcb = roundF16(Float32Array.from(s.calHost.vcb));
   const ko = new Float32Array(D), vo = new Float32Array(D);
   const xs = Array.from(k, (x, c) => normalize(x, lo[h * D + c], hi[h * D + c]));
   for (let c = 0; c < D; c++) ko[c] = dequant(lo[h * D + c], hi[h * D + c], kcb[nearest(xs[c], kcb)]);

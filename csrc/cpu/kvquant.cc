@@ -92,13 +92,13 @@ void unpack(const Cache& c, const float* lo, const float* hi, const float* kcb, 
   if (c.mode & kvq::KeyPerToken) {
     const uint8_t* kr = r.meta + kvq::key_range_offset(c.nk, c.nv);
     const float klo = get_half(kr), khi = get_half(kr + 2);
-    for (int ch = 0; ch < d; ++ch) kout[ch] = kvq::dequant(klo, khi, kcb[kvq::get_code(r.kc, kvq::key_element(ch, d), c.bits)]);
+    for (int ch = 0; ch < d; ++ch) kout[ch] = kvq::dequant(klo, khi, kvq::book_entry(kcb[kvq::get_code(r.kc, kvq::key_element(ch, d), c.bits)]));
   } else {
     for (int ch = 0; ch < d; ++ch)
-      kout[ch] = kvq::dequant(lo[ch], hi[ch], kcb[kvq::get_code(r.kc, kvq::key_element(ch, d), c.bits)]);
+      kout[ch] = kvq::dequant(lo[ch], hi[ch], kvq::book_entry(kcb[kvq::get_code(r.kc, kvq::key_element(ch, d), c.bits)]));
   }
   const float vlo = get_half(r.meta), vhi = get_half(r.meta + 2);
-  for (int ch = 0; ch < d; ++ch) vout[ch] = kvq::dequant(vlo, vhi, vcb[kvq::get_code(r.vc, ch, c.bits)]);
+  for (int ch = 0; ch < d; ++ch) vout[ch] = kvq::dequant(vlo, vhi, kvq::book_entry(vcb[kvq::get_code(r.vc, ch, c.bits)]));
   const uint8_t* kval = r.meta + 4;
   const uint8_t* vval = kval + 2 * c.nk;
   const uint8_t* kidx = vval + 2 * c.nv;

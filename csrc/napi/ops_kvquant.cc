@@ -144,7 +144,8 @@ SQZ_OP(kvqAppend) {
 
 // kvqAttention(out[N,Hq,D], q[N,Hq,D], cache x13, pageTable, seqLens, cuQ, invFreq f32[D/2], scale, maxQ,
 //              maxSeqLen, sinkRows?, workspace? f32[kvqAttentionWorkspaceSize(...)], variant?)
-// variant (CUDA): 0 (default) the tensor-core kernel where it covers the shape, 1 the CUDA-core flash kernel.
+// variant (CUDA): 0 (default) the fastest kernel covering the shape, 1 the CUDA-core flash kernel, 2 the
+// earlier tensor-core kernel (csrc/kernels/kvquant/kvquant.h).
 SQZ_OP(kvqAttention) {
   Args a(info, "kvqAttention");
   Tensor out = a.tensor(0, "out"), q = a.tensor(1, "q");
@@ -156,7 +157,7 @@ SQZ_OP(kvqAttention) {
   sink_rows_arg(a, p.c, 22, pt.ndim() == 2 ? pt.dim(0) : 0);
   auto ws = a.opt_tensor(23, "workspace");
   const int variant = (int)a.opt_integer(24, "variant", 0);
-  if (variant < 0 || variant > 1) a.error("ERR_ARG", "variant must be 0 or 1");
+  if (variant < 0 || variant > 2) a.error("ERR_ARG", "variant must be 0, 1 or 2");
   check_cuda_dim(a, p.c);
   a.ndim(q, "q", 3);
   const int64_t Hq = q.dim(1);

@@ -128,11 +128,13 @@ export interface KvqAttentionOptions {
   /** f32 scratch of kvqAttentionWorkspaceSize(...) elements (CUDA; required while capturing a graph). */
   workspace?: Tensor;
   /**
-   * CUDA kernel: 0 (default) the tensor-core kernel (up to 16 query heads per kv head, 8 at
-   * head_dim 256; other shapes take the flash kernel); 1 the CUDA-core flash-decoding kernel
-   * (fp32 throughout, slower; the A/B baseline).
+   * CUDA kernel: 0 (default) the fastest kernel that covers the shape: the rotation-plane
+   * tensor-core kernel (head_dim 64/96/128, up to 8 query heads per kv head), else the earlier
+   * tensor-core kernel (up to 16 query heads per kv head, 8 at head_dim 256), else the flash
+   * kernel; 1 the CUDA-core flash-decoding kernel (fp32 throughout, slower); 2 the earlier
+   * tensor-core kernel where it covers the shape (the A/B baseline of the default).
    */
-  variant?: 0 | 1;
+  variant?: 0 | 1 | 2;
 }
 
 /** Causal attention of RoPE'd q [N, Hq, D] over the quantized cache (keys rotated on the fly with invFreq f32[D/2]). */

@@ -3,11 +3,12 @@
  * outlier share, and per-layer sorted 2^b codebooks in [-1, 1] for keys and values by 1-D
  * k-means of the normalised samples (NormalFloat signposts as the start and fallback).
  * Saved as safetensors: layers.{i}.key_lo / key_hi [kvHeads*D], layers.{i}.key_codebook /
- * value_codebook [2^b], __metadata__ {format, bits, outliers, sink, layers, kv_heads, head_dim,
+ * value_codebook [2^b] (fp16 values stored as f32), __metadata__ {format, bits, outliers, sink, layers, kv_heads, head_dim,
  * key_granularity (channel | token), key_rope (pre | post), codebook (kmeans | uniform)}.
  * The last three select the ablations of docs/kvquant.md; the defaults are KVQuant's method.
  */
 import { SqueezeError } from '../errors';
+import { f16ToFloat, floatToF16 } from '../util/half';
 import { Tensor } from '../tensor';
 import { SafetensorsFile, writeSafetensors } from '../model/safetensors';
 import { KvqLayerCalibration, outlierSlots } from '../ops/kvquant';
@@ -80,6 +81,11 @@ function normInv(p: number): number {
   if (p > 1 - pl) return -normInv(1 - p);
   const q = p - 0.5, r = q * q;
   return ((((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q) / (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1);
+}
+
+/** The entries rounded to fp16 values (sorted order is kept: rounding is monotone). */
+function fp16Values(cb: Float32Array): Float32Array {
+  return cb.map((x) => f16ToFloat(floatToF16(x)));
 }
 
 /** NormalFloat signposts: 2^bits normal quantiles scaled to [-1, 1], sorted. */
@@ -201,7 +207,8 @@ export function calibrateFromSamples(keys: Float32Array[], values: Float32Array[
     const keyCodebook = keyPerToken ? book(perTokenSamples(K, T * kvHeads, headDim, nv, maxS))
       : uniform ? uniformCodebook(bits)
         : wl ? kmeans1dWeighted(Float32Array.from(kn), Float32Array.from(kw), nf, iters) : book(kn);
-    layers.push({ keyLo, keyHi, keyCodebook, valueCodebook: book(vn) });
+    // entries are fp16 values (every op reads them at fp16 precision; kvquant_layout.h)
+    layers.push({ keyLo, keyHi, keyCodebook: fp16Values(keyCodebook), valueCodebook: fp16Values(book(vn)) });
   }
   return { bits, outliers, sink, kvHeads, headDim, keyPerToken, postRope: !!opts.postRope, codebook: uniform ? 'uniform' : 'kmeans', layers };
 }

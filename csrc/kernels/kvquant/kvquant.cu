@@ -306,8 +306,8 @@ __device__ void dequant_tokens(const Geo& g, int b, int h, int t0, int count, fl
     } else {
       const long long slot = slot_of(g, b, pos, h);
       const uint8_t* meta = g.meta + slot * g.mbytes;
-      kv = kvq::dequant(lo[c], hi[c], g.key_cb[kvq::get_code(g.kc + slot * g.cbytes, kvq::key_element(c, D), g.bits)]);
-      vv = kvq::dequant(half_bits(meta), half_bits(meta + 2), g.val_cb[kvq::get_code(g.vc + slot * g.cbytes, c, g.bits)]);
+      kv = kvq::dequant(lo[c], hi[c], kvq::book_entry(g.key_cb[kvq::get_code(g.kc + slot * g.cbytes, kvq::key_element(c, D), g.bits)]));
+      vv = kvq::dequant(half_bits(meta), half_bits(meta + 2), kvq::book_entry(g.val_cb[kvq::get_code(g.vc + slot * g.cbytes, c, g.bits)]));
     }
     kdst[t * stride + c] = kv;
     vdst[t * stride + c] = vv;
@@ -538,8 +538,8 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
     st[e] = c == D ? -INFINITY : 0.f;
   }
   for (int e = tid; e < S::PT; e += blockDim.x) {
-    kpt[e] = make_float2(g.key_cb[e & ((1 << BITS) - 1)], g.key_cb[e >> BITS]);
-    vpt[e] = make_float2(g.val_cb[e & ((1 << BITS) - 1)], g.val_cb[e >> BITS]);
+    kpt[e] = make_float2(kvq::book_entry(g.key_cb[e & ((1 << BITS) - 1)]), kvq::book_entry(g.key_cb[e >> BITS]));
+    vpt[e] = make_float2(kvq::book_entry(g.val_cb[e & ((1 << BITS) - 1)]), kvq::book_entry(g.val_cb[e >> BITS]));
   }
   __syncthreads();
   const int b = bp[0], L = bp[1] + 1;
@@ -664,7 +664,7 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
             const int ch = min((int)__ldg(me + 4 + 2 * ns + s), D - 1);
             const int code = gcode(g.kc + sl * CB, kvq::key_element(ch, D), BITS);
             const float lo_ = __ldg(g.key_lo + (long long)h * D + ch), sc_ = 0.5f * (__ldg(g.key_hi + (long long)h * D + ch) - lo_);
-            const float delta = ghalf(me + 4 + 2 * s) - fmaf(sc_, g.key_cb[code], lo_ + sc_);
+            const float delta = ghalf(me + 4 + 2 * s) - fmaf(sc_, kvq::book_entry(g.key_cb[code]), lo_ + sc_);
             const int i = ch < HALF ? ch : ch - HALF;
             const float2 r = cs[tt * HALF + i];
 #pragma unroll
@@ -744,7 +744,7 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
               const uint8_t* me = g.meta + sl * MB;
               const int ch = min((int)__ldg(me + 4 + 2 * ns + nk + s), D - 1);
               const int code = gcode(g.vc + sl * CB, ch, BITS);
-              const float delta = ghalf(me + 4 + 2 * (nk + s)) - fmaf(Sv, g.val_cb[code], A);
+              const float delta = ghalf(me + 4 + 2 * (nk + s)) - fmaf(Sv, kvq::book_entry(g.val_cb[code]), A);
 #pragma unroll
               for (int gg = 0; gg < GC; ++gg) rw[(j * GC + gg) * D + ch] += p[gg] * delta;
             }
@@ -948,7 +948,7 @@ template <int TW> __device__ __forceinline__ Book<TW> make_book(const float* cb,
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int e = 4 * w + i;
-      float v = e < n ? cb[e] : 0.f;
+      float v = e < n ? kvq::book_entry(cb[e]) : 0.f;  // rest: 0 (entries are fp16 values)
       if (rest) v -= __half2float(__float2half_rn(v));
       const unsigned short u = e < n ? __half_as_ushort(__float2half_rn(v)) : 0;
       bk.lo[w] |= (unsigned)(u & 0xffu) << (8 * i);
@@ -1654,6 +1654,8 @@ int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, i
 }
 }  // namespace tc
 
+#include "planes.cuh"
+
 }  // namespace
 
 void kvq_append(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& k, const Tensor& v, const Tensor& page_table,
@@ -1708,12 +1710,20 @@ void kvq_attention(const Tensor& out, const Tensor& q, const kvq::Cache& c, cons
                    cudaStream_t stream) {
   (void)max_q;
   Geo g = make_geo(c, cal, page_table, &seq_lens, &cu_q);
-  // Variant 0 (default): the tensor-core kernel where it covers the shape (G <= 16 query heads per
-  // kv head, <= 8 at head_dim 256), the flash kernel elsewhere. Variant 1: the CUDA-core flash
-  // kernel always (fp32 throughout; kept as the A/B baseline). SQUEEZELM_KVQ_VARIANT=1 selects
-  // it for default calls.
-  if (variant == 0 && env_int("SQUEEZELM_KVQ_VARIANT", 0) == 1) variant = 1;
+  // Variant 0 (default): the rotation-plane kernel where it covers the shape (head_dim 64/96/128,
+  // G <= 8 query heads per kv head), else the earlier tensor-core kernel where it does (G <= 16,
+  // <= 8 at head_dim 256), else the flash kernel. Variant 2: the earlier tensor-core kernel
+  // (kept as the A/B baseline of the default), the flash kernel where it does not cover the
+  // shape. Variant 1: the CUDA-core flash kernel always (fp32 throughout).
+  // SQUEEZELM_KVQ_VARIANT=1|2 selects one for default calls.
+  if (variant == 0) variant = std::max(0, std::min(2, env_int("SQUEEZELM_KVQ_VARIANT", 0)));
   if (variant == 0) {
+    const bool done = q.dtype == DType::F16
+                          ? planes::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, stream)
+                          : planes::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, stream);
+    if (done) return;
+  }
+  if (variant == 0 || variant == 2) {
     const bool done = q.dtype == DType::F16
                           ? tc::dispatch<__half>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, stream)
                           : tc::dispatch<__nv_bfloat16>(out, q, g, inv_freq, scale, max_seq_len, work, work_floats, stream);

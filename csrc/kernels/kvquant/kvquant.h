@@ -14,8 +14,10 @@ void kvq_rope_append(const Tensor* q_out, const kvq::Cache& c, const kvq::Calib&
                      const Tensor& cu_q, bool rotate_keys, cudaStream_t stream);
 // work / work_floats: caller scratch of kvq_attention_workspace_floats(...) floats, or null
 // (then a grow-only per-device buffer, never while capturing a graph). variant: 0 the
-// tensor-core kernel (the flash kernel for shapes it does not cover), 1 the CUDA-core
-// flash-decoding kernel always (the A/B baseline). SQUEEZELM_KVQ_VARIANT=1 makes 1 the default.
+// rotation-plane kernel (planes.cuh) where it covers the shape, else the earlier tensor-core
+// kernel, else the flash kernel; 1 the CUDA-core flash-decoding kernel always; 2 the earlier
+// tensor-core kernel (the flash kernel where it does not cover the shape).
+// SQUEEZELM_KVQ_VARIANT=1|2 makes 1 or 2 the default.
 void kvq_attention(const Tensor& out, const Tensor& q, const kvq::Cache& c, const kvq::Calib& cal,
                    const Tensor& page_table, const Tensor& seq_lens, const Tensor& cu_q, const Tensor& inv_freq,
                    float scale, int max_q, int max_seq_len, float* work, int64_t work_floats, int variant,

@@ -77,12 +77,23 @@ KVQ_HD float normalize(float x, float lo, float hi) {
   float t = 2.f * (x - lo);
   return t / (hi - lo) - 1.f;
 }
-// Nearest entry of a sorted codebook; ties (and NaN) go to the lower entry.
+// Codebook entries are used at fp16 precision by every op, CPU and CUDA alike (an f32 entry is
+// rounded to the nearest fp16 value where it is read). The tensor-core attention kernel then
+// multiplies exact codebook values: a per-code rounding left to the kernel alone would be the
+// same for every token with that code and would not average out over a long sequence.
+KVQ_HD float book_entry(float x) {
+#ifdef __CUDA_ARCH__
+  return __half2float(__float2half_rn(x));
+#else
+  return half_to_float(float_to_half(x));
+#endif
+}
+// Nearest entry of a sorted codebook (entries at fp16 precision); ties (and NaN) go to the lower entry.
 KVQ_HD int nearest_code(float x, const float* cb, int n) {
   int best = 0;
-  float bd = fabsf(x - cb[0]);
+  float bd = fabsf(x - book_entry(cb[0]));
   for (int j = 1; j < n; ++j) {
-    float d = fabsf(x - cb[j]);
+    float d = fabsf(x - book_entry(cb[j]));
     if (d < bd) { bd = d; best = j; }
   }
   return best;

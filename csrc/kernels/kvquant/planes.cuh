@@ -1,0 +1,533 @@
+// Rotation-plane tensor-core decode attention over the packed KVQuant cache: the default kernel
+// for head_dim 64, 96 and 128 with up to 8 query heads per kv head. Included by kvquant.cu
+// inside its anonymous namespace, after namespace tc (Geo, slot_of, the codebook byte-permute
+// helpers, the split plan and the combine are shared).
+//
+// Why this shape. Keys are stored before RoPE as k = a*cb + b per channel (a, b from the
+// calibrated bounds, cb a codebook value), so with (c, s) the cos/sin of a RoPE pair at the
+// token's position, the score of a pair (x channel i, y channel i + D/2) is
+//     qx x' + qy y' = c*cbx*(qx ax) + c*cby*(qy ay) + s*cbx*(qy ax) + s*cby*(-qx ay)
+//                     + c*(qx bx + qy by) + s*(qy bx - qx by).
+// Every term is a product of something per token (c*cb, s*cb, c, s) with something per query
+// head (the brackets). So the score is one tensor-core product over six "planes" of HALF
+// entries each: the token side is built in registers with one half2 multiply per two
+// entries (c*cb and s*cb; the codebook values come from byte permutes, the cos/sin half2
+// words from a per-block table), the query side is computed once per split. Nothing is
+// dequantized or rotated in fp32 per element, nothing is staged through shared memory for the
+// keys, and the fragments are laid out so that each lane's RoPE pairs are one contiguous run
+// of its token's code row. Codebook entries are fp16 values (kvquant_layout.h), so the only
+// roundings are c*cb, s*cb and the query-side brackets: random from token to token.
+//   * scores: S^T = K Q^T with mma.m16n8k16, A = the token planes (16 tokens of the tile),
+//     B = the query planes (8 query heads): every row of the product is used (with the query
+//     heads as rows, G <= 8 would waste half of it).
+//   * softmax in fp32 (log2 domain); P^T for p.v is the score fragment transposed by movmatrix.
+//   * values: v = offset_t + scale_t * cb, so the value tile holds codebook values (staged per
+//     token row through shared memory, read transposed by ldmatrix) and P carries p * scale_t;
+//     sum p * offset_t is kept apart. A value outlier is staged as (exact - offset) / scale.
+//   * key outliers: the difference between the exact key and a*cb + b, rotated with an exact
+//     cos/sin, is added to the scores of the token's heads in fp32 (one lane per outlier
+//     computes it, the lanes holding the token's scores take it by shuffles).
+//   * sink tokens: their scores are recomputed exactly from the fp16 side store, their values
+//     staged with scale 1, offset 0.
+//   * codes, value rows and metadata of the next tiles are copied to shared memory by cp.async
+//     (two or three stages per warp) while the current tile is computed.
+// Grid, splits and the combine are tc's: one warp per kv head, splits of 64-token chunks.
+namespace planes {
+
+constexpr int kTok = 16, kChunk = 64, kWarps = 8;
+using tc::Book;
+using tc::h2u;
+using tc::kLog2e;
+using tc::lds128;
+using tc::lut;
+using tc::prmt;
+using tc::sts128;
+using tc::swz;
+using tc::u2h;
+
+template <int D, int BITS> struct Shape {
+  static constexpr int HALF = D / 2;
+  static constexpr int KS = HALF / 16;   // k-steps per plane
+  static constexpr int PPL = HALF / 4;   // RoPE pairs per lane and token (4 per k-step)
+  static constexpr int GROUPS = HALF / 4;  // 4-pair groups per token in the cos/sin table
+  // cos/sin table row stride in 16-byte chunks, = 4 (mod 8): the 8 lanes of a quarter warp
+  // (two tokens, four lanes each) read 8 different bank groups
+  static constexpr int RSC = (GROUPS + 3) / 8 * 8 + 4;
+  static constexpr int CB = fast::CodeBytes<D, BITS>::value;
+  static constexpr int KBITS = PPL * 2 * BITS;  // key code bits per lane and token
+  static constexpr int NWK = (KBITS + 31) / 32 + (BITS == 3 ? 1 : 0);
+  static constexpr int NB = D / 16, MT = D / 16;
+  static constexpr int RS = D <= 64 ? 64 : 128;  // value tile row stride (halves)
+  static constexpr int TW = BITS == 4 ? 4 : 2;
+  static constexpr int NSTG = BITS == 2 ? 3 : 2;  // cp.async stages per warp (two blocks per SM)
+};
+static_assert(Shape<64, 2>::RSC % 8 == 4 && Shape<96, 3>::RSC % 8 == 4 && Shape<128, 4>::RSC % 8 == 4, "table stride");
+
+__device__ __forceinline__ unsigned hmul2(unsigned a, unsigned b) { return h2u(__hmul2(u2h(a), u2h(b))); }
+// 8x8 fp16 transpose across the warp: the C-fragment layout of a row-major 8x8 block in, the
+// same layout of its transpose out.
+__device__ __forceinline__ unsigned movtrans(unsigned a) {
+  unsigned d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+  return d;
+}
+__device__ __forceinline__ void cp4(unsigned dst, const void* src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 4 : 0));
+}
+__device__ __forceinline__ float hf(const uint8_t* p) {
+  return __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(p)));
+}
+
+// NW words of a bit stream starting at bit `bit0` of a shared-memory row (reads one more word).
+template <int NW, bool ALIGNED>
+__device__ __forceinline__ void stream_words(const uint8_t* row, int bit0, unsigned (&w)[NW]) {
+  const unsigned* p = reinterpret_cast<const unsigned*>(row) + (bit0 >> 5);
+  if constexpr (ALIGNED) {
+#pragma unroll
+    for (int i = 0; i < NW; ++i) w[i] = p[i];
+  } else {
+    const int sh = bit0 & 31;
+    unsigned nx = p[0];
+#pragma unroll
+    for (int i = 0; i < NW; ++i) {
+      const unsigned cur = nx;
+      nx = p[i + 1];
+      w[i] = __funnelshift_r(cur, nx, sh);
+    }
+  }
+}
+
+// Codebook values of the lane's 4 RoPE pairs of k-step ks (from its key code words): X[0] =
+// (x0, x1), X[1] = (x2, x3) as half2, Y likewise for the partner channels.
+template <int BITS, int TW, int NW>
+__device__ __forceinline__ void key_step(const unsigned (&kw)[NW], int ks, const Book<TW>& bk, unsigned (&X)[2],
+                                         unsigned (&Y)[2]) {
+  unsigned lo, hi;
+  if constexpr (BITS == 2) {
+    const unsigned v = kw[ks >> 1] >> ((ks & 1) * 16);  // x_k in bits 4k, 4k+1; y_k in 4k+2, 4k+3
+    lut(bk, v & 0x3333u, lo, hi);
+    X[0] = prmt(lo, hi, 0x5140);
+    X[1] = prmt(lo, hi, 0x7362);
+    lut(bk, (v >> 2) & 0x3333u, lo, hi);
+    Y[0] = prmt(lo, hi, 0x5140);
+    Y[1] = prmt(lo, hi, 0x7362);
+  } else {
+    unsigned nb;  // one code per nibble: x0 y0 x1 y1 x2 y2 x3 y3
+    if constexpr (BITS == 4) {
+      nb = kw[ks];
+    } else {
+      const int bit = 24 * ks;
+      nb = tc::nib3(__funnelshift_r(kw[bit >> 5], kw[(bit >> 5) + 1], bit & 31) & 0xffffffu);
+    }
+    lut(bk, nb & 0xffffu, lo, hi);
+    X[0] = prmt(lo, hi, 0x6240);
+    Y[0] = prmt(lo, hi, 0x7351);
+    lut(bk, nb >> 16, lo, hi);
+    X[1] = prmt(lo, hi, 0x6240);
+    Y[1] = prmt(lo, hi, 0x7351);
+  }
+}
+
+template <int D, int BITS> __host__ __device__ inline size_t warp_bytes(int stage_bytes) {
+  using S = Shape<D, BITS>;
+  return (size_t)S::NSTG * stage_bytes + kTok * S::RS * 2 + S::KS * 2 * 32 * 8 + kTok * 8;
+}
+template <int D, int BITS> __host__ __device__ constexpr size_t table_bytes() { return (size_t)kChunk * Shape<D, BITS>::RSC * 16; }
+inline int stage_bytes_for(int cb, int mb) { return (32 * cb + 16 * mb + 15) / 16 * 16; }
+
+template <class T, int D, int BITS>
+__global__ void __launch_bounds__(kWarps * 32, 2)
+planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, float scale, int hq_total, tc::Plan pl,
+              float* __restrict__ part, int stage_bytes) {
+  using S = Shape<D, BITS>;
+  constexpr int HALF = S::HALF, KS = S::KS, PPL = S::PPL, CB = S::CB, TW = S::TW, RS = S::RS, NSTG = S::NSTG;
+  constexpr int NWK = S::NWK, RSC = S::RSC;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int r = lane >> 2, c4 = lane & 3;  // fragment row (token / head) and column pair
+  const int split = blockIdx.x, n = blockIdx.y;
+  const int h = blockIdx.z * pl.hpb + warp;
+  const bool active = warp < pl.hpb && h < g.H;
+  const int G = hq_total / g.H;
+  const int MB = g.mbytes, nk = g.nk, nv = g.nv, ns = nk + nv;
+
+  // shared memory: the block's cos/sin table, then per warp: code stages, value tile, q, value scales
+  const unsigned base = smem_u32(smem);
+  const unsigned cs_s = base;
+  const unsigned wb = (unsigned)(table_bytes<D, BITS>() + warp * warp_bytes<D, BITS>(stage_bytes));
+  const unsigned stg = base + wb;
+  const unsigned vt = stg + NSTG * stage_bytes;
+  // the offset planes' query fragments [KS][2][32 lanes] (uint2): registers are short at D = 128
+  const unsigned qcs = vt + kTok * RS * 2;
+  const uint2* const qcsp = reinterpret_cast<const uint2*>(smem + (qcs - base));
+  float2* const vsc = reinterpret_cast<float2*>(smem + (qcs - base) + KS * 2 * 32 * 8);  // [kTok] (scale, offset)
+  const T* const qrow = q + ((long long)n * hq_total + (long long)h * G) * D;  // this kv head's G query rows
+
+  __shared__ int bp[2];
+  __shared__ __align__(16) unsigned books[2][2][TW];  // key, value books: low / high byte planes
+  __shared__ float kbook[16];                         // key codebook (fp16 values) for the outlier deltas
+  if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
+  if (tid < 2) {
+    const Book<TW> bk = tc::make_book<TW>(tid == 0 ? g.key_cb : g.val_cb, 1 << BITS);
+#pragma unroll
+    for (int w = 0; w < TW; ++w) { books[tid][0][w] = bk.lo[w]; books[tid][1][w] = bk.hi[w]; }
+  }
+  if (tid < (1 << BITS)) kbook[tid] = kvq::book_entry(g.key_cb[tid]);
+  __syncthreads();
+  auto book = [&](int i) {
+    Book<TW> bk;
+#pragma unroll
+    for (int w = 0; w < TW; ++w) { bk.lo[w] = books[i][0][w]; bk.hi[w] = books[i][1][w]; }
+    return bk;
+  };
+  const int b = bp[0], L = b < 0 ? 0 : bp[1] + 1;
+  // chunks of the current length spread over the planned splits (see tc_kernel)
+  const int sub_now = max(1, ((L + kChunk - 1) / kChunk + pl.splits - 1) / pl.splits);
+  const int t_begin = split * sub_now * kChunk, t_end = min(L, t_begin + sub_now * kChunk);
+  const int ntiles = t_end > t_begin ? (t_end - t_begin + kTok - 1) / kTok : 0;
+  const float qs = scale * kLog2e;  // scores in the log2 domain
+
+  // ---- per split: the query planes (B fragments, head = r); the offset planes go to shared memory
+  unsigned qb[4][KS][2];
+  if (active) {
+    const float* lo = g.key_lo + (long long)h * D;
+    const float* hi = g.key_hi + (long long)h * D;
+    const bool hv = r < G && b >= 0;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+      for (int hf2 = 0; hf2 < 2; ++hf2) {
+        float cf[2][6];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int p = PPL * c4 + 4 * ks + 2 * hf2 + j;
+          const float qx = hv ? qs * to_f(qrow[r * D + p]) : 0.f, qy = hv ? qs * to_f(qrow[r * D + p + HALF]) : 0.f;
+          const float lx = lo[p], ly = lo[p + HALF];
+          const float ax = 0.5f * (hi[p] - lx), ay = 0.5f * (hi[p + HALF] - ly), bx = lx + ax, by = ly + ay;
+          cf[j][0] = qx * ax;
+          cf[j][1] = qy * ay;
+          cf[j][2] = qy * ax;
+          cf[j][3] = -qx * ay;
+          cf[j][4] = fmaf(qx, bx, qy * by);
+          cf[j][5] = fmaf(qy, bx, -qx * by);
+        }
+#pragma unroll
+        for (int pl_ = 0; pl_ < 4; ++pl_) qb[pl_][ks][hf2] = h2u(__floats2half2_rn(cf[0][pl_], cf[1][pl_]));
+#pragma unroll
+        for (int pl_ = 4; pl_ < 6; ++pl_)
+          tc::sts32(qcs + (unsigned)((((ks * 2 + pl_ - 4) * 32 + lane) * 2 + hf2) * 4),
+                    __uint_as_float(h2u(__floats2half2_rn(cf[0][pl_], cf[1][pl_]))));
+      }
+    __syncwarp();
+  }
+
+  float acc[S::MT][4];
+#pragma unroll
+  for (int mt = 0; mt < S::MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, pa_run[2] = {0.f, 0.f};  // heads 2 c4 + e
+
+  // ---- cp.async of tile k (K rows, V rows, metadata rows) into stage k % NSTG; one group per tile
+  auto issue = [&](int k) {
+    if (k < ntiles) {
+      const unsigned dst = stg + (k % NSTG) * stage_bytes;
+      const int tl = lane & 15, half = lane >> 4, tt = t_begin + k * kTok + tl;
+      const bool ok = tt < t_end && tt >= g.sink;
+      const long long sl = ok ? slot_of(g, b, tt, h) : 0;
+      const uint8_t* kr = g.kc + sl * CB;
+      const uint8_t* vr = g.vc + sl * CB;
+      const uint8_t* mr = g.meta + sl * MB;
+#pragma unroll
+      for (int c = half; c < CB / 16; c += 2) {
+        cp_async16(dst + tl * CB + 16 * c, kr + 16 * c, ok);
+        cp_async16(dst + 16 * CB + tl * CB + 16 * c, vr + 16 * c, ok);
+      }
+      for (int c = half; c < MB / 4; c += 2) cp4(dst + 32 * CB + tl * MB + 4 * c, mr + 4 * c, ok);
+    }
+    cp_async_commit();
+  };
+  if (active)
+#pragma unroll
+    for (int k = 0; k < NSTG - 1; ++k) issue(k);
+
+  const int srow = b >= 0 ? sink_row(g, b) : 0;
+  for (int t0c = t_begin; t0c < t_end; t0c += kChunk) {
+    const int cnt_c = min(kChunk, t_end - t0c);
+    // cos/sin of the chunk: row tt, chunk (ks * 4 + lane c4) holds (c0..c3, s0..s3) of pairs 4 grp .. 4 grp + 3
+    __syncthreads();
+    for (int e = tid; e < cnt_c * S::GROUPS; e += blockDim.x) {
+      const int tt = e / S::GROUPS, grp = e % S::GROUPS;
+      float cv[4], sv[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) tc::sincos_reduced(__fmul_rn((float)(t0c + tt), inv_freq[4 * grp + j]), &sv[j], &cv[j]);
+      sts128(cs_s + (unsigned)((tt * RSC + (grp % KS) * 4 + grp / KS) * 16), h2u(__floats2half2_rn(cv[0], cv[1])),
+             h2u(__floats2half2_rn(cv[2], cv[3])), h2u(__floats2half2_rn(sv[0], sv[1])), h2u(__floats2half2_rn(sv[2], sv[3])));
+    }
+    __syncthreads();
+    if (!active) continue;
+    for (int tt0 = 0; tt0 < cnt_c; tt0 += kTok) {
+      const int k = (t0c - t_begin + tt0) / kTok, t0 = t0c + tt0;
+      issue(k + NSTG - 1);
+      cp_async_wait<NSTG - 1>();
+      __syncwarp();
+      const unsigned sbs = stg + (k % NSTG) * stage_bytes;
+      const uint8_t* sbp = smem + (sbs - base);  // K rows [16][CB], V rows [16][CB], meta [16][MB]
+      const uint8_t* metap = sbp + 32 * CB;
+
+      // ---- scores over the six planes
+      float sc[4];
+      {
+        const Book<TW> kbk = book(0);
+        unsigned kw0[NWK], kw1[NWK];
+        stream_words<NWK, S::KBITS % 32 == 0>(sbp + r * CB, c4 * S::KBITS, kw0);
+        stream_words<NWK, S::KBITS % 32 == 0>(sbp + (r + 8) * CB, c4 * S::KBITS, kw1);
+        float sa[4] = {0.f, 0.f, 0.f, 0.f}, sb[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+          unsigned X0[2], Y0[2], X1[2], Y1[2];
+          key_step<BITS>(kw0, ks, kbk, X0, Y0);
+          key_step<BITS>(kw1, ks, kbk, X1, Y1);
+          const uint4 cs0 = lds128(cs_s + (unsigned)(((tt0 + r) * RSC + ks * 4 + c4) * 16));
+          const uint4 cs1 = lds128(cs_s + (unsigned)(((tt0 + r + 8) * RSC + ks * 4 + c4) * 16));
+          // A rows: token r (a0, a2) and r + 8 (a1, a3); a0/a1 pairs 0-1, a2/a3 pairs 2-3 of the step
+          mma_16816<__half>(sa, hmul2(X0[0], cs0.x), hmul2(X1[0], cs1.x), hmul2(X0[1], cs0.y), hmul2(X1[1], cs1.y),
+                            qb[0][ks][0], qb[0][ks][1]);
+          mma_16816<__half>(sb, hmul2(Y0[0], cs0.x), hmul2(Y1[0], cs1.x), hmul2(Y0[1], cs0.y), hmul2(Y1[1], cs1.y),
+                            qb[1][ks][0], qb[1][ks][1]);
+          mma_16816<__half>(sa, hmul2(X0[0], cs0.z), hmul2(X1[0], cs1.z), hmul2(X0[1], cs0.w), hmul2(X1[1], cs1.w),
+                            qb[2][ks][0], qb[2][ks][1]);
+          mma_16816<__half>(sb, hmul2(Y0[0], cs0.z), hmul2(Y1[0], cs1.z), hmul2(Y0[1], cs0.w), hmul2(Y1[1], cs1.w),
+                            qb[3][ks][0], qb[3][ks][1]);
+          const uint2 qc = qcsp[(ks * 2) * 32 + lane], qsn = qcsp[(ks * 2 + 1) * 32 + lane];
+          mma_16816<__half>(sa, cs0.x, cs1.x, cs0.y, cs1.y, qc.x, qc.y);
+          mma_16816<__half>(sb, cs0.z, cs1.z, cs0.w, cs1.w, qsn.x, qsn.y);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[e] = sa[e] + sb[e];  // (token r | r + 8) x (head 2 c4 | 2 c4 + 1)
+      }
+      // ---- key outliers: exact - (a cb + b), rotated, into the scores of the token's heads.
+      // Lane 2 t + u computes slot s0 + u of token t; the lanes holding token t's scores fetch it.
+      for (int s0 = 0; s0 < nk; s0 += 2) {
+        const int tl = lane >> 1, so = s0 + (lane & 1), tt = t0 + tl;
+        float dx = 0.f, dy = 0.f;
+        int pi = 0;
+        if (so < nk && tt < t_end && tt >= g.sink) {
+          const uint8_t* me = metap + tl * MB;
+          const int ch = min((int)me[4 + 2 * ns + so], D - 1);
+          const float ex = hf(me + 4 + 2 * so);
+          const int code = kvq::get_code(sbp + tl * CB, kvq::key_element(ch, D), BITS);
+          const float lx = __ldg(g.key_lo + (long long)h * D + ch), a_ = 0.5f * (__ldg(g.key_hi + (long long)h * D + ch) - lx);
+          const float delta = ex - fmaf(a_, kbook[code], lx + a_);
+          const bool xh = ch < HALF;
+          pi = xh ? ch : ch - HALF;
+          float sn, cn;
+          tc::sincos_reduced(__fmul_rn((float)tt, inv_freq[pi]), &sn, &cn);
+          dx = xh ? cn * delta : -sn * delta;
+          dy = xh ? sn * delta : cn * delta;
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            const int src = 2 * (r + 8 * j) + u;
+            const float ddx = __shfl_sync(0xffffffffu, dx, src), ddy = __shfl_sync(0xffffffffu, dy, src);
+            const int ppi = __shfl_sync(0xffffffffu, pi, src);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int hh = 2 * c4 + e;
+              if (hh < G)
+                sc[2 * j + e] += qs * fmaf(to_f(qrow[hh * D + ppi]), ddx, to_f(qrow[hh * D + ppi + HALF]) * ddy);
+            }
+          }
+      }
+      // ---- masked and sink tokens
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int tt = t0 + r + 8 * j;
+        if (tt >= t_end) {
+          sc[2 * j] = sc[2 * j + 1] = -INFINITY;
+        } else if (tt < g.sink) {  // exact: the fp16 key from the side store, rotated in fp32
+          const uint16_t* sk = g.sink_k + (((long long)srow * g.sink + tt) * g.H + h) * D;
+          float s0 = 0.f, s1 = 0.f;
+          const int h0 = min(2 * c4, G - 1), h1 = min(2 * c4 + 1, G - 1);
+          for (int i = 0; i < HALF; ++i) {
+            const float x = __half2float(__ushort_as_half(sk[i])), y = __half2float(__ushort_as_half(sk[i + HALF]));
+            float sn, cn;
+            tc::sincos_reduced(__fmul_rn((float)tt, inv_freq[i]), &sn, &cn);
+            const float xr = fmaf(x, cn, -y * sn), yr = fmaf(y, cn, x * sn);
+            s0 = fmaf(to_f(qrow[h0 * D + i]), xr, fmaf(to_f(qrow[h0 * D + i + HALF]), yr, s0));
+            s1 = fmaf(to_f(qrow[h1 * D + i]), xr, fmaf(to_f(qrow[h1 * D + i + HALF]), yr, s1));
+          }
+          sc[2 * j] = qs * s0;
+          sc[2 * j + 1] = qs * s1;
+        }
+      }
+      // ---- value scale and offset per token (an outlier may widen the scale, see tc_kernel)
+      if (lane < kTok) {
+        const int tt = t0 + lane;
+        float sv = 0.f, av = 0.f;
+        if (tt < t_end) {
+          if (tt < g.sink) {
+            sv = 1.f;
+          } else {
+            const uint8_t* me = metap + lane * MB;
+            const float vlo = hf(me), vhi = hf(me + 2);
+            sv = 0.5f * (vhi - vlo);
+            av = vlo + sv;
+            if (nv > 0) {
+              for (int s_ = 0; s_ < nv; ++s_) sv = fmaxf(sv, fabsf(hf(me + 4 + 2 * (nk + s_)) - av) * (1.f / 16384.f));
+              sv = fmaxf(sv, 1e-30f);
+            }
+          }
+        }
+        vsc[lane] = make_float2(sv, av);
+      }
+      __syncwarp();
+      // ---- online softmax per head (log2 domain); P^T carries p * the token's value scale
+      unsigned b0, b1;
+      {
+        const float2 v0 = vsc[r], v1 = vsc[r + 8];
+        float alpha[2], pv[4];
+        bool grew = false;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float mx = fmaxf(sc[e], sc[2 + e]);
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+          const float mn = fmaxf(m_run[e], mx);
+          grew |= mn > m_run[e];
+          alpha[e] = exp2f(m_run[e] - mn);
+          m_run[e] = mn;
+          const float p0 = exp2f(sc[e] - mn), p1 = exp2f(sc[2 + e] - mn);
+          l_run[e] = fmaf(l_run[e], alpha[e], p0 + p1);
+          pa_run[e] = fmaf(pa_run[e], alpha[e], fmaf(p0, v0.y, p1 * v1.y));
+          pv[e] = p0 * v0.x;
+          pv[2 + e] = p1 * v1.x;
+        }
+        b0 = movtrans(h2u(__floats2half2_rn(pv[0], pv[1])));  // (tokens 2 c4, 2 c4 + 1) x head r
+        b1 = movtrans(h2u(__floats2half2_rn(pv[2], pv[3])));  // (tokens 8 + 2 c4, 9 + 2 c4) x head r
+        if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+          for (int mt = 0; mt < S::MT; ++mt) {
+            acc[mt][0] *= alpha[0];
+            acc[mt][1] *= alpha[1];
+            acc[mt][2] *= alpha[0];
+            acc[mt][3] *= alpha[1];
+          }
+        }
+      }
+      // ---- value tile: codebook values per token row (tc's staging order), sink rows exact
+      {
+        const Book<TW> vbk = book(1);
+        for (int it = lane; it < kTok * S::NB; it += 32) {
+          const int tl = it & 15, j = it >> 4, tt = t0 + tl;
+          unsigned v[8];
+          if (tt < g.sink && tt < t_end) {
+            const uint16_t* sv_ = g.sink_v + (((long long)srow * g.sink + tt) * g.H + h) * D;
+#pragma unroll
+            for (int w = 0; w < 8; ++w)
+              v[w] = (unsigned)sv_[tc::value_channel<BITS>(16 * j + 2 * w)] |
+                     ((unsigned)sv_[tc::value_channel<BITS>(16 * j + 2 * w + 1)] << 16);
+          } else {
+            unsigned w[2];
+            stream_words<2, BITS != 3>(sbp + 16 * CB + tl * CB, 16 * BITS * j, w);
+            tc::value_block<BITS, TW>(w, 0, vbk, v);
+          }
+          sts128(vt + swz<RS>(tl, 2 * j), v[0], v[1], v[2], v[3]);
+          sts128(vt + swz<RS>(tl, 2 * j + 1), v[4], v[5], v[6], v[7]);
+        }
+      }
+      __syncwarp();
+      for (int s0 = 0; s0 < nv; s0 += 2) {  // value outliers: (exact - offset) / scale
+        const int tl = lane >> 1, so = s0 + (lane & 1), tt = t0 + tl;
+        if (so < nv && tt < t_end && tt >= g.sink) {
+          const uint8_t* me = metap + tl * MB;
+          const int col = tc::value_column<BITS>(min((int)me[4 + 2 * ns + nk + so], D - 1));
+          const float2 sa = vsc[tl];
+          const float x = (hf(me + 4 + 2 * (nk + so)) - sa.y) / sa.x;
+          tc::sts16(vt + swz<RS>(tl, col >> 3) + (col & 7) * 2, __half_as_ushort(__float2half_rn(x)));
+        }
+      }
+      __syncwarp();
+      // ---- out^T[channels x heads] += V^T P^T
+      {
+        const int m = lane >> 3, row = (m >> 1) * 8 + (lane & 7);
+#pragma unroll
+        for (int mt = 0; mt < S::MT; ++mt) {
+          unsigned a[4];
+          ldmatrix_x4_trans(vt + swz<RS>(row, 2 * mt + (m & 1)), a[0], a[1], a[2], a[3]);
+          mma_16816<__half>(acc[mt], a[0], a[1], a[2], a[3], b0, b1);
+        }
+      }
+      __syncwarp();
+    }
+  }
+  if (!active) return;
+  cp_async_wait<0>();
+  // ---- partials: acc (unnormalised) + value offsets, m (natural log), l; per head 2 c4 + e
+#pragma unroll
+  for (int e = 0; e < 2; ++e)
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      l_run[e] += __shfl_xor_sync(0xffffffffu, l_run[e], o);
+      pa_run[e] += __shfl_xor_sync(0xffffffffu, pa_run[e], o);
+    }
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int head = 2 * c4 + e;
+    if (head >= G) continue;
+    float* pr = part + (((long long)n * hq_total + (long long)h * G + head) * pl.splits + split) * (D + 2);
+#pragma unroll
+    for (int mt = 0; mt < S::MT; ++mt) {
+      pr[tc::value_channel<BITS>(16 * mt + r)] = acc[mt][e] + pa_run[e];
+      pr[tc::value_channel<BITS>(16 * mt + r + 8)] = acc[mt][2 + e] + pa_run[e];
+    }
+    if (r == 0) {
+      pr[D] = m_run[e] == -INFINITY ? -INFINITY : m_run[e] * 0.6931471805599453f;
+      pr[D + 1] = l_run[e];
+    }
+  }
+}
+
+template <class T, int D, int BITS>
+void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, const tc::Plan& pl,
+            float* part, cudaStream_t stream) {
+  const int N = (int)q.dim(0), Hq = (int)q.dim(1);
+  const int stage = stage_bytes_for(Shape<D, BITS>::CB, g.mbytes);
+  const size_t smem = table_bytes<D, BITS>() + (size_t)pl.hpb * warp_bytes<D, BITS>(stage);
+  allow_dynamic_smem<planes_kernel<T, D, BITS>>(smem, "kvqAttention");
+  planes_kernel<T, D, BITS><<<dim3(pl.splits, N, pl.groups), pl.hpb * 32, smem, stream>>>(
+      g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part, stage);
+  fast::launch_combine<T>(part, pl.splits, N * Hq, D, static_cast<T*>(out.data()), stream);
+}
+template <class T, int D>
+void launch_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, const tc::Plan& pl,
+                 float* part, cudaStream_t s) {
+  if (g.bits == 2) launch<T, D, 2>(out, q, g, f, scale, pl, part, s);
+  else if (g.bits == 3) launch<T, D, 3>(out, q, g, f, scale, pl, part, s);
+  else launch<T, D, 4>(out, q, g, f, scale, pl, part, s);
+}
+// Covered: head_dim 64, 96, 128 (the RoPE half a multiple of 16) and up to 8 query heads per kv head.
+inline bool covers(int D, int G) { return G >= 1 && G <= 8 && (D == 64 || D == 96 || D == 128); }
+template <class T>
+bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, int L, float* work,
+              int64_t work_floats, cudaStream_t s) {
+  const int N = (int)q.dim(0), Hq = (int)q.dim(1), dev = q.device.index, G = Hq / g.H;
+  if (!covers(g.D, G)) return false;
+  if (N == 0) return true;
+  // the same plan (and so the same workspace) as tc: 8 warps per block, two blocks per SM
+  const tc::Plan pl = tc::plan(sm_count(dev), N, g.H, G, g.D, L);
+  const int64_t need = (int64_t)N * Hq * pl.splits * (g.D + 2);
+  if (work && need > work_floats) fail("ERR_ARG", "kvqAttention: the workspace holds " + std::to_string(work_floats) +
+                                                      " floats, this call needs " + std::to_string(need));
+  float* part = work ? work : partials(dev, (size_t)need * sizeof(float), s);
+  switch (g.D) {
+    case 64: launch_bits<T, 64>(out, q, g, f, scale, pl, part, s); return true;
+    case 96: launch_bits<T, 96>(out, q, g, f, scale, pl, part, s); return true;
+    case 128: launch_bits<T, 128>(out, q, g, f, scale, pl, part, s); return true;
+    default: return false;
+  }
+}
+}  // namespace planes
