@@ -187,6 +187,39 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   const int ntiles = t_end > t_begin ? (t_end - t_begin + kTok - 1) / kTok : 0;
   const float qs = scale * kLog2e;  // scores in the log2 domain
 
+  // ---- cp.async of tile k (K rows, V rows, metadata rows) into stage k % NSTG; one group per tile.
+  // Lane (token tl = lane & 15, half) copies half of its token's rows. The page of the token is
+  // read one tile ahead (page_of), so the copy never waits for the page table.
+  auto page_of = [&](int k) -> int {
+    const int tt = t_begin + k * kTok + (lane & 15);
+    return k < ntiles && tt < t_end && tt >= g.sink ? __ldg(g.pt + (long long)b * g.max_pages + page_col(g, tt)) : 0;
+  };
+  auto issue = [&](int k, int page) {
+    if (k < ntiles) {
+      const unsigned dst = stg + (k % NSTG) * stage_bytes;
+      const int tl = lane & 15, half = lane >> 4, tt = t_begin + k * kTok + tl;
+      const bool ok = tt < t_end && tt >= g.sink;
+      const int col = page_col(g, tt);
+      const long long sl = ok ? ((long long)page * g.page_size + (tt - col * g.page_size)) * g.H + h : 0;
+      const uint8_t* kr = g.kc + sl * CB;
+      const uint8_t* vr = g.vc + sl * CB;
+      const uint8_t* mr = g.meta + sl * MB;
+#pragma unroll
+      for (int c = half; c < CB / 16; c += 2) {
+        cp_async16(dst + tl * CB + 16 * c, kr + 16 * c, ok);
+        cp_async16(dst + 16 * CB + tl * CB + 16 * c, vr + 16 * c, ok);
+      }
+      for (int c = half; c < MB / 4; c += 2) cp4(dst + 32 * CB + tl * MB + 4 * c, mr + 4 * c, ok);
+    }
+    cp_async_commit();
+  };
+  int page_next = 0;  // page of each lane's token in tile k + NSTG - 1
+  if (active) {
+#pragma unroll
+    for (int k = 0; k < NSTG - 1; ++k) issue(k, page_of(k));
+    page_next = page_of(NSTG - 1);
+  }
+
   // ---- per split: the query planes (B fragments, head = r); the offset planes go to shared memory
   unsigned qb[4][KS][2];
   if (active) {
@@ -228,29 +261,6 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
     for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, pa_run[2] = {0.f, 0.f};  // heads 2 c4 + e
 
-  // ---- cp.async of tile k (K rows, V rows, metadata rows) into stage k % NSTG; one group per tile
-  auto issue = [&](int k) {
-    if (k < ntiles) {
-      const unsigned dst = stg + (k % NSTG) * stage_bytes;
-      const int tl = lane & 15, half = lane >> 4, tt = t_begin + k * kTok + tl;
-      const bool ok = tt < t_end && tt >= g.sink;
-      const long long sl = ok ? slot_of(g, b, tt, h) : 0;
-      const uint8_t* kr = g.kc + sl * CB;
-      const uint8_t* vr = g.vc + sl * CB;
-      const uint8_t* mr = g.meta + sl * MB;
-#pragma unroll
-      for (int c = half; c < CB / 16; c += 2) {
-        cp_async16(dst + tl * CB + 16 * c, kr + 16 * c, ok);
-        cp_async16(dst + 16 * CB + tl * CB + 16 * c, vr + 16 * c, ok);
-      }
-      for (int c = half; c < MB / 4; c += 2) cp4(dst + 32 * CB + tl * MB + 4 * c, mr + 4 * c, ok);
-    }
-    cp_async_commit();
-  };
-  if (active)
-#pragma unroll
-    for (int k = 0; k < NSTG - 1; ++k) issue(k);
-
   const int srow = b >= 0 ? sink_row(g, b) : 0;
   for (int t0c = t_begin; t0c < t_end; t0c += kChunk) {
     const int cnt_c = min(kChunk, t_end - t0c);
@@ -268,7 +278,8 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
     if (!active) continue;
     for (int tt0 = 0; tt0 < cnt_c; tt0 += kTok) {
       const int k = (t0c - t_begin + tt0) / kTok, t0 = t0c + tt0;
-      issue(k + NSTG - 1);
+      issue(k + NSTG - 1, page_next);
+      page_next = page_of(k + NSTG);
       cp_async_wait<NSTG - 1>();
       __syncwarp();
       const unsigned sbs = stg + (k % NSTG) * stage_bytes;
@@ -321,8 +332,9 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
           const float delta = ex - fmaf(a_, kbook[code], lx + a_);
           const bool xh = ch < HALF;
           pi = xh ? ch : ch - HALF;
-          float sn, cn;
-          tc::sincos_reduced(__fmul_rn((float)tt, inv_freq[pi]), &sn, &cn);
+          // cos, sin of the pair from the chunk's table (fp16: the correction's own rounding)
+          const uint8_t* cs = smem + (cs_s - base) + ((tt0 + tl) * RSC + ((pi >> 2) % KS) * 4 + (pi >> 2) / KS) * 16 + (pi & 3) * 2;
+          const float cn = hf(cs), sn = hf(cs + 8);
           dx = xh ? cn * delta : -sn * delta;
           dy = xh ? sn * delta : cn * delta;
         }
@@ -341,47 +353,61 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
             }
           }
       }
-      // ---- masked and sink tokens
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int tt = t0 + r + 8 * j;
-        if (tt >= t_end) {
-          sc[2 * j] = sc[2 * j + 1] = -INFINITY;
-        } else if (tt < g.sink) {  // exact: the fp16 key from the side store, rotated in fp32
+      // ---- sink tokens: exact scores from the fp16 side store (keys rotated in fp32). The whole
+      // warp takes one sink token at a time, two RoPE pairs per lane, for all its query heads.
+      if (t0 < g.sink) {
+        const int ns_ = min(g.sink, t_end) - t0;
+        for (int ts = 0; ts < ns_ && ts < kTok; ++ts) {
+          const int tt = t0 + ts;
           const uint16_t* sk = g.sink_k + (((long long)srow * g.sink + tt) * g.H + h) * D;
-          float s0 = 0.f, s1 = 0.f;
-          const int h0 = min(2 * c4, G - 1), h1 = min(2 * c4 + 1, G - 1);
-          for (int i = 0; i < HALF; ++i) {
+          float part[8];
+#pragma unroll
+          for (int hh = 0; hh < 8; ++hh) part[hh] = 0.f;
+          for (int i = lane; i < HALF; i += 32) {
             const float x = __half2float(__ushort_as_half(sk[i])), y = __half2float(__ushort_as_half(sk[i + HALF]));
             float sn, cn;
             tc::sincos_reduced(__fmul_rn((float)tt, inv_freq[i]), &sn, &cn);
             const float xr = fmaf(x, cn, -y * sn), yr = fmaf(y, cn, x * sn);
-            s0 = fmaf(to_f(qrow[h0 * D + i]), xr, fmaf(to_f(qrow[h0 * D + i + HALF]), yr, s0));
-            s1 = fmaf(to_f(qrow[h1 * D + i]), xr, fmaf(to_f(qrow[h1 * D + i + HALF]), yr, s1));
+#pragma unroll
+            for (int hh = 0; hh < 8; ++hh)
+              if (hh < G) part[hh] = fmaf(to_f(qrow[hh * D + i]), xr, fmaf(to_f(qrow[hh * D + i + HALF]), yr, part[hh]));
           }
-          sc[2 * j] = qs * s0;
-          sc[2 * j + 1] = qs * s1;
+          float v0 = 0.f, v1 = 0.f;  // this lane's heads 2 c4, 2 c4 + 1
+#pragma unroll
+          for (int hh = 0; hh < 8; ++hh) {
+            if (hh >= G) break;  // warp-uniform
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) part[hh] += __shfl_xor_sync(0xffffffffu, part[hh], o);
+            if (hh == 2 * c4) v0 = part[hh];
+            if (hh == 2 * c4 + 1) v1 = part[hh];
+          }
+          if ((ts & 7) == r) {
+            if (ts < 8) { sc[0] = qs * v0; sc[1] = qs * v1; }
+            else { sc[2] = qs * v0; sc[3] = qs * v1; }
+          }
         }
       }
+      // ---- tokens past the end
+      if (t0 + r >= t_end) sc[0] = sc[1] = -INFINITY;
+      if (t0 + r + 8 >= t_end) sc[2] = sc[3] = -INFINITY;
       // ---- value scale and offset per token (an outlier may widen the scale, see tc_kernel)
-      if (lane < kTok) {
-        const int tt = t0 + lane;
+      {
+        const int tl = lane & 15, tt = t0 + tl;
         float sv = 0.f, av = 0.f;
         if (tt < t_end) {
           if (tt < g.sink) {
             sv = 1.f;
           } else {
-            const uint8_t* me = metap + lane * MB;
+            const uint8_t* me = metap + tl * MB;
             const float vlo = hf(me), vhi = hf(me + 2);
             sv = 0.5f * (vhi - vlo);
             av = vlo + sv;
-            if (nv > 0) {
-              for (int s_ = 0; s_ < nv; ++s_) sv = fmaxf(sv, fabsf(hf(me + 4 + 2 * (nk + s_)) - av) * (1.f / 16384.f));
-              sv = fmaxf(sv, 1e-30f);
-            }
+            for (int s_ = lane >> 4; s_ < nv; s_ += 2) sv = fmaxf(sv, fabsf(hf(me + 4 + 2 * (nk + s_)) - av) * (1.f / 16384.f));
+            if (nv > 0) sv = fmaxf(sv, 1e-30f);
           }
         }
-        vsc[lane] = make_float2(sv, av);
+        sv = fmaxf(sv, __shfl_xor_sync(0xffffffffu, sv, 16));  // the two halves of the token's slots
+        if (lane < kTok) vsc[lane] = make_float2(sv, av);
       }
       __syncwarp();
       // ---- online softmax per head (log2 domain); P^T carries p * the token's value scale
@@ -421,20 +447,30 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
       // ---- value tile: codebook values per token row (tc's staging order), sink rows exact
       {
         const Book<TW> vbk = book(1);
+        const int tl = lane & 15;
+        const uint8_t* vrow = sbp + 16 * CB + tl * CB;
+        static_assert(S::NB % 2 == 0, "two lanes per token row");
+#pragma unroll
+        for (int jj = 0; jj < S::NB / 2; ++jj) {
+          const int j = 2 * jj + (lane >> 4);
+          unsigned w[2], v[8];
+          stream_words<2, BITS != 3>(vrow, 16 * BITS * j, w);
+          tc::value_block<BITS, TW>(w, 0, vbk, v);
+          sts128(vt + swz<RS>(tl, 2 * j), v[0], v[1], v[2], v[3]);
+          sts128(vt + swz<RS>(tl, 2 * j + 1), v[4], v[5], v[6], v[7]);
+        }
+      }
+      if (t0 < g.sink) {  // sink rows: exact fp16 values, in staging order (the tile's codes there are zeros)
+        __syncwarp();
         for (int it = lane; it < kTok * S::NB; it += 32) {
           const int tl = it & 15, j = it >> 4, tt = t0 + tl;
+          if (tt >= g.sink || tt >= t_end) continue;
+          const uint16_t* sv_ = g.sink_v + (((long long)srow * g.sink + tt) * g.H + h) * D;
           unsigned v[8];
-          if (tt < g.sink && tt < t_end) {
-            const uint16_t* sv_ = g.sink_v + (((long long)srow * g.sink + tt) * g.H + h) * D;
 #pragma unroll
-            for (int w = 0; w < 8; ++w)
-              v[w] = (unsigned)sv_[tc::value_channel<BITS>(16 * j + 2 * w)] |
-                     ((unsigned)sv_[tc::value_channel<BITS>(16 * j + 2 * w + 1)] << 16);
-          } else {
-            unsigned w[2];
-            stream_words<2, BITS != 3>(sbp + 16 * CB + tl * CB, 16 * BITS * j, w);
-            tc::value_block<BITS, TW>(w, 0, vbk, v);
-          }
+          for (int w = 0; w < 8; ++w)
+            v[w] = (unsigned)sv_[tc::value_channel<BITS>(16 * j + 2 * w)] |
+                   ((unsigned)sv_[tc::value_channel<BITS>(16 * j + 2 * w + 1)] << 16);
           sts128(vt + swz<RS>(tl, 2 * j), v[0], v[1], v[2], v[3]);
           sts128(vt + swz<RS>(tl, 2 * j + 1), v[4], v[5], v[6], v[7]);
         }
