@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "core/env.h"
 #include "kernels/common/launch_config.h"
+#include "kernels/common/pdl.cuh"
 #include "kernels/common/ptx.cuh"
 #include "kvquant.h"
 
@@ -376,6 +377,8 @@ __global__ void combine_kernel(const float* __restrict__ part, int splits, int D
   float* red = wsm + splits;
   float* dred = red + 8 * 32;
   __shared__ float Ms;
+  pdl_wait();  // launched with PDL: the partials are the previous grid's
+  pdl_trigger();
   const long long row = blockIdx.x;
   const float* p = part + row * splits * (D + 2);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -419,7 +422,7 @@ template <class T>
 void launch_combine(const float* part, int splits, int rows, int D, T* out, cudaStream_t stream) {
   const size_t smem = sizeof(float) * ((size_t)splits + 8 * 32 + 8);
   if (smem > 48 * 1024) allow_dynamic_smem<combine_kernel<T>>(smem, "kvqAttention");
-  combine_kernel<T><<<dim3(rows, (D + 31) / 32), 256, smem, stream>>>(part, splits, D, out);
+  launch_pdl(combine_kernel<T>, dim3(rows, (D + 31) / 32), dim3(256), smem, stream, part, splits, D, out);
 }
 
 }  // namespace fast
@@ -1070,9 +1073,10 @@ constexpr int min_blocks(int D, int NH) { return D > 128 || NH > 1 ? 1 : 2; }
 inline int blocks_per_sm(int D, int G) {
   return std::min(8, std::max(1, env_int("SQUEEZELM_KVQ_BLOCKS_PER_SM", min_blocks(D, G > 8 ? 2 : 1))));
 }
-inline Plan plan(int sms, int N, int H, int G, int D, int max_seq_len) {
+// chunk_tokens: the split granularity (the rotation-plane kernel splits at 32 tokens).
+inline Plan plan(int sms, int N, int H, int G, int D, int max_seq_len, int chunk_tokens = kChunk) {
   Plan p;
-  const int chunks = std::max(1, (max_seq_len + kChunk - 1) / kChunk);
+  const int chunks = std::max(1, (max_seq_len + chunk_tokens - 1) / chunk_tokens);
   // The splits are sized in warps (one per kv head and split): as many as the resident wave
   // holds, each walking as few chunks as that allows (a warp's tiles run one after another).
   // Smaller blocks only where even one chunk per split leaves SMs without a block.
@@ -1700,8 +1704,9 @@ int64_t kvq_attention_workspace_floats(int dev, int64_t rows, int64_t q_heads, i
   // room for either kernel (variant 1, the previous flash kernel, is kept for comparisons and for
   // the shapes the tensor-core kernel does not cover)
   const int sms = sm_count(dev);
-  return std::max(tc::workspace_floats(sms, rows, q_heads, kv_heads, head_dim, max_seq_len),
-                  flash::workspace_floats(sms, rows, q_heads, kv_heads, head_dim, max_seq_len));
+  return std::max({planes::workspace_floats(sms, rows, q_heads, kv_heads, head_dim, max_seq_len),
+                   tc::workspace_floats(sms, rows, q_heads, kv_heads, head_dim, max_seq_len),
+                   flash::workspace_floats(sms, rows, q_heads, kv_heads, head_dim, max_seq_len)});
 }
 
 void kvq_attention(const Tensor& out, const Tensor& q, const kvq::Cache& c, const kvq::Calib& cal,

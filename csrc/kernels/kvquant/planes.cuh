@@ -34,7 +34,10 @@
 // Grid, splits and the combine are tc's: one warp per kv head, splits of 64-token chunks.
 namespace planes {
 
-constexpr int kTok = 16, kChunk = 64, kWarps = 8;
+// kChunk: tokens per cos/sin table fill; kSplit: the split granularity (half a chunk, so that
+// short contexts still give two blocks per SM: at 8K tokens and 8 kv heads, 64-token splits
+// gave 128 blocks, one per SM)
+constexpr int kTok = 16, kChunk = 64, kSplit = 32, kWarps = 8;
 using tc::Book;
 using tc::h2u;
 using tc::kLog2e;
@@ -150,6 +153,10 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   const bool active = warp < pl.hpb && h < g.H;
   const int G = hq_total / g.H;
   const int MB = g.mbytes, nk = g.nk, nv = g.nv, ns = nk + nv;
+  // launched with PDL (pdl.cuh): wait for the previous grid (its q, cache rows, or the previous
+  // call's combine still reading the partials), then let the combine launch and wait in turn
+  pdl_wait();
+  pdl_trigger();
 
   // shared memory: the block's cos/sin table, then per warp: code stages, value tile, q, value scales
   const unsigned base = smem_u32(smem);
@@ -182,8 +189,8 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   };
   const int b = bp[0], L = b < 0 ? 0 : bp[1] + 1;
   // chunks of the current length spread over the planned splits (see tc_kernel)
-  const int sub_now = max(1, ((L + kChunk - 1) / kChunk + pl.splits - 1) / pl.splits);
-  const int t_begin = split * sub_now * kChunk, t_end = min(L, t_begin + sub_now * kChunk);
+  const int sub_now = max(1, ((L + kSplit - 1) / kSplit + pl.splits - 1) / pl.splits);
+  const int t_begin = split * sub_now * kSplit, t_end = min(L, t_begin + sub_now * kSplit);
   const int ntiles = t_end > t_begin ? (t_end - t_begin + kTok - 1) / kTok : 0;
   const float qs = scale * kLog2e;  // scores in the log2 domain
 
@@ -534,8 +541,8 @@ void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_
   const int stage = stage_bytes_for(Shape<D, BITS>::CB, g.mbytes);
   const size_t smem = table_bytes<D, BITS>() + (size_t)pl.hpb * warp_bytes<D, BITS>(stage);
   allow_dynamic_smem<planes_kernel<T, D, BITS>>(smem, "kvqAttention");
-  planes_kernel<T, D, BITS><<<dim3(pl.splits, N, pl.groups), pl.hpb * 32, smem, stream>>>(
-      g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part, stage);
+  launch_pdl(planes_kernel<T, D, BITS>, dim3(pl.splits, N, pl.groups), dim3(pl.hpb * 32), smem, stream, g,
+             static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part, stage);
   fast::launch_combine<T>(part, pl.splits, N * Hq, D, static_cast<T*>(out.data()), stream);
 }
 template <class T, int D>
@@ -553,8 +560,8 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
   const int N = (int)q.dim(0), Hq = (int)q.dim(1), dev = q.device.index, G = Hq / g.H;
   if (!covers(g.D, G)) return false;
   if (N == 0) return true;
-  // the same plan (and so the same workspace) as tc: 8 warps per block, two blocks per SM
-  const tc::Plan pl = tc::plan(sm_count(dev), N, g.H, G, g.D, L);
+  // tc's plan at 32-token granularity: 8 warps per block, two blocks per SM
+  const tc::Plan pl = tc::plan(sm_count(dev), N, g.H, G, g.D, L, kSplit);
   const int64_t need = (int64_t)N * Hq * pl.splits * (g.D + 2);
   if (work && need > work_floats) fail("ERR_ARG", "kvqAttention: the workspace holds " + std::to_string(work_floats) +
                                                       " floats, this call needs " + std::to_string(need));
@@ -565,5 +572,10 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
     case 128: launch_bits<T, 128>(out, q, g, f, scale, pl, part, s); return true;
     default: return false;
   }
+}
+int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, int max_seq_len) {
+  if (N == 0 || !covers((int)D, (int)(Hq / H))) return 0;
+  const tc::Plan pl = tc::plan(sms, (int)N, (int)H, (int)(Hq / H), (int)D, max_seq_len, kSplit);
+  return N * Hq * pl.splits * (D + 2);
 }
 }  // namespace planes
