@@ -154,9 +154,10 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   const int G = hq_total / g.H;
   const int MB = g.mbytes, nk = g.nk, nv = g.nv, ns = nk + nv;
   // launched with PDL (pdl.cuh): wait for the previous grid (its q, cache rows, or the previous
-  // call's combine still reading the partials), then let the combine launch and wait in turn
+  // call's combine still reading the partials). No early trigger: the combine's blocks, launched
+  // early, took the registers a second block of this grid needed (32q/8kv: 8K 29.6 -> 36.4 us,
+  // 32K 56.1 -> 62.4 us at 2 bits); it launches as this grid exits.
   pdl_wait();
-  pdl_trigger();
 
   // shared memory: the block's cos/sin table, then per warp: code stages, value tile, q, value scales
   const unsigned base = smem_u32(smem);
