@@ -31,7 +31,7 @@
 //     staged with scale 1, offset 0.
 //   * codes, value rows and metadata of the next tiles are copied to shared memory by cp.async
 //     (two or three stages per warp) while the current tile is computed.
-// Grid, splits and the combine are tc's: one warp per kv head, splits of 64-token chunks.
+// Grid and combine are tc's (one warp per kv head), with splits of 32 tokens.
 namespace planes {
 
 // kChunk: tokens per cos/sin table fill; kSplit: the split granularity (half a chunk, so that
