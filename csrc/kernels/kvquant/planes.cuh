@@ -159,7 +159,8 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   // 32K 56.1 -> 62.4 us at 2 bits); it launches as this grid exits.
   pdl_wait();
 
-  // shared memory: the block's cos/sin table, then per warp: code stages, value tile, q, value scales
+  // shared memory: the block's cos/sin table, then per warp: code stages, value tile, offset-plane
+  // query fragments, value scales
   const unsigned base = smem_u32(smem);
   const unsigned cs_s = base;
   const unsigned wb = (unsigned)(table_bytes<D, BITS>() + warp * warp_bytes<D, BITS>(stage_bytes));
