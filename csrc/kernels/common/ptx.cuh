@@ -61,9 +61,10 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool o
 }
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) { cp_async16(smem_u32(dst), src, ok); }
 // 4-byte async copy (through L1; 16 bytes is the smallest size of the L2-only form).
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(ok ? 4 : 0));
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(ok ? 4 : 0));
 }
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) { cp_async4(smem_u32(dst), src, ok); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 

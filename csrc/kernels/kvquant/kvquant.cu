@@ -30,8 +30,9 @@ __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float
 template <class T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+// fp16 at p (2-byte aligned: every metadata field is, a record being a multiple of 4 bytes).
 __device__ __forceinline__ float half_bits(const uint8_t* p) {
-  return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
+  return __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(p)));
 }
 
 struct Geo {
@@ -97,10 +98,12 @@ __device__ __forceinline__ int sink_row(const Geo& g, int b) {
 __device__ __forceinline__ int page_col(const Geo& g, int pos) {
   return g.page_shift >= 0 ? pos >> g.page_shift : pos / g.page_size;
 }
+// Record of (position, kv head) in a page already looked up (the planes kernel reads pages ahead).
+__device__ __forceinline__ long long slot_in_page(const Geo& g, long long page, int pos, int h) {
+  return (page * g.page_size + (pos - page_col(g, pos) * g.page_size)) * g.H + h;
+}
 __device__ __forceinline__ long long slot_of(const Geo& g, int b, int pos, int h) {
-  const int col = page_col(g, pos);
-  const long long page = g.pt[(long long)b * g.max_pages + col];
-  return (page * g.page_size + (pos - col * g.page_size)) * g.H + h;
+  return slot_in_page(g, g.pt[(long long)b * g.max_pages + page_col(g, pos)], pos, h);
 }
 
 // Sequence of query row n (-1 if none) and its position; one thread.
@@ -1651,9 +1654,10 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
     default: return false;
   }
 }
-int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, int max_seq_len) {
+int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, int max_seq_len,
+                         int chunk_tokens = kChunk) {
   if (N == 0) return 0;
-  const Plan pl = plan(sms, (int)N, (int)H, (int)(Hq / H), (int)D, max_seq_len);
+  const Plan pl = plan(sms, (int)N, (int)H, (int)(Hq / H), (int)D, max_seq_len, chunk_tokens);
   return N * Hq * pl.splits * (D + 2);
 }
 }  // namespace tc

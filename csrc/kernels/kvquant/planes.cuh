@@ -74,12 +74,6 @@ __device__ __forceinline__ unsigned movtrans(unsigned a) {
   asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
   return d;
 }
-__device__ __forceinline__ void cp4(unsigned dst, const void* src, bool ok) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 4 : 0));
-}
-__device__ __forceinline__ float hf(const uint8_t* p) {
-  return __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(p)));
-}
 
 // NW words of a bit stream starting at bit `bit0` of a shared-memory row (reads one more word).
 template <int NW, bool ALIGNED>
@@ -208,8 +202,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
       const unsigned dst = stg + (k % NSTG) * stage_bytes;
       const int tl = lane & 15, half = lane >> 4, tt = t_begin + k * kTok + tl;
       const bool ok = tt < t_end && tt >= g.sink;
-      const int col = page_col(g, tt);
-      const long long sl = ok ? ((long long)page * g.page_size + (tt - col * g.page_size)) * g.H + h : 0;
+      const long long sl = ok ? slot_in_page(g, page, tt, h) : 0;
       const uint8_t* kr = g.kc + sl * CB;
       const uint8_t* vr = g.vc + sl * CB;
       const uint8_t* mr = g.meta + sl * MB;
@@ -218,7 +211,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
         cp_async16(dst + tl * CB + 16 * c, kr + 16 * c, ok);
         cp_async16(dst + 16 * CB + tl * CB + 16 * c, vr + 16 * c, ok);
       }
-      for (int c = half; c < MB / 4; c += 2) cp4(dst + 32 * CB + tl * MB + 4 * c, mr + 4 * c, ok);
+      for (int c = half; c < MB / 4; c += 2) cp_async4(dst + 32 * CB + tl * MB + 4 * c, mr + 4 * c, ok);
     }
     cp_async_commit();
   };
@@ -335,7 +328,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
         if (so < nk && tt < t_end && tt >= g.sink) {
           const uint8_t* me = metap + tl * MB;
           const int ch = min((int)me[4 + 2 * ns + so], D - 1);
-          const float ex = hf(me + 4 + 2 * so);
+          const float ex = half_bits(me + 4 + 2 * so);
           const int code = kvq::get_code(sbp + tl * CB, kvq::key_element(ch, D), BITS);
           const float lx = __ldg(g.key_lo + (long long)h * D + ch), a_ = 0.5f * (__ldg(g.key_hi + (long long)h * D + ch) - lx);
           const float delta = ex - fmaf(a_, kbook[code], lx + a_);
@@ -343,7 +336,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
           pi = xh ? ch : ch - HALF;
           // cos, sin of the pair from the chunk's table (fp16: the correction's own rounding)
           const uint8_t* cs = smem + (cs_s - base) + ((tt0 + tl) * RSC + ((pi >> 2) % KS) * 4 + (pi >> 2) / KS) * 16 + (pi & 3) * 2;
-          const float cn = hf(cs), sn = hf(cs + 8);
+          const float cn = half_bits(cs), sn = half_bits(cs + 8);
           dx = xh ? cn * delta : -sn * delta;
           dy = xh ? sn * delta : cn * delta;
         }
@@ -408,10 +401,10 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
             sv = 1.f;
           } else {
             const uint8_t* me = metap + tl * MB;
-            const float vlo = hf(me), vhi = hf(me + 2);
+            const float vlo = half_bits(me), vhi = half_bits(me + 2);
             sv = 0.5f * (vhi - vlo);
             av = vlo + sv;
-            for (int s_ = lane >> 4; s_ < nv; s_ += 2) sv = fmaxf(sv, fabsf(hf(me + 4 + 2 * (nk + s_)) - av) * (1.f / 16384.f));
+            for (int s_ = lane >> 4; s_ < nv; s_ += 2) sv = fmaxf(sv, fabsf(half_bits(me + 4 + 2 * (nk + s_)) - av) * (1.f / 16384.f));
             if (nv > 0) sv = fmaxf(sv, 1e-30f);
           }
         }
@@ -491,7 +484,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
           const uint8_t* me = metap + tl * MB;
           const int col = tc::value_column<BITS>(min((int)me[4 + 2 * ns + nk + so], D - 1));
           const float2 sa = vsc[tl];
-          const float x = (hf(me + 4 + 2 * (nk + so)) - sa.y) / sa.x;
+          const float x = (half_bits(me + 4 + 2 * (nk + so)) - sa.y) / sa.x;
           tc::sts16(vt + swz<RS>(tl, col >> 3) + (col & 7) * 2, __half_as_ushort(__float2half_rn(x)));
         }
       }
@@ -576,8 +569,6 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
   }
 }
 int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, int max_seq_len) {
-  if (N == 0 || !covers((int)D, (int)(Hq / H))) return 0;
-  const tc::Plan pl = tc::plan(sms, (int)N, (int)H, (int)(Hq / H), (int)D, max_seq_len, kSplit);
-  return N * Hq * pl.splits * (D + 2);
+  return covers((int)D, (int)(Hq / H)) ? tc::workspace_floats(sms, N, Hq, H, D, max_seq_len, kSplit) : 0;
 }
 }  // namespace planes
