@@ -863,10 +863,10 @@ int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, i
 //     error against the fp32 reference, 2e-3 being the contract). Values need no dequantization:
 //     v = offset_t + scale_t * cb, so the value tile holds the codebook values and P carries
 //     p * scale_t (sum p * offset_t is added at the end); a value outlier is staged as
-//     (exact - offset) / scale. The value tile shares its memory with the lo keys, and the key
-//     tile then holds each codebook value's rest (cb - fp16(cb)), multiplied with P as well: a
-//     code's rounding is the same for every token, so without it the error grew with the length.
-//     Values are staged once the scores are done.
+//     (exact - offset) / scale. The value tile shares its memory with the lo keys: values are
+//     staged once the scores are done. Codebook entries are fp16 values (kvquant_layout.h), so a
+//     value's codebook term carries no rounding of its own (an fp16 rounding per code would be
+//     the same for every token and would not average out over a long sequence).
 //   * scores and p.v run on mma.sync.m16n8k16 (fp16 in, fp32 accumulate): q (the G <= 16
 //     query heads of the kv head, pre-scaled by scale*log2(e)) is the A operand, the rotated
 //     key tiles the B operand; for p.v the value tile (transposed by ldmatrix) is the A
@@ -943,9 +943,8 @@ __device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned s) { r
 template <int TW> struct Book {
   unsigned lo[TW], hi[TW];
 };
-// rest = true: the book of what fp16 misses of each entry, cb - fp16(cb) (so hi + rest carries the
-// codebook to ~22 bits).
-template <int TW> __device__ __forceinline__ Book<TW> make_book(const float* cb, int n, bool rest = false) {
+// Entries are read at fp16 precision (kvq::book_entry), so the fp16 book is exact.
+template <int TW> __device__ __forceinline__ Book<TW> make_book(const float* cb, int n) {
   Book<TW> bk;
 #pragma unroll
   for (int w = 0; w < TW; ++w) {
@@ -954,9 +953,7 @@ template <int TW> __device__ __forceinline__ Book<TW> make_book(const float* cb,
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int e = 4 * w + i;
-      float v = e < n ? kvq::book_entry(cb[e]) : 0.f;  // rest: 0 (entries are fp16 values)
-      if (rest) v -= __half2float(__float2half_rn(v));
-      const unsigned short u = e < n ? __half_as_ushort(__float2half_rn(v)) : 0;
+      const unsigned short u = e < n ? __half_as_ushort(__float2half_rn(kvq::book_entry(cb[e]))) : 0;
       bk.lo[w] |= (unsigned)(u & 0xffu) << (8 * i);
       bk.hi[w] |= (unsigned)(u >> 8) << (8 * i);
     }
@@ -1197,12 +1194,12 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
   const int r = lane >> 2, c4 = lane & 3;
 
   __shared__ int bp[2];
-  // the key, value and value-rest books (shared by all heads), read from here right before each
-  // use: 12-24 registers fewer held through the token loop
-  __shared__ __align__(16) unsigned books[3][2][TW];
+  // the key and value books (shared by all heads), read from here right before each use: 12-24
+  // registers fewer held through the token loop
+  __shared__ __align__(16) unsigned books[2][2][TW];
   if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
-  if (tid < 3) {
-    const Book<TW> bk = make_book<TW>(tid == 0 ? g.key_cb : g.val_cb, 1 << BITS, tid == 2);
+  if (tid < 2) {
+    const Book<TW> bk = make_book<TW>(tid == 0 ? g.key_cb : g.val_cb, 1 << BITS);
 #pragma unroll
     for (int w = 0; w < TW; ++w) { books[tid][0][w] = bk.lo[w]; books[tid][1][w] = bk.hi[w]; }
   }
@@ -1439,14 +1436,11 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
           if (t0 + 8 * nt + 2 * c4 + (e & 1) >= t_end) sc[nt][e] = -INFINITY;
       }
       __syncwarp();  // the keys are read: both tiles are free
-      // ---- stage values: codebook values only (v = offset + scale * cb), fp16, staging order, as
-      // hi (value tile) and rest (the key tile, free too now): a codebook value's fp16 rounding is
-      // the same for every token with that code, so it does not average out over a long sequence
-      // (the error grew as the square root of the length: 2.1e-3 at 3000 tokens, 2-bit)
+      // ---- stage values: codebook values only (v = offset + scale * cb), fp16, staging order
       {
         const float vlo = h2f((unsigned short)(cur.m & 0xffffu)), vhi = h2f((unsigned short)(cur.m >> 16));
         float sv = 0.5f * (vhi - vlo), av = vlo + sv;
-        const Book<TW> vbook = book(1), vrest = book(2);
+        const Book<TW> vbook = book(1);
 #pragma unroll
         for (int jl = 0; jl < NBH; ++jl) {
           const int j = jb + jl;
@@ -1455,9 +1449,6 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
           value_block<BITS, TW>(cur.v, jl, vbook, v);
           sts128(vstage + swz<RS>(tok, 2 * j), v[0], v[1], v[2], v[3]);
           sts128(vstage + swz<RS>(tok, 2 * j + 1), v[4], v[5], v[6], v[7]);
-          value_block<BITS, TW>(cur.v, jl, vrest, v);
-          sts128(stage + swz<RS>(tok, 2 * j), v[0], v[1], v[2], v[3]);
-          sts128(stage + swz<RS>(tok, 2 * j + 1), v[4], v[5], v[6], v[7]);
         }
         __syncwarp();  // a sink row or an outlier may fall in the block the token's other lane staged
         if (sink) {  // exact fp16 values: scale 1, offset 0
@@ -1467,7 +1458,6 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
           for (int col = 16 * jb; col < min(D, 16 * (jb + NBH)); ++col) {
             const int ch = value_channel<BITS>(col);
             sts16(vstage + swz<RS>(tok, col >> 3) + (col & 7) * 2, sv_[ch]);
-            sts16(stage + swz<RS>(tok, col >> 3) + (col & 7) * 2, 0);
           }
         } else if (valid && nv > 0) {
           // an outlier is staged as (exact - offset) / scale; the scale grows (rarely: a flat
@@ -1484,10 +1474,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
             const int ch = min((int)__ldg(me + 4 + 2 * ns + nk + s_), D - 1);
             const int col = value_column<BITS>(ch);
             const float ex = __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(me + 4 + 2 * (nk + s_)))));
-            const float x = (ex - av) * inv;
-            const __half xh = __float2half_rn(x);
-            sts16(vstage + swz<RS>(tok, col >> 3) + (col & 7) * 2, __half_as_ushort(xh));
-            sts16(stage + swz<RS>(tok, col >> 3) + (col & 7) * 2, __half_as_ushort(__float2half_rn(x - __half2float(xh))));
+            sts16(vstage + swz<RS>(tok, col >> 3) + (col & 7) * 2, __half_as_ushort(__float2half_rn((ex - av) * inv)));
           }
         }
         if (hf == 0) asm volatile("st.shared.v2.f32 [%0], {%1,%2};\n" ::"r"(vscale + tok * 8), "f"(sv), "f"(av));
@@ -1543,14 +1530,10 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
         const int m = lane >> 3, row = (m >> 1) * 8 + (lane & 7);
 #pragma unroll
         for (int mt = 0; mt < S::MT; ++mt) {
-          unsigned a[4], ar[4];  // values: hi and rest
+          unsigned a[4];
           ldmatrix_x4_trans(vstage + swz<RS>(row, 2 * mt + (m & 1)), a[0], a[1], a[2], a[3]);
-          ldmatrix_x4_trans(stage + swz<RS>(row, 2 * mt + (m & 1)), ar[0], ar[1], ar[2], ar[3]);
 #pragma unroll
-          for (int nh = 0; nh < NH; ++nh) {
-            mma_16816<__half>(acc[mt][nh], a[0], a[1], a[2], a[3], pb[nh][0], pb[nh][1]);
-            mma_16816<__half>(acc[mt][nh], ar[0], ar[1], ar[2], ar[3], pb[nh][0], pb[nh][1]);
-          }
+          for (int nh = 0; nh < NH; ++nh) mma_16816<__half>(acc[mt][nh], a[0], a[1], a[2], a[3], pb[nh][0], pb[nh][1]);
         }
       }
       __syncwarp();
