@@ -14,6 +14,7 @@
 #include "gemv_tc.cuh"
 #include "../common/dtype_cuda.cuh"
 #include "../common/process_buffer.h"
+#include "../common/hopper.h"
 #include "../common/launch_config.h"
 
 namespace sqz::cuda::gemm_detail {
@@ -102,27 +103,8 @@ void launch_gemm_tc(T* y, const T* x, const T* w, const T* bias, int M, int N, i
   gemm_tc_kernel<T, A><<<(unsigned)tiles, kThreads, kSmemBytes, s>>>(y, x, w, bias, M, N, K);
 }
 
-// The wgmma kernel exists only in sm_90a code; it runs where the device is compute capability
-// 9.0 and this build carries sm_90a.
-#ifndef SQUEEZELM_CUDA_ARCHS_STR
-#define SQUEEZELM_CUDA_ARCHS_STR ""
-#endif
-constexpr bool kBuiltFor90a = std::string_view(SQUEEZELM_CUDA_ARCHS_STR).find("90a") != std::string_view::npos;
-
-bool device_is_sm90() {
-  static std::atomic<uint64_t> known{0}, yes{0};
-  int dev = 0;
-  cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
-  const uint64_t bit = 1ull << (dev & 63);
-  if (!(known.load() & bit)) {
-    int major = 0, minor = 0;
-    cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "matmul: device attribute");
-    cuda_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "matmul: device attribute");
-    if (major == 9 && minor == 0) yes.fetch_or(bit);
-    known.fetch_or(bit);
-  }
-  return (yes.load() & bit) != 0;
-}
+// The wgmma and bulk-copy kernels exist only in sm_90a code: kBuiltFor90a and device_is_sm90()
+// (common/hopper.h) say where they run.
 
 // Tile width, ring depth, wgmma groups in flight, blocks per SM. Measured on H100 at M = 2048:
 // 128/6/1 beats 256/4/1 by 0-10% (K = 4096) and the 2-blocks-per-SM 128/3/0 on the wide shapes.
