@@ -2,7 +2,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <string_view>
 
 #include "core/cuda_stream.h"
 #include "core/env.h"

@@ -842,6 +842,18 @@ int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, i
 }
 }  // namespace flash
 
+// Online softmax in the log2 domain, shared by the tensor-core kernels (tc, planes): folds a
+// tile's maximum into the running one and returns the factor that rescales what was summed under
+// the old maximum; `grew` collects whether any maximum grew, so a warp can skip rescaling its
+// accumulators once the maxima settle.
+__device__ __forceinline__ float online_max(float& m_run, float tile_max, bool& grew) {
+  const float mn = fmaxf(m_run, tile_max);
+  grew |= mn > m_run;
+  const float alpha = exp2f(m_run - mn);
+  m_run = mn;
+  return alpha;
+}
+
 // ---------------------------------------------------------------------------------------
 // Tensor-core flash-decoding over the packed cache (the default kernel).
 //
@@ -1497,10 +1509,8 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
         float mx = fmaxf(fmaxf(sc[0][2 * nh], sc[0][2 * nh + 1]), fmaxf(sc[1][2 * nh], sc[1][2 * nh + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float mn = fmaxf(m_run[nh], mx);
-        grew |= mn > m_run[nh];
-        alpha[nh] = exp2f(m_run[nh] - mn);
-        m_run[nh] = mn;
+        alpha[nh] = online_max(m_run[nh], mx, grew);
+        const float mn = m_run[nh];
         float sum = 0.f, off = 0.f;
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {

@@ -424,10 +424,8 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-          const float mn = fmaxf(m_run[e], mx);
-          grew |= mn > m_run[e];
-          alpha[e] = exp2f(m_run[e] - mn);
-          m_run[e] = mn;
+          alpha[e] = online_max(m_run[e], mx, grew);
+          const float mn = m_run[e];
           const float p0 = exp2f(sc[e] - mn), p1 = exp2f(sc[2 + e] - mn);
           l_run[e] = fmaf(l_run[e], alpha[e], p0 + p1);
           pa_run[e] = fmaf(pa_run[e], alpha[e], fmaf(p0, v0.y, p1 * v1.y));
