@@ -106,7 +106,21 @@ export async function benchGemvTune(ctx: BenchContext): Promise<BenchResult[]> {
     { M: [4, 16], env: { SQUEEZELM_GEMV_NT: '4', SQUEEZELM_GEMV_TC_U: '2' } },
     // fewer blocks per SM than fit (persistent grid)
     ...['2', '3'].map((b) => ({ M: [4, 16], env: { SQUEEZELM_GEMV_TC_BPS: b } })),
+    // the TMA GEMV on and off, its tile height, ring depth and blocks per SM (sm_90 devices)
+    { M: [1, 4, 16], env: { SQUEEZELM_GEMV_TMA: '0' } },
+    ...([['128', '4', '1'], ['128', '6', '1'], ['128', '4', '2'], ['64', '8', '1']] as const).map(([r, st, bps]) => ({
+      M: [1, 4, 16],
+      env: {
+        SQUEEZELM_GEMV_TMA: '1', SQUEEZELM_GEMV_TMA_R: r, SQUEEZELM_GEMV_TMA_S: st,
+        ...(bps !== '1' ? { SQUEEZELM_GEMV_TMA_BPS: bps } : {}),
+      },
+    })),
   ];
+  const knobsOf = (env: Record<string, string>) =>
+    Object.entries(env).map(([k, v]) => `${k.replace('SQUEEZELM_GEMV_', '')}=${v}`).join(' ') || 'default';
+  // SQUEEZELM_TUNE_FILTER=default,TMA keeps the settings whose knobs contain one of the words.
+  const filter = (process.env.SQUEEZELM_TUNE_FILTER ?? '').split(',').filter(Boolean);
+  const chosen = filter.length ? configs.filter((c) => filter.some((f) => knobsOf(c.env).includes(f))) : configs;
   // SQUEEZELM_TUNE_M=4,16 limits the sweep to some batch sizes.
   const tuneM = (process.env.SQUEEZELM_TUNE_M ?? '1,4,16').split(',').map(Number).filter((m) => m >= 1 && m <= 16);
   for (const [N, K] of GEMV_SHAPES) {
@@ -123,11 +137,11 @@ export async function benchGemvTune(ctx: BenchContext): Promise<BenchResult[]> {
         ctx.log(`gemv-tune ${r.name}: ${r.timeUs.toFixed(2)} us, ${(100 * (r.fracCopy ?? 0)).toFixed(0)}%`);
         out.push(r);
       }
-      for (const c of configs.filter((c) => c.M.includes(M))) {
+      for (const c of chosen.filter((c) => c.M.includes(M))) {
         Object.assign(process.env, c.env);
         try {
           const t = await timeCuda({ device: ctx.device, iters: Math.max(2 * dsets, 20), repeats: 7, fn: (i) => matmul(y, xs[i % dsets], ws[i % dsets]) });
-          const knobs = Object.entries(c.env).map(([k, v]) => `${k.replace('SQUEEZELM_GEMV_', '')}=${v}`).join(' ') || 'default';
+          const knobs = knobsOf(c.env);
           const r = row(ctx, 'gemv-tune', `${knobs} M=${M} ${N}x${K}`, t, { bytes: 2 * (N * K + M * K + M * N) });
           ctx.log(`gemv-tune ${r.name}: ${r.timeUs.toFixed(2)} us, ${(100 * (r.fracCopy ?? 0)).toFixed(0)}%`);
           out.push(r);

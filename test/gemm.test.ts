@@ -153,6 +153,7 @@ describeGpu('matmul (cuda vs cpu)', () => {
         matmul(want, await x.t.to('cpu'), await w.t.to('cpu'));
         process.env.SQUEEZELM_GEMV_TC_BPS = String(bps);
         process.env.SQUEEZELM_GEMV_BULK_MIN_M = '0';  // the register-load GEMV, not the bulk-copy one
+        process.env.SQUEEZELM_GEMV_TMA = '0';  // nor the TMA one
         if (nt) process.env.SQUEEZELM_GEMV_NT = String(nt);
         try {
           const y = await poisoned([M, N], 'f16', 'cuda');
@@ -165,6 +166,7 @@ describeGpu('matmul (cuda vs cpu)', () => {
         } finally {
           delete process.env.SQUEEZELM_GEMV_TC_BPS;
           delete process.env.SQUEEZELM_GEMV_BULK_MIN_M;
+          delete process.env.SQUEEZELM_GEMV_TMA;
           delete process.env.SQUEEZELM_GEMV_NT;
         }
       });
@@ -198,6 +200,7 @@ describeGpu('matmul (cuda vs cpu)', () => {
       const b = M % 2 === 1 ? await randomTensor([N], dt, r, 'cuda') : undefined;
       const want = await poisoned([M, N], 'f32');
       matmul(want, await x.t.to('cpu'), await w.t.to('cpu'), b ? await b.t.to('cpu') : undefined);
+      process.env.SQUEEZELM_GEMV_TMA = '0';
       process.env.SQUEEZELM_GEMV_BULK_MIN_M = '1';
       process.env.SQUEEZELM_GEMV_BULK_MIN_N = '1';
       process.env.SQUEEZELM_GEMV_BULK_NT = String(nt);
@@ -224,6 +227,60 @@ describeGpu('matmul (cuda vs cpu)', () => {
         delete process.env.SQUEEZELM_GEMV_BULK_KS;
         delete process.env.SQUEEZELM_GEMV_BULK_S;
         delete process.env.SQUEEZELM_GEMV_BULK_UNIT;
+        delete process.env.SQUEEZELM_GEMV_TMA;
+      }
+    });
+
+  // The TMA GEMV (sm_90 devices, forced here for any M and shape; elsewhere these run another GEMV):
+  // 64- and 128-row tiles, rows past N and k past K (K % 64 != 0) zero-filled by the copies, activation
+  // rows past M zero-filled, tiles split between blocks (a long K puts many blocks inside one tile:
+  // the last contributor sums their slots), a 2- or 3-stage ring that wraps many times, bias. Three
+  // runs give the same bits (a split tile's counter must be back at 0 after each launch).
+  const tmaCases: Array<[string, number, number, number, number, number, number?]> = [
+    ['f16', 1, 3, 4104, 128, 0],
+    ['f16', 16, 300, 8200, 128, 2],
+    ['bf16', 9, 1000, 1032, 64, 3],
+    ['f16', 2, 513, 6152, 128, 0],
+    ['f16', 12, 8451, 264, 64, 3],
+    ['bf16', 16, 4099, 4096, 128, 6],
+    ['f16', 5, 2000, 3080, 64, 2],
+    ['f16', 7, 24, 40000, 128, 2],
+    ['bf16', 4, 11008, 8, 128, 0],
+    ['f16', 16, 700, 5000, 64, 12],
+    ['bf16', 6, 4097, 2056, 64, 5, 2],
+    ['f16', 13, 3001, 4104, 128, 4, 2],
+  ];
+  for (const [dt, M, N, K, R, slots, bps] of tmaCases)
+    test(`${dt}: M=${M} N=${N} K=${K}, TMA GEMV, ${R}-row tiles, ${slots || 'default'} ring stages${bps ? `, ${bps} blocks per SM` : ''}`, async () => {
+      const seed = freshSeed();
+      const r = rng(seed);
+      const x = await randomTensor([M, K], dt, r, 'cuda');
+      const w = await randomTensor([N, K], dt, r, 'cuda');
+      const b = M % 2 === 1 ? await randomTensor([N], dt, r, 'cuda') : undefined;
+      const want = await poisoned([M, N], 'f32');
+      matmul(want, await x.t.to('cpu'), await w.t.to('cpu'), b ? await b.t.to('cpu') : undefined);
+      process.env.SQUEEZELM_GEMV_TMA = '1';
+      process.env.SQUEEZELM_GEMV_TMA_R = String(R);
+      if (bps) process.env.SQUEEZELM_GEMV_TMA_BPS = String(bps);
+      if (slots) process.env.SQUEEZELM_GEMV_TMA_S = String(slots);
+      try {
+        const runs: number[][] = [];
+        for (let i = 0; i < 3; i++) {
+          const y = await poisoned([M, N], dt, 'cuda');
+          matmul(y, x.t, w.t, b?.t);
+          if (i === 0) {
+            const e = relErr(await y.toFloat32(), await want.toFloat32());
+            if (!(e <= (dt === 'f16' ? 2e-3 : 1e-2))) throw new Error(`rel err ${e} (seed ${seed})`);
+          }
+          runs.push(Array.from(await y.toArray()));
+        }
+        expect(runs[1]).toEqual(runs[0]);
+        expect(runs[2]).toEqual(runs[0]);
+      } finally {
+        delete process.env.SQUEEZELM_GEMV_TMA;
+        delete process.env.SQUEEZELM_GEMV_TMA_R;
+        delete process.env.SQUEEZELM_GEMV_TMA_BPS;
+        delete process.env.SQUEEZELM_GEMV_TMA_S;
       }
     });
 

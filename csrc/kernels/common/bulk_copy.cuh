@@ -1,4 +1,5 @@
-// Hopper bulk copies (cp.async.bulk, the 1-D form of TMA) and the mbarriers that count their bytes.
+// Hopper bulk copies (cp.async.bulk: 1-D, and 2-D through a tensor map) and the mbarriers that count
+// their bytes.
 //
 // Why: a streaming kernel needs tens of KB per SM in flight to cover DRAM latency. Register loads
 // hold one register per 4 bytes and a scoreboard per load; a bulk copy is one instruction for up to
@@ -73,6 +74,27 @@ __device__ __forceinline__ void bulk_g2s(uint32_t dst, const void* src, uint32_t
           dst),
       "l"(src), "r"(bytes), "r"(bar), "l"(policy)
       : "memory");
+#endif
+}
+
+// 2-D tensor copy (TMA) of one box of the tensor map `tmap` (the address of a __grid_constant__
+// CUtensorMap parameter) at element coordinates (c0 innermost, c1) into shared memory at `dst`,
+// counted on barrier `bar`. Elements outside the tensor arrive as zeros and count as bytes.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar, uint64_t policy) {
+#ifdef SQZ_BULK_COPY
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
+      "l"(tmap), "r"(c0), "r"(c1), "r"(bar), "l"(policy)
+      : "memory");
+#endif
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar) {
+#ifdef SQZ_BULK_COPY
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+                   dst),
+               "l"(tmap), "r"(c0), "r"(c1), "r"(bar)
+               : "memory");
 #endif
 }
 

@@ -11,6 +11,7 @@
 #include "gemv_bulk.cuh"
 #include "gemv_launch.cuh"
 #include "gemv_tc.cuh"
+#include "gemv_tma.cuh"
 #include "../common/dtype_cuda.cuh"
 #include "../common/process_buffer.h"
 #include "../common/hopper.h"
@@ -193,6 +194,108 @@ bool launch_gemv_bulk(T* y, const T* x, const T* w, const T* bias, int M, int N,
   return launch_gemv_bulk_nt<T, 2, 1024>(y, x, w, bias, M, N, K, 32, s);
 }
 
+// cuTensorMapEncodeTiled, from the driver at run time (the addon links no driver library); null
+// where the driver does not offer it: the caller then takes another GEMV.
+using TensorMapEncodeFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                       const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                       CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+TensorMapEncodeFn tensor_map_encoder() {
+  static const TensorMapEncodeFn fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return TensorMapEncodeFn(nullptr);
+    }
+    return reinterpret_cast<TensorMapEncodeFn>(p);
+  }();
+  return fn;
+}
+
+// A row-major [rows, K] f16/bf16 matrix as boxes of box_rows x 64 elements, 128-byte swizzle,
+// zeros outside. K % 8 == 0 and a 16-byte aligned base (checked by the caller).
+template <class T>
+bool encode_rows_map(CUtensorMap* map, const T* p, int rows, int K, int box_rows) {
+  const TensorMapEncodeFn encode = tensor_map_encoder();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)K * sizeof(T)};
+  const cuuint32_t box[2] = {(cuuint32_t)kTmaBoxK, (cuuint32_t)box_rows};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUtensorMapDataType dt =
+      std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return encode(map, dt, 2, const_cast<T*>(p), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Split-tile counters and fp32 partial slots of the TMA GEMV (as the bulk GEMV's): two slots of
+// R x 16 floats per block, kTmaPartialFloats in all (256 blocks of 128-row tiles).
+constexpr int kTmaMaxTiles = 1 << 16;
+constexpr size_t kTmaPartialFloats = (size_t)2 * 256 * 16 * 128;
+BulkWorkspace gemv_tma_workspace(int device) {
+  const size_t counter_bytes = kTmaMaxTiles * sizeof(int);
+  const size_t partial_bytes = kTmaPartialFloats * sizeof(float);
+  char* p = static_cast<char*>(zeroed_process_buffer(device, ProcessBuffer::kGemvTma, counter_bytes + partial_bytes));
+  if (!p) return {};
+  return {reinterpret_cast<int*>(p), reinterpret_cast<float*>(p + counter_bytes)};
+}
+
+// The TMA GEMV (gemv_tma.cuh) with R-row tiles; false where it cannot run (no encoder, workspace
+// or shared memory; a shape past its counters): the caller falls back.
+template <class T, int R>
+bool launch_gemv_tma_r(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
+  const int tiles = ceil_div(N, R);
+  const long long units = (long long)tiles * ceil_div(K, kTmaBoxK);
+  if (tiles > kTmaMaxTiles || units >= INT32_MAX) return false;
+  const BulkWorkspace ws = gemv_tma_workspace(dev);
+  if (!ws.counters) return false;
+  // Ring depth: as many stages as the shared memory holds (SQUEEZELM_GEMV_TMA_S caps it, tuning).
+  const int max_slots = cached_per_device(dev, 0, [&] {
+    int optin = 0;
+    cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "matmul: device attribute");
+    const long long n = ((long long)optin - (long long)tma_smem_bytes<R>(0)) / tma_stage_bytes<R>();
+    return (int)std::max(0LL, std::min(n, 32LL));
+  });
+  // Ring depth: 4 stages (SQUEEZELM_GEMV_TMA_S, tuning; at most what the shared memory holds). At
+  // 128-row tiles 4 measured faster than 5-12 and leave room for a second block per SM.
+  const int S = std::min(max_slots, env_int("SQUEEZELM_GEMV_TMA_S", 4));
+  if (S < 2) return false;
+  CUtensorMap wmap, xmap;
+  if (!encode_rows_map<T>(&wmap, w, N, K, R) || !encode_rows_map<T>(&xmap, x, M, K, kTmaXRows)) return false;
+  constexpr auto kernel = gemv_tma_kernel<T, R>;
+  const size_t smem = tma_smem_bytes<R>(S);
+  allow_dynamic_smem<kernel>(smem, "matmul");
+  // Blocks: one per SM (SQUEEZELM_GEMV_TMA_BPS more, tuning), as many as the partial slots allow.
+  const long long bps = std::max(1, env_int("SQUEEZELM_GEMV_TMA_BPS", 1));
+  const long long max_blocks = (long long)(kTmaPartialFloats / (2 * 16 * R));
+  const int grid = (int)std::min<long long>({units, (long long)sm_count(dev) * bps, max_blocks});
+  launch_pdl(kernel, dim3(grid), dim3(kTmaThreads), smem, s, wmap, xmap, y, bias, M, N, K, S, ws.counters,
+             ws.partials);
+  return true;
+}
+
+// Where the TMA GEMV takes a product with M <= 16 rows: sm_90 devices of a 90a build, K % 8 == 0 and
+// aligned operands (the caller's vec), from 3 activation rows where the weights are wide (N >= 10000)
+// or long (K >= 16384). Measured on the H200 (f16, graph replay, same process; TMA / the kernel it
+// replaces / cuBLAS, us): M = 16 11008x4096 27.7 / 29.3 / 24.9, 8192x28672 116.0 / 122.0 / 116.6,
+// 28672x8192 118.7 / 118.6 / 116.0; M = 4 11008x4096 27.8 / 28.2 / 24.7, 28672x8192 116.1 / 117.9 /
+// 120.1. Elsewhere it loses: M = 16 4096x4096 15.7 / 12.3, 4096x11008 28.9 / 28.8, 8192x8192 38.4 /
+// 38.1; M = 4 8192x8192 38.3 / 36.5; M = 1 everywhere (8192x8192 38.1 / 32.7).
+// SQUEEZELM_GEMV_TMA=1 / 0 forces it on / off (tests, tuning); SQUEEZELM_GEMV_TMA_R=64 picks 64-row
+// tiles (default 128: 256 measured slower, 1-2 us at every shape).
+template <class T>
+bool launch_gemv_tma(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
+  if (!kBuiltFor90a || !device_is_sm90()) return false;
+  const int force = env_int("SQUEEZELM_GEMV_TMA", -1);
+  if (force == 0 || (force < 0 && !(M >= 3 && (N >= 10000 || K >= 16384)))) return false;
+  if (env_int("SQUEEZELM_GEMV_TMA_R", 128) <= 64) return launch_gemv_tma_r<T, 64>(y, x, w, bias, M, N, K, s);
+  return launch_gemv_tma_r<T, 128>(y, x, w, bias, M, N, K, s);
+}
+
 template <class T>
 void run(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tensor* bt, cudaStream_t s) {
   const long long M = xt.dim(0), K = xt.dim(1), N = wt.dim(0);
@@ -212,7 +315,9 @@ void run(const Tensor& yt, const Tensor& xt, const Tensor& wt, const Tensor* bt,
   // M = 1, 2: the FMA GEMV is at cuBLAS parity; from M = 3 its fp32 FMAs, not HBM, are the
   // limit, and the tensor-core GEMV keeps 0.9-1.0x cuBLAS up to M = 16 (H100 measurements).
   const GemvPlan plan = M <= 16 ? plan_gemv((int)M, (int)N, (int)K) : GemvPlan{false, 1, 2, 2};
-  if (M <= 16 && vec && launch_gemv_bulk<T>(y, x, w, bias, (int)M, (int)N, (int)K, s)) {
+  if (M <= 16 && vec && launch_gemv_tma<T>(y, x, w, bias, (int)M, (int)N, (int)K, s)) {
+    // done: the TMA GEMV
+  } else if (M <= 16 && vec && launch_gemv_bulk<T>(y, x, w, bias, (int)M, (int)N, (int)K, s)) {
     // done: the bulk-copy GEMV
   } else if (M <= 16 && vec && plan.tc) {
     launch_gemv_tc<T>(y, x, w, bias, (int)M, (int)N, (int)K, plan.nt, plan.u, s);
