@@ -35,6 +35,37 @@ async function poisoned(shape: number[], dtype: DType, device = 'cpu'): Promise<
   return device === 'cpu' ? t : t.to(device);
 }
 
+/**
+ * A GEMV case on CUDA with `env` forcing a kernel: fresh random x, w (and bias at odd M), poisoned
+ * outputs, relative error against the CPU reference, and three runs with the same bits.
+ */
+async function checkForcedGemv(dt: 'f16' | 'bf16', M: number, N: number, K: number, env: Record<string, string>) {
+  const seed = freshSeed();
+  const r = rng(seed);
+  const x = await randomTensor([M, K], dt, r, 'cuda');
+  const w = await randomTensor([N, K], dt, r, 'cuda');
+  const b = M % 2 === 1 ? await randomTensor([N], dt, r, 'cuda') : undefined;
+  const want = await poisoned([M, N], 'f32');
+  matmul(want, await x.t.to('cpu'), await w.t.to('cpu'), b ? await b.t.to('cpu') : undefined);
+  Object.assign(process.env, env);
+  try {
+    const runs: number[][] = [];
+    for (let i = 0; i < 3; i++) {
+      const y = await poisoned([M, N], dt, 'cuda');
+      matmul(y, x.t, w.t, b?.t);
+      if (i === 0) {
+        const e = relErr(await y.toFloat32(), await want.toFloat32());
+        if (!(e <= (dt === 'f16' ? 2e-3 : 1e-2))) throw new Error(`rel err ${e} (seed ${seed})`);
+      }
+      runs.push(Array.from(await y.toArray()));
+    }
+    expect(runs[1]).toEqual(runs[0]);
+    expect(runs[2]).toEqual(runs[0]);
+  } finally {
+    for (const k of Object.keys(env)) delete process.env[k];
+  }
+}
+
 describe('matmul (cpu)', () => {
   const combos: Array<[F, F, F]> = [
     ['f32', 'f32', 'f32'],
@@ -193,42 +224,16 @@ describeGpu('matmul (cuda vs cpu)', () => {
   ];
   for (const [dt, M, N, K, nt, slots, ks, unit] of bulkCases)
     test(`${dt}: M=${M} N=${N} K=${K}, bulk-copy GEMV, ${8 * nt}-row x ${ks}-k items, ${slots || 'all'} ring slots${unit ? `, ${unit}-k units` : ''}`, async () => {
-      const seed = freshSeed();
-      const r = rng(seed);
-      const x = await randomTensor([M, K], dt, r, 'cuda');
-      const w = await randomTensor([N, K], dt, r, 'cuda');
-      const b = M % 2 === 1 ? await randomTensor([N], dt, r, 'cuda') : undefined;
-      const want = await poisoned([M, N], 'f32');
-      matmul(want, await x.t.to('cpu'), await w.t.to('cpu'), b ? await b.t.to('cpu') : undefined);
-      process.env.SQUEEZELM_GEMV_TMA = '0';
-      process.env.SQUEEZELM_GEMV_BULK_MIN_M = '1';
-      process.env.SQUEEZELM_GEMV_BULK_MIN_N = '1';
-      process.env.SQUEEZELM_GEMV_BULK_NT = String(nt);
-      process.env.SQUEEZELM_GEMV_BULK_KS = String(ks);
-      if (slots) process.env.SQUEEZELM_GEMV_BULK_S = String(slots);
-      if (unit) process.env.SQUEEZELM_GEMV_BULK_UNIT = String(unit);
-      try {
-        const runs: number[][] = [];
-        for (let i = 0; i < 3; i++) {
-          const y = await poisoned([M, N], dt, 'cuda');
-          matmul(y, x.t, w.t, b?.t);
-          if (i === 0) {
-            const e = relErr(await y.toFloat32(), await want.toFloat32());
-            if (!(e <= (dt === 'f16' ? 2e-3 : 1e-2))) throw new Error(`rel err ${e} (seed ${seed})`);
-          }
-          runs.push(Array.from(await y.toArray()));
-        }
-        expect(runs[1]).toEqual(runs[0]);
-        expect(runs[2]).toEqual(runs[0]);
-      } finally {
-        delete process.env.SQUEEZELM_GEMV_BULK_MIN_M;
-        delete process.env.SQUEEZELM_GEMV_BULK_MIN_N;
-        delete process.env.SQUEEZELM_GEMV_BULK_NT;
-        delete process.env.SQUEEZELM_GEMV_BULK_KS;
-        delete process.env.SQUEEZELM_GEMV_BULK_S;
-        delete process.env.SQUEEZELM_GEMV_BULK_UNIT;
-        delete process.env.SQUEEZELM_GEMV_TMA;
-      }
+      const env: Record<string, string> = {
+        SQUEEZELM_GEMV_TMA: '0',
+        SQUEEZELM_GEMV_BULK_MIN_M: '1',
+        SQUEEZELM_GEMV_BULK_MIN_N: '1',
+        SQUEEZELM_GEMV_BULK_NT: String(nt),
+        SQUEEZELM_GEMV_BULK_KS: String(ks),
+      };
+      if (slots) env.SQUEEZELM_GEMV_BULK_S = String(slots);
+      if (unit) env.SQUEEZELM_GEMV_BULK_UNIT = String(unit);
+      await checkForcedGemv(dt as 'f16' | 'bf16', M, N, K, env);
     });
 
   // The TMA GEMV (sm_90 devices, forced here for any M and shape; elsewhere these run another GEMV):
@@ -252,36 +257,10 @@ describeGpu('matmul (cuda vs cpu)', () => {
   ];
   for (const [dt, M, N, K, R, slots, bps] of tmaCases)
     test(`${dt}: M=${M} N=${N} K=${K}, TMA GEMV, ${R}-row tiles, ${slots || 'default'} ring stages${bps ? `, ${bps} blocks per SM` : ''}`, async () => {
-      const seed = freshSeed();
-      const r = rng(seed);
-      const x = await randomTensor([M, K], dt, r, 'cuda');
-      const w = await randomTensor([N, K], dt, r, 'cuda');
-      const b = M % 2 === 1 ? await randomTensor([N], dt, r, 'cuda') : undefined;
-      const want = await poisoned([M, N], 'f32');
-      matmul(want, await x.t.to('cpu'), await w.t.to('cpu'), b ? await b.t.to('cpu') : undefined);
-      process.env.SQUEEZELM_GEMV_TMA = '1';
-      process.env.SQUEEZELM_GEMV_TMA_R = String(R);
-      if (bps) process.env.SQUEEZELM_GEMV_TMA_BPS = String(bps);
-      if (slots) process.env.SQUEEZELM_GEMV_TMA_S = String(slots);
-      try {
-        const runs: number[][] = [];
-        for (let i = 0; i < 3; i++) {
-          const y = await poisoned([M, N], dt, 'cuda');
-          matmul(y, x.t, w.t, b?.t);
-          if (i === 0) {
-            const e = relErr(await y.toFloat32(), await want.toFloat32());
-            if (!(e <= (dt === 'f16' ? 2e-3 : 1e-2))) throw new Error(`rel err ${e} (seed ${seed})`);
-          }
-          runs.push(Array.from(await y.toArray()));
-        }
-        expect(runs[1]).toEqual(runs[0]);
-        expect(runs[2]).toEqual(runs[0]);
-      } finally {
-        delete process.env.SQUEEZELM_GEMV_TMA;
-        delete process.env.SQUEEZELM_GEMV_TMA_R;
-        delete process.env.SQUEEZELM_GEMV_TMA_BPS;
-        delete process.env.SQUEEZELM_GEMV_TMA_S;
-      }
+      const env: Record<string, string> = { SQUEEZELM_GEMV_TMA: '1', SQUEEZELM_GEMV_TMA_R: String(R) };
+      if (slots) env.SQUEEZELM_GEMV_TMA_S = String(slots);
+      if (bps) env.SQUEEZELM_GEMV_TMA_BPS = String(bps);
+      await checkForcedGemv(dt as 'f16' | 'bf16', M, N, K, env);
     });
 
   // Wide products take the tensor-core GEMV even at M = 1, 2 (weights filled on the device:

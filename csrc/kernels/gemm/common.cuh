@@ -39,6 +39,10 @@ __device__ __forceinline__ uint4 ld_act(const void* p) {
   return r;
 }
 
+// Stream-K splits (gemv_bulk.cuh, gemv_tma.cuh): block b takes units [I·b/B, I·(b+1)/B) of I (B <= I,
+// so every range is non-empty); the block whose range holds unit i.
+__device__ __forceinline__ int split_block_of(long long i, long long I, long long B) { return (int)(((i + 1) * B - 1) / I); }
+
 // One 32-k chunk of the tensor-core GEMVs (gemv_tc.cuh, gemv_bulk.cuh) in their permuted k order:
 // lane (g, t) holds k = 8t..8t+7 of activation rows g (xa) and g+8 (xb) and of weight row g of an
 // 8-row tile (w); elements 0-3 feed one m16n8k16 product and 4-7 the other. A and B are permuted

@@ -60,10 +60,6 @@ template <int NT, int KS> constexpr size_t bulk_smem_bytes(int S) {
   return bulk_ring_offset<NT>() + (size_t)S * bulk_stage_bytes<NT, KS>();
 }
 
-
-// The block whose unit range holds unit i: ranges are [I·b/B, I·(b+1)/B), every one non-empty (B <= I).
-__device__ __forceinline__ int bulk_block_of(long long i, long long I, long long B) { return (int)(((i + 1) * B - 1) / I); }
-
 // A block's walk over its unit range [first, last) (units of uk k), in items that stop at KS
 // boundaries of a tile and at the range's end. Incremental: one 64-bit division per block, not per
 // item (per item it cost as many instructions as a 1024-k item's products).
@@ -230,7 +226,7 @@ __global__ void __launch_bounds__(kBulkThreads, 1)
       for (int r = 0; r < PER; ++r) mine[tid + r * kBulkConsumerWarps * 32] = v[r];
       __threadfence();
       named_barrier(1, kBulkConsumerWarps * 32);
-      const int bf = bulk_block_of(t0, I, B), bl = bulk_block_of(t0 + KU - 1, I, B);
+      const int bf = split_block_of(t0, I, B), bl = split_block_of(t0 + KU - 1, I, B);
       if (tid == 0) {
         const int prev = atomicAdd(counters + tile, 1);
         const int is_last = prev == bl - bf;

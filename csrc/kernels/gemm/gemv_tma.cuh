@@ -65,9 +65,6 @@ __device__ __forceinline__ uint32_t tma_piece(int r, int g, int t, int h) {
   return (uint32_t)r * 128 + ((uint32_t)((2 * t + h) ^ g) << 4);
 }
 
-// The block whose unit range holds unit i (ranges [I·b/B, I·(b+1)/B), each non-empty: B <= I).
-__device__ __forceinline__ int tma_block_of(long long i, long long I, long long B) { return (int)(((i + 1) * B - 1) / I); }
-
 template <class T, int R>
 __global__ void __launch_bounds__(kTmaThreads, 1)
     gemv_tma_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ CUtensorMap xmap,
@@ -179,7 +176,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
             make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
       __threadfence();
       named_barrier(1, kTmaConsumerWarps * 32);
-      const int bf = tma_block_of(t0, I, B), bl = tma_block_of(t0 + KB - 1, I, B);
+      const int bf = split_block_of(t0, I, B), bl = split_block_of(t0 + KB - 1, I, B);
       if (tid == 0) {
         const int prev = atomicAdd(counters + tile, 1);
         const int is_last = prev == bl - bf;
