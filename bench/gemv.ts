@@ -115,6 +115,11 @@ export async function benchGemvTune(ctx: BenchContext): Promise<BenchResult[]> {
         ...(bps !== '1' ? { SQUEEZELM_GEMV_TMA_BPS: bps } : {}),
       },
     })),
+    // one block per tile over the whole K (no split tiles), deeper rings
+    ...([['128', '4'], ['128', '8'], ['128', '12'], ['64', '8'], ['64', '16']] as const).map(([r, st]) => ({
+      M: [4, 16],
+      env: { SQUEEZELM_GEMV_TMA: '1', SQUEEZELM_GEMV_TMA_R: r, SQUEEZELM_GEMV_TMA_S: st, SQUEEZELM_GEMV_TMA_WHOLE: '1' },
+    })),
   ];
   const knobsOf = (env: Record<string, string>) =>
     Object.entries(env).map(([k, v]) => `${k.replace('SQUEEZELM_GEMV_', '')}=${v}`).join(' ') || 'default';

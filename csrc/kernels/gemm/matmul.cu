@@ -272,7 +272,11 @@ bool launch_gemv_tma_r(T* y, const T* x, const T* w, const T* bias, int M, int N
   // Blocks: one per SM (SQUEEZELM_GEMV_TMA_BPS more, tuning), as many as the partial slots allow.
   const long long bps = std::max(1, env_int("SQUEEZELM_GEMV_TMA_BPS", 1));
   const long long max_blocks = (long long)(kTmaPartialFloats / (2 * 16 * R));
-  const int grid = (int)std::min<long long>({units, (long long)sm_count(dev) * bps, max_blocks});
+  long long blocks = (long long)sm_count(dev) * bps;
+  // SQUEEZELM_GEMV_TMA_WHOLE=1 (tuning): one block per tile, each walking the whole K (no split
+  // tiles, as cuBLAS's GEMV kernels do), where the tiles fit in one wave.
+  if (env_int("SQUEEZELM_GEMV_TMA_WHOLE", 0) == 1 && tiles <= blocks) blocks = tiles;
+  const int grid = (int)std::min<long long>({units, blocks, max_blocks});
   launch_pdl(kernel, dim3(grid), dim3(kTmaThreads), smem, s, wmap, xmap, y, bias, M, N, K, S, ws.counters,
              ws.partials);
   return true;
