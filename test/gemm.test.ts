@@ -254,20 +254,30 @@ describeGpu('matmul (cuda vs cpu)', () => {
     ['f16', 16, 700, 5000, 64, 12],
     ['bf16', 6, 4097, 2056, 64, 5, 2],
     ['f16', 13, 3001, 4104, 128, 4, 2],
+    // whole-K tiles: one block per tile (bps 0 = whole), up to one wave of them
+    ['f16', 16, 8200, 4104, 64, 8, 0],
+    ['bf16', 5, 11008, 1032, 128, 4, 0],
+    ['f16', 3, 100, 40000, 128, 3, 0],
+    ['bf16', 16, 700, 5000, 64, 2, 0],
   ];
-  for (const [dt, M, N, K, R, slots, bps] of tmaCases)
-    test(`${dt}: M=${M} N=${N} K=${K}, TMA GEMV, ${R}-row tiles, ${slots || 'default'} ring stages${bps ? `, ${bps} blocks per SM` : ''}`, async () => {
-      const env: Record<string, string> = { SQUEEZELM_GEMV_TMA: '1', SQUEEZELM_GEMV_TMA_R: String(R) };
+  for (const [dt, M, N, K, R, slots, bps] of tmaCases) {
+    const whole = bps === 0;
+    const how = whole ? ', whole-K tiles' : bps ? `, ${bps} blocks per SM` : '';
+    test(`${dt}: M=${M} N=${N} K=${K}, TMA GEMV, ${R}-row tiles, ${slots || 'default'} ring stages${how}`, async () => {
+      const env: Record<string, string> = {
+        SQUEEZELM_GEMV_TMA: '1', SQUEEZELM_GEMV_TMA_R: String(R), SQUEEZELM_GEMV_TMA_WHOLE: whole ? '1' : '0',
+      };
       if (slots) env.SQUEEZELM_GEMV_TMA_S = String(slots);
       if (bps) env.SQUEEZELM_GEMV_TMA_BPS = String(bps);
       await checkForcedGemv(dt as 'f16' | 'bf16', M, N, K, env);
     });
+  }
 
   // Wide products take the tensor-core GEMV even at M = 1, 2 (weights filled on the device:
   // 67M host-side normals would dominate the suite's time).
-  for (const M of [1, 2])
-    test(`f16: M=${M} N=8200 K=8192 (wide GEMV path)`, async () => {
-      const [N, K] = [8200, 8192];
+  // (M = 4, 16 at N = 8200 and 11008: the whole-K TMA GEMV on sm_90a)
+  for (const [M, N, K] of [[1, 8200, 8192], [2, 8200, 8192], [4, 8200, 8192], [16, 8200, 8192], [16, 11008, 4096]])
+    test(`f16: M=${M} N=${N} K=${K} (wide GEMV path)`, async () => {
       const seed = freshSeed();
       const x = Tensor.empty([M, K], { dtype: 'f16', device: 'cuda' });
       const w = Tensor.empty([N, K], { dtype: 'f16', device: 'cuda' });

@@ -242,10 +242,13 @@ BulkWorkspace gemv_tma_workspace(int device) {
   return {reinterpret_cast<int*>(p), reinterpret_cast<float*>(p + counter_bytes)};
 }
 
-// The TMA GEMV (gemv_tma.cuh) with R-row tiles; false where it cannot run (no encoder, workspace
-// or shared memory; a shape past its counters): the caller falls back.
+// The TMA GEMV (gemv_tma.cuh) with R-row tiles and an S-stage ring; `whole`: one block per tile,
+// each walking the whole K (no split tiles; the caller checks that the tiles fit in one wave).
+// False where it cannot run (no encoder, workspace or shared memory; a shape past its counters):
+// the caller falls back.
 template <class T, int R>
-bool launch_gemv_tma_r(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
+bool launch_gemv_tma_r(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, int S, bool whole,
+                       cudaStream_t s) {
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
   const int tiles = ceil_div(N, R);
@@ -253,51 +256,74 @@ bool launch_gemv_tma_r(T* y, const T* x, const T* w, const T* bias, int M, int N
   if (tiles > kTmaMaxTiles || units >= INT32_MAX) return false;
   const BulkWorkspace ws = gemv_tma_workspace(dev);
   if (!ws.counters) return false;
-  // Ring depth: as many stages as the shared memory holds (SQUEEZELM_GEMV_TMA_S caps it, tuning).
+  // At most as many stages as the shared memory holds.
   const int max_slots = cached_per_device(dev, 0, [&] {
     int optin = 0;
     cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "matmul: device attribute");
     const long long n = ((long long)optin - (long long)tma_smem_bytes<R>(0)) / tma_stage_bytes<R>();
     return (int)std::max(0LL, std::min(n, 32LL));
   });
-  // Ring depth: 4 stages (SQUEEZELM_GEMV_TMA_S, tuning; at most what the shared memory holds). At
-  // 128-row tiles 4 measured faster than 5-12 and leave room for a second block per SM.
-  const int S = std::min(max_slots, env_int("SQUEEZELM_GEMV_TMA_S", 4));
+  S = std::min(max_slots, S);
   if (S < 2) return false;
   CUtensorMap wmap, xmap;
   if (!encode_rows_map<T>(&wmap, w, N, K, R) || !encode_rows_map<T>(&xmap, x, M, K, kTmaXRows)) return false;
   constexpr auto kernel = gemv_tma_kernel<T, R>;
   const size_t smem = tma_smem_bytes<R>(S);
   allow_dynamic_smem<kernel>(smem, "matmul");
-  // Blocks: one per SM (SQUEEZELM_GEMV_TMA_BPS more, tuning), as many as the partial slots allow.
+  // Blocks: one per tile (whole), else one per SM (SQUEEZELM_GEMV_TMA_BPS more, tuning), as many
+  // as the partial slots allow.
   const long long bps = std::max(1, env_int("SQUEEZELM_GEMV_TMA_BPS", 1));
   const long long max_blocks = (long long)(kTmaPartialFloats / (2 * 16 * R));
-  long long blocks = (long long)sm_count(dev) * bps;
-  // SQUEEZELM_GEMV_TMA_WHOLE=1 (tuning): one block per tile, each walking the whole K (no split
-  // tiles, as cuBLAS's GEMV kernels do), where the tiles fit in one wave.
-  if (env_int("SQUEEZELM_GEMV_TMA_WHOLE", 0) == 1 && tiles <= blocks) blocks = tiles;
+  const long long blocks = whole ? (long long)tiles : (long long)sm_count(dev) * bps;
   const int grid = (int)std::min<long long>({units, blocks, max_blocks});
   launch_pdl(kernel, dim3(grid), dim3(kTmaThreads), smem, s, wmap, xmap, y, bias, M, N, K, S, ws.counters,
              ws.partials);
   return true;
 }
 
-// Where the TMA GEMV takes a product with M <= 16 rows: sm_90 devices of a 90a build, K % 8 == 0 and
-// aligned operands (the caller's vec), from 3 activation rows where the weights are wide (N >= 10000)
-// or long (K >= 16384). Measured on the H200 (f16, graph replay, same process; TMA / the kernel it
-// replaces / cuBLAS, us): M = 16 11008x4096 27.7 / 29.3 / 24.9, 8192x28672 116.0 / 122.0 / 116.6,
-// 28672x8192 118.7 / 118.6 / 116.0; M = 4 11008x4096 27.8 / 28.2 / 24.7, 28672x8192 116.1 / 117.9 /
-// 120.1. Elsewhere it loses: M = 16 4096x4096 15.7 / 12.3, 4096x11008 28.9 / 28.8, 8192x8192 38.4 /
-// 38.1; M = 4 8192x8192 38.3 / 36.5; M = 1 everywhere (8192x8192 38.1 / 32.7).
-// SQUEEZELM_GEMV_TMA=1 / 0 forces it on / off (tests, tuning); SQUEEZELM_GEMV_TMA_R=64 picks 64-row
-// tiles (default 128: 256 measured slower, 1-2 us at every shape).
+// Where the TMA GEMV takes a product with M <= 16 rows, and how: sm_90 devices of a 90a build,
+// K % 8 == 0 and aligned operands (the caller's vec), from 3 activation rows.
+// * Whole-K tiles (one block per tile, no split, as cuBLAS's GEMV kernels do) where the tiles of
+//   one height fill most of one wave: 64-row tiles and an 8-stage ring where ceil(N / 64) is 90-100%
+//   of the SMs, else 128-row tiles and 4 stages where ceil(N / 128) is 60-100% of them and the
+//   weights are wide or long (N >= 10000 or K >= 16384). Fewer SMs then stream, but each at more
+//   than its share of the bandwidth, and no tile pays the split-tile sum. Measured on the H200
+//   (f16, graph replay, same process; whole / stream-K / cuBLAS, us): M = 16 11008x4096 26.5 /
+//   28.3 / 24.6, 8192x8192 36.0 / 37.9 (the bulk kernel) / 33.9, 8192x28672 113.1 / 115.4 / 116.4;
+//   M = 4 11008x4096 25.8 / 27.9 / 24.9, 8192x28672 112.8 / 115.3 / 114.8, 8192x8192 35.7 / 35.6 /
+//   38.8. Fewer tiles than that lose: 4096x4096 with 64 tiles of 64 rows 17.3 against 12.2 us.
+// * Stream-K over all SMs (128-row tiles, 4 stages) for the other wide or long weights: M = 16
+//   28672x8192 117.3 against cuBLAS 116.4 (whole-K does not fit one wave there).
+// * Elsewhere the other GEMVs (M = 1, 2 everywhere; 4096-wide shapes).
+// SQUEEZELM_GEMV_TMA=1 / 0 forces it on / off (tests, tuning); with it forced on,
+// SQUEEZELM_GEMV_TMA_R (64 / 128), _S (stages) and _WHOLE (1 / 0) replace the plan (tuning).
 template <class T>
 bool launch_gemv_tma(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
   if (!kBuiltFor90a || !device_is_sm90()) return false;
   const int force = env_int("SQUEEZELM_GEMV_TMA", -1);
-  if (force == 0 || (force < 0 && !(M >= 3 && (N >= 10000 || K >= 16384)))) return false;
-  if (env_int("SQUEEZELM_GEMV_TMA_R", 128) <= 64) return launch_gemv_tma_r<T, 64>(y, x, w, bias, M, N, K, s);
-  return launch_gemv_tma_r<T, 128>(y, x, w, bias, M, N, K, s);
+  if (force == 0) return false;
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
+  const long long sms = sm_count(dev);
+  const long long t64 = ceil_div(N, 64), t128 = ceil_div(N, 128);
+  const bool wide = N >= 10000 || K >= 16384;
+  int R = 128, S = 4;
+  bool whole = false;
+  if (10 * t64 >= 9 * sms && t64 <= sms) {
+    R = 64, S = 8, whole = true;
+  } else if (wide && 10 * t128 >= 6 * sms && t128 <= sms) {
+    whole = true;
+  } else if (!wide) {
+    if (force != 1) return false;
+  }
+  if (force < 0 && M < 3) return false;
+  if (force == 1) {
+    R = env_int("SQUEEZELM_GEMV_TMA_R", R) <= 64 ? 64 : 128;
+    S = env_int("SQUEEZELM_GEMV_TMA_S", S);
+    whole = env_int("SQUEEZELM_GEMV_TMA_WHOLE", whole ? 1 : 0) == 1 && ceil_div(N, R) <= sms;
+  }
+  if (R == 64) return launch_gemv_tma_r<T, 64>(y, x, w, bias, M, N, K, S, whole, s);
+  return launch_gemv_tma_r<T, 128>(y, x, w, bias, M, N, K, S, whole, s);
 }
 
 template <class T>
