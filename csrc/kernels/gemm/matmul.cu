@@ -248,9 +248,7 @@ BulkWorkspace gemv_tma_workspace(int device) {
 // the caller falls back.
 template <class T, int R>
 bool launch_gemv_tma_r(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, int S, bool whole,
-                       cudaStream_t s) {
-  int dev = 0;
-  cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
+                       int dev, cudaStream_t s) {
   const int tiles = ceil_div(N, R);
   const long long units = (long long)tiles * ceil_div(K, kTmaBoxK);
   if (tiles > kTmaMaxTiles || units >= INT32_MAX) return false;
@@ -299,9 +297,9 @@ bool launch_gemv_tma_r(T* y, const T* x, const T* w, const T* bias, int M, int N
 // SQUEEZELM_GEMV_TMA_R (64 / 128), _S (stages) and _WHOLE (1 / 0) replace the plan (tuning).
 template <class T>
 bool launch_gemv_tma(T* y, const T* x, const T* w, const T* bias, int M, int N, int K, cudaStream_t s) {
-  if (!kBuiltFor90a || !device_is_sm90()) return false;
+  // M = 1, 2 (every decode GEMV) leave before any device query.
   const int force = env_int("SQUEEZELM_GEMV_TMA", -1);
-  if (force == 0) return false;
+  if (force == 0 || (force < 0 && M < 3) || !kBuiltFor90a || !device_is_sm90()) return false;
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "matmul: cudaGetDevice");
   const long long sms = sm_count(dev);
@@ -309,21 +307,16 @@ bool launch_gemv_tma(T* y, const T* x, const T* w, const T* bias, int M, int N, 
   const bool wide = N >= 10000 || K >= 16384;
   int R = 128, S = 4;
   bool whole = false;
-  if (10 * t64 >= 9 * sms && t64 <= sms) {
-    R = 64, S = 8, whole = true;
-  } else if (wide && 10 * t128 >= 6 * sms && t128 <= sms) {
-    whole = true;
-  } else if (!wide) {
-    if (force != 1) return false;
-  }
-  if (force < 0 && M < 3) return false;
+  if (10 * t64 >= 9 * sms && t64 <= sms) R = 64, S = 8, whole = true;
+  else if (wide && 10 * t128 >= 6 * sms && t128 <= sms) whole = true;
+  else if (!wide && force != 1) return false;
   if (force == 1) {
     R = env_int("SQUEEZELM_GEMV_TMA_R", R) <= 64 ? 64 : 128;
     S = env_int("SQUEEZELM_GEMV_TMA_S", S);
     whole = env_int("SQUEEZELM_GEMV_TMA_WHOLE", whole ? 1 : 0) == 1 && ceil_div(N, R) <= sms;
   }
-  if (R == 64) return launch_gemv_tma_r<T, 64>(y, x, w, bias, M, N, K, S, whole, s);
-  return launch_gemv_tma_r<T, 128>(y, x, w, bias, M, N, K, S, whole, s);
+  if (R == 64) return launch_gemv_tma_r<T, 64>(y, x, w, bias, M, N, K, S, whole, dev, s);
+  return launch_gemv_tma_r<T, 128>(y, x, w, bias, M, N, K, S, whole, dev, s);
 }
 
 template <class T>
