@@ -302,10 +302,8 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
   // 28.0, 32K 43.0-43.6 / 45.4-46.5, 64K 76.8 / 77.6, 128K 145.0 / 143.6; batch 2 at 8K 26.6 / 27.5;
   // batch 8 at 4K 43.2 / 44.5; batch 4 at 2K 16.0 / 15.3. SQUEEZELM_ATTN_MMA_PER_SM (tuning, read
   // per plan) sets another count, 0 = as many as fit.
-  const int mma_per_sm = env_int("SQUEEZELM_ATTN_MMA_PER_SM", 1);
-  const int per_sm = pl.mma ? (mma_per_sm > 0 ? std::min(mma_per_sm, decode_mma_resident_blocks(device, D))
-                                              : decode_mma_resident_blocks(device, D))
-                            : resident_blocks(device, D, pl.R);
+  int per_sm = pl.mma ? decode_mma_resident_blocks(device, D) : resident_blocks(device, D, pl.R);
+  if (const int cap = env_int("SQUEEZELM_ATTN_MMA_PER_SM", 1); pl.mma && cap > 0) per_sm = std::min(per_sm, cap);
   const int64_t slots = (int64_t)sm_count(device) * per_sm;
   const int64_t base = std::max<int64_t>(1, (int64_t)Hkv * pl.qchunks * B);
   // One full wave of blocks at the planned context, but no split shorter than 64 tokens (the

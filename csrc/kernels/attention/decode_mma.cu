@@ -29,7 +29,6 @@
 #include "../common/pdl.cuh"
 #include "common.cuh"
 #include "core/cuda_stream.h"
-#include "core/env.h"
 #include "core/error.h"
 #include "decode_split.cuh"
 #include "launch.h"
@@ -42,15 +41,11 @@ using namespace split_kv;
 
 constexpr int kTile = 16;   // tokens per warp tile
 constexpr int kRows = 16;   // query vectors per block (the m16 side of the product)
-// The per-warp ring: one tile in use, kStages - 1 in flight. 3 stages by default (a 2-stage ring
-// was slower on an H200: 58 vs 55 us for GQA 32q/8kv at 32K tokens); SQUEEZELM_ATTN_MMA_STAGES
-// (3, 4 or 6; tuning, read per plan and per launch) picks a deeper one.
-inline int mma_stages() {
-  const int s = env_int("SQUEEZELM_ATTN_MMA_STAGES", 3);
-  return s >= 6 ? 6 : s == 4 || s == 5 ? 4 : 3;
-}
+// The per-warp ring: one tile in use, two in flight (a 2-stage ring was slower on an H200: 58
+// vs 55 us for GQA 32q/8kv at 32K tokens).
+constexpr int kStages = 3;
 
-template <int D, int kStages>
+template <int D>
 struct MmaShape {
   static constexpr int SD = D + 8;                        // row pitch: +16 bytes, conflict-free ldmatrix
   static constexpr int CH = D / 8;                        // 16-byte chunks per row
@@ -60,10 +55,10 @@ struct MmaShape {
   static constexpr size_t smem = ring > merge ? ring : merge;
 };
 
-template <class T, int D, int kStages>
+template <class T, int D>
 __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
   static_assert(D % 16 == 0 && D <= 128, "decode_mma: head_dim");
-  using S = MmaShape<D, kStages>;
+  using S = MmaShape<D>;
   constexpr int SD = S::SD, CH = S::CH, KS = D / 16, ND = D / 8;
   pdl_wait();  // see pdl.cuh: before any global access that matters
   // No early trigger: the next kernel launches as this grid ends (its launch latency is still
@@ -258,25 +253,12 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
   finish_split<T, kRows>(p, kvh, qc, b, split, splits, g, n, q0, s_m, s_l, s_acc);
 }
 
-template <class T, int D, int ST>
-void launch_ds(const Params& p, cudaStream_t stream) {
-  constexpr size_t smem = MmaShape<D, ST>::smem;
-  allow_dynamic_smem<decode_mma<T, D, ST>>(smem, "attention (decode)");
-  dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
-  launch_pdl(decode_mma<T, D, ST>, grid, dim3(kWarps * 32), smem, stream, p);
-}
-// Deeper rings are instantiated for head_dim 64 and 128 only (the others keep 3 stages).
-template <int D> constexpr bool kDeepRings = D == 64 || D == 128;
 template <class T, int D>
 void launch_d(const Params& p, cudaStream_t stream) {
-  if constexpr (kDeepRings<D>) {
-    switch (mma_stages()) {
-      case 4: launch_ds<T, D, 4>(p, stream); return;
-      case 6: launch_ds<T, D, 6>(p, stream); return;
-      default: break;
-    }
-  }
-  launch_ds<T, D, 3>(p, stream);
+  constexpr size_t smem = MmaShape<D>::smem;
+  allow_dynamic_smem<decode_mma<T, D>>(smem, "attention (decode)");
+  dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
+  launch_pdl(decode_mma<T, D>, grid, dim3(kWarps * 32), smem, stream, p);
 }
 
 template <class T>
@@ -294,24 +276,16 @@ void launch_t(const Params& p, cudaStream_t stream) {
   }
 }
 
-template <int D, int ST>
-int occupancy_ds() {
-  constexpr size_t smem = MmaShape<D, ST>::smem;
-  allow_dynamic_smem<decode_mma<__half, D, ST>>(smem, "attention (decode)");
+template <int D>
+int occupancy_d() {
+  constexpr size_t smem = MmaShape<D>::smem;
+  allow_dynamic_smem<decode_mma<__half, D>>(smem, "attention (decode)");
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_mma<__half, D, ST>, kWarps * 32, smem) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_mma<__half, D>, kWarps * 32, smem) != cudaSuccess) {
     cudaGetLastError();
     return 1;
   }
   return n > 0 ? n : 1;
-}
-template <int D>
-int occupancy_d(int stages) {
-  if constexpr (kDeepRings<D>) {
-    if (stages == 4) return occupancy_ds<D, 4>();
-    if (stages == 6) return occupancy_ds<D, 6>();
-  }
-  return occupancy_ds<D, 3>();
 }
 
 }  // namespace
@@ -319,17 +293,16 @@ int occupancy_d(int stages) {
 bool decode_mma_supported(int D) { return D % 16 == 0 && D >= 16 && D <= 128; }
 
 int decode_mma_resident_blocks(int device, int D) {
-  const int st = mma_stages();
-  return cached_per_device(device, D / 16 + (st == 4 ? 8 : st == 6 ? 16 : 0), [&] {  // D <= 128
+  return cached_per_device(device, D / 16, [&] {  // D <= 128 (decode_mma_supported)
     switch (D) {
-      case 16: return occupancy_d<16>(st);
-      case 32: return occupancy_d<32>(st);
-      case 48: return occupancy_d<48>(st);
-      case 64: return occupancy_d<64>(st);
-      case 80: return occupancy_d<80>(st);
-      case 96: return occupancy_d<96>(st);
-      case 112: return occupancy_d<112>(st);
-      case 128: return occupancy_d<128>(st);
+      case 16: return occupancy_d<16>();
+      case 32: return occupancy_d<32>();
+      case 48: return occupancy_d<48>();
+      case 64: return occupancy_d<64>();
+      case 80: return occupancy_d<80>();
+      case 96: return occupancy_d<96>();
+      case 112: return occupancy_d<112>();
+      case 128: return occupancy_d<128>();
       default: return 1;
     }
   });
