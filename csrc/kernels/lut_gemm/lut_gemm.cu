@@ -988,7 +988,7 @@ __global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __
 // (tile, unit) pairs evenly (one wave); the tiles they share need per-tile counters and partial
 // sums (a process buffer). Where that buffer cannot be had, or SQUEEZELM_LUT_ROWLANE_SPLIT=0
 // (tests, tuning), one block per tile.
-constexpr size_t kLutRowsBytes = size_t(8) << 20;
+constexpr size_t kLutRowsBytes = size_t(8) << 20, kLutRowsTiles = 65536;
 template <int BITS>
 void launch_rowlane(__half* yp, const __half* xp, const uint4* cp, const void* lp, bool lf, const int* rp,
                     const int* colp, const void* vp, bool vf, int N, int K, int U, cudaStream_t st) {
@@ -1014,12 +1014,15 @@ void launch_rowlane(__half* yp, const __half* xp, const uint4* cp, const void* l
   if (blocks != tiles && env_int("SQUEEZELM_LUT_ROWLANE_SPLIT", 1) != 0) {
     const long long per = total / blocks;
     nsegmax = (int)((U + per - 1) / per + 1);
-    const size_t ctr_bytes = ((size_t)tiles * 4 + 255) / 256 * 256;
-    const size_t need = ctr_bytes + (size_t)tiles * nsegmax * 16 * 4;
-    void* buf = need <= kLutRowsBytes ? zeroed_process_buffer(dev, ProcessBuffer::kLutRows, kLutRowsBytes) : nullptr;
+    // counters first, at a fixed size (a launch with more tiles must not find another's partial
+    // sums where its counters are), then the partial sums
+    const size_t need = (size_t)tiles * nsegmax * 16 * 4;
+    void* buf = tiles <= kLutRowsTiles && need <= kLutRowsBytes - kLutRowsTiles * 4
+                    ? zeroed_process_buffer(dev, ProcessBuffer::kLutRows, kLutRowsBytes)
+                    : nullptr;
     if (buf) {
       ctr = static_cast<int*>(buf);
-      ws = reinterpret_cast<float*>(static_cast<char*>(buf) + ctr_bytes);
+      ws = reinterpret_cast<float*>(static_cast<char*>(buf) + kLutRowsTiles * 4);
     }
   }
   if (!ws) {
@@ -1027,7 +1030,7 @@ void launch_rowlane(__half* yp, const __half* xp, const uint4* cp, const void* l
     nsegmax = 1;
   }
   launch_pdl(kern, dim3((unsigned)blocks), dim3(rowlane::kThreads), R::kSmem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf,
-             N, K, U, total, nsegmax, ws, ctr);
+             N, K, U, total, nsegmax, ws, ctr, 0u);
 }
 
 // xT for the outlier step, [K][mp]: a process-lifetime buffer per device

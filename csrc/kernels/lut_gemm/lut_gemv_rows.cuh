@@ -38,7 +38,7 @@ constexpr int kWarps = 8, kThreads = kWarps * 32, kMinBlocks = 3;
 template <int BITS> struct RL {
   using G = Geo<BITS>;
   static constexpr int E = 1 << BITS, E2 = E * E;
-  static constexpr int P = BITS == 4 ? 4 : 2;            // code steps in flight per lane
+  static constexpr int NBS = BITS == 4 ? 4 : 1;          // code steps per batch: 128 codes per lane
   static constexpr int FLUSH = 4;                        // chunks per fp16 run (8 products per half)
   static constexpr size_t kTable = (size_t)E2 * 256;     // pair table window
   static constexpr size_t kLut = 16 * E * 2;             // the tile's 16-entry tables (fp16)
@@ -74,10 +74,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     rowlane_kernel(__half* __restrict__ y, const __half* __restrict__ x, const uint4* __restrict__ codes,
                    const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                    const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int N, int K, int U,
-                   long long total, int nsegmax, float* __restrict__ ws, int* __restrict__ ctr) {
+                   long long total, int nsegmax, float* __restrict__ ws, int* __restrict__ ctr, uint32_t zero) {
   using R = RL<BITS>;
   using G = Geo<BITS>;
-  constexpr int E = R::E, P = R::P, NV = G::NV, WU = G::WU, CH = G::CH, KU = G::KU;
+  constexpr int E = R::E, NBS = R::NBS, NV = G::NV, WU = G::WU, CH = G::CH, KU = G::KU;
   extern __shared__ __align__(16) uint32_t smem[];
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
   __half* lt = reinterpret_cast<__half*>(base + R::kTable);           // [16][E]
@@ -90,15 +90,23 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   long long lo = (long long)b * total / B;
   const long long hi = (long long)(b + 1) * total / B;
 
-  // Code steps: step j of a segment is unit u0 + j / 2, quarter h + 2 (j % 2) of the lane's row.
-  uint4 buf[P][NV];
+  // Code steps: step j of a segment is unit u0 + j / 2, quarter h + 2 (j % 2) of the lane's row; a
+  // warp takes steps warp, warp + kWarps, ... in batches of NBS (128 codes per lane).
+  uint4 buf[NBS][NV];
   const uint4* crow = codes;  // the lane's row, plane 0 of unit 0 of the tile (16-byte units)
-  int u0 = 0, nsteps = 0;
-  auto load_step = [&](int j, uint4 (&dst)[NV]) {
-    const bool ok = j < nsteps;
-    const uint4* p = crow + (size_t)(u0 + (j >> 1)) * G::USTRIDE + 2 * (j & 1);
+  int u0 = 0, my = 0;
+  // zdep: 0 at run time, but computed from the batch in flight, so the next batch's loads are
+  // issued only once that batch has landed. Every code load of a warp shares one scoreboard: a
+  // batch requested before the previous one is read would make that read wait for both.
+  auto load_batch = [&](int bi, uint32_t zdep) {
 #pragma unroll
-    for (int v = 0; v < NV; ++v) dst[v] = ok ? ld_stream(p + 64 * v) : make_uint4(0, 0, 0, 0);
+    for (int s2 = 0; s2 < NBS; ++s2) {
+      const int jl = bi * NBS + s2, j = warp + jl * kWarps;
+      const bool ok = jl < my;
+      const uint4* p = crow + (size_t)(u0 + (j >> 1)) * G::USTRIDE + 2 * (j & 1) + zdep;
+#pragma unroll
+      for (int v = 0; v < NV; ++v) buf[s2][v] = ok ? ld_stream(p + 64 * v) : make_uint4(0, 0, 0, 0);
+    }
   };
 
   bool waited = false;
@@ -108,11 +116,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const int u1 = (int)min((long long)U, u0 + (hi - lo));
     lo += u1 - u0;
     const int n = 16 * t + r;
-    nsteps = 2 * (u1 - u0);
+    const int nsteps = 2 * (u1 - u0);
     crow = codes + (size_t)t * U * G::USTRIDE + (r * 4 + h);
-    // 1. this warp's first P steps (steps warp, warp + kWarps, ...)
-#pragma unroll
-    for (int p = 0; p < P; ++p) load_step(warp + p * kWarps, buf[p]);
+    my = nsteps > warp ? (nsteps - warp + kWarps - 1) / kWarps : 0;
+    // 1. this warp's first batch of steps
+    load_batch(0, 0u);
     // 2. outlier entries of the lane's row (block of the tile's first unit only): the first two are
     //    requested now, the rest after the main loop. Thread (warp, h) takes entries warp*2+h, +16, ...
     const bool outl = rows != nullptr && u0 == 0 && n < N;
@@ -170,24 +178,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       waited = true;
     }
 
-    // 4. main loop: decode a step from its buffer, then refill the buffer P steps ahead
+    // 4. main loop: take the batch in flight, request the next one, decode the taken one
     float acc = 0.f;
-    const int my = nsteps > warp ? (nsteps - warp + kWarps - 1) / kWarps : 0;
-    for (int j0 = 0; j0 < my; j0 += P) {
+    const int nb = (my + NBS - 1) / NBS;
+    for (int bi = 0; bi < nb; ++bi) {
+      uint32_t w[NBS][WU];
 #pragma unroll
-      for (int p = 0; p < P; ++p) {
-        const int jl = j0 + p;
+      for (int s2 = 0; s2 < NBS; ++s2)
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+          w[s2][4 * v] = buf[s2][v].x;
+          w[s2][4 * v + 1] = buf[s2][v].y;
+          w[s2][4 * v + 2] = buf[s2][v].z;
+          w[s2][4 * v + 3] = buf[s2][v].w;
+        }
+      load_batch(bi + 1, w[0][0] & zero);
+#pragma unroll
+      for (int s2 = 0; s2 < NBS; ++s2) {
+        const int jl = bi * NBS + s2, j = warp + jl * kWarps;
         if (jl < my) {
-          const int j = warp + jl * kWarps;
-          uint32_t w[WU];
-#pragma unroll
-          for (int v = 0; v < NV; ++v) {
-            w[4 * v] = buf[p][v].x;
-            w[4 * v + 1] = buf[p][v].y;
-            w[4 * v + 2] = buf[p][v].z;
-            w[4 * v + 3] = buf[p][v].w;
-          }
-          load_step(warp + (jl + P) * kWarps, buf[p]);
           const int kq = (u0 + (j >> 1)) * KU + 8 * (h + 2 * (j & 1));
 #pragma unroll
           for (int c0 = 0; c0 < CH; c0 += R::FLUSH) {
@@ -196,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
             for (int c = c0; c < c0 + R::FLUSH; ++c) {
               const int k = kq + 32 * c;
               const uint4 xv = k < K ? *reinterpret_cast<const uint4*>(x + k) : make_uint4(0, 0, 0, 0);
-              const uint32_t cv = chunk_bits<BITS>(w, c), cv8 = cv << 8;
+              const uint32_t cv = chunk_bits<BITS>(w[s2], c), cv8 = cv << 8;
               const uint32_t t0 = lds_at(tbl, pair_off<BITS>(cv, cv8, lb, 0));
               const uint32_t t1 = lds_at(tbl, pair_off<BITS>(cv, cv8, lb, 1));
               const uint32_t t2 = lds_at(tbl, pair_off<BITS>(cv, cv8, lb, 2));
