@@ -12,7 +12,7 @@
 
 namespace sqz::cuda {
 
-enum class ProcessBuffer { kDecodeCounters, kGemvBulk, kGemvTma, kLutXt, kLutRows, kCount };
+enum class ProcessBuffer { kDecodeCounters, kGemvBulk, kGemvTma, kLutXt, kCount };
 
 // The buffer of `which` on `device` (the current device), at least `bytes` long; nullptr where it
 // cannot be had: a graph capture is in progress on the device's stream before the first eager call

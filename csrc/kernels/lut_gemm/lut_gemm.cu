@@ -982,57 +982,6 @@ __global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __
   for (int w = 0; w < G::WU; ++w) d[(w >> 2) * 256 + (w & 3)] = out[w];
 }
 
-#include "lut_gemv_rows.cuh"
-
-// The row-lane GEMV (M = 1, fp16 activations, K % 8 == 0, x 16-byte aligned). Its blocks split the
-// (tile, unit) pairs evenly (one wave); the tiles they share need per-tile counters and partial
-// sums (a process buffer). Where that buffer cannot be had, or SQUEEZELM_LUT_ROWLANE_SPLIT=0
-// (tests, tuning), one block per tile.
-constexpr size_t kLutRowsBytes = size_t(8) << 20, kLutRowsTiles = 65536;
-template <int BITS>
-void launch_rowlane(__half* yp, const __half* xp, const uint4* cp, const void* lp, bool lf, const int* rp,
-                    const int* colp, const void* vp, bool vf, int N, int K, int U, cudaStream_t st) {
-  using R = rowlane::RL<BITS>;
-  constexpr auto kern = rowlane::rowlane_kernel<BITS>;
-  allow_dynamic_smem<kern>(R::kSmem, "lutMatmul");
-  int dev = 0;
-  cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
-  const int slots = cached_per_device(dev, 0, [&] {
-    int per_sm = 0;
-    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, rowlane::kThreads, R::kSmem),
-               "lutMatmul: occupancy");
-    const int n = per_sm * sm_count(dev);
-    return n > 0 ? n : 1;
-  });
-  const long long tiles = (N + 15) / 16, total = tiles * U;
-  // at least 8 units (1024 k) of 4-bit codes or 2 (1024 k) of 3-bit per block: the table build stays small
-  const long long min_units = BITS == 4 ? 8 : 2;
-  long long blocks = std::min<long long>(slots, std::max<long long>(1, total / min_units));
-  int nsegmax = 1;
-  float* ws = nullptr;
-  int* ctr = nullptr;
-  if (blocks != tiles && env_int("SQUEEZELM_LUT_ROWLANE_SPLIT", 1) != 0) {
-    const long long per = total / blocks;
-    nsegmax = (int)((U + per - 1) / per + 1);
-    // counters first, at a fixed size (a launch with more tiles must not find another's partial
-    // sums where its counters are), then the partial sums
-    const size_t need = (size_t)tiles * nsegmax * 16 * 4;
-    void* buf = tiles <= kLutRowsTiles && need <= kLutRowsBytes - kLutRowsTiles * 4
-                    ? zeroed_process_buffer(dev, ProcessBuffer::kLutRows, kLutRowsBytes)
-                    : nullptr;
-    if (buf) {
-      ctr = static_cast<int*>(buf);
-      ws = reinterpret_cast<float*>(static_cast<char*>(buf) + kLutRowsTiles * 4);
-    }
-  }
-  if (!ws) {
-    blocks = tiles;
-    nsegmax = 1;
-  }
-  launch_pdl(kern, dim3((unsigned)blocks), dim3(rowlane::kThreads), R::kSmem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf,
-             N, K, U, total, nsegmax, ws, ctr, 0u);
-}
-
 // xT for the outlier step, [K][mp]: a process-lifetime buffer per device
 // (common/process_buffer.h), nullptr where it is missing or too small.
 constexpr size_t kLutXtBytes = size_t(8) << 20;
@@ -1099,14 +1048,6 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
   const int U = (int)d.U;
   // The unvectorised activation path (K % 8 != 0 or x unaligned) keeps few registers free: it
   // takes the GEMV only up to 16 rows.
-  if constexpr (std::is_same_v<T, __half>) {
-    // batch 1, fp16: the row-lane GEMV (lut_gemv_rows.cuh); SQUEEZELM_LUT_ROWLANE=0 takes the
-    // tensor-core GEMV below instead (A/B runs, tests)
-    if (M == 1 && vec && env_int("SQUEEZELM_LUT_ROWLANE", 1) != 0) {
-      launch_rowlane<BITS>(yp, xp, codes.ptr<uint4>(), lut.data(), lf, rp, cp, vp, vf, N, K, U, st);
-      return;
-    }
-  }
   if (M <= 16 || (vec && M <= 64)) {
     const uint4* q4 = codes.ptr<uint4>();
     const void* lp = lut.data();
