@@ -271,32 +271,18 @@ template <class T, int BITS, int MT, bool XVEC, int RT>
 __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_t (&wa)[RT][Geo<BITS>::WU],
                                           const uint32_t (&wb)[RT][Geo<BITS>::WU], uint32_t tbl,
                                           const T* const (&xr)[MT], const bool (&mv)[MT], int kb, int K,
-                                          uint32_t lb0, uint32_t lb1, bool fast_x) {
+                                          uint32_t lb0, uint32_t lb1) {
   using G = Geo<BITS>;
   constexpr int E2 = G::E2, CH = G::CH;
   // Activations of XC chunks at a time, loaded before their lookups.
   constexpr int XC = MT * RT <= 2 ? 4 : 1;
-  // A unit wholly inside K (all but a last partial one; the same for every lane) loads its
-  // activations without guards: a lane whose activation row is past M reads row 0 (xr), and what it
-  // feeds the mma only reaches column m of the product, which is never stored. The guarded loads
-  // (a compare, a predicated load and two zeroing moves each, with the row pointer rebuilt per
-  // unit) were a third of the main loop's instructions (ncu, 4-bit M = 1 22016x4096, H200).
-  // (4-bit only: the 3-bit M <= 8 kernel, at 128 registers, spills with both paths.)
-  const bool full = XVEC && BITS == 4 && fast_x && kb - 8 * (threadIdx.x & 3) + G::KU <= K;
 #pragma unroll
   for (int c4 = 0; c4 < CH; c4 += XC) {
     uint4 xv[XC][MT];
-    if (full) {
 #pragma unroll
-      for (int c = 0; c < XC; ++c)
+    for (int c = 0; c < XC; ++c)
 #pragma unroll
-        for (int i = 0; i < MT; ++i) xv[c][i] = *reinterpret_cast<const uint4*>(xr[i] + kb + 32 * (c4 + c));
-    } else {
-#pragma unroll
-      for (int c = 0; c < XC; ++c)
-#pragma unroll
-        for (int i = 0; i < MT; ++i) xv[c][i] = load_x8<T, XVEC>(xr[i], kb + 32 * (c4 + c), K, mv[i]);
-    }
+      for (int i = 0; i < MT; ++i) xv[c][i] = load_x8<T, XVEC>(xr[i], kb + 32 * (c4 + c), K, mv[i]);
 #pragma unroll
     for (int c = 0; c < XC; ++c)
 #pragma unroll
@@ -352,7 +338,6 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
   const bool xgroup = flags & 1;
-  const bool fast_x = !(flags & 2);  // unguarded activation loads for whole units (gemv_unit)
   const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
   const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
   int xob = 0, xoe = 0;  // XT: the bounds of this thread's row in the next group
@@ -578,7 +563,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
             wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
             wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
           }
-        gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1, fast_x);
+        gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
         const int un = u + GV_WARPS * P;
         if (un < U) {
 #pragma unroll
@@ -1041,9 +1026,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // SQUEEZELM_LUT_XP: outlier entries per thread requested before the main loop (XT launches; at
   // most the kernel's XP, 0 = XP), to measure what the prefetch depth buys.
   const int xpn = env_int("SQUEEZELM_LUT_XP", 0);
-  // SQUEEZELM_LUT_XFULL=0: every activation load guarded, as before the whole-unit path (A/B runs).
-  const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | (env_int("SQUEEZELM_LUT_XFULL", 1) == 0 ? 2 : 0) |
-                    ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
+  const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
   launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
              reinterpret_cast<uint4*>(xT), flags);
 }
