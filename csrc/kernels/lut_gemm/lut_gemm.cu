@@ -338,6 +338,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
   const bool xgroup = flags & 1;
+  const int l2pf = (flags >> 2) & 3;  // SQUEEZELM_LUT_L2PF (launch_gemv)
   const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
   const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
   int xob = 0, xoe = 0;  // XT: the bounds of this thread's row in the next group
@@ -575,6 +576,22 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
                 qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v + 32);
               }
             }
+          if constexpr (MT == 1 && BITS == 4) {  // (3-bit: the M <= 8 kernel then spills)
+            // SQUEEZELM_LUT_L2PF=n (tuning): unit u + n * 8P requested into L2 as well, so its
+            // register load later waits for L2 instead of DRAM (no register, no scoreboard held)
+            const int u2 = u + GV_WARPS * P * l2pf;
+            if (l2pf > 0 && u2 < U) {
+#pragma unroll
+              for (int rt = 0; rt < RT; ++rt)
+                if (tok[rt]) {
+#pragma unroll
+                  for (int v = 0; v < NV; ++v) {
+                    prefetch_l2(ca[rt] + (size_t)u2 * G::USTRIDE + 64 * v);
+                    prefetch_l2(ca[rt] + (size_t)u2 * G::USTRIDE + 64 * v + 32);
+                  }
+                }
+            }
+          }
         } else if (xgroup && next < groups) {
           // Buffer p's last unit of this group: it takes the next group's unit warp + 8p now (every
           // group has U units, so that unit exists), a decode earlier than after the loop.
@@ -1026,7 +1043,9 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // SQUEEZELM_LUT_XP: outlier entries per thread requested before the main loop (XT launches; at
   // most the kernel's XP, 0 = XP), to measure what the prefetch depth buys.
   const int xpn = env_int("SQUEEZELM_LUT_XP", 0);
-  const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
+  const int l2pf = env_int("SQUEEZELM_LUT_L2PF", 0);
+  const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
+                    ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
   launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
              reinterpret_cast<uint4*>(xT), flags);
 }
