@@ -577,8 +577,9 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
               }
             }
           if constexpr (MT == 1 && BITS == 4) {  // (3-bit: the M <= 8 kernel then spills)
-            // SQUEEZELM_LUT_L2PF=n (tuning): unit u + n * 8P requested into L2 as well, so its
-            // register load later waits for L2 instead of DRAM (no register, no scoreboard held)
+            // unit u + l2pf * 8P requested into L2 as well, so its register load later waits for L2
+            // instead of DRAM; a prefetch holds no register and no scoreboard (the two register
+            // buffers per warp are what bounds the bytes in flight, docs/squeezellm.md)
             const int u2 = u + GV_WARPS * P * l2pf;
             if (l2pf > 0 && u2 < U) {
 #pragma unroll
@@ -1043,7 +1044,12 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // SQUEEZELM_LUT_XP: outlier entries per thread requested before the main loop (XT launches; at
   // most the kernel's XP, 0 = XP), to measure what the prefetch depth buys.
   const int xpn = env_int("SQUEEZELM_LUT_XP", 0);
-  const int l2pf = env_int("SQUEEZELM_LUT_L2PF", 0);
+  // L2 prefetch distance of the 4-bit M <= 8 kernel, in rounds of 8P units (SQUEEZELM_LUT_L2PF, 0-3).
+  // Same machine, separate processes, H200, M = 1, rounds 0 / 2: 4-bit dense 4096x11008 10.14-10.27 /
+  // 9.27-9.33 us, 8192x8192 14.88-14.89 / 14.12-14.27, 8192x28672 41.73-41.95 / 40.65-40.67, M = 4
+  // 8192x8192 15.30-15.44 / 14.60-14.78; 28672x8192 D+S 50.26-50.46 / 50.75-50.88; K = 4096 never
+  // reaches it (32 units). One round ahead lost 1-5% (8192x28672 D+S 43.23 / 45.43 us).
+  const int l2pf = env_int("SQUEEZELM_LUT_L2PF", 2);
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
                     ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
   launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
