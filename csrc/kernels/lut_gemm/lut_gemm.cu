@@ -33,7 +33,10 @@
 //   16.0 us; a cp.async ring in shared memory instead of registers, 17.0-17.3 us; two row tiles per
 //   block, 19.5 us; an L2 prefetch of a group's codes one group ahead, 16.1 us. The SASS puts every
 //   code load on one scoreboard, so the first use of a buffer also waits for the refills requested
-//   after it: with P = 2 about one memory latency per two units. (Two sets of buffers, each waited
+//   after it: with P = 2 about one memory latency per two units. What is kept instead (4-bit,
+//   M <= 8): each refill also prefetches into L2 the unit two rounds (32 units) ahead, so that
+//   unit's register load later waits for L2, not DRAM; a prefetch holds no register and no
+//   scoreboard (measurements at launch_gemv). (Two sets of buffers, each waited
 //   for before the other is refilled, measured 2-4% faster for 4-bit D+S at M = 1 on the large
 //   shapes but 4-12% slower at 4096x4096, at M = 4-8 and for 3-bit: the second set spills.)
 //   The grid is one wave (2 blocks per SM fit with 64 KB tables each) and each block walks
