@@ -295,10 +295,11 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
     pl.R = rtot <= 1 ? 1 : rtot <= 2 ? 2 : rtot <= 4 ? 4 : 8;
   }
   pl.qchunks = (rtot + pl.R - 1) / pl.R;
-  // The tensor-core kernel's splits are planned for one block per SM, though two fit: fewer,
-  // longer splits pay the start of a split and the final merge (the end of every decode step
-  // waits on both) fewer times than the second block's extra bytes in flight buy back. H200,
-  // 32q/8kv x128, graph replay, one / two blocks per SM: batch 1 at 8K 15.9 / 16.5 us, 16K 26.5 /
+  // The tensor-core kernel's splits are planned for one block per SM: fewer, longer splits pay
+  // the start of a split and the final merge (the end of every decode step waits on both) fewer
+  // times than a second block's extra bytes in flight buy back. (Its blocks are 8 warps now; at
+  // head_dim 128 a second one no longer fits.) H200, 32q/8kv x128, graph replay, one / two
+  // blocks of 4 warps per SM: batch 1 at 8K 15.9 / 16.5 us, 16K 26.5 /
   // 28.0, 32K 43.0-43.6 / 45.4-46.5, 64K 76.8 / 77.6, 128K 145.0 / 143.6; batch 2 at 8K 26.6 / 27.5;
   // batch 8 at 4K 43.2 / 44.5; batch 4 at 2K 16.0 / 15.3. SQUEEZELM_ATTN_MMA_PER_SM (tuning, read
   // per plan) sets another count, 0 = as many as fit.

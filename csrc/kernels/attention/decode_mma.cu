@@ -11,7 +11,7 @@
 // kernel, with more warps in flight per SM, streams as fast or faster (H200 numbers in
 // decode.cu's decode_plan and bench/results/attention-h200.md).
 //
-// Streaming. Each warp walks its own tiles of the split (tile w, w + 4, ... of 16 tokens) and
+// Streaming. Each warp walks its own tiles of the split (tile w, w + 8, ... of 16 tokens) and
 // keeps a private ring of kStages shared-memory stages filled by cp.async: while it multiplies
 // one tile, the next kStages - 1 are in flight. Warps never wait on each other until the end
 // of the split, so a slow page costs one warp, not the block. Keys and values are gathered
@@ -40,6 +40,14 @@ namespace {
 using namespace split_kv;
 
 constexpr int kTile = 16;   // tokens per warp tile
+// Warps per block, each with its own ring. Eight, where the CUDA-core kernel has four: the
+// planner gives this kernel one block per SM (decode_plan), so the block's warps are all the
+// SM streams with. H200, 32q/8kv x128, graph replay, same process, 4 / 8 warps: batch 1 at 8K
+// 15.95 / 15.17 us, 32K 43.3-43.5 / 43.6, 128K 147.1 / 144.0; batch 8 at 4K 42.96 / 42.62.
+// (More splits than one wave, so that the block scheduler balances the SMs, cost more than
+// they balance: 32K with 2 / 4 / 8 times the splits 46.4 / 55.0 / 72.3 us at 4 warps, 51.6 /
+// 65.2 at 8: every block pays its start and its end, ~7 us when they do not overlap.)
+constexpr int kMmaWarps = 8;
 constexpr int kRows = 16;   // query vectors per block (the m16 side of the product)
 // The per-warp ring: one tile in use, two in flight (a 2-stage ring was slower on an H200: 58
 // vs 55 us for GQA 32q/8kv at 32K tokens).
@@ -50,14 +58,15 @@ struct MmaShape {
   static constexpr int SD = D + 8;                        // row pitch: +16 bytes, conflict-free ldmatrix
   static constexpr int CH = D / 8;                        // 16-byte chunks per row
   static constexpr int STAGE = 2 * kTile * SD;            // elements of one stage (keys, then values)
-  static constexpr size_t ring = (size_t)kWarps * kStages * STAGE * 2;
-  static constexpr size_t merge = (size_t)kWarps * kRows * D * sizeof(float);
+  static constexpr size_t ring = (size_t)kMmaWarps * kStages * STAGE * 2;
+  static constexpr size_t merge = (size_t)kMmaWarps * kRows * D * sizeof(float);
   static constexpr size_t smem = ring > merge ? ring : merge;
 };
 
 template <class T, int D>
-__global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
+__global__ void __launch_bounds__(kMmaWarps * 32) decode_mma(Params p) {
   static_assert(D % 16 == 0 && D <= 128, "decode_mma: head_dim");
+  constexpr int W = kMmaWarps;
   using S = MmaShape<D>;
   constexpr int SD = S::SD, CH = S::CH, KS = D / 16, ND = D / 8;
   pdl_wait();  // see pdl.cuh: before any global access that matters
@@ -67,8 +76,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
   // 4844 us without, 4853 us with no programmatic launches at all. (An L2 prefetch of each
   // block's first keys before the wait cost ~30 us per step in both kernels and was dropped.)
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float s_m[kWarps * kRows], s_l[kWarps * kRows];
-  __shared__ unsigned s_ok[kWarps * kStages];  // per stage: bit i = token i of the tile is readable
+  __shared__ float s_m[W * kRows], s_l[W * kRows];
+  __shared__ unsigned s_ok[W * kStages];  // per stage: bit i = token i of the tile is readable
 
   const int kvh = blockIdx.x / p.qchunks, qc = blockIdx.x % p.qchunks;
   const int b = blockIdx.y, split = blockIdx.z;
@@ -107,7 +116,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
   const T* vc = static_cast<const T*>(p.vc);
   T* ring = reinterpret_cast<T*>(smem) + warp * kStages * S::STAGE;
   const int ntiles = (t1 - t0 + kTile - 1) / kTile;
-  const int mine = ntiles > warp ? (ntiles - warp + kWarps - 1) / kWarps : 0;
+  const int mine = ntiles > warp ? (ntiles - warp + W - 1) / W : 0;
 
   // Issues the copies of this warp's i-th tile into stage st. Tiles start at multiples of 16
   // tokens, so where pages hold a multiple of 16 tokens a tile lies in one page: one lookup (the
@@ -118,12 +127,12 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
   // Pages of this warp's tiles 32 * batch .. 32 * batch + 31, one per lane (-1: none).
   auto tile_pages = [&](int batch) {
     const int ti = batch * 32 + lane;
-    return ti < mine ? page_of(p, b, t0 + (warp + ti * kWarps) * kTile) : -1;
+    return ti < mine ? page_of(p, b, t0 + (warp + ti * W) * kTile) : -1;
   };
   int pages_cur = tile_in_page ? tile_pages(0) : -1;
   int pages_next = tile_in_page ? tile_pages(1) : -1;
   auto load = [&](int i, int st) {
-    const int tb = t0 + (warp + i * kWarps) * kTile;
+    const int tb = t0 + (warp + i * W) * kTile;
     T* sk = ring + st * S::STAGE;
     T* sv = sk + kTile * SD;
     if (tile_in_page) {
@@ -182,7 +191,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
     const T* sk = ring + st * S::STAGE;
     const T* sv = sk + kTile * SD;
     const unsigned ok = s_ok[warp * kStages + st];
-    const int tb = t0 + (warp + i * kWarps) * kTile;
+    const int tb = t0 + (warp + i * W) * kTile;
 
     // Scores: even and odd k-steps into separate accumulators (four independent mma chains
     // instead of two; the chains' latency, not the tensor cores, bounds this loop).
@@ -250,7 +259,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma(Params p) {
       *reinterpret_cast<float2*>(s_acc + row * D + nd * 8 + (lane & 3) * 2) = make_float2(o[nd][rr * 2], o[nd][rr * 2 + 1]);
   }
   __syncthreads();
-  finish_split<T, kRows>(p, kvh, qc, b, split, splits, g, n, q0, s_m, s_l, s_acc);
+  finish_split<T, kRows, W>(p, kvh, qc, b, split, splits, g, n, q0, s_m, s_l, s_acc);
 }
 
 template <class T, int D>
@@ -258,7 +267,7 @@ void launch_d(const Params& p, cudaStream_t stream) {
   constexpr size_t smem = MmaShape<D>::smem;
   allow_dynamic_smem<decode_mma<T, D>>(smem, "attention (decode)");
   dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
-  launch_pdl(decode_mma<T, D>, grid, dim3(kWarps * 32), smem, stream, p);
+  launch_pdl(decode_mma<T, D>, grid, dim3(kMmaWarps * 32), smem, stream, p);
 }
 
 template <class T>
@@ -281,7 +290,7 @@ int occupancy_d() {
   constexpr size_t smem = MmaShape<D>::smem;
   allow_dynamic_smem<decode_mma<__half, D>>(smem, "attention (decode)");
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_mma<__half, D>, kWarps * 32, smem) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_mma<__half, D>, kMmaWarps * 32, smem) != cudaSuccess) {
     cudaGetLastError();
     return 1;
   }

@@ -102,8 +102,8 @@ __device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row
 // into this split's partial of every active query vector; then, with arrival counters, the
 // last block of the (sequence, kv head, query chunk) group to get here merges all splits.
 // Called by every thread of a block that wrote its partial state to shared memory and passed
-// a barrier; s_acc must hold at least kWarps * splits floats (reused for the splits' weights).
-template <class T, int R>
+// a barrier (NW warps); s_acc must hold at least NW * splits floats (reused for the splits' weights).
+template <class T, int R, int NW = kWarps>
 __device__ void finish_split(const Params& p, int kvh, int qc, int b, int split, int splits, int g, int n, int q0,
                              const float* s_m, const float* s_l, float* s_acc) {
   for (int i = threadIdx.x; i < R * (p.D + 1); i += blockDim.x) {
@@ -112,10 +112,10 @@ __device__ void finish_split(const Params& p, int kvh, int qc, int b, int split,
     if (vi >= g * n) continue;
     float M = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w * R + r]);
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w * R + r]);
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < NW; ++w) {
       const float f = s_m[w * R + r] == -INFINITY ? 0.f : exp2f(s_m[w * R + r] - M);
       v += f * (d == p.D ? s_l[w * R + r] : s_acc[(w * R + r) * p.D + d]);
     }
@@ -148,9 +148,9 @@ __device__ void finish_split(const Params& p, int kvh, int qc, int b, int split,
   // Fewer query vectors than warps (MHA decode: one): the warps of a vector split its outputs.
   const int warp = threadIdx.x >> 5;
   const int rows = min(R, g * n - qc * R);
-  const int parts = rows >= kWarps ? 1 : kWarps / max(rows, 1);
-  if (warp >= rows * parts && rows < kWarps) return;
-  for (int r = warp / parts; r < rows; r += kWarps / parts) {
+  const int parts = rows >= NW ? 1 : NW / max(rows, 1);
+  if (warp >= rows * parts && rows < NW) return;
+  for (int r = warp / parts; r < rows; r += NW / parts) {
     const int vi = qc * R + r;
     const int j = vi / g, h = kvh * g + vi % g;
     combine_splits_warp<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, splits, s_acc + warp * splits,
