@@ -42,8 +42,11 @@ using namespace split_kv;
 constexpr int kTile = 16;   // tokens per warp tile
 // Warps per block, each with its own ring. Eight, where the CUDA-core kernel has four: the
 // planner gives this kernel one block per SM (decode_plan), so the block's warps are all the
-// SM streams with. H200, 32q/8kv x128, graph replay, same process, 4 / 8 warps: batch 1 at 8K
-// 15.95 / 15.17 us, 32K 43.3-43.5 / 43.6, 128K 147.1 / 144.0; batch 8 at 4K 42.96 / 42.62.
+// SM streams with. H200, 32q/8kv x128, graph replay, same process, 4 / 8 warps (a probe whose
+// merge loaded its inputs in another order, which measured no different): batch 1 at 8K
+// 15.95 / 15.17 us, 32K 43.3-43.5 / 43.6, 128K 147.1 / 144.0; batch 8 at 4K 42.96 / 42.62. The
+// attention bench, 4 warps (2abebae) / 8 (75939d7): 512 tokens 11.15 / 10.13 us, 8K 16.85 /
+// 15.78, 32K 43.42 / 43.06, 128K 147.89 / 144.20, batch 8 at 4K 43.14 / 43.24.
 // (More splits than one wave, so that the block scheduler balances the SMs, cost more than
 // they balance: 32K with 2 / 4 / 8 times the splits 46.4 / 55.0 / 72.3 us at 4 warps, 51.6 /
 // 65.2 at 8: every block pays its start and its end, ~7 us when they do not overlap.)
