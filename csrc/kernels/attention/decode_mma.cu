@@ -69,7 +69,6 @@ struct MmaShape {
 template <class T, int D>
 __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma(Params p) {
   static_assert(D % 16 == 0 && D <= 128, "decode_mma: head_dim");
-  constexpr int W = kMmaWarps;
   using S = MmaShape<D>;
   constexpr int SD = S::SD, CH = S::CH, KS = D / 16, ND = D / 8;
   pdl_wait();  // see pdl.cuh: before any global access that matters
@@ -79,8 +78,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma(Params p) {
   // 4844 us without, 4853 us with no programmatic launches at all. (An L2 prefetch of each
   // block's first keys before the wait cost ~30 us per step in both kernels and was dropped.)
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float s_m[W * kRows], s_l[W * kRows];
-  __shared__ unsigned s_ok[W * kStages];  // per stage: bit i = token i of the tile is readable
+  __shared__ float s_m[kMmaWarps * kRows], s_l[kMmaWarps * kRows];
+  __shared__ unsigned s_ok[kMmaWarps * kStages];  // per stage: bit i = token i of the tile is readable
 
   const int kvh = blockIdx.x / p.qchunks, qc = blockIdx.x % p.qchunks;
   const int b = blockIdx.y, split = blockIdx.z;
@@ -119,7 +118,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma(Params p) {
   const T* vc = static_cast<const T*>(p.vc);
   T* ring = reinterpret_cast<T*>(smem) + warp * kStages * S::STAGE;
   const int ntiles = (t1 - t0 + kTile - 1) / kTile;
-  const int mine = ntiles > warp ? (ntiles - warp + W - 1) / W : 0;
+  const int mine = ntiles > warp ? (ntiles - warp + kMmaWarps - 1) / kMmaWarps : 0;
 
   // Issues the copies of this warp's i-th tile into stage st. Tiles start at multiples of 16
   // tokens, so where pages hold a multiple of 16 tokens a tile lies in one page: one lookup (the
@@ -130,12 +129,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma(Params p) {
   // Pages of this warp's tiles 32 * batch .. 32 * batch + 31, one per lane (-1: none).
   auto tile_pages = [&](int batch) {
     const int ti = batch * 32 + lane;
-    return ti < mine ? page_of(p, b, t0 + (warp + ti * W) * kTile) : -1;
+    return ti < mine ? page_of(p, b, t0 + (warp + ti * kMmaWarps) * kTile) : -1;
   };
   int pages_cur = tile_in_page ? tile_pages(0) : -1;
   int pages_next = tile_in_page ? tile_pages(1) : -1;
   auto load = [&](int i, int st) {
-    const int tb = t0 + (warp + i * W) * kTile;
+    const int tb = t0 + (warp + i * kMmaWarps) * kTile;
     T* sk = ring + st * S::STAGE;
     T* sv = sk + kTile * SD;
     if (tile_in_page) {
@@ -194,7 +193,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma(Params p) {
     const T* sk = ring + st * S::STAGE;
     const T* sv = sk + kTile * SD;
     const unsigned ok = s_ok[warp * kStages + st];
-    const int tb = t0 + (warp + i * W) * kTile;
+    const int tb = t0 + (warp + i * kMmaWarps) * kTile;
 
     // Scores: even and odd k-steps into separate accumulators (four independent mma chains
     // instead of two; the chains' latency, not the tensor cores, bounds this loop).
@@ -262,7 +261,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma(Params p) {
       *reinterpret_cast<float2*>(s_acc + row * D + nd * 8 + (lane & 3) * 2) = make_float2(o[nd][rr * 2], o[nd][rr * 2 + 1]);
   }
   __syncthreads();
-  finish_split<T, kRows, W>(p, kvh, qc, b, split, splits, g, n, q0, s_m, s_l, s_acc);
+  finish_split<T, kRows, kMmaWarps>(p, kvh, qc, b, split, splits, g, n, q0, s_m, s_l, s_acc);
 }
 
 template <class T, int D>

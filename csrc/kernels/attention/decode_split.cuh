@@ -9,6 +9,8 @@
 namespace sqz::cuda::attn {
 namespace split_kv {
 
+// Warps per block of the CUDA-core kernel, and finish_split's default; the tensor-core kernel
+// has its own count (kMmaWarps, decode_mma.cu) and passes it to finish_split.
 constexpr int kWarps = 4;
 constexpr int kMaxSplits = 256;
 
