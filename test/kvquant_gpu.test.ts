@@ -18,8 +18,8 @@ function firstDiff(a: Uint8Array, b: Uint8Array): number {
 }
 
 describeGpu('kvquant (CUDA vs CPU)', () => {
-  const cases: Array<[number, number, number, number[], number, 'f16' | 'bf16']> = [
-    // [Hq, H, D, lens, bits, dtype]
+  const cases: Array<[number, number, number, number[], number, 'f16' | 'bf16', number?]> = [
+    // [Hq, H, D, lens, bits, dtype, sink (default 3)]
     [4, 4, 64, [1, 17, 300], 2, 'f16'],
     [6, 2, 80, [33, 129], 3, 'f16'],
     [12, 3, 96, [70], 4, 'bf16'],
@@ -43,11 +43,16 @@ describeGpu('kvquant (CUDA vs CPU)', () => {
     [8, 8, 80, [4099], 3, 'bf16'],
     // a long 2-bit cache: fixed per-code roundings of the values would not average out here
     [32, 8, 128, [6000], 2, 'f16'],
+    // sinks longer than a 16-token tile and than a 32-token split (each split that starts inside the
+    // sink takes its part of it before its tiles), and sequences shorter than the sink
+    [32, 8, 128, [100, 45, 3, 700], 4, 'f16', 40],
+    [8, 4, 64, [70, 20, 1], 2, 'f16', 20],
+    [12, 4, 96, [200, 17], 3, 'bf16', 17],
   ];
-  for (const [Hq, H, D, lens, bits, dtype] of cases) {
-    test(`append bytes and attention match (Hq ${Hq}, H ${H}, D ${D}, B ${lens.length}, ${bits}-bit, ${dtype})`, async () => {
+  for (const [Hq, H, D, lens, bits, dtype, sink = 3] of cases) {
+    test(`append bytes and attention match (Hq ${Hq}, H ${H}, D ${D}, B ${lens.length}, ${bits}-bit, ${dtype}, sink ${sink})`, async () => {
       const seed = freshSeed();
-      const opts = { bits, H, D, lens, nk: 2, nv: 2, sink: 3, pageSize: 16, seed, dtype };
+      const opts = { bits, H, D, lens, nk: 2, nv: 2, sink, pageSize: 16, seed, dtype };
       const c = buildCache({ ...opts, device: 'cpu' });
       const g = buildCache({ ...opts, device: 'cuda' });
       for (const name of ['kCodes', 'vCodes', 'meta', 'sinkK', 'sinkV'] as const) {

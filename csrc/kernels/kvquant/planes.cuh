@@ -25,10 +25,12 @@
 //     token row through shared memory, read transposed by ldmatrix) and P carries p * scale_t;
 //     sum p * offset_t is kept apart. A value outlier is staged as (exact - offset) / scale.
 //   * key outliers: the difference between the exact key and a*cb + b, rotated with an exact
-//     cos/sin, is added to the scores of the token's heads in fp32 (one lane per outlier
-//     computes it, the lanes holding the token's scores take it by shuffles).
-//   * sink tokens: their scores are recomputed exactly from the fp16 side store, their values
-//     staged with scale 1, offset 0.
+//     cos/sin and multiplied with each query head, is added to the scores of the token's heads in
+//     fp32 (one lane per outlier computes it for all heads, the lanes holding the token's scores
+//     read theirs from shared memory).
+//   * sink tokens: the splits that start before them take them first, exactly (scores from the
+//     fp16 side store, keys rotated in fp32, values in fp32), as the first steps of the online
+//     softmax; the tiles mask them.
 //   * codes, value rows and metadata of the next tiles are copied to shared memory by cp.async
 //     (two or three stages per warp) while the current tile is computed.
 // Grid and combine are tc's (one warp per kv head), with splits of 32 tokens.
@@ -38,6 +40,10 @@ namespace planes {
 // short contexts still give two blocks per SM: at 8K tokens and 8 kv heads, 64-token splits
 // gave 128 blocks, one per SM)
 constexpr int kTok = 16, kChunk = 64, kSplit = 32, kWarps = 8;
+// Row stride (floats) of the key-outlier corrections [token][head][slot parity]: 16 used, 16-byte
+// aligned, token rows 20 words apart (two rows per bank group at most).
+constexpr int kCorrRow = 20;
+static_assert(kTok * kCorrRow * 4 <= kTok * 64 * 2, "corrections fit the smallest value tile");
 using tc::Book;
 using tc::h2u;
 using tc::kLog2e;
@@ -264,6 +270,59 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, pa_run[2] = {0.f, 0.f};  // heads 2 c4 + e
 
   const int srow = b >= 0 ? sink_row(g, b) : 0;
+  // ---- sink tokens (the splits that start before g.sink): exact scores from the fp16 side store
+  // (keys rotated in fp32) and exact values, folded into the running state before the tiles,
+  // which mask them. The whole warp takes one sink token at a time, two RoPE pairs per lane, for
+  // all its query heads. (Inside the tile loop this cost registers in every tile and put a
+  // dependent global load per sink token on the split's critical path.)
+  if (active && b >= 0) {
+    const int ts_end = min(g.sink, t_end);
+    for (int tt = t_begin; tt < ts_end; ++tt) {
+      const uint16_t* sk = g.sink_k + (((long long)srow * g.sink + tt) * g.H + h) * D;
+      float part[8];
+#pragma unroll
+      for (int hh = 0; hh < 8; ++hh) part[hh] = 0.f;
+      for (int i = lane; i < HALF; i += 32) {
+        const float x = __half2float(__ushort_as_half(sk[i])), y = __half2float(__ushort_as_half(sk[i + HALF]));
+        float sn, cn;
+        tc::sincos_reduced(__fmul_rn((float)tt, inv_freq[i]), &sn, &cn);
+        const float xr = fmaf(x, cn, -y * sn), yr = fmaf(y, cn, x * sn);
+#pragma unroll
+        for (int hh = 0; hh < 8; ++hh)
+          if (hh < G) part[hh] = fmaf(to_f(qrow[hh * D + i]), xr, fmaf(to_f(qrow[hh * D + i + HALF]), yr, part[hh]));
+      }
+      float sh[2] = {0.f, 0.f};  // this lane's heads 2 c4, 2 c4 + 1
+#pragma unroll
+      for (int hh = 0; hh < 8; ++hh) {
+        if (hh >= G) break;  // warp-uniform
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) part[hh] += __shfl_xor_sync(0xffffffffu, part[hh], o);
+        if (hh == 2 * c4) sh[0] = part[hh];
+        if (hh == 2 * c4 + 1) sh[1] = part[hh];
+      }
+      // online softmax: every lane holds the token's scores; l counts it once (lanes r = 0), the
+      // accumulators take p * v for the lane's own channels (value_channel, as the tiles' P.V)
+      const uint16_t* svr = g.sink_v + (((long long)srow * g.sink + tt) * g.H + h) * D;
+      float alpha[2], p[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float s_ = qs * sh[e], mn = fmaxf(m_run[e], s_);
+        alpha[e] = exp2f(m_run[e] - mn);  // m_run = -inf: 0
+        p[e] = exp2f(s_ - mn);
+        m_run[e] = mn;
+        l_run[e] = fmaf(l_run[e], alpha[e], r == 0 ? p[e] : 0.f);
+      }
+#pragma unroll
+      for (int mt = 0; mt < S::MT; ++mt) {
+        const float x0 = __half2float(__ushort_as_half(svr[tc::value_channel<BITS>(16 * mt + r)]));
+        const float x1 = __half2float(__ushort_as_half(svr[tc::value_channel<BITS>(16 * mt + r + 8)]));
+        acc[mt][0] = fmaf(acc[mt][0], alpha[0], p[0] * x0);
+        acc[mt][1] = fmaf(acc[mt][1], alpha[1], p[1] * x0);
+        acc[mt][2] = fmaf(acc[mt][2], alpha[0], p[0] * x1);
+        acc[mt][3] = fmaf(acc[mt][3], alpha[1], p[1] * x1);
+      }
+    }
+  }
   for (int t0c = t_begin; t0c < t_end; t0c += kChunk) {
     const int cnt_c = min(kChunk, t_end - t0c);
     // cos/sin of the chunk: row tt, chunk (ks * 4 + lane c4) holds (c0..c3, s0..s3) of pairs 4 grp .. 4 grp + 3
@@ -320,93 +379,60 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
         for (int e = 0; e < 4; ++e) sc[e] = sa[e] + sb[e];  // (token r | r + 8) x (head 2 c4 | 2 c4 + 1)
       }
       // ---- key outliers: exact - (a cb + b), rotated, into the scores of the token's heads.
-      // Lane 2 t + u computes slot s0 + u of token t; the lanes holding token t's scores fetch it.
-      for (int s0 = 0; s0 < nk; s0 += 2) {
-        const int tl = lane >> 1, so = s0 + (lane & 1), tt = t0 + tl;
-        float dx = 0.f, dy = 0.f;
-        int pi = 0;
-        if (so < nk && tt < t_end && tt >= g.sink) {
+      // Lane 2 t + u takes slots u, u + 2, ... of token t: it rotates each slot's difference and
+      // multiplies it with the G query heads itself, summing one correction per head in shared
+      // memory (the value tile, free until this tile's values are staged: [token][head][u] fp32,
+      // rows of kCorrRow floats); the lanes holding the token's scores then read theirs with two
+      // 16-byte loads. (The rotated differences shuffled to the score lanes, each reading q for its
+      // two heads, took 12 shuffles and 16 query loads per lane and tile.)
+      if (nk > 0) {
+        const int tl = lane >> 1, u = lane & 1, tt = t0 + tl;
+        const unsigned cp = vt + (unsigned)((tl * kCorrRow + u) * 4);  // + 8 per head
+        for (int hh = 0; hh < G; ++hh) tc::sts32(cp + 8 * hh, 0.f);
+        if (tt < t_end && tt >= g.sink) {
           const uint8_t* me = metap + tl * MB;
-          const int ch = min((int)me[4 + 2 * ns + so], D - 1);
-          const float ex = half_bits(me + 4 + 2 * so);
-          const int code = kvq::get_code(sbp + tl * CB, kvq::key_element(ch, D), BITS);
-          const float lx = __ldg(g.key_lo + (long long)h * D + ch), a_ = 0.5f * (__ldg(g.key_hi + (long long)h * D + ch) - lx);
-          const float delta = ex - fmaf(a_, kbook[code], lx + a_);
-          const bool xh = ch < HALF;
-          pi = xh ? ch : ch - HALF;
-          // cos, sin of the pair from the chunk's table (fp16: the correction's own rounding)
-          const uint8_t* cs = smem + (cs_s - base) + ((tt0 + tl) * RSC + ((pi >> 2) % KS) * 4 + (pi >> 2) / KS) * 16 + (pi & 3) * 2;
-          const float cn = half_bits(cs), sn = half_bits(cs + 8);
-          dx = xh ? cn * delta : -sn * delta;
-          dy = xh ? sn * delta : cn * delta;
-        }
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-          for (int u = 0; u < 2; ++u) {
-            const int src = 2 * (r + 8 * j) + u;
-            const float ddx = __shfl_sync(0xffffffffu, dx, src), ddy = __shfl_sync(0xffffffffu, dy, src);
-            const int ppi = __shfl_sync(0xffffffffu, pi, src);
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int hh = 2 * c4 + e;
-              if (hh < G)
-                sc[2 * j + e] += qs * fmaf(to_f(qrow[hh * D + ppi]), ddx, to_f(qrow[hh * D + ppi + HALF]) * ddy);
-            }
-          }
-      }
-      // ---- sink tokens: exact scores from the fp16 side store (keys rotated in fp32). The whole
-      // warp takes one sink token at a time, two RoPE pairs per lane, for all its query heads.
-      if (t0 < g.sink) {
-        const int ns_ = min(g.sink, t_end) - t0;
-        for (int ts = 0; ts < ns_ && ts < kTok; ++ts) {
-          const int tt = t0 + ts;
-          const uint16_t* sk = g.sink_k + (((long long)srow * g.sink + tt) * g.H + h) * D;
-          float part[8];
-#pragma unroll
-          for (int hh = 0; hh < 8; ++hh) part[hh] = 0.f;
-          for (int i = lane; i < HALF; i += 32) {
-            const float x = __half2float(__ushort_as_half(sk[i])), y = __half2float(__ushort_as_half(sk[i + HALF]));
-            float sn, cn;
-            tc::sincos_reduced(__fmul_rn((float)tt, inv_freq[i]), &sn, &cn);
-            const float xr = fmaf(x, cn, -y * sn), yr = fmaf(y, cn, x * sn);
-#pragma unroll
-            for (int hh = 0; hh < 8; ++hh)
-              if (hh < G) part[hh] = fmaf(to_f(qrow[hh * D + i]), xr, fmaf(to_f(qrow[hh * D + i + HALF]), yr, part[hh]));
-          }
-          float v0 = 0.f, v1 = 0.f;  // this lane's heads 2 c4, 2 c4 + 1
-#pragma unroll
-          for (int hh = 0; hh < 8; ++hh) {
-            if (hh >= G) break;  // warp-uniform
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) part[hh] += __shfl_xor_sync(0xffffffffu, part[hh], o);
-            if (hh == 2 * c4) v0 = part[hh];
-            if (hh == 2 * c4 + 1) v1 = part[hh];
-          }
-          if ((ts & 7) == r) {
-            if (ts < 8) { sc[0] = qs * v0; sc[1] = qs * v1; }
-            else { sc[2] = qs * v0; sc[3] = qs * v1; }
+          for (int so = u; so < nk; so += 2) {
+            const int ch = min((int)me[4 + 2 * ns + so], D - 1);
+            const float ex = half_bits(me + 4 + 2 * so);
+            const int code = kvq::get_code(sbp + tl * CB, kvq::key_element(ch, D), BITS);
+            const float lx = __ldg(g.key_lo + (long long)h * D + ch), a_ = 0.5f * (__ldg(g.key_hi + (long long)h * D + ch) - lx);
+            const float delta = ex - fmaf(a_, kbook[code], lx + a_);
+            const bool xh = ch < HALF;
+            const int pi = xh ? ch : ch - HALF;
+            // cos, sin of the pair from the chunk's table (fp16: the correction's own rounding)
+            const uint8_t* cs = smem + (cs_s - base) + ((tt0 + tl) * RSC + ((pi >> 2) % KS) * 4 + (pi >> 2) / KS) * 16 + (pi & 3) * 2;
+            const float cn = half_bits(cs), sn = half_bits(cs + 8);
+            const float dx = xh ? cn * delta : -sn * delta;
+            const float dy = xh ? sn * delta : cn * delta;
+            // a loop over the heads, not an unrolled array of 8 sums: registers are short here
+            for (int hh = 0; hh < G; ++hh)
+              tc::sts32(cp + 8 * hh, fmaf(to_f(qrow[hh * D + pi]), dx, fmaf(to_f(qrow[hh * D + pi + HALF]), dy, tc::lds32(cp + 8 * hh))));
           }
         }
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float4 c = tc::lds128f(vt + (unsigned)(((r + 8 * j) * kCorrRow + 4 * c4) * 4));  // heads 2 c4, 2 c4 + 1
+          if (2 * c4 < G) sc[2 * j] += qs * (c.x + c.y);
+          if (2 * c4 + 1 < G) sc[2 * j + 1] += qs * (c.z + c.w);
+        }
+        __syncwarp();  // the value tile is written again below
       }
-      // ---- tokens past the end
-      if (t0 + r >= t_end) sc[0] = sc[1] = -INFINITY;
-      if (t0 + r + 8 >= t_end) sc[2] = sc[3] = -INFINITY;
-      // ---- value scale and offset per token (an outlier may widen the scale, see tc_kernel)
+      // ---- tokens past the end, and sink tokens (taken before the tiles)
+      if (t0 + r >= t_end || t0 + r < g.sink) sc[0] = sc[1] = -INFINITY;
+      if (t0 + r + 8 >= t_end || t0 + r + 8 < g.sink) sc[2] = sc[3] = -INFINITY;
+      // ---- value scale and offset per token (an outlier may widen the scale, see tc_kernel);
+      // masked tokens (past the end, sink) keep 0, 0: their p is 0
       {
         const int tl = lane & 15, tt = t0 + tl;
         float sv = 0.f, av = 0.f;
-        if (tt < t_end) {
-          if (tt < g.sink) {
-            sv = 1.f;
-          } else {
-            const uint8_t* me = metap + tl * MB;
-            const float vlo = half_bits(me), vhi = half_bits(me + 2);
-            sv = 0.5f * (vhi - vlo);
-            av = vlo + sv;
-            for (int s_ = lane >> 4; s_ < nv; s_ += 2) sv = fmaxf(sv, fabsf(half_bits(me + 4 + 2 * (nk + s_)) - av) * (1.f / 16384.f));
-            if (nv > 0) sv = fmaxf(sv, 1e-30f);
-          }
+        if (tt < t_end && tt >= g.sink) {
+          const uint8_t* me = metap + tl * MB;
+          const float vlo = half_bits(me), vhi = half_bits(me + 2);
+          sv = 0.5f * (vhi - vlo);
+          av = vlo + sv;
+          for (int s_ = lane >> 4; s_ < nv; s_ += 2) sv = fmaxf(sv, fabsf(half_bits(me + 4 + 2 * (nk + s_)) - av) * (1.f / 16384.f));
+          if (nv > 0) sv = fmaxf(sv, 1e-30f);
         }
         sv = fmaxf(sv, __shfl_xor_sync(0xffffffffu, sv, 16));  // the two halves of the token's slots
         if (lane < kTok) vsc[lane] = make_float2(sv, av);
@@ -444,7 +470,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
           }
         }
       }
-      // ---- value tile: codebook values per token row (tc's staging order), sink rows exact
+      // ---- value tile: codebook values per token row (tc's staging order)
       {
         const Book<TW> vbk = book(1);
         const int tl = lane & 15;
@@ -460,21 +486,6 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
           sts128(vt + swz<RS>(tl, 2 * j + 1), v[4], v[5], v[6], v[7]);
         }
       }
-      if (t0 < g.sink) {  // sink rows: exact fp16 values, in staging order (the tile's codes there are zeros)
-        __syncwarp();
-        for (int it = lane; it < kTok * S::NB; it += 32) {
-          const int tl = it & 15, j = it >> 4, tt = t0 + tl;
-          if (tt >= g.sink || tt >= t_end) continue;
-          const uint16_t* sv_ = g.sink_v + (((long long)srow * g.sink + tt) * g.H + h) * D;
-          unsigned v[8];
-#pragma unroll
-          for (int w = 0; w < 8; ++w)
-            v[w] = (unsigned)sv_[tc::value_channel<BITS>(16 * j + 2 * w)] |
-                   ((unsigned)sv_[tc::value_channel<BITS>(16 * j + 2 * w + 1)] << 16);
-          sts128(vt + swz<RS>(tl, 2 * j), v[0], v[1], v[2], v[3]);
-          sts128(vt + swz<RS>(tl, 2 * j + 1), v[4], v[5], v[6], v[7]);
-        }
-      }
       __syncwarp();
       for (int s0 = 0; s0 < nv; s0 += 2) {  // value outliers: (exact - offset) / scale
         const int tl = lane >> 1, so = s0 + (lane & 1), tt = t0 + tl;
@@ -482,7 +493,8 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
           const uint8_t* me = metap + tl * MB;
           const int col = tc::value_column<BITS>(min((int)me[4 + 2 * ns + nk + so], D - 1));
           const float2 sa = vsc[tl];
-          const float x = (half_bits(me + 4 + 2 * (nk + so)) - sa.y) / sa.x;
+          // fast division (2 ulp): the quotient is rounded to fp16 next
+          const float x = __fdividef(half_bits(me + 4 + 2 * (nk + so)) - sa.y, sa.x);
           tc::sts16(vt + swz<RS>(tl, col >> 3) + (col & 7) * 2, __half_as_ushort(__float2half_rn(x)));
         }
       }
