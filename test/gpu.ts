@@ -66,7 +66,12 @@ export function randn(n: number, r: () => number, scale = 1): Float32Array {
   return out;
 }
 
-/** A fresh seed per run, printed on failure by the caller. */
+/**
+ * A fresh seed per run, printed on failure by the caller; SQUEEZELM_TEST_SEED=n replays a failed
+ * run's inputs.
+ */
 export function freshSeed(): number {
+  const fixed = process.env.SQUEEZELM_TEST_SEED;
+  if (fixed !== undefined && /^\d+$/.test(fixed)) return Number(fixed) >>> 0;
   return (Date.now() ^ (Math.random() * 0x7fffffff)) >>> 0;
 }
