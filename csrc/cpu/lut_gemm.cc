@@ -83,6 +83,13 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
   convert_to_float(x.data(), x.dtype, xf.data(), xf.size());
   std::vector<float> lf((size_t)(N * E));
   convert_to_float(lut.data(), lut.dtype, lf.data(), lf.size());
+  // The products use the table entries in the activation dtype, as the CUDA kernels do (their
+  // tensor cores multiply two values of one type: an f16 table with bf16 activations loses 3 bits
+  // of each entry there); outliers are added in fp32 by both.
+  if (x.dtype == DType::F16)
+    for (float& v : lf) v = half_to_float(float_to_half(v));
+  else if (x.dtype == DType::BF16)
+    for (float& v : lf) v = bf16_to_float(float_to_bf16(v));
 
   const int32_t* rp = rows ? rows->ptr<int32_t>() : nullptr;
   const int32_t* cp = cols ? cols->ptr<int32_t>() : nullptr;

@@ -21,7 +21,12 @@ export function lutRepack(dst: Tensor, qweight: Tensor, bits: number): void {
   native().ops.lutRepack(dst.native, qweight.native, bits);
 }
 
-/** y[M,N] = x[M,K] · dequant(codes, lut)ᵀ + outliers; codes from lutRepack (rows/cols/vals all or none). */
+/**
+ * y[M,N] = x[M,K] · dequant(codes, lut)ᵀ + outliers; codes from lutRepack (rows/cols/vals all or none).
+ * With f16/bf16 activations the products use the table entries rounded to the activation dtype
+ * (CPU and CUDA alike); outlier values are added in fp32 (the CUDA prefill kernel, M > 64, rounds
+ * the weight at an outlier's position with the outlier added); fp32 accumulation.
+ */
 export function lutMatmulPacked(
   y: Tensor,
   x: Tensor,
