@@ -285,8 +285,9 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
         for (const [N, K, outl] of shapes) {
           const l = randomLinear(N, K, bits, outl, r);
           // the op's contract: table entries in the activation dtype, outliers in fp32 (ts/ops/lut.ts)
-          const lutT = await Tensor.from(l.lut, [l.lut.length], { dtype: dt }).toFloat32();
-          const wd = dequantize({ ...l, lut: lutT });
+          const lt = Tensor.from(l.lut, [l.lut.length], { dtype: dt });
+          const wd = dequantize({ ...l, lut: await lt.toFloat32() });
+          lt.dispose();
           const cc = packedOf(l, 'cuda'), ch = packedOf(l, 'cpu');
           for (const fd of ['f16', 'f32'] as const) {
             if (fd === 'f32' && K > 1024) continue;
