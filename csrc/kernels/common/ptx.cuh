@@ -54,6 +54,10 @@ __device__ __forceinline__ uint32_t ld_shared_u32(uint32_t addr) {
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
+// The same into L1 (data read soon by the same SM).
+__device__ __forceinline__ void prefetch_l1(const void* p) {
+  asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+}
 
 // 16-byte async copy to shared memory; ok = false reads nothing and writes 16 zero bytes.
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool ok) {

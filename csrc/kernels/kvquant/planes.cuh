@@ -171,25 +171,43 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   const uint2* const qcsp = reinterpret_cast<const uint2*>(smem + (qcs - base));
   float2* const vsc = reinterpret_cast<float2*>(smem + (qcs - base) + KS * 2 * 32 * 8);  // [kTok] (scale, offset)
   const T* const qrow = q + ((long long)n * hq_total + (long long)h * G) * D;  // this kv head's G query rows
+  // The lines of this lane's query values for the query planes (head r, its RoPE pairs) are
+  // requested into L1 now, so that their latency passes under the row lookup, its barrier and the
+  // first copies (a prefetch holds no register: loads this early spilled at head_dim 128).
+  if (active && r < G) {
+    prefetch_l1(qrow + r * D + PPL * c4);
+    prefetch_l1(qrow + r * D + PPL * c4 + HALF);
+  }
 
   __shared__ int bp[2];
   __shared__ __align__(16) unsigned books[2][2][TW];  // key, value books: low / high byte planes
   __shared__ float kbook[16];                         // key codebook (fp16 values) for the outlier deltas
-  if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
+  // The sequence of query row n and its position, by all threads at once: sequence i is tested by
+  // thread i % blockDim.x with its cu and length read together (one thread walking the sequences,
+  // as row_position does, put three dependent global loads before the barrier below).
+  bool found = false;
+  for (int i = tid; i < g.B; i += blockDim.x) {
+    const int c0 = g.cu[i], c1 = g.cu[i + 1], len = g.lens[i];
+    if (n >= c0 && n < c1) {
+      bp[0] = i;
+      bp[1] = len - (c1 - c0) + (n - c0);
+      found = true;
+    }
+  }
   if (tid < 2) {
     const Book<TW> bk = tc::make_book<TW>(tid == 0 ? g.key_cb : g.val_cb, 1 << BITS);
 #pragma unroll
     for (int w = 0; w < TW; ++w) { books[tid][0][w] = bk.lo[w]; books[tid][1][w] = bk.hi[w]; }
   }
   if (tid < (1 << BITS)) kbook[tid] = kvq::book_entry(g.key_cb[tid]);
-  __syncthreads();
+  const bool row_found = __syncthreads_or(found);
   auto book = [&](int i) {
     Book<TW> bk;
 #pragma unroll
     for (int w = 0; w < TW; ++w) { bk.lo[w] = books[i][0][w]; bk.hi[w] = books[i][1][w]; }
     return bk;
   };
-  const int b = bp[0], L = b < 0 ? 0 : bp[1] + 1;
+  const int b = row_found ? bp[0] : -1, L = row_found ? bp[1] + 1 : 0;
   // chunks of the current length spread over the planned splits (see tc_kernel)
   const int sub_now = max(1, ((L + kSplit - 1) / kSplit + pl.splits - 1) / pl.splits);
   const int t_begin = split * sub_now * kSplit, t_end = min(L, t_begin + sub_now * kSplit);
@@ -388,27 +406,36 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
       if (nk > 0) {
         const int tl = lane >> 1, u = lane & 1, tt = t0 + tl;
         const unsigned cp = vt + (unsigned)((tl * kCorrRow + u) * 4);  // + 8 per head
-        for (int hh = 0; hh < G; ++hh) tc::sts32(cp + 8 * hh, 0.f);
-        if (tt < t_end && tt >= g.sink) {
-          const uint8_t* me = metap + tl * MB;
-          for (int so = u; so < nk; so += 2) {
-            const int ch = min((int)me[4 + 2 * ns + so], D - 1);
-            const float ex = half_bits(me + 4 + 2 * so);
-            const int code = kvq::get_code(sbp + tl * CB, kvq::key_element(ch, D), BITS);
-            const float lx = __ldg(g.key_lo + (long long)h * D + ch), a_ = 0.5f * (__ldg(g.key_hi + (long long)h * D + ch) - lx);
-            const float delta = ex - fmaf(a_, kbook[code], lx + a_);
-            const bool xh = ch < HALF;
-            const int pi = xh ? ch : ch - HALF;
-            // cos, sin of the pair from the chunk's table (fp16: the correction's own rounding)
-            const uint8_t* cs = smem + (cs_s - base) + ((tt0 + tl) * RSC + ((pi >> 2) % KS) * 4 + (pi >> 2) / KS) * 16 + (pi & 3) * 2;
-            const float cn = half_bits(cs), sn = half_bits(cs + 8);
-            const float dx = xh ? cn * delta : -sn * delta;
-            const float dy = xh ? sn * delta : cn * delta;
-            // a loop over the heads, not an unrolled array of 8 sums: registers are short here
+        const bool tok_ok = tt < t_end && tt >= g.sink;
+        const uint8_t* me = metap + tl * MB;
+        // slot so of the token: exact - (a cb + b), rotated into (dx, dy) at RoPE pair pi
+        auto rotated = [&](int so, float& dx, float& dy, int& pi) {
+          const int ch = min((int)me[4 + 2 * ns + so], D - 1);
+          const float ex = half_bits(me + 4 + 2 * so);
+          const int code = kvq::get_code(sbp + tl * CB, kvq::key_element(ch, D), BITS);
+          const float lx = __ldg(g.key_lo + (long long)h * D + ch), a_ = 0.5f * (__ldg(g.key_hi + (long long)h * D + ch) - lx);
+          const float delta = ex - fmaf(a_, kbook[code], lx + a_);
+          const bool xh = ch < HALF;
+          pi = xh ? ch : ch - HALF;
+          // cos, sin of the pair from the chunk's table (fp16: the correction's own rounding)
+          const uint8_t* cs = smem + (cs_s - base) + ((tt0 + tl) * RSC + ((pi >> 2) % KS) * 4 + (pi >> 2) / KS) * 16 + (pi & 3) * 2;
+          const float cn = half_bits(cs), sn = half_bits(cs + 8);
+          dx = xh ? cn * delta : -sn * delta;
+          dy = xh ? sn * delta : cn * delta;
+        };
+        // the lane's first slot (u) is written straight, zeros where there is none
+        float dx = 0.f, dy = 0.f;
+        int pi = 0;
+        if (tok_ok && u < nk) rotated(u, dx, dy, pi);
+        for (int hh = 0; hh < G; ++hh)
+          tc::sts32(cp + 8 * hh, fmaf(to_f(qrow[hh * D + pi]), dx, to_f(qrow[hh * D + pi + HALF]) * dy));
+        // more than two slots per token: the rest are summed in place
+        if (tok_ok)
+          for (int so = u + 2; so < nk; so += 2) {
+            rotated(so, dx, dy, pi);
             for (int hh = 0; hh < G; ++hh)
               tc::sts32(cp + 8 * hh, fmaf(to_f(qrow[hh * D + pi]), dx, fmaf(to_f(qrow[hh * D + pi + HALF]), dy, tc::lds32(cp + 8 * hh))));
           }
-        }
         __syncwarp();
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
