@@ -7,6 +7,7 @@ import {
 } from '../ts/quant/squeezellm';
 import { SafetensorsFile, writeSafetensors } from '../ts/model/safetensors';
 import { describeGpu, relErr, rng, randn, freshSeed } from './gpu';
+import { bf16BitsToFloat32, f16BitsToFloat32, float32ToBf16Bits, float32ToF16Bits } from '../ts/util/half';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
@@ -285,9 +286,8 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
         for (const [N, K, outl] of shapes) {
           const l = randomLinear(N, K, bits, outl, r);
           // the op's contract: table entries in the activation dtype, outliers in fp32 (ts/ops/lut.ts)
-          const lt = Tensor.from(l.lut, [l.lut.length], { dtype: dt });
-          const wd = dequantize({ ...l, lut: await lt.toFloat32() });
-          lt.dispose();
+          const lutT = dt === 'f16' ? f16BitsToFloat32(float32ToF16Bits(l.lut)) : bf16BitsToFloat32(float32ToBf16Bits(l.lut));
+          const wd = dequantize({ ...l, lut: lutT });
           const cc = packedOf(l, 'cuda'), ch = packedOf(l, 'cpu');
           for (const fd of ['f16', 'f32'] as const) {
             if (fd === 'f32' && K > 1024) continue;
