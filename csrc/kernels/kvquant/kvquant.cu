@@ -106,13 +106,22 @@ __device__ __forceinline__ long long slot_of(const Geo& g, int b, int pos, int h
   return slot_in_page(g, g.pt[(long long)b * g.max_pages + page_col(g, pos)], pos, h);
 }
 
-// Sequence of query row n (-1 if none) and its position; one thread.
-__device__ void row_position(const Geo& g, int n, int* b_out, int* pos_out) {
-  int b = -1;
-  for (int i = 0; i < g.B; ++i)
-    if (n >= g.cu[i] && n < g.cu[i + 1]) { b = i; break; }
-  *b_out = b;
-  *pos_out = b < 0 ? -1 : g.lens[b] - (g.cu[b + 1] - g.cu[b]) + (n - g.cu[b]);
+// Sequence of query row n and its position, block-wide: thread t tests sequences t, t + blockDim.x,
+// ... with their cu and length read together, and the one holding the row writes (b, position) to
+// bp[0], bp[1]. Returns whether this thread found it; the caller's first barrier is
+// __syncthreads_or of that, and the row has no sequence (b = -1) where it is false. (One thread
+// walking the sequences put dependent global loads in front of that barrier in every block.)
+__device__ __forceinline__ bool find_row(const Geo& g, int n, int* bp) {
+  bool found = false;
+  for (int i = threadIdx.x; i < g.B; i += blockDim.x) {
+    const int c0 = g.cu[i], c1 = g.cu[i + 1], len = g.lens[i];
+    if (n >= c0 && n < c1) {
+      bp[0] = i;
+      bp[1] = len - (c1 - c0) + (n - c0);
+      found = true;
+    }
+  }
+  return found;
 }
 
 // Best unchosen channel by (score, lower index), block-wide; every thread gets the result.
@@ -184,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) append_kernel(Geo g, Src<T> src) {
   __shared__ char chosen[256];
   __shared__ int red_i[33], kidx[16], vidx[16], bp[2];
   const int n = blockIdx.x, h = blockIdx.y, D = g.D, tid = threadIdx.x, half = D / 2;
-  if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
+  const bool row_mine = find_row(g, n, bp);
   if (src.q_out || src.rotate) {
     const float ps = (float)src.pos[n];
     for (int i = tid; i < half; i += blockDim.x) {
@@ -195,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) append_kernel(Geo g, Src<T> src) {
       cs[half + i] = sn;
     }
   }
-  __syncthreads();
+  const bool row_found = __syncthreads_or(row_mine);
   if (src.q_out)
     for (int e = tid; e < src.G * half; e += blockDim.x) {
       const int j = e / half, i = e % half;
@@ -206,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) append_kernel(Geo g, Src<T> src) {
       o[i] = from_f<T>(y1);
       o[i + half] = from_f<T>(y2);
     }
-  const int b = bp[0], pos = bp[1];
+  const int b = row_found ? bp[0] : -1, pos = row_found ? bp[1] : -1;
   if (b < 0 || pos < 0 || page_col(g, pos) >= g.max_pages) return;
   const int page = g.pt[(long long)b * g.max_pages + page_col(g, pos)];
   if (page < 0 || page >= g.pages) return;
@@ -538,7 +547,7 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
   const int h_begin = blockIdx.z * pl.hpb, h_end = min(g.H, h_begin + pl.hpb);
   const int items = (h_end - h_begin) * pl.npass;
   __shared__ int bp[2];
-  if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
+  const bool row_mine = find_row(g, n, bp);
   for (int e = tid; e < items * GC * (D + 2); e += blockDim.x) {
     const int c = e % (D + 2);
     st[e] = c == D ? -INFINITY : 0.f;
@@ -547,8 +556,8 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
     kpt[e] = make_float2(kvq::book_entry(g.key_cb[e & ((1 << BITS) - 1)]), kvq::book_entry(g.key_cb[e >> BITS]));
     vpt[e] = make_float2(kvq::book_entry(g.val_cb[e & ((1 << BITS) - 1)]), kvq::book_entry(g.val_cb[e >> BITS]));
   }
-  __syncthreads();
-  const int b = bp[0], L = bp[1] + 1;
+  const bool row_found = __syncthreads_or(row_mine);
+  const int b = row_found ? bp[0] : -1, L = row_found ? bp[1] + 1 : 0;
   const int srow = b >= 0 ? sink_row(g, b) : 0;
   const int nk = g.nk, nv = g.nv, ns = nk + nv, MB = g.mbytes;
   // The splits share the keys of the moment, not of the bound the plan was made for: a graph
@@ -1209,13 +1218,13 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
   // the key and value books (shared by all heads), read from here right before each use: 12-24
   // registers fewer held through the token loop
   __shared__ __align__(16) unsigned books[2][2][TW];
-  if (tid == 0) row_position(g, n, &bp[0], &bp[1]);
+  const bool row_mine = find_row(g, n, bp);
   if (tid < 2) {
     const Book<TW> bk = make_book<TW>(tid == 0 ? g.key_cb : g.val_cb, 1 << BITS);
 #pragma unroll
     for (int w = 0; w < TW; ++w) { books[tid][0][w] = bk.lo[w]; books[tid][1][w] = bk.hi[w]; }
   }
-  __syncthreads();
+  const bool row_found = __syncthreads_or(row_mine);
   auto book = [&](int i) {
     Book<TW> bk;
     const unsigned a = smem_u32(&books[i][0][0]);
@@ -1229,7 +1238,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
     }
     return bk;
   };
-  const int b = bp[0], L = b < 0 ? 0 : bp[1] + 1;
+  const int b = row_found ? bp[0] : -1, L = row_found ? bp[1] + 1 : 0;
   // chunks of the current length spread over the planned splits (see flash_kernel)
   const int sub_now = max(1, ((L + kChunk - 1) / kChunk + pl.splits - 1) / pl.splits);
   const int t_begin = split * sub_now * kChunk, t_end = min(L, t_begin + sub_now * kChunk);

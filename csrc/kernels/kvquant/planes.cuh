@@ -182,25 +182,14 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   __shared__ int bp[2];
   __shared__ __align__(16) unsigned books[2][2][TW];  // key, value books: low / high byte planes
   __shared__ float kbook[16];                         // key codebook (fp16 values) for the outlier deltas
-  // The sequence of query row n and its position, by all threads at once: sequence i is tested by
-  // thread i % blockDim.x with its cu and length read together (one thread walking the sequences,
-  // as row_position does, put three dependent global loads before the barrier below).
-  bool found = false;
-  for (int i = tid; i < g.B; i += blockDim.x) {
-    const int c0 = g.cu[i], c1 = g.cu[i + 1], len = g.lens[i];
-    if (n >= c0 && n < c1) {
-      bp[0] = i;
-      bp[1] = len - (c1 - c0) + (n - c0);
-      found = true;
-    }
-  }
+  const bool row_mine = find_row(g, n, bp);
   if (tid < 2) {
     const Book<TW> bk = tc::make_book<TW>(tid == 0 ? g.key_cb : g.val_cb, 1 << BITS);
 #pragma unroll
     for (int w = 0; w < TW; ++w) { books[tid][0][w] = bk.lo[w]; books[tid][1][w] = bk.hi[w]; }
   }
   if (tid < (1 << BITS)) kbook[tid] = kvq::book_entry(g.key_cb[tid]);
-  const bool row_found = __syncthreads_or(found);
+  const bool row_found = __syncthreads_or(row_mine);
   auto book = [&](int i) {
     Book<TW> bk;
 #pragma unroll
