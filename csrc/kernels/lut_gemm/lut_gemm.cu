@@ -342,6 +342,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
   const bool xgroup = flags & 1;
   const int l2pf = (flags >> 2) & 3;  // SQUEEZELM_LUT_L2PF (launch_gemv)
+  const bool l2xg = flags & 16;       // the L2 prefetch runs on into the next group (launch_gemv)
   const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
   const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
   int xob = 0, xoe = 0;  // XT: the bounds of this thread's row in the next group
@@ -568,6 +569,31 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
             wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
           }
         gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
+        if constexpr (MT == 1 && BITS == 4) {  // (3-bit: the M <= 8 kernel then spills)
+          // unit u + l2pf * 8P requested into L2 as well, so its register load later waits for L2
+          // instead of DRAM; a prefetch holds no register and no scoreboard (the register buffers
+          // per warp are what bounds the bytes in flight, docs/squeezellm.md). With l2xg the
+          // distance runs on into the block's next group (unit u2 - U there), so the stream of
+          // prefetches does not stop at each group's end. (The same prefetch at M = 16, and each
+          // warp's next activations requested into L1 at M = 4-16, measured slower: see launch_gemv.)
+          int u2 = u + GV_WARPS * P * l2pf;
+          const bool in_next = u2 >= U;
+          if (in_next) u2 -= U;
+          if (l2pf > 0 && u2 < U && (!in_next || (l2xg && next < groups))) {
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt) {
+              const bool ok2 = in_next ? next * RT + rt < tiles : tok[rt];
+              const uint4* c2 = ca[rt] + (in_next ? (size_t)gridDim.x * RT * U * G::USTRIDE : 0) + (size_t)u2 * G::USTRIDE;
+              if (ok2) {
+#pragma unroll
+                for (int v = 0; v < NV; ++v) {
+                  prefetch_l2(c2 + 64 * v);
+                  prefetch_l2(c2 + 64 * v + 32);
+                }
+              }
+            }
+          }
+        }
         const int un = u + GV_WARPS * P;
         if (un < U) {
 #pragma unroll
@@ -579,23 +605,6 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
                 qb[p][rt][v] = ld_stream(ca[rt] + (size_t)un * G::USTRIDE + 64 * v + 32);
               }
             }
-          if constexpr (MT == 1 && BITS == 4) {  // (3-bit: the M <= 8 kernel then spills)
-            // unit u + l2pf * 8P requested into L2 as well, so its register load later waits for L2
-            // instead of DRAM; a prefetch holds no register and no scoreboard (the two register
-            // buffers per warp are what bounds the bytes in flight, docs/squeezellm.md)
-            const int u2 = u + GV_WARPS * P * l2pf;
-            if (l2pf > 0 && u2 < U) {
-#pragma unroll
-              for (int rt = 0; rt < RT; ++rt)
-                if (tok[rt]) {
-#pragma unroll
-                  for (int v = 0; v < NV; ++v) {
-                    prefetch_l2(ca[rt] + (size_t)u2 * G::USTRIDE + 64 * v);
-                    prefetch_l2(ca[rt] + (size_t)u2 * G::USTRIDE + 64 * v + 32);
-                  }
-                }
-            }
-          }
         } else if (xgroup && next < groups) {
           // Buffer p's last unit of this group: it takes the next group's unit warp + 8p now (every
           // group has U units, so that unit exists), a decode earlier than after the loop.
@@ -1053,7 +1062,16 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // 8192x8192 15.30-15.44 / 14.60-14.78; 28672x8192 D+S 50.26-50.46 / 50.75-50.88; K = 4096 never
   // reaches it (32 units). One round ahead lost 1-5% (8192x28672 D+S 43.23 / 45.43 us).
   const int l2pf = env_int("SQUEEZELM_LUT_L2PF", 2);
+  // SQUEEZELM_LUT_L2XG=0 / 1: the L2 prefetch stops at each group's end / runs on into the block's
+  // next group; on by default at M = 1. Same process, H200, 4-bit D+S, M = 1, off / on: 8192x8192
+  // 15.62 / 15.23 us, 8192x28672 44.05 / 43.36, 12288x4096 14.59 / 14.35, 22016x4096 27.48 / 27.26
+  // (dense 26.25 / 25.77), 4096x11008 10.24 / 10.22, 4096x4096 5.58 / 5.59. Measured slower and not
+  // kept: the same L2 prefetch at M = 16 (D+S 25.51 -> 26.25 us), and each warp requesting its next
+  // unit's activations into L1 (prefetch.global.L1) where x does not stay in L1: M = 16 D+S 25.51 ->
+  // 28.51 / 27.62 us one / two rounds ahead, M = 8 20.26 -> 24.20, M = 4 18.13 -> 19.69.
+  const int l2xg = env_int("SQUEEZELM_LUT_L2XG", M == 1 ? 1 : 0);
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
+                    (l2xg > 0 ? 16 : 0) |
                     ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
   launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
              reinterpret_cast<uint4*>(xT), flags);
