@@ -1122,7 +1122,9 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
     else if (M <= 8) SQZ_GEMV(1, P1, false, 2, 1);
     else if (!vec) SQZ_GEMV(2, P1, false, 2, 1);
-    // More activation rows: 2 row tiles per block halve the activation traffic from L2.
+    // More activation rows: 2 row tiles per block halve the activation traffic from L2. (M = 9-16
+    // with one row tile per block and two blocks per SM instead, same process, H200, 8192x8192:
+    // 4-bit D+S 29.44 against 25.25 us, 3-bit D+S 29.36 / 22.20, 4-bit dense 23.21 / 20.88.)
     else if (M <= 16) SQZ_GEMV(2, P2, true, 1, 2);
     else if (M <= 32) SQZ_GEMV(4, (BITS == 4 ? 2 : 1), true, 1, 2);
     else SQZ_GEMV(8, 1, true, 1, (BITS == 4 ? 2 : 1));
