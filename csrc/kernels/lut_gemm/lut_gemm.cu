@@ -569,31 +569,6 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
             wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
           }
         gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
-        if constexpr (MT == 1 && BITS == 4) {  // (3-bit: the M <= 8 kernel then spills)
-          // unit u + l2pf * 8P requested into L2 as well, so its register load later waits for L2
-          // instead of DRAM; a prefetch holds no register and no scoreboard (the register buffers
-          // per warp are what bounds the bytes in flight, docs/squeezellm.md). With l2xg the
-          // distance runs on into the block's next group (unit u2 - U there), so the stream of
-          // prefetches does not stop at each group's end. (The same prefetch at M = 16, and each
-          // warp's next activations requested into L1 at M = 4-16, measured slower: see launch_gemv.)
-          int u2 = u + GV_WARPS * P * l2pf;
-          const bool in_next = u2 >= U;
-          if (in_next) u2 -= U;
-          if (l2pf > 0 && u2 < U && (!in_next || (l2xg && next < groups))) {
-#pragma unroll
-            for (int rt = 0; rt < RT; ++rt) {
-              const bool ok2 = in_next ? next * RT + rt < tiles : tok[rt];
-              const uint4* c2 = ca[rt] + (in_next ? (size_t)gridDim.x * RT * U * G::USTRIDE : 0) + (size_t)u2 * G::USTRIDE;
-              if (ok2) {
-#pragma unroll
-                for (int v = 0; v < NV; ++v) {
-                  prefetch_l2(c2 + 64 * v);
-                  prefetch_l2(c2 + 64 * v + 32);
-                }
-              }
-            }
-          }
-        }
         const int un = u + GV_WARPS * P;
         if (un < U) {
 #pragma unroll
@@ -617,6 +592,31 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
             for (int v = 0; v < NV; ++v) {
               qa[p][rt][v] = okn ? ld_stream(cn + 64 * v) : make_uint4(0, 0, 0, 0);
               qb[p][rt][v] = okn ? ld_stream(cn + 64 * v + 32) : make_uint4(0, 0, 0, 0);
+            }
+          }
+        }
+        if constexpr (MT == 1 && BITS == 4) {  // (3-bit: the M <= 8 kernel then spills)
+          // unit u + l2pf * 8P requested into L2 as well, so its register load later waits for L2
+          // instead of DRAM; a prefetch holds no register and no scoreboard (the register buffers
+          // per warp are what bounds the bytes in flight, docs/squeezellm.md). With l2xg the
+          // distance runs on into the block's next group (unit u2 - U there), so the stream of
+          // prefetches does not stop at each group's end. (The same prefetch at M = 16, and each
+          // warp's next activations requested into L1 at M = 4-16, measured slower: see launch_gemv.)
+          int u2 = u + GV_WARPS * P * l2pf;
+          const bool in_next = u2 >= U;
+          if (in_next) u2 -= U;
+          if (l2pf > 0 && u2 < U && (!in_next || (l2xg && next < groups))) {
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt) {
+              const bool ok2 = in_next ? next * RT + rt < tiles : tok[rt];
+              const uint4* c2 = ca[rt] + (in_next ? (size_t)gridDim.x * RT * U * G::USTRIDE : 0) + (size_t)u2 * G::USTRIDE;
+              if (ok2) {
+#pragma unroll
+                for (int v = 0; v < NV; ++v) {
+                  prefetch_l2(c2 + 64 * v);
+                  prefetch_l2(c2 + 64 * v + 32);
+                }
+              }
             }
           }
         }
