@@ -1063,9 +1063,11 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // reaches it (32 units). One round ahead lost 1-5% (8192x28672 D+S 43.23 / 45.43 us).
   const int l2pf = env_int("SQUEEZELM_LUT_L2PF", 2);
   // SQUEEZELM_LUT_L2XG=0 / 1: the L2 prefetch stops at each group's end / runs on into the block's
-  // next group; on by default at M = 1. Same process, H200, 4-bit D+S, M = 1, off / on: 8192x8192
-  // 15.62 / 15.23 us, 8192x28672 44.05 / 43.36, 12288x4096 14.59 / 14.35, 22016x4096 27.48 / 27.26
-  // (dense 26.25 / 25.77), 4096x11008 10.24 / 10.22, 4096x4096 5.58 / 5.59. Measured slower and not
+  // next group; on by default at M = 1. Same process, H200, 4-bit, M = 1, off / on alternating, two
+  // runs each: 8192x8192 dense 14.42, 14.35 / 13.97, 13.99 us, D+S 15.33, 15.24 / 15.08, 15.06;
+  // 28672x8192 D+S 51.65, 51.54 / 49.55, 49.52; 12288x4096 dense 13.60, 13.56 / 12.88, 12.92;
+  // 22016x4096 dense 25.81, 25.71 / 25.17, 25.03 (D+S -0.3%); the 4096-row shapes, one group per
+  // block, within 0.5% (docs/squeezellm.md has every row). Measured slower and not
   // kept: the same L2 prefetch at M = 16 (D+S 25.51 -> 26.25 us), and each warp requesting its next
   // unit's activations into L1 (prefetch.global.L1) where x does not stay in L1: M = 16 D+S 25.51 ->
   // 28.51 / 27.62 us one / two rounds ahead, M = 8 20.26 -> 24.20, M = 4 18.13 -> 19.69.
