@@ -92,6 +92,11 @@ Geo make_geo(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& pt, const
 __device__ __forceinline__ int sink_row(const Geo& g, int b) {
   return g.sink_row_fixed >= 0 ? g.sink_row_fixed : (g.sink_rows ? g.sink_rows[b] : b);
 }
+// Element offset of (sink row srow, token t < sink, kv head h, channel 0) in the fp16 side store
+// [rows][sink][H][D].
+__device__ __forceinline__ long long sink_at(const Geo& g, int srow, int t, int h) {
+  return (((long long)srow * g.sink + t) * g.H + h) * g.D;
+}
 
 // Page-table column of a position: a shift where the page size is a power of two (the usual case;
 // a division by a runtime value is ~30 instructions, paid per token in the attention kernels).
@@ -234,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) append_kernel(Geo g, Src<T> src) {
   const int srow = sink_row(g, b);
   if (pos < g.sink && srow >= 0)
     for (int i = tid; i < D; i += blockDim.x) {
-      const long long o = (((long long)srow * g.sink + pos) * g.H + h) * D + i;
+      const long long o = sink_at(g, srow, pos, h) + i;
       g.sink_k[o] = __half_as_ushort(__float2half_rn(kx[i]));
       g.sink_v[o] = __half_as_ushort(__float2half_rn(vx[i]));
     }
@@ -313,7 +318,7 @@ __device__ void dequant_tokens(const Geo& g, int b, int h, int t0, int count, fl
     const int t = e / D, c = e % D, pos = t0 + t;
     float kv, vv;
     if (pos < g.sink) {
-      const long long o = (((long long)sink_row(g, b) * g.sink + pos) * g.H + h) * D + c;
+      const long long o = sink_at(g, sink_row(g, b), pos, h) + c;
       kv = __half2float(__ushort_as_half(g.sink_k[o]));
       vv = __half2float(__ushort_as_half(g.sink_v[o]));
     } else {
@@ -645,7 +650,7 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
         if (tv && has) {
           float kk[16];
           if (sink) {
-            const uint16_t* sk = g.sink_k + (((long long)srow * g.sink + t) * g.H + h) * D;
+            const uint16_t* sk = g.sink_k + sink_at(g, srow, t, h);
             const uint4 a = *reinterpret_cast<const uint4*>(sk + 8 * sub), bb = *reinterpret_cast<const uint4*>(sk + HALF + 8 * sub);
             const __half* ah = reinterpret_cast<const __half*>(&a);
             const __half* bh = reinterpret_cast<const __half*>(&bb);
@@ -723,7 +728,7 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
         }
         if (tv && has) {
           if (sink) {
-            const uint16_t* sv = g.sink_v + (((long long)srow * g.sink + t) * g.H + h) * D + 16 * sub;
+            const uint16_t* sv = g.sink_v + sink_at(g, srow, t, h) + 16 * sub;
             const uint4 a = *reinterpret_cast<const uint4*>(sv), bb = *reinterpret_cast<const uint4*>(sv + 8);
             const __half* ah = reinterpret_cast<const __half*>(&a);
             const __half* bh = reinterpret_cast<const __half*>(&bb);
@@ -1345,7 +1350,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
       // x plane | y plane. Sink tokens come exact from the fp16 side store.
       {
         const int tr = tt0 + tok;  // the token's row of the cos/sin table
-        const uint16_t* sk = sink ? g.sink_k + (((long long)srow * g.sink + t) * g.H + h) * D : nullptr;
+        const uint16_t* sk = sink ? g.sink_k + sink_at(g, srow, t, h) : nullptr;
         const Book<TW> kbook = book(0);
 #pragma unroll
         for (int jl = 0; jl < NBH; ++jl) {
@@ -1475,7 +1480,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
         if (sink) {  // exact fp16 values: scale 1, offset 0
           sv = 1.f;
           av = 0.f;
-          const uint16_t* sv_ = g.sink_v + (((long long)srow * g.sink + t) * g.H + h) * D;
+          const uint16_t* sv_ = g.sink_v + sink_at(g, srow, t, h);
           for (int col = 16 * jb; col < min(D, 16 * (jb + NBH)); ++col) {
             const int ch = value_channel<BITS>(col);
             sts16(vstage + swz<RS>(tok, col >> 3) + (col & 7) * 2, sv_[ch]);

@@ -285,7 +285,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   if (active && b >= 0) {
     const int ts_end = min(g.sink, t_end);
     for (int tt = t_begin; tt < ts_end; ++tt) {
-      const uint16_t* sk = g.sink_k + (((long long)srow * g.sink + tt) * g.H + h) * D;
+      const uint16_t* sk = g.sink_k + sink_at(g, srow, tt, h);
       float part[8];
 #pragma unroll
       for (int hh = 0; hh < 8; ++hh) part[hh] = 0.f;
@@ -309,7 +309,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
       }
       // online softmax: every lane holds the token's scores; l counts it once (lanes r = 0), the
       // accumulators take p * v for the lane's own channels (value_channel, as the tiles' P.V)
-      const uint16_t* svr = g.sink_v + (((long long)srow * g.sink + tt) * g.H + h) * D;
+      const uint16_t* svr = g.sink_v + sink_at(g, srow, tt, h);
       float alpha[2], p[2];
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
