@@ -384,6 +384,8 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
 
   const uint4* ca[RT];
   bool tok[RT];
+  // from a row tile's codes to those of the same tile in the block's next group (grp + gridDim.x)
+  const size_t next_step = (size_t)gridDim.x * RT * U * G::USTRIDE;
   auto set_group = [&](int grp) {
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt) {
@@ -586,8 +588,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
 #pragma unroll
           for (int rt = 0; rt < RT; ++rt) {
             const bool okn = next * RT + rt < tiles;
-            const uint4* cn =
-                ca[rt] + (size_t)gridDim.x * RT * U * G::USTRIDE + (size_t)(warp + p * GV_WARPS) * G::USTRIDE;
+            const uint4* cn = ca[rt] + next_step + (size_t)(warp + p * GV_WARPS) * G::USTRIDE;
 #pragma unroll
             for (int v = 0; v < NV; ++v) {
               qa[p][rt][v] = okn ? ld_stream(cn + 64 * v) : make_uint4(0, 0, 0, 0);
@@ -609,7 +610,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
 #pragma unroll
             for (int rt = 0; rt < RT; ++rt) {
               const bool ok2 = in_next ? next * RT + rt < tiles : tok[rt];
-              const uint4* c2 = ca[rt] + (in_next ? (size_t)gridDim.x * RT * U * G::USTRIDE : 0) + (size_t)u2 * G::USTRIDE;
+              const uint4* c2 = ca[rt] + (in_next ? next_step : 0) + (size_t)u2 * G::USTRIDE;
               if (ok2) {
 #pragma unroll
                 for (int v = 0; v < NV; ++v) {
