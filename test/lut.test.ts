@@ -382,6 +382,25 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
       }
     }
   });
+  // 4-bit at M = 9-16 runs one block of 16 warps per SM by default; SQUEEZELM_LUT_W16=0 takes the
+  // 8-warp kernel (the 3-bit one). Several row groups per block, K with a tail, with and without the
+  // transposed-copy outlier path.
+  test(`4-bit M = 9-16: 16-warp and 8-warp blocks (seed ${seed})`, async () => {
+    const r = rng(seed + 99);
+    for (const w16 of ['1', '0']) {
+      process.env.SQUEEZELM_LUT_W16 = w16;
+      try {
+        for (const [N, K] of [[16 * 600 + 5, 2048 + 32], [37, 8192 + 32]])
+          for (const xtMin of ['6', '0']) {
+            process.env.SQUEEZELM_LUT_XT_MIN_M = xtMin;
+            await expectPackedMatchesCpu(N, K, 4, [9, 13, 16], r, `w16=${w16} N=${N} K=${K} xt=${xtMin}`);
+          }
+      } finally {
+        delete process.env.SQUEEZELM_LUT_W16;
+        delete process.env.SQUEEZELM_LUT_XT_MIN_M;
+      }
+    }
+  });
   test('deterministic across runs (GEMV and GEMM paths)', async () => {
     const r = rng(5);
     const l = randomLinear(512, 1024, 4, true, r);

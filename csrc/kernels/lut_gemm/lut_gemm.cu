@@ -26,8 +26,9 @@
 //   (4-bit) or three (3-bit) 16-byte streaming loads per row and unit, each warp-wide load one
 //   contiguous 512-byte run (the 3-bit pieces lie in planes, so no sector is fetched twice).
 // * A block owns 16 output rows (RT = 2 row tiles for M > 8, see below) and all of K; its 8 warps
-//   split K by units (unit u to warp u%8), each with P register buffers of codes: a unit is decoded
-//   straight from its buffer, which is then refilled P units ahead (P - 1 in flight during a decode;
+//   (16 for 4-bit at M = 9-16: launch_gemv_wide) split K by units (unit u to warp u mod warps), each with P
+//   register buffers of codes: a unit is decoded straight from its buffer, which is then refilled P
+//   units ahead (P - 1 in flight during a decode;
 //   refilling before the decode would cost a register copy of every word). Measured slower on
 //   the H200 (4-bit D+S 8192x8192, M = 1, against 15.1 us) and removed: 3 or 4 buffers, 15.7 /
 //   16.0 us; a cp.async ring in shared memory instead of registers, 17.0-17.3 us; two row tiles per
@@ -180,17 +181,17 @@ __device__ __forceinline__ uint32_t chunk_bits(const uint32_t (&w)[Geo<BITS>::WU
 constexpr int GV_WARPS = 8;
 constexpr int GV_THREADS = GV_WARPS * 32;
 
-template <int BITS, int MT, int RT>
+template <int BITS, int MT, int RT, int W = GV_WARPS>
 constexpr size_t gemv_table_bytes() {
   constexpr size_t table = (size_t)RT * Geo<BITS>::E2 * 256;
-  constexpr size_t red = (size_t)GV_WARPS * 32 * RT * MT * 4 * 4;
+  constexpr size_t red = (size_t)W * 32 * RT * MT * 4 * 4;
   return table > red ? table : red;
 }
 // The 16-entry tables follow the pair tables; with XT, the block's outlier sums [16 RT rows][8 MT
 // activation rows] (fp32) follow those.
-template <int BITS, int MT, int RT, bool XT = false>
+template <int BITS, int MT, int RT, bool XT = false, int W = GV_WARPS>
 constexpr size_t gemv_smem_bytes() {
-  return gemv_table_bytes<BITS, MT, RT>() + 16 * RT * Geo<BITS>::E * 2 + (XT ? (size_t)16 * RT * 8 * MT * 4 : 0);
+  return gemv_table_bytes<BITS, MT, RT, W>() + 16 * RT * Geo<BITS>::E * 2 + (XT ? (size_t)16 * RT * 8 * MT * 4 : 0);
 }
 
 // Outliers from M = 3 (3-bit) or 6 (4-bit) on read the activations transposed, xT[k][8 MT] (zero
@@ -306,13 +307,14 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
   }
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool OSPLIT, bool XT>
-__global__ void __launch_bounds__(GV_THREADS, MINB)
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool OSPLIT, bool XT, int W>
+__global__ void __launch_bounds__(W * 32, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
                     int K, int U, uint4* xT, int flags) {
   using G = Geo<BITS>;
+  constexpr int NT = W * 32;  // threads per block
   // A row's outlier list is dealt to the warps; with OSPLIT (M <= 2, D+S launches) also to the 4 lanes
   // of the row, which sum their shares with two shuffles: the step otherwise runs on a quarter of the
   // lanes (lane quarter q holds activation rows 2q, 2q+1, only q = 0 has a real row at M <= 2).
@@ -328,21 +330,22 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   // 8192x8192, H200). XSUB >= 16 is the one-row-tile kernel of M <= 8 (16 threads per row, 128
   // registers). (Feeding the entries through the main loop as a two-stage pipeline, one step per
   // unit, measured no faster at M = 16-64 and slower at M = 4-8, H200.)
-  constexpr int XUNITS = 16 * RT * MT, XSUB = GV_THREADS / XUNITS;
-  constexpr int XP = XSUB >= 16 ? 4 : XSUB >= 4 ? 12 : XSUB >= 2 ? 8 : 2;
-  static_assert(!XT || (GV_THREADS % XUNITS == 0 && XSUB >= 1 && XSUB <= 32), "outlier work split");
+  constexpr int XUNITS = 16 * RT * MT, XSUB = NT / XUNITS;
+  constexpr int XP = XSUB >= 16 ? 4 : XSUB >= 8 ? 6 : XSUB >= 4 ? 12 : XSUB >= 2 ? 8 : 2;
+  static_assert(!XT || (NT % XUNITS == 0 && XSUB >= 1 && XSUB <= 32), "outlier work split");
   constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? 2 : XT ? 1 : gemv_outr<MT, RT>();
-  constexpr int OSTRIDE = OSPLIT ? 4 * GV_WARPS : GV_WARPS;
+  constexpr int OSTRIDE = OSPLIT ? 4 * W : W;
   extern __shared__ __align__(16) uint32_t smem[];
   unsigned char* tbl = reinterpret_cast<unsigned char*>(smem);  // [RT][E2][2][32] words
-  T* lt = reinterpret_cast<T*>(tbl + gemv_table_bytes<BITS, MT, RT>());  // [16*RT][E]
-  float* osum = reinterpret_cast<float*>(tbl + gemv_table_bytes<BITS, MT, RT>() + 16 * RT * E * 2);  // XT
+  T* lt = reinterpret_cast<T*>(tbl + gemv_table_bytes<BITS, MT, RT, W>());  // [16*RT][E]
+  float* osum = reinterpret_cast<float*>(tbl + gemv_table_bytes<BITS, MT, RT, W>() + 16 * RT * E * 2);  // XT
   float* red = reinterpret_cast<float*>(smem);  // [warps][32][RT*MT*4], after the main loop
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
   const bool xgroup = flags & 1;
   const int l2pf = (flags >> 2) & 3;  // SQUEEZELM_LUT_L2PF (launch_gemv)
   const bool l2xg = flags & 16;       // the L2 prefetch runs on into the next group (launch_gemv)
+  const bool late_pf = flags & (1 << 17);  // without xgroup: the next group's codes after the outliers
   const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
   const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
   int xob = 0, xoe = 0;  // XT: the bounds of this thread's row in the next group
@@ -350,14 +353,14 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   // The block walks groups of RT row tiles blockIdx.x, + gridDim.x, ... (the grid is one wave).
   // What a group's prologue waits for is requested early: its 16-entry tables and outlier row
   // bounds during the previous group's main loop, its first P units of codes right after it.
-  constexpr int LV = (16 * RT * E + GV_THREADS - 1) / GV_THREADS;
+  constexpr int LV = (16 * RT * E + NT - 1) / NT;
   uint32_t lv[LV];  // raw table entries of the next group (converted when stored)
   int ob[RT][2], oe[RT][2];
   auto load_meta = [&](int grp) {
     const int n0 = grp * 16 * RT;
 #pragma unroll
     for (int t = 0; t < LV; ++t) {
-      const int i = tid + t * GV_THREADS, n = n0 + i / E;
+      const int i = tid + t * NT, n = n0 + i / E;
       lv[t] = (i < 16 * RT * E && n < N) ? load_raw(lut, lut_f32, (long long)n * E + (i % E)) : 0u;
     }
     if constexpr (XT) {
@@ -399,7 +402,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
   auto prefetch = [&]() {
 #pragma unroll
     for (int p = 0; p < P; ++p) {
-      const int u = warp + p * GV_WARPS;
+      const int u = warp + p * W;
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
@@ -445,17 +448,17 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     //    bank conflicts.
 #pragma unroll
     for (int t = 0; t < LV; ++t) {
-      const int i = tid + t * GV_THREADS;
+      const int i = tid + t * NT;
       if (i < 16 * RT * E) lt[i] = Cvt<T>::t(raw_f(lv[t], lut_f32));
     }
     __syncthreads();
     {
-      constexpr int ROWS = 16 * RT, LB = ROWS * E >= GV_THREADS ? 1 : GV_THREADS / (ROWS * E), LS = E / LB;
+      constexpr int ROWS = 16 * RT, LB = ROWS * E >= NT ? 1 : NT / (ROWS * E), LS = E / LB;
       constexpr int ITEMS = ROWS * E * LB;
-      static_assert(ITEMS % GV_THREADS == 0 && LS % 2 == 0, "pair-table work split");
+      static_assert(ITEMS % NT == 0 && LS % 2 == 0, "pair-table work split");
 #pragma unroll
-      for (int it = 0; it < ITEMS / GV_THREADS; ++it) {
-        const int i = tid + it * GV_THREADS;
+      for (int it = 0; it < ITEMS / NT; ++it) {
+        const int i = tid + it * NT;
         const int gg = i & 7, h = (i >> 3) & 1, lb = (i >> 4) % LB, hi = (i / (16 * LB)) % E, rt = i / (16 * LB * E);
         const T* l = lt + (16 * rt + 8 * h + gg) * E;
         // Entries lo = lb*LS .. lb*LS+LS-1 of the row, as LS/2 packed words (16- or 8-byte loads).
@@ -485,7 +488,9 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     }
 
     // 4. This lane's first OUTR outliers of each row (rows 16rt + g + 8rr; warps split each list),
-    //    in flight during the main loop; then the next group's tables and bounds.
+    //    in flight during the main loop; then the next group's tables and bounds. (Requested before
+    //    the pair-table build instead: slower at M = 1-16, 4-bit, H200, e.g. 22016x4096 D+S 27.4 ->
+    //    29.0 us: the build's wait for the table loads then also waits for these.)
     int oc[RT][2][OUTR], cb[RT][2], ce[RT][2];
     uint32_t ov[RT][2][OUTR];  // raw values, converted in the epilogue
     if constexpr (!XT) {
@@ -493,7 +498,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
-          cb[rt][rr] = ob[rt][rr] + warp + (OSPLIT ? GV_WARPS * q : 0);
+          cb[rt][rr] = ob[rt][rr] + warp + (OSPLIT ? W * q : 0);
           ce[rt][rr] = oe[rt][rr];
 #pragma unroll
           for (int o = 0; o < OUTR; ++o) {
@@ -509,12 +514,12 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
         }
     }
     // XT: this thread's first XP entries (col, raw value), requested now, used in the epilogue.
-    // (flags >> 8: fewer prefetched entries than XP, a tuning knob; 0 = XP.)
+    // (flags >> 8 & 255: fewer prefetched entries than XP, a tuning knob; 0 = XP.)
     int xa_c[XP], xj = xob + xs;
     uint32_t xa_v[XP];
     const int xe = xoe;
     if constexpr (XT) {
-      const int xpn = (flags >> 8) > 0 && (flags >> 8) < XP ? (flags >> 8) : XP;
+      const int xpf = (flags >> 8) & 255, xpn = xpf > 0 && xpf < XP ? xpf : XP;
 #pragma unroll
       for (int o = 0; o < XP; ++o) {
         const int j = xob + xs + o * XSUB;
@@ -555,10 +560,10 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     // P register buffers: unit u is decoded straight from its buffer, which is then refilled with
     // unit u + 8P (reloading before the decode would force a copy of the words still in use), so
     // P - 1 units per warp are in flight while one is decoded.
-    for (int u0 = warp; u0 < U; u0 += GV_WARPS * P) {
+    for (int u0 = warp; u0 < U; u0 += W * P) {
 #pragma unroll
       for (int p = 0; p < P; ++p) {
-        const int u = u0 + p * GV_WARPS;
+        const int u = u0 + p * W;
         if (u >= U) break;
         uint32_t wa[RT][G::WU], wb[RT][G::WU];
 #pragma unroll
@@ -571,7 +576,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
             wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
           }
         gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
-        const int un = u + GV_WARPS * P;
+        const int un = u + W * P;
         if (un < U) {
 #pragma unroll
           for (int rt = 0; rt < RT; ++rt)
@@ -588,7 +593,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
 #pragma unroll
           for (int rt = 0; rt < RT; ++rt) {
             const bool okn = next * RT + rt < tiles;
-            const uint4* cn = ca[rt] + next_step + (size_t)(warp + p * GV_WARPS) * G::USTRIDE;
+            const uint4* cn = ca[rt] + next_step + (size_t)(warp + p * W) * G::USTRIDE;
 #pragma unroll
             for (int v = 0; v < NV; ++v) {
               qa[p][rt][v] = okn ? ld_stream(cn + 64 * v) : make_uint4(0, 0, 0, 0);
@@ -603,7 +608,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
           // distance runs on into the block's next group (unit u2 - U there), so the stream of
           // prefetches does not stop at each group's end. (The same prefetch at M = 16, and each
           // warp's next activations requested into L1 at M = 4-16, measured slower: see launch_gemv.)
-          int u2 = u + GV_WARPS * P * l2pf;
+          int u2 = u + W * P * l2pf;
           const bool in_next = u2 >= U;
           if (in_next) u2 -= U;
           if (l2pf > 0 && u2 < U && (!in_next || (l2xg && next < groups))) {
@@ -628,7 +633,7 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
     // freed) or go now, under this group's epilogue and the next group's table build.
     if (next < groups) {
       set_group(next);
-      if (!xgroup) prefetch();
+      if (!xgroup && !late_pf) prefetch();
     }
 
     // 6. Outliers, after the main loop: their lists have arrived and x is in L1. Branch-free over a
@@ -744,6 +749,8 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
         }
     }
 
+    if (late_pf && !xgroup && next < groups) prefetch();
+
     // 7. Fixed-order reduction over warps. C fragment of row tile rt: acc[rt][i][j] =
     //    y[m = 8i + 2q + (j&1)][n0 + 16rt + g + 8(j>>1)].
     __syncthreads();  // everyone is done with the tables (red aliases them)
@@ -755,10 +762,10 @@ __global__ void __launch_bounds__(GV_THREADS, MINB)
         *reinterpret_cast<float4*>(red + (warp * 32 + lane) * PER + (rt * MT + i) * 4) =
             make_float4(acc[rt][i][0], acc[rt][i][1], acc[rt][i][2], acc[rt][i][3]);
     __syncthreads();
-    for (int idx = tid; idx < 32 * PER; idx += GV_THREADS) {
+    for (int idx = tid; idx < 32 * PER; idx += NT) {
       float s = 0.f;
 #pragma unroll
-      for (int w = 0; w < GV_WARPS; ++w) s += red[w * 32 * PER + idx];
+      for (int w = 0; w < W; ++w) s += red[w * 32 * PER + idx];
       const int l = idx / PER, rt = (idx / (MT * 4)) % RT, i = (idx / 4) % MT, j = idx & 3;
       const int m = 8 * i + 2 * (l & 3) + (j & 1), r = 16 * rt + (l >> 2) + 8 * (j >> 1), n = n0 + r;
       if (XT) s += osum[r * 8 * MT + m];
@@ -1026,17 +1033,18 @@ T* lut_xt_buffer(int mp, int K) {
 
 // XT: the outliers through xT (written by the launch itself, into the buffer above); where it cannot be
 // had, the same launch gathers from x[m][k] instead.
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool OSPLIT = false, bool XT = false>
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool OSPLIT = false, bool XT = false,
+          int W = GV_WARPS>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
   T* xT = nullptr;
   if constexpr (XT) {
     xT = lut_xt_buffer<T>(8 * MT, K);
     if (!xT)
-      return launch_gemv<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, false>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+      return launch_gemv<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, false, W>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
   }
-  constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT, XT>();
-  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT>;
+  constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT, XT, W>();
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
@@ -1044,7 +1052,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // latency is paid once.
   const int blocks_per_wave = cached_per_device(dev, 0, [&] {
     int per_sm = 0;
-    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, GV_THREADS, smem), "lutMatmul: occupancy");
+    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, W * 32, smem), "lutMatmul: occupancy");
     const int n = per_sm * sm_count(dev);
     return n > 0 ? n : 1;
   });
@@ -1073,11 +1081,31 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // unit's activations into L1 (prefetch.global.L1) where x does not stay in L1: M = 16 D+S 25.51 ->
   // 28.51 / 27.62 us one / two rounds ahead, M = 8 20.26 -> 24.20, M = 4 18.13 -> 19.69.
   const int l2xg = env_int("SQUEEZELM_LUT_L2XG", M == 1 ? 1 : 0);
+  // SQUEEZELM_LUT_LATEPF=0 / 1: without the cross-group refill, the next group's first code units are
+  // requested before / after the outlier step (whose loads otherwise wait behind them). On by default
+  // for the 16-warp kernel. Same process, H200, 8192x8192 4-bit D+S, two runs each, off / on: M = 16
+  // 24.11, 24.30 / 23.72, 23.99 us; M = 8 (8 warps) 20.93, 20.94 / 21.15, 21.07; M = 4 17.41, 17.26 /
+  // 17.25, 17.17; 3-bit M = 16 22.66, 22.46 / 22.62, 22.41.
+  const int late_pf = env_int("SQUEEZELM_LUT_LATEPF", W == 16 ? 1 : 0);
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
-                    (l2xg > 0 ? 16 : 0) |
+                    (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) |
                     ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
-  launch_pdl(kern, dim3(blocks), dim3(GV_THREADS), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
+  launch_pdl(kern, dim3(blocks), dim3(W * 32), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
              reinterpret_cast<uint4*>(xT), flags);
+}
+
+// M = 9-16, 4-bit: one block of 16 warps per SM, 2 row tiles, P code buffers. The 8-warp kernel holds
+// 243 registers per thread (4 code buffers) and issues from 8 warps per SM; at 128 registers and 2
+// buffers twice the warps hide the activations' L2 latency. Same process, H200, 4-bit D+S, M = 16,
+// 8 / 16 warps, two runs each: 8192x8192 24.79, 24.76 / 24.31, 24.32 us; 28672x8192 83.71, 83.20 /
+// 81.31, 80.66; dense 8192x8192 equal (21.39, 21.32 / 21.44, 21.30); 3 buffers 27.1 us (they spill).
+// 4096x11008 (86 units: 16 warps take 6 or 5) 16.46 / 17.49, hence the even-split rule at the call.
+// The 3-bit kernel's three code planes spill at 128 registers (~800 bytes), so it keeps 8 warps.
+template <class T, int BITS, int P, bool XT>
+void launch_gemv_wide(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
+                      const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
+  static_assert(BITS == 4, "the 16-warp GEMV is 4-bit only");
+  launch_gemv<T, BITS, 2, P, true, 1, 2, false, XT, 16>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
 }
 
 template <class T, int BITS>
@@ -1106,6 +1134,13 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
   launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
 #define SQZ_GEMV_XT(MT, P, MINB, RT) \
   launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
+    // M = 9-16: one block of 16 warps per SM (WIDE) against 8 warps (SQUEEZELM_LUT_W16=0 / 1).
+#define SQZ_GEMV_WIDE(P, XT) \
+  launch_gemv_wide<T, BITS, P, XT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
+    // Default: where 16 warps split the K units as evenly as 8 do (U = 86 at K = 11008 leaves 16
+    // warps 6 or 5 units each, 8 warps 11 or 10).
+    const bool w16_even = (U + 15) / 16 * 16 <= (U + 7) / 8 * 8;
+    const int w16 = BITS == 4 ? env_int("SQUEEZELM_LUT_W16", w16_even ? 1 : 0) : 0;
     // Outliers read the activations transposed (xT, written by the launch itself) from M = 3 (3-bit)
     // or M = 6 (4-bit) on, and gather from x[m][k] below that (SQUEEZELM_LUT_XT_MIN_M moves the
     // bound, 0 = never; tuning and tests). Same process, H200, D+S, xT / gather: 3-bit M = 3-8 1.5-9%
@@ -1119,7 +1154,9 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
       launch_gemv<T, BITS, 1, P1, true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
     else if (xt && M <= 8) SQZ_GEMV_XT(1, P1, 2, 1);
-    else if (xt && M <= 16) SQZ_GEMV_XT(2, P2, 1, 2);
+    else if (xt && M <= 16 && w16) {
+      if constexpr (BITS == 4) SQZ_GEMV_WIDE(2, true);
+    } else if (xt && M <= 16) SQZ_GEMV_XT(2, P2, 1, 2);
     else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
     else if (xt) SQZ_GEMV_XT(8, 1, 1, (BITS == 4 ? 2 : 1));
     else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
@@ -1128,11 +1165,14 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // More activation rows: 2 row tiles per block halve the activation traffic from L2. (M = 9-16
     // with one row tile per block and two blocks per SM instead, same process, H200, 8192x8192:
     // 4-bit D+S 29.44 against 25.25 us, 3-bit D+S 29.36 / 22.20, 4-bit dense 23.21 / 20.88.)
-    else if (M <= 16) SQZ_GEMV(2, P2, true, 1, 2);
+    else if (M <= 16 && w16) {
+      if constexpr (BITS == 4) SQZ_GEMV_WIDE(2, false);
+    } else if (M <= 16) SQZ_GEMV(2, P2, true, 1, 2);
     else if (M <= 32) SQZ_GEMV(4, (BITS == 4 ? 2 : 1), true, 1, 2);
     else SQZ_GEMV(8, 1, true, 1, (BITS == 4 ? 2 : 1));
 #undef SQZ_GEMV
 #undef SQZ_GEMV_XT
+#undef SQZ_GEMV_WIDE
   } else {
     constexpr size_t smem = pgemm_smem_bytes<BITS>();
     auto kern = vec ? lut_gemm_mma_kernel<T, BITS, true> : lut_gemm_mma_kernel<T, BITS, false>;
