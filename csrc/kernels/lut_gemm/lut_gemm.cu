@@ -558,7 +558,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
     //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
 
     // P register buffers: unit u is decoded straight from its buffer, which is then refilled with
-    // unit u + 8P (reloading before the decode would force a copy of the words still in use), so
+    // unit u + W*P (reloading before the decode would force a copy of the words still in use), so
     // P - 1 units per warp are in flight while one is decoded.
     for (int u0 = warp; u0 < U; u0 += W * P) {
 #pragma unroll
@@ -1094,18 +1094,18 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
              reinterpret_cast<uint4*>(xT), flags);
 }
 
-// M = 9-16, 4-bit: one block of 16 warps per SM, 2 row tiles, P code buffers. The 8-warp kernel holds
+// M = 9-16, 4-bit: one block of 16 warps per SM, 2 row tiles, 2 code buffers. The 8-warp kernel holds
 // 243 registers per thread (4 code buffers) and issues from 8 warps per SM; at 128 registers and 2
 // buffers twice the warps hide the activations' L2 latency. Same process, H200, 4-bit D+S, M = 16,
 // 8 / 16 warps, two runs each: 8192x8192 24.79, 24.76 / 24.31, 24.32 us; 28672x8192 83.71, 83.20 /
 // 81.31, 80.66; dense 8192x8192 equal (21.39, 21.32 / 21.44, 21.30); 3 buffers 27.1 us (they spill).
 // 4096x11008 (86 units: 16 warps take 6 or 5) 16.46 / 17.49, hence the even-split rule at the call.
 // The 3-bit kernel's three code planes spill at 128 registers (~800 bytes), so it keeps 8 warps.
-template <class T, int BITS, int P, bool XT>
+template <class T, int BITS, bool XT>
 void launch_gemv_wide(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                       const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
   static_assert(BITS == 4, "the 16-warp GEMV is 4-bit only");
-  launch_gemv<T, BITS, 2, P, true, 1, 2, false, XT, 16>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+  launch_gemv<T, BITS, 2, 2, true, 1, 2, false, XT, 16>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
 }
 
 template <class T, int BITS>
@@ -1134,9 +1134,9 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
   launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
 #define SQZ_GEMV_XT(MT, P, MINB, RT) \
   launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
-    // M = 9-16: one block of 16 warps per SM (WIDE) against 8 warps (SQUEEZELM_LUT_W16=0 / 1).
-#define SQZ_GEMV_WIDE(P, XT) \
-  launch_gemv_wide<T, BITS, P, XT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
+    // 4-bit M = 9-16: one block of 16 warps per SM (SQUEEZELM_LUT_W16=1) or of 8 warps (0).
+#define SQZ_GEMV_WIDE(XT) \
+  launch_gemv_wide<T, BITS, XT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
     // Default: where 16 warps split the K units as evenly as 8 do (U = 86 at K = 11008 leaves 16
     // warps 6 or 5 units each, 8 warps 11 or 10).
     const bool w16_even = (U + 15) / 16 * 16 <= (U + 7) / 8 * 8;
@@ -1155,7 +1155,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
       launch_gemv<T, BITS, 1, P1, true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
     else if (xt && M <= 8) SQZ_GEMV_XT(1, P1, 2, 1);
     else if (xt && M <= 16 && w16) {
-      if constexpr (BITS == 4) SQZ_GEMV_WIDE(2, true);
+      if constexpr (BITS == 4) SQZ_GEMV_WIDE(true);
     } else if (xt && M <= 16) SQZ_GEMV_XT(2, P2, 1, 2);
     else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
     else if (xt) SQZ_GEMV_XT(8, 1, 1, (BITS == 4 ? 2 : 1));
@@ -1166,7 +1166,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // with one row tile per block and two blocks per SM instead, same process, H200, 8192x8192:
     // 4-bit D+S 29.44 against 25.25 us, 3-bit D+S 29.36 / 22.20, 4-bit dense 23.21 / 20.88.)
     else if (M <= 16 && w16) {
-      if constexpr (BITS == 4) SQZ_GEMV_WIDE(2, false);
+      if constexpr (BITS == 4) SQZ_GEMV_WIDE(false);
     } else if (M <= 16) SQZ_GEMV(2, P2, true, 1, 2);
     else if (M <= 32) SQZ_GEMV(4, (BITS == 4 ? 2 : 1), true, 1, 2);
     else SQZ_GEMV(8, 1, true, 1, (BITS == 4 ? 2 : 1));
