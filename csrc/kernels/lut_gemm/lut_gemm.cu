@@ -179,7 +179,6 @@ __device__ __forceinline__ uint32_t chunk_bits(const uint32_t (&w)[Geo<BITS>::WU
 }
 
 constexpr int GV_WARPS = 8;
-constexpr int GV_THREADS = GV_WARPS * 32;
 
 template <int BITS, int MT, int RT, int W = GV_WARPS>
 constexpr size_t gemv_table_bytes() {
