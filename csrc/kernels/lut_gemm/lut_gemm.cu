@@ -26,7 +26,7 @@
 //   (4-bit) or three (3-bit) 16-byte streaming loads per row and unit, each warp-wide load one
 //   contiguous 512-byte run (the 3-bit pieces lie in planes, so no sector is fetched twice).
 // * A block owns 16 output rows (RT = 2 row tiles for M > 8, see below) and all of K; its 8 warps
-//   (16 for 4-bit at M = 9-16: launch_gemv_wide) split K by units (unit u to warp u mod warps), each with P
+//   (16 for 4-bit at M = 9-16: launch_gemv_m16) split K by units (unit u to warp u mod warps), each with P
 //   register buffers of codes: a unit is decoded straight from its buffer, which is then refilled P
 //   units ahead (P - 1 in flight during a decode;
 //   refilling before the decode would cost a register copy of every word). Measured slower on
@@ -1093,18 +1093,26 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
              reinterpret_cast<uint4*>(xT), flags);
 }
 
-// M = 9-16, 4-bit: one block of 16 warps per SM, 2 row tiles, 2 code buffers. The 8-warp kernel holds
-// 243 registers per thread (4 code buffers) and issues from 8 warps per SM; at 128 registers and 2
-// buffers twice the warps hide the activations' L2 latency. Same process, H200, 4-bit D+S, M = 16,
-// 8 / 16 warps, two runs each: 8192x8192 24.79, 24.76 / 24.31, 24.32 us; 28672x8192 83.71, 83.20 /
-// 81.31, 80.66; dense 8192x8192 equal (21.39, 21.32 / 21.44, 21.30); 3 buffers 27.1 us (they spill).
-// 4096x11008 (86 units: 16 warps take 6 or 5) 16.46 / 17.49, hence the even-split rule at the call.
-// The 3-bit kernel's three code planes spill at 128 registers (~800 bytes), so it keeps 8 warps.
+// M = 9-16: two row tiles per block (they halve the activation traffic from L2). 4-bit takes one block
+// of 16 warps per SM with 2 code buffers each where 16 warps split K's U units as evenly as 8 do
+// (SQUEEZELM_LUT_W16=0 / 1 forces the choice), else one block of 8 warps with 4 buffers. The 8-warp
+// kernel holds 243 registers per thread and issues from 8 warps per SM; at 128 registers twice the
+// warps hide the activations' L2 latency. Same process, H200, 4-bit D+S, M = 16, 8 / 16 warps, two
+// runs each: 8192x8192 24.79, 24.76 / 24.31, 24.32 us; 28672x8192 83.71, 83.20 / 81.31, 80.66; dense
+// 8192x8192 equal (21.39, 21.32 / 21.44, 21.30); 3 buffers 27.1 us (they spill). 4096x11008 (86 units:
+// 16 warps take 6 or 5, 8 warps 11 or 10) 16.46 / 17.49. The 3-bit kernel's three code planes spill at
+// 128 registers (~800 bytes), so it keeps 8 warps. (One row tile per block and two blocks per SM
+// instead, same process, H200, 8192x8192: 4-bit D+S 29.44 against 25.25 us, 3-bit D+S 29.36 / 22.20,
+// 4-bit dense 23.21 / 20.88.)
 template <class T, int BITS, bool XT>
-void launch_gemv_wide(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                      const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
-  static_assert(BITS == 4, "the 16-warp GEMV is 4-bit only");
-  launch_gemv<T, BITS, 2, 2, true, 1, 2, false, XT, 16>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+void launch_gemv_m16(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
+                     const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
+  if constexpr (BITS == 4) {
+    const bool even = (U + 15) / 16 * 16 <= (U + 7) / 8 * 8;
+    if (env_int("SQUEEZELM_LUT_W16", even ? 1 : 0) != 0)
+      return launch_gemv<T, 4, 2, 2, true, 1, 2, false, XT, 16>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+  }
+  launch_gemv<T, BITS, 2, BITS == 4 ? 4 : 2, true, 1, 2, false, XT>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
 }
 
 template <class T, int BITS>
@@ -1128,18 +1136,12 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     const uint4* q4 = codes.ptr<uint4>();
     const void* lp = lut.data();
     constexpr int P1 = 2;                  // unit buffers per warp (P - 1 in flight), 1 block of 16 rows
-    constexpr int P2 = BITS == 4 ? 4 : 2;  // the same with 2 row tiles per block
 #define SQZ_GEMV(MT, P, XV, MINB, RT) \
   launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
 #define SQZ_GEMV_XT(MT, P, MINB, RT) \
   launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
-    // 4-bit M = 9-16: one block of 16 warps per SM (SQUEEZELM_LUT_W16=1) or of 8 warps (0).
-#define SQZ_GEMV_WIDE(XT) \
-  launch_gemv_wide<T, BITS, XT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
-    // Default: where 16 warps split the K units as evenly as 8 do (U = 86 at K = 11008 leaves 16
-    // warps 6 or 5 units each, 8 warps 11 or 10).
-    const bool w16_even = (U + 15) / 16 * 16 <= (U + 7) / 8 * 8;
-    const int w16 = BITS == 4 ? env_int("SQUEEZELM_LUT_W16", w16_even ? 1 : 0) : 0;
+#define SQZ_GEMV_M16(XT) \
+  launch_gemv_m16<T, BITS, XT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
     // Outliers read the activations transposed (xT, written by the launch itself) from M = 3 (3-bit)
     // or M = 6 (4-bit) on, and gather from x[m][k] below that (SQUEEZELM_LUT_XT_MIN_M moves the
     // bound, 0 = never; tuning and tests). Same process, H200, D+S, xT / gather: 3-bit M = 3-8 1.5-9%
@@ -1153,25 +1155,19 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
       launch_gemv<T, BITS, 1, P1, true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
     else if (xt && M <= 8) SQZ_GEMV_XT(1, P1, 2, 1);
-    else if (xt && M <= 16 && w16) {
-      if constexpr (BITS == 4) SQZ_GEMV_WIDE(true);
-    } else if (xt && M <= 16) SQZ_GEMV_XT(2, P2, 1, 2);
+    else if (xt && M <= 16) SQZ_GEMV_M16(true);
     else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
     else if (xt) SQZ_GEMV_XT(8, 1, 1, (BITS == 4 ? 2 : 1));
     else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
     else if (M <= 8) SQZ_GEMV(1, P1, false, 2, 1);
     else if (!vec) SQZ_GEMV(2, P1, false, 2, 1);
-    // More activation rows: 2 row tiles per block halve the activation traffic from L2. (M = 9-16
-    // with one row tile per block and two blocks per SM instead, same process, H200, 8192x8192:
-    // 4-bit D+S 29.44 against 25.25 us, 3-bit D+S 29.36 / 22.20, 4-bit dense 23.21 / 20.88.)
-    else if (M <= 16 && w16) {
-      if constexpr (BITS == 4) SQZ_GEMV_WIDE(false);
-    } else if (M <= 16) SQZ_GEMV(2, P2, true, 1, 2);
+    // More activation rows: 2 row tiles per block (launch_gemv_m16).
+    else if (M <= 16) SQZ_GEMV_M16(false);
     else if (M <= 32) SQZ_GEMV(4, (BITS == 4 ? 2 : 1), true, 1, 2);
     else SQZ_GEMV(8, 1, true, 1, (BITS == 4 ? 2 : 1));
 #undef SQZ_GEMV
 #undef SQZ_GEMV_XT
-#undef SQZ_GEMV_WIDE
+#undef SQZ_GEMV_M16
   } else {
     constexpr size_t smem = pgemm_smem_bytes<BITS>();
     auto kern = vec ? lut_gemm_mma_kernel<T, BITS, true> : lut_gemm_mma_kernel<T, BITS, false>;
