@@ -2,7 +2,7 @@
  * SqueezeLLM LUT GEMV/GEMM suite (lutMatmulPacked): 3/4-bit dense-and-sparse (0.45% outliers)
  * and dense-only, against our fp16 matmul and cuBLAS in the same run.
  * Cases: M = 1 at five LLaMA shapes and the two K = 4096 fused projections of LLaMA-2-7B decode;
- * M = 2/4/8/16/64 and a prefill M at 8192x8192.
+ * M = 16 at those two projections; M = 2/4/8/16/64 and a prefill M at 8192x8192.
  * Inputs rotate over enough weight sets to exceed 2x L2; bytes = packed codes + tables +
  * outliers (rows, cols, vals) + x + y. Notes give cuBLAS, the cost of the outliers over
  * dense-only, and for batch M the time over the M = 1 time of the same weights.
@@ -50,6 +50,8 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
   const cases: Array<[number, number, number]> = [];
   for (const [N, K] of shapes) cases.push([1, N, K]);
   if (!ctx.quick) for (const [N, K] of DECODE_SHAPES) cases.push([1, N, K]);
+  // the same projections for a batch of 16 decoding sequences
+  if (!ctx.quick) for (const [N, K] of DECODE_SHAPES) cases.push([16, N, K]);
   for (const M of ctx.quick ? [4, 16] : BATCH) cases.push([M, 8192, 8192]);
   if (!ctx.quick) cases.push([PREFILL, 8192, 8192]);
   const single = new Map<string, number>();  // M = 1 time at 8192x8192 per variant

@@ -306,7 +306,7 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
   }
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool OSPLIT, bool XT, int W>
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool OSPLIT, bool XT, int W, int XPO>
 __global__ void __launch_bounds__(W * 32, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
@@ -330,7 +330,8 @@ __global__ void __launch_bounds__(W * 32, MINB)
   // registers). (Feeding the entries through the main loop as a two-stage pipeline, one step per
   // unit, measured no faster at M = 16-64 and slower at M = 4-8, H200.)
   constexpr int XUNITS = 16 * RT * MT, XSUB = NT / XUNITS;
-  constexpr int XP = XSUB >= 16 ? 4 : XSUB >= 8 ? 6 : XSUB >= 4 ? 12 : XSUB >= 2 ? 8 : 2;
+  // (XPO > 0: the launch's own depth, sized to the matrix's outliers per row: launch_gemv_m16.)
+  constexpr int XP = XPO > 0 ? XPO : XSUB >= 16 ? 4 : XSUB >= 8 ? 6 : XSUB >= 4 ? 12 : XSUB >= 2 ? 8 : 2;
   static_assert(!XT || (NT % XUNITS == 0 && XSUB >= 1 && XSUB <= 32), "outlier work split");
   constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? 2 : XT ? 1 : gemv_outr<MT, RT>();
   constexpr int OSTRIDE = OSPLIT ? 4 * W : W;
@@ -1033,7 +1034,7 @@ T* lut_xt_buffer(int mp, int K) {
 // XT: the outliers through xT (written by the launch itself, into the buffer above); where it cannot be
 // had, the same launch gathers from x[m][k] instead.
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool OSPLIT = false, bool XT = false,
-          int W = GV_WARPS>
+          int W = GV_WARPS, int XPO = 0>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
   T* xT = nullptr;
@@ -1043,7 +1044,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
       return launch_gemv<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, false, W>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
   }
   constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT, XT, W>();
-  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W>;
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
@@ -1104,13 +1105,32 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
 // 128 registers (~800 bytes), so it keeps 8 warps. (One row tile per block and two blocks per SM
 // instead, same process, H200, 8192x8192: 4-bit D+S 29.44 against 25.25 us, 3-bit D+S 29.36 / 22.20,
 // 4-bit dense 23.21 / 20.88.)
+//
+// With outliers (XT), each thread holds its first XP entries in registers through the main loop (see
+// the kernel). Where a thread's share of an average row fits in fewer (the 3-bit kernel: 4 threads per
+// row and 8 activation rows, 8 entries instead of 12; the 16-warp 4-bit kernel: 8 threads, 3 instead of
+// 6), the shallower instantiation runs: fewer registers held (3-bit: 241 instead of 255, at the cap),
+// and rows above the average take the rest after the main loop. SQUEEZELM_LUT_XPLOW=0 / 1 forces the
+// choice (tuning, tests).
 template <class T, int BITS, bool XT>
 void launch_gemv_m16(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                     const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
+                     const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, cudaStream_t st) {
+  const int xplow = env_int("SQUEEZELM_LUT_XPLOW", -1);
+  // entries per thread of an average row: threads per row = 256 / 32 (8 warps) or 512 / 32 (16)
+  auto low = [&](int threads_per_row, int xp_low) {
+    return xplow >= 0 ? xplow != 0 : nnz <= (int64_t)N * threads_per_row * xp_low;
+  };
   if constexpr (BITS == 4) {
     const bool even = (U + 15) / 16 * 16 <= (U + 7) / 8 * 8;
-    if (env_int("SQUEEZELM_LUT_W16", even ? 1 : 0) != 0)
+    if (env_int("SQUEEZELM_LUT_W16", even ? 1 : 0) != 0) {
+      if constexpr (XT)
+        if (low(8, 3))
+          return launch_gemv<T, 4, 2, 2, true, 1, 2, false, true, 16, 3>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
       return launch_gemv<T, 4, 2, 2, true, 1, 2, false, XT, 16>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+    }
+  } else if constexpr (XT) {
+    if (low(4, 8))
+      return launch_gemv<T, 3, 2, 2, true, 1, 2, false, true, GV_WARPS, 8>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
   }
   launch_gemv<T, BITS, 2, BITS == 4 ? 4 : 2, true, 1, 2, false, XT>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
 }
@@ -1128,6 +1148,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
   const int* cp = cols ? cols->ptr<int>() : nullptr;
   const void* vp = vals ? vals->data() : nullptr;
   const bool vf = vals && vals->dtype == DType::F32;
+  const int64_t nnz = cols ? cols->numel() : 0;
   const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(xp) % 16 == 0);
   const int U = (int)d.U;
   // The unvectorised activation path (K % 8 != 0 or x unaligned) keeps few registers free: it
@@ -1141,7 +1162,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
 #define SQZ_GEMV_XT(MT, P, MINB, RT) \
   launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
 #define SQZ_GEMV_M16(XT) \
-  launch_gemv_m16<T, BITS, XT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
+  launch_gemv_m16<T, BITS, XT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, st)
     // Outliers read the activations transposed (xT, written by the launch itself) from M = 3 (3-bit)
     // or M = 6 (4-bit) on, and gather from x[m][k] below that (SQUEEZELM_LUT_XT_MIN_M moves the
     // bound, 0 = never; tuning and tests). Same process, H200, D+S, xT / gather: 3-bit M = 3-8 1.5-9%
