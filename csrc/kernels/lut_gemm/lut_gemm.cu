@@ -1111,7 +1111,11 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
 // row and 8 activation rows, 8 entries instead of 12; the 16-warp 4-bit kernel: 8 threads, 3 instead of
 // 6), the shallower instantiation runs: fewer registers held (3-bit: 241 instead of 255, at the cap),
 // and rows above the average take the rest after the main loop. SQUEEZELM_LUT_XPLOW=0 / 1 forces the
-// choice (tuning, tests).
+// choice (tuning, tests). Same process, H200, D+S, deep / shallow: 3-bit M = 16 22016x4096 40.3 / 38.0
+// us, 12288x4096 20.9 / 20.0, M = 9 22016x4096 39.4 / 37.1; 4-bit M = 12 22016x4096 39.9 / 39.2, M = 16
+// equal; the shallow 3-bit kernel forced at 8192x8192 22.7 -> 23.2. (The entries copied by cp.async into
+// shared memory instead, which freed 33 registers in the 3-bit kernel, measured up to 14% slower at
+// M = 9-16 (within 1% on three 3-bit shapes) and 3-6% slower at M <= 8: docs/squeezellm.md.)
 template <class T, int BITS, bool XT>
 void launch_gemv_m16(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                      const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, cudaStream_t st) {
