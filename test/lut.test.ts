@@ -401,17 +401,18 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
       }
     }
   });
-  // M = 9-16 hold fewer outlier entries per thread in registers where an average row's share fits
-  // (SQUEEZELM_LUT_XPLOW=1 forces that depth, 0 the deeper one). At 2% of K = 2080 or 8224 most rows
-  // exceed the shallow depth, so the entries past it (read after the main loop) are exercised too.
-  test(`M = 9-16: outlier depth sized to the rows, both depths (seed ${seed})`, async () => {
+  // Through the transposed copy (3-bit from M = 3, 4-bit from 6), a thread holds fewer outlier entries in
+  // registers where an average row's share fits (SQUEEZELM_LUT_XPLOW=1 forces that depth, 0 the deeper
+  // one). At 2% of K = 2080 or 8224 most rows exceed the shallow depth, so the entries past it (read after
+  // the main loop) are exercised too. M = 3-8: one row tile; M = 9-16: two, and 16 warps for 4 bits.
+  test(`M = 3-16: outlier depth sized to the rows, both depths (seed ${seed})`, async () => {
     const r = rng(seed + 111);
     for (const low of ['1', '0']) {
       process.env.SQUEEZELM_LUT_XPLOW = low;
       try {
         for (const [N, K] of [[16 * 600 + 5, 2048 + 32], [37, 8192 + 32]])
           for (const bits of [3, 4] as const)
-            await expectPackedMatchesCpu(N, K, bits, [9, 12, 16], r, `${bits}-bit xplow=${low} N=${N} K=${K}`);
+            await expectPackedMatchesCpu(N, K, bits, [3, 6, 8, 9, 12, 16], r, `${bits}-bit xplow=${low} N=${N} K=${K}`);
       } finally {
         delete process.env.SQUEEZELM_LUT_XPLOW;
       }

@@ -1094,6 +1094,33 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
              reinterpret_cast<uint4*>(xT), flags);
 }
 
+// Whether the shallower outlier depth of an XT kernel runs: a thread's share of an average row (nnz / N
+// spread over threads_per_row) fits in 80% of that depth, a margin for rows above the average (each entry
+// past the depth is read after the main loop, a dependent pair of loads). SQUEEZELM_LUT_XPLOW=0 / 1 forces
+// the deep / shallow build (tuning, tests).
+inline bool shallow_outliers(int64_t nnz, int N, int threads_per_row, int depth) {
+  const int forced = env_int("SQUEEZELM_LUT_XPLOW", -1);
+  if (forced >= 0) return forced != 0;
+  return nnz * 5 <= (int64_t)N * threads_per_row * depth * 4;
+}
+
+// M = 3-8 with outliers through xT (3-bit from M = 3, 4-bit from 6): one row tile, 16 threads per row, 4
+// entries each held in registers, or 3 where the average share fits (shallow_outliers). The kernel runs at
+// the 128-register cap of two blocks per SM, and the fourth entry is mostly empty at 0.45% outliers (2.3
+// per thread at K = 8192). Same process, H200, D+S, 4 / 3 entries, two runs each: 3-bit 8192x8192 M = 3
+// 16.73, 16.86 / 15.66, 15.71 us, M = 4 16.93, 16.90 / 15.96, 16.03, M = 5 17.12, 17.12 / 16.34, 16.42, M = 8
+// 18.64, 18.60 / 17.96, 17.92; 4-bit M = 6 19.77, 19.62 / 19.59, 19.48, M = 8 20.98, 20.94 / 20.78, 20.68;
+// 3-bit M = 4 22016x4096 26.30, 26.18 / 25.24, 25.28. Where the share does not fit, 3 is slower: 4-bit M = 8
+// 4096x11008 (3.1 per thread) 13.94, 13.73 / 15.01, 14.81. 2 entries were no faster than 3 at K = 4096 and
+// slower at 8192 (3-bit M = 4 18.7 against 15.9 us).
+template <class T, int BITS>
+void launch_gemv_m8_xt(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
+                       const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, cudaStream_t st) {
+  if (shallow_outliers(nnz, N, 16, 3))
+    return launch_gemv<T, BITS, 1, 2, true, 2, 1, false, true, GV_WARPS, 3>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+  launch_gemv<T, BITS, 1, 2, true, 2, 1, false, true>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+}
+
 // M = 9-16: two row tiles per block (they halve the activation traffic from L2). 4-bit takes one block
 // of 16 warps per SM with 2 code buffers each where 16 warps split K's U units as evenly as 8 do
 // (SQUEEZELM_LUT_W16=0 / 1 forces the choice), else one block of 8 warps with 4 buffers. The 8-warp
@@ -1109,31 +1136,26 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
 // With outliers (XT), each thread holds its first XP entries in registers through the main loop (see
 // the kernel). Where a thread's share of an average row fits in fewer (the 3-bit kernel: 4 threads per
 // row and 8 activation rows, 8 entries instead of 12; the 16-warp 4-bit kernel: 8 threads, 3 instead of
-// 6), the shallower instantiation runs: fewer registers held (3-bit: 241 instead of 255, at the cap),
-// and rows above the average take the rest after the main loop. SQUEEZELM_LUT_XPLOW=0 / 1 forces the
-// choice (tuning, tests). Same process, H200, D+S, deep / shallow: 3-bit M = 16 22016x4096 40.3 / 38.0
-// us, 12288x4096 20.9 / 20.0, M = 9 22016x4096 39.4 / 37.1; 4-bit M = 12 22016x4096 39.9 / 39.2, M = 16
-// equal; the shallow 3-bit kernel forced at 8192x8192 22.7 -> 23.2. (The entries copied by cp.async into
-// shared memory instead, which freed 33 registers in the 3-bit kernel, measured up to 14% slower at
-// M = 9-16 (within 1% on three 3-bit shapes) and 3-6% slower at M <= 8: docs/squeezellm.md.)
+// 6), the shallower instantiation runs (shallow_outliers): fewer registers held (3-bit: 241 instead of
+// 255, at the cap), and rows above the average take the rest after the main loop. Same process, H200,
+// D+S, deep / shallow: 3-bit M = 16 22016x4096 40.3 / 38.0 us, 12288x4096 20.9 / 20.0, M = 9 22016x4096
+// 39.4 / 37.1; 4-bit M = 12 22016x4096 39.9 / 39.2, M = 16 equal; the shallow 3-bit kernel forced at
+// 8192x8192 (9.2 entries per thread) 22.7 -> 23.2. (The entries copied by cp.async into shared memory
+// instead, which freed 33 registers in the 3-bit kernel, measured up to 14% slower at M = 9-16 (within
+// 1% on three 3-bit shapes) and 3-6% slower at M <= 8: docs/squeezellm.md.)
 template <class T, int BITS, bool XT>
 void launch_gemv_m16(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                      const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, cudaStream_t st) {
-  const int xplow = env_int("SQUEEZELM_LUT_XPLOW", -1);
-  // entries per thread of an average row: threads per row = 256 / 32 (8 warps) or 512 / 32 (16)
-  auto low = [&](int threads_per_row, int xp_low) {
-    return xplow >= 0 ? xplow != 0 : nnz <= (int64_t)N * threads_per_row * xp_low;
-  };
   if constexpr (BITS == 4) {
     const bool even = (U + 15) / 16 * 16 <= (U + 7) / 8 * 8;
     if (env_int("SQUEEZELM_LUT_W16", even ? 1 : 0) != 0) {
       if constexpr (XT)
-        if (low(8, 3))
+        if (shallow_outliers(nnz, N, 8, 3))
           return launch_gemv<T, 4, 2, 2, true, 1, 2, false, true, 16, 3>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
       return launch_gemv<T, 4, 2, 2, true, 1, 2, false, XT, 16>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
     }
   } else if constexpr (XT) {
-    if (low(4, 8))
+    if (shallow_outliers(nnz, N, 4, 8))
       return launch_gemv<T, 3, 2, 2, true, 1, 2, false, true, GV_WARPS, 8>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
   }
   launch_gemv<T, BITS, 2, BITS == 4 ? 4 : 2, true, 1, 2, false, XT>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
@@ -1179,7 +1201,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     const bool xt = vec && rp != nullptr && xt_min_m > 0 && M >= xt_min_m && M > 2;
     if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
       launch_gemv<T, BITS, 1, P1, true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
-    else if (xt && M <= 8) SQZ_GEMV_XT(1, P1, 2, 1);
+    else if (xt && M <= 8) launch_gemv_m8_xt<T, BITS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, st);
     else if (xt && M <= 16) SQZ_GEMV_M16(true);
     else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
     else if (xt) SQZ_GEMV_XT(8, 1, 1, (BITS == 4 ? 2 : 1));
