@@ -330,7 +330,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
   // registers). (Feeding the entries through the main loop as a two-stage pipeline, one step per
   // unit, measured no faster at M = 16-64 and slower at M = 4-8, H200.)
   constexpr int XUNITS = 16 * RT * MT, XSUB = NT / XUNITS;
-  // (XPO > 0: the launch's own depth, sized to the matrix's outliers per row: launch_gemv_m16.)
+  // (XPO > 0: a shallower depth the launch picks from the matrix's outliers per row: shallow_outliers.)
   constexpr int XP = XPO > 0 ? XPO : XSUB >= 16 ? 4 : XSUB >= 8 ? 6 : XSUB >= 4 ? 12 : XSUB >= 2 ? 8 : 2;
   static_assert(!XT || (NT % XUNITS == 0 && XSUB >= 1 && XSUB <= 32), "outlier work split");
   constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? 2 : XT ? 1 : gemv_outr<MT, RT>();
