@@ -1104,21 +1104,25 @@ inline bool shallow_outliers(int64_t nnz, int N, int threads_per_row, int depth)
   return nnz * 5 <= (int64_t)N * threads_per_row * depth * 4;
 }
 
-// M = 3-8 with outliers through xT (3-bit from M = 3, 4-bit from 6): one row tile, 16 threads per row, 4
-// entries each held in registers, or 3 where the average share fits (shallow_outliers). The kernel runs at
-// the 128-register cap of two blocks per SM, and the fourth entry is mostly empty at 0.45% outliers (2.3
-// per thread at K = 8192). Same process, H200, D+S, 4 / 3 entries, two runs each: 3-bit 8192x8192 M = 3
-// 16.73, 16.86 / 15.66, 15.71 us, M = 4 16.93, 16.90 / 15.96, 16.03, M = 5 17.12, 17.12 / 16.34, 16.42, M = 8
-// 18.64, 18.60 / 17.96, 17.92; 4-bit M = 6 19.77, 19.62 / 19.59, 19.48, M = 8 20.98, 20.94 / 20.78, 20.68;
-// 3-bit M = 4 22016x4096 26.30, 26.18 / 25.24, 25.28. Where the share does not fit, 3 is slower: 4-bit M = 8
+// An XT launch (outliers through xT): the kernel's own outlier depth, or XP_LOW entries where a thread's
+// share of an average row fits (shallow_outliers; a row's entries are split over the kernel's XSUB
+// threads, derived here as in the kernel). XP_LOW = 0: no shallower build.
+// M = 3-8 (one row tile, 16 threads per row) holds 4 entries or 3: the kernel runs at the 128-register
+// cap of two blocks per SM, and the fourth entry is mostly empty at 0.45% outliers (2.3 per thread at K =
+// 8192). Same process, H200, D+S, 4 / 3 entries, two runs each: 3-bit 8192x8192 M = 3 16.73, 16.86 /
+// 15.66, 15.71 us, M = 4 16.93, 16.90 / 15.96, 16.03, M = 5 17.12, 17.12 / 16.34, 16.42, M = 8 18.64, 18.60
+// / 17.96, 17.92; 4-bit M = 6 19.77, 19.62 / 19.59, 19.48, M = 8 20.98, 20.94 / 20.78, 20.68; 3-bit M = 4
+// 22016x4096 26.30, 26.18 / 25.24, 25.28. Where the share does not fit, 3 is slower: 4-bit M = 8
 // 4096x11008 (3.1 per thread) 13.94, 13.73 / 15.01, 14.81. 2 entries were no faster than 3 at K = 4096 and
-// slower at 8192 (3-bit M = 4 18.7 against 15.9 us).
-template <class T, int BITS>
-void launch_gemv_m8_xt(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                       const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, cudaStream_t st) {
-  if (shallow_outliers(nnz, N, 16, 3))
-    return launch_gemv<T, BITS, 1, 2, true, 2, 1, false, true, GV_WARPS, 3>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
-  launch_gemv<T, BITS, 1, 2, true, 2, 1, false, true>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+// slower at 8192 (3-bit M = 4 18.7 against 15.9 us). M = 9-16: launch_gemv_m16.
+template <class T, int BITS, int MT, int P, int MINB, int RT, int W, int XP_LOW>
+void launch_gemv_xt(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
+                    const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, cudaStream_t st) {
+  constexpr int XSUB = W * 32 / (16 * RT * MT);  // threads per (row, 8 activation rows), as in the kernel
+  if constexpr (XP_LOW > 0)
+    if (shallow_outliers(nnz, N, XSUB, XP_LOW))
+      return launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true, W, XP_LOW>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+  launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true, W>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
 }
 
 // M = 9-16: two row tiles per block (they halve the activation traffic from L2). 4-bit takes one block
@@ -1149,14 +1153,11 @@ void launch_gemv_m16(T* yp, const T* xp, const uint4* cp, const void* lp, bool l
   if constexpr (BITS == 4) {
     const bool even = (U + 15) / 16 * 16 <= (U + 7) / 8 * 8;
     if (env_int("SQUEEZELM_LUT_W16", even ? 1 : 0) != 0) {
-      if constexpr (XT)
-        if (shallow_outliers(nnz, N, 8, 3))
-          return launch_gemv<T, 4, 2, 2, true, 1, 2, false, true, 16, 3>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
-      return launch_gemv<T, 4, 2, 2, true, 1, 2, false, XT, 16>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+      if constexpr (XT) return launch_gemv_xt<T, 4, 2, 2, 1, 2, 16, 3>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, nnz, st);
+      return launch_gemv<T, 4, 2, 2, true, 1, 2, false, false, 16>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
     }
   } else if constexpr (XT) {
-    if (shallow_outliers(nnz, N, 4, 8))
-      return launch_gemv<T, 3, 2, 2, true, 1, 2, false, true, GV_WARPS, 8>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+    return launch_gemv_xt<T, 3, 2, 2, 1, 2, GV_WARPS, 8>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, nnz, st);
   }
   launch_gemv<T, BITS, 2, BITS == 4 ? 4 : 2, true, 1, 2, false, XT>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
 }
@@ -1201,7 +1202,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     const bool xt = vec && rp != nullptr && xt_min_m > 0 && M >= xt_min_m && M > 2;
     if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
       launch_gemv<T, BITS, 1, P1, true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
-    else if (xt && M <= 8) launch_gemv_m8_xt<T, BITS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, st);
+    else if (xt && M <= 8) launch_gemv_xt<T, BITS, 1, P1, 2, 1, GV_WARPS, 3>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, st);
     else if (xt && M <= 16) SQZ_GEMV_M16(true);
     else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
     else if (xt) SQZ_GEMV_XT(8, 1, 1, (BITS == 4 ? 2 : 1));
