@@ -319,8 +319,9 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
         }
       });
   // f16 activations, CUDA against the CPU op on a random linear with outliers, for each M.
-  async function expectPackedMatchesCpu(N: number, K: number, bits: 3 | 4, Ms: number[], r: () => number, label: string) {
-    const l = randomLinear(N, K, bits, true, r);
+  async function expectPackedMatchesCpu(N: number, K: number, bits: 3 | 4, Ms: number[], r: () => number, label: string,
+    outliers = true) {
+    const l = randomLinear(N, K, bits, outliers, r);
     const cc = packedOf(l, 'cuda'), ch = packedOf(l, 'cpu');
     const tc = tensorsOf(l, 'cuda', 'f16'), tcpu = tensorsOf(l, 'cpu', 'f16');
     for (const M of Ms) {
@@ -405,6 +406,25 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
   // registers where an average row's share fits (SQUEEZELM_LUT_XPLOW=1 forces that depth, 0 the deeper
   // one). At 2% of K = 2080 or 8224 most rows exceed the shallow depth, so the entries past it (read after
   // the main loop) are exercised too. M = 3-8: one row tile; M = 9-16: two, and 16 warps for 4 bits.
+  // M <= 8 on Hopper: each warp's code units come through a ring of bulk copies into shared memory
+  // (SQUEEZELM_LUT_RING=0: register buffers). Several row groups per block (the ring runs on across
+  // them), K = 256 + 32 (3 units at 4 bits: most warps have none) and K with a tail, both widths,
+  // dense-only and dense-and-sparse, and the M <= 2 outlier split.
+  test(`M = 1-8: code ring and register buffers (seed ${seed})`, async () => {
+    const r = rng(seed + 131);
+    for (const ring of ['1', '0']) {
+      process.env.SQUEEZELM_LUT_RING = ring;
+      try {
+        for (const [N, K] of [[16 * 600 + 5, 256 + 32], [16 * 600 + 5, 4096 + 32], [37, 8192 + 32]])
+          for (const bits of [3, 4] as const)
+            for (const outliers of [false, true])
+              await expectPackedMatchesCpu(N, K, bits, [1, 2, 5, 8], r,
+                `${bits}-bit ring=${ring} N=${N} K=${K} outliers=${outliers}`, outliers);
+      } finally {
+        delete process.env.SQUEEZELM_LUT_RING;
+      }
+    }
+  });
   test(`M = 3-16: outlier depth sized to the rows, both depths (seed ${seed})`, async () => {
     const r = rng(seed + 111);
     for (const low of ['1', '0']) {

@@ -84,6 +84,8 @@
 #include "core/env.h"
 #include "core/error.h"
 #include "cpu/lut_gemm.h"
+#include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/hopper.h"
 #include "kernels/common/launch_config.h"
 #include "kernels/common/process_buffer.h"
 #include "kernels/common/pdl.cuh"
@@ -192,6 +194,12 @@ template <int BITS, int MT, int RT, bool XT = false, int W = GV_WARPS>
 constexpr size_t gemv_smem_bytes() {
   return gemv_table_bytes<BITS, MT, RT, W>() + 16 * RT * Geo<BITS>::E * 2 + (XT ? (size_t)16 * RT * 8 * MT * 4 : 0);
 }
+// With a code ring (RING slots per warp, the one-row-tile kernels): the slots (one unit of a warp
+// each: 1 KB at 4 bits, 3 KB at 3) and their mbarriers follow the above (a multiple of 128 bytes).
+template <int BITS, int MT, int RT, bool XT, int W, int RING>
+constexpr size_t gemv_smem_bytes_ring() {
+  return gemv_smem_bytes<BITS, MT, RT, XT, W>() + (size_t)W * RING * (Geo<BITS>::USTRIDE * 16 + 8);
+}
 
 // Outliers from M = 3 (3-bit) or 6 (4-bit) on read the activations transposed, xT[k][8 MT] (zero
 // past M): an outlier then needs one 16-byte load per 8 activation rows (one sector at M <= 16),
@@ -264,6 +272,11 @@ __device__ __forceinline__ uint32_t pair_off(uint32_t v, uint32_t v8, uint32_t l
   if constexpr (BITS == 4) return __byte_perm(v, lb, 0x5504u | ((uint32_t)i << 4));
   else return ((v8 >> (6 * i)) & 0x3f00u) | lb;
 }
+// A warp-wide vote on v: no lane passes before every lane's v (and so every load that v depends
+// on) has arrived. Volatile, so it stays even though its result is unused.
+__device__ __forceinline__ void warp_sync_on(uint32_t v) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.u32 p, %0, 0;\nvote.sync.any.pred p, p, 0xffffffff;\n}" ::"r"(v) : "memory");
+}
 // A lookup: table base (a constant of the launch) + permuted offset, by shared-window address.
 __device__ __forceinline__ uint32_t lds_at(uint32_t base, uint32_t off) { return ld_shared_u32(base + off); }
 
@@ -306,7 +319,7 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
   }
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool OSPLIT, bool XT, int W, int XPO>
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool OSPLIT, bool XT, int W, int XPO, int RING>
 __global__ void __launch_bounds__(W * 32, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
@@ -425,13 +438,60 @@ __global__ void __launch_bounds__(W * 32, MINB)
   const uint32_t lb0 = 4u * lane, lb1 = 128u + 4u * lane;
   const uint32_t tbl_s = smem_u32(tbl);
 
+  // RING > 0: the warp's code units come through a ring of RING shared-memory slots, each filled by
+  // one bulk copy (lane 0) and counted on its own mbarrier, instead of P register buffers. A warp
+  // consumes its units in the order it requested them (its units of group blockIdx.x, then of the
+  // block's next group, ...), and refills a slot with the unit RING items ahead as soon as its
+  // lanes have copied the slot's words into registers. The bytes in flight are then bounded by the
+  // slots, not by registers and one load scoreboard (docs/squeezellm.md: at M = 1 with two
+  // register buffers a warp decoded about one unit per DRAM round trip). No other warp touches a
+  // warp's slots, so no barrier couples the warps.
+  static_assert(RING == 0 || (MT == 1 && RT == 1), "code ring: one-row-tile kernels");
+  constexpr uint32_t SLOT = G::USTRIDE * 16;  // bytes per unit and warp
+  const uint32_t ring_s = tbl_s + (uint32_t)gemv_smem_bytes<BITS, MT, RT, XT, W>() + (uint32_t)(warp * RING) * SLOT;
+  const uint32_t bar_s =
+      tbl_s + (uint32_t)gemv_smem_bytes<BITS, MT, RT, XT, W>() + (uint32_t)(W * RING) * SLOT + (uint32_t)(warp * RING) * 8u;
+  int r_slot = 0;          // next slot to consume
+  uint32_t r_par = 0;      // its phase parity
+  int i_slot = 0, i_grp = blockIdx.x, i_u = warp;  // next unit to request: slot, group, unit
+  uint64_t r_pol = 0;
+  auto ring_issue = [&]() {
+    if (i_grp < groups && i_u < U) {
+      if (lane == 0) {
+        const uint32_t bar = bar_s + 8u * (uint32_t)i_slot;
+        mbar_arrive_expect_tx(bar, SLOT);
+        bulk_g2s(ring_s + (uint32_t)i_slot * SLOT, codes + ((size_t)i_grp * U + i_u) * G::USTRIDE, SLOT, bar, r_pol);
+      }
+      i_u += W;
+      if (i_u >= U) {
+        i_u = warp;
+        i_grp += gridDim.x;
+      }
+      if (++i_slot == RING) i_slot = 0;
+    }
+  };
+  if constexpr (RING > 0) {
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < RING; ++i) mbar_init(bar_s + 8u * i, 1);
+      mbar_fence_init();
+    }
+    __syncwarp();
+    r_pol = l2_evict_first_policy();
+  }
+
   // Everything before the first pdl_wait reads weights only (tables, outlier lists, codes), so under
   // programmatic dependent launch it overlaps the previous kernel; x is read and y written after it.
   int grp = blockIdx.x;
   if (grp < groups) {
     load_meta(grp);
     set_group(grp);
-    prefetch();
+    if constexpr (RING > 0) {
+#pragma unroll
+      for (int i = 0; i < RING; ++i) ring_issue();
+    } else {
+      prefetch();
+    }
   } else {
     pdl_wait();
   }
@@ -557,6 +617,33 @@ __global__ void __launch_bounds__(W * 32, MINB)
     // 5. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
     //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
 
+    if constexpr (RING > 0) {
+      for (int u = warp; u < U; u += W) {
+        mbar_wait(bar_s + 8u * (uint32_t)r_slot, r_par);
+        uint32_t wa[RT][G::WU], wb[RT][G::WU];
+        const uint32_t sa = ring_s + (uint32_t)r_slot * SLOT + 16u * (uint32_t)lane;  // row g; g+8 at +512
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+          const uint4 a = ld_ring_v4(sa + 1024u * v), b = ld_ring_v4(sa + 1024u * v + 512u);
+          wa[0][4 * v] = a.x; wa[0][4 * v + 1] = a.y; wa[0][4 * v + 2] = a.z; wa[0][4 * v + 3] = a.w;
+          wb[0][4 * v] = b.x; wb[0][4 * v + 1] = b.y; wb[0][4 * v + 2] = b.z; wb[0][4 * v + 3] = b.w;
+        }
+        // Every lane's words have arrived in its registers before lane 0 hands the slot to the next
+        // copy: a warp vote over a value that depends on each of the lane's slot loads (a plain
+        // __syncwarp orders the loads' issue, not their return, and the copy writes through another
+        // proxy).
+        uint32_t dep = 0;
+#pragma unroll
+        for (int v = 0; v < NV; ++v) dep ^= wa[0][4 * v] ^ wb[0][4 * v];
+        warp_sync_on(dep);
+        ring_issue();
+        if (++r_slot == RING) {
+          r_slot = 0;
+          r_par ^= 1u;
+        }
+        gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
+      }
+    } else
     // P register buffers: unit u is decoded straight from its buffer, which is then refilled with
     // unit u + W*P (reloading before the decode would force a copy of the words still in use), so
     // P - 1 units per warp are in flight while one is decoded.
@@ -633,7 +720,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
     // freed) or go now, under this group's epilogue and the next group's table build.
     if (next < groups) {
       set_group(next);
-      if (!xgroup && !late_pf) prefetch();
+      if (RING == 0 && !xgroup && !late_pf) prefetch();
     }
 
     // 6. Outliers, after the main loop: their lists have arrived and x is in L1. Branch-free over a
@@ -749,7 +836,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
         }
     }
 
-    if (late_pf && !xgroup && next < groups) prefetch();
+    if (RING == 0 && late_pf && !xgroup && next < groups) prefetch();
 
     // 7. Fixed-order reduction over warps. C fragment of row tile rt: acc[rt][i][j] =
     //    y[m = 8i + 2q + (j&1)][n0 + 16rt + g + 8(j>>1)].
@@ -1034,7 +1121,7 @@ T* lut_xt_buffer(int mp, int K) {
 // XT: the outliers through xT (written by the launch itself, into the buffer above); where it cannot be
 // had, the same launch gathers from x[m][k] instead.
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool OSPLIT = false, bool XT = false,
-          int W = GV_WARPS, int XPO = 0>
+          int W = GV_WARPS, int XPO = 0, int RING = 0>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
   T* xT = nullptr;
@@ -1043,8 +1130,8 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
     if (!xT)
       return launch_gemv<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, false, W>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
   }
-  constexpr size_t smem = gemv_smem_bytes<BITS, MT, RT, XT, W>();
-  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO>;
+  constexpr size_t smem = gemv_smem_bytes_ring<BITS, MT, RT, XT, W, RING>();
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
@@ -1200,12 +1287,48 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // kernel.
     const int xt_min_m = env_int("SQUEEZELM_LUT_XT_MIN_M", BITS == 3 ? 3 : 6);
     const bool xt = vec && rp != nullptr && xt_min_m > 0 && M >= xt_min_m && M > 2;
-    if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
+    // The one-row-tile kernels (M <= 8) take their codes through a ring of bulk copies (RING slots
+    // per warp, see the kernel) on Hopper where a warp's codes of one row group are at most 4 KB
+    // (K <= 4096 at both widths: 4 units of 1 KB at 4 bits, one of 3 KB at 3): there each warp's
+    // stream of units runs on through the group's table build and reduction 5 (4-bit) or 3 (3-bit)
+    // units deep, where the register buffers hold at most 2 (and the 3-bit register kernel spills).
+    // Longer groups gain nothing from that and pay the ring's extra instructions per unit (barrier
+    // wait, slot loads, vote, copy). Where the ring was never slower on the shapes measured it runs
+    // at every N: 4-bit with outliers at M <= 2 and 3-bit dense-only at M <= 2; otherwise only where
+    // a block walks at least 4 row groups; never at M = 3-5 with outliers (gathered from x[m][k]:
+    // slower; M >= 6 reads xT and keeps its kernel). Same process, H200, K = 4096, M = 1, ring /
+    // register buffers, us (docs/squeezellm.md has every row):
+    //   N          4-bit dense   4-bit D+S     3-bit dense   3-bit D+S
+    //   4096       5.27 / 5.11   5.68 / 5.70   4.12 / 4.72   4.72 / 4.85
+    //   8192       9.28 / 9.10   10.0 / 10.0   7.84 / 8.27   8.85 / 8.59
+    //   12288      13.4 / 13.1   14.1 / 14.5   11.9 / 11.9   13.3 / 12.4
+    //   14336      16.7 / 17.1   17.5 / 18.5   13.1 / 15.5   15.1 / 16.4
+    //   22016      23.8 / 25.3   25.0 / 27.4   18.6 / 21.0   21.0 / 22.3
+    // and 4-bit 22016x4096 dense M = 2 / 4 / 8 24.4 / 27.4, 27.0 / 27.8, 30.1 / 30.3, D+S M = 4
+    // (gather) 35.2 / 32.1; K = 8192: 4-bit dense 8192x8192 14.9 / 14.2, 3-bit D+S 15.3 / 13.5.
+    // SQUEEZELM_LUT_RING=0 / 1 forces the register buffers / the ring (tuning, tests).
+    constexpr int RING = BITS == 4 ? 5 : 3;
+    const int ring_env = env_int("SQUEEZELM_LUT_RING", -1);
+    bool ring = ring_env != 0 && hopper_kernels_available();
+    if (ring && ring_env < 0) {
+      int dev = 0;
+      cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
+      const bool sparse = rp != nullptr;
+      const bool short_groups = (U + GV_WARPS - 1) / GV_WARPS * (BITS == 4 ? 1 : 3) <= 4;
+      const bool many_groups = (N + 15) / 16 >= 4 * 2 * sm_count(dev);
+      const bool any_n = M <= 2 && (BITS == 4 ? sparse : !sparse);
+      ring = short_groups && (any_n || many_groups) && (M <= 2 || !sparse);
+    }
+    if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0 && ring)
+      launch_gemv<T, BITS, 1, P1, true, 2, 1, true, false, GV_WARPS, 0, RING>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+    else if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
       launch_gemv<T, BITS, 1, P1, true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
     else if (xt && M <= 8) launch_gemv_xt<T, BITS, 1, P1, 2, 1, GV_WARPS, 3>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, st);
     else if (xt && M <= 16) SQZ_GEMV_M16(true);
     else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
     else if (xt) SQZ_GEMV_XT(8, 1, 1, (BITS == 4 ? 2 : 1));
+    else if (M <= 8 && vec && ring)
+      launch_gemv<T, BITS, 1, P1, true, 2, 1, false, false, GV_WARPS, 0, RING>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
     else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
     else if (M <= 8) SQZ_GEMV(1, P1, false, 2, 1);
     else if (!vec) SQZ_GEMV(2, P1, false, 2, 1);
