@@ -40,6 +40,12 @@
 //   scoreboard (measurements at launch_gemv). (Two sets of buffers, each waited
 //   for before the other is refilled, measured 2-4% faster for 4-bit D+S at M = 1 on the large
 //   shapes but 4-12% slower at 4096x4096, at M = 4-8 and for 3-bit: the second set spills.)
+//   Where K <= 4096 (a warp has at most 4 KB of codes per row group) the one-row-tile kernels may
+//   instead take each warp's units through a ring of RING shared-memory slots filled by bulk
+//   copies (template RING; the choice is in launch()): 5 or 3 units per warp in flight with no
+//   register or scoreboard held, and the stream runs on through each group's table build and
+//   reduction. At K = 8192 the ring was slower (4-bit dense 8192x8192 14.9 against 14.2 us): five
+//   units in flight per warp instead of one did not buy back its extra instructions per unit.
 //   The grid is one wave (2 blocks per SM fit with 64 KB tables each) and each block walks
 //   row-tile groups, so there is no tail wave; a group's 16-entry tables and outlier row bounds
 //   are requested during the previous group's main loop, and each code buffer takes the next
