@@ -402,10 +402,6 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
       }
     }
   });
-  // Through the transposed copy (3-bit from M = 3, 4-bit from 6), a thread holds fewer outlier entries in
-  // registers where an average row's share fits (SQUEEZELM_LUT_XPLOW=1 forces that depth, 0 the deeper
-  // one). At 2% of K = 2080 or 8224 most rows exceed the shallow depth, so the entries past it (read after
-  // the main loop) are exercised too. M = 3-8: one row tile; M = 9-16: two, and 16 warps for 4 bits.
   // M <= 8 on Hopper: each warp's code units come through a ring of bulk copies into shared memory
   // (SQUEEZELM_LUT_RING=0: register buffers). Several row groups per block (the ring runs on across
   // them), K = 256 + 32 (3 units at 4 bits: most warps have none) and K with a tail, both widths,
@@ -425,6 +421,10 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
       }
     }
   });
+  // Through the transposed copy (3-bit from M = 3, 4-bit from 6), a thread holds fewer outlier entries in
+  // registers where an average row's share fits (SQUEEZELM_LUT_XPLOW=1 forces that depth, 0 the deeper
+  // one). At 2% of K = 2080 or 8224 most rows exceed the shallow depth, so the entries past it (read after
+  // the main loop) are exercised too. M = 3-8: one row tile; M = 9-16: two, and 16 warps for 4 bits.
   test(`M = 3-16: outlier depth sized to the rows, both depths (seed ${seed})`, async () => {
     const r = rng(seed + 111);
     for (const low of ['1', '0']) {

@@ -449,9 +449,9 @@ __global__ void __launch_bounds__(W * 32, MINB)
   // consumes its units in the order it requested them (its units of group blockIdx.x, then of the
   // block's next group, ...), and refills a slot with the unit RING items ahead as soon as its
   // lanes have copied the slot's words into registers. The bytes in flight are then bounded by the
-  // slots, not by registers and one load scoreboard (docs/squeezellm.md: at M = 1 with two
-  // register buffers a warp decoded about one unit per DRAM round trip). No other warp touches a
-  // warp's slots, so no barrier couples the warps.
+  // slots, not by registers and one load scoreboard. What that buys is the row-group transitions at
+  // K <= 4096 (launch() says where it runs); at K = 8192 the ring measured slower. No other warp
+  // touches a warp's slots, so no barrier couples the warps.
   static_assert(RING == 0 || (MT == 1 && RT == 1), "code ring: one-row-tile kernels");
   constexpr uint32_t SLOT = G::USTRIDE * 16;  // bytes per unit and warp
   const uint32_t ring_s = tbl_s + (uint32_t)gemv_smem_bytes<BITS, MT, RT, XT, W>() + (uint32_t)(warp * RING) * SLOT;
