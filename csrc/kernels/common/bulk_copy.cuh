@@ -107,6 +107,15 @@ __device__ __forceinline__ uint4 ld_ring_v4(uint32_t addr) {
   return r;
 }
 
+// Hands a ring slot that a warp has read into registers back to its next copy, where the warp owns
+// the slot (no "empty" barrier): a warp-wide vote on v, a value that depends on every one of the
+// lane's loads from the slot, so no lane passes before all of them have returned (__syncwarp orders
+// the loads' issue, not their return, and the next copy writes through the async proxy). Volatile:
+// it stays although its result is unused.
+__device__ __forceinline__ void warp_sync_on(uint32_t v) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.u32 p, %0, 0;\nvote.sync.any.pred p, p, 0xffffffff;\n}" ::"r"(v) : "memory");
+}
+
 // Barrier among the first `threads` threads of the block (named barrier `id`, 1..15; 0 is
 // __syncthreads): the consumer warps synchronise without the producer warp.
 __device__ __forceinline__ void named_barrier(int id, int threads) {

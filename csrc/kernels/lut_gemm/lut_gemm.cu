@@ -278,11 +278,6 @@ __device__ __forceinline__ uint32_t pair_off(uint32_t v, uint32_t v8, uint32_t l
   if constexpr (BITS == 4) return __byte_perm(v, lb, 0x5504u | ((uint32_t)i << 4));
   else return ((v8 >> (6 * i)) & 0x3f00u) | lb;
 }
-// A warp-wide vote on v: no lane passes before every lane's v (and so every load that v depends
-// on) has arrived. Volatile, so it stays even though its result is unused.
-__device__ __forceinline__ void warp_sync_on(uint32_t v) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.u32 p, %0, 0;\nvote.sync.any.pred p, p, 0xffffffff;\n}" ::"r"(v) : "memory");
-}
 // A lookup: table base (a constant of the launch) + permuted offset, by shared-window address.
 __device__ __forceinline__ uint32_t lds_at(uint32_t base, uint32_t off) { return ld_shared_u32(base + off); }
 
@@ -1325,9 +1320,10 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
       const bool any_n = M <= 2 && (BITS == 4 ? sparse : !sparse);
       ring = short_groups && (any_n || many_groups) && (M <= 2 || !sparse);
     }
-    if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0 && ring)
+    const bool osplit = M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0;
+    if (osplit && ring)
       launch_gemv<T, BITS, 1, P1, true, 2, 1, true, false, GV_WARPS, 0, RING>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
-    else if (M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0)
+    else if (osplit)
       launch_gemv<T, BITS, 1, P1, true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
     else if (xt && M <= 8) launch_gemv_xt<T, BITS, 1, P1, 2, 1, GV_WARPS, 3>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, st);
     else if (xt && M <= 16) SQZ_GEMV_M16(true);
