@@ -107,13 +107,17 @@ __device__ __forceinline__ uint4 ld_ring_v4(uint32_t addr) {
   return r;
 }
 
-// Hands a ring slot that a warp has read into registers back to its next copy, where the warp owns
-// the slot (no "empty" barrier): a warp-wide vote on v, a value that depends on every one of the
-// lane's loads from the slot, so no lane passes before all of them have returned (__syncwarp orders
-// the loads' issue, not their return, and the next copy writes through the async proxy). Volatile:
-// it stays although its result is unused.
-__device__ __forceinline__ void warp_sync_on(uint32_t v) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.u32 p, %0, 0;\nvote.sync.any.pred p, p, 0xffffffff;\n}" ::"r"(v) : "memory");
+// Orders this thread's earlier shared-memory accesses (and, after a __syncwarp or barrier, those of
+// the threads it synchronised with) before its later bulk copies, which write through the async
+// proxy. A slot that threads have read with ld.shared is handed to its next copy only after it:
+// without it the copy may land before those reads have returned. (The LUT GEMV's code ring once
+// relied on a warp vote over the loaded words instead; ptxas dropped the vote, whose result was
+// unused, the refill overtook the reads, and ~half of the launches at K = 2080 read some unit's
+// rows from the next copy, H200.)
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#ifdef SQZ_BULK_COPY
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
 }
 
 // Barrier among the first `threads` threads of the block (named barrier `id`, 1..15; 0 is

@@ -40,12 +40,12 @@
 //   scoreboard (measurements at launch_gemv). (Two sets of buffers, each waited
 //   for before the other is refilled, measured 2-4% faster for 4-bit D+S at M = 1 on the large
 //   shapes but 4-12% slower at 4096x4096, at M = 4-8 and for 3-bit: the second set spills.)
-//   Where K <= 4096 (a warp has at most 4 KB of codes per row group) the one-row-tile kernels may
-//   instead take each warp's units through a ring of RING shared-memory slots filled by bulk
-//   copies (template RING; the choice is in launch()): 5 or 3 units per warp in flight with no
-//   register or scoreboard held, and the stream runs on through each group's table build and
-//   reduction. At K = 8192 the ring was slower (4-bit dense 8192x8192 14.9 against 14.2 us): five
-//   units in flight per warp instead of one did not buy back its extra instructions per unit.
+//   The one-row-tile kernels may instead take each warp's units through a ring of RING
+//   shared-memory slots filled by bulk copies (template RING, UPS units per slot; the choice is in
+//   launch()): units in flight with no register or scoreboard held, and the stream runs on through
+//   each group's table build and reduction. At 4 bits two slots of two units (one 2 KB copy each)
+//   are faster than the register buffers at every K measured; one-unit slots (1 KB copies) were
+//   not, beyond K = 4096: the copy engine takes about as long per request whatever its size.
 //   The grid is one wave (2 blocks per SM fit with 64 KB tables each) and each block walks
 //   row-tile groups, so there is no tail wave; a group's 16-entry tables and outlier row bounds
 //   are requested during the previous group's main loop, and each code buffer takes the next
@@ -200,11 +200,12 @@ template <int BITS, int MT, int RT, bool XT = false, int W = GV_WARPS>
 constexpr size_t gemv_smem_bytes() {
   return gemv_table_bytes<BITS, MT, RT, W>() + 16 * RT * Geo<BITS>::E * 2 + (XT ? (size_t)16 * RT * 8 * MT * 4 : 0);
 }
-// With a code ring (RING slots per warp, the one-row-tile kernels): the slots (one unit of a warp
-// each: 1 KB at 4 bits, 3 KB at 3) and their mbarriers follow the above (a multiple of 128 bytes).
-template <int BITS, int MT, int RT, bool XT, int W, int RING>
+// With a code ring (RING slots per warp, the one-row-tile kernels): the slots (UPS units of a warp
+// each; a unit is 1 KB at 4 bits, 3 KB at 3) and their mbarriers follow the above (a multiple of 128
+// bytes).
+template <int BITS, int MT, int RT, bool XT, int W, int RING, int UPS = 1>
 constexpr size_t gemv_smem_bytes_ring() {
-  return gemv_smem_bytes<BITS, MT, RT, XT, W>() + (size_t)W * RING * (Geo<BITS>::USTRIDE * 16 + 8);
+  return gemv_smem_bytes<BITS, MT, RT, XT, W>() + (size_t)W * RING * (UPS * Geo<BITS>::USTRIDE * 16 + 8);
 }
 
 // Outliers from M = 3 (3-bit) or 6 (4-bit) on read the activations transposed, xT[k][8 MT] (zero
@@ -320,7 +321,8 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
   }
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool OSPLIT, bool XT, int W, int XPO, int RING>
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool OSPLIT, bool XT, int W, int XPO, int RING,
+          int UPS>
 __global__ void __launch_bounds__(W * 32, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
@@ -444,11 +446,16 @@ __global__ void __launch_bounds__(W * 32, MINB)
   // consumes its units in the order it requested them (its units of group blockIdx.x, then of the
   // block's next group, ...), and refills a slot with the unit RING items ahead as soon as its
   // lanes have copied the slot's words into registers. The bytes in flight are then bounded by the
-  // slots, not by registers and one load scoreboard. What that buys is the row-group transitions at
-  // K <= 4096 (launch() says where it runs); at K = 8192 the ring measured slower. No other warp
+  // slots, not by registers and one load scoreboard (launch() says where it runs). No other warp
   // touches a warp's slots, so no barrier couples the warps.
+  // UPS > 1: a slot holds UPS consecutive units (one bulk copy of UPS KB at 4 bits) and a warp takes
+  // runs of UPS units (run r = units UPS r .. UPS r + UPS - 1 to warp r mod W): fewer, larger copies
+  // for the same bytes in flight (each copy request costs the copy engine about the same time).
   static_assert(RING == 0 || (MT == 1 && RT == 1), "code ring: one-row-tile kernels");
-  constexpr uint32_t SLOT = G::USTRIDE * 16;  // bytes per unit and warp
+  static_assert(UPS >= 1 && (RING > 0 || UPS == 1), "units per ring slot");
+  constexpr uint32_t USZ = G::USTRIDE * 16;  // bytes per unit and warp
+  constexpr uint32_t SLOT = UPS * USZ;
+  const int RUNS = (U + UPS - 1) / UPS;  // runs of UPS units per row group (the last may be short)
   const uint32_t ring_s = tbl_s + (uint32_t)gemv_smem_bytes<BITS, MT, RT, XT, W>() + (uint32_t)(warp * RING) * SLOT;
   const uint32_t bar_s =
       tbl_s + (uint32_t)gemv_smem_bytes<BITS, MT, RT, XT, W>() + (uint32_t)(W * RING) * SLOT + (uint32_t)(warp * RING) * 8u;
@@ -456,15 +463,20 @@ __global__ void __launch_bounds__(W * 32, MINB)
   uint32_t r_par = 0;      // its phase parity
   int i_slot = 0, i_grp = blockIdx.x, i_u = warp;  // next unit to request: slot, group, unit
   uint64_t r_pol = 0;
-  auto ring_issue = [&]() {
-    if (i_grp < groups && i_u < U) {
+  auto ring_issue = [&]() {  // i_u: the next run of UPS units
+    if (i_grp < groups && i_u < RUNS) {
       if (lane == 0) {
+        // the warp's reads of this slot (ordered before this by the caller's __syncwarp) come
+        // before the copy that overwrites it
+        fence_proxy_async_shared();
         const uint32_t bar = bar_s + 8u * (uint32_t)i_slot;
-        mbar_arrive_expect_tx(bar, SLOT);
-        bulk_g2s(ring_s + (uint32_t)i_slot * SLOT, codes + ((size_t)i_grp * U + i_u) * G::USTRIDE, SLOT, bar, r_pol);
+        const int u0 = UPS * i_u, nu = U - u0 < UPS ? U - u0 : UPS;
+        const uint32_t bytes = (uint32_t)nu * USZ;
+        mbar_arrive_expect_tx(bar, bytes);
+        bulk_g2s(ring_s + (uint32_t)i_slot * SLOT, codes + ((size_t)i_grp * U + u0) * G::USTRIDE, bytes, bar, r_pol);
       }
       i_u += W;
-      if (i_u >= U) {
+      if (i_u >= RUNS) {
         i_u = warp;
         i_grp += gridDim.x;
       }
@@ -619,30 +631,32 @@ __global__ void __launch_bounds__(W * 32, MINB)
     //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
 
     if constexpr (RING > 0) {
-      for (int u = warp; u < U; u += W) {
+      for (int run = warp; run < RUNS; run += W) {
         mbar_wait(bar_s + 8u * (uint32_t)r_slot, r_par);
-        uint32_t wa[RT][G::WU], wb[RT][G::WU];
+        uint32_t wa[UPS][RT][G::WU], wb[UPS][RT][G::WU];
         const uint32_t sa = ring_s + (uint32_t)r_slot * SLOT + 16u * (uint32_t)lane;  // row g; g+8 at +512
+        const int u0 = UPS * run;
 #pragma unroll
-        for (int v = 0; v < NV; ++v) {
-          const uint4 a = ld_ring_v4(sa + 1024u * v), b = ld_ring_v4(sa + 1024u * v + 512u);
-          wa[0][4 * v] = a.x; wa[0][4 * v + 1] = a.y; wa[0][4 * v + 2] = a.z; wa[0][4 * v + 3] = a.w;
-          wb[0][4 * v] = b.x; wb[0][4 * v + 1] = b.y; wb[0][4 * v + 2] = b.z; wb[0][4 * v + 3] = b.w;
-        }
-        // Every lane's words have arrived in its registers before lane 0 hands the slot to the next
-        // copy: a warp vote over a value that depends on each of the lane's slot loads (a plain
-        // __syncwarp orders the loads' issue, not their return, and the copy writes through another
-        // proxy).
-        uint32_t dep = 0;
+        for (int s = 0; s < UPS; ++s)
 #pragma unroll
-        for (int v = 0; v < NV; ++v) dep ^= wa[0][4 * v] ^ wb[0][4 * v];
-        warp_sync_on(dep);
+          for (int v = 0; v < NV; ++v) {
+            // (a short last run leaves words of an earlier copy here: they are loaded, never decoded)
+            const uint4 a = ld_ring_v4(sa + USZ * s + 1024u * v), b = ld_ring_v4(sa + USZ * s + 1024u * v + 512u);
+            wa[s][0][4 * v] = a.x; wa[s][0][4 * v + 1] = a.y; wa[s][0][4 * v + 2] = a.z; wa[s][0][4 * v + 3] = a.w;
+            wb[s][0][4 * v] = b.x; wb[s][0][4 * v + 1] = b.y; wb[s][0][4 * v + 2] = b.z; wb[s][0][4 * v + 3] = b.w;
+          }
+        // The slot goes to its next copy once every lane's reads of it are done: __syncwarp orders
+        // them before lane 0's proxy fence in ring_issue (bulk_copy.cuh says what went wrong without).
+        __syncwarp();
         ring_issue();
         if (++r_slot == RING) {
           r_slot = 0;
           r_par ^= 1u;
         }
-        gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
+#pragma unroll
+        for (int s = 0; s < UPS; ++s)
+          if (s == 0 || u0 + s < U)
+            gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa[s], wb[s], tbl_s, xr, mv, (u0 + s) * G::KU + 8 * q, K, lb0, lb1);
       }
     } else
     // P register buffers: unit u is decoded straight from its buffer, which is then refilled with
@@ -1122,7 +1136,7 @@ T* lut_xt_buffer(int mp, int K) {
 // XT: the outliers through xT (written by the launch itself, into the buffer above); where it cannot be
 // had, the same launch gathers from x[m][k] instead.
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool OSPLIT = false, bool XT = false,
-          int W = GV_WARPS, int XPO = 0, int RING = 0>
+          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
   T* xT = nullptr;
@@ -1131,8 +1145,8 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
     if (!xT)
       return launch_gemv<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, false, W>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
   }
-  constexpr size_t smem = gemv_smem_bytes_ring<BITS, MT, RT, XT, W, RING>();
-  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING>;
+  constexpr size_t smem = gemv_smem_bytes_ring<BITS, MT, RT, XT, W, RING, UPS>();
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
@@ -1288,49 +1302,71 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // kernel.
     const int xt_min_m = env_int("SQUEEZELM_LUT_XT_MIN_M", BITS == 3 ? 3 : 6);
     const bool xt = vec && rp != nullptr && xt_min_m > 0 && M >= xt_min_m && M > 2;
-    // The one-row-tile kernels (M <= 8) take their codes through a ring of bulk copies (RING slots
-    // per warp, see the kernel) on Hopper where a warp's codes of one row group are at most 4 KB
-    // (K <= 4096 at both widths: 4 units of 1 KB at 4 bits, one of 3 KB at 3): there each warp's
-    // stream of units runs on through the group's table build and reduction 5 (4-bit) or 3 (3-bit)
-    // units deep, where the register buffers hold at most 2 (and the 3-bit register kernel spills).
-    // Longer groups gain nothing from that and pay the ring's extra instructions per unit (barrier
-    // wait, slot loads, vote, copy). Where the ring was never slower on the shapes measured it runs
-    // at every N: 4-bit with outliers at M <= 2 and 3-bit dense-only at M <= 2; otherwise only where
-    // a block walks at least 4 row groups; never at M = 3-5 with outliers (gathered from x[m][k]:
-    // slower; M >= 6 reads xT and keeps its kernel). Same process, H200, K = 4096, M = 1, ring /
-    // register buffers, us (docs/squeezellm.md has every row):
-    //   N          4-bit dense   4-bit D+S     3-bit dense   3-bit D+S
-    //   4096       5.27 / 5.11   5.68 / 5.70   4.12 / 4.72   4.72 / 4.85
-    //   8192       9.28 / 9.10   10.0 / 10.0   7.84 / 8.27   8.85 / 8.59
-    //   12288      13.4 / 13.1   14.1 / 14.5   11.9 / 11.9   13.3 / 12.4
-    //   14336      16.7 / 17.1   17.5 / 18.5   13.1 / 15.5   15.1 / 16.4
-    //   22016      23.8 / 25.3   25.0 / 27.4   18.6 / 21.0   21.0 / 22.3
-    // and 4-bit 22016x4096 dense M = 2 / 4 / 8 24.4 / 27.4, 27.0 / 27.8, 30.1 / 30.3, D+S M = 4
-    // (gather) 35.2 / 32.1; K = 8192: 4-bit dense 8192x8192 14.9 / 14.2, 3-bit D+S 15.3 / 13.5.
+    // The one-row-tile kernels (M <= 8) may take their codes through a ring of bulk copies in shared
+    // memory (see the kernel) on Hopper: 4-bit, 2 slots per warp of two units each (one 2 KB copy per
+    // slot; SQUEEZELM_LUT_RING_UPS=1: 5 slots of one unit); 3-bit, 3 slots of one unit (3 KB).
+    // 4-bit: the two-unit ring wherever it measured faster than the register buffers: dense-only at
+    // M <= 8, with outliers at M <= 2, and at M = 3-5 (outliers gathered from x[m][k]) where K <= 4096.
+    // Same process, H200, register buffers / two-unit ring / one-unit ring, us: M = 1 dense (D+S)
+    // 4096x4096 5.10 / 4.78 / 5.25 (5.73 / 5.43 / 5.77), 8192x8192 13.98 / 13.09 / 15.40 (15.10 / 14.25
+    // / 15.81), 8192x28672 41.0 / 36.2 / 44.9 (42.8 / 40.8 / 45.5), 28672x8192 47.8 / 43.2 / 50.9 (49.8
+    // / 47.0 / 51.7), 12288x4096 13.0 / 11.8 / 13.6 (14.4 / 13.4 / 14.4), 22016x4096 24.9 / 21.5 / 24.3
+    // (27.0 / 24.2 / 26.1), 4096x11008 9.45 / 9.44 / 10.5 (10.24 / 10.20 / 10.74); M = 2 D+S 8192x8192
+    // 15.72 / 14.90, 22016x4096 29.2 / 25.1; dense M = 4 / 8 at 8192x8192 15.02 / 14.57, 17.50 /
+    // 17.48, at 22016x4096 27.7 / 24.4, 30.0 / 27.9; M = 4 D+S (gather) 8192x8192 17.62 / 17.78,
+    // 22016x4096 32.1 / 30.4. Fewer, larger copies: a copy request costs the copy engine about the
+    // same whatever its size (~100 cycles, docs/squeezellm.md), so 1 KB copies capped the one-unit
+    // ring near 2.6 TB/s. (Those one-unit ring times include the proxy fence every refill needs; its
+    // earlier, faster times at de3dde9 came without it, and about half of its launches at K = 2080
+    // read a unit's rows from the slot's next copy: see fence_proxy_async_shared.)
+    // 3-bit, where a warp's codes of one row group are at most 3 units (K <= 4096): dense-only at
+    // M <= 2 at every N, otherwise where a block walks at least 4 row groups, never at M = 3-5 with
+    // outliers. Same process, H200, K = 4096, M = 1, register buffers / ring (with the fence), us:
+    // dense 4096 rows 4.70 / 4.10, 12288 11.76 / 11.58, 22016 21.03 / 18.68 (M = 2 / 4 / 8: 21.1 /
+    // 19.2, 21.2 / 20.4, 23.2 / 23.7); D+S 4096 4.86 / 4.70, 12288 12.36 / 13.18, 22016 22.2 / 21.0.
+    // (At K = 8192 the one-unit 3-bit ring was slower: D+S 8192x8192 15.3 against 13.5 us; two units
+    // per slot, 6 KB copies, slower still: 15.7 against 13.3.)
     // SQUEEZELM_LUT_RING=0 / 1 forces the register buffers / the ring (tuning, tests).
-    constexpr int RING = BITS == 4 ? 5 : 3;
     const int ring_env = env_int("SQUEEZELM_LUT_RING", -1);
+    const bool sparse = rp != nullptr;
     bool ring = ring_env != 0 && hopper_kernels_available();
     if (ring && ring_env < 0) {
-      int dev = 0;
-      cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
-      const bool sparse = rp != nullptr;
-      const bool short_groups = (U + GV_WARPS - 1) / GV_WARPS * (BITS == 4 ? 1 : 3) <= 4;
-      const bool many_groups = (N + 15) / 16 >= 4 * 2 * sm_count(dev);
-      const bool any_n = M <= 2 && (BITS == 4 ? sparse : !sparse);
-      ring = short_groups && (any_n || many_groups) && (M <= 2 || !sparse);
+      if constexpr (BITS == 4) {
+        ring = !sparse || M <= 2 || (M <= 5 && K <= 4096);
+      } else {
+        int dev = 0;
+        cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
+        const bool short_groups = (U + GV_WARPS - 1) / GV_WARPS <= 1;
+        const bool many_groups = (N + 15) / 16 >= 4 * 2 * sm_count(dev);
+        ring = short_groups && ((M <= 2 && !sparse) || many_groups) && (M <= 2 || !sparse);
+      }
     }
-    const bool osplit = M <= 2 && vec && rp != nullptr && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0;
-    if (osplit && ring)
-      launch_gemv<T, BITS, 1, P1, true, 2, 1, true, false, GV_WARPS, 0, RING>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
-    else if (osplit)
+    const bool osplit = M <= 2 && vec && sparse && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0;
+    if (ring && M <= 8 && vec && (osplit || !xt)) {
+      if constexpr (BITS == 4) {
+        if (env_int("SQUEEZELM_LUT_RING_UPS", 2) == 1) {
+          if (osplit)
+            launch_gemv<T, 4, 1, P1, true, 2, 1, true, false, GV_WARPS, 0, 5, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+          else
+            launch_gemv<T, 4, 1, P1, true, 2, 1, false, false, GV_WARPS, 0, 5, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+        } else if (osplit) {
+          launch_gemv<T, 4, 1, P1, true, 2, 1, true, false, GV_WARPS, 0, 2, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+        } else {
+          launch_gemv<T, 4, 1, P1, true, 2, 1, false, false, GV_WARPS, 0, 2, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+        }
+      } else if (osplit) {
+        launch_gemv<T, 3, 1, P1, true, 2, 1, true, false, GV_WARPS, 0, 3, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+      } else {
+        launch_gemv<T, 3, 1, P1, true, 2, 1, false, false, GV_WARPS, 0, 3, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+      }
+      return;
+    }
+    if (osplit)
       launch_gemv<T, BITS, 1, P1, true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
     else if (xt && M <= 8) launch_gemv_xt<T, BITS, 1, P1, 2, 1, GV_WARPS, 3>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, st);
     else if (xt && M <= 16) SQZ_GEMV_M16(true);
     else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
     else if (xt) SQZ_GEMV_XT(8, 1, 1, (BITS == 4 ? 2 : 1));
-    else if (M <= 8 && vec && ring)
-      launch_gemv<T, BITS, 1, P1, true, 2, 1, false, false, GV_WARPS, 0, RING>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
     else if (M <= 8 && vec) SQZ_GEMV(1, P1, true, 2, 1);
     else if (M <= 8) SQZ_GEMV(1, P1, false, 2, 1);
     else if (!vec) SQZ_GEMV(2, P1, false, 2, 1);
