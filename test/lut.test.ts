@@ -433,6 +433,21 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
       }
     }
   });
+  // M <= 2 with outliers (4-bit ring): each lane requests 2 or 4 of a row's entries before the main loop
+  // (SQUEEZELM_LUT_OSPLIT_DEPTH; the launch picks 4 where an average row holds more than 1.6 per lane).
+  // At 2% of K = 4128 a row holds ~83 entries, past either depth, so the entries after them are read too.
+  test(`4-bit outlier split: 2 and 4 entries per lane requested early (seed ${seed})`, async () => {
+    const r = rng(seed + 141);
+    for (const depth of ['2', '4']) {
+      process.env.SQUEEZELM_LUT_OSPLIT_DEPTH = depth;
+      try {
+        for (const [N, K] of [[16 * 600 + 5, 4096 + 32], [37, 256 + 32]])
+          await expectPackedMatchesCpu(N, K, 4, [1, 2], r, `depth=${depth} N=${N} K=${K}`);
+      } finally {
+        delete process.env.SQUEEZELM_LUT_OSPLIT_DEPTH;
+      }
+    }
+  });
   // A ring slot goes back to its next bulk copy only after the warp's reads of it (a proxy fence,
   // bulk_copy.cuh). Without one, about half of these launches (N = 9605, K = 2080: two to three row
   // groups per block, each warp's ring running a group ahead) read some unit's rows from the slot's next

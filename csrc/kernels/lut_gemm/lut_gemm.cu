@@ -349,7 +349,8 @@ __global__ void __launch_bounds__(W * 32, MINB)
   // (XPO > 0: a shallower depth the launch picks from the matrix's outliers per row: shallow_outliers.)
   constexpr int XP = XPO > 0 ? XPO : XSUB >= 16 ? 4 : XSUB >= 8 ? 6 : XSUB >= 4 ? 12 : XSUB >= 2 ? 8 : 2;
   static_assert(!XT || (NT % XUNITS == 0 && XSUB >= 1 && XSUB <= 32), "outlier work split");
-  constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? 2 : XT ? 1 : gemv_outr<MT, RT>();
+  // (OSPLIT: XPO > 0 sets the entries per lane and row requested before the main loop, default 2.)
+  constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? (XPO > 0 ? XPO : 2) : XT ? 1 : gemv_outr<MT, RT>();
   constexpr int OSTRIDE = OSPLIT ? 4 * W : W;
   extern __shared__ __align__(16) uint32_t smem[];
   unsigned char* tbl = reinterpret_cast<unsigned char*>(smem);  // [RT][E2][2][32] words
@@ -1350,7 +1351,17 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
           else
             launch_gemv<T, 4, 1, P1, true, 2, 1, false, false, GV_WARPS, 0, 5, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
         } else if (osplit) {
-          launch_gemv<T, 4, 1, P1, true, 2, 1, true, false, GV_WARPS, 0, 2, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+          // Each of a row's 32 lanes requests its first 2 entries before the main loop, or 4 where an
+          // average row holds more than 1.6 per lane (entries past them are read after the loop, a
+          // dependent pair of loads). Same process, H200, depth 2 / 4, us: 8192x28672 (4.0 per lane)
+          // M = 1 40.96 / 39.76, M = 2 42.47 / 41.70; at 1.2-1.6 per lane 8192x8192 14.27 / 14.42,
+          // 28672x8192 46.93 / 47.37, 4096x11008 10.18 / 10.14; K = 4096 (0.6 per lane) 22016 rows
+          // 24.09 / 24.57. SQUEEZELM_LUT_OSPLIT_DEPTH=2 / 4 forces one (tuning, tests).
+          const int depth = env_int("SQUEEZELM_LUT_OSPLIT_DEPTH", nnz * 5 > (int64_t)N * 32 * 2 * 4 ? 4 : 2);
+          if (depth == 4)
+            launch_gemv<T, 4, 1, P1, true, 2, 1, true, false, GV_WARPS, 4, 2, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+          else
+            launch_gemv<T, 4, 1, P1, true, 2, 1, true, false, GV_WARPS, 0, 2, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
         } else {
           launch_gemv<T, 4, 1, P1, true, 2, 1, false, false, GV_WARPS, 0, 2, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
         }
