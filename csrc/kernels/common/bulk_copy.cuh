@@ -108,9 +108,10 @@ __device__ __forceinline__ uint4 ld_ring_v4(uint32_t addr) {
 }
 
 // Orders this thread's earlier shared-memory accesses (and, after a __syncwarp or barrier, those of
-// the threads it synchronised with) before its later bulk copies, which write through the async
-// proxy. A slot that threads have read with ld.shared is handed to its next copy only after it:
-// without it the copy may land before those reads have returned. (The LUT GEMV's code ring once
+// the threads it synchronised with) before its later async-proxy accesses: bulk copies that write a
+// slot, wgmma reading operands that cp.async or st.shared wrote (gemm_wgmma.cuh). A slot that threads
+// have read with ld.shared is handed to its next copy only after it: without it the copy may land
+// before those reads have returned. (The LUT GEMV's code ring once
 // relied on a warp vote over the loaded words instead; ptxas dropped the vote, whose result was
 // unused, the refill overtook the reads, and ~half of the launches at K = 2080 read some unit's
 // rows from the next copy, H200.)

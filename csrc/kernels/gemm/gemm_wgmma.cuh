@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "../common/bulk_copy.cuh"
 
 namespace sqz::cuda::gemm_detail {
 
@@ -52,7 +53,6 @@ __device__ __forceinline__ uint64_t desc(uint32_t addr) {
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
-__device__ __forceinline__ void proxy_fence() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 __device__ __forceinline__ void wgmma_m64n128k16_f16(float* d, uint64_t da, uint64_t db) {
   asm volatile(
@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(wg::kWThreads, MINB)
 
   for (int kt = 0; kt < KT; ++kt) {
     cp_async_wait<kAhead - 1>();
-    proxy_fence();
+    fence_proxy_async_shared();
     __syncthreads();
     {
       const int nk = kt + kAhead;

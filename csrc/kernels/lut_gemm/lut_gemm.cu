@@ -1344,32 +1344,33 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     }
     const bool osplit = M <= 2 && vec && sparse && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0;
     if (ring && M <= 8 && vec && (osplit || !xt)) {
+      // (outlier split, its entry depth (0: 2), slots per warp, units per slot)
+#define SQZ_GEMV_RING(OSPLIT, XPO, RING, UPS) \
+  launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
       if constexpr (BITS == 4) {
+        // Each of a row's 32 lanes requests its first 2 entries before the main loop, or 4 where an
+        // average row holds more than 1.6 per lane (entries past them are read after the loop, a
+        // dependent pair of loads). Same process, H200, depth 2 / 4, us: 8192x28672 (4.0 per lane)
+        // M = 1 40.96 / 39.76, M = 2 42.47 / 41.70; at 1.2-1.6 per lane 8192x8192 14.27 / 14.42,
+        // 28672x8192 46.93 / 47.37, 4096x11008 10.18 / 10.14; K = 4096 (0.6 per lane) 22016 rows
+        // 24.09 / 24.57. SQUEEZELM_LUT_OSPLIT_DEPTH=2 / 4 forces one (tuning, tests).
+        const bool deep = osplit && env_int("SQUEEZELM_LUT_OSPLIT_DEPTH", nnz * 5 > (int64_t)N * 32 * 2 * 4 ? 4 : 2) == 4;
         if (env_int("SQUEEZELM_LUT_RING_UPS", 2) == 1) {
-          if (osplit)
-            launch_gemv<T, 4, 1, P1, true, 2, 1, true, false, GV_WARPS, 0, 5, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
-          else
-            launch_gemv<T, 4, 1, P1, true, 2, 1, false, false, GV_WARPS, 0, 5, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+          if (osplit) SQZ_GEMV_RING(true, 0, 5, 1);
+          else SQZ_GEMV_RING(false, 0, 5, 1);
+        } else if (deep) {
+          SQZ_GEMV_RING(true, 4, 2, 2);
         } else if (osplit) {
-          // Each of a row's 32 lanes requests its first 2 entries before the main loop, or 4 where an
-          // average row holds more than 1.6 per lane (entries past them are read after the loop, a
-          // dependent pair of loads). Same process, H200, depth 2 / 4, us: 8192x28672 (4.0 per lane)
-          // M = 1 40.96 / 39.76, M = 2 42.47 / 41.70; at 1.2-1.6 per lane 8192x8192 14.27 / 14.42,
-          // 28672x8192 46.93 / 47.37, 4096x11008 10.18 / 10.14; K = 4096 (0.6 per lane) 22016 rows
-          // 24.09 / 24.57. SQUEEZELM_LUT_OSPLIT_DEPTH=2 / 4 forces one (tuning, tests).
-          const int depth = env_int("SQUEEZELM_LUT_OSPLIT_DEPTH", nnz * 5 > (int64_t)N * 32 * 2 * 4 ? 4 : 2);
-          if (depth == 4)
-            launch_gemv<T, 4, 1, P1, true, 2, 1, true, false, GV_WARPS, 4, 2, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
-          else
-            launch_gemv<T, 4, 1, P1, true, 2, 1, true, false, GV_WARPS, 0, 2, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+          SQZ_GEMV_RING(true, 0, 2, 2);
         } else {
-          launch_gemv<T, 4, 1, P1, true, 2, 1, false, false, GV_WARPS, 0, 2, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+          SQZ_GEMV_RING(false, 0, 2, 2);
         }
       } else if (osplit) {
-        launch_gemv<T, 3, 1, P1, true, 2, 1, true, false, GV_WARPS, 0, 3, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+        SQZ_GEMV_RING(true, 0, 3, 1);
       } else {
-        launch_gemv<T, 3, 1, P1, true, 2, 1, false, false, GV_WARPS, 0, 3, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
+        SQZ_GEMV_RING(false, 0, 3, 1);
       }
+#undef SQZ_GEMV_RING
       return;
     }
     if (osplit)
