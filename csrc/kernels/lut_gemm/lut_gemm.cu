@@ -878,8 +878,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
   }
 }
 
-#include "gemv_reglut.cuh"
-
 // ---- GEMM (prefill) ----
 // 128x128 output tile per block, 32 k per stage, PST stages of activations and raw codes in flight
 // through cp.async; each stage's codes are dequantized (plus that stage's outliers) into a
@@ -1288,16 +1286,6 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
   if (M <= 16 || (vec && M <= 64)) {
     const uint4* q4 = codes.ptr<uint4>();
     const void* lp = lut.data();
-    if constexpr (BITS == 4) {
-      // The register-table kernel (gemv_reglut.cuh). SQUEEZELM_LUT_REGLUT=0 / 1 forces it off / on;
-      // SQUEEZELM_LUT_REGLUT_P=3: three code buffers per warp instead of two (tuning).
-      const int rl = env_int("SQUEEZELM_LUT_REGLUT", 0);
-      if (rl > 0 && M <= 8 && vec) {
-        if (env_int("SQUEEZELM_LUT_REGLUT_P", 2) == 3) launch_gemv_reglut<T, 3>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
-        else launch_gemv_reglut<T, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
-        return;
-      }
-    }
     constexpr int P1 = 2;                  // unit buffers per warp (P - 1 in flight), 1 block of 16 rows
 #define SQZ_GEMV(MT, P, XV, MINB, RT) \
   launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
