@@ -464,12 +464,12 @@ __global__ void __launch_bounds__(W * 32, MINB)
   uint32_t r_par = 0;      // its phase parity
   int i_slot = 0, i_grp = blockIdx.x, i_u = warp;  // next unit to request: slot, group, unit
   uint64_t r_pol = 0;
-  auto ring_issue = [&]() {  // i_u: the next run of UPS units
+  auto ring_issue = [&](bool refill) {  // i_u: the next run of UPS units
     if (i_grp < groups && i_u < RUNS) {
       if (lane == 0) {
         // the warp's reads of this slot (ordered before this by the caller's __syncwarp) come
-        // before the copy that overwrites it
-        fence_proxy_async_shared();
+        // before the copy that overwrites it; a slot's first fill follows no read
+        if (refill) fence_proxy_async_shared();
         const uint32_t bar = bar_s + 8u * (uint32_t)i_slot;
         const int u0 = UPS * i_u, nu = U - u0 < UPS ? U - u0 : UPS;
         const uint32_t bytes = (uint32_t)nu * USZ;
@@ -502,7 +502,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
     set_group(grp);
     if constexpr (RING > 0) {
 #pragma unroll
-      for (int i = 0; i < RING; ++i) ring_issue();
+      for (int i = 0; i < RING; ++i) ring_issue(false);
     } else {
       prefetch();
     }
@@ -649,7 +649,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
         // The slot goes to its next copy once every lane's reads of it are done: __syncwarp orders
         // them before lane 0's proxy fence in ring_issue (bulk_copy.cuh says what went wrong without).
         __syncwarp();
-        ring_issue();
+        ring_issue(true);
         if (++r_slot == RING) {
           r_slot = 0;
           r_par ^= 1u;
@@ -1321,8 +1321,8 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // earlier, faster times at de3dde9 came without it, and about half of its launches at K = 2080
     // read a unit's rows from the slot's next copy: see fence_proxy_async_shared.)
     // 3-bit, where a warp's codes of one row group are at most 3 units (K <= 4096): dense-only at
-    // M <= 2 at every N, otherwise where a block walks at least 4 row groups, never at M = 3-5 with
-    // outliers. Same process, H200, K = 4096, M = 1, register buffers / ring (with the fence), us:
+    // M <= 2 at every N, with outliers at M <= 2 where each block takes one row group, otherwise where
+    // a block walks at least 4 row groups, never at M = 3-5 with outliers. Same process, H200, K = 4096, M = 1, register buffers / ring (with the fence), us:
     // dense 4096 rows 4.70 / 4.10, 12288 11.76 / 11.58, 22016 21.03 / 18.68 (M = 2 / 4 / 8: 21.1 /
     // 19.2, 21.2 / 20.4, 23.2 / 23.7); D+S 4096 4.86 / 4.70, 12288 12.36 / 13.18, 22016 22.2 / 21.0.
     // (At K = 8192 the one-unit 3-bit ring was slower: D+S 8192x8192 15.3 against 13.5 us; two units
@@ -1339,7 +1339,8 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
         cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
         const bool short_groups = (U + GV_WARPS - 1) / GV_WARPS <= 1;
         const bool many_groups = (N + 15) / 16 >= 4 * 2 * sm_count(dev);
-        ring = short_groups && ((M <= 2 && !sparse) || many_groups) && (M <= 2 || !sparse);
+        const bool one_group = (N + 15) / 16 <= 2 * sm_count(dev);  // a row group per block (2 per SM)
+        ring = short_groups && ((M <= 2 && (!sparse || one_group)) || many_groups) && (M <= 2 || !sparse);
       }
     }
     const bool osplit = M <= 2 && vec && sparse && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0;
