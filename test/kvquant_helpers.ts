@@ -123,7 +123,9 @@ export function oracleRoundTrip(s: Setup, k: Float32Array, v: Float32Array, h: n
   const ko = new Float32Array(D), vo = new Float32Array(D);
   const xs = Array.from(k, (x, c) => normalize(x, lo[h * D + c], hi[h * D + c]));
   for (let c = 0; c < D; c++) ko[c] = dequant(lo[h * D + c], hi[h * D + c], kcb[nearest(xs[c], kcb)]);
-  for (const c of topN(xs.map(Math.abs), nk)) ko[c] = k[c];
+  // key outlier slots: the channels that lose most in their code, in the key's own units
+  const loss = Array.from(k, (x, c) => Math.abs(f(x - ko[c])));
+  for (const c of topN(loss, nk)) ko[c] = k[c];
   const vout = topN(Array.from(v, Math.abs), nv);
   let mn = Infinity, mx = -Infinity;
   for (let c = 0; c < D; c++) if (!vout.includes(c)) { mn = Math.min(mn, v[c]); mx = Math.max(mx, v[c]); }

@@ -200,9 +200,10 @@ void append_rows(const Cache& c, const Calib& cal, const Rows& src, const Tensor
         const float* lo = klo + h * D;
         const float* hi = khi + h * D;
         for (int i = 0; i < D; ++i) {
-          float x = kvq::normalize(kx[i], lo[i], hi[i]);
-          score[i] = std::fabs(x);
-          codes[kvq::key_element(i, (int)D)] = kvq::nearest_code(x, kcb, ncb);
+          const float x = kvq::normalize(kx[i], lo[i], hi[i]);
+          const int code = kvq::nearest_code(x, kcb, ncb);
+          score[i] = kvq::key_loss(kx[i], lo[i], hi[i], kvq::book_entry(kcb[code]));
+          codes[kvq::key_element(i, (int)D)] = code;
         }
         top_n(score.data(), (int)D, c.nk, kidx.data(), chosen);
       }

@@ -253,8 +253,9 @@ __global__ void __launch_bounds__(kThreads) append_kernel(Geo g, Src<T> src) {
   const float* hi = g.key_hi + (long long)h * D;
   for (int i = tid; i < D; i += blockDim.x) {
     const float x = kvq::normalize(kx[i], lo[i], hi[i]);
-    score[i] = fabsf(x);
-    codes[kvq::key_element(i, D)] = (uint8_t)kvq::nearest_code(x, g.key_cb, ncb);
+    const int c = kvq::nearest_code(x, g.key_cb, ncb);
+    score[i] = kvq::key_loss(kx[i], lo[i], hi[i], kvq::book_entry(g.key_cb[c]));
+    codes[kvq::key_element(i, D)] = (uint8_t)c;
   }
   __syncthreads();
   for (int r = 0; r < g.nk; ++r) {
