@@ -1321,10 +1321,12 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // earlier, faster times at de3dde9 came without it, and about half of its launches at K = 2080
     // read a unit's rows from the slot's next copy: see fence_proxy_async_shared.)
     // 3-bit, where a warp's codes of one row group are at most 3 units (K <= 4096): dense-only at
-    // M <= 2 at every N, with outliers at M <= 2 where each block takes one row group, otherwise where
-    // a block walks at least 4 row groups, never at M = 3-5 with outliers. Same process, H200, K = 4096, M = 1, register buffers / ring (with the fence), us:
-    // dense 4096 rows 4.70 / 4.10, 12288 11.76 / 11.58, 22016 21.03 / 18.68 (M = 2 / 4 / 8: 21.1 /
-    // 19.2, 21.2 / 20.4, 23.2 / 23.7); D+S 4096 4.86 / 4.70, 12288 12.36 / 13.18, 22016 22.2 / 21.0.
+    // M <= 2 at every N, with outliers at M <= 2 where each block takes one row group, otherwise
+    // where a block walks at least 4 row groups, never at M = 3-5 with outliers. Same process, H200,
+    // K = 4096, M = 1, register buffers / ring (with the fence), us: dense 4096 rows 4.70 / 4.10,
+    // 12288 11.76 / 11.58, 22016 21.03 / 18.68 (M = 2 / 4 / 8: 21.1 / 19.2, 21.2 / 20.4, 23.2 /
+    // 23.7); D+S 4096 4.86 / 4.70, 12288 12.36 / 13.18, 22016 22.2 / 21.0 (and at 559e0de: D+S
+    // 4096x4096 M = 1 4.87 / 4.70, M = 2 4.92 / 4.82; 8192x8192 13.52 / 15.40).
     // (At K = 8192 the one-unit 3-bit ring was slower: D+S 8192x8192 15.3 against 13.5 us; two units
     // per slot, 6 KB copies, slower still: 15.7 against 13.3.)
     // SQUEEZELM_LUT_RING=0 / 1 forces the register buffers / the ring (tuning, tests).
