@@ -106,19 +106,12 @@ KVQ_HD float dequant(float lo, float hi, float c) {
   return lo + (hi - lo) * (0.5f * (c + 1.f));
 #endif
 }
-// How much a key element loses in its code: |k - dequant(code)| in the key's own units, rounded the
-// same way on host and device. The per-channel key outlier slots go to the largest (an element
-// outside the calibrated bounds loses its distance to the clamped end entry). Ranking by the
-// normalised magnitude |x| instead treated a narrow channel's error like a wide one's; on
-// pycoder-mini, windows 17-32, it gave 2/3/4-bit perplexity +18.65% / +3.81% / +0.98% over the
-// unquantized cache, against +16.08% / +3.27% / +0.82% this way (docs/kvquant.md).
-KVQ_HD float key_loss(float k, float lo, float hi, float entry) {
-#ifdef __CUDA_ARCH__
-  return fabsf(__fsub_rn(k, dequant(lo, hi, entry)));
-#else
-  return fabsf(k - dequant(lo, hi, entry));
-#endif
-}
+// How much a key element loses in its code, |k - dequant(code)| in the key's own units (dequant
+// rounds alike on host and device, and a lone subtraction has nothing to fuse with). The per-channel
+// key outlier slots go to the largest; an element outside the calibrated bounds loses its distance
+// to the clamped end entry. (Ranking by the normalised |x| treated a narrow channel's error like a
+// wide one's: docs/kvquant.md has the perplexities.)
+KVQ_HD float key_loss(float k, float lo, float hi, float entry) { return fabsf(k - dequant(lo, hi, entry)); }
 // Code of element e of a packed LSB-first stream of `bits`-bit codes.
 KVQ_HD int get_code(const uint8_t* row, int e, int bits) {
   int bit = e * bits, byte = bit >> 3, sh = bit & 7;

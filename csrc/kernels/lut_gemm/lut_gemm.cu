@@ -1340,8 +1340,9 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
         int dev = 0;
         cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
         const bool short_groups = (U + GV_WARPS - 1) / GV_WARPS <= 1;
-        const bool many_groups = (N + 15) / 16 >= 4 * 2 * sm_count(dev);
-        const bool one_group = (N + 15) / 16 <= 2 * sm_count(dev);  // a row group per block (2 per SM)
+        // row groups against the ring kernel's resident blocks (2 per SM)
+        const int groups = (N + 15) / 16, slots = 2 * sm_count(dev);
+        const bool many_groups = groups >= 4 * slots, one_group = groups <= slots;
         ring = short_groups && ((M <= 2 && (!sparse || one_group)) || many_groups) && (M <= 2 || !sparse);
       }
     }
