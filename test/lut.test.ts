@@ -575,4 +575,44 @@ describe('quantizeModel', () => {
     orig.close();
     fs.rmSync(out, { recursive: true });
   });
+
+  test('an interrupted run resumes from the linears it finished, with the same result', async () => {
+    const src = path.join(__dirname, 'fixtures', 'tiny-llama-gqa');
+    const { quantizeModel, PARTIAL_DIR } = await import('../ts/quant/squeezellm');
+    const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-qr-'));
+    const opts = { bits: 4, outliers: 0.005, iters: 10 } as const;
+    const whole = path.join(tmp, 'whole'), out = path.join(tmp, 'out');
+    await quantizeModel(src, { ...opts, out: whole });
+    // interrupted after 5 of the 28 linears
+    const stop = (n: number) => (done: number) => { if (done === n) throw new Error('interrupted'); };
+    await expect(quantizeModel(src, { ...opts, out, onProgress: stop(5) })).rejects.toThrow('interrupted');
+    expect(fs.existsSync(path.join(out, 'model.safetensors'))).toBe(false);
+    const kept = fs.readdirSync(path.join(out, PARTIAL_DIR)).filter((f) => f.endsWith('.safetensors'));
+    expect(kept).toHaveLength(5);
+    // a half-written file of the next linear does not count
+    fs.writeFileSync(path.join(out, PARTIAL_DIR, 'model.layers.0.mlp.up_proj.safetensors.tmp'), 'partial');
+    const resumed: boolean[] = [];
+    const restarts: string[] = [];
+    const r = await quantizeModel(src, { ...opts, out, onProgress: (_d, _t, _n, fromEarlier) => resumed.push(fromEarlier), onRestart: (w) => restarts.push(w) });
+    expect(r.linears).toBe(28);
+    expect(restarts).toEqual([]);
+    expect(resumed.filter((x) => x)).toHaveLength(5);
+    expect(resumed.slice(0, 5).every((x) => x)).toBe(true);
+    expect(fs.existsSync(path.join(out, PARTIAL_DIR))).toBe(false);
+    expect(Buffer.compare(fs.readFileSync(path.join(out, 'model.safetensors')), fs.readFileSync(path.join(whole, 'model.safetensors')))).toBe(0);
+    expect(fs.readFileSync(path.join(out, 'config.json'), 'utf8')).toBe(fs.readFileSync(path.join(whole, 'config.json'), 'utf8'));
+    // other settings, or resume off: the earlier linears are discarded, not mixed in
+    for (const [o, why] of [[{ bits: 3 }, /differ/], [{ resume: false }, /resume is off/]] as const) {
+      await expect(quantizeModel(src, { ...opts, out, onProgress: stop(3) })).rejects.toThrow('interrupted');
+      const flags: boolean[] = [];
+      const reasons: string[] = [];
+      await expect(quantizeModel(src, { ...opts, ...o, out, onProgress: (d, _t, _n, fromEarlier) => { flags.push(fromEarlier); stop(2)(d); },
+        onRestart: (w) => reasons.push(w) })).rejects.toThrow('interrupted');
+      expect(flags).toEqual([false, false]);
+      expect(reasons).toHaveLength(1);
+      expect(reasons[0]).toMatch(why);
+      fs.rmSync(out, { recursive: true });
+    }
+    fs.rmSync(tmp, { recursive: true });
+  });
 });

@@ -21,14 +21,16 @@ usage:
       streams the continuation of TEXT to stdout (the prompt is not echoed)
   squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT]
                      [--calib FILE [--calib-windows N] [--calib-power P]] [--gptq [--gptq-rounds R] [--damp D]]
-                     [--outlier-score weight|error] [--fisher FILE] [--rtn] [--device cpu|cuda]
+                     [--outlier-score weight|error] [--fisher FILE] [--rtn] [--device cpu|cuda] [--no-resume]
       SqueezeLLM dense-and-sparse weights: per-row weighted k-means tables; --outliers PCT
       (default 0.45) and --sensitive PCT (default 0.05, with --calib or --fisher) are the
       percentages of each matrix kept exact; --calib FILE ('ids' [windows, length]) weighs
       the k-means by the mean squared input per channel (all windows unless --calib-windows);
       --gptq (needs --calib) adds error compensation with table refits under E[x xT]
       (R rounds, default 3; damping D x mean diagonal, default 0.01); --outlier-score error
-      picks the sensitive outliers by their error after a first fit; --rtn: uniform baseline
+      picks the sensitive outliers by their error after a first fit; --rtn: uniform baseline.
+      Each finished linear is kept in OUT/.squeezelm-partial until the model is written: run the
+      same command again after an interruption and it goes on from there (--no-resume: start over)
   squeezelm convert FILE.pt --model DIR --out DIR (upstream SqueezeLLM checkpoint)
   squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2|3|4 --out FILE [--outliers PCT]
                 [--key-clip PCT] [--sink N] [--windows N] [--no-sensitivity] [--key-per-token] [--post-rope] [--uniform]

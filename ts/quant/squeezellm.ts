@@ -9,6 +9,7 @@
  * optional `<p>.rows` i32 [N+1], `<p>.cols` i32 [nnz], `<p>.vals` [nnz] (weight minus that row's
  * centroid nearest zero).
  */
+import * as crypto from 'crypto';
 import * as fs from 'fs';
 import * as path from 'path';
 import { SqueezeError } from '../errors';
@@ -629,8 +630,20 @@ export interface QuantizeModelOptions {
   iters?: number;
   /** Where k-means runs: 'cpu' (default) or 'cuda' / 'cuda:N'. */
   device?: string;
-  onProgress?: (done: number, total: number, name: string) => void;
+  /**
+   * Reuse the linears an interrupted run with the same source and settings finished (default
+   * true): each finished linear is kept in `<out>/.squeezelm-partial/` until the model is written.
+   * false: start over (what an earlier run left there is discarded).
+   */
+  resume?: boolean;
+  /** After each linear; `resumed`: taken from an interrupted run instead of quantized again. */
+  onProgress?: (done: number, total: number, name: string, resumed: boolean) => void;
+  /** Why the partial results of an earlier run were discarded (settings or source changed). */
+  onRestart?: (reason: string) => void;
 }
+
+/** Where quantizeModel keeps each finished linear of a run in progress, inside the output folder. */
+export const PARTIAL_DIR = '.squeezelm-partial';
 
 const LINEARS = ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj',
   'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj'];
@@ -652,6 +665,14 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
   const outShare = o.outliers ?? 0.0045, sensShare = o.sensitive ?? 0.0005;
   const tensors: Record<string, WriteTensor> = {};
   let linears = 0, nnz = 0, total = 0;
+  let partial: PartialStore;
+  try {
+    partial = PartialStore.open(path.join(o.out, PARTIAL_DIR), runFingerprint(dir, o, outShare, sensShare), o.resume !== false, o.onRestart);
+  } catch (e) {
+    ck.close();
+    fisher?.close();
+    throw e;
+  }
   // q, k, v share one input and so one factor; a factor is dropped after the last linear that reads
   // it, so only the current layer's factors (and the f32 copies the refit makes of them) stay alive.
   const factors = new Map<Float64Array, GptqFactor>();
@@ -670,14 +691,30 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
         tensors[name] = { dtype: r.dtype, shape: r.shape, data: r.data };
         continue;
       }
+      const [N, K] = ck.entry(name).shape;
+      const h = o.rtn ? undefined : o.cov?.get(prefix);
+      const dropFactor = (): void => {  // after the last linear that reads this input
+        if (!h) return;
+        const left = usesLeft.get(h)! - 1;
+        usesLeft.set(h, left);
+        if (left === 0) factors.delete(h);
+      };
+      const kept = partial.read(prefix);
+      if (kept) {
+        Object.assign(tensors, kept.tensors);
+        dropFactor();
+        linears++;
+        nnz += kept.nnz;
+        total += N * K;
+        o.onProgress?.(linears, targets.length, prefix, true);
+        continue;
+      }
       const r = ck.read(name);
-      const [N, K] = r.shape;
       const w = floatsOf(name, r);
       let sens: Float32Array | undefined;
       if (fisher && fisher.has(name)) sens = fisher.readFloat32(name);
       else if (o.calib?.has(prefix)) sens = o.calib.get(prefix);
       let gptq: GptqFactor | undefined;
-      const h = o.rtn ? undefined : o.cov?.get(prefix);
       if (h) {
         gptq = factors.get(h) ?? gptqFactor(h, K, o.damp ?? 0.01);
         factors.set(h, gptq);
@@ -687,16 +724,14 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
           bits, outliers: outShare, sensitive: sens ? sensShare : 0, sens, gptq, gptqRounds: o.gptqRounds, outlierScore: o.outlierScore,
           iters: o.iters, device: o.device,
         });
-      if (h) {
-        const left = usesLeft.get(h)! - 1;
-        usesLeft.set(h, left);
-        if (left === 0) factors.delete(h);
-      }
-      Object.assign(tensors, squeezeTensors(prefix, l));
+      dropFactor();
+      const t = squeezeTensors(prefix, l);
+      partial.write(prefix, t);
+      Object.assign(tensors, t);
       linears++;
       nnz += l.cols?.length ?? 0;
       total += N * K;
-      o.onProgress?.(linears, targets.length, prefix);
+      o.onProgress?.(linears, targets.length, prefix, false);
     }
   } finally {
     ck.close();
@@ -718,22 +753,111 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
   for (const f of fs.readdirSync(dir))
     if (/^(tokenizer.*|special_tokens_map\.json|generation_config\.json|.*\.model)$/.test(f))
       fs.copyFileSync(path.join(dir, f), path.join(o.out, f));
+  partial.remove();  // the model is complete
   return { linears, outliers: nnz };
+}
+
+/**
+ * What decides a quantization's result: the source checkpoint (file names, sizes and modification
+ * times), every setting, and digests of the Fisher file and of the calibration statistics handed in.
+ * A run resumes an interrupted one only when this is the same.
+ */
+function runFingerprint(dir: string, o: QuantizeModelOptions, outShare: number, sensShare: number): string {
+  const stamp = (f: string): unknown => {
+    const st = fs.statSync(f);
+    return [path.basename(f), st.size, Math.round(st.mtimeMs)];
+  };
+  const source = fs.readdirSync(dir).filter((f) => /\.safetensors$|^config\.json$|\.index\.json$/.test(f)).sort()
+    .map((f) => stamp(path.join(dir, f)));
+  const digest = (m?: Map<string, Float32Array | Float64Array>): string | null => {
+    if (!m) return null;
+    const h = crypto.createHash('sha256');
+    for (const k of [...m.keys()].sort()) {
+      const a = m.get(k)!;
+      h.update(k).update(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
+    }
+    return h.digest('hex');
+  };
+  return JSON.stringify({
+    format: 1, source: path.resolve(dir), files: source, bits: o.bits, outliers: outShare, sensitive: sensShare,
+    fisher: o.fisher ? [path.resolve(o.fisher), stamp(o.fisher)] : null, calib: digest(o.calib), cov: digest(o.cov),
+    damp: o.damp ?? 0.01, gptqRounds: o.gptqRounds ?? 3, outlierScore: o.outlierScore ?? 'weight', rtn: !!o.rtn, iters: o.iters ?? null,
+  });
+}
+
+/**
+ * The finished linears of a run in progress: one safetensors file per linear beside a manifest
+ * holding the run's fingerprint, each written to a temporary name and renamed, so an interrupted
+ * write leaves no file that reads as finished.
+ */
+class PartialStore {
+  private constructor(private readonly dir: string, private readonly done: Set<string>) {}
+
+  static open(dir: string, fingerprint: string, resume: boolean, onRestart?: (reason: string) => void): PartialStore {
+    const manifest = path.join(dir, 'manifest.json');
+    const done = new Set<string>();
+    if (fs.existsSync(manifest)) {
+      const same = resume && fs.readFileSync(manifest, 'utf8') === fingerprint;
+      if (same) {
+        for (const f of fs.readdirSync(dir)) if (f.endsWith('.safetensors')) done.add(f.slice(0, -'.safetensors'.length));
+      } else {
+        onRestart?.(resume ? 'the source or the settings differ from the interrupted run' : 'resume is off');
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
+    }
+    fs.mkdirSync(dir, { recursive: true });
+    if (done.size === 0) writeAtomic(manifest, fingerprint);
+    return new PartialStore(dir, done);
+  }
+
+  /** The tensors of a linear an earlier run finished, or undefined. */
+  read(prefix: string): { tensors: Record<string, WriteTensor>; nnz: number } | undefined {
+    if (!this.done.has(prefix)) return undefined;
+    const f = SafetensorsFile.open(path.join(this.dir, `${prefix}.safetensors`));
+    try {
+      const tensors: Record<string, WriteTensor> = {};
+      for (const n of f.names()) {
+        if (!n.startsWith(`${prefix}.`)) throw new SqueezeError('ERR_FORMAT', `${PARTIAL_DIR}/${prefix}.safetensors holds '${n}'`);
+        tensors[n] = f.read(n);
+      }
+      if (!tensors[`${prefix}.qweight`]) throw new SqueezeError('ERR_FORMAT', `${PARTIAL_DIR}/${prefix}.safetensors has no qweight`);
+      const cols = tensors[`${prefix}.cols`];
+      return { tensors, nnz: cols ? cols.shape[0] : 0 };
+    } finally {
+      f.close();
+    }
+  }
+
+  write(prefix: string, tensors: Record<string, WriteTensor>): void {
+    const file = path.join(this.dir, `${prefix}.safetensors`);
+    writeSafetensors(`${file}.tmp`, tensors);
+    fs.renameSync(`${file}.tmp`, file);
+  }
+
+  remove(): void {
+    fs.rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+function writeAtomic(file: string, text: string): void {
+  fs.writeFileSync(`${file}.tmp`, text);
+  fs.renameSync(`${file}.tmp`, file);
 }
 
 /**
  * `squeezelm quantize (--model DIR | DIR) --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT]
  * [--calib FILE [--calib-windows N] [--calib-power P]] [--gptq [--gptq-rounds R] [--damp D]]
- * [--outlier-score weight|error] [--fisher FILE] [--rtn] [--device cpu|cuda]`. Outlier shares
- * are percentages of each matrix (0.45 = 0.45%); --calib gathers the activation sensitivity
- * (every window of FILE unless --calib-windows), --gptq also E[x xᵀ] for error compensation.
+ * [--outlier-score weight|error] [--fisher FILE] [--rtn] [--device cpu|cuda] [--no-resume]`. Outlier
+ * shares are percentages of each matrix (0.45 = 0.45%); --calib gathers the activation sensitivity
+ * (every window of FILE unless --calib-windows), --gptq also E[x xᵀ] for error compensation. An
+ * interrupted run is resumed from the linears it finished (same model and settings) unless --no-resume.
  */
 export async function quantizeCommand(argv: string[]): Promise<void> {
   const pos: string[] = [];
   const opt: Record<string, string> = {};
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
-    if (a === '--rtn' || a === '--gptq') opt[a.slice(2)] = '1';
+    if (a === '--rtn' || a === '--gptq' || a === '--no-resume') opt[a.slice(2)] = '1';
     else if (a.startsWith('--')) {
       const eq = a.indexOf('=');
       if (eq > 0) opt[a.slice(2, eq)] = a.slice(eq + 1);
@@ -742,9 +866,9 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
   }
   if (opt.model !== undefined) pos.push(opt.model);
   if (pos.length !== 1 || !opt.out)
-    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers pct] [--sensitive pct] [--calib file [--calib-windows n] [--calib-power p]] [--gptq [--gptq-rounds r] [--damp d]] [--outlier-score weight|error] [--fisher file] [--rtn] [--device cpu|cuda]');
+    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers pct] [--sensitive pct] [--calib file [--calib-windows n] [--calib-power p]] [--gptq [--gptq-rounds r] [--damp d]] [--outlier-score weight|error] [--fisher file] [--rtn] [--device cpu|cuda] [--no-resume]');
   const known = ['model', 'out', 'bits', 'outliers', 'sensitive', 'calib', 'calib-windows', 'calib-power', 'gptq',
-    'gptq-rounds', 'damp', 'outlier-score', 'fisher', 'rtn', 'iters', 'device'];
+    'gptq-rounds', 'damp', 'outlier-score', 'fisher', 'rtn', 'iters', 'device', 'no-resume'];
   for (const k of Object.keys(opt)) if (!known.includes(k)) throw new SqueezeError('ERR_ARG', `quantize: unknown option --${k}`);
   const num = (k: string, d: number) => {
     if (opt[k] === undefined) return d;
@@ -768,9 +892,29 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
     bits: num('bits', 4), outliers: num('outliers', 0.45) / 100, sensitive: num('sensitive', 0.05) / 100,
     fisher: opt.fisher, calib, cov, damp: num('damp', 0.01), gptqRounds: Math.floor(num('gptq-rounds', 3)),
     outlierScore: score, rtn: opt.rtn === '1', out: opt.out, iters: num('iters', 30), device: opt.device,
-    onProgress: (d, t, n) => process.stderr.write(`\r[${d}/${t}] ${n}`.padEnd(60)),
+    resume: opt['no-resume'] !== '1',
+    onRestart: (why) => process.stderr.write(`quantize: starting over (${why})\n`),
+    onProgress: progressBar(Date.now()),
   });
   process.stderr.write(`\nquantized ${r.linears} linears (${r.outliers} outliers) in ${((Date.now() - t0) / 1000).toFixed(1)} s -> ${opt.out}\n`);
+}
+
+/**
+ * A one-line progress bar on stderr: linears done, elapsed time, and the time left estimated from
+ * the linears quantized in this run (those taken from an interrupted run cost nothing).
+ */
+function progressBar(t0: number): (done: number, total: number, name: string, resumed: boolean) => void {
+  let resumed = 0;
+  const fmt = (s: number): string => (s >= 90 ? `${Math.floor(s / 60)}m${String(Math.round(s % 60)).padStart(2, '0')}s` : `${s.toFixed(0)}s`);
+  return (done, total, name, fromEarlier) => {
+    if (fromEarlier) resumed++;
+    const width = 24, fill = Math.round((width * done) / total);
+    const elapsed = (Date.now() - t0) / 1000, ran = done - resumed;
+    const left = ran > 0 ? (elapsed / ran) * (total - done) : NaN;
+    const eta = Number.isFinite(left) ? ` ~${fmt(left)} left` : '';
+    const note = resumed ? ` (${resumed} from the interrupted run)` : '';
+    process.stderr.write(`\r[${'#'.repeat(fill)}${'.'.repeat(width - fill)}] ${done}/${total} ${fmt(elapsed)}${eta}${note} ${name}`.padEnd(110));
+  };
 }
 
 // ---------------------------------------------------------------- decoder hooks
