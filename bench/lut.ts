@@ -2,7 +2,9 @@
  * SqueezeLLM LUT GEMV/GEMM suite (lutMatmulPacked): 3/4-bit dense-and-sparse (0.45% outliers)
  * and dense-only, against our fp16 matmul and cuBLAS in the same run.
  * Cases: M = 1 at five LLaMA shapes and the two K = 4096 fused projections of LLaMA-2-7B decode;
- * M = 16 at those two projections; M = 2/4/8/16/64 and a prefill M at 8192x8192.
+ * M = 16 at those two projections; M = 2/4/8/16/64 and prefill Ms at 8192x8192 and at the decode
+ * projections (prompt length 512), where the note also gives the tiled LUT GEMM's time (the path
+ * the dense copy of the weight replaces from M = 256, csrc/kernels/lut_gemm/dense_path.cuh).
  * Inputs rotate over enough weight sets to exceed 2x L2; bytes = packed codes + tables +
  * outliers (rows, cols, vals) + x + y. Notes give cuBLAS, the cost of the outliers over
  * dense-only, and for batch M the time over the M = 1 time of the same weights.
@@ -16,7 +18,10 @@ const SHAPES: Array<[number, number]> = [[4096, 4096], [4096, 11008], [8192, 819
 // of only 4 code units per warp.
 const DECODE_SHAPES: Array<[number, number]> = [[12288, 4096], [22016, 4096]];
 const BATCH = [2, 4, 8, 16, 64];
-const PREFILL = 2048;
+const PREFILL = [128, 256, 512, 2048];
+// a 512-token prompt through the decode projections (and down, 4096x11008)
+const PROMPT = 512;
+const PROMPT_SHAPES: Array<[number, number]> = [...DECODE_SHAPES, [4096, 11008]];
 const OUTLIER_SHARE = 0.0045;
 
 interface LutSet { q: Tensor; lut: Tensor; rows?: Tensor; cols?: Tensor; vals?: Tensor; bytes: number }
@@ -53,7 +58,8 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
   // the same projections for a batch of 16 decoding sequences
   if (!ctx.quick) for (const [N, K] of DECODE_SHAPES) cases.push([16, N, K]);
   for (const M of ctx.quick ? [4, 16] : BATCH) cases.push([M, 8192, 8192]);
-  if (!ctx.quick) cases.push([PREFILL, 8192, 8192]);
+  if (!ctx.quick) for (const M of PREFILL) cases.push([M, 8192, 8192]);
+  if (!ctx.quick) for (const [N, K] of PROMPT_SHAPES) cases.push([PROMPT, N, K]);
   const single = new Map<string, number>();  // M = 1 time at 8192x8192 per variant
   for (const [M, N, K] of cases) {
     const big = M > 64;
@@ -84,6 +90,19 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
         const notes: string[] = [];
         if (cublas) notes.push(`cuBLAS ${us(cublas).toFixed(2)} us (${(us(cublas) / us(t)).toFixed(2)}x)`);
         else notes.push('cuBLAS not available');
+        if (big) {
+          // the tiled LUT GEMM on the same inputs (the dense-copy path off)
+          process.env.SQUEEZELM_LUT_DENSE_MIN_M = '0';
+          try {
+            const tt = await timeCuda({
+              device, iters, repeats,
+              fn: (i) => { const l = ls[i % sets]; lutMatmulPacked(y, xs[i % dsets], l.q, l.lut, l.rows, l.cols, l.vals, bits); },
+            });
+            notes.push(`tiled LUT GEMM ${us(tt).toFixed(2)} us (${(us(tt) / us(t)).toFixed(2)}x this call's time)`);
+          } finally {
+            delete process.env.SQUEEZELM_LUT_DENSE_MIN_M;
+          }
+        }
         if (!sparse) single.set(`${name}:dense`, us(t));
         else {
           const d = single.get(`${variant.replace('D+S', 'dense')} M=${M} ${N}x${K}:dense`);

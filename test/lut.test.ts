@@ -510,12 +510,31 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
       }
     }
   });
+  // Large M: the weight decoded once into a dense copy, then the dense GEMM (default from M = 256,
+  // dense_path.cuh), and the tiled GEMM it replaces there (SQUEEZELM_LUT_DENSE_MIN_M=0), which also
+  // runs where the copy would exceed SQUEEZELM_LUT_DENSE_MAX_MB; K with tails, K % 8 != 0 (scalar
+  // stores, unvectorised activations), odd N.
+  test(`large M: dense copy of the weight, and the tiled GEMM (seed ${seed})`, async () => {
+    const r = rng(seed + 99);
+    const settings: Array<Record<string, string>> = [{}, { SQUEEZELM_LUT_DENSE_MIN_M: '0' }, { SQUEEZELM_LUT_DENSE_MAX_MB: '0' },
+      { SQUEEZELM_LUT_DENSE_MIN_M: '65' }];
+    for (const env of settings) {
+      Object.assign(process.env, env);
+      try {
+        for (const [N, K] of [[301, 161], [130, 2048 + 40], [77, 100]])
+          for (const bits of [3, 4] as const)
+            await expectPackedMatchesCpu(N, K, bits, [65, 255, 256, 400], r, `${JSON.stringify(env)} ${bits}-bit N=${N} K=${K}`);
+      } finally {
+        for (const k of Object.keys(env)) delete process.env[k];
+      }
+    }
+  });
   test('deterministic across runs (GEMV and GEMM paths)', async () => {
     const r = rng(5);
     const l = randomLinear(512, 1024, 4, true, r);
     const t = tensorsOf(l, 'cuda', 'f16');
     const c = packedOf(l, 'cuda');
-    for (const M of [4, 16, 100]) {
+    for (const M of [4, 16, 100, 300]) {
       const x = Tensor.from(randn(M * 1024, r), [M, 1024], { dtype: 'f16', device: 'cuda' });
       const outs: Uint16Array[] = [];
       for (let i = 0; i < 3; i++) {

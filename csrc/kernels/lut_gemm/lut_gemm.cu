@@ -96,6 +96,7 @@
 #include "kernels/common/process_buffer.h"
 #include "kernels/common/pdl.cuh"
 #include "kernels/common/ptx.cuh"
+#include "kernels/gemm/gemm.h"
 #include "lut_gemm.h"
 
 namespace sqz::cuda {
@@ -1265,6 +1266,8 @@ void launch_gemv_m16(T* yp, const T* xp, const uint4* cp, const void* lp, bool l
   launch_gemv<T, BITS, 2, BITS == 4 ? 4 : 2, true, 1, 2, false, XT>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
 }
 
+#include "dense_path.cuh"
+
 template <class T, int BITS>
 void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut, const Tensor* rows,
             const Tensor* cols, const Tensor* vals, cudaStream_t st) {
@@ -1394,6 +1397,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
 #undef SQZ_GEMV_XT
 #undef SQZ_GEMV_M16
   } else {
+    if (dense::run<T, BITS>(y, x, codes, lut, rows, cols, vals, U, st)) return;  // large M: dense_path.cuh
     constexpr size_t smem = pgemm_smem_bytes<BITS>();
     auto kern = vec ? lut_gemm_mma_kernel<T, BITS, true> : lut_gemm_mma_kernel<T, BITS, false>;
     if (vec) allow_dynamic_smem<lut_gemm_mma_kernel<T, BITS, true>>(smem, "lutMatmul");

@@ -1,0 +1,123 @@
+// Large-M products through a dense copy of the weight: the packed codes are decoded once into an
+// fp16/bf16 matrix W [N, K] (lookup table value, plus the exact outliers folded in with one rounding,
+// as the tiled GEMM below folds them into its shared-memory tiles), and y = x W^T is then our dense
+// tensor-core GEMM (kernels/gemm). Included by lut_gemm.cu inside its anonymous namespace (Cvt,
+// pack2, load_f).
+//
+// Why. The tiled LUT GEMM decodes every weight once per 128-row block of x, on the CUDA cores, in
+// the same loop that feeds the tensor cores: at prefill sizes it reached a third of our dense GEMM
+// (H200, 8192x8192, M = 2048: 1.63-2.00 ms against 0.51 ms). Decoding once costs one pass over the
+// codes and one write of W (2 N K bytes: ~35 us at 8192x8192), after which the product runs at the
+// dense GEMM's speed. Below some M the tiled kernel, which never writes W, is faster; the launch
+// picks the path by M (lut_gemm.cu launch()).
+//
+// W is a temporary from the device's caching pool (one stream per device, so its reuse is stream
+// ordered), N K * 2 bytes: the launch takes this path only where that is at most a cap and the
+// stream is not capturing a graph (an allocation cannot be captured).
+#pragma once
+
+namespace dense {
+
+// The least M that takes the path by default (measured on the H200: docs/squeezellm.md, "Prefill
+// through a dense copy of the weight").
+constexpr int kDefaultMinM = 256;
+
+// The 8 codes of output row n at k0..k0+7 (k0 a multiple of 8) in the packed layout
+// (csrc/cpu/lut_gemm.h): chunk c = (k0 % KU) / 32 of unit u = k0 / KU, quarter q = (k0 % 32) / 8,
+// code j at bits BITS*j of the returned word.
+template <int BITS>
+__device__ __forceinline__ uint32_t codes8(const uint32_t* __restrict__ codes, int n, int k0, int U) {
+  constexpr int KU = BITS == 4 ? 128 : 512, WU = BITS == 4 ? 4 : 12;
+  const int u = k0 / KU, kk = k0 % KU, c = kk >> 5, q = (kk >> 3) & 3;
+  const uint32_t* p = codes + ((long long)(n >> 4) * U + u) * 64 * WU + ((n & 15) * 4 + q) * 4;
+  auto word = [&](int w) { return __ldg(p + (w >> 2) * 256 + (w & 3)); };
+  if constexpr (BITS == 4) {
+    return word(c);
+  } else {
+    const int b = c >> 2, cc = c & 3;
+    if (cc < 3) return word(3 * b + cc) & 0xffffffu;
+    return (word(3 * b) >> 24) | ((word(3 * b + 1) >> 24) << 8) | ((word(3 * b + 2) >> 24) << 16);
+  }
+}
+
+// W[n, k] = lut[n, code(n, k)]: one thread per 8 consecutive k of a row (one 16-byte store where
+// rows are 16-byte aligned, K % 8 == 0).
+template <class T, int BITS>
+__global__ void __launch_bounds__(256) dequant_kernel(T* __restrict__ w, const uint32_t* __restrict__ codes,
+                                                      const void* __restrict__ lut, bool lut_f32, int N, int K, int U) {
+  constexpr int E = 1 << BITS;
+  const int k8s = (K + 7) >> 3;
+  const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= (long long)N * k8s) return;
+  const int n = (int)(t / k8s), k0 = (int)(t % k8s) * 8;
+  const uint32_t v = codes8<BITS>(codes, n, k0, U);
+  float e[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) e[j] = load_f(lut, lut_f32, (long long)n * E + ((v >> (BITS * j)) & (E - 1)));
+  T* dst = w + (long long)n * K + k0;
+  if (K % 8 == 0) {
+    uint4 o;
+    o.x = pack2<T>(Cvt<T>::t(e[0]), Cvt<T>::t(e[1]));
+    o.y = pack2<T>(Cvt<T>::t(e[2]), Cvt<T>::t(e[3]));
+    o.z = pack2<T>(Cvt<T>::t(e[4]), Cvt<T>::t(e[5]));
+    o.w = pack2<T>(Cvt<T>::t(e[6]), Cvt<T>::t(e[7]));
+    *reinterpret_cast<uint4*>(dst) = o;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (k0 + j < K) dst[j] = Cvt<T>::t(e[j]);
+  }
+}
+
+// W[n, cols[j]] = lut value + vals[j] (one rounding) for every outlier: a warp per row. Runs after
+// dequant_kernel in the stream; a row's columns are distinct (checkOutlierCsr: they increase), so no
+// two lanes write one element.
+template <class T, int BITS>
+__global__ void __launch_bounds__(256) outliers_kernel(T* __restrict__ w, const uint32_t* __restrict__ codes,
+                                                       const void* __restrict__ lut, bool lut_f32,
+                                                       const int* __restrict__ rows, const int* __restrict__ cols,
+                                                       const void* __restrict__ vals, bool vals_f32, int N, int K,
+                                                       int U) {
+  constexpr int E = 1 << BITS;
+  const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (n >= N) return;
+  for (int j = rows[n] + lane; j < rows[n + 1]; j += 32) {
+    const int k = cols[j];
+    const uint32_t v = codes8<BITS>(codes, n, k & ~7, U);
+    const int code = (v >> (BITS * (k & 7))) & (E - 1);
+    w[(long long)n * K + k] = Cvt<T>::t(load_f(lut, lut_f32, (long long)n * E + code) + load_f(vals, vals_f32, j));
+  }
+}
+
+// Settings of the path (read per call: tuning and tests). SQUEEZELM_LUT_DENSE_MIN_M: the least M that
+// takes it (0: never; it applies only where the GEMV does not, above M = 64, or 16 for unaligned
+// activations); SQUEEZELM_LUT_DENSE_MAX_MB: the largest temporary W, in MiB.
+inline int min_m() { return env_int("SQUEEZELM_LUT_DENSE_MIN_M", kDefaultMinM); }
+inline int64_t max_bytes() { return (int64_t)env_int("SQUEEZELM_LUT_DENSE_MAX_MB", 1024) << 20; }
+
+// y = x dequant(codes, lut)^T (+ outliers) through a dense W when M, the size of W and the stream
+// allow (see above); false where the caller takes its own kernels instead.
+template <class T, int BITS>
+bool run(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut, const Tensor* rows,
+         const Tensor* cols, const Tensor* vals, int U, cudaStream_t st) {
+  const int M = (int)x.dim(0), K = (int)x.dim(1), N = (int)y.dim(1);
+  const int from = min_m();
+  if (from <= 0 || M < from || (int64_t)N * K * 2 > max_bytes()) return false;
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  cuda_check(cudaStreamIsCapturing(st, &cap), "lutMatmul: cudaStreamIsCapturing");
+  if (cap != cudaStreamCaptureStatusNone) return false;
+  Tensor w = Tensor::empty(x.dtype, {N, K}, x.device);
+  const bool lf = lut.dtype == DType::F32;
+  const long long items = (long long)N * ((K + 7) / 8);
+  dequant_kernel<T, BITS><<<(unsigned)((items + 255) / 256), 256, 0, st>>>(w.ptr<T>(), codes.ptr<uint32_t>(), lut.data(),
+                                                                           lf, N, K, U);
+  if (rows && cols && vals && cols->numel() > 0)
+    outliers_kernel<T, BITS><<<(N + 7) / 8, 256, 0, st>>>(w.ptr<T>(), codes.ptr<uint32_t>(), lut.data(), lf,
+                                                          rows->ptr<int>(), cols->ptr<int>(), vals->data(),
+                                                          vals->dtype == DType::F32, N, K, U);
+  cuda_check(cudaGetLastError(), "lutMatmul: dequantize");
+  matmul(y, x, w, nullptr, st);
+  return true;  // w goes back to the pool; its next user is ordered after the GEMM on this stream
+}
+
+}  // namespace dense
