@@ -4,7 +4,10 @@
  * Cases: M = 1 at five LLaMA shapes and the two K = 4096 fused projections of LLaMA-2-7B decode;
  * M = 16 at those two projections; M = 2/4/8/16/64 and prefill Ms at 8192x8192 and at the decode
  * projections (prompt length 512), where the note also gives the tiled LUT GEMM's time (the path
- * the dense copy of the weight replaces from M = 256, csrc/kernels/lut_gemm/dense_path.cuh).
+ * the dense copy of the weight replaces past M = 64, csrc/kernels/lut_gemm/dense_path.cuh). Rows
+ * past M = 64 are timed with plain launches, every column of them alike: the dense copy is a
+ * temporary, which a graph cannot capture (a capture takes the tiled GEMM), and the runtime runs
+ * prefill uncaptured.
  * Inputs rotate over enough weight sets to exceed 2x L2; bytes = packed codes + tables +
  * outliers (rows, cols, vals) + x + y. Notes give cuBLAS, the cost of the outliers over
  * dense-only, and for batch M the time over the M = 1 time of the same weights.
@@ -18,7 +21,7 @@ const SHAPES: Array<[number, number]> = [[4096, 4096], [4096, 11008], [8192, 819
 // of only 4 code units per warp.
 const DECODE_SHAPES: Array<[number, number]> = [[12288, 4096], [22016, 4096]];
 const BATCH = [2, 4, 8, 16, 64];
-const PREFILL = [128, 256, 512, 2048];
+const PREFILL = [96, 128, 256, 512, 2048];
 // a 512-token prompt through the decode projections (and down, 4096x11008)
 const PROMPT = 512;
 const PROMPT_SHAPES: Array<[number, number]> = [...DECODE_SHAPES, [4096, 11008]];
@@ -68,11 +71,11 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
     const ws: Tensor[] = [], xs: Tensor[] = [];
     for (let s = 0; s < dsets; s++) { ws.push(await randomTensor([N, K], 'f16', device, 0.02)); xs.push(await randomTensor([M, K], 'f16', device)); }
     const y = Tensor.empty([M, N], { dtype: 'f16', device });
-    const iters = big ? 4 : ctx.quick ? 8 : 40, repeats = big ? 5 : ctx.quick ? 5 : 15;
-    const dense = await timeCuda({ device, iters, repeats, fn: (i) => matmul(y, xs[i % dsets], ws[i % dsets]) });
+    const iters = big ? 4 : ctx.quick ? 8 : 40, repeats = big ? 5 : ctx.quick ? 5 : 15, noGraph = big;
+    const dense = await timeCuda({ device, iters, repeats, noGraph, fn: (i) => matmul(y, xs[i % dsets], ws[i % dsets]) });
     let cublas: Timing | null = null;
     if (cublasAvailable()) {
-      try { cublas = await timeCuda({ device, iters, repeats, fn: (i) => cublasMatmul(y, xs[i % dsets], ws[i % dsets]) }); } catch { cublas = null; }
+      try { cublas = await timeCuda({ device, iters, repeats, noGraph, fn: (i) => cublasMatmul(y, xs[i % dsets], ws[i % dsets]) }); } catch { cublas = null; }
     }
     ws.forEach((t) => t.dispose());
     for (const bits of [4, 3])
@@ -82,7 +85,7 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
         const ls: LutSet[] = [probe];
         for (let s = 1; s < sets; s++) ls.push(await makeSet(N, K, bits, sparse, device, s + 1));
         const t = await timeCuda({
-          device, iters, repeats,
+          device, iters, repeats, noGraph,
           fn: (i) => { const l = ls[i % sets]; lutMatmulPacked(y, xs[i % dsets], l.q, l.lut, l.rows, l.cols, l.vals, bits); },
         });
         const variant = `${bits}-bit ${sparse ? 'D+S' : 'dense'}`;
@@ -95,7 +98,7 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
           process.env.SQUEEZELM_LUT_DENSE_MIN_M = '0';
           try {
             const tt = await timeCuda({
-              device, iters, repeats,
+              device, iters, repeats, noGraph,
               fn: (i) => { const l = ls[i % sets]; lutMatmulPacked(y, xs[i % dsets], l.q, l.lut, l.rows, l.cols, l.vals, bits); },
             });
             notes.push(`tiled LUT GEMM ${us(tt).toFixed(2)} us (${(us(tt) / us(t)).toFixed(2)}x this call's time)`);

@@ -8,8 +8,7 @@
 // the same loop that feeds the tensor cores: at prefill sizes it reached a third of our dense GEMM
 // (H200, 8192x8192, M = 2048: 1.63-2.00 ms against 0.51 ms). Decoding once costs one pass over the
 // codes and one write of W (2 N K bytes: ~35 us at 8192x8192), after which the product runs at the
-// dense GEMM's speed. Below some M the tiled kernel, which never writes W, is faster; the launch
-// picks the path by M (lut_gemm.cu launch()).
+// dense GEMM's speed. The launch picks the path by M (lut_gemm.cu launch()).
 //
 // W is a temporary from the device's caching pool (one stream per device, so its reuse is stream
 // ordered), N K * 2 bytes: the launch takes this path only where that is at most a cap and the
@@ -18,9 +17,9 @@
 
 namespace dense {
 
-// The least M that takes the path by default (measured on the H200: docs/squeezellm.md, "Prefill
-// through a dense copy of the weight").
-constexpr int kDefaultMinM = 256;
+// The least M that takes the path by default: every M past the GEMV's range (measured on the H200:
+// docs/squeezellm.md, "Prefill through a dense copy of the weight").
+constexpr int kDefaultMinM = 65;
 
 // The 8 codes of output row n at k0..k0+7 (k0 a multiple of 8) in the packed layout
 // (csrc/cpu/lut_gemm.h): chunk c = (k0 % KU) / 32 of unit u = k0 / KU, quarter q = (k0 % 32) / 8,

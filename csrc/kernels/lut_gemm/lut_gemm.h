@@ -13,9 +13,9 @@ void lut_repack(const Tensor& dst, const Tensor& qweight, int bits, cudaStream_t
 // dtype); lut, vals: f16 | f32. rows/cols/vals may be null (no outliers); their contents must have
 // been checked on the host (ts/ops/lut.ts checkOutlierCsr) when they were loaded.
 // M <= 64: pair-LUT tensor-core GEMV (each code decoded once for all rows); larger M: tiled
-// tensor-core GEMM on dequantized tiles; from M = 256 (where the weight's fp16 copy is at most 1 GiB
-// and no graph is being captured): the weight decoded once into a temporary fp16/bf16 matrix, then
-// the dense GEMM (dense_path.cuh).
+// tensor-core GEMM on dequantized tiles, except where the weight's fp16 copy is at most 1 GiB and no
+// graph is being captured: then the weight is decoded once into a temporary fp16/bf16 matrix and
+// multiplied by the dense GEMM (dense_path.cuh).
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
                        const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, cudaStream_t stream);
 
