@@ -1,7 +1,7 @@
 // Large-M products through a dense copy of the weight: the packed codes are decoded once into an
 // fp16/bf16 matrix W [N, K] (lookup table value, plus the exact outliers folded in with one rounding,
 // as the tiled GEMM below folds them into its shared-memory tiles), and y = x W^T is then our dense
-// tensor-core GEMM (kernels/gemm). Included by lut_gemm.cu inside its anonymous namespace (Cvt,
+// tensor-core GEMM (kernels/gemm). One decoding kernel, then the GEMM. Included by lut_gemm.cu inside its anonymous namespace (Cvt,
 // pack2, load_f).
 //
 // Why. The tiled LUT GEMM decodes every weight once per 128-row block of x, on the CUDA cores, in
@@ -39,52 +39,50 @@ __device__ __forceinline__ uint32_t codes8(const uint32_t* __restrict__ codes, i
   }
 }
 
-// W[n, k] = lut[n, code(n, k)]: one thread per 8 consecutive k of a row (one 16-byte store where
-// rows are 16-byte aligned, K % 8 == 0).
+// Row n of W, one block per row: W[n, k] = lut[n, code(n, k)], 8 consecutive k per thread and step
+// (one 16-byte store where rows are 16-byte aligned, K % 8 == 0), the row's table in shared memory
+// (its 2^BITS entries sit in distinct banks: lanes that read different entries never conflict).
+// Then the row's outliers, W[n, cols[j]] = lut value + vals[j] with one rounding, each by one thread
+// after a barrier: the barrier orders them after the dense stores of the same elements, and a row's
+// columns are distinct (checkOutlierCsr: they increase), so no two threads write one element. (A
+// second kernel with a warp per row took 20 us for the 0.45% outliers of 8192x8192 on the H200, a
+// chain of dependent loads per entry; here they follow the row's own codes, already in L1.)
 template <class T, int BITS>
-__global__ void __launch_bounds__(256) dequant_kernel(T* __restrict__ w, const uint32_t* __restrict__ codes,
-                                                      const void* __restrict__ lut, bool lut_f32, int N, int K, int U) {
+__global__ void __launch_bounds__(256) dequant_rows_kernel(T* __restrict__ w, const uint32_t* __restrict__ codes,
+                                                           const void* __restrict__ lut, bool lut_f32,
+                                                           const int* __restrict__ rows, const int* __restrict__ cols,
+                                                           const void* __restrict__ vals, bool vals_f32, int K, int U) {
   constexpr int E = 1 << BITS;
-  const int k8s = (K + 7) >> 3;
-  const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (t >= (long long)N * k8s) return;
-  const int n = (int)(t / k8s), k0 = (int)(t % k8s) * 8;
-  const uint32_t v = codes8<BITS>(codes, n, k0, U);
-  float e[8];
+  __shared__ float tab[E];
+  const int n = blockIdx.x, tid = threadIdx.x;
+  if (tid < E) tab[tid] = load_f(lut, lut_f32, (long long)n * E + tid);
+  __syncthreads();
+  T* row = w + (long long)n * K;
+  for (int k0 = 8 * tid; k0 < K; k0 += 8 * blockDim.x) {
+    const uint32_t v = codes8<BITS>(codes, n, k0, U);
+    float e[8];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) e[j] = load_f(lut, lut_f32, (long long)n * E + ((v >> (BITS * j)) & (E - 1)));
-  T* dst = w + (long long)n * K + k0;
-  if (K % 8 == 0) {
-    uint4 o;
-    o.x = pack2<T>(Cvt<T>::t(e[0]), Cvt<T>::t(e[1]));
-    o.y = pack2<T>(Cvt<T>::t(e[2]), Cvt<T>::t(e[3]));
-    o.z = pack2<T>(Cvt<T>::t(e[4]), Cvt<T>::t(e[5]));
-    o.w = pack2<T>(Cvt<T>::t(e[6]), Cvt<T>::t(e[7]));
-    *reinterpret_cast<uint4*>(dst) = o;
-  } else {
+    for (int j = 0; j < 8; ++j) e[j] = tab[(v >> (BITS * j)) & (E - 1)];
+    if (K % 8 == 0) {
+      uint4 o;
+      o.x = pack2<T>(Cvt<T>::t(e[0]), Cvt<T>::t(e[1]));
+      o.y = pack2<T>(Cvt<T>::t(e[2]), Cvt<T>::t(e[3]));
+      o.z = pack2<T>(Cvt<T>::t(e[4]), Cvt<T>::t(e[5]));
+      o.w = pack2<T>(Cvt<T>::t(e[6]), Cvt<T>::t(e[7]));
+      *reinterpret_cast<uint4*>(row + k0) = o;
+    } else {
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-      if (k0 + j < K) dst[j] = Cvt<T>::t(e[j]);
+      for (int j = 0; j < 8; ++j)
+        if (k0 + j < K) row[k0 + j] = Cvt<T>::t(e[j]);
+    }
   }
-}
-
-// W[n, cols[j]] = lut value + vals[j] (one rounding) for every outlier: a warp per row. Runs after
-// dequant_kernel in the stream; a row's columns are distinct (checkOutlierCsr: they increase), so no
-// two lanes write one element.
-template <class T, int BITS>
-__global__ void __launch_bounds__(256) outliers_kernel(T* __restrict__ w, const uint32_t* __restrict__ codes,
-                                                       const void* __restrict__ lut, bool lut_f32,
-                                                       const int* __restrict__ rows, const int* __restrict__ cols,
-                                                       const void* __restrict__ vals, bool vals_f32, int N, int K,
-                                                       int U) {
-  constexpr int E = 1 << BITS;
-  const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (n >= N) return;
-  for (int j = rows[n] + lane; j < rows[n + 1]; j += 32) {
+  if (rows == nullptr) return;
+  const int b = rows[n], end = rows[n + 1];  // (block-uniform: the barrier below is reached by all)
+  __syncthreads();
+  for (int j = b + tid; j < end; j += blockDim.x) {
     const int k = cols[j];
     const uint32_t v = codes8<BITS>(codes, n, k & ~7, U);
-    const int code = (v >> (BITS * (k & 7))) & (E - 1);
-    w[(long long)n * K + k] = Cvt<T>::t(load_f(lut, lut_f32, (long long)n * E + code) + load_f(vals, vals_f32, j));
+    row[k] = Cvt<T>::t(tab[(v >> (BITS * (k & 7))) & (E - 1)] + load_f(vals, vals_f32, j));
   }
 }
 
@@ -106,14 +104,10 @@ bool run(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lu
   cuda_check(cudaStreamIsCapturing(st, &cap), "lutMatmul: cudaStreamIsCapturing");
   if (cap != cudaStreamCaptureStatusNone) return false;
   Tensor w = Tensor::empty(x.dtype, {N, K}, x.device);
-  const bool lf = lut.dtype == DType::F32;
-  const long long items = (long long)N * ((K + 7) / 8);
-  dequant_kernel<T, BITS><<<(unsigned)((items + 255) / 256), 256, 0, st>>>(w.ptr<T>(), codes.ptr<uint32_t>(), lut.data(),
-                                                                           lf, N, K, U);
-  if (rows && cols && vals && cols->numel() > 0)
-    outliers_kernel<T, BITS><<<(N + 7) / 8, 256, 0, st>>>(w.ptr<T>(), codes.ptr<uint32_t>(), lut.data(), lf,
-                                                          rows->ptr<int>(), cols->ptr<int>(), vals->data(),
-                                                          vals->dtype == DType::F32, N, K, U);
+  const bool sparse = rows && cols && vals && cols->numel() > 0;
+  dequant_rows_kernel<T, BITS><<<N, 256, 0, st>>>(w.ptr<T>(), codes.ptr<uint32_t>(), lut.data(), lut.dtype == DType::F32,
+                                                 sparse ? rows->ptr<int>() : nullptr, sparse ? cols->ptr<int>() : nullptr,
+                                                 sparse ? vals->data() : nullptr, sparse && vals->dtype == DType::F32, K, U);
   cuda_check(cudaGetLastError(), "lutMatmul: dequantize");
   matmul(y, x, w, nullptr, st);
   return true;  // w goes back to the pool; its next user is ordered after the GEMM on this stream
