@@ -58,22 +58,33 @@ __global__ void __launch_bounds__(256) dequant_rows_kernel(T* __restrict__ w, co
   if (tid < E) tab[tid] = load_f(lut, lut_f32, (long long)n * E + tid);
   __syncthreads();
   T* row = w + (long long)n * K;
-  for (int k0 = 8 * tid; k0 < K; k0 += 8 * blockDim.x) {
-    const uint32_t v = codes8<BITS>(codes, n, k0, U);
-    float e[8];
+  // Four steps' code words are requested before any is used: one 4-byte load per thread in flight
+  // left the kernel latency-bound (8192x8192: 58 us, 2.3 TB/s of stores).
+  constexpr int UNROLL = 4;
+  const int stride = 8 * blockDim.x;
+  for (int base = 8 * tid; base < K; base += UNROLL * stride) {
+    uint32_t v[UNROLL];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) e[j] = tab[(v >> (BITS * j)) & (E - 1)];
-    if (K % 8 == 0) {
-      uint4 o;
-      o.x = pack2<T>(Cvt<T>::t(e[0]), Cvt<T>::t(e[1]));
-      o.y = pack2<T>(Cvt<T>::t(e[2]), Cvt<T>::t(e[3]));
-      o.z = pack2<T>(Cvt<T>::t(e[4]), Cvt<T>::t(e[5]));
-      o.w = pack2<T>(Cvt<T>::t(e[6]), Cvt<T>::t(e[7]));
-      *reinterpret_cast<uint4*>(row + k0) = o;
-    } else {
+    for (int i = 0; i < UNROLL; ++i) v[i] = base + i * stride < K ? codes8<BITS>(codes, n, base + i * stride, U) : 0u;
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
-        if (k0 + j < K) row[k0 + j] = Cvt<T>::t(e[j]);
+    for (int i = 0; i < UNROLL; ++i) {
+      const int k0 = base + i * stride;
+      if (k0 >= K) break;
+      float e[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) e[j] = tab[(v[i] >> (BITS * j)) & (E - 1)];
+      if (K % 8 == 0) {
+        uint4 o;
+        o.x = pack2<T>(Cvt<T>::t(e[0]), Cvt<T>::t(e[1]));
+        o.y = pack2<T>(Cvt<T>::t(e[2]), Cvt<T>::t(e[3]));
+        o.z = pack2<T>(Cvt<T>::t(e[4]), Cvt<T>::t(e[5]));
+        o.w = pack2<T>(Cvt<T>::t(e[6]), Cvt<T>::t(e[7]));
+        *reinterpret_cast<uint4*>(row + k0) = o;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          if (k0 + j < K) row[k0 + j] = Cvt<T>::t(e[j]);
+      }
     }
   }
   if (rows == nullptr) return;
