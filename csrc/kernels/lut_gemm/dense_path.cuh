@@ -39,6 +39,8 @@ __device__ __forceinline__ uint32_t codes8(const uint32_t* __restrict__ codes, i
   }
 }
 
+constexpr int kThreads = 128;  // per block (one row): short blocks, many resident per SM
+
 // Row n of W, one block per row: W[n, k] = lut[n, code(n, k)], 8 consecutive k per thread and step
 // (one 16-byte store where rows are 16-byte aligned, K % 8 == 0), the row's table in shared memory
 // (its 2^BITS entries sit in distinct banks: lanes that read different entries never conflict).
@@ -48,27 +50,35 @@ __device__ __forceinline__ uint32_t codes8(const uint32_t* __restrict__ codes, i
 // second kernel with a warp per row took 20 us for the 0.45% outliers of 8192x8192 on the H200, a
 // chain of dependent loads per entry; here they follow the row's own codes, already in L1.)
 template <class T, int BITS>
-__global__ void __launch_bounds__(256) dequant_rows_kernel(T* __restrict__ w, const uint32_t* __restrict__ codes,
-                                                           const void* __restrict__ lut, bool lut_f32,
-                                                           const int* __restrict__ rows, const int* __restrict__ cols,
-                                                           const void* __restrict__ vals, bool vals_f32, int K, int U) {
-  constexpr int E = 1 << BITS;
+__global__ void __launch_bounds__(kThreads) dequant_rows_kernel(T* __restrict__ w, const uint32_t* __restrict__ codes,
+                                                                const void* __restrict__ lut, bool lut_f32,
+                                                                const int* __restrict__ rows, const int* __restrict__ cols,
+                                                                const void* __restrict__ vals, bool vals_f32, int K, int U) {
+  constexpr int E = 1 << BITS, UNROLL = 4, STRIDE = 8 * kThreads;
   __shared__ float tab[E];
   const int n = blockIdx.x, tid = threadIdx.x;
-  if (tid < E) tab[tid] = load_f(lut, lut_f32, (long long)n * E + tid);
+  // Everything the block needs is requested before it waits for any of it: a block's work is short,
+  // so its latency chain (table, codes, the outliers' row bounds, columns and values) is its time.
+  // (Requested one after another, with a block of 256 threads, 8192x8192 took 58 us, 2.3 TB/s.)
+  const int ob = rows ? rows[n] : 0, oe = rows ? rows[n + 1] : 0;
+  const float entry = tid < E ? load_f(lut, lut_f32, (long long)n * E + tid) : 0.f;
+  uint32_t v[UNROLL];
+#pragma unroll
+  for (int i = 0; i < UNROLL; ++i) v[i] = 8 * tid + i * STRIDE < K ? codes8<BITS>(codes, n, 8 * tid + i * STRIDE, U) : 0u;
+  int oc = -1;
+  float ov = 0.f;
+  if (ob + tid < oe) { oc = cols[ob + tid]; ov = load_f(vals, vals_f32, ob + tid); }
+  if (tid < E) tab[tid] = entry;
   __syncthreads();
   T* row = w + (long long)n * K;
-  // Four steps' code words are requested before any is used: one 4-byte load per thread in flight
-  // left the kernel latency-bound (8192x8192: 58 us, 2.3 TB/s of stores).
-  constexpr int UNROLL = 4;
-  const int stride = 8 * blockDim.x;
-  for (int base = 8 * tid; base < K; base += UNROLL * stride) {
-    uint32_t v[UNROLL];
+  for (int base = 8 * tid; base < K; base += UNROLL * STRIDE) {
+    if (base != 8 * tid) {
 #pragma unroll
-    for (int i = 0; i < UNROLL; ++i) v[i] = base + i * stride < K ? codes8<BITS>(codes, n, base + i * stride, U) : 0u;
+      for (int i = 0; i < UNROLL; ++i) v[i] = base + i * STRIDE < K ? codes8<BITS>(codes, n, base + i * STRIDE, U) : 0u;
+    }
 #pragma unroll
     for (int i = 0; i < UNROLL; ++i) {
-      const int k0 = base + i * stride;
+      const int k0 = base + i * STRIDE;
       if (k0 >= K) break;
       float e[8];
 #pragma unroll
@@ -87,14 +97,15 @@ __global__ void __launch_bounds__(256) dequant_rows_kernel(T* __restrict__ w, co
       }
     }
   }
-  if (rows == nullptr) return;
-  const int b = rows[n], end = rows[n + 1];  // (block-uniform: the barrier below is reached by all)
-  __syncthreads();
-  for (int j = b + tid; j < end; j += blockDim.x) {
-    const int k = cols[j];
-    const uint32_t v = codes8<BITS>(codes, n, k & ~7, U);
-    row[k] = Cvt<T>::t(tab[(v >> (BITS * (k & 7))) & (E - 1)] + load_f(vals, vals_f32, j));
-  }
+  if (oe == ob) return;  // block-uniform
+  __syncthreads();  // the dense stores of the row come first
+  // the row's outliers, the first kThreads from the registers loaded above
+  auto put = [&](int k, float val) {
+    const uint32_t cv = codes8<BITS>(codes, n, k & ~7, U);
+    row[k] = Cvt<T>::t(tab[(cv >> (BITS * (k & 7))) & (E - 1)] + val);
+  };
+  if (oc >= 0) put(oc, ov);
+  for (int j = ob + kThreads + tid; j < oe; j += kThreads) put(cols[j], load_f(vals, vals_f32, j));
 }
 
 // Settings of the path (read per call: tuning and tests). SQUEEZELM_LUT_DENSE_MIN_M: the least M that
@@ -116,7 +127,7 @@ bool run(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lu
   if (cap != cudaStreamCaptureStatusNone) return false;
   Tensor w = Tensor::empty(x.dtype, {N, K}, x.device);
   const bool sparse = rows && cols && vals && cols->numel() > 0;
-  dequant_rows_kernel<T, BITS><<<N, 256, 0, st>>>(w.ptr<T>(), codes.ptr<uint32_t>(), lut.data(), lut.dtype == DType::F32,
+  dequant_rows_kernel<T, BITS><<<N, kThreads, 0, st>>>(w.ptr<T>(), codes.ptr<uint32_t>(), lut.data(), lut.dtype == DType::F32,
                                                  sparse ? rows->ptr<int>() : nullptr, sparse ? cols->ptr<int>() : nullptr,
                                                  sparse ? vals->data() : nullptr, sparse && vals->dtype == DType::F32, K, U);
   cuda_check(cudaGetLastError(), "lutMatmul: dequantize");
