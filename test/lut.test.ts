@@ -7,6 +7,7 @@ import {
 } from '../ts/quant/squeezellm';
 import { SafetensorsFile, writeSafetensors } from '../ts/model/safetensors';
 import { describeGpu, relErr, rng, randn, freshSeed } from './gpu';
+import { emptyCache, memoryStats, synchronize } from '../ts/device';
 import { bf16BitsToFloat32, f16BitsToFloat32, float32ToBf16Bits, float32ToF16Bits } from '../ts/util/half';
 import * as fs from 'fs';
 import * as os from 'os';
@@ -530,6 +531,25 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
         for (const k of Object.keys(env)) delete process.env[k];
       }
     }
+  });
+  test('large M: the dense copy is a temporary (returned to the pool, given back by emptyCache)', async () => {
+    const r = rng(seed + 101);
+    const l = randomLinear(512, 1024, 4, true, r);
+    const t = tensorsOf(l, 'cuda', 'f16');
+    const c = packedOf(l, 'cuda');
+    const x = Tensor.from(randn(300 * 1024, r), [300, 1024], { dtype: 'f16', device: 'cuda' });
+    const y = Tensor.empty([300, 512], { dtype: 'f16', device: 'cuda' });
+    lutMatmulPacked(y, x, c, t.lut, t.rows, t.cols, t.vals, 4);  // whatever a first call sets up for good
+    await synchronize('cuda');
+    const before = memoryStats('cuda').allocated;
+    for (let i = 0; i < 3; i++) lutMatmulPacked(y, x, c, t.lut, t.rows, t.cols, t.vals, 4);
+    await synchronize('cuda');
+    const after = memoryStats('cuda');
+    expect(after.allocated).toBe(before);
+    expect(after.cached).toBeGreaterThanOrEqual(512 * 1024 * 2);  // the copy, kept for the next call
+    emptyCache('cuda');
+    expect(memoryStats('cuda').cached).toBe(0);
+    [x, y, c, t.q, t.lut, t.rows, t.cols, t.vals].forEach((z) => z?.dispose());
   });
   test('deterministic across runs (GEMV and GEMM paths)', async () => {
     const r = rng(5);

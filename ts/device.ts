@@ -45,3 +45,17 @@ export function resolveDevice(device: string | undefined): string {
 export function synchronize(device: string): Promise<void> {
   return native().synchronize(resolveDevice(device));
 }
+
+/** Bytes of device memory held by tensors (allocated), kept for reuse after they were freed (cached), and the peak. */
+export function memoryStats(device: string): { allocated: number; cached: number; reserved: number; peak: number } {
+  return native().memoryStats(resolveDevice(device));
+}
+
+/**
+ * Gives the device's cached blocks back to the driver once its queued work has finished (freed
+ * tensors, and temporaries such as the dense weight copy of a large LUT matmul, stay cached for
+ * reuse until then).
+ */
+export function emptyCache(device: string): void {
+  native().emptyCache(resolveDevice(device));
+}
