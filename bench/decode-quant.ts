@@ -10,12 +10,15 @@
  * outliers, k-means, packing, upload) and the decode step (graph-replayed, as bench/decode.ts
  * times it) with its speed-up over the fp16 step of the same run, end-to-end tokens/s in the note.
  * Bytes = the weights a step reads (quantized linears + fp16 lm_head and norms; the KV read is
- * left out), so `of copy BW` is the fraction of the weights-only bandwidth floor.
+ * left out), so `of copy BW` is the fraction of the weights-only bandwidth floor. Also the prefill
+ * of one prompt (default 2048 tokens; plain launches, as the runtime runs prefill) per model, and
+ * for the quantized ones the same prefill with the tiled LUT GEMM instead of the dense weight copy
+ * (SQUEEZELM_LUT_DENSE_MIN_M=0; csrc/kernels/lut_gemm/dense_path.cuh) in the note.
  */
 import { synchronize } from '../ts/device';
 import { createRandomModel, Model } from '../ts/model/model';
 import { parseConfig } from '../ts/model/config';
-import { BenchContext, BenchResult, Timing, row, runSuiteMain, wallRow } from './harness';
+import { BenchContext, BenchResult, Timing, row, runSuiteMain, timeCuda, wallRow } from './harness';
 import { LLAMA2_7B, decodeModelOptions, endToEndStep, fillRandomKv, stepWeightBytes, weightBytes, withDecodeStep } from './decode';
 
 const SUITE = 'decodeq';
@@ -31,6 +34,8 @@ export interface DecodeQuantOptions {
   decodeContext?: number;
   /** Tokens per end-to-end measurement (default 64; quick 16). */
   decodeTokens?: number;
+  /** Prompt length of the prefill rows (default 2048; quick 256; 0: none). */
+  prefillTokens?: number;
   /**
    * Seconds the suite may take (default 540): a bit width is skipped, with a row saying so, when
    * the last one's quantization and measurement would not fit in what is left.
@@ -67,7 +72,8 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
   const ctxLen = opts.decodeContext ?? 512;
   const steps = opts.decodeTokens ?? (ctx.quick ? 16 : 64);
   const budget = opts.budgetSeconds ?? 540;
-  const modelOpts = { device, dtype: 'f16' as const, seed: 1234, ...decodeModelOptions(1, ctxLen, steps) };
+  const prefillT = opts.prefillTokens ?? (ctx.quick ? 256 : 2048);
+  const modelOpts = { device, dtype: 'f16' as const, seed: 1234, ...decodeModelOptions(1, ctxLen, steps, prefillT) };
   const shape = `${cfg.numLayers} layers, hidden ${cfg.hiddenSize}, intermediate ${cfg.intermediateSize}`;
   const rows: BenchResult[] = [];
 
@@ -77,6 +83,42 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
     const t = await withDecodeStep(ctx, m, 1, ctxLen, (step) => step());
     const tps = 1 / (await endToEndStep(m, 1, steps));
     return { t, tps, bytes: stepWeightBytes(m) };
+  };
+
+  /** One prompt of prefillT tokens through the decoder (logits of its last row), plain launches. */
+  const prefill = async (m: Model): Promise<Timing> => {
+    const dec = m.decoder, V = m.config.vocabSize;
+    const ids = Int32Array.from({ length: prefillT }, (_, i) => (i * 31 + 7) % V);
+    const ws = dec.workspace(prefillT, 1, false);
+    const seq = dec.cache.createSequence();
+    try {
+      dec.cache.grow(seq, prefillT);
+      dec.write(ws, dec.inputs([seq], [ids], prefillT));
+      return await timeCuda({ device, warmup: 1, iters: 1, repeats: ctx.quick ? 3 : 5, noGraph: true, fn: () => dec.forward(ws, prefillT, prefillT) });
+    } finally {
+      dec.cache.free(seq);
+      ws.dispose();
+    }
+  };
+  let basePrefill: Timing | null = null;
+  const prefillRow = async (m: Model, label: string, quantized: boolean): Promise<void> => {
+    if (prefillT <= 0) return;
+    const t = await prefill(m);
+    let note = '';
+    if (quantized) {
+      process.env.SQUEEZELM_LUT_DENSE_MIN_M = '0';
+      try {
+        const tiled = await prefill(m);
+        note = `tiled LUT GEMM instead of the dense weight copy: ${(tiled.plain.median / 1000).toFixed(1)} ms (${(tiled.plain.median / t.plain.median).toFixed(2)}x this row's time)`;
+      } finally {
+        delete process.env.SQUEEZELM_LUT_DENSE_MIN_M;
+      }
+    } else {
+      basePrefill = t;
+    }
+    const r = row(ctx, SUITE, `${label} prefill ${prefillT}`, t, quantized && basePrefill ? { baseline: 'fp16 prefill', base: basePrefill, note } : { note });
+    rows.push(r);
+    log(`decodeq ${label} prefill ${prefillT}: ${(r.timeUs / 1000).toFixed(1)} ms${r.speedup ? `, ${r.speedup.toFixed(2)}x fp16` : ''}${note ? `; ${note}` : ''}`);
   };
 
   // (a) fp16.
@@ -92,6 +134,7 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
       const r = row(ctx, SUITE, `fp16 step b1 ctx ${ctxLen}`, base, { bytes: r0.bytes, note });
       rows.push(r);
       log(`decodeq fp16: ${r.timeUs.toFixed(0)} us/step (${r.timing}), ${baseTps.toFixed(1)} tokens/s end to end`);
+      await prefillRow(m, 'fp16', false);
     } finally {
       await m.dispose();
     }
@@ -147,6 +190,7 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
       const r = row(ctx, SUITE, `${label} step b1 ctx ${ctxLen}`, r0.t, { bytes: r0.bytes, baseline: 'fp16 step', base, note });
       rows.push(r);
       log(`decodeq ${label}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), ${r.speedup?.toFixed(2)}x fp16; ${note}`);
+      await prefillRow(m, label, true);
     } finally {
       await m.dispose();
     }
