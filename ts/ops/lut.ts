@@ -24,8 +24,11 @@ export function lutRepack(dst: Tensor, qweight: Tensor, bits: number): void {
 /**
  * y[M,N] = x[M,K] · dequant(codes, lut)ᵀ + outliers; codes from lutRepack (rows/cols/vals all or none).
  * With f16/bf16 activations the products use the table entries rounded to the activation dtype
- * (CPU and CUDA alike); outlier values are added in fp32 (the CUDA prefill kernel, M > 64, rounds
- * the weight at an outlier's position with the outlier added); fp32 accumulation.
+ * (CPU and CUDA alike); outlier values are added in fp32 (on CUDA past M = 64 the weight at an
+ * outlier's position is rounded with the outlier added); fp32 accumulation. On CUDA past M = 64 the
+ * weight is decoded once into a temporary fp16/bf16 copy [N, K] from the device's memory pool and
+ * multiplied by the dense GEMM (while a graph is captured, or where the copy would exceed
+ * SQUEEZELM_LUT_DENSE_MAX_MB, default 1024, a tiled LUT GEMM instead; docs/squeezellm.md).
  */
 export function lutMatmulPacked(
   y: Tensor,
