@@ -1,18 +1,19 @@
 // Large-M products through a dense copy of the weight: the packed codes are decoded once into an
-// fp16/bf16 matrix W [N, K] (lookup table value, plus the exact outliers folded in with one rounding,
-// as the tiled GEMM below folds them into its shared-memory tiles), and y = x W^T is then our dense
-// tensor-core GEMM (kernels/gemm). One decoding kernel, then the GEMM. Included by lut_gemm.cu inside its anonymous namespace (Cvt,
-// pack2, load_f).
+// fp16/bf16 matrix W [N, K] (lookup table value, plus the exact outliers folded in with one
+// rounding, as the tiled GEMM of lut_gemm.cu folds them into its shared-memory tiles), and y = x W^T
+// is then our dense tensor-core GEMM (kernels/gemm): one decoding kernel, then the GEMM. Included by
+// lut_gemm.cu inside its anonymous namespace (Cvt, pack2, load_f).
 //
 // Why. The tiled LUT GEMM decodes every weight once per 128-row block of x, on the CUDA cores, in
 // the same loop that feeds the tensor cores: at prefill sizes it reached a third of our dense GEMM
 // (H200, 8192x8192, M = 2048: 1.63-2.00 ms against 0.51 ms). Decoding once costs one pass over the
-// codes and one write of W (2 N K bytes: ~35 us at 8192x8192), after which the product runs at the
-// dense GEMM's speed. The launch picks the path by M (lut_gemm.cu launch()).
+// codes and one write of W (2 N K bytes: 46-51 us at 8192x8192, 4-bit), after which the product
+// runs at the dense GEMM's speed. The launch picks the path by M (lut_gemm.cu launch()).
 //
 // W is a temporary from the device's caching pool (one stream per device, so its reuse is stream
-// ordered), N K * 2 bytes: the launch takes this path only where that is at most a cap and the
-// stream is not capturing a graph (an allocation cannot be captured).
+// ordered), N K * 2 bytes: the launch takes this path only where that is at most a cap, the pool can
+// supply it, and the stream is not capturing a graph (an allocation cannot be captured); otherwise
+// the tiled GEMM runs.
 #pragma once
 
 namespace dense {
@@ -125,7 +126,13 @@ bool run(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lu
   cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
   cuda_check(cudaStreamIsCapturing(st, &cap), "lutMatmul: cudaStreamIsCapturing");
   if (cap != cudaStreamCaptureStatusNone) return false;
-  Tensor w = Tensor::empty(x.dtype, {N, K}, x.device);
+  Tensor w;
+  try {
+    w = Tensor::empty(x.dtype, {N, K}, x.device);
+  } catch (const Error& e) {
+    if (e.code == "ERR_OUT_OF_MEMORY") return false;  // the tiled GEMM needs no copy
+    throw;
+  }
   const bool sparse = rows && cols && vals && cols->numel() > 0;
   dequant_rows_kernel<T, BITS><<<N, kThreads, 0, st>>>(w.ptr<T>(), codes.ptr<uint32_t>(), lut.data(), lut.dtype == DType::F32,
                                                  sparse ? rows->ptr<int>() : nullptr, sparse ? cols->ptr<int>() : nullptr,
