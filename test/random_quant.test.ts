@@ -126,17 +126,22 @@ describeGpu('createRandomModel with quantize (cuda)', () => {
   test('quantized on the GPU: prefill and fused decode passes match the dense CPU model; decode steps replay graphs', async () => {
     const linears = new Map<string, SqueezeLinear>();
     const m = await createRandomModel(CONFIG, {
-      device: 'cuda', seed: 11, maxBatch: 2, maxContext: 64,
+      device: 'cuda', seed: 11, maxBatch: 3, maxContext: 64,
       quantize: { bits: 4, outliers: 0.02, iters: 10, onLinear: (n, l) => linears.set(n, l) },
     });
     let dir: string | undefined, ref: Model | undefined;
     try {
       expect(linears.size).toBe(14);
       dir = await denseCheckpoint(m, linears);
-      ref = await loadModel(dir, { device: 'cpu', maxBatch: 2, maxContext: 64 });
+      ref = await loadModel(dir, { device: 'cpu', maxBatch: 3, maxContext: 64 });
       // fp16 activations and tables against the f32 oracle; 1 and 2 rows take the fused decode pass.
       for (const ids of [PROMPT, [PROMPT[0]], PROMPT.slice(0, 2)])
         expect(relErr(await m.logits(ids), await ref.logits(ids))).toBeLessThan(1e-2);
+      // three 50-token prompts in one prefill, 150 rows: the dense copy of each quantized weight
+      // (past M = 64, csrc/kernels/lut_gemm/dense_path.cuh)
+      const prompts = [0, 1, 2].map((p) => Array.from({ length: 50 }, (_, i) => (PROMPT[i % PROMPT.length] + 5 * i + 17 * p) % 97));
+      const got = await m.logitsBatch(prompts), want = await ref.logitsBatch(prompts);
+      for (let p = 0; p < 3; p++) expect(relErr(got[p], want[p])).toBeLessThan(1e-2);
       const [a] = await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]);
       expect(m.stats.captureError).toBeUndefined();
       expect(m.stats.graphReplays).toBeGreaterThan(0);
