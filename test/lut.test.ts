@@ -136,7 +136,7 @@ describe('lutMatmul (CPU) vs dequantize-then-dense', () => {
           const w = dequantize(l);
           const t = tensorsOf(l, 'cpu', 'f32');
           // M = 17, 64: the weight dequantized once, then the CPU matmul (from M = 16; K = 161 packs
-          // to a padded row that is compacted first)
+          // to padded rows, of which only the first K entries are written)
           for (const M of [1, 3, 17, 64]) {
             const x = randn(M * K, r);
             const y = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N]);

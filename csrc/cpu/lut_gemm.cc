@@ -99,17 +99,17 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
   const int32_t* cp = cols ? cols->ptr<int32_t>() : nullptr;
   const int64_t nnz = cols ? cols->numel() : 0;
   const int chunks = (int)(L.KU / 32);
-  // Row n's weights (table entries, K padded to Kp) into dst[0, Kp).
-  auto dequant_row = [&](int64_t n, float* dst) {
+  // Row n's weights (table entries) at k < len into dst[0, len).
+  auto dequant_row = [&](int64_t n, float* dst, int64_t len) {
     const float* l = &lf[(size_t)(n * E)];
     for (int64_t u = 0; u < L.U; ++u)
       for (int q = 0; q < 4; ++q) {
         uint32_t wq[12];
         for (int i = 0; i < L.WU; ++i) wq[i] = c[L.word(n, u, q, i)];
         for (int ch = 0; ch < chunks; ++ch) {
+          const int64_t k0 = u * L.KU + 32 * ch + 8 * q, m = std::min<int64_t>(8, len - k0);
           const uint32_t v = chunk_bits(wq, bits, ch);
-          float* d = dst + (size_t)(u * L.KU + 32 * ch + 8 * q);
-          for (int j = 0; j < 8; ++j) d[j] = l[(v >> (bits * j)) & mask];
+          for (int j = 0; j < m; ++j) dst[k0 + j] = l[(v >> (bits * j)) & mask];
         }
       }
   };
@@ -123,23 +123,20 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
     }
   };
 
-  if (M >= kDenseMinM && N * L.Kp * 4 <= kDenseMaxBytes) {
+  if (M >= kDenseMinM && N * K * 4 <= kDenseMaxBytes) {
     // Many rows of x: the weight is dequantized once (outliers added in fp32) and multiplied by the
     // blocked matmul. The row-at-a-time loop below reads all of x once per output row: on two
     // cores, pycoder-mini's perplexity over 4 windows took 6.7 s that way against 2.2 s dense.
-    Tensor w = Tensor::empty(DType::F32, {N, L.Kp}, Device{});
+    Tensor w = Tensor::empty(DType::F32, {N, K}, Device{});
     float* wp = w.ptr<float>();
     parallel_for(N, 4, [&](int64_t nb, int64_t ne) {
       for (int64_t n = nb; n < ne; ++n) {
-        float* row = wp + (size_t)(n * L.Kp);
-        dequant_row(n, row);
+        float* row = wp + (size_t)(n * K);
+        dequant_row(n, row, K);
         for_outliers(n, [&](int32_t k, float v) { row[k] += v; });
       }
     });
-    // [N, Kp] -> [N, K] in place where K < Kp (rows move left, in order)
-    if (L.Kp != K)
-      for (int64_t n = 1; n < N; ++n) std::memmove(wp + (size_t)(n * K), wp + (size_t)(n * L.Kp), (size_t)K * sizeof(float));
-    matmul(y, x, w.view(0, {N, K}), nullptr);
+    matmul(y, x, w, nullptr);
     return;
   }
 
@@ -149,7 +146,7 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
     std::vector<float> w((size_t)L.Kp);
     std::vector<float> acc((size_t)M);
     for (int64_t n = nb; n < ne; ++n) {
-      dequant_row(n, w.data());
+      dequant_row(n, w.data(), L.Kp);
       for (int64_t m = 0; m < M; ++m) {
         const float* xr = &xf[(size_t)(m * K)];
         float s = 0.f;

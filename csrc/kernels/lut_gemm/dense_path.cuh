@@ -22,21 +22,22 @@ namespace dense {
 // docs/squeezellm.md, "Prefill through a dense copy of the weight").
 constexpr int kDefaultMinM = 65;
 
-// The 8 codes of output row n at k0..k0+7 (k0 a multiple of 8) in the packed layout
-// (csrc/cpu/lut_gemm.h): chunk c = (k0 % KU) / 32 of unit u = k0 / KU, quarter q = (k0 % 32) / 8,
-// code j at bits BITS*j of the returned word.
+// The words of (row n, quarter q) of unit u that hold chunks 4b..4b+3, in the packed layout
+// (csrc/cpu/lut_gemm.h), placed so that chunk_bits<BITS>(w, cc) (lut_gemm.cu) reads chunk 4b + cc:
+// 4 bits, the quarter's 4 words (one 16-byte load; b = 0); 3 bits, words 3b..3b+2 at w[0..2].
 template <int BITS>
-__device__ __forceinline__ uint32_t codes8(const uint32_t* __restrict__ codes, int n, int k0, int U) {
-  constexpr int KU = BITS == 4 ? 128 : 512, WU = BITS == 4 ? 4 : 12;
-  const int u = k0 / KU, kk = k0 % KU, c = kk >> 5, q = (kk >> 3) & 3;
-  const uint32_t* p = codes + ((long long)(n >> 4) * U + u) * 64 * WU + ((n & 15) * 4 + q) * 4;
-  auto word = [&](int w) { return __ldg(p + (w >> 2) * 256 + (w & 3)); };
+__device__ __forceinline__ void load_block(const uint32_t* __restrict__ codes, int n, int u, int b, int q, int U,
+                                           uint32_t (&w)[Geo<BITS>::WU]) {
+  const uint32_t* p = codes + ((long long)(n >> 4) * U + u) * 64 * Geo<BITS>::WU + ((n & 15) * 4 + q) * 4;
   if constexpr (BITS == 4) {
-    return word(c);
+    const uint4 t = __ldg(reinterpret_cast<const uint4*>(p));
+    w[0] = t.x; w[1] = t.y; w[2] = t.z; w[3] = t.w;
   } else {
-    const int b = c >> 2, cc = c & 3;
-    if (cc < 3) return word(3 * b + cc) & 0xffffffu;
-    return (word(3 * b) >> 24) | ((word(3 * b + 1) >> 24) << 8) | ((word(3 * b + 2) >> 24) << 16);
+#pragma unroll
+    for (int i = 0; i < Geo<BITS>::WU; ++i) {
+      const int wi = 3 * b + i;
+      w[i] = i < 3 ? __ldg(p + (wi >> 2) * 256 + (wi & 3)) : 0u;
+    }
   }
 }
 
@@ -60,28 +61,21 @@ __global__ void __launch_bounds__(kThreads) dequant_rows_kernel(T* __restrict__ 
   const int n = blockIdx.x, tid = threadIdx.x;
   // An item is the 32 codes of one quarter in 4 consecutive chunks of a unit (k = unit base + 128 b +
   // 32 cc + 8 q + j, cc = 0..3): for 4 bits one 16-byte load (the quarter's 4 words of the unit), for
-  // 3 bits the 3 words of block b; then 4 stores of 8 values. Items run q fastest, so 4 neighbouring
+  // 3 bits the 3 words of block b (load_block); then 4 stores of 8 values. Items run q fastest, so 4 neighbouring
   // threads write 64 contiguous bytes per store. (One thread per 8 codes, with a 4-byte load each
   // and, for 3 bits, 3 loads on a quarter of the threads: 46 / 71 us at 8192x8192 4 / 3-bit.)
-  const int per_unit = (BITS == 4 ? 1 : 4) * 4, items = U * per_unit;
-  auto load_item = [&](int it, uint32_t (&wv)[4]) {
-    const int u = it / per_unit, b = (it % per_unit) >> 2, q = it & 3;
-    const uint32_t* p = codes + ((long long)(n >> 4) * U + u) * 64 * (BITS == 4 ? 4 : 12) + ((n & 15) * 4 + q) * 4;
-    if constexpr (BITS == 4) {
-      const uint4 t = __ldg(reinterpret_cast<const uint4*>(p));
-      wv[0] = t.x; wv[1] = t.y; wv[2] = t.z; wv[3] = t.w;
-    } else {
-#pragma unroll
-      for (int i = 0; i < 3; ++i) { const int w_ = 3 * b + i; wv[i] = __ldg(p + (w_ >> 2) * 256 + (w_ & 3)); }
-      wv[3] = 0u;
-    }
+  using G = Geo<BITS>;
+  constexpr int BLOCKS = G::CH / 4;  // 4-chunk blocks per unit
+  const int items = U * BLOCKS * 4;  // (unit, block, quarter), quarter fastest
+  auto load_item = [&](int it, uint32_t (&wv)[G::WU]) {
+    load_block<BITS>(codes, n, it / (4 * BLOCKS), (it >> 2) % BLOCKS, it & 3, U, wv);
   };
   // Everything the block needs is requested before it waits for any of it: a block's work is short,
   // so its latency chain (table, codes, the outliers' row bounds, columns and values) is its time.
   // (Requested one after another, with a block of 256 threads, 8192x8192 took 58 us, 2.3 TB/s.)
   const int ob = rows ? rows[n] : 0, oe = rows ? rows[n + 1] : 0;
   const float entry = tid < E ? load_f(lut, lut_f32, (long long)n * E + tid) : 0.f;
-  uint32_t wv[UNROLL][4];
+  uint32_t wv[UNROLL][G::WU];
 #pragma unroll
   for (int i = 0; i < UNROLL; ++i)
     if (tid + i * kThreads < items) load_item(tid + i * kThreads, wv[i]);
@@ -101,14 +95,12 @@ __global__ void __launch_bounds__(kThreads) dequant_rows_kernel(T* __restrict__ 
     for (int i = 0; i < UNROLL; ++i) {
       const int it = first + i * kThreads;
       if (it >= items) break;
-      const int u = it / per_unit, b = (it % per_unit) >> 2, q = it & 3;
+      const int u = it / (4 * BLOCKS), b = (it >> 2) % BLOCKS, q = it & 3;
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
-        const int k0 = u * (BITS == 4 ? 128 : 512) + 128 * b + 32 * cc + 8 * q;
+        const int k0 = u * G::KU + 128 * b + 32 * cc + 8 * q;
         if (k0 >= K) continue;
-        uint32_t v;
-        if constexpr (BITS == 4) v = wv[i][cc];
-        else v = cc < 3 ? wv[i][cc] & 0xffffffu : (wv[i][0] >> 24) | ((wv[i][1] >> 24) << 8) | ((wv[i][2] >> 24) << 16);
+        const uint32_t v = chunk_bits<BITS>(wv[i], cc);  // code j at bits BITS*j (3 bits: bits 0..23)
         float e[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) e[j] = tab[(v >> (BITS * j)) & (E - 1)];
@@ -131,7 +123,13 @@ __global__ void __launch_bounds__(kThreads) dequant_rows_kernel(T* __restrict__ 
   __syncthreads();  // the dense stores of the row come first
   // the row's outliers, the first kThreads from the registers loaded above
   auto put = [&](int k, float val) {
-    const uint32_t cv = codes8<BITS>(codes, n, k & ~7, U);
+    const int kk = k % G::KU, c = kk >> 5;
+    uint32_t wq[G::WU];
+    load_block<BITS>(codes, n, k / G::KU, c >> 2, (kk >> 3) & 3, U, wq);
+    uint32_t cv = 0;
+#pragma unroll
+    for (int cc = 0; cc < 4; ++cc)  // (a compile-time chunk: no dynamic index into wq)
+      if (cc == (c & 3)) cv = chunk_bits<BITS>(wq, cc);
     row[k] = Cvt<T>::t(tab[(cv >> (BITS * (k & 7))) & (E - 1)] + val);
   };
   if (oc >= 0) put(oc, ov);
