@@ -776,9 +776,9 @@ __global__ void __launch_bounds__(W * 32, MINB)
       }
       // The XSUB lanes' sums by halving (reduce-scatter): at each of the first three steps a lane
       // keeps half of its sums (the upper half where its bit of the step is set) and adds its
-      // partner's copy of that half, one shuffle per kept sum; later steps add the one sum left.
-      // 8 + log2(XSUB) - 3 shuffles where a butterfly over all 8 sums took 8 log2(XSUB) (32 at
-      // XSUB = 16). Same process, H200, D+S, halving / butterfly: 4-bit M = 8 8192x8192 20.41 /
+      // partner's copy of that half, one shuffle per kept sum; later steps add the one sum left:
+      // 4 + log2(XSUB) shuffles from 8 lanes up (4 + 2 + 1, then one per step), where a butterfly
+      // over all 8 sums took 8 log2(XSUB) (8 against 32 at XSUB = 16). Same process, H200, D+S, halving / butterfly: 4-bit M = 8 8192x8192 20.41 /
       // 20.60 us, 22016x4096 34.48 / 34.78, 12288x4096 18.58 / 18.77; M = 16 8192x8192 23.64 /
       // 23.77, 12288x4096 21.88 / 22.16; 3-bit and M = 32 within 0.5%. The lanes whose bits below
       // the third step are zero write the sums eo .. eo + VL - 1 of their (row, activation rows).
