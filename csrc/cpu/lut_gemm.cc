@@ -99,15 +99,15 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
   const int32_t* cp = cols ? cols->ptr<int32_t>() : nullptr;
   const int64_t nnz = cols ? cols->numel() : 0;
   const int chunks = (int)(L.KU / 32);
-  // Row n's weights (table entries) at k < len into dst[0, len).
-  auto dequant_row = [&](int64_t n, float* dst, int64_t len) {
+  // Row n's weights (table entries) into dst[0, K).
+  auto dequant_row = [&](int64_t n, float* dst) {
     const float* l = &lf[(size_t)(n * E)];
     for (int64_t u = 0; u < L.U; ++u)
       for (int q = 0; q < 4; ++q) {
         uint32_t wq[12];
         for (int i = 0; i < L.WU; ++i) wq[i] = c[L.word(n, u, q, i)];
         for (int ch = 0; ch < chunks; ++ch) {
-          const int64_t k0 = u * L.KU + 32 * ch + 8 * q, m = std::min<int64_t>(8, len - k0);
+          const int64_t k0 = u * L.KU + 32 * ch + 8 * q, m = std::min<int64_t>(8, K - k0);
           const uint32_t v = chunk_bits(wq, bits, ch);
           for (int j = 0; j < m; ++j) dst[k0 + j] = l[(v >> (bits * j)) & mask];
         }
@@ -132,7 +132,7 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
     parallel_for(N, 4, [&](int64_t nb, int64_t ne) {
       for (int64_t n = nb; n < ne; ++n) {
         float* row = wp + (size_t)(n * K);
-        dequant_row(n, row, K);
+        dequant_row(n, row);
         for_outliers(n, [&](int32_t k, float v) { row[k] += v; });
       }
     });
@@ -143,10 +143,10 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
   std::vector<float> xf((size_t)(M * K));
   convert_to_float(x.data(), x.dtype, xf.data(), xf.size());
   parallel_for(N, 4, [&](int64_t nb, int64_t ne) {
-    std::vector<float> w((size_t)L.Kp);
+    std::vector<float> w((size_t)K);
     std::vector<float> acc((size_t)M);
     for (int64_t n = nb; n < ne; ++n) {
-      dequant_row(n, w.data(), L.Kp);
+      dequant_row(n, w.data());
       for (int64_t m = 0; m < M; ++m) {
         const float* xr = &xf[(size_t)(m * K)];
         float s = 0.f;

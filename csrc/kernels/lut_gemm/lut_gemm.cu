@@ -774,17 +774,19 @@ __global__ void __launch_bounds__(W * 32, MINB)
 #pragma unroll
         for (int o = 0; o < 8; ++o) fma8<T>(s8, vv[o], xq[o]);
       }
-      // The XSUB lanes' sums by halving (reduce-scatter): at each of the first three steps a lane
-      // keeps half of its sums (the upper half where its bit of the step is set) and adds its
-      // partner's copy of that half, one shuffle per kept sum; later steps add the one sum left:
+      // The XSUB lanes' sums by halving (reduce-scatter): while a lane holds v > 1 sums, each step
+      // keeps half of them (the upper half where the lane's bit of the step is set) and adds the
+      // partner's copy of that half, one shuffle per kept sum; later steps add the one sum left.
       // 4 + log2(XSUB) shuffles from 8 lanes up (4 + 2 + 1, then one per step), where a butterfly
-      // over all 8 sums took 8 log2(XSUB) (8 against 32 at XSUB = 16). Same process, H200, D+S, halving / butterfly: 4-bit M = 8 8192x8192 20.41 /
-      // 20.60 us, 22016x4096 34.48 / 34.78, 12288x4096 18.58 / 18.77; M = 16 8192x8192 23.64 /
-      // 23.77, 12288x4096 21.88 / 22.16; 3-bit and M = 32 within 0.5%. The lanes whose bits below
-      // the third step are zero write the sums eo .. eo + VL - 1 of their (row, activation rows).
-      int eo = 0;
+      // over all 8 sums took 8 log2(XSUB) (8 against 32 at XSUB = 16). Same process, H200, D+S,
+      // halving / butterfly: 4-bit M = 8 8192x8192 20.41 / 20.60 us, 22016x4096 34.48 / 34.78,
+      // 12288x4096 18.58 / 18.77; M = 16 8192x8192 23.64 / 23.77, 12288x4096 21.88 / 22.16; 3-bit
+      // and M = 32 within 0.5%. At the end a lane holds sums eo .. eo + v - 1 of its (row, activation
+      // rows), the same in every lane that differs from it only in the bits of the last steps (low):
+      // the one whose low bits are zero writes them.
+      int eo = 0, v = 8, low = 0;
 #pragma unroll
-      for (int off = XSUB / 2, v = 8; off >= 1; off /= 2) {
+      for (int off = XSUB / 2; off >= 1; off /= 2) {
         if (v > 1) {
           const bool upper = (xs & off) != 0;
 #pragma unroll
@@ -798,12 +800,13 @@ __global__ void __launch_bounds__(W * 32, MINB)
           v /= 2;
         } else {
           s8[0] += __shfl_xor_sync(0xffffffffu, s8[0], off);
+          low |= off;
         }
       }
-      constexpr int VL = XSUB >= 8 ? 1 : 8 / XSUB, LOW = XSUB >= 8 ? XSUB / 8 - 1 : 0;
-      if ((xs & LOW) == 0) {
+      if ((xs & low) == 0) {
 #pragma unroll
-        for (int i = 0; i < VL; ++i) osum[xrow * 8 * MT + 8 * xmg + eo + i] = s8[i];
+        for (int i = 0; i < 8; ++i)
+          if (i < v) osum[xrow * 8 * MT + 8 * xmg + eo + i] = s8[i];
       }
     } else if (OSPLIT && rows != nullptr) {
       // Every lane sums its share of rows g, g+8 for activation rows 0 and 1; the 4 lanes of a row
