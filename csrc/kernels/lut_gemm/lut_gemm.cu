@@ -804,9 +804,18 @@ __global__ void __launch_bounds__(W * 32, MINB)
         }
       }
       if ((xs & low) == 0) {
+        // eo is a multiple of v (each kept half starts at one), so the v sums go out in 16- or 8-byte
+        // stores, as the butterfly's one writer lane stored its 8 (v is a constant once unrolled)
+        float* dst = osum + xrow * 8 * MT + 8 * xmg + eo;
+        if (v >= 4) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
-          if (i < v) osum[xrow * 8 * MT + 8 * xmg + eo + i] = s8[i];
+          for (int i = 0; i < 8; i += 4)
+            if (i < v) *reinterpret_cast<float4*>(dst + i) = make_float4(s8[i], s8[i + 1], s8[i + 2], s8[i + 3]);
+        } else if (v == 2) {
+          *reinterpret_cast<float2*>(dst) = make_float2(s8[0], s8[1]);
+        } else {
+          dst[0] = s8[0];
+        }
       }
     } else if (OSPLIT && rows != nullptr) {
       // Every lane sums its share of rows g, g+8 for activation rows 0 and 1; the 4 lanes of a row
