@@ -1101,7 +1101,9 @@ inline int blocks_per_sm(int D, int G) {
   return std::min(8, std::max(1, env_int("SQUEEZELM_KVQ_BLOCKS_PER_SM", min_blocks(D, G > 8 ? 2 : 1))));
 }
 // chunk_tokens: the split granularity (the rotation-plane kernel splits at 32 tokens).
-inline Plan plan(int sms, int N, int H, int G, int D, int max_seq_len, int chunk_tokens = kChunk) {
+// reserved_splits: splits of other work in the same grid (the rotation-plane kernel's sink split),
+// whose blocks the resident wave must also hold.
+inline Plan plan(int sms, int N, int H, int G, int D, int max_seq_len, int chunk_tokens = kChunk, int reserved_splits = 0) {
   Plan p;
   const int chunks = std::max(1, (max_seq_len + chunk_tokens - 1) / chunk_tokens);
   // The splits are sized in warps (one per kv head and split): as many as the resident wave
@@ -1117,7 +1119,8 @@ inline Plan plan(int sms, int N, int H, int G, int D, int max_seq_len, int chunk
   p.hpb = (H + groups - 1) / groups;
   p.groups = groups;
   const long long per = (long long)N * p.groups * p.hpb;  // warps per split
-  const int splits = (int)std::min<long long>(chunks, std::max<long long>(1, (target_warps + per - 1) / per));
+  const int splits =
+      (int)std::min<long long>(chunks, std::max<long long>(1, (target_warps + per - 1) / per - reserved_splits));
   p.sub = (chunks + splits - 1) / splits;
   p.splits = (chunks + p.sub - 1) / p.sub;
   return p;

@@ -148,7 +148,11 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int r = lane >> 2, c4 = lane & 3;  // fragment row (token / head) and column pair
-  const int split = blockIdx.x, n = blockIdx.y;
+  // With sink tokens, block x = 0 of each (row, head group) is the sink split: it takes only the
+  // sink tokens, in parallel with the token splits x = 1 .. (see the sink step below).
+  const int extra = g.sink > 0 ? 1 : 0;
+  const bool sink_split = blockIdx.x < extra;
+  const int split = blockIdx.x - extra, n = blockIdx.y;
   const int h = blockIdx.z * pl.hpb + warp;
   const bool active = warp < pl.hpb && h < g.H;
   const int G = hq_total / g.H;
@@ -199,7 +203,9 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   const int b = row_found ? bp[0] : -1, L = row_found ? bp[1] + 1 : 0;
   // chunks of the current length spread over the planned splits (see tc_kernel)
   const int sub_now = max(1, ((L + kSplit - 1) / kSplit + pl.splits - 1) / pl.splits);
-  const int t_begin = split * sub_now * kSplit, t_end = min(L, t_begin + sub_now * kSplit);
+  // the sink split has no tiles
+  const int t_begin = sink_split ? 0 : split * sub_now * kSplit;
+  const int t_end = sink_split ? 0 : min(L, t_begin + sub_now * kSplit);
   const int ntiles = t_end > t_begin ? (t_end - t_begin + kTok - 1) / kTok : 0;
   const float qs = scale * kLog2e;  // scores in the log2 domain
 
@@ -237,7 +243,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
 
   // ---- per split: the query planes (B fragments, head = r); the offset planes go to shared memory
   unsigned qb[4][KS][2];
-  if (active) {
+  if (active && !sink_split) {
     const float* lo = g.key_lo + (long long)h * D;
     const float* hi = g.key_hi + (long long)h * D;
     const bool hv = r < G && b >= 0;
@@ -277,14 +283,17 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, pa_run[2] = {0.f, 0.f};  // heads 2 c4 + e
 
   const int srow = b >= 0 ? sink_row(g, b) : 0;
-  // ---- sink tokens (the splits that start before g.sink): exact scores from the fp16 side store
-  // (keys rotated in fp32) and exact values, folded into the running state before the tiles,
-  // which mask them. The whole warp takes one sink token at a time, two RoPE pairs per lane, for
-  // all its query heads. (Inside the tile loop this cost registers in every tile and put a
-  // dependent global load per sink token on the split's critical path.)
-  if (active && b >= 0) {
-    const int ts_end = min(g.sink, t_end);
-    for (int tt = t_begin; tt < ts_end; ++tt) {
+  // ---- sink tokens, in a split of their own (x = 0): exact scores from the fp16 side store (keys
+  // rotated in fp32) and exact values, as the steps of the online softmax; the token splits mask
+  // them. The whole warp takes one sink token at a time, two RoPE pairs per lane, for all its
+  // query heads. (Inside the tile loop this cost registers in every tile and put a dependent
+  // global load per sink token on the split's critical path. Taken by the first token split
+  // before its tiles, each sink token still cost ~1.4 us of that split's time, two dependent
+  // round trips, and the first split set the end of the call: H200, 32q/8kv x128, 2-bit, 4 sink
+  // tokens against none: 8K 25.7 / 20.2 us, 32K 47.3 / 44.5, batch 8 at 4K 50.4 / 44.1.)
+  if (active && b >= 0 && sink_split) {
+    const int ts_end = min(g.sink, L);
+    for (int tt = 0; tt < ts_end; ++tt) {
       const uint16_t* sk = g.sink_k + sink_at(g, srow, tt, h);
       float part[8];
 #pragma unroll
@@ -542,7 +551,8 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   for (int e = 0; e < 2; ++e) {
     const int head = 2 * c4 + e;
     if (head >= G) continue;
-    float* pr = part + (((long long)n * hq_total + (long long)h * G + head) * pl.splits + split) * (D + 2);
+    // partial x of gridDim.x (the sink split's first, then the token splits')
+    float* pr = part + (((long long)n * hq_total + (long long)h * G + head) * gridDim.x + blockIdx.x) * (D + 2);
 #pragma unroll
     for (int mt = 0; mt < S::MT; ++mt) {
       pr[tc::value_channel<BITS>(16 * mt + r)] = acc[mt][e] + pa_run[e];
@@ -555,6 +565,9 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   }
 }
 
+// Splits of their own for the sink tokens (blockIdx.x 0 of each row and head group).
+inline int sink_splits(const Geo& g) { return g.sink > 0 ? 1 : 0; }
+
 template <class T, int D, int BITS>
 void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, const tc::Plan& pl,
             float* part, cudaStream_t stream) {
@@ -562,9 +575,10 @@ void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_
   const int stage = stage_bytes_for(Shape<D, BITS>::CB, g.mbytes);
   const size_t smem = table_bytes<D, BITS>() + (size_t)pl.hpb * warp_bytes<D, BITS>(stage);
   allow_dynamic_smem<planes_kernel<T, D, BITS>>(smem, "kvqAttention");
-  launch_pdl(planes_kernel<T, D, BITS>, dim3(pl.splits, N, pl.groups), dim3(pl.hpb * 32), smem, stream, g,
+  const int splits = pl.splits + sink_splits(g);
+  launch_pdl(planes_kernel<T, D, BITS>, dim3(splits, N, pl.groups), dim3(pl.hpb * 32), smem, stream, g,
              static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part, stage);
-  fast::launch_combine<T>(part, pl.splits, N * Hq, D, static_cast<T*>(out.data()), stream);
+  fast::launch_combine<T>(part, splits, N * Hq, D, static_cast<T*>(out.data()), stream);
 }
 template <class T, int D>
 void launch_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, const tc::Plan& pl,
@@ -581,9 +595,10 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
   const int N = (int)q.dim(0), Hq = (int)q.dim(1), dev = q.device.index, G = Hq / g.H;
   if (!covers(g.D, G)) return false;
   if (N == 0) return true;
-  // tc's plan at 32-token granularity: 8 warps per block, two blocks per SM
-  const tc::Plan pl = tc::plan(sm_count(dev), N, g.H, G, g.D, L, kSplit);
-  const int64_t need = (int64_t)N * Hq * pl.splits * (g.D + 2);
+  // tc's plan at 32-token granularity: 8 warps per block, two blocks per SM, the sink split's
+  // blocks among them (so the token splits still run in one wave)
+  const tc::Plan pl = tc::plan(sm_count(dev), N, g.H, G, g.D, L, kSplit, sink_splits(g));
+  const int64_t need = (int64_t)N * Hq * (pl.splits + sink_splits(g)) * (g.D + 2);
   if (work && need > work_floats) fail("ERR_ARG", "kvqAttention: the workspace holds " + std::to_string(work_floats) +
                                                       " floats, this call needs " + std::to_string(need));
   float* part = work ? work : partials(dev, (size_t)need * sizeof(float), s);
@@ -595,6 +610,7 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
   }
 }
 int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, int max_seq_len) {
-  return covers((int)D, (int)(Hq / H)) ? tc::workspace_floats(sms, N, Hq, H, D, max_seq_len, kSplit) : 0;
+  // + one split for the sink tokens (the plan with it reserves as many blocks: never more splits in all)
+  return covers((int)D, (int)(Hq / H)) ? tc::workspace_floats(sms, N, Hq, H, D, max_seq_len, kSplit) + N * Hq * (D + 2) : 0;
 }
 }  // namespace planes
