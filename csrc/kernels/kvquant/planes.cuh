@@ -476,7 +476,8 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
           alpha[e] = online_max(m_run[e], mx, grew);
-          const float mn = m_run[e];
+          // every key so far masked (a split inside the sink): p = 0, not exp2(-inf - -inf)
+          const float mn = m_run[e] == -INFINITY ? 0.f : m_run[e];
           const float p0 = exp2f(sc[e] - mn), p1 = exp2f(sc[2 + e] - mn);
           l_run[e] = fmaf(l_run[e], alpha[e], p0 + p1);
           pa_run[e] = fmaf(pa_run[e], alpha[e], fmaf(p0, v0.y, p1 * v1.y));
