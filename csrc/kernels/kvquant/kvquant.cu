@@ -860,13 +860,11 @@ int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, i
 // Online softmax in the log2 domain, shared by the tensor-core kernels (tc, planes): folds a
 // tile's maximum into the running one and returns the factor that rescales what was summed under
 // the old maximum; `grew` collects whether any maximum grew, so a warp can skip rescaling its
-// accumulators once the maxima settle. A tile with every key masked before any key was seen (the
-// rotation-plane kernel's token splits inside the sink) leaves the state empty: factor 1, not
-// exp2(-inf - -inf).
+// accumulators once the maxima settle.
 __device__ __forceinline__ float online_max(float& m_run, float tile_max, bool& grew) {
   const float mn = fmaxf(m_run, tile_max);
   grew |= mn > m_run;
-  const float alpha = mn == -INFINITY ? 1.f : exp2f(m_run - mn);
+  const float alpha = exp2f(m_run - mn);
   m_run = mn;
   return alpha;
 }

@@ -280,7 +280,12 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   for (int mt = 0; mt < S::MT; ++mt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, pa_run[2] = {0.f, 0.f};  // heads 2 c4 + e
+  // The running maxima start at kNoKey, not -inf: a token split inside the sink can see a tile
+  // with every key masked before any other, and exp2(-inf - -inf) would poison its state; from
+  // kNoKey such a tile gives factor 1 and p = 0 with no test in the loop. A partial that saw no
+  // key still reports -inf.
+  constexpr float kNoKey = -1e30f;
+  float m_run[2] = {kNoKey, kNoKey}, l_run[2] = {0.f, 0.f}, pa_run[2] = {0.f, 0.f};  // heads 2 c4 + e
 
   const int srow = b >= 0 ? sink_row(g, b) : 0;
   // ---- sink tokens, in a split of their own (x = 0): exact scores from the fp16 side store (keys
@@ -476,8 +481,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
           alpha[e] = online_max(m_run[e], mx, grew);
-          // every key so far masked (a split inside the sink): p = 0, not exp2(-inf - -inf)
-          const float mn = m_run[e] == -INFINITY ? 0.f : m_run[e];
+          const float mn = m_run[e];
           const float p0 = exp2f(sc[e] - mn), p1 = exp2f(sc[2 + e] - mn);
           l_run[e] = fmaf(l_run[e], alpha[e], p0 + p1);
           pa_run[e] = fmaf(pa_run[e], alpha[e], fmaf(p0, v0.y, p1 * v1.y));
@@ -560,7 +564,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
       pr[tc::value_channel<BITS>(16 * mt + r + 8)] = acc[mt][2 + e] + pa_run[e];
     }
     if (r == 0) {
-      pr[D] = m_run[e] == -INFINITY ? -INFINITY : m_run[e] * 0.6931471805599453f;
+      pr[D] = m_run[e] == kNoKey ? -INFINITY : m_run[e] * 0.6931471805599453f;
       pr[D + 1] = l_run[e];
     }
   }
