@@ -1499,8 +1499,10 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
         }
         // mask tokens past the end, and the sink tokens in the token splits
 #pragma unroll
-        for (int e = 0; e < 4; ++e)  // t_lo <= tk < t_end, as one unsigned compare
-          if ((unsigned)(t0 + 8 * nt + 2 * c4 + (e & 1) - t_lo) >= (unsigned)(t_end - t_lo)) sc[nt][e] = -INFINITY;
+        for (int e = 0; e < 4; ++e) {
+          const int tk = t0 + 8 * nt + 2 * c4 + (e & 1);
+          if (tk >= t_end || tk < t_lo) sc[nt][e] = -INFINITY;
+        }
       }
       __syncwarp();  // the keys are read: both tiles are free
       // ---- stage values: codebook values only (v = offset + scale * cb), fp16, staging order
