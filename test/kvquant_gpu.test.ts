@@ -43,16 +43,15 @@ describeGpu('kvquant (CUDA vs CPU)', () => {
     [8, 8, 80, [4099], 3, 'bf16'],
     // a long 2-bit cache: fixed per-code roundings of the values would not average out here
     [32, 8, 128, [6000], 2, 'f16'],
-    // sinks longer than a 16-token tile and than a 32-token split (the tensor-core kernels take them
-    // in a split of their own, the flash kernel in each split that starts inside the sink), and
-    // sequences shorter than the sink
+    // sinks longer than a 16-token tile and than a 32-token split (the default kernel takes them in
+    // a split of their own, the others in each split that starts inside the sink), and sequences
+    // shorter than the sink
     [32, 8, 128, [100, 45, 3, 700], 4, 'f16', 40],
     [8, 4, 64, [70, 20, 1], 2, 'f16', 20],
     [12, 4, 96, [200, 17], 3, 'bf16', 17],
-    // no sink tokens (the tensor-core kernels then have no sink split)
+    // no sink tokens (the default kernel then has no sink split)
     [32, 8, 128, [1000, 5, 64, 257], 3, 'f16', 0],
     [16, 4, 64, [300, 2], 2, 'bf16', 0],
-    [8, 4, 256, [500, 3], 4, 'f16', 0],
   ];
   for (const [Hq, H, D, lens, bits, dtype, sink = 3] of cases) {
     test(`append bytes and attention match (Hq ${Hq}, H ${H}, D ${D}, B ${lens.length}, ${bits}-bit, ${dtype}, sink ${sink})`, async () => {

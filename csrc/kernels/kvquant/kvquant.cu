@@ -857,14 +857,6 @@ int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, i
 }
 }  // namespace flash
 
-// The running maximum before any key (the tensor-core kernels): finite, not -inf, so that a tile
-// whose keys are all masked before any key was seen (a token split inside the sink: the sink
-// tokens are a split of their own) gives factor 1 and p = 0 with no test in the tile loop
-// (exp2(-inf - -inf) is NaN; a test in the softmax cost the rotation-plane kernel 1.6-3.8% at 128K
-// tokens, docs/kvquant.md).
-// A partial that saw no key still reports -inf.
-constexpr float kNoKey = -1e30f;
-
 // Online softmax in the log2 domain, shared by the tensor-core kernels (tc, planes): folds a
 // tile's maximum into the running one and returns the factor that rescales what was summed under
 // the old maximum; `grew` collects whether any maximum grew, so a warp can skip rescaling its
@@ -1133,28 +1125,6 @@ inline Plan plan(int sms, int N, int H, int G, int D, int max_seq_len, int chunk
   p.splits = (chunks + p.sub - 1) / p.sub;
   return p;
 }
-// The sink tokens are a split of their own (block x = 0 of each row and head group) in both
-// tensor-core kernels: the token split that starts at position 0 once took them before its tiles,
-// and every split ends together, so the call waited for that split's extra work (H200, rotation-
-// plane kernel, 32q/8kv x128, 2-bit, 4 sink tokens against none: 8K 25.7 / 20.2 us, batch 8 at
-// 4K 50.4 / 44.1; docs/kvquant.md, "The sink tokens in a split of their own").
-__host__ __device__ inline int sink_splits(const Geo& g) { return g.sink > 0 ? 1 : 0; }
-// The plan with the sink split's blocks in the resident wave. Where the token splits leave room
-// for them, or make room without a split taking more chunks, the token splits are planned around
-// them; otherwise (long contexts, where one more chunk per split costs more than a late start) the
-// wave holds the sink blocks, which end first, and as many token-split blocks start in the slots
-// they free. H200, 7B shapes (32 kv heads), 2-bit, one sink token, 1M tokens, rotation-plane
-// kernel: planned around the sink blocks, the splits took 481 chunks instead of 474 and the step
-// 124.6 ms, against 123.1 ms this way.
-inline Plan plan_with_sink(int sms, int N, const Geo& g, int G, int L, int chunk_tokens) {
-  const Plan plain = plan(sms, N, g.H, G, g.D, L, chunk_tokens);
-  const int extra = sink_splits(g);
-  if (extra == 0) return plain;
-  const long long wave = (long long)blocks_per_sm(g.D, G) * sms * max_warps(g.D);
-  if ((long long)(plain.splits + extra) * N * plain.groups * plain.hpb <= wave) return plain;
-  const Plan room = plan(sms, N, g.H, G, g.D, L, chunk_tokens, extra);
-  return room.sub == plain.sub ? room : plain;
-}
 // Per warp: key and value staging tiles [kTok][RS] (fp16), key constants a, b of each RoPE pair's
 // two channels ([HP][4] fp32), value scale/offset [kTok] float2. Per block: the chunk's cos/sin table
 // [kChunk][HP] (cos, sin) pairs in fp32.
@@ -1241,10 +1211,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int tok = lane & 15, hf = lane >> 4;  // the lane's token of a tile and its half of the row
   const int jb = hf * NBH;                     // the half's first block
-  // With sink tokens, block x = 0 of each (row, head group) is the sink split: its tiles hold the
-  // sink tokens only, in parallel with the token splits x = 1 .. (sink_splits)
-  const bool sink_split = blockIdx.x < sink_splits(g);
-  const int split = blockIdx.x - sink_splits(g), n = blockIdx.y;
+  const int split = blockIdx.x, n = blockIdx.y;
   const int h = blockIdx.z * pl.hpb + warp;
   const bool active = warp < pl.hpb && h < g.H;
   const int G = hq_total / g.H;
@@ -1283,9 +1250,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
   const int b = row_found ? bp[0] : -1, L = row_found ? bp[1] + 1 : 0;
   // chunks of the current length spread over the planned splits (see flash_kernel)
   const int sub_now = max(1, ((L + kChunk - 1) / kChunk + pl.splits - 1) / pl.splits);
-  const int t_begin = sink_split ? 0 : split * sub_now * kChunk;
-  const int t_end = sink_split ? min(L, g.sink) : min(L, t_begin + sub_now * kChunk);
-  const int t_lo = sink_split ? 0 : g.sink;  // the token splits mask the sink tokens
+  const int t_begin = split * sub_now * kChunk, t_end = min(L, t_begin + sub_now * kChunk);
 
   // per-warp constants: key a/b per staged column, q fragments
   unsigned qa[2 * S::KX][4] = {};
@@ -1339,10 +1304,8 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][nh][e] = 0.f;
   float m_run[NH], l_run[NH], pa_run[NH];  // pa: sum of p * value offset (per lane, query-head row)
-  // (the running maxima start at kNoKey: a token split inside the sink can see a tile with every
-  // key masked before any other, see kNoKey)
 #pragma unroll
-  for (int nh = 0; nh < NH; ++nh) { m_run[nh] = kNoKey; l_run[nh] = 0.f; pa_run[nh] = 0.f; }
+  for (int nh = 0; nh < NH; ++nh) { m_run[nh] = -INFINITY; l_run[nh] = 0.f; pa_run[nh] = 0.f; }
 
   const int srow = b >= 0 ? sink_row(g, b) : 0;
   const int nk = g.nk, nv = g.nv, ns = nk + nv, MB = g.mbytes;
@@ -1385,7 +1348,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
       const int t0 = t0c + tt0, t = t0 + tok;
       const long long sl = sl_next;  // this tile's row was loaded last (sink and past-end: none)
       if constexpr (PF) load(t + kTok, nxt);
-      const bool valid = t < t_end && t >= t_lo, sink = valid && t < g.sink;  // sink: the sink split's tokens
+      const bool valid = t < t_end, sink = valid && t < g.sink;
       // ---- stage keys, rotated: k = a * cb + b and the RoPE rotation in fp32, then split into
       // fp16 hi (key tile) and lo (the value tile, free until the scores are done), each as
       // x plane | y plane. Sink tokens come exact from the fp16 side store.
@@ -1497,12 +1460,10 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
           mma_16816<__half>(sc[nt], qa[kx][0], qa[kx][1], qa[kx][2], qa[kx][3], xl0, xl1);
           mma_16816<__half>(sc[nt], qa[S::KX + kx][0], qa[S::KX + kx][1], qa[S::KX + kx][2], qa[S::KX + kx][3], yl0, yl1);
         }
-        // mask tokens past the end, and the sink tokens in the token splits
+        // mask tokens past the end
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int tk = t0 + 8 * nt + 2 * c4 + (e & 1);
-          if (tk >= t_end || tk < t_lo) sc[nt][e] = -INFINITY;
-        }
+        for (int e = 0; e < 4; ++e)
+          if (t0 + 8 * nt + 2 * c4 + (e & 1) >= t_end) sc[nt][e] = -INFINITY;
       }
       __syncwarp();  // the keys are read: both tiles are free
       // ---- stage values: codebook values only (v = offset + scale * cb), fp16, staging order
@@ -1618,7 +1579,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
     pa_run[nh] += __shfl_xor_sync(0xffffffffu, pa_run[nh], 2);
   }
   auto part_row = [&](int head) -> float* {
-    return part + (((long long)n * hq_total + (long long)h * G + head) * gridDim.x + blockIdx.x) * (D + 2);  // sink split first
+    return part + (((long long)n * hq_total + (long long)h * G + head) * pl.splits + split) * (D + 2);
   };
 #pragma unroll
   for (int nh = 0; nh < NH; ++nh) {
@@ -1634,7 +1595,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
     }
     const int head = 8 * nh + r;
     if (c4 == 0 && head < G) {
-      part_row(head)[D] = m_run[nh] == kNoKey ? -INFINITY : m_run[nh] * 0.6931471805599453f;
+      part_row(head)[D] = m_run[nh] == -INFINITY ? -INFINITY : m_run[nh] * 0.6931471805599453f;
       part_row(head)[D + 1] = l_run[nh];
     }
   }
@@ -1646,10 +1607,9 @@ void launch_pf(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& i
   const int N = (int)q.dim(0), Hq = (int)q.dim(1);
   const size_t smem = smem_bytes<D, BITS>(pl.hpb);
   allow_dynamic_smem<tc_kernel<T, D, BITS, NH, PF>>(smem, "kvqAttention");
-  const int splits = pl.splits + sink_splits(g);
-  tc_kernel<T, D, BITS, NH, PF><<<dim3(splits, N, pl.groups), pl.hpb * 32, smem, stream>>>(
+  tc_kernel<T, D, BITS, NH, PF><<<dim3(pl.splits, N, pl.groups), pl.hpb * 32, smem, stream>>>(
       g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part);
-  fast::launch_combine<T>(part, splits, N * Hq, D, static_cast<T*>(out.data()), stream);
+  fast::launch_combine<T>(part, pl.splits, N * Hq, D, static_cast<T*>(out.data()), stream);
 }
 // Register prefetch of the next tile where a half row is at most 8 words, except at head_dim 128
 // with one head tile: there the registers it holds cost spills, and without it the H200 measured
@@ -1691,8 +1651,8 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
   const int N = (int)q.dim(0), Hq = (int)q.dim(1), dev = q.device.index, G = Hq / g.H;
   if (!covers(g.D, G)) return false;
   if (N == 0) return true;
-  const Plan pl = plan_with_sink(sm_count(dev), N, g, G, L, kChunk);
-  const int64_t need = (int64_t)N * Hq * (pl.splits + sink_splits(g)) * (g.D + 2);
+  const Plan pl = plan(sm_count(dev), N, g.H, G, g.D, L);
+  const int64_t need = (int64_t)N * Hq * pl.splits * (g.D + 2);
   if (work && need > work_floats) fail("ERR_ARG", "kvqAttention: the workspace holds " + std::to_string(work_floats) +
                                                       " floats, this call needs " + std::to_string(need));
   float* part = work ? work : partials(dev, (size_t)need * sizeof(float), s);
@@ -1709,8 +1669,7 @@ int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, i
                          int chunk_tokens = kChunk) {
   if (N == 0) return 0;
   const Plan pl = plan(sms, (int)N, (int)H, (int)(Hq / H), (int)D, max_seq_len, chunk_tokens);
-  // + the sink split's partials (a plan that makes room for it never has more splits in all)
-  return N * Hq * (pl.splits + 1) * (D + 2);
+  return N * Hq * pl.splits * (D + 2);
 }
 }  // namespace tc
 
