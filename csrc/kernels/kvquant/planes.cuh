@@ -138,6 +138,9 @@ template <int D, int BITS> __host__ __device__ inline size_t warp_bytes(int stag
 template <int D, int BITS> __host__ __device__ constexpr size_t table_bytes() { return (size_t)kChunk * Shape<D, BITS>::RSC * 16; }
 inline int stage_bytes_for(int cb, int mb) { return (32 * cb + 16 * mb + 15) / 16 * 16; }
 
+// Splits of their own for the sink tokens (blockIdx.x 0 of each row and head group).
+__host__ __device__ inline int sink_splits(const Geo& g) { return g.sink > 0 ? 1 : 0; }
+
 template <class T, int D, int BITS>
 __global__ void __launch_bounds__(kWarps * 32, 2)
 planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, float scale, int hq_total, tc::Plan pl,
@@ -150,9 +153,8 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   const int r = lane >> 2, c4 = lane & 3;  // fragment row (token / head) and column pair
   // With sink tokens, block x = 0 of each (row, head group) is the sink split: it takes only the
   // sink tokens, in parallel with the token splits x = 1 .. (see the sink step below).
-  const int extra = g.sink > 0 ? 1 : 0;
-  const bool sink_split = blockIdx.x < extra;
-  const int split = blockIdx.x - extra, n = blockIdx.y;
+  const bool sink_split = blockIdx.x < sink_splits(g);
+  const int split = blockIdx.x - sink_splits(g), n = blockIdx.y;
   const int h = blockIdx.z * pl.hpb + warp;
   const bool active = warp < pl.hpb && h < g.H;
   const int G = hq_total / g.H;
@@ -570,9 +572,6 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   }
 }
 
-// Splits of their own for the sink tokens (blockIdx.x 0 of each row and head group).
-inline int sink_splits(const Geo& g) { return g.sink > 0 ? 1 : 0; }
-
 template <class T, int D, int BITS>
 void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, const tc::Plan& pl,
             float* part, cudaStream_t stream) {
@@ -629,7 +628,7 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
   }
 }
 int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, int max_seq_len) {
-  // + one split for the sink tokens (the plan with it reserves as many blocks: never more splits in all)
+  // + one split for the sink tokens (plan() never gives more token splits than tc's plan)
   return covers((int)D, (int)(Hq / H)) ? tc::workspace_floats(sms, N, Hq, H, D, max_seq_len, kSplit) + N * Hq * (D + 2) : 0;
 }
 }  // namespace planes
