@@ -28,7 +28,8 @@ export function lutRepack(dst: Tensor, qweight: Tensor, bits: number): void {
  * outlier's position is rounded with the outlier added); fp32 accumulation. On CUDA past M = 64 the
  * weight is decoded once into a temporary fp16/bf16 copy [N, K] from the device's memory pool and
  * multiplied by the dense GEMM (while a graph is captured, or where the copy would exceed
- * SQUEEZELM_LUT_DENSE_MAX_MB, default 1024, a tiled LUT GEMM instead; docs/squeezellm.md).
+ * SQUEEZELM_LUT_DENSE_MAX_MB, default 1024, a tiled LUT GEMM instead; docs/log/squeezellm-kernels.md,
+ * "Prefill through a dense copy of the weight").
  */
 export function lutMatmulPacked(
   y: Tensor,

@@ -19,7 +19,7 @@
 namespace dense {
 
 // The least M that takes the path by default: every M past the GEMV's range (measured on the H200:
-// docs/squeezellm.md, "Prefill through a dense copy of the weight").
+// docs/log/squeezellm-kernels.md, "Prefill through a dense copy of the weight").
 constexpr int kDefaultMinM = 65;
 
 // The words of (row n, quarter q) of unit u that hold chunks 4b..4b+3, in the packed layout

@@ -708,7 +708,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
         if constexpr (MT == 1 && BITS == 4) {  // (3-bit: the M <= 8 kernel then spills)
           // unit u + l2pf * 8P requested into L2 as well, so its register load later waits for L2
           // instead of DRAM; a prefetch holds no register and no scoreboard (the register buffers
-          // per warp are what bounds the bytes in flight, docs/squeezellm.md). With l2xg the
+          // per warp are what bounds the bytes in flight, docs/log/squeezellm-kernels.md). With l2xg the
           // distance runs on into the block's next group (unit u2 - U there), so the stream of
           // prefetches does not stop at each group's end. (The same prefetch at M = 16, and each
           // warp's next activations requested into L1 at M = 4-16, measured slower: see launch_gemv.)
@@ -1214,7 +1214,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // runs each: 8192x8192 dense 14.42, 14.35 / 13.97, 13.99 us, D+S 15.33, 15.24 / 15.08, 15.06;
   // 28672x8192 D+S 51.65, 51.54 / 49.55, 49.52; 12288x4096 dense 13.60, 13.56 / 12.88, 12.92;
   // 22016x4096 dense 25.81, 25.71 / 25.17, 25.03 (D+S -0.3%); the 4096-row shapes, one group per
-  // block, within 0.5% (docs/squeezellm.md has every row). Measured slower and not
+  // block, within 0.5% (docs/log/squeezellm-kernels.md has every row). Measured slower and not
   // kept: the same L2 prefetch at M = 16 (D+S 25.51 -> 26.25 us), and each warp requesting its next
   // unit's activations into L1 (prefetch.global.L1) where x does not stay in L1: M = 16 D+S 25.51 ->
   // 28.51 / 27.62 us one / two rounds ahead, M = 8 20.26 -> 24.20, M = 4 18.13 -> 19.69.
@@ -1284,7 +1284,7 @@ void launch_gemv_xt(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf
 // 39.4 / 37.1; 4-bit M = 12 22016x4096 39.9 / 39.2, M = 16 equal; the shallow 3-bit kernel forced at
 // 8192x8192 (9.2 entries per thread) 22.7 -> 23.2. (The entries copied by cp.async into shared memory
 // instead, which freed 33 registers in the 3-bit kernel, measured up to 14% slower at M = 9-16 (within
-// 1% on three 3-bit shapes) and 3-6% slower at M <= 8: docs/squeezellm.md.)
+// 1% on three 3-bit shapes) and 3-6% slower at M <= 8: docs/log/squeezellm-kernels.md.)
 template <class T, int BITS, bool XT>
 void launch_gemv_m16(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                      const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, cudaStream_t st) {
@@ -1353,7 +1353,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // 15.72 / 14.90, 22016x4096 29.2 / 25.1; dense M = 4 / 8 at 8192x8192 15.02 / 14.57, 17.50 /
     // 17.48, at 22016x4096 27.7 / 24.4, 30.0 / 27.9; M = 4 D+S (gather) 8192x8192 17.62 / 17.78,
     // 22016x4096 32.1 / 30.4. Fewer, larger copies: a copy request costs the copy engine about the
-    // same whatever its size (~100 cycles, docs/squeezellm.md), so 1 KB copies capped the one-unit
+    // same whatever its size (~100 cycles, docs/log/squeezellm-kernels.md), so 1 KB copies capped the one-unit
     // ring near 2.6 TB/s. (Those one-unit ring times include the proxy fence every refill needs; its
     // earlier, faster times at de3dde9 came without it, and about half of its launches at K = 2080
     // read a unit's rows from the slot's next copy: see fence_proxy_async_shared.)
