@@ -300,9 +300,11 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   // tokens against none: 8K 25.7 / 20.2 us, 32K 47.3 / 44.5, batch 8 at 4K 50.4 / 44.1.)
   if (active && b >= 0 && sink_split) {
     const int ts_end = min(g.sink, L);
-    // The lane's raw fp16 key pairs and value channels of a sink token, requested one token ahead:
-    // a token's two dependent round trips (keys, then values) cost ~1.4 us each before, 16 sink
-    // tokens 18 us of an 8K call (H200, 32q/8kv x128, 2-bit: 38.1 against 20.1 us with 4).
+    // The lane's raw fp16 key pairs and value channels of a sink token, requested one token ahead
+    // (a token waited for two dependent round trips, keys then values). H200, 32q/8kv x128, 8K,
+    // 2 / 4-bit, 64 sink tokens: 121.3 / 130.1 us before, 113.2 / 103.0 after (no sink: ~20 / 24).
+    // What remains is each token's sin/cos, dot products and shuffles, one token after another:
+    // many sink tokens would want the tokens spread over the lanes instead.
     constexpr int NI = (HALF + 31) / 32;  // RoPE pairs per lane
     unsigned short kx[NI], ky[NI], vv[2 * S::MT];
     auto fetch = [&](int tt) {
