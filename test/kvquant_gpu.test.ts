@@ -44,11 +44,14 @@ describeGpu('kvquant (CUDA vs CPU)', () => {
     // a long 2-bit cache: fixed per-code roundings of the values would not average out here
     [32, 8, 128, [6000], 2, 'f16'],
     // sinks longer than a 16-token tile and than a 32-token split (the default kernel takes them in
-    // a split of their own, the others in each split that starts inside the sink), and sequences
-    // shorter than the sink
+    // a split of their own, in batches of up to 32 tokens spread over the lanes; the others in each
+    // split that starts inside the sink), and sequences shorter than the sink
     [32, 8, 128, [100, 45, 3, 700], 4, 'f16', 40],
     [8, 4, 64, [70, 20, 1], 2, 'f16', 20],
     [12, 4, 96, [200, 17], 3, 'bf16', 17],
+    // a sink of two full 32-token batches (the sink split's lanes take one token each), 8 query
+    // heads per kv head
+    [64, 8, 128, [90, 33], 3, 'f16', 64],
     // no sink tokens (the default kernel then has no sink split)
     [32, 8, 128, [1000, 5, 64, 257], 3, 'f16', 0],
     [16, 4, 64, [300, 2], 2, 'bf16', 0],

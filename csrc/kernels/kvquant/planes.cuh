@@ -141,6 +141,163 @@ inline int stage_bytes_for(int cb, int mb) { return (32 * cb + 16 * mb + 15) / 1
 // Splits of their own for the sink tokens (blockIdx.x 0 of each row and head group).
 __host__ __device__ inline int sink_splits(const Geo& g) { return g.sink > 0 ? 1 : 0; }
 
+// The sink split's work (see the kernel), out of line: its registers are allocated apart from the
+// tile path's (inlined, it made the tile path spill). sk0 / sv0: the sink store at token 0 of this
+// sequence and kv head, tstride elements from one token to the next; ts_end sink tokens (0: no
+// sequence); qsh / fsh / psh: the warp's scratch; pr0: the partial of query head 0, pr_head floats
+// to the next head's.
+template <class T, int D, int BITS>
+__device__ __noinline__ void sink_partial(const uint16_t* sk0, const uint16_t* sv0, long long tstride, int ts_end,
+                                          const T* qrow, const float* inv_freq, float qs, int G, float* pr0,
+                                          long long pr_head, unsigned qsh, unsigned fsh, unsigned psh) {
+  using S = Shape<D, BITS>;
+  constexpr int HALF = S::HALF, KS = S::KS, RS = S::RS, CB = S::CB, NSTG = S::NSTG;
+  constexpr float kNoKey = -1e30f;  // as the kernel's
+  const int lane = threadIdx.x & 31;
+  constexpr int CPL = D / 32;  // value channels per lane in the p.v pass
+  constexpr int NCH = HALF / 8;  // 16-byte chunks of a key row's half
+  float av[8][CPL], m_all[8], l_all[8];  // per head: channels lane * CPL + c; maximum; sum of p
+#pragma unroll
+  for (int hh = 0; hh < 8; ++hh) {
+    m_all[hh] = kNoKey;
+    l_all[hh] = 0.f;
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) av[hh][c] = 0.f;
+  }
+  {
+    // scratch of the warp (this split has no tiles): the query heads [HALF][x 8 | y 8] (fp32,
+    // x qs) in the value tile (qsh), inv_freq in the query-plane area (fsh), p [32 tokens][8 heads]
+    // in the stages (psh)
+    static_assert(HALF * 16 * 4 <= kTok * RS * 2, "sink query heads fit the value tile");
+    static_assert(HALF * 4 <= KS * 2 * 32 * 8, "inv_freq fits the query-plane area");
+    static_assert(NSTG * 32 * CB >= 32 * 8 * 4, "p of a batch fits the stages");
+    for (int e = lane; e < HALF * 8; e += 32) {
+      const int i = e >> 3, hh = e & 7;
+      const bool ok = hh < G;
+      tc::sts32(qsh + (unsigned)((i * 16 + hh) * 4), ok ? qs * to_f(qrow[hh * D + i]) : 0.f);
+      tc::sts32(qsh + (unsigned)((i * 16 + 8 + hh) * 4), ok ? qs * to_f(qrow[hh * D + i + HALF]) : 0.f);
+    }
+    for (int i = lane; i < HALF; i += 32) tc::sts32(fsh + (unsigned)(i * 4), inv_freq[i]);
+    __syncwarp();
+    sv0 += lane * CPL;
+    for (int tb = 0; tb < ts_end; tb += 32) {
+      const int nb = min(32, ts_end - tb);
+      const int lpt = 32 >> (32 - __clz(nb - 1));  // 32 / (nb rounded up to a power of two)
+      const int tl = lane / lpt, sub = lane % lpt, tt = tb + tl;
+      const bool tok_ok = tl < nb;
+      float s[8];
+#pragma unroll
+      for (int hh = 0; hh < 8; ++hh) s[hh] = 0.f;
+      if (tok_ok && sub < NCH) {
+        const uint4* kr = reinterpret_cast<const uint4*>(sk0 + tt * tstride);  // x chunks, then y chunks
+        uint4 kx = __ldg(kr + sub), ky = __ldg(kr + NCH + sub);
+        for (int ch = sub; ch < NCH; ch += lpt) {
+          const unsigned xw[4] = {kx.x, kx.y, kx.z, kx.w}, yw[4] = {ky.x, ky.y, ky.z, ky.w};
+          if (ch + lpt < NCH) {
+            kx = __ldg(kr + ch + lpt);
+            ky = __ldg(kr + NCH + ch + lpt);
+          }
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const int i = 8 * ch + j;
+            const float x = __half2float(__ushort_as_half((unsigned short)(xw[j >> 1] >> (16 * (j & 1)))));
+            const float y = __half2float(__ushort_as_half((unsigned short)(yw[j >> 1] >> (16 * (j & 1)))));
+            float sn, cn;
+            tc::sincos_reduced(__fmul_rn((float)tt, tc::lds32(fsh + (unsigned)(i * 4))), &sn, &cn);
+            const float xr = fmaf(x, cn, -y * sn), yr = fmaf(y, cn, x * sn);
+            const unsigned qa = qsh + (unsigned)(i * 64);
+            const float4 x0 = tc::lds128f(qa), y0 = tc::lds128f(qa + 32);
+            s[0] = fmaf(x0.x, xr, fmaf(y0.x, yr, s[0]));
+            s[1] = fmaf(x0.y, xr, fmaf(y0.y, yr, s[1]));
+            s[2] = fmaf(x0.z, xr, fmaf(y0.z, yr, s[2]));
+            s[3] = fmaf(x0.w, xr, fmaf(y0.w, yr, s[3]));
+            if (G > 4) {  // warp-uniform
+              const float4 x1 = tc::lds128f(qa + 16), y1 = tc::lds128f(qa + 48);
+              s[4] = fmaf(x1.x, xr, fmaf(y1.x, yr, s[4]));
+              s[5] = fmaf(x1.y, xr, fmaf(y1.y, yr, s[5]));
+              s[6] = fmaf(x1.z, xr, fmaf(y1.z, yr, s[6]));
+              s[7] = fmaf(x1.w, xr, fmaf(y1.w, yr, s[7]));
+            }
+          }
+        }
+      }
+      // the token's lanes sum their parts; the batch's maximum per head; p (the token's first
+      // lane writes it, 0 for heads >= G); the heads' rescale
+      float alpha[8];
+#pragma unroll
+      for (int hh = 0; hh < 8; ++hh) {
+        if (hh >= G) break;  // warp-uniform
+        for (int o = lpt >> 1; o > 0; o >>= 1) s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], o);
+        float mx = tok_ok ? s[hh] : -INFINITY;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        const float mn = fmaxf(m_all[hh], mx);
+        s[hh] = exp2f(s[hh] - mn);
+        alpha[hh] = exp2f(m_all[hh] - mn);  // m_all = kNoKey: 0
+        m_all[hh] = mn;
+      }
+      if (sub == 0 && tok_ok) {
+        const unsigned pa = psh + (unsigned)(tl * 32);
+        tc::sts128(pa, __float_as_uint(s[0]), __float_as_uint(G > 1 ? s[1] : 0.f), __float_as_uint(G > 2 ? s[2] : 0.f),
+                   __float_as_uint(G > 3 ? s[3] : 0.f));
+        tc::sts128(pa + 16, __float_as_uint(G > 4 ? s[4] : 0.f), __float_as_uint(G > 5 ? s[5] : 0.f),
+                   __float_as_uint(G > 6 ? s[6] : 0.f), __float_as_uint(G > 7 ? s[7] : 0.f));
+      }
+#pragma unroll
+      for (int hh = 0; hh < 8; ++hh) {
+        if (hh >= G) break;
+        l_all[hh] *= alpha[hh];
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) av[hh][c] *= alpha[hh];
+      }
+      __syncwarp();
+      // p . v: lane's channels lane * CPL .. + CPL - 1 of each token, all heads
+#pragma unroll 4
+      for (int j = 0; j < nb; ++j) {
+        const uint16_t* sv = sv0 + (tb + j) * tstride;
+        float v[CPL];
+        if constexpr (CPL == 4) {
+          const uint2 w = __ldg(reinterpret_cast<const uint2*>(sv));
+          v[0] = __half2float(__ushort_as_half((unsigned short)w.x));
+          v[1] = __half2float(__ushort_as_half((unsigned short)(w.x >> 16)));
+          v[2] = __half2float(__ushort_as_half((unsigned short)w.y));
+          v[3] = __half2float(__ushort_as_half((unsigned short)(w.y >> 16)));
+        } else if constexpr (CPL == 2) {
+          const unsigned w = __ldg(reinterpret_cast<const unsigned*>(sv));
+          v[0] = __half2float(__ushort_as_half((unsigned short)w));
+          v[1] = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
+        } else {
+#pragma unroll
+          for (int c = 0; c < CPL; ++c) v[c] = __half2float(__ushort_as_half(__ldg(sv + c)));
+        }
+        const float4 p0 = tc::lds128f(psh + (unsigned)(j * 32));
+        const float4 p1 = G > 4 ? tc::lds128f(psh + (unsigned)(j * 32 + 16)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        const float p[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+#pragma unroll
+        for (int hh = 0; hh < 8; ++hh) {
+          if (hh >= G) break;
+          l_all[hh] += p[hh];
+#pragma unroll
+          for (int c = 0; c < CPL; ++c) av[hh][c] = fmaf(p[hh], v[c], av[hh][c]);
+        }
+      }
+      __syncwarp();  // psh is written again by the next batch
+    }
+  }
+  // the partial: exact values (no offsets), m in the natural log, l
+#pragma unroll
+  for (int hh = 0; hh < 8; ++hh) {
+    if (hh >= G) break;
+    float* pr = pr0 + hh * pr_head;
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) pr[lane * CPL + c] = av[hh][c];
+    if (lane == 0) {
+      pr[D] = m_all[hh] == kNoKey ? -INFINITY : m_all[hh] * 0.6931471805599453f;
+      pr[D + 1] = l_all[hh];
+    }
+  }
+}
+
 template <class T, int D, int BITS>
 __global__ void __launch_bounds__(kWarps * 32, 2)
 planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, float scale, int hq_total, tc::Plan pl,
@@ -243,9 +400,46 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
     page_next = page_of(NSTG - 1);
   }
 
+  float acc[S::MT][4];
+#pragma unroll
+  for (int mt = 0; mt < S::MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
+  // The running maxima start at kNoKey, not -inf: a token split inside the sink can see a tile
+  // with every key masked before any other, and exp2(-inf - -inf) would poison its state; from
+  // kNoKey such a tile gives factor 1 and p = 0 with no test in the loop. A partial that saw no
+  // key still reports -inf.
+  constexpr float kNoKey = -1e30f;
+  float m_run[2] = {kNoKey, kNoKey}, l_run[2] = {0.f, 0.f}, pa_run[2] = {0.f, 0.f};  // heads 2 c4 + e
+
+  // ---- sink tokens, in a split of their own (x = 0): exact scores from the fp16 side store (keys
+  // rotated in fp32) and exact values, folded into an online softmax a batch of up to 32 tokens at
+  // a time; the token splits mask them. Scores: the batch's tokens spread over the lanes, LPT lanes
+  // per token (32 / the batch's token count rounded up to a power of two); each lane rotates its
+  // share of the token's RoPE pairs (16-byte chunks of 8 pairs, the next chunk's loads in flight)
+  // and dots them with all query heads (pre-scaled, from shared memory, one broadcast per 4 heads);
+  // the token's lanes sum their parts. Then one maximum and one rescale per batch, and the p.v pass
+  // with the lanes over the channels (D / 32 each, for all heads): each token's value row is one
+  // coalesced load of the warp, its p one broadcast per 4 heads. The sink split has its own
+  // accumulators and writes its partial itself; none of the tile path's registers are live here.
+  // (The whole warp took one token at a time before, two RoPE pairs per lane, each token's sin/cos,
+  // shuffles and softmax step one after another: 0.9-1.6 us per token on the H200; with 64 sink
+  // tokens a 20 us call took 113 us, 2-bit, 32q/8kv x128, 8K.)
+  if (sink_split) {
+    if (!active) return;
+    const int srow = b >= 0 ? sink_row(g, b) : 0;
+    const long long pr_head = (long long)gridDim.x * (D + 2);
+    sink_partial<T, D, BITS>(g.sink_k + sink_at(g, srow, 0, h), g.sink_v + sink_at(g, srow, 0, h), (long long)g.H * D,
+                             b >= 0 ? min(g.sink, L) : 0, qrow, inv_freq, qs, G,
+                             part + ((long long)n * hq_total + (long long)h * G) * pr_head + (long long)blockIdx.x * (D + 2), pr_head,
+                             vt, qcs, stg);
+    cp_async_wait<0>();
+    return;
+  }
+
   // ---- per split: the query planes (B fragments, head = r); the offset planes go to shared memory
   unsigned qb[4][KS][2];
-  if (active && !sink_split) {
+  if (active) {
     const float* lo = g.key_lo + (long long)h * D;
     const float* hi = g.key_hi + (long long)h * D;
     const bool hv = r < G && b >= 0;
@@ -277,104 +471,6 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
     __syncwarp();
   }
 
-  float acc[S::MT][4];
-#pragma unroll
-  for (int mt = 0; mt < S::MT; ++mt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
-  // The running maxima start at kNoKey, not -inf: a token split inside the sink can see a tile
-  // with every key masked before any other, and exp2(-inf - -inf) would poison its state; from
-  // kNoKey such a tile gives factor 1 and p = 0 with no test in the loop. A partial that saw no
-  // key still reports -inf.
-  constexpr float kNoKey = -1e30f;
-  float m_run[2] = {kNoKey, kNoKey}, l_run[2] = {0.f, 0.f}, pa_run[2] = {0.f, 0.f};  // heads 2 c4 + e
-
-  const int srow = b >= 0 ? sink_row(g, b) : 0;
-  // ---- sink tokens, in a split of their own (x = 0): exact scores from the fp16 side store (keys
-  // rotated in fp32) and exact values, as the steps of the online softmax; the token splits mask
-  // them. The whole warp takes one sink token at a time, two RoPE pairs per lane, for all its
-  // query heads. (Inside the tile loop this cost registers in every tile and put a dependent
-  // global load per sink token on the split's critical path. Taken by the first token split
-  // before its tiles, each sink token still cost ~1.4 us of that split's time, two dependent
-  // round trips, and the first split set the end of the call: H200, 32q/8kv x128, 2-bit, 4 sink
-  // tokens against none: 8K 25.7 / 20.2 us, 32K 47.3 / 44.5, batch 8 at 4K 50.4 / 44.1.)
-  if (active && b >= 0 && sink_split) {
-    const int ts_end = min(g.sink, L);
-    // The lane's raw fp16 key pairs and value channels of a sink token, requested one token ahead
-    // (a token waited for two dependent round trips, keys then values). H200, 32q/8kv x128, 8K,
-    // 2 / 4-bit, 64 sink tokens: 121.3 / 130.1 us before, 113.2 / 103.0 after (no sink: ~20 / 24).
-    // What remains is each token's sin/cos, dot products and shuffles, one token after another:
-    // many sink tokens would want the tokens spread over the lanes instead.
-    constexpr int NI = (HALF + 31) / 32;  // RoPE pairs per lane
-    unsigned short kx[NI], ky[NI], vv[2 * S::MT];
-    auto fetch = [&](int tt) {
-      const uint16_t* sk = g.sink_k + sink_at(g, srow, tt, h);
-      const uint16_t* svr = g.sink_v + sink_at(g, srow, tt, h);
-#pragma unroll
-      for (int j = 0; j < NI; ++j) {
-        const int i = lane + 32 * j;
-        kx[j] = i < HALF ? sk[i] : (unsigned short)0;
-        ky[j] = i < HALF ? sk[i + HALF] : (unsigned short)0;
-      }
-#pragma unroll
-      for (int mt = 0; mt < S::MT; ++mt) {
-        vv[2 * mt] = svr[tc::value_channel<BITS>(16 * mt + r)];
-        vv[2 * mt + 1] = svr[tc::value_channel<BITS>(16 * mt + r + 8)];
-      }
-    };
-    if (ts_end > 0) fetch(0);
-    for (int tt = 0; tt < ts_end; ++tt) {
-      unsigned short cx[NI], cy[NI], cv[2 * S::MT];
-#pragma unroll
-      for (int j = 0; j < NI; ++j) { cx[j] = kx[j]; cy[j] = ky[j]; }
-#pragma unroll
-      for (int j = 0; j < 2 * S::MT; ++j) cv[j] = vv[j];
-      if (tt + 1 < ts_end) fetch(tt + 1);
-      float part[8];
-#pragma unroll
-      for (int hh = 0; hh < 8; ++hh) part[hh] = 0.f;
-#pragma unroll
-      for (int j = 0; j < NI; ++j) {
-        const int i = lane + 32 * j;
-        if (i >= HALF) break;
-        const float x = __half2float(__ushort_as_half(cx[j])), y = __half2float(__ushort_as_half(cy[j]));
-        float sn, cn;
-        tc::sincos_reduced(__fmul_rn((float)tt, inv_freq[i]), &sn, &cn);
-        const float xr = fmaf(x, cn, -y * sn), yr = fmaf(y, cn, x * sn);
-#pragma unroll
-        for (int hh = 0; hh < 8; ++hh)
-          if (hh < G) part[hh] = fmaf(to_f(qrow[hh * D + i]), xr, fmaf(to_f(qrow[hh * D + i + HALF]), yr, part[hh]));
-      }
-      float sh[2] = {0.f, 0.f};  // this lane's heads 2 c4, 2 c4 + 1
-#pragma unroll
-      for (int hh = 0; hh < 8; ++hh) {
-        if (hh >= G) break;  // warp-uniform
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) part[hh] += __shfl_xor_sync(0xffffffffu, part[hh], o);
-        if (hh == 2 * c4) sh[0] = part[hh];
-        if (hh == 2 * c4 + 1) sh[1] = part[hh];
-      }
-      // online softmax: every lane holds the token's scores; l counts it once (lanes r = 0), the
-      // accumulators take p * v for the lane's own channels (value_channel, as the tiles' P.V)
-      float alpha[2], p[2];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float s_ = qs * sh[e], mn = fmaxf(m_run[e], s_);
-        alpha[e] = exp2f(m_run[e] - mn);  // m_run = kNoKey: 0
-        p[e] = exp2f(s_ - mn);
-        m_run[e] = mn;
-        l_run[e] = fmaf(l_run[e], alpha[e], r == 0 ? p[e] : 0.f);
-      }
-#pragma unroll
-      for (int mt = 0; mt < S::MT; ++mt) {
-        const float x0 = __half2float(__ushort_as_half(cv[2 * mt])), x1 = __half2float(__ushort_as_half(cv[2 * mt + 1]));
-        acc[mt][0] = fmaf(acc[mt][0], alpha[0], p[0] * x0);
-        acc[mt][1] = fmaf(acc[mt][1], alpha[1], p[1] * x0);
-        acc[mt][2] = fmaf(acc[mt][2], alpha[0], p[0] * x1);
-        acc[mt][3] = fmaf(acc[mt][3], alpha[1], p[1] * x1);
-      }
-    }
-  }
   for (int t0c = t_begin; t0c < t_end; t0c += kChunk) {
     const int cnt_c = min(kChunk, t_end - t0c);
     // cos/sin of the chunk: row tt, chunk (ks * 4 + lane c4) holds (c0..c3, s0..s3) of pairs 4 grp .. 4 grp + 3
@@ -627,7 +723,7 @@ void launch_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor&
 // which end first, and as many token-split blocks start in the slots they free. H200, 7B shapes
 // (32 kv heads), 2-bit, one sink token, 1M tokens: planned around the sink blocks, the splits took
 // 481 chunks instead of 474 and the step 124.6 ms, against 123.1 ms this way.
-inline tc::Plan plan(int sms, int N, const Geo& g, int G, int L) {
+inline tc::Plan plan_with_sink(int sms, int N, const Geo& g, int G, int L) {
   const tc::Plan plain = tc::plan(sms, N, g.H, G, g.D, L, kSplit);
   const int extra = sink_splits(g);
   if (extra == 0) return plain;
@@ -644,7 +740,7 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
   const int N = (int)q.dim(0), Hq = (int)q.dim(1), dev = q.device.index, G = Hq / g.H;
   if (!covers(g.D, G)) return false;
   if (N == 0) return true;
-  const tc::Plan pl = plan(sm_count(dev), N, g, G, L);
+  const tc::Plan pl = plan_with_sink(sm_count(dev), N, g, G, L);
   const int64_t need = (int64_t)N * Hq * (pl.splits + sink_splits(g)) * (g.D + 2);
   if (work && need > work_floats) fail("ERR_ARG", "kvqAttention: the workspace holds " + std::to_string(work_floats) +
                                                       " floats, this call needs " + std::to_string(need));
