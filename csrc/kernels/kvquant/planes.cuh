@@ -185,6 +185,18 @@ __device__ __noinline__ void sink_partial(const uint16_t* sk0, const uint16_t* s
       const int lpt = 32 >> (32 - __clz(nb - 1));  // 32 / (nb rounded up to a power of two)
       const int tl = lane / lpt, sub = lane % lpt, tt = tb + tl;
       const bool tok_ok = tl < nb;
+      // the batch's key and value rows requested into L1 at once (the key chunks below, and the
+      // p.v pass's row loads, then wait for L1, not for a round trip each)
+      if (tok_ok && sub == 0) {
+        const char* kb = reinterpret_cast<const char*>(sk0 + tt * tstride);
+        const char* vb = reinterpret_cast<const char*>(sv0 - lane * CPL + tt * tstride);
+        for (int o = 0; o < D * 2; o += 128) {
+          prefetch_l1(kb + o);
+          prefetch_l1(vb + o);
+        }
+        prefetch_l1(kb + D * 2 - 1);  // a row that straddles one more line
+        prefetch_l1(vb + D * 2 - 1);
+      }
       float s[8];
 #pragma unroll
       for (int hh = 0; hh < 8; ++hh) s[hh] = 0.f;
@@ -400,46 +412,9 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
     page_next = page_of(NSTG - 1);
   }
 
-  float acc[S::MT][4];
-#pragma unroll
-  for (int mt = 0; mt < S::MT; ++mt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
-  // The running maxima start at kNoKey, not -inf: a token split inside the sink can see a tile
-  // with every key masked before any other, and exp2(-inf - -inf) would poison its state; from
-  // kNoKey such a tile gives factor 1 and p = 0 with no test in the loop. A partial that saw no
-  // key still reports -inf.
-  constexpr float kNoKey = -1e30f;
-  float m_run[2] = {kNoKey, kNoKey}, l_run[2] = {0.f, 0.f}, pa_run[2] = {0.f, 0.f};  // heads 2 c4 + e
-
-  // ---- sink tokens, in a split of their own (x = 0): exact scores from the fp16 side store (keys
-  // rotated in fp32) and exact values, folded into an online softmax a batch of up to 32 tokens at
-  // a time; the token splits mask them. Scores: the batch's tokens spread over the lanes, LPT lanes
-  // per token (32 / the batch's token count rounded up to a power of two); each lane rotates its
-  // share of the token's RoPE pairs (16-byte chunks of 8 pairs, the next chunk's loads in flight)
-  // and dots them with all query heads (pre-scaled, from shared memory, one broadcast per 4 heads);
-  // the token's lanes sum their parts. Then one maximum and one rescale per batch, and the p.v pass
-  // with the lanes over the channels (D / 32 each, for all heads): each token's value row is one
-  // coalesced load of the warp, its p one broadcast per 4 heads. The sink split has its own
-  // accumulators and writes its partial itself; none of the tile path's registers are live here.
-  // (The whole warp took one token at a time before, two RoPE pairs per lane, each token's sin/cos,
-  // shuffles and softmax step one after another: 0.9-1.6 us per token on the H200; with 64 sink
-  // tokens a 20 us call took 113 us, 2-bit, 32q/8kv x128, 8K.)
-  if (sink_split) {
-    if (!active) return;
-    const int srow = b >= 0 ? sink_row(g, b) : 0;
-    const long long pr_head = (long long)gridDim.x * (D + 2);
-    sink_partial<T, D, BITS>(g.sink_k + sink_at(g, srow, 0, h), g.sink_v + sink_at(g, srow, 0, h), (long long)g.H * D,
-                             b >= 0 ? min(g.sink, L) : 0, qrow, inv_freq, qs, G,
-                             part + ((long long)n * hq_total + (long long)h * G) * pr_head + (long long)blockIdx.x * (D + 2), pr_head,
-                             vt, qcs, stg);
-    cp_async_wait<0>();
-    return;
-  }
-
   // ---- per split: the query planes (B fragments, head = r); the offset planes go to shared memory
   unsigned qb[4][KS][2];
-  if (active) {
+  if (active && !sink_split) {
     const float* lo = g.key_lo + (long long)h * D;
     const float* hi = g.key_hi + (long long)h * D;
     const bool hv = r < G && b >= 0;
@@ -469,6 +444,43 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
                     __uint_as_float(h2u(__floats2half2_rn(cf[0][pl_], cf[1][pl_]))));
       }
     __syncwarp();
+  }
+
+
+  float acc[S::MT][4];
+#pragma unroll
+  for (int mt = 0; mt < S::MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
+  // The running maxima start at kNoKey, not -inf: a token split inside the sink can see a tile
+  // with every key masked before any other, and exp2(-inf - -inf) would poison its state; from
+  // kNoKey such a tile gives factor 1 and p = 0 with no test in the loop. A partial that saw no
+  // key still reports -inf.
+  constexpr float kNoKey = -1e30f;
+  float m_run[2] = {kNoKey, kNoKey}, l_run[2] = {0.f, 0.f}, pa_run[2] = {0.f, 0.f};  // heads 2 c4 + e
+
+  // ---- sink tokens, in a split of their own (x = 0): exact scores from the fp16 side store (keys
+  // rotated in fp32) and exact values, folded into an online softmax a batch of up to 32 tokens at
+  // a time; the token splits mask them. Scores: the batch's tokens spread over the lanes, LPT lanes
+  // per token (32 / the batch's token count rounded up to a power of two); each lane rotates its
+  // share of the token's RoPE pairs (16-byte chunks of 8 pairs, the next chunk's loads in flight)
+  // and dots them with all query heads (pre-scaled, from shared memory, one broadcast per 4 heads);
+  // the token's lanes sum their parts. Then one maximum and one rescale per batch, and the p.v pass
+  // with the lanes over the channels (D / 32 each, for all heads): each token's value row is one
+  // coalesced load of the warp, its p one broadcast per 4 heads. The sink split has its own
+  // accumulators and writes its partial itself; none of the tile path's registers are live here.
+  // (The whole warp took one token at a time before, two RoPE pairs per lane, each token's sin/cos,
+  // shuffles and softmax step one after another: 0.9-1.6 us per token on the H200; with 64 sink
+  // tokens a 20 us call took 113 us, 2-bit, 32q/8kv x128, 8K.)
+  if (sink_split && active) {
+    const int srow = b >= 0 ? sink_row(g, b) : 0;
+    const long long pr_head = (long long)gridDim.x * (D + 2);
+    sink_partial<T, D, BITS>(g.sink_k + sink_at(g, srow, 0, h), g.sink_v + sink_at(g, srow, 0, h), (long long)g.H * D,
+                             b >= 0 ? min(g.sink, L) : 0, qrow, inv_freq, qs, G,
+                             part + ((long long)n * hq_total + (long long)h * G) * pr_head + (long long)blockIdx.x * (D + 2), pr_head,
+                             vt, qcs, stg);
+    cp_async_wait<0>();
+    return;
   }
 
   for (int t0c = t_begin; t0c < t_end; t0c += kChunk) {
