@@ -141,160 +141,157 @@ inline int stage_bytes_for(int cb, int mb) { return (32 * cb + 16 * mb + 15) / 1
 // Splits of their own for the sink tokens (blockIdx.x 0 of each row and head group).
 __host__ __device__ inline int sink_splits(const Geo& g) { return g.sink > 0 ? 1 : 0; }
 
-// The sink split's work (see the kernel), out of line: its registers are allocated apart from the
-// tile path's (inlined, it made the tile path spill). sk0 / sv0: the sink store at token 0 of this
-// sequence and kv head, tstride elements from one token to the next; ts_end sink tokens (0: no
-// sequence); qsh / fsh / psh: the warp's scratch; pr0: the partial of query head 0, pr_head floats
-// to the next head's.
+// The sink split's work (see the kernel): its own accumulators, its partial written here. sk0 /
+// sv0: the sink store at token 0 of this sequence and kv head, tstride elements from one token to
+// the next; ts_end sink tokens (0: no sequence); qsh / fsh / psh: the warp's scratch (query heads,
+// inv_freq, p and the running maxima and sums); pr0: the partial of query head 0, pr_head floats
+// to the next head's. Only the accumulators stay in registers between batches: inlined into the
+// kernel, anything more made ptxas spill in the tile path too, and as a call (its own
+// allocation) the tile path's 2-bit kernel lost 7-10% (H200, 32x128 at 32K 137 -> 149 us).
 template <class T, int D, int BITS>
-__device__ __noinline__ void sink_partial(const uint16_t* sk0, const uint16_t* sv0, long long tstride, int ts_end,
-                                          const T* qrow, const float* inv_freq, float qs, int G, float* pr0,
-                                          long long pr_head, unsigned qsh, unsigned fsh, unsigned psh) {
+__device__ __forceinline__ void sink_partial(const uint16_t* sk0, const uint16_t* sv0, long long tstride, int ts_end,
+                                             const T* qrow, const float* inv_freq, float qs, int G, float* pr0,
+                                             long long pr_head, unsigned qsh, unsigned fsh, unsigned psh) {
   using S = Shape<D, BITS>;
   constexpr int HALF = S::HALF, KS = S::KS, RS = S::RS, CB = S::CB, NSTG = S::NSTG;
   constexpr float kNoKey = -1e30f;  // as the kernel's
-  const int lane = threadIdx.x & 31;
-  constexpr int CPL = D / 32;  // value channels per lane in the p.v pass
+  constexpr int CPL = D / 32;    // value channels per lane in the p.v pass
   constexpr int NCH = HALF / 8;  // 16-byte chunks of a key row's half
-  float av[8][CPL], m_all[8], l_all[8];  // per head: channels lane * CPL + c; maximum; sum of p
+  const int lane = threadIdx.x & 31;
+  // scratch: the query heads [HALF][x 8 | y 8] (fp32, x qs) in the value tile (qsh), inv_freq in
+  // the query-plane area (fsh), p [32 tokens][8 heads] then the heads' maxima [8] and sums [8] in
+  // the stages (psh)
+  static_assert(HALF * 16 * 4 <= kTok * RS * 2, "sink query heads fit the value tile");
+  static_assert(HALF * 4 <= KS * 2 * 32 * 8, "inv_freq fits the query-plane area");
+  static_assert(NSTG * 32 * CB >= 32 * 8 * 4 + 64, "p, maxima and sums fit the stages");
+  const unsigned msh = psh + 32 * 8 * 4, lsh = msh + 32;
+  for (int e = lane; e < HALF * 8; e += 32) {
+    const int i = e >> 3, hh = e & 7;
+    const bool ok = hh < G;
+    tc::sts32(qsh + (unsigned)((i * 16 + hh) * 4), ok ? qs * to_f(qrow[hh * D + i]) : 0.f);
+    tc::sts32(qsh + (unsigned)((i * 16 + 8 + hh) * 4), ok ? qs * to_f(qrow[hh * D + i + HALF]) : 0.f);
+  }
+  for (int i = lane; i < HALF; i += 32) tc::sts32(fsh + (unsigned)(i * 4), inv_freq[i]);
+  if (lane < 8) {
+    tc::sts32(msh + lane * 4, kNoKey);
+    tc::sts32(lsh + lane * 4, 0.f);
+  }
+  __syncwarp();
+  float av[8][CPL];  // head hh, channel lane * CPL + c
 #pragma unroll
-  for (int hh = 0; hh < 8; ++hh) {
-    m_all[hh] = kNoKey;
-    l_all[hh] = 0.f;
+  for (int hh = 0; hh < 8; ++hh)
 #pragma unroll
     for (int c = 0; c < CPL; ++c) av[hh][c] = 0.f;
-  }
-  {
-    // scratch of the warp (this split has no tiles): the query heads [HALF][x 8 | y 8] (fp32,
-    // x qs) in the value tile (qsh), inv_freq in the query-plane area (fsh), p [32 tokens][8 heads]
-    // in the stages (psh)
-    static_assert(HALF * 16 * 4 <= kTok * RS * 2, "sink query heads fit the value tile");
-    static_assert(HALF * 4 <= KS * 2 * 32 * 8, "inv_freq fits the query-plane area");
-    static_assert(NSTG * 32 * CB >= 32 * 8 * 4, "p of a batch fits the stages");
-    for (int e = lane; e < HALF * 8; e += 32) {
-      const int i = e >> 3, hh = e & 7;
-      const bool ok = hh < G;
-      tc::sts32(qsh + (unsigned)((i * 16 + hh) * 4), ok ? qs * to_f(qrow[hh * D + i]) : 0.f);
-      tc::sts32(qsh + (unsigned)((i * 16 + 8 + hh) * 4), ok ? qs * to_f(qrow[hh * D + i + HALF]) : 0.f);
+  const uint16_t* const svl = sv0 + lane * CPL;
+  for (int tb = 0; tb < ts_end; tb += 32) {
+    const int nb = min(32, ts_end - tb);
+    const int lpt = 32 >> (32 - __clz(nb - 1));  // 32 / (nb rounded up to a power of two)
+    const int tl = lane / lpt, sub = lane % lpt, tt = tb + tl;
+    const bool tok_ok = tl < nb;
+    // the batch's key and value rows requested into L1 at once (the key chunks below and the p.v
+    // pass's row loads then wait for L1, not for a round trip each)
+    if (tok_ok && sub == 0) {
+      const char* kb = reinterpret_cast<const char*>(sk0 + tt * tstride);
+      const char* vb = reinterpret_cast<const char*>(sv0 + tt * tstride);
+      for (int o = 0; o < D * 2; o += 128) {
+        prefetch_l1(kb + o);
+        prefetch_l1(vb + o);
+      }
+      prefetch_l1(kb + D * 2 - 1);  // a row that straddles one more line
+      prefetch_l1(vb + D * 2 - 1);
     }
-    for (int i = lane; i < HALF; i += 32) tc::sts32(fsh + (unsigned)(i * 4), inv_freq[i]);
+    float s[8];
+#pragma unroll
+    for (int hh = 0; hh < 8; ++hh) s[hh] = 0.f;
+    if (tok_ok && sub < NCH) {
+      const uint4* kr = reinterpret_cast<const uint4*>(sk0 + tt * tstride);  // x chunks, then y chunks
+      uint4 kx = __ldg(kr + sub), ky = __ldg(kr + NCH + sub);
+      for (int ch = sub; ch < NCH; ch += lpt) {
+        const unsigned xw[4] = {kx.x, kx.y, kx.z, kx.w}, yw[4] = {ky.x, ky.y, ky.z, ky.w};
+        if (ch + lpt < NCH) {
+          kx = __ldg(kr + ch + lpt);
+          ky = __ldg(kr + NCH + ch + lpt);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int i = 8 * ch + j;
+          const float x = __half2float(__ushort_as_half((unsigned short)(xw[j >> 1] >> (16 * (j & 1)))));
+          const float y = __half2float(__ushort_as_half((unsigned short)(yw[j >> 1] >> (16 * (j & 1)))));
+          float sn, cn;
+          tc::sincos_reduced(__fmul_rn((float)tt, tc::lds32(fsh + (unsigned)(i * 4))), &sn, &cn);
+          const float xr = fmaf(x, cn, -y * sn), yr = fmaf(y, cn, x * sn);
+          const unsigned qa = qsh + (unsigned)(i * 64);
+          const float4 x0 = tc::lds128f(qa), y0 = tc::lds128f(qa + 32);
+          s[0] = fmaf(x0.x, xr, fmaf(y0.x, yr, s[0]));
+          s[1] = fmaf(x0.y, xr, fmaf(y0.y, yr, s[1]));
+          s[2] = fmaf(x0.z, xr, fmaf(y0.z, yr, s[2]));
+          s[3] = fmaf(x0.w, xr, fmaf(y0.w, yr, s[3]));
+          if (G > 4) {  // warp-uniform
+            const float4 x1 = tc::lds128f(qa + 16), y1 = tc::lds128f(qa + 48);
+            s[4] = fmaf(x1.x, xr, fmaf(y1.x, yr, s[4]));
+            s[5] = fmaf(x1.y, xr, fmaf(y1.y, yr, s[5]));
+            s[6] = fmaf(x1.z, xr, fmaf(y1.z, yr, s[6]));
+            s[7] = fmaf(x1.w, xr, fmaf(y1.w, yr, s[7]));
+          }
+        }
+      }
+    }
+    // per head: the token's lanes sum their parts; the batch's maximum; p (the token's first lane
+    // writes it; 0 for heads >= G); the accumulators rescaled; maximum and sum updated (lane 0)
+#pragma unroll
+    for (int hh = 0; hh < 8; ++hh) {
+      if (hh >= G) {  // warp-uniform
+        if (sub == 0 && tok_ok) tc::sts32(psh + (unsigned)((tl * 8 + hh) * 4), 0.f);
+        continue;
+      }
+      for (int o = lpt >> 1; o > 0; o >>= 1) s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], o);
+      float mx = tok_ok ? s[hh] : -INFINITY;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_old = tc::lds32(msh + hh * 4), mn = fmaxf(m_old, mx);
+      const float p = tok_ok && sub == 0 ? exp2f(s[hh] - mn) : 0.f;
+      if (sub == 0 && tok_ok) tc::sts32(psh + (unsigned)((tl * 8 + hh) * 4), p);
+      float ps = p;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
+      const float alpha = exp2f(m_old - mn);  // m_old = kNoKey: 0
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) av[hh][c] *= alpha;
+      __syncwarp();  // every lane has read the old maximum
+      if (lane == 0) {
+        tc::sts32(msh + hh * 4, mn);
+        tc::sts32(lsh + hh * 4, fmaf(tc::lds32(lsh + hh * 4), alpha, ps));
+      }
+    }
     __syncwarp();
-    sv0 += lane * CPL;
-    for (int tb = 0; tb < ts_end; tb += 32) {
-      const int nb = min(32, ts_end - tb);
-      const int lpt = 32 >> (32 - __clz(nb - 1));  // 32 / (nb rounded up to a power of two)
-      const int tl = lane / lpt, sub = lane % lpt, tt = tb + tl;
-      const bool tok_ok = tl < nb;
-      // the batch's key and value rows requested into L1 at once (the key chunks below, and the
-      // p.v pass's row loads, then wait for L1, not for a round trip each)
-      if (tok_ok && sub == 0) {
-        const char* kb = reinterpret_cast<const char*>(sk0 + tt * tstride);
-        const char* vb = reinterpret_cast<const char*>(sv0 - lane * CPL + tt * tstride);
-        for (int o = 0; o < D * 2; o += 128) {
-          prefetch_l1(kb + o);
-          prefetch_l1(vb + o);
-        }
-        prefetch_l1(kb + D * 2 - 1);  // a row that straddles one more line
-        prefetch_l1(vb + D * 2 - 1);
+    // p . v: the lane's channels lane * CPL .. + CPL - 1 of each token, all heads
+#pragma unroll 2
+    for (int j = 0; j < nb; ++j) {
+      const uint16_t* sv = svl + (tb + j) * tstride;
+      float v[CPL];
+      if constexpr (CPL == 4) {
+        const uint2 w = __ldg(reinterpret_cast<const uint2*>(sv));
+        v[0] = __half2float(__ushort_as_half((unsigned short)w.x));
+        v[1] = __half2float(__ushort_as_half((unsigned short)(w.x >> 16)));
+        v[2] = __half2float(__ushort_as_half((unsigned short)w.y));
+        v[3] = __half2float(__ushort_as_half((unsigned short)(w.y >> 16)));
+      } else if constexpr (CPL == 2) {
+        const unsigned w = __ldg(reinterpret_cast<const unsigned*>(sv));
+        v[0] = __half2float(__ushort_as_half((unsigned short)w));
+        v[1] = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
+      } else {
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) v[c] = __half2float(__ushort_as_half(__ldg(sv + c)));
       }
-      float s[8];
+      const float4 p0 = tc::lds128f(psh + (unsigned)(j * 32));
+      const float4 p1 = G > 4 ? tc::lds128f(psh + (unsigned)(j * 32 + 16)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      const float p[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
 #pragma unroll
-      for (int hh = 0; hh < 8; ++hh) s[hh] = 0.f;
-      if (tok_ok && sub < NCH) {
-        const uint4* kr = reinterpret_cast<const uint4*>(sk0 + tt * tstride);  // x chunks, then y chunks
-        uint4 kx = __ldg(kr + sub), ky = __ldg(kr + NCH + sub);
-        for (int ch = sub; ch < NCH; ch += lpt) {
-          const unsigned xw[4] = {kx.x, kx.y, kx.z, kx.w}, yw[4] = {ky.x, ky.y, ky.z, ky.w};
-          if (ch + lpt < NCH) {
-            kx = __ldg(kr + ch + lpt);
-            ky = __ldg(kr + NCH + ch + lpt);
-          }
+      for (int hh = 0; hh < 8; ++hh)
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const int i = 8 * ch + j;
-            const float x = __half2float(__ushort_as_half((unsigned short)(xw[j >> 1] >> (16 * (j & 1)))));
-            const float y = __half2float(__ushort_as_half((unsigned short)(yw[j >> 1] >> (16 * (j & 1)))));
-            float sn, cn;
-            tc::sincos_reduced(__fmul_rn((float)tt, tc::lds32(fsh + (unsigned)(i * 4))), &sn, &cn);
-            const float xr = fmaf(x, cn, -y * sn), yr = fmaf(y, cn, x * sn);
-            const unsigned qa = qsh + (unsigned)(i * 64);
-            const float4 x0 = tc::lds128f(qa), y0 = tc::lds128f(qa + 32);
-            s[0] = fmaf(x0.x, xr, fmaf(y0.x, yr, s[0]));
-            s[1] = fmaf(x0.y, xr, fmaf(y0.y, yr, s[1]));
-            s[2] = fmaf(x0.z, xr, fmaf(y0.z, yr, s[2]));
-            s[3] = fmaf(x0.w, xr, fmaf(y0.w, yr, s[3]));
-            if (G > 4) {  // warp-uniform
-              const float4 x1 = tc::lds128f(qa + 16), y1 = tc::lds128f(qa + 48);
-              s[4] = fmaf(x1.x, xr, fmaf(y1.x, yr, s[4]));
-              s[5] = fmaf(x1.y, xr, fmaf(y1.y, yr, s[5]));
-              s[6] = fmaf(x1.z, xr, fmaf(y1.z, yr, s[6]));
-              s[7] = fmaf(x1.w, xr, fmaf(y1.w, yr, s[7]));
-            }
-          }
-        }
-      }
-      // the token's lanes sum their parts; the batch's maximum per head; p (the token's first
-      // lane writes it, 0 for heads >= G); the heads' rescale
-      float alpha[8];
-#pragma unroll
-      for (int hh = 0; hh < 8; ++hh) {
-        if (hh >= G) break;  // warp-uniform
-        for (int o = lpt >> 1; o > 0; o >>= 1) s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], o);
-        float mx = tok_ok ? s[hh] : -INFINITY;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        const float mn = fmaxf(m_all[hh], mx);
-        s[hh] = exp2f(s[hh] - mn);
-        alpha[hh] = exp2f(m_all[hh] - mn);  // m_all = kNoKey: 0
-        m_all[hh] = mn;
-      }
-      if (sub == 0 && tok_ok) {
-        const unsigned pa = psh + (unsigned)(tl * 32);
-        tc::sts128(pa, __float_as_uint(s[0]), __float_as_uint(G > 1 ? s[1] : 0.f), __float_as_uint(G > 2 ? s[2] : 0.f),
-                   __float_as_uint(G > 3 ? s[3] : 0.f));
-        tc::sts128(pa + 16, __float_as_uint(G > 4 ? s[4] : 0.f), __float_as_uint(G > 5 ? s[5] : 0.f),
-                   __float_as_uint(G > 6 ? s[6] : 0.f), __float_as_uint(G > 7 ? s[7] : 0.f));
-      }
-#pragma unroll
-      for (int hh = 0; hh < 8; ++hh) {
-        if (hh >= G) break;
-        l_all[hh] *= alpha[hh];
-#pragma unroll
-        for (int c = 0; c < CPL; ++c) av[hh][c] *= alpha[hh];
-      }
-      __syncwarp();
-      // p . v: lane's channels lane * CPL .. + CPL - 1 of each token, all heads
-#pragma unroll 4
-      for (int j = 0; j < nb; ++j) {
-        const uint16_t* sv = sv0 + (tb + j) * tstride;
-        float v[CPL];
-        if constexpr (CPL == 4) {
-          const uint2 w = __ldg(reinterpret_cast<const uint2*>(sv));
-          v[0] = __half2float(__ushort_as_half((unsigned short)w.x));
-          v[1] = __half2float(__ushort_as_half((unsigned short)(w.x >> 16)));
-          v[2] = __half2float(__ushort_as_half((unsigned short)w.y));
-          v[3] = __half2float(__ushort_as_half((unsigned short)(w.y >> 16)));
-        } else if constexpr (CPL == 2) {
-          const unsigned w = __ldg(reinterpret_cast<const unsigned*>(sv));
-          v[0] = __half2float(__ushort_as_half((unsigned short)w));
-          v[1] = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
-        } else {
-#pragma unroll
-          for (int c = 0; c < CPL; ++c) v[c] = __half2float(__ushort_as_half(__ldg(sv + c)));
-        }
-        const float4 p0 = tc::lds128f(psh + (unsigned)(j * 32));
-        const float4 p1 = G > 4 ? tc::lds128f(psh + (unsigned)(j * 32 + 16)) : make_float4(0.f, 0.f, 0.f, 0.f);
-        const float p[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
-#pragma unroll
-        for (int hh = 0; hh < 8; ++hh) {
-          if (hh >= G) break;
-          l_all[hh] += p[hh];
-#pragma unroll
-          for (int c = 0; c < CPL; ++c) av[hh][c] = fmaf(p[hh], v[c], av[hh][c]);
-        }
-      }
-      __syncwarp();  // psh is written again by the next batch
+        for (int c = 0; c < CPL; ++c) av[hh][c] = fmaf(p[hh], v[c], av[hh][c]);
     }
+    __syncwarp();  // psh is written again by the next batch
   }
   // the partial: exact values (no offsets), m in the natural log, l
 #pragma unroll
@@ -304,8 +301,9 @@ __device__ __noinline__ void sink_partial(const uint16_t* sk0, const uint16_t* s
 #pragma unroll
     for (int c = 0; c < CPL; ++c) pr[lane * CPL + c] = av[hh][c];
     if (lane == 0) {
-      pr[D] = m_all[hh] == kNoKey ? -INFINITY : m_all[hh] * 0.6931471805599453f;
-      pr[D + 1] = l_all[hh];
+      const float m = tc::lds32(msh + hh * 4);
+      pr[D] = m == kNoKey ? -INFINITY : m * 0.6931471805599453f;
+      pr[D + 1] = tc::lds32(lsh + hh * 4);
     }
   }
 }
