@@ -145,9 +145,8 @@ __host__ __device__ inline int sink_splits(const Geo& g) { return g.sink > 0 ? 1
 // sv0: the sink store at token 0 of this sequence and kv head, tstride elements from one token to
 // the next; ts_end sink tokens (0: no sequence); qsh / fsh / psh: the warp's scratch (query heads,
 // inv_freq, p and the running maxima and sums); pr0: the partial of query head 0, pr_head floats
-// to the next head's. Only the accumulators stay in registers between batches: inlined into the
-// kernel, anything more made ptxas spill in the tile path too, and as a call (its own
-// allocation) the tile path's 2-bit kernel lost 7-10% (H200, 32x128 at 32K 137 -> 149 us).
+// to the next head's. It takes the query heads four at a time (a second pass over the sink for 5-8
+// heads), so only four heads' accumulators are held in registers.
 template <class T, int D, int BITS>
 __device__ __forceinline__ void sink_partial(const uint16_t* sk0, const uint16_t* sv0, long long tstride, int ts_end,
                                              const T* qrow, const float* inv_freq, float qs, int G, float* pr0,
@@ -159,12 +158,12 @@ __device__ __forceinline__ void sink_partial(const uint16_t* sk0, const uint16_t
   constexpr int NCH = HALF / 8;  // 16-byte chunks of a key row's half
   const int lane = threadIdx.x & 31;
   // scratch: the query heads [HALF][x 8 | y 8] (fp32, x qs) in the value tile (qsh), inv_freq in
-  // the query-plane area (fsh), p [32 tokens][8 heads] then the heads' maxima [8] and sums [8] in
-  // the stages (psh)
+  // the query-plane area (fsh), p [32 tokens][4 heads] then the four heads' maxima and sums in the
+  // stages (psh)
   static_assert(HALF * 16 * 4 <= kTok * RS * 2, "sink query heads fit the value tile");
   static_assert(HALF * 4 <= KS * 2 * 32 * 8, "inv_freq fits the query-plane area");
-  static_assert(NSTG * 32 * CB >= 32 * 8 * 4 + 64, "p, maxima and sums fit the stages");
-  const unsigned msh = psh + 32 * 8 * 4, lsh = msh + 32;
+  static_assert(NSTG * 32 * CB >= 32 * 4 * 4 + 32, "p, maxima and sums fit the stages");
+  const unsigned msh = psh + 32 * 4 * 4, lsh = msh + 16;
   for (int e = lane; e < HALF * 8; e += 32) {
     const int i = e >> 3, hh = e & 7;
     const bool ok = hh < G;
@@ -172,139 +171,128 @@ __device__ __forceinline__ void sink_partial(const uint16_t* sk0, const uint16_t
     tc::sts32(qsh + (unsigned)((i * 16 + 8 + hh) * 4), ok ? qs * to_f(qrow[hh * D + i + HALF]) : 0.f);
   }
   for (int i = lane; i < HALF; i += 32) tc::sts32(fsh + (unsigned)(i * 4), inv_freq[i]);
-  if (lane < 8) {
-    tc::sts32(msh + lane * 4, kNoKey);
-    tc::sts32(lsh + lane * 4, 0.f);
-  }
-  __syncwarp();
-  float av[8][CPL];  // head hh, channel lane * CPL + c
-#pragma unroll
-  for (int hh = 0; hh < 8; ++hh)
-#pragma unroll
-    for (int c = 0; c < CPL; ++c) av[hh][c] = 0.f;
   const uint16_t* const svl = sv0 + lane * CPL;
-  for (int tb = 0; tb < ts_end; tb += 32) {
-    const int nb = min(32, ts_end - tb);
-    const int lpt = 32 >> (32 - __clz(nb - 1));  // 32 / (nb rounded up to a power of two)
-    const int tl = lane / lpt, sub = lane % lpt, tt = tb + tl;
-    const bool tok_ok = tl < nb;
-    // the batch's key and value rows requested into L1 at once (the key chunks below and the p.v
-    // pass's row loads then wait for L1, not for a round trip each)
-    if (tok_ok && sub == 0) {
-      const char* kb = reinterpret_cast<const char*>(sk0 + tt * tstride);
-      const char* vb = reinterpret_cast<const char*>(sv0 + tt * tstride);
-      for (int o = 0; o < D * 2; o += 128) {
-        prefetch_l1(kb + o);
-        prefetch_l1(vb + o);
-      }
-      prefetch_l1(kb + D * 2 - 1);  // a row that straddles one more line
-      prefetch_l1(vb + D * 2 - 1);
+  for (int hg = 0; hg < G; hg += 4) {  // query heads hg .. hg + 3
+    if (lane < 4) {
+      tc::sts32(msh + lane * 4, kNoKey);
+      tc::sts32(lsh + lane * 4, 0.f);
     }
-    float s[8];
+    __syncwarp();
+    float av[4][CPL];  // head hg + hh, channel lane * CPL + c
 #pragma unroll
-    for (int hh = 0; hh < 8; ++hh) s[hh] = 0.f;
-    if (tok_ok && sub < NCH) {
-      const uint4* kr = reinterpret_cast<const uint4*>(sk0 + tt * tstride);  // x chunks, then y chunks
-      uint4 kx = __ldg(kr + sub), ky = __ldg(kr + NCH + sub);
-      for (int ch = sub; ch < NCH; ch += lpt) {
-        const unsigned xw[4] = {kx.x, kx.y, kx.z, kx.w}, yw[4] = {ky.x, ky.y, ky.z, ky.w};
-        if (ch + lpt < NCH) {
-          kx = __ldg(kr + ch + lpt);
-          ky = __ldg(kr + NCH + ch + lpt);
+    for (int hh = 0; hh < 4; ++hh)
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) av[hh][c] = 0.f;
+    for (int tb = 0; tb < ts_end; tb += 32) {
+      const int nb = min(32, ts_end - tb);
+      const int lpt = 32 >> (32 - __clz(nb - 1));  // 32 / (nb rounded up to a power of two)
+      const int tl = lane / lpt, sub = lane % lpt, tt = tb + tl;
+      const bool tok_ok = tl < nb;
+      // the batch's key and value rows requested into L1 at once (the key chunks below and the
+      // p.v pass's row loads then wait for L1, not for a round trip each)
+      if (hg == 0 && tok_ok && sub == 0) {
+        const char* kb = reinterpret_cast<const char*>(sk0 + tt * tstride);
+        const char* vb = reinterpret_cast<const char*>(sv0 + tt * tstride);
+        for (int o = 0; o < D * 2; o += 128) {
+          prefetch_l1(kb + o);
+          prefetch_l1(vb + o);
         }
+        prefetch_l1(kb + D * 2 - 1);  // a row that straddles one more line
+        prefetch_l1(vb + D * 2 - 1);
+      }
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+      if (tok_ok && sub < NCH) {
+        const uint4* kr = reinterpret_cast<const uint4*>(sk0 + tt * tstride);  // x chunks, then y chunks
+        uint4 kx = __ldg(kr + sub), ky = __ldg(kr + NCH + sub);
+        for (int ch = sub; ch < NCH; ch += lpt) {
+          const unsigned xw[4] = {kx.x, kx.y, kx.z, kx.w}, yw[4] = {ky.x, ky.y, ky.z, ky.w};
+          if (ch + lpt < NCH) {
+            kx = __ldg(kr + ch + lpt);
+            ky = __ldg(kr + NCH + ch + lpt);
+          }
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int i = 8 * ch + j;
-          const float x = __half2float(__ushort_as_half((unsigned short)(xw[j >> 1] >> (16 * (j & 1)))));
-          const float y = __half2float(__ushort_as_half((unsigned short)(yw[j >> 1] >> (16 * (j & 1)))));
-          float sn, cn;
-          tc::sincos_reduced(__fmul_rn((float)tt, tc::lds32(fsh + (unsigned)(i * 4))), &sn, &cn);
-          const float xr = fmaf(x, cn, -y * sn), yr = fmaf(y, cn, x * sn);
-          const unsigned qa = qsh + (unsigned)(i * 64);
-          const float4 x0 = tc::lds128f(qa), y0 = tc::lds128f(qa + 32);
-          s[0] = fmaf(x0.x, xr, fmaf(y0.x, yr, s[0]));
-          s[1] = fmaf(x0.y, xr, fmaf(y0.y, yr, s[1]));
-          s[2] = fmaf(x0.z, xr, fmaf(y0.z, yr, s[2]));
-          s[3] = fmaf(x0.w, xr, fmaf(y0.w, yr, s[3]));
-          if (G > 4) {  // warp-uniform
-            const float4 x1 = tc::lds128f(qa + 16), y1 = tc::lds128f(qa + 48);
-            s[4] = fmaf(x1.x, xr, fmaf(y1.x, yr, s[4]));
-            s[5] = fmaf(x1.y, xr, fmaf(y1.y, yr, s[5]));
-            s[6] = fmaf(x1.z, xr, fmaf(y1.z, yr, s[6]));
-            s[7] = fmaf(x1.w, xr, fmaf(y1.w, yr, s[7]));
+          for (int j = 0; j < 8; ++j) {
+            const int i = 8 * ch + j;
+            const float x = __half2float(__ushort_as_half((unsigned short)(xw[j >> 1] >> (16 * (j & 1)))));
+            const float y = __half2float(__ushort_as_half((unsigned short)(yw[j >> 1] >> (16 * (j & 1)))));
+            float sn, cn;
+            tc::sincos_reduced(__fmul_rn((float)tt, tc::lds32(fsh + (unsigned)(i * 4))), &sn, &cn);
+            const float xr = fmaf(x, cn, -y * sn), yr = fmaf(y, cn, x * sn);
+            const unsigned qa = qsh + (unsigned)(i * 64 + hg * 4);
+            const float4 qx = tc::lds128f(qa), qy = tc::lds128f(qa + 32);
+            s[0] = fmaf(qx.x, xr, fmaf(qy.x, yr, s[0]));
+            s[1] = fmaf(qx.y, xr, fmaf(qy.y, yr, s[1]));
+            s[2] = fmaf(qx.z, xr, fmaf(qy.z, yr, s[2]));
+            s[3] = fmaf(qx.w, xr, fmaf(qy.w, yr, s[3]));
           }
         }
       }
-    }
-    // per head: the token's lanes sum their parts; the batch's maximum; p (the token's first lane
-    // writes it; 0 for heads >= G); the accumulators rescaled; maximum and sum updated (lane 0)
+      // per head: the token's lanes sum their parts; the batch's maximum; p (the token's first
+      // lane writes it); the accumulators rescaled; maximum and sum updated (lane 0)
 #pragma unroll
-    for (int hh = 0; hh < 8; ++hh) {
-      if (hh >= G) {  // warp-uniform
-        if (sub == 0 && tok_ok) tc::sts32(psh + (unsigned)((tl * 8 + hh) * 4), 0.f);
-        continue;
+      for (int hh = 0; hh < 4; ++hh) {
+        for (int o = lpt >> 1; o > 0; o >>= 1) s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], o);
+        float mx = tok_ok ? s[hh] : -INFINITY;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        const float m_old = tc::lds32(msh + hh * 4), mn = fmaxf(m_old, mx);
+        const float p = tok_ok && sub == 0 ? exp2f(s[hh] - mn) : 0.f;
+        if (sub == 0 && tok_ok) tc::sts32(psh + (unsigned)((tl * 4 + hh) * 4), p);
+        float ps = p;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
+        const float alpha = exp2f(m_old - mn);  // m_old = kNoKey: 0
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) av[hh][c] *= alpha;
+        __syncwarp();  // every lane has read the old maximum
+        if (lane == 0) {
+          tc::sts32(msh + hh * 4, mn);
+          tc::sts32(lsh + hh * 4, fmaf(tc::lds32(lsh + hh * 4), alpha, ps));
+        }
       }
-      for (int o = lpt >> 1; o > 0; o >>= 1) s[hh] += __shfl_xor_sync(0xffffffffu, s[hh], o);
-      float mx = tok_ok ? s[hh] : -INFINITY;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float m_old = tc::lds32(msh + hh * 4), mn = fmaxf(m_old, mx);
-      const float p = tok_ok && sub == 0 ? exp2f(s[hh] - mn) : 0.f;
-      if (sub == 0 && tok_ok) tc::sts32(psh + (unsigned)((tl * 8 + hh) * 4), p);
-      float ps = p;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
-      const float alpha = exp2f(m_old - mn);  // m_old = kNoKey: 0
-#pragma unroll
-      for (int c = 0; c < CPL; ++c) av[hh][c] *= alpha;
-      __syncwarp();  // every lane has read the old maximum
-      if (lane == 0) {
-        tc::sts32(msh + hh * 4, mn);
-        tc::sts32(lsh + hh * 4, fmaf(tc::lds32(lsh + hh * 4), alpha, ps));
-      }
-    }
-    __syncwarp();
-    // p . v: the lane's channels lane * CPL .. + CPL - 1 of each token, all heads
+      __syncwarp();
+      // p . v: the lane's channels lane * CPL .. + CPL - 1 of each token, four heads
 #pragma unroll 2
-    for (int j = 0; j < nb; ++j) {
-      const uint16_t* sv = svl + (tb + j) * tstride;
-      float v[CPL];
-      if constexpr (CPL == 4) {
-        const uint2 w = __ldg(reinterpret_cast<const uint2*>(sv));
-        v[0] = __half2float(__ushort_as_half((unsigned short)w.x));
-        v[1] = __half2float(__ushort_as_half((unsigned short)(w.x >> 16)));
-        v[2] = __half2float(__ushort_as_half((unsigned short)w.y));
-        v[3] = __half2float(__ushort_as_half((unsigned short)(w.y >> 16)));
-      } else if constexpr (CPL == 2) {
-        const unsigned w = __ldg(reinterpret_cast<const unsigned*>(sv));
-        v[0] = __half2float(__ushort_as_half((unsigned short)w));
-        v[1] = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
-      } else {
+      for (int j = 0; j < nb; ++j) {
+        const uint16_t* sv = svl + (tb + j) * tstride;
+        float v[CPL];
+        if constexpr (CPL == 4) {
+          const uint2 w = __ldg(reinterpret_cast<const uint2*>(sv));
+          v[0] = __half2float(__ushort_as_half((unsigned short)w.x));
+          v[1] = __half2float(__ushort_as_half((unsigned short)(w.x >> 16)));
+          v[2] = __half2float(__ushort_as_half((unsigned short)w.y));
+          v[3] = __half2float(__ushort_as_half((unsigned short)(w.y >> 16)));
+        } else if constexpr (CPL == 2) {
+          const unsigned w = __ldg(reinterpret_cast<const unsigned*>(sv));
+          v[0] = __half2float(__ushort_as_half((unsigned short)w));
+          v[1] = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
+        } else {
 #pragma unroll
-        for (int c = 0; c < CPL; ++c) v[c] = __half2float(__ushort_as_half(__ldg(sv + c)));
+          for (int c = 0; c < CPL; ++c) v[c] = __half2float(__ushort_as_half(__ldg(sv + c)));
+        }
+        const float4 p4 = tc::lds128f(psh + (unsigned)(j * 16));
+        const float p[4] = {p4.x, p4.y, p4.z, p4.w};
+#pragma unroll
+        for (int hh = 0; hh < 4; ++hh)
+#pragma unroll
+          for (int c = 0; c < CPL; ++c) av[hh][c] = fmaf(p[hh], v[c], av[hh][c]);
       }
-      const float4 p0 = tc::lds128f(psh + (unsigned)(j * 32));
-      const float4 p1 = G > 4 ? tc::lds128f(psh + (unsigned)(j * 32 + 16)) : make_float4(0.f, 0.f, 0.f, 0.f);
-      const float p[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
-#pragma unroll
-      for (int hh = 0; hh < 8; ++hh)
-#pragma unroll
-        for (int c = 0; c < CPL; ++c) av[hh][c] = fmaf(p[hh], v[c], av[hh][c]);
+      __syncwarp();  // psh is written again by the next batch
     }
-    __syncwarp();  // psh is written again by the next batch
-  }
-  // the partial: exact values (no offsets), m in the natural log, l
+    // the partials of heads hg ..: exact values (no offsets), m in the natural log, l
 #pragma unroll
-  for (int hh = 0; hh < 8; ++hh) {
-    if (hh >= G) break;
-    float* pr = pr0 + hh * pr_head;
+    for (int hh = 0; hh < 4; ++hh) {
+      if (hg + hh >= G) break;  // warp-uniform
+      float* pr = pr0 + (hg + hh) * pr_head;
 #pragma unroll
-    for (int c = 0; c < CPL; ++c) pr[lane * CPL + c] = av[hh][c];
-    if (lane == 0) {
-      const float m = tc::lds32(msh + hh * 4);
-      pr[D] = m == kNoKey ? -INFINITY : m * 0.6931471805599453f;
-      pr[D + 1] = tc::lds32(lsh + hh * 4);
+      for (int c = 0; c < CPL; ++c) pr[lane * CPL + c] = av[hh][c];
+      if (lane == 0) {
+        const float m = tc::lds32(msh + hh * 4);
+        pr[D] = m == kNoKey ? -INFINITY : m * 0.6931471805599453f;
+        pr[D + 1] = tc::lds32(lsh + hh * 4);
+      }
     }
+    __syncwarp();  // maxima and sums are reset for the next heads
   }
 }
 
@@ -462,14 +450,16 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   // a time; the token splits mask them. Scores: the batch's tokens spread over the lanes, LPT lanes
   // per token (32 / the batch's token count rounded up to a power of two); each lane rotates its
   // share of the token's RoPE pairs (16-byte chunks of 8 pairs, the next chunk's loads in flight)
-  // and dots them with all query heads (pre-scaled, from shared memory, one broadcast per 4 heads);
-  // the token's lanes sum their parts. Then one maximum and one rescale per batch, and the p.v pass
-  // with the lanes over the channels (D / 32 each, for all heads): each token's value row is one
-  // coalesced load of the warp, its p one broadcast per 4 heads. The sink split has its own
-  // accumulators and writes its partial itself; none of the tile path's registers are live here.
-  // (The whole warp took one token at a time before, two RoPE pairs per lane, each token's sin/cos,
-  // shuffles and softmax step one after another: 0.9-1.6 us per token on the H200; with 64 sink
-  // tokens a 20 us call took 113 us, 2-bit, 32q/8kv x128, 8K.)
+  // and dots them with four query heads (pre-scaled, one shared-memory broadcast); the token's
+  // lanes sum their parts. Then one maximum and one rescale per batch, and the p.v pass with the
+  // lanes over the channels (D / 32 each): each token's value row is one coalesced load of the
+  // warp, its p one broadcast. The sink split has its own accumulators and writes its partial in
+  // sink_partial; it then runs on through the (empty) tile loop to the common exit: returning
+  // here instead made ptxas spill in the 2-bit tile path (as did the one-token-at-a-time step with
+  // its loads a token ahead), which cost 7-11% there. (The whole warp took one token at a time
+  // before, two RoPE pairs per lane, each token's sin/cos, shuffles and softmax step one after
+  // another: 0.9-1.6 us per token on the H200; with 64 sink tokens a 20 us call took 113 us,
+  // 2-bit, 32q/8kv x128, 8K.)
   if (sink_split && active) {
     const int srow = b >= 0 ? sink_row(g, b) : 0;
     const long long pr_head = (long long)gridDim.x * (D + 2);
@@ -477,8 +467,6 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
                              b >= 0 ? min(g.sink, L) : 0, qrow, inv_freq, qs, G,
                              part + ((long long)n * hq_total + (long long)h * G) * pr_head + (long long)blockIdx.x * (D + 2), pr_head,
                              vt, qcs, stg);
-    cp_async_wait<0>();
-    return;
   }
 
   for (int t0c = t_begin; t0c < t_end; t0c += kChunk) {
@@ -679,8 +667,8 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
       __syncwarp();
     }
   }
-  if (!active) return;
   cp_async_wait<0>();
+  if (!active || sink_split) return;  // the sink split wrote its partial above
   // ---- partials: acc (unnormalised) + value offsets, m (natural log), l; per head 2 c4 + e
 #pragma unroll
   for (int e = 0; e < 2; ++e)
