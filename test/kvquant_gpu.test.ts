@@ -49,9 +49,11 @@ describeGpu('kvquant (CUDA vs CPU)', () => {
     [32, 8, 128, [100, 45, 3, 700], 4, 'f16', 40],
     [8, 4, 64, [70, 20, 1], 2, 'f16', 20],
     [12, 4, 96, [200, 17], 3, 'bf16', 17],
-    // a sink of two full 32-token batches (the sink split's lanes take one token each), 8 query
-    // heads per kv head
+    // a sink of two full 32-token batches (two sink splits, their lanes one token each), 8 query
+    // heads per kv head (two groups of four)
     [64, 8, 128, [90, 33], 3, 'f16', 64],
+    // five 32-token batches over the four sink splits (split 0 takes batches 0 and 4)
+    [16, 4, 64, [200, 90], 2, 'f16', 150],
     // no sink tokens (the default kernel then has no sink split)
     [32, 8, 128, [1000, 5, 64, 257], 3, 'f16', 0],
     [16, 4, 64, [300, 2], 2, 'bf16', 0],

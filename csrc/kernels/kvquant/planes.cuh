@@ -138,18 +138,26 @@ template <int D, int BITS> __host__ __device__ inline size_t warp_bytes(int stag
 template <int D, int BITS> __host__ __device__ constexpr size_t table_bytes() { return (size_t)kChunk * Shape<D, BITS>::RSC * 16; }
 inline int stage_bytes_for(int cb, int mb) { return (32 * cb + 16 * mb + 15) / 16 * 16; }
 
-// Splits of their own for the sink tokens (blockIdx.x 0 of each row and head group).
-__host__ __device__ inline int sink_splits(const Geo& g) { return g.sink > 0 ? 1 : 0; }
+// Splits of their own for the sink tokens (blockIdx.x 0 .. of each row and head group): one per
+// 32-token batch of the sink, at most kSinkSplits (further batches are dealt over them). One
+// split took 64 sink tokens in 14 us (H200, 32q/8kv x128, 2-bit), where the token splits of an 8K
+// context take 20.
+constexpr int kSinkSplits = 4;
+inline int sink_splits(const Geo& g) {
+  const int batches = (g.sink + 31) / 32;
+  return batches < kSinkSplits ? batches : kSinkSplits;
+}
 
 // The sink split's work (see the kernel): its own accumulators, its partial written here. sk0 /
 // sv0: the sink store at token 0 of this sequence and kv head, tstride elements from one token to
-// the next; ts_end sink tokens (0: no sequence); qsh / fsh / psh: the warp's scratch (query heads,
+// the next; ts_end sink tokens (0: no sequence), of which this split takes the 32-token batches
+// at tb0, tb0 + tb_step, ...; qsh / fsh / psh: the warp's scratch (query heads,
 // inv_freq, p and the running maxima and sums); pr0: the partial of query head 0, pr_head floats
 // to the next head's. It takes the query heads four at a time (a second pass over the sink for 5-8
 // heads), so only four heads' accumulators are held in registers.
 template <class T, int D, int BITS>
 __device__ __forceinline__ void sink_partial(const uint16_t* sk0, const uint16_t* sv0, long long tstride, int ts_end,
-                                             const T* qrow, const float* inv_freq, float qs, int G, float* pr0,
+                                             int tb0, int tb_step, const T* qrow, const float* inv_freq, float qs, int G, float* pr0,
                                              long long pr_head, unsigned qsh, unsigned fsh, unsigned psh) {
   using S = Shape<D, BITS>;
   constexpr int HALF = S::HALF, KS = S::KS, RS = S::RS, CB = S::CB, NSTG = S::NSTG;
@@ -183,7 +191,7 @@ __device__ __forceinline__ void sink_partial(const uint16_t* sk0, const uint16_t
     for (int hh = 0; hh < 4; ++hh)
 #pragma unroll
       for (int c = 0; c < CPL; ++c) av[hh][c] = 0.f;
-    for (int tb = 0; tb < ts_end; tb += 32) {
+    for (int tb = tb0; tb < ts_end; tb += tb_step) {
       const int nb = min(32, ts_end - tb);
       const int lpt = 32 >> (32 - __clz(nb - 1));  // 32 / (nb rounded up to a power of two)
       const int tl = lane / lpt, sub = lane % lpt, tt = tb + tl;
@@ -299,17 +307,19 @@ __device__ __forceinline__ void sink_partial(const uint16_t* sk0, const uint16_t
 template <class T, int D, int BITS>
 __global__ void __launch_bounds__(kWarps * 32, 2)
 planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, float scale, int hq_total, tc::Plan pl,
-              float* __restrict__ part, int stage_bytes) {
+              float* __restrict__ part, int stage_bytes, int nsink) {
   using S = Shape<D, BITS>;
   constexpr int HALF = S::HALF, KS = S::KS, PPL = S::PPL, CB = S::CB, TW = S::TW, RS = S::RS, NSTG = S::NSTG;
   constexpr int NWK = S::NWK, RSC = S::RSC;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int r = lane >> 2, c4 = lane & 3;  // fragment row (token / head) and column pair
-  // With sink tokens, block x = 0 of each (row, head group) is the sink split: it takes only the
-  // sink tokens, in parallel with the token splits x = 1 .. (see the sink step below).
-  const bool sink_split = blockIdx.x < sink_splits(g);
-  const int split = blockIdx.x - sink_splits(g), n = blockIdx.y;
+  // With sink tokens, blocks x < nsink (= sink_splits(g)) of each (row, head group) are the sink
+  // splits: they take only the sink tokens, in parallel with the token splits after them (the sink
+  // step below). (nsink is a parameter: computed in the kernel, ptxas spilled in the 2-bit tile
+  // path.)
+  const bool sink_split = (int)blockIdx.x < nsink;
+  const int split = blockIdx.x - nsink, n = blockIdx.y;
   const int h = blockIdx.z * pl.hpb + warp;
   const bool active = warp < pl.hpb && h < g.H;
   const int G = hq_total / g.H;
@@ -445,9 +455,10 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   constexpr float kNoKey = -1e30f;
   float m_run[2] = {kNoKey, kNoKey}, l_run[2] = {0.f, 0.f}, pa_run[2] = {0.f, 0.f};  // heads 2 c4 + e
 
-  // ---- sink tokens, in a split of their own (x = 0): exact scores from the fp16 side store (keys
-  // rotated in fp32) and exact values, folded into an online softmax a batch of up to 32 tokens at
-  // a time; the token splits mask them. Scores: the batch's tokens spread over the lanes, LPT lanes
+  // ---- sink tokens, in splits of their own (x < nsink): exact scores from the fp16 side
+  // store (keys rotated in fp32) and exact values, folded into an online softmax a batch of up to
+  // 32 tokens at a time (batch x of the sink in split x, and x + nsink, ...); the token
+  // splits mask them. Scores: the batch's tokens spread over the lanes, LPT lanes
   // per token (32 / the batch's token count rounded up to a power of two); each lane rotates its
   // share of the token's RoPE pairs (16-byte chunks of 8 pairs, the next chunk's loads in flight)
   // and dots them with four query heads (pre-scaled, one shared-memory broadcast); the token's
@@ -464,7 +475,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
     const int srow = b >= 0 ? sink_row(g, b) : 0;
     const long long pr_head = (long long)gridDim.x * (D + 2);
     sink_partial<T, D, BITS>(g.sink_k + sink_at(g, srow, 0, h), g.sink_v + sink_at(g, srow, 0, h), (long long)g.H * D,
-                             b >= 0 ? min(g.sink, L) : 0, qrow, inv_freq, qs, G,
+                             b >= 0 ? min(g.sink, L) : 0, 32 * (int)blockIdx.x, 32 * nsink, qrow, inv_freq, qs, G,
                              part + ((long long)n * hq_total + (long long)h * G) * pr_head + (long long)blockIdx.x * (D + 2), pr_head,
                              vt, qcs, stg);
   }
@@ -681,7 +692,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   for (int e = 0; e < 2; ++e) {
     const int head = 2 * c4 + e;
     if (head >= G) continue;
-    // partial x of gridDim.x (the sink split's first, then the token splits')
+    // partial x of gridDim.x (the sink splits first, then the token splits)
     float* pr = part + (((long long)n * hq_total + (long long)h * G + head) * gridDim.x + blockIdx.x) * (D + 2);
 #pragma unroll
     for (int mt = 0; mt < S::MT; ++mt) {
@@ -704,7 +715,7 @@ void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_
   allow_dynamic_smem<planes_kernel<T, D, BITS>>(smem, "kvqAttention");
   const int splits = pl.splits + sink_splits(g);
   launch_pdl(planes_kernel<T, D, BITS>, dim3(splits, N, pl.groups), dim3(pl.hpb * 32), smem, stream, g,
-             static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part, stage);
+             static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part, stage, sink_splits(g));
   fast::launch_combine<T>(part, splits, N * Hq, D, static_cast<T*>(out.data()), stream);
 }
 template <class T, int D>
@@ -751,7 +762,7 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
   }
 }
 int64_t workspace_floats(int sms, int64_t N, int64_t Hq, int64_t H, int64_t D, int max_seq_len) {
-  // + one split for the sink tokens (plan() never gives more token splits than tc's plan)
-  return covers((int)D, (int)(Hq / H)) ? tc::workspace_floats(sms, N, Hq, H, D, max_seq_len, kSplit) + N * Hq * (D + 2) : 0;
+  // + the sink splits (plan_with_sink() never gives more token splits than tc's plan)
+  return covers((int)D, (int)(Hq / H)) ? tc::workspace_floats(sms, N, Hq, H, D, max_seq_len, kSplit) + kSinkSplits * N * Hq * (D + 2) : 0;
 }
 }  // namespace planes
