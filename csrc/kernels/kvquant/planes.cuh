@@ -138,15 +138,11 @@ template <int D, int BITS> __host__ __device__ inline size_t warp_bytes(int stag
 template <int D, int BITS> __host__ __device__ constexpr size_t table_bytes() { return (size_t)kChunk * Shape<D, BITS>::RSC * 16; }
 inline int stage_bytes_for(int cb, int mb) { return (32 * cb + 16 * mb + 15) / 16 * 16; }
 
-// Splits of their own for the sink tokens (blockIdx.x 0 .. of each row and head group): one per
-// 32-token batch of the sink, at most kSinkSplits (further batches are dealt over them). One
-// split took 64 sink tokens in 14 us (H200, 32q/8kv x128, 2-bit), where the token splits of an 8K
-// context take 20.
+// Splits of their own for the sink tokens (blockIdx.x 0 .. nsink - 1 of each row and head group):
+// at most one per 32-token batch of the sink and at most kSinkSplits (further batches are dealt
+// over them); how many is plan_with_sink's choice.
 constexpr int kSinkSplits = 4;
-inline int sink_splits(const Geo& g) {
-  const int batches = (g.sink + 31) / 32;
-  return batches < kSinkSplits ? batches : kSinkSplits;
-}
+inline int sink_batches(const Geo& g) { return (g.sink + 31) / 32; }
 
 // The sink split's work (see the kernel): its own accumulators, its partial written here. sk0 /
 // sv0: the sink store at token 0 of this sequence and kv head, tstride elements from one token to
@@ -314,7 +310,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int r = lane >> 2, c4 = lane & 3;  // fragment row (token / head) and column pair
-  // With sink tokens, blocks x < nsink (= sink_splits(g)) of each (row, head group) are the sink
+  // With sink tokens, blocks x < nsink (plan_with_sink) of each (row, head group) are the sink
   // splits: they take only the sink tokens, in parallel with the token splits after them (the sink
   // step below). (nsink is a parameter: computed in the kernel, ptxas spilled in the 2-bit tile
   // path.)
@@ -708,38 +704,47 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
 
 template <class T, int D, int BITS>
 void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, const tc::Plan& pl,
-            float* part, cudaStream_t stream) {
+            int nsink, float* part, cudaStream_t stream) {
   const int N = (int)q.dim(0), Hq = (int)q.dim(1);
   const int stage = stage_bytes_for(Shape<D, BITS>::CB, g.mbytes);
   const size_t smem = table_bytes<D, BITS>() + (size_t)pl.hpb * warp_bytes<D, BITS>(stage);
   allow_dynamic_smem<planes_kernel<T, D, BITS>>(smem, "kvqAttention");
-  const int splits = pl.splits + sink_splits(g);
+  const int splits = pl.splits + nsink;
   launch_pdl(planes_kernel<T, D, BITS>, dim3(splits, N, pl.groups), dim3(pl.hpb * 32), smem, stream, g,
-             static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part, stage, sink_splits(g));
+             static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part, stage, nsink);
   fast::launch_combine<T>(part, splits, N * Hq, D, static_cast<T*>(out.data()), stream);
 }
 template <class T, int D>
 void launch_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, const tc::Plan& pl,
-                 float* part, cudaStream_t s) {
-  if (g.bits == 2) launch<T, D, 2>(out, q, g, f, scale, pl, part, s);
-  else if (g.bits == 3) launch<T, D, 3>(out, q, g, f, scale, pl, part, s);
-  else launch<T, D, 4>(out, q, g, f, scale, pl, part, s);
+                 int nsink, float* part, cudaStream_t s) {
+  if (g.bits == 2) launch<T, D, 2>(out, q, g, f, scale, pl, nsink, part, s);
+  else if (g.bits == 3) launch<T, D, 3>(out, q, g, f, scale, pl, nsink, part, s);
+  else launch<T, D, 4>(out, q, g, f, scale, pl, nsink, part, s);
 }
-// tc's plan at 32-token granularity (8 warps per block, two blocks per SM), with the sink split's
-// blocks in the resident wave. Where the token splits leave room for them, or make room without
-// a split taking more chunks, the token splits are planned around them; otherwise (long contexts,
-// where one more chunk per split costs more than a late start) the wave holds the sink blocks,
-// which end first, and as many token-split blocks start in the slots they free. H200, 7B shapes
-// (32 kv heads), 2-bit, one sink token, 1M tokens: planned around the sink blocks, the splits took
-// 481 chunks instead of 474 and the step 124.6 ms, against 123.1 ms this way.
-inline tc::Plan plan_with_sink(int sms, int N, const Geo& g, int G, int L) {
+// tc's plan at 32-token granularity (8 warps per block, two blocks per SM), with the sink splits'
+// blocks in the resident wave. One sink split per 32-token batch of the sink (up to kSinkSplits)
+// where the wave holds them beside the token splits; otherwise one. (Blocks the wave does not hold
+// push token splits into a second round: H200, 2-bit, 64 sink tokens, two sink splits against
+// one: batch 8 x 32q/8kv at 4K 58.7 against 45.0 us; where they fit, 32q/8kv at 8K 23.1 against
+// 33.9.) One sink split: where the token splits leave room for it, or make room without a split
+// taking more chunks, the token splits are planned around it; otherwise (long contexts, where one
+// more chunk per split costs more than a late start) the wave holds the sink blocks, which end
+// first, and as many token-split blocks start in the slots they free. H200, 7B shapes (32 kv
+// heads), 2-bit, one sink token, 1M tokens: planned around the sink blocks, the splits took 481
+// chunks instead of 474 and the step 124.6 ms, against 123.1 ms this way.
+struct SinkPlan {
+  tc::Plan pl;
+  int nsink;  // sink splits
+};
+inline SinkPlan plan_with_sink(int sms, int N, const Geo& g, int G, int L) {
   const tc::Plan plain = tc::plan(sms, N, g.H, G, g.D, L, kSplit);
-  const int extra = sink_splits(g);
-  if (extra == 0) return plain;
+  if (g.sink == 0) return {plain, 0};
   const long long wave = (long long)tc::blocks_per_sm(g.D, G) * sms * tc::max_warps(g.D);
-  if ((long long)(plain.splits + extra) * N * plain.groups * plain.hpb <= wave) return plain;
-  const tc::Plan room = tc::plan(sms, N, g.H, G, g.D, L, kSplit, extra);
-  return room.sub == plain.sub ? room : plain;
+  const long long per_split = (long long)N * plain.groups * plain.hpb;
+  for (int k = std::min(kSinkSplits, sink_batches(g)); k >= 1; --k)
+    if ((plain.splits + k) * per_split <= wave) return {plain, k};
+  const tc::Plan room = tc::plan(sms, N, g.H, G, g.D, L, kSplit, 1);
+  return {room.sub == plain.sub ? room : plain, 1};
 }
 // Covered: head_dim 64, 96, 128 (the RoPE half a multiple of 16) and up to 8 query heads per kv head.
 inline bool covers(int D, int G) { return G >= 1 && G <= 8 && (D == 64 || D == 96 || D == 128); }
@@ -749,15 +754,16 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
   const int N = (int)q.dim(0), Hq = (int)q.dim(1), dev = q.device.index, G = Hq / g.H;
   if (!covers(g.D, G)) return false;
   if (N == 0) return true;
-  const tc::Plan pl = plan_with_sink(sm_count(dev), N, g, G, L);
-  const int64_t need = (int64_t)N * Hq * (pl.splits + sink_splits(g)) * (g.D + 2);
+  const SinkPlan sp = plan_with_sink(sm_count(dev), N, g, G, L);
+  const tc::Plan& pl = sp.pl;
+  const int64_t need = (int64_t)N * Hq * (pl.splits + sp.nsink) * (g.D + 2);
   if (work && need > work_floats) fail("ERR_ARG", "kvqAttention: the workspace holds " + std::to_string(work_floats) +
                                                       " floats, this call needs " + std::to_string(need));
   float* part = work ? work : partials(dev, (size_t)need * sizeof(float), s);
   switch (g.D) {
-    case 64: launch_bits<T, 64>(out, q, g, f, scale, pl, part, s); return true;
-    case 96: launch_bits<T, 96>(out, q, g, f, scale, pl, part, s); return true;
-    case 128: launch_bits<T, 128>(out, q, g, f, scale, pl, part, s); return true;
+    case 64: launch_bits<T, 64>(out, q, g, f, scale, pl, sp.nsink, part, s); return true;
+    case 96: launch_bits<T, 96>(out, q, g, f, scale, pl, sp.nsink, part, s); return true;
+    case 128: launch_bits<T, 128>(out, q, g, f, scale, pl, sp.nsink, part, s); return true;
     default: return false;
   }
 }
