@@ -28,9 +28,9 @@
 //     cos/sin and multiplied with each query head, is added to the scores of the token's heads in
 //     fp32 (one lane per outlier computes it for all heads, the lanes holding the token's scores
 //     read theirs from shared memory).
-//   * sink tokens: the splits that start before them take them first, exactly (scores from the
-//     fp16 side store, keys rotated in fp32, values in fp32), as the first steps of the online
-//     softmax; the tiles mask them.
+//   * sink tokens: splits of their own (blocks x < nsink, beside the token splits), exactly
+//     (fp16 keys rotated in fp32, fp16 values), in batches of up to 32 tokens spread over the
+//     lanes (sink_partial); the token splits' tiles mask them.
 //   * codes, value rows and metadata of the next tiles are copied to shared memory by cp.async
 //     (two or three stages per warp) while the current tile is computed.
 // Grid and combine are tc's (one warp per kv head), with splits of 32 tokens.
