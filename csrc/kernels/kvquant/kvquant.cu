@@ -1100,6 +1100,8 @@ constexpr int min_blocks(int D, int NH) { return D > 128 || NH > 1 ? 1 : 2; }
 inline int blocks_per_sm(int D, int G) {
   return std::min(8, std::max(1, env_int("SQUEEZELM_KVQ_BLOCKS_PER_SM", min_blocks(D, G > 8 ? 2 : 1))));
 }
+// Warps of the resident wave the grid aims at.
+inline long long wave_warps(int sms, int D, int G) { return (long long)blocks_per_sm(D, G) * sms * max_warps(D); }
 // chunk_tokens: the split granularity (the rotation-plane kernel splits at 32 tokens).
 // reserved_splits: splits of other work in the same grid (the rotation-plane kernel's sink split),
 // whose blocks the resident wave must also hold.
@@ -1109,7 +1111,7 @@ inline Plan plan(int sms, int N, int H, int G, int D, int max_seq_len, int chunk
   // The splits are sized in warps (one per kv head and split): as many as the resident wave
   // holds, each walking as few chunks as that allows (a warp's tiles run one after another).
   // Smaller blocks only where even one chunk per split leaves SMs without a block.
-  const long long target_warps = (long long)blocks_per_sm(D, G) * sms * max_warps(D);
+  const long long target_warps = wave_warps(sms, D, G);
   p.hpb = std::min(H, max_warps(D));
   int groups = (H + p.hpb - 1) / p.hpb;
   while (p.hpb > 2 && (long long)N * chunks * groups < sms) {

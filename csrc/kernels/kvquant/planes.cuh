@@ -144,6 +144,13 @@ inline int stage_bytes_for(int cb, int mb) { return (32 * cb + 16 * mb + 15) / 1
 constexpr int kSinkSplits = 4;
 inline int sink_batches(const Geo& g) { return (g.sink + 31) / 32; }
 
+// The running maxima start at kNoKey, not -inf: a token split inside the sink can see a tile with
+// every key masked before any other, and exp2(-inf - -inf) would poison its state; from kNoKey
+// such a tile gives factor 1 and p = 0 with no test in the loop. A partial that saw no key still
+// reports -inf: partial_max turns a running maximum (log2 domain) into the partial's (natural log).
+constexpr float kNoKey = -1e30f;
+__device__ __forceinline__ float partial_max(float m) { return m == kNoKey ? -INFINITY : m * 0.6931471805599453f; }
+
 // The sink split's work (see the kernel): its own accumulators, its partial written here. sk0 /
 // sv0: the sink store at token 0 of this sequence and kv head, tstride elements from one token to
 // the next; ts_end sink tokens (0: no sequence), of which this split takes the 32-token batches
@@ -157,7 +164,6 @@ __device__ __forceinline__ void sink_partial(const uint16_t* sk0, const uint16_t
                                              long long pr_head, unsigned qsh, unsigned fsh, unsigned psh) {
   using S = Shape<D, BITS>;
   constexpr int HALF = S::HALF, KS = S::KS, RS = S::RS, CB = S::CB, NSTG = S::NSTG;
-  constexpr float kNoKey = -1e30f;  // as the kernel's
   constexpr int CPL = D / 32;    // value channels per lane in the p.v pass
   constexpr int NCH = HALF / 8;  // 16-byte chunks of a key row's half
   const int lane = threadIdx.x & 31;
@@ -291,8 +297,7 @@ __device__ __forceinline__ void sink_partial(const uint16_t* sk0, const uint16_t
 #pragma unroll
       for (int c = 0; c < CPL; ++c) pr[lane * CPL + c] = av[hh][c];
       if (lane == 0) {
-        const float m = tc::lds32(msh + hh * 4);
-        pr[D] = m == kNoKey ? -INFINITY : m * 0.6931471805599453f;
+        pr[D] = partial_max(tc::lds32(msh + hh * 4));
         pr[D + 1] = tc::lds32(lsh + hh * 4);
       }
     }
@@ -438,18 +443,12 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
     __syncwarp();
   }
 
-
   float acc[S::MT][4];
 #pragma unroll
   for (int mt = 0; mt < S::MT; ++mt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
-  // The running maxima start at kNoKey, not -inf: a token split inside the sink can see a tile
-  // with every key masked before any other, and exp2(-inf - -inf) would poison its state; from
-  // kNoKey such a tile gives factor 1 and p = 0 with no test in the loop. A partial that saw no
-  // key still reports -inf.
-  constexpr float kNoKey = -1e30f;
-  float m_run[2] = {kNoKey, kNoKey}, l_run[2] = {0.f, 0.f}, pa_run[2] = {0.f, 0.f};  // heads 2 c4 + e
+  float m_run[2] = {kNoKey, kNoKey}, l_run[2] = {0.f, 0.f}, pa_run[2] = {0.f, 0.f};  // heads 2 c4 + e (kNoKey: above)
 
   // ---- sink tokens, in splits of their own (x < nsink): exact scores from the fp16 side
   // store (keys rotated in fp32) and exact values, folded into an online softmax a batch of up to
@@ -696,7 +695,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
       pr[tc::value_channel<BITS>(16 * mt + r + 8)] = acc[mt][2 + e] + pa_run[e];
     }
     if (r == 0) {
-      pr[D] = m_run[e] == kNoKey ? -INFINITY : m_run[e] * 0.6931471805599453f;
+      pr[D] = partial_max(m_run[e]);
       pr[D + 1] = l_run[e];
     }
   }
@@ -739,7 +738,7 @@ struct SinkPlan {
 inline SinkPlan plan_with_sink(int sms, int N, const Geo& g, int G, int L) {
   const tc::Plan plain = tc::plan(sms, N, g.H, G, g.D, L, kSplit);
   if (g.sink == 0) return {plain, 0};
-  const long long wave = (long long)tc::blocks_per_sm(g.D, G) * sms * tc::max_warps(g.D);
+  const long long wave = tc::wave_warps(sms, g.D, G);
   const long long per_split = (long long)N * plain.groups * plain.hpb;
   for (int k = std::min(kSinkSplits, sink_batches(g)); k >= 1; --k)
     if ((plain.splits + k) * per_split <= wave) return {plain, k};
