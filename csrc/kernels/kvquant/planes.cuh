@@ -503,13 +503,35 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
       float sc[4];
       {
         const Book<TW> kbk = book(0);
-        unsigned kw0[NWK], kw1[NWK];
-        stream_words<NWK, S::KBITS % 32 == 0>(sbp + r * CB, c4 * S::KBITS, kw0);
-        stream_words<NWK, S::KBITS % 32 == 0>(sbp + (r + 8) * CB, c4 * S::KBITS, kw1);
+        // The lane's key code words of the two tokens. At head_dim 128 each word is loaded right
+        // before the first k-step that reads it, not all before the first: that holds 4-6 fewer
+        // registers through the products, which took the 3- and 4-bit kernels' spills (20 / 32 and
+        // 36 / 48 bytes) down to none and 4 / 16 (a row index reloaded once per tile). Same process,
+        // H200, 2 + 2 outlier slots, 4 sink tokens, all at once / word by word, us: 32q/8kv x128 at
+        // 32K 4-bit 59.7 / 56.4, 3-bit 53.3 / 50.6, 2-bit 44.6 / 44.0; 32x128 at 32K 191.6 / 178.8,
+        // 171.3 / 161.2, 137.3 / 135.0; batch 8 at 4K 4-bit 59.3 / 56.2. At head_dim 64 and 96 (no
+        // spills) it measured 0.5% slower at 4 bits and is not taken there.
+        unsigned kw0[NWK] = {}, kw1[NWK] = {};  // (zeros: the 3-bit funnel shift's unused word)
+        constexpr bool kLazy = D == 128;
+        static_assert(!kLazy || S::KBITS % 32 == 0, "a lane's code run starts at a word");
+        const unsigned kr0 = sbs + (unsigned)(r * CB + c4 * (S::KBITS / 8)), kr1 = kr0 + 8 * CB;
+        if constexpr (!kLazy) {
+          stream_words<NWK, S::KBITS % 32 == 0>(sbp + r * CB, c4 * S::KBITS, kw0);
+          stream_words<NWK, S::KBITS % 32 == 0>(sbp + (r + 8) * CB, c4 * S::KBITS, kw1);
+        }
         float sa[4] = {0.f, 0.f, 0.f, 0.f}, sb[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) {
           unsigned X0[2], Y0[2], X1[2], Y1[2];
+          if constexpr (kLazy) {
+            // the last word k-step ks reads, unless an earlier k-step read it already
+            constexpr int kBits = 8 * BITS;  // code bits per lane and k-step
+            const int wl = (kBits * ks + kBits - 1) >> 5, wp = ks > 0 ? (kBits * ks - 1) >> 5 : -1;
+            if (wl > wp) {
+              kw0[wl] = ld_shared_u32(kr0 + 4 * wl);
+              kw1[wl] = ld_shared_u32(kr1 + 4 * wl);
+            }
+          }
           key_step<BITS>(kw0, ks, kbk, X0, Y0);
           key_step<BITS>(kw1, ks, kbk, X1, Y1);
           const uint4 cs0 = lds128(cs_s + (unsigned)(((tt0 + r) * RSC + ks * 4 + c4) * 16));
