@@ -12,6 +12,7 @@ import { loadPplData, perplexity } from '../runtime/ppl';
 import { quantizeCommand } from '../quant/squeezellm';
 import { convertCommand } from '../quant/convert';
 import { calibrateKvCommand } from '../quant/kvquant-calibrate';
+import { fisherCommand } from '../quant/gradients';
 
 const HELP = `squeezelm: LLaMA-family inference on one NVIDIA GPU (or the CPU)
 
@@ -31,9 +32,12 @@ usage:
       picks the sensitive outliers by their error after a first fit; --rtn: uniform baseline.
       Each finished linear is kept in OUT/.squeezelm-partial until the model is written: run the
       same command again after an interruption and it goes on from there (--no-resume: start over)
+  squeezelm fisher [--model DIR] --calib FILE --out FILE [--windows N]
+      the Fisher diagonal of every decoder linear (mean squared loss gradient over the
+      calibration windows; fp32 on the CPU, for models that fit in memory) for --fisher
   squeezelm convert FILE.pt --model DIR --out DIR (upstream SqueezeLLM checkpoint)
   squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2|3|4 --out FILE [--outliers PCT]
-                [--key-clip PCT] [--sink N] [--windows N] [--no-sensitivity] [--key-per-token] [--post-rope] [--uniform]
+                [--key-clip PCT] [--sink N] [--windows N] [--fisher] [--no-sensitivity] [--key-per-token] [--post-rope] [--uniform]
       calibrates the KVQuant cache quantizer (safetensors; docs/kvquant.md)
   squeezelm ppl [--model DIR] --data FILE [--windows N] [--window L] [--device D]
                 [--batch B] [--kv-bits 2|3|4 --kv-calib FILE | --kv-bits 16] [--decode]
@@ -185,6 +189,7 @@ export async function main(argv: string[]): Promise<number> {
     if (argv[0] === 'quantize') { await quantizeCommand(argv.slice(1)); return 0; }
     if (argv[0] === 'convert') { await convertCommand(argv.slice(1)); return 0; }
     if (argv[0] === 'calibrate-kv') { await calibrateKvCommand(argv.slice(1), defaultModelDir()); return 0; }
+    if (argv[0] === 'fisher') { await fisherCommand(argv.slice(1), defaultModelDir()); return 0; }
     const { cmd, flags } = parse(argv);
     if (flags.help || !cmd || cmd === 'help') {
       process.stdout.write(HELP + '\n');
@@ -194,7 +199,7 @@ export async function main(argv: string[]): Promise<number> {
       case 'generate': await cmdGenerate(flags); break;
       case 'ppl': await cmdPpl(flags); break;
       case 'info': await cmdInfo(flags); break;
-      default: throw new SqueezeError('ERR_ARG', `unknown command '${cmd}' (generate, ppl, info, quantize, convert, calibrate-kv; --help)`);
+      default: throw new SqueezeError('ERR_ARG', `unknown command '${cmd}' (generate, ppl, info, quantize, fisher, convert, calibrate-kv; --help)`);
     }
     return 0;
   } catch (e) {

@@ -14,6 +14,7 @@ import { setProjectionObserver } from '../model/llama';
 import { loadPplData } from '../runtime/ppl';
 import { copy } from '../ops/basic';
 import { KvqCalibration, calibrateFromSamples, saveKvqCalibration } from './kvquant';
+import { Backprop } from './gradients';
 
 /**
  * The contents of `t` as they are at this point of the stream: a stream-ordered copy into a
@@ -45,6 +46,16 @@ export interface CalibrateKvOptions {
    * query component that multiplies it (over its query heads and RoPE pair; default true).
    */
   sensitivity?: boolean;
+  /**
+   * Weight every k-means sample by its loss gradient instead: |g|, g the gradient of the window's
+   * loss with respect to that key (before RoPE) or value, from this backward pass over the same
+   * windows (CPU, fp32; the samples then come from its forward pass). KVQuant weights by the
+   * Fisher information g^2 of each sample; on pycoder-mini its square root measured best (2 bits:
+   * g^2 x scale^2, g^2, |g| x scale, |g|, |g|^0.5 compared in docs/kvquant.md).
+   */
+  fisher?: Backprop;
+  /** Called after each window of the fisher pass. */
+  onProgress?: (done: number, total: number) => void;
   /** Windows per forward pass (default 4). */
   batch?: number;
   iterations?: number;
@@ -63,6 +74,7 @@ export async function calibrateKv(model: Model, windows: Int32Array[], o: Calibr
   const vals: Float32Array[][] = Array.from({ length: cfg.numLayers }, () => []);
   const qsq: Float64Array[] = Array.from({ length: cfg.numLayers }, () => new Float64Array(HD));
   const G = Hq / H;
+  if (o.fisher) return calibrateKvFisher(model, windows, o, o.fisher);
   const pending: Promise<void>[] = [];
   const invFreq = cfg.invFreq;
   const observe = (layer: number, qkv: Tensor, positions: Tensor): void => {
@@ -115,12 +127,6 @@ export async function calibrateKv(model: Model, windows: Int32Array[], o: Calibr
   } finally {
     setProjectionObserver(null);
   }
-  const cat = (parts: Float32Array[]): Float32Array => {
-    const out = new Float32Array(parts.reduce((a, x) => a + x.length, 0));
-    let off = 0;
-    for (const x of parts) { out.set(x, off); off += x.length; }
-    return out;
-  };
   if (keys[0].reduce((a, x) => a + x.length, 0) === 0) throw new SqueezeError('ERR_ARG', 'calibrate-kv: no tokens past the sink to calibrate on');
   return calibrateFromSamples(keys.map(cat), vals.map(cat), {
     bits: o.bits, outliers: o.outliers ?? 0.01, keyClip: o.keyClip, sink, kvHeads: H, headDim: D, keyPerToken: o.keyPerToken, postRope: o.postRope,
@@ -129,15 +135,76 @@ export async function calibrateKv(model: Model, windows: Int32Array[], o: Calibr
   });
 }
 
+function cat(parts: Float32Array[]): Float32Array {
+  const out = new Float32Array(parts.reduce((a, x) => a + x.length, 0));
+  let off = 0;
+  for (const x of parts) { out.set(x, off); off += x.length; }
+  return out;
+}
+
+/** Rotates each [H*D] row of x (a token at position pos[r]) by RoPE, in place. */
+function rotateRows(x: Float32Array, pos: ArrayLike<number>, H: number, D: number, invFreq: Float32Array): void {
+  const half = D / 2, HD = H * D;
+  for (let r = 0; r < pos.length; r++)
+    for (let i = 0; i < half; i++) {
+      const ang = Math.fround(pos[r] * invFreq[i]);
+      const c = Math.fround(Math.cos(ang)), sn = Math.fround(Math.sin(ang));
+      for (let h = 0; h < H; h++) {
+        const o = r * HD + h * D, x1 = x[o + i], x2 = x[o + i + half];
+        x[o + i] = x1 * c - x2 * sn;
+        x[o + i + half] = x2 * c + x1 * sn;
+      }
+    }
+}
+
+/** calibrateKv with Fisher-weighted codebooks: samples and gradients from `bp`'s passes. */
+async function calibrateKvFisher(model: Model, windows: Int32Array[], o: CalibrateKvOptions, bp: Backprop): Promise<KvqCalibration> {
+  const cfg = model.config, b = bp.config;
+  if (b.numLayers !== cfg.numLayers || b.numKvHeads !== cfg.numKvHeads || b.headDim !== cfg.headDim || b.hiddenSize !== cfg.hiddenSize)
+    throw new SqueezeError('ERR_ARG', 'calibrate-kv: the gradient pass is for another model than the one calibrated');
+  const H = cfg.numKvHeads, D = cfg.headDim, HD = H * D, sink = o.sink ?? 4, L = cfg.numLayers;
+  const parts = Array.from({ length: L }, () => ({ k: [] as Float32Array[], v: [] as Float32Array[], gk: [] as Float32Array[], gv: [] as Float32Array[] }));
+  for (let w = 0; w < windows.length; w++) {
+    const ids = windows[w], T = ids.length;
+    if (T <= sink) continue;
+    const r = await bp.window(ids, { kv: true });
+    const pos = Array.from({ length: T - sink }, (_, i) => sink + i);
+    for (let l = 0; l < L; l++) {
+      const g = r.kv![l], p = parts[l];
+      const k = g.keys.slice(sink * HD), gk = g.keyGrads.slice(sink * HD);
+      if (o.postRope) {  // samples and gradients of the rotated keys (a rotation keeps the gradient's length)
+        rotateRows(k, pos, H, D, cfg.invFreq);
+        rotateRows(gk, pos, H, D, cfg.invFreq);
+      }
+      // k-means weights |g|: the square root of each sample's Fisher information g^2 (see CalibrateKvOptions.fisher)
+      const gv = g.valueGrads.slice(sink * HD);
+      for (let i = 0; i < gk.length; i++) { gk[i] = Math.abs(gk[i]); gv[i] = Math.abs(gv[i]); }
+      p.k.push(k);
+      p.v.push(g.values.slice(sink * HD));
+      p.gk.push(gk);
+      p.gv.push(gv);
+    }
+    o.onProgress?.(w + 1, windows.length);
+  }
+  if (parts[0].k.length === 0) throw new SqueezeError('ERR_ARG', 'calibrate-kv: no tokens past the sink to calibrate on');
+  return calibrateFromSamples(parts.map((p) => cat(p.k)), parts.map((p) => cat(p.v)), {
+    bits: o.bits, outliers: o.outliers ?? 0.01, keyClip: o.keyClip, sink, kvHeads: H, headDim: D, keyPerToken: o.keyPerToken, postRope: o.postRope,
+    codebook: o.codebook, iterations: o.iterations, maxSamples: o.maxSamples,
+    sampleWeights: { keys: parts.map((p) => cat(p.gk)), values: parts.map((p) => cat(p.gv)) },
+  });
+}
+
 const USAGE = `usage: squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2|3|4 --out FILE
          [--outliers PCT (default 1)] [--key-clip PCT (default: half of --outliers)] [--sink N (default 4)]
-         [--windows N] [--device D]
-         [--no-sensitivity] [--key-per-token] [--post-rope] [--uniform]   (docs/kvquant.md)`;
+         [--windows N] [--device D] [--fisher | --no-sensitivity]
+         [--key-per-token] [--post-rope] [--uniform]   (docs/kvquant.md)
+  --fisher weights the codebooks' k-means by each sample's squared loss gradient (a backward
+  pass on the CPU in fp32 over the calibration windows, for models that fit in host memory).`;
 
 /** `squeezelm calibrate-kv ...` */
 export async function calibrateKvCommand(argv: string[], defaultModel: string): Promise<void> {
   const f: Record<string, string | boolean> = {};
-  const BOOL = new Set(['key-per-token', 'post-rope', 'uniform', 'no-sensitivity', 'help']);
+  const BOOL = new Set(['key-per-token', 'post-rope', 'uniform', 'no-sensitivity', 'fisher', 'help']);
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (!a.startsWith('--')) throw new SqueezeError('ERR_ARG', `calibrate-kv: unexpected argument '${a}'\n${USAGE}`);
@@ -168,18 +235,25 @@ export async function calibrateKvCommand(argv: string[], defaultModel: string): 
   const clip = num('key-clip', pct / 2)!;
   if (!(clip >= 0 && clip < 50)) throw new SqueezeError('ERR_ARG', `--key-clip is a percentage in [0, 50), got ${clip}`);
   const batch = num('batch', 4)!;
+  if (f.fisher && f['no-sensitivity']) throw new SqueezeError('ERR_ARG', 'calibrate-kv: --fisher and --no-sensitivity exclude each other');
+  const bp = f.fisher ? Backprop.open(dir) : undefined;
   const model = await loadModel(dir, { device: typeof f.device === 'string' ? f.device : 'auto', maxBatch: batch });
   try {
     const data = loadPplData(model, calib, { windows: num('windows') });
     const t0 = performance.now();
     const cal = await calibrateKv(model, data.windows, {
       bits, outliers: pct / 100, keyClip: clip / 100, sink: num('sink', 4), keyPerToken: !!f['key-per-token'], postRope: !!f['post-rope'],
-      codebook: f.uniform ? 'uniform' : 'kmeans', batch, sensitivity: !f['no-sensitivity'],
+      codebook: f.uniform ? 'uniform' : 'kmeans', batch, sensitivity: !f['no-sensitivity'], fisher: bp,
+      onProgress: (done, total) => {
+        if (process.stderr.isTTY || done === total)
+          process.stderr.write(`\rcalibrate-kv: gradients of window ${done}/${total}${done === total ? '\n' : ''}`);
+      },
     });
     saveKvqCalibration(out, cal);
     process.stdout.write(JSON.stringify({
       out, bits, outliers: cal.outliers, sink: cal.sink, layers: cal.layers.length, windows: data.windows.length,
-      keyPerToken: !!cal.keyPerToken, postRope: !!cal.postRope, codebook: cal.codebook, seconds: (performance.now() - t0) / 1000,
+      keyPerToken: !!cal.keyPerToken, postRope: !!cal.postRope, codebook: cal.codebook,
+      sensitivity: cal.sensitivity, seconds: (performance.now() - t0) / 1000,
     }) + '\n');
   } finally {
     await model.dispose();

@@ -33,6 +33,11 @@ export interface KvqCalibration {
   postRope?: boolean;
   /** How the codebooks were made: 1-D k-means (default) or a uniform grid (ablation). */
   codebook?: 'kmeans' | 'uniform';
+  /**
+   * What weighted the k-means samples: each sample's squared loss gradient ('fisher'), each key
+   * channel's mean squared query ('queries', keys only) or nothing ('none'). Descriptive only.
+   */
+  sensitivity?: 'fisher' | 'queries' | 'none';
   layers: KvqCalibrationLayer[];
 }
 
@@ -58,6 +63,12 @@ export interface CalibrateOptions {
    * multiplies it): the key codebook's k-means then weights each sample by its channel's.
    */
   keyWeights?: Float32Array[];
+  /**
+   * Per layer, a k-means weight per sample, laid out like `keys` and `values` ([T, kvHeads*D]),
+   * e.g. from each sample's loss gradient (calibrateKv with `fisher`). Takes precedence over
+   * keyWeights.
+   */
+  sampleWeights?: { keys: Float32Array[]; values: Float32Array[] };
   /** k-means iterations (default 25) and the most samples it looks at (default 200000). */
   iterations?: number;
   maxSamples?: number;
@@ -195,28 +206,36 @@ export function calibrateFromSamples(keys: Float32Array[], values: Float32Array[
     // normalised key samples inside the bounds: every channel of every tStep-th token
     const kn: number[] = [], kw: number[] = [];
     const tStep = Math.max(1, Math.floor(T / Math.max(1, Math.floor(maxS / HD))));
-    const wl = opts.keyWeights?.[l];
+    const sw = opts.sampleWeights;
+    const swk = sw?.keys[l], swv = sw?.values[l];
+    if (sw && (swk?.length !== K.length || swv?.length !== V.length))
+      throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: sampleWeights of layer ${l} must be laid out like its keys and values`);
+    const wl = swk ? undefined : opts.keyWeights?.[l];
     if (wl && wl.length !== HD) throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: keyWeights[${l}] must hold ${HD} values`);
     for (let t = 0; t < T; t += tStep)
       for (let c = 0; c < HD; c++) {
         const x = (2 * (K[t * HD + c] - keyLo[c])) / (keyHi[c] - keyLo[c]) - 1;
-        if (x >= -1 && x <= 1) { kn.push(x); kw.push(wl ? wl[c] : 1); }
+        if (!(x >= -1 && x <= 1)) continue;
+        kn.push(x);
+        kw.push(swk ? swk[t * HD + c] : wl ? wl[c] : 1);
       }
-    const vn = perTokenSamples(V, T * kvHeads, headDim, nv, maxS);
-    const book = (x: number[]) => (uniform ? uniformCodebook(bits) : kmeans1d(subsample(Float32Array.from(x), maxS), nf, iters));
-    const keyCodebook = keyPerToken ? book(perTokenSamples(K, T * kvHeads, headDim, nv, maxS))
-      : uniform ? uniformCodebook(bits)
-        : wl ? kmeans1dWeighted(Float32Array.from(kn), Float32Array.from(kw), nf, iters) : book(kn);
+    const book = (x: Samples) => (uniform ? uniformCodebook(bits)
+      : x.w ? kmeans1dWeighted(Float32Array.from(x.x), Float32Array.from(x.w), nf, iters) : kmeans1d(subsample(Float32Array.from(x.x), maxS), nf, iters));
+    const vn = perTokenSamples(V, T * kvHeads, headDim, nv, maxS, swv);
+    const keyCodebook = keyPerToken ? book(perTokenSamples(K, T * kvHeads, headDim, nv, maxS, swk))
+      : book({ x: kn, w: swk || wl ? kw : undefined });
     // entries are fp16 values (every op reads them at fp16 precision; kvquant_layout.h)
     layers.push({ keyLo, keyHi, keyCodebook: fp16Values(keyCodebook), valueCodebook: fp16Values(book(vn)) });
   }
-  return { bits, outliers, sink, kvHeads, headDim, keyPerToken, postRope: !!opts.postRope, codebook: uniform ? 'uniform' : 'kmeans', layers };
+  const sensitivity = uniform ? 'none' : opts.sampleWeights ? 'fisher' : opts.keyWeights && !keyPerToken ? 'queries' : 'none';
+  return { bits, outliers, sink, kvHeads, headDim, keyPerToken, postRope: !!opts.postRope, codebook: uniform ? 'uniform' : 'kmeans', sensitivity, layers };
 }
 
 // Normalised entries of token-head vectors against each vector's min/max without its n
 // largest-magnitude entries (the outliers), as the cache quantizes values.
-function perTokenSamples(X: Float32Array, vecs: number, headDim: number, n: number, maxS: number): number[] {
-  const out: number[] = [];
+// With `weights` (one per element of X) each sample keeps its element's weight.
+function perTokenSamples(X: Float32Array, vecs: number, headDim: number, n: number, maxS: number, weights?: Float32Array): Samples {
+  const out: number[] = [], w: number[] | undefined = weights ? [] : undefined;
   const vstride = Math.max(1, Math.floor((vecs * headDim) / maxS));
   for (let vi = 0; vi < vecs; vi += Math.max(1, Math.floor(vstride / headDim) || 1)) {
     const v = X.subarray(vi * headDim, (vi + 1) * headDim);
@@ -225,9 +244,19 @@ function perTokenSamples(X: Float32Array, vecs: number, headDim: number, n: numb
     let mn = Infinity, mx = -Infinity;
     for (let c = 0; c < headDim; c++) if (!skip.has(c)) { mn = Math.min(mn, v[c]); mx = Math.max(mx, v[c]); }
     if (!(mx > mn)) continue;
-    for (let c = 0; c < headDim; c++) if (!skip.has(c)) out.push((2 * (v[c] - mn)) / (mx - mn) - 1);
+    for (let c = 0; c < headDim; c++) {
+      if (skip.has(c)) continue;
+      out.push((2 * (v[c] - mn)) / (mx - mn) - 1);
+      w?.push(weights![vi * headDim + c]);
+    }
   }
-  return out;
+  return { x: out, w };
+}
+
+/** Normalised samples and, when the fit is weighted, a weight per sample. */
+interface Samples {
+  x: number[];
+  w?: number[];
 }
 
 /** Writes a calibration as safetensors. */
@@ -243,6 +272,7 @@ export function saveKvqCalibration(file: string, cal: KvqCalibration): void {
     format: 'squeezelm-kvquant', bits: String(cal.bits), outliers: String(cal.outliers), sink: String(cal.sink),
     layers: String(cal.layers.length), kv_heads: String(cal.kvHeads), head_dim: String(cal.headDim),
     key_granularity: cal.keyPerToken ? 'token' : 'channel', key_rope: cal.postRope ? 'post' : 'pre', codebook: cal.codebook ?? 'kmeans',
+    ...(cal.sensitivity ? { sensitivity: cal.sensitivity } : {}),
   });
 }
 
@@ -281,6 +311,7 @@ export function loadKvqCalibration(file: string, expect?: KvqExpect): KvqCalibra
     const granularity = pick('key_granularity', ['channel', 'token'] as const);
     const rope = pick('key_rope', ['pre', 'post'] as const);
     const codebook = pick('codebook', ['kmeans', 'uniform'] as const);
+    const sensitivity = m.sensitivity === undefined ? undefined : pick('sensitivity', ['queries', 'fisher', 'none'] as const);
     checkKvqCalibrationDims(file, { bits, layers, kvHeads, headDim }, expect);
     const HD = kvHeads * headDim, n = 1 << bits;
     const read = (name: string, len: number): Float32Array => {
@@ -296,7 +327,7 @@ export function loadKvqCalibration(file: string, expect?: KvqExpect): KvqCalibra
       });
     return {
       bits, outliers: num('outliers'), sink: num('sink'), kvHeads, headDim,
-      keyPerToken: granularity === 'token', postRope: rope === 'post', codebook, layers: out,
+      keyPerToken: granularity === 'token', postRope: rope === 'post', codebook, ...(sensitivity ? { sensitivity } : {}), layers: out,
     };
   } finally {
     f.close();
