@@ -150,6 +150,13 @@ describe('loss gradients on the CPU', () => {
   test('bad input: a quantized checkpoint, token ids outside the vocabulary, missing arguments', async () => {
     const qdir = path.join(tmp, 'q4');
     if (fs.existsSync(qdir)) expect(await codeOf(() => Backprop.open(qdir))).toBe('ERR_UNSUPPORTED');
+    // a model far larger than host memory is refused before any weight is read
+    const big = path.join(tmp, 'big');
+    fs.mkdirSync(big, { recursive: true });
+    const cfg = JSON.parse(fs.readFileSync(path.join(TINY, 'config.json'), 'utf8'));
+    Object.assign(cfg, { hidden_size: 16384, intermediate_size: 53248, num_hidden_layers: 126, num_attention_heads: 128, num_key_value_heads: 8, head_dim: 128 });
+    fs.writeFileSync(path.join(big, 'config.json'), JSON.stringify(cfg));
+    expect(await codeOf(() => Backprop.open(big))).toBe('ERR_UNSUPPORTED');
     const bp = Backprop.open(TINY);
     expect(await codeOf(() => bp.window(Int32Array.from([1, bp.config.vocabSize])))).toBe('ERR_ARG');
     expect(await codeOf(() => bp.window(Int32Array.from([1])))).toBe('ERR_ARG');

@@ -15,11 +15,12 @@
  * million parameters; for larger ones use a Fisher file made elsewhere (`quantize --fisher`).
  */
 import * as fs from 'fs';
+import * as os from 'os';
 import * as path from 'path';
 import { SqueezeError } from '../errors';
 import { Tensor } from '../tensor';
 import { matmul } from '../ops/gemm';
-import { loadConfig, ModelConfig } from '../model/config';
+import { loadConfig, ModelConfig, parameterCount } from '../model/config';
 import { Checkpoint, SafetensorsFile, writeSafetensors } from '../model/safetensors';
 import { f16BitsToFloat32, bf16BitsToFloat32 } from '../util/half';
 
@@ -127,6 +128,11 @@ export class Backprop {
   /** Reads the config and the dense weights of a model folder. */
   static open(dir: string): Backprop {
     const cfg = loadConfig(dir);
+    // fp32 weights and their transposes (the embedding once or twice), plus activations
+    const need = parameterCount(cfg) * 8;
+    if (need > os.totalmem() * 0.75)
+      throw new SqueezeError('ERR_UNSUPPORTED', `${dir}: gradients on the CPU would hold ${(need / 2 ** 30).toFixed(1)} GiB of fp32 weights, `
+        + `more than this machine's memory allows (${(os.totalmem() / 2 ** 30).toFixed(1)} GiB); make the Fisher file elsewhere`);
     const ck = Checkpoint.open(dir);
     try {
       if (ck.names().some((n) => /\.(lut|qweight)$/.test(n)))
