@@ -4,7 +4,8 @@
  *   its sensitive outliers by it): the mean over calibration windows of the squared gradient of
  *   the window's loss, which is what gradient tools write;
  * - each layer's pre-RoPE keys and values together with the gradient of the loss with respect to
- *   them (KVQuant weights every k-means sample of its codebooks by that sample's squared gradient).
+ *   them (KVQuant weights every k-means sample of its codebooks by that sample's Fisher information,
+ *   the squared gradient; `calibrate-kv --fisher` by its square root, kvquant-calibrate.ts).
  *
  * The forward pass here is a plain fp32 reference of the decoder (RMSNorm, GQA attention with
  * RoPE and a causal mask, SiLU-gated MLP, tied or separate lm_head) that keeps what the backward

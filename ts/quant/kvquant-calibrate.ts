@@ -70,11 +70,11 @@ export async function calibrateKv(model: Model, windows: Int32Array[], o: Calibr
   const sink = o.sink ?? 4;
   if (!Number.isInteger(sink) || sink < 0) throw new SqueezeError('ERR_ARG', `calibrate-kv: sink must be a non-negative integer, got ${sink}`);
   if (model.kvCache.quantized) throw new SqueezeError('ERR_ARG', 'calibrate-kv: calibrate a model loaded with the unquantized cache');
+  if (o.fisher) return calibrateKvFisher(model, windows, o, o.fisher);
   const keys: Float32Array[][] = Array.from({ length: cfg.numLayers }, () => []);
   const vals: Float32Array[][] = Array.from({ length: cfg.numLayers }, () => []);
   const qsq: Float64Array[] = Array.from({ length: cfg.numLayers }, () => new Float64Array(HD));
   const G = Hq / H;
-  if (o.fisher) return calibrateKvFisher(model, windows, o, o.fisher);
   const pending: Promise<void>[] = [];
   const invFreq = cfg.invFreq;
   const observe = (layer: number, qkv: Tensor, positions: Tensor): void => {
@@ -198,8 +198,9 @@ const USAGE = `usage: squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2
          [--outliers PCT (default 1)] [--key-clip PCT (default: half of --outliers)] [--sink N (default 4)]
          [--windows N] [--device D] [--fisher | --no-sensitivity]
          [--key-per-token] [--post-rope] [--uniform]   (docs/kvquant.md)
-  --fisher weights the codebooks' k-means by each sample's squared loss gradient (a backward
-  pass on the CPU in fp32 over the calibration windows, for models that fit in host memory).`;
+  --fisher weights each sample of the codebooks' k-means by the size of its loss gradient |g|
+  (a backward pass on the CPU in fp32 over the calibration windows, for models that fit in
+  host memory).`;
 
 /** `squeezelm calibrate-kv ...` */
 export async function calibrateKvCommand(argv: string[], defaultModel: string): Promise<void> {

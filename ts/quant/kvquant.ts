@@ -34,8 +34,8 @@ export interface KvqCalibration {
   /** How the codebooks were made: 1-D k-means (default) or a uniform grid (ablation). */
   codebook?: 'kmeans' | 'uniform';
   /**
-   * What weighted the k-means samples: each sample's squared loss gradient ('fisher'), each key
-   * channel's mean squared query ('queries', keys only) or nothing ('none'). Descriptive only.
+   * What weighted the k-means samples: the size of each sample's loss gradient ('fisher'), each
+   * key channel's mean squared query ('queries', keys only) or nothing ('none'). Descriptive only.
    */
   sensitivity?: 'fisher' | 'queries' | 'none';
   layers: KvqCalibrationLayer[];
