@@ -166,6 +166,81 @@ describe('loss gradients on the CPU', () => {
   });
 });
 
+/** A random checkpoint of `config` (f32 weights, std 0.15; biases where the config asks for them). */
+function writeRandomCheckpoint(dir: string, config: Record<string, unknown>, seed: number): void {
+  fs.mkdirSync(dir, { recursive: true });
+  fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(config));
+  const r = rng(seed);
+  const H = config.hidden_size as number, I = config.intermediate_size as number, V = config.vocab_size as number;
+  const Hq = config.num_attention_heads as number, Hkv = config.num_key_value_heads as number, D = config.head_dim as number;
+  const qwen = config.model_type === 'qwen2', attnBias = config.attention_bias === true, mlpBias = config.mlp_bias === true;
+  const t: Record<string, { dtype: string; shape: number[]; data: Float32Array }> = {};
+  const add = (name: string, shape: number[], around = 0): void => {
+    const n = shape.reduce((a, b) => a * b, 1);
+    t[name] = { dtype: 'f32', shape, data: Float32Array.from({ length: n }, () => around + (r() - 0.5) * 0.3) };
+  };
+  add('model.embed_tokens.weight', [V, H]);
+  if (config.tie_word_embeddings !== true) add('lm_head.weight', [V, H]);
+  add('model.norm.weight', [H], 1);
+  for (let l = 0; l < (config.num_hidden_layers as number); l++) {
+    const p = `model.layers.${l}`;
+    add(`${p}.input_layernorm.weight`, [H], 1);
+    add(`${p}.post_attention_layernorm.weight`, [H], 1);
+    for (const [n, N, K] of [['q', Hq * D, H], ['k', Hkv * D, H], ['v', Hkv * D, H], ['o', H, Hq * D]] as Array<[string, number, number]>) {
+      add(`${p}.self_attn.${n}_proj.weight`, [N, K]);
+      if ((n !== 'o' && (qwen || attnBias)) || (n === 'o' && attnBias && !qwen)) add(`${p}.self_attn.${n}_proj.bias`, [N]);
+    }
+    for (const [n, N, K] of [['gate', I, H], ['up', I, H], ['down', H, I]] as Array<[string, number, number]>) {
+      add(`${p}.mlp.${n}_proj.weight`, [N, K]);
+      if (mlpBias && !qwen) add(`${p}.mlp.${n}_proj.bias`, [N]);
+    }
+  }
+  writeSafetensors(path.join(dir, 'model.safetensors'), t);
+}
+
+describe('loss gradients of other configurations', () => {
+  const base = {
+    hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 6, num_key_value_heads: 2,
+    head_dim: 16, vocab_size: 97, rms_norm_eps: 1e-6, max_position_embeddings: 256, hidden_act: 'silu', torch_dtype: 'float32',
+  };
+  const configs: Array<[string, Record<string, unknown>]> = [
+    ['qwen2: q/k/v biases, tied embeddings, GQA 3', { ...base, model_type: 'qwen2', tie_word_embeddings: true, rope_theta: 1000000 }],
+    ['llama: attention and MLP biases, llama3 RoPE scaling, separate lm_head, MHA', {
+      ...base, model_type: 'llama', num_key_value_heads: 6, attention_bias: true, mlp_bias: true, tie_word_embeddings: false,
+      rope_theta: 500000, rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 32 },
+    }],
+  ];
+  configs.forEach(([what, config], i) => {
+    test(what, async () => {
+      const dir = path.join(tmp, `random-${i}`);
+      writeRandomCheckpoint(dir, config, 40 + i);
+      const bp = Backprop.open(dir);
+      const ids = randomIds(48, bp.config.vocabSize, 50 + i);
+      const r = await bp.window(ids, { weightGrads: true });
+      const model = await loadModel(dir, { device: 'cpu', maxBatch: 1 });
+      try {
+        const p = await perplexity(model, { windows: [ids], length: ids.length }, { batch: 1 });
+        expect(Math.abs(r.loss - p.nll[0])).toBeLessThan(1e-4 * p.nll[0]);
+      } finally {
+        await model.dispose();
+      }
+      for (const name of ['model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.k_proj.weight', 'model.layers.1.self_attn.o_proj.weight', 'model.layers.1.mlp.down_proj.weight']) {
+        const G = r.weightGrads!.get(name)!, W = weightOf(bp, name), W0 = Float32Array.from(W);
+        let gn = 0;
+        for (const g of G) gn += g * g;
+        gn = Math.sqrt(gn);
+        const h = 1e-4 * Math.sqrt(W.length);
+        for (let j = 0; j < W.length; j++) W[j] = W0[j] + (h * G[j]) / gn;
+        const lp = (await bp.window(ids)).loss;
+        for (let j = 0; j < W.length; j++) W[j] = W0[j] - (h * G[j]) / gn;
+        const lm = (await bp.window(ids)).loss;
+        W.set(W0);
+        expect({ name, diff: Math.abs((lp - lm) / (2 * h) - gn) / gn < 0.01 }).toEqual({ name, diff: true });
+      }
+    });
+  });
+});
+
 describe('Fisher-weighted KV calibration', () => {
   test('sample weights steer the codebook toward the heavy samples', () => {
     const T = 3000, H = 1, D = 8, HD = H * D, r = rng(7);
