@@ -433,6 +433,7 @@ export async function computeFisher(dir: string, windows: Int32Array[], o: Fishe
 
 /** Token-id windows of a safetensors 'ids' [windows, L] file (the calibration format). */
 export function readIdWindows(file: string, max?: number): Int32Array[] {
+  if (!fs.existsSync(file)) throw new SqueezeError('ERR_ARG', `no file ${file}`);
   const f = SafetensorsFile.open(file);
   try {
     if (!f.has('ids')) throw new SqueezeError('ERR_FORMAT', `${file}: no 'ids' tensor`);
@@ -447,7 +448,7 @@ export function readIdWindows(file: string, max?: number): Int32Array[] {
   }
 }
 
-const USAGE = `usage: squeezelm fisher --model DIR --calib FILE --out FILE [--windows N]
+const USAGE = `usage: squeezelm fisher [--model DIR] --calib FILE --out FILE [--windows N]
   The Fisher diagonal (mean squared loss gradient over the calibration windows) of every decoder
   linear, fp32 on the CPU, in the checkpoint's tensor names: the file 'quantize --fisher' reads.`;
 
