@@ -164,7 +164,8 @@ describe('loss gradients on the CPU', () => {
     expect(await codeOf(() => fisherCommand(['--model', TINY, '--calib', 'c', '--out', 'o', '--windows', '0'], TINY))).toBe('ERR_ARG');
     expect(await codeOf(() => computeFisher(TINY, []))).toBe('ERR_ARG');
     expect(await codeOf(() => fisherCommand(['--model', TINY, '--calib', path.join(tmp, 'missing.safetensors'), '--out', path.join(tmp, 'x')], TINY))).toBe('ERR_ARG');
-    expect(await codeOf(() => fisherCommand(['--model', TINY, '--calib', path.join(TINY, 'config.json'), '--out', path.join(tmp, 'x')], TINY))).toBe('ERR_FORMAT');
+    // a text file needs the model's tokenizer, which the fixture does not have
+    expect(await codeOf(() => fisherCommand(['--model', TINY, '--calib', path.join(TINY, 'config.json'), '--out', path.join(tmp, 'x')], TINY))).toBe('ERR_ARG');
   });
 });
 

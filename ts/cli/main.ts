@@ -32,9 +32,10 @@ usage:
       picks the sensitive outliers by their error after a first fit; --rtn: uniform baseline.
       Each finished linear is kept in OUT/.squeezelm-partial until the model is written: run the
       same command again after an interruption and it goes on from there (--no-resume: start over)
-  squeezelm fisher [--model DIR] --calib FILE --out FILE [--windows N]
+  squeezelm fisher [--model DIR] --calib FILE --out FILE [--windows N] [--window L]
       the Fisher diagonal of every decoder linear (mean squared loss gradient over the
-      calibration windows; fp32 on the CPU, for models that fit in memory) for --fisher
+      calibration windows, ids or text as ppl reads them; fp32 on the CPU, for models that
+      fit in memory) for quantize --fisher
   squeezelm convert FILE.pt --model DIR --out DIR (upstream SqueezeLLM checkpoint)
   squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2|3|4 --out FILE [--outliers PCT]
                 [--key-clip PCT] [--sink N] [--windows N] [--fisher] [--no-sensitivity] [--key-per-token] [--post-rope] [--uniform]

@@ -22,7 +22,9 @@ import { SqueezeError } from '../errors';
 import { Tensor } from '../tensor';
 import { matmul } from '../ops/gemm';
 import { loadConfig, ModelConfig, parameterCount } from '../model/config';
-import { Checkpoint, SafetensorsFile, writeSafetensors } from '../model/safetensors';
+import { Checkpoint, writeSafetensors } from '../model/safetensors';
+import { loadModel } from '../model/model';
+import { loadPplData } from '../runtime/ppl';
 import { f16BitsToFloat32, bf16BitsToFloat32 } from '../util/half';
 
 type F32 = Float32Array;
@@ -431,26 +433,11 @@ export async function computeFisher(dir: string, windows: Int32Array[], o: Fishe
   return { fisher: bp.fisher(), loss: loss / windows.length };
 }
 
-/** Token-id windows of a safetensors 'ids' [windows, L] file (the calibration format). */
-export function readIdWindows(file: string, max?: number): Int32Array[] {
-  if (!fs.existsSync(file)) throw new SqueezeError('ERR_ARG', `no file ${file}`);
-  const f = SafetensorsFile.open(file);
-  try {
-    if (!f.has('ids')) throw new SqueezeError('ERR_FORMAT', `${file}: no 'ids' tensor`);
-    const e = f.entry('ids');
-    if (e.shape.length !== 2) throw new SqueezeError('ERR_FORMAT', `${file}: 'ids' must be [windows, L], got [${e.shape}]`);
-    const all = f.readInt32('ids');
-    const [W, L] = e.shape;
-    if (L < 2) throw new SqueezeError('ERR_FORMAT', `${file}: windows of ${L} tokens predict nothing`);
-    return Array.from({ length: Math.min(W, max ?? W) }, (_, i) => all.slice(i * L, (i + 1) * L));
-  } finally {
-    f.close();
-  }
-}
-
-const USAGE = `usage: squeezelm fisher [--model DIR] --calib FILE --out FILE [--windows N]
+const USAGE = `usage: squeezelm fisher [--model DIR] --calib FILE --out FILE [--windows N] [--window L]
   The Fisher diagonal (mean squared loss gradient over the calibration windows) of every decoder
-  linear, fp32 on the CPU, in the checkpoint's tensor names: the file 'quantize --fisher' reads.`;
+  linear, fp32 on the CPU, in the checkpoint's tensor names: the file 'quantize --fisher' reads.
+  FILE: a safetensors 'ids' [windows, L] file, or a text file cut into windows of L tokens
+  (default 1024), as ppl reads it.`;
 
 /** `squeezelm fisher ...` */
 export async function fisherCommand(argv: string[], defaultModel: string): Promise<void> {
@@ -459,7 +446,7 @@ export async function fisherCommand(argv: string[], defaultModel: string): Promi
     const a = argv[i];
     if (a === '--help') { process.stdout.write(USAGE + '\n'); return; }
     const name = a.startsWith('--') ? a.slice(2) : '';
-    if (!['model', 'calib', 'out', 'windows'].includes(name)) throw new SqueezeError('ERR_ARG', `fisher: unexpected argument '${a}'\n${USAGE}`);
+    if (!['model', 'calib', 'out', 'windows', 'window'].includes(name)) throw new SqueezeError('ERR_ARG', `fisher: unexpected argument '${a}'\n${USAGE}`);
     if (i + 1 >= argv.length) throw new SqueezeError('ERR_ARG', `--${name} needs a value`);
     f[name] = argv[++i];
   }
@@ -467,12 +454,21 @@ export async function fisherCommand(argv: string[], defaultModel: string): Promi
   if (!f.calib) throw new SqueezeError('ERR_ARG', `fisher: --calib FILE is required\n${USAGE}`);
   if (!f.out) throw new SqueezeError('ERR_ARG', `fisher: --out FILE is required\n${USAGE}`);
   if (!fs.existsSync(path.join(dir, 'config.json'))) throw new SqueezeError('ERR_ARG', `--model: ${dir} has no config.json`);
-  let max: number | undefined;
-  if (f.windows !== undefined) {
-    max = Number(f.windows);
-    if (!Number.isInteger(max) || max < 1) throw new SqueezeError('ERR_ARG', `--windows must be a positive integer, got '${f.windows}'`);
+  const int = (name: string): number | undefined => {
+    if (f[name] === undefined) return undefined;
+    const n = Number(f[name]);
+    if (!Number.isInteger(n) || n < 1) throw new SqueezeError('ERR_ARG', `--${name} must be a positive integer, got '${f[name]}'`);
+    return n;
+  };
+  const max = int('windows'), window = int('window');
+  // The windows as ppl and quantize --calib read them (ids, or text through the model's tokenizer).
+  const model = await loadModel(dir, { device: 'cpu', maxBatch: 1 });
+  let windows: Int32Array[];
+  try {
+    windows = loadPplData(model, f.calib, { windows: max, window }).windows;
+  } finally {
+    await model.dispose();
   }
-  const windows = readIdWindows(f.calib, max);
   const t0 = Date.now();
   const { fisher, loss } = await computeFisher(dir, windows, {
     onProgress: (done, total) => {
