@@ -317,6 +317,12 @@ export class Checkpoint {
     return this.byName.get(name)!.read(name);
   }
 
+  /** One tensor as fp32 (a fresh array), as SafetensorsFile.readFloat32. */
+  readFloat32(name: string): Float32Array {
+    this.entry(name);
+    return this.byName.get(name)!.readFloat32(name);
+  }
+
   /** The file (or index) name used in messages. */
   describe(): string {
     return this.files.length === 1 ? this.files[0].path : path.join(this.dir, 'model.safetensors.index.json');

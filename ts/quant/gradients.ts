@@ -25,7 +25,6 @@ import { loadConfig, ModelConfig, parameterCount } from '../model/config';
 import { Checkpoint, writeSafetensors } from '../model/safetensors';
 import { loadModel } from '../model/model';
 import { loadPplData } from '../runtime/ppl';
-import { f16BitsToFloat32, bf16BitsToFloat32 } from '../util/half';
 
 type F32 = Float32Array;
 
@@ -143,9 +142,11 @@ export class Backprop {
       const H = cfg.hiddenSize, D = cfg.headDim, I = cfg.intermediateSize;
       const read = (name: string, shape: number[]): F32 => {
         const e = ck.entry(name);
+        if (!['F16', 'BF16', 'F32'].includes(e.dtype))
+          throw new SqueezeError('ERR_DTYPE', `${ck.describe()}: '${name}' is ${e.dtype}; gradients need F16, BF16 or F32 weights`);
         if (e.shape.length !== shape.length || e.shape.some((s, i) => s !== shape[i]))
           throw new SqueezeError('ERR_FORMAT', `${ck.describe()}: '${name}' is [${e.shape}], expected [${shape}]`);
-        return floats(ck, name);
+        return ck.readFloat32(name);
       };
       const linear = (name: string, N: number, K: number, bias: boolean): Linear => {
         const w = read(`${name}.weight`, [N, K]);
@@ -187,16 +188,9 @@ export class Backprop {
     const cfg = this.config, T = ids.length;
     if (T < 2) throw new SqueezeError('ERR_ARG', 'Backprop.window: a window needs at least 2 tokens');
     const H = cfg.hiddenSize, D = cfg.headDim, Hq = cfg.numHeads, Hkv = cfg.numKvHeads, I = cfg.intermediateSize, V = cfg.vocabSize;
-    const G = Hq / Hkv, half = D / 2, eps = cfg.rmsNormEps, scale = 1 / Math.sqrt(D);
+    const G = Hq / Hkv, eps = cfg.rmsNormEps, scale = 1 / Math.sqrt(D);
     for (const id of ids) if (!(id >= 0 && id < V)) throw new SqueezeError('ERR_ARG', `Backprop.window: token id ${id} outside the vocabulary (${V})`);
-    // RoPE angles of positions 0..T-1, as the decoder's ops compute them (fp32 angle, then cos/sin).
-    const cos = new Float32Array(T * half), sin = new Float32Array(T * half);
-    for (let t = 0; t < T; t++)
-      for (let i = 0; i < half; i++) {
-        const a = Math.fround(t * cfg.invFreq[i]);
-        cos[t * half + i] = Math.cos(a);
-        sin[t * half + i] = Math.sin(a);
-      }
+    const pos = Array.from({ length: T }, (_, t) => t);
     const window = cfg.slidingWindow ?? Infinity;
 
     let x: F32 = new Float32Array(T * H);
@@ -206,6 +200,8 @@ export class Backprop {
       x1: F32; r2: F32; n2: F32; g: F32; u: F32; a: F32;
     }
     const tapes: Tape[] = [];
+    // Attention probabilities of one query head over its kv head's keys (both [T, D]): [T, T].
+    const probs = async (Qh: F32, Kh: F32): Promise<F32> => softmaxCausal(await mm(Qh, T, D, Kh, T), T, scale, window);
     const linear = async (inp: F32, L: Linear): Promise<F32> => {
       const y = await mm(inp, T, L.K, L.w, L.N);
       if (L.b) for (let t = 0; t < T; t++) for (let n = 0; n < L.N; n++) y[t * L.N + n] += L.b[n];
@@ -214,14 +210,14 @@ export class Backprop {
     for (const L of this.layers) {
       const [n1, r1] = rmsNorm(x, T, H, L.inNorm, eps);
       const q = await linear(n1, L.q), k = await linear(n1, L.k), v = await linear(n1, L.v);
-      const qr = rope(q, T, Hq, D, cos, sin, false), kr = rope(k, T, Hkv, D, cos, sin, false);
+      const qr = rotateRows(q, pos, Hq, D, cfg.invFreq), kr = rotateRows(Float32Array.from(k), pos, Hkv, D, cfg.invFreq);
       const att = new Float32Array(T * Hq * D);
-      for (let hq = 0; hq < Hq; hq++) {
-        const h = Math.floor(hq / G);
-        const Qh = columns(qr, T, Hq * D, hq * D, D), Kh = columns(kr, T, Hkv * D, h * D, D);
-        const P = softmaxCausal(await mm(Qh, T, D, Kh, T), T, scale, window);
-        const Oh = await mm(P, T, T, transpose(columns(v, T, Hkv * D, h * D, D), T, D), D);
-        for (let t = 0; t < T; t++) att.set(Oh.subarray(t * D, (t + 1) * D), t * Hq * D + hq * D);
+      for (let h = 0; h < Hkv; h++) {
+        const Kh = columns(kr, T, Hkv * D, h * D, D), VhT = transpose(columns(v, T, Hkv * D, h * D, D), T, D);
+        for (let hq = h * G; hq < (h + 1) * G; hq++) {
+          const Oh = await mm(await probs(columns(qr, T, Hq * D, hq * D, D), Kh), T, T, VhT, D);
+          for (let t = 0; t < T; t++) att.set(Oh.subarray(t * D, (t + 1) * D), t * Hq * D + hq * D);
+        }
       }
       const x1 = await linear(att, L.o);
       addInto(x1, x);
@@ -288,29 +284,30 @@ export class Backprop {
       await weightGrad(L.o, dx1, tp.att);
       const datt = await mm(dx1, T, H, L.o.wt, Hq * D);
       const dqr = new Float32Array(T * Hq * D), dkr = new Float32Array(T * Hkv * D), dv = new Float32Array(T * Hkv * D);
-      for (let hq = 0; hq < Hq; hq++) {
-        const h = Math.floor(hq / G);
-        const Qh = columns(tp.qr, T, Hq * D, hq * D, D), Kh = columns(tp.kr, T, Hkv * D, h * D, D);
-        const Vh = columns(tp.v, T, Hkv * D, h * D, D), dOh = columns(datt, T, Hq * D, hq * D, D);
-        const P = softmaxCausal(await mm(Qh, T, D, Kh, T), T, scale, window);
-        const dP = await mm(dOh, T, D, Vh, T);
-        const dVh = await mm(transpose(P, T, T), T, T, transpose(dOh, T, D), D);
-        // dS = P * (dP - sum_j P dP) * scale, row by row
-        for (let t = 0; t < T; t++) {
-          let s = 0;
-          for (let j = 0; j <= t; j++) s += P[t * T + j] * dP[t * T + j];
-          for (let j = 0; j < T; j++) dP[t * T + j] = j <= t ? P[t * T + j] * (dP[t * T + j] - s) * scale : 0;
-        }
-        const dQh = await mm(dP, T, T, transpose(Kh, T, D), D);
-        const dKh = await mm(transpose(dP, T, T), T, T, transpose(Qh, T, D), D);
-        for (let t = 0; t < T; t++)
-          for (let c = 0; c < D; c++) {
-            dqr[t * Hq * D + hq * D + c] = dQh[t * D + c];
-            dkr[t * Hkv * D + h * D + c] += dKh[t * D + c];
-            dv[t * Hkv * D + h * D + c] += dVh[t * D + c];
+      for (let h = 0; h < Hkv; h++) {
+        const Kh = columns(tp.kr, T, Hkv * D, h * D, D), KhT = transpose(Kh, T, D), Vh = columns(tp.v, T, Hkv * D, h * D, D);
+        for (let hq = h * G; hq < (h + 1) * G; hq++) {
+          const Qh = columns(tp.qr, T, Hq * D, hq * D, D), dOh = columns(datt, T, Hq * D, hq * D, D);
+          const P = await probs(Qh, Kh);  // recomputed, not kept from the forward pass (T x T per head)
+          const dP = await mm(dOh, T, D, Vh, T);
+          const dVh = await mm(transpose(P, T, T), T, T, transpose(dOh, T, D), D);
+          // dS = P * (dP - sum_j P dP) * scale, row by row
+          for (let t = 0; t < T; t++) {
+            let s = 0;
+            for (let j = 0; j <= t; j++) s += P[t * T + j] * dP[t * T + j];
+            for (let j = 0; j < T; j++) dP[t * T + j] = j <= t ? P[t * T + j] * (dP[t * T + j] - s) * scale : 0;
           }
+          const dQh = await mm(dP, T, T, KhT, D);
+          const dKh = await mm(transpose(dP, T, T), T, T, transpose(Qh, T, D), D);
+          for (let t = 0; t < T; t++)
+            for (let c = 0; c < D; c++) {
+              dqr[t * Hq * D + hq * D + c] = dQh[t * D + c];
+              dkr[t * Hkv * D + h * D + c] += dKh[t * D + c];
+              dv[t * Hkv * D + h * D + c] += dVh[t * D + c];
+            }
+        }
       }
-      const dq = rope(dqr, T, Hq, D, cos, sin, true), dk = rope(dkr, T, Hkv, D, cos, sin, true);
+      const dq = rotateRows(dqr, pos, Hq, D, cfg.invFreq, true), dk = rotateRows(dkr, pos, Hkv, D, cfg.invFreq, true);
       if (o.kv) kv[l] = { keys: tp.k, values: tp.v, keyGrads: dk, valueGrads: dv };
       await weightGrad(L.q, dq, tp.n1);
       await weightGrad(L.k, dk, tp.n1);
@@ -336,14 +333,6 @@ export class Backprop {
       }
     return out;
   }
-}
-
-function floats(ck: Checkpoint, name: string): F32 {
-  const r = ck.read(name);
-  if (r.dtype === 'F32') return Float32Array.from(r.data as F32);
-  if (r.dtype === 'F16') return f16BitsToFloat32(r.data as Uint16Array);
-  if (r.dtype === 'BF16') return bf16BitsToFloat32(r.data as Uint16Array);
-  throw new SqueezeError('ERR_DTYPE', `${ck.describe()}: '${name}' is ${r.dtype}; gradients need F16, BF16 or F32 weights`);
 }
 
 function silu(x: number): number {
@@ -376,22 +365,24 @@ function rmsNormBack(x: F32, r: F32, w: F32, dy: F32, T: number, H: number): F32
 }
 
 /**
- * RoPE over the two halves of each head (x_i, x_{i+D/2}) rotated by the position's angle;
- * `inverse` rotates back (the backward pass of a rotation is its transpose).
+ * RoPE in place: each [heads*D] row r of x (a token at position pos[r]) rotated pair by pair
+ * (x_i, x_{i+D/2}) by the position's angles, computed as the decoder's ops compute them (fp32
+ * angle, then cos/sin rounded to fp32); `inverse` rotates back, which is also the backward pass of
+ * a rotation (its transpose). Returns x.
  */
-function rope(x: F32, T: number, heads: number, D: number, cos: F32, sin: F32, inverse: boolean): F32 {
-  const half = D / 2, y = new Float32Array(x.length), sg = inverse ? -1 : 1;
-  for (let t = 0; t < T; t++)
-    for (let h = 0; h < heads; h++) {
-      const o = (t * heads + h) * D;
-      for (let i = 0; i < half; i++) {
-        const c = cos[t * half + i], s = sg * sin[t * half + i];
-        const a = x[o + i], b = x[o + i + half];
-        y[o + i] = a * c - b * s;
-        y[o + i + half] = b * c + a * s;
+export function rotateRows(x: F32, pos: ArrayLike<number>, heads: number, D: number, invFreq: Float32Array, inverse = false): F32 {
+  const half = D / 2, HD = heads * D, sg = inverse ? -1 : 1;
+  for (let r = 0; r < pos.length; r++)
+    for (let i = 0; i < half; i++) {
+      const ang = Math.fround(pos[r] * invFreq[i]);
+      const c = Math.fround(Math.cos(ang)), sn = sg * Math.fround(Math.sin(ang));
+      for (let h = 0; h < heads; h++) {
+        const o = r * HD + h * D, a = x[o + i], b = x[o + i + half];
+        x[o + i] = a * c - b * sn;
+        x[o + i + half] = b * c + a * sn;
       }
     }
-  return y;
+  return x;
 }
 
 /** Row-wise softmax of scores * scale over keys j <= t (and t - j < window), in place; zero elsewhere. */

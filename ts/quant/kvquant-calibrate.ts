@@ -14,7 +14,7 @@ import { setProjectionObserver } from '../model/llama';
 import { loadPplData } from '../runtime/ppl';
 import { copy } from '../ops/basic';
 import { KvqCalibration, calibrateFromSamples, saveKvqCalibration } from './kvquant';
-import { Backprop } from './gradients';
+import { Backprop, rotateRows } from './gradients';
 
 /**
  * The contents of `t` as they are at this point of the stream: a stream-ordered copy into a
@@ -66,7 +66,6 @@ export interface CalibrateKvOptions {
 export async function calibrateKv(model: Model, windows: Int32Array[], o: CalibrateKvOptions): Promise<KvqCalibration> {
   const cfg = model.config;
   const H = cfg.numKvHeads, D = cfg.headDim, Hq = cfg.numHeads, HD = H * D, half = D / 2;
-  const cosT = new Float64Array(half), sinT = new Float64Array(half);  // post-RoPE ablation: one position's angles
   const sink = o.sink ?? 4;
   if (!Number.isInteger(sink) || sink < 0) throw new SqueezeError('ERR_ARG', `calibrate-kv: sink must be a non-negative integer, got ${sink}`);
   if (model.kvCache.quantized) throw new SqueezeError('ERR_ARG', 'calibrate-kv: calibrate a model loaded with the unquantized cache');
@@ -97,22 +96,7 @@ export async function calibrateKv(model: Model, windows: Int32Array[], o: Calibr
           }
         }
         v.set(a.subarray(t * W + (Hq + H) * D, t * W + (Hq + 2 * H) * D), r * HD);
-        if (o.postRope) {
-          for (let i = 0; i < half; i++) {  // the angles of position t, shared by every head
-            const ang = Math.fround(pos[t] * invFreq[i]);
-            cosT[i] = Math.fround(Math.cos(ang));
-            sinT[i] = Math.fround(Math.sin(ang));
-          }
-          for (let h = 0; h < H; h++) {
-            const x = k.subarray(r * HD + h * D, r * HD + (h + 1) * D);
-            for (let i = 0; i < half; i++) {
-              const c = cosT[i], s = sinT[i];
-              const x1 = x[i], x2 = x[i + half];
-              x[i] = x1 * c - x2 * s;
-              x[i + half] = x2 * c + x1 * s;
-            }
-          }
-        }
+        if (o.postRope) rotateRows(k.subarray(r * HD, (r + 1) * HD), [pos[t]], H, D, invFreq);
         r++;
       }
       keys[layer].push(k);
@@ -140,21 +124,6 @@ function cat(parts: Float32Array[]): Float32Array {
   let off = 0;
   for (const x of parts) { out.set(x, off); off += x.length; }
   return out;
-}
-
-/** Rotates each [H*D] row of x (a token at position pos[r]) by RoPE, in place. */
-function rotateRows(x: Float32Array, pos: ArrayLike<number>, H: number, D: number, invFreq: Float32Array): void {
-  const half = D / 2, HD = H * D;
-  for (let r = 0; r < pos.length; r++)
-    for (let i = 0; i < half; i++) {
-      const ang = Math.fround(pos[r] * invFreq[i]);
-      const c = Math.fround(Math.cos(ang)), sn = Math.fround(Math.sin(ang));
-      for (let h = 0; h < H; h++) {
-        const o = r * HD + h * D, x1 = x[o + i], x2 = x[o + i + half];
-        x[o + i] = x1 * c - x2 * sn;
-        x[o + i + half] = x2 * c + x1 * sn;
-      }
-    }
 }
 
 /** calibrateKv with Fisher-weighted codebooks: samples and gradients from `bp`'s passes. */
