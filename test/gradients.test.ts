@@ -36,18 +36,46 @@ function weightOf(bp: Backprop, name: string): Float32Array {
   return layers[Number(m[1])][m[3]].w;
 }
 
+/** The runtime's own next-token NLL of one window (CPU forward of the decoder). */
+async function runtimeNll(dir: string, ids: Int32Array): Promise<number> {
+  const model = await loadModel(dir, { device: 'cpu', maxBatch: 1 });
+  try {
+    return (await perplexity(model, { windows: [ids], length: ids.length }, { batch: 1 })).nll[0];
+  } finally {
+    await model.dispose();
+  }
+}
+
+function norm(a: Float32Array): number {
+  let n = 0;
+  for (const x of a) n += x * x;
+  return Math.sqrt(n);
+}
+
+/**
+ * The loss's derivative along a unit direction of one weight, by central differences (a step of
+ * about 1e-4 per element), and what the gradient G says it is (G.dir).
+ */
+async function directional(bp: Backprop, ids: Int32Array, name: string, G: Float32Array, dir: Float32Array): Promise<{ fd: number; an: number }> {
+  const W = weightOf(bp, name), W0 = Float32Array.from(W);
+  let an = 0;
+  for (let i = 0; i < G.length; i++) an += G[i] * dir[i];
+  const h = 1e-4 * Math.sqrt(W.length);
+  for (let i = 0; i < W.length; i++) W[i] = W0[i] + h * dir[i];
+  const lp = (await bp.window(ids)).loss;
+  for (let i = 0; i < W.length; i++) W[i] = W0[i] - h * dir[i];
+  const lm = (await bp.window(ids)).loss;
+  W.set(W0);
+  return { fd: (lp - lm) / (2 * h), an };
+}
+
 describe('loss gradients on the CPU', () => {
   test('the loss equals the runtime\'s next-token NLL of the same window', async () => {
     const bp = Backprop.open(TINY);
     const ids = randomIds(40, bp.config.vocabSize, 1);
     const r = await bp.window(ids);
-    const model = await loadModel(TINY, { device: 'cpu', maxBatch: 1 });
-    try {
-      const p = await perplexity(model, { windows: [ids], length: ids.length }, { batch: 1 });
-      expect(Math.abs(r.loss - p.nll[0])).toBeLessThan(1e-4 * p.nll[0]);
-    } finally {
-      await model.dispose();
-    }
+    const nll = await runtimeNll(TINY, ids);
+    expect(Math.abs(r.loss - nll)).toBeLessThan(1e-4 * nll);
   });
 
   test('weight gradients match central differences of the loss, every linear of the first and last layer', async () => {
@@ -59,28 +87,16 @@ describe('loss gradients on the CPU', () => {
     expect(names).toHaveLength(14);
     const rnd = rng(3);
     for (const name of names) {
-      const G = r.weightGrads!.get(name)!, W = weightOf(bp, name), W0 = Float32Array.from(W);
-      expect(G).toHaveLength(W.length);
+      const G = r.weightGrads!.get(name)!;
+      expect(G).toHaveLength(weightOf(bp, name).length);
       // Two directions: the gradient itself (derivative |G|) and a random one (derivative G.E).
-      let gn = 0;
-      for (const g of G) gn += g * g;
-      gn = Math.sqrt(gn);
+      const gn = norm(G);
       const E = Float32Array.from(G, (g) => g / gn);
       const R = Float32Array.from(G, () => rnd() - 0.5);
-      let rn = 0;
-      for (const x of R) rn += x * x;
-      rn = Math.sqrt(rn);
+      const rn = norm(R);
       for (let i = 0; i < R.length; i++) R[i] /= rn;
       for (const [dir, tol] of [[E, 0.01], [R, 0.03]] as Array<[Float32Array, number]>) {
-        let an = 0;
-        for (let i = 0; i < G.length; i++) an += G[i] * dir[i];
-        const h = 1e-4 * Math.sqrt(W.length);  // about 1e-4 per element
-        for (let i = 0; i < W.length; i++) W[i] = W0[i] + h * dir[i];
-        const lp = (await bp.window(ids)).loss;
-        for (let i = 0; i < W.length; i++) W[i] = W0[i] - h * dir[i];
-        const lm = (await bp.window(ids)).loss;
-        W.set(W0);
-        const fd = (lp - lm) / (2 * h);
+        const { fd, an } = await directional(bp, ids, name, G, dir);
         // relative to the derivative along the gradient (|G|), so a small projection is not noise-bound
         expect({ name, diff: Math.abs(fd - an) / gn < tol }).toEqual({ name, diff: true });
       }
@@ -220,25 +236,12 @@ describe('loss gradients of other configurations', () => {
       const bp = Backprop.open(dir);
       const ids = randomIds(48, bp.config.vocabSize, 50 + i);
       const r = await bp.window(ids, { weightGrads: true });
-      const model = await loadModel(dir, { device: 'cpu', maxBatch: 1 });
-      try {
-        const p = await perplexity(model, { windows: [ids], length: ids.length }, { batch: 1 });
-        expect(Math.abs(r.loss - p.nll[0])).toBeLessThan(1e-4 * p.nll[0]);
-      } finally {
-        await model.dispose();
-      }
+      const nll = await runtimeNll(dir, ids);
+      expect(Math.abs(r.loss - nll)).toBeLessThan(1e-4 * nll);
       for (const name of ['model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.k_proj.weight', 'model.layers.1.self_attn.o_proj.weight', 'model.layers.1.mlp.down_proj.weight']) {
-        const G = r.weightGrads!.get(name)!, W = weightOf(bp, name), W0 = Float32Array.from(W);
-        let gn = 0;
-        for (const g of G) gn += g * g;
-        gn = Math.sqrt(gn);
-        const h = 1e-4 * Math.sqrt(W.length);
-        for (let j = 0; j < W.length; j++) W[j] = W0[j] + (h * G[j]) / gn;
-        const lp = (await bp.window(ids)).loss;
-        for (let j = 0; j < W.length; j++) W[j] = W0[j] - (h * G[j]) / gn;
-        const lm = (await bp.window(ids)).loss;
-        W.set(W0);
-        expect({ name, diff: Math.abs((lp - lm) / (2 * h) - gn) / gn < 0.01 }).toEqual({ name, diff: true });
+        const G = r.weightGrads!.get(name)!, gn = norm(G);
+        const { fd } = await directional(bp, ids, name, G, Float32Array.from(G, (g) => g / gn));
+        expect({ name, diff: Math.abs(fd - gn) / gn < 0.01 }).toEqual({ name, diff: true });
       }
     });
   });
