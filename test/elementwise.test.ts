@@ -150,6 +150,14 @@ describe('elementwise ops on CPU', () => {
     const bb = await roundTo(b, 'bf16');
     expect(maxAbsDiff(await s.toFloat32(), await roundTo(a.map((v, i) => v + bb[i]), 'f16'))).toBe(0);
 
+    // b as one row added to every row (a bias), in place
+    const R = 5, C = 19, x = randn(R * C, r), bias = randn(C, r);
+    const y = t(x, [R, C]);
+    ops.add(y, y, t(bias, [C]));
+    expect(maxAbsDiff(await y.toFloat32(), x.map((v, i) => v + bias[i % C]))).toBeLessThan(1e-6);
+    for (const bad of [[C + 1], [R]])
+      expect(() => ops.add(poisoned([R, C], 'f32'), t(x, [R, C]), poisoned(bad, 'f32'))).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+
     for (const from of FLOATS)
       for (const to of FLOATS) {
         const src = await roundTo(randn(33, r, 100), from);
@@ -317,6 +325,13 @@ describeGpu('elementwise ops: CUDA vs CPU', () => {
           const [[cc, cg]] = await both((d) => [poisoned([n], to, d), t(a, [n], dt, d)], ([o, x1]) => ops.cast(o, x1), [0]);
           expect(maxAbsDiff(cg, cc)).toBe(0);
         }
+      }
+      // b one row added to every row (a bias): odd widths take the scalar loop, multiples of 8 the vectors
+      for (const [rows, h] of [[5, 1], [143, 7], [64, 16], [9, 4096], [3, 1001]]) {
+        const a = randn(rows * h, r), b = randn(h, r);
+        const [[bc, bg]] = await both((d) => [poisoned([rows, h], dt, d), t(a, [rows, h], dt, d), t(b, [h], dt, d)],
+          ([o, x1, x2]) => ops.add(o, x1, x2), [0]);
+        expect(maxAbsDiff(bg, bc)).toBe(0);
       }
       const V = 50001, EH = 72;
       const table = randn(V * EH, r);

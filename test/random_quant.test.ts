@@ -39,7 +39,8 @@ async function dense(t: Tensor): Promise<WriteTensor> {
  * A checkpoint folder with the quantized model's dense tensors and each linear dequantized;
  * `swap` names two linears whose weights trade places (a deliberately miswired reference).
  */
-async function denseCheckpoint(m: Model, linears: Map<string, SqueezeLinear>, swap?: [string, string]): Promise<string> {
+async function denseCheckpoint(m: Model, linears: Map<string, SqueezeLinear>, swap?: [string, string],
+  config: Record<string, unknown> = CONFIG): Promise<string> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-randq-'));
   const w = m.decoder.w;
   const tensors: Record<string, WriteTensor> = {
@@ -47,20 +48,43 @@ async function denseCheckpoint(m: Model, linears: Map<string, SqueezeLinear>, sw
     'model.norm.weight': await dense(w.norm),
     'lm_head.weight': await dense(w.lmHead),
   };
-  for (let i = 0; i < CONFIG.num_hidden_layers; i++) {
-    const p = `model.layers.${i}`;
-    tensors[`${p}.input_layernorm.weight`] = await dense(w.layers[i].ln1);
-    tensors[`${p}.post_attention_layernorm.weight`] = await dense(w.layers[i].ln2);
+  // A fused bias [sum of parts] cut back into the checkpoint's per-linear biases.
+  const biases = async (prefix: string, names: string[], sizes: number[], b?: Tensor): Promise<void> => {
+    if (!b) return;
+    const all = await b.toFloat32();
+    let at = 0;
+    names.forEach((n, j) => {
+      tensors[`${prefix}.${n}.bias`] = { dtype: 'f32', shape: [sizes[j]], data: all.slice(at, at + sizes[j]) };
+      at += sizes[j];
+    });
+    expect(at).toBe(all.length);
+  };
+  for (let i = 0; i < (config.num_hidden_layers as number); i++) {
+    const p = `model.layers.${i}`, L = w.layers[i];
+    tensors[`${p}.input_layernorm.weight`] = await dense(L.ln1);
+    tensors[`${p}.post_attention_layernorm.weight`] = await dense(L.ln2);
     for (const name of LINEARS) {
       const from = swap && name === swap[0] ? swap[1] : swap && name === swap[1] ? swap[0] : name;
       const l = linears.get(`${p}.${from}`)!;
       tensors[`${p}.${name}.weight`] = { dtype: 'f32', shape: [l.N, l.K], data: dequantize(l) };
     }
+    const size = (name: string) => linears.get(`${p}.${name}`)!.N;
+    const attn = ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'], mlp = ['mlp.gate_proj', 'mlp.up_proj'];
+    await biases(p, attn, attn.map(size), L.bqkv);
+    await biases(p, ['self_attn.o_proj'], [size('self_attn.o_proj')], L.bo);
+    await biases(p, mlp, mlp.map(size), L.bgu);
+    await biases(p, ['mlp.down_proj'], [size('mlp.down_proj')], L.bdown);
   }
   writeSafetensors(path.join(dir, 'model.safetensors'), tensors);
-  fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(CONFIG));
+  fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(config));
   return dir;
 }
+
+// Biased variants of CONFIG: qwen2 (q/k/v biases) and llama with attention and MLP biases.
+const BIASED: Array<[string, Record<string, unknown>]> = [
+  ['qwen2, q/k/v biases', { ...CONFIG, model_type: 'qwen2' }],
+  ['llama, attention and MLP biases', { ...CONFIG, attention_bias: true, mlp_bias: true }],
+];
 
 /** [out, in] of each linear of CONFIG (hidden 64, 4 heads of 16 over 2 kv heads, intermediate 80). */
 const SHAPES: Record<string, number[]> = {
@@ -114,11 +138,43 @@ describe('createRandomModel with quantize (cpu)', () => {
       }
     });
 
-  test('errors: bits, outlier share, biases', async () => {
+  for (const [what, config] of BIASED)
+    test(`${what}: dense biases beside quantized linears equal the dense model`, async () => {
+      const linears = new Map<string, SqueezeLinear>();
+      const m = await createRandomModel(config, {
+        device: 'cpu', seed: 12, maxBatch: 2, maxContext: 64,
+        quantize: { bits: 4, outliers: 0.02, iters: 10, onLinear: (n, l) => linears.set(n, l) },
+      });
+      let dir: string | undefined, ref: Model | undefined;
+      try {
+        const L = m.decoder.w.layers[0];
+        expect(L.bqkv).toBeDefined();
+        expect(L.bo !== undefined).toBe(config.attention_bias === true);
+        expect(L.bgu !== undefined && L.bdown !== undefined).toBe(config.mlp_bias === true);
+        dir = await denseCheckpoint(m, linears, undefined, config);
+        ref = await loadModel(dir, { device: 'cpu', maxBatch: 2, maxContext: 64 });
+        const ours = await m.logits(PROMPT);
+        expect(maxAbsErr(ours, await ref.logits(PROMPT))).toBeLessThan(1e-5);
+        const greedy = async (x: Model) => (await x.generateBatch([{ ids: PROMPT, maxTokens: 6 }]))[0].ids;
+        expect(await greedy(m)).toEqual(await greedy(ref));
+        // The biases count: the same model without them gives other logits.
+        const plain = await loadModel(dir, { device: 'cpu', maxBatch: 1, maxContext: 64 });
+        try {
+          for (const l of plain.decoder.w.layers) { l.bqkv = undefined; l.bo = undefined; l.bgu = undefined; l.bdown = undefined; }
+          expect(maxAbsErr(ours, await plain.logits(PROMPT))).toBeGreaterThan(1e-3);
+        } finally {
+          await plain.dispose();
+        }
+      } finally {
+        await m.dispose();
+        await ref?.dispose();
+        if (dir) fs.rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+  test('errors: bits, outlier share', async () => {
     await expect(createRandomModel(CONFIG, { device: 'cpu', quantize: { bits: 2 as 3 } })).rejects.toMatchObject({ code: 'ERR_UNSUPPORTED' });
     await expect(createRandomModel(CONFIG, { device: 'cpu', quantize: { bits: 4, outliers: 1.5 } })).rejects.toMatchObject({ code: 'ERR_ARG' });
-    await expect(createRandomModel({ ...CONFIG, model_type: 'qwen2' }, { device: 'cpu', quantize: { bits: 4 } }))
-      .rejects.toMatchObject({ code: 'ERR_UNSUPPORTED' });
   });
 });
 
@@ -140,6 +196,35 @@ describeGpu('createRandomModel with quantize (cuda)', () => {
       // three 50-token prompts in one prefill, 150 rows: the dense copy of each quantized weight
       // (past M = 64, csrc/kernels/lut_gemm/dense_path.cuh)
       const prompts = [0, 1, 2].map((p) => Array.from({ length: 50 }, (_, i) => (PROMPT[i % PROMPT.length] + 5 * i + 17 * p) % 97));
+      const got = await m.logitsBatch(prompts), want = await ref.logitsBatch(prompts);
+      for (let p = 0; p < 3; p++) expect(relErr(got[p], want[p])).toBeLessThan(1e-2);
+      const [a] = await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]);
+      expect(m.stats.captureError).toBeUndefined();
+      expect(m.stats.graphReplays).toBeGreaterThan(0);
+      m.graphs = false;
+      const [b] = await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]);
+      expect(b.ids).toEqual(a.ids);
+    } finally {
+      await m.dispose();
+      await ref?.dispose();
+      if (dir) fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('biases beside quantized linears (attention and MLP): prefill, fused decode and graph replay match the dense CPU model', async () => {
+    const config = BIASED[1][1];
+    const linears = new Map<string, SqueezeLinear>();
+    const m = await createRandomModel(config, {
+      device: 'cuda', seed: 13, maxBatch: 3, maxContext: 64,
+      quantize: { bits: 3, outliers: 0.02, iters: 10, onLinear: (n, l) => linears.set(n, l) },
+    });
+    let dir: string | undefined, ref: Model | undefined;
+    try {
+      dir = await denseCheckpoint(m, linears, undefined, config);
+      ref = await loadModel(dir, { device: 'cpu', maxBatch: 3, maxContext: 64 });
+      for (const ids of [PROMPT, [PROMPT[0]], PROMPT.slice(0, 2)])
+        expect(relErr(await m.logits(ids), await ref.logits(ids))).toBeLessThan(1e-2);
+      const prompts = [0, 1, 2].map((p) => Array.from({ length: 50 }, (_, i) => (PROMPT[i % PROMPT.length] + 3 * i + 11 * p) % 97));
       const got = await m.logitsBatch(prompts), want = await ref.logitsBatch(prompts);
       for (let p = 0; p < 3; p++) expect(relErr(got[p], want[p])).toBeLessThan(1e-2);
       const [a] = await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]);

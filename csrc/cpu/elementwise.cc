@@ -166,6 +166,22 @@ void silu_mul(const Tensor& out, const Tensor& gate_up) {
 
 void add(const Tensor& out, const Tensor& a, const Tensor& b) {
   const size_t ea = dtype_size(a.dtype), eb = dtype_size(b.dtype), eo = dtype_size(out.dtype);
+  if (b.numel() != out.numel()) {
+    // b is one row repeated over out's rows (a bias): read it once, add it to every row.
+    const int64_t h = b.numel(), rows = out.numel() / h;
+    std::vector<float> fb((size_t)h);
+    convert_to_float(b.data(), b.dtype, fb.data(), h);
+    parallel_for(rows, 4, [&](int64_t r0, int64_t r1) {
+      RowBuf buf;
+      float* fa = buf.get(h);
+      for (int64_t r = r0; r < r1; ++r) {
+        convert_to_float(row_ptr(a, r, h), a.dtype, fa, h);
+        for (int64_t j = 0; j < h; ++j) fa[j] += fb[(size_t)j];
+        convert_from_float(fa, row_ptr_mut(out, r, h), out.dtype, h);
+      }
+    });
+    return;
+  }
   chunked(out.numel(), [&](int64_t s, int64_t n, RowBuf& x, RowBuf& y) {
     float* fa = x.get(n);
     float* fb = y.get(n);

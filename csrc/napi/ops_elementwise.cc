@@ -156,7 +156,8 @@ SQZ_OP(siluMul) {
   return a.env().Undefined();
 }
 
-// add(out, a, b): same element count; out may alias a or b.
+// add(out, a, b): a has out's element count; b has it too, or is one row of out's last
+// dimension added to every row (a bias). out may alias a (or b when they have one size).
 SQZ_OP(add) {
   Args a(info, "add");
   Tensor out = a.tensor(0, "out"), x = a.tensor(1, "a"), y = a.tensor(2, "b");
@@ -165,7 +166,13 @@ SQZ_OP(add) {
   a.dtype_in(y, "b", kFloat);
   a.same_device({{&out, "out"}, {&x, "a"}, {&y, "b"}});
   same_numel(a, out, "out", x, "a");
-  same_numel(a, out, "out", y, "b");
+  if (y.numel() != out.numel()) {
+    const bool row = out.ndim() >= 1 && y.numel() == out.dim(-1) && y.numel() > 0;
+    if (!row)
+      a.error("ERR_SHAPE", "b " + y.shape_str() + " is neither out " + out.shape_str() +
+                               "'s size nor one row of its last dimension");
+    if (y.data() == out.data()) a.error("ERR_ARG", "add: a broadcast row b must not alias out");
+  }
   cuda_same_dtype(a, {{&out, "out"}, {&x, "a"}, {&y, "b"}});
   dispatch(out.device, "add", [=] { cpu::add(out, x, y); },
            [&](int dev) { CUDA_ONLY(cuda::add(out, x, y, cuda_stream(dev))); });

@@ -368,12 +368,10 @@ export async function randomQuantizedWeights(cfg: ModelConfig, o: {
   if (qo.bits !== 3 && qo.bits !== 4) throw new SqueezeError('ERR_UNSUPPORTED', `quantize.bits must be 3 or 4, got ${qo.bits}`);
   const outliers = qo.outliers ?? 0.0045;
   if (!(outliers >= 0 && outliers < 1)) throw new SqueezeError('ERR_ARG', `quantize.outliers must be a share in [0, 1), got ${outliers}`);
-  if (cfg.qkvBias || cfg.oBias || cfg.mlpBias)
-    throw new SqueezeError('ERR_UNSUPPORTED', 'quantize: biases on quantized linears are not supported yet');
   const H = cfg.hiddenSize, D = cfg.headDim, I = cfg.intermediateSize, V = cfg.vocabSize;
   const cpu = o.device === 'cpu';
   const r = new RandomTensors(o);
-  const rand = (shape: number[]) => r.matrix(shape), ones = (n: number) => r.ones(n);
+  const rand = (shape: number[]) => r.matrix(shape), ones = (n: number) => r.ones(n), bias = (n: number) => r.bias(n);
   const modules: SqueezeLinearModule[] = [];
   // One linear per group member, fused like a quantized checkpoint's q|k|v and gate|up.
   const groups: Array<{ site: 'wqkv' | 'wo' | 'wgu' | 'wdown'; parts: Array<[string, number, number]> }> = [
@@ -425,6 +423,13 @@ export async function randomQuantizedWeights(cfg: ModelConfig, o: {
             linearsDone, linears, name: full, seconds: { ...seconds },
           });
         }
+      }
+      // Biases stay dense beside the quantized linears (the decoder adds them after the product).
+      if (cfg.qkvBias) l.bqkv = bias((cfg.numHeads + 2 * cfg.numKvHeads) * D);
+      if (cfg.oBias) l.bo = bias(H);
+      if (cfg.mlpBias) {
+        l.bgu = bias(2 * I);
+        l.bdown = bias(H);
       }
       layers.push(l as LayerWeights);
     }

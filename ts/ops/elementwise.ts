@@ -44,7 +44,10 @@ export function siluMul(out: Tensor, gateUp: Tensor): void {
   native().ops.siluMul(out.native, gateUp.native);
 }
 
-/** out = a + b (same element count). */
+/**
+ * out = a + b. a has out's element count; b has it too, or is one row of out's last dimension,
+ * added to every row (a bias: out[m, n] = a[m, n] + b[n]). out may alias a.
+ */
 export function add(out: Tensor, a: Tensor, b: Tensor): void {
   native().ops.add(out.native, a.native, b.native);
 }

@@ -17,6 +17,7 @@ import { DType, Tensor, TypedArray } from '../tensor';
 import { resolveDevice } from '../device';
 import { checkOutlierCsr, kmeansRows, lutMatmulPacked, lutPackedShape, lutRepack, sortOutlierRows } from '../ops/lut';
 import { matmul } from '../ops/gemm';
+import { add } from '../ops/elementwise';
 import { Checkpoint, SafetensorsFile, WriteTensor, writeSafetensors } from '../model/safetensors';
 import { float32ToF16Bits, f16BitsToFloat32, bf16BitsToFloat32 } from '../util/half';
 import { GptqFactor, gptqFactor, gptqRefit } from './gptq';
@@ -964,6 +965,7 @@ export function linearForward(y: Tensor, x: Tensor, w: Tensor | SqueezeLinearMod
     matmul(y, x, w, bias);
     return;
   }
-  if (bias) throw new SqueezeError('ERR_UNSUPPORTED', 'squeezellm: biases on quantized linears are not supported yet');
   w.forward(y, x);
+  // The LUT kernels have no bias epilogue; the bias (one row) is added to every row after them.
+  if (bias) add(y, y, bias);
 }

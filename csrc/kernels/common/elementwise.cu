@@ -36,6 +36,26 @@ __global__ void add_kernel(T* __restrict__ out, const T* a, const T* b, int64_t 
   for (int64_t i = done + tid; i < n; i += stride) out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
 }
 
+// out[i] = a[i] + b[i % h]: b one row added to every row of a (a bias). With VEC, h is a
+// multiple of the vector width, so a vector never straddles two rows.
+template <class T, bool VEC>
+__global__ void add_row_kernel(T* __restrict__ out, const T* a, const T* __restrict__ b, int64_t n, int64_t h) {
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x, tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  int64_t done = 0;
+  if (VEC) {
+    constexpr int N = Vec16<T>::N;
+    const int64_t nv = n / N;
+    for (int64_t i = tid; i < nv; i += stride) {
+      Vec16<T> x = load16(a + i * N), y = load16(b + (i * N) % h), z;
+#pragma unroll
+      for (int k = 0; k < N; ++k) z.v[k] = from_f32<T>(to_f32(x.v[k]) + to_f32(y.v[k]));
+      store16(out + i * N, z);
+    }
+    done = nv * N;
+  }
+  for (int64_t i = done + tid; i < n; i += stride) out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i % h]));
+}
+
 template <class Ti, class To>
 __global__ void cast_kernel(To* __restrict__ out, const Ti* __restrict__ x, int64_t n) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
@@ -138,6 +158,14 @@ void add(const Tensor& out, const Tensor& a, const Tensor& b, cudaStream_t s) {
   if (n == 0) return;
   dispatch_float(out.dtype, "add", [&](auto t) {
     using T = decltype(t);
+    const int64_t h = b.numel();
+    if (h != n) {  // b: one row added to every row
+      const bool vec = aligned16(out.data()) && aligned16(a.data()) && aligned16(b.data()) && h % Vec16<T>::N == 0;
+      const unsigned g = grid_for(vec ? n / Vec16<T>::N + 1 : n);
+      if (vec) add_row_kernel<T, true><<<g, kThreads, 0, s>>>(out.ptr<T>(), a.ptr<T>(), b.ptr<T>(), n, h);
+      else add_row_kernel<T, false><<<g, kThreads, 0, s>>>(out.ptr<T>(), a.ptr<T>(), b.ptr<T>(), n, h);
+      return;
+    }
     const bool vec = aligned16(out.data()) && aligned16(a.data()) && aligned16(b.data());
     const unsigned g = grid_for(vec ? n / Vec16<T>::N + 1 : n);
     if (vec) add_kernel<T, true><<<g, kThreads, 0, s>>>(out.ptr<T>(), a.ptr<T>(), b.ptr<T>(), n);
