@@ -16,7 +16,7 @@ export interface PplData {
 export interface PplOptions {
   /** Take the first N windows. */
   windows?: number;
-  /** Window length for text files (default 1024). */
+  /** Window length: text files are cut into windows of it (default 1024), safetensors rows too (default: the row). */
   window?: number;
   /** Windows per prefill (default 1), or decoded together (decode). */
   batch?: number;
@@ -62,8 +62,14 @@ export function loadPplData(model: Model, file: string, opts: PplOptions = {}): 
       const e = st.entry('ids');
       if (e.shape.length !== 2) throw new SqueezeError('ERR_FORMAT', `${file}: tensor 'ids' must be [windows, length], got [${e.shape.join(', ')}]`);
       const ids = st.readInt32('ids');
-      L = e.shape[1];
-      for (let w = 0; w < e.shape[0]; w++) windows.push(ids.subarray(w * L, (w + 1) * L));
+      const row = e.shape[1];
+      // opts.window cuts every row into consecutive windows of that many tokens (a row's tail
+      // shorter than one window is left out), as a text file is cut
+      L = opts.window ?? row;
+      if (!Number.isInteger(L) || L < 1 || L > row)
+        throw new SqueezeError('ERR_ARG', `ppl: window ${L} must be an integer in [2, ${row}], the length of ${file}'s windows`);
+      for (let w = 0; w < e.shape[0]; w++)
+        for (let s = 0; s + L <= row; s += L) windows.push(ids.subarray(w * row + s, w * row + s + L));
     } finally {
       st.close();
     }
