@@ -2,6 +2,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { main } from '../ts/cli/main';
+import { loadModel } from '../ts/model/model';
 
 const PYCODER = path.join(__dirname, '..', 'models', 'pycoder-mini');
 
@@ -60,6 +61,45 @@ describe('squeezelm CLI', () => {
       expect(k.tokens).toBe(126);
     } finally {
       fs.rmSync(txt, { force: true });
+    }
+  });
+
+  test('calibrate-kv, then generate and ppl with the quantized cache', async () => {
+    const cal = path.join(os.tmpdir(), `sqz-kv-${process.pid}.safetensors`);
+    try {
+      const c = await run(['calibrate-kv', '--calib', path.join(PYCODER, 'calib.safetensors'), '--windows', '2', '--bits', '4',
+        '--out', cal, '--device', 'cpu']);
+      expect(c.code).toBe(0);
+      expect(fs.statSync(cal).size).toBeGreaterThan(0);
+      const ref = JSON.parse(fs.readFileSync(path.join(PYCODER, 'reference.json'), 'utf8'));
+      const args = ['generate', '--prompt', ref.greedy_prompt, '--max-tokens', '8', '--device', 'cpu'];
+      const g = await run([...args, '--kv-bits', '4', '--kv-calib', cal]);
+      expect(g.code).toBe(0);
+      // the same greedy continuation as the API with that cache
+      const m = await loadModel(PYCODER, { device: 'cpu', maxBatch: 1, kvCache: { bits: 4, calibration: cal } });
+      try {
+        let want = '';
+        for await (const e of m.generate({ prompt: ref.greedy_prompt, maxTokens: 8 })) want += e.text ?? '';
+        expect(g.out).toBe(want + '\n');
+        expect(want.length).toBeGreaterThan(3);
+      } finally {
+        await m.dispose();
+      }
+      const p = await run(['ppl', '--data', path.join(PYCODER, 'eval.safetensors'), '--windows', '1', '--window', '128', '--kv-bits', '4',
+        '--kv-calib', cal, '--device', 'cpu', '--json']);
+      expect(p.code).toBe(0);
+      const j = JSON.parse(p.out.trim());
+      expect(j).toMatchObject({ mode: 'decode', kvBits: 4, tokens: 127 });
+      expect(j.kvBytesPerToken).toBeGreaterThan(0);
+      for (const [bad, msg] of [[['--kv-bits', '5', '--kv-calib', cal], /--kv-bits must be/], [['--kv-bits', '2'], /needs --kv-calib/],
+        [['--kv-calib', cal], /needs --kv-bits/], [['--kv-bits', '2', '--kv-calib', cal], /bits/]] as Array<[string[], RegExp]>) {
+        const e = await run([...args, ...bad]);
+        expect(e.code).toBe(1);
+        expect(e.err).toMatch(/^squeezelm: ERR_(ARG|FORMAT) /);
+        expect(e.err).toMatch(msg);
+      }
+    } finally {
+      fs.rmSync(cal, { force: true });
     }
   });
 

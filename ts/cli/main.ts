@@ -18,8 +18,9 @@ const HELP = `squeezelm: LLaMA-family inference on one NVIDIA GPU (or the CPU)
 
 usage:
   squeezelm generate [--model DIR] --prompt TEXT [--max-tokens N] [--temperature T]
-                     [--top-k K] [--top-p P] [--seed S] [--device D]
-      streams the continuation of TEXT to stdout (the prompt is not echoed)
+                     [--top-k K] [--top-p P] [--seed S] [--device D] [--kv-bits 2|3|4 --kv-calib FILE]
+      streams the continuation of TEXT to stdout (the prompt is not echoed); --kv-bits/--kv-calib:
+      a quantized KV cache (calibrate-kv)
   squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT]
                      [--calib FILE [--calib-windows N] [--calib-power P]] [--gptq [--gptq-rounds R] [--damp D]]
                      [--outlier-score weight|error] [--fisher FILE] [--rtn] [--device cpu|cuda] [--no-resume]
@@ -44,7 +45,8 @@ usage:
                 [--batch B] [--kv-bits 2|3|4 --kv-calib FILE | --kv-bits 16] [--decode]
                 [--progress] [--json]
       perplexity over FILE: a safetensors file with 'ids' [windows, length] int32, or a
-      text file cut into windows of L tokens (default 1024); prints one JSON line.
+      text file cut into windows of L tokens (default 1024; --window L also cuts each row of a
+      safetensors file into windows of L); --windows N: the first N windows. One JSON line.
       --kv-bits/--kv-calib: a quantized KV cache; these runs (and --kv-bits 16, or --decode)
       feed each window token by token, B windows per step, as generation sees the cache
   squeezelm info [--model DIR] [--device D]
@@ -118,11 +120,26 @@ function progressBar(enabled: boolean, label: string): (done: number, total: num
   };
 }
 
+/**
+ * --kv-bits B [--kv-calib FILE]: the quantized KV cache option of loadModel (undefined for none or
+ * --kv-bits 16); `bits` the --kv-bits value as given (16 included).
+ */
+function kvCacheFlags(f: Flags, cmd: string): { bits?: number; kvCache?: { bits: number; calibration: string } } {
+  const bits = numFlag(f, 'kv-bits', true);
+  const calibration = str(f, 'kv-calib');
+  if (bits !== undefined && bits !== 16 && bits !== 2 && bits !== 3 && bits !== 4)
+    throw new SqueezeError('ERR_ARG', `${cmd}: --kv-bits must be 2, 3, 4 or 16, got ${bits}`);
+  if (bits !== undefined && bits !== 16 && !calibration) throw new SqueezeError('ERR_ARG', `${cmd}: --kv-bits 2|3|4 needs --kv-calib FILE`);
+  if (calibration && (bits === undefined || bits === 16)) throw new SqueezeError('ERR_ARG', `${cmd}: --kv-calib needs --kv-bits 2|3|4`);
+  return { bits, kvCache: calibration ? { bits: bits!, calibration } : undefined };
+}
+
 async function cmdGenerate(f: Flags): Promise<void> {
-  allow(f, ['model', 'prompt', 'max-tokens', 'temperature', 'top-k', 'top-p', 'seed', 'device', 'progress']);
+  allow(f, ['model', 'prompt', 'max-tokens', 'temperature', 'top-k', 'top-p', 'seed', 'device', 'progress', 'kv-bits', 'kv-calib']);
   const prompt = str(f, 'prompt');
   if (prompt === undefined) throw new SqueezeError('ERR_ARG', 'generate: --prompt TEXT is required');
-  const model = await loadModel(modelDir(f), { device: str(f, 'device') ?? 'auto', maxBatch: 1 });
+  const { kvCache } = kvCacheFlags(f, 'generate');
+  const model = await loadModel(modelDir(f), { device: str(f, 'device') ?? 'auto', maxBatch: 1, kvCache });
   try {
     const it = model.generate({
       prompt,
@@ -145,19 +162,9 @@ async function cmdPpl(f: Flags): Promise<void> {
   if (!data) throw new SqueezeError('ERR_ARG', 'ppl: --data FILE is required');
   const window = numFlag(f, 'window', true);
   const batch = numFlag(f, 'batch', true) ?? 1;
-  const kvBits = numFlag(f, 'kv-bits', true);
-  const kvCalib = str(f, 'kv-calib');
-  if (kvBits !== undefined && kvBits !== 16 && kvBits !== 2 && kvBits !== 3 && kvBits !== 4)
-    throw new SqueezeError('ERR_ARG', `ppl: --kv-bits must be 2, 3, 4 or 16, got ${kvBits}`);
-  if (kvBits !== undefined && kvBits !== 16 && !kvCalib) throw new SqueezeError('ERR_ARG', 'ppl: --kv-bits 2|3|4 needs --kv-calib FILE');
-  if (kvCalib && (kvBits === undefined || kvBits === 16)) throw new SqueezeError('ERR_ARG', 'ppl: --kv-calib needs --kv-bits 2|3|4');
+  const { bits: kvBits, kvCache } = kvCacheFlags(f, 'ppl');
   const decode = f.decode === true || kvBits !== undefined;
-  const model = await loadModel(modelDir(f), {
-    device: str(f, 'device') ?? 'auto',
-    maxBatch: batch,
-    maxContext: window,
-    kvCache: kvCalib ? { bits: kvBits!, calibration: kvCalib } : undefined,
-  });
+  const model = await loadModel(modelDir(f), { device: str(f, 'device') ?? 'auto', maxBatch: batch, maxContext: window, kvCache });
   try {
     const d = loadPplData(model, data, { windows: numFlag(f, 'windows', true), window });
     const show = f.progress === true || process.stderr.isTTY === true;
