@@ -113,6 +113,8 @@ describe('squeezelm CLI', () => {
     const nomodel = await run(['generate', '--model', '/nonexistent-model', '--prompt', 'x']);
     expect(nomodel.code).toBe(1);
     expect(nomodel.err).toMatch(/^squeezelm: ERR_ARG .*nonexistent-model/);
+    const long = await run(['ppl', '--data', path.join(PYCODER, 'eval.safetensors'), '--window', '2000', '--device', 'cpu']);
+    expect(long.err).toMatch(/^squeezelm: ERR_ARG .*window 2000 must be an integer in \[2, 1024\]/);
     const dev = await run(['generate', '--prompt', 'x', '--device', 'tpu']);
     expect(dev.err).toMatch(/^squeezelm: ERR_DEVICE/);
   });
