@@ -135,6 +135,33 @@ describe('kvquant calibration', () => {
     expect(codeOf(() => loadKvqCalibration(noMeta))).toBe('ERR_FORMAT');
   });
 
+  test('damaged values are ERR_FORMAT naming the tensor: non-finite, key_lo above key_hi, a codebook out of order', () => {
+    const s = samples(200, 2, 8, 6);
+    const good = calibrateFromSamples([s.keys, s.keys], [s.values, s.values], { bits: 2, kvHeads: 2, headDim: 8, iterations: 3 });
+    const damage: Array<[string, (c: KvqCalibration) => void]> = [
+      ["'layers.1.key_lo' holds NaN at index 5", (c) => { c.layers[1].keyLo[5] = NaN; }],
+      ["'layers.0.key_hi' holds Infinity at index 0", (c) => { c.layers[0].keyHi[0] = Infinity; }],
+      ['layers.1 key channel 3 has key_lo', (c) => { c.layers[1].keyLo[3] = c.layers[1].keyHi[3] + 1; }],
+      ["'layers.0.value_codebook' holds NaN", (c) => { c.layers[0].valueCodebook[2] = NaN; }],
+      ["'layers.1.key_codebook' is not in ascending order (entry 2)", (c) => { const b = c.layers[1].keyCodebook; [b[1], b[2]] = [b[2], b[1]]; }],
+    ];
+    damage.forEach(([msg, hurt], i) => {
+      const c: KvqCalibration = { ...good, layers: good.layers.map((l) => ({
+        keyLo: l.keyLo.slice(), keyHi: l.keyHi.slice(), keyCodebook: l.keyCodebook.slice(), valueCodebook: l.valueCodebook.slice() })) };
+      hurt(c);
+      const file = path.join(tmp, `damaged-${i}.safetensors`);
+      saveKvqCalibration(file, c);
+      let err: unknown;
+      try { loadKvqCalibration(file); } catch (e) { err = e; }
+      expect(err).toMatchObject({ code: 'ERR_FORMAT' });
+      expect((err as Error).message).toContain(msg);
+    });
+    // a channel whose bounds meet (a constant channel) is valid
+    const flat: KvqCalibration = { ...good, layers: good.layers.map((l) => ({ ...l, keyLo: l.keyHi.slice() })) };
+    saveKvqCalibration(path.join(tmp, 'flat.safetensors'), flat);
+    expect(loadKvqCalibration(path.join(tmp, 'flat.safetensors')).layers).toHaveLength(2);
+  });
+
   test('bits outside 2..4 are ERR_ARG', () => {
     const s = samples(50, 1, 8, 5);
     for (const bits of [1, 5, 8, 2.5])

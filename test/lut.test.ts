@@ -260,6 +260,24 @@ describe('quantizer', () => {
     expect(relErr(await y.toFloat32(), denseRef(x, dequantize(q), 2, N, K))).toBeLessThan(1e-5);
     lin.dispose();
     f.close();
+    // a table entry or an outlier value that is not a finite fp16 number: ERR_FORMAT naming the tensor
+    const damaged: Array<[string, (l: SqueezeLinear) => void]> = [
+      ['lookup_table: value NaN at index 9', (l) => { l.lut[9] = NaN; }],
+      ['lookup_table: value Infinity', (l) => { l.lut[0] = Infinity; }],
+      ['vals: value 70000 at index 1', (l) => { l.vals![1] = 70000; }],
+    ];
+    for (const [msg, hurt] of damaged) {
+      const l: SqueezeLinear = { ...q, lut: q.lut.slice(), vals: q.vals!.slice() };
+      hurt(l);
+      writeSafetensors(file, squeezeTensors('model.layers.0.mlp.up_proj', l, 'f32', 'f32'),
+        squeezeMetadata({ bits: 3, lut_dtype: 'f32', outlier_dtype: 'f32', outlier_share: 0.01, source: 'test' }));
+      const g = SafetensorsFile.open(file);
+      let err: unknown;
+      try { loadSqueezeLinear(g, 'model.layers.0.mlp.up_proj', 'cpu', 'f32', K); } catch (e) { err = e; }
+      g.close();
+      expect(isSqueezeError(err, 'ERR_FORMAT')).toBe(true);
+      expect((err as Error).message).toContain(`model.layers.0.mlp.up_proj.${msg}`);
+    }
     fs.rmSync(dir, { recursive: true });
   });
 });

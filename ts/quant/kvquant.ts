@@ -323,12 +323,27 @@ export function loadKvqCalibration(file: string, expect?: KvqExpect): KvqCalibra
       if (a.length !== len) throw new SqueezeError('ERR_FORMAT', `${file}: '${name}' has ${a.length} values, expected ${len}`);
       return Float32Array.from(a);
     };
+    // What calibrate-kv writes: finite bounds with lo <= hi, finite codebooks in ascending order.
+    // Anything else is a damaged file and would quantize to NaN or nonsense without an error.
+    const finite = (name: string, a: Float32Array): Float32Array => {
+      const i = a.findIndex((x) => !Number.isFinite(x));
+      if (i >= 0) throw new SqueezeError('ERR_FORMAT', `${file}: '${name}' holds ${a[i]} at index ${i}`);
+      return a;
+    };
     const out: KvqCalibrationLayer[] = [];
-    for (let i = 0; i < layers; i++)
-      out.push({
-        keyLo: read(`layers.${i}.key_lo`, HD), keyHi: read(`layers.${i}.key_hi`, HD),
-        keyCodebook: read(`layers.${i}.key_codebook`, n), valueCodebook: read(`layers.${i}.value_codebook`, n),
+    for (let i = 0; i < layers; i++) {
+      const p = `layers.${i}`;
+      const keyLo = finite(`${p}.key_lo`, read(`${p}.key_lo`, HD)), keyHi = finite(`${p}.key_hi`, read(`${p}.key_hi`, HD));
+      const c = keyLo.findIndex((lo, j) => lo > keyHi[j]);
+      if (c >= 0) throw new SqueezeError('ERR_FORMAT', `${file}: ${p} key channel ${c} has key_lo ${keyLo[c]} above key_hi ${keyHi[c]}`);
+      const books = [`${p}.key_codebook`, `${p}.value_codebook`].map((name) => {
+        const b = finite(name, read(name, n));
+        for (let j = 1; j < b.length; j++)
+          if (!(b[j] >= b[j - 1])) throw new SqueezeError('ERR_FORMAT', `${file}: '${name}' is not in ascending order (entry ${j})`);
+        return b;
       });
+      out.push({ keyLo, keyHi, keyCodebook: books[0], valueCodebook: books[1] });
+    }
     return {
       bits, outliers: num('outliers'), sink: num('sink'), kvHeads, headDim,
       keyPerToken: granularity === 'token', postRope: rope === 'post', codebook, ...(sensitivity ? { sensitivity } : {}), layers: out,

@@ -501,6 +501,19 @@ function floatsOf(name: string, r: { dtype: string; data: ArrayBufferView }): Fl
   throw new SqueezeError('ERR_FORMAT', `${name}: expected F16/BF16/F32, got ${r.dtype}`);
 }
 
+/**
+ * Table entries and outlier values as floats, each finite and within fp16's range (the CUDA
+ * kernels hold them in fp16): quantize never writes anything else, so another value means a
+ * damaged file, and it would turn every output of its row into inf or NaN (ERR_FORMAT naming it).
+ */
+function tableFloats(name: string, r: { dtype: string; data: ArrayBufferView }): Float32Array {
+  const a = floatsOf(name, r);
+  for (let i = 0; i < a.length; i++)
+    if (!(Math.abs(a[i]) <= 65504))
+      throw new SqueezeError('ERR_FORMAT', `${name}: value ${a[i]} at index ${i} is not a finite fp16 number`);
+  return a;
+}
+
 /** Reads one linear (host arrays), checking shapes and the outlier CSR (ERR_FORMAT naming the tensor). */
 export function readSqueezeLinear(reader: TensorReader, prefix: string, inFeatures?: number): SqueezeLinear {
   const qn = `${prefix}.qweight`, ln = `${prefix}.lookup_table`;
@@ -515,7 +528,7 @@ export function readSqueezeLinear(reader: TensorReader, prefix: string, inFeatur
   const Kp = (R / bits) * 32;
   const K = inFeatures ?? Kp;
   if (Math.ceil(K / 32) * 32 !== Kp) throw new SqueezeError('ERR_SHAPE', `${qn}: [${q.shape}] holds ${Kp} inputs, expected ${K} (padded to 32)`);
-  const out: SqueezeLinear = { N, K, bits: bits as Bits, qweight: q.data as Int32Array, lut: floatsOf(ln, l) };
+  const out: SqueezeLinear = { N, K, bits: bits as Bits, qweight: q.data as Int32Array, lut: tableFloats(ln, l) };
   const rn = `${prefix}.rows`, cn = `${prefix}.cols`, vn = `${prefix}.vals`;
   const present = [rn, cn, vn].filter((n) => reader.has(n)).length;
   if (present !== 0 && present !== 3) throw new SqueezeError('ERR_FORMAT', `${prefix}: rows, cols and vals must come together`);
@@ -523,7 +536,7 @@ export function readSqueezeLinear(reader: TensorReader, prefix: string, inFeatur
     const r = reader.read(rn), c = reader.read(cn), v = reader.read(vn);
     if (r.dtype !== 'I32' || c.dtype !== 'I32') throw new SqueezeError('ERR_FORMAT', `${rn}/${cn}: expected I32`);
     const rows = r.data as Int32Array;
-    let cols = c.data as Int32Array, vals = floatsOf(vn, v);
+    let cols = c.data as Int32Array, vals = tableFloats(vn, v);
     if (vals.length !== cols.length) throw new SqueezeError('ERR_FORMAT', `${vn}: ${vals.length} values for ${cols.length} cols`);
     // Foreign files may list a row's outliers in any order; the kernels want them by column.
     if (rows.length === N + 1 && rows[0] === 0 && rows[N] === cols.length) {
