@@ -130,11 +130,11 @@ export function kmeans1dWeighted(samples: Float32Array, weights: Float32Array, i
   return lloyd1d(Float64Array.from(order, (i) => samples[i]), Float64Array.from(order, (i) => weights[i]), init, iterations);
 }
 
-// Lloyd iterations over sorted samples x (weights w, or all 1 when null) from `init`.
 // Math.abs through a module binding: in a vm context (the test runner's sandbox) every lookup of
-// the global Math goes through the context's interceptor, which made this loop 30x slower there.
+// the global Math goes through the context's interceptor, which made lloyd1d's loop 30x slower there.
 const abs = Math.abs;
 
+// Lloyd iterations over sorted samples x (weights w, or all 1 when null) from `init`.
 function lloyd1d(x: Float64Array, w: Float64Array | null, init: Float32Array, iterations: number): Float32Array {
   const n = init.length;
   let cb = Float64Array.from(init).sort();
