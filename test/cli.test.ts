@@ -103,6 +103,32 @@ describe('squeezelm CLI', () => {
     }
   });
 
+  test('text calibration files: calibrate-kv --window and quantize --calib-window', async () => {
+    const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-textcal-'));
+    try {
+      const txt = path.join(tmp, 'calib.txt');
+      fs.writeFileSync(txt, 'import os\n\n\ndef walk(root):\n    for d, _, files in os.walk(root):\n        yield from files\n'.repeat(60));
+      const c = await run(['calibrate-kv', '--calib', txt, '--window', '96', '--windows', '3', '--bits', '3', '--out', path.join(tmp, 'kv.safetensors'),
+        '--device', 'cpu']);
+      expect(c.code).toBe(0);
+      expect(JSON.parse(c.out.trim())).toMatchObject({ windows: 3, bits: 3 });
+      const q = await run(['quantize', '--model', PYCODER, '--calib', txt, '--calib-window', '96', '--calib-windows', '2', '--bits', '4',
+        '--out', path.join(tmp, 'q4'), '--device', 'cpu']);
+      expect(q.code).toBe(0);
+      const cfg = JSON.parse(fs.readFileSync(path.join(tmp, 'q4', 'config.json'), 'utf8'));
+      expect(cfg.quantization_config).toMatchObject({ bits: 4, sensitivity: 'activations' });
+      const p = await run(['ppl', '--model', path.join(tmp, 'q4'), '--data', txt, '--window', '96', '--windows', '2', '--device', 'cpu', '--json']);
+      expect(p.code).toBe(0);
+      expect(JSON.parse(p.out.trim()).tokens).toBe(190);
+      const bad = await run(['calibrate-kv', '--calib', txt, '--window', '1', '--bits', '3', '--out', path.join(tmp, 'x.safetensors')]);
+      expect(bad.err).toMatch(/^squeezelm: ERR_ARG --window must be a whole number/);
+      const bad2 = await run(['quantize', '--model', PYCODER, '--calib', txt, '--calib-window', '12.5', '--out', path.join(tmp, 'x')]);
+      expect(bad2.err).toMatch(/^squeezelm: ERR_ARG --calib-window/);
+    } finally {
+      fs.rmSync(tmp, { recursive: true, force: true });
+    }
+  });
+
   test('info and errors', async () => {
     const i = await run(['info', '--device', 'cpu', '--json']);
     expect(i.code).toBe(0);

@@ -22,12 +22,13 @@ usage:
       streams the continuation of TEXT to stdout (the prompt is not echoed); --kv-bits/--kv-calib:
       a quantized KV cache (calibrate-kv)
   squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT]
-                     [--calib FILE [--calib-windows N] [--calib-power P]] [--gptq [--gptq-rounds R] [--damp D]]
+                     [--calib FILE [--calib-windows N] [--calib-window L] [--calib-power P]] [--gptq [--gptq-rounds R] [--damp D]]
                      [--outlier-score weight|error] [--fisher FILE] [--rtn] [--device cpu|cuda] [--no-resume]
       SqueezeLLM dense-and-sparse weights: per-row weighted k-means tables; --outliers PCT
       (default 0.45) and --sensitive PCT (default 0.05, with --calib or --fisher) are the
-      percentages of each matrix kept exact; --calib FILE ('ids' [windows, length]) weighs
-      the k-means by the mean squared input per channel (all windows unless --calib-windows);
+      percentages of each matrix kept exact; --calib FILE (ids [windows, length], or text cut
+      into windows of --calib-window L tokens, default 1024) weighs the k-means by the mean
+      squared input per channel (all windows unless --calib-windows);
       --gptq (needs --calib) adds error compensation with table refits under E[x xT]
       (R rounds, default 3; damping D x mean diagonal, default 0.01); --outlier-score error
       picks the sensitive outliers by their error after a first fit; --rtn: uniform baseline.
@@ -39,7 +40,7 @@ usage:
       fit in memory) for quantize --fisher
   squeezelm convert FILE.pt --model DIR --out DIR (upstream SqueezeLLM checkpoint)
   squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2|3|4 --out FILE [--outliers PCT]
-                [--key-clip PCT] [--sink N] [--windows N] [--fisher] [--no-sensitivity] [--key-per-token] [--post-rope] [--uniform]
+                [--key-clip PCT] [--sink N] [--windows N] [--window L] [--fisher] [--no-sensitivity] [--key-per-token] [--post-rope] [--uniform]
       calibrates the KVQuant cache quantizer (safetensors; docs/kvquant.md)
   squeezelm ppl [--model DIR] --data FILE [--windows N] [--window L] [--device D]
                 [--batch B] [--kv-bits 2|3|4 --kv-calib FILE | --kv-bits 16] [--decode]

@@ -18,12 +18,15 @@ const SITES: Record<LinearSite, string[]> = {
   down: ['mlp.down_proj'],
 };
 
-/** `model.layers.<i>.<linear>` -> (mean x_k² over the calibration tokens)^power [K]. */
+/**
+ * `model.layers.<i>.<linear>` -> (mean x_k² over the calibration tokens)^power [K]. The windows are
+ * read as ppl reads them (`window`: their length, loadPplData).
+ */
 export async function activationStats(modelDir: string, calibFile: string, windows?: number, power = 1,
-  cov?: Map<string, Float64Array>): Promise<Map<string, Float32Array>> {
+  cov?: Map<string, Float64Array>, window?: number): Promise<Map<string, Float32Array>> {
   // With `cov`: also the second-moment matrix E[x xᵀ] [K,K] per linear, over every token.
   const hs = new Map<string, { h: Float64Array; rows: number }>();
-  const model = await loadModel(modelDir, { device: 'cpu', maxBatch: 1 });
+  const model = await loadModel(modelDir, { device: 'cpu', maxBatch: 1, maxContext: window });
   const sums = new Map<string, { s: Float64Array; rows: number }>();
   const pending: Promise<void>[] = [];
   setLinearObserver((layer, site, x) => {
@@ -56,7 +59,7 @@ export async function activationStats(modelDir: string, calibFile: string, windo
     }));
   });
   try {
-    const d = loadPplData(model, calibFile, { windows });
+    const d = loadPplData(model, calibFile, { windows, window });
     await perplexity(model, d, { batch: 1 });
     await Promise.all(pending);
   } finally {

@@ -165,8 +165,10 @@ async function calibrateKvFisher(model: Model, windows: Int32Array[], o: Calibra
 
 const USAGE = `usage: squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2|3|4 --out FILE
          [--outliers PCT (default 1)] [--key-clip PCT (default: half of --outliers)] [--sink N (default 4)]
-         [--windows N] [--device D] [--fisher | --no-sensitivity]
+         [--windows N] [--window L] [--device D] [--fisher | --no-sensitivity]
          [--key-per-token] [--post-rope] [--uniform]   (docs/kvquant.md)
+  --calib FILE: ids [windows, length], or text cut into windows of --window L tokens
+  (default 1024; --window also cuts ids rows), read as ppl reads them.
   --fisher weights each sample of the codebooks' k-means by the size of its loss gradient |g|
   (a backward pass on the CPU in fp32 over the calibration windows, for models that fit in
   host memory).`;
@@ -180,7 +182,7 @@ export async function calibrateKvCommand(argv: string[], defaultModel: string): 
     if (!a.startsWith('--')) throw new SqueezeError('ERR_ARG', `calibrate-kv: unexpected argument '${a}'\n${USAGE}`);
     const name = a.slice(2);
     if (BOOL.has(name)) f[name] = true;
-    else if (['model', 'calib', 'bits', 'out', 'outliers', 'key-clip', 'sink', 'windows', 'device', 'batch'].includes(name)) {
+    else if (['model', 'calib', 'bits', 'out', 'outliers', 'key-clip', 'sink', 'windows', 'window', 'device', 'batch'].includes(name)) {
       if (i + 1 >= argv.length) throw new SqueezeError('ERR_ARG', `--${name} needs a value`);
       f[name] = argv[++i];
     } else throw new SqueezeError('ERR_ARG', `calibrate-kv: unknown option --${name}\n${USAGE}`);
@@ -207,9 +209,11 @@ export async function calibrateKvCommand(argv: string[], defaultModel: string): 
   const batch = num('batch', 4)!;
   if (f.fisher && f['no-sensitivity']) throw new SqueezeError('ERR_ARG', 'calibrate-kv: --fisher and --no-sensitivity exclude each other');
   const bp = f.fisher ? Backprop.open(dir) : undefined;
-  const model = await loadModel(dir, { device: typeof f.device === 'string' ? f.device : 'auto', maxBatch: batch });
+  const window = num('window');
+  if (window !== undefined && !(Number.isInteger(window) && window >= 2)) throw new SqueezeError('ERR_ARG', `--window must be a whole number of tokens >= 2, got ${window}`);
+  const model = await loadModel(dir, { device: typeof f.device === 'string' ? f.device : 'auto', maxBatch: batch, maxContext: window });
   try {
-    const data = loadPplData(model, calib, { windows: num('windows') });
+    const data = loadPplData(model, calib, { windows: num('windows'), window });
     const t0 = performance.now();
     const cal = await calibrateKv(model, data.windows, {
       bits, outliers: pct / 100, keyClip: clip / 100, sink: num('sink', 4), keyPerToken: !!f['key-per-token'], postRope: !!f['post-rope'],

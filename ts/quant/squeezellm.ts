@@ -860,10 +860,11 @@ function writeAtomic(file: string, text: string): void {
 
 /**
  * `squeezelm quantize (--model DIR | DIR) --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT]
- * [--calib FILE [--calib-windows N] [--calib-power P]] [--gptq [--gptq-rounds R] [--damp D]]
+ * [--calib FILE [--calib-windows N] [--calib-window L] [--calib-power P]] [--gptq [--gptq-rounds R] [--damp D]]
  * [--outlier-score weight|error] [--fisher FILE] [--rtn] [--device cpu|cuda] [--no-resume]`. Outlier
  * shares are percentages of each matrix (0.45 = 0.45%); --calib gathers the activation sensitivity
- * (every window of FILE unless --calib-windows), --gptq also E[x xᵀ] for error compensation. An
+ * (every window of FILE unless --calib-windows; FILE is ids or text, read as ppl reads it, windows of
+ * --calib-window tokens), --gptq also E[x xᵀ] for error compensation. An
  * interrupted run is resumed from the linears it finished (same model and settings) unless --no-resume.
  */
 export async function quantizeCommand(argv: string[]): Promise<void> {
@@ -880,8 +881,8 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
   }
   if (opt.model !== undefined) pos.push(opt.model);
   if (pos.length !== 1 || !opt.out)
-    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers pct] [--sensitive pct] [--calib file [--calib-windows n] [--calib-power p]] [--gptq [--gptq-rounds r] [--damp d]] [--outlier-score weight|error] [--fisher file] [--rtn] [--device cpu|cuda] [--no-resume]');
-  const known = ['model', 'out', 'bits', 'outliers', 'sensitive', 'calib', 'calib-windows', 'calib-power', 'gptq',
+    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers pct] [--sensitive pct] [--calib file [--calib-windows n] [--calib-window l] [--calib-power p]] [--gptq [--gptq-rounds r] [--damp d]] [--outlier-score weight|error] [--fisher file] [--rtn] [--device cpu|cuda] [--no-resume]');
+  const known = ['model', 'out', 'bits', 'outliers', 'sensitive', 'calib', 'calib-windows', 'calib-window', 'calib-power', 'gptq',
     'gptq-rounds', 'damp', 'outlier-score', 'fisher', 'rtn', 'iters', 'device', 'no-resume'];
   for (const k of Object.keys(opt)) if (!known.includes(k)) throw new SqueezeError('ERR_ARG', `quantize: unknown option --${k}`);
   const num = (k: string, d: number) => {
@@ -897,8 +898,9 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
   if (opt.calib) {
     const { activationStats } = await import('./calib');
     if (opt.gptq === '1') cov = new Map();
-    const cw = num('calib-windows', 0);
-    calib = await activationStats(pos[0], opt.calib, cw > 0 ? Math.floor(cw) : undefined, num('calib-power', 1), cov);
+    const cw = num('calib-windows', 0), cl = num('calib-window', 0);
+    if (cl !== 0 && !Number.isInteger(cl)) throw new SqueezeError('ERR_ARG', `--calib-window: expected a whole number of tokens, got '${opt['calib-window']}'`);
+    calib = await activationStats(pos[0], opt.calib, cw > 0 ? Math.floor(cw) : undefined, num('calib-power', 1), cov, cl > 0 ? cl : undefined);
   } else if (opt.gptq === '1') {
     throw new SqueezeError('ERR_ARG', '--gptq needs --calib FILE (the calibration activations)');
   }
