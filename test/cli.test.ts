@@ -117,6 +117,13 @@ describe('squeezelm CLI', () => {
       expect(q.code).toBe(0);
       const cfg = JSON.parse(fs.readFileSync(path.join(tmp, 'q4', 'config.json'), 'utf8'));
       expect(cfg.quantization_config).toMatchObject({ bits: 4, sensitivity: 'activations' });
+      const info = await run(['info', '--model', path.join(tmp, 'q4'), '--device', 'cpu', '--json', '--kv-bits', '3', '--kv-calib',
+        path.join(tmp, 'kv.safetensors')]);
+      expect(info.code).toBe(0);
+      const j = JSON.parse(info.out);
+      expect(j.quantization).toMatchObject({ method: 'squeezellm', bits: [4], modules: 24 });
+      expect(j.quantization.bytes).toBeGreaterThan(0);
+      expect(j.kvCache).toEqual({ bits: 3, quantized: true, bytesPerToken: 912 });
       const p = await run(['ppl', '--model', path.join(tmp, 'q4'), '--data', txt, '--window', '96', '--windows', '2', '--device', 'cpu', '--json']);
       expect(p.code).toBe(0);
       expect(JSON.parse(p.out.trim()).tokens).toBe(190);
@@ -133,6 +140,8 @@ describe('squeezelm CLI', () => {
     const i = await run(['info', '--device', 'cpu', '--json']);
     expect(i.code).toBe(0);
     expect(JSON.parse(i.out).parameters).toBe(5770496);
+    expect(JSON.parse(i.out).quantization).toBeUndefined();
+    expect(JSON.parse(i.out).kvCache).toEqual({ bits: 32, quantized: false, bytesPerToken: 6144 });
     const bad = await run(['frobnicate']);
     expect(bad.code).toBe(1);
     expect(bad.err).toMatch(/^squeezelm: ERR_ARG /);

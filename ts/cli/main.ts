@@ -50,8 +50,9 @@ usage:
       safetensors file into windows of L); --windows N: the first N windows. One JSON line.
       --kv-bits/--kv-calib: a quantized KV cache; these runs (and --kv-bits 16, or --decode)
       feed each window token by token, B windows per step, as generation sees the cache
-  squeezelm info [--model DIR] [--device D]
-      config summary, parameter count, dtype, devices
+  squeezelm info [--model DIR] [--device D] [--kv-bits 2|3|4 --kv-calib FILE]
+      config summary, parameter count, dtypes, quantized linears (bits, bytes), KV cache bytes
+      per token, devices
   squeezelm --help
 
 --model defaults to the embedded pycoder-mini; --device is auto (cuda when usable), cpu or cuda.`;
@@ -182,8 +183,9 @@ async function cmdPpl(f: Flags): Promise<void> {
 }
 
 async function cmdInfo(f: Flags): Promise<void> {
-  allow(f, ['model', 'device', 'json']);
-  const model = await loadModel(modelDir(f), { device: str(f, 'device') ?? 'auto', maxBatch: 1, maxContext: 16 });
+  allow(f, ['model', 'device', 'json', 'kv-bits', 'kv-calib']);
+  const { kvCache } = kvCacheFlags(f, 'info');
+  const model = await loadModel(modelDir(f), { device: str(f, 'device') ?? 'auto', maxBatch: 1, maxContext: 16, kvCache });
   try {
     const info = { model: modelDir(f), ...describeModel(model), devices: devices() };
     process.stdout.write(JSON.stringify(info, null, f.json ? 0 : 2) + '\n');

@@ -5,7 +5,8 @@
  */
 import * as os from 'os';
 import { SqueezeError } from '../errors';
-import { DType } from '../tensor';
+import { DType, Tensor } from '../tensor';
+import type { SqueezeLinearModule } from '../quant/squeezellm';
 import { devices, resolveDevice } from '../device';
 import { ModelConfig, loadConfig, parseConfig, parameterCount } from './config';
 import { Checkpoint } from './safetensors';
@@ -132,6 +133,16 @@ export class Model {
     if (this.kvq) return { bits: this.kvq.calibration.bits, quantized: true, bytesPerToken: this.kvq.bytesPerToken, calibration: this.kvq.calibration };
     const c = this.config, es = this.dtype === 'f32' ? 4 : 2;
     return { bits: 8 * es, quantized: false, bytesPerToken: 2 * c.numLayers * c.numKvHeads * c.headDim * es };
+  }
+
+  /**
+   * The SqueezeLLM-quantized linears, if any: their bit widths, how many modules (q|k|v and gate|up
+   * fused, as loaded) and the bytes they hold on the device (codes, tables, outliers).
+   */
+  get quantization(): { method: 'squeezellm'; bits: number[]; modules: number; bytes: number } | undefined {
+    const mods = this.weights.layers.flatMap((l) => [l.wqkv, l.wo, l.wgu, l.wdown]).filter((w) => !(w instanceof Tensor)) as SqueezeLinearModule[];
+    if (!mods.length) return undefined;
+    return { method: 'squeezellm', bits: [...new Set(mods.map((m) => m.bits))].sort(), modules: mods.length, bytes: mods.reduce((a, m) => a + m.bytes, 0) };
   }
 
   /** Decode statistics: steps run and how many replayed a CUDA graph. */
@@ -373,6 +384,8 @@ export function describeModel(m: Model): Record<string, unknown> {
     device: m.device,
     activationDtype: m.dtype,
     weightDtype: m.weightDtype,
+    ...(m.quantization ? { quantization: m.quantization } : {}),
+    kvCache: { bits: m.kvCache.bits, quantized: m.kvCache.quantized, bytesPerToken: m.kvCache.bytesPerToken },
     cpuThreads: os.cpus().length,
   };
 }
