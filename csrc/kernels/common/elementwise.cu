@@ -17,43 +17,25 @@ constexpr int kThreads = 256;
 
 unsigned grid_for(int64_t work) { return (unsigned)std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, 8192)); }
 
-template <class T, bool VEC>
-__global__ void add_kernel(T* __restrict__ out, const T* a, const T* b, int64_t n) {
-  // out may alias a or b: each element is read and written by the same thread.
+// out[i] = a[i] + b[ROW ? i % h : i]: with ROW, b is one row of h elements added to every row of a
+// (a bias), and with VEC h is a multiple of the vector width, so a vector never straddles two
+// rows. out may alias a or b: each element is read and written by the same thread.
+template <class T, bool VEC, bool ROW>
+__global__ void add_kernel(T* __restrict__ out, const T* a, const T* b, int64_t n, int64_t h) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x, tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   int64_t done = 0;
   if (VEC) {
     constexpr int N = Vec16<T>::N;
     const int64_t nv = n / N;
     for (int64_t i = tid; i < nv; i += stride) {
-      Vec16<T> x = load16(a + i * N), y = load16(b + i * N), z;
+      Vec16<T> x = load16(a + i * N), y = load16(b + (ROW ? (i * N) % h : i * N)), z;
 #pragma unroll
       for (int k = 0; k < N; ++k) z.v[k] = from_f32<T>(to_f32(x.v[k]) + to_f32(y.v[k]));
       store16(out + i * N, z);
     }
     done = nv * N;
   }
-  for (int64_t i = done + tid; i < n; i += stride) out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
-}
-
-// out[i] = a[i] + b[i % h]: b one row added to every row of a (a bias). With VEC, h is a
-// multiple of the vector width, so a vector never straddles two rows.
-template <class T, bool VEC>
-__global__ void add_row_kernel(T* __restrict__ out, const T* a, const T* __restrict__ b, int64_t n, int64_t h) {
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x, tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  int64_t done = 0;
-  if (VEC) {
-    constexpr int N = Vec16<T>::N;
-    const int64_t nv = n / N;
-    for (int64_t i = tid; i < nv; i += stride) {
-      Vec16<T> x = load16(a + i * N), y = load16(b + (i * N) % h), z;
-#pragma unroll
-      for (int k = 0; k < N; ++k) z.v[k] = from_f32<T>(to_f32(x.v[k]) + to_f32(y.v[k]));
-      store16(out + i * N, z);
-    }
-    done = nv * N;
-  }
-  for (int64_t i = done + tid; i < n; i += stride) out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i % h]));
+  for (int64_t i = done + tid; i < n; i += stride) out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[ROW ? i % h : i]));
 }
 
 template <class Ti, class To>
@@ -158,18 +140,15 @@ void add(const Tensor& out, const Tensor& a, const Tensor& b, cudaStream_t s) {
   if (n == 0) return;
   dispatch_float(out.dtype, "add", [&](auto t) {
     using T = decltype(t);
-    const int64_t h = b.numel();
-    if (h != n) {  // b: one row added to every row
-      const bool vec = aligned16(out.data()) && aligned16(a.data()) && aligned16(b.data()) && h % Vec16<T>::N == 0;
-      const unsigned g = grid_for(vec ? n / Vec16<T>::N + 1 : n);
-      if (vec) add_row_kernel<T, true><<<g, kThreads, 0, s>>>(out.ptr<T>(), a.ptr<T>(), b.ptr<T>(), n, h);
-      else add_row_kernel<T, false><<<g, kThreads, 0, s>>>(out.ptr<T>(), a.ptr<T>(), b.ptr<T>(), n, h);
-      return;
-    }
-    const bool vec = aligned16(out.data()) && aligned16(a.data()) && aligned16(b.data());
+    const int64_t h = b.numel();  // n, or one row added to every row
+    const bool row = h != n;
+    const bool vec = aligned16(out.data()) && aligned16(a.data()) && aligned16(b.data()) && (!row || h % Vec16<T>::N == 0);
     const unsigned g = grid_for(vec ? n / Vec16<T>::N + 1 : n);
-    if (vec) add_kernel<T, true><<<g, kThreads, 0, s>>>(out.ptr<T>(), a.ptr<T>(), b.ptr<T>(), n);
-    else add_kernel<T, false><<<g, kThreads, 0, s>>>(out.ptr<T>(), a.ptr<T>(), b.ptr<T>(), n);
+    auto launch = [&](auto kernel) { kernel<<<g, kThreads, 0, s>>>(out.ptr<T>(), a.ptr<T>(), b.ptr<T>(), n, h); };
+    if (vec && row) launch(add_kernel<T, true, true>);
+    else if (vec) launch(add_kernel<T, true, false>);
+    else if (row) launch(add_kernel<T, false, true>);
+    else launch(add_kernel<T, false, false>);
   });
 }
 
