@@ -91,18 +91,45 @@ const SHAPES: Record<string, number[]> = {
   q_proj: [64, 64], k_proj: [32, 64], v_proj: [32, 64], o_proj: [64, 64], gate_proj: [80, 64], up_proj: [80, 64], down_proj: [64, 80],
 };
 
+/**
+ * A random model of `config` quantized in process on `device`, and on the CPU the dense model of
+ * its dequantized weights and biases; `body` gets both and the quantized linears by name. Both
+ * models and the checkpoint folder are freed afterwards.
+ */
+async function withDenseTwin(config: Record<string, unknown>, device: 'cpu' | 'cuda',
+  o: { seed: number; maxBatch: number; bits: 3 | 4; onProgress?: (p: RandomQuantizeProgress) => void },
+  body: (m: Model, ref: Model, linears: Map<string, SqueezeLinear>) => Promise<void>): Promise<void> {
+  const linears = new Map<string, SqueezeLinear>();
+  const m = await createRandomModel(config, {
+    device, seed: o.seed, maxBatch: o.maxBatch, maxContext: 64,
+    quantize: { bits: o.bits, outliers: 0.02, iters: 10, onLinear: (n, l) => linears.set(n, l), onProgress: o.onProgress },
+  });
+  let dir: string | undefined, ref: Model | undefined;
+  try {
+    dir = await denseCheckpoint(m, linears, undefined, config);
+    ref = await loadModel(dir, { device: 'cpu', maxBatch: o.maxBatch, maxContext: 64 });
+    await body(m, ref, linears);
+  } finally {
+    await m.dispose();
+    await ref?.dispose();
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** The CPU comparison: logits within 1e-5 of the dense twin's and the same greedy tokens; returns ours. */
+async function expectDenseTwin(m: Model, ref: Model): Promise<Float32Array> {
+  const ours = await m.logits(PROMPT);
+  expect(maxAbsErr(ours, await ref.logits(PROMPT))).toBeLessThan(1e-5);
+  const greedy = async (x: Model) => (await x.generateBatch([{ ids: PROMPT, maxTokens: 6 }]))[0].ids;
+  expect(await greedy(m)).toEqual(await greedy(ref));
+  return ours;
+}
+
 describe('createRandomModel with quantize (cpu)', () => {
   for (const bits of [4, 3] as const)
     test(`${bits}-bit dense-and-sparse linears equal the dense model of their dequantized weights`, async () => {
-      const linears = new Map<string, SqueezeLinear>();
       const events: RandomQuantizeProgress[] = [];
-      const m = await createRandomModel(CONFIG, {
-        device: 'cpu', seed: 11, maxBatch: 2, maxContext: 64,
-        quantize: { bits, outliers: 0.02, iters: 10, onLinear: (n, l) => linears.set(n, l), onProgress: (p) => events.push(p) },
-      });
-      const dirs: string[] = [];
-      const refs: Model[] = [];
-      try {
+      await withDenseTwin(CONFIG, 'cpu', { seed: 11, maxBatch: 2, bits, onProgress: (p) => events.push(p) }, async (m, ref, linears) => {
         // Every linear quantized once, at its own shape, with outliers.
         expect([...linears.keys()].sort()).toEqual(
           [0, 1].flatMap((i) => LINEARS.map((n) => `model.layers.${i}.${n}`)).sort());
@@ -116,60 +143,35 @@ describe('createRandomModel with quantize (cpu)', () => {
         expect(events[6].layersDone).toBe(1);
         expect(events[13]).toMatchObject({ layersDone: 2, layers: 2, linears: 14, name: 'model.layers.1.mlp.down_proj' });
 
-        dirs.push(await denseCheckpoint(m, linears));
-        const ref = await loadModel(dirs[0], { device: 'cpu', maxBatch: 2, maxContext: 64 });
-        refs.push(ref);
-        const [ours, theirs] = [await m.logits(PROMPT), await ref.logits(PROMPT)];
-        expect(maxAbsErr(ours, theirs)).toBeLessThan(1e-5);
-        const greedy = async (x: Model) => (await x.generateBatch([{ ids: PROMPT, maxTokens: 6 }]))[0].ids;
-        expect(await greedy(m)).toEqual(await greedy(ref));
-
+        const ours = await expectDenseTwin(m, ref);
         // The comparison can tell miswiring apart: gate/up or k/v traded places changes the logits.
         for (const swap of [['mlp.gate_proj', 'mlp.up_proj'], ['self_attn.k_proj', 'self_attn.v_proj']] as [string, string][]) {
-          dirs.push(await denseCheckpoint(m, linears, swap));
-          const bad = await loadModel(dirs[dirs.length - 1], { device: 'cpu', maxBatch: 1, maxContext: 64 });
-          refs.push(bad);
-          expect(maxAbsErr(ours, await bad.logits(PROMPT))).toBeGreaterThan(1e-3);
+          const dir = await denseCheckpoint(m, linears, swap);
+          const bad = await loadModel(dir, { device: 'cpu', maxBatch: 1, maxContext: 64 });
+          try {
+            expect(maxAbsErr(ours, await bad.logits(PROMPT))).toBeGreaterThan(1e-3);
+          } finally {
+            await bad.dispose();
+            fs.rmSync(dir, { recursive: true, force: true });
+          }
         }
-      } finally {
-        await m.dispose();
-        for (const r of refs) await r.dispose();
-        dirs.forEach((d) => fs.rmSync(d, { recursive: true, force: true }));
-      }
+      });
     });
 
   for (const [what, config] of BIASED)
     test(`${what}: dense biases beside quantized linears equal the dense model`, async () => {
-      const linears = new Map<string, SqueezeLinear>();
-      const m = await createRandomModel(config, {
-        device: 'cpu', seed: 12, maxBatch: 2, maxContext: 64,
-        quantize: { bits: 4, outliers: 0.02, iters: 10, onLinear: (n, l) => linears.set(n, l) },
-      });
-      let dir: string | undefined, ref: Model | undefined;
-      try {
+      await withDenseTwin(config, 'cpu', { seed: 12, maxBatch: 2, bits: 4 }, async (m, ref) => {
         const L = m.decoder.w.layers[0];
         expect(L.bqkv).toBeDefined();
         expect(L.bo !== undefined).toBe(config.attention_bias === true);
         expect(L.bgu !== undefined && L.bdown !== undefined).toBe(config.mlp_bias === true);
-        dir = await denseCheckpoint(m, linears, undefined, config);
-        ref = await loadModel(dir, { device: 'cpu', maxBatch: 2, maxContext: 64 });
-        const ours = await m.logits(PROMPT);
-        expect(maxAbsErr(ours, await ref.logits(PROMPT))).toBeLessThan(1e-5);
-        const greedy = async (x: Model) => (await x.generateBatch([{ ids: PROMPT, maxTokens: 6 }]))[0].ids;
-        expect(await greedy(m)).toEqual(await greedy(ref));
-        // The biases count: the same model without them gives other logits.
-        const plain = await loadModel(dir, { device: 'cpu', maxBatch: 1, maxContext: 64 });
-        try {
-          for (const l of plain.decoder.w.layers) { l.bqkv = undefined; l.bo = undefined; l.bgu = undefined; l.bdown = undefined; }
-          expect(maxAbsErr(ours, await plain.logits(PROMPT))).toBeGreaterThan(1e-3);
-        } finally {
-          await plain.dispose();
-        }
-      } finally {
-        await m.dispose();
-        await ref?.dispose();
-        if (dir) fs.rmSync(dir, { recursive: true, force: true });
-      }
+        const ours = await expectDenseTwin(m, ref);
+        // The biases count: the same model without them gives other logits (then they go back, to be freed).
+        const layers = ref.decoder.w.layers, kept = layers.map((l) => ({ ...l }));
+        for (const l of layers) { l.bqkv = undefined; l.bo = undefined; l.bgu = undefined; l.bdown = undefined; }
+        expect(maxAbsErr(ours, await ref.logits(PROMPT))).toBeGreaterThan(1e-3);
+        layers.forEach((l, i) => Object.assign(l, kept[i]));
+      });
     });
 
   test('errors: bits, outlier share', async () => {
@@ -179,64 +181,30 @@ describe('createRandomModel with quantize (cpu)', () => {
 });
 
 describeGpu('createRandomModel with quantize (cuda)', () => {
-  test('quantized on the GPU: prefill and fused decode passes match the dense CPU model; decode steps replay graphs', async () => {
-    const linears = new Map<string, SqueezeLinear>();
-    const m = await createRandomModel(CONFIG, {
-      device: 'cuda', seed: 11, maxBatch: 3, maxContext: 64,
-      quantize: { bits: 4, outliers: 0.02, iters: 10, onLinear: (n, l) => linears.set(n, l) },
+  // [name, config, bits, seed, prompt mixing]: the second case has attention and MLP biases.
+  const cases: Array<[string, Record<string, unknown>, 3 | 4, number, [number, number]]> = [
+    ['quantized on the GPU: prefill and fused decode passes match the dense CPU model; decode steps replay graphs', CONFIG, 4, 11, [5, 17]],
+    ['biases beside quantized linears (attention and MLP): prefill, fused decode and graph replay match the dense CPU model',
+      BIASED[1][1], 3, 13, [3, 11]],
+  ];
+  for (const [what, config, bits, seed, [mi, mp]] of cases)
+    test(what, async () => {
+      await withDenseTwin(config, 'cuda', { seed, maxBatch: 3, bits }, async (m, ref, linears) => {
+        expect(linears.size).toBe(14);
+        // fp16 activations and tables against the f32 oracle; 1 and 2 rows take the fused decode pass.
+        for (const ids of [PROMPT, [PROMPT[0]], PROMPT.slice(0, 2)])
+          expect(relErr(await m.logits(ids), await ref.logits(ids))).toBeLessThan(1e-2);
+        // three 50-token prompts in one prefill, 150 rows: the dense copy of each quantized weight
+        // (past M = 64, csrc/kernels/lut_gemm/dense_path.cuh)
+        const prompts = [0, 1, 2].map((p) => Array.from({ length: 50 }, (_, i) => (PROMPT[i % PROMPT.length] + mi * i + mp * p) % 97));
+        const got = await m.logitsBatch(prompts), want = await ref.logitsBatch(prompts);
+        for (let p = 0; p < 3; p++) expect(relErr(got[p], want[p])).toBeLessThan(1e-2);
+        const [a] = await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]);
+        expect(m.stats.captureError).toBeUndefined();
+        expect(m.stats.graphReplays).toBeGreaterThan(0);
+        m.graphs = false;
+        const [b] = await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]);
+        expect(b.ids).toEqual(a.ids);
+      });
     });
-    let dir: string | undefined, ref: Model | undefined;
-    try {
-      expect(linears.size).toBe(14);
-      dir = await denseCheckpoint(m, linears);
-      ref = await loadModel(dir, { device: 'cpu', maxBatch: 3, maxContext: 64 });
-      // fp16 activations and tables against the f32 oracle; 1 and 2 rows take the fused decode pass.
-      for (const ids of [PROMPT, [PROMPT[0]], PROMPT.slice(0, 2)])
-        expect(relErr(await m.logits(ids), await ref.logits(ids))).toBeLessThan(1e-2);
-      // three 50-token prompts in one prefill, 150 rows: the dense copy of each quantized weight
-      // (past M = 64, csrc/kernels/lut_gemm/dense_path.cuh)
-      const prompts = [0, 1, 2].map((p) => Array.from({ length: 50 }, (_, i) => (PROMPT[i % PROMPT.length] + 5 * i + 17 * p) % 97));
-      const got = await m.logitsBatch(prompts), want = await ref.logitsBatch(prompts);
-      for (let p = 0; p < 3; p++) expect(relErr(got[p], want[p])).toBeLessThan(1e-2);
-      const [a] = await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]);
-      expect(m.stats.captureError).toBeUndefined();
-      expect(m.stats.graphReplays).toBeGreaterThan(0);
-      m.graphs = false;
-      const [b] = await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]);
-      expect(b.ids).toEqual(a.ids);
-    } finally {
-      await m.dispose();
-      await ref?.dispose();
-      if (dir) fs.rmSync(dir, { recursive: true, force: true });
-    }
-  });
-
-  test('biases beside quantized linears (attention and MLP): prefill, fused decode and graph replay match the dense CPU model', async () => {
-    const config = BIASED[1][1];
-    const linears = new Map<string, SqueezeLinear>();
-    const m = await createRandomModel(config, {
-      device: 'cuda', seed: 13, maxBatch: 3, maxContext: 64,
-      quantize: { bits: 3, outliers: 0.02, iters: 10, onLinear: (n, l) => linears.set(n, l) },
-    });
-    let dir: string | undefined, ref: Model | undefined;
-    try {
-      dir = await denseCheckpoint(m, linears, undefined, config);
-      ref = await loadModel(dir, { device: 'cpu', maxBatch: 3, maxContext: 64 });
-      for (const ids of [PROMPT, [PROMPT[0]], PROMPT.slice(0, 2)])
-        expect(relErr(await m.logits(ids), await ref.logits(ids))).toBeLessThan(1e-2);
-      const prompts = [0, 1, 2].map((p) => Array.from({ length: 50 }, (_, i) => (PROMPT[i % PROMPT.length] + 3 * i + 11 * p) % 97));
-      const got = await m.logitsBatch(prompts), want = await ref.logitsBatch(prompts);
-      for (let p = 0; p < 3; p++) expect(relErr(got[p], want[p])).toBeLessThan(1e-2);
-      const [a] = await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]);
-      expect(m.stats.captureError).toBeUndefined();
-      expect(m.stats.graphReplays).toBeGreaterThan(0);
-      m.graphs = false;
-      const [b] = await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]);
-      expect(b.ids).toEqual(a.ids);
-    } finally {
-      await m.dispose();
-      await ref?.dispose();
-      if (dir) fs.rmSync(dir, { recursive: true, force: true });
-    }
-  });
 });
