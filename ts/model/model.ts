@@ -366,7 +366,7 @@ export async function createRandomModel(
 
 /** A short description for `squeezelm info`. */
 export function describeModel(m: Model): Record<string, unknown> {
-  const c = m.config;
+  const c = m.config, kv = m.kvCache, q = m.quantization;
   return {
     modelType: c.modelType,
     layers: c.numLayers,
@@ -384,8 +384,8 @@ export function describeModel(m: Model): Record<string, unknown> {
     device: m.device,
     activationDtype: m.dtype,
     weightDtype: m.weightDtype,
-    ...(m.quantization ? { quantization: m.quantization } : {}),
-    kvCache: { bits: m.kvCache.bits, quantized: m.kvCache.quantized, bytesPerToken: m.kvCache.bytesPerToken },
+    ...(q ? { quantization: q } : {}),
+    kvCache: { bits: kv.bits, quantized: kv.quantized, bytesPerToken: kv.bytesPerToken },
     cpuThreads: os.cpus().length,
   };
 }
