@@ -68,7 +68,7 @@ describe('squeezelm CLI', () => {
     const cal = path.join(os.tmpdir(), `sqz-kv-${process.pid}.safetensors`);
     try {
       const c = await run(['calibrate-kv', '--calib', path.join(PYCODER, 'calib.safetensors'), '--windows', '2', '--bits', '4',
-        '--out', cal, '--device', 'cpu']);
+        '--out', cal, '--device', 'cpu', '--slots', 'uniform']);
       expect(c.code).toBe(0);
       expect(fs.statSync(cal).size).toBeGreaterThan(0);
       const ref = JSON.parse(fs.readFileSync(path.join(PYCODER, 'reference.json'), 'utf8'));
@@ -109,9 +109,15 @@ describe('squeezelm CLI', () => {
       const txt = path.join(tmp, 'calib.txt');
       fs.writeFileSync(txt, 'import os\n\n\ndef walk(root):\n    for d, _, files in os.walk(root):\n        yield from files\n'.repeat(60));
       const c = await run(['calibrate-kv', '--calib', txt, '--window', '96', '--windows', '3', '--bits', '3', '--out', path.join(tmp, 'kv.safetensors'),
-        '--device', 'cpu']);
+        '--device', 'cpu', '--allocate-windows', '1']);
       expect(c.code).toBe(0);
-      expect(JSON.parse(c.out.trim())).toMatchObject({ windows: 3, bits: 3 });
+      const cj = JSON.parse(c.out.trim());
+      expect(cj).toMatchObject({ windows: 3, bits: 3 });
+      // outlier slots allocated per layer (the default) within the uniform share's bytes: 6 layers x 2 kv heads x (2 x 32 + 12)
+      expect(cj.keySlots).toHaveLength(6);
+      expect(cj.valueSlots).toHaveLength(6);
+      expect(cj.bytesPerToken).toBeLessThanOrEqual(912);
+      expect(c.err).toContain('calibrate-kv: outlier slots, prefill 67/67');
       const q = await run(['quantize', '--model', PYCODER, '--calib', txt, '--calib-window', '96', '--calib-windows', '2', '--bits', '4',
         '--out', path.join(tmp, 'q4'), '--device', 'cpu']);
       expect(q.code).toBe(0);
@@ -123,12 +129,17 @@ describe('squeezelm CLI', () => {
       const j = JSON.parse(info.out);
       expect(j.quantization).toMatchObject({ method: 'squeezellm', bits: [4], modules: 24 });
       expect(j.quantization.bytes).toBeGreaterThan(0);
-      expect(j.kvCache).toEqual({ bits: 3, quantized: true, bytesPerToken: 912 });
+      expect(j.kvCache).toEqual({ bits: 3, quantized: true, bytesPerToken: cj.bytesPerToken });
       const p = await run(['ppl', '--model', path.join(tmp, 'q4'), '--data', txt, '--window', '96', '--windows', '2', '--device', 'cpu', '--json']);
       expect(p.code).toBe(0);
       expect(JSON.parse(p.out.trim()).tokens).toBe(190);
       const bad = await run(['calibrate-kv', '--calib', txt, '--window', '1', '--bits', '3', '--out', path.join(tmp, 'x.safetensors')]);
       expect(bad.err).toMatch(/^squeezelm: ERR_ARG --window must be a whole number/);
+      for (const [flags, msg] of [[['--slots', 'some'], /--slots must be auto or uniform/], [['--allocate-windows', '0'], /--allocate-windows must be/]] as Array<[string[], RegExp]>) {
+        const e = await run(['calibrate-kv', '--calib', txt, '--bits', '3', '--out', path.join(tmp, 'x.safetensors'), ...flags]);
+        expect(e.code).toBe(1);
+        expect(e.err).toMatch(msg);
+      }
       const bad2 = await run(['quantize', '--model', PYCODER, '--calib', txt, '--calib-window', '12.5', '--out', path.join(tmp, 'x')]);
       expect(bad2.err).toMatch(/^squeezelm: ERR_ARG --calib-window/);
     } finally {

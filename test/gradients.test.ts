@@ -283,8 +283,13 @@ describe('Fisher-weighted KV calibration', () => {
       const V = model.config.vocabSize;
       const windows = [randomIds(48, V, 8), randomIds(48, V, 9)];
       const bp = Backprop.open(TINY);
-      const fisher = await calibrateKv(model, windows, { bits: 2, sink: 1, fisher: bp });
-      const plain = await calibrateKv(model, windows, { bits: 2, sink: 1, sensitivity: false });
+      // uniform slots: the same bounds in both, so only the weighting differs
+      const fisher = await calibrateKv(model, windows, { bits: 2, sink: 1, fisher: bp, slots: 'uniform' });
+      const plain = await calibrateKv(model, windows, { bits: 2, sink: 1, sensitivity: false, slots: 'uniform' });
+      // the default per-layer slots after a gradient pass too
+      const perLayer = await calibrateKv(model, windows, { bits: 2, sink: 1, fisher: bp, allocateWindows: 1 });
+      expect(perLayer.sensitivity).toBe('fisher');
+      expect(perLayer.slots!.key).toHaveLength(model.config.numLayers);
       expect(fisher.layers).toHaveLength(model.config.numLayers);
       let differs = false;
       fisher.layers.forEach((l, i) => {

@@ -19,9 +19,10 @@ async function dequantAll(s: ReturnType<typeof buildCache>, b: number): Promise<
 }
 
 describe('kvquant (CPU)', () => {
-  for (const bits of [2, 3, 4]) {
-    test(`round trip: codebook values, exact outliers and sink (bits ${bits})`, async () => {
-      const nk = 2, nv = 1, sink = 3;
+  // slot counts: the default's, and what calibrate-kv's per-layer allocation gives (none, keys or values only)
+  for (const bits of [2, 3, 4]) for (const [nk, nv] of [[2, 1], [0, 0], [8, 0], [0, 3]]) {
+    test(`round trip: codebook values, exact outliers and sink (bits ${bits}, slots ${nk} + ${nv})`, async () => {
+      const sink = 3;
       const s = buildCache({ bits, H: 2, D: 80, lens: [37, 5, 19], nk, nv, sink, pageSize: 8, seed: 100 + bits });
       for (let b = 0; b < s.lens.length; b++) {
         const { k, v } = await dequantAll(s, b);
@@ -39,16 +40,19 @@ describe('kvquant (CPU)', () => {
     });
   }
 
-  const cases: Array<[number, number, number, number[], number]> = [
-    // [Hq, H, D, lens, bits]
+  const cases: Array<[number, number, number, number[], number, [number, number]?]> = [
+    // [Hq, H, D, lens, bits, [key slots, value slots] (default 2 + 2)]
     [2, 2, 64, [21], 4],
     [6, 2, 80, [9, 33, 1], 3],
     [8, 2, 128, [40, 17], 2],
     [8, 1, 64, [26, 3, 12], 4],
+    [4, 2, 64, [30, 9], 2, [0, 0]],
+    [4, 1, 96, [25], 3, [8, 0]],
+    [6, 3, 64, [18, 2], 2, [0, 3]],
   ];
-  for (const [Hq, H, D, lens, bits] of cases) {
-    test(`kvqAttention = attention over kvqDequantize (Hq ${Hq}, H ${H}, D ${D}, lens ${lens}, ${bits}-bit)`, async () => {
-      const s = buildCache({ bits, H, D, lens, nk: 2, nv: 2, sink: 2, pageSize: 16, seed: Hq * 1000 + D + bits });
+  for (const [Hq, H, D, lens, bits, [nk, nv] = [2, 2]] of cases) {
+    test(`kvqAttention = attention over kvqDequantize (Hq ${Hq}, H ${H}, D ${D}, lens ${lens}, ${bits}-bit, slots ${nk} + ${nv})`, async () => {
+      const s = buildCache({ bits, H, D, lens, nk, nv, sink: 2, pageSize: 16, seed: Hq * 1000 + D + bits });
       const B = lens.length, r = rng(7 + D);
       const q = randn(B * Hq * D, r), inv = invFreqFor(D), scale = 1 / Math.sqrt(D);
       for (const dtype of ['f32', 'f16'] as const) {

@@ -4,8 +4,12 @@ import * as path from 'path';
 import { isSqueezeError } from '../ts/errors';
 import { writeSafetensors } from '../ts/model/safetensors';
 import {
-  calibrateFromSamples, kmeans1d, kmeans1dWeighted, loadKvqCalibration, normalFloatCodebook, saveKvqCalibration, KvqCalibration,
+  calibrateFromSamples, calibrateLayer, kmeans1d, kmeans1dWeighted, layerSlots, loadKvqCalibration, normalFloatCodebook, saveKvqCalibration,
+  KvqCalibration,
 } from '../ts/quant/kvquant';
+import { allocateSlots, slotCandidates, SlotCosts } from '../ts/quant/kvquant-allocate';
+import { kvqMetaBytes } from '../ts/ops/kvquant';
+import { quantizedBytesPerToken } from '../ts/runtime/kvq-attention';
 import { randn, rng } from './gpu';
 
 // Math as a module constant: under jest each lookup of the global in a hot loop is ~10x slower
@@ -192,5 +196,112 @@ describe('kvquant calibration', () => {
       expect(Math.abs(below - (clip / 2) * T)).toBeLessThanOrEqual(1.5);
       expect(Math.abs(above - (clip / 2) * T)).toBeLessThanOrEqual(1.5);
     }
+  });
+
+  test('outlier slots per layer: fitted with their own key clip and value slots, saved, loaded, counted in bytes per token', () => {
+    const T = 3000, s = samples(T, 1, 16, 11), opts = { bits: 2, outliers: 0.07, sink: 1, kvHeads: 1, headDim: 16, iterations: 4 };
+    // 0.07 of 16 channels: 2 uniform slots, key clip 3.5%
+    const slots = { key: [0, 2, 6], value: [3, 2, 0] };
+    const cal = calibrateFromSamples([s.keys, s.keys, s.keys], [s.values, s.values, s.values], { ...opts, slots });
+    expect(cal.slots).toEqual(slots);
+    expect(layerSlots(cal, 2)).toEqual({ keyOutliers: 6, valueOutliers: 0 });
+    const uniform = calibrateFromSamples([s.keys], [s.values], opts);
+    expect(uniform.slots).toBeUndefined();
+    expect(layerSlots(uniform, 0)).toEqual({ keyOutliers: 2, valueOutliers: 2 });
+    // the uniform count fits exactly as without slots; none gives the channel's min/max; 6 triples the clip
+    for (const k of ['keyLo', 'keyHi', 'keyCodebook', 'valueCodebook'] as const) expect(Array.from(cal.layers[1][k])).toEqual(Array.from(uniform.layers[0][k]));
+    for (let c = 0; c < 16; c++) {
+      let mn = Infinity, mx = -Infinity, out6 = 0;
+      for (let t = 0; t < T; t++) {
+        const x = s.keys[t * 16 + c];
+        mn = Math.min(mn, x); mx = Math.max(mx, x);
+        if (x < cal.layers[2].keyLo[c] || x > cal.layers[2].keyHi[c]) out6++;
+      }
+      expect(cal.layers[0].keyLo[c]).toBe(Math.fround(mn));
+      expect(cal.layers[0].keyHi[c]).toBe(Math.fround(mx));
+      expect(Math.abs(out6 - 3 * 0.035 * T)).toBeLessThanOrEqual(3);
+    }
+    // the value codebook follows the value slots: calibrateLayer with the same counts gives the same layer
+    const l0 = calibrateLayer(s.keys, s.values, opts, 0, 0, 3);
+    expect(Array.from(l0.valueCodebook)).toEqual(Array.from(cal.layers[0].valueCodebook));
+    expect(Array.from(cal.layers[2].valueCodebook)).not.toEqual(Array.from(cal.layers[0].valueCodebook));
+
+    const file = path.join(tmp, 'slots.safetensors');
+    saveKvqCalibration(file, cal);
+    const back = loadKvqCalibration(file, { layers: 3, kvHeads: 1, headDim: 16, bits: 2 });
+    expect(back.slots).toEqual(slots);
+    saveKvqCalibration(path.join(tmp, 'noslots.safetensors'), { ...cal, slots: undefined });
+    expect(loadKvqCalibration(path.join(tmp, 'noslots.safetensors')).slots).toBeUndefined();
+    // bytes per token: each layer's codes (4 bytes per 16 channels at 2 bits, rows padded to 16) and its own metadata
+    const cfg = { numLayers: 3, numKvHeads: 1, headDim: 16 } as Parameters<typeof quantizedBytesPerToken>[0];
+    expect(quantizedBytesPerToken(cfg, back)).toBe(3 * 32 + kvqMetaBytes(0, 3) + kvqMetaBytes(2, 2) + kvqMetaBytes(6, 0));
+    expect(quantizedBytesPerToken(cfg, { ...back, slots: undefined })).toBe(3 * 32 + 3 * kvqMetaBytes(2, 2));
+  });
+
+  test('bad per-layer slots: ERR_ARG as options, ERR_FORMAT in a file, naming the layer', () => {
+    const s = samples(200, 1, 8, 12), opts = { bits: 3, kvHeads: 1, headDim: 8, iterations: 2 };
+    expect(codeOf(() => calibrateFromSamples([s.keys, s.keys], [s.values, s.values], { ...opts, slots: { key: [1], value: [1, 1] } }))).toBe('ERR_ARG');
+    expect(codeOf(() => calibrateFromSamples([s.keys], [s.values], { ...opts, slots: { key: [17], value: [1] } }))).toBe('ERR_ARG');
+    const cal = calibrateFromSamples([s.keys, s.keys], [s.values, s.values], { ...opts, slots: { key: [1, 2], value: [0, 1] } });
+    const cases: Array<[Record<string, string>, string]> = [
+      [{ key_slots: '1,2,3' }, 'key slots must list 2 layers'],
+      [{ value_slots: '0,17' }, 'layer 1 has 17 value slots'],
+      [{ key_slots: '1,x' }, 'layer 1 has NaN key slots'],
+      [{ key_slots: '1,-1' }, 'layer 1 has NaN key slots'],
+      [{ key_slots: '1.5,1' }, 'layer 0 has NaN key slots'],
+      [{ value_slots: undefined as unknown as string }, 'key_slots without value_slots'],
+    ];
+    const good = path.join(tmp, 'slots-good.safetensors');
+    saveKvqCalibration(good, cal);
+    cases.forEach(([meta, msg], i) => {
+      const f = path.join(tmp, `slots-bad-${i}.safetensors`);
+      // rewrite the metadata only
+      const buf = fs.readFileSync(good), n = Number(buf.readBigUInt64LE(0));
+      const header = JSON.parse(buf.subarray(8, 8 + n).toString());
+      for (const [k, v] of Object.entries(meta)) { if (v === undefined) delete header.__metadata__[k]; else header.__metadata__[k] = v; }
+      const h = Buffer.from(JSON.stringify(header)), pad = Buffer.alloc((8 - (h.length % 8)) % 8, 0x20), len = Buffer.alloc(8);
+      len.writeBigUInt64LE(BigInt(h.length + pad.length));
+      fs.writeFileSync(f, Buffer.concat([len, h, pad, buf.subarray(8 + n)]));
+      let err: unknown;
+      try { loadKvqCalibration(f); } catch (e) { err = e; }
+      expect(err).toMatchObject({ code: 'ERR_FORMAT' });
+      expect((err as Error).message).toContain(msg);
+    });
+    expect(loadKvqCalibration(good).slots).toEqual({ key: [1, 2], value: [0, 1] });
+  });
+
+  test('slot allocation: the least summed cost within the byte budget (checked against every allocation)', () => {
+    expect(slotCandidates(1)).toEqual({ key: [0, 1, 2, 3, 4, 6, 8], value: [0, 1, 2, 3] });
+    expect(slotCandidates(2)).toEqual({ key: [0, 1, 2, 3, 4, 6, 8, 12, 16], value: [0, 1, 2, 3, 4] });
+    const r = rng(21);
+    for (let trial = 0; trial < 20; trial++) {
+      const L = 1 + (trial % 3), candidates = { key: [0, 1, 2, 4, 8], value: [0, 1, 3] };
+      // decreasing costs with noise, one layer now and then much more sensitive
+      const curve = (opts: number[], scale: number) => opts.map((n) => scale / (1 + n) + 0.01 * r());
+      const costs: SlotCosts = {
+        base: 2, candidates,
+        key: Array.from({ length: L }, () => curve(candidates.key, r() < 0.3 ? 1 : 0.05)),
+        value: Array.from({ length: L }, () => curve(candidates.value, 0.03)),
+      };
+      const budget = L * kvqMetaBytes(1, 1) + 4 * (trial % 2);
+      const got = allocateSlots(costs, budget);
+      const cost = (l: number, nk: number, nv: number) => costs.key[l][candidates.key.indexOf(nk)] + costs.value[l][candidates.value.indexOf(nv)];
+      const gotBytes = got.key.reduce((a, nk, l) => a + kvqMetaBytes(nk, got.value[l]), 0);
+      expect(gotBytes).toBeLessThanOrEqual(budget);
+      const gotCost = got.key.reduce((a, nk, l) => a + cost(l, nk, got.value[l]), 0);
+      // exhaustive search
+      let best = Infinity;
+      const pairs = candidates.key.flatMap((nk) => candidates.value.map((nv) => [nk, nv]));
+      const walk = (l: number, bytes: number, c: number): void => {
+        if (bytes > budget) return;
+        if (l === L) { best = Math.min(best, c); return; }
+        for (const [nk, nv] of pairs) walk(l + 1, bytes + kvqMetaBytes(nk, nv), c + cost(l, nk, nv));
+      };
+      walk(0, 0, 0);
+      expect(gotCost).toBeCloseTo(best, 12);
+    }
+    // a budget below the metadata header of every layer is an error
+    const one: SlotCosts = { base: 0, candidates: { key: [0], value: [0] }, key: [[0]], value: [[0]] };
+    expect(codeOf(() => allocateSlots(one, 3))).toBe('ERR_ARG');
   });
 });

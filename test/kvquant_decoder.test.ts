@@ -12,9 +12,10 @@ import { SafetensorsFile } from '../ts/model/safetensors';
 import { loadModel, Model } from '../ts/model/model';
 import { setProjectionObserver } from '../ts/model/llama';
 import { kvqDequantize } from '../ts/ops/kvquant';
-import { KvqCalibration, loadKvqCalibration, saveKvqCalibration } from '../ts/quant/kvquant';
+import { KvqCalibration, layerSlots, loadKvqCalibration, saveKvqCalibration } from '../ts/quant/kvquant';
 import { calibrateKv, snapshot } from '../ts/quant/kvquant-calibrate';
-import { QuantizedAttention } from '../ts/runtime/kvq-attention';
+import { QuantizedAttention, quantizedBytesPerToken } from '../ts/runtime/kvq-attention';
+import { quantizedPrefillNll } from '../ts/quant/kvquant-allocate';
 import { f16ToFloat, floatToF16 } from '../ts/util/half';
 import { oracleRoundTrip, Setup } from './kvquant_helpers';
 
@@ -43,14 +44,16 @@ async function codeOf(p: Promise<unknown>): Promise<string | undefined> {
 
 let base: Model;
 const cals = new Map<string, KvqCalibration>();
-async function calibration(bits: number, o: { sink?: number; outliers?: number; keyPerToken?: boolean; postRope?: boolean; codebook?: 'uniform' } = {}): Promise<KvqCalibration> {
+async function calibration(bits: number,
+  o: { sink?: number; outliers?: number; keyPerToken?: boolean; postRope?: boolean; codebook?: 'uniform' } = {}): Promise<KvqCalibration> {
   const key = JSON.stringify({ bits, ...o });
   let c = cals.get(key);
   if (!c) {
     const calib = SafetensorsFile.open(path.join(PYCODER, 'calib.safetensors'));
     const ids = calib.readInt32('ids'), L = calib.entry('ids').shape[1];
     calib.close();
-    c = await calibrateKv(base, [ids.slice(0, 256), ids.slice(L, L + 256)], { bits, sink: 2, iterations: 8, ...o });
+    // uniform slots: the per-layer allocation (its own test below) measures with many prefills
+    c = await calibrateKv(base, [ids.slice(0, 256), ids.slice(L, L + 256)], { bits, sink: 2, iterations: 8, slots: 'uniform', ...o });
     cals.set(key, c);
   }
   return c;
@@ -174,6 +177,57 @@ describe('KVQuant cache in the decoder (CPU)', () => {
       expect(rel).toBeLessThan(tol);
       expect(rel).toBeGreaterThan(-tol);
     }
+  });
+
+  test('outlier slots per layer (the default): within the uniform bytes, in each layer\'s cache; the one-prefill oracle equals decode-style NLL', async () => {
+    // the allocation measures with one prefill per layer, kind and slot count: short windows keep it quick
+    const calib = SafetensorsFile.open(path.join(PYCODER, 'calib.safetensors'));
+    const ids = calib.readInt32('ids'), CL = calib.entry('ids').shape[1];
+    calib.close();
+    const auto = await calibrateKv(base, [ids.slice(0, 128), ids.slice(CL, CL + 128)], { bits: 2, sink: 2, iterations: 8, allocateWindows: 1 });
+    const uniform = await calibration(2);
+    expect(auto.slots).toBeDefined();
+    expect(uniform.slots).toBeUndefined();
+    const cfg = base.config, L = cfg.numLayers;
+    expect(auto.slots!.key).toHaveLength(L);
+    expect(quantizedBytesPerToken(cfg, auto)).toBeLessThanOrEqual(quantizedBytesPerToken(cfg, uniform));
+    const wins = evalWindows(2, 96);
+    const mean = (a: number[]) => a.reduce((x, y) => x + y, 0) / a.length;
+    const results: number[] = [];
+    for (const cal of [auto, uniform]) {
+      const m = await loadModel(PYCODER, { device: 'cpu', maxBatch: 2, maxContext: 96, kvCache: { bits: 2, calibration: cal } });
+      let dec: number[];
+      try {
+        const attn = m.decoder.attn as QuantizedAttention;
+        attn.caches.forEach((c, l) => {
+          expect(c.opts.keyOutliers).toBe(layerSlots(cal, l).keyOutliers);
+          expect(c.opts.valueOutliers).toBe(layerSlots(cal, l).valueOutliers);
+        });
+        expect(m.kvCache.bytesPerToken).toBe(quantizedBytesPerToken(cfg, cal));
+        dec = await m.decodeNll(wins);
+      } finally {
+        await m.dispose();
+      }
+      // every layer's keys and values through the quantizer in one prefill of the fp model
+      const layers = new Map(cal.layers.map((l, i) => [i, { cal: l, ...layerSlots(cal, i), kinds: 'both' as const }]));
+      const pre = await quantizedPrefillNll(base, wins, layers, { bits: 2, sink: cal.sink, batch: 2 });
+      expect(Math.abs(pre - mean(dec))).toBeLessThan(2e-4);
+      results.push(pre);
+      // keys or values alone fall between the exact model and both
+      const exact = await quantizedPrefillNll(base, wins, new Map(), { bits: 2, sink: cal.sink, batch: 2 });
+      const last = L - 1;
+      const one = (kinds: 'keys' | 'values' | 'both') => quantizedPrefillNll(base, wins,
+        new Map([[last, { cal: cal.layers[last], ...layerSlots(cal, last), kinds }]]), { bits: 2, sink: cal.sink, batch: 1 });
+      const [k, v, b] = [await one('keys'), await one('values'), await one('both')];
+      for (const x of [k, v]) {
+        expect(x).not.toBe(exact);
+        expect(x).not.toBe(b);
+      }
+    }
+    const pre = await base.logitsBatch(wins);
+    const { windowNll } = await import('../ts/runtime/ppl');
+    expect(Math.abs(mean(wins.map((w, i) => windowNll(pre[i], w, cfg.vocabSize))) -
+      (await quantizedPrefillNll(base, wins, new Map(), { bits: 2, sink: 2, batch: 2 })))).toBeLessThan(1e-9);
   });
 
   test('ablation options load and run: per-token keys, post-RoPE keys, uniform codebooks, no outliers, no sink', async () => {

@@ -6,7 +6,9 @@ import * as path from 'path';
 import { isSqueezeError } from '../ts/errors';
 import { SafetensorsFile } from '../ts/model/safetensors';
 import { loadModel, Model } from '../ts/model/model';
-import { KvqCalibration } from '../ts/quant/kvquant';
+import { KvqCalibration, layerSlots } from '../ts/quant/kvquant';
+import { quantizedPrefillNll } from '../ts/quant/kvquant-allocate';
+import { quantizedBytesPerToken } from '../ts/runtime/kvq-attention';
 import { calibrateKv } from '../ts/quant/kvquant-calibrate';
 import { describeGpu } from './gpu';
 
@@ -31,7 +33,9 @@ describeGpu('KVQuant cache in the decoder (CUDA)', () => {
   const cals = new Map<number, KvqCalibration>();
   beforeAll(async () => {
     cpu = await loadModel(PYCODER, { device: 'cpu', maxBatch: 2, maxContext: 256 });
-    for (const bits of [2, 3, 4]) cals.set(bits, await calibrateKv(cpu, windows('calib.safetensors', 2, 256), { bits, sink: 2, iterations: 8 }));
+    // 2 bits with outlier slots allocated per layer (the default), 3 and 4 with uniform slots
+    for (const bits of [2, 3, 4])
+      cals.set(bits, await calibrateKv(cpu, windows('calib.safetensors', 2, 256), { bits, sink: 2, iterations: 8, slots: bits === 2 ? 'auto' : 'uniform', allocateWindows: 1 }));
   });
   afterAll(async () => {
     await cpu?.dispose();
@@ -57,6 +61,32 @@ describeGpu('KVQuant cache in the decoder (CUDA)', () => {
       nc.forEach((x, i) => {
         if (!(Math.abs(ng[i] - x) < tol * x)) throw new Error(`${bits}-bit window ${i}: CUDA NLL ${ng[i]} vs CPU ${x}`);
       });
+    }
+  });
+
+  test('per-layer outlier slots on CUDA: the allocation\'s one-prefill oracle agrees with decode-style NLL; calibrate-kv allocates on CUDA', async () => {
+    const cal = cals.get(2)!;
+    expect(cal.slots).toBeDefined();
+    const wins = windows('eval.safetensors', 2, 128);
+    const g = await loadModel(PYCODER, { device: 'cuda', maxBatch: 2, maxContext: 256, kvCache: { bits: 2, calibration: cal } });
+    let dec: number[];
+    try {
+      dec = await g.decodeNll(wins);
+    } finally {
+      await g.dispose();
+    }
+    const f = await loadModel(PYCODER, { device: 'cuda', maxBatch: 2, maxContext: 256 });
+    try {
+      const layers = new Map(cal.layers.map((l, i) => [i, { cal: l, ...layerSlots(cal, i), kinds: 'both' as const }]));
+      const pre = await quantizedPrefillNll(f, wins, layers, { bits: 2, sink: cal.sink, batch: 2 });
+      const mean = dec.reduce((a, b) => a + b, 0) / dec.length;
+      // fp16 activations: prefill and decode round differently (the CPU test holds them to 2e-4)
+      if (!(Math.abs(pre - mean) < 0.01 * mean)) throw new Error(`prefill oracle ${pre} vs decode ${mean}`);
+      const onCuda = await calibrateKv(f, windows('calib.safetensors', 2, 256), { bits: 2, sink: 2, iterations: 8, allocateWindows: 1 });
+      expect(onCuda.slots!.key).toHaveLength(f.config.numLayers);
+      expect(quantizedBytesPerToken(f.config, onCuda)).toBeLessThanOrEqual(quantizedBytesPerToken(f.config, { ...onCuda, slots: undefined }));
+    } finally {
+      await f.dispose();
     }
   });
 

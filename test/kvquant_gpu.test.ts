@@ -18,8 +18,8 @@ function firstDiff(a: Uint8Array, b: Uint8Array): number {
 }
 
 describeGpu('kvquant (CUDA vs CPU)', () => {
-  const cases: Array<[number, number, number, number[], number, 'f16' | 'bf16', number?]> = [
-    // [Hq, H, D, lens, bits, dtype, sink (default 3)]
+  const cases: Array<[number, number, number, number[], number, 'f16' | 'bf16', number?, [number, number]?]> = [
+    // [Hq, H, D, lens, bits, dtype, sink (default 3), [key slots, value slots] (default 2 + 2)]
     [4, 4, 64, [1, 17, 300], 2, 'f16'],
     [6, 2, 80, [33, 129], 3, 'f16'],
     [12, 3, 96, [70], 4, 'bf16'],
@@ -57,11 +57,19 @@ describeGpu('kvquant (CUDA vs CPU)', () => {
     // no sink tokens (the default kernel then has no sink split)
     [32, 8, 128, [1000, 5, 64, 257], 3, 'f16', 0],
     [16, 4, 64, [300, 2], 2, 'bf16', 0],
+    // the slot counts of calibrate-kv's per-layer allocation: none, keys only, values only, up to 16 each
+    [32, 8, 128, [1000, 5, 64, 257], 2, 'f16', 3, [0, 0]],
+    [16, 4, 64, [300, 17], 2, 'f16', 4, [8, 0]],
+    [8, 2, 128, [500, 3], 3, 'bf16', 3, [0, 3]],
+    [32, 8, 128, [700, 40], 4, 'f16', 4, [4, 1]],
+    [12, 4, 96, [260], 2, 'f16', 2, [16, 16]],
+    [8, 2, 80, [150, 9], 3, 'f16', 3, [6, 2]],
+    [32, 2, 256, [90], 2, 'bf16', 1, [12, 0]],
   ];
-  for (const [Hq, H, D, lens, bits, dtype, sink = 3] of cases) {
-    test(`append bytes and attention match (Hq ${Hq}, H ${H}, D ${D}, B ${lens.length}, ${bits}-bit, ${dtype}, sink ${sink})`, async () => {
+  for (const [Hq, H, D, lens, bits, dtype, sink = 3, [nk, nv] = [2, 2]] of cases) {
+    test(`append bytes and attention match (Hq ${Hq}, H ${H}, D ${D}, B ${lens.length}, ${bits}-bit, ${dtype}, sink ${sink}, slots ${nk} + ${nv})`, async () => {
       const seed = freshSeed();
-      const opts = { bits, H, D, lens, nk: 2, nv: 2, sink, pageSize: 16, seed, dtype };
+      const opts = { bits, H, D, lens, nk, nv, sink, pageSize: 16, seed, dtype };
       const c = buildCache({ ...opts, device: 'cpu' });
       const g = buildCache({ ...opts, device: 'cuda' });
       for (const name of ['kCodes', 'vCodes', 'meta', 'sinkK', 'sinkV'] as const) {

@@ -12,8 +12,11 @@ import { Tensor } from '../tensor';
 import { loadModel, Model } from '../model/model';
 import { setProjectionObserver } from '../model/llama';
 import { loadPplData } from '../runtime/ppl';
+import { quantizedBytesPerToken } from '../runtime/kvq-attention';
 import { copy } from '../ops/basic';
-import { KvqCalibration, calibrateFromSamples, saveKvqCalibration } from './kvquant';
+import { CalibrateOptions, KvqCalibration, calibrateFromSamples, calibrateLayer, saveKvqCalibration } from './kvquant';
+import { allocateSlots, measureSlotCosts, slotCandidates } from './kvquant-allocate';
+import { kvqMetaBytes, outlierSlots } from '../ops/kvquant';
 import { Backprop, rotateRows } from './gradients';
 
 /**
@@ -56,6 +59,17 @@ export interface CalibrateKvOptions {
   fisher?: Backprop;
   /** Called after each window of the fisher pass. */
   onProgress?: (done: number, total: number) => void;
+  /**
+   * Outlier slots per layer: 'auto' (default) spends the metadata bytes of the uniform share
+   * where the measured loss says they help most (quant/kvquant-allocate.ts); 'uniform' gives
+   * every layer outlierSlots(outliers, headDim) for keys and for values. The ablations
+   * (keyPerToken, postRope, uniform codebooks) and a zero share always use 'uniform'.
+   */
+  slots?: 'auto' | 'uniform';
+  /** Calibration windows the allocation measures on (default 8: the first ones). */
+  allocateWindows?: number;
+  /** Called after each prefill of the allocation's measurement. */
+  onAllocate?: (done: number, total: number) => void;
   /** Windows per forward pass (default 4). */
   batch?: number;
   iterations?: number;
@@ -112,11 +126,31 @@ export async function calibrateKv(model: Model, windows: Int32Array[], o: Calibr
     setProjectionObserver(null);
   }
   if (keys[0].reduce((a, x) => a + x.length, 0) === 0) throw new SqueezeError('ERR_ARG', 'calibrate-kv: no tokens past the sink to calibrate on');
-  return calibrateFromSamples(keys.map(cat), vals.map(cat), {
+  return fitWithSlots(model, windows, keys.map(cat), vals.map(cat), o, {
     bits: o.bits, outliers: o.outliers ?? 0.01, keyClip: o.keyClip, sink, kvHeads: H, headDim: D, keyPerToken: o.keyPerToken, postRope: o.postRope,
     codebook: o.codebook, iterations: o.iterations, maxSamples: o.maxSamples,
     keyWeights: o.sensitivity === false ? undefined : qsq.map((x) => Float32Array.from(x)),
   });
+}
+
+/** The calibration from the samples, with the outlier slots allocated per layer where o.slots asks for it. */
+async function fitWithSlots(model: Model, windows: Int32Array[], keys: Float32Array[], vals: Float32Array[], o: CalibrateKvOptions,
+  fit: CalibrateOptions): Promise<KvqCalibration> {
+  const n0 = outlierSlots(fit.outliers ?? 0.01, fit.headDim);
+  const slots = o.slots ?? 'auto';
+  if (slots !== 'auto' && slots !== 'uniform') throw new SqueezeError('ERR_ARG', `calibrate-kv: slots must be 'auto' or 'uniform', got '${slots}'`);
+  if (slots === 'uniform' || n0 === 0 || fit.keyPerToken || fit.postRope || fit.codebook === 'uniform') return calibrateFromSamples(keys, vals, fit);
+  const nw = o.allocateWindows ?? 8;
+  if (!(Number.isInteger(nw) && nw >= 1)) throw new SqueezeError('ERR_ARG', `calibrate-kv: allocateWindows must be a positive integer, got ${nw}`);
+  const sink = fit.sink ?? 0;
+  const measured = windows.filter((w) => w.length >= sink + 2).slice(0, nw);
+  if (!measured.length) return calibrateFromSamples(keys, vals, fit);
+  const costs = await measureSlotCosts(model, measured, (l, nk, nv) => calibrateLayer(keys[l], vals[l], fit, l, nk, nv), {
+    bits: fit.bits, sink, candidates: slotCandidates(n0), uniform: n0, batch: o.batch ?? 4, onProgress: o.onAllocate,
+  });
+  const layers = keys.length;
+  const allocated = allocateSlots(costs, layers * kvqMetaBytes(n0, n0));
+  return calibrateFromSamples(keys, vals, { ...fit, slots: allocated });
 }
 
 function cat(parts: Float32Array[]): Float32Array {
@@ -156,7 +190,7 @@ async function calibrateKvFisher(model: Model, windows: Int32Array[], o: Calibra
     o.onProgress?.(w + 1, windows.length);
   }
   if (parts[0].k.length === 0) throw new SqueezeError('ERR_ARG', 'calibrate-kv: no tokens past the sink to calibrate on');
-  return calibrateFromSamples(parts.map((p) => cat(p.k)), parts.map((p) => cat(p.v)), {
+  return fitWithSlots(model, windows, parts.map((p) => cat(p.k)), parts.map((p) => cat(p.v)), o, {
     bits: o.bits, outliers: o.outliers ?? 0.01, keyClip: o.keyClip, sink, kvHeads: H, headDim: D, keyPerToken: o.keyPerToken, postRope: o.postRope,
     codebook: o.codebook, iterations: o.iterations, maxSamples: o.maxSamples,
     sampleWeights: { keys: parts.map((p) => cat(p.gk)), values: parts.map((p) => cat(p.gv)) },
@@ -166,12 +200,17 @@ async function calibrateKvFisher(model: Model, windows: Int32Array[], o: Calibra
 const USAGE = `usage: squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2|3|4 --out FILE
          [--outliers PCT (default 1)] [--key-clip PCT (default: half of --outliers)] [--sink N (default 4)]
          [--windows N] [--window L] [--device D] [--fisher | --no-sensitivity]
+         [--slots auto|uniform (default auto)] [--allocate-windows N (default 8)]
          [--key-per-token] [--post-rope] [--uniform]   (docs/kvquant.md)
   --calib FILE: ids [windows, length], or text cut into windows of --window L tokens
   (default 1024; --window also cuts ids rows), read as ppl reads them.
   --fisher weights each sample of the codebooks' k-means by the size of its loss gradient |g|
   (a backward pass on the CPU in fp32 over the calibration windows, for models that fit in
-  host memory).`;
+  host memory).
+  --slots auto measures on the first --allocate-windows calibration windows what each layer's
+  keys and values cost the loss at each number of outlier slots (one prefill per layer, kind and
+  count) and spends the bytes of the uniform --outliers share where they help most; --slots
+  uniform gives every layer the same slots.`;
 
 /** `squeezelm calibrate-kv ...` */
 export async function calibrateKvCommand(argv: string[], defaultModel: string): Promise<void> {
@@ -182,7 +221,7 @@ export async function calibrateKvCommand(argv: string[], defaultModel: string): 
     if (!a.startsWith('--')) throw new SqueezeError('ERR_ARG', `calibrate-kv: unexpected argument '${a}'\n${USAGE}`);
     const name = a.slice(2);
     if (BOOL.has(name)) f[name] = true;
-    else if (['model', 'calib', 'bits', 'out', 'outliers', 'key-clip', 'sink', 'windows', 'window', 'device', 'batch'].includes(name)) {
+    else if (['model', 'calib', 'bits', 'out', 'outliers', 'key-clip', 'sink', 'windows', 'window', 'device', 'batch', 'slots', 'allocate-windows'].includes(name)) {
       if (i + 1 >= argv.length) throw new SqueezeError('ERR_ARG', `--${name} needs a value`);
       f[name] = argv[++i];
     } else throw new SqueezeError('ERR_ARG', `calibrate-kv: unknown option --${name}\n${USAGE}`);
@@ -207,6 +246,10 @@ export async function calibrateKvCommand(argv: string[], defaultModel: string): 
   const clip = num('key-clip', pct / 2)!;
   if (!(clip >= 0 && clip < 50)) throw new SqueezeError('ERR_ARG', `--key-clip is a percentage in [0, 50), got ${clip}`);
   const batch = num('batch', 4)!;
+  const slots = f.slots ?? 'auto';
+  if (slots !== 'auto' && slots !== 'uniform') throw new SqueezeError('ERR_ARG', `calibrate-kv: --slots must be auto or uniform, got '${slots}'`);
+  const allocateWindows = num('allocate-windows', 8)!;
+  if (!(Number.isInteger(allocateWindows) && allocateWindows >= 1)) throw new SqueezeError('ERR_ARG', `--allocate-windows must be a positive whole number, got ${allocateWindows}`);
   if (f.fisher && f['no-sensitivity']) throw new SqueezeError('ERR_ARG', 'calibrate-kv: --fisher and --no-sensitivity exclude each other');
   const bp = f.fisher ? Backprop.open(dir) : undefined;
   const window = num('window');
@@ -222,12 +265,18 @@ export async function calibrateKvCommand(argv: string[], defaultModel: string): 
         if (process.stderr.isTTY || done === total)
           process.stderr.write(`\rcalibrate-kv: gradients of window ${done}/${total}${done === total ? '\n' : ''}`);
       },
+      slots, allocateWindows,
+      onAllocate: (done, total) => {
+        if (process.stderr.isTTY || done === total)
+          process.stderr.write(`\rcalibrate-kv: outlier slots, prefill ${done}/${total}${done === total ? '\n' : ''}`);
+      },
     });
     saveKvqCalibration(out, cal);
     process.stdout.write(JSON.stringify({
       out, bits, outliers: cal.outliers, sink: cal.sink, layers: cal.layers.length, windows: data.windows.length,
       keyPerToken: !!cal.keyPerToken, postRope: !!cal.postRope, codebook: cal.codebook,
-      sensitivity: cal.sensitivity, seconds: (performance.now() - t0) / 1000,
+      sensitivity: cal.sensitivity, ...(cal.slots ? { keySlots: cal.slots.key, valueSlots: cal.slots.value } : {}),
+      bytesPerToken: quantizedBytesPerToken(model.config, cal), seconds: (performance.now() - t0) / 1000,
     }) + '\n');
   } finally {
     await model.dispose();

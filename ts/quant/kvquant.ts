@@ -4,7 +4,8 @@
  * k-means of the normalised samples (NormalFloat signposts as the start and fallback).
  * Saved as safetensors: layers.{i}.key_lo / key_hi [kvHeads*D], layers.{i}.key_codebook /
  * value_codebook [2^b] (fp16 values stored as f32), __metadata__ {format, bits, outliers, sink, layers, kv_heads, head_dim,
- * key_granularity (channel | token), key_rope (pre | post), codebook (kmeans | uniform)}.
+ * key_granularity (channel | token), key_rope (pre | post), codebook (kmeans | uniform), and where the
+ * outlier slots differ from layer to layer key_slots / value_slots ("n0,n1,...": slots per layer)}.
  * The last three select the ablations of docs/kvquant.md; the defaults are KVQuant's method.
  */
 import { SqueezeError } from '../errors';
@@ -38,7 +39,29 @@ export interface KvqCalibration {
    * key channel's mean squared query ('queries', keys only) or nothing ('none'). Descriptive only.
    */
   sensitivity?: 'fisher' | 'queries' | 'none';
+  /**
+   * Outlier slots per token-head vector, layer by layer (calibrate-kv's allocation,
+   * quant/kvquant-allocate.ts). Absent: outlierSlots(outliers, headDim) for keys and for values
+   * in every layer.
+   */
+  slots?: LayerSlots;
   layers: KvqCalibrationLayer[];
+}
+
+/** Key and value outlier slots of every layer. */
+export interface LayerSlots {
+  key: number[];
+  value: number[];
+}
+
+/** Most outlier slots of one kind per token-head vector (the cache's metadata indexes channels in a byte). */
+export const MAX_SLOTS = 16;
+
+/** The outlier slots of layer `l` of a calibration. */
+export function layerSlots(cal: Pick<KvqCalibration, 'outliers' | 'headDim' | 'slots'>, l: number): { keyOutliers: number; valueOutliers: number } {
+  if (cal.slots) return { keyOutliers: cal.slots.key[l], valueOutliers: cal.slots.value[l] };
+  const n = outlierSlots(cal.outliers, cal.headDim);
+  return { keyOutliers: n, valueOutliers: n };
 }
 
 export interface CalibrateOptions {
@@ -72,6 +95,12 @@ export interface CalibrateOptions {
   /** k-means iterations (default 25) and the most samples it looks at (default 200000). */
   iterations?: number;
   maxSamples?: number;
+  /**
+   * Outlier slots per layer instead of outlierSlots(outliers, headDim) everywhere. A layer's key
+   * clip share then scales with its key slots (keyClip x its key slots / the uniform count), and
+   * its value codebook is fitted with its value slots removed.
+   */
+  slots?: LayerSlots;
 }
 
 function checkBits(bits: number, what: string): void {
@@ -180,59 +209,91 @@ function quantile(sorted: Float32Array, p: number): number {
  */
 export function calibrateFromSamples(keys: Float32Array[], values: Float32Array[], opts: CalibrateOptions): KvqCalibration {
   const { bits, kvHeads, headDim } = opts;
-  checkBits(bits, 'calibrateFromSamples');
-  const outliers = opts.outliers ?? 0.01, sink = opts.sink ?? 0, clip = opts.keyClip ?? outliers / 2;
-  if (!(outliers >= 0 && outliers < 0.5)) throw new SqueezeError('ERR_ARG', `calibrateFromSamples: outlier share ${outliers} must lie in [0, 0.5)`);
-  if (!(clip >= 0 && clip < 0.5)) throw new SqueezeError('ERR_ARG', `calibrateFromSamples: key clip share ${clip} must lie in [0, 0.5)`);
-  if (!Number.isInteger(sink) || sink < 0) throw new SqueezeError('ERR_ARG', `calibrateFromSamples: sink must be a non-negative integer`);
+  checkCalibrateOptions(opts, 'calibrateFromSamples');
   if (keys.length !== values.length || keys.length === 0) throw new SqueezeError('ERR_ARG', 'calibrateFromSamples: need keys and values for the same (non-zero) number of layers');
-  const HD = kvHeads * headDim, maxS = opts.maxSamples ?? 200000, iters = opts.iterations ?? 25;
-  const keyPerToken = !!opts.keyPerToken, uniform = opts.codebook === 'uniform';
-  if (opts.codebook !== undefined && opts.codebook !== 'kmeans' && opts.codebook !== 'uniform')
-    throw new SqueezeError('ERR_ARG', `calibrateFromSamples: codebook must be 'kmeans' or 'uniform', got '${opts.codebook}'`);
-  const nf = normalFloatCodebook(bits);
-  const nv = outlierSlots(outliers, headDim);
+  const slots = opts.slots;
+  if (slots) checkLayerSlots(slots, keys.length, 'calibrateFromSamples: slots', 'ERR_ARG');
+  const outliers = opts.outliers ?? 0.01, uniform = opts.codebook === 'uniform', keyPerToken = !!opts.keyPerToken;
   const layers: KvqCalibrationLayer[] = [];
   for (let l = 0; l < keys.length; l++) {
-    const K = keys[l], V = values[l];
-    if (K.length % HD !== 0 || V.length !== K.length || K.length === 0)
-      throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: layer ${l}: keys and values must be [T, ${HD}] with the same T`);
-    const T = K.length / HD;
-    const keyLo = new Float32Array(HD), keyHi = new Float32Array(HD);
-    const col = new Float32Array(T);
-    for (let c = 0; c < HD; c++) {
-      for (let t = 0; t < T; t++) col[t] = K[t * HD + c];
-      col.sort();
-      keyLo[c] = quantile(col, clip / 2);
-      keyHi[c] = quantile(col, 1 - clip / 2);
-      if (!(keyHi[c] > keyLo[c])) { keyLo[c] -= 1e-3; keyHi[c] += 1e-3; }
-    }
-    // normalised key samples inside the bounds: every channel of every tStep-th token
-    const kn: number[] = [], kw: number[] = [];
-    const tStep = Math.max(1, Math.floor(T / Math.max(1, Math.floor(maxS / HD))));
-    const sw = opts.sampleWeights;
-    const swk = sw?.keys[l], swv = sw?.values[l];
-    if (sw && (swk?.length !== K.length || swv?.length !== V.length))
-      throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: sampleWeights of layer ${l} must be laid out like its keys and values`);
-    const wl = swk ? undefined : opts.keyWeights?.[l];
-    if (wl && wl.length !== HD) throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: keyWeights[${l}] must hold ${HD} values`);
-    for (let t = 0; t < T; t += tStep)
-      for (let c = 0; c < HD; c++) {
-        const x = (2 * (K[t * HD + c] - keyLo[c])) / (keyHi[c] - keyLo[c]) - 1;
-        if (!(x >= -1 && x <= 1)) continue;
-        kn.push(x);
-        kw.push(swk ? swk[t * HD + c] : wl ? wl[c] : 1);
-      }
-    const book = (x: Samples) => (uniform ? uniformCodebook(bits)
-      : x.w ? kmeans1dWeighted(Float32Array.from(x.x), Float32Array.from(x.w), nf, iters) : kmeans1d(subsample(Float32Array.from(x.x), maxS), nf, iters));
-    const vn = perTokenSamples(V, T * kvHeads, headDim, nv, maxS, swv);
-    const keyCodebook = keyPerToken ? book(perTokenSamples(K, T * kvHeads, headDim, nv, maxS, swk))
-      : book({ x: kn, w: swk || wl ? kw : undefined });
-    // entries are fp16 values (every op reads them at fp16 precision; kvquant_layout.h)
-    layers.push({ keyLo, keyHi, keyCodebook: fp16Values(keyCodebook), valueCodebook: fp16Values(book(vn)) });
+    const n = layerSlots({ outliers, headDim, slots }, l);
+    layers.push(calibrateLayer(keys[l], values[l], opts, l, n.keyOutliers, n.valueOutliers));
   }
   const sensitivity = uniform ? 'none' : opts.sampleWeights ? 'fisher' : opts.keyWeights && !keyPerToken ? 'queries' : 'none';
-  return { bits, outliers, sink, kvHeads, headDim, keyPerToken, postRope: !!opts.postRope, codebook: uniform ? 'uniform' : 'kmeans', sensitivity, layers };
+  return {
+    bits, outliers, sink: opts.sink ?? 0, kvHeads, headDim, keyPerToken, postRope: !!opts.postRope, codebook: uniform ? 'uniform' : 'kmeans', sensitivity,
+    ...(slots ? { slots: { key: [...slots.key], value: [...slots.value] } } : {}), layers,
+  };
+}
+
+function checkCalibrateOptions(opts: CalibrateOptions, what: string): void {
+  checkBits(opts.bits, what);
+  const outliers = opts.outliers ?? 0.01, clip = opts.keyClip ?? outliers / 2, sink = opts.sink ?? 0;
+  if (!(outliers >= 0 && outliers < 0.5)) throw new SqueezeError('ERR_ARG', `${what}: outlier share ${outliers} must lie in [0, 0.5)`);
+  if (!(clip >= 0 && clip < 0.5)) throw new SqueezeError('ERR_ARG', `${what}: key clip share ${clip} must lie in [0, 0.5)`);
+  if (!Number.isInteger(sink) || sink < 0) throw new SqueezeError('ERR_ARG', `${what}: sink must be a non-negative integer`);
+  if (opts.codebook !== undefined && opts.codebook !== 'kmeans' && opts.codebook !== 'uniform')
+    throw new SqueezeError('ERR_ARG', `${what}: codebook must be 'kmeans' or 'uniform', got '${opts.codebook}'`);
+}
+
+/** `code` (ERR_FORMAT for files, ERR_ARG for arguments) unless `s` holds 0..MAX_SLOTS integers for each of `layers` layers. */
+export function checkLayerSlots(s: LayerSlots, layers: number, what: string, code: 'ERR_FORMAT' | 'ERR_ARG'): void {
+  for (const [kind, a] of [['key', s.key], ['value', s.value]] as const) {
+    if (!Array.isArray(a) || a.length !== layers) throw new SqueezeError(code, `${what}: ${kind} slots must list ${layers} layers, got ${Array.isArray(a) ? a.length : typeof a}`);
+    const i = a.findIndex((n) => !(Number.isInteger(n) && n >= 0 && n <= MAX_SLOTS));
+    if (i >= 0) throw new SqueezeError(code, `${what}: layer ${i} has ${a[i]} ${kind} slots (0..${MAX_SLOTS})`);
+  }
+}
+
+/**
+ * One layer's bounds and codebooks for nk key and nv value outlier slots (K, V: [T, kvHeads*D]).
+ * The key clip share is opts.keyClip (default half the outlier share) scaled by nk over the
+ * uniform slot count, so a layer given more slots also leaves more of each channel outside its
+ * bounds; with the uniform count it is keyClip itself.
+ */
+export function calibrateLayer(K: Float32Array, V: Float32Array, opts: CalibrateOptions, l: number, nk: number, nv: number): KvqCalibrationLayer {
+  const { bits, kvHeads, headDim } = opts;
+  checkCalibrateOptions(opts, 'calibrateLayer');
+  const outliers = opts.outliers ?? 0.01, clip0 = opts.keyClip ?? outliers / 2, n0 = outlierSlots(outliers, headDim);
+  const clip = n0 === nk ? clip0 : n0 > 0 ? Math.min(0.49, (clip0 * nk) / n0) : 0;
+  const HD = kvHeads * headDim, maxS = opts.maxSamples ?? 200000, iters = opts.iterations ?? 25;
+  const keyPerToken = !!opts.keyPerToken, uniform = opts.codebook === 'uniform';
+  const nf = normalFloatCodebook(bits);
+  if (K.length % HD !== 0 || V.length !== K.length || K.length === 0)
+    throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: layer ${l}: keys and values must be [T, ${HD}] with the same T`);
+  const T = K.length / HD;
+  const keyLo = new Float32Array(HD), keyHi = new Float32Array(HD);
+  const col = new Float32Array(T);
+  for (let c = 0; c < HD; c++) {
+    for (let t = 0; t < T; t++) col[t] = K[t * HD + c];
+    col.sort();
+    keyLo[c] = quantile(col, clip / 2);
+    keyHi[c] = quantile(col, 1 - clip / 2);
+    if (!(keyHi[c] > keyLo[c])) { keyLo[c] -= 1e-3; keyHi[c] += 1e-3; }
+  }
+  // normalised key samples inside the bounds: every channel of every tStep-th token
+  const kn: number[] = [], kw: number[] = [];
+  const tStep = Math.max(1, Math.floor(T / Math.max(1, Math.floor(maxS / HD))));
+  const sw = opts.sampleWeights;
+  const swk = sw?.keys[l], swv = sw?.values[l];
+  if (sw && (swk?.length !== K.length || swv?.length !== V.length))
+    throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: sampleWeights of layer ${l} must be laid out like its keys and values`);
+  const wl = swk ? undefined : opts.keyWeights?.[l];
+  if (wl && wl.length !== HD) throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: keyWeights[${l}] must hold ${HD} values`);
+  for (let t = 0; t < T; t += tStep)
+    for (let c = 0; c < HD; c++) {
+      const x = (2 * (K[t * HD + c] - keyLo[c])) / (keyHi[c] - keyLo[c]) - 1;
+      if (!(x >= -1 && x <= 1)) continue;
+      kn.push(x);
+      kw.push(swk ? swk[t * HD + c] : wl ? wl[c] : 1);
+    }
+  const book = (x: Samples) => (uniform ? uniformCodebook(bits)
+    : x.w ? kmeans1dWeighted(Float32Array.from(x.x), Float32Array.from(x.w), nf, iters) : kmeans1d(subsample(Float32Array.from(x.x), maxS), nf, iters));
+  const vn = perTokenSamples(V, T * kvHeads, headDim, nv, maxS, swv);
+  const keyCodebook = keyPerToken ? book(perTokenSamples(K, T * kvHeads, headDim, nk, maxS, swk))
+    : book({ x: kn, w: swk || wl ? kw : undefined });
+  // entries are fp16 values (every op reads them at fp16 precision; kvquant_layout.h)
+  return { keyLo, keyHi, keyCodebook: fp16Values(keyCodebook), valueCodebook: fp16Values(book(vn)) };
 }
 
 // Normalised entries of token-head vectors against each vector's min/max without its n
@@ -277,6 +338,7 @@ export function saveKvqCalibration(file: string, cal: KvqCalibration): void {
     layers: String(cal.layers.length), kv_heads: String(cal.kvHeads), head_dim: String(cal.headDim),
     key_granularity: cal.keyPerToken ? 'token' : 'channel', key_rope: cal.postRope ? 'post' : 'pre', codebook: cal.codebook ?? 'kmeans',
     ...(cal.sensitivity ? { sensitivity: cal.sensitivity } : {}),
+    ...(cal.slots ? { key_slots: cal.slots.key.join(','), value_slots: cal.slots.value.join(',') } : {}),
   });
 }
 
@@ -344,9 +406,18 @@ export function loadKvqCalibration(file: string, expect?: KvqExpect): KvqCalibra
       });
       out.push({ keyLo, keyHi, keyCodebook: books[0], valueCodebook: books[1] });
     }
+    let slots: LayerSlots | undefined;
+    if (m.key_slots !== undefined || m.value_slots !== undefined) {
+      if (m.key_slots === undefined || m.value_slots === undefined)
+        throw new SqueezeError('ERR_FORMAT', `${file}: metadata has ${m.key_slots === undefined ? 'value_slots without key_slots' : 'key_slots without value_slots'}`);
+      const list = (v: string) => v.split(',').map((x) => (/^\s*\d+\s*$/.test(x) ? Number(x) : NaN));
+      slots = { key: list(m.key_slots), value: list(m.value_slots) };
+      checkLayerSlots(slots, layers, `${file}: metadata key_slots / value_slots`, 'ERR_FORMAT');
+    }
     return {
       bits, outliers: num('outliers'), sink: num('sink'), kvHeads, headDim,
-      keyPerToken: granularity === 'token', postRope: rope === 'post', codebook, ...(sensitivity ? { sensitivity } : {}), layers: out,
+      keyPerToken: granularity === 'token', postRope: rope === 'post', codebook, ...(sensitivity ? { sensitivity } : {}),
+      ...(slots ? { slots } : {}), layers: out,
     };
   } finally {
     f.close();

@@ -22,9 +22,9 @@ import type { AttentionStep, PassInputs, Workspace } from '../model/llama';
 import type { ModelConfig } from '../model/config';
 import type { KVCache } from './kv-cache';
 import {
-  KvqCache, KvqLayerCalibration, kvBytesPerToken, kvqAttention, kvqAttentionWorkspaceSize, kvqRopeAppend, outlierSlots,
+  KvqCache, KvqLayerCalibration, kvBytesPerToken, kvqAttention, kvqAttentionWorkspaceSize, kvqRopeAppend,
 } from '../ops/kvquant';
-import { KvqCalibration, calibrationTensors, checkKvqCalibrationDims, loadKvqCalibration } from '../quant/kvquant';
+import { KvqCalibration, calibrationTensors, checkKvqCalibrationDims, checkLayerSlots, layerSlots, loadKvqCalibration } from '../quant/kvquant';
 
 /** `loadModel(dir, { kvCache })`: a quantized KV cache. */
 export interface KvCacheOptions {
@@ -55,18 +55,21 @@ export function resolveKvCalibration(cfg: ModelConfig, o: KvCacheOptions): KvqCa
     if (l.keyLo.length !== HD || l.keyHi.length !== HD || l.keyCodebook.length !== n || l.valueCodebook.length !== n)
       throw new SqueezeError('ERR_FORMAT', `${what}: layer ${i} has tensors of the wrong size`);
   });
+  if (c.slots) checkLayerSlots(c.slots, c.layers.length, `${what}.slots`, 'ERR_FORMAT');
   return c;
 }
 
-/** Outlier slots per token-head vector of a calibration. */
-export function calibrationSlots(cal: KvqCalibration): { keyOutliers: number; valueOutliers: number } {
-  const n = outlierSlots(cal.outliers, cal.headDim);
-  return { keyOutliers: n, valueOutliers: n };
+/** Outlier slots per token-head vector of layer `layer` of a calibration. */
+export function calibrationSlots(cal: KvqCalibration, layer = 0): { keyOutliers: number; valueOutliers: number } {
+  return layerSlots(cal, layer);
 }
 
 /** Cache bytes per token over all layers (codes, per-token scales, outliers; the per-sequence sink store excluded). */
 export function quantizedBytesPerToken(cfg: ModelConfig, cal: KvqCalibration): number {
-  return kvBytesPerToken({ layers: cfg.numLayers, kvHeads: cfg.numKvHeads, headDim: cfg.headDim, bits: cal.bits, ...calibrationSlots(cal), keyPerToken: !!cal.keyPerToken });
+  let sum = 0;
+  for (let l = 0; l < cfg.numLayers; l++)
+    sum += kvBytesPerToken({ layers: 1, kvHeads: cfg.numKvHeads, headDim: cfg.headDim, bits: cal.bits, ...layerSlots(cal, l), keyPerToken: !!cal.keyPerToken });
+  return sum;
 }
 
 interface PromptScratch {
@@ -99,12 +102,11 @@ export class QuantizedAttention implements AttentionStep {
     this.calibration = calibration;
     this.scale = 1 / Math.sqrt(cfg.headDim);
     this.invFreq = Tensor.from(cfg.invFreq, [cfg.invFreq.length], { dtype: 'f32', device });
-    const slots = calibrationSlots(calibration);
     try {
       for (let l = 0; l < cfg.numLayers; l++) {
         this.caches.push(new KvqCache({
           pages: kv.numPages, pageSize: kv.pageSize, kvHeads: cfg.numKvHeads, headDim: cfg.headDim, bits: calibration.bits,
-          ...slots, sink: calibration.sink, maxSeqs: sinkRows, keyPerToken: !!calibration.keyPerToken, device,
+          ...layerSlots(calibration, l), sink: calibration.sink, maxSeqs: sinkRows, keyPerToken: !!calibration.keyPerToken, device,
         }));
         this.cal.push(calibrationTensors(calibration, l, device));
       }
