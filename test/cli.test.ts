@@ -26,6 +26,20 @@ async function run(args: string[]): Promise<{ code: number; out: string; err: st
 }
 
 describe('squeezelm CLI', () => {
+  test('a reader that closes the pipe early (generate | head) ends the command quietly', async () => {
+    const { spawn } = await import('child_process');
+    const bin = path.join(__dirname, '..', 'bin', 'squeezelm.js');
+    const child = spawn(process.execPath, [bin, 'generate', '--prompt', 'def f(x):', '--max-tokens', '400', '--device', 'cpu'],
+      { stdio: ['ignore', 'pipe', 'pipe'] });
+    let err = '', got = '';
+    child.stderr.on('data', (d) => { err += d.toString(); });
+    child.stdout.once('data', (d) => { got += d.toString(); child.stdout.destroy(); });
+    const code = await new Promise<number | null>((resolve) => child.on('close', (c) => resolve(c)));
+    expect(got.length).toBeGreaterThan(0);
+    expect(err).not.toMatch(/EPIPE|Error|at /);
+    expect(code).toBe(0);
+  });
+
   test('--help', async () => {
     const r = await run(['--help']);
     expect(r.code).toBe(0);

@@ -194,7 +194,20 @@ async function cmdInfo(f: Flags): Promise<void> {
   }
 }
 
+// A reader that stops early (`squeezelm generate ... | head`) closes the pipe under us: stop
+// quietly, as command-line tools do, instead of dying on an unhandled EPIPE with a stack trace.
+let stdoutGuarded = false;
+function guardStdoutPipe(): void {
+  if (stdoutGuarded) return;
+  stdoutGuarded = true;
+  process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code === 'EPIPE') process.exit(0);
+    throw e;
+  });
+}
+
 export async function main(argv: string[]): Promise<number> {
+  guardStdoutPipe();
   try {
     // Subcommands with their own argument parsing get the raw arguments.
     if (argv[0] === 'quantize') { await quantizeCommand(argv.slice(1)); return 0; }
