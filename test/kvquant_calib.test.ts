@@ -246,6 +246,7 @@ describe('kvquant calibration', () => {
     const cases: Array<[Record<string, string>, string]> = [
       [{ key_slots: '1,2,3' }, 'key slots must list 2 layers'],
       [{ value_slots: '0,17' }, 'layer 1 has 17 value slots'],
+      [{ key_slots: '9,1' }, 'layer 0 has 9 key slots (0..8)'],
       [{ key_slots: '1,x' }, 'layer 1 has NaN key slots'],
       [{ key_slots: '1,-1' }, 'layer 1 has NaN key slots'],
       [{ key_slots: '1.5,1' }, 'layer 0 has NaN key slots'],
@@ -271,8 +272,9 @@ describe('kvquant calibration', () => {
   });
 
   test('slot allocation: the least summed cost within the byte budget (checked against every allocation)', () => {
-    expect(slotCandidates(1)).toEqual({ key: [0, 1, 2, 3, 4, 6, 8], value: [0, 1, 2, 3] });
-    expect(slotCandidates(2)).toEqual({ key: [0, 1, 2, 3, 4, 6, 8, 12, 16], value: [0, 1, 2, 3, 4] });
+    expect(slotCandidates(1, 64)).toEqual({ key: [0, 1, 2, 3, 4, 6, 8], value: [0, 1, 2, 3] });
+    expect(slotCandidates(2, 128)).toEqual({ key: [0, 1, 2, 3, 4, 6, 8, 12, 16], value: [0, 1, 2, 3, 4] });
+    expect(slotCandidates(2, 6)).toEqual({ key: [0, 1, 2, 3, 4, 6], value: [0, 1, 2, 3, 4] });
     const r = rng(21);
     for (let trial = 0; trial < 20; trial++) {
       const L = 1 + (trial % 3), candidates = { key: [0, 1, 2, 4, 8], value: [0, 1, 3] };

@@ -37,12 +37,13 @@ const LADDER = [0, 1, 2, 3, 4, 6, 8, 12, 16];
 /**
  * The slot counts tried for a uniform count of n0 per kind: keys up to 8 n0, values up to
  * 2 n0 + 1 (keys carry most of the error at low bit widths; docs/kvquant.md), both capped at
- * MAX_SLOTS and taken from 0, 1, 2, 3, 4, 6, 8, 12, 16.
+ * MAX_SLOTS and the head dim, and taken from 0, 1, 2, 3, 4, 6, 8, 12, 16.
  */
-export function slotCandidates(n0: number): SlotCandidates {
+export function slotCandidates(n0: number, headDim: number): SlotCandidates {
+  const cap = Math.min(MAX_SLOTS, headDim);
   return {
-    key: LADDER.filter((n) => n <= Math.min(MAX_SLOTS, 8 * n0)),
-    value: LADDER.filter((n) => n <= Math.min(MAX_SLOTS, 2 * n0 + 1)),
+    key: LADDER.filter((n) => n <= Math.min(cap, 8 * n0)),
+    value: LADDER.filter((n) => n <= Math.min(cap, 2 * n0 + 1)),
   };
 }
 

@@ -146,7 +146,7 @@ async function fitWithSlots(model: Model, windows: Int32Array[], keys: Float32Ar
   const measured = windows.filter((w) => w.length >= sink + 2).slice(0, nw);
   if (!measured.length) return calibrateFromSamples(keys, vals, fit);
   const costs = await measureSlotCosts(model, measured, (l, nk, nv) => calibrateLayer(keys[l], vals[l], fit, l, nk, nv), {
-    bits: fit.bits, sink, candidates: slotCandidates(n0), uniform: n0, batch: o.batch ?? 4, onProgress: o.onAllocate,
+    bits: fit.bits, sink, candidates: slotCandidates(n0, fit.headDim), uniform: n0, batch: o.batch ?? 4, onProgress: o.onAllocate,
   });
   const layers = keys.length;
   const allocated = allocateSlots(costs, layers * kvqMetaBytes(n0, n0));

@@ -212,7 +212,7 @@ export function calibrateFromSamples(keys: Float32Array[], values: Float32Array[
   checkCalibrateOptions(opts, 'calibrateFromSamples');
   if (keys.length !== values.length || keys.length === 0) throw new SqueezeError('ERR_ARG', 'calibrateFromSamples: need keys and values for the same (non-zero) number of layers');
   const slots = opts.slots;
-  if (slots) checkLayerSlots(slots, keys.length, 'calibrateFromSamples: slots', 'ERR_ARG');
+  if (slots) checkLayerSlots(slots, keys.length, headDim, 'calibrateFromSamples: slots', 'ERR_ARG');
   const outliers = opts.outliers ?? 0.01, uniform = opts.codebook === 'uniform', keyPerToken = !!opts.keyPerToken;
   const layers: KvqCalibrationLayer[] = [];
   for (let l = 0; l < keys.length; l++) {
@@ -236,12 +236,16 @@ function checkCalibrateOptions(opts: CalibrateOptions, what: string): void {
     throw new SqueezeError('ERR_ARG', `${what}: codebook must be 'kmeans' or 'uniform', got '${opts.codebook}'`);
 }
 
-/** `code` (ERR_FORMAT for files, ERR_ARG for arguments) unless `s` holds 0..MAX_SLOTS integers for each of `layers` layers. */
-export function checkLayerSlots(s: LayerSlots, layers: number, what: string, code: 'ERR_FORMAT' | 'ERR_ARG'): void {
+/**
+ * `code` (ERR_FORMAT for files, ERR_ARG for arguments) unless `s` holds whole numbers from 0 to
+ * MAX_SLOTS (and to headDim: a slot is a channel) for each of `layers` layers.
+ */
+export function checkLayerSlots(s: LayerSlots, layers: number, headDim: number, what: string, code: 'ERR_FORMAT' | 'ERR_ARG'): void {
+  const most = Math.min(MAX_SLOTS, headDim);
   for (const [kind, a] of [['key', s.key], ['value', s.value]] as const) {
     if (!Array.isArray(a) || a.length !== layers) throw new SqueezeError(code, `${what}: ${kind} slots must list ${layers} layers, got ${Array.isArray(a) ? a.length : typeof a}`);
-    const i = a.findIndex((n) => !(Number.isInteger(n) && n >= 0 && n <= MAX_SLOTS));
-    if (i >= 0) throw new SqueezeError(code, `${what}: layer ${i} has ${a[i]} ${kind} slots (0..${MAX_SLOTS})`);
+    const i = a.findIndex((n) => !(Number.isInteger(n) && n >= 0 && n <= most));
+    if (i >= 0) throw new SqueezeError(code, `${what}: layer ${i} has ${a[i]} ${kind} slots (0..${most})`);
   }
 }
 
@@ -412,7 +416,7 @@ export function loadKvqCalibration(file: string, expect?: KvqExpect): KvqCalibra
         throw new SqueezeError('ERR_FORMAT', `${file}: metadata has ${m.key_slots === undefined ? 'value_slots without key_slots' : 'key_slots without value_slots'}`);
       const list = (v: string) => v.split(',').map((x) => (/^\s*\d+\s*$/.test(x) ? Number(x) : NaN));
       slots = { key: list(m.key_slots), value: list(m.value_slots) };
-      checkLayerSlots(slots, layers, `${file}: metadata key_slots / value_slots`, 'ERR_FORMAT');
+      checkLayerSlots(slots, layers, headDim, `${file}: metadata key_slots / value_slots`, 'ERR_FORMAT');
     }
     return {
       bits, outliers: num('outliers'), sink: num('sink'), kvHeads, headDim,

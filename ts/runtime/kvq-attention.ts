@@ -55,7 +55,7 @@ export function resolveKvCalibration(cfg: ModelConfig, o: KvCacheOptions): KvqCa
     if (l.keyLo.length !== HD || l.keyHi.length !== HD || l.keyCodebook.length !== n || l.valueCodebook.length !== n)
       throw new SqueezeError('ERR_FORMAT', `${what}: layer ${i} has tensors of the wrong size`);
   });
-  if (c.slots) checkLayerSlots(c.slots, c.layers.length, `${what}.slots`, 'ERR_FORMAT');
+  if (c.slots) checkLayerSlots(c.slots, c.layers.length, c.headDim, `${what}.slots`, 'ERR_FORMAT');
   return c;
 }
 
