@@ -14,7 +14,7 @@ import { setProjectionObserver } from '../model/llama';
 import { loadPplData } from '../runtime/ppl';
 import { quantizedBytesPerToken } from '../runtime/kvq-attention';
 import { copy } from '../ops/basic';
-import { CalibrateOptions, KvqCalibration, calibrateFromSamples, calibrateLayer, saveKvqCalibration } from './kvquant';
+import { CalibrateOptions, KvqCalibration, LayerFitter, calibrateFromSamples, saveKvqCalibration } from './kvquant';
 import { allocateSlots, measureSlotCosts, slotCandidates } from './kvquant-allocate';
 import { kvqMetaBytes, outlierSlots } from '../ops/kvquant';
 import { Backprop, rotateRows } from './gradients';
@@ -145,12 +145,12 @@ async function fitWithSlots(model: Model, windows: Int32Array[], keys: Float32Ar
   const sink = fit.sink ?? 0;
   const measured = windows.filter((w) => w.length >= sink + 2).slice(0, nw);
   if (!measured.length) return calibrateFromSamples(keys, vals, fit);
-  const costs = await measureSlotCosts(model, measured, (l, nk, nv) => calibrateLayer(keys[l], vals[l], fit, l, nk, nv), {
+  // each layer's key and value halves fitted once per slot count, for the measurement and the result
+  const fitter = new LayerFitter(keys, vals, fit);
+  const costs = await measureSlotCosts(model, measured, (l, nk, nv) => fitter.layer(l, nk, nv), {
     bits: fit.bits, sink, candidates: slotCandidates(n0, fit.headDim), uniform: n0, batch: o.batch ?? 4, onProgress: o.onAllocate,
   });
-  const layers = keys.length;
-  const allocated = allocateSlots(costs, layers * kvqMetaBytes(n0, n0));
-  return calibrateFromSamples(keys, vals, { ...fit, slots: allocated });
+  return fitter.calibration(allocateSlots(costs, keys.length * kvqMetaBytes(n0, n0)));
 }
 
 function cat(parts: Float32Array[]): Float32Array {

@@ -208,22 +208,7 @@ function quantile(sorted: Float32Array, p: number): number {
  * [T, kvHeads*D] row-major.
  */
 export function calibrateFromSamples(keys: Float32Array[], values: Float32Array[], opts: CalibrateOptions): KvqCalibration {
-  const { bits, kvHeads, headDim } = opts;
-  checkCalibrateOptions(opts, 'calibrateFromSamples');
-  if (keys.length !== values.length || keys.length === 0) throw new SqueezeError('ERR_ARG', 'calibrateFromSamples: need keys and values for the same (non-zero) number of layers');
-  const slots = opts.slots;
-  if (slots) checkLayerSlots(slots, keys.length, headDim, 'calibrateFromSamples: slots', 'ERR_ARG');
-  const outliers = opts.outliers ?? 0.01, uniform = opts.codebook === 'uniform', keyPerToken = !!opts.keyPerToken;
-  const layers: KvqCalibrationLayer[] = [];
-  for (let l = 0; l < keys.length; l++) {
-    const n = layerSlots({ outliers, headDim, slots }, l);
-    layers.push(calibrateLayer(keys[l], values[l], opts, l, n.keyOutliers, n.valueOutliers));
-  }
-  const sensitivity = uniform ? 'none' : opts.sampleWeights ? 'fisher' : opts.keyWeights && !keyPerToken ? 'queries' : 'none';
-  return {
-    bits, outliers, sink: opts.sink ?? 0, kvHeads, headDim, keyPerToken, postRope: !!opts.postRope, codebook: uniform ? 'uniform' : 'kmeans', sensitivity,
-    ...(slots ? { slots: { key: [...slots.key], value: [...slots.value] } } : {}), layers,
-  };
+  return new LayerFitter(keys, values, opts).calibration(opts.slots);
 }
 
 function checkCalibrateOptions(opts: CalibrateOptions, what: string): void {
@@ -256,16 +241,82 @@ export function checkLayerSlots(s: LayerSlots, layers: number, headDim: number, 
  * bounds; with the uniform count it is keyClip itself.
  */
 export function calibrateLayer(K: Float32Array, V: Float32Array, opts: CalibrateOptions, l: number, nk: number, nv: number): KvqCalibrationLayer {
-  const { bits, kvHeads, headDim } = opts;
   checkCalibrateOptions(opts, 'calibrateLayer');
-  const outliers = opts.outliers ?? 0.01, clip0 = opts.keyClip ?? outliers / 2, n0 = outlierSlots(outliers, headDim);
-  const clip = n0 === nk ? clip0 : n0 > 0 ? Math.min(0.49, (clip0 * nk) / n0) : 0;
-  const HD = kvHeads * headDim, maxS = opts.maxSamples ?? 200000, iters = opts.iterations ?? 25;
-  const keyPerToken = !!opts.keyPerToken, uniform = opts.codebook === 'uniform';
-  const nf = normalFloatCodebook(bits);
+  checkLayerSamples(K, V, opts, l);
+  return { ...fitKeys(K, opts, l, nk), valueCodebook: fitValues(V, opts, l, nv) };
+}
+
+/**
+ * Fits layers for given slot counts, each layer's key half (bounds and key codebook, which depend
+ * on the key slots only) and value half (the value codebook: value slots only) once per count:
+ * the slot allocation tries many counts per layer, and a whole fit took 1.2 s per layer on
+ * pycoder-mini's calibration set.
+ */
+export class LayerFitter {
+  private readonly keys = new Map<string, Omit<KvqCalibrationLayer, 'valueCodebook'>>();
+  private readonly values = new Map<string, Float32Array>();
+  /** keys[l], values[l]: [T, kvHeads*D] per layer; opts.slots is not read here (see calibration). */
+  constructor(private readonly K: Float32Array[], private readonly V: Float32Array[], readonly opts: CalibrateOptions) {
+    checkCalibrateOptions(opts, 'calibrateFromSamples');
+    if (K.length !== V.length || K.length === 0) throw new SqueezeError('ERR_ARG', 'calibrateFromSamples: need keys and values for the same (non-zero) number of layers');
+    K.forEach((k, l) => checkLayerSamples(k, V[l], opts, l));
+  }
+  get layers(): number {
+    return this.K.length;
+  }
+  /** The calibration of every layer with `slots` (default: the uniform count everywhere). */
+  calibration(slots?: LayerSlots): KvqCalibration {
+    const o = this.opts, { bits, kvHeads, headDim } = o;
+    if (slots) checkLayerSlots(slots, this.layers, headDim, 'calibrateFromSamples: slots', 'ERR_ARG');
+    const outliers = o.outliers ?? 0.01, uniform = o.codebook === 'uniform', keyPerToken = !!o.keyPerToken;
+    const layers = Array.from({ length: this.layers }, (_, l) => {
+      const n = layerSlots({ outliers, headDim, slots }, l);
+      return this.layer(l, n.keyOutliers, n.valueOutliers);
+    });
+    const sensitivity = uniform ? 'none' : o.sampleWeights ? 'fisher' : o.keyWeights && !keyPerToken ? 'queries' : 'none';
+    return {
+      bits, outliers, sink: o.sink ?? 0, kvHeads, headDim, keyPerToken, postRope: !!o.postRope, codebook: uniform ? 'uniform' : 'kmeans', sensitivity,
+      ...(slots ? { slots: { key: [...slots.key], value: [...slots.value] } } : {}), layers,
+    };
+  }
+
+  /** Layer l's bounds and codebooks for nk key and nv value slots (as calibrateLayer). */
+  layer(l: number, nk: number, nv: number): KvqCalibrationLayer {
+    let k = this.keys.get(`${l}:${nk}`);
+    if (!k) this.keys.set(`${l}:${nk}`, (k = fitKeys(this.K[l], this.opts, l, nk)));
+    let v = this.values.get(`${l}:${nv}`);
+    if (!v) this.values.set(`${l}:${nv}`, (v = fitValues(this.V[l], this.opts, l, nv)));
+    return { ...k, valueCodebook: v };
+  }
+}
+
+function checkLayerSamples(K: Float32Array, V: Float32Array, opts: CalibrateOptions, l: number): void {
+  const HD = opts.kvHeads * opts.headDim;
   if (K.length % HD !== 0 || V.length !== K.length || K.length === 0)
     throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: layer ${l}: keys and values must be [T, ${HD}] with the same T`);
-  const T = K.length / HD;
+  const sw = opts.sampleWeights;
+  if (sw && (sw.keys[l]?.length !== K.length || sw.values[l]?.length !== V.length))
+    throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: sampleWeights of layer ${l} must be laid out like its keys and values`);
+  const wl = sw ? undefined : opts.keyWeights?.[l];
+  if (wl && wl.length !== HD) throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: keyWeights[${l}] must hold ${HD} values`);
+}
+
+/** A codebook of 2^bits entries from normalised samples: uniform, or (weighted) k-means from NormalFloat points. */
+function fitBook(x: Samples, opts: CalibrateOptions): Float32Array {
+  const { bits } = opts, maxS = opts.maxSamples ?? 200000, iters = opts.iterations ?? 25;
+  if (opts.codebook === 'uniform') return uniformCodebook(bits);
+  const nf = normalFloatCodebook(bits);
+  // entries are fp16 values (every op reads them at fp16 precision; kvquant_layout.h)
+  return fp16Values(x.w ? kmeans1dWeighted(Float32Array.from(x.x), Float32Array.from(x.w), nf, iters)
+    : kmeans1d(subsample(Float32Array.from(x.x), maxS), nf, iters));
+}
+
+/** The key half of a layer's fit for nk key slots (see calibrateLayer for the clip share). */
+function fitKeys(K: Float32Array, opts: CalibrateOptions, l: number, nk: number): Omit<KvqCalibrationLayer, 'valueCodebook'> {
+  const { kvHeads, headDim } = opts;
+  const outliers = opts.outliers ?? 0.01, clip0 = opts.keyClip ?? outliers / 2, n0 = outlierSlots(outliers, headDim);
+  const clip = n0 === nk ? clip0 : n0 > 0 ? Math.min(0.49, (clip0 * nk) / n0) : 0;
+  const HD = kvHeads * headDim, maxS = opts.maxSamples ?? 200000, T = K.length / HD;
   const keyLo = new Float32Array(HD), keyHi = new Float32Array(HD);
   const col = new Float32Array(T);
   for (let c = 0; c < HD; c++) {
@@ -275,15 +326,12 @@ export function calibrateLayer(K: Float32Array, V: Float32Array, opts: Calibrate
     keyHi[c] = quantile(col, 1 - clip / 2);
     if (!(keyHi[c] > keyLo[c])) { keyLo[c] -= 1e-3; keyHi[c] += 1e-3; }
   }
+  const swk = opts.sampleWeights?.keys[l];
+  if (opts.keyPerToken) return { keyLo, keyHi, keyCodebook: fitBook(perTokenSamples(K, T * kvHeads, headDim, nk, maxS, swk), opts) };
   // normalised key samples inside the bounds: every channel of every tStep-th token
   const kn: number[] = [], kw: number[] = [];
   const tStep = Math.max(1, Math.floor(T / Math.max(1, Math.floor(maxS / HD))));
-  const sw = opts.sampleWeights;
-  const swk = sw?.keys[l], swv = sw?.values[l];
-  if (sw && (swk?.length !== K.length || swv?.length !== V.length))
-    throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: sampleWeights of layer ${l} must be laid out like its keys and values`);
   const wl = swk ? undefined : opts.keyWeights?.[l];
-  if (wl && wl.length !== HD) throw new SqueezeError('ERR_SHAPE', `calibrateFromSamples: keyWeights[${l}] must hold ${HD} values`);
   for (let t = 0; t < T; t += tStep)
     for (let c = 0; c < HD; c++) {
       const x = (2 * (K[t * HD + c] - keyLo[c])) / (keyHi[c] - keyLo[c]) - 1;
@@ -291,13 +339,13 @@ export function calibrateLayer(K: Float32Array, V: Float32Array, opts: Calibrate
       kn.push(x);
       kw.push(swk ? swk[t * HD + c] : wl ? wl[c] : 1);
     }
-  const book = (x: Samples) => (uniform ? uniformCodebook(bits)
-    : x.w ? kmeans1dWeighted(Float32Array.from(x.x), Float32Array.from(x.w), nf, iters) : kmeans1d(subsample(Float32Array.from(x.x), maxS), nf, iters));
-  const vn = perTokenSamples(V, T * kvHeads, headDim, nv, maxS, swv);
-  const keyCodebook = keyPerToken ? book(perTokenSamples(K, T * kvHeads, headDim, nk, maxS, swk))
-    : book({ x: kn, w: swk || wl ? kw : undefined });
-  // entries are fp16 values (every op reads them at fp16 precision; kvquant_layout.h)
-  return { keyLo, keyHi, keyCodebook: fp16Values(keyCodebook), valueCodebook: fp16Values(book(vn)) };
+  return { keyLo, keyHi, keyCodebook: fitBook({ x: kn, w: swk || wl ? kw : undefined }, opts) };
+}
+
+/** The value codebook of a layer for nv value slots. */
+function fitValues(V: Float32Array, opts: CalibrateOptions, l: number, nv: number): Float32Array {
+  const { kvHeads, headDim } = opts, T = V.length / (kvHeads * headDim);
+  return fitBook(perTokenSamples(V, T * kvHeads, headDim, nv, opts.maxSamples ?? 200000, opts.sampleWeights?.values[l]), opts);
 }
 
 // Normalised entries of token-head vectors against each vector's min/max without its n
