@@ -25,8 +25,8 @@ import { Tensor } from '../ts/tensor';
 import { createRandomModel, Model } from '../ts/model/model';
 import { ModelConfig, parameterCount, parseConfig } from '../ts/model/config';
 import { KvqCache, kvqAttentionWorkspaceSize, kvqCodeBytes, kvqMetaBytes } from '../ts/ops/kvquant';
-import { KvqCalibration, normalFloatCodebook } from '../ts/quant/kvquant';
-import { QuantizedAttention, calibrationSlots, quantizedBytesPerToken } from '../ts/runtime/kvq-attention';
+import { KvqCalibration, layerSlots, normalFloatCodebook } from '../ts/quant/kvquant';
+import { QuantizedAttention, quantizedBytesPerToken } from '../ts/runtime/kvq-attention';
 import { floatToF16 } from '../ts/util/half';
 import { BenchContext, BenchResult, Timing, row, stats, timeCuda } from './harness';
 import { LLAMA2_7B } from './decode';
@@ -125,7 +125,7 @@ export function scalePlan(cfg: ModelConfig, cal: KvqCalibration, tokens: number,
   const params = parameterCount(cfg);
   const weightBytes = 2 * params;
   const weightReadBytes = 2 * (params - cfg.vocabSize * cfg.hiddenSize * (cfg.tieWordEmbeddings ? 0 : 1));
-  const slots = calibrationSlots(cal);
+  const slots = layerSlots(cal, 0);
   const codeBytesPerHead = 2 * kvqCodeBytes(cfg.headDim, cal.bits);
   const metaBytesPerHead = kvqMetaBytes(slots.keyOutliers, slots.valueOutliers);
   const perToken = quantizedBytesPerToken(cfg, cal);
@@ -217,12 +217,12 @@ export async function runScale(ctx: BenchContext, device: string, opts: ScaleOpt
   const cfg = parseConfig(json, 'scale config');
   const cal = syntheticCalibration(cfg, bits, outliers, sink);
   const sinkRows = sink > 0 ? 2 : 1; // Model: 2 * maxBatch slots when the calibration has a sink
-  const plan = scalePlan(cfg, cal, tokens, pageSize, device, sinkRows);
+  const plan = scalePlan(cfg, cal, tokens, pageSize, device, sinkRows), slots = layerSlots(cal, 0);
 
   if (device !== 'cpu') native().emptyCache(device); // give back what earlier suites left cached
   const before = memInfo(device);
   log(`scale: ${cfg.numLayers} layers x ${cfg.numKvHeads} kv heads x ${cfg.headDim}, ${bits}-bit cache, outliers ${outliers} ` +
-    `(${calibrationSlots(cal).keyOutliers}+${calibrationSlots(cal).valueOutliers} slots), sink ${sink}, page ${pageSize}, ${tokens} tokens (${plan.pages} pages)`);
+    `(${slots.keyOutliers}+${slots.valueOutliers} slots), sink ${sink}, page ${pageSize}, ${tokens} tokens (${plan.pages} pages)`);
   log(`scale: cache ${plan.perTokenLayer} B/token/layer (codes ${plan.codeBytesPerHead} + meta/outliers ${plan.metaBytesPerHead} per kv head), ` +
     `${plan.perToken} B/token over ${cfg.numLayers} layers`);
   log(`scale: need weights ${gb(plan.weightBytes)} + cache ${gb(plan.cacheBytes)} + sink ${gb(plan.sinkBytes)} + workspaces ${gb(plan.workspaceBytes)} ` +

@@ -59,11 +59,6 @@ export function resolveKvCalibration(cfg: ModelConfig, o: KvCacheOptions): KvqCa
   return c;
 }
 
-/** Outlier slots per token-head vector of layer `layer` of a calibration. */
-export function calibrationSlots(cal: KvqCalibration, layer = 0): { keyOutliers: number; valueOutliers: number } {
-  return layerSlots(cal, layer);
-}
-
 /** Cache bytes per token over all layers (codes, per-token scales, outliers; the per-sequence sink store excluded). */
 export function quantizedBytesPerToken(cfg: ModelConfig, cal: KvqCalibration): number {
   let sum = 0;
