@@ -175,6 +175,9 @@ describe('squeezelm CLI', () => {
     expect(nomodel.err).toMatch(/^squeezelm: ERR_ARG .*nonexistent-model/);
     const long = await run(['ppl', '--data', path.join(PYCODER, 'eval.safetensors'), '--window', '2000', '--device', 'cpu']);
     expect(long.err).toMatch(/^squeezelm: ERR_ARG .*window 2000 must be an integer in \[2, 1024\]/);
+    // a one-token window predicts nothing
+    const one = await run(['ppl', '--data', path.join(PYCODER, 'eval.safetensors'), '--window', '1', '--windows', '1', '--device', 'cpu']);
+    expect(one.err).toMatch(/^squeezelm: ERR_ARG .*window 1 must be an integer in \[2, 1024\]/);
     const dev = await run(['generate', '--prompt', 'x', '--device', 'tpu']);
     expect(dev.err).toMatch(/^squeezelm: ERR_DEVICE/);
   });

@@ -66,7 +66,7 @@ export function loadPplData(model: Model, file: string, opts: PplOptions = {}): 
       // opts.window cuts every row into consecutive windows of that many tokens (a row's tail
       // shorter than one window is left out), as a text file is cut
       L = opts.window ?? row;
-      if (!Number.isInteger(L) || L < 1 || L > row)
+      if (!Number.isInteger(L) || L < 2 || L > row)
         throw new SqueezeError('ERR_ARG', `ppl: window ${L} must be an integer in [2, ${row}], the length of ${file}'s windows`);
       for (let w = 0; w < e.shape[0]; w++)
         for (let s = 0; s + L <= row; s += L) windows.push(ids.subarray(w * row + s, w * row + s + L));
