@@ -15,7 +15,7 @@ import { kvqDequantize } from '../ts/ops/kvquant';
 import { KvqCalibration, layerSlots, loadKvqCalibration, saveKvqCalibration } from '../ts/quant/kvquant';
 import { calibrateKv, snapshot } from '../ts/quant/kvquant-calibrate';
 import { QuantizedAttention, quantizedBytesPerToken } from '../ts/runtime/kvq-attention';
-import { quantizedPrefillNll } from '../ts/quant/kvquant-allocate';
+import { measureSlotCosts, quantizedPrefillNll, residualStates } from '../ts/quant/kvquant-allocate';
 import { f16ToFloat, floatToF16 } from '../ts/util/half';
 import { oracleRoundTrip, Setup } from './kvquant_helpers';
 
@@ -228,6 +228,46 @@ describe('KVQuant cache in the decoder (CPU)', () => {
     const { windowNll } = await import('../ts/runtime/ppl');
     expect(Math.abs(mean(wins.map((w, i) => windowNll(pre[i], w, cfg.vocabSize))) -
       (await quantizedPrefillNll(base, wins, new Map(), { bits: 2, sink: 2, batch: 2 })))).toBeLessThan(1e-9);
+  });
+
+  test('slot costs measured from the saved residual stream equal full prefills, bit for bit', async () => {
+    // three windows in batches of two: two residual states per layer, the second of one window
+    const wins = evalWindows(3, 48), L = base.config.numLayers;
+    const cal = await calibration(2);
+    const o = { bits: 2, sink: cal.sink, batch: 2 };
+    // a prefill that starts at layer l from the states equals the full prefill, for a quantized layer l
+    let states: Awaited<ReturnType<typeof residualStates>> | undefined;
+    try {
+      for (let l = 0; l < L; l++) {
+        const q = new Map([[l, { cal: cal.layers[l], ...layerSlots(cal, l), kinds: 'both' as const }]]);
+        const full = await quantizedPrefillNll(base, wins, q, o);
+        expect(await quantizedPrefillNll(base, wins, q, { ...o, from: l, states })).toBe(full);
+        if (l > 0) {
+          // a layer before the start cannot be quantized; a missing state is refused
+          const before = new Map([[l - 1, q.get(l)!]]);
+          await expect(quantizedPrefillNll(base, wins, before, { ...o, from: l, states })).rejects.toMatchObject({ code: 'ERR_ARG' });
+          await expect(quantizedPrefillNll(base, wins, q, { ...o, from: l, states: states!.slice(1) })).rejects.toMatchObject({ code: 'ERR_ARG' });
+        }
+        if (l + 1 === L) {
+          await expect(residualStates(base, wins, l, states, 2)).rejects.toMatchObject({ code: 'ERR_ARG' });
+          break;
+        }
+        const next = await residualStates(base, wins, l, states, 2);
+        expect(next).toHaveLength(2);
+        states?.forEach((s) => { s.x.dispose(); s.mlp.dispose(); });
+        states = next;
+      }
+    } finally {
+      states?.forEach((s) => { s.x.dispose(); s.mlp.dispose(); });
+    }
+    // the whole measurement, with and without the reuse
+    // (one calibration for every count: the costs then differ by the slots alone)
+    const candidates = { key: [0, 2], value: [0, 1] };
+    const a = await measureSlotCosts(base, wins, (l) => cal.layers[l], { ...o, candidates, uniform: 1 });
+    const b = await measureSlotCosts(base, wins, (l) => cal.layers[l], { ...o, candidates, uniform: 1, reuse: false });
+    expect(a).toEqual(b);
+    expect(a.key.flat().every((x) => Number.isFinite(x))).toBe(true);
+    expect(a.key.flat().some((x) => x !== 0)).toBe(true);
   });
 
   test('ablation options load and run: per-token keys, post-RoPE keys, uniform codebooks, no outliers, no sink', async () => {

@@ -32,6 +32,31 @@ export function setProjectionObserver(f: ((layer: number, qkv: Tensor, positions
   projectionObserver = f;
 }
 
+/** The residual stream between two layers of forward(): x, and the last MLP output not yet added to it. */
+export interface ResidualState {
+  x: Tensor;
+  mlp: Tensor;
+}
+
+/**
+ * Which layers forward() runs (calibration that measures one layer at a time: the layers before
+ * the measured one give the same output every time, so it starts from their saved output).
+ * `from` > 0 starts at that layer from `restore` (the state forward() had before it, in a workspace
+ * of the same rows) instead of the embedding; `to` < numLayers stops before that layer, hands the
+ * state to `save` and makes no logits.
+ */
+export interface LayerWindow {
+  from: number;
+  to: number;
+  restore?: ResidualState;
+  save?: (state: ResidualState) => void;
+}
+let layerWindow: LayerWindow | null = null;
+/** Installs (or with null removes) the layer window of the next forward() passes. Off in normal runs. */
+export function setLayerWindow(w: LayerWindow | null): void {
+  layerWindow = w;
+}
+
 /**
  * Attention with another KV cache than the fp16 pages (e.g. the quantized cache of
  * runtime/kvq-attention.ts): owns the per-layer cache step from the qkv rows to ws.att.
@@ -266,8 +291,15 @@ export class Decoder {
     }
     const { cfg, w } = this;
     const eps = cfg.rmsNormEps;
-    ops.embedding(ws.x, ws.ids, w.embed);
-    for (let l = 0; l < cfg.numLayers; l++) {
+    const win = layerWindow, from = win?.from ?? 0, to = win?.to ?? cfg.numLayers;
+    if (from > 0) {
+      if (!win?.restore) throw new Error('forward: a layer window from layer > 0 needs the state to restore');
+      ops.copy(ws.x, win.restore.x);
+      ops.copy(ws.mlp, win.restore.mlp);
+    } else {
+      ops.embedding(ws.x, ws.ids, w.embed);
+    }
+    for (let l = from; l < to; l++) {
       const L = w.layers[l];
       if (l === 0) ops.rmsNorm(ws.h, ws.x, L.ln1, eps);
       else ops.addRmsNorm(ws.x, ws.mlp, ws.h, L.ln1, eps);
@@ -284,6 +316,10 @@ export class Decoder {
       linearObserver?.(l, 'down', ws.act);
       linearForward(ws.mlp, ws.act, L.wdown, L.bdown);
     }
+    if (to < cfg.numLayers) {
+      win?.save?.({ x: ws.x, mlp: ws.mlp });
+      return;
+    }
     ops.addRmsNorm(ws.x, ws.mlp, ws.h, w.norm, eps);
     this.logitsFrom(ws, maxQ);
   }
@@ -296,7 +332,7 @@ export class Decoder {
    */
   canFuse(ws: Workspace): boolean {
     return this.fuse && this.device !== 'cpu' && ws.T <= 2 &&
-      !linearObserver && !projectionObserver;
+      !linearObserver && !projectionObserver && !layerWindow;
   }
 
   /**

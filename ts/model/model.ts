@@ -7,7 +7,7 @@ import * as os from 'os';
 import { SqueezeError } from '../errors';
 import { DType, Tensor } from '../tensor';
 import type { SqueezeLinearModule } from '../quant/squeezellm';
-import { devices, resolveDevice } from '../device';
+import { devices, resolveDevice, synchronize } from '../device';
 import { ModelConfig, loadConfig, parseConfig, parameterCount } from './config';
 import { Checkpoint } from './safetensors';
 import { Tokenizer } from './tokenizer';
@@ -186,7 +186,18 @@ export class Model {
     return this.track(this.runLogits(seqs));
   }
 
-  private async runLogits(seqs: Int32Array[]): Promise<Float32Array[]> {
+  /**
+   * @internal One prefill of several sequences whose logits nobody reads (calibration: a pass under
+   * a layer window that stops early, setLayerWindow in model/llama.ts).
+   */
+  async prefillOnly(batch: ArrayLike<number>[]): Promise<void> {
+    this.check();
+    if (!Array.isArray(batch) || batch.length === 0) throw new SqueezeError('ERR_ARG', 'prefillOnly: pass a non-empty array of id arrays');
+    const seqs = batch.map((ids, i) => this.checkIds(ids, `prefillOnly[${i}]`));
+    await this.track(this.runLogits(seqs, false));
+  }
+
+  private async runLogits(seqs: Int32Array[], read = true): Promise<Float32Array[]> {
     const ids: number[] = [];
     const T = seqs.reduce((a, s) => a + s.length, 0);
     try {
@@ -200,6 +211,10 @@ export class Model {
         this.decoder.write(ws, this.decoder.inputs(ids, seqs, T));
         const maxQ = Math.max(...seqs.map((s) => s.length));
         this.decoder.forward(ws, maxQ, maxQ);
+        if (!read) {
+          await synchronize(this.device);  // the pass's outputs went to the layer window's save hook
+          return [];
+        }
         const all = await ws.logits.toFloat32();
         const V = this.config.vocabSize;
         const out: Float32Array[] = [];

@@ -15,13 +15,15 @@
  * model's device; the sink tokens exact as fp16, as the cache keeps them) and every other key and
  * value exact. A prefill over quantized keys and values attends to exactly what decode-style
  * evaluation attends to, at the cost of one forward pass. Costs are assumed additive over layers
- * and over keys and values; the allocation is then an exact knapsack over the layers.
+ * and over keys and values; the allocation is then an exact knapsack over the layers. The layers
+ * before the measured one run exact, so each prefill starts at the measured layer from their saved
+ * output (setLayerWindow): with L layers a measurement costs (L + 1) / 2L of a full pass on average.
  */
 import { SqueezeError } from '../errors';
 import { Tensor } from '../tensor';
 import * as ops from '../ops';
 import type { Model } from '../model/model';
-import { setProjectionObserver } from '../model/llama';
+import { ResidualState, setLayerWindow, setProjectionObserver } from '../model/llama';
 import { windowNll } from '../runtime/ppl';
 import { KvqCache, KvqLayerCalibration, kvqDequantize, kvqMetaBytes, kvqRopeAppend } from '../ops/kvquant';
 import { KvqCalibrationLayer, LayerSlots, MAX_SLOTS } from './kvquant';
@@ -122,6 +124,43 @@ export interface PrefillOptions {
   sink: number;
   /** Windows per prefill (at most the model's maxBatch). */
   batch: number;
+  /**
+   * Start each prefill at layer `from` from `states` (the residual stream before that layer, one
+   * state per batch of `batch` windows, as residualStates leaves them): the layers before it must
+   * be exact (not listed).
+   */
+  from?: number;
+  states?: ResidualState[];
+}
+
+/**
+ * The residual stream before layer l + 1 of every batch of `windows` (batches of `batch`), by running
+ * layer l alone from `states` (the stream before layer l; none for l = 0), all exact. The caller owns
+ * (disposes) the returned tensors.
+ */
+export async function residualStates(model: Model, windows: Int32Array[], l: number, states: ResidualState[] | undefined,
+  batch: number): Promise<ResidualState[]> {
+  if (!Number.isInteger(l) || l < 0 || l + 1 >= model.config.numLayers)
+    throw new SqueezeError('ERR_ARG', `residualStates: layer ${l} has no next layer (${model.config.numLayers} layers)`);
+  if (l > 0 && !states) throw new SqueezeError('ERR_ARG', 'residualStates: states before a layer > 0 are needed');
+  const out: ResidualState[] = [];
+  const copy = (t: Tensor): Tensor => {
+    const c = Tensor.empty(t.shape, { dtype: t.dtype, device: t.device });
+    ops.copy(c, t);
+    return c;
+  };
+  try {
+    for (let i = 0, b = 0; i < windows.length; i += batch, b++) {
+      setLayerWindow({ from: l, to: l + 1, restore: states?.[b], save: (s) => out.push({ x: copy(s.x), mlp: copy(s.mlp) }) });
+      await model.prefillOnly(windows.slice(i, i + batch));
+    }
+  } catch (e) {
+    out.forEach((s) => { s.x.dispose(); s.mlp.dispose(); });
+    throw e;
+  } finally {
+    setLayerWindow(null);
+  }
+  return out;
 }
 
 /**
@@ -160,6 +199,13 @@ export async function quantizedPrefillNll(model: Model, windows: Int32Array[], l
       all.dispose();
     }
   };
+  const from = o.from ?? 0;
+  if (from > 0) {
+    if (!o.states || o.states.length !== Math.ceil(windows.length / batch))
+      throw new SqueezeError('ERR_ARG', `quantizedPrefillNll: starting at layer ${from} needs one state per batch of windows`);
+    for (const l of layers.keys())
+      if (l < from) throw new SqueezeError('ERR_ARG', `quantizedPrefillNll: layer ${l} is quantized but the prefill starts at layer ${from}`);
+  }
   try {
     for (let i = 0; i < windows.length; i += batch) batches.push(batchScratch(windows.slice(i, i + batch), device));
     const pages = Math.max(...batches.map((s) => s.pageTable.numel));
@@ -173,14 +219,17 @@ export async function quantizedPrefillNll(model: Model, windows: Int32Array[], l
     }
     setProjectionObserver(hook);
     let sum = 0, n = 0;
-    for (const s of batches) {
+    for (const [b, s] of batches.entries()) {
       cur = s;
+      if (from > 0) setLayerWindow({ from, to: cfg.numLayers, restore: o.states![b] });
       const logits = await model.logitsBatch(s.windows);
+      setLayerWindow(null);
       s.windows.forEach((w, j) => { sum += windowNll(logits[j], w, cfg.vocabSize) * (w.length - 1); n += w.length - 1; });
     }
     return sum / n;
   } finally {
     setProjectionObserver(null);
+    setLayerWindow(null);
     invFreq.dispose();
     for (const s of batches) s.dispose();
     for (const t of targets.values()) {
@@ -196,6 +245,8 @@ export interface MeasureOptions extends PrefillOptions {
   uniform: number;
   /** Called after each prefill. */
   onProgress?: (done: number, total: number) => void;
+  /** false: every prefill from the embedding (the same costs, slower; tests compare the two). */
+  reuse?: boolean;
 }
 
 /**
@@ -210,19 +261,32 @@ export async function measureSlotCosts(model: Model, windows: Int32Array[], fit:
   const base = await quantizedPrefillNll(model, windows, new Map(), o);
   o.onProgress?.(++done, total);
   const key: number[][] = [], value: number[][] = [];
-  for (let l = 0; l < L; l++) {
-    key.push([]);
-    value.push([]);
-    for (const nk of c.key) {
-      const q: QuantizedLayer = { cal: fit(l, nk, n0), keyOutliers: nk, valueOutliers: 0, kinds: 'keys' };
-      key[l].push((await quantizedPrefillNll(model, windows, new Map([[l, q]]), o)) - base);
-      o.onProgress?.(++done, total);
+  // the residual stream before layer l (none before layer 0: the prefill starts at the embedding)
+  let states: ResidualState[] | undefined;
+  const drop = (): void => states?.forEach((s) => { s.x.dispose(); s.mlp.dispose(); });
+  try {
+    for (let l = 0; l < L; l++) {
+      const at: PrefillOptions = { ...o, from: o.reuse === false ? 0 : l, states: o.reuse === false ? undefined : states };
+      key.push([]);
+      value.push([]);
+      for (const nk of c.key) {
+        const q: QuantizedLayer = { cal: fit(l, nk, n0), keyOutliers: nk, valueOutliers: 0, kinds: 'keys' };
+        key[l].push((await quantizedPrefillNll(model, windows, new Map([[l, q]]), at)) - base);
+        o.onProgress?.(++done, total);
+      }
+      for (const nv of c.value) {
+        const q: QuantizedLayer = { cal: fit(l, n0, nv), keyOutliers: 0, valueOutliers: nv, kinds: 'values' };
+        value[l].push((await quantizedPrefillNll(model, windows, new Map([[l, q]]), at)) - base);
+        o.onProgress?.(++done, total);
+      }
+      if (o.reuse !== false && l + 1 < L) {
+        const next = await residualStates(model, windows, l, states, Math.max(1, Math.floor(o.batch)));
+        drop();
+        states = next;
+      }
     }
-    for (const nv of c.value) {
-      const q: QuantizedLayer = { cal: fit(l, n0, nv), keyOutliers: 0, valueOutliers: nv, kinds: 'values' };
-      value[l].push((await quantizedPrefillNll(model, windows, new Map([[l, q]]), o)) - base);
-      o.onProgress?.(++done, total);
-    }
+  } finally {
+    drop();
   }
   return { base, candidates: { key: [...c.key], value: [...c.value] }, key, value };
 }
