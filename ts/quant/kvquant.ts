@@ -255,6 +255,7 @@ export function calibrateLayer(K: Float32Array, V: Float32Array, opts: Calibrate
 export class LayerFitter {
   private readonly keys = new Map<string, Omit<KvqCalibrationLayer, 'valueCodebook'>>();
   private readonly values = new Map<string, Float32Array>();
+  private sorted: { l: number; cols: Float32Array } | undefined;
   /** keys[l], values[l]: [T, kvHeads*D] per layer; opts.slots is not read here (see calibration). */
   constructor(private readonly K: Float32Array[], private readonly V: Float32Array[], readonly opts: CalibrateOptions) {
     checkCalibrateOptions(opts, 'calibrateFromSamples');
@@ -283,7 +284,11 @@ export class LayerFitter {
   /** Layer l's bounds and codebooks for nk key and nv value slots (as calibrateLayer). */
   layer(l: number, nk: number, nv: number): KvqCalibrationLayer {
     let k = this.keys.get(`${l}:${nk}`);
-    if (!k) this.keys.set(`${l}:${nk}`, (k = fitKeys(this.K[l], this.opts, l, nk)));
+    if (!k) {
+      // the sorted key channels of the last layer asked for (the allocation walks layer by layer)
+      if (this.sorted?.l !== l) this.sorted = { l, cols: sortedColumns(this.K[l], this.opts.kvHeads * this.opts.headDim) };
+      this.keys.set(`${l}:${nk}`, (k = fitKeys(this.K[l], this.opts, l, nk, this.sorted.cols)));
+    }
     let v = this.values.get(`${l}:${nv}`);
     if (!v) this.values.set(`${l}:${nv}`, (v = fitValues(this.V[l], this.opts, l, nv)));
     return { ...k, valueCodebook: v };
@@ -312,16 +317,15 @@ function fitBook(x: Samples, opts: CalibrateOptions): Float32Array {
 }
 
 /** The key half of a layer's fit for nk key slots (see calibrateLayer for the clip share). */
-function fitKeys(K: Float32Array, opts: CalibrateOptions, l: number, nk: number): Omit<KvqCalibrationLayer, 'valueCodebook'> {
+function fitKeys(K: Float32Array, opts: CalibrateOptions, l: number, nk: number, sorted = sortedColumns(K, opts.kvHeads * opts.headDim)):
+  Omit<KvqCalibrationLayer, 'valueCodebook'> {
   const { kvHeads, headDim } = opts;
   const outliers = opts.outliers ?? 0.01, clip0 = opts.keyClip ?? outliers / 2, n0 = outlierSlots(outliers, headDim);
   const clip = n0 === nk ? clip0 : n0 > 0 ? Math.min(0.49, (clip0 * nk) / n0) : 0;
   const HD = kvHeads * headDim, maxS = opts.maxSamples ?? 200000, T = K.length / HD;
   const keyLo = new Float32Array(HD), keyHi = new Float32Array(HD);
-  const col = new Float32Array(T);
   for (let c = 0; c < HD; c++) {
-    for (let t = 0; t < T; t++) col[t] = K[t * HD + c];
-    col.sort();
+    const col = sorted.subarray(c * T, (c + 1) * T);
     keyLo[c] = quantile(col, clip / 2);
     keyHi[c] = quantile(col, 1 - clip / 2);
     if (!(keyHi[c] > keyLo[c])) { keyLo[c] -= 1e-3; keyHi[c] += 1e-3; }
@@ -342,6 +346,17 @@ function fitKeys(K: Float32Array, opts: CalibrateOptions, l: number, nk: number)
   return { keyLo, keyHi, keyCodebook: fitBook({ x: kn, w: swk || wl ? kw : undefined }, opts) };
 }
 
+/** Each channel of X [T, HD] sorted: [HD][T] (the key bounds are quantiles of these, for every slot count). */
+function sortedColumns(X: Float32Array, HD: number): Float32Array {
+  const T = X.length / HD, out = new Float32Array(X.length);
+  for (let c = 0; c < HD; c++) {
+    const col = out.subarray(c * T, (c + 1) * T);
+    for (let t = 0; t < T; t++) col[t] = X[t * HD + c];
+    col.sort();
+  }
+  return out;
+}
+
 /** The value codebook of a layer for nv value slots. */
 function fitValues(V: Float32Array, opts: CalibrateOptions, l: number, nv: number): Float32Array {
   const { kvHeads, headDim } = opts, T = V.length / (kvHeads * headDim);
@@ -354,20 +369,39 @@ function fitValues(V: Float32Array, opts: CalibrateOptions, l: number, nv: numbe
 function perTokenSamples(X: Float32Array, vecs: number, headDim: number, n: number, maxS: number, weights?: Float32Array): Samples {
   const out: number[] = [], w: number[] | undefined = weights ? [] : undefined;
   const vstride = Math.max(1, Math.floor((vecs * headDim) / maxS));
+  const skip = new Uint8Array(headDim), top = new Int32Array(Math.max(1, n));
   for (let vi = 0; vi < vecs; vi += Math.max(1, Math.floor(vstride / headDim) || 1)) {
     const v = X.subarray(vi * headDim, (vi + 1) * headDim);
-    const order = Array.from(v.keys()).sort((a, b) => Math.abs(v[b]) - Math.abs(v[a]) || a - b);
-    const skip = new Set(order.slice(0, n));
+    largestMagnitudes(v, n, top, skip);
     let mn = Infinity, mx = -Infinity;
-    for (let c = 0; c < headDim; c++) if (!skip.has(c)) { mn = Math.min(mn, v[c]); mx = Math.max(mx, v[c]); }
+    for (let c = 0; c < headDim; c++) if (!skip[c]) { mn = Math.min(mn, v[c]); mx = Math.max(mx, v[c]); }
     if (!(mx > mn)) continue;
     for (let c = 0; c < headDim; c++) {
-      if (skip.has(c)) continue;
+      if (skip[c]) continue;
       out.push((2 * (v[c] - mn)) / (mx - mn) - 1);
       w?.push(weights![vi * headDim + c]);
     }
   }
   return { x: out, w };
+}
+
+/**
+ * Marks in `skip` (cleared first) the n entries of v of largest magnitude, ties to the lower index
+ * (the first n of v's indices sorted by decreasing |v|, then increasing index), kept in `top` by
+ * insertion as the entries are read in index order.
+ */
+function largestMagnitudes(v: Float32Array, n: number, top: Int32Array, skip: Uint8Array): void {
+  skip.fill(0);
+  if (n <= 0) return;
+  let have = 0;
+  for (let c = 0; c < v.length; c++) {
+    const a = Math.abs(v[c]);
+    if (have === n && !(a > Math.abs(v[top[n - 1]]))) continue;  // an equal one keeps its lower index
+    let i = have < n ? have++ : n - 1;
+    while (i > 0 && a > Math.abs(v[top[i - 1]])) { top[i] = top[i - 1]; i--; }
+    top[i] = c;
+  }
+  for (let i = 0; i < have; i++) skip[top[i]] = 1;
 }
 
 /** Normalised samples and, when the fit is weighted, a weight per sample. */
