@@ -5,7 +5,7 @@ import { isSqueezeError } from '../ts/errors';
 import { writeSafetensors } from '../ts/model/safetensors';
 import {
   calibrateFromSamples, calibrateLayer, kmeans1d, kmeans1dWeighted, layerSlots, loadKvqCalibration, normalFloatCodebook, saveKvqCalibration,
-  KvqCalibration,
+  KvqCalibration, largestMagnitudes,
 } from '../ts/quant/kvquant';
 import { allocateSlots, slotCandidates, SlotCosts } from '../ts/quant/kvquant-allocate';
 import { kvqMetaBytes } from '../ts/ops/kvquant';
@@ -36,6 +36,22 @@ const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-kvq-'));
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
 describe('kvquant calibration', () => {
+  test('largestMagnitudes picks what sorting by decreasing |v|, then index, puts first', () => {
+    const r = rng(7);
+    const skip = new Uint8Array(24), top = new Int32Array(16);
+    for (let trial = 0; trial < 300; trial++) {
+      // few distinct magnitudes of both signs: many ties
+      const v = Float32Array.from({ length: 24 }, () => (r() < 0.5 ? -1 : 1) * Math.floor(r() * 5));
+      for (const n of [0, 1, 2, 3, 8, 16]) {
+        largestMagnitudes(v, n, top, skip);
+        const order = Array.from(v.keys()).sort((a, b) => Math.abs(v[b]) - Math.abs(v[a]) || a - b);
+        const want = new Uint8Array(24);
+        order.slice(0, n).forEach((c) => { want[c] = 1; });
+        expect(Array.from(skip)).toEqual(Array.from(want));
+      }
+    }
+  });
+
   for (const bits of [2, 3, 4]) {
     test(`bounds at the key clip percentile (default half the outlier share), sorted codebooks in [-1, 1] (${bits}-bit)`, () => {
       const T = 2000, H = 2, D = 16, HD = H * D, share = 0.02, clip = share / 2;

@@ -386,11 +386,11 @@ function perTokenSamples(X: Float32Array, vecs: number, headDim: number, n: numb
 }
 
 /**
- * Marks in `skip` (cleared first) the n entries of v of largest magnitude, ties to the lower index
+ * @internal Marks in `skip` (cleared first) the n entries of v of largest magnitude, ties to the lower index
  * (the first n of v's indices sorted by decreasing |v|, then increasing index), kept in `top` by
  * insertion as the entries are read in index order.
  */
-function largestMagnitudes(v: Float32Array, n: number, top: Int32Array, skip: Uint8Array): void {
+export function largestMagnitudes(v: Float32Array, n: number, top: Int32Array, skip: Uint8Array): void {
   skip.fill(0);
   if (n <= 0) return;
   let have = 0;
