@@ -5,7 +5,7 @@ import { isSqueezeError } from '../ts/errors';
 import { writeSafetensors } from '../ts/model/safetensors';
 import {
   calibrateFromSamples, calibrateLayer, kmeans1d, kmeans1dWeighted, layerSlots, loadKvqCalibration, normalFloatCodebook, saveKvqCalibration,
-  KvqCalibration, largestMagnitudes,
+  KvqCalibration, largestMagnitudes, stableOrder,
 } from '../ts/quant/kvquant';
 import { allocateSlots, slotCandidates, SlotCosts } from '../ts/quant/kvquant-allocate';
 import { kvqMetaBytes } from '../ts/ops/kvquant';
@@ -36,6 +36,19 @@ const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-kvq-'));
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
 describe('kvquant calibration', () => {
+  test('stableOrder is the order of a stable sort by value (ties and signed zeros in index order)', () => {
+    const r = rng(11);
+    for (let trial = 0; trial < 100; trial++) {
+      const n = 1 + Math.floor(r() * 2000);
+      const a = Float32Array.from({ length: n }, () => {
+        const u = r();
+        return u < 0.1 ? -0 : u < 0.2 ? 0 : Math.round((2 * r() - 1) * 40) / 40 + (r() < 0.3 ? 1e-6 : 0);
+      });
+      const want = Array.from(a.keys()).sort((i, j) => a[i] - a[j]);
+      expect(Array.from(stableOrder(a))).toEqual(want);
+    }
+  });
+
   test('largestMagnitudes picks what sorting by decreasing |v|, then index, puts first', () => {
     const r = rng(7);
     const skip = new Uint8Array(24), top = new Int32Array(16);

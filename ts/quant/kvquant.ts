@@ -155,8 +155,31 @@ export function kmeans1d(samples: Float32Array, init: Float32Array, iterations =
 /** Weighted 1-D k-means (Lloyd) of samples in [-1, 1] with weights >= 0; returns a sorted codebook. */
 export function kmeans1dWeighted(samples: Float32Array, weights: Float32Array, init: Float32Array, iterations = 25): Float32Array {
   if (samples.length < init.length) return Float32Array.from(init);
-  const order = Array.from(samples.keys()).sort((a, b) => samples[a] - samples[b]);
+  const order = stableOrder(samples);
   return lloyd1d(Float64Array.from(order, (i) => samples[i]), Float64Array.from(order, (i) => weights[i]), init, iterations);
+}
+
+/**
+ * @internal The indices of `a` by increasing value, equal values (-0 and +0 alike) in index order: the
+ * order of a stable sort by `a[i] - a[j]`, made by one numeric sort of keys that hold a value's
+ * order-preserving bits above its index (fast where a comparator sort of 200,000 indices took
+ * seconds). NaN is not expected (samples are finite); it sorts last.
+ */
+export function stableOrder(a: Float32Array): Uint32Array {
+  const n = a.length;
+  if (n > 2 ** 21) return Uint32Array.from(Array.from(a.keys()).sort((i, j) => a[i] - a[j]));
+  const bits = new Uint32Array(1), f = new Float32Array(bits.buffer);
+  const keys = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    f[0] = a[i] === 0 ? 0 : a[i];  // -0 as +0
+    const b = bits[0];
+    const k = b & 0x80000000 ? ~b >>> 0 : (b | 0x80000000) >>> 0;  // monotone in the value
+    keys[i] = k * 2 ** 21 + i;  // < 2^53: exact
+  }
+  keys.sort();
+  const out = new Uint32Array(n);
+  for (let i = 0; i < n; i++) out[i] = keys[i] % 2 ** 21;
+  return out;
 }
 
 // Math.abs through a module binding: in a vm context (the test runner's sandbox) every lookup of
