@@ -4,6 +4,7 @@
  * allocates nothing and can be captured as a CUDA graph: the host writes ids, positions,
  * lengths and page tables into it, then runs (or replays) the pass.
  */
+import { SqueezeError } from '../errors';
 import { DType, Tensor } from '../tensor';
 import * as ops from '../ops';
 import { ModelConfig } from './config';
@@ -293,7 +294,7 @@ export class Decoder {
     const eps = cfg.rmsNormEps;
     const win = layerWindow, from = win?.from ?? 0, to = win?.to ?? cfg.numLayers;
     if (from > 0) {
-      if (!win?.restore) throw new Error('forward: a layer window from layer > 0 needs the state to restore');
+      if (!win?.restore) throw new SqueezeError('ERR_INTERNAL', 'forward: a layer window from layer > 0 needs the state to restore');
       ops.copy(ws.x, win.restore.x);
       ops.copy(ws.mlp, win.restore.mlp);
     } else {
