@@ -144,14 +144,9 @@ export async function residualStates(model: Model, windows: Int32Array[], l: num
     throw new SqueezeError('ERR_ARG', `residualStates: layer ${l} has no next layer (${model.config.numLayers} layers)`);
   if (l > 0 && !states) throw new SqueezeError('ERR_ARG', 'residualStates: states before a layer > 0 are needed');
   const out: ResidualState[] = [];
-  const copy = (t: Tensor): Tensor => {
-    const c = Tensor.empty(t.shape, { dtype: t.dtype, device: t.device });
-    ops.copy(c, t);
-    return c;
-  };
   try {
     for (let i = 0, b = 0; i < windows.length; i += batch, b++) {
-      setLayerWindow({ from: l, to: l + 1, restore: states?.[b], save: (s) => out.push({ x: copy(s.x), mlp: copy(s.mlp) }) });
+      setLayerWindow({ from: l, to: l + 1, restore: states?.[b], save: (s) => out.push({ x: ops.clone(s.x), mlp: ops.clone(s.mlp) }) });
       await model.prefillOnly(windows.slice(i, i + batch));
     }
   } catch (e) {

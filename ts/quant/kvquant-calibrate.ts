@@ -13,7 +13,7 @@ import { loadModel, Model } from '../model/model';
 import { setProjectionObserver } from '../model/llama';
 import { loadPplData } from '../runtime/ppl';
 import { quantizedBytesPerToken } from '../runtime/kvq-attention';
-import { copy } from '../ops/basic';
+import { clone } from '../ops/basic';
 import { CalibrateOptions, KvqCalibration, LayerFitter, calibrateFromSamples, saveKvqCalibration } from './kvquant';
 import { allocateSlots, measureSlotCosts, slotCandidates } from './kvquant-allocate';
 import { kvqMetaBytes, outlierSlots } from '../ops/kvquant';
@@ -24,9 +24,8 @@ import { Backprop, rotateRows } from './gradients';
  * fresh tensor (later ops may overwrite `t` before a read of `t` itself runs), then read.
  */
 export async function snapshot(t: Tensor): Promise<Float32Array | Int32Array> {
-  const c = Tensor.empty(t.shape, { dtype: t.dtype, device: t.device });
+  const c = clone(t);
   try {
-    copy(c, t);
     return t.dtype === 'i32' ? ((await c.toArray()) as Int32Array) : await c.toFloat32();
   } finally {
     c.dispose();
