@@ -180,10 +180,7 @@ export class Model {
 
   /** Logits of several independent sequences in one prefill. */
   logitsBatch(batch: ArrayLike<number>[]): Promise<Float32Array[]> {
-    this.check();
-    if (!Array.isArray(batch) || batch.length === 0) throw new SqueezeError('ERR_ARG', 'logitsBatch: pass a non-empty array of id arrays');
-    const seqs = batch.map((ids, i) => this.checkIds(ids, `logits[${i}]`));
-    return this.track(this.runLogits(seqs));
+    return this.track(this.runLogits(this.checkBatch(batch, 'logitsBatch', 'logits')));
   }
 
   /**
@@ -191,10 +188,13 @@ export class Model {
    * a layer window that stops early, setLayerWindow in model/llama.ts).
    */
   async prefillOnly(batch: ArrayLike<number>[]): Promise<void> {
+    await this.track(this.runLogits(this.checkBatch(batch, 'prefillOnly', 'prefillOnly'), false));
+  }
+
+  private checkBatch(batch: ArrayLike<number>[], what: string, item: string): Int32Array[] {
     this.check();
-    if (!Array.isArray(batch) || batch.length === 0) throw new SqueezeError('ERR_ARG', 'prefillOnly: pass a non-empty array of id arrays');
-    const seqs = batch.map((ids, i) => this.checkIds(ids, `prefillOnly[${i}]`));
-    await this.track(this.runLogits(seqs, false));
+    if (!Array.isArray(batch) || batch.length === 0) throw new SqueezeError('ERR_ARG', `${what}: pass a non-empty array of id arrays`);
+    return batch.map((ids, i) => this.checkIds(ids, `${item}[${i}]`));
   }
 
   private async runLogits(seqs: Int32Array[], read = true): Promise<Float32Array[]> {
@@ -206,7 +206,7 @@ export class Model {
         ids.push(id);
         this.cache.grow(id, s.length);
       }
-      const ws = this.decoder.workspace(T, seqs.length, true);
+      const ws = this.decoder.workspace(T, seqs.length, read);  // logits of every row only where they are read
       try {
         this.decoder.write(ws, this.decoder.inputs(ids, seqs, T));
         const maxQ = Math.max(...seqs.map((s) => s.length));
