@@ -418,10 +418,10 @@ export function largestMagnitudes(v: Float32Array, n: number, top: Int32Array, s
   if (n <= 0) return;
   let have = 0;
   for (let c = 0; c < v.length; c++) {
-    const a = Math.abs(v[c]);
-    if (have === n && !(a > Math.abs(v[top[n - 1]]))) continue;  // an equal one keeps its lower index
+    const a = abs(v[c]);
+    if (have === n && !(a > abs(v[top[n - 1]]))) continue;  // an equal one keeps its lower index
     let i = have < n ? have++ : n - 1;
-    while (i > 0 && a > Math.abs(v[top[i - 1]])) { top[i] = top[i - 1]; i--; }
+    while (i > 0 && a > abs(v[top[i - 1]])) { top[i] = top[i - 1]; i--; }
     top[i] = c;
   }
   for (let i = 0; i < have; i++) skip[top[i]] = 1;
