@@ -41,8 +41,11 @@ export const MARGIN_BYTES = 1.5 * GiB;
 export interface ScaleOptions {
   /** Model config (default LLaMA-2-7B; max_position_embeddings is raised to the context). */
   config?: Record<string, unknown>;
-  /** Context of the main measurement (default SQUEEZELM_SCALE_TOKENS or 1,000,000). */
-  tokens?: number;
+  /**
+   * Context of the main measurement (default SQUEEZELM_SCALE_TOKENS or 1,000,000); 'fit': the
+   * largest that this device's free memory holds.
+   */
+  tokens?: number | 'fit';
   /** The smaller comparison context (default 131072; skipped when not below `tokens`). */
   compareTokens?: number;
   bits?: 2 | 3 | 4;
@@ -144,6 +147,24 @@ export function scalePlan(cfg: ModelConfig, cal: KvqCalibration, tokens: number,
 const gb = (b: number) => `${(b / GB).toFixed(2)} GB`;
 
 /**
+ * The largest context (whole pages) whose plan fits `free` bytes: a first guess from the cost per
+ * token, then whole pages off while the plan (whose workspace grows with the context) is too big.
+ */
+export function largestFit(cfg: ModelConfig, cal: KvqCalibration, pageSize: number, device: string, sinkRows: number, free: number): number {
+  const probe = scalePlan(cfg, cal, pageSize, pageSize, device, sinkRows);
+  const fixed = probe.needBytes - probe.cacheBytes;
+  let pages = Math.max(0, Math.floor((free - fixed) / probe.perToken / pageSize));
+  const needAt = (p: number) => scalePlan(cfg, cal, p * pageSize, pageSize, device, sinkRows).needBytes;
+  // The workspace is a few MB at most, so a page at a time is short; step faster when far off.
+  let step = 1024;
+  while (pages > 0 && needAt(pages) > free) {
+    while (step > 1 && (pages < step || needAt(pages - step) <= free)) step >>= 1;
+    pages -= Math.min(step, pages);
+  }
+  return pages * pageSize;
+}
+
+/**
  * Fills every layer's quantized cache with synthetic data on the device: random codes, valid
  * metadata (one host block uploaded once, then doubled in place over layer 0's metadata and
  * copied to the other layers), random fp16 sink rows.
@@ -206,21 +227,32 @@ function memInfo(device: string): MemInfo {
 /** The suite body on any device (the CPU at toy sizes for a smoke test). */
 export async function runScale(ctx: BenchContext, device: string, opts: ScaleOptions = {}): Promise<BenchResult[]> {
   const log = ctx.log;
-  const envTokens = process.env.SQUEEZELM_SCALE_TOKENS ? Number(process.env.SQUEEZELM_SCALE_TOKENS) : undefined;
-  const tokens = opts.tokens ?? envTokens ?? 1_000_000;
-  if (!Number.isInteger(tokens) || tokens < 2) throw new Error(`scale: the context must be an integer >= 2 tokens (SQUEEZELM_SCALE_TOKENS='${process.env.SQUEEZELM_SCALE_TOKENS}')`);
+  const envTokens = process.env.SQUEEZELM_SCALE_TOKENS;
+  // 'fit': the largest context this device's free memory holds (whole pages), found from the plan.
+  const fitMode = opts.tokens === 'fit' || (opts.tokens === undefined && envTokens === 'fit');
+  let tokens = fitMode ? 0 : opts.tokens !== undefined ? Number(opts.tokens) : envTokens ? Number(envTokens) : 1_000_000;
+  if (!fitMode && (!Number.isInteger(tokens) || tokens < 2)) {
+    throw new Error(`scale: the context must be an integer >= 2 tokens or 'fit' (SQUEEZELM_SCALE_TOKENS='${envTokens}')`);
+  }
   const compare = opts.compareTokens ?? 131072;
   const bits = opts.bits ?? 2, outliers = opts.outliers ?? 0.01, sink = opts.sink ?? 1, pageSize = opts.pageSize ?? 16;
   const repeats = opts.repeats ?? (ctx.quick ? 3 : 5);
   const json: Record<string, unknown> = { ...(opts.config ?? LLAMA2_7B) };
-  json.max_position_embeddings = Math.max(Number(json.max_position_embeddings ?? 0), tokens);
-  const cfg = parseConfig(json, 'scale config');
-  const cal = syntheticCalibration(cfg, bits, outliers, sink);
+  const cfg0 = parseConfig(json, 'scale config');
+  const cal = syntheticCalibration(cfg0, bits, outliers, sink);
   const sinkRows = sink > 0 ? 2 : 1; // Model: 2 * maxBatch slots when the calibration has a sink
-  const plan = scalePlan(cfg, cal, tokens, pageSize, device, sinkRows), slots = layerSlots(cal, 0);
 
   if (device !== 'cpu') native().emptyCache(device); // give back what earlier suites left cached
   const before = memInfo(device);
+  if (fitMode) {
+    if (device === 'cpu') throw new Error("scale: SQUEEZELM_SCALE_TOKENS=fit needs a CUDA device (the CPU's memory is not the limit measured)");
+    tokens = largestFit(cfg0, cal, pageSize, device, sinkRows, before.free);
+    if (tokens < 2) throw new Error(`scale: no context fits on ${device}: ${gb(before.free)} free`);
+    log(`scale: the largest context that fits ${gb(before.free)} free on ${device}: ${tokens} tokens`);
+  }
+  json.max_position_embeddings = Math.max(Number(json.max_position_embeddings ?? 0), tokens);
+  const cfg = parseConfig(json, 'scale config');
+  const plan = scalePlan(cfg, cal, tokens, pageSize, device, sinkRows), slots = layerSlots(cal, 0);
   log(`scale: ${cfg.numLayers} layers x ${cfg.numKvHeads} kv heads x ${cfg.headDim}, ${bits}-bit cache, outliers ${outliers} ` +
     `(${slots.keyOutliers}+${slots.valueOutliers} slots), sink ${sink}, page ${pageSize}, ${tokens} tokens (${plan.pages} pages)`);
   log(`scale: cache ${plan.perTokenLayer} B/token/layer (codes ${plan.codeBytesPerHead} + meta/outliers ${plan.metaBytesPerHead} per kv head), ` +

@@ -8,7 +8,7 @@ import { parseConfig } from '../ts/model/config';
 import { f16ToFloat } from '../ts/util/half';
 import { BenchContext } from '../bench/harness';
 import { LLAMA2_7B } from '../bench/decode';
-import { fillSynthetic, runScale, scalePlan, syntheticCalibration, syntheticMeta } from '../bench/scale';
+import { fillSynthetic, largestFit, runScale, scalePlan, syntheticCalibration, syntheticMeta } from '../bench/scale';
 
 function checkMeta(bytes: Uint8Array, D: number, nk: number, nv: number): void {
   const mb = kvqMetaBytes(nk, nv), dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -43,6 +43,19 @@ describe('scale benchmark (CPU, toy sizes)', () => {
     expect(p.pages).toBe(62500);
     expect(p.cacheBytes).toBe(81_920_000_000);
     expect(p.weightBytes).toBe(2 * 6_738_415_616);
+  });
+
+  test('the largest context that fits: it fits, one page more does not', () => {
+    const cfg = parseConfig({ ...LLAMA2_7B, max_position_embeddings: 1_000_000 }, 'test');
+    const cal = syntheticCalibration(cfg, 2, 0.01, 1);
+    // (on a CUDA device the attention scratch also grows with the context; the search is the same)
+    for (const free of [79.5e9, 40e9, 13.6e9 + 2e9, 1e9]) {
+      const t = largestFit(cfg, cal, 16, 'cpu', 2, free);
+      expect(t % 16).toBe(0);
+      if (t > 0) expect(scalePlan(cfg, cal, t, 16, 'cpu', 2).needBytes).toBeLessThanOrEqual(free);
+      expect(scalePlan(cfg, cal, t + 16, 16, 'cpu', 2).needBytes).toBeGreaterThan(free);
+    }
+    expect(largestFit(cfg, cal, 16, 'cpu', 2, 1e9)).toBe(0);
   });
 
   test('synthetic metadata is valid and replicates over the whole tensor', async () => {
