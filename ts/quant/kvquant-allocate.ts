@@ -242,6 +242,12 @@ export interface MeasureOptions extends PrefillOptions {
   onProgress?: (done: number, total: number) => void;
   /** false: every prefill from the embedding (the same costs, slower; tests compare the two). */
   reuse?: boolean;
+  /**
+   * Called before layer l's first fit (the layers are measured in order, each once), and after its
+   * last prefill: calibrate-kv loads that layer's samples into its fitter there, and lets them go.
+   */
+  beforeLayer?: (l: number) => Promise<void>;
+  afterLayer?: (l: number) => void;
 }
 
 /**
@@ -262,6 +268,7 @@ export async function measureSlotCosts(model: Model, windows: Int32Array[], fit:
   try {
     for (let l = 0; l < L; l++) {
       const at: PrefillOptions = { ...o, from: o.reuse === false ? 0 : l, states: o.reuse === false ? undefined : states };
+      await o.beforeLayer?.(l);
       key.push([]);
       value.push([]);
       for (const nk of c.key) {
@@ -274,6 +281,7 @@ export async function measureSlotCosts(model: Model, windows: Int32Array[], fit:
         value[l].push((await quantizedPrefillNll(model, windows, new Map([[l, q]]), at)) - base);
         o.onProgress?.(++done, total);
       }
+      o.afterLayer?.(l);
       if (o.reuse !== false && l + 1 < L) {
         const next = await residualStates(model, windows, l, states, Math.max(1, Math.floor(o.batch)));
         drop();

@@ -1,36 +1,24 @@
 /**
- * KVQuant calibration of a model: runs our forward over calibration windows, collects each
- * layer's keys (before RoPE, or after it for the post-RoPE ablation) and values from the
- * packed q|k|v projection, and fits the quantizer (quant/kvquant.ts calibrateFromSamples).
+ * KVQuant calibration of a model: runs our forward over calibration windows one layer at a time,
+ * collects that layer's keys (before RoPE, or after it for the post-RoPE ablation) and values from
+ * the packed q|k|v projection (quant/kvquant-samples.ts), and fits the layer's quantizer
+ * (quant/kvquant.ts LayerFitter) before the walk moves on: one layer's samples are held at a time.
  * Positions below `sink` are left out of the samples: the cache keeps them in fp16.
  * Also the `squeezelm calibrate-kv` command.
  */
 import * as fs from 'fs';
 import * as path from 'path';
 import { SqueezeError } from '../errors';
-import { Tensor } from '../tensor';
 import { loadModel, Model } from '../model/model';
-import { setProjectionObserver } from '../model/llama';
 import { loadPplData } from '../runtime/ppl';
 import { quantizedBytesPerToken } from '../runtime/kvq-attention';
-import { clone } from '../ops/basic';
-import { CalibrateOptions, KvqCalibration, LayerFitter, calibrateFromSamples, saveKvqCalibration } from './kvquant';
+import { CalibrateOptions, KvqCalibration, LayerFitter, saveKvqCalibration } from './kvquant';
 import { allocateSlots, measureSlotCosts, slotCandidates } from './kvquant-allocate';
 import { kvqMetaBytes, outlierSlots } from '../ops/kvquant';
 import { Backprop, rotateRows } from './gradients';
+import { LayerSampler, cat } from './kvquant-samples';
 
-/**
- * The contents of `t` as they are at this point of the stream: a stream-ordered copy into a
- * fresh tensor (later ops may overwrite `t` before a read of `t` itself runs), then read.
- */
-export async function snapshot(t: Tensor): Promise<Float32Array | Int32Array> {
-  const c = clone(t);
-  try {
-    return t.dtype === 'i32' ? ((await c.toArray()) as Int32Array) : await c.toFloat32();
-  } finally {
-    c.dispose();
-  }
-}
+export { snapshot } from './kvquant-samples';
 
 export interface CalibrateKvOptions {
   bits: number;
@@ -69,6 +57,8 @@ export interface CalibrateKvOptions {
   allocateWindows?: number;
   /** Called after each prefill of the allocation's measurement. */
   onAllocate?: (done: number, total: number) => void;
+  /** Called as each layer's samples are in (not with fisher: its passes report through onProgress). */
+  onSamples?: (done: number, total: number) => void;
   /** Windows per forward pass (default 4). */
   batch?: number;
   iterations?: number;
@@ -78,85 +68,69 @@ export interface CalibrateKvOptions {
 /** Calibrates the KV quantizer of `model` on windows of token ids. */
 export async function calibrateKv(model: Model, windows: Int32Array[], o: CalibrateKvOptions): Promise<KvqCalibration> {
   const cfg = model.config;
-  const H = cfg.numKvHeads, D = cfg.headDim, Hq = cfg.numHeads, HD = H * D, half = D / 2;
+  const H = cfg.numKvHeads, D = cfg.headDim;
   const sink = o.sink ?? 4;
   if (!Number.isInteger(sink) || sink < 0) throw new SqueezeError('ERR_ARG', `calibrate-kv: sink must be a non-negative integer, got ${sink}`);
   if (model.kvCache.quantized) throw new SqueezeError('ERR_ARG', 'calibrate-kv: calibrate a model loaded with the unquantized cache');
   if (o.fisher) return calibrateKvFisher(model, windows, o, o.fisher);
-  const keys: Float32Array[][] = Array.from({ length: cfg.numLayers }, () => []);
-  const vals: Float32Array[][] = Array.from({ length: cfg.numLayers }, () => []);
-  const qsq: Float64Array[] = Array.from({ length: cfg.numLayers }, () => new Float64Array(HD));
-  const G = Hq / H;
-  const pending: Promise<void>[] = [];
-  const invFreq = cfg.invFreq;
-  const observe = (layer: number, qkv: Tensor, positions: Tensor): void => {
-    pending.push(Promise.all([snapshot(qkv), snapshot(positions)]).then(([a, p]) => {
-      const T = qkv.shape[0], W = qkv.shape[1], pos = p as Int32Array;
-      let n = 0;
-      for (let t = 0; t < T; t++) if (pos[t] >= sink) n++;
-      const k = new Float32Array(n * HD), v = new Float32Array(n * HD);
-      let r = 0;
-      for (let t = 0; t < T; t++) {
-        if (pos[t] < sink) continue;
-        k.set(a.subarray(t * W + Hq * D, t * W + (Hq + H) * D), r * HD);
-        // sensitivity of key channel (h, c): E[q^2] of the RoPE pair of c, over the group's query heads
-        for (let hq = 0; hq < Hq; hq++) {
-          const h = Math.floor(hq / G), o = t * W + hq * D;
-          for (let i = 0; i < half; i++) {
-            const e = 0.5 * (a[o + i] * a[o + i] + a[o + i + half] * a[o + i + half]);
-            qsq[layer][h * D + i] += e;
-            qsq[layer][h * D + i + half] += e;
-          }
-        }
-        v.set(a.subarray(t * W + (Hq + H) * D, t * W + (Hq + 2 * H) * D), r * HD);
-        if (o.postRope) rotateRows(k.subarray(r * HD, (r + 1) * HD), [pos[t]], H, D, invFreq);
-        r++;
-      }
-      keys[layer].push(k);
-      vals[layer].push(v);
-    }));
-  };
-  const batch = o.batch ?? 4;
-  setProjectionObserver(observe);
-  try {
-    for (let i = 0; i < windows.length; i += batch) await model.logitsBatch(windows.slice(i, i + batch));
-    await Promise.all(pending);
-  } finally {
-    setProjectionObserver(null);
-  }
-  if (keys[0].reduce((a, x) => a + x.length, 0) === 0) throw new SqueezeError('ERR_ARG', 'calibrate-kv: no tokens past the sink to calibrate on');
-  return fitWithSlots(model, windows, keys.map(cat), vals.map(cat), o, {
+  const L = cfg.numLayers;
+  // each layer's query energy goes in as its samples are loaded (the key codebook's k-means weights)
+  const keyWeights: Float32Array[] = [];
+  const fit: CalibrateOptions = {
     bits: o.bits, outliers: o.outliers ?? 0.01, keyClip: o.keyClip, sink, kvHeads: H, headDim: D, keyPerToken: o.keyPerToken, postRope: o.postRope,
-    codebook: o.codebook, iterations: o.iterations, maxSamples: o.maxSamples,
-    keyWeights: o.sensitivity === false ? undefined : qsq.map((x) => Float32Array.from(x)),
-  });
+    codebook: o.codebook, iterations: o.iterations, maxSamples: o.maxSamples, keyWeights: o.sensitivity === false ? undefined : keyWeights,
+  };
+  const fitter = new LayerFitter(L, undefined, fit);
+  const sampler = new LayerSampler(model, windows, { batch: o.batch ?? 4, sink, postRope: o.postRope });
+  try {
+    return await fitWithSlots(model, windows, fitter, o, {
+      load: async (l) => {
+        const s = await sampler.layer(l);
+        if (s.tokens === 0) throw new SqueezeError('ERR_ARG', 'calibrate-kv: no tokens past the sink to calibrate on');
+        keyWeights[l] = Float32Array.from(s.queryEnergy);
+        fitter.load(l, s.keys, s.values);
+        o.onSamples?.(l + 1, L);
+      },
+      unload: (l) => fitter.unload(l),
+    });
+  } finally {
+    sampler.dispose();
+  }
 }
 
-/** The calibration from the samples, with the outlier slots allocated per layer where o.slots asks for it. */
-async function fitWithSlots(model: Model, windows: Int32Array[], keys: Float32Array[], vals: Float32Array[], o: CalibrateKvOptions,
-  fit: CalibrateOptions): Promise<KvqCalibration> {
+/** How fitWithSlots gets each layer's samples into the fitter (in layer order) and lets them go. */
+interface SampleSource {
+  load(l: number): Promise<void>;
+  unload(l: number): void;
+}
+
+/** The calibration from `fitter`'s samples, with the outlier slots allocated per layer where o.slots asks for it. */
+async function fitWithSlots(model: Model, windows: Int32Array[], fitter: LayerFitter, o: CalibrateKvOptions, io: SampleSource): Promise<KvqCalibration> {
+  const fit = fitter.opts, L = fitter.layers;
   const n0 = outlierSlots(fit.outliers ?? 0.01, fit.headDim);
   const slots = o.slots ?? 'auto';
   if (slots !== 'auto' && slots !== 'uniform') throw new SqueezeError('ERR_ARG', `calibrate-kv: slots must be 'auto' or 'uniform', got '${slots}'`);
-  if (slots === 'uniform' || n0 === 0 || fit.keyPerToken || fit.postRope || fit.codebook === 'uniform') return calibrateFromSamples(keys, vals, fit);
+  const uniformSlots = async (): Promise<KvqCalibration> => {
+    for (let l = 0; l < L; l++) {
+      await io.load(l);
+      fitter.layer(l, n0, n0);
+      io.unload(l);
+    }
+    return fitter.calibration();
+  };
+  if (slots === 'uniform' || n0 === 0 || fit.keyPerToken || fit.postRope || fit.codebook === 'uniform') return uniformSlots();
   const nw = o.allocateWindows ?? 8;
   if (!(Number.isInteger(nw) && nw >= 1)) throw new SqueezeError('ERR_ARG', `calibrate-kv: allocateWindows must be a positive integer, got ${nw}`);
   const sink = fit.sink ?? 0;
   const measured = windows.filter((w) => w.length >= sink + 2).slice(0, nw);
-  if (!measured.length) return calibrateFromSamples(keys, vals, fit);
-  // each layer's key and value halves fitted once per slot count, for the measurement and the result
-  const fitter = new LayerFitter(keys, vals, fit);
+  if (!measured.length) return uniformSlots();
+  // each layer's key and value halves fitted once per slot count, for the measurement and the
+  // result; the measurement walks the layers in order, loading each one's samples as it comes to it
   const costs = await measureSlotCosts(model, measured, (l, nk, nv) => fitter.layer(l, nk, nv), {
     bits: fit.bits, sink, candidates: slotCandidates(n0, fit.headDim), uniform: n0, batch: o.batch ?? 4, onProgress: o.onAllocate,
+    beforeLayer: (l) => io.load(l), afterLayer: (l) => io.unload(l),
   });
-  return fitter.calibration(allocateSlots(costs, keys.length * kvqMetaBytes(n0, n0)));
-}
-
-function cat(parts: Float32Array[]): Float32Array {
-  const out = new Float32Array(parts.reduce((a, x) => a + x.length, 0));
-  let off = 0;
-  for (const x of parts) { out.set(x, off); off += x.length; }
-  return out;
+  return fitter.calibration(allocateSlots(costs, L * kvqMetaBytes(n0, n0)));
 }
 
 /** calibrateKv with Fisher-weighted codebooks: samples and gradients from `bp`'s passes. */
@@ -189,11 +163,13 @@ async function calibrateKvFisher(model: Model, windows: Int32Array[], o: Calibra
     o.onProgress?.(w + 1, windows.length);
   }
   if (parts[0].k.length === 0) throw new SqueezeError('ERR_ARG', 'calibrate-kv: no tokens past the sink to calibrate on');
-  return fitWithSlots(model, windows, parts.map((p) => cat(p.k)), parts.map((p) => cat(p.v)), o, {
+  // the backward passes made every layer's samples at once: the fitter holds them all
+  const fitter = new LayerFitter(parts.map((p) => cat(p.k)), parts.map((p) => cat(p.v)), {
     bits: o.bits, outliers: o.outliers ?? 0.01, keyClip: o.keyClip, sink, kvHeads: H, headDim: D, keyPerToken: o.keyPerToken, postRope: o.postRope,
     codebook: o.codebook, iterations: o.iterations, maxSamples: o.maxSamples,
     sampleWeights: { keys: parts.map((p) => cat(p.gk)), values: parts.map((p) => cat(p.gv)) },
   });
+  return fitWithSlots(model, windows, fitter, o, { load: async () => undefined, unload: () => undefined });
 }
 
 const USAGE = `usage: squeezelm calibrate-kv [--model DIR] --calib FILE --bits 2|3|4 --out FILE
@@ -258,6 +234,10 @@ export async function calibrateKvCommand(argv: string[], defaultModel: string): 
     const data = loadPplData(model, calib, { windows: num('windows'), window });
     const t0 = performance.now();
     const cal = await calibrateKv(model, data.windows, {
+      onSamples: (done, total) => {
+        if (process.stderr.isTTY || done === total)
+          process.stderr.write(`\rcalibrate-kv: samples of layer ${done}/${total}${done === total ? '\n' : ''}`);
+      },
       bits, outliers: pct / 100, keyClip: clip / 100, sink: num('sink', 4), keyPerToken: !!f['key-per-token'], postRope: !!f['post-rope'],
       codebook: f.uniform ? 'uniform' : 'kmeans', batch, sensitivity: !f['no-sensitivity'], fisher: bp,
       onProgress: (done, total) => {

@@ -279,14 +279,47 @@ export class LayerFitter {
   private readonly keys = new Map<string, Omit<KvqCalibrationLayer, 'valueCodebook'>>();
   private readonly values = new Map<string, Float32Array>();
   private sorted: { l: number; cols: Float32Array } | undefined;
-  /** keys[l], values[l]: [T, kvHeads*D] per layer; opts.slots is not read here (see calibration). */
-  constructor(private readonly K: Float32Array[], private readonly V: Float32Array[], readonly opts: CalibrateOptions) {
+  private readonly K: (Float32Array | undefined)[];
+  private readonly V: (Float32Array | undefined)[];
+  /**
+   * keys[l], values[l]: [T, kvHeads*D] per layer; opts.slots is not read here (see calibration).
+   * Or a layer count: the samples then come one layer at a time through load() and leave through
+   * unload(), and the fits made meanwhile stay (a model's samples of every layer at once can
+   * outgrow the host's memory).
+   */
+  constructor(K: Float32Array[] | number, V: Float32Array[] | undefined, readonly opts: CalibrateOptions) {
     checkCalibrateOptions(opts, 'calibrateFromSamples');
-    if (K.length !== V.length || K.length === 0) throw new SqueezeError('ERR_ARG', 'calibrateFromSamples: need keys and values for the same (non-zero) number of layers');
-    K.forEach((k, l) => checkLayerSamples(k, V[l], opts, l));
+    const L = typeof K === 'number' ? K : K.length;
+    if (!(Number.isInteger(L) && L > 0) || (typeof K !== 'number' && V?.length !== L))
+      throw new SqueezeError('ERR_ARG', 'calibrateFromSamples: need keys and values for the same (non-zero) number of layers');
+    this.K = typeof K === 'number' ? new Array<undefined>(L).fill(undefined) : [...K];
+    this.V = typeof K === 'number' ? new Array<undefined>(L).fill(undefined) : [...V!];
+    this.K.forEach((k, l) => { if (k) checkLayerSamples(k, this.V[l]!, opts, l); });
   }
   get layers(): number {
     return this.K.length;
+  }
+  /** Layer l's samples (and opts' weights of layer l must be in place by now). */
+  load(l: number, K: Float32Array, V: Float32Array): void {
+    this.checkLayer(l);
+    checkLayerSamples(K, V, this.opts, l);
+    this.K[l] = K;
+    this.V[l] = V;
+  }
+  /** Lets go of layer l's samples; its fits stay. */
+  unload(l: number): void {
+    this.checkLayer(l);
+    this.K[l] = this.V[l] = undefined;
+    if (this.sorted?.l === l) this.sorted = undefined;
+  }
+  private checkLayer(l: number): void {
+    if (!(Number.isInteger(l) && l >= 0 && l < this.layers)) throw new SqueezeError('ERR_ARG', `LayerFitter: no layer ${l} of ${this.layers}`);
+  }
+  private samples(l: number): { K: Float32Array; V: Float32Array } {
+    this.checkLayer(l);
+    const K = this.K[l], V = this.V[l];
+    if (!K || !V) throw new SqueezeError('ERR_INTERNAL', `LayerFitter: layer ${l}'s samples are not loaded and this fit was not made while they were`);
+    return { K, V };
   }
   /** The calibration of every layer with `slots` (default: the uniform count everywhere). */
   calibration(slots?: LayerSlots): KvqCalibration {
@@ -308,12 +341,13 @@ export class LayerFitter {
   layer(l: number, nk: number, nv: number): KvqCalibrationLayer {
     let k = this.keys.get(`${l}:${nk}`);
     if (!k) {
+      const { K } = this.samples(l);
       // the sorted key channels of the last layer asked for (the allocation walks layer by layer)
-      if (this.sorted?.l !== l) this.sorted = { l, cols: sortedColumns(this.K[l], this.opts.kvHeads * this.opts.headDim) };
-      this.keys.set(`${l}:${nk}`, (k = fitKeys(this.K[l], this.opts, l, nk, this.sorted.cols)));
+      if (this.sorted?.l !== l) this.sorted = { l, cols: sortedColumns(K, this.opts.kvHeads * this.opts.headDim) };
+      this.keys.set(`${l}:${nk}`, (k = fitKeys(K, this.opts, l, nk, this.sorted.cols)));
     }
     let v = this.values.get(`${l}:${nv}`);
-    if (!v) this.values.set(`${l}:${nv}`, (v = fitValues(this.V[l], this.opts, l, nv)));
+    if (!v) this.values.set(`${l}:${nv}`, (v = fitValues(this.samples(l).V, this.opts, l, nv)));
     return { ...k, valueCodebook: v };
   }
 }
