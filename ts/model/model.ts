@@ -19,7 +19,7 @@ import { KVCache } from '../runtime/kv-cache';
 import { KvCacheOptions, QuantizedAttention, quantizedBytesPerToken, resolveKvCalibration } from '../runtime/kvq-attention';
 import type { KvqCalibration } from '../quant/kvquant';
 import { GenerateRequest, GenerateResult, GenerationStream, Scheduler, collect } from '../runtime/scheduler';
-import { tokenNll } from '../runtime/ppl';
+import { tokenNllRows } from '../runtime/ppl';
 
 export interface LoadOptions {
   device?: 'auto' | 'cpu' | 'cuda' | string;
@@ -260,7 +260,8 @@ export class Model {
         this.decoder.write(ws, this.decoder.inputs(ids, windows.map((w) => [w[t]]), B));
         this.decoder.forward(ws, 1, L);
         const logits = await ws.logits.toFloat32();
-        for (let b = 0; b < B; b++) sums[b] += tokenNll(logits, b * V, V, windows[b][t + 1]);
+        const nll = await tokenNllRows(logits, V, Int32Array.from(windows, (w) => w[t + 1]));
+        for (let b = 0; b < B; b++) sums[b] += nll[b];
         onStep?.(t + 1, L - 1);
       }
     } finally {

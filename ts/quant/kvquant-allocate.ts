@@ -24,7 +24,7 @@ import { Tensor } from '../tensor';
 import * as ops from '../ops';
 import type { Model } from '../model/model';
 import { ResidualState, setLayerWindow, setProjectionObserver } from '../model/llama';
-import { windowNll } from '../runtime/ppl';
+import { windowNllNative } from '../runtime/ppl';
 import { KvqCache, KvqLayerCalibration, kvqDequantize, kvqMetaBytes, kvqRopeAppend } from '../ops/kvquant';
 import { KvqCalibrationLayer, LayerSlots, MAX_SLOTS } from './kvquant';
 
@@ -219,7 +219,8 @@ export async function quantizedPrefillNll(model: Model, windows: Int32Array[], l
       if (from > 0) setLayerWindow({ from, to: cfg.numLayers, restore: o.states![b] });
       const logits = await model.logitsBatch(s.windows);
       setLayerWindow(null);
-      s.windows.forEach((w, j) => { sum += windowNll(logits[j], w, cfg.vocabSize) * (w.length - 1); n += w.length - 1; });
+      const nll = await Promise.all(s.windows.map((w, j) => windowNllNative(logits[j], w, cfg.vocabSize)));
+      s.windows.forEach((w, j) => { sum += nll[j] * (w.length - 1); n += w.length - 1; });
     }
     return sum / n;
   } finally {

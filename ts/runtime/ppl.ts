@@ -7,6 +7,7 @@ import * as fs from 'fs';
 import { SqueezeError } from '../errors';
 import type { Model } from '../model/model';
 import { SafetensorsFile } from '../model/safetensors';
+import { native } from '../native';
 
 export interface PplData {
   windows: Int32Array[];
@@ -109,6 +110,23 @@ export function windowNll(logits: Float32Array, ids: ArrayLike<number>, V: numbe
   return sum / (L - 1);
 }
 
+/**
+ * Per-row NLLs of logits [rows, V] (row r scored against targets[r]), natively on the host: the
+ * arithmetic of tokenNll step for step (csrc/cpu/nll.cc), rows in parallel on a worker thread.
+ */
+export async function tokenNllRows(logits: Float32Array, V: number, targets: Int32Array): Promise<Float64Array> {
+  return (await native().ops.tokenNll(logits, V, targets)) as Float64Array;
+}
+
+/** windowNll natively (tokenNllRows), the same sum in the same order. */
+export async function windowNllNative(logits: Float32Array, ids: ArrayLike<number>, V: number): Promise<number> {
+  const L = ids.length;
+  const nll = await tokenNllRows(logits, V, Int32Array.from({ length: L - 1 }, (_, t) => ids[t + 1]));
+  let sum = 0;
+  for (let t = 0; t < L - 1; t++) sum += nll[t];
+  return sum / (L - 1);
+}
+
 export async function perplexity(model: Model, data: PplData, opts: PplOptions = {}): Promise<PplResult> {
   const B = opts.batch ?? 1;
   if (!Number.isInteger(B) || B < 1) throw new SqueezeError('ERR_ARG', 'ppl: batch must be a positive integer');
@@ -123,7 +141,7 @@ export async function perplexity(model: Model, data: PplData, opts: PplOptions =
       nll.push(...(await model.decodeNll(chunk)));
     } else {
       const logits = await model.logitsBatch(chunk);
-      chunk.forEach((w, j) => nll.push(windowNll(logits[j], w, V)));
+      nll.push(...(await Promise.all(chunk.map((w, j) => windowNllNative(logits[j], w, V)))));
     }
     opts.onProgress?.(nll.length, total);
   }
