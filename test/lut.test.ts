@@ -12,6 +12,7 @@ import { bf16BitsToFloat32, f16BitsToFloat32, float32ToBf16Bits, float32ToF16Bit
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
+import { spawnSync } from 'child_process';
 
 // Math as a module constant: under jest each lookup of the global in a hot loop is ~10x slower
 // (the sandbox's global object; see gpu.ts).
@@ -131,13 +132,14 @@ describe('lutMatmul (CPU) vs dequantize-then-dense', () => {
     for (const outl of [false, true])
       test(`${bits}-bit ${outl ? 'with' : 'without'} outliers (seed ${seed})`, async () => {
         const r = rng(seed + bits * 2 + (outl ? 1 : 0));
-        for (const [N, K] of [[37, 161], [19, 128]]) {
+        // K: a tail inside a chunk of 8 (161, 1), whole units, several 3-bit units with a tail, 4096+32
+        for (const [N, K] of [[37, 161], [19, 128], [7, 600], [3, 4128], [2, 1]]) {
           const l = randomLinear(N, K, bits, outl, r);
           const w = dequantize(l);
           const t = tensorsOf(l, 'cpu', 'f32');
-          // M = 17, 64: the weight dequantized once, then the CPU matmul (from M = 16; K = 161 packs
-          // to padded rows, of which only the first K entries are written)
-          for (const M of [1, 3, 17, 64]) {
+          // M = 1: one fused row kernel; 2-15: each row dequantized once for every x row; 17, 64: the
+          // weight dequantized once, then the CPU matmul (from M = 16; rows padded past K are cut)
+          for (const M of [1, 2, 3, 15, 17, 64]) {
             const x = randn(M * K, r);
             const y = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N]);
             lutMatmul(y, Tensor.from(x, [M, K]), t.q, t.lut, t.rows, t.cols, t.vals, bits);
@@ -146,6 +148,65 @@ describe('lutMatmul (CPU) vs dequantize-then-dense', () => {
           }
         }
       });
+
+  test(`f16 activations use the table in f16, outliers in f32 (seed ${seed})`, async () => {
+    const r = rng(seed + 11);
+    for (const bits of [3, 4] as const) {
+      const N = 9, K = 300, l = randomLinear(N, K, bits, true, r);
+      const l16 = { ...l, lut: f16BitsToFloat32(float32ToF16Bits(l.lut)) };
+      const w = dequantize(l16), t = tensorsOf(l, 'cpu', 'f32');
+      for (const M of [1, 4]) {
+        const x = f16BitsToFloat32(float32ToF16Bits(randn(M * K, r)));
+        const y = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: 'f16' });
+        lutMatmul(y, Tensor.from(x, [M, K], { dtype: 'f16' }), t.q, t.lut, t.rows, t.cols, t.vals, bits);
+        expect(relErr(await y.toFloat32(), denseRef(x, w, M, N, K))).toBeLessThan(2e-3);
+      }
+    }
+  });
+
+  // The CPU kernels come in a portable form and an AVX2 one, picked once per process; the
+  // environment variable SQUEEZELM_CPU_PORTABLE=1 picks the portable one, so a second process
+  // runs the same products with it (through the built library in dist/).
+  test(`the portable row kernels give the same products (seed ${seed})`, () => {
+    const dist = path.join(__dirname, '..', 'dist', 'ts');
+    if (!fs.existsSync(path.join(dist, 'index.js'))) throw new Error('dist/ is missing: npm test builds it (npm run build:ts)');
+    const r = rng(seed + 12);
+    const cases = [];
+    for (const bits of [3, 4] as const)
+      for (const [N, K, M] of [[21, 161, 1], [5, 600, 3], [4, 4128, 1]]) {
+        const l = randomLinear(N, K, bits, true, r), x = randn(M * K, r);
+        cases.push({ l, x, M, want: denseRef(x, dequantize(l), M, N, K) });
+      }
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-lut-portable-'));
+    try {
+      const input = path.join(dir, 'cases.json');
+      const arr = (a: ArrayLike<number>) => Array.from(a);
+      fs.writeFileSync(input, JSON.stringify(cases.map(({ l, x, M }) => ({
+        N: l.N, K: l.K, bits: l.bits, M, qweight: arr(l.qweight), lut: arr(l.lut), rows: arr(l.rows!), cols: arr(l.cols!), vals: arr(l.vals!), x: arr(x),
+      }))));
+      const script = `
+        const { Tensor, ops } = require(${JSON.stringify(dist)});
+        const cases = JSON.parse(require('fs').readFileSync(${JSON.stringify(input)}, 'utf8'));
+        (async () => {
+          const out = [];
+          for (const c of cases) {
+            const t = (a, shape, dtype) => Tensor.from(dtype === 'i32' ? Int32Array.from(a) : Float32Array.from(a), shape, { dtype });
+            const y = Tensor.from(new Float32Array(c.M * c.N).fill(NaN), [c.M, c.N]);
+            ops.lutMatmul(y, t(c.x, [c.M, c.K], 'f32'), t(c.qweight, [Math.ceil(c.K / 32) * c.bits, c.N], 'i32'), t(c.lut, [c.N, 1 << c.bits], 'f32'),
+              t(c.rows, [c.N + 1], 'i32'), t(c.cols, [c.cols.length], 'i32'), t(c.vals, [c.vals.length], 'f32'), c.bits);
+            out.push(Array.from(await y.toFloat32()));
+          }
+          process.stdout.write(JSON.stringify(out));
+        })().catch((e) => { console.error(e); process.exit(1); });`;
+      const run = spawnSync(process.execPath, ['-e', script], { env: { ...process.env, SQUEEZELM_CPU_PORTABLE: '1', SQUEEZELM_DEVICE: 'cpu' }, encoding: 'utf8' });
+      if (run.status !== 0) throw new Error(`portable run failed: ${run.stderr}`);
+      const got = JSON.parse(run.stdout) as number[][];
+      expect(got.length).toBe(cases.length);
+      cases.forEach((c, i) => expect(relErr(Float32Array.from(got[i]), c.want)).toBeLessThan(1e-5));
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
 
 describe('lutMatmul validation', () => {

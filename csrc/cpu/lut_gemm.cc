@@ -5,8 +5,14 @@
 #include <vector>
 
 #include "../core/error.h"
+#include "../core/env.h"
 #include "../core/parallel.h"
 #include "gemm.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define SQZ_X86 1
+#include <immintrin.h>
+#endif
 
 namespace sqz::cpu {
 
@@ -23,6 +29,157 @@ inline uint32_t chunk_bits(const uint32_t* w, int bits, int ch) {
   const int b = ch >> 2, cc = ch & 3;
   if (cc < 3) return w[3 * b + cc] & 0xffffffu;
   return (w[3 * b] >> 24) | ((w[3 * b + 1] >> 24) << 8) | ((w[3 * b + 2] >> 24) << 16);
+}
+
+// The row kernels of the CPU matmul at small M. For row n and unit u, the words of quarter q are
+// at row_words(L, c, n, u) + (w / 4) * 256 + q * 4 + w % 4 (see the layout in lut_gemm.h), and
+// chunk ch of quarter q holds the 8 codes of k = u * KU + 32 ch + 8 q .. + 7.
+inline const uint32_t* row_words(const LutPacked& L, const uint32_t* c, int64_t n, int64_t u) {
+  return c + ((n / 16) * L.U + u) * 64 * L.WU + (n % 16) * 16;
+}
+template <int bits>
+inline void quarter_words(const uint32_t* rw, int q, uint32_t (&wq)[12]) {
+  constexpr int WU = bits == 4 ? 4 : 12;
+  for (int i = 0; i < WU; ++i) wq[i] = rw[(i / 4) * 256 + q * 4 + i % 4];
+}
+
+// Row n's weights (`table`: the row's 2^bits entries as floats) into dst[0, Kp), whole chunks of 8,
+// the k at and past K set to 0 (the caller's x is zero there as well). The portable form; the AVX2
+// one below does the same with 8 lookups per instruction.
+template <int bits>
+void dequant_row_portable(const LutPacked& L, const uint32_t* c, int64_t n, const float* table, int64_t K, float* dst) {
+  constexpr uint32_t mask = (1u << bits) - 1;
+  const int chunks = (int)(L.KU / 32);
+  for (int64_t u = 0; u < L.U; ++u) {
+    const uint32_t* rw = row_words(L, c, n, u);
+    for (int q = 0; q < 4; ++q) {
+      uint32_t wq[12];
+      quarter_words<bits>(rw, q, wq);
+      for (int ch = 0; ch < chunks; ++ch) {
+        const int64_t k0 = u * L.KU + 32 * ch + 8 * q;
+        const uint32_t v = chunk_bits(wq, bits, ch);
+        for (int j = 0; j < 8; ++j) dst[k0 + j] = k0 + j < K ? table[(v >> (bits * j)) & mask] : 0.f;
+      }
+    }
+  }
+}
+
+// sum_k w[k] * x[k] over n (a multiple of 8) entries, in 8 lanes x 4 chains.
+float dot_portable(const float* w, const float* x, int64_t n) {
+  float acc[4][8] = {};
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32)
+    for (int a = 0; a < 4; ++a)
+      for (int l = 0; l < 8; ++l) acc[a][l] += w[k + 8 * a + l] * x[k + 8 * a + l];
+  for (; k < n; k += 8)
+    for (int l = 0; l < 8; ++l) acc[0][l] += w[k + l] * x[k + l];
+  float s = 0.f;
+  for (int l = 0; l < 8; ++l) s += (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+  return s;
+}
+
+#ifdef SQZ_X86
+// 8 weights of one chunk from its code bits v: 4-bit entries 0-7 and 8-15 in two registers, picked
+// by code bit 3 (moved to the sign bit); 3-bit entries in one. Lanes at k >= K are zeroed.
+template <int bits>
+__attribute__((target("avx2,fma"))) inline __m256 chunk_weights(uint32_t v, __m256 t0, __m256 t1, int64_t k0, int64_t K) {
+  const __m256i shifts = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28) : _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+  const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)v), shifts), _mm256_set1_epi32((1 << bits) - 1));
+  __m256 w = _mm256_permutevar8x32_ps(t0, idx);
+  if constexpr (bits == 4) w = _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(t1, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+  if (k0 + 8 > K) {  // the chunks at the end of a row whose K is not a multiple of 8 (or past it)
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::max<int64_t>(0, K - k0)), lane);
+    w = _mm256_and_ps(w, _mm256_castsi256_ps(keep));
+  }
+  return w;
+}
+
+template <int bits>
+__attribute__((target("avx2,fma"))) void dequant_row_avx2(const LutPacked& L, const uint32_t* c, int64_t n,
+                                                           const float* table, int64_t K, float* dst) {
+  static_assert(bits == 3 || bits == 4, "3- or 4-bit codes");
+  const int chunks = (int)(L.KU / 32);
+  const __m256 t0 = _mm256_loadu_ps(table), t1 = bits == 4 ? _mm256_loadu_ps(table + 8) : t0;
+  for (int64_t u = 0; u < L.U; ++u) {
+    const uint32_t* rw = row_words(L, c, n, u);
+    for (int q = 0; q < 4; ++q) {
+      uint32_t wq[12];
+      quarter_words<bits>(rw, q, wq);
+      for (int ch = 0; ch < chunks; ++ch) {
+        const int64_t k0 = u * L.KU + 32 * ch + 8 * q;
+        _mm256_storeu_ps(dst + k0, chunk_weights<bits>(chunk_bits(wq, bits, ch), t0, t1, k0, K));
+      }
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  __m128 s = _mm_add_ps(lo, hi);
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) float dot_avx2(const float* w, const float* x, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+  }
+  for (; k < n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+  return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
+// One row times one x row (M = 1), the weights never stored: each quarter's chunks go to four
+// accumulator chains.
+template <int bits>
+__attribute__((target("avx2,fma"))) float row_dot_avx2(const LutPacked& L, const uint32_t* c, int64_t n, const float* table,
+                                                         int64_t K, const float* x) {
+  const int chunks = (int)(L.KU / 32);
+  const __m256 t0 = _mm256_loadu_ps(table), t1 = bits == 4 ? _mm256_loadu_ps(table + 8) : t0;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t u = 0; u < L.U; ++u) {
+    const uint32_t* rw = row_words(L, c, n, u);
+    for (int q = 0; q < 4; ++q) {
+      uint32_t wq[12];
+      quarter_words<bits>(rw, q, wq);
+      const int64_t kq = u * L.KU + 8 * q;
+      for (int ch = 0; ch < chunks; ch += 4) {
+        a0 = _mm256_fmadd_ps(chunk_weights<bits>(chunk_bits(wq, bits, ch), t0, t1, kq + 32 * ch, K), _mm256_loadu_ps(x + kq + 32 * ch), a0);
+        a1 = _mm256_fmadd_ps(chunk_weights<bits>(chunk_bits(wq, bits, ch + 1), t0, t1, kq + 32 * ch + 32, K),
+                             _mm256_loadu_ps(x + kq + 32 * ch + 32), a1);
+        a2 = _mm256_fmadd_ps(chunk_weights<bits>(chunk_bits(wq, bits, ch + 2), t0, t1, kq + 32 * ch + 64, K),
+                             _mm256_loadu_ps(x + kq + 32 * ch + 64), a2);
+        a3 = _mm256_fmadd_ps(chunk_weights<bits>(chunk_bits(wq, bits, ch + 3), t0, t1, kq + 32 * ch + 96, K),
+                             _mm256_loadu_ps(x + kq + 32 * ch + 96), a3);
+      }
+    }
+  }
+  return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+#endif
+
+// The row kernels of one build and machine (AVX2 where the CPU has it, portable otherwise; the
+// environment variable SQUEEZELM_CPU_PORTABLE=1 forces the portable ones, for tests).
+using DequantRow = void (*)(const LutPacked&, const uint32_t*, int64_t, const float*, int64_t, float*);
+using Dot = float (*)(const float*, const float*, int64_t);
+using RowDot = float (*)(const LutPacked&, const uint32_t*, int64_t, const float*, int64_t, const float*);
+struct RowKernels {
+  DequantRow dequant3, dequant4;
+  Dot dot;
+  RowDot row_dot3 = nullptr, row_dot4 = nullptr;  // M = 1, weights not stored (null: dequant + dot)
+};
+RowKernels pick_row_kernels() {
+#ifdef SQZ_X86
+  if (env_int("SQUEEZELM_CPU_PORTABLE", 0) != 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return {dequant_row_avx2<3>, dequant_row_avx2<4>, dot_avx2, row_dot_avx2<3>, row_dot_avx2<4>};
+#endif
+  return {dequant_row_portable<3>, dequant_row_portable<4>, dot_portable};
 }
 
 }  // namespace
@@ -82,36 +239,30 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
   const int64_t M = x.dim(0), K = x.dim(1), N = y.dim(1);
   const LutPacked L(bits, N, K);
   const int E = 1 << bits;
-  const uint32_t mask = (uint32_t)E - 1;
   const uint32_t* c = codes.ptr<uint32_t>();
 
-  std::vector<float> lf((size_t)(N * E));
-  convert_to_float(lut.data(), lut.dtype, lf.data(), lf.size());
-  // The products use the table entries in the activation dtype, as the CUDA kernels do (their
-  // tensor cores multiply two values of one type: an f16 table with bf16 activations loses 3 bits
-  // of each entry there); outliers are added in fp32 by both.
-  if (x.dtype == DType::F16)
-    for (float& v : lf) v = half_to_float(float_to_half(v));
-  else if (x.dtype == DType::BF16)
-    for (float& v : lf) v = bf16_to_float(float_to_bf16(v));
+  // Row n's table as floats. The products use the table entries in the activation dtype, as the
+  // CUDA kernels do (their tensor cores multiply two values of one type: an f16 table with bf16
+  // activations loses 3 bits of each entry there); outliers are added in fp32 by both.
+  auto row_table = [&](int64_t n, float (&t)[16]) {
+    convert_to_float(static_cast<const char*>(lut.data()) + (size_t)(n * E) * dtype_size(lut.dtype), lut.dtype, t, (size_t)E);
+    if (x.dtype == DType::F16)
+      for (int e = 0; e < E; ++e) t[e] = half_to_float(float_to_half(t[e]));
+    else if (x.dtype == DType::BF16)
+      for (int e = 0; e < E; ++e) t[e] = bf16_to_float(float_to_bf16(t[e]));
+  };
 
   const int32_t* rp = rows ? rows->ptr<int32_t>() : nullptr;
   const int32_t* cp = cols ? cols->ptr<int32_t>() : nullptr;
   const int64_t nnz = cols ? cols->numel() : 0;
-  const int chunks = (int)(L.KU / 32);
-  // Row n's weights (table entries) into dst[0, K).
+  static const RowKernels kern = pick_row_kernels();
+  const DequantRow dequant = bits == 4 ? kern.dequant4 : kern.dequant3;
+  const RowDot row_dot = bits == 4 ? kern.row_dot4 : kern.row_dot3;
+  // Row n's weights (table entries) into dst[0, Kp), zero from K on.
   auto dequant_row = [&](int64_t n, float* dst) {
-    const float* l = &lf[(size_t)(n * E)];
-    for (int64_t u = 0; u < L.U; ++u)
-      for (int q = 0; q < 4; ++q) {
-        uint32_t wq[12];
-        for (int i = 0; i < L.WU; ++i) wq[i] = c[L.word(n, u, q, i)];
-        for (int ch = 0; ch < chunks; ++ch) {
-          const int64_t k0 = u * L.KU + 32 * ch + 8 * q, m = std::min<int64_t>(8, K - k0);
-          const uint32_t v = chunk_bits(wq, bits, ch);
-          for (int j = 0; j < m; ++j) dst[k0 + j] = l[(v >> (bits * j)) & mask];
-        }
-      }
+    float t[16];
+    row_table(n, t);
+    dequant(L, c, n, t, K, dst);
   };
   // Row n's outliers (memory-safe even on unchecked data; the loader checks the CSR once).
   auto for_outliers = [&](int64_t n, auto&& f) {
@@ -130,9 +281,11 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
     Tensor w = Tensor::empty(DType::F32, {N, K}, Device{});
     float* wp = w.ptr<float>();
     parallel_for(N, 4, [&](int64_t nb, int64_t ne) {
+      std::vector<float> buf((size_t)L.Kp);
       for (int64_t n = nb; n < ne; ++n) {
         float* row = wp + (size_t)(n * K);
-        dequant_row(n, row);
+        dequant_row(n, buf.data());
+        std::memcpy(row, buf.data(), (size_t)K * sizeof(float));
         for_outliers(n, [&](int32_t k, float v) { row[k] += v; });
       }
     });
@@ -140,21 +293,26 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
     return;
   }
 
-  std::vector<float> xf((size_t)(M * K));
-  convert_to_float(x.data(), x.dtype, xf.data(), xf.size());
+  // x in f32, each row padded with zeros to Kp (the dequantized rows are zero there as well), so
+  // the dot products run over whole vectors
+  const int64_t Kp = L.Kp;
+  std::vector<float> xf((size_t)(M * Kp), 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    convert_to_float(static_cast<const char*>(x.data()) + (size_t)(m * K) * dtype_size(x.dtype), x.dtype, &xf[(size_t)(m * Kp)], (size_t)K);
   parallel_for(N, 4, [&](int64_t nb, int64_t ne) {
-    std::vector<float> w((size_t)K);
+    std::vector<float> w((size_t)Kp);
     std::vector<float> acc((size_t)M);
     for (int64_t n = nb; n < ne; ++n) {
-      dequant_row(n, w.data());
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xr = &xf[(size_t)(m * K)];
-        float s = 0.f;
-        for (int64_t k = 0; k < K; ++k) s += w[(size_t)k] * xr[k];
-        acc[(size_t)m] = s;
+      if (M == 1 && row_dot) {
+        float t[16];
+        row_table(n, t);
+        acc[0] = row_dot(L, c, n, t, K, xf.data());
+      } else {
+        dequant_row(n, w.data());
+        for (int64_t m = 0; m < M; ++m) acc[(size_t)m] = kern.dot(w.data(), &xf[(size_t)(m * Kp)], Kp);
       }
       for_outliers(n, [&](int32_t k, float v) {
-        for (int64_t m = 0; m < M; ++m) acc[(size_t)m] += v * xf[(size_t)(m * K + k)];
+        for (int64_t m = 0; m < M; ++m) acc[(size_t)m] += v * xf[(size_t)(m * Kp + k)];
       });
       for (int64_t m = 0; m < M; ++m) store_from_float(y.data(), y.dtype, (size_t)(m * N + n), acc[(size_t)m]);
     }
