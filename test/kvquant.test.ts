@@ -71,6 +71,21 @@ describe('kvquant (CPU)', () => {
     });
   }
 
+  // The CPU op keeps its cos/sin table between calls (every layer and step asks for the same one,
+  // one position longer): calls that alternate RoPE frequencies and lengths each get their own.
+  test('the cos/sin table kept between calls follows the frequencies and lengths asked for', async () => {
+    const H = 1, Hq = 2, D = 64;
+    for (const [L, theta] of [[30, 10000], [100, 500000], [300, 10000], [40, 10000], [70, 500000], [520, 10000]]) {
+      const s = buildCache({ bits: 4, H, D, lens: [L], nk: 1, nv: 1, sink: 1, pageSize: 16, seed: L + theta });
+      const r = rng(L), q = randn(Hq * D, r), inv = invFreqFor(D, theta), scale = 0.125;
+      const out = Tensor.empty([1, Hq, D]);
+      out.write(new Float32Array(Hq * D).fill(NaN));
+      kvqAttention(out, Tensor.from(q, [1, Hq, D]), s.cache, s.cal, s.pageTable, s.seqLens, s.cuQ, Tensor.from(inv, [D / 2]), scale, 1, L);
+      const { k, v } = await dequantAll(s, 0);
+      expect(relErr(await out.toFloat32(), oracleAttention(q, k, v, L, H, Hq, D, inv, scale))).toBeLessThan(2e-3);
+    }
+  });
+
   test('several query rows per sequence are causal', async () => {
     const H = 1, Hq = 3, D = 64, lens = [20, 11];
     const s = buildCache({ bits: 3, H, D, lens, nk: 1, nv: 1, sink: 1, pageSize: 4, seed: 5 });

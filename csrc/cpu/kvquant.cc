@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -105,6 +107,115 @@ void unpack(const Cache& c, const float* lo, const float* hi, const float* kcb, 
   const uint8_t* vidx = kidx + c.nk;
   for (int s = 0; s < c.nk; ++s) kout[std::min<int>(kidx[s], d - 1)] = get_half(kval + 2 * s);
   for (int s = 0; s < c.nv; ++s) vout[std::min<int>(vidx[s], d - 1)] = get_half(vval + 2 * s);
+}
+
+// The dequantized values of one kv head's records through tables: the same arithmetic as unpack,
+// each (channel, code) or (token, code) value computed once instead of once per element.
+struct HeadTables {
+  int d = 0, bits = 0, ncb = 0;
+  std::vector<float> key;  // [d][2^bits]: channel ch, code -> lo + (hi - lo) * 0.5 * (cb + 1) (mode 0)
+  std::vector<float> kcb, vcb;  // codebook entries at fp16 precision
+  std::vector<float> tok;       // [2^bits] scratch: one token's value (or per-token key) entries
+  HeadTables(const Cache& c, const float* lo, const float* hi, const float* kcb_, const float* vcb_)
+      : d((int)c.head_dim), bits(c.bits), ncb(1 << c.bits), kcb(ncb), vcb(ncb), tok(ncb) {
+    for (int e = 0; e < ncb; ++e) { kcb[e] = kvq::book_entry(kcb_[e]); vcb[e] = kvq::book_entry(vcb_[e]); }
+    if (!(c.mode & kvq::KeyPerToken)) {
+      key.resize((size_t)d * ncb);
+      for (int ch = 0; ch < d; ++ch)
+        for (int e = 0; e < ncb; ++e) key[(size_t)ch * ncb + e] = kvq::dequant(lo[ch], hi[ch], kcb[e]);
+    }
+  }
+};
+
+// Codes of a packed row, element order: 2- and 4-bit codes never straddle bytes.
+void row_codes(const uint8_t* row, int d, int bits, uint8_t* codes) {
+  if (bits == 4) {
+    for (int e = 0; e < d; e += 2) { codes[e] = row[e >> 1] & 15; if (e + 1 < d) codes[e + 1] = row[e >> 1] >> 4; }
+  } else if (bits == 2) {
+    for (int e = 0; e < d; ++e) codes[e] = (row[e >> 2] >> (2 * (e & 3))) & 3;
+  } else {
+    for (int e = 0; e < d; ++e) codes[e] = (uint8_t)kvq::get_code(row, e, bits);
+  }
+}
+
+// unpack() through the head's tables (the same values, bit for bit).
+void unpack_fast(const Cache& c, HeadTables& t, const Rec& r, uint8_t* codes, float* kout, float* vout) {
+  const int d = t.d, ncb = t.ncb;
+  row_codes(r.kc, d, c.bits, codes);
+  if (c.mode & kvq::KeyPerToken) {
+    const uint8_t* kr = r.meta + kvq::key_range_offset(c.nk, c.nv);
+    const float klo = get_half(kr), khi = get_half(kr + 2);
+    for (int e = 0; e < ncb; ++e) t.tok[e] = kvq::dequant(klo, khi, t.kcb[e]);
+    for (int ch = 0; ch < d; ++ch) kout[ch] = t.tok[codes[kvq::key_element(ch, d)]];
+  } else {
+    // stream element 2i is channel i, 2i + 1 channel i + d/2
+    const int half = d / 2;
+    for (int i = 0; i < half; ++i) {
+      kout[i] = t.key[(size_t)i * ncb + codes[2 * i]];
+      kout[i + half] = t.key[(size_t)(i + half) * ncb + codes[2 * i + 1]];
+    }
+  }
+  row_codes(r.vc, d, c.bits, codes);
+  const float vlo = get_half(r.meta), vhi = get_half(r.meta + 2);
+  for (int e = 0; e < ncb; ++e) t.tok[e] = kvq::dequant(vlo, vhi, t.vcb[e]);
+  for (int ch = 0; ch < d; ++ch) vout[ch] = t.tok[codes[ch]];
+  const uint8_t* kval = r.meta + 4;
+  const uint8_t* vval = kval + 2 * c.nk;
+  const uint8_t* kidx = vval + 2 * c.nv;
+  const uint8_t* vidx = kidx + c.nk;
+  for (int s = 0; s < c.nk; ++s) kout[std::min<int>(kidx[s], d - 1)] = get_half(kval + 2 * s);
+  for (int s = 0; s < c.nv; ++s) vout[std::min<int>(vidx[s], d - 1)] = get_half(vval + 2 * s);
+}
+
+// cos/sin of (position t, pair i), (float)t * freq[i], kept between calls: every layer and every
+// decode step asks for the same table, one position longer each step. It grows to the next power of
+// two of the positions asked for (at most kMaxRopeTable entries), and a call holds the version it
+// read, so a longer one made meanwhile never moves its data.
+constexpr int64_t kMaxRopeTable = int64_t(1) << 22;
+std::shared_ptr<const std::vector<float>> rope_table(const float* freq, int64_t half, int64_t len) {
+  struct Cached {
+    std::vector<float> freq;
+    int64_t len = 0;
+    std::shared_ptr<const std::vector<float>> table;
+  };
+  static std::mutex mu;
+  static Cached cached;
+  std::lock_guard<std::mutex> lock(mu);
+  const bool same = (int64_t)cached.freq.size() == half && std::equal(cached.freq.begin(), cached.freq.end(), freq);
+  if (same && cached.len >= len) return cached.table;
+  int64_t cap = 1;
+  while (cap < len) cap <<= 1;
+  if (cap * half > kMaxRopeTable) cap = len;
+  auto table = std::make_shared<std::vector<float>>((size_t)(cap * half * 2));
+  int64_t from = 0;
+  if (same && cached.table) {  // keep what was computed
+    std::copy(cached.table->begin(), cached.table->end(), table->begin());
+    from = cached.len;
+  }
+  float* tp = table->data();
+  parallel_for(cap - from, 64, [&](int64_t a, int64_t b) {
+    for (int64_t t = from + a; t < from + b; ++t)
+      for (int64_t i = 0; i < half; ++i) {
+        const float ang = (float)t * freq[i];
+        tp[(size_t)(t * half + i) * 2] = std::cos(ang);
+        tp[(size_t)(t * half + i) * 2 + 1] = std::sin(ang);
+      }
+  });
+  cached.freq.assign(freq, freq + half);
+  cached.len = cap;
+  cached.table = table;
+  return cached.table;
+}
+
+// sum_i a[i] * b[i] in 8 lane sums (a form compilers vectorise without reassociating).
+float dot8(const float* a, const float* b, int64_t n) {
+  float acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
 }
 
 std::vector<int64_t> row_sequences(const Tensor& cu_q, int64_t n_rows) {
@@ -295,27 +406,21 @@ void kvq_attention(const Tensor& out, const Tensor& q, const Cache& c, const Cal
   const int32_t* cu = cu_q.ptr<int32_t>();
   const float* freq = inv_freq.ptr<float>();
   const std::vector<int64_t> seq = row_sequences(cu_q, N);
-  // cos/sin of every (position, pair) once per call where that table is small.
+  // cos/sin of every (position, pair), shared with the calls before where that table is small.
   int64_t max_len = 0;
   for (int64_t n = 0; n < N; ++n)
     if (seq[n] >= 0) {
       const int64_t b = seq[n];
       max_len = std::max<int64_t>(max_len, lens[b] - (cu[b + 1] - cu[b]) + (n - cu[b]) + 1);
     }
-  std::vector<float> table;
-  if (max_len * half <= (int64_t(1) << 22)) {
-    table.resize((size_t)(max_len * half * 2));
-    parallel_for(max_len, 64, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t i = 0; i < half; ++i) {
-          const float ang = (float)t * freq[i];
-          table[(size_t)(t * half + i) * 2] = std::cos(ang);
-          table[(size_t)(t * half + i) * 2 + 1] = std::sin(ang);
-        }
-    });
-  }
+  std::shared_ptr<const std::vector<float>> held;
+  if (max_len > 0 && max_len * half <= kMaxRopeTable) held = rope_table(freq, half, max_len);
+  const float* table = held ? held->data() : nullptr;
   parallel_for(N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> keys, vals, qf(D), sc, acc(D), kb(D), vb(D);
+    std::vector<uint8_t> codes(D);
+    std::unique_ptr<HeadTables> tabs;
+    int64_t tabs_h = -1;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t n = it / H, h = it % H, b = seq[n];
       const int64_t pos = b < 0 ? -1 : lens[b] - (cu[b + 1] - cu[b]) + (n - cu[b]);
@@ -324,6 +429,11 @@ void kvq_attention(const Tensor& out, const Tensor& q, const Cache& c, const Cal
         for (int64_t j = 0; j < g; ++j)
           for (int64_t i = 0; i < D; ++i) store_from_float(out.data(), out.dtype, (n * Hq + h * g + j) * D + i, 0.f);
         continue;
+      }
+      if (tabs_h != h) {
+        tabs = std::make_unique<HeadTables>(c, cal.key_lo.ptr<float>() + h * D, cal.key_hi.ptr<float>() + h * D, cal.key_cb.ptr<float>(),
+                                            cal.val_cb.ptr<float>());
+        tabs_h = h;
       }
       keys.resize(L * D);
       vals.resize(L * D);
@@ -337,13 +447,12 @@ void kvq_attention(const Tensor& out, const Tensor& q, const Cache& c, const Cal
             vb[i] = half_to_float(c.sink_v.ptr<uint16_t>()[o]);
           }
         } else {
-          unpack(c, cal.key_lo.ptr<float>() + h * D, cal.key_hi.ptr<float>() + h * D, cal.key_cb.ptr<float>(),
-                 cal.val_cb.ptr<float>(), record(c, pt, max_pages, b, t, h), kb.data(), vb.data());
+          unpack_fast(c, *tabs, record(c, pt, max_pages, b, t, h), codes.data(), kb.data(), vb.data());
         }
         float* kr = &keys[t * D];
         for (int64_t i = 0; i < half; ++i) {
           float cs, sn;
-          if (!table.empty()) {
+          if (table) {
             cs = table[(size_t)(t * half + i) * 2];
             sn = table[(size_t)(t * half + i) * 2 + 1];
           } else {
@@ -361,9 +470,7 @@ void kvq_attention(const Tensor& out, const Tensor& q, const Cache& c, const Cal
         for (int64_t i = 0; i < D; ++i) qf[i] = load_as_float(q.data(), q.dtype, (n * Hq + hq) * D + i);
         float m = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < L; ++t) {
-          float s = 0.f;
-          for (int64_t i = 0; i < D; ++i) s += qf[i] * keys[t * D + i];
-          sc[t] = s * scale;
+          sc[t] = dot8(qf.data(), &keys[t * D], D) * scale;
           m = std::fmax(m, sc[t]);
         }
         float l = 0.f;
