@@ -5,7 +5,7 @@ import { isSqueezeError } from '../ts/errors';
 import { writeSafetensors } from '../ts/model/safetensors';
 import {
   calibrateFromSamples, calibrateLayer, kmeans1d, kmeans1dWeighted, layerSlots, loadKvqCalibration, normalFloatCodebook, saveKvqCalibration,
-  KvqCalibration, largestMagnitudes, stableOrder,
+  KvqCalibration, largestMagnitudes, stableOrder, kmeans1dNative,
 } from '../ts/quant/kvquant';
 import { allocateSlots, slotCandidates, SlotCosts } from '../ts/quant/kvquant-allocate';
 import { kvqMetaBytes } from '../ts/ops/kvquant';
@@ -122,6 +122,32 @@ describe('kvquant calibration', () => {
     const one = new Float32Array(n).fill(1);
     const a = kmeans1dWeighted(x, one, normalFloatCodebook(2), 50), b = kmeans1d(x, normalFloatCodebook(2), 50);
     a.forEach((v, i) => expect(Math.abs(v - b[i])).toBeLessThan(1e-6));
+  });
+
+  test('the native k-means is the TypeScript one bit for bit (ties, signed zeros, few samples, a collapsed codebook)', () => {
+    const seed = Date.now() % 1e9, r = rng(seed);
+    const same = (a: Float32Array, b: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
+    for (const [n, bits] of [[20000, 2], [20000, 3], [5000, 4], [3, 2], [17, 4]] as const) {
+      // samples on a grid of 1/64 (many ties), zeros of both signs, the rest spread
+      const x = Float32Array.from({ length: n }, () => {
+        const u = r();
+        return u < 0.1 ? 0 : u < 0.2 ? -0 : u < 0.5 ? Math.round((r() * 2 - 1) * 64) / 64 : Math.tanh((r() + r() + r() - 1.5) * 2);
+      });
+      const w = Float32Array.from({ length: n }, () => (r() < 0.1 ? 0 : r() * 3));
+      const init = normalFloatCodebook(bits);
+      for (const it of [1, 25]) {
+        if (!same(kmeans1dNative(x, null, init, it), kmeans1d(x, init, it))) throw new Error(`unweighted n ${n} bits ${bits} it ${it} (seed ${seed})`);
+        if (!same(kmeans1dNative(x, w, init, it), kmeans1dWeighted(x, w, init, it))) throw new Error(`weighted n ${n} bits ${bits} it ${it} (seed ${seed})`);
+      }
+    }
+    // two entries clamped to 1 together: not strictly increasing, so both hand back init as given
+    const flat = Float32Array.from({ length: 100 }, (_, i) => 2 + (i % 2)), init = Float32Array.from([3, -1, 0, 2]);
+    expect(Array.from(kmeans1d(flat, init))).toEqual(Array.from(init));
+    expect(Array.from(kmeans1dNative(flat, null, init))).toEqual(Array.from(init));
+    const code = (f: () => unknown) => { try { f(); } catch (e) { return (e as { code?: string }).code; } return undefined; };
+    expect(code(() => kmeans1dNative(flat, new Float32Array(3), init))).toBe('ERR_SHAPE');
+    expect(code(() => kmeans1dNative(flat, null, new Float32Array(0)))).toBe('ERR_ARG');
+    expect(code(() => kmeans1dNative(new Float64Array(4) as unknown as Float32Array, null, init))).toBe('ERR_ARG');
   });
 
   test('save and load round trip (safetensors)', () => {

@@ -13,6 +13,7 @@ import { f16ToFloat, floatToF16 } from '../util/half';
 import { Tensor } from '../tensor';
 import { SafetensorsFile, writeSafetensors } from '../model/safetensors';
 import { KvqLayerCalibration, outlierSlots } from '../ops/kvquant';
+import { native } from '../native';
 
 export interface KvqCalibrationLayer {
   keyLo: Float32Array;
@@ -146,7 +147,15 @@ export function uniformCodebook(bits: number): Float32Array {
   return Float32Array.from({ length: n }, (_, i) => -1 + (2 * i) / (n - 1));
 }
 
-/** 1-D k-means (Lloyd) of samples in [-1, 1] from `init`; returns a sorted codebook. */
+/**
+ * kmeans1d / kmeans1dWeighted natively (csrc/cpu/kmeans1d.cc): the same steps in the same order,
+ * so the same codebook bit for bit, about 10x faster. `weights` null: unweighted.
+ */
+export function kmeans1dNative(samples: Float32Array, weights: Float32Array | null, init: Float32Array, iterations = 25): Float32Array {
+  return native().ops.kmeans1d(samples, weights, init, iterations) as Float32Array;
+}
+
+/** 1-D k-means (Lloyd) of samples in [-1, 1] from `init`; returns a sorted codebook (the TypeScript reference). */
 export function kmeans1d(samples: Float32Array, init: Float32Array, iterations = 25): Float32Array {
   if (samples.length < init.length) return Float32Array.from(init);
   return lloyd1d(Float64Array.from(samples).sort(), null, init, iterations);
@@ -369,8 +378,8 @@ function fitBook(x: Samples, opts: CalibrateOptions): Float32Array {
   if (opts.codebook === 'uniform') return uniformCodebook(bits);
   const nf = normalFloatCodebook(bits);
   // entries are fp16 values (every op reads them at fp16 precision; kvquant_layout.h)
-  return fp16Values(x.w ? kmeans1dWeighted(Float32Array.from(x.x), Float32Array.from(x.w), nf, iters)
-    : kmeans1d(subsample(Float32Array.from(x.x), maxS), nf, iters));
+  return fp16Values(x.w ? kmeans1dNative(Float32Array.from(x.x), Float32Array.from(x.w), nf, iters)
+    : kmeans1dNative(subsample(Float32Array.from(x.x), maxS), null, nf, iters));
 }
 
 /** The key half of a layer's fit for nk key slots (see calibrateLayer for the clip share). */

@@ -1,12 +1,19 @@
-// native.ops.tokenNll(logits: Float32Array, vocab, targets: Int32Array) -> Promise<Float64Array>
+// Host ops: work on typed arrays already in host memory, no tensors, no device.
 //
-// A host op: the logits are already in host memory (read back from any device), and the work
-// runs on a libuv worker thread (with the CPU pool inside), so the event loop stays free while a
-// large batch of rows is scored. Row r of logits ([rows, vocab] row-major, rows = targets.length)
-// is scored against targets[r]; every target is checked against the vocabulary first.
+// native.ops.tokenNll(logits: Float32Array, vocab, targets: Int32Array) -> Promise<Float64Array>
+//   The logits were read back from any device; the work runs on a libuv worker thread (with the
+//   CPU pool inside), so the event loop stays free while a large batch of rows is scored. Row r of
+//   logits ([rows, vocab] row-major, rows = targets.length) is scored against targets[r]; every
+//   target is checked against the vocabulary first.
+// native.ops.kmeans1d(samples: Float32Array, weights: Float32Array | null, init: Float32Array,
+//                     iterations) -> Float32Array
+//   The KV calibration's codebook k-means (csrc/cpu/kmeans1d.h), synchronous like the TypeScript
+//   function it stands in for (tens of milliseconds at the calibration's 200,000 samples).
+#include <algorithm>
 #include <cstring>
 #include <string>
 
+#include "../cpu/kmeans1d.h"
 #include "../cpu/nll.h"
 #include "op.h"
 
@@ -75,6 +82,30 @@ SQZ_OP(tokenNll) {
   Napi::Promise p = w->promise();
   w->Queue();
   return p;
+}
+
+SQZ_OP(kmeans1d) {
+  Args a(info, "kmeans1d");
+  auto f32 = [&](size_t i) { return i < a.size() && info[i].IsTypedArray() && info[i].As<Napi::TypedArray>().TypedArrayType() == napi_float32_array; };
+  if (!f32(0)) a.error("ERR_ARG", "samples must be a Float32Array");
+  const bool weighted = a.size() > 1 && !info[1].IsNull() && !info[1].IsUndefined();
+  if (weighted && !f32(1)) a.error("ERR_ARG", "weights must be a Float32Array or null");
+  if (!f32(2)) a.error("ERR_ARG", "init must be a Float32Array");
+  Napi::Float32Array x = info[0].As<Napi::Float32Array>(), init = info[2].As<Napi::Float32Array>();
+  const int64_t n = (int64_t)x.ElementLength(), E = (int64_t)init.ElementLength();
+  if (E < 1 || E > 256) a.error("ERR_ARG", "init must hold 1..256 entries, got " + std::to_string(E));
+  const float* w = nullptr;
+  if (weighted) {
+    Napi::Float32Array wa = info[1].As<Napi::Float32Array>();
+    if ((int64_t)wa.ElementLength() != n)
+      a.error("ERR_SHAPE", "weights hold " + std::to_string(wa.ElementLength()) + " values for " + std::to_string(n) + " samples");
+    w = wa.Data();
+  }
+  const int64_t iters = a.integer(3, "iterations");
+  if (iters < 0) a.error("ERR_ARG", "iterations must be >= 0");
+  Napi::Float32Array out = Napi::Float32Array::New(info.Env(), (size_t)E);
+  cpu::kmeans_1d(x.Data(), w, n, init.Data(), (int)E, (int)std::min<int64_t>(iters, 1 << 30), out.Data());
+  return out;
 }
 
 }  // namespace sqz::napi
