@@ -7,12 +7,8 @@
 #include <cstring>
 #include <vector>
 
-#include "core/env.h"
 #include "core/parallel.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 namespace sqz::cpu {
 
@@ -49,59 +45,6 @@ std::vector<int> row_owner(const Layout& L, int64_t N) {
     for (int64_t i = s; i < e; ++i) owner[(size_t)i] = b;
   }
   return owner;
-}
-
-// The two inner loops: sum_d a[d] * b[d] in 8 lane sums (one sequential chain of D dependent adds
-// was most of a CPU prefill's time), and acc[d] += p * v[d]. Portable forms (8 lanes the compiler
-// vectorises without reassociating) and AVX2+FMA ones, picked once per process.
-float dot_portable(const float* a, const float* b, int n) {
-  float acc[8] = {};
-  int d = 0;
-  for (; d + 8 <= n; d += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += a[d + l] * b[d + l];
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; d < n; ++d) s += a[d] * b[d];
-  return s;
-}
-void axpy_portable(float* acc, float p, const float* v, int n) {
-  for (int d = 0; d < n; ++d) acc[d] += p * v[d];
-}
-
-#if defined(__x86_64__) || defined(__i386__)
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int n) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-  int d = 0;
-  for (; d + 16 <= n; d += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
-  }
-  for (; d + 8 <= n; d += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
-  const __m256 v = _mm256_add_ps(s0, s1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  float s = _mm_cvtss_f32(h);
-  for (; d < n; ++d) s += a[d] * b[d];
-  return s;
-}
-__attribute__((target("avx2,fma"))) void axpy_avx2(float* acc, float p, const float* v, int n) {
-  const __m256 pv = _mm256_set1_ps(p);
-  int d = 0;
-  for (; d + 8 <= n; d += 8) _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_loadu_ps(acc + d)));
-  for (; d < n; ++d) acc[d] += p * v[d];
-}
-#endif
-
-struct RowOps {
-  float (*dot)(const float*, const float*, int);
-  void (*axpy)(float*, float, const float*, int);
-};
-RowOps pick_row_ops() {
-#if defined(__x86_64__) || defined(__i386__)
-  if (env_int("SQUEEZELM_CPU_PORTABLE", 0) != 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {dot_avx2, axpy_avx2};
-#endif
-  return {dot_portable, axpy_portable};
 }
 
 }  // namespace
@@ -148,7 +91,7 @@ void attention(const Tensor& out, const Tensor& q, const Tensor& kc, const Tenso
   std::vector<int> owner = row_owner(L, N);
   const size_t es_q = dtype_size(q.dtype), es_o = dtype_size(out.dtype), es_c = dtype_size(kc.dtype);
   const bool f32_cache = kc.dtype == DType::F32 && vc.dtype == DType::F32;
-  static const RowOps ops = pick_row_ops();
+  const vec::Loops& V = vec::loops();
 
   parallel_for(N * Hkv, 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> qf((size_t)g * D), acc((size_t)g * D), krow(D), scores;
@@ -176,7 +119,7 @@ void attention(const Tensor& out, const Tensor& q, const Tensor& kc, const Tenso
           if (page < 0) continue;
           const float* kr = row(kc, page, t);
           for (int hh = 0; hh < g; ++hh) {
-            const float s = ops.dot(qf.data() + (size_t)hh * D, kr, D) * scale;
+            const float s = V.dot(qf.data() + (size_t)hh * D, kr, D) * scale;
             scores[(size_t)(hh * nk + t)] = s;
             mx[hh] = std::max(mx[hh], s);
           }
@@ -189,7 +132,7 @@ void attention(const Tensor& out, const Tensor& q, const Tensor& kc, const Tenso
           for (int hh = 0; hh < g; ++hh) {
             const float p = std::exp(scores[(size_t)(hh * nk + t)] - mx[hh]);
             sum[hh] += p;
-            ops.axpy(acc.data() + (size_t)hh * D, p, vr, D);
+            V.axpy(acc.data() + (size_t)hh * D, p, vr, D);
           }
         }
         for (int hh = 0; hh < g; ++hh) {

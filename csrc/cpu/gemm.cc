@@ -13,10 +13,7 @@
 #include "../core/error.h"
 #include "../core/parallel.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#define SQZ_X86 1
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 namespace sqz::cpu {
 namespace {
@@ -44,13 +41,7 @@ void kernel_portable(const float* const* xr, const float* const* wr, int64_t K, 
 }
 
 #ifdef SQZ_X86
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  __m128 s = _mm_add_ps(lo, hi);
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
+using vec::hsum256;
 
 // 8 accumulators + 4 w vectors + 1 x vector = 13 of the 16 ymm registers.
 __attribute__((target("avx2,fma"))) void kernel_avx2(const float* const* xr, const float* const* wr, int64_t K,

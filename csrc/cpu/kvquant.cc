@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/parallel.h"
+#include "vec.h"
 
 namespace sqz::cpu {
 namespace {
@@ -87,6 +88,17 @@ void pack(uint8_t* row, int64_t bytes, const int* codes, int d, int bits) {
   }
 }
 
+// A record's exact outliers over its dequantized key and value (channels clamped into the vector).
+void put_outliers(const Cache& c, const Rec& r, float* kout, float* vout) {
+  const int d = (int)c.head_dim;
+  const uint8_t* kval = r.meta + 4;
+  const uint8_t* vval = kval + 2 * c.nk;
+  const uint8_t* kidx = vval + 2 * c.nv;
+  const uint8_t* vidx = kidx + c.nk;
+  for (int s = 0; s < c.nk; ++s) kout[std::min<int>(kidx[s], d - 1)] = get_half(kval + 2 * s);
+  for (int s = 0; s < c.nv; ++s) vout[std::min<int>(vidx[s], d - 1)] = get_half(vval + 2 * s);
+}
+
 // Dequantizes one record: keys (pre-RoPE) and values, natural channel order.
 void unpack(const Cache& c, const float* lo, const float* hi, const float* kcb, const float* vcb, const Rec& r,
             float* kout, float* vout) {
@@ -101,12 +113,7 @@ void unpack(const Cache& c, const float* lo, const float* hi, const float* kcb, 
   }
   const float vlo = get_half(r.meta), vhi = get_half(r.meta + 2);
   for (int ch = 0; ch < d; ++ch) vout[ch] = kvq::dequant(vlo, vhi, kvq::book_entry(vcb[kvq::get_code(r.vc, ch, c.bits)]));
-  const uint8_t* kval = r.meta + 4;
-  const uint8_t* vval = kval + 2 * c.nk;
-  const uint8_t* kidx = vval + 2 * c.nv;
-  const uint8_t* vidx = kidx + c.nk;
-  for (int s = 0; s < c.nk; ++s) kout[std::min<int>(kidx[s], d - 1)] = get_half(kval + 2 * s);
-  for (int s = 0; s < c.nv; ++s) vout[std::min<int>(vidx[s], d - 1)] = get_half(vval + 2 * s);
+  put_outliers(c, r, kout, vout);
 }
 
 // The dequantized values of one kv head's records through tables: the same arithmetic as unpack,
@@ -159,12 +166,7 @@ void unpack_fast(const Cache& c, HeadTables& t, const Rec& r, uint8_t* codes, fl
   const float vlo = get_half(r.meta), vhi = get_half(r.meta + 2);
   for (int e = 0; e < ncb; ++e) t.tok[e] = kvq::dequant(vlo, vhi, t.vcb[e]);
   for (int ch = 0; ch < d; ++ch) vout[ch] = t.tok[codes[ch]];
-  const uint8_t* kval = r.meta + 4;
-  const uint8_t* vval = kval + 2 * c.nk;
-  const uint8_t* kidx = vval + 2 * c.nv;
-  const uint8_t* vidx = kidx + c.nk;
-  for (int s = 0; s < c.nk; ++s) kout[std::min<int>(kidx[s], d - 1)] = get_half(kval + 2 * s);
-  for (int s = 0; s < c.nv; ++s) vout[std::min<int>(vidx[s], d - 1)] = get_half(vval + 2 * s);
+  put_outliers(c, r, kout, vout);
 }
 
 // cos/sin of (position t, pair i), (float)t * freq[i], kept between calls: every layer and every
@@ -205,17 +207,6 @@ std::shared_ptr<const std::vector<float>> rope_table(const float* freq, int64_t 
   cached.len = cap;
   cached.table = table;
   return cached.table;
-}
-
-// sum_i a[i] * b[i] in 8 lane sums (a form compilers vectorise without reassociating).
-float dot8(const float* a, const float* b, int64_t n) {
-  float acc[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
 }
 
 std::vector<int64_t> row_sequences(const Tensor& cu_q, int64_t n_rows) {
@@ -416,6 +407,7 @@ void kvq_attention(const Tensor& out, const Tensor& q, const Cache& c, const Cal
   std::shared_ptr<const std::vector<float>> held;
   if (max_len > 0 && max_len * half <= kMaxRopeTable) held = rope_table(freq, half, max_len);
   const float* table = held ? held->data() : nullptr;
+  const vec::Loops& V = vec::loops();
   parallel_for(N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> keys, vals, qf(D), sc, acc(D), kb(D), vb(D);
     std::vector<uint8_t> codes(D);
@@ -470,7 +462,7 @@ void kvq_attention(const Tensor& out, const Tensor& q, const Cache& c, const Cal
         for (int64_t i = 0; i < D; ++i) qf[i] = load_as_float(q.data(), q.dtype, (n * Hq + hq) * D + i);
         float m = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < L; ++t) {
-          sc[t] = dot8(qf.data(), &keys[t * D], D) * scale;
+          sc[t] = V.dot(qf.data(), &keys[t * D], D) * scale;
           m = std::fmax(m, sc[t]);
         }
         float l = 0.f;

@@ -5,14 +5,10 @@
 #include <vector>
 
 #include "../core/error.h"
-#include "../core/env.h"
 #include "../core/parallel.h"
 #include "gemm.h"
+#include "vec.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#define SQZ_X86 1
-#include <immintrin.h>
-#endif
 
 namespace sqz::cpu {
 
@@ -64,20 +60,6 @@ void dequant_row_portable(const LutPacked& L, const uint32_t* c, int64_t n, cons
   }
 }
 
-// sum_k w[k] * x[k] over n (a multiple of 8) entries, in 8 lanes x 4 chains.
-float dot_portable(const float* w, const float* x, int64_t n) {
-  float acc[4][8] = {};
-  int64_t k = 0;
-  for (; k + 32 <= n; k += 32)
-    for (int a = 0; a < 4; ++a)
-      for (int l = 0; l < 8; ++l) acc[a][l] += w[k + 8 * a + l] * x[k + 8 * a + l];
-  for (; k < n; k += 8)
-    for (int l = 0; l < 8; ++l) acc[0][l] += w[k + l] * x[k + l];
-  float s = 0.f;
-  for (int l = 0; l < 8; ++l) s += (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
-  return s;
-}
-
 #ifdef SQZ_X86
 // 8 weights of one chunk from its code bits v: 4-bit entries 0-7 and 8-15 in two registers, picked
 // by code bit 3 (moved to the sign bit); 3-bit entries in one. Lanes at k >= K are zeroed.
@@ -114,27 +96,6 @@ __attribute__((target("avx2,fma"))) void dequant_row_avx2(const LutPacked& L, co
   }
 }
 
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  __m128 s = _mm_add_ps(lo, hi);
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* w, const float* x, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t k = 0;
-  for (; k + 32 <= n; k += 32) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-  }
-  for (; k < n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-  return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-}
-
 // One row times one x row (M = 1), the weights never stored: each quarter's chunks go to four
 // accumulator chains.
 template <int bits>
@@ -160,26 +121,23 @@ __attribute__((target("avx2,fma"))) float row_dot_avx2(const LutPacked& L, const
       }
     }
   }
-  return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  return vec::hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 #endif
 
-// The row kernels of one build and machine (AVX2 where the CPU has it, portable otherwise; the
-// environment variable SQUEEZELM_CPU_PORTABLE=1 forces the portable ones, for tests).
+// The row kernels of one build and machine: AVX2 where vec.h uses its AVX2 forms, portable otherwise
+// (SQUEEZELM_CPU_PORTABLE=1 forces the portable ones, for tests).
 using DequantRow = void (*)(const LutPacked&, const uint32_t*, int64_t, const float*, int64_t, float*);
-using Dot = float (*)(const float*, const float*, int64_t);
 using RowDot = float (*)(const LutPacked&, const uint32_t*, int64_t, const float*, int64_t, const float*);
 struct RowKernels {
   DequantRow dequant3, dequant4;
-  Dot dot;
   RowDot row_dot3 = nullptr, row_dot4 = nullptr;  // M = 1, weights not stored (null: dequant + dot)
 };
 RowKernels pick_row_kernels() {
 #ifdef SQZ_X86
-  if (env_int("SQUEEZELM_CPU_PORTABLE", 0) != 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {dequant_row_avx2<3>, dequant_row_avx2<4>, dot_avx2, row_dot_avx2<3>, row_dot_avx2<4>};
+  if (vec::avx2()) return {dequant_row_avx2<3>, dequant_row_avx2<4>, row_dot_avx2<3>, row_dot_avx2<4>};
 #endif
-  return {dequant_row_portable<3>, dequant_row_portable<4>, dot_portable};
+  return {dequant_row_portable<3>, dequant_row_portable<4>};
 }
 
 }  // namespace
@@ -256,6 +214,7 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
   const int32_t* cp = cols ? cols->ptr<int32_t>() : nullptr;
   const int64_t nnz = cols ? cols->numel() : 0;
   static const RowKernels kern = pick_row_kernels();
+  const vec::Loops& V = vec::loops();
   const DequantRow dequant = bits == 4 ? kern.dequant4 : kern.dequant3;
   const RowDot row_dot = bits == 4 ? kern.row_dot4 : kern.row_dot3;
   // Row n's weights (table entries) into dst[0, Kp), zero from K on.
@@ -309,7 +268,7 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
         acc[0] = row_dot(L, c, n, t, K, xf.data());
       } else {
         dequant_row(n, w.data());
-        for (int64_t m = 0; m < M; ++m) acc[(size_t)m] = kern.dot(w.data(), &xf[(size_t)(m * Kp)], Kp);
+        for (int64_t m = 0; m < M; ++m) acc[(size_t)m] = V.dot(w.data(), &xf[(size_t)(m * Kp)], Kp);
       }
       for_outliers(n, [&](int32_t k, float v) {
         for (int64_t m = 0; m < M; ++m) acc[(size_t)m] += v * xf[(size_t)(m * Kp + k)];
