@@ -49,6 +49,10 @@ describe('kvquant (CPU)', () => {
     [4, 2, 64, [30, 9], 2, [0, 0]],
     [4, 1, 96, [25], 3, [8, 0]],
     [6, 3, 64, [18, 2], 2, [0, 3]],
+    // 2- and 4-bit codes read straight from their bytes at head dims 80 and 96 (the CPU's fast paths)
+    [3, 1, 80, [37], 2],
+    [4, 2, 96, [20, 5], 4],
+    [2, 1, 80, [29], 4, [1, 1]],
   ];
   for (const [Hq, H, D, lens, bits, [nk, nv] = [2, 2]] of cases) {
     test(`kvqAttention = attention over kvqDequantize (Hq ${Hq}, H ${H}, D ${D}, lens ${lens}, ${bits}-bit, slots ${nk} + ${nv})`, async () => {

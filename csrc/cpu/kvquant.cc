@@ -88,15 +88,18 @@ void pack(uint8_t* row, int64_t bytes, const int* codes, int d, int bits) {
   }
 }
 
-// A record's exact outliers over its dequantized key and value (channels clamped into the vector).
+// A record's exact outliers over its dequantized key (kout) and value (vout; either may be null),
+// channels clamped into the vector.
 void put_outliers(const Cache& c, const Rec& r, float* kout, float* vout) {
   const int d = (int)c.head_dim;
   const uint8_t* kval = r.meta + 4;
   const uint8_t* vval = kval + 2 * c.nk;
   const uint8_t* kidx = vval + 2 * c.nv;
   const uint8_t* vidx = kidx + c.nk;
-  for (int s = 0; s < c.nk; ++s) kout[std::min<int>(kidx[s], d - 1)] = get_half(kval + 2 * s);
-  for (int s = 0; s < c.nv; ++s) vout[std::min<int>(vidx[s], d - 1)] = get_half(vval + 2 * s);
+  if (kout)
+    for (int s = 0; s < c.nk; ++s) kout[std::min<int>(kidx[s], d - 1)] = get_half(kval + 2 * s);
+  if (vout)
+    for (int s = 0; s < c.nv; ++s) vout[std::min<int>(vidx[s], d - 1)] = get_half(vval + 2 * s);
 }
 
 // Dequantizes one record: keys (pre-RoPE) and values, natural channel order.
@@ -145,10 +148,10 @@ void row_codes(const uint8_t* row, int d, int bits, uint8_t* codes) {
   }
 }
 
-// unpack() through the head's tables (the same values, bit for bit).
-void unpack_fast(const Cache& c, HeadTables& t, const Rec& r, uint8_t* codes, float* kout, float* vout) {
+// unpack() through the head's tables (the same values, bit for bit), the key and the value apart.
+void unpack_key_fast(const Cache& c, HeadTables& t, const Rec& r, uint8_t* codes, float* kout) {
   const int d = t.d, ncb = t.ncb;
-  row_codes(r.kc, d, c.bits, codes);
+  if (c.bits == 3 || (c.mode & kvq::KeyPerToken)) row_codes(r.kc, d, c.bits, codes);
   if (c.mode & kvq::KeyPerToken) {
     const uint8_t* kr = r.meta + kvq::key_range_offset(c.nk, c.nv);
     const float klo = get_half(kr), khi = get_half(kr + 2);
@@ -157,19 +160,59 @@ void unpack_fast(const Cache& c, HeadTables& t, const Rec& r, uint8_t* codes, fl
   } else {
     // stream element 2i is channel i, 2i + 1 channel i + d/2
     const int half = d / 2;
-    for (int i = 0; i < half; ++i) {
-      kout[i] = t.key[(size_t)i * ncb + codes[2 * i]];
-      kout[i + half] = t.key[(size_t)(i + half) * ncb + codes[2 * i + 1]];
+    const float* klo_tab = t.key.data();
+    const float* khi_tab = t.key.data() + (size_t)half * ncb;
+    if (c.bits == 4) {  // byte i: channel i in the low nibble, channel i + d/2 in the high one
+      for (int i = 0; i < half; ++i) {
+        const unsigned b = r.kc[i];
+        kout[i] = klo_tab[i * 16 + (b & 15)];
+        kout[i + half] = khi_tab[i * 16 + (b >> 4)];
+      }
+    } else if (c.bits == 2) {  // byte i/2, bits 4(i%2)..: channel i, then channel i + d/2
+      for (int i = 0; i < half; ++i) {
+        const unsigned b = (unsigned)r.kc[i >> 1] >> (4 * (i & 1));
+        kout[i] = klo_tab[i * 4 + (b & 3)];
+        kout[i + half] = khi_tab[i * 4 + ((b >> 2) & 3)];
+      }
+    } else {
+      for (int i = 0; i < half; ++i) {
+        kout[i] = klo_tab[(size_t)i * ncb + codes[2 * i]];
+        kout[i + half] = khi_tab[(size_t)i * ncb + codes[2 * i + 1]];
+      }
     }
   }
-  row_codes(r.vc, d, c.bits, codes);
-  const float vlo = get_half(r.meta), vhi = get_half(r.meta + 2);
-  for (int e = 0; e < ncb; ++e) t.tok[e] = kvq::dequant(vlo, vhi, t.vcb[e]);
-  for (int ch = 0; ch < d; ++ch) vout[ch] = t.tok[codes[ch]];
-  put_outliers(c, r, kout, vout);
+  put_outliers(c, r, kout, nullptr);
 }
 
-// cos/sin of (position t, pair i), (float)t * freq[i], kept between calls: every layer and every
+void unpack_value_fast(const Cache& c, HeadTables& t, const Rec& r, uint8_t* codes, float* vout) {
+  const int d = t.d, ncb = t.ncb;
+  const float vlo = get_half(r.meta), vhi = get_half(r.meta + 2);
+  for (int e = 0; e < ncb; ++e) t.tok[e] = kvq::dequant(vlo, vhi, t.vcb[e]);
+  const float* vt = t.tok.data();
+  if (c.bits == 4) {
+    for (int j = 0; j < d / 2; ++j) {
+      const unsigned b = r.vc[j];
+      vout[2 * j] = vt[b & 15];
+      vout[2 * j + 1] = vt[b >> 4];
+    }
+  } else if (c.bits == 2) {
+    for (int j = 0; j < d / 4; ++j) {
+      const unsigned b = r.vc[j];
+      vout[4 * j] = vt[b & 3];
+      vout[4 * j + 1] = vt[(b >> 2) & 3];
+      vout[4 * j + 2] = vt[(b >> 4) & 3];
+      vout[4 * j + 3] = vt[b >> 6];
+    }
+    for (int ch = d / 4 * 4; ch < d; ++ch) vout[ch] = vt[kvq::get_code(r.vc, ch, 2)];
+  } else {
+    row_codes(r.vc, d, c.bits, codes);
+    for (int ch = 0; ch < d; ++ch) vout[ch] = vt[codes[ch]];
+  }
+  put_outliers(c, r, nullptr, vout);
+}
+
+// cos/sin of (position t, pair i), (float)t * freq[i], as [t][cos of every pair, sin of every pair],
+// kept between calls: every layer and every
 // decode step asks for the same table, one position longer each step. It grows to the next power of
 // two of the positions asked for (at most kMaxRopeTable entries), and a call holds the version it
 // read, so a longer one made meanwhile never moves its data.
@@ -199,8 +242,8 @@ std::shared_ptr<const std::vector<float>> rope_table(const float* freq, int64_t 
     for (int64_t t = from + a; t < from + b; ++t)
       for (int64_t i = 0; i < half; ++i) {
         const float ang = (float)t * freq[i];
-        tp[(size_t)(t * half + i) * 2] = std::cos(ang);
-        tp[(size_t)(t * half + i) * 2 + 1] = std::sin(ang);
+        tp[(size_t)(t * half * 2 + i)] = std::cos(ang);
+        tp[(size_t)(t * half * 2 + half + i)] = std::sin(ang);
       }
   });
   cached.freq.assign(freq, freq + half);
@@ -409,7 +452,7 @@ void kvq_attention(const Tensor& out, const Tensor& q, const Cache& c, const Cal
   const float* table = held ? held->data() : nullptr;
   const vec::Loops& V = vec::loops();
   parallel_for(N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> keys, vals, qf(D), sc, acc(D), kb(D), vb(D);
+    std::vector<float> qf((size_t)(g * D)), sc, acc((size_t)(g * D)), kb(D), vb(D), krow(D);
     std::vector<uint8_t> codes(D);
     std::unique_ptr<HeadTables> tabs;
     int64_t tabs_h = -1;
@@ -427,53 +470,60 @@ void kvq_attention(const Tensor& out, const Tensor& q, const Cache& c, const Cal
                                             cal.val_cb.ptr<float>());
         tabs_h = h;
       }
-      keys.resize(L * D);
-      vals.resize(L * D);
-      sc.resize(L);
+      // Two passes over the records, one row at a time (no [L, D] copies of the keys and values):
+      // the rotated keys give every query head's scores and their maxima, then the values are
+      // summed with the softmax weights, each head's sums in token order.
       const int64_t srow = sink_row(c, b);
+      const bool has_sink = srow >= 0;
+      sc.resize((size_t)(g * L));
+      for (int64_t j = 0; j < g; ++j)
+        for (int64_t i = 0; i < D; ++i) qf[(size_t)(j * D + i)] = load_as_float(q.data(), q.dtype, (n * Hq + h * g + j) * D + i);
+      std::vector<float> m((size_t)g, -std::numeric_limits<float>::infinity());
       for (int64_t t = 0; t < L; ++t) {
-        if (t < c.sink && srow >= 0) {
-          for (int64_t i = 0; i < D; ++i) {
-            const int64_t o = ((srow * c.sink + t) * H + h) * D + i;
-            kb[i] = half_to_float(c.sink_k.ptr<uint16_t>()[o]);
-            vb[i] = half_to_float(c.sink_v.ptr<uint16_t>()[o]);
+        if (t < c.sink && has_sink) {
+          for (int64_t i = 0; i < D; ++i) kb[i] = half_to_float(c.sink_k.ptr<uint16_t>()[((srow * c.sink + t) * H + h) * D + i]);
+        } else {
+          unpack_key_fast(c, *tabs, record(c, pt, max_pages, b, t, h), codes.data(), kb.data());
+        }
+        float* kr = krow.data();
+        if (table) {  // contiguous cos and sin rows: the loop vectorises (the same products and sums)
+          const float* cs = table + (size_t)(t * half * 2);
+          const float* sn = cs + half;
+          for (int64_t i = 0; i < half; ++i) {
+            kr[i] = kb[i] * cs[i] - kb[i + half] * sn[i];
+            kr[i + half] = kb[i + half] * cs[i] + kb[i] * sn[i];
           }
         } else {
-          unpack_fast(c, *tabs, record(c, pt, max_pages, b, t, h), codes.data(), kb.data(), vb.data());
-        }
-        float* kr = &keys[t * D];
-        for (int64_t i = 0; i < half; ++i) {
-          float cs, sn;
-          if (table) {
-            cs = table[(size_t)(t * half + i) * 2];
-            sn = table[(size_t)(t * half + i) * 2 + 1];
-          } else {
+          for (int64_t i = 0; i < half; ++i) {
             const float ang = (float)t * freq[i];
-            cs = std::cos(ang);
-            sn = std::sin(ang);
+            const float cs = std::cos(ang), sn = std::sin(ang);
+            kr[i] = kb[i] * cs - kb[i + half] * sn;
+            kr[i + half] = kb[i + half] * cs + kb[i] * sn;
           }
-          kr[i] = kb[i] * cs - kb[i + half] * sn;
-          kr[i + half] = kb[i + half] * cs + kb[i] * sn;
         }
-        std::memcpy(&vals[t * D], vb.data(), D * sizeof(float));
+        for (int64_t j = 0; j < g; ++j) {
+          const float sj = V.dot(&qf[(size_t)(j * D)], kr, D) * scale;
+          sc[(size_t)(j * L + t)] = sj;
+          m[(size_t)j] = std::fmax(m[(size_t)j], sj);
+        }
       }
-      for (int64_t j = 0; j < g; ++j) {
-        const int64_t hq = h * g + j;
-        for (int64_t i = 0; i < D; ++i) qf[i] = load_as_float(q.data(), q.dtype, (n * Hq + hq) * D + i);
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < L; ++t) {
-          sc[t] = V.dot(qf.data(), &keys[t * D], D) * scale;
-          m = std::fmax(m, sc[t]);
+      std::vector<float> l((size_t)g, 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < L; ++t) {
+        if (t < c.sink && has_sink) {
+          for (int64_t i = 0; i < D; ++i) vb[i] = half_to_float(c.sink_v.ptr<uint16_t>()[((srow * c.sink + t) * H + h) * D + i]);
+        } else {
+          unpack_value_fast(c, *tabs, record(c, pt, max_pages, b, t, h), codes.data(), vb.data());
         }
-        float l = 0.f;
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t t = 0; t < L; ++t) {
-          const float p = std::exp(sc[t] - m);
-          l += p;
-          for (int64_t i = 0; i < D; ++i) acc[i] += p * vals[t * D + i];
+        for (int64_t j = 0; j < g; ++j) {
+          const float p = std::exp(sc[(size_t)(j * L + t)] - m[(size_t)j]);
+          l[(size_t)j] += p;
+          V.axpy(&acc[(size_t)(j * D)], p, vb.data(), D);
         }
-        for (int64_t i = 0; i < D; ++i) store_from_float(out.data(), out.dtype, (n * Hq + hq) * D + i, acc[i] / l);
       }
+      for (int64_t j = 0; j < g; ++j)
+        for (int64_t i = 0; i < D; ++i)
+          store_from_float(out.data(), out.dtype, (n * Hq + h * g + j) * D + i, acc[(size_t)(j * D + i)] / l[(size_t)j]);
     }
   });
 }
