@@ -193,7 +193,7 @@ export function stableOrder(a: Float32Array): Uint32Array {
 
 // Math.abs through a module binding: in a vm context (the test runner's sandbox) every lookup of
 // the global Math goes through the context's interceptor, which made lloyd1d's loop 30x slower there.
-const abs = Math.abs;
+const abs = Math.abs, min = Math.min, max = Math.max;
 
 // Lloyd iterations over sorted samples x (weights w, or all 1 when null) from `init`.
 function lloyd1d(x: Float64Array, w: Float64Array | null, init: Float32Array, iterations: number): Float32Array {
@@ -378,8 +378,7 @@ function fitBook(x: Samples, opts: CalibrateOptions): Float32Array {
   if (opts.codebook === 'uniform') return uniformCodebook(bits);
   const nf = normalFloatCodebook(bits);
   // entries are fp16 values (every op reads them at fp16 precision; kvquant_layout.h)
-  return fp16Values(x.w ? kmeans1dNative(Float32Array.from(x.x), Float32Array.from(x.w), nf, iters)
-    : kmeans1dNative(subsample(Float32Array.from(x.x), maxS), null, nf, iters));
+  return fp16Values(x.w ? kmeans1dNative(x.x, x.w, nf, iters) : kmeans1dNative(subsample(x.x, maxS), null, nf, iters));
 }
 
 /** The key half of a layer's fit for nk key slots (see calibrateLayer for the clip share). */
@@ -399,7 +398,7 @@ function fitKeys(K: Float32Array, opts: CalibrateOptions, l: number, nk: number,
   const swk = opts.sampleWeights?.keys[l];
   if (opts.keyPerToken) return { keyLo, keyHi, keyCodebook: fitBook(perTokenSamples(K, T * kvHeads, headDim, nk, maxS, swk), opts) };
   // normalised key samples inside the bounds: every channel of every tStep-th token
-  const kn: number[] = [], kw: number[] = [];
+  const kn = new F32Builder(), kw = new F32Builder();
   const tStep = Math.max(1, Math.floor(T / Math.max(1, Math.floor(maxS / HD))));
   const wl = swk ? undefined : opts.keyWeights?.[l];
   for (let t = 0; t < T; t += tStep)
@@ -409,7 +408,7 @@ function fitKeys(K: Float32Array, opts: CalibrateOptions, l: number, nk: number,
       kn.push(x);
       kw.push(swk ? swk[t * HD + c] : wl ? wl[c] : 1);
     }
-  return { keyLo, keyHi, keyCodebook: fitBook({ x: kn, w: swk || wl ? kw : undefined }, opts) };
+  return { keyLo, keyHi, keyCodebook: fitBook({ x: kn.done(), w: swk || wl ? kw.done() : undefined }, opts) };
 }
 
 /** Each channel of X [T, HD] sorted: [HD][T] (the key bounds are quantiles of these, for every slot count). */
@@ -433,14 +432,14 @@ function fitValues(V: Float32Array, opts: CalibrateOptions, l: number, nv: numbe
 // largest-magnitude entries (the outliers), as the cache quantizes values.
 // With `weights` (one per element of X) each sample keeps its element's weight.
 function perTokenSamples(X: Float32Array, vecs: number, headDim: number, n: number, maxS: number, weights?: Float32Array): Samples {
-  const out: number[] = [], w: number[] | undefined = weights ? [] : undefined;
+  const out = new F32Builder(), w = weights ? new F32Builder() : undefined;
   const vstride = Math.max(1, Math.floor((vecs * headDim) / maxS));
   const skip = new Uint8Array(headDim), top = new Int32Array(Math.max(1, n));
   for (let vi = 0; vi < vecs; vi += Math.max(1, Math.floor(vstride / headDim) || 1)) {
     const v = X.subarray(vi * headDim, (vi + 1) * headDim);
     largestMagnitudes(v, n, top, skip);
     let mn = Infinity, mx = -Infinity;
-    for (let c = 0; c < headDim; c++) if (!skip[c]) { mn = Math.min(mn, v[c]); mx = Math.max(mx, v[c]); }
+    for (let c = 0; c < headDim; c++) if (!skip[c]) { mn = min(mn, v[c]); mx = max(mx, v[c]); }
     if (!(mx > mn)) continue;
     for (let c = 0; c < headDim; c++) {
       if (skip[c]) continue;
@@ -448,7 +447,7 @@ function perTokenSamples(X: Float32Array, vecs: number, headDim: number, n: numb
       w?.push(weights![vi * headDim + c]);
     }
   }
-  return { x: out, w };
+  return { x: out.done(), w: w?.done() };
 }
 
 /**
@@ -472,8 +471,29 @@ export function largestMagnitudes(v: Float32Array, n: number, top: Int32Array, s
 
 /** Normalised samples and, when the fit is weighted, a weight per sample. */
 interface Samples {
-  x: number[];
-  w?: number[];
+  x: Float32Array;
+  w?: Float32Array;
+}
+
+/**
+ * A growing Float32Array (samples are appended one by one; an array of numbers of that size cost
+ * seconds per calibration). Values are rounded to f32 as they are stored, as the codebook fit reads
+ * them anyway.
+ */
+class F32Builder {
+  private a = new Float32Array(1024);
+  length = 0;
+  push(v: number): void {
+    if (this.length === this.a.length) {
+      const b = new Float32Array(this.a.length * 2);
+      b.set(this.a);
+      this.a = b;
+    }
+    this.a[this.length++] = v;
+  }
+  done(): Float32Array {
+    return this.a.subarray(0, this.length);
+  }
 }
 
 /** Writes a calibration as safetensors. */
