@@ -151,7 +151,7 @@ void row_codes(const uint8_t* row, int d, int bits, uint8_t* codes) {
 // unpack() through the head's tables (the same values, bit for bit), the key and the value apart.
 void unpack_key_fast(const Cache& c, HeadTables& t, const Rec& r, uint8_t* codes, float* kout) {
   const int d = t.d, ncb = t.ncb;
-  if (c.bits == 3 || (c.mode & kvq::KeyPerToken)) row_codes(r.kc, d, c.bits, codes);
+  if (c.mode & kvq::KeyPerToken) row_codes(r.kc, d, c.bits, codes);
   if (c.mode & kvq::KeyPerToken) {
     const uint8_t* kr = r.meta + kvq::key_range_offset(c.nk, c.nv);
     const float klo = get_half(kr), khi = get_half(kr + 2);
@@ -174,17 +174,26 @@ void unpack_key_fast(const Cache& c, HeadTables& t, const Rec& r, uint8_t* codes
         kout[i] = klo_tab[i * 4 + (b & 3)];
         kout[i + half] = khi_tab[i * 4 + ((b >> 2) & 3)];
       }
-    } else {
-      for (int i = 0; i < half; ++i) {
-        kout[i] = klo_tab[(size_t)i * ncb + codes[2 * i]];
-        kout[i + half] = khi_tab[(size_t)i * ncb + codes[2 * i + 1]];
+    } else {  // 3-bit: 8 codes in 3 bytes (elements 8g..8g+7: channels 4g..4g+3 and their partners)
+      int i = 0;
+      for (; 8 * (i / 4) + 8 <= d && i + 4 <= half; i += 4) {
+        const uint8_t* p = r.kc + 3 * (i / 4);
+        const unsigned w = p[0] | (unsigned)p[1] << 8 | (unsigned)p[2] << 16;
+        for (int k = 0; k < 4; ++k) {
+          kout[i + k] = klo_tab[(i + k) * 8 + ((w >> (6 * k)) & 7)];
+          kout[i + k + half] = khi_tab[(i + k) * 8 + ((w >> (6 * k + 3)) & 7)];
+        }
+      }
+      for (; i < half; ++i) {
+        kout[i] = klo_tab[(size_t)i * ncb + kvq::get_code(r.kc, 2 * i, 3)];
+        kout[i + half] = khi_tab[(size_t)i * ncb + kvq::get_code(r.kc, 2 * i + 1, 3)];
       }
     }
   }
   put_outliers(c, r, kout, nullptr);
 }
 
-void unpack_value_fast(const Cache& c, HeadTables& t, const Rec& r, uint8_t* codes, float* vout) {
+void unpack_value_fast(const Cache& c, HeadTables& t, const Rec& r, float* vout) {
   const int d = t.d, ncb = t.ncb;
   const float vlo = get_half(r.meta), vhi = get_half(r.meta + 2);
   for (int e = 0; e < ncb; ++e) t.tok[e] = kvq::dequant(vlo, vhi, t.vcb[e]);
@@ -204,9 +213,14 @@ void unpack_value_fast(const Cache& c, HeadTables& t, const Rec& r, uint8_t* cod
       vout[4 * j + 3] = vt[b >> 6];
     }
     for (int ch = d / 4 * 4; ch < d; ++ch) vout[ch] = vt[kvq::get_code(r.vc, ch, 2)];
-  } else {
-    row_codes(r.vc, d, c.bits, codes);
-    for (int ch = 0; ch < d; ++ch) vout[ch] = vt[codes[ch]];
+  } else {  // 3-bit: 8 codes in 3 bytes
+    int ch = 0;
+    for (; ch + 8 <= d; ch += 8) {
+      const uint8_t* p = r.vc + 3 * (ch / 8);
+      const unsigned w = p[0] | (unsigned)p[1] << 8 | (unsigned)p[2] << 16;
+      for (int k = 0; k < 8; ++k) vout[ch + k] = vt[(w >> (3 * k)) & 7];
+    }
+    for (; ch < d; ++ch) vout[ch] = vt[kvq::get_code(r.vc, ch, 3)];
   }
   put_outliers(c, r, nullptr, vout);
 }
@@ -513,7 +527,7 @@ void kvq_attention(const Tensor& out, const Tensor& q, const Cache& c, const Cal
         if (t < c.sink && has_sink) {
           for (int64_t i = 0; i < D; ++i) vb[i] = half_to_float(c.sink_v.ptr<uint16_t>()[((srow * c.sink + t) * H + h) * D + i]);
         } else {
-          unpack_value_fast(c, *tabs, record(c, pt, max_pages, b, t, h), codes.data(), vb.data());
+          unpack_value_fast(c, *tabs, record(c, pt, max_pages, b, t, h), vb.data());
         }
         for (int64_t j = 0; j < g; ++j) {
           const float p = std::exp(sc[(size_t)(j * L + t)] - m[(size_t)j]);
