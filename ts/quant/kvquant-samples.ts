@@ -5,8 +5,8 @@
  * Kept for all layers at once they outgrow a host: LLaMA-2-7B (32 layers, 32 kv heads x 128) over
  * 16 windows of 2048 tokens holds 1.1 GB of fp32 keys and values per layer, 34 GB in all. So the
  * decoder walks the windows one layer at a time instead: layer l runs alone from the residual
- * stream that layer l - 1 left (setLayerWindow, the same window the outlier-slot measurement
- * uses), the projection observer keeps that layer's keys and values, and the stream after it is
+ * stream that layer l - 1 left (residualStates, the walk of the outlier-slot measurement), the
+ * projection observer keeps that layer's keys and values, and the stream after it is
  * kept for layer l + 1. A walk over every layer costs one forward pass without logits; what it
  * holds is one layer's samples and one residual stream per batch of windows.
  */
@@ -15,6 +15,7 @@ import { Tensor } from '../tensor';
 import type { Model } from '../model/model';
 import { ResidualState, setLayerWindow, setProjectionObserver } from '../model/llama';
 import { clone } from '../ops/basic';
+import { residualStates } from './kvquant-allocate';
 import { rotateRows } from './gradients';
 
 /** One layer's samples over every calibration window, positions below the sink left out. */
@@ -96,34 +97,35 @@ export class LayerSampler {
       return { k, v };
     };
     let chain: Promise<void> = Promise.resolve();
-    let b = 0;
+    let b = 0; // the batch of the next observation: one per batch, since only layer l runs
     const observe = (layer: number, qkv: Tensor, positions: Tensor): void => {
       if (layer !== l) return;
-      const at = b, T = qkv.shape[0], W = qkv.shape[1];
+      const at = b++, T = qkv.shape[0], W = qkv.shape[1];
       const snap = Promise.all([snapshot(qkv), snapshot(positions)]);
       snap.catch(() => undefined); // a failed read surfaces through the chain, never unhandled
       chain = chain.then(() => snap).then(([a, p]) => { parts[at] = take(a, p as Int32Array, T, W); });
     };
-    const saved: ResidualState[] = [];
+    let next: ResidualState[] | undefined;
     setProjectionObserver(observe);
     try {
-      for (let i = 0; i < windows.length; i += batch, b++) {
-        setLayerWindow({
-          from: l, to: last ? L : l + 1, restore: this.states?.[b],
-          save: last ? undefined : (s) => saved.push({ x: clone(s.x), mlp: clone(s.mlp) }),
-        });
-        await this.model.prefillOnly(windows.slice(i, i + batch));
+      if (!last) next = await residualStates(this.model, windows, l, this.states, batch);
+      else {
+        // the last layer leaves no stream to keep: it runs on to the (unread) logits
+        for (let i = 0, j = 0; i < windows.length; i += batch, j++) {
+          setLayerWindow({ from: l, to: L, restore: this.states?.[j] });
+          await this.model.prefillOnly(windows.slice(i, i + batch));
+        }
       }
       await chain;
     } catch (e) {
-      drop(saved);
+      drop(next);
       throw e;
     } finally {
       setProjectionObserver(null);
       setLayerWindow(null);
     }
     drop(this.states);
-    this.states = last ? undefined : saved;
+    this.states = next;
     this.nextLayer = l + 1;
     const tokens = parts.reduce((a, x) => a + x.k.length / HD, 0);
     return { keys: cat(parts.map((x) => x.k)), values: cat(parts.map((x) => x.v)), queryEnergy: energy, tokens };
