@@ -147,21 +147,21 @@ export function scalePlan(cfg: ModelConfig, cal: KvqCalibration, tokens: number,
 const gb = (b: number) => `${(b / GB).toFixed(2)} GB`;
 
 /**
- * The largest context (whole pages) whose plan fits `free` bytes: a first guess from the cost per
- * token, then whole pages off while the plan (whose workspace grows with the context) is too big.
+ * The largest context (whole pages) whose plan fits `free` bytes: a binary search over the page
+ * count (the plan grows with it), from the cost of one page of cache as the upper bound.
  */
 export function largestFit(cfg: ModelConfig, cal: KvqCalibration, pageSize: number, device: string, sinkRows: number, free: number): number {
-  const probe = scalePlan(cfg, cal, pageSize, pageSize, device, sinkRows);
-  const fixed = probe.needBytes - probe.cacheBytes;
-  let pages = Math.max(0, Math.floor((free - fixed) / probe.perToken / pageSize));
-  const needAt = (p: number) => scalePlan(cfg, cal, p * pageSize, pageSize, device, sinkRows).needBytes;
-  // The workspace is a few MB at most, so a page at a time is short; step faster when far off.
-  let step = 1024;
-  while (pages > 0 && needAt(pages) > free) {
-    while (step > 1 && (pages < step || needAt(pages - step) <= free)) step >>= 1;
-    pages -= Math.min(step, pages);
+  const fits = (pages: number) => scalePlan(cfg, cal, Math.max(1, pages) * pageSize, pageSize, device, sinkRows).needBytes <= free;
+  const one = scalePlan(cfg, cal, pageSize, pageSize, device, sinkRows);
+  if (!fits(1)) return 0;
+  let lo = 1, hi = Math.max(1, Math.floor((free - (one.needBytes - one.cacheBytes)) / (one.perToken * pageSize)) + 1);
+  while (fits(hi)) hi *= 2;
+  while (hi - lo > 1) {  // fits(lo), !fits(hi)
+    const mid = Math.floor((lo + hi) / 2);
+    if (fits(mid)) lo = mid;
+    else hi = mid;
   }
-  return pages * pageSize;
+  return lo * pageSize;
 }
 
 /**
