@@ -96,14 +96,19 @@ __attribute__((target("avx2,fma"))) void dequant_row_avx2(const LutPacked& L, co
   }
 }
 
-// One row times one x row (M = 1), the weights never stored: each quarter's chunks go to four
-// accumulator chains.
-template <int bits>
-__attribute__((target("avx2,fma"))) float row_dot_avx2(const LutPacked& L, const uint32_t* c, int64_t n, const float* table,
-                                                         int64_t K, const float* x) {
+// One row times the M (<= 16) rows of x (each Kp long, zero past K), the weights never stored: each
+// group of four chunks of a quarter is decoded once and summed into every x row's accumulator as a
+// short tree (two products, two fused adds, one add), so one row of x does not wait on one chain.
+// MC: the row count when known at compile time (1: decode; its accumulator stays in a register), 0
+// for any M.
+template <int bits, int MC>
+__attribute__((target("avx2,fma"))) void rows_dot_avx2(const LutPacked& L, const uint32_t* c, int64_t n, const float* table,
+                                                         int64_t K, const float* x, int64_t M_, int64_t Kp, float* out) {
+  const int64_t M = MC ? MC : M_;
   const int chunks = (int)(L.KU / 32);
   const __m256 t0 = _mm256_loadu_ps(table), t1 = bits == 4 ? _mm256_loadu_ps(table + 8) : t0;
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  __m256 acc[16];
+  for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t u = 0; u < L.U; ++u) {
     const uint32_t* rw = row_words(L, c, n, u);
     for (int q = 0; q < 4; ++q) {
@@ -111,31 +116,37 @@ __attribute__((target("avx2,fma"))) float row_dot_avx2(const LutPacked& L, const
       quarter_words<bits>(rw, q, wq);
       const int64_t kq = u * L.KU + 8 * q;
       for (int ch = 0; ch < chunks; ch += 4) {
-        a0 = _mm256_fmadd_ps(chunk_weights<bits>(chunk_bits(wq, bits, ch), t0, t1, kq + 32 * ch, K), _mm256_loadu_ps(x + kq + 32 * ch), a0);
-        a1 = _mm256_fmadd_ps(chunk_weights<bits>(chunk_bits(wq, bits, ch + 1), t0, t1, kq + 32 * ch + 32, K),
-                             _mm256_loadu_ps(x + kq + 32 * ch + 32), a1);
-        a2 = _mm256_fmadd_ps(chunk_weights<bits>(chunk_bits(wq, bits, ch + 2), t0, t1, kq + 32 * ch + 64, K),
-                             _mm256_loadu_ps(x + kq + 32 * ch + 64), a2);
-        a3 = _mm256_fmadd_ps(chunk_weights<bits>(chunk_bits(wq, bits, ch + 3), t0, t1, kq + 32 * ch + 96, K),
-                             _mm256_loadu_ps(x + kq + 32 * ch + 96), a3);
+        const int64_t k = kq + 32 * ch;
+        const __m256 w0 = chunk_weights<bits>(chunk_bits(wq, bits, ch), t0, t1, k, K);
+        const __m256 w1 = chunk_weights<bits>(chunk_bits(wq, bits, ch + 1), t0, t1, k + 32, K);
+        const __m256 w2 = chunk_weights<bits>(chunk_bits(wq, bits, ch + 2), t0, t1, k + 64, K);
+        const __m256 w3 = chunk_weights<bits>(chunk_bits(wq, bits, ch + 3), t0, t1, k + 96, K);
+        for (int64_t m = 0; m < M; ++m) {
+          const float* xm = x + m * Kp + k;
+          const __m256 p01 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 32), _mm256_mul_ps(w0, _mm256_loadu_ps(xm)));
+          const __m256 p23 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 96), _mm256_mul_ps(w2, _mm256_loadu_ps(xm + 64)));
+          acc[m] = _mm256_add_ps(acc[m], _mm256_add_ps(p01, p23));
+        }
       }
     }
   }
-  return vec::hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (int64_t m = 0; m < M; ++m) out[m] = vec::hsum256(acc[m]);
 }
 #endif
 
 // The row kernels of one build and machine: AVX2 where vec.h uses its AVX2 forms, portable otherwise
 // (SQUEEZELM_CPU_PORTABLE=1 forces the portable ones, for tests).
 using DequantRow = void (*)(const LutPacked&, const uint32_t*, int64_t, const float*, int64_t, float*);
-using RowDot = float (*)(const LutPacked&, const uint32_t*, int64_t, const float*, int64_t, const float*);
+using RowsDot = void (*)(const LutPacked&, const uint32_t*, int64_t, const float*, int64_t, const float*, int64_t, int64_t, float*);
 struct RowKernels {
   DequantRow dequant3, dequant4;
-  RowDot row_dot3 = nullptr, row_dot4 = nullptr;  // M = 1, weights not stored (null: dequant + dot)
+  // M <= 16, weights not stored (null: dequant + dot); [0]: one x row, [1]: any
+  RowsDot rows_dot3[2] = {nullptr, nullptr}, rows_dot4[2] = {nullptr, nullptr};
 };
 RowKernels pick_row_kernels() {
 #ifdef SQZ_X86
-  if (vec::avx2()) return {dequant_row_avx2<3>, dequant_row_avx2<4>, row_dot_avx2<3>, row_dot_avx2<4>};
+  if (vec::avx2())
+    return {dequant_row_avx2<3>, dequant_row_avx2<4>, {rows_dot_avx2<3, 1>, rows_dot_avx2<3, 0>}, {rows_dot_avx2<4, 1>, rows_dot_avx2<4, 0>}};
 #endif
   return {dequant_row_portable<3>, dequant_row_portable<4>};
 }
@@ -216,7 +227,7 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
   static const RowKernels kern = pick_row_kernels();
   const vec::Loops& V = vec::loops();
   const DequantRow dequant = bits == 4 ? kern.dequant4 : kern.dequant3;
-  const RowDot row_dot = bits == 4 ? kern.row_dot4 : kern.row_dot3;
+  const RowsDot rows_dot = (bits == 4 ? kern.rows_dot4 : kern.rows_dot3)[M == 1 ? 0 : 1];
   // Row n's weights (table entries) into dst[0, Kp), zero from K on.
   auto dequant_row = [&](int64_t n, float* dst) {
     float t[16];
@@ -262,10 +273,10 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
     std::vector<float> w((size_t)Kp);
     std::vector<float> acc((size_t)M);
     for (int64_t n = nb; n < ne; ++n) {
-      if (M == 1 && row_dot) {
+      if (rows_dot && M <= 16) {  // its accumulators hold 16 rows; more only where the dense copy would be too big
         float t[16];
         row_table(n, t);
-        acc[0] = row_dot(L, c, n, t, K, xf.data());
+        rows_dot(L, c, n, t, K, xf.data(), M, Kp, acc.data());
       } else {
         dequant_row(n, w.data());
         for (int64_t m = 0; m < M; ++m) acc[(size_t)m] = V.dot(w.data(), &xf[(size_t)(m * Kp)], Kp);
