@@ -16,3 +16,5 @@ export type { KvqCalibration, KvqCalibrationLayer, LayerSlots } from './quant/kv
 export type { KvCacheOptions } from './runtime/kvq-attention';
 export { perplexity, loadPplData } from './runtime/ppl';
 export type { PplResult, PplOptions } from './runtime/ppl';
+export { createServer, SqueezeServer } from './server';
+export type { ServerOptions, ListenInfo } from './server';

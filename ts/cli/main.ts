@@ -1,5 +1,5 @@
 /**
- * The squeezelm command: generate, ppl, info. Errors print `squeezelm: CODE message` and
+ * The squeezelm command: generate, ppl, info, serve. Errors print `squeezelm: CODE message` and
  * exit with status 1.
  */
 import * as fs from 'fs';
@@ -13,6 +13,7 @@ import { quantizeCommand } from '../quant/squeezellm';
 import { convertCommand } from '../quant/convert';
 import { calibrateKvCommand } from '../quant/kvquant-calibrate';
 import { fisherCommand } from '../quant/gradients';
+import { createServer } from '../server/server';
 
 const HELP = `squeezelm: LLaMA-family inference on one NVIDIA GPU (or the CPU)
 
@@ -50,6 +51,13 @@ usage:
       safetensors file into windows of L); --windows N: the first N windows. One JSON line.
       --kv-bits/--kv-calib: a quantized KV cache; these runs (and --kv-bits 16, or --decode)
       feed each window token by token, B windows per step, as generation sees the cache
+  squeezelm serve [--model DIR] [--host H] [--port P] [--name NAME] [--device D] [--max-batch N]
+                  [--max-context N] [--api-key KEY] [--cors ORIGIN] [--kv-bits 2|3|4 --kv-calib FILE] [--quiet]
+      an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models,
+      /health; docs/server.md) on H:P (default 127.0.0.1:8080; port 0 picks a free one);
+      concurrent requests are batched together; --api-key (or SQUEEZELM_API_KEY) requires
+      'Authorization: Bearer KEY'; one log line per request on stderr unless --quiet; stops
+      cleanly on SIGINT / SIGTERM
   squeezelm info [--model DIR] [--device D] [--kv-bits 2|3|4 --kv-calib FILE]
       config summary, parameter count, dtypes, quantized linears (bits, bytes), KV cache bytes
       per token, devices
@@ -59,7 +67,7 @@ usage:
 
 type Flags = Record<string, string | boolean>;
 
-const BOOL = new Set(['json', 'progress', 'help', 'decode']);
+const BOOL = new Set(['json', 'progress', 'help', 'decode', 'quiet']);
 
 function parse(argv: string[]): { cmd?: string; flags: Flags } {
   const flags: Flags = {};
@@ -182,6 +190,44 @@ async function cmdPpl(f: Flags): Promise<void> {
   }
 }
 
+async function cmdServe(f: Flags): Promise<void> {
+  allow(f, ['model', 'host', 'port', 'name', 'device', 'max-batch', 'max-context', 'api-key', 'cors', 'kv-bits', 'kv-calib', 'quiet']);
+  const port = numFlag(f, 'port', true) ?? 8080;
+  if (port < 0 || port > 65535) throw new SqueezeError('ERR_ARG', `serve: --port must be 0..65535, got ${port}`);
+  const host = str(f, 'host') ?? '127.0.0.1';
+  const { kvCache } = kvCacheFlags(f, 'serve');
+  const dir = modelDir(f);
+  const model = await loadModel(dir, {
+    device: str(f, 'device') ?? 'auto', maxBatch: numFlag(f, 'max-batch', true) ?? 8, maxContext: numFlag(f, 'max-context', true), kvCache,
+  });
+  const cors = str(f, 'cors');
+  const server = createServer(model, {
+    modelName: str(f, 'name') ?? path.basename(path.resolve(dir)),
+    apiKey: str(f, 'api-key') ?? (process.env.SQUEEZELM_API_KEY || undefined),
+    cors: cors === '*' ? true : cors,
+    log: f.quiet === true ? undefined : (line) => process.stderr.write(`${new Date().toISOString()} ${line}\n`),
+  });
+  try {
+    const at = await server.listen(port, host);
+    process.stdout.write(`squeezelm: serving '${server.modelName}' on ${model.device} at ${at.url}\n`);
+  } catch (e) {
+    await model.dispose();
+    throw new SqueezeError('ERR_ARG', `serve: cannot listen on ${host}:${port} (${(e as Error).message})`);
+  }
+  await new Promise<void>((resolve) => {
+    const stop = () => {
+      process.off('SIGINT', stop);
+      process.off('SIGTERM', stop);
+      resolve();
+    };
+    process.on('SIGINT', stop);
+    process.on('SIGTERM', stop);
+  });
+  process.stderr.write('squeezelm: shutting down\n');
+  await server.close();
+  await model.dispose();
+}
+
 async function cmdInfo(f: Flags): Promise<void> {
   allow(f, ['model', 'device', 'json', 'kv-bits', 'kv-calib']);
   const { kvCache } = kvCacheFlags(f, 'info');
@@ -223,7 +269,8 @@ export async function main(argv: string[]): Promise<number> {
       case 'generate': await cmdGenerate(flags); break;
       case 'ppl': await cmdPpl(flags); break;
       case 'info': await cmdInfo(flags); break;
-      default: throw new SqueezeError('ERR_ARG', `unknown command '${cmd}' (generate, ppl, info, quantize, fisher, convert, calibrate-kv; --help)`);
+      case 'serve': await cmdServe(flags); break;
+      default: throw new SqueezeError('ERR_ARG', `unknown command '${cmd}' (generate, ppl, info, serve, quantize, fisher, convert, calibrate-kv; --help)`);
     }
     return 0;
   } catch (e) {

@@ -1,0 +1,3 @@
+export { createServer, SqueezeServer } from './server';
+export type { ServerOptions, ListenInfo } from './server';
+export { ApiError, parseChat, parseCompletion } from './openai';
