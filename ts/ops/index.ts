@@ -6,3 +6,4 @@ export * from './lut';
 export * from './kvquant';
 export * from './attention';
 export * from './fused';
+export * from './lora';
