@@ -14,6 +14,8 @@ import { createServer, SqueezeServer } from '../ts/server/server';
 import { parseChat, parseCompletion } from '../ts/server/openai';
 
 const PYCODER = path.join(__dirname, '..', 'models', 'pycoder-mini');
+// tiny-llama's a8 adapter (q and v of layers 0-3) fits pycoder-mini's shapes: a LoRA to serve
+const A8 = path.join(__dirname, 'fixtures', 'tiny-llama-gqa', 'adapters', 'a8');
 const CONTEXT = 256;
 
 interface Reply {
@@ -78,7 +80,8 @@ describe('OpenAI-compatible server', () => {
   let url: string;
 
   beforeAll(async () => {
-    model = await loadModel(PYCODER, { device: 'cpu', maxBatch: 4, maxContext: CONTEXT });
+    model = await loadModel(PYCODER, { device: 'cpu', maxBatch: 4, maxContext: CONTEXT, lora: { maxAdapters: 2 } });
+    await model.loadAdapter(A8, { name: 'py-a8' });
     server = createServer(model, { modelName: 'pycoder-mini' });
     url = (await server.listen(0)).url;
   });
@@ -97,8 +100,10 @@ describe('OpenAI-compatible server', () => {
     expect(h.json).toMatchObject({ status: 'ok', model: 'pycoder-mini' });
     const m = await request(url, '/v1/models');
     expect(m.json.object).toBe('list');
-    expect(m.json.data).toHaveLength(1);
+    expect(m.json.data).toHaveLength(2);
     expect(m.json.data[0]).toMatchObject({ id: 'pycoder-mini', object: 'model', max_model_len: CONTEXT });
+    expect(m.json.data[1]).toMatchObject({ id: 'py-a8', object: 'model', parent: 'pycoder-mini' });
+    expect((await request(url, '/v1/models/py-a8')).json.parent).toBe('pycoder-mini');
     expect((await request(url, '/v1/models/pycoder-mini')).json.id).toBe('pycoder-mini');
     const other = await request(url, '/v1/models/gpt-4');
     expect(other.status).toBe(404);
@@ -125,6 +130,21 @@ describe('OpenAI-compatible server', () => {
     // without max_tokens: OpenAI's default of 16
     const r3 = await request(url, '/v1/completions', { body: { prompt, temperature: 0 } });
     expect(r3.json.usage.completion_tokens).toBe(16);
+  });
+
+  test('a LoRA adapter is served under its own name', async () => {
+    const prompt = 'def fibonacci(n):';
+    const want = await generateText(model, { prompt, maxTokens: 16, temperature: 0, adapter: 'py-a8' });
+    const base = await generateText(model, { prompt, maxTokens: 16, temperature: 0 });
+    expect(want).not.toBe(base);
+    const r = await request(url, '/v1/completions', { body: { model: 'py-a8', prompt, max_tokens: 16, temperature: 0 } });
+    expect(r.status).toBe(200);
+    expect(r.json.model).toBe('py-a8');
+    expect(r.json.choices[0].text).toBe(want);
+    // base and adapter requests at once share the batch and each get their own text
+    const [ra, rb] = await Promise.all(['py-a8', 'pycoder-mini'].map((m) =>
+      request(url, '/v1/completions', { body: { model: m, prompt, max_tokens: 16, temperature: 0 } })));
+    expect([ra.json.choices[0].text, rb.json.choices[0].text]).toEqual([want, base]);
   });
 
   test('a stream carries the same text as pieces, then the finish, usage and [DONE]', async () => {
@@ -424,7 +444,7 @@ describe('request parsing', () => {
 describe('squeezelm serve', () => {
   test('serves on a free port, answers, and stops cleanly on SIGTERM', async () => {
     const bin = path.join(__dirname, '..', 'bin', 'squeezelm.js');
-    const child = spawn(process.execPath, [bin, 'serve', '--port', '0', '--device', 'cpu', '--max-context', '128', '--name', 'pm'],
+    const child = spawn(process.execPath, [bin, 'serve', '--port', '0', '--device', 'cpu', '--max-context', '128', '--name', 'pm', '--lora', `lo=${A8}`, '--lora-slots', '1'],
       { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '', err = '';
     child.stdout.on('data', (d) => (out += d.toString()));
@@ -432,12 +452,14 @@ describe('squeezelm serve', () => {
     const exited = new Promise<number | null>((resolve) => child.on('close', (c) => resolve(c)));
     try {
       await until(() => /at (http:\/\/\S+)/.test(out) || child.exitCode !== null, 60000);
-      const m = /serving 'pm' on cpu at (http:\/\/\S+)/.exec(out);
+      const m = /serving 'pm' \(adapters: lo\) on cpu at (http:\/\/\S+)/.exec(out);
       expect(m).not.toBeNull();
       const u = m![1];
       const r = await request(u, '/v1/completions', { body: { model: 'pm', prompt: 'def f(x):', max_tokens: 4, temperature: 0 } });
       expect(r.status).toBe(200);
       expect(r.json.usage.completion_tokens).toBe(4);
+      expect((await request(u, '/v1/models')).json.data.map((d: { id: string }) => d.id)).toEqual(['pm', 'lo']);
+      expect((await request(u, '/v1/completions', { body: { model: 'lo', prompt: 'def f(x):', max_tokens: 4 } })).status).toBe(200);
       await until(() => /POST \/v1\/completions 200/.test(err));
     } finally {
       child.kill('SIGTERM');

@@ -20,8 +20,9 @@ const HELP = `squeezelm: LLaMA-family inference on one NVIDIA GPU (or the CPU)
 usage:
   squeezelm generate [--model DIR] --prompt TEXT [--max-tokens N] [--temperature T]
                      [--top-k K] [--top-p P] [--seed S] [--device D] [--kv-bits 2|3|4 --kv-calib FILE]
+                     [--lora DIR]
       streams the continuation of TEXT to stdout (the prompt is not echoed); --kv-bits/--kv-calib:
-      a quantized KV cache (calibrate-kv)
+      a quantized KV cache (calibrate-kv); --lora: a PEFT LoRA adapter folder
   squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT]
                      [--calib FILE [--calib-windows N] [--calib-window L] [--calib-power P]] [--gptq [--gptq-rounds R] [--damp D]]
                      [--outlier-score weight|error] [--fisher FILE] [--rtn] [--device cpu|cuda] [--no-resume]
@@ -52,12 +53,15 @@ usage:
       --kv-bits/--kv-calib: a quantized KV cache; these runs (and --kv-bits 16, or --decode)
       feed each window token by token, B windows per step, as generation sees the cache
   squeezelm serve [--model DIR] [--host H] [--port P] [--name NAME] [--device D] [--max-batch N]
-                  [--max-context N] [--api-key KEY] [--cors ORIGIN] [--kv-bits 2|3|4 --kv-calib FILE] [--quiet]
+                  [--max-context N] [--api-key KEY] [--cors ORIGIN] [--kv-bits 2|3|4 --kv-calib FILE]
+                  [--lora [NAME=]DIR[,...] [--lora-slots N] [--lora-rank R]] [--quiet]
       an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models,
       /health; docs/server.md) on H:P (default 127.0.0.1:8080; port 0 picks a free one);
       concurrent requests are batched together; --api-key (or SQUEEZELM_API_KEY) requires
-      'Authorization: Bearer KEY'; one log line per request on stderr unless --quiet; stops
-      cleanly on SIGINT / SIGTERM
+      'Authorization: Bearer KEY'; --lora serves PEFT LoRA adapters under their names (the
+      request's "model"), --lora-slots of them resident on the device at once (default 4),
+      --lora-rank rows each per layer and site (default 64); one log line per request on stderr
+      unless --quiet; stops cleanly on SIGINT / SIGTERM
   squeezelm info [--model DIR] [--device D] [--kv-bits 2|3|4 --kv-calib FILE]
       config summary, parameter count, dtypes, quantized linears (bits, bytes), KV cache bytes
       per token, devices
@@ -144,14 +148,36 @@ function kvCacheFlags(f: Flags, cmd: string): { bits?: number; kvCache?: { bits:
   return { bits, kvCache: calibration ? { bits: bits!, calibration } : undefined };
 }
 
+/**
+ * --lora [NAME=]DIR[,[NAME=]DIR...]: adapter folders and their names (default: the folder's name).
+ */
+function loraFlags(f: Flags, cmd: string): { lora?: { maxAdapters?: number; maxRank?: number }; adapters: Array<{ name?: string; dir: string }> } {
+  const spec = str(f, 'lora');
+  const slots = numFlag(f, 'lora-slots', true), rank = numFlag(f, 'lora-rank', true);
+  if (!spec) {
+    if (slots !== undefined || rank !== undefined) throw new SqueezeError('ERR_ARG', `${cmd}: --lora-slots / --lora-rank need --lora`);
+    return { adapters: [] };
+  }
+  const adapters = spec.split(',').filter(Boolean).map((item) => {
+    const eq = item.indexOf('=');
+    return eq > 0 ? { name: item.slice(0, eq), dir: item.slice(eq + 1) } : { dir: item };
+  });
+  if (!adapters.length) throw new SqueezeError('ERR_ARG', `${cmd}: --lora needs at least one adapter folder`);
+  return { lora: { maxAdapters: slots, maxRank: rank }, adapters };
+}
+
 async function cmdGenerate(f: Flags): Promise<void> {
-  allow(f, ['model', 'prompt', 'max-tokens', 'temperature', 'top-k', 'top-p', 'seed', 'device', 'progress', 'kv-bits', 'kv-calib']);
+  allow(f, ['model', 'prompt', 'max-tokens', 'temperature', 'top-k', 'top-p', 'seed', 'device', 'progress', 'kv-bits', 'kv-calib', 'lora', 'lora-rank']);
   const prompt = str(f, 'prompt');
   if (prompt === undefined) throw new SqueezeError('ERR_ARG', 'generate: --prompt TEXT is required');
   const { kvCache } = kvCacheFlags(f, 'generate');
-  const model = await loadModel(modelDir(f), { device: str(f, 'device') ?? 'auto', maxBatch: 1, kvCache });
+  const { lora, adapters } = loraFlags(f, 'generate');
+  if (adapters.length > 1) throw new SqueezeError('ERR_ARG', 'generate: --lora takes one adapter folder');
+  const model = await loadModel(modelDir(f), { device: str(f, 'device') ?? 'auto', maxBatch: 1, kvCache, lora: lora && { ...lora, maxAdapters: 1 } });
   try {
+    const adapter = adapters.length ? (await model.loadAdapter(adapters[0].dir, { name: adapters[0].name })).name : undefined;
     const it = model.generate({
+      adapter,
       prompt,
       maxTokens: numFlag(f, 'max-tokens', true) ?? 128,
       temperature: numFlag(f, 'temperature'),
@@ -191,15 +217,23 @@ async function cmdPpl(f: Flags): Promise<void> {
 }
 
 async function cmdServe(f: Flags): Promise<void> {
-  allow(f, ['model', 'host', 'port', 'name', 'device', 'max-batch', 'max-context', 'api-key', 'cors', 'kv-bits', 'kv-calib', 'quiet']);
+  allow(f, ['model', 'host', 'port', 'name', 'device', 'max-batch', 'max-context', 'api-key', 'cors', 'kv-bits', 'kv-calib', 'quiet',
+    'lora', 'lora-slots', 'lora-rank']);
   const port = numFlag(f, 'port', true) ?? 8080;
   if (port < 0 || port > 65535) throw new SqueezeError('ERR_ARG', `serve: --port must be 0..65535, got ${port}`);
   const host = str(f, 'host') ?? '127.0.0.1';
   const { kvCache } = kvCacheFlags(f, 'serve');
+  const { lora, adapters } = loraFlags(f, 'serve');
   const dir = modelDir(f);
   const model = await loadModel(dir, {
-    device: str(f, 'device') ?? 'auto', maxBatch: numFlag(f, 'max-batch', true) ?? 8, maxContext: numFlag(f, 'max-context', true), kvCache,
+    device: str(f, 'device') ?? 'auto', maxBatch: numFlag(f, 'max-batch', true) ?? 8, maxContext: numFlag(f, 'max-context', true), kvCache, lora,
   });
+  try {
+    for (const a of adapters) await model.loadAdapter(a.dir, { name: a.name });
+  } catch (e) {
+    await model.dispose();
+    throw e;
+  }
   const cors = str(f, 'cors');
   const server = createServer(model, {
     modelName: str(f, 'name') ?? path.basename(path.resolve(dir)),
@@ -209,7 +243,8 @@ async function cmdServe(f: Flags): Promise<void> {
   });
   try {
     const at = await server.listen(port, host);
-    process.stdout.write(`squeezelm: serving '${server.modelName}' on ${model.device} at ${at.url}\n`);
+    const also = model.adapters.length ? ` (adapters: ${model.adapters.join(', ')})` : '';
+    process.stdout.write(`squeezelm: serving '${server.modelName}'${also} on ${model.device} at ${at.url}\n`);
   } catch (e) {
     await model.dispose();
     throw new SqueezeError('ERR_ARG', `serve: cannot listen on ${host}:${port} (${(e as Error).message})`);

@@ -11,6 +11,7 @@ import { ModelConfig } from './config';
 import { ModelWeights } from './weights';
 import { KVCache } from '../runtime/kv-cache';
 import { linearForward } from '../quant/squeezellm';
+import type { LoraPool } from '../runtime/lora-pool';
 
 /** The decoder's linears, as observed by a calibration hook. */
 export type LinearSite = 'qkv' | 'o' | 'gu' | 'down';
@@ -87,6 +88,8 @@ export class Workspace {
   readonly lastIdx: Tensor;
   /** Each sequence's slot in the cache (sink rows of a quantized cache). */
   readonly slots: Tensor;
+  /** Each row's LoRA adapter slot in the adapter pool (-1: none). */
+  readonly loraSlots: Tensor;
   // Activations.
   readonly x: Tensor;
   readonly h: Tensor;
@@ -132,6 +135,7 @@ export class Workspace {
       this.pageTable = mk([B, maxPages], 'i32');
       this.lastIdx = mk([B], 'i32');
       this.slots = mk([B], 'i32');
+      this.loraSlots = mk([T], 'i32');
       this.x = mk([T, H]);
       this.h = mk([T, H]);
       this.qkv = mk([T, (Hq + 2 * Hkv) * D]);
@@ -179,6 +183,8 @@ export interface PassInputs {
   lastIdx: Int32Array;
   /** Each sequence's cache slot (-1 without slots). */
   slots: Int32Array;
+  /** Each row's adapter slot (-1: none). */
+  loraSlots: Int32Array;
 }
 
 export class Decoder {
@@ -195,6 +201,9 @@ export class Decoder {
   fuseRopeAppend = true;
   /** Attention over another cache than the fp16 pages (absent: ropeAppend + attention). */
   readonly attn?: AttentionStep;
+  /** LoRA adapters (absent: none can be used); each sequence's adapter slot is bound with bindAdapter. */
+  lora?: LoraPool;
+  private readonly seqAdapter = new Map<number, number>();
 
   constructor(cfg: ModelConfig, w: ModelWeights, cache: KVCache, device: string, act: DType, attn?: AttentionStep) {
     this.cfg = cfg;
@@ -205,6 +214,15 @@ export class Decoder {
     this.attn = attn;
     this.invFreq = Tensor.from(cfg.invFreq, [cfg.invFreq.length], { dtype: 'f32', device });
     this.scale = 1 / Math.sqrt(cfg.headDim);
+  }
+
+  /** Rows of sequence `seq` use the adapter in pool slot `slot` (until unbindAdapter). */
+  bindAdapter(seq: number, slot: number): void {
+    this.seqAdapter.set(seq, slot);
+  }
+
+  unbindAdapter(seq: number): void {
+    this.seqAdapter.delete(seq);
   }
 
   workspace(T: number, B: number, allLogits: boolean): Workspace {
@@ -247,14 +265,16 @@ export class Decoder {
     const B = seqs.length, P = this.cache.maxPagesPerSeq;
     const ids = new Int32Array(T), positions = new Int32Array(T);
     const seqLens = new Int32Array(B), cuQ = new Int32Array(B + 1), lastIdx = new Int32Array(B);
-    const pageTable = new Int32Array(B * P), slots = new Int32Array(B);
+    const pageTable = new Int32Array(B * P), slots = new Int32Array(B), loraSlots = new Int32Array(T).fill(-1);
     let row = 0;
     for (let b = 0; b < B; b++) {
       const len = this.cache.length(seqs[b]);
       const n = tokens[b].length;
+      const adapter = this.seqAdapter.get(seqs[b]) ?? -1;
       for (let j = 0; j < n; j++) {
         ids[row + j] = tokens[b][j];
         positions[row + j] = len - n + j;
+        loraSlots[row + j] = adapter;
       }
       row += n;
       seqLens[b] = len;
@@ -263,7 +283,7 @@ export class Decoder {
       this.cache.writePageTable(seqs[b], pageTable, b * P);
       slots[b] = this.cache.slot(seqs[b]);
     }
-    return { ids, positions, seqLens, cuQ, pageTable, lastIdx, slots };
+    return { ids, positions, seqLens, cuQ, pageTable, lastIdx, slots, loraSlots };
   }
 
   /** Writes host inputs into a workspace (stream-ordered). */
@@ -274,6 +294,11 @@ export class Decoder {
     ws.cuQ.write(p.cuQ);
     ws.pageTable.write(p.pageTable);
     if (ws.logitRows !== ws.T) ws.lastIdx.write(p.lastIdx);
+    if (this.lora) {
+      // rows past the pass's own (a workspace larger than the pass) use no adapter
+      const rows = p.loraSlots.length === ws.T ? p.loraSlots : Int32Array.from({ length: ws.T }, (_, i) => (i < p.loraSlots.length ? p.loraSlots[i] : -1));
+      ws.loraSlots.write(rows);
+    }
     if (this.attn) {
       ws.slots.write(p.slots);  // read only by another cache's attention (sink rows per sequence)
       this.attn.write(ws, p);
@@ -304,18 +329,23 @@ export class Decoder {
       const L = w.layers[l];
       if (l === 0) ops.rmsNorm(ws.h, ws.x, L.ln1, eps);
       else ops.addRmsNorm(ws.x, ws.mlp, ws.h, L.ln1, eps);
+      const lora = this.lora;
       linearObserver?.(l, 'qkv', ws.h);
       linearForward(ws.qkv, ws.h, L.wqkv, L.bqkv);
+      lora?.apply(l, 'qkv', ws.qkv, ws.h, ws.loraSlots);
       projectionObserver?.(l, ws.qkv, ws.positions);
       this.attentionLayer(ws, l, maxQ, maxSeqLen);
       linearObserver?.(l, 'o', ws.att2);
       linearForward(ws.o, ws.att2, L.wo, L.bo);
+      lora?.apply(l, 'o', ws.o, ws.att2, ws.loraSlots);
       ops.addRmsNorm(ws.x, ws.o, ws.h, L.ln2, eps);
       linearObserver?.(l, 'gu', ws.h);
       linearForward(ws.gu, ws.h, L.wgu, L.bgu);
+      lora?.apply(l, 'gu', ws.gu, ws.h, ws.loraSlots);
       ops.siluMul(ws.act, ws.gu);
       linearObserver?.(l, 'down', ws.act);
       linearForward(ws.mlp, ws.act, L.wdown, L.bdown);
+      lora?.apply(l, 'down', ws.mlp, ws.act, ws.loraSlots);
     }
     if (to < cfg.numLayers) {
       win?.save?.({ x: ws.x, mlp: ws.mlp });
@@ -328,11 +358,11 @@ export class Decoder {
   /**
    * Whether a pass over `ws` takes the fused decode path: on (`fuse`), CUDA, at most 2 rows (the
    * fused GEMV is the FMA kernel; from 3 rows the tensor-core GEMV of the plain path is faster),
-   * no calibration hook. On the H200 the LLaMA-7B batch-1 step measured 4.16 ms fused against
+   * no calibration hook, no adapter pool (the LoRA deltas run after the plain projections). On the H200 the LLaMA-7B batch-1 step measured 4.16 ms fused against
    * 4.29 ms plain with ordinary launches, and 4.09 ms both with CUDA graphs (bench decode).
    */
   canFuse(ws: Workspace): boolean {
-    return this.fuse && this.device !== 'cpu' && ws.T <= 2 &&
+    return this.fuse && this.device !== 'cpu' && ws.T <= 2 && !this.lora &&
       !linearObserver && !projectionObserver && !layerWindow;
   }
 
@@ -446,5 +476,6 @@ export class Decoder {
   dispose(): void {
     this.invFreq.dispose();
     this.attn?.dispose();
+    this.lora?.dispose();
   }
 }

@@ -20,6 +20,8 @@ import { KvCacheOptions, QuantizedAttention, quantizedBytesPerToken, resolveKvCa
 import type { KvqCalibration } from '../quant/kvquant';
 import { GenerateRequest, GenerateResult, GenerationStream, Scheduler, collect } from '../runtime/scheduler';
 import { tokenNllRows } from '../runtime/ppl';
+import { LoraPool, LoraPoolOptions } from '../runtime/lora-pool';
+import { readLoraAdapter } from './lora';
 
 export interface LoadOptions {
   device?: 'auto' | 'cpu' | 'cuda' | string;
@@ -41,6 +43,23 @@ export interface LoadOptions {
    * calibrate-kv makes the file). Absent: the fp16 (activation dtype) cache.
    */
   kvCache?: KvCacheOptions;
+  /**
+   * LoRA adapters (PEFT folders, model.loadAdapter): `{ maxAdapters, maxRank }` sizes the device
+   * pool (adapters resident at once, default 4; rows per adapter, layer and site, default 64).
+   * Absent: no adapters can be used, and decode keeps its fused kernels.
+   */
+  lora?: LoraPoolOptions;
+}
+
+/** What loadAdapter read. */
+export interface AdapterInfo {
+  name: string;
+  source: string;
+  /** Rank and scale of each targeted module (q_proj, ...). */
+  ranks: Record<string, number>;
+  scales: Record<string, number>;
+  /** Host bytes it takes (fp32); on the device it takes a pool slot while resident. */
+  bytes: number;
 }
 
 export class Model {
@@ -99,6 +118,16 @@ export class Model {
       throw e;
     }
     this.kvq = attn;
+    if (o.lora) {
+      if (typeof o.lora !== 'object') throw new SqueezeError('ERR_ARG', 'lora must be an object ({ maxAdapters?, maxRank? })');
+      try {
+        this.decoder.lora = new LoraPool(cfg, device, act, o.lora);
+      } catch (e) {
+        this.decoder.dispose();
+        this.cache.dispose();
+        throw e;
+      }
+    }
     const graphs = device !== 'cpu' && (o.graphs ?? process.env.SQUEEZELM_NO_GRAPHS !== '1');
     this.scheduler = new Scheduler(this.decoder, tok, { maxBatch, graphs, eosTokenIds: cfg.eosTokenIds });
   }
@@ -173,14 +202,58 @@ export class Model {
     return p.finally(() => this.inflight.delete(p));
   }
 
-  /** Logits of every position, [ids.length, vocab] row-major (one prefill, nothing kept). */
-  async logits(ids: ArrayLike<number>): Promise<Float32Array> {
-    return (await this.logitsBatch([ids]))[0];
+  /**
+   * Reads a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) and registers it
+   * under `name` (default: the folder's name) for generate({ adapter }) and logits(ids, { adapter }).
+   * Needs a model loaded with `lora`; checked against this model's shapes (ERR_FORMAT naming the
+   * tensor where it does not fit), options we do not implement are ERR_UNSUPPORTED.
+   */
+  async loadAdapter(dir: string, opts: { name?: string } = {}): Promise<AdapterInfo> {
+    this.check();
+    const pool = this.decoder.lora;
+    if (!pool) throw new SqueezeError('ERR_ARG', 'loadAdapter: this model was loaded without LoRA support (loadModel(dir, { lora: {} }))');
+    if (typeof dir !== 'string') throw new SqueezeError('ERR_ARG', 'loadAdapter: dir must be a folder path');
+    if (opts.name !== undefined && (typeof opts.name !== 'string' || !opts.name)) throw new SqueezeError('ERR_ARG', 'loadAdapter: name must be a non-empty string');
+    if (opts.name !== undefined && pool.has(opts.name)) throw new SqueezeError('ERR_ARG', `loadAdapter: an adapter named '${opts.name}' is already loaded`);
+    const ad = readLoraAdapter(dir, this.config, opts.name);
+    pool.register(ad);
+    return { name: ad.name, source: ad.source, ranks: { ...ad.ranks }, scales: { ...ad.scales }, bytes: ad.bytes };
   }
 
-  /** Logits of several independent sequences in one prefill. */
-  logitsBatch(batch: ArrayLike<number>[]): Promise<Float32Array[]> {
-    return this.track(this.runLogits(this.checkBatch(batch, 'logitsBatch', 'logits')));
+  /** Forgets an adapter (ERR_STATE while a request uses it). */
+  unloadAdapter(name: string): void {
+    this.check();
+    const pool = this.decoder.lora;
+    if (!pool) throw new SqueezeError('ERR_ARG', 'unloadAdapter: this model was loaded without LoRA support');
+    pool.unregister(name);
+  }
+
+  /** Names of the loaded adapters. */
+  get adapters(): string[] {
+    return this.decoder.lora?.names() ?? [];
+  }
+
+  /** Logits of every position, [ids.length, vocab] row-major (one prefill, nothing kept). */
+  async logits(ids: ArrayLike<number>, opts: { adapter?: string } = {}): Promise<Float32Array> {
+    return (await this.logitsBatch([ids], { adapters: opts.adapter === undefined ? undefined : [opts.adapter] }))[0];
+  }
+
+  /** Logits of several independent sequences in one prefill (`adapters[i]`: sequence i's adapter, undefined for none). */
+  logitsBatch(batch: ArrayLike<number>[], opts: { adapters?: Array<string | undefined> } = {}): Promise<Float32Array[]> {
+    try {
+      const seqs = this.checkBatch(batch, 'logitsBatch', 'logits');
+      const adapters = opts.adapters ?? [];
+      if (!Array.isArray(adapters) || adapters.length > seqs.length) throw new SqueezeError('ERR_ARG', 'logitsBatch: adapters must be an array, one entry per sequence at most');
+      for (const a of adapters) {
+        if (a === undefined) continue;
+        if (typeof a !== 'string') throw new SqueezeError('ERR_ARG', 'logits: adapter must be a string');
+        if (!this.decoder.lora) throw new SqueezeError('ERR_ARG', 'logits: this model was loaded without LoRA support (loadModel(dir, { lora: {} }))');
+        if (!this.decoder.lora.has(a)) throw new SqueezeError('ERR_ARG', `logits: no adapter named '${a}' is loaded`);
+      }
+      return this.track(this.runLogits(seqs, true, adapters));
+    } catch (e) {
+      return Promise.reject(e);
+    }
   }
 
   /**
@@ -197,14 +270,22 @@ export class Model {
     return batch.map((ids, i) => this.checkIds(ids, `${item}[${i}]`));
   }
 
-  private async runLogits(seqs: Int32Array[], read = true): Promise<Float32Array[]> {
+  private async runLogits(seqs: Int32Array[], read = true, adapters: Array<string | undefined> = []): Promise<Float32Array[]> {
     const ids: number[] = [];
+    const held: number[] = [];
     const T = seqs.reduce((a, s) => a + s.length, 0);
     try {
-      for (const s of seqs) {
+      for (let i = 0; i < seqs.length; i++) {
         const id = this.cache.createSequence();
         ids.push(id);
-        this.cache.grow(id, s.length);
+        this.cache.grow(id, seqs[i].length);
+        const name = adapters[i];
+        if (name !== undefined) {
+          const slot = this.decoder.lora!.acquire(name);
+          if (slot === undefined) throw new SqueezeError('ERR_STATE', `logits: every adapter slot is in use; '${name}' cannot be made resident now`);
+          held.push(slot);
+          this.decoder.bindAdapter(id, slot);
+        }
       }
       const ws = this.decoder.workspace(T, seqs.length, read);  // logits of every row only where they are read
       try {
@@ -228,7 +309,11 @@ export class Model {
         ws.dispose();
       }
     } finally {
-      ids.forEach((id) => this.cache.free(id));
+      ids.forEach((id) => {
+        this.decoder.unbindAdapter(id);
+        this.cache.free(id);
+      });
+      held.forEach((s) => this.decoder.lora!.release(s));
     }
   }
 

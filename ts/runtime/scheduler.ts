@@ -27,6 +27,8 @@ export interface GenerateRequest {
   /** Generation ends before the first occurrence of any of these strings. */
   stop?: string | string[];
   signal?: AbortSignal;
+  /** A LoRA adapter loaded with model.loadAdapter (absent: the base model). */
+  adapter?: string;
 }
 
 export interface GenerateEvent {
@@ -60,6 +62,9 @@ interface Req {
   stop: string[];
   signal?: AbortSignal;
   onAbort?: () => void;
+  adapter?: string;
+  /** The adapter's pool slot while the request holds it (-1: none). */
+  loraSlot: number;
   seq: number;
   last: number;
   generated: number[];
@@ -154,6 +159,12 @@ export class Scheduler {
       if (typeof v !== 'number' || !Number.isFinite(v)) throw new SqueezeError('ERR_ARG', `generate: ${name} must be a finite number`);
       return v;
     };
+    if (r.adapter !== undefined) {
+      if (typeof r.adapter !== 'string') throw new SqueezeError('ERR_ARG', 'generate: adapter must be a string (the name given to loadAdapter)');
+      if (!this.dec.lora) throw new SqueezeError('ERR_ARG', "generate: this model was loaded without LoRA support (loadModel(dir, { lora: {} }))");
+      if (!this.dec.lora.has(r.adapter))
+        throw new SqueezeError('ERR_ARG', `generate: no adapter named '${r.adapter}' is loaded (loaded: ${this.dec.lora.names().join(', ') || 'none'})`);
+    }
     const stop = r.stop === undefined ? [] : Array.isArray(r.stop) ? r.stop : [r.stop];
     if (!stop.every((s) => typeof s === 'string' && s.length > 0)) throw new SqueezeError('ERR_ARG', 'generate: stop must be non-empty strings');
     return {
@@ -166,6 +177,8 @@ export class Scheduler {
       counter: 0,
       stop,
       signal: r.signal,
+      adapter: r.adapter,
+      loraSlot: -1,
       seq: 0,
       last: 0,
       generated: [],
@@ -220,8 +233,13 @@ export class Scheduler {
     r.done = true;
     r.finishReason = reason;
     r.error = err;
-    if (r.seq) this.dec.cache.free(r.seq);
+    if (r.seq) {
+      this.dec.unbindAdapter(r.seq);
+      this.dec.cache.free(r.seq);
+    }
     r.seq = 0;
+    if (r.loraSlot >= 0) this.dec.lora?.release(r.loraSlot);
+    r.loraSlot = -1;
     this.active = this.active.filter((x) => x !== r);
     this.pending = this.pending.filter((x) => x !== r);
     r.wake?.();
@@ -248,10 +266,21 @@ export class Scheduler {
         const r = this.pending[0];
         // Wait for pages while others run; alone, a request that cannot fit fails.
         if (cache.pagesFor(r.prompt.length + 1) > cache.freePages && (this.active.length || admit.length)) break;
+        // Its adapter needs a pool slot: wait while every slot is pinned by other adapters' requests.
+        if (r.adapter !== undefined && !this.dec.lora?.canAcquire(r.adapter)) {
+          if (this.active.length || admit.length) break;
+          this.pending.shift();
+          this.finish(r, 'error', new SqueezeError('ERR_STATE', `no adapter slot is free for '${r.adapter}'`));
+          continue;
+        }
         this.pending.shift();
         try {
           r.seq = cache.createSequence();
           cache.grow(r.seq, r.prompt.length);
+          if (r.adapter !== undefined) {
+            r.loraSlot = this.dec.lora!.acquire(r.adapter)!;
+            this.dec.bindAdapter(r.seq, r.loraSlot);
+          }
           admit.push(r);
         } catch (e) {
           this.finish(r, 'error', e as Error);

@@ -1,9 +1,10 @@
 /**
  * An OpenAI-compatible HTTP server over one loaded Model (node:http, no framework):
  *   GET  /health                 {"status":"ok", ...}
- *   GET  /v1/models              the served model
+ *   GET  /v1/models              the served model and its loaded LoRA adapters
  *   POST /v1/completions         text completions (stream: server-sent events)
  *   POST /v1/chat/completions    chat through the model's chat template
+ * A request's `model` may name a loaded LoRA adapter: it then runs with that adapter.
  * Every request becomes one or more model.generate() streams, so concurrent requests share
  * the continuous-batching scheduler (and its KV pages) like any other caller. A client that
  * disconnects aborts its generations at once (their pages go back); a request the model
@@ -138,15 +139,14 @@ export class SqueezeServer {
         throw new ApiError(401, 'missing or wrong API key (Authorization: Bearer <key>)', 'invalid_request_error', null, 'invalid_api_key');
       const routes: Record<string, Record<string, () => Promise<number | void>>> = {
         '/health': { GET: async () => this.json(res, 200, { status: 'ok', model: this.modelName, pending: this.pendingChoices }) },
-        '/v1/models': { GET: async () => this.json(res, 200, { object: 'list', data: [this.modelCard()] }) },
+        '/v1/models': { GET: async () => this.json(res, 200, { object: 'list', data: [this.modelCard(), ...this.model.adapters.map((a) => this.modelCard(a))] }) },
         '/v1/completions': { POST: async () => this.completions(res, parseCompletion(await this.body(req))) },
         '/v1/chat/completions': { POST: async () => this.chat(res, parseChat(await this.body(req))) },
       };
       const m = /^\/v1\/models\/(.+)$/.exec(path);
       if (m && req.method === 'GET') {
         const id = decodeURIComponent(m[1]);
-        checkModel(id, this.modelName);
-        this.json(res, 200, this.modelCard());
+        this.json(res, 200, this.modelCard(this.adapterFor(id)));
         return;
       }
       const route = routes[path];
@@ -164,8 +164,21 @@ export class SqueezeServer {
     }
   }
 
-  private modelCard() {
-    return { id: this.modelName, object: 'model', created: this.created, owned_by: 'squeezelm', max_model_len: this.model.maxContext };
+  /** The model card of the base model, or of a LoRA adapter served under its own name. */
+  private modelCard(adapter?: string) {
+    const base = { object: 'model', created: this.created, owned_by: 'squeezelm', max_model_len: this.model.maxContext };
+    return adapter === undefined ? { id: this.modelName, ...base } : { id: adapter, ...base, parent: this.modelName };
+  }
+
+  /**
+   * A request's `model`: absent or the served name is the base model; the name of a loaded LoRA
+   * adapter selects that adapter (as vLLM serves them); anything else is a 404.
+   */
+  private adapterFor(requested: string | undefined): string | undefined {
+    if (requested === undefined || requested === this.modelName) return undefined;
+    if (this.model.adapters.includes(requested)) return requested;
+    checkModel(requested, this.modelName);
+    return undefined;
   }
 
   private json(res: http.ServerResponse, status: number, body: unknown): void {
@@ -236,7 +249,7 @@ export class SqueezeServer {
    * All or nothing: a prompt the model refuses aborts the ones already submitted. The
    * controller aborts them all when the client goes away or the server closes.
    */
-  private submit(plan: SamplingPlan, prompts: Int32Array[], fallbackTokens: number, ctl: AbortController): Choice[] {
+  private submit(plan: SamplingPlan, prompts: Int32Array[], fallbackTokens: number, ctl: AbortController, adapter: string | undefined): Choice[] {
     const choices = prompts.length * plan.n;
     if (this.pendingChoices + choices > this.o.maxPending)
       throw new ApiError(429, `the server has ${this.pendingChoices} generations pending (at most ${this.o.maxPending}); try again later`,
@@ -256,6 +269,7 @@ export class SqueezeServer {
             seed: plan.seed === undefined ? undefined : plan.seed + j,
             stop: plan.stop,
             signal: ctl.signal,
+            adapter,
           });
           out.push({ index: pi * plan.n + j, stream, promptTokens: ids.length });
         }
@@ -289,7 +303,7 @@ export class SqueezeServer {
     shape: ResponseShape,
   ): Promise<number> {
     const ctl = new AbortController();
-    const choices = this.submit(plan, prompts, fallbackTokens, ctl);
+    const choices = this.submit(plan, prompts, fallbackTokens, ctl, this.adapterFor(plan.model));
     this.controllers.add(ctl);
     // The client went away before the answer was complete: stop generating for it.
     const onClose = () => {
@@ -374,9 +388,9 @@ export class SqueezeServer {
   }
 
   private async completions(res: http.ServerResponse, plan: CompletionPlan): Promise<number> {
-    checkModel(plan.model, this.modelName);
+    this.adapterFor(plan.model);
     const prompts = plan.prompts.map((p) => this.tokenize(p));
-    const id = responseId('cmpl'), created = Math.floor(Date.now() / 1000), model = this.modelName;
+    const id = responseId('cmpl'), created = Math.floor(Date.now() / 1000), model = plan.model ?? this.modelName;
     const head = { id, object: 'text_completion', created, model };
     return this.run(res, plan, prompts, this.o.defaultMaxTokens, {
       first: undefined,
@@ -389,7 +403,7 @@ export class SqueezeServer {
   }
 
   private async chat(res: http.ServerResponse, plan: ChatPlan): Promise<number> {
-    checkModel(plan.model, this.modelName);
+    this.adapterFor(plan.model);
     const tok = this.model.tokenizer;
     if (!tok) throw new ApiError(400, 'this model has no tokenizer, so it cannot chat', 'invalid_request_error', 'messages', 'no_tokenizer');
     if (!tok.hasChatTemplate)
@@ -402,7 +416,7 @@ export class SqueezeServer {
       throw new ApiError(400, `the chat template refused these messages: ${(e as Error).message}`, 'invalid_request_error', 'messages');
     }
     const ids = tok.encode(text);
-    const id = responseId('chatcmpl'), created = Math.floor(Date.now() / 1000), model = this.modelName;
+    const id = responseId('chatcmpl'), created = Math.floor(Date.now() / 1000), model = plan.model ?? this.modelName;
     const head = { id, object: 'chat.completion.chunk', created, model };
     // Chat's default budget is what the context leaves (OpenAI has no small default there).
     return this.run(res, plan, [ids], Number.MAX_SAFE_INTEGER, {

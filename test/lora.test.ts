@@ -1,0 +1,317 @@
+/**
+ * LoRA adapters (S-LoRA serving): the batched loraApply op against a plain reference (CPU) and
+ * CUDA against CPU; PEFT folders read and checked; logits with an adapter against PEFT's own
+ * (tiny-llama-gqa's a8 and b16 references); batches that mix adapters; generation through the
+ * scheduler with adapters swapped in and out of a small pool; every refusal coded.
+ */
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { DType, Tensor } from '../ts/tensor';
+import * as ops from '../ts/ops';
+import { loadModel, Model } from '../ts/model/model';
+import { SafetensorsFile, writeSafetensors } from '../ts/model/safetensors';
+import { describeGpu, freshSeed, randn, relErr, rng } from './gpu';
+
+const TINY = path.join(__dirname, 'fixtures', 'tiny-llama-gqa');
+const A8 = path.join(TINY, 'adapters', 'a8'), B16 = path.join(TINY, 'adapters', 'b16');
+
+function t(data: ArrayLike<number>, shape: number[], dtype: DType = 'f32', device = 'cpu'): Tensor {
+  if (dtype === 'i32') return Tensor.from(Int32Array.from(data), shape, { dtype, device });
+  return Tensor.from(Float32Array.from(data), shape, { dtype, device });
+}
+
+/** y + the LoRA delta of each row, in float64, from the op's definition. */
+function reference(y: Float32Array, x: Float32Array, slots: number[], A: Float32Array, Bt: Float32Array, desc: number[], scale: number[],
+  K: number, N: number, R: number): Float64Array {
+  const out = Float64Array.from(y);
+  slots.forEach((s, row) => {
+    if (s < 0 || s >= scale.length) return;
+    const off = desc[2 * s], rank = desc[2 * s + 1];
+    if (off < 0 || rank <= 0 || off + rank > R) return;
+    for (let j = 0; j < rank; j++) {
+      let d = 0;
+      for (let k = 0; k < K; k++) d += A[(off + j) * K + k] * x[row * K + k];
+      for (let n = 0; n < N; n++) out[row * N + n] += scale[s] * d * Bt[(off + j) * N + n];
+    }
+  });
+  return out;
+}
+
+/** A random case: rows with adapters of ranks 1..24, rows with none, and entries out of range. */
+function randomCase(seed: number, T: number, K: number, N: number) {
+  const r = rng(seed);
+  const S = 5, ranks = [1, 8, 24, 0, 3], R = 60;
+  const desc: number[] = [];
+  let off = 0;
+  for (let s = 0; s < S; s++) {
+    desc.push(off, ranks[s]);
+    off += ranks[s];
+  }
+  desc[2 * 4] = R - 2;  // slot 4: a range past the pool's end, skipped
+  const slots = Array.from({ length: T }, (_, i) => [0, 1, 2, 3, 4, -1, 7][i % 7]);
+  return {
+    S, R, slots, desc, scale: [0.5, 2, 1.25, 3, 1],
+    x: randn(T * K, r), y: randn(T * N, r), A: randn(R * K, r, 0.3), Bt: randn(R * N, r, 0.3),
+  };
+}
+
+describe('loraApply (CPU)', () => {
+  test.each([[7, 64, 48], [9, 257, 129], [1, 5, 3]])('T=%i K=%i N=%i against the definition', async (T, K, N) => {
+    const seed = freshSeed();
+    const c = randomCase(seed, T, K, N);
+    const y = t(c.y, [T, N]);
+    ops.loraApply(y, t(c.x, [T, K]), t(c.slots, [T], 'i32'), t(c.A, [c.R, K]), t(c.Bt, [c.R, N]), t(c.desc, [c.S, 2], 'i32'), t(c.scale, [c.S]));
+    const got = await y.toFloat32(), want = reference(c.y, c.x, c.slots, c.A, c.Bt, c.desc, c.scale, K, N, c.R);
+    expect(relErr(got, want)).toBeLessThan(1e-5);
+    // rows with no adapter (-1, out-of-range slot, rank 0, a range past the pool) are untouched
+    for (let row = 0; row < T; row++) {
+      if (![3, 4, 5, 6].includes(row % 7)) continue;
+      expect(Array.from(got.subarray(row * N, (row + 1) * N))).toEqual(Array.from(c.y.subarray(row * N, (row + 1) * N)));
+    }
+  });
+
+  test('shapes and dtypes are checked before any work', () => {
+    const y = t(new Float32Array(12), [3, 4]), x = t(new Float32Array(15), [3, 5]);
+    const slots = t([0, 0, 0], [3], 'i32'), A = t(new Float32Array(10), [2, 5]), Bt = t(new Float32Array(8), [2, 4]);
+    const desc = t([0, 2], [1, 2], 'i32'), scale = t([1], [1]);
+    expect(() => ops.loraApply(y, x, slots, t(new Float32Array(8), [2, 4]), Bt, desc, scale)).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+    expect(() => ops.loraApply(y, x, slots, A, t(new Float32Array(6), [2, 3]), desc, scale)).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+    expect(() => ops.loraApply(y, x, t([0, 0], [2], 'i32'), A, Bt, desc, scale)).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+    expect(() => ops.loraApply(y, x, t([0, 0, 0], [3]), A, Bt, desc, scale)).toThrow(expect.objectContaining({ code: 'ERR_DTYPE' }));
+    expect(() => ops.loraApply(y, x, slots, A, Bt, t([0, 2, 1], [3], 'i32'), scale)).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+    expect(() => ops.loraApply(y, x, slots, A, Bt, desc, t([1, 1], [2]))).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+  });
+});
+
+describeGpu('loraApply: CUDA vs CPU', () => {
+  const TOL: Record<string, number> = { f32: 1e-5, f16: 2e-3, bf16: 1e-2 };
+  for (const dt of ['f16', 'bf16', 'f32'] as DType[]) {
+    test(`${dt}: ragged ranks, rows without adapters, odd sizes`, async () => {
+      for (const [T, K, N] of [[7, 4096, 12288], [33, 257, 1031], [1, 64, 3000]]) {
+        const seed = freshSeed();
+        const c = randomCase(seed, T, K, N);
+        const run = async (dev: string) => {
+          const y = t(c.y, [T, N], dt, dev);
+          ops.loraApply(y, t(c.x, [T, K], dt, dev), t(c.slots, [T], 'i32', dev), t(c.A, [c.R, K], dt, dev), t(c.Bt, [c.R, N], dt, dev),
+            t(c.desc, [c.S, 2], 'i32', dev), t(c.scale, [c.S], 'f32', dev));
+          return y.toFloat32();
+        };
+        const [cpu, gpu] = [await run('cpu'), await run('cuda')];
+        expect({ seed, err: relErr(gpu, cpu) < TOL[dt] }).toEqual({ seed, err: true });
+        // deterministic: the same call gives the same bits
+        expect(Array.from(await run('cuda'))).toEqual(Array.from(gpu));
+      }
+    });
+  }
+
+  test('a tiny-llama decode with mixed adapters matches the CPU', async () => {
+    const cpu = await loadModel(TINY, { device: 'cpu', lora: {} });
+    const gpu = await loadModel(TINY, { device: 'cuda', lora: {}, dtype: 'f16' });
+    try {
+      for (const m of [cpu, gpu]) {
+        await m.loadAdapter(A8);
+        await m.loadAdapter(B16);
+      }
+      const ref = SafetensorsFile.open(path.join(TINY, 'reference.safetensors'));
+      const ids = ref.readInt32('prompt_ids');
+      ref.close();
+      for (const a of ['a8', 'b16']) expect(relErr(await gpu.logits(ids, { adapter: a }), await cpu.logits(ids, { adapter: a }))).toBeLessThan(1e-2);
+      const reqs = ['a8', undefined, 'b16'].map((adapter, i) => ({ ids: ids.subarray(0, 10 + i), maxTokens: 6, temperature: 0, adapter }));
+      const [rc, rg] = [await cpu.generateBatch(reqs), await gpu.generateBatch(reqs)];
+      rc.forEach((r, i) => expect(rg[i].finishReason).toBe(r.finishReason));
+    } finally {
+      await cpu.dispose();
+      await gpu.dispose();
+    }
+  });
+});
+
+describe('LoRA adapters on tiny-llama-gqa (CPU) against PEFT', () => {
+  let model: Model;
+  let ids: Int32Array;
+  const refs: Record<string, Float32Array> = {};
+
+  beforeAll(async () => {
+    const ref = SafetensorsFile.open(path.join(TINY, 'reference.safetensors'));
+    ids = ref.readInt32('prompt_ids');
+    for (const k of ['logits', 'logits_a8', 'logits_b16']) refs[k] = ref.readFloat32(k);
+    ref.close();
+    model = await loadModel(TINY, { device: 'cpu', maxBatch: 4, lora: { maxAdapters: 2, maxRank: 48 } });
+    const info = await model.loadAdapter(A8);
+    expect(info).toMatchObject({ name: 'a8', ranks: { q_proj: 8, v_proj: 8 }, scales: { q_proj: 2, v_proj: 2 } });
+    await model.loadAdapter(B16);
+    expect(model.adapters).toEqual(['a8', 'b16']);
+  });
+  afterAll(async () => {
+    await model.dispose();
+  });
+
+  test('logits with each adapter match PEFT; without one, the base model', async () => {
+    expect(relErr(await model.logits(ids), refs.logits)).toBeLessThan(2e-3);
+    for (const a of ['a8', 'b16']) {
+      const l = await model.logits(ids, { adapter: a });
+      expect(relErr(l, refs[`logits_${a}`])).toBeLessThan(2e-3);
+      // the adapter changes the logits a lot, so matching the base would fail the line above
+      expect(relErr(refs.logits, refs[`logits_${a}`])).toBeGreaterThan(0.5);
+    }
+  });
+
+  test('one batch mixing adapters and the base model gives each sequence its own logits', async () => {
+    const out = await model.logitsBatch([ids, ids.subarray(0, 20), ids, ids], { adapters: ['b16', undefined, 'a8'] });
+    expect(relErr(out[0], refs.logits_b16)).toBeLessThan(2e-3);
+    expect(relErr(out[1], refs.logits.subarray(0, 20 * 512))).toBeLessThan(2e-3);
+    expect(relErr(out[2], refs.logits_a8)).toBeLessThan(2e-3);
+    expect(relErr(out[3], refs.logits)).toBeLessThan(2e-3);
+  });
+
+  test('generation with adapters: greedy tokens follow each adapter\'s logits, mixed in one batch', async () => {
+    const prompt = ids.subarray(0, 16);
+    const greedy = async (adapter?: string) => {
+      const seq = Array.from(prompt);
+      for (let i = 0; i < 6; i++) {
+        const l = await model.logits(seq, { adapter });
+        const last = l.subarray((seq.length - 1) * 512, seq.length * 512);
+        let best = 0;
+        for (let v = 1; v < 512; v++) if (last[v] > last[best]) best = v;
+        seq.push(best);
+      }
+      return seq.slice(prompt.length);
+    };
+    const want = { a8: await greedy('a8'), b16: await greedy('b16'), base: await greedy() };
+    const res = await model.generateBatch([
+      { ids: prompt, maxTokens: 6, temperature: 0, adapter: 'a8' },
+      { ids: prompt, maxTokens: 6, temperature: 0 },
+      { ids: prompt, maxTokens: 6, temperature: 0, adapter: 'b16' },
+    ]);
+    expect(res.map((r) => r.ids)).toEqual([want.a8, want.base, want.b16]);
+    expect(new Set([want.a8.join(), want.b16.join(), want.base.join()]).size).toBe(3);
+  });
+
+  test('more adapters than slots: requests wait for a slot, adapters are swapped in, results stay right', async () => {
+    const m = await loadModel(TINY, { device: 'cpu', maxBatch: 4, lora: { maxAdapters: 1, maxRank: 48 } });
+    try {
+      await m.loadAdapter(A8);
+      await m.loadAdapter(B16);
+      await m.loadAdapter(A8, { name: 'a8-again' });
+      const prompt = ids.subarray(0, 12);
+      const solo = async (adapter: string) => (await m.generateBatch([{ ids: prompt, maxTokens: 5, temperature: 0, adapter }]))[0].ids;
+      const one = { a8: await solo('a8'), b16: await solo('b16') };
+      // three requests at once, two adapters, one slot: they run one adapter at a time
+      const res = await m.generateBatch(['a8', 'b16', 'a8-again'].map((adapter) => ({ ids: prompt, maxTokens: 5, temperature: 0, adapter })));
+      expect(res.map((r) => r.ids)).toEqual([one.a8, one.b16, one.a8]);
+      expect(relErr(await m.logits(ids, { adapter: 'b16' }), refs.logits_b16)).toBeLessThan(2e-3);
+      expect(relErr(await m.logits(ids, { adapter: 'a8' }), refs.logits_a8)).toBeLessThan(2e-3);
+      // one logitsBatch needing two adapters at once cannot run with one slot
+      await expect(m.logitsBatch([ids, ids], { adapters: ['a8', 'b16'] })).rejects.toMatchObject({ code: 'ERR_STATE' });
+      expect(m.freeKvPages).toBe(m.kvPages);
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  test('adapters are unloaded only when idle; unknown adapters are refused', async () => {
+    await model.loadAdapter(A8, { name: 'tmp' });
+    const it = model.generate({ ids: ids.subarray(0, 8), maxTokens: 40, temperature: 0, adapter: 'tmp' });
+    await it.next();
+    expect(() => model.unloadAdapter('tmp')).toThrow(expect.objectContaining({ code: 'ERR_STATE' }));
+    await it.return?.(undefined);
+    // the scheduler lets go of the adapter at its next step
+    for (let i = 0; ; i++) {
+      try {
+        model.unloadAdapter('tmp');
+        break;
+      } catch (e) {
+        if ((e as { code?: string }).code !== 'ERR_STATE' || i > 500) throw e;
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    }
+    expect(model.adapters).toEqual(['a8', 'b16']);
+    expect(() => model.generate({ ids: [1, 2], maxTokens: 2, adapter: 'tmp' })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+    await expect(model.logits(ids, { adapter: 'nope' })).rejects.toMatchObject({ code: 'ERR_ARG' });
+    await expect(model.loadAdapter(A8)).rejects.toMatchObject({ code: 'ERR_ARG' });  // the name is taken
+    expect(() => model.unloadAdapter('nope')).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+  });
+});
+
+describe('PEFT folders: options and refusals', () => {
+  let dir: string;
+  let model: Model;
+  const a8cfg = JSON.parse(fs.readFileSync(path.join(A8, 'adapter_config.json'), 'utf8'));
+
+  /** An adapter folder from a8's tensors (optionally changed) and config overrides. */
+  function variant(name: string, cfg: Record<string, unknown>, tensors?: (t: Record<string, { dtype: string; shape: number[]; data: ArrayBufferView }>) => void): string {
+    const d = path.join(dir, name);
+    fs.mkdirSync(d, { recursive: true });
+    fs.writeFileSync(path.join(d, 'adapter_config.json'), JSON.stringify({ ...a8cfg, ...cfg }));
+    const st = SafetensorsFile.open(path.join(A8, 'adapter_model.safetensors'));
+    const ts: Record<string, { dtype: string; shape: number[]; data: ArrayBufferView }> = {};
+    for (const n of st.names()) ts[n] = st.read(n);
+    st.close();
+    tensors?.(ts);
+    writeSafetensors(path.join(d, 'adapter_model.safetensors'), ts);
+    return d;
+  }
+
+  beforeAll(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-lora-'));
+    model = await loadModel(TINY, { device: 'cpu', lora: { maxAdapters: 2, maxRank: 32 } });
+  });
+  afterAll(async () => {
+    await model.dispose();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('rsLoRA and alpha_pattern scale as PEFT does (each built to equal a8\'s scale of 2)', async () => {
+    const ref = SafetensorsFile.open(path.join(TINY, 'reference.safetensors'));
+    const ids = ref.readInt32('prompt_ids'), want = ref.readFloat32('logits_a8');
+    ref.close();
+    await model.loadAdapter(variant('rs', { use_rslora: true, lora_alpha: 2 * Math.sqrt(8) }));
+    await model.loadAdapter(variant('pat', { lora_alpha: 1, alpha_pattern: { q_proj: 16, v_proj: 16 } }));
+    expect(relErr(await model.logits(ids, { adapter: 'rs' }), want)).toBeLessThan(2e-3);
+    expect(relErr(await model.logits(ids, { adapter: 'pat' }), want)).toBeLessThan(2e-3);
+    // and a wrong scale shows: alpha 8 halves the delta
+    await model.loadAdapter(variant('half', { lora_alpha: 8 }));
+    expect(relErr(await model.logits(ids, { adapter: 'half' }), want)).toBeGreaterThan(0.1);
+    ['rs', 'pat', 'half'].forEach((n) => model.unloadAdapter(n));
+  });
+
+  test('each unsupported option or broken folder is a coded error naming what is wrong', async () => {
+    const bad = async (d: string, code: string, msg: RegExp) => {
+      await expect(model.loadAdapter(d)).rejects.toMatchObject({ code, message: expect.stringMatching(msg) });
+    };
+    await bad(variant('dora', { use_dora: true }), 'ERR_UNSUPPORTED', /DoRA/);
+    await bad(variant('bias', { bias: 'all' }), 'ERR_UNSUPPORTED', /bias/);
+    await bad(variant('save', { modules_to_save: ['lm_head'] }), 'ERR_UNSUPPORTED', /modules_to_save/);
+    await bad(variant('ia3', { peft_type: 'IA3' }), 'ERR_UNSUPPORTED', /IA3/);
+    await bad(variant('r0', { r: 0 }), 'ERR_FORMAT', /'r'/);
+    await bad(variant('rank', { r: 4 }), 'ERR_FORMAT', /lora_A.weight' is \[8,256\], expected \[4, 256\]/);
+    const qA = 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight';
+    await bad(variant('noB', {}, (ts) => delete ts['base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight']), 'ERR_FORMAT', /layer 1 v_proj: lora_B is missing/);
+    await bad(variant('shape', {}, (ts) => (ts[qA] = { dtype: 'F32', shape: [8, 300], data: new Float32Array(2400) })), 'ERR_FORMAT', /\[8,300\], expected \[8, 256\]/);
+    await bad(variant('extra', {}, (ts) => (ts['base_model.model.model.layers.0.self_attn.q_proj.weight'] = { dtype: 'F32', shape: [1], data: new Float32Array(1) })),
+      'ERR_FORMAT', /unexpected tensor 'base_model.model.model.layers.0.self_attn.q_proj.weight'/);
+    await bad(variant('layer', {}, (ts) => {
+      ts['base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight'] = ts[qA];
+      ts['base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight'] = ts['base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight'];
+    }), 'ERR_FORMAT', /layer 9, the model has 4/);
+    await bad(variant('emb', {}, (ts) => (ts['base_model.model.model.embed_tokens.lora_embedding_A'] = { dtype: 'F32', shape: [1], data: new Float32Array(1) })), 'ERR_UNSUPPORTED', /embeddings/);
+    const pickle = path.join(dir, 'pickle');
+    fs.mkdirSync(pickle);
+    fs.writeFileSync(path.join(pickle, 'adapter_config.json'), JSON.stringify(a8cfg));
+    fs.writeFileSync(path.join(pickle, 'adapter_model.bin'), 'not read');
+    await bad(pickle, 'ERR_UNSUPPORTED', /pickle/);
+    await bad(path.join(dir, 'missing'), 'ERR_FORMAT', /no adapter_config.json/);
+    // b16 at q|k|v needs 48 rows; this pool holds 32 per adapter
+    await bad(B16, 'ERR_ARG', /needs 48 rows.*holds 32/);
+    expect(model.adapters).toEqual([]);
+    // a model loaded without lora refuses adapters
+    const plain = await loadModel(TINY, { device: 'cpu' });
+    try {
+      await expect(plain.loadAdapter(A8)).rejects.toMatchObject({ code: 'ERR_ARG' });
+      expect(() => plain.generate({ ids: [1], maxTokens: 1, adapter: 'a8' })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+    } finally {
+      await plain.dispose();
+    }
+  });
+});
