@@ -11,6 +11,7 @@ import { DType, Tensor } from '../ts/tensor';
 import * as ops from '../ts/ops';
 import { loadModel, Model } from '../ts/model/model';
 import { SafetensorsFile, writeSafetensors } from '../ts/model/safetensors';
+import { perplexity } from '../ts/runtime/ppl';
 import { describeGpu, freshSeed, randn, relErr, rng } from './gpu';
 
 const TINY = path.join(__dirname, 'fixtures', 'tiny-llama-gqa');
@@ -208,6 +209,17 @@ describe('LoRA adapters on tiny-llama-gqa (CPU) against PEFT', () => {
     } finally {
       await m.dispose();
     }
+  });
+
+  test('perplexity with an adapter: prefill and decode-style agree, and differ from the base', async () => {
+    const windows = [ids.subarray(0, 24), ids.subarray(20, 44)].map((w) => Int32Array.from(w));
+    const data = { windows, length: 24 };
+    const pre = await perplexity(model, data, { adapter: 'b16', batch: 2 });
+    const dec = await perplexity(model, data, { adapter: 'b16', batch: 2, decode: true });
+    const base = await perplexity(model, data, { batch: 2 });
+    expect(Math.abs(dec.ppl / pre.ppl - 1)).toBeLessThan(1e-4);
+    expect(Math.abs(base.ppl / pre.ppl - 1)).toBeGreaterThan(0.01);
+    await expect(perplexity(model, data, { adapter: 'nope', decode: true })).rejects.toMatchObject({ code: 'ERR_ARG' });
   });
 
   test('adapters are unloaded only when idle; unknown adapters are refused', async () => {

@@ -46,12 +46,13 @@ usage:
       calibrates the KVQuant cache quantizer (safetensors; docs/kvquant.md)
   squeezelm ppl [--model DIR] --data FILE [--windows N] [--window L] [--device D]
                 [--batch B] [--kv-bits 2|3|4 --kv-calib FILE | --kv-bits 16] [--decode]
-                [--progress] [--json]
+                [--lora DIR] [--progress] [--json]
       perplexity over FILE: a safetensors file with 'ids' [windows, length] int32, or a
       text file cut into windows of L tokens (default 1024; --window L also cuts each row of a
       safetensors file into windows of L); --windows N: the first N windows. One JSON line.
       --kv-bits/--kv-calib: a quantized KV cache; these runs (and --kv-bits 16, or --decode)
-      feed each window token by token, B windows per step, as generation sees the cache
+      feed each window token by token, B windows per step, as generation sees the cache;
+      --lora: with a PEFT LoRA adapter
   squeezelm serve [--model DIR] [--host H] [--port P] [--name NAME] [--device D] [--max-batch N]
                   [--max-context N] [--api-key KEY] [--cors ORIGIN] [--kv-bits 2|3|4 --kv-calib FILE]
                   [--lora [NAME=]DIR[,...] [--lora-slots N] [--lora-rank R]] [--quiet]
@@ -193,22 +194,28 @@ async function cmdGenerate(f: Flags): Promise<void> {
 }
 
 async function cmdPpl(f: Flags): Promise<void> {
-  allow(f, ['model', 'data', 'windows', 'window', 'device', 'batch', 'json', 'progress', 'kv-bits', 'kv-calib', 'decode']);
+  allow(f, ['model', 'data', 'windows', 'window', 'device', 'batch', 'json', 'progress', 'kv-bits', 'kv-calib', 'decode', 'lora', 'lora-rank']);
   const data = str(f, 'data');
   if (!data) throw new SqueezeError('ERR_ARG', 'ppl: --data FILE is required');
   const window = numFlag(f, 'window', true);
   const batch = numFlag(f, 'batch', true) ?? 1;
   const { bits: kvBits, kvCache } = kvCacheFlags(f, 'ppl');
   const decode = f.decode === true || kvBits !== undefined;
-  const model = await loadModel(modelDir(f), { device: str(f, 'device') ?? 'auto', maxBatch: batch, maxContext: window, kvCache });
+  const { lora, adapters } = loraFlags(f, 'ppl');
+  if (adapters.length > 1) throw new SqueezeError('ERR_ARG', 'ppl: --lora takes one adapter folder');
+  const model = await loadModel(modelDir(f), {
+    device: str(f, 'device') ?? 'auto', maxBatch: batch, maxContext: window, kvCache, lora: lora && { ...lora, maxAdapters: 1 },
+  });
   try {
+    const adapter = adapters.length ? (await model.loadAdapter(adapters[0].dir, { name: adapters[0].name })).name : undefined;
     const d = loadPplData(model, data, { windows: numFlag(f, 'windows', true), window });
     const show = f.progress === true || process.stderr.isTTY === true;
-    const r = await perplexity(model, d, { batch, decode, onProgress: progressBar(show, 'ppl') });
+    const r = await perplexity(model, d, { batch, decode, adapter, onProgress: progressBar(show, 'ppl') });
     const kv = model.kvCache;
     const out = {
       ppl: r.ppl, tokens: r.tokens, seconds: r.seconds, windows: r.windows, device: r.device,
       mode: decode ? 'decode' : 'prefill', kvBits: kv.bits, kvBytesPerToken: kv.bytesPerToken,
+      ...(adapter !== undefined ? { adapter } : {}),
     };
     process.stdout.write(JSON.stringify(out) + '\n');
   } finally {

@@ -323,22 +323,32 @@ export class Model {
    * attends to (other than a quantized cache's fp16 sink) comes from the cache as decoding
    * sees it. Runs outside the scheduler; its sequences take pages like any other.
    */
-  decodeNll(windows: Int32Array[], onStep?: (done: number, total: number) => void): Promise<number[]> {
+  decodeNll(windows: Int32Array[], onStep?: (done: number, total: number) => void, adapter?: string): Promise<number[]> {
     this.check();
+    if (adapter !== undefined && !this.decoder.lora?.has(adapter))
+      return Promise.reject(new SqueezeError('ERR_ARG', `decodeNll: no adapter named '${String(adapter)}' is loaded`));
     if (!windows.length) throw new SqueezeError('ERR_ARG', 'decodeNll: no windows');
     const L = windows[0].length;
     if (L < 2 || windows.some((w) => w.length !== L)) throw new SqueezeError('ERR_ARG', 'decodeNll: windows must share one length >= 2');
     windows.forEach((w, i) => this.checkIds(w, `decodeNll[${i}]`));
-    return this.track(this.runDecodeNll(windows, L, onStep));
+    return this.track(this.runDecodeNll(windows, L, onStep, adapter));
   }
 
-  private async runDecodeNll(windows: Int32Array[], L: number, onStep?: (done: number, total: number) => void): Promise<number[]> {
+  private async runDecodeNll(windows: Int32Array[], L: number, onStep?: (done: number, total: number) => void, adapter?: string): Promise<number[]> {
     const B = windows.length, V = this.config.vocabSize;
     const ids: number[] = [];
     const sums = new Float64Array(B);
     let ws: ReturnType<Decoder['decodeWorkspace']> | undefined;
+    let slot: number | undefined;
     try {
-      for (let b = 0; b < B; b++) ids.push(this.cache.createSequence());
+      if (adapter !== undefined) {
+        slot = this.decoder.lora!.acquire(adapter);
+        if (slot === undefined) throw new SqueezeError('ERR_STATE', `decodeNll: every adapter slot is in use; '${adapter}' cannot be made resident now`);
+      }
+      for (let b = 0; b < B; b++) {
+        ids.push(this.cache.createSequence());
+        if (slot !== undefined) this.decoder.bindAdapter(ids[b], slot);
+      }
       ws = this.decoder.decodeWorkspace(B, L);
       for (let t = 0; t < L - 1; t++) {
         for (const id of ids) this.cache.grow(id, t + 1);
@@ -351,7 +361,11 @@ export class Model {
       }
     } finally {
       ws?.dispose();
-      ids.forEach((id) => this.cache.free(id));
+      ids.forEach((id) => {
+        this.decoder.unbindAdapter(id);
+        this.cache.free(id);
+      });
+      if (slot !== undefined) this.decoder.lora!.release(slot);
     }
     return Array.from(sums, (s) => s / (L - 1));
   }

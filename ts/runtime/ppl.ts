@@ -27,6 +27,8 @@ export interface PplOptions {
    * cache quantizes every key and value but the sink). Default: one prefill per window.
    */
   decode?: boolean;
+  /** A LoRA adapter loaded with model.loadAdapter (absent: the base model). */
+  adapter?: string;
   onProgress?: (done: number, total: number) => void;
 }
 
@@ -138,9 +140,9 @@ export async function perplexity(model: Model, data: PplData, opts: PplOptions =
   for (let i = 0; i < total; i += B) {
     const chunk = data.windows.slice(i, i + B);
     if (opts.decode) {
-      nll.push(...(await model.decodeNll(chunk)));
+      nll.push(...(await model.decodeNll(chunk, undefined, opts.adapter)));
     } else {
-      const logits = await model.logitsBatch(chunk);
+      const logits = await model.logitsBatch(chunk, { adapters: opts.adapter === undefined ? undefined : chunk.map(() => opts.adapter) });
       nll.push(...(await Promise.all(chunk.map((w, j) => windowNllNative(logits[j], w, V)))));
     }
     opts.onProgress?.(nll.length, total);
