@@ -26,6 +26,23 @@ async function run(args: string[]): Promise<{ code: number; out: string; err: st
 }
 
 describe('squeezelm CLI', () => {
+  test('ppl and generate take a LoRA adapter (--lora), sizing the pool to it', async () => {
+    const a8 = path.join(__dirname, 'fixtures', 'tiny-llama-gqa', 'adapters', 'a8');
+    const data = path.join(PYCODER, 'eval.safetensors');
+    const base = await run(['ppl', '--data', data, '--windows', '1', '--window', '128', '--device', 'cpu', '--json']);
+    const lo = await run(['ppl', '--data', data, '--windows', '1', '--window', '128', '--device', 'cpu', '--json', '--lora', `x=${a8}`]);
+    expect(lo.code).toBe(0);
+    const [b, l] = [JSON.parse(base.out), JSON.parse(lo.out)];
+    expect(l.adapter).toBe('x');
+    expect(Math.abs(l.ppl / b.ppl - 1)).toBeGreaterThan(0.01);
+    const g = await run(['generate', '--prompt', 'def f(x):', '--max-tokens', '4', '--device', 'cpu', '--lora', a8]);
+    expect(g.code).toBe(0);
+    const bad = await run(['ppl', '--data', data, '--windows', '1', '--device', 'cpu', '--lora', a8, '--lora-rank', '4']);
+    expect(bad.code).toBe(1);
+    expect(bad.err).toMatch(/ERR_ARG .*needs 16 rows at one site/);
+    expect((await run(['ppl', '--data', data, '--lora-rank', '4'])).err).toMatch(/--lora-slots \/ --lora-rank need --lora/);
+  });
+
   test('a reader that closes the pipe early (generate | head) ends the command quietly', async () => {
     const { spawn } = await import('child_process');
     const bin = path.join(__dirname, '..', 'bin', 'squeezelm.js');

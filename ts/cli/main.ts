@@ -14,6 +14,8 @@ import { convertCommand } from '../quant/convert';
 import { calibrateKvCommand } from '../quant/kvquant-calibrate';
 import { fisherCommand } from '../quant/gradients';
 import { createServer } from '../server/server';
+import { loadConfig } from '../model/config';
+import { readLoraAdapter } from '../model/lora';
 
 const HELP = `squeezelm: LLaMA-family inference on one NVIDIA GPU (or the CPU)
 
@@ -61,7 +63,7 @@ usage:
       concurrent requests are batched together; --api-key (or SQUEEZELM_API_KEY) requires
       'Authorization: Bearer KEY'; --lora serves PEFT LoRA adapters under their names (the
       request's "model"), --lora-slots of them resident on the device at once (default 4),
-      --lora-rank rows each per layer and site (default 64); one log line per request on stderr
+      --lora-rank rows each per layer and site (default: what the largest needs); one log line per request on stderr
       unless --quiet; stops cleanly on SIGINT / SIGTERM
   squeezelm info [--model DIR] [--device D] [--kv-bits 2|3|4 --kv-calib FILE]
       config summary, parameter count, dtypes, quantized linears (bits, bytes), KV cache bytes
@@ -151,6 +153,7 @@ function kvCacheFlags(f: Flags, cmd: string): { bits?: number; kvCache?: { bits:
 
 /**
  * --lora [NAME=]DIR[,[NAME=]DIR...]: adapter folders and their names (default: the folder's name).
+ * Without --lora-rank the pool's rows per adapter fit the largest of these adapters.
  */
 function loraFlags(f: Flags, cmd: string): { lora?: { maxAdapters?: number; maxRank?: number }; adapters: Array<{ name?: string; dir: string }> } {
   const spec = str(f, 'lora');
@@ -164,7 +167,12 @@ function loraFlags(f: Flags, cmd: string): { lora?: { maxAdapters?: number; maxR
     return eq > 0 ? { name: item.slice(0, eq), dir: item.slice(eq + 1) } : { dir: item };
   });
   if (!adapters.length) throw new SqueezeError('ERR_ARG', `${cmd}: --lora needs at least one adapter folder`);
-  return { lora: { maxAdapters: slots, maxRank: rank }, adapters };
+  let maxRank = rank;
+  if (maxRank === undefined) {
+    const cfg = loadConfig(modelDir(f));
+    maxRank = Math.max(...adapters.map((a) => readLoraAdapter(a.dir, cfg).maxSiteRank));
+  }
+  return { lora: { maxAdapters: slots, maxRank }, adapters };
 }
 
 async function cmdGenerate(f: Flags): Promise<void> {

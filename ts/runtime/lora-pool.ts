@@ -111,7 +111,7 @@ export class LoraPool {
     if (ad.layers.length !== this.cfg.numLayers) throw new SqueezeError('ERR_FORMAT', `adapter '${ad.name}' has ${ad.layers.length} layers, the model ${this.cfg.numLayers}`);
     if (ad.maxSiteRank > this.maxRank)
       throw new SqueezeError('ERR_ARG', `adapter '${ad.name}' needs ${ad.maxSiteRank} rows at one site (the sum of the ranks of q|k|v or gate|up), ` +
-        `the pool holds ${this.maxRank} per adapter (loadModel's lora.maxRank)`);
+        `the pool holds ${this.maxRank} per adapter (loadModel's lora.maxRank; --lora-rank on the command line)`);
     this.registry.set(ad.name, ad);
   }
 
