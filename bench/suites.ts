@@ -31,6 +31,7 @@ export const suites: Record<string, { load: () => Suite | undefined; gpu: boolea
   lut: { load: optional('./lut', 'benchLut'), gpu: true },
   attention: { load: optional('./attention', 'benchAttention'), gpu: true },
   kvquant: { load: optional('./kvquant', 'benchKvquant'), gpu: true },
+  lora: { load: optional('./lora', 'benchLora'), gpu: true },
   decode: { load: optional('./decode', 'benchDecode'), gpu: true },
   // Manual: quantizing two 7B-shaped models takes minutes.
   'decode-gqa': { load: optional('./decode', 'benchDecodeGqa'), gpu: true, manual: true },
