@@ -67,9 +67,9 @@ export interface LoraAdapter {
   name: string;
   /** The folder it came from (or '' when built in memory). */
   source: string;
-  /** Rank of each targeted module (after rank_pattern), by module name. */
+  /** Rank of each targeted module (after rank_pattern; the largest where a pattern names single layers), by module name. */
   ranks: Record<string, number>;
-  /** Scale of each targeted module (alpha / r, or alpha / sqrt(r) with rsLoRA). */
+  /** Scale of each targeted module (alpha / r, or alpha / sqrt(r) with rsLoRA; where patterns differ by layer, the first layer's). */
   scales: Record<string, number>;
   layers: Array<Partial<Record<LoraSite, LoraSiteWeights>>>;
   /** The largest site rank over layers and sites (what a pool slot must hold). */
@@ -82,22 +82,23 @@ function formatError(file: string, msg: string): SqueezeError {
   return new SqueezeError('ERR_FORMAT', `${file}: ${msg}`);
 }
 
-/** The value of a PEFT pattern map for a module key (exact key, or a key that ends the name). */
+/**
+ * The value of a PEFT pattern map (rank_pattern, alpha_pattern) for a module: as PEFT does, the
+ * first key (in the file's order) that matches the end of the module's full name, as a literal
+ * or as a regular expression `(.*\.)?KEY$`.
+ */
 function patternValue(map: unknown, fullName: string, module: string): number | undefined {
   if (!map || typeof map !== 'object') return undefined;
-  let best: number | undefined;
   for (const [k, v] of Object.entries(map as Record<string, unknown>)) {
     if (typeof v !== 'number') continue;
-    if (k === module || fullName === k || fullName.endsWith('.' + k)) best = v;
-    else {
-      try {
-        if (new RegExp(`^(.*\\.)?${k}$`).test(fullName)) best = v;
-      } catch {
-        // not a regular expression: only the literal matches above apply
-      }
+    if (k === module || fullName === k || fullName.endsWith('.' + k)) return v;
+    try {
+      if (new RegExp(`^(.*\\.)?(${k})$`).test(fullName)) return v;
+    } catch {
+      // not a regular expression: only the literal matches above apply
     }
   }
-  return best;
+  return undefined;
 }
 
 function toFloat32(dtype: string, data: ArrayBufferView, file: string, name: string): Float32Array {
@@ -185,13 +186,9 @@ export function readLoraAdapter(dir: string, cfg: ModelConfig, name = path.basen
       if (eb.shape.length !== 2 || eb.shape[0] !== t.out || eb.shape[1] !== rank)
         throw formatError(weightsFile, `tensor '${rec.B}' is [${eb.shape}], expected [${t.out}, ${rank}] (the model's ${rec.module} output, rank ${rank})`);
       const scale = rslora ? alpha / Math.sqrt(rank) : alpha / rank;
-      if (ranks[rec.module] !== undefined && (ranks[rec.module] !== rank || scales[rec.module] !== scale)) {
-        // rank_pattern keys naming single layers: keep the largest rank for reporting
-        ranks[rec.module] = Math.max(ranks[rec.module], rank);
-      } else {
-        ranks[rec.module] = rank;
-        scales[rec.module] = scale;
-      }
+      // for reporting (patterns may name single layers): the largest rank, the first scale seen
+      ranks[rec.module] = Math.max(ranks[rec.module] ?? 0, rank);
+      scales[rec.module] ??= scale;
       const a = st.read(rec.A), b = st.read(rec.B);
       perLayer[rec.l].push({ t, rank, scale, A: toFloat32(a.dtype, a.data, weightsFile, rec.A), B: toFloat32(b.dtype, b.data, weightsFile, rec.B) });
     }
