@@ -12,6 +12,9 @@ import * as ops from '../ts/ops';
 import { loadModel, Model } from '../ts/model/model';
 import { SafetensorsFile, writeSafetensors } from '../ts/model/safetensors';
 import { perplexity } from '../ts/runtime/ppl';
+import { LoraPool } from '../ts/runtime/lora-pool';
+import { loadConfig } from '../ts/model/config';
+import { readLoraAdapter } from '../ts/model/lora';
 import { describeGpu, freshSeed, randn, relErr, rng } from './gpu';
 
 const TINY = path.join(__dirname, 'fixtures', 'tiny-llama-gqa');
@@ -243,6 +246,35 @@ describe('LoRA adapters on tiny-llama-gqa (CPU) against PEFT', () => {
     await expect(model.logits(ids, { adapter: 'nope' })).rejects.toMatchObject({ code: 'ERR_ARG' });
     await expect(model.loadAdapter(A8)).rejects.toMatchObject({ code: 'ERR_ARG' });  // the name is taken
     expect(() => model.unloadAdapter('nope')).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+  });
+});
+
+describe('the adapter pool', () => {
+  test('empty slots first, then the least recently used idle one; pinned slots are never taken', () => {
+    const cfg = loadConfig(TINY);
+    const pool = new LoraPool(cfg, 'cpu', 'f32', { maxAdapters: 2, maxRank: 48 });
+    try {
+      for (const n of ['a', 'b', 'c']) pool.register(readLoraAdapter(A8, cfg, n));
+      const sa = pool.acquire('a')!, sb = pool.acquire('b')!;
+      expect(new Set([sa, sb]).size).toBe(2);
+      expect(pool.acquire('c')).toBeUndefined();  // both pinned
+      expect(pool.canAcquire('c')).toBe(false);
+      pool.release(sa);
+      pool.release(sb);
+      expect(pool.acquire('b')).toBe(sb);  // resident: no copy
+      pool.release(sb);
+      expect(pool.acquire('c')).toBe(sa);  // 'a' was used least recently
+      expect(pool.residentNames()[sa]).toBe('c');
+      expect(() => pool.release(sb)).toThrow(expect.objectContaining({ code: 'ERR_INTERNAL' }));
+      expect(() => pool.unregister('c')).toThrow(expect.objectContaining({ code: 'ERR_STATE' }));
+      pool.release(sa);
+      pool.unregister('c');
+      expect(pool.residentNames()[sa]).toBeUndefined();
+      expect(() => pool.register(readLoraAdapter(A8, cfg, 'a'))).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+      expect(() => new LoraPool(cfg, 'cpu', 'f32', { maxAdapters: 0 })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+    } finally {
+      pool.dispose();
+    }
   });
 });
 

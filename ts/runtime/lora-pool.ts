@@ -140,10 +140,11 @@ export class LoraPool {
     if (!ad) throw new SqueezeError('ERR_ARG', `no adapter named '${name}' is loaded (loaded: ${this.names().join(', ') || 'none'})`);
     let s = this.resident.findIndex((x) => x.name === name);
     if (s < 0) {
+      // an idle slot: an empty one first, else the least recently used
+      const age = (x: Slot) => (x.name === undefined ? -1 : x.lastUse);
       let best = -1;
       this.resident.forEach((x, i) => {
-        if (x.refs === 0 && (best < 0 || (x.name === undefined) > (this.resident[best].name === undefined) ||
-          ((x.name === undefined) === (this.resident[best].name === undefined) && x.lastUse < this.resident[best].lastUse))) best = i;
+        if (x.refs === 0 && (best < 0 || age(x) < age(this.resident[best]))) best = i;
       });
       if (best < 0) return undefined;
       s = best;
