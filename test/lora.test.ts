@@ -250,11 +250,11 @@ describe('LoRA adapters on tiny-llama-gqa (CPU) against PEFT', () => {
 });
 
 describe('the adapter pool', () => {
-  test('empty slots first, then the least recently used idle one; pinned slots are never taken', () => {
+  test('empty slots first, then the least recently used idle one; pinned slots are never taken', async () => {
     const cfg = loadConfig(TINY);
     const pool = new LoraPool(cfg, 'cpu', 'f32', { maxAdapters: 2, maxRank: 48 });
     try {
-      for (const n of ['a', 'b', 'c']) pool.register(readLoraAdapter(A8, cfg, n));
+      for (const n of ['a', 'b', 'c']) pool.register(await readLoraAdapter(A8, cfg, n));
       const sa = pool.acquire('a')!, sb = pool.acquire('b')!;
       expect(new Set([sa, sb]).size).toBe(2);
       expect(pool.acquire('c')).toBeUndefined();  // both pinned
@@ -270,7 +270,8 @@ describe('the adapter pool', () => {
       pool.release(sa);
       pool.unregister('c');
       expect(pool.residentNames()[sa]).toBeUndefined();
-      expect(() => pool.register(readLoraAdapter(A8, cfg, 'a'))).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+      const again = await readLoraAdapter(A8, cfg, 'a');
+      expect(() => pool.register(again)).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
       expect(() => new LoraPool(cfg, 'cpu', 'f32', { maxAdapters: 0 })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
     } finally {
       pool.dispose();

@@ -316,6 +316,29 @@ describe('OpenAI-compatible server', () => {
     }
   });
 
+  test('adapters loaded and unloaded at run time where allowed (vLLM\'s routes)', async () => {
+    const body = { lora_name: 'dyn', lora_path: A8 };
+    expect((await request(url, '/v1/load_lora_adapter', { body })).json.error.code).toBe('adapter_loading_disabled');
+    const s5 = createServer(model, { modelName: 'pycoder-mini', allowAdapterLoading: true });
+    const u = (await s5.listen(0)).url;
+    try {
+      const r = await request(u, '/v1/load_lora_adapter', { body });
+      expect(r.status).toBe(200);
+      expect(r.json).toMatchObject({ id: 'dyn', parent: 'pycoder-mini', ranks: { q_proj: 8, v_proj: 8 } });
+      expect((await request(u, '/v1/models')).json.data.map((d: { id: string }) => d.id)).toContain('dyn');
+      const c = await request(u, '/v1/completions', { body: { model: 'dyn', prompt: 'def f(x):', max_tokens: 6, temperature: 0 } });
+      expect(c.json.choices[0].text).toBe(await generateText(model, { prompt: 'def f(x):', maxTokens: 6, temperature: 0, adapter: 'py-a8' }));
+      expect((await request(u, '/v1/load_lora_adapter', { body })).status).toBe(400);  // the name is taken
+      expect((await request(u, '/v1/load_lora_adapter', { body: { lora_name: 'x', lora_path: '/nonexistent' } })).json.error.code).toBe('invalid_format');
+      expect((await request(u, '/v1/load_lora_adapter', { body: { lora_path: A8 } })).json.error.param).toBe('lora_name');
+      expect((await request(u, '/v1/unload_lora_adapter', { body: { lora_name: 'dyn' } })).status).toBe(200);
+      expect((await request(u, '/v1/unload_lora_adapter', { body: { lora_name: 'dyn' } })).status).toBe(404);
+      expect((await request(u, '/v1/completions', { body: { model: 'dyn', prompt: 'x' } })).json.error.code).toBe('model_not_found');
+    } finally {
+      await s5.close();
+    }
+  });
+
   test('close() ends generations in flight, answers them, and leaves the model usable', async () => {
     const s3 = createServer(model, { modelName: 'm' });
     const u = (await s3.listen(0)).url;

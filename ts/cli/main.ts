@@ -57,13 +57,15 @@ usage:
       --lora: with a PEFT LoRA adapter
   squeezelm serve [--model DIR] [--host H] [--port P] [--name NAME] [--device D] [--max-batch N]
                   [--max-context N] [--api-key KEY] [--cors ORIGIN] [--kv-bits 2|3|4 --kv-calib FILE]
-                  [--lora [NAME=]DIR[,...] [--lora-slots N] [--lora-rank R]] [--quiet]
+                  [--lora [NAME=]DIR[,...] [--lora-slots N] [--lora-rank R]] [--allow-adapter-loading] [--quiet]
       an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models,
       /health; docs/server.md) on H:P (default 127.0.0.1:8080; port 0 picks a free one);
       concurrent requests are batched together; --api-key (or SQUEEZELM_API_KEY) requires
       'Authorization: Bearer KEY'; --lora serves PEFT LoRA adapters under their names (the
       request's "model"), --lora-slots of them resident on the device at once (default 4),
-      --lora-rank rows each per layer and site (default: what the largest needs); one log line per request on stderr
+      --lora-rank rows each per layer and site (default: what the largest needs);
+      --allow-adapter-loading lets clients load and unload adapters from this machine's folders
+      (POST /v1/load_lora_adapter, /v1/unload_lora_adapter); one log line per request on stderr
       unless --quiet; stops cleanly on SIGINT / SIGTERM
   squeezelm info [--model DIR] [--device D] [--kv-bits 2|3|4 --kv-calib FILE]
       config summary, parameter count, dtypes, quantized linears (bits, bytes), KV cache bytes
@@ -74,7 +76,7 @@ usage:
 
 type Flags = Record<string, string | boolean>;
 
-const BOOL = new Set(['json', 'progress', 'help', 'decode', 'quiet']);
+const BOOL = new Set(['json', 'progress', 'help', 'decode', 'quiet', 'allow-adapter-loading']);
 
 function parse(argv: string[]): { cmd?: string; flags: Flags } {
   const flags: Flags = {};
@@ -155,7 +157,7 @@ function kvCacheFlags(f: Flags, cmd: string): { bits?: number; kvCache?: { bits:
  * --lora [NAME=]DIR[,[NAME=]DIR...]: adapter folders and their names (default: the folder's name).
  * Without --lora-rank the pool's rows per adapter fit the largest of these adapters.
  */
-function loraFlags(f: Flags, cmd: string): { lora?: { maxAdapters?: number; maxRank?: number }; adapters: Array<{ name?: string; dir: string }> } {
+async function loraFlags(f: Flags, cmd: string): Promise<{ lora?: { maxAdapters?: number; maxRank?: number }; adapters: Array<{ name?: string; dir: string }> }> {
   const spec = str(f, 'lora');
   const slots = numFlag(f, 'lora-slots', true), rank = numFlag(f, 'lora-rank', true);
   if (!spec) {
@@ -170,7 +172,8 @@ function loraFlags(f: Flags, cmd: string): { lora?: { maxAdapters?: number; maxR
   let maxRank = rank;
   if (maxRank === undefined) {
     const cfg = loadConfig(modelDir(f));
-    maxRank = Math.max(...adapters.map((a) => readLoraAdapter(a.dir, cfg).maxSiteRank));
+    maxRank = 0;
+    for (const a of adapters) maxRank = Math.max(maxRank, (await readLoraAdapter(a.dir, cfg)).maxSiteRank);
   }
   return { lora: { maxAdapters: slots, maxRank }, adapters };
 }
@@ -180,7 +183,7 @@ async function cmdGenerate(f: Flags): Promise<void> {
   const prompt = str(f, 'prompt');
   if (prompt === undefined) throw new SqueezeError('ERR_ARG', 'generate: --prompt TEXT is required');
   const { kvCache } = kvCacheFlags(f, 'generate');
-  const { lora, adapters } = loraFlags(f, 'generate');
+  const { lora, adapters } = await loraFlags(f, 'generate');
   if (adapters.length > 1) throw new SqueezeError('ERR_ARG', 'generate: --lora takes one adapter folder');
   const model = await loadModel(modelDir(f), { device: str(f, 'device') ?? 'auto', maxBatch: 1, kvCache, lora: lora && { ...lora, maxAdapters: 1 } });
   try {
@@ -209,7 +212,7 @@ async function cmdPpl(f: Flags): Promise<void> {
   const batch = numFlag(f, 'batch', true) ?? 1;
   const { bits: kvBits, kvCache } = kvCacheFlags(f, 'ppl');
   const decode = f.decode === true || kvBits !== undefined;
-  const { lora, adapters } = loraFlags(f, 'ppl');
+  const { lora, adapters } = await loraFlags(f, 'ppl');
   if (adapters.length > 1) throw new SqueezeError('ERR_ARG', 'ppl: --lora takes one adapter folder');
   const model = await loadModel(modelDir(f), {
     device: str(f, 'device') ?? 'auto', maxBatch: batch, maxContext: window, kvCache, lora: lora && { ...lora, maxAdapters: 1 },
@@ -233,12 +236,12 @@ async function cmdPpl(f: Flags): Promise<void> {
 
 async function cmdServe(f: Flags): Promise<void> {
   allow(f, ['model', 'host', 'port', 'name', 'device', 'max-batch', 'max-context', 'api-key', 'cors', 'kv-bits', 'kv-calib', 'quiet',
-    'lora', 'lora-slots', 'lora-rank']);
+    'lora', 'lora-slots', 'lora-rank', 'allow-adapter-loading']);
   const port = numFlag(f, 'port', true) ?? 8080;
   if (port < 0 || port > 65535) throw new SqueezeError('ERR_ARG', `serve: --port must be 0..65535, got ${port}`);
   const host = str(f, 'host') ?? '127.0.0.1';
   const { kvCache } = kvCacheFlags(f, 'serve');
-  const { lora, adapters } = loraFlags(f, 'serve');
+  const { lora, adapters } = await loraFlags(f, 'serve');
   const dir = modelDir(f);
   const model = await loadModel(dir, {
     device: str(f, 'device') ?? 'auto', maxBatch: numFlag(f, 'max-batch', true) ?? 8, maxContext: numFlag(f, 'max-context', true), kvCache, lora,
@@ -254,6 +257,7 @@ async function cmdServe(f: Flags): Promise<void> {
     modelName: str(f, 'name') ?? path.basename(path.resolve(dir)),
     apiKey: str(f, 'api-key') ?? (process.env.SQUEEZELM_API_KEY || undefined),
     cors: cors === '*' ? true : cors,
+    allowAdapterLoading: f['allow-adapter-loading'] === true,
     log: f.quiet === true ? undefined : (line) => process.stderr.write(`${new Date().toISOString()} ${line}\n`),
   });
   try {

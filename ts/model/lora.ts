@@ -113,9 +113,10 @@ function toFloat32(dtype: string, data: ArrayBufferView, file: string, name: str
  * weight is kept: the adapter type and options we do not implement (DoRA, biases, fan_in_fan_out,
  * modules_to_save, embedding or lm_head targets) are ERR_UNSUPPORTED; missing, misshapen or
  * unexpected tensors, and shapes that do not fit the model (an adapter made for another model)
- * are ERR_FORMAT naming the tensor and file.
+ * are ERR_FORMAT naming the tensor and file. It yields to the event loop between tensors, so a
+ * server that loads an adapter keeps streaming meanwhile.
  */
-export function readLoraAdapter(dir: string, cfg: ModelConfig, name = path.basename(path.resolve(dir))): LoraAdapter {
+export async function readLoraAdapter(dir: string, cfg: ModelConfig, name = path.basename(path.resolve(dir))): Promise<LoraAdapter> {
   const cfgFile = path.join(dir, 'adapter_config.json');
   if (!fs.existsSync(cfgFile)) throw new SqueezeError('ERR_FORMAT', `${dir}: no adapter_config.json (a PEFT LoRA folder is expected)`);
   let ac: Record<string, unknown>;
@@ -190,6 +191,7 @@ export function readLoraAdapter(dir: string, cfg: ModelConfig, name = path.basen
       ranks[rec.module] = Math.max(ranks[rec.module] ?? 0, rank);
       scales[rec.module] ??= scale;
       const a = st.read(rec.A), b = st.read(rec.B);
+      await new Promise<void>((r) => setImmediate(r));
       perLayer[rec.l].push({ t, rank, scale, A: toFloat32(a.dtype, a.data, weightsFile, rec.A), B: toFloat32(b.dtype, b.data, weightsFile, rec.B) });
     }
     const dims = siteDims(cfg);

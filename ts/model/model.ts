@@ -215,7 +215,7 @@ export class Model {
     if (typeof dir !== 'string') throw new SqueezeError('ERR_ARG', 'loadAdapter: dir must be a folder path');
     if (opts.name !== undefined && (typeof opts.name !== 'string' || !opts.name)) throw new SqueezeError('ERR_ARG', 'loadAdapter: name must be a non-empty string');
     if (opts.name !== undefined && pool.has(opts.name)) throw new SqueezeError('ERR_ARG', `loadAdapter: an adapter named '${opts.name}' is already loaded`);
-    const ad = readLoraAdapter(dir, this.config, opts.name);
+    const ad = await readLoraAdapter(dir, this.config, opts.name);
     pool.register(ad);
     return { name: ad.name, source: ad.source, ranks: { ...ad.ranks }, scales: { ...ad.scales }, bytes: ad.bytes };
   }

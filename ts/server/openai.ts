@@ -38,6 +38,8 @@ export function errorBody(e: unknown): { status: number; body: { error: { messag
     ERR_ARG: [400, 'invalid_request_error', null],
     ERR_UNSUPPORTED: [400, 'invalid_request_error', 'unsupported'],
     ERR_CONTEXT_LENGTH: [400, 'invalid_request_error', 'context_length_exceeded'],
+    ERR_FORMAT: [400, 'invalid_request_error', 'invalid_format'],
+    ERR_STATE: [409, 'invalid_request_error', 'conflict'],
     ERR_DISPOSED: [503, 'server_error', 'model_unavailable'],
     ERR_OUT_OF_MEMORY: [503, 'server_error', 'out_of_memory'],
   };

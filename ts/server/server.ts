@@ -35,6 +35,11 @@ export interface ServerOptions {
   cors?: boolean | string;
   /** One line per finished request (method, path, status, milliseconds, tokens). */
   log?: (line: string) => void;
+  /**
+   * Lets clients load and unload LoRA adapters (POST /v1/load_lora_adapter, /v1/unload_lora_adapter,
+   * as vLLM names them) from paths on this machine. Off by default: those routes answer 403.
+   */
+  allowAdapterLoading?: boolean;
 }
 
 export interface ListenInfo {
@@ -74,6 +79,7 @@ export class SqueezeServer {
       defaultMaxTokens: posInt(opts.defaultMaxTokens, 'defaultMaxTokens', 16),
       cors: opts.cors,
       log: opts.log,
+      allowAdapterLoading: opts.allowAdapterLoading === true,
     };
     this.http = http.createServer((req, res) => {
       const p = this.handle(req, res).catch(() => undefined);
@@ -142,6 +148,8 @@ export class SqueezeServer {
         '/v1/models': { GET: async () => this.json(res, 200, { object: 'list', data: [this.modelCard(), ...this.model.adapters.map((a) => this.modelCard(a))] }) },
         '/v1/completions': { POST: async () => this.completions(res, parseCompletion(await this.body(req))) },
         '/v1/chat/completions': { POST: async () => this.chat(res, parseChat(await this.body(req))) },
+        '/v1/load_lora_adapter': { POST: async () => this.loadAdapter(res, await this.body(req)) },
+        '/v1/unload_lora_adapter': { POST: async () => this.unloadAdapter(res, await this.body(req)) },
       };
       const m = /^\/v1\/models\/(.+)$/.exec(path);
       if (m && req.method === 'GET') {
@@ -162,6 +170,34 @@ export class SqueezeServer {
     } finally {
       this.o.log?.(`${req.method} ${path} ${res.statusCode} ${Date.now() - t0} ms${tokens ? ` ${tokens} tokens` : ''}`);
     }
+  }
+
+  private adapterRoute(body: unknown, needPath: boolean): { name: string; path?: string } {
+    if (!this.o.allowAdapterLoading)
+      throw new ApiError(403, 'loading adapters at run time is off (createServer allowAdapterLoading, serve --allow-adapter-loading)',
+        'invalid_request_error', null, 'adapter_loading_disabled');
+    const b = body as { lora_name?: unknown; lora_path?: unknown } | null;
+    if (!b || typeof b !== 'object' || typeof b.lora_name !== 'string' || !b.lora_name)
+      throw new ApiError(400, "'lora_name' (a non-empty string) is required", 'invalid_request_error', 'lora_name');
+    if (needPath && (typeof b.lora_path !== 'string' || !b.lora_path))
+      throw new ApiError(400, "'lora_path' (a PEFT adapter folder on the server) is required", 'invalid_request_error', 'lora_path');
+    if (b.lora_name === this.modelName) throw new ApiError(400, `'${b.lora_name}' is the base model's name`, 'invalid_request_error', 'lora_name');
+    return { name: b.lora_name, path: b.lora_path as string | undefined };
+  }
+
+  /** POST /v1/load_lora_adapter {lora_name, lora_path}: the adapter is then served under lora_name. */
+  private async loadAdapter(res: http.ServerResponse, body: unknown): Promise<void> {
+    const { name, path } = this.adapterRoute(body, true);
+    const info = await this.model.loadAdapter(path!, { name });
+    this.json(res, 200, { ...this.modelCard(name), ranks: info.ranks });
+  }
+
+  /** POST /v1/unload_lora_adapter {lora_name}: 409 while requests use it. */
+  private async unloadAdapter(res: http.ServerResponse, body: unknown): Promise<void> {
+    const { name } = this.adapterRoute(body, false);
+    if (!this.model.adapters.includes(name)) throw new ApiError(404, `no adapter named '${name}' is loaded`, 'invalid_request_error', 'lora_name', 'model_not_found');
+    this.model.unloadAdapter(name);
+    this.json(res, 200, { id: name, object: 'model', deleted: true });
   }
 
   /** The model card of the base model, or of a LoRA adapter served under its own name. */
