@@ -467,7 +467,10 @@ describe('request parsing', () => {
 describe('squeezelm serve', () => {
   test('serves on a free port, answers, and stops cleanly on SIGTERM', async () => {
     const bin = path.join(__dirname, '..', 'bin', 'squeezelm.js');
-    const child = spawn(process.execPath, [bin, 'serve', '--port', '0', '--device', 'cpu', '--max-context', '128', '--name', 'pm', '--lora', `lo=${A8}`, '--lora-slots', '1'],
+    const prefixFile = path.join(os.tmpdir(), `sqz-prefix-${process.pid}.txt`);
+    fs.writeFileSync(prefixFile, 'import os\nimport sys\n');
+    const child = spawn(process.execPath, [bin, 'serve', '--port', '0', '--device', 'cpu', '--max-context', '128', '--name', 'pm', '--lora', `lo=${A8}`, '--lora-slots', '1',
+      '--cache-prefix', prefixFile],
       { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '', err = '';
     child.stdout.on('data', (d) => (out += d.toString()));
@@ -483,11 +486,16 @@ describe('squeezelm serve', () => {
       expect(r.json.usage.completion_tokens).toBe(4);
       expect((await request(u, '/v1/models')).json.data.map((d: { id: string }) => d.id)).toEqual(['pm', 'lo']);
       expect((await request(u, '/v1/completions', { body: { model: 'lo', prompt: 'def f(x):', max_tokens: 4 } })).status).toBe(200);
+      // a request that starts with the cached prefix starts from its pages
+      expect((await request(u, '/v1/completions', { body: { prompt: 'import os\nimport sys\nimport json', max_tokens: 4 } })).status).toBe(200);
+      expect((await request(u, '/health')).json.stats.prefixHits).toBe(1);
+      expect(err).toMatch(/cached a \d+-token prefix/);
       await until(() => /POST \/v1\/completions 200/.test(err));
     } finally {
       child.kill('SIGTERM');
     }
     expect(await exited).toBe(0);
+    fs.rmSync(prefixFile, { force: true });
     expect(err).toMatch(/shutting down/);
     expect(err).not.toMatch(/Error|at Object/);
   });

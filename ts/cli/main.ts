@@ -57,7 +57,8 @@ usage:
       --lora: with a PEFT LoRA adapter
   squeezelm serve [--model DIR] [--host H] [--port P] [--name NAME] [--device D] [--max-batch N]
                   [--max-context N] [--api-key KEY] [--cors ORIGIN] [--kv-bits 2|3|4 --kv-calib FILE]
-                  [--lora [NAME=]DIR[,...] [--lora-slots N] [--lora-rank R]] [--allow-adapter-loading] [--quiet]
+                  [--lora [NAME=]DIR[,...] [--lora-slots N] [--lora-rank R]] [--allow-adapter-loading]
+                  [--cache-prefix FILE] [--quiet]
       an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models,
       /health; docs/server.md) on H:P (default 127.0.0.1:8080; port 0 picks a free one);
       concurrent requests are batched together; --api-key (or SQUEEZELM_API_KEY) requires
@@ -65,7 +66,9 @@ usage:
       request's "model"), --lora-slots of them resident on the device at once (default 4),
       --lora-rank rows each per layer and site (default: what the largest needs);
       --allow-adapter-loading lets clients load and unload adapters from this machine's folders
-      (POST /v1/load_lora_adapter, /v1/unload_lora_adapter); one log line per request on stderr
+      (POST /v1/load_lora_adapter, /v1/unload_lora_adapter); --cache-prefix keeps the KV of FILE's
+      text (a shared system prompt, say) so requests starting with its tokens skip its prefill;
+      one log line per request on stderr
       unless --quiet; stops cleanly on SIGINT / SIGTERM
   squeezelm info [--model DIR] [--device D] [--kv-bits 2|3|4 --kv-calib FILE]
       config summary, parameter count, dtypes, quantized linears (bits, bytes), KV cache bytes
@@ -236,7 +239,7 @@ async function cmdPpl(f: Flags): Promise<void> {
 
 async function cmdServe(f: Flags): Promise<void> {
   allow(f, ['model', 'host', 'port', 'name', 'device', 'max-batch', 'max-context', 'api-key', 'cors', 'kv-bits', 'kv-calib', 'quiet',
-    'lora', 'lora-slots', 'lora-rank', 'allow-adapter-loading']);
+    'lora', 'lora-slots', 'lora-rank', 'allow-adapter-loading', 'cache-prefix']);
   const port = numFlag(f, 'port', true) ?? 8080;
   if (port < 0 || port > 65535) throw new SqueezeError('ERR_ARG', `serve: --port must be 0..65535, got ${port}`);
   const host = str(f, 'host') ?? '127.0.0.1';
@@ -248,6 +251,12 @@ async function cmdServe(f: Flags): Promise<void> {
   });
   try {
     for (const a of adapters) await model.loadAdapter(a.dir, { name: a.name });
+    const prefixFile = str(f, 'cache-prefix');
+    if (prefixFile !== undefined) {
+      if (!fs.existsSync(prefixFile)) throw new SqueezeError('ERR_ARG', `serve: --cache-prefix: no file ${prefixFile}`);
+      const p = await model.cachePrefix(fs.readFileSync(prefixFile, 'utf8'));
+      process.stderr.write(`squeezelm: cached a ${p.length}-token prefix\n`);
+    }
   } catch (e) {
     await model.dispose();
     throw e;

@@ -18,7 +18,7 @@ import { Decoder } from './llama';
 import { KVCache } from '../runtime/kv-cache';
 import { KvCacheOptions, QuantizedAttention, quantizedBytesPerToken, resolveKvCalibration } from '../runtime/kvq-attention';
 import type { KvqCalibration } from '../quant/kvquant';
-import { GenerateRequest, GenerateResult, GenerationStream, Scheduler, collect } from '../runtime/scheduler';
+import { GenerateRequest, GenerateResult, GenerationStream, PrefixEntry, Scheduler, collect } from '../runtime/scheduler';
 import { tokenNllRows } from '../runtime/ppl';
 import { LoraPool, LoraPoolOptions } from '../runtime/lora-pool';
 import { readLoraAdapter } from './lora';
@@ -49,6 +49,16 @@ export interface LoadOptions {
    * Absent: no adapters can be used, and decode keeps its fused kernels.
    */
   lora?: LoraPoolOptions;
+}
+
+/** A prompt prefix kept in the KV cache (model.cachePrefix); dispose() lets its pages go. */
+export interface CachedPrefix {
+  /** Its tokens. */
+  readonly length: number;
+  /** The adapter its keys and values were computed with (undefined: the base model). */
+  readonly adapter?: string;
+  readonly disposed: boolean;
+  dispose(): void;
 }
 
 /** What loadAdapter read. */
@@ -175,7 +185,7 @@ export class Model {
   }
 
   /** Decode statistics: steps run and how many replayed a CUDA graph. */
-  get stats(): { steps: number; graphReplays: number; prefills: number; captureError?: string } {
+  get stats(): { steps: number; graphReplays: number; prefills: number; prefixHits: number; prefixTokens: number; captureError?: string } {
     return { ...this.scheduler.stats };
   }
 
@@ -226,6 +236,75 @@ export class Model {
     const pool = this.decoder.lora;
     if (!pool) throw new SqueezeError('ERR_ARG', 'unloadAdapter: this model was loaded without LoRA support');
     pool.unregister(name);
+  }
+
+  /**
+   * Keeps the keys and values of a prompt prefix (text or token ids) in the KV cache: every later
+   * request whose prompt starts with these tokens (and uses the same adapter) starts from them
+   * instead of computing them again; its own tokens go into pages of its own, the prefix's full
+   * pages are shared. One prefill now; the pages stay taken until dispose(). Needs the fp16 cache
+   * (a KVQuant cache: ERR_UNSUPPORTED).
+   */
+  async cachePrefix(prompt: string | ArrayLike<number>, opts: { adapter?: string } = {}): Promise<CachedPrefix> {
+    this.check();
+    if (this.kvq) throw new SqueezeError('ERR_UNSUPPORTED', 'cachePrefix: a quantized KV cache cannot share prefix pages yet');
+    let ids: Int32Array;
+    if (typeof prompt === 'string') {
+      if (!this.tokenizer) throw new SqueezeError('ERR_ARG', 'cachePrefix: this model has no tokenizer; pass ids');
+      ids = this.tokenizer.encode(prompt);
+    } else ids = this.checkIds(prompt, 'cachePrefix');
+    if (ids.length === 0) throw new SqueezeError('ERR_ARG', 'cachePrefix: the prefix is empty');
+    if (ids.length >= this.cache.maxContext)
+      throw new SqueezeError('ERR_CONTEXT_LENGTH', `cachePrefix: ${ids.length} tokens leave no room in the context (${this.cache.maxContext})`);
+    const adapter = opts.adapter;
+    if (adapter !== undefined && !this.decoder.lora?.has(adapter)) throw new SqueezeError('ERR_ARG', `cachePrefix: no adapter named '${String(adapter)}' is loaded`);
+    const seq = this.cache.createSequence();
+    let slot: number | undefined;
+    try {
+      this.cache.grow(seq, ids.length);
+      if (adapter !== undefined) {
+        slot = this.decoder.lora!.acquire(adapter);
+        if (slot === undefined) throw new SqueezeError('ERR_STATE', `cachePrefix: every adapter slot is in use; '${adapter}' cannot be made resident now`);
+        this.decoder.bindAdapter(seq, slot);
+      }
+      await this.track(this.prefillInto(seq, ids));
+    } catch (e) {
+      this.decoder.unbindAdapter(seq);
+      this.cache.free(seq);
+      if (slot !== undefined) this.decoder.lora!.release(slot);
+      throw e;
+    }
+    this.decoder.unbindAdapter(seq);
+    if (slot !== undefined) this.decoder.lora!.release(slot);
+    const entry: PrefixEntry = { seq, ids, adapter };
+    this.scheduler.addPrefix(entry);
+    let disposed = false;
+    const cache = this.cache, scheduler = this.scheduler;
+    return {
+      length: ids.length,
+      adapter,
+      get disposed() {
+        return disposed;
+      },
+      dispose() {
+        if (disposed) return;
+        disposed = true;
+        scheduler.removePrefix(entry);
+        cache.free(seq);  // requests forked from it keep the pages they share until they end
+      },
+    };
+  }
+
+  /** One prefill of `ids` into sequence `seq` (grown to them), nothing read back. */
+  private async prefillInto(seq: number, ids: Int32Array): Promise<void> {
+    const ws = this.decoder.workspace(ids.length, 1, false);
+    try {
+      this.decoder.write(ws, this.decoder.inputs([seq], [ids], ids.length));
+      this.decoder.forward(ws, ids.length, ids.length);
+      await synchronize(this.device);
+    } finally {
+      ws.dispose();
+    }
   }
 
   /** Names of the loaded adapters. */

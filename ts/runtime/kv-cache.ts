@@ -1,13 +1,16 @@
 /**
  * Paged KV cache: per layer a page pool k, v [pages, pageSize, kvHeads, headDim]; one page
  * allocator (free list) shared by all layers; per-sequence page tables. A sequence owns the
- * pages its length needs; finishing or aborting it returns them to the pool.
+ * pages its length needs; finishing or aborting it returns them to the pool. fork() starts a
+ * sequence on another's first tokens: their full pages are shared (counted references, never
+ * written again, since a sequence only appends past its own start), a partial last page is copied.
  * With `storage: false` the cache only allocates pages and sequence slots: a quantized
  * cache (runtime/kvq-attention.ts) keeps its own per-layer page pools indexed by the same
  * page numbers, and its fp16 sink rows by each sequence's slot.
  */
 import { SqueezeError } from '../errors';
 import { DType, Tensor } from '../tensor';
+import { copy } from '../ops/basic';
 
 export interface KVCacheOptions {
   device: string;
@@ -46,6 +49,8 @@ export class KVCache {
   readonly k: Tensor[] = [];
   readonly v: Tensor[] = [];
   private freeList: number[] = [];
+  /** Sequences holding each page (a page is free at 0). */
+  private readonly refs: Int32Array;
   private freeSlots: number[] | undefined;
   private seqs = new Map<number, Sequence>();
   private nextId = 1;
@@ -73,6 +78,7 @@ export class KVCache {
       throw e;
     }
     for (let p = this.numPages - 1; p >= 0; p--) this.freeList.push(p);
+    this.refs = new Int32Array(this.numPages);
   }
 
   get freePages(): number {
@@ -142,8 +148,52 @@ export class KVCache {
     const need = this.pagesFor(length) - s.pages.length;
     if (need > this.freeList.length)
       throw new SqueezeError('ERR_CONTEXT_LENGTH', `KV cache is full: ${length} tokens need ${need} more pages, ${this.freeList.length} free`);
-    for (let i = 0; i < need; i++) s.pages.push(this.freeList.pop()!);
+    for (let i = 0; i < need; i++) {
+      const p = this.freeList.pop()!;
+      this.refs[p] = 1;
+      s.pages.push(p);
+    }
     s.length = Math.max(s.length, length);
+  }
+
+  /**
+   * A new sequence holding the first `length` tokens of `parent`: their full pages shared, a
+   * partial last page copied into a page of its own (k and v of every layer). Needs the fp16
+   * pages (storage); ERR_CONTEXT_LENGTH when no page is free for the copy.
+   */
+  fork(parent: number, length: number): number {
+    const src = this.get(parent);
+    if (!Number.isInteger(length) || length < 1 || length > src.length)
+      throw new SqueezeError('ERR_ARG', `KV cache: cannot fork ${length} tokens of a sequence of ${src.length}`);
+    if (!this.k.length) throw new SqueezeError('ERR_UNSUPPORTED', 'KV cache: forking needs the fp16 page pools');
+    const full = Math.floor(length / this.pageSize), partial = length % this.pageSize !== 0;
+    if (partial && !this.freeList.length) throw new SqueezeError('ERR_CONTEXT_LENGTH', 'KV cache is full: no page for a forked sequence');
+    const id = this.createSequence();
+    const s = this.get(id);
+    for (let i = 0; i < full; i++) {
+      this.refs[src.pages[i]]++;
+      s.pages.push(src.pages[i]);
+    }
+    if (partial) {
+      const p = this.freeList.pop()!, q = src.pages[full];
+      this.refs[p] = 1;
+      s.pages.push(p);
+      const n = this.k[0].numel / this.numPages;  // elements per page
+      for (const pool of [this.k, this.v])
+        for (const t of pool) {
+          const dst = t.view(p * n, [n]), from = t.view(q * n, [n]);
+          copy(dst, from);
+          dst.dispose();
+          from.dispose();
+        }
+    }
+    s.length = length;
+    return id;
+  }
+
+  /** Pages a sequence shares with others (for tests and stats). */
+  sharedPages(seq: number): number {
+    return this.get(seq).pages.filter((p) => this.refs[p] > 1).length;
   }
 
   /** Writes this sequence's page table into `out` at `offset` (maxPagesPerSeq entries). */
@@ -156,7 +206,7 @@ export class KVCache {
   free(seq: number): void {
     const s = this.seqs.get(seq);
     if (!s) return;
-    for (const p of s.pages) this.freeList.push(p);
+    for (const p of s.pages) if (--this.refs[p] === 0) this.freeList.push(p);
     if (this.freeSlots && s.slot >= 0) this.freeSlots.push(s.slot);
     this.seqs.delete(seq);
   }

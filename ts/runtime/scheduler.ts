@@ -65,6 +65,8 @@ interface Req {
   adapter?: string;
   /** The adapter's pool slot while the request holds it (-1: none). */
   loraSlot: number;
+  /** Prompt tokens whose keys and values came from a cached prefix (not prefilled again). */
+  cached: number;
   seq: number;
   last: number;
   generated: number[];
@@ -93,6 +95,13 @@ interface DecodeSlot {
   captureError?: Error;
 }
 
+/** A prompt prefix whose keys and values stay in the cache (its own sequence), with the adapter it was computed with. */
+export interface PrefixEntry {
+  seq: number;
+  ids: Int32Array;
+  adapter?: string;
+}
+
 export interface SchedulerOptions {
   maxBatch: number;
   graphs: boolean;
@@ -108,9 +117,32 @@ export class Scheduler {
   /** The step queued ahead (same batch as the last one), read at the next round. */
   private inflight: Step | undefined;
   /** Decode steps run, and how many replayed a graph (for tests and benchmarks). */
-  stats = { steps: 0, graphReplays: 0, prefills: 0, pipelined: 0, captureError: undefined as string | undefined };
+  stats = { steps: 0, graphReplays: 0, prefills: 0, pipelined: 0, prefixHits: 0, prefixTokens: 0, captureError: undefined as string | undefined };
+  /** Cached prompt prefixes (model.cachePrefix): a cache sequence each, forked by requests that start with them. */
+  private prefixes = new Set<PrefixEntry>();
 
   constructor(private readonly dec: Decoder, private readonly tok: Tokenizer | undefined, readonly o: SchedulerOptions) {}
+
+  addPrefix(p: PrefixEntry): void {
+    this.prefixes.add(p);
+  }
+
+  removePrefix(p: PrefixEntry): void {
+    this.prefixes.delete(p);
+  }
+
+  /** The longest cached prefix a request's prompt starts with (leaving at least one token to prefill). */
+  private prefixFor(r: Req): PrefixEntry | undefined {
+    let best: PrefixEntry | undefined;
+    for (const p of this.prefixes) {
+      const n = p.ids.length;
+      if (p.adapter !== r.adapter || n >= r.prompt.length || (best && n <= best.ids.length)) continue;
+      let same = true;
+      for (let i = 0; i < n && same; i++) same = p.ids[i] === r.prompt[i];
+      if (same) best = p;
+    }
+    return best;
+  }
 
   get activeCount(): number {
     return this.active.length + this.pending.length;
@@ -179,6 +211,7 @@ export class Scheduler {
       signal: r.signal,
       adapter: r.adapter,
       loraSlot: -1,
+      cached: 0,
       seq: 0,
       last: 0,
       generated: [],
@@ -264,8 +297,11 @@ export class Scheduler {
       const admit: Req[] = [];
       while (this.pending.length && this.active.length + admit.length < this.o.maxBatch) {
         const r = this.pending[0];
-        // Wait for pages while others run; alone, a request that cannot fit fails.
-        if (cache.pagesFor(r.prompt.length + 1) > cache.freePages && (this.active.length || admit.length)) break;
+        // Wait for pages while others run; alone, a request that cannot fit fails. A cached prefix
+        // lends its full pages.
+        const prefix = this.prefixFor(r);
+        const shared = prefix ? Math.floor(prefix.ids.length / cache.pageSize) : 0;
+        if (cache.pagesFor(r.prompt.length + 1) - shared > cache.freePages && (this.active.length || admit.length)) break;
         // Its adapter needs a pool slot: wait while every slot is pinned by other adapters' requests.
         if (r.adapter !== undefined && !this.dec.lora?.canAcquire(r.adapter)) {
           if (this.active.length || admit.length) break;
@@ -275,7 +311,12 @@ export class Scheduler {
         }
         this.pending.shift();
         try {
-          r.seq = cache.createSequence();
+          if (prefix) {
+            r.seq = cache.fork(prefix.seq, prefix.ids.length);
+            r.cached = prefix.ids.length;
+            this.stats.prefixHits++;
+            this.stats.prefixTokens += r.cached;
+          } else r.seq = cache.createSequence();
           cache.grow(r.seq, r.prompt.length);
           if (r.adapter !== undefined) {
             r.loraSlot = this.dec.lora!.acquire(r.adapter)!;
@@ -316,14 +357,16 @@ export class Scheduler {
 
   private async prefill(reqs: Req[]): Promise<void> {
     this.stats.prefills++;
-    const T = reqs.reduce((a, r) => a + r.prompt.length, 0);
+    // Only what a cached prefix did not already put in the cache is prefilled.
+    const rest = reqs.map((r) => r.prompt.subarray(r.cached));
+    const T = rest.reduce((a, t) => a + t.length, 0);
     const ws = this.dec.workspace(T, reqs.length, false);
     try {
-      const inp = this.dec.inputs(reqs.map((r) => r.seq), reqs.map((r) => r.prompt), T);
+      const inp = this.dec.inputs(reqs.map((r) => r.seq), rest, T);
       this.dec.write(ws, inp);
       this.writeSampling(ws, reqs);
-      const maxQ = Math.max(...reqs.map((r) => r.prompt.length));
-      this.dec.forward(ws, maxQ, maxQ);
+      const maxQ = Math.max(...rest.map((t) => t.length));
+      this.dec.forward(ws, maxQ, Math.max(...reqs.map((r) => r.prompt.length)));
       this.dec.sample(ws);
       const toks = (await ws.tokens.toArray()) as Int32Array;
       reqs.forEach((r, b) => {

@@ -144,7 +144,15 @@ export class SqueezeServer {
       if (path !== '/health' && this.o.apiKey !== undefined && req.headers.authorization !== `Bearer ${this.o.apiKey}`)
         throw new ApiError(401, 'missing or wrong API key (Authorization: Bearer <key>)', 'invalid_request_error', null, 'invalid_api_key');
       const routes: Record<string, Record<string, () => Promise<number | void>>> = {
-        '/health': { GET: async () => this.json(res, 200, { status: 'ok', model: this.modelName, pending: this.pendingChoices }) },
+        '/health': {
+          GET: async () => {
+            const st = this.model.stats;
+            this.json(res, 200, {
+              status: 'ok', model: this.modelName, pending: this.pendingChoices,
+              stats: { steps: st.steps, prefills: st.prefills, prefixHits: st.prefixHits, prefixTokens: st.prefixTokens },
+            });
+          },
+        },
         '/v1/models': { GET: async () => this.json(res, 200, { object: 'list', data: [this.modelCard(), ...this.model.adapters.map((a) => this.modelCard(a))] }) },
         '/v1/completions': { POST: async () => this.completions(res, parseCompletion(await this.body(req))) },
         '/v1/chat/completions': { POST: async () => this.chat(res, parseChat(await this.body(req))) },

@@ -1,0 +1,165 @@
+/**
+ * Prompt-prefix caching (model.cachePrefix, KVCache.fork): requests that start with a cached
+ * prefix begin from its keys and values (full pages shared, a partial page copied) and generate
+ * what they generate without it; pages are counted and come back; adapters keep their own
+ * prefixes; refusals are coded.
+ */
+import * as path from 'path';
+import { loadModel, Model } from '../ts/model/model';
+import { KVCache } from '../ts/runtime/kv-cache';
+import * as ops from '../ts/ops';
+
+const PYCODER = path.join(__dirname, '..', 'models', 'pycoder-mini');
+const A8 = path.join(__dirname, 'fixtures', 'tiny-llama-gqa', 'adapters', 'a8');
+
+const SYSTEM = 'import os\nimport sys\nimport json\n\n\ndef load_config(path):\n    """Load a JSON config file."""\n    with open(path) as f:\n        return json.load(f)\n\n\n';
+const TAILS = ['def main():', 'class Config:', 'def save_config(path, cfg):', 'if __name__ == "__main__":'];
+
+describe('KVCache.fork', () => {
+  test('a fork holds its parent\'s first tokens: full pages shared, the partial one copied', async () => {
+    const c = new KVCache({ device: 'cpu', dtype: 'f32', numLayers: 2, numKvHeads: 2, headDim: 4, pageSize: 4, maxContext: 32, numPages: 12 });
+    try {
+      c.k.forEach((t, i) => ops.fillRandom(t, 1 + i, 0, 1));
+      c.v.forEach((t, i) => ops.fillRandom(t, 11 + i, 0, 1));
+      const parent = c.createSequence();
+      c.grow(parent, 10);  // pages: 4 + 4 + 2 tokens
+      const pt = new Int32Array(c.maxPagesPerSeq), ft = new Int32Array(c.maxPagesPerSeq);
+      c.writePageTable(parent, pt, 0);
+      expect(c.freePages).toBe(9);
+      const child = c.fork(parent, 10);
+      c.writePageTable(child, ft, 0);
+      expect([ft[0], ft[1]]).toEqual([pt[0], pt[1]]);   // shared
+      expect(ft[2]).not.toBe(pt[2]);                    // copied
+      expect(c.sharedPages(child)).toBe(2);
+      expect(c.freePages).toBe(8);
+      const per = 4 * 2 * 4;  // floats per page
+      for (const pool of [c.k, c.v])
+        for (const t of pool) {
+          const all = await t.toFloat32();
+          expect(Array.from(all.subarray(ft[2] * per, (ft[2] + 1) * per))).toEqual(Array.from(all.subarray(pt[2] * per, (pt[2] + 1) * per)));
+        }
+      // the child grows into pages of its own; freeing the parent keeps the shared pages for the child
+      c.grow(child, 13);
+      expect(c.freePages).toBe(7);
+      c.free(parent);
+      expect(c.freePages).toBe(8);  // only the parent's own third page came back
+      c.free(child);
+      expect(c.freePages).toBe(12);
+      // a fork at a page boundary copies nothing
+      const p2 = c.createSequence();
+      c.grow(p2, 8);
+      const c2 = c.fork(p2, 8);
+      expect(c.freePages).toBe(10);
+      expect(() => c.fork(p2, 9)).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+      expect(() => c.fork(p2, 0)).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+      c.free(c2);
+      c.free(p2);
+      expect(c.freePages).toBe(12);
+    } finally {
+      c.dispose();
+    }
+  });
+});
+
+describe('cachePrefix on pycoder-mini (CPU)', () => {
+  let model: Model;
+  const greedy = async (m: Model, prompts: string[], adapter?: string) =>
+    (await m.generateBatch(prompts.map((prompt) => ({ prompt, maxTokens: 20, temperature: 0, adapter })))).map((r) => r.text);
+
+  beforeAll(async () => {
+    model = await loadModel(PYCODER, { device: 'cpu', maxBatch: 4, maxContext: 256, lora: { maxAdapters: 2 } });
+    await model.loadAdapter(A8);
+  });
+  afterAll(async () => {
+    await model.dispose();
+  });
+
+  test('requests starting with the prefix generate what they generate without it, from shared pages', async () => {
+    const prompts = TAILS.map((t) => SYSTEM + t);
+    const plain = await greedy(model, prompts);
+    const total = model.kvPages;
+    const pre = await model.cachePrefix(SYSTEM);
+    const P = model.tokenizer!.encode(SYSTEM).length;
+    expect(pre.length).toBe(P);
+    expect(P % 16).not.toBe(0);  // a partial last page: the copy path
+    expect(model.freeKvPages).toBe(total - Math.ceil(P / 16));
+    const hits0 = model.stats.prefixHits, tokens0 = model.stats.prefixTokens;
+    expect(await greedy(model, prompts)).toEqual(plain);
+    expect(model.stats.prefixHits - hits0).toBe(prompts.length);
+    expect(model.stats.prefixTokens - tokens0).toBe(prompts.length * P);
+    // one at a time too (a different batch)
+    for (let i = 0; i < 2; i++) expect(await greedy(model, [prompts[i]])).toEqual([plain[i]]);
+    expect(model.freeKvPages).toBe(total - Math.ceil(P / 16));
+    pre.dispose();
+    pre.dispose();  // idempotent
+    expect(pre.disposed).toBe(true);
+    expect(model.freeKvPages).toBe(total);
+    const hits1 = model.stats.prefixHits;
+    expect(await greedy(model, [prompts[0]])).toEqual([plain[0]]);
+    expect(model.stats.prefixHits).toBe(hits1);
+  });
+
+  test('a prefix at a page boundary, the longest of several, and a prompt that is only the prefix', async () => {
+    const ids = Array.from(model.tokenizer!.encode(SYSTEM + TAILS[0]));
+    const aligned = ids.slice(0, 32), longer = ids.slice(0, 40);
+    const want = (await model.generateBatch([{ ids, maxTokens: 12, temperature: 0 }]))[0].ids;
+    const a = await model.cachePrefix(aligned), b = await model.cachePrefix(longer);
+    try {
+      const t0 = model.stats.prefixTokens;
+      expect((await model.generateBatch([{ ids, maxTokens: 12, temperature: 0 }]))[0].ids).toEqual(want);
+      expect(model.stats.prefixTokens - t0).toBe(40);  // the longest match
+      // a prompt equal to a prefix leaves nothing to prefill: no hit, the same tokens
+      const only = (await model.generateBatch([{ ids: longer, maxTokens: 6, temperature: 0 }]))[0].ids;
+      const h = model.stats.prefixHits;
+      b.dispose();
+      expect((await model.generateBatch([{ ids: longer, maxTokens: 6, temperature: 0 }]))[0].ids).toEqual(only);
+      expect(model.stats.prefixHits).toBe(h + 1);  // now the 32-token prefix matches
+    } finally {
+      a.dispose();
+      b.dispose();
+    }
+    expect(model.freeKvPages).toBe(model.kvPages);
+  });
+
+  test('disposing a prefix while requests use its pages: they finish right, then every page is back', async () => {
+    const prompts = TAILS.map((t) => SYSTEM + t);
+    const plain = await greedy(model, prompts.slice(0, 2));
+    const pre = await model.cachePrefix(SYSTEM);
+    const running = greedy(model, prompts.slice(0, 2));
+    pre.dispose();
+    expect(await running).toEqual(plain);
+    expect(model.freeKvPages).toBe(model.kvPages);
+  });
+
+  test('adapters keep their own prefixes', async () => {
+    const prompts = TAILS.slice(0, 2).map((t) => SYSTEM + t);
+    const plainA = await greedy(model, prompts, 'a8');
+    const base = await model.cachePrefix(SYSTEM);
+    try {
+      const h = model.stats.prefixHits;
+      expect(await greedy(model, prompts, 'a8')).toEqual(plainA);
+      expect(model.stats.prefixHits).toBe(h);  // the base prefix is not the adapter's
+      const withA = await model.cachePrefix(SYSTEM, { adapter: 'a8' });
+      try {
+        expect(await greedy(model, prompts, 'a8')).toEqual(plainA);
+        expect(model.stats.prefixHits).toBe(h + 2);
+      } finally {
+        withA.dispose();
+      }
+    } finally {
+      base.dispose();
+    }
+    expect(model.freeKvPages).toBe(model.kvPages);
+  });
+
+  test('refusals', async () => {
+    await expect(model.cachePrefix([])).rejects.toMatchObject({ code: 'ERR_ARG' });
+    await expect(model.cachePrefix(new Array(256).fill(5))).rejects.toMatchObject({ code: 'ERR_CONTEXT_LENGTH' });
+    await expect(model.cachePrefix([1, 99999])).rejects.toMatchObject({ code: 'ERR_ARG' });
+    await expect(model.cachePrefix('x', { adapter: 'nope' })).rejects.toMatchObject({ code: 'ERR_ARG' });
+    expect(model.freeKvPages).toBe(model.kvPages);
+    const m = await loadModel(PYCODER, { device: 'cpu', maxBatch: 1, maxContext: 64 });
+    await m.dispose();
+    await expect(m.cachePrefix('x')).rejects.toMatchObject({ code: 'ERR_DISPOSED' });
+  });
+});
