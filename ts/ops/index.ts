@@ -7,3 +7,4 @@ export * from './kvquant';
 export * from './attention';
 export * from './fused';
 export * from './lora';
+export * from './squeezed';

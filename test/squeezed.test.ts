@@ -1,0 +1,186 @@
+/**
+ * Squeezed Attention building blocks: the offline k-means of a context's keys and the decode op
+ * that attends, within the context, only to the keys of the clusters whose centroids score highest
+ * (CPU against a plain reference and against dense attention; CUDA against the CPU).
+ */
+import { DType, Tensor } from '../ts/tensor';
+import * as ops from '../ts/ops';
+import { clusterKeys, kmeans } from '../ts/quant/squeezed';
+import { describeGpu, freshSeed, randn, relErr, rng } from './gpu';
+
+interface Case {
+  B: number; Hq: number; Hkv: number; D: number; ps: number; maxPages: number; pages: number; C: number; Pc: number;
+  q: Float32Array; k: Float32Array; v: Float32Array; pt: Int32Array; lens: Int32Array; pre: Int32Array;
+  cen: Float32Array; cs: Int32Array; ct: Int32Array;
+}
+
+/** Sequences over shuffled pages; each sequence's first Pc tokens are the clustered context (or not: prefix 0). */
+function makeCase(seed: number, B: number, Hq: number, Hkv: number, D: number, Pc: number, C: number, extra: number[]): Case {
+  const r = rng(seed), ps = 8;
+  const lens = Int32Array.from({ length: B }, (_, b) => Math.max(1, Pc + extra[b % extra.length]));
+  const maxPages = Math.ceil(Math.max(...lens) / ps), pages = B * maxPages + 3;
+  const perm = Array.from({ length: pages }, (_, i) => i).sort(() => r() - 0.5);
+  const pt = Int32Array.from({ length: B * maxPages }, (_, i) => perm[i]);
+  const k = randn(pages * ps * Hkv * D, r), v = randn(pages * ps * Hkv * D, r);
+  const q = randn(B * Hq * D, r, 0.5);
+  // clusters from the first sequence's context keys (the shared context's pages are the same rows here)
+  const keys = new Float32Array(Pc * Hkv * D);
+  for (let t = 0; t < Pc; t++) for (let g = 0; g < Hkv; g++) {
+    const page = pt[Math.floor(t / ps)];
+    keys.set(k.subarray(((page * ps + (t % ps)) * Hkv + g) * D, ((page * ps + (t % ps)) * Hkv + g + 1) * D), (t * Hkv + g) * D);
+  }
+  const idx = clusterKeys(keys, Pc, Hkv, D, C, 8);
+  // sequences b > 0 read their own pages, so give them the first one's context page table prefix
+  for (let b = 1; b < B; b++) for (let j = 0; j < Math.ceil(Pc / ps) - (Pc % ps ? 1 : 0); j++) pt[b * maxPages + j] = pt[j];
+  const pre = Int32Array.from({ length: B }, (_, b) => (b === B - 1 ? 0 : b === 1 ? Pc + 1000 : Pc));  // dense row; a prefix past the length (clamped)
+  return { B, Hq, Hkv, D, ps, maxPages, pages, C: idx.clusters, Pc, q, k, v, pt, lens, pre, cen: idx.centroids, cs: idx.clusterStart, ct: idx.clusterTokens };
+}
+
+/** The op's definition, in float64. */
+function reference(c: Case, topC: number, scale: number): Float64Array {
+  const out = new Float64Array(c.B * c.Hq * c.D), G = c.Hq / c.Hkv;
+  for (let b = 0; b < c.B; b++) for (let h = 0; h < c.Hq; h++) {
+    const g = Math.floor(h / G), len = c.lens[b], P = Math.min(Math.max(0, c.pre[b]), len);
+    const qo = (b * c.Hq + h) * c.D;
+    const vis: number[] = [];
+    if (P > 0) {
+      const sc = Array.from({ length: c.C }, (_, j) => {
+        let s = 0;
+        for (let d = 0; d < c.D; d++) s += c.q[qo + d] * c.cen[(g * c.C + j) * c.D + d];
+        return s;
+      });
+      const order = sc.map((s, j) => j).sort((x, y) => sc[y] - sc[x] || x - y);
+      for (const j of order.slice(0, Math.min(topC, c.C)))
+        for (let i = c.cs[g * (c.C + 1) + j]; i < c.cs[g * (c.C + 1) + j + 1]; i++) if (c.ct[g * c.Pc + i] < P) vis.push(c.ct[g * c.Pc + i]);
+    }
+    for (let t = P; t < len; t++) vis.push(t);
+    const at = (t: number) => ((c.pt[b * c.maxPages + Math.floor(t / c.ps)] * c.ps + (t % c.ps)) * c.Hkv + g) * c.D;
+    const s = vis.map((t) => {
+      let x = 0;
+      for (let d = 0; d < c.D; d++) x += c.q[qo + d] * c.k[at(t) + d];
+      return x * scale;
+    });
+    const m = Math.max(...s);
+    let sum = 0;
+    vis.forEach((t, i) => {
+      const p = Math.exp(s[i] - m);
+      sum += p;
+      for (let d = 0; d < c.D; d++) out[qo + d] += p * c.v[at(t) + d];
+    });
+    for (let d = 0; d < c.D; d++) out[qo + d] = sum > 0 ? out[qo + d] / sum : 0;
+  }
+  return out;
+}
+
+function run(c: Case, topC: number, scale: number, dtype: DType = 'f32', device = 'cpu'): Promise<Float32Array> {
+  const f = (a: Float32Array, shape: number[], dt: DType = dtype) => Tensor.from(a, shape, { dtype: dt, device });
+  const i = (a: Int32Array, shape: number[]) => Tensor.from(a, shape, { device });
+  const out = Tensor.from(new Float32Array(c.B * c.Hq * c.D).fill(NaN), [c.B, c.Hq, c.D], { dtype, device });
+  ops.squeezedAttention(out, f(c.q, [c.B, c.Hq, c.D]), f(c.k, [c.pages, c.ps, c.Hkv, c.D]), f(c.v, [c.pages, c.ps, c.Hkv, c.D]),
+    i(c.pt, [c.B, c.maxPages]), i(c.lens, [c.B]), scale, i(c.pre, [c.B]), f(c.cen, [c.Hkv, c.C, c.D], 'f32'),
+    i(c.cs, [c.Hkv, c.C + 1]), i(c.ct, [c.Hkv, c.Pc]), topC);
+  return out.toFloat32();
+}
+
+describe('k-means of context keys', () => {
+  test('well-separated groups come back as clusters; the index lists every token once, by cluster', () => {
+    const r = rng(7), D = 6, groups = 5, per = 40, n = groups * per;
+    const pts = new Float32Array(n * D);
+    for (let i = 0; i < n; i++) for (let d = 0; d < D; d++) pts[i * D + d] = (d === (i % groups) ? 20 : 0) + (r() - 0.5);
+    const { assign } = kmeans(pts, n, D, groups, 30, 3);
+    for (let gidx = 0; gidx < groups; gidx++) {
+      const labels = new Set<number>();
+      for (let i = gidx; i < n; i += groups) labels.add(assign[i]);
+      expect(labels.size).toBe(1);
+    }
+    expect(new Set(assign).size).toBe(groups);
+    const keys = randn(50 * 2 * 8, r);
+    const idx = clusterKeys(keys, 50, 2, 8, 7);
+    for (let g = 0; g < 2; g++) {
+      expect(idx.clusterStart[g * 8]).toBe(0);
+      expect(idx.clusterStart[g * 8 + 7]).toBe(50);
+      expect(Array.from(idx.clusterTokens.subarray(g * 50, g * 50 + 50)).sort((a, b) => a - b)).toEqual(Array.from({ length: 50 }, (_, t) => t));
+    }
+    expect(clusterKeys(keys, 50, 2, 8, 500).clusters).toBe(50);  // at most one cluster per token
+    expect(() => kmeans(pts, n, D, 0)).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+  });
+});
+
+describe('squeezedAttention (CPU)', () => {
+  test.each([[3, 4, 2, 40, 37, 6], [4, 8, 8, 64, 64, 16], [2, 6, 2, 16, 9, 9]])(
+    'B=%i Hq=%i Hkv=%i D=%i context %i, %i clusters, against the definition', async (B, Hq, Hkv, D, Pc, C) => {
+      const seed = freshSeed();
+      const c = makeCase(seed, B, Hq, Hkv, D, Pc, C, [5, 0, 17, 1]);
+      const scale = 1 / Math.sqrt(D);
+      for (const topC of [0, 1, Math.ceil(c.C / 2), c.C, c.C + 5]) {
+        const got = await run(c, topC, scale), want = reference(c, topC, scale);
+        expect({ seed, topC, err: relErr(got, want) < 1e-5 }).toEqual({ seed, topC, err: true });
+      }
+    });
+
+  test('with every cluster kept it is plain decode attention', async () => {
+    const seed = freshSeed();
+    const c = makeCase(seed, 3, 4, 2, 32, 40, 8, [3, 9, 2]);
+    c.pre = Int32Array.from([40, 40, 0]);  // (a prefix past the clustered tokens would hide the rest of it)
+    const scale = 0.2;
+    const got = await run(c, c.C, scale);
+    const f = (a: Float32Array, shape: number[]) => Tensor.from(a, shape, {});
+    const out = Tensor.empty([c.B, c.Hq, c.D], { dtype: 'f32' });
+    ops.attention(out, f(c.q, [c.B, c.Hq, c.D]), f(c.k, [c.pages, c.ps, c.Hkv, c.D]), f(c.v, [c.pages, c.ps, c.Hkv, c.D]),
+      Tensor.from(c.pt, [c.B, c.maxPages]), Tensor.from(c.lens, [c.B]), Tensor.from(Int32Array.from({ length: c.B + 1 }, (_, i) => i), [c.B + 1]), scale,
+      { maxQ: 1, maxSeqLen: Math.max(...c.lens) });
+    expect(relErr(got, await out.toFloat32())).toBeLessThan(1e-5);
+    // and fewer clusters change it (the selection is real)
+    expect(relErr(await run(c, 1, scale), await out.toFloat32())).toBeGreaterThan(1e-3);
+  });
+
+  test('out-of-range cluster data is clamped, never read past', async () => {
+    const c = makeCase(5, 2, 2, 1, 16, 20, 4, [4]);
+    c.cs[1] = 999; c.cs[2] = -5;  // starts beyond the list and negative
+    c.ct[3] = 1 << 30; c.ct[4] = -7;  // positions outside the context
+    const got = await run(c, 4, 0.25);
+    expect(got.every((x) => Number.isFinite(x))).toBe(true);
+  });
+
+  test('shapes and arguments are checked', () => {
+    const c = makeCase(9, 2, 4, 2, 8, 10, 3, [2]);
+    const f = (a: Float32Array, shape: number[]) => Tensor.from(a, shape, {});
+    const i = (a: Int32Array, shape: number[]) => Tensor.from(a, shape, {});
+    const args = () => [f(new Float32Array(c.B * c.Hq * c.D), [c.B, c.Hq, c.D]), f(c.q, [c.B, c.Hq, c.D]), f(c.k, [c.pages, c.ps, c.Hkv, c.D]),
+      f(c.v, [c.pages, c.ps, c.Hkv, c.D]), i(c.pt, [c.B, c.maxPages]), i(c.lens, [c.B]), 0.3, i(c.pre, [c.B]), f(c.cen, [c.Hkv, c.C, c.D]),
+      i(c.cs, [c.Hkv, c.C + 1]), i(c.ct, [c.Hkv, c.Pc]), 2] as Parameters<typeof ops.squeezedAttention>;
+    const call = (mod: (a: Parameters<typeof ops.squeezedAttention>) => void) => {
+      const a = args();
+      mod(a);
+      return () => ops.squeezedAttention(...a);
+    };
+    expect(call(() => undefined)).not.toThrow();
+    expect(call((a) => (a[8] = f(new Float32Array(c.Hkv * c.C * 4), [c.Hkv, c.C, 4])))).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+    expect(call((a) => (a[9] = i(new Int32Array(c.Hkv * c.C), [c.Hkv, c.C])))).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+    expect(call((a) => (a[7] = i(new Int32Array(1), [1])))).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+    expect(call((a) => (a[11] = -1))).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+    expect(call((a) => (a[6] = 0))).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+    expect(call((a) => (a[8] = Tensor.from(c.cen, [c.Hkv, c.C, c.D], { dtype: 'f16' })))).toThrow(expect.objectContaining({ code: 'ERR_DTYPE' }));
+  });
+});
+
+describeGpu('squeezedAttention: CUDA vs CPU', () => {
+  const TOL: Record<string, number> = { f32: 1e-5, f16: 2e-3, bf16: 1e-2 };
+  for (const dt of ['f16', 'bf16', 'f32'] as DType[]) {
+    test(`${dt}: GQA, odd sizes, clamped prefixes, a dense row, every topC`, async () => {
+      for (const [B, Hq, Hkv, D, Pc, C] of [[3, 8, 2, 128, 300, 40], [2, 4, 4, 80, 77, 77], [5, 32, 8, 64, 1000, 1000], [2, 2, 1, 256, 50, 5]]) {
+        const seed = freshSeed();
+        const c = makeCase(seed, B, Hq, Hkv, D, Pc, C, [11, 0, 130]);
+        // the inputs as the dtype rounds them, for both devices
+        const q = await Tensor.from(c.q, [c.q.length], { dtype: dt }).toFloat32(), k = await Tensor.from(c.k, [c.k.length], { dtype: dt }).toFloat32();
+        const v = await Tensor.from(c.v, [c.v.length], { dtype: dt }).toFloat32();
+        const cr = { ...c, q, k, v };
+        for (const topC of [0, 3, Math.ceil(c.C / 4), c.C]) {
+          const cpu = await run(cr, topC, 1 / Math.sqrt(D), 'f32', 'cpu'), gpu = await run(cr, topC, 1 / Math.sqrt(D), dt, 'cuda');
+          expect({ seed, topC, ok: relErr(gpu, cpu) < TOL[dt] }).toEqual({ seed, topC, ok: true });
+          expect(Array.from(await run(cr, topC, 1 / Math.sqrt(D), dt, 'cuda'))).toEqual(Array.from(gpu));  // deterministic
+        }
+      }
+    });
+  }
+});
