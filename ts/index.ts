@@ -4,7 +4,7 @@ export { Tensor, DType, DTYPES, TypedArray, TensorOptions, dtypeBytes } from './
 export { devices, DeviceInfo, resolveDevice, synchronize, cudaAvailable, memoryStats, emptyCache } from './device';
 export * as ops from './ops';
 export { loadModel, createRandomModel, describeModel, Model, Tokenizer, StreamDecoder, parseConfig, loadConfig, computeInvFreq, parameterCount, SafetensorsFile, Checkpoint, writeSafetensors } from './model';
-export type { LoadOptions, AdapterInfo, CachedPrefix, ModelConfig, RopeConfig, ChatMessage, TensorEntry, WriteTensor, LoadProgress, RandomQuantizeOptions, RandomQuantizeProgress, GenerateRequest, GenerateEvent, GenerateResult, GenerationStream, FinishReason } from './model';
+export type { LoadOptions, AdapterInfo, CachedPrefix, SqueezeOptions, ModelConfig, RopeConfig, ChatMessage, TensorEntry, WriteTensor, LoadProgress, RandomQuantizeOptions, RandomQuantizeProgress, GenerateRequest, GenerateEvent, GenerateResult, GenerationStream, FinishReason } from './model';
 export type { SqueezeLinear, QuantizeModelOptions } from './quant/squeezellm';
 export { quantizeModel } from './quant/squeezellm';
 export { convertCheckpoint } from './quant/convert';

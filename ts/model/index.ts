@@ -1,6 +1,6 @@
 /** Model loading and the decoder's public API. */
 export { loadModel, createRandomModel, describeModel, Model } from './model';
-export type { LoadOptions, AdapterInfo, CachedPrefix } from './model';
+export type { LoadOptions, AdapterInfo, CachedPrefix, SqueezeOptions } from './model';
 export { parseConfig, loadConfig, computeInvFreq, parameterCount } from './config';
 export type { ModelConfig, RopeConfig } from './config';
 export { Tokenizer, StreamDecoder } from './tokenizer';

@@ -90,6 +90,10 @@ export class Workspace {
   readonly slots: Tensor;
   /** Each row's LoRA adapter slot in the adapter pool (-1: none). */
   readonly loraSlots: Tensor;
+  /** Each sequence's squeezed-context length (0: none; Squeezed Attention in decode passes). */
+  readonly prefixLens: Tensor;
+  /** Whether the pass written last has a sequence on a squeezed context. */
+  squeezed = false;
   // Activations.
   readonly x: Tensor;
   readonly h: Tensor;
@@ -136,6 +140,7 @@ export class Workspace {
       this.lastIdx = mk([B], 'i32');
       this.slots = mk([B], 'i32');
       this.loraSlots = mk([T], 'i32');
+      this.prefixLens = mk([B], 'i32');
       this.x = mk([T, H]);
       this.h = mk([T, H]);
       this.qkv = mk([T, (Hq + 2 * Hkv) * D]);
@@ -185,6 +190,18 @@ export interface PassInputs {
   slots: Int32Array;
   /** Each row's adapter slot (-1: none). */
   loraSlots: Int32Array;
+  /** Each sequence's squeezed-context length (0: none). */
+  prefixLens: Int32Array;
+}
+
+/**
+ * A squeezed context (Squeezed Attention): the cluster index of its keys per layer, and how many
+ * clusters a decode query attends to. Sequences bound to it (bindSqueezed) decode over its clusters.
+ */
+export interface SqueezedContext {
+  length: number;
+  topClusters: number;
+  layers: Array<{ centroids: Tensor; clusterStart: Tensor; clusterTokens: Tensor }>;
 }
 
 export class Decoder {
@@ -204,6 +221,9 @@ export class Decoder {
   /** LoRA adapters (absent: none can be used); each sequence's adapter slot is bound with bindAdapter. */
   lora?: LoraPool;
   private readonly seqAdapter = new Map<number, number>();
+  /** The squeezed context decode passes use, if any (one at a time). */
+  squeeze?: SqueezedContext;
+  private readonly seqSqueezed = new Set<number>();
 
   constructor(cfg: ModelConfig, w: ModelWeights, cache: KVCache, device: string, act: DType, attn?: AttentionStep) {
     this.cfg = cfg;
@@ -223,6 +243,15 @@ export class Decoder {
 
   unbindAdapter(seq: number): void {
     this.seqAdapter.delete(seq);
+  }
+
+  /** Decode passes of sequence `seq` attend to the squeezed context's first tokens sparsely. */
+  bindSqueezed(seq: number): void {
+    this.seqSqueezed.add(seq);
+  }
+
+  unbindSqueezed(seq: number): void {
+    this.seqSqueezed.delete(seq);
   }
 
   workspace(T: number, B: number, allLogits: boolean): Workspace {
@@ -265,7 +294,7 @@ export class Decoder {
     const B = seqs.length, P = this.cache.maxPagesPerSeq;
     const ids = new Int32Array(T), positions = new Int32Array(T);
     const seqLens = new Int32Array(B), cuQ = new Int32Array(B + 1), lastIdx = new Int32Array(B);
-    const pageTable = new Int32Array(B * P), slots = new Int32Array(B), loraSlots = new Int32Array(T).fill(-1);
+    const pageTable = new Int32Array(B * P), slots = new Int32Array(B), loraSlots = new Int32Array(T).fill(-1), prefixLens = new Int32Array(B);
     let row = 0;
     for (let b = 0; b < B; b++) {
       const len = this.cache.length(seqs[b]);
@@ -278,12 +307,13 @@ export class Decoder {
       }
       row += n;
       seqLens[b] = len;
+      if (this.squeeze && this.seqSqueezed.has(seqs[b])) prefixLens[b] = this.squeeze.length;
       cuQ[b + 1] = row;
       lastIdx[b] = row - 1;
       this.cache.writePageTable(seqs[b], pageTable, b * P);
       slots[b] = this.cache.slot(seqs[b]);
     }
-    return { ids, positions, seqLens, cuQ, pageTable, lastIdx, slots, loraSlots };
+    return { ids, positions, seqLens, cuQ, pageTable, lastIdx, slots, loraSlots, prefixLens };
   }
 
   /** Writes host inputs into a workspace (stream-ordered). */
@@ -294,6 +324,8 @@ export class Decoder {
     ws.cuQ.write(p.cuQ);
     ws.pageTable.write(p.pageTable);
     if (ws.logitRows !== ws.T) ws.lastIdx.write(p.lastIdx);
+    ws.squeezed = !!this.squeeze && p.prefixLens.some((x) => x > 0);
+    if (ws.squeezed) ws.prefixLens.write(p.prefixLens.length === ws.B ? p.prefixLens : Int32Array.from({ length: ws.B }, (_, i) => p.prefixLens[i] ?? 0));
     if (this.lora) {
       // rows past the pass's own (a workspace larger than the pass) use no adapter
       const rows = p.loraSlots.length === ws.T ? p.loraSlots : Int32Array.from({ length: ws.T }, (_, i) => (i < p.loraSlots.length ? p.loraSlots[i] : -1));
@@ -451,8 +483,18 @@ export class Decoder {
     this.pagedAttention(ws, l, maxQ, maxSeqLen);
   }
 
-  /** Attention of ws.q3 (rotated) over layer l's fp16 pages into ws.att. */
+  /**
+   * Attention of ws.q3 (rotated) over layer l's fp16 pages into ws.att. A decode pass with a
+   * sequence on the squeezed context takes Squeezed Attention (the others in it attend densely).
+   */
   private pagedAttention(ws: Workspace, l: number, maxQ: number, maxSeqLen: number): void {
+    const sq = this.squeeze;
+    if (sq && ws.squeezed && maxQ === 1 && ws.T === ws.B) {
+      const c = sq.layers[l];
+      ops.squeezedAttention(ws.att, ws.q3, this.cache.k[l], this.cache.v[l], ws.pageTable, ws.seqLens, this.scale, ws.prefixLens,
+        c.centroids, c.clusterStart, c.clusterTokens, sq.topClusters);
+      return;
+    }
     ops.attention(ws.att, ws.q3, this.cache.k[l], this.cache.v[l], ws.pageTable, ws.seqLens, ws.cuQ, this.scale,
       { maxQ, maxSeqLen, workspace: ws.attnWork });
   }

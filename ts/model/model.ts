@@ -22,6 +22,9 @@ import { GenerateRequest, GenerateResult, GenerationStream, PrefixEntry, Schedul
 import { tokenNllRows } from '../runtime/ppl';
 import { LoraPool, LoraPoolOptions } from '../runtime/lora-pool';
 import { readLoraAdapter } from './lora';
+import { clusterKeys } from '../quant/squeezed';
+import { gatherRows } from '../ops/elementwise';
+import type { SqueezedContext } from './llama';
 
 export interface LoadOptions {
   device?: 'auto' | 'cpu' | 'cuda' | string;
@@ -57,8 +60,21 @@ export interface CachedPrefix {
   readonly length: number;
   /** The adapter its keys and values were computed with (undefined: the base model). */
   readonly adapter?: string;
+  /** With `squeeze`: clusters per kv head, and how many of them a decode query attends to. */
+  readonly clusters?: number;
+  readonly topClusters?: number;
   readonly disposed: boolean;
   dispose(): void;
+}
+
+/** Squeezed Attention over a cached prefix (cachePrefix's `squeeze`). */
+export interface SqueezeOptions {
+  /** Clusters per layer and kv head (default: one per 16 prefix tokens). */
+  clusters?: number;
+  /** Share of the clusters a decode query attends to (default 0.25). */
+  keep?: number;
+  /** Lloyd iterations of the k-means (default 20). */
+  iterations?: number;
 }
 
 /** What loadAdapter read. */
@@ -89,6 +105,7 @@ export class Model {
   private readonly scheduler: Scheduler;
   private disposed = false;
   private inflight = new Set<Promise<unknown>>();
+  private prefixEntries = new WeakMap<CachedPrefix, PrefixEntry>();
 
   /** @internal use loadModel / createRandomModel */
   constructor(cfg: ModelConfig, tok: Tokenizer | undefined, device: string, act: DType, w: ModelWeights, o: LoadOptions,
@@ -245,7 +262,7 @@ export class Model {
    * pages are shared. One prefill now; the pages stay taken until dispose(). Needs the fp16 cache
    * (a KVQuant cache: ERR_UNSUPPORTED).
    */
-  async cachePrefix(prompt: string | ArrayLike<number>, opts: { adapter?: string } = {}): Promise<CachedPrefix> {
+  async cachePrefix(prompt: string | ArrayLike<number>, opts: { adapter?: string; squeeze?: SqueezeOptions } = {}): Promise<CachedPrefix> {
     this.check();
     if (this.kvq) throw new SqueezeError('ERR_UNSUPPORTED', 'cachePrefix: a quantized KV cache cannot share prefix pages yet');
     let ids: Int32Array;
@@ -258,6 +275,19 @@ export class Model {
       throw new SqueezeError('ERR_CONTEXT_LENGTH', `cachePrefix: ${ids.length} tokens leave no room in the context (${this.cache.maxContext})`);
     const adapter = opts.adapter;
     if (adapter !== undefined && !this.decoder.lora?.has(adapter)) throw new SqueezeError('ERR_ARG', `cachePrefix: no adapter named '${String(adapter)}' is loaded`);
+    const sq = opts.squeeze;
+    let clusters = 0, keep = 0.25, iterations = 20;
+    if (sq !== undefined) {
+      if (typeof sq !== 'object' || sq === null) throw new SqueezeError('ERR_ARG', 'cachePrefix: squeeze must be an object ({ clusters?, keep?, iterations? })');
+      if (this.decoder.squeeze) throw new SqueezeError('ERR_STATE', 'cachePrefix: a squeezed context exists already (one at a time); dispose it first');
+      clusters = sq.clusters ?? Math.max(1, Math.round(ids.length / 16));
+      if (!Number.isInteger(clusters) || clusters < 1) throw new SqueezeError('ERR_ARG', `cachePrefix: squeeze.clusters must be a positive integer, got ${sq.clusters}`);
+      clusters = Math.min(clusters, ids.length);
+      keep = sq.keep ?? keep;
+      if (typeof keep !== 'number' || !(keep > 0 && keep <= 1)) throw new SqueezeError('ERR_ARG', `cachePrefix: squeeze.keep must be in (0, 1], got ${sq.keep}`);
+      iterations = sq.iterations ?? iterations;
+      if (!Number.isInteger(iterations) || iterations < 1) throw new SqueezeError('ERR_ARG', `cachePrefix: squeeze.iterations must be a positive integer, got ${sq.iterations}`);
+    }
     const seq = this.cache.createSequence();
     let slot: number | undefined;
     try {
@@ -276,13 +306,28 @@ export class Model {
     }
     this.decoder.unbindAdapter(seq);
     if (slot !== undefined) this.decoder.lora!.release(slot);
-    const entry: PrefixEntry = { seq, ids, adapter };
+    let squeezed: SqueezedContext | undefined;
+    const graphsBefore = this.scheduler.o.graphs;
+    if (sq !== undefined) {
+      try {
+        squeezed = await this.squeezeContext(seq, ids.length, clusters, Math.max(1, Math.ceil(keep * clusters)), iterations);
+      } catch (e) {
+        this.cache.free(seq);
+        throw e;
+      }
+      this.decoder.squeeze = squeezed;
+      // which attention a decode step runs now depends on its batch: no captured graphs meanwhile
+      this.scheduler.o.graphs = false;
+    }
+    const entry: PrefixEntry = { seq, ids, adapter, squeezed: !!squeezed };
     this.scheduler.addPrefix(entry);
     let disposed = false;
-    const cache = this.cache, scheduler = this.scheduler;
-    return {
+    const cache = this.cache, scheduler = this.scheduler, decoder = this.decoder;
+    const handle: CachedPrefix = {
       length: ids.length,
       adapter,
+      clusters: squeezed ? clusters : undefined,
+      topClusters: squeezed?.topClusters,
       get disposed() {
         return disposed;
       },
@@ -291,8 +336,93 @@ export class Model {
         disposed = true;
         scheduler.removePrefix(entry);
         cache.free(seq);  // requests forked from it keep the pages they share until they end
+        if (squeezed && decoder.squeeze === squeezed) {
+          // requests still running on it attend densely from their next step on (their pages are theirs)
+          decoder.squeeze = undefined;
+          scheduler.o.graphs = graphsBefore;
+          void synchronize(cache.k[0]?.device ?? 'cpu').then(() => squeezed!.layers.forEach((x) => {
+            x.centroids.dispose();
+            x.clusterStart.dispose();
+            x.clusterTokens.dispose();
+          }));
+        }
       },
     };
+    this.prefixEntries.set(handle, entry);
+    return handle;
+  }
+
+  /**
+   * @internal Mean next-token NLL of each window's tokens after a cached prefix (every window starts
+   * with the prefix's ids): positions P + 1 .. L - 1 predicted, token by token as generation
+   * sees the cache (with Squeezed Attention where the prefix was squeezed). Measures what a
+   * squeezed context costs in quality against the same prefix cached densely.
+   */
+  async prefixNll(prefix: CachedPrefix, windows: Int32Array[]): Promise<number[]> {
+    this.check();
+    const entry = this.prefixEntries.get(prefix);
+    if (!entry || prefix.disposed) throw new SqueezeError('ERR_ARG', 'prefixNll: not a live prefix of this model');
+    const P = entry.ids.length, L = windows[0]?.length ?? 0, B = windows.length, V = this.config.vocabSize;
+    if (!B || L < P + 2 || windows.some((w) => w.length !== L || entry.ids.some((x, i) => w[i] !== x)))
+      throw new SqueezeError('ERR_ARG', 'prefixNll: windows must share one length > prefix + 1 and start with the prefix');
+    windows.forEach((w, i) => this.checkIds(w, `prefixNll[${i}]`));
+    const ids: number[] = [];
+    const sums = new Float64Array(B);
+    let ws: ReturnType<Decoder['decodeWorkspace']> | undefined;
+    try {
+      for (let b = 0; b < B; b++) {
+        ids.push(this.cache.fork(entry.seq, P));
+        if (entry.squeezed) this.decoder.bindSqueezed(ids[b]);
+      }
+      ws = this.decoder.decodeWorkspace(B, L);
+      for (let t = P; t < L - 1; t++) {
+        for (const id of ids) this.cache.grow(id, t + 1);
+        this.decoder.write(ws, this.decoder.inputs(ids, windows.map((w) => [w[t]]), B));
+        this.decoder.forward(ws, 1, L);
+        const nll = await tokenNllRows(await ws.logits.toFloat32(), V, Int32Array.from(windows, (w) => w[t + 1]));
+        for (let b = 0; b < B; b++) sums[b] += nll[b];
+      }
+    } finally {
+      ws?.dispose();
+      ids.forEach((id) => {
+        this.decoder.unbindSqueezed(id);
+        this.cache.free(id);
+      });
+    }
+    return Array.from(sums, (x) => x / (L - 1 - P));
+  }
+
+  /** The cluster index of a prefix sequence's keys, layer by layer, on the model's device. */
+  private async squeezeContext(seq: number, P: number, clusters: number, topClusters: number, iterations: number): Promise<SqueezedContext> {
+    const cfg = this.config, ps = this.cache.pageSize, Hkv = cfg.numKvHeads, D = cfg.headDim;
+    const table = new Int32Array(this.cache.maxPagesPerSeq);
+    this.cache.writePageTable(seq, table, 0);
+    const np = Math.ceil(P / ps), rowLen = ps * Hkv * D;
+    const idx = Tensor.from(table.subarray(0, np), [np], { device: this.device });
+    const rows = Tensor.empty([np, rowLen], { dtype: this.dtype, device: this.device });
+    const layers: SqueezedContext['layers'] = [];
+    try {
+      for (let l = 0; l < cfg.numLayers; l++) {
+        const pool = this.cache.k[l].view(0, [this.cache.numPages, rowLen]);
+        gatherRows(rows, pool, idx);
+        pool.dispose();
+        const keys = (await rows.toFloat32()).subarray(0, P * Hkv * D);
+        const ci = clusterKeys(keys, P, Hkv, D, clusters, iterations);
+        layers.push({
+          centroids: Tensor.from(ci.centroids, [Hkv, ci.clusters, D], { dtype: 'f32', device: this.device }),
+          clusterStart: Tensor.from(ci.clusterStart, [Hkv, ci.clusters + 1], { device: this.device }),
+          clusterTokens: Tensor.from(ci.clusterTokens, [Hkv, P], { device: this.device }),
+        });
+        await new Promise<void>((r) => setImmediate(r));
+      }
+    } catch (e) {
+      layers.forEach((x) => [x.centroids, x.clusterStart, x.clusterTokens].forEach((t) => t.dispose()));
+      throw e;
+    } finally {
+      idx.dispose();
+      rows.dispose();
+    }
+    return { length: P, topClusters, layers };
   }
 
   /** One prefill of `ids` into sequence `seq` (grown to them), nothing read back. */

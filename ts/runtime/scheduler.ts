@@ -100,6 +100,8 @@ export interface PrefixEntry {
   seq: number;
   ids: Int32Array;
   adapter?: string;
+  /** Requests forked from it decode with Squeezed Attention over it (the decoder's squeezed context). */
+  squeezed?: boolean;
 }
 
 export interface SchedulerOptions {
@@ -268,6 +270,7 @@ export class Scheduler {
     r.error = err;
     if (r.seq) {
       this.dec.unbindAdapter(r.seq);
+      this.dec.unbindSqueezed(r.seq);
       this.dec.cache.free(r.seq);
     }
     r.seq = 0;
@@ -314,6 +317,7 @@ export class Scheduler {
           if (prefix) {
             r.seq = cache.fork(prefix.seq, prefix.ids.length);
             r.cached = prefix.ids.length;
+            if (prefix.squeezed) this.dec.bindSqueezed(r.seq);
             this.stats.prefixHits++;
             this.stats.prefixTokens += r.cached;
           } else r.seq = cache.createSequence();
