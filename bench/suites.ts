@@ -32,6 +32,7 @@ export const suites: Record<string, { load: () => Suite | undefined; gpu: boolea
   attention: { load: optional('./attention', 'benchAttention'), gpu: true },
   kvquant: { load: optional('./kvquant', 'benchKvquant'), gpu: true },
   lora: { load: optional('./lora', 'benchLora'), gpu: true },
+  squeezed: { load: optional('./squeezed', 'benchSqueezed'), gpu: true },
   // Manual: a 7B-shaped model and four adapters written to disk.
   'decode-lora': { load: optional('./lora', 'benchDecodeLora'), gpu: true, manual: true },
   decode: { load: optional('./decode', 'benchDecode'), gpu: true },
