@@ -108,17 +108,42 @@ describe('cachePrefix on pycoder-mini (CPU)', () => {
       const t0 = model.stats.prefixTokens;
       expect((await model.generateBatch([{ ids, maxTokens: 12, temperature: 0 }]))[0].ids).toEqual(want);
       expect(model.stats.prefixTokens - t0).toBe(40);  // the longest match
-      // a prompt equal to a prefix leaves nothing to prefill: no hit, the same tokens
+      // a prompt equal to a prefix: all but its last token come from the prefix (that one is prefilled for its logits)
+      const t1 = model.stats.prefixTokens;
       const only = (await model.generateBatch([{ ids: longer, maxTokens: 6, temperature: 0 }]))[0].ids;
+      expect(model.stats.prefixTokens - t1).toBe(39);
       const h = model.stats.prefixHits;
       b.dispose();
       expect((await model.generateBatch([{ ids: longer, maxTokens: 6, temperature: 0 }]))[0].ids).toEqual(only);
       expect(model.stats.prefixHits).toBe(h + 1);  // now the 32-token prefix matches
+      // a prompt sharing less than a page with a longer prefix does not fork it
+      const t2 = model.stats.prefixTokens;
+      await model.generateBatch([{ ids: [...aligned.slice(0, 10), 7, 7, 7], maxTokens: 2, temperature: 0 }]);
+      expect(model.stats.prefixTokens).toBe(t2);
     } finally {
       a.dispose();
       b.dispose();
     }
     expect(model.freeKvPages).toBe(model.kvPages);
+  });
+
+  test('a text prefix whose last token merges differently in the prompt still lends the tokens before it', async () => {
+    const tok = model.tokenizer!;
+    const prefix = 'import os\nimport sys\nimport json\nimport re\nimport math\nimport time\n\n';
+    const prompt = prefix + 'def main():';
+    const pi = tok.encode(prefix), qi = tok.encode(prompt);
+    let lcp = 0;
+    while (lcp < pi.length && pi[lcp] === qi[lcp]) lcp++;
+    expect(lcp).toBeLessThan(pi.length);  // the trailing newline pair is one token alone, two before 'def'
+    const want = (await greedy(model, [prompt]))[0];
+    const p = await model.cachePrefix(prefix);
+    try {
+      const t0 = model.stats.prefixTokens;
+      expect((await greedy(model, [prompt]))[0]).toBe(want);
+      expect(model.stats.prefixTokens - t0).toBe(lcp);
+    } finally {
+      p.dispose();
+    }
   });
 
   test('disposing a prefix while requests use its pages: they finish right, then every page is back', async () => {

@@ -58,7 +58,7 @@ usage:
   squeezelm serve [--model DIR] [--host H] [--port P] [--name NAME] [--device D] [--max-batch N]
                   [--max-context N] [--api-key KEY] [--cors ORIGIN] [--kv-bits 2|3|4 --kv-calib FILE]
                   [--lora [NAME=]DIR[,...] [--lora-slots N] [--lora-rank R]] [--allow-adapter-loading]
-                  [--cache-prefix FILE] [--quiet]
+                  [--cache-prefix FILE [--squeeze KEEP]] [--quiet]
       an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models,
       /health; docs/server.md) on H:P (default 127.0.0.1:8080; port 0 picks a free one);
       concurrent requests are batched together; --api-key (or SQUEEZELM_API_KEY) requires
@@ -68,6 +68,8 @@ usage:
       --allow-adapter-loading lets clients load and unload adapters from this machine's folders
       (POST /v1/load_lora_adapter, /v1/unload_lora_adapter); --cache-prefix keeps the KV of FILE's
       text (a shared system prompt, say) so requests starting with its tokens skip its prefill;
+      --squeeze KEEP also clusters its keys (Squeezed Attention): decode attends to that share of
+      them (docs/squeezed.md);
       one log line per request on stderr
       unless --quiet; stops cleanly on SIGINT / SIGTERM
   squeezelm info [--model DIR] [--device D] [--kv-bits 2|3|4 --kv-calib FILE]
@@ -239,7 +241,7 @@ async function cmdPpl(f: Flags): Promise<void> {
 
 async function cmdServe(f: Flags): Promise<void> {
   allow(f, ['model', 'host', 'port', 'name', 'device', 'max-batch', 'max-context', 'api-key', 'cors', 'kv-bits', 'kv-calib', 'quiet',
-    'lora', 'lora-slots', 'lora-rank', 'allow-adapter-loading', 'cache-prefix']);
+    'lora', 'lora-slots', 'lora-rank', 'allow-adapter-loading', 'cache-prefix', 'squeeze']);
   const port = numFlag(f, 'port', true) ?? 8080;
   if (port < 0 || port > 65535) throw new SqueezeError('ERR_ARG', `serve: --port must be 0..65535, got ${port}`);
   const host = str(f, 'host') ?? '127.0.0.1';
@@ -254,8 +256,12 @@ async function cmdServe(f: Flags): Promise<void> {
     const prefixFile = str(f, 'cache-prefix');
     if (prefixFile !== undefined) {
       if (!fs.existsSync(prefixFile)) throw new SqueezeError('ERR_ARG', `serve: --cache-prefix: no file ${prefixFile}`);
-      const p = await model.cachePrefix(fs.readFileSync(prefixFile, 'utf8'));
-      process.stderr.write(`squeezelm: cached a ${p.length}-token prefix\n`);
+      const keep = numFlag(f, 'squeeze');
+      const p = await model.cachePrefix(fs.readFileSync(prefixFile, 'utf8'), keep === undefined ? {} : { squeeze: { keep } });
+      const how = p.clusters ? ` in ${p.clusters} clusters per layer and kv head, ${p.topClusters} attended` : '';
+      process.stderr.write(`squeezelm: cached a ${p.length}-token prefix${how}\n`);
+    } else if (str(f, 'squeeze') !== undefined) {
+      throw new SqueezeError('ERR_ARG', 'serve: --squeeze needs --cache-prefix FILE');
     }
   } catch (e) {
     await model.dispose();

@@ -223,7 +223,7 @@ export class Decoder {
   private readonly seqAdapter = new Map<number, number>();
   /** The squeezed context decode passes use, if any (one at a time). */
   squeeze?: SqueezedContext;
-  private readonly seqSqueezed = new Set<number>();
+  private readonly seqSqueezed = new Map<number, number>();
 
   constructor(cfg: ModelConfig, w: ModelWeights, cache: KVCache, device: string, act: DType, attn?: AttentionStep) {
     this.cfg = cfg;
@@ -245,9 +245,12 @@ export class Decoder {
     this.seqAdapter.delete(seq);
   }
 
-  /** Decode passes of sequence `seq` attend to the squeezed context's first tokens sparsely. */
-  bindSqueezed(seq: number): void {
-    this.seqSqueezed.add(seq);
+  /**
+   * Decode passes of sequence `seq` attend sparsely to its first `length` tokens, which it shares with
+   * the squeezed context (at most the context's length; its own tokens from there on are attended densely).
+   */
+  bindSqueezed(seq: number, length: number): void {
+    this.seqSqueezed.set(seq, length);
   }
 
   unbindSqueezed(seq: number): void {
@@ -307,7 +310,7 @@ export class Decoder {
       }
       row += n;
       seqLens[b] = len;
-      if (this.squeeze && this.seqSqueezed.has(seqs[b])) prefixLens[b] = this.squeeze.length;
+      if (this.squeeze && this.seqSqueezed.has(seqs[b])) prefixLens[b] = Math.min(this.squeeze.length, this.seqSqueezed.get(seqs[b])!);
       cuQ[b + 1] = row;
       lastIdx[b] = row - 1;
       this.cache.writePageTable(seqs[b], pageTable, b * P);

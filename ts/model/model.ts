@@ -372,7 +372,7 @@ export class Model {
     try {
       for (let b = 0; b < B; b++) {
         ids.push(this.cache.fork(entry.seq, P));
-        if (entry.squeezed) this.decoder.bindSqueezed(ids[b]);
+        if (entry.squeezed) this.decoder.bindSqueezed(ids[b], P);
       }
       ws = this.decoder.decodeWorkspace(B, L);
       for (let t = P; t < L - 1; t++) {

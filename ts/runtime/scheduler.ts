@@ -133,15 +133,21 @@ export class Scheduler {
     this.prefixes.delete(p);
   }
 
-  /** The longest cached prefix a request's prompt starts with (leaving at least one token to prefill). */
-  private prefixFor(r: Req): PrefixEntry | undefined {
-    let best: PrefixEntry | undefined;
+  /**
+   * The cached prefix sharing the most leading tokens with a request's prompt, and how many it
+   * shares (at most all but the prompt's last token, which is prefilled for its logits). A prefix
+   * counts when it shares all its tokens or at least a page of them: a text prefix whose last token
+   * the tokenizer merges differently in the full prompt still lends everything before it.
+   */
+  private prefixFor(r: Req): { entry: PrefixEntry; length: number } | undefined {
+    let best: { entry: PrefixEntry; length: number } | undefined;
+    const ps = this.dec.cache.pageSize;
     for (const p of this.prefixes) {
-      const n = p.ids.length;
-      if (p.adapter !== r.adapter || n >= r.prompt.length || (best && n <= best.ids.length)) continue;
-      let same = true;
-      for (let i = 0; i < n && same; i++) same = p.ids[i] === r.prompt[i];
-      if (same) best = p;
+      if (p.adapter !== r.adapter) continue;
+      const max = Math.min(p.ids.length, r.prompt.length - 1);
+      let n = 0;
+      while (n < max && p.ids[n] === r.prompt[n]) n++;
+      if (n > 0 && (n >= Math.min(p.ids.length, ps)) && (!best || n > best.length)) best = { entry: p, length: n };
     }
     return best;
   }
@@ -303,7 +309,7 @@ export class Scheduler {
         // Wait for pages while others run; alone, a request that cannot fit fails. A cached prefix
         // lends its full pages.
         const prefix = this.prefixFor(r);
-        const shared = prefix ? Math.floor(prefix.ids.length / cache.pageSize) : 0;
+        const shared = prefix ? Math.floor(prefix.length / cache.pageSize) : 0;
         if (cache.pagesFor(r.prompt.length + 1) - shared > cache.freePages && (this.active.length || admit.length)) break;
         // Its adapter needs a pool slot: wait while every slot is pinned by other adapters' requests.
         if (r.adapter !== undefined && !this.dec.lora?.canAcquire(r.adapter)) {
@@ -315,9 +321,9 @@ export class Scheduler {
         this.pending.shift();
         try {
           if (prefix) {
-            r.seq = cache.fork(prefix.seq, prefix.ids.length);
-            r.cached = prefix.ids.length;
-            if (prefix.squeezed) this.dec.bindSqueezed(r.seq);
+            r.seq = cache.fork(prefix.entry.seq, prefix.length);
+            r.cached = prefix.length;
+            if (prefix.entry.squeezed) this.dec.bindSqueezed(r.seq, prefix.length);
             this.stats.prefixHits++;
             this.stats.prefixTokens += r.cached;
           } else r.seq = cache.createSequence();
