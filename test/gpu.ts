@@ -3,6 +3,7 @@
  * REQUIRE_GPU=1 a missing device fails the suite at load instead of skipping it.
  */
 import { devices } from '../ts/device';
+import { mulberry32 } from '../ts/util/random';
 
 // Math and Number as module constants: jest runs a test file in a sandbox whose global object
 // makes every lookup of a global in a hot loop slow (randn of 6M values took 6.1 s through the
@@ -44,16 +45,7 @@ export function maxAbsErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
 }
 
 /** Deterministic pseudo-random numbers for tests (mulberry32), fresh per seed. */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export const rng = mulberry32;
 
 export function randn(n: number, r: () => number, scale = 1): Float32Array {
   const out = new Float32Array(n);

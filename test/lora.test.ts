@@ -323,25 +323,20 @@ describe('PEFT folders: options and refusals', () => {
 
   test('rank_pattern gives one layer its own rank (the first matching key, as PEFT)', async () => {
     const qa = 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight', qb = 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight';
-    const d = variant('rp', { rank_pattern: { 'layers.0.self_attn.q_proj': 4, q_proj: 2 } }, (ts) => {
+    // layer 0's q_proj cut to rank 4 (the first 4 rows of A, columns of B)
+    const rank4 = (ts: Record<string, { dtype: string; shape: number[]; data: ArrayBufferView }>) => {
       const a = ts[qa], b = ts[qb];
       const A = new Uint16Array(4 * 256), B = new Uint16Array(256 * 4);
       A.set((a.data as Uint16Array).subarray(0, 4 * 256));
       for (let o = 0; o < 256; o++) for (let j = 0; j < 4; j++) B[o * 4 + j] = (b.data as Uint16Array)[o * 8 + j];
       ts[qa] = { dtype: a.dtype, shape: [4, 256], data: A };
       ts[qb] = { dtype: b.dtype, shape: [256, 4], data: B };
-    });
+    };
+    const d = variant('rp', { rank_pattern: { 'layers.0.self_attn.q_proj': 4, q_proj: 2 } }, rank4);
     // the key for layer 0 comes first: q_proj of layer 0 has rank 4, of the other layers rank 2,
     // which a8's rank-8 tensors there do not have
     await expect(model.loadAdapter(d)).rejects.toMatchObject({ code: 'ERR_FORMAT', message: expect.stringMatching(/layers\.1\.self_attn\.q_proj\.lora_A.*expected \[2, 256\]/) });
-    const d2 = variant('rp2', { rank_pattern: { 'layers.0.self_attn.q_proj': 4 } }, (ts) => {
-      const a = ts[qa], b = ts[qb];
-      const A = new Uint16Array(4 * 256), B = new Uint16Array(256 * 4);
-      A.set((a.data as Uint16Array).subarray(0, 4 * 256));
-      for (let o = 0; o < 256; o++) for (let j = 0; j < 4; j++) B[o * 4 + j] = (b.data as Uint16Array)[o * 8 + j];
-      ts[qa] = { dtype: a.dtype, shape: [4, 256], data: A };
-      ts[qb] = { dtype: b.dtype, shape: [256, 4], data: B };
-    });
+    const d2 = variant('rp2', { rank_pattern: { 'layers.0.self_attn.q_proj': 4 } }, rank4);
     const info = await model.loadAdapter(d2);
     expect(info.ranks).toEqual({ q_proj: 8, v_proj: 8 });
     model.unloadAdapter('rp2');

@@ -5,6 +5,7 @@
  * [Hkv, C + 1], clusterTokens [Hkv, P] (each cluster's token positions, ascending).
  */
 import { SqueezeError } from '../errors';
+import { mulberry32 } from '../util/random';
 
 export interface ClusterIndex {
   clusters: number;
@@ -16,17 +17,6 @@ export interface ClusterIndex {
   clusterTokens: Int32Array;
 }
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /**
  * k-means of n points of dimension D (points [n * D]) into k clusters: k-means++ seeding, then up
  * to `iterations` Lloyd steps (stops when no assignment changes). An emptied cluster keeps its
@@ -34,7 +24,7 @@ function rng(seed: number): () => number {
  */
 export function kmeans(points: Float32Array, n: number, D: number, k: number, iterations = 20, seed = 1): { centroids: Float32Array; assign: Int32Array } {
   if (!Number.isInteger(k) || k < 1 || k > n) throw new SqueezeError('ERR_ARG', `kmeans: ${k} clusters for ${n} points`);
-  const r = rng(seed), cen = new Float32Array(k * D), assign = new Int32Array(n).fill(-1);
+  const r = mulberry32(seed), cen = new Float32Array(k * D), assign = new Int32Array(n).fill(-1);
   const d2 = new Float64Array(n).fill(Infinity);
   const dist = (i: number, c: number) => {
     let s = 0;
