@@ -2,13 +2,14 @@
 //
 // Why this shape. Per (sequence, query head) one block: the query is scored against the kv head's
 // cluster centroids, the scores are sorted in shared memory (bitonic, ties to the lower cluster)
-// and the topC clusters kept, then 4 warps walk the kept clusters' token lists (cluster c to warp
-// c mod 4) and the tokens after the fixed context (token t to warp t mod 4), each with an online
-// softmax; the 4 partial states are merged in a fixed order, so the result does not depend on
-// timing. The cluster starts go through a running maximum (a scan in shared memory) clamped to the
+// and the topC clusters kept, then 8 warps walk the kept clusters' token lists (cluster c to warp
+// c mod 8) and the tokens after the fixed context (32-token steps dealt round robin), each with an
+// online softmax 32 tokens at a time; the 8 partial states are merged in a fixed order, so the
+// result does not depend on timing. The cluster starts go through a running maximum (a scan in shared memory) clamped to the
 // token list, and token positions outside the context are skipped: no device data can send the
-// kernel outside its tensors. A first kernel: correct and deterministic; the selected keys are read
-// once each, but one warp per token is latency-bound (to be measured on the GPU).
+// kernel outside its tensors. A first kernel, not yet measured: one block per (sequence, query head)
+// leaves SMs idle at batch 1 with few heads (a split over the keys, as the dense decode has, is the
+// next step once a GPU has timed it).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -22,7 +23,7 @@
 namespace sqz::cuda {
 namespace {
 
-constexpr int kWarps = 4, kThreads = 32 * kWarps, kMaxDPL = 8;  // head_dim <= 256: 8 elements per lane
+constexpr int kWarps = 8, kThreads = 32 * kWarps, kMaxDPL = 8;  // head_dim <= 256: 8 elements per lane
 
 struct Args {
   const int* pt;
@@ -107,44 +108,69 @@ __global__ void __launch_bounds__(kThreads) squeezed_kernel(T* __restrict__ out,
     __syncthreads();
   }
 
-  // online softmax over this warp's share of the visible keys
+  // Online softmax over this warp's share of the visible keys, 32 tokens per step: lane i scores
+  // token i of the step against q (its own key row, no shuffles), the warp takes the step's maximum
+  // and sum once, then accumulates p * v with the lanes over the channels (each token's value row
+  // one coalesced read), p and the row broadcast from the token's lane.
   const int dpl = (int)((a.D + 31) / 32);
   float m = -INFINITY, l = 0.f, acc[kMaxDPL];
 #pragma unroll
   for (int i = 0; i < kMaxDPL; ++i) acc[i] = 0.f;
-  auto take = [&](int64_t t) {
+  // row offset of token t of this sequence and kv head, or -1 where it cannot be addressed
+  auto row_of = [&](int64_t t) -> int64_t {
     const int64_t blk = t / a.ps;
-    if (blk >= a.maxp) return;
+    if (t < 0 || blk >= a.maxp) return -1;
     const int page = a.pt[b * a.maxp + blk];
-    if (page < 0 || page >= a.pages) return;
-    const int64_t base = ((page * a.ps + t % a.ps) * a.Hkv + g) * a.D;
-    float s = 0.f;
-#pragma unroll
-    for (int i = 0; i < kMaxDPL; ++i) {
-      const int64_t d = lane + 32 * i;
-      if (i < dpl && d < a.D) s = fmaf(to_f32(kc[base + d]), qf[d], s);
+    if (page < 0 || page >= a.pages) return -1;
+    return ((page * a.ps + t % a.ps) * a.Hkv + g) * a.D;
+  };
+  // one step: lane i holds token t (t < 0: none)
+  auto step = [&](int64_t t) {
+    const int64_t base = t >= 0 ? row_of(t) : -1;
+    float s = -INFINITY;
+    if (base >= 0) {
+      const T* kr = kc + base;
+      float x = 0.f;
+      for (int64_t d = 0; d < a.D; ++d) x = fmaf(to_f32(kr[d]), qf[d], x);
+      s = x * a.scale;
     }
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    s *= a.scale;
-    const float mn = fmaxf(m, s), f = expf(m - mn), p = expf(s - mn);
-    l = l * f + p;
+    float mx = s;
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (mx == -INFINITY) return;  // no key in this step (warp-uniform)
+    const float mn = fmaxf(m, mx), f = expf(m - mn);
+    const float p = base >= 0 ? expf(s - mn) : 0.f;
+    float ps = p;
+    for (int o = 16; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
+    l = l * f + ps;
 #pragma unroll
-    for (int i = 0; i < kMaxDPL; ++i) {
-      const int64_t d = lane + 32 * i;
-      const float v = (i < dpl && d < a.D) ? to_f32(vc[base + d]) : 0.f;
-      acc[i] = fmaf(acc[i], f, p * v);
-    }
+    for (int i = 0; i < kMaxDPL; ++i) acc[i] *= f;
     m = mn;
+    for (int j = 0; j < 32; ++j) {
+      const float pj = __shfl_sync(0xffffffffu, p, j);
+      const long long bj = __shfl_sync(0xffffffffu, (long long)base, j);
+      if (bj < 0) continue;  // warp-uniform
+      const T* vr = vc + bj;
+#pragma unroll
+      for (int i = 0; i < kMaxDPL; ++i) {
+        const int64_t d = lane + 32 * i;
+        if (i < dpl && d < a.D) acc[i] = fmaf(pj, to_f32(vr[d]), acc[i]);
+      }
+    }
   };
   if (sparse)
     for (int64_t c = warp; c < a.C; c += kWarps) {
       if (!keep[c]) continue;
-      for (int64_t i = start[c]; i < start[c + 1]; ++i) {
-        const int64_t t = a.ct[g * a.Pc + i];
-        if (t >= 0 && t < P) take(t);
+      for (int64_t i0 = start[c]; i0 < start[c + 1]; i0 += 32) {
+        const int64_t i = i0 + lane;
+        int64_t t = -1;
+        if (i < start[c + 1]) {
+          const int64_t x = a.ct[g * a.Pc + i];
+          if (x >= 0 && x < P) t = x;
+        }
+        step(t);
       }
     }
-  for (int64_t t = P + warp; t < len; t += kWarps) take(t);
+  for (int64_t t0 = P + 32 * warp; t0 < len; t0 += 32 * kWarps) step(t0 + lane < len ? t0 + lane : -1);
 
   // merge the warps in order
   __syncthreads();  // the selection arrays are dead; part[] reuses them
