@@ -48,13 +48,15 @@ usage:
       calibrates the KVQuant cache quantizer (safetensors; docs/kvquant.md)
   squeezelm ppl [--model DIR] --data FILE [--windows N] [--window L] [--device D]
                 [--batch B] [--kv-bits 2|3|4 --kv-calib FILE | --kv-bits 16] [--decode]
-                [--lora DIR] [--progress] [--json]
+                [--lora DIR] [--prefix-tokens P [--squeeze KEEP] [--clusters C]] [--progress] [--json]
       perplexity over FILE: a safetensors file with 'ids' [windows, length] int32, or a
       text file cut into windows of L tokens (default 1024; --window L also cuts each row of a
       safetensors file into windows of L); --windows N: the first N windows. One JSON line.
       --kv-bits/--kv-calib: a quantized KV cache; these runs (and --kv-bits 16, or --decode)
       feed each window token by token, B windows per step, as generation sees the cache;
-      --lora: with a PEFT LoRA adapter
+      --lora: with a PEFT LoRA adapter; --prefix-tokens P: each window's first P tokens are cached
+      as a prefix (with --squeeze KEEP, clustered: Squeezed Attention over KEEP of C clusters, default
+      one per 16 tokens) and the rest of the window is scored token by token after it
   squeezelm serve [--model DIR] [--host H] [--port P] [--name NAME] [--device D] [--max-batch N]
                   [--max-context N] [--api-key KEY] [--cors ORIGIN] [--kv-bits 2|3|4 --kv-calib FILE]
                   [--lora [NAME=]DIR[,...] [--lora-slots N] [--lora-rank R]] [--allow-adapter-loading]
@@ -210,7 +212,8 @@ async function cmdGenerate(f: Flags): Promise<void> {
 }
 
 async function cmdPpl(f: Flags): Promise<void> {
-  allow(f, ['model', 'data', 'windows', 'window', 'device', 'batch', 'json', 'progress', 'kv-bits', 'kv-calib', 'decode', 'lora', 'lora-rank']);
+  allow(f, ['model', 'data', 'windows', 'window', 'device', 'batch', 'json', 'progress', 'kv-bits', 'kv-calib', 'decode', 'lora', 'lora-rank',
+    'prefix-tokens', 'squeeze', 'clusters']);
   const data = str(f, 'data');
   if (!data) throw new SqueezeError('ERR_ARG', 'ppl: --data FILE is required');
   const window = numFlag(f, 'window', true);
@@ -226,6 +229,29 @@ async function cmdPpl(f: Flags): Promise<void> {
     const adapter = adapters.length ? (await model.loadAdapter(adapters[0].dir, { name: adapters[0].name })).name : undefined;
     const d = loadPplData(model, data, { windows: numFlag(f, 'windows', true), window });
     const show = f.progress === true || process.stderr.isTTY === true;
+    const prefixTokens = numFlag(f, 'prefix-tokens', true), keep = numFlag(f, 'squeeze'), clusters = numFlag(f, 'clusters', true);
+    if (prefixTokens === undefined && (keep !== undefined || clusters !== undefined)) throw new SqueezeError('ERR_ARG', 'ppl: --squeeze / --clusters need --prefix-tokens P');
+    if (prefixTokens !== undefined) {
+      if (prefixTokens < 1 || prefixTokens > d.length - 2) throw new SqueezeError('ERR_ARG', `ppl: --prefix-tokens must be 1 .. ${d.length - 2} for windows of ${d.length}`);
+      if (adapter !== undefined) throw new SqueezeError('ERR_ARG', 'ppl: --prefix-tokens with --lora is not supported');
+      const t0 = performance.now(), nll: number[] = [], bar = progressBar(show, 'ppl');
+      for (const [i, w] of d.windows.entries()) {
+        const p = await model.cachePrefix(w.subarray(0, prefixTokens), keep === undefined ? {} : { squeeze: { keep, clusters } });
+        try {
+          nll.push(...(await model.prefixNll(p, [w])));
+        } finally {
+          p.dispose();
+        }
+        bar(i + 1, d.windows.length);
+      }
+      const out = {
+        ppl: Math.exp(nll.reduce((a, b) => a + b, 0) / nll.length), tokens: nll.length * (d.length - 1 - prefixTokens),
+        seconds: (performance.now() - t0) / 1000, windows: nll.length, device: model.device, mode: 'prefix', prefixTokens,
+        ...(keep !== undefined ? { squeeze: keep, clusters: clusters ?? Math.max(1, Math.round(prefixTokens / 16)) } : {}),
+      };
+      process.stdout.write(JSON.stringify(out) + '\n');
+      return;
+    }
     const r = await perplexity(model, d, { batch, decode, adapter, onProgress: progressBar(show, 'ppl') });
     const kv = model.kvCache;
     const out = {
