@@ -1,0 +1,140 @@
+// Runs the LoRA and Squeezed Attention CUDA kernels in the emulator (cuda_emu.h) on random inputs
+// against plain float64 references; prints one line per case and "emu: N passed, M failed".
+#include "cuda_emu.h"
+
+#include <cstdio>
+#include <random>
+
+#include "kernels/lora/lora.cuh"
+#include "kernels/sparse_attn/squeezed.cuh"
+
+
+static int passed = 0, failed = 0;
+static void report(const char* name, double err, double tol) {
+  const bool ok = err <= tol;
+  (ok ? passed : failed)++;
+  std::printf("%s %s: rel err %.3g (tol %.1g)\n", ok ? "ok  " : "FAIL", name, err, tol);
+}
+static double rel(const std::vector<float>& a, const std::vector<double>& b) {
+  double n = 0, d = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    n += (a[i] - b[i]) * (a[i] - b[i]);
+    d += b[i] * b[i];
+  }
+  return std::sqrt(n / std::max(d, 1e-30));
+}
+
+static void lora_case(std::mt19937& r, int T, int K, int N) {
+  std::normal_distribution<float> nd;
+  const int S = 4, R = 40;
+  const int desc[S * 2] = {0, 3, 3, 16, 19, 0, 35, 9};  // slot 3's range runs past the pool: skipped
+  const float scale[S] = {0.5f, 2.f, 1.f, 3.f};
+  std::vector<float> x(T * K), y(T * N), A(R * K), Bt(R * N);
+  for (auto* v : {&x, &y, &A, &Bt}) for (auto& e : *v) e = nd(r);
+  std::vector<int> slots(T);
+  for (int t = 0; t < T; ++t) slots[t] = (t % 6) - 1;  // -1 .. 4: none, four slots, one out of range
+  std::vector<double> want(y.begin(), y.end());
+  for (int t = 0; t < T; ++t) {
+    const int s = slots[t];
+    if (s < 0 || s >= S || desc[2 * s + 1] <= 0 || desc[2 * s] + desc[2 * s + 1] > R) continue;
+    for (int j = 0; j < desc[2 * s + 1]; ++j) {
+      double d = 0;
+      for (int k = 0; k < K; ++k) d += (double)A[(desc[2 * s] + j) * K + k] * x[t * K + k];
+      for (int n = 0; n < N; ++n) want[t * N + n] += scale[s] * d * Bt[(desc[2 * s] + j) * N + n];
+    }
+  }
+  using namespace sqz::cuda::lora_kernels;
+  std::vector<float> got = y;
+  const dim3 grid(T, (N + kChunk - 1) / kChunk);
+  emu::run(grid, dim3(kThreads), [&] { lora_kernel<float>(got.data(), x.data(), slots.data(), A.data(), Bt.data(), desc, scale, K, N, R, S); });
+  char name[96];
+  std::snprintf(name, sizeof name, "lora T=%d K=%d N=%d", T, K, N);
+  report(name, rel(got, want), 1e-5);
+}
+
+static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc, int C, int topC) {
+  std::normal_distribution<float> nd;
+  const int ps = 8, tail = 37, L = Pc + tail, maxp = (L + ps - 1) / ps, pages = B * maxp, G = Hq / Hkv;
+  std::vector<float> q(B * Hq * D), k((size_t)pages * ps * Hkv * D), v(k.size()), cen((size_t)Hkv * C * D);
+  for (auto* a : {&q, &k, &v, &cen}) for (auto& e : *a) e = nd(r);
+  std::vector<int> pt(B * maxp), lens(B), pre(B), cs(Hkv * (C + 1)), ct(Hkv * Pc);
+  for (int i = 0; i < B * maxp; ++i) pt[i] = (i * 7 + 3) % pages;
+  for (int b = 0; b < B; ++b) {
+    lens[b] = L - 5 * b;
+    pre[b] = b == B - 1 ? 0 : Pc;  // the last sequence attends densely
+  }
+  for (int g = 0; g < Hkv; ++g) {  // random cluster sizes, tokens shuffled
+    std::vector<int> perm(Pc);
+    for (int i = 0; i < Pc; ++i) perm[i] = i;
+    std::shuffle(perm.begin(), perm.end(), r);
+    for (int i = 0; i < Pc; ++i) ct[g * Pc + i] = perm[i];
+    std::vector<int> cuts(C - 1);
+    for (auto& c : cuts) c = (int)(r() % (Pc + 1));
+    std::sort(cuts.begin(), cuts.end());
+    cs[g * (C + 1)] = 0;
+    for (int c = 1; c < C; ++c) cs[g * (C + 1) + c] = cuts[c - 1];
+    cs[g * (C + 1) + C] = Pc;
+  }
+  const float scale = 1.f / std::sqrt((float)D);
+  std::vector<double> want((size_t)B * Hq * D, 0.0);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < Hq; ++h) {
+      const int g = h / G, len = lens[b], P = std::min(pre[b], len);
+      std::vector<int> vis;
+      if (P > 0) {
+        std::vector<std::pair<double, int>> sc(C);
+        for (int c = 0; c < C; ++c) {
+          double s = 0;
+          for (int d = 0; d < D; ++d) s += (double)q[(b * Hq + h) * D + d] * cen[((size_t)g * C + c) * D + d];
+          sc[c] = {-s, c};
+        }
+        std::sort(sc.begin(), sc.end());
+        for (int i = 0; i < std::min(topC, C); ++i) {
+          const int c = sc[i].second;
+          for (int e = cs[g * (C + 1) + c]; e < cs[g * (C + 1) + c + 1]; ++e) if (ct[g * Pc + e] < P) vis.push_back(ct[g * Pc + e]);
+        }
+      }
+      for (int t = P; t < len; ++t) vis.push_back(t);
+      auto at = [&](int t) { return (((size_t)pt[b * maxp + t / ps] * ps + t % ps) * Hkv + g) * D; };
+      std::vector<double> s(vis.size());
+      double m = -INFINITY, sum = 0;
+      for (size_t i = 0; i < vis.size(); ++i) {
+        double x = 0;
+        for (int d = 0; d < D; ++d) x += (double)q[(b * Hq + h) * D + d] * k[at(vis[i]) + d];
+        s[i] = x * scale;
+        m = std::max(m, s[i]);
+      }
+      for (size_t i = 0; i < vis.size(); ++i) {
+        const double p = std::exp(s[i] - m);
+        sum += p;
+        for (int d = 0; d < D; ++d) want[(b * Hq + h) * D + d] += p * v[at(vis[i]) + d];
+      }
+      for (int d = 0; d < D; ++d) want[(b * Hq + h) * D + d] /= sum > 0 ? sum : 1;
+    }
+  using namespace sqz::cuda::squeezed_kernels;
+  Args a{};
+  a.pt = pt.data(); a.lens = lens.data(); a.pre = pre.data(); a.cen = cen.data(); a.cs = cs.data(); a.ct = ct.data();
+  a.pages = pages; a.ps = ps; a.Hkv = Hkv; a.maxp = maxp; a.C = C; a.Pc = Pc; a.G = G; a.Hq = Hq; a.D = D;
+  a.Cpad = 1;
+  while (a.Cpad < C) a.Cpad <<= 1;
+  a.top_c = topC;
+  a.scale = scale;
+  std::vector<float> got((size_t)B * Hq * D, NAN);
+  emu::run(dim3(Hq, B), dim3(kThreads), [&] { squeezed_kernel<float>(got.data(), q.data(), k.data(), v.data(), a); });
+  char name[128];
+  std::snprintf(name, sizeof name, "squeezed B=%d Hq=%d Hkv=%d D=%d context %d, %d clusters, top %d", B, Hq, Hkv, D, Pc, C, topC);
+  report(name, rel(got, want), 1e-5);
+}
+
+int main() {
+  std::mt19937 r(12345);
+  lora_case(r, 7, 64, 48);
+  lora_case(r, 3, 257, 1500);
+  squeezed_case(r, 3, 4, 2, 40, 61, 7, 3);
+  squeezed_case(r, 2, 8, 2, 64, 200, 33, 9);
+  squeezed_case(r, 2, 2, 1, 130, 50, 50, 50);
+  squeezed_case(r, 2, 4, 4, 16, 20, 5, 0);
+  std::printf("emu: %d passed, %d failed\n", passed, failed);
+  return failed ? 1 : 0;
+}
