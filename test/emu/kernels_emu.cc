@@ -53,7 +53,7 @@ static void lora_case(std::mt19937& r, int T, int K, int N) {
   report(name, rel(got, want), 1e-5);
 }
 
-static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc, int C, int topC) {
+static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc, int C, int topC, std::initializer_list<int> splits = {3}) {
   std::normal_distribution<float> nd;
   const int ps = 8, tail = 37, L = Pc + tail, maxp = (L + ps - 1) / ps, pages = B * maxp, G = Hq / Hkv;
   std::vector<float> q(B * Hq * D), k((size_t)pages * ps * Hkv * D), v(k.size()), cen((size_t)Hkv * C * D);
@@ -120,18 +120,27 @@ static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc
   while (a.Cpad < C) a.Cpad <<= 1;
   a.top_c = topC;
   a.scale = scale;
-  std::vector<float> got((size_t)B * Hq * D, NAN);
-  emu::run(dim3(Hq, B), dim3(kThreads), [&] { squeezed_kernel<float>(got.data(), q.data(), k.data(), v.data(), a); });
-  char name[128];
-  std::snprintf(name, sizeof name, "squeezed B=%d Hq=%d Hkv=%d D=%d context %d, %d clusters, top %d", B, Hq, Hkv, D, Pc, C, topC);
-  report(name, rel(got, want), 1e-5);
+  for (const int S : splits) {
+    a.S = S;
+    std::vector<unsigned char> flags((size_t)B * Hq * C, 7);  // poisoned: select must write every flag it reads
+    std::vector<float> part((size_t)B * Hq * S * (D + 2), NAN);
+    a.flags = flags.data();
+    a.part = part.data();
+    std::vector<float> got((size_t)B * Hq * D, NAN);
+    emu::run(dim3(Hq, B), dim3(kThreads), [&] { select_kernel<float>(q.data(), a); });
+    emu::run(dim3(Hq, B, S), dim3(kThreads), [&] { attend_kernel<float>(q.data(), k.data(), v.data(), a); });
+    emu::run(dim3(Hq, B), dim3(kThreads), [&] { combine_kernel<float>(got.data(), a); });
+    char name[160];
+    std::snprintf(name, sizeof name, "squeezed B=%d Hq=%d Hkv=%d D=%d context %d, %d clusters, top %d, %d splits", B, Hq, Hkv, D, Pc, C, topC, S);
+    report(name, rel(got, want), 1e-5);
+  }
 }
 
 int main() {
   std::mt19937 r(12345);
   lora_case(r, 7, 64, 48);
   lora_case(r, 3, 257, 1500);
-  squeezed_case(r, 3, 4, 2, 40, 61, 7, 3);
+  squeezed_case(r, 3, 4, 2, 40, 61, 7, 3, {1, 3});
   squeezed_case(r, 2, 8, 2, 64, 200, 33, 9);
   squeezed_case(r, 2, 2, 1, 130, 50, 50, 50);
   squeezed_case(r, 2, 4, 4, 16, 20, 5, 0);

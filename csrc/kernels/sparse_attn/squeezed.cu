@@ -1,22 +1,51 @@
 // Squeezed Attention, decode (one query row per sequence) over the paged fp16/bf16 cache.
 //
-// Why this shape. Per (sequence, query head) one block: the query is scored against the kv head's
-// cluster centroids, the scores are sorted in shared memory (bitonic, ties to the lower cluster)
-// and the topC clusters kept, then 8 warps walk the kept clusters' token lists (cluster c to warp
-// c mod 8) and the tokens after the fixed context (32-token steps dealt round robin), each with an
-// online softmax 32 tokens at a time; the 8 partial states are merged in a fixed order, so the
-// result does not depend on timing. The cluster starts go through a running maximum (a scan in shared memory) clamped to the
+// Why this shape. Three launches. select: per (sequence, query head) one block scores the query
+// against its kv head's cluster centroids, sorts the scores in shared memory (bitonic, ties to the
+// lower cluster) and flags the topC clusters. attend: per (sequence, query head) S blocks (a split
+// of the work, as flash-decoding splits the keys, so that batch 1 with few heads still fills the
+// GPU), whose warps walk the flagged clusters' token lists and the tokens after the fixed context,
+// each with an online softmax 32 tokens at a time, merged per block into a partial. combine: the
+// S partials in split order. Every merge has a fixed order, so the result does not depend on timing. The cluster starts go through a running maximum (a scan in shared memory) clamped to the
 // token list, and token positions outside the context are skipped: no device data can send the
-// kernel outside its tensors. A first kernel, not yet measured: one block per (sequence, query head)
-// leaves SMs idle at batch 1 with few heads (a split over the keys, as the dense decode has, is the
-// next step once a GPU has timed it).
+// kernels outside their tensors. Not yet measured on a GPU; the kernels (squeezed.cuh) pass in the
+// tests' host emulator (test/emu).
 #include <algorithm>
+#include <mutex>
+#include <utility>
 
+#include "core/backend.h"
 #include "core/cuda_stream.h"
+#include "kernels/common/launch_config.h"
 #include "squeezed.cuh"
 #include "squeezed.h"
 
 namespace sqz::cuda {
+namespace {
+
+// Grow-only scratch of the flags and partials, one per device.
+struct Scratch {
+  std::mutex mu;
+  void* ptr[64] = {};
+  size_t bytes[64] = {};
+};
+void* scratch(int dev, size_t bytes, cudaStream_t stream) {
+  static Scratch w;
+  std::lock_guard<std::mutex> lock(w.mu);
+  if (dev < 0 || dev >= 64) fail("ERR_DEVICE", "squeezedAttention: device index out of range");
+  if (w.bytes[dev] < bytes) {
+    if (w.ptr[dev]) {
+      cuda_check(cudaStreamSynchronize(stream), "squeezedAttention scratch");
+      cuda_free(dev, w.ptr[dev], w.bytes[dev]);
+    }
+    const size_t nb = bytes + bytes / 2;
+    w.ptr[dev] = cuda_alloc(dev, nb);
+    w.bytes[dev] = nb;
+  }
+  return w.ptr[dev];
+}
+
+}  // namespace
 
 void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, const Tensor& vc, const Tensor& page_table,
                         const Tensor& seq_lens, float scale, const Tensor& prefix_lens, const Tensor& centroids,
@@ -44,14 +73,23 @@ void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, co
   a.Cpad = 1;
   while (a.Cpad < a.C) a.Cpad <<= 1;
   if (B == 0 || a.Hq == 0) return;
-  const size_t sel = (size_t)a.D * 4 + (size_t)a.Cpad * 8 + (size_t)(a.C + 1) * 4 + (size_t)a.C;
-  const size_t merge = (size_t)kWarps * (a.D + 2) * 4;
-  const size_t smem = (std::max(sel, merge) + 15) / 16 * 16;
+  const int dev = q.device.index;
+  // splits: about two blocks per SM over all (sequence, head) pairs, at most 32
+  const int64_t rows = B * a.Hq;
+  a.S = (int)std::min<int64_t>(32, std::max<int64_t>(1, (2 * (int64_t)sm_count(dev) + rows - 1) / rows));
+  const size_t flag_bytes = ((size_t)rows * (size_t)std::max<int64_t>(a.C, 1) + 15) / 16 * 16;
+  char* ws = static_cast<char*>(scratch(dev, flag_bytes + (size_t)rows * a.S * (a.D + 2) * sizeof(float), s));
+  a.flags = reinterpret_cast<unsigned char*>(ws);
+  a.part = reinterpret_cast<float*>(ws + flag_bytes);
+  const size_t sel_smem = ((size_t)a.D * 4 + (size_t)a.Cpad * 8 + 15) / 16 * 16;
+  const size_t att_smem = (std::max((size_t)a.D * 4 + (size_t)(a.C + 1) * 4 + (size_t)a.C, (size_t)kWarps * (a.D + 2) * 4) + 15) / 16 * 16;
   dispatch_float(q.dtype, "squeezedAttention", [&](auto tv) {
     using T = decltype(tv);
-    auto kern = squeezed_kernel<T>;
-    if (smem > 48 * 1024) cuda_check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "squeezedAttention: smem");
-    kern<<<dim3((unsigned)a.Hq, (unsigned)B), kThreads, smem, s>>>(out.ptr<T>(), q.ptr<T>(), kc.ptr<T>(), vc.ptr<T>(), a);
+    for (auto [kern, bytes] : {std::pair{(const void*)select_kernel<T>, sel_smem}, std::pair{(const void*)attend_kernel<T>, att_smem}})
+      if (bytes > 48 * 1024) cuda_check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), "squeezedAttention: smem");
+    select_kernel<T><<<dim3((unsigned)a.Hq, (unsigned)B), kThreads, sel_smem, s>>>(q.ptr<T>(), a);
+    attend_kernel<T><<<dim3((unsigned)a.Hq, (unsigned)B, (unsigned)a.S), kThreads, att_smem, s>>>(q.ptr<T>(), kc.ptr<T>(), vc.ptr<T>(), a);
+    combine_kernel<T><<<dim3((unsigned)a.Hq, (unsigned)B), kThreads, 0, s>>>(out.ptr<T>(), a);
   });
   cuda_check(cudaGetLastError(), "squeezedAttention: launch");
 }

@@ -23,53 +23,107 @@ struct Args {
   const float* cen;
   const int* cs;
   const int* ct;
+  unsigned char* flags;  // [B, Hq, C]: the clusters each (sequence, query head) attends to
+  float* part;           // [B, Hq, S, D + 2]: each split's unnormalised sums, then its maximum and sum
   int64_t pages, ps, Hkv, maxp, C, Pc, G, Hq, D;
-  int Cpad, top_c;
+  int Cpad, top_c, S;
   float scale;
 };
 
 // Whether (ka, ia) comes before (kb, ib): higher score first, ties to the lower cluster.
 __device__ __forceinline__ bool before(float ka, int ia, float kb, int ib) { return ka > kb || (ka == kb && ia < ib); }
 
+// The context length sequence b attends sparsely (0 .. its length) and its length.
+__device__ __forceinline__ void lengths(const Args& a, int64_t b, int64_t& len, int64_t& P) {
+  len = a.lens[b] > 0 ? a.lens[b] : 0;
+  P = (int64_t)a.pre[b] < 0 ? 0 : ((int64_t)a.pre[b] < len ? (int64_t)a.pre[b] : len);
+}
+
 template <class T>
-__global__ void __launch_bounds__(kThreads) squeezed_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ kc,
-                                                            const T* __restrict__ vc, Args a) {
+__device__ __forceinline__ void load_query(const T* q, const Args& a, int64_t b, int64_t h, float* qf) {
+  for (int64_t d = threadIdx.x; d < a.D; d += kThreads) qf[d] = to_f32(q[(b * a.Hq + h) * a.D + d]);
+  __syncthreads();
+}
+
+// Step 1, grid (Hq, B): the query against its kv head's centroids, the scores sorted (bitonic, in
+// shared memory), the topC clusters flagged.
+template <class T>
+__global__ void __launch_bounds__(kThreads) select_kernel(const T* __restrict__ q, Args a) {
   SQZ_DYNAMIC_SMEM(smem);
   const int64_t h = blockIdx.x, b = blockIdx.y, g = h / a.G;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  float* qf = reinterpret_cast<float*>(smem);                  // [D]
-  float* key = qf + a.D;                                         // [Cpad]
-  int* idx = reinterpret_cast<int*>(key + a.Cpad);               // [Cpad]
-  int* start = idx + a.Cpad;                                     // [C + 1]
-  unsigned char* keep = reinterpret_cast<unsigned char*>(start + a.C + 1);  // [C]
-  float* part = reinterpret_cast<float*>(smem);                  // reused at the end: [kWarps][D + 2]
-
-  const int64_t len = a.lens[b] > 0 ? a.lens[b] : 0;
-  const int64_t P = (int64_t)a.pre[b] < 0 ? 0 : ((int64_t)a.pre[b] < len ? (int64_t)a.pre[b] : len);
-  for (int64_t d = tid; d < a.D; d += kThreads) qf[d] = to_f32(q[(b * a.Hq + h) * a.D + d]);
-  __syncthreads();
-  const bool sparse = P > 0 && a.C > 0;
-  if (sparse) {
-    for (int i = tid; i < a.Cpad; i += kThreads) {
-      float s = -INFINITY;
-      if (i < a.C) {
-        const float* c = a.cen + (g * a.C + i) * a.D;
-        s = 0.f;
-        for (int64_t d = 0; d < a.D; ++d) s = fmaf(c[d], qf[d], s);
-        if (s != s) s = -INFINITY;  // NaN sorts last
-      }
-      key[i] = s;
-      idx[i] = i;
+  const int tid = threadIdx.x;
+  int64_t len, P;
+  lengths(a, b, len, P);
+  if (P == 0 || a.C == 0) return;  // block-uniform
+  float* qf = reinterpret_cast<float*>(smem);      // [D]
+  float* key = qf + a.D;                            // [Cpad]
+  int* idx = reinterpret_cast<int*>(key + a.Cpad);  // [Cpad]
+  load_query(q, a, b, h, qf);
+  for (int i = tid; i < a.Cpad; i += kThreads) {
+    float s = -INFINITY;
+    if (i < a.C) {
+      const float* c = a.cen + (g * a.C + i) * a.D;
+      s = 0.f;
+      for (int64_t d = 0; d < a.D; ++d) s = fmaf(c[d], qf[d], s);
+      if (s != s) s = -INFINITY;  // NaN sorts last
     }
+    key[i] = s;
+    idx[i] = i;
+  }
+  unsigned char* flags = a.flags + (b * a.Hq + h) * a.C;
+  for (int64_t c = tid; c < a.C; c += kThreads) flags[c] = 0;
+  __syncthreads();
+  for (int k = 2; k <= a.Cpad; k <<= 1)
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = tid; i < a.Cpad; i += kThreads) {
+        const int ixj = i ^ j;
+        if (ixj > i) {
+          const bool up = (i & k) == 0;
+          const float ki = key[i], kj = key[ixj];
+          const int ii = idx[i], ij = idx[ixj];
+          if (up ? before(kj, ij, ki, ii) : before(ki, ii, kj, ij)) {
+            key[i] = kj; key[ixj] = ki;
+            idx[i] = ij; idx[ixj] = ii;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  const int64_t nkeep = (int64_t)a.top_c < a.C ? (int64_t)a.top_c : a.C;
+  for (int i = tid; i < nkeep; i += kThreads) flags[idx[i]] = 1;  // padding sorts last: idx < C here
+}
+
+// Step 2, grid (Hq, B, S): split z of the attention. Its warps take the flagged clusters' token lists
+// (cluster c to warp c mod 8S of the splits' warps) and the tokens after the context in 32-token
+// steps dealt the same way, each with an online softmax 32 tokens a step: lane i scores token i
+// against q (its own key row), the warp takes the step's maximum and sum once, then accumulates
+// p * v with the lanes over the channels (each token's value row one coalesced read). The block's
+// 8 states are merged in order into the split's partial.
+template <class T>
+__global__ void __launch_bounds__(kThreads) attend_kernel(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc, Args a) {
+  SQZ_DYNAMIC_SMEM(smem);
+  const int64_t h = blockIdx.x, b = blockIdx.y, z = blockIdx.z, g = h / a.G;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t gw = z * kWarps + warp, W = (int64_t)a.S * kWarps;
+  int64_t len, P;
+  lengths(a, b, len, P);
+  float* qf = reinterpret_cast<float*>(smem);                            // [D]
+  int* start = reinterpret_cast<int*>(qf + a.D);                         // [C + 1]
+  unsigned char* keep = reinterpret_cast<unsigned char*>(start + a.C + 1);  // [C]
+  float* part = reinterpret_cast<float*>(smem);                          // reused at the end: [kWarps][D + 2]
+  load_query(q, a, b, h, qf);
+  const bool sparse = P > 0 && a.C > 0;  // block-uniform
+  if (sparse) {
+    const unsigned char* flags = a.flags + (b * a.Hq + h) * a.C;
+    for (int64_t c = tid; c < a.C; c += kThreads) keep[c] = flags[c];
     for (int64_t c = tid; c <= a.C; c += kThreads) {
       const int64_t v = a.cs[g * (a.C + 1) + c];
       start[c] = (int)(v < 0 ? 0 : (v > a.Pc ? a.Pc : v));
     }
-    for (int64_t c = tid; c < a.C; c += kThreads) keep[c] = 0;
     __syncthreads();
-    // running maximum of the starts (Hillis-Steele, in place with a barrier between read and write)
+    // the starts as a running maximum (Hillis-Steele; a barrier between the reads and the writes)
     for (int off = 1; off <= a.C; off <<= 1) {
-      int v[ (kSqueezedMaxClusters + 1 + kThreads - 1) / kThreads ];
+      int v[(kSqueezedMaxClusters + 1 + kThreads - 1) / kThreads];
       int n = 0;
       for (int64_t c = tid; c <= a.C; c += kThreads, ++n) v[n] = c >= off ? max(start[c], start[c - off]) : start[c];
       __syncthreads();
@@ -77,32 +131,8 @@ __global__ void __launch_bounds__(kThreads) squeezed_kernel(T* __restrict__ out,
       for (int64_t c = tid; c <= a.C; c += kThreads, ++n) start[c] = v[n];
       __syncthreads();
     }
-    // bitonic sort of (score, cluster), best first
-    for (int k = 2; k <= a.Cpad; k <<= 1)
-      for (int j = k >> 1; j > 0; j >>= 1) {
-        for (int i = tid; i < a.Cpad; i += kThreads) {
-          const int ixj = i ^ j;
-          if (ixj > i) {
-            const bool up = (i & k) == 0;
-            const float ki = key[i], kj = key[ixj];
-            const int ii = idx[i], ij = idx[ixj];
-            if (up ? before(kj, ij, ki, ii) : before(ki, ii, kj, ij)) {
-              key[i] = kj; key[ixj] = ki;
-              idx[i] = ij; idx[ixj] = ii;
-            }
-          }
-        }
-        __syncthreads();
-      }
-    const int64_t nkeep = (int64_t)a.top_c < a.C ? (int64_t)a.top_c : a.C;
-    for (int i = tid; i < nkeep; i += kThreads) keep[idx[i]] = 1;
-    __syncthreads();
   }
 
-  // Online softmax over this warp's share of the visible keys, 32 tokens per step: lane i scores
-  // token i of the step against q (its own key row, no shuffles), the warp takes the step's maximum
-  // and sum once, then accumulates p * v with the lanes over the channels (each token's value row
-  // one coalesced read), p and the row broadcast from the token's lane.
   const int dpl = (int)((a.D + 31) / 32);
   float m = -INFINITY, l = 0.f, acc[kMaxDPL];
 #pragma unroll
@@ -149,7 +179,7 @@ __global__ void __launch_bounds__(kThreads) squeezed_kernel(T* __restrict__ out,
     }
   };
   if (sparse)
-    for (int64_t c = warp; c < a.C; c += kWarps) {
+    for (int64_t c = gw; c < a.C; c += W) {
       if (!keep[c]) continue;
       for (int64_t i0 = start[c]; i0 < start[c + 1]; i0 += 32) {
         const int64_t i = i0 + lane;
@@ -161,10 +191,10 @@ __global__ void __launch_bounds__(kThreads) squeezed_kernel(T* __restrict__ out,
         step(t);
       }
     }
-  for (int64_t t0 = P + 32 * warp; t0 < len; t0 += 32 * kWarps) step(t0 + lane < len ? t0 + lane : -1);
+  for (int64_t t0 = P + 32 * gw; t0 < len; t0 += 32 * W) step(t0 + lane < len ? t0 + lane : -1);
 
-  // merge the warps in order
-  __syncthreads();  // the selection arrays are dead; part[] reuses them
+  // the block's warps merged in order into this split's partial
+  __syncthreads();  // qf, start and keep are dead; part[] reuses them
   float* mine = part + warp * (a.D + 2);
 #pragma unroll
   for (int i = 0; i < kMaxDPL; ++i) {
@@ -185,14 +215,40 @@ __global__ void __launch_bounds__(kThreads) squeezed_kernel(T* __restrict__ out,
       fw[w] = (M == -INFINITY || mw == -INFINITY) ? 0.f : expf(mw - M);
       L += part[w * (a.D + 2) + a.D + 1] * fw[w];
     }
-    const float inv = L > 0.f ? 1.f / L : 0.f;
+    float* dst = a.part + ((b * a.Hq + h) * a.S + z) * (a.D + 2);
     for (int64_t d = lane; d < a.D; d += 32) {
       float o = 0.f;
       for (int w = 0; w < kWarps; ++w) o = fmaf(part[w * (a.D + 2) + d], fw[w], o);
-      out[(b * a.Hq + h) * a.D + d] = from_f32<T>(o * inv);
+      dst[d] = o;
+    }
+    if (lane == 0) {
+      dst[a.D] = M;
+      dst[a.D + 1] = L;
     }
   }
 }
 
+// Step 3, grid (Hq, B): the splits' partials merged in split order, normalised.
+template <class T>
+__global__ void __launch_bounds__(kThreads) combine_kernel(T* __restrict__ out, Args a) {
+  const int64_t h = blockIdx.x, b = blockIdx.y;
+  const float* src = a.part + (b * a.Hq + h) * a.S * (a.D + 2);
+  float M = -INFINITY;
+  for (int z = 0; z < a.S; ++z) M = fmaxf(M, src[z * (a.D + 2) + a.D]);
+  float L = 0.f;
+  for (int z = 0; z < a.S; ++z) {
+    const float mz = src[z * (a.D + 2) + a.D];
+    if (M != -INFINITY && mz != -INFINITY) L += src[z * (a.D + 2) + a.D + 1] * expf(mz - M);
+  }
+  const float inv = L > 0.f ? 1.f / L : 0.f;
+  for (int64_t d = threadIdx.x; d < a.D; d += kThreads) {
+    float o = 0.f;
+    for (int z = 0; z < a.S; ++z) {
+      const float mz = src[z * (a.D + 2) + a.D];
+      if (M != -INFINITY && mz != -INFINITY) o = fmaf(src[z * (a.D + 2) + d], expf(mz - M), o);
+    }
+    out[(b * a.Hq + h) * a.D + d] = from_f32<T>(o * inv);
+  }
+}
 
 }  // namespace sqz::cuda::squeezed_kernels
