@@ -5,7 +5,7 @@
  */
 import { DType, Tensor } from '../ts/tensor';
 import * as ops from '../ts/ops';
-import { clusterKeys, kmeans } from '../ts/quant/squeezed';
+import { clusterKeys, clusterKeysOnDevice, kmeans, kmeansOnDevice } from '../ts/quant/squeezed';
 import { describeGpu, freshSeed, randn, relErr, rng } from './gpu';
 
 interface Case {
@@ -103,6 +103,42 @@ describe('k-means of context keys', () => {
     }
     expect(clusterKeys(keys, 50, 2, 8, 500).clusters).toBe(50);  // at most one cluster per token
     expect(() => kmeans(pts, n, D, 0)).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+  });
+});
+
+describe('k-means with the distances as ops (the device path, run on the CPU here)', () => {
+  test('converged, every point sits at its nearest centroid; clusters as tight as the host loop\'s; f16 stays in range', async () => {
+    const r = rng(11), D = 8, n = 300, k = 12;
+    const pts = randn(n * D, r, 40);
+    const { assign, centroids } = await kmeansOnDevice(Tensor.from(pts, [n, D]), k, 200, 5);
+    const d2 = (i: number, c: number) => {
+      let s = 0;
+      for (let d = 0; d < D; d++) s += (pts[i * D + d] - centroids[c * D + d]) ** 2;
+      return s;
+    };
+    let inertia = 0;
+    for (let i = 0; i < n; i++) {
+      let best = Infinity;
+      for (let c = 0; c < k; c++) best = Math.min(best, d2(i, c));
+      expect(d2(i, assign[i])).toBeLessThanOrEqual(best * (1 + 1e-5) + 1e-3);
+      inertia += d2(i, assign[i]);
+    }
+    const host = kmeans(pts, n, D, k, 200, 5);
+    let hostInertia = 0;
+    for (let i = 0; i < n; i++) for (let d = 0; d < D; d++) hostInertia += (pts[i * D + d] - host.centroids[host.assign[i] * D + d]) ** 2;
+    expect(inertia).toBeLessThan(1.1 * hostInertia);
+    // half precision: points of norm ~1e4 would overflow f16 products without the scaling
+    const big = pts.map((x) => x * 250);
+    const h = await kmeansOnDevice(Tensor.from(big, [n, D], { dtype: 'f16' }), k, 50, 5);
+    expect(h.centroids.every((x) => Number.isFinite(x))).toBe(true);
+    expect(new Set(h.assign).size).toBeGreaterThan(k / 2);
+    const keys = randn(40 * 3 * 8, r);
+    const idx = await clusterKeysOnDevice(Tensor.from(keys, [40 * 3, 8]), 40, 3, 6);
+    for (let g = 0; g < 3; g++) {
+      expect(idx.clusterStart[g * 7 + 6]).toBe(40);
+      expect(Array.from(idx.clusterTokens.subarray(g * 40, g * 40 + 40)).sort((a, b) => a - b)).toEqual(Array.from({ length: 40 }, (_, t) => t));
+    }
+    await expect(kmeansOnDevice(Tensor.from(pts, [n, D]), 0)).rejects.toMatchObject({ code: 'ERR_ARG' });
   });
 });
 

@@ -61,6 +61,9 @@ describe('Squeezed Attention over a cached prefix (pycoder-mini, CPU)', () => {
     };
     const dense = await nll({});
     const half = await nll({ squeeze: { clusters: 24, keep: 0.5 } });
+    // the k-means with its distances as ops (random seeds) clusters about as well as the host loop (k-means++)
+    const halfDevice = await nll({ squeeze: { clusters: 24, keep: 0.5, kmeans: 'device' } });
+    expect(Math.abs(Math.exp(halfDevice - half) - 1)).toBeLessThan(0.03);
     const one = await nll({ squeeze: { clusters: 24, keep: 1 / 24 } });
     // (measured: ppl dense 6.3546, half the clusters 6.3643, one cluster 9.5369)
     expect(half).not.toBe(dense);
@@ -84,6 +87,7 @@ describe('Squeezed Attention over a cached prefix (pycoder-mini, CPU)', () => {
     await expect(model.cachePrefix([1, 2, 3], { squeeze: { keep: 0 } })).rejects.toMatchObject({ code: 'ERR_ARG' });
     await expect(model.cachePrefix([1, 2, 3], { squeeze: { clusters: 0 } })).rejects.toMatchObject({ code: 'ERR_ARG' });
     await expect(model.cachePrefix([1, 2, 3], { squeeze: { iterations: 1.5 } })).rejects.toMatchObject({ code: 'ERR_ARG' });
+    await expect(model.cachePrefix([1, 2, 3], { squeeze: { kmeans: 'gpu' as 'device' } })).rejects.toMatchObject({ code: 'ERR_ARG' });
     await expect(model.prefixNll(sq, windows)).rejects.toMatchObject({ code: 'ERR_ARG' });
     expect(model.freeKvPages).toBe(model.kvPages);
   });

@@ -22,7 +22,7 @@ import { GenerateRequest, GenerateResult, GenerationStream, PrefixEntry, Schedul
 import { tokenNllRows } from '../runtime/ppl';
 import { LoraPool, LoraPoolOptions } from '../runtime/lora-pool';
 import { readLoraAdapter } from './lora';
-import { clusterKeys } from '../quant/squeezed';
+import { clusterKeys, clusterKeysOnDevice } from '../quant/squeezed';
 import { gatherRows } from '../ops/elementwise';
 import type { SqueezedContext } from './llama';
 
@@ -75,6 +75,12 @@ export interface SqueezeOptions {
   keep?: number;
   /** Lloyd iterations of the k-means (default 20). */
   iterations?: number;
+  /**
+   * Where the k-means measures distances: 'host' (a JavaScript loop, k-means++ seeds), 'device'
+   * (one matmul per iteration on the model's device, random seeds), 'auto' (default: the device
+   * once prefix x clusters x head_dim passes 2e7, where the host loop would take seconds per head).
+   */
+  kmeans?: 'host' | 'device' | 'auto';
 }
 
 /** What loadAdapter read. */
@@ -287,6 +293,8 @@ export class Model {
       if (typeof keep !== 'number' || !(keep > 0 && keep <= 1)) throw new SqueezeError('ERR_ARG', `cachePrefix: squeeze.keep must be in (0, 1], got ${sq.keep}`);
       iterations = sq.iterations ?? iterations;
       if (!Number.isInteger(iterations) || iterations < 1) throw new SqueezeError('ERR_ARG', `cachePrefix: squeeze.iterations must be a positive integer, got ${sq.iterations}`);
+      if (sq.kmeans !== undefined && !['host', 'device', 'auto'].includes(sq.kmeans))
+        throw new SqueezeError('ERR_ARG', `cachePrefix: squeeze.kmeans must be 'host', 'device' or 'auto', got ${String(sq.kmeans)}`);
     }
     const seq = this.cache.createSequence();
     let slot: number | undefined;
@@ -310,7 +318,8 @@ export class Model {
     const graphsBefore = this.scheduler.o.graphs;
     if (sq !== undefined) {
       try {
-        squeezed = await this.squeezeContext(seq, ids.length, clusters, Math.max(1, Math.ceil(keep * clusters)), iterations);
+        const onDevice = sq.kmeans === 'device' || ((sq.kmeans ?? 'auto') === 'auto' && ids.length * clusters * this.config.headDim > 2e7);
+        squeezed = await this.squeezeContext(seq, ids.length, clusters, Math.max(1, Math.ceil(keep * clusters)), iterations, onDevice);
       } catch (e) {
         this.cache.free(seq);
         throw e;
@@ -393,7 +402,7 @@ export class Model {
   }
 
   /** The cluster index of a prefix sequence's keys, layer by layer, on the model's device. */
-  private async squeezeContext(seq: number, P: number, clusters: number, topClusters: number, iterations: number): Promise<SqueezedContext> {
+  private async squeezeContext(seq: number, P: number, clusters: number, topClusters: number, iterations: number, onDevice: boolean): Promise<SqueezedContext> {
     const cfg = this.config, ps = this.cache.pageSize, Hkv = cfg.numKvHeads, D = cfg.headDim;
     const table = new Int32Array(this.cache.maxPagesPerSeq);
     this.cache.writePageTable(seq, table, 0);
@@ -406,8 +415,15 @@ export class Model {
         const pool = this.cache.k[l].view(0, [this.cache.numPages, rowLen]);
         gatherRows(rows, pool, idx);
         pool.dispose();
-        const keys = (await rows.toFloat32()).subarray(0, P * Hkv * D);
-        const ci = clusterKeys(keys, P, Hkv, D, clusters, iterations);
+        let ci;
+        if (onDevice) {
+          const keys = rows.view(0, [P * Hkv, D]);
+          try {
+            ci = await clusterKeysOnDevice(keys, P, Hkv, clusters, iterations);
+          } finally {
+            keys.dispose();
+          }
+        } else ci = clusterKeys((await rows.toFloat32()).subarray(0, P * Hkv * D), P, Hkv, D, clusters, iterations);
         layers.push({
           centroids: Tensor.from(ci.centroids, [Hkv, ci.clusters, D], { dtype: 'f32', device: this.device }),
           clusterStart: Tensor.from(ci.clusterStart, [Hkv, ci.clusters + 1], { device: this.device }),

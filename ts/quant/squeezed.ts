@@ -6,6 +6,9 @@
  */
 import { SqueezeError } from '../errors';
 import { mulberry32 } from '../util/random';
+import { Tensor } from '../tensor';
+import { matmul } from '../ops/gemm';
+import { argmax, gatherRows } from '../ops/elementwise';
 
 export interface ClusterIndex {
   clusters: number;
@@ -87,6 +90,16 @@ export function kmeans(points: Float32Array, n: number, D: number, k: number, it
   return { centroids: cen, assign };
 }
 
+/** One head's index from its tokens' clusters: start [k + 1] offsets, tokens [P] by cluster, ascending. */
+function listClusters(assign: Int32Array, k: number, start: Int32Array, tokens: Int32Array): void {
+  const counts = new Int32Array(k);
+  for (let t = 0; t < assign.length; t++) counts[assign[t]]++;
+  start[0] = 0;
+  for (let c = 0; c < k; c++) start[c + 1] = start[c] + counts[c];
+  const fill = Int32Array.from(start.subarray(0, k));
+  for (let t = 0; t < assign.length; t++) tokens[fill[assign[t]]++] = t;
+}
+
 /**
  * The cluster index of a context's keys: keys [P, Hkv, D] (post-RoPE, as attention sees them),
  * C clusters per kv head.
@@ -100,12 +113,101 @@ export function clusterKeys(keys: Float32Array, P: number, Hkv: number, D: numbe
     for (let t = 0; t < P; t++) pts.set(keys.subarray((t * Hkv + g) * D, (t * Hkv + g + 1) * D), t * D);
     const { centroids: cg, assign } = kmeans(pts, P, D, k, iterations, 1 + g);
     centroids.set(cg, g * k * D);
-    const counts = new Int32Array(k);
-    for (let t = 0; t < P; t++) counts[assign[t]]++;
-    const st = g * (k + 1);
-    for (let c = 0; c < k; c++) clusterStart[st + c + 1] = clusterStart[st + c] + counts[c];
-    const fill = Int32Array.from(clusterStart.subarray(st, st + k));
-    for (let t = 0; t < P; t++) clusterTokens[g * P + fill[assign[t]]++] = t;
+    listClusters(assign, k, clusterStart.subarray(g * (k + 1), (g + 1) * (k + 1)), clusterTokens.subarray(g * P, (g + 1) * P));
+  }
+  return { clusters: k, centroids, clusterStart, clusterTokens };
+}
+
+/**
+ * k-means of n points [n, D] (a device tensor in a float dtype) with the distances on that device:
+ * per iteration one matmul of the points against the centroids (x·c - |c|²/2, argmax = the nearest
+ * centroid) and the new centroids as means on the host. For contexts where the host loop of
+ * `kmeans` (n·k·D per iteration in JavaScript) would take minutes. Points are scaled by their
+ * largest norm first, so half-precision products stay in range. Seeds: k distinct points drawn at
+ * random (k-means++ would cost the host loop it avoids). An emptied cluster keeps its centroid.
+ */
+export async function kmeansOnDevice(points: Tensor, k: number, iterations = 20, seed = 1): Promise<{ centroids: Float32Array; assign: Int32Array }> {
+  const [n, D] = points.shape;
+  if (!Number.isInteger(k) || k < 1 || k > n) throw new SqueezeError('ERR_ARG', `kmeansOnDevice: ${k} clusters for ${n} points`);
+  const device = points.device, dtype = points.dtype;
+  const host = await points.toFloat32();
+  let s = 0;
+  for (let i = 0; i < n; i++) {
+    let q = 0;
+    for (let d = 0; d < D; d++) q += host[i * D + d] * host[i * D + d];
+    s = Math.max(s, Math.sqrt(q));
+  }
+  if (!(s > 0)) s = 1;
+  const pn = host.map((x) => x / s);
+  const r = mulberry32(seed);
+  // k distinct seeds (a partial Fisher-Yates shuffle)
+  const order = Int32Array.from({ length: n }, (_, i) => i);
+  for (let i = 0; i < k; i++) {
+    const j = i + Math.floor(r() * (n - i));
+    [order[i], order[j]] = [order[j], order[i]];
+  }
+  const cen = new Float32Array(k * D);
+  for (let c = 0; c < k; c++) cen.set(pn.subarray(order[c] * D, order[c] * D + D), c * D);
+  const X = Tensor.from(pn, [n, D], { dtype, device });
+  const scores = Tensor.empty([n, k], { dtype, device }), idx = Tensor.empty([n], { dtype: 'i32', device });
+  let assign = new Int32Array(n).fill(-1);
+  const sums = new Float64Array(k * D), counts = new Int32Array(k);
+  try {
+    for (let it = 0; it < iterations; it++) {
+      const bias = new Float32Array(k);
+      for (let c = 0; c < k; c++) {
+        let q = 0;
+        for (let d = 0; d < D; d++) q += cen[c * D + d] * cen[c * D + d];
+        bias[c] = -0.5 * q;
+      }
+      const C = Tensor.from(cen, [k, D], { dtype, device }), B = Tensor.from(bias, [k], { dtype, device });
+      try {
+        matmul(scores, X, C, B);
+        argmax(idx, scores);
+        const next = Int32Array.from((await idx.toArray()) as Int32Array);
+        let changed = 0;
+        for (let i = 0; i < n; i++) if (next[i] !== assign[i]) changed++;
+        assign = next;
+        if (changed === 0) break;
+      } finally {
+        C.dispose();
+        B.dispose();
+      }
+      sums.fill(0);
+      counts.fill(0);
+      for (let i = 0; i < n; i++) {
+        const c = assign[i];
+        counts[c]++;
+        for (let d = 0; d < D; d++) sums[c * D + d] += pn[i * D + d];
+      }
+      for (let c = 0; c < k; c++) if (counts[c] > 0) for (let d = 0; d < D; d++) cen[c * D + d] = sums[c * D + d] / counts[c];
+    }
+  } finally {
+    X.dispose();
+    scores.dispose();
+    idx.dispose();
+  }
+  return { centroids: cen.map((x) => x * s), assign };
+}
+
+/** clusterKeys with the distances on the keys' device (kmeansOnDevice); keys [P * Hkv, D] token-major, any float dtype. */
+export async function clusterKeysOnDevice(keys: Tensor, P: number, Hkv: number, C: number, iterations = 20): Promise<ClusterIndex> {
+  const D = keys.shape[1];
+  if (keys.shape.length !== 2 || keys.shape[0] !== P * Hkv) throw new SqueezeError('ERR_SHAPE', `clusterKeysOnDevice: keys [${keys.shape}] for [${P} x ${Hkv}, D]`);
+  const k = Math.min(C, P);
+  const centroids = new Float32Array(Hkv * k * D), clusterStart = new Int32Array(Hkv * (k + 1)), clusterTokens = new Int32Array(Hkv * P);
+  const pts = Tensor.empty([P, D], { dtype: keys.dtype, device: keys.device });
+  try {
+    for (let g = 0; g < Hkv; g++) {
+      const rows = Tensor.from(Int32Array.from({ length: P }, (_, t) => t * Hkv + g), [P], { device: keys.device });
+      gatherRows(pts, keys, rows);
+      rows.dispose();
+      const { centroids: cg, assign } = await kmeansOnDevice(pts, k, iterations, 1 + g);
+      centroids.set(cg, g * k * D);
+      listClusters(assign, k, clusterStart.subarray(g * (k + 1), (g + 1) * (k + 1)), clusterTokens.subarray(g * P, (g + 1) * P));
+    }
+  } finally {
+    pts.dispose();
   }
   return { clusters: k, centroids, clusterStart, clusterTokens };
 }
