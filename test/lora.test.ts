@@ -206,6 +206,16 @@ describe('LoRA adapters on tiny-llama-gqa (CPU) against PEFT', () => {
       expect(res.map((r) => r.ids)).toEqual([one.a8, one.b16, one.a8]);
       expect(relErr(await m.logits(ids, { adapter: 'b16' }), refs.logits_b16)).toBeLessThan(2e-3);
       expect(relErr(await m.logits(ids, { adapter: 'a8' }), refs.logits_a8)).toBeLessThan(2e-3);
+      // a request waiting for a slot does not hold up the base model or a resident adapter
+      const order: string[] = [];
+      const run = async (tag: string, adapter: string | undefined, n: number) => {
+        for await (const _ of m.generate({ ids: prompt, maxTokens: n, temperature: 0, adapter })) void _;
+        order.push(tag);
+      };
+      await Promise.all([run('a8 long', 'a8', 30), run('b16', 'b16', 4), run('base', undefined, 4), run('a8 short', 'a8', 4)]);
+      expect(order.indexOf('base')).toBeLessThan(order.indexOf('a8 long'));
+      expect(order.indexOf('a8 short')).toBeLessThan(order.indexOf('a8 long'));
+      expect(order.indexOf('b16')).toBeGreaterThan(order.indexOf('a8 long'));
       // one logitsBatch needing two adapters at once cannot run with one slot
       await expect(m.logitsBatch([ids, ids], { adapters: ['a8', 'b16'] })).rejects.toMatchObject({ code: 'ERR_STATE' });
       expect(m.freeKvPages).toBe(m.kvPages);

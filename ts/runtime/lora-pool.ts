@@ -126,6 +126,11 @@ export class LoraPool {
     this.registry.delete(name);
   }
 
+  /** Whether adapter `name` is in a device slot now (acquire then copies nothing). */
+  isResident(name: string): boolean {
+    return this.resident.some((x) => x.name === name);
+  }
+
   /** Whether acquire(name) would succeed now (resident, or an idle slot to load it into). */
   canAcquire(name: string): boolean {
     return this.resident.some((x) => x.name === name || x.refs === 0);

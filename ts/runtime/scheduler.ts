@@ -304,21 +304,31 @@ export class Scheduler {
       }
       const cache = this.dec.cache;
       const admit: Req[] = [];
-      while (this.pending.length && this.active.length + admit.length < this.o.maxBatch) {
-        const r = this.pending[0];
+      // Requests are admitted in order, except that one waiting for an adapter slot (every slot
+      // pinned by other adapters' running requests) lets later requests for the base model or for a
+      // resident adapter go ahead; later requests for adapters not resident wait behind it.
+      let i = 0, slotWait = false;
+      while (i < this.pending.length && this.active.length + admit.length < this.o.maxBatch) {
+        const r = this.pending[i];
         // Wait for pages while others run; alone, a request that cannot fit fails. A cached prefix
         // lends its full pages.
         const prefix = this.prefixFor(r);
         const shared = prefix ? Math.floor(prefix.length / cache.pageSize) : 0;
         if (cache.pagesFor(r.prompt.length + 1) - shared > cache.freePages && (this.active.length || admit.length)) break;
-        // Its adapter needs a pool slot: wait while every slot is pinned by other adapters' requests.
-        if (r.adapter !== undefined && !this.dec.lora?.canAcquire(r.adapter)) {
-          if (this.active.length || admit.length) break;
-          this.pending.shift();
-          this.finish(r, 'error', new SqueezeError('ERR_STATE', `no adapter slot is free for '${r.adapter}'`));
-          continue;
+        if (r.adapter !== undefined) {
+          const pool = this.dec.lora;
+          if (!pool?.isResident(r.adapter) && (slotWait || !pool?.canAcquire(r.adapter))) {
+            if (this.active.length || admit.length) {
+              slotWait = true;
+              i++;
+              continue;
+            }
+            this.pending.splice(i, 1);
+            this.finish(r, 'error', new SqueezeError('ERR_STATE', `no adapter slot is free for '${r.adapter}'`));
+            continue;
+          }
         }
-        this.pending.shift();
+        this.pending.splice(i, 1);
         try {
           if (prefix) {
             r.seq = cache.fork(prefix.entry.seq, prefix.length);
