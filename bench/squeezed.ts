@@ -33,11 +33,12 @@ export async function benchSqueezed(ctx: BenchContext): Promise<BenchResult[]> {
       const pre = Tensor.from(new Int32Array(B).fill(P), [B], { device });
       const q = Tensor.empty([B, Hq, D], { dtype: 'f16', device }), o = Tensor.empty([B, Hq, D], { dtype: 'f16', device });
       fillRandom(q, 3);
-      const cen = Tensor.empty([H, C, D], { dtype: 'f32', device });
+      const cen = Tensor.empty([H * C * D], { dtype: 'f32', device });
       fillRandom(cen, 4);
       // cluster c holds tokens 16c .. 16c + 15 (a synthetic index: the op's cost does not depend on the grouping)
-      const cs = Tensor.from(Int32Array.from({ length: H * (C + 1) }, (_, i) => 16 * (i % (C + 1))), [H, C + 1], { device });
-      const ct = Tensor.from(Int32Array.from({ length: H * P }, (_, i) => i % P), [H, P], { device });
+      const cs = Tensor.from(Int32Array.from({ length: H * (C + 1) }, (_, i) => 16 * (i % (C + 1))), [H * (C + 1)], { device });
+      const ct = Tensor.from(Int32Array.from({ length: H * P }, (_, i) => i % P), [H * P], { device });
+      const cof = Tensor.from(new Int32Array(B), [B], { device });
       const wn = attentionWorkspaceSize(device, B, Hq, H, D, 1, L);
       const aw = wn > 0 ? Tensor.empty([wn], { dtype: 'f32', device }) : undefined;
       try {
@@ -46,7 +47,9 @@ export async function benchSqueezed(ctx: BenchContext): Promise<BenchResult[]> {
         out.push(row(ctx, 'squeezed', `dense B=${B} 32q/8kv x128 ctx ${L}`, base, { bytes: B * L * H * D * 2 * 2 }));
         for (const keep of [0.25, 0.125]) {
           const topC = Math.ceil(keep * C);
-          const t = await timeCuda({ device, iters, repeats, fn: (i) => squeezedAttention(o, q, ks[i % sets], vs[i % sets], pt, lens, 1 / Math.sqrt(D), pre, cen, cs, ct, topC) });
+          const table = Tensor.from(Int32Array.from([0, 0, 0, C, P, topC]), [1, 6], { device });
+          const t = await timeCuda({ device, iters, repeats, fn: (i) => squeezedAttention(o, q, ks[i % sets], vs[i % sets], pt, lens, 1 / Math.sqrt(D), pre, cof, table, cen, cs, ct, C) });
+          table.dispose();
           out.push(row(ctx, 'squeezed', `keep ${keep} B=${B} 32q/8kv x128 ctx ${P} + ${tail}`, t, {
             bytes: B * Hq * ((topC * 16 + tail) * D * 2 * 2 + C * D * 4),
             baseline: 'dense decode attention', base,
@@ -54,7 +57,7 @@ export async function benchSqueezed(ctx: BenchContext): Promise<BenchResult[]> {
           }));
         }
       } finally {
-        [...ks, ...vs, pt, lens, cu, pre, q, o, cen, cs, ct].forEach((x) => x.dispose());
+        [...ks, ...vs, pt, lens, cu, pre, cof, q, o, cen, cs, ct].forEach((x) => x.dispose());
         aw?.dispose();
       }
     }

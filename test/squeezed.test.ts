@@ -8,10 +8,16 @@ import * as ops from '../ts/ops';
 import { clusterKeys, clusterKeysOnDevice, kmeans, kmeansOnDevice } from '../ts/quant/squeezed';
 import { describeGpu, freshSeed, randn, relErr, rng } from './gpu';
 
+interface Ctx {
+  C: number; Pc: number; cen: Float32Array; cs: Int32Array; ct: Int32Array;
+}
+
 interface Case {
   B: number; Hq: number; Hkv: number; D: number; ps: number; maxPages: number; pages: number; C: number; Pc: number;
   q: Float32Array; k: Float32Array; v: Float32Array; pt: Int32Array; lens: Int32Array; pre: Int32Array;
   cen: Float32Array; cs: Int32Array; ct: Int32Array;
+  /** The contexts (the first is cen/cs/ct above) and each sequence's (-1: none; out of range: none). */
+  contexts: Ctx[]; cof: Int32Array;
 }
 
 /** Sequences over shuffled pages; each sequence's first Pc tokens are the clustered context (or not: prefix 0). */
@@ -33,14 +39,20 @@ function makeCase(seed: number, B: number, Hq: number, Hkv: number, D: number, P
   // sequences b > 0 read their own pages, so give them the first one's context page table prefix
   for (let b = 1; b < B; b++) for (let j = 0; j < Math.ceil(Pc / ps) - (Pc % ps ? 1 : 0); j++) pt[b * maxPages + j] = pt[j];
   const pre = Int32Array.from({ length: B }, (_, b) => (b === B - 1 ? 0 : b === 1 ? Pc + 1000 : Pc));  // dense row; a prefix past the length (clamped)
-  return { B, Hq, Hkv, D, ps, maxPages, pages, C: idx.clusters, Pc, q, k, v, pt, lens, pre, cen: idx.centroids, cs: idx.clusterStart, ct: idx.clusterTokens };
+  const ctx0 = { C: idx.clusters, Pc, cen: idx.centroids, cs: idx.clusterStart, ct: idx.clusterTokens };
+  return { B, Hq, Hkv, D, ps, maxPages, pages, C: idx.clusters, Pc, q, k, v, pt, lens, pre, cen: ctx0.cen, cs: ctx0.cs, ct: ctx0.ct,
+    contexts: [ctx0], cof: new Int32Array(B) };
 }
 
-/** The op's definition, in float64. */
-function reference(c: Case, topC: number, scale: number): Float64Array {
-  const out = new Float64Array(c.B * c.Hq * c.D), G = c.Hq / c.Hkv;
-  for (let b = 0; b < c.B; b++) for (let h = 0; h < c.Hq; h++) {
-    const g = Math.floor(h / G), len = c.lens[b], P = Math.min(Math.max(0, c.pre[b]), len);
+/** The op's definition, in float64 (tops: clusters attended per context). */
+function reference(c0: Case, tops: number | number[], scale: number): Float64Array {
+  const out = new Float64Array(c0.B * c0.Hq * c0.D), G = c0.Hq / c0.Hkv;
+  for (let b = 0; b < c0.B; b++) for (let h = 0; h < c0.Hq; h++) {
+    const n = c0.cof[b], x = c0.contexts[n];
+    const topC = typeof tops === 'number' ? tops : tops[n];
+    // (a sequence without a valid context attends densely)
+    const c = { ...c0, ...(x ?? { C: 0, Pc: 0 }) } as Case;
+    const g = Math.floor(h / G), len = c.lens[b], P = x ? Math.min(Math.max(0, c.pre[b]), len) : 0;
     const qo = (b * c.Hq + h) * c.D;
     const vis: number[] = [];
     if (P > 0) {
@@ -72,13 +84,40 @@ function reference(c: Case, topC: number, scale: number): Float64Array {
   return out;
 }
 
-function run(c: Case, topC: number, scale: number, dtype: DType = 'f32', device = 'cpu'): Promise<Float32Array> {
+/** The contexts as the op takes them: the table and the three flat arrays. */
+function pack(contexts: Ctx[], tops: number[]) {
+  const table: number[] = [];
+  let cen = 0, start = 0, tok = 0;
+  for (const [n, x] of contexts.entries()) {
+    table.push(cen, start, tok, x.C, x.Pc, tops[n]);
+    cen += x.cen.length;
+    start += x.cs.length;
+    tok += x.ct.length;
+  }
+  const cat = <T extends Float32Array | Int32Array>(parts: T[], make: (n: number) => T) => {
+    const o = make(parts.reduce((a, p) => a + p.length, 0));
+    let at = 0;
+    for (const p of parts) {
+      o.set(p as never, at);
+      at += p.length;
+    }
+    return o;
+  };
+  return {
+    table: Int32Array.from(table), cen: cat(contexts.map((x) => x.cen), (n) => new Float32Array(n)),
+    cs: cat(contexts.map((x) => x.cs), (n) => new Int32Array(n)), ct: cat(contexts.map((x) => x.ct), (n) => new Int32Array(n)),
+  };
+}
+
+function run(c: Case, tops: number | number[], scale: number, dtype: DType = 'f32', device = 'cpu'): Promise<Float32Array> {
   const f = (a: Float32Array, shape: number[], dt: DType = dtype) => Tensor.from(a, shape, { dtype: dt, device });
   const i = (a: Int32Array, shape: number[]) => Tensor.from(a, shape, { device });
+  const t = typeof tops === 'number' ? c.contexts.map(() => tops) : tops;
+  const pk = pack(c.contexts, t);
   const out = Tensor.from(new Float32Array(c.B * c.Hq * c.D).fill(NaN), [c.B, c.Hq, c.D], { dtype, device });
   ops.squeezedAttention(out, f(c.q, [c.B, c.Hq, c.D]), f(c.k, [c.pages, c.ps, c.Hkv, c.D]), f(c.v, [c.pages, c.ps, c.Hkv, c.D]),
-    i(c.pt, [c.B, c.maxPages]), i(c.lens, [c.B]), scale, i(c.pre, [c.B]), f(c.cen, [c.Hkv, c.C, c.D], 'f32'),
-    i(c.cs, [c.Hkv, c.C + 1]), i(c.ct, [c.Hkv, c.Pc]), topC);
+    i(c.pt, [c.B, c.maxPages]), i(c.lens, [c.B]), scale, i(c.pre, [c.B]), i(c.cof, [c.B]), i(pk.table, [c.contexts.length, 6]),
+    f(pk.cen, [pk.cen.length], 'f32'), i(pk.cs, [pk.cs.length]), i(pk.ct, [pk.ct.length]), Math.max(...c.contexts.map((x) => x.C)));
   return out.toFloat32();
 }
 
@@ -182,21 +221,55 @@ describe('squeezedAttention (CPU)', () => {
     const c = makeCase(9, 2, 4, 2, 8, 10, 3, [2]);
     const f = (a: Float32Array, shape: number[]) => Tensor.from(a, shape, {});
     const i = (a: Int32Array, shape: number[]) => Tensor.from(a, shape, {});
+    const pk = pack(c.contexts, [2]);
     const args = () => [f(new Float32Array(c.B * c.Hq * c.D), [c.B, c.Hq, c.D]), f(c.q, [c.B, c.Hq, c.D]), f(c.k, [c.pages, c.ps, c.Hkv, c.D]),
-      f(c.v, [c.pages, c.ps, c.Hkv, c.D]), i(c.pt, [c.B, c.maxPages]), i(c.lens, [c.B]), 0.3, i(c.pre, [c.B]), f(c.cen, [c.Hkv, c.C, c.D]),
-      i(c.cs, [c.Hkv, c.C + 1]), i(c.ct, [c.Hkv, c.Pc]), 2] as Parameters<typeof ops.squeezedAttention>;
+      f(c.v, [c.pages, c.ps, c.Hkv, c.D]), i(c.pt, [c.B, c.maxPages]), i(c.lens, [c.B]), 0.3, i(c.pre, [c.B]), i(c.cof, [c.B]),
+      i(pk.table, [1, 6]), f(pk.cen, [pk.cen.length]), i(pk.cs, [pk.cs.length]), i(pk.ct, [pk.ct.length]), c.C] as Parameters<typeof ops.squeezedAttention>;
     const call = (mod: (a: Parameters<typeof ops.squeezedAttention>) => void) => {
       const a = args();
       mod(a);
       return () => ops.squeezedAttention(...a);
     };
     expect(call(() => undefined)).not.toThrow();
-    expect(call((a) => (a[8] = f(new Float32Array(c.Hkv * c.C * 4), [c.Hkv, c.C, 4])))).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
-    expect(call((a) => (a[9] = i(new Int32Array(c.Hkv * c.C), [c.Hkv, c.C])))).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+    expect(call((a) => (a[9] = i(pk.table, [2, 3])))).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+    expect(call((a) => (a[8] = i(new Int32Array(1), [1])))).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
     expect(call((a) => (a[7] = i(new Int32Array(1), [1])))).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
-    expect(call((a) => (a[11] = -1))).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+    expect(call((a) => (a[10] = f(pk.cen, [1, pk.cen.length])))).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+    expect(call((a) => (a[13] = 0))).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
     expect(call((a) => (a[6] = 0))).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
-    expect(call((a) => (a[8] = Tensor.from(c.cen, [c.Hkv, c.C, c.D], { dtype: 'f16' })))).toThrow(expect.objectContaining({ code: 'ERR_DTYPE' }));
+    expect(call((a) => (a[10] = Tensor.from(pk.cen, [pk.cen.length], { dtype: 'f16' })))).toThrow(expect.objectContaining({ code: 'ERR_DTYPE' }));
+  });
+
+  test('several contexts in one call; a bad or missing context attends densely', async () => {
+    const seed = freshSeed();
+    const c = makeCase(seed, 5, 4, 2, 24, 48, 8, [6, 3, 9, 2, 5]);
+    // a second context over the first 30 tokens of the same pages, clustered differently
+    const keys = new Float32Array(30 * c.Hkv * c.D);
+    for (let t = 0; t < 30; t++) for (let g = 0; g < c.Hkv; g++) {
+      const page = c.pt[Math.floor(t / c.ps)];
+      keys.set(c.k.subarray(((page * c.ps + (t % c.ps)) * c.Hkv + g) * c.D, ((page * c.ps + (t % c.ps)) * c.Hkv + g + 1) * c.D), (t * c.Hkv + g) * c.D);
+    }
+    const i2 = clusterKeys(keys, 30, c.Hkv, c.D, 5, 8);
+    c.contexts.push({ C: i2.clusters, Pc: 30, cen: i2.centroids, cs: i2.clusterStart, ct: i2.clusterTokens });
+    c.cof = Int32Array.from([0, 1, 7, -1, 1]);  // 7: no such context
+    c.pre = Int32Array.from([48, 30, 48, 48, 30]);
+    for (const tops of [[3, 2], [8, 5], [1, 1]]) {
+      const got = await run(c, tops, 0.3), want = reference(c, tops, 0.3);
+      expect({ seed, tops, ok: relErr(got, want) < 1e-5 }).toEqual({ seed, tops, ok: true });
+    }
+    // a context whose entry does not fit the arrays is ignored (dense), never read past
+    const pk = pack(c.contexts, [3, 2]);
+    pk.table[6 + 2] = 1 << 28;  // context 1's token offset far past the list
+    const f = (a: Float32Array, shape: number[]) => Tensor.from(a, shape, {});
+    const t = (a: Int32Array, shape: number[]) => Tensor.from(a, shape, {});
+    const out = Tensor.empty([c.B, c.Hq, c.D], { dtype: 'f32' });
+    ops.squeezedAttention(out, f(c.q, [c.B, c.Hq, c.D]), f(c.k, [c.pages, c.ps, c.Hkv, c.D]), f(c.v, [c.pages, c.ps, c.Hkv, c.D]),
+      t(c.pt, [c.B, c.maxPages]), t(c.lens, [c.B]), 0.3, t(c.pre, [c.B]), t(c.cof, [c.B]), t(pk.table, [2, 6]), f(pk.cen, [pk.cen.length]),
+      t(pk.cs, [pk.cs.length]), t(pk.ct, [pk.ct.length]), 8);
+    const dense = reference({ ...c, cof: Int32Array.from([0, -1, -1, -1, -1]) }, [3, 2], 0.3);
+    const got = await out.toFloat32();
+    const rows = (a: ArrayLike<number>, b: number) => Array.from({ length: c.Hq * c.D }, (_, j) => a[b * c.Hq * c.D + j]);
+    expect(relErr(rows(got, 1), rows(dense, 1))).toBeLessThan(1e-5);
   });
 });
 

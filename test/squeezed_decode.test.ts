@@ -72,23 +72,32 @@ describe('Squeezed Attention over a cached prefix (pycoder-mini, CPU)', () => {
     expect(one).toBeGreaterThan(half);
   });
 
-  test('one squeezed context at a time; disposing it mid-generation leaves requests correct; refusals', async () => {
-    const sq = await model.cachePrefix(windows[1].subarray(0, P), { squeeze: { keep: 0.5 } });
-    expect(sq.clusters).toBe(24);  // one per 16 tokens by default
-    expect(sq.topClusters).toBe(12);
-    await expect(model.cachePrefix(windows[0].subarray(0, P), { squeeze: {} })).rejects.toMatchObject({ code: 'ERR_STATE' });
-    const running = model.generateBatch([{ ids: windows[1].subarray(0, P + 8), maxTokens: 24, temperature: 0 }]);
-    sq.dispose();
+  test('several squeezed contexts at once, each request on its own; disposal mid-generation leaves requests correct; refusals', async () => {
+    const prompts = [Array.from(windows[0].subarray(0, P + 12)), Array.from(windows[1].subarray(0, P + 12))];
+    const d0 = await model.cachePrefix(windows[0].subarray(0, P)), d1 = await model.cachePrefix(windows[1].subarray(0, P));
+    const want = await greedy(prompts);
+    d0.dispose();
+    d1.dispose();
+    const s0 = await model.cachePrefix(windows[0].subarray(0, P), { squeeze: { keep: 1 } });
+    const s1 = await model.cachePrefix(windows[1].subarray(0, P), { squeeze: { keep: 1, clusters: 12 } });
+    expect(s0.clusters).toBe(24);  // one per 16 tokens by default
+    expect([s0.topClusters, s1.topClusters]).toEqual([24, 12]);
+    const hits = model.stats.prefixHits;
+    expect(await greedy(prompts)).toEqual(want);  // one batch, two contexts, every cluster kept: dense
+    expect(model.stats.prefixHits - hits).toBe(2);
+    const running = model.generateBatch([{ ids: prompts[1], maxTokens: 24, temperature: 0 }]);
+    s1.dispose();
     const [r] = await running;
     expect(r.finishReason).toBe('length');
     expect(r.ids).toHaveLength(24);
-    expect(model.graphs).toBe(false);  // the CPU never has graphs; on CUDA the setting comes back
+    expect(await greedy([prompts[0]])).toEqual([want[0]]);  // the other context goes on
+    s0.dispose();
     expect(model.freeKvPages).toBe(model.kvPages);
     await expect(model.cachePrefix([1, 2, 3], { squeeze: { keep: 0 } })).rejects.toMatchObject({ code: 'ERR_ARG' });
     await expect(model.cachePrefix([1, 2, 3], { squeeze: { clusters: 0 } })).rejects.toMatchObject({ code: 'ERR_ARG' });
     await expect(model.cachePrefix([1, 2, 3], { squeeze: { iterations: 1.5 } })).rejects.toMatchObject({ code: 'ERR_ARG' });
     await expect(model.cachePrefix([1, 2, 3], { squeeze: { kmeans: 'gpu' as 'device' } })).rejects.toMatchObject({ code: 'ERR_ARG' });
-    await expect(model.prefixNll(sq, windows)).rejects.toMatchObject({ code: 'ERR_ARG' });
+    await expect(model.prefixNll(s0, windows)).rejects.toMatchObject({ code: 'ERR_ARG' });
     expect(model.freeKvPages).toBe(model.kvPages);
   });
 });

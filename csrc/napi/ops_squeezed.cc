@@ -12,21 +12,24 @@
 namespace sqz::napi {
 
 // squeezedAttention(out[B,Hq,D], q[B,Hq,D], kCache, vCache [pages,pageSize,Hkv,D], pageTable i32[B,maxPages],
-//   seqLens i32[B], scale, prefixLens i32[B], centroids f32[Hkv,C,D], clusterStart i32[Hkv,C+1],
-//   clusterTokens i32[Hkv,Pc], topC)
+//   seqLens i32[B], scale, prefixLens i32[B], contextOf i32[B], contexts i32[N,6], centroids f32[*],
+//   clusterStart i32[*], clusterTokens i32[*], maxClusters) -- the context table of
+//   kernels/sparse_attn/squeezed_layout.h.
 SQZ_OP(squeezedAttention) {
   Args a(info, "squeezedAttention");
   Tensor out = a.tensor(0, "out"), q = a.tensor(1, "q"), kc = a.tensor(2, "kCache"), vc = a.tensor(3, "vCache"),
          pt = a.tensor(4, "pageTable"), lens = a.tensor(5, "seqLens");
   const double scale = a.number(6, "scale");
-  Tensor pre = a.tensor(7, "prefixLens"), cen = a.tensor(8, "centroids"), cs = a.tensor(9, "clusterStart"), ct = a.tensor(10, "clusterTokens");
-  const int64_t top_c = a.integer(11, "topC");
+  Tensor pre = a.tensor(7, "prefixLens"), cof = a.tensor(8, "contextOf"), tab = a.tensor(9, "contexts"), cen = a.tensor(10, "centroids"),
+         cs = a.tensor(11, "clusterStart"), ct = a.tensor(12, "clusterTokens");
+  const int64_t max_clusters = a.integer(13, "maxClusters");
   for (auto [t, n] : {std::pair{&out, "out"}, {&q, "q"}, {&kc, "kCache"}, {&vc, "vCache"}}) a.dtype_in(*t, n, {DType::F32, DType::F16, DType::BF16});
-  for (auto [t, n] : {std::pair{&pt, "pageTable"}, {&lens, "seqLens"}, {&pre, "prefixLens"}, {&cs, "clusterStart"}, {&ct, "clusterTokens"}})
+  for (auto [t, n] : {std::pair{&pt, "pageTable"}, {&lens, "seqLens"}, {&pre, "prefixLens"}, {&cof, "contextOf"}, {&tab, "contexts"},
+                      {&cs, "clusterStart"}, {&ct, "clusterTokens"}})
     a.dtype_in(*t, n, {DType::I32});
   a.dtype_in(cen, "centroids", {DType::F32});
   a.same_device({{&out, "out"}, {&q, "q"}, {&kc, "kCache"}, {&vc, "vCache"}, {&pt, "pageTable"}, {&lens, "seqLens"}, {&pre, "prefixLens"},
-                 {&cen, "centroids"}, {&cs, "clusterStart"}, {&ct, "clusterTokens"}});
+                 {&cof, "contextOf"}, {&tab, "contexts"}, {&cen, "centroids"}, {&cs, "clusterStart"}, {&ct, "clusterTokens"}});
   a.ndim(q, "q", 3);
   a.ndim(kc, "kCache", 4);
   a.shape_is(out, "out", q.shape);
@@ -38,26 +41,25 @@ SQZ_OP(squeezedAttention) {
   a.shape_is(pt, "pageTable", {B, -1});
   a.shape_is(lens, "seqLens", {B});
   a.shape_is(pre, "prefixLens", {B});
-  a.ndim(cen, "centroids", 3);
-  a.shape_is(cen, "centroids", {Hkv, -1, D});
-  const int64_t C = cen.dim(1);
-  a.shape_is(cs, "clusterStart", {Hkv, C + 1});
-  a.ndim(ct, "clusterTokens", 2);
-  a.shape_is(ct, "clusterTokens", {Hkv, -1});
+  a.shape_is(cof, "contextOf", {B});
+  a.ndim(tab, "contexts", 2);
+  a.shape_is(tab, "contexts", {-1, 6});
+  for (auto [t, n] : {std::pair{&cen, "centroids"}, {&cs, "clusterStart"}, {&ct, "clusterTokens"}}) a.ndim(*t, n, 1);
   if (!(scale > 0) || !std::isfinite(scale)) a.error("ERR_ARG", "scale must be a finite number > 0");
-  if (top_c < 0) a.error("ERR_ARG", "topC must be >= 0");
+  if (max_clusters < 1) a.error("ERR_ARG", "maxClusters must be >= 1");
   if (out.device.is_cuda()) {
     for (auto [t, n] : {std::pair{&out, "out"}, {&kc, "kCache"}, {&vc, "vCache"}})
       if (t->dtype != q.dtype) a.error("ERR_DTYPE", std::string("on CUDA ") + n + " must have q's dtype (" + dtype_name(q.dtype) + ")");
 #ifdef SQUEEZELM_WITH_CUDA
     if (D > 256) a.error("ERR_UNSUPPORTED", "head_dim " + std::to_string(D) + " (at most 256 on CUDA)");
-    if (C > cuda::kSqueezedMaxClusters) a.error("ERR_UNSUPPORTED", std::to_string(C) + " clusters per kv head (at most " + std::to_string(cuda::kSqueezedMaxClusters) + " on CUDA)");
+    if (max_clusters > cuda::kSqueezedMaxClusters)
+      a.error("ERR_UNSUPPORTED", std::to_string(max_clusters) + " clusters per kv head (at most " + std::to_string(cuda::kSqueezedMaxClusters) + " on CUDA)");
 #endif
   }
   const float sc = (float)scale;
-  const int tc = (int)std::min<int64_t>(top_c, 1 << 30);
-  dispatch(out.device, "squeezedAttention", [=] { cpu::squeezed_attention(out, q, kc, vc, pt, lens, sc, pre, cen, cs, ct, tc); },
-           [&](int dev) { CUDA_ONLY(cuda::squeezed_attention(out, q, kc, vc, pt, lens, sc, pre, cen, cs, ct, tc, cuda_stream(dev))); });
+  const int mc = (int)std::min<int64_t>(max_clusters, 1 << 30);
+  dispatch(out.device, "squeezedAttention", [=] { cpu::squeezed_attention(out, q, kc, vc, pt, lens, sc, pre, cof, tab, cen, cs, ct, mc); },
+           [&](int dev) { CUDA_ONLY(cuda::squeezed_attention(out, q, kc, vc, pt, lens, sc, pre, cof, tab, cen, cs, ct, mc, cuda_stream(dev))); });
   return a.env().Undefined();
 }
 

@@ -55,6 +55,7 @@ static void lora_case(std::mt19937& r, int T, int K, int N) {
 
 static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc, int C, int topC, std::initializer_list<int> splits = {3}) {
   std::normal_distribution<float> nd;
+  const int top2 = topC / 2 + 1;  // the second context's clusters attended
   const int ps = 8, tail = 37, L = Pc + tail, maxp = (L + ps - 1) / ps, pages = B * maxp, G = Hq / Hkv;
   std::vector<float> q(B * Hq * D), k((size_t)pages * ps * Hkv * D), v(k.size()), cen((size_t)Hkv * C * D);
   for (auto* a : {&q, &k, &v, &cen}) for (auto& e : *a) e = nd(r);
@@ -80,7 +81,7 @@ static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc
   std::vector<double> want((size_t)B * Hq * D, 0.0);
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < Hq; ++h) {
-      const int g = h / G, len = lens[b], P = std::min(pre[b], len);
+      const int g = h / G, len = lens[b], P = std::min(pre[b], len), top = b % 2 ? top2 : topC;
       std::vector<int> vis;
       if (P > 0) {
         std::vector<std::pair<double, int>> sc(C);
@@ -90,7 +91,7 @@ static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc
           sc[c] = {-s, c};
         }
         std::sort(sc.begin(), sc.end());
-        for (int i = 0; i < std::min(topC, C); ++i) {
+        for (int i = 0; i < std::min(top, C); ++i) {
           const int c = sc[i].second;
           for (int e = cs[g * (C + 1) + c]; e < cs[g * (C + 1) + c + 1]; ++e) if (ct[g * Pc + e] < P) vis.push_back(ct[g * Pc + e]);
         }
@@ -114,15 +115,20 @@ static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc
     }
   using namespace sqz::cuda::squeezed_kernels;
   Args a{};
+  // two contexts over the same arrays, attending topC and topC / 2 + 1 clusters; odd sequences take
+  // the second, the last one no prefix (dense)
+  const int table[12] = {0, 0, 0, C, Pc, topC, 0, 0, 0, C, Pc, top2};
+  std::vector<int> cof(B);
+  for (int b = 0; b < B; ++b) cof[b] = b % 2;
   a.pt = pt.data(); a.lens = lens.data(); a.pre = pre.data(); a.cen = cen.data(); a.cs = cs.data(); a.ct = ct.data();
-  a.pages = pages; a.ps = ps; a.Hkv = Hkv; a.maxp = maxp; a.C = C; a.Pc = Pc; a.G = G; a.Hq = Hq; a.D = D;
-  a.Cpad = 1;
-  while (a.Cpad < C) a.Cpad <<= 1;
-  a.top_c = topC;
+  a.cof = cof.data(); a.table = table; a.n_contexts = 2;
+  a.cen_len = (int64_t)cen.size(); a.cs_len = (int64_t)cs.size(); a.ct_len = (int64_t)ct.size();
+  a.pages = pages; a.ps = ps; a.Hkv = Hkv; a.maxp = maxp; a.G = G; a.Hq = Hq; a.D = D;
+  a.max_clusters = C;
   a.scale = scale;
   for (const int S : splits) {
     a.S = S;
-    std::vector<unsigned char> flags((size_t)B * Hq * C, 7);  // poisoned: select must write every flag it reads
+    std::vector<unsigned char> flags((size_t)B * Hq * a.max_clusters, 7);  // poisoned: select must write every flag it reads
     std::vector<float> part((size_t)B * Hq * S * (D + 2), NAN);
     a.flags = flags.data();
     a.part = part.data();

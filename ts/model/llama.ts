@@ -92,6 +92,8 @@ export class Workspace {
   readonly loraSlots: Tensor;
   /** Each sequence's squeezed-context length (0: none; Squeezed Attention in decode passes). */
   readonly prefixLens: Tensor;
+  /** Each sequence's squeezed context (its row in the decoder's context table; -1: none). */
+  readonly contextOf: Tensor;
   /** Whether the pass written last has a sequence on a squeezed context. */
   squeezed = false;
   // Activations.
@@ -141,6 +143,7 @@ export class Workspace {
       this.slots = mk([B], 'i32');
       this.loraSlots = mk([T], 'i32');
       this.prefixLens = mk([B], 'i32');
+      this.contextOf = mk([B], 'i32');
       this.x = mk([T, H]);
       this.h = mk([T, H]);
       this.qkv = mk([T, (Hq + 2 * Hkv) * D]);
@@ -192,16 +195,28 @@ export interface PassInputs {
   loraSlots: Int32Array;
   /** Each sequence's squeezed-context length (0: none). */
   prefixLens: Int32Array;
+  /** Each sequence's squeezed context (-1: none). */
+  contextOf: Int32Array;
 }
 
 /**
- * A squeezed context (Squeezed Attention): the cluster index of its keys per layer, and how many
+ * A squeezed context (Squeezed Attention): the cluster index of its keys per layer (device tensors,
+ * centroids [Hkv, C, D] f32, clusterStart [Hkv, C + 1], clusterTokens [Hkv, P]), and how many
  * clusters a decode query attends to. Sequences bound to it (bindSqueezed) decode over its clusters.
  */
 export interface SqueezedContext {
   length: number;
+  clusters: number;
   topClusters: number;
   layers: Array<{ centroids: Tensor; clusterStart: Tensor; clusterTokens: Tensor }>;
+}
+
+/** The decoder's squeezed contexts as the op reads them: one table and, per layer, three flat arrays. */
+interface SqueezedSet {
+  contexts: SqueezedContext[];
+  table: Tensor;
+  layers: Array<{ centroids: Tensor; clusterStart: Tensor; clusterTokens: Tensor }>;
+  maxClusters: number;
 }
 
 export class Decoder {
@@ -221,9 +236,9 @@ export class Decoder {
   /** LoRA adapters (absent: none can be used); each sequence's adapter slot is bound with bindAdapter. */
   lora?: LoraPool;
   private readonly seqAdapter = new Map<number, number>();
-  /** The squeezed context decode passes use, if any (one at a time). */
-  squeeze?: SqueezedContext;
-  private readonly seqSqueezed = new Map<number, number>();
+  /** The squeezed contexts decode passes use, if any. */
+  private squeeze?: SqueezedSet;
+  private readonly seqSqueezed = new Map<number, { ctx: SqueezedContext; length: number }>();
 
   constructor(cfg: ModelConfig, w: ModelWeights, cache: KVCache, device: string, act: DType, attn?: AttentionStep) {
     this.cfg = cfg;
@@ -247,10 +262,69 @@ export class Decoder {
 
   /**
    * Decode passes of sequence `seq` attend sparsely to its first `length` tokens, which it shares with
-   * the squeezed context (at most the context's length; its own tokens from there on are attended densely).
+   * squeezed context `ctx` (at most the context's length; its own tokens from there on are attended
+   * densely). A context removed meanwhile leaves the sequence attending densely.
    */
-  bindSqueezed(seq: number, length: number): void {
-    this.seqSqueezed.set(seq, length);
+  bindSqueezed(seq: number, ctx: SqueezedContext, length: number): void {
+    this.seqSqueezed.set(seq, { ctx, length });
+  }
+
+  /** Squeezed contexts in use now. */
+  get squeezedContexts(): number {
+    return this.squeeze?.contexts.length ?? 0;
+  }
+
+  /** Adds (or with remove, takes out) a squeezed context: the table and flat arrays are rebuilt. */
+  addSqueezed(ctx: SqueezedContext): void {
+    this.rebuildSqueezed([...(this.squeeze?.contexts ?? []), ctx]);
+  }
+
+  removeSqueezed(ctx: SqueezedContext): void {
+    this.rebuildSqueezed((this.squeeze?.contexts ?? []).filter((c) => c !== ctx));
+  }
+
+  private rebuildSqueezed(contexts: SqueezedContext[]): void {
+    const old = this.squeeze;
+    let next: SqueezedSet | undefined;
+    if (contexts.length) {
+      const device = this.device, Hkv = this.cfg.numKvHeads, D = this.cfg.headDim;
+      const table = new Int32Array(6 * contexts.length);
+      let cen = 0, start = 0, tok = 0;
+      contexts.forEach((c, n) => {
+        table.set([cen, start, tok, c.clusters, c.length, c.topClusters], 6 * n);
+        cen += Hkv * c.clusters * D;
+        start += Hkv * (c.clusters + 1);
+        tok += Hkv * c.length;
+      });
+      const made: Tensor[] = [];
+      try {
+        const layers = this.cfg.numLayers ? Array.from({ length: this.cfg.numLayers }, (_, l) => {
+          const flat = (name: 'centroids' | 'clusterStart' | 'clusterTokens', n: number) => {
+            const t = Tensor.empty([n], { dtype: name === 'centroids' ? 'f32' : 'i32', device });
+            made.push(t);
+            let at = 0;
+            for (const c of contexts) {
+              const src = c.layers[l][name], dst = t.view(at, [src.numel]), from = src.view(0, [src.numel]);
+              ops.copy(dst, from);
+              dst.dispose();
+              from.dispose();
+              at += src.numel;
+            }
+            return t;
+          };
+          return { centroids: flat('centroids', cen), clusterStart: flat('clusterStart', start), clusterTokens: flat('clusterTokens', tok) };
+        }) : [];
+        const t = Tensor.from(table, [contexts.length, 6], { device });
+        made.push(t);
+        next = { contexts, table: t, layers, maxClusters: Math.max(...contexts.map((c) => c.clusters)) };
+      } catch (e) {
+        made.forEach((t) => t.dispose());
+        throw e;
+      }
+    }
+    this.squeeze = next;
+    // (dispose frees once the work queued on them is done)
+    if (old) [old.table, ...old.layers.flatMap((x) => [x.centroids, x.clusterStart, x.clusterTokens])].forEach((t) => t.dispose());
   }
 
   unbindSqueezed(seq: number): void {
@@ -298,6 +372,7 @@ export class Decoder {
     const ids = new Int32Array(T), positions = new Int32Array(T);
     const seqLens = new Int32Array(B), cuQ = new Int32Array(B + 1), lastIdx = new Int32Array(B);
     const pageTable = new Int32Array(B * P), slots = new Int32Array(B), loraSlots = new Int32Array(T).fill(-1), prefixLens = new Int32Array(B);
+    const contextOf = new Int32Array(B).fill(-1);
     let row = 0;
     for (let b = 0; b < B; b++) {
       const len = this.cache.length(seqs[b]);
@@ -310,13 +385,18 @@ export class Decoder {
       }
       row += n;
       seqLens[b] = len;
-      if (this.squeeze && this.seqSqueezed.has(seqs[b])) prefixLens[b] = Math.min(this.squeeze.length, this.seqSqueezed.get(seqs[b])!);
+      const sb = this.squeeze && this.seqSqueezed.get(seqs[b]);
+      const ci = sb ? this.squeeze!.contexts.indexOf(sb.ctx) : -1;
+      if (sb && ci >= 0) {
+        contextOf[b] = ci;
+        prefixLens[b] = Math.min(sb.ctx.length, sb.length);
+      }
       cuQ[b + 1] = row;
       lastIdx[b] = row - 1;
       this.cache.writePageTable(seqs[b], pageTable, b * P);
       slots[b] = this.cache.slot(seqs[b]);
     }
-    return { ids, positions, seqLens, cuQ, pageTable, lastIdx, slots, loraSlots, prefixLens };
+    return { ids, positions, seqLens, cuQ, pageTable, lastIdx, slots, loraSlots, prefixLens, contextOf };
   }
 
   /** Writes host inputs into a workspace (stream-ordered). */
@@ -328,7 +408,11 @@ export class Decoder {
     ws.pageTable.write(p.pageTable);
     if (ws.logitRows !== ws.T) ws.lastIdx.write(p.lastIdx);
     ws.squeezed = !!this.squeeze && p.prefixLens.some((x) => x > 0);
-    if (ws.squeezed) ws.prefixLens.write(p.prefixLens.length === ws.B ? p.prefixLens : Int32Array.from({ length: ws.B }, (_, i) => p.prefixLens[i] ?? 0));
+    if (ws.squeezed) {
+      const fit = (a: Int32Array, fill: number) => (a.length === ws.B ? a : Int32Array.from({ length: ws.B }, (_, i) => a[i] ?? fill));
+      ws.prefixLens.write(fit(p.prefixLens, 0));
+      ws.contextOf.write(fit(p.contextOf, -1));
+    }
     if (this.lora) {
       // rows past the pass's own (a workspace larger than the pass) use no adapter
       const rows = p.loraSlots.length === ws.T ? p.loraSlots : Int32Array.from({ length: ws.T }, (_, i) => (i < p.loraSlots.length ? p.loraSlots[i] : -1));
@@ -495,7 +579,7 @@ export class Decoder {
     if (sq && ws.squeezed && maxQ === 1 && ws.T === ws.B) {
       const c = sq.layers[l];
       ops.squeezedAttention(ws.att, ws.q3, this.cache.k[l], this.cache.v[l], ws.pageTable, ws.seqLens, this.scale, ws.prefixLens,
-        c.centroids, c.clusterStart, c.clusterTokens, sq.topClusters);
+        ws.contextOf, sq.table, c.centroids, c.clusterStart, c.clusterTokens, sq.maxClusters);
       return;
     }
     ops.attention(ws.att, ws.q3, this.cache.k[l], this.cache.v[l], ws.pageTable, ws.seqLens, ws.cuQ, this.scale,
@@ -522,5 +606,6 @@ export class Decoder {
     this.invFreq.dispose();
     this.attn?.dispose();
     this.lora?.dispose();
+    this.rebuildSqueezed([]);
   }
 }

@@ -112,6 +112,8 @@ export class Model {
   private disposed = false;
   private inflight = new Set<Promise<unknown>>();
   private prefixEntries = new WeakMap<CachedPrefix, PrefixEntry>();
+  /** The graphs setting before the first squeezed context turned graphs off. */
+  private graphsBeforeSqueeze = false;
 
   /** @internal use loadModel / createRandomModel */
   constructor(cfg: ModelConfig, tok: Tokenizer | undefined, device: string, act: DType, w: ModelWeights, o: LoadOptions,
@@ -285,7 +287,6 @@ export class Model {
     let clusters = 0, keep = 0.25, iterations = 20;
     if (sq !== undefined) {
       if (typeof sq !== 'object' || sq === null) throw new SqueezeError('ERR_ARG', 'cachePrefix: squeeze must be an object ({ clusters?, keep?, iterations? })');
-      if (this.decoder.squeeze) throw new SqueezeError('ERR_STATE', 'cachePrefix: a squeezed context exists already (one at a time); dispose it first');
       clusters = sq.clusters ?? Math.max(1, Math.round(ids.length / 16));
       if (!Number.isInteger(clusters) || clusters < 1) throw new SqueezeError('ERR_ARG', `cachePrefix: squeeze.clusters must be a positive integer, got ${sq.clusters}`);
       clusters = Math.min(clusters, ids.length);
@@ -315,7 +316,6 @@ export class Model {
     this.decoder.unbindAdapter(seq);
     if (slot !== undefined) this.decoder.lora!.release(slot);
     let squeezed: SqueezedContext | undefined;
-    const graphsBefore = this.scheduler.o.graphs;
     if (sq !== undefined) {
       try {
         const onDevice = sq.kmeans === 'device' || ((sq.kmeans ?? 'auto') === 'auto' && ids.length * clusters * this.config.headDim > 2e7);
@@ -324,14 +324,26 @@ export class Model {
         this.cache.free(seq);
         throw e;
       }
-      this.decoder.squeeze = squeezed;
+      try {
+        this.decoder.addSqueezed(squeezed);
+      } catch (e) {
+        this.cache.free(seq);
+        disposeSqueezed(squeezed);
+        throw e;
+      }
       // which attention a decode step runs now depends on its batch: no captured graphs meanwhile
-      this.scheduler.o.graphs = false;
+      if (this.decoder.squeezedContexts === 1) {
+        this.graphsBeforeSqueeze = this.scheduler.o.graphs;
+        this.scheduler.o.graphs = false;
+      }
     }
-    const entry: PrefixEntry = { seq, ids, adapter, squeezed: !!squeezed };
+    const entry: PrefixEntry = { seq, ids, adapter, squeezed };
     this.scheduler.addPrefix(entry);
     let disposed = false;
     const cache = this.cache, scheduler = this.scheduler, decoder = this.decoder;
+    const restoreGraphs = () => {
+      if (decoder.squeezedContexts === 0) scheduler.o.graphs = this.graphsBeforeSqueeze;
+    };
     const handle: CachedPrefix = {
       length: ids.length,
       adapter,
@@ -345,15 +357,11 @@ export class Model {
         disposed = true;
         scheduler.removePrefix(entry);
         cache.free(seq);  // requests forked from it keep the pages they share until they end
-        if (squeezed && decoder.squeeze === squeezed) {
+        if (squeezed) {
           // requests still running on it attend densely from their next step on (their pages are theirs)
-          decoder.squeeze = undefined;
-          scheduler.o.graphs = graphsBefore;
-          void synchronize(cache.k[0]?.device ?? 'cpu').then(() => squeezed!.layers.forEach((x) => {
-            x.centroids.dispose();
-            x.clusterStart.dispose();
-            x.clusterTokens.dispose();
-          }));
+          decoder.removeSqueezed(squeezed);
+          disposeSqueezed(squeezed);  // (freed once the work queued on it is done)
+          restoreGraphs();
         }
       },
     };
@@ -381,7 +389,7 @@ export class Model {
     try {
       for (let b = 0; b < B; b++) {
         ids.push(this.cache.fork(entry.seq, P));
-        if (entry.squeezed) this.decoder.bindSqueezed(ids[b], P);
+        if (entry.squeezed) this.decoder.bindSqueezed(ids[b], entry.squeezed, P);
       }
       ws = this.decoder.decodeWorkspace(B, L);
       for (let t = P; t < L - 1; t++) {
@@ -438,7 +446,7 @@ export class Model {
       idx.dispose();
       rows.dispose();
     }
-    return { length: P, topClusters, layers };
+    return { length: P, clusters: layers.length ? (layers[0].centroids.shape[1]) : clusters, topClusters, layers };
   }
 
   /** One prefill of `ids` into sequence `seq` (grown to them), nothing read back. */
@@ -728,4 +736,12 @@ export function describeModel(m: Model): Record<string, unknown> {
     kvCache: { bits: kv.bits, quantized: kv.quantized, bytesPerToken: kv.bytesPerToken },
     cpuThreads: os.cpus().length,
   };
+}
+
+function disposeSqueezed(c: SqueezedContext): void {
+  c.layers.forEach((x) => {
+    x.centroids.dispose();
+    x.clusterStart.dispose();
+    x.clusterTokens.dispose();
+  });
 }

@@ -11,7 +11,7 @@
  */
 import { SqueezeError, isSqueezeError } from '../errors';
 import { native, NativeGraph } from '../native';
-import { Decoder, Workspace } from '../model/llama';
+import { Decoder, SqueezedContext, Workspace } from '../model/llama';
 import { copy } from '../ops/basic';
 import { StreamDecoder, Tokenizer } from '../model/tokenizer';
 
@@ -100,8 +100,8 @@ export interface PrefixEntry {
   seq: number;
   ids: Int32Array;
   adapter?: string;
-  /** Requests forked from it decode with Squeezed Attention over it (the decoder's squeezed context). */
-  squeezed?: boolean;
+  /** Requests forked from it decode with Squeezed Attention over this context of the decoder. */
+  squeezed?: SqueezedContext;
 }
 
 export interface SchedulerOptions {
@@ -333,7 +333,7 @@ export class Scheduler {
           if (prefix) {
             r.seq = cache.fork(prefix.entry.seq, prefix.length);
             r.cached = prefix.length;
-            if (prefix.entry.squeezed) this.dec.bindSqueezed(r.seq, prefix.length);
+            if (prefix.entry.squeezed) this.dec.bindSqueezed(r.seq, prefix.entry.squeezed, prefix.length);
             this.stats.prefixHits++;
             this.stats.prefixTokens += r.cached;
           } else r.seq = cache.createSequence();

@@ -48,8 +48,9 @@ void* scratch(int dev, size_t bytes, cudaStream_t stream) {
 }  // namespace
 
 void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, const Tensor& vc, const Tensor& page_table,
-                        const Tensor& seq_lens, float scale, const Tensor& prefix_lens, const Tensor& centroids,
-                        const Tensor& cluster_start, const Tensor& cluster_tokens, int top_c, cudaStream_t s) {
+                        const Tensor& seq_lens, float scale, const Tensor& prefix_lens, const Tensor& context_of,
+                        const Tensor& contexts, const Tensor& centroids, const Tensor& cluster_start, const Tensor& cluster_tokens,
+                        int max_clusters, cudaStream_t s) {
   using namespace squeezed_kernels;
   Args a{};
   const int64_t B = q.dim(0);
@@ -59,30 +60,35 @@ void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, co
   a.ps = kc.dim(1);
   a.Hkv = kc.dim(2);
   a.maxp = page_table.dim(1);
-  a.C = centroids.dim(1);
-  a.Pc = cluster_tokens.dim(1);
   a.G = a.Hq / a.Hkv;
+  a.cof = context_of.ptr<int>();
+  a.table = contexts.ptr<int>();
+  a.n_contexts = contexts.dim(0);
+  a.cen_len = centroids.numel();
+  a.cs_len = cluster_start.numel();
+  a.ct_len = cluster_tokens.numel();
+  a.max_clusters = std::max(1, max_clusters);
   a.pt = page_table.ptr<int>();
   a.lens = seq_lens.ptr<int>();
   a.pre = prefix_lens.ptr<int>();
   a.cen = centroids.ptr<float>();
   a.cs = cluster_start.ptr<int>();
   a.ct = cluster_tokens.ptr<int>();
-  a.top_c = top_c;
   a.scale = scale;
-  a.Cpad = 1;
-  while (a.Cpad < a.C) a.Cpad <<= 1;
+  int Cpad = 1;
+  while (Cpad < a.max_clusters) Cpad <<= 1;
   if (B == 0 || a.Hq == 0) return;
   const int dev = q.device.index;
   // splits: about two blocks per SM over all (sequence, head) pairs, at most 32
   const int64_t rows = B * a.Hq;
   a.S = (int)std::min<int64_t>(32, std::max<int64_t>(1, (2 * (int64_t)sm_count(dev) + rows - 1) / rows));
-  const size_t flag_bytes = ((size_t)rows * (size_t)std::max<int64_t>(a.C, 1) + 15) / 16 * 16;
+  const size_t flag_bytes = ((size_t)rows * (size_t)a.max_clusters + 15) / 16 * 16;
   char* ws = static_cast<char*>(scratch(dev, flag_bytes + (size_t)rows * a.S * (a.D + 2) * sizeof(float), s));
   a.flags = reinterpret_cast<unsigned char*>(ws);
   a.part = reinterpret_cast<float*>(ws + flag_bytes);
-  const size_t sel_smem = ((size_t)a.D * 4 + (size_t)a.Cpad * 8 + 15) / 16 * 16;
-  const size_t att_smem = (std::max((size_t)a.D * 4 + (size_t)(a.C + 1) * 4 + (size_t)a.C, (size_t)kWarps * (a.D + 2) * 4) + 15) / 16 * 16;
+  const size_t sel_smem = ((size_t)a.D * 4 + (size_t)Cpad * 8 + 15) / 16 * 16;
+  const size_t att_smem =
+      (std::max((size_t)a.D * 4 + (size_t)(a.max_clusters + 1) * 4 + (size_t)a.max_clusters, (size_t)kWarps * (a.D + 2) * 4) + 15) / 16 * 16;
   dispatch_float(q.dtype, "squeezedAttention", [&](auto tv) {
     using T = decltype(tv);
     for (auto [kern, bytes] : {std::pair{(const void*)select_kernel<T>, sel_smem}, std::pair{(const void*)attend_kernel<T>, att_smem}})

@@ -10,6 +10,7 @@
 #include "kernels/common/dtype_cuda.cuh"
 #include "kernels/common/dynamic_smem.cuh"
 #include "squeezed.h"
+#include "squeezed_layout.h"
 
 namespace sqz::cuda::squeezed_kernels {
 
@@ -20,23 +21,27 @@ struct Args {
   const int* pt;
   const int* lens;
   const int* pre;
+  const int* cof;    // [B] each sequence's context (-1: none)
+  const int* table;  // [N, 6] the contexts (squeezed_layout.h)
   const float* cen;
   const int* cs;
   const int* ct;
+  int64_t n_contexts, cen_len, cs_len, ct_len;
   unsigned char* flags;  // [B, Hq, C]: the clusters each (sequence, query head) attends to
   float* part;           // [B, Hq, S, D + 2]: each split's unnormalised sums, then its maximum and sum
-  int64_t pages, ps, Hkv, maxp, C, Pc, G, Hq, D;
-  int Cpad, top_c, S;
+  int64_t pages, ps, Hkv, maxp, G, Hq, D;
+  int max_clusters, S;
   float scale;
 };
 
 // Whether (ka, ia) comes before (kb, ib): higher score first, ties to the lower cluster.
 __device__ __forceinline__ bool before(float ka, int ia, float kb, int ib) { return ka > kb || (ka == kb && ia < ib); }
 
-// The context length sequence b attends sparsely (0 .. its length) and its length.
-__device__ __forceinline__ void lengths(const Args& a, int64_t b, int64_t& len, int64_t& P) {
+// Sequence b's length, the part of it it attends sparsely (0: none) and its context.
+__device__ __forceinline__ void lengths(const Args& a, int64_t b, int64_t& len, int64_t& P, squeezed::Context& cx) {
   len = a.lens[b] > 0 ? a.lens[b] : 0;
-  P = (int64_t)a.pre[b] < 0 ? 0 : ((int64_t)a.pre[b] < len ? (int64_t)a.pre[b] : len);
+  const bool has = squeezed::context_at(a.table, a.n_contexts, a.cof[b], a.Hkv, a.D, a.cen_len, a.cs_len, a.ct_len, a.max_clusters, cx);
+  P = !has || (int64_t)a.pre[b] < 0 ? 0 : ((int64_t)a.pre[b] < len ? (int64_t)a.pre[b] : len);
 }
 
 template <class T>
@@ -53,16 +58,20 @@ __global__ void __launch_bounds__(kThreads) select_kernel(const T* __restrict__ 
   const int64_t h = blockIdx.x, b = blockIdx.y, g = h / a.G;
   const int tid = threadIdx.x;
   int64_t len, P;
-  lengths(a, b, len, P);
-  if (P == 0 || a.C == 0) return;  // block-uniform
+  squeezed::Context cx{};
+  lengths(a, b, len, P, cx);
+  if (P == 0) return;  // block-uniform
+  const int64_t C = cx.C;
+  int Cpad = 1;
+  while (Cpad < C) Cpad <<= 1;
   float* qf = reinterpret_cast<float*>(smem);      // [D]
   float* key = qf + a.D;                            // [Cpad]
-  int* idx = reinterpret_cast<int*>(key + a.Cpad);  // [Cpad]
+  int* idx = reinterpret_cast<int*>(key + Cpad);    // [Cpad]
   load_query(q, a, b, h, qf);
-  for (int i = tid; i < a.Cpad; i += kThreads) {
+  for (int i = tid; i < Cpad; i += kThreads) {
     float s = -INFINITY;
-    if (i < a.C) {
-      const float* c = a.cen + (g * a.C + i) * a.D;
+    if (i < C) {
+      const float* c = a.cen + cx.cen + (g * C + i) * a.D;
       s = 0.f;
       for (int64_t d = 0; d < a.D; ++d) s = fmaf(c[d], qf[d], s);
       if (s != s) s = -INFINITY;  // NaN sorts last
@@ -70,12 +79,12 @@ __global__ void __launch_bounds__(kThreads) select_kernel(const T* __restrict__ 
     key[i] = s;
     idx[i] = i;
   }
-  unsigned char* flags = a.flags + (b * a.Hq + h) * a.C;
-  for (int64_t c = tid; c < a.C; c += kThreads) flags[c] = 0;
+  unsigned char* flags = a.flags + (b * a.Hq + h) * a.max_clusters;
+  for (int64_t c = tid; c < C; c += kThreads) flags[c] = 0;
   __syncthreads();
-  for (int k = 2; k <= a.Cpad; k <<= 1)
+  for (int k = 2; k <= Cpad; k <<= 1)
     for (int j = k >> 1; j > 0; j >>= 1) {
-      for (int i = tid; i < a.Cpad; i += kThreads) {
+      for (int i = tid; i < Cpad; i += kThreads) {
         const int ixj = i ^ j;
         if (ixj > i) {
           const bool up = (i & k) == 0;
@@ -89,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) select_kernel(const T* __restrict__ 
       }
       __syncthreads();
     }
-  const int64_t nkeep = (int64_t)a.top_c < a.C ? (int64_t)a.top_c : a.C;
+  const int64_t nkeep = cx.top < C ? cx.top : C;
   for (int i = tid; i < nkeep; i += kThreads) flags[idx[i]] = 1;  // padding sorts last: idx < C here
 }
 
@@ -106,29 +115,31 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const T* __restrict__ 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t gw = z * kWarps + warp, W = (int64_t)a.S * kWarps;
   int64_t len, P;
-  lengths(a, b, len, P);
+  squeezed::Context cx{};
+  lengths(a, b, len, P, cx);
+  const int64_t C = cx.C, Pc = cx.P;
   float* qf = reinterpret_cast<float*>(smem);                            // [D]
   int* start = reinterpret_cast<int*>(qf + a.D);                         // [C + 1]
-  unsigned char* keep = reinterpret_cast<unsigned char*>(start + a.C + 1);  // [C]
+  unsigned char* keep = reinterpret_cast<unsigned char*>(start + C + 1);  // [C]
   float* part = reinterpret_cast<float*>(smem);                          // reused at the end: [kWarps][D + 2]
   load_query(q, a, b, h, qf);
-  const bool sparse = P > 0 && a.C > 0;  // block-uniform
+  const bool sparse = P > 0;  // block-uniform
   if (sparse) {
-    const unsigned char* flags = a.flags + (b * a.Hq + h) * a.C;
-    for (int64_t c = tid; c < a.C; c += kThreads) keep[c] = flags[c];
-    for (int64_t c = tid; c <= a.C; c += kThreads) {
-      const int64_t v = a.cs[g * (a.C + 1) + c];
-      start[c] = (int)(v < 0 ? 0 : (v > a.Pc ? a.Pc : v));
+    const unsigned char* flags = a.flags + (b * a.Hq + h) * a.max_clusters;
+    for (int64_t c = tid; c < C; c += kThreads) keep[c] = flags[c];
+    for (int64_t c = tid; c <= C; c += kThreads) {
+      const int64_t v = a.cs[cx.start + g * (C + 1) + c];
+      start[c] = (int)(v < 0 ? 0 : (v > Pc ? Pc : v));
     }
     __syncthreads();
     // the starts as a running maximum (Hillis-Steele; a barrier between the reads and the writes)
-    for (int off = 1; off <= a.C; off <<= 1) {
+    for (int off = 1; off <= C; off <<= 1) {
       int v[(kSqueezedMaxClusters + 1 + kThreads - 1) / kThreads];
       int n = 0;
-      for (int64_t c = tid; c <= a.C; c += kThreads, ++n) v[n] = c >= off ? max(start[c], start[c - off]) : start[c];
+      for (int64_t c = tid; c <= C; c += kThreads, ++n) v[n] = c >= off ? max(start[c], start[c - off]) : start[c];
       __syncthreads();
       n = 0;
-      for (int64_t c = tid; c <= a.C; c += kThreads, ++n) start[c] = v[n];
+      for (int64_t c = tid; c <= C; c += kThreads, ++n) start[c] = v[n];
       __syncthreads();
     }
   }
@@ -179,13 +190,13 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const T* __restrict__ 
     }
   };
   if (sparse)
-    for (int64_t c = gw; c < a.C; c += W) {
+    for (int64_t c = gw; c < C; c += W) {
       if (!keep[c]) continue;
       for (int64_t i0 = start[c]; i0 < start[c + 1]; i0 += 32) {
         const int64_t i = i0 + lane;
         int64_t t = -1;
         if (i < start[c + 1]) {
-          const int64_t x = a.ct[g * a.Pc + i];
+          const int64_t x = a.ct[cx.tok + g * Pc + i];
           if (x >= 0 && x < P) t = x;
         }
         step(t);

@@ -10,7 +10,8 @@ namespace sqz::cuda {
 constexpr int kSqueezedMaxClusters = 4096;
 
 void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, const Tensor& vc, const Tensor& page_table,
-                        const Tensor& seq_lens, float scale, const Tensor& prefix_lens, const Tensor& centroids,
-                        const Tensor& cluster_start, const Tensor& cluster_tokens, int top_c, cudaStream_t s);
+                        const Tensor& seq_lens, float scale, const Tensor& prefix_lens, const Tensor& context_of,
+                        const Tensor& contexts, const Tensor& centroids, const Tensor& cluster_start, const Tensor& cluster_tokens,
+                        int max_clusters, cudaStream_t s);
 
 }  // namespace sqz::cuda
