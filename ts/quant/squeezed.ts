@@ -20,6 +20,19 @@ export interface ClusterIndex {
   clusterTokens: Int32Array;
 }
 
+/** Lloyd's update: each centroid to the mean of its points (an emptied cluster keeps its centroid). sums/counts: scratch. */
+function moveToMeans(points: Float32Array, D: number, assign: Int32Array, cen: Float32Array, sums: Float64Array, counts: Int32Array): void {
+  const k = counts.length;
+  sums.fill(0);
+  counts.fill(0);
+  for (let i = 0; i < assign.length; i++) {
+    const c = assign[i];
+    counts[c]++;
+    for (let d = 0; d < D; d++) sums[c * D + d] += points[i * D + d];
+  }
+  for (let c = 0; c < k; c++) if (counts[c] > 0) for (let d = 0; d < D; d++) cen[c * D + d] = sums[c * D + d] / counts[c];
+}
+
 /**
  * k-means of n points of dimension D (points [n * D]) into k clusters: k-means++ seeding, then up
  * to `iterations` Lloyd steps (stops when no assignment changes). An emptied cluster keeps its
@@ -78,14 +91,7 @@ export function kmeans(points: Float32Array, n: number, D: number, k: number, it
       }
     }
     if (changed === 0 && it > 0) break;
-    sums.fill(0);
-    counts.fill(0);
-    for (let i = 0; i < n; i++) {
-      const c = assign[i];
-      counts[c]++;
-      for (let d = 0; d < D; d++) sums[c * D + d] += points[i * D + d];
-    }
-    for (let c = 0; c < k; c++) if (counts[c] > 0) for (let d = 0; d < D; d++) cen[c * D + d] = sums[c * D + d] / counts[c];
+    moveToMeans(points, D, assign, cen, sums, counts);
   }
   return { centroids: cen, assign };
 }
@@ -173,14 +179,7 @@ export async function kmeansOnDevice(points: Tensor, k: number, iterations = 20,
         C.dispose();
         B.dispose();
       }
-      sums.fill(0);
-      counts.fill(0);
-      for (let i = 0; i < n; i++) {
-        const c = assign[i];
-        counts[c]++;
-        for (let d = 0; d < D; d++) sums[c * D + d] += pn[i * D + d];
-      }
-      for (let c = 0; c < k; c++) if (counts[c] > 0) for (let d = 0; d < D; d++) cen[c * D + d] = sums[c * D + d] / counts[c];
+      moveToMeans(pn, D, assign, cen, sums, counts);
     }
   } finally {
     X.dispose();
