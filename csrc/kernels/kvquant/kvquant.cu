@@ -15,6 +15,7 @@
 #include "core/cuda_stream.h"
 #include "core/error.h"
 #include "core/env.h"
+#include "kernels/common/grow_scratch.h"
 #include "kernels/common/launch_config.h"
 #include "kernels/common/pdl.cuh"
 #include "kernels/common/ptx.cuh"
@@ -358,31 +359,10 @@ __global__ void dequant_kernel(Geo g, int seq, T* __restrict__ ko, T* __restrict
   }
 }
 
-// Grow-only workspace for split partials, one per device (sized before graph capture by a
-// first call of the same shape).
-struct Workspace {
-  std::mutex mu;
-  void* ptr[64] = {};
-  size_t bytes[64] = {};
-};
-Workspace& workspace() {
-  static Workspace w;
-  return w;
-}
+// The split partials live in grow-only scratch (grow_scratch.h), sized before graph capture by a
+// first call of the same shape.
 float* partials(int dev, size_t bytes, cudaStream_t stream) {
-  Workspace& w = workspace();
-  std::lock_guard<std::mutex> lock(w.mu);
-  if (dev < 0 || dev >= 64) fail("ERR_DEVICE", "kvqAttention: device index out of range");
-  if (w.bytes[dev] < bytes) {
-    if (w.ptr[dev]) {
-      cuda_check(cudaStreamSynchronize(stream), "kvqAttention workspace");
-      cuda_free(dev, w.ptr[dev], w.bytes[dev]);
-    }
-    size_t nb = bytes + bytes / 2;
-    w.ptr[dev] = cuda_alloc(dev, nb);
-    w.bytes[dev] = nb;
-  }
-  return static_cast<float*>(w.ptr[dev]);
+  return static_cast<float*>(grow_scratch(Scratch::kKvqPartials, dev, bytes, stream, "kvqAttention workspace"));
 }
 
 namespace fast {

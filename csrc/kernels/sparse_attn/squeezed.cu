@@ -11,42 +11,15 @@
 // kernels outside their tensors. Not yet measured on a GPU; the kernels (squeezed.cuh) pass in the
 // tests' host emulator (test/emu).
 #include <algorithm>
-#include <mutex>
 #include <utility>
 
-#include "core/backend.h"
 #include "core/cuda_stream.h"
+#include "kernels/common/grow_scratch.h"
 #include "kernels/common/launch_config.h"
 #include "squeezed.cuh"
 #include "squeezed.h"
 
 namespace sqz::cuda {
-namespace {
-
-// Grow-only scratch of the flags and partials, one per device.
-struct Scratch {
-  std::mutex mu;
-  void* ptr[64] = {};
-  size_t bytes[64] = {};
-};
-void* scratch(int dev, size_t bytes, cudaStream_t stream) {
-  static Scratch w;
-  std::lock_guard<std::mutex> lock(w.mu);
-  if (dev < 0 || dev >= 64) fail("ERR_DEVICE", "squeezedAttention: device index out of range");
-  if (w.bytes[dev] < bytes) {
-    if (w.ptr[dev]) {
-      cuda_check(cudaStreamSynchronize(stream), "squeezedAttention scratch");
-      cuda_free(dev, w.ptr[dev], w.bytes[dev]);
-    }
-    const size_t nb = bytes + bytes / 2;
-    w.ptr[dev] = cuda_alloc(dev, nb);
-    w.bytes[dev] = nb;
-  }
-  return w.ptr[dev];
-}
-
-}  // namespace
-
 void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, const Tensor& vc, const Tensor& page_table,
                         const Tensor& seq_lens, float scale, const Tensor& prefix_lens, const Tensor& context_of,
                         const Tensor& contexts, const Tensor& centroids, const Tensor& cluster_start, const Tensor& cluster_tokens,
@@ -83,7 +56,8 @@ void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, co
   const int64_t rows = B * a.Hq;
   a.S = (int)std::min<int64_t>(32, std::max<int64_t>(1, (2 * (int64_t)sm_count(dev) + rows - 1) / rows));
   const size_t flag_bytes = ((size_t)rows * (size_t)a.max_clusters + 15) / 16 * 16;
-  char* ws = static_cast<char*>(scratch(dev, flag_bytes + (size_t)rows * a.S * (a.D + 2) * sizeof(float), s));
+  char* ws = static_cast<char*>(
+      grow_scratch(Scratch::kSqueezed, dev, flag_bytes + (size_t)rows * a.S * (a.D + 2) * sizeof(float), s, "squeezedAttention scratch"));
   a.flags = reinterpret_cast<unsigned char*>(ws);
   a.part = reinterpret_cast<float*>(ws + flag_bytes);
   const size_t sel_smem = ((size_t)a.D * 4 + (size_t)Cpad * 8 + 15) / 16 * 16;
