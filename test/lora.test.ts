@@ -280,6 +280,11 @@ describe('the adapter pool', () => {
       pool.release(sa);
       pool.unregister('c');
       expect(pool.residentNames()[sa]).toBeUndefined();
+      // the headers alone give the same ranks (what the CLI sizes a pool with)
+      const full = await readLoraAdapter(B16, cfg), shapes = await readLoraAdapter(B16, cfg, 'b', { weights: false });
+      expect(shapes.maxSiteRank).toBe(full.maxSiteRank);
+      expect(shapes.ranks).toEqual(full.ranks);
+      expect(shapes.bytes).toBe(0);
       const again = await readLoraAdapter(A8, cfg, 'a');
       expect(() => pool.register(again)).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
       expect(() => new LoraPool(cfg, 'cpu', 'f32', { maxAdapters: 0 })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));

@@ -180,7 +180,7 @@ async function loraFlags(f: Flags, cmd: string): Promise<{ lora?: { maxAdapters?
   if (maxRank === undefined) {
     const cfg = loadConfig(modelDir(f));
     maxRank = 0;
-    for (const a of adapters) maxRank = Math.max(maxRank, (await readLoraAdapter(a.dir, cfg)).maxSiteRank);
+    for (const a of adapters) maxRank = Math.max(maxRank, (await readLoraAdapter(a.dir, cfg, undefined, { weights: false })).maxSiteRank);
   }
   return { lora: { maxAdapters: slots, maxRank }, adapters };
 }

@@ -114,9 +114,12 @@ function toFloat32(dtype: string, data: ArrayBufferView, file: string, name: str
  * modules_to_save, embedding or lm_head targets) are ERR_UNSUPPORTED; missing, misshapen or
  * unexpected tensors, and shapes that do not fit the model (an adapter made for another model)
  * are ERR_FORMAT naming the tensor and file. It yields to the event loop between tensors, so a
- * server that loads an adapter keeps streaming meanwhile.
+ * server that loads an adapter keeps streaming meanwhile. `weights: false` checks everything but
+ * reads no weight data (ranks and shapes from the headers: what sizing a pool needs).
  */
-export async function readLoraAdapter(dir: string, cfg: ModelConfig, name = path.basename(path.resolve(dir))): Promise<LoraAdapter> {
+export async function readLoraAdapter(dir: string, cfg: ModelConfig, name = path.basename(path.resolve(dir)),
+  opts: { weights?: boolean } = {}): Promise<LoraAdapter> {
+  const withWeights = opts.weights ?? true;
   const cfgFile = path.join(dir, 'adapter_config.json');
   if (!fs.existsSync(cfgFile)) throw new SqueezeError('ERR_FORMAT', `${dir}: no adapter_config.json (a PEFT LoRA folder is expected)`);
   let ac: Record<string, unknown>;
@@ -190,6 +193,10 @@ export async function readLoraAdapter(dir: string, cfg: ModelConfig, name = path
       // for reporting (patterns may name single layers): the largest rank, the first scale seen
       ranks[rec.module] = Math.max(ranks[rec.module] ?? 0, rank);
       scales[rec.module] ??= scale;
+      if (!withWeights) {
+        perLayer[rec.l].push({ t, rank, scale, A: new Float32Array(0), B: new Float32Array(0) });
+        continue;
+      }
       const a = st.read(rec.A), b = st.read(rec.B);
       await new Promise<void>((r) => setImmediate(r));
       perLayer[rec.l].push({ t, rank, scale, A: toFloat32(a.dtype, a.data, weightsFile, rec.A), B: toFloat32(b.dtype, b.data, weightsFile, rec.B) });
@@ -203,9 +210,9 @@ export async function readLoraAdapter(dir: string, cfg: ModelConfig, name = path
         if (!ms.length) continue;
         const { K, N } = dims[site];
         const rank = ms.reduce((s, m) => s + m.rank, 0);
-        const a = new Float32Array(rank * K), bt = new Float32Array(rank * N);
+        const a = new Float32Array(withWeights ? rank * K : 0), bt = new Float32Array(withWeights ? rank * N : 0);
         let r = 0;
-        for (const m of ms) {
+        for (const m of withWeights ? ms : []) {
           a.set(m.A, r * K);
           // B is [out, rank] row-major: B^T row j holds column j of B, scaled, at the target's output offset
           for (let j = 0; j < m.rank; j++) {
