@@ -6,7 +6,7 @@
  * distinct adapters' A and Bt rows read + x + y read and written; pools rotate past twice the L2.
  */
 import { Tensor } from '../ts/tensor';
-import { loraApply, matmul } from '../ts/ops';
+import { loraApply, loraWorkspaceSize, matmul } from '../ts/ops';
 import { BenchContext, BenchResult, randomTensor, row, setsFor, timeCuda } from './harness';
 
 const SITES: Array<[string, number, number]> = [  // name, K (in), N (out)
@@ -38,6 +38,7 @@ export async function benchLora(ctx: BenchContext): Promise<BenchResult[]> {
       try {
         for (const B of ctx.quick ? [8] : [1, 8, 32]) {
           const x = await randomTensor([B, K], 'f16', device), y = await randomTensor([B, N], 'f16', device);
+          const work = Tensor.empty([loraWorkspaceSize(device, B, R)], { dtype: 'f32', device });
           const iters = ctx.quick ? 8 : Math.max(2 * Math.max(sets, wsets), 20), repeats = ctx.quick ? 5 : 15;
           try {
             const base = await timeCuda({ device, iters, repeats, fn: (i) => matmul(y, x, ws[i % wsets]) });
@@ -48,7 +49,7 @@ export async function benchLora(ctx: BenchContext): Promise<BenchResult[]> {
               const rankRows = [...used].reduce((s, u) => s + (mixed ? ranks[u] : 16), 0);
               const d = mixed ? desc : descOne;
               try {
-                const t = await timeCuda({ device, iters, repeats, fn: (i) => loraApply(y, x, slots, as[i % sets], bts[i % sets], d, scale) });
+                const t = await timeCuda({ device, iters, repeats, fn: (i) => loraApply(y, x, slots, as[i % sets], bts[i % sets], d, scale, work) });
                 const label = mixed ? `ranks ${[...used].map((u) => ranks[u]).join('/')}` : 'one rank-16 adapter';
                 out.push(row(ctx, 'lora', `${site} ${K}->${N} B=${B} ${label}`, t, {
                   bytes: 2 * (rankRows * (K + N) + B * K + 2 * B * N),
@@ -64,6 +65,7 @@ export async function benchLora(ctx: BenchContext): Promise<BenchResult[]> {
           } finally {
             x.dispose();
             y.dispose();
+            work.dispose();
           }
         }
       } finally {

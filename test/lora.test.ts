@@ -109,6 +109,35 @@ describeGpu('loraApply: CUDA vs CPU', () => {
     });
   }
 
+  test('an explicit workspace gives the same bits; one too small is refused', async () => {
+    const [T, K, N] = [5, 512, 800];
+    const seed = freshSeed();
+    const c = randomCase(seed, T, K, N);
+    const need = ops.loraWorkspaceSize('cuda', T, c.R);
+    expect(need).toBe(T * Math.min(c.R, 1024));
+    const run = (work?: Tensor) => {
+      const y = t(c.y, [T, N], 'f16', 'cuda');
+      ops.loraApply(y, t(c.x, [T, K], 'f16', 'cuda'), t(c.slots, [T], 'i32', 'cuda'), t(c.A, [c.R, K], 'f16', 'cuda'), t(c.Bt, [c.R, N], 'f16', 'cuda'),
+        t(c.desc, [c.S, 2], 'i32', 'cuda'), t(c.scale, [c.S], 'f32', 'cuda'), work);
+      return y.toFloat32();
+    };
+    const work = Tensor.from(new Float32Array(need).fill(NaN), [need], { dtype: 'f32', device: 'cuda' });
+    const small = Tensor.empty([need - 1], { dtype: 'f32', device: 'cuda' });
+    try {
+      expect(Array.from(await run(work))).toEqual(Array.from(await run()));
+      let code: unknown;
+      try {
+        run(small);
+      } catch (e) {
+        code = (e as { code?: string }).code;
+      }
+      expect(code).toBe('ERR_SHAPE');
+    } finally {
+      work.dispose();
+      small.dispose();
+    }
+  });
+
   test('a tiny-llama decode with mixed adapters matches the CPU', async () => {
     const cpu = await loadModel(TINY, { device: 'cpu', lora: {} });
     const gpu = await loadModel(TINY, { device: 'cuda', lora: {}, dtype: 'f16' });

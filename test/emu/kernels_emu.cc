@@ -25,32 +25,42 @@ static double rel(const std::vector<float>& a, const std::vector<double>& b) {
   return std::sqrt(n / std::max(d, 1e-30));
 }
 
+// One case of the two LoRA kernels in element type E (float or __half), VEC picking the 16-byte paths.
+template <class E, bool VEC>
 static void lora_case(std::mt19937& r, int T, int K, int N) {
   std::normal_distribution<float> nd;
   const int S = 4, R = 40;
-  const int desc[S * 2] = {0, 3, 3, 16, 19, 0, 35, 9};  // slot 3's range runs past the pool: skipped
+  const int desc[S * 2] = {0, 3, 3, 16, 19, 0, 32, 9};  // slot 3's range runs past the pool: skipped
   const float scale[S] = {0.5f, 2.f, 1.f, 3.f};
-  std::vector<float> x(T * K), y(T * N), A(R * K), Bt(R * N);
-  for (auto* v : {&x, &y, &A, &Bt}) for (auto& e : *v) e = nd(r);
+  std::vector<E> x(T * K), y(T * N), A(R * K), Bt(R * N);
+  for (auto* v : {&x, &y, &A, &Bt}) for (auto& e : *v) e = E(nd(r));
   std::vector<int> slots(T);
   for (int t = 0; t < T; ++t) slots[t] = (t % 6) - 1;  // -1 .. 4: none, four slots, one out of range
-  std::vector<double> want(y.begin(), y.end());
+  std::vector<double> want(T * N);
+  for (int i = 0; i < T * N; ++i) want[i] = (float)y[i];
   for (int t = 0; t < T; ++t) {
     const int s = slots[t];
     if (s < 0 || s >= S || desc[2 * s + 1] <= 0 || desc[2 * s] + desc[2 * s + 1] > R) continue;
     for (int j = 0; j < desc[2 * s + 1]; ++j) {
       double d = 0;
-      for (int k = 0; k < K; ++k) d += (double)A[(desc[2 * s] + j) * K + k] * x[t * K + k];
-      for (int n = 0; n < N; ++n) want[t * N + n] += scale[s] * d * Bt[(desc[2 * s] + j) * N + n];
+      for (int k = 0; k < K; ++k) d += (double)(float)A[(desc[2 * s] + j) * K + k] * (float)x[t * K + k];
+      for (int n = 0; n < N; ++n) want[t * N + n] += scale[s] * d * (float)Bt[(desc[2 * s] + j) * N + n];
     }
   }
   using namespace sqz::cuda::lora_kernels;
-  std::vector<float> got = y;
-  const dim3 grid(T, (N + kChunk - 1) / kChunk);
-  emu::run(grid, dim3(kThreads), [&] { lora_kernel<float>(got.data(), x.data(), slots.data(), A.data(), Bt.data(), desc, scale, K, N, R, S); });
+  std::vector<E> got = y;
+  const int64_t vstride = R;
+  std::vector<float> v(T * vstride, NAN);  // poisoned: the expand reads only products the shrink wrote
+  emu::run(dim3(T, (vstride + kShrinkRows - 1) / kShrinkRows), dim3(kThreads),
+           [&] { shrink_kernel<E, VEC>(v.data(), x.data(), slots.data(), A.data(), desc, scale, K, R, S, vstride); });
+  emu::run(dim3(T, (N + kExpandOut - 1) / kExpandOut), dim3(kThreads),
+           [&] { expand_kernel<E, VEC>(got.data(), v.data(), slots.data(), Bt.data(), desc, N, R, S, vstride); });
+  std::vector<float> gf(got.begin(), got.end());
+  // f16: y is rounded once at the end (2^-11 relative), the products are fp32
+  const double tol = sizeof(E) == 2 ? 2e-3 : 1e-5;
   char name[96];
-  std::snprintf(name, sizeof name, "lora T=%d K=%d N=%d", T, K, N);
-  report(name, rel(got, want), 1e-5);
+  std::snprintf(name, sizeof name, "lora %s %s T=%d K=%d N=%d", sizeof(E) == 2 ? "f16" : "f32", VEC ? "vector" : "scalar", T, K, N);
+  report(name, rel(gf, want), tol);
 }
 
 static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc, int C, int topC, std::initializer_list<int> splits = {3}) {
@@ -144,8 +154,12 @@ static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc
 
 int main() {
   std::mt19937 r(12345);
-  lora_case(r, 7, 64, 48);
-  lora_case(r, 3, 257, 1500);
+  lora_case<float, false>(r, 7, 64, 48);
+  lora_case<float, false>(r, 3, 257, 1500);
+  lora_case<float, true>(r, 7, 64, 48);
+  lora_case<float, true>(r, 3, 264, 1504);
+  lora_case<__half, true>(r, 13, 1032, 520);
+  lora_case<__half, false>(r, 5, 101, 37);
   squeezed_case(r, 3, 4, 2, 40, 61, 7, 3, {1, 3});
   squeezed_case(r, 2, 8, 2, 64, 200, 33, 9);
   squeezed_case(r, 2, 2, 1, 130, 50, 50, 50);

@@ -121,6 +121,8 @@ export class Workspace {
   attnWork?: Tensor;
   /** Per-workspace state of an AttentionStep (scratch tensors), disposed with the workspace. */
   attnState?: { dispose(): void };
+  /** loraApply's workspace (CUDA, with an adapter pool; made on the workspace's first pass, which runs eagerly). */
+  loraWork?: Tensor;
   private all: Tensor[] = [];
 
   constructor(cfg: ModelConfig, device: string, act: DType, maxPages: number, T: number, B: number, allLogits: boolean) {
@@ -178,6 +180,8 @@ export class Workspace {
     this.attnWork = undefined;
     this.attnState?.dispose();
     this.attnState = undefined;
+    this.loraWork?.dispose();
+    this.loraWork = undefined;
   }
 }
 
@@ -444,27 +448,30 @@ export class Decoder {
     } else {
       ops.embedding(ws.x, ws.ids, w.embed);
     }
+    const lora = this.lora;
+    if (lora && this.device !== 'cpu' && !ws.loraWork)
+      ws.loraWork = Tensor.empty([Math.max(1, ops.loraWorkspaceSize(this.device, ws.T, lora.rankRows))], { dtype: 'f32', device: this.device });
+    const lw = ws.loraWork;
     for (let l = from; l < to; l++) {
       const L = w.layers[l];
       if (l === 0) ops.rmsNorm(ws.h, ws.x, L.ln1, eps);
       else ops.addRmsNorm(ws.x, ws.mlp, ws.h, L.ln1, eps);
-      const lora = this.lora;
       linearObserver?.(l, 'qkv', ws.h);
       linearForward(ws.qkv, ws.h, L.wqkv, L.bqkv);
-      lora?.apply(l, 'qkv', ws.qkv, ws.h, ws.loraSlots);
+      lora?.apply(l, 'qkv', ws.qkv, ws.h, ws.loraSlots, lw);
       projectionObserver?.(l, ws.qkv, ws.positions);
       this.attentionLayer(ws, l, maxQ, maxSeqLen);
       linearObserver?.(l, 'o', ws.att2);
       linearForward(ws.o, ws.att2, L.wo, L.bo);
-      lora?.apply(l, 'o', ws.o, ws.att2, ws.loraSlots);
+      lora?.apply(l, 'o', ws.o, ws.att2, ws.loraSlots, lw);
       ops.addRmsNorm(ws.x, ws.o, ws.h, L.ln2, eps);
       linearObserver?.(l, 'gu', ws.h);
       linearForward(ws.gu, ws.h, L.wgu, L.bgu);
-      lora?.apply(l, 'gu', ws.gu, ws.h, ws.loraSlots);
+      lora?.apply(l, 'gu', ws.gu, ws.h, ws.loraSlots, lw);
       ops.siluMul(ws.act, ws.gu);
       linearObserver?.(l, 'down', ws.act);
       linearForward(ws.mlp, ws.act, L.wdown, L.bdown);
-      lora?.apply(l, 'down', ws.mlp, ws.act, ws.loraSlots);
+      lora?.apply(l, 'down', ws.mlp, ws.act, ws.loraSlots, lw);
     }
     if (to < cfg.numLayers) {
       win?.save?.({ x: ws.x, mlp: ws.mlp });

@@ -171,9 +171,17 @@ export class LoraPool {
     return this.resident.map((x) => x.name);
   }
 
-  /** y[t] += the LoRA delta of row t's adapter at (layer, site); rows with slot -1 are left alone. */
-  apply(l: number, site: LoraSite, y: Tensor, x: Tensor, rowSlots: Tensor): void {
-    ops.loraApply(y, x, rowSlots, this.a[l][site], this.bt[l][site], this.desc[l][site], this.scale);
+  /** Rank rows per layer and site (every slot's maxRank rows). */
+  get rankRows(): number {
+    return this.slots * this.maxRank;
+  }
+
+  /**
+   * y[t] += the LoRA delta of row t's adapter at (layer, site); rows with slot -1 are left alone.
+   * `work`: loraApply's workspace for y's rows (required where the call is captured into a graph).
+   */
+  apply(l: number, site: LoraSite, y: Tensor, x: Tensor, rowSlots: Tensor, work?: Tensor): void {
+    ops.loraApply(y, x, rowSlots, this.a[l][site], this.bt[l][site], this.desc[l][site], this.scale, work);
   }
 
   private encode(v: Float32Array): ArrayBufferView {

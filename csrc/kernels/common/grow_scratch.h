@@ -15,7 +15,7 @@
 
 namespace sqz::cuda {
 
-enum class Scratch { kKvqPartials, kSqueezed, kCount };
+enum class Scratch { kKvqPartials, kSqueezed, kLora, kCount };
 
 inline void* grow_scratch(Scratch which, int dev, size_t bytes, cudaStream_t stream, const char* op) {
   constexpr int kDevices = 64, kKinds = static_cast<int>(Scratch::kCount);
