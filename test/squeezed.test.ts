@@ -277,7 +277,7 @@ describeGpu('squeezedAttention: CUDA vs CPU', () => {
   const TOL: Record<string, number> = { f32: 1e-5, f16: 2e-3, bf16: 1e-2 };
   for (const dt of ['f16', 'bf16', 'f32'] as DType[]) {
     test(`${dt}: GQA, odd sizes, clamped prefixes, a dense row, every topC`, async () => {
-      for (const [B, Hq, Hkv, D, Pc, C] of [[3, 8, 2, 128, 300, 40], [2, 4, 4, 80, 77, 77], [5, 32, 8, 64, 1000, 1000], [2, 2, 1, 256, 50, 5]]) {
+      for (const [B, Hq, Hkv, D, Pc, C] of [[3, 8, 2, 128, 300, 40], [2, 4, 4, 80, 77, 77], [5, 32, 8, 64, 1000, 1000], [2, 2, 1, 256, 50, 5], [2, 12, 4, 96, 200, 30], [2, 16, 1, 64, 90, 9]]) {
         const seed = freshSeed();
         const c = makeCase(seed, B, Hq, Hkv, D, Pc, C, [11, 0, 130]);
         // the inputs as the dtype rounds them, for both devices

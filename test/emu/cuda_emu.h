@@ -1,5 +1,5 @@
 // A CUDA kernel emulator for the tests: runs a __global__ function's blocks one after another on the
-// host, each block's threads as OS threads, with __syncthreads as a block barrier and the warp
+// host, a block's threads as OS threads, with __syncthreads as a block barrier and the warp
 // shuffles through a per-warp exchange and barrier. Block-static __shared__ arrays become function
 // statics (one block runs at a time), dynamic shared memory (SQZ_DYNAMIC_SMEM) is one host buffer. It checks what a
 // kernel computes and how its threads cooperate (indexing, barriers, shuffles, merges), not speed
@@ -46,6 +46,9 @@ struct Block {
 };
 inline Block* g_block = nullptr;
 
+// One OS thread per CUDA thread of a block, made once per launch: the threads run the blocks one
+// after another, meeting at a barrier of their own between two blocks (block-static shared memory is
+// one host array).
 inline void run(dim3 grid, dim3 block, const std::function<void()>& body) {
   gridDim = grid;
   blockDim = block;
@@ -54,19 +57,21 @@ inline void run(dim3 grid, dim3 block, const std::function<void()>& body) {
   b.block = std::make_unique<std::barrier<>>(n);
   for (unsigned w = 0; w < (n + 31) / 32; ++w) b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w)));
   b.slots.assign(n, 0);
+  std::barrier<> between(n);
   g_block = &b;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        std::vector<std::thread> ts;
-        for (unsigned t = 0; t < n; ++t)
-          ts.emplace_back([&, t] {
-            threadIdx = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+  std::vector<std::thread> ts;
+  for (unsigned t = 0; t < n; ++t)
+    ts.emplace_back([&, t] {
+      threadIdx = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+          for (unsigned x = 0; x < grid.x; ++x) {
             blockIdx = make_uint3(x, y, z);
             body();
-          });
-        for (auto& t : ts) t.join();
-      }
+            between.arrive_and_wait();
+          }
+    });
+  for (auto& t : ts) t.join();
   g_block = nullptr;
 }
 

@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <random>
+#include <type_traits>
 
 #include "kernels/lora/lora.cuh"
 #include "kernels/sparse_attn/squeezed.cuh"
@@ -136,19 +137,39 @@ static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc
   a.pages = pages; a.ps = ps; a.Hkv = Hkv; a.maxp = maxp; a.G = G; a.Hq = Hq; a.D = D;
   a.max_clusters = C;
   a.scale = scale;
-  for (const int S : splits) {
-    a.S = S;
-    std::vector<unsigned char> flags((size_t)B * Hq * a.max_clusters, 7);  // poisoned: select must write every flag it reads
-    std::vector<float> part((size_t)B * Hq * S * (D + 2), NAN);
-    a.flags = flags.data();
-    a.part = part.data();
-    std::vector<float> got((size_t)B * Hq * D, NAN);
-    emu::run(dim3(Hq, B), dim3(kThreads), [&] { select_kernel<float>(q.data(), a); });
-    emu::run(dim3(Hq, B, S), dim3(kThreads), [&] { attend_kernel<float>(q.data(), k.data(), v.data(), a); });
-    emu::run(dim3(Hq, B), dim3(kThreads), [&] { combine_kernel<float>(got.data(), a); });
-    char name[160];
-    std::snprintf(name, sizeof name, "squeezed B=%d Hq=%d Hkv=%d D=%d context %d, %d clusters, top %d, %d splits", B, Hq, Hkv, D, Pc, C, topC, S);
-    report(name, rel(got, want), 1e-5);
+  // attend: the per-head kernel, and the grouped one (one block per kv head), its 16-byte path where D % 8 == 0
+  const int GP = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
+  for (const int variant : {0, 1, 2}) {
+    if (variant == 2 && D % 8 != 0) continue;
+    for (const int S : splits) {
+      a.S = S;
+      std::vector<unsigned char> flags((size_t)B * Hq * a.max_clusters, 7);  // poisoned: select must write every flag it reads
+      std::vector<float> part((size_t)B * Hq * S * (D + 2), NAN);
+      a.flags = flags.data();
+      a.part = part.data();
+      std::vector<float> got((size_t)B * Hq * D, NAN);
+      emu::run(dim3(Hq, B), dim3(kThreads), [&] { select_kernel<float>(q.data(), a); });
+      if (variant == 0) {
+        emu::run(dim3(Hq, B, S), dim3(kThreads), [&] { attend_kernel<float>(q.data(), k.data(), v.data(), a); });
+      } else {
+        auto grouped = [&](auto gp) {
+          constexpr int kGP = decltype(gp)::value;
+          emu::run(dim3(Hkv, B, S), dim3(kThreads), [&] {
+            if (variant == 2) attend_group_kernel<float, kGP, true>(q.data(), k.data(), v.data(), a);
+            else attend_group_kernel<float, kGP, false>(q.data(), k.data(), v.data(), a);
+          });
+        };
+        if (GP == 1) grouped(std::integral_constant<int, 1>{});
+        else if (GP == 2) grouped(std::integral_constant<int, 2>{});
+        else if (GP == 4) grouped(std::integral_constant<int, 4>{});
+        else grouped(std::integral_constant<int, 8>{});
+      }
+      emu::run(dim3(Hq, B), dim3(kThreads), [&] { combine_kernel<float>(got.data(), a); });
+      char name[200];
+      std::snprintf(name, sizeof name, "squeezed %s B=%d Hq=%d Hkv=%d D=%d context %d, %d clusters, top %d, %d splits",
+                    variant == 0 ? "per-head" : variant == 1 ? "grouped" : "grouped 16-byte", B, Hq, Hkv, D, Pc, C, topC, S);
+      report(name, rel(got, want), 1e-5);
+    }
   }
 }
 
@@ -164,6 +185,8 @@ int main() {
   squeezed_case(r, 2, 8, 2, 64, 200, 33, 9);
   squeezed_case(r, 2, 2, 1, 130, 50, 50, 50);
   squeezed_case(r, 2, 4, 4, 16, 20, 5, 0);
+  squeezed_case(r, 2, 12, 4, 64, 90, 9, 4, {2});   // G = 3 (padded to 4 heads)
+  squeezed_case(r, 1, 8, 1, 256, 70, 6, 2, {2});   // G = 8, D = 256: one token per warp load
   std::printf("emu: %d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;
 }

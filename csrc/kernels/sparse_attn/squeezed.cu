@@ -1,16 +1,21 @@
 // Squeezed Attention, decode (one query row per sequence) over the paged fp16/bf16 cache.
 //
 // Why this shape. Three launches. select: per (sequence, query head) one block scores the query
-// against its kv head's cluster centroids, sorts the scores in shared memory (bitonic, ties to the
-// lower cluster) and flags the topC clusters. attend: per (sequence, query head) S blocks (a split
-// of the work, as flash-decoding splits the keys, so that batch 1 with few heads still fills the
-// GPU), whose warps walk the flagged clusters' token lists and the tokens after the fixed context,
-// each with an online softmax 32 tokens at a time, merged per block into a partial. combine: the
-// S partials in split order. Every merge has a fixed order, so the result does not depend on timing. The cluster starts go through a running maximum (a scan in shared memory) clamped to the
-// token list, and token positions outside the context are skipped: no device data can send the
-// kernels outside their tensors. Not yet measured on a GPU; the kernels (squeezed.cuh) pass in the
-// tests' host emulator (test/emu).
+// against its kv head's cluster centroids (a warp per centroid, coalesced), sorts the scores in
+// shared memory (bitonic, ties to the lower cluster) and flags the topC clusters. attend, where a kv
+// head serves at most 8 query heads (squeezed.cuh, attend_group_kernel): per (sequence, kv head) S
+// blocks (a split of the work, as flash-decoding splits the keys, so that batch 1 with few heads
+// still fills the GPU). Each key and value row is read once for the group's heads, with 16-byte
+// loads, and counts for the heads that flagged its cluster; the kept clusters' token lists and the
+// tokens after the fixed context form one list that the splits cut into equal ranges. (The first
+// kernel, attend_kernel, still serves larger groups: a block per query head, a lane per key row read
+// 2 bytes at a time, clusters dealt to warps whole; on the H100 it ran 3-8x slower than dense
+// attention at 8K-32K tokens.) combine: the S partials in split order. Every merge has a fixed
+// order, so the result does not depend on timing. The cluster starts go through a running maximum
+// clamped to the token list, and token positions outside the context are skipped: no device data
+// can send the kernels outside their tensors.
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 
 #include "core/cuda_stream.h"
@@ -52,9 +57,12 @@ void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, co
   while (Cpad < a.max_clusters) Cpad <<= 1;
   if (B == 0 || a.Hq == 0) return;
   const int dev = q.device.index;
-  // splits: about two blocks per SM over all (sequence, head) pairs, at most 32
-  const int64_t rows = B * a.Hq;
-  a.S = (int)std::min<int64_t>(32, std::max<int64_t>(1, (2 * (int64_t)sm_count(dev) + rows - 1) / rows));
+  // GQA up to 8 query heads per kv head: one block per kv head reads each row once for its heads
+  const int GP = a.G <= 1 ? 1 : a.G <= 2 ? 2 : a.G <= 4 ? 4 : a.G <= 8 ? 8 : 0;
+  const bool vec = a.D % 8 == 0 && aligned16(kc.data()) && aligned16(vc.data());
+  // splits: about two blocks per SM over all (sequence, kv head) or (sequence, head) pairs, at most 32
+  const int64_t rows = B * a.Hq, blocks = GP ? B * a.Hkv : rows;
+  a.S = (int)std::min<int64_t>(32, std::max<int64_t>(1, (2 * (int64_t)sm_count(dev) + blocks - 1) / blocks));
   const size_t flag_bytes = ((size_t)rows * (size_t)a.max_clusters + 15) / 16 * 16;
   char* ws = static_cast<char*>(
       grow_scratch(Scratch::kSqueezed, dev, flag_bytes + (size_t)rows * a.S * (a.D + 2) * sizeof(float), s, "squeezedAttention scratch"));
@@ -63,12 +71,29 @@ void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, co
   const size_t sel_smem = ((size_t)a.D * 4 + (size_t)Cpad * 8 + 15) / 16 * 16;
   const size_t att_smem =
       (std::max((size_t)a.D * 4 + (size_t)(a.max_clusters + 1) * 4 + (size_t)a.max_clusters, (size_t)kWarps * (a.D + 2) * 4) + 15) / 16 * 16;
+  const size_t grp_smem = GP ? group_smem_bytes(a.max_clusters, GP, a.D) : 0;
   dispatch_float(q.dtype, "squeezedAttention", [&](auto tv) {
     using T = decltype(tv);
-    for (auto [kern, bytes] : {std::pair{(const void*)select_kernel<T>, sel_smem}, std::pair{(const void*)attend_kernel<T>, att_smem}})
+    const void* attend = (const void*)attend_kernel<T>;
+    size_t attend_bytes = att_smem;
+    auto grouped = [&](auto gp) {
+      constexpr int kGP = decltype(gp)::value;
+      attend = vec ? (const void*)attend_group_kernel<T, kGP, true> : (const void*)attend_group_kernel<T, kGP, false>;
+      attend_bytes = grp_smem;
+    };
+    if (GP == 1) grouped(std::integral_constant<int, 1>{});
+    else if (GP == 2) grouped(std::integral_constant<int, 2>{});
+    else if (GP == 4) grouped(std::integral_constant<int, 4>{});
+    else if (GP == 8) grouped(std::integral_constant<int, 8>{});
+    for (auto [kern, bytes] : {std::pair{(const void*)select_kernel<T>, sel_smem}, std::pair{attend, attend_bytes}})
       if (bytes > 48 * 1024) cuda_check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), "squeezedAttention: smem");
     select_kernel<T><<<dim3((unsigned)a.Hq, (unsigned)B), kThreads, sel_smem, s>>>(q.ptr<T>(), a);
-    attend_kernel<T><<<dim3((unsigned)a.Hq, (unsigned)B, (unsigned)a.S), kThreads, att_smem, s>>>(q.ptr<T>(), kc.ptr<T>(), vc.ptr<T>(), a);
+    const T* qp = q.ptr<T>();
+    const T* kp = kc.ptr<T>();
+    const T* vp = vc.ptr<T>();
+    void* args[] = {(void*)&qp, (void*)&kp, (void*)&vp, (void*)&a};
+    const dim3 grid = GP ? dim3((unsigned)a.Hkv, (unsigned)B, (unsigned)a.S) : dim3((unsigned)a.Hq, (unsigned)B, (unsigned)a.S);
+    cuda_check(cudaLaunchKernel(attend, grid, dim3(kThreads), args, attend_bytes, s), "squeezedAttention: attend");
     combine_kernel<T><<<dim3((unsigned)a.Hq, (unsigned)B), kThreads, 0, s>>>(out.ptr<T>(), a);
   });
   cuda_check(cudaGetLastError(), "squeezedAttention: launch");

@@ -68,16 +68,21 @@ __global__ void __launch_bounds__(kThreads) select_kernel(const T* __restrict__ 
   float* key = qf + a.D;                            // [Cpad]
   int* idx = reinterpret_cast<int*>(key + Cpad);    // [Cpad]
   load_query(q, a, b, h, qf);
-  for (int i = tid; i < Cpad; i += kThreads) {
+  // a warp per centroid, the lanes along D (coalesced), summed in a fixed shuffle order
+  const int lane = tid & 31, warp = tid >> 5;
+  for (int i = warp; i < Cpad; i += kWarps) {
     float s = -INFINITY;
     if (i < C) {
       const float* c = a.cen + cx.cen + (g * C + i) * a.D;
       s = 0.f;
-      for (int64_t d = 0; d < a.D; ++d) s = fmaf(c[d], qf[d], s);
+      for (int64_t d = lane; d < a.D; d += 32) s = fmaf(c[d], qf[d], s);
+      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
       if (s != s) s = -INFINITY;  // NaN sorts last
     }
-    key[i] = s;
-    idx[i] = i;
+    if (lane == 0) {
+      key[i] = s;
+      idx[i] = i;
+    }
   }
   unsigned char* flags = a.flags + (b * a.Hq + h) * a.max_clusters;
   for (int64_t c = tid; c < C; c += kThreads) flags[c] = 0;
@@ -230,6 +235,266 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const T* __restrict__ 
     for (int64_t d = lane; d < a.D; d += 32) {
       float o = 0.f;
       for (int w = 0; w < kWarps; ++w) o = fmaf(part[w * (a.D + 2) + d], fw[w], o);
+      dst[d] = o;
+    }
+    if (lane == 0) {
+      dst[a.D] = M;
+      dst[a.D + 1] = L;
+    }
+  }
+}
+
+// Lanes that share one token's row: ceil(D / 8) pieces of 8 channels, rounded up to a power of two.
+SQZ_HD int lanes_per_token(int64_t D) {
+  const int pieces = (int)((D + 7) / 8);
+  int l = 1;
+  while (l < pieces) l <<= 1;
+  return l;
+}
+
+// Shared memory of attend_group_kernel: the prologue's cluster tables, then (reused) the warps' states.
+SQZ_HD size_t group_smem_bytes(int64_t max_clusters, int GP, int64_t D) {
+  const size_t pro = (size_t)(max_clusters + 1) * 8 + (size_t)max_clusters, merge = (size_t)kWarps * GP * (D + 2) * 4;
+  return ((pro > merge ? pro : merge) + 15) / 16 * 16;
+}
+
+// Step 2 for GQA (and MHA), grid (Hkv, B, S): one block reads each key and value row once for the G
+// query heads of its kv head. The prologue gives each cluster the mask of the group's heads that
+// flagged it and lays the kept clusters' token lists end to end (a scan of their sizes), followed by
+// the tokens after the context: a virtual list that the S splits cut into equal ranges, whatever the
+// cluster sizes. A warp takes chunks of TPW x NS tokens of its split: lane j finds chunk token j (a
+// binary search over the scan, the token list, the page table), then TPW tokens at a time are read
+// by LPT lanes each (16-byte loads of 8 channels: D = 128 is 16 lanes, two tokens per warp load),
+// scored against every head (a key row counts only for the heads that flagged its cluster), and
+// merged into each head's online softmax once per chunk. A warp's state holds one maximum per head
+// for all its token slots, so the slots' sums add at the end; the block's warps are merged in order
+// into each head's split partial (the layout combine_kernel reads). GP: G rounded up to 1, 2, 4 or 8
+// (heads past G stay empty). VEC: D % 8 == 0, so the pieces are 16-byte loads.
+template <class T, int GP, bool VEC>
+__global__ void __launch_bounds__(kThreads) attend_group_kernel(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc, Args a) {
+  SQZ_DYNAMIC_SMEM(smem);
+  constexpr int NS = GP >= 8 ? 2 : 4;
+  __shared__ int tsum[kThreads];
+  const int64_t g = blockIdx.x, b = blockIdx.y, z = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, G = (int)a.G;
+  int64_t len, P;
+  squeezed::Context cx{};
+  lengths(a, b, len, P, cx);
+  const int64_t C = cx.C, Pc = cx.P;
+  int* start = reinterpret_cast<int*>(smem);                             // [C + 1]
+  int* cum = start + (C + 1);                                            // [C + 1]
+  unsigned char* hm = reinterpret_cast<unsigned char*>(cum + (C + 1));  // [C]
+  float* mstate = reinterpret_cast<float*>(smem);                        // reused at the end: [kWarps][GP][D + 2]
+  const bool sparse = P > 0;  // block-uniform
+  int64_t nsp = 0;
+  if (sparse) {
+    for (int64_t c = tid; c < C; c += kThreads) {
+      unsigned m = 0;
+      for (int hh = 0; hh < G; ++hh)
+        if (a.flags[(b * a.Hq + g * G + hh) * a.max_clusters + c]) m |= 1u << hh;
+      hm[c] = (unsigned char)m;
+    }
+    for (int64_t c = tid; c <= C; c += kThreads) {
+      const int64_t v = a.cs[cx.start + g * (C + 1) + c];
+      start[c] = (int)(v < 0 ? 0 : (v > Pc ? Pc : v));
+    }
+    __syncthreads();
+    // the starts as a running maximum (Hillis-Steele; a barrier between the reads and the writes)
+    for (int off = 1; off <= C; off <<= 1) {
+      int v[(kSqueezedMaxClusters + 1 + kThreads - 1) / kThreads];
+      int n = 0;
+      for (int64_t c = tid; c <= C; c += kThreads, ++n) v[n] = c >= off ? max(start[c], start[c - off]) : start[c];
+      __syncthreads();
+      n = 0;
+      for (int64_t c = tid; c <= C; c += kThreads, ++n) start[c] = v[n];
+      __syncthreads();
+    }
+    // cum[c]: the kept tokens before cluster c (thread t scans clusters [t per, (t + 1) per))
+    const int64_t per = (C + kThreads - 1) / kThreads, c0 = tid * per, c1 = c0 + per < C ? c0 + per : C;
+    int local = 0;
+    for (int64_t c = c0; c < c1; ++c) local += hm[c] ? start[c + 1] - start[c] : 0;
+    tsum[tid] = local;
+    __syncthreads();
+    if (warp == 0) {  // exclusive scan of the 256 thread sums: 8 per lane, then across the lanes
+      constexpr int kPer = kThreads / 32;
+      int mine = 0;
+      for (int i = 0; i < kPer; ++i) mine += tsum[lane * kPer + i];
+      int incl = mine;
+      for (int o = 1; o < 32; o <<= 1) {
+        const int up = __shfl_sync(0xffffffffu, incl, lane >= o ? lane - o : lane);
+        if (lane >= o) incl += up;
+      }
+      int run = incl - mine;
+      for (int i = 0; i < kPer; ++i) {
+        const int x = tsum[lane * kPer + i];
+        tsum[lane * kPer + i] = run;
+        run += x;
+      }
+    }
+    __syncthreads();
+    int run = tsum[tid];
+    for (int64_t c = c0; c < c1; ++c) {
+      cum[c] = run;
+      run += hm[c] ? start[c + 1] - start[c] : 0;
+    }
+    if (c1 == C && c0 < c1) cum[C] = run;
+    __syncthreads();
+    nsp = cum[C];
+  }
+  const int64_t ntot = nsp + (len - P), lo = ntot * z / a.S, hi = ntot * (z + 1) / a.S;
+  const int LPT = lanes_per_token(a.D), TPW = 32 / LPT, CH = TPW * NS, slot = lane / LPT, d0 = 8 * (lane % LPT);
+  const int full = (1 << G) - 1;
+
+  float qv[GP][8], acc[GP][8], m[GP], l[GP];
+#pragma unroll
+  for (int hh = 0; hh < GP; ++hh) {
+    m[hh] = -INFINITY;
+    l[hh] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      acc[hh][e] = 0.f;
+      const int64_t d = d0 + e;
+      qv[hh][e] = hh < G && d < a.D ? to_f32(q[(b * a.Hq + g * G + hh) * a.D + d]) : 0.f;
+    }
+  }
+  // row offset of token t of this sequence and kv head, or -1 where it cannot be addressed
+  auto row_of = [&](int64_t t) -> int64_t {
+    const int64_t blk = t / a.ps;
+    if (t < 0 || blk >= a.maxp) return -1;
+    const int page = a.pt[b * a.maxp + blk];
+    if (page < 0 || page >= a.pages) return -1;
+    return ((page * a.ps + t % a.ps) * a.Hkv + g) * a.D;
+  };
+  auto load_piece = [&](const T* base, float (&f)[8]) {
+    if constexpr (VEC) {
+      if (d0 < a.D) {
+        constexpr int kN = Vec16<T>::N;  // 8 (f16, bf16) or 4 (f32)
+#pragma unroll
+        for (int part = 0; part < 8 / kN; ++part) {
+          const Vec16<T> v = load16(base + d0 + part * kN);
+#pragma unroll
+          for (int e = 0; e < kN; ++e) f[part * kN + e] = to_f32(v.v[e]);
+        }
+        return;
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) f[e] = 0.f;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) f[e] = d0 + e < a.D ? to_f32(base[d0 + e]) : 0.f;
+    }
+  };
+
+  for (int64_t c0 = lo + (int64_t)warp * CH; c0 < hi; c0 += (int64_t)kWarps * CH) {
+    // lane j < CH resolves token c0 + j of the virtual list: its row and the heads it counts for
+    long long row = -1;
+    int mask = 0;
+    {
+      const int64_t i = c0 + lane;
+      if (lane < CH && i < hi) {
+        if (i < nsp) {
+          int64_t L0 = 0, H0 = C;  // cum[L0] <= i < cum[H0]
+          while (H0 - L0 > 1) {
+            const int64_t mid = (L0 + H0) >> 1;
+            if (cum[mid] <= i) L0 = mid;
+            else H0 = mid;
+          }
+          const int64_t x = a.ct[cx.tok + g * Pc + start[L0] + (i - cum[L0])];
+          if (x >= 0 && x < P) {
+            row = row_of(x);
+            mask = hm[L0];
+          }
+        } else {
+          row = row_of(P + (i - nsp));
+          mask = full;
+        }
+        if (row < 0) mask = 0;
+      }
+    }
+    float kf[NS][8], vf[NS][8], sc[NS][GP];
+    int mk[NS];
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      const int j = s * TPW + slot;
+      const long long r = __shfl_sync(0xffffffffu, row, j);
+      mk[s] = __shfl_sync(0xffffffffu, mask, j);
+      if (mk[s]) {
+        load_piece(kc + r, kf[s]);
+        load_piece(vc + r, vf[s]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) kf[s][e] = vf[s][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < NS; ++s)
+#pragma unroll
+      for (int hh = 0; hh < GP; ++hh) {
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) d = fmaf(kf[s][e], qv[hh][e], d);
+        for (int o = LPT >> 1; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        sc[s][hh] = (mk[s] >> hh) & 1 ? d * a.scale : -INFINITY;
+      }
+#pragma unroll
+    for (int hh = 0; hh < GP; ++hh) {
+      float mx = sc[0][hh];
+#pragma unroll
+      for (int s = 1; s < NS; ++s) mx = fmaxf(mx, sc[s][hh]);
+      for (int o = LPT; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      if (mx == -INFINITY) continue;  // warp-uniform: no key of this chunk counts for head hh
+      const float mn = fmaxf(m[hh], mx), f = expf(m[hh] - mn);  // m = -inf: f = 0
+      l[hh] *= f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[hh][e] *= f;
+      m[hh] = mn;
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        const float p = expf(sc[s][hh] - mn);  // -inf: 0
+        l[hh] += p;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[hh][e] = fmaf(p, vf[s][e], acc[hh][e]);
+      }
+    }
+  }
+  // the token slots of the warp summed (they share each head's maximum); lanes of slot 0 keep them
+#pragma unroll
+  for (int hh = 0; hh < GP; ++hh) {
+    for (int o = LPT; o < 32; o <<= 1) {
+      l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], o);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[hh][e] += __shfl_xor_sync(0xffffffffu, acc[hh][e], o);
+    }
+  }
+  __syncthreads();  // the cluster tables are dead; mstate reuses them
+  const int64_t W = a.D + 2;
+  if (slot == 0)
+#pragma unroll
+    for (int hh = 0; hh < GP; ++hh) {
+      float* mine = mstate + (warp * GP + hh) * W;
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        if (d0 + e < a.D) mine[d0 + e] = acc[hh][e];
+      if (lane == 0) {
+        mine[a.D] = m[hh];
+        mine[a.D + 1] = l[hh];
+      }
+    }
+  __syncthreads();
+  // the block's warps merged in order into each head's split partial
+  for (int hh = warp; hh < G; hh += kWarps) {
+    float M = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, mstate[(w * GP + hh) * W + a.D]);
+    float L = 0.f, fw[kWarps];
+    for (int w = 0; w < kWarps; ++w) {
+      const float mw = mstate[(w * GP + hh) * W + a.D];
+      fw[w] = (M == -INFINITY || mw == -INFINITY) ? 0.f : expf(mw - M);
+      L += mstate[(w * GP + hh) * W + a.D + 1] * fw[w];
+    }
+    float* dst = a.part + ((b * a.Hq + g * G + hh) * a.S + z) * W;
+    for (int64_t d = lane; d < a.D; d += 32) {
+      float o = 0.f;
+      for (int w = 0; w < kWarps; ++w) o = fmaf(mstate[(w * GP + hh) * W + d], fw[w], o);
       dst[d] = o;
     }
     if (lane == 0) {
