@@ -68,20 +68,29 @@ __global__ void __launch_bounds__(kThreads) select_kernel(const T* __restrict__ 
   float* key = qf + a.D;                            // [Cpad]
   int* idx = reinterpret_cast<int*>(key + Cpad);    // [Cpad]
   load_query(q, a, b, h, qf);
-  // a warp per centroid, the lanes along D (coalesced), summed in a fixed shuffle order
+  // a warp per centroid, the lanes along D (coalesced), four centroids in flight, each summed in a
+  // fixed shuffle order
   const int lane = tid & 31, warp = tid >> 5;
-  for (int i = warp; i < Cpad; i += kWarps) {
-    float s = -INFINITY;
-    if (i < C) {
-      const float* c = a.cen + cx.cen + (g * C + i) * a.D;
-      s = 0.f;
-      for (int64_t d = lane; d < a.D; d += 32) s = fmaf(c[d], qf[d], s);
-      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (s != s) s = -INFINITY;  // NaN sorts last
+  constexpr int kInFlight = 4;
+  for (int i0 = warp * kInFlight; i0 < Cpad; i0 += kWarps * kInFlight) {
+    float s[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      s[u] = 0.f;
+      if (i0 + u < C) {
+        const float* c = a.cen + cx.cen + (g * C + i0 + u) * a.D;
+        for (int64_t d = lane; d < a.D; d += 32) s[u] = fmaf(c[d], qf[d], s[u]);
+      }
     }
-    if (lane == 0) {
-      key[i] = s;
-      idx[i] = i;
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      for (int o = 16; o > 0; o >>= 1) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+      const int i = i0 + u;
+      if (i >= C || s[u] != s[u]) s[u] = -INFINITY;  // padding and NaN sort last
+      if (lane == 0 && i < Cpad) {
+        key[i] = s[u];
+        idx[i] = i;
+      }
     }
   }
   unsigned char* flags = a.flags + (b * a.Hq + h) * a.max_clusters;
