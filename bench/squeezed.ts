@@ -45,7 +45,8 @@ export async function benchSqueezed(ctx: BenchContext): Promise<BenchResult[]> {
         const iters = ctx.quick ? 8 : 20, repeats = ctx.quick ? 5 : 10;
         const base = await timeCuda({ device, iters, repeats, fn: (i) => attention(o, q, ks[i % sets], vs[i % sets], pt, lens, cu, 1 / Math.sqrt(D), { maxQ: 1, maxSeqLen: L, workspace: aw }) });
         out.push(row(ctx, 'squeezed', `dense B=${B} 32q/8kv x128 ctx ${L}`, base, { bytes: B * L * H * D * 2 * 2 }));
-        for (const keep of [0.25, 0.125]) {
+        // keep 0: what the selection costs on its own (the centroid scores, the sort, the tail tokens)
+        for (const keep of [0.25, 0.125, 0]) {
           const topC = Math.ceil(keep * C);
           const table = Tensor.from(Int32Array.from([0, 0, 0, C, P, topC]), [1, 6], { device });
           const t = await timeCuda({ device, iters, repeats, fn: (i) => squeezedAttention(o, q, ks[i % sets], vs[i % sets], pt, lens, 1 / Math.sqrt(D), pre, cof, table, cen, cs, ct, C) });
