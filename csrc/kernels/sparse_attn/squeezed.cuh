@@ -51,6 +51,28 @@ __device__ __forceinline__ void load_query(const T* q, const Args& a, int64_t b,
   __syncthreads();
 }
 
+// The cluster starts of context cx and kv head g into start[0..C] (shared memory, block-wide): each
+// clamped to the token list, then taken as a running maximum (Hillis-Steele; a barrier between the
+// reads and the writes), so that no device data can make a range run backwards or past the list.
+__device__ __forceinline__ void load_cluster_starts(const Args& a, const squeezed::Context& cx, int64_t g, int* start) {
+  const int tid = threadIdx.x;
+  const int64_t C = cx.C, Pc = cx.P;
+  for (int64_t c = tid; c <= C; c += kThreads) {
+    const int64_t v = a.cs[cx.start + g * (C + 1) + c];
+    start[c] = (int)(v < 0 ? 0 : (v > Pc ? Pc : v));
+  }
+  __syncthreads();
+  for (int off = 1; off <= C; off <<= 1) {
+    int v[(kSqueezedMaxClusters + 1 + kThreads - 1) / kThreads];
+    int n = 0;
+    for (int64_t c = tid; c <= C; c += kThreads, ++n) v[n] = c >= off ? max(start[c], start[c - off]) : start[c];
+    __syncthreads();
+    n = 0;
+    for (int64_t c = tid; c <= C; c += kThreads, ++n) start[c] = v[n];
+    __syncthreads();
+  }
+}
+
 // Step 1a, grid (Hkv, B, ceil(max_clusters / kScoreChunk)): the scores q . centroid of the G query
 // heads of a kv head for kScoreChunk centroids, into a.scores. Split over many blocks so that the
 // centroid reads (C x D x 4 bytes per kv head) use the whole GPU, and each centroid is read once for
@@ -171,21 +193,7 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const T* __restrict__ 
   if (sparse) {
     const unsigned char* flags = a.flags + (b * a.Hq + h) * a.max_clusters;
     for (int64_t c = tid; c < C; c += kThreads) keep[c] = flags[c];
-    for (int64_t c = tid; c <= C; c += kThreads) {
-      const int64_t v = a.cs[cx.start + g * (C + 1) + c];
-      start[c] = (int)(v < 0 ? 0 : (v > Pc ? Pc : v));
-    }
-    __syncthreads();
-    // the starts as a running maximum (Hillis-Steele; a barrier between the reads and the writes)
-    for (int off = 1; off <= C; off <<= 1) {
-      int v[(kSqueezedMaxClusters + 1 + kThreads - 1) / kThreads];
-      int n = 0;
-      for (int64_t c = tid; c <= C; c += kThreads, ++n) v[n] = c >= off ? max(start[c], start[c - off]) : start[c];
-      __syncthreads();
-      n = 0;
-      for (int64_t c = tid; c <= C; c += kThreads, ++n) start[c] = v[n];
-      __syncthreads();
-    }
+    load_cluster_starts(a, cx, g, start);
   }
 
   const int dpl = (int)((a.D + 31) / 32);
@@ -333,21 +341,7 @@ __global__ void __launch_bounds__(kThreads) attend_group_kernel(const T* __restr
         if (a.flags[(b * a.Hq + g * G + hh) * a.max_clusters + c]) m |= 1u << hh;
       hm[c] = (unsigned char)m;
     }
-    for (int64_t c = tid; c <= C; c += kThreads) {
-      const int64_t v = a.cs[cx.start + g * (C + 1) + c];
-      start[c] = (int)(v < 0 ? 0 : (v > Pc ? Pc : v));
-    }
-    __syncthreads();
-    // the starts as a running maximum (Hillis-Steele; a barrier between the reads and the writes)
-    for (int off = 1; off <= C; off <<= 1) {
-      int v[(kSqueezedMaxClusters + 1 + kThreads - 1) / kThreads];
-      int n = 0;
-      for (int64_t c = tid; c <= C; c += kThreads, ++n) v[n] = c >= off ? max(start[c], start[c - off]) : start[c];
-      __syncthreads();
-      n = 0;
-      for (int64_t c = tid; c <= C; c += kThreads, ++n) start[c] = v[n];
-      __syncthreads();
-    }
+    load_cluster_starts(a, cx, g, start);
     // cum[c]: the kept tokens before cluster c (thread t scans clusters [t per, (t + 1) per))
     const int64_t per = (C + kThreads - 1) / kThreads, c0 = tid * per, c1 = c0 + per < C ? c0 + per : C;
     int local = 0;
