@@ -51,6 +51,16 @@ __device__ __forceinline__ void load_query(const T* q, const Args& a, int64_t b,
   __syncthreads();
 }
 
+// Element offset of token t's row of sequence b and kv head g in the paged cache, or -1 where the
+// page table cannot address it.
+__device__ __forceinline__ int64_t row_offset(const Args& a, int64_t b, int64_t g, int64_t t) {
+  const int64_t blk = t / a.ps;
+  if (t < 0 || blk >= a.maxp) return -1;
+  const int page = a.pt[b * a.maxp + blk];
+  if (page < 0 || page >= a.pages) return -1;
+  return ((page * a.ps + t % a.ps) * a.Hkv + g) * a.D;
+}
+
 // The cluster starts of context cx and kv head g into start[0..C] (shared memory, block-wide): each
 // clamped to the token list, then taken as a running maximum (Hillis-Steele; a barrier between the
 // reads and the writes), so that no device data can make a range run backwards or past the list.
@@ -200,14 +210,7 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const T* __restrict__ 
   float m = -INFINITY, l = 0.f, acc[kMaxDPL];
 #pragma unroll
   for (int i = 0; i < kMaxDPL; ++i) acc[i] = 0.f;
-  // row offset of token t of this sequence and kv head, or -1 where it cannot be addressed
-  auto row_of = [&](int64_t t) -> int64_t {
-    const int64_t blk = t / a.ps;
-    if (t < 0 || blk >= a.maxp) return -1;
-    const int page = a.pt[b * a.maxp + blk];
-    if (page < 0 || page >= a.pages) return -1;
-    return ((page * a.ps + t % a.ps) * a.Hkv + g) * a.D;
-  };
+  auto row_of = [&](int64_t t) { return row_offset(a, b, g, t); };
   // one step: lane i holds token t (t < 0: none)
   auto step = [&](int64_t t) {
     const int64_t base = t >= 0 ? row_of(t) : -1;
@@ -390,14 +393,7 @@ __global__ void __launch_bounds__(kThreads) attend_group_kernel(const T* __restr
       qv[hh][e] = hh < G && d < a.D ? to_f32(q[(b * a.Hq + g * G + hh) * a.D + d]) : 0.f;
     }
   }
-  // row offset of token t of this sequence and kv head, or -1 where it cannot be addressed
-  auto row_of = [&](int64_t t) -> int64_t {
-    const int64_t blk = t / a.ps;
-    if (t < 0 || blk >= a.maxp) return -1;
-    const int page = a.pt[b * a.maxp + blk];
-    if (page < 0 || page >= a.pages) return -1;
-    return ((page * a.ps + t % a.ps) * a.Hkv + g) * a.D;
-  };
+  auto row_of = [&](int64_t t) { return row_offset(a, b, g, t); };
   auto load_piece = [&](const T* base, float (&f)[8]) {
     if constexpr (VEC) {
       if (d0 < a.D) {
