@@ -288,6 +288,66 @@ describe('LoRA adapters on tiny-llama-gqa (CPU) against PEFT', () => {
   });
 });
 
+// S-LoRA over SqueezeLLM: the runtime adds each adapter's delta after the quantized projection. The
+// oracle is the classic merge, computed here from PEFT's own tensors: a dense model whose every
+// linear is the dequantized weight plus scale * B A.
+describe('LoRA adapters over SqueezeLLM weights (CPU)', () => {
+  test('logits equal the adapter merged into the dequantized weights', async () => {
+    const { quantizeModel, readSqueezeLinear, dequantize } = await import('../ts/quant/squeezellm');
+    const qdir = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-lora-q-')), ddir = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-lora-d-'));
+    let quant: Model | undefined, dense: Model | undefined;
+    try {
+      await quantizeModel(TINY, { bits: 4, outliers: 0.005, out: qdir, iters: 8 });
+      const acfg = JSON.parse(fs.readFileSync(path.join(B16, 'adapter_config.json'), 'utf8'));
+      const scale = acfg.lora_alpha / acfg.r;
+      const peft = SafetensorsFile.open(path.join(B16, 'adapter_model.safetensors'));
+      const qf = SafetensorsFile.open(path.join(qdir, 'model.safetensors'));
+      const orig = SafetensorsFile.open(path.join(TINY, 'model.safetensors'));
+      const tensors: Record<string, { dtype: string; shape: number[]; data: ArrayBufferView }> = {};
+      let merged = 0;
+      for (const name of orig.names()) {
+        const m = /^(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+_proj))\.weight$/.exec(name);
+        if (!m) {
+          tensors[name] = { dtype: 'F32', shape: qf.entry(name).shape, data: qf.readFloat32(name) };
+          continue;
+        }
+        const [N, K] = orig.entry(name).shape;
+        const w = dequantize(readSqueezeLinear(qf, m[1], K));
+        const pa = `base_model.model.${m[1]}.lora_A.weight`, pb = `base_model.model.${m[1]}.lora_B.weight`;
+        if (peft.has(pa)) {
+          const A = peft.readFloat32(pa), B = peft.readFloat32(pb), r = peft.entry(pa).shape[0];
+          for (let n = 0; n < N; n++)
+            for (let j = 0; j < r; j++) {
+              const b = scale * B[n * r + j];
+              for (let k = 0; k < K; k++) w[n * K + k] += b * A[j * K + k];
+            }
+          merged++;
+        }
+        tensors[name] = { dtype: 'F32', shape: [N, K], data: w };
+      }
+      [peft, qf, orig].forEach((f) => f.close());
+      expect(merged).toBe(4 * 4);  // q, k, v, o of every layer
+      writeSafetensors(path.join(ddir, 'model.safetensors'), tensors);
+      fs.copyFileSync(path.join(TINY, 'config.json'), path.join(ddir, 'config.json'));
+      const ref = SafetensorsFile.open(path.join(TINY, 'reference.safetensors'));
+      const ids = ref.readInt32('prompt_ids');
+      ref.close();
+      quant = await loadModel(qdir, { device: 'cpu', lora: { maxAdapters: 2, maxRank: 48 } });
+      await quant.loadAdapter(B16);
+      dense = await loadModel(ddir, { device: 'cpu' });
+      const got = await quant.logits(ids, { adapter: 'b16' }), want = await dense.logits(ids);
+      expect(relErr(got, want)).toBeLessThan(1e-4);
+      // and the same quantized model without the adapter is far from the merged one
+      expect(relErr(await quant.logits(ids), want)).toBeGreaterThan(0.1);
+    } finally {
+      await quant?.dispose();
+      await dense?.dispose();
+      fs.rmSync(qdir, { recursive: true, force: true });
+      fs.rmSync(ddir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('the adapter pool', () => {
   test('empty slots first, then the least recently used idle one; pinned slots are never taken', async () => {
     const cfg = loadConfig(TINY);
