@@ -267,12 +267,15 @@ export class Model {
    * Keeps the keys and values of a prompt prefix (text or token ids) in the KV cache: every later
    * request whose prompt starts with these tokens (and uses the same adapter) starts from them
    * instead of computing them again; its own tokens go into pages of its own, the prefix's full
-   * pages are shared. One prefill now; the pages stay taken until dispose(). Needs the fp16 cache
-   * (a KVQuant cache: ERR_UNSUPPORTED).
+   * pages are shared. One prefill now; the pages stay taken until dispose(). With a KVQuant cache
+   * the prefix's quantized pages and fp16 sink rows are shared the same way (the prefix holds a
+   * sequence slot; the rest of a prompt is then prefilled over the quantized prefix, as decode
+   * reads it); `squeeze` needs the fp16 cache (ERR_UNSUPPORTED).
    */
   async cachePrefix(prompt: string | ArrayLike<number>, opts: { adapter?: string; squeeze?: SqueezeOptions } = {}): Promise<CachedPrefix> {
     this.check();
-    if (this.kvq) throw new SqueezeError('ERR_UNSUPPORTED', 'cachePrefix: a quantized KV cache cannot share prefix pages yet');
+    if (this.kvq && opts.squeeze !== undefined)
+      throw new SqueezeError('ERR_UNSUPPORTED', 'cachePrefix: Squeezed Attention reads fp16 keys; a quantized KV cache cannot be squeezed');
     let ids: Int32Array;
     if (typeof prompt === 'string') {
       if (!this.tokenizer) throw new SqueezeError('ERR_ARG', 'cachePrefix: this model has no tokenizer; pass ids');

@@ -40,6 +40,15 @@ interface Sequence {
   slot: number;
 }
 
+/**
+ * Storage kept outside the fp16 pools but indexed by this cache's pages and slots (a quantized
+ * cache): fork() asks it to copy a partial page and the parent's slot rows.
+ */
+export interface PageStore {
+  copyPage(from: number, to: number): void;
+  copySlot(from: number, to: number): void;
+}
+
 export class KVCache {
   readonly pageSize: number;
   readonly numPages: number;
@@ -52,6 +61,7 @@ export class KVCache {
   /** Sequences holding each page (a page is free at 0). */
   private readonly refs: Int32Array;
   private freeSlots: number[] | undefined;
+  private readonly stores: PageStore[] = [];
   private seqs = new Map<number, Sequence>();
   private nextId = 1;
   private disposed = false;
@@ -156,16 +166,22 @@ export class KVCache {
     s.length = Math.max(s.length, length);
   }
 
+  /** Storage that fork() must copy along with the fp16 pools (see PageStore). */
+  addPageStore(store: PageStore): void {
+    this.stores.push(store);
+  }
+
   /**
    * A new sequence holding the first `length` tokens of `parent`: their full pages shared, a
-   * partial last page copied into a page of its own (k and v of every layer). Needs the fp16
-   * pages (storage); ERR_CONTEXT_LENGTH when no page is free for the copy.
+   * partial last page copied into a page of its own (k and v of every layer, and of every page
+   * store), the parent's slot rows copied to the new sequence's slot. Needs the fp16 pages
+   * (storage) or a page store; ERR_CONTEXT_LENGTH when no page is free for the copy.
    */
   fork(parent: number, length: number): number {
     const src = this.get(parent);
     if (!Number.isInteger(length) || length < 1 || length > src.length)
       throw new SqueezeError('ERR_ARG', `KV cache: cannot fork ${length} tokens of a sequence of ${src.length}`);
-    if (!this.k.length) throw new SqueezeError('ERR_UNSUPPORTED', 'KV cache: forking needs the fp16 page pools');
+    if (!this.k.length && !this.stores.length) throw new SqueezeError('ERR_UNSUPPORTED', 'KV cache: forking needs the fp16 page pools or a page store');
     const full = Math.floor(length / this.pageSize), partial = length % this.pageSize !== 0;
     if (partial && !this.freeList.length) throw new SqueezeError('ERR_CONTEXT_LENGTH', 'KV cache is full: no page for a forked sequence');
     const id = this.createSequence();
@@ -178,15 +194,17 @@ export class KVCache {
       const p = this.freeList.pop()!, q = src.pages[full];
       this.refs[p] = 1;
       s.pages.push(p);
-      const n = this.k[0].numel / this.numPages;  // elements per page
       for (const pool of [this.k, this.v])
         for (const t of pool) {
+          const n = t.numel / this.numPages;  // elements per page
           const dst = t.view(p * n, [n]), from = t.view(q * n, [n]);
           copy(dst, from);
           dst.dispose();
           from.dispose();
         }
+      for (const st of this.stores) st.copyPage(q, p);
     }
+    if (src.slot >= 0 && s.slot >= 0) for (const st of this.stores) st.copySlot(src.slot, s.slot);
     s.length = length;
     return id;
   }

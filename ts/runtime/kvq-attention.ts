@@ -20,7 +20,7 @@ import { DType, Tensor } from '../tensor';
 import * as ops from '../ops';
 import type { AttentionStep, PassInputs, Workspace } from '../model/llama';
 import type { ModelConfig } from '../model/config';
-import type { KVCache } from './kv-cache';
+import type { KVCache, PageStore } from './kv-cache';
 import {
   KvqCache, KvqLayerCalibration, kvBytesPerToken, kvqAttention, kvqAttentionWorkspaceSize, kvqRopeAppend,
 } from '../ops/kvquant';
@@ -83,7 +83,7 @@ interface State {
   dispose(): void;
 }
 
-export class QuantizedAttention implements AttentionStep {
+export class QuantizedAttention implements AttentionStep, PageStore {
   readonly calibration: KvqCalibration;
   readonly caches: KvqCache[] = [];
   readonly cal: KvqLayerCalibration[] = [];
@@ -107,10 +107,23 @@ export class QuantizedAttention implements AttentionStep {
       }
       // Post-RoPE keys are stored rotated: attention rotates them by angle 0 (the identity).
       this.keyFreq = calibration.postRope ? Tensor.from(new Float32Array(cfg.headDim / 2), [cfg.headDim / 2], { device }) : this.invFreq;
+      kv.addPageStore(this);
     } catch (e) {
       this.dispose();
       throw e;
     }
+  }
+
+  /** Copies page `from` of every layer (codes and metadata) to page `to` (a forked sequence's partial page). */
+  copyPage(from: number, to: number): void {
+    for (const c of this.caches)
+      for (const t of [c.kCodes, c.vCodes, c.meta]) copyRow(t, t.shape[0], from, to);
+  }
+
+  /** Copies the fp16 sink rows of slot `from` to slot `to` in every layer (a forked sequence's first tokens). */
+  copySlot(from: number, to: number): void {
+    for (const c of this.caches)
+      for (const t of [c.sinkK, c.sinkV]) copyRow(t, t.shape[0], from, to);
   }
 
   /** Bytes of every layer's quantized pool and sink store. */
@@ -202,5 +215,17 @@ export class QuantizedAttention implements AttentionStep {
     if (this.keyFreq !== this.invFreq) this.keyFreq?.dispose();
     this.keyFreq = undefined;
     this.invFreq.dispose();
+  }
+}
+
+/** Copies row `from` of the leading dimension (`rows` of them) of t to row `to`. */
+function copyRow(t: Tensor, rows: number, from: number, to: number): void {
+  const n = t.numel / rows;
+  const dst = t.view(to * n, [n]), src = t.view(from * n, [n]);
+  try {
+    ops.copy(dst, src);
+  } finally {
+    dst.dispose();
+    src.dispose();
   }
 }
