@@ -144,12 +144,10 @@ static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc
     for (const int S : splits) {
       a.S = S;
       std::vector<unsigned char> flags((size_t)B * Hq * a.max_clusters, 7);  // poisoned: select must write every flag it reads
-      std::vector<float> part((size_t)B * Hq * S * (D + 2), NAN), scores((size_t)B * Hq * a.max_clusters, NAN);
-      a.scores = scores.data();
+      std::vector<float> part((size_t)B * Hq * S * (D + 2), NAN);
       a.flags = flags.data();
       a.part = part.data();
       std::vector<float> got((size_t)B * Hq * D, NAN);
-      emu::run(dim3(Hkv, B, (C + kScoreChunk - 1) / kScoreChunk), dim3(kThreads), [&] { score_kernel<float>(q.data(), a); });
       emu::run(dim3(Hq, B), dim3(kThreads), [&] { select_kernel<float>(q.data(), a); });
       if (variant == 0) {
         emu::run(dim3(Hq, B, S), dim3(kThreads), [&] { attend_kernel<float>(q.data(), k.data(), v.data(), a); });

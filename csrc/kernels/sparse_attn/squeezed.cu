@@ -1,9 +1,8 @@
 // Squeezed Attention, decode (one query row per sequence) over the paged fp16/bf16 cache.
 //
-// Why this shape. Four launches. score: the centroid scores of each kv head's query heads, split
-// over blocks of 64 centroids (a warp per centroid, coalesced; each centroid read once for the
-// group). select: per (sequence, query head) one block sorts its scores in shared memory (bitonic,
-// ties to the lower cluster) and flags the topC clusters. attend, where a kv
+// Why this shape. Three launches. select: per (sequence, query head) one block scores the query
+// against its kv head's cluster centroids (a warp per centroid, coalesced), sorts the scores in
+// shared memory (bitonic, ties to the lower cluster) and flags the topC clusters. attend, where a kv
 // head serves at most 8 query heads (squeezed.cuh, attend_group_kernel): per (sequence, kv head) S
 // blocks (a split of the work, as flash-decoding splits the keys, so that batch 1 with few heads
 // still fills the GPU). Each key and value row is read once for the group's heads, with 16-byte
@@ -64,13 +63,12 @@ void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, co
   // splits: about two blocks per SM over all (sequence, kv head) or (sequence, head) pairs, at most 32
   const int64_t rows = B * a.Hq, blocks = GP ? B * a.Hkv : rows;
   a.S = (int)std::min<int64_t>(32, std::max<int64_t>(1, (2 * (int64_t)sm_count(dev) + blocks - 1) / blocks));
-  const size_t flag_bytes = ((size_t)rows * (size_t)a.max_clusters + 15) / 16 * 16, score_bytes = (size_t)rows * a.max_clusters * sizeof(float);
-  char* ws = static_cast<char*>(grow_scratch(Scratch::kSqueezed, dev, flag_bytes + score_bytes + (size_t)rows * a.S * (a.D + 2) * sizeof(float), s,
-                                             "squeezedAttention scratch"));
+  const size_t flag_bytes = ((size_t)rows * (size_t)a.max_clusters + 15) / 16 * 16;
+  char* ws = static_cast<char*>(
+      grow_scratch(Scratch::kSqueezed, dev, flag_bytes + (size_t)rows * a.S * (a.D + 2) * sizeof(float), s, "squeezedAttention scratch"));
   a.flags = reinterpret_cast<unsigned char*>(ws);
-  a.scores = reinterpret_cast<float*>(ws + flag_bytes);
-  a.part = reinterpret_cast<float*>(ws + flag_bytes + score_bytes);
-  const size_t sel_smem = (size_t)Cpad * 8, score_smem = (size_t)a.G * a.D * 4;
+  a.part = reinterpret_cast<float*>(ws + flag_bytes);
+  const size_t sel_smem = ((size_t)a.D * 4 + (size_t)Cpad * 8 + 15) / 16 * 16;
   const size_t att_smem =
       (std::max((size_t)a.D * 4 + (size_t)(a.max_clusters + 1) * 4 + (size_t)a.max_clusters, (size_t)kWarps * (a.D + 2) * 4) + 15) / 16 * 16;
   const size_t grp_smem = GP ? group_smem_bytes(a.max_clusters, GP, a.D) : 0;
@@ -87,10 +85,8 @@ void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, co
     else if (GP == 2) grouped(std::integral_constant<int, 2>{});
     else if (GP == 4) grouped(std::integral_constant<int, 4>{});
     else if (GP == 8) grouped(std::integral_constant<int, 8>{});
-    for (auto [kern, bytes] : {std::pair{(const void*)select_kernel<T>, sel_smem}, std::pair{(const void*)score_kernel<T>, score_smem},
-                               std::pair{attend, attend_bytes}})
+    for (auto [kern, bytes] : {std::pair{(const void*)select_kernel<T>, sel_smem}, std::pair{attend, attend_bytes}})
       if (bytes > 48 * 1024) cuda_check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), "squeezedAttention: smem");
-    score_kernel<T><<<dim3((unsigned)a.Hkv, (unsigned)B, (unsigned)((a.max_clusters + kScoreChunk - 1) / kScoreChunk)), kThreads, score_smem, s>>>(q.ptr<T>(), a);
     select_kernel<T><<<dim3((unsigned)a.Hq, (unsigned)B), kThreads, sel_smem, s>>>(q.ptr<T>(), a);
     const T* qp = q.ptr<T>();
     const T* kp = kc.ptr<T>();

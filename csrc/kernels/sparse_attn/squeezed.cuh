@@ -27,8 +27,7 @@ struct Args {
   const int* cs;
   const int* ct;
   int64_t n_contexts, cen_len, cs_len, ct_len;
-  float* scores;         // [B, Hq, max_clusters]: q . centroid (step 1a)
-  unsigned char* flags;  // [B, Hq, max_clusters]: the clusters each (sequence, query head) attends to
+  unsigned char* flags;  // [B, Hq, C]: the clusters each (sequence, query head) attends to
   float* part;           // [B, Hq, S, D + 2]: each split's unnormalised sums, then its maximum and sum
   int64_t pages, ps, Hkv, maxp, G, Hq, D;
   int max_clusters, S;
@@ -83,61 +82,12 @@ __device__ __forceinline__ void load_cluster_starts(const Args& a, const squeeze
   }
 }
 
-// Step 1a, grid (Hkv, B, ceil(max_clusters / kScoreChunk)): the scores q . centroid of the G query
-// heads of a kv head for kScoreChunk centroids, into a.scores. Split over many blocks so that the
-// centroid reads (C x D x 4 bytes per kv head) use the whole GPU, and each centroid is read once for
-// its G heads: a warp per centroid, the lanes along D, summed in a fixed shuffle order.
-constexpr int kScoreChunk = 64;
-template <class T>
-__global__ void __launch_bounds__(kThreads) score_kernel(const T* __restrict__ q, Args a) {
-  SQZ_DYNAMIC_SMEM(smem);
-  const int64_t g = blockIdx.x, b = blockIdx.y, c0 = (int64_t)blockIdx.z * kScoreChunk;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, G = (int)a.G;
-  int64_t len, P;
-  squeezed::Context cx{};
-  lengths(a, b, len, P, cx);
-  if (P == 0 || c0 >= cx.C) return;  // block-uniform
-  const int64_t C = cx.C;
-  float* qs = reinterpret_cast<float*>(smem);  // [G][D]
-  for (int64_t i = tid; i < G * a.D; i += kThreads) qs[i] = to_f32(q[(b * a.Hq + g * G) * a.D + i]);
-  __syncthreads();
-  const int dpl = (int)((a.D + 31) / 32);
-  constexpr int kPerWarp = kScoreChunk / kWarps, kInFlight = 4;
-  for (int u0 = 0; u0 < kPerWarp; u0 += kInFlight) {
-    float cv[kInFlight][kMaxDPL];
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      const int64_t c = c0 + warp * kPerWarp + u0 + u;
-      const float* cr = a.cen + cx.cen + (g * C + (c < C ? c : 0)) * a.D;
-#pragma unroll
-      for (int i = 0; i < kMaxDPL; ++i) {
-        const int64_t d = lane + 32 * i;
-        cv[u][i] = i < dpl && d < a.D && c < C ? cr[d] : 0.f;
-      }
-    }
-    for (int hh = 0; hh < G; ++hh) {
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        float sc = 0.f;
-#pragma unroll
-        for (int i = 0; i < kMaxDPL; ++i) {
-          const int64_t d = lane + 32 * i;
-          if (i < dpl && d < a.D) sc = fmaf(cv[u][i], qs[hh * a.D + d], sc);
-        }
-        for (int o = 16; o > 0; o >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, o);
-        const int64_t c = c0 + warp * kPerWarp + u0 + u;
-        if (lane == 0 && c < C) a.scores[(b * a.Hq + g * G + hh) * a.max_clusters + c] = sc;
-      }
-    }
-  }
-}
-
-// Step 1b, grid (Hq, B): the query head's scores (step 1a) sorted (bitonic, in shared memory), the
-// topC clusters flagged.
+// Step 1, grid (Hq, B): the query against its kv head's centroids, the scores sorted (bitonic, in
+// shared memory), the topC clusters flagged.
 template <class T>
 __global__ void __launch_bounds__(kThreads) select_kernel(const T* __restrict__ q, Args a) {
   SQZ_DYNAMIC_SMEM(smem);
-  const int64_t h = blockIdx.x, b = blockIdx.y;
+  const int64_t h = blockIdx.x, b = blockIdx.y, g = h / a.G;
   const int tid = threadIdx.x;
   int64_t len, P;
   squeezed::Context cx{};
@@ -146,14 +96,34 @@ __global__ void __launch_bounds__(kThreads) select_kernel(const T* __restrict__ 
   const int64_t C = cx.C;
   int Cpad = 1;
   while (Cpad < C) Cpad <<= 1;
-  float* key = reinterpret_cast<float*>(smem);    // [Cpad]
-  int* idx = reinterpret_cast<int*>(key + Cpad);  // [Cpad]
-  const float* sc = a.scores + (b * a.Hq + h) * a.max_clusters;
-  for (int i = tid; i < Cpad; i += kThreads) {
-    float s = i < C ? sc[i] : -INFINITY;
-    if (s != s) s = -INFINITY;  // NaN sorts last
-    key[i] = s;
-    idx[i] = i;
+  float* qf = reinterpret_cast<float*>(smem);      // [D]
+  float* key = qf + a.D;                            // [Cpad]
+  int* idx = reinterpret_cast<int*>(key + Cpad);    // [Cpad]
+  load_query(q, a, b, h, qf);
+  // a warp per centroid, the lanes along D (coalesced), four centroids in flight, each summed in a
+  // fixed shuffle order
+  const int lane = tid & 31, warp = tid >> 5;
+  constexpr int kInFlight = 4;
+  for (int i0 = warp * kInFlight; i0 < Cpad; i0 += kWarps * kInFlight) {
+    float s[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      s[u] = 0.f;
+      if (i0 + u < C) {
+        const float* c = a.cen + cx.cen + (g * C + i0 + u) * a.D;
+        for (int64_t d = lane; d < a.D; d += 32) s[u] = fmaf(c[d], qf[d], s[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      for (int o = 16; o > 0; o >>= 1) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+      const int i = i0 + u;
+      if (i >= C || s[u] != s[u]) s[u] = -INFINITY;  // padding and NaN sort last
+      if (lane == 0 && i < Cpad) {
+        key[i] = s[u];
+        idx[i] = i;
+      }
+    }
   }
   unsigned char* flags = a.flags + (b * a.Hq + h) * a.max_clusters;
   for (int64_t c = tid; c < C; c += kThreads) flags[c] = 0;
