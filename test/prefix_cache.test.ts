@@ -174,9 +174,12 @@ describe('cachePrefix on pycoder-mini (CPU)', () => {
       try {
         expect(await greedy(model, prompts, 'a8')).toEqual(plainA);
         expect(model.stats.prefixHits).toBe(h + 2);
+        // its keys came from a8: a8 stays loaded while the prefix lives
+        expect(() => model.unloadAdapter('a8')).toThrow(expect.objectContaining({ code: 'ERR_STATE' }));
       } finally {
         withA.dispose();
       }
+      expect(model.adapters).toContain('a8');
     } finally {
       base.dispose();
     }

@@ -121,7 +121,7 @@ export class Workspace {
   attnWork?: Tensor;
   /** Per-workspace state of an AttentionStep (scratch tensors), disposed with the workspace. */
   attnState?: { dispose(): void };
-  /** loraApply's workspace (CUDA, with an adapter pool; made on the workspace's first pass, which runs eagerly). */
+  /** loraApply's workspace (decode workspaces on CUDA with an adapter pool; elsewhere the op's own scratch). */
   loraWork?: Tensor;
   private all: Tensor[] = [];
 
@@ -308,10 +308,8 @@ export class Decoder {
             made.push(t);
             let at = 0;
             for (const c of contexts) {
-              const src = c.layers[l][name], dst = t.view(at, [src.numel]), from = src.view(0, [src.numel]);
-              ops.copy(dst, from);
-              dst.dispose();
-              from.dispose();
+              const src = c.layers[l][name];
+              ops.copyRange(t, at, src, 0, src.numel);
               at += src.numel;
             }
             return t;
@@ -333,6 +331,13 @@ export class Decoder {
 
   unbindSqueezed(seq: number): void {
     this.seqSqueezed.delete(seq);
+  }
+
+  /** Drops a sequence's adapter and squeezed-context bindings and returns its pages to the cache. */
+  freeSequence(seq: number): void {
+    this.seqAdapter.delete(seq);
+    this.seqSqueezed.delete(seq);
+    this.cache.free(seq);
   }
 
   workspace(T: number, B: number, allLogits: boolean): Workspace {
@@ -362,6 +367,14 @@ export class Decoder {
           ws.dispose();
           throw e;
         }
+      }
+    }
+    if (this.lora && this.device !== 'cpu') {
+      try {
+        ws.loraWork = Tensor.empty([Math.max(1, ops.loraWorkspaceSize(this.device, B, this.lora.rankRows))], { dtype: 'f32', device: this.device });
+      } catch (e) {
+        ws.dispose();
+        throw e;
       }
     }
     return ws;
@@ -413,15 +426,10 @@ export class Decoder {
     if (ws.logitRows !== ws.T) ws.lastIdx.write(p.lastIdx);
     ws.squeezed = !!this.squeeze && p.prefixLens.some((x) => x > 0);
     if (ws.squeezed) {
-      const fit = (a: Int32Array, fill: number) => (a.length === ws.B ? a : Int32Array.from({ length: ws.B }, (_, i) => a[i] ?? fill));
-      ws.prefixLens.write(fit(p.prefixLens, 0));
-      ws.contextOf.write(fit(p.contextOf, -1));
+      ws.prefixLens.write(p.prefixLens);
+      ws.contextOf.write(p.contextOf);
     }
-    if (this.lora) {
-      // rows past the pass's own (a workspace larger than the pass) use no adapter
-      const rows = p.loraSlots.length === ws.T ? p.loraSlots : Int32Array.from({ length: ws.T }, (_, i) => (i < p.loraSlots.length ? p.loraSlots[i] : -1));
-      ws.loraSlots.write(rows);
-    }
+    if (this.lora) ws.loraSlots.write(p.loraSlots);
     if (this.attn) {
       ws.slots.write(p.slots);  // read only by another cache's attention (sink rows per sequence)
       this.attn.write(ws, p);
@@ -448,10 +456,7 @@ export class Decoder {
     } else {
       ops.embedding(ws.x, ws.ids, w.embed);
     }
-    const lora = this.lora;
-    if (lora && this.device !== 'cpu' && !ws.loraWork)
-      ws.loraWork = Tensor.empty([Math.max(1, ops.loraWorkspaceSize(this.device, ws.T, lora.rankRows))], { dtype: 'f32', device: this.device });
-    const lw = ws.loraWork;
+    const lora = this.lora, lw = ws.loraWork;
     for (let l = from; l < to; l++) {
       const L = w.layers[l];
       if (l === 0) ops.rmsNorm(ws.h, ws.x, L.ln1, eps);

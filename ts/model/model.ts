@@ -111,9 +111,9 @@ export class Model {
   private readonly scheduler: Scheduler;
   private disposed = false;
   private inflight = new Set<Promise<unknown>>();
-  private prefixEntries = new WeakMap<CachedPrefix, PrefixEntry>();
+  /** The live cached prefixes (removed when disposed; the rest are disposed with the model). */
+  private readonly prefixEntries = new Map<CachedPrefix, PrefixEntry>();
   /** The graphs setting before the first squeezed context turned graphs off. */
-  private graphsBeforeSqueeze = false;
 
   /** @internal use loadModel / createRandomModel */
   constructor(cfg: ModelConfig, tok: Tokenizer | undefined, device: string, act: DType, w: ModelWeights, o: LoadOptions,
@@ -128,6 +128,7 @@ export class Model {
     const maxBatch = o.maxBatch ?? 8;
     if (!Number.isInteger(maxBatch) || maxBatch < 1) throw new SqueezeError('ERR_ARG', `maxBatch must be a positive integer, got ${maxBatch}`);
     const maxContext = contextOf(cfg, o);
+    if (o.lora && typeof o.lora !== 'object') throw new SqueezeError('ERR_ARG', 'lora must be an object ({ maxAdapters?, maxRank? })');
     const pageSize = o.pageSize ?? 16;
     const pagesPerSeq = Math.ceil(maxContext / pageSize);
     let pages = o.kvPages ?? pagesPerSeq * maxBatch;
@@ -154,7 +155,6 @@ export class Model {
     }
     this.kvq = attn;
     if (o.lora) {
-      if (typeof o.lora !== 'object') throw new SqueezeError('ERR_ARG', 'lora must be an object ({ maxAdapters?, maxRank? })');
       try {
         this.decoder.lora = new LoraPool(cfg, device, act, o.lora);
       } catch (e) {
@@ -167,9 +167,13 @@ export class Model {
     this.scheduler = new Scheduler(this.decoder, tok, { maxBatch, graphs, eosTokenIds: cfg.eosTokenIds });
   }
 
-  /** Whether decode steps replay CUDA graphs (settable; never on the CPU). */
+  /**
+   * Whether decode steps replay CUDA graphs now (never on the CPU, and not while a squeezed context
+   * is cached: its steps run eagerly). Setting it sets the preference, which holds again once the
+   * last squeezed context is gone.
+   */
   get graphs(): boolean {
-    return this.scheduler.o.graphs;
+    return this.scheduler.o.graphs && this.decoder.squeezedContexts === 0;
   }
 
   set graphs(on: boolean) {
@@ -260,6 +264,10 @@ export class Model {
     this.check();
     const pool = this.decoder.lora;
     if (!pool) throw new SqueezeError('ERR_ARG', 'unloadAdapter: this model was loaded without LoRA support');
+    // A cached prefix's keys and values were computed with this adapter: another adapter loaded
+    // later under the same name must not inherit them.
+    const held = [...this.prefixEntries.values()].filter((e) => e.adapter === name).length;
+    if (held) throw new SqueezeError('ERR_STATE', `unloadAdapter: ${held} cached prefix(es) were computed with '${name}'; dispose them first`);
     pool.unregister(name);
   }
 
@@ -311,8 +319,7 @@ export class Model {
       }
       await this.track(this.prefillInto(seq, ids));
     } catch (e) {
-      this.decoder.unbindAdapter(seq);
-      this.cache.free(seq);
+      this.decoder.freeSequence(seq);
       if (slot !== undefined) this.decoder.lora!.release(slot);
       throw e;
     }
@@ -334,19 +341,11 @@ export class Model {
         disposeSqueezed(squeezed);
         throw e;
       }
-      // which attention a decode step runs now depends on its batch: no captured graphs meanwhile
-      if (this.decoder.squeezedContexts === 1) {
-        this.graphsBeforeSqueeze = this.scheduler.o.graphs;
-        this.scheduler.o.graphs = false;
-      }
     }
     const entry: PrefixEntry = { seq, ids, adapter, squeezed };
     this.scheduler.addPrefix(entry);
     let disposed = false;
-    const cache = this.cache, scheduler = this.scheduler, decoder = this.decoder;
-    const restoreGraphs = () => {
-      if (decoder.squeezedContexts === 0) scheduler.o.graphs = this.graphsBeforeSqueeze;
-    };
+    const cache = this.cache, scheduler = this.scheduler, decoder = this.decoder, entries = this.prefixEntries;
     const handle: CachedPrefix = {
       length: ids.length,
       adapter,
@@ -358,13 +357,13 @@ export class Model {
       dispose() {
         if (disposed) return;
         disposed = true;
+        entries.delete(handle);
         scheduler.removePrefix(entry);
         cache.free(seq);  // requests forked from it keep the pages they share until they end
         if (squeezed) {
           // requests still running on it attend densely from their next step on (their pages are theirs)
           decoder.removeSqueezed(squeezed);
           disposeSqueezed(squeezed);  // (freed once the work queued on it is done)
-          restoreGraphs();
         }
       },
     };
@@ -386,30 +385,7 @@ export class Model {
     if (!B || L < P + 2 || windows.some((w) => w.length !== L || entry.ids.some((x, i) => w[i] !== x)))
       throw new SqueezeError('ERR_ARG', 'prefixNll: windows must share one length > prefix + 1 and start with the prefix');
     windows.forEach((w, i) => this.checkIds(w, `prefixNll[${i}]`));
-    const ids: number[] = [];
-    const sums = new Float64Array(B);
-    let ws: ReturnType<Decoder['decodeWorkspace']> | undefined;
-    try {
-      for (let b = 0; b < B; b++) {
-        ids.push(this.cache.fork(entry.seq, P));
-        if (entry.squeezed) this.decoder.bindSqueezed(ids[b], entry.squeezed, P);
-      }
-      ws = this.decoder.decodeWorkspace(B, L);
-      for (let t = P; t < L - 1; t++) {
-        for (const id of ids) this.cache.grow(id, t + 1);
-        this.decoder.write(ws, this.decoder.inputs(ids, windows.map((w) => [w[t]]), B));
-        this.decoder.forward(ws, 1, L);
-        const nll = await tokenNllRows(await ws.logits.toFloat32(), V, Int32Array.from(windows, (w) => w[t + 1]));
-        for (let b = 0; b < B; b++) sums[b] += nll[b];
-      }
-    } finally {
-      ws?.dispose();
-      ids.forEach((id) => {
-        this.decoder.unbindSqueezed(id);
-        this.cache.free(id);
-      });
-    }
-    return Array.from(sums, (x) => x / (L - 1 - P));
+    return this.track(this.runDecodeNll(windows, L, undefined, undefined, entry));
   }
 
   /** The cluster index of a prefix sequence's keys, layer by layer, on the model's device. */
@@ -545,10 +521,7 @@ export class Model {
         ws.dispose();
       }
     } finally {
-      ids.forEach((id) => {
-        this.decoder.unbindAdapter(id);
-        this.cache.free(id);
-      });
+      ids.forEach((id) => this.decoder.freeSequence(id));
       held.forEach((s) => this.decoder.lora!.release(s));
     }
   }
@@ -570,8 +543,13 @@ export class Model {
     return this.track(this.runDecodeNll(windows, L, onStep, adapter));
   }
 
-  private async runDecodeNll(windows: Int32Array[], L: number, onStep?: (done: number, total: number) => void, adapter?: string): Promise<number[]> {
-    const B = windows.length, V = this.config.vocabSize;
+  /**
+   * Windows fed token by token: from position 0, or, with `prefix`, from forks of a cached prefix
+   * (bound to its squeezed context, if any) from its length on.
+   */
+  private async runDecodeNll(windows: Int32Array[], L: number, onStep?: (done: number, total: number) => void, adapter?: string,
+    prefix?: PrefixEntry): Promise<number[]> {
+    const B = windows.length, V = this.config.vocabSize, P = prefix?.ids.length ?? 0;
     const ids: number[] = [];
     const sums = new Float64Array(B);
     let ws: ReturnType<Decoder['decodeWorkspace']> | undefined;
@@ -582,11 +560,12 @@ export class Model {
         if (slot === undefined) throw new SqueezeError('ERR_STATE', `decodeNll: every adapter slot is in use; '${adapter}' cannot be made resident now`);
       }
       for (let b = 0; b < B; b++) {
-        ids.push(this.cache.createSequence());
+        ids.push(prefix ? this.cache.fork(prefix.seq, P) : this.cache.createSequence());
         if (slot !== undefined) this.decoder.bindAdapter(ids[b], slot);
+        if (prefix?.squeezed) this.decoder.bindSqueezed(ids[b], prefix.squeezed, P);
       }
       ws = this.decoder.decodeWorkspace(B, L);
-      for (let t = 0; t < L - 1; t++) {
+      for (let t = P; t < L - 1; t++) {
         for (const id of ids) this.cache.grow(id, t + 1);
         this.decoder.write(ws, this.decoder.inputs(ids, windows.map((w) => [w[t]]), B));
         this.decoder.forward(ws, 1, L);
@@ -597,13 +576,10 @@ export class Model {
       }
     } finally {
       ws?.dispose();
-      ids.forEach((id) => {
-        this.decoder.unbindAdapter(id);
-        this.cache.free(id);
-      });
+      ids.forEach((id) => this.decoder.freeSequence(id));
       if (slot !== undefined) this.decoder.lora!.release(slot);
     }
-    return Array.from(sums, (s) => s / (L - 1));
+    return Array.from(sums, (s) => s / (L - 1 - P));
   }
 
   /**
@@ -632,6 +608,7 @@ export class Model {
     this.disposed = true;
     await this.scheduler.close();
     await Promise.allSettled([...this.inflight]);
+    for (const handle of [...this.prefixEntries.keys()]) handle.dispose();  // their squeezed indexes too
     this.decoder.dispose();
     this.cache.dispose();
     disposeWeights(this.weights);

@@ -10,7 +10,7 @@
  */
 import { SqueezeError } from '../errors';
 import { DType, Tensor } from '../tensor';
-import { copy } from '../ops/basic';
+import { copyRange } from '../ops/basic';
 
 export interface KVCacheOptions {
   device: string;
@@ -197,10 +197,7 @@ export class KVCache {
       for (const pool of [this.k, this.v])
         for (const t of pool) {
           const n = t.numel / this.numPages;  // elements per page
-          const dst = t.view(p * n, [n]), from = t.view(q * n, [n]);
-          copy(dst, from);
-          dst.dispose();
-          from.dispose();
+          copyRange(t, p * n, t, q * n, n);
         }
       for (const st of this.stores) st.copyPage(q, p);
     }

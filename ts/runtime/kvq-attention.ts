@@ -117,13 +117,13 @@ export class QuantizedAttention implements AttentionStep, PageStore {
   /** Copies page `from` of every layer (codes and metadata) to page `to` (a forked sequence's partial page). */
   copyPage(from: number, to: number): void {
     for (const c of this.caches)
-      for (const t of [c.kCodes, c.vCodes, c.meta]) copyRow(t, t.shape[0], from, to);
+      for (const t of [c.kCodes, c.vCodes, c.meta]) copyRow(t, from, to);
   }
 
   /** Copies the fp16 sink rows of slot `from` to slot `to` in every layer (a forked sequence's first tokens). */
   copySlot(from: number, to: number): void {
     for (const c of this.caches)
-      for (const t of [c.sinkK, c.sinkV]) copyRow(t, t.shape[0], from, to);
+      for (const t of [c.sinkK, c.sinkV]) copyRow(t, from, to);
   }
 
   /** Bytes of every layer's quantized pool and sink store. */
@@ -218,14 +218,8 @@ export class QuantizedAttention implements AttentionStep, PageStore {
   }
 }
 
-/** Copies row `from` of the leading dimension (`rows` of them) of t to row `to`. */
-function copyRow(t: Tensor, rows: number, from: number, to: number): void {
-  const n = t.numel / rows;
-  const dst = t.view(to * n, [n]), src = t.view(from * n, [n]);
-  try {
-    ops.copy(dst, src);
-  } finally {
-    dst.dispose();
-    src.dispose();
-  }
+/** Copies row `from` of t's leading dimension to row `to`. */
+function copyRow(t: Tensor, from: number, to: number): void {
+  const n = t.numel / t.shape[0];
+  ops.copyRange(t, to * n, t, from * n, n);
 }

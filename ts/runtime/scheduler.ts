@@ -40,6 +40,8 @@ export interface GenerateEvent {
 /** A request's tokens; finishReason is set once it has ended. */
 export interface GenerationStream extends AsyncIterableIterator<GenerateEvent> {
   readonly finishReason?: FinishReason;
+  /** Tokens sampled so far (an ending eos included, which the events may not show). */
+  readonly tokens: number;
 }
 
 export type FinishReason = 'length' | 'eos' | 'stop' | 'abort' | 'error';
@@ -171,6 +173,7 @@ export class Scheduler {
     this.kick();
     const it = this.iterate(req) as GenerationStream;
     Object.defineProperty(it, 'finishReason', { get: () => req.finishReason });
+    Object.defineProperty(it, 'tokens', { get: () => req.generated.length });
     return it;
   }
 
@@ -274,11 +277,7 @@ export class Scheduler {
     r.done = true;
     r.finishReason = reason;
     r.error = err;
-    if (r.seq) {
-      this.dec.unbindAdapter(r.seq);
-      this.dec.unbindSqueezed(r.seq);
-      this.dec.cache.free(r.seq);
-    }
+    if (r.seq) this.dec.freeSequence(r.seq);
     r.seq = 0;
     if (r.loraSlot >= 0) this.dec.lora?.release(r.loraSlot);
     r.loraSlot = -1;
@@ -458,10 +457,19 @@ export class Scheduler {
    * size (or graphs off), nobody waiting to join, every request of the batch still running and
    * below its token limit after the token in flight, and room in the cache for one more token each.
    */
+  /**
+   * Whether this step may replay or capture a graph: the user's setting, and no squeezed context
+   * (which attention a step runs then depends on its batch, and the context arrays move when one is
+   * added or removed). Graphs captured before a context came stay valid for when the last one goes.
+   */
+  private get graphsNow(): boolean {
+    return this.o.graphs && this.dec.squeezedContexts === 0;
+  }
+
   private canRunAhead(batch: Req[]): boolean {
     if (this.closed || this.pending.length || !sameBatch(batch, this.active)) return false;
     const s = this.slots.get(batch.length);
-    if (!s || (this.o.graphs && !s.graph && !s.captureError)) return false;
+    if (!s || (this.graphsNow && !s.graph && !s.captureError)) return false;
     const cache = this.dec.cache;
     let pages = 0;
     for (const r of batch) {
@@ -488,10 +496,10 @@ export class Scheduler {
     // One maxSeqLen for eager and graph steps so both run the same kernels.
     const maxSeqLen = this.dec.cache.maxContext;
     this.stats.steps++;
-    if (s.graph && this.o.graphs) {
+    if (s.graph && this.graphsNow) {
       s.graph.replay();
       this.stats.graphReplays++;
-    } else if (this.o.graphs && s.eagerRuns >= 1 && !s.captureError && !ahead) {
+    } else if (this.graphsNow && s.eagerRuns >= 1 && !s.captureError && !ahead) {
       const n = native();
       let graph: NativeGraph | undefined;
       n.captureBegin(this.dec.device);

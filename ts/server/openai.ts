@@ -10,6 +10,8 @@
  * logprobs, echo, suffix, best_of > n, non-zero presence/frequency penalties, logit_bias,
  * tools, non-text response formats and content parts.
  */
+import { randomBytes } from 'crypto';
+import { isSqueezeError } from '../errors';
 import type { ChatMessage } from '../model/tokenizer';
 import type { FinishReason } from '../runtime/scheduler';
 
@@ -33,7 +35,7 @@ export function errorBody(e: unknown): { status: number; body: { error: { messag
   const message = typeof err?.message === 'string' ? err.message : String(e);
   if (err?.name === 'ApiError')
     return { status: err.status!, body: { error: { message, type: err.type!, param: err.param ?? null, code: (err.code as string | null) ?? null } } };
-  const code = typeof err?.code === 'string' && err.name === 'SqueezeError' ? err.code : 'ERR_INTERNAL';
+  const code = isSqueezeError(e) ? e.code : 'ERR_INTERNAL';
   const map: Record<string, [number, string, string | null]> = {
     ERR_ARG: [400, 'invalid_request_error', null],
     ERR_UNSUPPORTED: [400, 'invalid_request_error', 'unsupported'],
@@ -241,15 +243,7 @@ export function usage(prompt: number, completion: number): Usage {
 
 /** Response ids: a prefix and 24 random hex digits. */
 export function responseId(prefix: 'cmpl' | 'chatcmpl'): string {
-  let s = '';
-  for (let i = 0; i < 24; i++) s += ((Math.random() * 16) | 0).toString(16);
-  return `${prefix}-${s}`;
-}
-
-/** Rejects a request for another model (404, as the OpenAI API does). */
-export function checkModel(requested: string | undefined, served: string): void {
-  if (requested !== undefined && requested !== served)
-    throw new ApiError(404, `The model '${requested}' does not exist (this server serves '${served}')`, 'invalid_request_error', 'model', 'model_not_found');
+  return `${prefix}-${randomBytes(12).toString('hex')}`;
 }
 
 /**

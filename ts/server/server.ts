@@ -11,12 +11,14 @@
  * refuses gets the OpenAI error object with a 4xx status and touches nothing else. The server
  * never disposes the model: its owner does, after close().
  */
+import { timingSafeEqual } from 'crypto';
 import * as http from 'http';
 import type { AddressInfo } from 'net';
+import { SqueezeError } from '../errors';
 import type { Model } from '../model/model';
 import type { GenerationStream } from '../runtime/scheduler';
 import {
-  ApiError, ChatPlan, CompletionPlan, PromptInput, SamplingPlan, Usage, checkModel, errorBody, finishReason, parseChat, parseCompletion,
+  ApiError, ChatPlan, CompletionPlan, PromptInput, SamplingPlan, Usage, errorBody, finishReason, parseChat, parseCompletion,
   responseId, tokenBudget, usage,
 } from './openai';
 
@@ -48,6 +50,14 @@ export interface ListenInfo {
   url: string;
 }
 
+type Handler = (req: http.IncomingMessage, res: http.ServerResponse) => Promise<number | void>;
+
+/** Whether an Authorization header equals the expected bytes, in time independent of where they differ. */
+function sameBytes(header: string | undefined, want: Buffer): boolean {
+  const got = Buffer.from(header ?? '');
+  return got.length === want.length && timingSafeEqual(got, want);
+}
+
 interface Choice {
   index: number;
   stream: GenerationStream;
@@ -63,14 +73,33 @@ export class SqueezeServer {
   private pendingChoices = 0;
   private closing = false;
   private readonly created = Math.floor(Date.now() / 1000);
+  /** `Bearer <apiKey>` as bytes, compared in constant time. */
+  private readonly apiKey: Buffer | undefined;
+  private readonly routes: Record<string, Record<string, Handler>> = {
+    '/health': {
+      GET: async (_req, res) => {
+        const st = this.model.stats;
+        this.json(res, 200, {
+          status: 'ok', model: this.modelName, pending: this.pendingChoices,
+          stats: { steps: st.steps, prefills: st.prefills, prefixHits: st.prefixHits, prefixTokens: st.prefixTokens },
+        });
+      },
+    },
+    '/v1/models': { GET: async (_req, res) => this.json(res, 200, { object: 'list', data: [this.modelCard(), ...this.model.adapters.map((a) => this.modelCard(a))] }) },
+    '/v1/completions': { POST: async (req, res) => this.completions(res, parseCompletion(await this.body(req))) },
+    '/v1/chat/completions': { POST: async (req, res) => this.chat(res, parseChat(await this.body(req))) },
+    '/v1/load_lora_adapter': { POST: async (req, res) => this.loadAdapter(res, await this.body(req)) },
+    '/v1/unload_lora_adapter': { POST: async (req, res) => this.unloadAdapter(res, await this.body(req)) },
+  };
 
   constructor(private readonly model: Model, opts: ServerOptions = {}) {
     const posInt = (v: number | undefined, name: string, d: number) => {
       if (v === undefined) return d;
-      if (!Number.isInteger(v) || v < 1) throw new ApiError(500, `createServer: ${name} must be a positive integer, got ${v}`);
+      if (!Number.isInteger(v) || v < 1) throw new SqueezeError('ERR_ARG', `createServer: ${name} must be a positive integer, got ${v}`);
       return v;
     };
     this.modelName = opts.modelName ?? 'squeezelm';
+    this.apiKey = opts.apiKey === undefined ? undefined : Buffer.from(`Bearer ${opts.apiKey}`);
     this.o = {
       modelName: this.modelName,
       apiKey: opts.apiKey,
@@ -141,38 +170,27 @@ export class SqueezeServer {
         return;
       }
       if (this.closing) throw new ApiError(503, 'the server is shutting down', 'server_error', null, 'shutting_down');
-      if (path !== '/health' && this.o.apiKey !== undefined && req.headers.authorization !== `Bearer ${this.o.apiKey}`)
+      if (path !== '/health' && this.apiKey !== undefined && !sameBytes(req.headers.authorization, this.apiKey))
         throw new ApiError(401, 'missing or wrong API key (Authorization: Bearer <key>)', 'invalid_request_error', null, 'invalid_api_key');
-      const routes: Record<string, Record<string, () => Promise<number | void>>> = {
-        '/health': {
-          GET: async () => {
-            const st = this.model.stats;
-            this.json(res, 200, {
-              status: 'ok', model: this.modelName, pending: this.pendingChoices,
-              stats: { steps: st.steps, prefills: st.prefills, prefixHits: st.prefixHits, prefixTokens: st.prefixTokens },
-            });
-          },
-        },
-        '/v1/models': { GET: async () => this.json(res, 200, { object: 'list', data: [this.modelCard(), ...this.model.adapters.map((a) => this.modelCard(a))] }) },
-        '/v1/completions': { POST: async () => this.completions(res, parseCompletion(await this.body(req))) },
-        '/v1/chat/completions': { POST: async () => this.chat(res, parseChat(await this.body(req))) },
-        '/v1/load_lora_adapter': { POST: async () => this.loadAdapter(res, await this.body(req)) },
-        '/v1/unload_lora_adapter': { POST: async () => this.unloadAdapter(res, await this.body(req)) },
-      };
       const m = /^\/v1\/models\/(.+)$/.exec(path);
       if (m && req.method === 'GET') {
-        const id = decodeURIComponent(m[1]);
+        let id: string;
+        try {
+          id = decodeURIComponent(m[1]);
+        } catch {
+          throw new ApiError(400, `'${m[1]}' is not a valid URL component`, 'invalid_request_error', 'model');
+        }
         this.json(res, 200, this.modelCard(this.adapterFor(id)));
         return;
       }
-      const route = routes[path];
+      const route = this.routes[path];
       if (!route) throw new ApiError(404, `no route ${req.method} ${path}`, 'invalid_request_error', null, 'not_found');
       const fn = route[req.method ?? ''];
       if (!fn) {
         res.setHeader('Allow', Object.keys(route).join(', '));
         throw new ApiError(405, `${req.method} is not allowed on ${path} (${Object.keys(route).join(', ')})`, 'invalid_request_error', null, 'method_not_allowed');
       }
-      tokens = (await fn()) ?? 0;
+      tokens = (await fn(req, res)) ?? 0;
     } catch (e) {
       this.fail(req, res, e);
     } finally {
@@ -221,8 +239,7 @@ export class SqueezeServer {
   private adapterFor(requested: string | undefined): string | undefined {
     if (requested === undefined || requested === this.modelName) return undefined;
     if (this.model.adapters.includes(requested)) return requested;
-    checkModel(requested, this.modelName);
-    return undefined;
+    throw new ApiError(404, `The model '${requested}' does not exist (this server serves '${this.modelName}')`, 'invalid_request_error', 'model', 'model_not_found');
   }
 
   private json(res: http.ServerResponse, status: number, body: unknown): void {
@@ -344,18 +361,16 @@ export class SqueezeServer {
   /** Runs the choices to the end (stream: one event per piece of text), answering the client. */
   private async run(
     res: http.ServerResponse, plan: SamplingPlan, prompts: Int32Array[], fallbackTokens: number,
-    shape: ResponseShape,
+    shape: ResponseShape, adapter: string | undefined,
   ): Promise<number> {
     const ctl = new AbortController();
-    const choices = this.submit(plan, prompts, fallbackTokens, ctl, this.adapterFor(plan.model));
+    const choices = this.submit(plan, prompts, fallbackTokens, ctl, adapter);
     this.controllers.add(ctl);
     // The client went away before the answer was complete: stop generating for it.
     const onClose = () => {
       if (!res.writableFinished) ctl.abort();
     };
     res.on('close', onClose);
-    const eos = new Set(this.model.config.eosTokenIds);
-    const counts = choices.map(() => 0);
     // each choice leaves the pending count once, when its stream has ended (or never started)
     const live = new Set(choices);
     const ended = (c: Choice) => {
@@ -371,12 +386,9 @@ export class SqueezeServer {
         };
         choices.forEach((c) => shape.first && send(shape.chunk(c.index, shape.first, null)));
         await Promise.all(
-          choices.map(async (c, k) => {
+          choices.map(async (c) => {
             try {
-              for await (const e of c.stream) {
-                if (!eos.has(e.id)) counts[k]++;
-                if (e.text) send(shape.chunk(c.index, shape.piece(e.text), null));
-              }
+              for await (const e of c.stream) if (e.text) send(shape.chunk(c.index, shape.piece(e.text), null));
             } finally {
               ended(c);
             }
@@ -386,7 +398,7 @@ export class SqueezeServer {
         );
         // Cut short by close(): an error event instead of [DONE], so the client knows the text is incomplete.
         if (ctl.signal.aborted && this.closing) throw new ApiError(503, 'the server shut down while generating', 'server_error', null, 'shutting_down');
-        const completion = this.completionTokens(choices, counts);
+        const completion = choices.reduce((n, c) => n + c.stream.tokens, 0);
         if (plan.includeUsage) send(shape.usageChunk(usage(promptTokens, completion)));
         if (!res.writableEnded && !res.destroyed) res.end('data: [DONE]\n\n');
         return completion;
@@ -395,10 +407,7 @@ export class SqueezeServer {
       await Promise.all(
         choices.map(async (c, k) => {
           try {
-            for await (const e of c.stream) {
-              if (!eos.has(e.id)) counts[k]++;
-              texts[k] += e.text;
-            }
+            for await (const e of c.stream) texts[k] += e.text;
           } finally {
             ended(c);
           }
@@ -409,7 +418,7 @@ export class SqueezeServer {
         if (this.closing) throw new ApiError(503, 'the server shut down while generating', 'server_error', null, 'shutting_down');
         return 0;
       }
-      const completion = this.completionTokens(choices, counts);
+      const completion = choices.reduce((n, c) => n + c.stream.tokens, 0);
       this.json(res, 200, shape.full(choices.map((c, k) => ({ index: c.index, text: texts[k], finish: finishReason(c.stream.finishReason) })), usage(promptTokens, completion)));
       return completion;
     } catch (e) {
@@ -422,17 +431,8 @@ export class SqueezeServer {
     }
   }
 
-  /**
-   * Tokens generated: the stream has one event per sampled token but the eos token, which has
-   * an event only where it released held-back text (so events with an eos id are not counted);
-   * a choice that ended on eos generated that token too.
-   */
-  private completionTokens(choices: Choice[], counts: number[]): number {
-    return choices.reduce((s, c, k) => s + counts[k] + (c.stream.finishReason === 'eos' ? 1 : 0), 0);
-  }
-
   private async completions(res: http.ServerResponse, plan: CompletionPlan): Promise<number> {
-    this.adapterFor(plan.model);
+    const adapter = this.adapterFor(plan.model);
     const prompts = plan.prompts.map((p) => this.tokenize(p));
     const id = responseId('cmpl'), created = Math.floor(Date.now() / 1000), model = plan.model ?? this.modelName;
     const head = { id, object: 'text_completion', created, model };
@@ -443,11 +443,11 @@ export class SqueezeServer {
       chunk: (index, part, finish) => ({ ...head, choices: [{ index, ...(part as object), logprobs: null, finish_reason: finish }] }),
       usageChunk: (u) => ({ ...head, choices: [], usage: u }),
       full: (cs, u) => ({ ...head, choices: cs.map((c) => ({ index: c.index, text: c.text, logprobs: null, finish_reason: c.finish })), usage: u }),
-    });
+    }, adapter);
   }
 
   private async chat(res: http.ServerResponse, plan: ChatPlan): Promise<number> {
-    this.adapterFor(plan.model);
+    const adapter = this.adapterFor(plan.model);
     const tok = this.model.tokenizer;
     if (!tok) throw new ApiError(400, 'this model has no tokenizer, so it cannot chat', 'invalid_request_error', 'messages', 'no_tokenizer');
     if (!tok.hasChatTemplate)
@@ -474,7 +474,7 @@ export class SqueezeServer {
         choices: cs.map((c) => ({ index: c.index, message: { role: 'assistant', content: c.text }, logprobs: null, finish_reason: c.finish })),
         usage: u,
       }),
-    });
+    }, adapter);
   }
 }
 
