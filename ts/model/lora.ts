@@ -14,7 +14,6 @@ import * as path from 'path';
 import { SqueezeError } from '../errors';
 import { ModelConfig } from './config';
 import { SafetensorsFile } from './safetensors';
-import { bf16BitsToFloat32, f16BitsToFloat32 } from '../util/half';
 
 /** The decoder's linear sites, in forward order. */
 export type LoraSite = 'qkv' | 'o' | 'gu' | 'down';
@@ -101,13 +100,6 @@ function patternValue(map: unknown, fullName: string, module: string): number | 
   return undefined;
 }
 
-function toFloat32(dtype: string, data: ArrayBufferView, file: string, name: string): Float32Array {
-  if (dtype === 'F32') return new Float32Array((data as Float32Array).slice());
-  if (dtype === 'F16') return f16BitsToFloat32(data as Uint16Array);
-  if (dtype === 'BF16') return bf16BitsToFloat32(data as Uint16Array);
-  throw formatError(file, `tensor '${name}' has dtype ${dtype}; LoRA weights must be F32, F16 or BF16`);
-}
-
 /**
  * Reads a PEFT LoRA folder for a model with config `cfg`. Everything is checked before any
  * weight is kept: the adapter type and options we do not implement (DoRA, biases, fan_in_fan_out,
@@ -189,6 +181,8 @@ export async function readLoraAdapter(dir: string, cfg: ModelConfig, name = path
         throw formatError(weightsFile, `tensor '${rec.A}' is [${ea.shape}], expected [${rank}, ${t.in}] (rank ${rank}, the model's ${rec.module} input)`);
       if (eb.shape.length !== 2 || eb.shape[0] !== t.out || eb.shape[1] !== rank)
         throw formatError(weightsFile, `tensor '${rec.B}' is [${eb.shape}], expected [${t.out}, ${rank}] (the model's ${rec.module} output, rank ${rank})`);
+      for (const [name, e] of [[rec.A, ea], [rec.B, eb]] as const)
+        if (!['F32', 'F16', 'BF16'].includes(e.dtype)) throw formatError(weightsFile, `tensor '${name}' has dtype ${e.dtype}; LoRA weights must be F32, F16 or BF16`);
       const scale = rslora ? alpha / Math.sqrt(rank) : alpha / rank;
       // for reporting (patterns may name single layers): the largest rank, the first scale seen
       ranks[rec.module] = Math.max(ranks[rec.module] ?? 0, rank);
@@ -197,9 +191,9 @@ export async function readLoraAdapter(dir: string, cfg: ModelConfig, name = path
         perLayer[rec.l].push({ t, rank, scale, A: new Float32Array(0), B: new Float32Array(0) });
         continue;
       }
-      const a = st.read(rec.A), b = st.read(rec.B);
+      const A = st.readFloat32(rec.A), B = st.readFloat32(rec.B);
       await new Promise<void>((r) => setImmediate(r));
-      perLayer[rec.l].push({ t, rank, scale, A: toFloat32(a.dtype, a.data, weightsFile, rec.A), B: toFloat32(b.dtype, b.data, weightsFile, rec.B) });
+      perLayer[rec.l].push({ t, rank, scale, A, B });
     }
     const dims = siteDims(cfg);
     let maxSiteRank = 0, bytes = 0;

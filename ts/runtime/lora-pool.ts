@@ -41,7 +41,8 @@ export class LoraPool {
   private readonly desc: Array<Record<LoraSite, Tensor>> = [];
   private readonly descHost: Int32Array;
   private readonly scale: Tensor;
-  private readonly registry = new Map<string, LoraAdapter>();
+  /** Registered adapters, their weights already in the pool's dtype (encoded once, copied in on each swap). */
+  private readonly registry = new Map<string, EncodedAdapter>();
   private readonly resident: Slot[];
   private clock = 0;
   private readonly all: Tensor[] = [];
@@ -101,10 +102,6 @@ export class LoraPool {
     return this.registry.has(name);
   }
 
-  get(name: string): LoraAdapter | undefined {
-    return this.registry.get(name);
-  }
-
   /** Adds an adapter under its name (ERR_ARG if the name is taken or a site needs more than maxRank rows). */
   register(ad: LoraAdapter): void {
     if (this.registry.has(ad.name)) throw new SqueezeError('ERR_ARG', `an adapter named '${ad.name}' is already loaded`);
@@ -112,7 +109,17 @@ export class LoraPool {
     if (ad.maxSiteRank > this.maxRank)
       throw new SqueezeError('ERR_ARG', `adapter '${ad.name}' needs ${ad.maxSiteRank} rows at one site (the sum of the ranks of q|k|v or gate|up), ` +
         `the pool holds ${this.maxRank} per adapter (loadModel's lora.maxRank; --lora-rank on the command line)`);
-    this.registry.set(ad.name, ad);
+    this.registry.set(ad.name, {
+      name: ad.name,
+      layers: ad.layers.map((sites) => {
+        const out: EncodedAdapter['layers'][number] = {};
+        for (const site of LORA_SITES) {
+          const w = sites[site];
+          if (w) out[site] = { rank: w.rank, a: this.encode(w.a), bt: this.encode(w.bt) };
+        }
+        return out;
+      }),
+    });
   }
 
   /** Removes an adapter (ERR_STATE while requests use it). */
@@ -191,7 +198,7 @@ export class LoraPool {
     throw new SqueezeError('ERR_DTYPE', `lora pool: unsupported dtype ${this.dtype}`);
   }
 
-  private upload(s: number, ad: LoraAdapter): void {
+  private upload(s: number, ad: EncodedAdapter): void {
     const S = this.slots, dims = siteDims(this.cfg), row0 = s * this.maxRank;
     for (let l = 0; l < this.cfg.numLayers; l++) {
       LORA_SITES.forEach((site, i) => {
@@ -201,8 +208,8 @@ export class LoraPool {
         this.descHost[at + 1] = w ? w.rank : 0;
         if (!w) return;
         const av = this.a[l][site].view(row0 * K, [w.rank, K]), bv = this.bt[l][site].view(row0 * N, [w.rank, N]);
-        av.write(this.encode(w.a));
-        bv.write(this.encode(w.bt));
+        av.write(w.a);
+        bv.write(w.bt);
         av.dispose();
         bv.dispose();
       });
@@ -224,4 +231,10 @@ export class LoraPool {
     this.all.forEach((t) => t.dispose());
     this.all.length = 0;
   }
+}
+
+/** An adapter as the pool keeps it: per layer and site, its rank and A / Bt rows in the pool's dtype. */
+interface EncodedAdapter {
+  name: string;
+  layers: Array<Partial<Record<LoraSite, { rank: number; a: ArrayBufferView; bt: ArrayBufferView }>>>;
 }
