@@ -231,32 +231,17 @@ async function cmdPpl(f: Flags): Promise<void> {
     const show = f.progress === true || process.stderr.isTTY === true;
     const prefixTokens = numFlag(f, 'prefix-tokens', true), keep = numFlag(f, 'squeeze'), clusters = numFlag(f, 'clusters', true);
     if (prefixTokens === undefined && (keep !== undefined || clusters !== undefined)) throw new SqueezeError('ERR_ARG', 'ppl: --squeeze / --clusters need --prefix-tokens P');
-    if (prefixTokens !== undefined) {
-      if (prefixTokens < 1 || prefixTokens > d.length - 2) throw new SqueezeError('ERR_ARG', `ppl: --prefix-tokens must be 1 .. ${d.length - 2} for windows of ${d.length}`);
-      if (adapter !== undefined) throw new SqueezeError('ERR_ARG', 'ppl: --prefix-tokens with --lora is not supported');
-      const t0 = performance.now(), nll: number[] = [], bar = progressBar(show, 'ppl');
-      for (const [i, w] of d.windows.entries()) {
-        const p = await model.cachePrefix(w.subarray(0, prefixTokens), keep === undefined ? {} : { squeeze: { keep, clusters } });
-        try {
-          nll.push(...(await model.prefixNll(p, [w])));
-        } finally {
-          p.dispose();
-        }
-        bar(i + 1, d.windows.length);
-      }
-      const out = {
-        ppl: Math.exp(nll.reduce((a, b) => a + b, 0) / nll.length), tokens: nll.length * (d.length - 1 - prefixTokens),
-        seconds: (performance.now() - t0) / 1000, windows: nll.length, device: model.device, mode: 'prefix', prefixTokens,
-        ...(keep !== undefined ? { squeeze: keep, clusters: clusters ?? Math.max(1, Math.round(prefixTokens / 16)) } : {}),
-      };
-      process.stdout.write(JSON.stringify(out) + '\n');
-      return;
-    }
-    const r = await perplexity(model, d, { batch, decode, adapter, onProgress: progressBar(show, 'ppl') });
+    if (prefixTokens !== undefined && (prefixTokens < 1 || prefixTokens > d.length - 2))
+      throw new SqueezeError('ERR_ARG', `ppl: --prefix-tokens must be 1 .. ${d.length - 2} for windows of ${d.length}`);
+    const prefix = prefixTokens === undefined ? undefined : { tokens: prefixTokens, squeeze: keep === undefined ? undefined : { keep, clusters } };
+    // a prefix run is decode-style by construction (its own flag is for whole windows)
+    const r = await perplexity(model, d, { batch, decode: decode && !prefix, adapter, prefix, onProgress: progressBar(show, 'ppl') });
     const kv = model.kvCache;
     const out = {
       ppl: r.ppl, tokens: r.tokens, seconds: r.seconds, windows: r.windows, device: r.device,
-      mode: decode ? 'decode' : 'prefill', kvBits: kv.bits, kvBytesPerToken: kv.bytesPerToken,
+      mode: prefix ? 'prefix' : decode ? 'decode' : 'prefill', kvBits: kv.bits, kvBytesPerToken: kv.bytesPerToken,
+      ...(prefix ? { prefixTokens } : {}),
+      ...(r.clusters !== undefined ? { squeeze: keep, clusters: r.clusters, topClusters: r.topClusters } : {}),
       ...(adapter !== undefined ? { adapter } : {}),
     };
     process.stdout.write(JSON.stringify(out) + '\n');

@@ -5,7 +5,7 @@
  */
 import * as fs from 'fs';
 import { SqueezeError } from '../errors';
-import type { Model } from '../model/model';
+import type { Model, SqueezeOptions } from '../model/model';
 import { SafetensorsFile } from '../model/safetensors';
 import { native } from '../native';
 
@@ -29,6 +29,11 @@ export interface PplOptions {
   decode?: boolean;
   /** A LoRA adapter loaded with model.loadAdapter (absent: the base model). */
   adapter?: string;
+  /**
+   * Each window's first `tokens` tokens cached with model.cachePrefix (with `squeeze`: clustered),
+   * the rest fed token by token over it; only those are scored. One window at a time, no adapter.
+   */
+  prefix?: { tokens: number; squeeze?: SqueezeOptions };
   onProgress?: (done: number, total: number) => void;
 }
 
@@ -40,6 +45,9 @@ export interface PplResult {
   device: string;
   /** Mean next-token loss of each window. */
   nll: number[];
+  /** With `prefix.squeeze`: the clusters per kv head and how many each query attends (the first window's). */
+  clusters?: number;
+  topClusters?: number;
 }
 
 function isSafetensors(file: string): boolean {
@@ -132,12 +140,31 @@ export async function windowNllNative(logits: Float32Array, ids: ArrayLike<numbe
 export async function perplexity(model: Model, data: PplData, opts: PplOptions = {}): Promise<PplResult> {
   const B = opts.batch ?? 1;
   if (!Number.isInteger(B) || B < 1) throw new SqueezeError('ERR_ARG', 'ppl: batch must be a positive integer');
+  const P = opts.prefix?.tokens ?? 0;
+  if (opts.prefix) {
+    if (!Number.isInteger(P) || P < 1 || P > data.length - 2) throw new SqueezeError('ERR_ARG', `ppl: prefix tokens must be 1 .. ${data.length - 2} for windows of ${data.length}`);
+    if (B !== 1 || opts.decode || opts.adapter !== undefined) throw new SqueezeError('ERR_ARG', 'ppl: a prefix takes one window at a time, decode-style, without an adapter');
+  }
   const t0 = performance.now();
   const nll: number[] = [];
   const V = model.config.vocabSize;
   const total = data.windows.length;
+  let clusters: number | undefined, topClusters: number | undefined;
   opts.onProgress?.(0, total);
   for (let i = 0; i < total; i += B) {
+    if (opts.prefix) {
+      const w = data.windows[i];
+      const p = await model.cachePrefix(w.subarray(0, P), opts.prefix.squeeze ? { squeeze: opts.prefix.squeeze } : {});
+      try {
+        nll.push(...(await model.prefixNll(p, [w])));
+        clusters ??= p.clusters;
+        topClusters ??= p.topClusters;
+      } finally {
+        p.dispose();
+      }
+      opts.onProgress?.(nll.length, total);
+      continue;
+    }
     const chunk = data.windows.slice(i, i + B);
     if (opts.decode) {
       nll.push(...(await model.decodeNll(chunk, undefined, opts.adapter)));
@@ -150,10 +177,11 @@ export async function perplexity(model: Model, data: PplData, opts: PplOptions =
   const mean = nll.reduce((a, b) => a + b, 0) / nll.length;
   return {
     ppl: Math.exp(mean),
-    tokens: total * (data.length - 1),
+    tokens: total * (data.length - 1 - P),
     seconds: (performance.now() - t0) / 1000,
     windows: total,
     device: model.device,
     nll,
+    ...(clusters !== undefined ? { clusters, topClusters } : {}),
   };
 }
