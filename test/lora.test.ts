@@ -138,6 +138,37 @@ describeGpu('loraApply: CUDA vs CPU', () => {
     }
   });
 
+  test('decode graphs per batch kind: base batches and adapter batches of one size each replay their own', async () => {
+    // Same device and dtype, graphs on and off: the kernels are the same, so greedy tokens are equal.
+    const withGraphs = await loadModel(TINY, { device: 'cuda', lora: {}, dtype: 'f16', graphs: true });
+    const eager = await loadModel(TINY, { device: 'cuda', lora: {}, dtype: 'f16', graphs: false });
+    try {
+      for (const m of [withGraphs, eager]) {
+        await m.loadAdapter(A8);
+        await m.loadAdapter(B16);
+      }
+      const ref = SafetensorsFile.open(path.join(TINY, 'reference.safetensors'));
+      const ids = ref.readInt32('prompt_ids');
+      ref.close();
+      const batch = (adapter?: string) => [0, 1].map((i) => ({ ids: ids.subarray(i, 12 + i), maxTokens: 8, temperature: 0, adapter }));
+      const outs: number[][][] = [];
+      // base (captures the base graph of B = 2), adapter (its own graph), then both again (replays)
+      for (const adapter of [undefined, 'b16', undefined, 'b16', 'a8']) {
+        const [g, e] = [await withGraphs.generateBatch(batch(adapter)), await eager.generateBatch(batch(adapter))];
+        expect(g.map((r) => r.ids)).toEqual(e.map((r) => r.ids));
+        outs.push(g.map((r) => r.ids));
+      }
+      expect(withGraphs.stats.graphReplays).toBeGreaterThan(10);
+      expect(withGraphs.stats.captureError).toBeUndefined();
+      expect(eager.stats.graphReplays).toBe(0);
+      // the adapters change the greedy tokens here, so a base graph replayed for an adapter batch would fail above
+      expect(outs[1]).not.toEqual(outs[0]);
+    } finally {
+      await withGraphs.dispose();
+      await eager.dispose();
+    }
+  });
+
   test('a tiny-llama decode with mixed adapters matches the CPU', async () => {
     const cpu = await loadModel(TINY, { device: 'cpu', lora: {} });
     const gpu = await loadModel(TINY, { device: 'cuda', lora: {}, dtype: 'f16' });
@@ -262,6 +293,24 @@ describe('LoRA adapters on tiny-llama-gqa (CPU) against PEFT', () => {
     expect(Math.abs(dec.ppl / pre.ppl - 1)).toBeLessThan(1e-4);
     expect(Math.abs(base.ppl / pre.ppl - 1)).toBeGreaterThan(0.01);
     await expect(perplexity(model, data, { adapter: 'nope', decode: true })).rejects.toMatchObject({ code: 'ERR_ARG' });
+  });
+
+  test('a pass with no sequence on an adapter runs no LoRA delta; one adapter row runs them all', async () => {
+    const pool = model.decoder.lora!;
+    const spy = jest.spyOn(pool, 'apply');
+    try {
+      const base = await model.logitsBatch([ids.subarray(0, 12), ids.subarray(0, 9)]);
+      expect(spy).not.toHaveBeenCalled();
+      expect(relErr(base[0], refs.logits.subarray(0, 12 * 512))).toBeLessThan(2e-3);
+      await model.logitsBatch([ids.subarray(0, 12), ids.subarray(0, 9)], { adapters: [undefined, 'b16'] });
+      // four sites in every layer (tiny-llama-gqa has 2 layers)
+      expect(spy).toHaveBeenCalledTimes(4 * model.decoder.cfg.numLayers);
+      spy.mockClear();
+      expect((await model.generateBatch([{ ids: ids.subarray(0, 8), maxTokens: 3, temperature: 0 }]))[0].ids).toHaveLength(3);
+      expect(spy).not.toHaveBeenCalled();
+    } finally {
+      spy.mockRestore();
+    }
   });
 
   test('adapters are unloaded only when idle; unknown adapters are refused', async () => {

@@ -96,6 +96,11 @@ export class Workspace {
   readonly contextOf: Tensor;
   /** Whether the pass written last has a sequence on a squeezed context. */
   squeezed = false;
+  /**
+   * Whether the pass written last has a row on a LoRA adapter. Only then do the LoRA deltas run: a
+   * batch on the base model skips them (and keeps the fused decode GEMVs) though a pool is present.
+   */
+  adapters = false;
   // Activations.
   readonly x: Tensor;
   readonly h: Tensor;
@@ -264,6 +269,11 @@ export class Decoder {
     this.seqAdapter.delete(seq);
   }
 
+  /** Whether a pass over `seqs` runs LoRA deltas (one of them is bound to an adapter). */
+  usesAdapters(seqs: number[]): boolean {
+    return !!this.lora && seqs.some((s) => this.seqAdapter.has(s));
+  }
+
   /**
    * Decode passes of sequence `seq` attend sparsely to its first `length` tokens, which it shares with
    * squeezed context `ctx` (at most the context's length; its own tokens from there on are attended
@@ -429,6 +439,7 @@ export class Decoder {
       ws.prefixLens.write(p.prefixLens);
       ws.contextOf.write(p.contextOf);
     }
+    ws.adapters = !!this.lora && p.loraSlots.some((s) => s >= 0);
     if (this.lora) ws.loraSlots.write(p.loraSlots);
     if (this.attn) {
       ws.slots.write(p.slots);  // read only by another cache's attention (sink rows per sequence)
@@ -456,7 +467,7 @@ export class Decoder {
     } else {
       ops.embedding(ws.x, ws.ids, w.embed);
     }
-    const lora = this.lora, lw = ws.loraWork;
+    const lora = ws.adapters ? this.lora : undefined, lw = ws.loraWork;
     for (let l = from; l < to; l++) {
       const L = w.layers[l];
       if (l === 0) ops.rmsNorm(ws.h, ws.x, L.ln1, eps);
@@ -489,11 +500,13 @@ export class Decoder {
   /**
    * Whether a pass over `ws` takes the fused decode path: on (`fuse`), CUDA, at most 2 rows (the
    * fused GEMV is the FMA kernel; from 3 rows the tensor-core GEMV of the plain path is faster),
-   * no calibration hook, no adapter pool (the LoRA deltas run after the plain projections). On the H200 the LLaMA-7B batch-1 step measured 4.16 ms fused against
+   * no calibration hook, no row on a LoRA adapter (the deltas run after the plain projections; a
+   * batch on the base model keeps the fused path though a pool is present). On the H200 the
+   * LLaMA-7B batch-1 step measured 4.16 ms fused against
    * 4.29 ms plain with ordinary launches, and 4.09 ms both with CUDA graphs (bench decode).
    */
   canFuse(ws: Workspace): boolean {
-    return this.fuse && this.device !== 'cpu' && ws.T <= 2 && !this.lora &&
+    return this.fuse && this.device !== 'cpu' && ws.T <= 2 && !ws.adapters &&
       !linearObserver && !projectionObserver && !layerWindow;
   }
 

@@ -49,7 +49,8 @@ export interface LoadOptions {
   /**
    * LoRA adapters (PEFT folders, model.loadAdapter): `{ maxAdapters, maxRank }` sizes the device
    * pool (adapters resident at once, default 4; rows per adapter, layer and site, default 64).
-   * Absent: no adapters can be used, and decode keeps its fused kernels.
+   * Absent: no adapters can be used. Batches with no sequence on an adapter run no LoRA deltas
+   * and keep the fused decode kernels either way.
    */
   lora?: LoraPoolOptions;
 }

@@ -2,7 +2,8 @@
  * Continuous batching: requests queue up, join the running batch between steps (their
  * prompts prefilled together), decode one token per step together, and leave when they
  * finish, stop, hit the context, or are aborted (their KV pages go back at once).
- * Decode steps on CUDA replay a captured graph per batch size once it has run eagerly.
+ * Decode steps on CUDA replay a captured graph per batch size (and whether the batch runs LoRA
+ * deltas) once it has run eagerly.
  * In the steady state (the same batch, nobody waiting, nobody at its token limit) the next step is
  * queued before this one's tokens are read: its input ids are copied on the device from the
  * tokens being sampled, so the device never idles while the host reads tokens, decodes text and
@@ -116,6 +117,11 @@ export class Scheduler {
   private pending: Req[] = [];
   private active: Req[] = [];
   private running: Promise<void> | undefined;
+  /**
+   * Decode workspaces and their graphs, per batch size and whether the batch runs LoRA deltas: a
+   * batch on the base model takes other kernels (no deltas, the fused GEMVs) than one with an
+   * adapter, so each kind has its own graph (key 2 B + 1 with adapters, 2 B without).
+   */
   private slots = new Map<number, DecodeSlot>();
   private closed = false;
   /** The step queued ahead (same batch as the last one), read at the next round. */
@@ -397,11 +403,16 @@ export class Scheduler {
     }
   }
 
-  private slot(B: number): DecodeSlot {
-    let s = this.slots.get(B);
+  private slotKey(batch: Req[]): number {
+    return 2 * batch.length + (this.dec.usesAdapters(batch.map((r) => r.seq)) ? 1 : 0);
+  }
+
+  private slot(batch: Req[]): DecodeSlot {
+    const key = this.slotKey(batch);
+    let s = this.slots.get(key);
     if (!s) {
-      s = { ws: this.dec.decodeWorkspace(B, this.dec.cache.maxContext), eagerRuns: 0 };
-      this.slots.set(B, s);
+      s = { ws: this.dec.decodeWorkspace(batch.length, this.dec.cache.maxContext), eagerRuns: 0 };
+      this.slots.set(key, s);
     }
     return s;
   }
@@ -468,7 +479,7 @@ export class Scheduler {
 
   private canRunAhead(batch: Req[]): boolean {
     if (this.closed || this.pending.length || !sameBatch(batch, this.active)) return false;
-    const s = this.slots.get(batch.length);
+    const s = this.slots.get(this.slotKey(batch));
     if (!s || (this.graphsNow && !s.graph && !s.captureError)) return false;
     const cache = this.dec.cache;
     let pages = 0;
@@ -488,7 +499,7 @@ export class Scheduler {
    */
   private launch(batch: Req[], ahead: boolean): Step {
     const B = batch.length;
-    const s = this.slot(B);
+    const s = this.slot(batch);
     const inp = this.dec.inputs(batch.map((r) => r.seq), batch.map((r) => [r.last]), B);
     this.dec.write(s.ws, inp);
     if (ahead) copy(s.ws.ids, s.ws.tokens);
