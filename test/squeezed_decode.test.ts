@@ -72,6 +72,31 @@ describe('Squeezed Attention over a cached prefix (pycoder-mini, CPU)', () => {
     expect(one).toBeGreaterThan(half);
   });
 
+  test('a context reads its own index whatever contexts come and go beside it', async () => {
+    // The decoder holds every context's index once, in flat arrays rebuilt when one is added or
+    // removed (each copied from where it is). A quarter of the clusters: which ones matter.
+    const opts = { squeeze: { clusters: 24, keep: 0.25 } };
+    const alone = await model.cachePrefix(windows[1].subarray(0, P), opts);
+    const want = (await model.prefixNll(alone, [windows[1]]))[0];
+    alone.dispose();
+    const s0 = await model.cachePrefix(windows[0].subarray(0, P), { squeeze: { clusters: 12, keep: 0.25 } });
+    const s1 = await model.cachePrefix(windows[1].subarray(0, P), opts);
+    const s2 = await model.cachePrefix(windows[0].subarray(0, P), opts);
+    expect((await model.prefixNll(s1, [windows[1]]))[0]).toBe(want);  // behind s0's index
+    s0.dispose();  // s1 and s2 move to the front of the arrays
+    expect((await model.prefixNll(s1, [windows[1]]))[0]).toBe(want);
+    const first = (await model.prefixNll(s2, [windows[0]]))[0];
+    s1.dispose();
+    expect((await model.prefixNll(s2, [windows[0]]))[0]).toBe(first);
+    // and the selection is real here: all clusters give another NLL
+    const all = await model.cachePrefix(windows[1].subarray(0, P), { squeeze: { clusters: 24, keep: 1 } });
+    expect((await model.prefixNll(all, [windows[1]]))[0]).not.toBe(want);
+    all.dispose();
+    s2.dispose();
+    expect(model.decoder.squeezedContexts).toBe(0);
+    expect(model.freeKvPages).toBe(model.kvPages);
+  });
+
   test('several squeezed contexts at once, each request on its own; disposal mid-generation leaves requests correct; refusals', async () => {
     const prompts = [Array.from(windows[0].subarray(0, P + 12)), Array.from(windows[1].subarray(0, P + 12))];
     const d0 = await model.cachePrefix(windows[0].subarray(0, P)), d1 = await model.cachePrefix(windows[1].subarray(0, P));

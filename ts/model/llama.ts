@@ -212,6 +212,8 @@ export interface PassInputs {
  * A squeezed context (Squeezed Attention): the cluster index of its keys per layer (device tensors,
  * centroids [Hkv, C, D] f32, clusterStart [Hkv, C + 1], clusterTokens [Hkv, P]), and how many
  * clusters a decode query attends to. Sequences bound to it (bindSqueezed) decode over its clusters.
+ * Decoder.addSqueezed moves the index into the decoder's flat arrays: `layers` is empty from then
+ * on (the index is held once, not twice).
  */
 export interface SqueezedContext {
   length: number;
@@ -223,6 +225,8 @@ export interface SqueezedContext {
 /** The decoder's squeezed contexts as the op reads them: one table and, per layer, three flat arrays. */
 interface SqueezedSet {
   contexts: SqueezedContext[];
+  /** The table on the host: per context, its offsets into the flat arrays, clusters, length, kept clusters. */
+  offsets: Int32Array;
   table: Tensor;
   layers: Array<{ centroids: Tensor; clusterStart: Tensor; clusterTokens: Tensor }>;
   maxClusters: number;
@@ -288,7 +292,11 @@ export class Decoder {
     return this.squeeze?.contexts.length ?? 0;
   }
 
-  /** Adds (or with remove, takes out) a squeezed context: the table and flat arrays are rebuilt. */
+  /**
+   * Adds (or with remove, takes out) a squeezed context: the table and flat arrays are rebuilt, each
+   * context's index copied from where it is now (the flat arrays being replaced, or an added context's
+   * own tensors, which are freed once copied: `ctx.layers` is then empty).
+   */
   addSqueezed(ctx: SqueezedContext): void {
     this.rebuildSqueezed([...(this.squeeze?.contexts ?? []), ctx]);
   }
@@ -299,16 +307,22 @@ export class Decoder {
 
   private rebuildSqueezed(contexts: SqueezedContext[]): void {
     const old = this.squeeze;
+    for (const c of contexts)
+      if (!old?.contexts.includes(c) && c.layers.length !== this.cfg.numLayers)
+        throw new SqueezeError('ERR_STATE', 'addSqueezed: the context holds no index (it was added once and removed since)');
     let next: SqueezedSet | undefined;
     if (contexts.length) {
       const device = this.device, Hkv = this.cfg.numKvHeads, D = this.cfg.headDim;
       const table = new Int32Array(6 * contexts.length);
+      // elements of centroids, clusterStart and clusterTokens one layer of a context takes
+      const sizes = (c: SqueezedContext) => [Hkv * c.clusters * D, Hkv * (c.clusters + 1), Hkv * c.length];
       let cen = 0, start = 0, tok = 0;
       contexts.forEach((c, n) => {
         table.set([cen, start, tok, c.clusters, c.length, c.topClusters], 6 * n);
-        cen += Hkv * c.clusters * D;
-        start += Hkv * (c.clusters + 1);
-        tok += Hkv * c.length;
+        const [a, b, t] = sizes(c);
+        cen += a;
+        start += b;
+        tok += t;
       });
       const made: Tensor[] = [];
       try {
@@ -316,19 +330,26 @@ export class Decoder {
           const flat = (name: 'centroids' | 'clusterStart' | 'clusterTokens', n: number) => {
             const t = Tensor.empty([n], { dtype: name === 'centroids' ? 'f32' : 'i32', device });
             made.push(t);
-            let at = 0;
-            for (const c of contexts) {
-              const src = c.layers[l][name];
-              ops.copyRange(t, at, src, 0, src.numel);
-              at += src.numel;
-            }
+            const field = name === 'centroids' ? 0 : name === 'clusterStart' ? 1 : 2;
+            contexts.forEach((c, n) => {
+              const at = table[6 * n + field];
+              const was = old ? old.contexts.indexOf(c) : -1;
+              if (was >= 0) {
+                // still in the old flat arrays: from its offset there, as long as its own part
+                const from = old!.offsets[6 * was + field], len = sizes(c)[field];
+                if (len > 0) ops.copyRange(t, at, old!.layers[l][name], from, len);
+              } else {
+                const src = c.layers[l][name];
+                ops.copyRange(t, at, src, 0, src.numel);
+              }
+            });
             return t;
           };
           return { centroids: flat('centroids', cen), clusterStart: flat('clusterStart', start), clusterTokens: flat('clusterTokens', tok) };
         }) : [];
         const t = Tensor.from(table, [contexts.length, 6], { device });
         made.push(t);
-        next = { contexts, table: t, layers, maxClusters: Math.max(...contexts.map((c) => c.clusters)) };
+        next = { contexts, offsets: table, table: t, layers, maxClusters: Math.max(...contexts.map((c) => c.clusters)) };
       } catch (e) {
         made.forEach((t) => t.dispose());
         throw e;
@@ -337,6 +358,12 @@ export class Decoder {
     this.squeeze = next;
     // (dispose frees once the work queued on them is done)
     if (old) [old.table, ...old.layers.flatMap((x) => [x.centroids, x.clusterStart, x.clusterTokens])].forEach((t) => t.dispose());
+    // An added context's own index now lives in the flat arrays only.
+    for (const c of contexts) {
+      if (old?.contexts.includes(c) || !c.layers.length) continue;
+      c.layers.forEach((x) => [x.centroids, x.clusterStart, x.clusterTokens].forEach((t) => t.dispose()));
+      c.layers = [];
+    }
   }
 
   unbindSqueezed(seq: number): void {
