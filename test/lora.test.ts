@@ -295,16 +295,29 @@ describe('LoRA adapters on tiny-llama-gqa (CPU) against PEFT', () => {
     await expect(perplexity(model, data, { adapter: 'nope', decode: true })).rejects.toMatchObject({ code: 'ERR_ARG' });
   });
 
-  test('a pass with no sequence on an adapter runs no LoRA delta; one adapter row runs them all', async () => {
+  test('a pass runs LoRA deltas only at the sites its rows\' adapters have weights at; none without adapters', async () => {
     const pool = model.decoder.lora!;
     const spy = jest.spyOn(pool, 'apply');
     try {
       const base = await model.logitsBatch([ids.subarray(0, 12), ids.subarray(0, 9)]);
       expect(spy).not.toHaveBeenCalled();
       expect(relErr(base[0], refs.logits.subarray(0, 12 * 512))).toBeLessThan(2e-3);
-      await model.logitsBatch([ids.subarray(0, 12), ids.subarray(0, 9)], { adapters: [undefined, 'b16'] });
-      // four sites in every layer (tiny-llama-gqa has 2 layers)
-      expect(spy).toHaveBeenCalledTimes(4 * model.decoder.cfg.numLayers);
+      const L = model.decoder.cfg.numLayers;
+      const sitesRun = () => {
+        const calls = spy.mock.calls.map((c) => `${c[0]}:${c[1]}`);
+        spy.mockClear();
+        return calls;
+      };
+      const each = (...sites: string[]) => Array.from({ length: L }, (_, l) => sites.map((s) => `${l}:${s}`)).flat();
+      // a8 has weights at q_proj and v_proj (the q|k|v site), b16 also at k_proj and o_proj
+      const withA8 = await model.logitsBatch([ids.subarray(0, 12), ids.subarray(0, 9)], { adapters: [undefined, 'a8'] });
+      expect(relErr(withA8[1], refs.logits_a8.subarray(0, 9 * 512))).toBeLessThan(2e-3);
+      expect(sitesRun()).toEqual(each('qkv'));
+      const withB16 = await model.logitsBatch([ids.subarray(0, 12), ids.subarray(0, 9)], { adapters: ['b16', undefined] });
+      expect(relErr(withB16[0], refs.logits_b16.subarray(0, 12 * 512))).toBeLessThan(2e-3);
+      expect(sitesRun()).toEqual(each('qkv', 'o'));
+      await model.logitsBatch([ids.subarray(0, 12), ids.subarray(0, 9)], { adapters: ['a8', 'b16'] });
+      expect(sitesRun()).toEqual(each('qkv', 'o'));
       spy.mockClear();
       expect((await model.generateBatch([{ ids: ids.subarray(0, 8), maxTokens: 3, temperature: 0 }]))[0].ids).toHaveLength(3);
       expect(spy).not.toHaveBeenCalled();

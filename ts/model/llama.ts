@@ -12,6 +12,7 @@ import { ModelWeights } from './weights';
 import { KVCache } from '../runtime/kv-cache';
 import { linearForward } from '../quant/squeezellm';
 import type { LoraPool } from '../runtime/lora-pool';
+import { LORA_SITES, LoraSite } from './lora';
 
 /** The decoder's linears, as observed by a calibration hook. */
 export type LinearSite = 'qkv' | 'o' | 'gu' | 'down';
@@ -97,10 +98,11 @@ export class Workspace {
   /** Whether the pass written last has a sequence on a squeezed context. */
   squeezed = false;
   /**
-   * Whether the pass written last has a row on a LoRA adapter. Only then do the LoRA deltas run: a
-   * batch on the base model skips them (and keeps the fused decode GEMVs) though a pool is present.
+   * The LoRA sites the pass written last runs deltas at (bit i: LORA_SITES[i]): those where an
+   * adapter of one of its rows has weights. A batch on the base model runs none (and keeps the
+   * fused decode GEMVs) though a pool is present; adapters on q and v only run the q|k|v site.
    */
-  adapters = false;
+  loraSites = 0;
   // Activations.
   readonly x: Tensor;
   readonly h: Tensor;
@@ -273,9 +275,15 @@ export class Decoder {
     this.seqAdapter.delete(seq);
   }
 
-  /** Whether a pass over `seqs` runs LoRA deltas (one of them is bound to an adapter). */
-  usesAdapters(seqs: number[]): boolean {
-    return !!this.lora && seqs.some((s) => this.seqAdapter.has(s));
+  /** The LoRA sites a pass over `seqs` runs deltas at (Workspace.loraSites; 0: none). */
+  loraSites(seqs: number[]): number {
+    return this.loraSitesOf(seqs.map((s) => this.seqAdapter.get(s) ?? -1));
+  }
+
+  private loraSitesOf(slots: ArrayLike<number>): number {
+    let m = 0;
+    if (this.lora) for (let i = 0; i < slots.length; i++) if (slots[i] >= 0) m |= this.lora.siteMask(slots[i]);
+    return m;
   }
 
   /**
@@ -466,7 +474,7 @@ export class Decoder {
       ws.prefixLens.write(p.prefixLens);
       ws.contextOf.write(p.contextOf);
     }
-    ws.adapters = !!this.lora && p.loraSlots.some((s) => s >= 0);
+    ws.loraSites = this.loraSitesOf(p.loraSlots);
     if (this.lora) ws.loraSlots.write(p.loraSlots);
     if (this.attn) {
       ws.slots.write(p.slots);  // read only by another cache's attention (sink rows per sequence)
@@ -494,27 +502,30 @@ export class Decoder {
     } else {
       ops.embedding(ws.x, ws.ids, w.embed);
     }
-    const lora = ws.adapters ? this.lora : undefined, lw = ws.loraWork;
+    const lora = ws.loraSites ? this.lora : undefined, lw = ws.loraWork, sites = ws.loraSites;
+    const delta = (l: number, site: LoraSite, y: Tensor, x: Tensor) => {
+      if (sites & (1 << LORA_SITES.indexOf(site))) lora!.apply(l, site, y, x, ws.loraSlots, lw);
+    };
     for (let l = from; l < to; l++) {
       const L = w.layers[l];
       if (l === 0) ops.rmsNorm(ws.h, ws.x, L.ln1, eps);
       else ops.addRmsNorm(ws.x, ws.mlp, ws.h, L.ln1, eps);
       linearObserver?.(l, 'qkv', ws.h);
       linearForward(ws.qkv, ws.h, L.wqkv, L.bqkv);
-      lora?.apply(l, 'qkv', ws.qkv, ws.h, ws.loraSlots, lw);
+      if (lora) delta(l, 'qkv', ws.qkv, ws.h);
       projectionObserver?.(l, ws.qkv, ws.positions);
       this.attentionLayer(ws, l, maxQ, maxSeqLen);
       linearObserver?.(l, 'o', ws.att2);
       linearForward(ws.o, ws.att2, L.wo, L.bo);
-      lora?.apply(l, 'o', ws.o, ws.att2, ws.loraSlots, lw);
+      if (lora) delta(l, 'o', ws.o, ws.att2);
       ops.addRmsNorm(ws.x, ws.o, ws.h, L.ln2, eps);
       linearObserver?.(l, 'gu', ws.h);
       linearForward(ws.gu, ws.h, L.wgu, L.bgu);
-      lora?.apply(l, 'gu', ws.gu, ws.h, ws.loraSlots, lw);
+      if (lora) delta(l, 'gu', ws.gu, ws.h);
       ops.siluMul(ws.act, ws.gu);
       linearObserver?.(l, 'down', ws.act);
       linearForward(ws.mlp, ws.act, L.wdown, L.bdown);
-      lora?.apply(l, 'down', ws.mlp, ws.act, ws.loraSlots, lw);
+      if (lora) delta(l, 'down', ws.mlp, ws.act);
     }
     if (to < cfg.numLayers) {
       win?.save?.({ x: ws.x, mlp: ws.mlp });
@@ -533,7 +544,7 @@ export class Decoder {
    * 4.29 ms plain with ordinary launches, and 4.09 ms both with CUDA graphs (bench decode).
    */
   canFuse(ws: Workspace): boolean {
-    return this.fuse && this.device !== 'cpu' && ws.T <= 2 && !ws.adapters &&
+    return this.fuse && this.device !== 'cpu' && ws.T <= 2 && !ws.loraSites &&
       !linearObserver && !projectionObserver && !layerWindow;
   }
 

@@ -29,6 +29,8 @@ interface Slot {
   name?: string;
   refs: number;
   lastUse: number;
+  /** Bit i: the resident adapter has weights at site LORA_SITES[i] in some layer. */
+  sites: number;
 }
 
 export class LoraPool {
@@ -55,7 +57,7 @@ export class LoraPool {
     };
     this.slots = posInt(o.maxAdapters, 'maxAdapters', 4, 4096);
     this.maxRank = posInt(o.maxRank, 'maxRank', 64, 1024);
-    this.resident = Array.from({ length: this.slots }, () => ({ refs: 0, lastUse: 0 }));
+    this.resident = Array.from({ length: this.slots }, () => ({ refs: 0, lastUse: 0, sites: 0 }));
     const dims = siteDims(cfg), S = this.slots, R = S * this.maxRank;
     const mk = (shape: number[], dt: DType = dtype) => {
       const t = Tensor.empty(shape, { dtype: dt, device });
@@ -178,6 +180,14 @@ export class LoraPool {
     return this.resident.map((x) => x.name);
   }
 
+  /**
+   * The sites (bit i: LORA_SITES[i]) where the adapter resident in `slot` has weights in some layer;
+   * 0 for an empty slot or one out of range. A pass need not run the deltas of the other sites.
+   */
+  siteMask(slot: number): number {
+    return this.resident[slot]?.sites ?? 0;
+  }
+
   /** Rank rows per layer and site (every slot's maxRank rows). */
   get rankRows(): number {
     return this.slots * this.maxRank;
@@ -200,6 +210,7 @@ export class LoraPool {
 
   private upload(s: number, ad: EncodedAdapter): void {
     const S = this.slots, dims = siteDims(this.cfg), row0 = s * this.maxRank;
+    let sites = 0;
     for (let l = 0; l < this.cfg.numLayers; l++) {
       LORA_SITES.forEach((site, i) => {
         const w = ad.layers[l][site], { K, N } = dims[site];
@@ -207,6 +218,7 @@ export class LoraPool {
         this.descHost[at] = row0;
         this.descHost[at + 1] = w ? w.rank : 0;
         if (!w) return;
+        if (w.rank > 0) sites |= 1 << i;
         const av = this.a[l][site].view(row0 * K, [w.rank, K]), bv = this.bt[l][site].view(row0 * N, [w.rank, N]);
         av.write(w.a);
         bv.write(w.bt);
@@ -216,6 +228,7 @@ export class LoraPool {
     }
     this.descAll.write(this.descHost);
     this.resident[s].name = ad.name;
+    this.resident[s].sites = sites;
   }
 
   private clear(s: number): void {
@@ -224,6 +237,7 @@ export class LoraPool {
       for (let i = 0; i < LORA_SITES.length; i++) this.descHost[(l * LORA_SITES.length + i) * S * 2 + 2 * s + 1] = 0;
     this.descAll.write(this.descHost);
     this.resident[s].name = undefined;
+    this.resident[s].sites = 0;
   }
 
   dispose(): void {

@@ -2,8 +2,8 @@
  * Continuous batching: requests queue up, join the running batch between steps (their
  * prompts prefilled together), decode one token per step together, and leave when they
  * finish, stop, hit the context, or are aborted (their KV pages go back at once).
- * Decode steps on CUDA replay a captured graph per batch size (and whether the batch runs LoRA
- * deltas) once it has run eagerly.
+ * Decode steps on CUDA replay a captured graph per batch size (and the LoRA sites the batch runs
+ * deltas at) once it has run eagerly.
  * In the steady state (the same batch, nobody waiting, nobody at its token limit) the next step is
  * queued before this one's tokens are read: its input ids are copied on the device from the
  * tokens being sampled, so the device never idles while the host reads tokens, decodes text and
@@ -118,9 +118,10 @@ export class Scheduler {
   private active: Req[] = [];
   private running: Promise<void> | undefined;
   /**
-   * Decode workspaces and their graphs, per batch size and whether the batch runs LoRA deltas: a
-   * batch on the base model takes other kernels (no deltas, the fused GEMVs) than one with an
-   * adapter, so each kind has its own graph (key 2 B + 1 with adapters, 2 B without).
+   * Decode workspaces and their graphs, per batch size and the LoRA sites the batch runs deltas at
+   * (Workspace.loraSites, 4 bits): a batch on the base model takes other kernels (no deltas, the
+   * fused GEMVs) than one with adapters, and adapters on q and v only run no delta at the other
+   * sites, so each kind has its own graph (key 16 B + sites).
    */
   private slots = new Map<number, DecodeSlot>();
   private closed = false;
@@ -404,7 +405,7 @@ export class Scheduler {
   }
 
   private slotKey(batch: Req[]): number {
-    return 2 * batch.length + (this.dec.usesAdapters(batch.map((r) => r.seq)) ? 1 : 0);
+    return 16 * batch.length + this.dec.loraSites(batch.map((r) => r.seq));
   }
 
   private slot(batch: Req[]): DecodeSlot {
