@@ -292,4 +292,17 @@ describeGpu('squeezedAttention: CUDA vs CPU', () => {
       }
     });
   }
+  test('tied centroid scores: the lower clusters are kept, as on the CPU (the cut inside a tie)', async () => {
+    for (const [B, Hq, Hkv, D, Pc, C, distinct] of [[3, 8, 2, 128, 300, 40, 4], [2, 4, 4, 80, 77, 33, 3]]) {
+      const seed = freshSeed();
+      const c = makeCase(seed, B, Hq, Hkv, D, Pc, C, [11, 0, 130]);
+      const cen = c.contexts[0].cen, K = c.C;
+      for (let g = 0; g < Hkv; g++)
+        for (let j = distinct; j < K; j++) cen.copyWithin((g * K + j) * D, (g * K + (j % distinct)) * D, (g * K + (j % distinct) + 1) * D);
+      for (const topC of [1, Math.ceil(K / distinct) + 1, Math.floor(K / 2), K - 1]) {
+        const cpu = await run(c, topC, 1 / Math.sqrt(D), 'f32', 'cpu'), gpu = await run(c, topC, 1 / Math.sqrt(D), 'f32', 'cuda');
+        expect({ seed, topC, ok: relErr(gpu, cpu) < TOL.f32 }).toEqual({ seed, topC, ok: true });
+      }
+    }
+  });
 });

@@ -64,12 +64,18 @@ static void lora_case(std::mt19937& r, int T, int K, int N) {
   report(name, rel(gf, want), tol);
 }
 
-static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc, int C, int topC, std::initializer_list<int> splits = {3}) {
+// dup > 0: cluster c's centroid is cluster c % dup's (exact score ties: the lower cluster goes first)
+static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc, int C, int topC, std::initializer_list<int> splits = {3},
+                          int dup = 0) {
   std::normal_distribution<float> nd;
   const int top2 = topC / 2 + 1;  // the second context's clusters attended
   const int ps = 8, tail = 37, L = Pc + tail, maxp = (L + ps - 1) / ps, pages = B * maxp, G = Hq / Hkv;
   std::vector<float> q(B * Hq * D), k((size_t)pages * ps * Hkv * D), v(k.size()), cen((size_t)Hkv * C * D);
   for (auto* a : {&q, &k, &v, &cen}) for (auto& e : *a) e = nd(r);
+  if (dup > 0)
+    for (int g = 0; g < Hkv; ++g)
+      for (int c = dup; c < C; ++c)
+        std::copy_n(&cen[((size_t)g * C + c % dup) * D], D, &cen[((size_t)g * C + c) * D]);
   std::vector<int> pt(B * maxp), lens(B), pre(B), cs(Hkv * (C + 1)), ct(Hkv * Pc);
   for (int i = 0; i < B * maxp; ++i) pt[i] = (i * 7 + 3) % pages;
   for (int b = 0; b < B; ++b) {
@@ -187,6 +193,7 @@ int main() {
   squeezed_case(r, 2, 4, 4, 16, 20, 5, 0);
   squeezed_case(r, 2, 12, 4, 64, 90, 9, 4, {2});   // G = 3 (padded to 4 heads)
   squeezed_case(r, 1, 8, 1, 256, 70, 6, 2, {2});   // G = 8, D = 256: one token per warp load
+  squeezed_case(r, 2, 8, 2, 64, 200, 33, 10, {2}, 4);  // tied scores: 4 distinct centroids, the cut inside a tie
   std::printf("emu: %d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;
 }

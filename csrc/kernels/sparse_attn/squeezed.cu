@@ -1,8 +1,9 @@
 // Squeezed Attention, decode (one query row per sequence) over the paged fp16/bf16 cache.
 //
-// Why this shape. Three launches. select: per (sequence, query head) one block scores the query
-// against its kv head's cluster centroids (a warp per centroid, coalesced), sorts the scores in
-// shared memory (bitonic, ties to the lower cluster) and flags the topC clusters. attend, where a kv
+// Why this shape. Three launches. select: per (sequence, query head) one block of 1024 threads scores
+// the query against its kv head's cluster centroids (a warp per 8 centroids, their loads in flight
+// together) and flags the topC clusters by a radix select over the scores (ties to the lower cluster;
+// squeezed.cuh has why not a sort). attend, where a kv
 // head serves at most 8 query heads (squeezed.cuh, attend_group_kernel): per (sequence, kv head) S
 // blocks (a split of the work, as flash-decoding splits the keys, so that batch 1 with few heads
 // still fills the GPU). Each key and value row is read once for the group's heads, with 16-byte
@@ -53,8 +54,6 @@ void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, co
   a.cs = cluster_start.ptr<int>();
   a.ct = cluster_tokens.ptr<int>();
   a.scale = scale;
-  int Cpad = 1;
-  while (Cpad < a.max_clusters) Cpad <<= 1;
   if (B == 0 || a.Hq == 0) return;
   const int dev = q.device.index;
   // GQA up to 8 query heads per kv head: one block per kv head reads each row once for its heads
@@ -68,7 +67,7 @@ void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, co
       grow_scratch(Scratch::kSqueezed, dev, flag_bytes + (size_t)rows * a.S * (a.D + 2) * sizeof(float), s, "squeezedAttention scratch"));
   a.flags = reinterpret_cast<unsigned char*>(ws);
   a.part = reinterpret_cast<float*>(ws + flag_bytes);
-  const size_t sel_smem = ((size_t)a.D * 4 + (size_t)Cpad * 8 + 15) / 16 * 16;
+  const size_t sel_smem = ((size_t)a.D * 4 + (size_t)a.max_clusters * 4 + (size_t)kSelWarps * 4 + 15) / 16 * 16;
   const size_t att_smem =
       (std::max((size_t)a.D * 4 + (size_t)(a.max_clusters + 1) * 4 + (size_t)a.max_clusters, (size_t)kWarps * (a.D + 2) * 4) + 15) / 16 * 16;
   const size_t grp_smem = GP ? group_smem_bytes(a.max_clusters, GP, a.D) : 0;
@@ -87,7 +86,7 @@ void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, co
     else if (GP == 8) grouped(std::integral_constant<int, 8>{});
     for (auto [kern, bytes] : {std::pair{(const void*)select_kernel<T>, sel_smem}, std::pair{attend, attend_bytes}})
       if (bytes > 48 * 1024) cuda_check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), "squeezedAttention: smem");
-    select_kernel<T><<<dim3((unsigned)a.Hq, (unsigned)B), kThreads, sel_smem, s>>>(q.ptr<T>(), a);
+    select_kernel<T><<<dim3((unsigned)a.Hq, (unsigned)B), kSelThreads, sel_smem, s>>>(q.ptr<T>(), a);
     const T* qp = q.ptr<T>();
     const T* kp = kc.ptr<T>();
     const T* vp = vc.ptr<T>();

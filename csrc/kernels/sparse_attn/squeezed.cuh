@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "kernels/common/dtype_cuda.cuh"
 #include "kernels/common/dynamic_smem.cuh"
@@ -82,70 +83,142 @@ __device__ __forceinline__ void load_cluster_starts(const Args& a, const squeeze
   }
 }
 
-// Step 1, grid (Hq, B): the query against its kv head's centroids, the scores sorted (bitonic, in
-// shared memory), the topC clusters flagged.
+// Step 1, grid (Hq, B), kSelThreads per block: the query against its kv head's centroids, then the
+// topC clusters flagged. Each warp scores NB centroids at a time with every load issued before the
+// first product (16-byte loads along D where the rows allow), so a block waits about one memory
+// latency per NB centroids of a warp, not one per element. The topC are found without sorting: a
+// radix select over the scores' order-preserving bit patterns finds the topC-th largest, T (32 steps,
+// each one count over the block); then every cluster above T is flagged, and of those equal to T the
+// lower-indexed ones up to topC (the order of before()). (A bitonic sort of all C scores took 66
+// barrier-separated passes and, with one latency per element of each centroid, made the select the
+// larger part of a batch-1 call.)
+constexpr int kSelWarps = 32, kSelThreads = 32 * kSelWarps;
+
+// Bits of a score whose unsigned order is the order of the scores: NaN counts as -inf and -0 as +0,
+// as the comparison in before() has them.
+__device__ __forceinline__ uint32_t score_key(float s) {
+  if (s != s) s = -INFINITY;
+  if (s == 0.f) s = 0.f;
+  uint32_t u;
+#ifdef __CUDA_ARCH__
+  u = __float_as_uint(s);
+#else
+  std::memcpy(&u, &s, sizeof u);
+#endif
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Sum over the block of one int per thread (red: kSelWarps ints of shared memory).
+__device__ __forceinline__ int select_block_sum(int v, int* red) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  int s = 0;
+  for (int w = 0; w < kSelWarps; ++w) s += red[w];
+  __syncthreads();  // red is free again
+  return s;
+}
+
 template <class T>
-__global__ void __launch_bounds__(kThreads) select_kernel(const T* __restrict__ q, Args a) {
+__global__ void __launch_bounds__(kSelThreads) select_kernel(const T* __restrict__ q, Args a) {
   SQZ_DYNAMIC_SMEM(smem);
   const int64_t h = blockIdx.x, b = blockIdx.y, g = h / a.G;
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int64_t len, P;
   squeezed::Context cx{};
   lengths(a, b, len, P, cx);
   if (P == 0) return;  // block-uniform
   const int64_t C = cx.C;
-  int Cpad = 1;
-  while (Cpad < C) Cpad <<= 1;
-  float* qf = reinterpret_cast<float*>(smem);      // [D]
-  float* key = qf + a.D;                            // [Cpad]
-  int* idx = reinterpret_cast<int*>(key + Cpad);    // [Cpad]
-  load_query(q, a, b, h, qf);
-  // a warp per centroid, the lanes along D (coalesced), four centroids in flight, each summed in a
-  // fixed shuffle order
-  const int lane = tid & 31, warp = tid >> 5;
-  constexpr int kInFlight = 4;
-  for (int i0 = warp * kInFlight; i0 < Cpad; i0 += kWarps * kInFlight) {
-    float s[kInFlight];
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      s[u] = 0.f;
-      if (i0 + u < C) {
-        const float* c = a.cen + cx.cen + (g * C + i0 + u) * a.D;
-        for (int64_t d = lane; d < a.D; d += 32) s[u] = fmaf(c[d], qf[d], s[u]);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      for (int o = 16; o > 0; o >>= 1) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
-      const int i = i0 + u;
-      if (i >= C || s[u] != s[u]) s[u] = -INFINITY;  // padding and NaN sort last
-      if (lane == 0 && i < Cpad) {
-        key[i] = s[u];
-        idx[i] = i;
-      }
-    }
-  }
-  unsigned char* flags = a.flags + (b * a.Hq + h) * a.max_clusters;
-  for (int64_t c = tid; c < C; c += kThreads) flags[c] = 0;
+  float* qf = reinterpret_cast<float*>(smem);          // [D]
+  uint32_t* key = reinterpret_cast<uint32_t*>(qf + a.D);  // [C]
+  int* red = reinterpret_cast<int*>(key + a.max_clusters);  // [kSelWarps]
+  for (int64_t d = tid; d < a.D; d += kSelThreads) qf[d] = to_f32(q[(b * a.Hq + h) * a.D + d]);
   __syncthreads();
-  for (int k = 2; k <= Cpad; k <<= 1)
-    for (int j = k >> 1; j > 0; j >>= 1) {
-      for (int i = tid; i < Cpad; i += kThreads) {
-        const int ixj = i ^ j;
-        if (ixj > i) {
-          const bool up = (i & k) == 0;
-          const float ki = key[i], kj = key[ixj];
-          const int ii = idx[i], ij = idx[ixj];
-          if (up ? before(kj, ij, ki, ii) : before(ki, ii, kj, ij)) {
-            key[i] = kj; key[ixj] = ki;
-            idx[i] = ij; idx[ixj] = ii;
-          }
+
+  // Scores: lane-partial sums in a fixed order, then a fixed shuffle order.
+  constexpr int NB = 8;
+  const float* cg = a.cen + cx.cen + g * C * a.D;
+  const bool vec = a.D % 4 == 0 && (reinterpret_cast<uintptr_t>(cg) & 15) == 0;
+  for (int64_t i0 = (int64_t)warp * NB; i0 < C; i0 += (int64_t)kSelWarps * NB) {
+    float s[NB];
+#pragma unroll
+    for (int u = 0; u < NB; ++u) s[u] = 0.f;
+    if (vec) {
+      for (int64_t d0 = 4 * lane; d0 < a.D; d0 += 128) {
+        float4 c4[NB];
+#pragma unroll
+        for (int u = 0; u < NB; ++u)
+          c4[u] = i0 + u < C ? *reinterpret_cast<const float4*>(cg + (i0 + u) * a.D + d0) : make_float4(0.f, 0.f, 0.f, 0.f);
+        const float4 q4 = *reinterpret_cast<const float4*>(qf + d0);
+#pragma unroll
+        for (int u = 0; u < NB; ++u) {
+          s[u] = fmaf(c4[u].x, q4.x, s[u]);
+          s[u] = fmaf(c4[u].y, q4.y, s[u]);
+          s[u] = fmaf(c4[u].z, q4.z, s[u]);
+          s[u] = fmaf(c4[u].w, q4.w, s[u]);
         }
       }
-      __syncthreads();
+    } else {
+      for (int64_t d = lane; d < a.D; d += 32) {
+        float cv[NB];
+#pragma unroll
+        for (int u = 0; u < NB; ++u) cv[u] = i0 + u < C ? cg[(i0 + u) * a.D + d] : 0.f;
+#pragma unroll
+        for (int u = 0; u < NB; ++u) s[u] = fmaf(cv[u], qf[d], s[u]);
+      }
     }
+#pragma unroll
+    for (int u = 0; u < NB; ++u) {
+      for (int o = 16; o > 0; o >>= 1) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+      if (lane == 0 && i0 + u < C) key[i0 + u] = score_key(s[u]);
+    }
+  }
+  __syncthreads();
+
+  unsigned char* flags = a.flags + (b * a.Hq + h) * a.max_clusters;
   const int64_t nkeep = cx.top < C ? cx.top : C;
-  for (int i = tid; i < nkeep; i += kThreads) flags[idx[i]] = 1;  // padding sorts last: idx < C here
+  if (nkeep <= 0) {
+    for (int64_t c = tid; c < C; c += kSelThreads) flags[c] = 0;
+    return;
+  }
+  // T: the nkeep-th largest key, bit by bit from the top (the candidates share the bits found so far)
+  uint32_t prefix = 0, mask = 0;
+  int64_t kk = nkeep;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t m = mask | (1u << bit), want = prefix | (1u << bit);
+    int n = 0;
+    for (int64_t c = tid; c < C; c += kSelThreads) n += (key[c] & m) == want;
+    const int64_t above = select_block_sum(n, red);
+    if (above >= kk) prefix = want;
+    else kk -= above;
+    mask = m;
+  }
+  // Above T: flagged. Equal to T: the first `need` in cluster order, ranked by a scan over the block
+  // in chunks of kSelThreads clusters.
+  int gt = 0;
+  for (int64_t c = tid; c < C; c += kSelThreads) gt += key[c] > prefix;
+  const int64_t need = nkeep - select_block_sum(gt, red);
+  int64_t before_chunk = 0;  // clusters equal to T in the chunks already done
+  for (int64_t c0 = 0; c0 < C; c0 += kSelThreads) {
+    const int64_t c = c0 + tid;
+    const uint32_t kc = c < C ? key[c] : 0u;
+    const int eq = c < C && kc == prefix;
+    int incl = eq;  // inclusive scan over the warp
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_sync(0xffffffffu, incl, lane >= o ? lane - o : 0);
+      if (lane >= o) incl += y;
+    }
+    if (lane == 31) red[warp] = incl;
+    __syncthreads();
+    int64_t rank = before_chunk + incl - eq, total = 0;
+    for (int w = 0; w < kSelWarps; ++w) {
+      if (w < warp) rank += red[w];
+      total += red[w];
+    }
+    __syncthreads();
+    if (c < C) flags[c] = kc > prefix || (eq && rank < need) ? 1 : 0;
+    before_chunk += total;
+  }
 }
 
 // Step 2, grid (Hq, B, S): split z of the attention. Its warps take the flagged clusters' token lists
