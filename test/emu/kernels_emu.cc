@@ -154,7 +154,7 @@ static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc
       a.flags = flags.data();
       a.part = part.data();
       std::vector<float> got((size_t)B * Hq * D, NAN);
-      emu::run(dim3(Hq, B), dim3(kThreads), [&] { select_kernel<float>(q.data(), a); });
+      emu::run(dim3(Hq, B), dim3(kSelThreads), [&] { select_kernel<float>(q.data(), a); });
       if (variant == 0) {
         emu::run(dim3(Hq, B, S), dim3(kThreads), [&] { attend_kernel<float>(q.data(), k.data(), v.data(), a); });
       } else {
