@@ -339,8 +339,8 @@ export class Decoder {
             const t = Tensor.empty([n], { dtype: name === 'centroids' ? 'f32' : 'i32', device });
             made.push(t);
             const field = name === 'centroids' ? 0 : name === 'clusterStart' ? 1 : 2;
-            contexts.forEach((c, n) => {
-              const at = table[6 * n + field];
+            contexts.forEach((c, ci) => {
+              const at = table[6 * ci + field];
               const was = old ? old.contexts.indexOf(c) : -1;
               if (was >= 0) {
                 // still in the old flat arrays: from its offset there, as long as its own part
