@@ -88,6 +88,24 @@ describe('loraApply (CPU)', () => {
   });
 });
 
+/** tiny-llama-gqa with an adapter pool and its two adapters (a8, b16) loaded. */
+async function withAdapters(o: { device: string; dtype?: 'f16' | 'bf16'; graphs?: boolean }): Promise<Model> {
+  const m = await loadModel(TINY, { ...o, lora: {} });
+  await m.loadAdapter(A8);
+  await m.loadAdapter(B16);
+  return m;
+}
+
+/** The prompt of tiny-llama-gqa's reference outputs. */
+function promptIds(): Int32Array {
+  const ref = SafetensorsFile.open(path.join(TINY, 'reference.safetensors'));
+  try {
+    return ref.readInt32('prompt_ids');
+  } finally {
+    ref.close();
+  }
+}
+
 describeGpu('loraApply: CUDA vs CPU', () => {
   const TOL: Record<string, number> = { f32: 1e-5, f16: 2e-3, bf16: 1e-2 };
   for (const dt of ['f16', 'bf16', 'f32'] as DType[]) {
@@ -140,16 +158,10 @@ describeGpu('loraApply: CUDA vs CPU', () => {
 
   test('decode graphs per batch kind: base batches and adapter batches of one size each replay their own', async () => {
     // Same device and dtype, graphs on and off: the kernels are the same, so greedy tokens are equal.
-    const withGraphs = await loadModel(TINY, { device: 'cuda', lora: {}, dtype: 'f16', graphs: true });
-    const eager = await loadModel(TINY, { device: 'cuda', lora: {}, dtype: 'f16', graphs: false });
+    const withGraphs = await withAdapters({ device: 'cuda', dtype: 'f16', graphs: true });
+    const eager = await withAdapters({ device: 'cuda', dtype: 'f16', graphs: false });
     try {
-      for (const m of [withGraphs, eager]) {
-        await m.loadAdapter(A8);
-        await m.loadAdapter(B16);
-      }
-      const ref = SafetensorsFile.open(path.join(TINY, 'reference.safetensors'));
-      const ids = ref.readInt32('prompt_ids');
-      ref.close();
+      const ids = promptIds();
       const batch = (adapter?: string) => [0, 1].map((i) => ({ ids: ids.subarray(i, 12 + i), maxTokens: 8, temperature: 0, adapter }));
       const outs: number[][][] = [];
       // base (captures the base graph of B = 2), adapter (its own graph), then both again (replays)
@@ -170,16 +182,10 @@ describeGpu('loraApply: CUDA vs CPU', () => {
   });
 
   test('a tiny-llama decode with mixed adapters matches the CPU', async () => {
-    const cpu = await loadModel(TINY, { device: 'cpu', lora: {} });
-    const gpu = await loadModel(TINY, { device: 'cuda', lora: {}, dtype: 'f16' });
+    const cpu = await withAdapters({ device: 'cpu' });
+    const gpu = await withAdapters({ device: 'cuda', dtype: 'f16' });
     try {
-      for (const m of [cpu, gpu]) {
-        await m.loadAdapter(A8);
-        await m.loadAdapter(B16);
-      }
-      const ref = SafetensorsFile.open(path.join(TINY, 'reference.safetensors'));
-      const ids = ref.readInt32('prompt_ids');
-      ref.close();
+      const ids = promptIds();
       for (const a of ['a8', 'b16']) expect(relErr(await gpu.logits(ids, { adapter: a }), await cpu.logits(ids, { adapter: a }))).toBeLessThan(1e-2);
       const reqs = ['a8', undefined, 'b16'].map((adapter, i) => ({ ids: ids.subarray(0, 10 + i), maxTokens: 6, temperature: 0, adapter }));
       const [rc, rg] = [await cpu.generateBatch(reqs), await gpu.generateBatch(reqs)];
