@@ -46,14 +46,17 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 
 // Sum over the block in a fixed tree (warp shuffles, then one warp over the warp sums):
 // the same inputs always give the same bits. Every thread gets the total. `smem` needs
-// 32 floats; blockDim.x must be a multiple of 32.
-__device__ __forceinline__ float block_sum(float v, float* smem) {
+// 32 elements; blockDim.x must be a multiple of 32. Threads may still read smem when the
+// first returns: a caller that writes smem itself afterwards needs a barrier first (a next
+// block_sum has its own).
+template <class V>
+__device__ __forceinline__ V block_sum(V v, V* smem) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   __syncthreads();  // smem may still be read by a previous call
   if (lane == 0) smem[warp] = v;
   __syncthreads();
-  v = lane < nw ? smem[lane] : 0.f;
+  v = lane < nw ? smem[lane] : V(0);
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }

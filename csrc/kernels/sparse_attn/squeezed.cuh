@@ -10,6 +10,7 @@
 
 #include "kernels/common/dtype_cuda.cuh"
 #include "kernels/common/dynamic_smem.cuh"
+#include "kernels/common/random.h"
 #include "squeezed.h"
 #include "squeezed_layout.h"
 
@@ -95,28 +96,11 @@ __device__ __forceinline__ void load_cluster_starts(const Args& a, const squeeze
 constexpr int kSelWarps = 32, kSelThreads = 32 * kSelWarps;
 
 // Bits of a score whose unsigned order is the order of the scores: NaN counts as -inf and -0 as +0,
-// as the comparison in before() has them.
+// as the comparison in before() has them (order_key alone would put NaN below -inf).
 __device__ __forceinline__ uint32_t score_key(float s) {
   if (s != s) s = -INFINITY;
   if (s == 0.f) s = 0.f;
-  uint32_t u;
-#ifdef __CUDA_ARCH__
-  u = __float_as_uint(s);
-#else
-  std::memcpy(&u, &s, sizeof u);
-#endif
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// Sum over the block of one int per thread (red: kSelWarps ints of shared memory).
-__device__ __forceinline__ int select_block_sum(int v, int* red) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  int s = 0;
-  for (int w = 0; w < kSelWarps; ++w) s += red[w];
-  __syncthreads();  // red is free again
-  return s;
+  return rnd::order_key(s);
 }
 
 template <class T>
@@ -188,7 +172,7 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(const T* __restrict
     const uint32_t m = mask | (1u << bit), want = prefix | (1u << bit);
     int n = 0;
     for (int64_t c = tid; c < C; c += kSelThreads) n += (key[c] & m) == want;
-    const int64_t above = select_block_sum(n, red);
+    const int64_t above = block_sum(n, red);
     if (above >= kk) prefix = want;
     else kk -= above;
     mask = m;
@@ -197,7 +181,8 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(const T* __restrict
   // in chunks of kSelThreads clusters.
   int gt = 0;
   for (int64_t c = tid; c < C; c += kSelThreads) gt += key[c] > prefix;
-  const int64_t need = nkeep - select_block_sum(gt, red);
+  const int64_t need = nkeep - block_sum(gt, red);
+  __syncthreads();  // every thread has read red before the scan writes it
   int64_t before_chunk = 0;  // clusters equal to T in the chunks already done
   for (int64_t c0 = 0; c0 < C; c0 += kSelThreads) {
     const int64_t c = c0 + tid;
