@@ -1,12 +1,14 @@
 import { Tensor } from '../ts/tensor';
 import { isSqueezeError } from '../ts/errors';
-import { lutMatmul, lutMatmulPacked, lutRepack, lutPackedShape, kmeansRows, checkOutlierCsr, sortOutlierRows } from '../ts/ops/lut';
+import {
+  lutMatmul, lutMatmulPacked, lutRepack, lutPackedShape, kmeansRows, checkOutlierCsr, sortOutlierRows, lutPairRow, lutPairable,
+} from '../ts/ops/lut';
 import {
   SqueezeLinear, packCodes, unpackCodes, dequantize, quantizeLinear, rtnQuantize, weightedError,
-  squeezeTensors, squeezeMetadata, loadSqueezeLinear, uploadSqueezeLinear,
+  squeezeTensors, squeezeMetadata, loadSqueezeLinear, uploadSqueezeLinear, pairSqueezeRows,
 } from '../ts/quant/squeezellm';
 import { SafetensorsFile, writeSafetensors } from '../ts/model/safetensors';
-import { describeGpu, relErr, rng, randn, freshSeed } from './gpu';
+import { describeGpu, relErr, rng, randn, freshSeed, maxAbsErr } from './gpu';
 import { emptyCache, memoryStats, synchronize } from '../ts/device';
 import { bf16BitsToFloat32, f16BitsToFloat32, float32ToBf16Bits, float32ToF16Bits } from '../ts/util/half';
 import * as fs from 'fs';
@@ -123,6 +125,101 @@ describe('packing', () => {
       expect(bad).toEqual([]);
       c.dispose();
     }
+  });
+});
+
+/** silu(z[m, j]) * z[m, j + N/2] of y [M, N] in f32 (the gated MLP's activation). */
+function siluPairsRef(z: Float32Array, M: number, N: number): Float32Array {
+  const H = N / 2, out = new Float32Array(M * H);
+  for (let m = 0; m < M; m++)
+    for (let j = 0; j < H; j++) {
+      const a = z[m * N + j];
+      out[m * H + j] = (a / (1 + Math.exp(-a))) * z[m * N + H + j];
+    }
+  return out;
+}
+
+describe('paired rows (stored order for fused epilogues)', () => {
+  const seed = freshSeed();
+  test('lutPairRow is a permutation that puts rows j and j + H of each 2H block in one tile, 8 rows apart', () => {
+    for (const [N, H] of [[16, 8], [48, 8], [48, 24], [96, 16], [160, 80]]) {
+      expect(lutPairable(N, H)).toBe(true);
+      const seen = new Set<number>();
+      for (let p = 0; p < N; p++) {
+        const n = lutPairRow(p, H);
+        seen.add(n);
+        if (p % 16 < 8) {
+          const partner = lutPairRow(p + 8, H);
+          expect([p, partner - n, Math.floor(n / (2 * H)) === Math.floor(partner / (2 * H)), n % (2 * H) < H]).toEqual([p, H, true, true]);
+        }
+      }
+      expect(seen.size).toBe(N);
+      expect(Math.max(...seen)).toBe(N - 1);
+    }
+    expect(lutPairRow(37, 0)).toBe(37);
+    for (const [N, H] of [[40, 20], [48, 16], [80, 0], [24, 12]]) expect(lutPairable(N, H)).toBe(false);
+  });
+
+  test(`pairSqueezeRows moves each row's codes, table and outliers together (seed ${seed})`, () => {
+    const r = rng(seed + 1);
+    const l = randomLinear(48, 70, 3, true, r), p = pairSqueezeRows(l, 8);
+    const codes = unpackCodes(l.qweight, 48, 70, 3), pc = unpackCodes(p.qweight, 48, 70, 3);
+    for (let s = 0; s < 48; s++) {
+      const n = lutPairRow(s, 8);
+      expect(pc.subarray(s * 70, s * 70 + 70)).toEqual(codes.subarray(n * 70, n * 70 + 70));
+      expect(p.lut.subarray(s * 8, s * 8 + 8)).toEqual(l.lut.subarray(n * 8, n * 8 + 8));
+      expect(p.cols!.subarray(p.rows![s], p.rows![s + 1])).toEqual(l.cols!.subarray(l.rows![n], l.rows![n + 1]));
+      expect(p.vals!.subarray(p.rows![s], p.rows![s + 1])).toEqual(l.vals!.subarray(l.rows![n], l.rows![n + 1]));
+    }
+    expect(() => pairSqueezeRows(l, 16)).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+  });
+
+  for (const dt of ['f32', 'f16'] as const)
+    test(`CPU (${dt}): a module stored paired gives the unpaired module's outputs bit for bit, and siluPairs the siluMul of them (seed ${seed})`, async () => {
+      const r = rng(seed + (dt === 'f16' ? 3 : 2));
+      // [N, K, H]: gate|up (H = N/2) and RoPE-like halves (H = 8 of 16-row heads); K with a tail
+      for (const [N, K, H, bits] of [[96, 161, 48, 4], [64, 300, 8, 3], [32, 40, 16, 3]] as const) {
+        const l = randomLinear(N, K, bits, true, r);
+        const plain = uploadSqueezeLinear(l, 'cpu', 'f32'), paired = uploadSqueezeLinear(l, 'cpu', 'f32', { pairHalf: H });
+        expect([plain.pairHalf, paired.pairHalf, plain.siluPairs, !!paired.siluPairs]).toEqual([0, H, undefined, 2 * H === N]);
+        for (const M of [1, 3, 20, 200]) {
+          const x = Tensor.from(randn(M * K, r), [M, K], { dtype: dt });
+          const y1 = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: dt });
+          const y2 = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: dt });
+          plain.forward(y1, x);
+          paired.forward(y2, x);
+          const z = await y1.toFloat32();
+          expect(z.every(Number.isFinite)).toBe(true);
+          expect(await y2.toFloat32()).toEqual(z);
+          if (paired.siluPairs) {
+            const act = Tensor.from(new Float32Array(M * H).fill(NaN), [M, H], { dtype: dt });
+            paired.siluPairs(act, x);
+            const got = await act.toFloat32(), want = siluPairsRef(z, M, N);
+            expect([M, maxAbsErr(got, want) <= (dt === 'f16' ? 2e-3 : 1e-5) * Math.max(1, ...want.map(Math.abs))]).toEqual([M, true]);
+            act.dispose();
+          }
+          [x, y1, y2].forEach((t) => t.dispose());
+        }
+        plain.dispose();
+        paired.dispose();
+      }
+    });
+
+  test('lutMatmulPacked: a half that does not pair the rows, siluPairs without pairing at N/2, a wrong y -> coded errors', () => {
+    const r = rng(5);
+    const l = randomLinear(32, 64, 4, false, r);
+    const t = tensorsOf(l, 'cpu', 'f32'), c = packedOf(l, 'cpu');
+    const x = Tensor.from(randn(2 * 64, r), [2, 64]);
+    const y = Tensor.empty([2, 32]), half = Tensor.empty([2, 16]);
+    const call = (out: Tensor, o: Parameters<typeof lutMatmulPacked>[8]) => () => lutMatmulPacked(out, x, c, t.lut, null, null, null, 4, o);
+    expect(call(y, { pairHalf: 12 })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+    expect(call(y, { pairHalf: 32 })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+    expect(call(half, { pairHalf: 8, epilogue: 'siluPairs' })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+    expect(call(half, { epilogue: 'siluPairs' })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+    expect(call(y, { pairHalf: 16, epilogue: 'siluPairs' })).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+    expect(call(y, { epilogue: 'gelu' as 'store' })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+    expect(call(half, { pairHalf: 16, epilogue: 'siluPairs' })).not.toThrow();
+    [x, y, half, c, t.q, t.lut].forEach((z) => z.dispose());
   });
 });
 
@@ -647,6 +744,45 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
       }
       expect(outs[1]).toEqual(outs[0]);
       expect(outs[2]).toEqual(outs[0]);
+    }
+  });
+  test(`paired rows: CUDA equals the CPU at every M, and the siluPairs epilogue (GEMV) equals the CPU's (seed ${seed})`, async () => {
+    const r = rng(seed + 77);
+    // gate|up-like (H = N/2) over several row groups per block, and 16-row heads paired at 8; K with a tail
+    for (const [N, K, H, bits] of [[4096, 256 + 32, 2048, 4], [704, 1024, 352, 3], [96, 161, 8, 4]] as const) {
+      const l = randomLinear(N, K, bits, true, r);
+      const mc = uploadSqueezeLinear(l, 'cuda', 'f16', { pairHalf: H }), mh = uploadSqueezeLinear(l, 'cpu', 'f16', { pairHalf: H });
+      const plain = uploadSqueezeLinear(l, 'cuda', 'f16');
+      for (const M of [1, 2, 3, 5, 8, 16, 17, 33, 64, 65, 300]) {
+        const what = `N=${N} K=${K} H=${H} ${bits}-bit M=${M}`;
+        const x = randn(M * K, r);
+        const xc = Tensor.from(x, [M, K], { dtype: 'f16', device: 'cuda' }), xh = Tensor.from(x, [M, K], { dtype: 'f16' });
+        const yc = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: 'f16', device: 'cuda' });
+        const yp = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: 'f16', device: 'cuda' });
+        const yh = Tensor.empty([M, N], { dtype: 'f16' });
+        mc.forward(yc, xc);
+        plain.forward(yp, xc);
+        mh.forward(yh, xh);
+        const got = await yc.toFloat32(), want = await yh.toFloat32();
+        const e = relErr(got, want), ep = relErr(got, await yp.toFloat32());
+        expect([what, got.every(Number.isFinite), e < 2e-3 ? 'ok' : e, ep < 2e-3 ? 'ok' : ep]).toEqual([what, true, 'ok', 'ok']);
+        if (mc.siluPairs) {
+          const ac = Tensor.from(new Float32Array(M * H).fill(NaN), [M, H], { dtype: 'f16', device: 'cuda' });
+          const ah = Tensor.empty([M, H], { dtype: 'f16' });
+          if (M > 64) {
+            expect(() => mc.siluPairs!(ac, xc)).toThrow(expect.objectContaining({ code: 'ERR_UNSUPPORTED' }));
+          } else {
+            mc.siluPairs(ac, xc);
+            mh.siluPairs!(ah, xh);
+            const ga = await ac.toFloat32(), wa = await ah.toFloat32();
+            const ea = relErr(ga, wa);
+            expect([what, 'silu', ga.every(Number.isFinite), ea < 2e-3 ? 'ok' : ea]).toEqual([what, 'silu', true, 'ok']);
+          }
+          [ac, ah].forEach((t) => t.dispose());
+        }
+        [xc, xh, yc, yp, yh].forEach((t) => t.dispose());
+      }
+      [mc, mh, plain].forEach((m) => m.dispose());
     }
   });
   test('interchange-layout lutMatmul and a loaded module agree with the packed op', async () => {

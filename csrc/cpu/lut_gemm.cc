@@ -6,6 +6,7 @@
 
 #include "../core/error.h"
 #include "../core/parallel.h"
+#include "elementwise.h"
 #include "gemm.h"
 #include "vec.h"
 
@@ -204,8 +205,15 @@ void lut_repack(const Tensor& dst, const Tensor& qweight, int bits) {
 }
 
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
-                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits) {
-  const int64_t M = x.dim(0), K = x.dim(1), N = y.dim(1);
+                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, int epilogue) {
+  const int64_t M = x.dim(0), K = x.dim(1), N = lut.dim(0), H = pair_half;
+  if (epilogue == 1) {
+    // The unfused sequence itself: z rounded to y's dtype, then siluMul's arithmetic.
+    Tensor z = Tensor::empty(y.dtype, {M, N}, Device{});
+    lut_matmul_packed(z, x, codes, lut, rows, cols, vals, bits, pair_half, 0);
+    silu_mul(y, z);
+    return;
+  }
   const LutPacked L(bits, N, K);
   const int E = 1 << bits;
   const uint32_t* c = codes.ptr<uint32_t>();
@@ -253,7 +261,7 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
     parallel_for(N, 4, [&](int64_t nb, int64_t ne) {
       std::vector<float> buf((size_t)L.Kp);
       for (int64_t n = nb; n < ne; ++n) {
-        float* row = wp + (size_t)(n * K);
+        float* row = wp + (size_t)(lut_pair_row(n, H) * K);  // stored row n is output row lut_pair_row(n)
         dequant_row(n, buf.data());
         std::memcpy(row, buf.data(), (size_t)K * sizeof(float));
         for_outliers(n, [&](int32_t k, float v) { row[k] += v; });
@@ -284,7 +292,8 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
       for_outliers(n, [&](int32_t k, float v) {
         for (int64_t m = 0; m < M; ++m) acc[(size_t)m] += v * xf[(size_t)(m * Kp + k)];
       });
-      for (int64_t m = 0; m < M; ++m) store_from_float(y.data(), y.dtype, (size_t)(m * N + n), acc[(size_t)m]);
+      const int64_t out = lut_pair_row(n, H);
+      for (int64_t m = 0; m < M; ++m) store_from_float(y.data(), y.dtype, (size_t)(m * N + out), acc[(size_t)m]);
     }
   });
 }

@@ -26,12 +26,36 @@
 //   of mma.m16n8k16 (see csrc/kernels/lut_gemm/lut_gemm.cu).
 //
 // y[m, n] = sum_k lut[n, code(n, k)] * x[m, k] + sum_j vals[j] * x[m, cols[j]].
+//
+// Paired rows (optional, chosen when a weight is loaded; lut_pair_row): the rows of a weight may be
+// stored in an order that puts output rows j and j + H (H = "pair half") in one tile, at tile rows
+// i and i + 8, so that a fused epilogue (SiLU-and-multiply of a gate|up projection) has both in one
+// thread. The codes, lut and outlier rows are all in that stored order; the matmul writes each
+// stored row to its output row, so the result is the unpaired weight's.
 #pragma once
 #include <cstdint>
 
 #include "../core/tensor.h"
 
 namespace sqz::cpu {
+
+#ifdef __CUDACC__
+#define SQZ_LUT_HD __host__ __device__ __forceinline__
+#else
+#define SQZ_LUT_HD inline
+#endif
+
+// Output row of stored row p of a weight with paired rows of half H (H = 0: p itself). H is a
+// multiple of 8 and N a multiple of 2H: stored tile t holds, of the 2H-row block b = t / (H/8),
+// rows 8s .. 8s+7 (s = t % (H/8)) in its rows 0..7 and their partners 8s+H .. 8s+H+7 in rows 8..15.
+template <class I>
+SQZ_LUT_HD I lut_pair_row(I p, I H) {
+  if (H <= 0) return p;
+  const I t = p >> 4, i = p & 15, per = H >> 3, b = t / per, s = t - b * per;
+  return b * 2 * H + 8 * s + (i < 8 ? i : H + i - 8);
+}
+// Whether rows of an N-row weight can be paired at half H.
+inline bool lut_pairable(int64_t N, int64_t H) { return H > 0 && H % 8 == 0 && N % (2 * H) == 0; }
 
 // Decodes code i (0..31) of a 32-code interchange group given the group's `bits` words.
 inline uint32_t lut_code(const uint32_t* w, int bits, int i) {
@@ -68,8 +92,11 @@ struct LutPacked {
 // dst i32 [Np, Kp*bits/32] (packed) <- qweight i32 [Kg*bits/32, N] (interchange).
 void lut_repack(const Tensor& dst, const Tensor& qweight, int bits);
 
-// y[M,N] = x[M,K] * dequant(codes, lut)^T + CSR outliers, codes in the packed layout.
+// z[M,N] = x[M,K] * dequant(codes, lut)^T + CSR outliers, codes in the packed layout, stored rows
+// paired at half pair_half (0: not paired). epilogue 0: y = z (y [M, N]); 1 (SiLU pairs, pair_half =
+// N/2): y[m, j] = silu(z[m, j]) * z[m, j + N/2] with z rounded to y's dtype first (y [M, N/2]).
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
-                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits);
+                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half = 0,
+                       int epilogue = 0);
 
 }  // namespace sqz::cpu

@@ -36,19 +36,30 @@ SQZ_OP(lutRepack) {
   return a.env().Undefined();
 }
 
-// lutMatmulPacked(y[M,N], x[M,K], codes i32[Np, Kp*bits/32], lut[N, 2^bits], rows?, cols?, vals?, bits)
-// codes in the packed layout made by lutRepack. The outlier CSR's contents are checked on the host
-// when the weights are loaded (ts/ops/lut.ts checkOutlierCsr); here only shapes and dtypes.
+// lutMatmulPacked(y, x[M,K], codes i32[Np, Kp*bits/32], lut[N, 2^bits], rows?, cols?, vals?, bits,
+// pairHalf = 0, epilogue = 0) codes in the packed layout made by lutRepack, stored rows paired at
+// pairHalf (cpu/lut_gemm.h; 0: not paired); y [M, N], or [M, N/2] for epilogue 1 (SiLU pairs,
+// pairHalf = N/2). The outlier CSR's contents are checked on the host when the weights are loaded
+// (ts/ops/lut.ts checkOutlierCsr); here only shapes and dtypes.
 SQZ_OP(lutMatmulPacked) {
   Args a(info, "lutMatmulPacked");
   Tensor y = a.tensor(0, "y"), x = a.tensor(1, "x"), q = a.tensor(2, "codes"), lut = a.tensor(3, "lut");
   auto rows = a.opt_tensor(4, "rows"), cols = a.opt_tensor(5, "cols"), vals = a.opt_tensor(6, "vals");
   const int64_t bits = a.integer(7, "bits");
+  const int64_t half = a.opt_integer(8, "pairHalf", 0), epilogue = a.opt_integer(9, "epilogue", 0);
   if (bits != 3 && bits != 4) a.error("ERR_UNSUPPORTED", "bits must be 3 or 4, got " + std::to_string(bits));
   a.ndim(x, "x", 2);
   a.ndim(y, "y", 2);
-  const int64_t M = x.dim(0), K = x.dim(1), N = y.dim(1);
-  a.shape_is(y, "y", {M, -1});
+  a.ndim(lut, "lut", 2);
+  const int64_t M = x.dim(0), K = x.dim(1), N = lut.dim(0);
+  if (epilogue != 0 && epilogue != 1) a.error("ERR_ARG", "epilogue must be 0 (store) or 1 (siluPairs), got " + std::to_string(epilogue));
+  if (half != 0 && !cpu::lut_pairable(N, half))
+    a.error("ERR_ARG", "pairHalf " + std::to_string(half) + " does not pair the rows of a " + std::to_string(N) +
+                           "-row weight (a multiple of 8 that 2 * pairHalf divides)");
+  if (epilogue == 1 && 2 * half != N)
+    a.error("ERR_ARG", "the siluPairs epilogue needs rows paired at half the rows (" + std::to_string(N / 2) + "), got " +
+                           std::to_string(half));
+  a.shape_is(y, "y", {M, epilogue == 1 ? N / 2 : N});
   const cpu::LutPacked L((int)bits, N, K);
   a.dtype_in(q, "codes", {DType::I32, DType::U32});
   a.shape_is(q, "codes", {L.Np, L.words_per_row()});
@@ -79,10 +90,10 @@ SQZ_OP(lutMatmulPacked) {
   Tensor r = has ? *rows : Tensor(), c = has ? *cols : Tensor(), v = has ? *vals : Tensor();
   dispatch(
       x.device, "lutMatmulPacked",
-      [=] { cpu::lut_matmul_packed(y, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b); },
+      [=] { cpu::lut_matmul_packed(y, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b, (int)half, (int)epilogue); },
       [&](int dev) {
         CUDA_ONLY(cuda::lut_matmul_packed(y, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b,
-                                          cuda_stream(dev)));
+                                          (int)half, (int)epilogue, cuda_stream(dev)));
       });
   return a.env().Undefined();
 }

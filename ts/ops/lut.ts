@@ -40,9 +40,39 @@ export function lutMatmulPacked(
   cols: Tensor | null | undefined,
   vals: Tensor | null | undefined,
   bits: number,
+  opts: LutStoreOptions = {},
 ): void {
+  const epilogue = { store: 0, siluPairs: 1 }[opts.epilogue ?? 'store'];
+  if (epilogue === undefined) throw new SqueezeError('ERR_ARG', `lutMatmulPacked: unknown epilogue ${opts.epilogue}`);
   native().ops.lutMatmulPacked(y.native, x.native, codes.native, lut.native, rows?.native ?? null, cols?.native ?? null,
-    vals?.native ?? null, bits);
+    vals?.native ?? null, bits, opts.pairHalf ?? 0, epilogue);
+}
+
+/** Where lutMatmulPacked's results go (csrc/cpu/lut_gemm.h, "Paired rows"). */
+export interface LutStoreOptions {
+  /**
+   * The weight's rows are stored paired at this half (pairSqueezeRows; 0 / absent: as they are):
+   * each stored row is written to its own output row, so y is the unpaired weight's.
+   */
+  pairHalf?: number;
+  /**
+   * 'store' (y = z, [M, N]) or 'siluPairs' (y[m, j] = silu(z[m, j]) * z[m, j + N/2], [M, N/2], each z
+   * rounded to y's dtype first: the gated MLP's siluMul fused behind the gate|up projection; needs
+   * pairHalf = N/2, and on CUDA the GEMV: M <= 64).
+   */
+  epilogue?: 'store' | 'siluPairs';
+}
+
+/** Output row of stored row p of a weight paired at half H (H = 0: p); csrc/cpu/lut_gemm.h lut_pair_row. */
+export function lutPairRow(p: number, H: number): number {
+  if (H <= 0) return p;
+  const t = p >> 4, i = p & 15, per = H >> 3, b = Math.floor(t / per), s = t - b * per;
+  return b * 2 * H + 8 * s + (i < 8 ? i : H + i - 8);
+}
+
+/** Whether the rows of an N-row weight can be paired at half H. */
+export function lutPairable(N: number, H: number): boolean {
+  return H > 0 && H % 8 === 0 && N % (2 * H) === 0;
 }
 
 /**

@@ -15,7 +15,7 @@ import * as path from 'path';
 import { SqueezeError } from '../errors';
 import { DType, Tensor, TypedArray } from '../tensor';
 import { resolveDevice } from '../device';
-import { checkOutlierCsr, kmeansRows, lutMatmulPacked, lutPackedShape, lutRepack, sortOutlierRows } from '../ops/lut';
+import { checkOutlierCsr, kmeansRows, lutMatmulPacked, lutPackedShape, lutPairRow, lutPairable, lutRepack, sortOutlierRows } from '../ops/lut';
 import { matmul } from '../ops/gemm';
 import { add } from '../ops/elementwise';
 import { Checkpoint, SafetensorsFile, WriteTensor, writeSafetensors } from '../model/safetensors';
@@ -555,15 +555,59 @@ export interface SqueezeLinearModule {
   readonly K: number;
   readonly bits: Bits;
   readonly bytes: number;
+  /** The half its rows are stored paired at (pairSqueezeRows; 0: as they are). */
+  readonly pairHalf: number;
   forward(y: Tensor, x: Tensor): void;
+  /**
+   * A gate|up module stored paired at N/2 only: act[M, N/2] = silu(gate) * up of y = x · Wᵀ in one
+   * launch (lutMatmulPacked's siluPairs epilogue; on CUDA up to 64 rows of x).
+   */
+  siluPairs?(act: Tensor, x: Tensor): void;
   dispose(): void;
+}
+
+/**
+ * The same linear with its rows stored paired at half H (csrc/cpu/lut_gemm.h, "Paired rows"):
+ * stored row p is row lutPairRow(p, H) of `l`, with its codes, table and outliers.
+ */
+export function pairSqueezeRows(l: SqueezeLinear, H: number): SqueezeLinear {
+  if (!lutPairable(l.N, H))
+    throw new SqueezeError('ERR_ARG', `squeezellm: rows of a ${l.N}-row linear cannot be paired at ${H} (a multiple of 8 that 2 * ${H} divides)`);
+  const { N, K, bits } = l, E = 1 << bits, R = Math.ceil(K / 32) * bits;
+  const src = Int32Array.from({ length: N }, (_, p) => lutPairRow(p, H));
+  const qweight = new Int32Array(R * N), lut = new Float32Array(N * E);
+  for (let r = 0; r < R; r++) {
+    const o = r * N;
+    for (let p = 0; p < N; p++) qweight[o + p] = l.qweight[o + src[p]];
+  }
+  for (let p = 0; p < N; p++) lut.set(l.lut.subarray(src[p] * E, (src[p] + 1) * E), p * E);
+  if (!l.rows || !l.cols || !l.vals) return { ...l, qweight, lut };
+  const rows = new Int32Array(N + 1), cols = new Int32Array(l.cols.length), vals = new Float32Array(l.vals.length);
+  for (let p = 0; p < N; p++) {
+    const b = l.rows[src[p]], e = l.rows[src[p] + 1];
+    cols.set(l.cols.subarray(b, e), rows[p]);
+    vals.set(l.vals.subarray(b, e), rows[p]);
+    rows[p + 1] = rows[p] + (e - b);
+  }
+  return { ...l, qweight, lut, rows, cols, vals };
+}
+
+/** Options of uploadSqueezeLinear. */
+export interface UploadOptions {
+  /**
+   * Store the rows paired at this half (pairSqueezeRows): the output is unchanged; a gate|up
+   * linear paired at N/2 gains siluPairs. 0 / absent: as they are.
+   */
+  pairHalf?: number;
 }
 
 /**
  * Uploads host arrays of a linear to `device` and repacks the codes once into the kernel layout
  * (lutRepack); tables and outliers in f16 on CUDA (f32 on CPU).
  */
-export function uploadSqueezeLinear(l: SqueezeLinear, device: string, dtype?: DType): SqueezeLinearModule {
+export function uploadSqueezeLinear(src: SqueezeLinear, device: string, dtype?: DType, opts: UploadOptions = {}): SqueezeLinearModule {
+  const pairHalf = opts.pairHalf ?? 0;
+  const l = pairHalf ? pairSqueezeRows(src, pairHalf) : src;
   const fd: DType = device === 'cpu' || dtype === 'f32' ? 'f32' : 'f16';
   const fl = (a: Float32Array) => (fd === 'f16' ? float32ToF16Bits(a) : a);
   const E = 1 << l.bits;
@@ -592,14 +636,21 @@ export function uploadSqueezeLinear(l: SqueezeLinear, device: string, dtype?: DT
     all.forEach((t) => t.dispose());
     throw e;
   }
+  const checkX = (x: Tensor): void => {
+    if (x.shape.length !== 2 || x.shape[1] !== l.K)
+      throw new SqueezeError('ERR_SHAPE', `squeezellm linear: x is [${x.shape}], expected [M, ${l.K}]`);
+  };
   return {
-    N: l.N, K: l.K, bits: l.bits,
+    N: l.N, K: l.K, bits: l.bits, pairHalf,
     bytes: all.reduce((s, t) => s + t.byteLength, 0),
     forward(y: Tensor, x: Tensor): void {
-      if (x.shape.length !== 2 || x.shape[1] !== l.K)
-        throw new SqueezeError('ERR_SHAPE', `squeezellm linear: x is [${x.shape}], expected [M, ${l.K}]`);
-      lutMatmulPacked(y, x, q, lut, rows, cols, vals, l.bits);
+      checkX(x);
+      lutMatmulPacked(y, x, q, lut, rows, cols, vals, l.bits, { pairHalf });
     },
+    siluPairs: 2 * pairHalf === l.N ? (act: Tensor, x: Tensor): void => {
+      checkX(x);
+      lutMatmulPacked(act, x, q, lut, rows, cols, vals, l.bits, { pairHalf, epilogue: 'siluPairs' });
+    } : undefined,
     dispose(): void { all.forEach((t) => t.dispose()); },
   };
 }
@@ -966,12 +1017,12 @@ export function concatSqueezeLinears(ls: SqueezeLinear[]): SqueezeLinear {
  * `<prefix>.qweight` (ERR_FORMAT when only some do). `inFeatures` is the input size from the config.
  */
 export function loadQuantizedLinear(reader: TensorReader, prefixes: string[], inFeatures: number, device: string,
-  dtype?: DType): SqueezeLinearModule | undefined {
+  dtype?: DType, opts: UploadOptions = {}): SqueezeLinearModule | undefined {
   const q = prefixes.filter((p) => reader.has(`${p}.qweight`));
   if (q.length === 0) return undefined;
   if (q.length !== prefixes.length)
     throw new SqueezeError('ERR_FORMAT', `squeezellm: ${prefixes.join(' + ')} are fused, but only ${q.join(', ')} are quantized`);
-  return uploadSqueezeLinear(concatSqueezeLinears(prefixes.map((p) => readSqueezeLinear(reader, p, inFeatures))), device, dtype);
+  return uploadSqueezeLinear(concatSqueezeLinears(prefixes.map((p) => readSqueezeLinear(reader, p, inFeatures))), device, dtype, opts);
 }
 
 /** y = x · Wᵀ (+ bias) for a dense weight tensor or a quantized module. */

@@ -55,7 +55,8 @@ template <class T, int BITS>
 __global__ void __launch_bounds__(kThreads) dequant_rows_kernel(T* __restrict__ w, const uint32_t* __restrict__ codes,
                                                                 const void* __restrict__ lut, bool lut_f32,
                                                                 const int* __restrict__ rows, const int* __restrict__ cols,
-                                                                const void* __restrict__ vals, bool vals_f32, int K, int U) {
+                                                                const void* __restrict__ vals, bool vals_f32, int K, int U,
+                                                                int pair_half) {
   constexpr int E = 1 << BITS, UNROLL = 2;
   __shared__ float tab[E];
   const int n = blockIdx.x, tid = threadIdx.x;
@@ -84,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) dequant_rows_kernel(T* __restrict__ 
   if (ob + tid < oe) { oc = cols[ob + tid]; ov = load_f(vals, vals_f32, ob + tid); }
   if (tid < E) tab[tid] = entry;
   __syncthreads();
-  T* row = w + (long long)n * K;
+  T* row = w + (long long)lut_pair_row(n, pair_half) * K;  // packed row n is output row lut_pair_row(n)
   for (int first = tid; first < items; first += UNROLL * kThreads) {
     if (first != tid) {
 #pragma unroll
@@ -146,7 +147,7 @@ inline int64_t max_bytes() { return (int64_t)env_int("SQUEEZELM_LUT_DENSE_MAX_MB
 // allow (see above); false where the caller takes its own kernels instead.
 template <class T, int BITS>
 bool run(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut, const Tensor* rows,
-         const Tensor* cols, const Tensor* vals, int U, cudaStream_t st) {
+         const Tensor* cols, const Tensor* vals, int U, int pair_half, cudaStream_t st) {
   const int M = (int)x.dim(0), K = (int)x.dim(1), N = (int)y.dim(1);
   const int from = min_m();
   if (from <= 0 || M < from || (int64_t)N * K * 2 > max_bytes()) return false;
@@ -163,7 +164,7 @@ bool run(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lu
   const bool sparse = rows && cols && vals && cols->numel() > 0;
   dequant_rows_kernel<T, BITS><<<N, kThreads, 0, st>>>(w.ptr<T>(), codes.ptr<uint32_t>(), lut.data(), lut.dtype == DType::F32,
                                                  sparse ? rows->ptr<int>() : nullptr, sparse ? cols->ptr<int>() : nullptr,
-                                                 sparse ? vals->data() : nullptr, sparse && vals->dtype == DType::F32, K, U);
+                                                 sparse ? vals->data() : nullptr, sparse && vals->dtype == DType::F32, K, U, pair_half);
   cuda_check(cudaGetLastError(), "lutMatmul: dequantize");
   matmul(y, x, w, nullptr, st);
   return true;  // w goes back to the pool; its next user is ordered after the GEMM on this stream

@@ -102,6 +102,15 @@
 namespace sqz::cuda {
 namespace {
 
+using cpu::lut_pair_row;
+
+// Where the GEMV's results go: stored rows paired at `half` (cpu/lut_gemm.h; 0: not paired), and
+// with `silu` the SiLU-and-multiply of each row and its partner instead of both.
+struct LutStore {
+  int half;
+  bool silu;
+};
+
 template <class T> struct Cvt;
 template <> struct Cvt<__half> {
   static __device__ __forceinline__ float f(__half v) { return __half2float(v); }
@@ -328,7 +337,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
-                    int K, int U, uint4* xT, int flags) {
+                    int K, int U, uint4* xT, int flags, LutStore so) {
   using G = Geo<BITS>;
   constexpr int NT = W * 32;  // threads per block
   // A row's outlier list is dealt to the warps; with OSPLIT (M <= 2, D+S launches) also to the 4 lanes
@@ -900,14 +909,34 @@ __global__ void __launch_bounds__(W * 32, MINB)
         *reinterpret_cast<float4*>(red + (warp * 32 + lane) * PER + (rt * MT + i) * 4) =
             make_float4(acc[rt][i][0], acc[rt][i][1], acc[rt][i][2], acc[rt][i][3]);
     __syncthreads();
-    for (int idx = tid; idx < 32 * PER; idx += NT) {
-      float s = 0.f;
+    //    A thread takes rows r and r + 8 of one C fragment element pair (j and j + 2): with paired
+    //    rows (so.half) they are an output row and its partner, which the SiLU epilogue combines.
+    for (int h = tid; h < 16 * PER; h += NT) {
+      const int idx = 4 * (h >> 1) + (h & 1);
+      float s0 = 0.f, s1 = 0.f;
 #pragma unroll
-      for (int w = 0; w < W; ++w) s += red[w * 32 * PER + idx];
+      for (int w = 0; w < W; ++w) {
+        s0 += red[w * 32 * PER + idx];
+        s1 += red[w * 32 * PER + idx + 2];
+      }
       const int l = idx / PER, rt = (idx / (MT * 4)) % RT, i = (idx / 4) % MT, j = idx & 3;
-      const int m = 8 * i + 2 * (l & 3) + (j & 1), r = 16 * rt + (l >> 2) + 8 * (j >> 1), n = n0 + r;
-      if (XT) s += osum[r * 8 * MT + m];
-      if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(s);
+      const int m = 8 * i + 2 * (l & 3) + j, r = 16 * rt + (l >> 2), n = n0 + r;
+      if (XT) {
+        s0 += osum[r * 8 * MT + m];
+        s1 += osum[(r + 8) * 8 * MT + m];
+      }
+      if (m >= M) continue;
+      if (so.silu) {
+        // y[m, j] = silu(z[m, j]) * z[m, j + half], each z rounded as a store would leave it (siluMul's
+        // arithmetic on the unfused path's values); y is [M, half].
+        if (n + 8 < N) {
+          const float a = Cvt<T>::f(Cvt<T>::t(s0)), u = Cvt<T>::f(Cvt<T>::t(s1));
+          y[(size_t)m * so.half + lut_pair_row(n, so.half)] = Cvt<T>::t(a / (1.0f + expf(-a)) * u);
+        }
+      } else {
+        if (n < N) y[(size_t)m * N + lut_pair_row(n, so.half)] = Cvt<T>::t(s0);
+        if (n + 8 < N) y[(size_t)m * N + lut_pair_row(n + 8, so.half)] = Cvt<T>::t(s1);
+      }
     }
     __syncthreads();  // red is read before the next group's tables overwrite it
   }
@@ -935,7 +964,7 @@ __global__ void __launch_bounds__(PM_THREADS, 2)
     lut_gemm_mma_kernel(T* __restrict__ y, const T* __restrict__ x, const uint32_t* __restrict__ codes,
                         const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                         const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
-                        int K, int U) {
+                        int K, int U, int pair_half) {
   using G = Geo<BITS>;
   constexpr int E = G::E, CW = BITS == 4 ? 1 : 3;  // raw words per code item and stage (at most)
   extern __shared__ __align__(16) unsigned char psm[];
@@ -1107,7 +1136,7 @@ __global__ void __launch_bounds__(PM_THREADS, 2)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int m = m0 + wm + 16 * i + g + 8 * (e >> 1), n = n0 + wn + 8 * j + 2 * qq + (e & 1);
-        if (m < M && n < N) y[(size_t)m * N + n] = Cvt<T>::t(acc[i][j][e]);
+        if (m < M && n < N) y[(size_t)m * N + lut_pair_row(n, pair_half)] = Cvt<T>::t(acc[i][j][e]);
       }
 }
 
@@ -1174,12 +1203,12 @@ T* lut_xt_buffer(int mp, int K) {
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool OSPLIT = false, bool XT = false,
           int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                 const void* vp, bool vf, int M, int N, int K, int U, cudaStream_t st) {
+                 const void* vp, bool vf, int M, int N, int K, int U, LutStore so, cudaStream_t st) {
   T* xT = nullptr;
   if constexpr (XT) {
     xT = lut_xt_buffer<T>(8 * MT, K);
     if (!xT)
-      return launch_gemv<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, false, W>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+      return launch_gemv<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, false, W>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
   }
   constexpr size_t smem = gemv_smem_bytes_ring<BITS, MT, RT, XT, W, RING, UPS>();
   constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS>;
@@ -1229,7 +1258,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
                     (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) |
                     ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
   launch_pdl(kern, dim3(blocks), dim3(W * 32), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
-             reinterpret_cast<uint4*>(xT), flags);
+             reinterpret_cast<uint4*>(xT), flags, so);
 }
 
 // Whether the shallower outlier depth of an XT kernel runs: a thread's share of an average row (nnz / N
@@ -1255,12 +1284,12 @@ inline bool shallow_outliers(int64_t nnz, int N, int threads_per_row, int depth)
 // slower at 8192 (3-bit M = 4 18.7 against 15.9 us). M = 9-16: launch_gemv_m16.
 template <class T, int BITS, int MT, int P, int MINB, int RT, int W, int XP_LOW>
 void launch_gemv_xt(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                    const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, cudaStream_t st) {
+                    const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, LutStore so, cudaStream_t st) {
   constexpr int XSUB = W * 32 / (16 * RT * MT);  // threads per (row, 8 activation rows), as in the kernel
   if constexpr (XP_LOW > 0)
     if (shallow_outliers(nnz, N, XSUB, XP_LOW))
-      return launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true, W, XP_LOW>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
-  launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true, W>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+      return launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true, W, XP_LOW>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
+  launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true, W>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
 }
 
 // M = 9-16: two row tiles per block (they halve the activation traffic from L2). 4-bit takes one block
@@ -1287,25 +1316,25 @@ void launch_gemv_xt(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf
 // 1% on three 3-bit shapes) and 3-6% slower at M <= 8: docs/log/squeezellm-kernels.md.)
 template <class T, int BITS, bool XT>
 void launch_gemv_m16(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                     const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, cudaStream_t st) {
+                     const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, LutStore so, cudaStream_t st) {
   if constexpr (BITS == 4) {
     const bool even = (U + 15) / 16 * 16 <= (U + 7) / 8 * 8;
     if (env_int("SQUEEZELM_LUT_W16", even ? 1 : 0) != 0) {
-      if constexpr (XT) return launch_gemv_xt<T, 4, 2, 2, 1, 2, 16, 3>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, nnz, st);
-      return launch_gemv<T, 4, 2, 2, true, 1, 2, false, false, 16>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+      if constexpr (XT) return launch_gemv_xt<T, 4, 2, 2, 1, 2, 16, 3>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, nnz, so, st);
+      return launch_gemv<T, 4, 2, 2, true, 1, 2, false, false, 16>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
     }
   } else if constexpr (XT) {
-    return launch_gemv_xt<T, 3, 2, 2, 1, 2, GV_WARPS, 8>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, nnz, st);
+    return launch_gemv_xt<T, 3, 2, 2, 1, 2, GV_WARPS, 8>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, nnz, so, st);
   }
-  launch_gemv<T, BITS, 2, BITS == 4 ? 4 : 2, true, 1, 2, false, XT>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, st);
+  launch_gemv<T, BITS, 2, BITS == 4 ? 4 : 2, true, 1, 2, false, XT>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
 }
 
 #include "dense_path.cuh"
 
 template <class T, int BITS>
 void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut, const Tensor* rows,
-            const Tensor* cols, const Tensor* vals, cudaStream_t st) {
-  const int M = (int)x.dim(0), K = (int)x.dim(1), N = (int)y.dim(1);
+            const Tensor* cols, const Tensor* vals, LutStore so, cudaStream_t st) {
+  const int M = (int)x.dim(0), K = (int)x.dim(1), N = (int)lut.dim(0);  // y is [M, N/2] with so.silu
   if (M == 0 || N == 0) return;
   const cpu::LutPacked d(BITS, N, K);
   T* yp = y.ptr<T>();
@@ -1325,11 +1354,11 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     const void* lp = lut.data();
     constexpr int P1 = 2;                  // unit buffers per warp (P - 1 in flight), 1 block of 16 rows
 #define SQZ_GEMV(MT, P, XV, MINB, RT) \
-  launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
+  launch_gemv<T, BITS, MT, P, XV, MINB, RT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
 #define SQZ_GEMV_XT(MT, P, MINB, RT) \
-  launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
+  launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
 #define SQZ_GEMV_M16(XT) \
-  launch_gemv_m16<T, BITS, XT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, st)
+  launch_gemv_m16<T, BITS, XT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, so, st)
     // Outliers read the activations transposed (xT, written by the launch itself) from M = 3 (3-bit)
     // or M = 6 (4-bit) on, and gather from x[m][k] below that (SQUEEZELM_LUT_XT_MIN_M moves the
     // bound, 0 = never; tuning and tests). Same process, H200, D+S, xT / gather: 3-bit M = 3-8 1.5-9%
@@ -1387,7 +1416,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     if (ring && M <= 8 && vec && (osplit || !xt)) {
       // (outlier split, its entry depth (0: 2), slots per warp, units per slot)
 #define SQZ_GEMV_RING(OSPLIT, XPO, RING, UPS) \
-  launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st)
+  launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
       if constexpr (BITS == 4) {
         // Each of a row's 32 lanes requests its first 2 entries before the main loop, or 4 where an
         // average row holds more than 1.6 per lane (entries past them are read after the loop, a
@@ -1415,8 +1444,8 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
       return;
     }
     if (osplit)
-      launch_gemv<T, BITS, 1, P1, true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, st);
-    else if (xt && M <= 8) launch_gemv_xt<T, BITS, 1, P1, 2, 1, GV_WARPS, 3>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, st);
+      launch_gemv<T, BITS, 1, P1, true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st);
+    else if (xt && M <= 8) launch_gemv_xt<T, BITS, 1, P1, 2, 1, GV_WARPS, 3>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, so, st);
     else if (xt && M <= 16) SQZ_GEMV_M16(true);
     else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
     else if (xt) SQZ_GEMV_XT(8, 1, 1, (BITS == 4 ? 2 : 1));
@@ -1431,13 +1460,13 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
 #undef SQZ_GEMV_XT
 #undef SQZ_GEMV_M16
   } else {
-    if (dense::run<T, BITS>(y, x, codes, lut, rows, cols, vals, U, st)) return;  // large M: dense_path.cuh
+    if (dense::run<T, BITS>(y, x, codes, lut, rows, cols, vals, U, so.half, st)) return;  // large M: dense_path.cuh
     constexpr size_t smem = pgemm_smem_bytes<BITS>();
     auto kern = vec ? lut_gemm_mma_kernel<T, BITS, true> : lut_gemm_mma_kernel<T, BITS, false>;
     if (vec) allow_dynamic_smem<lut_gemm_mma_kernel<T, BITS, true>>(smem, "lutMatmul");
     else allow_dynamic_smem<lut_gemm_mma_kernel<T, BITS, false>>(smem, "lutMatmul");
     dim3 grid((N + PBN - 1) / PBN, (M + PBM - 1) / PBM), block(PM_THREADS);
-    kern<<<grid, block, smem, st>>>(yp, xp, codes.ptr<uint32_t>(), lut.data(), lf, rp, cp, vp, vf, M, N, K, U);
+    kern<<<grid, block, smem, st>>>(yp, xp, codes.ptr<uint32_t>(), lut.data(), lf, rp, cp, vp, vf, M, N, K, U, so.half);
   }
 }
 
@@ -1457,14 +1486,22 @@ void lut_repack(const Tensor& dst, const Tensor& qweight, int bits, cudaStream_t
 }
 
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
-                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, cudaStream_t stream) {
+                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, int epilogue,
+                       cudaStream_t stream) {
   const bool bf = x.dtype == DType::BF16;
+  const int M = (int)x.dim(0), K = (int)x.dim(1);
+  const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(x.data()) % 16 == 0);
+  // The SiLU epilogue is the GEMV's (M <= 64, or 16 for unaligned activations; the decode step's).
+  if (epilogue == 1 && !(M <= 16 || (vec && M <= 64)))
+    fail("ERR_UNSUPPORTED", "lutMatmulPacked: the siluPairs epilogue runs on CUDA for up to 64 rows of x (16 unaligned), got " +
+                                std::to_string(M));
+  const LutStore so{pair_half, epilogue == 1};
   if (bits == 4) {
-    if (bf) launch<__nv_bfloat16, 4>(y, x, codes, lut, rows, cols, vals, stream);
-    else launch<__half, 4>(y, x, codes, lut, rows, cols, vals, stream);
+    if (bf) launch<__nv_bfloat16, 4>(y, x, codes, lut, rows, cols, vals, so, stream);
+    else launch<__half, 4>(y, x, codes, lut, rows, cols, vals, so, stream);
   } else if (bits == 3) {
-    if (bf) launch<__nv_bfloat16, 3>(y, x, codes, lut, rows, cols, vals, stream);
-    else launch<__half, 3>(y, x, codes, lut, rows, cols, vals, stream);
+    if (bf) launch<__nv_bfloat16, 3>(y, x, codes, lut, rows, cols, vals, so, stream);
+    else launch<__half, 3>(y, x, codes, lut, rows, cols, vals, so, stream);
   } else {
     fail("ERR_UNSUPPORTED", "lutMatmul: bits must be 3 or 4");
   }

@@ -16,7 +16,10 @@ void lut_repack(const Tensor& dst, const Tensor& qweight, int bits, cudaStream_t
 // tensor-core GEMM on dequantized tiles, except where the weight's fp16 copy is at most 1 GiB and no
 // graph is being captured: then the weight is decoded once into a temporary fp16/bf16 matrix and
 // multiplied by the dense GEMM (dense_path.cuh).
+// pair_half / epilogue: paired stored rows and the SiLU epilogue (cpu/lut_gemm.h); the epilogue needs
+// the GEMV (M <= 64, or 16 for unaligned activations).
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
-                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, cudaStream_t stream);
+                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, int epilogue,
+                       cudaStream_t stream);
 
 }  // namespace sqz::cuda
