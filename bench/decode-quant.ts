@@ -190,6 +190,20 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
       const r = row(ctx, SUITE, `${label} step b1 ctx ${ctxLen}`, r0.t, { bytes: r0.bytes, baseline: 'fp16 step', base, note });
       rows.push(r);
       log(`decodeq ${label}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), ${r.speedup?.toFixed(2)}x fp16; ${note}`);
+      if (m.decoder.fuseLutSilu && m.decoder.w.layers.some((l) => 'siluPairs' in l.wgu && l.wgu.siluPairs)) {
+        // The same step with siluMul as its own kernel (the gate|up projection's store epilogue instead
+        // of its SiLU one): what the fused epilogue saves, in the same process.
+        m.decoder.fuseLutSilu = false;
+        try {
+          const t = await withDecodeStep(ctx, m, 1, ctxLen, (step) => step());
+          const a = row(ctx, SUITE, `${label} step b1 ctx ${ctxLen}, siluMul apart`, t, { bytes: r0.bytes, baseline: 'fp16 step', base,
+            note: `the row above with the gate|up projection's SiLU epilogue off: ${(t.graph?.median ?? t.plain.median).toFixed(0)} against ${r.timeUs.toFixed(0)} us` });
+          rows.push(a);
+          log(`decodeq ${label}, siluMul apart: ${a.timeUs.toFixed(0)} us/step`);
+        } finally {
+          m.decoder.fuseLutSilu = true;
+        }
+      }
       await prefillRow(m, label, true);
     } finally {
       await m.dispose();

@@ -207,4 +207,27 @@ describeGpu('createRandomModel with quantize (cuda)', () => {
         expect(b.ids).toEqual(a.ids);
       });
     });
+
+  test('fused decode: the gate|up projection, stored paired, does siluMul in its epilogue; same logits and tokens as siluMul apart', async () => {
+    const m = await createRandomModel(CONFIG, { device: 'cuda', seed: 21, maxBatch: 2, maxContext: 64, quantize: { bits: 4, outliers: 0.02, iters: 10 } });
+    try {
+      const gu = m.decoder.w.layers.map((l) => l.wgu);
+      expect(gu.map((w) => ('pairHalf' in w ? w.pairHalf : -1))).toEqual([80, 80]);
+      const spies = gu.map((w) => jest.spyOn(w as { siluPairs(a: Tensor, x: Tensor): void }, 'siluPairs'));
+      const run = async () => ({ one: await m.logits([PROMPT[0]]), two: await m.logits(PROMPT.slice(0, 2)), ids: (await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]))[0].ids });
+      const fused = await run();
+      const calls = spies.map((s) => s.mock.calls.length);
+      expect(calls.every((c) => c >= 2)).toBe(true);  // each 1- and 2-row pass (decode steps replay graphs)
+      m.decoder.fuseLutSilu = false;
+      m.graphs = false;  // (the graphs captured above hold the fused launches)
+      const apart = await run();
+      expect(spies.map((s) => s.mock.calls.length)).toEqual(calls);
+      expect(relErr(fused.one, apart.one)).toBeLessThan(1e-3);
+      expect(relErr(fused.two, apart.two)).toBeLessThan(1e-3);
+      expect(fused.ids).toEqual(apart.ids);
+      spies.forEach((s) => s.mockRestore());
+    } finally {
+      await m.dispose();
+    }
+  });
 });

@@ -246,6 +246,11 @@ export class Decoder {
   fuse = process.env.SQUEEZELM_FUSE !== '0';
   /** With fuse: RoPE and the fp16 cache append run in the q|k|v projection's epilogue (linearRopeAppend). */
   fuseRopeAppend = true;
+  /**
+   * With fuse: a quantized gate|up projection stored paired (gateUpPairHalf) runs siluMul in its
+   * epilogue (SqueezeLinearModule.siluPairs); SQUEEZELM_LUT_SILU=0 starts it off.
+   */
+  fuseLutSilu = process.env.SQUEEZELM_LUT_SILU !== '0';
   /** Attention over another cache than the fp16 pages (absent: ropeAppend + attention). */
   readonly attn?: AttentionStep;
   /** LoRA adapters (absent: none can be used); each sequence's adapter slot is bound with bindAdapter. */
@@ -553,7 +558,8 @@ export class Decoder {
    * projection that reads it, the residual adds inside the projections that end a block, and
    * SiLU-and-mul inside the gate|up projection, RoPE and the cache append inside the q|k|v
    * projection (fp16 cache). Per layer 4 GEMVs + attention, against 10 kernels in forward()'s
-   * plain sequence. A quantized linear keeps the plain ops around it.
+   * plain sequence. A quantized linear keeps the plain ops around it, but for a gate|up stored
+   * paired, whose epilogue does siluMul.
    */
   private forwardFused(ws: Workspace, maxQ: number, maxSeqLen: number): void {
     const { cfg, w } = this;
@@ -603,6 +609,9 @@ export class Decoder {
       if (L.wgu instanceof Tensor) {
         flush();
         ops.fusedLinear(ws.act, ws.x, L.wgu, { bias: L.bgu, normWeight: L.ln2, eps, epilogue: 'siluPairs' });
+      } else if (this.fuseLutSilu && L.wgu.siluPairs && !L.bgu) {
+        normInto(L.ln2);
+        L.wgu.siluPairs(ws.act, ws.h);
       } else {
         normInto(L.ln2);
         linearForward(ws.gu, ws.h, L.wgu, L.bgu);

@@ -56,6 +56,16 @@ export interface WeightOptions {
   onProgress?: (p: LoadProgress) => void;
 }
 
+/**
+ * The half a quantized gate|up linear's rows are stored paired at on CUDA (its gate and up rows j
+ * then share a tile, and the decode step's siluMul runs in the projection's epilogue): the
+ * intermediate size where it is a multiple of 8, else 0 (not paired; the plain siluMul runs).
+ */
+export function gateUpPairHalf(cfg: ModelConfig, device: string): number {
+  const I = cfg.intermediateSize;
+  return device !== 'cpu' && I % 8 === 0 ? I : 0;
+}
+
 export function disposeWeights(w: ModelWeights): void {
   const seen = new Set<Tensor>();
   const d = (t?: Tensor) => {
@@ -183,8 +193,8 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
   };
 
   /** A SqueezeLLM linear (or fused group) when the checkpoint holds `<prefix>.qweight`s. */
-  const quant = (prefixes: string[], K: number, N: number): SqueezeLinearModule | undefined => {
-    const m = loadQuantizedLinear(ck, prefixes, K, o.device, cpu ? 'f32' : o.act);
+  const quant = (prefixes: string[], K: number, N: number, pairHalf = 0): SqueezeLinearModule | undefined => {
+    const m = loadQuantizedLinear(ck, prefixes, K, o.device, cpu ? 'f32' : o.act, { pairHalf });
     if (!m) return undefined;
     modules.push(m);
     if (m.N !== N) throw new SqueezeError('ERR_FORMAT', `${ck.describe()}: ${prefixes.join(' + ')} have ${m.N} outputs, config says ${N}`);
@@ -205,7 +215,7 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
           ?? await loadCat(['q', 'k', 'v'].map((p) => n(`self_attn.${p}_proj.weight`))),
         wo: quant([n('self_attn.o_proj')], cfg.numHeads * D, H) ?? await load(n('self_attn.o_proj.weight')),
         ln2: await load(n('post_attention_layernorm.weight'), true),
-        wgu: quant([n('mlp.gate_proj'), n('mlp.up_proj')], H, 2 * I)
+        wgu: quant([n('mlp.gate_proj'), n('mlp.up_proj')], H, 2 * I, gateUpPairHalf(cfg, o.device))
           ?? await loadCat([n('mlp.gate_proj.weight'), n('mlp.up_proj.weight')]),
         wdown: quant([n('mlp.down_proj')], I, H) ?? await load(n('mlp.down_proj.weight')),
       };
@@ -413,7 +423,8 @@ export async function randomQuantizedWeights(cfg: ModelConfig, o: {
           linearsDone++;
           if (p === g.parts.length - 1) {
             t0 = performance.now();
-            const m = uploadSqueezeLinear(concatSqueezeLinears(quantized), o.device, cpu ? 'f32' : o.act);
+            const m = uploadSqueezeLinear(concatSqueezeLinears(quantized), o.device, cpu ? 'f32' : o.act,
+              { pairHalf: g.site === 'wgu' ? gateUpPairHalf(cfg, o.device) : 0 });
             modules.push(m);
             l[g.site] = m;
             seconds.upload += since(t0);
