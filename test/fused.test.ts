@@ -5,6 +5,7 @@ import { kvAppend } from '../ts/ops/attention';
 import { ropeAppend, linearRopeAppend } from '../ts/ops/fused';
 import { fusedLinear } from '../ts/ops/gemm';
 import { describeGpu, freshSeed, randn, relErr, rng } from './gpu';
+import { SqueezeLinear, SqueezeLinearModule, packCodes, uploadSqueezeLinear } from '../ts/quant/squeezellm';
 
 // Math as a module constant: under jest each lookup of the global in a hot loop is ~10x slower
 // (the sandbox's global object; see gpu.ts).
@@ -351,5 +352,115 @@ describeGpu('linearRopeAppend (CUDA)', () => {
     expect(errorCode(() => linearRopeAppend(Tensor.empty([3, 4, 64], { dtype: 'f16', device: 'cuda' }), bc.kc, bc.vc,
       Tensor.empty([3, K], { dtype: 'f16', device: 'cuda' }), Tensor.empty([W, K], { dtype: 'f16', device: 'cuda' }),
       ropeIndex(big, 'cuda')))).toBe('ERR_UNSUPPORTED');
+  });
+});
+
+// lutRopeAppend: the quantized q|k|v projection (rows stored paired at D/2) feeding ropeAppend.
+const LUT_SHAPES = [
+  { Hq: 4, Hkv: 2, D: 64, pageSize: 16, ns: [3, 1, 17], extraRows: 2, badPage: true, K: 161, bits: 4 as const },
+  { Hq: 32, Hkv: 8, D: 128, pageSize: 16, ns: [1, 1], K: 256, bits: 3 as const },
+  { Hq: 6, Hkv: 2, D: 80, pageSize: 16, ns: [2], K: 96, bits: 4 as const },
+  { Hq: 3, Hkv: 1, D: 32, pageSize: 7, ns: [41], K: 64, bits: 3 as const, badPage: true },
+];
+
+/** A random dense-and-sparse q|k|v linear of a case (about 2% outliers). */
+function randomQkv(r: () => number, c: Case, K: number, bits: 3 | 4): SqueezeLinear {
+  const N = (c.Hq + 2 * c.Hkv) * c.D, E = 1 << bits;
+  const codes = Uint8Array.from({ length: N * K }, () => Math.floor(r() * E));
+  const rows = new Int32Array(N + 1), cols: number[] = [], vals: number[] = [];
+  for (let n = 0; n < N; n++) {
+    for (let k = 0; k < K; k++) if (r() < 0.02) { cols.push(k); vals.push((r() - 0.5) * 4); }
+    rows[n + 1] = cols.length;
+  }
+  return { N, K, bits, qweight: packCodes(codes, N, K, bits), lut: randn(N * E, r, 0.3), rows, cols: Int32Array.from(cols), vals: Float32Array.from(vals) };
+}
+
+async function runLut(c: Case, m: SqueezeLinearModule, xs: Float32Array, device: string, dtype: DType, composed: boolean): Promise<Result> {
+  const W = (c.Hq + 2 * c.Hkv) * c.D;
+  const { pos, f, pt, sl, cq } = indexTensors(c, device);
+  const { kc, vc } = caches(c, device, dtype);
+  const x = Tensor.from(xs, [c.T, m.K], { dtype, device });
+  const qOut = Tensor.from(new Float32Array(c.T * c.Hq * c.D).fill(NaN), [c.T, c.Hq, c.D], { dtype, device });
+  if (composed) {
+    const qkv = Tensor.from(new Float32Array(c.T * W).fill(NaN), [c.T, W], { dtype, device });
+    m.forward(qkv, x);
+    ropeAppend(qOut, kc, vc, qkv, pos, f, pt, sl, cq);
+  } else {
+    m.ropeAppend!(qOut, kc, vc, x, { positions: pos, invFreq: f, pageTable: pt, seqLens: sl, cuQ: cq });
+  }
+  return { q: await qOut.toFloat32(), kc: await kc.toFloat32(), vc: await vc.toFloat32() };
+}
+
+describe('lutRopeAppend (CPU)', () => {
+  for (const dtype of ['f32', 'f16'] as DType[])
+    test(`equals the paired module's forward + ropeAppend bit for bit (${dtype})`, async () => {
+      const seed = freshSeed();
+      const r = rng(seed);
+      for (const s of LUT_SHAPES.slice(0, 3)) {
+        const c = makeCase(r, s), lin = randomQkv(r, c, s.K, s.bits), xs = randn(c.T * s.K, r);
+        const m = uploadSqueezeLinear(lin, 'cpu', 'f32', { pairHalf: c.D / 2 });
+        const a = await runLut(c, m, xs, 'cpu', dtype, false), b = await runLut(c, m, xs, 'cpu', dtype, true);
+        m.dispose();
+        if (!same(a.q, b.q) || !same(a.kc, b.kc) || !same(a.vc, b.vc))
+          throw new Error(`seed ${seed} shape ${JSON.stringify(s)}: fused and composed differ`);
+        expect(a.q.every(Number.isFinite)).toBe(true);
+      }
+    });
+
+  test('coded errors: rows not paired at D/2, a weight of other rows', () => {
+    const r = rng(8);
+    const c = makeCase(r, LUT_SHAPES[0]), lin = randomQkv(r, c, 64, 4);
+    const idx = ropeIndex(c, 'cpu');
+    const x = Tensor.empty([c.T, 64]), q = () => Tensor.empty([c.T, c.Hq, c.D]);
+    const { kc, vc } = caches(c, 'cpu', 'f32');
+    const at16 = uploadSqueezeLinear(lin, 'cpu', 'f32', { pairHalf: 16 });
+    expect(errorCode(() => at16.ropeAppend!(q(), kc, vc, x, idx))).toBe('ERR_ARG');
+    const fewer = uploadSqueezeLinear({ ...lin, N: lin.N - 64, qweight: lin.qweight.slice(0, (lin.N - 64) * 8), lut: lin.lut.slice(0, (lin.N - 64) * 16),
+      rows: undefined, cols: undefined, vals: undefined }, 'cpu', 'f32', { pairHalf: 32 });
+    // (qweight rows are [K/32 * bits, N]: slicing the flat array is not a valid weight, but shapes are what is checked)
+    expect(errorCode(() => fewer.ropeAppend!(q(), kc, vc, x, idx))).toBe('ERR_SHAPE');
+    const ok = uploadSqueezeLinear(lin, 'cpu', 'f32', { pairHalf: 32 });
+    expect(errorCode(() => ok.ropeAppend!(q(), kc, vc, x, undefined as unknown as typeof idx))).toBe('ERR_ARG');
+    expect(errorCode(() => ok.ropeAppend!(q(), kc, vc, x, idx))).toBe('none');
+    [at16, fewer, ok].forEach((m) => m.dispose());
+  });
+});
+
+describeGpu('lutRopeAppend (CUDA)', () => {
+  for (const dtype of ['f16', 'bf16'] as DType[])
+    test(`equals the CUDA forward + ropeAppend bit for bit and the CPU reference (${dtype})`, async () => {
+      const seed = freshSeed();
+      const r = rng(seed);
+      for (const s of LUT_SHAPES) {
+        const c = makeCase(r, s), lin = randomQkv(r, c, s.K, s.bits), xs = randn(c.T * s.K, r);
+        const mc = uploadSqueezeLinear(lin, 'cuda', dtype, { pairHalf: c.D / 2 });
+        const mh = uploadSqueezeLinear(lin, 'cpu', 'f32', { pairHalf: c.D / 2 });
+        const g = await runLut(c, mc, xs, 'cuda', dtype, false);
+        const b = await runLut(c, mc, xs, 'cuda', dtype, true);
+        if (!same(g.q, b.q) || !same(g.kc, b.kc) || !same(g.vc, b.vc))
+          throw new Error(`seed ${seed} shape ${JSON.stringify(s)}: fused and composed differ on CUDA`);
+        const h = await runLut(c, mh, xs, 'cpu', dtype, false);
+        const tol = dtype === 'bf16' ? 1e-2 : 2e-3;
+        for (const [name, x, y] of [['q', g.q, h.q], ['kCache', g.kc, h.kc], ['vCache', g.vc, h.vc]] as const) {
+          const e = relErr(x, y);
+          if (!(e < tol)) throw new Error(`seed ${seed} shape ${JSON.stringify(s)}: ${name} rel err ${e}`);
+        }
+        expect(g.q.every(Number.isFinite)).toBe(true);
+        mc.dispose();
+        mh.dispose();
+      }
+    });
+
+  test('coded errors: more than 64 rows, mixed dtypes', () => {
+    const r = rng(9);
+    const c = makeCase(r, { Hq: 4, Hkv: 2, D: 64, pageSize: 16, ns: [65] }), lin = randomQkv(r, c, 64, 4);
+    const m = uploadSqueezeLinear(lin, 'cuda', 'f16', { pairHalf: 32 });
+    const idx = ropeIndex(c, 'cuda');
+    const { kc, vc } = caches(c, 'cuda', 'f16');
+    const q = Tensor.empty([c.T, c.Hq, c.D], { dtype: 'f16', device: 'cuda' });
+    expect(errorCode(() => m.ropeAppend!(q, kc, vc, Tensor.empty([c.T, 64], { dtype: 'f16', device: 'cuda' }), idx))).toBe('ERR_UNSUPPORTED');
+    const b = caches(c, 'cuda', 'bf16');
+    expect(errorCode(() => m.ropeAppend!(q, b.kc, b.vc, Tensor.empty([c.T, 64], { dtype: 'f16', device: 'cuda' }), idx))).toBe('ERR_DTYPE');
+    m.dispose();
   });
 });

@@ -7,6 +7,7 @@
 #include "../core/error.h"
 #include "../core/parallel.h"
 #include "elementwise.h"
+#include "fused.h"
 #include "gemm.h"
 #include "vec.h"
 
@@ -296,6 +297,15 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
       for (int64_t m = 0; m < M; ++m) store_from_float(y.data(), y.dtype, (size_t)(m * N + out), acc[(size_t)m]);
     }
   });
+}
+
+void lut_rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& x, const Tensor& codes,
+                     const Tensor& lut, const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half,
+                     const Tensor& positions, const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens,
+                     const Tensor& cu_q) {
+  Tensor qkv = Tensor::empty(x.dtype, {x.dim(0), lut.dim(0)}, Device{});
+  lut_matmul_packed(qkv, x, codes, lut, rows, cols, vals, bits, pair_half, 0);
+  rope_append(q_out, kc, vc, qkv, positions, inv_freq, page_table, seq_lens, cu_q);
 }
 
 }  // namespace sqz::cpu

@@ -99,4 +99,12 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
                        const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half = 0,
                        int epilogue = 0);
 
+// lut_matmul_packed into a q|k|v row of x's dtype (the weight's rows paired at pair_half = head_dim/2,
+// so each tile holds rotation pairs), then rope_append(q_out, kc, vc, q|k|v, ...) (cpu/fused.h): the
+// decode step's quantized q|k|v projection with RoPE and the fp16 cache append behind it.
+void lut_rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& x, const Tensor& codes,
+                     const Tensor& lut, const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half,
+                     const Tensor& positions, const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens,
+                     const Tensor& cu_q);
+
 }  // namespace sqz::cpu

@@ -1,5 +1,8 @@
 #include "linear_checks.h"
 
+#include "../cpu/lut_gemm.h"
+
+#include <climits>
 #include <cmath>
 #include <string>
 
@@ -42,6 +45,42 @@ LinearShape check_linear_operands(const Args& a, const Tensor& out, const char* 
     if (K == 0) a.error("ERR_SHAPE", "x " + x.shape_str() + " has no columns");
   }
   return {M, K, N};
+}
+
+int64_t check_lut_operands(const Args& a, const Tensor& x, const Tensor& q, const Tensor& lut,
+                           const std::optional<Tensor>& rows, const std::optional<Tensor>& cols,
+                           const std::optional<Tensor>& vals, int64_t bits, int64_t half) {
+  if (bits != 3 && bits != 4) a.error("ERR_UNSUPPORTED", "bits must be 3 or 4, got " + std::to_string(bits));
+  a.ndim(x, "x", 2);
+  a.ndim(lut, "lut", 2);
+  const int64_t K = x.dim(1), N = lut.dim(0);
+  if (half != 0 && !cpu::lut_pairable(N, half))
+    a.error("ERR_ARG", "pairHalf " + std::to_string(half) + " does not pair the rows of a " + std::to_string(N) +
+                           "-row weight (a multiple of 8 that 2 * pairHalf divides)");
+  const cpu::LutPacked L((int)bits, N, K);
+  a.dtype_in(q, "codes", {DType::I32, DType::U32});
+  a.shape_is(q, "codes", {L.Np, L.words_per_row()});
+  a.dtype_in(lut, "lut", {DType::F16, DType::F32});
+  a.shape_is(lut, "lut", {N, int64_t(1) << bits});
+  const int given = (rows ? 1 : 0) + (cols ? 1 : 0) + (vals ? 1 : 0);
+  if (given != 0 && given != 3) a.error("ERR_ARG", "rows, cols and vals come together (or none of them)");
+  if (rows) {
+    a.tensor_is(*rows, "rows", DType::I32, {N + 1});
+    a.dtype_in(*cols, "cols", {DType::I32});
+    a.ndim(*cols, "cols", 1);
+    a.dtype_in(*vals, "vals", {DType::F16, DType::F32});
+    a.shape_is(*vals, "vals", {cols->dim(0)});
+    a.same_device({{&x, "x"}, {&*rows, "rows"}, {&*cols, "cols"}, {&*vals, "vals"}});
+  }
+  a.same_device({{&x, "x"}, {&q, "codes"}, {&lut, "lut"}});
+  if (x.device.is_cuda()) {
+    a.dtype_in(x, "x", {DType::F16, DType::BF16});
+    if (K > INT32_MAX / 2 || N > INT32_MAX / 2 || x.dim(0) > INT32_MAX / 2 || q.numel() > INT32_MAX)
+      a.error("ERR_SHAPE", "dimensions too large");
+  } else {
+    a.dtype_in(x, "x", {DType::F32, DType::F16, DType::BF16});
+  }
+  return N;
 }
 
 }  // namespace sqz::napi

@@ -19,4 +19,11 @@ LinearShape check_linear_operands(const Args& a, const Tensor& out, const char* 
                                   const Tensor& w, const std::optional<Tensor>& bias,
                                   const std::optional<Tensor>& gamma, double eps, int64_t n, int64_t cuda_rows);
 
+// The operands of a SqueezeLLM matmul (lutMatmulPacked, lutRopeAppend): x [M, K], codes in the packed
+// layout of an N-row weight (N = lut's rows), lut [N, 2^bits], the outlier CSR (all three or none), a
+// pair half that pairs N rows (0: none); all on x's device. Returns N.
+int64_t check_lut_operands(const Args& a, const Tensor& x, const Tensor& codes, const Tensor& lut,
+                           const std::optional<Tensor>& rows, const std::optional<Tensor>& cols,
+                           const std::optional<Tensor>& vals, int64_t bits, int64_t pair_half);
+
 }  // namespace sqz::napi

@@ -1,15 +1,17 @@
-// Bindings of the decoder's fused ops: ropeAppend and linearRopeAppend.
+// Bindings of the decoder's fused ops: ropeAppend, linearRopeAppend and lutRopeAppend.
 #include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
 
 #include "../cpu/fused.h"
+#include "../cpu/lut_gemm.h"
 #include "linear_checks.h"
 #include "op.h"
 #ifdef SQUEEZELM_WITH_CUDA
 #include "../kernels/common/fused.h"
 #include "../kernels/gemm/gemm.h"
+#include "../kernels/lut_gemm/lut_gemm.h"
 #endif
 
 namespace sqz::napi {
@@ -120,6 +122,49 @@ SQZ_OP(linearRopeAppend) {
       },
       [&](int dev) {
         CUDA_ONLY(cuda::linear_rope_append(qo, kc, vc, x, w, bp, gp, e, pos, f, pt, lens, cuq, cuda_stream(dev)));
+      });
+  return a.env().Undefined();
+}
+
+// lutRopeAppend(qOut[T,Hq,D], kCache, vCache, x[T,K], codes, lut[(Hq+2*kvHeads)*D, 2^bits], rows?, cols?,
+//               vals?, bits, pairHalf, positions, invFreq, pageTable, seqLens, cuQ): lutMatmulPacked into
+// q|k|v (rows stored paired at pairHalf = D/2) followed by ropeAppend, without q|k|v being stored
+// (one launch on CUDA, up to 64 rows).
+SQZ_OP(lutRopeAppend) {
+  Args a(info, "lutRopeAppend");
+  Tensor qo = a.tensor(0, "qOut"), kc = a.tensor(1, "kCache"), vc = a.tensor(2, "vCache");
+  Tensor x = a.tensor(3, "x"), q = a.tensor(4, "codes"), lut = a.tensor(5, "lut");
+  auto rows = a.opt_tensor(6, "rows"), cols = a.opt_tensor(7, "cols"), vals = a.opt_tensor(8, "vals");
+  const int64_t bits = a.integer(9, "bits"), half = a.integer(10, "pairHalf");
+  Tensor pos = a.tensor(11, "positions"), f = a.tensor(12, "invFreq"), pt = a.tensor(13, "pageTable");
+  Tensor lens = a.tensor(14, "seqLens"), cuq = a.tensor(15, "cuQ");
+  const int64_t N = check_lut_operands(a, x, q, lut, rows, cols, vals, bits, half);
+  a.ndim(qo, "qOut", 3);
+  const int64_t width = check_rope_append(a, qo, kc, vc, x.dim(0), pos, f, pt, lens, cuq);
+  if (N != width)
+    a.error("ERR_SHAPE", "lut " + lut.shape_str() + " is a weight of " + std::to_string(N) + " rows; q|k|v of qOut " +
+                             qo.shape_str() + " and kCache " + kc.shape_str() + " has " + std::to_string(width));
+  if (2 * half != qo.dim(2))
+    a.error("ERR_ARG", "lutRopeAppend needs the rows paired at half the head dim (" + std::to_string(qo.dim(2) / 2) +
+                           "), got " + std::to_string(half));
+  a.same_device({{&qo, "qOut"}, {&x, "x"}});
+  if (qo.device.is_cuda()) {
+    a.same_dtype(x, "x", qo, "qOut");
+    a.same_dtype(x, "x", kc, "kCache");
+  }
+  if (overlap(qo, x) || overlap(kc, x) || overlap(vc, x)) a.error("ERR_ARG", "qOut and the caches must not overlap x");
+  const int b = (int)bits, h = (int)half;
+  const bool has = rows.has_value();
+  Tensor r = has ? *rows : Tensor(), c = has ? *cols : Tensor(), v = has ? *vals : Tensor();
+  dispatch(
+      qo.device, "lutRopeAppend",
+      [=] {
+        cpu::lut_rope_append(qo, kc, vc, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b, h, pos, f,
+                             pt, lens, cuq);
+      },
+      [&](int dev) {
+        CUDA_ONLY(cuda::lut_rope_append(qo, kc, vc, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b, h,
+                                        pos, f, pt, lens, cuq, cuda_stream(dev)));
       });
   return a.env().Undefined();
 }

@@ -5,6 +5,7 @@
 #include "../cpu/gptq.h"
 #include "../cpu/kmeans.h"
 #include "../cpu/lut_gemm.h"
+#include "linear_checks.h"
 #include "op.h"
 
 #ifdef SQUEEZELM_WITH_CUDA
@@ -47,44 +48,20 @@ SQZ_OP(lutMatmulPacked) {
   auto rows = a.opt_tensor(4, "rows"), cols = a.opt_tensor(5, "cols"), vals = a.opt_tensor(6, "vals");
   const int64_t bits = a.integer(7, "bits");
   const int64_t half = a.opt_integer(8, "pairHalf", 0), epilogue = a.opt_integer(9, "epilogue", 0);
-  if (bits != 3 && bits != 4) a.error("ERR_UNSUPPORTED", "bits must be 3 or 4, got " + std::to_string(bits));
-  a.ndim(x, "x", 2);
-  a.ndim(y, "y", 2);
-  a.ndim(lut, "lut", 2);
-  const int64_t M = x.dim(0), K = x.dim(1), N = lut.dim(0);
   if (epilogue != 0 && epilogue != 1) a.error("ERR_ARG", "epilogue must be 0 (store) or 1 (siluPairs), got " + std::to_string(epilogue));
-  if (half != 0 && !cpu::lut_pairable(N, half))
-    a.error("ERR_ARG", "pairHalf " + std::to_string(half) + " does not pair the rows of a " + std::to_string(N) +
-                           "-row weight (a multiple of 8 that 2 * pairHalf divides)");
+  const int64_t N = check_lut_operands(a, x, q, lut, rows, cols, vals, bits, half), M = x.dim(0);
   if (epilogue == 1 && 2 * half != N)
     a.error("ERR_ARG", "the siluPairs epilogue needs rows paired at half the rows (" + std::to_string(N / 2) + "), got " +
                            std::to_string(half));
-  a.shape_is(y, "y", {M, epilogue == 1 ? N / 2 : N});
-  const cpu::LutPacked L((int)bits, N, K);
-  a.dtype_in(q, "codes", {DType::I32, DType::U32});
-  a.shape_is(q, "codes", {L.Np, L.words_per_row()});
-  a.dtype_in(lut, "lut", {DType::F16, DType::F32});
-  a.shape_is(lut, "lut", {N, int64_t(1) << bits});
-  const int given = (rows ? 1 : 0) + (cols ? 1 : 0) + (vals ? 1 : 0);
-  if (given != 0 && given != 3) a.error("ERR_ARG", "rows, cols and vals come together (or none of them)");
-  if (rows) {
-    a.tensor_is(*rows, "rows", DType::I32, {N + 1});
-    a.dtype_in(*cols, "cols", {DType::I32});
-    a.ndim(*cols, "cols", 1);
-    a.dtype_in(*vals, "vals", {DType::F16, DType::F32});
-    a.shape_is(*vals, "vals", {cols->dim(0)});
-    a.same_device({{&x, "x"}, {&*rows, "rows"}, {&*cols, "cols"}, {&*vals, "vals"}});
-  }
-  a.same_device({{&y, "y"}, {&x, "x"}, {&q, "codes"}, {&lut, "lut"}});
-  if (x.device.is_cuda()) {
-    a.dtype_in(x, "x", {DType::F16, DType::BF16});
-    a.same_dtype(y, "y", x, "x");
-    if (K > INT32_MAX / 2 || N > INT32_MAX / 2 || M > INT32_MAX / 2 || q.numel() > INT32_MAX)
-      a.error("ERR_SHAPE", "dimensions too large");
-  } else {
-    a.dtype_in(x, "x", {DType::F32, DType::F16, DType::BF16});
-    a.dtype_in(y, "y", {DType::F32, DType::F16, DType::BF16});
-  }
+  a.ndim(y, "y", 2);
+  const int64_t ny = epilogue == 1 ? N / 2 : N;
+  if (y.dim(1) != ny)
+    a.error("ERR_SHAPE", "lut " + lut.shape_str() + " is a weight of " + std::to_string(N) + " rows, so y must have " +
+                             std::to_string(ny) + " columns; y is " + y.shape_str());
+  a.shape_is(y, "y", {M, ny});
+  a.same_device({{&y, "y"}, {&x, "x"}});
+  if (x.device.is_cuda()) a.same_dtype(y, "y", x, "x");
+  else a.dtype_in(y, "y", {DType::F32, DType::F16, DType::BF16});
   const int b = (int)bits;
   const bool has = rows.has_value();
   Tensor r = has ? *rows : Tensor(), c = has ? *cols : Tensor(), v = has ? *vals : Tensor();

@@ -6,6 +6,7 @@
 import { SqueezeError } from '../errors';
 import { native } from '../native';
 import { Tensor } from '../tensor';
+import { requireTensors } from './check';
 
 /** Shape of the packed codes of an [N, K] weight: [ceil(N/16)*16, Kp*bits/32]. */
 export function lutPackedShape(N: number, K: number, bits: number): [number, number] {
@@ -61,6 +62,33 @@ export interface LutStoreOptions {
    * pairHalf = N/2, and on CUDA the GEMV: M <= 64).
    */
   epilogue?: 'store' | 'siluPairs';
+}
+
+/** Where lutRopeAppend's rows go: ropeAppend's positions, rotation and paged cache (ts/ops/fused.ts). */
+export interface LutRopeAppendArgs {
+  positions: Tensor;
+  invFreq: Tensor;
+  pageTable: Tensor;
+  seqLens: Tensor;
+  cuQ: Tensor;
+}
+
+/**
+ * The quantized q|k|v projection and ropeAppend in one call: qkv = x · dequant(codes, lut)ᵀ (+
+ * outliers), w [(Hq + 2*kvHeads) * D, K] stored with its rows paired at pairHalf = D/2 (each tile
+ * then holds rotation pairs), rounded to x's dtype as lutMatmulPacked stores it, then exactly what
+ * ropeAppend(qOut, kCache, vCache, qkv, ...) does, without qkv being stored. On CUDA the rotation
+ * and the cache writes run in the GEMV's epilogue (one launch instead of two; up to 64 rows of x).
+ */
+export function lutRopeAppend(qOut: Tensor, kCache: Tensor, vCache: Tensor, x: Tensor, codes: Tensor, lut: Tensor,
+  rows: Tensor | null | undefined, cols: Tensor | null | undefined, vals: Tensor | null | undefined, bits: number,
+  pairHalf: number, r: LutRopeAppendArgs): void {
+  if (!r || typeof r !== 'object') throw new SqueezeError('ERR_ARG', 'lutRopeAppend: the rope arguments must be an object');
+  requireTensors('lutRopeAppend', [['qOut', qOut], ['kCache', kCache], ['vCache', vCache], ['x', x], ['codes', codes], ['lut', lut],
+    ['positions', r.positions], ['invFreq', r.invFreq], ['pageTable', r.pageTable], ['seqLens', r.seqLens], ['cuQ', r.cuQ]]);
+  native().ops.lutRopeAppend(qOut.native, kCache.native, vCache.native, x.native, codes.native, lut.native, rows?.native ?? null,
+    cols?.native ?? null, vals?.native ?? null, bits, pairHalf, r.positions.native, r.invFreq.native, r.pageTable.native,
+    r.seqLens.native, r.cuQ.native);
 }
 
 /** Output row of stored row p of a weight paired at half H (H = 0: p); csrc/cpu/lut_gemm.h lut_pair_row. */

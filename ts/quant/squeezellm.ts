@@ -15,7 +15,10 @@ import * as path from 'path';
 import { SqueezeError } from '../errors';
 import { DType, Tensor, TypedArray } from '../tensor';
 import { resolveDevice } from '../device';
-import { checkOutlierCsr, kmeansRows, lutMatmulPacked, lutPackedShape, lutPairRow, lutPairable, lutRepack, sortOutlierRows } from '../ops/lut';
+import {
+  LutRopeAppendArgs, checkOutlierCsr, kmeansRows, lutMatmulPacked, lutPackedShape, lutPairRow, lutPairable, lutRepack, lutRopeAppend,
+  sortOutlierRows,
+} from '../ops/lut';
 import { matmul } from '../ops/gemm';
 import { add } from '../ops/elementwise';
 import { Checkpoint, SafetensorsFile, WriteTensor, writeSafetensors } from '../model/safetensors';
@@ -563,6 +566,11 @@ export interface SqueezeLinearModule {
    * launch (lutMatmulPacked's siluPairs epilogue; on CUDA up to 64 rows of x).
    */
   siluPairs?(act: Tensor, x: Tensor): void;
+  /**
+   * A q|k|v module stored paired at head_dim/2 only: the projection of x and ropeAppend into qOut
+   * and the paged caches in one launch (lutRopeAppend; on CUDA up to 64 rows of x).
+   */
+  ropeAppend?(qOut: Tensor, kCache: Tensor, vCache: Tensor, x: Tensor, r: LutRopeAppendArgs): void;
   dispose(): void;
 }
 
@@ -596,7 +604,8 @@ export function pairSqueezeRows(l: SqueezeLinear, H: number): SqueezeLinear {
 export interface UploadOptions {
   /**
    * Store the rows paired at this half (pairSqueezeRows): the output is unchanged; a gate|up
-   * linear paired at N/2 gains siluPairs. 0 / absent: as they are.
+   * linear paired at N/2 gains siluPairs, a q|k|v linear paired at head_dim/2 ropeAppend. 0 /
+   * absent: as they are.
    */
   pairHalf?: number;
 }
@@ -650,6 +659,10 @@ export function uploadSqueezeLinear(src: SqueezeLinear, device: string, dtype?: 
     siluPairs: 2 * pairHalf === l.N ? (act: Tensor, x: Tensor): void => {
       checkX(x);
       lutMatmulPacked(act, x, q, lut, rows, cols, vals, l.bits, { pairHalf, epilogue: 'siluPairs' });
+    } : undefined,
+    ropeAppend: pairHalf > 0 && 2 * pairHalf < l.N ? (qOut: Tensor, kCache: Tensor, vCache: Tensor, x: Tensor, r: LutRopeAppendArgs): void => {
+      checkX(x);
+      lutRopeAppend(qOut, kCache, vCache, x, q, lut, rows, cols, vals, l.bits, pairHalf, r);
     } : undefined,
     dispose(): void { all.forEach((t) => t.dispose()); },
   };

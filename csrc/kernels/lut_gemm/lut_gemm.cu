@@ -94,6 +94,7 @@
 #include "kernels/common/hopper.h"
 #include "kernels/common/launch_config.h"
 #include "kernels/common/process_buffer.h"
+#include "kernels/common/rope_append.cuh"
 #include "kernels/common/pdl.cuh"
 #include "kernels/common/ptx.cuh"
 #include "kernels/gemm/gemm.h"
@@ -104,12 +105,19 @@ namespace {
 
 using cpu::lut_pair_row;
 
-// Where the GEMV's results go: stored rows paired at `half` (cpu/lut_gemm.h; 0: not paired), and
-// with `silu` the SiLU-and-multiply of each row and its partner instead of both.
+// Where the GEMV's results go: stored rows paired at `half` (cpu/lut_gemm.h; 0: not paired); mode
+// kStoreRows writes both rows of a pair, kStoreSilu the SiLU-and-multiply of a row and its partner,
+// kStoreRope does ropeAppend's work on a rotation pair (q into q_out, k and v into the paged caches).
+constexpr int kStoreRows = 0, kStoreSilu = 1, kStoreRope = 2;
 struct LutStore {
   int half;
-  bool silu;
+  int mode;
+  RopeAppendParams rope;  // kStoreRope
+  void* q_out;
+  void* kc;
+  void* vc;
 };
+
 
 template <class T> struct Cvt;
 template <> struct Cvt<__half> {
@@ -126,6 +134,29 @@ __device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_
 template <class T>
 __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
   return bits16(lo) | (bits16(hi) << 16);
+}
+
+// kStoreRope: output rows o (< half into its head) and o + half of row m of q|k|v, each value rounded
+// to T as the unfused projection stores it; then what rope_append_piece (common/fused.cu) does with
+// them, with the same rotation (common/rope_append.cuh), so both give the same bits.
+template <class T>
+__device__ __forceinline__ void lut_rope_store(const LutStore& so, int m, int o, float z1, float z2) {
+  const RopeAppendParams& p = so.rope;
+  const int half = p.half, D = 2 * half, h = o / D, i = o - h * D;
+  const float x1 = Cvt<T>::f(Cvt<T>::t(z1)), x2 = Cvt<T>::f(Cvt<T>::t(z2));
+  T* out;
+  float y1 = x1, y2 = x2;
+  if (h < p.Hq) {
+    out = static_cast<T*>(so.q_out) + ((int64_t)m * p.Hq + h) * D;
+  } else {
+    const long long dst = rope_slot_offset(p, m);
+    if (dst < 0) return;
+    out = h < p.Hq + p.Hkv ? static_cast<T*>(so.kc) + dst + (int64_t)(h - p.Hq) * D
+                           : static_cast<T*>(so.vc) + dst + (int64_t)(h - p.Hq - p.Hkv) * D;
+  }
+  if (h < p.Hq + p.Hkv) rope_rotate(p, m, i, x1, x2, &y1, &y2);
+  out[i] = Cvt<T>::t(y1);
+  out[i + half] = Cvt<T>::t(y2);
 }
 
 // Guarded reads in this file are plain loads, never __ldg: __ldg is a non-volatile asm statement
@@ -926,7 +957,9 @@ __global__ void __launch_bounds__(W * 32, MINB)
         s1 += osum[(r + 8) * 8 * MT + m];
       }
       if (m >= M) continue;
-      if (so.silu) {
+      if (so.mode == kStoreRope) {
+        if (n + 8 < N) lut_rope_store<T>(so, m, lut_pair_row(n, so.half), s0, s1);
+      } else if (so.mode == kStoreSilu) {
         // y[m, j] = silu(z[m, j]) * z[m, j + half], each z rounded as a store would leave it (siluMul's
         // arithmetic on the unfused path's values); y is [M, half].
         if (n + 8 < N) {
@@ -1334,7 +1367,7 @@ void launch_gemv_m16(T* yp, const T* xp, const uint4* cp, const void* lp, bool l
 template <class T, int BITS>
 void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut, const Tensor* rows,
             const Tensor* cols, const Tensor* vals, LutStore so, cudaStream_t st) {
-  const int M = (int)x.dim(0), K = (int)x.dim(1), N = (int)lut.dim(0);  // y is [M, N/2] with so.silu
+  const int M = (int)x.dim(0), K = (int)x.dim(1), N = (int)lut.dim(0);  // y is [M, N/2] for kStoreSilu, unused for kStoreRope
   if (M == 0 || N == 0) return;
   const cpu::LutPacked d(BITS, N, K);
   T* yp = y.ptr<T>();
@@ -1495,7 +1528,9 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
   if (epilogue == 1 && !(M <= 16 || (vec && M <= 64)))
     fail("ERR_UNSUPPORTED", "lutMatmulPacked: the siluPairs epilogue runs on CUDA for up to 64 rows of x (16 unaligned), got " +
                                 std::to_string(M));
-  const LutStore so{pair_half, epilogue == 1};
+  LutStore so{};
+  so.half = pair_half;
+  so.mode = epilogue == 1 ? kStoreSilu : kStoreRows;
   if (bits == 4) {
     if (bf) launch<__nv_bfloat16, 4>(y, x, codes, lut, rows, cols, vals, so, stream);
     else launch<__half, 4>(y, x, codes, lut, rows, cols, vals, so, stream);
@@ -1504,6 +1539,35 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
     else launch<__half, 3>(y, x, codes, lut, rows, cols, vals, so, stream);
   } else {
     fail("ERR_UNSUPPORTED", "lutMatmul: bits must be 3 or 4");
+  }
+}
+
+void lut_rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& x, const Tensor& codes,
+                     const Tensor& lut, const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half,
+                     const Tensor& positions, const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens,
+                     const Tensor& cu_q, cudaStream_t stream) {
+  const int M = (int)x.dim(0), K = (int)x.dim(1);
+  const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(x.data()) % 16 == 0);
+  if (!(M <= 16 || (vec && M <= 64)))
+    fail("ERR_UNSUPPORTED", "lutRopeAppend: runs on CUDA for up to 64 rows of x (16 unaligned), got " + std::to_string(M));
+  LutStore so{};
+  so.half = pair_half;
+  so.mode = kStoreRope;
+  so.rope = rope_append_params(q_out, kc, M, positions, inv_freq, page_table, seq_lens, cu_q);
+  so.q_out = q_out.data();
+  so.kc = kc.data();
+  so.vc = vc.data();
+  if (M == 0) return;
+  // (y is unused by this mode: q_out stands in for it)
+  const bool bf = x.dtype == DType::BF16;
+  if (bits == 4) {
+    if (bf) launch<__nv_bfloat16, 4>(q_out, x, codes, lut, rows, cols, vals, so, stream);
+    else launch<__half, 4>(q_out, x, codes, lut, rows, cols, vals, so, stream);
+  } else if (bits == 3) {
+    if (bf) launch<__nv_bfloat16, 3>(q_out, x, codes, lut, rows, cols, vals, so, stream);
+    else launch<__half, 3>(q_out, x, codes, lut, rows, cols, vals, so, stream);
+  } else {
+    fail("ERR_UNSUPPORTED", "lutRopeAppend: bits must be 3 or 4");
   }
 }
 

@@ -22,4 +22,11 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
                        const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, int epilogue,
                        cudaStream_t stream);
 
+// cpu::lut_rope_append in one launch: the GEMV's epilogue rotates q and k and appends k and v to the
+// paged fp16 caches (rows paired at head_dim/2; the GEMV's M, up to 64 rows of x).
+void lut_rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& x, const Tensor& codes,
+                     const Tensor& lut, const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half,
+                     const Tensor& positions, const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens,
+                     const Tensor& cu_q, cudaStream_t stream);
+
 }  // namespace sqz::cuda
