@@ -251,6 +251,12 @@ export class Decoder {
    * epilogue (SqueezeLinearModule.siluPairs); SQUEEZELM_LUT_SILU=0 starts it off.
    */
   fuseLutSilu = process.env.SQUEEZELM_LUT_SILU !== '0';
+  /**
+   * With fuse and fuseRopeAppend: a quantized q|k|v projection stored paired (qkvPairHalf) does RoPE
+   * and the fp16 cache append in its epilogue (SqueezeLinearModule.ropeAppend); SQUEEZELM_LUT_ROPE=0
+   * starts it off.
+   */
+  fuseLutRope = process.env.SQUEEZELM_LUT_ROPE !== '0';
   /** Attention over another cache than the fp16 pages (absent: ropeAppend + attention). */
   readonly attn?: AttentionStep;
   /** LoRA adapters (absent: none can be used); each sequence's adapter slot is bound with bindAdapter. */
@@ -559,7 +565,8 @@ export class Decoder {
    * SiLU-and-mul inside the gate|up projection, RoPE and the cache append inside the q|k|v
    * projection (fp16 cache). Per layer 4 GEMVs + attention, against 10 kernels in forward()'s
    * plain sequence. A quantized linear keeps the plain ops around it, but for a gate|up stored
-   * paired, whose epilogue does siluMul.
+   * paired, whose epilogue does siluMul, and a q|k|v stored paired, whose epilogue does RoPE and
+   * the cache append.
    */
   private forwardFused(ws: Workspace, maxQ: number, maxSeqLen: number): void {
     const { cfg, w } = this;
@@ -587,6 +594,13 @@ export class Decoder {
         ops.linearRopeAppend(ws.q3, kc, vc, ws.x, L.wqkv, {
           bias: L.bqkv, normWeight: L.ln1, eps, positions: ws.positions, invFreq: this.invFreq,
           pageTable: ws.pageTable, seqLens: ws.seqLens, cuQ: ws.cuQ,
+        });
+        this.pagedAttention(ws, l, maxQ, maxSeqLen);
+      } else if (!(L.wqkv instanceof Tensor) && L.wqkv.ropeAppend && !this.attn && this.fuseRopeAppend && this.fuseLutRope && !L.bqkv) {
+        // quantized q|k|v stored paired: RoPE and the fp16 cache append in its epilogue
+        normInto(L.ln1);
+        L.wqkv.ropeAppend(ws.q3, this.cache.k[l], this.cache.v[l], ws.h, {
+          positions: ws.positions, invFreq: this.invFreq, pageTable: ws.pageTable, seqLens: ws.seqLens, cuQ: ws.cuQ,
         });
         this.pagedAttention(ws, l, maxQ, maxSeqLen);
       } else {

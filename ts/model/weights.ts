@@ -66,6 +66,16 @@ export function gateUpPairHalf(cfg: ModelConfig, device: string): number {
   return device !== 'cpu' && I % 8 === 0 ? I : 0;
 }
 
+/**
+ * The half a quantized q|k|v linear's rows are stored paired at on CUDA (each head's rotation pairs
+ * i and i + D/2 then share a tile, and the decode step's RoPE and cache append run in the
+ * projection's epilogue): half the head dim where that is a multiple of 8, else 0.
+ */
+export function qkvPairHalf(cfg: ModelConfig, device: string): number {
+  const half = cfg.headDim / 2;
+  return device !== 'cpu' && Number.isInteger(half) && half % 8 === 0 ? half : 0;
+}
+
 export function disposeWeights(w: ModelWeights): void {
   const seen = new Set<Tensor>();
   const d = (t?: Tensor) => {
@@ -211,7 +221,8 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
       const n = (s: string) => layerName(i, s);
       const l: LayerWeights = {
         ln1: await load(n('input_layernorm.weight'), true),
-        wqkv: quant(['q', 'k', 'v'].map((p) => n(`self_attn.${p}_proj`)), H, (cfg.numHeads + 2 * cfg.numKvHeads) * D)
+        wqkv: quant(['q', 'k', 'v'].map((p) => n(`self_attn.${p}_proj`)), H, (cfg.numHeads + 2 * cfg.numKvHeads) * D,
+          qkvPairHalf(cfg, o.device))
           ?? await loadCat(['q', 'k', 'v'].map((p) => n(`self_attn.${p}_proj.weight`))),
         wo: quant([n('self_attn.o_proj')], cfg.numHeads * D, H) ?? await load(n('self_attn.o_proj.weight')),
         ln2: await load(n('post_attention_layernorm.weight'), true),
@@ -424,7 +435,7 @@ export async function randomQuantizedWeights(cfg: ModelConfig, o: {
           if (p === g.parts.length - 1) {
             t0 = performance.now();
             const m = uploadSqueezeLinear(concatSqueezeLinears(quantized), o.device, cpu ? 'f32' : o.act,
-              { pairHalf: g.site === 'wgu' ? gateUpPairHalf(cfg, o.device) : 0 });
+              { pairHalf: g.site === 'wgu' ? gateUpPairHalf(cfg, o.device) : g.site === 'wqkv' ? qkvPairHalf(cfg, o.device) : 0 });
             modules.push(m);
             l[g.site] = m;
             seconds.upload += since(t0);
