@@ -190,18 +190,26 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
       const r = row(ctx, SUITE, `${label} step b1 ctx ${ctxLen}`, r0.t, { bytes: r0.bytes, baseline: 'fp16 step', base, note });
       rows.push(r);
       log(`decodeq ${label}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), ${r.speedup?.toFixed(2)}x fp16; ${note}`);
-      if (m.decoder.fuseLutSilu && m.decoder.w.layers.some((l) => 'siluPairs' in l.wgu && l.wgu.siluPairs)) {
-        // The same step with siluMul as its own kernel (the gate|up projection's store epilogue instead
-        // of its SiLU one): what the fused epilogue saves, in the same process.
-        m.decoder.fuseLutSilu = false;
+      // The same step with the quantized projections' fused epilogues off, in the same process: RoPE and
+      // the cache append as their own kernel (q|k|v stored paired, its store epilogue), then siluMul too.
+      const dec = m.decoder;
+      const apart: Array<[string, () => void]> = [
+        ['RoPE/append apart', () => { dec.fuseLutRope = false; }],
+        ['RoPE/append and siluMul apart', () => { dec.fuseLutRope = false; dec.fuseLutSilu = false; }],
+      ];
+      for (const [what, set] of apart) {
+        set();
         try {
           const t = await withDecodeStep(ctx, m, 1, ctxLen, (step) => step());
-          const a = row(ctx, SUITE, `${label} step b1 ctx ${ctxLen}, siluMul apart`, t, { bytes: r0.bytes, baseline: 'fp16 step', base,
-            note: `the row above with the gate|up projection's SiLU epilogue off: ${(t.graph?.median ?? t.plain.median).toFixed(0)} against ${r.timeUs.toFixed(0)} us` });
+          const a = row(ctx, SUITE, `${label} step b1 ctx ${ctxLen}, ${what}`, t, {
+            bytes: r0.bytes, baseline: 'fp16 step', base,
+            note: `the fused step above took ${r.timeUs.toFixed(0)} us`,
+          });
           rows.push(a);
-          log(`decodeq ${label}, siluMul apart: ${a.timeUs.toFixed(0)} us/step`);
+          log(`decodeq ${label}, ${what}: ${a.timeUs.toFixed(0)} us/step`);
         } finally {
-          m.decoder.fuseLutSilu = true;
+          dec.fuseLutRope = true;
+          dec.fuseLutSilu = true;
         }
       }
       await prefillRow(m, label, true);
