@@ -8,7 +8,9 @@
  *
  * Rows: the fp16 step; per bit width the quantization's wall time (weights made, read back,
  * outliers, k-means, packing, upload) and the decode step (graph-replayed, as bench/decode.ts
- * times it) with its speed-up over the fp16 step of the same run, end-to-end tokens/s in the note.
+ * times it) with its speed-up over the fp16 step of the same run, end-to-end tokens/s in the note;
+ * then the same step with the quantized projections' fused epilogues off (RoPE/append, then also
+ * siluMul, as their own kernels).
  * Bytes = the weights a step reads (quantized linears + fp16 lm_head and norms; the KV read is
  * left out), so `of copy BW` is the fraction of the weights-only bandwidth floor. Also the prefill
  * of one prompt (default 2048 tokens; plain launches, as the runtime runs prefill) per model, and
