@@ -1518,19 +1518,20 @@ void lut_repack(const Tensor& dst, const Tensor& qweight, int bits, cudaStream_t
   else fail("ERR_UNSUPPORTED", "lutRepack: bits must be 3 or 4");
 }
 
-void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
-                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, int epilogue,
-                       cudaStream_t stream) {
-  const bool bf = x.dtype == DType::BF16;
+namespace {
+
+// Whether the GEMV takes x (M <= 64 rows, or 16 where x is unaligned or K % 8 != 0): the kernels that
+// have the SiLU and RoPE/append epilogues.
+bool gemv_takes(const Tensor& x) {
   const int M = (int)x.dim(0), K = (int)x.dim(1);
   const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(x.data()) % 16 == 0);
-  // The SiLU epilogue is the GEMV's (M <= 64, or 16 for unaligned activations; the decode step's).
-  if (epilogue == 1 && !(M <= 16 || (vec && M <= 64)))
-    fail("ERR_UNSUPPORTED", "lutMatmulPacked: the siluPairs epilogue runs on CUDA for up to 64 rows of x (16 unaligned), got " +
-                                std::to_string(M));
-  LutStore so{};
-  so.half = pair_half;
-  so.mode = epilogue == 1 ? kStoreSilu : kStoreRows;
+  return M <= 16 || (vec && M <= 64);
+}
+
+// launch() for x's dtype and the weight's bits.
+void launch_any(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut, const Tensor* rows,
+                const Tensor* cols, const Tensor* vals, int bits, const LutStore& so, const char* op, cudaStream_t stream) {
+  const bool bf = x.dtype == DType::BF16;
   if (bits == 4) {
     if (bf) launch<__nv_bfloat16, 4>(y, x, codes, lut, rows, cols, vals, so, stream);
     else launch<__half, 4>(y, x, codes, lut, rows, cols, vals, so, stream);
@@ -1538,37 +1539,39 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
     if (bf) launch<__nv_bfloat16, 3>(y, x, codes, lut, rows, cols, vals, so, stream);
     else launch<__half, 3>(y, x, codes, lut, rows, cols, vals, so, stream);
   } else {
-    fail("ERR_UNSUPPORTED", "lutMatmul: bits must be 3 or 4");
+    fail("ERR_UNSUPPORTED", std::string(op) + ": bits must be 3 or 4");
   }
+}
+
+}  // namespace
+
+void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
+                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, int epilogue,
+                       cudaStream_t stream) {
+  if (epilogue == 1 && !gemv_takes(x))
+    fail("ERR_UNSUPPORTED", "lutMatmulPacked: the siluPairs epilogue runs on CUDA for up to 64 rows of x (16 unaligned), got " +
+                                std::to_string(x.dim(0)));
+  LutStore so{};
+  so.half = pair_half;
+  so.mode = epilogue == 1 ? kStoreSilu : kStoreRows;
+  launch_any(y, x, codes, lut, rows, cols, vals, bits, so, "lutMatmul", stream);
 }
 
 void lut_rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& x, const Tensor& codes,
                      const Tensor& lut, const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half,
                      const Tensor& positions, const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens,
                      const Tensor& cu_q, cudaStream_t stream) {
-  const int M = (int)x.dim(0), K = (int)x.dim(1);
-  const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(x.data()) % 16 == 0);
-  if (!(M <= 16 || (vec && M <= 64)))
-    fail("ERR_UNSUPPORTED", "lutRopeAppend: runs on CUDA for up to 64 rows of x (16 unaligned), got " + std::to_string(M));
+  if (!gemv_takes(x))
+    fail("ERR_UNSUPPORTED", "lutRopeAppend: runs on CUDA for up to 64 rows of x (16 unaligned), got " + std::to_string(x.dim(0)));
+  if (x.dim(0) == 0) return;
   LutStore so{};
   so.half = pair_half;
   so.mode = kStoreRope;
-  so.rope = rope_append_params(q_out, kc, M, positions, inv_freq, page_table, seq_lens, cu_q);
+  so.rope = rope_append_params(q_out, kc, x.dim(0), positions, inv_freq, page_table, seq_lens, cu_q);
   so.q_out = q_out.data();
   so.kc = kc.data();
   so.vc = vc.data();
-  if (M == 0) return;
-  // (y is unused by this mode: q_out stands in for it)
-  const bool bf = x.dtype == DType::BF16;
-  if (bits == 4) {
-    if (bf) launch<__nv_bfloat16, 4>(q_out, x, codes, lut, rows, cols, vals, so, stream);
-    else launch<__half, 4>(q_out, x, codes, lut, rows, cols, vals, so, stream);
-  } else if (bits == 3) {
-    if (bf) launch<__nv_bfloat16, 3>(q_out, x, codes, lut, rows, cols, vals, so, stream);
-    else launch<__half, 3>(q_out, x, codes, lut, rows, cols, vals, so, stream);
-  } else {
-    fail("ERR_UNSUPPORTED", "lutRopeAppend: bits must be 3 or 4");
-  }
+  launch_any(q_out, x, codes, lut, rows, cols, vals, bits, so, "lutRopeAppend", stream);  // (q_out stands in for y, unused)
 }
 
 }  // namespace sqz::cuda
