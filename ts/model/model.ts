@@ -114,8 +114,6 @@ export class Model {
   private inflight = new Set<Promise<unknown>>();
   /** The live cached prefixes (removed when disposed; the rest are disposed with the model). */
   private readonly prefixEntries = new Map<CachedPrefix, PrefixEntry>();
-  /** The graphs setting before the first squeezed context turned graphs off. */
-
   /** @internal use loadModel / createRandomModel */
   constructor(cfg: ModelConfig, tok: Tokenizer | undefined, device: string, act: DType, w: ModelWeights, o: LoadOptions,
     kvCal?: KvqCalibration) {

@@ -465,11 +465,6 @@ export class Scheduler {
   }
 
   /**
-   * Whether the step after the one in flight may be queued now: graphs settled for this batch
-   * size (or graphs off), nobody waiting to join, every request of the batch still running and
-   * below its token limit after the token in flight, and room in the cache for one more token each.
-   */
-  /**
    * Whether this step may replay or capture a graph: the user's setting, and no squeezed context
    * (which attention a step runs then depends on its batch, and the context arrays move when one is
    * added or removed). Graphs captured before a context came stay valid for when the last one goes.
@@ -478,6 +473,11 @@ export class Scheduler {
     return this.o.graphs && this.dec.squeezedContexts === 0;
   }
 
+  /**
+   * Whether the step after the one in flight may be queued now: graphs settled for this batch
+   * size (or graphs off), nobody waiting to join, every request of the batch still running and
+   * below its token limit after the token in flight, and room in the cache for one more token each.
+   */
   private canRunAhead(batch: Req[]): boolean {
     if (this.closed || this.pending.length || !sameBatch(batch, this.active)) return false;
     const s = this.slots.get(this.slotKey(batch));
