@@ -247,12 +247,12 @@ export class Decoder {
   /** With fuse: RoPE and the fp16 cache append run in the q|k|v projection's epilogue (linearRopeAppend). */
   fuseRopeAppend = true;
   /**
-   * With fuse: a quantized gate|up projection stored paired (gateUpPairHalf) runs siluMul in its
+   * With fuse: a quantized gate|up projection stored paired (linearPairHalf) runs siluMul in its
    * epilogue (SqueezeLinearModule.siluPairs); SQUEEZELM_LUT_SILU=0 starts it off.
    */
   fuseLutSilu = process.env.SQUEEZELM_LUT_SILU !== '0';
   /**
-   * With fuse and fuseRopeAppend: a quantized q|k|v projection stored paired (qkvPairHalf) does RoPE
+   * With fuse and fuseRopeAppend: a quantized q|k|v projection stored paired (linearPairHalf) does RoPE
    * and the fp16 cache append in its epilogue (SqueezeLinearModule.ropeAppend); SQUEEZELM_LUT_ROPE=0
    * starts it off.
    */
@@ -385,13 +385,9 @@ export class Decoder {
     }
   }
 
-  unbindSqueezed(seq: number): void {
-    this.seqSqueezed.delete(seq);
-  }
-
   /** Drops a sequence's adapter and squeezed-context bindings and returns its pages to the cache. */
   freeSequence(seq: number): void {
-    this.seqAdapter.delete(seq);
+    this.unbindAdapter(seq);
     this.seqSqueezed.delete(seq);
     this.cache.free(seq);
   }
@@ -513,9 +509,10 @@ export class Decoder {
     } else {
       ops.embedding(ws.x, ws.ids, w.embed);
     }
-    const lora = ws.loraSites ? this.lora : undefined, lw = ws.loraWork, sites = ws.loraSites;
+    // (no site bit is set without an adapter pool: loraSitesOf)
+    const sites = ws.loraSites;
     const delta = (l: number, site: LoraSite, y: Tensor, x: Tensor) => {
-      if (sites & (1 << LORA_SITES.indexOf(site))) lora!.apply(l, site, y, x, ws.loraSlots, lw);
+      if (sites & (1 << LORA_SITES.indexOf(site))) this.lora!.apply(l, site, y, x, ws.loraSlots, ws.loraWork);
     };
     for (let l = from; l < to; l++) {
       const L = w.layers[l];
@@ -523,20 +520,20 @@ export class Decoder {
       else ops.addRmsNorm(ws.x, ws.mlp, ws.h, L.ln1, eps);
       linearObserver?.(l, 'qkv', ws.h);
       linearForward(ws.qkv, ws.h, L.wqkv, L.bqkv);
-      if (lora) delta(l, 'qkv', ws.qkv, ws.h);
+      delta(l, 'qkv', ws.qkv, ws.h);
       projectionObserver?.(l, ws.qkv, ws.positions);
       this.attentionLayer(ws, l, maxQ, maxSeqLen);
       linearObserver?.(l, 'o', ws.att2);
       linearForward(ws.o, ws.att2, L.wo, L.bo);
-      if (lora) delta(l, 'o', ws.o, ws.att2);
+      delta(l, 'o', ws.o, ws.att2);
       ops.addRmsNorm(ws.x, ws.o, ws.h, L.ln2, eps);
       linearObserver?.(l, 'gu', ws.h);
       linearForward(ws.gu, ws.h, L.wgu, L.bgu);
-      if (lora) delta(l, 'gu', ws.gu, ws.h);
+      delta(l, 'gu', ws.gu, ws.h);
       ops.siluMul(ws.act, ws.gu);
       linearObserver?.(l, 'down', ws.act);
       linearForward(ws.mlp, ws.act, L.wdown, L.bdown);
-      if (lora) delta(l, 'down', ws.mlp, ws.act);
+      delta(l, 'down', ws.mlp, ws.act);
     }
     if (to < cfg.numLayers) {
       win?.save?.({ x: ws.x, mlp: ws.mlp });
