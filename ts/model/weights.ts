@@ -57,23 +57,15 @@ export interface WeightOptions {
 }
 
 /**
- * The half a quantized gate|up linear's rows are stored paired at on CUDA (its gate and up rows j
- * then share a tile, and the decode step's siluMul runs in the projection's epilogue): the
- * intermediate size where it is a multiple of 8, else 0 (not paired; the plain siluMul runs).
+ * The half a quantized linear's rows are stored paired at on CUDA (csrc/cpu/lut_gemm.h, "Paired
+ * rows"), so that the decode step's next small op runs in the projection's epilogue: gate|up at the
+ * intermediate size (gate row j beside up row j: siluMul), q|k|v at half the head dim (each head's
+ * rotation pair: RoPE and the cache append). 0 (not paired; the plain ops run) for o and down, on the
+ * CPU, and where the half is not a multiple of 8.
  */
-export function gateUpPairHalf(cfg: ModelConfig, device: string): number {
-  const I = cfg.intermediateSize;
-  return device !== 'cpu' && I % 8 === 0 ? I : 0;
-}
-
-/**
- * The half a quantized q|k|v linear's rows are stored paired at on CUDA (each head's rotation pairs
- * i and i + D/2 then share a tile, and the decode step's RoPE and cache append run in the
- * projection's epilogue): half the head dim where that is a multiple of 8, else 0.
- */
-export function qkvPairHalf(cfg: ModelConfig, device: string): number {
-  const half = cfg.headDim / 2;
-  return device !== 'cpu' && Number.isInteger(half) && half % 8 === 0 ? half : 0;
+export function linearPairHalf(site: 'wqkv' | 'wo' | 'wgu' | 'wdown', cfg: ModelConfig, device: string): number {
+  const half = site === 'wgu' ? cfg.intermediateSize : site === 'wqkv' ? cfg.headDim / 2 : 0;
+  return device !== 'cpu' && Number.isInteger(half) && half > 0 && half % 8 === 0 ? half : 0;
 }
 
 export function disposeWeights(w: ModelWeights): void {
@@ -222,11 +214,11 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
       const l: LayerWeights = {
         ln1: await load(n('input_layernorm.weight'), true),
         wqkv: quant(['q', 'k', 'v'].map((p) => n(`self_attn.${p}_proj`)), H, (cfg.numHeads + 2 * cfg.numKvHeads) * D,
-          qkvPairHalf(cfg, o.device))
+          linearPairHalf('wqkv', cfg, o.device))
           ?? await loadCat(['q', 'k', 'v'].map((p) => n(`self_attn.${p}_proj.weight`))),
         wo: quant([n('self_attn.o_proj')], cfg.numHeads * D, H) ?? await load(n('self_attn.o_proj.weight')),
         ln2: await load(n('post_attention_layernorm.weight'), true),
-        wgu: quant([n('mlp.gate_proj'), n('mlp.up_proj')], H, 2 * I, gateUpPairHalf(cfg, o.device))
+        wgu: quant([n('mlp.gate_proj'), n('mlp.up_proj')], H, 2 * I, linearPairHalf('wgu', cfg, o.device))
           ?? await loadCat([n('mlp.gate_proj.weight'), n('mlp.up_proj.weight')]),
         wdown: quant([n('mlp.down_proj')], I, H) ?? await load(n('mlp.down_proj.weight')),
       };
@@ -435,7 +427,7 @@ export async function randomQuantizedWeights(cfg: ModelConfig, o: {
           if (p === g.parts.length - 1) {
             t0 = performance.now();
             const m = uploadSqueezeLinear(concatSqueezeLinears(quantized), o.device, cpu ? 'f32' : o.act,
-              { pairHalf: g.site === 'wgu' ? gateUpPairHalf(cfg, o.device) : g.site === 'wqkv' ? qkvPairHalf(cfg, o.device) : 0 });
+              { pairHalf: linearPairHalf(g.site, cfg, o.device) });
             modules.push(m);
             l[g.site] = m;
             seconds.upload += since(t0);
