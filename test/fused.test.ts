@@ -133,6 +133,19 @@ function same(a: Float32Array, b: Float32Array): boolean {
   return Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
 }
 
+/**
+ * A fused op's CUDA result `fused` against the same steps launched apart on CUDA (`composed`: bit for
+ * bit) and against the CPU's fused op (`cpu`: within 2e-3, bf16 1e-2).
+ */
+function expectFusedOnCuda(what: string, dtype: DType, fused: Result, composed: Result, cpu: Result): void {
+  if (!same(fused.q, composed.q) || !same(fused.kc, composed.kc) || !same(fused.vc, composed.vc))
+    throw new Error(`${what}: fused and composed differ on CUDA`);
+  const tol = dtype === 'bf16' ? 1e-2 : 2e-3;
+  for (const [name, x, y] of [['q', fused.q, cpu.q], ['kCache', fused.kc, cpu.kc], ['vCache', fused.vc, cpu.vc]] as const) {
+    const e = relErr(x, y);
+    if (!(e < tol)) throw new Error(`${what}: ${name} rel err ${e}`);
+  }
+}
 const SHAPES = [
   { Hq: 4, Hkv: 2, D: 64, pageSize: 16, ns: [3, 1, 17], extraRows: 2, badPage: true },
   { Hq: 2, Hkv: 2, D: 8, pageSize: 5, ns: [1, 1, 1], extraRows: 0 },
@@ -327,14 +340,7 @@ describeGpu('linearRopeAppend (CUDA)', () => {
         const l = makeLinearCase(r, s);
         const g = await runLinear(l, 'cuda', dtype, false);
         const b = await runLinear(l, 'cuda', dtype, true);
-        if (!same(g.q, b.q) || !same(g.kc, b.kc) || !same(g.vc, b.vc))
-          throw new Error(`seed ${seed} shape ${JSON.stringify(s)}: fused and composed differ on CUDA`);
-        const h = await runLinear(l, 'cpu', dtype, false);
-        const tol = dtype === 'bf16' ? 1e-2 : 2e-3;
-        for (const [name, x, y] of [['q', g.q, h.q], ['kCache', g.kc, h.kc], ['vCache', g.vc, h.vc]] as const) {
-          const e = relErr(x, y);
-          if (!(e < tol)) throw new Error(`seed ${seed} shape ${JSON.stringify(s)}: ${name} rel err ${e}`);
-        }
+        expectFusedOnCuda(`seed ${seed} shape ${JSON.stringify(s)}`, dtype, g, b, await runLinear(l, 'cpu', dtype, false));
       }
     });
 
@@ -438,14 +444,7 @@ describeGpu('lutRopeAppend (CUDA)', () => {
         const mh = uploadSqueezeLinear(lin, 'cpu', 'f32', { pairHalf: c.D / 2 });
         const g = await runLut(c, mc, xs, 'cuda', dtype, false);
         const b = await runLut(c, mc, xs, 'cuda', dtype, true);
-        if (!same(g.q, b.q) || !same(g.kc, b.kc) || !same(g.vc, b.vc))
-          throw new Error(`seed ${seed} shape ${JSON.stringify(s)}: fused and composed differ on CUDA`);
-        const h = await runLut(c, mh, xs, 'cpu', dtype, false);
-        const tol = dtype === 'bf16' ? 1e-2 : 2e-3;
-        for (const [name, x, y] of [['q', g.q, h.q], ['kCache', g.kc, h.kc], ['vCache', g.vc, h.vc]] as const) {
-          const e = relErr(x, y);
-          if (!(e < tol)) throw new Error(`seed ${seed} shape ${JSON.stringify(s)}: ${name} rel err ${e}`);
-        }
+        expectFusedOnCuda(`seed ${seed} shape ${JSON.stringify(s)}`, dtype, g, b, await runLut(c, mh, xs, 'cpu', dtype, false));
         expect(g.q.every(Number.isFinite)).toBe(true);
         mc.dispose();
         mh.dispose();
