@@ -192,12 +192,14 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
       const r = row(ctx, SUITE, `${label} step b1 ctx ${ctxLen}`, r0.t, { bytes: r0.bytes, baseline: 'fp16 step', base, note });
       rows.push(r);
       log(`decodeq ${label}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), ${r.speedup?.toFixed(2)}x fp16; ${note}`);
-      // The same step with the quantized projections' fused epilogues off, in the same process: RoPE and
-      // the cache append as their own kernel (q|k|v stored paired, its store epilogue), then siluMul too.
+      // The same step with the quantized projections' fusions off, in the same process: the two
+      // RMSNorms as their own kernels (each adding the block's output to the residual stream), then RoPE
+      // and the cache append as well (q|k|v stored paired, its store epilogue), then siluMul too.
       const dec = m.decoder;
       const apart: Array<[string, () => void]> = [
-        ['RoPE/append apart', () => { dec.fuseLutRope = false; }],
-        ['RoPE/append and siluMul apart', () => { dec.fuseLutRope = false; dec.fuseLutSilu = false; }],
+        ['RMSNorm apart', () => { dec.fuseLutNorm = false; }],
+        ['RMSNorm and RoPE/append apart', () => { dec.fuseLutNorm = false; dec.fuseLutRope = false; }],
+        ['RMSNorm, RoPE/append and siluMul apart', () => { dec.fuseLutNorm = false; dec.fuseLutRope = false; dec.fuseLutSilu = false; }],
       ];
       for (const [what, set] of apart) {
         set();
@@ -210,6 +212,7 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
           rows.push(a);
           log(`decodeq ${label}, ${what}: ${a.timeUs.toFixed(0)} us/step`);
         } finally {
+          dec.fuseLutNorm = true;
           dec.fuseLutRope = true;
           dec.fuseLutSilu = true;
         }

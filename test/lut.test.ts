@@ -8,6 +8,7 @@ import {
   squeezeTensors, squeezeMetadata, loadSqueezeLinear, uploadSqueezeLinear, pairSqueezeRows,
 } from '../ts/quant/squeezellm';
 import { SafetensorsFile, writeSafetensors } from '../ts/model/safetensors';
+import { add, rmsNorm } from '../ts/ops/elementwise';
 import { describeGpu, relErr, rng, randn, freshSeed, maxAbsErr } from './gpu';
 import { emptyCache, memoryStats, synchronize } from '../ts/device';
 import { bf16BitsToFloat32, f16BitsToFloat32, float32ToBf16Bits, float32ToF16Bits } from '../ts/util/half';
@@ -220,6 +221,52 @@ describe('paired rows (stored order for fused epilogues)', () => {
     expect(call(y, { epilogue: 'gelu' as 'store' })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
     expect(call(half, { pairHalf: 16, epilogue: 'siluPairs' })).not.toThrow();
     [x, y, half, c, t.q, t.lut].forEach((z) => z.dispose());
+  });
+});
+
+describe('the RMSNorm in front and the residual add behind a quantized linear (CPU)', () => {
+  const seed = freshSeed();
+  for (const dt of ['f32', 'f16'] as const)
+    test(`${dt}: normWeight is rmsNorm then the product, residual is the product then add, bit for bit (seed ${seed})`, async () => {
+      const r = rng(seed + (dt === 'f16' ? 1 : 0));
+      for (const [N, K, bits, M] of [[40, 161, 3, 1], [33, 256, 4, 2], [16, 96, 4, 5]] as const) {
+        const l = randomLinear(N, K, bits, true, r);
+        const m = uploadSqueezeLinear(l, 'cpu', dt);
+        const x = Tensor.from(randn(M * K, r, 3), [M, K], { dtype: dt });
+        const g = Tensor.from(Float32Array.from({ length: K }, () => 0.5 + r()), [K], { dtype: dt });
+        const h = Tensor.empty([M, K], { dtype: dt }), y = Tensor.empty([M, N], { dtype: dt }), want = Tensor.empty([M, N], { dtype: dt });
+        m.forward(y, x, { normWeight: g, eps: 1e-5 });
+        rmsNorm(h, x, g, 1e-5);
+        m.forward(want, h);
+        expect(await y.toArray()).toEqual(await want.toArray());
+        const y0 = randn(M * N, r);
+        const acc = Tensor.from(y0, [M, N], { dtype: dt }), sum = Tensor.from(y0, [M, N], { dtype: dt });
+        m.forwardAdd(acc, x);
+        m.forward(y, x);
+        add(sum, sum, y);
+        expect(await acc.toArray()).toEqual(await sum.toArray());
+        [x, g, h, y, want, acc, sum].forEach((t) => t.dispose());
+        m.dispose();
+      }
+    });
+
+  test('coded errors: normWeight of the wrong length or dtype, a negative eps, a residual y that overlaps x', () => {
+    const r = rng(7);
+    const l = randomLinear(32, 64, 4, false, r);
+    const t = tensorsOf(l, 'cpu', 'f32'), c = packedOf(l, 'cpu');
+    const x = Tensor.from(randn(2 * 64, r), [2, 64]);
+    const y = Tensor.empty([2, 32]);
+    const call = (out: Tensor, xi: Tensor, o: Parameters<typeof lutMatmulPacked>[8]) => () =>
+      lutMatmulPacked(out, xi, c, t.lut, null, null, null, 4, o);
+    const g63 = Tensor.empty([63]), gi = Tensor.empty([64], { dtype: 'i32' }), g = Tensor.from(new Float32Array(64).fill(1), [64]);
+    expect(call(y, x, { normWeight: g63 })).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
+    expect(call(y, x, { normWeight: gi })).toThrow(expect.objectContaining({ code: 'ERR_DTYPE' }));
+    expect(call(y, x, { normWeight: g, eps: -1 })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+    // y [2, 32] inside a buffer that x [2, 64] also views
+    const both = Tensor.from(randn(4 * 64, r), [4 * 64]);
+    expect(call(both.view(0, [2, 32]), both.view(32, [2, 64]), { epilogue: 'residual' })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
+    expect(call(y, x, { normWeight: g, epilogue: 'residual' })).not.toThrow();
+    [x, y, c, t.q, t.lut, g63, gi, g, both].forEach((z) => z.dispose());
   });
 });
 
@@ -777,6 +824,17 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
             const ga = await ac.toFloat32(), wa = await ah.toFloat32();
             const ea = relErr(ga, wa);
             expect([what, 'silu', ga.every(Number.isFinite), ea < 2e-3 ? 'ok' : ea]).toEqual([what, 'silu', true, 'ok']);
+            if (M <= 2 && K % 8 === 0) {
+              // with the RMSNorm fused in front
+              const g = Float32Array.from({ length: K }, () => 0.5 + r());
+              const gc = Tensor.from(g, [K], { dtype: 'f16', device: 'cuda' }), gh = Tensor.from(g, [K], { dtype: 'f16' });
+              const an = Tensor.from(new Float32Array(M * H).fill(NaN), [M, H], { dtype: 'f16', device: 'cuda' });
+              mc.siluPairs(an, xc, { normWeight: gc, eps: 1e-5 });
+              mh.siluPairs!(ah, xh, { normWeight: gh, eps: 1e-5 });
+              const gn = await an.toFloat32(), en = relErr(gn, await ah.toFloat32());
+              expect([what, 'norm silu', gn.every(Number.isFinite), en < 2e-3 ? 'ok' : en]).toEqual([what, 'norm silu', true, 'ok']);
+              [gc, gh, an].forEach((t) => t.dispose());
+            }
           }
           [ac, ah].forEach((t) => t.dispose());
         }
@@ -784,6 +842,79 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
       }
       [mc, mh, plain].forEach((m) => m.dispose());
     }
+  });
+  // The decoder's RMSNorm fused in front (every block normalises x into its shared memory: M <= 2) and the
+  // residual add behind (y += z). Shapes: many row groups per block at K = 4096 + 32, K = 8192 + 32 (twice
+  // the activations in shared memory), and K = 168 (a multiple of 8, not of 32); the code ring and the
+  // register buffers; with and without outliers.
+  test(`fused RMSNorm in front and residual epilogue: CUDA equals the CPU op and the unfused CUDA sequence (seed ${seed})`, async () => {
+    const r = rng(seed + 171);
+    for (const ring of ['-1', '0']) {
+      if (ring === '0') process.env.SQUEEZELM_LUT_RING = '0';
+      try {
+        for (const dt of ['f16', 'bf16'] as const)
+          for (const [N, K, bits, outl] of [[16 * 600 + 5, 4096 + 32, 4, true], [16 * 600 + 5, 4096 + 32, 3, true],
+            [37, 8192 + 32, 4, false], [37, 8192 + 32, 3, true], [301, 168, 4, true], [301, 168, 3, false]] as const) {
+            if (dt === 'bf16' && ring === '0' && K < 8192) continue;
+            const tol = dt === 'bf16' ? 8e-3 : 2e-3;
+            const l = randomLinear(N, K, bits, outl, r);
+            const mc = uploadSqueezeLinear(l, 'cuda', dt), mh = uploadSqueezeLinear(l, 'cpu', dt);
+            const g = Float32Array.from({ length: K }, () => 0.5 + r());
+            const gc = Tensor.from(g, [K], { dtype: dt, device: 'cuda' }), gh = Tensor.from(g, [K], { dtype: dt });
+            for (const M of [1, 2]) {
+              const what = `${dt} ring=${ring} ${bits}-bit N=${N} K=${K} outliers=${outl} M=${M}`;
+              // a residual stream of some scale and offset, so the norm matters
+              const x = randn(M * K, r, 3).map((v, i) => v + (i % 7) - 3);
+              const xc = Tensor.from(x, [M, K], { dtype: dt, device: 'cuda' }), xh = Tensor.from(x, [M, K], { dtype: dt });
+              const yc = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: dt, device: 'cuda' });
+              const yh = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: dt });
+              mc.forward(yc, xc, { normWeight: gc, eps: 1e-5 });
+              mh.forward(yh, xh, { normWeight: gh, eps: 1e-5 });
+              // the unfused CUDA sequence: rmsNorm into h, then the plain GEMV
+              const hc = Tensor.empty([M, K], { dtype: dt, device: 'cuda' });
+              const yu = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: dt, device: 'cuda' });
+              rmsNorm(hc, xc, gc, 1e-5);
+              mc.forward(yu, hc);
+              const got = await yc.toFloat32(), want = await yh.toFloat32(), unf = await yu.toFloat32();
+              const e = relErr(got, want), eu = relErr(got, unf);
+              expect([what, got.every(Number.isFinite), e < tol ? 'ok' : e, eu < tol ? 'ok' : eu]).toEqual([what, true, 'ok', 'ok']);
+              // residual: y += x · Wᵀ on a random y (bit for bit the plain GEMV and add on CUDA)
+              const y0 = randn(M * N, r, 2);
+              const rc = Tensor.from(y0, [M, N], { dtype: dt, device: 'cuda' }), rh = Tensor.from(y0, [M, N], { dtype: dt });
+              const ru = Tensor.from(y0, [M, N], { dtype: dt, device: 'cuda' });
+              const hh = await hc.to('cpu');
+              mc.forwardAdd(rc, hc);
+              mh.forwardAdd(rh, hh);
+              mc.forward(yu, hc);
+              add(ru, ru, yu);
+              const gr = await rc.toFloat32(), wr = await rh.toFloat32();
+              const er = relErr(gr, wr);
+              expect([what, 'residual', er < tol ? 'ok' : er]).toEqual([what, 'residual', 'ok']);
+              expect(Buffer.from(await rc.toArray() as Uint16Array).equals(Buffer.from(await ru.toArray() as Uint16Array))).toBe(true);
+              [xc, xh, yc, yh, hc, hh, yu, rc, rh, ru].forEach((t) => t.dispose());
+            }
+            // past the fused norm's reach: 3 rows, or K not a multiple of 8 -> ERR_UNSUPPORTED (nothing written)
+            const x3 = Tensor.from(randn(3 * K, r), [3, K], { dtype: dt, device: 'cuda' });
+            const y3 = Tensor.empty([3, N], { dtype: dt, device: 'cuda' });
+            expect(() => mc.forward(y3, x3, { normWeight: gc })).toThrow(expect.objectContaining({ code: 'ERR_UNSUPPORTED' }));
+            [x3, y3, gc, gh].forEach((t) => t.dispose());
+            [mc, mh].forEach((m) => m.dispose());
+          }
+      } finally {
+        delete process.env.SQUEEZELM_LUT_RING;
+      }
+    }
+    // residual past M = 64, and the norm at K % 8 != 0 -> ERR_UNSUPPORTED
+    const l = randomLinear(40, 161, 4, true, r);
+    const mc = uploadSqueezeLinear(l, 'cuda', 'f16');
+    const x = Tensor.from(randn(65 * 161, r), [65, 161], { dtype: 'f16', device: 'cuda' });
+    const y = Tensor.empty([65, 40], { dtype: 'f16', device: 'cuda' });
+    const g = Tensor.from(new Float32Array(161).fill(1), [161], { dtype: 'f16', device: 'cuda' });
+    const x1 = Tensor.from(randn(161, r), [1, 161], { dtype: 'f16', device: 'cuda' });
+    const y1 = Tensor.empty([1, 40], { dtype: 'f16', device: 'cuda' });
+    expect(() => mc.forwardAdd(y, x)).toThrow(expect.objectContaining({ code: 'ERR_UNSUPPORTED' }));
+    expect(() => mc.forward(y1, x1, { normWeight: g })).toThrow(expect.objectContaining({ code: 'ERR_UNSUPPORTED' }));
+    [x, y, g, x1, y1, mc].forEach((t) => t.dispose());
   });
   test('interchange-layout lutMatmul and a loaded module agree with the packed op', async () => {
     const r = rng(6);

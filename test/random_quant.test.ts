@@ -208,24 +208,31 @@ describeGpu('createRandomModel with quantize (cuda)', () => {
       });
     });
 
-  test('fused decode: gate|up and q|k|v, stored paired, do siluMul and RoPE + cache append in their epilogues; same logits and tokens as apart', async () => {
+  test('fused decode: gate|up and q|k|v, stored paired, do siluMul and RoPE + cache append in their epilogues, with the RMSNorm in front; o and down add to the residual; same logits and tokens as apart', async () => {
     const m = await createRandomModel(CONFIG, { device: 'cuda', seed: 21, maxBatch: 2, maxContext: 64, quantize: { bits: 4, outliers: 0.02, iters: 10 } });
     try {
       m.decoder.fuseLutSilu = true;
       m.decoder.fuseLutRope = true;
+      m.decoder.fuseLutNorm = true;
       const layers = m.decoder.w.layers;
       const half = (w: unknown) => (w && typeof w === 'object' && 'pairHalf' in w ? w.pairHalf : -1);
       expect([layers.map((l) => half(l.wgu)), layers.map((l) => half(l.wqkv))]).toEqual([[80, 80], [8, 8]]);
       const spies = [
         ...layers.map((l) => jest.spyOn(l.wgu as { siluPairs(a: Tensor, x: Tensor): void }, 'siluPairs')),
         ...layers.map((l) => jest.spyOn(l.wqkv as unknown as { ropeAppend(...a: unknown[]): void }, 'ropeAppend')),
+        ...layers.map((l) => jest.spyOn(l.wo as unknown as { forwardAdd(y: Tensor, x: Tensor): void }, 'forwardAdd')),
+        ...layers.map((l) => jest.spyOn(l.wdown as unknown as { forwardAdd(y: Tensor, x: Tensor): void }, 'forwardAdd')),
       ];
       const run = async () => ({ one: await m.logits([PROMPT[0]]), two: await m.logits(PROMPT.slice(0, 2)), ids: (await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]))[0].ids });
       const fused = await run();
       const calls = spies.map((s) => s.mock.calls.length);
       expect(calls.every((c) => c >= 2)).toBe(true);  // each 1- and 2-row pass (decode steps replay graphs)
+      // the norm went in with the projections that read it (siluPairs' third and ropeAppend's fifth argument)
+      const normOf = (a: unknown) => (a && typeof a === 'object' && 'normWeight' in a ? a.normWeight : undefined);
+      expect(spies.slice(0, 2 * layers.length).every((s, i) => s.mock.calls.every((c) => normOf(c[i < layers.length ? 2 : 4]) !== undefined))).toBe(true);
       m.decoder.fuseLutSilu = false;
       m.decoder.fuseLutRope = false;
+      m.decoder.fuseLutNorm = false;
       m.graphs = false;  // (the graphs captured above hold the fused launches)
       const apart = await run();
       expect(spies.map((s) => s.mock.calls.length)).toEqual(calls);

@@ -94,17 +94,21 @@ void lut_repack(const Tensor& dst, const Tensor& qweight, int bits);
 
 // z[M,N] = x[M,K] * dequant(codes, lut)^T + CSR outliers, codes in the packed layout, stored rows
 // paired at half pair_half (0: not paired). epilogue 0: y = z (y [M, N]); 1 (SiLU pairs, pair_half =
-// N/2): y[m, j] = silu(z[m, j]) * z[m, j + N/2] with z rounded to y's dtype first (y [M, N/2]).
+// N/2): y[m, j] = silu(z[m, j]) * z[m, j + N/2] with z rounded to y's dtype first (y [M, N/2]);
+// 2 (residual): y += z, z rounded to y's dtype first (add(y, y, z) after the plain product).
+// gamma (or null): x is replaced by rms_norm(x, gamma, eps) in x's dtype first (the decoder's RMSNorm
+// fused in front).
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
                        const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half = 0,
-                       int epilogue = 0);
+                       int epilogue = 0, const Tensor* gamma = nullptr, float eps = 1e-6f);
 
 // lut_matmul_packed into a q|k|v row of x's dtype (the weight's rows paired at pair_half = head_dim/2,
 // so each tile holds rotation pairs), then rope_append(q_out, kc, vc, q|k|v, ...) (cpu/fused.h): the
-// decode step's quantized q|k|v projection with RoPE and the fp16 cache append behind it.
+// decode step's quantized q|k|v projection with RoPE and the fp16 cache append behind it. gamma: the
+// RMSNorm of x in front, as in lut_matmul_packed.
 void lut_rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& x, const Tensor& codes,
                      const Tensor& lut, const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half,
                      const Tensor& positions, const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens,
-                     const Tensor& cu_q);
+                     const Tensor& cu_q, const Tensor* gamma = nullptr, float eps = 1e-6f);
 
 }  // namespace sqz::cpu

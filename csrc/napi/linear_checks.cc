@@ -47,6 +47,23 @@ LinearShape check_linear_operands(const Args& a, const Tensor& out, const char* 
   return {M, K, N};
 }
 
+bool overlap(const Tensor& a, const Tensor& b) {
+  const char* pa = static_cast<const char*>(a.data());
+  const char* pb = static_cast<const char*>(b.data());
+  const size_t na = (size_t)a.numel() * dtype_size(a.dtype), nb = (size_t)b.numel() * dtype_size(b.dtype);
+  return na > 0 && nb > 0 && pa < pb + nb && pb < pa + na;
+}
+
+void check_lut_norm(const Args& a, const Tensor& x, const std::optional<Tensor>& gamma, double eps) {
+  if (!gamma) return;
+  if (!(eps >= 0) || !std::isfinite(eps)) a.error("ERR_ARG", "eps must be a finite number >= 0");
+  a.ndim(*gamma, "normWeight", 1);
+  a.shape_is(*gamma, "normWeight", {x.dim(1)});
+  a.same_device({{&x, "x"}, {&*gamma, "normWeight"}});
+  if (x.device.is_cuda()) a.same_dtype(x, "x", *gamma, "normWeight");
+  else a.dtype_in(*gamma, "normWeight", {DType::F32, DType::F16, DType::BF16});
+}
+
 int64_t check_lut_operands(const Args& a, const Tensor& x, const Tensor& q, const Tensor& lut,
                            const std::optional<Tensor>& rows, const std::optional<Tensor>& cols,
                            const std::optional<Tensor>& vals, int64_t bits, int64_t half) {

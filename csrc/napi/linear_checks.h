@@ -26,4 +26,11 @@ int64_t check_lut_operands(const Args& a, const Tensor& x, const Tensor& codes, 
                            const std::optional<Tensor>& rows, const std::optional<Tensor>& cols,
                            const std::optional<Tensor>& vals, int64_t bits, int64_t pair_half);
 
+// Whether the bytes of a and b overlap (an output that a kernel writes while it reads the other).
+bool overlap(const Tensor& a, const Tensor& b);
+
+// The RMSNorm fused in front of a SqueezeLLM matmul: gamma [K] on x's device (x's dtype on CUDA; f32,
+// f16 or bf16 on the CPU), eps finite and >= 0.
+void check_lut_norm(const Args& a, const Tensor& x, const std::optional<Tensor>& gamma, double eps);
+
 }  // namespace sqz::napi

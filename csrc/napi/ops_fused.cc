@@ -18,13 +18,6 @@ namespace sqz::napi {
 
 namespace {
 
-bool overlap(const Tensor& a, const Tensor& b) {
-  const char* pa = static_cast<const char*>(a.data());
-  const char* pb = static_cast<const char*>(b.data());
-  const size_t na = (size_t)a.numel() * dtype_size(a.dtype), nb = (size_t)b.numel() * dtype_size(b.dtype);
-  return na > 0 && nb > 0 && pa < pb + nb && pb < pa + na;
-}
-
 // Checks shared by ropeAppend and linearRopeAppend: qOut [T, Hq, D], caches [pages, pageSize,
 // kvHeads, D], the index tensors; the q|k|v rows are [T, width] (qkv, or the projection's
 // output). Returns width = (Hq + 2 kvHeads) D.
@@ -127,9 +120,9 @@ SQZ_OP(linearRopeAppend) {
 }
 
 // lutRopeAppend(qOut[T,Hq,D], kCache, vCache, x[T,K], codes, lut[(Hq+2*kvHeads)*D, 2^bits], rows?, cols?,
-//               vals?, bits, pairHalf, positions, invFreq, pageTable, seqLens, cuQ): lutMatmulPacked into
-// q|k|v (rows stored paired at pairHalf = D/2) followed by ropeAppend, without q|k|v being stored
-// (one launch on CUDA, up to 64 rows).
+//               vals?, bits, pairHalf, positions, invFreq, pageTable, seqLens, cuQ, normWeight?, eps = 1e-6):
+// lutMatmulPacked into q|k|v (rows stored paired at pairHalf = D/2; normWeight: the RMSNorm of x in
+// front) followed by ropeAppend, without q|k|v being stored (one launch on CUDA, up to 64 rows).
 SQZ_OP(lutRopeAppend) {
   Args a(info, "lutRopeAppend");
   Tensor qo = a.tensor(0, "qOut"), kc = a.tensor(1, "kCache"), vc = a.tensor(2, "vCache");
@@ -138,7 +131,10 @@ SQZ_OP(lutRopeAppend) {
   const int64_t bits = a.integer(9, "bits"), half = a.integer(10, "pairHalf");
   Tensor pos = a.tensor(11, "positions"), f = a.tensor(12, "invFreq"), pt = a.tensor(13, "pageTable");
   Tensor lens = a.tensor(14, "seqLens"), cuq = a.tensor(15, "cuQ");
+  auto gamma = a.opt_tensor(16, "normWeight");
+  const double eps = a.opt_number(17, "eps", 1e-6);
   const int64_t N = check_lut_operands(a, x, q, lut, rows, cols, vals, bits, half);
+  check_lut_norm(a, x, gamma, eps);
   a.ndim(qo, "qOut", 3);
   const int64_t width = check_rope_append(a, qo, kc, vc, x.dim(0), pos, f, pt, lens, cuq);
   if (N != width)
@@ -154,17 +150,18 @@ SQZ_OP(lutRopeAppend) {
   }
   if (overlap(qo, x) || overlap(kc, x) || overlap(vc, x)) a.error("ERR_ARG", "qOut and the caches must not overlap x");
   const int b = (int)bits, h = (int)half;
-  const bool has = rows.has_value();
-  Tensor r = has ? *rows : Tensor(), c = has ? *cols : Tensor(), v = has ? *vals : Tensor();
+  const bool has = rows.has_value(), norm = gamma.has_value();
+  Tensor r = has ? *rows : Tensor(), c = has ? *cols : Tensor(), v = has ? *vals : Tensor(), gw = norm ? *gamma : Tensor();
+  const float e = (float)eps;
   dispatch(
       qo.device, "lutRopeAppend",
       [=] {
         cpu::lut_rope_append(qo, kc, vc, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b, h, pos, f,
-                             pt, lens, cuq);
+                             pt, lens, cuq, norm ? &gw : nullptr, e);
       },
       [&](int dev) {
         CUDA_ONLY(cuda::lut_rope_append(qo, kc, vc, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b, h,
-                                        pos, f, pt, lens, cuq, cuda_stream(dev)));
+                                        pos, f, pt, lens, cuq, norm ? &gw : nullptr, e, cuda_stream(dev)));
       });
   return a.env().Undefined();
 }

@@ -38,18 +38,24 @@ SQZ_OP(lutRepack) {
 }
 
 // lutMatmulPacked(y, x[M,K], codes i32[Np, Kp*bits/32], lut[N, 2^bits], rows?, cols?, vals?, bits,
-// pairHalf = 0, epilogue = 0) codes in the packed layout made by lutRepack, stored rows paired at
-// pairHalf (cpu/lut_gemm.h; 0: not paired); y [M, N], or [M, N/2] for epilogue 1 (SiLU pairs,
-// pairHalf = N/2). The outlier CSR's contents are checked on the host when the weights are loaded
-// (ts/ops/lut.ts checkOutlierCsr); here only shapes and dtypes.
+// pairHalf = 0, epilogue = 0, normWeight? [K], eps = 1e-6) codes in the packed layout made by lutRepack,
+// stored rows paired at pairHalf (cpu/lut_gemm.h; 0: not paired); y [M, N], or [M, N/2] for epilogue 1
+// (SiLU pairs, pairHalf = N/2); epilogue 2 adds the product to y (the residual stream; y must not
+// overlap x); normWeight: the RMSNorm of x in front. The outlier CSR's contents are checked on the host
+// when the weights are loaded (ts/ops/lut.ts checkOutlierCsr); here only shapes and dtypes.
 SQZ_OP(lutMatmulPacked) {
   Args a(info, "lutMatmulPacked");
   Tensor y = a.tensor(0, "y"), x = a.tensor(1, "x"), q = a.tensor(2, "codes"), lut = a.tensor(3, "lut");
   auto rows = a.opt_tensor(4, "rows"), cols = a.opt_tensor(5, "cols"), vals = a.opt_tensor(6, "vals");
   const int64_t bits = a.integer(7, "bits");
   const int64_t half = a.opt_integer(8, "pairHalf", 0), epilogue = a.opt_integer(9, "epilogue", 0);
-  if (epilogue != 0 && epilogue != 1) a.error("ERR_ARG", "epilogue must be 0 (store) or 1 (siluPairs), got " + std::to_string(epilogue));
+  if (epilogue < 0 || epilogue > 2)
+    a.error("ERR_ARG", "epilogue must be 0 (store), 1 (siluPairs) or 2 (residual), got " + std::to_string(epilogue));
+  auto gamma = a.opt_tensor(10, "normWeight");
+  const double eps = a.opt_number(11, "eps", 1e-6);
   const int64_t N = check_lut_operands(a, x, q, lut, rows, cols, vals, bits, half), M = x.dim(0);
+  check_lut_norm(a, x, gamma, eps);
+  if (epilogue == 2 && overlap(y, x)) a.error("ERR_ARG", "the residual epilogue's y must not overlap x");
   if (epilogue == 1 && 2 * half != N)
     a.error("ERR_ARG", "the siluPairs epilogue needs rows paired at half the rows (" + std::to_string(N / 2) + "), got " +
                            std::to_string(half));
@@ -63,14 +69,18 @@ SQZ_OP(lutMatmulPacked) {
   if (x.device.is_cuda()) a.same_dtype(y, "y", x, "x");
   else a.dtype_in(y, "y", {DType::F32, DType::F16, DType::BF16});
   const int b = (int)bits;
-  const bool has = rows.has_value();
-  Tensor r = has ? *rows : Tensor(), c = has ? *cols : Tensor(), v = has ? *vals : Tensor();
+  const bool has = rows.has_value(), norm = gamma.has_value();
+  Tensor r = has ? *rows : Tensor(), c = has ? *cols : Tensor(), v = has ? *vals : Tensor(), gw = norm ? *gamma : Tensor();
+  const float e = (float)eps;
   dispatch(
       x.device, "lutMatmulPacked",
-      [=] { cpu::lut_matmul_packed(y, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b, (int)half, (int)epilogue); },
+      [=] {
+        cpu::lut_matmul_packed(y, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b, (int)half,
+                               (int)epilogue, norm ? &gw : nullptr, e);
+      },
       [&](int dev) {
         CUDA_ONLY(cuda::lut_matmul_packed(y, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b,
-                                          (int)half, (int)epilogue, cuda_stream(dev)));
+                                          (int)half, (int)epilogue, norm ? &gw : nullptr, e, cuda_stream(dev)));
       });
   return a.env().Undefined();
 }

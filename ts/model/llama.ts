@@ -252,6 +252,13 @@ export class Decoder {
    */
   fuseLutSilu = process.env.SQUEEZELM_LUT_SILU !== '0';
   /**
+   * With fuse: a quantized projection that reads a block's RMSNorm computes that norm itself (the
+   * q|k|v and gate|up projections, lutMatmulPacked's normWeight), and one that ends a block adds its
+   * output to the residual stream in its epilogue (o and down, forwardAdd): two norm kernels fewer
+   * per layer. SQUEEZELM_LUT_NORM=0 starts it off.
+   */
+  fuseLutNorm = process.env.SQUEEZELM_LUT_NORM !== '0';
+  /**
    * With fuse and fuseRopeAppend: a quantized q|k|v projection stored paired (linearPairHalf) does RoPE
    * and the fp16 cache append in its epilogue (SqueezeLinearModule.ropeAppend); SQUEEZELM_LUT_ROPE=0
    * starts it off.
@@ -563,11 +570,14 @@ export class Decoder {
    * projection (fp16 cache). Per layer 4 GEMVs + attention, against 10 kernels in forward()'s
    * plain sequence. A quantized linear keeps the plain ops around it, but for a gate|up stored
    * paired, whose epilogue does siluMul, and a q|k|v stored paired, whose epilogue does RoPE and
-   * the cache append.
+   * the cache append. With fuseLutNorm a quantized projection also takes the norm in front (q|k|v,
+   * gate|up) or the residual add behind (o, down): a quantized layer is then 4 GEMVs + attention.
    */
   private forwardFused(ws: Workspace, maxQ: number, maxSeqLen: number): void {
     const { cfg, w } = this;
     const eps = cfg.rmsNormEps;
+    // The CUDA GEMV takes the norm for up to 2 rows (canFuse) with K a multiple of 8.
+    const lutNorm = this.fuseLutNorm && cfg.hiddenSize % 8 === 0;
     // A quantized projection that ends a block leaves its output here instead of adding it to the
     // residual stream x at once: the next RMSNorm then adds it in the same launch (addRmsNorm),
     // one kernel fewer per block. A fused fp16 projection reads x, so it flushes first.
@@ -595,15 +605,22 @@ export class Decoder {
         this.pagedAttention(ws, l, maxQ, maxSeqLen);
       } else if (!(L.wqkv instanceof Tensor) && L.wqkv.ropeAppend && !this.attn && this.fuseRopeAppend && this.fuseLutRope && !L.bqkv) {
         // quantized q|k|v stored paired: RoPE and the fp16 cache append in its epilogue
-        normInto(L.ln1);
-        L.wqkv.ropeAppend(ws.q3, this.cache.k[l], this.cache.v[l], ws.h, {
-          positions: ws.positions, invFreq: this.invFreq, pageTable: ws.pageTable, seqLens: ws.seqLens, cuQ: ws.cuQ,
-        });
+        const rope = { positions: ws.positions, invFreq: this.invFreq, pageTable: ws.pageTable, seqLens: ws.seqLens, cuQ: ws.cuQ };
+        if (lutNorm) {
+          flush();
+          L.wqkv.ropeAppend(ws.q3, this.cache.k[l], this.cache.v[l], ws.x, { ...rope, normWeight: L.ln1, eps });
+        } else {
+          normInto(L.ln1);
+          L.wqkv.ropeAppend(ws.q3, this.cache.k[l], this.cache.v[l], ws.h, rope);
+        }
         this.pagedAttention(ws, l, maxQ, maxSeqLen);
       } else {
         if (L.wqkv instanceof Tensor) {
           flush();
           ops.fusedLinear(ws.qkv, ws.x, L.wqkv, { bias: L.bqkv, normWeight: L.ln1, eps });
+        } else if (lutNorm && !L.bqkv) {
+          flush();
+          L.wqkv.forward(ws.qkv, ws.x, { normWeight: L.ln1, eps });
         } else {
           normInto(L.ln1);
           linearForward(ws.qkv, ws.h, L.wqkv, L.bqkv);
@@ -613,6 +630,9 @@ export class Decoder {
       if (L.wo instanceof Tensor) {
         flush();
         ops.fusedLinear(ws.x, ws.att2, L.wo, { bias: L.bo, epilogue: 'residual' });
+      } else if (lutNorm && !L.bo) {
+        flush();
+        L.wo.forwardAdd(ws.x, ws.att2);
       } else {
         linearForward(ws.o, ws.att2, L.wo, L.bo);
         pending = ws.o;
@@ -621,8 +641,13 @@ export class Decoder {
         flush();
         ops.fusedLinear(ws.act, ws.x, L.wgu, { bias: L.bgu, normWeight: L.ln2, eps, epilogue: 'siluPairs' });
       } else if (this.fuseLutSilu && L.wgu.siluPairs && !L.bgu) {
-        normInto(L.ln2);
-        L.wgu.siluPairs(ws.act, ws.h);
+        if (lutNorm) {
+          flush();
+          L.wgu.siluPairs(ws.act, ws.x, { normWeight: L.ln2, eps });
+        } else {
+          normInto(L.ln2);
+          L.wgu.siluPairs(ws.act, ws.h);
+        }
       } else {
         normInto(L.ln2);
         linearForward(ws.gu, ws.h, L.wgu, L.bgu);
@@ -631,6 +656,9 @@ export class Decoder {
       if (L.wdown instanceof Tensor) {
         flush();
         ops.fusedLinear(ws.x, ws.act, L.wdown, { bias: L.bdown, epilogue: 'residual' });
+      } else if (lutNorm && !L.bdown) {
+        flush();
+        L.wdown.forwardAdd(ws.x, ws.act);
       } else {
         linearForward(ws.mlp, ws.act, L.wdown, L.bdown);
         pending = ws.mlp;

@@ -43,14 +43,27 @@ export function lutMatmulPacked(
   bits: number,
   opts: LutStoreOptions = {},
 ): void {
-  const epilogue = { store: 0, siluPairs: 1 }[opts.epilogue ?? 'store'];
+  const epilogue = { store: 0, siluPairs: 1, residual: 2 }[opts.epilogue ?? 'store'];
   if (epilogue === undefined) throw new SqueezeError('ERR_ARG', `lutMatmulPacked: unknown epilogue ${opts.epilogue}`);
+  if (opts.normWeight !== undefined) requireTensors('lutMatmulPacked', [['normWeight', opts.normWeight]]);
   native().ops.lutMatmulPacked(y.native, x.native, codes.native, lut.native, rows?.native ?? null, cols?.native ?? null,
-    vals?.native ?? null, bits, opts.pairHalf ?? 0, epilogue);
+    vals?.native ?? null, bits, opts.pairHalf ?? 0, epilogue, opts.normWeight?.native ?? null, opts.eps ?? 1e-6);
 }
 
-/** Where lutMatmulPacked's results go (csrc/cpu/lut_gemm.h, "Paired rows"). */
-export interface LutStoreOptions {
+/** The RMSNorm of the decoder fused in front of a quantized linear: x is replaced by rmsnorm(x) * weight. */
+export interface LutNormOptions {
+  /**
+   * RMSNorm weight [K]: the product is of x * rsqrt(mean(x²) + eps) * normWeight, rounded to x's dtype
+   * as rmsNorm stores it (on CUDA computed by every block of the GEMV into its shared memory: up to 2
+   * rows of x, K a multiple of 8, x 16-byte aligned; ERR_UNSUPPORTED otherwise).
+   */
+  normWeight?: Tensor;
+  /** RMSNorm epsilon (with normWeight; default 1e-6). */
+  eps?: number;
+}
+
+/** Where lutMatmulPacked's results go (csrc/cpu/lut_gemm.h, "Paired rows"), and the norm in front. */
+export interface LutStoreOptions extends LutNormOptions {
   /**
    * The weight's rows are stored paired at this half (pairSqueezeRows; 0 / absent: as they are):
    * each stored row is written to its own output row, so y is the unpaired weight's.
@@ -59,13 +72,15 @@ export interface LutStoreOptions {
   /**
    * 'store' (y = z, [M, N]) or 'siluPairs' (y[m, j] = silu(z[m, j]) * z[m, j + N/2], [M, N/2], each z
    * rounded to y's dtype first: the gated MLP's siluMul fused behind the gate|up projection; needs
-   * pairHalf = N/2, and on CUDA the GEMV: M <= 64).
+   * pairHalf = N/2, and on CUDA the GEMV: M <= 64), or 'residual' (y += z, z rounded to y's dtype
+   * first: the residual add behind a block's last projection; y [M, N] must not overlap x; on CUDA the
+   * GEMV: M <= 64).
    */
-  epilogue?: 'store' | 'siluPairs';
+  epilogue?: 'store' | 'siluPairs' | 'residual';
 }
 
 /** Where lutRopeAppend's rows go: ropeAppend's positions, rotation and paged cache (ts/ops/fused.ts). */
-export interface LutRopeAppendArgs {
+export interface LutRopeAppendArgs extends LutNormOptions {
   positions: Tensor;
   invFreq: Tensor;
   pageTable: Tensor;
@@ -86,9 +101,10 @@ export function lutRopeAppend(qOut: Tensor, kCache: Tensor, vCache: Tensor, x: T
   if (!r || typeof r !== 'object') throw new SqueezeError('ERR_ARG', 'lutRopeAppend: the rope arguments must be an object');
   requireTensors('lutRopeAppend', [['qOut', qOut], ['kCache', kCache], ['vCache', vCache], ['x', x], ['codes', codes], ['lut', lut],
     ['positions', r.positions], ['invFreq', r.invFreq], ['pageTable', r.pageTable], ['seqLens', r.seqLens], ['cuQ', r.cuQ]]);
+  if (r.normWeight !== undefined) requireTensors('lutRopeAppend', [['normWeight', r.normWeight]]);
   native().ops.lutRopeAppend(qOut.native, kCache.native, vCache.native, x.native, codes.native, lut.native, rows?.native ?? null,
     cols?.native ?? null, vals?.native ?? null, bits, pairHalf, r.positions.native, r.invFreq.native, r.pageTable.native,
-    r.seqLens.native, r.cuQ.native);
+    r.seqLens.native, r.cuQ.native, r.normWeight?.native ?? null, r.eps ?? 1e-6);
 }
 
 /** Output row of stored row p of a weight paired at half H (H = 0: p); csrc/cpu/lut_gemm.h lut_pair_row. */

@@ -16,7 +16,7 @@ import { SqueezeError } from '../errors';
 import { DType, Tensor, TypedArray } from '../tensor';
 import { resolveDevice } from '../device';
 import {
-  LutRopeAppendArgs, checkOutlierCsr, kmeansRows, lutMatmulPacked, lutPackedShape, lutPairRow, lutPairable, lutRepack, lutRopeAppend,
+  LutNormOptions, LutRopeAppendArgs, checkOutlierCsr, kmeansRows, lutMatmulPacked, lutPackedShape, lutPairRow, lutPairable, lutRepack, lutRopeAppend,
   sortOutlierRows,
 } from '../ops/lut';
 import { matmul } from '../ops/gemm';
@@ -560,12 +560,18 @@ export interface SqueezeLinearModule {
   readonly bytes: number;
   /** The half its rows are stored paired at (pairSqueezeRows; 0: as they are). */
   readonly pairHalf: number;
-  forward(y: Tensor, x: Tensor): void;
+  /** y = x · Wᵀ (+ outliers); with norm.normWeight, of rmsnorm(x) * normWeight (LutNormOptions). */
+  forward(y: Tensor, x: Tensor, norm?: LutNormOptions): void;
+  /**
+   * y += x · Wᵀ, the product rounded to y's dtype first, in one launch (lutMatmulPacked's residual
+   * epilogue: the residual add behind a block's last projection; on CUDA up to 64 rows of x).
+   */
+  forwardAdd(y: Tensor, x: Tensor): void;
   /**
    * A gate|up module stored paired at N/2 only: act[M, N/2] = silu(gate) * up of y = x · Wᵀ in one
-   * launch (lutMatmulPacked's siluPairs epilogue; on CUDA up to 64 rows of x).
+   * launch (lutMatmulPacked's siluPairs epilogue; on CUDA up to 64 rows of x); norm as in forward.
    */
-  siluPairs?(act: Tensor, x: Tensor): void;
+  siluPairs?(act: Tensor, x: Tensor, norm?: LutNormOptions): void;
   /**
    * A q|k|v module stored paired at head_dim/2 only: the projection of x and ropeAppend into qOut
    * and the paged caches in one launch (lutRopeAppend; on CUDA up to 64 rows of x).
@@ -652,13 +658,18 @@ export function uploadSqueezeLinear(src: SqueezeLinear, device: string, dtype?: 
   return {
     N: l.N, K: l.K, bits: l.bits, pairHalf,
     bytes: all.reduce((s, t) => s + t.byteLength, 0),
-    forward(y: Tensor, x: Tensor): void {
+    forward(y: Tensor, x: Tensor, norm?: LutNormOptions): void {
       checkX(x);
-      lutMatmulPacked(y, x, q, lut, rows, cols, vals, l.bits, { pairHalf });
+      lutMatmulPacked(y, x, q, lut, rows, cols, vals, l.bits, { pairHalf, normWeight: norm?.normWeight, eps: norm?.eps });
     },
-    siluPairs: 2 * pairHalf === l.N ? (act: Tensor, x: Tensor): void => {
+    forwardAdd(y: Tensor, x: Tensor): void {
       checkX(x);
-      lutMatmulPacked(act, x, q, lut, rows, cols, vals, l.bits, { pairHalf, epilogue: 'siluPairs' });
+      lutMatmulPacked(y, x, q, lut, rows, cols, vals, l.bits, { pairHalf, epilogue: 'residual' });
+    },
+    siluPairs: 2 * pairHalf === l.N ? (act: Tensor, x: Tensor, norm?: LutNormOptions): void => {
+      checkX(x);
+      lutMatmulPacked(act, x, q, lut, rows, cols, vals, l.bits,
+        { pairHalf, epilogue: 'siluPairs', normWeight: norm?.normWeight, eps: norm?.eps });
     } : undefined,
     ropeAppend: pairHalf > 0 && 2 * pairHalf < l.N ? (qOut: Tensor, kCache: Tensor, vCache: Tensor, x: Tensor, r: LutRopeAppendArgs): void => {
       checkX(x);

@@ -105,10 +105,13 @@ namespace {
 
 using cpu::lut_pair_row;
 
-// Where the GEMV's results go: stored rows paired at `half` (cpu/lut_gemm.h; 0: not paired); mode
-// kStoreRows writes both rows of a pair, kStoreSilu the SiLU-and-multiply of a row and its partner,
-// kStoreRope does ropeAppend's work on a rotation pair (q into q_out, k and v into the paged caches).
-constexpr int kStoreRows = 0, kStoreSilu = 1, kStoreRope = 2;
+// What the GEMV does around its product. Results: stored rows paired at `half` (cpu/lut_gemm.h; 0:
+// not paired); mode kStoreRows writes both rows of a pair, kStoreSilu the SiLU-and-multiply of a row
+// and its partner, kStoreRope does ropeAppend's work on a rotation pair (q into q_out, k and v into
+// the paged caches), kStoreResidual adds each result, rounded as a store leaves it, to y (the
+// residual stream). In front: with gamma set, the product is of rmsnorm(x) * gamma (the XS kernels,
+// M <= 2: see rms_norm_to_smem).
+constexpr int kStoreRows = 0, kStoreSilu = 1, kStoreRope = 2, kStoreResidual = 3;
 struct LutStore {
   int half;
   int mode;
@@ -116,6 +119,8 @@ struct LutStore {
   void* q_out;
   void* kc;
   void* vc;
+  const void* gamma;  // RMSNorm weight [K] in the activation dtype, or null
+  float eps;
 };
 
 
@@ -297,6 +302,67 @@ template <> __device__ __forceinline__ float2 unpack2f<__half>(uint32_t w) {
 template <> __device__ __forceinline__ float2 unpack2f<__nv_bfloat16>(uint32_t w) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
 }
+// The RMSNorm of the decoder fused in front of the GEMV (XS kernels, M <= 2, K % 8 == 0, x 16-byte
+// aligned): right after griddepcontrol.wait every block reads x (M * K * 2 bytes, from L2) into its own
+// shared memory, sums its squares in fp32, and overwrites it with x * rsqrt(mean(x^2) + eps) * gamma
+// rounded once to T, as the rmsNorm kernel computes it (cpu/elementwise.cc norm_row). The main loop and
+// the outlier step then read the activations from there. Each block repeats the norm (a few hundred
+// cycles); what it saves is the norm kernel and the kernel boundary in front of the GEMV. `red` holds
+// 2 * W floats.
+template <class T, int W>
+__device__ __forceinline__ void rms_norm_to_smem(T* xs, float* red, const T* __restrict__ x, const T* __restrict__ gamma,
+                                                 float eps, int M, int K) {
+  const int per_row = K / 8, pieces = M * per_row, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint4* xs4 = reinterpret_cast<uint4*>(xs);
+  float ss0 = 0.f, ss1 = 0.f;
+  for (int i = threadIdx.x; i < pieces; i += W * 32) {
+    const uint4 v = reinterpret_cast<const uint4*>(x)[i];
+    xs4[i] = v;
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    float s = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 f = unpack2f<T>(w[e]);
+      s = fmaf(f.x, f.x, s);
+      s = fmaf(f.y, f.y, s);
+    }
+    if (i < per_row) ss0 += s;
+    else ss1 += s;
+  }
+#pragma unroll
+  for (int off = 16; off >= 1; off /= 2) {
+    ss0 += __shfl_xor_sync(0xffffffffu, ss0, off);
+    ss1 += __shfl_xor_sync(0xffffffffu, ss1, off);
+  }
+  if (lane == 0) {
+    red[2 * warp] = ss0;
+    red[2 * warp + 1] = ss1;
+  }
+  __syncthreads();
+  float t0 = 0.f, t1 = 0.f;  // warps in a fixed order: every block gets the same bits
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+    t0 += red[2 * w];
+    t1 += red[2 * w + 1];
+  }
+  const float inv0 = 1.0f / sqrtf(t0 / (float)K + eps), inv1 = 1.0f / sqrtf(t1 / (float)K + eps);
+  for (int i = threadIdx.x; i < pieces; i += W * 32) {
+    const bool r1 = i >= per_row;
+    const float inv = r1 ? inv1 : inv0;
+    const int k = 8 * (r1 ? i - per_row : i);
+    const uint4 v = xs4[i];
+    uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 f = unpack2f<T>(w[e]);
+      const float g0 = Cvt<T>::f(gamma[k + 2 * e]), g1 = Cvt<T>::f(gamma[k + 2 * e + 1]);
+      w[e] = pack2<T>(Cvt<T>::t(f.x * inv * g0), Cvt<T>::t(f.y * inv * g1));
+    }
+    xs4[i] = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  __syncthreads();
+}
+
 // s[e] += v * (8 packed activations)[e]
 template <class T>
 __device__ __forceinline__ void fma8(float (&s)[8], float v, uint4 xq) {
@@ -363,7 +429,7 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
 }
 
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool OSPLIT, bool XT, int W, int XPO, int RING,
-          int UPS>
+          int UPS, bool XS>
 __global__ void __launch_bounds__(W * 32, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
@@ -376,6 +442,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
   // lanes (lane quarter q holds activation rows 2q, 2q+1, only q = 0 has a real row at M <= 2).
   static_assert(!OSPLIT || (MT == 1 && RT == 1), "outlier split: M <= 2 launches");
   static_assert(!(OSPLIT && XT), "one outlier scheme per launch");
+  static_assert(!XS || (MT == 1 && RT == 1 && !XT), "the fused RMSNorm: M <= 2 launches");
   // XT (D+S launches from M = 3 or 6 on, see launch): thread tid owns (row xrow of the group,
   // activation rows 8 xmg .. 8 xmg + 7) and every XSUB-th outlier of that row from xs on; the XSUB
   // lanes of a (row, xmg) pair are neighbours and sum by butterfly; lane xs = 0 leaves the sums in
@@ -472,13 +539,17 @@ __global__ void __launch_bounds__(W * 32, MINB)
     }
   };
 
+  // XS: the activations are rmsnorm(x) * gamma in shared memory ([M][K] after everything above, then
+  // 2 W floats for the norm's sums), written by the block right after griddepcontrol.wait.
+  T* const xsm = reinterpret_cast<T*>(tbl + gemv_smem_bytes_ring<BITS, MT, RT, XT, W, RING, UPS>());
+  const T* const xin = XS ? xsm : x;  // what the main loop and the outlier step read
   const T* xr[MT];
   bool mv[MT];
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
     const int m = 8 * i + g;
     mv[i] = m < M;
-    xr[i] = x + (size_t)(mv[i] ? m : 0) * K;
+    xr[i] = xin + (size_t)(mv[i] ? m : 0) * K;
   }
   const uint32_t lb0 = 4u * lane, lb1 = 128u + 4u * lane;
   const uint32_t tbl_s = smem_u32(tbl);
@@ -662,6 +733,8 @@ __global__ void __launch_bounds__(W * 32, MINB)
       pdl_wait();
       pdl_trigger();
       waited = true;
+      if constexpr (XS)
+        rms_norm_to_smem<T, W>(xsm, reinterpret_cast<float*>(xsm + (size_t)M * K), x, static_cast<const T*>(so.gamma), so.eps, M, K);
       if constexpr (XT) {
         xt_write_slice<T, MT>(xT, x, M, K);
         __syncthreads();
@@ -868,15 +941,15 @@ __global__ void __launch_bounds__(W * 32, MINB)
           const int col = oc[0][rr][o];
           const int cc = col >= 0 ? col : 0;
           const float v = col >= 0 ? raw_f(ov[0][rr][o], vals_f32) : 0.f;
-          const float x0 = Cvt<T>::f(x[cc]), x1 = M > 1 ? Cvt<T>::f(x[(size_t)K + cc]) : 0.f;
+          const float x0 = Cvt<T>::f(xin[cc]), x1 = M > 1 ? Cvt<T>::f(xin[(size_t)K + cc]) : 0.f;
           part[0] = fmaf(v, x0, part[0]);
           part[1] = fmaf(v, x1, part[1]);
         }
         for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += OSTRIDE) {
           const float v = load_f(vals, vals_f32, j);
           const int col = cols[j];
-          part[0] = fmaf(v, Cvt<T>::f(x[col]), part[0]);
-          if (M > 1) part[1] = fmaf(v, Cvt<T>::f(x[(size_t)K + col]), part[1]);
+          part[0] = fmaf(v, Cvt<T>::f(xin[col]), part[0]);
+          if (M > 1) part[1] = fmaf(v, Cvt<T>::f(xin[(size_t)K + col]), part[1]);
         }
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj) {
@@ -905,7 +978,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
             for (int jj = 0; jj < 2; ++jj) {
               const int m = 8 * i + 2 * q + jj;
               if (m < M) {
-                const T* xm = x + (size_t)m * K;
+                const T* xm = xin + (size_t)m * K;
                 float xs[OUTR];
 #pragma unroll
                 for (int o = 0; o < OUTR; ++o) xs[o] = Cvt<T>::f(xm[cc[o]]);
@@ -921,7 +994,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
 #pragma unroll
               for (int jj = 0; jj < 2; ++jj) {
                 const int m = 8 * i + 2 * q + jj;
-                if (m < M) acc[rt][i][2 * rr + jj] = fmaf(v, Cvt<T>::f(x[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
+                if (m < M) acc[rt][i][2 * rr + jj] = fmaf(v, Cvt<T>::f(xin[(size_t)m * K + col]), acc[rt][i][2 * rr + jj]);
               }
           }
         }
@@ -965,6 +1038,16 @@ __global__ void __launch_bounds__(W * 32, MINB)
         if (n + 8 < N) {
           const float a = Cvt<T>::f(Cvt<T>::t(s0)), u = Cvt<T>::f(Cvt<T>::t(s1));
           y[(size_t)m * so.half + lut_pair_row(n, so.half)] = Cvt<T>::t(a / (1.0f + expf(-a)) * u);
+        }
+      } else if (so.mode == kStoreResidual) {
+        // y += z, z rounded as a store would leave it: what add(y, y, z) does after the plain GEMV.
+        if (n < N) {
+          T* p = y + (size_t)m * N + lut_pair_row(n, so.half);
+          *p = Cvt<T>::t(Cvt<T>::f(*p) + Cvt<T>::f(Cvt<T>::t(s0)));
+        }
+        if (n + 8 < N) {
+          T* p = y + (size_t)m * N + lut_pair_row(n + 8, so.half);
+          *p = Cvt<T>::t(Cvt<T>::f(*p) + Cvt<T>::f(Cvt<T>::t(s1)));
         }
       } else {
         if (n < N) y[(size_t)m * N + lut_pair_row(n, so.half)] = Cvt<T>::t(s0);
@@ -1234,7 +1317,7 @@ T* lut_xt_buffer(int mp, int K) {
 // XT: the outliers through xT (written by the launch itself, into the buffer above); where it cannot be
 // had, the same launch gathers from x[m][k] instead.
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool OSPLIT = false, bool XT = false,
-          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1>
+          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, LutStore so, cudaStream_t st) {
   T* xT = nullptr;
@@ -1243,19 +1326,25 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
     if (!xT)
       return launch_gemv<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, false, W>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
   }
-  constexpr size_t smem = gemv_smem_bytes_ring<BITS, MT, RT, XT, W, RING, UPS>();
-  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS>;
+  constexpr size_t base = gemv_smem_bytes_ring<BITS, MT, RT, XT, W, RING, UPS>();
+  static_assert(base % 16 == 0, "the normalised activations follow at a 16-byte boundary");
+  // XS: the normalised activations [M][K] and the norm's 2 W sums follow (rms_norm_to_smem); the
+  // occupancy is asked for with them rounded up to whole KiB (never more blocks than fit).
+  const size_t xs_kib = XS ? ((size_t)M * K * sizeof(T) + 2 * W * sizeof(float) + 1023) / 1024 : 0;
+  const size_t smem = base + (XS ? (size_t)M * K * sizeof(T) + 2 * W * sizeof(float) : 0);
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS, XS>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
   // One wave of blocks (they walk the row-tile groups): no tail wave, and each block's prologue
   // latency is paid once.
-  const int blocks_per_wave = cached_per_device(dev, 0, [&] {
+  auto wave = [&] {
     int per_sm = 0;
-    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, W * 32, smem), "lutMatmul: occupancy");
+    cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, W * 32, base + xs_kib * 1024), "lutMatmul: occupancy");
     const int n = per_sm * sm_count(dev);
     return n > 0 ? n : 1;
-  });
+  };
+  const int blocks_per_wave = xs_kib < 64 ? cached_per_device(dev, (int)xs_kib, wave) : wave();
   const int groups = ((N + 15) / 16 + RT - 1) / RT;
   const int blocks = groups < blocks_per_wave ? groups : blocks_per_wave;
   // The cross-group refill (xgroup) where it measured faster, same process, H200: 3-bit 3-9% at
@@ -1292,6 +1381,33 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
                     ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
   launch_pdl(kern, dim3(blocks), dim3(W * 32), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
              reinterpret_cast<uint4*>(xT), flags, so);
+}
+
+// The GEMV with the RMSNorm fused in front (so.gamma set; M <= 2, x vectorisable): the kernels the
+// plain launch below picks at M <= 2 (the code ring on Hopper, the outlier split with outliers), each
+// with the normalised activations in shared memory (XS). The tuning overrides of the ring's slots
+// (SQUEEZELM_LUT_RING_UPS) do not apply here.
+template <class T, int BITS>
+void launch_gemv_norm(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp, const void* vp,
+                      bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutStore so, cudaStream_t st) {
+  constexpr int P1 = 2;
+#define SQZ_NORM(OSPLIT, XPO, RING, UPS) \
+  launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
+  if (ring) {
+    if constexpr (BITS == 4) {
+      if (deep) SQZ_NORM(true, 4, 2, 2);
+      else if (osplit) SQZ_NORM(true, 0, 2, 2);
+      else SQZ_NORM(false, 0, 2, 2);
+    } else {
+      if (osplit) SQZ_NORM(true, 0, 3, 1);
+      else SQZ_NORM(false, 0, 3, 1);
+    }
+  } else if (osplit) {
+    SQZ_NORM(true, 0, 0, 1);
+  } else {
+    SQZ_NORM(false, 0, 0, 1);
+  }
+#undef SQZ_NORM
 }
 
 // Whether the shallower outlier depth of an XT kernel runs: a thread's share of an average row (nnz / N
@@ -1446,18 +1562,25 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
       }
     }
     const bool osplit = M <= 2 && vec && sparse && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0;
+    // Each of a row's 32 lanes of the 4-bit ring kernel requests its first 2 outlier entries before
+    // the main loop, or 4 where an average row holds more than 1.6 per lane (see below).
+    const bool deep = osplit && env_int("SQUEEZELM_LUT_OSPLIT_DEPTH", nnz * 5 > (int64_t)N * 32 * 2 * 4 ? 4 : 2) == 4;
+    if (so.gamma != nullptr) {
+      if (M > 2 || !vec)
+        fail("ERR_UNSUPPORTED", "lutMatmul: the fused RMSNorm runs on CUDA for up to 2 rows of x with K a multiple of 8, got " +
+                                    std::to_string(M) + " x " + std::to_string(K));
+      return launch_gemv_norm<T, BITS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring && M <= 8, osplit, deep, so, st);
+    }
     if (ring && M <= 8 && vec && (osplit || !xt)) {
       // (outlier split, its entry depth (0: 2), slots per warp, units per slot)
 #define SQZ_GEMV_RING(OSPLIT, XPO, RING, UPS) \
   launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
       if constexpr (BITS == 4) {
-        // Each of a row's 32 lanes requests its first 2 entries before the main loop, or 4 where an
-        // average row holds more than 1.6 per lane (entries past them are read after the loop, a
-        // dependent pair of loads). Same process, H200, depth 2 / 4, us: 8192x28672 (4.0 per lane)
-        // M = 1 40.96 / 39.76, M = 2 42.47 / 41.70; at 1.2-1.6 per lane 8192x8192 14.27 / 14.42,
-        // 28672x8192 46.93 / 47.37, 4096x11008 10.18 / 10.14; K = 4096 (0.6 per lane) 22016 rows
-        // 24.09 / 24.57. SQUEEZELM_LUT_OSPLIT_DEPTH=2 / 4 forces one (tuning, tests).
-        const bool deep = osplit && env_int("SQUEEZELM_LUT_OSPLIT_DEPTH", nnz * 5 > (int64_t)N * 32 * 2 * 4 ? 4 : 2) == 4;
+        // The outlier depth `deep` (above): entries past the first 2 or 4 of a lane are read after
+        // the loop, a dependent pair of loads. Same process, H200, depth 2 / 4, us: 8192x28672 (4.0
+        // per lane) M = 1 40.96 / 39.76, M = 2 42.47 / 41.70; at 1.2-1.6 per lane 8192x8192 14.27 /
+        // 14.42, 28672x8192 46.93 / 47.37, 4096x11008 10.18 / 10.14; K = 4096 (0.6 per lane) 22016
+        // rows 24.09 / 24.57. SQUEEZELM_LUT_OSPLIT_DEPTH=2 / 4 forces one (tuning, tests).
         if (env_int("SQUEEZELM_LUT_RING_UPS", 2) == 1) {
           if (osplit) SQZ_GEMV_RING(true, 0, 5, 1);
           else SQZ_GEMV_RING(false, 0, 5, 1);
@@ -1528,6 +1651,16 @@ bool gemv_takes(const Tensor& x) {
   return M <= 16 || (vec && M <= 64);
 }
 
+// The fused RMSNorm's reach (launch_gemv_norm): up to 2 rows of x, K a multiple of 8, x 16-byte aligned.
+bool norm_fusable(const Tensor& x) {
+  return x.dim(0) <= 2 && x.dim(1) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data()) % 16 == 0;
+}
+void check_norm_fusable(const Tensor& x, const char* op) {
+  if (!norm_fusable(x))
+    fail("ERR_UNSUPPORTED", std::string(op) + ": the fused RMSNorm runs on CUDA for up to 2 rows of x with K a multiple of 8 "
+                                              "(16-byte aligned), got x " + x.shape_str());
+}
+
 // launch() for x's dtype and the weight's bits.
 void launch_any(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut, const Tensor* rows,
                 const Tensor* cols, const Tensor* vals, int bits, const LutStore& so, const char* op, cudaStream_t stream) {
@@ -1547,24 +1680,30 @@ void launch_any(const Tensor& y, const Tensor& x, const Tensor& codes, const Ten
 
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
                        const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, int epilogue,
-                       cudaStream_t stream) {
-  if (epilogue == 1 && !gemv_takes(x))
-    fail("ERR_UNSUPPORTED", "lutMatmulPacked: the siluPairs epilogue runs on CUDA for up to 64 rows of x (16 unaligned), got " +
-                                std::to_string(x.dim(0)));
+                       const Tensor* gamma, float eps, cudaStream_t stream) {
+  if (epilogue != 0 && !gemv_takes(x))
+    fail("ERR_UNSUPPORTED", std::string("lutMatmulPacked: the ") + (epilogue == 1 ? "siluPairs" : "residual") +
+                                " epilogue runs on CUDA for up to 64 rows of x (16 unaligned), got " + std::to_string(x.dim(0)));
+  if (gamma) check_norm_fusable(x, "lutMatmulPacked");
   LutStore so{};
   so.half = pair_half;
-  so.mode = epilogue == 1 ? kStoreSilu : kStoreRows;
+  so.mode = epilogue == 1 ? kStoreSilu : epilogue == 2 ? kStoreResidual : kStoreRows;
+  so.gamma = gamma ? gamma->data() : nullptr;
+  so.eps = eps;
   launch_any(y, x, codes, lut, rows, cols, vals, bits, so, "lutMatmul", stream);
 }
 
 void lut_rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& x, const Tensor& codes,
                      const Tensor& lut, const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half,
                      const Tensor& positions, const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens,
-                     const Tensor& cu_q, cudaStream_t stream) {
+                     const Tensor& cu_q, const Tensor* gamma, float eps, cudaStream_t stream) {
   if (!gemv_takes(x))
     fail("ERR_UNSUPPORTED", "lutRopeAppend: runs on CUDA for up to 64 rows of x (16 unaligned), got " + std::to_string(x.dim(0)));
+  if (gamma) check_norm_fusable(x, "lutRopeAppend");
   if (x.dim(0) == 0) return;
   LutStore so{};
+  so.gamma = gamma ? gamma->data() : nullptr;
+  so.eps = eps;
   so.half = pair_half;
   so.mode = kStoreRope;
   so.rope = rope_append_params(q_out, kc, x.dim(0), positions, inv_freq, page_table, seq_lens, cu_q);

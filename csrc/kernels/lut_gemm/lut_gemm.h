@@ -16,17 +16,18 @@ void lut_repack(const Tensor& dst, const Tensor& qweight, int bits, cudaStream_t
 // tensor-core GEMM on dequantized tiles, except where the weight's fp16 copy is at most 1 GiB and no
 // graph is being captured: then the weight is decoded once into a temporary fp16/bf16 matrix and
 // multiplied by the dense GEMM (dense_path.cuh).
-// pair_half / epilogue: paired stored rows and the SiLU epilogue (cpu/lut_gemm.h); the epilogue needs
-// the GEMV (M <= 64, or 16 for unaligned activations).
+// pair_half / epilogue: paired stored rows, the SiLU (1) and residual (2) epilogues (cpu/lut_gemm.h);
+// an epilogue needs the GEMV (M <= 64, or 16 for unaligned activations). gamma (or null): the RMSNorm
+// of x fused in front (M <= 2, K % 8 == 0, x 16-byte aligned; ERR_UNSUPPORTED otherwise).
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
                        const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, int epilogue,
-                       cudaStream_t stream);
+                       const Tensor* gamma, float eps, cudaStream_t stream);
 
 // cpu::lut_rope_append in one launch: the GEMV's epilogue rotates q and k and appends k and v to the
-// paged fp16 caches (rows paired at head_dim/2; the GEMV's M, up to 64 rows of x).
+// paged fp16 caches (rows paired at head_dim/2; the GEMV's M, up to 64 rows of x). gamma: as above.
 void lut_rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, const Tensor& x, const Tensor& codes,
                      const Tensor& lut, const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half,
                      const Tensor& positions, const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens,
-                     const Tensor& cu_q, cudaStream_t stream);
+                     const Tensor& cu_q, const Tensor* gamma, float eps, cudaStream_t stream);
 
 }  // namespace sqz::cuda
