@@ -108,7 +108,7 @@ describeGpu('kvquant (CUDA vs CPU)', () => {
       const ptHost = (await g.pageTable.toArray()) as Int32Array, wide = new Int32Array(B * wideCols);
       for (let b = 0; b < B; b++) wide.set(ptHost.subarray(b * g.maxPages, (b + 1) * g.maxPages), b * wideCols);
       const ptWide = Tensor.from(wide, [B, wideCols], { device: 'cuda' });
-      for (const variant of [0, 1, 2]) {
+      for (const variant of [0, 1, 2] as const) {
         const og4 = Tensor.empty([B, Hq, D], { dtype, device: 'cuda' });
         og4.write(new Uint16Array(B * Hq * D).fill(0x7fc0));
         kvqAttention(og4, qg, g.cache, g.cal, ptWide, g.seqLens, g.cuQ, ig, scale, 1, bound, { variant });

@@ -365,6 +365,8 @@ export class SqueezeServer {
   ): Promise<number> {
     const ctl = new AbortController();
     const choices = this.submit(plan, prompts, fallbackTokens, ctl, adapter);
+    // The tokens generated for the request, all choices together (its usage and the server's count).
+    const completionTokens = (): number => choices.reduce((n, c) => n + c.stream.tokens, 0);
     this.controllers.add(ctl);
     // The client went away before the answer was complete: stop generating for it.
     const onClose = () => {
@@ -398,7 +400,7 @@ export class SqueezeServer {
         );
         // Cut short by close(): an error event instead of [DONE], so the client knows the text is incomplete.
         if (ctl.signal.aborted && this.closing) throw new ApiError(503, 'the server shut down while generating', 'server_error', null, 'shutting_down');
-        const completion = choices.reduce((n, c) => n + c.stream.tokens, 0);
+        const completion = completionTokens();
         if (plan.includeUsage) send(shape.usageChunk(usage(promptTokens, completion)));
         if (!res.writableEnded && !res.destroyed) res.end('data: [DONE]\n\n');
         return completion;
@@ -418,7 +420,7 @@ export class SqueezeServer {
         if (this.closing) throw new ApiError(503, 'the server shut down while generating', 'server_error', null, 'shutting_down');
         return 0;
       }
-      const completion = choices.reduce((n, c) => n + c.stream.tokens, 0);
+      const completion = completionTokens();
       this.json(res, 200, shape.full(choices.map((c, k) => ({ index: c.index, text: texts[k], finish: finishReason(c.stream.finishReason) })), usage(promptTokens, completion)));
       return completion;
     } catch (e) {

@@ -9,6 +9,7 @@
 #include "core/cuda_stream.h"
 #include "dtype_cuda.cuh"
 #include "random.h"
+#include "silu.cuh"
 
 namespace sqz::cuda {
 namespace {
@@ -61,7 +62,7 @@ __global__ void silu_mul_kernel(T* __restrict__ out, const T* __restrict__ gu, i
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float a = to_f32(x.v[k]);
-        z.v[k] = from_f32<T>(a / (1.0f + expf(-a)) * to_f32(y.v[k]));
+        z.v[k] = from_f32<T>(silu_f(a) * to_f32(y.v[k]));
       }
       store16(out + r * inter + c, z);
     }
@@ -70,7 +71,7 @@ __global__ void silu_mul_kernel(T* __restrict__ out, const T* __restrict__ gu, i
     for (int64_t i = tid; i < n; i += stride) {
       const int64_t r = i / inter, c = i - r * inter;
       const float a = to_f32(gu[r * 2 * inter + c]);
-      out[i] = from_f32<T>(a / (1.0f + expf(-a)) * to_f32(gu[r * 2 * inter + inter + c]));
+      out[i] = from_f32<T>(silu_f(a) * to_f32(gu[r * 2 * inter + inter + c]));
     }
   }
 }

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include "../common/rope_append.cuh"
+#include "../common/silu.cuh"
 
 namespace sqz::cuda::gemm_detail {
 
@@ -27,7 +28,5 @@ struct GemvFuse {
   void* kc;
   void* vc;
 };
-
-__device__ __forceinline__ float silu_f(float g) { return g / (1.f + expf(-g)); }
 
 }  // namespace sqz::cuda::gemm_detail

@@ -95,6 +95,7 @@
 #include "kernels/common/launch_config.h"
 #include "kernels/common/process_buffer.h"
 #include "kernels/common/rope_append.cuh"
+#include "kernels/common/silu.cuh"
 #include "kernels/common/pdl.cuh"
 #include "kernels/common/ptx.cuh"
 #include "kernels/gemm/gemm.h"
@@ -1037,7 +1038,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
         // arithmetic on the unfused path's values); y is [M, half].
         if (n + 8 < N) {
           const float a = Cvt<T>::f(Cvt<T>::t(s0)), u = Cvt<T>::f(Cvt<T>::t(s1));
-          y[(size_t)m * so.half + lut_pair_row(n, so.half)] = Cvt<T>::t(a / (1.0f + expf(-a)) * u);
+          y[(size_t)m * so.half + lut_pair_row(n, so.half)] = Cvt<T>::t(silu_f(a) * u);
         }
       } else if (so.mode == kStoreResidual) {
         // y += z, z rounded as a store would leave it: what add(y, y, z) does after the plain GEMV.
