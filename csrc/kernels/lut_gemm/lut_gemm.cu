@@ -1536,8 +1536,8 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // ring near 2.6 TB/s. (Those one-unit ring times include the proxy fence every refill needs; its
     // earlier, faster times at de3dde9 came without it, and about half of its launches at K = 2080
     // read a unit's rows from the slot's next copy: see fence_proxy_async_shared.)
-    // 3-bit, where a warp's codes of one row group are at most 3 units (K <= 4096): dense-only at
-    // M <= 2 at every N, with outliers at M <= 2 where each block takes one row group, otherwise
+    // 3-bit, launches alone, where a warp's codes of one row group are at most 3 units (K <= 4096):
+    // dense-only at M <= 2 at every N, with outliers at M <= 2 where each block takes one row group, otherwise
     // where a block walks at least 4 row groups, never at M = 3-5 with outliers. Same process, H200,
     // K = 4096, M = 1, register buffers / ring (with the fence), us: dense 4096 rows 4.70 / 4.10,
     // 12288 11.76 / 11.58, 22016 21.03 / 18.68 (M = 2 / 4 / 8: 21.1 / 19.2, 21.2 / 20.4, 23.2 /
@@ -1545,6 +1545,14 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // 4096x4096 M = 1 4.87 / 4.70, M = 2 4.92 / 4.82; 8192x8192 13.52 / 15.40).
     // (At K = 8192 the one-unit 3-bit ring was slower: D+S 8192x8192 15.3 against 13.5 us; two units
     // per slot, 6 KB copies, slower still: 15.7 against 13.3.)
+    // Those are launches alone. At M <= 2, the decode step, 3-bit takes the ring everywhere: in a
+    // graph-replayed LLaMA-2-7B-shaped step (6 layers, D+S 0.45%, fused norm and epilogues, H100, the
+    // settings alternated in one process, four runs each) forcing it took 536.1-537.5 us against
+    // 549.8-553.3 us for the launch-alone rule above, which kept the q|k|v (12288x4096) and down
+    // (4096x11008) projections on register buffers; alone, the ring was 3% slower at 12288x4096 (15.7
+    // against 15.2 us) and equal at 4096x11008 (12.7 us). Under programmatic dependent launch the
+    // ring's first copies, requested before griddepcontrol.wait, land in shared memory while the
+    // previous kernel runs.
     // SQUEEZELM_LUT_RING=0 / 1 forces the register buffers / the ring (tuning, tests).
     const int ring_env = env_int("SQUEEZELM_LUT_RING", -1);
     const bool sparse = rp != nullptr;
@@ -1558,8 +1566,8 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
         const bool short_groups = (U + GV_WARPS - 1) / GV_WARPS <= 1;
         // row groups against the ring kernel's resident blocks (2 per SM)
         const int groups = (N + 15) / 16, slots = 2 * sm_count(dev);
-        const bool many_groups = groups >= 4 * slots, one_group = groups <= slots;
-        ring = short_groups && ((M <= 2 && (!sparse || one_group)) || many_groups) && (M <= 2 || !sparse);
+        const bool many_groups = groups >= 4 * slots;
+        ring = M <= 2 || (short_groups && many_groups && !sparse);
       }
     }
     const bool osplit = M <= 2 && vec && sparse && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0;
