@@ -292,6 +292,21 @@ describeGpu('squeezedAttention: CUDA vs CPU', () => {
       }
     });
   }
+  test('cluster starts past the list, negative or running backwards: CUDA clamps them as the CPU does', async () => {
+    const seed = freshSeed();
+    const c = makeCase(seed, 2, 8, 2, 64, 300, 40, [11, 0, 130]);
+    const n = c.C + 1;
+    for (let g = 0; g < 2; g++) {
+      c.cs[g * n + 3] = 999;   // past the list: clamped, and every later start is at least this
+      c.cs[g * n + 7] = -5;    // negative
+      c.cs[g * n + 20] = c.cs[g * n + 10];  // backwards
+      c.cs[g * n + 33] = 1 << 30;
+    }
+    for (const topC of [3, 10, c.C]) {
+      const cpu = await run(c, topC, 0.125, 'f32', 'cpu'), gpu = await run(c, topC, 0.125, 'f32', 'cuda');
+      expect({ seed, topC, finite: gpu.every(Number.isFinite), ok: relErr(gpu, cpu) < 1e-5 }).toEqual({ seed, topC, finite: true, ok: true });
+    }
+  });
   test('tied centroid scores: the lower clusters are kept, as on the CPU (the cut inside a tie)', async () => {
     for (const [B, Hq, Hkv, D, Pc, C, distinct] of [[3, 8, 2, 128, 300, 40, 4], [2, 4, 4, 80, 77, 33, 3]]) {
       const seed = freshSeed();

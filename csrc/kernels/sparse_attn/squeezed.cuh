@@ -63,25 +63,43 @@ __device__ __forceinline__ int64_t row_offset(const Args& a, int64_t b, int64_t 
 }
 
 // The cluster starts of context cx and kv head g into start[0..C] (shared memory, block-wide): each
-// clamped to the token list, then taken as a running maximum (Hillis-Steele; a barrier between the
-// reads and the writes), so that no device data can make a range run backwards or past the list.
+// clamped to the token list, then taken as a running maximum, so that no device data can make a range
+// run backwards or past the list. Thread t takes a contiguous run of the C + 1 entries: its loads are
+// issued together, its run is scanned serially, and one max-scan of the runs' maxima over the block
+// joins the runs (one barrier between). A Hillis-Steele scan over the entries took two barriers per
+// step, 24 at C = 2048, in every split of the attend kernels.
 __device__ __forceinline__ void load_cluster_starts(const Args& a, const squeezed::Context& cx, int64_t g, int* start) {
-  const int tid = threadIdx.x;
-  const int64_t C = cx.C, Pc = cx.P;
-  for (int64_t c = tid; c <= C; c += kThreads) {
-    const int64_t v = a.cs[cx.start + g * (C + 1) + c];
-    start[c] = (int)(v < 0 ? 0 : (v > Pc ? Pc : v));
+  constexpr int kRun = (kSqueezedMaxClusters + 1 + kThreads - 1) / kThreads;
+  __shared__ int wmax[kWarps];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t C = cx.C, Pc = cx.P, n = C + 1, per = (n + kThreads - 1) / kThreads, c0 = tid * per;
+  const int* cs = a.cs + cx.start + g * (C + 1);
+  int v[kRun];
+#pragma unroll
+  for (int i = 0; i < kRun; ++i) {
+    const int64_t c = c0 + i, raw = i < per && c < n ? cs[c] : 0;
+    v[i] = (int)(raw < 0 ? 0 : (raw > Pc ? Pc : raw));
   }
+  int run = 0;  // the clamped starts are >= 0
+#pragma unroll
+  for (int i = 0; i < kRun; ++i) {
+    run = max(run, v[i]);
+    v[i] = run;
+  }
+  int incl = run;  // inclusive max-scan over the warp
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_sync(0xffffffffu, incl, lane >= o ? lane - o : lane);
+    if (lane >= o) incl = max(incl, y);
+  }
+  if (lane == 31) wmax[warp] = incl;
   __syncthreads();
-  for (int off = 1; off <= C; off <<= 1) {
-    int v[(kSqueezedMaxClusters + 1 + kThreads - 1) / kThreads];
-    int n = 0;
-    for (int64_t c = tid; c <= C; c += kThreads, ++n) v[n] = c >= off ? max(start[c], start[c - off]) : start[c];
-    __syncthreads();
-    n = 0;
-    for (int64_t c = tid; c <= C; c += kThreads, ++n) start[c] = v[n];
-    __syncthreads();
-  }
+  int before = __shfl_sync(0xffffffffu, incl, lane > 0 ? lane - 1 : 0);  // the runs before this thread's
+  if (lane == 0) before = 0;
+  for (int w = 0; w < warp; ++w) before = max(before, wmax[w]);
+#pragma unroll
+  for (int i = 0; i < kRun; ++i)
+    if (i < per && c0 + i < n) start[c0 + i] = max(before, v[i]);
+  __syncthreads();
 }
 
 // Step 1, grid (Hq, B), kSelThreads per block: the query against its kv head's centroids, then the
@@ -366,10 +384,15 @@ __global__ void __launch_bounds__(kThreads) attend_group_kernel(const T* __restr
   const bool sparse = P > 0;  // block-uniform
   int64_t nsp = 0;
   if (sparse) {
+    // The group's flags without a branch per load (GP heads unrolled), so a thread's loads are in
+    // flight together.
+    const unsigned char* fl = a.flags + (b * a.Hq + g * G) * a.max_clusters;
+#pragma unroll 2
     for (int64_t c = tid; c < C; c += kThreads) {
       unsigned m = 0;
-      for (int hh = 0; hh < G; ++hh)
-        if (a.flags[(b * a.Hq + g * G + hh) * a.max_clusters + c]) m |= 1u << hh;
+#pragma unroll
+      for (int hh = 0; hh < GP; ++hh)
+        if (hh < G) m |= (fl[hh * a.max_clusters + c] != 0 ? 1u : 0u) << hh;
       hm[c] = (unsigned char)m;
     }
     load_cluster_starts(a, cx, g, start);
