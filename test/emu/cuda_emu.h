@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -95,3 +96,4 @@ template <class T> T exchange(T v, unsigned src_lane) {
 inline void __syncthreads() { emu::g_block->block->arrive_and_wait(); }
 template <class T> T __shfl_xor_sync(unsigned, T v, int lane_mask) { return emu::exchange(v, (emu::linear_tid() & 31) ^ (unsigned)lane_mask); }
 template <class T> T __shfl_sync(unsigned, T v, int src) { return emu::exchange(v, (unsigned)src); }
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }

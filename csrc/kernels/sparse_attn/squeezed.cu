@@ -67,7 +67,7 @@ void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, co
       grow_scratch(Scratch::kSqueezed, dev, flag_bytes + (size_t)rows * a.S * (a.D + 2) * sizeof(float), s, "squeezedAttention scratch"));
   a.flags = reinterpret_cast<unsigned char*>(ws);
   a.part = reinterpret_cast<float*>(ws + flag_bytes);
-  const size_t sel_smem = ((size_t)a.D * 4 + (size_t)a.max_clusters * 4 + (size_t)kSelWarps * 4 + 15) / 16 * 16;
+  const size_t sel_smem = ((size_t)a.D * 4 + (size_t)a.max_clusters * 4 + (size_t)(kSelWarps + kSelBins + 2) * 4 + 15) / 16 * 16;
   const size_t att_smem =
       (std::max((size_t)a.D * 4 + (size_t)(a.max_clusters + 1) * 4 + (size_t)a.max_clusters, (size_t)kWarps * (a.D + 2) * 4) + 15) / 16 * 16;
   const size_t grp_smem = GP ? group_smem_bytes(a.max_clusters, GP, a.D) : 0;

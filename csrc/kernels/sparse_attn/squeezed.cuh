@@ -106,12 +106,14 @@ __device__ __forceinline__ void load_cluster_starts(const Args& a, const squeeze
 // topC clusters flagged. Each warp scores NB centroids at a time with every load issued before the
 // first product (16-byte loads along D where the rows allow), so a block waits about one memory
 // latency per NB centroids of a warp, not one per element. The topC are found without sorting: a
-// radix select over the scores' order-preserving bit patterns finds the topC-th largest, T (32 steps,
-// each one count over the block); then every cluster above T is flagged, and of those equal to T the
+// radix select over the scores' order-preserving bit patterns finds the topC-th largest, T, a byte at
+// a time (4 passes: a 256-bin histogram of the candidates' next byte in shared memory, integer
+// atomics, so the counts are exact whatever the order; then one warp finds the byte where the count
+// from the top reaches topC); then every cluster above T is flagged, and of those equal to T the
 // lower-indexed ones up to topC (the order of before()). (A bitonic sort of all C scores took 66
 // barrier-separated passes and, with one latency per element of each centroid, made the select the
-// larger part of a batch-1 call.)
-constexpr int kSelWarps = 32, kSelThreads = 32 * kSelWarps;
+// larger part of a batch-1 call; a bit at a time took 32 block-wide counts, 64 barriers.)
+constexpr int kSelWarps = 32, kSelThreads = 32 * kSelWarps, kSelBins = 256;
 
 // Bits of a score whose unsigned order is the order of the scores: NaN counts as -inf and -0 as +0,
 // as the comparison in before() has them (order_key alone would put NaN below -inf).
@@ -134,6 +136,7 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(const T* __restrict
   float* qf = reinterpret_cast<float*>(smem);          // [D]
   uint32_t* key = reinterpret_cast<uint32_t*>(qf + a.D);  // [C]
   int* red = reinterpret_cast<int*>(key + a.max_clusters);  // [kSelWarps]
+  int* hist = red + kSelWarps;                              // [kSelBins], then the pass's byte and rank
   for (int64_t d = tid; d < a.D; d += kSelThreads) qf[d] = to_f32(q[(b * a.Hq + h) * a.D + d]);
   __syncthreads();
 
@@ -183,17 +186,47 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(const T* __restrict
     for (int64_t c = tid; c < C; c += kSelThreads) flags[c] = 0;
     return;
   }
-  // T: the nkeep-th largest key, bit by bit from the top (the candidates share the bits found so far)
+  // T: the nkeep-th largest key, a byte at a time from the top (the candidates share the bytes found
+  // so far); kk: T's rank among the candidates, counted from the top.
   uint32_t prefix = 0, mask = 0;
-  int64_t kk = nkeep;
-  for (int bit = 31; bit >= 0; --bit) {
-    const uint32_t m = mask | (1u << bit), want = prefix | (1u << bit);
-    int n = 0;
-    for (int64_t c = tid; c < C; c += kSelThreads) n += (key[c] & m) == want;
-    const int64_t above = block_sum(n, red);
-    if (above >= kk) prefix = want;
-    else kk -= above;
-    mask = m;
+  int kk = (int)nkeep;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = tid; i < kSelBins; i += kSelThreads) hist[i] = 0;
+    __syncthreads();
+    for (int64_t c = tid; c < C; c += kSelThreads) {
+      const uint32_t k = key[c];
+      if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1);
+    }
+    __syncthreads();
+    if (warp == 0) {
+      // lane l holds bins 255 - 8l .. 248 - 8l (from the top); the candidates in the bins above them
+      // by a scan over the lanes, then the bin where the count from the top reaches kk
+      int cnt[8], sum = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        cnt[j] = hist[kSelBins - 1 - 8 * lane - j];
+        sum += cnt[j];
+      }
+      int incl = sum;
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_sync(0xffffffffu, incl, lane >= o ? lane - o : lane);
+        if (lane >= o) incl += y;
+      }
+      int above = incl - sum;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (above < kk && above + cnt[j] >= kk) {  // exactly one bin of one lane
+          hist[kSelBins] = kSelBins - 1 - 8 * lane - j;
+          hist[kSelBins + 1] = kk - above;
+        }
+        above += cnt[j];
+      }
+    }
+    __syncthreads();
+    prefix |= (uint32_t)hist[kSelBins] << shift;
+    mask |= 255u << shift;
+    kk = hist[kSelBins + 1];
+    __syncthreads();  // every thread has read the byte before the next pass clears the bins
   }
   // Above T: flagged. Equal to T: the first `need` in cluster order, ranked by a scan over the block
   // in chunks of kSelThreads clusters.
