@@ -147,12 +147,8 @@ static void squeezed_case(std::mt19937& r, int B, int Hq, int Hkv, int D, int Pc
   const int GP = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
   // select once (its flags do not depend on the attend variant or the splits; each attend gets a copy)
   std::vector<unsigned char> selected((size_t)B * Hq * a.max_clusters, 7);  // poisoned: select must write every flag it reads
-  std::vector<uint32_t> keys((size_t)B * Hq * a.max_clusters, 0x7fc00001u);  // poisoned: score must write every key select reads
   a.flags = selected.data();
-  a.keys = keys.data();
-  const unsigned chunks = (unsigned)((a.max_clusters + kScoreChunk - 1) / kScoreChunk);
-  emu::run(dim3(Hkv, B, chunks), dim3(kScoreThreads), [&] { score_kernel<float>(q.data(), a); });
-  emu::run(dim3(Hq, B), dim3(kSelThreads), [&] { select_kernel(a); });
+  emu::run(dim3(Hq, B), dim3(kSelThreads), [&] { select_kernel<float>(q.data(), a); });
   for (const int variant : {0, 1, 2}) {
     if (variant == 2 && D % 8 != 0) continue;
     for (const int S : splits) {

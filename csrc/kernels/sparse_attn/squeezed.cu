@@ -1,9 +1,9 @@
 // Squeezed Attention, decode (one query row per sequence) over the paged fp16/bf16 cache.
 //
-// Why this shape. Four launches. score: per (sequence, kv head, chunk of 128 centroids) one block scores
-// the chunk against the group's query heads (a warp per 8 centroids, their loads in flight together).
-// select: per (sequence, query head) one block of 1024 threads flags the topC clusters by a radix
-// select over the scores (ties to the lower cluster; squeezed.cuh has why not a sort). attend, where a kv
+// Why this shape. Three launches. select: per (sequence, query head) one block of 1024 threads scores
+// the query against its kv head's cluster centroids (a warp per 8 centroids, their loads in flight
+// together) and flags the topC clusters by a radix select over the scores (ties to the lower cluster;
+// squeezed.cuh has why not a sort). attend, where a kv
 // head serves at most 8 query heads (squeezed.cuh, attend_group_kernel): per (sequence, kv head) S
 // blocks (a split of the work, as flash-decoding splits the keys, so that batch 1 with few heads
 // still fills the GPU). Each key and value row is read once for the group's heads, with 16-byte
@@ -63,15 +63,11 @@ void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, co
   const int64_t rows = B * a.Hq, blocks = GP ? B * a.Hkv : rows;
   a.S = (int)std::min<int64_t>(32, std::max<int64_t>(1, (2 * (int64_t)sm_count(dev) + blocks - 1) / blocks));
   const size_t flag_bytes = ((size_t)rows * (size_t)a.max_clusters + 15) / 16 * 16;
-  const size_t key_bytes = (size_t)rows * (size_t)a.max_clusters * sizeof(uint32_t);
-  char* ws = static_cast<char*>(grow_scratch(Scratch::kSqueezed, dev,
-                                             flag_bytes + key_bytes + (size_t)rows * a.S * (a.D + 2) * sizeof(float), s,
-                                             "squeezedAttention scratch"));
+  char* ws = static_cast<char*>(
+      grow_scratch(Scratch::kSqueezed, dev, flag_bytes + (size_t)rows * a.S * (a.D + 2) * sizeof(float), s, "squeezedAttention scratch"));
   a.flags = reinterpret_cast<unsigned char*>(ws);
-  a.keys = reinterpret_cast<uint32_t*>(ws + flag_bytes);
-  a.part = reinterpret_cast<float*>(ws + flag_bytes + key_bytes);
-  const size_t score_smem = (size_t)a.G * a.D * sizeof(float);
-  const size_t sel_smem = ((size_t)a.max_clusters * 4 + (size_t)(kSelWarps + kSelBins + 2) * 4 + 15) / 16 * 16;
+  a.part = reinterpret_cast<float*>(ws + flag_bytes);
+  const size_t sel_smem = ((size_t)a.D * 4 + (size_t)a.max_clusters * 4 + (size_t)(kSelWarps + kSelBins + 2) * 4 + 15) / 16 * 16;
   const size_t att_smem =
       (std::max((size_t)a.D * 4 + (size_t)(a.max_clusters + 1) * 4 + (size_t)a.max_clusters, (size_t)kWarps * (a.D + 2) * 4) + 15) / 16 * 16;
   const size_t grp_smem = GP ? group_smem_bytes(a.max_clusters, GP, a.D) : 0;
@@ -88,12 +84,9 @@ void squeezed_attention(const Tensor& out, const Tensor& q, const Tensor& kc, co
     else if (GP == 2) grouped(std::integral_constant<int, 2>{});
     else if (GP == 4) grouped(std::integral_constant<int, 4>{});
     else if (GP == 8) grouped(std::integral_constant<int, 8>{});
-    for (auto [kern, bytes] : {std::pair{(const void*)score_kernel<T>, score_smem}, std::pair{(const void*)select_kernel, sel_smem},
-                               std::pair{attend, attend_bytes}})
+    for (auto [kern, bytes] : {std::pair{(const void*)select_kernel<T>, sel_smem}, std::pair{attend, attend_bytes}})
       if (bytes > 48 * 1024) cuda_check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), "squeezedAttention: smem");
-    const unsigned chunks = (unsigned)((a.max_clusters + kScoreChunk - 1) / kScoreChunk);
-    score_kernel<T><<<dim3((unsigned)a.Hkv, (unsigned)B, chunks), kScoreThreads, score_smem, s>>>(q.ptr<T>(), a);
-    select_kernel<<<dim3((unsigned)a.Hq, (unsigned)B), kSelThreads, sel_smem, s>>>(a);
+    select_kernel<T><<<dim3((unsigned)a.Hq, (unsigned)B), kSelThreads, sel_smem, s>>>(q.ptr<T>(), a);
     const T* qp = q.ptr<T>();
     const T* kp = kc.ptr<T>();
     const T* vp = vc.ptr<T>();

@@ -30,7 +30,6 @@ struct Args {
   const int* ct;
   int64_t n_contexts, cen_len, cs_len, ct_len;
   unsigned char* flags;  // [B, Hq, C]: the clusters each (sequence, query head) attends to
-  uint32_t* keys;        // [B, Hq, C]: each centroid's score for each (sequence, query head), as order keys
   float* part;           // [B, Hq, S, D + 2]: each split's unnormalised sums, then its maximum and sum
   int64_t pages, ps, Hkv, maxp, G, Hq, D;
   int max_clusters, S;
@@ -103,26 +102,18 @@ __device__ __forceinline__ void load_cluster_starts(const Args& a, const squeeze
   __syncthreads();
 }
 
-// Step 1: the query against its kv head's centroids (1a, score_kernel), then the topC clusters
-// flagged (1b, select_kernel). The topC are found without sorting: a
+// Step 1, grid (Hq, B), kSelThreads per block: the query against its kv head's centroids, then the
+// topC clusters flagged. Each warp scores NB centroids at a time with every load issued before the
+// first product (16-byte loads along D where the rows allow), so a block waits about one memory
+// latency per NB centroids of a warp, not one per element. The topC are found without sorting: a
 // radix select over the scores' order-preserving bit patterns finds the topC-th largest, T, a byte at
 // a time (4 passes: a 256-bin histogram of the candidates' next byte in shared memory, integer
 // atomics, so the counts are exact whatever the order; then one warp finds the byte where the count
 // from the top reaches topC); then every cluster above T is flagged, and of those equal to T the
 // lower-indexed ones up to topC (the order of before()). (A bitonic sort of all C scores took 66
 // barrier-separated passes and, with one latency per element of each centroid, made the select the
-// larger part of a batch-1 call; a bit at a time took 32 block-wide counts, 64 barriers.) The scores
-// were computed in the select kernel until b87bf95, each query head's block reading the centroids.
+// larger part of a batch-1 call; a bit at a time took 32 block-wide counts, 64 barriers.)
 constexpr int kSelWarps = 32, kSelThreads = 32 * kSelWarps, kSelBins = 256;
-
-// Step 1a, grid (Hkv, B, chunks), kScoreThreads per block: the scores of one chunk of a kv head's
-// centroids (kScoreChunk) for each of the G query heads that share it, as order keys into a.keys. The
-// chunks spread a context's centroids over many blocks: one block per query head read its kv head's
-// C x D floats alone, 27 us at C = 2048, D = 128 on an H100 at batch 1 (32 blocks). A warp scores NB
-// centroids at a time with every load issued before the first product (16-byte loads along D where the
-// rows allow); the G heads reread the chunk's rows from L1. Lane-partial sums in a fixed order, then a
-// fixed shuffle order: the keys do not depend on the launch.
-constexpr int kScoreWarps = 8, kScoreThreads = 32 * kScoreWarps, kScoreNB = 8, kScoreChunk = 2 * kScoreWarps * kScoreNB;
 
 // Bits of a score whose unsigned order is the order of the scores: NaN counts as -inf and -0 as +0,
 // as the comparison in before() has them (order_key alone would put NaN below -inf).
@@ -133,77 +124,60 @@ __device__ __forceinline__ uint32_t score_key(float s) {
 }
 
 template <class T>
-__global__ void __launch_bounds__(kScoreThreads) score_kernel(const T* __restrict__ q, Args a) {
+__global__ void __launch_bounds__(kSelThreads) select_kernel(const T* __restrict__ q, Args a) {
   SQZ_DYNAMIC_SMEM(smem);
-  const int64_t g = blockIdx.x, b = blockIdx.y, c_begin = (int64_t)blockIdx.z * kScoreChunk;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  int64_t len, P;
-  squeezed::Context cx{};
-  lengths(a, b, len, P, cx);
-  const int64_t C = cx.C;
-  if (P == 0 || c_begin >= C) return;  // block-uniform
-  const int64_t G = a.G, c_end = c_begin + kScoreChunk < C ? c_begin + kScoreChunk : C;
-  float* qf = reinterpret_cast<float*>(smem);  // [G][D]
-  for (int64_t i = tid; i < G * a.D; i += kScoreThreads) qf[i] = to_f32(q[(b * a.Hq + g * G) * a.D + i]);
-  __syncthreads();
-  constexpr int NB = kScoreNB;
-  const float* cg = a.cen + cx.cen + g * C * a.D;
-  const bool vec = a.D % 4 == 0 && (reinterpret_cast<uintptr_t>(cg) & 15) == 0;
-  for (int64_t i0 = c_begin + (int64_t)warp * NB; i0 < c_end; i0 += (int64_t)kScoreWarps * NB)
-    for (int64_t hh = 0; hh < G; ++hh) {
-      const float* qh = qf + hh * a.D;
-      float s[NB];
-#pragma unroll
-      for (int u = 0; u < NB; ++u) s[u] = 0.f;
-      if (vec) {
-        for (int64_t d0 = 4 * lane; d0 < a.D; d0 += 128) {
-          float4 c4[NB];
-#pragma unroll
-          for (int u = 0; u < NB; ++u)
-            c4[u] = i0 + u < c_end ? *reinterpret_cast<const float4*>(cg + (i0 + u) * a.D + d0) : make_float4(0.f, 0.f, 0.f, 0.f);
-          const float4 q4 = *reinterpret_cast<const float4*>(qh + d0);
-#pragma unroll
-          for (int u = 0; u < NB; ++u) {
-            s[u] = fmaf(c4[u].x, q4.x, s[u]);
-            s[u] = fmaf(c4[u].y, q4.y, s[u]);
-            s[u] = fmaf(c4[u].z, q4.z, s[u]);
-            s[u] = fmaf(c4[u].w, q4.w, s[u]);
-          }
-        }
-      } else {
-        for (int64_t d = lane; d < a.D; d += 32) {
-          float cv[NB];
-#pragma unroll
-          for (int u = 0; u < NB; ++u) cv[u] = i0 + u < c_end ? cg[(i0 + u) * a.D + d] : 0.f;
-#pragma unroll
-          for (int u = 0; u < NB; ++u) s[u] = fmaf(cv[u], qh[d], s[u]);
-        }
-      }
-      uint32_t* keys = a.keys + (b * a.Hq + g * G + hh) * a.max_clusters;
-#pragma unroll
-      for (int u = 0; u < NB; ++u) {
-        for (int o = 16; o > 0; o >>= 1) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
-        if (lane == 0 && i0 + u < c_end) keys[i0 + u] = score_key(s[u]);
-      }
-    }
-}
-
-// Step 1b, grid (Hq, B), kSelThreads per block: the topC clusters of a (sequence, query head) flagged,
-// from its keys (step 1a).
-__global__ void __launch_bounds__(kSelThreads) select_kernel(Args a) {
-  SQZ_DYNAMIC_SMEM(smem);
-  const int64_t h = blockIdx.x, b = blockIdx.y;
+  const int64_t h = blockIdx.x, b = blockIdx.y, g = h / a.G;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int64_t len, P;
   squeezed::Context cx{};
   lengths(a, b, len, P, cx);
   if (P == 0) return;  // block-uniform
   const int64_t C = cx.C;
-  uint32_t* key = reinterpret_cast<uint32_t*>(smem);       // [C]
+  float* qf = reinterpret_cast<float*>(smem);          // [D]
+  uint32_t* key = reinterpret_cast<uint32_t*>(qf + a.D);  // [C]
   int* red = reinterpret_cast<int*>(key + a.max_clusters);  // [kSelWarps]
   int* hist = red + kSelWarps;                              // [kSelBins], then the pass's byte and rank
-  const uint32_t* keys = a.keys + (b * a.Hq + h) * a.max_clusters;
-  for (int64_t c = tid; c < C; c += kSelThreads) key[c] = keys[c];
+  for (int64_t d = tid; d < a.D; d += kSelThreads) qf[d] = to_f32(q[(b * a.Hq + h) * a.D + d]);
+  __syncthreads();
+
+  // Scores: lane-partial sums in a fixed order, then a fixed shuffle order.
+  constexpr int NB = 8;
+  const float* cg = a.cen + cx.cen + g * C * a.D;
+  const bool vec = a.D % 4 == 0 && (reinterpret_cast<uintptr_t>(cg) & 15) == 0;
+  for (int64_t i0 = (int64_t)warp * NB; i0 < C; i0 += (int64_t)kSelWarps * NB) {
+    float s[NB];
+#pragma unroll
+    for (int u = 0; u < NB; ++u) s[u] = 0.f;
+    if (vec) {
+      for (int64_t d0 = 4 * lane; d0 < a.D; d0 += 128) {
+        float4 c4[NB];
+#pragma unroll
+        for (int u = 0; u < NB; ++u)
+          c4[u] = i0 + u < C ? *reinterpret_cast<const float4*>(cg + (i0 + u) * a.D + d0) : make_float4(0.f, 0.f, 0.f, 0.f);
+        const float4 q4 = *reinterpret_cast<const float4*>(qf + d0);
+#pragma unroll
+        for (int u = 0; u < NB; ++u) {
+          s[u] = fmaf(c4[u].x, q4.x, s[u]);
+          s[u] = fmaf(c4[u].y, q4.y, s[u]);
+          s[u] = fmaf(c4[u].z, q4.z, s[u]);
+          s[u] = fmaf(c4[u].w, q4.w, s[u]);
+        }
+      }
+    } else {
+      for (int64_t d = lane; d < a.D; d += 32) {
+        float cv[NB];
+#pragma unroll
+        for (int u = 0; u < NB; ++u) cv[u] = i0 + u < C ? cg[(i0 + u) * a.D + d] : 0.f;
+#pragma unroll
+        for (int u = 0; u < NB; ++u) s[u] = fmaf(cv[u], qf[d], s[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < NB; ++u) {
+      for (int o = 16; o > 0; o >>= 1) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+      if (lane == 0 && i0 + u < C) key[i0 + u] = score_key(s[u]);
+    }
+  }
   __syncthreads();
 
   unsigned char* flags = a.flags + (b * a.Hq + h) * a.max_clusters;
