@@ -150,18 +150,17 @@ SQZ_OP(lutRopeAppend) {
   }
   if (overlap(qo, x) || overlap(kc, x) || overlap(vc, x)) a.error("ERR_ARG", "qOut and the caches must not overlap x");
   const int b = (int)bits, h = (int)half;
-  const bool has = rows.has_value(), norm = gamma.has_value();
-  Tensor r = has ? *rows : Tensor(), c = has ? *cols : Tensor(), v = has ? *vals : Tensor(), gw = norm ? *gamma : Tensor();
   const float e = (float)eps;
   dispatch(
       qo.device, "lutRopeAppend",
       [=] {
-        cpu::lut_rope_append(qo, kc, vc, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b, h, pos, f,
-                             pt, lens, cuq, norm ? &gw : nullptr, e);
+        cpu::lut_rope_append(qo, kc, vc, x, q, lut, rows ? &*rows : nullptr, cols ? &*cols : nullptr, vals ? &*vals : nullptr,
+                             b, h, pos, f, pt, lens, cuq, gamma ? &*gamma : nullptr, e);
       },
       [&](int dev) {
-        CUDA_ONLY(cuda::lut_rope_append(qo, kc, vc, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b, h,
-                                        pos, f, pt, lens, cuq, norm ? &gw : nullptr, e, cuda_stream(dev)));
+        CUDA_ONLY(cuda::lut_rope_append(qo, kc, vc, x, q, lut, rows ? &*rows : nullptr, cols ? &*cols : nullptr,
+                                        vals ? &*vals : nullptr, b, h, pos, f, pt, lens, cuq, gamma ? &*gamma : nullptr, e,
+                                        cuda_stream(dev)));
       });
   return a.env().Undefined();
 }

@@ -69,18 +69,17 @@ SQZ_OP(lutMatmulPacked) {
   if (x.device.is_cuda()) a.same_dtype(y, "y", x, "x");
   else a.dtype_in(y, "y", {DType::F32, DType::F16, DType::BF16});
   const int b = (int)bits;
-  const bool has = rows.has_value(), norm = gamma.has_value();
-  Tensor r = has ? *rows : Tensor(), c = has ? *cols : Tensor(), v = has ? *vals : Tensor(), gw = norm ? *gamma : Tensor();
   const float e = (float)eps;
   dispatch(
       x.device, "lutMatmulPacked",
       [=] {
-        cpu::lut_matmul_packed(y, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b, (int)half,
-                               (int)epilogue, norm ? &gw : nullptr, e);
+        cpu::lut_matmul_packed(y, x, q, lut, rows ? &*rows : nullptr, cols ? &*cols : nullptr, vals ? &*vals : nullptr, b,
+                               (int)half, (int)epilogue, gamma ? &*gamma : nullptr, e);
       },
       [&](int dev) {
-        CUDA_ONLY(cuda::lut_matmul_packed(y, x, q, lut, has ? &r : nullptr, has ? &c : nullptr, has ? &v : nullptr, b,
-                                          (int)half, (int)epilogue, norm ? &gw : nullptr, e, cuda_stream(dev)));
+        CUDA_ONLY(cuda::lut_matmul_packed(y, x, q, lut, rows ? &*rows : nullptr, cols ? &*cols : nullptr,
+                                          vals ? &*vals : nullptr, b, (int)half, (int)epilogue, gamma ? &*gamma : nullptr, e,
+                                          cuda_stream(dev)));
       });
   return a.env().Undefined();
 }
