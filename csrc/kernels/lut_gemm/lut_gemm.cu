@@ -1574,12 +1574,8 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // Each of a row's 32 lanes of the 4-bit ring kernel requests its first 2 outlier entries before
     // the main loop, or 4 where an average row holds more than 1.6 per lane (see below).
     const bool deep = osplit && env_int("SQUEEZELM_LUT_OSPLIT_DEPTH", nnz * 5 > (int64_t)N * 32 * 2 * 4 ? 4 : 2) == 4;
-    if (so.gamma != nullptr) {
-      if (M > 2 || !vec)
-        fail("ERR_UNSUPPORTED", "lutMatmul: the fused RMSNorm runs on CUDA for up to 2 rows of x with K a multiple of 8, got " +
-                                    std::to_string(M) + " x " + std::to_string(K));
-      return launch_gemv_norm<T, BITS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring && M <= 8, osplit, deep, so, st);
-    }
+    // (the entry points checked the norm's reach, check_norm_fusable: M <= 2, x vectorisable)
+    if (so.gamma != nullptr) return launch_gemv_norm<T, BITS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st);
     if (ring && M <= 8 && vec && (osplit || !xt)) {
       // (outlier split, its entry depth (0: 2), slots per warp, units per slot)
 #define SQZ_GEMV_RING(OSPLIT, XPO, RING, UPS) \
@@ -1661,11 +1657,8 @@ bool gemv_takes(const Tensor& x) {
 }
 
 // The fused RMSNorm's reach (launch_gemv_norm): up to 2 rows of x, K a multiple of 8, x 16-byte aligned.
-bool norm_fusable(const Tensor& x) {
-  return x.dim(0) <= 2 && x.dim(1) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data()) % 16 == 0;
-}
 void check_norm_fusable(const Tensor& x, const char* op) {
-  if (!norm_fusable(x))
+  if (x.dim(0) > 2 || x.dim(1) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data()) % 16 != 0)
     fail("ERR_UNSUPPORTED", std::string(op) + ": the fused RMSNorm runs on CUDA for up to 2 rows of x with K a multiple of 8 "
                                               "(16-byte aligned), got x " + x.shape_str());
 }
