@@ -11,6 +11,7 @@ import { ModelConfig } from './config';
 import { ModelWeights } from './weights';
 import { KVCache } from '../runtime/kv-cache';
 import { linearForward } from '../quant/squeezellm';
+import type { LutNormOptions } from '../ops/lut';
 import type { LoraPool } from '../runtime/lora-pool';
 import { LORA_SITES, LoraSite } from './lora';
 
@@ -591,6 +592,16 @@ export class Decoder {
       else ops.rmsNorm(ws.h, ws.x, weight, eps);
       pending = null;
     };
+    // The input of a quantized projection that reads a block's RMSNorm: x, with the norm in the
+    // projection's options (lutNorm), or ws.h after the norm kernel.
+    const normedInput = (weight: Tensor): [Tensor, LutNormOptions | undefined] => {
+      if (!lutNorm) {
+        normInto(weight);
+        return [ws.h, undefined];
+      }
+      flush();
+      return [ws.x, { normWeight: weight, eps }];
+    };
     ops.embedding(ws.x, ws.ids, w.embed);
     for (let l = 0; l < cfg.numLayers; l++) {
       const L = w.layers[l];
@@ -605,22 +616,18 @@ export class Decoder {
         this.pagedAttention(ws, l, maxQ, maxSeqLen);
       } else if (!(L.wqkv instanceof Tensor) && L.wqkv.ropeAppend && !this.attn && this.fuseRopeAppend && this.fuseLutRope && !L.bqkv) {
         // quantized q|k|v stored paired: RoPE and the fp16 cache append in its epilogue
-        const rope = { positions: ws.positions, invFreq: this.invFreq, pageTable: ws.pageTable, seqLens: ws.seqLens, cuQ: ws.cuQ };
-        if (lutNorm) {
-          flush();
-          L.wqkv.ropeAppend(ws.q3, this.cache.k[l], this.cache.v[l], ws.x, { ...rope, normWeight: L.ln1, eps });
-        } else {
-          normInto(L.ln1);
-          L.wqkv.ropeAppend(ws.q3, this.cache.k[l], this.cache.v[l], ws.h, rope);
-        }
+        const [xin, norm] = normedInput(L.ln1);
+        L.wqkv.ropeAppend(ws.q3, this.cache.k[l], this.cache.v[l], xin, {
+          positions: ws.positions, invFreq: this.invFreq, pageTable: ws.pageTable, seqLens: ws.seqLens, cuQ: ws.cuQ, ...norm,
+        });
         this.pagedAttention(ws, l, maxQ, maxSeqLen);
       } else {
         if (L.wqkv instanceof Tensor) {
           flush();
           ops.fusedLinear(ws.qkv, ws.x, L.wqkv, { bias: L.bqkv, normWeight: L.ln1, eps });
-        } else if (lutNorm && !L.bqkv) {
-          flush();
-          L.wqkv.forward(ws.qkv, ws.x, { normWeight: L.ln1, eps });
+        } else if (!L.bqkv) {
+          const [xin, norm] = normedInput(L.ln1);
+          L.wqkv.forward(ws.qkv, xin, norm);
         } else {
           normInto(L.ln1);
           linearForward(ws.qkv, ws.h, L.wqkv, L.bqkv);
@@ -641,13 +648,8 @@ export class Decoder {
         flush();
         ops.fusedLinear(ws.act, ws.x, L.wgu, { bias: L.bgu, normWeight: L.ln2, eps, epilogue: 'siluPairs' });
       } else if (this.fuseLutSilu && L.wgu.siluPairs && !L.bgu) {
-        if (lutNorm) {
-          flush();
-          L.wgu.siluPairs(ws.act, ws.x, { normWeight: L.ln2, eps });
-        } else {
-          normInto(L.ln2);
-          L.wgu.siluPairs(ws.act, ws.h);
-        }
+        const [xin, norm] = normedInput(L.ln2);
+        L.wgu.siluPairs(ws.act, xin, norm);
       } else {
         normInto(L.ln2);
         linearForward(ws.gu, ws.h, L.wgu, L.bgu);
