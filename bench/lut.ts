@@ -11,9 +11,6 @@
  * Inputs rotate over enough weight sets to exceed 2x L2; bytes = packed codes + tables +
  * outliers (rows, cols, vals) + x + y. Notes give cuBLAS, the cost of the outliers over
  * dense-only, and for batch M the time over the M = 1 time of the same weights.
- * Outlier columns are u16, as the loader uploads them where K <= 65536; at M = 1 each D+S case is
- * also timed with i32 columns in the same process (6 bytes an outlier instead of 4).
- * SQUEEZELM_BENCH_LUT_M=1,16 runs only the cases of those M (a shorter run).
  */
 import { Tensor } from '../ts/tensor';
 import { matmul, cublasMatmul, cublasAvailable, fillRandomInt, lutMatmulPacked, lutPackedShape } from '../ts/ops';
@@ -32,8 +29,7 @@ const OUTLIER_SHARE = 0.0045;
 
 interface LutSet { q: Tensor; lut: Tensor; rows?: Tensor; cols?: Tensor; vals?: Tensor; bytes: number }
 
-async function makeSet(N: number, K: number, bits: number, sparse: boolean, device: string, seed: number,
-  colType: 'u16' | 'i32' = 'u16'): Promise<LutSet> {
+async function makeSet(N: number, K: number, bits: number, sparse: boolean, device: string, seed: number): Promise<LutSet> {
   const q = Tensor.empty(lutPackedShape(N, K, bits), { dtype: 'i32', device });
   fillRandomInt(q, seed);
   const lut = await randomTensor([N, 1 << bits], 'f16', device, 0.02);
@@ -46,8 +42,7 @@ async function makeSet(N: number, K: number, bits: number, sparse: boolean, devi
     for (let j = 0; j < per; j++) cols[n * per + j] = (j * Math.floor(K / per) + n * 7) % K;
     cols.subarray(n * per, (n + 1) * per).sort();  // increasing within a row, as checkOutlierCsr wants
   }
-  const r = Tensor.from(rows, [N + 1], { device });
-  const c = colType === 'u16' ? Tensor.from(Uint16Array.from(cols), [N * per], { dtype: 'u16', device }) : Tensor.from(cols, [N * per], { device });
+  const r = Tensor.from(rows, [N + 1], { device }), c = Tensor.from(cols, [N * per], { device });
   const v = await randomTensor([N * per], 'f16', device, 0.1);
   bytes += r.byteLength + c.byteLength + v.byteLength;
   return { q, lut, rows: r, cols: c, vals: v, bytes };
@@ -69,9 +64,7 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
   if (!ctx.quick) for (const M of PREFILL) cases.push([M, 8192, 8192]);
   if (!ctx.quick) for (const [N, K] of PROMPT_SHAPES) cases.push([PROMPT, N, K]);
   const single = new Map<string, number>();  // M = 1 time at 8192x8192 per variant
-  const onlyM = (process.env.SQUEEZELM_BENCH_LUT_M ?? '').split(',').filter(Boolean).map(Number);
   for (const [M, N, K] of cases) {
-    if (onlyM.length > 0 && !onlyM.includes(M)) continue;
     const big = M > 64;
     // dense fp16 baselines
     const dsets = big ? 1 : setsFor(2 * N * K, ctx.l2Bytes);
@@ -125,23 +118,6 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
         });
         ctx.log(`lut ${name}: ${r.timeUs.toFixed(2)} us, ${(100 * (r.fracCopy ?? 0)).toFixed(0)}% of copy BW, vs fp16 ${r.speedup?.toFixed(2) ?? '-'}x; ${r.note}`);
         out.push(r);
-        if (sparse && M === 1) {
-          // the same case with i32 outlier columns (the interchange format's), same process
-          const ls32: LutSet[] = [];
-          for (let s = 0; s < sets; s++) ls32.push(await makeSet(N, K, bits, true, device, s + 1, 'i32'));
-          const t32 = await timeCuda({
-            device, iters, repeats, noGraph,
-            fn: (i) => { const l = ls32[i % sets]; lutMatmulPacked(y, xs[i % dsets], l.q, l.lut, l.rows, l.cols, l.vals, bits); },
-          });
-          const d = single.get(`${variant.replace('D+S', 'dense')} M=${M} ${N}x${K}:dense`);
-          const r32 = row(ctx, 'lut', `${name} i32 columns`, t32, {
-            bytes: ls32[0].bytes + 2 * (M * K + M * N), baseline: 'fp16 matmul', base: dense,
-            note: `${(100 * (us(t32) / us(t) - 1)).toFixed(1)}% over the u16 columns above${d ? `; outliers +${(100 * (us(t32) / d - 1)).toFixed(1)}% over dense-only` : ''}`,
-          });
-          ctx.log(`lut ${name} i32 columns: ${r32.timeUs.toFixed(2)} us`);
-          out.push(r32);
-          ls32.forEach((l) => [l.q, l.lut, l.rows, l.cols, l.vals].forEach((x) => x?.dispose()));
-        }
         // The cross-group code refill forced on and off (SQUEEZELM_LUT_XGROUP; the default picks one
         // by bits and M, see csrc/kernels/lut_gemm/lut_gemm.cu), same process, D+S rows at M <= 8.
         const decodeShape = M === 1 && DECODE_SHAPES.some(([n, k]) => n === N && k === K);

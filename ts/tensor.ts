@@ -8,8 +8,8 @@ import { native, NativeTensor } from './native';
 import { resolveDevice } from './device';
 import { f16BitsToFloat32, bf16BitsToFloat32 } from './util/half';
 
-export type DType = 'f32' | 'f16' | 'bf16' | 'i32' | 'u32' | 'i8' | 'u8' | 'u16';
-export const DTYPES: readonly DType[] = ['f32', 'f16', 'bf16', 'i32', 'u32', 'i8', 'u8', 'u16'];
+export type DType = 'f32' | 'f16' | 'bf16' | 'i32' | 'u32' | 'i8' | 'u8';
+export const DTYPES: readonly DType[] = ['f32', 'f16', 'bf16', 'i32', 'u32', 'i8', 'u8'];
 
 export type TypedArray = Float32Array | Uint16Array | Int32Array | Uint32Array | Int8Array | Uint8Array;
 
@@ -18,7 +18,7 @@ export interface TensorOptions {
   device?: string;
 }
 
-const BYTES: Record<DType, number> = { f32: 4, f16: 2, bf16: 2, i32: 4, u32: 4, i8: 1, u8: 1, u16: 2 };
+const BYTES: Record<DType, number> = { f32: 4, f16: 2, bf16: 2, i32: 4, u32: 4, i8: 1, u8: 1 };
 
 export function dtypeBytes(d: DType): number {
   return BYTES[d];
@@ -149,7 +149,7 @@ export class Tensor {
 function typed(dtype: DType, buf: ArrayBuffer): TypedArray {
   switch (dtype) {
     case 'f32': return new Float32Array(buf);
-    case 'f16': case 'bf16': case 'u16': return new Uint16Array(buf);
+    case 'f16': case 'bf16': return new Uint16Array(buf);
     case 'i32': return new Int32Array(buf);
     case 'u32': return new Uint32Array(buf);
     case 'i8': return new Int8Array(buf);

@@ -8,12 +8,12 @@
 
 namespace sqz {
 
-enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, I32 = 3, U32 = 4, I8 = 5, U8 = 6, U16 = 7 };
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, I32 = 3, U32 = 4, I8 = 5, U8 = 6 };
 
 inline size_t dtype_size(DType t) {
   switch (t) {
     case DType::F32: case DType::I32: case DType::U32: return 4;
-    case DType::F16: case DType::BF16: case DType::U16: return 2;
+    case DType::F16: case DType::BF16: return 2;
     case DType::I8: case DType::U8: return 1;
   }
   return 0;
@@ -28,14 +28,13 @@ inline const char* dtype_name(DType t) {
     case DType::U32: return "u32";
     case DType::I8: return "i8";
     case DType::U8: return "u8";
-    case DType::U16: return "u16";
   }
   return "?";
 }
 
 inline bool dtype_from_name(const std::string& s, DType* out) {
-  static const char* names[] = {"f32", "f16", "bf16", "i32", "u32", "i8", "u8", "u16"};
-  for (int i = 0; i < 8; ++i)
+  static const char* names[] = {"f32", "f16", "bf16", "i32", "u32", "i8", "u8"};
+  for (int i = 0; i < 7; ++i)
     if (s == names[i]) { *out = static_cast<DType>(i); return true; }
   return false;
 }

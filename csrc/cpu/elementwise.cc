@@ -224,7 +224,6 @@ void fill(const Tensor& t, double value) {
     case DType::U32: fill_as<uint32_t>(t, (uint32_t)value); break;
     case DType::I8: fill_as<int8_t>(t, (int8_t)value); break;
     case DType::U8: fill_as<uint8_t>(t, (uint8_t)value); break;
-    case DType::U16: fill_as<uint16_t>(t, (uint16_t)value); break;
   }
 }
 

@@ -245,8 +245,7 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
   };
 
   const int32_t* rp = rows ? rows->ptr<int32_t>() : nullptr;
-  const void* cp = cols ? cols->data() : nullptr;
-  const bool c16 = cols && cols->dtype == DType::U16;  // else int32
+  const int32_t* cp = cols ? cols->ptr<int32_t>() : nullptr;
   const int64_t nnz = cols ? cols->numel() : 0;
   static const RowKernels kern = pick_row_kernels();
   const vec::Loops& V = vec::loops();
@@ -263,7 +262,7 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
     if (!rp) return;
     const int64_t b = std::max<int64_t>(0, rp[n]), e = std::min<int64_t>(nnz, rp[n + 1]);
     for (int64_t t = b; t < e; ++t) {
-      const int32_t k = c16 ? static_cast<const uint16_t*>(cp)[t] : static_cast<const int32_t*>(cp)[t];
+      const int32_t k = cp[t];
       if (k >= 0 && k < K) f(k, load_as_float(vals->data(), vals->dtype, (size_t)t));
     }
   };

@@ -83,11 +83,8 @@ int64_t check_lut_operands(const Args& a, const Tensor& x, const Tensor& q, cons
   if (given != 0 && given != 3) a.error("ERR_ARG", "rows, cols and vals come together (or none of them)");
   if (rows) {
     a.tensor_is(*rows, "rows", DType::I32, {N + 1});
-    // u16 columns (4 bytes an outlier with fp16 values instead of 6) reach K <= 65536
-    a.dtype_in(*cols, "cols", {DType::I32, DType::U16});
+    a.dtype_in(*cols, "cols", {DType::I32});
     a.ndim(*cols, "cols", 1);
-    if (cols->dtype == DType::U16 && K > 65536)
-      a.error("ERR_DTYPE", "cols: u16 column indices need K <= 65536, x has K = " + std::to_string(K));
     a.dtype_in(*vals, "vals", {DType::F16, DType::F32});
     a.shape_is(*vals, "vals", {cols->dim(0)});
     a.same_device({{&x, "x"}, {&*rows, "rows"}, {&*cols, "cols"}, {&*vals, "vals"}});

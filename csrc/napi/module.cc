@@ -93,7 +93,7 @@ Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
 DType parse_dtype(const Args& a, size_t i) {
   std::string s = a.string(i, "dtype");
   DType d;
-  if (!dtype_from_name(s, &d)) fail("ERR_DTYPE", "unknown dtype '" + s + "' (expected f32, f16, bf16, i32, u32, i8, u8, u16)");
+  if (!dtype_from_name(s, &d)) fail("ERR_DTYPE", "unknown dtype '" + s + "' (expected f32, f16, bf16, i32, u32, i8, u8)");
   return d;
 }
 

@@ -203,7 +203,6 @@ SQZ_OP(fill) {
       case DType::I32: lo = -2147483648.0, hi = 2147483647.0; break;
       case DType::U32: lo = 0, hi = 4294967295.0; break;
       case DType::I8: lo = -128, hi = 127; break;
-      case DType::U16: lo = 0, hi = 65535; break;
       default: lo = 0, hi = 255; break;
     }
     if (v != std::floor(v) || v < lo || v > hi)

@@ -26,7 +26,6 @@ export function toDType(st: string): DType | undefined {
     case 'BF16': return 'bf16';
     case 'I32': return 'i32';
     case 'U32': return 'u32';
-    case 'U16': return 'u16';
     case 'I8': return 'i8';
     case 'U8': case 'BOOL': return 'u8';
     default: return undefined;
@@ -34,7 +33,7 @@ export function toDType(st: string): DType | undefined {
 }
 
 export function fromDType(d: DType): string {
-  const m: Record<DType, string> = { f32: 'F32', f16: 'F16', bf16: 'BF16', i32: 'I32', u32: 'U32', i8: 'I8', u8: 'U8', u16: 'U16' };
+  const m: Record<DType, string> = { f32: 'F32', f16: 'F16', bf16: 'BF16', i32: 'I32', u32: 'U32', i8: 'I8', u8: 'U8' };
   return m[d];
 }
 

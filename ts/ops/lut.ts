@@ -23,8 +23,7 @@ export function lutRepack(dst: Tensor, qweight: Tensor, bits: number): void {
 }
 
 /**
- * y[M,N] = x[M,K] · dequant(codes, lut)ᵀ + outliers; codes from lutRepack (rows/cols/vals all or none:
- * rows i32 [N+1], cols i32 or, where K <= 65536, u16 [nnz], vals f16/f32 [nnz]).
+ * y[M,N] = x[M,K] · dequant(codes, lut)ᵀ + outliers; codes from lutRepack (rows/cols/vals all or none).
  * With f16/bf16 activations the products use the table entries rounded to the activation dtype
  * (CPU and CUDA alike); outlier values are added in fp32 (on CUDA past M = 64 the weight at an
  * outlier's position is rounded with the outlier added); fp32 accumulation. On CUDA past M = 64 the

@@ -618,8 +618,7 @@ export interface UploadOptions {
 
 /**
  * Uploads host arrays of a linear to `device` and repacks the codes once into the kernel layout
- * (lutRepack); tables and outliers in f16 on CUDA (f32 on CPU), outlier columns in u16 where
- * K <= 65536.
+ * (lutRepack); tables and outliers in f16 on CUDA (f32 on CPU).
  */
 export function uploadSqueezeLinear(src: SqueezeLinear, device: string, dtype?: DType, opts: UploadOptions = {}): SqueezeLinearModule {
   const pairHalf = opts.pairHalf ?? 0;
@@ -645,12 +644,7 @@ export function uploadSqueezeLinear(src: SqueezeLinear, device: string, dtype?: 
     lut = up(Tensor.from(fl(l.lut), [l.N, E], { dtype: fd, device }));
     if (l.rows && l.cols && l.vals) {
       rows = up(Tensor.from(l.rows, [l.N + 1], { dtype: 'i32', device }));
-      // u16 column indices where they reach K (4 bytes an outlier with f16 values instead of 6: the
-      // 4-bit GEMV runs at its bandwidth floor, so the outliers' bytes are time); the CSR was checked
-      // against K when it was read
-      cols = up(l.K <= 65536
-        ? Tensor.from(Uint16Array.from(l.cols), [l.cols.length], { dtype: 'u16', device })
-        : Tensor.from(l.cols, [l.cols.length], { dtype: 'i32', device }));
+      cols = up(Tensor.from(l.cols, [l.cols.length], { dtype: 'i32', device }));
       vals = up(Tensor.from(fl(l.vals), [l.vals.length], { dtype: fd, device }));
     }
   } catch (e) {

@@ -190,7 +190,6 @@ void fill(const Tensor& t, double value, cudaStream_t s) {
     case DType::U32: fill_kernel<uint32_t><<<g, kThreads, 0, s>>>(t.ptr<uint32_t>(), (uint32_t)value, n); break;
     case DType::I8: fill_kernel<int8_t><<<g, kThreads, 0, s>>>(t.ptr<int8_t>(), (int8_t)value, n); break;
     case DType::U8: fill_kernel<uint8_t><<<g, kThreads, 0, s>>>(t.ptr<uint8_t>(), (uint8_t)value, n); break;
-    case DType::U16: fill_kernel<uint16_t><<<g, kThreads, 0, s>>>(t.ptr<uint16_t>(), (uint16_t)value, n); break;
   }
 }
 

@@ -54,7 +54,7 @@ constexpr int kThreads = 128;  // per block (one row): short blocks, many reside
 template <class T, int BITS>
 __global__ void __launch_bounds__(kThreads) dequant_rows_kernel(T* __restrict__ w, const uint32_t* __restrict__ codes,
                                                                 const void* __restrict__ lut, bool lut_f32,
-                                                                const int* __restrict__ rows, Cols cols,
+                                                                const int* __restrict__ rows, const int* __restrict__ cols,
                                                                 const void* __restrict__ vals, bool vals_f32, int K, int U,
                                                                 int pair_half) {
   constexpr int E = 1 << BITS, UNROLL = 2;
@@ -163,7 +163,7 @@ bool run(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lu
   }
   const bool sparse = rows && cols && vals && cols->numel() > 0;
   dequant_rows_kernel<T, BITS><<<N, kThreads, 0, st>>>(w.ptr<T>(), codes.ptr<uint32_t>(), lut.data(), lut.dtype == DType::F32,
-                                                 sparse ? rows->ptr<int>() : nullptr, Cols(sparse ? cols : nullptr),
+                                                 sparse ? rows->ptr<int>() : nullptr, sparse ? cols->ptr<int>() : nullptr,
                                                  sparse ? vals->data() : nullptr, sparse && vals->dtype == DType::F32, K, U, pair_half);
   cuda_check(cudaGetLastError(), "lutMatmul: dequantize");
   matmul(y, x, w, nullptr, st);

@@ -188,31 +188,6 @@ __device__ __forceinline__ uint32_t ld_early_raw(const void* p, bool is_f32, lon
 __device__ __forceinline__ float raw_f(uint32_t r, bool is_f32) {
   return is_f32 ? __uint_as_float(r) : __half2float(__ushort_as_half(static_cast<unsigned short>(r)));
 }
-// The outliers' column indices: int32, or uint16 where K <= 65536 (the loader's choice: with fp16
-// values an outlier is then 4 bytes instead of 6, which the 4-bit GEMV pays at its bandwidth floor).
-// One load either way: entry j sits at p + j * bytes, read by a predicated 32- or 16-bit load into
-// the same register (a branch between two loads cost registers, and spills in the XT kernels).
-struct Cols {
-  const void* p = nullptr;
-  int bytes = 4;  // 4: int32, 2: uint16
-  Cols() = default;
-  explicit Cols(const Tensor* t) : p(t ? t->data() : nullptr), bytes(t && t->dtype == DType::U16 ? 2 : 4) {}
-  __device__ __forceinline__ const char* at(long long j) const { return static_cast<const char*>(p) + j * bytes; }
-  // (volatile: a load the compiler thinks pure could be speculated past the guard that keeps j in range)
-  __device__ __forceinline__ int operator[](long long j) const {
-    int v;
-    asm volatile("{\n .reg .pred w;\n setp.eq.s32 w, %2, 4;\n @w ld.global.nc.u32 %0, [%1];\n @!w ld.global.nc.u16 %0, [%1];\n}"
-        : "=r"(v) : "l"(at(j)), "r"(bytes));
-    return v;
-  }
-  // loaded under the main loop, as ld_early_raw (volatile: never sunk to its use)
-  __device__ __forceinline__ int pinned(long long j) const {
-    int v;
-    asm volatile("{\n .reg .pred w;\n setp.eq.s32 w, %2, 4;\n @w ld.global.nc.u32 %0, [%1];\n @!w ld.global.nc.u16 %0, [%1];\n}"
-                 : "=r"(v) : "l"(at(j)), "r"(bytes));
-    return v;
-  }
-};
 
 
 // 8 activations x[k .. k+8) of one row as 4 packed pairs; zero past K or for an invalid row.
@@ -459,7 +434,7 @@ template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool OS
 __global__ void __launch_bounds__(W * 32, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
-                    Cols cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
+                    const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
                     int K, int U, uint4* xT, int flags, LutStore so) {
   using G = Geo<BITS>;
   constexpr int NT = W * 32;  // threads per block
@@ -719,7 +694,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
             oc[rt][rr][o] = -1;
             ov[rt][rr][o] = 0u;
             if (ok) {
-              oc[rt][rr][o] = cols.pinned(j);
+              oc[rt][rr][o] = ld_pinned_s32(cols + j);
               ov[rt][rr][o] = ld_early_raw(vals, vals_f32, j);
             }
           }
@@ -738,7 +713,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
         xa_c[o] = -1;
         xa_v[o] = 0u;
         if (rows != nullptr && j < xe && o < xpn) {
-          xa_c[o] = cols.pinned(j);
+          xa_c[o] = ld_pinned_s32(cols + j);
           xa_v[o] = ld_early_raw(vals, vals_f32, j);
         }
       }
@@ -1105,7 +1080,7 @@ template <class T, int BITS, bool XVEC>
 __global__ void __launch_bounds__(PM_THREADS, 2)
     lut_gemm_mma_kernel(T* __restrict__ y, const T* __restrict__ x, const uint32_t* __restrict__ codes,
                         const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
-                        Cols cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
+                        const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
                         int K, int U, int pair_half) {
   using G = Geo<BITS>;
   constexpr int E = G::E, CW = BITS == 4 ? 1 : 3;  // raw words per code item and stage (at most)
@@ -1344,7 +1319,7 @@ T* lut_xt_buffer(int mp, int K) {
 // had, the same launch gathers from x[m][k] instead.
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool OSPLIT = false, bool XT = false,
           int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false>
-void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, Cols colp,
+void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, LutStore so, cudaStream_t st) {
   T* xT = nullptr;
   if constexpr (XT) {
@@ -1414,7 +1389,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
 // with the normalised activations in shared memory (XS). The tuning overrides of the ring's slots
 // (SQUEEZELM_LUT_RING_UPS) do not apply here.
 template <class T, int BITS>
-void launch_gemv_norm(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, Cols cp, const void* vp,
+void launch_gemv_norm(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp, const void* vp,
                       bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutStore so, cudaStream_t st) {
   constexpr int P1 = 2;
 #define SQZ_NORM(OSPLIT, XPO, RING, UPS) \
@@ -1458,7 +1433,7 @@ inline bool shallow_outliers(int64_t nnz, int N, int threads_per_row, int depth)
 // 4096x11008 (3.1 per thread) 13.94, 13.73 / 15.01, 14.81. 2 entries were no faster than 3 at K = 4096 and
 // slower at 8192 (3-bit M = 4 18.7 against 15.9 us). M = 9-16: launch_gemv_m16.
 template <class T, int BITS, int MT, int P, int MINB, int RT, int W, int XP_LOW>
-void launch_gemv_xt(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, Cols colp,
+void launch_gemv_xt(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                     const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, LutStore so, cudaStream_t st) {
   constexpr int XSUB = W * 32 / (16 * RT * MT);  // threads per (row, 8 activation rows), as in the kernel
   if constexpr (XP_LOW > 0)
@@ -1490,7 +1465,7 @@ void launch_gemv_xt(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf
 // instead, which freed 33 registers in the 3-bit kernel, measured up to 14% slower at M = 9-16 (within
 // 1% on three 3-bit shapes) and 3-6% slower at M <= 8: docs/log/squeezellm-kernels.md.)
 template <class T, int BITS, bool XT>
-void launch_gemv_m16(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, Cols colp,
+void launch_gemv_m16(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                      const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, LutStore so, cudaStream_t st) {
   if constexpr (BITS == 4) {
     const bool even = (U + 15) / 16 * 16 <= (U + 7) / 8 * 8;
@@ -1516,7 +1491,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
   const T* xp = x.ptr<T>();
   const bool lf = lut.dtype == DType::F32;
   const int* rp = rows ? rows->ptr<int>() : nullptr;
-  const Cols cp(cols);
+  const int* cp = cols ? cols->ptr<int>() : nullptr;
   const void* vp = vals ? vals->data() : nullptr;
   const bool vf = vals && vals->dtype == DType::F32;
   const int64_t nnz = cols ? cols->numel() : 0;
