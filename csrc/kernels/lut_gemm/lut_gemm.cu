@@ -1384,31 +1384,33 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
              reinterpret_cast<uint4*>(xT), flags, so);
 }
 
-// The GEMV with the RMSNorm fused in front (so.gamma set; M <= 2, x vectorisable): the kernels the
-// plain launch below picks at M <= 2 (the code ring on Hopper, the outlier split with outliers), each
-// with the normalised activations in shared memory (XS). The tuning overrides of the ring's slots
-// (SQUEEZELM_LUT_RING_UPS) do not apply here.
-template <class T, int BITS>
-void launch_gemv_norm(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp, const void* vp,
-                      bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutStore so, cudaStream_t st) {
+// The decode step's GEMV: M <= 2, x vectorisable, with the RMSNorm fused in front (XS: so.gamma
+// set) or not. launch() picks ring / osplit / deep (below) and both entry points take the kernel
+// from this one table: the code ring on Hopper (4-bit: two slots of two units, the outlier split
+// with 2 or 4 entries per lane requested early; 3-bit: three slots of one unit), else register
+// buffers, each with or without the outlier split. (The tuning override of the 4-bit ring's slots,
+// SQUEEZELM_LUT_RING_UPS=1, is launch()'s own: it does not apply with the norm fused.)
+template <class T, int BITS, bool XS>
+void launch_gemv_decode(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp, const void* vp,
+                        bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutStore so, cudaStream_t st) {
   constexpr int P1 = 2;
-#define SQZ_NORM(OSPLIT, XPO, RING, UPS) \
-  launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
+#define SQZ_DECODE(OSPLIT, XPO, RING, UPS) \
+  launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS, XS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
   if (ring) {
     if constexpr (BITS == 4) {
-      if (deep) SQZ_NORM(true, 4, 2, 2);
-      else if (osplit) SQZ_NORM(true, 0, 2, 2);
-      else SQZ_NORM(false, 0, 2, 2);
+      if (deep) SQZ_DECODE(true, 4, 2, 2);
+      else if (osplit) SQZ_DECODE(true, 0, 2, 2);
+      else SQZ_DECODE(false, 0, 2, 2);
     } else {
-      if (osplit) SQZ_NORM(true, 0, 3, 1);
-      else SQZ_NORM(false, 0, 3, 1);
+      if (osplit) SQZ_DECODE(true, 0, 3, 1);
+      else SQZ_DECODE(false, 0, 3, 1);
     }
   } else if (osplit) {
-    SQZ_NORM(true, 0, 0, 1);
+    SQZ_DECODE(true, 0, 0, 1);
   } else {
-    SQZ_NORM(false, 0, 0, 1);
+    SQZ_DECODE(false, 0, 0, 1);
   }
-#undef SQZ_NORM
+#undef SQZ_DECODE
 }
 
 // Whether the shallower outlier depth of an XT kernel runs: a thread's share of an average row (nnz / N
@@ -1574,39 +1576,36 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // Each of a row's 32 lanes of the 4-bit ring kernel requests its first 2 outlier entries before
     // the main loop, or 4 where an average row holds more than 1.6 per lane (see below).
     const bool deep = osplit && env_int("SQUEEZELM_LUT_OSPLIT_DEPTH", nnz * 5 > (int64_t)N * 32 * 2 * 4 ? 4 : 2) == 4;
-    // (the entry points checked the norm's reach, check_norm_fusable: M <= 2, x vectorisable)
-    if (so.gamma != nullptr) return launch_gemv_norm<T, BITS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st);
+    // The decode step (M <= 2, x vectorisable): launch_gemv_decode, the norm fused in front where asked
+    // (the entry points checked its reach, check_norm_fusable: M <= 2, x vectorisable).
+    const bool ups1 = BITS == 4 && ring && env_int("SQUEEZELM_LUT_RING_UPS", 2) == 1;
+    if (so.gamma != nullptr) return launch_gemv_decode<T, BITS, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st);
+    if (M <= 2 && vec && !ups1)
+      return launch_gemv_decode<T, BITS, false>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st);
     if (ring && M <= 8 && vec && (osplit || !xt)) {
-      // (outlier split, its entry depth (0: 2), slots per warp, units per slot)
+      // M = 3-8 (no outlier split there), and the 4-bit ring with one-unit slots at every M <= 8
+      // (SQUEEZELM_LUT_RING_UPS=1: 5 slots; tuning). The outlier depth `deep` (above, M <= 2): entries
+      // past the first 2 or 4 of a lane are read after the loop, a dependent pair of loads. Same
+      // process, H200, depth 2 / 4, us: 8192x28672 (4.0 per lane) M = 1 40.96 / 39.76, M = 2 42.47 /
+      // 41.70; at 1.2-1.6 per lane 8192x8192 14.27 / 14.42, 28672x8192 46.93 / 47.37, 4096x11008 10.18 /
+      // 10.14; K = 4096 (0.6 per lane) 22016 rows 24.09 / 24.57. SQUEEZELM_LUT_OSPLIT_DEPTH=2 / 4 forces
+      // one (tuning, tests).
 #define SQZ_GEMV_RING(OSPLIT, XPO, RING, UPS) \
   launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
       if constexpr (BITS == 4) {
-        // The outlier depth `deep` (above): entries past the first 2 or 4 of a lane are read after
-        // the loop, a dependent pair of loads. Same process, H200, depth 2 / 4, us: 8192x28672 (4.0
-        // per lane) M = 1 40.96 / 39.76, M = 2 42.47 / 41.70; at 1.2-1.6 per lane 8192x8192 14.27 /
-        // 14.42, 28672x8192 46.93 / 47.37, 4096x11008 10.18 / 10.14; K = 4096 (0.6 per lane) 22016
-        // rows 24.09 / 24.57. SQUEEZELM_LUT_OSPLIT_DEPTH=2 / 4 forces one (tuning, tests).
-        if (env_int("SQUEEZELM_LUT_RING_UPS", 2) == 1) {
+        if (ups1) {
           if (osplit) SQZ_GEMV_RING(true, 0, 5, 1);
           else SQZ_GEMV_RING(false, 0, 5, 1);
-        } else if (deep) {
-          SQZ_GEMV_RING(true, 4, 2, 2);
-        } else if (osplit) {
-          SQZ_GEMV_RING(true, 0, 2, 2);
         } else {
           SQZ_GEMV_RING(false, 0, 2, 2);
         }
-      } else if (osplit) {
-        SQZ_GEMV_RING(true, 0, 3, 1);
       } else {
         SQZ_GEMV_RING(false, 0, 3, 1);
       }
 #undef SQZ_GEMV_RING
       return;
     }
-    if (osplit)
-      launch_gemv<T, BITS, 1, P1, true, 2, 1, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st);
-    else if (xt && M <= 8) launch_gemv_xt<T, BITS, 1, P1, 2, 1, GV_WARPS, 3>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, so, st);
+    if (xt && M <= 8) launch_gemv_xt<T, BITS, 1, P1, 2, 1, GV_WARPS, 3>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, so, st);
     else if (xt && M <= 16) SQZ_GEMV_M16(true);
     else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
     else if (xt) SQZ_GEMV_XT(8, 1, 1, (BITS == 4 ? 2 : 1));
@@ -1656,7 +1655,7 @@ bool gemv_takes(const Tensor& x) {
   return M <= 16 || (vec && M <= 64);
 }
 
-// The fused RMSNorm's reach (launch_gemv_norm): up to 2 rows of x, K a multiple of 8, x 16-byte aligned.
+// The fused RMSNorm's reach (launch_gemv_decode with XS): up to 2 rows of x, K a multiple of 8, x 16-byte aligned.
 void check_norm_fusable(const Tensor& x, const char* op) {
   if (x.dim(0) > 2 || x.dim(1) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data()) % 16 != 0)
     fail("ERR_UNSUPPORTED", std::string(op) + ": the fused RMSNorm runs on CUDA for up to 2 rows of x with K a multiple of 8 "
