@@ -15,7 +15,7 @@
  * the kernel's length bound, as the scheduler passes it), with bytes = weights + the cache read
  * at that context. Notes: memory (device total, used by weights / cache / other), cache bytes
  * per token per layer, and the largest context an 80 GB H100 would hold (computed from the
- * measured sizes, not measured).
+ * measured sizes; on an H100 itself, SQUEEZELM_SCALE_TOKENS=fit measures it: the note says so).
  */
 import * as os from 'os';
 import { native } from '../ts/native';
@@ -337,7 +337,10 @@ export async function runScale(ctx: BenchContext, device: string, opts: ScaleOpt
     const room = H100_80GB_BYTES - plan.weightBytes - overhead - MARGIN_BYTES - plan.sinkBytes;
     const h100Tokens = Math.max(0, Math.floor(room / plan.perToken / pageSize) * pageSize);
     const perLayerFor1M = room / (1_000_000 * cfg.numLayers);
-    const h100Note = `H100 80GB (computed, not measured): ${gb(H100_80GB_BYTES)} - weights ${gb(plan.weightBytes)} - other ${gb(overhead)} ` +
+    // On an 80 GB H100 with SQUEEZELM_SCALE_TOKENS=fit the row's context is the measured answer; the estimate is kept beside it.
+    const onH100 = fitMode && /H100/.test(ctx.deviceName) && m.total > 0.95 * H100_80GB_BYTES && m.total < 1.1 * H100_80GB_BYTES;
+    const h100Note = (onH100 ? `this H100 80GB holds and decodes ${tokens} tokens (measured: the largest fit of its free memory); the estimate: ` : '') +
+      `H100 80GB (computed, not measured): ${gb(H100_80GB_BYTES)} - weights ${gb(plan.weightBytes)} - other ${gb(overhead)} ` +
       `- margin ${gb(MARGIN_BYTES)} leaves ${gb(room)} = ${h100Tokens} tokens at ${plan.perTokenLayer} B/token/layer; ` +
       `1M tokens there needs <= ${perLayerFor1M.toFixed(0)} B/token/layer`;
     log(`scale: ${memNote}`);
