@@ -1398,6 +1398,11 @@ void launch_gemv_decode(T* yp, const T* xp, const uint4* q4, const void* lp, boo
   launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS, XS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
   if (ring) {
     if constexpr (BITS == 4) {
+      // The outlier depth `deep`: entries past the first 2 or 4 of a lane are read after the loop, a
+      // dependent pair of loads. Same process, H200, depth 2 / 4, us: 8192x28672 (4.0 per lane) M = 1
+      // 40.96 / 39.76, M = 2 42.47 / 41.70; at 1.2-1.6 per lane 8192x8192 14.27 / 14.42, 28672x8192
+      // 46.93 / 47.37, 4096x11008 10.18 / 10.14; K = 4096 (0.6 per lane) 22016 rows 24.09 / 24.57.
+      // SQUEEZELM_LUT_OSPLIT_DEPTH=2 / 4 forces one (tuning, tests).
       if (deep) SQZ_DECODE(true, 4, 2, 2);
       else if (osplit) SQZ_DECODE(true, 0, 2, 2);
       else SQZ_DECODE(false, 0, 2, 2);
@@ -1584,12 +1589,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
       return launch_gemv_decode<T, BITS, false>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st);
     if (ring && M <= 8 && vec && (osplit || !xt)) {
       // M = 3-8 (no outlier split there), and the 4-bit ring with one-unit slots at every M <= 8
-      // (SQUEEZELM_LUT_RING_UPS=1: 5 slots; tuning). The outlier depth `deep` (above, M <= 2): entries
-      // past the first 2 or 4 of a lane are read after the loop, a dependent pair of loads. Same
-      // process, H200, depth 2 / 4, us: 8192x28672 (4.0 per lane) M = 1 40.96 / 39.76, M = 2 42.47 /
-      // 41.70; at 1.2-1.6 per lane 8192x8192 14.27 / 14.42, 28672x8192 46.93 / 47.37, 4096x11008 10.18 /
-      // 10.14; K = 4096 (0.6 per lane) 22016 rows 24.09 / 24.57. SQUEEZELM_LUT_OSPLIT_DEPTH=2 / 4 forces
-      // one (tuning, tests).
+      // (SQUEEZELM_LUT_RING_UPS=1: 5 slots; tuning).
 #define SQZ_GEMV_RING(OSPLIT, XPO, RING, UPS) \
   launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
       if constexpr (BITS == 4) {
