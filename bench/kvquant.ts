@@ -13,6 +13,9 @@ import { BenchContext, BenchResult, row, setsFor, timeCuda } from './harness';
 import { syntheticMeta } from './scale';
 
 const PAGE = 16;
+// The default kernel and, in the same process, the earlier tensor-core kernel (variant 2);
+// SQUEEZELM_BENCH_KVQ_DEFAULT_ONLY=1 times the default alone (a shorter run).
+const VARIANTS: ReadonlyArray<0 | 2> = process.env.SQUEEZELM_BENCH_KVQ_DEFAULT_ONLY === '1' ? [0] : [0, 2];
 
 export async function benchKvquant(ctx: BenchContext): Promise<BenchResult[]> {
   if (!ctx.device) return [];
@@ -72,7 +75,7 @@ export async function benchKvquant(ctx: BenchContext): Promise<BenchResult[]> {
       const work = Tensor.empty([Math.max(1, kvqAttentionWorkspaceSize(device, B, Hq, H, D, L))], { dtype: 'f32', device });
       const bytes = B * L * cache.bytesPerToken + q.byteLength * 2;
       // the default (the rotation-plane kernel, variant 0) and the earlier tensor-core kernel (variant 2)
-      for (const variant of [0, 2] as const) {
+      for (const variant of VARIANTS) {
         const t = await timeCuda({ device, fn: (i) => kvqAttention(out, q, caches[i % sets], cal, pt, lens, cu, invT, 1 / Math.sqrt(D), 1, L, { workspace: work, variant }) });
         results.push(row(ctx, 'kvquant', `${bits}-bit${variant ? ' (earlier tensor-core kernel)' : ''} B${B} ${Hq}q/${H}kv x${D} ctx ${L}`, t, {
           bytes, baseline: hasFp16 ? 'fp16 attention' : undefined, base, note: `${cache.bytesPerToken} B/token/layer (fp16 ${H * D * 4})`,
