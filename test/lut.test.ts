@@ -61,6 +61,20 @@ function tensorsOf(l: SqueezeLinear, device: string, fd: 'f16' | 'f32') {
   };
 }
 
+/**
+ * For the coded-error tests: a random 32x64 4-bit linear (no outliers) packed on the CPU, x [2, 64],
+ * and call(out, opts, xi = x), a thunk of lutMatmulPacked on them. `r` goes on from where they left it.
+ */
+function packedCallFixture(seed: number) {
+  const r = rng(seed);
+  const l = randomLinear(32, 64, 4, false, r);
+  const t = tensorsOf(l, 'cpu', 'f32'), c = packedOf(l, 'cpu');
+  const x = Tensor.from(randn(2 * 64, r), [2, 64]);
+  const call = (out: Tensor, o: Parameters<typeof lutMatmulPacked>[8], xi: Tensor = x) => () =>
+    lutMatmulPacked(out, xi, c, t.lut, null, null, null, 4, o);
+  return { r, x, call, dispose: () => [x, c, t.q, t.lut].forEach((z) => z.dispose()) };
+}
+
 /** Code (n, k) of packed codes, read as csrc/cpu/lut_gemm.h specifies (independent of the C++). */
 function packedCode(c: Int32Array, N: number, K: number, bits: number, n: number, k: number): number {
   const [, wpr] = lutPackedShape(N, K, bits);
@@ -207,12 +221,8 @@ describe('paired rows (stored order for fused epilogues)', () => {
     });
 
   test('lutMatmulPacked: a half that does not pair the rows, siluPairs without pairing at N/2, a wrong y -> coded errors', () => {
-    const r = rng(5);
-    const l = randomLinear(32, 64, 4, false, r);
-    const t = tensorsOf(l, 'cpu', 'f32'), c = packedOf(l, 'cpu');
-    const x = Tensor.from(randn(2 * 64, r), [2, 64]);
+    const { call, dispose } = packedCallFixture(5);
     const y = Tensor.empty([2, 32]), half = Tensor.empty([2, 16]);
-    const call = (out: Tensor, o: Parameters<typeof lutMatmulPacked>[8]) => () => lutMatmulPacked(out, x, c, t.lut, null, null, null, 4, o);
     expect(call(y, { pairHalf: 12 })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
     expect(call(y, { pairHalf: 32 })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
     expect(call(half, { pairHalf: 8, epilogue: 'siluPairs' })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
@@ -220,7 +230,8 @@ describe('paired rows (stored order for fused epilogues)', () => {
     expect(call(y, { pairHalf: 16, epilogue: 'siluPairs' })).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
     expect(call(y, { epilogue: 'gelu' as 'store' })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
     expect(call(half, { pairHalf: 16, epilogue: 'siluPairs' })).not.toThrow();
-    [x, y, half, c, t.q, t.lut].forEach((z) => z.dispose());
+    [y, half].forEach((z) => z.dispose());
+    dispose();
   });
 });
 
@@ -251,13 +262,9 @@ describe('the RMSNorm in front and the residual add behind a quantized linear (C
     });
 
   test('coded errors: normWeight of the wrong length or dtype, a negative eps, a residual y that overlaps x', () => {
-    const r = rng(7);
-    const l = randomLinear(32, 64, 4, false, r);
-    const t = tensorsOf(l, 'cpu', 'f32'), c = packedOf(l, 'cpu');
-    const x = Tensor.from(randn(2 * 64, r), [2, 64]);
+    const { r, x, call: callX, dispose } = packedCallFixture(7);
+    const call = (out: Tensor, xi: Tensor, o: Parameters<typeof lutMatmulPacked>[8]) => callX(out, o, xi);
     const y = Tensor.empty([2, 32]);
-    const call = (out: Tensor, xi: Tensor, o: Parameters<typeof lutMatmulPacked>[8]) => () =>
-      lutMatmulPacked(out, xi, c, t.lut, null, null, null, 4, o);
     const g63 = Tensor.empty([63]), gi = Tensor.empty([64], { dtype: 'i32' }), g = Tensor.from(new Float32Array(64).fill(1), [64]);
     expect(call(y, x, { normWeight: g63 })).toThrow(expect.objectContaining({ code: 'ERR_SHAPE' }));
     expect(call(y, x, { normWeight: gi })).toThrow(expect.objectContaining({ code: 'ERR_DTYPE' }));
@@ -266,7 +273,8 @@ describe('the RMSNorm in front and the residual add behind a quantized linear (C
     const both = Tensor.from(randn(4 * 64, r), [4 * 64]);
     expect(call(both.view(0, [2, 32]), both.view(32, [2, 64]), { epilogue: 'residual' })).toThrow(expect.objectContaining({ code: 'ERR_ARG' }));
     expect(call(y, x, { normWeight: g, epilogue: 'residual' })).not.toThrow();
-    [x, y, c, t.q, t.lut, g63, gi, g, both].forEach((z) => z.dispose());
+    [y, g63, gi, g, both].forEach((z) => z.dispose());
+    dispose();
   });
 });
 
