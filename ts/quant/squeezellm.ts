@@ -660,7 +660,7 @@ export function uploadSqueezeLinear(src: SqueezeLinear, device: string, dtype?: 
     bytes: all.reduce((s, t) => s + t.byteLength, 0),
     forward(y: Tensor, x: Tensor, norm?: LutNormOptions): void {
       checkX(x);
-      lutMatmulPacked(y, x, q, lut, rows, cols, vals, l.bits, { pairHalf, normWeight: norm?.normWeight, eps: norm?.eps });
+      lutMatmulPacked(y, x, q, lut, rows, cols, vals, l.bits, { ...norm, pairHalf });
     },
     forwardAdd(y: Tensor, x: Tensor): void {
       checkX(x);
@@ -668,8 +668,7 @@ export function uploadSqueezeLinear(src: SqueezeLinear, device: string, dtype?: 
     },
     siluPairs: 2 * pairHalf === l.N ? (act: Tensor, x: Tensor, norm?: LutNormOptions): void => {
       checkX(x);
-      lutMatmulPacked(act, x, q, lut, rows, cols, vals, l.bits,
-        { pairHalf, epilogue: 'siluPairs', normWeight: norm?.normWeight, eps: norm?.eps });
+      lutMatmulPacked(act, x, q, lut, rows, cols, vals, l.bits, { ...norm, pairHalf, epilogue: 'siluPairs' });
     } : undefined,
     ropeAppend: pairHalf > 0 && 2 * pairHalf < l.N ? (qOut: Tensor, kCache: Tensor, vCache: Tensor, x: Tensor, r: LutRopeAppendArgs): void => {
       checkX(x);
