@@ -1488,6 +1488,14 @@ void launch_gemv_m16(T* yp, const T* xp, const uint4* cp, const void* lp, bool l
 
 #include "dense_path.cuh"
 
+// x read 16 bytes at a time by the GEMV: K a multiple of 8, x 16-byte aligned.
+bool x_vectorisable(const Tensor& x) { return x.dim(1) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data()) % 16 == 0; }
+
+// Whether launch() takes the GEMV for x (M <= 64 rows, or 16 where x is not vectorisable: that path
+// keeps few registers free) rather than the prefill paths: the kernels that have the epilogues, so
+// the entry points check their reach with the same rule.
+bool gemv_takes(const Tensor& x) { return x.dim(0) <= 16 || (x_vectorisable(x) && x.dim(0) <= 64); }
+
 template <class T, int BITS>
 void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut, const Tensor* rows,
             const Tensor* cols, const Tensor* vals, LutStore so, cudaStream_t st) {
@@ -1502,11 +1510,9 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
   const void* vp = vals ? vals->data() : nullptr;
   const bool vf = vals && vals->dtype == DType::F32;
   const int64_t nnz = cols ? cols->numel() : 0;
-  const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(xp) % 16 == 0);
+  const bool vec = x_vectorisable(x);
   const int U = (int)d.U;
-  // The unvectorised activation path (K % 8 != 0 or x unaligned) keeps few registers free: it
-  // takes the GEMV only up to 16 rows.
-  if (M <= 16 || (vec && M <= 64)) {
+  if (gemv_takes(x)) {
     const uint4* q4 = codes.ptr<uint4>();
     const void* lp = lut.data();
     constexpr int P1 = 2;                  // unit buffers per warp (P - 1 in flight), 1 block of 16 rows
@@ -1647,17 +1653,9 @@ void lut_repack(const Tensor& dst, const Tensor& qweight, int bits, cudaStream_t
 
 namespace {
 
-// Whether the GEMV takes x (M <= 64 rows, or 16 where x is unaligned or K % 8 != 0): the kernels that
-// have the SiLU and RoPE/append epilogues.
-bool gemv_takes(const Tensor& x) {
-  const int M = (int)x.dim(0), K = (int)x.dim(1);
-  const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(x.data()) % 16 == 0);
-  return M <= 16 || (vec && M <= 64);
-}
-
 // The fused RMSNorm's reach (launch_gemv_decode with XS): up to 2 rows of x, K a multiple of 8, x 16-byte aligned.
 void check_norm_fusable(const Tensor& x, const char* op) {
-  if (x.dim(0) > 2 || x.dim(1) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data()) % 16 != 0)
+  if (x.dim(0) > 2 || !x_vectorisable(x))
     fail("ERR_UNSUPPORTED", std::string(op) + ": the fused RMSNorm runs on CUDA for up to 2 rows of x with K a multiple of 8 "
                                               "(16-byte aligned), got x " + x.shape_str());
 }
