@@ -61,6 +61,18 @@ __device__ __forceinline__ V block_sum(V v, V* smem) {
   return v;
 }
 
+// Inclusive scan over the lanes of a warp: lane l gets op(v_0, ..., v_l), combined in a fixed
+// order (log2(32) shuffle steps). Every lane of the warp calls it.
+template <class V, class Op>
+__device__ __forceinline__ V warp_inclusive_scan(V v, Op op) {
+  const int lane = threadIdx.x & 31;
+  for (int o = 1; o < 32; o <<= 1) {
+    const V y = __shfl_sync(0xffffffffu, v, lane >= o ? lane - o : lane);
+    if (lane >= o) v = op(v, y);
+  }
+  return v;
+}
+
 // Calls f(T{}) with T the CUDA type of a float dtype.
 template <class F>
 void dispatch_float(DType dt, const char* op, F&& f) {

@@ -62,6 +62,11 @@ __device__ __forceinline__ int64_t row_offset(const Args& a, int64_t b, int64_t 
   return ((page * a.ps + t % a.ps) * a.Hkv + g) * a.D;
 }
 
+// The sums of warp_inclusive_scan (dtype_cuda.cuh) over counts.
+struct Plus {
+  __device__ __forceinline__ int operator()(int p, int u) const { return p + u; }
+};
+
 // The cluster starts of context cx and kv head g into start[0..C] (shared memory, block-wide): each
 // clamped to the token list, then taken as a running maximum, so that no device data can make a range
 // run backwards or past the list. Thread t takes a contiguous run of the C + 1 entries: its loads are
@@ -86,11 +91,7 @@ __device__ __forceinline__ void load_cluster_starts(const Args& a, const squeeze
     run = max(run, v[i]);
     v[i] = run;
   }
-  int incl = run;  // inclusive max-scan over the warp
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_sync(0xffffffffu, incl, lane >= o ? lane - o : lane);
-    if (lane >= o) incl = max(incl, y);
-  }
+  const int incl = warp_inclusive_scan(run, [](int p, int u) { return max(p, u); });
   if (lane == 31) wmax[warp] = incl;
   __syncthreads();
   int before = __shfl_sync(0xffffffffu, incl, lane > 0 ? lane - 1 : 0);  // the runs before this thread's
@@ -207,12 +208,7 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(const T* __restrict
         cnt[j] = hist[kSelBins - 1 - 8 * lane - j];
         sum += cnt[j];
       }
-      int incl = sum;
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_sync(0xffffffffu, incl, lane >= o ? lane - o : lane);
-        if (lane >= o) incl += y;
-      }
-      int above = incl - sum;
+      int above = warp_inclusive_scan(sum, Plus{}) - sum;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         if (above < kk && above + cnt[j] >= kk) {  // exactly one bin of one lane
@@ -239,11 +235,7 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(const T* __restrict
     const int64_t c = c0 + tid;
     const uint32_t kc = c < C ? key[c] : 0u;
     const int eq = c < C && kc == prefix;
-    int incl = eq;  // inclusive scan over the warp
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_sync(0xffffffffu, incl, lane >= o ? lane - o : 0);
-      if (lane >= o) incl += y;
-    }
+    const int incl = warp_inclusive_scan(eq, Plus{});
     if (lane == 31) red[warp] = incl;
     __syncthreads();
     int64_t rank = before_chunk + incl - eq, total = 0;
@@ -439,12 +431,7 @@ __global__ void __launch_bounds__(kThreads) attend_group_kernel(const T* __restr
       constexpr int kPer = kThreads / 32;
       int mine = 0;
       for (int i = 0; i < kPer; ++i) mine += tsum[lane * kPer + i];
-      int incl = mine;
-      for (int o = 1; o < 32; o <<= 1) {
-        const int up = __shfl_sync(0xffffffffu, incl, lane >= o ? lane - o : lane);
-        if (lane >= o) incl += up;
-      }
-      int run = incl - mine;
+      int run = warp_inclusive_scan(mine, Plus{}) - mine;
       for (int i = 0; i < kPer; ++i) {
         const int x = tsum[lane * kPer + i];
         tsum[lane * kPer + i] = run;
