@@ -206,7 +206,7 @@ void lut_repack(const Tensor& dst, const Tensor& qweight, int bits) {
 }
 
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
-                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, int epilogue,
+                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, LutEpilogue epilogue,
                        const Tensor* gamma, float eps) {
   const int64_t M = x.dim(0), K = x.dim(1), N = lut.dim(0), H = pair_half;
   if (gamma) {
@@ -216,16 +216,16 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
     lut_matmul_packed(y, h, codes, lut, rows, cols, vals, bits, pair_half, epilogue);
     return;
   }
-  if (epilogue == 2) {
+  if (epilogue == kLutResidual) {
     Tensor z = Tensor::empty(y.dtype, {M, N}, Device{});
-    lut_matmul_packed(z, x, codes, lut, rows, cols, vals, bits, pair_half, 0);
+    lut_matmul_packed(z, x, codes, lut, rows, cols, vals, bits, pair_half, kLutStore);
     add(y, y, z);
     return;
   }
-  if (epilogue == 1) {
+  if (epilogue == kLutSiluPairs) {
     // The unfused sequence itself: z rounded to y's dtype, then siluMul's arithmetic.
     Tensor z = Tensor::empty(y.dtype, {M, N}, Device{});
-    lut_matmul_packed(z, x, codes, lut, rows, cols, vals, bits, pair_half, 0);
+    lut_matmul_packed(z, x, codes, lut, rows, cols, vals, bits, pair_half, kLutStore);
     silu_mul(y, z);
     return;
   }
@@ -318,7 +318,7 @@ void lut_rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, co
                      const Tensor& positions, const Tensor& inv_freq, const Tensor& page_table, const Tensor& seq_lens,
                      const Tensor& cu_q, const Tensor* gamma, float eps) {
   Tensor qkv = Tensor::empty(x.dtype, {x.dim(0), lut.dim(0)}, Device{});
-  lut_matmul_packed(qkv, x, codes, lut, rows, cols, vals, bits, pair_half, 0, gamma, eps);
+  lut_matmul_packed(qkv, x, codes, lut, rows, cols, vals, bits, pair_half, kLutStore, gamma, eps);
   rope_append(q_out, kc, vc, qkv, positions, inv_freq, page_table, seq_lens, cu_q);
 }
 

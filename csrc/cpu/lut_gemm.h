@@ -92,15 +92,19 @@ struct LutPacked {
 // dst i32 [Np, Kp*bits/32] (packed) <- qweight i32 [Kg*bits/32, N] (interchange).
 void lut_repack(const Tensor& dst, const Tensor& qweight, int bits);
 
+// What lut_matmul_packed does with its product z (the values are the native surface's `epilogue`
+// argument, ts/ops/lut.ts). kLutStore: y = z (y [M, N]); kLutSiluPairs (pair_half = N/2): y[m, j] =
+// silu(z[m, j]) * z[m, j + N/2] with z rounded to y's dtype first (y [M, N/2]); kLutResidual: y += z,
+// z rounded to y's dtype first (add(y, y, z) after the plain product).
+enum LutEpilogue : int { kLutStore = 0, kLutSiluPairs = 1, kLutResidual = 2 };
+
 // z[M,N] = x[M,K] * dequant(codes, lut)^T + CSR outliers, codes in the packed layout, stored rows
-// paired at half pair_half (0: not paired). epilogue 0: y = z (y [M, N]); 1 (SiLU pairs, pair_half =
-// N/2): y[m, j] = silu(z[m, j]) * z[m, j + N/2] with z rounded to y's dtype first (y [M, N/2]);
-// 2 (residual): y += z, z rounded to y's dtype first (add(y, y, z) after the plain product).
+// paired at half pair_half (0: not paired), then the epilogue.
 // gamma (or null): x is replaced by rms_norm(x, gamma, eps) in x's dtype first (the decoder's RMSNorm
 // fused in front).
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
                        const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half = 0,
-                       int epilogue = 0, const Tensor* gamma = nullptr, float eps = 1e-6f);
+                       LutEpilogue epilogue = kLutStore, const Tensor* gamma = nullptr, float eps = 1e-6f);
 
 // lut_matmul_packed into a q|k|v row of x's dtype (the weight's rows paired at pair_half = head_dim/2,
 // so each tile holds rotation pairs), then rope_append(q_out, kc, vc, q|k|v, ...) (cpu/fused.h): the

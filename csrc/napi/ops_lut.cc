@@ -48,19 +48,20 @@ SQZ_OP(lutMatmulPacked) {
   Tensor y = a.tensor(0, "y"), x = a.tensor(1, "x"), q = a.tensor(2, "codes"), lut = a.tensor(3, "lut");
   auto rows = a.opt_tensor(4, "rows"), cols = a.opt_tensor(5, "cols"), vals = a.opt_tensor(6, "vals");
   const int64_t bits = a.integer(7, "bits");
-  const int64_t half = a.opt_integer(8, "pairHalf", 0), epilogue = a.opt_integer(9, "epilogue", 0);
-  if (epilogue < 0 || epilogue > 2)
-    a.error("ERR_ARG", "epilogue must be 0 (store), 1 (siluPairs) or 2 (residual), got " + std::to_string(epilogue));
+  const int64_t half = a.opt_integer(8, "pairHalf", 0), epilogue_arg = a.opt_integer(9, "epilogue", cpu::kLutStore);
+  if (epilogue_arg != cpu::kLutStore && epilogue_arg != cpu::kLutSiluPairs && epilogue_arg != cpu::kLutResidual)
+    a.error("ERR_ARG", "epilogue must be 0 (store), 1 (siluPairs) or 2 (residual), got " + std::to_string(epilogue_arg));
+  const cpu::LutEpilogue epilogue = static_cast<cpu::LutEpilogue>(epilogue_arg);
   auto gamma = a.opt_tensor(10, "normWeight");
   const double eps = a.opt_number(11, "eps", 1e-6);
   const int64_t N = check_lut_operands(a, x, q, lut, rows, cols, vals, bits, half), M = x.dim(0);
   check_lut_norm(a, x, gamma, eps);
-  if (epilogue == 2 && overlap(y, x)) a.error("ERR_ARG", "the residual epilogue's y must not overlap x");
-  if (epilogue == 1 && 2 * half != N)
+  if (epilogue == cpu::kLutResidual && overlap(y, x)) a.error("ERR_ARG", "the residual epilogue's y must not overlap x");
+  if (epilogue == cpu::kLutSiluPairs && 2 * half != N)
     a.error("ERR_ARG", "the siluPairs epilogue needs rows paired at half the rows (" + std::to_string(N / 2) + "), got " +
                            std::to_string(half));
   a.ndim(y, "y", 2);
-  const int64_t ny = epilogue == 1 ? N / 2 : N;
+  const int64_t ny = epilogue == cpu::kLutSiluPairs ? N / 2 : N;
   if (y.dim(1) != ny)
     a.error("ERR_SHAPE", "lut " + lut.shape_str() + " is a weight of " + std::to_string(N) + " rows, so y must have " +
                              std::to_string(ny) + " columns; y is " + y.shape_str());
@@ -74,11 +75,11 @@ SQZ_OP(lutMatmulPacked) {
       x.device, "lutMatmulPacked",
       [=] {
         cpu::lut_matmul_packed(y, x, q, lut, rows ? &*rows : nullptr, cols ? &*cols : nullptr, vals ? &*vals : nullptr, b,
-                               (int)half, (int)epilogue, gamma ? &*gamma : nullptr, e);
+                               (int)half, epilogue, gamma ? &*gamma : nullptr, e);
       },
       [&](int dev) {
         CUDA_ONLY(cuda::lut_matmul_packed(y, x, q, lut, rows ? &*rows : nullptr, cols ? &*cols : nullptr,
-                                          vals ? &*vals : nullptr, b, (int)half, (int)epilogue, gamma ? &*gamma : nullptr, e,
+                                          vals ? &*vals : nullptr, b, (int)half, epilogue, gamma ? &*gamma : nullptr, e,
                                           cuda_stream(dev)));
       });
   return a.env().Undefined();

@@ -1678,15 +1678,15 @@ void launch_any(const Tensor& y, const Tensor& x, const Tensor& codes, const Ten
 }  // namespace
 
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
-                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, int epilogue,
+                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, cpu::LutEpilogue epilogue,
                        const Tensor* gamma, float eps, cudaStream_t stream) {
-  if (epilogue != 0 && !gemv_takes(x))
-    fail("ERR_UNSUPPORTED", std::string("lutMatmulPacked: the ") + (epilogue == 1 ? "siluPairs" : "residual") +
+  if (epilogue != cpu::kLutStore && !gemv_takes(x))
+    fail("ERR_UNSUPPORTED", std::string("lutMatmulPacked: the ") + (epilogue == cpu::kLutSiluPairs ? "siluPairs" : "residual") +
                                 " epilogue runs on CUDA for up to 64 rows of x (16 unaligned), got " + std::to_string(x.dim(0)));
   if (gamma) check_norm_fusable(x, "lutMatmulPacked");
   LutStore so{};
   so.half = pair_half;
-  so.mode = epilogue == 1 ? kStoreSilu : epilogue == 2 ? kStoreResidual : kStoreRows;
+  so.mode = epilogue == cpu::kLutSiluPairs ? kStoreSilu : epilogue == cpu::kLutResidual ? kStoreResidual : kStoreRows;
   so.gamma = gamma ? gamma->data() : nullptr;
   so.eps = eps;
   launch_any(y, x, codes, lut, rows, cols, vals, bits, so, "lutMatmul", stream);

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "core/tensor.h"
+#include "cpu/lut_gemm.h"
 
 namespace sqz::cuda {
 
@@ -16,11 +17,11 @@ void lut_repack(const Tensor& dst, const Tensor& qweight, int bits, cudaStream_t
 // tensor-core GEMM on dequantized tiles, except where the weight's fp16 copy is at most 1 GiB and no
 // graph is being captured: then the weight is decoded once into a temporary fp16/bf16 matrix and
 // multiplied by the dense GEMM (dense_path.cuh).
-// pair_half / epilogue: paired stored rows, the SiLU (1) and residual (2) epilogues (cpu/lut_gemm.h);
+// pair_half / epilogue: paired stored rows, the SiLU and residual epilogues (cpu/lut_gemm.h);
 // an epilogue needs the GEMV (M <= 64, or 16 for unaligned activations). gamma (or null): the RMSNorm
 // of x fused in front (M <= 2, K % 8 == 0, x 16-byte aligned; ERR_UNSUPPORTED otherwise).
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
-                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, int epilogue,
+                       const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, cpu::LutEpilogue epilogue,
                        const Tensor* gamma, float eps, cudaStream_t stream);
 
 // cpu::lut_rope_append in one launch: the GEMV's epilogue rotates q and k and appends k and v to the
