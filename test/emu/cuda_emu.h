@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -44,6 +45,7 @@ struct Block {
   std::unique_ptr<std::barrier<>> block;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<unsigned long long> slots;  // one 8-byte exchange slot per thread
+  std::vector<std::array<uint32_t, 8>> wide;  // the fragments of a warp-wide matrix instruction, per thread
 };
 inline Block* g_block = nullptr;
 
@@ -58,6 +60,7 @@ inline void run(dim3 grid, dim3 block, const std::function<void()>& body) {
   b.block = std::make_unique<std::barrier<>>(n);
   for (unsigned w = 0; w < (n + 31) / 32; ++w) b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w)));
   b.slots.assign(n, 0);
+  b.wide.assign(n, {});
   std::barrier<> between(n);
   g_block = &b;
   std::vector<std::thread> ts;
@@ -78,6 +81,18 @@ inline void run(dim3 grid, dim3 block, const std::function<void()>& body) {
 
 inline unsigned linear_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 
+// A warp-wide instruction: every lane publishes N words, then f(word) reads any lane's words
+// (word(lane, i)); the warp meets before and after, as the instruction's lanes do.
+template <int N, class F> auto warp_collective(const std::array<uint32_t, N>& mine, F f) {
+  static_assert(N <= 8, "at most 8 words per lane");
+  const unsigned t = linear_tid(), w = t / 32;
+  std::copy(mine.begin(), mine.end(), g_block->wide[t].begin());
+  g_block->warps[w]->arrive_and_wait();
+  auto out = f([w](unsigned lane, int i) { return g_block->wide[32 * w + (lane & 31)][i]; });
+  g_block->warps[w]->arrive_and_wait();
+  return out;
+}
+
 template <class T> T exchange(T v, unsigned src_lane) {
   static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
   const unsigned t = linear_tid(), w = t / 32;
@@ -94,6 +109,66 @@ template <class T> T exchange(T v, unsigned src_lane) {
 }  // namespace emu
 
 inline void __syncthreads() { emu::g_block->block->arrive_and_wait(); }
+inline int __syncthreads_or(int pred) {
+  const unsigned t = emu::linear_tid();
+  emu::g_block->slots[t] = pred != 0;
+  __syncthreads();
+  int any = 0;
+  for (unsigned long long v : emu::g_block->slots) any |= (int)v;
+  __syncthreads();
+  return any;
+}
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::g_block->warps[emu::linear_tid() / 32]->arrive_and_wait(); }
 template <class T> T __shfl_xor_sync(unsigned, T v, int lane_mask) { return emu::exchange(v, (emu::linear_tid() & 31) ^ (unsigned)lane_mask); }
 template <class T> T __shfl_sync(unsigned, T v, int src) { return emu::exchange(v, (unsigned)src); }
 inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+
+// Integer and float intrinsics of the device, as the PTX ISA defines them.
+inline unsigned __byte_perm(unsigned a, unsigned b, unsigned s) {
+  const unsigned long long x = ((unsigned long long)b << 32) | a;
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= (unsigned)((x >> (8 * ((s >> (4 * i)) & 7))) & 0xffu) << (8 * i);
+  return r;
+}
+inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned sh) {
+  sh &= 31;
+  return sh ? (lo >> sh) | (hi << (32 - sh)) : lo;
+}
+inline unsigned __funnelshift_l(unsigned lo, unsigned hi, unsigned sh) {
+  sh &= 31;
+  return sh ? (hi << sh) | (lo >> (32 - sh)) : hi;
+}
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+template <class T> T __ldg(const T* p) { return *p; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float a) { return 1.f / a; }
+inline float __sinf(float a) { return std::sin(a); }
+inline float __cosf(float a) { return std::cos(a); }
+inline float __expf(float a) { return std::exp(a); }
+inline float __saturatef(float a) { return std::fmin(std::fmax(a, 0.f), 1.f); }
+template <class T> T __shfl_down_sync(unsigned, T v, int d) {
+  const unsigned l = emu::linear_tid() & 31;
+  return emu::exchange(v, l + d < 32 ? l + d : l);
+}
+template <class T> T __shfl_up_sync(unsigned, T v, int d) {
+  const unsigned l = emu::linear_tid() & 31;
+  return emu::exchange(v, l >= (unsigned)d ? l - d : l);
+}
+inline unsigned __ballot_sync(unsigned, int pred) {
+  return emu::warp_collective<1>({(uint32_t)(pred != 0)}, [](auto word) {
+    unsigned m = 0;
+    for (unsigned l = 0; l < 32; ++l) m |= word(l, 0) << l;
+    return m;
+  });
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == 0xffffffffu; }

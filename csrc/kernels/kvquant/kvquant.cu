@@ -15,6 +15,7 @@
 #include "core/cuda_stream.h"
 #include "core/error.h"
 #include "core/env.h"
+#include "kernels/common/dynamic_smem.cuh"
 #include "kernels/common/grow_scratch.h"
 #include "kernels/common/launch_config.h"
 #include "kernels/common/pdl.cuh"
@@ -371,7 +372,8 @@ template <int D, int BITS> struct CodeBytes { static constexpr int value = ((D *
 // Deterministic combine: block = (query row-head, 32 channels); warps take splits modulo 8.
 template <class T>
 __global__ void combine_kernel(const float* __restrict__ part, int splits, int D, T* __restrict__ out) {
-  extern __shared__ float wsm[];  // [splits] weights, then [8][32] partial sums, [8] dens
+  SQZ_DYNAMIC_SMEM(wsm_bytes);
+  float* const wsm = reinterpret_cast<float*>(wsm_bytes);  // [splits] weights, then [8][32] partial sums, [8] dens
   float* red = wsm + splits;
   float* dred = red + 8 * 32;
   __shared__ float Ms;
@@ -517,7 +519,7 @@ flash_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq,
   using C = Cfg<D>;
   using S = Smem<D, BITS, GC>;
   constexpr int HALF = D / 2, CB = fast::CodeBytes<D, BITS>::value, PBITS = 2 * BITS, PMASK = (1 << PBITS) - 1;
-  extern __shared__ __align__(16) uint8_t smem[];
+  SQZ_DYNAMIC_SMEM(smem);
   float2* cs = reinterpret_cast<float2*>(smem);                     // [kCH][HALF]
   float2* kpt = reinterpret_cast<float2*>(smem + S::cs);            // [PT]
   float2* vpt = kpt + S::PT;                                        // [PT]
@@ -796,8 +798,8 @@ void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_
   const int items = pl.hpb * pl.npass;
   const size_t smem = Smem<D, BITS, GC>::bytes(items);
   allow_dynamic_smem<flash_kernel<T, D, BITS, GC>>(smem, "kvqAttention");
-  flash_kernel<T, D, BITS, GC><<<dim3(pl.splits, N, pl.groups), kW * 32, smem, stream>>>(
-      g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part);
+  launch_plain(flash_kernel<T, D, BITS, GC>, dim3(pl.splits, N, pl.groups), dim3(kW * 32), smem, stream, g,
+               static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part);
   fast::launch_combine<T>(part, pl.splits, N * Hq, D, static_cast<T*>(out.data()), stream);
 }
 
@@ -932,16 +934,10 @@ template <int RS> __device__ __forceinline__ unsigned swz(int r, int ch) {
   return (unsigned)(r * RS * 2 + ((ch ^ (r & 7)) << 4));
 }
 __device__ __forceinline__ void sts128(unsigned addr, unsigned a, unsigned b, unsigned c, unsigned d) {
-  asm volatile("st.shared.v4.b32 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d));
+  st_shared_v4(addr, a, b, c, d);
 }
-__device__ __forceinline__ void sts16(unsigned addr, unsigned short v) {
-  asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(v));
-}
-__device__ __forceinline__ uint4 lds128(unsigned addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-  return v;
-}
+__device__ __forceinline__ void sts16(unsigned addr, unsigned short v) { st_shared_u16(addr, v); }
+__device__ __forceinline__ uint4 lds128(unsigned addr) { return ld_shared_v4(addr); }
 __device__ __forceinline__ unsigned h2u(__half2 h) { return *reinterpret_cast<unsigned*>(&h); }
 __device__ __forceinline__ __half2 u2h(unsigned u) { return *reinterpret_cast<__half2*>(&u); }
 __device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned s) { return __byte_perm(a, b, s); }
@@ -1123,17 +1119,13 @@ template <int D, int BITS> inline size_t smem_bytes(int warps) {
 template <int HP> __device__ __forceinline__ unsigned cs_off(int r, int col) {
   return (unsigned)(r * 8 * HP + ((((col >> 2) ^ (r & 7))) << 4) + (col & 3) * 4);
 }
-__device__ __forceinline__ void sts32(unsigned addr, float v) { asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v)); }
+__device__ __forceinline__ void sts32(unsigned addr, float v) { st_shared_f32(addr, v); }
 __device__ __forceinline__ float lds32(unsigned addr) { return __uint_as_float(ld_shared_u32(addr)); }
 __device__ __forceinline__ float4 lds128f(unsigned addr) {
   const uint4 u = lds128(addr);
   return make_float4(__uint_as_float(u.x), __uint_as_float(u.y), __uint_as_float(u.z), __uint_as_float(u.w));
 }
-__device__ __forceinline__ unsigned short lds16(unsigned addr) {
-  unsigned short v;
-  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
-  return v;
-}
+__device__ __forceinline__ unsigned short lds16(unsigned addr) { return ld_shared_u16(addr); }
 // Two fp32 values as a half2 `hi` and the half2 of what it misses, `lo` (hi + lo carries ~22
 // bits: a key then costs no more accuracy than its fp32 rotation).
 __device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned& lo) {
@@ -1189,7 +1181,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
   using S = Shape<D, BITS>;
   using HR = Half<D, BITS>;
   constexpr int HALF = S::HALF, HP = S::HP, RS = S::RS, CB = S::CB, TW = S::TW, NB = S::NB, NBH = HR::NBH, WH = HR::WH;
-  extern __shared__ __align__(16) uint8_t smem[];
+  SQZ_DYNAMIC_SMEM(smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int tok = lane & 15, hf = lane >> 4;  // the lane's token of a tile and its half of the row
   const int jb = hf * NBH;                     // the half's first block
@@ -1489,7 +1481,7 @@ tc_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, fl
             sts16(vstage + swz<RS>(tok, col >> 3) + (col & 7) * 2, __half_as_ushort(__float2half_rn((ex - av) * inv)));
           }
         }
-        if (hf == 0) asm volatile("st.shared.v2.f32 [%0], {%1,%2};\n" ::"r"(vscale + tok * 8), "f"(sv), "f"(av));
+        if (hf == 0) st_shared_v2f(vscale + tok * 8, sv, av);
       }
       __syncwarp();
       // ---- online softmax (log2 domain), per query-head row r (+8): the row's max over the
@@ -1589,8 +1581,8 @@ void launch_pf(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& i
   const int N = (int)q.dim(0), Hq = (int)q.dim(1);
   const size_t smem = smem_bytes<D, BITS>(pl.hpb);
   allow_dynamic_smem<tc_kernel<T, D, BITS, NH, PF>>(smem, "kvqAttention");
-  tc_kernel<T, D, BITS, NH, PF><<<dim3(pl.splits, N, pl.groups), pl.hpb * 32, smem, stream>>>(
-      g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part);
+  launch_plain(tc_kernel<T, D, BITS, NH, PF>, dim3(pl.splits, N, pl.groups), dim3(pl.hpb * 32), smem, stream, g,
+               static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part);
   fast::launch_combine<T>(part, pl.splits, N * Hq, D, static_cast<T*>(out.data()), stream);
 }
 // Register prefetch of the next tile where a half row is at most 8 words, except at head_dim 128
@@ -1669,7 +1661,7 @@ void kvq_append(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& k, con
     using T = decltype(tag);
     Src<T> src{static_cast<const T*>(k.data()), static_cast<const T*>(v.data()), (long long)g.H * g.D, nullptr, nullptr, 0,
                nullptr, nullptr, 0};
-    append_kernel<T><<<grid, kThreads, 0, stream>>>(g, src);
+    launch_plain(append_kernel<T>, grid, dim3(kThreads), 0, stream, g, src);
   };
   if (k.dtype == DType::F16) run(__half{});
   else run(__nv_bfloat16{});
@@ -1690,7 +1682,7 @@ void kvq_rope_append(const Tensor* q_out, const kvq::Cache& c, const kvq::Calib&
     Src<T> src{base + (long long)Hq * g.D, base + (long long)(Hq + g.H) * g.D, width, base,
                q_out ? static_cast<T*>(q_out->data()) : nullptr, Hq / g.H, positions.ptr<int>(), inv_freq.ptr<float>(),
                rotate_keys ? 1 : 0};
-    append_kernel<T><<<grid, kThreads, 0, stream>>>(g, src);
+    launch_plain(append_kernel<T>, grid, dim3(kThreads), 0, stream, g, src);
   };
   if (qkv.dtype == DType::F16) run(__half{});
   else run(__nv_bfloat16{});
@@ -1745,11 +1737,11 @@ void kvq_dequantize(const Tensor& k_out, const Tensor& v_out, const kvq::Cache& 
   g.sink_row_fixed = (int)sink_row;
   dim3 grid(L, g.H);
   if (k_out.dtype == DType::F16)
-    dequant_kernel<__half><<<grid, kThreads, 0, stream>>>(g, (int)seq, static_cast<__half*>(k_out.data()),
-                                                          static_cast<__half*>(v_out.data()));
+    launch_plain(dequant_kernel<__half>, grid, dim3(kThreads), 0, stream, g, (int)seq, static_cast<__half*>(k_out.data()),
+                 static_cast<__half*>(v_out.data()));
   else
-    dequant_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(g, (int)seq, static_cast<__nv_bfloat16*>(k_out.data()),
-                                                                 static_cast<__nv_bfloat16*>(v_out.data()));
+    launch_plain(dequant_kernel<__nv_bfloat16>, grid, dim3(kThreads), 0, stream, g, (int)seq,
+                 static_cast<__nv_bfloat16*>(k_out.data()), static_cast<__nv_bfloat16*>(v_out.data()));
 }
 
 }  // namespace sqz::cuda

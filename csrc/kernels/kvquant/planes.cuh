@@ -73,13 +73,8 @@ template <int D, int BITS> struct Shape {
 static_assert(Shape<64, 2>::RSC % 8 == 4 && Shape<96, 3>::RSC % 8 == 4 && Shape<128, 4>::RSC % 8 == 4, "table stride");
 
 __device__ __forceinline__ unsigned hmul2(unsigned a, unsigned b) { return h2u(__hmul2(u2h(a), u2h(b))); }
-// 8x8 fp16 transpose across the warp: the C-fragment layout of a row-major 8x8 block in, the
-// same layout of its transpose out.
-__device__ __forceinline__ unsigned movtrans(unsigned a) {
-  unsigned d;
-  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
-  return d;
-}
+// 8x8 fp16 transpose across the warp (ptx.cuh).
+__device__ __forceinline__ unsigned movtrans(unsigned a) { return movmatrix_trans(a); }
 
 // NW words of a bit stream starting at bit `bit0` of a shared-memory row (reads one more word).
 template <int NW, bool ALIGNED>
@@ -312,7 +307,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   using S = Shape<D, BITS>;
   constexpr int HALF = S::HALF, KS = S::KS, PPL = S::PPL, CB = S::CB, TW = S::TW, RS = S::RS, NSTG = S::NSTG;
   constexpr int NWK = S::NWK, RSC = S::RSC;
-  extern __shared__ __align__(16) uint8_t smem[];
+  SQZ_DYNAMIC_SMEM(smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int r = lane >> 2, c4 = lane & 3;  // fragment row (token / head) and column pair
   // With sink tokens, blocks x < nsink (plan_with_sink) of each (row, head group) are the sink
