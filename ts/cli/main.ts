@@ -222,14 +222,17 @@ async function cmdPpl(f: Flags): Promise<void> {
   const decode = f.decode === true || kvBits !== undefined;
   const { lora, adapters } = await loraFlags(f, 'ppl');
   if (adapters.length > 1) throw new SqueezeError('ERR_ARG', 'ppl: --lora takes one adapter folder');
+  const prefixTokens = numFlag(f, 'prefix-tokens', true), keep = numFlag(f, 'squeeze'), clusters = numFlag(f, 'clusters', true);
+  // A cached prefix is a sequence of its own beside the window forked from it: the fork copies the
+  // prefix's last, partly filled page, one page more than the window alone takes.
   const model = await loadModel(modelDir(f), {
-    device: str(f, 'device') ?? 'auto', maxBatch: batch, maxContext: window, kvCache, lora: lora && { ...lora, maxAdapters: 1 },
+    device: str(f, 'device') ?? 'auto', maxBatch: batch + (prefixTokens !== undefined ? 1 : 0), maxContext: window, kvCache,
+    lora: lora && { ...lora, maxAdapters: 1 },
   });
   try {
     const adapter = adapters.length ? (await model.loadAdapter(adapters[0].dir, { name: adapters[0].name })).name : undefined;
     const d = loadPplData(model, data, { windows: numFlag(f, 'windows', true), window });
     const show = f.progress === true || process.stderr.isTTY === true;
-    const prefixTokens = numFlag(f, 'prefix-tokens', true), keep = numFlag(f, 'squeeze'), clusters = numFlag(f, 'clusters', true);
     if (prefixTokens === undefined && (keep !== undefined || clusters !== undefined)) throw new SqueezeError('ERR_ARG', 'ppl: --squeeze / --clusters need --prefix-tokens P');
     if (prefixTokens !== undefined && (prefixTokens < 1 || prefixTokens > d.length - 2))
       throw new SqueezeError('ERR_ARG', `ppl: --prefix-tokens must be 1 .. ${d.length - 2} for windows of ${d.length}`);
