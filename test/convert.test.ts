@@ -9,6 +9,7 @@ import { readPickle, TorchCheckpoint, ZipReader } from '../ts/quant/pickle';
 import { convertCheckpoint } from '../ts/quant/convert';
 import { dequantize, quantizeLinear, readSqueezeLinear, unpackCodes, packCodes, SqueezeLinear } from '../ts/quant/squeezellm';
 import { SafetensorsFile } from '../ts/model/safetensors';
+import { loadModel } from '../ts/model/model';
 import { float32ToF16Bits, f16BitsToFloat32 } from '../ts/util/half';
 import { rng, randn } from './gpu';
 
@@ -268,6 +269,10 @@ describe('convert', () => {
       expect(fs.existsSync(path.join(out, t))).toBe(true);
     f.close();
     base.close();
+    // q_proj alone of q|k|v quantized: the loader names the fused group before reading a byte
+    await expect(loadModel(out, { device: 'cpu' })).rejects.toMatchObject({
+      code: 'ERR_FORMAT', message: expect.stringMatching(/q_proj \+ .*v_proj are fused, but only model\.layers\.0\.self_attn\.q_proj is quantized/),
+    });
   });
 
   test('missing base tensor and non-SqueezeLLM checkpoints: ERR_FORMAT', async () => {

@@ -98,6 +98,12 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
   for (let i = 0; i < cfg.numLayers; i++) {
     // SqueezeLLM linears (`<p>.qweight`) are checked by their own reader.
     const dense = (p: string) => !ck.has(`${p}.qweight`);
+    // q|k|v and gate|up run as one fused linear each: quantized whole or not at all
+    for (const group of [['q', 'k', 'v'].map((p) => layerName(i, `self_attn.${p}_proj`)), ['gate', 'up'].map((p) => layerName(i, `mlp.${p}_proj`))]) {
+      const quantized = group.filter((p) => !dense(p));
+      if (quantized.length > 0 && quantized.length < group.length)
+        throw new SqueezeError('ERR_FORMAT', `${ck.describe()}: ${group.join(' + ')} are fused, but only ${quantized.join(', ')} ${quantized.length > 1 ? 'are' : 'is'} quantized`);
+    }
     for (const p of ['q', 'k', 'v', 'o']) if (dense(layerName(i, `self_attn.${p}_proj`))) names.push(layerName(i, `self_attn.${p}_proj.weight`));
     for (const p of ['gate', 'up', 'down']) if (dense(layerName(i, `mlp.${p}_proj`))) names.push(layerName(i, `mlp.${p}_proj.weight`));
     names.push(layerName(i, 'input_layernorm.weight'), layerName(i, 'post_attention_layernorm.weight'));
