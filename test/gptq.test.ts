@@ -1,5 +1,5 @@
 // Error compensation with table refits (ts/quant/gptq.ts) on random layers with correlated inputs.
-import { cholesky, gptqFactor, gptqRefit, gptqRefitReference, outputError } from '../ts/quant/gptq';
+import { cholesky, gptqFactor, gptqFactorNative, gptqRefit, gptqRefitReference, outputError } from '../ts/quant/gptq';
 import { quantizeLinear, dequantize, quantizeCommand } from '../ts/quant/squeezellm';
 import { writeSafetensors } from '../ts/model/safetensors';
 import { loadModel } from '../ts/model/model';
@@ -123,6 +123,30 @@ describe('gptq', () => {
         for (let k = 0; k < K; k++)
           if (!isOut[n * K + k]) expect(g.q[n * K + k]).toBe(g.lut[n * E + g.codes[n * K + k]]);
     }
+  });
+
+  test('the native factor equals the reference: same order and damped H, U to rounding', async () => {
+    const r = rng(Date.now() & 0xffff);
+    // K past one 64-column block (and not a multiple of it), a dead channel, a tie on the diagonal
+    for (const [K, act] of [[200, true], [150, false], [37, false], [1, true]] as const) {
+      const { h } = calibration(3 * K + 8, K, r);
+      if (K > 10) {
+        for (let j = 0; j < K; j++) h[5 * K + j] = h[j * K + 5] = 0;  // channel 5 never active
+        h[9 * K + 9] = h[3 * K + 3] = Math.max(h[9 * K + 9], h[3 * K + 3]);  // a tie in act order (a larger diagonal keeps H definite)
+      }
+      const ref = gptqFactor(h, K, 0.01, act), got = await gptqFactorNative(h, K, 0.01, act);
+      expect(Array.from(got.perm)).toEqual(Array.from(ref.perm));
+      expect(Array.from(got.h)).toEqual(Array.from(ref.h));
+      let n = 0, d = 0;
+      for (let i = 0; i < K * K; i++) {
+        n += (got.u[i] - ref.u[i]) ** 2;
+        d += ref.u[i] ** 2;
+        if (i % K < Math.floor(i / K)) expect(got.u[i]).toBe(0);  // upper
+      }
+      expect(Math.sqrt(n / d)).toBeLessThan(1e-10);
+    }
+    await expect(gptqFactorNative(new Float64Array(15), 4)).rejects.toMatchObject({ code: 'ERR_SHAPE' });
+    await expect(gptqFactorNative(new Float64Array(16), 4, -1)).rejects.toMatchObject({ code: 'ERR_ARG' });
   });
 
   test('bad arguments are coded errors', async () => {

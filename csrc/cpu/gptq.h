@@ -17,4 +17,15 @@ namespace sqz::cpu {
 void gptq_refit_rows(const Tensor& lut, const Tensor& codes, const Tensor& q, const Tensor& err, const Tensor& w,
                      const Tensor& out, const Tensor& h, const Tensor& u, const Tensor& perm, int rounds);
 
+// GPTQ's factor of a calibration second moment h f64 [K,K] (row-major, symmetric; ts/quant/gptq.ts
+// gptqFactor is the reference). Writes perm [K] (column perm[i] is coded i-th: descending h_kk with
+// act_order, ties to the lower column, a NaN diagonal last; identity without), a [K,K] = h in that
+// order, damped (dead channels, h_kk <= 0, get a zero row and column and the mean diagonal; then
+// damp x the mean diagonal on every diagonal entry), and u [K,K], upper, with a⁻¹ = uᵀ u.
+// The reference inverts a and factors the inverse (four K³-order passes); here u comes from one
+// Cholesky of a in reversed order, a = v vᵀ with v upper (so a⁻¹ = v⁻ᵀ v⁻¹ and u = v⁻¹), and one
+// triangular inverse: a third of the work, blocked and on all cores. Each element is computed by one
+// thread in a fixed order, so the result does not depend on the thread count.
+void gptq_factor(const double* h, int64_t K, double damp, bool act_order, int32_t* perm, double* a, double* u);
+
 }  // namespace sqz::cpu

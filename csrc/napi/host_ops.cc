@@ -9,10 +9,15 @@
 //                     iterations) -> Float32Array
 //   The KV calibration's codebook k-means (csrc/cpu/kmeans1d.h), synchronous like the TypeScript
 //   function it stands in for (tens of milliseconds at the calibration's 200,000 samples).
+// native.ops.gptqFactor(h: Float64Array [K*K], K, damp, actOrder)
+//     -> Promise<{ perm: Int32Array, h: Float64Array, u: Float64Array }>
+//   GPTQ's factor of a second moment (csrc/cpu/gptq.h gptq_factor) on a libuv worker thread with the
+//   CPU pool inside: seconds to minutes at K = 11008, where the event loop should stay free.
 #include <algorithm>
 #include <cstring>
 #include <string>
 
+#include "../cpu/gptq.h"
 #include "../cpu/kmeans1d.h"
 #include "../cpu/nll.h"
 #include "op.h"
@@ -57,7 +62,67 @@ class NllWorker : public Napi::AsyncWorker {
   std::vector<double> out_;
 };
 
+class GptqFactorWorker : public Napi::AsyncWorker {
+ public:
+  // The outputs are made here, on the main thread, and filled in place by the worker.
+  GptqFactorWorker(Napi::Env env, Napi::Float64Array h, int64_t K, double damp, bool act_order)
+      : Napi::AsyncWorker(env),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        h_ref_(Napi::Persistent(h.As<Napi::Object>())),
+        out_(Napi::Persistent(Napi::Object::New(env))),
+        h_(h.Data()),
+        K_(K),
+        damp_(damp),
+        act_order_(act_order) {
+    Napi::Int32Array perm = Napi::Int32Array::New(env, (size_t)K);
+    Napi::Float64Array a = Napi::Float64Array::New(env, (size_t)(K * K)), u = Napi::Float64Array::New(env, (size_t)(K * K));
+    out_.Set("perm", perm);
+    out_.Set("h", a);
+    out_.Set("u", u);
+    perm_ = perm.Data(), a_ = a.Data(), u_ = u.Data();
+  }
+  Napi::Promise promise() { return deferred_.Promise(); }
+  void Execute() override {
+    try {
+      cpu::gptq_factor(h_, K_, damp_, act_order_, perm_, a_, u_);
+    } catch (const std::exception& e) {
+      SetError(e.what());
+    }
+  }
+  void OnOK() override { deferred_.Resolve(out_.Value()); }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(make_error(Env(), "ERR_INTERNAL", e.Message()).Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  // h and the outputs stay referenced (and their memory in place) until the worker is done
+  Napi::ObjectReference h_ref_, out_;
+  const double* h_;
+  int64_t K_;
+  double damp_;
+  bool act_order_;
+  int32_t* perm_ = nullptr;
+  double *a_ = nullptr, *u_ = nullptr;
+};
+
 }  // namespace
+
+SQZ_OP(gptqFactor) {
+  Args a(info, "gptqFactor");
+  if (a.size() < 1 || !info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array)
+    a.error("ERR_ARG", "h must be a Float64Array");
+  Napi::Float64Array h = info[0].As<Napi::Float64Array>();
+  const int64_t K = a.integer(1, "K");
+  if (K < 1 || K > (1 << 17)) a.error("ERR_ARG", "K must be 1 .. 131072, got " + std::to_string(K));
+  if ((int64_t)h.ElementLength() != K * K)
+    a.error("ERR_SHAPE", "h holds " + std::to_string(h.ElementLength()) + " values, expected " + std::to_string(K) + "x" + std::to_string(K));
+  const double damp = a.opt_number(2, "damp", 0.01);
+  if (!(damp >= 0)) a.error("ERR_ARG", "damp must be >= 0, got " + std::to_string(damp));
+  const bool act_order = a.size() < 4 || info[3].IsUndefined() || info[3].ToBoolean().Value();
+  auto* w = new GptqFactorWorker(info.Env(), h, K, damp, act_order);
+  Napi::Promise p = w->promise();
+  w->Queue();
+  return p;
+}
 
 SQZ_OP(tokenNll) {
   Args a(info, "tokenNll");

@@ -23,7 +23,7 @@ import { matmul } from '../ops/gemm';
 import { add } from '../ops/elementwise';
 import { Checkpoint, SafetensorsFile, WriteTensor, writeSafetensors } from '../model/safetensors';
 import { float32ToF16Bits, f16BitsToFloat32, bf16BitsToFloat32 } from '../util/half';
-import { GptqFactor, gptqFactor, gptqRefit } from './gptq';
+import { GptqFactor, gptqFactorNative, gptqRefit } from './gptq';
 
 export type Bits = 3 | 4;
 
@@ -804,7 +804,7 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
       else if (o.calib?.has(prefix)) sens = o.calib.get(prefix);
       let gptq: GptqFactor | undefined;
       if (h) {
-        gptq = factors.get(h) ?? gptqFactor(h, K, o.damp ?? 0.01);
+        gptq = factors.get(h) ?? (await gptqFactorNative(h, K, o.damp ?? 0.01));
         factors.set(h, gptq);
       }
       const l = o.rtn ? rtnQuantize(w, N, K, bits)
