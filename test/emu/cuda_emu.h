@@ -17,6 +17,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -46,6 +47,8 @@ struct Block {
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<unsigned long long> slots;  // one 8-byte exchange slot per thread
   std::vector<std::array<uint32_t, 8>> wide;  // the fragments of a warp-wide matrix instruction, per thread
+  std::mutex named_mu;  // named barriers (bar.sync id, count), made at first use
+  std::unique_ptr<std::barrier<>> named[16];
 };
 inline Block* g_block = nullptr;
 
@@ -93,6 +96,18 @@ template <int N, class F> auto warp_collective(const std::array<uint32_t, N>& mi
   return out;
 }
 
+// bar.sync id, threads: the first `threads` threads of the block meet (the same count every use).
+inline void named_barrier(int id, int threads) {
+  std::barrier<>* b;
+  {
+    std::lock_guard<std::mutex> lock(g_block->named_mu);
+    auto& slot = g_block->named[id & 15];
+    if (!slot) slot = std::make_unique<std::barrier<>>(threads);
+    b = slot.get();
+  }
+  b->arrive_and_wait();
+}
+
 template <class T> T exchange(T v, unsigned src_lane) {
   static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
   const unsigned t = linear_tid(), w = t / 32;
@@ -122,6 +137,11 @@ inline void __syncwarp(unsigned = 0xffffffffu) { emu::g_block->warps[emu::linear
 template <class T> T __shfl_xor_sync(unsigned, T v, int lane_mask) { return emu::exchange(v, (emu::linear_tid() & 31) ^ (unsigned)lane_mask); }
 template <class T> T __shfl_sync(unsigned, T v, int src) { return emu::exchange(v, (unsigned)src); }
 inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __nanosleep(unsigned) { std::this_thread::yield(); }
 
 // Integer and float intrinsics of the device, as the PTX ISA defines them.
 inline unsigned __byte_perm(unsigned a, unsigned b, unsigned s) {
@@ -142,6 +162,9 @@ inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 template <class T> T __ldg(const T* p) { return *p; }
+template <class T> T __ldcg(const T* p) { return *p; }
+template <class T> T __ldcs(const T* p) { return *p; }
+template <class T> T __ldlu(const T* p) { return *p; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }

@@ -162,9 +162,9 @@ bool run(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lu
     throw;
   }
   const bool sparse = rows && cols && vals && cols->numel() > 0;
-  dequant_rows_kernel<T, BITS><<<N, kThreads, 0, st>>>(w.ptr<T>(), codes.ptr<uint32_t>(), lut.data(), lut.dtype == DType::F32,
-                                                 sparse ? rows->ptr<int>() : nullptr, sparse ? cols->ptr<int>() : nullptr,
-                                                 sparse ? vals->data() : nullptr, sparse && vals->dtype == DType::F32, K, U, pair_half);
+  launch_plain(dequant_rows_kernel<T, BITS>, dim3(N), dim3(kThreads), 0, st, w.ptr<T>(), codes.ptr<uint32_t>(), lut.data(),
+               lut.dtype == DType::F32, sparse ? rows->ptr<int>() : nullptr, sparse ? cols->ptr<int>() : nullptr,
+               sparse ? vals->data() : nullptr, sparse && vals->dtype == DType::F32, K, U, pair_half);
   cuda_check(cudaGetLastError(), "lutMatmul: dequantize");
   matmul(y, x, w, nullptr, st);
   return true;  // w goes back to the pool; its next user is ordered after the GEMM on this stream

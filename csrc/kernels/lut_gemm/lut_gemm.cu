@@ -91,6 +91,7 @@
 #include "core/error.h"
 #include "cpu/lut_gemm.h"
 #include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/dynamic_smem.cuh"
 #include "kernels/common/hopper.h"
 #include "kernels/common/launch_config.h"
 #include "kernels/common/process_buffer.h"
@@ -292,7 +293,7 @@ __device__ __forceinline__ unsigned int grid_arrive() {  // thread 0, after the 
 __device__ __forceinline__ void grid_wait(unsigned int old) {  // thread 0
   unsigned int cur;
   do {
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(cur) : "l"(&g_lut_xt_barrier) : "memory");
+    cur = ld_acquire_gpu_u32(&g_lut_xt_barrier);
   } while (((cur ^ old) & 0x80000000u) == 0);
 }
 
@@ -461,8 +462,8 @@ __global__ void __launch_bounds__(W * 32, MINB)
   // (OSPLIT: XPO > 0 sets the entries per lane and row requested before the main loop, default 2.)
   constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? (XPO > 0 ? XPO : 2) : XT ? 1 : gemv_outr<MT, RT>();
   constexpr int OSTRIDE = OSPLIT ? 4 * W : W;
-  extern __shared__ __align__(16) uint32_t smem[];
-  unsigned char* tbl = reinterpret_cast<unsigned char*>(smem);  // [RT][E2][2][32] words
+  SQZ_DYNAMIC_SMEM(smem);
+  unsigned char* tbl = smem;  // [RT][E2][2][32] words
   T* lt = reinterpret_cast<T*>(tbl + gemv_table_bytes<BITS, MT, RT, W>());  // [16*RT][E]
   float* osum = reinterpret_cast<float*>(tbl + gemv_table_bytes<BITS, MT, RT, W>() + 16 * RT * E * 2);  // XT
   float* red = reinterpret_cast<float*>(smem);  // [warps][32][RT*MT*4], after the main loop
@@ -1084,7 +1085,7 @@ __global__ void __launch_bounds__(PM_THREADS, 2)
                         int K, int U, int pair_half) {
   using G = Geo<BITS>;
   constexpr int E = G::E, CW = BITS == 4 ? 1 : 3;  // raw words per code item and stage (at most)
-  extern __shared__ __align__(16) unsigned char psm[];
+  SQZ_DYNAMIC_SMEM(psm);
   T* xs = reinterpret_cast<T*>(psm);                                         // [PST][PBM][PLD]
   uint32_t* cs = reinterpret_cast<uint32_t*>(xs + PST * PBM * PLD);          // [PST][CW][512]
   T* ws = reinterpret_cast<T*>(cs + PST * CW * 512);                         // [2][PBN][PLD]
@@ -1632,7 +1633,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     if (vec) allow_dynamic_smem<lut_gemm_mma_kernel<T, BITS, true>>(smem, "lutMatmul");
     else allow_dynamic_smem<lut_gemm_mma_kernel<T, BITS, false>>(smem, "lutMatmul");
     dim3 grid((N + PBN - 1) / PBN, (M + PBM - 1) / PBM), block(PM_THREADS);
-    kern<<<grid, block, smem, st>>>(yp, xp, codes.ptr<uint32_t>(), lut.data(), lf, rp, cp, vp, vf, M, N, K, U, so.half);
+    launch_plain(kern, grid, block, smem, st, yp, xp, codes.ptr<uint32_t>(), lut.data(), lf, rp, cp, vp, vf, M, N, K, U, so.half);
   }
 }
 
@@ -1646,8 +1647,8 @@ void lut_repack(const Tensor& dst, const Tensor& qweight, int bits, cudaStream_t
   const int threads = 128, blocks = (quarters + threads - 1) / threads;
   const uint32_t* q = qweight.ptr<uint32_t>();
   uint32_t* o = dst.ptr<uint32_t>();
-  if (bits == 4) lut_repack_kernel<4><<<blocks, threads, 0, stream>>>(o, q, N, groups, (int)d.U, quarters);
-  else if (bits == 3) lut_repack_kernel<3><<<blocks, threads, 0, stream>>>(o, q, N, groups, (int)d.U, quarters);
+  if (bits == 4) launch_plain(lut_repack_kernel<4>, dim3(blocks), dim3(threads), 0, stream, o, q, N, groups, (int)d.U, quarters);
+  else if (bits == 3) launch_plain(lut_repack_kernel<3>, dim3(blocks), dim3(threads), 0, stream, o, q, N, groups, (int)d.U, quarters);
   else fail("ERR_UNSUPPORTED", "lutRepack: bits must be 3 or 4");
 }
 

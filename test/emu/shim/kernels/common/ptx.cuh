@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -41,6 +42,10 @@ inline void st_shared_v2f(uint32_t addr, float a, float b) {
 }
 inline void st_shared_f32(uint32_t addr, float v) { std::memcpy(shared_ptr(addr), &v, 4); }
 inline void st_shared_u16(uint32_t addr, unsigned short v) { std::memcpy(shared_ptr(addr), &v, 2); }
+
+inline unsigned int ld_acquire_gpu_u32(const unsigned int* p) {
+  return std::atomic_ref<unsigned int>(*const_cast<unsigned int*>(p)).load(std::memory_order_acquire);
+}
 
 inline void prefetch_l2(const void*) {}
 inline void prefetch_l1(const void*) {}

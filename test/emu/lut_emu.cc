@@ -1,0 +1,201 @@
+// Runs the SqueezeLLM CUDA launchers (csrc/kernels/lut_gemm/lut_gemm.cu, whole: the repack, the
+// pair-LUT GEMVs with their code rings, mbarriers and bulk copies, the tiled GEMM) in the emulator
+// (cuda_emu.h; shim/ supplies ptx.cuh, pdl.cuh and bulk_copy.cuh) against the CPU ops of the same
+// signature (csrc/cpu/lut_gemm.cc): the repack byte for byte, products to 2e-3 (f16) / 1e-2 (bf16)
+// relative error. Prints one line per case and "emu: N passed, M failed".
+#include "cuda_emu.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+
+#include "cpu/lut_gemm.h"
+#include "kernels/lut_gemm/lut_gemm.cu"
+
+// The CUDA runtime calls the launchers make: an H100-sized device whose allocations fail (the
+// launches that want a process buffer then take their fallback, as on a device out of memory).
+extern "C" {
+cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  *v = a == cudaDevAttrMultiProcessorCount ? 132 : a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 227 * 1024 : a == cudaDevAttrComputeCapabilityMajor ? 9 : 0;
+  return cudaSuccess;
+}
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* fa, const void*) {
+  *fa = cudaFuncAttributes{};
+  return cudaSuccess;
+}
+cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* n, const void*, int, size_t, unsigned) {
+  *n = 2;
+  return cudaSuccess;
+}
+cudaError_t cudaGetLastError() { return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* s) {
+  *s = cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
+cudaError_t cudaMalloc(void**, size_t) { return cudaErrorMemoryAllocation; }
+cudaError_t cudaMemset(void*, int, size_t) { return cudaErrorMemoryAllocation; }
+const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+}
+namespace sqz {
+cudaStream_t cuda_stream(int) { return nullptr; }
+namespace cuda {
+void matmul(const Tensor&, const Tensor&, const Tensor&, const Tensor*, cudaStream_t) {
+  fail("ERR_UNSUPPORTED", "emulated: the dense GEMM is not part of this program");
+}
+}  // namespace cuda
+}  // namespace sqz
+
+using sqz::DType;
+using sqz::Tensor;
+
+static int passed = 0, failed = 0;
+static void report(const std::string& name, bool ok, const std::string& what) {
+  (ok ? passed : failed)++;
+  std::printf("%s %s: %s\n", ok ? "ok  " : "FAIL", name.c_str(), what.c_str());
+  std::fflush(stdout);
+}
+static Tensor host(DType dt, std::vector<int64_t> shape) { return Tensor::empty(dt, shape, sqz::Device{}); }
+static void fill_bytes(const Tensor& t, uint8_t b) { std::memset(t.data(), b, t.numel() * sqz::dtype_size(t.dtype)); }
+static std::vector<float> floats(const Tensor& t) {
+  std::vector<float> f(t.numel());
+  sqz::convert_to_float(t.data(), t.dtype, f.data(), f.size());
+  return f;
+}
+static void set_floats(const Tensor& t, const std::vector<float>& f) { sqz::convert_from_float(f.data(), t.data(), t.dtype, f.size()); }
+static double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  double n = 0, d = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    n += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+    d += (double)b[i] * b[i];
+  }
+  return std::sqrt(n / std::max(d, 1e-30));
+}
+
+struct Weight {
+  Tensor packed, lut, rows, cols, vals;
+  bool sparse = false;
+};
+
+// Random codes in the interchange layout, repacked by the CPU op and by the CUDA launcher (the two
+// must agree byte for byte); a row table per output row; outliers at sorted distinct columns.
+static Weight make_weight(int N, int K, int bits, double share, DType table, std::mt19937& r, const std::string& name) {
+  const sqz::cpu::LutPacked L(bits, N, K);
+  Tensor q = host(DType::I32, {L.Kg * bits / 32, N});
+  for (int64_t i = 0; i < q.numel(); ++i) q.ptr<uint32_t>()[i] = r();
+  Weight w;
+  w.packed = host(DType::I32, {L.Np, L.words_per_row()});
+  Tensor g = host(DType::I32, {L.Np, L.words_per_row()});
+  fill_bytes(w.packed, 0x5a), fill_bytes(g, 0xa5);
+  sqz::cpu::lut_repack(w.packed, q, bits);
+  sqz::cuda::lut_repack(g, q, bits, nullptr);
+  const bool same = std::memcmp(g.data(), w.packed.data(), (size_t)g.numel() * 4) == 0;
+  report(name + " repack", same, same ? "same bytes" : "differs");
+  const int E = 1 << bits;
+  std::normal_distribution<float> nd;
+  std::vector<float> lut((size_t)N * E);
+  for (int n = 0; n < N; ++n) {
+    std::vector<float> row(E);
+    for (auto& v : row) v = nd(r) * 0.5f;
+    std::sort(row.begin(), row.end());
+    std::copy(row.begin(), row.end(), lut.begin() + (size_t)n * E);
+  }
+  w.lut = host(table, {N, E});
+  set_floats(w.lut, lut);
+  if (share > 0) {
+    std::vector<int32_t> rp{0}, cp;
+    std::vector<float> vp;
+    std::uniform_real_distribution<double> u(0, 1);
+    for (int n = 0; n < N; ++n) {
+      for (int k = 0; k < K; ++k)
+        if (u(r) < share) {
+          cp.push_back(k);
+          vp.push_back(nd(r) * 2.f);
+        }
+      rp.push_back((int32_t)cp.size());
+    }
+    w.rows = host(DType::I32, {N + 1});
+    std::memcpy(w.rows.data(), rp.data(), rp.size() * 4);
+    w.cols = host(DType::I32, {(int64_t)cp.size()});
+    if (!cp.empty()) std::memcpy(w.cols.data(), cp.data(), cp.size() * 4);
+    w.vals = host(table, {(int64_t)vp.size()});
+    set_floats(w.vals, vp);
+    w.sparse = true;
+  }
+  return w;
+}
+
+static void matmul_case(int M, int N, int K, int bits, DType dt, double share, sqz::cpu::LutEpilogue epi, bool norm,
+                        unsigned seed) {
+  std::mt19937 r(seed);
+  char buf[200];
+  std::snprintf(buf, sizeof buf, "lut %d-bit %s M %d N %d K %d outliers %.3g%%%s%s", bits, dt == DType::F16 ? "f16" : "bf16", M,
+                N, K, share * 100, epi == sqz::cpu::kLutSiluPairs ? " siluPairs" : epi == sqz::cpu::kLutResidual ? " residual" : "",
+                norm ? " norm" : "");
+  const std::string name = buf;
+  try {
+    Weight w = make_weight(N, K, bits, share, dt == DType::BF16 && (seed & 1) ? DType::F32 : DType::F16, r, name);
+    const int half = epi == sqz::cpu::kLutSiluPairs ? N / 2 : 0;
+    const int ny = epi == sqz::cpu::kLutSiluPairs ? N / 2 : N;
+    std::normal_distribution<float> nd;
+    Tensor x = host(dt, {M, K});
+    std::vector<float> xf((size_t)M * K);
+    for (auto& v : xf) v = nd(r);
+    set_floats(x, xf);
+    Tensor gamma = host(dt, {K});
+    std::vector<float> gf(K);
+    for (auto& v : gf) v = 1.f + 0.3f * nd(r);
+    set_floats(gamma, gf);
+    Tensor want = host(dt, {M, ny}), got = host(dt, {M, ny});
+    if (epi == sqz::cpu::kLutResidual) {
+      std::vector<float> y0((size_t)M * ny);
+      for (auto& v : y0) v = nd(r);
+      set_floats(want, y0), set_floats(got, y0);
+    } else {
+      fill_bytes(got, 0xff);  // NaN
+    }
+    const Tensor *rows = w.sparse ? &w.rows : nullptr, *cols = w.sparse ? &w.cols : nullptr, *vals = w.sparse ? &w.vals : nullptr;
+    sqz::cpu::lut_matmul_packed(want, x, w.packed, w.lut, rows, cols, vals, bits, half, epi, norm ? &gamma : nullptr, 1e-6f);
+    sqz::cuda::lut_matmul_packed(got, x, w.packed, w.lut, rows, cols, vals, bits, half, epi, norm ? &gamma : nullptr, 1e-6f,
+                                 nullptr);
+    const double e = rel_err(floats(got), floats(want)), tol = dt == DType::F16 ? 2e-3 : 1e-2;
+    std::snprintf(buf, sizeof buf, "rel err %.3g (tol %.0e)", e, tol);
+    report(name, e <= tol, buf);
+  } catch (const std::exception& ex) {
+    report(name, false, std::string("threw: ") + ex.what());
+  }
+}
+
+int main(int argc, char** argv) {
+  const unsigned seed = argc > 1 ? (unsigned)std::strtoul(argv[1], nullptr, 10) : std::random_device{}();
+  std::printf("seed %u\n", seed);
+  setenv("SQUEEZELM_LUT_DENSE_MIN_M", "0", 1);  // past M = 64: the tiled LUT GEMM, not the dense copy
+  using sqz::cpu::kLutResidual;
+  using sqz::cpu::kLutSiluPairs;
+  using sqz::cpu::kLutStore;
+  unsigned s = seed;
+  // the decode step's GEMV (M = 1, 2; ring or register buffers), with and without outliers, K with a
+  // tail past whole units, odd N
+  matmul_case(1, 100, 544, 4, DType::F16, 0.0045, kLutStore, false, s++);
+  matmul_case(1, 37, 1056, 3, DType::F16, 0.0045, kLutStore, false, s++);
+  matmul_case(2, 64, 288, 4, DType::BF16, 0, kLutStore, false, s++);
+  matmul_case(1, 48, 640, 3, DType::BF16, 0.01, kLutStore, false, s++);
+  // the fused RMSNorm and the epilogues
+  matmul_case(1, 64, 256, 4, DType::F16, 0.0045, kLutStore, true, s++);
+  matmul_case(2, 96, 544, 3, DType::F16, 0.0045, kLutSiluPairs, true, s++);
+  matmul_case(1, 80, 512, 4, DType::F16, 0.0045, kLutResidual, false, s++);
+  // more rows: M = 3..64 (the ring's and the outlier-split kernels), then the tiled GEMM
+  matmul_case(5, 50, 384, 4, DType::F16, 0.0045, kLutStore, false, s++);
+  matmul_case(16, 33, 320, 3, DType::BF16, 0.0045, kLutStore, false, s++);
+  matmul_case(33, 40, 256, 4, DType::F16, 0.0045, kLutStore, false, s++);
+  matmul_case(70, 24, 160, 3, DType::F16, 0.0045, kLutStore, false, s++);
+  std::printf("emu: %d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}
