@@ -7,6 +7,7 @@
 #include "core/cuda_stream.h"
 #include "core/error.h"
 #include "kernels/common/paged_rows.cuh"
+#include "kernels/common/pdl.cuh"
 
 namespace sqz::cuda {
 
@@ -50,9 +51,8 @@ void kv_append(const Tensor& kc, const Tensor& vc, const Tensor& k, const Tensor
   const int chunks = p.Hkv * p.D / 8;
   const int threads = chunks >= 256 ? 256 : ((chunks + 31) / 32) * 32;
   const int grid = N < 65535 ? N : 65535;
-  kv_append_kernel<<<grid, threads, 0, stream>>>(p, static_cast<uint4*>(kc.data()), static_cast<uint4*>(vc.data()),
-                                                 static_cast<const uint4*>(k.data()),
-                                                 static_cast<const uint4*>(v.data()), N);
+  launch_plain(kv_append_kernel, dim3(grid), dim3(threads), 0, stream, p, static_cast<uint4*>(kc.data()),
+               static_cast<uint4*>(vc.data()), static_cast<const uint4*>(k.data()), static_cast<const uint4*>(v.data()), N);
 }
 
 }  // namespace sqz::cuda

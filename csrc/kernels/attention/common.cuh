@@ -8,7 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "../common/ptx.cuh"
+#include "kernels/common/ptx.cuh"
 
 namespace sqz::cuda::attn {
 
@@ -128,23 +128,10 @@ __device__ __forceinline__ void online_softmax_tile(float (&s)[NB][4], float (&m
 }
 
 // D(16x8, f32) += A(16x16) * B(16x8).
-template <class T> struct Mma;
-template <> struct Mma<__half> {
+// (ptx.cuh's mma_16816 with the A fragment as one array.)
+template <class T> struct Mma {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <> struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_16816<T>(d, a[0], a[1], a[2], a[3], b0, b1);
   }
 };
 

@@ -18,9 +18,10 @@
 #include <cmath>
 #include <cstdlib>
 
-#include "../common/launch_config.h"
-#include "../common/pdl.cuh"
-#include "../common/process_buffer.h"
+#include "kernels/common/dynamic_smem.cuh"
+#include "kernels/common/launch_config.h"
+#include "kernels/common/pdl.cuh"
+#include "kernels/common/process_buffer.h"
 #include "common.cuh"
 #include "decode_split.cuh"
 #include "core/cuda_stream.h"
@@ -44,7 +45,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
   pdl_wait();  // see pdl.cuh: before any global access that matters
   pdl_trigger();
   __shared__ float s_m[kWarps][R], s_l[kWarps][R];
-  extern __shared__ float s_acc[];      // [kWarps][R][D]
+  SQZ_DYNAMIC_SMEM(s_acc_bytes);
+  float* const s_acc = reinterpret_cast<float*>(s_acc_bytes);  // [kWarps][R][D]
 
   const int kvh = blockIdx.x / p.qchunks, qc = blockIdx.x % p.qchunks;
   const int b = blockIdx.y, split = blockIdx.z;

@@ -25,8 +25,9 @@
 #include <cmath>
 #include <string>
 
-#include "../common/launch_config.h"
-#include "../common/pdl.cuh"
+#include "kernels/common/dynamic_smem.cuh"
+#include "kernels/common/launch_config.h"
+#include "kernels/common/pdl.cuh"
 #include "common.cuh"
 #include "core/cuda_stream.h"
 #include "core/error.h"
@@ -77,7 +78,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma(Params p) {
   // decode step on an H200 (context 512, graph replay) took 5219 us with the early trigger,
   // 4844 us without, 4853 us with no programmatic launches at all. (An L2 prefetch of each
   // block's first keys before the wait cost ~30 us per step in both kernels and was dropped.)
-  extern __shared__ __align__(16) unsigned char smem[];
+  SQZ_DYNAMIC_SMEM(smem);
   __shared__ float s_m[kMmaWarps * kRows], s_l[kMmaWarps * kRows];
   __shared__ unsigned s_ok[kMmaWarps * kStages];  // per stage: bit i = token i of the tile is readable
 

@@ -8,7 +8,9 @@
 // fp32 (base 2). Causal: a tile only visits keys up to the position of its last row, and
 // tiles are issued longest first so the diagonal's short blocks fill the tail.
 
-#include "../common/launch_config.h"
+#include "kernels/common/dynamic_smem.cuh"
+#include "kernels/common/launch_config.h"
+#include "kernels/common/pdl.cuh"
 #include "common.cuh"
 #include "core/cuda_stream.h"
 #include "core/error.h"
@@ -31,7 +33,7 @@ template <class T, int D, int BN>
 __global__ void __launch_bounds__(kThreads) prefill_kernel(Params p) {
   static_assert(D % 16 == 0 && BN % 16 == 0, "tile shapes");
   constexpr int SD = Smem<T, D, BN>::SD, CH = D / 8, NB = BN / 8, ND = D / 8;
-  extern __shared__ __align__(16) unsigned char smem[];
+  SQZ_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + BM * SD;  // [2][BN][SD]
   T* sV = sK + 2 * BN * SD;
@@ -164,7 +166,7 @@ void launch(const Params& p, cudaStream_t stream) {
   allow_dynamic_smem<prefill_kernel<T, D, BN>>(smem, "attention (prefill)");
   const int tiles = (p.max_q + BM - 1) / BM;
   dim3 grid(tiles < 65535 ? tiles : 65535, p.Hq, p.B);
-  prefill_kernel<T, D, BN><<<grid, kThreads, smem, stream>>>(p);
+  launch_plain(prefill_kernel<T, D, BN>, grid, dim3(kThreads), smem, stream, p);
 }
 
 template <class T>
