@@ -35,6 +35,7 @@ alignas(16) inline unsigned char g_dynamic_smem[1 << 20];
 }
 #define SQZ_DYNAMIC_SMEM(name) unsigned char* name = ::emu::g_dynamic_smem
 
+using std::isfinite;
 using std::max;
 using std::min;
 
@@ -138,6 +139,9 @@ template <class T> T __shfl_xor_sync(unsigned, T v, int lane_mask) { return emu:
 template <class T> T __shfl_sync(unsigned, T v, int src) { return emu::exchange(v, (unsigned)src); }
 inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
+}
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }

@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "pdl.cuh"
+#include "kernels/common/pdl.cuh"
 #include "common.h"
 #include "core/cuda_stream.h"
 #include "dtype_cuda.cuh"
@@ -145,7 +145,9 @@ void add(const Tensor& out, const Tensor& a, const Tensor& b, cudaStream_t s) {
     const bool row = h != n;
     const bool vec = aligned16(out.data()) && aligned16(a.data()) && aligned16(b.data()) && (!row || h % Vec16<T>::N == 0);
     const unsigned g = grid_for(vec ? n / Vec16<T>::N + 1 : n);
-    auto launch = [&](auto kernel) { kernel<<<g, kThreads, 0, s>>>(out.ptr<T>(), a.ptr<T>(), b.ptr<T>(), n, h); };
+    auto launch = [&](auto kernel) {
+      launch_plain(kernel, dim3(g), dim3(kThreads), 0, s, out.ptr<T>(), a.ptr<T>(), b.ptr<T>(), n, h);
+    };
     if (vec && row) launch(add_kernel<T, true, true>);
     else if (vec) launch(add_kernel<T, true, false>);
     else if (row) launch(add_kernel<T, false, true>);
@@ -160,7 +162,7 @@ void cast(const Tensor& out, const Tensor& x, cudaStream_t s) {
     dispatch_float(out.dtype, "cast", [&](auto to) {
       using Ti = decltype(ti);
       using To = decltype(to);
-      cast_kernel<Ti, To><<<grid_for(n), kThreads, 0, s>>>(out.ptr<To>(), x.ptr<Ti>(), n);
+      launch_plain(cast_kernel<Ti, To>, dim3(grid_for(n)), dim3(kThreads), 0, s, out.ptr<To>(), x.ptr<Ti>(), n);
     });
   });
 }
@@ -182,14 +184,15 @@ void fill(const Tensor& t, double value, cudaStream_t s) {
   const int64_t n = t.numel();
   if (n == 0) return;
   const unsigned g = grid_for(n);
+  const dim3 grid(g), block(kThreads);
   switch (t.dtype) {
-    case DType::F32: fill_kernel<float><<<g, kThreads, 0, s>>>(t.ptr<float>(), (float)value, n); break;
-    case DType::F16: fill_kernel<uint16_t><<<g, kThreads, 0, s>>>(t.ptr<uint16_t>(), float_to_half((float)value), n); break;
-    case DType::BF16: fill_kernel<uint16_t><<<g, kThreads, 0, s>>>(t.ptr<uint16_t>(), float_to_bf16((float)value), n); break;
-    case DType::I32: fill_kernel<int32_t><<<g, kThreads, 0, s>>>(t.ptr<int32_t>(), (int32_t)value, n); break;
-    case DType::U32: fill_kernel<uint32_t><<<g, kThreads, 0, s>>>(t.ptr<uint32_t>(), (uint32_t)value, n); break;
-    case DType::I8: fill_kernel<int8_t><<<g, kThreads, 0, s>>>(t.ptr<int8_t>(), (int8_t)value, n); break;
-    case DType::U8: fill_kernel<uint8_t><<<g, kThreads, 0, s>>>(t.ptr<uint8_t>(), (uint8_t)value, n); break;
+    case DType::F32: launch_plain(fill_kernel<float>, grid, block, 0, s, t.ptr<float>(), (float)value, n); break;
+    case DType::F16: launch_plain(fill_kernel<uint16_t>, grid, block, 0, s, t.ptr<uint16_t>(), float_to_half((float)value), n); break;
+    case DType::BF16: launch_plain(fill_kernel<uint16_t>, grid, block, 0, s, t.ptr<uint16_t>(), float_to_bf16((float)value), n); break;
+    case DType::I32: launch_plain(fill_kernel<int32_t>, grid, block, 0, s, t.ptr<int32_t>(), (int32_t)value, n); break;
+    case DType::U32: launch_plain(fill_kernel<uint32_t>, grid, block, 0, s, t.ptr<uint32_t>(), (uint32_t)value, n); break;
+    case DType::I8: launch_plain(fill_kernel<int8_t>, grid, block, 0, s, t.ptr<int8_t>(), (int8_t)value, n); break;
+    case DType::U8: launch_plain(fill_kernel<uint8_t>, grid, block, 0, s, t.ptr<uint8_t>(), (uint8_t)value, n); break;
   }
 }
 
@@ -198,7 +201,7 @@ void fill_random(const Tensor& t, uint64_t seed, float mean, float std, cudaStre
   if (n == 0) return;
   dispatch_float(t.dtype, "fillRandom", [&](auto tt) {
     using T = decltype(tt);
-    fill_random_kernel<T><<<grid_for(n), kThreads, 0, s>>>(t.ptr<T>(), n, seed, mean, std);
+    launch_plain(fill_random_kernel<T>, dim3(grid_for(n)), dim3(kThreads), 0, s, t.ptr<T>(), n, seed, mean, std);
   });
 }
 
@@ -206,9 +209,9 @@ void fill_random_int(const Tensor& t, uint64_t seed, cudaStream_t s) {
   const int64_t n = t.numel();
   if (n == 0) return;
   if (dtype_size(t.dtype) == 4)
-    fill_random_int_kernel<uint32_t><<<grid_for(n), kThreads, 0, s>>>(t.ptr<uint32_t>(), n, seed);
+    launch_plain(fill_random_int_kernel<uint32_t>, dim3(grid_for(n)), dim3(kThreads), 0, s, t.ptr<uint32_t>(), n, seed);
   else
-    fill_random_int_kernel<uint8_t><<<grid_for(n), kThreads, 0, s>>>(t.ptr<uint8_t>(), n, seed);
+    launch_plain(fill_random_int_kernel<uint8_t>, dim3(grid_for(n)), dim3(kThreads), 0, s, t.ptr<uint8_t>(), n, seed);
 }
 
 void gather_rows(const Tensor& out, const Tensor& src, const Tensor& index, cudaStream_t s) {

@@ -11,7 +11,7 @@
 // bit what the rope kernel computes).
 #include <algorithm>
 
-#include "pdl.cuh"
+#include "kernels/common/pdl.cuh"
 #include "core/cuda_stream.h"
 #include "dtype_cuda.cuh"
 #include "fused.h"

@@ -2,7 +2,7 @@
 // reduced in a fixed tree (deterministic), 16-byte vectors when the row allows.
 #include <algorithm>
 
-#include "pdl.cuh"
+#include "kernels/common/pdl.cuh"
 #include "common.h"
 #include "core/cuda_stream.h"
 #include "dtype_cuda.cuh"

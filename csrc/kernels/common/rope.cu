@@ -5,6 +5,8 @@
 #include <algorithm>
 
 #include "common.h"
+#include "kernels/common/dynamic_smem.cuh"
+#include "kernels/common/pdl.cuh"
 #include "core/cuda_stream.h"
 #include "dtype_cuda.cuh"
 
@@ -13,7 +15,8 @@ namespace {
 
 template <class T>
 __global__ void rope_kernel(T* x, const int* __restrict__ pos, const float* __restrict__ inv_freq, int heads, int half) {
-  extern __shared__ float cs[];  // cos[half], sin[half]
+  SQZ_DYNAMIC_SMEM(cs_bytes);
+  float* const cs = reinterpret_cast<float*>(cs_bytes);  // cos[half], sin[half]
   const int t = blockIdx.x;
   const float p = (float)pos[t];
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
@@ -45,8 +48,8 @@ void rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, cuda
   dispatch_float(x.dtype, "rope", [&](auto tt) {
     using T = decltype(tt);
     const int threads = (int)std::min<int64_t>(256, std::max<int64_t>(32, (heads * half + 31) / 32 * 32));
-    rope_kernel<T><<<(unsigned)t, threads, 2 * half * sizeof(float), s>>>(x.ptr<T>(), positions.ptr<int>(),
-                                                                         inv_freq.ptr<float>(), (int)heads, (int)half);
+    launch_plain(rope_kernel<T>, dim3((unsigned)t), dim3(threads), 2 * half * sizeof(float), s, x.ptr<T>(), positions.ptr<int>(),
+                 inv_freq.ptr<float>(), (int)heads, (int)half);
   });
 }
 

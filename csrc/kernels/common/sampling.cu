@@ -6,7 +6,7 @@
 // any order, so the result is deterministic and equal to the CPU's.
 #include <cstdint>
 
-#include "pdl.cuh"
+#include "kernels/common/pdl.cuh"
 #include "common.h"
 #include "core/cuda_stream.h"
 #include "dtype_cuda.cuh"
