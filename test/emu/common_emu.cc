@@ -3,107 +3,24 @@
 // unit of its own with cuda_emu.h in front) in the emulator against the CPU ops of the same signature
 // (csrc/cpu/elementwise.cc, fused.cc) on fresh random inputs: integer results and caches byte for
 // byte, floats to 5e-4 (fp16) / 4e-3 (bf16) / 1e-5 (f32) relative error. Prints "emu: N passed, M failed".
-#include "cuda_emu.h"
+#include "emu_main.h"
 
-#include <cstdio>
-#include <cstdlib>
 #include <functional>
-#include <numeric>
-#include <random>
 
 #include "cpu/elementwise.h"
 #include "cpu/fused.h"
 #include "kernels/common/common.h"
 #include "kernels/common/fused.h"
 
-// The CUDA runtime calls the launchers make: an H100-sized device, allocations in host memory.
-extern "C" {
-cudaError_t cudaGetDevice(int* d) {
-  *d = 0;
-  return cudaSuccess;
-}
-cudaError_t cudaSetDevice(int) { return cudaSuccess; }
-cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? 132 : a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 227 * 1024 : a == cudaDevAttrComputeCapabilityMajor ? 9 : 0;
-  return cudaSuccess;
-}
-cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* fa, const void*) {
-  *fa = cudaFuncAttributes{};
-  return cudaSuccess;
-}
-cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* n, const void*, int, size_t, unsigned) {
-  *n = 2;
-  return cudaSuccess;
-}
-cudaError_t cudaGetLastError() { return cudaSuccess; }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* s) {
-  *s = cudaStreamCaptureStatusNone;
-  return cudaSuccess;
-}
-cudaError_t cudaMalloc(void** p, size_t n) {
-  *p = std::malloc(n);
-  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
-}
-cudaError_t cudaFree(void* p) {
-  std::free(p);
-  return cudaSuccess;
-}
-cudaError_t cudaMemset(void* p, int v, size_t n) {
-  std::memset(p, v, n);
-  return cudaSuccess;
-}
-const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
-}
-namespace sqz {
-cudaStream_t cuda_stream(int) { return nullptr; }
-}  // namespace sqz
-
-
+using emu::copy;
+using emu::host;
+using emu::ints;
+using emu::nbytes;
+using emu::randomize;
+using emu::report;
 using sqz::DType;
 using sqz::Tensor;
 
-static int passed = 0, failed = 0;
-static void report(const std::string& name, bool ok, const std::string& what) {
-  (ok ? passed : failed)++;
-  std::printf("%s %s: %s\n", ok ? "ok  " : "FAIL", name.c_str(), what.c_str());
-  std::fflush(stdout);
-}
-static Tensor host(DType dt, std::vector<int64_t> shape) { return Tensor::empty(dt, shape, sqz::Device{}); }
-static Tensor ints(const std::vector<int32_t>& v, std::vector<int64_t> shape) {
-  Tensor t = host(DType::I32, shape);
-  std::memcpy(t.data(), v.data(), v.size() * 4);
-  return t;
-}
-static size_t nbytes(const Tensor& t) { return (size_t)t.numel() * sqz::dtype_size(t.dtype); }
-static Tensor copy(const Tensor& t) {
-  Tensor c = host(t.dtype, t.shape);
-  std::memcpy(c.data(), t.data(), nbytes(t));
-  return c;
-}
-static void poison(const Tensor& t) { std::memset(t.data(), 0xff, nbytes(t)); }
-static std::vector<float> floats(const Tensor& t) {
-  std::vector<float> f(t.numel());
-  sqz::convert_to_float(t.data(), t.dtype, f.data(), f.size());
-  return f;
-}
-static void randomize(const Tensor& t, std::mt19937& r, float scale = 1.f) {
-  std::normal_distribution<float> nd;
-  std::vector<float> f(t.numel());
-  for (auto& v : f) v = nd(r) * scale;
-  sqz::convert_from_float(f.data(), t.data(), t.dtype, f.size());
-}
-static double rel_err(const Tensor& got, const Tensor& want) {
-  const std::vector<float> a = floats(got), b = floats(want);
-  double n = 0, d = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!std::isfinite(a[i])) return INFINITY;
-    n += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-    d += (double)b[i] * b[i];
-  }
-  return std::sqrt(n / std::max(d, 1e-30));
-}
 static const char* dname(DType dt) { return dt == DType::F16 ? "f16" : dt == DType::BF16 ? "bf16" : "f32"; }
 
 // Runs `cpu` and `cuda` on their own copies of the outputs (poisoned where `fresh`), then compares.
@@ -115,7 +32,7 @@ static void check_float(const std::string& name, DType dt, const std::vector<Ten
     for (const Tensor& t : outs) {
       a.push_back(copy(t));
       b.push_back(copy(t));
-      if (fresh) poison(b.back());
+      if (fresh) emu::fill_bytes(b.back(), 0xff);  // NaN
     }
     cpu(a);
     cuda(b);
@@ -125,7 +42,7 @@ static void check_float(const std::string& name, DType dt, const std::vector<Ten
     for (size_t i = 0; i < a.size(); ++i)
       e = std::max(e, a[i].dtype == DType::I32 || a[i].dtype == DType::U32 || a[i].dtype == DType::U8
                           ? (std::memcmp(a[i].data(), b[i].data(), nbytes(a[i])) == 0 ? 0.0 : INFINITY)
-                          : rel_err(b[i], a[i]));
+                          : emu::rel_err(b[i], a[i]));
     char buf[80];
     std::snprintf(buf, sizeof buf, "rel err %.3g (tol %.0e)", e, tol);
     report(name + " " + dname(dt), e <= tol, buf);
@@ -135,8 +52,7 @@ static void check_float(const std::string& name, DType dt, const std::vector<Ten
 }
 
 int main(int argc, char** argv) {
-  const unsigned seed = argc > 1 ? (unsigned)std::strtoul(argv[1], nullptr, 10) : std::random_device{}();
-  std::printf("seed %u\n", seed);
+  const unsigned seed = emu::seed_of(argc, argv);
   std::mt19937 r(seed);
   namespace C = sqz::cpu;
   namespace G = sqz::cuda;
@@ -194,6 +110,5 @@ int main(int argc, char** argv) {
     check_float("sample", dt, {tok, rng}, false, [&](auto& o) { C::sample(o[0], logits, temp, topk, topp, o[1]); },
                 [&](auto& o) { G::sample(o[0], logits, temp, topk, topp, o[1], nullptr); });
   }
-  std::printf("emu: %d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return emu::finish();
 }

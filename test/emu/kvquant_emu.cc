@@ -3,74 +3,26 @@
 // (cuda_emu.h; shim/ supplies ptx.cuh and pdl.cuh) against the CPU ops of the same signature
 // (csrc/cpu/kvquant.cc): append and dequantize byte for byte, attention to 2e-3 (fp16) / 1e-2
 // (bf16) relative error. Prints one line per case and "emu: N passed, M failed".
-#include "cuda_emu.h"
+#include "emu_main.h"
 
-#include <cstdio>
 #include <numeric>
-#include <random>
 
 #include "cpu/kvquant.h"
 #include "kernels/kvquant/kvquant.cu"
 
-// The CUDA runtime calls the launchers make (device attributes, the shared-memory opt-in): an
-// H100-sized device.
-extern "C" {
-cudaError_t cudaGetDevice(int* d) {
-  *d = 0;
-  return cudaSuccess;
-}
-cudaError_t cudaSetDevice(int) { return cudaSuccess; }
-cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? 132 : a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 227 * 1024 : 0;
-  return cudaSuccess;
-}
-cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* fa, const void*) {
-  *fa = cudaFuncAttributes{};
-  return cudaSuccess;
-}
-cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
-cudaError_t cudaGetLastError() { return cudaSuccess; }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
-}
-
+using emu::fill_bytes;
+using emu::host;
+using emu::ints;
+using emu::report;
 using sqz::DType;
 using sqz::Tensor;
 
-static int passed = 0, failed = 0;
-static void report(const std::string& name, bool ok, const std::string& what) {
-  (ok ? passed : failed)++;
-  std::printf("%s %s: %s\n", ok ? "ok  " : "FAIL", name.c_str(), what.c_str());
-  std::fflush(stdout);
-}
-
-static Tensor host(DType dt, std::vector<int64_t> shape) { return Tensor::empty(dt, shape, sqz::Device{}); }
-static Tensor ints(const std::vector<int32_t>& v, std::vector<int64_t> shape) {
-  Tensor t = host(DType::I32, shape);
-  std::memcpy(t.data(), v.data(), v.size() * 4);
-  return t;
-}
-static void fill_bytes(const Tensor& t, uint8_t b) { std::memset(t.data(), b, t.numel() * sqz::dtype_size(t.dtype)); }
 static long first_diff(const Tensor& a, const Tensor& b) {
-  const size_t n = a.numel() * sqz::dtype_size(a.dtype);
+  const size_t n = emu::nbytes(a);
   const uint8_t *x = static_cast<const uint8_t*>(a.data()), *y = static_cast<const uint8_t*>(b.data());
   for (size_t i = 0; i < n; ++i)
     if (x[i] != y[i]) return (long)i;
   return -1;
-}
-static std::vector<float> floats(const Tensor& t) {
-  std::vector<float> f(t.numel());
-  sqz::convert_to_float(t.data(), t.dtype, f.data(), f.size());
-  return f;
-}
-static double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
-  double n = 0, d = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!std::isfinite(a[i])) return INFINITY;
-    n += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-    d += (double)b[i] * b[i];
-  }
-  return std::sqrt(n / std::max(d, 1e-30));
 }
 static std::vector<float> codebook(int bits, std::mt19937& r) {
   const int n = 1 << bits;
@@ -137,13 +89,6 @@ static Setup copy_of(const Setup& s) {
   return o;
 }
 
-static void random_rows(const Tensor& t, std::mt19937& r, float scale_every, int every) {
-  std::normal_distribution<float> nd;
-  std::vector<float> f(t.numel());
-  for (size_t i = 0; i < f.size(); ++i) f[i] = nd(r) * (i % every == 0 ? scale_every : 1.f);
-  sqz::convert_from_float(f.data(), t.data(), t.dtype, f.size());
-}
-
 static void kvq_case(int Hq, int H, int D, std::vector<int> lens, int bits, DType dt, int sink, int nk, int nv,
                      std::initializer_list<int> variants, unsigned seed) {
   std::mt19937 r(seed);
@@ -157,8 +102,8 @@ static void kvq_case(int Hq, int H, int D, std::vector<int> lens, int bits, DTyp
   Setup c = make_setup(H, D, bits, nk, nv, sink, lens, r);
   Setup g = copy_of(c);
   Tensor k = host(dt, {total, H * D}), v = host(dt, {total, H * D});
-  random_rows(k, r, 3.f, 37);
-  random_rows(v, r, 8.f, 53);
+  emu::randomize(k, r, 1.f, 3.f, 37);
+  emu::randomize(v, r, 1.f, 8.f, 53);
   try {
     sqz::cpu::kvq_append(c.cache, c.cal, k, v, c.page_table, c.seq_lens, c.cu_q);
     sqz::cuda::kvq_append(g.cache, g.cal, k, v, g.page_table, g.seq_lens, g.cu_q, nullptr);
@@ -189,7 +134,7 @@ static void kvq_case(int Hq, int H, int D, std::vector<int> lens, int bits, DTyp
     std::iota(cu1.begin(), cu1.end(), 0);
     Tensor cu_rows = ints(cu1, {B + 1});
     Tensor q = host(dt, {B, Hq, D});
-    random_rows(q, r, 1.f, 1);
+    emu::randomize(q, r);
     std::vector<float> inv(D / 2);
     for (int i = 0; i < D / 2; ++i) inv[i] = (float)std::pow(500000.0, -2.0 * i / D);
     Tensor invt = host(DType::F32, {D / 2});
@@ -206,7 +151,7 @@ static void kvq_case(int Hq, int H, int D, std::vector<int> lens, int bits, DTyp
       fill_bytes(got, 0xff);  // NaN
       sqz::cuda::kvq_attention(got, q, c.cache, c.cal, c.page_table, c.seq_lens, cu_rows, invt, scale, 1, maxlen,
                                work.data(), wf, variant, nullptr);
-      const double e = rel_err(floats(got), floats(want));
+      const double e = emu::rel_err(got, want);
       char buf[80];
       std::snprintf(buf, sizeof buf, "rel err %.3g (tol %.0e)", e, tol);
       report(nm + " attention variant " + std::to_string(variant), e <= tol, buf);
@@ -245,7 +190,7 @@ static void rope_append_case(int Hq, int H, int D, std::vector<int> rows, int bi
   for (Setup* s : {&c, &g})
     for (auto* t : {&s->cache.k_codes, &s->cache.v_codes, &s->cache.meta, &s->cache.sink_k, &s->cache.sink_v}) fill_bytes(*t, 0xa5);
   Tensor qkv = host(DType::F16, {N, (Hq + 2 * H) * D});
-  random_rows(qkv, r, 1.f, 1);
+  emu::randomize(qkv, r);
   std::vector<float> inv(D / 2);
   for (int i = 0; i < D / 2; ++i) inv[i] = (float)std::pow(10000.0, -2.0 * i / D);
   Tensor invt = host(DType::F32, {D / 2});
@@ -256,7 +201,7 @@ static void rope_append_case(int Hq, int H, int D, std::vector<int> rows, int bi
   try {
     sqz::cpu::kvq_rope_append(&qc, c.cache, c.cal, qkv, positions, invt, c.page_table, c.seq_lens, c.cu_q, false);
     sqz::cuda::kvq_rope_append(&qg, g.cache, g.cal, qkv, positions, invt, g.page_table, g.seq_lens, g.cu_q, false, nullptr);
-    const double e = rel_err(floats(qg), floats(qc));
+    const double e = emu::rel_err(qg, qc);
     long d = -1;
     const std::pair<const Tensor*, const Tensor*> parts[] = {{&g.cache.k_codes, &c.cache.k_codes}, {&g.cache.v_codes, &c.cache.v_codes},
                                                              {&g.cache.meta, &c.cache.meta}, {&g.cache.sink_k, &c.cache.sink_k},
@@ -271,8 +216,7 @@ static void rope_append_case(int Hq, int H, int D, std::vector<int> rows, int bi
 }
 
 int main(int argc, char** argv) {
-  const unsigned seed = argc > 1 ? (unsigned)std::strtoul(argv[1], nullptr, 10) : std::random_device{}();
-  std::printf("seed %u\n", seed);
+  const unsigned seed = emu::seed_of(argc, argv);
   // variant 0: the rotation-plane kernel where it covers the shape (head_dim 64/96/128, <= 8 query
   // heads per kv head), else the earlier tensor-core kernel, else the flash kernel; 1: the flash
   // kernel; 2: the earlier tensor-core kernel
@@ -285,6 +229,5 @@ int main(int argc, char** argv) {
   kvq_case(32, 1, 64, {60, 3}, 3, DType::F16, 3, 0, 0, {0}, seed + 6);
   rope_append_case(8, 2, 64, {5, 1, 9}, 4, seed + 7);
   rope_append_case(12, 3, 96, {6, 1}, 2, seed + 8);
-  std::printf("emu: %d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return emu::finish();
 }

@@ -3,81 +3,23 @@
 // (cuda_emu.h; shim/ supplies ptx.cuh, pdl.cuh and bulk_copy.cuh) against the CPU ops of the same
 // signature (csrc/cpu/lut_gemm.cc): the repack byte for byte, products to 2e-3 (f16) / 1e-2 (bf16)
 // relative error. Prints one line per case and "emu: N passed, M failed".
-#include "cuda_emu.h"
-
-#include <cstdio>
-#include <cstdlib>
-#include <random>
+#include "emu_main.h"
 
 #include "cpu/lut_gemm.h"
 #include "kernels/lut_gemm/lut_gemm.cu"
 
-// The CUDA runtime calls the launchers make: an H100-sized device whose allocations fail (the
-// launches that want a process buffer then take their fallback, as on a device out of memory).
-extern "C" {
-cudaError_t cudaGetDevice(int* d) {
-  *d = 0;
-  return cudaSuccess;
-}
-cudaError_t cudaSetDevice(int) { return cudaSuccess; }
-cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? 132 : a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 227 * 1024 : a == cudaDevAttrComputeCapabilityMajor ? 9 : 0;
-  return cudaSuccess;
-}
-cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* fa, const void*) {
-  *fa = cudaFuncAttributes{};
-  return cudaSuccess;
-}
-cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* n, const void*, int, size_t, unsigned) {
-  *n = 2;
-  return cudaSuccess;
-}
-cudaError_t cudaGetLastError() { return cudaSuccess; }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* s) {
-  *s = cudaStreamCaptureStatusNone;
-  return cudaSuccess;
-}
-cudaError_t cudaMalloc(void**, size_t) { return cudaErrorMemoryAllocation; }
-cudaError_t cudaMemset(void*, int, size_t) { return cudaErrorMemoryAllocation; }
-const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
-}
-namespace sqz {
-cudaStream_t cuda_stream(int) { return nullptr; }
-namespace cuda {
+namespace sqz::cuda {
 void matmul(const Tensor&, const Tensor&, const Tensor&, const Tensor*, cudaStream_t) {
   fail("ERR_UNSUPPORTED", "emulated: the dense GEMM is not part of this program");
 }
-}  // namespace cuda
-}  // namespace sqz
+}  // namespace sqz::cuda
 
+using emu::fill_bytes;
+using emu::host;
+using emu::report;
+using emu::set_floats;
 using sqz::DType;
 using sqz::Tensor;
-
-static int passed = 0, failed = 0;
-static void report(const std::string& name, bool ok, const std::string& what) {
-  (ok ? passed : failed)++;
-  std::printf("%s %s: %s\n", ok ? "ok  " : "FAIL", name.c_str(), what.c_str());
-  std::fflush(stdout);
-}
-static Tensor host(DType dt, std::vector<int64_t> shape) { return Tensor::empty(dt, shape, sqz::Device{}); }
-static void fill_bytes(const Tensor& t, uint8_t b) { std::memset(t.data(), b, t.numel() * sqz::dtype_size(t.dtype)); }
-static std::vector<float> floats(const Tensor& t) {
-  std::vector<float> f(t.numel());
-  sqz::convert_to_float(t.data(), t.dtype, f.data(), f.size());
-  return f;
-}
-static void set_floats(const Tensor& t, const std::vector<float>& f) { sqz::convert_from_float(f.data(), t.data(), t.dtype, f.size()); }
-static double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
-  double n = 0, d = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!std::isfinite(a[i])) return INFINITY;
-    n += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-    d += (double)b[i] * b[i];
-  }
-  return std::sqrt(n / std::max(d, 1e-30));
-}
 
 struct Weight {
   Tensor packed, lut, rows, cols, vals;
@@ -165,7 +107,7 @@ static void matmul_case(int M, int N, int K, int bits, DType dt, double share, s
     sqz::cpu::lut_matmul_packed(want, x, w.packed, w.lut, rows, cols, vals, bits, half, epi, norm ? &gamma : nullptr, 1e-6f);
     sqz::cuda::lut_matmul_packed(got, x, w.packed, w.lut, rows, cols, vals, bits, half, epi, norm ? &gamma : nullptr, 1e-6f,
                                  nullptr);
-    const double e = rel_err(floats(got), floats(want)), tol = dt == DType::F16 ? 2e-3 : 1e-2;
+    const double e = emu::rel_err(got, want), tol = dt == DType::F16 ? 2e-3 : 1e-2;
     std::snprintf(buf, sizeof buf, "rel err %.3g (tol %.0e)", e, tol);
     report(name, e <= tol, buf);
   } catch (const std::exception& ex) {
@@ -174,8 +116,10 @@ static void matmul_case(int M, int N, int K, int bits, DType dt, double share, s
 }
 
 int main(int argc, char** argv) {
-  const unsigned seed = argc > 1 ? (unsigned)std::strtoul(argv[1], nullptr, 10) : std::random_device{}();
-  std::printf("seed %u\n", seed);
+  const unsigned seed = emu::seed_of(argc, argv);
+  // no xT buffer, so no launch with the outlier step's grid barrier: the emulator runs the blocks one
+  // after another, and that barrier waits for all of them at once
+  emu::g_device_allocations = false;
   setenv("SQUEEZELM_LUT_DENSE_MIN_M", "0", 1);  // past M = 64: the tiled LUT GEMM, not the dense copy
   using sqz::cpu::kLutResidual;
   using sqz::cpu::kLutSiluPairs;
@@ -196,6 +140,5 @@ int main(int argc, char** argv) {
   matmul_case(16, 33, 320, 3, DType::BF16, 0.0045, kLutStore, false, s++);
   matmul_case(33, 40, 256, 4, DType::F16, 0.0045, kLutStore, false, s++);
   matmul_case(70, 24, 160, 3, DType::F16, 0.0045, kLutStore, false, s++);
-  std::printf("emu: %d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return emu::finish();
 }

@@ -62,8 +62,12 @@ bool pdl_enabled();
 // graph and SQUEEZELM_GRAPH_PDL=0 (the capture state is only asked for when that is set).
 bool pdl_for(cudaStream_t stream);
 
+// launch_pdl: with the attribute where pdl_for allows it; launch_plain: without it (what
+// <<<grid, block, smem, stream>>> does; a family launched only through these two can be run by the
+// tests' host emulator, whose pdl.cuh stands in for this one).
 template <class... KArgs, class... Args>
-void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
+                   Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -73,20 +77,16 @@ void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cu
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_for(stream) ? 1 : 0;
+  cfg.numAttrs = pdl ? 1 : 0;
   cuda_check(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "kernel launch");
 }
-
-// The same launch without the attribute (what <<<grid, block, smem, stream>>> does), so that every
-// launch of a kernel family goes through this header's two functions.
+template <class... KArgs, class... Args>
+void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  launch_kernel(kernel, grid, block, smem, stream, pdl_for(stream), std::forward<Args>(args)...);
+}
 template <class... KArgs, class... Args>
 void launch_plain(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cuda_check(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "kernel launch");
+  launch_kernel(kernel, grid, block, smem, stream, false, std::forward<Args>(args)...);
 }
 
 }  // namespace sqz::cuda
