@@ -10,7 +10,7 @@ import * as ops from '../ops';
 import { ModelConfig } from './config';
 import { Checkpoint, toDType } from './safetensors';
 import {
-  SLICE_BYTES, SqueezeLinear, SqueezeLinearModule, concatSqueezeLinears, loadQuantizedLinear, quantizeLinear, readSlice,
+  SLICE_BYTES, SqueezeLinear, SqueezeLinearModule, concatSqueezeLinears, groupQuantized, loadQuantizedLinear, quantizeLinear, readSlice,
   uploadSqueezeLinear,
 } from '../quant/squeezellm';
 
@@ -96,14 +96,11 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
   const names = ['model.embed_tokens.weight', 'model.norm.weight'];
   if (!tied) names.push('lm_head.weight');
   for (let i = 0; i < cfg.numLayers; i++) {
-    // SqueezeLLM linears (`<p>.qweight`) are checked by their own reader.
+    // SqueezeLLM linears (`<p>.qweight`) are checked by their own reader. q|k|v and gate|up run as
+    // one fused linear each: quantized whole or not at all, checked here before any bytes move.
     const dense = (p: string) => !ck.has(`${p}.qweight`);
-    // q|k|v and gate|up run as one fused linear each: quantized whole or not at all
-    for (const group of [['q', 'k', 'v'].map((p) => layerName(i, `self_attn.${p}_proj`)), ['gate', 'up'].map((p) => layerName(i, `mlp.${p}_proj`))]) {
-      const quantized = group.filter((p) => !dense(p));
-      if (quantized.length > 0 && quantized.length < group.length)
-        throw new SqueezeError('ERR_FORMAT', `${ck.describe()}: ${group.join(' + ')} are fused, but only ${quantized.join(', ')} ${quantized.length > 1 ? 'are' : 'is'} quantized`);
-    }
+    groupQuantized(ck, ['q', 'k', 'v'].map((p) => layerName(i, `self_attn.${p}_proj`)), ck.describe());
+    groupQuantized(ck, ['gate', 'up'].map((p) => layerName(i, `mlp.${p}_proj`)), ck.describe());
     for (const p of ['q', 'k', 'v', 'o']) if (dense(layerName(i, `self_attn.${p}_proj`))) names.push(layerName(i, `self_attn.${p}_proj.weight`));
     for (const p of ['gate', 'up', 'down']) if (dense(layerName(i, `mlp.${p}_proj`))) names.push(layerName(i, `mlp.${p}_proj.weight`));
     names.push(layerName(i, 'input_layernorm.weight'), layerName(i, 'post_attention_layernorm.weight'));

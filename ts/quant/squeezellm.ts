@@ -1035,16 +1035,25 @@ export function concatSqueezeLinears(ls: SqueezeLinear[]): SqueezeLinear {
 }
 
 /**
+ * Whether the linears `prefixes` (one fused group, such as q|k|v) are quantized: every one has
+ * `<prefix>.qweight` (true) or none (false); only some is ERR_FORMAT naming the group (`where`: the
+ * file, for the message).
+ */
+export function groupQuantized(reader: Pick<TensorReader, 'has'>, prefixes: string[], where = 'squeezellm'): boolean {
+  const q = prefixes.filter((p) => reader.has(`${p}.qweight`));
+  if (q.length > 0 && q.length < prefixes.length)
+    throw new SqueezeError('ERR_FORMAT', `${where}: ${prefixes.join(' + ')} are fused, but only ${q.join(', ')} ${q.length > 1 ? 'are' : 'is'} quantized`);
+  return q.length > 0;
+}
+
+/**
  * The loader hook for a decoder's linear (or a fused group such as gate+up): undefined when the
  * checkpoint holds dense `<prefix>.weight`s, the quantized module when every prefix has
  * `<prefix>.qweight` (ERR_FORMAT when only some do). `inFeatures` is the input size from the config.
  */
 export function loadQuantizedLinear(reader: TensorReader, prefixes: string[], inFeatures: number, device: string,
   dtype?: DType, opts: UploadOptions = {}): SqueezeLinearModule | undefined {
-  const q = prefixes.filter((p) => reader.has(`${p}.qweight`));
-  if (q.length === 0) return undefined;
-  if (q.length !== prefixes.length)
-    throw new SqueezeError('ERR_FORMAT', `squeezellm: ${prefixes.join(' + ')} are fused, but only ${q.join(', ')} are quantized`);
+  if (!groupQuantized(reader, prefixes)) return undefined;
   return uploadSqueezeLinear(concatSqueezeLinears(prefixes.map((p) => readSqueezeLinear(reader, p, inFeatures))), device, dtype, opts);
 }
 
