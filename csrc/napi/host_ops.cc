@@ -25,11 +25,39 @@
 namespace sqz::napi {
 namespace {
 
-class NllWorker : public Napi::AsyncWorker {
+// A host op's work on a libuv worker thread (with the CPU pool inside), settling a promise: Run() off
+// the main thread, Settle() back on it; an exception in Run() rejects with ERR_INTERNAL.
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  explicit PromiseWorker(Napi::Env env) : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)) {}
+  // Queues the work; the promise settles when it is done.
+  Napi::Promise start() {
+    Napi::Promise p = deferred_.Promise();
+    Queue();
+    return p;
+  }
+
+ protected:
+  virtual void Run() = 0;
+  virtual Napi::Value Settle() = 0;
+
+ private:
+  void Execute() override {
+    try {
+      Run();
+    } catch (const std::exception& e) {
+      SetError(e.what());
+    }
+  }
+  void OnOK() override { deferred_.Resolve(Settle()); }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(make_error(Env(), "ERR_INTERNAL", e.Message()).Value()); }
+  Napi::Promise::Deferred deferred_;
+};
+
+class NllWorker : public PromiseWorker {
  public:
   NllWorker(Napi::Env env, Napi::Float32Array logits, int64_t vocab, Napi::Int32Array targets)
-      : Napi::AsyncWorker(env),
-        deferred_(Napi::Promise::Deferred::New(env)),
+      : PromiseWorker(env),
         logits_ref_(Napi::Persistent(logits.As<Napi::Object>())),
         targets_ref_(Napi::Persistent(targets.As<Napi::Object>())),
         logits_(logits.Data()),
@@ -37,23 +65,16 @@ class NllWorker : public Napi::AsyncWorker {
         vocab_(vocab),
         rows_((int64_t)targets.ElementLength()),
         out_((size_t)rows_) {}
-  Napi::Promise promise() { return deferred_.Promise(); }
-  void Execute() override {
-    try {
-      cpu::token_nll(logits_, vocab_, targets_, rows_, out_.data());
-    } catch (const std::exception& e) {
-      SetError(e.what());
-    }
-  }
-  void OnOK() override {
+
+ protected:
+  void Run() override { cpu::token_nll(logits_, vocab_, targets_, rows_, out_.data()); }
+  Napi::Value Settle() override {
     Napi::Float64Array r = Napi::Float64Array::New(Env(), (size_t)rows_);
     if (rows_) std::memcpy(r.Data(), out_.data(), out_.size() * sizeof(double));
-    deferred_.Resolve(r);
+    return r;
   }
-  void OnError(const Napi::Error& e) override { deferred_.Reject(make_error(Env(), "ERR_INTERNAL", e.Message()).Value()); }
 
  private:
-  Napi::Promise::Deferred deferred_;
   // the arrays stay referenced (and their memory in place) until the worker is done
   Napi::ObjectReference logits_ref_, targets_ref_;
   const float* logits_;
@@ -62,12 +83,11 @@ class NllWorker : public Napi::AsyncWorker {
   std::vector<double> out_;
 };
 
-class GptqFactorWorker : public Napi::AsyncWorker {
+class GptqFactorWorker : public PromiseWorker {
  public:
   // The outputs are made here, on the main thread, and filled in place by the worker.
   GptqFactorWorker(Napi::Env env, Napi::Float64Array h, int64_t K, double damp, bool act_order)
-      : Napi::AsyncWorker(env),
-        deferred_(Napi::Promise::Deferred::New(env)),
+      : PromiseWorker(env),
         h_ref_(Napi::Persistent(h.As<Napi::Object>())),
         out_(Napi::Persistent(Napi::Object::New(env))),
         h_(h.Data()),
@@ -81,19 +101,12 @@ class GptqFactorWorker : public Napi::AsyncWorker {
     out_.Set("u", u);
     perm_ = perm.Data(), a_ = a.Data(), u_ = u.Data();
   }
-  Napi::Promise promise() { return deferred_.Promise(); }
-  void Execute() override {
-    try {
-      cpu::gptq_factor(h_, K_, damp_, act_order_, perm_, a_, u_);
-    } catch (const std::exception& e) {
-      SetError(e.what());
-    }
-  }
-  void OnOK() override { deferred_.Resolve(out_.Value()); }
-  void OnError(const Napi::Error& e) override { deferred_.Reject(make_error(Env(), "ERR_INTERNAL", e.Message()).Value()); }
+
+ protected:
+  void Run() override { cpu::gptq_factor(h_, K_, damp_, act_order_, perm_, a_, u_); }
+  Napi::Value Settle() override { return out_.Value(); }
 
  private:
-  Napi::Promise::Deferred deferred_;
   // h and the outputs stay referenced (and their memory in place) until the worker is done
   Napi::ObjectReference h_ref_, out_;
   const double* h_;
@@ -118,10 +131,7 @@ SQZ_OP(gptqFactor) {
   const double damp = a.opt_number(2, "damp", 0.01);
   if (!(damp >= 0)) a.error("ERR_ARG", "damp must be >= 0, got " + std::to_string(damp));
   const bool act_order = a.size() < 4 || info[3].IsUndefined() || info[3].ToBoolean().Value();
-  auto* w = new GptqFactorWorker(info.Env(), h, K, damp, act_order);
-  Napi::Promise p = w->promise();
-  w->Queue();
-  return p;
+  return (new GptqFactorWorker(info.Env(), h, K, damp, act_order))->start();
 }
 
 SQZ_OP(tokenNll) {
@@ -143,10 +153,7 @@ SQZ_OP(tokenNll) {
     if (t[r] < 0 || t[r] >= V)
       a.error("ERR_ARG", "target " + std::to_string(t[r]) + " of row " + std::to_string(r) + " is outside the vocabulary [0, " +
                              std::to_string(V) + ")");
-  auto* w = new NllWorker(info.Env(), logits, V, targets);
-  Napi::Promise p = w->promise();
-  w->Queue();
-  return p;
+  return (new NllWorker(info.Env(), logits, V, targets))->start();
 }
 
 SQZ_OP(kmeans1d) {
