@@ -46,7 +46,7 @@ namespace emu {
 struct Block {
   std::unique_ptr<std::barrier<>> block;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
-  std::vector<unsigned long long> slots;  // one 8-byte exchange slot per thread
+  std::vector<unsigned long long> slots;  // one word per thread for the block-wide votes (__syncthreads_or)
   std::vector<std::array<uint32_t, 8>> wide;  // the fragments of a warp-wide matrix instruction, per thread
   std::mutex named_mu;  // named barriers (bar.sync id, count), made at first use
   std::unique_ptr<std::barrier<>> named[16];
@@ -109,18 +109,17 @@ inline void named_barrier(int id, int threads) {
   b->arrive_and_wait();
 }
 
+// A shuffle: lane src_lane's value (a warp collective of two words).
 template <class T> T exchange(T v, unsigned src_lane) {
   static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
-  const unsigned t = linear_tid(), w = t / 32;
-  unsigned long long raw = 0;
-  std::memcpy(&raw, &v, sizeof(T));
-  g_block->slots[t] = raw;
-  g_block->warps[w]->arrive_and_wait();
-  T out;
-  const unsigned long long got = g_block->slots[32 * w + (src_lane & 31)];
-  std::memcpy(&out, &got, sizeof(T));
-  g_block->warps[w]->arrive_and_wait();
-  return out;
+  std::array<uint32_t, 2> mine{};
+  std::memcpy(mine.data(), &v, sizeof(T));
+  return warp_collective<2>(mine, [src_lane](auto word) {
+    const uint32_t got[2] = {word(src_lane, 0), word(src_lane, 1)};
+    T out;
+    std::memcpy(&out, got, sizeof(T));
+    return out;
+  });
 }
 }  // namespace emu
 
