@@ -1559,17 +1559,14 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // 4096x4096 M = 1 4.87 / 4.70, M = 2 4.92 / 4.82; 8192x8192 13.52 / 15.40).
     // (At K = 8192 the one-unit 3-bit ring was slower: D+S 8192x8192 15.3 against 13.5 us; two units
     // per slot, 6 KB copies, slower still: 15.7 against 13.3.)
-    // Those are launches alone. At M <= 2, the decode step, 3-bit takes the ring wherever a warp's
-    // codes of a row group are short (K <= 4096) or each block takes one row group: in a
+    // Those are launches alone. At M <= 2, the decode step, 3-bit takes the ring everywhere: in a
     // graph-replayed LLaMA-2-7B-shaped step (6 layers, D+S 0.45%, fused norm and epilogues, H100, the
-    // settings alternated in one process, four runs each) the ring took 536.1-537.5 us against
+    // settings alternated in one process, four runs each) forcing it took 536.1-537.5 us against
     // 549.8-553.3 us for the launch-alone rule above, which kept the q|k|v (12288x4096) and down
     // (4096x11008) projections on register buffers; alone, the ring was 3% slower at 12288x4096 (15.7
     // against 15.2 us) and equal at 4096x11008 (12.7 us). Under programmatic dependent launch the
     // ring's first copies, requested before griddepcontrol.wait, land in shared memory while the
-    // previous kernel runs. Where blocks walk several groups of longer rows (8192x8192, 28672x8192,
-    // 8192x28672) the register buffers stay: taking the ring there too (042a778 .. 27c8e9b) made
-    // those launches 2-17% slower on the H100 (8192x8192 D+S 16.63 against 14.21 us).
+    // previous kernel runs.
     // SQUEEZELM_LUT_RING=0 / 1 forces the register buffers / the ring (tuning, tests).
     const int ring_env = env_int("SQUEEZELM_LUT_RING", -1);
     const bool sparse = rp != nullptr;
@@ -1583,8 +1580,8 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
         const bool short_groups = (U + GV_WARPS - 1) / GV_WARPS <= 1;
         // row groups against the ring kernel's resident blocks (2 per SM)
         const int groups = (N + 15) / 16, slots = 2 * sm_count(dev);
-        const bool many_groups = groups >= 4 * slots, one_group = groups <= slots;
-        ring = (M <= 2 && (short_groups || one_group)) || (short_groups && many_groups && !sparse);
+        const bool many_groups = groups >= 4 * slots;
+        ring = M <= 2 || (short_groups && many_groups && !sparse);
       }
     }
     const bool osplit = M <= 2 && vec && sparse && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0;
