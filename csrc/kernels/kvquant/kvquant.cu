@@ -54,7 +54,6 @@ struct Geo {
   int sink_row_fixed;    // >= 0: every sequence uses this row (kvq_dequantize)
   int B, max_pages, page_size, H, D, bits, nk, nv, sink, cbytes, mbytes, pages;
   int page_shift;  // log2(page_size) where it is a power of two, else -1
-  bool vec_planes;  // planes kernel: key bounds 16-byte and queries 8-byte aligned (set by its dispatch)
 };
 
 Geo make_geo(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& pt, const Tensor* lens, const Tensor* cu) {
@@ -73,7 +72,6 @@ Geo make_geo(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& pt, const
   g.cu = cu ? cu->ptr<int>() : nullptr;
   g.sink_rows = c.sink_rows.storage ? c.sink_rows.ptr<int>() : nullptr;
   g.sink_row_fixed = -1;
-  g.vec_planes = false;
   g.pages = (int)c.k_codes.dim(0);
   g.B = (int)pt.dim(0);
   g.max_pages = (int)pt.dim(1);

@@ -76,29 +76,6 @@ __device__ __forceinline__ unsigned hmul2(unsigned a, unsigned b) { return h2u(_
 // 8x8 fp16 transpose across the warp (ptx.cuh).
 __device__ __forceinline__ unsigned movtrans(unsigned a) { return movmatrix_trans(a); }
 
-// Four consecutive values as floats: one 16-byte (f32) or 8-byte (f16/bf16) load where `vec`
-// (the address is then aligned to it), else four scalar loads.
-__device__ __forceinline__ void load4(const float* p, bool vec, float (&v)[4]) {
-  if (vec) {
-    const float4 w = __ldg(reinterpret_cast<const float4*>(p));
-    v[0] = w.x, v[1] = w.y, v[2] = w.z, v[3] = w.w;
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = __ldg(p + i);
-  }
-}
-template <class T> __device__ __forceinline__ void load4(const T* p, bool vec, float (&v)[4]) {
-  if (vec) {
-    const uint2 w = __ldg(reinterpret_cast<const uint2*>(p));
-    const T* e = reinterpret_cast<const T*>(&w);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = to_f(e[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = to_f(p[i]);
-  }
-}
-
 // NW words of a bit stream starting at bit `bit0` of a shared-memory row (reads one more word).
 template <int NW, bool ALIGNED>
 __device__ __forceinline__ void stream_words(const uint8_t* row, int bit0, unsigned (&w)[NW]) {
@@ -368,12 +345,6 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
     prefetch_l1(qrow + r * D + PPL * c4);
     prefetch_l1(qrow + r * D + PPL * c4 + HALF);
   }
-  if (active && !sink_split) {  // and the lines of its key bounds
-    prefetch_l1(g.key_lo + (long long)h * D + PPL * c4);
-    prefetch_l1(g.key_lo + (long long)h * D + PPL * c4 + HALF);
-    prefetch_l1(g.key_hi + (long long)h * D + PPL * c4);
-    prefetch_l1(g.key_hi + (long long)h * D + PPL * c4 + HALF);
-  }
 
   __shared__ int bp[2];
   __shared__ __align__(16) unsigned books[2][2][TW];  // key, value books: low / high byte planes
@@ -439,36 +410,23 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
     const float* lo = g.key_lo + (long long)h * D;
     const float* hi = g.key_hi + (long long)h * D;
     const bool hv = r < G && b >= 0;
-    const T* const ql = qrow + r * D;
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      // the lane's four RoPE pairs of the step, p0 .. p0 + 3: one 16-byte load per bound and half,
-      // one 8-byte load per query half (g.vec_planes: the host checked the alignment), where 96
-      // scalar loads per lane kept the load queue full through the prologue (ncu, H100)
-      const int p0 = PPL * c4 + 4 * ks;
-      float lx[4], ly[4], hx[4], hy[4], qx[4], qy[4];
-      load4(lo + p0, g.vec_planes, lx);
-      load4(lo + p0 + HALF, g.vec_planes, ly);
-      load4(hi + p0, g.vec_planes, hx);
-      load4(hi + p0 + HALF, g.vec_planes, hy);
-      if (hv) {
-        load4(ql + p0, g.vec_planes, qx);
-        load4(ql + p0 + HALF, g.vec_planes, qy);
-      }
+    for (int ks = 0; ks < KS; ++ks)
 #pragma unroll
       for (int hf2 = 0; hf2 < 2; ++hf2) {
         float cf[2][6];
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          const int e = 2 * hf2 + j;
-          const float qxe = hv ? qs * qx[e] : 0.f, qye = hv ? qs * qy[e] : 0.f;
-          const float ax = 0.5f * (hx[e] - lx[e]), ay = 0.5f * (hy[e] - ly[e]), bx = lx[e] + ax, by = ly[e] + ay;
-          cf[j][0] = qxe * ax;
-          cf[j][1] = qye * ay;
-          cf[j][2] = qye * ax;
-          cf[j][3] = -qxe * ay;
-          cf[j][4] = fmaf(qxe, bx, qye * by);
-          cf[j][5] = fmaf(qye, bx, -qxe * by);
+          const int p = PPL * c4 + 4 * ks + 2 * hf2 + j;
+          const float qx = hv ? qs * to_f(qrow[r * D + p]) : 0.f, qy = hv ? qs * to_f(qrow[r * D + p + HALF]) : 0.f;
+          const float lx = lo[p], ly = lo[p + HALF];
+          const float ax = 0.5f * (hi[p] - lx), ay = 0.5f * (hi[p + HALF] - ly), bx = lx + ax, by = ly + ay;
+          cf[j][0] = qx * ax;
+          cf[j][1] = qy * ay;
+          cf[j][2] = qy * ax;
+          cf[j][3] = -qx * ay;
+          cf[j][4] = fmaf(qx, bx, qy * by);
+          cf[j][5] = fmaf(qy, bx, -qx * by);
         }
 #pragma unroll
         for (int pl_ = 0; pl_ < 4; ++pl_) qb[pl_][ks][hf2] = h2u(__floats2half2_rn(cf[0][pl_], cf[1][pl_]));
@@ -477,7 +435,6 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
           tc::sts32(qcs + (unsigned)((((ks * 2 + pl_ - 4) * 32 + lane) * 2 + hf2) * 4),
                     __uint_as_float(h2u(__floats2half2_rn(cf[0][pl_], cf[1][pl_]))));
       }
-    }
     __syncwarp();
   }
 
@@ -819,13 +776,10 @@ bool dispatch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f,
   if (work && need > work_floats) fail("ERR_ARG", "kvqAttention: the workspace holds " + std::to_string(work_floats) +
                                                       " floats, this call needs " + std::to_string(need));
   float* part = work ? work : partials(dev, (size_t)need * sizeof(float), s);
-  Geo gv = g;  // the query planes' loads: vectors where the addresses allow (calibration slices may not)
-  gv.vec_planes = reinterpret_cast<uintptr_t>(g.key_lo) % 16 == 0 && reinterpret_cast<uintptr_t>(g.key_hi) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(q.data()) % 8 == 0;
   switch (g.D) {
-    case 64: launch_bits<T, 64>(out, q, gv, f, scale, pl, sp.nsink, part, s); return true;
-    case 96: launch_bits<T, 96>(out, q, gv, f, scale, pl, sp.nsink, part, s); return true;
-    case 128: launch_bits<T, 128>(out, q, gv, f, scale, pl, sp.nsink, part, s); return true;
+    case 64: launch_bits<T, 64>(out, q, g, f, scale, pl, sp.nsink, part, s); return true;
+    case 96: launch_bits<T, 96>(out, q, g, f, scale, pl, sp.nsink, part, s); return true;
+    case 128: launch_bits<T, 128>(out, q, g, f, scale, pl, sp.nsink, part, s); return true;
     default: return false;
   }
 }
