@@ -29,7 +29,6 @@
 #define __launch_bounds__(...)
 #undef __forceinline__
 #define __forceinline__ inline
-#define __noinline__ __attribute__((noinline))
 
 namespace emu {
 alignas(16) inline unsigned char g_dynamic_smem[1 << 20];

@@ -147,7 +147,7 @@ __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
 // to T as the unfused projection stores it; then what rope_append_piece (common/fused.cu) does with
 // them, with the same rotation (common/rope_append.cuh), so both give the same bits.
 template <class T>
-__device__ __noinline__ void lut_rope_store(const LutStore& so, int m, int o, float z1, float z2) {
+__device__ __forceinline__ void lut_rope_store(const LutStore& so, int m, int o, float z1, float z2) {
   const RopeAppendParams& p = so.rope;
   const int half = p.half, D = 2 * half, h = o / D, i = o - h * D;
   const float x1 = Cvt<T>::f(Cvt<T>::t(z1)), x2 = Cvt<T>::f(Cvt<T>::t(z2));
