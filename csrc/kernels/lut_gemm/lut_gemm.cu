@@ -1426,11 +1426,12 @@ void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* l
 // A plain product (unpaired rows, no epilogue, no norm) takes kernels compiled without the fused
 // epilogues (FUSED = false): the RoPE/append, SiLU and residual code in every kernel's row-group loop
 // costs the plain launches registers and time (docs/log/squeezellm-kernels.md).
+// SQUEEZELM_LUT_PLAIN=0 gives plain products the fused kernels (tuning, tests).
 template <class T, int BITS, bool XS>
 void launch_gemv_decode(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp, const void* vp,
                         bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutStore so, cudaStream_t st) {
   if constexpr (!XS)
-    if (so.mode == kStoreRows && so.half == 0)
+    if (so.mode == kStoreRows && so.half == 0 && env_int("SQUEEZELM_LUT_PLAIN", 1) != 0)
       return launch_gemv_decode_table<T, BITS, false, false>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st);
   launch_gemv_decode_table<T, BITS, XS, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st);
 }
