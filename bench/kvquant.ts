@@ -17,6 +17,32 @@ const PAGE = 16;
 // SQUEEZELM_BENCH_KVQ_DEFAULT_ONLY=1 times the default alone (a shorter run).
 const VARIANTS: ReadonlyArray<0 | 2> = process.env.SQUEEZELM_BENCH_KVQ_DEFAULT_ONLY === '1' ? [0] : [0, 2];
 
+/**
+ * Cache set `i` of the benchmark: pages of PAGE tokens with random codes, valid metadata (syntheticMeta)
+ * and 4 random fp16 sink tokens. Also the profiler's target (scripts/ncu-target.js).
+ */
+export function syntheticKvqCache(
+  o: { pages: number; kvHeads: number; headDim: number; bits: number; keyOutliers: number; valueOutliers: number; maxSeqs: number; device: string },
+  i = 0,
+): KvqCache {
+  const c = new KvqCache({ ...o, pageSize: PAGE, sink: 4 });
+  fillRandomInt(c.kCodes, 4 + 10 * i);
+  fillRandomInt(c.vCodes, 5 + 10 * i);
+  c.meta.write(syntheticMeta(o.pages * PAGE * o.kvHeads, o.headDim, o.keyOutliers, o.valueOutliers, 6 + i));
+  fillRandom(c.sinkK, 7 + 10 * i);
+  fillRandom(c.sinkV, 8 + 10 * i);
+  return c;
+}
+
+/** The benchmark's calibration: key bounds [-2, 2] for every channel, NormalFloat codebooks. */
+export function syntheticKvqCalibration(kvHeads: number, headDim: number, bits: number, device: string): KvqLayerCalibration {
+  const n = kvHeads * headDim, cb = normalFloatCodebook(bits);
+  return {
+    keyLo: Tensor.from(new Float32Array(n).fill(-2), [n], { device }), keyHi: Tensor.from(new Float32Array(n).fill(2), [n], { device }),
+    keyCodebook: Tensor.from(cb, [cb.length], { device }), valueCodebook: Tensor.from(cb, [cb.length], { device }),
+  };
+}
+
 export async function benchKvquant(ctx: BenchContext): Promise<BenchResult[]> {
   if (!ctx.device) return [];
   const device = ctx.device, D = 128, results: BenchResult[] = [];
@@ -57,21 +83,9 @@ export async function benchKvquant(ctx: BenchContext): Promise<BenchResult[]> {
       const nk = 2, nv = 2;
       const caches: KvqCache[] = [];
       const sets = setsFor(pages * PAGE * kvBytesPerToken({ layers: 1, kvHeads: H, headDim: D, bits, keyOutliers: nk, valueOutliers: nv }), ctx.l2Bytes);
-      for (let i = 0; i < sets; i++) {
-        const c = new KvqCache({ pages, pageSize: PAGE, kvHeads: H, headDim: D, bits, keyOutliers: nk, valueOutliers: nv, sink: 4, maxSeqs: B, device });
-        fillRandomInt(c.kCodes, 4 + 10 * i);
-        fillRandomInt(c.vCodes, 5 + 10 * i);
-        c.meta.write(syntheticMeta(pages * PAGE * H, D, nk, nv, 6 + i));
-        fillRandom(c.sinkK, 7 + 10 * i);
-        fillRandom(c.sinkV, 8 + 10 * i);
-        caches.push(c);
-      }
+      for (let i = 0; i < sets; i++) caches.push(syntheticKvqCache({ pages, kvHeads: H, headDim: D, bits, keyOutliers: nk, valueOutliers: nv, maxSeqs: B, device }, i));
       const cache = caches[0];
-      const cb = normalFloatCodebook(bits);
-      const cal: KvqLayerCalibration = {
-        keyLo: Tensor.from(new Float32Array(H * D).fill(-2), [H * D], { device }), keyHi: Tensor.from(new Float32Array(H * D).fill(2), [H * D], { device }),
-        keyCodebook: Tensor.from(cb, [cb.length], { device }), valueCodebook: Tensor.from(cb, [cb.length], { device }),
-      };
+      const cal = syntheticKvqCalibration(H, D, bits, device);
       const work = Tensor.empty([Math.max(1, kvqAttentionWorkspaceSize(device, B, Hq, H, D, L))], { dtype: 'f32', device });
       const bytes = B * L * cache.bytesPerToken + q.byteLength * 2;
       // the default (the rotation-plane kernel, variant 0) and the earlier tensor-core kernel (variant 2)

@@ -27,9 +27,10 @@ const PROMPT = 512;
 const PROMPT_SHAPES: Array<[number, number]> = [...DECODE_SHAPES, [4096, 11008]];
 const OUTLIER_SHARE = 0.0045;
 
-interface LutSet { q: Tensor; lut: Tensor; rows?: Tensor; cols?: Tensor; vals?: Tensor; bytes: number }
+export interface LutSet { q: Tensor; lut: Tensor; rows?: Tensor; cols?: Tensor; vals?: Tensor; bytes: number }
 
-async function makeSet(N: number, K: number, bits: number, sparse: boolean, device: string, seed: number): Promise<LutSet> {
+/** A weight set of the suite (also the profiler's target, scripts/ncu-target.js). */
+export async function makeSet(N: number, K: number, bits: number, sparse: boolean, device: string, seed: number): Promise<LutSet> {
   const q = Tensor.empty(lutPackedShape(N, K, bits), { dtype: 'i32', device });
   fillRandomInt(q, seed);
   const lut = await randomTensor([N, 1 << bits], 'f16', device, 0.02);

@@ -10,41 +10,27 @@
 //        slots, 4 sink tokens (the bench's synthetic cache).
 const { Tensor } = require('../dist/ts/tensor');
 const ops = require('../dist/ts/ops');
-const { KvqCache, kvqAttention, kvqAttentionWorkspaceSize } = require('../dist/ts/ops/kvquant');
-const { normalFloatCodebook } = require('../dist/ts/quant/kvquant');
-const { syntheticMeta } = require('../dist/bench/scale');
+const { kvqAttention, kvqAttentionWorkspaceSize } = require('../dist/ts/ops/kvquant');
+const { makeSet } = require('../dist/bench/lut');
+const { syntheticKvqCache, syntheticKvqCalibration } = require('../dist/bench/kvquant');
 
 const device = 'cuda:0';
 
 async function lutTarget(reps) {
   const N = 8192, K = 8192;
   for (const bits of [4, 3]) {
-    const q = Tensor.empty(ops.lutPackedShape(N, K, bits), { dtype: 'i32', device });
-    ops.fillRandomInt(q, 3);
-    const lut = Tensor.empty([N, 1 << bits], { dtype: 'f16', device });
-    ops.fillRandom(lut, 4, 0, 0.02);
-    // the bench's outliers: the same count in every row, spread over K
-    const per = Math.max(1, Math.round(0.0045 * K));
-    const rows = new Int32Array(N + 1), cols = new Int32Array(N * per);
-    for (let n = 0; n < N; n++) {
-      rows[n + 1] = (n + 1) * per;
-      for (let j = 0; j < per; j++) cols[n * per + j] = (j * Math.floor(K / per) + n * 7) % K;
-      cols.subarray(n * per, (n + 1) * per).sort();
-    }
-    const r = Tensor.from(rows, [N + 1], { device }), c = Tensor.from(cols, [N * per], { device });
-    const v = Tensor.empty([N * per], { dtype: 'f16', device });
-    ops.fillRandom(v, 5, 0, 0.1);
+    const w = await makeSet(N, K, bits, true, device, 3);  // the bench's weights, 0.45% outliers
     const x = Tensor.empty([1, K], { dtype: 'f16', device });
     ops.fillRandom(x, 6, 0, 1);
     const y = Tensor.empty([1, N], { dtype: 'f16', device });
-    for (let i = 0; i < reps; i++) ops.lutMatmulPacked(y, x, q, lut, r, c, v, bits);
+    for (let i = 0; i < reps; i++) ops.lutMatmulPacked(y, x, w.q, w.lut, w.rows, w.cols, w.vals, bits);
     await y.toArray();
-    for (const t of [q, lut, r, c, v, x, y]) t.dispose();
+    for (const t of [w.q, w.lut, w.rows, w.cols, w.vals, x, y]) t?.dispose();
   }
 }
 
 async function kvqTarget(reps) {
-  const D = 128, PAGE = 16, L = 32768, nk = 2, nv = 2;
+  const D = 128, PAGE = 16, L = 32768;
   const invT = Tensor.from(new Float32Array(D / 2).map((_, i) => 1 / Math.pow(500000, (2 * i) / D)), [D / 2], { device });
   for (const [Hq, H] of [[32, 32], [32, 8]]) {
     for (const bits of [4, 2]) {
@@ -55,19 +41,8 @@ async function kvqTarget(reps) {
       const q = Tensor.empty([1, Hq, D], { dtype: 'f16', device });
       ops.fillRandom(q, 1);
       const out = Tensor.empty([1, Hq, D], { dtype: 'f16', device });
-      const cache = new KvqCache({ pages, pageSize: PAGE, kvHeads: H, headDim: D, bits, keyOutliers: nk, valueOutliers: nv, sink: 4, maxSeqs: 1, device });
-      ops.fillRandomInt(cache.kCodes, 4);
-      ops.fillRandomInt(cache.vCodes, 5);
-      cache.meta.write(syntheticMeta(pages * PAGE * H, D, nk, nv, 6));
-      ops.fillRandom(cache.sinkK, 7);
-      ops.fillRandom(cache.sinkV, 8);
-      const cb = normalFloatCodebook(bits);
-      const cal = {
-        keyLo: Tensor.from(new Float32Array(H * D).fill(-2), [H * D], { device }),
-        keyHi: Tensor.from(new Float32Array(H * D).fill(2), [H * D], { device }),
-        keyCodebook: Tensor.from(cb, [cb.length], { device }),
-        valueCodebook: Tensor.from(cb, [cb.length], { device }),
-      };
+      const cache = syntheticKvqCache({ pages, kvHeads: H, headDim: D, bits, keyOutliers: 2, valueOutliers: 2, maxSeqs: 1, device });
+      const cal = syntheticKvqCalibration(H, D, bits, device);
       const work = Tensor.empty([Math.max(1, kvqAttentionWorkspaceSize(device, 1, Hq, H, D, L))], { dtype: 'f32', device });
       for (let i = 0; i < reps; i++) kvqAttention(out, q, cache, cal, pt, lens, cu, invT, 1 / Math.sqrt(D), 1, L, { workspace: work });
       await out.toArray();
