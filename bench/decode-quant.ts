@@ -197,6 +197,9 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
       // and the cache append as well (q|k|v stored paired, its store epilogue), then siluMul too.
       const dec = m.decoder;
       const apart: Array<[string, () => void]> = [
+        // Every GEMV of the step on the kernels that carry all epilogues (csrc/kernels/lut_gemm:
+        // launch_gemv_decode), where the default gives each launch kernels with its own epilogue only.
+        ['all-epilogue GEMV kernels', () => { process.env.SQUEEZELM_LUT_EPI_KERNELS = '0'; }],
         ['RMSNorm apart', () => { dec.fuseLutNorm = false; }],
         ['RMSNorm and RoPE/append apart', () => { dec.fuseLutNorm = false; dec.fuseLutRope = false; }],
         ['RMSNorm, RoPE/append and siluMul apart', () => { dec.fuseLutNorm = false; dec.fuseLutRope = false; dec.fuseLutSilu = false; }],
@@ -212,6 +215,7 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
           rows.push(a);
           log(`decodeq ${label}, ${what}: ${a.timeUs.toFixed(0)} us/step`);
         } finally {
+          delete process.env.SQUEEZELM_LUT_EPI_KERNELS;
           dec.fuseLutNorm = true;
           dec.fuseLutRope = true;
           dec.fuseLutSilu = true;

@@ -114,6 +114,10 @@ using cpu::lut_pair_row;
 // residual stream). In front: with gamma set, the product is of rmsnorm(x) * gamma (the XS kernels,
 // M <= 2: see rms_norm_to_smem).
 constexpr int kStoreRows = 0, kStoreSilu = 1, kStoreRope = 2, kStoreResidual = 3;
+// A GEMV kernel's epilogue code (template EPI): kEpiAny carries every mode and picks one at run time;
+// kStoreSilu / kStoreRope / kStoreResidual carry that one only, kEpiPlain the plain store of unpaired
+// rows only (launch_gemv_decode).
+constexpr int kEpiAny = -1, kEpiPlain = 4;
 struct LutStore {
   int half;
   int mode;
@@ -431,7 +435,7 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
 }
 
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool OSPLIT, bool XT, int W, int XPO, int RING,
-          int UPS, bool XS, bool FUSED>
+          int UPS, bool XS, int EPI>
 __global__ void __launch_bounds__(W * 32, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
@@ -1032,16 +1036,17 @@ __global__ void __launch_bounds__(W * 32, MINB)
         s1 += osum[(r + 8) * 8 * MT + m];
       }
       if (m >= M) continue;
-      if (FUSED && so.mode == kStoreRope) {
+      constexpr bool kAny = EPI == kEpiAny;
+      if ((kAny || EPI == kStoreRope) && (!kAny || so.mode == kStoreRope)) {
         if (n + 8 < N) lut_rope_store<T>(so, m, lut_pair_row(n, so.half), s0, s1);
-      } else if (FUSED && so.mode == kStoreSilu) {
+      } else if ((kAny || EPI == kStoreSilu) && (!kAny || so.mode == kStoreSilu)) {
         // y[m, j] = silu(z[m, j]) * z[m, j + half], each z rounded as a store would leave it (siluMul's
         // arithmetic on the unfused path's values); y is [M, half].
         if (n + 8 < N) {
           const float a = Cvt<T>::f(Cvt<T>::t(s0)), u = Cvt<T>::f(Cvt<T>::t(s1));
           y[(size_t)m * so.half + lut_pair_row(n, so.half)] = Cvt<T>::t(silu_f(a) * u);
         }
-      } else if (FUSED && so.mode == kStoreResidual) {
+      } else if ((kAny || EPI == kStoreResidual) && (!kAny || so.mode == kStoreResidual)) {
         // y += z, z rounded as a store would leave it: what add(y, y, z) does after the plain GEMV.
         if (n < N) {
           T* p = y + (size_t)m * N + lut_pair_row(n, so.half);
@@ -1051,7 +1056,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
           T* p = y + (size_t)m * N + lut_pair_row(n + 8, so.half);
           *p = Cvt<T>::t(Cvt<T>::f(*p) + Cvt<T>::f(Cvt<T>::t(s1)));
         }
-      } else if (FUSED) {
+      } else if (EPI != kEpiPlain) {
         if (n < N) y[(size_t)m * N + lut_pair_row(n, so.half)] = Cvt<T>::t(s0);
         if (n + 8 < N) y[(size_t)m * N + lut_pair_row(n + 8, so.half)] = Cvt<T>::t(s1);
       } else {  // plain stores of unpaired rows (launch_gemv_decode)
@@ -1322,7 +1327,7 @@ T* lut_xt_buffer(int mp, int K) {
 // XT: the outliers through xT (written by the launch itself, into the buffer above); where it cannot be
 // had, the same launch gathers from x[m][k] instead.
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool OSPLIT = false, bool XT = false,
-          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false, bool FUSED = true>
+          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false, int EPI = kEpiAny>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, LutStore so, cudaStream_t st) {
   T* xT = nullptr;
@@ -1337,7 +1342,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // occupancy is asked for with them rounded up to whole KiB (never more blocks than fit).
   const size_t xs_kib = XS ? ((size_t)M * K * sizeof(T) + 2 * W * sizeof(float) + 1023) / 1024 : 0;
   const size_t smem = base + (XS ? (size_t)M * K * sizeof(T) + 2 * W * sizeof(float) : 0);
-  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS, XS, FUSED>;
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS, XS, EPI>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
@@ -1394,13 +1399,13 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
 // with 2 or 4 entries per lane requested early; 3-bit: three slots of one unit), else register
 // buffers, each with or without the outlier split. (The tuning override of the 4-bit ring's slots,
 // SQUEEZELM_LUT_RING_UPS=1, is launch()'s own: it does not apply with the norm fused.)
-template <class T, int BITS, bool XS, bool FUSED>
+template <class T, int BITS, bool XS, int EPI>
 void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp,
                               const void* vp, bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutStore so,
                               cudaStream_t st) {
   constexpr int P1 = 2;
 #define SQZ_DECODE(OSPLIT, XPO, RING, UPS)                                                                                     \
-  launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS, XS, FUSED>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, \
+  launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS, XS, EPI>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M,   \
                                                                                              N, K, U, so, st)
   if (ring) {
     if constexpr (BITS == 4) {
@@ -1423,17 +1428,28 @@ void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* l
   }
 #undef SQZ_DECODE
 }
-// A plain product (unpaired rows, no epilogue, no norm) takes kernels compiled without the fused
-// epilogues (FUSED = false): the RoPE/append, SiLU and residual code in every kernel's row-group loop
-// costs the plain launches registers and time (docs/log/squeezellm-kernels.md).
-// SQUEEZELM_LUT_PLAIN=0 gives plain products the fused kernels (tuning, tests).
+// Each launch of the decoder's step takes kernels compiled with its own epilogue only: a plain product
+// (unpaired rows, no norm), the residual add (o and down projections), and behind the fused norm the
+// SiLU pairs (gate|up) or RoPE/append (q|k|v). Every other combination takes the kernels that carry
+// all modes (kEpiAny). The code of the other epilogues in a kernel's row-group loop costs it registers
+// and time, most where blocks walk many short groups (docs/log/squeezellm-kernels.md).
+// SQUEEZELM_LUT_EPI_KERNELS=0 sends every launch to the kEpiAny kernels (tuning, an A/B in one process).
 template <class T, int BITS, bool XS>
 void launch_gemv_decode(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp, const void* vp,
                         bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutStore so, cudaStream_t st) {
-  if constexpr (!XS)
-    if (so.mode == kStoreRows && so.half == 0 && env_int("SQUEEZELM_LUT_PLAIN", 1) != 0)
-      return launch_gemv_decode_table<T, BITS, false, false>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st);
-  launch_gemv_decode_table<T, BITS, XS, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st);
+#define SQZ_TABLE(EPI) \
+  return launch_gemv_decode_table<T, BITS, XS, EPI>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st)
+  if (env_int("SQUEEZELM_LUT_EPI_KERNELS", 1) != 0) {
+    if constexpr (XS) {
+      if (so.mode == kStoreRope) SQZ_TABLE(kStoreRope);
+      if (so.mode == kStoreSilu) SQZ_TABLE(kStoreSilu);
+    } else {
+      if (so.mode == kStoreRows && so.half == 0) SQZ_TABLE(kEpiPlain);
+      if (so.mode == kStoreResidual) SQZ_TABLE(kStoreResidual);
+    }
+  }
+  SQZ_TABLE(kEpiAny);
+#undef SQZ_TABLE
 }
 
 // Whether the shallower outlier depth of an XT kernel runs: a thread's share of an average row (nnz / N
