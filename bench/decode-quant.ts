@@ -9,8 +9,9 @@
  * Rows: the fp16 step; per bit width the quantization's wall time (weights made, read back,
  * outliers, k-means, packing, upload) and the decode step (graph-replayed, as bench/decode.ts
  * times it) with its speed-up over the fp16 step of the same run, end-to-end tokens/s in the note;
- * then the same step with the quantized projections' fused epilogues off (RoPE/append, then also
- * siluMul, as their own kernels).
+ * then the same step on the GEMV kernels that carry every epilogue, with the quantized projections'
+ * fused epilogues off (RMSNorm, RoPE/append, then also siluMul, as their own kernels), and with the
+ * lm_head quantized too (`quantize --lm-head`; a random matrix of the same shape).
  * Bytes = the weights a step reads (quantized linears + fp16 lm_head and norms; the KV read is
  * left out), so `of copy BW` is the fraction of the weights-only bandwidth floor. Also the prefill
  * of one prompt (default 2048 tokens; plain launches, as the runtime runs prefill) per model, and
@@ -21,6 +22,8 @@ import { synchronize } from '../ts/device';
 import { createRandomModel, Model } from '../ts/model/model';
 import { parseConfig } from '../ts/model/config';
 import { BenchContext, BenchResult, Timing, row, runSuiteMain, timeCuda, wallRow } from './harness';
+import { randomSqueezeLinear } from '../ts/model/weights';
+import { uploadSqueezeLinear } from '../ts/quant/squeezellm';
 import { LLAMA2_7B, decodeModelOptions, endToEndStep, fillRandomKv, stepWeightBytes, weightBytes, withDecodeStep } from './decode';
 
 const SUITE = 'decodeq';
@@ -219,6 +222,27 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
           dec.fuseLutNorm = true;
           dec.fuseLutRope = true;
           dec.fuseLutSilu = true;
+        }
+      }
+      // The same step with the lm_head quantized too (quantize --lm-head; the default keeps it fp16):
+      // a random [vocab, hidden] matrix of this width, 0.45% outliers, in place of the fp16 one.
+      {
+        const w = dec.w, dense = w.lmHead;
+        const head = uploadSqueezeLinear(await randomSqueezeLinear(cfg.vocabSize, cfg.hiddenSize, { device, seed: 4321, bits, outliers }),
+          device, 'f16');
+        w.lmHead = head;
+        try {
+          const t = await withDecodeStep(ctx, m, 1, ctxLen, (step) => step());
+          const hb = stepWeightBytes(m);
+          const a = row(ctx, SUITE, `${label} step b1 ctx ${ctxLen}, lm_head quantized too`, t, {
+            bytes: hb, baseline: 'fp16 step', base,
+            note: `--lm-head: weights read per step ${gb(hb)}; the step above (fp16 lm_head, the default) took ${r.timeUs.toFixed(0)} us`,
+          });
+          rows.push(a);
+          log(`decodeq ${label}, lm_head quantized too: ${a.timeUs.toFixed(0)} us/step, ${a.speedup?.toFixed(2)}x fp16`);
+        } finally {
+          w.lmHead = dense;
+          head.dispose();
         }
       }
       await prefillRow(m, label, true);

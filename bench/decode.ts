@@ -100,7 +100,7 @@ export function weightBytes(x?: Tensor | { bytes: number }): number {
  */
 export function stepWeightBytes(model: Model): number {
   const w = model.decoder.w;
-  let bytes = w.norm.byteLength + w.lmHead.byteLength;
+  let bytes = w.norm.byteLength + weightBytes(w.lmHead);
   for (const l of w.layers)
     for (const x of [l.ln1, l.ln2, l.wqkv, l.wo, l.wgu, l.wdown, l.bqkv, l.bo, l.bgu, l.bdown]) bytes += weightBytes(x);
   return bytes;

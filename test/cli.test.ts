@@ -3,6 +3,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { main } from '../ts/cli/main';
 import { loadModel } from '../ts/model/model';
+import { SafetensorsFile } from '../ts/model/safetensors';
 
 const PYCODER = path.join(__dirname, '..', 'models', 'pycoder-mini');
 
@@ -163,16 +164,29 @@ describe('squeezelm CLI', () => {
       expect(cj.valueSlots).toHaveLength(6);
       expect(cj.bytesPerToken).toBeLessThanOrEqual(912);
       expect(c.err).toContain('calibrate-kv: outlier slots, prefill 67/67');
+      // --lm-head on a tied model: its embedding matrix quantized as lm_head, the embeddings kept, the config untied
       const q = await run(['quantize', '--model', PYCODER, '--calib', txt, '--calib-window', '96', '--calib-windows', '2', '--bits', '4',
-        '--out', path.join(tmp, 'q4'), '--device', 'cpu']);
+        '--out', path.join(tmp, 'q4'), '--device', 'cpu', '--lm-head']);
       expect(q.code).toBe(0);
       const cfg = JSON.parse(fs.readFileSync(path.join(tmp, 'q4', 'config.json'), 'utf8'));
-      expect(cfg.quantization_config).toMatchObject({ bits: 4, sensitivity: 'activations' });
+      expect(cfg.quantization_config).toMatchObject({ bits: 4, sensitivity: 'activations', lm_head: true });
+      expect(cfg.tie_word_embeddings).toBe(false);
+      const qf = SafetensorsFile.open(path.join(tmp, 'q4', 'model.safetensors'));
+      try {
+        expect([qf.has('lm_head.qweight'), qf.has('lm_head.weight'), qf.has('model.embed_tokens.weight')]).toEqual([true, false, true]);
+      } finally {
+        qf.close();
+      }
+      // the calibration statistics cover the lm_head's input (the final norm's output)
+      const { activationStats } = await import('../ts/quant/calib');
+      const stats = await activationStats(PYCODER, txt, 1, 1, undefined, 96);
+      expect(stats.get('lm_head')?.length).toBe(256);
+      expect(stats.get('lm_head')!.every((v) => v > 0)).toBe(true);
       const info = await run(['info', '--model', path.join(tmp, 'q4'), '--device', 'cpu', '--json', '--kv-bits', '3', '--kv-calib',
         path.join(tmp, 'kv.safetensors')]);
       expect(info.code).toBe(0);
       const j = JSON.parse(info.out);
-      expect(j.quantization).toMatchObject({ method: 'squeezellm', bits: [4], modules: 24 });
+      expect(j.quantization).toMatchObject({ method: 'squeezellm', bits: [4], modules: 25 });
       expect(j.quantization.bytes).toBeGreaterThan(0);
       expect(j.kvCache).toEqual({ bits: 3, quantized: true, bytesPerToken: cj.bytesPerToken });
       const p = await run(['ppl', '--model', path.join(tmp, 'q4'), '--data', txt, '--window', '96', '--windows', '2', '--device', 'cpu', '--json']);

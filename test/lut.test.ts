@@ -972,6 +972,68 @@ describe('quantizeModel', () => {
     fs.rmSync(out, { recursive: true });
   });
 
+  test('lmHead (--lm-head): the lm_head quantized too, loaded as a quantized linear; logits equal the dense model of its dequantized weights', async () => {
+    const src = path.join(__dirname, 'fixtures', 'tiny-llama-gqa');
+    const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-qh-'));
+    const { quantizeModel, readSqueezeLinear } = await import('../ts/quant/squeezellm');
+    const { loadModel } = await import('../ts/model/model');
+    const out = path.join(tmp, 'q'), twin = path.join(tmp, 'twin');
+    try {
+      const r = await quantizeModel(src, { bits: 3, outliers: 0.005, out, iters: 10, lmHead: true });
+      expect(r.linears).toBe(4 * 7 + 1);
+      const cfg = JSON.parse(fs.readFileSync(path.join(out, 'config.json'), 'utf8'));
+      expect(cfg.quantization_config.lm_head).toBe(true);
+      expect(cfg.tie_word_embeddings).toBe(false);
+      const f = SafetensorsFile.open(path.join(out, 'model.safetensors'));
+      let headW: Float32Array;
+      try {
+        expect([f.has('lm_head.qweight'), f.has('lm_head.weight'), f.has('model.embed_tokens.weight')]).toEqual([true, false, true]);
+        // the twin: every tensor as written, the lm_head dequantized into lm_head.weight
+        const head = readSqueezeLinear(f, 'lm_head', 256);
+        expect([head.N, head.K, head.bits]).toEqual([512, 256, 3]);
+        expect(head.cols!.length).toBeGreaterThan(0);
+        headW = dequantize(head);
+        const tensors: Record<string, { dtype: string; shape: number[]; data: ArrayBufferView }> = {};
+        for (const n of f.names()) if (!n.startsWith('lm_head.')) tensors[n] = f.read(n);
+        tensors['lm_head.weight'] = { dtype: 'F32', shape: [512, 256], data: headW };
+        fs.mkdirSync(twin);
+        writeSafetensors(path.join(twin, 'model.safetensors'), tensors, f.metadata);
+        fs.copyFileSync(path.join(out, 'config.json'), path.join(twin, 'config.json'));
+      } finally {
+        f.close();
+      }
+      // close to the original lm_head
+      const orig = SafetensorsFile.open(path.join(src, 'model.safetensors'));
+      try {
+        expect(relErr(headW, orig.readFloat32('lm_head.weight'))).toBeLessThan(0.3);
+      } finally {
+        orig.close();
+      }
+      const m = await loadModel(out, { device: 'cpu', maxContext: 64 }), ref = await loadModel(twin, { device: 'cpu', maxContext: 64 });
+      try {
+        expect(m.quantization!.modules).toBe(4 * 4 + 1);
+        expect(ref.quantization!.modules).toBe(4 * 4);
+        const ids = [5, 77, 301, 12, 9, 400, 3];
+        const a = await m.logits(ids), b = await ref.logits(ids);
+        expect(maxAbsErr(a, b)).toBeLessThan(1e-4);
+        // the twin's head counts: the original fp16 head gives other logits
+        const other = await quantizeModel(src, { bits: 3, outliers: 0.005, out: path.join(tmp, 'plain'), iters: 10 });
+        expect(other.linears).toBe(28);
+        const plain = await loadModel(path.join(tmp, 'plain'), { device: 'cpu', maxContext: 64 });
+        try {
+          expect(maxAbsErr(a, await plain.logits(ids))).toBeGreaterThan(1e-3);
+        } finally {
+          await plain.dispose();
+        }
+      } finally {
+        await m.dispose();
+        await ref.dispose();
+      }
+    } finally {
+      fs.rmSync(tmp, { recursive: true, force: true });
+    }
+  });
+
   test('an interrupted run resumes from the linears it finished, with the same result', async () => {
     const src = path.join(__dirname, 'fixtures', 'tiny-llama-gqa');
     const { quantizeModel, PARTIAL_DIR } = await import('../ts/quant/squeezellm');

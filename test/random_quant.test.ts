@@ -43,10 +43,12 @@ async function denseCheckpoint(m: Model, linears: Map<string, SqueezeLinear>, sw
   config: Record<string, unknown> = CONFIG): Promise<string> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-randq-'));
   const w = m.decoder.w;
+  // A quantized lm_head (quantize.lmHead) goes in dequantized, like the decoder's linears.
+  const head = linears.get('lm_head');
   const tensors: Record<string, WriteTensor> = {
     'model.embed_tokens.weight': await dense(w.embed),
     'model.norm.weight': await dense(w.norm),
-    'lm_head.weight': await dense(w.lmHead),
+    'lm_head.weight': head ? { dtype: 'f32', shape: [head.N, head.K], data: dequantize(head) } : await dense(w.lmHead as Tensor),
   };
   // A fused bias [sum of parts] cut back into the checkpoint's per-linear biases.
   const biases = async (prefix: string, names: string[], sizes: number[], b?: Tensor): Promise<void> => {
@@ -97,16 +99,17 @@ const SHAPES: Record<string, number[]> = {
  * models and the checkpoint folder are freed afterwards.
  */
 async function withDenseTwin(config: Record<string, unknown>, device: 'cpu' | 'cuda',
-  o: { seed: number; maxBatch: number; bits: 3 | 4; onProgress?: (p: RandomQuantizeProgress) => void },
+  o: { seed: number; maxBatch: number; bits: 3 | 4; lmHead?: boolean; onProgress?: (p: RandomQuantizeProgress) => void },
   body: (m: Model, ref: Model, linears: Map<string, SqueezeLinear>) => Promise<void>): Promise<void> {
   const linears = new Map<string, SqueezeLinear>();
   const m = await createRandomModel(config, {
     device, seed: o.seed, maxBatch: o.maxBatch, maxContext: 64,
-    quantize: { bits: o.bits, outliers: 0.02, iters: 10, onLinear: (n, l) => linears.set(n, l), onProgress: o.onProgress },
+    quantize: { bits: o.bits, outliers: 0.02, iters: 10, lmHead: o.lmHead, onLinear: (n, l) => linears.set(n, l), onProgress: o.onProgress },
   });
   let dir: string | undefined, ref: Model | undefined;
   try {
-    dir = await denseCheckpoint(m, linears, undefined, config);
+    // (a quantized head is never tied: the reference gets its dequantized copy as lm_head.weight)
+    dir = await denseCheckpoint(m, linears, undefined, o.lmHead ? { ...config, tie_word_embeddings: false } : config);
     ref = await loadModel(dir, { device: 'cpu', maxBatch: o.maxBatch, maxContext: 64 });
     await body(m, ref, linears);
   } finally {
@@ -174,6 +177,32 @@ describe('createRandomModel with quantize (cpu)', () => {
       });
     });
 
+  test('lmHead: the lm_head quantized too equals the dense model of its dequantized weights', async () => {
+    const events: RandomQuantizeProgress[] = [];
+    // tied in the config: a quantized head unties it (the embeddings stay dense for the row lookup)
+    const config = { ...CONFIG, tie_word_embeddings: true };
+    await withDenseTwin(config, 'cpu', { seed: 14, maxBatch: 2, bits: 3, lmHead: true, onProgress: (p) => events.push(p) }, async (m, ref, linears) => {
+      const head = linears.get('lm_head')!;
+      expect([head.N, head.K, head.bits]).toEqual([97, 64, 3]);
+      expect(head.cols!.length).toBeGreaterThan(0);
+      const w = m.decoder.w;
+      expect(w.tied).toBe(false);
+      expect('N' in w.lmHead && w.lmHead.N).toBe(97);
+      expect(events.length).toBe(15);
+      expect(events[14]).toMatchObject({ linearsDone: 15, linears: 15, name: 'lm_head', layersDone: 2 });
+      // ref: untied, lm_head.weight = the dequantized head
+      const ours = await expectDenseTwin(m, ref);
+      // the head counts: the embeddings as the output projection give other logits
+      const kept = ref.decoder.w.lmHead;
+      ref.decoder.w.lmHead = ref.decoder.w.embed;
+      try {
+        expect(maxAbsErr(ours, await ref.logits(PROMPT))).toBeGreaterThan(1e-3);
+      } finally {
+        ref.decoder.w.lmHead = kept;
+      }
+    });
+  });
+
   test('errors: bits, outlier share', async () => {
     await expect(createRandomModel(CONFIG, { device: 'cpu', quantize: { bits: 2 as 3 } })).rejects.toMatchObject({ code: 'ERR_UNSUPPORTED' });
     await expect(createRandomModel(CONFIG, { device: 'cpu', quantize: { bits: 4, outliers: 1.5 } })).rejects.toMatchObject({ code: 'ERR_ARG' });
@@ -182,15 +211,17 @@ describe('createRandomModel with quantize (cpu)', () => {
 
 describeGpu('createRandomModel with quantize (cuda)', () => {
   // [name, config, bits, seed, prompt mixing]: the second case has attention and MLP biases.
-  const cases: Array<[string, Record<string, unknown>, 3 | 4, number, [number, number]]> = [
-    ['quantized on the GPU: prefill and fused decode passes match the dense CPU model; decode steps replay graphs', CONFIG, 4, 11, [5, 17]],
+  const cases: Array<[string, Record<string, unknown>, 3 | 4, number, [number, number], boolean]> = [
+    ['quantized on the GPU: prefill and fused decode passes match the dense CPU model; decode steps replay graphs', CONFIG, 4, 11, [5, 17], false],
     ['biases beside quantized linears (attention and MLP): prefill, fused decode and graph replay match the dense CPU model',
-      BIASED[1][1], 3, 13, [3, 11]],
+      BIASED[1][1], 3, 13, [3, 11], false],
+    ['the lm_head quantized too (LUT GEMV / GEMM logits, odd vocabulary): prefill, fused decode and graph replay match the dense CPU model',
+      CONFIG, 4, 15, [7, 13], true],
   ];
-  for (const [what, config, bits, seed, [mi, mp]] of cases)
+  for (const [what, config, bits, seed, [mi, mp], lmHead] of cases)
     test(what, async () => {
-      await withDenseTwin(config, 'cuda', { seed, maxBatch: 3, bits }, async (m, ref, linears) => {
-        expect(linears.size).toBe(14);
+      await withDenseTwin(config, 'cuda', { seed, maxBatch: 3, bits, lmHead }, async (m, ref, linears) => {
+        expect(linears.size).toBe(lmHead ? 15 : 14);
         // fp16 activations and tables against the f32 oracle; 1 and 2 rows take the fused decode pass.
         for (const ids of [PROMPT, [PROMPT[0]], PROMPT.slice(0, 2)])
           expect(relErr(await m.logits(ids), await ref.logits(ids))).toBeLessThan(1e-2);

@@ -27,7 +27,7 @@ usage:
       a quantized KV cache (calibrate-kv); --lora: a PEFT LoRA adapter folder
   squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT]
                      [--calib FILE [--calib-windows N] [--calib-window L] [--calib-power P]] [--gptq [--gptq-rounds R] [--damp D]]
-                     [--outlier-score weight|error] [--fisher FILE] [--rtn] [--device cpu|cuda] [--no-resume]
+                     [--outlier-score weight|error] [--fisher FILE] [--rtn] [--lm-head] [--device cpu|cuda] [--no-resume]
       SqueezeLLM dense-and-sparse weights: per-row weighted k-means tables; --outliers PCT
       (default 0.45) and --sensitive PCT (default 0.05, with --calib or --fisher) are the
       percentages of each matrix kept exact; --calib FILE (ids [windows, length], or text cut
@@ -35,7 +35,8 @@ usage:
       squared input per channel (all windows unless --calib-windows);
       --gptq (needs --calib) adds error compensation with table refits under E[x xT]
       (R rounds, default 3; damping D x mean diagonal, default 0.01); --outlier-score error
-      picks the sensitive outliers by their error after a first fit; --rtn: uniform baseline.
+      picks the sensitive outliers by their error after a first fit; --rtn: uniform baseline;
+      --lm-head: the lm_head quantized too (default: kept as stored, like the embeddings).
       Each finished linear is kept in OUT/.squeezelm-partial until the model is written: run the
       same command again after an interruption and it goes on from there (--no-resume: start over)
   squeezelm fisher [--model DIR] --calib FILE --out FILE [--windows N] [--window L]

@@ -15,8 +15,8 @@ import type { LutNormOptions } from '../ops/lut';
 import type { LoraPool } from '../runtime/lora-pool';
 import { LORA_SITES, LoraSite } from './lora';
 
-/** The decoder's linears, as observed by a calibration hook. */
-export type LinearSite = 'qkv' | 'o' | 'gu' | 'down';
+/** The decoder's linears, as observed by a calibration hook ('head': the lm_head, layer = numLayers). */
+export type LinearSite = 'qkv' | 'o' | 'gu' | 'down' | 'head';
 let linearObserver: ((layer: number, site: LinearSite, x: Tensor) => void) | null = null;
 
 /**
@@ -702,12 +702,13 @@ export class Decoder {
   /** Logits of every row (allLogits workspaces) or of each sequence's last row, from ws.h. */
   private logitsFrom(ws: Workspace, maxQ: number): void {
     const w = this.w;
-    if (ws.logitRows === ws.T || (ws.T === ws.B && maxQ === 1)) {
-      ops.matmul(ws.logits, ws.h, w.lmHead);
-    } else {
+    let x = ws.h;
+    if (!(ws.logitRows === ws.T || (ws.T === ws.B && maxQ === 1))) {
       ops.gatherRows(ws.last, ws.h, ws.lastIdx);
-      ops.matmul(ws.logits, ws.last, w.lmHead);
+      x = ws.last;
     }
+    linearObserver?.(this.cfg.numLayers, 'head', x);
+    linearForward(ws.logits, x, w.lmHead);  // dense, or SqueezeLLM-quantized (quantize --lm-head)
   }
 
   /** Samples one token per sequence from ws.logits (B rows) into ws.tokens. */

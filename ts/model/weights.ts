@@ -36,8 +36,11 @@ export interface ModelWeights {
   embed: Tensor;
   layers: LayerWeights[];
   norm: Tensor;
-  /** The output projection: embed itself when the embeddings are tied. */
-  lmHead: Tensor;
+  /**
+   * The output projection: embed itself when the embeddings are tied; a SqueezeLLM module when the
+   * checkpoint holds `lm_head.qweight` (quantize --lm-head), the embeddings then staying dense.
+   */
+  lmHead: LinearWeight;
   tied: boolean;
   /** The dtype the matrices hold on the device. */
   dtype: DType;
@@ -78,7 +81,7 @@ export function disposeWeights(w: ModelWeights): void {
   };
   d(w.embed);
   d(w.norm);
-  d(w.lmHead);
+  d(w.lmHead as Tensor);  // a quantized module disposes the same way
   for (const l of w.layers) for (const t of Object.values(l)) d(t as Tensor);
 }
 
@@ -92,9 +95,11 @@ const tick = () => new Promise<void>((r) => setImmediate(r));
 export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOptions): Promise<ModelWeights> {
   const cpu = o.device === 'cpu';
   const H = cfg.hiddenSize, D = cfg.headDim, I = cfg.intermediateSize, V = cfg.vocabSize;
-  const tied = cfg.tieWordEmbeddings || !ck.has('lm_head.weight');
+  // A quantized lm_head (`lm_head.qweight`) is never tied: the quantizer keeps the embeddings dense.
+  const headQuantized = ck.has('lm_head.qweight');
+  const tied = !headQuantized && (cfg.tieWordEmbeddings || !ck.has('lm_head.weight'));
   const names = ['model.embed_tokens.weight', 'model.norm.weight'];
-  if (!tied) names.push('lm_head.weight');
+  if (!tied && !headQuantized) names.push('lm_head.weight');
   for (let i = 0; i < cfg.numLayers; i++) {
     // SqueezeLLM linears (`<p>.qweight`) are checked by their own reader. q|k|v and gate|up run as
     // one fused linear each: quantized whole or not at all, checked here before any bytes move.
@@ -126,7 +131,7 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
   };
   expect('model.embed_tokens.weight', [V, H]);
   expect('model.norm.weight', [H]);
-  if (!tied) expect('lm_head.weight', [V, H]);
+  if (!tied && !headQuantized) expect('lm_head.weight', [V, H]);
   for (let i = 0; i < cfg.numLayers; i++) {
     expect(layerName(i, 'self_attn.q_proj.weight'), [cfg.numHeads * D, H]);
     expect(layerName(i, 'self_attn.k_proj.weight'), [cfg.numKvHeads * D, H]);
@@ -234,7 +239,7 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
       layers.push(l);
     }
     const norm = await load('model.norm.weight', true);
-    const lmHead = tied ? embed : await load('lm_head.weight');
+    const lmHead = tied ? embed : quant(['lm_head'], H, V) ?? await load('lm_head.weight');
     return { embed, layers, norm, lmHead, tied, dtype: matDtype,
       bytes: made.reduce((a, t) => a + t.byteLength, 0) + modules.reduce((a, m) => a + m.bytes, 0) };
   } catch (e) {
@@ -327,6 +332,31 @@ export function randomWeights(cfg: ModelConfig, o: { device: string; dtype: DTyp
   }
 }
 
+/**
+ * A random normal(0, std) [N, K] matrix made on the device in f32, read back and quantized on its
+ * own (k-means on the device, dense-and-sparse with magnitude outliers), then freed. `host`: a
+ * buffer of at least N K floats to reuse; `seconds` gains the time making and quantizing took.
+ */
+export async function randomSqueezeLinear(N: number, K: number, o: {
+  device: string; seed: number; std?: number; bits: 3 | 4; outliers?: number; iters?: number; host?: Float32Array;
+  seconds?: { make: number; quantize: number };
+}): Promise<SqueezeLinear> {
+  const since = (t0: number) => (performance.now() - t0) / 1000;
+  let t0 = performance.now();
+  const src = Tensor.empty([N, K], { dtype: 'f32', device: o.device });
+  try {
+    ops.fillRandom(src, o.seed, 0, o.std ?? 0.02);
+    const w = await readF32(src, o.host && o.host.length >= N * K ? o.host : new Float32Array(N * K));
+    if (o.seconds) o.seconds.make += since(t0);
+    t0 = performance.now();
+    const q = await quantizeLinear(w, N, K, { bits: o.bits, outliers: o.outliers ?? 0.0045, iters: o.iters, device: o.device, deviceWeight: src });
+    if (o.seconds) o.seconds.quantize += since(t0);
+    return q;
+  } finally {
+    src.dispose();
+  }
+}
+
 /** SqueezeLLM quantization of a random model's decoder linears (createRandomModel's `quantize`). */
 export interface RandomQuantizeOptions {
   bits: 3 | 4;
@@ -337,6 +367,11 @@ export interface RandomQuantizeOptions {
   outliers?: number;
   /** k-means iterations (default 30). */
   iters?: number;
+  /**
+   * Quantize the lm_head too (a random [vocab, hidden] matrix of its own, the embeddings staying
+   * dense and untied), as `squeezelm quantize --lm-head` does for a checkpoint. Default false.
+   */
+  lmHead?: boolean;
   /** Called after each linear is quantized (and, where that completes a fused group, uploaded). */
   onProgress?: (p: RandomQuantizeProgress) => void;
   /**
@@ -396,11 +431,13 @@ export async function randomQuantizedWeights(cfg: ModelConfig, o: {
     { site: 'wgu', parts: [['mlp.gate_proj', I, H], ['mlp.up_proj', I, H]] },
     { site: 'wdown', parts: [['mlp.down_proj', H, I]] },
   ];
-  const linears = cfg.numLayers * 7;
-  const host = new Float32Array(Math.max(...groups.flatMap((g) => g.parts.map(([, N, K]) => N * K))));
+  const linears = cfg.numLayers * 7 + (qo.lmHead ? 1 : 0);
+  const host = new Float32Array(Math.max(...groups.flatMap((g) => g.parts.map(([, N, K]) => N * K)), qo.lmHead ? V * H : 0));
   const seconds = { make: 0, quantize: 0, upload: 0 };
   let linearsDone = 0;
   const since = (t0: number) => (performance.now() - t0) / 1000;
+  const quantizeRandom = (N: number, K: number): Promise<SqueezeLinear> =>
+    randomSqueezeLinear(N, K, { device: o.device, seed: r.nextSeed(), std: r.std, bits: qo.bits, outliers, iters: qo.iters, host, seconds });
   try {
     const embed = rand([V, H]);
     const layers: LayerWeights[] = [];
@@ -410,25 +447,13 @@ export async function randomQuantizedWeights(cfg: ModelConfig, o: {
         const quantized: SqueezeLinear[] = [];
         for (let p = 0; p < g.parts.length; p++) {
           const [name, N, K] = g.parts[p];
-          let t0 = performance.now();
-          const src = Tensor.empty([N, K], { dtype: 'f32', device: o.device });
-          let q: SqueezeLinear;
-          try {
-            ops.fillRandom(src, r.nextSeed(), 0, r.std);
-            const w = await readF32(src, host);
-            seconds.make += since(t0);
-            t0 = performance.now();
-            q = await quantizeLinear(w, N, K, { bits: qo.bits, outliers, iters: qo.iters, device: o.device, deviceWeight: src });
-            seconds.quantize += since(t0);
-          } finally {
-            src.dispose();
-          }
+          const q = await quantizeRandom(N, K);
           const full = layerName(i, name);
           qo.onLinear?.(full, q);
           quantized.push(q);
           linearsDone++;
           if (p === g.parts.length - 1) {
-            t0 = performance.now();
+            const t0 = performance.now();
             const m = uploadSqueezeLinear(concatSqueezeLinears(quantized), o.device, cpu ? 'f32' : o.act,
               { pairHalf: linearPairHalf(g.site, cfg, o.device) });
             modules.push(m);
@@ -451,8 +476,21 @@ export async function randomQuantizedWeights(cfg: ModelConfig, o: {
       layers.push(l as LayerWeights);
     }
     const norm = ones(H);
-    const lmHead = cfg.tieWordEmbeddings ? embed : rand([V, H]);
-    return { embed, layers, norm, lmHead, tied: cfg.tieWordEmbeddings, dtype: o.dtype,
+    let lmHead: LinearWeight;
+    if (qo.lmHead) {
+      const q = await quantizeRandom(V, H);
+      qo.onLinear?.('lm_head', q);
+      const t0 = performance.now();
+      const m = uploadSqueezeLinear(q, o.device, cpu ? 'f32' : o.act);
+      modules.push(m);
+      lmHead = m;
+      seconds.upload += since(t0);
+      linearsDone++;
+      qo.onProgress?.({ layersDone: cfg.numLayers, layers: cfg.numLayers, linearsDone, linears, name: 'lm_head', seconds: { ...seconds } });
+    } else {
+      lmHead = cfg.tieWordEmbeddings ? embed : rand([V, H]);
+    }
+    return { embed, layers, norm, lmHead, tied: cfg.tieWordEmbeddings && !qo.lmHead, dtype: o.dtype,
       bytes: r.bytes + modules.reduce((a, m) => a + m.bytes, 0) };
   } catch (e) {
     r.dispose();

@@ -1,6 +1,6 @@
 /**
  * Calibration statistics for the SqueezeLLM quantizer without gradients: the mean squared input
- * of every input channel of every decoder linear (a Fisher-free sensitivity proxy: under a
+ * of every input channel of every decoder linear and of the lm_head (a Fisher-free sensitivity proxy: under a
  * diagonal approximation of E[x xᵀ], the output error of a weight error δ on column k is
  * E[x_k²] δ²), gathered by running our own forward over the calibration windows; optionally
  * the full second moment E[x xᵀ] per linear for error compensation (gptq.ts).
@@ -16,6 +16,7 @@ const SITES: Record<LinearSite, string[]> = {
   o: ['self_attn.o_proj'],
   gu: ['mlp.gate_proj', 'mlp.up_proj'],
   down: ['mlp.down_proj'],
+  head: ['lm_head'],
 };
 
 /**
@@ -73,8 +74,9 @@ export async function activationStats(modelDir: string, calibFile: string, windo
     const c = hs.get(key);
     if (c) for (let i = 0; i < c.h.length; i++) c.h[i] /= Math.max(1, c.rows);
     for (const l of SITES[site]) {
-      out.set(`model.layers.${layer}.${l}`, mean);
-      if (c) cov!.set(`model.layers.${layer}.${l}`, c.h);
+      const name = site === 'head' ? l : `model.layers.${layer}.${l}`;  // the lm_head's input: the final norm's output
+      out.set(name, mean);
+      if (c) cov!.set(name, c.h);
     }
   }
   return out;

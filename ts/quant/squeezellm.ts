@@ -712,6 +712,13 @@ export interface QuantizeModelOptions {
   gptqRounds?: number;
   /** How sensitive outliers are picked (QuantizeOptions.outlierScore). */
   outlierScore?: 'weight' | 'error';
+  /**
+   * Quantize the lm_head too (default false: kept as stored). A tied model's lm_head is its
+   * embedding matrix: that is quantized as `lm_head` and the embeddings stay dense, so the written
+   * config unties them. Its sensitivity is `lm_head.weight` in the Fisher file, or the calibration
+   * statistics of its input (the final norm's output, key `lm_head`).
+   */
+  lmHead?: boolean;
   out: string;
   /** Round-to-nearest uniform grid per row instead of k-means (a baseline; no outliers). */
   rtn?: boolean;
@@ -737,9 +744,10 @@ const LINEARS = ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'se
   'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj'];
 
 /**
- * Quantizes every q/k/v/o/gate/up/down linear of a Hugging Face folder and writes a complete
- * model folder (embeddings, norms and lm_head as stored; tokenizer files copied). Without
- * `fisher` or `calib`, k-means weights are uniform (no sensitivity outliers).
+ * Quantizes every q/k/v/o/gate/up/down linear of a Hugging Face folder (and with `lmHead` the
+ * lm_head) and writes a complete model folder (embeddings, norms and, unless asked, lm_head as
+ * stored; tokenizer files copied). Without `fisher` or `calib`, k-means weights are uniform (no
+ * sensitivity outliers).
  */
 export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promise<{ linears: number; outliers: number }> {
   const bits = checkBits(o.bits);
@@ -767,18 +775,29 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
   const usesLeft = new Map<Float64Array, number>();
   try {
     const names = ck.names();
-    const targets = names.filter((n) => n.endsWith('.weight') && LINEARS.some((l) => n.endsWith(`${l}.weight`)));
-    for (const name of targets) {
-      const h = o.rtn ? undefined : o.cov?.get(name.slice(0, -'.weight'.length));
+    // (source tensor, prefix of the quantized tensors written)
+    const jobs: Array<[string, string]> = names.filter((n) => n.endsWith('.weight') && LINEARS.some((l) => n.endsWith(`${l}.weight`)))
+      .map((n) => [n, n.slice(0, -'.weight'.length)]);
+    if (o.lmHead) {
+      const tiedHead = cfg.tie_word_embeddings === true || !names.includes('lm_head.weight');
+      const src = tiedHead ? 'model.embed_tokens.weight' : 'lm_head.weight';
+      if (!names.includes(src)) throw new SqueezeError('ERR_FORMAT', `${ck.describe()}: --lm-head: no tensor '${src}'`);
+      if (ck.entry(src).shape.length !== 2) throw new SqueezeError('ERR_FORMAT', `${ck.describe()}: tensor '${src}' is not a matrix`);
+      jobs.push([src, 'lm_head']);
+      if (tiedHead) cfg.tie_word_embeddings = false;  // the embeddings stay dense, the head is quantized
+    }
+    const quantized = new Set(jobs.filter(([, p]) => p !== 'lm_head').map(([n]) => n));
+    if (o.lmHead && names.includes('lm_head.weight')) quantized.add('lm_head.weight');
+    for (const [, prefix] of jobs) {
+      const h = o.rtn ? undefined : o.cov?.get(prefix);
       if (h) usesLeft.set(h, (usesLeft.get(h) ?? 0) + 1);
     }
     for (const name of names) {
-      const prefix = name.slice(0, -'.weight'.length);
-      if (!targets.includes(name)) {
-        const r = ck.read(name);
-        tensors[name] = { dtype: r.dtype, shape: r.shape, data: r.data };
-        continue;
-      }
+      if (quantized.has(name)) continue;
+      const r = ck.read(name);
+      tensors[name] = { dtype: r.dtype, shape: r.shape, data: r.data };
+    }
+    for (const [name, prefix] of jobs) {
       const [N, K] = ck.entry(name).shape;
       const h = o.rtn ? undefined : o.cov?.get(prefix);
       const dropFactor = (): void => {  // after the last linear that reads this input
@@ -794,13 +813,14 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
         linears++;
         nnz += kept.nnz;
         total += N * K;
-        o.onProgress?.(linears, targets.length, prefix, true);
+        o.onProgress?.(linears, jobs.length, prefix, true);
         continue;
       }
       const r = ck.read(name);
       const w = floatsOf(name, r);
       let sens: Float32Array | undefined;
-      if (fisher && fisher.has(name)) sens = fisher.readFloat32(name);
+      const fisherName = `${prefix}.weight`;  // the lm_head's Fisher is lm_head.weight's, tied or not
+      if (fisher && fisher.has(fisherName)) sens = fisher.readFloat32(fisherName);
       else if (o.calib?.has(prefix)) sens = o.calib.get(prefix);
       let gptq: GptqFactor | undefined;
       if (h) {
@@ -819,7 +839,7 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
       linears++;
       nnz += l.cols?.length ?? 0;
       total += N * K;
-      o.onProgress?.(linears, targets.length, prefix, false);
+      o.onProgress?.(linears, jobs.length, prefix, false);
     }
   } finally {
     ck.close();
@@ -836,6 +856,7 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
     error_compensation: o.cov && !o.rtn ? 'gptq_refit' : 'none',
     ...(o.cov && !o.rtn ? { damp: o.damp ?? 0.01, gptq_rounds: o.gptqRounds ?? 3 } : {}),
     sensitivity: o.rtn ? 'none' : fisher ? 'fisher' : o.calib ? 'activations' : 'uniform',
+    lm_head: !!o.lmHead,
   };
   fs.writeFileSync(path.join(o.out, 'config.json'), JSON.stringify(cfg, null, 2));
   for (const f of fs.readdirSync(dir))
@@ -870,6 +891,7 @@ function runFingerprint(dir: string, o: QuantizeModelOptions, outShare: number, 
     format: 1, source: path.resolve(dir), files: source, bits: o.bits, outliers: outShare, sensitive: sensShare,
     fisher: o.fisher ? [path.resolve(o.fisher), stamp(o.fisher)] : null, calib: digest(o.calib), cov: digest(o.cov),
     damp: o.damp ?? 0.01, gptqRounds: o.gptqRounds ?? 3, outlierScore: o.outlierScore ?? 'weight', rtn: !!o.rtn, iters: o.iters ?? null,
+    lmHead: !!o.lmHead,
   });
 }
 
@@ -935,10 +957,11 @@ function writeAtomic(file: string, text: string): void {
 /**
  * `squeezelm quantize (--model DIR | DIR) --out DIR [--bits 3|4] [--outliers PCT] [--sensitive PCT]
  * [--calib FILE [--calib-windows N] [--calib-window L] [--calib-power P]] [--gptq [--gptq-rounds R] [--damp D]]
- * [--outlier-score weight|error] [--fisher FILE] [--rtn] [--device cpu|cuda] [--no-resume]`. Outlier
+ * [--outlier-score weight|error] [--fisher FILE] [--rtn] [--lm-head] [--device cpu|cuda] [--no-resume]`. Outlier
  * shares are percentages of each matrix (0.45 = 0.45%); --calib gathers the activation sensitivity
  * (every window of FILE unless --calib-windows; FILE is ids or text, read as ppl reads it, windows of
- * --calib-window tokens), --gptq also E[x xᵀ] for error compensation. An
+ * --calib-window tokens), --gptq also E[x xᵀ] for error compensation; --lm-head quantizes the lm_head
+ * too (kept as stored otherwise). An
  * interrupted run is resumed from the linears it finished (same model and settings) unless --no-resume.
  */
 export async function quantizeCommand(argv: string[]): Promise<void> {
@@ -946,7 +969,7 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
   const opt: Record<string, string> = {};
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
-    if (a === '--rtn' || a === '--gptq' || a === '--no-resume') opt[a.slice(2)] = '1';
+    if (a === '--rtn' || a === '--gptq' || a === '--no-resume' || a === '--lm-head') opt[a.slice(2)] = '1';
     else if (a.startsWith('--')) {
       const eq = a.indexOf('=');
       if (eq > 0) opt[a.slice(2, eq)] = a.slice(eq + 1);
@@ -955,9 +978,9 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
   }
   if (opt.model !== undefined) pos.push(opt.model);
   if (pos.length !== 1 || !opt.out)
-    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers pct] [--sensitive pct] [--calib file [--calib-windows n] [--calib-window l] [--calib-power p]] [--gptq [--gptq-rounds r] [--damp d]] [--outlier-score weight|error] [--fisher file] [--rtn] [--device cpu|cuda] [--no-resume]');
+    throw new SqueezeError('ERR_ARG', 'usage: squeezelm quantize --model DIR --out DIR [--bits 3|4] [--outliers pct] [--sensitive pct] [--calib file [--calib-windows n] [--calib-window l] [--calib-power p]] [--gptq [--gptq-rounds r] [--damp d]] [--outlier-score weight|error] [--fisher file] [--rtn] [--lm-head] [--device cpu|cuda] [--no-resume]');
   const known = ['model', 'out', 'bits', 'outliers', 'sensitive', 'calib', 'calib-windows', 'calib-window', 'calib-power', 'gptq',
-    'gptq-rounds', 'damp', 'outlier-score', 'fisher', 'rtn', 'iters', 'device', 'no-resume'];
+    'gptq-rounds', 'damp', 'outlier-score', 'fisher', 'rtn', 'iters', 'device', 'no-resume', 'lm-head'];
   for (const k of Object.keys(opt)) if (!known.includes(k)) throw new SqueezeError('ERR_ARG', `quantize: unknown option --${k}`);
   const num = (k: string, d: number) => {
     if (opt[k] === undefined) return d;
@@ -981,7 +1004,7 @@ export async function quantizeCommand(argv: string[]): Promise<void> {
   const r = await quantizeModel(pos[0], {
     bits: num('bits', 4), outliers: num('outliers', 0.45) / 100, sensitive: num('sensitive', 0.05) / 100,
     fisher: opt.fisher, calib, cov, damp: num('damp', 0.01), gptqRounds: Math.floor(num('gptq-rounds', 3)),
-    outlierScore: score, rtn: opt.rtn === '1', out: opt.out, iters: num('iters', 30), device: opt.device,
+    outlierScore: score, rtn: opt.rtn === '1', lmHead: opt['lm-head'] === '1', out: opt.out, iters: num('iters', 30), device: opt.device,
     resume: opt['no-resume'] !== '1',
     onRestart: (why) => process.stderr.write(`quantize: starting over (${why})\n`),
     onProgress: progressBar(Date.now()),
