@@ -186,7 +186,7 @@ describe('squeezelm CLI', () => {
         path.join(tmp, 'kv.safetensors')]);
       expect(info.code).toBe(0);
       const j = JSON.parse(info.out);
-      expect(j.quantization).toMatchObject({ method: 'squeezellm', bits: [4], modules: 25 });
+      expect(j.quantization).toMatchObject({ method: 'squeezellm', bits: [4], modules: 25, lmHead: true });
       expect(j.quantization.bytes).toBeGreaterThan(0);
       expect(j.kvCache).toEqual({ bits: 3, quantized: true, bytesPerToken: cj.bytesPerToken });
       const p = await run(['ppl', '--model', path.join(tmp, 'q4'), '--data', txt, '--window', '96', '--windows', '2', '--device', 'cpu', '--json']);

@@ -204,14 +204,15 @@ export class Model {
 
   /**
    * The SqueezeLLM-quantized linears, if any: their bit widths, how many modules (q|k|v and gate|up
-   * fused, as loaded; the lm_head where it is quantized) and the bytes they hold on the device
-   * (codes, tables, outliers).
+   * fused, as loaded; the lm_head where it is quantized, `lmHead`) and the bytes they hold on the
+   * device (codes, tables, outliers).
    */
-  get quantization(): { method: 'squeezellm'; bits: number[]; modules: number; bytes: number } | undefined {
+  get quantization(): { method: 'squeezellm'; bits: number[]; modules: number; bytes: number; lmHead: boolean } | undefined {
     const w = this.weights;
     const mods = [...w.layers.flatMap((l) => [l.wqkv, l.wo, l.wgu, l.wdown]), w.lmHead].filter((x) => !(x instanceof Tensor)) as SqueezeLinearModule[];
     if (!mods.length) return undefined;
-    return { method: 'squeezellm', bits: [...new Set(mods.map((m) => m.bits))].sort(), modules: mods.length, bytes: mods.reduce((a, m) => a + m.bytes, 0) };
+    return { method: 'squeezellm', bits: [...new Set(mods.map((m) => m.bits))].sort(), modules: mods.length,
+      bytes: mods.reduce((a, m) => a + m.bytes, 0), lmHead: !(w.lmHead instanceof Tensor) };
   }
 
   /** Decode statistics: steps run and how many replayed a CUDA graph. */
