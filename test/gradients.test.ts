@@ -29,8 +29,9 @@ function randomIds(T: number, V: number, seed: number): Int32Array {
   return Int32Array.from({ length: T }, () => Math.floor(r() * V));
 }
 
-/** The decoder linear `name` of a Backprop, to perturb its weight (the forward reads `w` only). */
+/** The decoder linear `name` (or the lm_head) of a Backprop, to perturb its weight (the forward reads `w` / lmHead only). */
 function weightOf(bp: Backprop, name: string): Float32Array {
+  if (name === 'lm_head.weight') return (bp as unknown as { lmHead: Float32Array }).lmHead;
   const m = /^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj\.weight$/.exec(name)!;
   const layers = (bp as unknown as { layers: Array<Record<string, { w: Float32Array }>> }).layers;
   return layers[Number(m[1])][m[3]].w;
@@ -83,8 +84,9 @@ describe('loss gradients on the CPU', () => {
     const ids = randomIds(32, bp.config.vocabSize, 2);
     const r = await bp.window(ids, { weightGrads: true });
     const last = bp.config.numLayers - 1;
-    const names = bp.linearNames().filter((n) => n.startsWith('model.layers.0.') || n.startsWith(`model.layers.${last}.`));
-    expect(names).toHaveLength(14);
+    // (the fixture's lm_head is its own matrix, so its gradient is the whole loss's)
+    const names = [...bp.linearNames().filter((n) => n.startsWith('model.layers.0.') || n.startsWith(`model.layers.${last}.`)), 'lm_head.weight'];
+    expect(names).toHaveLength(15);
     const rnd = rng(3);
     for (const name of names) {
       const G = r.weightGrads!.get(name)!;
@@ -125,7 +127,7 @@ describe('loss gradients on the CPU', () => {
     const windows = [randomIds(20, V, 5), randomIds(20, V, 6)];
     const g = await Promise.all(windows.map(async (w) => (await Backprop.open(TINY).window(w, { weightGrads: true })).weightGrads!));
     const { fisher } = await computeFisher(TINY, windows);
-    expect([...fisher.keys()].sort()).toEqual(bp.linearNames().sort());
+    expect([...fisher.keys()].sort()).toEqual([...bp.linearNames(), 'lm_head.weight'].sort());
     for (const [name, f] of fisher) {
       const a = g[0].get(name)!, b = g[1].get(name)!;
       for (let i = 0; i < f.data.length; i += 97) {
@@ -152,6 +154,7 @@ describe('loss gradients on the CPU', () => {
       const q = 'model.layers.0.self_attn.q_proj.weight';
       expect(f.entry(q).shape).toEqual([bp.config.numHeads * bp.config.headDim, bp.config.hiddenSize]);
       expect(f.entry('model.layers.0.mlp.down_proj.weight').shape).toEqual([bp.config.hiddenSize, bp.config.intermediateSize]);
+      expect(f.entry('lm_head.weight').shape).toEqual([bp.config.vocabSize, bp.config.hiddenSize]);
       const d = f.readFloat32(q);
       for (let i = 0; i < d.length; i += 97) expect(d[i]).toBe(fisher.get(q)!.data[i]);
     } finally {
@@ -161,6 +164,24 @@ describe('loss gradients on the CPU', () => {
     await quantizeModel(TINY, { out: qdir, bits: 4, fisher: out, device: 'cpu' });
     const cfg = JSON.parse(fs.readFileSync(path.join(qdir, 'config.json'), 'utf8'));
     expect(cfg.quantization_config).toMatchObject({ sensitivity: 'fisher', quant_method: 'squeezellm' });
+    // --lm-head takes the head's entry: its sensitive outliers (0.5% of 512 x 256, no magnitude ones)
+    // are the weights with the largest Fisher x w^2
+    const hdir = path.join(tmp, 'q4h');
+    await quantizeModel(TINY, { out: hdir, bits: 4, fisher: out, device: 'cpu', lmHead: true, outliers: 0, sensitive: 0.005, iters: 10 });
+    const hf = SafetensorsFile.open(path.join(hdir, 'model.safetensors')), src = SafetensorsFile.open(path.join(TINY, 'model.safetensors'));
+    try {
+      const c = hf.read('lm_head.cols').data as Int32Array, r = hf.read('lm_head.rows').data as Int32Array;
+      const H = bp.config.hiddenSize, F = fisher.get('lm_head.weight')!.data, w = src.readFloat32('lm_head.weight');
+      const score = Float32Array.from(F, (f, i) => f * w[i] * w[i]);
+      expect(Math.abs(c.length - 0.005 * F.length)).toBeLessThanOrEqual(2);
+      const threshold = Float32Array.from(score).sort()[F.length - c.length];
+      let kept = 0;
+      for (let n = 0; n + 1 < r.length; n++) for (let i = r[n]; i < r[n + 1]; i++, kept++) expect(score[n * H + c[i]]).toBeGreaterThanOrEqual(threshold);
+      expect(kept).toBe(c.length);
+    } finally {
+      hf.close();
+      src.close();
+    }
   }, 60000);
 
   test('bad input: a quantized checkpoint, token ids outside the vocabulary, missing arguments', async () => {

@@ -40,7 +40,7 @@ usage:
       Each finished linear is kept in OUT/.squeezelm-partial until the model is written: run the
       same command again after an interruption and it goes on from there (--no-resume: start over)
   squeezelm fisher [--model DIR] --calib FILE --out FILE [--windows N] [--window L]
-      the Fisher diagonal of every decoder linear (mean squared loss gradient over the
+      the Fisher diagonal of every decoder linear and the lm_head (mean squared loss gradient over the
       calibration windows, ids or text as ppl reads them; fp32 on the CPU, for models that
       fit in memory) for quantize --fisher
   squeezelm convert FILE.pt --model DIR --out DIR (upstream SqueezeLLM checkpoint)

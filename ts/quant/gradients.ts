@@ -1,6 +1,6 @@
 /**
  * Loss gradients on the CPU, for the quantizers' sensitivities:
- * - the Fisher diagonal of every decoder linear's weight (SqueezeLLM weights its k-means and picks
+ * - the Fisher diagonal of every decoder linear's weight and of the lm_head (SqueezeLLM weights its k-means and picks
  *   its sensitive outliers by it): the mean over calibration windows of the squared gradient of
  *   the window's loss, which is what gradient tools write;
  * - each layer's pre-RoPE keys and values together with the gradient of the loss with respect to
@@ -252,7 +252,7 @@ export class Backprop {
     // Backward.
     const wantW = !!o.weights || !!o.weightGrads;
     const grads = o.weightGrads ? new Map<string, F32>() : undefined;
-    const weightGrad = async (L: Linear, dy: F32, inp: F32): Promise<void> => {
+    const weightGrad = async (L: Pick<Linear, 'name' | 'N' | 'K'>, dy: F32, inp: F32): Promise<void> => {
       if (!wantW) return;
       const gw = await mm(transpose(dy, T, L.N), L.N, T, transpose(inp, T, L.K), L.K);
       grads?.set(L.name, gw);
@@ -261,6 +261,9 @@ export class Backprop {
       if (!acc) this.sq.set(L.name, (acc = new Float64Array(L.N * L.K)));
       for (let i = 0; i < gw.length; i++) acc[i] += gw[i] * gw[i];
     };
+    // The lm_head's own use of its weight (for a tied model, not the embedding lookup's): what
+    // `quantize --lm-head --fisher` weighs the head by.
+    await weightGrad({ name: 'lm_head.weight', N: V, K: H }, logits, nf);
     let dx = rmsNormBack(x, rf, this.finalNorm, await mm(logits, T, V, this.lmHeadT, H), T, H);
     const kv: KvGradients[] = [];
     for (let l = this.layers.length - 1; l >= 0; l--) {
@@ -323,14 +326,18 @@ export class Backprop {
     return { loss, kv: o.kv ? kv : undefined, weightGrads: grads };
   }
 
-  /** The Fisher diagonal per decoder linear: squared weight gradients, mean over the windows so far. */
+  /**
+   * The Fisher diagonal per decoder linear and of the lm_head (`lm_head.weight`, its use as the
+   * output projection): squared weight gradients, mean over the windows so far.
+   */
   fisher(): Map<string, { shape: [number, number]; data: F32 }> {
     const out = new Map<string, { shape: [number, number]; data: F32 }>();
-    for (const L of this.layers)
-      for (const lin of [L.q, L.k, L.v, L.o, L.gate, L.up, L.down]) {
-        const s = this.sq.get(lin.name);
-        if (s) out.set(lin.name, { shape: [lin.N, lin.K], data: Float32Array.from(s, (v) => v / Math.max(1, this.windows)) });
-      }
+    const mats: Array<Pick<Linear, 'name' | 'N' | 'K'>> = this.layers.flatMap((L) => [L.q, L.k, L.v, L.o, L.gate, L.up, L.down]);
+    mats.push({ name: 'lm_head.weight', N: this.config.vocabSize, K: this.config.hiddenSize });
+    for (const lin of mats) {
+      const s = this.sq.get(lin.name);
+      if (s) out.set(lin.name, { shape: [lin.N, lin.K], data: Float32Array.from(s, (v) => v / Math.max(1, this.windows)) });
+    }
     return out;
   }
 }
@@ -409,7 +416,7 @@ export interface FisherOptions {
 }
 
 /**
- * The Fisher diagonal of every decoder linear of the model in `dir` over `windows` (token ids):
+ * The Fisher diagonal of every decoder linear and of the lm_head of the model in `dir` over `windows` (token ids):
  * written by `squeezelm fisher` in the checkpoint's tensor names, read by `quantize --fisher`.
  */
 export async function computeFisher(dir: string, windows: Int32Array[], o: FisherOptions = {}): Promise<{ fisher: Map<string, { shape: [number, number]; data: F32 }>; loss: number }> {
@@ -426,7 +433,7 @@ export async function computeFisher(dir: string, windows: Int32Array[], o: Fishe
 
 const USAGE = `usage: squeezelm fisher [--model DIR] --calib FILE --out FILE [--windows N] [--window L]
   The Fisher diagonal (mean squared loss gradient over the calibration windows) of every decoder
-  linear, fp32 on the CPU, in the checkpoint's tensor names: the file 'quantize --fisher' reads.
+  linear and of the lm_head (its use as the output projection), fp32 on the CPU, in the checkpoint's tensor names: the file 'quantize --fisher' reads.
   FILE: a safetensors 'ids' [windows, L] file, or a text file cut into windows of L tokens
   (default 1024), as ppl reads it.`;
 
