@@ -1036,17 +1036,18 @@ __global__ void __launch_bounds__(W * 32, MINB)
         s1 += osum[(r + 8) * 8 * MT + m];
       }
       if (m >= M) continue;
-      constexpr bool kAny = EPI == kEpiAny;
-      if ((kAny || EPI == kStoreRope) && (!kAny || so.mode == kStoreRope)) {
+      // whether this kernel stores with `mode`: kEpiAny kernels pick at run time, the others are compiled for one
+      const auto epi_is = [&](int mode) { return EPI == kEpiAny ? so.mode == mode : EPI == mode; };
+      if (epi_is(kStoreRope)) {
         if (n + 8 < N) lut_rope_store<T>(so, m, lut_pair_row(n, so.half), s0, s1);
-      } else if ((kAny || EPI == kStoreSilu) && (!kAny || so.mode == kStoreSilu)) {
+      } else if (epi_is(kStoreSilu)) {
         // y[m, j] = silu(z[m, j]) * z[m, j + half], each z rounded as a store would leave it (siluMul's
         // arithmetic on the unfused path's values); y is [M, half].
         if (n + 8 < N) {
           const float a = Cvt<T>::f(Cvt<T>::t(s0)), u = Cvt<T>::f(Cvt<T>::t(s1));
           y[(size_t)m * so.half + lut_pair_row(n, so.half)] = Cvt<T>::t(silu_f(a) * u);
         }
-      } else if ((kAny || EPI == kStoreResidual) && (!kAny || so.mode == kStoreResidual)) {
+      } else if (epi_is(kStoreResidual)) {
         // y += z, z rounded as a store would leave it: what add(y, y, z) does after the plain GEMV.
         if (n < N) {
           T* p = y + (size_t)m * N + lut_pair_row(n, so.half);
