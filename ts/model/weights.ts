@@ -72,8 +72,10 @@ export function linearPairHalf(site: 'wqkv' | 'wo' | 'wgu' | 'wdown', cfg: Model
 }
 
 export function disposeWeights(w: ModelWeights): void {
-  const seen = new Set<Tensor>();
-  const d = (t?: Tensor) => {
+  // tensors and quantized modules alike; a tied lm_head is the embedding, disposed once
+  type Owned = { dispose(): void };
+  const seen = new Set<Owned>();
+  const d = (t?: Owned) => {
     if (t && !seen.has(t)) {
       seen.add(t);
       t.dispose();
@@ -81,8 +83,8 @@ export function disposeWeights(w: ModelWeights): void {
   };
   d(w.embed);
   d(w.norm);
-  d(w.lmHead as Tensor);  // a quantized module disposes the same way
-  for (const l of w.layers) for (const t of Object.values(l)) d(t as Tensor);
+  d(w.lmHead);
+  for (const l of w.layers) for (const t of Object.values(l)) d(t as Owned | undefined);
 }
 
 /** Names of one layer's tensors in a Hugging Face checkpoint. */

@@ -786,8 +786,10 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
       jobs.push([src, 'lm_head']);
       if (tiedHead) cfg.tie_word_embeddings = false;  // the embeddings stay dense, the head is quantized
     }
-    const quantized = new Set(jobs.filter(([, p]) => p !== 'lm_head').map(([n]) => n));
-    if (o.lmHead && names.includes('lm_head.weight')) quantized.add('lm_head.weight');
+    // Not copied: every quantized source but the embeddings (still read for the row lookup), and with
+    // --lm-head a stored lm_head.weight (a tied checkpoint's copy too).
+    const quantized = new Set(jobs.map(([n]) => n).filter((n) => n !== 'model.embed_tokens.weight'));
+    if (o.lmHead) quantized.add('lm_head.weight');
     for (const [, prefix] of jobs) {
       const h = o.rtn ? undefined : o.cov?.get(prefix);
       if (h) usesLeft.set(h, (usesLeft.get(h) ?? 0) + 1);
