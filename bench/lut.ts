@@ -11,6 +11,8 @@
  * Inputs rotate over enough weight sets to exceed 2x L2; bytes = packed codes + tables +
  * outliers (rows, cols, vals) + x + y. Notes give cuBLAS, the cost of the outliers over
  * dense-only, and for batch M the time over the M = 1 time of the same weights.
+ * SQUEEZELM_BENCH_LUT_MAX_M=64 runs the decode rows only (no prefill Ms); SQUEEZELM_LUT_SWEEP=0 leaves
+ * out the refill on/off rows.
  */
 import { Tensor } from '../ts/tensor';
 import { matmul, cublasMatmul, cublasAvailable, fillRandomInt, lutMatmulPacked, lutPackedShape } from '../ts/ops';
@@ -65,7 +67,10 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
   if (!ctx.quick) for (const M of PREFILL) cases.push([M, 8192, 8192]);
   if (!ctx.quick) for (const [N, K] of PROMPT_SHAPES) cases.push([PROMPT, N, K]);
   const single = new Map<string, number>();  // M = 1 time at 8192x8192 per variant
+  // SQUEEZELM_BENCH_LUT_MAX_M: only the cases up to that many rows of x (a shorter run of the decode rows)
+  const maxM = Number(process.env.SQUEEZELM_BENCH_LUT_MAX_M ?? Infinity);
   for (const [M, N, K] of cases) {
+    if (M > maxM) continue;
     const big = M > 64;
     // dense fp16 baselines
     const dsets = big ? 1 : setsFor(2 * N * K, ctx.l2Bytes);

@@ -647,23 +647,30 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
   // (SQUEEZELM_LUT_RING=0: register buffers). Several row groups per block (the ring runs on across
   // them), K = 256 + 32 (3 units at 4 bits: most warps have none) and K with a tail, both widths,
   // dense-only and dense-and-sparse, and the M <= 2 outlier split.
+  // 3-bit at M <= 2: 4 warps per block where the row groups outnumber the 8-warp wave (N = 9605 here),
+  // else 8 (N = 37); SQUEEZELM_LUT_DECODE_WARPS forces each on the other shapes.
   test(`M = 1-8: code ring and register buffers (seed ${seed})`, async () => {
     const r = rng(seed + 131);
-    // ring kinds: the default (4-bit: slots of two units), one-unit slots (4-bit), none
-    for (const [ring, ups] of [['1', '2'], ['1', '1'], ['0', '2']]) {
+    // ring kinds: the default (4-bit: slots of two units), one-unit slots (4-bit), none; then the 3-bit
+    // decode kernel's warps forced either way
+    const settings: Array<[string, string, string]> = [['1', '2', ''], ['1', '1', ''], ['0', '2', ''], ['1', '2', '4'], ['1', '2', '8']];
+    for (const [ring, ups, warps] of settings) {
       process.env.SQUEEZELM_LUT_RING = ring;
       process.env.SQUEEZELM_LUT_RING_UPS = ups;
+      if (warps) process.env.SQUEEZELM_LUT_DECODE_WARPS = warps;
       try {
         for (const [N, K] of [[16 * 600 + 5, 256 + 32], [16 * 600 + 5, 4096 + 32], [37, 8192 + 32]])
           for (const bits of [3, 4] as const) {
             if (bits === 3 && ups === '1') continue;  // (3-bit slots hold one unit in both)
+            if (warps && bits === 4) continue;  // (3-bit only)
             for (const outliers of [false, true])
-              await expectPackedMatchesCpu(N, K, bits, [1, 2, 5, 8], r,
-                `${bits}-bit ring=${ring} ups=${ups} N=${N} K=${K} outliers=${outliers}`, outliers);
+              await expectPackedMatchesCpu(N, K, bits, warps ? [1, 2] : [1, 2, 5, 8], r,
+                `${bits}-bit ring=${ring} ups=${ups} warps=${warps || 'auto'} N=${N} K=${K} outliers=${outliers}`, outliers);
           }
       } finally {
         delete process.env.SQUEEZELM_LUT_RING;
         delete process.env.SQUEEZELM_LUT_RING_UPS;
+        delete process.env.SQUEEZELM_LUT_DECODE_WARPS;
       }
     }
   });
@@ -857,13 +864,16 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
   // register buffers; with and without outliers.
   test(`fused RMSNorm in front and residual epilogue: CUDA equals the CPU op and the unfused CUDA sequence (seed ${seed})`, async () => {
     const r = rng(seed + 171);
-    for (const ring of ['-1', '0']) {
+    // the code ring (default), register buffers, and the 3-bit decode kernel's warps forced to 4 and to 8
+    for (const ring of ['-1', '0', 'w4', 'w8']) {
       if (ring === '0') process.env.SQUEEZELM_LUT_RING = '0';
+      if (ring === 'w4' || ring === 'w8') process.env.SQUEEZELM_LUT_DECODE_WARPS = ring.slice(1);
       try {
         for (const dt of ['f16', 'bf16'] as const)
           for (const [N, K, bits, outl] of [[16 * 600 + 5, 4096 + 32, 4, true], [16 * 600 + 5, 4096 + 32, 3, true],
             [37, 8192 + 32, 4, false], [37, 8192 + 32, 3, true], [301, 168, 4, true], [301, 168, 3, false]] as const) {
             if (dt === 'bf16' && ring === '0' && K < 8192) continue;
+            if (ring.startsWith('w') && (bits === 4 || dt === 'bf16')) continue;
             const tol = dt === 'bf16' ? 8e-3 : 2e-3;
             const l = randomLinear(N, K, bits, outl, r);
             const mc = uploadSqueezeLinear(l, 'cuda', dt), mh = uploadSqueezeLinear(l, 'cpu', dt);
@@ -909,7 +919,28 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
           }
       } finally {
         delete process.env.SQUEEZELM_LUT_RING;
+        delete process.env.SQUEEZELM_LUT_DECODE_WARPS;
       }
+    }
+    // a norm weight that is not 16-byte aligned (a view 1 element into its storage) is read element by element
+    for (const bits of [3, 4] as const) {
+      const N = 16 * 600 + 5, K = 4096 + 32, M = 1;
+      const l = randomLinear(N, K, bits, true, r);
+      const mc = uploadSqueezeLinear(l, 'cuda', 'f16'), mh = uploadSqueezeLinear(l, 'cpu', 'f16');
+      const g = Float32Array.from({ length: K + 1 }, () => 0.5 + r());
+      const gbig = Tensor.from(g, [K + 1], { dtype: 'f16', device: 'cuda' });
+      const gc = gbig.view(1, [K]), gh = Tensor.from(g.subarray(1), [K], { dtype: 'f16' });
+      const x = randn(M * K, r, 3);
+      const xc = Tensor.from(x, [M, K], { dtype: 'f16', device: 'cuda' }), xh = Tensor.from(x, [M, K], { dtype: 'f16' });
+      const yc = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: 'f16', device: 'cuda' });
+      const yh = Tensor.empty([M, N], { dtype: 'f16' });
+      mc.forward(yc, xc, { normWeight: gc, eps: 1e-5 });
+      mh.forward(yh, xh, { normWeight: gh, eps: 1e-5 });
+      const got = await yc.toFloat32(), e = relErr(got, await yh.toFloat32());
+      expect([`unaligned norm weight ${bits}-bit`, got.every(Number.isFinite), e < 2e-3 ? 'ok' : e])
+        .toEqual([`unaligned norm weight ${bits}-bit`, true, 'ok']);
+      [gc, gbig, gh, xc, xh, yc, yh].forEach((t) => t.dispose());
+      [mc, mh].forEach((m) => m.dispose());
     }
     // residual past M = 64, and the norm at K % 8 != 0 -> ERR_UNSUPPORTED
     const l = randomLinear(40, 161, 4, true, r);

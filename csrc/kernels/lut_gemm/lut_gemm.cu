@@ -26,7 +26,8 @@
 //   (4-bit) or three (3-bit) 16-byte streaming loads per row and unit, each warp-wide load one
 //   contiguous 512-byte run (the 3-bit pieces lie in planes, so no sector is fetched twice).
 // * A block owns 16 output rows (RT = 2 row tiles for M > 8, see below) and all of K; its 8 warps
-//   (16 for 4-bit at M = 9-16: launch_gemv_m16) split K by units (unit u to warp u mod warps), each with P
+//   (16 for 4-bit at M = 9-16: launch_gemv_m16; 4 for 3-bit at M <= 2 over many row groups:
+//   decode_w4) split K by units (unit u to warp u mod warps), each with P
 //   register buffers of codes: a unit is decoded straight from its buffer, which is then refilled P
 //   units ahead (P - 1 in flight during a decode;
 //   refilling before the decode would cost a register copy of every word). Measured slower on
@@ -318,22 +319,38 @@ template <> __device__ __forceinline__ float2 unpack2f<__nv_bfloat16>(uint32_t w
 template <class T, int W>
 __device__ __forceinline__ void rms_norm_to_smem(T* xs, float* red, const T* __restrict__ x, const T* __restrict__ gamma,
                                                  float eps, int M, int K) {
+  // Each thread's pieces of 8 (i = tid, tid + NT, ...) are loaded B at a time before any is used, and
+  // gamma in 16-byte pieces: one piece of x per loop turn, and gamma as 8 scalar loads per piece, waited
+  // an L2 round trip per turn on the critical path of every block. The sums run in the same order as
+  // before, so the results are the same bits. H100, a 6-layer LLaMA-2-7B-shaped step, same process,
+  // before / after, us: 4-bit 551 / 545, 3-bit 541 / 536 (about 1 us a layer, two fused norms).
+  constexpr int NT = W * 32, B = 4;
   const int per_row = K / 8, pieces = M * per_row, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint4* xs4 = reinterpret_cast<uint4*>(xs);
   float ss0 = 0.f, ss1 = 0.f;
-  for (int i = threadIdx.x; i < pieces; i += W * 32) {
-    const uint4 v = reinterpret_cast<const uint4*>(x)[i];
-    xs4[i] = v;
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-    float s = 0.f;
+  for (int i0 = threadIdx.x; i0 < pieces; i0 += B * NT) {
+    uint4 v[B];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 f = unpack2f<T>(w[e]);
-      s = fmaf(f.x, f.x, s);
-      s = fmaf(f.y, f.y, s);
+    for (int j = 0; j < B; ++j) {
+      const int i = i0 + j * NT;
+      v[j] = i < pieces ? reinterpret_cast<const uint4*>(x)[i] : make_uint4(0u, 0u, 0u, 0u);
     }
-    if (i < per_row) ss0 += s;
-    else ss1 += s;
+#pragma unroll
+    for (int j = 0; j < B; ++j) {
+      const int i = i0 + j * NT;
+      if (i >= pieces) break;
+      xs4[i] = v[j];
+      const uint32_t w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+      float s = 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 f = unpack2f<T>(w[e]);
+        s = fmaf(f.x, f.x, s);
+        s = fmaf(f.y, f.y, s);
+      }
+      if (i < per_row) ss0 += s;
+      else ss1 += s;
+    }
   }
 #pragma unroll
   for (int off = 16; off >= 1; off /= 2) {
@@ -352,19 +369,38 @@ __device__ __forceinline__ void rms_norm_to_smem(T* xs, float* red, const T* __r
     t1 += red[2 * w + 1];
   }
   const float inv0 = 1.0f / sqrtf(t0 / (float)K + eps), inv1 = 1.0f / sqrtf(t1 / (float)K + eps);
-  for (int i = threadIdx.x; i < pieces; i += W * 32) {
-    const bool r1 = i >= per_row;
-    const float inv = r1 ? inv1 : inv0;
-    const int k = 8 * (r1 ? i - per_row : i);
-    const uint4 v = xs4[i];
-    uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  // gamma in 16-byte pieces where it is 16-byte aligned (K is a multiple of 8), else gathered
+  const bool gvec = (reinterpret_cast<uintptr_t>(gamma) & 15u) == 0;
+  for (int i0 = threadIdx.x; i0 < pieces; i0 += B * NT) {
+    uint4 gv[B];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 f = unpack2f<T>(w[e]);
-      const float g0 = Cvt<T>::f(gamma[k + 2 * e]), g1 = Cvt<T>::f(gamma[k + 2 * e + 1]);
-      w[e] = pack2<T>(Cvt<T>::t(f.x * inv * g0), Cvt<T>::t(f.y * inv * g1));
+    for (int j = 0; j < B; ++j) {
+      const int i = i0 + j * NT;
+      const int k = 8 * (i >= per_row ? i - per_row : i);
+      if (i >= pieces) {
+        gv[j] = make_uint4(0u, 0u, 0u, 0u);
+      } else if (gvec) {
+        gv[j] = *reinterpret_cast<const uint4*>(gamma + k);
+      } else {
+        gv[j] = make_uint4(pack2<T>(gamma[k], gamma[k + 1]), pack2<T>(gamma[k + 2], gamma[k + 3]),
+                           pack2<T>(gamma[k + 4], gamma[k + 5]), pack2<T>(gamma[k + 6], gamma[k + 7]));
+      }
     }
-    xs4[i] = make_uint4(w[0], w[1], w[2], w[3]);
+#pragma unroll
+    for (int j = 0; j < B; ++j) {
+      const int i = i0 + j * NT;
+      if (i >= pieces) break;
+      const float inv = i >= per_row ? inv1 : inv0;
+      const uint4 v = xs4[i];
+      uint32_t w[4] = {v.x, v.y, v.z, v.w};
+      const uint32_t gw[4] = {gv[j].x, gv[j].y, gv[j].z, gv[j].w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 f = unpack2f<T>(w[e]), g = unpack2f<T>(gw[e]);
+        w[e] = pack2<T>(Cvt<T>::t(f.x * inv * g.x), Cvt<T>::t(f.y * inv * g.y));
+      }
+      xs4[i] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
   }
   __syncthreads();
 }
@@ -647,10 +683,11 @@ __global__ void __launch_bounds__(W * 32, MINB)
     {
       constexpr int ROWS = 16 * RT, LB = ROWS * E >= NT ? 1 : NT / (ROWS * E), LS = E / LB;
       constexpr int ITEMS = ROWS * E * LB;
-      static_assert(ITEMS % NT == 0 && LS % 2 == 0, "pair-table work split");
+      static_assert(LS % 2 == 0, "pair-table work split");
 #pragma unroll
-      for (int it = 0; it < ITEMS / NT; ++it) {
+      for (int it = 0; it < (ITEMS + NT - 1) / NT; ++it) {
         const int i = tid + it * NT;
+        if (ITEMS % NT != 0 && i >= ITEMS) break;  // (block sizes that do not divide the items)
         const int gg = i & 7, h = (i >> 3) & 1, lb = (i >> 4) % LB, hi = (i / (16 * LB)) % E, rt = i / (16 * LB * E);
         const T* l = lt + (16 * rt + 8 * h + gg) * E;
         // Entries lo = lb*LS .. lb*LS+LS-1 of the row, as LS/2 packed words (16- or 8-byte loads).
@@ -1394,10 +1431,31 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
              reinterpret_cast<uint4*>(xT), flags, so);
 }
 
+// 3-bit decode GEMVs with 4 warps per block (4 blocks per SM, two ring slots of one unit per warp)
+// instead of 8 (2 per SM, three slots) where the row groups outnumber the 8-warp kernel's wave (2
+// blocks per SM): a group's units then go to 4 warps instead of 8, twice as many groups run at once,
+// and each block's barriers (table build, reduction) hold half as many warps. The 3-bit tables are
+// 16 KB, so four blocks fit with their rings (and the normalised activations of the fused RMSNorm).
+// H100, same process, graph replay, M = 1, 8 / 4 warps, us: D+S 8192x8192 16.83 / 14.58, 8192x28672
+// 42.5 / 39.4, 28672x8192 45.0 / 43.9 (dense 40.7 / 42.6, the one loss), 12288x4096 14.34 / 12.74,
+// 22016x4096 22.6 / 19.4; with 256 row groups (4096 rows) 4 warps lost (5.02 against 5.55 us at
+// 4096x4096), hence the rule. A 6-layer LLaMA-2-7B-shaped 3-bit step: 536 us with 8 warps everywhere,
+// 520 with 4 for the q|k|v and gate|up launches (fused RMSNorm in front) as the rule gives, 553 with
+// 4 for the o and down projections (4096 rows) as well. SQUEEZELM_LUT_DECODE_WARPS=4 / 8 forces one
+// (tuning, tests).
+bool decode_w4(int N) {
+  const int forced = env_int("SQUEEZELM_LUT_DECODE_WARPS", 0);
+  if (forced == 4 || forced == 8) return forced == 4;
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
+  return (N + 15) / 16 > 2 * sm_count(dev);
+}
+
 // The decode step's GEMV: M <= 2, x vectorisable, with the RMSNorm fused in front (XS: so.gamma
 // set) or not. launch() picks ring / osplit / deep (below) and both entry points take the kernel
 // from this one table: the code ring on Hopper (4-bit: two slots of two units, the outlier split
-// with 2 or 4 entries per lane requested early; 3-bit: three slots of one unit), else register
+// with 2 or 4 entries per lane requested early; 3-bit: three slots of one unit, or 4 warps of two
+// slots where decode_w4 says), else register
 // buffers, each with or without the outlier split. (The tuning override of the 4-bit ring's slots,
 // SQUEEZELM_LUT_RING_UPS=1, is launch()'s own: it does not apply with the norm fused.)
 template <class T, int BITS, bool XS, int EPI>
@@ -1408,6 +1466,16 @@ void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* l
 #define SQZ_DECODE(OSPLIT, XPO, RING, UPS)                                                                                     \
   launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS, XS, EPI>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M,   \
                                                                                              N, K, U, so, st)
+#define SQZ_DECODE_W(W, MINB, OSPLIT, XPO, RING, UPS)                                                                          \
+  launch_gemv<T, BITS, 1, P1, true, MINB, 1, OSPLIT, false, W, XPO, RING, UPS, XS, EPI>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, \
+                                                                                       K, U, so, st)
+  if constexpr (BITS == 3) {
+    if (ring && decode_w4(N)) {
+      if (osplit) SQZ_DECODE_W(4, 4, true, 0, 2, 1);
+      else SQZ_DECODE_W(4, 4, false, 0, 2, 1);
+      return;
+    }
+  }
   if (ring) {
     if constexpr (BITS == 4) {
       // The outlier depth `deep`: entries past the first 2 or 4 of a lane are read after the loop, a
@@ -1428,6 +1496,7 @@ void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* l
     SQZ_DECODE(false, 0, 0, 1);
   }
 #undef SQZ_DECODE
+#undef SQZ_DECODE_W
 }
 // Each launch of the decoder's step takes kernels compiled with its own epilogue only: a plain product
 // (unpaired rows, no norm), the residual add (o and down projections), and behind the fused norm the
