@@ -10,7 +10,8 @@
  * outliers, k-means, packing, upload) and the decode step (graph-replayed, as bench/decode.ts
  * times it) with its speed-up over the fp16 step of the same run, end-to-end tokens/s in the note;
  * then the same step on the GEMV kernels that carry every epilogue, with the quantized projections'
- * fused epilogues off (RMSNorm, RoPE/append, then also siluMul, as their own kernels), and with the
+ * fused epilogues off (RMSNorm, RoPE/append, then also siluMul, as their own kernels; at 3 bits the
+ * RMSNorm is a kernel of its own by default, so that row fuses it instead), and with the
  * lm_head quantized too (`quantize --lm-head`; a random matrix of the same shape).
  * Bytes = the weights a step reads (quantized linears + fp16 lm_head and norms; the KV read is
  * left out), so `of copy BW` is the fraction of the weights-only bandwidth floor. Also the prefill
@@ -203,7 +204,8 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
         // Every GEMV of the step on the kernels that carry all epilogues (csrc/kernels/lut_gemm:
         // launch_gemv_decode), where the default gives each launch kernels with its own epilogue only.
         ['all-epilogue GEMV kernels', () => { process.env.SQUEEZELM_LUT_EPI_KERNELS = '0'; }],
-        ['RMSNorm apart', () => { dec.fuseLutNorm = false; }],
+        // (3-bit layers take the norm kernels by default, decoder.fuseLutNorm3Bit: the row fuses it there)
+        bits === 3 ? ['RMSNorm fused in front', () => { dec.fuseLutNorm3Bit = true; }] : ['RMSNorm apart', () => { dec.fuseLutNorm = false; }],
         ['RMSNorm and RoPE/append apart', () => { dec.fuseLutNorm = false; dec.fuseLutRope = false; }],
         ['RMSNorm, RoPE/append and siluMul apart', () => { dec.fuseLutNorm = false; dec.fuseLutRope = false; dec.fuseLutSilu = false; }],
       ];
@@ -220,6 +222,7 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
         } finally {
           delete process.env.SQUEEZELM_LUT_EPI_KERNELS;
           dec.fuseLutNorm = true;
+          dec.fuseLutNorm3Bit = false;
           dec.fuseLutRope = true;
           dec.fuseLutSilu = true;
         }

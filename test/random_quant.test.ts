@@ -275,4 +275,33 @@ describeGpu('createRandomModel with quantize (cuda)', () => {
       await m.dispose();
     }
   });
+
+  test('fused decode, 3-bit: the RMSNorm stays a kernel of its own unless fuseLutNorm3Bit; same logits and tokens either way', async () => {
+    const m = await createRandomModel(CONFIG, { device: 'cuda', seed: 23, maxBatch: 2, maxContext: 64, quantize: { bits: 3, outliers: 0.02, iters: 10 } });
+    try {
+      const layers = m.decoder.w.layers;
+      const spies = [
+        ...layers.map((l) => jest.spyOn(l.wgu as { siluPairs(a: Tensor, x: Tensor): void }, 'siluPairs')),
+        ...layers.map((l) => jest.spyOn(l.wqkv as unknown as { ropeAppend(...a: unknown[]): void }, 'ropeAppend')),
+      ];
+      const normOf = (a: unknown) => (a && typeof a === 'object' && 'normWeight' in a ? a.normWeight : undefined);
+      const normed = () => spies.map((s, i) => s.mock.calls.length > 0 && s.mock.calls.every((c) => normOf(c[i < layers.length ? 2 : 4]) !== undefined));
+      const run = async () => ({ one: await m.logits([PROMPT[0]]), two: await m.logits(PROMPT.slice(0, 2)), ids: (await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]))[0].ids });
+      expect(m.decoder.fuseLutNorm3Bit).toBe(false);
+      const apart = await run();
+      expect(normed().some((v) => v)).toBe(false);
+      expect(spies.every((s) => s.mock.calls.length >= 2)).toBe(true);
+      spies.forEach((s) => s.mockClear());
+      m.decoder.fuseLutNorm3Bit = true;
+      m.graphs = false;  // (the graphs captured above hold the launches without the norm)
+      const fused = await run();
+      expect(normed().every((v) => v)).toBe(true);
+      expect(relErr(fused.one, apart.one)).toBeLessThan(1e-3);
+      expect(relErr(fused.two, apart.two)).toBeLessThan(1e-3);
+      expect(fused.ids).toEqual(apart.ids);
+      spies.forEach((s) => s.mockRestore());
+    } finally {
+      await m.dispose();
+    }
+  });
 });

@@ -8,7 +8,7 @@ import { SqueezeError } from '../errors';
 import { DType, Tensor } from '../tensor';
 import * as ops from '../ops';
 import { ModelConfig } from './config';
-import { ModelWeights } from './weights';
+import { LayerWeights, ModelWeights } from './weights';
 import { KVCache } from '../runtime/kv-cache';
 import { linearForward } from '../quant/squeezellm';
 import type { LutNormOptions } from '../ops/lut';
@@ -256,9 +256,14 @@ export class Decoder {
    * With fuse: a quantized projection that reads a block's RMSNorm computes that norm itself (the
    * q|k|v and gate|up projections, lutMatmulPacked's normWeight), and one that ends a block adds its
    * output to the residual stream in its epilogue (o and down, forwardAdd): two norm kernels fewer
-   * per layer. SQUEEZELM_LUT_NORM=0 starts it off.
+   * per layer. Only in layers whose q|k|v and gate|up are 4-bit: every block of the GEMV normalises x
+   * again, and the 3-bit decode GEMVs run twice as many blocks (4 per SM); a LLaMA-2-7B-shaped 3-bit
+   * step took 2367 us with the norm fused there against 2240 with the norm kernels (4-bit: 2481 /
+   * 2479; H100, docs/log/squeezellm-kernels.md). SQUEEZELM_LUT_NORM=0 starts it off.
    */
   fuseLutNorm = process.env.SQUEEZELM_LUT_NORM !== '0';
+  /** With fuseLutNorm: the same in layers with 3-bit projections (SQUEEZELM_LUT_NORM=1 starts it on). */
+  fuseLutNorm3Bit = process.env.SQUEEZELM_LUT_NORM === '1';
   /**
    * With fuse and fuseRopeAppend: a quantized q|k|v projection stored paired (linearPairHalf) does RoPE
    * and the fp16 cache append in its epilogue (SqueezeLinearModule.ropeAppend); SQUEEZELM_LUT_ROPE=0
@@ -577,8 +582,12 @@ export class Decoder {
   private forwardFused(ws: Workspace, maxQ: number, maxSeqLen: number): void {
     const { cfg, w } = this;
     const eps = cfg.rmsNormEps;
-    // The CUDA GEMV takes the norm for up to 2 rows (canFuse) with K a multiple of 8.
-    const lutNorm = this.fuseLutNorm && cfg.hiddenSize % 8 === 0;
+    // The CUDA GEMV takes the norm for up to 2 rows (canFuse) with K a multiple of 8; in front of
+    // 4-bit projections only, unless asked (fuseLutNorm).
+    const lutNormAll = this.fuseLutNorm && cfg.hiddenSize % 8 === 0;
+    const normPays = (L: LayerWeights): boolean =>
+      this.fuseLutNorm3Bit || [L.wqkv, L.wgu].every((m) => m instanceof Tensor || m.bits === 4);
+    let lutNorm = lutNormAll;
     // A quantized projection that ends a block leaves its output here instead of adding it to the
     // residual stream x at once: the next RMSNorm then adds it in the same launch (addRmsNorm),
     // one kernel fewer per block. A fused fp16 projection reads x, so it flushes first.
@@ -605,6 +614,7 @@ export class Decoder {
     ops.embedding(ws.x, ws.ids, w.embed);
     for (let l = 0; l < cfg.numLayers; l++) {
       const L = w.layers[l];
+      lutNorm = lutNormAll && normPays(L);
       if (L.wqkv instanceof Tensor && !this.attn && this.fuseRopeAppend) {
         // q|k|v projection with RoPE and the fp16 cache append in its epilogue, then attention
         flush();
