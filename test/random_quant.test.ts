@@ -30,6 +30,18 @@ const LINEARS = ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'se
   'mlp.up_proj', 'mlp.down_proj'];
 const PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26];
 
+// The norm weight in a fused call's options (siluPairs' third argument, ropeAppend's fifth).
+const normOf = (a: unknown) => (a && typeof a === 'object' && 'normWeight' in a ? a.normWeight : undefined);
+// Logits of a 1- and a 2-row pass (the fused decode pass on CUDA) and 8 greedy tokens.
+async function decodeOutputs(m: Model): Promise<{ one: Float32Array; two: Float32Array; ids: number[] }> {
+  return { one: await m.logits([PROMPT[0]]), two: await m.logits(PROMPT.slice(0, 2)), ids: (await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]))[0].ids };
+}
+function expectSameOutputs(a: { one: Float32Array; two: Float32Array; ids: number[] }, b: typeof a): void {
+  expect(relErr(a.one, b.one)).toBeLessThan(1e-3);
+  expect(relErr(a.two, b.two)).toBeLessThan(1e-3);
+  expect(a.ids).toEqual(b.ids);
+}
+
 async function dense(t: Tensor): Promise<WriteTensor> {
   const data = await t.toArray();
   return { dtype: t.dtype, shape: t.shape, data };
@@ -254,22 +266,18 @@ describeGpu('createRandomModel with quantize (cuda)', () => {
         ...layers.map((l) => jest.spyOn(l.wo as unknown as { forwardAdd(y: Tensor, x: Tensor): void }, 'forwardAdd')),
         ...layers.map((l) => jest.spyOn(l.wdown as unknown as { forwardAdd(y: Tensor, x: Tensor): void }, 'forwardAdd')),
       ];
-      const run = async () => ({ one: await m.logits([PROMPT[0]]), two: await m.logits(PROMPT.slice(0, 2)), ids: (await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]))[0].ids });
-      const fused = await run();
+      const fused = await decodeOutputs(m);
       const calls = spies.map((s) => s.mock.calls.length);
       expect(calls.every((c) => c >= 2)).toBe(true);  // each 1- and 2-row pass (decode steps replay graphs)
-      // the norm went in with the projections that read it (siluPairs' third and ropeAppend's fifth argument)
-      const normOf = (a: unknown) => (a && typeof a === 'object' && 'normWeight' in a ? a.normWeight : undefined);
+      // the norm went in with the projections that read it
       expect(spies.slice(0, 2 * layers.length).every((s, i) => s.mock.calls.every((c) => normOf(c[i < layers.length ? 2 : 4]) !== undefined))).toBe(true);
       m.decoder.fuseLutSilu = false;
       m.decoder.fuseLutRope = false;
       m.decoder.fuseLutNorm = false;
       m.graphs = false;  // (the graphs captured above hold the fused launches)
-      const apart = await run();
+      const apart = await decodeOutputs(m);
       expect(spies.map((s) => s.mock.calls.length)).toEqual(calls);
-      expect(relErr(fused.one, apart.one)).toBeLessThan(1e-3);
-      expect(relErr(fused.two, apart.two)).toBeLessThan(1e-3);
-      expect(fused.ids).toEqual(apart.ids);
+      expectSameOutputs(fused, apart);
       spies.forEach((s) => s.mockRestore());
     } finally {
       await m.dispose();
@@ -284,21 +292,17 @@ describeGpu('createRandomModel with quantize (cuda)', () => {
         ...layers.map((l) => jest.spyOn(l.wgu as { siluPairs(a: Tensor, x: Tensor): void }, 'siluPairs')),
         ...layers.map((l) => jest.spyOn(l.wqkv as unknown as { ropeAppend(...a: unknown[]): void }, 'ropeAppend')),
       ];
-      const normOf = (a: unknown) => (a && typeof a === 'object' && 'normWeight' in a ? a.normWeight : undefined);
       const normed = () => spies.map((s, i) => s.mock.calls.length > 0 && s.mock.calls.every((c) => normOf(c[i < layers.length ? 2 : 4]) !== undefined));
-      const run = async () => ({ one: await m.logits([PROMPT[0]]), two: await m.logits(PROMPT.slice(0, 2)), ids: (await m.generateBatch([{ ids: PROMPT, maxTokens: 8 }]))[0].ids });
       expect(m.decoder.fuseLutNorm3Bit).toBe(false);
-      const apart = await run();
+      const apart = await decodeOutputs(m);
       expect(normed().some((v) => v)).toBe(false);
       expect(spies.every((s) => s.mock.calls.length >= 2)).toBe(true);
       spies.forEach((s) => s.mockClear());
       m.decoder.fuseLutNorm3Bit = true;
       m.graphs = false;  // (the graphs captured above hold the launches without the norm)
-      const fused = await run();
+      const fused = await decodeOutputs(m);
       expect(normed().every((v) => v)).toBe(true);
-      expect(relErr(fused.one, apart.one)).toBeLessThan(1e-3);
-      expect(relErr(fused.two, apart.two)).toBeLessThan(1e-3);
-      expect(fused.ids).toEqual(apart.ids);
+      expectSameOutputs(fused, apart);
       spies.forEach((s) => s.mockRestore());
     } finally {
       await m.dispose();

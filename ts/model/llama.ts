@@ -583,7 +583,7 @@ export class Decoder {
     const { cfg, w } = this;
     const eps = cfg.rmsNormEps;
     // The CUDA GEMV takes the norm for up to 2 rows (canFuse) with K a multiple of 8; in front of
-    // 4-bit projections only, unless asked (fuseLutNorm).
+    // 4-bit projections only, unless asked (fuseLutNorm3Bit).
     const lutNormAll = this.fuseLutNorm && cfg.hiddenSize % 8 === 0;
     const normPays = (L: LayerWeights): boolean =>
       this.fuseLutNorm3Bit || [L.wqkv, L.wgu].every((m) => m instanceof Tensor || m.bits === 4);

@@ -683,11 +683,10 @@ __global__ void __launch_bounds__(W * 32, MINB)
     {
       constexpr int ROWS = 16 * RT, LB = ROWS * E >= NT ? 1 : NT / (ROWS * E), LS = E / LB;
       constexpr int ITEMS = ROWS * E * LB;
-      static_assert(LS % 2 == 0, "pair-table work split");
+      static_assert(ITEMS % NT == 0 && LS % 2 == 0, "pair-table work split");
 #pragma unroll
-      for (int it = 0; it < (ITEMS + NT - 1) / NT; ++it) {
+      for (int it = 0; it < ITEMS / NT; ++it) {
         const int i = tid + it * NT;
-        if (ITEMS % NT != 0 && i >= ITEMS) break;  // (block sizes that do not divide the items)
         const int gg = i & 7, h = (i >> 3) & 1, lb = (i >> 4) % LB, hi = (i / (16 * LB)) % E, rt = i / (16 * LB * E);
         const T* l = lt + (16 * rt + 8 * h + gg) * E;
         // Entries lo = lb*LS .. lb*LS+LS-1 of the row, as LS/2 packed words (16- or 8-byte loads).
@@ -1439,10 +1438,11 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
 // H100, same process, graph replay, M = 1, 8 / 4 warps, us: D+S 8192x8192 16.83 / 14.58, 8192x28672
 // 42.5 / 39.4, 28672x8192 45.0 / 43.9 (dense 40.7 / 42.6, the one loss), 12288x4096 14.34 / 12.74,
 // 22016x4096 22.6 / 19.4; with 256 row groups (4096 rows) 4 warps lost (5.02 against 5.55 us at
-// 4096x4096), hence the rule. A 6-layer LLaMA-2-7B-shaped 3-bit step: 536 us with 8 warps everywhere,
-// 520 with 4 for the q|k|v and gate|up launches (fused RMSNorm in front) as the rule gives, 553 with
-// 4 for the o and down projections (4096 rows) as well. SQUEEZELM_LUT_DECODE_WARPS=4 / 8 forces one
-// (tuning, tests).
+// 4096x4096), hence the rule. A 6-layer LLaMA-2-7B-shaped 3-bit step (the RMSNorm fused in front): 536
+// us with 8 warps everywhere, 520 with 4 for the q|k|v and gate|up launches as the rule gives, 553 with
+// 4 for the o and down projections (4096 rows) as well. (With 4 warps the decoder now runs the norm as
+// a kernel of its own in front of 3-bit projections: every block of the fused one normalises x again,
+// ts/model/llama.ts fuseLutNorm.) SQUEEZELM_LUT_DECODE_WARPS=4 / 8 forces one (tuning, tests).
 bool decode_w4(int N) {
   const int forced = env_int("SQUEEZELM_LUT_DECODE_WARPS", 0);
   if (forced == 4 || forced == 8) return forced == 4;
