@@ -68,7 +68,7 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
   if (!ctx.quick) for (const [N, K] of PROMPT_SHAPES) cases.push([PROMPT, N, K]);
   const single = new Map<string, number>();  // M = 1 time at 8192x8192 per variant
   // SQUEEZELM_BENCH_LUT_MAX_M: only the cases up to that many rows of x (a shorter run of the decode rows)
-  const maxM = Number(process.env.SQUEEZELM_BENCH_LUT_MAX_M ?? Infinity);
+  const maxM = Number(process.env.SQUEEZELM_BENCH_LUT_MAX_M) || Infinity;  // (unset or 0: every case)
   for (const [M, N, K] of cases) {
     if (M > maxM) continue;
     const big = M > 64;

@@ -209,6 +209,11 @@ export function loadConfig(dir: string): ModelConfig {
   return parseConfig(j, file, gen);
 }
 
+/** Whether a checkpoint's lm_head is its embedding matrix: tie_word_embeddings, or no lm_head.weight stored. */
+export function lmHeadTied(tieWordEmbeddings: boolean, hasLmHeadWeight: boolean): boolean {
+  return tieWordEmbeddings || !hasLmHeadWeight;
+}
+
 /** Parameter count of the dense model the config describes. */
 export function parameterCount(c: ModelConfig, tied = c.tieWordEmbeddings): number {
   const H = c.hiddenSize, D = c.headDim, I = c.intermediateSize;

@@ -7,7 +7,7 @@
 import { SqueezeError } from '../errors';
 import { DType, Tensor } from '../tensor';
 import * as ops from '../ops';
-import { ModelConfig } from './config';
+import { ModelConfig, lmHeadTied } from './config';
 import { Checkpoint, toDType } from './safetensors';
 import {
   SLICE_BYTES, SqueezeLinear, SqueezeLinearModule, concatSqueezeLinears, groupQuantized, loadQuantizedLinear, quantizeLinear, readSlice,
@@ -99,7 +99,7 @@ export async function loadWeights(ck: Checkpoint, cfg: ModelConfig, o: WeightOpt
   const H = cfg.hiddenSize, D = cfg.headDim, I = cfg.intermediateSize, V = cfg.vocabSize;
   // A quantized lm_head (`lm_head.qweight`) is never tied: the quantizer keeps the embeddings dense.
   const headQuantized = ck.has('lm_head.qweight');
-  const tied = !headQuantized && (cfg.tieWordEmbeddings || !ck.has('lm_head.weight'));
+  const tied = !headQuantized && lmHeadTied(cfg.tieWordEmbeddings, ck.has('lm_head.weight'));
   const names = ['model.embed_tokens.weight', 'model.norm.weight'];
   if (!tied && !headQuantized) names.push('lm_head.weight');
   for (let i = 0; i < cfg.numLayers; i++) {

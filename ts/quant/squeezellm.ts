@@ -22,6 +22,7 @@ import {
 import { matmul } from '../ops/gemm';
 import { add } from '../ops/elementwise';
 import { Checkpoint, SafetensorsFile, WriteTensor, writeSafetensors } from '../model/safetensors';
+import { lmHeadTied } from '../model/config';
 import { float32ToF16Bits, f16BitsToFloat32, bf16BitsToFloat32 } from '../util/half';
 import { GptqFactor, gptqFactorNative, gptqRefit } from './gptq';
 
@@ -779,7 +780,7 @@ export async function quantizeModel(dir: string, o: QuantizeModelOptions): Promi
     const jobs: Array<[string, string]> = names.filter((n) => n.endsWith('.weight') && LINEARS.some((l) => n.endsWith(`${l}.weight`)))
       .map((n) => [n, n.slice(0, -'.weight'.length)]);
     if (o.lmHead) {
-      const tiedHead = cfg.tie_word_embeddings === true || !names.includes('lm_head.weight');
+      const tiedHead = lmHeadTied(cfg.tie_word_embeddings === true, names.includes('lm_head.weight'));  // as the loader ties
       const src = tiedHead ? 'model.embed_tokens.weight' : 'lm_head.weight';
       if (!names.includes(src)) throw new SqueezeError('ERR_FORMAT', `${ck.describe()}: --lm-head: no tensor '${src}'`);
       if (ck.entry(src).shape.length !== 2) throw new SqueezeError('ERR_FORMAT', `${ck.describe()}: tensor '${src}' is not a matrix`);
