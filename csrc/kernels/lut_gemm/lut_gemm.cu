@@ -1463,12 +1463,10 @@ void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* l
                               const void* vp, bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutStore so,
                               cudaStream_t st) {
   constexpr int P1 = 2;
-#define SQZ_DECODE(OSPLIT, XPO, RING, UPS)                                                                                     \
-  launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS, XS, EPI>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M,   \
-                                                                                             N, K, U, so, st)
 #define SQZ_DECODE_W(W, MINB, OSPLIT, XPO, RING, UPS)                                                                          \
   launch_gemv<T, BITS, 1, P1, true, MINB, 1, OSPLIT, false, W, XPO, RING, UPS, XS, EPI>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, \
                                                                                        K, U, so, st)
+#define SQZ_DECODE(OSPLIT, XPO, RING, UPS) SQZ_DECODE_W(GV_WARPS, 2, OSPLIT, XPO, RING, UPS)
   if constexpr (BITS == 3) {
     if (ring && decode_w4(N)) {
       if (osplit) SQZ_DECODE_W(4, 4, true, 0, 2, 1);
