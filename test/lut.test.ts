@@ -677,17 +677,22 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
   // M <= 2 with outliers (4-bit ring): each lane requests 2 or 4 of a row's entries before the main loop
   // (SQUEEZELM_LUT_OSPLIT_DEPTH; the launch picks 4 where an average row holds more than 1.6 per lane).
   // At 2% of K = 4128 a row holds ~83 entries, past either depth, so the entries after them are read too.
+  // Their sums are added before the wait for a warp's last run of codes (the default) or after the main
+  // loop (SQUEEZELM_LUT_OEARLY=0); warps with a single run of codes or none (K = 288) add them after it.
   test(`4-bit outlier split: 2 and 4 entries per lane requested early (seed ${seed})`, async () => {
     const r = rng(seed + 141);
-    for (const depth of ['2', '4']) {
-      process.env.SQUEEZELM_LUT_OSPLIT_DEPTH = depth;
-      try {
-        for (const [N, K] of [[16 * 600 + 5, 4096 + 32], [37, 256 + 32]])
-          await expectPackedMatchesCpu(N, K, 4, [1, 2], r, `depth=${depth} N=${N} K=${K}`);
-      } finally {
-        delete process.env.SQUEEZELM_LUT_OSPLIT_DEPTH;
+    for (const early of ['1', '0'])
+      for (const depth of ['2', '4']) {
+        process.env.SQUEEZELM_LUT_OSPLIT_DEPTH = depth;
+        process.env.SQUEEZELM_LUT_OEARLY = early;
+        try {
+          for (const [N, K] of [[16 * 600 + 5, 4096 + 32], [16 * 40 + 3, 8192 + 32], [37, 256 + 32]])
+            await expectPackedMatchesCpu(N, K, 4, [1, 2], r, `early=${early} depth=${depth} N=${N} K=${K}`);
+        } finally {
+          delete process.env.SQUEEZELM_LUT_OSPLIT_DEPTH;
+          delete process.env.SQUEEZELM_LUT_OEARLY;
+        }
       }
-    }
   });
   // A ring slot goes back to its next bulk copy only after the warp's reads of it (a proxy fence,
   // bulk_copy.cuh). Without one, about half of these launches (N = 9605, K = 2080: two to three row
@@ -864,16 +869,19 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
   // register buffers; with and without outliers.
   test(`fused RMSNorm in front and residual epilogue: CUDA equals the CPU op and the unfused CUDA sequence (seed ${seed})`, async () => {
     const r = rng(seed + 171);
-    // the code ring (default), register buffers, and the 3-bit decode kernel's warps forced to 4 and to 8
-    for (const ring of ['-1', '0', 'w4', 'w8']) {
+    // the code ring (default), register buffers, the 3-bit decode kernel's warps forced to 4 and to 8, and
+    // the 4-bit kernels' outlier step after the main loop instead of in it (late)
+    for (const ring of ['-1', '0', 'w4', 'w8', 'late']) {
       if (ring === '0') process.env.SQUEEZELM_LUT_RING = '0';
       if (ring === 'w4' || ring === 'w8') process.env.SQUEEZELM_LUT_DECODE_WARPS = ring.slice(1);
+      if (ring === 'late') process.env.SQUEEZELM_LUT_OEARLY = '0';
       try {
         for (const dt of ['f16', 'bf16'] as const)
           for (const [N, K, bits, outl] of [[16 * 600 + 5, 4096 + 32, 4, true], [16 * 600 + 5, 4096 + 32, 3, true],
             [37, 8192 + 32, 4, false], [37, 8192 + 32, 3, true], [301, 168, 4, true], [301, 168, 3, false]] as const) {
             if (dt === 'bf16' && ring === '0' && K < 8192) continue;
             if (ring.startsWith('w') && bits === 4) continue;  // (3-bit only)
+            if (ring === 'late' && (bits === 3 || !outl)) continue;  // (4-bit with outliers only)
             const tol = dt === 'bf16' ? 8e-3 : 2e-3;
             const l = randomLinear(N, K, bits, outl, r);
             const mc = uploadSqueezeLinear(l, 'cuda', dt), mh = uploadSqueezeLinear(l, 'cpu', dt);
@@ -920,6 +928,7 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
       } finally {
         delete process.env.SQUEEZELM_LUT_RING;
         delete process.env.SQUEEZELM_LUT_DECODE_WARPS;
+        delete process.env.SQUEEZELM_LUT_OEARLY;
       }
     }
     // a norm weight that is not 16-byte aligned (a view 1 element into its storage) is read element by element

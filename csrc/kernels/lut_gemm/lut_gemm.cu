@@ -65,9 +65,9 @@
 //   per block against 8*K bytes of 4-bit codes). For M > 8 a block takes 2 row tiles sharing
 //   each activation load, which halves that traffic.
 // * Outliers (CSR over output rows) are added to the accumulators by the same launch after the
-//   main loop (split over warps): each lane's first entries are requested before the main loop
-//   (volatile loads: the compiler otherwise sinks them to their use) and arrive during it, and x is
-//   in L1 by then. Values stay raw bits until used: converting at the load would wait for it.
+//   main loop (split over warps; the 4-bit decode kernels add each lane's first entries during it:
+//   EARLY_X): each lane's first entries are requested before the main loop (volatile loads: the
+//   compiler otherwise sinks them to their use) and arrive during it, and x is in L1 by then. Values stay raw bits until used: converting at the load would wait for it.
 //   From M = 3 (3-bit) or 6 (4-bit) on the outlier step reads the activations transposed (xT,
 //   written by the launch's own blocks, a slice each, behind a grid barrier): one 16-byte load per
 //   outlier and 8 activation rows instead of one scattered load per row; see the XT notes.
@@ -143,6 +143,12 @@ template <> struct Cvt<__nv_bfloat16> {
 
 __device__ __forceinline__ uint32_t bits16(__half v) { return __half_as_ushort(v); }
 __device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+// The value of 16 raw bits of T.
+template <class T> __device__ __forceinline__ float bits_f(uint32_t b);
+template <> __device__ __forceinline__ float bits_f<__half>(uint32_t b) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
+}
+template <> __device__ __forceinline__ float bits_f<__nv_bfloat16>(uint32_t b) { return __uint_as_float(b << 16); }
 template <class T>
 __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
   return bits16(lo) | (bits16(hi) << 16);
@@ -513,6 +519,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
   const int l2pf = (flags >> 2) & 3;  // SQUEEZELM_LUT_L2PF (launch_gemv)
   const bool l2xg = flags & 16;       // the L2 prefetch runs on into the next group (launch_gemv)
   const bool late_pf = flags & (1 << 17);  // without xgroup: the next group's codes after the outliers
+  const bool early_om = flags & (1 << 18);  // EARLY_X: the outlier step in the main loop
   const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
   const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
   int xob = 0, xoe = 0;  // XT: the bounds of this thread's row in the next group
@@ -787,8 +794,79 @@ __global__ void __launch_bounds__(W * 32, MINB)
     // 5. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
     //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
 
+    // EARLY_X (4-bit, the outlier split on the ring, x in global memory): the outlier step moves into
+    // the main loop. Each lane gathers the activations of its first entries at the start of the warp's
+    // second run of the group (or of its only one), when the column indices requested before the loop
+    // have long arrived, and adds the entries' sums (and the 4 lanes' shuffles) before its wait for the
+    // last run's codes, in the shadow of that copy. After the
+    // loop, every warp of the block spent the gather's latency and the sums between its last product and
+    // the group's reduction. H100, M = 1, 0.45% outliers, us (dense-only within 1% between the runs):
+    // - the gather, two runs, after the loop / in it: 8192x8192 15.28 / 14.60 (dense 14.38), 28672x8192
+    //   48.0 / 47.5, 4096x4096 5.75 / 5.62, 22016x4096 24.6 / 24.6;
+    // - then the sums, same process, after the loop / before the last wait: 8192x8192 14.65 / 14.54,
+    //   28672x8192 48.2 / 47.75, 22016x4096 24.88 / 24.30, 8192x28672 44.38 / 44.15, 12288x4096 13.96 /
+    //   13.90, 4096x4096 and 4096x11008 equal; M = 2 8192x8192 15.20 / 15.02.
+    // The 3-bit kernels lost with the gather in the loop where a block walks several row groups (4 warps:
+    // 28672x8192 43.9 / 46.7, 22016x4096 19.95 / 20.5), so they keep the step after the loop. (Reading
+    // the outlier lists with L1::no_allocate was much slower, 8192x8192 4-bit 14.5 -> 16.1 us: the 8
+    // warps read neighbouring entries of a row, so they share lines in L1.) SQUEEZELM_LUT_OEARLY=0 puts
+    // the whole step after the loop again (tuning, tests).
+    // With the RMSNorm fused in front (XS) the gather reads the normalised activations in shared memory.
+    constexpr bool EARLY_X = BITS == 4 && OSPLIT && RING > 0;
+    // (pinned loads: plain ones would sink to their use after the loop)
+    uint32_t xo[2][OUTR][2];  // [row g / g+8][entry][activation row 0 / 1], raw bits
+    bool xo_ready = false;
+    auto gather_outlier_x = [&]() {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+        for (int o = 0; o < OUTR; ++o) {
+          const int col = oc[0][rr][o];
+          const int cc = col >= 0 ? col : 0;
+          xo[rr][o][1] = 0u;
+          if constexpr (XS) {
+            xo[rr][o][0] = bits16(xsm[cc]);
+            if (M > 1) xo[rr][o][1] = bits16(xsm[(size_t)K + cc]);
+          } else {
+            xo[rr][o][0] = ld_pinned_u16(x + cc);
+            if (M > 1) xo[rr][o][1] = ld_pinned_u16(x + (size_t)K + cc);
+          }
+        }
+      xo_ready = true;
+    };
+    // The sums of this lane's first OUTR entries of rows g, g+8 over activation rows 0, 1, reduced over
+    // the row's 4 lanes into lane quarter 0's accumulators.
+    bool xo_done = false;
+    auto add_first_outliers = [&]() {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float part[2] = {0.f, 0.f};
+#pragma unroll
+        for (int o = 0; o < OUTR; ++o) {
+          const float v = oc[0][rr][o] >= 0 ? raw_f(ov[0][rr][o], vals_f32) : 0.f;
+          part[0] = fmaf(v, bits_f<T>(xo[rr][o][0]), part[0]);
+          part[1] = fmaf(v, bits_f<T>(xo[rr][o][1]), part[1]);
+        }
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 1);
+          part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 2);
+          if (q == 0) acc[0][0][2 * rr + jj] += part[jj];
+        }
+      }
+      xo_done = true;
+    };
+
     if constexpr (RING > 0) {
       for (int run = warp; run < RUNS; run += W) {
+        if constexpr (EARLY_X) {
+          // The warp's last run of the group (not its first): the outlier sums now, while its codes
+          // are still on their way, instead of between the loop and the group's reduction.
+          if (early_om && rows != nullptr && run != warp && run + W >= RUNS) {
+            if (!xo_ready) gather_outlier_x();
+            add_first_outliers();
+          }
+        }
         mbar_wait(bar_s + 8u * (uint32_t)r_slot, r_par);
         uint32_t wa[UPS][RT][G::WU], wb[UPS][RT][G::WU];
         const uint32_t sa = ring_s + (uint32_t)r_slot * SLOT + 16u * (uint32_t)lane;  // row g; g+8 at +512
@@ -809,6 +887,9 @@ __global__ void __launch_bounds__(W * 32, MINB)
         if (++r_slot == RING) {
           r_slot = 0;
           r_par ^= 1u;
+        }
+        if constexpr (EARLY_X) {
+          if (early_om && rows != nullptr && !xo_ready && (run != warp || run + W >= RUNS)) gather_outlier_x();
         }
 #pragma unroll
         for (int s = 0; s < UPS; ++s)
@@ -970,6 +1051,34 @@ __global__ void __launch_bounds__(W * 32, MINB)
           *reinterpret_cast<float2*>(dst) = make_float2(s8[0], s8[1]);
         } else {
           dst[0] = s8[0];
+        }
+      }
+    } else if (OSPLIT && rows != nullptr && EARLY_X) {
+      // The first entries' sums unless the main loop added them; then the entries past them (rows
+      // longer than 4 W OUTR), summed over the row's 4 lanes only where a lane of the warp has one.
+      if (!xo_done) {
+        if (!xo_ready) gather_outlier_x();
+        add_first_outliers();
+      }
+      bool rest = false;
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) rest |= cb[0][rr] + OUTR * OSTRIDE < ce[0][rr];
+      if (__any_sync(0xffffffffu, rest)) {
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          float part[2] = {0.f, 0.f};
+          for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += OSTRIDE) {
+            const float v = load_f(vals, vals_f32, j);
+            const int col = cols[j];
+            part[0] = fmaf(v, Cvt<T>::f(xin[col]), part[0]);
+            if (M > 1) part[1] = fmaf(v, Cvt<T>::f(xin[(size_t)K + col]), part[1]);
+          }
+#pragma unroll
+          for (int jj = 0; jj < 2; ++jj) {
+            part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 1);
+            part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 2);
+            if (q == 0) acc[0][0][2 * rr + jj] += part[jj];
+          }
         }
       }
     } else if (OSPLIT && rows != nullptr) {
@@ -1423,8 +1532,11 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // 24.11, 24.30 / 23.72, 23.99 us; M = 8 (8 warps) 20.93, 20.94 / 21.15, 21.07; M = 4 17.41, 17.26 /
   // 17.25, 17.17; 3-bit M = 16 22.66, 22.46 / 22.62, 22.41.
   const int late_pf = env_int("SQUEEZELM_LUT_LATEPF", W == 16 ? 1 : 0);
+  // SQUEEZELM_LUT_OEARLY=0 / 1: the 4-bit decode kernels' outlier step after the main loop / in it
+  // (EARLY_X in the kernel).
+  const int early_om = env_int("SQUEEZELM_LUT_OEARLY", 1);
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
-                    (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) |
+                    (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) | (early_om > 0 ? 1 << 18 : 0) |
                     ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
   launch_pdl(kern, dim3(blocks), dim3(W * 32), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
              reinterpret_cast<uint4*>(xT), flags, so);
