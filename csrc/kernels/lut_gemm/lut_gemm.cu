@@ -834,8 +834,28 @@ __global__ void __launch_bounds__(W * 32, MINB)
         }
       xo_ready = true;
     };
-    // The sums of this lane's first OUTR entries of rows g, g+8 over activation rows 0, 1, reduced over
-    // the row's 4 lanes into lane quarter 0's accumulators.
+    // OSPLIT: a lane's sums for row g + 8 rr (activation rows 0, 1) go, summed over the row's 4 lanes,
+    // into lane quarter 0's accumulators.
+    auto add_quad = [&](float (&part)[2], int rr) {
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 1);
+        part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 2);
+        if (q == 0) acc[0][0][2 * rr + jj] += part[jj];
+      }
+    };
+    // OSPLIT: the lane's entries of row g + 8 rr past its first OUTR (rows longer than 4 W OUTR), read now.
+    auto sum_rest_outliers = [&](float (&part)[2], int rr) {
+      if constexpr (OSPLIT) {  // (cb, ce are set in the kernels that take this step only)
+        for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += OSTRIDE) {
+          const float v = load_f(vals, vals_f32, j);
+          const int col = cols[j];
+          part[0] = fmaf(v, Cvt<T>::f(xin[col]), part[0]);
+          if (M > 1) part[1] = fmaf(v, Cvt<T>::f(xin[(size_t)K + col]), part[1]);
+        }
+      }
+    };
+    // EARLY_X: the sums of this lane's first OUTR entries of rows g, g+8 from the gathered activations.
     bool xo_done = false;
     auto add_first_outliers = [&]() {
 #pragma unroll
@@ -847,12 +867,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
           part[0] = fmaf(v, bits_f<T>(xo[rr][o][0]), part[0]);
           part[1] = fmaf(v, bits_f<T>(xo[rr][o][1]), part[1]);
         }
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
-          part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 1);
-          part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 2);
-          if (q == 0) acc[0][0][2 * rr + jj] += part[jj];
-        }
+        add_quad(part, rr);
       }
       xo_done = true;
     };
@@ -1067,18 +1082,8 @@ __global__ void __launch_bounds__(W * 32, MINB)
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
           float part[2] = {0.f, 0.f};
-          for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += OSTRIDE) {
-            const float v = load_f(vals, vals_f32, j);
-            const int col = cols[j];
-            part[0] = fmaf(v, Cvt<T>::f(xin[col]), part[0]);
-            if (M > 1) part[1] = fmaf(v, Cvt<T>::f(xin[(size_t)K + col]), part[1]);
-          }
-#pragma unroll
-          for (int jj = 0; jj < 2; ++jj) {
-            part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 1);
-            part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 2);
-            if (q == 0) acc[0][0][2 * rr + jj] += part[jj];
-          }
+          sum_rest_outliers(part, rr);
+          add_quad(part, rr);
         }
       }
     } else if (OSPLIT && rows != nullptr) {
@@ -1096,18 +1101,8 @@ __global__ void __launch_bounds__(W * 32, MINB)
           part[0] = fmaf(v, x0, part[0]);
           part[1] = fmaf(v, x1, part[1]);
         }
-        for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += OSTRIDE) {
-          const float v = load_f(vals, vals_f32, j);
-          const int col = cols[j];
-          part[0] = fmaf(v, Cvt<T>::f(xin[col]), part[0]);
-          if (M > 1) part[1] = fmaf(v, Cvt<T>::f(xin[(size_t)K + col]), part[1]);
-        }
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
-          part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 1);
-          part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 2);
-          if (q == 0) acc[0][0][2 * rr + jj] += part[jj];
-        }
+        sum_rest_outliers(part, rr);
+        add_quad(part, rr);
       }
     } else if (rows != nullptr) {  // uniform: dense-only launches skip the step
       // x rows 8i + 2q + {0, 1} of this lane.
