@@ -138,6 +138,11 @@ int main(int argc, char** argv) {
   // longer than the entries a lane requests early (3% of K), plain and behind the fused RMSNorm
   matmul_case(1, 40, 4128, 4, DType::F16, 0.03, kLutStore, false, s++);
   matmul_case(2, 40, 4128, 4, DType::BF16, 0.03, kLutStore, true, s++);
+  // the register buffers instead of the rings (what builds for other GPUs take)
+  setenv("SQUEEZELM_LUT_RING", "0", 1);
+  matmul_case(1, 100, 544, 4, DType::F16, 0.0045, kLutStore, false, s++);
+  matmul_case(2, 37, 1056, 3, DType::F16, 0.0045, kLutStore, true, s++);
+  unsetenv("SQUEEZELM_LUT_RING");
   // the fused RMSNorm and the epilogues
   matmul_case(1, 64, 256, 4, DType::F16, 0.0045, kLutStore, true, s++);
   matmul_case(2, 96, 544, 3, DType::F16, 0.0045, kLutSiluPairs, true, s++);
