@@ -67,7 +67,8 @@
 // * Outliers (CSR over output rows) are added to the accumulators by the same launch after the
 //   main loop (split over warps; the 4-bit decode kernels add each lane's first entries during it:
 //   EARLY_X): each lane's first entries are requested before the main loop (volatile loads: the
-//   compiler otherwise sinks them to their use) and arrive during it, and x is in L1 by then. Values stay raw bits until used: converting at the load would wait for it.
+//   compiler otherwise sinks them to their use) and arrive during it, and x is in L1 by then.
+//   Values stay raw bits until used: converting at the load would wait for it.
 //   From M = 3 (3-bit) or 6 (4-bit) on the outlier step reads the activations transposed (xT,
 //   written by the launch's own blocks, a slice each, behind a grid barrier): one 16-byte load per
 //   outlier and 8 activation rows instead of one scattered load per row; see the XT notes.
@@ -143,7 +144,8 @@ template <> struct Cvt<__nv_bfloat16> {
 
 __device__ __forceinline__ uint32_t bits16(__half v) { return __half_as_ushort(v); }
 __device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
-// The value of 16 raw bits of T.
+// The value of 16 raw bits of T (one element; unpack2f converts a pair: for bf16 this is one shift
+// where that is a pair conversion).
 template <class T> __device__ __forceinline__ float bits_f(uint32_t b);
 template <> __device__ __forceinline__ float bits_f<__half>(uint32_t b) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
@@ -798,9 +800,10 @@ __global__ void __launch_bounds__(W * 32, MINB)
     // the main loop. Each lane gathers the activations of its first entries at the start of the warp's
     // second run of the group (or of its only one), when the column indices requested before the loop
     // have long arrived, and adds the entries' sums (and the 4 lanes' shuffles) before its wait for the
-    // last run's codes, in the shadow of that copy. After the
-    // loop, every warp of the block spent the gather's latency and the sums between its last product and
-    // the group's reduction. H100, M = 1, 0.45% outliers, us (dense-only within 1% between the runs):
+    // last run's codes, in the shadow of that copy. After the loop, every warp of the block spent the
+    // gather's latency and the sums between its last product and the group's reduction. With the
+    // RMSNorm fused in front (XS) the gather reads the normalised activations in shared memory.
+    // H100, M = 1, 0.45% outliers, us (dense-only within 1% between the runs):
     // - the gather, two runs, after the loop / in it: 8192x8192 15.28 / 14.60 (dense 14.38), 28672x8192
     //   48.0 / 47.5, 4096x4096 5.75 / 5.62, 22016x4096 24.6 / 24.6;
     // - then the sums, same process, after the loop / before the last wait: 8192x8192 14.65 / 14.54,
@@ -811,7 +814,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
     // the outlier lists with L1::no_allocate was much slower, 8192x8192 4-bit 14.5 -> 16.1 us: the 8
     // warps read neighbouring entries of a row, so they share lines in L1.) SQUEEZELM_LUT_OEARLY=0 puts
     // the whole step after the loop again (tuning, tests).
-    // With the RMSNorm fused in front (XS) the gather reads the normalised activations in shared memory.
     constexpr bool EARLY_X = BITS == 4 && OSPLIT && RING > 0;
     // (pinned loads: plain ones would sink to their use after the loop)
     uint32_t xo[2][OUTR][2];  // [row g / g+8][entry][activation row 0 / 1], raw bits
