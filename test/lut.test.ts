@@ -596,14 +596,18 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
   });
   // Outliers at M > 2 read a transposed copy of the activations by default; the gather from x[m][k]
   // (taken where that buffer cannot be had) stays tested here.
+  // (4-bit at M = 3-4 takes the outlier split instead on Hopper: SQUEEZELM_LUT_OSPLIT_M=2 keeps these
+  // paths there.)
   test(`outliers gathered from x[m][k] (transposed copy off) (seed ${seed})`, async () => {
     const r = rng(seed + 77);
     process.env.SQUEEZELM_LUT_XT_MIN_M = '0';
+    process.env.SQUEEZELM_LUT_OSPLIT_M = '2';
     try {
       for (const [N, K] of [[301, 161], [256, 4096 + 32]])
         for (const bits of [3, 4] as const) await expectPackedMatchesCpu(N, K, bits, [3, 16, 33, 64], r, `${bits}-bit N=${N} K=${K}`);
     } finally {
       delete process.env.SQUEEZELM_LUT_XT_MIN_M;
+      delete process.env.SQUEEZELM_LUT_OSPLIT_M;
     }
   });
   // Outliers through the transposed copy: a thread's first entries are requested before the main
@@ -615,12 +619,14 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
     for (const xp of ['1', '0']) {
       process.env.SQUEEZELM_LUT_XP = xp;
       process.env.SQUEEZELM_LUT_XT_MIN_M = '3';
+      process.env.SQUEEZELM_LUT_OSPLIT_M = '2';
       try {
         for (const bits of [3, 4] as const)
           await expectPackedMatchesCpu(16 * 40 + 3, 4096 + 32, bits, [3, 5, 8, 9, 16, 33, 64], r, `${bits}-bit xp=${xp}`);
       } finally {
         delete process.env.SQUEEZELM_LUT_XP;
         delete process.env.SQUEEZELM_LUT_XT_MIN_M;
+        delete process.env.SQUEEZELM_LUT_OSPLIT_M;
       }
     }
   });
@@ -679,7 +685,9 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
   // At 2% of K = 4128 a row holds ~83 entries, past either depth, so the entries after them are read too.
   // Their sums are added before the wait for a warp's last run of codes (the default) or after the main
   // loop (SQUEEZELM_LUT_OEARLY=0); warps with a single run of codes or none (K = 288) add them after it.
-  test(`4-bit outlier split: 2 and 4 entries per lane requested early (seed ${seed})`, async () => {
+  // M = 3-4: the same split, each lane's sums over 4 activation rows passed to the lanes that hold them
+  // (2 entries per lane; M = 3 leaves a row of the split empty); M = 5 takes the older kernel.
+  test(`4-bit outlier split: 2 and 4 entries per lane requested early, 1 to 4 activation rows (seed ${seed})`, async () => {
     const r = rng(seed + 141);
     for (const early of ['1', '0'])
       for (const depth of ['2', '4']) {
@@ -687,7 +695,8 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
         process.env.SQUEEZELM_LUT_OEARLY = early;
         try {
           for (const [N, K] of [[16 * 600 + 5, 4096 + 32], [16 * 40 + 3, 8192 + 32], [37, 256 + 32]])
-            await expectPackedMatchesCpu(N, K, 4, [1, 2], r, `early=${early} depth=${depth} N=${N} K=${K}`);
+            await expectPackedMatchesCpu(N, K, 4, depth === '2' ? [1, 2, 3, 4, 5] : [1, 2], r,
+              `early=${early} depth=${depth} N=${N} K=${K}`);
         } finally {
           delete process.env.SQUEEZELM_LUT_OSPLIT_DEPTH;
           delete process.env.SQUEEZELM_LUT_OEARLY;
@@ -747,12 +756,14 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
     const r = rng(seed + 111);
     for (const low of ['1', '0']) {
       process.env.SQUEEZELM_LUT_XPLOW = low;
+      process.env.SQUEEZELM_LUT_OSPLIT_M = '2';
       try {
         for (const [N, K] of [[16 * 600 + 5, 2048 + 32], [37, 8192 + 32]])
           for (const bits of [3, 4] as const)
             await expectPackedMatchesCpu(N, K, bits, [3, 6, 8, 9, 12, 16], r, `${bits}-bit xplow=${low} N=${N} K=${K}`);
       } finally {
         delete process.env.SQUEEZELM_LUT_XPLOW;
+        delete process.env.SQUEEZELM_LUT_OSPLIT_M;
       }
     }
   });

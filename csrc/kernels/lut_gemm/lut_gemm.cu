@@ -478,7 +478,7 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
   }
 }
 
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, bool OSPLIT, bool XT, int W, int XPO, int RING,
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, int OSPLIT, bool XT, int W, int XPO, int RING,
           int UPS, bool XS, int EPI>
 __global__ void __launch_bounds__(W * 32, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
@@ -487,12 +487,17 @@ __global__ void __launch_bounds__(W * 32, MINB)
                     int K, int U, uint4* xT, int flags, LutStore so) {
   using G = Geo<BITS>;
   constexpr int NT = W * 32;  // threads per block
-  // A row's outlier list is dealt to the warps; with OSPLIT (M <= 2, D+S launches) also to the 4 lanes
-  // of the row, which sum their shares with two shuffles: the step otherwise runs on a quarter of the
-  // lanes (lane quarter q holds activation rows 2q, 2q+1, only q = 0 has a real row at M <= 2).
-  static_assert(!OSPLIT || (MT == 1 && RT == 1), "outlier split: M <= 2 launches");
+  // A row's outlier list is dealt to the warps; with OSPLIT (D+S launches of one activation tile) also
+  // to the 4 lanes of the row, each of which sums its entries for every activation row (MO of them)
+  // and passes the sums to the lanes that hold those rows (lane quarter q holds activation rows 2q,
+  // 2q+1): without it the step runs on the lane quarters that hold real rows only, each walking the
+  // whole share (a quarter of the lanes at M <= 2, half at M = 3-4). OSPLIT = 1: activation rows 0-1
+  // (M <= 2); 4: rows 0-3 (M = 3-4, the 4-bit ring kernel; see launch).
+  static_assert(OSPLIT == 0 || OSPLIT == 1 || OSPLIT == 4, "outlier split: 2 or 4 activation rows");
+  static_assert(!OSPLIT || (MT == 1 && RT == 1), "outlier split: launches of one activation tile");
   static_assert(!(OSPLIT && XT), "one outlier scheme per launch");
-  static_assert(!XS || (MT == 1 && RT == 1 && !XT), "the fused RMSNorm: M <= 2 launches");
+  static_assert(!XS || (MT == 1 && RT == 1 && !XT && OSPLIT <= 1), "the fused RMSNorm: M <= 2 launches");
+  constexpr int MO = OSPLIT == 4 ? 4 : 2;  // OSPLIT: the activation rows a lane's sums cover
   // XT (D+S launches from M = 3 or 6 on, see launch): thread tid owns (row xrow of the group,
   // activation rows 8 xmg .. 8 xmg + 7) and every XSUB-th outlier of that row from xs on; the XSUB
   // lanes of a (row, xmg) pair are neighbours and sum by butterfly; lane xs = 0 leaves the sums in
@@ -816,7 +821,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
     // the whole step after the loop again (tuning, tests).
     constexpr bool EARLY_X = BITS == 4 && OSPLIT && RING > 0;
     // (pinned loads: plain ones would sink to their use after the loop)
-    uint32_t xo[2][OUTR][2];  // [row g / g+8][entry][activation row 0 / 1], raw bits
+    uint32_t xo[2][OUTR][MO];  // [row g / g+8][entry][activation row], raw bits
     bool xo_ready = false;
     auto gather_outlier_x = [&]() {
 #pragma unroll
@@ -825,6 +830,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
         for (int o = 0; o < OUTR; ++o) {
           const int col = oc[0][rr][o];
           const int cc = col >= 0 ? col : 0;
+          // (rows written out, not looped over: a loop here changes how the M <= 2 kernels compile)
           xo[rr][o][1] = 0u;
           if constexpr (XS) {
             xo[rr][o][0] = bits16(xsm[cc]);
@@ -832,28 +838,50 @@ __global__ void __launch_bounds__(W * 32, MINB)
           } else {
             xo[rr][o][0] = ld_pinned_u16(x + cc);
             if (M > 1) xo[rr][o][1] = ld_pinned_u16(x + (size_t)K + cc);
+            if constexpr (MO == 4) {
+              xo[rr][o][2] = M > 2 ? ld_pinned_u16(x + (size_t)2 * K + cc) : 0u;
+              xo[rr][o][3] = M > 3 ? ld_pinned_u16(x + (size_t)3 * K + cc) : 0u;
+            }
           }
         }
       xo_ready = true;
     };
-    // OSPLIT: a lane's sums for row g + 8 rr (activation rows 0, 1) go, summed over the row's 4 lanes,
-    // into lane quarter 0's accumulators.
-    auto add_quad = [&](float (&part)[2], int rr) {
+    // OSPLIT: a lane's sums for row g + 8 rr (activation rows 0 .. MO - 1) go, summed over the row's 4
+    // lanes, into the accumulators of the lanes that hold those rows (2q, 2q + 1): at MO = 2 lane
+    // quarter 0 takes both; at MO = 4 a first round halves the sums (reduce-scatter: a lane keeps rows
+    // 0-1 or 2-3 by its lane bit 0 and adds its partner's copy of them), a second adds the other
+    // pair's, and quarters 0 and 1 take rows 0-1 and 2-3: four shuffles per row either way.
+    auto add_quad = [&](float (&part)[MO], int rr) {
+      if constexpr (MO == 2) {
 #pragma unroll
-      for (int jj = 0; jj < 2; ++jj) {
-        part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 1);
-        part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 2);
-        if (q == 0) acc[0][0][2 * rr + jj] += part[jj];
+        for (int jj = 0; jj < 2; ++jj) {
+          part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 1);
+          part[jj] += __shfl_xor_sync(0xffffffffu, part[jj], 2);
+          if (q == 0) acc[0][0][2 * rr + jj] += part[jj];
+        }
+      } else {
+        const bool up = (q & 1) != 0;
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          const float send = up ? part[jj] : part[2 + jj], keep = up ? part[2 + jj] : part[jj];
+          float s = keep + __shfl_xor_sync(0xffffffffu, send, 1);
+          s += __shfl_xor_sync(0xffffffffu, s, 2);
+          if (q < 2) acc[0][0][2 * rr + jj] += s;
+        }
       }
     };
     // OSPLIT: the lane's entries of row g + 8 rr past its first OUTR (rows longer than 4 W OUTR), read now.
-    auto sum_rest_outliers = [&](float (&part)[2], int rr) {
+    auto sum_rest_outliers = [&](float (&part)[MO], int rr) {
       if constexpr (OSPLIT) {  // (cb, ce are set in the kernels that take this step only)
         for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += OSTRIDE) {
           const float v = load_f(vals, vals_f32, j);
           const int col = cols[j];
           part[0] = fmaf(v, Cvt<T>::f(xin[col]), part[0]);
           if (M > 1) part[1] = fmaf(v, Cvt<T>::f(xin[(size_t)K + col]), part[1]);
+          if constexpr (MO == 4) {
+            if (M > 2) part[2] = fmaf(v, Cvt<T>::f(xin[(size_t)2 * K + col]), part[2]);
+            if (M > 3) part[3] = fmaf(v, Cvt<T>::f(xin[(size_t)3 * K + col]), part[3]);
+          }
         }
       }
     };
@@ -862,12 +890,12 @@ __global__ void __launch_bounds__(W * 32, MINB)
     auto add_first_outliers = [&]() {
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
-        float part[2] = {0.f, 0.f};
+        float part[MO] = {};
 #pragma unroll
         for (int o = 0; o < OUTR; ++o) {
           const float v = oc[0][rr][o] >= 0 ? raw_f(ov[0][rr][o], vals_f32) : 0.f;
-          part[0] = fmaf(v, bits_f<T>(xo[rr][o][0]), part[0]);
-          part[1] = fmaf(v, bits_f<T>(xo[rr][o][1]), part[1]);
+#pragma unroll
+          for (int m = 0; m < MO; ++m) part[m] = fmaf(v, bits_f<T>(xo[rr][o][m]), part[m]);
         }
         add_quad(part, rr);
       }
@@ -1083,17 +1111,17 @@ __global__ void __launch_bounds__(W * 32, MINB)
       if (__any_sync(0xffffffffu, rest)) {
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
-          float part[2] = {0.f, 0.f};
+          float part[MO] = {};
           sum_rest_outliers(part, rr);
           add_quad(part, rr);
         }
       }
     } else if (OSPLIT && rows != nullptr) {
-      // Every lane sums its share of rows g, g+8 for activation rows 0 and 1; the 4 lanes of a row
-      // reduce, and lane quarter 0 (rows m = 0, 1) adds the sums.
+      // Every lane sums its share of rows g, g+8 for activation rows 0 .. MO - 1; the 4 lanes of a
+      // row reduce, and the lanes that hold each activation row add its sums (add_quad).
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
-        float part[2] = {0.f, 0.f};
+        float part[MO] = {};
 #pragma unroll
         for (int o = 0; o < OUTR; ++o) {
           const int col = oc[0][rr][o];
@@ -1102,6 +1130,12 @@ __global__ void __launch_bounds__(W * 32, MINB)
           const float x0 = Cvt<T>::f(xin[cc]), x1 = M > 1 ? Cvt<T>::f(xin[(size_t)K + cc]) : 0.f;
           part[0] = fmaf(v, x0, part[0]);
           part[1] = fmaf(v, x1, part[1]);
+          if constexpr (MO == 4) {
+            const float x2 = M > 2 ? Cvt<T>::f(xin[(size_t)2 * K + cc]) : 0.f;
+            const float x3 = M > 3 ? Cvt<T>::f(xin[(size_t)3 * K + cc]) : 0.f;
+            part[2] = fmaf(v, x2, part[2]);
+            part[3] = fmaf(v, x3, part[3]);
+          }
         }
         sum_rest_outliers(part, rr);
         add_quad(part, rr);
@@ -1469,7 +1503,7 @@ T* lut_xt_buffer(int mp, int K) {
 
 // XT: the outliers through xT (written by the launch itself, into the buffer above); where it cannot be
 // had, the same launch gathers from x[m][k] instead.
-template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, bool OSPLIT = false, bool XT = false,
+template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, int OSPLIT = 0, bool XT = false,
           int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false, int EPI = kEpiAny>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, LutStore so, cudaStream_t st) {
@@ -1804,6 +1838,22 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     if (so.gamma != nullptr) return launch_gemv_decode<T, BITS, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st);
     if (M <= 2 && vec && !ups1)
       return launch_gemv_decode<T, BITS, false>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st);
+    // 4-bit D+S at M = 3-4: the two-unit ring kernel with the outlier split over a row's 4 lanes (OSPLIT
+    // 4: each lane gathers its entries' activations of the 4 rows, in the main loop as at M <= 2), where
+    // the register-buffer kernel walked each warp's share on the two lane quarters of the real rows, 4.6
+    // entries deep at 0.45% of K = 8192, after the loop. Same process, H100, outliers per row 37 (0.45%)
+    // / 1, old / split, us: 8192x8192 M = 3 18.84 / 16.68 (17.61 / 16.41), M = 4 18.87 / 17.65 (17.83
+    // / 17.01); 22016x4096 M = 4 32.24 / 29.61; 4096x11008 M = 4 12.70 / 12.82 at 50 per row (0.45%),
+    // 15.17 / 14.17 at 100. The same split over 8 rows (M = 5-8; one entry per lane early, 127
+    // registers) lost at 0.45% against the gather (M = 5) and xT (M = 6-8): 8192x8192 M = 5 19.58 /
+    // 20.40, M = 8 20.95 / 23.66, 28672x8192 M = 6 65.2 / 69.8, though it won at one outlier per row
+    // (M = 8 19.97 / 18.50): eight scattered 2-byte gathers per entry against one 16-byte xT load.
+    // SQUEEZELM_LUT_OSPLIT_M=2 keeps M = 3-4 on the older kernels (tuning, tests).
+    if constexpr (BITS == 4) {
+      if (M > 2 && M <= 4 && M <= env_int("SQUEEZELM_LUT_OSPLIT_M", 4) && vec && sparse && ring_env != 0 &&
+          hopper_kernels_available() && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0 && !ups1)
+        return launch_gemv<T, 4, 1, P1, true, 2, 1, 4, false, GV_WARPS, 0, 2, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st);
+    }
     if (ring && M <= 8 && vec && (osplit || !xt)) {
       // M = 3-8 (no outlier split there), and the 4-bit ring with one-unit slots at every M <= 8
       // (SQUEEZELM_LUT_RING_UPS=1: 5 slots; tuning).
