@@ -686,17 +686,21 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
   // Their sums are added before the wait for a warp's last run of codes (the default) or after the main
   // loop (SQUEEZELM_LUT_OEARLY=0); warps with a single run of codes or none (K = 288) add them after it.
   // M = 3-4: the same split, each lane's sums over 4 activation rows passed to the lanes that hold them
-  // (2 entries per lane; M = 3 leaves a row of the split empty); M = 5 takes the older kernel.
-  test(`4-bit outlier split: 2 and 4 entries per lane requested early, 1 to 4 activation rows (seed ${seed})`, async () => {
+  // (2 entries per lane; M = 3 leaves a row of the split empty); M = 5 takes the older kernel. 3-bit at
+  // M <= 2: the same step in or after the loop.
+  test(`outlier split: 2 and 4 entries per lane requested early, 1 to 4 activation rows, 3-bit at M <= 2 (seed ${seed})`, async () => {
     const r = rng(seed + 141);
     for (const early of ['1', '0'])
       for (const depth of ['2', '4']) {
         process.env.SQUEEZELM_LUT_OSPLIT_DEPTH = depth;
         process.env.SQUEEZELM_LUT_OEARLY = early;
         try {
-          for (const [N, K] of [[16 * 600 + 5, 4096 + 32], [16 * 40 + 3, 8192 + 32], [37, 256 + 32]])
+          for (const [N, K] of [[16 * 600 + 5, 4096 + 32], [16 * 40 + 3, 8192 + 32], [37, 256 + 32]]) {
             await expectPackedMatchesCpu(N, K, 4, depth === '2' ? [1, 2, 3, 4, 5] : [1, 2], r,
               `early=${early} depth=${depth} N=${N} K=${K}`);
+            // 3-bit (2 entries per lane; its in-loop step where a warp has two runs of units or more)
+            if (depth === '2') await expectPackedMatchesCpu(N, K, 3, [1, 2], r, `3-bit early=${early} N=${N} K=${K}`);
+          }
         } finally {
           delete process.env.SQUEEZELM_LUT_OSPLIT_DEPTH;
           delete process.env.SQUEEZELM_LUT_OEARLY;

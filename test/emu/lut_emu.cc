@@ -138,6 +138,8 @@ int main(int argc, char** argv) {
   // longer than the entries a lane requests early (3% of K), plain and behind the fused RMSNorm
   matmul_case(1, 40, 4128, 4, DType::F16, 0.03, kLutStore, false, s++);
   matmul_case(2, 40, 4128, 4, DType::BF16, 0.03, kLutStore, true, s++);
+  // 3-bit with more runs of code units per warp than one (10 units over 8 warps): its in-loop step
+  matmul_case(1, 40, 4640, 3, DType::F16, 0.03, kLutStore, false, s++);
   // the same split over 4 activation rows (the 4-bit ring kernel at M = 3-4; M = 3 leaves one empty)
   matmul_case(3, 40, 4128, 4, DType::F16, 0.03, kLutStore, false, s++);
   matmul_case(4, 40, 4128, 4, DType::BF16, 0.03, kLutStore, false, s++);

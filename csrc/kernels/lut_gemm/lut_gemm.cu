@@ -65,7 +65,7 @@
 //   per block against 8*K bytes of 4-bit codes). For M > 8 a block takes 2 row tiles sharing
 //   each activation load, which halves that traffic.
 // * Outliers (CSR over output rows) are added to the accumulators by the same launch after the
-//   main loop (split over warps; the 4-bit decode kernels add each lane's first entries during it:
+//   main loop (split over warps; the decode kernels add each lane's first entries during it:
 //   EARLY_X): each lane's first entries are requested before the main loop (volatile loads: the
 //   compiler otherwise sinks them to their use) and arrive during it, and x is in L1 by then.
 //   Values stay raw bits until used: converting at the load would wait for it.
@@ -801,25 +801,26 @@ __global__ void __launch_bounds__(W * 32, MINB)
     // 5. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
     //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
 
-    // EARLY_X (4-bit, the outlier split on the ring, x in global memory): the outlier step moves into
-    // the main loop. Each lane gathers the activations of its first entries at the start of the warp's
-    // second run of the group (or of its only one), when the column indices requested before the loop
-    // have long arrived, and adds the entries' sums (and the 4 lanes' shuffles) before its wait for the
-    // last run's codes, in the shadow of that copy. After the loop, every warp of the block spent the
-    // gather's latency and the sums between its last product and the group's reduction. With the
-    // RMSNorm fused in front (XS) the gather reads the normalised activations in shared memory.
+    // EARLY_X (the outlier split on the ring; at 3 bits where a warp has two runs or more): the outlier
+    // step moves into the main loop. Each lane gathers the activations of its first entries at the start
+    // of the warp's second run of the group (or of its only one), when the column indices requested
+    // before the loop have long arrived, and adds the entries' sums (and the 4 lanes' shuffles) before
+    // its wait for the last run's codes, in the shadow of that copy. After the loop, every warp of the
+    // block spent the gather's latency and the sums between its last product and the group's
+    // reduction. With the RMSNorm fused in front (XS) the gather reads the normalised activations in
+    // shared memory.
     // H100, M = 1, 0.45% outliers, us (dense-only within 1% between the runs):
     // - the gather, two runs, after the loop / in it: 8192x8192 15.28 / 14.60 (dense 14.38), 28672x8192
     //   48.0 / 47.5, 4096x4096 5.75 / 5.62, 22016x4096 24.6 / 24.6;
     // - then the sums, same process, after the loop / before the last wait: 8192x8192 14.65 / 14.54,
     //   28672x8192 48.2 / 47.75, 22016x4096 24.88 / 24.30, 8192x28672 44.38 / 44.15, 12288x4096 13.96 /
     //   13.90, 4096x4096 and 4096x11008 equal; M = 2 8192x8192 15.20 / 15.02.
-    // The 3-bit kernels lost with the gather in the loop where a block walks several row groups (4 warps:
-    // 28672x8192 43.9 / 46.7, 22016x4096 19.95 / 20.5), so they keep the step after the loop. (Reading
-    // the outlier lists with L1::no_allocate was much slower, 8192x8192 4-bit 14.5 -> 16.1 us: the 8
-    // warps read neighbouring entries of a row, so they share lines in L1.) SQUEEZELM_LUT_OEARLY=0 puts
-    // the whole step after the loop again (tuning, tests).
-    constexpr bool EARLY_X = BITS == 4 && OSPLIT && RING > 0;
+    // With the gather alone in the loop the 3-bit kernels lost where a block walks several row groups (4
+    // warps: 28672x8192 43.9 / 46.7, 22016x4096 19.95 / 20.5); with the sums too they gain (launch_gemv
+    // has the rule and the numbers). (Reading the outlier lists with L1::no_allocate was much slower,
+    // 8192x8192 4-bit 14.5 -> 16.1 us: the 8 warps read neighbouring entries of a row, so they share
+    // lines in L1.) SQUEEZELM_LUT_OEARLY=0 puts the whole step after the loop again (tuning, tests).
+    constexpr bool EARLY_X = OSPLIT && RING > 0;  // (the launch's early_om flag decides at run time)
     // (pinned loads: plain ones would sink to their use after the loop)
     uint32_t xo[2][OUTR][MO];  // [row g / g+8][entry][activation row], raw bits
     bool xo_ready = false;
@@ -1563,9 +1564,13 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // 24.11, 24.30 / 23.72, 23.99 us; M = 8 (8 warps) 20.93, 20.94 / 21.15, 21.07; M = 4 17.41, 17.26 /
   // 17.25, 17.17; 3-bit M = 16 22.66, 22.46 / 22.62, 22.41.
   const int late_pf = env_int("SQUEEZELM_LUT_LATEPF", W == 16 ? 1 : 0);
-  // SQUEEZELM_LUT_OEARLY=0 / 1: the 4-bit decode kernels' outlier step after the main loop / in it
-  // (EARLY_X in the kernel).
-  const int early_om = env_int("SQUEEZELM_LUT_OEARLY", 1);
+  // SQUEEZELM_LUT_OEARLY=0 / 1: the decode kernels' outlier step after the main loop / in it (EARLY_X
+  // in the kernel). 3-bit takes it where a warp has two runs of units or more (where it has one, the
+  // step stays after the loop either way, and the in-loop build's fallback was slower: 4096x4096, 8
+  // warps, 8 units). Same process, H100, 3-bit D+S, M = 1, 0.45%, after / in the loop, us: 4096x11008
+  // 12.14 / 11.60, 8192x8192 15.5 / 15.13, 22016x4096 21.19 / 20.70, 4096x4096 4.91 / 4.99 (M = 2
+  // 4096x11008 12.2 / 11.75). (The gather alone in the loop, without the sums, had lost at 22016x4096.)
+  const int early_om = env_int("SQUEEZELM_LUT_OEARLY", BITS == 4 || (U + UPS - 1) / UPS > W ? 1 : 0);
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
                     (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) | (early_om > 0 ? 1 << 18 : 0) |
                     ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
