@@ -815,12 +815,13 @@ __global__ void __launch_bounds__(W * 32, MINB)
     // - then the sums, same process, after the loop / before the last wait: 8192x8192 14.65 / 14.54,
     //   28672x8192 48.2 / 47.75, 22016x4096 24.88 / 24.30, 8192x28672 44.38 / 44.15, 12288x4096 13.96 /
     //   13.90, 4096x4096 and 4096x11008 equal; M = 2 8192x8192 15.20 / 15.02.
-    // With the gather alone in the loop the 3-bit kernels lost where a block walks several row groups (4
-    // warps: 28672x8192 43.9 / 46.7, 22016x4096 19.95 / 20.5); with the sums too they gain (launch_gemv
-    // has the rule and the numbers). (Reading the outlier lists with L1::no_allocate was much slower,
+    // The 3-bit kernels lost with the step in the loop where a block walks several row groups (4 warps,
+    // the gather alone: 28672x8192 43.9 / 46.7, 22016x4096 19.95 / 20.5 us; gather and sums: see
+    // launch_gemv), so they take it only where each block takes one group. (Reading the outlier lists with L1::no_allocate was much slower,
     // 8192x8192 4-bit 14.5 -> 16.1 us: the 8 warps read neighbouring entries of a row, so they share
     // lines in L1.) SQUEEZELM_LUT_OEARLY=0 puts the whole step after the loop again (tuning, tests).
-    constexpr bool EARLY_X = OSPLIT && RING > 0;  // (the launch's early_om flag decides at run time)
+    // (3-bit: the 8-warp kernels only, and there where the launch's early_om flag says)
+    constexpr bool EARLY_X = OSPLIT && RING > 0 && (BITS == 4 || W == GV_WARPS);
     // (pinned loads: plain ones would sink to their use after the loop)
     uint32_t xo[2][OUTR][MO];  // [row g / g+8][entry][activation row], raw bits
     bool xo_ready = false;
@@ -1565,12 +1566,16 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // 17.25, 17.17; 3-bit M = 16 22.66, 22.46 / 22.62, 22.41.
   const int late_pf = env_int("SQUEEZELM_LUT_LATEPF", W == 16 ? 1 : 0);
   // SQUEEZELM_LUT_OEARLY=0 / 1: the decode kernels' outlier step after the main loop / in it (EARLY_X
-  // in the kernel). 3-bit takes it where a warp has two runs of units or more (where it has one, the
-  // step stays after the loop either way, and the in-loop build's fallback was slower: 4096x4096, 8
-  // warps, 8 units). Same process, H100, 3-bit D+S, M = 1, 0.45%, after / in the loop, us: 4096x11008
-  // 12.14 / 11.60, 8192x8192 15.5 / 15.13, 22016x4096 21.19 / 20.70, 4096x4096 4.91 / 4.99 (M = 2
-  // 4096x11008 12.2 / 11.75). (The gather alone in the loop, without the sums, had lost at 22016x4096.)
-  const int early_om = env_int("SQUEEZELM_LUT_OEARLY", BITS == 4 || (U + UPS - 1) / UPS > W ? 1 : 0);
+  // in the kernel). 3-bit takes it in its 8-warp kernels where each block takes one row group and a warp
+  // has two runs of units or more (with one, the step stays after the loop either way). H100, 3-bit D+S,
+  // M = 1, 0.45%: 4096x11008 (one group per block, 22 units) 12.28 -> 11.63 us in the LUT bench. Where
+  // blocks walk several groups the step in the loop lost in the bench, though a probe with every row
+  // holding the same number of evenly spread outliers had it winning (after / in the loop, 22016x4096
+  // 21.19 / 20.70, 8192x8192 15.5 / 15.13): with it on for the 4-warp kernels (8092db6) the bench's
+  // 3-bit D+S 8192x28672 took 42.07 against 38.44 us, 28672x8192 49.11 / 44.21, 22016x4096 20.76 /
+  // 19.52, 8192x8192 15.03 / 14.63. At 4096x4096 (8 units, one run per warp) the in-loop build's
+  // fallback after the loop measured 4.99 against 4.91 us in the probe, so it stays off there too.
+  const int early_om = env_int("SQUEEZELM_LUT_OEARLY", BITS == 4 || ((U + UPS - 1) / UPS > W && groups <= blocks_per_wave) ? 1 : 0);
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
                     (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) | (early_om > 0 ? 1 << 18 : 0) |
                     ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
