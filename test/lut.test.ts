@@ -698,7 +698,8 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
           for (const [N, K] of [[16 * 600 + 5, 4096 + 32], [16 * 40 + 3, 8192 + 32], [37, 256 + 32]]) {
             await expectPackedMatchesCpu(N, K, 4, depth === '2' ? [1, 2, 3, 4, 5] : [1, 2], r,
               `early=${early} depth=${depth} N=${N} K=${K}`);
-            // 3-bit (2 entries per lane; its in-loop step where a warp has two runs of units or more)
+            // 3-bit (2 entries per lane): the in-loop step is the 8-warp kernel's (one row group per
+            // block, two runs of units or more per warp: N = 643, K = 8224); N = 9605 takes 4 warps
             if (depth === '2') await expectPackedMatchesCpu(N, K, 3, [1, 2], r, `3-bit early=${early} N=${N} K=${K}`);
           }
         } finally {

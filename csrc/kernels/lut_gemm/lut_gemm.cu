@@ -801,8 +801,8 @@ __global__ void __launch_bounds__(W * 32, MINB)
     // 5. Main loop. Lane (g, q): A = weight rows g, g+8 of each row tile (pairs looked up in bank
     //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
 
-    // EARLY_X (the outlier split on the ring; at 3 bits where a warp has two runs or more): the outlier
-    // step moves into the main loop. Each lane gathers the activations of its first entries at the start
+    // EARLY_X (the outlier split on the ring; at 3 bits the 8-warp kernels, where each block takes one
+    // row group and a warp has two runs or more: launch_gemv): the outlier step moves into the main loop. Each lane gathers the activations of its first entries at the start
     // of the warp's second run of the group (or of its only one), when the column indices requested
     // before the loop have long arrived, and adds the entries' sums (and the 4 lanes' shuffles) before
     // its wait for the last run's codes, in the shadow of that copy. After the loop, every warp of the
@@ -817,10 +817,10 @@ __global__ void __launch_bounds__(W * 32, MINB)
     //   13.90, 4096x4096 and 4096x11008 equal; M = 2 8192x8192 15.20 / 15.02.
     // The 3-bit kernels lost with the step in the loop where a block walks several row groups (4 warps,
     // the gather alone: 28672x8192 43.9 / 46.7, 22016x4096 19.95 / 20.5 us; gather and sums: see
-    // launch_gemv), so they take it only where each block takes one group. (Reading the outlier lists with L1::no_allocate was much slower,
-    // 8192x8192 4-bit 14.5 -> 16.1 us: the 8 warps read neighbouring entries of a row, so they share
-    // lines in L1.) SQUEEZELM_LUT_OEARLY=0 puts the whole step after the loop again (tuning, tests).
-    // (3-bit: the 8-warp kernels only, and there where the launch's early_om flag says)
+    // launch_gemv), so the 4-warp kernels keep it after the loop. (Reading the outlier lists with
+    // L1::no_allocate was much slower, 8192x8192 4-bit 14.5 -> 16.1 us: the 8 warps read neighbouring
+    // entries of a row, so they share lines in L1.) SQUEEZELM_LUT_OEARLY=0 puts the whole step after
+    // the loop again, =1 in it where the kernel has it (tuning, tests).
     constexpr bool EARLY_X = OSPLIT && RING > 0 && (BITS == 4 || W == GV_WARPS);
     // (pinned loads: plain ones would sink to their use after the loop)
     uint32_t xo[2][OUTR][MO];  // [row g / g+8][entry][activation row], raw bits
@@ -1575,7 +1575,8 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // 3-bit D+S 8192x28672 took 42.07 against 38.44 us, 28672x8192 49.11 / 44.21, 22016x4096 20.76 /
   // 19.52, 8192x8192 15.03 / 14.63. At 4096x4096 (8 units, one run per warp) the in-loop build's
   // fallback after the loop measured 4.99 against 4.91 us in the probe, so it stays off there too.
-  const int early_om = env_int("SQUEEZELM_LUT_OEARLY", BITS == 4 || ((U + UPS - 1) / UPS > W && groups <= blocks_per_wave) ? 1 : 0);
+  const bool early3 = (U + UPS - 1) / UPS > W && groups <= blocks_per_wave;
+  const int early_om = env_int("SQUEEZELM_LUT_OEARLY", BITS == 4 || early3 ? 1 : 0);
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
                     (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) | (early_om > 0 ? 1 << 18 : 0) |
                     ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
