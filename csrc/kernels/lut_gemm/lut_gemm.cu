@@ -802,10 +802,11 @@ __global__ void __launch_bounds__(W * 32, MINB)
     //    4g+q), B = x rows 8i+g, k = 8q..8q+7 of each chunk.
 
     // EARLY_X (the outlier split on the ring; at 3 bits the 8-warp kernels, where each block takes one
-    // row group and a warp has two runs or more: launch_gemv): the outlier step moves into the main loop. Each lane gathers the activations of its first entries at the start
-    // of the warp's second run of the group (or of its only one), when the column indices requested
-    // before the loop have long arrived, and adds the entries' sums (and the 4 lanes' shuffles) before
-    // its wait for the last run's codes, in the shadow of that copy. After the loop, every warp of the
+    // row group and a warp has two runs or more: launch_gemv): the outlier step moves into the main
+    // loop. Each lane gathers the activations of its first entries at the start of the warp's second
+    // run of the group (or of its only one), when the column indices requested before the loop have
+    // long arrived, and adds the entries' sums (and the 4 lanes' shuffles) before its wait for the last
+    // run's codes, in the shadow of that copy. After the loop, every warp of the
     // block spent the gather's latency and the sums between its last product and the group's
     // reduction. With the RMSNorm fused in front (XS) the gather reads the normalised activations in
     // shared memory.
@@ -1825,10 +1826,25 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     // SQUEEZELM_LUT_RING=0 / 1 forces the register buffers / the ring (tuning, tests).
     const int ring_env = env_int("SQUEEZELM_LUT_RING", -1);
     const bool sparse = rp != nullptr;
+    // The outlier split over a row's 4 lanes (the kernel's OSPLIT): at M <= 2, and for 4-bit at M = 3-4
+    // on the two-unit ring (split4, OSPLIT = 4: each lane gathers its entries' activations of the 4
+    // rows, in the main loop as at M <= 2), where the register-buffer kernel walked each warp's share on
+    // the two lane quarters of the real rows, 4.6 entries deep at 0.45% of K = 8192, after the loop.
+    // Same process, H100, outliers per row 37 (0.45%) / 1, old / split, us: 8192x8192 M = 3 18.84 /
+    // 16.68 (17.61 / 16.41), M = 4 18.87 / 17.65 (17.83 / 17.01); 22016x4096 M = 4 32.24 / 29.61;
+    // 4096x11008 M = 4 12.70 / 12.82 at 50 per row (0.45%), 15.17 / 14.17 at 100. The same split over
+    // 8 rows (M = 5-8; one entry per lane early, 127 registers) lost at 0.45% against the gather (M = 5)
+    // and xT (M = 6-8): 8192x8192 M = 5 19.58 / 20.40, M = 8 20.95 / 23.66, 28672x8192 M = 6 65.2 /
+    // 69.8, though it won at one outlier per row (M = 8 19.97 / 18.50): eight scattered 2-byte gathers
+    // per entry against one 16-byte xT load. SQUEEZELM_LUT_OSPLIT=0: no split (tuning);
+    // SQUEEZELM_LUT_OSPLIT_M=2 keeps M = 3-4 on the older kernels (tuning, tests).
+    const bool split_env = env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0;
+    const bool split4 =
+        BITS == 4 && M > 2 && M <= 4 && M <= env_int("SQUEEZELM_LUT_OSPLIT_M", 4) && vec && sparse && split_env;
     bool ring = ring_env != 0 && hopper_kernels_available();
     if (ring && ring_env < 0) {
       if constexpr (BITS == 4) {
-        ring = !sparse || M <= 2 || (M <= 5 && K <= 4096);
+        ring = !sparse || M <= 2 || split4 || (M <= 5 && K <= 4096);
       } else {
         int dev = 0;
         cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
@@ -1839,7 +1855,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
         ring = M <= 2 || (short_groups && many_groups && !sparse);
       }
     }
-    const bool osplit = M <= 2 && vec && sparse && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0;
+    const bool osplit = M <= 2 && vec && sparse && split_env;
     // Each of a row's 32 lanes of the 4-bit ring kernel requests its first 2 outlier entries before
     // the main loop, or 4 where an average row holds more than 1.6 per lane (see below).
     const bool deep = osplit && env_int("SQUEEZELM_LUT_OSPLIT_DEPTH", nnz * 5 > (int64_t)N * 32 * 2 * 4 ? 4 : 2) == 4;
@@ -1849,31 +1865,17 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     if (so.gamma != nullptr) return launch_gemv_decode<T, BITS, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st);
     if (M <= 2 && vec && !ups1)
       return launch_gemv_decode<T, BITS, false>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st);
-    // 4-bit D+S at M = 3-4: the two-unit ring kernel with the outlier split over a row's 4 lanes (OSPLIT
-    // 4: each lane gathers its entries' activations of the 4 rows, in the main loop as at M <= 2), where
-    // the register-buffer kernel walked each warp's share on the two lane quarters of the real rows, 4.6
-    // entries deep at 0.45% of K = 8192, after the loop. Same process, H100, outliers per row 37 (0.45%)
-    // / 1, old / split, us: 8192x8192 M = 3 18.84 / 16.68 (17.61 / 16.41), M = 4 18.87 / 17.65 (17.83
-    // / 17.01); 22016x4096 M = 4 32.24 / 29.61; 4096x11008 M = 4 12.70 / 12.82 at 50 per row (0.45%),
-    // 15.17 / 14.17 at 100. The same split over 8 rows (M = 5-8; one entry per lane early, 127
-    // registers) lost at 0.45% against the gather (M = 5) and xT (M = 6-8): 8192x8192 M = 5 19.58 /
-    // 20.40, M = 8 20.95 / 23.66, 28672x8192 M = 6 65.2 / 69.8, though it won at one outlier per row
-    // (M = 8 19.97 / 18.50): eight scattered 2-byte gathers per entry against one 16-byte xT load.
-    // SQUEEZELM_LUT_OSPLIT_M=2 keeps M = 3-4 on the older kernels (tuning, tests).
-    if constexpr (BITS == 4) {
-      if (M > 2 && M <= 4 && M <= env_int("SQUEEZELM_LUT_OSPLIT_M", 4) && vec && sparse && ring_env != 0 &&
-          hopper_kernels_available() && env_int("SQUEEZELM_LUT_OSPLIT", 1) != 0 && !ups1)
-        return launch_gemv<T, 4, 1, P1, true, 2, 1, 4, false, GV_WARPS, 0, 2, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st);
-    }
-    if (ring && M <= 8 && vec && (osplit || !xt)) {
-      // M = 3-8 (no outlier split there), and the 4-bit ring with one-unit slots at every M <= 8
-      // (SQUEEZELM_LUT_RING_UPS=1: 5 slots; tuning).
+    if (ring && M <= 8 && vec && (osplit || (split4 && !ups1) || !xt)) {
+      // M = 3-8 (the outlier split at 4-bit M = 3-4 only), and the 4-bit ring with one-unit slots at
+      // every M <= 8 (SQUEEZELM_LUT_RING_UPS=1: 5 slots; tuning).
 #define SQZ_GEMV_RING(OSPLIT, XPO, RING, UPS) \
   launch_gemv<T, BITS, 1, P1, true, 2, 1, OSPLIT, false, GV_WARPS, XPO, RING, UPS>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
       if constexpr (BITS == 4) {
         if (ups1) {
           if (osplit) SQZ_GEMV_RING(true, 0, 5, 1);
           else SQZ_GEMV_RING(false, 0, 5, 1);
+        } else if (split4) {
+          SQZ_GEMV_RING(4, 0, 2, 2);
         } else {
           SQZ_GEMV_RING(false, 0, 2, 2);
         }
