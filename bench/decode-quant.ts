@@ -196,7 +196,7 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
       const r = row(ctx, SUITE, `${label} step b1 ctx ${ctxLen}`, r0.t, { bytes: r0.bytes, baseline: 'fp16 step', base, note });
       rows.push(r);
       log(`decodeq ${label}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), ${r.speedup?.toFixed(2)}x fp16; ${note}`);
-      // The same step with the quantized projections' fusions off, in the same process: the two
+      // The same step without the next-projection prefetch, and with the quantized projections' fusions off, in the same process: the two
       // RMSNorms as their own kernels (each adding the block's output to the residual stream), then RoPE
       // and the cache append as well (q|k|v stored paired, its store epilogue), then siluMul too.
       const dec = m.decoder;
@@ -204,6 +204,8 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
         // Every GEMV of the step on the kernels that carry all epilogues (csrc/kernels/lut_gemm:
         // launch_gemv_decode), where the default gives each launch kernels with its own epilogue only.
         ['all-epilogue GEMV kernels', () => { process.env.SQUEEZELM_LUT_EPI_KERNELS = '0'; }],
+        // No projection naming the next one (decoder.prefetchLut: its first codes requested into L2)
+        ['no next-projection prefetch', () => { dec.prefetchLut = false; }],
         // (3-bit layers take the norm kernels by default, decoder.fuseLutNorm3Bit: the row fuses it there)
         bits === 3 ? ['RMSNorm fused in front', () => { dec.fuseLutNorm3Bit = true; }] : ['RMSNorm apart', () => { dec.fuseLutNorm = false; }],
         ['RMSNorm and RoPE/append apart', () => { dec.fuseLutNorm = false; dec.fuseLutRope = false; }],
@@ -225,6 +227,7 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
           dec.fuseLutNorm3Bit = false;
           dec.fuseLutRope = true;
           dec.fuseLutSilu = true;
+          dec.prefetchLut = true;
         }
       }
       // The same step with the lm_head quantized too (quantize --lm-head; the default keeps it fp16):

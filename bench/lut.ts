@@ -112,6 +112,18 @@ export async function benchLut(ctx: BenchContext): Promise<BenchResult[]> {
             delete process.env.SQUEEZELM_LUT_DENSE_MIN_M;
           }
         }
+        if (M === 1) {
+          // The same launches, each naming the next one's weight set (prefetchNext: its first codes into
+          // L2 at the end of this launch), as the decode step names its next projection.
+          const tn = await timeCuda({
+            device, iters, repeats, noGraph,
+            fn: (i) => {
+              const l = ls[i % sets];
+              lutMatmulPacked(y, xs[i % dsets], l.q, l.lut, l.rows, l.cols, l.vals, bits, { prefetchNext: ls[(i + 1) % sets].q });
+            },
+          });
+          notes.push(`next set named (prefetchNext) ${us(tn).toFixed(2)} us (${(us(dense) / us(tn)).toFixed(2)}x)`);
+        }
         if (!sparse) single.set(`${name}:dense`, us(t));
         else {
           const d = single.get(`${variant.replace('D+S', 'dense')} M=${M} ${N}x${K}:dense`);

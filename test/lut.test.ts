@@ -395,6 +395,20 @@ describe('lutMatmul validation', () => {
     expect(code(() => lutMatmulPacked(y, x, good, t.lut, t.rows, t.cols, null, 4))).toBe('ERR_ARG');
     expect(code(() => lutMatmulPacked(y, x, good, Tensor.empty([8, 8]), null, null, null, 4))).toBe('ERR_SHAPE');
   });
+  test('prefetchNext: i32 2-D codes on x\'s device, else a coded error; on the CPU it changes nothing', async () => {
+    const good = Tensor.empty(lutPackedShape(8, 64, 4), { dtype: 'i32' });
+    const q = Tensor.from(l.qweight, [2 * 4, 8], { dtype: 'i32' });
+    lutRepack(good, q, 4);
+    const y0 = Tensor.empty([2, 8]), y1 = Tensor.empty([2, 8]);
+    lutMatmulPacked(y0, x, good, t.lut, t.rows, t.cols, t.vals, 4);
+    lutMatmulPacked(y1, x, good, t.lut, t.rows, t.cols, t.vals, 4, { prefetchNext: good });
+    expect(Array.from(await y1.toFloat32())).toEqual(Array.from(await y0.toFloat32()));
+    expect(code(() => lutMatmulPacked(y, x, good, t.lut, null, null, null, 4, { prefetchNext: Tensor.empty([8, 16]) }))).toBe('ERR_DTYPE');
+    expect(() => lutMatmulPacked(y, x, good, t.lut, null, null, null, 4, { prefetchNext: Tensor.empty([8, 16]) })).toThrow(/nextCodes/);
+    expect(code(() => lutMatmulPacked(y, x, good, t.lut, null, null, null, 4, { prefetchNext: Tensor.empty([128], { dtype: 'i32' }) }))).toBe('ERR_SHAPE');
+    expect(code(() => lutMatmulPacked(y, x, good, t.lut, null, null, null, 4, { prefetchNext: {} as Tensor }))).toBe('ERR_ARG');
+    [good, q, y0, y1].forEach((z) => z.dispose());
+  });
   test('sortOutlierRows orders each row by column, values along', () => {
     const rows = Int32Array.from([0, 3, 3, 5]), cols = Int32Array.from([7, 1, 4, 2, 0]), vals = Float32Array.from([70, 10, 40, 20, 0]);
     expect(sortOutlierRows(rows, cols, vals)).toBe(true);
@@ -751,6 +765,42 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
     } finally {
       delete process.env.SQUEEZELM_LUT_RING;
       delete process.env.SQUEEZELM_LUT_RING_UPS;
+    }
+  });
+  // prefetchNext names the codes of the launch that follows; the GEMV's blocks of the last round request the
+  // first codes of that weight's row groups into L2 at their end. A hint only: the output is the same bits,
+  // also where the named weight has fewer row groups than the grid has blocks (its bounds clamp the
+  // requests) and where blocks walk several rounds of row groups.
+  test(`prefetchNext changes no bit of the output, at every M and whatever weight it names (seed ${seed})`, async () => {
+    const r = rng(seed + 151);
+    const K = 4096 + 32;
+    for (const bits of [4, 3] as const) {
+      const small = packedOf(randomLinear(40, 96, bits, false, r), 'cuda');
+      for (const N of [16 * 700 + 3, 200]) {
+        const l = randomLinear(N, K, bits, true, r);
+        const cc = packedOf(l, 'cuda'), tc = tensorsOf(l, 'cuda', 'f16');
+        const other = packedOf(randomLinear(N + 48, 2 * K, bits, false, r), 'cuda');
+        for (const M of [1, 2, 4, 8, 16, 40]) {
+          const xc = Tensor.from(randn(M * K, r), [M, K], { dtype: 'f16', device: 'cuda' });
+          const run = async (next?: Tensor): Promise<Uint16Array> => {
+            const yc = Tensor.from(new Float32Array(M * N).fill(NaN), [M, N], { dtype: 'f16', device: 'cuda' });
+            lutMatmulPacked(yc, xc, cc, tc.lut, tc.rows, tc.cols, tc.vals, bits, { prefetchNext: next });
+            const raw = (await yc.toArray()) as Uint16Array;
+            yc.dispose();
+            return raw;
+          };
+          const want = await run();
+          for (const [name, next] of [['itself', cc], ['a larger weight', other], ['a smaller weight', small]] as const) {
+            const got = await run(next);
+            let diff = 0;
+            for (let j = 0; j < got.length; j++) if (got[j] !== want[j]) diff++;
+            expect([`${bits}-bit N=${N} M=${M} next=${name}`, diff]).toEqual([`${bits}-bit N=${N} M=${M} next=${name}`, 0]);
+          }
+          xc.dispose();
+        }
+        [cc, other, tc.q, tc.lut, tc.rows, tc.cols, tc.vals].forEach((z) => z?.dispose());
+      }
+      small.dispose();
     }
   });
   // Through the transposed copy (3-bit from M = 3, 4-bit from 6), a thread holds fewer outlier entries in

@@ -38,10 +38,11 @@ SQZ_OP(lutRepack) {
 }
 
 // lutMatmulPacked(y, x[M,K], codes i32[Np, Kp*bits/32], lut[N, 2^bits], rows?, cols?, vals?, bits,
-// pairHalf = 0, epilogue = 0, normWeight? [K], eps = 1e-6) codes in the packed layout made by lutRepack,
+// pairHalf = 0, epilogue = 0, normWeight? [K], eps = 1e-6, nextCodes?) codes in the packed layout made by lutRepack,
 // stored rows paired at pairHalf (cpu/lut_gemm.h; 0: not paired); y [M, N], or [M, N/2] for epilogue 1
 // (SiLU pairs, pairHalf = N/2); epilogue 2 adds the product to y (the residual stream; y must not
-// overlap x); normWeight: the RMSNorm of x in front. The outlier CSR's contents are checked on the host
+// overlap x); normWeight: the RMSNorm of x in front; nextCodes: the packed codes (i32 2-D, x's device) of the
+// weight whose launch follows, requested into L2 at the end (a hint; CUDA only, ignored on the CPU). The outlier CSR's contents are checked on the host
 // when the weights are loaded (ts/ops/lut.ts checkOutlierCsr); here only shapes and dtypes.
 SQZ_OP(lutMatmulPacked) {
   Args a(info, "lutMatmulPacked");
@@ -54,6 +55,12 @@ SQZ_OP(lutMatmulPacked) {
   const cpu::LutEpilogue epilogue = static_cast<cpu::LutEpilogue>(epilogue_arg);
   auto gamma = a.opt_tensor(10, "normWeight");
   const double eps = a.opt_number(11, "eps", 1e-6);
+  auto next = a.opt_tensor(12, "nextCodes");
+  if (next) {
+    a.ndim(*next, "nextCodes", 2);
+    a.dtype_in(*next, "nextCodes", {DType::I32});
+    a.same_device({{&x, "x"}, {&*next, "nextCodes"}});
+  }
   const int64_t N = check_lut_operands(a, x, q, lut, rows, cols, vals, bits, half), M = x.dim(0);
   check_lut_norm(a, x, gamma, eps);
   if (epilogue == cpu::kLutResidual && overlap(y, x)) a.error("ERR_ARG", "the residual epilogue's y must not overlap x");
@@ -80,7 +87,7 @@ SQZ_OP(lutMatmulPacked) {
       [&](int dev) {
         CUDA_ONLY(cuda::lut_matmul_packed(y, x, q, lut, rows ? &*rows : nullptr, cols ? &*cols : nullptr,
                                           vals ? &*vals : nullptr, b, (int)half, epilogue, gamma ? &*gamma : nullptr, e,
-                                          cuda_stream(dev)));
+                                          next ? &*next : nullptr, cuda_stream(dev)));
       });
   return a.env().Undefined();
 }

@@ -10,7 +10,7 @@ import * as ops from '../ops';
 import { ModelConfig } from './config';
 import { LayerWeights, ModelWeights } from './weights';
 import { KVCache } from '../runtime/kv-cache';
-import { linearForward } from '../quant/squeezellm';
+import { linearForward, SqueezeLinearModule } from '../quant/squeezellm';
 import type { LutNormOptions } from '../ops/lut';
 import type { LoraPool } from '../runtime/lora-pool';
 import { LORA_SITES, LoraSite } from './lora';
@@ -270,6 +270,13 @@ export class Decoder {
    * starts it off.
    */
   fuseLutRope = process.env.SQUEEZELM_LUT_ROPE !== '0';
+  /**
+   * With fuse: a quantized o, gate|up or down projection names the quantized projection that runs
+   * after it (gate|up, down, the next layer's q|k|v or a quantized lm_head), whose first codes its
+   * GEMV then requests into L2 at its end (ChainOptions.prefetchNext); SQUEEZELM_LUT_PREFETCH=0 starts
+   * it off.
+   */
+  prefetchLut = process.env.SQUEEZELM_LUT_PREFETCH !== '0';
   /** Attention over another cache than the fp16 pages (absent: ropeAppend + attention). */
   readonly attn?: AttentionStep;
   /** LoRA adapters (absent: none can be used); each sequence's adapter slot is bound with bindAdapter. */
@@ -588,6 +595,9 @@ export class Decoder {
     const normPays = (L: LayerWeights): boolean =>
       this.fuseLutNorm3Bit || [L.wqkv, L.wgu].every((m) => m instanceof Tensor || m.bits === 4);
     let lutNorm = lutNormAll;
+    // The quantized linear a launch names as the one after it (prefetchLut), or null.
+    const after = (m: Tensor | SqueezeLinearModule | undefined): SqueezeLinearModule | null =>
+      this.prefetchLut && m !== undefined && !(m instanceof Tensor) ? m : null;
     // A quantized projection that ends a block leaves its output here instead of adding it to the
     // residual stream x at once: the next RMSNorm then adds it in the same launch (addRmsNorm),
     // one kernel fewer per block. A fused fp16 projection reads x, so it flushes first.
@@ -649,7 +659,7 @@ export class Decoder {
         ops.fusedLinear(ws.x, ws.att2, L.wo, { bias: L.bo, epilogue: 'residual' });
       } else if (lutNorm && !L.bo) {
         flush();
-        L.wo.forwardAdd(ws.x, ws.att2);
+        L.wo.forwardAdd(ws.x, ws.att2, { prefetchNext: after(L.wgu) });
       } else {
         linearForward(ws.o, ws.att2, L.wo, L.bo);
         pending = ws.o;
@@ -659,7 +669,7 @@ export class Decoder {
         ops.fusedLinear(ws.act, ws.x, L.wgu, { bias: L.bgu, normWeight: L.ln2, eps, epilogue: 'siluPairs' });
       } else if (this.fuseLutSilu && L.wgu.siluPairs && !L.bgu) {
         const [xin, norm] = normedInput(L.ln2);
-        L.wgu.siluPairs(ws.act, xin, norm);
+        L.wgu.siluPairs(ws.act, xin, { ...norm, prefetchNext: after(L.wdown) });
       } else {
         normInto(L.ln2);
         linearForward(ws.gu, ws.h, L.wgu, L.bgu);
@@ -670,7 +680,7 @@ export class Decoder {
         ops.fusedLinear(ws.x, ws.act, L.wdown, { bias: L.bdown, epilogue: 'residual' });
       } else if (lutNorm && !L.bdown) {
         flush();
-        L.wdown.forwardAdd(ws.x, ws.act);
+        L.wdown.forwardAdd(ws.x, ws.act, { prefetchNext: after(l + 1 < cfg.numLayers ? w.layers[l + 1].wqkv : w.lmHead) });
       } else {
         linearForward(ws.mlp, ws.act, L.wdown, L.bdown);
         pending = ws.mlp;

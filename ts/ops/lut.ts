@@ -46,8 +46,10 @@ export function lutMatmulPacked(
   const epilogue = { store: 0, siluPairs: 1, residual: 2 }[opts.epilogue ?? 'store'];
   if (epilogue === undefined) throw new SqueezeError('ERR_ARG', `lutMatmulPacked: unknown epilogue ${opts.epilogue}`);
   if (opts.normWeight !== undefined) requireTensors('lutMatmulPacked', [['normWeight', opts.normWeight]]);
+  if (opts.prefetchNext !== undefined) requireTensors('lutMatmulPacked', [['prefetchNext', opts.prefetchNext]]);
   native().ops.lutMatmulPacked(y.native, x.native, codes.native, lut.native, rows?.native ?? null, cols?.native ?? null,
-    vals?.native ?? null, bits, opts.pairHalf ?? 0, epilogue, opts.normWeight?.native ?? null, opts.eps ?? 1e-6);
+    vals?.native ?? null, bits, opts.pairHalf ?? 0, epilogue, opts.normWeight?.native ?? null, opts.eps ?? 1e-6,
+    opts.prefetchNext?.native ?? null);
 }
 
 /** The RMSNorm of the decoder fused in front of a quantized linear: x is replaced by rmsnorm(x) * weight. */
@@ -77,6 +79,13 @@ export interface LutStoreOptions extends LutNormOptions {
    * GEMV: M <= 64).
    */
   epilogue?: 'store' | 'siluPairs' | 'residual';
+  /**
+   * The packed codes (lutRepack's output) of the quantized weight whose launch follows this one, e.g.
+   * a decode step's next projection. A hint: at its end the CUDA GEMV requests the first codes of
+   * that weight's row groups into L2, so the next launch starts from L2 instead of an idle DRAM
+   * pipe. The result does not depend on it; ignored on the CPU.
+   */
+  prefetchNext?: Tensor;
 }
 
 /** Where lutRopeAppend's rows go: ropeAppend's positions, rotation and paged cache (ts/ops/fused.ts). */

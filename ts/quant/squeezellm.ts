@@ -553,6 +553,16 @@ export function readSqueezeLinear(reader: TensorReader, prefix: string, inFeatur
   return out;
 }
 
+/** What a quantized linear's launch may know of the launch after it. */
+export interface ChainOptions {
+  /**
+   * The quantized linear that runs next on the same stream (a decode step's next projection): this
+   * launch requests the first codes of its row groups into L2 at its end (lutMatmulPacked's
+   * prefetchNext; a hint, the result does not depend on it).
+   */
+  prefetchNext?: SqueezeLinearModule | null;
+}
+
 /** A quantized linear on a device: forward(y[M,N], x[M,K]) replaces a dense matmul. */
 export interface SqueezeLinearModule {
   readonly N: number;
@@ -561,24 +571,34 @@ export interface SqueezeLinearModule {
   readonly bytes: number;
   /** The half its rows are stored paired at (pairSqueezeRows; 0: as they are). */
   readonly pairHalf: number;
-  /** y = x · Wᵀ (+ outliers); with norm.normWeight, of rmsnorm(x) * normWeight (LutNormOptions). */
-  forward(y: Tensor, x: Tensor, norm?: LutNormOptions): void;
+  /** Its codes in the kernels' packed layout (lutRepack), e.g. for another module's prefetchNext. */
+  readonly codes: Tensor;
+  /**
+   * y = x · Wᵀ (+ outliers); with norm.normWeight, of rmsnorm(x) * normWeight (LutNormOptions); with
+   * opts.prefetchNext, the module whose launch follows (ChainOptions).
+   */
+  forward(y: Tensor, x: Tensor, opts?: LutNormOptions & ChainOptions): void;
   /**
    * y += x · Wᵀ, the product rounded to y's dtype first, in one launch (lutMatmulPacked's residual
    * epilogue: the residual add behind a block's last projection; on CUDA up to 64 rows of x).
    */
-  forwardAdd(y: Tensor, x: Tensor): void;
+  forwardAdd(y: Tensor, x: Tensor, opts?: ChainOptions): void;
   /**
    * A gate|up module stored paired at N/2 only: act[M, N/2] = silu(gate) * up of y = x · Wᵀ in one
-   * launch (lutMatmulPacked's siluPairs epilogue; on CUDA up to 64 rows of x); norm as in forward.
+   * launch (lutMatmulPacked's siluPairs epilogue; on CUDA up to 64 rows of x); opts as in forward.
    */
-  siluPairs?(act: Tensor, x: Tensor, norm?: LutNormOptions): void;
+  siluPairs?(act: Tensor, x: Tensor, opts?: LutNormOptions & ChainOptions): void;
   /**
    * A q|k|v module stored paired at head_dim/2 only: the projection of x and ropeAppend into qOut
    * and the paged caches in one launch (lutRopeAppend; on CUDA up to 64 rows of x).
    */
   ropeAppend?(qOut: Tensor, kCache: Tensor, vCache: Tensor, x: Tensor, r: LutRopeAppendArgs): void;
   dispose(): void;
+}
+
+/** The norm fields of a forward's options. */
+function normOf(o?: LutNormOptions): LutNormOptions {
+  return o?.normWeight === undefined ? {} : { normWeight: o.normWeight, eps: o.eps };
 }
 
 /**
@@ -659,17 +679,20 @@ export function uploadSqueezeLinear(src: SqueezeLinear, device: string, dtype?: 
   return {
     N: l.N, K: l.K, bits: l.bits, pairHalf,
     bytes: all.reduce((s, t) => s + t.byteLength, 0),
-    forward(y: Tensor, x: Tensor, norm?: LutNormOptions): void {
+    codes: q,
+    forward(y: Tensor, x: Tensor, opts?: LutNormOptions & ChainOptions): void {
       checkX(x);
-      lutMatmulPacked(y, x, q, lut, rows, cols, vals, l.bits, { ...norm, pairHalf });
+      lutMatmulPacked(y, x, q, lut, rows, cols, vals, l.bits, { ...normOf(opts), pairHalf, prefetchNext: opts?.prefetchNext?.codes });
     },
-    forwardAdd(y: Tensor, x: Tensor): void {
+    forwardAdd(y: Tensor, x: Tensor, opts?: ChainOptions): void {
       checkX(x);
-      lutMatmulPacked(y, x, q, lut, rows, cols, vals, l.bits, { pairHalf, epilogue: 'residual' });
+      lutMatmulPacked(y, x, q, lut, rows, cols, vals, l.bits, { pairHalf, epilogue: 'residual', prefetchNext: opts?.prefetchNext?.codes });
     },
-    siluPairs: 2 * pairHalf === l.N ? (act: Tensor, x: Tensor, norm?: LutNormOptions): void => {
+    siluPairs: 2 * pairHalf === l.N ? (act: Tensor, x: Tensor, opts?: LutNormOptions & ChainOptions): void => {
       checkX(x);
-      lutMatmulPacked(act, x, q, lut, rows, cols, vals, l.bits, { ...norm, pairHalf, epilogue: 'siluPairs' });
+      lutMatmulPacked(act, x, q, lut, rows, cols, vals, l.bits, {
+        ...normOf(opts), pairHalf, epilogue: 'siluPairs', prefetchNext: opts?.prefetchNext?.codes,
+      });
     } : undefined,
     ropeAppend: pairHalf > 0 && 2 * pairHalf < l.N ? (qOut: Tensor, kCache: Tensor, vCache: Tensor, x: Tensor, r: LutRopeAppendArgs): void => {
       checkX(x);

@@ -77,6 +77,14 @@ __device__ __forceinline__ void bulk_g2s(uint32_t dst, const void* src, uint32_t
 #endif
 }
 
+// Requests `bytes` (a multiple of 16, 16-byte aligned) of global memory into L2: one instruction,
+// nothing waits for it and nothing is written.
+__device__ __forceinline__ void bulk_prefetch_l2(const void* src, uint32_t bytes) {
+#ifdef SQZ_BULK_COPY
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+#endif
+}
+
 // 2-D tensor copy (TMA) of one box of the tensor map `tmap` (the address of a __grid_constant__
 // CUtensorMap parameter) at element coordinates (c0 innermost, c1) into shared memory at `dst`,
 // counted on barrier `bar`. Elements outside the tensor arrive as zeros and count as bytes.

@@ -129,6 +129,12 @@ struct LutStore {
   void* vc;
   const void* gamma;  // RMSNorm weight [K] in the activation dtype, or null
   float eps;
+  // The packed codes of the weight whose launch follows (or null): next_bytes in all, next_group_bytes
+  // per row group of 16 rows; each block of the last round requests next_block_bytes of them into L2
+  // at its end (the kernel, step 5b).
+  const unsigned char* next_codes;
+  long long next_bytes, next_group_bytes;
+  int next_block_bytes;
 };
 
 
@@ -1022,6 +1028,22 @@ __global__ void __launch_bounds__(W * 32, MINB)
     if (next < groups) {
       set_group(next);
       if (RING == 0 && !xgroup && !late_pf) prefetch();
+    }
+    // 5b. The next launch's first codes into L2 (so.next_codes: the weight the caller names as the one
+    //     that runs next, e.g. the decode step's next projection). Its block b starts with row group b,
+    //     so this block requests the first next_block_bytes of that group, split over the warps, once
+    //     its own last group is streamed: DRAM would otherwise idle through this launch's tail and the
+    //     next one's start (its blocks are placed only as this launch's exit, and read nothing before).
+    //     Only blocks of the last round do: a block that finished a round earlier would take bandwidth
+    //     from the blocks still streaming. H100, M = 1, D+S, the next call's codes named / not, us:
+    //     4-bit 8192x8192 14.20 / 14.73, 4096x4096 5.47 / 5.73, 12288x4096 13.40 / 13.98, 4096x11008 9.95
+    //     / 10.52; at 64 KB per block or more every shape was slower (docs/log/squeezellm-kernels.md).
+    if (next >= groups && so.next_codes != nullptr && lane == 0 &&
+        grp >= (groups - 1) / (int)gridDim.x * (int)gridDim.x) {
+      const long long per = so.next_block_bytes / W / 16 * 16;
+      const long long at = (long long)blockIdx.x * so.next_group_bytes + (long long)warp * per;
+      const long long n = at + per <= so.next_bytes ? per : so.next_bytes - at;
+      if (n >= 16) bulk_prefetch_l2(so.next_codes + at, (uint32_t)(n / 16 * 16));
     }
 
     // 6. Outliers, after the main loop: their lists have arrived and x is in L1. Branch-free over a
@@ -1953,7 +1975,7 @@ void launch_any(const Tensor& y, const Tensor& x, const Tensor& codes, const Ten
 
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
                        const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, cpu::LutEpilogue epilogue,
-                       const Tensor* gamma, float eps, cudaStream_t stream) {
+                       const Tensor* gamma, float eps, const Tensor* next_codes, cudaStream_t stream) {
   if (epilogue != cpu::kLutStore && !gemv_takes(x))
     fail("ERR_UNSUPPORTED", std::string("lutMatmulPacked: the ") + (epilogue == cpu::kLutSiluPairs ? "siluPairs" : "residual") +
                                 " epilogue runs on CUDA for up to 64 rows of x (16 unaligned), got " + std::to_string(x.dim(0)));
@@ -1963,6 +1985,15 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
   so.mode = epilogue == cpu::kLutSiluPairs ? kStoreSilu : epilogue == cpu::kLutResidual ? kStoreResidual : kStoreRows;
   so.gamma = gamma ? gamma->data() : nullptr;
   so.eps = eps;
+  // SQUEEZELM_LUT_PREFETCH_KB: bytes per block of the next weight's codes requested into L2 (0: none;
+  // tuning). A row group of the packed layout is 16 rows of codes, contiguous.
+  const int next_kb = next_codes != nullptr ? env_int("SQUEEZELM_LUT_PREFETCH_KB", 16) : 0;
+  if (next_kb > 0 && next_kb <= 1024) {
+    so.next_codes = static_cast<const unsigned char*>(next_codes->data());
+    so.next_bytes = (long long)next_codes->numel() * 4;
+    so.next_group_bytes = 16LL * next_codes->dim(1) * 4;
+    so.next_block_bytes = next_kb * 1024;
+  }
   launch_any(y, x, codes, lut, rows, cols, vals, bits, so, "lutMatmul", stream);
 }
 

@@ -20,9 +20,12 @@ void lut_repack(const Tensor& dst, const Tensor& qweight, int bits, cudaStream_t
 // pair_half / epilogue: paired stored rows, the SiLU and residual epilogues (cpu/lut_gemm.h);
 // an epilogue needs the GEMV (M <= 64, or 16 for unaligned activations). gamma (or null): the RMSNorm
 // of x fused in front (M <= 2, K % 8 == 0, x 16-byte aligned; ERR_UNSUPPORTED otherwise).
+// next_codes (or null): the packed codes (i32 2-D, this device) of the weight whose launch follows
+// this one; the GEMV requests the first codes of its row groups into L2 at its end (a hint: the
+// result does not depend on it).
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
                        const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, cpu::LutEpilogue epilogue,
-                       const Tensor* gamma, float eps, cudaStream_t stream);
+                       const Tensor* gamma, float eps, const Tensor* next_codes, cudaStream_t stream);
 
 // cpu::lut_rope_append in one launch: the GEMV's epilogue rotates q and k and appends k and v to the
 // paged fp16 caches (rows paired at head_dim/2; the GEMV's M, up to 64 rows of x). gamma: as above.

@@ -46,6 +46,7 @@ inline void mbar_wait(uint32_t bar, uint32_t parity) {
 }
 
 inline uint64_t l2_evict_first_policy() { return 0; }
+inline void bulk_prefetch_l2(const void*, uint32_t) {}
 
 inline void bulk_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar, uint64_t) {
   std::memcpy(shared_ptr(dst), src, bytes);
