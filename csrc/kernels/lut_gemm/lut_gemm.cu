@@ -129,12 +129,21 @@ struct LutStore {
   void* vc;
   const void* gamma;  // RMSNorm weight [K] in the activation dtype, or null
   float eps;
-  // The packed codes of the weight whose launch follows (or null): next_bytes in all, next_group_bytes
-  // per row group of 16 rows; each block of the last round requests next_block_bytes of them into L2
-  // at its end (the kernel, step 5b).
-  const unsigned char* next_codes;
-  long long next_bytes, next_group_bytes;
-  int next_block_bytes;
+};
+// The packed codes of the weight whose launch follows (kernels with NEXT; null: none): its row groups of
+// 16 rows are group_bytes apart and end at end; from row group `from` on (the last round, set by
+// launch_gemv) each warp of a block requests warp_bytes of them into L2 at its end (the kernel, step
+// 5b). A kernel parameter of its own: grown by these fields, LutStore changed how the compiler built
+// every GEMV kernel (ptxas allocated 140 of 186 differently; 3-bit decode GEMVs lost 3-7%).
+struct NextCodes {
+  const unsigned char* codes;
+  const unsigned char* end;
+  long long group_bytes;
+  int block_bytes, warp_bytes, from;
+};
+// What the host side of a GEMV launch carries: the kernel's LutStore and the next launch's codes.
+struct LutLaunch : LutStore {
+  NextCodes next;
 };
 
 
@@ -485,12 +494,12 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
 }
 
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, int OSPLIT, bool XT, int W, int XPO, int RING,
-          int UPS, bool XS, int EPI>
+          int UPS, bool XS, int EPI, bool NEXT>
 __global__ void __launch_bounds__(W * 32, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
                     const int* __restrict__ cols, const void* __restrict__ vals, bool vals_f32, int M, int N,
-                    int K, int U, uint4* xT, int flags, LutStore so) {
+                    int K, int U, uint4* xT, int flags, LutStore so, NextCodes nx) {
   using G = Geo<BITS>;
   constexpr int NT = W * 32;  // threads per block
   // A row's outlier list is dealt to the warps; with OSPLIT (D+S launches of one activation tile) also
@@ -1029,21 +1038,22 @@ __global__ void __launch_bounds__(W * 32, MINB)
       set_group(next);
       if (RING == 0 && !xgroup && !late_pf) prefetch();
     }
-    // 5b. The next launch's first codes into L2 (so.next_codes: the weight the caller names as the one
-    //     that runs next, e.g. the decode step's next projection). Its block b starts with row group b,
-    //     so this block requests the first next_block_bytes of that group, split over the warps, once
-    //     its own last group is streamed: DRAM would otherwise idle through this launch's tail and the
-    //     next one's start (its blocks are placed only as this launch's exit, and read nothing before).
-    //     Only blocks of the last round do: a block that finished a round earlier would take bandwidth
-    //     from the blocks still streaming. H100, M = 1, D+S, the next call's codes named / not, us:
-    //     4-bit 8192x8192 14.20 / 14.73, 4096x4096 5.47 / 5.73, 12288x4096 13.40 / 13.98, 4096x11008 9.95
-    //     / 10.52; at 64 KB per block or more every shape was slower (docs/log/squeezellm-kernels.md).
-    if (next >= groups && so.next_codes != nullptr && lane == 0 &&
-        grp >= (groups - 1) / (int)gridDim.x * (int)gridDim.x) {
-      const long long per = so.next_block_bytes / W / 16 * 16;
-      const long long at = (long long)blockIdx.x * so.next_group_bytes + (long long)warp * per;
-      const long long n = at + per <= so.next_bytes ? per : so.next_bytes - at;
-      if (n >= 16) bulk_prefetch_l2(so.next_codes + at, (uint32_t)(n / 16 * 16));
+    // 5b. NEXT: the next launch's first codes into L2 (nx.codes: the weight the caller names as the
+    //     one that runs next, the decode step's next projection). Its block b starts with row group b,
+    //     so each warp of this block requests its share of that group's first block_bytes, once
+    //     the block's own last group is streamed: DRAM would otherwise idle through this launch's tail
+    //     and the next one's start (its blocks are placed only as this launch's exit, and the codes
+    //     they request first then come from L2). Only blocks of the last round (row groups from
+    //     nx.from on) do: a block that finished a round earlier would take bandwidth from the blocks
+    //     still streaming (H100, M = 1, D+S 0.45%, launches naming the next one's weights / not, us:
+    //     measured at launch_gemv_decode).
+    if constexpr (NEXT) {
+      if (next >= groups && grp >= nx.from && lane == 0) {
+        const unsigned char* at = nx.codes + (size_t)blockIdx.x * nx.group_bytes + (size_t)warp * nx.warp_bytes;
+        const long long left = nx.end - at;
+        const uint32_t n = (uint32_t)(left < nx.warp_bytes ? (left > 0 ? left & ~15LL : 0) : nx.warp_bytes);
+        if (n > 0) bulk_prefetch_l2(at, n);
+      }
     }
 
     // 6. Outliers, after the main loop: their lists have arrived and x is in L1. Branch-free over a
@@ -1529,9 +1539,9 @@ T* lut_xt_buffer(int mp, int K) {
 // XT: the outliers through xT (written by the launch itself, into the buffer above); where it cannot be
 // had, the same launch gathers from x[m][k] instead.
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, int OSPLIT = 0, bool XT = false,
-          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false, int EPI = kEpiAny>
+          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false, int EPI = kEpiAny, bool NEXT = false>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                 const void* vp, bool vf, int M, int N, int K, int U, LutStore so, cudaStream_t st) {
+                 const void* vp, bool vf, int M, int N, int K, int U, LutLaunch so, cudaStream_t st) {
   T* xT = nullptr;
   if constexpr (XT) {
     xT = lut_xt_buffer<T>(8 * MT, K);
@@ -1544,7 +1554,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // occupancy is asked for with them rounded up to whole KiB (never more blocks than fit).
   const size_t xs_kib = XS ? ((size_t)M * K * sizeof(T) + 2 * W * sizeof(float) + 1023) / 1024 : 0;
   const size_t smem = base + (XS ? (size_t)M * K * sizeof(T) + 2 * W * sizeof(float) : 0);
-  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS, XS, EPI>;
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS, XS, EPI, NEXT>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
@@ -1600,11 +1610,15 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // fallback after the loop measured 4.99 against 4.91 us in the probe, so it stays off there too.
   const bool early3 = (U + UPS - 1) / UPS > W && groups <= blocks_per_wave;
   const int early_om = env_int("SQUEEZELM_LUT_OEARLY", BITS == 4 || early3 ? 1 : 0);
+  if constexpr (NEXT) {
+    so.next.from = (groups - 1) / blocks * blocks;  // the first row group of the last round
+    so.next.warp_bytes = so.next.block_bytes / W / 16 * 16;
+  }
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
                     (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) | (early_om > 0 ? 1 << 18 : 0) |
                     ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
   launch_pdl(kern, dim3(blocks), dim3(W * 32), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
-             reinterpret_cast<uint4*>(xT), flags, so);
+             reinterpret_cast<uint4*>(xT), flags, static_cast<const LutStore&>(so), so.next);
 }
 
 // 3-bit decode GEMVs with 4 warps per block (4 blocks per SM, two ring slots of one unit per warp)
@@ -1635,14 +1649,15 @@ bool decode_w4(int N) {
 // slots where decode_w4 says), else register
 // buffers, each with or without the outlier split. (The tuning override of the 4-bit ring's slots,
 // SQUEEZELM_LUT_RING_UPS=1, is launch()'s own: it does not apply with the norm fused.)
-template <class T, int BITS, bool XS, int EPI>
+template <class T, int BITS, bool XS, int EPI, bool NEXT = false>
 void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp,
-                              const void* vp, bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutStore so,
+                              const void* vp, bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutLaunch so,
                               cudaStream_t st) {
   constexpr int P1 = 2;
-#define SQZ_DECODE_W(W, MINB, OSPLIT, XPO, RING, UPS)                                                                          \
-  launch_gemv<T, BITS, 1, P1, true, MINB, 1, OSPLIT, false, W, XPO, RING, UPS, XS, EPI>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, \
-                                                                                       K, U, so, st)
+  // (NEXT: the ring kernels only; the register-buffer ones, for other GPUs, never request the next codes)
+#define SQZ_DECODE_W(W, MINB, OSPLIT, XPO, RING, UPS)                                                                \
+  launch_gemv<T, BITS, 1, P1, true, MINB, 1, OSPLIT, false, W, XPO, RING, UPS, XS, EPI, NEXT && (RING > 0)>(           \
+      yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
 #define SQZ_DECODE(OSPLIT, XPO, RING, UPS) SQZ_DECODE_W(GV_WARPS, 2, OSPLIT, XPO, RING, UPS)
   if constexpr (BITS == 3) {
     if (ring && decode_w4(N)) {
@@ -1679,21 +1694,43 @@ void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* l
 // all modes (kEpiAny). The code of the other epilogues in a kernel's row-group loop costs it registers
 // and time, most where blocks walk many short groups (docs/log/squeezellm-kernels.md).
 // SQUEEZELM_LUT_EPI_KERNELS=0 sends every launch to the kEpiAny kernels (tuning, an A/B in one process).
+//
+// A launch that names the weight whose launch follows (so.next, lutMatmulPacked's prefetchNext)
+// takes the same kernels compiled with NEXT (the kernel's step 5b), where the decode step names one:
+// the SiLU pairs, the plain and residual products, and the kEpiAny kernels without the norm (3-bit
+// gate|up). Kernels without it are the same as before it existed (PTX compared): with the step compiled
+// into every kernel behind a runtime test, ptxas allocated 140 of the 186 GEMV kernels differently and
+// the 3-bit decode GEMVs lost 3-7% (H100, 28672x8192 D+S 43.6 -> 47.0 us).
+// H100, M = 1, D+S 0.45%, the LUT bench's launches each naming the next one's weight set / naming none,
+// us: 4-bit 8192x8192 14.26 / 14.66, 4096x4096 5.50 / 5.64, 4096x11008 10.04 / 10.54, 12288x4096 13.47 /
+// 13.88; 22016x4096 24.57 / 24.31 and 28672x8192 47.45 / 47.18 (blocks walking 5-7 row groups; those at
+// 64 KB per block or more lost everywhere). In the LLaMA-2-7B-shaped step (o, gate|up and down each
+// naming the next projection; same process): 4-bit 2425.6 / 2455.0 us, 3-bit 2247.5 / 2267.3.
 template <class T, int BITS, bool XS>
 void launch_gemv_decode(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp, const void* vp,
-                        bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutStore so, cudaStream_t st) {
+                        bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutLaunch so, cudaStream_t st) {
+  const bool next = so.next.codes != nullptr && ring;
 #define SQZ_TABLE(EPI) \
   return launch_gemv_decode_table<T, BITS, XS, EPI>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st)
+#define SQZ_TABLE_NEXT(EPI)                                                                                                  \
+  do {                                                                                                                       \
+    if (next)                                                                                                                \
+      return launch_gemv_decode_table<T, BITS, XS, EPI, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, \
+                                                              so, st);                                                       \
+    SQZ_TABLE(EPI);                                                                                                          \
+  } while (0)
   if (env_int("SQUEEZELM_LUT_EPI_KERNELS", 1) != 0) {
     if constexpr (XS) {
       if (so.mode == kStoreRope) SQZ_TABLE(kStoreRope);
-      if (so.mode == kStoreSilu) SQZ_TABLE(kStoreSilu);
+      if (so.mode == kStoreSilu) SQZ_TABLE_NEXT(kStoreSilu);
     } else {
-      if (so.mode == kStoreRows && so.half == 0) SQZ_TABLE(kEpiPlain);
-      if (so.mode == kStoreResidual) SQZ_TABLE(kStoreResidual);
+      if (so.mode == kStoreRows && so.half == 0) SQZ_TABLE_NEXT(kEpiPlain);
+      if (so.mode == kStoreResidual) SQZ_TABLE_NEXT(kStoreResidual);
     }
   }
-  SQZ_TABLE(kEpiAny);
+  if constexpr (XS) SQZ_TABLE(kEpiAny);
+  else SQZ_TABLE_NEXT(kEpiAny);
+#undef SQZ_TABLE_NEXT
 #undef SQZ_TABLE
 }
 
@@ -1720,7 +1757,7 @@ inline bool shallow_outliers(int64_t nnz, int N, int threads_per_row, int depth)
 // slower at 8192 (3-bit M = 4 18.7 against 15.9 us). M = 9-16: launch_gemv_m16.
 template <class T, int BITS, int MT, int P, int MINB, int RT, int W, int XP_LOW>
 void launch_gemv_xt(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                    const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, LutStore so, cudaStream_t st) {
+                    const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, LutLaunch so, cudaStream_t st) {
   constexpr int XSUB = W * 32 / (16 * RT * MT);  // threads per (row, 8 activation rows), as in the kernel
   if constexpr (XP_LOW > 0)
     if (shallow_outliers(nnz, N, XSUB, XP_LOW))
@@ -1752,7 +1789,7 @@ void launch_gemv_xt(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf
 // 1% on three 3-bit shapes) and 3-6% slower at M <= 8: docs/log/squeezellm-kernels.md.)
 template <class T, int BITS, bool XT>
 void launch_gemv_m16(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                     const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, LutStore so, cudaStream_t st) {
+                     const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, LutLaunch so, cudaStream_t st) {
   if constexpr (BITS == 4) {
     const bool even = (U + 15) / 16 * 16 <= (U + 7) / 8 * 8;
     if (env_int("SQUEEZELM_LUT_W16", even ? 1 : 0) != 0) {
@@ -1777,7 +1814,7 @@ bool gemv_takes(const Tensor& x) { return x.dim(0) <= 16 || (x_vectorisable(x) &
 
 template <class T, int BITS>
 void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut, const Tensor* rows,
-            const Tensor* cols, const Tensor* vals, LutStore so, cudaStream_t st) {
+            const Tensor* cols, const Tensor* vals, LutLaunch so, cudaStream_t st) {
   const int M = (int)x.dim(0), K = (int)x.dim(1), N = (int)lut.dim(0);  // y is [M, N/2] for kStoreSilu, unused for kStoreRope
   if (M == 0 || N == 0) return;
   const cpu::LutPacked d(BITS, N, K);
@@ -1958,7 +1995,7 @@ void check_norm_fusable(const Tensor& x, const char* op) {
 
 // launch() for x's dtype and the weight's bits.
 void launch_any(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut, const Tensor* rows,
-                const Tensor* cols, const Tensor* vals, int bits, const LutStore& so, const char* op, cudaStream_t stream) {
+                const Tensor* cols, const Tensor* vals, int bits, const LutLaunch& so, const char* op, cudaStream_t stream) {
   const bool bf = x.dtype == DType::BF16;
   if (bits == 4) {
     if (bf) launch<__nv_bfloat16, 4>(y, x, codes, lut, rows, cols, vals, so, stream);
@@ -1980,19 +2017,20 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
     fail("ERR_UNSUPPORTED", std::string("lutMatmulPacked: the ") + (epilogue == cpu::kLutSiluPairs ? "siluPairs" : "residual") +
                                 " epilogue runs on CUDA for up to 64 rows of x (16 unaligned), got " + std::to_string(x.dim(0)));
   if (gamma) check_norm_fusable(x, "lutMatmulPacked");
-  LutStore so{};
+  LutLaunch so{};
   so.half = pair_half;
   so.mode = epilogue == cpu::kLutSiluPairs ? kStoreSilu : epilogue == cpu::kLutResidual ? kStoreResidual : kStoreRows;
   so.gamma = gamma ? gamma->data() : nullptr;
   so.eps = eps;
-  // SQUEEZELM_LUT_PREFETCH_KB: bytes per block of the next weight's codes requested into L2 (0: none;
-  // tuning). A row group of the packed layout is 16 rows of codes, contiguous.
+  // SQUEEZELM_LUT_PREFETCH_KB: KB per block of the next weight's codes requested into L2 (0: none;
+  // tuning). A row group of the packed layout is 16 rows of codes, contiguous. Only the decode GEMVs
+  // (M <= 2) on the code ring act on it (launch_gemv_decode).
   const int next_kb = next_codes != nullptr ? env_int("SQUEEZELM_LUT_PREFETCH_KB", 16) : 0;
   if (next_kb > 0 && next_kb <= 1024) {
-    so.next_codes = static_cast<const unsigned char*>(next_codes->data());
-    so.next_bytes = (long long)next_codes->numel() * 4;
-    so.next_group_bytes = 16LL * next_codes->dim(1) * 4;
-    so.next_block_bytes = next_kb * 1024;
+    so.next.codes = static_cast<const unsigned char*>(next_codes->data());
+    so.next.end = so.next.codes + next_codes->numel() * 4;
+    so.next.group_bytes = 16LL * next_codes->dim(1) * 4;
+    so.next.block_bytes = next_kb * 1024;
   }
   launch_any(y, x, codes, lut, rows, cols, vals, bits, so, "lutMatmul", stream);
 }
@@ -2005,7 +2043,7 @@ void lut_rope_append(const Tensor& q_out, const Tensor& kc, const Tensor& vc, co
     fail("ERR_UNSUPPORTED", "lutRopeAppend: runs on CUDA for up to 64 rows of x (16 unaligned), got " + std::to_string(x.dim(0)));
   if (gamma) check_norm_fusable(x, "lutRopeAppend");
   if (x.dim(0) == 0) return;
-  LutStore so{};
+  LutLaunch so{};
   so.gamma = gamma ? gamma->data() : nullptr;
   so.eps = eps;
   so.half = pair_half;
