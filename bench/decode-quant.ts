@@ -206,6 +206,8 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
         ['all-epilogue GEMV kernels', () => { process.env.SQUEEZELM_LUT_EPI_KERNELS = '0'; }],
         // No projection naming the next one (decoder.prefetchLut: its first codes requested into L2)
         ['no next-projection prefetch', () => { dec.prefetchLut = false; }],
+        // ... only from launches whose blocks walk at most 3 rounds of row groups (not gate|up at 4 bits)
+        ['next-projection prefetch from launches of up to 3 rounds', () => { process.env.SQUEEZELM_LUT_PREFETCH_ROUNDS = '3'; }],
         // (3-bit layers take the norm kernels by default, decoder.fuseLutNorm3Bit: the row fuses it there)
         bits === 3 ? ['RMSNorm fused in front', () => { dec.fuseLutNorm3Bit = true; }] : ['RMSNorm apart', () => { dec.fuseLutNorm = false; }],
         ['RMSNorm and RoPE/append apart', () => { dec.fuseLutNorm = false; dec.fuseLutRope = false; }],
@@ -223,6 +225,7 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
           log(`decodeq ${label}, ${what}: ${a.timeUs.toFixed(0)} us/step`);
         } finally {
           delete process.env.SQUEEZELM_LUT_EPI_KERNELS;
+          delete process.env.SQUEEZELM_LUT_PREFETCH_ROUNDS;
           dec.fuseLutNorm = true;
           dec.fuseLutNorm3Bit = false;
           dec.fuseLutRope = true;

@@ -1611,7 +1611,10 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   const bool early3 = (U + UPS - 1) / UPS > W && groups <= blocks_per_wave;
   const int early_om = env_int("SQUEEZELM_LUT_OEARLY", BITS == 4 || early3 ? 1 : 0);
   if constexpr (NEXT) {
-    so.next.from = (groups - 1) / blocks * blocks;  // the first row group of the last round
+    // the first row group of the last round; none where the blocks walk more than
+    // SQUEEZELM_LUT_PREFETCH_ROUNDS rounds of row groups (0: any number; launch_gemv_decode)
+    const int rounds = (groups + blocks - 1) / blocks, max_rounds = env_int("SQUEEZELM_LUT_PREFETCH_ROUNDS", 0);
+    so.next.from = max_rounds > 0 && rounds > max_rounds ? INT_MAX : (groups - 1) / blocks * blocks;
     so.next.warp_bytes = so.next.block_bytes / W / 16 * 16;
   }
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
@@ -1709,15 +1712,16 @@ void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* l
 template <class T, int BITS, bool XS>
 void launch_gemv_decode(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp, const void* vp,
                         bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutLaunch so, cudaStream_t st) {
-  const bool next = so.next.codes != nullptr && ring;
+  const bool next = BITS == 4 && so.next.codes != nullptr && ring;
 #define SQZ_TABLE(EPI) \
   return launch_gemv_decode_table<T, BITS, XS, EPI>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st)
-#define SQZ_TABLE_NEXT(EPI)                                                                                                  \
-  do {                                                                                                                       \
-    if (next)                                                                                                                \
-      return launch_gemv_decode_table<T, BITS, XS, EPI, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, \
-                                                              so, st);                                                       \
-    SQZ_TABLE(EPI);                                                                                                          \
+#define SQZ_TABLE_NEXT(EPI)                                                                                                   \
+  do {                                                                                                                        \
+    if constexpr (BITS == 4)                                                                                                  \
+      if (next)                                                                                                               \
+        return launch_gemv_decode_table<T, BITS, XS, EPI, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, \
+                                                                deep, so, st);                                                \
+    SQZ_TABLE(EPI);                                                                                                           \
   } while (0)
   if (env_int("SQUEEZELM_LUT_EPI_KERNELS", 1) != 0) {
     if constexpr (XS) {
