@@ -42,7 +42,7 @@ SQZ_OP(lutRepack) {
 // stored rows paired at pairHalf (cpu/lut_gemm.h; 0: not paired); y [M, N], or [M, N/2] for epilogue 1
 // (SiLU pairs, pairHalf = N/2); epilogue 2 adds the product to y (the residual stream; y must not
 // overlap x); normWeight: the RMSNorm of x in front; nextCodes: the packed codes (i32 2-D, x's device) of the
-// weight whose launch follows, requested into L2 at the end (a hint; CUDA only, ignored on the CPU). The outlier CSR's contents are checked on the host
+// weight whose launch follows, requested into L2 at the end (a hint acted on by the 4-bit CUDA decode GEMVs only). The outlier CSR's contents are checked on the host
 // when the weights are loaded (ts/ops/lut.ts checkOutlierCsr); here only shapes and dtypes.
 SQZ_OP(lutMatmulPacked) {
   Args a(info, "lutMatmulPacked");

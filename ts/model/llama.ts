@@ -273,8 +273,8 @@ export class Decoder {
   /**
    * With fuse: a quantized o, gate|up or down projection names the quantized projection that runs
    * after it (gate|up, down, the next layer's q|k|v or a quantized lm_head), whose first codes its
-   * GEMV then requests into L2 at its end (ChainOptions.prefetchNext); SQUEEZELM_LUT_PREFETCH=0 starts
-   * it off.
+   * GEMV then requests into L2 at its end (ChainOptions.prefetchNext; the 4-bit GEMVs act on it);
+   * SQUEEZELM_LUT_PREFETCH=0 starts it off.
    */
   prefetchLut = process.env.SQUEEZELM_LUT_PREFETCH !== '0';
   /** Attention over another cache than the fp16 pages (absent: ropeAppend + attention). */

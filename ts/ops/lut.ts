@@ -81,9 +81,10 @@ export interface LutStoreOptions extends LutNormOptions {
   epilogue?: 'store' | 'siluPairs' | 'residual';
   /**
    * The packed codes (lutRepack's output) of the quantized weight whose launch follows this one, e.g.
-   * a decode step's next projection. A hint: at its end the CUDA GEMV requests the first codes of
-   * that weight's row groups into L2, so the next launch starts from L2 instead of an idle DRAM
-   * pipe. The result does not depend on it; ignored on the CPU.
+   * a decode step's next projection. A hint: at their end the 4-bit CUDA GEMVs of up to 2 rows of x
+   * (Hopper) request the first codes of that weight's row groups into L2, so the next launch starts
+   * from L2 instead of an idle DRAM pipe. The result does not depend on it; every other path (the
+   * CPU, 3 bits, more rows) ignores it.
    */
   prefetchNext?: Tensor;
 }

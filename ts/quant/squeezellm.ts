@@ -558,7 +558,8 @@ export interface ChainOptions {
   /**
    * The quantized linear that runs next on the same stream (a decode step's next projection): this
    * launch requests the first codes of its row groups into L2 at its end (lutMatmulPacked's
-   * prefetchNext; a hint, the result does not depend on it).
+   * prefetchNext: the 4-bit CUDA GEMVs of up to 2 rows act on it; a hint, the result does not depend
+   * on it).
    */
   prefetchNext?: SqueezeLinearModule | null;
 }

@@ -1698,17 +1698,19 @@ void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* l
 // and time, most where blocks walk many short groups (docs/log/squeezellm-kernels.md).
 // SQUEEZELM_LUT_EPI_KERNELS=0 sends every launch to the kEpiAny kernels (tuning, an A/B in one process).
 //
-// A launch that names the weight whose launch follows (so.next, lutMatmulPacked's prefetchNext)
-// takes the same kernels compiled with NEXT (the kernel's step 5b), where the decode step names one:
-// the SiLU pairs, the plain and residual products, and the kEpiAny kernels without the norm (3-bit
-// gate|up). Kernels without it are the same as before it existed (PTX compared): with the step compiled
-// into every kernel behind a runtime test, ptxas allocated 140 of the 186 GEMV kernels differently and
-// the 3-bit decode GEMVs lost 3-7% (H100, 28672x8192 D+S 43.6 -> 47.0 us).
-// H100, M = 1, D+S 0.45%, the LUT bench's launches each naming the next one's weight set / naming none,
-// us: 4-bit 8192x8192 14.26 / 14.66, 4096x4096 5.50 / 5.64, 4096x11008 10.04 / 10.54, 12288x4096 13.47 /
-// 13.88; 22016x4096 24.57 / 24.31 and 28672x8192 47.45 / 47.18 (blocks walking 5-7 row groups; those at
-// 64 KB per block or more lost everywhere). In the LLaMA-2-7B-shaped step (o, gate|up and down each
-// naming the next projection; same process): 4-bit 2425.6 / 2455.0 us, 3-bit 2247.5 / 2267.3.
+// A 4-bit launch that names the weight whose launch follows (so.next, lutMatmulPacked's prefetchNext)
+// takes the same kernels compiled with NEXT (the kernel's step 5b): the SiLU pairs, the plain and
+// residual products, and the kEpiAny kernels without the norm (gate|up with the norm apart). Kernels
+// without it are the same as before it existed (PTX compared): with the step compiled into every
+// kernel behind a run-time test, ptxas allocated 140 of the 186 GEMV kernels differently and the 3-bit
+// decode GEMVs lost 3-7% (H100, 28672x8192 D+S 43.6 -> 47.0 us). H100 (7cae5ce), M = 1, D+S 0.45%, the
+// LUT bench's launches each naming the next one's weight set / naming none, us: 4-bit 8192x8192 14.18
+// / 14.30, 4096x4096 5.34 / 5.51, 4096x11008 9.75 / 10.46, 12288x4096 13.36 / 13.73; where blocks walk
+// 5-7 row groups 22016x4096 24.24 / 24.12, 28672x8192 47.53 / 47.27 (at 64 KB per block or more every
+// shape lost). The LLaMA-2-7B-shaped step (o, gate|up and down naming the next projection; same
+// process): 4-bit 2428.1 / 2470.0 us. The 3-bit GEMVs ignore the hint: with it their step took 2246.7
+// against 2241.1 us, and their launches over several rounds of row groups lost 4-9% in the bench
+// (28672x8192 47.41 / 43.59 us).
 template <class T, int BITS, bool XS>
 void launch_gemv_decode(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp, const void* vp,
                         bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutLaunch so, cudaStream_t st) {
@@ -2027,8 +2029,8 @@ void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, co
   so.gamma = gamma ? gamma->data() : nullptr;
   so.eps = eps;
   // SQUEEZELM_LUT_PREFETCH_KB: KB per block of the next weight's codes requested into L2 (0: none;
-  // tuning). A row group of the packed layout is 16 rows of codes, contiguous. Only the decode GEMVs
-  // (M <= 2) on the code ring act on it (launch_gemv_decode).
+  // tuning). A row group of the packed layout is 16 rows of codes, contiguous. Only the 4-bit decode
+  // GEMVs (M <= 2) on the code ring act on it (launch_gemv_decode).
   const int next_kb = next_codes != nullptr ? env_int("SQUEEZELM_LUT_PREFETCH_KB", 16) : 0;
   if (next_kb > 0 && next_kb <= 1024) {
     so.next.codes = static_cast<const unsigned char*>(next_codes->data());

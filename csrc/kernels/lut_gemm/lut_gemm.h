@@ -21,8 +21,8 @@ void lut_repack(const Tensor& dst, const Tensor& qweight, int bits, cudaStream_t
 // an epilogue needs the GEMV (M <= 64, or 16 for unaligned activations). gamma (or null): the RMSNorm
 // of x fused in front (M <= 2, K % 8 == 0, x 16-byte aligned; ERR_UNSUPPORTED otherwise).
 // next_codes (or null): the packed codes (i32 2-D, this device) of the weight whose launch follows
-// this one; the GEMV requests the first codes of its row groups into L2 at its end (a hint: the
-// result does not depend on it).
+// this one; the 4-bit decode GEMVs (M <= 2, Hopper) request the first codes of its row groups into L2
+// at their end (a hint: the result does not depend on it; every other path ignores it).
 void lut_matmul_packed(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor& lut,
                        const Tensor* rows, const Tensor* cols, const Tensor* vals, int bits, int pair_half, cpu::LutEpilogue epilogue,
                        const Tensor* gamma, float eps, const Tensor* next_codes, cudaStream_t stream);
