@@ -196,9 +196,10 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
       const r = row(ctx, SUITE, `${label} step b1 ctx ${ctxLen}`, r0.t, { bytes: r0.bytes, baseline: 'fp16 step', base, note });
       rows.push(r);
       log(`decodeq ${label}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), ${r.speedup?.toFixed(2)}x fp16; ${note}`);
-      // The same step without the next-projection prefetch, and with the quantized projections' fusions off, in the same process: the two
-      // RMSNorms as their own kernels (each adding the block's output to the residual stream), then RoPE
-      // and the cache append as well (q|k|v stored paired, its store epilogue), then siluMul too.
+      // The same step, in the same process, on the all-epilogue kernels; without the next-projection
+      // prefetch (and with it bounded); and with the quantized projections' fusions off: the two RMSNorms
+      // as their own kernels (each adding the block's output to the residual stream), then RoPE and the
+      // cache append as well (q|k|v stored paired, its store epilogue), then siluMul too.
       const dec = m.decoder;
       const apart: Array<[string, () => void]> = [
         // Every GEMV of the step on the kernels that carry all epilogues (csrc/kernels/lut_gemm:

@@ -10,7 +10,9 @@
  * prefill uncaptured.
  * Inputs rotate over enough weight sets to exceed 2x L2; bytes = packed codes + tables +
  * outliers (rows, cols, vals) + x + y. Notes give cuBLAS, the cost of the outliers over
- * dense-only, and for batch M the time over the M = 1 time of the same weights.
+ * dense-only, for batch M the time over the M = 1 time of the same weights, and at M = 1 the time
+ * of the same launches each naming the next one's weight set (`prefetchNext`, as the decode step
+ * names its next projection; the row's own time names none).
  * SQUEEZELM_BENCH_LUT_MAX_M=64 runs the decode rows only (no prefill Ms); SQUEEZELM_LUT_SWEEP=0 leaves
  * out the refill on/off rows.
  */
