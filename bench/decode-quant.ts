@@ -197,7 +197,7 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
       rows.push(r);
       log(`decodeq ${label}: ${r.timeUs.toFixed(0)} us/step (${r.timing}), ${r.speedup?.toFixed(2)}x fp16; ${note}`);
       // The same step, in the same process, on the all-epilogue kernels; without the next-projection
-      // prefetch (and with it bounded); and with the quantized projections' fusions off: the two RMSNorms
+      // prefetch (4 bits); and with the quantized projections' fusions off: the two RMSNorms
       // as their own kernels (each adding the block's output to the residual stream), then RoPE and the
       // cache append as well (q|k|v stored paired, its store epilogue), then siluMul too.
       const dec = m.decoder;
@@ -205,10 +205,9 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
         // Every GEMV of the step on the kernels that carry all epilogues (csrc/kernels/lut_gemm:
         // launch_gemv_decode), where the default gives each launch kernels with its own epilogue only.
         ['all-epilogue GEMV kernels', () => { process.env.SQUEEZELM_LUT_EPI_KERNELS = '0'; }],
-        // No projection naming the next one (decoder.prefetchLut: its first codes requested into L2)
-        ['no next-projection prefetch', () => { dec.prefetchLut = false; }],
-        // ... only from launches whose blocks walk at most 3 rounds of row groups (not gate|up at 4 bits)
-        ['next-projection prefetch from launches of up to 3 rounds', () => { process.env.SQUEEZELM_LUT_PREFETCH_ROUNDS = '3'; }],
+        // No projection naming the next one (decoder.prefetchLut: its first codes requested into L2; the
+        // 3-bit GEMVs ignore the hint, so 4 bits only)
+        ...(bits === 4 ? [['no next-projection prefetch', () => { dec.prefetchLut = false; }] as [string, () => void]] : []),
         // (3-bit layers take the norm kernels by default, decoder.fuseLutNorm3Bit: the row fuses it there)
         bits === 3 ? ['RMSNorm fused in front', () => { dec.fuseLutNorm3Bit = true; }] : ['RMSNorm apart', () => { dec.fuseLutNorm = false; }],
         ['RMSNorm and RoPE/append apart', () => { dec.fuseLutNorm = false; dec.fuseLutRope = false; }],
@@ -226,7 +225,6 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
           log(`decodeq ${label}, ${what}: ${a.timeUs.toFixed(0)} us/step`);
         } finally {
           delete process.env.SQUEEZELM_LUT_EPI_KERNELS;
-          delete process.env.SQUEEZELM_LUT_PREFETCH_ROUNDS;
           dec.fuseLutNorm = true;
           dec.fuseLutNorm3Bit = false;
           dec.fuseLutRope = true;

@@ -597,11 +597,6 @@ export interface SqueezeLinearModule {
   dispose(): void;
 }
 
-/** The norm fields of a forward's options. */
-function normOf(o?: LutNormOptions): LutNormOptions {
-  return o?.normWeight === undefined ? {} : { normWeight: o.normWeight, eps: o.eps };
-}
-
 /**
  * The same linear with its rows stored paired at half H (csrc/cpu/lut_gemm.h, "Paired rows"):
  * stored row p is row lutPairRow(p, H) of `l`, with its codes, table and outliers.
@@ -683,7 +678,7 @@ export function uploadSqueezeLinear(src: SqueezeLinear, device: string, dtype?: 
     codes: q,
     forward(y: Tensor, x: Tensor, opts?: LutNormOptions & ChainOptions): void {
       checkX(x);
-      lutMatmulPacked(y, x, q, lut, rows, cols, vals, l.bits, { ...normOf(opts), pairHalf, prefetchNext: opts?.prefetchNext?.codes });
+      lutMatmulPacked(y, x, q, lut, rows, cols, vals, l.bits, { ...opts, pairHalf, prefetchNext: opts?.prefetchNext?.codes });
     },
     forwardAdd(y: Tensor, x: Tensor, opts?: ChainOptions): void {
       checkX(x);
@@ -691,9 +686,7 @@ export function uploadSqueezeLinear(src: SqueezeLinear, device: string, dtype?: 
     },
     siluPairs: 2 * pairHalf === l.N ? (act: Tensor, x: Tensor, opts?: LutNormOptions & ChainOptions): void => {
       checkX(x);
-      lutMatmulPacked(act, x, q, lut, rows, cols, vals, l.bits, {
-        ...normOf(opts), pairHalf, epilogue: 'siluPairs', prefetchNext: opts?.prefetchNext?.codes,
-      });
+      lutMatmulPacked(act, x, q, lut, rows, cols, vals, l.bits, { ...opts, pairHalf, epilogue: 'siluPairs', prefetchNext: opts?.prefetchNext?.codes });
     } : undefined,
     ropeAppend: pairHalf > 0 && 2 * pairHalf < l.N ? (qOut: Tensor, kCache: Tensor, vCache: Tensor, x: Tensor, r: LutRopeAppendArgs): void => {
       checkX(x);

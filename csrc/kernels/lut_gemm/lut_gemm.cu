@@ -1611,10 +1611,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   const bool early3 = (U + UPS - 1) / UPS > W && groups <= blocks_per_wave;
   const int early_om = env_int("SQUEEZELM_LUT_OEARLY", BITS == 4 || early3 ? 1 : 0);
   if constexpr (NEXT) {
-    // the first row group of the last round; none where the blocks walk more than
-    // SQUEEZELM_LUT_PREFETCH_ROUNDS rounds of row groups (0: any number; launch_gemv_decode)
-    const int rounds = (groups + blocks - 1) / blocks, max_rounds = env_int("SQUEEZELM_LUT_PREFETCH_ROUNDS", 0);
-    so.next.from = max_rounds > 0 && rounds > max_rounds ? INT_MAX : (groups - 1) / blocks * blocks;
+    so.next.from = (groups - 1) / blocks * blocks;  // the first row group of the last round
     so.next.warp_bytes = so.next.block_bytes / W / 16 * 16;
   }
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
@@ -1710,11 +1707,12 @@ void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* l
 // shape lost). The LLaMA-2-7B-shaped step (o, gate|up and down naming the next projection; same
 // process): 4-bit 2428.1 / 2470.0 us. The 3-bit GEMVs ignore the hint: with it their step took 2246.7
 // against 2241.1 us, and their launches over several rounds of row groups lost 4-9% in the bench
-// (28672x8192 47.41 / 43.59 us).
+// (28672x8192 47.41 / 43.59 us). Keeping the request out of 4-bit launches over 3 rounds of row groups
+// (gate|up) was no better: 2437.2 against 2431.2 us (930d6cd).
 template <class T, int BITS, bool XS>
 void launch_gemv_decode(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp, const void* vp,
                         bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutLaunch so, cudaStream_t st) {
-  const bool next = BITS == 4 && so.next.codes != nullptr && ring;
+  const bool next = so.next.codes != nullptr && ring;
 #define SQZ_TABLE(EPI) \
   return launch_gemv_decode_table<T, BITS, XS, EPI>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring, osplit, deep, so, st)
 #define SQZ_TABLE_NEXT(EPI)                                                                                                   \
