@@ -56,21 +56,30 @@ constexpr int kRows = 16;   // query vectors per block (the m16 side of the prod
 // The per-warp ring: one tile in use, two in flight (a 2-stage ring was slower on an H200: 58
 // vs 55 us for GQA 32q/8kv at 32K tokens).
 constexpr int kStages = 3;
+// Short splits (head_dim 128): 4 warps with 6-stage rings (the same shared memory, five tiles in
+// flight per warp instead of two), so a split of a few tiles has all of them requested at once
+// and every warp has one. decode_plan picks it where a split holds at most kDeepRingTiles tiles.
+// H100, 32q/8kv x128, graph replay, same process, 8 warps x 3 stages / 4 x 6, us: batch 1 at 512
+// tokens (8 splits of 4 tiles) 9.69, 9.51 / 8.78, 8.73; 8K (32 tiles a split) 16.49, 16.57 /
+// 18.14, 17.70; 32K 55.36, 55.26 / 55.55, 55.86; 128K 191.9, 192.1 / 196.6, 196.8; batch 8 at 4K
+// 54.70, 54.59 / 55.14, 55.50. (6 x 4 and 5 x 5 lost at 8K and above as well: 32K 56.9 / 58.4-58.8.)
+constexpr int kDeepWarps = 4, kDeepStages = 6, kDeepRingTiles = 8;
 
-template <int D>
+template <int D, int W = kMmaWarps, int ST = kStages>
 struct MmaShape {
   static constexpr int SD = D + 8;                        // row pitch: +16 bytes, conflict-free ldmatrix
   static constexpr int CH = D / 8;                        // 16-byte chunks per row
   static constexpr int STAGE = 2 * kTile * SD;            // elements of one stage (keys, then values)
-  static constexpr size_t ring = (size_t)kMmaWarps * kStages * STAGE * 2;
-  static constexpr size_t merge = (size_t)kMmaWarps * kRows * D * sizeof(float);
+  static constexpr size_t ring = (size_t)W * ST * STAGE * 2;
+  static constexpr size_t merge = (size_t)W * kRows * D * sizeof(float);
   static constexpr size_t smem = ring > merge ? ring : merge;
 };
 
-template <class T, int D>
-__global__ void __launch_bounds__(kMmaWarps * 32) decode_mma(Params p) {
+template <class T, int D, int W = kMmaWarps, int ST = kStages>
+__global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
   static_assert(D % 16 == 0 && D <= 128, "decode_mma: head_dim");
-  using S = MmaShape<D>;
+  constexpr int kMmaWarps = W, kStages = ST;
+  using S = MmaShape<D, W, ST>;
   constexpr int SD = S::SD, CH = S::CH, KS = D / 16, ND = D / 8;
   pdl_wait();  // see pdl.cuh: before any global access that matters
   // No early trigger: the next kernel launches as this grid ends (its launch latency is still
@@ -265,12 +274,20 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_mma(Params p) {
   finish_split<T, kRows, kMmaWarps>(p, kvh, qc, b, split, splits, g, n, q0, s_m, s_l, s_acc);
 }
 
+template <class T, int D, int W = kMmaWarps, int ST = kStages>
+void launch_ring(const Params& p, cudaStream_t stream) {
+  constexpr size_t smem = MmaShape<D, W, ST>::smem;
+  allow_dynamic_smem<decode_mma<T, D, W, ST>>(smem, "attention (decode)");
+  dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
+  launch_pdl(decode_mma<T, D, W, ST>, grid, dim3(W * 32), smem, stream, p);
+}
+
 template <class T, int D>
 void launch_d(const Params& p, cudaStream_t stream) {
-  constexpr size_t smem = MmaShape<D>::smem;
-  allow_dynamic_smem<decode_mma<T, D>>(smem, "attention (decode)");
-  dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
-  launch_pdl(decode_mma<T, D>, grid, dim3(kMmaWarps * 32), smem, stream, p);
+  if constexpr (D == 128) {
+    if (p.deep_ring) return launch_ring<T, D, kDeepWarps, kDeepStages>(p, stream);
+  }
+  launch_ring<T, D>(p, stream);
 }
 
 template <class T>
@@ -301,6 +318,8 @@ int occupancy_d() {
 }
 
 }  // namespace
+
+bool decode_mma_deep_ring(int D, int tiles_per_split) { return D == 128 && tiles_per_split <= kDeepRingTiles; }
 
 bool decode_mma_supported(int D) { return D % 16 == 0 && D >= 16 && D <= 128; }
 

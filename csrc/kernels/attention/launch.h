@@ -16,6 +16,9 @@ struct Params;
 struct DecodePlan {
   int R = 1, qchunks = 1, splits = 1, chunk = 1;
   bool mma = false;
+  // The tensor-core kernel with 4 warps and 6-stage rings instead of 8 warps and 3 stages (head_dim
+  // 128, short splits: decode_mma.cu)
+  bool deep_ring = false;
 };
 DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int max_seq_len);
 // Arrival counters for merging the splits inside the partial kernel: a zeroed per-device buffer
@@ -25,6 +28,8 @@ int* decode_counters(int device, int64_t n);
 void launch_decode(Params& p, const DecodePlan& plan, DType dt, int device, cudaStream_t stream);
 // The tensor-core partial kernel (decode_mma.cu): head_dim a multiple of 16 up to 128.
 bool decode_mma_supported(int D);
+// Whether the tensor-core kernel takes its deep-ring shape for splits of tiles_per_split 16-token tiles.
+bool decode_mma_deep_ring(int D, int tiles_per_split);
 int decode_mma_resident_blocks(int device, int D);
 void launch_decode_mma(const Params& p, DType dt, cudaStream_t stream);
 
