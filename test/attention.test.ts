@@ -275,6 +275,10 @@ describeGpu('attention (CUDA) vs CPU', () => {
     { Hkv: 1, g: 8, D: 48, pageSize: 16, lens: [77, 600], ns: [3, 4] },
     // pages that do not hold a multiple of 16 tokens: the tensor-core kernel's per-token lookups
     { Hkv: 1, g: 4, D: 64, pageSize: 24, lens: [1000, 37], ns: [1, 2] },
+    // head_dim 128, at most 4 query vectors per kv head, splits of a few tiles: the tensor-core
+    // kernel's 4-warp deep-ring shape (whole-tile pages, then per-token lookups)
+    { Hkv: 2, g: 4, D: 128, pageSize: 16, lens: [700, 33, 1], ns: [1, 1, 1] },
+    { Hkv: 1, g: 3, D: 128, pageSize: 40, lens: [900, 5], ns: [1, 1] },
     // prefill and chunked prefill
     { Hkv: 2, g: 1, D: 64, pageSize: 16, lens: [300, 17, 1], ns: [300, 17, 1] },
     { Hkv: 1, g: 3, D: 80, pageSize: 64, lens: [1031, 200], ns: [100, 200] },

@@ -329,7 +329,7 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
     const int64_t tokens = (std::max<int64_t>(even, min_chunk) + 15) / 16 * 16;
     // SQUEEZELM_ATTN_MMA_DEEP=0 / 1 forces the shape at head_dim 128 (A/B runs; read per plan)
     const int force = env_int("SQUEEZELM_ATTN_MMA_DEEP", -1);
-    pl.deep_ring = force >= 0 ? (force > 0 && D == 128) : decode_mma_deep_ring(D, (int)(tokens / 16));
+    pl.deep_ring = force >= 0 ? (force > 0 && D == 128) : decode_mma_deep_ring(D, (int)(tokens / 16), rtot);
   }
   return pl;
 }

@@ -58,11 +58,16 @@ constexpr int kRows = 16;   // query vectors per block (the m16 side of the prod
 constexpr int kStages = 3;
 // Short splits (head_dim 128): 4 warps with 6-stage rings (the same shared memory, five tiles in
 // flight per warp instead of two), so a split of a few tiles has all of them requested at once
-// and every warp has one. decode_plan picks it where a split holds at most kDeepRingTiles tiles.
-// H100, 32q/8kv x128, graph replay, same process, 8 warps x 3 stages / 4 x 6, us: batch 1 at 512
-// tokens (8 splits of 4 tiles) 9.69, 9.51 / 8.78, 8.73; 8K (32 tiles a split) 16.49, 16.57 /
-// 18.14, 17.70; 32K 55.36, 55.26 / 55.55, 55.86; 128K 191.9, 192.1 / 196.6, 196.8; batch 8 at 4K
-// 54.70, 54.59 / 55.14, 55.50. (6 x 4 and 5 x 5 lost at 8K and above as well: 32K 56.9 / 58.4-58.8.)
+// and every warp has one. decode_plan picks it where a split holds at most kDeepRingTiles tiles
+// and at most 4 query vectors share a kv head (with more, the last block's merge has fewer warps
+// than vectors: 64q/8kv at 1K tokens took 11.8 us against 10.8 with 8 warps). H100, 32q/8kv x128,
+// batch 1, graph replay, same process, 8 warps x 3 stages / 4 x 6, us: 512 tokens (8 splits of 4
+// tiles) 9.70, 9.71 / 9.03, 8.95; 1K (16 splits of 4 tiles) 10.41, 10.34 / 9.69, 9.61; 2K (8
+// tiles) 11.26, 11.25 / 10.37-10.74; 4K (16 tiles) 12.80, 12.75 / 12.95, 12.78; 8K 16.30, 16.31 /
+// 17.38, 17.62; 32K 55.36, 55.26 / 55.55, 55.86; 128K 191.9, 192.1 / 196.6, 196.8; batch 4 at 1K
+// 12.84 / 13.12-13.38. (6 x 4 and 5 x 5 lost at 8K and above too: 32K 56.9 / 58.4-58.8.) A
+// LLaMA-3-8B-shaped decode step did not change with it (context 512: 5762.0 / 5762.3 us planned
+// against 5762.3 / 5762.5 with 8 x 3 forced; 2048: 5864.7-5868.1 / 5864.8-5870.4).
 constexpr int kDeepWarps = 4, kDeepStages = 6, kDeepRingTiles = 8;
 
 template <int D, int W = kMmaWarps, int ST = kStages>
@@ -319,7 +324,9 @@ int occupancy_d() {
 
 }  // namespace
 
-bool decode_mma_deep_ring(int D, int tiles_per_split) { return D == 128 && tiles_per_split <= kDeepRingTiles; }
+bool decode_mma_deep_ring(int D, int tiles_per_split, int vectors) {
+  return D == 128 && tiles_per_split <= kDeepRingTiles && vectors <= kDeepWarps;
+}
 
 bool decode_mma_supported(int D) { return D % 16 == 0 && D >= 16 && D <= 128; }
 

@@ -28,8 +28,9 @@ int* decode_counters(int device, int64_t n);
 void launch_decode(Params& p, const DecodePlan& plan, DType dt, int device, cudaStream_t stream);
 // The tensor-core partial kernel (decode_mma.cu): head_dim a multiple of 16 up to 128.
 bool decode_mma_supported(int D);
-// Whether the tensor-core kernel takes its deep-ring shape for splits of tiles_per_split 16-token tiles.
-bool decode_mma_deep_ring(int D, int tiles_per_split);
+// Whether the tensor-core kernel takes its deep-ring shape for splits of tiles_per_split 16-token
+// tiles and `vectors` query vectors per kv head.
+bool decode_mma_deep_ring(int D, int tiles_per_split, int vectors);
 int decode_mma_resident_blocks(int device, int D);
 void launch_decode_mma(const Params& p, DType dt, cudaStream_t stream);
 
