@@ -80,10 +80,10 @@ struct MmaShape {
   static constexpr size_t smem = ring > merge ? ring : merge;
 };
 
+// W warps per block, each with a ring of ST stages (kMmaWarps x kStages, or kDeepWarps x kDeepStages).
 template <class T, int D, int W = kMmaWarps, int ST = kStages>
 __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
   static_assert(D % 16 == 0 && D <= 128, "decode_mma: head_dim");
-  constexpr int kMmaWarps = W, kStages = ST;
   using S = MmaShape<D, W, ST>;
   constexpr int SD = S::SD, CH = S::CH, KS = D / 16, ND = D / 8;
   pdl_wait();  // see pdl.cuh: before any global access that matters
@@ -93,8 +93,8 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
   // 4844 us without, 4853 us with no programmatic launches at all. (An L2 prefetch of each
   // block's first keys before the wait cost ~30 us per step in both kernels and was dropped.)
   SQZ_DYNAMIC_SMEM(smem);
-  __shared__ float s_m[kMmaWarps * kRows], s_l[kMmaWarps * kRows];
-  __shared__ unsigned s_ok[kMmaWarps * kStages];  // per stage: bit i = token i of the tile is readable
+  __shared__ float s_m[W * kRows], s_l[W * kRows];
+  __shared__ unsigned s_ok[W * ST];  // per stage: bit i = token i of the tile is readable
 
   const int kvh = blockIdx.x / p.qchunks, qc = blockIdx.x % p.qchunks;
   const int b = blockIdx.y, split = blockIdx.z;
@@ -131,9 +131,9 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
 
   const T* kc = static_cast<const T*>(p.kc);
   const T* vc = static_cast<const T*>(p.vc);
-  T* ring = reinterpret_cast<T*>(smem) + warp * kStages * S::STAGE;
+  T* ring = reinterpret_cast<T*>(smem) + warp * ST * S::STAGE;
   const int ntiles = (t1 - t0 + kTile - 1) / kTile;
-  const int mine = ntiles > warp ? (ntiles - warp + kMmaWarps - 1) / kMmaWarps : 0;
+  const int mine = ntiles > warp ? (ntiles - warp + W - 1) / W : 0;
 
   // Issues the copies of this warp's i-th tile into stage st. Tiles start at multiples of 16
   // tokens, so where pages hold a multiple of 16 tokens a tile lies in one page: one lookup (the
@@ -144,12 +144,12 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
   // Pages of this warp's tiles 32 * batch .. 32 * batch + 31, one per lane (-1: none).
   auto tile_pages = [&](int batch) {
     const int ti = batch * 32 + lane;
-    return ti < mine ? page_of(p, b, t0 + (warp + ti * kMmaWarps) * kTile) : -1;
+    return ti < mine ? page_of(p, b, t0 + (warp + ti * W) * kTile) : -1;
   };
   int pages_cur = tile_in_page ? tile_pages(0) : -1;
   int pages_next = tile_in_page ? tile_pages(1) : -1;
   auto load = [&](int i, int st) {
-    const int tb = t0 + (warp + i * kMmaWarps) * kTile;
+    const int tb = t0 + (warp + i * W) * kTile;
     T* sk = ring + st * S::STAGE;
     T* sv = sk + kTile * SD;
     if (tile_in_page) {
@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
       }
       const int page = __shfl_sync(0xffffffffu, pages_cur, i & 31);
       const int valid = page < 0 ? 0 : min(kTile, t1 - tb);
-      if (lane == 0) s_ok[warp * kStages + st] = valid >= kTile ? 0xffffu : (1u << valid) - 1u;
+      if (lane == 0) s_ok[warp * ST + st] = valid >= kTile ? 0xffffu : (1u << valid) - 1u;
       const int64_t base = page < 0 ? 0 : cache_offset(p, page, tb, kvh);
 #pragma unroll
       for (int c = 0; c < CH / 2; ++c) {  // kTile * CH chunks over 32 lanes
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
       const int t = tb + (lane & (kTile - 1));
       const int page = t < t1 ? page_of(p, b, t) : -1;
       const unsigned ok = __ballot_sync(0xffffffffu, page >= 0) & 0xffffu;
-      if (lane == 0) s_ok[warp * kStages + st] = ok;
+      if (lane == 0) s_ok[warp * ST + st] = ok;
 #pragma unroll
       for (int c = 0; c < CH / 2; ++c) {
         const int idx = lane + 32 * c, r = idx / CH, cc = idx % CH;
@@ -195,20 +195,20 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
 #pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
+  for (int i = 0; i < ST - 1; ++i) {
     if (i < mine) load(i, i);
     cp_async_commit();
   }
   for (int i = 0; i < mine; ++i) {
-    const int st = i % kStages;
-    if (i + kStages - 1 < mine) load(i + kStages - 1, (i + kStages - 1) % kStages);
+    const int st = i % ST;
+    if (i + ST - 1 < mine) load(i + ST - 1, (i + ST - 1) % ST);
     cp_async_commit();
-    cp_async_wait<kStages - 1>();
+    cp_async_wait<ST - 1>();
     __syncwarp();
     const T* sk = ring + st * S::STAGE;
     const T* sv = sk + kTile * SD;
-    const unsigned ok = s_ok[warp * kStages + st];
-    const int tb = t0 + (warp + i * kMmaWarps) * kTile;
+    const unsigned ok = s_ok[warp * ST + st];
+    const int tb = t0 + (warp + i * W) * kTile;
 
     // Scores: even and odd k-steps into separate accumulators (four independent mma chains
     // instead of two; the chains' latency, not the tensor cores, bounds this loop).
@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
       Mma<T>::run(o[2 * nd2], a, bb[0], bb[1]);
       Mma<T>::run(o[2 * nd2 + 1], a, bb[2], bb[3]);
     }
-    __syncwarp();  // this stage is refilled kStages - 1 tiles from now
+    __syncwarp();  // this stage is refilled ST - 1 tiles from now
   }
   cp_async_wait<0>();
 
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
       *reinterpret_cast<float2*>(s_acc + row * D + nd * 8 + (lane & 3) * 2) = make_float2(o[nd][rr * 2], o[nd][rr * 2 + 1]);
   }
   __syncthreads();
-  finish_split<T, kRows, kMmaWarps>(p, kvh, qc, b, split, splits, g, n, q0, s_m, s_l, s_acc);
+  finish_split<T, kRows, W>(p, kvh, qc, b, split, splits, g, n, q0, s_m, s_l, s_acc);
 }
 
 template <class T, int D, int W = kMmaWarps, int ST = kStages>
