@@ -19,13 +19,15 @@ using sqz::Tensor;
 // Sequences of `lens` tokens in shuffled pages of 16, filled by a first append (each sequence's
 // tokens but its last `rows`), then the last `rows` of each are appended by the CPU op and by the CUDA
 // launcher (same bytes), and attended from: q rows per sequence = rows (decode for rows <= 4).
-static void attention_case(int Hq, int Hkv, int D, std::vector<int> lens, int rows, DType dt, unsigned seed) {
+static void attention_case(int Hq, int Hkv, int D, std::vector<int> lens, int rows, DType dt, unsigned seed,
+                           int P = 16) {
   std::mt19937 r(seed);
   std::string name = "attention " + std::to_string(Hq) + "q/" + std::to_string(Hkv) + "kv D " + std::to_string(D) +
                      (dt == DType::F16 ? " f16" : " bf16") + " rows " + std::to_string(rows) + " L";
   for (int l : lens) name += " " + std::to_string(l);
+  if (P != 16) name += " page " + std::to_string(P);
   try {
-    const int B = (int)lens.size(), P = 16;
+    const int B = (int)lens.size();
     int maxp = 0;
     for (int l : lens) maxp = std::max(maxp, (l + P - 1) / P);
     const int pages = B * maxp + 1;
@@ -81,5 +83,6 @@ int main(int argc, char** argv) {
   attention_case(8, 2, 128, {33}, 33, DType::BF16, s++);
   // 4 query heads per kv head over short splits: the tensor-core kernel's 4-warp deep-ring shape
   attention_case(8, 2, 128, {300, 40}, 1, DType::F16, s++);
+  attention_case(6, 2, 128, {300, 41}, 1, DType::BF16, s++, 24);  // and its per-token page lookups
   return emu::finish();
 }
