@@ -53,7 +53,6 @@ void attention(const Tensor& out, const Tensor& q, const Tensor& kc, const Tenso
     p.splits = pl.splits;
     p.chunk = pl.chunk;
     p.qchunks = pl.qchunks;
-    p.deep_ring = pl.deep_ring ? 1 : 0;
     const int64_t need = (int64_t)p.B * max_q * p.Hq * pl.splits * (p.D + 2);
     if (workspace_floats < need)
       fail("ERR_SHAPE", "attention: workspace holds " + std::to_string(workspace_floats) + " f32, needs " +

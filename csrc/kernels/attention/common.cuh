@@ -32,7 +32,6 @@ struct Params {
   float* ws_ml;   // [B * max_q * Hq, splits, 2] (max in base 2, sum)
   // [B * Hkv * qchunks] arrival counters, zero between launches; null: a separate combine kernel
   int* counters;
-  int deep_ring;  // tensor-core decode: DecodePlan::deep_ring
 };
 
 // Logical token t of sequence b -> its page, or -1 when the page table cannot hold it or

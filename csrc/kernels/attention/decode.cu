@@ -324,19 +324,18 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
   pl.splits = (int)splits;
   pl.chunk = min_chunk;
   if (pl.mma) {
-    // the split length at the planned context, as split_tokens computes it in the kernel
-    const int64_t even = (max_seq_len + splits - 1) / splits;
-    const int64_t tokens = (std::max<int64_t>(even, min_chunk) + 15) / 16 * 16;
-    // SQUEEZELM_ATTN_MMA_DEEP=0 / 1 forces the shape at head_dim 128 (A/B runs; read per plan)
+    // the split length at the planned context, as the kernel computes it; SQUEEZELM_ATTN_MMA_DEEP=0 / 1
+    // forces the shape at head_dim 128 (A/B runs; read per plan)
+    const int tiles = split_length(max_seq_len, pl.splits, min_chunk) / 16;
     const int force = env_int("SQUEEZELM_ATTN_MMA_DEEP", -1);
-    pl.deep_ring = force >= 0 ? (force > 0 && D == 128) : decode_mma_deep_ring(D, (int)(tokens / 16), rtot);
+    pl.deep_ring = force >= 0 ? (force > 0 && D == 128) : decode_mma_deep_ring(D, tiles, rtot);
   }
   return pl;
 }
 
 void launch_decode(Params& p, const DecodePlan& plan, DType dt, int device, cudaStream_t stream) {
   const bool f16 = dt == DType::F16;
-  if (plan.mma) launch_decode_mma(p, dt, stream);
+  if (plan.mma) launch_decode_mma(p, plan.deep_ring, dt, stream);
   else if (f16) launch_partial_t<__half>(p, plan.R, device, stream);
   else launch_partial_t<__nv_bfloat16>(p, plan.R, device, stream);
   if (p.counters) return;  // the partial kernel merged the splits

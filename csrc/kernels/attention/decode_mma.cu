@@ -288,24 +288,24 @@ void launch_ring(const Params& p, cudaStream_t stream) {
 }
 
 template <class T, int D>
-void launch_d(const Params& p, cudaStream_t stream) {
+void launch_d(const Params& p, bool deep_ring, cudaStream_t stream) {
   if constexpr (D == 128) {
-    if (p.deep_ring) return launch_ring<T, D, kDeepWarps, kDeepStages>(p, stream);
+    if (deep_ring) return launch_ring<T, D, kDeepWarps, kDeepStages>(p, stream);
   }
   launch_ring<T, D>(p, stream);
 }
 
 template <class T>
-void launch_t(const Params& p, cudaStream_t stream) {
+void launch_t(const Params& p, bool deep_ring, cudaStream_t stream) {
   switch (p.D) {
-    case 16: launch_d<T, 16>(p, stream); break;
-    case 32: launch_d<T, 32>(p, stream); break;
-    case 48: launch_d<T, 48>(p, stream); break;
-    case 64: launch_d<T, 64>(p, stream); break;
-    case 80: launch_d<T, 80>(p, stream); break;
-    case 96: launch_d<T, 96>(p, stream); break;
-    case 112: launch_d<T, 112>(p, stream); break;
-    case 128: launch_d<T, 128>(p, stream); break;
+    case 16: launch_d<T, 16>(p, deep_ring, stream); break;
+    case 32: launch_d<T, 32>(p, deep_ring, stream); break;
+    case 48: launch_d<T, 48>(p, deep_ring, stream); break;
+    case 64: launch_d<T, 64>(p, deep_ring, stream); break;
+    case 80: launch_d<T, 80>(p, deep_ring, stream); break;
+    case 96: launch_d<T, 96>(p, deep_ring, stream); break;
+    case 112: launch_d<T, 112>(p, deep_ring, stream); break;
+    case 128: launch_d<T, 128>(p, deep_ring, stream); break;
     default: fail("ERR_INTERNAL", "attention: no tensor-core decode kernel for head_dim " + std::to_string(p.D));
   }
 }
@@ -346,9 +346,9 @@ int decode_mma_resident_blocks(int device, int D) {
   });
 }
 
-void launch_decode_mma(const Params& p, DType dt, cudaStream_t stream) {
-  if (dt == DType::F16) launch_t<__half>(p, stream);
-  else launch_t<__nv_bfloat16>(p, stream);
+void launch_decode_mma(const Params& p, bool deep_ring, DType dt, cudaStream_t stream) {
+  if (dt == DType::F16) launch_t<__half>(p, deep_ring, stream);
+  else launch_t<__nv_bfloat16>(p, deep_ring, stream);
 }
 
 }  // namespace sqz::cuda::attn

@@ -29,10 +29,11 @@ __device__ __forceinline__ float warp_reduce(float v) {
 // moment (a graph captured once serves every length): the keys spread evenly over the planned
 // splits, but no split shorter than the plan's floor p.chunk (below it the partials cost more
 // than they save), in multiples of 16 (whole pages of typical sizes).
-__device__ __forceinline__ int split_tokens(const Params& p, int kend) {
-  const int even = (kend + p.splits - 1) / p.splits;
-  return (max(even, p.chunk) + 15) & ~15;
+__host__ __device__ __forceinline__ int split_length(int kend, int splits, int chunk) {
+  const int even = (kend + splits - 1) / splits;
+  return ((even > chunk ? even : chunk) + 15) & ~15;
 }
+__device__ __forceinline__ int split_tokens(const Params& p, int kend) { return split_length(kend, p.splits, p.chunk); }
 
 // Splits that hold keys (at least one, so an empty sequence still writes its zero row).
 // Blocks of later splits exit at once and are never merged: a short context in a graph

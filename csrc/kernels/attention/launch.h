@@ -32,7 +32,7 @@ bool decode_mma_supported(int D);
 // tiles and `vectors` query vectors per kv head.
 bool decode_mma_deep_ring(int D, int tiles_per_split, int vectors);
 int decode_mma_resident_blocks(int device, int D);
-void launch_decode_mma(const Params& p, DType dt, cudaStream_t stream);
+void launch_decode_mma(const Params& p, bool deep_ring, DType dt, cudaStream_t stream);
 
 // Tensor-core prefill; returns false when head_dim has no prefill instantiation.
 bool prefill_supported(int D);
