@@ -327,14 +327,14 @@ __device__ __forceinline__ void grid_wait(unsigned int old) {  // thread 0
 
 // Row groups claimed at run time (the decode kernels with a code ring, flag bit 19: launch_gemv says
 // where): the first group of block b is b; each further one is the next value of g_lut_claim (plus the
-// grid size), requested two groups ahead, so blocks on SMs that get their bytes sooner take more groups.
+// grid size), requested one group ahead, so blocks on SMs that get their bytes sooner take more groups.
 // Every group is computed the same way whichever block takes it, so results do not depend on the
 // order. The last block to leave resets both words for the next launch; a launch claims only after
 // griddepcontrol.wait, so its predecessor's reset is visible (one pair per device; launches that use it
 // are serialised on the device's stream, as the xT barrier above).
 __device__ unsigned int g_lut_claim = 0, g_lut_claim_done = 0;
-__device__ __forceinline__ int group_of_ticket(unsigned int t, int groups) {
-  const unsigned int c = gridDim.x + t;
+__device__ __forceinline__ int claim_group(int groups) {  // one thread of the block
+  const unsigned int c = gridDim.x + atomicAdd(&g_lut_claim, 1u);
   return c < (unsigned int)groups ? (int)c : groups;
 }
 __device__ __forceinline__ void claim_leave() {  // thread 0, after the block's last claim
@@ -561,14 +561,10 @@ __global__ void __launch_bounds__(W * 32, MINB)
   const bool l2xg = flags & 16;       // the L2 prefetch runs on into the next group (launch_gemv)
   const bool late_pf = flags & (1 << 17);  // without xgroup: the next group's codes after the outliers
   const bool early_om = flags & (1 << 18);  // EARLY_X: the outlier step in the main loop
-  // Row groups claimed at run time (g_lut_claim); launch_gemv sets it only where every warp has at
+  // Row groups claimed at run time (claim_group); launch_gemv sets it only where every warp has at
   // least RING runs per group, so a warp's ring never runs more than one group ahead of the block.
   const bool dyn = RING > 0 && (flags & (1 << 19));
   __shared__ int s_next;  // dyn: the block's next row group, claimed by thread 0
-  // dyn, thread 0: the ticket of the group after next, claimed a group ahead of its use and looked at
-  // only then, so that no barrier waits for the atomic's round trip (only the launch's first claim,
-  // right after griddepcontrol.wait, does)
-  unsigned int ticket = 0u;
   const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
   const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
   int xob = 0, xoe = 0;  // XT: the bounds of this thread's row in the next group
@@ -733,12 +729,8 @@ __global__ void __launch_bounds__(W * 32, MINB)
   bool xt_ready = false;    // XT: every block's slice of xT is written
   for (; grp < groups; grp = next) {
     const int n0 = grp * 16 * RT;
-    if (!dyn) {
-      next = grp + (int)gridDim.x;
-    } else if (waited && tid == 0) {  // read after the barrier below
-      s_next = group_of_ticket(ticket, groups);
-      if (s_next < groups) ticket = atomicAdd(&g_lut_claim, 1u);
-    }
+    if (!dyn) next = grp + (int)gridDim.x;
+    else if (waited && tid == 0) s_next = claim_group(groups);  // read after the barrier below
 
     // 3. Pair tables (one 16-byte store writes the 4 copies of an entry). A work item is one
     //    (row, second code hi) and a run of LS first codes lo: the row's whole 16-entry table comes
@@ -847,12 +839,8 @@ __global__ void __launch_bounds__(W * 32, MINB)
       pdl_wait();
       pdl_trigger();
       waited = true;
-      if (dyn) {  // the first claims, two at once: the previous launch's reset is visible from here on
-        if (tid == 0) {
-          const unsigned int t = atomicAdd(&g_lut_claim, 2u);
-          s_next = group_of_ticket(t, groups);
-          ticket = t + 1u;
-        }
+      if (dyn) {  // the first claim: the previous launch's reset is visible from here on
+        if (tid == 0) s_next = claim_group(groups);
         __syncthreads();
         next = s_next;
         if (next < groups) load_meta(next);
@@ -1668,14 +1656,11 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
     so.next.from = (groups - 1) / blocks * blocks;  // the first row group of the last round
     so.next.warp_bytes = so.next.block_bytes / W / 16 * 16;
   }
-  // Row groups claimed at run time (g_lut_claim in the kernel) instead of dealt round-robin, where the
-  // blocks walk more than two rounds of groups. Needs a code ring with at least RING runs of units per
+  // Row groups claimed at run time (claim_group in the kernel) instead of dealt round-robin, where the
+  // blocks walk more than one round of groups. Needs a code ring with at least RING runs of units per
   // warp and group (a warp's ring then runs at most one group ahead, and that group is known).
-  // SQUEEZELM_LUT_CLAIM=0 deals them round-robin everywhere, =1 claims them wherever the ring allows and
-  // a block has a second group (tuning, an A/B in one process).
-  const int claim_env = env_int("SQUEEZELM_LUT_CLAIM", -1);
-  const bool claim = RING > 0 && (U + UPS - 1) / UPS / W >= RING && groups > blocks &&
-                     (claim_env < 0 ? groups > 2 * blocks : claim_env != 0);
+  // SQUEEZELM_LUT_CLAIM=0 deals them round-robin (tuning, an A/B in one process).
+  const bool claim = RING > 0 && (U + UPS - 1) / UPS / W >= RING && groups > blocks && env_int("SQUEEZELM_LUT_CLAIM", 1) != 0;
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
                     (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) | (early_om > 0 ? 1 << 18 : 0) |
                     ((xpn > 0 && xpn < 256 ? xpn : 0) << 8) | (claim ? 1 << 19 : 0);
