@@ -25,9 +25,7 @@ cudaError_t cudaGetDevice(int* d) {
 }
 cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  // EMU_SMS: fewer SMs for a run whose launches should walk several rounds of work with small shapes
-  const char* sms = std::getenv("EMU_SMS");
-  *v = a == cudaDevAttrMultiProcessorCount            ? (sms && std::atoi(sms) > 0 ? std::atoi(sms) : 132)
+  *v = a == cudaDevAttrMultiProcessorCount            ? 132
        : a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 227 * 1024
        : a == cudaDevAttrComputeCapabilityMajor       ? 9
                                                       : 0;

@@ -130,25 +130,6 @@ int main(int argc, char** argv) {
   using sqz::cpu::kLutSiluPairs;
   using sqz::cpu::kLutStore;
   unsigned s = seed;
-  const char* which = std::getenv("EMU_LUT_CASES");
-  if (which && std::string(which) == "claim") {
-    // EMU_SMS=2: 4 blocks of the decode GEMV (8 of the 3-bit 4-warp one), so these launches walk several
-    // rounds of row groups with K past 4096 (enough ring runs per warp): after its first group each block
-    // claims the next at run time (blocks run one after another here, so block 0 takes every claimed
-    // group). Plain, behind the fused norm, with the epilogues, with and without the next weight named
-    // (odd seeds), and with the groups dealt round-robin for comparison.
-    matmul_case(1, 200, 4128, 4, DType::F16, 0.0045, kLutStore, false, s++);
-    matmul_case(1, 201, 4128, 4, DType::F16, 0.0045, kLutStore, false, s++);
-    matmul_case(2, 150, 4640, 4, DType::BF16, 0.01, kLutStore, true, s++);
-    matmul_case(1, 160, 4128, 4, DType::F16, 0.0045, kLutResidual, false, s++);
-    matmul_case(1, 150, 4128, 3, DType::F16, 0.0045, kLutStore, false, s++);
-    matmul_case(2, 192, 4128, 3, DType::F16, 0.0045, kLutSiluPairs, true, s++);
-    setenv("SQUEEZELM_LUT_CLAIM", "0", 1);
-    matmul_case(1, 200, 4128, 4, DType::F16, 0.0045, kLutStore, false, s++);
-    matmul_case(1, 150, 4128, 3, DType::F16, 0.0045, kLutStore, false, s++);
-    unsetenv("SQUEEZELM_LUT_CLAIM");
-    return emu::finish();
-  }
   // the decode step's GEMV (M = 1, 2; ring or register buffers), with and without outliers, K with a
   // tail past whole units, odd N
   matmul_case(1, 100, 544, 4, DType::F16, 0.0045, kLutStore, false, s++);

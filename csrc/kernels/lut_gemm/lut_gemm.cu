@@ -325,25 +325,6 @@ __device__ __forceinline__ void grid_wait(unsigned int old) {  // thread 0
   } while (((cur ^ old) & 0x80000000u) == 0);
 }
 
-// Row groups claimed at run time (the decode kernels with a code ring, flag bit 19: launch_gemv says
-// where): the first group of block b is b; each further one is the next value of g_lut_claim (plus the
-// grid size), requested one group ahead, so blocks on SMs that get their bytes sooner take more groups.
-// Every group is computed the same way whichever block takes it, so results do not depend on the
-// order. The last block to leave resets both words for the next launch; a launch claims only after
-// griddepcontrol.wait, so its predecessor's reset is visible (one pair per device; launches that use it
-// are serialised on the device's stream, as the xT barrier above).
-__device__ unsigned int g_lut_claim = 0, g_lut_claim_done = 0;
-__device__ __forceinline__ int claim_group(int groups) {  // one thread of the block
-  const unsigned int c = gridDim.x + atomicAdd(&g_lut_claim, 1u);
-  return c < (unsigned int)groups ? (int)c : groups;
-}
-__device__ __forceinline__ void claim_leave() {  // thread 0, after the block's last claim
-  if (atomicAdd(&g_lut_claim_done, 1u) == gridDim.x - 1) {
-    atomicExch(&g_lut_claim, 0u);
-    atomicExch(&g_lut_claim_done, 0u);
-  }
-}
-
 template <class T> __device__ __forceinline__ float2 unpack2f(uint32_t w);
 template <> __device__ __forceinline__ float2 unpack2f<__half>(uint32_t w) {
   return __half22float2(*reinterpret_cast<const __half2*>(&w));
@@ -561,10 +542,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
   const bool l2xg = flags & 16;       // the L2 prefetch runs on into the next group (launch_gemv)
   const bool late_pf = flags & (1 << 17);  // without xgroup: the next group's codes after the outliers
   const bool early_om = flags & (1 << 18);  // EARLY_X: the outlier step in the main loop
-  // Row groups claimed at run time (claim_group); launch_gemv sets it only where every warp has at
-  // least RING runs per group, so a warp's ring never runs more than one group ahead of the block.
-  const bool dyn = RING > 0 && (flags & (1 << 19));
-  __shared__ int s_next;  // dyn: the block's next row group, claimed by thread 0
   const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
   const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
   int xob = 0, xoe = 0;  // XT: the bounds of this thread's row in the next group
@@ -669,18 +646,8 @@ __global__ void __launch_bounds__(W * 32, MINB)
   int r_slot = 0;          // next slot to consume
   uint32_t r_par = 0;      // its phase parity
   int i_slot = 0, i_grp = blockIdx.x, i_u = warp;  // next unit to request: slot, group, unit
-  // The block's row group and the one after it (static: grp + gridDim.x; dyn: claimed, and until the
-  // first claim after griddepcontrol.wait unknown, read as `groups`).
-  int grp = blockIdx.x, next = dyn ? groups : grp + (int)gridDim.x;
   uint64_t r_pol = 0;
   auto ring_issue = [&](bool refill) {  // i_u: the next run of UPS units
-    // dyn: the warp moves on to the block's next group when it requests that group's first run, not
-    // when it requested this group's last (the prologue's requests may take a whole group, and the
-    // next one is claimed only after griddepcontrol.wait)
-    if (dyn && i_u >= RUNS) {
-      i_u = warp;
-      i_grp = i_grp == grp ? next : groups;
-    }
     if (i_grp < groups && i_u < RUNS) {
       if (lane == 0) {
         // the warp's reads of this slot (ordered before this by the caller's __syncwarp) come
@@ -693,7 +660,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
         bulk_g2s(ring_s + (uint32_t)i_slot * SLOT, codes + ((size_t)i_grp * U + u0) * G::USTRIDE, bytes, bar, r_pol);
       }
       i_u += W;
-      if (!dyn && i_u >= RUNS) {
+      if (i_u >= RUNS) {
         i_u = warp;
         i_grp += gridDim.x;
       }
@@ -712,6 +679,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
 
   // Everything before the first pdl_wait reads weights only (tables, outlier lists, codes), so under
   // programmatic dependent launch it overlaps the previous kernel; x is read and y written after it.
+  int grp = blockIdx.x;
   if (grp < groups) {
     load_meta(grp);
     set_group(grp);
@@ -727,10 +695,8 @@ __global__ void __launch_bounds__(W * 32, MINB)
   bool waited = false;
   unsigned int xt_old = 0;  // XT: thread 0's barrier word before its arrival
   bool xt_ready = false;    // XT: every block's slice of xT is written
-  for (; grp < groups; grp = next) {
-    const int n0 = grp * 16 * RT;
-    if (!dyn) next = grp + (int)gridDim.x;
-    else if (waited && tid == 0) s_next = claim_group(groups);  // read after the barrier below
+  for (; grp < groups; grp += gridDim.x) {
+    const int n0 = grp * 16 * RT, next = grp + gridDim.x;
 
     // 3. Pair tables (one 16-byte store writes the 4 copies of an entry). A work item is one
     //    (row, second code hi) and a run of LS first codes lo: the row's whole 16-entry table comes
@@ -743,7 +709,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
       if (i < 16 * RT * E) lt[i] = Cvt<T>::t(raw_f(lv[t], lut_f32));
     }
     __syncthreads();
-    if (dyn) next = waited ? s_next : groups;
     {
       constexpr int ROWS = 16 * RT, LB = ROWS * E >= NT ? 1 : NT / (ROWS * E), LS = E / LB;
       constexpr int ITEMS = ROWS * E * LB;
@@ -839,12 +804,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
       pdl_wait();
       pdl_trigger();
       waited = true;
-      if (dyn) {  // the first claim: the previous launch's reset is visible from here on
-        if (tid == 0) s_next = claim_group(groups);
-        __syncthreads();
-        next = s_next;
-        if (next < groups) load_meta(next);
-      }
       if constexpr (XS)
         rms_norm_to_smem<T, W>(xsm, reinterpret_cast<float*>(xsm + (size_t)M * K), x, static_cast<const T*>(so.gamma), so.eps, M, K);
       if constexpr (XT) {
@@ -1089,7 +1048,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
     //     still streaming (H100, M = 1, D+S 0.45%, launches naming the next one's weights / not, us:
     //     measured at launch_gemv_decode).
     if constexpr (NEXT) {
-      if (next >= groups && (dyn || grp >= nx.from) && lane == 0) {
+      if (next >= groups && grp >= nx.from && lane == 0) {
         const unsigned char* at = nx.codes + (size_t)blockIdx.x * nx.group_bytes + (size_t)warp * nx.warp_bytes;
         const long long left = nx.end - at;
         const uint32_t n = (uint32_t)(left < nx.warp_bytes ? (left > 0 ? left & ~15LL : 0) : nx.warp_bytes);
@@ -1319,7 +1278,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
     }
     __syncthreads();  // red is read before the next group's tables overwrite it
   }
-  if (dyn && tid == 0) claim_leave();
 }
 
 // ---- GEMM (prefill) ----
@@ -1656,14 +1614,9 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
     so.next.from = (groups - 1) / blocks * blocks;  // the first row group of the last round
     so.next.warp_bytes = so.next.block_bytes / W / 16 * 16;
   }
-  // Row groups claimed at run time (claim_group in the kernel) instead of dealt round-robin, where the
-  // blocks walk more than one round of groups. Needs a code ring with at least RING runs of units per
-  // warp and group (a warp's ring then runs at most one group ahead, and that group is known).
-  // SQUEEZELM_LUT_CLAIM=0 deals them round-robin (tuning, an A/B in one process).
-  const bool claim = RING > 0 && (U + UPS - 1) / UPS / W >= RING && groups > blocks && env_int("SQUEEZELM_LUT_CLAIM", 1) != 0;
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
                     (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) | (early_om > 0 ? 1 << 18 : 0) |
-                    ((xpn > 0 && xpn < 256 ? xpn : 0) << 8) | (claim ? 1 << 19 : 0);
+                    ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
   launch_pdl(kern, dim3(blocks), dim3(W * 32), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
              reinterpret_cast<uint4*>(xT), flags, static_cast<const LutStore&>(so), so.next);
 }
