@@ -546,7 +546,8 @@ __global__ void __launch_bounds__(W * 32, MINB)
   const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
   int xob = 0, xoe = 0;  // XT: the bounds of this thread's row in the next group
 
-  // The block walks groups of RT row tiles blockIdx.x, + gridDim.x, ... (the grid is one wave).
+  // The block walks groups of RT row tiles blockIdx.x, + gridDim.x, ... (the grid is one wave; groups
+  // claimed at run time from a counter instead were slower on an H100: docs/log/squeezellm-kernels.md).
   // What a group's prologue waits for is requested early: its 16-entry tables and outlier row
   // bounds during the previous group's main loop, its first P units of codes right after it.
   constexpr int LV = (16 * RT * E + NT - 1) / NT;
