@@ -16,22 +16,22 @@ using emu::report;
 using sqz::DType;
 using sqz::Tensor;
 
-// Sequences of `lens` tokens in shuffled pages of 16, filled by a first append (each sequence's
-// tokens but its last `rows`), then the last `rows` of each are appended by the CPU op and by the CUDA
-// launcher (same bytes), and attended from: q rows per sequence = rows (decode for rows <= 4).
+// Sequences of `lens` tokens in shuffled pages of page_size tokens, filled by a first append (each
+// sequence's tokens but its last `rows`), then the last `rows` of each are appended by the CPU op and by
+// the CUDA launcher (same bytes), and attended from: q rows per sequence = rows (decode for rows <= 4).
 static void attention_case(int Hq, int Hkv, int D, std::vector<int> lens, int rows, DType dt, unsigned seed,
-                           int P = 16) {
+                           int page_size = 16) {
   std::mt19937 r(seed);
   std::string name = "attention " + std::to_string(Hq) + "q/" + std::to_string(Hkv) + "kv D " + std::to_string(D) +
                      (dt == DType::F16 ? " f16" : " bf16") + " rows " + std::to_string(rows) + " L";
   for (int l : lens) name += " " + std::to_string(l);
-  if (P != 16) name += " page " + std::to_string(P);
+  if (page_size != 16) name += " page " + std::to_string(page_size);
   try {
     const int B = (int)lens.size();
     int maxp = 0;
-    for (int l : lens) maxp = std::max(maxp, (l + P - 1) / P);
+    for (int l : lens) maxp = std::max(maxp, (l + page_size - 1) / page_size);
     const int pages = B * maxp + 1;
-    Tensor kc = host(dt, {pages, P, Hkv, D}), vc = host(dt, {pages, P, Hkv, D});
+    Tensor kc = host(dt, {pages, page_size, Hkv, D}), vc = host(dt, {pages, page_size, Hkv, D});
     emu::randomize(kc, r), emu::randomize(vc, r);  // earlier tokens: whatever the pages hold
     std::vector<int32_t> perm(pages);
     std::iota(perm.begin(), perm.end(), 0);
@@ -43,7 +43,7 @@ static void attention_case(int Hq, int Hkv, int D, std::vector<int> lens, int ro
     Tensor lt = ints(std::vector<int32_t>(lens.begin(), lens.end()), {B}), cut = ints(cu, {B + 1});
     Tensor k = host(dt, {N, Hkv * D}), v = host(dt, {N, Hkv * D});
     emu::randomize(k, r), emu::randomize(v, r);
-    Tensor kg = host(dt, {pages, P, Hkv, D}), vg = host(dt, {pages, P, Hkv, D});
+    Tensor kg = host(dt, {pages, page_size, Hkv, D}), vg = host(dt, {pages, page_size, Hkv, D});
     std::memcpy(kg.data(), kc.data(), (size_t)kc.numel() * sqz::dtype_size(dt));
     std::memcpy(vg.data(), vc.data(), (size_t)vc.numel() * sqz::dtype_size(dt));
     sqz::cpu::kv_append(kc, vc, k, v, pt, lt, cut);
