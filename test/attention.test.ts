@@ -279,6 +279,9 @@ describeGpu('attention (CUDA) vs CPU', () => {
     // kernel's 4-warp deep-ring shape (whole-tile pages, then per-token lookups)
     { Hkv: 2, g: 4, D: 128, pageSize: 16, lens: [700, 33, 1], ns: [1, 1, 1] },
     { Hkv: 1, g: 3, D: 128, pageSize: 40, lens: [900, 5], ns: [1, 1] },
+    // head_dim 128 with two blocks of 4 warps per SM (SQUEEZELM_ATTN_MMA_PAIR=1)
+    { Hkv: 4, g: 8, D: 128, pageSize: 16, lens: [2048, 700, 1], ns: [1, 1, 1], env: { SQUEEZELM_ATTN_MMA_PAIR: '1' } },
+    { Hkv: 2, g: 4, D: 128, pageSize: 24, lens: [3000, 41], ns: [1, 2], env: { SQUEEZELM_ATTN_MMA_PAIR: '1' } },
     // prefill and chunked prefill
     { Hkv: 2, g: 1, D: 64, pageSize: 16, lens: [300, 17, 1], ns: [300, 17, 1] },
     { Hkv: 1, g: 3, D: 80, pageSize: 64, lens: [1031, 200], ns: [100, 200] },
@@ -290,55 +293,62 @@ describeGpu('attention (CUDA) vs CPU', () => {
   for (const dtype of ['f16', 'bf16'] as DType[])
     for (const c of configs) {
       const Hq = c.Hkv * c.g;
-      test(`${dtype} Hq=${Hq} Hkv=${c.Hkv} D=${c.D} page=${c.pageSize} lens=${c.lens} n=${c.ns}`, async () => {
-        const seed = freshSeed();
-        const r = rng(seed);
-        const p = makePaged(r, c.lens, c.pageSize, c.Hkv, c.D);
-        const cuQ = cumsum(c.ns);
-        const N = cuQ[cuQ.length - 1];
-        const q = randn(N * Hq * c.D, r);
-        const kcG = Tensor.from(p.k, [p.pages, c.pageSize, c.Hkv, c.D], { dtype, device: 'cuda' });
-        const vcG = Tensor.from(p.v, [p.pages, c.pageSize, c.Hkv, c.D], { dtype, device: 'cuda' });
-        const qG = Tensor.from(q, [N, Hq, c.D], { dtype, device: 'cuda' });
-        const ig = indexTensors(p, cuQ, 'cuda');
-        const outG = poisoned([N, Hq, c.D], dtype, 'cuda');
-        const scale = 1 / Math.sqrt(c.D);
-        const bounds = { maxQ: Math.max(...c.ns), maxSeqLen: Math.max(...c.lens) };
-        attention(outG, qG, kcG, vcG, ig.pt, ig.sl, ig.cq, scale, bounds);
-        const got = await outG.toFloat32();
-        const firstBits = Buffer.from((await outG.toArray()).buffer);
-        // CPU op on the same (rounded) data.
-        const kc = await kcG.to('cpu'), vc = await vcG.to('cpu'), qc = await qG.to('cpu');
-        const ic = indexTensors(p, cuQ);
-        const out = poisoned([N, Hq, c.D], 'f32');
-        attention(out, qc, kc, vc, ic.pt, ic.sl, ic.cq, scale, bounds);
-        const want = await out.toFloat32();
-        const err = relErr(got, want);
-        const tol = dtype === 'f16' ? 2e-3 : 1e-2;
-        if (!(err <= tol)) throw new Error(`seed ${seed}: rel err ${err} > ${tol}`);
-        // Determinism: a second launch gives the same bits.
-        attention(outG, qG, kcG, vcG, ig.pt, ig.sl, ig.cq, scale, bounds);
-        expect(Buffer.from((await outG.toArray()).buffer).equals(firstBits)).toBe(true);
-        // Decode: the splits merged by a separate kernel give the same bits as the in-kernel merge.
-        if (bounds.maxQ <= 4) {
-          process.env.SQUEEZELM_ATTN_COMBINE_KERNEL = '1';
-          try {
-            const o2 = poisoned([N, Hq, c.D], dtype, 'cuda');
-            attention(o2, qG, kcG, vcG, ig.pt, ig.sl, ig.cq, scale, bounds);
-            expect(Buffer.from((await o2.toArray()).buffer).equals(firstBits)).toBe(true);
-          } finally {
-            delete process.env.SQUEEZELM_ATTN_COMBINE_KERNEL;
+      const env: Record<string, string> = (c as { env?: Record<string, string> }).env ?? {};
+      const envName = Object.entries(env).map(([k, v]) => ` ${k}=${v}`).join('');
+      test(`${dtype} Hq=${Hq} Hkv=${c.Hkv} D=${c.D} page=${c.pageSize} lens=${c.lens} n=${c.ns}${envName}`, async () => {
+        Object.assign(process.env, env);
+        try {
+          const seed = freshSeed();
+          const r = rng(seed);
+          const p = makePaged(r, c.lens, c.pageSize, c.Hkv, c.D);
+          const cuQ = cumsum(c.ns);
+          const N = cuQ[cuQ.length - 1];
+          const q = randn(N * Hq * c.D, r);
+          const kcG = Tensor.from(p.k, [p.pages, c.pageSize, c.Hkv, c.D], { dtype, device: 'cuda' });
+          const vcG = Tensor.from(p.v, [p.pages, c.pageSize, c.Hkv, c.D], { dtype, device: 'cuda' });
+          const qG = Tensor.from(q, [N, Hq, c.D], { dtype, device: 'cuda' });
+          const ig = indexTensors(p, cuQ, 'cuda');
+          const outG = poisoned([N, Hq, c.D], dtype, 'cuda');
+          const scale = 1 / Math.sqrt(c.D);
+          const bounds = { maxQ: Math.max(...c.ns), maxSeqLen: Math.max(...c.lens) };
+          attention(outG, qG, kcG, vcG, ig.pt, ig.sl, ig.cq, scale, bounds);
+          const got = await outG.toFloat32();
+          const firstBits = Buffer.from((await outG.toArray()).buffer);
+          // CPU op on the same (rounded) data.
+          const kc = await kcG.to('cpu'), vc = await vcG.to('cpu'), qc = await qG.to('cpu');
+          const ic = indexTensors(p, cuQ);
+          const out = poisoned([N, Hq, c.D], 'f32');
+          attention(out, qc, kc, vc, ic.pt, ic.sl, ic.cq, scale, bounds);
+          const want = await out.toFloat32();
+          const err = relErr(got, want);
+          const tol = dtype === 'f16' ? 2e-3 : 1e-2;
+          if (!(err <= tol)) throw new Error(`seed ${seed}: rel err ${err} > ${tol}`);
+          // Determinism: a second launch gives the same bits.
+          attention(outG, qG, kcG, vcG, ig.pt, ig.sl, ig.cq, scale, bounds);
+          expect(Buffer.from((await outG.toArray()).buffer).equals(firstBits)).toBe(true);
+          // Decode: the splits merged by a separate kernel give the same bits as the in-kernel merge.
+          if (bounds.maxQ <= 4) {
+            process.env.SQUEEZELM_ATTN_COMBINE_KERNEL = '1';
+            try {
+              const o2 = poisoned([N, Hq, c.D], dtype, 'cuda');
+              attention(o2, qG, kcG, vcG, ig.pt, ig.sl, ig.cq, scale, bounds);
+              expect(Buffer.from((await o2.toArray()).buffer).equals(firstBits)).toBe(true);
+            } finally {
+              delete process.env.SQUEEZELM_ATTN_COMBINE_KERNEL;
+            }
+            // The CUDA-core decode kernel (the tensor-core one's A/B reference) on the same data.
+            process.env.SQUEEZELM_ATTN_SIMT = '1';
+            try {
+              const o3 = poisoned([N, Hq, c.D], dtype, 'cuda');
+              attention(o3, qG, kcG, vcG, ig.pt, ig.sl, ig.cq, scale, bounds);
+              const e3 = relErr(await o3.toFloat32(), want);
+              if (!(e3 <= tol)) throw new Error(`seed ${seed}: CUDA-core kernel rel err ${e3} > ${tol}`);
+            } finally {
+              delete process.env.SQUEEZELM_ATTN_SIMT;
+            }
           }
-          // The CUDA-core decode kernel (the tensor-core one's A/B reference) on the same data.
-          process.env.SQUEEZELM_ATTN_SIMT = '1';
-          try {
-            const o3 = poisoned([N, Hq, c.D], dtype, 'cuda');
-            attention(o3, qG, kcG, vcG, ig.pt, ig.sl, ig.cq, scale, bounds);
-            const e3 = relErr(await o3.toFloat32(), want);
-            if (!(e3 <= tol)) throw new Error(`seed ${seed}: CUDA-core kernel rel err ${e3} > ${tol}`);
-          } finally {
-            delete process.env.SQUEEZELM_ATTN_SIMT;
-          }
+        } finally {
+          for (const k of Object.keys(env)) delete process.env[k];
         }
       }, 60000);
     }

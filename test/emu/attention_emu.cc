@@ -84,5 +84,10 @@ int main(int argc, char** argv) {
   // 4 query heads per kv head over short splits: the tensor-core kernel's 4-warp deep-ring shape
   attention_case(8, 2, 128, {300, 40}, 1, DType::F16, s++);
   attention_case(6, 2, 128, {300, 41}, 1, DType::BF16, s++, 24);  // and its per-token page lookups
+  // the two-blocks-per-SM shape (4 warps, 3-stage rings), whole-tile pages and per-token lookups
+  setenv("SQUEEZELM_ATTN_MMA_PAIR", "1", 1);
+  attention_case(16, 2, 128, {900, 77, 1}, 1, DType::F16, s++);
+  attention_case(8, 2, 128, {500, 3}, 1, DType::BF16, s++, 40);
+  unsetenv("SQUEEZELM_ATTN_MMA_PAIR");
   return emu::finish();
 }

@@ -69,6 +69,9 @@ constexpr int kStages = 3;
 // LLaMA-3-8B-shaped decode step did not change with it (context 512: 5762.0 / 5762.3 us planned
 // against 5762.3 / 5762.5 with 8 x 3 forced; 2048: 5864.7-5868.1 / 5864.8-5870.4).
 constexpr int kDeepWarps = 4, kDeepStages = 6, kDeepRingTiles = 8;
+// Two blocks per SM (head_dim 128): 4 warps with 3-stage rings, half the shared memory of the
+// default shape, so a second block fits and the planner gives twice the splits.
+constexpr int kPairWarps = 4, kPairStages = 3;
 
 template <int D, int W = kMmaWarps, int ST = kStages>
 struct MmaShape {
@@ -288,34 +291,36 @@ void launch_ring(const Params& p, cudaStream_t stream) {
 }
 
 template <class T, int D>
-void launch_d(const Params& p, bool deep_ring, cudaStream_t stream) {
+void launch_d(const Params& p, bool deep_ring, bool pair_blocks, cudaStream_t stream) {
   if constexpr (D == 128) {
     if (deep_ring) return launch_ring<T, D, kDeepWarps, kDeepStages>(p, stream);
+    if (pair_blocks) return launch_ring<T, D, kPairWarps, kPairStages>(p, stream);
   }
   launch_ring<T, D>(p, stream);
 }
 
 template <class T>
-void launch_t(const Params& p, bool deep_ring, cudaStream_t stream) {
+void launch_t(const Params& p, bool deep_ring, bool pair_blocks, cudaStream_t stream) {
+  const bool pb = pair_blocks;
   switch (p.D) {
-    case 16: launch_d<T, 16>(p, deep_ring, stream); break;
-    case 32: launch_d<T, 32>(p, deep_ring, stream); break;
-    case 48: launch_d<T, 48>(p, deep_ring, stream); break;
-    case 64: launch_d<T, 64>(p, deep_ring, stream); break;
-    case 80: launch_d<T, 80>(p, deep_ring, stream); break;
-    case 96: launch_d<T, 96>(p, deep_ring, stream); break;
-    case 112: launch_d<T, 112>(p, deep_ring, stream); break;
-    case 128: launch_d<T, 128>(p, deep_ring, stream); break;
+    case 16: launch_d<T, 16>(p, deep_ring, pb, stream); break;
+    case 32: launch_d<T, 32>(p, deep_ring, pb, stream); break;
+    case 48: launch_d<T, 48>(p, deep_ring, pb, stream); break;
+    case 64: launch_d<T, 64>(p, deep_ring, pb, stream); break;
+    case 80: launch_d<T, 80>(p, deep_ring, pb, stream); break;
+    case 96: launch_d<T, 96>(p, deep_ring, pb, stream); break;
+    case 112: launch_d<T, 112>(p, deep_ring, pb, stream); break;
+    case 128: launch_d<T, 128>(p, deep_ring, pb, stream); break;
     default: fail("ERR_INTERNAL", "attention: no tensor-core decode kernel for head_dim " + std::to_string(p.D));
   }
 }
 
-template <int D>
+template <int D, int W = kMmaWarps, int ST = kStages>
 int occupancy_d() {
-  constexpr size_t smem = MmaShape<D>::smem;
-  allow_dynamic_smem<decode_mma<__half, D>>(smem, "attention (decode)");
+  constexpr size_t smem = MmaShape<D, W, ST>::smem;
+  allow_dynamic_smem<decode_mma<__half, D, W, ST>>(smem, "attention (decode)");
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_mma<__half, D>, kMmaWarps * 32, smem) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_mma<__half, D, W, ST>, W * 32, smem) != cudaSuccess) {
     cudaGetLastError();
     return 1;
   }
@@ -330,7 +335,8 @@ bool decode_mma_deep_ring(int D, int tiles_per_split, int vectors) {
 
 bool decode_mma_supported(int D) { return D % 16 == 0 && D >= 16 && D <= 128; }
 
-int decode_mma_resident_blocks(int device, int D) {
+int decode_mma_resident_blocks(int device, int D, bool pair_blocks) {
+  if (pair_blocks && D == 128) return cached_per_device(device, 9, [] { return occupancy_d<128, kPairWarps, kPairStages>(); });
   return cached_per_device(device, D / 16, [&] {  // D <= 128 (decode_mma_supported)
     switch (D) {
       case 16: return occupancy_d<16>();
@@ -346,9 +352,9 @@ int decode_mma_resident_blocks(int device, int D) {
   });
 }
 
-void launch_decode_mma(const Params& p, bool deep_ring, DType dt, cudaStream_t stream) {
-  if (dt == DType::F16) launch_t<__half>(p, deep_ring, stream);
-  else launch_t<__nv_bfloat16>(p, deep_ring, stream);
+void launch_decode_mma(const Params& p, bool deep_ring, bool pair_blocks, DType dt, cudaStream_t stream) {
+  if (dt == DType::F16) launch_t<__half>(p, deep_ring, pair_blocks, stream);
+  else launch_t<__nv_bfloat16>(p, deep_ring, pair_blocks, stream);
 }
 
 }  // namespace sqz::cuda::attn
