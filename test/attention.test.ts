@@ -44,6 +44,27 @@ function cacheIndex(p: Paged, b: number, t: number, h: number): number {
   return ((page * p.pageSize + (t % p.pageSize)) * p.Hkv + h) * p.D;
 }
 
+/** NaN in every cache slot no sequence holds (past each length, and the spare pages): a kernel that lets
+ * such a slot reach its sums (a tile read whole past the end of a sequence) returns NaN. */
+function poisonUnused(p: Paged): void {
+  const used = new Set<number>();
+  p.lens.forEach((len, b) => {
+    for (let i = 0; i * p.pageSize < len; i++) used.add(p.table[b * p.maxPages + i]);
+    for (let t = len; t < Math.ceil(len / p.pageSize) * p.pageSize; t++)
+      for (let h = 0; h < p.Hkv; h++) {
+        const at = cacheIndex(p, b, t, h);
+        p.k.fill(NaN, at, at + p.D);
+        p.v.fill(NaN, at, at + p.D);
+      }
+  });
+  const slot = p.pageSize * p.Hkv * p.D;
+  for (let page = 0; page < p.pages; page++)
+    if (!used.has(page)) {
+      p.k.fill(NaN, page * slot, (page + 1) * slot);
+      p.v.fill(NaN, page * slot, (page + 1) * slot);
+    }
+}
+
 /** fp64 causal attention over the paged pool (the independent oracle). */
 function oracle(q: Float32Array, p: Paged, cuQ: number[], Hq: number, scale: number): Float64Array {
   const { D, Hkv } = p;
@@ -279,9 +300,13 @@ describeGpu('attention (CUDA) vs CPU', () => {
     // kernel's 4-warp deep-ring shape (whole-tile pages, then per-token lookups)
     { Hkv: 2, g: 4, D: 128, pageSize: 16, lens: [700, 33, 1], ns: [1, 1, 1] },
     { Hkv: 1, g: 3, D: 128, pageSize: 40, lens: [900, 5], ns: [1, 1] },
-    // head_dim 128 with two blocks of 4 warps per SM (SQUEEZELM_ATTN_MMA_PAIR=1)
-    { Hkv: 4, g: 8, D: 128, pageSize: 16, lens: [2048, 700, 1], ns: [1, 1, 1], env: { SQUEEZELM_ATTN_MMA_PAIR: '1' } },
-    { Hkv: 2, g: 4, D: 128, pageSize: 24, lens: [3000, 41], ns: [1, 2], env: { SQUEEZELM_ATTN_MMA_PAIR: '1' } },
+    // the TMA kernels (head_dim 64 / 128, pages of whole tiles) with NaN in every slot no sequence holds
+    { Hkv: 2, g: 8, D: 128, pageSize: 32, lens: [2000, 45, 16], ns: [1, 1, 1], nanUnused: true },
+    { Hkv: 2, g: 4, D: 64, pageSize: 64, lens: [777, 3], ns: [2, 1], nanUnused: true },
+    { Hkv: 2, g: 4, D: 128, pageSize: 16, lens: [300, 33], ns: [1, 1], nanUnused: true }, // the deep ring
+    // the same through the cp.async kernels
+    { Hkv: 2, g: 8, D: 128, pageSize: 32, lens: [2000, 45, 16], ns: [1, 1, 1], env: { SQUEEZELM_ATTN_TMA: '0' } },
+    { Hkv: 2, g: 4, D: 64, pageSize: 64, lens: [777, 3], ns: [2, 1], env: { SQUEEZELM_ATTN_TMA: '0' } },
     // prefill and chunked prefill
     { Hkv: 2, g: 1, D: 64, pageSize: 16, lens: [300, 17, 1], ns: [300, 17, 1] },
     { Hkv: 1, g: 3, D: 80, pageSize: 64, lens: [1031, 200], ns: [100, 200] },
@@ -301,6 +326,7 @@ describeGpu('attention (CUDA) vs CPU', () => {
           const seed = freshSeed();
           const r = rng(seed);
           const p = makePaged(r, c.lens, c.pageSize, c.Hkv, c.D);
+          if ((c as { nanUnused?: boolean }).nanUnused) poisonUnused(p);
           const cuQ = cumsum(c.ns);
           const N = cuQ[cuQ.length - 1];
           const q = randn(N * Hq * c.D, r);

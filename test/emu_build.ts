@@ -28,14 +28,16 @@ function cudaInclude(): string | undefined {
 // of its output may start with FAIL and its last line must report no failure. sources: host C++
 // linked in (the CPU ops); extraInclude comes first on the include path (shim/: the emulator's
 // ptx.cuh, pdl.cuh and bulk_copy.cuh); emulated: .cu files compiled as translation units of their
-// own with cuda_emu.h in front (where one program needs several .cu files).
-export function buildAndRun(main: string, sources: string[], extraInclude?: string, emulated: string[] = []): string {
+// own with cuda_emu.h in front (where one program needs several .cu files); defines: -D flags of every
+// translation unit (NAME=VALUE).
+export function buildAndRun(main: string, sources: string[], extraInclude?: string, emulated: string[] = [],
+  defines: string[] = []): string {
   const root = path.join(__dirname, '..');
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-emu-'));
   const out = path.join(dir, 'emu');
   try {
     const includes = [...(extraInclude ? [extraInclude] : []), path.join(__dirname, 'emu'), path.join(root, 'csrc'), cudaInc as string];
-    const flags = ['-std=c++20', '-O1', '-pthread', ...includes.map((d) => `-I${d}`)];
+    const flags = ['-std=c++20', '-O1', '-pthread', ...includes.map((d) => `-I${d}`), ...defines.map((d) => `-D${d}`)];
     const objects = emulated.map((src, i) => {
       const o = path.join(dir, `tu${i}.o`);
       execFileSync('g++', [...flags, '-c', '-x', 'c++', '-include', path.join(__dirname, 'emu', 'cuda_emu.h'), path.join(root, src), '-o', o],

@@ -19,13 +19,16 @@ using sqz::Tensor;
 // Sequences of `lens` tokens in shuffled pages of page_size tokens, filled by a first append (each
 // sequence's tokens but its last `rows`), then the last `rows` of each are appended by the CPU op and by
 // the CUDA launcher (same bytes), and attended from: q rows per sequence = rows (decode for rows <= 4).
+// nan_pages: the pages start as NaN instead of random values, so a kernel that lets a slot no sequence
+// wrote reach its sums (a tile's rows past the end of a sequence) fails.
 static void attention_case(int Hq, int Hkv, int D, std::vector<int> lens, int rows, DType dt, unsigned seed,
-                           int page_size = 16) {
+                           int page_size = 16, bool nan_pages = false) {
   std::mt19937 r(seed);
   std::string name = "attention " + std::to_string(Hq) + "q/" + std::to_string(Hkv) + "kv D " + std::to_string(D) +
                      (dt == DType::F16 ? " f16" : " bf16") + " rows " + std::to_string(rows) + " L";
   for (int l : lens) name += " " + std::to_string(l);
   if (page_size != 16) name += " page " + std::to_string(page_size);
+  if (nan_pages) name += " nan pages";
   try {
     const int B = (int)lens.size();
     int maxp = 0;
@@ -37,6 +40,18 @@ static void attention_case(int Hq, int Hkv, int D, std::vector<int> lens, int ro
     std::iota(perm.begin(), perm.end(), 0);
     std::shuffle(perm.begin(), perm.end(), r);
     Tensor pt = ints(std::vector<int32_t>(perm.begin(), perm.begin() + B * maxp), {B, maxp});
+    if (nan_pages) {  // every slot past a sequence's length (and the spare page) holds NaN in f16 and bf16
+      const int64_t slot_elems = (int64_t)Hkv * D;
+      auto poison = [&](int page, int slot) {
+        for (Tensor* t : {&kc, &vc}) {
+          auto* h = static_cast<uint16_t*>(t->data()) + ((int64_t)page * page_size + slot) * slot_elems;
+          std::fill(h, h + slot_elems, (uint16_t)0x7fff);
+        }
+      };
+      for (int b = 0; b < B; ++b)
+        for (int t = lens[b]; t < maxp * page_size; ++t) poison(perm[b * maxp + t / page_size], t % page_size);
+      for (int slot = 0; slot < page_size; ++slot) poison(perm[B * maxp], slot);
+    }
     std::vector<int32_t> cu{0};
     for (int b = 0; b < B; ++b) cu.push_back(cu.back() + std::min(rows, lens[b]));
     const int N = cu.back();
@@ -84,10 +99,15 @@ int main(int argc, char** argv) {
   // 4 query heads per kv head over short splits: the tensor-core kernel's 4-warp deep-ring shape
   attention_case(8, 2, 128, {300, 40}, 1, DType::F16, s++);
   attention_case(6, 2, 128, {300, 41}, 1, DType::BF16, s++, 24);  // and its per-token page lookups
-  // the two-blocks-per-SM shape (4 warps, 3-stage rings), whole-tile pages and per-token lookups
-  setenv("SQUEEZELM_ATTN_MMA_PAIR", "1", 1);
-  attention_case(16, 2, 128, {900, 77, 1}, 1, DType::F16, s++);
-  attention_case(8, 2, 128, {500, 3}, 1, DType::BF16, s++, 40);
-  unsetenv("SQUEEZELM_ATTN_MMA_PAIR");
+  // head_dim 64 and 128 with pages of whole tiles take the TMA kernels (this program is built as for
+  // sm_90a); the same cases through the cp.async kernels
+  setenv("SQUEEZELM_ATTN_TMA", "0", 1);
+  attention_case(8, 2, 64, {1, 37, 300}, 1, DType::F16, s++);
+  attention_case(8, 1, 128, {200, 17}, 3, DType::BF16, s++);
+  attention_case(8, 2, 128, {300, 40}, 1, DType::F16, s++);
+  unsetenv("SQUEEZELM_ATTN_TMA");
+  // TMA with splits ending inside a tile, a 32-token page, 8 query heads per kv head
+  attention_case(16, 2, 128, {2000, 45, 16}, 1, DType::F16, s++, 32, true);
+  attention_case(16, 2, 64, {777, 3}, 2, DType::BF16, s++, 64, true);
   return emu::finish();
 }

@@ -305,11 +305,8 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
   // 28.0, 32K 43.0-43.6 / 45.4-46.5, 64K 76.8 / 77.6, 128K 145.0 / 143.6; batch 2 at 8K 26.6 / 27.5;
   // batch 8 at 4K 43.2 / 44.5; batch 4 at 2K 16.0 / 15.3. SQUEEZELM_ATTN_MMA_PER_SM (tuning, read
   // per plan) sets another count, 0 = as many as fit.
-  // SQUEEZELM_ATTN_MMA_PAIR=1 (head_dim 128): blocks of 4 warps with 3-stage rings, planned for as
-  // many per SM as fit (two), so that an SM streams with two independent blocks.
-  pl.pair_blocks = pl.mma && D == 128 && env_int("SQUEEZELM_ATTN_MMA_PAIR", 0) != 0;
-  int per_sm = pl.mma ? decode_mma_resident_blocks(device, D, pl.pair_blocks) : resident_blocks(device, D, pl.R);
-  if (const int cap = env_int("SQUEEZELM_ATTN_MMA_PER_SM", pl.pair_blocks ? 0 : 1); pl.mma && cap > 0) per_sm = std::min(per_sm, cap);
+  int per_sm = pl.mma ? decode_mma_resident_blocks(device, D) : resident_blocks(device, D, pl.R);
+  if (const int cap = env_int("SQUEEZELM_ATTN_MMA_PER_SM", 1); pl.mma && cap > 0) per_sm = std::min(per_sm, cap);
   const int64_t slots = (int64_t)sm_count(device) * per_sm;
   const int64_t base = std::max<int64_t>(1, (int64_t)Hkv * pl.qchunks * B);
   // One full wave of blocks at the planned context, but no split shorter than 64 tokens (the
@@ -331,14 +328,14 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
     // forces the shape at head_dim 128 (A/B runs; read per plan)
     const int tiles = split_length(max_seq_len, pl.splits, min_chunk) / 16;
     const int force = env_int("SQUEEZELM_ATTN_MMA_DEEP", -1);
-    pl.deep_ring = !pl.pair_blocks && (force >= 0 ? (force > 0 && D == 128) : decode_mma_deep_ring(D, tiles, rtot));
+    pl.deep_ring = force >= 0 ? (force > 0 && D == 128) : decode_mma_deep_ring(D, tiles, rtot);
   }
   return pl;
 }
 
 void launch_decode(Params& p, const DecodePlan& plan, DType dt, int device, cudaStream_t stream) {
   const bool f16 = dt == DType::F16;
-  if (plan.mma) launch_decode_mma(p, plan.deep_ring, plan.pair_blocks, dt, stream);
+  if (plan.mma) launch_decode_mma(p, plan.deep_ring, dt, stream);
   else if (f16) launch_partial_t<__half>(p, plan.R, device, stream);
   else launch_partial_t<__nv_bfloat16>(p, plan.R, device, stream);
   if (p.counters) return;  // the partial kernel merged the splits

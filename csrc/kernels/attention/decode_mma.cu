@@ -25,11 +25,15 @@
 #include <cmath>
 #include <string>
 
+#include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/dynamic_smem.cuh"
+#include "kernels/common/hopper.h"
 #include "kernels/common/launch_config.h"
 #include "kernels/common/pdl.cuh"
+#include "kernels/common/tensor_map.h"
 #include "common.cuh"
 #include "core/cuda_stream.h"
+#include "core/env.h"
 #include "core/error.h"
 #include "decode_split.cuh"
 #include "launch.h"
@@ -69,26 +73,35 @@ constexpr int kStages = 3;
 // LLaMA-3-8B-shaped decode step did not change with it (context 512: 5762.0 / 5762.3 us planned
 // against 5762.3 / 5762.5 with 8 x 3 forced; 2048: 5864.7-5868.1 / 5864.8-5870.4).
 constexpr int kDeepWarps = 4, kDeepStages = 6, kDeepRingTiles = 8;
-// Two blocks per SM (head_dim 128): 4 warps with 3-stage rings, half the shared memory of the
-// default shape, so a second block fits and the planner gives twice the splits.
-constexpr int kPairWarps = 4, kPairStages = 3;
 
-template <int D, int W = kMmaWarps, int ST = kStages>
+
+// TMA: the tiles arrive as 2-D tensor boxes of 16 tokens x 64 channels (head_dim 64 or 128, pages of
+// whole tiles), 128-byte swizzled and unpadded, one mbarrier per stage; otherwise by cp.async into
+// rows padded by 16 bytes.
+template <int D, int W = kMmaWarps, int ST = kStages, bool TMA = false>
 struct MmaShape {
-  static constexpr int SD = D + 8;                        // row pitch: +16 bytes, conflict-free ldmatrix
+  static constexpr int SD = TMA ? D : D + 8;              // row pitch: +16 bytes, conflict-free ldmatrix
   static constexpr int CH = D / 8;                        // 16-byte chunks per row
   static constexpr int STAGE = 2 * kTile * SD;            // elements of one stage (keys, then values)
-  static constexpr size_t ring = (size_t)W * ST * STAGE * 2;
+  static constexpr size_t ring = (size_t)W * ST * STAGE * 2 + (TMA ? 1024 : 0);  // (+ the 1 KB alignment)
   static constexpr size_t merge = (size_t)W * kRows * D * sizeof(float);
   static constexpr size_t smem = ring > merge ? ring : merge;
 };
+// Byte offset of element (row, col) of a stage's key (or value) tile in the TMA layout: box col / 64,
+// 128-byte lines, chunk (col % 64) / 8 swizzled by the row.
+__device__ __forceinline__ uint32_t tma_tile_offset(int row, int col) {
+  return (uint32_t)((col >> 6) * 2048 + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2);
+}
 
 // W warps per block, each with a ring of ST stages (kMmaWarps x kStages, or kDeepWarps x kDeepStages).
-template <class T, int D, int W = kMmaWarps, int ST = kStages>
-__global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
+template <class T, int D, int W = kMmaWarps, int ST = kStages, bool TMA = false>
+__global__ void __launch_bounds__(W * 32)
+    decode_mma(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap kmap, const __grid_constant__ CUtensorMap vmap) {
   static_assert(D % 16 == 0 && D <= 128, "decode_mma: head_dim");
-  using S = MmaShape<D, W, ST>;
+  static_assert(!TMA || D % 64 == 0, "decode_mma: TMA boxes of 64 channels");
+  using S = MmaShape<D, W, ST, TMA>;
   constexpr int SD = S::SD, CH = S::CH, KS = D / 16, ND = D / 8;
+  [[maybe_unused]] constexpr int kBoxes = D / 64;  // TMA boxes per tile of keys (and of values)
   pdl_wait();  // see pdl.cuh: before any global access that matters
   // No early trigger: the next kernel launches as this grid ends (its launch latency is still
   // hidden). Launched early, its blocks took this kernel's SMs while it ran: a GQA 8B-shaped
@@ -98,6 +111,7 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
   SQZ_DYNAMIC_SMEM(smem);
   __shared__ float s_m[W * kRows], s_l[W * kRows];
   __shared__ unsigned s_ok[W * ST];  // per stage: bit i = token i of the tile is readable
+  __shared__ __align__(8) uint64_t s_full[TMA ? W * ST : 1];  // TMA: per stage, its copies' bytes
 
   const int kvh = blockIdx.x / p.qchunks, qc = blockIdx.x % p.qchunks;
   const int b = blockIdx.y, split = blockIdx.z;
@@ -134,7 +148,16 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
 
   const T* kc = static_cast<const T*>(p.kc);
   const T* vc = static_cast<const T*>(p.vc);
-  T* ring = reinterpret_cast<T*>(smem) + warp * ST * S::STAGE;
+  // (TMA: the 128-byte swizzle repeats every 1 KB, so the ring starts at a multiple of 1 KB)
+  T* ring = reinterpret_cast<T*>(TMA ? smem + ((1024 - (smem_u32(smem) & 1023)) & 1023) : smem) + warp * ST * S::STAGE;
+  const uint32_t ring_s = smem_u32(ring);
+  const uint32_t full0 = TMA ? smem_u32(&s_full[warp * ST]) : 0u;
+  if constexpr (TMA) {
+    if (lane == 0)
+      for (int st = 0; st < ST; ++st) mbar_init(full0 + 8 * st, 1);
+    mbar_fence_init();
+    __syncwarp();
+  }
   const int ntiles = (t1 - t0 + kTile - 1) / kTile;
   const int mine = ntiles > warp ? (ntiles - warp + W - 1) / W : 0;
 
@@ -166,6 +189,26 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
       const int page = __shfl_sync(0xffffffffu, pages_cur, i & 31);
       const int valid = page < 0 ? 0 : min(kTile, t1 - tb);
       if (lane == 0) s_ok[warp * ST + st] = valid >= kTile ? 0xffffu : (1u << valid) - 1u;
+      if constexpr (TMA) {
+        // one lane: the stage's boxes (keys, then values) at the tile's rows of the [pages * P, Hkv * D]
+        // view; the warp read this stage last before its __syncwarp, ordered before the copies here
+        if (lane == 0) {
+          const uint32_t bar = full0 + 8 * st, dst = ring_s + st * S::STAGE * 2;
+          if (valid > 0) {
+            fence_proxy_async_shared();
+            mbar_arrive_expect_tx(bar, S::STAGE * 2);
+            const int row = page * p.page_size + (p.page_shift >= 0 ? (tb & (p.page_size - 1)) : tb % p.page_size);
+#pragma unroll
+            for (int bx = 0; bx < kBoxes; ++bx) {
+              tma_load_2d(dst + bx * 2048, &kmap, kvh * D + 64 * bx, row, bar);
+              tma_load_2d(dst + (kBoxes + bx) * 2048, &vmap, kvh * D + 64 * bx, row, bar);
+            }
+          } else {
+            mbar_arrive(bar);  // nothing to read: the phase completes at once (the tile is masked)
+          }
+        }
+        return;
+      }
       const int64_t base = page < 0 ? 0 : cache_offset(p, page, tb, kvh);
 #pragma unroll
       for (int c = 0; c < CH / 2; ++c) {  // kTile * CH chunks over 32 lanes
@@ -205,12 +248,29 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
   for (int i = 0; i < mine; ++i) {
     const int st = i % ST;
     if (i + ST - 1 < mine) load(i + ST - 1, (i + ST - 1) % ST);
-    cp_async_commit();
-    cp_async_wait<ST - 1>();
-    __syncwarp();
     const T* sk = ring + st * S::STAGE;
     const T* sv = sk + kTile * SD;
-    const unsigned ok = s_ok[warp * ST + st];
+    const uint32_t sk_s = ring_s + st * S::STAGE * 2, sv_s = sk_s + kTile * SD * 2;
+    unsigned ok;
+    if constexpr (TMA) {
+      mbar_wait(full0 + 8 * st, (i / ST) & 1);
+      __syncwarp();  // (lane 0 wrote the stage's mask when it issued the copies)
+      ok = s_ok[warp * ST + st];
+      // Rows past the tile's keys hold whatever the page holds (the copy reads whole boxes): their
+      // values are zeroed, since p = 0 times a NaN would still poison p.v. (Their scores are masked.)
+      if (ok != 0xffffu) {
+        for (int c = lane; c < kTile * kBoxes * 8; c += 32) {  // 16-byte pieces: row, box, piece
+          const int r = c / (kBoxes * 8), rest = c % (kBoxes * 8);
+          if (!((ok >> r) & 1u)) st_shared_v4(sv_s + (rest >> 3) * 2048 + r * 128 + (rest & 7) * 16, 0u, 0u, 0u, 0u);
+        }
+        __syncwarp();
+      }
+    } else {
+      cp_async_commit();
+      cp_async_wait<ST - 1>();
+      __syncwarp();
+      ok = s_ok[warp * ST + st];
+    }
     const int tb = t0 + (warp + i * W) * kTile;
 
     // Scores: even and odd k-steps into separate accumulators (four independent mma chains
@@ -223,7 +283,9 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       uint32_t bb[4];
-      ldmatrix_x4(bb, sk + ((lane & 7) + (lane >> 4) * 8) * SD + ks * 16 + ((lane >> 3) & 1) * 8);
+      const int kr = (lane & 7) + (lane >> 4) * 8, kcol = ks * 16 + ((lane >> 3) & 1) * 8;
+      if constexpr (TMA) ldmatrix_x4(sk_s + tma_tile_offset(kr, kcol), bb[0], bb[1], bb[2], bb[3]);
+      else ldmatrix_x4(bb, sk + kr * SD + kcol);
       Mma<T>::run((ks & 1) ? s2[0] : s[0], qa[ks], bb[0], bb[1]);
       Mma<T>::run((ks & 1) ? s2[1] : s[1], qa[ks], bb[2], bb[3]);
     }
@@ -250,13 +312,15 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
 #pragma unroll
     for (int nd2 = 0; nd2 < D / 16; ++nd2) {
       uint32_t bb[4];
-      ldmatrix_x4_trans(bb, sv + ((lane & 7) + ((lane >> 3) & 1) * 8) * SD + nd2 * 16 + (lane >> 4) * 8);
+      const int vr = (lane & 7) + ((lane >> 3) & 1) * 8, vcol = nd2 * 16 + (lane >> 4) * 8;
+      if constexpr (TMA) ldmatrix_x4_trans(sv_s + tma_tile_offset(vr, vcol), bb[0], bb[1], bb[2], bb[3]);
+      else ldmatrix_x4_trans(bb, sv + vr * SD + vcol);
       Mma<T>::run(o[2 * nd2], a, bb[0], bb[1]);
       Mma<T>::run(o[2 * nd2 + 1], a, bb[2], bb[3]);
     }
     __syncwarp();  // this stage is refilled ST - 1 tiles from now
   }
-  cp_async_wait<0>();
+  if constexpr (!TMA) cp_async_wait<0>();  // (TMA: every issued stage was waited for above)
 
   // Rows' sums over the quad (m is already quad-uniform), then the warp's state to shared
   // memory (over the ring, once every warp is done with it) for the block merge.
@@ -282,45 +346,65 @@ __global__ void __launch_bounds__(W * 32) decode_mma(Params p) {
   finish_split<T, kRows, W>(p, kvh, qc, b, split, splits, g, n, q0, s_m, s_l, s_acc);
 }
 
-template <class T, int D, int W = kMmaWarps, int ST = kStages>
-void launch_ring(const Params& p, cudaStream_t stream) {
-  constexpr size_t smem = MmaShape<D, W, ST>::smem;
-  allow_dynamic_smem<decode_mma<T, D, W, ST>>(smem, "attention (decode)");
+// The tensor maps of the key and value caches as [pages * page_size, Hkv * D] (boxes of one kv
+// head's 64 channels of 16 tokens), where the TMA kernels can take the call: head_dim 64 or 128, pages
+// of whole tiles, Hopper kernels built, the driver's encoder present. SQUEEZELM_ATTN_TMA=0 keeps the
+// cp.async kernels (A/B runs).
+template <class T>
+bool tma_maps(const Params& p, CUtensorMap& km, CUtensorMap& vm) {
+  if ((p.D != 64 && p.D != 128) || p.page_size % kTile != 0 || !hopper_kernels_available()) return false;
+  if (env_int("SQUEEZELM_ATTN_TMA", 1) == 0) return false;
+  const long long rows = (long long)p.pages * p.page_size, cols = (long long)p.Hkv * p.D;
+  if (rows <= 0 || rows > INT32_MAX || cols > INT32_MAX) return false;
+  return encode_rows_map<T>(&km, static_cast<const T*>(p.kc), rows, cols, cols, kTile) &&
+         encode_rows_map<T>(&vm, static_cast<const T*>(p.vc), rows, cols, cols, kTile);
+}
+
+template <class T, int D, int W = kMmaWarps, int ST = kStages, bool TMA = false>
+void launch_ring(const Params& p, const CUtensorMap& km, const CUtensorMap& vm, cudaStream_t stream) {
+  constexpr size_t smem = MmaShape<D, W, ST, TMA>::smem;
+  allow_dynamic_smem<decode_mma<T, D, W, ST, TMA>>(smem, "attention (decode)");
   dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
-  launch_pdl(decode_mma<T, D, W, ST>, grid, dim3(W * 32), smem, stream, p);
+  launch_pdl(decode_mma<T, D, W, ST, TMA>, grid, dim3(W * 32), smem, stream, p, km, vm);
 }
 
 template <class T, int D>
-void launch_d(const Params& p, bool deep_ring, bool pair_blocks, cudaStream_t stream) {
-  if constexpr (D == 128) {
-    if (deep_ring) return launch_ring<T, D, kDeepWarps, kDeepStages>(p, stream);
-    if (pair_blocks) return launch_ring<T, D, kPairWarps, kPairStages>(p, stream);
+void launch_d(const Params& p, bool deep_ring, cudaStream_t stream) {
+  CUtensorMap km{}, vm{};
+  if constexpr (D == 64 || D == 128) {
+    if (tma_maps<T>(p, km, vm)) {
+      if constexpr (D == 128)
+        if (deep_ring) return launch_ring<T, D, kDeepWarps, kDeepStages, true>(p, km, vm, stream);
+      return launch_ring<T, D, kMmaWarps, kStages, true>(p, km, vm, stream);
+    }
   }
-  launch_ring<T, D>(p, stream);
+  if constexpr (D == 128) {
+    if (deep_ring) return launch_ring<T, D, kDeepWarps, kDeepStages>(p, km, vm, stream);
+  }
+  launch_ring<T, D>(p, km, vm, stream);
 }
 
 template <class T>
-void launch_t(const Params& p, bool deep_ring, bool pair_blocks, cudaStream_t stream) {
-  const bool pb = pair_blocks;
+void launch_t(const Params& p, bool deep_ring, cudaStream_t stream) {
   switch (p.D) {
-    case 16: launch_d<T, 16>(p, deep_ring, pb, stream); break;
-    case 32: launch_d<T, 32>(p, deep_ring, pb, stream); break;
-    case 48: launch_d<T, 48>(p, deep_ring, pb, stream); break;
-    case 64: launch_d<T, 64>(p, deep_ring, pb, stream); break;
-    case 80: launch_d<T, 80>(p, deep_ring, pb, stream); break;
-    case 96: launch_d<T, 96>(p, deep_ring, pb, stream); break;
-    case 112: launch_d<T, 112>(p, deep_ring, pb, stream); break;
-    case 128: launch_d<T, 128>(p, deep_ring, pb, stream); break;
+    case 16: launch_d<T, 16>(p, deep_ring, stream); break;
+    case 32: launch_d<T, 32>(p, deep_ring, stream); break;
+    case 48: launch_d<T, 48>(p, deep_ring, stream); break;
+    case 64: launch_d<T, 64>(p, deep_ring, stream); break;
+    case 80: launch_d<T, 80>(p, deep_ring, stream); break;
+    case 96: launch_d<T, 96>(p, deep_ring, stream); break;
+    case 112: launch_d<T, 112>(p, deep_ring, stream); break;
+    case 128: launch_d<T, 128>(p, deep_ring, stream); break;
     default: fail("ERR_INTERNAL", "attention: no tensor-core decode kernel for head_dim " + std::to_string(p.D));
   }
 }
 
-template <int D, int W = kMmaWarps, int ST = kStages>
+template <int D>
 int occupancy_d() {
-  constexpr size_t smem = MmaShape<D, W, ST>::smem;
-  allow_dynamic_smem<decode_mma<__half, D, W, ST>>(smem, "attention (decode)");
+  constexpr size_t smem = MmaShape<D>::smem;
+  allow_dynamic_smem<decode_mma<__half, D>>(smem, "attention (decode)");
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_mma<__half, D, W, ST>, W * 32, smem) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_mma<__half, D>, kMmaWarps * 32, smem) != cudaSuccess) {
     cudaGetLastError();
     return 1;
   }
@@ -335,8 +419,7 @@ bool decode_mma_deep_ring(int D, int tiles_per_split, int vectors) {
 
 bool decode_mma_supported(int D) { return D % 16 == 0 && D >= 16 && D <= 128; }
 
-int decode_mma_resident_blocks(int device, int D, bool pair_blocks) {
-  if (pair_blocks && D == 128) return cached_per_device(device, 9, [] { return occupancy_d<128, kPairWarps, kPairStages>(); });
+int decode_mma_resident_blocks(int device, int D) {
   return cached_per_device(device, D / 16, [&] {  // D <= 128 (decode_mma_supported)
     switch (D) {
       case 16: return occupancy_d<16>();
@@ -352,9 +435,9 @@ int decode_mma_resident_blocks(int device, int D, bool pair_blocks) {
   });
 }
 
-void launch_decode_mma(const Params& p, bool deep_ring, bool pair_blocks, DType dt, cudaStream_t stream) {
-  if (dt == DType::F16) launch_t<__half>(p, deep_ring, pair_blocks, stream);
-  else launch_t<__nv_bfloat16>(p, deep_ring, pair_blocks, stream);
+void launch_decode_mma(const Params& p, bool deep_ring, DType dt, cudaStream_t stream) {
+  if (dt == DType::F16) launch_t<__half>(p, deep_ring, stream);
+  else launch_t<__nv_bfloat16>(p, deep_ring, stream);
 }
 
 }  // namespace sqz::cuda::attn

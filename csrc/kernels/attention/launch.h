@@ -19,9 +19,6 @@ struct DecodePlan {
   // The tensor-core kernel with 4 warps and 6-stage rings instead of 8 warps and 3 stages (head_dim
   // 128, short splits: decode_mma.cu)
   bool deep_ring = false;
-  // The tensor-core kernel with 4 warps and 3-stage rings, two blocks per SM (head_dim 128;
-  // SQUEEZELM_ATTN_MMA_PAIR=1, measured against the one-block plan: decode.cu)
-  bool pair_blocks = false;
 };
 DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int max_seq_len);
 // Arrival counters for merging the splits inside the partial kernel: a zeroed per-device buffer
@@ -34,8 +31,8 @@ bool decode_mma_supported(int D);
 // Whether the tensor-core kernel takes its deep-ring shape for splits of tiles_per_split 16-token
 // tiles and `vectors` query vectors per kv head.
 bool decode_mma_deep_ring(int D, int tiles_per_split, int vectors);
-int decode_mma_resident_blocks(int device, int D, bool pair_blocks = false);
-void launch_decode_mma(const Params& p, bool deep_ring, bool pair_blocks, DType dt, cudaStream_t stream);
+int decode_mma_resident_blocks(int device, int D);
+void launch_decode_mma(const Params& p, bool deep_ring, DType dt, cudaStream_t stream);
 
 // Tensor-core prefill; returns false when head_dim has no prefill instantiation.
 bool prefill_supported(int D);

@@ -16,6 +16,7 @@
 #include "../common/process_buffer.h"
 #include "../common/hopper.h"
 #include "../common/launch_config.h"
+#include "../common/tensor_map.h"
 
 namespace sqz::cuda::gemm_detail {
 
@@ -194,42 +195,6 @@ bool launch_gemv_bulk(T* y, const T* x, const T* w, const T* bias, int M, int N,
   return launch_gemv_bulk_nt<T, 2, 1024>(y, x, w, bias, M, N, K, 32, s);
 }
 
-// cuTensorMapEncodeTiled, from the driver at run time (the addon links no driver library); null
-// where the driver does not offer it: the caller then takes another GEMV.
-using TensorMapEncodeFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                       const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                       CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-TensorMapEncodeFn tensor_map_encoder() {
-  static const TensorMapEncodeFn fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      return TensorMapEncodeFn(nullptr);
-    }
-    return reinterpret_cast<TensorMapEncodeFn>(p);
-  }();
-  return fn;
-}
-
-// A row-major [rows, K] f16/bf16 matrix as boxes of box_rows x 64 elements, 128-byte swizzle,
-// zeros outside. K % 8 == 0 and a 16-byte aligned base (checked by the caller).
-template <class T>
-bool encode_rows_map(CUtensorMap* map, const T* p, int rows, int K, int box_rows) {
-  const TensorMapEncodeFn encode = tensor_map_encoder();
-  if (!encode) return false;
-  const cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)rows};
-  const cuuint64_t strides[1] = {(cuuint64_t)K * sizeof(T)};
-  const cuuint32_t box[2] = {(cuuint32_t)kTmaBoxK, (cuuint32_t)box_rows};
-  const cuuint32_t elem[2] = {1, 1};
-  const CUtensorMapDataType dt =
-      std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  return encode(map, dt, 2, const_cast<T*>(p), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 // Split-tile counters and fp32 partial slots of the TMA GEMV (as the bulk GEMV's): two slots of
 // R x 16 floats per block, kTmaPartialFloats in all (256 blocks of 128-row tiles).
 constexpr int kTmaMaxTiles = 1 << 16;
@@ -264,7 +229,7 @@ bool launch_gemv_tma_r(T* y, const T* x, const T* w, const T* bias, int M, int N
   S = std::min(max_slots, S);
   if (S < 2) return false;
   CUtensorMap wmap, xmap;
-  if (!encode_rows_map<T>(&wmap, w, N, K, R) || !encode_rows_map<T>(&xmap, x, M, K, kTmaXRows)) return false;
+  if (!encode_rows_map<T>(&wmap, w, N, K, K, R) || !encode_rows_map<T>(&xmap, x, M, K, K, kTmaXRows)) return false;
   constexpr auto kernel = gemv_tma_kernel<T, R>;
   const size_t smem = tma_smem_bytes<R>(S);
   allow_dynamic_smem<kernel>(smem, "matmul");

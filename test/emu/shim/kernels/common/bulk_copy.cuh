@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "ptx.cuh"
+#include "tensor_map.h"
 
 namespace sqz::cuda {
 
@@ -52,6 +53,25 @@ inline void bulk_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar
   std::memcpy(shared_ptr(dst), src, bytes);
   mbar_update(bar, 0, -(int32_t)bytes);
 }
+
+// One box of box_rows rows x 64 elements at (c0 innermost, c1) of a map from encode_rows_map
+// (tensor_map.h here), stored as the 128-byte swizzle stores it: 16-byte chunk j of box row r at chunk
+// j ^ (r % 8) of the row's 128-byte line (the destination is 1 KB aligned); elements outside the tensor
+// arrive as zeros and count as bytes.
+inline void tma_load_2d(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar) {
+  EmuRowsMap m;
+  std::memcpy(&m, tmap, sizeof m);
+  const int eb = m.elem_bytes, row_bytes = 64 * eb;
+  for (int r = 0; r < m.box_rows; ++r)
+    for (int e = 0; e < 64; ++e) {
+      const long long row = (long long)c1 + r, col = (long long)c0 + e;
+      unsigned char* d = shared_ptr(dst + r * row_bytes + ((((e * eb) >> 4) ^ (r & 7)) << 4) + ((e * eb) & 15));
+      if (row >= 0 && row < m.rows && col >= 0 && col < m.cols) std::memcpy(d, m.base + row * m.row_bytes + col * eb, eb);
+      else std::memset(d, 0, eb);
+    }
+  mbar_update(bar, 0, -(int32_t)(m.box_rows * row_bytes));
+}
+inline void tma_load_2d(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar, uint64_t) { tma_load_2d(dst, tmap, c0, c1, bar); }
 
 inline uint4 ld_ring_v4(uint32_t addr) {
   uint4 r;
