@@ -128,6 +128,17 @@ describeGpu('kvquant (CUDA vs CPU)', () => {
       kvqAttention(og5, qg, g.cache, g.cal, g.pageTable, g.seqLens, g.cuQ, ig, scale, 1, Math.max(...lens), { variant: 2 });
       const e5 = relErr(await og5.toFloat32(), await oc.toFloat32());
       if (!(e5 < (dtype === 'bf16' ? 1e-2 : 2e-3))) throw new Error(`seed ${seed}: earlier tensor-core kernel rel err ${e5}`);
+      // the default kernel with cp.async copies instead of its TMA boxes (where those run: pages of whole
+      // tiles, 16-byte metadata rows): the same bits, masked rows (read whole by TMA) contributing nothing
+      process.env.SQUEEZELM_KVQ_TMA = '0';
+      try {
+        const og6 = Tensor.empty([B, Hq, D], { dtype, device: 'cuda' });
+        og6.write(new Uint16Array(B * Hq * D).fill(0x7fc0));
+        kvqAttention(og6, qg, g.cache, g.cal, g.pageTable, g.seqLens, g.cuQ, ig, scale, 1, Math.max(...lens));
+        if (firstDiff(await bytesOf(og6), await bytesOf(og)) >= 0) throw new Error(`seed ${seed}: cp.async and TMA copies gave other bits`);
+      } finally {
+        delete process.env.SQUEEZELM_KVQ_TMA;
+      }
       // SQUEEZELM_LOG_ERR=1 prints each case's errors (for the accuracy table in docs/kvquant.md)
       if (process.env.SQUEEZELM_LOG_ERR) console.log(`kvq err ${dtype} Hq ${Hq} H ${H} D ${D} ${bits}-bit L ${lens.join(',')}: default ${e.toExponential(2)}, earlier tensor-core ${e5.toExponential(2)}, flash ${e3.toExponential(2)}`);
     });

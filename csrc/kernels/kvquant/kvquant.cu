@@ -15,11 +15,14 @@
 #include "core/cuda_stream.h"
 #include "core/error.h"
 #include "core/env.h"
+#include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/dynamic_smem.cuh"
 #include "kernels/common/grow_scratch.h"
+#include "kernels/common/hopper.h"
 #include "kernels/common/launch_config.h"
 #include "kernels/common/pdl.cuh"
 #include "kernels/common/ptx.cuh"
+#include "kernels/common/tensor_map.h"
 #include "kvquant.h"
 
 namespace sqz::cuda {

@@ -300,14 +300,20 @@ __device__ __forceinline__ void sink_partial(const uint16_t* sk0, const uint16_t
   }
 }
 
-template <class T, int D, int BITS>
+// TMA: each tile's key codes, value codes and metadata arrive as three 2-D tensor boxes (16 tokens of
+// one kv head, unswizzled: the same [16][CB] / [16][MB] rows the cp.async copies write), issued by one
+// lane and counted on one mbarrier per stage (launch: pages of whole tiles, MB % 16 == 0).
+template <class T, int D, int BITS, bool TMA = false>
 __global__ void __launch_bounds__(kWarps * 32, 2)
 planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq, float scale, int hq_total, tc::Plan pl,
-              float* __restrict__ part, int stage_bytes, int nsink) {
+              float* __restrict__ part, int stage_bytes, int nsink, const __grid_constant__ CUtensorMap kmap,
+              const __grid_constant__ CUtensorMap vmap, const __grid_constant__ CUtensorMap mmap) {
   using S = Shape<D, BITS>;
   constexpr int HALF = S::HALF, KS = S::KS, PPL = S::PPL, CB = S::CB, TW = S::TW, RS = S::RS, NSTG = S::NSTG;
   constexpr int NWK = S::NWK, RSC = S::RSC;
-  SQZ_DYNAMIC_SMEM(smem);
+  SQZ_DYNAMIC_SMEM(smem_raw);
+  // (TMA: boxes land at 128-byte aligned addresses; the launch adds the 128 bytes)
+  uint8_t* const smem = smem_raw + (TMA ? ((128u - (smem_u32(smem_raw) & 127u)) & 127u) : 0u);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int r = lane >> 2, c4 = lane & 3;  // fragment row (token / head) and column pair
   // With sink tokens, blocks x < nsink (plan_with_sink) of each (row, head group) are the sink
@@ -375,11 +381,37 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   // ---- cp.async of tile k (K rows, V rows, metadata rows) into stage k % NSTG; one group per tile.
   // Lane (token tl = lane & 15, half) copies half of its token's rows. The page of the token is
   // read one tile ahead (page_of), so the copy never waits for the page table.
+  // (TMA: the page of the tile, whose 16 tokens lie in one page; masked tokens are read and ignored)
   auto page_of = [&](int k) -> int {
+    if constexpr (TMA) {
+      const int tt0 = t_begin + k * kTok;
+      return k < ntiles ? __ldg(g.pt + (long long)b * g.max_pages + page_col(g, tt0)) : 0;
+    }
     const int tt = t_begin + k * kTok + (lane & 15);
     return k < ntiles && tt < t_end && tt >= g.sink ? __ldg(g.pt + (long long)b * g.max_pages + page_col(g, tt)) : 0;
   };
+  [[maybe_unused]] __shared__ __align__(8) uint64_t s_full[TMA ? kWarps * NSTG : 1];  // TMA: per warp and stage
+  const unsigned full0 = TMA ? smem_u32(&s_full[warp * NSTG]) : 0u;
+  if constexpr (TMA) {
+    if (active && lane == 0)
+      for (int st = 0; st < NSTG; ++st) mbar_init(full0 + 8 * st, 1);
+    mbar_fence_init();
+    __syncwarp();
+  }
   auto issue = [&](int k, int page) {
+    if constexpr (TMA) {
+      // one lane; the warp last read this stage before the __syncwarp that ended its tile
+      if (k < ntiles && lane == 0) {
+        const unsigned dst = stg + (k % NSTG) * stage_bytes, bar = full0 + 8 * (k % NSTG);
+        const int tt0 = t_begin + k * kTok, row = page * g.page_size + (tt0 - page_col(g, tt0) * g.page_size);
+        fence_proxy_async_shared();
+        mbar_arrive_expect_tx(bar, 32 * CB + 16 * MB);
+        tma_load_2d(dst, &kmap, h * CB, row, bar);
+        tma_load_2d(dst + 16 * CB, &vmap, h * CB, row, bar);
+        tma_load_2d(dst + 32 * CB, &mmap, h * MB, row, bar);
+      }
+      return;
+    }
     if (k < ntiles) {
       const unsigned dst = stg + (k % NSTG) * stage_bytes;
       const int tl = lane & 15, half = lane >> 4, tt = t_begin + k * kTok + tl;
@@ -488,7 +520,8 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
       const int k = (t0c - t_begin + tt0) / kTok, t0 = t0c + tt0;
       issue(k + NSTG - 1, page_next);
       page_next = page_of(k + NSTG);
-      cp_async_wait<NSTG - 1>();
+      if constexpr (TMA) mbar_wait(full0 + 8 * (k % NSTG), (k / NSTG) & 1);
+      else cp_async_wait<NSTG - 1>();
       __syncwarp();
       const unsigned sbs = stg + (k % NSTG) * stage_bytes;
       const uint8_t* sbp = smem + (sbs - base);  // K rows [16][CB], V rows [16][CB], meta [16][MB]
@@ -690,7 +723,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
       __syncwarp();
     }
   }
-  cp_async_wait<0>();
+  if constexpr (!TMA) cp_async_wait<0>();  // (TMA: every issued stage was waited for in the loop)
   if (!active || sink_split) return;  // the sink split wrote its partial above
   // ---- partials: acc (unnormalised) + value offsets, m (natural log), l; per head 2 c4 + e
 #pragma unroll
@@ -718,16 +751,38 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   }
 }
 
+// The tensor maps of the key codes, value codes and metadata as [pages * page_size, H * bytes] byte
+// matrices (boxes of one kv head's row of 16 tokens), where the TMA kernel can take the call: pages of
+// whole tiles, metadata rows a multiple of 16 bytes (2 + 2 outlier slots), Hopper kernels built, the
+// driver's encoder present. SQUEEZELM_KVQ_TMA=0 keeps the cp.async copies (A/B runs).
+inline bool tma_maps(const Geo& g, int CB, CUtensorMap& km, CUtensorMap& vm, CUtensorMap& mm) {
+  if (g.page_size % kTok != 0 || g.mbytes % 16 != 0 || !hopper_kernels_available()) return false;
+  if (env_int("SQUEEZELM_KVQ_TMA", 1) == 0) return false;
+  const long long rows = (long long)g.pages * g.page_size;
+  if (rows <= 0 || rows > INT32_MAX) return false;
+  const long long krow = (long long)g.H * CB, mrow = (long long)g.H * g.mbytes;
+  return encode_2d_map(&km, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, g.kc, rows, krow, krow, CB, kTok, false) &&
+         encode_2d_map(&vm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, g.vc, rows, krow, krow, CB, kTok, false) &&
+         encode_2d_map(&mm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, g.meta, rows, mrow, mrow, g.mbytes, kTok, false);
+}
+
 template <class T, int D, int BITS>
 void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, const tc::Plan& pl,
             int nsink, float* part, cudaStream_t stream) {
   const int N = (int)q.dim(0), Hq = (int)q.dim(1);
   const int stage = stage_bytes_for(Shape<D, BITS>::CB, g.mbytes);
   const size_t smem = table_bytes<D, BITS>() + (size_t)pl.hpb * warp_bytes<D, BITS>(stage);
-  allow_dynamic_smem<planes_kernel<T, D, BITS>>(smem, "kvqAttention");
   const int splits = pl.splits + nsink;
-  launch_pdl(planes_kernel<T, D, BITS>, dim3(splits, N, pl.groups), dim3(pl.hpb * 32), smem, stream, g,
-             static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part, stage, nsink);
+  CUtensorMap km{}, vm{}, mm{};
+  if (tma_maps(g, Shape<D, BITS>::CB, km, vm, mm)) {
+    allow_dynamic_smem<planes_kernel<T, D, BITS, true>>(smem + 128, "kvqAttention");
+    launch_pdl(planes_kernel<T, D, BITS, true>, dim3(splits, N, pl.groups), dim3(pl.hpb * 32), smem + 128, stream, g,
+               static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part, stage, nsink, km, vm, mm);
+  } else {
+    allow_dynamic_smem<planes_kernel<T, D, BITS>>(smem, "kvqAttention");
+    launch_pdl(planes_kernel<T, D, BITS>, dim3(splits, N, pl.groups), dim3(pl.hpb * 32), smem, stream, g,
+               static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part, stage, nsink, km, vm, mm);
+  }
   fast::launch_combine<T>(part, splits, N * Hq, D, static_cast<T*>(out.data()), stream);
 }
 template <class T, int D>

@@ -54,18 +54,19 @@ inline void bulk_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar
   mbar_update(bar, 0, -(int32_t)bytes);
 }
 
-// One box of box_rows rows x 64 elements at (c0 innermost, c1) of a map from encode_rows_map
-// (tensor_map.h here), stored as the 128-byte swizzle stores it: 16-byte chunk j of box row r at chunk
-// j ^ (r % 8) of the row's 128-byte line (the destination is 1 KB aligned); elements outside the tensor
-// arrive as zeros and count as bytes.
+// One box at (c0 innermost, c1) of a map from encode_2d_map (tensor_map.h here), stored densely or as
+// the 128-byte swizzle stores it (16-byte chunk j of box row r at chunk j ^ (r % 8) of the row's
+// 128-byte line; the destination is 1 KB aligned); elements outside the tensor arrive as zeros and
+// count as bytes.
 inline void tma_load_2d(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar) {
-  EmuRowsMap m;
+  EmuMap m;
   std::memcpy(&m, tmap, sizeof m);
-  const int eb = m.elem_bytes, row_bytes = 64 * eb;
+  const int eb = m.elem_bytes, row_bytes = m.box_cols * eb;
   for (int r = 0; r < m.box_rows; ++r)
-    for (int e = 0; e < 64; ++e) {
+    for (int e = 0; e < m.box_cols; ++e) {
       const long long row = (long long)c1 + r, col = (long long)c0 + e;
-      unsigned char* d = shared_ptr(dst + r * row_bytes + ((((e * eb) >> 4) ^ (r & 7)) << 4) + ((e * eb) & 15));
+      const int byte = e * eb, at = m.swizzle128 ? ((((byte >> 4) ^ (r & 7)) << 4) | (byte & 15)) : byte;
+      unsigned char* d = shared_ptr(dst + r * row_bytes + at);
       if (row >= 0 && row < m.rows && col >= 0 && col < m.cols) std::memcpy(d, m.base + row * m.row_bytes + col * eb, eb);
       else std::memset(d, 0, eb);
     }
