@@ -372,9 +372,14 @@ template <class T, int D>
 void launch_d(const Params& p, bool deep_ring, cudaStream_t stream) {
   CUtensorMap km{}, vm{};
   if constexpr (D == 64 || D == 128) {
-    if (tma_maps<T>(p, km, vm)) {
-      if constexpr (D == 128)
+    const bool deep_tma = env_int("SQUEEZELM_ATTN_TMA_DEEP", 0) != 0;
+    if ((!deep_ring || deep_tma) && tma_maps<T>(p, km, vm)) {
+      if constexpr (D == 128) {
         if (deep_ring) return launch_ring<T, D, kDeepWarps, kDeepStages, true>(p, km, vm, stream);
+        const int shape = decode_mma_tma_shape();
+        if (shape == 1) return launch_ring<T, D, 4, 3, true>(p, km, vm, stream);
+        if (shape == 2) return launch_ring<T, D, 6, 4, true>(p, km, vm, stream);
+      }
       return launch_ring<T, D, kMmaWarps, kStages, true>(p, km, vm, stream);
     }
   }
@@ -416,6 +421,8 @@ int occupancy_d() {
 bool decode_mma_deep_ring(int D, int tiles_per_split, int vectors) {
   return D == 128 && tiles_per_split <= kDeepRingTiles && vectors <= kDeepWarps;
 }
+
+int decode_mma_tma_shape() { return env_int("SQUEEZELM_ATTN_TMA_SHAPE", 0); }
 
 bool decode_mma_supported(int D) { return D % 16 == 0 && D >= 16 && D <= 128; }
 
