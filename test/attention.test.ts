@@ -304,9 +304,6 @@ describeGpu('attention (CUDA) vs CPU', () => {
     { Hkv: 2, g: 8, D: 128, pageSize: 32, lens: [2000, 45, 16], ns: [1, 1, 1], nanUnused: true },
     { Hkv: 2, g: 4, D: 64, pageSize: 64, lens: [777, 3], ns: [2, 1], nanUnused: true },
     { Hkv: 2, g: 4, D: 128, pageSize: 16, lens: [300, 33], ns: [1, 1], nanUnused: true }, // the deep ring
-    // 3-D tensor maps: one box per tile of keys or values
-    { Hkv: 2, g: 8, D: 128, pageSize: 32, lens: [2000, 45, 16], ns: [1, 1, 1], nanUnused: true, env: { SQUEEZELM_ATTN_TMA_3D: '1' } },
-    { Hkv: 4, g: 4, D: 64, pageSize: 16, lens: [777, 3], ns: [1, 1], nanUnused: true, env: { SQUEEZELM_ATTN_TMA_3D: '1' } },
     // the same through the cp.async kernels
     { Hkv: 2, g: 8, D: 128, pageSize: 32, lens: [2000, 45, 16], ns: [1, 1, 1], env: { SQUEEZELM_ATTN_TMA: '0' } },
     { Hkv: 2, g: 4, D: 64, pageSize: 64, lens: [777, 3], ns: [2, 1], env: { SQUEEZELM_ATTN_TMA: '0' } },

@@ -109,10 +109,5 @@ int main(int argc, char** argv) {
   // TMA with splits ending inside a tile, a 32-token page, 8 query heads per kv head
   attention_case(16, 2, 128, {2000, 45, 16}, 1, DType::F16, s++, 32, true);
   attention_case(16, 2, 64, {777, 3}, 2, DType::BF16, s++, 64, true);
-  // the 3-D maps (one box per tile of keys or values)
-  setenv("SQUEEZELM_ATTN_TMA_3D", "1", 1);
-  attention_case(16, 2, 128, {1500, 45}, 1, DType::BF16, s++, 16, true);
-  attention_case(8, 2, 64, {600, 7}, 1, DType::F16, s++, 32, true);
-  unsetenv("SQUEEZELM_ATTN_TMA_3D");
   return emu::finish();
 }

@@ -96,8 +96,7 @@ __device__ __forceinline__ uint32_t tma_tile_offset(int row, int col) {
 // W warps per block, each with a ring of ST stages (kMmaWarps x kStages, or kDeepWarps x kDeepStages).
 template <class T, int D, int W = kMmaWarps, int ST = kStages, bool TMA = false>
 __global__ void __launch_bounds__(W * 32)
-    decode_mma(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap kmap, const __grid_constant__ CUtensorMap vmap,
-               int tma3d) {
+    decode_mma(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap kmap, const __grid_constant__ CUtensorMap vmap) {
   static_assert(D % 16 == 0 && D <= 128, "decode_mma: head_dim");
   static_assert(!TMA || D % 64 == 0, "decode_mma: TMA boxes of 64 channels");
   using S = MmaShape<D, W, ST, TMA>;
@@ -199,15 +198,10 @@ __global__ void __launch_bounds__(W * 32)
             fence_proxy_async_shared();
             mbar_arrive_expect_tx(bar, S::STAGE * 2);
             const int row = page * p.page_size + (p.page_shift >= 0 ? (tb & (p.page_size - 1)) : tb % p.page_size);
-            if (tma3d) {  // one box of kBoxes x 16 x 64 per tile (maps of [Hkv * D / 64][rows][64])
-              tma_load_3d(dst, &kmap, 0, row, kvh * kBoxes, bar);
-              tma_load_3d(dst + kBoxes * 2048, &vmap, 0, row, kvh * kBoxes, bar);
-            } else {
 #pragma unroll
-              for (int bx = 0; bx < kBoxes; ++bx) {
-                tma_load_2d(dst + bx * 2048, &kmap, kvh * D + 64 * bx, row, bar);
-                tma_load_2d(dst + (kBoxes + bx) * 2048, &vmap, kvh * D + 64 * bx, row, bar);
-              }
+            for (int bx = 0; bx < kBoxes; ++bx) {
+              tma_load_2d(dst + bx * 2048, &kmap, kvh * D + 64 * bx, row, bar);
+              tma_load_2d(dst + (kBoxes + bx) * 2048, &vmap, kvh * D + 64 * bx, row, bar);
             }
           } else {
             mbar_arrive(bar);  // nothing to read: the phase completes at once (the tile is masked)
@@ -356,34 +350,22 @@ __global__ void __launch_bounds__(W * 32)
 // head's 64 channels of 16 tokens), where the TMA kernels can take the call: head_dim 64 or 128, pages
 // of whole tiles, Hopper kernels built, the driver's encoder present. SQUEEZELM_ATTN_TMA=0 keeps the
 // cp.async kernels (A/B runs).
-// tma3d: set to 1 where the maps are 3-D ([Hkv * D / 64][rows][64], one box per tile; SQUEEZELM_ATTN_TMA_3D=1,
-// A/B runs), else 0 (2-D maps, a box per 64 channels).
 template <class T>
-bool tma_maps(const Params& p, CUtensorMap& km, CUtensorMap& vm, int& tma3d) {
-  tma3d = 0;
+bool tma_maps(const Params& p, CUtensorMap& km, CUtensorMap& vm) {
   if ((p.D != 64 && p.D != 128) || p.page_size % kTile != 0 || !hopper_kernels_available()) return false;
   if (env_int("SQUEEZELM_ATTN_TMA", 1) == 0) return false;
   const long long rows = (long long)p.pages * p.page_size, cols = (long long)p.Hkv * p.D;
   if (rows <= 0 || rows > INT32_MAX || cols > INT32_MAX) return false;
-  if (env_int("SQUEEZELM_ATTN_TMA_3D", 0) != 0) {
-    const CUtensorMapDataType dt = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-    const long long dims[3] = {64, rows, cols / 64}, strides[2] = {cols * 2, 128};
-    const int box[3] = {64, kTile, p.D / 64};
-    if (encode_3d_map(&km, dt, 2, p.kc, dims, strides, box) && encode_3d_map(&vm, dt, 2, p.vc, dims, strides, box)) {
-      tma3d = 1;
-      return true;
-    }
-  }
   return encode_rows_map<T>(&km, static_cast<const T*>(p.kc), rows, cols, cols, kTile) &&
          encode_rows_map<T>(&vm, static_cast<const T*>(p.vc), rows, cols, cols, kTile);
 }
 
 template <class T, int D, int W = kMmaWarps, int ST = kStages, bool TMA = false>
-void launch_ring(const Params& p, const CUtensorMap& km, const CUtensorMap& vm, cudaStream_t stream, int tma3d = 0) {
+void launch_ring(const Params& p, const CUtensorMap& km, const CUtensorMap& vm, cudaStream_t stream) {
   constexpr size_t smem = MmaShape<D, W, ST, TMA>::smem;
   allow_dynamic_smem<decode_mma<T, D, W, ST, TMA>>(smem, "attention (decode)");
   dim3 grid(p.Hkv * p.qchunks, p.B, p.splits);
-  launch_pdl(decode_mma<T, D, W, ST, TMA>, grid, dim3(W * 32), smem, stream, p, km, vm, tma3d);
+  launch_pdl(decode_mma<T, D, W, ST, TMA>, grid, dim3(W * 32), smem, stream, p, km, vm);
 }
 
 template <class T, int D>
@@ -391,15 +373,14 @@ void launch_d(const Params& p, bool deep_ring, cudaStream_t stream) {
   CUtensorMap km{}, vm{};
   if constexpr (D == 64 || D == 128) {
     const bool deep_tma = env_int("SQUEEZELM_ATTN_TMA_DEEP", 0) != 0;
-    int t3 = 0;
-    if ((!deep_ring || deep_tma) && tma_maps<T>(p, km, vm, t3)) {
+    if ((!deep_ring || deep_tma) && tma_maps<T>(p, km, vm)) {
       if constexpr (D == 128) {
-        if (deep_ring) return launch_ring<T, D, kDeepWarps, kDeepStages, true>(p, km, vm, stream, t3);
+        if (deep_ring) return launch_ring<T, D, kDeepWarps, kDeepStages, true>(p, km, vm, stream);
         const int shape = decode_mma_tma_shape();
-        if (shape == 1) return launch_ring<T, D, 4, 3, true>(p, km, vm, stream, t3);
-        if (shape == 2) return launch_ring<T, D, 6, 4, true>(p, km, vm, stream, t3);
+        if (shape == 1) return launch_ring<T, D, 4, 3, true>(p, km, vm, stream);
+        if (shape == 2) return launch_ring<T, D, 6, 4, true>(p, km, vm, stream);
       }
-      return launch_ring<T, D, kMmaWarps, kStages, true>(p, km, vm, stream, t3);
+      return launch_ring<T, D, kMmaWarps, kStages, true>(p, km, vm, stream);
     }
   }
   if constexpr (D == 128) {

@@ -106,16 +106,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, int 
 #endif
 }
 
-// 3-D tensor copy (TMA) of one box at element coordinates (c0 innermost, c1, c2), counted on `bar`.
-__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, int c0, int c1, int c2, uint32_t bar) {
-#ifdef SQZ_BULK_COPY
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(dst),
-      "l"(tmap), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
-      : "memory");
-#endif
-}
-
 // A 16-byte load from a ring slot. "memory" keeps it before the mbarrier arrive that hands the slot
 // back to the producer: without it the compiler could move the load past the arrive, and a 64-byte
 // piece of a row was once read after its refill had landed.

@@ -49,22 +49,6 @@ inline bool encode_2d_map(CUtensorMap* map, CUtensorMapDataType dt, int elem_byt
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// A 3-D tensor (dims[0] innermost, elements of elem_bytes; strides[0] / [1]: bytes from one index of
-// dims[1] / dims[2] to the next, multiples of 16, in any order), read as boxes of box[0] x box[1] x box[2]
-// elements with the 128-byte swizzle (box[0] * elem_bytes = 128), stored box[2]-major: the 128-byte
-// lines of the box in the order (i2, i1), so line i2 * box[1] + i1 swizzles by its index % 8.
-inline bool encode_3d_map(CUtensorMap* map, CUtensorMapDataType dt, int elem_bytes, const void* base, const long long (&dims)[3],
-                          const long long (&strides)[2], const int (&box)[3]) {
-  const TensorMapEncodeFn encode = tensor_map_encoder();
-  if (!encode || box[0] * elem_bytes != 128) return false;
-  const cuuint64_t gd[3] = {(cuuint64_t)dims[0], (cuuint64_t)dims[1], (cuuint64_t)dims[2]};
-  const cuuint64_t gs[2] = {(cuuint64_t)strides[0], (cuuint64_t)strides[1]};
-  const cuuint32_t bx[3] = {(cuuint32_t)box[0], (cuuint32_t)box[1], (cuuint32_t)box[2]};
-  const cuuint32_t elem[3] = {1, 1, 1};
-  return encode(map, dt, 3, const_cast<void*>(base), gd, gs, bx, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 // A row-major [rows, cols] f16/bf16 matrix with `row_elems` elements from one row to the next (a
 // multiple of 8, >= cols), read as boxes of box_rows x 64 elements with the 128-byte swizzle.
 template <class T>

@@ -54,30 +54,24 @@ inline void bulk_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar
   mbar_update(bar, 0, -(int32_t)bytes);
 }
 
-// One box at (c0 innermost, c1, c2) of a map from encode_2d_map / encode_3d_map (tensor_map.h here),
-// its lines (i2, i1) one after another, stored densely or as the 128-byte swizzle stores them (16-byte
-// chunk j of line L at chunk j ^ (L % 8) of the line; the destination is 1 KB aligned); elements
-// outside the tensor arrive as zeros and count as bytes.
-inline void tma_load_3d(uint32_t dst, const void* tmap, int c0, int c1, int c2, uint32_t bar) {
+// One box at (c0 innermost, c1) of a map from encode_2d_map (tensor_map.h here), stored densely or as
+// the 128-byte swizzle stores it (16-byte chunk j of box row r at chunk j ^ (r % 8) of the row's
+// 128-byte line; the destination is 1 KB aligned); elements outside the tensor arrive as zeros and
+// count as bytes.
+inline void tma_load_2d(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar) {
   EmuMap m;
   std::memcpy(&m, tmap, sizeof m);
-  const int eb = m.elem_bytes, line_bytes = m.box[0] * eb;
-  for (int i2 = 0; i2 < m.box[2]; ++i2)
-    for (int i1 = 0; i1 < m.box[1]; ++i1) {
-      const int line = i2 * m.box[1] + i1;
-      for (int e = 0; e < m.box[0]; ++e) {
-        const long long x = (long long)c0 + e, y = (long long)c1 + i1, z = (long long)c2 + i2;
-        const int byte = e * eb, at = m.swizzle128 ? ((((byte >> 4) ^ (line & 7)) << 4) | (byte & 15)) : byte;
-        unsigned char* d = shared_ptr(dst + line * line_bytes + at);
-        if (x >= 0 && x < m.dims[0] && y >= 0 && y < m.dims[1] && z >= 0 && z < m.dims[2])
-          std::memcpy(d, m.base + y * m.strides[0] + z * m.strides[1] + x * eb, eb);
-        else
-          std::memset(d, 0, eb);
-      }
+  const int eb = m.elem_bytes, row_bytes = m.box_cols * eb;
+  for (int r = 0; r < m.box_rows; ++r)
+    for (int e = 0; e < m.box_cols; ++e) {
+      const long long row = (long long)c1 + r, col = (long long)c0 + e;
+      const int byte = e * eb, at = m.swizzle128 ? ((((byte >> 4) ^ (r & 7)) << 4) | (byte & 15)) : byte;
+      unsigned char* d = shared_ptr(dst + r * row_bytes + at);
+      if (row >= 0 && row < m.rows && col >= 0 && col < m.cols) std::memcpy(d, m.base + row * m.row_bytes + col * eb, eb);
+      else std::memset(d, 0, eb);
     }
-  mbar_update(bar, 0, -(int32_t)(m.box[1] * m.box[2] * line_bytes));
+  mbar_update(bar, 0, -(int32_t)(m.box_rows * row_bytes));
 }
-inline void tma_load_2d(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar) { tma_load_3d(dst, tmap, c0, c1, 0, bar); }
 inline void tma_load_2d(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar, uint64_t) { tma_load_2d(dst, tmap, c0, c1, bar); }
 
 inline uint4 ld_ring_v4(uint32_t addr) {
