@@ -303,7 +303,7 @@ describeGpu('attention (CUDA) vs CPU', () => {
     // the TMA kernels (head_dim 64 / 128, pages of whole tiles) with NaN in every slot no sequence holds
     { Hkv: 2, g: 8, D: 128, pageSize: 32, lens: [2000, 45, 16], ns: [1, 1, 1], nanUnused: true },
     { Hkv: 2, g: 4, D: 64, pageSize: 64, lens: [777, 3], ns: [2, 1], nanUnused: true },
-    { Hkv: 2, g: 4, D: 128, pageSize: 16, lens: [300, 33], ns: [1, 1], nanUnused: true }, // the deep ring
+    { Hkv: 2, g: 4, D: 128, pageSize: 16, lens: [300, 33], ns: [1, 1], nanUnused: true }, // the deep ring (cp.async)
     // the same through the cp.async kernels
     { Hkv: 2, g: 8, D: 128, pageSize: 32, lens: [2000, 45, 16], ns: [1, 1, 1], env: { SQUEEZELM_ATTN_TMA: '0' } },
     { Hkv: 2, g: 4, D: 64, pageSize: 64, lens: [777, 3], ns: [2, 1], env: { SQUEEZELM_ATTN_TMA: '0' } },

@@ -307,7 +307,6 @@ DecodePlan decode_plan(int device, int B, int Hq, int Hkv, int D, int max_q, int
   // per plan) sets another count, 0 = as many as fit.
   int per_sm = pl.mma ? decode_mma_resident_blocks(device, D) : resident_blocks(device, D, pl.R);
   if (const int cap = env_int("SQUEEZELM_ATTN_MMA_PER_SM", 1); pl.mma && cap > 0) per_sm = std::min(per_sm, cap);
-  if (pl.mma && D == 128 && decode_mma_tma_shape() == 1) per_sm = 2;
   const int64_t slots = (int64_t)sm_count(device) * per_sm;
   const int64_t base = std::max<int64_t>(1, (int64_t)Hkv * pl.qchunks * B);
   // One full wave of blocks at the planned context, but no split shorter than 64 tokens (the

@@ -12,12 +12,18 @@
 // decode.cu's decode_plan and bench/results/attention-h200.md).
 //
 // Streaming. Each warp walks its own tiles of the split (tile w, w + 8, ... of 16 tokens) and
-// keeps a private ring of kStages shared-memory stages filled by cp.async: while it multiplies
-// one tile, the next kStages - 1 are in flight. Warps never wait on each other until the end
-// of the split, so a slow page costs one warp, not the block. Keys and values are gathered
-// through the page table: where a page holds whole tiles, one lookup per tile, fetched 32 tiles
-// at a time ahead of use; otherwise one per token, shared by shuffle. Tokens outside the split,
-// the page table or the pool are zero-filled and masked.
+// keeps a private ring of kStages shared-memory stages: while it multiplies one tile, the next
+// kStages - 1 are in flight. Warps never wait on each other until the end of the split, so a slow
+// page costs one warp, not the block. Keys and values are gathered through the page table: where a
+// page holds whole tiles, one lookup per tile, fetched 32 tiles at a time ahead of use; otherwise one
+// per token, shared by shuffle. At head_dim 64 and 128 with pages of whole tiles (on Hopper) a tile
+// arrives as TMA boxes of 16 tokens x 64 channels, 128-byte swizzled, issued by one lane and counted
+// on the stage's mbarrier: no load instruction per 16 bytes, no address arithmetic per lane. H100,
+// 32q/8kv x128, batch 1, graph replay, same process, TMA / cp.async, us: 8K 14.16 / 16.43, 32K 53.54
+// / 55.15, 128K 184.5 / 191.5, batch 8 at 4K 53.0 / 54.4. The boxes carry whole tiles, so the rows
+// past the end of a sequence hold whatever the page holds: their values are zeroed before p.v (a
+// NaN there times p = 0 would still poison the sums) and their scores masked. Elsewhere (cp.async)
+// tokens outside the split, the page table or the pool are zero-filled and masked.
 //
 // The end of a split (warps merged, partial written, last block merging all splits) is shared
 // with the CUDA-core kernel (decode_split.cuh), so both write the same workspace.
@@ -368,20 +374,15 @@ void launch_ring(const Params& p, const CUtensorMap& km, const CUtensorMap& vm, 
   launch_pdl(decode_mma<T, D, W, ST, TMA>, grid, dim3(W * 32), smem, stream, p, km, vm);
 }
 
+// TMA where tma_maps allows it, except for the deep-ring shape (short splits), whose copies stay cp.async:
+// with TMA it measured slower at 512 tokens on the H100 (32q/8kv x128, same process, 9.35 / 9.05 against
+// 8.87 / 8.82 us) and within 1% elsewhere. Other TMA shapes measured and not kept (docs/ops.md): two blocks
+// of 4 warps x 3 stages per SM, 6 warps x 4 stages, and 3-D maps with one box per tile.
 template <class T, int D>
 void launch_d(const Params& p, bool deep_ring, cudaStream_t stream) {
   CUtensorMap km{}, vm{};
   if constexpr (D == 64 || D == 128) {
-    const bool deep_tma = env_int("SQUEEZELM_ATTN_TMA_DEEP", 0) != 0;
-    if ((!deep_ring || deep_tma) && tma_maps<T>(p, km, vm)) {
-      if constexpr (D == 128) {
-        if (deep_ring) return launch_ring<T, D, kDeepWarps, kDeepStages, true>(p, km, vm, stream);
-        const int shape = decode_mma_tma_shape();
-        if (shape == 1) return launch_ring<T, D, 4, 3, true>(p, km, vm, stream);
-        if (shape == 2) return launch_ring<T, D, 6, 4, true>(p, km, vm, stream);
-      }
-      return launch_ring<T, D, kMmaWarps, kStages, true>(p, km, vm, stream);
-    }
+    if (!deep_ring && tma_maps<T>(p, km, vm)) return launch_ring<T, D, kMmaWarps, kStages, true>(p, km, vm, stream);
   }
   if constexpr (D == 128) {
     if (deep_ring) return launch_ring<T, D, kDeepWarps, kDeepStages>(p, km, vm, stream);
@@ -421,8 +422,6 @@ int occupancy_d() {
 bool decode_mma_deep_ring(int D, int tiles_per_split, int vectors) {
   return D == 128 && tiles_per_split <= kDeepRingTiles && vectors <= kDeepWarps;
 }
-
-int decode_mma_tma_shape() { return env_int("SQUEEZELM_ATTN_TMA_SHAPE", 0); }
 
 bool decode_mma_supported(int D) { return D % 16 == 0 && D >= 16 && D <= 128; }
 

@@ -28,9 +28,6 @@ int* decode_counters(int device, int64_t n);
 void launch_decode(Params& p, const DecodePlan& plan, DType dt, int device, cudaStream_t stream);
 // The tensor-core partial kernel (decode_mma.cu): head_dim a multiple of 16 up to 128.
 bool decode_mma_supported(int D);
-// SQUEEZELM_ATTN_TMA_SHAPE (head_dim 128, TMA; A/B runs): 0 = 8 warps x 3 stages, 1 = 4 x 3 planned two
-// blocks per SM, 2 = 6 x 4
-int decode_mma_tma_shape();
 // Whether the tensor-core kernel takes its deep-ring shape for splits of tiles_per_split 16-token
 // tiles and `vectors` query vectors per kv head.
 bool decode_mma_deep_ring(int D, int tiles_per_split, int vectors);
