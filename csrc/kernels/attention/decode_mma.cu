@@ -80,13 +80,12 @@ constexpr int kStages = 3;
 // against 5762.3 / 5762.5 with 8 x 3 forced; 2048: 5864.7-5868.1 / 5864.8-5870.4).
 constexpr int kDeepWarps = 4, kDeepStages = 6, kDeepRingTiles = 8;
 
-
 // TMA: the tiles arrive as 2-D tensor boxes of 16 tokens x 64 channels (head_dim 64 or 128, pages of
 // whole tiles), 128-byte swizzled and unpadded, one mbarrier per stage; otherwise by cp.async into
 // rows padded by 16 bytes.
 template <int D, int W = kMmaWarps, int ST = kStages, bool TMA = false>
 struct MmaShape {
-  static constexpr int SD = TMA ? D : D + 8;              // row pitch: +16 bytes, conflict-free ldmatrix
+  static constexpr int SD = TMA ? D : D + 8;  // row pitch: cp.async +16 bytes for conflict-free ldmatrix (TMA: the swizzle)
   static constexpr int CH = D / 8;                        // 16-byte chunks per row
   static constexpr int STAGE = 2 * kTile * SD;            // elements of one stage (keys, then values)
   static constexpr size_t ring = (size_t)W * ST * STAGE * 2 + (TMA ? 1024 : 0);  // (+ the 1 KB alignment)
