@@ -761,9 +761,9 @@ inline bool tma_maps(const Geo& g, int CB, CUtensorMap& km, CUtensorMap& vm, CUt
   const long long rows = (long long)g.pages * g.page_size;
   if (rows <= 0 || rows > INT32_MAX) return false;
   const long long krow = (long long)g.H * CB, mrow = (long long)g.H * g.mbytes;
-  return encode_2d_map(&km, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, g.kc, rows, krow, krow, CB, kTok, false) &&
-         encode_2d_map(&vm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, g.vc, rows, krow, krow, CB, kTok, false) &&
-         encode_2d_map(&mm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, g.meta, rows, mrow, mrow, g.mbytes, kTok, false);
+  return encode_2d_map(&km, CU_TENSOR_MAP_DATA_TYPE_UINT8, g.kc, rows, krow, krow, CB, kTok, false) &&
+         encode_2d_map(&vm, CU_TENSOR_MAP_DATA_TYPE_UINT8, g.vc, rows, krow, krow, CB, kTok, false) &&
+         encode_2d_map(&mm, CU_TENSOR_MAP_DATA_TYPE_UINT8, g.meta, rows, mrow, mrow, g.mbytes, kTok, false);
 }
 
 template <class T, int D, int BITS>

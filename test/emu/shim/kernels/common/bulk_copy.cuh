@@ -9,7 +9,7 @@
 #include <thread>
 
 #include "ptx.cuh"
-#include "tensor_map.h"
+#include "tensor_map_encode.h"
 
 namespace sqz::cuda {
 
@@ -54,7 +54,7 @@ inline void bulk_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar
   mbar_update(bar, 0, -(int32_t)bytes);
 }
 
-// One box at (c0 innermost, c1) of a map from encode_2d_map (tensor_map.h here), stored densely or as
+// One box at (c0 innermost, c1) of a map from encode_tiled_2d (tensor_map_encode.h here), stored densely or as
 // the 128-byte swizzle stores it (16-byte chunk j of box row r at chunk j ^ (r % 8) of the row's
 // 128-byte line; the destination is 1 KB aligned); elements outside the tensor arrive as zeros and
 // count as bytes.
