@@ -106,7 +106,8 @@ int main(int argc, char** argv) {
   attention_case(8, 1, 128, {200, 17}, 3, DType::BF16, s++);
   attention_case(8, 2, 128, {300, 40}, 1, DType::F16, s++);
   unsetenv("SQUEEZELM_ATTN_TMA");
-  // TMA with splits ending inside a tile, a 32-token page, 8 query heads per kv head
+  // TMA with sequences ending inside a tile (NaN in the rest of the page), pages of 32 and 64 tokens,
+  // 8 query heads per kv head
   attention_case(16, 2, 128, {2000, 45, 16}, 1, DType::F16, s++, 32, true);
   attention_case(16, 2, 64, {777, 3}, 2, DType::BF16, s++, 64, true);
   return emu::finish();
