@@ -202,11 +202,17 @@ __global__ void __launch_bounds__(W * 32)
           if (valid > 0) {
             fence_proxy_async_shared();
             mbar_arrive_expect_tx(bar, S::STAGE * 2);
+            const uint64_t pol = l2_evict_first_policy();
             const int row = page * p.page_size + (p.page_shift >= 0 ? (tb & (p.page_size - 1)) : tb % p.page_size);
 #pragma unroll
             for (int bx = 0; bx < kBoxes; ++bx) {
-              tma_load_2d(dst + bx * 2048, &kmap, kvh * D + 64 * bx, row, bar);
-              tma_load_2d(dst + (kBoxes + bx) * 2048, &vmap, kvh * D + 64 * bx, row, bar);
+              if (p.l2_hint) {
+                tma_load_2d(dst + bx * 2048, &kmap, kvh * D + 64 * bx, row, bar, pol);
+                tma_load_2d(dst + (kBoxes + bx) * 2048, &vmap, kvh * D + 64 * bx, row, bar, pol);
+              } else {
+                tma_load_2d(dst + bx * 2048, &kmap, kvh * D + 64 * bx, row, bar);
+                tma_load_2d(dst + (kBoxes + bx) * 2048, &vmap, kvh * D + 64 * bx, row, bar);
+              }
             }
           } else {
             mbar_arrive(bar);  // nothing to read: the phase completes at once (the tile is masked)
@@ -348,7 +354,7 @@ __global__ void __launch_bounds__(W * 32)
       *reinterpret_cast<float2*>(s_acc + row * D + nd * 8 + (lane & 3) * 2) = make_float2(o[nd][rr * 2], o[nd][rr * 2 + 1]);
   }
   __syncthreads();
-  finish_split<T, kRows, W>(p, kvh, qc, b, split, splits, g, n, q0, s_m, s_l, s_acc);
+  finish_split<T, kRows, W, 16>(p, kvh, qc, b, split, splits, g, n, q0, s_m, s_l, s_acc);
 }
 
 // The tensor maps of the key and value caches as [pages * page_size, Hkv * D] (boxes of one kv

@@ -53,17 +53,38 @@ __device__ __forceinline__ int active_splits(const Params& p, int kend) {
 // combine kernel) run this function, so they give the same bits.
 // With parts > 1, this warp writes only output pairs part*32 + lane + k*32*parts (several warps
 // share one query vector when a block has fewer query vectors than warps).
-template <class T>
+template <class T, int EARLY = 8>
 __device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row, int h, int splits, float* s_w,
                                     int part = 0, int parts = 1) {
   const int lane = threadIdx.x & 31;
   const float2* ml = reinterpret_cast<const float2*>(p.ws_ml + qi * p.splits * 2);  // (max, sum) per split
-  float m = -INFINITY;
-  for (int s = lane; s < splits; s += 32) m = fmaxf(m, __ldcg(ml + s).x);
+  const float* acc = p.ws_acc + qi * p.splits * p.D;
+  T* out = static_cast<T*>(p.out) + (out_row * p.Hq + h) * p.D;
+  // The end of every decode step waits on this function (the last split block runs it after all
+  // others are done), so it is written as few dependent L2 round trips: the (max, sum) pairs of the
+  // first 32 splits (one per lane) and the first EARLY splits' partials of this lane's first two
+  // output pairs (head_dim <= 128 has no others) are requested at once, before the weights they are
+  // multiplied with are known. Each output is the same fixed-order sum over the splits as ever.
+  // Two output pairs per lane and pass: d2 and d2 + 32 parts. (EARLY: 16 in the tensor-core kernel;
+  // 8 where the registers it takes would cost the CUDA-core kernels occupancy.)
+  const int d2 = part * 32 + lane, e2 = d2 + 32 * parts;
+  const bool one = d2 * 2 < p.D, two = e2 * 2 < p.D;
+  const float* pa = acc + 2 * d2;
+  const float* pb = acc + 2 * (two ? e2 : d2);
+  float2 va[EARLY], vb[EARLY];
+#pragma unroll
+  for (int s = 0; s < EARLY; ++s) {
+    const bool ok = one && s < splits;
+    va[s] = ok ? __ldcg(reinterpret_cast<const float2*>(pa + (int64_t)s * p.D)) : make_float2(0.f, 0.f);
+    vb[s] = ok ? __ldcg(reinterpret_cast<const float2*>(pb + (int64_t)s * p.D)) : make_float2(0.f, 0.f);
+  }
+  const float2 ml0 = lane < splits ? __ldcg(ml + lane) : make_float2(-INFINITY, 0.f);
+  float m = ml0.x;
+  for (int s = lane + 32; s < splits; s += 32) m = fmaxf(m, __ldcg(ml + s).x);
   const float M = warp_reduce<true>(m);
   float l = 0.f;
   for (int s = lane; s < splits; s += 32) {
-    const float2 v = __ldcg(ml + s);
+    const float2 v = s == lane ? ml0 : __ldcg(ml + s);
     const float w = v.x == -INFINITY ? 0.f : exp2f(v.x - M);
     s_w[s] = w;
     l += w * v.y;
@@ -71,21 +92,20 @@ __device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row
   const float L = warp_reduce<false>(l);
   __syncwarp();  // s_w is published to the warp
   const float inv = L > 0.f ? 1.f / L : 0.f;  // no attendable key: the row is zero
-  const float* acc = p.ws_acc + qi * p.splits * p.D;
-  T* out = static_cast<T*>(p.out) + (out_row * p.Hq + h) * p.D;
-  // Two output pairs per lane and pass (d2 and d2 + 32 parts: head_dim 128 in one pass), the
-  // splits unrolled by 8: 16 loads in flight per lane. The end of every decode step waits on this
-  // loop (the last split block runs it after all others are done), so its round trips count:
-  // with one pair per pass and 8 loads in flight, 33 splits took 10 dependent L2 round trips.
-  // Each output is still the same fixed-order sum over splits.
-  for (int d2 = part * 32 + lane; d2 * 2 < p.D; d2 += 64 * parts) {
-    const int e2 = d2 + 32 * parts;
-    const bool two = e2 * 2 < p.D;
-    const float* pa = acc + 2 * d2;
-    const float* pb = acc + 2 * (two ? e2 : d2);
+  if (one) {
     float a0 = 0.f, a1 = 0.f, b0 = 0.f, b1 = 0.f;
+#pragma unroll
+    for (int s = 0; s < EARLY; ++s) {
+      if (s < splits) {
+        const float w = s_w[s];
+        a0 = fmaf(w, va[s].x, a0);
+        a1 = fmaf(w, va[s].y, a1);
+        b0 = fmaf(w, vb[s].x, b0);
+        b1 = fmaf(w, vb[s].y, b1);
+      }
+    }
 #pragma unroll 8
-    for (int s = 0; s < splits; ++s) {
+    for (int s = EARLY; s < splits; ++s) {
       const float2 v = __ldcg(reinterpret_cast<const float2*>(pa + (int64_t)s * p.D));
       const float2 u = __ldcg(reinterpret_cast<const float2*>(pb + (int64_t)s * p.D));
       const float w = s_w[s];
@@ -97,6 +117,26 @@ __device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row
     *reinterpret_cast<uint32_t*>(out + 2 * d2) = pack2<T>(a0 * inv, a1 * inv);
     if (two) *reinterpret_cast<uint32_t*>(out + 2 * e2) = pack2<T>(b0 * inv, b1 * inv);
   }
+  // later passes (head_dim above 128: the CUDA-core kernel)
+  for (int d2n = d2 + 64 * parts; d2n * 2 < p.D; d2n += 64 * parts) {
+    const int e2n = d2n + 32 * parts;
+    const bool twon = e2n * 2 < p.D;
+    const float* qa = acc + 2 * d2n;
+    const float* qb = acc + 2 * (twon ? e2n : d2n);
+    float a0 = 0.f, a1 = 0.f, b0 = 0.f, b1 = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) {
+      const float2 v = __ldcg(reinterpret_cast<const float2*>(qa + (int64_t)s * p.D));
+      const float2 u = __ldcg(reinterpret_cast<const float2*>(qb + (int64_t)s * p.D));
+      const float w = s_w[s];
+      a0 = fmaf(w, v.x, a0);
+      a1 = fmaf(w, v.y, a1);
+      b0 = fmaf(w, u.x, b0);
+      b1 = fmaf(w, u.y, b1);
+    }
+    *reinterpret_cast<uint32_t*>(out + 2 * d2n) = pack2<T>(a0 * inv, a1 * inv);
+    if (twon) *reinterpret_cast<uint32_t*>(out + 2 * e2n) = pack2<T>(b0 * inv, b1 * inv);
+  }
   __syncwarp();  // s_w is free
 }
 
@@ -106,7 +146,7 @@ __device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row
 // last block of the (sequence, kv head, query chunk) group to get here merges all splits.
 // Called by every thread of a block that wrote its partial state to shared memory and passed
 // a barrier (NW warps); s_acc must hold at least NW * splits floats (reused for the splits' weights).
-template <class T, int R, int NW = kWarps>
+template <class T, int R, int NW = kWarps, int EARLY = 8>
 __device__ void finish_split(const Params& p, int kvh, int qc, int b, int split, int splits, int g, int n, int q0,
                              const float* s_m, const float* s_l, float* s_acc) {
   for (int i = threadIdx.x; i < R * (p.D + 1); i += blockDim.x) {
@@ -137,17 +177,18 @@ __device__ void finish_split(const Params& p, int kvh, int qc, int b, int split,
   // The last split block of this group to arrive merges all splits of its query vectors, a warp
   // per query vector.
   __shared__ int s_last;
-  __threadfence();  // this block's partials are visible before it is counted
+  // One thread counts the block, with a release-acquire atomic: the barrier orders every thread's
+  // partials before it (release), and the last block's reads after it (acquire, then the
+  // barrier), the pattern of a grid barrier; no fence per thread.
   __syncthreads();
   if (threadIdx.x == 0) {
     int* ctr = p.counters + (int64_t)b * gridDim.x + blockIdx.x;
-    const int prev = atomicAdd(ctr, 1);
+    const int prev = atom_add_acq_rel_gpu(ctr, 1);
     s_last = prev == splits - 1;
-    if (s_last) *ctr = 0;  // ready for the next launch
+    if (s_last) *ctr = 0;  // ready for the next launch (stream order publishes it)
   }
   __syncthreads();
   if (!s_last) return;
-  __threadfence();
   // Fewer query vectors than warps (MHA decode: one): the warps of a vector split its outputs.
   const int warp = threadIdx.x >> 5;
   const int rows = min(R, g * n - qc * R);
@@ -156,7 +197,7 @@ __device__ void finish_split(const Params& p, int kvh, int qc, int b, int split,
   for (int r = warp / parts; r < rows; r += NW / parts) {
     const int vi = qc * R + r;
     const int j = vi / g, h = kvh * g + vi % g;
-    combine_splits_warp<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, splits, s_acc + warp * splits,
+    combine_splits_warp<T, EARLY>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, splits, s_acc + warp * splits,
                            warp % parts, parts);
   }
 }

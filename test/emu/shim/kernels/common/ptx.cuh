@@ -47,6 +47,8 @@ inline unsigned int ld_acquire_gpu_u32(const unsigned int* p) {
   return std::atomic_ref<unsigned int>(*const_cast<unsigned int*>(p)).load(std::memory_order_acquire);
 }
 
+inline int atom_add_acq_rel_gpu(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v, std::memory_order_acq_rel); }
+
 inline void prefetch_l2(const void*) {}
 inline void prefetch_l1(const void*) {}
 
