@@ -78,6 +78,10 @@ export async function benchKvquant(ctx: BenchContext): Promise<BenchResult[]> {
       ks.forEach((t) => t.dispose());
       vs.forEach((t) => t.dispose());
       aw?.dispose();
+      // the baseline's own row: its share of the copy bandwidth is a point of its own (>= 85% at >= 32K)
+      results.push(row(ctx, 'kvquant', `fp16 baseline B${B} ${Hq}q/${H}kv x${D} ctx ${L}`, base, {
+        bytes: 2 * B * L * H * D * 2 + q.byteLength * 2, note: 'our fp16 split-KV decode (pages in order)',
+      }));
     }
     for (const bits of [4, 3, 2]) {
       const nk = 2, nv = 2;
