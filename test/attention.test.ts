@@ -294,6 +294,9 @@ describeGpu('attention (CUDA) vs CPU', () => {
     // more than 16 query vectors per kv head: two query chunks of the tensor-core decode kernel
     { Hkv: 2, g: 6, D: 112, pageSize: 32, lens: [5000, 3], ns: [2, 3] },
     { Hkv: 1, g: 8, D: 48, pageSize: 16, lens: [77, 600], ns: [3, 4] },
+    // more than 32 splits: the last block's merge past the pairs and partials it requests first
+    { Hkv: 1, g: 4, D: 128, pageSize: 16, lens: [4000], ns: [1] },
+    { Hkv: 2, g: 1, D: 128, pageSize: 16, lens: [3000], ns: [1] },
     // pages that do not hold a multiple of 16 tokens: the tensor-core kernel's per-token lookups
     { Hkv: 1, g: 4, D: 64, pageSize: 24, lens: [1000, 37], ns: [1, 2] },
     // head_dim 128, at most 4 query vectors per kv head, splits of a few tiles: the tensor-core

@@ -110,5 +110,9 @@ int main(int argc, char** argv) {
   // 8 query heads per kv head
   attention_case(16, 2, 128, {2000, 45, 16}, 1, DType::F16, s++, 32, true);
   attention_case(16, 2, 64, {777, 3}, 2, DType::BF16, s++, 64, true);
+  // more than 32 splits (132 emulated SMs): the last block's merge past the (max, sum) pairs and the
+  // partials it requests first, in the tensor-core (63 splits) and the CUDA-core kernel (47)
+  attention_case(8, 1, 128, {4000}, 1, DType::F16, s++);
+  attention_case(4, 4, 128, {3000}, 1, DType::BF16, s++);
   return emu::finish();
 }
