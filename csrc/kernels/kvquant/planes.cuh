@@ -766,24 +766,31 @@ inline bool tma_maps(const Geo& g, int CB, CUtensorMap& km, CUtensorMap& vm, CUt
          encode_2d_map(&mm, CU_TENSOR_MAP_DATA_TYPE_UINT8, g.meta, rows, mrow, mrow, g.mbytes, kTok, false);
 }
 
+// The kernel with TMA boxes or with cp.async copies (TMA: 128 more bytes of shared memory, for the
+// boxes' alignment; the maps are unused without TMA).
+template <class T, int D, int BITS, bool TMA>
+void launch_copies(const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, const tc::Plan& pl, int nsink,
+                   float* part, int stage, size_t smem, const CUtensorMap& km, const CUtensorMap& vm,
+                   const CUtensorMap& mm, cudaStream_t stream) {
+  const int N = (int)q.dim(0), Hq = (int)q.dim(1);
+  const size_t bytes = smem + (TMA ? 128 : 0);
+  allow_dynamic_smem<planes_kernel<T, D, BITS, TMA>>(bytes, "kvqAttention");
+  launch_pdl(planes_kernel<T, D, BITS, TMA>, dim3(pl.splits + nsink, N, pl.groups), dim3(pl.hpb * 32), bytes, stream,
+             g, static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part, stage, nsink, km, vm, mm);
+}
+
 template <class T, int D, int BITS>
 void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_freq, float scale, const tc::Plan& pl,
             int nsink, float* part, cudaStream_t stream) {
   const int N = (int)q.dim(0), Hq = (int)q.dim(1);
   const int stage = stage_bytes_for(Shape<D, BITS>::CB, g.mbytes);
   const size_t smem = table_bytes<D, BITS>() + (size_t)pl.hpb * warp_bytes<D, BITS>(stage);
-  const int splits = pl.splits + nsink;
   CUtensorMap km{}, vm{}, mm{};
-  if (tma_maps(g, Shape<D, BITS>::CB, km, vm, mm)) {
-    allow_dynamic_smem<planes_kernel<T, D, BITS, true>>(smem + 128, "kvqAttention");
-    launch_pdl(planes_kernel<T, D, BITS, true>, dim3(splits, N, pl.groups), dim3(pl.hpb * 32), smem + 128, stream, g,
-               static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part, stage, nsink, km, vm, mm);
-  } else {
-    allow_dynamic_smem<planes_kernel<T, D, BITS>>(smem, "kvqAttention");
-    launch_pdl(planes_kernel<T, D, BITS>, dim3(splits, N, pl.groups), dim3(pl.hpb * 32), smem, stream, g,
-               static_cast<const T*>(q.data()), inv_freq.ptr<float>(), scale, Hq, pl, part, stage, nsink, km, vm, mm);
-  }
-  fast::launch_combine<T>(part, splits, N * Hq, D, static_cast<T*>(out.data()), stream);
+  if (tma_maps(g, Shape<D, BITS>::CB, km, vm, mm))
+    launch_copies<T, D, BITS, true>(q, g, inv_freq, scale, pl, nsink, part, stage, smem, km, vm, mm, stream);
+  else
+    launch_copies<T, D, BITS, false>(q, g, inv_freq, scale, pl, nsink, part, stage, smem, km, vm, mm, stream);
+  fast::launch_combine<T>(part, pl.splits + nsink, N * Hq, D, static_cast<T*>(out.data()), stream);
 }
 template <class T, int D>
 void launch_bits(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& f, float scale, const tc::Plan& pl,
