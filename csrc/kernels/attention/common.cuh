@@ -36,6 +36,10 @@ struct Params {
   // every call reads first (lengths, page table, query) and the partials it merges last stay in L2
   // (SQUEEZELM_ATTN_L2_HINT=0: plain copies, A/B runs)
   int l2_hint;
+  // the end of a split: the block's warps merged with per-row weights and 16-byte accesses
+  // (SQUEEZELM_ATTN_BLOCK_MERGE=0: the per-element loop, A/B runs)
+  int block_merge;
+  int tmap_prefetch;  // TMA kernels: fetch the tensor maps at the start (SQUEEZELM_ATTN_TMAP_PREFETCH=0: off)
 };
 
 // Logical token t of sequence b -> its page, or -1 when the page table cannot hold it or

@@ -140,6 +140,64 @@ __device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row
   __syncwarp();  // s_w is free
 }
 
+// The block's warps merged into this split's partial (finish_split's first step), in two passes:
+// first each row's maximum, its warps' weights (into shared memory) and the (max, sum) pair, then the
+// accumulators four channels per thread and step. The same weights and the same fixed-order sums as
+// the per-element loop, so the same bits; what changes is the work per channel: the weights once per
+// row instead of once per element (NW exponentials and 2 NW shared loads each), and 16-byte loads and
+// stores. Where the workspace or head_dim does not allow 16-byte accesses, one channel per step.
+template <int R, int NW>
+__device__ void merge_block_v4(const Params& p, int kvh, int qc, int b, int split, int g, int n, const float* s_m,
+                               const float* s_l, const float* s_acc) {
+  __shared__ float s_f[NW * R];
+  const int rows = min(R, g * n - qc * R);  // active query vectors of the block
+  auto partial = [&](int r) {
+    const int vi = qc * R + r, j = vi / g, h = kvh * g + vi % g;
+    return (((int64_t)b * p.max_q + j) * p.Hq + h) * p.splits + split;
+  };
+  for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w * R + r]);
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      const float f = s_m[w * R + r] == -INFINITY ? 0.f : exp2f(s_m[w * R + r] - M);
+      s_f[w * R + r] = f;
+      v += f * s_l[w * R + r];
+    }
+    const int64_t pi = partial(r);
+    p.ws_ml[pi * 2] = M;
+    p.ws_ml[pi * 2 + 1] = v;
+  }
+  __syncthreads();
+  if (p.D % 4 == 0 && (reinterpret_cast<uintptr_t>(p.ws_acc) & 15u) == 0) {
+    const int D4 = p.D / 4;
+    for (int i = threadIdx.x; i < rows * D4; i += blockDim.x) {
+      const int r = i / D4, d = (i % D4) * 4;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        const float f = s_f[w * R + r];
+        const float4 a = *reinterpret_cast<const float4*>(s_acc + (w * R + r) * p.D + d);
+        v.x += f * a.x;
+        v.y += f * a.y;
+        v.z += f * a.z;
+        v.w += f * a.w;
+      }
+      *reinterpret_cast<float4*>(p.ws_acc + partial(r) * p.D + d) = v;
+    }
+  } else {
+    for (int i = threadIdx.x; i < rows * p.D; i += blockDim.x) {
+      const int r = i / p.D, d = i % p.D;
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) v += s_f[w * R + r] * s_acc[(w * R + r) * p.D + d];
+      p.ws_acc[partial(r) * p.D + d] = v;
+    }
+  }
+}
+
 // The end of a split: merges the block's warps (their running max s_m[w * R + r], sum
 // s_l[w * R + r] and accumulator s_acc[(w * R + r) * D + d] for query vector r of the block)
 // into this split's partial of every active query vector; then, with arrival counters, the
@@ -149,6 +207,9 @@ __device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row
 template <class T, int R, int NW = kWarps, int EARLY = 8>
 __device__ void finish_split(const Params& p, int kvh, int qc, int b, int split, int splits, int g, int n, int q0,
                              const float* s_m, const float* s_l, float* s_acc) {
+  if (p.block_merge) {
+    merge_block_v4<R, NW>(p, kvh, qc, b, split, g, n, s_m, s_l, s_acc);
+  } else {
   for (int i = threadIdx.x; i < R * (p.D + 1); i += blockDim.x) {
     const int r = i / (p.D + 1), d = i % (p.D + 1);  // d == D: the (max, sum) pair
     const int vi = qc * R + r;
@@ -171,6 +232,7 @@ __device__ void finish_split(const Params& p, int kvh, int qc, int b, int split,
     } else {
       p.ws_acc[pi * p.D + d] = v;
     }
+  }
   }
   if (p.counters == nullptr) return;
 
