@@ -44,6 +44,30 @@ __device__ __forceinline__ int active_splits(const Params& p, int kend) {
   return (kend + c - 1) / c;
 }
 
+// Weighted sums of two output pairs of a query vector over its splits (combine_splits_warp), added
+// one split at a time in the fixed order of the calls.
+struct PairSums {
+  float a0 = 0.f, a1 = 0.f, b0 = 0.f, b1 = 0.f;
+  __device__ __forceinline__ void add(float w, float2 v, float2 u) {
+    a0 = fmaf(w, v.x, a0);
+    a1 = fmaf(w, v.y, a1);
+    b0 = fmaf(w, u.x, b0);
+    b1 = fmaf(w, u.y, b1);
+  }
+};
+
+// The weight of a warp's (or split's) running state with maximum m, under the merged maximum M.
+__device__ __forceinline__ float merge_weight(float m, float M) { return m == -INFINITY ? 0.f : exp2f(m - M); }
+
+// The maximum of row r's running maxima over a block's NW warps (s_m[w * R + r]).
+template <int R, int NW>
+__device__ __forceinline__ float warps_max(const float* s_m, int r) {
+  float M = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w * R + r]);
+  return M;
+}
+
 // Merges the first `splits` splits of query vector qi (row out_row, head h) into out. One warp
 // does it, with no block barrier, so a block merges several query vectors at once (a GQA group's
 // heads in parallel instead of one after another). s_w: this warp's `splits` floats for the
@@ -85,7 +109,7 @@ __device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row
   float l = 0.f;
   for (int s = lane; s < splits; s += 32) {
     const float2 v = s == lane ? ml0 : __ldcg(ml + s);
-    const float w = v.x == -INFINITY ? 0.f : exp2f(v.x - M);
+    const float w = merge_weight(v.x, M);
     s_w[s] = w;
     l += w * v.y;
   }
@@ -93,29 +117,18 @@ __device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row
   __syncwarp();  // s_w is published to the warp
   const float inv = L > 0.f ? 1.f / L : 0.f;  // no attendable key: the row is zero
   if (one) {
-    float a0 = 0.f, a1 = 0.f, b0 = 0.f, b1 = 0.f;
+    PairSums sum;
 #pragma unroll
-    for (int s = 0; s < EARLY; ++s) {
-      if (s < splits) {
-        const float w = s_w[s];
-        a0 = fmaf(w, va[s].x, a0);
-        a1 = fmaf(w, va[s].y, a1);
-        b0 = fmaf(w, vb[s].x, b0);
-        b1 = fmaf(w, vb[s].y, b1);
-      }
-    }
+    for (int s = 0; s < EARLY; ++s)
+      if (s < splits) sum.add(s_w[s], va[s], vb[s]);
 #pragma unroll 8
     for (int s = EARLY; s < splits; ++s) {
       const float2 v = __ldcg(reinterpret_cast<const float2*>(pa + (int64_t)s * p.D));
       const float2 u = __ldcg(reinterpret_cast<const float2*>(pb + (int64_t)s * p.D));
-      const float w = s_w[s];
-      a0 = fmaf(w, v.x, a0);
-      a1 = fmaf(w, v.y, a1);
-      b0 = fmaf(w, u.x, b0);
-      b1 = fmaf(w, u.y, b1);
+      sum.add(s_w[s], v, u);
     }
-    *reinterpret_cast<uint32_t*>(out + 2 * d2) = pack2<T>(a0 * inv, a1 * inv);
-    if (two) *reinterpret_cast<uint32_t*>(out + 2 * e2) = pack2<T>(b0 * inv, b1 * inv);
+    *reinterpret_cast<uint32_t*>(out + 2 * d2) = pack2<T>(sum.a0 * inv, sum.a1 * inv);
+    if (two) *reinterpret_cast<uint32_t*>(out + 2 * e2) = pack2<T>(sum.b0 * inv, sum.b1 * inv);
   }
   // later passes (head_dim above 128: the CUDA-core kernel)
   for (int d2n = d2 + 64 * parts; d2n * 2 < p.D; d2n += 64 * parts) {
@@ -123,19 +136,15 @@ __device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row
     const bool twon = e2n * 2 < p.D;
     const float* qa = acc + 2 * d2n;
     const float* qb = acc + 2 * (twon ? e2n : d2n);
-    float a0 = 0.f, a1 = 0.f, b0 = 0.f, b1 = 0.f;
+    PairSums sum;
 #pragma unroll 8
     for (int s = 0; s < splits; ++s) {
       const float2 v = __ldcg(reinterpret_cast<const float2*>(qa + (int64_t)s * p.D));
       const float2 u = __ldcg(reinterpret_cast<const float2*>(qb + (int64_t)s * p.D));
-      const float w = s_w[s];
-      a0 = fmaf(w, v.x, a0);
-      a1 = fmaf(w, v.y, a1);
-      b0 = fmaf(w, u.x, b0);
-      b1 = fmaf(w, u.y, b1);
+      sum.add(s_w[s], v, u);
     }
-    *reinterpret_cast<uint32_t*>(out + 2 * d2n) = pack2<T>(a0 * inv, a1 * inv);
-    if (twon) *reinterpret_cast<uint32_t*>(out + 2 * e2n) = pack2<T>(b0 * inv, b1 * inv);
+    *reinterpret_cast<uint32_t*>(out + 2 * d2n) = pack2<T>(sum.a0 * inv, sum.a1 * inv);
+    if (twon) *reinterpret_cast<uint32_t*>(out + 2 * e2n) = pack2<T>(sum.b0 * inv, sum.b1 * inv);
   }
   __syncwarp();  // s_w is free
 }
@@ -149,13 +158,11 @@ __device__ void merge_block_each(const Params& p, int kvh, int qc, int b, int sp
     const int r = i / (p.D + 1), d = i % (p.D + 1);  // d == D: the (max, sum) pair
     const int vi = qc * R + r;
     if (vi >= g * n) continue;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w * R + r]);
+    const float M = warps_max<R, NW>(s_m, r);
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < NW; ++w) {
-      const float f = s_m[w * R + r] == -INFINITY ? 0.f : exp2f(s_m[w * R + r] - M);
+      const float f = merge_weight(s_m[w * R + r], M);
       v += f * (d == p.D ? s_l[w * R + r] : s_acc[(w * R + r) * p.D + d]);
     }
     const int j = vi / g, h = kvh * g + vi % g;
@@ -186,13 +193,11 @@ __device__ void merge_block_v4(const Params& p, int kvh, int qc, int b, int spli
     return (((int64_t)b * p.max_q + j) * p.Hq + h) * p.splits + split;
   };
   for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w * R + r]);
+    const float M = warps_max<R, NW>(s_m, r);
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < NW; ++w) {
-      const float f = s_m[w * R + r] == -INFINITY ? 0.f : exp2f(s_m[w * R + r] - M);
+      const float f = merge_weight(s_m[w * R + r], M);
       s_f[w * R + r] = f;
       v += f * s_l[w * R + r];
     }
