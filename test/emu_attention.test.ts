@@ -14,8 +14,6 @@ describeEmu('attention CUDA launchers in the host emulator', () => {
       'csrc/core/cuda_backend_nocuda.cc'], path.join(__dirname, 'emu', 'shim'),
     ['append', 'attention', 'decode', 'decode_mma', 'prefill'].map((f) => `csrc/kernels/attention/${f}.cu`),
     // as an sm_90a build on a compute capability 9.0 device: the TMA decode kernels run
-    ['SQUEEZELM_CUDA_ARCHS_STR="90a"'],
-    // the default launches, then the decode's end with the block merge by per-row weights (off by default)
-    [{}, { SQUEEZELM_ATTN_BLOCK_MERGE: '1', SQUEEZELM_ATTN_TMAP_PREFETCH: '1' }]);
+    ['SQUEEZELM_CUDA_ARCHS_STR="90a"']);
   });
 });

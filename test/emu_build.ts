@@ -29,10 +29,9 @@ function cudaInclude(): string | undefined {
 // linked in (the CPU ops); extraInclude comes first on the include path (shim/: the emulator's
 // ptx.cuh, pdl.cuh and bulk_copy.cuh); emulated: .cu files compiled as translation units of their
 // own with cuda_emu.h in front (where one program needs several .cu files); defines: -D flags of every
-// translation unit (NAME=VALUE); runs: the environment settings the program runs under, once each (the
-// launchers' per-call switches).
+// translation unit (NAME=VALUE).
 export function buildAndRun(main: string, sources: string[], extraInclude?: string, emulated: string[] = [],
-  defines: string[] = [], runs: Array<Record<string, string>> = [{}]): string {
+  defines: string[] = []): string {
   const root = path.join(__dirname, '..');
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sqz-emu-'));
   const out = path.join(dir, 'emu');
@@ -49,17 +48,12 @@ export function buildAndRun(main: string, sources: string[], extraInclude?: stri
       { stdio: 'pipe' });
     // the program draws fresh inputs from its seed (printed first); SQUEEZELM_TEST_SEED replays one
     const seed = process.env.SQUEEZELM_TEST_SEED;
-    let stdout = '';
-    for (const env of runs) {
-      const r = spawnSync(out, seed ? [seed] : [], { encoding: 'utf8', maxBuffer: 1 << 24, env: { ...process.env, ...env } });
-      const failedLines = r.stdout.split('\n').filter((l) => l.startsWith('FAIL'));
-      const named = Object.entries(env).map(([k, v]) => ` ${k}=${v}`).join('');
-      if (failedLines.length) throw new Error(`${main}${named}: ${failedLines.join('\n')}\n${r.stdout.split('\n')[0]}`);
-      expect(r.stdout).toMatch(/emu: \d+ passed, 0 failed/);
-      expect(r.status).toBe(0);
-      stdout += r.stdout;
-    }
-    return stdout;
+    const r = spawnSync(out, seed ? [seed] : [], { encoding: 'utf8', maxBuffer: 1 << 24 });
+    const failedLines = r.stdout.split('\n').filter((l) => l.startsWith('FAIL'));
+    if (failedLines.length) throw new Error(`${main}: ${failedLines.join('\n')}\n${r.stdout.split('\n')[0]}`);
+    expect(r.stdout).toMatch(/emu: \d+ passed, 0 failed/);
+    expect(r.status).toBe(0);
+    return r.stdout;
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

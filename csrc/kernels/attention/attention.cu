@@ -48,8 +48,6 @@ void attention(const Tensor& out, const Tensor& q, const Tensor& kc, const Tenso
   p.scale_log2 = scale * 1.4426950408889634f;
   p.max_q = max_q;
   p.l2_hint = env_int("SQUEEZELM_ATTN_L2_HINT", 1) != 0;
-  p.tmap_prefetch = env_int("SQUEEZELM_ATTN_TMAP_PREFETCH", 0) != 0;
-  p.block_merge = env_int("SQUEEZELM_ATTN_BLOCK_MERGE", 0) != 0;
   if (p.B == 0 || q.dim(0) == 0) return;
 
   if (attention_uses_decode(p.Hq, p.Hkv, p.D, max_q)) {

@@ -36,12 +36,6 @@ struct Params {
   // every call reads first (lengths, page table, query) and the partials it merges last stay in L2
   // (SQUEEZELM_ATTN_L2_HINT=0: plain copies, A/B runs)
   int l2_hint;
-  // Two changes not yet measured on a GPU, off unless asked for (A/B runs; docs/ops.md): the end
-  // of a split with the block's warps merged by per-row weights and 16-byte accesses
-  // (SQUEEZELM_ATTN_BLOCK_MERGE=1), and the TMA kernels' tensor maps fetched at the start
-  // (SQUEEZELM_ATTN_TMAP_PREFETCH=1)
-  int block_merge;
-  int tmap_prefetch;
 };
 
 // Logical token t of sequence b -> its page, or -1 when the page table cannot hold it or

@@ -107,12 +107,6 @@ __global__ void __launch_bounds__(W * 32)
   using S = MmaShape<D, W, ST, TMA>;
   constexpr int SD = S::SD, CH = S::CH, KS = D / 16, ND = D / 8;
   [[maybe_unused]] constexpr int kBoxes = D / 64;  // TMA boxes per tile of keys (and of values)
-  if constexpr (TMA) {
-    if (p.tmap_prefetch && threadIdx.x == 0) {
-      prefetch_tensormap(&kmap);
-      prefetch_tensormap(&vmap);
-    }
-  }
   pdl_wait();  // see pdl.cuh: before any global access that matters
   // No early trigger: the next kernel launches as this grid ends (its launch latency is still
   // hidden). Launched early, its blocks took this kernel's SMs while it ran: a GQA 8B-shaped

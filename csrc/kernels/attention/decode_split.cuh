@@ -149,42 +149,15 @@ __device__ void combine_splits_warp(const Params& p, int64_t qi, int64_t out_row
   __syncwarp();  // s_w is free
 }
 
-// The block's warps merged into this split's partial, one (row, channel) per thread and step (the
-// default): each step finds the row's maximum and its warps' weights again.
-template <int R, int NW>
-__device__ void merge_block_each(const Params& p, int kvh, int qc, int b, int split, int g, int n, const float* s_m,
-                                 const float* s_l, const float* s_acc) {
-  for (int i = threadIdx.x; i < R * (p.D + 1); i += blockDim.x) {
-    const int r = i / (p.D + 1), d = i % (p.D + 1);  // d == D: the (max, sum) pair
-    const int vi = qc * R + r;
-    if (vi >= g * n) continue;
-    const float M = warps_max<R, NW>(s_m, r);
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      const float f = merge_weight(s_m[w * R + r], M);
-      v += f * (d == p.D ? s_l[w * R + r] : s_acc[(w * R + r) * p.D + d]);
-    }
-    const int j = vi / g, h = kvh * g + vi % g;
-    const int64_t qi = ((int64_t)b * p.max_q + j) * p.Hq + h;
-    const int64_t pi = qi * p.splits + split;
-    if (d == p.D) {
-      p.ws_ml[pi * 2] = M;
-      p.ws_ml[pi * 2 + 1] = v;
-    } else {
-      p.ws_acc[pi * p.D + d] = v;
-    }
-  }
-}
-
 // The block's warps merged into this split's partial (finish_split's first step), in two passes:
 // first each row's maximum, its warps' weights (into shared memory) and the (max, sum) pair, then the
-// accumulators four channels per thread and step. The same weights and the same fixed-order sums as
-// the per-element loop, so the same bits; what changes is the work per channel: the weights once per
-// row instead of once per element (NW exponentials and 2 NW shared loads each), and 16-byte loads and
-// stores. Where the workspace or head_dim does not allow 16-byte accesses, one channel per step.
+// accumulators four channels per thread and step. The weights are computed once per row, not once per
+// (row, channel) as a per-element loop would (NW exponentials and 2 NW shared loads per channel, on the
+// path every call waits on), and the accumulators move in 16-byte loads and stores: ~1 us of a GQA 32K
+// call on the H100 (docs/ops.md). Where the workspace or head_dim does not allow 16-byte accesses, one
+// channel per step. Each output is the same fixed-order sum over the warps either way.
 template <int R, int NW>
-__device__ void merge_block_v4(const Params& p, int kvh, int qc, int b, int split, int g, int n, const float* s_m,
+__device__ void merge_block(const Params& p, int kvh, int qc, int b, int split, int g, int n, const float* s_m,
                                const float* s_l, const float* s_acc) {
   __shared__ float s_f[NW * R];
   const int rows = min(R, g * n - qc * R);  // active query vectors of the block
@@ -242,8 +215,7 @@ __device__ void merge_block_v4(const Params& p, int kvh, int qc, int b, int spli
 template <class T, int R, int NW = kWarps, int EARLY = 8>
 __device__ void finish_split(const Params& p, int kvh, int qc, int b, int split, int splits, int g, int n, int q0,
                              const float* s_m, const float* s_l, float* s_acc) {
-  if (p.block_merge) merge_block_v4<R, NW>(p, kvh, qc, b, split, g, n, s_m, s_l, s_acc);
-  else merge_block_each<R, NW>(p, kvh, qc, b, split, g, n, s_m, s_l, s_acc);
+  merge_block<R, NW>(p, kvh, qc, b, split, g, n, s_m, s_l, s_acc);
   if (p.counters == nullptr) return;
 
   // The last split block of this group to arrive merges all splits of its query vectors, a warp

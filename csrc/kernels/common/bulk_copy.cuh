@@ -85,15 +85,6 @@ __device__ __forceinline__ void bulk_prefetch_l2(const void* src, uint32_t bytes
 #endif
 }
 
-// Fetches a tensor map (the address of a __grid_constant__ CUtensorMap parameter) into the copy
-// engine's descriptor cache, so that the first copy through it does not wait for the descriptor behind
-// the kernel's first dependent loads. Parameters are valid from the kernel's start: no PDL wait needed.
-__device__ __forceinline__ void prefetch_tensormap(const void* tmap) {
-#ifdef SQZ_BULK_COPY
-  asm volatile("prefetch.tensormap [%0];" ::"l"(tmap) : "memory");
-#endif
-}
-
 // 2-D tensor copy (TMA) of one box of the tensor map `tmap` (the address of a __grid_constant__
 // CUtensorMap parameter) at element coordinates (c0 innermost, c1) into shared memory at `dst`,
 // counted on barrier `bar`. Elements outside the tensor arrive as zeros and count as bytes.

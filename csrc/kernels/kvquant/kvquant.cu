@@ -57,7 +57,6 @@ struct Geo {
   int sink_row_fixed;    // >= 0: every sequence uses this row (kvq_dequantize)
   int B, max_pages, page_size, H, D, bits, nk, nv, sink, cbytes, mbytes, pages;
   int page_shift;  // log2(page_size) where it is a power of two, else -1
-  int tmap_prefetch;  // TMA kernels: fetch the tensor maps at the start (SQUEEZELM_KVQ_TMAP_PREFETCH=1; not yet measured, off)
 };
 
 Geo make_geo(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& pt, const Tensor* lens, const Tensor* cu) {
@@ -91,7 +90,6 @@ Geo make_geo(const kvq::Cache& c, const kvq::Calib& cal, const Tensor& pt, const
   g.sink = c.sink;
   g.cbytes = (int)kvq::code_bytes(c.head_dim, c.bits);
   g.mbytes = (int)kvq::meta_bytes(c.nk, c.nv);
-  g.tmap_prefetch = env_int("SQUEEZELM_KVQ_TMAP_PREFETCH", 0) != 0;
   return g;
 }
 

@@ -330,13 +330,6 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   // call's combine still reading the partials). No early trigger: the combine's blocks, launched
   // early, took the registers a second block of this grid needed (32q/8kv: 8K 29.6 -> 36.4 us,
   // 32K 56.1 -> 62.4 us at 2 bits); it launches as this grid exits.
-  if constexpr (TMA) {
-    if (g.tmap_prefetch && tid == 0) {
-      prefetch_tensormap(&kmap);
-      prefetch_tensormap(&vmap);
-      prefetch_tensormap(&mmap);
-    }
-  }
   pdl_wait();
 
   // shared memory: the block's cos/sin table, then per warp: code stages, value tile, offset-plane

@@ -74,9 +74,6 @@ inline void tma_load_2d(uint32_t dst, const void* tmap, int c0, int c1, uint32_t
 }
 inline void tma_load_2d(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar, uint64_t) { tma_load_2d(dst, tmap, c0, c1, bar); }
 
-// (a cache hint: nothing to emulate)
-inline void prefetch_tensormap(const void*) {}
-
 inline uint4 ld_ring_v4(uint32_t addr) {
   uint4 r;
   std::memcpy(&r, shared_ptr(addr), 16);
