@@ -6,7 +6,6 @@
 #include "attention.h"
 #include "common.cuh"
 #include "core/cuda_stream.h"
-#include "core/env.h"
 #include "core/error.h"
 #include "launch.h"
 
@@ -47,7 +46,6 @@ void attention(const Tensor& out, const Tensor& q, const Tensor& kc, const Tenso
   if ((p.page_size & (p.page_size - 1)) == 0) p.page_shift = __builtin_ctz((unsigned)p.page_size);
   p.scale_log2 = scale * 1.4426950408889634f;
   p.max_q = max_q;
-  p.l2_hint = env_int("SQUEEZELM_ATTN_L2_HINT", 1) != 0;
   if (p.B == 0 || q.dim(0) == 0) return;
 
   if (attention_uses_decode(p.Hq, p.Hkv, p.D, max_q)) {

@@ -32,10 +32,6 @@ struct Params {
   float* ws_ml;   // [B * max_q * Hq, splits, 2] (max in base 2, sum)
   // [B * Hkv * qchunks] arrival counters, zero between launches; null: a separate combine kernel
   int* counters;
-  // TMA tiles carry the L2 evict-first hint: the cache is read once per step, and the small tables
-  // every call reads first (lengths, page table, query) and the partials it merges last stay in L2
-  // (SQUEEZELM_ATTN_L2_HINT=0: plain copies, A/B runs)
-  int l2_hint;
 };
 
 // Logical token t of sequence b -> its page, or -1 when the page table cannot hold it or

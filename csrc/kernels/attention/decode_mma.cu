@@ -202,17 +202,14 @@ __global__ void __launch_bounds__(W * 32)
           if (valid > 0) {
             fence_proxy_async_shared();
             mbar_arrive_expect_tx(bar, S::STAGE * 2);
+            // evict-first: the cache is read once per step, so the small tables every call reads
+            // first (lengths, page table, query) and the partials it merges last stay in L2
             const uint64_t pol = l2_evict_first_policy();
             const int row = page * p.page_size + (p.page_shift >= 0 ? (tb & (p.page_size - 1)) : tb % p.page_size);
 #pragma unroll
             for (int bx = 0; bx < kBoxes; ++bx) {
-              if (p.l2_hint) {
-                tma_load_2d(dst + bx * 2048, &kmap, kvh * D + 64 * bx, row, bar, pol);
-                tma_load_2d(dst + (kBoxes + bx) * 2048, &vmap, kvh * D + 64 * bx, row, bar, pol);
-              } else {
-                tma_load_2d(dst + bx * 2048, &kmap, kvh * D + 64 * bx, row, bar);
-                tma_load_2d(dst + (kBoxes + bx) * 2048, &vmap, kvh * D + 64 * bx, row, bar);
-              }
+              tma_load_2d(dst + bx * 2048, &kmap, kvh * D + 64 * bx, row, bar, pol);
+              tma_load_2d(dst + (kBoxes + bx) * 2048, &vmap, kvh * D + 64 * bx, row, bar, pol);
             }
           } else {
             mbar_arrive(bar);  // nothing to read: the phase completes at once (the tile is masked)

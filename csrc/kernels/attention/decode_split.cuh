@@ -160,11 +160,8 @@ template <int R, int NW>
 __device__ void merge_block(const Params& p, int kvh, int qc, int b, int split, int g, int n, const float* s_m,
                                const float* s_l, const float* s_acc) {
   __shared__ float s_f[NW * R];
+  __shared__ int64_t s_pi[R];  // each row's partial index, for the second pass
   const int rows = min(R, g * n - qc * R);  // active query vectors of the block
-  auto partial = [&](int r) {
-    const int vi = qc * R + r, j = vi / g, h = kvh * g + vi % g;
-    return (((int64_t)b * p.max_q + j) * p.Hq + h) * p.splits + split;
-  };
   for (int r = threadIdx.x; r < rows; r += blockDim.x) {
     const float M = warps_max<R, NW>(s_m, r);
     float v = 0.f;
@@ -174,7 +171,9 @@ __device__ void merge_block(const Params& p, int kvh, int qc, int b, int split, 
       s_f[w * R + r] = f;
       v += f * s_l[w * R + r];
     }
-    const int64_t pi = partial(r);
+    const int vi = qc * R + r, j = vi / g, h = kvh * g + vi % g;
+    const int64_t pi = (((int64_t)b * p.max_q + j) * p.Hq + h) * p.splits + split;
+    s_pi[r] = pi;
     p.ws_ml[pi * 2] = M;
     p.ws_ml[pi * 2 + 1] = v;
   }
@@ -193,7 +192,7 @@ __device__ void merge_block(const Params& p, int kvh, int qc, int b, int split, 
         v.z += f * a.z;
         v.w += f * a.w;
       }
-      *reinterpret_cast<float4*>(p.ws_acc + partial(r) * p.D + d) = v;
+      *reinterpret_cast<float4*>(p.ws_acc + s_pi[r] * p.D + d) = v;
     }
   } else {
     for (int i = threadIdx.x; i < rows * p.D; i += blockDim.x) {
@@ -201,7 +200,7 @@ __device__ void merge_block(const Params& p, int kvh, int qc, int b, int split, 
       float v = 0.f;
 #pragma unroll
       for (int w = 0; w < NW; ++w) v += s_f[w * R + r] * s_acc[(w * R + r) * p.D + d];
-      p.ws_acc[partial(r) * p.D + d] = v;
+      p.ws_acc[s_pi[r] * p.D + d] = v;
     }
   }
 }
