@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_partial(Params p) {
   for (int r = 0; r < R; ++r) {
     const int vi = qc * R + r;
     const bool act = vi < g * n;
-    const int j = act ? vi / g : 0, h = kvh * g + (act ? vi % g : 0);
+    const int j = act ? vi / g : 0, h = kvh * g + (act ? vi % g : 0);  // query_vec(vi); a padding row: 0, kvh * g
     lim[r] = act ? len - n + j : -1;
 #pragma unroll
     for (int e = 0; e < 8; ++e) q[r][e] = 0.f;
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(32) decode_combine(Params p) {
   if (j >= n) return;
   const int len = max(__ldg(p.seq_lens + b), 0);
   const int kend = (int)min((int64_t)len, (int64_t)p.max_pages * p.page_size);
-  combine_splits_warp<T>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, active_splits(p, kend), s_w);
+  combine_splits_warp<T>(p, ws_row(p, b, {j, h}), q0 + j, h, active_splits(p, kend), s_w);
 }
 
 // One query vector per block (MHA decode) streams 8 key steps per thread instead of 4: a 64-token

@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(W * 32)
   for (int rr = 0; rr < 2; ++rr) {
     const int vi = qc * kRows + (lane >> 2) + rr * 8;
     const bool act = vi < g * n;
-    const int j = act ? vi / g : 0, h = kvh * g + (act ? vi % g : 0);
+    const int j = act ? vi / g : 0, h = kvh * g + (act ? vi % g : 0);  // query_vec(vi); a padding row: 0, kvh * g
     lim[rr] = act ? len - n + j : -1;
     const T* qp = static_cast<const T*>(p.q) + ((int64_t)(q0 + j) * p.Hq + h) * D + (lane & 3) * 2;
 #pragma unroll

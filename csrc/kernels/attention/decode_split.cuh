@@ -44,6 +44,17 @@ __device__ __forceinline__ int active_splits(const Params& p, int kend) {
   return (kend + c - 1) / c;
 }
 
+// Query vector vi of a (sequence, kv head) group, the g query heads of GQA times the step's query
+// rows, heads fastest: row j = vi / g of the step, query head kvh * g + vi % g.
+struct QueryVec {
+  int j, h;
+};
+__device__ __forceinline__ QueryVec query_vec(int vi, int kvh, int g) { return {vi / g, kvh * g + vi % g}; }
+// Its row of the split workspace (ws_ml, ws_acc: p.splits partials per row).
+__device__ __forceinline__ int64_t ws_row(const Params& p, int b, QueryVec v) {
+  return ((int64_t)b * p.max_q + v.j) * p.Hq + v.h;
+}
+
 // Weighted sums of two output pairs of a query vector over its splits (combine_splits_warp), added
 // one split at a time in the fixed order of the calls.
 struct PairSums {
@@ -171,8 +182,7 @@ __device__ void merge_block(const Params& p, int kvh, int qc, int b, int split, 
       s_f[w * R + r] = f;
       v += f * s_l[w * R + r];
     }
-    const int vi = qc * R + r, j = vi / g, h = kvh * g + vi % g;
-    const int64_t pi = (((int64_t)b * p.max_q + j) * p.Hq + h) * p.splits + split;
+    const int64_t pi = ws_row(p, b, query_vec(qc * R + r, kvh, g)) * p.splits + split;
     s_pi[r] = pi;
     p.ws_ml[pi * 2] = M;
     p.ws_ml[pi * 2 + 1] = v;
@@ -238,10 +248,8 @@ __device__ void finish_split(const Params& p, int kvh, int qc, int b, int split,
   const int parts = rows >= NW ? 1 : NW / max(rows, 1);
   if (warp >= rows * parts && rows < NW) return;
   for (int r = warp / parts; r < rows; r += NW / parts) {
-    const int vi = qc * R + r;
-    const int j = vi / g, h = kvh * g + vi % g;
-    combine_splits_warp<T, EARLY>(p, ((int64_t)b * p.max_q + j) * p.Hq + h, q0 + j, h, splits, s_acc + warp * splits,
-                           warp % parts, parts);
+    const QueryVec v = query_vec(qc * R + r, kvh, g);
+    combine_splits_warp<T, EARLY>(p, ws_row(p, b, v), q0 + v.j, v.h, splits, s_acc + warp * splits, warp % parts, parts);
   }
 }
 
