@@ -668,19 +668,16 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
   // them), K = 256 + 32 (3 units at 4 bits: most warps have none) and K with a tail, both widths,
   // dense-only and dense-and-sparse, and the M <= 2 outlier split.
   // 3-bit at M <= 2: 4 warps per block where the row groups outnumber the 8-warp wave (N = 9605 here),
-  // else 8 (N = 37); SQUEEZELM_LUT_DECODE_WARPS forces each on the other shapes, and
-  // SQUEEZELM_LUT_W4_BLOCKS=5 takes the 4-warp kernels built for 5 blocks per SM.
+  // else 8 (N = 37); SQUEEZELM_LUT_DECODE_WARPS forces each on the other shapes.
   test(`M = 1-8: code ring and register buffers (seed ${seed})`, async () => {
     const r = rng(seed + 131);
     // ring kinds: the default (4-bit: slots of two units), one-unit slots (4-bit), none; then the 3-bit
-    // decode kernel's warps forced either way, and its 4-warp kernel at 5 blocks per SM
-    const settings: Array<[string, string, string, string]> = [['1', '2', '', ''], ['1', '1', '', ''], ['0', '2', '', ''],
-      ['1', '2', '4', ''], ['1', '2', '8', ''], ['1', '2', '4', '5']];
-    for (const [ring, ups, warps, blocks] of settings) {
+    // decode kernel's warps forced either way
+    const settings: Array<[string, string, string]> = [['1', '2', ''], ['1', '1', ''], ['0', '2', ''], ['1', '2', '4'], ['1', '2', '8']];
+    for (const [ring, ups, warps] of settings) {
       process.env.SQUEEZELM_LUT_RING = ring;
       process.env.SQUEEZELM_LUT_RING_UPS = ups;
       if (warps) process.env.SQUEEZELM_LUT_DECODE_WARPS = warps;
-      if (blocks) process.env.SQUEEZELM_LUT_W4_BLOCKS = blocks;
       try {
         for (const [N, K] of [[16 * 600 + 5, 256 + 32], [16 * 600 + 5, 4096 + 32], [37, 8192 + 32]])
           for (const bits of [3, 4] as const) {
@@ -688,13 +685,12 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
             if (warps && bits === 4) continue;  // (3-bit only)
             for (const outliers of [false, true])
               await expectPackedMatchesCpu(N, K, bits, warps ? [1, 2] : [1, 2, 5, 8], r,
-                `${bits}-bit ring=${ring} ups=${ups} warps=${warps || 'auto'}${blocks ? ` blocks=${blocks}` : ''} N=${N} K=${K} outliers=${outliers}`, outliers);
+                `${bits}-bit ring=${ring} ups=${ups} warps=${warps || 'auto'} N=${N} K=${K} outliers=${outliers}`, outliers);
           }
       } finally {
         delete process.env.SQUEEZELM_LUT_RING;
         delete process.env.SQUEEZELM_LUT_RING_UPS;
         delete process.env.SQUEEZELM_LUT_DECODE_WARPS;
-        delete process.env.SQUEEZELM_LUT_W4_BLOCKS;
       }
     }
   });
@@ -941,10 +937,9 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
     const r = rng(seed + 171);
     // the code ring (default), register buffers, the 3-bit decode kernel's warps forced to 4 and to 8, and
     // the 4-bit kernels' outlier step after the main loop instead of in it (late)
-    for (const ring of ['-1', '0', 'w4', 'w4b5', 'w8', 'late']) {
+    for (const ring of ['-1', '0', 'w4', 'w8', 'late']) {
       if (ring === '0') process.env.SQUEEZELM_LUT_RING = '0';
-      if (ring.startsWith('w')) process.env.SQUEEZELM_LUT_DECODE_WARPS = ring.slice(1, 2);
-      if (ring === 'w4b5') process.env.SQUEEZELM_LUT_W4_BLOCKS = '5';
+      if (ring === 'w4' || ring === 'w8') process.env.SQUEEZELM_LUT_DECODE_WARPS = ring.slice(1);
       if (ring === 'late') process.env.SQUEEZELM_LUT_OEARLY = '0';
       try {
         for (const dt of ['f16', 'bf16'] as const)
@@ -999,7 +994,6 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
       } finally {
         delete process.env.SQUEEZELM_LUT_RING;
         delete process.env.SQUEEZELM_LUT_DECODE_WARPS;
-        delete process.env.SQUEEZELM_LUT_W4_BLOCKS;
         delete process.env.SQUEEZELM_LUT_OEARLY;
       }
     }

@@ -1642,9 +1642,6 @@ bool decode_w4(int N) {
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
   return (N + 15) / 16 > 2 * sm_count(dev);
 }
-// Blocks per SM of those 4-warp kernels: 4 (up to 128 registers) or 5 (at most 96, a 12-byte spill;
-// 20 warps per SM, and 5 * 41 KB of tables and rings). SQUEEZELM_LUT_W4_BLOCKS=4 / 5 picks one.
-int decode_w4_blocks() { return env_int("SQUEEZELM_LUT_W4_BLOCKS", 4) == 5 ? 5 : 4; }
 
 // The decode step's GEMV: M <= 2, x vectorisable, with the RMSNorm fused in front (XS: so.gamma
 // set) or not. launch() picks ring / osplit / deep (below) and both entry points take the kernel
@@ -1665,14 +1662,8 @@ void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* l
 #define SQZ_DECODE(OSPLIT, XPO, RING, UPS) SQZ_DECODE_W(GV_WARPS, 2, OSPLIT, XPO, RING, UPS)
   if constexpr (BITS == 3) {
     if (ring && decode_w4(N)) {
-      if (decode_w4_blocks() == 5) {
-        if (osplit) SQZ_DECODE_W(4, 5, true, 0, 2, 1);
-        else SQZ_DECODE_W(4, 5, false, 0, 2, 1);
-      } else if (osplit) {
-        SQZ_DECODE_W(4, 4, true, 0, 2, 1);
-      } else {
-        SQZ_DECODE_W(4, 4, false, 0, 2, 1);
-      }
+      if (osplit) SQZ_DECODE_W(4, 4, true, 0, 2, 1);
+      else SQZ_DECODE_W(4, 4, false, 0, 2, 1);
       return;
     }
   }
