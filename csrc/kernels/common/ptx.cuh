@@ -41,15 +41,6 @@ __device__ __forceinline__ uint32_t ld_pinned_u16(const void* p) {
   return h;
 }
 
-// v, as a value the compiler cannot see through: whatever is computed from it stays where it is
-// written, after the volatile asm before it (an address from a pinned load is not hoisted to the
-// load's side of a loop, where it would wait for the load).
-__device__ __forceinline__ int pin_s32(int v) {
-  int r;
-  asm volatile("mov.b32 %0, %1;" : "=r"(r) : "r"(v));
-  return r;
-}
-
 // A 32-bit shared load by shared-window address: a base that is a constant of the launch (the
 // dynamic shared window) folds into the instruction's immediate, where a generic pointer costs an
 // address add per load.

@@ -28,7 +28,6 @@ inline uint4 ld_stream(const void* p) {
 inline int ld_pinned_s32(const int* p) { return *p; }
 inline uint32_t ld_pinned_u32(const void* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
 inline uint32_t ld_pinned_u16(const void* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
-inline int pin_s32(int v) { return v; }
 
 inline uint32_t ld_shared_u32(uint32_t addr) { uint32_t v; std::memcpy(&v, shared_ptr(addr), 4); return v; }
 inline uint4 ld_shared_v4(uint32_t addr) { uint4 v; std::memcpy(&v, shared_ptr(addr), 16); return v; }
