@@ -220,17 +220,9 @@ __device__ __forceinline__ float raw_f(uint32_t r, bool is_f32) {
 
 
 // 8 activations x[k .. k+8) of one row as 4 packed pairs; zero past K or for an invalid row.
-// VEC: row base 16-byte aligned and K % 8 == 0 (so a group is all in or all out). CHECK = false:
-// k + 8 <= K and the row readable, so a plain load (no zeros to set first, no branch).
-template <class T, bool VEC, bool CHECK = true>
+// VEC: row base 16-byte aligned and K % 8 == 0 (so a group is all in or all out).
+template <class T, bool VEC>
 __device__ __forceinline__ uint4 load_x8(const T* row, int k, int K, bool valid) {
-  if (!CHECK) {
-    if (VEC) return *reinterpret_cast<const uint4*>(row + k);
-    uint32_t w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = pack2<T>(row[k + 2 * i], row[k + 2 * i + 1]);
-    return make_uint4(w[0], w[1], w[2], w[3]);
-  }
   if (VEC) {
     if (valid && k < K) return *reinterpret_cast<const uint4*>(row + k);
     return make_uint4(0, 0, 0, 0);
@@ -465,11 +457,7 @@ __device__ __forceinline__ uint32_t lds_at(uint32_t base, uint32_t off) { return
 // RT row tiles (16 rows each) per block share every activation load (x is reread from L2 by
 // every block: RT = 2 halves that traffic for larger M, at 1 block per SM for 4-bit).
 // One unit of K for one warp: wa/wb = the lane's code words of rows g / g+8 of each row tile.
-// A unit that ends inside K (TAIL = false: every unit but a last one that runs past K) loads its
-// activations unguarded: a lane whose activation row is past M reads row 0 instead of zeros, which
-// only feeds the result columns past M, never stored. That drops the zeroing and the branch around
-// each load (16 of a 4-bit two-unit run's 235 instructions at M = 1 were zeroing alone, ncu).
-template <class T, int BITS, int MT, bool XVEC, int RT, bool TAIL>
+template <class T, int BITS, int MT, bool XVEC, int RT>
 __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_t (&wa)[RT][Geo<BITS>::WU],
                                           const uint32_t (&wb)[RT][Geo<BITS>::WU], uint32_t tbl,
                                           const T* const (&xr)[MT], const bool (&mv)[MT], int kb, int K,
@@ -484,7 +472,7 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
 #pragma unroll
     for (int c = 0; c < XC; ++c)
 #pragma unroll
-      for (int i = 0; i < MT; ++i) xv[c][i] = load_x8<T, XVEC, TAIL>(xr[i], kb + 32 * (c4 + c), K, mv[i]);
+      for (int i = 0; i < MT; ++i) xv[c][i] = load_x8<T, XVEC>(xr[i], kb + 32 * (c4 + c), K, mv[i]);
 #pragma unroll
     for (int c = 0; c < XC; ++c)
 #pragma unroll
@@ -969,12 +957,8 @@ __global__ void __launch_bounds__(W * 32, MINB)
         }
 #pragma unroll
         for (int s = 0; s < UPS; ++s)
-          if (s == 0 || u0 + s < U) {
-            if ((u0 + s + 1) * G::KU <= K)
-              gemv_unit<T, BITS, MT, XVEC, RT, false>(acc, wa[s], wb[s], tbl_s, xr, mv, (u0 + s) * G::KU + 8 * q, K, lb0, lb1);
-            else
-              gemv_unit<T, BITS, MT, XVEC, RT, true>(acc, wa[s], wb[s], tbl_s, xr, mv, (u0 + s) * G::KU + 8 * q, K, lb0, lb1);
-          }
+          if (s == 0 || u0 + s < U)
+            gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa[s], wb[s], tbl_s, xr, mv, (u0 + s) * G::KU + 8 * q, K, lb0, lb1);
       }
     } else
     // P register buffers: unit u is decoded straight from its buffer, which is then refilled with
@@ -995,9 +979,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
             wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
             wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
           }
-        // (guarded loads throughout: the unguarded body beside it cost these kernels registers, and the
-        // M = 9-16 ones spills)
-        gemv_unit<T, BITS, MT, XVEC, RT, true>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
+        gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
         const int un = u + W * P;
         if (un < U) {
 #pragma unroll
