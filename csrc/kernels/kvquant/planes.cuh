@@ -131,14 +131,6 @@ template <int D, int BITS> __host__ __device__ inline size_t warp_bytes(int stag
   return (size_t)S::NSTG * stage_bytes + kTok * S::RS * 2 + S::KS * 2 * 32 * 8 + kTok * 8;
 }
 template <int D, int BITS> __host__ __device__ constexpr size_t table_bytes() { return (size_t)kChunk * Shape<D, BITS>::RSC * 16; }
-// 4-bit values: a pair table of the value codebook at the start of the dynamic shared memory, entry e
-// (a byte of two codes: low nibble the even channel) = half2(cb[e & 15], cb[e >> 4]), in kVPairCopies
-// copies side by side (entry e, copy c at word kVPairCopies * e + c; lane l reads copy l % 4, so the
-// 32 random entries of a warp's load meet ~2.4-way bank conflicts instead of ~3.5). One shift, one LOP3
-// and one shared load per two codes, against five byte permutes and logic ops through the
-// register book.
-constexpr int kVPairCopies = 4;
-template <int BITS> __host__ __device__ constexpr size_t vpair_bytes() { return BITS == 4 ? 256 * kVPairCopies * 4 : 0; }
 inline int stage_bytes_for(int cb, int mb) { return (32 * cb + 16 * mb + 15) / 16 * 16; }
 
 // Splits of their own for the sink tokens (blockIdx.x 0 .. nsink - 1 of each row and head group):
@@ -321,10 +313,7 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
   constexpr int NWK = S::NWK, RSC = S::RSC;
   SQZ_DYNAMIC_SMEM(smem_raw);
   // (TMA: boxes land at 128-byte aligned addresses; the launch adds the 128 bytes)
-  // (the value pair table first: its address is then a constant of the launch, folded into the loads)
-  constexpr unsigned kVP = (unsigned)vpair_bytes<BITS>();
-  const unsigned vpt = smem_u32(smem_raw);
-  uint8_t* const smem = smem_raw + kVP + (TMA ? ((128u - ((smem_u32(smem_raw) + kVP) & 127u)) & 127u) : 0u);
+  uint8_t* const smem = smem_raw + (TMA ? ((128u - (smem_u32(smem_raw) & 127u)) & 127u) : 0u);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int r = lane >> 2, c4 = lane & 3;  // fragment row (token / head) and column pair
   // With sink tokens, blocks x < nsink (plan_with_sink) of each (row, head group) are the sink
@@ -373,12 +362,6 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
     for (int w = 0; w < TW; ++w) { books[tid][0][w] = bk.lo[w]; books[tid][1][w] = bk.hi[w]; }
   }
   if (tid < (1 << BITS)) kbook[tid] = kvq::book_entry(g.key_cb[tid]);
-  if constexpr (kVP > 0)
-    for (int e = tid; e < 256 * kVPairCopies; e += blockDim.x) {
-      const int ent = e / kVPairCopies;
-      tc::sts32(vpt + (unsigned)(4 * e), __uint_as_float(h2u(__halves2half2(__float2half_rn(kvq::book_entry(g.val_cb[ent & 15])),
-                                                                       __float2half_rn(kvq::book_entry(g.val_cb[ent >> 4]))))));
-    }
   const bool row_found = __syncthreads_or(row_mine);
   auto book = [&](int i) {
     Book<TW> bk;
@@ -704,23 +687,12 @@ planes_kernel(Geo g, const T* __restrict__ q, const float* __restrict__ inv_freq
         const int tl = lane & 15;
         const uint8_t* vrow = sbp + 16 * CB + tl * CB;
         static_assert(S::NB % 2 == 0, "two lanes per token row");
-        const unsigned vcopy = (unsigned)(lane % kVPairCopies) * 4u;  // (4-bit: this lane's copy of the pair table)
 #pragma unroll
         for (int jj = 0; jj < S::NB / 2; ++jj) {
           const int j = 2 * jj + (lane >> 4);
           unsigned w[2], v[8];
           stream_words<2, BITS != 3>(vrow, 16 * BITS * j, w);
-          if constexpr (kVP > 0) {
-            // byte k of the 16 codes = the codes of channels 2k, 2k + 1: entry offset 16 * byte + copy
-#pragma unroll
-            for (int k = 0; k < 8; ++k) {
-              const unsigned x = w[k >> 2], sh = 8 * (k & 3);
-              const unsigned off = ((k & 3) == 0 ? x << 4 : x >> (sh - 4)) & 0xff0u;
-              v[k] = ld_shared_u32(vpt + (off | vcopy));
-            }
-          } else {
-            tc::value_block<BITS, TW>(w, 0, vbk, v);
-          }
+          tc::value_block<BITS, TW>(w, 0, vbk, v);
           sts128(vt + swz<RS>(tl, 2 * j), v[0], v[1], v[2], v[3]);
           sts128(vt + swz<RS>(tl, 2 * j + 1), v[4], v[5], v[6], v[7]);
         }
@@ -812,7 +784,7 @@ void launch(const Tensor& out, const Tensor& q, const Geo& g, const Tensor& inv_
             int nsink, float* part, cudaStream_t stream) {
   const int N = (int)q.dim(0), Hq = (int)q.dim(1);
   const int stage = stage_bytes_for(Shape<D, BITS>::CB, g.mbytes);
-  const size_t smem = vpair_bytes<BITS>() + table_bytes<D, BITS>() + (size_t)pl.hpb * warp_bytes<D, BITS>(stage);
+  const size_t smem = table_bytes<D, BITS>() + (size_t)pl.hpb * warp_bytes<D, BITS>(stage);
   CUtensorMap km{}, vm{}, mm{};
   if (tma_maps(g, Shape<D, BITS>::CB, km, vm, mm))
     launch_copies<T, D, BITS, true>(q, g, inv_freq, scale, pl, nsink, part, stage, smem, km, vm, mm, stream);
