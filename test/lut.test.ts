@@ -666,8 +666,7 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
   // M <= 8 on Hopper: each warp's code units come through a ring of bulk copies into shared memory
   // (SQUEEZELM_LUT_RING=0: register buffers). Several row groups per block (the ring runs on across
   // them), K = 256 + 32 (3 units at 4 bits: most warps have none) and K with a tail, both widths,
-  // dense-only and dense-and-sparse, and the M <= 2 outlier split. 4-bit D+S at M = 6-8 reads its
-  // outliers through xT, on the ring where there is one (ring=1) and on register buffers (ring=0).
+  // dense-only and dense-and-sparse, and the M <= 2 outlier split.
   // 3-bit at M <= 2: 4 warps per block where the row groups outnumber the 8-warp wave (N = 9605 here),
   // else 8 (N = 37); SQUEEZELM_LUT_DECODE_WARPS forces each on the other shapes.
   test(`M = 1-8: code ring and register buffers (seed ${seed})`, async () => {

@@ -1949,11 +1949,6 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
 #undef SQZ_GEMV_RING
       return;
     }
-    // 4-bit M = 6-8 with outliers through xT: the two-unit code ring, as the dense launches of these M
-    // take (SQUEEZELM_LUT_RING_XT=0: the register buffers; tuning, A/B).
-    if constexpr (BITS == 4)
-      if (xt && M <= 8 && ring_env != 0 && hopper_kernels_available() && env_int("SQUEEZELM_LUT_RING_XT", 1) != 0)
-        return launch_gemv<T, BITS, 1, P1, true, 2, 1, 0, true, GV_WARPS, 0, 2, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st);
     if (xt && M <= 8) launch_gemv_xt<T, BITS, 1, P1, 2, 1, GV_WARPS, 3>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, so, st);
     else if (xt && M <= 16) SQZ_GEMV_M16(true);
     else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
