@@ -83,13 +83,13 @@ function packedCode(c: Int32Array, N: number, K: number, bits: number, n: number
   const ch = Math.floor(kk / 32), q = Math.floor((kk % 32) / 8), j = kk % 8;
   const base = (tile * U + u) * 64 * WU;
   const w = (i: number) => c[base + ((i >> 2) * 64 + r * 4 + q) * 4 + (i & 3)] >>> 0;
-  let v: number;
-  if (bits === 4) v = w(ch);
-  else {
-    const b = ch >> 2, cc = ch & 3;
-    v = cc < 3 ? w(3 * b + cc) & 0xffffff : (w(3 * b) >>> 24) | ((w(3 * b + 1) >>> 24) << 8) | ((w(3 * b + 2) >>> 24) << 16);
-  }
-  return (v >>> (bits * j)) & ((1 << bits) - 1);
+  if (bits === 4) return (w(ch) >>> (4 * j)) & 15;
+  // 3 bits: pair i = j >> 1 of chunk cc < 3 in the low 6 bits of byte i of word 3b + cc; of chunk 3,
+  // spread over bits 6-7 of byte i of words 3b, 3b + 1, 3b + 2 (2 bits each, low bits first)
+  const b = ch >> 2, cc = ch & 3, i = j >> 1;
+  const pair = cc < 3 ? (w(3 * b + cc) >>> (8 * i)) & 0x3f
+    : [0, 1, 2].reduce((a, s) => a | (((w(3 * b + s) >>> (8 * i + 6)) & 3) << (2 * s)), 0);
+  return (pair >>> (3 * (j & 1))) & 7;
 }
 
 /** Packed codes of a linear on a device (repacked there). */

@@ -21,12 +21,12 @@ namespace {
 constexpr int64_t kDenseMinM = 16;
 constexpr int64_t kDenseMaxBytes = int64_t(512) << 20;
 
-// The 8 codes of (row, quarter q, chunk ch) of a unit as one value: 4-bit 32 bits, 3-bit 24 bits.
-inline uint32_t chunk_bits(const uint32_t* w, int bits, int ch) {
+// The pair bytes of (row, quarter q, chunk ch) of a unit (lut_gemm.h): code j at lut_code_shift(bits, j).
+inline uint32_t chunk_pairs(const uint32_t* w, int bits, int ch) {
   if (bits == 4) return w[ch];
   const int b = ch >> 2, cc = ch & 3;
-  if (cc < 3) return w[3 * b + cc] & 0xffffffu;
-  return (w[3 * b] >> 24) | ((w[3 * b + 1] >> 24) << 8) | ((w[3 * b + 2] >> 24) << 16);
+  if (cc < 3) return w[3 * b + cc] & 0x3f3f3f3fu;
+  return ((w[3 * b] >> 6) & 0x03030303u) | ((w[3 * b + 1] >> 4) & 0x0c0c0c0cu) | ((w[3 * b + 2] >> 2) & 0x30303030u);
 }
 
 // The row kernels of the CPU matmul at small M. For row n and unit u, the words of quarter q are
@@ -55,19 +55,19 @@ void dequant_row_portable(const LutPacked& L, const uint32_t* c, int64_t n, cons
       quarter_words<bits>(rw, q, wq);
       for (int ch = 0; ch < chunks; ++ch) {
         const int64_t k0 = u * L.KU + 32 * ch + 8 * q;
-        const uint32_t v = chunk_bits(wq, bits, ch);
-        for (int j = 0; j < 8; ++j) dst[k0 + j] = k0 + j < K ? table[(v >> (bits * j)) & mask] : 0.f;
+        const uint32_t v = chunk_pairs(wq, bits, ch);
+        for (int j = 0; j < 8; ++j) dst[k0 + j] = k0 + j < K ? table[(v >> lut_code_shift(bits, j)) & mask] : 0.f;
       }
     }
   }
 }
 
 #ifdef SQZ_X86
-// 8 weights of one chunk from its code bits v: 4-bit entries 0-7 and 8-15 in two registers, picked
+// 8 weights of one chunk from its pair bytes v: 4-bit entries 0-7 and 8-15 in two registers, picked
 // by code bit 3 (moved to the sign bit); 3-bit entries in one. Lanes at k >= K are zeroed.
 template <int bits>
 __attribute__((target("avx2,fma"))) inline __m256 chunk_weights(uint32_t v, __m256 t0, __m256 t1, int64_t k0, int64_t K) {
-  const __m256i shifts = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28) : _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+  const __m256i shifts = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28) : _mm256_setr_epi32(0, 3, 8, 11, 16, 19, 24, 27);
   const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)v), shifts), _mm256_set1_epi32((1 << bits) - 1));
   __m256 w = _mm256_permutevar8x32_ps(t0, idx);
   if constexpr (bits == 4) w = _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(t1, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
@@ -92,7 +92,7 @@ __attribute__((target("avx2,fma"))) void dequant_row_avx2(const LutPacked& L, co
       quarter_words<bits>(rw, q, wq);
       for (int ch = 0; ch < chunks; ++ch) {
         const int64_t k0 = u * L.KU + 32 * ch + 8 * q;
-        _mm256_storeu_ps(dst + k0, chunk_weights<bits>(chunk_bits(wq, bits, ch), t0, t1, k0, K));
+        _mm256_storeu_ps(dst + k0, chunk_weights<bits>(chunk_pairs(wq, bits, ch), t0, t1, k0, K));
       }
     }
   }
@@ -119,10 +119,10 @@ __attribute__((target("avx2,fma"))) void rows_dot_avx2(const LutPacked& L, const
       const int64_t kq = u * L.KU + 8 * q;
       for (int ch = 0; ch < chunks; ch += 4) {
         const int64_t k = kq + 32 * ch;
-        const __m256 w0 = chunk_weights<bits>(chunk_bits(wq, bits, ch), t0, t1, k, K);
-        const __m256 w1 = chunk_weights<bits>(chunk_bits(wq, bits, ch + 1), t0, t1, k + 32, K);
-        const __m256 w2 = chunk_weights<bits>(chunk_bits(wq, bits, ch + 2), t0, t1, k + 64, K);
-        const __m256 w3 = chunk_weights<bits>(chunk_bits(wq, bits, ch + 3), t0, t1, k + 96, K);
+        const __m256 w0 = chunk_weights<bits>(chunk_pairs(wq, bits, ch), t0, t1, k, K);
+        const __m256 w1 = chunk_weights<bits>(chunk_pairs(wq, bits, ch + 1), t0, t1, k + 32, K);
+        const __m256 w2 = chunk_weights<bits>(chunk_pairs(wq, bits, ch + 2), t0, t1, k + 64, K);
+        const __m256 w3 = chunk_weights<bits>(chunk_pairs(wq, bits, ch + 3), t0, t1, k + 96, K);
         for (int64_t m = 0; m < M; ++m) {
           const float* xm = x + m * Kp + k;
           const __m256 p01 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 32), _mm256_mul_ps(w0, _mm256_loadu_ps(xm)));
@@ -160,7 +160,7 @@ uint32_t LutPacked::get(const uint32_t* c, int64_t n, int64_t k) const {
   const int ch = (int)(kk / 32), q = (int)((kk % 32) / 8), j = (int)(kk % 8);
   uint32_t w[12];
   for (int i = 0; i < WU; ++i) w[i] = c[word(n, u, q, i)];
-  return (chunk_bits(w, bits, ch) >> (bits * j)) & ((1u << bits) - 1);
+  return (chunk_pairs(w, bits, ch) >> lut_code_shift(bits, j)) & ((1u << bits) - 1);
 }
 
 void LutPacked::put(uint32_t* c, int64_t n, int64_t k, uint32_t code) const {
@@ -170,15 +170,16 @@ void LutPacked::put(uint32_t* c, int64_t n, int64_t k, uint32_t code) const {
     c[word(n, u, q, ch)] |= code << (4 * j);
     return;
   }
-  const int b = ch >> 2, cc = ch & 3, p = 3 * j;
+  const int b = ch >> 2, cc = ch & 3;
   if (cc < 3) {
-    c[word(n, u, q, 3 * b + cc)] |= code << p;
+    c[word(n, u, q, 3 * b + cc)] |= code << lut_code_shift(3, j);
     return;
   }
+  // chunk 3: bit t of its pair i (t = 3 (j % 2) + s) at bit 8i + 6 + t % 2 of word 3b + t / 2
   for (int s = 0; s < 3; ++s)
     if ((code >> s) & 1u) {
-      const int bit = p + s;
-      c[word(n, u, q, 3 * b + bit / 8)] |= 1u << (24 + bit % 8);
+      const int t = 3 * (j & 1) + s;
+      c[word(n, u, q, 3 * b + t / 2)] |= 1u << (8 * (j >> 1) + 6 + t % 2);
     }
 }
 

@@ -19,9 +19,13 @@
 //   pair i = (k = ..+2i, ..+2i+1), e = code(k) | code(k+1) << bits:
 //     4-bit: word c, bits 8i..8i+7 (the interchange word itself: w[c] = qweight word q of group
 //            4u+c);
-//     3-bit: chunks in blocks of 4 (b = c/4, cc = c%4) over words 3b..3b+2: chunk cc < 3 in bits
-//            0..23 of word 3b+cc (pair i at bits 6i..6i+5); chunk 3 in the top bytes:
-//            v = w[3b]>>24 | (w[3b+1]>>24)<<8 | (w[3b+2]>>24)<<16, pair i at bits 6i..6i+5 of v.
+//     3-bit: chunks in blocks of 4 (b = c/4, cc = c%4) over words 3b..3b+2, a pair's 6 bits in
+//            the low bits of a byte: chunk cc < 3 in word 3b+cc, pair i at bits 8i..8i+5; chunk 3 in
+//            the two top bits of every byte: bits 2s, 2s+1 of its pair i at bits 8i+6, 8i+7 of word
+//            3b+s (s = 0..2). So a chunk's "pair bytes" (pair i in byte i) are w[3b+cc] & 0x3f3f3f3f,
+//            or for chunk 3 (w[3b]>>6 & 0x03030303) | (w[3b+1]>>4 & 0x0c0c0c0c) | (w[3b+2]>>2 &
+//            0x30303030), and a pair's lookup offset is one byte permute of them, as at 4 bits.
+//   In a chunk's pair bytes, code j (k = ..+j) sits at bit lut_code_shift(bits, j).
 //   One 16-byte load of a quarter's words is, after a pair-table lookup, exactly the A operand
 //   of mma.m16n8k16 (see csrc/kernels/lut_gemm/lut_gemm.cu).
 //
@@ -56,6 +60,10 @@ SQZ_LUT_HD I lut_pair_row(I p, I H) {
 }
 // Whether rows of an N-row weight can be paired at half H.
 inline bool lut_pairable(int64_t N, int64_t H) { return H > 0 && H % 8 == 0 && N % (2 * H) == 0; }
+
+// Bit offset of code j (0..7) of a chunk in its pair bytes (pair i = codes 2i, 2i+1 in byte i, the
+// first in the low bits): 4j at 4 bits, 8(j/2) + 3(j%2) at 3.
+SQZ_LUT_HD constexpr int lut_code_shift(int bits, int j) { return 8 * (j >> 1) + bits * (j & 1); }
 
 // Decodes code i (0..31) of a 32-code interchange group given the group's `bits` words.
 inline uint32_t lut_code(const uint32_t* w, int bits, int i) {

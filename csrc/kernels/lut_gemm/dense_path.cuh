@@ -23,7 +23,7 @@ namespace dense {
 constexpr int kDefaultMinM = 65;
 
 // The words of (row n, quarter q) of unit u that hold chunks 4b..4b+3, in the packed layout
-// (csrc/cpu/lut_gemm.h), placed so that chunk_bits<BITS>(w, cc) (lut_gemm.cu) reads chunk 4b + cc:
+// (csrc/cpu/lut_gemm.h), placed so that chunk_pairs<BITS>(w, cc) (lut_gemm.cu) reads chunk 4b + cc:
 // 4 bits, the quarter's 4 words (one 16-byte load; b = 0); 3 bits, words 3b..3b+2 at w[0..2].
 template <int BITS>
 __device__ __forceinline__ void load_block(const uint32_t* __restrict__ codes, int n, int u, int b, int q, int U,
@@ -101,10 +101,10 @@ __global__ void __launch_bounds__(kThreads) dequant_rows_kernel(T* __restrict__ 
       for (int cc = 0; cc < 4; ++cc) {
         const int k0 = u * G::KU + 128 * b + 32 * cc + 8 * q;
         if (k0 >= K) continue;
-        const uint32_t v = chunk_bits<BITS>(wv[i], cc);  // code j at bits BITS*j (3 bits: bits 0..23)
+        const uint32_t v = chunk_pairs<BITS>(wv[i], cc);  // code j at bit cpu::lut_code_shift(BITS, j)
         float e[8];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) e[j] = tab[(v >> (BITS * j)) & (E - 1)];
+        for (int j = 0; j < 8; ++j) e[j] = tab[(v >> cpu::lut_code_shift(BITS, j)) & (E - 1)];
         if (K % 8 == 0) {
           uint4 o;
           o.x = pack2<T>(Cvt<T>::t(e[0]), Cvt<T>::t(e[1]));
@@ -130,8 +130,8 @@ __global__ void __launch_bounds__(kThreads) dequant_rows_kernel(T* __restrict__ 
     uint32_t cv = 0;
 #pragma unroll
     for (int cc = 0; cc < 4; ++cc)  // (a compile-time chunk: no dynamic index into wq)
-      if (cc == (c & 3)) cv = chunk_bits<BITS>(wq, cc);
-    row[k] = Cvt<T>::t(tab[(cv >> (BITS * (k & 7))) & (E - 1)] + val);
+      if (cc == (c & 3)) cv = chunk_pairs<BITS>(wq, cc);
+    row[k] = Cvt<T>::t(tab[(cv >> cpu::lut_code_shift(BITS, k & 7)) & (E - 1)] + val);
   };
   if (oc >= 0) put(oc, ov);
   for (int j = ob + kThreads + tid; j < oe; j += kThreads) put(cols[j], load_f(vals, vals_f32, j));

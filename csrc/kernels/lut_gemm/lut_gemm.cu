@@ -18,7 +18,10 @@
 //   4-bit (16 KB for 3-bit), built once per block from the 16-entry tables with 16-byte stores
 //   (one store writes the 4 copies of an entry). Entry e of rows g / g+8 sits at byte
 //   e*256 + 128h + 4*lane, so a lookup's offset is one byte permute of the code word with the
-//   lane's byte (4-bit) or one shift and one LOP3 (3-bit): 2-3 instructions per two weights.
+//   lane's byte: 2 instructions per two weights. (The 3-bit layout keeps each pair's 6 bits in the low
+//   bits of a byte, the fourth chunk of every three words spread over the bytes' top two bits, so the
+//   same permute serves it after one mask per word; with pairs at bits 6i of a 24-bit run it took a
+//   shift and a LOP3 per pair.)
 // * The k order inside each 32-wide chunk is permuted exactly as in the dense tensor-core GEMV
 //   (gemm/gemv_tc.cuh): lane quarter q owns k = 8q..8q+7 of every chunk, so its activations are
 //   one 16-byte load per chunk and its codes are contiguous. The repacked codes put the 4 (4-bit)
@@ -239,6 +242,11 @@ __device__ __forceinline__ uint4 load_x8(const T* row, int k, int K, bool valid)
   }
 }
 
+// The pair bytes of the fourth chunk of a 3-bit block from the block's three words (cpu/lut_gemm.h).
+__device__ __forceinline__ uint32_t chunk3_pairs(uint32_t w0, uint32_t w1, uint32_t w2) {
+  return ((w0 >> 6) & 0x03030303u) | ((w1 >> 4) & 0x0c0c0c0cu) | ((w2 >> 2) & 0x30303030u);
+}
+
 template <int BITS> struct Geo {
   static constexpr int KU = BITS == 4 ? 128 : 512;  // k per unit
   static constexpr int WU = BITS == 4 ? 4 : 12;     // words per (row, quarter, unit)
@@ -249,16 +257,17 @@ template <int BITS> struct Geo {
   static constexpr int USTRIDE = 64 * NV;           // uint4 per (tile, unit)
 };
 
-// The 8 codes (4 pairs) of chunk c of a unit from a quarter's words (4-bit: 32 bits, 3-bit: 24).
+// The pair bytes of chunk c of a unit from a quarter's words (pair i = codes 2i, 2i+1 in byte i, the
+// byte's other bits zero; code j at bit cpu::lut_code_shift(BITS, j)): 4-bit, the word itself; 3-bit,
+// one mask for chunks 0-2 of a block, three shifts and three masks for chunk 3 (cpu/lut_gemm.h).
 template <int BITS>
-__device__ __forceinline__ uint32_t chunk_bits(const uint32_t (&w)[Geo<BITS>::WU], int c) {
+__device__ __forceinline__ uint32_t chunk_pairs(const uint32_t (&w)[Geo<BITS>::WU], int c) {
   if constexpr (BITS == 4) {
     return w[c];
   } else {
     const int b = c >> 2, cc = c & 3;
-    if (cc < 3) return w[3 * b + cc];
-    const uint32_t t = __byte_perm(w[3 * b], w[3 * b + 1], 0x0073);
-    return __byte_perm(t, w[3 * b + 2], 0x0710);
+    if (cc < 3) return w[3 * b + cc] & 0x3f3f3f3fu;
+    return chunk3_pairs(w[3 * b], w[3 * b + 1], w[3 * b + 2]);
   }
 }
 
@@ -444,12 +453,10 @@ __device__ __forceinline__ void fma8(float (&s)[8], float v, uint4 xq) {
 template <int MT, int RT> constexpr int gemv_outr() { return MT * RT == 1 ? 6 : MT * RT == 2 ? 3 : 2; }
 
 // Pair tables, for row tile rt: entry e of row 16rt + 8h + g, copy q, at byte
-// rt*E2*256 + e*256 + h*128 + 4*(4g + q). A lane's lookup offset is then one byte permute (4-bit:
-// the pair's byte next to the lane's byte 4*lane + 128h) or one shift and one LOP3 (3-bit).
-template <int BITS>
-__device__ __forceinline__ uint32_t pair_off(uint32_t v, uint32_t v8, uint32_t lb, int i) {
-  if constexpr (BITS == 4) return __byte_perm(v, lb, 0x5504u | ((uint32_t)i << 4));
-  else return ((v8 >> (6 * i)) & 0x3f00u) | lb;
+// rt*E2*256 + e*256 + h*128 + 4*(4g + q). A lane's lookup offset is then one byte permute of the
+// chunk's pair bytes (chunk_pairs): the pair's byte next to the lane's byte 4*lane + 128h.
+__device__ __forceinline__ uint32_t pair_off(uint32_t v, uint32_t lb, int i) {
+  return __byte_perm(v, lb, 0x5504u | ((uint32_t)i << 4));
 }
 // A lookup: table base (a constant of the launch) + permuted offset, by shared-window address.
 __device__ __forceinline__ uint32_t lds_at(uint32_t base, uint32_t off) { return ld_shared_u32(base + off); }
@@ -478,12 +485,11 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt) {
         const uint32_t tr = tbl + (uint32_t)(rt * E2 * 256);
-        const uint32_t va = chunk_bits<BITS>(wa[rt], c4 + c), vb = chunk_bits<BITS>(wb[rt], c4 + c);
-        const uint32_t va8 = va << 8, vb8 = vb << 8;
-        const uint32_t a0 = lds_at(tr, pair_off<BITS>(va, va8, lb0, 0)), a1 = lds_at(tr, pair_off<BITS>(vb, vb8, lb1, 0));
-        const uint32_t a2 = lds_at(tr, pair_off<BITS>(va, va8, lb0, 1)), a3 = lds_at(tr, pair_off<BITS>(vb, vb8, lb1, 1));
-        const uint32_t a4 = lds_at(tr, pair_off<BITS>(va, va8, lb0, 2)), a5 = lds_at(tr, pair_off<BITS>(vb, vb8, lb1, 2));
-        const uint32_t a6 = lds_at(tr, pair_off<BITS>(va, va8, lb0, 3)), a7 = lds_at(tr, pair_off<BITS>(vb, vb8, lb1, 3));
+        const uint32_t va = chunk_pairs<BITS>(wa[rt], c4 + c), vb = chunk_pairs<BITS>(wb[rt], c4 + c);
+        const uint32_t a0 = lds_at(tr, pair_off(va, lb0, 0)), a1 = lds_at(tr, pair_off(vb, lb1, 0));
+        const uint32_t a2 = lds_at(tr, pair_off(va, lb0, 1)), a3 = lds_at(tr, pair_off(vb, lb1, 1));
+        const uint32_t a4 = lds_at(tr, pair_off(va, lb0, 2)), a5 = lds_at(tr, pair_off(vb, lb1, 2));
+        const uint32_t a6 = lds_at(tr, pair_off(va, lb0, 3)), a7 = lds_at(tr, pair_off(vb, lb1, 3));
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
           mma_16816<T>(acc[rt][i], a0, a1, a2, a3, xv[c][i].x, xv[c][i].y);
@@ -1392,9 +1398,9 @@ __global__ void __launch_bounds__(PM_THREADS, 2)
       const uint32_t* src = cs + (size_t)buf * CW * 512 + tid + it * PM_THREADS;
       uint32_t v;
       if constexpr (BITS == 4) v = src[0];
-      else v = (c & 3) < 3 ? src[0] : __byte_perm(__byte_perm(src[0], src[512], 0x0073), src[1024], 0x0710);
+      else v = (c & 3) < 3 ? src[0] : chunk3_pairs(src[0], src[512], src[1024]);  // (bits 6-7 of chunks 0-2 unread)
 #pragma unroll
-      for (int j = 0; j < 8; ++j) w[it][j] = lut_s[((v >> (BITS * j)) & (E - 1)) * PBN + r];
+      for (int j = 0; j < 8; ++j) w[it][j] = lut_s[((v >> cpu::lut_code_shift(BITS, j)) & (E - 1)) * PBN + r];
     }
     // This stage's outliers of row r (cols sorted): those of quarters q0 and q0 + 2 are ours.
     const int base = s * PBK;
@@ -1511,13 +1517,14 @@ __global__ void lut_repack_kernel(uint32_t* __restrict__ dst, const uint32_t* __
     if constexpr (BITS == 4) {
       out[c] = v;
     } else {
+      // pair i (bits 6i..6i+5 of v) into byte i, then placed as cpu/lut_gemm.h lays chunk c out
+      const uint32_t p = (v & 0x3fu) | ((v << 2) & 0x3f00u) | ((v << 4) & 0x3f0000u) | ((v << 6) & 0x3f000000u);
       const int b = c >> 2, cc = c & 3;
       if (cc < 3) {
-        out[3 * b + cc] |= v;
+        out[3 * b + cc] |= p;
       } else {
-        out[3 * b] |= (v & 0xffu) << 24;
-        out[3 * b + 1] |= ((v >> 8) & 0xffu) << 24;
-        out[3 * b + 2] |= ((v >> 16) & 0xffu) << 24;
+#pragma unroll
+        for (int s2 = 0; s2 < 3; ++s2) out[3 * b + s2] |= ((p >> (2 * s2)) & 0x03030303u) << 6;
       }
     }
   }
