@@ -208,8 +208,7 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
         // No projection naming the next one (decoder.prefetchLut: its first codes requested into L2; the
         // 3-bit GEMVs ignore the hint, so 4 bits only)
         ...(bits === 4 ? [['no next-projection prefetch', () => { dec.prefetchLut = false; }] as [string, () => void]] : []),
-        // (3-bit layers take the norm kernels by default, decoder.fuseLutNorm3Bit: the row fuses it there)
-        bits === 3 ? ['RMSNorm fused in front', () => { dec.fuseLutNorm3Bit = true; }] : ['RMSNorm apart', () => { dec.fuseLutNorm = false; }],
+        ['RMSNorm apart', () => { dec.fuseLutNorm = false; }],
         ['RMSNorm and RoPE/append apart', () => { dec.fuseLutNorm = false; dec.fuseLutRope = false; }],
         ['RMSNorm, RoPE/append and siluMul apart', () => { dec.fuseLutNorm = false; dec.fuseLutRope = false; dec.fuseLutSilu = false; }],
       ];
@@ -226,7 +225,6 @@ export async function benchDecodeQuant(ctx: BenchContext, opts: DecodeQuantOptio
         } finally {
           delete process.env.SQUEEZELM_LUT_EPI_KERNELS;
           dec.fuseLutNorm = true;
-          dec.fuseLutNorm3Bit = false;
           dec.fuseLutRope = true;
           dec.fuseLutSilu = true;
           dec.prefetchLut = true;

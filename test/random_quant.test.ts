@@ -284,7 +284,7 @@ describeGpu('createRandomModel with quantize (cuda)', () => {
     }
   });
 
-  test('fused decode, 3-bit: the RMSNorm stays a kernel of its own unless fuseLutNorm3Bit; same logits and tokens either way', async () => {
+  test('fused decode, 3-bit: the RMSNorm goes in with the projections, or is a kernel of its own without fuseLutNorm; same logits and tokens either way', async () => {
     const m = await createRandomModel(CONFIG, { device: 'cuda', seed: 23, maxBatch: 2, maxContext: 64, quantize: { bits: 3, outliers: 0.02, iters: 10 } });
     try {
       const layers = m.decoder.w.layers;
@@ -293,15 +293,16 @@ describeGpu('createRandomModel with quantize (cuda)', () => {
         ...layers.map((l) => jest.spyOn(l.wqkv as unknown as { ropeAppend(...a: unknown[]): void }, 'ropeAppend')),
       ];
       const normed = () => spies.map((s, i) => s.mock.calls.length > 0 && s.mock.calls.every((c) => normOf(c[i < layers.length ? 2 : 4]) !== undefined));
-      expect(m.decoder.fuseLutNorm3Bit).toBe(false);
-      const apart = await decodeOutputs(m);
-      expect(normed().some((v) => v)).toBe(false);
-      expect(spies.every((s) => s.mock.calls.length >= 2)).toBe(true);
-      spies.forEach((s) => s.mockClear());
-      m.decoder.fuseLutNorm3Bit = true;
-      m.graphs = false;  // (the graphs captured above hold the launches without the norm)
+      expect(m.decoder.fuseLutNorm).toBe(true);
       const fused = await decodeOutputs(m);
       expect(normed().every((v) => v)).toBe(true);
+      expect(spies.every((s) => s.mock.calls.length >= 2)).toBe(true);
+      spies.forEach((s) => s.mockClear());
+      m.decoder.fuseLutNorm = false;
+      m.graphs = false;  // (the graphs captured above hold the launches with the norm)
+      const apart = await decodeOutputs(m);
+      expect(spies.every((s) => s.mock.calls.length >= 2)).toBe(true);
+      expect(normed().some((v) => v)).toBe(false);
       expectSameOutputs(fused, apart);
       spies.forEach((s) => s.mockRestore());
     } finally {

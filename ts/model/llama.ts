@@ -8,7 +8,7 @@ import { SqueezeError } from '../errors';
 import { DType, Tensor } from '../tensor';
 import * as ops from '../ops';
 import { ModelConfig } from './config';
-import { LayerWeights, ModelWeights } from './weights';
+import { ModelWeights } from './weights';
 import { KVCache } from '../runtime/kv-cache';
 import { linearForward, SqueezeLinearModule } from '../quant/squeezellm';
 import type { LutNormOptions } from '../ops/lut';
@@ -256,14 +256,12 @@ export class Decoder {
    * With fuse: a quantized projection that reads a block's RMSNorm computes that norm itself (the
    * q|k|v and gate|up projections, lutMatmulPacked's normWeight), and one that ends a block adds its
    * output to the residual stream in its epilogue (o and down, forwardAdd): two norm kernels fewer
-   * per layer. Only in layers whose q|k|v and gate|up are 4-bit: every block of the GEMV normalises x
-   * again, and the 3-bit decode GEMVs run twice as many blocks (4 per SM); a LLaMA-2-7B-shaped 3-bit
-   * step took 2367 us with the norm fused there against 2240 with the norm kernels (4-bit: 2481 /
-   * 2479; H100, docs/log/squeezellm-kernels.md). SQUEEZELM_LUT_NORM=0 starts it off.
+   * per layer. A LLaMA-2-7B-shaped step on an H100 (04f62f4), norm fused / apart: 4-bit 2424 / 2558 us,
+   * 3-bit 2131 / 2162 us (docs/log/squeezellm-kernels.md; every block of the GEMV normalises x again,
+   * which cost the 3-bit step more than it saved before the 3-bit lookups took one byte permute).
+   * SQUEEZELM_LUT_NORM=0 starts it off.
    */
   fuseLutNorm = process.env.SQUEEZELM_LUT_NORM !== '0';
-  /** With fuseLutNorm: the same in layers with 3-bit projections (SQUEEZELM_LUT_NORM=1 starts it on). */
-  fuseLutNorm3Bit = process.env.SQUEEZELM_LUT_NORM === '1';
   /**
    * With fuse and fuseRopeAppend: a quantized q|k|v projection stored paired (linearPairHalf) does RoPE
    * and the fp16 cache append in its epilogue (SqueezeLinearModule.ropeAppend); SQUEEZELM_LUT_ROPE=0
@@ -589,12 +587,8 @@ export class Decoder {
   private forwardFused(ws: Workspace, maxQ: number, maxSeqLen: number): void {
     const { cfg, w } = this;
     const eps = cfg.rmsNormEps;
-    // The CUDA GEMV takes the norm for up to 2 rows (canFuse) with K a multiple of 8; in front of
-    // 4-bit projections only, unless asked (fuseLutNorm3Bit).
-    const lutNormAll = this.fuseLutNorm && cfg.hiddenSize % 8 === 0;
-    const normPays = (L: LayerWeights): boolean =>
-      this.fuseLutNorm3Bit || [L.wqkv, L.wgu].every((m) => m instanceof Tensor || m.bits === 4);
-    let lutNorm = lutNormAll;
+    // The CUDA GEMV takes the norm for up to 2 rows (canFuse) with K a multiple of 8.
+    const lutNorm = this.fuseLutNorm && cfg.hiddenSize % 8 === 0;
     // The quantized linear a launch names as the one after it (prefetchLut), or null.
     const after = (m: Tensor | SqueezeLinearModule | undefined): SqueezeLinearModule | null =>
       this.prefetchLut && m !== undefined && !(m instanceof Tensor) ? m : null;
@@ -624,7 +618,6 @@ export class Decoder {
     ops.embedding(ws.x, ws.ids, w.embed);
     for (let l = 0; l < cfg.numLayers; l++) {
       const L = w.layers[l];
-      lutNorm = lutNormAll && normPays(L);
       if (L.wqkv instanceof Tensor && !this.attn && this.fuseRopeAppend) {
         // q|k|v projection with RoPE and the fp16 cache append in its epilogue, then attention
         flush();
