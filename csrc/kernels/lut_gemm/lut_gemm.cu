@@ -1639,9 +1639,10 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
 // 22016x4096 22.6 / 19.4; with 256 row groups (4096 rows) 4 warps lost (5.02 against 5.55 us at
 // 4096x4096), hence the rule. A 6-layer LLaMA-2-7B-shaped 3-bit step (the RMSNorm fused in front): 536
 // us with 8 warps everywhere, 520 with 4 for the q|k|v and gate|up launches as the rule gives, 553 with
-// 4 for the o and down projections (4096 rows) as well. (With 4 warps the decoder now runs the norm as
-// a kernel of its own in front of 3-bit projections: every block of the fused one normalises x again,
-// ts/model/llama.ts fuseLutNorm.) SQUEEZELM_LUT_DECODE_WARPS=4 / 8 forces one (tuning, tests).
+// 4 for the o and down projections (4096 rows) as well. (With 4 warps every block of the fused norm
+// normalises x again, which made the norm kernel apart the faster 3-bit step until the 3-bit lookups
+// took one byte permute; ts/model/llama.ts fuseLutNorm.) SQUEEZELM_LUT_DECODE_WARPS=4 / 8 forces one
+// (tuning, tests).
 bool decode_w4(int N) {
   const int forced = env_int("SQUEEZELM_LUT_DECODE_WARPS", 0);
   if (forced == 4 || forced == 8) return forced == 4;
