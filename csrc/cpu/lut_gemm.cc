@@ -21,14 +21,6 @@ namespace {
 constexpr int64_t kDenseMinM = 16;
 constexpr int64_t kDenseMaxBytes = int64_t(512) << 20;
 
-// The pair bytes of (row, quarter q, chunk ch) of a unit (lut_gemm.h): code j at lut_code_shift(bits, j).
-inline uint32_t chunk_pairs(const uint32_t* w, int bits, int ch) {
-  if (bits == 4) return w[ch];
-  const int b = ch >> 2, cc = ch & 3;
-  if (cc < 3) return w[3 * b + cc] & 0x3f3f3f3fu;
-  return ((w[3 * b] >> 6) & 0x03030303u) | ((w[3 * b + 1] >> 4) & 0x0c0c0c0cu) | ((w[3 * b + 2] >> 2) & 0x30303030u);
-}
-
 // The row kernels of the CPU matmul at small M. For row n and unit u, the words of quarter q are
 // at row_words(L, c, n, u) + (w / 4) * 256 + q * 4 + w % 4 (see the layout in lut_gemm.h), and
 // chunk ch of quarter q holds the 8 codes of k = u * KU + 32 ch + 8 q .. + 7.
@@ -55,7 +47,7 @@ void dequant_row_portable(const LutPacked& L, const uint32_t* c, int64_t n, cons
       quarter_words<bits>(rw, q, wq);
       for (int ch = 0; ch < chunks; ++ch) {
         const int64_t k0 = u * L.KU + 32 * ch + 8 * q;
-        const uint32_t v = chunk_pairs(wq, bits, ch);
+        const uint32_t v = lut_chunk_pairs(wq, bits, ch);
         for (int j = 0; j < 8; ++j) dst[k0 + j] = k0 + j < K ? table[(v >> lut_code_shift(bits, j)) & mask] : 0.f;
       }
     }
@@ -92,7 +84,7 @@ __attribute__((target("avx2,fma"))) void dequant_row_avx2(const LutPacked& L, co
       quarter_words<bits>(rw, q, wq);
       for (int ch = 0; ch < chunks; ++ch) {
         const int64_t k0 = u * L.KU + 32 * ch + 8 * q;
-        _mm256_storeu_ps(dst + k0, chunk_weights<bits>(chunk_pairs(wq, bits, ch), t0, t1, k0, K));
+        _mm256_storeu_ps(dst + k0, chunk_weights<bits>(lut_chunk_pairs(wq, bits, ch), t0, t1, k0, K));
       }
     }
   }
@@ -119,10 +111,10 @@ __attribute__((target("avx2,fma"))) void rows_dot_avx2(const LutPacked& L, const
       const int64_t kq = u * L.KU + 8 * q;
       for (int ch = 0; ch < chunks; ch += 4) {
         const int64_t k = kq + 32 * ch;
-        const __m256 w0 = chunk_weights<bits>(chunk_pairs(wq, bits, ch), t0, t1, k, K);
-        const __m256 w1 = chunk_weights<bits>(chunk_pairs(wq, bits, ch + 1), t0, t1, k + 32, K);
-        const __m256 w2 = chunk_weights<bits>(chunk_pairs(wq, bits, ch + 2), t0, t1, k + 64, K);
-        const __m256 w3 = chunk_weights<bits>(chunk_pairs(wq, bits, ch + 3), t0, t1, k + 96, K);
+        const __m256 w0 = chunk_weights<bits>(lut_chunk_pairs(wq, bits, ch), t0, t1, k, K);
+        const __m256 w1 = chunk_weights<bits>(lut_chunk_pairs(wq, bits, ch + 1), t0, t1, k + 32, K);
+        const __m256 w2 = chunk_weights<bits>(lut_chunk_pairs(wq, bits, ch + 2), t0, t1, k + 64, K);
+        const __m256 w3 = chunk_weights<bits>(lut_chunk_pairs(wq, bits, ch + 3), t0, t1, k + 96, K);
         for (int64_t m = 0; m < M; ++m) {
           const float* xm = x + m * Kp + k;
           const __m256 p01 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 32), _mm256_mul_ps(w0, _mm256_loadu_ps(xm)));
@@ -160,7 +152,7 @@ uint32_t LutPacked::get(const uint32_t* c, int64_t n, int64_t k) const {
   const int ch = (int)(kk / 32), q = (int)((kk % 32) / 8), j = (int)(kk % 8);
   uint32_t w[12];
   for (int i = 0; i < WU; ++i) w[i] = c[word(n, u, q, i)];
-  return (chunk_pairs(w, bits, ch) >> lut_code_shift(bits, j)) & ((1u << bits) - 1);
+  return (lut_chunk_pairs(w, bits, ch) >> lut_code_shift(bits, j)) & ((1u << bits) - 1);
 }
 
 void LutPacked::put(uint32_t* c, int64_t n, int64_t k, uint32_t code) const {

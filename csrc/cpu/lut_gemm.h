@@ -65,6 +65,21 @@ inline bool lut_pairable(int64_t N, int64_t H) { return H > 0 && H % 8 == 0 && N
 // first in the low bits): 4j at 4 bits, 8(j/2) + 3(j%2) at 3.
 SQZ_LUT_HD constexpr int lut_code_shift(int bits, int j) { return 8 * (j >> 1) + bits * (j & 1); }
 
+// The pair bytes of the fourth chunk of a 3-bit block from the block's three words (the layout above).
+SQZ_LUT_HD uint32_t lut_chunk3_pairs(uint32_t w0, uint32_t w1, uint32_t w2) {
+  return ((w0 >> 6) & 0x03030303u) | ((w1 >> 4) & 0x0c0c0c0cu) | ((w2 >> 2) & 0x30303030u);
+}
+// The pair bytes of chunk c of a unit from the words w of one (row, quarter) (the layout above):
+// 4-bit, word c itself; 3-bit, one mask for chunks 0-2 of a block, three shifts and masks for chunk 3.
+// The CPU op and every CUDA kernel read codes through it (in the kernels w is a register array and c
+// a constant once unrolled).
+SQZ_LUT_HD uint32_t lut_chunk_pairs(const uint32_t* w, int bits, int c) {
+  if (bits == 4) return w[c];
+  const int b = c >> 2, cc = c & 3;
+  if (cc < 3) return w[3 * b + cc] & 0x3f3f3f3fu;
+  return lut_chunk3_pairs(w[3 * b], w[3 * b + 1], w[3 * b + 2]);
+}
+
 // Decodes code i (0..31) of a 32-code interchange group given the group's `bits` words.
 inline uint32_t lut_code(const uint32_t* w, int bits, int i) {
   if (bits == 4) return (w[i >> 3] >> ((i & 7) * 4)) & 15u;

@@ -242,11 +242,6 @@ __device__ __forceinline__ uint4 load_x8(const T* row, int k, int K, bool valid)
   }
 }
 
-// The pair bytes of the fourth chunk of a 3-bit block from the block's three words (cpu/lut_gemm.h).
-__device__ __forceinline__ uint32_t chunk3_pairs(uint32_t w0, uint32_t w1, uint32_t w2) {
-  return ((w0 >> 6) & 0x03030303u) | ((w1 >> 4) & 0x0c0c0c0cu) | ((w2 >> 2) & 0x30303030u);
-}
-
 template <int BITS> struct Geo {
   static constexpr int KU = BITS == 4 ? 128 : 512;  // k per unit
   static constexpr int WU = BITS == 4 ? 4 : 12;     // words per (row, quarter, unit)
@@ -258,17 +253,11 @@ template <int BITS> struct Geo {
 };
 
 // The pair bytes of chunk c of a unit from a quarter's words (pair i = codes 2i, 2i+1 in byte i, the
-// byte's other bits zero; code j at bit cpu::lut_code_shift(BITS, j)): 4-bit, the word itself; 3-bit,
-// one mask for chunks 0-2 of a block, three shifts and three masks for chunk 3 (cpu/lut_gemm.h).
+// byte's other bits zero; code j at bit cpu::lut_code_shift(BITS, j)): cpu::lut_chunk_pairs, the CPU
+// op's own reader.
 template <int BITS>
 __device__ __forceinline__ uint32_t chunk_pairs(const uint32_t (&w)[Geo<BITS>::WU], int c) {
-  if constexpr (BITS == 4) {
-    return w[c];
-  } else {
-    const int b = c >> 2, cc = c & 3;
-    if (cc < 3) return w[3 * b + cc] & 0x3f3f3f3fu;
-    return chunk3_pairs(w[3 * b], w[3 * b + 1], w[3 * b + 2]);
-  }
+  return cpu::lut_chunk_pairs(w, BITS, c);
 }
 
 constexpr int GV_WARPS = 8;
@@ -1398,7 +1387,7 @@ __global__ void __launch_bounds__(PM_THREADS, 2)
       const uint32_t* src = cs + (size_t)buf * CW * 512 + tid + it * PM_THREADS;
       uint32_t v;
       if constexpr (BITS == 4) v = src[0];
-      else v = (c & 3) < 3 ? src[0] : chunk3_pairs(src[0], src[512], src[1024]);  // (bits 6-7 of chunks 0-2 unread)
+      else v = (c & 3) < 3 ? src[0] : cpu::lut_chunk3_pairs(src[0], src[512], src[1024]);  // (bits 6-7 of chunks 0-2 unread)
 #pragma unroll
       for (int j = 0; j < 8; ++j) w[it][j] = lut_s[((v >> cpu::lut_code_shift(BITS, j)) & (E - 1)) * PBN + r];
     }
