@@ -145,7 +145,7 @@ int main(int argc, char** argv) {
   // the same split over 4 activation rows (the 4-bit ring kernel at M = 3-4; M = 3 leaves one empty)
   matmul_case(3, 40, 4128, 4, DType::F16, 0.03, kLutStore, false, s++);
   matmul_case(4, 40, 4128, 4, DType::BF16, 0.03, kLutStore, false, s++);
-  // rows so long (12% of K) that a lane has several entries left after the main loop
+  // rows so long (12% of K) that a lane's entries after the main loop fill several batches of 4 and a part
   matmul_case(1, 40, 4128, 4, DType::F16, 0.12, kLutStore, false, s++);
   matmul_case(2, 40, 4640, 3, DType::BF16, 0.12, kLutStore, true, s++);
   matmul_case(4, 40, 4128, 4, DType::F16, 0.12, kLutStore, false, s++);

@@ -884,17 +884,32 @@ __global__ void __launch_bounds__(W * 32, MINB)
         }
       }
     };
-    // OSPLIT: the lane's entries of row g + 8 rr past its first OUTR (rows longer than 4 W OUTR), read now.
+    // OSPLIT: the lane's entries of row g + 8 rr past its first OUTR (rows longer than 4 W OUTR), read now,
+    // RB at a time: the columns and values of RB entries are requested together, then their activations,
+    // so a lane waits about two load latencies per RB entries instead of per entry (a row of the 3-bit
+    // 4-warp kernel at K = 28672 leaves a lane 6 entries here).
     auto sum_rest_outliers = [&](float (&part)[MO], int rr) {
       if constexpr (OSPLIT) {  // (cb, ce are set in the kernels that take this step only)
-        for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += OSTRIDE) {
-          const float v = load_f(vals, vals_f32, j);
-          const int col = cols[j];
-          part[0] = fmaf(v, Cvt<T>::f(xin[col]), part[0]);
-          if (M > 1) part[1] = fmaf(v, Cvt<T>::f(xin[(size_t)K + col]), part[1]);
-          if constexpr (MO == 4) {
-            if (M > 2) part[2] = fmaf(v, Cvt<T>::f(xin[(size_t)2 * K + col]), part[2]);
-            if (M > 3) part[3] = fmaf(v, Cvt<T>::f(xin[(size_t)3 * K + col]), part[3]);
+        constexpr int RB = 4;
+        for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += RB * OSTRIDE) {
+          float v[RB];
+          int col[RB];
+#pragma unroll
+          for (int t = 0; t < RB; ++t) {
+            const int jj = j + t * OSTRIDE;
+            const bool ok = jj < ce[0][rr];
+            v[t] = ok ? load_f(vals, vals_f32, jj) : 0.f;
+            col[t] = ok ? cols[jj] : -1;
+          }
+#pragma unroll
+          for (int t = 0; t < RB; ++t) {
+            if (col[t] < 0) continue;
+            part[0] = fmaf(v[t], Cvt<T>::f(xin[col[t]]), part[0]);
+            if (M > 1) part[1] = fmaf(v[t], Cvt<T>::f(xin[(size_t)K + col[t]]), part[1]);
+            if constexpr (MO == 4) {
+              if (M > 2) part[2] = fmaf(v[t], Cvt<T>::f(xin[(size_t)2 * K + col[t]]), part[2]);
+              if (M > 3) part[3] = fmaf(v[t], Cvt<T>::f(xin[(size_t)3 * K + col[t]]), part[3]);
+            }
           }
         }
       }
