@@ -453,8 +453,11 @@ __device__ __forceinline__ uint32_t lds_at(uint32_t base, uint32_t off) { return
 // RT row tiles (16 rows each) per block share every activation load (x is reread from L2 by
 // every block: RT = 2 halves that traffic for larger M, at 1 block per SM for 4-bit).
 // One unit of K for one warp: wa/wb = the lane's code words of rows g / g+8 of each row tile.
+// With one activation tile and one row tile (M <= 8) the two products of a chunk go to two accumulator
+// sets (acc and acc2, summed after the group's main loop): each is a dependent chain of mma, and one set
+// made every product of a group wait for the one before it.
 template <class T, int BITS, int MT, bool XVEC, int RT>
-__device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_t (&wa)[RT][Geo<BITS>::WU],
+__device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], float (&acc2)[4], const uint32_t (&wa)[RT][Geo<BITS>::WU],
                                           const uint32_t (&wb)[RT][Geo<BITS>::WU], uint32_t tbl,
                                           const T* const (&xr)[MT], const bool (&mv)[MT], int kb, int K,
                                           uint32_t lb0, uint32_t lb1) {
@@ -482,7 +485,8 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], const uint32_
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
           mma_16816<T>(acc[rt][i], a0, a1, a2, a3, xv[c][i].x, xv[c][i].y);
-          mma_16816<T>(acc[rt][i], a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
+          if constexpr (MT * RT == 1) mma_16816<T>(acc2, a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
+          else mma_16816<T>(acc[rt][i], a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
         }
       }
   }
@@ -787,7 +791,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
     }
     if (next < groups) load_meta(next);
 
-    float acc[RT][MT][4];
+    float acc[RT][MT][4], acc2[4] = {0.f, 0.f, 0.f, 0.f};  // acc2: gemv_unit's second chain (M <= 8)
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
@@ -968,7 +972,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
 #pragma unroll
         for (int s = 0; s < UPS; ++s)
           if (s == 0 || u0 + s < U)
-            gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa[s], wb[s], tbl_s, xr, mv, (u0 + s) * G::KU + 8 * q, K, lb0, lb1);
+            gemv_unit<T, BITS, MT, XVEC, RT>(acc, acc2, wa[s], wb[s], tbl_s, xr, mv, (u0 + s) * G::KU + 8 * q, K, lb0, lb1);
       }
     } else
     // P register buffers: unit u is decoded straight from its buffer, which is then refilled with
@@ -989,7 +993,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
             wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
             wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
           }
-        gemv_unit<T, BITS, MT, XVEC, RT>(acc, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
+        gemv_unit<T, BITS, MT, XVEC, RT>(acc, acc2, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
         const int un = u + W * P;
         if (un < U) {
 #pragma unroll
@@ -1229,6 +1233,11 @@ __global__ void __launch_bounds__(W * 32, MINB)
     }
 
     if (RING == 0 && late_pf && !xgroup && next < groups) prefetch();
+
+    if constexpr (MT * RT == 1) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[0][0][j] += acc2[j];
+    }
 
     // 7. Fixed-order reduction over warps. C fragment of row tile rt: acc[rt][i][j] =
     //    y[m = 8i + 2q + (j&1)][n0 + 16rt + g + 8(j>>1)].
