@@ -456,7 +456,7 @@ __device__ __forceinline__ uint32_t lds_at(uint32_t base, uint32_t off) { return
 // With one activation tile and one row tile (M <= 8) the two products of a chunk go to two accumulator
 // sets (acc and acc2, summed after the group's main loop): each is a dependent chain of mma, and one set
 // made every product of a group wait for the one before it.
-template <class T, int BITS, int MT, bool XVEC, int RT>
+template <class T, int BITS, int MT, bool XVEC, int RT, bool DUAL>
 __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], float (&acc2)[4], const uint32_t (&wa)[RT][Geo<BITS>::WU],
                                           const uint32_t (&wb)[RT][Geo<BITS>::WU], uint32_t tbl,
                                           const T* const (&xr)[MT], const bool (&mv)[MT], int kb, int K,
@@ -485,7 +485,7 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], float (&acc2)
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
           mma_16816<T>(acc[rt][i], a0, a1, a2, a3, xv[c][i].x, xv[c][i].y);
-          if constexpr (MT * RT == 1) mma_16816<T>(acc2, a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
+          if constexpr (DUAL) mma_16816<T>(acc2, a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
           else mma_16816<T>(acc[rt][i], a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
         }
       }
@@ -493,7 +493,7 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], float (&acc2)
 }
 
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, int OSPLIT, bool XT, int W, int XPO, int RING,
-          int UPS, bool XS, int EPI, bool NEXT>
+          int UPS, bool XS, int EPI, bool NEXT, int VAR>
 __global__ void __launch_bounds__(W * 32, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
@@ -529,6 +529,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
   // (OSPLIT: XPO > 0 sets the entries per lane and row requested before the main loop, default 2.)
   constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? (XPO > 0 ? XPO : 2) : XT ? 1 : gemv_outr<MT, RT>();
   constexpr int OSTRIDE = OSPLIT ? 4 * W : W;
+  constexpr bool DUAL = VAR != 0 && MT * RT == 1;  // (VAR 0: the kernels before the two chains and the batches)
   SQZ_DYNAMIC_SMEM(smem);
   unsigned char* tbl = smem;  // [RT][E2][2][32] words
   T* lt = reinterpret_cast<T*>(tbl + gemv_table_bytes<BITS, MT, RT, W>());  // [16*RT][E]
@@ -893,7 +894,18 @@ __global__ void __launch_bounds__(W * 32, MINB)
     // so a lane waits about two load latencies per RB entries instead of per entry (a row of the 3-bit
     // 4-warp kernel at K = 28672 leaves a lane 6 entries here).
     auto sum_rest_outliers = [&](float (&part)[MO], int rr) {
-      if constexpr (OSPLIT) {  // (cb, ce are set in the kernels that take this step only)
+      if constexpr (OSPLIT && VAR == 0) {
+        for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += OSTRIDE) {
+          const float v = load_f(vals, vals_f32, j);
+          const int col = cols[j];
+          part[0] = fmaf(v, Cvt<T>::f(xin[col]), part[0]);
+          if (M > 1) part[1] = fmaf(v, Cvt<T>::f(xin[(size_t)K + col]), part[1]);
+          if constexpr (MO == 4) {
+            if (M > 2) part[2] = fmaf(v, Cvt<T>::f(xin[(size_t)2 * K + col]), part[2]);
+            if (M > 3) part[3] = fmaf(v, Cvt<T>::f(xin[(size_t)3 * K + col]), part[3]);
+          }
+        }
+      } else if constexpr (OSPLIT) {  // (cb, ce are set in the kernels that take this step only)
         constexpr int RB = 4;
         for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += RB * OSTRIDE) {
           float v[RB];
@@ -972,7 +984,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
 #pragma unroll
         for (int s = 0; s < UPS; ++s)
           if (s == 0 || u0 + s < U)
-            gemv_unit<T, BITS, MT, XVEC, RT>(acc, acc2, wa[s], wb[s], tbl_s, xr, mv, (u0 + s) * G::KU + 8 * q, K, lb0, lb1);
+            gemv_unit<T, BITS, MT, XVEC, RT, DUAL>(acc, acc2, wa[s], wb[s], tbl_s, xr, mv, (u0 + s) * G::KU + 8 * q, K, lb0, lb1);
       }
     } else
     // P register buffers: unit u is decoded straight from its buffer, which is then refilled with
@@ -993,7 +1005,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
             wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
             wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
           }
-        gemv_unit<T, BITS, MT, XVEC, RT>(acc, acc2, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
+        gemv_unit<T, BITS, MT, XVEC, RT, DUAL>(acc, acc2, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
         const int un = u + W * P;
         if (un < U) {
 #pragma unroll
@@ -1234,7 +1246,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
 
     if (RING == 0 && late_pf && !xgroup && next < groups) prefetch();
 
-    if constexpr (MT * RT == 1) {
+    if constexpr (DUAL) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[0][0][j] += acc2[j];
     }
@@ -1560,7 +1572,8 @@ T* lut_xt_buffer(int mp, int K) {
 // XT: the outliers through xT (written by the launch itself, into the buffer above); where it cannot be
 // had, the same launch gathers from x[m][k] instead.
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, int OSPLIT = 0, bool XT = false,
-          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false, int EPI = kEpiAny, bool NEXT = false>
+          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false, int EPI = kEpiAny, bool NEXT = false,
+          int VAR = 1>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, LutLaunch so, cudaStream_t st) {
   T* xT = nullptr;
@@ -1575,7 +1588,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // occupancy is asked for with them rounded up to whole KiB (never more blocks than fit).
   const size_t xs_kib = XS ? ((size_t)M * K * sizeof(T) + 2 * W * sizeof(float) + 1023) / 1024 : 0;
   const size_t smem = base + (XS ? (size_t)M * K * sizeof(T) + 2 * W * sizeof(float) : 0);
-  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS, XS, EPI, NEXT>;
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS, XS, EPI, NEXT, VAR>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
@@ -1671,14 +1684,14 @@ bool decode_w4(int N) {
 // slots where decode_w4 says), else register
 // buffers, each with or without the outlier split. (The tuning override of the 4-bit ring's slots,
 // SQUEEZELM_LUT_RING_UPS=1, is launch()'s own: it does not apply with the norm fused.)
-template <class T, int BITS, bool XS, int EPI, bool NEXT = false>
+template <class T, int BITS, bool XS, int EPI, bool NEXT = false, int VAR = 1>
 void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp,
                               const void* vp, bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutLaunch so,
                               cudaStream_t st) {
   constexpr int P1 = 2;
   // (NEXT: the ring kernels only; the register-buffer ones, for other GPUs, never request the next codes)
 #define SQZ_DECODE_W(W, MINB, OSPLIT, XPO, RING, UPS)                                                                \
-  launch_gemv<T, BITS, 1, P1, true, MINB, 1, OSPLIT, false, W, XPO, RING, UPS, XS, EPI, NEXT && (RING > 0)>(           \
+  launch_gemv<T, BITS, 1, P1, true, MINB, 1, OSPLIT, false, W, XPO, RING, UPS, XS, EPI, NEXT && (RING > 0), VAR>(      \
       yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
 #define SQZ_DECODE(OSPLIT, XPO, RING, UPS) SQZ_DECODE_W(GV_WARPS, 2, OSPLIT, XPO, RING, UPS)
   if constexpr (BITS == 3) {
@@ -1745,6 +1758,13 @@ void launch_gemv_decode(T* yp, const T* xp, const uint4* q4, const void* lp, boo
                                                                 deep, so, st);                                                \
     SQZ_TABLE(EPI);                                                                                                           \
   } while (0)
+  if constexpr (!XS && std::is_same<T, __half>::value) {
+    // (A/B, temporary: SQUEEZELM_LUT_VARIANT=0 runs the plain f16 products on the kernels as they were
+    // before the two accumulator chains and the outlier batches, in the same process)
+    if (so.mode == kStoreRows && so.half == 0 && !next && env_int("SQUEEZELM_LUT_VARIANT", 1) == 0)
+      return launch_gemv_decode_table<T, BITS, XS, kEpiPlain, false, 0>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring,
+                                                                        osplit, deep, so, st);
+  }
   if (env_int("SQUEEZELM_LUT_EPI_KERNELS", 1) != 0) {
     if constexpr (XS) {
       if (so.mode == kStoreRope) SQZ_TABLE(kStoreRope);
