@@ -453,9 +453,9 @@ __device__ __forceinline__ uint32_t lds_at(uint32_t base, uint32_t off) { return
 // RT row tiles (16 rows each) per block share every activation load (x is reread from L2 by
 // every block: RT = 2 halves that traffic for larger M, at 1 block per SM for 4-bit).
 // One unit of K for one warp: wa/wb = the lane's code words of rows g / g+8 of each row tile.
-// With one activation tile and one row tile (M <= 8) the two products of a chunk go to two accumulator
-// sets (acc and acc2, summed after the group's main loop): each is a dependent chain of mma, and one set
-// made every product of a group wait for the one before it.
+// DUAL (the kernel's NEW: one activation tile and one row tile, M <= 8): the two products of a chunk go to
+// two accumulator sets (acc and acc2, summed after the group's main loop). Each set is a dependent chain of
+// mma; with one set every product of a group waited for the one before it.
 template <class T, int BITS, int MT, bool XVEC, int RT, bool DUAL>
 __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], float (&acc2)[4], const uint32_t (&wa)[RT][Geo<BITS>::WU],
                                           const uint32_t (&wb)[RT][Geo<BITS>::WU], uint32_t tbl,
@@ -493,7 +493,7 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], float (&acc2)
 }
 
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, int OSPLIT, bool XT, int W, int XPO, int RING,
-          int UPS, bool XS, int EPI, bool NEXT, int VAR>
+          int UPS, bool XS, int EPI, bool NEXT>
 __global__ void __launch_bounds__(W * 32, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
@@ -529,7 +529,18 @@ __global__ void __launch_bounds__(W * 32, MINB)
   // (OSPLIT: XPO > 0 sets the entries per lane and row requested before the main loop, default 2.)
   constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? (XPO > 0 ? XPO : 2) : XT ? 1 : gemv_outr<MT, RT>();
   constexpr int OSTRIDE = OSPLIT ? 4 * W : W;
-  constexpr bool DUAL = VAR != 0 && MT * RT == 1;  // (VAR 0: the kernels before the two chains and the batches)
+  // NEW: the two accumulator chains (gemv_unit) and the outlier entries after the main loop read four at a
+  // time (sum_rest_outliers), where they were measured faster: the one-tile kernels without the fused
+  // RMSNorm, the xT step or the 4-row outlier split. H100, M = 1-2, D+S 0.45%, in one process, without /
+  // with, us: 3-bit 8192x28672 38.01 / 37.04, 12288x4096 12.91 / 12.24, 22016x4096 19.94 / 19.28, 28672x8192
+  // 43.17 / 42.69, 4096x4096 4.92 / 4.82, 8192x8192 14.51 / 14.48, 4096x11008 11.38 / 11.46; 4-bit
+  // 8192x8192 14.70 / 14.47, 22016x4096 24.59 / 23.99, 8192x28672 44.06 / 43.57, 12288x4096 13.69 / 13.44,
+  // M = 2 8192x8192 15.11 / 14.78 (docs/log/squeezellm-kernels.md). The kernels with the fused norm, xT
+  // or the split over 4 rows keep one chain: in a bench run of their own with both changes, the 4-bit
+  // M = 4 split took 18.17 against 17.41 us before, the 3-bit xT kernels M = 4 / 8 17.83 / 19.86 against
+  // 17.39 / 19.22, and the decode step (fused norm) did not gain as the norm-apart step did.
+  constexpr bool NEW = MT * RT == 1 && !XT && OSPLIT != 4 && !XS;
+  constexpr bool DUAL = NEW;
   SQZ_DYNAMIC_SMEM(smem);
   unsigned char* tbl = smem;  // [RT][E2][2][32] words
   T* lt = reinterpret_cast<T*>(tbl + gemv_table_bytes<BITS, MT, RT, W>());  // [16*RT][E]
@@ -792,7 +803,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
     }
     if (next < groups) load_meta(next);
 
-    float acc[RT][MT][4], acc2[4] = {0.f, 0.f, 0.f, 0.f};  // acc2: gemv_unit's second chain (M <= 8)
+    float acc[RT][MT][4], acc2[4] = {0.f, 0.f, 0.f, 0.f};  // acc2: gemv_unit's second chain (DUAL)
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
@@ -889,12 +900,12 @@ __global__ void __launch_bounds__(W * 32, MINB)
         }
       }
     };
-    // OSPLIT: the lane's entries of row g + 8 rr past its first OUTR (rows longer than 4 W OUTR), read now,
-    // RB at a time: the columns and values of RB entries are requested together, then their activations,
-    // so a lane waits about two load latencies per RB entries instead of per entry (a row of the 3-bit
-    // 4-warp kernel at K = 28672 leaves a lane 6 entries here).
+    // OSPLIT: the lane's entries of row g + 8 rr past its first OUTR (rows longer than 4 W OUTR), read now.
+    // NEW kernels read them RB at a time: the columns and values of RB entries are requested together, then
+    // their activations, so a lane waits about two load latencies per RB entries instead of per entry (a row
+    // of the 3-bit 4-warp kernel at K = 28672 leaves a lane 6 entries here); the others one by one.
     auto sum_rest_outliers = [&](float (&part)[MO], int rr) {
-      if constexpr (OSPLIT && VAR == 0) {
+      if constexpr (OSPLIT && !NEW) {
         for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += OSTRIDE) {
           const float v = load_f(vals, vals_f32, j);
           const int col = cols[j];
@@ -1572,8 +1583,7 @@ T* lut_xt_buffer(int mp, int K) {
 // XT: the outliers through xT (written by the launch itself, into the buffer above); where it cannot be
 // had, the same launch gathers from x[m][k] instead.
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, int OSPLIT = 0, bool XT = false,
-          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false, int EPI = kEpiAny, bool NEXT = false,
-          int VAR = 1>
+          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false, int EPI = kEpiAny, bool NEXT = false>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, LutLaunch so, cudaStream_t st) {
   T* xT = nullptr;
@@ -1588,7 +1598,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // occupancy is asked for with them rounded up to whole KiB (never more blocks than fit).
   const size_t xs_kib = XS ? ((size_t)M * K * sizeof(T) + 2 * W * sizeof(float) + 1023) / 1024 : 0;
   const size_t smem = base + (XS ? (size_t)M * K * sizeof(T) + 2 * W * sizeof(float) : 0);
-  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS, XS, EPI, NEXT, VAR>;
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS, XS, EPI, NEXT>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
@@ -1684,14 +1694,14 @@ bool decode_w4(int N) {
 // slots where decode_w4 says), else register
 // buffers, each with or without the outlier split. (The tuning override of the 4-bit ring's slots,
 // SQUEEZELM_LUT_RING_UPS=1, is launch()'s own: it does not apply with the norm fused.)
-template <class T, int BITS, bool XS, int EPI, bool NEXT = false, int VAR = 1>
+template <class T, int BITS, bool XS, int EPI, bool NEXT = false>
 void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp,
                               const void* vp, bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutLaunch so,
                               cudaStream_t st) {
   constexpr int P1 = 2;
   // (NEXT: the ring kernels only; the register-buffer ones, for other GPUs, never request the next codes)
 #define SQZ_DECODE_W(W, MINB, OSPLIT, XPO, RING, UPS)                                                                \
-  launch_gemv<T, BITS, 1, P1, true, MINB, 1, OSPLIT, false, W, XPO, RING, UPS, XS, EPI, NEXT && (RING > 0), VAR>(      \
+  launch_gemv<T, BITS, 1, P1, true, MINB, 1, OSPLIT, false, W, XPO, RING, UPS, XS, EPI, NEXT && (RING > 0)>(           \
       yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
 #define SQZ_DECODE(OSPLIT, XPO, RING, UPS) SQZ_DECODE_W(GV_WARPS, 2, OSPLIT, XPO, RING, UPS)
   if constexpr (BITS == 3) {
@@ -1758,13 +1768,6 @@ void launch_gemv_decode(T* yp, const T* xp, const uint4* q4, const void* lp, boo
                                                                 deep, so, st);                                                \
     SQZ_TABLE(EPI);                                                                                                           \
   } while (0)
-  if constexpr (!XS && std::is_same<T, __half>::value) {
-    // (A/B, temporary: SQUEEZELM_LUT_VARIANT=0 runs the plain f16 products on the kernels as they were
-    // before the two accumulator chains and the outlier batches, in the same process)
-    if (so.mode == kStoreRows && so.half == 0 && !next && env_int("SQUEEZELM_LUT_VARIANT", 1) == 0)
-      return launch_gemv_decode_table<T, BITS, XS, kEpiPlain, false, 0>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring,
-                                                                        osplit, deep, so, st);
-  }
   if (env_int("SQUEEZELM_LUT_EPI_KERNELS", 1) != 0) {
     if constexpr (XS) {
       if (so.mode == kStoreRope) SQZ_TABLE(kStoreRope);
