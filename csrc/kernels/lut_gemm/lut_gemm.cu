@@ -453,10 +453,10 @@ __device__ __forceinline__ uint32_t lds_at(uint32_t base, uint32_t off) { return
 // RT row tiles (16 rows each) per block share every activation load (x is reread from L2 by
 // every block: RT = 2 halves that traffic for larger M, at 1 block per SM for 4-bit).
 // One unit of K for one warp: wa/wb = the lane's code words of rows g / g+8 of each row tile.
-// DUAL (the kernel's NEW: one activation tile and one row tile, M <= 8): the two products of a chunk go to
-// two accumulator sets (acc and acc2, summed after the group's main loop). Each set is a dependent chain of
-// mma; with one set every product of a group waited for the one before it.
-template <class T, int BITS, int MT, bool XVEC, int RT, bool DUAL>
+// TWO_CHAINS (the kernel's LEAN_TILE, kernels of one activation tile and one row tile, M <= 8): the two
+// products of a chunk go to two accumulator sets (acc and acc2, summed after the group's main loop). Each
+// set is a dependent chain of mma; with one set every product of a group waited for the one before it.
+template <class T, int BITS, int MT, bool XVEC, int RT, bool TWO_CHAINS>
 __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], float (&acc2)[4], const uint32_t (&wa)[RT][Geo<BITS>::WU],
                                           const uint32_t (&wb)[RT][Geo<BITS>::WU], uint32_t tbl,
                                           const T* const (&xr)[MT], const bool (&mv)[MT], int kb, int K,
@@ -485,7 +485,7 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], float (&acc2)
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
           mma_16816<T>(acc[rt][i], a0, a1, a2, a3, xv[c][i].x, xv[c][i].y);
-          if constexpr (DUAL) mma_16816<T>(acc2, a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
+          if constexpr (TWO_CHAINS) mma_16816<T>(acc2, a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
           else mma_16816<T>(acc[rt][i], a4, a5, a6, a7, xv[c][i].z, xv[c][i].w);
         }
       }
@@ -529,7 +529,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
   // (OSPLIT: XPO > 0 sets the entries per lane and row requested before the main loop, default 2.)
   constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? (XPO > 0 ? XPO : 2) : XT ? 1 : gemv_outr<MT, RT>();
   constexpr int OSTRIDE = OSPLIT ? 4 * W : W;
-  // NEW: the two accumulator chains (gemv_unit) and the outlier entries after the main loop read four at a
+  // LEAN_TILE: the two accumulator chains (gemv_unit) and the outlier entries after the main loop read four at a
   // time (sum_rest_outliers), where they were measured faster: the one-tile kernels without the fused
   // RMSNorm, the xT step or the 4-row outlier split. H100, M = 1-2, D+S 0.45%, in one process, without /
   // with, us: 3-bit 8192x28672 38.01 / 37.04, 12288x4096 12.91 / 12.24, 22016x4096 19.94 / 19.28, 28672x8192
@@ -539,8 +539,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
   // or the split over 4 rows keep one chain: in a bench run of their own with both changes, the 4-bit
   // M = 4 split took 18.17 against 17.41 us before, the 3-bit xT kernels M = 4 / 8 17.83 / 19.86 against
   // 17.39 / 19.22, and the decode step (fused norm) did not gain as the norm-apart step did.
-  constexpr bool NEW = MT * RT == 1 && !XT && OSPLIT != 4 && !XS;
-  constexpr bool DUAL = NEW;
+  constexpr bool LEAN_TILE = MT * RT == 1 && !XT && OSPLIT != 4 && !XS;
   SQZ_DYNAMIC_SMEM(smem);
   unsigned char* tbl = smem;  // [RT][E2][2][32] words
   T* lt = reinterpret_cast<T*>(tbl + gemv_table_bytes<BITS, MT, RT, W>());  // [16*RT][E]
@@ -803,7 +802,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
     }
     if (next < groups) load_meta(next);
 
-    float acc[RT][MT][4], acc2[4] = {0.f, 0.f, 0.f, 0.f};  // acc2: gemv_unit's second chain (DUAL)
+    float acc[RT][MT][4], acc2[4] = {0.f, 0.f, 0.f, 0.f};  // acc2: gemv_unit's second chain (LEAN_TILE)
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
@@ -901,11 +900,11 @@ __global__ void __launch_bounds__(W * 32, MINB)
       }
     };
     // OSPLIT: the lane's entries of row g + 8 rr past its first OUTR (rows longer than 4 W OUTR), read now.
-    // NEW kernels read them RB at a time: the columns and values of RB entries are requested together, then
+    // LEAN_TILE kernels read them RB at a time: the columns and values of RB entries are requested together, then
     // their activations, so a lane waits about two load latencies per RB entries instead of per entry (a row
     // of the 3-bit 4-warp kernel at K = 28672 leaves a lane 6 entries here); the others one by one.
     auto sum_rest_outliers = [&](float (&part)[MO], int rr) {
-      if constexpr (OSPLIT && !NEW) {
+      if constexpr (OSPLIT && !LEAN_TILE) {
         for (int j = cb[0][rr] + OUTR * OSTRIDE; j < ce[0][rr]; j += OSTRIDE) {
           const float v = load_f(vals, vals_f32, j);
           const int col = cols[j];
@@ -995,7 +994,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
 #pragma unroll
         for (int s = 0; s < UPS; ++s)
           if (s == 0 || u0 + s < U)
-            gemv_unit<T, BITS, MT, XVEC, RT, DUAL>(acc, acc2, wa[s], wb[s], tbl_s, xr, mv, (u0 + s) * G::KU + 8 * q, K, lb0, lb1);
+            gemv_unit<T, BITS, MT, XVEC, RT, LEAN_TILE>(acc, acc2, wa[s], wb[s], tbl_s, xr, mv, (u0 + s) * G::KU + 8 * q, K, lb0, lb1);
       }
     } else
     // P register buffers: unit u is decoded straight from its buffer, which is then refilled with
@@ -1016,7 +1015,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
             wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
             wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
           }
-        gemv_unit<T, BITS, MT, XVEC, RT, DUAL>(acc, acc2, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
+        gemv_unit<T, BITS, MT, XVEC, RT, LEAN_TILE>(acc, acc2, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
         const int un = u + W * P;
         if (un < U) {
 #pragma unroll
@@ -1257,7 +1256,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
 
     if (RING == 0 && late_pf && !xgroup && next < groups) prefetch();
 
-    if constexpr (DUAL) {
+    if constexpr (LEAN_TILE) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[0][0][j] += acc2[j];
     }
