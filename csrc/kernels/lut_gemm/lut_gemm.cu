@@ -493,7 +493,7 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], float (&acc2)
 }
 
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, int OSPLIT, bool XT, int W, int XPO, int RING,
-          int UPS, bool XS, int EPI, bool NEXT, int VAR>
+          int UPS, bool XS, int EPI, bool NEXT>
 __global__ void __launch_bounds__(W * 32, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
@@ -539,10 +539,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
   // or the split over 4 rows keep one chain: in a bench run of their own with both changes, the 4-bit
   // M = 4 split took 18.17 against 17.41 us before, the 3-bit xT kernels M = 4 / 8 17.83 / 19.86 against
   // 17.39 / 19.22, and the decode step (fused norm) did not gain as the norm-apart step did.
-  constexpr bool LEAN_TILE = MT * RT == 1 && (VAR == 2 || (!XT && OSPLIT != 4 && !XS));
-  // (A/B, temporary: VAR 1 requests the lines of a row's outlier entries past the lanes' first OUTR into L2
-  // before the main loop; VAR 2 takes LEAN_TILE in every one-tile kernel)
-  constexpr bool OPF = VAR == 1 && OSPLIT != 0;
+  constexpr bool LEAN_TILE = MT * RT == 1 && !XT && OSPLIT != 4 && !XS;
   SQZ_DYNAMIC_SMEM(smem);
   unsigned char* tbl = smem;  // [RT][E2][2][32] words
   T* lt = reinterpret_cast<T*>(tbl + gemv_table_bytes<BITS, MT, RT, W>());  // [16*RT][E]
@@ -783,23 +780,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
             }
           }
         }
-      if constexpr (OPF) {
-        if (rows != nullptr && warp == 0 && q == 0) {
-#pragma unroll
-          for (int rr = 0; rr < 2; ++rr) {
-            const int j0 = ob[0][rr] + OUTR * OSTRIDE, j1 = oe[0][rr];
-            if (j0 < j1) {
-              const uintptr_t c0 = reinterpret_cast<uintptr_t>(cols + j0) & ~(uintptr_t)15;
-              const uintptr_t c1 = (reinterpret_cast<uintptr_t>(cols + j1) + 15) & ~(uintptr_t)15;
-              bulk_prefetch_l2(reinterpret_cast<const void*>(c0), (uint32_t)(c1 - c0));
-              const size_t es = vals_f32 ? 4 : 2;
-              const uintptr_t vb = reinterpret_cast<uintptr_t>(vals);
-              const uintptr_t v0 = (vb + (size_t)j0 * es) & ~(uintptr_t)15, v1 = (vb + (size_t)j1 * es + 15) & ~(uintptr_t)15;
-              bulk_prefetch_l2(reinterpret_cast<const void*>(v0), (uint32_t)(v1 - v0));
-            }
-          }
-        }
-      }
     }
     // XT: this thread's first XP entries (col, raw value), requested now, used in the epilogue.
     // (flags >> 8 & 255: fewer prefetched entries than XP, a tuning knob; 0 = XP.)
@@ -1602,8 +1582,7 @@ T* lut_xt_buffer(int mp, int K) {
 // XT: the outliers through xT (written by the launch itself, into the buffer above); where it cannot be
 // had, the same launch gathers from x[m][k] instead.
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, int OSPLIT = 0, bool XT = false,
-          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false, int EPI = kEpiAny, bool NEXT = false,
-          int VAR = 0>
+          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false, int EPI = kEpiAny, bool NEXT = false>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, LutLaunch so, cudaStream_t st) {
   T* xT = nullptr;
@@ -1618,7 +1597,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // occupancy is asked for with them rounded up to whole KiB (never more blocks than fit).
   const size_t xs_kib = XS ? ((size_t)M * K * sizeof(T) + 2 * W * sizeof(float) + 1023) / 1024 : 0;
   const size_t smem = base + (XS ? (size_t)M * K * sizeof(T) + 2 * W * sizeof(float) : 0);
-  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS, XS, EPI, NEXT, VAR>;
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS, XS, EPI, NEXT>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
@@ -1714,14 +1693,14 @@ bool decode_w4(int N) {
 // slots where decode_w4 says), else register
 // buffers, each with or without the outlier split. (The tuning override of the 4-bit ring's slots,
 // SQUEEZELM_LUT_RING_UPS=1, is launch()'s own: it does not apply with the norm fused.)
-template <class T, int BITS, bool XS, int EPI, bool NEXT = false, int VAR = 0>
+template <class T, int BITS, bool XS, int EPI, bool NEXT = false>
 void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* lp, bool lf, const int* rp, const int* cp,
                               const void* vp, bool vf, int M, int N, int K, int U, bool ring, bool osplit, bool deep, LutLaunch so,
                               cudaStream_t st) {
   constexpr int P1 = 2;
   // (NEXT: the ring kernels only; the register-buffer ones, for other GPUs, never request the next codes)
 #define SQZ_DECODE_W(W, MINB, OSPLIT, XPO, RING, UPS)                                                                \
-  launch_gemv<T, BITS, 1, P1, true, MINB, 1, OSPLIT, false, W, XPO, RING, UPS, XS, EPI, NEXT && (RING > 0), VAR>(      \
+  launch_gemv<T, BITS, 1, P1, true, MINB, 1, OSPLIT, false, W, XPO, RING, UPS, XS, EPI, NEXT && (RING > 0)>(           \
       yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
 #define SQZ_DECODE(OSPLIT, XPO, RING, UPS) SQZ_DECODE_W(GV_WARPS, 2, OSPLIT, XPO, RING, UPS)
   if constexpr (BITS == 3) {
@@ -1788,27 +1767,6 @@ void launch_gemv_decode(T* yp, const T* xp, const uint4* q4, const void* lp, boo
                                                                 deep, so, st);                                                \
     SQZ_TABLE(EPI);                                                                                                           \
   } while (0)
-  if constexpr (std::is_same<T, __half>::value) {
-    // (A/B, temporary: SQUEEZELM_LUT_VARIANT=1 runs the plain f16 products with the outlier lines requested
-    // into L2 before the main loop; =2 runs the fused-norm launches of the step on LEAN_TILE kernels)
-    const int var = env_int("SQUEEZELM_LUT_VARIANT", 0);
-    if (var == 1 && !XS && so.mode == kStoreRows && so.half == 0 && !next)
-      return launch_gemv_decode_table<T, BITS, XS, kEpiPlain, false, 1>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring,
-                                                                        osplit, deep, so, st);
-    if constexpr (XS) {
-      if (var == 2 && so.mode == kStoreRope)
-        return launch_gemv_decode_table<T, BITS, XS, kStoreRope, false, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring,
-                                                                           osplit, deep, so, st);
-      if (var == 2 && so.mode == kStoreSilu) {
-        if constexpr (BITS == 4)
-          if (next)
-            return launch_gemv_decode_table<T, BITS, XS, kStoreSilu, true, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring,
-                                                                              osplit, deep, so, st);
-        return launch_gemv_decode_table<T, BITS, XS, kStoreSilu, false, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, ring,
-                                                                           osplit, deep, so, st);
-      }
-    }
-  }
   if (env_int("SQUEEZELM_LUT_EPI_KERNELS", 1) != 0) {
     if constexpr (XS) {
       if (so.mode == kStoreRope) SQZ_TABLE(kStoreRope);
@@ -1845,16 +1803,14 @@ inline bool shallow_outliers(int64_t nnz, int N, int threads_per_row, int depth)
 // 22016x4096 26.30, 26.18 / 25.24, 25.28. Where the share does not fit, 3 is slower: 4-bit M = 8
 // 4096x11008 (3.1 per thread) 13.94, 13.73 / 15.01, 14.81. 2 entries were no faster than 3 at K = 4096 and
 // slower at 8192 (3-bit M = 4 18.7 against 15.9 us). M = 9-16: launch_gemv_m16.
-template <class T, int BITS, int MT, int P, int MINB, int RT, int W, int XP_LOW, int VAR = 0>
+template <class T, int BITS, int MT, int P, int MINB, int RT, int W, int XP_LOW>
 void launch_gemv_xt(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                     const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, LutLaunch so, cudaStream_t st) {
   constexpr int XSUB = W * 32 / (16 * RT * MT);  // threads per (row, 8 activation rows), as in the kernel
   if constexpr (XP_LOW > 0)
     if (shallow_outliers(nnz, N, XSUB, XP_LOW))
-      return launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true, W, XP_LOW, 0, 1, false, kEpiAny, false, VAR>(
-          yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
-  launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true, W, 0, 0, 1, false, kEpiAny, false, VAR>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M,
-                                                                                                N, K, U, so, st);
+      return launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true, W, XP_LOW>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
+  launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true, W>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
 }
 
 // M = 9-16: two row tiles per block (they halve the activation traffic from L2). 4-bit takes one block
@@ -2026,10 +1982,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
           if (osplit) SQZ_GEMV_RING(true, 0, 5, 1);
           else SQZ_GEMV_RING(false, 0, 5, 1);
         } else if (split4) {
-          if (std::is_same<T, __half>::value && env_int("SQUEEZELM_LUT_VARIANT", 0) == 2)
-            launch_gemv<T, BITS, 1, P1, true, 2, 1, 4, false, GV_WARPS, 0, 2, 2, false, kEpiAny, false, 2>(yp, xp, q4, lp, lf, rp, cp, vp,
-                                                                                                      vf, M, N, K, U, so, st);
-          else SQZ_GEMV_RING(4, 0, 2, 2);
+          SQZ_GEMV_RING(4, 0, 2, 2);
         } else {
           SQZ_GEMV_RING(false, 0, 2, 2);
         }
@@ -2039,9 +1992,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
 #undef SQZ_GEMV_RING
       return;
     }
-    if (xt && M <= 8 && std::is_same<T, __half>::value && env_int("SQUEEZELM_LUT_VARIANT", 0) == 2)
-      launch_gemv_xt<T, BITS, 1, P1, 2, 1, GV_WARPS, 3, 2>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, so, st);
-    else if (xt && M <= 8) launch_gemv_xt<T, BITS, 1, P1, 2, 1, GV_WARPS, 3>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, so, st);
+    if (xt && M <= 8) launch_gemv_xt<T, BITS, 1, P1, 2, 1, GV_WARPS, 3>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, so, st);
     else if (xt && M <= 16) SQZ_GEMV_M16(true);
     else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
     else if (xt) SQZ_GEMV_XT(8, 1, 1, (BITS == 4 ? 2 : 1));
