@@ -531,15 +531,24 @@ __global__ void __launch_bounds__(W * 32, MINB)
   constexpr int OSTRIDE = OSPLIT ? 4 * W : W;
   // LEAN_TILE: the two accumulator chains (gemv_unit) and the outlier entries after the main loop read four at a
   // time (sum_rest_outliers), where they were measured faster: the one-tile kernels without the fused
-  // RMSNorm, the xT step or the 4-row outlier split. H100, M = 1-2, D+S 0.45%, in one process, without /
-  // with, us: 3-bit 8192x28672 38.01 / 37.04, 12288x4096 12.91 / 12.24, 22016x4096 19.94 / 19.28, 28672x8192
-  // 43.17 / 42.69, 4096x4096 4.92 / 4.82, 8192x8192 14.51 / 14.48, 4096x11008 11.38 / 11.46; 4-bit
-  // 8192x8192 14.70 / 14.47, 22016x4096 24.59 / 23.99, 8192x28672 44.06 / 43.57, 12288x4096 13.69 / 13.44,
-  // M = 2 8192x8192 15.11 / 14.78 (docs/log/squeezellm-kernels.md). The kernels with the fused norm, xT
-  // or the split over 4 rows keep one chain: in a bench run of their own with both changes, the 4-bit
-  // M = 4 split took 18.17 against 17.41 us before, the 3-bit xT kernels M = 4 / 8 17.83 / 19.86 against
-  // 17.39 / 19.22, and the decode step (fused norm) did not gain as the norm-apart step did.
-  constexpr bool LEAN_TILE = MT * RT == 1 && !XT && OSPLIT != 4 && !XS;
+  // RMSNorm or the 4-row outlier split, and without the xT step at 3 bits. H100, M = 1-2, D+S 0.45%, in one
+  // process, without / with, us: 3-bit 8192x28672 38.01 / 37.04, 12288x4096 12.91 / 12.24, 22016x4096 19.94
+  // / 19.28, 28672x8192 43.17 / 42.69, 4096x4096 4.92 / 4.82, 8192x8192 14.51 / 14.48, 4096x11008 11.38 /
+  // 11.46; 4-bit 8192x8192 14.70 / 14.47, 22016x4096 24.59 / 23.99, 8192x28672 44.06 / 43.57, 12288x4096
+  // 13.69 / 13.44, M = 2 8192x8192 15.11 / 14.78. The other one-tile kernels, the same A/B (H100, medians
+  // of four): the 4-bit xT kernels gain, M = 6 8192x8192 19.91 / 19.29, M = 8 20.70 / 20.14, M = 8
+  // 4096x11008 15.41 / 14.87; the 3-bit xT kernels lose, M = 4 17.65 / 17.99, M = 8 19.64 / 20.10, M = 4
+  // 22016x4096 29.15 / 29.52 (M = 3 equal); the 4-row split loses at 8192x8192, M = 3 16.76 / 17.19, M = 4
+  // 17.70 / 18.26 (M = 4 22016x4096 29.72 / 29.24); with the fused norm a 6-layer LLaMA-2-7B-shaped step
+  // took 538.8 / 541.1 us at 4 bits and 476.2 / 476.6 at 3 (docs/log/squeezellm-kernels.md).
+  constexpr bool LEAN_TILE = MT * RT == 1 && (!XT || BITS == 4) && OSPLIT != 4 && !XS;
+  // OPF (3-bit plain decode products with outliers; on where the launch's blocks take one row group each,
+  // flags bit 19, launch_gemv): the lines of each row's outlier entries past the lanes' first OUTR, which
+  // the lanes read after the main loop (sum_rest_outliers), are requested into L2 before it, one bulk
+  // prefetch of their columns and one of their values per row. The 3-bit 4-warp kernel deals a row to 16
+  // lanes, so rows of more than 32 entries have such a rest (37 at 0.45% of K = 8192, 129 at K = 28672), and
+  // with one group per block its reads come at the very end of the launch, a DRAM round trip each.
+  constexpr bool OPF = BITS == 3 && OSPLIT == 1 && EPI == kEpiPlain && !NEXT;
   SQZ_DYNAMIC_SMEM(smem);
   unsigned char* tbl = smem;  // [RT][E2][2][32] words
   T* lt = reinterpret_cast<T*>(tbl + gemv_table_bytes<BITS, MT, RT, W>());  // [16*RT][E]
@@ -552,6 +561,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
   const bool l2xg = flags & 16;       // the L2 prefetch runs on into the next group (launch_gemv)
   const bool late_pf = flags & (1 << 17);  // without xgroup: the next group's codes after the outliers
   const bool early_om = flags & (1 << 18);  // EARLY_X: the outlier step in the main loop
+  const bool opf = flags & (1 << 19);       // OPF: the outlier rests requested into L2 (launch_gemv)
   const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
   const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
   int xob = 0, xoe = 0;  // XT: the bounds of this thread's row in the next group
@@ -780,6 +790,23 @@ __global__ void __launch_bounds__(W * 32, MINB)
             }
           }
         }
+      if constexpr (OPF) {
+        if (opf && rows != nullptr && warp == 0 && q == 0) {
+#pragma unroll
+          for (int rr = 0; rr < 2; ++rr) {
+            const int j0 = ob[0][rr] + OUTR * OSTRIDE, j1 = oe[0][rr];
+            if (j0 < j1) {  // (16-byte rounding stays inside the arrays' own 128-byte lines)
+              const uintptr_t c0 = reinterpret_cast<uintptr_t>(cols + j0) & ~(uintptr_t)15;
+              const uintptr_t c1 = (reinterpret_cast<uintptr_t>(cols + j1) + 15) & ~(uintptr_t)15;
+              bulk_prefetch_l2(reinterpret_cast<const void*>(c0), (uint32_t)(c1 - c0));
+              const size_t es = vals_f32 ? 4 : 2;
+              const uintptr_t vb = reinterpret_cast<uintptr_t>(vals);
+              const uintptr_t v0 = (vb + (size_t)j0 * es) & ~(uintptr_t)15, v1 = (vb + (size_t)j1 * es + 15) & ~(uintptr_t)15;
+              bulk_prefetch_l2(reinterpret_cast<const void*>(v0), (uint32_t)(v1 - v0));
+            }
+          }
+        }
+      }
     }
     // XT: this thread's first XP entries (col, raw value), requested now, used in the epilogue.
     // (flags >> 8 & 255: fewer prefetched entries than XP, a tuning knob; 0 = XP.)
@@ -1653,13 +1680,22 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // fallback after the loop measured 4.99 against 4.91 us in the probe, so it stays off there too.
   const bool early3 = (U + UPS - 1) / UPS > W && groups <= blocks_per_wave;
   const int early_om = env_int("SQUEEZELM_LUT_OEARLY", BITS == 4 || early3 ? 1 : 0);
+  // SQUEEZELM_LUT_OPF=0 / 1: the kernels that have the outlier-rest prefetch (the kernel's OPF) skip / take
+  // it; by default they take it where each block takes one row group. Each prefetch is a request to the
+  // SM's bulk-copy unit, which the code ring's copies queue on too: where blocks walk several groups that
+  // lost. H100, M = 1, D+S 0.45%, in one process, without / with (then taken in every launch), us: 3-bit
+  // 8192x8192 14.55 / 14.23, M = 2 14.82 / 14.58, 8192x28672 37.04 / 36.86; 28672x8192 (3.4 groups per
+  // block) 42.48 / 44.81. (Given to the 4-bit decode kernels too, the same build lost 3% at 8192x28672,
+  // 43.50 / 44.80, where 4 entries per lane requested early leave almost no rest.)
+  const int opf_env = env_int("SQUEEZELM_LUT_OPF", -1);
+  const bool opf = opf_env < 0 ? groups <= blocks_per_wave : opf_env != 0;
   if constexpr (NEXT) {
     so.next.from = (groups - 1) / blocks * blocks;  // the first row group of the last round
     so.next.warp_bytes = so.next.block_bytes / W / 16 * 16;
   }
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
                     (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) | (early_om > 0 ? 1 << 18 : 0) |
-                    ((xpn > 0 && xpn < 256 ? xpn : 0) << 8);
+                    ((xpn > 0 && xpn < 256 ? xpn : 0) << 8) | (opf ? 1 << 19 : 0);
   launch_pdl(kern, dim3(blocks), dim3(W * 32), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
              reinterpret_cast<uint4*>(xT), flags, static_cast<const LutStore&>(so), so.next);
 }
