@@ -1661,13 +1661,19 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // kept: the same L2 prefetch at M = 16 (D+S 25.51 -> 26.25 us), and each warp requesting its next
   // unit's activations into L1 (prefetch.global.L1) where x does not stay in L1: M = 16 D+S 25.51 ->
   // 28.51 / 27.62 us one / two rounds ahead, M = 8 20.26 -> 24.20, M = 4 18.13 -> 19.69.
-  const int l2xg = env_int("SQUEEZELM_LUT_L2XG", M == 1 ? 1 : 0);
+  // 4-bit one-tile launches on register buffers from M = 3 on (the D+S gather at M = 3-5, xT at M = 6-8)
+  // take the L2 prefetch across groups and the late code requests (below) too. H100, D+S 0.45%, the LUT
+  // probe, in one process, both off / both on, us: M = 8 8192x8192 20.17 / 20.10, 12288x4096 19.05 /
+  // 18.61, 22016x4096 33.89 / 32.86, 4096x4096 7.57 / 7.56; M = 6 8192x8192 19.24 / 19.06, 28672x8192
+  // 64.53 / 61.66; M = 5 8192x8192 18.97 / 18.67 (docs/log/squeezellm-kernels.md).
+  const bool rb4 = BITS == 4 && MT == 1 && RING == 0 && M >= 3;
+  const int l2xg = env_int("SQUEEZELM_LUT_L2XG", M == 1 || rb4 ? 1 : 0);
   // SQUEEZELM_LUT_LATEPF=0 / 1: without the cross-group refill, the next group's first code units are
   // requested before / after the outlier step (whose loads otherwise wait behind them). On by default
   // for the 16-warp kernel. Same process, H200, 8192x8192 4-bit D+S, two runs each, off / on: M = 16
   // 24.11, 24.30 / 23.72, 23.99 us; M = 8 (8 warps) 20.93, 20.94 / 21.15, 21.07; M = 4 17.41, 17.26 /
   // 17.25, 17.17; 3-bit M = 16 22.66, 22.46 / 22.62, 22.41.
-  const int late_pf = env_int("SQUEEZELM_LUT_LATEPF", W == 16 ? 1 : 0);
+  const int late_pf = env_int("SQUEEZELM_LUT_LATEPF", W == 16 || rb4 ? 1 : 0);
   // SQUEEZELM_LUT_OEARLY=0 / 1: the decode kernels' outlier step after the main loop / in it (EARLY_X
   // in the kernel). 3-bit takes it in its 8-warp kernels where each block takes one row group and a warp
   // has two runs of units or more (with one, the step stays after the loop either way). H100, 3-bit D+S,
