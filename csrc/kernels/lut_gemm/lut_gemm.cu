@@ -1692,7 +1692,9 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // lost. H100, M = 1, D+S 0.45%, in one process, without / with (then taken in every launch), us: 3-bit
   // 8192x8192 14.55 / 14.23, M = 2 14.82 / 14.58, 8192x28672 37.04 / 36.86; 28672x8192 (3.4 groups per
   // block) 42.48 / 44.81. (Given to the 4-bit decode kernels too, the same build lost 3% at 8192x28672,
-  // 43.50 / 44.80, where 4 entries per lane requested early leave almost no rest.)
+  // 43.50 / 44.80, where 4 entries per lane requested early leave almost no rest.) With the run-time test,
+  // this rule's build, off / on, another H100: 8192x8192 14.55 / 14.39, M = 2 14.79 / 14.73, 8192x28672
+  // 37.54 / 37.46, and 4096x4096 4.81 / 4.88, where no row has a rest (8-warp rows: 64 entries early).
   const int opf_env = env_int("SQUEEZELM_LUT_OPF", -1);
   const bool opf = opf_env < 0 ? groups <= blocks_per_wave : opf_env != 0;
   if constexpr (NEXT) {
