@@ -449,13 +449,6 @@ __device__ __forceinline__ uint32_t pair_off(uint32_t v, uint32_t lb, int i) {
 }
 // A lookup: table base (a constant of the launch) + permuted offset, by shared-window address.
 __device__ __forceinline__ uint32_t lds_at(uint32_t base, uint32_t off) { return ld_shared_u32(base + off); }
-// Bytes [p, p + bytes) into L2 by one bulk prefetch, widened to 16-byte bounds as the instruction needs.
-// The widening stays inside the 16-byte pieces (so the 128-byte lines) that hold the first and last byte.
-__device__ __forceinline__ void prefetch_span_l2(const void* p, size_t bytes) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  const uintptr_t b = a & ~(uintptr_t)15, e = (a + bytes + 15) & ~(uintptr_t)15;
-  bulk_prefetch_l2(reinterpret_cast<const void*>(b), (uint32_t)(e - b));
-}
 
 // RT row tiles (16 rows each) per block share every activation load (x is reread from L2 by
 // every block: RT = 2 halves that traffic for larger M, at 1 block per SM for 4-bit).
@@ -802,10 +795,14 @@ __global__ void __launch_bounds__(W * 32, MINB)
 #pragma unroll
           for (int rr = 0; rr < 2; ++rr) {
             const int j0 = ob[0][rr] + OUTR * OSTRIDE, j1 = oe[0][rr];
-            if (j0 < j1) {
+            if (j0 < j1) {  // (16-byte rounding stays inside the arrays' own 128-byte lines)
+              const uintptr_t c0 = reinterpret_cast<uintptr_t>(cols + j0) & ~(uintptr_t)15;
+              const uintptr_t c1 = (reinterpret_cast<uintptr_t>(cols + j1) + 15) & ~(uintptr_t)15;
+              bulk_prefetch_l2(reinterpret_cast<const void*>(c0), (uint32_t)(c1 - c0));
               const size_t es = vals_f32 ? 4 : 2;
-              prefetch_span_l2(cols + j0, (size_t)(j1 - j0) * sizeof(int));
-              prefetch_span_l2(static_cast<const unsigned char*>(vals) + (size_t)j0 * es, (size_t)(j1 - j0) * es);
+              const uintptr_t vb = reinterpret_cast<uintptr_t>(vals);
+              const uintptr_t v0 = (vb + (size_t)j0 * es) & ~(uintptr_t)15, v1 = (vb + (size_t)j1 * es + 15) & ~(uintptr_t)15;
+              bulk_prefetch_l2(reinterpret_cast<const void*>(v0), (uint32_t)(v1 - v0));
             }
           }
         }
