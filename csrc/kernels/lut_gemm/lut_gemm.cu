@@ -147,6 +147,7 @@ struct NextCodes {
 // What the host side of a GEMV launch carries: the kernel's LutStore and the next launch's codes.
 struct LutLaunch : LutStore {
   NextCodes next;
+  long long nnz;  // outlier entries of the weight (0: dense-only), for launch rules that depend on row lengths
 };
 
 
@@ -1695,8 +1696,13 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // 43.50 / 44.80, where 4 entries per lane requested early leave almost no rest.) With the run-time test,
   // this rule's build, off / on, another H100: 8192x8192 14.55 / 14.39, M = 2 14.79 / 14.73, 8192x28672
   // 37.54 / 37.46, and 4096x4096 4.81 / 4.88, where no row has a rest (8-warp rows: 64 entries early).
+  // Nor where an average row holds no more entries than the kernel's lanes request before the loop
+  // (OUTR each, 4 W lanes per row), as at 3-bit 4096x4096 (18 per row, 64 requested early): the test
+  // alone then waits on the row bounds in front of warp 0's main loop.
+  constexpr long long kEarlyPerRow = (long long)(XPO > 0 ? XPO : 2) * 4 * W;
+  const bool opf_rest = so.nnz > (long long)N * kEarlyPerRow;
   const int opf_env = env_int("SQUEEZELM_LUT_OPF", -1);
-  const bool opf = opf_env < 0 ? groups <= blocks_per_wave : opf_env != 0;
+  const bool opf = opf_env < 0 ? groups <= blocks_per_wave && opf_rest : opf_env != 0;
   if constexpr (NEXT) {
     so.next.from = (groups - 1) / blocks * blocks;  // the first row group of the last round
     so.next.warp_bytes = so.next.block_bytes / W / 16 * 16;
@@ -1918,6 +1924,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
   const void* vp = vals ? vals->data() : nullptr;
   const bool vf = vals && vals->dtype == DType::F32;
   const int64_t nnz = cols ? cols->numel() : 0;
+  so.nnz = nnz;
   const bool vec = x_vectorisable(x);
   const int U = (int)d.U;
   if (gemv_takes(x)) {
