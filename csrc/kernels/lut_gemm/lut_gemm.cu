@@ -738,14 +738,12 @@ __global__ void __launch_bounds__(W * 32, MINB)
     //    in one or two 16-byte loads, and each entry then costs one byte permute and one store at
     //    an immediate offset. Lanes 8j..8j+7 store one 128-byte run (row pairs g = 0..7): no
     //    bank conflicts.
-    if (!(probe & 8) || grp == (int)blockIdx.x) {
 #pragma unroll
     for (int t = 0; t < LV; ++t) {
       const int i = tid + t * NT;
       if (i < 16 * RT * E) lt[i] = Cvt<T>::t(raw_f(lv[t], lut_f32));
     }
     __syncthreads();
-    }
     {
       constexpr int ROWS = 16 * RT, LB = ROWS * E >= NT ? 1 : NT / (ROWS * E), LS = E / LB;
       constexpr int ITEMS = ROWS * E * LB;
@@ -1308,15 +1306,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
 
     // 7. Fixed-order reduction over warps. C fragment of row tile rt: acc[rt][i][j] =
     //    y[m = 8i + 2q + (j&1)][n0 + 16rt + g + 8(j>>1)].
-    if ((probe & 8) && next < groups) {
-      // PROBE 8: the next group's 16-entry tables now (lt is read by the build only); the barriers
-      // below order these stores before the next build's reads
-#pragma unroll
-      for (int t = 0; t < LV; ++t) {
-        const int i = tid + t * NT;
-        if (i < 16 * RT * E) lt[i] = Cvt<T>::t(raw_f(lv[t], lut_f32));
-      }
-    }
     __syncthreads();  // everyone is done with the tables (red aliases them)
     constexpr int PER = RT * MT * 4;
 #pragma unroll
