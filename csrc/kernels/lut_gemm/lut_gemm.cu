@@ -493,7 +493,6 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], float (&acc2)
   }
 }
 
-__device__ unsigned int g_probe_sm_arrivals[1024];
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, int OSPLIT, bool XT, int W, int XPO, int RING,
           int UPS, bool XS, int EPI, bool NEXT>
 __global__ void __launch_bounds__(W * 32, MINB)
@@ -715,17 +714,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
     }
   } else {
     pdl_wait();
-  }
-  if ((probe & 4) && grp < groups) {
-    // PROBE 4: every second block to arrive on an SM starts its first table build (flags >> 24 & 15) x 128 ns late
-    __shared__ unsigned int probe_late;
-    if (tid == 0) {
-      unsigned int smid;
-      asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-      probe_late = atomicAdd(&g_probe_sm_arrivals[smid & 1023], 1u) & 1u;
-    }
-    __syncthreads();
-    if (probe_late) __nanosleep(128u * ((flags >> 24) & 15));
   }
   bool waited = false;
   unsigned int xt_old = 0;  // XT: thread 0's barrier word before its arrival
@@ -1725,7 +1713,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
                     (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) | (early_om > 0 ? 1 << 18 : 0) |
                     ((xpn > 0 && xpn < 256 ? xpn : 0) << 8) | (opf ? 1 << 19 : 0) |
-                    ((env_int("SQUEEZELM_LUT_PROBE", 0) & 15) << 20) | ((env_int("SQUEEZELM_LUT_PROBE_SLEEP", 0) & 15) << 24);
+                    ((env_int("SQUEEZELM_LUT_PROBE", 0) & 15) << 20);
   launch_pdl(kern, dim3(blocks), dim3(W * 32), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
              reinterpret_cast<uint4*>(xT), flags, static_cast<const LutStore&>(so), so.next);
 }
