@@ -563,7 +563,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
   const bool late_pf = flags & (1 << 17);  // without xgroup: the next group's codes after the outliers
   const bool early_om = flags & (1 << 18);  // EARLY_X: the outlier step in the main loop
   const bool opf = flags & (1 << 19);       // OPF: the outlier rests requested into L2 (launch_gemv)
-  const int probe = (flags >> 20) & 15;    // PROBE (timing only, wrong results): 1 no pair-table stores, 2 no products
   const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
   const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
   int xob = 0, xoe = 0;  // XT: the bounds of this thread's row in the next group
@@ -736,7 +735,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
       constexpr int ROWS = 16 * RT, LB = ROWS * E >= NT ? 1 : NT / (ROWS * E), LS = E / LB;
       constexpr int ITEMS = ROWS * E * LB;
       static_assert(ITEMS % NT == 0 && LS % 2 == 0, "pair-table work split");
-      if (!(probe & 1))
 #pragma unroll
       for (int it = 0; it < ITEMS / NT; ++it) {
         const int i = tid + it * NT;
@@ -1021,7 +1019,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
         if constexpr (EARLY_X) {
           if (early_om && rows != nullptr && !xo_ready && (run != warp || run + W >= RUNS)) gather_outlier_x();
         }
-        if (!(probe & 2))
 #pragma unroll
         for (int s = 0; s < UPS; ++s)
           if (s == 0 || u0 + s < U)
@@ -1046,7 +1043,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
             wb[rt][4 * v] = qb[p][rt][v].x; wb[rt][4 * v + 1] = qb[p][rt][v].y;
             wb[rt][4 * v + 2] = qb[p][rt][v].z; wb[rt][4 * v + 3] = qb[p][rt][v].w;
           }
-        if (!(probe & 2)) gemv_unit<T, BITS, MT, XVEC, RT, LEAN_TILE>(acc, acc2, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
+        gemv_unit<T, BITS, MT, XVEC, RT, LEAN_TILE>(acc, acc2, wa, wb, tbl_s, xr, mv, u * G::KU + 8 * q, K, lb0, lb1);
         const int un = u + W * P;
         if (un < U) {
 #pragma unroll
@@ -1712,8 +1709,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   }
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
                     (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) | (early_om > 0 ? 1 << 18 : 0) |
-                    ((xpn > 0 && xpn < 256 ? xpn : 0) << 8) | (opf ? 1 << 19 : 0) |
-                    ((env_int("SQUEEZELM_LUT_PROBE", 0) & 15) << 20);
+                    ((xpn > 0 && xpn < 256 ? xpn : 0) << 8) | (opf ? 1 << 19 : 0);
   launch_pdl(kern, dim3(blocks), dim3(W * 32), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
              reinterpret_cast<uint4*>(xT), flags, static_cast<const LutStore&>(so), so.next);
 }
