@@ -441,6 +441,8 @@ __device__ __forceinline__ void fma8(float (&s)[8], float v, uint4 xq) {
 
 // Outlier (col, val) pairs each lane holds in registers from the prologue to the epilogue, per row.
 template <int MT, int RT> constexpr int gemv_outr() { return MT * RT == 1 ? 6 : MT * RT == 2 ? 3 : 2; }
+// The same with the outlier split (OSPLIT: a row's entries over its 4 lanes in every warp): XPO, or 2.
+template <int XPO> constexpr int split_outr() { return XPO > 0 ? XPO : 2; }
 
 // Pair tables, for row tile rt: entry e of row 16rt + 8h + g, copy q, at byte
 // rt*E2*256 + e*256 + h*128 + 4*(4g + q). A lane's lookup offset is then one byte permute of the
@@ -528,7 +530,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
   constexpr int XP = XPO > 0 ? XPO : XSUB >= 16 ? 4 : XSUB >= 8 ? 6 : XSUB >= 4 ? 12 : XSUB >= 2 ? 8 : 2;
   static_assert(!XT || (NT % XUNITS == 0 && XSUB >= 1 && XSUB <= 32), "outlier work split");
   // (OSPLIT: XPO > 0 sets the entries per lane and row requested before the main loop, default 2.)
-  constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? (XPO > 0 ? XPO : 2) : XT ? 1 : gemv_outr<MT, RT>();
+  constexpr int E = G::E, E2 = G::E2, NV = G::NV, OUTR = OSPLIT ? split_outr<XPO>() : XT ? 1 : gemv_outr<MT, RT>();
   constexpr int OSTRIDE = OSPLIT ? 4 * W : W;
   // LEAN_TILE: the two accumulator chains (gemv_unit) and the outlier entries after the main loop read four at a
   // time (sum_rest_outliers), where they were measured faster: the one-tile kernels without the fused
@@ -1607,6 +1609,14 @@ T* lut_xt_buffer(int mp, int K) {
   return static_cast<T*>(zeroed_process_buffer(dev, ProcessBuffer::kLutXt, kLutXtBytes));
 }
 
+// Whether a thread's share of an average row of outliers (nnz / N entries spread over threads_per_row)
+// fits in 80% of `depth` entries, a margin for rows above the average. The launch rules that size what a
+// kernel's threads request before the main loop ask this: the XT kernels' shallower depth
+// (shallow_outliers), the 4-bit ring kernel's depth of 4, and the outlier-rest prefetch (launch_gemv).
+inline bool avg_row_fits(int64_t nnz, int N, int threads_per_row, int depth) {
+  return nnz * 5 <= (int64_t)N * threads_per_row * depth * 4;
+}
+
 // XT: the outliers through xT (written by the launch itself, into the buffer above); where it cannot be
 // had, the same launch gathers from x[m][k] instead.
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, int OSPLIT = 0, bool XT = false,
@@ -1696,11 +1706,10 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // 43.50 / 44.80, where 4 entries per lane requested early leave almost no rest.) With the run-time test,
   // this rule's build, off / on, another H100: 8192x8192 14.55 / 14.39, M = 2 14.79 / 14.73, 8192x28672
   // 37.54 / 37.46, and 4096x4096 4.81 / 4.88, where no row has a rest (8-warp rows: 64 entries early).
-  // Nor where an average row holds no more entries than the kernel's lanes request before the loop
-  // (OUTR each, 4 W lanes per row), as at 3-bit 4096x4096 (18 per row, 64 requested early): the test
-  // alone then waits on the row bounds in front of warp 0's main loop.
-  constexpr long long kEarlyPerRow = (long long)(XPO > 0 ? XPO : 2) * 4 * W;
-  const bool opf_rest = so.nnz > (long long)N * kEarlyPerRow;
+  // Nor where an average row fits in what the kernel's lanes request before the loop (OUTR each, 4 W
+  // lanes per row; avg_row_fits), as at 3-bit 4096x4096 (18 per row, 64 requested early): the test alone
+  // then waits on the row bounds in front of warp 0's main loop.
+  const bool opf_rest = !avg_row_fits(so.nnz, N, 4 * W, split_outr<XPO>());
   const int opf_env = env_int("SQUEEZELM_LUT_OPF", -1);
   const bool opf = opf_env < 0 ? groups <= blocks_per_wave && opf_rest : opf_env != 0;
   if constexpr (NEXT) {
@@ -1832,14 +1841,13 @@ void launch_gemv_decode(T* yp, const T* xp, const uint4* q4, const void* lp, boo
 #undef SQZ_TABLE
 }
 
-// Whether the shallower outlier depth of an XT kernel runs: a thread's share of an average row (nnz / N
-// spread over threads_per_row) fits in 80% of that depth, a margin for rows above the average (each entry
-// past the depth is read after the main loop, a dependent pair of loads). SQUEEZELM_LUT_XPLOW=0 / 1 forces
-// the deep / shallow build (tuning, tests).
+// Whether the shallower outlier depth of an XT kernel runs: a thread's share of an average row fits in it
+// (avg_row_fits; each entry past the depth is read after the main loop, a dependent pair of loads).
+// SQUEEZELM_LUT_XPLOW=0 / 1 forces the deep / shallow build (tuning, tests).
 inline bool shallow_outliers(int64_t nnz, int N, int threads_per_row, int depth) {
   const int forced = env_int("SQUEEZELM_LUT_XPLOW", -1);
   if (forced >= 0) return forced != 0;
-  return nnz * 5 <= (int64_t)N * threads_per_row * depth * 4;
+  return avg_row_fits(nnz, N, threads_per_row, depth);
 }
 
 // An XT launch (outliers through xT): the kernel's own outlier depth, or XP_LOW entries where a thread's
@@ -1855,10 +1863,10 @@ inline bool shallow_outliers(int64_t nnz, int N, int threads_per_row, int depth)
 // slower at 8192 (3-bit M = 4 18.7 against 15.9 us). M = 9-16: launch_gemv_m16.
 template <class T, int BITS, int MT, int P, int MINB, int RT, int W, int XP_LOW>
 void launch_gemv_xt(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                    const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, LutLaunch so, cudaStream_t st) {
+                    const void* vp, bool vf, int M, int N, int K, int U, LutLaunch so, cudaStream_t st) {
   constexpr int XSUB = W * 32 / (16 * RT * MT);  // threads per (row, 8 activation rows), as in the kernel
   if constexpr (XP_LOW > 0)
-    if (shallow_outliers(nnz, N, XSUB, XP_LOW))
+    if (shallow_outliers(so.nnz, N, XSUB, XP_LOW))
       return launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true, W, XP_LOW>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
   launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true, W>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
 }
@@ -1887,15 +1895,15 @@ void launch_gemv_xt(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf
 // 1% on three 3-bit shapes) and 3-6% slower at M <= 8: docs/log/squeezellm-kernels.md.)
 template <class T, int BITS, bool XT>
 void launch_gemv_m16(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
-                     const void* vp, bool vf, int M, int N, int K, int U, int64_t nnz, LutLaunch so, cudaStream_t st) {
+                     const void* vp, bool vf, int M, int N, int K, int U, LutLaunch so, cudaStream_t st) {
   if constexpr (BITS == 4) {
     const bool even = (U + 15) / 16 * 16 <= (U + 7) / 8 * 8;
     if (env_int("SQUEEZELM_LUT_W16", even ? 1 : 0) != 0) {
-      if constexpr (XT) return launch_gemv_xt<T, 4, 2, 2, 1, 2, 16, 3>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, nnz, so, st);
+      if constexpr (XT) return launch_gemv_xt<T, 4, 2, 2, 1, 2, 16, 3>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
       return launch_gemv<T, 4, 2, 2, true, 1, 2, false, false, 16>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
     }
   } else if constexpr (XT) {
-    return launch_gemv_xt<T, 3, 2, 2, 1, 2, GV_WARPS, 8>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, nnz, so, st);
+    return launch_gemv_xt<T, 3, 2, 2, 1, 2, GV_WARPS, 8>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
   }
   launch_gemv<T, BITS, 2, BITS == 4 ? 4 : 2, true, 1, 2, false, XT>(yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U, so, st);
 }
@@ -1936,7 +1944,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
 #define SQZ_GEMV_XT(MT, P, MINB, RT) \
   launch_gemv<T, BITS, MT, P, true, MINB, RT, false, true>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
 #define SQZ_GEMV_M16(XT) \
-  launch_gemv_m16<T, BITS, XT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, so, st)
+  launch_gemv_m16<T, BITS, XT>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
     // Outliers read the activations transposed (xT, written by the launch itself) from M = 3 (3-bit)
     // or M = 6 (4-bit) on, and gather from x[m][k] below that (SQUEEZELM_LUT_XT_MIN_M moves the
     // bound, 0 = never; tuning and tests). Same process, H200, D+S, xT / gather: 3-bit M = 3-8 1.5-9%
@@ -2016,7 +2024,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
     const bool osplit = M <= 2 && vec && sparse && split_env;
     // Each of a row's 32 lanes of the 4-bit ring kernel requests its first 2 outlier entries before
     // the main loop, or 4 where an average row holds more than 1.6 per lane (see below).
-    const bool deep = osplit && env_int("SQUEEZELM_LUT_OSPLIT_DEPTH", nnz * 5 > (int64_t)N * 32 * 2 * 4 ? 4 : 2) == 4;
+    const bool deep = osplit && env_int("SQUEEZELM_LUT_OSPLIT_DEPTH", avg_row_fits(nnz, N, 32, 2) ? 2 : 4) == 4;
     // The decode step (M <= 2, x vectorisable): launch_gemv_decode, the norm fused in front where asked
     // (the entry points checked its reach, check_norm_fusable: M <= 2, x vectorisable).
     const bool ups1 = BITS == 4 && ring && env_int("SQUEEZELM_LUT_RING_UPS", 2) == 1;
@@ -2043,7 +2051,7 @@ void launch(const Tensor& y, const Tensor& x, const Tensor& codes, const Tensor&
 #undef SQZ_GEMV_RING
       return;
     }
-    if (xt && M <= 8) launch_gemv_xt<T, BITS, 1, P1, 2, 1, GV_WARPS, 3>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, nnz, so, st);
+    if (xt && M <= 8) launch_gemv_xt<T, BITS, 1, P1, 2, 1, GV_WARPS, 3>(yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st);
     else if (xt && M <= 16) SQZ_GEMV_M16(true);
     else if (xt && M <= 32) SQZ_GEMV_XT(4, (BITS == 4 ? 2 : 1), 1, 2);
     else if (xt) SQZ_GEMV_XT(8, 1, 1, (BITS == 4 ? 2 : 1));
