@@ -768,7 +768,7 @@ describeGpu('lutRepack / lutMatmulPacked CUDA vs CPU', () => {
     }
   });
   // Two scheduling settings of the GEMV's row-group loop: the next group's 16-entry tables converted
-  // before the group's reduction (SQUEEZELM_LUT_EARLY_LT, on by default) and every second block on an SM starting late
+  // before the group's reduction (SQUEEZELM_LUT_EARLY_LT) and every second block on an SM starting late
   // (SQUEEZELM_LUT_STAGGER). Neither changes the arithmetic: the output is the same bits as with both
   // off, for blocks that walk several row groups (N = 16 * 700 + 3 at two K) and every kernel family
   // (M = 1 .. 16; 4-bit and 3-bit; with and without outliers, with the fused norm).

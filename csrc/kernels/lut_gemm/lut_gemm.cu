@@ -1748,16 +1748,11 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
     so.next.from = (groups - 1) / blocks * blocks;  // the first row group of the last round
     so.next.warp_bytes = so.next.block_bytes / W / 16 * 16;
   }
-  // SQUEEZELM_LUT_EARLY_LT=1 (default) / 0: a block converts its next row group's 16-entry tables after its
-  // main loop, before the group's reduction / at the top of the next group, behind a barrier of their own.
-  // The same bits either way. H100 80GB HBM3, one process, three alternated rounds, 4-bit D+S M = 1, on / off,
-  // us: 22016x4096 24.78 / 25.22, 28672x8192 49.11 / 49.31, 8192x8192 15.58 / 15.67, 12288x4096 14.67 /
-  // 14.73; 4096x4096 5.87 / 5.85, 3-bit and M = 8 / 16 within the rounds' spread.
-  const int early_lt = env_int("SQUEEZELM_LUT_EARLY_LT", 1);
+  // SQUEEZELM_LUT_EARLY_LT=0 / 1: a block converts its next row group's 16-entry tables after its main loop
+  // (before the group's reduction) / at the top of the next group, behind a barrier of their own.
+  const int early_lt = env_int("SQUEEZELM_LUT_EARLY_LT", 0);
   // SQUEEZELM_LUT_STAGGER=n (0-15): every second block on an SM starts its first table build n x 128 ns
-  // late (the kernel's STAGGER); 0 = none (default). Measured slower on the H100 at 4 bits, n = 3 / 6 / 12
-  // against 0: 8192x8192 16.0 / 16.1 / 16.1 against 15.7 us, 4096x4096 6.3-6.4 against 5.85, M = 16
-  // 28.2-28.6 against 27.9; 3-bit 22016x4096 19.1-19.3 against 19.5 (docs/log/squeezellm-kernels.md).
+  // late (the kernel's STAGGER); 0 = none.
   const int stagger = env_int("SQUEEZELM_LUT_STAGGER", 0);
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
                     (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) | (early_om > 0 ? 1 << 18 : 0) |
