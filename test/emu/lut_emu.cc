@@ -154,15 +154,6 @@ int main(int argc, char** argv) {
   matmul_case(1, 100, 544, 4, DType::F16, 0.0045, kLutStore, false, s++);
   matmul_case(2, 37, 1056, 3, DType::F16, 0.0045, kLutStore, true, s++);
   unsetenv("SQUEEZELM_LUT_RING");
-  // each block's next row group's 16-entry tables converted before the group's reduction, and every
-  // second block on an SM starting late (blocks walk several row groups here)
-  setenv("SQUEEZELM_LUT_EARLY_LT", "1", 1);
-  setenv("SQUEEZELM_LUT_STAGGER", "3", 1);
-  matmul_case(1, 100, 544, 4, DType::F16, 0.0045, kLutStore, false, s++);
-  matmul_case(2, 96, 544, 3, DType::F16, 0.0045, kLutSiluPairs, true, s++);
-  matmul_case(8, 50, 384, 4, DType::BF16, 0.0045, kLutStore, false, s++);
-  unsetenv("SQUEEZELM_LUT_EARLY_LT");
-  unsetenv("SQUEEZELM_LUT_STAGGER");
   // the fused RMSNorm and the epilogues
   matmul_case(1, 64, 256, 4, DType::F16, 0.0045, kLutStore, true, s++);
   matmul_case(2, 96, 544, 3, DType::F16, 0.0045, kLutSiluPairs, true, s++);

@@ -97,13 +97,6 @@ __device__ __forceinline__ int atom_add_acq_rel_gpu(int* p, int v) {
 }
 
 // Prefetches the line holding p into L2 (no register is written, nothing waits for it).
-// The SM the calling thread runs on (%smid): for scheduling only, never for results (it is not stable
-// across launches, and a debugger can move a block).
-__device__ __forceinline__ unsigned int sm_id() {
-  unsigned int r;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(r));
-  return r;
-}
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }

@@ -730,7 +730,11 @@ __global__ void __launch_bounds__(W * 32, MINB)
   // per launch keep the parity).
   if (stagger_ns != 0u && grp < groups) {
     __shared__ unsigned int late;
-    if (tid == 0) late = atomicAdd(&g_lut_sm_arrivals[sm_id() % kLutArrivalSlots], 1u) & 1u;
+    if (tid == 0) {
+      unsigned int smid;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+      late = atomicAdd(&g_lut_sm_arrivals[smid % kLutArrivalSlots], 1u) & 1u;
+    }
     __syncthreads();
     if (late) __nanosleep(stagger_ns);
   }

@@ -50,7 +50,6 @@ inline unsigned int ld_acquire_gpu_u32(const unsigned int* p) {
 inline int atom_add_acq_rel_gpu(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v, std::memory_order_acq_rel); }
 
 inline void prefetch_l2(const void*) {}
-inline unsigned int sm_id() { return 0; }  // one emulated SM
 inline void prefetch_l1(const void*) {}
 
 inline void cp_async16(uint32_t dst, const void* src, bool ok) {
