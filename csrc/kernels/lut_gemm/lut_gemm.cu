@@ -495,10 +495,6 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], float (&acc2)
   }
 }
 
-// Blocks of the GEMV kernels that have arrived on each SM (the kernel's STAGGER), per device.
-constexpr unsigned int kLutArrivalSlots = 1024;
-__device__ unsigned int g_lut_sm_arrivals[kLutArrivalSlots];
-
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, int OSPLIT, bool XT, int W, int XPO, int RING,
           int UPS, bool XS, int EPI, bool NEXT>
 __global__ void __launch_bounds__(W * 32, MINB)
@@ -569,8 +565,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
   const bool late_pf = flags & (1 << 17);  // without xgroup: the next group's codes after the outliers
   const bool early_om = flags & (1 << 18);  // EARLY_X: the outlier step in the main loop
   const bool opf = flags & (1 << 19);       // OPF: the outlier rests requested into L2 (launch_gemv)
-  const bool early_lt = flags & (1 << 20);  // the next group's 16-entry tables before the reduction (launch_gemv)
-  const unsigned int stagger_ns = 128u * (((unsigned int)flags >> 24) & 15u);  // the late start (launch_gemv)
   const int tiles = (N + 15) / 16, groups = (tiles + RT - 1) / RT;
   const int xs = tid % XSUB, xrow = tid / XSUB / MT, xmg = tid / XSUB % MT;
   int xob = 0, xoe = 0;  // XT: the bounds of this thread's row in the next group
@@ -722,22 +716,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
   } else {
     pdl_wait();
   }
-  // STAGGER: every second block to arrive on an SM starts its first table build stagger_ns late (its
-  // codes are already requested). The blocks on an SM walk row groups of the same size, so without it
-  // they build their tables at the same time, every round: a build is 64 KB of shared-memory stores at 4
-  // bits, which then run against each other instead of beside the other block's main loop
-  // (docs/log/squeezellm-kernels.md). The arrivals are counted per SM over the process (two blocks per SM
-  // per launch keep the parity).
-  if (stagger_ns != 0u && grp < groups) {
-    __shared__ unsigned int late;
-    if (tid == 0) {
-      unsigned int smid;
-      asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-      late = atomicAdd(&g_lut_sm_arrivals[smid % kLutArrivalSlots], 1u) & 1u;
-    }
-    __syncthreads();
-    if (late) __nanosleep(stagger_ns);
-  }
   bool waited = false;
   unsigned int xt_old = 0;  // XT: thread 0's barrier word before its arrival
   bool xt_ready = false;    // XT: every block's slice of xT is written
@@ -749,15 +727,12 @@ __global__ void __launch_bounds__(W * 32, MINB)
     //    in one or two 16-byte loads, and each entry then costs one byte permute and one store at
     //    an immediate offset. Lanes 8j..8j+7 store one 128-byte run (row pairs g = 0..7): no
     //    bank conflicts.
-    // (early_lt: a later group's tables were converted at the end of the one before, step 7)
-    if (!early_lt || grp == (int)blockIdx.x) {
 #pragma unroll
-      for (int t = 0; t < LV; ++t) {
-        const int i = tid + t * NT;
-        if (i < 16 * RT * E) lt[i] = Cvt<T>::t(raw_f(lv[t], lut_f32));
-      }
-      __syncthreads();
+    for (int t = 0; t < LV; ++t) {
+      const int i = tid + t * NT;
+      if (i < 16 * RT * E) lt[i] = Cvt<T>::t(raw_f(lv[t], lut_f32));
     }
+    __syncthreads();
     {
       constexpr int ROWS = 16 * RT, LB = ROWS * E >= NT ? 1 : NT / (ROWS * E), LS = E / LB;
       constexpr int ITEMS = ROWS * E * LB;
@@ -1316,17 +1291,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
       for (int j = 0; j < 4; ++j) acc[0][0][j] += acc2[j];
     }
 
-    // early_lt: the next group's 16-entry tables now, from its raw entries (load_meta, in registers since
-    // the main loop): lt is read by the table build only, and the barriers below order these stores before
-    // the next build, which then follows the reduction without a barrier of its own in front.
-    if (early_lt && next < groups) {
-#pragma unroll
-      for (int t = 0; t < LV; ++t) {
-        const int i = tid + t * NT;
-        if (i < 16 * RT * E) lt[i] = Cvt<T>::t(raw_f(lv[t], lut_f32));
-      }
-    }
-
     // 7. Fixed-order reduction over warps. C fragment of row tile rt: acc[rt][i][j] =
     //    y[m = 8i + 2q + (j&1)][n0 + 16rt + g + 8(j>>1)].
     __syncthreads();  // everyone is done with the tables (red aliases them)
@@ -1752,16 +1716,9 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
     so.next.from = (groups - 1) / blocks * blocks;  // the first row group of the last round
     so.next.warp_bytes = so.next.block_bytes / W / 16 * 16;
   }
-  // SQUEEZELM_LUT_EARLY_LT=0 / 1: a block converts its next row group's 16-entry tables after its main loop
-  // (before the group's reduction) / at the top of the next group, behind a barrier of their own.
-  const int early_lt = env_int("SQUEEZELM_LUT_EARLY_LT", 0);
-  // SQUEEZELM_LUT_STAGGER=n (0-15): every second block on an SM starts its first table build n x 128 ns
-  // late (the kernel's STAGGER); 0 = none.
-  const int stagger = env_int("SQUEEZELM_LUT_STAGGER", 0);
   const int flags = ((xg < 0 ? BITS == 3 || M == 1 : xg != 0) ? 1 : 0) | ((l2pf > 0 && l2pf < 4 ? l2pf : 0) << 2) |
                     (l2xg > 0 ? 16 : 0) | (late_pf > 0 ? 1 << 17 : 0) | (early_om > 0 ? 1 << 18 : 0) |
-                    ((xpn > 0 && xpn < 256 ? xpn : 0) << 8) | (opf ? 1 << 19 : 0) | (early_lt > 0 ? 1 << 20 : 0) |
-                    ((stagger > 0 && stagger < 16 ? stagger : 0) << 24);
+                    ((xpn > 0 && xpn < 256 ? xpn : 0) << 8) | (opf ? 1 << 19 : 0);
   launch_pdl(kern, dim3(blocks), dim3(W * 32), smem, st, yp, xp, cp, lp, lf, rp, colp, vp, vf, M, N, K, U,
              reinterpret_cast<uint4*>(xT), flags, static_cast<const LutStore&>(so), so.next);
 }
