@@ -1708,7 +1708,9 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // 37.54 / 37.46, and 4096x4096 4.81 / 4.88, where no row has a rest (8-warp rows: 64 entries early).
   // Nor where an average row fits in what the kernel's lanes request before the loop (OUTR each, 4 W
   // lanes per row; avg_row_fits), as at 3-bit 4096x4096 (18 per row, 64 requested early): the test alone
-  // then waits on the row bounds in front of warp 0's main loop.
+  // then waits on the row bounds in front of warp 0's main loop. The 80% margin leaves 3-bit 4096x11008
+  // (49.5 per row) without it; by the rule / forced off / forced on, one H100 process: 11.41 / 11.31 /
+  // 11.38 us, 3-bit 4096x4096 5.19 / 5.20 / 5.13, 4-bit 4096x11008 10.97 / 10.98 / 11.01: no difference.
   const bool opf_rest = !avg_row_fits(so.nnz, N, 4 * W, split_outr<XPO>());
   const int opf_env = env_int("SQUEEZELM_LUT_OPF", -1);
   const bool opf = opf_env < 0 ? groups <= blocks_per_wave && opf_rest : opf_env != 0;
