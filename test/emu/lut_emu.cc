@@ -159,8 +159,8 @@ int main(int argc, char** argv) {
   matmul_case(2, 96, 544, 3, DType::F16, 0.0045, kLutSiluPairs, true, s++);
   matmul_case(1, 80, 512, 4, DType::F16, 0.0045, kLutResidual, false, s++);
   // a device of one SM: each block walks several row groups (ring slots refilled across groups, the
-  // next group's tables and bounds in flight), with the decode kernels' outlier entries also requested
-  // a group ahead (SQUEEZELM_LUT_OAHEAD=1; fp16 kernels) and not
+  // next group's tables and bounds in flight), with the 4-bit decode kernels' outlier entries also
+  // requested a group ahead (SQUEEZELM_LUT_OAHEAD=1; fp16 kernels) and not
   emu::g_device = 1;
   matmul_case(1, 100, 4128, 4, DType::F16, 0.03, kLutStore, false, s++);
   matmul_case(1, 90, 8224, 4, DType::F16, 0.03, kLutStore, false, s++);
@@ -170,11 +170,6 @@ int main(int argc, char** argv) {
   matmul_case(2, 100, 4128, 4, DType::F16, 0.012, kLutResidual, true, s++);
   matmul_case(1, 90, 8224, 4, DType::F16, 0.03, kLutStore, false, s++);
   matmul_case(1, 70, 544, 4, DType::F16, 0.0045, kLutStore, false, s++);
-  matmul_case(1, 90, 4640, 3, DType::F16, 0.03, kLutStore, false, s++);  // 3-bit: 4 warps
-  matmul_case(2, 90, 1056, 3, DType::F16, 0.12, kLutStore, true, s++);
-  setenv("SQUEEZELM_LUT_DECODE_WARPS", "8", 1);  // 3-bit: 8 warps over several groups
-  matmul_case(1, 90, 4640, 3, DType::F16, 0.03, kLutStore, false, s++);
-  unsetenv("SQUEEZELM_LUT_DECODE_WARPS");
   setenv("SQUEEZELM_LUT_OSPLIT_DEPTH", "4", 1);
   matmul_case(1, 100, 4128, 4, DType::F16, 0.03, kLutStore, false, s++);
   unsetenv("SQUEEZELM_LUT_OSPLIT_DEPTH");

@@ -1284,8 +1284,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
         sum_rest_outliers(part, rr);
         add_quad(part, rr);
       }
-      if constexpr (OAHEAD)
-        if (next < groups) request_next_entries();
     } else if (rows != nullptr) {  // uniform: dense-only launches skip the step
       // x rows 8i + 2q + {0, 1} of this lane.
 #pragma unroll
@@ -1809,15 +1807,8 @@ void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* l
   launch_gemv<T, BITS, 1, P1, true, MINB, 1, OSPLIT, false, W, XPO, RING, UPS, XS, EPI, NEXT && (RING > 0)>(           \
       yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st)
 #define SQZ_DECODE(OSPLIT, XPO, RING, UPS) SQZ_DECODE_W(GV_WARPS, 2, OSPLIT, XPO, RING, UPS)
-  // SQUEEZELM_LUT_OAHEAD=1: the ring kernels with the outlier split that request each group's first
-  // entries during the block's previous group (the kernel's OAHEAD); fp16 activations only, while measured.
-  const bool oahead = std::is_same_v<T, __half> && osplit && ring && env_int("SQUEEZELM_LUT_OAHEAD", 0) == 1;
   if constexpr (BITS == 3) {
     if (ring && decode_w4(N)) {
-      if constexpr (std::is_same_v<T, __half>)
-        if (oahead)
-          return launch_gemv<T, BITS, 1, P1, true, 4, 1, true, false, 4, 0, 2, 1, XS, EPI, false, true>(
-              yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st);
       if (osplit) SQZ_DECODE_W(4, 4, true, 0, 2, 1);
       else SQZ_DECODE_W(4, 4, false, 0, 2, 1);
       return;
@@ -1830,8 +1821,10 @@ void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* l
       // 40.96 / 39.76, M = 2 42.47 / 41.70; at 1.2-1.6 per lane 8192x8192 14.27 / 14.42, 28672x8192
       // 46.93 / 47.37, 4096x11008 10.18 / 10.14; K = 4096 (0.6 per lane) 22016 rows 24.09 / 24.57.
       // SQUEEZELM_LUT_OSPLIT_DEPTH=2 / 4 forces one (tuning, tests).
+      // SQUEEZELM_LUT_OAHEAD=1: the kernels that request each group's first outlier entries during the
+      // previous group (the kernel's OAHEAD); fp16 activations only, while measured.
       if constexpr (std::is_same_v<T, __half>) {
-        if (oahead) {
+        if (osplit && env_int("SQUEEZELM_LUT_OAHEAD", 0) == 1) {
           if (deep)
             launch_gemv<T, BITS, 1, P1, true, 2, 1, true, false, GV_WARPS, 4, 2, 2, XS, EPI, NEXT, true>(
                 yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st);
@@ -1845,10 +1838,6 @@ void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* l
       else if (osplit) SQZ_DECODE(true, 0, 2, 2);
       else SQZ_DECODE(false, 0, 2, 2);
     } else {
-      if constexpr (std::is_same_v<T, __half>)
-        if (oahead)
-          return launch_gemv<T, BITS, 1, P1, true, 2, 1, true, false, GV_WARPS, 0, 3, 1, XS, EPI, false, true>(
-              yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st);
       if (osplit) SQZ_DECODE(true, 0, 3, 1);
       else SQZ_DECODE(false, 0, 3, 1);
     }
