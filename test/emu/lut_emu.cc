@@ -158,23 +158,6 @@ int main(int argc, char** argv) {
   matmul_case(1, 64, 256, 4, DType::F16, 0.0045, kLutStore, true, s++);
   matmul_case(2, 96, 544, 3, DType::F16, 0.0045, kLutSiluPairs, true, s++);
   matmul_case(1, 80, 512, 4, DType::F16, 0.0045, kLutResidual, false, s++);
-  // a device of one SM: each block walks several row groups (ring slots refilled across groups, the
-  // next group's tables and bounds in flight), with the 4-bit decode kernels' outlier entries also
-  // requested a group ahead (SQUEEZELM_LUT_OAHEAD=1; fp16 kernels) and not
-  emu::g_device = 1;
-  matmul_case(1, 100, 4128, 4, DType::F16, 0.03, kLutStore, false, s++);
-  matmul_case(1, 90, 8224, 4, DType::F16, 0.03, kLutStore, false, s++);
-  matmul_case(2, 90, 1056, 3, DType::F16, 0.03, kLutStore, false, s++);
-  setenv("SQUEEZELM_LUT_OAHEAD", "1", 1);
-  matmul_case(1, 100, 4128, 4, DType::F16, 0.03, kLutStore, false, s++);
-  matmul_case(2, 100, 4128, 4, DType::F16, 0.012, kLutResidual, true, s++);
-  matmul_case(1, 90, 8224, 4, DType::F16, 0.03, kLutStore, false, s++);
-  matmul_case(1, 70, 544, 4, DType::F16, 0.0045, kLutStore, false, s++);
-  setenv("SQUEEZELM_LUT_OSPLIT_DEPTH", "4", 1);
-  matmul_case(1, 100, 4128, 4, DType::F16, 0.03, kLutStore, false, s++);
-  unsetenv("SQUEEZELM_LUT_OSPLIT_DEPTH");
-  unsetenv("SQUEEZELM_LUT_OAHEAD");
-  emu::g_device = 0;
   // more rows: M = 3..64 (the ring's and the outlier-split kernels), then the tiled GEMM
   matmul_case(5, 50, 384, 4, DType::F16, 0.0045, kLutStore, false, s++);
   matmul_case(16, 33, 320, 3, DType::BF16, 0.0045, kLutStore, false, s++);

@@ -496,7 +496,7 @@ __device__ __forceinline__ void gemv_unit(float (&acc)[RT][MT][4], float (&acc2)
 }
 
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB, int RT, int OSPLIT, bool XT, int W, int XPO, int RING,
-          int UPS, bool XS, int EPI, bool NEXT, bool OAHEAD>
+          int UPS, bool XS, int EPI, bool NEXT>
 __global__ void __launch_bounds__(W * 32, MINB)
     lut_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint4* __restrict__ codes,
                     const void* __restrict__ lut, bool lut_f32, const int* __restrict__ rows,
@@ -717,17 +717,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
     pdl_wait();
   }
   bool waited = false;
-  // OAHEAD (the 4-bit decode kernels with the outlier step in the main loop: launch_gemv_decode_table):
-  // a lane's first OUTR entries of the block's next row group are requested during this group (at
-  // the start of the warp's last run, or after the loop where it has one run), once the next group's
-  // row bounds (load_meta, at this group's start) have arrived, instead of after that group's table
-  // build. Each group then finds its entries in registers: where a block walks several groups the
-  // main loop's first use of them (the column clamp of the gather) otherwise waits there for a DRAM
-  // round trip. Same entries, same order of sums: the results are bit for bit those without it.
-  static_assert(!OAHEAD || (OSPLIT && RING > 0 && RT == 1), "entries ahead: the outlier split on the ring");
-  int oc_n[2][OUTR];
-  uint32_t ov_n[2][OUTR];
-  bool ahead = false;  // OAHEAD: this group's first entries are in oc_n / ov_n
   unsigned int xt_old = 0;  // XT: thread 0's barrier word before its arrival
   bool xt_ready = false;    // XT: every block's slice of xT is written
   for (; grp < groups; grp += gridDim.x) {
@@ -792,14 +781,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
         for (int rr = 0; rr < 2; ++rr) {
           cb[rt][rr] = ob[rt][rr] + warp + (OSPLIT ? W * q : 0);
           ce[rt][rr] = oe[rt][rr];
-          if (OAHEAD && ahead) {
-#pragma unroll
-            for (int o = 0; o < OUTR; ++o) {
-              oc[rt][rr][o] = oc_n[rr][o];
-              ov[rt][rr][o] = ov_n[rr][o];
-            }
-            continue;
-          }
 #pragma unroll
           for (int o = 0; o < OUTR; ++o) {
             const int j = cb[rt][rr] + o * OSTRIDE;
@@ -812,7 +793,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
             }
           }
         }
-      ahead = false;
       if constexpr (OPF) {
         if (opf && rows != nullptr && warp == 0 && q == 0) {
 #pragma unroll
@@ -1006,24 +986,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
       }
       xo_done = true;
     };
-    // OAHEAD: the next group's first entries (ob / oe hold its row bounds since load_meta(next)).
-    auto request_next_entries = [&]() {
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        const int b = ob[0][rr] + warp + W * q;
-#pragma unroll
-        for (int o = 0; o < OUTR; ++o) {
-          const int j = b + o * OSTRIDE;
-          oc_n[rr][o] = -1;
-          ov_n[rr][o] = 0u;
-          if (j < oe[0][rr]) {
-            oc_n[rr][o] = ld_pinned_s32(cols + j);
-            ov_n[rr][o] = ld_early_raw(vals, vals_f32, j);
-          }
-        }
-      }
-      ahead = true;
-    };
 
     if constexpr (RING > 0) {
       for (int run = warp; run < RUNS; run += W) {
@@ -1033,8 +995,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
           if (early_om && rows != nullptr && run != warp && run + W >= RUNS) {
             if (!xo_ready) gather_outlier_x();
             add_first_outliers();
-            if constexpr (OAHEAD)
-              if (next < groups) request_next_entries();
           }
         }
         mbar_wait(bar_s + 8u * (uint32_t)r_slot, r_par);
@@ -1247,8 +1207,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
         if (!xo_ready) gather_outlier_x();
         add_first_outliers();
       }
-      if constexpr (OAHEAD)
-        if (!ahead && next < groups) request_next_entries();
       bool rest = false;
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) rest |= cb[0][rr] + OUTR * OSTRIDE < ce[0][rr];
@@ -1662,8 +1620,7 @@ inline bool avg_row_fits(int64_t nnz, int N, int threads_per_row, int depth) {
 // XT: the outliers through xT (written by the launch itself, into the buffer above); where it cannot be
 // had, the same launch gathers from x[m][k] instead.
 template <class T, int BITS, int MT, int P, bool XVEC, int MINB = 2, int RT = 1, int OSPLIT = 0, bool XT = false,
-          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false, int EPI = kEpiAny, bool NEXT = false,
-          bool OAHEAD = false>
+          int W = GV_WARPS, int XPO = 0, int RING = 0, int UPS = 1, bool XS = false, int EPI = kEpiAny, bool NEXT = false>
 void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, const int* rp, const int* colp,
                  const void* vp, bool vf, int M, int N, int K, int U, LutLaunch so, cudaStream_t st) {
   T* xT = nullptr;
@@ -1678,7 +1635,7 @@ void launch_gemv(T* yp, const T* xp, const uint4* cp, const void* lp, bool lf, c
   // occupancy is asked for with them rounded up to whole KiB (never more blocks than fit).
   const size_t xs_kib = XS ? ((size_t)M * K * sizeof(T) + 2 * W * sizeof(float) + 1023) / 1024 : 0;
   const size_t smem = base + (XS ? (size_t)M * K * sizeof(T) + 2 * W * sizeof(float) : 0);
-  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS, XS, EPI, NEXT, OAHEAD>;
+  constexpr auto kern = lut_gemv_kernel<T, BITS, MT, P, XVEC, MINB, RT, OSPLIT, XT, W, XPO, RING, UPS, XS, EPI, NEXT>;
   allow_dynamic_smem<kern>(smem, "lutMatmul");  // tables above 48 KiB need the opt-in
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "lutMatmul: cudaGetDevice");
@@ -1821,19 +1778,6 @@ void launch_gemv_decode_table(T* yp, const T* xp, const uint4* q4, const void* l
       // 40.96 / 39.76, M = 2 42.47 / 41.70; at 1.2-1.6 per lane 8192x8192 14.27 / 14.42, 28672x8192
       // 46.93 / 47.37, 4096x11008 10.18 / 10.14; K = 4096 (0.6 per lane) 22016 rows 24.09 / 24.57.
       // SQUEEZELM_LUT_OSPLIT_DEPTH=2 / 4 forces one (tuning, tests).
-      // SQUEEZELM_LUT_OAHEAD=1: the kernels that request each group's first outlier entries during the
-      // previous group (the kernel's OAHEAD); fp16 activations only, while measured.
-      if constexpr (std::is_same_v<T, __half>) {
-        if (osplit && env_int("SQUEEZELM_LUT_OAHEAD", 0) == 1) {
-          if (deep)
-            launch_gemv<T, BITS, 1, P1, true, 2, 1, true, false, GV_WARPS, 4, 2, 2, XS, EPI, NEXT, true>(
-                yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st);
-          else
-            launch_gemv<T, BITS, 1, P1, true, 2, 1, true, false, GV_WARPS, 0, 2, 2, XS, EPI, NEXT, true>(
-                yp, xp, q4, lp, lf, rp, cp, vp, vf, M, N, K, U, so, st);
-          return;
-        }
-      }
       if (deep) SQZ_DECODE(true, 4, 2, 2);
       else if (osplit) SQZ_DECODE(true, 0, 2, 2);
       else SQZ_DECODE(false, 0, 2, 2);
