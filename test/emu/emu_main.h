@@ -3,6 +3,8 @@
 // report, and host tensors. Included by one translation unit per program.
 //   emu::g_device_allocations: whether cudaMalloc hands out (host) memory; off, the launches that
 //   want a process buffer take their fallback, as on a device out of memory.
+//   emu::g_device: the current device. Device 1 has one SM, so a launch's one wave is two blocks and
+//   each block walks several row groups (what launchers cache per device stays apart).
 #pragma once
 #include <cstdio>
 #include <cstdlib>
@@ -16,16 +18,17 @@
 
 namespace emu {
 inline bool g_device_allocations = true;
+inline int g_device = 0;
 }
 
 extern "C" {
 cudaError_t cudaGetDevice(int* d) {
-  *d = 0;
+  *d = emu::g_device;
   return cudaSuccess;
 }
 cudaError_t cudaSetDevice(int) { return cudaSuccess; }
-cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount            ? 132
+cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int dev) {
+  *v = a == cudaDevAttrMultiProcessorCount            ? (dev == 1 ? 1 : 132)
        : a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 227 * 1024
        : a == cudaDevAttrComputeCapabilityMajor       ? 9
                                                       : 0;
