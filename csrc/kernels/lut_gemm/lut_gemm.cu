@@ -771,7 +771,10 @@ __global__ void __launch_bounds__(W * 32, MINB)
     // 4. This lane's first OUTR outliers of each row (rows 16rt + g + 8rr; warps split each list),
     //    in flight during the main loop; then the next group's tables and bounds. (Requested before
     //    the pair-table build instead: slower at M = 1-16, 4-bit, H200, e.g. 22016x4096 D+S 27.4 ->
-    //    29.0 us: the build's wait for the table loads then also waits for these.)
+    //    29.0 us: the build's wait for the table loads then also waits for these. Requested during the
+    //    block's previous row group, so that they wait in registers, the M <= 2 ring kernels with the
+    //    outlier split were slower at every shape, H100: 4-bit 1.6-4.3%, 3-bit 2.8-4.9%, the 4-bit decode
+    //    step 2.5-4.3%: docs/log/squeezellm-kernels.md.)
     int oc[RT][2][OUTR], cb[RT][2], ce[RT][2];
     uint32_t ov[RT][2][OUTR];  // raw values, converted in the epilogue
     if constexpr (!XT) {
