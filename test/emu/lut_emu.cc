@@ -149,18 +149,23 @@ int main(int argc, char** argv) {
   matmul_case(1, 40, 4128, 4, DType::F16, 0.12, kLutStore, false, s++);
   matmul_case(2, 40, 4640, 3, DType::BF16, 0.12, kLutStore, true, s++);
   matmul_case(4, 40, 4128, 4, DType::F16, 0.12, kLutStore, false, s++);
-  // the register buffers instead of the rings (what builds for other GPUs take)
+  // the register buffers instead of the rings (what builds for other GPUs take); on the device of one
+  // SM (below) each block walks several row groups, so the buffers' cross-group refill runs too
   setenv("SQUEEZELM_LUT_RING", "0", 1);
   matmul_case(1, 100, 544, 4, DType::F16, 0.0045, kLutStore, false, s++);
   matmul_case(2, 37, 1056, 3, DType::F16, 0.0045, kLutStore, true, s++);
+  emu::g_device = 1;
+  matmul_case(1, 100, 2080, 4, DType::F16, 0.0045, kLutStore, false, s++);
+  matmul_case(2, 90, 1056, 3, DType::F16, 0.0045, kLutStore, false, s++);
+  emu::g_device = 0;
   unsetenv("SQUEEZELM_LUT_RING");
   // the fused RMSNorm and the epilogues
   matmul_case(1, 64, 256, 4, DType::F16, 0.0045, kLutStore, true, s++);
   matmul_case(2, 96, 544, 3, DType::F16, 0.0045, kLutSiluPairs, true, s++);
   matmul_case(1, 80, 512, 4, DType::F16, 0.0045, kLutResidual, false, s++);
-  // a device of one SM: each block walks several row groups (the ring's copies and the register
-  // buffers run on into the block's next group, whose tables and outlier bounds are requested during
-  // this one), with outliers in the main loop and after it, 4 and 3 bits (3-bit: 4 warps, then 8)
+  // a device of one SM: each block walks several row groups (the ring's copies run on into the block's
+  // next group, whose tables and outlier bounds are requested during this one), with outliers in the
+  // main loop and after it, 4 and 3 bits (3-bit: 4 warps, then 8)
   emu::g_device = 1;
   matmul_case(1, 100, 4128, 4, DType::F16, 0.03, kLutStore, false, s++);
   matmul_case(2, 90, 8224, 4, DType::BF16, 0.012, kLutResidual, true, s++);
@@ -170,10 +175,6 @@ int main(int argc, char** argv) {
   setenv("SQUEEZELM_LUT_DECODE_WARPS", "8", 1);
   matmul_case(1, 90, 4640, 3, DType::F16, 0.03, kLutStore, false, s++);
   unsetenv("SQUEEZELM_LUT_DECODE_WARPS");
-  setenv("SQUEEZELM_LUT_RING", "0", 1);
-  matmul_case(1, 100, 2080, 4, DType::F16, 0.0045, kLutStore, false, s++);
-  matmul_case(2, 90, 1056, 3, DType::F16, 0.0045, kLutStore, false, s++);
-  unsetenv("SQUEEZELM_LUT_RING");
   matmul_case(8, 70, 1056, 4, DType::F16, 0.0045, kLutStore, false, s++);
   emu::g_device = 0;
   // more rows: M = 3..64 (the ring's and the outlier-split kernels), then the tiled GEMM
